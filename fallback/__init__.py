@@ -1,0 +1,1 @@
+"""The fallback ladder after the model: cached score, rules baseline, abstain."""

@@ -1,0 +1,110 @@
+"""The ladder after the model: cached score (bounded age) → rules baseline → ABSTAIN.
+
+Every step taken or passed over appends to the order's reasons, so the response says
+why ("no cached score; rules: spread 12.0 bps > 10.0").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.exceptions
+
+from fallback.rules import RulesBaseline
+from fallback.score_cache import CachedScore, ScoreCache
+from server.deadline import Budget
+from server.domain import Decision, OrderRequest, Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LadderInput:
+    order: OrderRequest
+    features: Sequence[float] | None  # fresh features, None when missing or stale
+    reasons: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class LadderOutcome:
+    decision: Decision
+    score: float | None
+    threshold: float
+    source: Source
+    model_name: str = ""
+    model_version: str = ""
+
+
+class FallbackChain:
+    def __init__(
+        self,
+        score_cache: ScoreCache,
+        rules: RulesBaseline,
+        *,
+        cached_score_max_age_ms: float,
+        model_threshold: float,
+        response_margin_ms: float,
+    ) -> None:
+        self._score_cache = score_cache
+        self._rules = rules
+        self._max_age_ms = cached_score_max_age_ms
+        self._model_threshold = model_threshold
+        self._margin_ms = response_margin_ms
+
+    async def decide_many(
+        self, items: Sequence[LadderInput], budget: Budget
+    ) -> list[LadderOutcome]:
+        cached, problem = await self._cached_scores(items, budget)
+        return [
+            self._decide(item, score, problem) for item, score in zip(items, cached, strict=True)
+        ]
+
+    async def _cached_scores(
+        self, items: Sequence[LadderInput], budget: Budget
+    ) -> tuple[Sequence[CachedScore | None], str]:
+        """The cached scores, or Nones and why the lookup did not happen or failed."""
+        left_ms = budget.remaining_ms() - self._margin_ms
+        if left_ms <= 0:
+            problem = "cached score skipped: no budget left"
+        else:
+            try:
+                async with asyncio.timeout(left_ms / 1000.0):
+                    keys = [(item.order.symbol, item.order.side) for item in items]
+                    return await self._score_cache.get_many(keys), "no cached score"
+            except TimeoutError:
+                problem = f"cached score lookup timed out after {left_ms:.1f} ms"
+            except (redis.exceptions.RedisError, OSError) as exc:
+                problem = f"cached score unavailable ({type(exc).__name__})"
+                log.warning("score cache read failed: %s", exc)
+        return [None] * len(items), problem
+
+    def _decide(
+        self, item: LadderInput, cached: CachedScore | None, missing_reason: str
+    ) -> LadderOutcome:
+        if cached is None:
+            item.reasons.append(missing_reason)
+        else:
+            age_ms = cached.age_ms()
+            if age_ms <= self._max_age_ms:
+                item.reasons.append(f"cached score {age_ms:.0f} ms old")
+                decision = (
+                    Decision.TRADE if cached.score >= self._model_threshold else Decision.NO_TRADE
+                )
+                return LadderOutcome(
+                    decision,
+                    cached.score,
+                    self._model_threshold,
+                    Source.CACHED_SCORE,
+                    cached.model_name,
+                    cached.model_version,
+                )
+            item.reasons.append(f"cached score {age_ms:.0f} ms old (max {self._max_age_ms:.0f})")
+        if item.features is not None:
+            verdict = self._rules.evaluate(item.order.side, item.features)
+            item.reasons.append(f"rules: {verdict.explanation}")
+            return LadderOutcome(verdict.decision, verdict.score, verdict.threshold, Source.RULES)
+        item.reasons.append("abstain: no fresh features for rules")
+        return LadderOutcome(Decision.ABSTAIN, None, self._model_threshold, Source.ABSTAIN)

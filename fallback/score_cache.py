@@ -1,0 +1,74 @@
+"""The last good model score per (symbol, side), in Redis, for the ladder's first step."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from server.domain import Side
+
+
+@dataclass(frozen=True, slots=True)
+class CachedScore:
+    score: float
+    model_name: str
+    model_version: str
+    scored_at_us: int  # wall clock, µs since the epoch
+
+    def age_ms(self, now_us: int | None = None) -> float:
+        now = time.time_ns() // 1000 if now_us is None else now_us
+        return max(0.0, (now - self.scored_at_us) / 1000.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreEntry:
+    symbol: str
+    side: Side
+    score: CachedScore
+
+
+def score_key(prefix: str, symbol: str, side: Side) -> str:
+    return f"{prefix}score:{symbol}:{side.name.lower()}"
+
+
+class ScoreCache:
+    """Writes scores with a TTL (a few times their useful age) and reads them in one pipeline."""
+
+    def __init__(self, client: aioredis.Redis, *, key_prefix: str, ttl_ms: int) -> None:
+        self._client = client
+        self._prefix = key_prefix
+        self._ttl_ms = ttl_ms
+
+    async def put_many(self, entries: Sequence[ScoreEntry]) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                doc = {
+                    "s": entry.score.score,
+                    "m": entry.score.model_name,
+                    "v": entry.score.model_version,
+                    "t": entry.score.scored_at_us,
+                }
+                pipe.set(
+                    score_key(self._prefix, entry.symbol, entry.side),
+                    json.dumps(doc, separators=(",", ":")),
+                    px=self._ttl_ms,
+                )
+            await pipe.execute()
+
+    async def get_many(self, keys: Sequence[tuple[str, Side]]) -> list[CachedScore | None]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for symbol, side in keys:
+                pipe.get(score_key(self._prefix, symbol, side))
+            raws = await pipe.execute()
+        out: list[CachedScore | None] = []
+        for raw in raws:
+            if raw is None:
+                out.append(None)
+                continue
+            doc = json.loads(raw)
+            out.append(CachedScore(float(doc["s"]), doc["m"], doc["v"], int(doc["t"])))
+        return out

@@ -1,0 +1,1 @@
+"""Market-data features: the one schema, the Redis record writer and reader."""

@@ -1,0 +1,132 @@
+"""Per-symbol feature records in Redis: the writer (monotonic) and the reader (one round trip).
+
+A record is one Redis hash per symbol, ``{prefix}features:{symbol}``, with fields
+``p`` (the JSON payload the reader decodes), ``t`` (event time, µs since the epoch) and
+``o`` (source offset). The writer's Lua script compares ``(t, o)`` with the stored pair
+and writes only when the new one is greater, so a re-delivered or replayed older
+message never moves a symbol's features back. Records expire after ``ttl_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
+
+_WRITE_IF_NEWER = """
+local cur = redis.call('HMGET', KEYS[1], 't', 'o')
+local t = tonumber(ARGV[1])
+local o = tonumber(ARGV[2])
+if cur[1] then
+  local ct = tonumber(cur[1])
+  local co = tonumber(cur[2])
+  if ct > t or (ct == t and co >= o) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], 'p', ARGV[3], 't', ARGV[1], 'o', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureRecord:
+    """One symbol's features at one event time."""
+
+    symbol: str
+    values: tuple[float, ...]  # in FEATURE_NAMES order
+    event_time_us: int  # exchange event time of the last input, µs since the epoch
+    source_offset: int  # Kafka offset (or sequence) of the last input
+    schema_version: int = SCHEMA_VERSION
+
+    def age_ms(self, now_us: int | None = None) -> float:
+        now = time.time_ns() // 1000 if now_us is None else now_us
+        return max(0.0, (now - self.event_time_us) / 1000.0)
+
+
+def feature_key(prefix: str, symbol: str) -> str:
+    return f"{prefix}features:{symbol}"
+
+
+def _encode(record: FeatureRecord) -> str:
+    return json.dumps(
+        {
+            "v": record.schema_version,
+            "t": record.event_time_us,
+            "o": record.source_offset,
+            "f": list(record.values),
+        },
+        separators=(",", ":"),
+    )
+
+
+def _decode(symbol: str, raw: bytes | str | None) -> FeatureRecord | None:
+    if raw is None:
+        return None
+    doc = json.loads(raw)
+    if doc.get("v") != SCHEMA_VERSION or len(doc.get("f", ())) != len(FEATURE_NAMES):
+        return None  # another schema version is as good as no record
+    return FeatureRecord(
+        symbol=symbol,
+        values=tuple(float(v) for v in doc["f"]),
+        event_time_us=int(doc["t"]),
+        source_offset=int(doc["o"]),
+        schema_version=int(doc["v"]),
+    )
+
+
+class FeatureWriter:
+    """Writes feature records; a record older than the stored one is ignored."""
+
+    def __init__(self, client: aioredis.Redis, *, key_prefix: str, ttl_s: float) -> None:
+        self._client = client
+        self._prefix = key_prefix
+        self._ttl_ms = int(ttl_s * 1000)
+        self._script = client.register_script(_WRITE_IF_NEWER)
+
+    async def write_many(self, records: Sequence[FeatureRecord]) -> int:
+        """Writes the records in one pipeline round trip; returns how many were newer."""
+        if not records:
+            return 0
+        async with self._client.pipeline(transaction=False) as pipe:
+            for record in records:
+                await self._script(
+                    keys=[feature_key(self._prefix, record.symbol)],
+                    args=[
+                        record.event_time_us,
+                        record.source_offset,
+                        _encode(record),
+                        self._ttl_ms,
+                    ],
+                    client=pipe,
+                )
+            results = await pipe.execute()
+        return sum(int(r) for r in results)
+
+    async def write(self, record: FeatureRecord) -> bool:
+        return await self.write_many([record]) == 1
+
+
+class FeatureReader:
+    """Reads feature records: one round trip per symbol, one pipeline per batch."""
+
+    def __init__(self, client: aioredis.Redis, *, key_prefix: str) -> None:
+        self._client = client
+        self._prefix = key_prefix
+
+    async def read(self, symbol: str) -> FeatureRecord | None:
+        raw = await self._client.hget(feature_key(self._prefix, symbol), "p")
+        return _decode(symbol, raw)
+
+    async def read_many(self, symbols: Sequence[str]) -> list[FeatureRecord | None]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for symbol in symbols:
+                pipe.hget(feature_key(self._prefix, symbol), "p")
+            raws = await pipe.execute()
+        return [_decode(s, r) for s, r in zip(symbols, raws, strict=True)]

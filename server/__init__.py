@@ -1,0 +1,1 @@
+"""The decision server: gRPC transport, decision engine, model clients, composition root."""

@@ -1,0 +1,63 @@
+"""Transport-agnostic types of the decision core. Enum values equal the proto's."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class Side(enum.IntEnum):
+    BUY = 1
+    SELL = 2
+
+    @property
+    def sign(self) -> float:
+        """+1 for a buy, -1 for a sell: the model's ``side_sign`` input."""
+        return 1.0 if self is Side.BUY else -1.0
+
+
+class Decision(enum.IntEnum):
+    TRADE = 1
+    NO_TRADE = 2
+    ABSTAIN = 3
+
+
+class Source(enum.IntEnum):
+    PRIMARY = 1
+    SECONDARY = 2
+    CANARY = 3
+    CACHED_SCORE = 4
+    RULES = 5
+    ABSTAIN = 6
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRequest:
+    """A validated request to decide one order."""
+
+    request_id: str
+    symbol: str
+    side: Side
+    quantity: float
+    limit_price: float | None = None
+    feature_overrides: Mapping[str, float] = field(default_factory=dict)
+    client_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionResult:
+    request_id: str
+    decision_id: str
+    decision: Decision
+    score: float | None
+    threshold: float
+    source: Source
+    model_name: str
+    model_version: str
+    reason: str
+    feature_age_ms: float  # -1 when no feature record was used
+    features_us: int
+    model_us: int
+    total_us: int
+    decided_at_ns: int  # wall clock, ns since the epoch

@@ -1,0 +1,81 @@
+"""The errors a client can see, each carrying its gRPC status code, mapped in one place.
+
+::
+
+    DecisionError                 INTERNAL
+    ├── InvalidArgument           INVALID_ARGUMENT  (names the field)
+    ├── Unauthenticated           UNAUTHENTICATED
+    ├── PermissionDenied          PERMISSION_DENIED
+    ├── ResourceExhausted         RESOURCE_EXHAUSTED
+    └── DeadlineExceeded          DEADLINE_EXCEEDED
+
+Model-call failures (``server.model_client.ModelCallError``) never reach a client:
+the engine turns them into a fallback step and a reason. ``grpc_errors`` is the only
+place that catches a bare ``Exception``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Self_ = TypeVar("Self_")
+
+
+class DecisionError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(DecisionError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class Unauthenticated(DecisionError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(DecisionError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(DecisionError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(DecisionError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+Handler = Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+
+def grpc_errors(handler: Handler[Self_, Req, Resp]) -> Handler[Self_, Req, Resp]:
+    """Turns a ``DecisionError`` into its status, anything else into INTERNAL (logged)."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Self_, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except DecisionError as exc:
+            code, details = exc.code, str(exc)
+        except Exception:
+            log.exception("unhandled error in %s", handler.__qualname__)
+            code, details = grpc.StatusCode.INTERNAL, "internal error; see server logs"
+        await context.abort(code, details)
+        raise AssertionError("context.abort returned")  # pragma: no cover - abort raises
+
+    return wrapper

@@ -1,0 +1,167 @@
+"""A child process in its own process group, with readiness waiting and group shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+
+class ProcessStartError(RuntimeError):
+    """A process exited or never became ready; the message carries its log tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids in process group ``pgid`` that are not zombies (Linux /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+class ManagedProcess:
+    """Runs ``argv`` in a new session; ``stop`` ends its whole process group.
+
+    TorchServe's launcher starts a JVM which starts Python workers: signalling the
+    group reaches all of them, and only them.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        cwd: Path,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self._argv = list(argv)
+        self._cwd = cwd
+        self._env = dict(env) if env is not None else None
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        if self.running():
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self._proc = subprocess.Popen(
+                self._argv,
+                cwd=self._cwd,
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        log.info("started %s (pid %d)", self.name, self._proc.pid)
+
+    def wait_ready(self, ready: Callable[[], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise ProcessStartError(
+                    f"{self.name} exited with {self._proc.returncode}:\n{self.log_tail()}"
+                )
+            if ready():
+                return
+            time.sleep(0.1)
+        raise ProcessStartError(f"{self.name} not ready after {timeout_s} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        if self._proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, sig)
+
+    def pause(self) -> None:
+        self.signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.signal_group(signal.SIGCONT)
+
+    def group_alive(self) -> bool:
+        """Whether any member of the group still runs (zombies awaiting a reaper do not)."""
+        return self._proc is not None and bool(live_group_members(self._proc.pid))
+
+    def kill(self, timeout_s: float = 5.0) -> None:
+        """SIGKILL to the whole group, as a crash would; waits until every member is gone."""
+        if self._proc is None:
+            return
+        self.signal_group(signal.SIGKILL)
+        self._proc.wait()
+        deadline = time.monotonic() + timeout_s
+        while self.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM to the group, then SIGKILL after ``timeout_s``. Idempotent."""
+        if self._proc is None:
+            return
+        self.signal_group(signal.SIGCONT)  # a paused group cannot act on SIGTERM
+        self.signal_group(signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s ignored SIGTERM for %.0f s; killing", self.name, timeout_s)
+        # The leader may be gone while its children (TorchServe workers) are not.
+        self.signal_group(signal.SIGKILL)
+        self._proc.wait()
+        log.info("stopped %s", self.name)
+
+    def __enter__(self) -> ManagedProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

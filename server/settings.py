@@ -1,0 +1,131 @@
+"""One settings tree for the decision server, read from ``DECISION_*`` environment variables.
+
+Nested fields use ``__``: ``DECISION_TORCHSERVE__PER_CALL_TIMEOUT_MS=15``,
+``DECISION_REDIS__URL=redis://127.0.0.1:6379/0``. Units are in the field names.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address DecisionService listens on.")
+    port: int = Field(50051, description="DecisionService gRPC port (health and reflection too).")
+    grace_period_s: float = Field(
+        5.0, description="On SIGTERM, how long in-flight RPCs may finish before being cancelled."
+    )
+    max_batch_size: int = Field(256, description="Most requests one DecideBatch may carry.")
+    max_concurrent_rpcs: int | None = Field(
+        None, description="gRPC's cap on concurrent RPCs; excess get RESOURCE_EXHAUSTED."
+    )
+
+
+class TorchServeSettings(_Section):
+    model_name: str = Field("champion", description="Model name registered in TorchServe.")
+    primary_address: str = Field(
+        "127.0.0.1:7070", description="host:port of the primary replica's gRPC inference API."
+    )
+    secondary_address: str = Field(
+        "127.0.0.1:7170", description="host:port of the replica that gets the single retry."
+    )
+    per_call_timeout_ms: float = Field(
+        25.0, description="Cap on one model call, before jitter; the caller's budget may cut it."
+    )
+    timeout_jitter: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Each call's cap is reduced by a random share up to this, so replicas' "
+        "timeouts do not fire in lockstep.",
+    )
+    min_call_budget_ms: float = Field(
+        1.0, description="A model call (first or retry) is skipped when less than this is left."
+    )
+    reconnect_backoff_ms: int = Field(
+        500, description="Longest wait before reconnecting to a replica that went away."
+    )
+
+
+class BreakerSettings(_Section):
+    fail_max: int = Field(5, description="Consecutive failures that open a replica's breaker.")
+    reset_timeout_s: float = Field(
+        2.0, description="How long an open breaker waits before letting one trial call through."
+    )
+    success_threshold: int = Field(1, description="Successful trials that close the breaker.")
+
+
+class RedisSettings(_Section):
+    url: str = Field("redis://127.0.0.1:16379/0", description="Feature and score cache.")
+    key_prefix: str = Field("decision:", description="Prefix of every key this service uses.")
+    socket_timeout_ms: float = Field(
+        20.0, description="Redis socket timeout; a read is also bounded by the request's budget."
+    )
+    max_connections: int = Field(64, description="Connection pool size.")
+
+
+class FeatureSettings(_Section):
+    max_age_ms: float = Field(
+        2000.0, description="Older feature records are stale: the model is skipped."
+    )
+    ttl_s: float = Field(
+        30.0, description="TTL of feature records written by this service's tools."
+    )
+
+
+class DecisionSettings(_Section):
+    threshold: float = Field(0.55, ge=0.0, le=1.0, description="TRADE when score >= threshold.")
+    default_budget_ms: float = Field(
+        50.0, description="Budget of a call that arrives without a gRPC deadline."
+    )
+    fallback_reserve_ms: float = Field(
+        3.0,
+        description="Part of the budget kept back from model calls for the fallback ladder "
+        "and the response.",
+    )
+    response_margin_ms: float = Field(
+        0.5,
+        description="Part of the budget kept back from every lookup for building and sending "
+        "the response.",
+    )
+
+
+class FallbackSettings(_Section):
+    cached_score_max_age_ms: float = Field(
+        1000.0, description="A cached model score older than this is not used."
+    )
+    rules_max_spread_bps: float = Field(
+        10.0, description="Rules: NO_TRADE when the spread is wider than this."
+    )
+    rules_max_volatility_bps: float = Field(
+        25.0, description="Rules: NO_TRADE when 30 s realized volatility exceeds this."
+    )
+    rules_min_imbalance: float = Field(
+        0.1,
+        description="Rules: TRADE when 5-level depth imbalance leans this far the order's way.",
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DECISION_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    server: ServerSettings = ServerSettings()
+    torchserve: TorchServeSettings = TorchServeSettings()
+    breaker: BreakerSettings = BreakerSettings()
+    redis: RedisSettings = RedisSettings()
+    features: FeatureSettings = FeatureSettings()
+    decision: DecisionSettings = DecisionSettings()
+    fallback: FallbackSettings = FallbackSettings()
+
+    @model_validator(mode="after")
+    def _budget_leaves_room_for_the_model(self) -> Settings:
+        if self.decision.fallback_reserve_ms >= self.decision.default_budget_ms:
+            raise ValueError("decision.fallback_reserve_ms must be below default_budget_ms")
+        return self

@@ -1,0 +1,82 @@
+"""Request validation: protobuf in, domain objects out, INVALID_ARGUMENT naming the field."""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+
+from feature_cache.schema import FEATURE_INDEX
+from proto.decision.v1 import decision_pb2
+from server.domain import OrderRequest, Side
+from server.errors import InvalidArgument
+
+MAX_ID_LENGTH = 128
+SYMBOL_PATTERN = re.compile(r"[A-Z0-9][A-Z0-9._/-]{0,31}")
+_SIDES = {decision_pb2.SIDE_BUY: Side.BUY, decision_pb2.SIDE_SELL: Side.SELL}
+
+
+def _identifier(value: str, field: str) -> str:
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgument(field, f"longer than {MAX_ID_LENGTH} characters")
+    if not value.isprintable():
+        raise InvalidArgument(field, "contains non-printable characters")
+    return value
+
+
+def _positive_finite(value: float, field: str) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument(field, f"must be finite, got {value}")
+    if value <= 0.0:
+        raise InvalidArgument(field, f"must be greater than zero, got {value}")
+    return value
+
+
+def order_from_pb(request: decision_pb2.DecideRequest, field_prefix: str = "") -> OrderRequest:
+    """Validates one request; ``field_prefix`` names its place in a batch (``requests[3].``)."""
+    symbol = request.symbol
+    if not symbol:
+        raise InvalidArgument(f"{field_prefix}symbol", "is required")
+    if not SYMBOL_PATTERN.fullmatch(symbol):
+        raise InvalidArgument(
+            f"{field_prefix}symbol",
+            "must be 1 to 32 characters of A-Z, 0-9, '.', '_', '/', '-', starting with A-Z or 0-9",
+        )
+    side = _SIDES.get(request.side)
+    if side is None:
+        raise InvalidArgument(
+            f"{field_prefix}side", f"must be SIDE_BUY or SIDE_SELL, got {request.side}"
+        )
+    quantity = _positive_finite(request.quantity, f"{field_prefix}quantity")
+    limit_price = None
+    if request.HasField("limit_price"):
+        limit_price = _positive_finite(request.limit_price, f"{field_prefix}limit_price")
+    overrides: dict[str, float] = {}
+    for name, value in request.feature_overrides.items():
+        field = f"{field_prefix}feature_overrides[{name[:64]!r}]"
+        if name not in FEATURE_INDEX:
+            raise InvalidArgument(field, "unknown feature name")
+        if not math.isfinite(value):
+            raise InvalidArgument(field, f"must be finite, got {value}")
+        overrides[name] = value
+    request_id = _identifier(request.request_id, f"{field_prefix}request_id") or uuid.uuid4().hex
+    return OrderRequest(
+        request_id=request_id,
+        symbol=symbol,
+        side=side,
+        quantity=quantity,
+        limit_price=limit_price,
+        feature_overrides=overrides,
+        client_id=_identifier(request.client_id, f"{field_prefix}client_id"),
+    )
+
+
+def orders_from_batch_pb(
+    request: decision_pb2.DecideBatchRequest, max_batch_size: int
+) -> list[OrderRequest]:
+    count = len(request.requests)
+    if count == 0:
+        raise InvalidArgument("requests", "must hold at least one request")
+    if count > max_batch_size:
+        raise InvalidArgument("requests", f"holds {count} requests; at most {max_batch_size}")
+    return [order_from_pb(r, f"requests[{i}].") for i, r in enumerate(request.requests)]

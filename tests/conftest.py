@@ -1,0 +1,113 @@
+"""Session fixtures that start real processes on free loopback ports and always stop them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from server.localstack.processes import ManagedProcess, free_port
+from server.localstack.redis_server import start_redis
+from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
+from torchserve.archive import ArchiveInfo, build_archive
+
+
+class RedisInstance:
+    def __init__(self, proc: ManagedProcess, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisInstance]:
+    port = free_port()
+    proc = start_redis(port, tmp_path_factory.mktemp("redis"))
+    try:
+        yield RedisInstance(proc, port)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def key_prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix of the test's own, so tests sharing one redis-server never collide."""
+    return f"t{time.monotonic_ns()}:{request.node.name[:40]}:"
+
+
+@pytest.fixture
+async def redis_client(redis_instance: RedisInstance) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_instance.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def sync_redis(redis_instance: RedisInstance) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_instance.url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ArchiveInfo]:
+    store = tmp_path_factory.mktemp("model-store")
+    return store, build_archive(store, model_name="champion", seed=0)
+
+
+class Replica:
+    """A real TorchServe process that a test may kill, pause and restart."""
+
+    def __init__(self, name: str, store: Path, run_dir: Path) -> None:
+        self.name = name
+        self.ports = ReplicaPorts(
+            free_port(), free_port(), free_port(), free_port(), free_port(), free_port()
+        )
+        self.address = f"127.0.0.1:{self.ports.grpc_inference}"
+        self._store = store
+        self._run_dir = run_dir
+        self.proc = self._new_proc()
+
+    def _new_proc(self) -> ManagedProcess:
+        return torchserve_replica(self.name, self.ports, self._store, self._run_dir)
+
+    def start(self) -> None:
+        start_replica(self.proc, self.ports)
+
+    def restart(self) -> None:
+        self.proc.stop()
+        self.proc = self._new_proc()
+        self.start()
+
+    def ensure_running(self) -> None:
+        if not self.proc.running():
+            self.restart()
+        else:
+            self.proc.resume()
+
+
+@pytest.fixture(scope="session")
+def replicas(
+    model_store: tuple[Path, ArchiveInfo], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Replica]]:
+    """A primary and a secondary TorchServe; tests that break one restore it after."""
+    store, _ = model_store
+    run_dir = tmp_path_factory.mktemp("torchserve")
+    pair = {name: Replica(name, store, run_dir) for name in ("primary", "secondary")}
+    try:
+        for replica in pair.values():
+            replica.proc.start()
+        for replica in pair.values():
+            replica.start()  # already started: waits for readiness
+        yield pair
+    finally:
+        for replica in pair.values():
+            replica.proc.stop()

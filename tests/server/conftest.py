@@ -1,0 +1,110 @@
+"""A real DecisionApp (in the test's event loop) wired to real Redis and TorchServe."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from feature_cache.schema import FEATURE_NAMES
+from feature_cache.store import FeatureRecord, FeatureWriter
+from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from server.app import DecisionApp
+from server.settings import Settings
+from tests.conftest import RedisInstance
+
+# Features that give a real score; the rules see a tight spread and a buy-side lean.
+SAMPLE_FEATURES = {
+    "spread_bps": 2.0,
+    "imbalance_l1": 0.3,
+    "imbalance_l5": 0.25,
+    "ofi_1s": 0.1,
+    "ofi_5s": 0.05,
+    "realized_vol_5s_bps": 4.0,
+    "realized_vol_30s_bps": 6.0,
+    "mid_return_1s_bps": 0.5,
+    "mid_return_5s_bps": 1.0,
+    "trade_intensity_5s": 2.0,
+    "signed_volume_5s": 0.2,
+}
+
+
+def sample_record(
+    symbol: str, *, age_ms: float = 0.0, offset: int = 1, **changes: float
+) -> FeatureRecord:
+    values = {**SAMPLE_FEATURES, **changes}
+    return FeatureRecord(
+        symbol=symbol,
+        values=tuple(values[name] for name in FEATURE_NAMES),
+        event_time_us=time.time_ns() // 1000 - int(age_ms * 1000),
+        source_offset=offset,
+    )
+
+
+def make_settings(redis_url: str, key_prefix: str, **sections: dict[str, Any]) -> Settings:
+    base: dict[str, dict[str, Any]] = {
+        "server": {"port": 0, "grace_period_s": 1.0},
+        "redis": {"url": redis_url, "key_prefix": key_prefix},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def feature_writer(redis_client: aioredis.Redis, key_prefix: str) -> FeatureWriter:
+    return FeatureWriter(redis_client, key_prefix=key_prefix, ttl_s=60)
+
+
+AppFactory = Callable[..., "AsyncIterator[DecisionApp]"]
+
+
+@pytest.fixture
+async def start_app(
+    redis_instance: RedisInstance, key_prefix: str
+) -> AsyncIterator[Callable[..., Any]]:
+    """Starts DecisionApps with settings sections merged over the test defaults."""
+    apps: list[DecisionApp] = []
+
+    async def _start(**sections: dict[str, Any]) -> DecisionApp:
+        app = DecisionApp(make_settings(redis_instance.url, key_prefix, **sections))
+        await app.start()
+        await app.wait_ready()
+        apps.append(app)
+        return app
+
+    try:
+        yield _start
+    finally:
+        for app in apps:
+            await app.stop()
+
+
+@pytest.fixture
+async def channel_to() -> AsyncIterator[Callable[[DecisionApp], grpc.aio.Channel]]:
+    channels: list[grpc.aio.Channel] = []
+
+    def _open(app: DecisionApp) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        channels.append(channel)
+        return channel
+
+    try:
+        yield _open
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def decision_stub(channel: grpc.aio.Channel) -> decision_pb2_grpc.DecisionServiceStub:
+    return decision_pb2_grpc.DecisionServiceStub(channel)
+
+
+def buy(symbol: str = "BTC-USD", **fields: Any) -> decision_pb2.DecideRequest:
+    return decision_pb2.DecideRequest(
+        symbol=symbol, side=decision_pb2.SIDE_BUY, quantity=1.0, **fields
+    )

@@ -1,0 +1,284 @@
+"""The decision path end to end against real redis-server and real TorchServe replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import grpc
+import pytest
+
+from feature_cache.store import FeatureWriter
+from proto.decision.v1 import decision_pb2
+from tests.conftest import Replica
+from tests.server.conftest import buy, decision_stub, sample_record
+
+pytestmark = pytest.mark.integration
+
+
+def replica_settings(replicas: dict[str, Replica], **torchserve: object) -> dict[str, object]:
+    return {
+        "primary_address": replicas["primary"].address,
+        "secondary_address": replicas["secondary"].address,
+        **torchserve,
+    }
+
+
+async def test_normal_path_is_answered_by_the_primary(
+    replicas, model_store, start_app, channel_to, feature_writer: FeatureWriter
+):
+    for replica in replicas.values():
+        replica.ensure_running()
+    await feature_writer.write(sample_record("BTC-USD"))
+    app = await start_app(torchserve=replica_settings(replicas))
+    stub = decision_stub(channel_to(app))
+
+    response = await stub.Decide(buy(request_id="r-1"), timeout=2.0)
+
+    _, archive = model_store
+    assert response.source == decision_pb2.SOURCE_PRIMARY, response.reason
+    assert response.model_version == archive.version
+    assert response.model_name == "champion"
+    assert response.request_id == "r-1"
+    assert response.decision in (decision_pb2.DECISION_TRADE, decision_pb2.DECISION_NO_TRADE)
+    assert response.HasField("score") and 0.0 <= response.score <= 1.0
+    expected = (
+        decision_pb2.DECISION_TRADE
+        if response.score >= response.threshold
+        else decision_pb2.DECISION_NO_TRADE
+    )
+    assert response.decision == expected
+    assert response.reason.startswith("primary answered in")
+    assert 0 <= response.feature_age_ms < 1000
+    assert response.timings.total_us >= response.timings.model_us > 0
+    assert response.decision_id
+
+
+async def test_primary_killed_is_answered_by_the_secondary(
+    replicas, start_app, channel_to, feature_writer
+):
+    for replica in replicas.values():
+        replica.ensure_running()
+    await feature_writer.write(sample_record("BTC-USD"))
+    app = await start_app(torchserve=replica_settings(replicas))
+    stub = decision_stub(channel_to(app))
+    assert (await stub.Decide(buy(), timeout=2.0)).source == decision_pb2.SOURCE_PRIMARY
+
+    replicas["primary"].proc.kill()
+    try:
+        response = await stub.Decide(buy(), timeout=2.0)
+        assert response.source == decision_pb2.SOURCE_SECONDARY
+        assert response.reason.startswith("primary unavailable")
+        assert "secondary answered in" in response.reason
+        assert response.model_version
+    finally:
+        replicas["primary"].restart()
+
+
+async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breaker_opens_and_closes(
+    replicas, start_app, channel_to, feature_writer
+):
+    for replica in replicas.values():
+        replica.ensure_running()
+    await feature_writer.write(sample_record("BTC-USD"))
+    app = await start_app(
+        torchserve=replica_settings(replicas, per_call_timeout_ms=20.0),
+        breaker={"fail_max": 3, "reset_timeout_s": 1.0},
+    )
+    stub = decision_stub(channel_to(app))
+    assert (await stub.Decide(buy(), timeout=2.0)).source == decision_pb2.SOURCE_PRIMARY
+
+    primary = replicas["primary"]
+    primary.proc.pause()
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            response = await stub.Decide(buy(), timeout=0.050)
+            elapsed_ms = (time.monotonic() - started) * 1000
+            assert response.source == decision_pb2.SOURCE_SECONDARY
+            assert "primary deadline exceeded" in response.reason
+            assert elapsed_ms < 50
+        assert app.replicas[0].breaker.state == "open"
+
+        started = time.monotonic()
+        response = await stub.Decide(buy(), timeout=0.050)
+        assert response.source == decision_pb2.SOURCE_SECONDARY
+        assert response.reason.startswith("primary breaker open")
+        assert (time.monotonic() - started) * 1000 < 20  # no time spent on the primary
+    finally:
+        primary.proc.resume()
+
+    await asyncio.sleep(1.1)  # reset timeout: the next call is the half-open trial
+    assert app.replicas[0].breaker.allows_call()
+    response = await stub.Decide(buy(), timeout=2.0)
+    assert response.source == decision_pb2.SOURCE_PRIMARY
+    assert app.replicas[0].breaker.state == "closed"
+
+
+async def test_both_replicas_down_falls_back_to_cached_score_then_rules_then_abstain(
+    replicas, start_app, channel_to, feature_writer
+):
+    for replica in replicas.values():
+        replica.ensure_running()
+    await feature_writer.write(sample_record("BTC-USD"))
+    app = await start_app(
+        torchserve=replica_settings(replicas), fallback={"cached_score_max_age_ms": 500.0}
+    )
+    stub = decision_stub(channel_to(app))
+    good = await stub.Decide(buy(), timeout=2.0)
+    assert good.source == decision_pb2.SOURCE_PRIMARY
+    await asyncio.sleep(0.05)  # the cached-score write happens after the response
+
+    for replica in replicas.values():
+        replica.proc.kill()
+    try:
+        await feature_writer.write(sample_record("BTC-USD", offset=2))
+        cached = await stub.Decide(buy(), timeout=2.0)
+        assert cached.source == decision_pb2.SOURCE_CACHED_SCORE, cached.reason
+        assert cached.score == pytest.approx(good.score)
+        assert cached.model_version == good.model_version
+        assert re.match(
+            r"primary (unavailable|deadline exceeded) after [\d.]+ ms.*; "
+            r"secondary (unavailable|deadline exceeded) after [\d.]+ ms.*; "
+            r"cached score \d+ ms old$",
+            cached.reason,
+        ), cached.reason
+
+        await asyncio.sleep(0.6)  # past the cached score's maximum age
+        rules = await stub.Decide(buy(), timeout=2.0)
+        assert rules.source == decision_pb2.SOURCE_RULES
+        assert "rules: book leans +0.25 toward buy" in rules.reason
+        assert rules.decision == decision_pb2.DECISION_TRADE
+        assert rules.model_version == ""
+
+        missing = await stub.Decide(buy("ETH-USD"), timeout=2.0)
+        assert missing.source == decision_pb2.SOURCE_ABSTAIN
+        assert missing.decision == decision_pb2.DECISION_ABSTAIN
+        assert not missing.HasField("score")
+        assert "no features for ETH-USD" in missing.reason
+        assert missing.feature_age_ms == -1
+    finally:
+        for replica in replicas.values():
+            replica.restart()
+
+
+async def test_stale_features_skip_the_model(replicas, start_app, channel_to, feature_writer):
+    for replica in replicas.values():
+        replica.ensure_running()
+    await feature_writer.write(sample_record("SOL-USD", age_ms=5000))
+    app = await start_app(torchserve=replica_settings(replicas))
+    stub = decision_stub(channel_to(app))
+
+    response = await stub.Decide(buy("SOL-USD"), timeout=2.0)
+
+    assert response.source == decision_pb2.SOURCE_ABSTAIN
+    assert response.reason.startswith("features stale:")
+    assert response.feature_age_ms >= 5000
+
+
+async def test_batch_is_one_model_call_in_request_order(
+    replicas, start_app, channel_to, feature_writer
+):
+    for replica in replicas.values():
+        replica.ensure_running()
+    await feature_writer.write_many(
+        [sample_record("BTC-USD"), sample_record("ETH-USD", imbalance_l5=-0.5)]
+    )
+    app = await start_app(torchserve=replica_settings(replicas))
+    stub = decision_stub(channel_to(app))
+    requests = [
+        buy("BTC-USD", request_id="a"),
+        buy("NOPE-USD", request_id="b"),
+        decision_pb2.DecideRequest(
+            symbol="ETH-USD", side=decision_pb2.SIDE_SELL, quantity=2, request_id="c"
+        ),
+    ]
+
+    batch = await stub.DecideBatch(decision_pb2.DecideBatchRequest(requests=requests), timeout=2)
+
+    assert [r.request_id for r in batch.responses] == ["a", "b", "c"]
+    assert [r.source for r in batch.responses] == [
+        decision_pb2.SOURCE_PRIMARY,
+        decision_pb2.SOURCE_ABSTAIN,
+        decision_pb2.SOURCE_PRIMARY,
+    ]
+    singles = [await stub.Decide(requests[i], timeout=2.0) for i in (0, 2)]
+    assert [s.score for s in singles] == pytest.approx(
+        [batch.responses[0].score, batch.responses[2].score]
+    )
+
+
+async def test_health_is_serving_only_when_ready_and_reflection_lists_the_service(
+    redis_instance, key_prefix, channel_to
+):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from server.app import DecisionApp
+    from server.localstack.processes import free_port
+    from tests.server.conftest import make_settings
+
+    # Redis not there yet: the server answers health checks, NOT_SERVING.
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    app = DecisionApp(make_settings(dead_redis, key_prefix))
+    await app.start()
+    try:
+        channel = channel_to(app)
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "decision.v1.DecisionService"):
+            status = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = [r async for r in reflection.ServerReflectionInfo(iter([request]), timeout=1)]
+        names = {s.name for s in responses[0].list_services_response.service}
+        assert "decision.v1.DecisionService" in names
+        assert "grpc.health.v1.Health" in names
+    finally:
+        await app.stop()
+
+    ready = DecisionApp(make_settings(redis_instance.url, key_prefix))
+    await ready.start()
+    try:
+        await asyncio.wait_for(ready.wait_ready(), 5)
+        health = health_pb2_grpc.HealthStub(channel_to(ready))
+        status = await health.Check(
+            health_pb2.HealthCheckRequest(service="decision.v1.DecisionService"), timeout=1
+        )
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await ready.stop()
+
+
+async def test_no_caller_deadline_gets_the_default_budget(
+    replicas, start_app, channel_to, feature_writer
+):
+    for replica in replicas.values():
+        replica.ensure_running()
+    await feature_writer.write(sample_record("BTC-USD"))
+    app = await start_app(
+        torchserve=replica_settings(replicas), decision={"default_budget_ms": 30.0}
+    )
+    stub = decision_stub(channel_to(app))
+    replicas["primary"].proc.pause()
+    replicas["secondary"].proc.pause()
+    try:
+        started = time.monotonic()
+        response = await stub.Decide(buy())  # no deadline
+        assert (time.monotonic() - started) * 1000 < 60
+        assert response.source == decision_pb2.SOURCE_RULES
+        assert "deadline exceeded" in response.reason
+    finally:
+        replicas["primary"].proc.resume()
+        replicas["secondary"].proc.resume()
+
+
+async def test_grpc_status_not_internal_for_invalid_argument(start_app, channel_to):
+    app = await start_app()
+    stub = decision_stub(channel_to(app))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Decide(buy(symbol="btc usd"), timeout=2.0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("symbol:")

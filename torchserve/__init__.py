@@ -1,0 +1,1 @@
+"""Model definitions, the TorchServe handler, archiving and replica configs."""
