@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 
+import uvloop
+
 from server.app import DecisionApp
 from server.settings import Settings
 
@@ -28,7 +30,7 @@ def main() -> None:
         level=os.environ.get("DECISION_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(serve(Settings()))
+    uvloop.run(serve(Settings()))
 
 
 if __name__ == "__main__":

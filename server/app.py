@@ -23,13 +23,13 @@ from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
 from fallback.score_cache import ScoreCache
 from feature_cache.store import FeatureReader
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from proto.decision.v1 import decision_pb2
 from server.breaker import AsyncCircuitBreaker
 from server.domain import Source
 from server.engine import DecisionEngine
 from server.model_client import ModelInputError, TorchServeClient
 from server.router import Replica, ReplicaRouter
-from server.servicer import DecisionServicer
+from server.servicer import DecisionServicer, add_decision_service
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 DECISION_SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-REPLICA_CONNECT_TIMEOUT_S = 2.0
 
 
 class DecisionApp:
@@ -102,7 +101,7 @@ class DecisionApp:
             maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
             options=[("grpc.so_reuseport", 0)],
         )
-        decision_pb2_grpc.add_DecisionServiceServicer_to_server(
+        add_decision_service(
             DecisionServicer(
                 self.engine,
                 default_budget_ms=settings.decision.default_budget_ms,
@@ -139,8 +138,9 @@ class DecisionApp:
         TCP and HTTP/2 handshakes; a replica that is not there does not delay readiness
         by more than the connect timeout (the breaker and the ladder deal with it).
         """
+        connect_timeout_s = self.settings.torchserve.connect_timeout_ms / 1000.0
         connected = await asyncio.gather(
-            *(r.client.connect(REPLICA_CONNECT_TIMEOUT_S) for r in self.replicas)
+            *(r.client.connect(connect_timeout_s) for r in self.replicas)
         )
         for replica, ok in zip(self.replicas, connected, strict=True):
             if not ok:

@@ -2,15 +2,47 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import grpc
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.deadline import Budget
 from server.domain import DecisionResult
 from server.engine import DecisionEngine
-from server.errors import grpc_errors
+from server.errors import InvalidArgument, grpc_errors
 from server.validation import order_from_pb, orders_from_batch_pb
+
+M = TypeVar("M", bound=Message)
+
+
+class UndecodableRequest:
+    """Stands in for a request whose bytes are not the expected message.
+
+    grpc answers INTERNAL when a deserializer raises; bad input must get
+    INVALID_ARGUMENT, so decoding never raises and the handler rejects this instead.
+    """
+
+    def __init__(self, message_name: str) -> None:
+        self.message_name = message_name
+
+
+def tolerant_parser(message: type[M]) -> Callable[[bytes], M | UndecodableRequest]:
+    def parse(data: bytes) -> M | UndecodableRequest:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return UndecodableRequest(message.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def reject_undecodable(request: object) -> None:
+    if isinstance(request, UndecodableRequest):
+        raise InvalidArgument("request", f"not a valid {request.message_name}")
 
 
 def response_to_pb(result: DecisionResult) -> decision_pb2.DecideResponse:
@@ -50,6 +82,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         request: decision_pb2.DecideRequest,
         context: grpc.aio.ServicerContext[decision_pb2.DecideRequest, decision_pb2.DecideResponse],
     ) -> decision_pb2.DecideResponse:
+        reject_undecodable(request)
         order = order_from_pb(request)
         budget = Budget.for_call(context.time_remaining(), self._default_budget_ms)
         (result,) = await self._engine.decide([order], budget)
@@ -63,7 +96,26 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             decision_pb2.DecideBatchRequest, decision_pb2.DecideBatchResponse
         ],
     ) -> decision_pb2.DecideBatchResponse:
+        reject_undecodable(request)
         orders = orders_from_batch_pb(request, self._max_batch_size)
         budget = Budget.for_call(context.time_remaining(), self._default_budget_ms)
         results = await self._engine.decide(orders, budget)
         return decision_pb2.DecideBatchResponse(responses=[response_to_pb(r) for r in results])
+
+
+def add_decision_service(servicer: DecisionServicer, server: grpc.aio.Server) -> None:
+    """Registers DecisionService like the generated helper, with tolerant request parsing."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Decide": grpc.unary_unary_rpc_method_handler(
+            servicer.Decide,
+            request_deserializer=tolerant_parser(decision_pb2.DecideRequest),
+            response_serializer=decision_pb2.DecideResponse.SerializeToString,
+        ),
+        "DecideBatch": grpc.unary_unary_rpc_method_handler(
+            servicer.DecideBatch,
+            request_deserializer=tolerant_parser(decision_pb2.DecideBatchRequest),
+            response_serializer=decision_pb2.DecideBatchResponse.SerializeToString,
+        ),
+    }
+    service = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))

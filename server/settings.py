@@ -47,6 +47,11 @@ class TorchServeSettings(_Section):
     min_call_budget_ms: float = Field(
         1.0, description="A model call (first or retry) is skipped when less than this is left."
     )
+    connect_timeout_ms: float = Field(
+        2000.0,
+        description="At start, how long readiness waits for each replica's connection; "
+        "an absent replica is left to its breaker.",
+    )
     reconnect_backoff_ms: int = Field(
         500, description="Longest wait before reconnecting to a replica that went away."
     )

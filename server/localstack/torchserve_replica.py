@@ -2,15 +2,16 @@
 
 Each replica gets its own TMPDIR (TorchServe keeps its pid file and worker sockets
 there) and its own ``initial_worker_port``, so several replicas share one machine.
-Token auth is disabled because every address is loopback; production configs under
-``torchserve/replicas/`` bind the same way inside the pod.
+The config is ``torchserve/replicas/replica.properties`` with this replica's ports and
+paths filled in; token auth is off there because every address is loopback.
 """
 
 from __future__ import annotations
 
 import os
+import string
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
@@ -36,33 +37,24 @@ class ReplicaPorts:
         """DESIGN.md's scheme: 7070/7071 and 8080/8081/8082 for the primary, +100 per replica."""
         return cls(base_grpc, base_grpc + 1, base_rest, base_rest + 1, base_rest + 2, worker)
 
+    def shifted(self, offset: int) -> ReplicaPorts:
+        """Every port moved by ``offset``: a second stack on the same machine."""
+        return ReplicaPorts(*(port + offset for port in asdict(self).values()))
+
 
 PRIMARY_PORTS = ReplicaPorts.from_base(7070, 8080, 9000)
 SECONDARY_PORTS = ReplicaPorts.from_base(7170, 8180, 9100)
 CHALLENGER_PORTS = ReplicaPorts.from_base(7270, 8280, 9200)
 
 
+CONFIG_TEMPLATE = Path(__file__).resolve().parents[2] / "torchserve/replicas/replica.properties"
+
+
 def config_properties(ports: ReplicaPorts, model_store: Path, models: str, workers: int) -> str:
-    return "\n".join(
-        [
-            f"inference_address=http://127.0.0.1:{ports.rest_inference}",
-            f"management_address=http://127.0.0.1:{ports.rest_management}",
-            f"metrics_address=http://127.0.0.1:{ports.rest_metrics}",
-            "grpc_inference_address=127.0.0.1",
-            "grpc_management_address=127.0.0.1",
-            f"grpc_inference_port={ports.grpc_inference}",
-            f"grpc_management_port={ports.grpc_management}",
-            f"initial_worker_port={ports.initial_worker}",
-            f"model_store={model_store}",
-            f"load_models={models}",
-            f"default_workers_per_model={workers}",
-            "disable_token_authorization=true",
-            "enable_model_api=false",
-            "async_logging=true",
-            # A small heap: the frontend only routes bytes.
-            "vmargs=-Xmx256m",
-            "",
-        ]
+    """The replica's config.properties, from the committed template."""
+    template = string.Template(CONFIG_TEMPLATE.read_text())
+    return template.substitute(
+        asdict(ports), model_store=str(model_store), models=models, workers=workers
     )
 
 

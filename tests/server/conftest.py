@@ -14,6 +14,7 @@ from feature_cache.schema import FEATURE_NAMES
 from feature_cache.store import FeatureRecord, FeatureWriter
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
+from server.localstack.processes import free_port
 from server.settings import Settings
 from tests.conftest import RedisInstance
 
@@ -49,6 +50,12 @@ def make_settings(redis_url: str, key_prefix: str, **sections: dict[str, Any]) -
     base: dict[str, dict[str, Any]] = {
         "server": {"port": 0, "grace_period_s": 1.0},
         "redis": {"url": redis_url, "key_prefix": key_prefix},
+        # Nothing listens on these unless a test passes its replicas' addresses.
+        "torchserve": {
+            "primary_address": f"127.0.0.1:{free_port()}",
+            "secondary_address": f"127.0.0.1:{free_port()}",
+            "connect_timeout_ms": 300.0,
+        },
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
@@ -106,5 +113,5 @@ def decision_stub(channel: grpc.aio.Channel) -> decision_pb2_grpc.DecisionServic
 
 def buy(symbol: str = "BTC-USD", **fields: Any) -> decision_pb2.DecideRequest:
     return decision_pb2.DecideRequest(
-        symbol=symbol, side=decision_pb2.SIDE_BUY, quantity=1.0, **fields
+        **{"symbol": symbol, "side": decision_pb2.SIDE_BUY, "quantity": 1.0, **fields}
     )

@@ -1,0 +1,41 @@
+# Decision service. `make help` lists the targets.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: ## Install system packages when missing (apt-get), the virtualenv and buf
+	@.ci/setup --with-buf
+
+run: setup ## Run the local stack (redis, TorchServe x2, decision server); Ctrl-C stops it
+	@$(PY) -m server.localstack
+
+proto: ## Regenerate the protobuf stubs (with mypy stubs)
+	@.ci/gen-proto
+
+fmt: ## Format the code
+	@$(PY) -m ruff format .
+	@$(PY) -m ruff check --fix .
+
+lint: ## ruff, ruff format --check, mypy (strict on the packages)
+	@$(PY) -m ruff check .
+	@$(PY) -m ruff format --check .
+	@$(PY) -m mypy
+
+proto-check: ## Stubs fresh, buf lint, buf breaking against main
+	@.ci/check-proto
+
+test: setup lint proto-check ## Set up, lint, check the protos and run every test
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: ## Unit tests only (no real processes)
+	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+bench: setup ## Decide vs direct TorchServe at concurrency 1 (prints the table)
+	@$(PY) -m loadtest.bench_latency
+
+.PHONY: help setup run proto fmt lint proto-check test test-fast bench

@@ -1,0 +1,237 @@
+"""Decide vs direct TorchServe at concurrency 1, measured in one run on this machine.
+
+Starts its own redis-server, one TorchServe replica, the decision server and a bare
+echo server (the floor: one Python gRPC hop, no work) as separate processes on free
+loopback ports; this process is the client of every path. The paths are measured in
+alternating rounds so that machine noise lands on all of them alike. Prints p50/p99
+per path and the difference the decision layer adds over the direct model call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import redis.asyncio as aioredis
+
+from feature_cache.schema import FEATURE_NAMES, MODEL_INPUT_WIDTH
+from feature_cache.store import FeatureRecord, FeatureWriter
+from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
+from server.localstack.processes import ManagedProcess, free_port, port_open
+from server.localstack.redis_server import start_redis
+from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
+from server.model_client import pack_rows
+from torchserve.archive import build_archive
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def percentile(sorted_ms: list[float], q: float) -> float:
+    return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
+
+
+async def keep_features_fresh(writer: FeatureWriter, stop: asyncio.Event) -> None:
+    offset = 0
+    while not stop.is_set():
+        offset += 1
+        await writer.write(
+            FeatureRecord(
+                "BTC-USD",
+                tuple(0.1 for _ in FEATURE_NAMES),
+                time.time_ns() // 1000,
+                offset,
+            )
+        )
+        await asyncio.sleep(0.2)
+
+
+async def measure(
+    decision_port: int,
+    torchserve_port: int,
+    echo_port: int,
+    redis_port: int,
+    rounds: int,
+    per_round: int,
+) -> dict[str, list[float]]:
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
+    stop = asyncio.Event()
+    keeper = asyncio.create_task(
+        keep_features_fresh(FeatureWriter(client, key_prefix="decision:", ttl_s=30), stop)
+    )
+    await asyncio.sleep(0.1)
+    decision_channel = grpc.aio.insecure_channel(f"127.0.0.1:{decision_port}")
+    ts_channel = grpc.aio.insecure_channel(f"127.0.0.1:{torchserve_port}")
+    echo_channel = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}")
+    decide = decision_pb2_grpc.DecisionServiceStub(decision_channel).Decide
+    echo = decision_pb2_grpc.DecisionServiceStub(echo_channel).Decide
+    predict = inference_pb2_grpc.InferenceAPIsServiceStub(ts_channel).Predictions
+    decide_request = decision_pb2.DecideRequest(
+        symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0
+    )
+    predict_request = inference_pb2.PredictionsRequest(
+        model_name="champion", input={"rows": pack_rows([[0.1] * MODEL_INPUT_WIDTH])}
+    )
+    results: dict[str, list[float]] = {
+        "echo": [],
+        "torchserve": [],
+        "decide": [],
+        "decide_server_us": [],
+        "decide_features_us": [],
+        "decide_model_us": [],
+    }
+    sources: dict[int, int] = {}
+
+    async def one_decide() -> float:
+        started = time.perf_counter()
+        response = await decide(decide_request, timeout=1.0)
+        elapsed = (time.perf_counter() - started) * 1000
+        sources[response.source] = sources.get(response.source, 0) + 1
+        results["decide_server_us"].append(response.timings.total_us)
+        results["decide_features_us"].append(response.timings.features_us)
+        results["decide_model_us"].append(response.timings.model_us)
+        return elapsed
+
+    async def one_echo() -> float:
+        started = time.perf_counter()
+        await echo(decide_request, timeout=1.0)
+        return (time.perf_counter() - started) * 1000
+
+    async def one_predict() -> float:
+        started = time.perf_counter()
+        await predict(predict_request, timeout=1.0)
+        return (time.perf_counter() - started) * 1000
+
+    try:
+        for _ in range(50):  # warm-up, not recorded
+            await one_echo()
+            await one_predict()
+            await one_decide()
+        for key in ("decide_server_us", "decide_features_us", "decide_model_us"):
+            results[key].clear()
+        sources.clear()
+        for r in range(rounds):
+            for _ in range(per_round):
+                results["echo"].append(await one_echo())
+            for _ in range(per_round):
+                results["torchserve"].append(await one_predict())
+            for _ in range(per_round):
+                results["decide"].append(await one_decide())
+            print(f"  round {r + 1}/{rounds}", end="\r", flush=True)
+        print()
+    finally:
+        stop.set()
+        await keeper
+        await decision_channel.close()
+        await echo_channel.close()
+        await ts_channel.close()
+        await client.aclose()
+    primary = sources.get(decision_pb2.SOURCE_PRIMARY, 0)
+    total = sum(sources.values())
+    print(f"  Decide answered by the primary: {primary}/{total}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--per-round", type=int, default=200)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        run_dir = Path(tmp)
+        print("starting redis-server, TorchServe and the decision server …", flush=True)
+        archive = build_archive(run_dir / "store")
+        redis_port = free_port()
+        ts_ports = ReplicaPorts(*(free_port() for _ in range(6)))
+        decision_port = free_port()
+        procs: list[ManagedProcess] = []
+        try:
+            procs.append(start_redis(redis_port, run_dir / "redis"))
+            replica = torchserve_replica("primary", ts_ports, archive.path.parent, run_dir)
+            procs.append(replica)
+            start_replica(replica, ts_ports)
+            server = ManagedProcess(
+                "decision-server",
+                [sys.executable, "-m", "server"],
+                cwd=REPO,
+                log_path=run_dir / "server.log",
+                env={
+                    **os.environ,
+                    "DECISION_LOG_LEVEL": "WARNING",
+                    "DECISION_SERVER__PORT": str(decision_port),
+                    "DECISION_REDIS__URL": f"redis://127.0.0.1:{redis_port}/0",
+                    "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{ts_ports.grpc_inference}",
+                    "DECISION_TORCHSERVE__SECONDARY_ADDRESS": f"127.0.0.1:{free_port()}",
+                    "DECISION_TORCHSERVE__CONNECT_TIMEOUT_MS": "200",
+                },
+            )
+            procs.append(server)
+            server.start()
+            echo_port = free_port()
+            echo = ManagedProcess(
+                "echo-server",
+                [sys.executable, "-m", "loadtest.echo_server", "--port", str(echo_port)],
+                cwd=REPO,
+                log_path=run_dir / "echo.log",
+            )
+            procs.append(echo)
+            echo.start()
+            server.wait_ready(lambda: port_open("127.0.0.1", decision_port), 30)
+            echo.wait_ready(lambda: port_open("127.0.0.1", echo_port), 30)
+            print(f"measuring {args.rounds} x {args.per_round} calls per path, concurrency 1")
+            results = asyncio.run(
+                measure(
+                    decision_port,
+                    ts_ports.grpc_inference,
+                    echo_port,
+                    redis_port,
+                    args.rounds,
+                    args.per_round,
+                )
+            )
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+
+    ec = sorted(results["echo"])
+    ts = sorted(results["torchserve"])
+    dc = sorted(results["decide"])
+    server_ms = {
+        stage: statistics.median(results[f"decide_{stage}_us"]) / 1000
+        for stage in ("features", "model", "server")
+    }
+    rows = [
+        ("E: bare grpc.aio echo (floor)", ec),
+        ("T: TorchServe gRPC direct", ts),
+        ("D: Decide (whole chain)", dc),
+    ]
+    print()
+    print("| path (concurrency 1) | calls | p50 ms | p99 ms |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, values in rows:
+        print(
+            f"| {name} | {len(values)} | {percentile(values, 0.5):.3f} |"
+            f" {percentile(values, 0.99):.3f} |"
+        )
+    print(
+        "| D - T (what the decision layer adds) | |"
+        f" {percentile(dc, 0.5) - percentile(ts, 0.5):+.3f} |"
+        f" {percentile(dc, 0.99) - percentile(ts, 0.99):+.3f} |"
+    )
+    print(
+        "\nDecide server-side medians: features {features:.3f} ms, model {model:.3f} ms,"
+        " total {server:.3f} ms".format(**server_ms)
+    )
+    print("target: Decide adds <= 0.5 ms at p50")
+
+
+if __name__ == "__main__":
+    main()

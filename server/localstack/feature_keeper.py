@@ -1,0 +1,68 @@
+"""Keeps the default symbols' feature records fresh until the Kafka consumer takes over.
+
+A seeded random walk per symbol, written through the same ``FeatureWriter`` the consumer
+uses (monotonic, with a TTL), so Decide sees fresh features and the primary answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+
+from feature_cache.schema import FEATURE_NAMES
+from feature_cache.store import FeatureRecord, FeatureWriter
+
+log = logging.getLogger(__name__)
+
+
+class FeatureKeeper:
+    def __init__(
+        self, writer: FeatureWriter, symbols: Sequence[str], *, interval_s: float, seed: int = 7
+    ) -> None:
+        self._writer = writer
+        self._symbols = list(symbols)
+        self._interval_s = interval_s
+        self._rng = random.Random(seed)  # noqa: S311 - synthetic data, not security
+        self._state = {s: dict.fromkeys(FEATURE_NAMES, 0.0) for s in self._symbols}
+        self._offset = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def _step(self, symbol: str) -> FeatureRecord:
+        state = self._state[symbol]
+        for name in FEATURE_NAMES:
+            state[name] = 0.9 * state[name] + self._rng.gauss(0.0, 0.1)
+        state["spread_bps"] = 1.0 + abs(state["spread_bps"]) * 5
+        state["realized_vol_30s_bps"] = 5.0 + abs(state["realized_vol_30s_bps"]) * 20
+        for name in ("imbalance_l1", "imbalance_l5"):
+            state[name] = max(-1.0, min(1.0, state[name]))
+        self._offset += 1
+        return FeatureRecord(
+            symbol=symbol,
+            values=tuple(state[name] for name in FEATURE_NAMES),
+            event_time_us=time.time_ns() // 1000,
+            source_offset=self._offset,
+        )
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._writer.write_many([self._step(s) for s in self._symbols])
+            except Exception as exc:  # noqa: BLE001 - keep writing; the server sees staleness
+                log.warning("feature write failed: %s", exc)
+            await asyncio.sleep(self._interval_s)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass

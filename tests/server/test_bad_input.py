@@ -1,0 +1,131 @@
+"""1,000 generated malformed or edge-case requests: only OK or INVALID_ARGUMENT, never down."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import grpc
+import pytest
+
+from feature_cache.schema import FEATURE_NAMES
+from proto.decision.v1 import decision_pb2
+from tests.server.conftest import buy, decision_stub, sample_record
+
+pytestmark = pytest.mark.integration
+
+SYMBOLS = [
+    "BTC-USD", "", " ", "btc-usd", "X" * 33, "X" * 32, "BTC USD", "BTC\x00", "₿TC", "-BTC",
+    "A", "BTC/USD", "ETH.USD_1", "\n", "BTC-USD\n", "0", "DROP TABLE", "X" * 10_000,
+]  # fmt: skip
+NUMBERS = [1.0, 0.0, -0.0, -1.0, math.nan, math.inf, -math.inf, 1e308, 5e-324, 1e-9, 123.456]
+SIDES = [0, 1, 2, 3, -1, 2**31 - 1]
+IDS = ["", "r-1", "x" * 128, "x" * 129, "tab\tid", "ünïcödé", "\x07bell", "😀" * 40]
+
+
+def generated_request(rng: random.Random) -> decision_pb2.DecideRequest:
+    request = decision_pb2.DecideRequest(
+        symbol=rng.choice(SYMBOLS),
+        side=rng.choice(SIDES),  # type: ignore[arg-type]
+        quantity=rng.choice(NUMBERS),
+        request_id=rng.choice(IDS),
+        client_id=rng.choice(IDS),
+    )
+    if rng.random() < 0.3:
+        request.limit_price = rng.choice(NUMBERS)
+    for _ in range(rng.choice([0, 0, 1, 3])):
+        name = rng.choice([*FEATURE_NAMES, "unknown", "", "spread", "x" * 300])
+        request.feature_overrides[name] = rng.choice(NUMBERS)
+    return request
+
+
+async def test_generated_bad_requests_get_ok_or_invalid_argument(
+    start_app, channel_to, feature_writer
+):
+    await feature_writer.write(sample_record("BTC-USD"))
+    # No replica runs: answers come from the ladder, which is all the validation needs.
+    app = await start_app(server={"max_batch_size": 8})
+    channel = channel_to(app)
+    stub = decision_stub(channel)
+    rng = random.Random(20261121)
+    codes: dict[grpc.StatusCode, int] = {}
+
+    for i in range(1000):
+        try:
+            if i % 10 == 9:
+                size = rng.choice([0, 1, 8, 9])
+                batch = [generated_request(rng) for _ in range(size)]
+                await stub.DecideBatch(decision_pb2.DecideBatchRequest(requests=batch), timeout=2.0)
+            else:
+                await stub.Decide(generated_request(rng), timeout=2.0)
+            code = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+            field = exc.details().split(":", 1)[0]
+            assert field.split(".")[-1].split("[")[0] in {
+                "symbol", "side", "quantity", "limit_price", "feature_overrides",
+                "request_id", "client_id", "requests",
+            }, exc.details()  # fmt: skip
+        codes[code] = codes.get(code, 0) + 1
+
+    assert codes.get(grpc.StatusCode.OK, 0) > 0
+    assert codes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 500
+    await feature_writer.write(sample_record("BTC-USD", offset=2))
+    response = await stub.Decide(buy(), timeout=2.0)  # still serving
+    assert response.source == decision_pb2.SOURCE_RULES
+
+
+async def test_bytes_that_are_not_a_request_get_invalid_argument(start_app, channel_to):
+    app = await start_app()
+    channel = channel_to(app)
+    raw = channel.unary_unary("/decision.v1.DecisionService/Decide")
+    rng = random.Random(7)
+    for payload in [b"\xff" * 10, b"\x0a\xff\xff\xff\xff\x0f", rng.randbytes(64), b"\x12"]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(payload, timeout=2.0)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "request: not a valid decision.v1.DecideRequest"
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"symbol": ""}, "symbol"),
+        ({"symbol": "btc-usd"}, "symbol"),
+        ({"side": decision_pb2.SIDE_UNSPECIFIED}, "side"),
+        ({"quantity": math.nan}, "quantity"),
+        ({"quantity": 0.0}, "quantity"),
+        ({"limit_price": -1.0}, "limit_price"),
+        ({"feature_overrides": {"nope": 1.0}}, "feature_overrides['nope']"),
+        ({"feature_overrides": {"spread_bps": math.inf}}, "feature_overrides['spread_bps']"),
+        ({"request_id": "x" * 129}, "request_id"),
+    ],
+)
+async def test_each_invalid_field_is_named(start_app, channel_to, request_fields, field):
+    app = await start_app()
+    stub = decision_stub(channel_to(app))
+    request = decision_pb2.DecideRequest(symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1)
+    for name, value in request_fields.items():
+        if name == "feature_overrides":
+            request.feature_overrides.update(value)
+        else:
+            setattr(request, name, value)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Decide(request, timeout=2.0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(f"{field}: ")
+
+
+async def test_oversized_batch_and_bad_batch_item_are_named(start_app, channel_to):
+    app = await start_app(server={"max_batch_size": 4})
+    stub = decision_stub(channel_to(app))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.DecideBatch(decision_pb2.DecideBatchRequest(requests=[buy()] * 5), timeout=2)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "requests: holds 5 requests; at most 4"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.DecideBatch(
+            decision_pb2.DecideBatchRequest(requests=[buy(), buy(quantity=-2.0)]), timeout=2
+        )
+    assert err.value.details().startswith("requests[1].quantity: ")

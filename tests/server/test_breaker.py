@@ -1,0 +1,129 @@
+"""The asyncio adapter over pybreaker's state machine (pure logic, fake calls)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.breaker import AsyncCircuitBreaker, BreakerOpenError
+
+
+class Boom(Exception):
+    pass
+
+
+class NotTheReplicasFault(Exception):
+    pass
+
+
+async def fail() -> None:
+    raise Boom
+
+
+async def succeed() -> str:
+    return "ok"
+
+
+def breaker(**kwargs: object) -> AsyncCircuitBreaker:
+    options: dict = {"fail_max": 3, "reset_timeout_s": 0.05, **kwargs}
+    return AsyncCircuitBreaker("primary", **options)
+
+
+async def test_opens_after_fail_max_failures_and_rejects_without_calling():
+    cb = breaker()
+    for _ in range(3):
+        with pytest.raises(Boom):
+            await cb.call(fail)
+    assert cb.state == "open"
+    called = False
+
+    async def tracked() -> None:
+        nonlocal called
+        called = True
+
+    with pytest.raises(BreakerOpenError):
+        await cb.call(tracked)
+    assert not called
+    assert not cb.allows_call()
+
+
+async def test_a_success_resets_the_failure_count():
+    cb = breaker()
+    for _ in range(2):
+        with pytest.raises(Boom):
+            await cb.call(fail)
+    assert await cb.call(succeed) == "ok"
+    with pytest.raises(Boom):
+        await cb.call(fail)
+    assert cb.state == "closed"
+
+
+async def test_half_open_trial_success_closes_and_failure_reopens():
+    cb = breaker()
+    for _ in range(3):
+        with pytest.raises(Boom):
+            await cb.call(fail)
+    await asyncio.sleep(0.06)
+    assert cb.allows_call()
+    with pytest.raises(Boom):
+        await cb.call(fail)  # the trial fails
+    assert cb.state == "open"
+    with pytest.raises(BreakerOpenError):
+        await cb.call(succeed)
+    await asyncio.sleep(0.06)
+    assert await cb.call(succeed) == "ok"
+    assert cb.state == "closed"
+
+
+async def test_only_one_trial_at_a_time_while_half_open():
+    cb = breaker()
+    for _ in range(3):
+        with pytest.raises(Boom):
+            await cb.call(fail)
+    await asyncio.sleep(0.06)
+    release = asyncio.Event()
+
+    async def slow_success() -> str:
+        await release.wait()
+        return "ok"
+
+    trial = asyncio.create_task(cb.call(slow_success))
+    await asyncio.sleep(0)
+    with pytest.raises(BreakerOpenError, match="trial call in flight"):
+        await cb.call(succeed)
+    release.set()
+    assert await trial == "ok"
+    assert cb.state == "closed"
+
+
+async def test_excluded_errors_and_cancellation_do_not_count():
+    cb = breaker(exclude=(NotTheReplicasFault,))
+
+    async def caller_error() -> None:
+        raise NotTheReplicasFault
+
+    for _ in range(5):
+        with pytest.raises(NotTheReplicasFault):
+            await cb.call(caller_error)
+
+    async def hang() -> None:
+        await asyncio.sleep(10)
+
+    for _ in range(5):
+        task = asyncio.create_task(cb.call(hang))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert cb.state == "closed"
+    assert cb.fail_counter == 0
+
+
+async def test_force_open_and_closed():
+    cb = breaker(reset_timeout_s=60)
+    cb.force_open()
+    with pytest.raises(BreakerOpenError):
+        await cb.call(succeed)
+    cb.force_closed()
+    assert await cb.call(succeed) == "ok"

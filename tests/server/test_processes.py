@@ -1,0 +1,135 @@
+"""The server and the local stack as real processes: readiness, signals, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from server.localstack.processes import free_port, live_group_members, port_open
+from tests.server.conftest import buy
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def serving(port: int) -> bool:
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="decision.v1.DecisionService"), timeout=0.5
+            )
+            return response.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def wait_for(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_server_process_serves_then_stops_cleanly_on_sigterm(redis_instance, tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "DECISION_SERVER__PORT": str(port),
+        "DECISION_SERVER__GRACE_PERIOD_S": "2",
+        "DECISION_REDIS__URL": redis_instance.url,
+        "DECISION_REDIS__KEY_PREFIX": f"proc{port}:",
+        "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{free_port()}",
+        "DECISION_TORCHSERVE__SECONDARY_ADDRESS": f"127.0.0.1:{free_port()}",
+        "DECISION_TORCHSERVE__CONNECT_TIMEOUT_MS": "200",
+    }
+    with (tmp_path / "server.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: serving(port), 20)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            response = decision_pb2_grpc.DecisionServiceStub(channel).Decide(buy(), timeout=1.0)
+            assert response.source == decision_pb2.SOURCE_ABSTAIN  # no features written
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        text = (tmp_path / "server.log").read_text()
+        assert "signal received: shutting down" in text
+        assert text.rstrip().endswith("stopped")
+        assert not port_open("127.0.0.1", port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path):
+    offset = 20000 + os.getpid() % 5000  # away from the default ports a running stack uses
+    decision_port = 50051 + offset
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.localstack", "--run-dir", str(tmp_path), "--port-offset",
+         str(offset)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # a group of its own, as a terminal gives `make run`
+    )  # fmt: skip
+    try:
+        wait_for(lambda: serving(decision_port), 120)
+        with grpc.insecure_channel(f"127.0.0.1:{decision_port}") as channel:
+            response = decision_pb2_grpc.DecisionServiceStub(channel).Decide(buy(), timeout=1.0)
+        assert response.source == decision_pb2.SOURCE_PRIMARY, response.reason
+        children = descendants(proc.pid)
+        assert len(children) >= 4  # redis, 2 TorchServe launchers (+ JVMs, workers), server
+
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, output.decode()
+        assert b"all processes stopped" in output
+        time.sleep(0.5)
+        left = [pid for pid in children if Path(f"/proc/{pid}").exists() and not zombie(pid)]
+        assert left == [], f"processes left behind: {left}"
+        assert not live_group_members(proc.pid)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        found.extend(children)
+        frontier.extend(children)
+    return found
