@@ -27,7 +27,7 @@ from proto.decision.v1 import decision_pb2
 from server.breaker import AsyncCircuitBreaker
 from server.domain import Source
 from server.engine import DecisionEngine
-from server.model_client import ModelInputError, TorchServeClient
+from server.model_client import TorchServeClient, not_the_replicas_fault
 from server.router import Replica, ReplicaRouter
 from server.servicer import DecisionServicer, add_decision_service
 from server.settings import Settings
@@ -63,7 +63,7 @@ class DecisionApp:
                     fail_max=settings.breaker.fail_max,
                     reset_timeout_s=settings.breaker.reset_timeout_s,
                     success_threshold=settings.breaker.success_threshold,
-                    exclude=(ModelInputError,),
+                    ignore=not_the_replicas_fault,
                 ),
                 source,
             )

@@ -9,7 +9,8 @@ half-open → closed on success) under its own lock, and the lock is never held 
 an await.
 
 While open or half-open, one trial call at a time is let through; the others are
-rejected at once with ``BreakerOpenError``.
+rejected at once with ``BreakerOpenError``. Errors for which ``ignore`` returns True
+(the caller's fault, not the replica's) are recorded as neither failure nor success.
 """
 
 from __future__ import annotations
@@ -53,14 +54,14 @@ class AsyncCircuitBreaker:
         fail_max: int,
         reset_timeout_s: float,
         success_threshold: int = 1,
-        exclude: tuple[type[BaseException], ...] = (),
+        ignore: Callable[[BaseException], bool] = lambda exc: False,
     ) -> None:
         self.name = name
+        self._ignore = ignore
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout_s,
             success_threshold=success_threshold,
-            exclude=list(exclude),
             listeners=[_StateLogger()],
             name=name,
             throw_new_error_on_trip=False,
@@ -119,12 +120,13 @@ class AsyncCircuitBreaker:
         try:
             result = await fn()
         except Exception as exc:
-            failure = exc
+            if not self._ignore(exc):
+                failure = exc
 
-            def _raise() -> NoReturn:
-                raise failure
+                def _raise() -> NoReturn:
+                    raise failure
 
-            self._record(_raise)
+                self._record(_raise)
             raise
         else:
             self._record(_returns_none)

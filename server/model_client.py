@@ -42,7 +42,11 @@ class ModelCallError(Exception):
 
 
 class ModelTimeout(ModelCallError):
-    pass
+    def __init__(self, message: str, *, budget_limited: bool = False) -> None:
+        super().__init__(message)
+        # True when the call's timeout was cut short by the caller's budget rather than
+        # set by the per-call cap: then the timeout says nothing about the replica.
+        self.budget_limited = budget_limited
 
 
 class ModelUnavailable(ModelCallError):
@@ -57,6 +61,13 @@ class ModelInputError(Exception):
     """The replica rejected the rows (wrong width, non-finite value)."""
 
 
+def not_the_replicas_fault(exc: BaseException) -> bool:
+    """Errors a replica's breaker must not count: our rows, or our caller's short budget."""
+    return isinstance(exc, ModelInputError) or (
+        isinstance(exc, ModelTimeout) and exc.budget_limited
+    )
+
+
 class ModelClient(Protocol):
     name: str
     model_name: str
@@ -69,8 +80,14 @@ class ModelClient(Protocol):
         """Opens the connection ahead of the first call; False if the replica is not there."""
         ...
 
-    async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
-        """Scores ``rows`` within ``timeout_s`` or raises ``ModelCallError``."""
+    async def predict(
+        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
+    ) -> ModelScores:
+        """Scores ``rows`` within ``timeout_s`` or raises ``ModelCallError``.
+
+        ``budget_limited``: the timeout is shorter than the per-call cap because of the
+        caller's budget; a timeout then is marked as not the replica's fault.
+        """
         ...
 
 
@@ -117,7 +134,9 @@ class TorchServeClient:
         if channel is not None:
             await channel.close()
 
-    async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
+    async def predict(
+        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
+    ) -> ModelScores:
         if self._stub is None:
             raise ModelUnavailable(f"{self.name} client not started")
         request = inference_pb2.PredictionsRequest(
@@ -130,7 +149,8 @@ class TorchServeClient:
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise ModelTimeout(
-                    f"{self.name} deadline exceeded after {elapsed_ms:.1f} ms"
+                    f"{self.name} deadline exceeded after {elapsed_ms:.1f} ms",
+                    budget_limited=budget_limited,
                 ) from None
             raise ModelUnavailable(
                 f"{self.name} {exc.code().name.lower()} after {elapsed_ms:.1f} ms"

@@ -97,15 +97,18 @@ async def test_only_one_trial_at_a_time_while_half_open():
     assert cb.state == "closed"
 
 
-async def test_excluded_errors_and_cancellation_do_not_count():
-    cb = breaker(exclude=(NotTheReplicasFault,))
+async def test_ignored_errors_and_cancellation_count_as_neither_failure_nor_success():
+    cb = breaker(ignore=lambda exc: isinstance(exc, NotTheReplicasFault))
 
     async def caller_error() -> None:
         raise NotTheReplicasFault
 
+    with pytest.raises(Boom):
+        await cb.call(fail)
     for _ in range(5):
         with pytest.raises(NotTheReplicasFault):
             await cb.call(caller_error)
+    assert cb.fail_counter == 1  # not reset, not increased
 
     async def hang() -> None:
         await asyncio.sleep(10)
@@ -117,7 +120,7 @@ async def test_excluded_errors_and_cancellation_do_not_count():
         with pytest.raises(asyncio.CancelledError):
             await task
     assert cb.state == "closed"
-    assert cb.fail_counter == 0
+    assert cb.fail_counter == 1
 
 
 async def test_force_open_and_closed():

@@ -18,9 +18,12 @@ pytestmark = pytest.mark.integration
 
 
 def replica_settings(replicas: dict[str, Replica], **torchserve: object) -> dict[str, object]:
+    """The test's replicas; a generous per-call cap unless the test is about timeouts,
+    so that a busy machine does not turn a normal call into a timeout."""
     return {
         "primary_address": replicas["primary"].address,
         "secondary_address": replicas["secondary"].address,
+        "per_call_timeout_ms": 500.0,
         **torchserve,
     }
 
@@ -63,7 +66,8 @@ async def test_primary_killed_is_answered_by_the_secondary(
     await feature_writer.write(sample_record("BTC-USD"))
     app = await start_app(torchserve=replica_settings(replicas))
     stub = decision_stub(channel_to(app))
-    assert (await stub.Decide(buy(), timeout=2.0)).source == decision_pb2.SOURCE_PRIMARY
+    last = await stub.Decide(buy(), timeout=2.0)
+    assert last.source == decision_pb2.SOURCE_PRIMARY, last.reason
 
     replicas["primary"].proc.kill()
     try:
@@ -87,7 +91,8 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
         breaker={"fail_max": 3, "reset_timeout_s": 1.0},
     )
     stub = decision_stub(channel_to(app))
-    assert (await stub.Decide(buy(), timeout=2.0)).source == decision_pb2.SOURCE_PRIMARY
+    last = await stub.Decide(buy(), timeout=2.0)
+    assert last.source == decision_pb2.SOURCE_PRIMARY, last.reason
 
     primary = replicas["primary"]
     primary.proc.pause()
@@ -282,3 +287,24 @@ async def test_grpc_status_not_internal_for_invalid_argument(start_app, channel_
         await stub.Decide(buy(symbol="btc usd"), timeout=2.0)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("symbol:")
+
+
+async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breaker(
+    replicas, start_app, channel_to, feature_writer
+):
+    for replica in replicas.values():
+        replica.ensure_running()
+    await feature_writer.write(sample_record("BTC-USD"))
+    app = await start_app(
+        torchserve=replica_settings(replicas, min_call_budget_ms=0.1),
+        breaker={"fail_max": 2, "reset_timeout_s": 60.0},
+    )
+    stub = decision_stub(channel_to(app))
+
+    for _ in range(10):  # 3.6 ms budget - 3 ms reserve: the model gets 0.6 ms, too little
+        response = await stub.Decide(buy(), timeout=0.0036)
+        assert response.source != decision_pb2.SOURCE_PRIMARY, response.reason
+
+    assert [r.breaker.state for r in app.replicas] == ["closed", "closed"]
+    last = await stub.Decide(buy(), timeout=2.0)
+    assert last.source == decision_pb2.SOURCE_PRIMARY, last.reason
