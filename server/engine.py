@@ -33,11 +33,10 @@ log = logging.getLogger(__name__)
 MAX_PENDING_SCORE_WRITES = 256
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Features:
-    record: FeatureRecord | None
     values: Sequence[float] | None  # fresh values with overrides applied, else None
-    age_ms: float
+    age_ms: float  # -1 when there was no record
 
 
 class DecisionEngine:
@@ -125,17 +124,17 @@ class DecisionEngine:
         for order, record, why in zip(orders, records, reasons, strict=True):
             if record is None:
                 why.append(problem or f"no features for {order.symbol}")
-                out.append(_Features(None, None, -1.0))
+                out.append(_Features(None, -1.0))
                 continue
             age_ms = record.age_ms(now_us)
             if age_ms > self._max_age_ms:
                 why.append(f"features stale: {age_ms:.0f} ms old (max {self._max_age_ms:.0f})")
-                out.append(_Features(record, None, age_ms))
+                out.append(_Features(None, age_ms))
                 continue
             values = list(record.values)
             for name, value in order.feature_overrides.items():
                 values[FEATURE_INDEX[name]] = value
-            out.append(_Features(record, values, age_ms))
+            out.append(_Features(values, age_ms))
         return out
 
     async def _score(
