@@ -40,5 +40,18 @@ def model_row(side_sign: float, features: Sequence[float]) -> list[float]:
     return [side_sign, *features]
 
 
-def all_finite(values: Sequence[float]) -> bool:
-    return all(math.isfinite(v) for v in values)
+# The model computes in float32: a value beyond this cannot be sent to it.
+FLOAT32_MAX: Final = 3.4028234663852886e38
+
+
+def representable(value: float) -> bool:
+    """Finite and within float32 range: a value the model can take."""
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
+
+def first_unrepresentable(values: Sequence[float]) -> str | None:
+    """``name=value`` of the first feature the model cannot take, or None."""
+    for name, value in zip(FEATURE_NAMES, values, strict=True):
+        if not representable(value):
+            return f"{name}={value!r}"
+    return None

@@ -19,7 +19,7 @@ import redis.exceptions
 
 from fallback.chain import FallbackChain, LadderInput, LadderOutcome
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
-from feature_cache.schema import FEATURE_INDEX, model_row
+from feature_cache.schema import FEATURE_INDEX, first_unrepresentable, model_row
 from feature_cache.store import FeatureReader, FeatureRecord
 from server.deadline import Budget
 from server.domain import Decision, DecisionResult, OrderRequest
@@ -134,6 +134,11 @@ class DecisionEngine:
             values = list(record.values)
             for name, value in order.feature_overrides.items():
                 values[FEATURE_INDEX[name]] = value
+            problem_value = first_unrepresentable(values)
+            if problem_value is not None:
+                why.append(f"features unusable: {problem_value}")
+                out.append(_Features(None, age_ms))
+                continue
             out.append(_Features(values, age_ms))
         return out
 

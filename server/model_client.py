@@ -139,8 +139,12 @@ class TorchServeClient:
     ) -> ModelScores:
         if self._stub is None:
             raise ModelUnavailable(f"{self.name} client not started")
+        try:
+            packed = pack_rows(rows)
+        except (OverflowError, struct.error) as exc:
+            raise ModelInputError(f"rows cannot be sent as float32: {exc}") from None
         request = inference_pb2.PredictionsRequest(
-            model_name=self.model_name, input={"rows": pack_rows(rows)}
+            model_name=self.model_name, input={"rows": packed}
         )
         started = time.perf_counter()
         try:

@@ -6,7 +6,7 @@ import math
 import re
 import uuid
 
-from feature_cache.schema import FEATURE_INDEX
+from feature_cache.schema import FEATURE_INDEX, representable
 from proto.decision.v1 import decision_pb2
 from server.domain import OrderRequest, Side
 from server.errors import InvalidArgument
@@ -56,8 +56,10 @@ def order_from_pb(request: decision_pb2.DecideRequest, field_prefix: str = "") -
         field = f"{field_prefix}feature_overrides[{name[:64]!r}]"
         if name not in FEATURE_INDEX:
             raise InvalidArgument(field, "unknown feature name")
-        if not math.isfinite(value):
-            raise InvalidArgument(field, f"must be finite, got {value}")
+        if not representable(value):
+            raise InvalidArgument(
+                field, f"must be finite and within float32 range (|x| <= 3.4e38), got {value}"
+            )
         overrides[name] = value
     request_id = _identifier(request.request_id, f"{field_prefix}request_id") or uuid.uuid4().hex
     return OrderRequest(

@@ -31,17 +31,21 @@ class FeatureKeeper:
         self._task: asyncio.Task[None] | None = None
 
     def _step(self, symbol: str) -> FeatureRecord:
+        """Mean-reverting noise per feature, mapped into each feature's usual range."""
         state = self._state[symbol]
         for name in FEATURE_NAMES:
             state[name] = 0.9 * state[name] + self._rng.gauss(0.0, 0.1)
-        state["spread_bps"] = 1.0 + abs(state["spread_bps"]) * 5
-        state["realized_vol_30s_bps"] = 5.0 + abs(state["realized_vol_30s_bps"]) * 20
+        values = dict(state)
+        values["spread_bps"] = 1.0 + 5.0 * abs(state["spread_bps"])
+        values["realized_vol_5s_bps"] = 3.0 + 20.0 * abs(state["realized_vol_5s_bps"])
+        values["realized_vol_30s_bps"] = 5.0 + 20.0 * abs(state["realized_vol_30s_bps"])
+        values["trade_intensity_5s"] = 10.0 * abs(state["trade_intensity_5s"])
         for name in ("imbalance_l1", "imbalance_l5"):
-            state[name] = max(-1.0, min(1.0, state[name]))
+            values[name] = max(-1.0, min(1.0, state[name]))
         self._offset += 1
         return FeatureRecord(
             symbol=symbol,
-            values=tuple(state[name] for name in FEATURE_NAMES),
+            values=tuple(values[name] for name in FEATURE_NAMES),
             event_time_us=time.time_ns() // 1000,
             source_offset=self._offset,
         )

@@ -18,7 +18,8 @@ SYMBOLS = [
     "BTC-USD", "", " ", "btc-usd", "X" * 33, "X" * 32, "BTC USD", "BTC\x00", "₿TC", "-BTC",
     "A", "BTC/USD", "ETH.USD_1", "\n", "BTC-USD\n", "0", "DROP TABLE", "X" * 10_000,
 ]  # fmt: skip
-NUMBERS = [1.0, 0.0, -0.0, -1.0, math.nan, math.inf, -math.inf, 1e308, 5e-324, 1e-9, 123.456]
+NUMBERS = [1.0, 0.0, -0.0, -1.0, math.nan, math.inf, -math.inf, 1e308, -3.5e38, 3.4e38, 5e-324,
+           1e-9, 123.456]  # fmt: skip
 SIDES = [0, 1, 2, 3, -1, 2**31 - 1]
 IDS = ["", "r-1", "x" * 128, "x" * 129, "tab\tid", "ünïcödé", "\x07bell", "😀" * 40]
 
@@ -40,11 +41,20 @@ def generated_request(rng: random.Random) -> decision_pb2.DecideRequest:
 
 
 async def test_generated_bad_requests_get_ok_or_invalid_argument(
-    start_app, channel_to, feature_writer
+    replicas, start_app, channel_to, feature_writer
 ):
+    for replica in replicas.values():
+        replica.ensure_running()
     await feature_writer.write(sample_record("BTC-USD"))
-    # No replica runs: answers come from the ladder, which is all the validation needs.
-    app = await start_app(server={"max_batch_size": 8})
+    # Real replicas: requests that pass validation go all the way to the model.
+    app = await start_app(
+        server={"max_batch_size": 8},
+        torchserve={
+            "primary_address": replicas["primary"].address,
+            "secondary_address": replicas["secondary"].address,
+            "per_call_timeout_ms": 500.0,
+        },
+    )
     channel = channel_to(app)
     stub = decision_stub(channel)
     rng = random.Random(20261121)
@@ -72,8 +82,19 @@ async def test_generated_bad_requests_get_ok_or_invalid_argument(
     assert codes.get(grpc.StatusCode.OK, 0) > 0
     assert codes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 500
     await feature_writer.write(sample_record("BTC-USD", offset=2))
-    response = await stub.Decide(buy(), timeout=2.0)  # still serving
-    assert response.source == decision_pb2.SOURCE_RULES
+    response = await stub.Decide(buy(), timeout=2.0)  # still serving, from the model
+    assert response.source == decision_pb2.SOURCE_PRIMARY, response.reason
+    assert [r.breaker.state for r in app.replicas] == ["closed", "closed"]
+
+
+async def test_feature_record_the_model_cannot_take_goes_down_the_ladder(
+    start_app, channel_to, feature_writer
+):
+    await feature_writer.write(sample_record("BTC-USD", ofi_1s=1e39))
+    app = await start_app()
+    response = await decision_stub(channel_to(app)).Decide(buy(), timeout=2.0)
+    assert response.source == decision_pb2.SOURCE_ABSTAIN
+    assert response.reason.startswith("features unusable: ofi_1s=1e+39")
 
 
 async def test_bytes_that_are_not_a_request_get_invalid_argument(start_app, channel_to):
@@ -99,6 +120,7 @@ async def test_bytes_that_are_not_a_request_get_invalid_argument(start_app, chan
         ({"limit_price": -1.0}, "limit_price"),
         ({"feature_overrides": {"nope": 1.0}}, "feature_overrides['nope']"),
         ({"feature_overrides": {"spread_bps": math.inf}}, "feature_overrides['spread_bps']"),
+        ({"feature_overrides": {"ofi_1s": 1e39}}, "feature_overrides['ofi_1s']"),
         ({"request_id": "x" * 129}, "request_id"),
     ],
 )
