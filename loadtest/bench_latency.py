@@ -25,7 +25,7 @@ from feature_cache.schema import FEATURE_NAMES, MODEL_INPUT_WIDTH
 from feature_cache.store import FeatureRecord, FeatureWriter
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
-from server.localstack.processes import ManagedProcess, free_port, port_open
+from server.localstack.processes import ManagedProcess, free_ports, port_open
 from server.localstack.redis_server import start_redis
 from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
 from server.model_client import pack_rows
@@ -149,9 +149,8 @@ def main() -> None:
         run_dir = Path(tmp)
         print("starting redis-server, TorchServe and the decision server …", flush=True)
         archive = build_archive(run_dir / "store")
-        redis_port = free_port()
-        ts_ports = ReplicaPorts(*(free_port() for _ in range(6)))
-        decision_port = free_port()
+        redis_port, decision_port, echo_port, no_secondary, *replica_ports = free_ports(10)
+        ts_ports = ReplicaPorts(*replica_ports)
         procs: list[ManagedProcess] = []
         try:
             procs.append(start_redis(redis_port, run_dir / "redis"))
@@ -169,13 +168,12 @@ def main() -> None:
                     "DECISION_SERVER__PORT": str(decision_port),
                     "DECISION_REDIS__URL": f"redis://127.0.0.1:{redis_port}/0",
                     "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{ts_ports.grpc_inference}",
-                    "DECISION_TORCHSERVE__SECONDARY_ADDRESS": f"127.0.0.1:{free_port()}",
+                    "DECISION_TORCHSERVE__SECONDARY_ADDRESS": f"127.0.0.1:{no_secondary}",
                     "DECISION_TORCHSERVE__CONNECT_TIMEOUT_MS": "200",
                 },
             )
             procs.append(server)
             server.start()
-            echo_port = free_port()
             echo = ManagedProcess(
                 "echo-server",
                 [sys.executable, "-m", "loadtest.echo_server", "--port", str(echo_port)],

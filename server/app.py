@@ -95,6 +95,7 @@ class DecisionApp:
             score_cache=score_cache,
             decision=settings.decision,
             feature_max_age_ms=settings.features.max_age_ms,
+            score_write_interval_ms=fb.cached_score_write_interval_ms,
         )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(

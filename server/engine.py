@@ -22,7 +22,7 @@ from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 from feature_cache.schema import FEATURE_INDEX, first_unrepresentable, model_row
 from feature_cache.store import FeatureReader, FeatureRecord
 from server.deadline import Budget
-from server.domain import Decision, DecisionResult, OrderRequest
+from server.domain import Decision, DecisionResult, OrderRequest, Side
 from server.router import ReplicaRouter
 from server.settings import DecisionSettings
 
@@ -49,6 +49,7 @@ class DecisionEngine:
         score_cache: ScoreCache,
         decision: DecisionSettings,
         feature_max_age_ms: float,
+        score_write_interval_ms: float,
     ) -> None:
         self._features = features
         self._router = router
@@ -58,6 +59,8 @@ class DecisionEngine:
         self._margin_ms = decision.response_margin_ms
         self._max_age_ms = feature_max_age_ms
         self._pending_writes: set[asyncio.Task[None]] = set()
+        self._score_write_interval_us = int(score_write_interval_ms * 1000)
+        self._score_written_at_us: dict[tuple[str, Side], int] = {}
 
     async def decide(self, orders: Sequence[OrderRequest], budget: Budget) -> list[DecisionResult]:
         started = time.perf_counter_ns()
@@ -179,9 +182,19 @@ class DecisionEngine:
         return outcomes
 
     def _remember_scores(self, entries: list[ScoreEntry]) -> None:
+        """Writes the scores for the ladder unless this server wrote the key very recently."""
         if len(self._pending_writes) >= MAX_PENDING_SCORE_WRITES:
             return
-        task = asyncio.create_task(self._write_scores(entries))
+        due = []
+        for entry in entries:
+            key = (entry.symbol, entry.side)
+            scored_at = entry.score.scored_at_us
+            if scored_at - self._score_written_at_us.get(key, 0) >= self._score_write_interval_us:
+                self._score_written_at_us[key] = scored_at
+                due.append(entry)
+        if not due:
+            return
+        task = asyncio.create_task(self._write_scores(due))
         self._pending_writes.add(task)
         task.add_done_callback(self._pending_writes.discard)
 

@@ -104,6 +104,11 @@ class FallbackSettings(_Section):
     cached_score_max_age_ms: float = Field(
         1000.0, description="A cached model score older than this is not used."
     )
+    cached_score_write_interval_ms: float = Field(
+        100.0,
+        description="A symbol and side's cached score is rewritten at most this often, so "
+        "busy symbols do not cost a Redis write per decision.",
+    )
     rules_max_spread_bps: float = Field(
         10.0, description="Rules: NO_TRADE when the spread is wider than this."
     )

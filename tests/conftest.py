@@ -10,7 +10,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from server.localstack.processes import ManagedProcess, free_port
+from server.localstack.processes import ManagedProcess, free_port, free_ports
 from server.localstack.redis_server import start_redis
 from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
 from torchserve.archive import ArchiveInfo, build_archive
@@ -66,11 +66,9 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Archive
 class Replica:
     """A real TorchServe process that a test may kill, pause and restart."""
 
-    def __init__(self, name: str, store: Path, run_dir: Path) -> None:
+    def __init__(self, name: str, ports: ReplicaPorts, store: Path, run_dir: Path) -> None:
         self.name = name
-        self.ports = ReplicaPorts(
-            free_port(), free_port(), free_port(), free_port(), free_port(), free_port()
-        )
+        self.ports = ports
         self.address = f"127.0.0.1:{self.ports.grpc_inference}"
         self._store = store
         self._run_dir = run_dir
@@ -101,7 +99,11 @@ def replicas(
     """A primary and a secondary TorchServe; tests that break one restore it after."""
     store, _ = model_store
     run_dir = tmp_path_factory.mktemp("torchserve")
-    pair = {name: Replica(name, store, run_dir) for name in ("primary", "secondary")}
+    ports = free_ports(12)
+    pair = {
+        name: Replica(name, ReplicaPorts(*ports[6 * i : 6 * i + 6]), store, run_dir)
+        for i, name in enumerate(("primary", "secondary"))
+    }
     try:
         for replica in pair.values():
             replica.proc.start()

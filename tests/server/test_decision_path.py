@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
 import grpc
 import pytest
 
+from fallback.score_cache import score_key
 from feature_cache.store import FeatureWriter
 from proto.decision.v1 import decision_pb2
+from server.domain import Side
 from tests.conftest import Replica
 from tests.server.conftest import buy, decision_stub, sample_record
 
@@ -308,3 +311,29 @@ async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breake
     assert [r.breaker.state for r in app.replicas] == ["closed", "closed"]
     last = await stub.Decide(buy(), timeout=2.0)
     assert last.source == decision_pb2.SOURCE_PRIMARY, last.reason
+
+
+async def test_cached_score_is_rewritten_at_most_once_per_interval(
+    replicas, start_app, channel_to, feature_writer, redis_client, key_prefix
+):
+    for replica in replicas.values():
+        replica.ensure_running()
+    await feature_writer.write(sample_record("BTC-USD"))
+    app = await start_app(
+        torchserve=replica_settings(replicas),
+        fallback={"cached_score_write_interval_ms": 300.0},
+    )
+    stub = decision_stub(channel_to(app))
+    key = score_key(key_prefix, "BTC-USD", Side.BUY)
+
+    async def stored_at() -> int:
+        await asyncio.sleep(0.05)  # the write follows the response
+        return json.loads(await redis_client.get(key))["t"]
+
+    await stub.Decide(buy(), timeout=2.0)
+    first = await stored_at()
+    await stub.Decide(buy(), timeout=2.0)
+    assert await stored_at() == first
+    await asyncio.sleep(0.3)
+    await stub.Decide(buy(), timeout=2.0)
+    assert await stored_at() > first
