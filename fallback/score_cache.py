@@ -60,15 +60,18 @@ class ScoreCache:
             await pipe.execute()
 
     async def get_many(self, keys: Sequence[tuple[str, Side]]) -> list[CachedScore | None]:
+        names = [score_key(self._prefix, symbol, side) for symbol, side in keys]
+        if len(names) == 1:  # a plain command costs ~40 µs less than a pipeline of one
+            return [_decode(await self._client.get(names[0]))]
         async with self._client.pipeline(transaction=False) as pipe:
-            for symbol, side in keys:
-                pipe.get(score_key(self._prefix, symbol, side))
+            for name in names:
+                pipe.get(name)
             raws = await pipe.execute()
-        out: list[CachedScore | None] = []
-        for raw in raws:
-            if raw is None:
-                out.append(None)
-                continue
-            doc = json.loads(raw)
-            out.append(CachedScore(float(doc["s"]), doc["m"], doc["v"], int(doc["t"])))
-        return out
+        return [_decode(raw) for raw in raws]
+
+
+def _decode(raw: bytes | str | None) -> CachedScore | None:
+    if raw is None:
+        return None
+    doc = json.loads(raw)
+    return CachedScore(float(doc["s"]), doc["m"], doc["v"], int(doc["t"]))

@@ -125,6 +125,8 @@ class FeatureReader:
         return _decode(symbol, raw)
 
     async def read_many(self, symbols: Sequence[str]) -> list[FeatureRecord | None]:
+        if len(symbols) == 1:  # a plain command costs ~40 µs less than a pipeline of one
+            return [await self.read(symbols[0])]
         async with self._client.pipeline(transaction=False) as pipe:
             for symbol in symbols:
                 pipe.hget(feature_key(self._prefix, symbol), "p")

@@ -80,7 +80,12 @@ class DecisionApp:
         fb = settings.fallback
         self.engine = DecisionEngine(
             features=FeatureReader(self.redis, key_prefix=settings.redis.key_prefix),
-            router=ReplicaRouter(self.replicas, torchserve=ts, decision=settings.decision),
+            router=ReplicaRouter(
+                self.replicas,
+                torchserve=ts,
+                decision=settings.decision,
+                min_counted_timeout_ms=settings.breaker.min_counted_timeout_ms,
+            ),
             ladder=FallbackChain(
                 score_cache,
                 RulesBaseline(

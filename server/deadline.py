@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 
 
 class Budget:
@@ -27,27 +26,18 @@ class Budget:
         return (self.deadline - time.monotonic()) * 1000.0
 
 
-@dataclass(frozen=True, slots=True)
-class CallTimeout:
-    ms: float
-    budget_limited: bool  # the budget, not the per-call cap, set it
-
-
-def model_call_timeout(
+def model_call_timeout_ms(
     remaining_ms: float,
     *,
     reserve_ms: float,
     cap_ms: float,
     jitter: float,
     rng: random.Random,
-) -> CallTimeout:
+) -> float:
     """What one model call may spend: the budget less the fallback reserve, capped.
 
     The cap is lowered by a random share up to ``jitter`` so that many servers'
     timeouts against one slow replica do not fire in lockstep.
     """
     jittered_cap = cap_ms * (1.0 - jitter * rng.random())
-    available = remaining_ms - reserve_ms
-    if available < jittered_cap:
-        return CallTimeout(available, budget_limited=True)
-    return CallTimeout(jittered_cap, budget_limited=False)
+    return min(remaining_ms - reserve_ms, jittered_cap)

@@ -44,8 +44,8 @@ class ModelCallError(Exception):
 class ModelTimeout(ModelCallError):
     def __init__(self, message: str, *, budget_limited: bool = False) -> None:
         super().__init__(message)
-        # True when the call's timeout was cut short by the caller's budget rather than
-        # set by the per-call cap: then the timeout says nothing about the replica.
+        # True when the caller's budget left the call too little time to judge the
+        # replica by: then the timeout says nothing about the replica.
         self.budget_limited = budget_limited
 
 
@@ -85,8 +85,8 @@ class ModelClient(Protocol):
     ) -> ModelScores:
         """Scores ``rows`` within ``timeout_s`` or raises ``ModelCallError``.
 
-        ``budget_limited``: the timeout is shorter than the per-call cap because of the
-        caller's budget; a timeout then is marked as not the replica's fault.
+        ``budget_limited``: the caller's budget left this call too little time to judge
+        the replica by; a timeout then is marked as not the replica's fault.
         """
         ...
 

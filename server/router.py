@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.breaker import AsyncCircuitBreaker, BreakerOpenError
-from server.deadline import Budget, model_call_timeout
+from server.deadline import Budget, model_call_timeout_ms
 from server.domain import Source
 from server.model_client import ModelCallError, ModelClient, ModelInputError, ModelScores
 from server.settings import DecisionSettings, TorchServeSettings
@@ -36,9 +36,10 @@ class ReplicaRouter:
 
     Each call gets ``min(remaining budget - fallback reserve, jittered per-call cap)``.
     A call is skipped, with the reason recorded, when less than ``min_call_budget_ms``
-    would be left for it. A timeout the caller's budget imposed (shorter than the cap)
+    would be left for it. A timeout of a call given less than ``min_counted_timeout_ms``
     does not count against the replica's breaker: a caller with a 4 ms deadline must
-    not open the breaker of a replica that answers in 5.
+    not open the breaker of a healthy replica that answers in 5, while a replica that
+    misses a 10 ms deadline is unhealthy whoever set it.
     """
 
     def __init__(
@@ -47,8 +48,10 @@ class ReplicaRouter:
         *,
         torchserve: TorchServeSettings,
         decision: DecisionSettings,
+        min_counted_timeout_ms: float,
         rng: random.Random | None = None,
     ) -> None:
+        self._min_counted_timeout_ms = min_counted_timeout_ms
         self.replicas = tuple(replicas)
         self._cap_ms = torchserve.per_call_timeout_ms
         self._jitter = torchserve.timeout_jitter
@@ -64,16 +67,16 @@ class ReplicaRouter:
             if not replica.breaker.allows_call():
                 reasons.append(f"{replica.name} breaker {replica.breaker.state}")
                 continue
-            timeout = model_call_timeout(
+            timeout_ms = model_call_timeout_ms(
                 budget.remaining_ms(),
                 reserve_ms=self._reserve_ms,
                 cap_ms=self._cap_ms,
                 jitter=self._jitter,
                 rng=self._rng,
             )
-            if timeout.ms < self._min_call_ms:
+            if timeout_ms < self._min_call_ms:
                 reasons.append(
-                    f"{replica.name} skipped: {max(timeout.ms, 0.0):.1f} ms of budget left"
+                    f"{replica.name} skipped: {max(timeout_ms, 0.0):.1f} ms of budget left"
                     f" (needs {self._min_call_ms:.1f})"
                 )
                 return None
@@ -82,8 +85,8 @@ class ReplicaRouter:
                     functools.partial(
                         replica.client.predict,
                         rows,
-                        timeout.ms / 1000.0,
-                        budget_limited=timeout.budget_limited,
+                        timeout_ms / 1000.0,
+                        budget_limited=timeout_ms < self._min_counted_timeout_ms,
                     )
                 )
             except BreakerOpenError as exc:

@@ -63,6 +63,11 @@ class BreakerSettings(_Section):
         2.0, description="How long an open breaker waits before letting one trial call through."
     )
     success_threshold: int = Field(1, description="Successful trials that close the breaker.")
+    min_counted_timeout_ms: float = Field(
+        10.0,
+        description="A model-call timeout counts as a replica failure only if the call was "
+        "given at least this long; shorter calls were cut by the caller's tight budget.",
+    )
 
 
 class RedisSettings(_Section):

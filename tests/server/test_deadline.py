@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from server.deadline import Budget, model_call_timeout
+from server.deadline import Budget, model_call_timeout_ms
 
 
 def test_no_caller_deadline_uses_the_default_budget():
@@ -19,21 +19,20 @@ def test_caller_deadline_is_the_budget():
 
 
 @pytest.mark.parametrize(
-    ("remaining", "cap", "expected", "budget_limited"),
-    [(50.0, 20.0, 20.0, False), (10.0, 20.0, 7.0, True), (2.0, 20.0, -1.0, True)],
+    ("remaining", "cap", "expected"),
+    [(50.0, 20.0, 20.0), (10.0, 20.0, 7.0), (2.0, 20.0, -1.0)],
 )
-def test_call_timeout_is_budget_less_reserve_capped(remaining, cap, expected, budget_limited):
-    got = model_call_timeout(
+def test_call_timeout_is_budget_less_reserve_capped(remaining, cap, expected):
+    got = model_call_timeout_ms(
         remaining, reserve_ms=3.0, cap_ms=cap, jitter=0.0, rng=random.Random(1)
     )
-    assert got.ms == pytest.approx(expected)
-    assert got.budget_limited is budget_limited
+    assert got == pytest.approx(expected)
 
 
 def test_jitter_only_lowers_the_cap_by_at_most_its_share():
     rng = random.Random(3)
     values = [
-        model_call_timeout(1000, reserve_ms=3, cap_ms=20, jitter=0.1, rng=rng).ms
+        model_call_timeout_ms(1000, reserve_ms=3, cap_ms=20, jitter=0.1, rng=rng)
         for _ in range(1000)
     ]
     assert min(values) >= 18.0

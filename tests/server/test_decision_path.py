@@ -119,8 +119,12 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
 
     await asyncio.sleep(1.1)  # reset timeout: the next call is the half-open trial
     assert app.replicas[0].breaker.allows_call()
-    response = await stub.Decide(buy(), timeout=2.0)
-    assert response.source == decision_pb2.SOURCE_PRIMARY
+    # A resumed JVM first works off what queued while it was stopped, so a trial may
+    # still fail and reopen the breaker for another reset timeout; it must close soon.
+    deadline = time.monotonic() + 10
+    while (response := await stub.Decide(buy(), timeout=2.0)).source != decision_pb2.SOURCE_PRIMARY:
+        assert time.monotonic() < deadline, response.reason
+        await asyncio.sleep(0.2)
     assert app.replicas[0].breaker.state == "closed"
 
 
@@ -299,18 +303,28 @@ async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breake
         replica.ensure_running()
     await feature_writer.write(sample_record("BTC-USD"))
     app = await start_app(
-        torchserve=replica_settings(replicas, min_call_budget_ms=0.1),
-        breaker={"fail_max": 2, "reset_timeout_s": 60.0},
+        torchserve=replica_settings(replicas, per_call_timeout_ms=25.0),
+        breaker={"fail_max": 2, "reset_timeout_s": 60.0, "min_counted_timeout_ms": 15.0},
+        # This test is about the breaker; a wide reserve keeps answers inside even the
+        # short deadlines when the machine is busy.
+        decision={"fallback_reserve_ms": 8.0},
     )
     stub = decision_stub(channel_to(app))
 
-    for _ in range(10):  # 3.6 ms budget - 3 ms reserve: the model gets 0.6 ms, too little
-        response = await stub.Decide(buy(), timeout=0.0036)
-        assert response.source != decision_pb2.SOURCE_PRIMARY, response.reason
+    replicas["primary"].proc.pause()  # every call to it times out
+    try:
+        for _ in range(5):  # 20 ms budget - 8 ms reserve: 12 ms, too short to blame it
+            response = await stub.Decide(buy(), timeout=0.020)
+            assert response.source == decision_pb2.SOURCE_RULES, response.reason
+            assert response.reason.startswith("primary deadline exceeded")
+        assert app.replicas[0].breaker.state == "closed"
 
-    assert [r.breaker.state for r in app.replicas] == ["closed", "closed"]
-    last = await stub.Decide(buy(), timeout=2.0)
-    assert last.source == decision_pb2.SOURCE_PRIMARY, last.reason
+        for _ in range(2):  # 50 ms budget: the primary gets 25 ms and misses them
+            response = await stub.Decide(buy(), timeout=0.050)
+            assert response.source == decision_pb2.SOURCE_SECONDARY, response.reason
+        assert app.replicas[0].breaker.state == "open"
+    finally:
+        replicas["primary"].proc.resume()
 
 
 async def test_cached_score_is_rewritten_at_most_once_per_interval(
