@@ -8,8 +8,16 @@ PYTEST_ARGS ?=
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: ## Install system packages when missing (apt-get), the virtualenv and buf
+setup: ## Install system packages when missing (apt-get) and the virtualenv
+	@.ci/setup
+
+setup-ci: ## setup, plus npm and buf for the proto checks
 	@.ci/setup --with-buf
+
+lock: ## Pin the virtualenv's exact versions into constraints.txt
+	@{ echo "# Exact versions for .ci/setup (pip install -c constraints.txt). Regenerate with 'make lock'"; \
+	  echo "# after changing pyproject.toml's dependencies."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -iv '^decision-service'; } > constraints.txt
 
 run: setup ## Run the local stack (redis, TorchServe x2, decision server); Ctrl-C stops it
 	@$(PY) -m server.localstack
@@ -26,16 +34,16 @@ lint: ## ruff, ruff format --check, mypy (strict on the packages)
 	@$(PY) -m ruff format --check .
 	@$(PY) -m mypy
 
-proto-check: ## Stubs fresh, buf lint, buf breaking against main
+proto-check: setup-ci ## Stubs fresh, buf lint, buf breaking against main
 	@.ci/check-proto
 
-test: setup lint proto-check ## Set up, lint, check the protos and run every test
+test: setup-ci lint proto-check ## Set up, lint, check the protos and run every test
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: ## Unit tests only (no real processes)
+test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
 bench: setup ## Decide vs direct TorchServe at concurrency 1 (prints the table)
 	@$(PY) -m loadtest.bench_latency
 
-.PHONY: help setup run proto fmt lint proto-check test test-fast bench
+.PHONY: help setup setup-ci lock run proto fmt lint proto-check test test-fast bench

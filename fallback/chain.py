@@ -7,6 +7,8 @@ why ("no cached score; rules: spread 12.0 bps > 10.0").
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,17 +30,25 @@ class LadderInput:
     reasons: list[str]
 
 
+RULES_MODEL_NAME = "rules"
+ABSTAIN_MODEL_NAME = "fallback"
+
+
 @dataclass(frozen=True, slots=True)
 class LadderOutcome:
     decision: Decision
     score: float | None
     threshold: float
     source: Source
-    model_name: str = ""
-    model_version: str = ""
+    model_name: str
+    model_version: str
 
 
 class FallbackChain:
+    """RULES and ABSTAIN answers carry ``policy_version``: the sha256 of the ladder's
+    configuration (rules thresholds, cached-score age bound, threshold), so they can be
+    replayed like a model's."""
+
     def __init__(
         self,
         score_cache: ScoreCache,
@@ -53,6 +63,14 @@ class FallbackChain:
         self._max_age_ms = cached_score_max_age_ms
         self._model_threshold = model_threshold
         self._margin_ms = response_margin_ms
+        policy = {
+            "rules": rules.parameters(),
+            "cached_score_max_age_ms": cached_score_max_age_ms,
+            "model_threshold": model_threshold,
+        }
+        self.policy_version = hashlib.sha256(
+            json.dumps(policy, sort_keys=True).encode()
+        ).hexdigest()
 
     async def decide_many(
         self, items: Sequence[LadderInput], budget: Budget
@@ -105,6 +123,20 @@ class FallbackChain:
         if item.features is not None:
             verdict = self._rules.evaluate(item.order.side, item.features)
             item.reasons.append(f"rules: {verdict.explanation}")
-            return LadderOutcome(verdict.decision, verdict.score, verdict.threshold, Source.RULES)
+            return LadderOutcome(
+                verdict.decision,
+                verdict.score,
+                verdict.threshold,
+                Source.RULES,
+                RULES_MODEL_NAME,
+                self.policy_version,
+            )
         item.reasons.append("abstain: no fresh features for rules")
-        return LadderOutcome(Decision.ABSTAIN, None, self._model_threshold, Source.ABSTAIN)
+        return LadderOutcome(
+            Decision.ABSTAIN,
+            None,
+            self._model_threshold,
+            Source.ABSTAIN,
+            ABSTAIN_MODEL_NAME,
+            self.policy_version,
+        )

@@ -36,9 +36,13 @@ class RulesBaseline:
         self.min_imbalance = min_imbalance
         self.threshold = 0.5 + 0.5 * min_imbalance
 
-    def score(self, side: Side, features: Sequence[float]) -> float:
-        """The rules' score alone (for evaluation against the model)."""
-        return self.evaluate(side, features).score
+    def parameters(self) -> dict[str, float]:
+        """Everything that determines the rules' answers (their version's input)."""
+        return {
+            "max_spread_bps": self.max_spread_bps,
+            "max_volatility_bps": self.max_volatility_bps,
+            "min_imbalance": self.min_imbalance,
+        }
 
     def evaluate(self, side: Side, features: Sequence[float]) -> RulesVerdict:
         spread, vol = features[_SPREAD], features[_VOL]

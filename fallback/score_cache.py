@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from server.domain import Side
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +74,12 @@ class ScoreCache:
 
 
 def _decode(raw: bytes | str | None) -> CachedScore | None:
+    """The cached score, or None when there is none or it is unreadable."""
     if raw is None:
         return None
-    doc = json.loads(raw)
-    return CachedScore(float(doc["s"]), doc["m"], doc["v"], int(doc["t"]))
+    try:
+        doc = json.loads(raw)
+        return CachedScore(float(doc["s"]), str(doc["m"]), str(doc["v"]), int(doc["t"]))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("unreadable cached score: %r", exc)
+        return None

@@ -10,6 +10,7 @@ message never moves a symbol's features back. Records expire after ``ttl_s``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
 
 _WRITE_IF_NEWER = """
 local cur = redis.call('HMGET', KEYS[1], 't', 'o')
@@ -67,18 +70,23 @@ def _encode(record: FeatureRecord) -> str:
 
 
 def _decode(symbol: str, raw: bytes | str | None) -> FeatureRecord | None:
+    """The record, or None when there is none, it has another schema version or is corrupt."""
     if raw is None:
         return None
-    doc = json.loads(raw)
-    if doc.get("v") != SCHEMA_VERSION or len(doc.get("f", ())) != len(FEATURE_NAMES):
-        return None  # another schema version is as good as no record
-    return FeatureRecord(
-        symbol=symbol,
-        values=tuple(float(v) for v in doc["f"]),
-        event_time_us=int(doc["t"]),
-        source_offset=int(doc["o"]),
-        schema_version=int(doc["v"]),
-    )
+    try:
+        doc = json.loads(raw)
+        if doc.get("v") != SCHEMA_VERSION or len(doc.get("f", ())) != len(FEATURE_NAMES):
+            return None  # another schema version is as good as no record
+        return FeatureRecord(
+            symbol=symbol,
+            values=tuple(float(v) for v in doc["f"]),
+            event_time_us=int(doc["t"]),
+            source_offset=int(doc["o"]),
+            schema_version=int(doc["v"]),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("unreadable feature record for %s: %r", symbol, exc)
+        return None
 
 
 class FeatureWriter:

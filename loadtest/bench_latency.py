@@ -21,14 +21,17 @@ from pathlib import Path
 import grpc
 import redis.asyncio as aioredis
 
-from feature_cache.schema import FEATURE_NAMES, MODEL_INPUT_WIDTH
-from feature_cache.store import FeatureRecord, FeatureWriter
+from feature_cache.schema import MODEL_INPUT_WIDTH
+from feature_cache.store import FeatureWriter
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
+from server.localstack.feature_keeper import FeatureKeeper
+from server.localstack.health import serving
 from server.localstack.processes import ManagedProcess, free_ports, port_open
 from server.localstack.redis_server import start_redis
 from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
 from server.model_client import pack_rows
+from server.settings import Settings
 from torchserve.archive import build_archive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,21 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def percentile(sorted_ms: list[float], q: float) -> float:
     return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
-
-
-async def keep_features_fresh(writer: FeatureWriter, stop: asyncio.Event) -> None:
-    offset = 0
-    while not stop.is_set():
-        offset += 1
-        await writer.write(
-            FeatureRecord(
-                "BTC-USD",
-                tuple(0.1 for _ in FEATURE_NAMES),
-                time.time_ns() // 1000,
-                offset,
-            )
-        )
-        await asyncio.sleep(0.2)
 
 
 async def measure(
@@ -62,10 +50,12 @@ async def measure(
     per_round: int,
 ) -> dict[str, list[float]]:
     client = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
-    stop = asyncio.Event()
-    keeper = asyncio.create_task(
-        keep_features_fresh(FeatureWriter(client, key_prefix="decision:", ttl_s=30), stop)
+    keeper = FeatureKeeper(
+        FeatureWriter(client, key_prefix=Settings().redis.key_prefix, ttl_s=30),
+        ["BTC-USD"],
+        interval_s=0.2,
     )
+    await keeper.start()
     await asyncio.sleep(0.1)
     decision_channel = grpc.aio.insecure_channel(f"127.0.0.1:{decision_port}")
     ts_channel = grpc.aio.insecure_channel(f"127.0.0.1:{torchserve_port}")
@@ -127,8 +117,7 @@ async def measure(
             print(f"  round {r + 1}/{rounds}", end="\r", flush=True)
         print()
     finally:
-        stop.set()
-        await keeper
+        await keeper.stop()
         await decision_channel.close()
         await echo_channel.close()
         await ts_channel.close()
@@ -164,7 +153,7 @@ def main() -> None:
                 log_path=run_dir / "server.log",
                 env={
                     **os.environ,
-                    "DECISION_LOG_LEVEL": "WARNING",
+                    "DECISION_SERVER__LOG_LEVEL": "WARNING",
                     "DECISION_SERVER__PORT": str(decision_port),
                     "DECISION_REDIS__URL": f"redis://127.0.0.1:{redis_port}/0",
                     "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{ts_ports.grpc_inference}",
@@ -182,7 +171,7 @@ def main() -> None:
             )
             procs.append(echo)
             echo.start()
-            server.wait_ready(lambda: port_open("127.0.0.1", decision_port), 30)
+            server.wait_ready(lambda: serving(decision_port), 30)
             echo.wait_ready(lambda: port_open("127.0.0.1", echo_port), 30)
             print(f"measuring {args.rounds} x {args.per_round} calls per path, concurrency 1")
             results = asyncio.run(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 
 import uvloop
@@ -26,11 +25,12 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
+    settings = Settings()
     logging.basicConfig(
-        level=os.environ.get("DECISION_LOG_LEVEL", "INFO"),
+        level=settings.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    uvloop.run(serve(Settings()))
+    uvloop.run(serve(settings))
 
 
 if __name__ == "__main__":

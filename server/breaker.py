@@ -8,8 +8,9 @@ with a function that returns or raises at once: pybreaker does every state chang
 half-open → closed on success) under its own lock, and the lock is never held across
 an await.
 
-While open or half-open, one trial call at a time is let through; the others are
-rejected at once with ``BreakerOpenError``. Errors for which ``ignore`` returns True
+Once the reset timeout has passed, the breaker goes half-open (pybreaker's transition)
+and lets one trial call through at a time; the others are rejected at once with
+``BreakerOpenError``. Errors for which ``ignore`` returns True
 (the caller's fault, not the replica's) are recorded as neither failure nor success.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import pybreaker
 
@@ -40,10 +41,6 @@ class _StateLogger(pybreaker.CircuitBreakerListener):
         log.warning(
             "breaker %s: %s -> %s", cb.name, old.name if old else None, new.name if new else None
         )
-
-
-def _returns_none() -> None:
-    return None
 
 
 class AsyncCircuitBreaker:
@@ -84,32 +81,52 @@ class AsyncCircuitBreaker:
         timeout = timedelta(seconds=self._breaker.reset_timeout)
         return opened_at is None or datetime.now(UTC) >= opened_at + timeout
 
-    def _admit(self) -> bool:
-        """Raises ``BreakerOpenError`` or returns whether this call is the trial call."""
+    def _rejection(self) -> str | None:
+        """Why a call now would be rejected, or None if it would be let through."""
         state = self.state
         if state == CLOSED:
-            return False
+            return None
         if state == OPEN and not self._reset_elapsed():
-            raise BreakerOpenError(f"{self.name} breaker open")
+            return f"{self.name} breaker open"
         if self._trial_in_flight:
-            raise BreakerOpenError(f"{self.name} breaker {state}, trial call in flight")
-        self._trial_in_flight = True
-        return True
+            return f"{self.name} breaker half-open, trial call in flight"
+        return None
 
     def allows_call(self) -> bool:
         """Whether a call now would be let through (no state change)."""
-        state = self.state
-        if state == CLOSED:
-            return True
-        return not self._trial_in_flight and (state == HALF_OPEN or self._reset_elapsed())
+        return self._rejection() is None
 
-    def _record(self, outcome: Callable[[], None]) -> None:
+    def _admit(self) -> bool:
+        """Raises ``BreakerOpenError`` or returns whether this call is the trial call."""
+        rejection = self._rejection()
+        if rejection is not None:
+            raise BreakerOpenError(rejection)
+        if self.state == CLOSED:
+            return False
+        if self.state == OPEN:
+            self._breaker.half_open()  # as pybreaker does before its trial call
+        self._trial_in_flight = True
+        return True
+
+    def _record(self, *, trial: bool, failure: Exception | None) -> None:
+        """Feeds one outcome to pybreaker, if it still concerns the current state.
+
+        A call let in while closed that ends after the breaker opened says nothing the
+        breaker does not know; only the trial decides a half-open breaker.
+        """
+        expected = HALF_OPEN if trial else CLOSED
+        if self.state != expected:
+            return
+
+        def outcome() -> None:
+            if failure is not None:
+                raise failure
+
         try:
             self._breaker.call(outcome)
-        except pybreaker.CircuitBreakerError:
-            pass  # opened meanwhile by a concurrent failure: nothing more to record
-        except Exception:  # noqa: BLE001, S110 - the failure being recorded, re-raised by pybreaker
-            pass
+        except Exception as exc:
+            if exc is not failure:  # pybreaker re-raises the failure; anything else is a bug
+                log.exception("breaker %s failed to record an outcome", self.name)
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Awaits ``fn()`` if the breaker admits it and records the outcome.
@@ -121,15 +138,10 @@ class AsyncCircuitBreaker:
             result = await fn()
         except Exception as exc:
             if not self._ignore(exc):
-                failure = exc
-
-                def _raise() -> NoReturn:
-                    raise failure
-
-                self._record(_raise)
+                self._record(trial=trial, failure=exc)
             raise
         else:
-            self._record(_returns_none)
+            self._record(trial=trial, failure=None)
             return result
         finally:
             if trial:

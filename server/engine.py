@@ -29,8 +29,9 @@ from server.settings import DecisionSettings
 log = logging.getLogger(__name__)
 
 # Cached-score writes happen after the response, off the critical path; past this many
-# in flight (Redis slow or down) new ones are dropped: the cache is best-effort.
-MAX_PENDING_SCORE_WRITES = 256
+# in flight (Redis slow or down) new ones are dropped: the cache is best-effort, and the
+# Redis connections are for the decisions' reads.
+MAX_PENDING_SCORE_WRITES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +197,12 @@ class DecisionEngine:
             return
         task = asyncio.create_task(self._write_scores(due))
         self._pending_writes.add(task)
-        task.add_done_callback(self._pending_writes.discard)
+        task.add_done_callback(self._write_done)
+
+    def _write_done(self, task: asyncio.Task[None]) -> None:
+        self._pending_writes.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("cached score write failed unexpectedly", exc_info=exc)
 
     async def _write_scores(self, entries: list[ScoreEntry]) -> None:
         try:

@@ -3,11 +3,7 @@
 ::
 
     DecisionError                 INTERNAL
-    ├── InvalidArgument           INVALID_ARGUMENT  (names the field)
-    ├── Unauthenticated           UNAUTHENTICATED
-    ├── PermissionDenied          PERMISSION_DENIED
-    ├── ResourceExhausted         RESOURCE_EXHAUSTED
-    └── DeadlineExceeded          DEADLINE_EXCEEDED
+    └── InvalidArgument           INVALID_ARGUMENT  (names the field)
 
 Model-call failures (``server.model_client.ModelCallError``) never reach a client:
 the engine turns them into a fallback step and a reason. ``grpc_errors`` is the only
@@ -40,22 +36,6 @@ class InvalidArgument(DecisionError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
-
-
-class Unauthenticated(DecisionError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-
-
-class PermissionDenied(DecisionError):
-    code = grpc.StatusCode.PERMISSION_DENIED
-
-
-class ResourceExhausted(DecisionError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class DeadlineExceeded(DecisionError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 Handler = Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]

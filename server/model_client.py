@@ -168,6 +168,8 @@ class TorchServeClient:
             doc = json.loads(payload)
         except ValueError:
             raise ModelResponseError(f"{self.name} answered with non-JSON") from None
+        if not isinstance(doc, dict):
+            raise ModelResponseError(f"{self.name} answered JSON that is not an object")
         if "error" in doc:
             raise ModelInputError(f"{self.name} rejected the rows: {doc['error']}")
         scores = doc.get("scores")
@@ -176,4 +178,9 @@ class TorchServeClient:
                 f"{self.name} answered {len(scores) if isinstance(scores, list) else 'no'}"
                 f" scores for {expected} rows"
             )
-        return ModelScores(self.model_name, str(doc.get("model_version", "")), scores, elapsed_ms)
+        if not all(isinstance(s, (int, float)) and 0.0 <= s <= 1.0 for s in scores):
+            raise ModelResponseError(f"{self.name} answered a score outside [0, 1]")
+        version = doc.get("model_version")
+        if not isinstance(version, str) or not version:
+            raise ModelResponseError(f"{self.name} answered without a model version")
+        return ModelScores(self.model_name, version, [float(s) for s in scores], elapsed_ms)

@@ -89,10 +89,11 @@ class ReplicaRouter:
                         budget_limited=timeout_ms < self._min_counted_timeout_ms,
                     )
                 )
-            except BreakerOpenError as exc:
+            except (BreakerOpenError, ModelCallError) as exc:
                 reasons.append(str(exc))
-            except (ModelCallError, ModelInputError) as exc:
+            except ModelInputError as exc:
                 reasons.append(str(exc))
+                return None  # our rows: the other replica would reject them too
             else:
                 return RoutedScores(scores, replica.source)
         return None

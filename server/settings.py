@@ -18,9 +18,12 @@ class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="Address DecisionService listens on.")
     port: int = Field(50051, description="DecisionService gRPC port (health and reflection too).")
     grace_period_s: float = Field(
-        5.0, description="On SIGTERM, how long in-flight RPCs may finish before being cancelled."
+        5.0,
+        ge=0,
+        description="On SIGTERM, how long in-flight RPCs may finish before being cancelled.",
     )
-    max_batch_size: int = Field(256, description="Most requests one DecideBatch may carry.")
+    max_batch_size: int = Field(256, ge=1, description="Most requests one DecideBatch may carry.")
+    log_level: str = Field("INFO", description="Python logging level of the server process.")
     max_concurrent_rpcs: int | None = Field(
         None, description="gRPC's cap on concurrent RPCs; excess get RESOURCE_EXHAUSTED."
     )
@@ -35,7 +38,9 @@ class TorchServeSettings(_Section):
         "127.0.0.1:7170", description="host:port of the replica that gets the single retry."
     )
     per_call_timeout_ms: float = Field(
-        25.0, description="Cap on one model call, before jitter; the caller's budget may cut it."
+        25.0,
+        gt=0,
+        description="Cap on one model call, before jitter; the caller's budget may cut it.",
     )
     timeout_jitter: float = Field(
         0.1,
@@ -45,26 +50,34 @@ class TorchServeSettings(_Section):
         "timeouts do not fire in lockstep.",
     )
     min_call_budget_ms: float = Field(
-        1.0, description="A model call (first or retry) is skipped when less than this is left."
+        1.0,
+        gt=0,
+        description="A model call (first or retry) is skipped when less than this is left.",
     )
     connect_timeout_ms: float = Field(
         2000.0,
+        ge=0,
         description="At start, how long readiness waits for each replica's connection; "
         "an absent replica is left to its breaker.",
     )
     reconnect_backoff_ms: int = Field(
-        500, description="Longest wait before reconnecting to a replica that went away."
+        500, ge=1, description="Longest wait before reconnecting to a replica that went away."
     )
 
 
 class BreakerSettings(_Section):
-    fail_max: int = Field(5, description="Consecutive failures that open a replica's breaker.")
-    reset_timeout_s: float = Field(
-        2.0, description="How long an open breaker waits before letting one trial call through."
+    fail_max: int = Field(
+        5, ge=1, description="Consecutive failures that open a replica's breaker."
     )
-    success_threshold: int = Field(1, description="Successful trials that close the breaker.")
+    reset_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="How long an open breaker waits before letting one trial call through.",
+    )
+    success_threshold: int = Field(1, ge=1, description="Successful trials that close the breaker.")
     min_counted_timeout_ms: float = Field(
         10.0,
+        ge=0,
         description="A model-call timeout counts as a replica failure only if the call was "
         "given at least this long; shorter calls were cut by the caller's tight budget.",
     )
@@ -74,32 +87,33 @@ class RedisSettings(_Section):
     url: str = Field("redis://127.0.0.1:16379/0", description="Feature and score cache.")
     key_prefix: str = Field("decision:", description="Prefix of every key this service uses.")
     socket_timeout_ms: float = Field(
-        20.0, description="Redis socket timeout; a read is also bounded by the request's budget."
+        20.0,
+        gt=0,
+        description="Redis socket timeout; a read is also bounded by the request's budget.",
     )
-    max_connections: int = Field(64, description="Connection pool size.")
+    max_connections: int = Field(64, ge=1, description="Connection pool size.")
 
 
 class FeatureSettings(_Section):
     max_age_ms: float = Field(
-        2000.0, description="Older feature records are stale: the model is skipped."
-    )
-    ttl_s: float = Field(
-        30.0, description="TTL of feature records written by this service's tools."
+        2000.0, gt=0, description="Older feature records are stale: the model is skipped."
     )
 
 
 class DecisionSettings(_Section):
     threshold: float = Field(0.55, ge=0.0, le=1.0, description="TRADE when score >= threshold.")
     default_budget_ms: float = Field(
-        50.0, description="Budget of a call that arrives without a gRPC deadline."
+        50.0, gt=0, description="Budget of a call that arrives without a gRPC deadline."
     )
     fallback_reserve_ms: float = Field(
         3.0,
+        ge=0,
         description="Part of the budget kept back from model calls for the fallback ladder "
         "and the response.",
     )
     response_margin_ms: float = Field(
         0.5,
+        ge=0,
         description="Part of the budget kept back from every lookup for building and sending "
         "the response.",
     )
@@ -107,10 +121,11 @@ class DecisionSettings(_Section):
 
 class FallbackSettings(_Section):
     cached_score_max_age_ms: float = Field(
-        1000.0, description="A cached model score older than this is not used."
+        1000.0, gt=0, description="A cached model score older than this is not used."
     )
     cached_score_write_interval_ms: float = Field(
         100.0,
+        ge=0,
         description="A symbol and side's cached score is rewritten at most this often, so "
         "busy symbols do not cost a Redis write per decision.",
     )
@@ -143,4 +158,16 @@ class Settings(BaseSettings):
     def _budget_leaves_room_for_the_model(self) -> Settings:
         if self.decision.fallback_reserve_ms >= self.decision.default_budget_ms:
             raise ValueError("decision.fallback_reserve_ms must be below default_budget_ms")
+        return self
+
+    @model_validator(mode="after")
+    def _breaker_can_count_timeouts(self) -> Settings:
+        ts = self.torchserve
+        shortest_cap_ms = ts.per_call_timeout_ms * (1.0 - ts.timeout_jitter)
+        if self.breaker.min_counted_timeout_ms > shortest_cap_ms:
+            raise ValueError(
+                f"breaker.min_counted_timeout_ms ({self.breaker.min_counted_timeout_ms}) must"
+                f" not exceed the shortest per-call timeout ({shortest_cap_ms:.1f} ms after"
+                " jitter), or a hung replica would never open its breaker"
+            )
         return self

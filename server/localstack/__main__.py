@@ -10,27 +10,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-import grpc
 import redis.asyncio as aioredis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from feature_cache.store import FeatureWriter
 from server.localstack.feature_keeper import FeatureKeeper
+from server.localstack.health import serving
 from server.localstack.processes import ManagedProcess, ProcessStartError, port_open
-from server.localstack.redis_server import start_redis
+from server.localstack.redis_server import redis_server
 from server.localstack.torchserve_replica import (
     PRIMARY_PORTS,
     SECONDARY_PORTS,
     start_replica,
     torchserve_replica,
 )
+from server.settings import Settings
 from torchserve.archive import build_archive
 
 log = logging.getLogger("localstack")
@@ -63,27 +65,97 @@ Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
 """
 
 
-def _server_serving(port: int) -> bool:
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="decision.v1.DecisionService"), timeout=1
+class LocalStack:
+    """The local stack's processes and tasks; ``stop`` undoes whatever ``start`` did."""
+
+    def __init__(self, run_dir: Path, offset: int) -> None:
+        self.run_dir = run_dir
+        self.decision_port = 50051 + offset
+        self.admin_port = 50052 + offset
+        self.redis_port = 16379 + offset
+        self.primary = PRIMARY_PORTS.shifted(offset)
+        self.secondary = SECONDARY_PORTS.shifted(offset)
+        self._started: list[ManagedProcess] = []
+        self._keeper: FeatureKeeper | None = None
+        self._client: aioredis.Redis | None = None
+
+    def busy_ports(self) -> list[int]:
+        ports = [self.decision_port, self.redis_port]
+        for replica in (self.primary, self.secondary):
+            ports.extend(asdict(replica).values())
+        return [port for port in ports if port_open("127.0.0.1", port)]
+
+    def _track(self, proc: ManagedProcess) -> ManagedProcess:
+        self._started.append(proc)  # before it starts, so an interrupted start stops it
+        proc.start()
+        return proc
+
+    async def start(self) -> None:
+        _say("[1/5] building the model archive")
+        store = self.run_dir / "model-store"
+        archive = await asyncio.to_thread(build_archive, store, model_name="champion", seed=0)
+        _say(f"      champion version {archive.version[:16]}…")
+
+        _say(f"[2/5] redis-server on 127.0.0.1:{self.redis_port}")
+        redis = self._track(redis_server(self.redis_port, self.run_dir / "redis"))
+        await asyncio.to_thread(
+            redis.wait_ready, lambda: port_open("127.0.0.1", self.redis_port), 10.0
+        )
+
+        _say(
+            f"[3/5] TorchServe primary :{self.primary.grpc_inference},"
+            f" secondary :{self.secondary.grpc_inference}"
+        )
+        replicas = [
+            (self._track(torchserve_replica(name, ports, store, self.run_dir)), ports)
+            for name, ports in (("primary", self.primary), ("secondary", self.secondary))
+        ]  # both JVMs boot in parallel
+        for proc, ports in replicas:
+            await asyncio.to_thread(start_replica, proc, ports)
+
+        _say("[4/5] feature keeper for " + ", ".join(DEFAULT_SYMBOLS))
+        self._client = aioredis.Redis.from_url(f"redis://127.0.0.1:{self.redis_port}/0")
+        self._keeper = FeatureKeeper(
+            FeatureWriter(self._client, key_prefix=Settings().redis.key_prefix, ttl_s=30),
+            DEFAULT_SYMBOLS,
+            interval_s=0.2,
+        )
+        await self._keeper.start()
+
+        _say(f"[5/5] decision server on 127.0.0.1:{self.decision_port}")
+        env = {
+            **os.environ,
+            "DECISION_SERVER__PORT": str(self.decision_port),
+            "DECISION_REDIS__URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{self.primary.grpc_inference}",
+            "DECISION_TORCHSERVE__SECONDARY_ADDRESS": (
+                f"127.0.0.1:{self.secondary.grpc_inference}"
+            ),
+        }
+        server = self._track(
+            ManagedProcess(
+                "decision-server",
+                [sys.executable, "-m", "server"],
+                cwd=REPO,
+                log_path=self.run_dir / "server" / "server.log",
+                env=env,
             )
-            return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.RpcError:
-        return False
+        )
+        await asyncio.to_thread(server.wait_ready, lambda: serving(self.decision_port), 30.0)
+
+    async def stop(self) -> None:
+        if self._keeper is not None:
+            await self._keeper.stop()
+        if self._client is not None:
+            await self._client.aclose()
+        for proc in reversed(self._started):
+            await asyncio.to_thread(proc.stop)
+        _say("all processes stopped")
 
 
 async def run(args: argparse.Namespace) -> int:
-    offset = args.port_offset
-    run_dir: Path = args.run_dir
-    decision_port, redis_port = 50051 + offset, 16379 + offset
-    primary, secondary = PRIMARY_PORTS.shifted(offset), SECONDARY_PORTS.shifted(offset)
-    busy = [
-        p
-        for p in (decision_port, redis_port, primary.grpc_inference, secondary.grpc_inference)
-        if port_open("127.0.0.1", p)
-    ]
+    stack = LocalStack(args.run_dir, args.port_offset)
+    busy = stack.busy_ports()
     if busy:
         _say(f"ports already in use: {busy}; is another stack running? (--port-offset N moves it)")
         return 1
@@ -93,77 +165,28 @@ async def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    started: list[ManagedProcess] = []
-    keeper: FeatureKeeper | None = None
-    client: aioredis.Redis | None = None
+    starting = asyncio.create_task(stack.start())
+    stopping = asyncio.create_task(stop.wait())
     try:
-        _say("[1/5] building the model archive")
-        store = run_dir / "model-store"
-        archive = await asyncio.to_thread(build_archive, store, model_name="champion", seed=0)
-        _say(f"      champion version {archive.version[:16]}…")
-
-        _say(f"[2/5] redis-server on 127.0.0.1:{redis_port}")
-        started.append(await asyncio.to_thread(start_redis, redis_port, run_dir / "redis"))
-
-        _say(
-            f"[3/5] TorchServe primary :{primary.grpc_inference},"
-            f" secondary :{secondary.grpc_inference}"
-        )
-        replicas = [
-            (torchserve_replica(name, ports, store, run_dir), ports)
-            for name, ports in (("primary", primary), ("secondary", secondary))
-        ]
-        for proc, _ in replicas:
-            started.append(proc)
-            proc.start()  # both JVMs boot in parallel
-        for proc, ports in replicas:
-            await asyncio.to_thread(start_replica, proc, ports)
-
-        _say("[4/5] feature keeper for " + ", ".join(DEFAULT_SYMBOLS))
-        client = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
-        keeper = FeatureKeeper(
-            FeatureWriter(client, key_prefix="decision:", ttl_s=30),
-            DEFAULT_SYMBOLS,
-            interval_s=0.2,
-        )
-        await keeper.start()
-
-        _say(f"[5/5] decision server on 127.0.0.1:{decision_port}")
-        env = {
-            **os.environ,
-            "DECISION_SERVER__PORT": str(decision_port),
-            "DECISION_REDIS__URL": f"redis://127.0.0.1:{redis_port}/0",
-            "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{primary.grpc_inference}",
-            "DECISION_TORCHSERVE__SECONDARY_ADDRESS": f"127.0.0.1:{secondary.grpc_inference}",
-        }
-        server = ManagedProcess(
-            "decision-server",
-            [sys.executable, "-m", "server"],
-            cwd=REPO,
-            log_path=run_dir / "server" / "server.log",
-            env=env,
-        )
-        started.append(server)
-        server.start()
-        await asyncio.to_thread(server.wait_ready, lambda: _server_serving(decision_port), 30.0)
-
-        _say(_usage(decision_port, 50052 + offset))
-        if args.exit_when_ready:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # Ctrl-C while starting: stop what has started
+            _say("interrupted while starting; stopping…")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
             return 0
-        await stop.wait()
-        _say("stopping…")
+        starting.result()
+        _say(_usage(stack.decision_port, stack.admin_port))
+        if not args.exit_when_ready:
+            await stopping
+            _say("stopping…")
         return 0
     except ProcessStartError as exc:
         _say(f"start failed: {exc}")
         return 1
     finally:
-        if keeper is not None:
-            await keeper.stop()
-        if client is not None:
-            await client.aclose()
-        for proc in reversed(started):
-            await asyncio.to_thread(proc.stop)
-        _say("all processes stopped")
+        stopping.cancel()
+        await stack.stop()
 
 
 def main() -> None:

@@ -44,7 +44,6 @@ class ReplicaPorts:
 
 PRIMARY_PORTS = ReplicaPorts.from_base(7070, 8080, 9000)
 SECONDARY_PORTS = ReplicaPorts.from_base(7170, 8180, 9100)
-CHALLENGER_PORTS = ReplicaPorts.from_base(7270, 8280, 9200)
 
 
 CONFIG_TEMPLATE = Path(__file__).resolve().parents[2] / "torchserve/replicas/replica.properties"

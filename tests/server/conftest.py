@@ -67,9 +67,6 @@ async def feature_writer(redis_client: aioredis.Redis, key_prefix: str) -> Featu
     return FeatureWriter(redis_client, key_prefix=key_prefix, ttl_s=60)
 
 
-AppFactory = Callable[..., "AsyncIterator[DecisionApp]"]
-
-
 @pytest.fixture
 async def start_app(
     redis_instance: RedisInstance, key_prefix: str
@@ -107,7 +104,7 @@ async def channel_to() -> AsyncIterator[Callable[[DecisionApp], grpc.aio.Channel
             await channel.close()
 
 
-def decision_stub(channel: grpc.aio.Channel) -> decision_pb2_grpc.DecisionServiceStub:
+def decision_stub(channel: grpc.aio.Channel) -> decision_pb2_grpc.DecisionServiceAsyncStub:
     return decision_pb2_grpc.DecisionServiceStub(channel)
 
 

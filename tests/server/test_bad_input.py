@@ -72,7 +72,7 @@ async def test_generated_bad_requests_get_ok_or_invalid_argument(
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             assert code == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
-            field = exc.details().split(":", 1)[0]
+            field = (exc.details() or "").split(":", 1)[0]
             assert field.split(".")[-1].split("[")[0] in {
                 "symbol", "side", "quantity", "limit_price", "feature_overrides",
                 "request_id", "client_id", "requests",
@@ -136,7 +136,7 @@ async def test_each_invalid_field_is_named(start_app, channel_to, request_fields
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Decide(request, timeout=2.0)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(f"{field}: ")
+    assert (err.value.details() or "").startswith(f"{field}: ")
 
 
 async def test_oversized_batch_and_bad_batch_item_are_named(start_app, channel_to):
@@ -150,4 +150,4 @@ async def test_oversized_batch_and_bad_batch_item_are_named(start_app, channel_t
         await stub.DecideBatch(
             decision_pb2.DecideBatchRequest(requests=[buy(), buy(quantity=-2.0)]), timeout=2
         )
-    assert err.value.details().startswith("requests[1].quantity: ")
+    assert (err.value.details() or "").startswith("requests[1].quantity: ")

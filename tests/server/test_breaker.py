@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ async def succeed() -> str:
 
 
 def breaker(**kwargs: object) -> AsyncCircuitBreaker:
-    options: dict = {"fail_max": 3, "reset_timeout_s": 0.05, **kwargs}
+    options: dict[str, Any] = {"fail_max": 3, "reset_timeout_s": 0.05, **kwargs}
     return AsyncCircuitBreaker("primary", **options)
 
 

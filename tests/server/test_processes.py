@@ -11,26 +11,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from server.localstack.__main__ import LocalStack
+from server.localstack.health import serving
 from server.localstack.processes import free_port, live_group_members, port_open
 from tests.server.conftest import buy
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def serving(port: int) -> bool:
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="decision.v1.DecisionService"), timeout=0.5
-            )
-            return response.status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
 
 
 def wait_for(condition, timeout_s: float) -> None:
@@ -79,7 +69,12 @@ def test_server_process_serves_then_stops_cleanly_on_sigterm(redis_instance, tmp
 
 
 def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path):
-    offset = 20000 + os.getpid() % 5000  # away from the default ports a running stack uses
+    # An offset whose every port is free: away from a stack on the default ports.
+    offset = next(
+        n
+        for n in range(1000 + os.getpid() % 997, 15000, 997)
+        if not LocalStack(tmp_path, n).busy_ports()
+    )
     decision_port = 50051 + offset
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.localstack", "--run-dir", str(tmp_path), "--port-offset",
@@ -90,7 +85,7 @@ def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path):
         start_new_session=True,  # a group of its own, as a terminal gives `make run`
     )  # fmt: skip
     try:
-        wait_for(lambda: serving(decision_port), 120)
+        wait_for(lambda: serving(decision_port), 150)
         with grpc.insecure_channel(f"127.0.0.1:{decision_port}") as channel:
             response = decision_pb2_grpc.DecisionServiceStub(channel).Decide(buy(), timeout=1.0)
         assert response.source == decision_pb2.SOURCE_PRIMARY, response.reason

@@ -235,9 +235,11 @@ class DecideResponse(_message.Message):
     """The score the decision compares against (TRADE when score >= threshold)."""
     source: Global___Source.ValueType
     model_name: _builtins.str
-    """Model that produced the score (empty for rules and abstain)."""
+    """Model that produced the score; "rules" for SOURCE_RULES, "fallback" for SOURCE_ABSTAIN."""
     model_version: _builtins.str
-    """sha256 of the model archive content; for a cached score, the version that computed it."""
+    """sha256 of the model archive content (for a cached score, of the model that computed
+    it); for SOURCE_RULES and SOURCE_ABSTAIN, sha256 of the fallback policy's settings.
+    """
     reason: _builtins.str
     """Why this source decided, in words an on-call engineer can act on."""
     feature_age_ms: _builtins.float
