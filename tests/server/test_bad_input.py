@@ -151,3 +151,16 @@ async def test_oversized_batch_and_bad_batch_item_are_named(start_app, channel_t
             decision_pb2.DecideBatchRequest(requests=[buy(), buy(quantity=-2.0)]), timeout=2
         )
     assert (err.value.details() or "").startswith("requests[1].quantity: ")
+
+
+async def test_corrupt_feature_record_reads_as_missing(
+    start_app, channel_to, redis_client, key_prefix
+):
+    await redis_client.hset(f"{key_prefix}features:BTC-USD", "p", b"\xff{not json")
+    await redis_client.set(f"{key_prefix}score:BTC-USD:buy", "[1, 2]")
+    app = await start_app()
+    response = await decision_stub(channel_to(app)).Decide(buy(), timeout=2.0)
+    assert response.source == decision_pb2.SOURCE_ABSTAIN
+    assert response.reason == (
+        "no features for BTC-USD; no cached score; abstain: no fresh features for rules"
+    )

@@ -131,3 +131,36 @@ async def test_force_open_and_closed():
         await cb.call(succeed)
     cb.force_closed()
     assert await cb.call(succeed) == "ok"
+
+
+async def test_trial_runs_half_open_and_a_late_result_does_not_decide_a_later_state():
+    cb = breaker()
+    release = asyncio.Event()
+
+    async def slow_success() -> str:
+        await release.wait()
+        return "ok"
+
+    late = asyncio.create_task(cb.call(slow_success))  # admitted while closed
+    await asyncio.sleep(0)
+    for _ in range(3):
+        with pytest.raises(Boom):
+            await cb.call(fail)
+    assert cb.state == "open"
+    await asyncio.sleep(0.06)
+    release.set()
+    assert await late == "ok"
+    assert cb.state == "open"  # the late success was not the trial
+
+    trial_release = asyncio.Event()
+
+    async def slow_trial() -> str:
+        await trial_release.wait()
+        return "ok"
+
+    trial = asyncio.create_task(cb.call(slow_trial))
+    await asyncio.sleep(0)
+    assert cb.state == "half-open"
+    trial_release.set()
+    await trial
+    assert cb.state == "closed"

@@ -381,3 +381,19 @@ async def test_cached_score_is_rewritten_at_most_once_per_interval(
     await asyncio.sleep(0.3)
     await stub.Decide(buy(), timeout=2.0)
     await wait_for_cached_score(cache, "BTC-USD", Side.BUY, newer_than_us=first)
+
+
+async def test_more_concurrent_calls_than_redis_connections_all_get_the_model(
+    replicas, start_app, channel_to, feature_writer
+):
+    for replica in replicas.values():
+        replica.ensure_running()
+    await feature_writer.write(sample_record("BTC-USD"))
+    app = await start_app(
+        torchserve=replica_settings(replicas),
+        redis={"max_connections": 2},
+    )
+    stub = decision_stub(channel_to(app))
+    responses = await asyncio.gather(*(stub.Decide(buy(), timeout=5.0) for _ in range(40)))
+    sources = {r.source for r in responses}
+    assert sources == {decision_pb2.SOURCE_PRIMARY}, {r.reason for r in responses}
