@@ -50,6 +50,8 @@ def make_settings(redis_url: str, key_prefix: str, **sections: dict[str, Any]) -
     base: dict[str, dict[str, Any]] = {
         "server": {"port": 0, "grace_period_s": 1.0},
         "redis": {"url": redis_url, "key_prefix": key_prefix},
+        # Tests write features once; a long bound keeps them fresh however slow the machine.
+        "features": {"max_age_ms": 120_000.0},
         # Nothing listens on these unless a test passes its replicas' addresses.
         "torchserve": {
             "primary_address": f"127.0.0.1:{free_port()}",

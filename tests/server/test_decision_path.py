@@ -202,13 +202,13 @@ async def test_stale_features_skip_the_model(replicas, start_app, channel_to, fe
     for replica in replicas.values():
         replica.ensure_running()
     await feature_writer.write(sample_record("SOL-USD", age_ms=5000))
-    app = await start_app(torchserve=replica_settings(replicas))
+    app = await start_app(torchserve=replica_settings(replicas), features={"max_age_ms": 2000})
     stub = decision_stub(channel_to(app))
 
     response = await stub.Decide(buy("SOL-USD"), timeout=2.0)
 
     assert response.source == decision_pb2.SOURCE_ABSTAIN
-    assert response.reason.startswith("features stale:")
+    assert re.match(r"features stale: 5\d{3} ms old \(max 2000\)", response.reason)
     assert response.feature_age_ms >= 5000
 
 
