@@ -16,7 +16,7 @@ from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
 from server.localstack.processes import free_port
 from server.settings import Settings
-from tests.conftest import RedisInstance
+from tests.conftest import RedisInstance, Replica
 
 # Features that give a real score; the rules see a tight spread and a buy-side lean.
 SAMPLE_FEATURES = {
@@ -62,6 +62,25 @@ def make_settings(redis_url: str, key_prefix: str, **sections: dict[str, Any]) -
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def replicas(replicas: dict[str, Replica]) -> dict[str, Replica]:
+    """The session's replicas, running and not paused (an earlier test may have broken one)."""
+    for replica in replicas.values():
+        replica.ensure_running()
+    return replicas
+
+
+def replica_settings(replicas: dict[str, Replica], **torchserve: object) -> dict[str, object]:
+    """The test's replicas; a generous per-call cap unless the test is about timeouts,
+    so that a busy machine does not turn a normal call into a timeout."""
+    return {
+        "primary_address": replicas["primary"].address,
+        "secondary_address": replicas["secondary"].address,
+        "per_call_timeout_ms": 500.0,
+        **torchserve,
+    }
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from feature_cache.schema import FEATURE_NAMES
 from proto.decision.v1 import decision_pb2
-from tests.server.conftest import buy, decision_stub, sample_record
+from tests.server.conftest import buy, decision_stub, replica_settings, sample_record
 
 pytestmark = pytest.mark.integration
 
@@ -43,17 +43,11 @@ def generated_request(rng: random.Random) -> decision_pb2.DecideRequest:
 async def test_generated_bad_requests_get_ok_or_invalid_argument(
     replicas, start_app, channel_to, feature_writer
 ):
-    for replica in replicas.values():
-        replica.ensure_running()
     await feature_writer.write(sample_record("BTC-USD"))
     # Real replicas: requests that pass validation go all the way to the model.
     app = await start_app(
         server={"max_batch_size": 8},
-        torchserve={
-            "primary_address": replicas["primary"].address,
-            "secondary_address": replicas["secondary"].address,
-            "per_call_timeout_ms": 500.0,
-        },
+        torchserve=replica_settings(replicas),
     )
     channel = channel_to(app)
     stub = decision_stub(channel)

@@ -14,28 +14,14 @@ from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 from feature_cache.store import FeatureWriter
 from proto.decision.v1 import decision_pb2
 from server.domain import Side
-from tests.conftest import Replica
-from tests.server.conftest import buy, decision_stub, sample_record
+from tests.server.conftest import buy, decision_stub, replica_settings, sample_record
 
 pytestmark = pytest.mark.integration
-
-
-def replica_settings(replicas: dict[str, Replica], **torchserve: object) -> dict[str, object]:
-    """The test's replicas; a generous per-call cap unless the test is about timeouts,
-    so that a busy machine does not turn a normal call into a timeout."""
-    return {
-        "primary_address": replicas["primary"].address,
-        "secondary_address": replicas["secondary"].address,
-        "per_call_timeout_ms": 500.0,
-        **torchserve,
-    }
 
 
 async def test_normal_path_is_answered_by_the_primary(
     replicas, model_store, start_app, channel_to, feature_writer: FeatureWriter
 ):
-    for replica in replicas.values():
-        replica.ensure_running()
     await feature_writer.write(sample_record("BTC-USD"))
     app = await start_app(torchserve=replica_settings(replicas))
     stub = decision_stub(channel_to(app))
@@ -64,8 +50,6 @@ async def test_normal_path_is_answered_by_the_primary(
 async def test_primary_killed_is_answered_by_the_secondary(
     replicas, start_app, channel_to, feature_writer
 ):
-    for replica in replicas.values():
-        replica.ensure_running()
     await feature_writer.write(sample_record("BTC-USD"))
     app = await start_app(torchserve=replica_settings(replicas))
     stub = decision_stub(channel_to(app))
@@ -86,8 +70,6 @@ async def test_primary_killed_is_answered_by_the_secondary(
 async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breaker_opens_and_closes(
     replicas, start_app, channel_to, feature_writer
 ):
-    for replica in replicas.values():
-        replica.ensure_running()
     await feature_writer.write(sample_record("BTC-USD"))
     app = await start_app(
         torchserve=replica_settings(replicas, per_call_timeout_ms=20.0),
@@ -143,8 +125,6 @@ async def wait_for_cached_score(
 async def test_both_replicas_down_falls_back_to_cached_score_then_rules_then_abstain(
     replicas, start_app, channel_to, feature_writer, redis_client, key_prefix
 ):
-    for replica in replicas.values():
-        replica.ensure_running()
     await feature_writer.write(sample_record("BTC-USD"))
     app = await start_app(
         torchserve=replica_settings(replicas), fallback={"cached_score_max_age_ms": 1000.0}
@@ -199,8 +179,6 @@ async def test_both_replicas_down_falls_back_to_cached_score_then_rules_then_abs
 
 
 async def test_stale_features_skip_the_model(replicas, start_app, channel_to, feature_writer):
-    for replica in replicas.values():
-        replica.ensure_running()
     await feature_writer.write(sample_record("SOL-USD", age_ms=5000))
     app = await start_app(torchserve=replica_settings(replicas), features={"max_age_ms": 2000})
     stub = decision_stub(channel_to(app))
@@ -215,8 +193,6 @@ async def test_stale_features_skip_the_model(replicas, start_app, channel_to, fe
 async def test_batch_is_one_model_call_in_request_order(
     replicas, start_app, channel_to, feature_writer
 ):
-    for replica in replicas.values():
-        replica.ensure_running()
     await feature_writer.write_many(
         [sample_record("BTC-USD"), sample_record("ETH-USD", imbalance_l5=-0.5)]
     )
@@ -300,8 +276,6 @@ async def test_health_is_serving_only_when_ready_and_reflection_lists_the_servic
 async def test_no_caller_deadline_gets_the_default_budget(
     replicas, start_app, channel_to, feature_writer
 ):
-    for replica in replicas.values():
-        replica.ensure_running()
     await feature_writer.write(sample_record("BTC-USD"))
     app = await start_app(
         torchserve=replica_settings(replicas), decision={"default_budget_ms": 30.0}
@@ -332,8 +306,6 @@ async def test_grpc_status_not_internal_for_invalid_argument(start_app, channel_
 async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breaker(
     replicas, start_app, channel_to, feature_writer
 ):
-    for replica in replicas.values():
-        replica.ensure_running()
     await feature_writer.write(sample_record("BTC-USD"))
     app = await start_app(
         torchserve=replica_settings(replicas, per_call_timeout_ms=25.0),
@@ -363,8 +335,6 @@ async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breake
 async def test_cached_score_is_rewritten_at_most_once_per_interval(
     replicas, start_app, channel_to, feature_writer, redis_client, key_prefix
 ):
-    for replica in replicas.values():
-        replica.ensure_running()
     await feature_writer.write(sample_record("BTC-USD"))
     app = await start_app(
         torchserve=replica_settings(replicas),
@@ -386,8 +356,6 @@ async def test_cached_score_is_rewritten_at_most_once_per_interval(
 async def test_more_concurrent_calls_than_redis_connections_all_get_the_model(
     replicas, start_app, channel_to, feature_writer
 ):
-    for replica in replicas.values():
-        replica.ensure_running()
     await feature_writer.write(sample_record("BTC-USD"))
     app = await start_app(
         torchserve=replica_settings(replicas),
