@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
 
@@ -98,22 +99,21 @@ class FeatureWriter:
         self._ttl_ms = int(ttl_s * 1000)
         self._script = client.register_script(_WRITE_IF_NEWER)
 
+    async def queue(self, pipe: Pipeline, records: Sequence[FeatureRecord]) -> None:
+        """Adds the records' writes to ``pipe``; the caller executes it (one round trip)."""
+        for record in records:
+            await self._script(
+                keys=[feature_key(self._prefix, record.symbol)],
+                args=[record.event_time_us, record.source_offset, _encode(record), self._ttl_ms],
+                client=pipe,
+            )
+
     async def write_many(self, records: Sequence[FeatureRecord]) -> int:
         """Writes the records in one pipeline round trip; returns how many were newer."""
         if not records:
             return 0
         async with self._client.pipeline(transaction=False) as pipe:
-            for record in records:
-                await self._script(
-                    keys=[feature_key(self._prefix, record.symbol)],
-                    args=[
-                        record.event_time_us,
-                        record.source_offset,
-                        _encode(record),
-                        self._ttl_ms,
-                    ],
-                    client=pipe,
-                )
+            await self.queue(pipe, records)
             results = await pipe.execute()
         return sum(int(r) for r in results)
 

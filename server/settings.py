@@ -100,6 +100,29 @@ class FeatureSettings(_Section):
     )
 
 
+class KafkaSettings(_Section):
+    bootstrap_servers: str = Field(
+        "127.0.0.1:19092", description="Kafka brokers, comma-separated host:port."
+    )
+    topic: str = Field("market-data", description="Market events, keyed by symbol.")
+    dead_letter_topic: str = Field(
+        "market-data.dlq", description="Where malformed market events go, with the reason."
+    )
+    group_id: str = Field("feature-cache", description="Consumer group of the feature cache.")
+    max_batch: int = Field(
+        2000, ge=1, description="Most records one fetch hands the consumer at once."
+    )
+    fetch_timeout_ms: int = Field(
+        50, ge=1, description="How long one fetch waits for records before an empty batch."
+    )
+    retry_backoff_max_s: float = Field(
+        5.0, gt=0, description="Longest wait between retries while Kafka or Redis is down."
+    )
+    feature_ttl_s: float = Field(
+        60.0, gt=0, description="TTL of the feature records the consumer writes."
+    )
+
+
 class DecisionSettings(_Section):
     threshold: float = Field(0.55, ge=0.0, le=1.0, description="TRADE when score >= threshold.")
     default_budget_ms: float = Field(
@@ -151,6 +174,7 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = BreakerSettings()
     redis: RedisSettings = RedisSettings()
     features: FeatureSettings = FeatureSettings()
+    kafka: KafkaSettings = KafkaSettings()
     decision: DecisionSettings = DecisionSettings()
     fallback: FallbackSettings = FallbackSettings()
 

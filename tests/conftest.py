@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from server.localstack.processes import ManagedProcess, free_port, free_ports
 from server.localstack.redis_server import start_redis
+from server.localstack.tansu import start_tansu
 from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
 from torchserve.archive import ArchiveInfo, build_archive
 
@@ -29,6 +30,24 @@ def redis_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisIn
     proc = start_redis(port, tmp_path_factory.mktemp("redis"))
     try:
         yield RedisInstance(proc, port)
+    finally:
+        proc.stop()
+
+
+class KafkaInstance:
+    def __init__(self, proc: ManagedProcess, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.bootstrap = f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def kafka_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaInstance]:
+    """A real Tansu broker (Kafka protocol, memory only) for the session."""
+    port = free_port()
+    proc = start_tansu(port, tmp_path_factory.mktemp("tansu"))
+    try:
+        yield KafkaInstance(proc, port)
     finally:
         proc.stop()
 

@@ -113,6 +113,12 @@ class ManagedProcess:
             time.sleep(0.1)
         raise ProcessStartError(f"{self.name} not ready after {timeout_s} s:\n{self.log_tail()}")
 
+    def wait(self, timeout_s: float) -> int:
+        """Waits for the process to exit by itself; returns its exit code."""
+        if self._proc is None:
+            raise ProcessStartError(f"{self.name} was never started")
+        return self._proc.wait(timeout=timeout_s)
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

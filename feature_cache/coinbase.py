@@ -1,0 +1,285 @@
+"""Coinbase Pro websocket recordings -> canonical market events (``feature_cache.events``).
+
+The recording holds one line per websocket frame, as written by cryptofeed's raw-data
+recorder:
+
+* ``RECEIVE_TIME: JSON`` -- a message received from the exchange; RECEIVE_TIME is Unix
+  seconds (decimal, local clock);
+* ``URL <-> TIME`` and ``URL <- TIME: JSON`` -- the recorder's own connection and
+  subscribe records (any line whose first token is a URL); skipped;
+* blank lines; skipped.
+
+Converted message types:
+
+* ``snapshot`` -> :class:`BookSnapshot`; it carries no ``time``, so its event time is the
+  line's RECEIVE_TIME (the local clock, not the exchange's) unless a ``time`` is present;
+* ``l2update`` -> :class:`BookDelta`; ``"buy"`` is the bid side, ``"sell"`` the ask side,
+  size 0 removes the level;
+* ``match`` -> :class:`Trade`; Coinbase's ``side`` is the MAKER's side, so the aggressor
+  is the opposite side.
+
+Every other type (``ticker``, ``subscriptions``, ``heartbeat``, ``last_match``, ...) is
+skipped and counted in :class:`ParseStats`. ``last_match`` is skipped on purpose: it is
+the product's last trade *before* the subscription, replayed once on subscribing, with an
+exchange time earlier than the snapshot and than the recording window; emitting it would
+put a stale trade ahead of the book and into every trade-flow window.
+
+Times are microseconds since the Unix epoch (UTC). ``sequence`` is this module's own
+per-product counter (1, 2, 3, ... in file order), never Coinbase's ``sequence``: only
+matches carry one, snapshots and level2 updates do not, so no mix of the two could be
+guaranteed strictly increasing per product, while a counter is by construction.
+
+A line that does not follow the format raises :class:`RecordingFormatError` with its
+1-based line number; :func:`read_recording` can count and skip such lines instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from feature_cache.events import Aggressor, BookDelta, BookSide, BookSnapshot, MarketEvent, Trade
+
+__all__ = [
+    "CoinbaseParser",
+    "ParseStats",
+    "RecordingFormatError",
+    "read_recording",
+]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+_BOOK_SIDES = {"buy": BookSide.BID, "sell": BookSide.ASK}
+# The match's `side` is the resting (maker) order's side; the taker is the other one.
+_AGGRESSOR_FROM_MAKER_SIDE = {"sell": Aggressor.BUY, "buy": Aggressor.SELL}
+
+
+class RecordingFormatError(ValueError):
+    """A recording line that does not follow the format.
+
+    ``line_number`` is 1-based (the n-th line given to the parser); ``reason`` says what
+    was wrong.
+    """
+
+    def __init__(self, line_number: int, reason: str) -> None:
+        super().__init__(f"line {line_number}: {reason}")
+        self.line_number = line_number
+        self.reason = reason
+
+
+class _Malformed(Exception):
+    """Raised by the field helpers; the parser adds the line number."""
+
+
+@dataclass(slots=True)
+class ParseStats:
+    """What a parser has seen so far; mutated as lines are parsed."""
+
+    lines: int = 0
+    """Lines given to the parser, blank and skipped ones included."""
+    events: Counter[str] = field(default_factory=Counter)
+    """Events emitted, by event class name (``BookSnapshot``, ``BookDelta``, ``Trade``)."""
+    skipped: Counter[str] = field(default_factory=Counter)
+    """Lines that are not market data, by kind: ``blank``, ``connection`` or the message type."""
+    malformed: int = 0
+    """Malformed lines skipped by ``read_recording(..., skip_malformed=True)``."""
+
+
+class CoinbaseParser:
+    """Turns recording lines, given in file order, into canonical events.
+
+    Holds the per-product sequence counters and the line count, so one parser must see
+    one recording's lines in order. Not thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self.stats = ParseStats()
+        self._last_sequence: dict[str, int] = {}
+
+    def parse(self, line: str) -> MarketEvent | None:
+        """Convert the next line; ``None`` for a line that is not market data.
+
+        Raises :class:`RecordingFormatError` for a malformed line. A malformed line takes
+        no sequence number, so skipping it leaves the numbering gap-free.
+        """
+        self.stats.lines += 1
+        try:
+            event = self._parse(line)
+        except _Malformed as exc:
+            raise RecordingFormatError(self.stats.lines, str(exc)) from None
+        if event is not None:
+            self.stats.events[type(event).__name__] += 1
+        return event
+
+    def _parse(self, line: str) -> MarketEvent | None:
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            self.stats.skipped["blank"] += 1
+            return None
+        head, sep, body = text.partition(": ")
+        if "://" in head.split(" ", 1)[0]:
+            # The recorder's own records of what it connected to and sent.
+            self.stats.skipped["connection"] += 1
+            return None
+        if not sep:
+            raise _Malformed("expected 'RECEIVE_TIME: JSON'")
+        receive_time_us = _receive_time_us(head)
+        try:
+            message = json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise _Malformed(f"bad JSON: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(message, dict):
+            raise _Malformed("message is not a JSON object")
+        kind = _str(message, "type")
+        if kind == "snapshot":
+            return self._snapshot(message, receive_time_us)
+        if kind == "l2update":
+            return self._delta(message)
+        if kind == "match":
+            return self._trade(message)
+        self.stats.skipped[kind] += 1
+        return None
+
+    def _snapshot(self, message: dict[str, object], receive_time_us: int) -> BookSnapshot:
+        symbol = _str(message, "product_id")
+        # Coinbase's level2 snapshot has no `time`; take the exchange's if a feed adds one.
+        time_us = _time_us(message) if "time" in message else receive_time_us
+        bids = _levels(message, "bids")
+        asks = _levels(message, "asks")
+        return BookSnapshot(symbol, time_us, self._next_sequence(symbol), bids, asks)
+
+    def _delta(self, message: dict[str, object]) -> BookDelta:
+        symbol = _str(message, "product_id")
+        time_us = _time_us(message)
+        raw_changes = message.get("changes")
+        if not isinstance(raw_changes, list) or not raw_changes:
+            raise _Malformed("'changes' is not a non-empty list")
+        changes: list[tuple[BookSide, float, float]] = []
+        for change in raw_changes:
+            if not isinstance(change, list) or len(change) != 3:
+                raise _Malformed(f"change {change!r} is not [side, price, size]")
+            side = _BOOK_SIDES.get(change[0]) if isinstance(change[0], str) else None
+            if side is None:
+                raise _Malformed(f"change side {change[0]!r} is not 'buy' or 'sell'")
+            changes.append((side, _price(change[1]), _size(change[2])))
+        return BookDelta(symbol, time_us, self._next_sequence(symbol), tuple(changes))
+
+    def _trade(self, message: dict[str, object]) -> Trade:
+        symbol = _str(message, "product_id")
+        time_us = _time_us(message)
+        maker_side = _str(message, "side")
+        aggressor = _AGGRESSOR_FROM_MAKER_SIDE.get(maker_side)
+        if aggressor is None:
+            raise _Malformed(f"match side {maker_side!r} is not 'buy' or 'sell'")
+        price = _price(message.get("price"))
+        size = _size(message.get("size"))
+        return Trade(symbol, time_us, self._next_sequence(symbol), price, size, aggressor)
+
+    def _next_sequence(self, symbol: str) -> int:
+        # Called last, after every field has been validated (see parse()).
+        sequence = self._last_sequence.get(symbol, 0) + 1
+        self._last_sequence[symbol] = sequence
+        return sequence
+
+
+def read_recording(
+    path: Path, *, skip_malformed: bool = False, parser: CoinbaseParser | None = None
+) -> Iterator[MarketEvent]:
+    """Stream the recording's events in file order, reading one line at a time.
+
+    With ``skip_malformed`` a malformed line is counted in ``parser.stats.malformed`` and
+    skipped; otherwise the first one raises :class:`RecordingFormatError`. Pass a fresh
+    ``parser`` to read its :class:`ParseStats` during or after the iteration.
+    """
+    if parser is None:
+        parser = CoinbaseParser()
+    # newline="" keeps a "\r" inside a line from being taken as a line end, so line
+    # numbers match what `wc -l` and editors show.
+    with path.open(encoding="utf-8", newline="") as lines:
+        for line in lines:
+            try:
+                event = parser.parse(line)
+            except RecordingFormatError:
+                if not skip_malformed:
+                    raise
+                parser.stats.malformed += 1
+                continue
+            if event is not None:
+                yield event
+
+
+def _receive_time_us(text: str) -> int:
+    # Decimal, not float: a float holds ~0.2 us at today's epoch seconds, so the digits
+    # recorded would not survive the round trip exactly.
+    try:
+        seconds = Decimal(text)
+    except InvalidOperation:
+        raise _Malformed(f"RECEIVE_TIME {text[:40]!r} is not a number") from None
+    if not seconds.is_finite():
+        raise _Malformed(f"RECEIVE_TIME {text!r} is not finite")
+    return int(seconds.scaleb(6).to_integral_value())
+
+
+def _time_us(message: dict[str, object]) -> int:
+    text = _str(message, "time")
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise _Malformed(f"time {text!r} is not ISO-8601") from None
+    if moment.tzinfo is None:
+        # Coinbase always sends "Z"; a naive time would be read in the local zone.
+        raise _Malformed(f"time {text!r} has no UTC offset")
+    # timedelta // timedelta is exact integer arithmetic, no float rounding.
+    return (moment - _EPOCH) // _ONE_US
+
+
+def _str(message: dict[str, object], key: str) -> str:
+    value = message.get(key)
+    if not isinstance(value, str):
+        raise _Malformed(f"field {key!r} is missing or not a string")
+    return value
+
+
+def _number(value: object, what: str) -> float:
+    # Coinbase sends prices and sizes as decimal strings; anything else is a format change.
+    if not isinstance(value, str):
+        raise _Malformed(f"{what} {value!r} is not a decimal string")
+    try:
+        number = float(value)
+    except ValueError:
+        raise _Malformed(f"{what} {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise _Malformed(f"{what} {value!r} is not finite")
+    return number
+
+
+def _price(value: object) -> float:
+    price = _number(value, "price")
+    if price <= 0:
+        raise _Malformed(f"price {value!r} is not positive")
+    return price
+
+
+def _size(value: object) -> float:
+    size = _number(value, "size")
+    if size < 0:
+        raise _Malformed(f"size {value!r} is negative")
+    return size
+
+
+def _levels(message: dict[str, object], key: str) -> tuple[tuple[float, float], ...]:
+    raw = message.get(key)
+    if not isinstance(raw, list):
+        raise _Malformed(f"field {key!r} is missing or not a list")
+    levels: list[tuple[float, float]] = []
+    for level in raw:
+        if not isinstance(level, list) or len(level) != 2:
+            raise _Malformed(f"{key} level {level!r} is not [price, size]")
+        levels.append((_price(level[0]), _size(level[1])))
+    return tuple(levels)

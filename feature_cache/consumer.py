@@ -1,0 +1,252 @@
+"""The feature-cache consumer: Kafka market events → per-symbol state → Redis records.
+
+One fetch is one batch: every event is applied to its symbol's ``SymbolState``; then,
+in one Redis pipeline, the touched symbols' feature records (monotonic writes) and
+their partitions' state checkpoints; then the batch's offsets are committed. A malformed
+message is counted, logged with its offset, sent to the dead-letter topic (before its
+offset is committed) and skipped. Kafka or Redis down: retry with backoff; features age
+meanwhile and the server sees them as stale; nothing is committed that is not written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import ConsumerStoppedError, KafkaError
+
+from feature_cache.checkpoint import StateCheckpoints
+from feature_cache.codec import MalformedMessage, decode
+from feature_cache.features import SymbolState
+from feature_cache.store import FeatureRecord, FeatureWriter
+from server.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+class Record(Protocol):
+    """What the consumer reads of an aiokafka ``ConsumerRecord``."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int  # create time, ms since the epoch
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass
+class ConsumerStats:
+    events: int = 0
+    malformed: int = 0
+    batches: int = 0
+    records_written: int = 0
+    # Kafka create time -> Redis write done, ms, for the latest batches (bounded).
+    freshness_ms: list[float] = field(default_factory=list)
+
+    def note_freshness(self, created_ms: Iterable[int], written_ms: float) -> None:
+        self.freshness_ms.extend(written_ms - c for c in created_ms)
+        if len(self.freshness_ms) > 200_000:
+            del self.freshness_ms[:100_000]
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: FeatureConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        for tp in revoked:
+            self._owner.states.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        for tp in assigned:
+            await self._owner.restore(tp)
+
+
+class FeatureConsumer:
+    def __init__(self, settings: KafkaSettings, redis: aioredis.Redis, *, key_prefix: str) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._writer = FeatureWriter(redis, key_prefix=key_prefix, ttl_s=settings.feature_ttl_s)
+        self._checkpoints = StateCheckpoints(redis, key_prefix=key_prefix)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers,
+            group_id=settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            client_id="feature-cache",
+        )
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers, client_id="feature-cache-dlq"
+        )
+        self.states: dict[TopicPartition, dict[str, SymbolState]] = {}
+        self.stats = ConsumerStats()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stopped = False
+
+    async def _retry(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.1
+        while not self._stopping:
+            try:
+                await attempt()
+                return
+            except (KafkaError, OSError) as exc:
+                log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._settings.retry_backoff_max_s)
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        await self._retry("Kafka producer start", self._producer.start)
+        self._consumer.subscribe([self._settings.topic], listener=_Rebalance(self))
+        await self._retry("Kafka consumer start", self._consumer.start)
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Finishes the batch in hand (nothing half-written is committed), then stops."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=10)
+            except TimeoutError:
+                log.warning("consumer loop did not finish in 10 s; cancelling")
+        await self._consumer.stop()
+        await self._producer.stop()
+
+    async def __aenter__(self) -> FeatureConsumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._consumer.assignment())
+
+    async def restore(self, tp: TopicPartition) -> None:
+        """Takes over a partition: its states as of its checkpoint, resuming right after it."""
+        offset, states = await self._checkpoints.load(tp)
+        self.states[tp] = states
+        if offset is not None:
+            self._consumer.seek(tp, offset + 1)
+        log.info("assigned %s: %d symbols restored, checkpoint %s", tp, len(states), offset)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                batches = await self._consumer.getmany(
+                    timeout_ms=self._settings.fetch_timeout_ms,
+                    max_records=self._settings.max_batch,
+                )
+            except ConsumerStoppedError:
+                return
+            except KafkaError as exc:
+                log.warning("fetch failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if batches:
+                await self._handle(batches)
+
+    async def _handle(self, batches: dict[TopicPartition, list[Record]]) -> None:
+        touched: dict[TopicPartition, dict[str, SymbolState]] = {}
+        last_offset: dict[str, int] = {}
+        dead: list[tuple[Record, str]] = []
+        for tp, records in batches.items():
+            states = self.states.setdefault(tp, {})
+            changed = touched.setdefault(tp, {})
+            for record in records:
+                try:
+                    event = decode(record.value)
+                    state = states.get(event.symbol)
+                    if state is None:
+                        state = states[event.symbol] = SymbolState()
+                    state.apply(event)
+                except MalformedMessage as exc:
+                    dead.append((record, str(exc)))
+                    continue
+                except Exception as exc:  # one bad event must not stop the feed
+                    log.exception("could not apply %s/%d", tp, record.offset)
+                    dead.append((record, f"could not apply: {exc!r}"))
+                    continue
+                changed[event.symbol] = state
+                last_offset[event.symbol] = record.offset
+        features = []
+        for changed in touched.values():
+            for symbol, state in changed.items():
+                values = state.features()
+                if values is not None:
+                    features.append(
+                        FeatureRecord(symbol, values, state.last_event_time_us, last_offset[symbol])
+                    )
+        commits = {tp: records[-1].offset for tp, records in batches.items()}
+        if dead:
+            await self._dead_letter(dead)
+        if not await self._write(features, touched, commits):
+            return  # stopping before Redis came back: the next owner replays the batch
+        now_ms = time.time() * 1000
+        self.stats.note_freshness(
+            (r.timestamp for records in batches.values() for r in records), now_ms
+        )
+        self.stats.events += sum(len(records) for records in batches.values()) - len(dead)
+        self.stats.batches += 1
+        self.stats.records_written += len(features)
+        try:
+            await self._consumer.commit({tp: offset + 1 for tp, offset in commits.items()})
+        except KafkaError as exc:  # a rebalance took the partitions: the checkpoint covers it
+            log.warning("commit failed: %s", exc)
+
+    async def _write(
+        self,
+        features: list[FeatureRecord],
+        touched: dict[TopicPartition, dict[str, SymbolState]],
+        commits: dict[TopicPartition, int],
+    ) -> bool:
+        delay = 0.05
+        while True:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    await self._writer.queue(pipe, features)
+                    for tp, offset in commits.items():
+                        self._checkpoints.queue(pipe, tp, touched.get(tp, {}), offset)
+                    await pipe.execute()
+                return True
+            except (redis.exceptions.RedisError, OSError) as exc:
+                if self._stopping:
+                    return False
+                log.warning("Redis write failed (%s); retrying in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._settings.retry_backoff_max_s)
+
+    async def _dead_letter(self, dead: list[tuple[Record, str]]) -> None:
+        for record, reason in dead:
+            self.stats.malformed += 1
+            log.warning(
+                "malformed message %s/%d@%d: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                reason,
+            )
+            headers = [
+                ("error", reason.encode()),
+                ("source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+            ]
+            await self._producer.send_and_wait(
+                self._settings.dead_letter_topic,
+                value=record.value,
+                key=record.key,
+                headers=headers,
+            )

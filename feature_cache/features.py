@@ -1,0 +1,313 @@
+"""Per-symbol microstructure features: the one implementation of ``FEATURE_NAMES``.
+
+A ``SymbolState`` folds one symbol's ``MarketEvent`` stream into its book and rolling
+windows; ``features()`` reads the vector in schema order. The consumer, the training
+pipeline and the tests all use this module, so there is no second implementation.
+
+Clock and windows. Every window runs on exchange event time, never the wall clock, so a
+replay gives the same values. ``now`` is ``last_event_time_us``, the latest exchange time
+applied (an event stamped earlier than one already applied counts as at ``now``, so the
+windows never run backwards). A window of W holds the entries with time > now - W.
+
+Definitions (bid/ask prices ``Pb``/``Pa``, sizes at the touch ``qb``/``qa``,
+``mid = (Pb + Pa) / 2``, ``depth = (qb + qa) / 2``):
+
+- ``spread_bps`` = (Pa - Pb) / mid * 1e4.
+- ``imbalance_l1`` = (qb - qa) / (qb + qa), in [-1, 1].
+- ``imbalance_l5``: the same with each side's sizes summed over its best five levels.
+- ``ofi_1s``, ``ofi_5s``: Cont-Kukanov-Stoikov order-flow imbalance. Each book event (delta
+  or snapshot) with a two-sided book before and after contributes
+  ``e = 1{Pb >= Pb'} qb - 1{Pb <= Pb'} qb' - 1{Pa <= Pa'} qa + 1{Pa >= Pa'} qa'``
+  (primes: the touch before the event); the sum over the window is divided by ``depth``
+  now. Dimensionless: "how many touch-depths of net buying pressure".
+- ``realized_vol_5s_bps``, ``realized_vol_30s_bps``: sqrt of the sum of squared mid
+  log-returns, one return per mid change, over the window, times 1e4.
+- ``mid_return_1s_bps``, ``mid_return_5s_bps``: (mid / mid_then - 1) * 1e4, where mid_then
+  is the mid in effect 1 s (5 s) ago, or the oldest mid known if the history is shorter.
+- ``trade_intensity_5s``: trades in the window / 5, in trades per second.
+- ``signed_volume_5s``: (buy-aggressor volume - sell-aggressor volume) in the window
+  divided by ``depth``.
+
+Sizes of 0 or less remove a level, so ``depth`` is positive whenever ``features()``
+returns a vector; the ``depth > 0`` guards only keep a corrupt feed from raising.
+
+Window sums use ``math.fsum``: exact, so a value depends only on which entries are in the
+window, never on the order of additions or on when old entries were pruned. That is what
+makes a state restored from ``to_checkpoint()`` give bit-identical features.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from feature_cache.events import Aggressor, BookDelta, BookSide, BookSnapshot, MarketEvent, Trade
+
+CHECKPOINT_FORMAT = 1
+_SECOND_US = 1_000_000
+_BPS = 1e4
+_TOP_LEVELS = 5
+_TRADE_WINDOW_S = 5
+
+_Touch = tuple[float, float, float, float]  # (bid price, bid size, ask price, ask size)
+
+
+class _Window:
+    """Time-stamped values, holding those with time > now - span_us once pruned."""
+
+    __slots__ = ("span_us", "times", "values")
+
+    def __init__(self, span_us: int) -> None:
+        self.span_us = span_us
+        self.times: deque[int] = deque()
+        self.values: deque[float] = deque()
+
+    def add(self, time_us: int, value: float) -> None:
+        # Pruning on each add bounds memory even if features() is never read.
+        self.times.append(time_us)
+        self.values.append(value)
+        self.prune(time_us)
+
+    def prune(self, now_us: int) -> None:
+        cutoff = now_us - self.span_us
+        times, values = self.times, self.values
+        while times and times[0] <= cutoff:
+            times.popleft()
+            values.popleft()
+
+    def total(self) -> float:
+        return math.fsum(self.values)
+
+    def to_doc(self) -> list[list[Any]]:
+        return [list(self.times), list(self.values)]
+
+    def load(self, doc: list[list[Any]]) -> None:
+        times, values = doc
+        if len(times) != len(values):
+            raise ValueError("window times and values differ in length")
+        self.times = deque(int(t) for t in times)
+        self.values = deque(float(v) for v in values)
+
+
+class _AsOfWindow(_Window):
+    """Mid history: keeps the last entry at or before now - span_us and all newer ones.
+
+    ``values[0]`` is then the value in effect span_us ago, or the oldest known one.
+    """
+
+    __slots__ = ()
+
+    def prune(self, now_us: int) -> None:
+        cutoff = now_us - self.span_us
+        times, values = self.times, self.values
+        while len(times) > 1 and times[1] <= cutoff:
+            times.popleft()
+            values.popleft()
+
+
+class SymbolState:
+    """One symbol's book and rolling windows; see the module docstring for the features.
+
+    Not thread-safe. ``apply`` ignores an event whose ``sequence`` is not above
+    ``last_sequence``, so a re-delivered event never moves the state back.
+    """
+
+    __slots__ = (
+        "_asks",
+        "_bids",
+        "_last_mid",
+        "_mid_1s",
+        "_mid_5s",
+        "_ofi_1s",
+        "_ofi_5s",
+        "_sq_ret_5s",
+        "_sq_ret_30s",
+        "_touch",
+        "_trades",
+        "last_event_time_us",
+        "last_sequence",
+    )
+
+    def __init__(self) -> None:
+        self._bids: SortedDict[float, float] = SortedDict()
+        self._asks: SortedDict[float, float] = SortedDict()
+        self._touch: _Touch | None = None
+        self._last_mid: float | None = None  # last two-sided mid, for the next return
+        self._ofi_1s = _Window(1 * _SECOND_US)
+        self._ofi_5s = _Window(5 * _SECOND_US)
+        self._sq_ret_5s = _Window(5 * _SECOND_US)
+        self._sq_ret_30s = _Window(30 * _SECOND_US)
+        self._mid_1s = _AsOfWindow(1 * _SECOND_US)
+        self._mid_5s = _AsOfWindow(5 * _SECOND_US)
+        self._trades = _Window(_TRADE_WINDOW_S * _SECOND_US)  # signed sizes
+        self.last_event_time_us = 0
+        """Latest exchange time applied, in µs since the epoch; 0 before any event."""
+        self.last_sequence: int | None = None
+        """Sequence of the last applied event; None before any event."""
+
+    @property
+    def mid(self) -> float | None:
+        """The current mid price, or None while the book has no bid or no ask."""
+        touch = self._touch
+        return None if touch is None else (touch[0] + touch[2]) * 0.5
+
+    def apply(self, event: MarketEvent) -> None:
+        """Folds one event in; an event with a sequence not above the last one is ignored."""
+        if self.last_sequence is not None and event.sequence <= self.last_sequence:
+            return
+        self.last_sequence = event.sequence
+        now = self.last_event_time_us
+        if event.exchange_time_us > now:
+            now = self.last_event_time_us = event.exchange_time_us
+        # Deltas dominate the feed, so they are tested first.
+        if type(event) is BookDelta:
+            bids, asks = self._bids, self._asks
+            for side, price, size in event.changes:
+                book = bids if side is BookSide.BID else asks
+                if size > 0.0:
+                    book[price] = size
+                else:
+                    book.pop(price, None)
+            self._on_book(now)
+        elif type(event) is Trade:
+            self._trades.add(now, event.size if event.aggressor is Aggressor.BUY else -event.size)
+        elif type(event) is BookSnapshot:
+            self._bids = SortedDict((p, s) for p, s in event.bids if s > 0.0)
+            self._asks = SortedDict((p, s) for p, s in event.asks if s > 0.0)
+            self._on_book(now)
+        else:
+            raise TypeError(f"not a market event: {type(event).__name__}")
+
+    def _on_book(self, now: int) -> None:
+        """After a book change: the OFI contribution and, if the mid moved, its return."""
+        bids, asks = self._bids, self._asks
+        if not bids or not asks:
+            self._touch = None
+            return
+        pb, qb = bids.peekitem(-1)
+        pa, qa = asks.peekitem(0)
+        before = self._touch
+        self._touch = (pb, qb, pa, qa)
+        if before is not None:
+            pb0, qb0, pa0, qa0 = before
+            e = (
+                (qb if pb >= pb0 else 0.0)
+                - (qb0 if pb <= pb0 else 0.0)
+                - (qa if pa <= pa0 else 0.0)
+                + (qa0 if pa >= pa0 else 0.0)
+            )
+            if e != 0.0:  # zeros add nothing to a sum; skipping them saves memory
+                self._ofi_1s.add(now, e)
+                self._ofi_5s.add(now, e)
+        mid = (pb + pa) * 0.5
+        last = self._last_mid
+        if last == mid:
+            return
+        if last is not None and last > 0.0 and mid > 0.0:
+            r = math.log(mid / last)
+            self._sq_ret_5s.add(now, r * r)
+            self._sq_ret_30s.add(now, r * r)
+        self._mid_1s.add(now, mid)
+        self._mid_5s.add(now, mid)
+        self._last_mid = mid
+
+    def features(self) -> tuple[float, ...] | None:
+        """The vector in ``FEATURE_NAMES`` order, or None while the book has no bid or no
+        ask (or, on a corrupt feed, a mid that is not positive).
+
+        Drops window entries that have expired as of ``last_event_time_us``; that frees
+        memory and changes no value, now or later.
+        """
+        touch = self._touch
+        if touch is None:
+            return None
+        pb, qb, pa, qa = touch
+        mid = (pb + pa) * 0.5
+        if mid <= 0.0:
+            return None
+        now = self.last_event_time_us
+        windows = (self._ofi_1s, self._ofi_5s, self._sq_ret_5s, self._sq_ret_30s, self._trades)
+        for window in (*windows, self._mid_1s, self._mid_5s):
+            window.prune(now)
+        depth = (qb + qa) * 0.5
+        bid5 = math.fsum(self._bids.values()[-_TOP_LEVELS:])
+        ask5 = math.fsum(self._asks.values()[:_TOP_LEVELS])
+        return (
+            (pa - pb) / mid * _BPS,
+            (qb - qa) / (qb + qa) if qb + qa > 0.0 else 0.0,
+            (bid5 - ask5) / (bid5 + ask5) if bid5 + ask5 > 0.0 else 0.0,
+            self._ofi_1s.total() / depth if depth > 0.0 else 0.0,
+            self._ofi_5s.total() / depth if depth > 0.0 else 0.0,
+            math.sqrt(self._sq_ret_5s.total()) * _BPS,
+            math.sqrt(self._sq_ret_30s.total()) * _BPS,
+            _return_bps(mid, self._mid_1s),
+            _return_bps(mid, self._mid_5s),
+            len(self._trades.times) / _TRADE_WINDOW_S,
+            self._trades.total() / depth if depth > 0.0 else 0.0,
+        )
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The whole state as plain JSON types; floats survive ``json`` round trips exactly."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "last_sequence": self.last_sequence,
+            "last_event_time_us": self.last_event_time_us,
+            "last_mid": self._last_mid,
+            "bids": [list(level) for level in self._bids.items()],
+            "asks": [list(level) for level in self._asks.items()],
+            "windows": {name: getattr(self, name).to_doc() for name in _WINDOW_SLOTS},
+        }
+
+    @classmethod
+    def from_checkpoint(cls, doc: dict[str, Any]) -> SymbolState:
+        """The state ``to_checkpoint`` described; ValueError if the document is not one."""
+        if doc.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unknown checkpoint format {doc.get('format')!r}")
+        state = cls()
+        try:
+            seq = doc["last_sequence"]
+            state.last_sequence = None if seq is None else int(seq)
+            state.last_event_time_us = int(doc["last_event_time_us"])
+            mid = doc["last_mid"]
+            state._last_mid = None if mid is None else float(mid)
+            state._bids = SortedDict((float(p), float(s)) for p, s in doc["bids"])
+            state._asks = SortedDict((float(p), float(s)) for p, s in doc["asks"])
+            for name in _WINDOW_SLOTS:
+                getattr(state, name).load(doc["windows"][name])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed checkpoint: {exc!r}") from exc
+        # The touch is a function of the book: trades never change it.
+        if state._bids and state._asks:
+            state._touch = (*state._bids.peekitem(-1), *state._asks.peekitem(0))
+        return state
+
+
+_WINDOW_SLOTS = (
+    "_ofi_1s",
+    "_ofi_5s",
+    "_sq_ret_5s",
+    "_sq_ret_30s",
+    "_mid_1s",
+    "_mid_5s",
+    "_trades",
+)
+
+
+def _return_bps(mid: float, history: _AsOfWindow) -> float:
+    then = history.values[0] if history.values else 0.0
+    return (mid / then - 1.0) * _BPS if then > 0.0 else 0.0
+
+
+def compute_offline(events: Iterable[MarketEvent]) -> dict[str, tuple[float, ...] | None]:
+    """Each symbol's final features after applying ``events`` to fresh states, in order."""
+    states: dict[str, SymbolState] = {}
+    for event in events:
+        state = states.get(event.symbol)
+        if state is None:
+            state = states[event.symbol] = SymbolState()
+        state.apply(event)
+    return {symbol: state.features() for symbol, state in states.items()}

@@ -1,0 +1,158 @@
+"""``python -m feature_cache.replay``: publish market events to Kafka at 1x, Nx or max speed.
+
+Sources: the seeded generator (``--source generator``) or a raw Coinbase websocket
+recording (``--source coinbase --path FILE``). Events are keyed by symbol. With
+``--rebase-time`` (the default) exchange times are shifted so the first event is "now",
+so that features computed from an old recording are fresh to the decision server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+
+from feature_cache.codec import encode
+from feature_cache.events import MarketEvent
+from server.settings import Settings
+
+# Futures awaited per chunk: bounds memory while keeping the producer's batches full.
+_CHUNK = 5000
+
+
+class Progress:
+    """A one-line progress report on stderr (a line every few seconds when not a terminal)."""
+
+    def __init__(self, total: int | None, label: str = "replayed") -> None:
+        self._total = total
+        self._label = label
+        self._started = time.monotonic()
+        self._last = 0.0
+        self._interval = 0.5 if sys.stderr.isatty() else 5.0
+        self.count = 0
+
+    def advance(self, n: int = 1) -> None:
+        self.count += n
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self._print(final=False)
+
+    def _print(self, *, final: bool) -> None:
+        rate = self.count / max(time.monotonic() - self._started, 1e-9)
+        of = f"/{self._total:,} ({100 * self.count / self._total:.0f}%)" if self._total else ""
+        end = "\n" if final or not sys.stderr.isatty() else "\r"
+        print(f"{self._label} {self.count:,}{of} at {rate:,.0f} events/s", end=end, file=sys.stderr)
+
+    def done(self) -> None:
+        self._print(final=True)
+
+
+def rebased(events: Iterable[MarketEvent], now_us: int) -> Iterator[MarketEvent]:
+    """The events with exchange times shifted so that the first one is ``now_us``."""
+    shift: int | None = None
+    for event in events:
+        if shift is None:
+            shift = now_us - event.exchange_time_us
+        yield dataclasses.replace(event, exchange_time_us=event.exchange_time_us + shift)
+
+
+async def replay(
+    events: Iterable[MarketEvent],
+    *,
+    bootstrap: str,
+    topic: str,
+    speed: float | None,
+    progress: Progress,
+) -> int:
+    """Publishes the events in order; ``speed`` None is as fast as possible. Returns the count."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
+    await producer.start()
+    try:
+        first_event_us: int | None = None
+        started = time.monotonic()
+        pending = []
+        for event in events:
+            if speed is not None:
+                if first_event_us is None:
+                    first_event_us = event.exchange_time_us
+                due = started + (event.exchange_time_us - first_event_us) / 1e6 / speed
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            pending.append(
+                await producer.send(topic, key=event.symbol.encode(), value=encode(event))
+            )
+            if len(pending) >= _CHUNK:
+                await asyncio.gather(*pending)
+                progress.advance(len(pending))
+                pending.clear()
+        await asyncio.gather(*pending)
+        progress.advance(len(pending))
+    finally:
+        await producer.stop()
+    progress.done()
+    return progress.count
+
+
+def _events(args: argparse.Namespace) -> tuple[Iterable[MarketEvent], int | None]:
+    if args.source == "coinbase":
+        from feature_cache.coinbase import read_recording
+
+        if args.path is None:
+            raise SystemExit("--source coinbase needs --path to the recording")
+        return read_recording(args.path), None
+    from feature_cache.generator import MarketGenerator
+
+    generator = MarketGenerator(
+        args.symbols.split(","),
+        seed=args.seed,
+        start_time_us=time.time_ns() // 1000,
+        events_per_second=args.events_per_second,
+    )
+    if args.count <= 0:  # endless, for the local stack
+        return itertools.chain.from_iterable(iter(lambda: generator.events(10_000), None)), None
+    return generator.events(args.count), args.count
+
+
+def main() -> None:
+    kafka = Settings().kafka
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--source", choices=("generator", "coinbase"), default="generator")
+    parser.add_argument("--path", type=Path, help="the recording, for --source coinbase")
+    parser.add_argument("--symbols", default="BTC-USD,ETH-USD,SOL-USD")
+    parser.add_argument("--count", type=int, default=10_000, help="generator events; 0: endless")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--events-per-second", type=float, default=200.0, help="generator rate")
+    parser.add_argument("--speed", default="max", help="1 (real time), N (N times) or max")
+    parser.add_argument(
+        "--keep-times", action="store_true", help="do not rebase exchange times to now"
+    )
+    parser.add_argument("--bootstrap", default=kafka.bootstrap_servers)
+    parser.add_argument("--topic", default=kafka.topic)
+    args = parser.parse_args()
+    speed = None if args.speed == "max" else float(args.speed)
+    events, total = _events(args)
+    if not args.keep_times:
+        events = rebased(events, time.time_ns() // 1000)
+    count = asyncio.run(
+        replay(
+            events,
+            bootstrap=args.bootstrap,
+            topic=args.topic,
+            speed=speed,
+            progress=Progress(total),
+        )
+    )
+    print(f"published {count:,} events to {args.topic}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

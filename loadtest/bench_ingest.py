@@ -1,0 +1,144 @@
+"""Feature-cache ingest: throughput through one consumer, and Kafka → Redis freshness.
+
+Starts its own Tansu broker and redis-server on free loopback ports. Throughput: N
+generated events are published first, then one consumer (this process) is timed from
+start until every event is in Redis. Freshness: a replayer process publishes at a fixed
+rate (5,000 events/s by default) while the consumer runs; freshness is the time from a
+message's Kafka create time to the end of the Redis write that includes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import uvloop
+
+from feature_cache.consumer import FeatureConsumer
+from feature_cache.generator import MarketGenerator
+from feature_cache.replay import Progress, replay
+from server.localstack.processes import ManagedProcess, free_ports
+from server.localstack.redis_server import start_redis
+from server.localstack.tansu import create_topics, start_tansu
+from server.settings import KafkaSettings
+
+REPO = Path(__file__).resolve().parents[1]
+SYMBOLS = [f"SYM{i}-USD" for i in range(20)]
+PARTITIONS = 4
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def throughput(settings: KafkaSettings, redis_url: str, count: int) -> float:
+    events = MarketGenerator(SYMBOLS, seed=3, start_time_us=time.time_ns() // 1000).events(count)
+    print(f"publishing {count:,} events …", flush=True)
+    await replay(
+        events,
+        bootstrap=settings.bootstrap_servers,
+        topic=settings.topic,
+        speed=None,
+        progress=Progress(count, "published"),
+    )
+    redis = aioredis.Redis.from_url(redis_url)
+    consumer = FeatureConsumer(settings, redis, key_prefix="bench-tp:")
+    started = time.perf_counter()
+    await consumer.start()
+    progress = Progress(count, "consumed")
+    while consumer.stats.events < count:
+        await asyncio.sleep(0.05)
+        progress.advance(consumer.stats.events - progress.count)
+    elapsed = time.perf_counter() - started
+    progress.done()
+    await consumer.stop()
+    await redis.aclose()
+    return count / elapsed
+
+
+async def freshness(
+    settings: KafkaSettings, redis_url: str, rate: float, seconds: float, run_dir: Path
+) -> list[float]:
+    redis = aioredis.Redis.from_url(redis_url)
+    consumer = FeatureConsumer(settings, redis, key_prefix="bench-fresh:")
+    await consumer.start()
+    await asyncio.sleep(2)  # joined and assigned before the clock starts
+    consumer.stats.freshness_ms.clear()
+    replayer = ManagedProcess(
+        "replayer",
+        [
+            sys.executable, "-m", "feature_cache.replay",
+            "--bootstrap", settings.bootstrap_servers, "--topic", settings.topic,
+            "--symbols", ",".join(SYMBOLS), "--count", str(int(rate * seconds)),
+            "--events-per-second", str(rate), "--speed", "1",
+        ],
+        cwd=REPO,
+        log_path=run_dir / "replayer.log",
+    )  # fmt: skip
+    print(f"publishing at {rate:,.0f} events/s for {seconds:.0f} s …", flush=True)
+    replayer.start()
+    try:
+        code = await asyncio.to_thread(replayer.wait, seconds + 30)
+    finally:
+        replayer.stop()
+    if code != 0:
+        raise RuntimeError(f"replayer failed:\n{replayer.log_tail()}")
+    await asyncio.sleep(1)
+    samples = list(consumer.stats.freshness_ms)
+    await consumer.stop()
+    await redis.aclose()
+    return samples
+
+
+async def run(args: argparse.Namespace, run_dir: Path) -> None:
+    tansu_port, redis_port = free_ports(2)
+    tansu = start_tansu(tansu_port, run_dir / "tansu")
+    redis_proc = start_redis(redis_port, run_dir / "redis")
+    try:
+        bootstrap = f"127.0.0.1:{tansu_port}"
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        topics = {"bench-tp": PARTITIONS, "bench-fresh": PARTITIONS, "bench.dlq": 1}
+        await create_topics(bootstrap, topics)
+        base = {"bootstrap_servers": bootstrap, "dead_letter_topic": "bench.dlq"}
+        rate = await throughput(
+            KafkaSettings(**base, topic="bench-tp", group_id="bench-tp"), redis_url, args.count
+        )
+        fresh = await freshness(
+            KafkaSettings(**base, topic="bench-fresh", group_id="bench-fresh"),
+            redis_url,
+            args.rate,
+            args.seconds,
+            run_dir,
+        )
+    finally:
+        redis_proc.stop()
+        tansu.stop()
+    print()
+    print("| measure | value | target |")
+    print("| --- | ---: | ---: |")
+    print(f"| ingest through one consumer, events/s | {rate:,.0f} | >= 50,000 |")
+    at = f"freshness at {args.rate:,.0f} events/s"
+    print(f"| {at}, p50 ms | {percentile(fresh, 0.5):.1f} | |")
+    print(f"| {at}, p99 ms | {percentile(fresh, 0.99):.1f} | <= 20 |")
+    print(f"\n({len(fresh):,} freshness samples; mean {statistics.fmean(fresh):.1f} ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--rate", type=float, default=5000.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        uvloop.run(run(args, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The consumer against a real Tansu broker and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from feature_cache.codec import encode
+from feature_cache.generator import MarketGenerator
+from feature_cache.store import FeatureReader
+from tests.feature_cache.conftest import PARTITIONS, publish, read_all, wait_for_features
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SYMBOLS = ["BTC-USD", "ETH-USD", "SOL-USD", "ADA-USD", "XRP-USD", "DOT-USD"]
+
+
+def generated(count: int, seed: int = 11):
+    return list(
+        MarketGenerator(SYMBOLS, seed=seed, start_time_us=1_700_000_000_000_000).events(count)
+    )
+
+
+async def test_replayed_events_become_the_offline_features(
+    kafka_settings, start_consumer, redis_client, key_prefix
+):
+    events = generated(3000)
+    await start_consumer()
+    await publish(kafka_settings, events)
+    await wait_for_features(FeatureReader(redis_client, key_prefix=key_prefix), events)
+
+
+async def test_replaying_the_same_range_again_changes_nothing(
+    kafka_settings, start_consumer, redis_client, key_prefix
+):
+    events = generated(2000)
+    reader = FeatureReader(redis_client, key_prefix=key_prefix)
+    consumer = await start_consumer()
+    await publish(kafka_settings, events)
+    await wait_for_features(reader, events)
+    before = await reader.read_many(SYMBOLS)
+
+    await publish(kafka_settings, events)
+    deadline = time.monotonic() + 30
+    while consumer.stats.events < 2 * len(events):
+        assert time.monotonic() < deadline, consumer.stats
+        await asyncio.sleep(0.1)
+
+    after = await reader.read_many(SYMBOLS)
+    assert [(r.values, r.event_time_us) for r in after if r] == [
+        (r.values, r.event_time_us) for r in before if r
+    ]
+
+
+async def test_a_second_consumer_splits_the_partitions_and_features_stay_right(
+    kafka_settings, start_consumer, redis_client, key_prefix
+):
+    events = generated(4000)
+    reader = FeatureReader(redis_client, key_prefix=key_prefix)
+    first = await start_consumer()
+    await publish(kafka_settings, events[:2000])
+    await wait_for_features(reader, events[:2000])
+
+    second = await start_consumer()
+    deadline = time.monotonic() + 30
+    while not (first.assignment() and second.assignment()):
+        assert time.monotonic() < deadline, "the group never rebalanced"
+        await asyncio.sleep(0.1)
+    assert first.assignment().isdisjoint(second.assignment())
+    assert len(first.assignment() | second.assignment()) == PARTITIONS
+
+    await publish(kafka_settings, events[2000:])
+    await wait_for_features(reader, events)
+    assert first.stats.events > 0 and second.stats.events > 0
+
+
+async def test_killed_consumer_resumes_without_loss(
+    kafka_settings, redis_instance, redis_client, key_prefix, tmp_path
+):
+    events = generated(4000)
+    reader = FeatureReader(redis_client, key_prefix=key_prefix)
+    env = {
+        **os.environ,
+        "DECISION_REDIS__URL": redis_instance.url,
+        "DECISION_REDIS__KEY_PREFIX": key_prefix,
+        "DECISION_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "DECISION_KAFKA__TOPIC": kafka_settings.topic,
+        "DECISION_KAFKA__DEAD_LETTER_TOPIC": kafka_settings.dead_letter_topic,
+        "DECISION_KAFKA__GROUP_ID": kafka_settings.group_id,
+        "DECISION_KAFKA__MAX_BATCH": "200",
+    }
+
+    def start() -> subprocess.Popen[bytes]:
+        log = (tmp_path / "consumer.log").open("ab")
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-m", "feature_cache"], cwd=REPO, env=env, stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        finally:
+            log.close()
+
+    proc = start()
+    try:
+        await publish(kafka_settings, events[:2000])
+        await wait_for_features(reader, events[:2000])
+        await publish(kafka_settings, events[2000:3000])
+        proc.send_signal(signal.SIGKILL)  # mid-stream, without a chance to commit
+        proc.wait()
+
+        await publish(kafka_settings, events[3000:])
+        proc = start()
+        await wait_for_features(reader, events)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_malformed_message_goes_to_the_dead_letter_topic_and_the_rest_is_processed(
+    kafka_settings, start_consumer, redis_client, key_prefix
+):
+    events = generated(600)
+    consumer = await start_consumer()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.bootstrap_servers)
+    await producer.start()
+    try:
+        for i, event in enumerate(events):
+            if i == 300:
+                await producer.send_and_wait(
+                    kafka_settings.topic, key=b"BTC-USD", value=b"\x0a\xffnot protobuf"
+                )
+            await producer.send(
+                kafka_settings.topic, key=event.symbol.encode(), value=encode(event)
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    await wait_for_features(FeatureReader(redis_client, key_prefix=key_prefix), events)
+    dead = await read_all(kafka_settings.bootstrap_servers, kafka_settings.dead_letter_topic, 1)
+    assert len(dead) == 1
+    assert dead[0].value == b"\x0a\xffnot protobuf"
+    headers = dict(dead[0].headers)
+    assert headers["error"].startswith(b"not a marketdata.v1.MarketEvent")
+    assert headers["source"].startswith(kafka_settings.topic.encode() + b"/")
+    assert consumer.stats.malformed == 1
