@@ -43,7 +43,11 @@ test: setup-ci lint proto-check ## Set up, lint, check the protos and run every 
 test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-bench: setup ## Decide vs direct TorchServe at concurrency 1 (prints the table)
+bench: setup ## Benchmarks: Decide vs TorchServe latency, feature-cache ingest and freshness
 	@$(PY) -m loadtest.bench_latency
+	@$(PY) -m loadtest.bench_ingest
 
-.PHONY: help setup setup-ci lock run proto fmt lint proto-check test test-fast bench
+acceptance: setup ## The Coinbase recording in ../shared/data through Kafka into Redis, checked
+	@$(PY) -m loadtest.coinbase_acceptance
+
+.PHONY: help setup setup-ci lock run proto fmt lint proto-check test test-fast bench acceptance

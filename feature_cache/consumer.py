@@ -1,8 +1,12 @@
 """The feature-cache consumer: Kafka market events → per-symbol state → Redis records.
 
-One fetch is one batch: every event is applied to its symbol's ``SymbolState``; then,
-in one Redis pipeline, the touched symbols' feature records (monotonic writes) and
-their partitions' state checkpoints; then the batch's offsets are committed. A malformed
+One fetch is one batch: every event is applied to its symbol's ``SymbolState``, then
+the touched symbols' feature records are written in one Redis pipeline (monotonic
+writes). About once a second (and when partitions are revoked, and on stop) the states
+changed since the last checkpoint are written to Redis and only then are the offsets
+committed, so a partition's committed offset never runs ahead of its checkpoint.
+Checkpointing per batch would cost more than the batch (a state with its windows is
+tens of kB of JSON). A malformed
 message is counted, logged with its offset, sent to the dead-letter topic (before its
 offset is committed) and skipped. Kafka or Redis down: retry with backoff; features age
 meanwhile and the server sees them as stale; nothing is committed that is not written.
@@ -11,6 +15,7 @@ meanwhile and the server sees them as stale; nothing is committed that is not wr
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -22,6 +27,7 @@ import redis.exceptions
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import ConsumerStoppedError, KafkaError
+from redis.asyncio.client import Pipeline
 
 from feature_cache.checkpoint import StateCheckpoints
 from feature_cache.codec import MalformedMessage, decode
@@ -63,6 +69,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._owner = owner
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._owner.checkpoint(revoked)  # the next owner starts where this one ends
         for tp in revoked:
             self._owner.states.pop(tp, None)
 
@@ -82,12 +89,17 @@ class FeatureConsumer:
             group_id=settings.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
             client_id="feature-cache",
         )
         self._producer = AIOKafkaProducer(
             bootstrap_servers=settings.bootstrap_servers, client_id="feature-cache-dlq"
         )
         self.states: dict[TopicPartition, dict[str, SymbolState]] = {}
+        # Since the last checkpoint: the states that changed, the last offset handled.
+        self._dirty: dict[TopicPartition, dict[str, SymbolState]] = {}
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._last_checkpoint = time.monotonic()
         self.stats = ConsumerStats()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -123,6 +135,11 @@ class FeatureConsumer:
                 await asyncio.wait_for(self._task, timeout=10)
             except TimeoutError:
                 log.warning("consumer loop did not finish in 10 s; cancelling")
+        self._stopping = False  # let the final checkpoint retry a Redis blip
+        try:
+            await asyncio.wait_for(self.checkpoint(), timeout=5)
+        except TimeoutError:
+            log.warning("final checkpoint not written in 5 s; the next owner replays more")
         await self._consumer.stop()
         await self._producer.stop()
 
@@ -161,12 +178,12 @@ class FeatureConsumer:
                 await self._handle(batches)
 
     async def _handle(self, batches: dict[TopicPartition, list[Record]]) -> None:
-        touched: dict[TopicPartition, dict[str, SymbolState]] = {}
+        touched: dict[str, SymbolState] = {}
         last_offset: dict[str, int] = {}
         dead: list[tuple[Record, str]] = []
         for tp, records in batches.items():
             states = self.states.setdefault(tp, {})
-            changed = touched.setdefault(tp, {})
+            dirty = self._dirty.setdefault(tp, {})
             for record in records:
                 try:
                     event = decode(record.value)
@@ -181,46 +198,62 @@ class FeatureConsumer:
                     log.exception("could not apply %s/%d", tp, record.offset)
                     dead.append((record, f"could not apply: {exc!r}"))
                     continue
-                changed[event.symbol] = state
+                touched[event.symbol] = dirty[event.symbol] = state
                 last_offset[event.symbol] = record.offset
+            self._uncommitted[tp] = records[-1].offset
         features = []
-        for changed in touched.values():
-            for symbol, state in changed.items():
-                values = state.features()
-                if values is not None:
-                    features.append(
-                        FeatureRecord(symbol, values, state.last_event_time_us, last_offset[symbol])
-                    )
-        commits = {tp: records[-1].offset for tp, records in batches.items()}
+        for symbol, state in touched.items():
+            values = state.features()
+            if values is not None:
+                features.append(
+                    FeatureRecord(symbol, values, state.last_event_time_us, last_offset[symbol])
+                )
         if dead:
             await self._dead_letter(dead)
-        if not await self._write(features, touched, commits):
-            return  # stopping before Redis came back: the next owner replays the batch
-        now_ms = time.time() * 1000
+        if features and not await self._execute(
+            functools.partial(self._writer.queue, records=features)
+        ):
+            return  # stopping before Redis came back: the next owner replays from the checkpoint
         self.stats.note_freshness(
-            (r.timestamp for records in batches.values() for r in records), now_ms
+            (r.timestamp for records in batches.values() for r in records), time.time() * 1000
         )
         self.stats.events += sum(len(records) for records in batches.values()) - len(dead)
         self.stats.batches += 1
         self.stats.records_written += len(features)
+        if time.monotonic() - self._last_checkpoint >= self._settings.checkpoint_interval_ms / 1e3:
+            await self.checkpoint()
+
+    async def checkpoint(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        """Writes the states changed since the last checkpoint, then commits their offsets.
+
+        Only offsets whose states are in Redis are committed: a consumer that takes a
+        partition over restores the checkpoint and resumes right after it.
+        """
+        chosen = list(self._uncommitted if partitions is None else partitions)
+        offsets = {tp: self._uncommitted.pop(tp) for tp in chosen if tp in self._uncommitted}
+        dirty = {tp: self._dirty.pop(tp, {}) for tp in offsets}
+        self._last_checkpoint = time.monotonic()
+        if not offsets:
+            return
+
+        async def fill(pipe: Pipeline) -> None:
+            for tp, offset in offsets.items():
+                self._checkpoints.queue(pipe, tp, dirty[tp], offset)
+
+        if not await self._execute(fill):
+            return
         try:
-            await self._consumer.commit({tp: offset + 1 for tp, offset in commits.items()})
+            await self._consumer.commit({tp: offset + 1 for tp, offset in offsets.items()})
         except KafkaError as exc:  # a rebalance took the partitions: the checkpoint covers it
             log.warning("commit failed: %s", exc)
 
-    async def _write(
-        self,
-        features: list[FeatureRecord],
-        touched: dict[TopicPartition, dict[str, SymbolState]],
-        commits: dict[TopicPartition, int],
-    ) -> bool:
+    async def _execute(self, fill: Callable[[Pipeline], Awaitable[None]]) -> bool:
+        """Runs one pipeline, retrying while Redis is down; False if stopping first."""
         delay = 0.05
         while True:
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    await self._writer.queue(pipe, features)
-                    for tp, offset in commits.items():
-                        self._checkpoints.queue(pipe, tp, touched.get(tp, {}), offset)
+                    await fill(pipe)
                     await pipe.execute()
                 return True
             except (redis.exceptions.RedisError, OSError) as exc:

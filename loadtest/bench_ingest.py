@@ -50,13 +50,17 @@ async def throughput(settings: KafkaSettings, redis_url: str, count: int) -> flo
     )
     redis = aioredis.Redis.from_url(redis_url)
     consumer = FeatureConsumer(settings, redis, key_prefix="bench-tp:")
-    started = time.perf_counter()
     await consumer.start()
     progress = Progress(count, "consumed")
+    # Timed from the end of the first batch: joining the group is not ingest.
+    started, first = 0.0, 0
     while consumer.stats.events < count:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.001 if not first else 0.05)
+        if not first and consumer.stats.events:
+            started, first = time.perf_counter(), consumer.stats.events
         progress.advance(consumer.stats.events - progress.count)
     elapsed = time.perf_counter() - started
+    count -= first
     progress.done()
     await consumer.stop()
     await redis.aclose()

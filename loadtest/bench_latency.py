@@ -23,9 +23,9 @@ import redis.asyncio as aioredis
 
 from feature_cache.schema import MODEL_INPUT_WIDTH
 from feature_cache.store import FeatureWriter
+from loadtest.feature_keeper import FeatureKeeper
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
-from server.localstack.feature_keeper import FeatureKeeper
 from server.localstack.health import serving
 from server.localstack.processes import ManagedProcess, free_ports, port_open
 from server.localstack.redis_server import start_redis

@@ -115,6 +115,18 @@ class KafkaSettings(_Section):
     fetch_timeout_ms: int = Field(
         50, ge=1, description="How long one fetch waits for records before an empty batch."
     )
+    fetch_max_wait_ms: int = Field(
+        10,
+        ge=0,
+        description="How long the broker may hold a fetch for more data; short keeps features "
+        "fresh when the feed is quiet.",
+    )
+    checkpoint_interval_ms: float = Field(
+        1000.0,
+        ge=0,
+        description="How often the consumer checkpoints its state and commits offsets; a "
+        "consumer taking over replays at most this much.",
+    )
     retry_backoff_max_s: float = Field(
         5.0, gt=0, description="Longest wait between retries while Kafka or Redis is down."
     )

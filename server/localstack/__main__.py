@@ -1,7 +1,9 @@
 """``make run``: the local stack on DESIGN.md's ports, stopped cleanly by Ctrl-C.
 
-Starts redis-server, the primary and secondary TorchServe replicas, the decision server
-and a feature keeper for the default symbols; waits until the server reports SERVING;
+Starts redis-server, a Tansu broker (Kafka protocol) with the market-data topics, the
+primary and secondary TorchServe replicas, the feature-cache consumer, a replayer
+publishing generated market data for the default symbols in real time, and the
+decision server; waits until features are in Redis and the server reports SERVING;
 prints how to call it; on SIGINT or SIGTERM stops everything in reverse order, each
 process through its own process group. Run-time files go under ``.run/``.
 """
@@ -21,11 +23,11 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from feature_cache.store import FeatureWriter
-from server.localstack.feature_keeper import FeatureKeeper
+from feature_cache.store import FeatureReader
 from server.localstack.health import serving
 from server.localstack.processes import ManagedProcess, ProcessStartError, port_open
 from server.localstack.redis_server import redis_server
+from server.localstack.tansu import create_topics, tansu_broker
 from server.localstack.torchserve_replica import (
     PRIMARY_PORTS,
     SECONDARY_PORTS,
@@ -37,7 +39,8 @@ from torchserve.archive import build_archive
 
 log = logging.getLogger("localstack")
 
-DEFAULT_SYMBOLS = ("BTC-USD", "ETH-USD", "SOL-USD")
+DEFAULT_SYMBOLS = ["BTC-USD", "ETH-USD", "SOL-USD"]
+MARKET_DATA_PARTITIONS = 4
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -45,7 +48,7 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _usage(decision_port: int, admin_port: int) -> str:
+def _usage(decision_port: int, admin_port: int, run_dir: Path) -> str:
     return f"""
 Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
 
@@ -61,7 +64,7 @@ Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
       -d '{{"symbol":"BTC-USD","side":"SIDE_BUY","quantity":1}}' \\
       127.0.0.1:{decision_port} decision.v1.DecisionService/Decide
 
-  Logs: {REPO / ".run"}/*/  (admin port {admin_port} arrives with the AdminService)
+  Logs: {run_dir}/*/  (admin port {admin_port} arrives with the AdminService)
 """
 
 
@@ -73,14 +76,13 @@ class LocalStack:
         self.decision_port = 50051 + offset
         self.admin_port = 50052 + offset
         self.redis_port = 16379 + offset
+        self.kafka_port = 19092 + offset
         self.primary = PRIMARY_PORTS.shifted(offset)
         self.secondary = SECONDARY_PORTS.shifted(offset)
         self._started: list[ManagedProcess] = []
-        self._keeper: FeatureKeeper | None = None
-        self._client: aioredis.Redis | None = None
 
     def busy_ports(self) -> list[int]:
-        ports = [self.decision_port, self.redis_port]
+        ports = [self.decision_port, self.redis_port, self.kafka_port]
         for replica in (self.primary, self.secondary):
             ports.extend(asdict(replica).values())
         return [port for port in ports if port_open("127.0.0.1", port)]
@@ -90,20 +92,48 @@ class LocalStack:
         proc.start()
         return proc
 
+    def _env(self) -> dict[str, str]:
+        """The settings every process of the stack shares."""
+        return {
+            **os.environ,
+            "DECISION_REDIS__URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "DECISION_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{self.kafka_port}",
+        }
+
+    def _python(self, name: str, *args: str, env: dict[str, str] | None = None) -> ManagedProcess:
+        return ManagedProcess(
+            name,
+            [sys.executable, *args],
+            cwd=REPO,
+            log_path=self.run_dir / name / f"{name}.log",
+            env={**self._env(), **(env or {})},
+        )
+
     async def start(self) -> None:
-        _say("[1/5] building the model archive")
+        _say("[1/7] building the model archive")
         store = self.run_dir / "model-store"
         archive = await asyncio.to_thread(build_archive, store, model_name="champion", seed=0)
         _say(f"      champion version {archive.version[:16]}…")
 
-        _say(f"[2/5] redis-server on 127.0.0.1:{self.redis_port}")
+        _say(f"[2/7] redis-server on 127.0.0.1:{self.redis_port}")
         redis = self._track(redis_server(self.redis_port, self.run_dir / "redis"))
         await asyncio.to_thread(
             redis.wait_ready, lambda: port_open("127.0.0.1", self.redis_port), 10.0
         )
 
+        kafka = Settings().kafka
+        _say(f"[3/7] Tansu (Kafka protocol) on 127.0.0.1:{self.kafka_port}, topic {kafka.topic}")
+        broker = self._track(tansu_broker(self.kafka_port, self.run_dir / "tansu"))
+        await asyncio.to_thread(
+            broker.wait_ready, lambda: port_open("127.0.0.1", self.kafka_port), 20.0
+        )
+        await create_topics(
+            f"127.0.0.1:{self.kafka_port}",
+            {kafka.topic: MARKET_DATA_PARTITIONS, kafka.dead_letter_topic: 1},
+        )
+
         _say(
-            f"[3/5] TorchServe primary :{self.primary.grpc_inference},"
+            f"[4/7] TorchServe primary :{self.primary.grpc_inference},"
             f" secondary :{self.secondary.grpc_inference}"
         )
         replicas = [
@@ -113,41 +143,51 @@ class LocalStack:
         for proc, ports in replicas:
             await asyncio.to_thread(start_replica, proc, ports)
 
-        _say("[4/5] feature keeper for " + ", ".join(DEFAULT_SYMBOLS))
-        self._client = aioredis.Redis.from_url(f"redis://127.0.0.1:{self.redis_port}/0")
-        self._keeper = FeatureKeeper(
-            FeatureWriter(self._client, key_prefix=Settings().redis.key_prefix, ttl_s=30),
-            DEFAULT_SYMBOLS,
-            interval_s=0.2,
-        )
-        await self._keeper.start()
+        _say("[5/7] feature-cache consumer")
+        self._track(self._python("feature-cache", "-m", "feature_cache"))
 
-        _say(f"[5/5] decision server on 127.0.0.1:{self.decision_port}")
-        env = {
-            **os.environ,
-            "DECISION_SERVER__PORT": str(self.decision_port),
-            "DECISION_REDIS__URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{self.primary.grpc_inference}",
-            "DECISION_TORCHSERVE__SECONDARY_ADDRESS": (
-                f"127.0.0.1:{self.secondary.grpc_inference}"
-            ),
-        }
+        _say("[6/7] replayer: generated market data for " + ", ".join(DEFAULT_SYMBOLS))
+        self._track(
+            self._python(
+                "replayer", "-m", "feature_cache.replay", "--count", "0", "--speed", "1",
+                "--events-per-second", "300", "--symbols", ",".join(DEFAULT_SYMBOLS),
+            )
+        )  # fmt: skip
+        await self._wait_for_features(timeout_s=60.0)
+
+        _say(f"[7/7] decision server on 127.0.0.1:{self.decision_port}")
         server = self._track(
-            ManagedProcess(
+            self._python(
                 "decision-server",
-                [sys.executable, "-m", "server"],
-                cwd=REPO,
-                log_path=self.run_dir / "server" / "server.log",
-                env=env,
+                "-m",
+                "server",
+                env={
+                    "DECISION_SERVER__PORT": str(self.decision_port),
+                    "DECISION_TORCHSERVE__PRIMARY_ADDRESS": (
+                        f"127.0.0.1:{self.primary.grpc_inference}"
+                    ),
+                    "DECISION_TORCHSERVE__SECONDARY_ADDRESS": (
+                        f"127.0.0.1:{self.secondary.grpc_inference}"
+                    ),
+                },
             )
         )
         await asyncio.to_thread(server.wait_ready, lambda: serving(self.decision_port), 30.0)
 
+    async def _wait_for_features(self, timeout_s: float) -> None:
+        """Until the consumer has written every default symbol's features to Redis."""
+        client = aioredis.Redis.from_url(f"redis://127.0.0.1:{self.redis_port}/0")
+        reader = FeatureReader(client, key_prefix=Settings().redis.key_prefix)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while None in await reader.read_many(DEFAULT_SYMBOLS):
+                if time.monotonic() > deadline:
+                    raise ProcessStartError(f"no features in Redis after {timeout_s:.0f} s")
+                await asyncio.sleep(0.2)
+        finally:
+            await client.aclose()
+
     async def stop(self) -> None:
-        if self._keeper is not None:
-            await self._keeper.stop()
-        if self._client is not None:
-            await self._client.aclose()
         for proc in reversed(self._started):
             await asyncio.to_thread(proc.stop)
         _say("all processes stopped")
@@ -176,7 +216,7 @@ async def run(args: argparse.Namespace) -> int:
                 await starting
             return 0
         starting.result()
-        _say(_usage(stack.decision_port, stack.admin_port))
+        _say(_usage(stack.decision_port, stack.admin_port, stack.run_dir))
         if not args.exit_when_ready:
             await stopping
             _say("stopping…")

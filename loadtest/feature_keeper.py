@@ -1,4 +1,4 @@
-"""Keeps the default symbols' feature records fresh until the Kafka consumer takes over.
+"""Keeps feature records fresh without Kafka, for benchmarks of the decision path alone.
 
 A seeded random walk per symbol, written through the same ``FeatureWriter`` the consumer
 uses (monotonic, with a TTL), so Decide sees fresh features and the primary answers.
@@ -25,7 +25,7 @@ class FeatureKeeper:
         self._writer = writer
         self._symbols = list(symbols)
         self._interval_s = interval_s
-        self._rng = random.Random(seed)  # noqa: S311 - synthetic data, not security
+        self._rng = random.Random(seed)
         self._state = {s: dict.fromkeys(FEATURE_NAMES, 0.0) for s in self._symbols}
         self._offset = 0
         self._task: asyncio.Task[None] | None = None
