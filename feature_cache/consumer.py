@@ -2,9 +2,10 @@
 
 One fetch is one batch: every event is applied to its symbol's ``SymbolState``, then
 the touched symbols' feature records are written in one Redis pipeline (monotonic
-writes). About once a second (and when partitions are revoked, and on stop) the states
-changed since the last checkpoint are written to Redis and only then are the offsets
-committed, so a partition's committed offset never runs ahead of its checkpoint.
+writes). About once a second per partition (one partition at a time, spread over the
+interval; and when partitions are revoked, and on stop) the states changed since the
+partition's last checkpoint are written to Redis and only then is its offset committed,
+so a partition's committed offset never runs ahead of its checkpoint.
 Checkpointing per batch would cost more than the batch (a state with its windows is
 tens of kB of JSON). A malformed
 message is counted, logged with its offset, sent to the dead-letter topic (before its
@@ -100,6 +101,7 @@ class FeatureConsumer:
         self._dirty: dict[TopicPartition, dict[str, SymbolState]] = {}
         self._uncommitted: dict[TopicPartition, int] = {}
         self._last_checkpoint = time.monotonic()
+        self._checkpointed_at: dict[TopicPartition, float] = {}
         self.stats = ConsumerStats()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -220,8 +222,19 @@ class FeatureConsumer:
         self.stats.events += sum(len(records) for records in batches.values()) - len(dead)
         self.stats.batches += 1
         self.stats.records_written += len(features)
-        if time.monotonic() - self._last_checkpoint >= self._settings.checkpoint_interval_ms / 1e3:
-            await self.checkpoint()
+        await self._checkpoint_due()
+
+    async def _checkpoint_due(self) -> None:
+        """Checkpoints one partition at a time, spread over the interval, so that no
+        single batch pays for every partition's states at once."""
+        if not self._uncommitted:
+            return
+        now = time.monotonic()
+        step_s = self._settings.checkpoint_interval_ms / 1e3 / len(self._uncommitted)
+        if now - self._last_checkpoint < step_s:
+            return
+        oldest = min(self._uncommitted, key=lambda tp: self._checkpointed_at.get(tp, 0.0))
+        await self.checkpoint([oldest])
 
     async def checkpoint(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         """Writes the states changed since the last checkpoint, then commits their offsets.
@@ -233,6 +246,8 @@ class FeatureConsumer:
         offsets = {tp: self._uncommitted.pop(tp) for tp in chosen if tp in self._uncommitted}
         dirty = {tp: self._dirty.pop(tp, {}) for tp in offsets}
         self._last_checkpoint = time.monotonic()
+        for tp in offsets:
+            self._checkpointed_at[tp] = self._last_checkpoint
         if not offsets:
             return
 

@@ -31,9 +31,16 @@ Definitions (bid/ask prices ``Pb``/``Pa``, sizes at the touch ``qb``/``qa``,
 Sizes of 0 or less remove a level, so ``depth`` is positive whenever ``features()``
 returns a vector; the ``depth > 0`` guards only keep a corrupt feed from raising.
 
-Window sums use ``math.fsum``: exact, so a value depends only on which entries are in the
-window, never on the order of additions or on when old entries were pruned. That is what
-makes a state restored from ``to_checkpoint()`` give bit-identical features.
+Window sums are running sums, so ``features()`` costs the same however full the windows
+are: each entry is added once when it enters and subtracted once when it leaves, and every
+``RESUM_EVERY`` removals a window's sum is recomputed exactly (``math.fsum``) so rounding
+error cannot build up (an emptied window's sum is exactly 0). The additions and
+subtractions happen in one order fixed by the event stream alone: a window drops its
+expired entries before it takes a new one, and the entries that ``features()`` drops early
+are the ones the next addition would have dropped first. So a value depends on the events
+applied, never on when ``features()`` was called, and a state restored from
+``to_checkpoint()`` (which carries the sums and removal counts) gives bit-identical
+features.
 """
 
 from __future__ import annotations
