@@ -7,11 +7,14 @@ pipeline as the feature records; untouched symbols' fields are already current, 
 hash as a whole is the partition's state as of ``__offset__``. Offsets are committed to
 Kafka only after that write, so a consumer taking over a partition restores the states
 and resumes at ``__offset__ + 1``: features after a rebalance equal features without one.
+An unreadable checkpoint (another format) is ignored: the partition resumes from its
+committed offset with empty states, which fill again from the next book snapshots.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 
 import redis.asyncio as aioredis
@@ -21,6 +24,8 @@ from redis.asyncio.client import Pipeline
 from feature_cache.features import SymbolState
 
 OFFSET_FIELD = "__offset__"
+
+log = logging.getLogger(__name__)
 
 
 class StateCheckpoints:
@@ -48,10 +53,14 @@ class StateCheckpoints:
         offset_raw = fields.pop(OFFSET_FIELD, None)
         if offset_raw is None:
             return None, {}
-        states = {
-            name: SymbolState.from_checkpoint(json.loads(raw)) for name, raw in fields.items()
-        }
-        return int(offset_raw), states
+        try:
+            states = {
+                name: SymbolState.from_checkpoint(json.loads(raw)) for name, raw in fields.items()
+            }
+            return int(offset_raw), states
+        except ValueError as exc:  # another format or corrupt: start from the committed offset
+            log.warning("checkpoint %s unreadable (%s); states start empty", self.key(tp), exc)
+            return None, {}
 
 
 def _text(value: bytes | str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 
 import pytest
 
@@ -15,7 +16,7 @@ from feature_cache.events import (
     MarketEvent,
     Trade,
 )
-from feature_cache.features import SymbolState, compute_offline
+from feature_cache.features import RESUM_EVERY, SymbolState, compute_offline
 from feature_cache.generator import MarketGenerator
 from feature_cache.schema import FEATURE_INDEX, FEATURE_NAMES
 
@@ -155,6 +156,23 @@ def test_trade_intensity_and_signed_volume():
     assert values(state)["trade_intensity_5s"] == pytest.approx(1 / 5)
 
 
+def test_an_emptied_window_sums_to_exactly_zero():
+    state = fed(
+        snapshot(1, T0, [(100.0, 1.0)], [(101.0, 1.0)]),
+        trade(2, T0, 0.1, Aggressor.BUY),
+        trade(3, T0, 0.2, Aggressor.BUY),
+        trade(4, T0, 0.3, Aggressor.BUY),
+        delta(5, T0, (BID, 100.0, 1.1)),
+        delta(6, T0, (BID, 100.0, 1.3)),
+        delta(7, T0, (BID, 100.0, 1.6)),
+    )
+    assert values(state)["signed_volume_5s"] == pytest.approx(0.6 / 1.3)
+    state.apply(delta(8, T0 + 6 * S, (BID, 99.0, 1.0)))  # behind the touch: no OFI
+    f = values(state)
+    # Running sums of 0.1 + 0.2 + 0.3 less the same would leave a rounding residue.
+    assert (f["signed_volume_5s"], f["ofi_1s"], f["ofi_5s"]) == (0.0, 0.0, 0.0)
+
+
 def test_redelivered_events_change_nothing():
     events: list[MarketEvent] = [
         snapshot(10, T0, BIDS, ASKS),
@@ -210,11 +228,137 @@ def test_checkpoint_round_trip_gives_bit_identical_features():
 
 
 def test_checkpoint_rejects_what_it_did_not_write():
-    doc = fed(snapshot(1, T0, BIDS, ASKS)).to_checkpoint()
+    doc = fed(
+        snapshot(1, T0, BIDS, ASKS),
+        delta(2, T0 + 1000, (BID, 100.0, 7.0)),
+        trade(3, T0 + 2000, 1.0, Aggressor.BUY),
+    ).to_checkpoint()
+    SymbolState.from_checkpoint(doc)  # the document itself is fine
     with pytest.raises(ValueError, match="format"):
         SymbolState.from_checkpoint({**doc, "format": 99})
+    with pytest.raises(ValueError, match="format"):
+        SymbolState.from_checkpoint({**doc, "format": 1})  # the old layout is not read
     with pytest.raises(ValueError, match="malformed"):
         SymbolState.from_checkpoint({k: v for k, v in doc.items() if k != "bids"})
+
+    def with_window(name: str, **changes: object) -> dict[str, object]:
+        windows = {**doc["windows"], name: {**doc["windows"][name], **changes}}
+        return {**doc, "windows": windows}
+
+    bad = [
+        {**doc, "bids": "not base64!"},
+        {**doc, "asks": doc["asks"][:-4]},  # a cut float array
+        with_window("ofi", values=""),  # no value for its one time
+        with_window("ofi", lengths=[3]),  # a shorter window longer than the longer one
+        with_window("ofi", lengths=[]),
+        with_window("trades", sums=[]),
+        with_window("trades", sums=[[1.0, RESUM_EVERY]]),
+        with_window("trades", time_gaps=None),
+    ]
+    for malformed in bad:
+        with pytest.raises(ValueError, match="malformed"):
+            SymbolState.from_checkpoint(malformed)
+
+
+def test_features_do_not_depend_on_when_they_are_read():
+    # Reading prunes the windows early; the running sums must come out bit for bit the
+    # same as in a state read rarely (long enough for the 1 s and 5 s sums to re-sum).
+    events = generated(20_000, seed=11)
+    eager: dict[str, SymbolState] = {}
+    rare: dict[str, SymbolState] = {}
+    compared = 0
+    for i, event in enumerate(events):
+        if event.symbol not in eager:
+            eager[event.symbol], rare[event.symbol] = SymbolState(), SymbolState()
+        a, b = eager[event.symbol], rare[event.symbol]
+        a.apply(event)
+        b.apply(event)
+        got = a.features()
+        if i % 613 == 0:
+            assert bits(b.features()) == bits(got)
+            compared += 1
+    assert compared > 30
+    for symbol, state in eager.items():
+        assert bits(state.features()) == bits(rare[symbol].features())
+
+
+def test_a_re_sum_falls_on_the_same_removal_however_pruning_is_batched():
+    # RESUM_EVERY + 4 trades 1 ms apart; a book event steps the clock to where the first
+    # RESUM_EVERY have expired, and a last trade expires two more. Read at the step, the
+    # trade window drops RESUM_EVERY and re-sums, then drops two at the last trade;
+    # unread, it drops all RESUM_EVERY + 2 at once. The re-sum must fall on the same one.
+    book = snapshot(1, T0, [(100.0, 1.0)], [(101.0, 1.0)])
+    # A large first survivor makes a re-sum before or after its removal round differently.
+    sizes = [1e8 / 3 if i == RESUM_EVERY else 0.1 + i / 7e3 for i in range(RESUM_EVERY + 4)]
+    trades = [
+        trade(2 + i, T0 + 1000 * i, size, Aggressor.BUY if i % 3 else Aggressor.SELL)
+        for i, size in enumerate(sizes)
+    ]
+    seq = 2 + len(trades)
+    step = delta(seq, T0 + 5 * S + 1000 * (RESUM_EVERY - 1), (BID, 100.0, 2.0))
+    last = trade(seq + 1, T0 + 5 * S + 1000 * (RESUM_EVERY + 1), 1.0, Aggressor.BUY)
+    read, unread = fed(book, *trades, step), fed(book, *trades, step)
+    read.features()
+    window = read._trades
+    assert (window.total, window.removals) == (math.fsum(window.values), 0)  # re-summed
+    read.apply(last)
+    unread.apply(last)
+    assert values(unread)["trade_intensity_5s"] == pytest.approx(3 / 5)  # two old, one new
+    assert bits(read.features()) == bits(unread.features())
+
+
+SUMMED = ("_ofi_1s", "_ofi_5s", "_sq_ret_5s", "_sq_ret_30s", "_trades")
+
+
+def exact_features(state: SymbolState) -> tuple[float, ...] | None:
+    """``features()`` from a copy whose running sums are replaced by exact sums."""
+    copy = SymbolState.from_checkpoint(state.to_checkpoint())
+    copy.features()  # prunes: the sums below are over what the windows then hold
+    for name in SUMMED:
+        window = getattr(copy, name)
+        window.total = math.fsum(window.values)
+    return copy.features()
+
+
+def test_running_sums_stay_near_exact_and_restore_bit_identically():
+    # 100,000 events per symbol: every window's sum is re-summed many times (every
+    # RESUM_EVERY removals), and a checkpoint is taken between re-sums.
+    gen = MarketGenerator(["AAA-USD", "BBB-USD"], seed=7, start_time_us=T0)
+    states: dict[str, SymbolState] = {}
+    restored: dict[str, SymbolState] = {}
+    removals: dict[tuple[str, str], list[int]] = {}
+    checked = 0
+    for i, event in enumerate(gen.events(200_000)):
+        state = states.get(event.symbol)
+        if state is None:
+            state = states[event.symbol] = SymbolState()
+        state.apply(event)
+        if restored:
+            restored[event.symbol].apply(event)
+        if i == 100_000:
+            restored = {
+                symbol: SymbolState.from_checkpoint(json.loads(json.dumps(s.to_checkpoint())))
+                for symbol, s in states.items()
+            }
+        if i % 1009 != 0:
+            continue
+        got = state.features()
+        assert got is not None
+        assert got == pytest.approx(exact_features(state), rel=1e-9, abs=1e-12)
+        for name in SUMMED:
+            window = getattr(state, name)
+            mass = math.fsum(abs(v) for v in window.values)
+            assert abs(window.total - math.fsum(window.values)) <= 1e-11 * mass, name
+            removals.setdefault((event.symbol, name), []).append(window.removals)
+        if restored:
+            assert bits(restored[event.symbol].features()) == bits(got)
+        checked += 1
+    assert checked > 150
+    assert len(removals) == 2 * len(SUMMED)
+    for key, counts in removals.items():  # each counter went back: re-sums happened
+        assert any(later < earlier for earlier, later in pairwise(counts)), key
+    for symbol, state in states.items():
+        assert state.to_checkpoint() == restored[symbol].to_checkpoint()
 
 
 def test_compute_offline_is_the_per_symbol_fold():

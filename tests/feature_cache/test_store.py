@@ -46,3 +46,16 @@ async def test_records_expire_and_other_schema_versions_read_as_missing(redis_cl
     assert 0 < await redis_client.pttl(feature_key(key_prefix, "OLD")) <= 60_000
     await redis_client.hset(feature_key(key_prefix, "OLD"), "p", '{"v":0,"t":2,"o":2,"f":[1]}')
     assert await reader.read("OLD") is None
+
+
+async def test_an_unreadable_checkpoint_reads_as_none(redis_client, key_prefix):
+    from aiokafka import TopicPartition
+
+    from feature_cache.checkpoint import StateCheckpoints
+
+    checkpoints = StateCheckpoints(redis_client, key_prefix=key_prefix)
+    tp = TopicPartition("md", 0)
+    await redis_client.hset(
+        checkpoints.key(tp), mapping={"__offset__": "41", "BTC-USD": '{"format": 1}'}
+    )
+    assert await checkpoints.load(tp) == (None, {})
