@@ -251,7 +251,7 @@ class FeatureConsumer:
         if not offsets:
             return
 
-        async def fill(pipe: Pipeline) -> None:
+        def fill(pipe: Pipeline) -> None:
             for tp, offset in offsets.items():
                 self._checkpoints.queue(pipe, tp, dirty[tp], offset)
 
@@ -262,13 +262,13 @@ class FeatureConsumer:
         except KafkaError as exc:  # a rebalance took the partitions: the checkpoint covers it
             log.warning("commit failed: %s", exc)
 
-    async def _execute(self, fill: Callable[[Pipeline], Awaitable[None]]) -> bool:
+    async def _execute(self, fill: Callable[[Pipeline], None]) -> bool:
         """Runs one pipeline, retrying while Redis is down; False if stopping first."""
         delay = 0.05
         while True:
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    await fill(pipe)
+                    fill(pipe)
                     await pipe.execute()
                 return True
             except (redis.exceptions.RedisError, OSError) as exc:

@@ -97,15 +97,24 @@ class FeatureWriter:
         self._client = client
         self._prefix = key_prefix
         self._ttl_ms = int(ttl_s * 1000)
-        self._script = client.register_script(_WRITE_IF_NEWER)
 
-    async def queue(self, pipe: Pipeline, records: Sequence[FeatureRecord]) -> None:
-        """Adds the records' writes to ``pipe``; the caller executes it (one round trip)."""
+    def queue(self, pipe: Pipeline, records: Sequence[FeatureRecord]) -> None:
+        """Adds the records' writes to ``pipe``; the caller executes it (one round trip).
+
+        EVAL with the script's text rather than redis-py's registered script: in a
+        pipeline the latter costs an extra SCRIPT EXISTS round trip per execute, and
+        Redis caches the compiled script either way. One key per call, so the writes
+        also work on a Redis Cluster.
+        """
         for record in records:
-            await self._script(
-                keys=[feature_key(self._prefix, record.symbol)],
-                args=[record.event_time_us, record.source_offset, _encode(record), self._ttl_ms],
-                client=pipe,
+            pipe.eval(
+                _WRITE_IF_NEWER,
+                1,
+                feature_key(self._prefix, record.symbol),
+                record.event_time_us,
+                record.source_offset,
+                _encode(record),
+                self._ttl_ms,
             )
 
     async def write_many(self, records: Sequence[FeatureRecord]) -> int:
@@ -113,7 +122,7 @@ class FeatureWriter:
         if not records:
             return 0
         async with self._client.pipeline(transaction=False) as pipe:
-            await self.queue(pipe, records)
+            self.queue(pipe, records)
             results = await pipe.execute()
         return sum(int(r) for r in results)
 
