@@ -25,7 +25,12 @@ import redis.asyncio as aioredis
 
 from feature_cache.store import FeatureReader
 from server.localstack.health import serving
-from server.localstack.processes import ManagedProcess, ProcessStartError, port_open
+from server.localstack.processes import (
+    ManagedProcess,
+    ProcessStartError,
+    listening,
+    port_open,
+)
 from server.localstack.redis_server import redis_server
 from server.localstack.tansu import create_topics, tansu_broker
 from server.localstack.torchserve_replica import (
@@ -117,16 +122,12 @@ class LocalStack:
 
         _say(f"[2/7] redis-server on 127.0.0.1:{self.redis_port}")
         redis = self._track(redis_server(self.redis_port, self.run_dir / "redis"))
-        await asyncio.to_thread(
-            redis.wait_ready, lambda: port_open("127.0.0.1", self.redis_port), 10.0
-        )
+        await asyncio.to_thread(redis.wait_ready, listening(self.redis_port), 10.0)
 
         kafka = Settings().kafka
         _say(f"[3/7] Tansu (Kafka protocol) on 127.0.0.1:{self.kafka_port}, topic {kafka.topic}")
         broker = self._track(tansu_broker(self.kafka_port, self.run_dir / "tansu"))
-        await asyncio.to_thread(
-            broker.wait_ready, lambda: port_open("127.0.0.1", self.kafka_port), 20.0
-        )
+        await asyncio.to_thread(broker.wait_ready, listening(self.kafka_port), 20.0)
         await create_topics(
             f"127.0.0.1:{self.kafka_port}",
             {kafka.topic: MARKET_DATA_PARTITIONS, kafka.dead_letter_topic: 1},

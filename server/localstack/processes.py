@@ -55,6 +55,23 @@ def live_group_members(pgid: int) -> list[int]:
     return members
 
 
+def start_ready(
+    proc: ManagedProcess, ready: Callable[[], bool], timeout_s: float
+) -> ManagedProcess:
+    """Starts ``proc`` and waits until ``ready()``; stops it if it never gets there."""
+    proc.start()
+    try:
+        proc.wait_ready(ready, timeout_s)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def listening(port: int, host: str = "127.0.0.1") -> Callable[[], bool]:
+    return lambda: port_open(host, port)
+
+
 class ManagedProcess:
     """Runs ``argv`` in a new session; ``stop`` ends its whole process group.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from server.localstack.processes import ManagedProcess, port_open
+from server.localstack.processes import ManagedProcess, listening, start_ready
 
 
 def redis_server(port: int, run_dir: Path, *, name: str = "redis-server") -> ManagedProcess:
@@ -26,11 +26,4 @@ def redis_server(port: int, run_dir: Path, *, name: str = "redis-server") -> Man
 
 
 def start_redis(port: int, run_dir: Path, *, timeout_s: float = 10.0) -> ManagedProcess:
-    proc = redis_server(port, run_dir)
-    proc.start()
-    try:
-        proc.wait_ready(lambda: port_open("127.0.0.1", port), timeout_s)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
+    return start_ready(redis_server(port, run_dir), listening(port), timeout_s)

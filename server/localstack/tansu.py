@@ -11,7 +11,7 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from server.localstack.processes import ManagedProcess, port_open
+from server.localstack.processes import ManagedProcess, listening, start_ready
 
 
 def tansu_broker(port: int, run_dir: Path) -> ManagedProcess:
@@ -30,14 +30,7 @@ def tansu_broker(port: int, run_dir: Path) -> ManagedProcess:
 
 
 def start_tansu(port: int, run_dir: Path, *, timeout_s: float = 20.0) -> ManagedProcess:
-    proc = tansu_broker(port, run_dir)
-    proc.start()
-    try:
-        proc.wait_ready(lambda: port_open("127.0.0.1", port), timeout_s)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
+    return start_ready(tansu_broker(port, run_dir), listening(port), timeout_s)
 
 
 async def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:

@@ -19,7 +19,7 @@ from google.protobuf import empty_pb2
 
 from feature_cache.schema import MODEL_INPUT_WIDTH
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
-from server.localstack.processes import ManagedProcess
+from server.localstack.processes import ManagedProcess, start_ready
 from server.model_client import pack_rows
 
 
@@ -114,9 +114,5 @@ def torchserve_ready(address: str, model_name: str = "champion") -> bool:
 
 
 def start_replica(proc: ManagedProcess, ports: ReplicaPorts, *, timeout_s: float = 90.0) -> None:
-    proc.start()
-    try:
-        proc.wait_ready(lambda: torchserve_ready(f"127.0.0.1:{ports.grpc_inference}"), timeout_s)
-    except BaseException:
-        proc.stop()
-        raise
+    address = f"127.0.0.1:{ports.grpc_inference}"
+    start_ready(proc, lambda: torchserve_ready(address), timeout_s)
