@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import sys
 
 import redis.asyncio as aioredis
 import uvloop
@@ -17,33 +19,44 @@ log = logging.getLogger("feature_cache")
 STATS_INTERVAL_S = 10.0
 
 
-async def consume(settings: Settings) -> None:
+async def consume(settings: Settings) -> int:
+    """Runs until a signal (exit status 0) or until the consumer loop dies (status 1)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     redis = aioredis.Redis.from_url(settings.redis.url)
+    consumer = FeatureConsumer(settings.kafka, redis, key_prefix=settings.redis.key_prefix)
     try:
-        async with FeatureConsumer(
-            settings.kafka, redis, key_prefix=settings.redis.key_prefix
-        ) as consumer:
+        # Kafka may be down at start: a signal must still end the retries.
+        starting = asyncio.create_task(consumer.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        else:
             log.info("consuming %s as group %s", settings.kafka.topic, settings.kafka.group_id)
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), STATS_INTERVAL_S)
-                except TimeoutError:
-                    stats = consumer.stats
-                    log.info(
-                        "events %d, malformed %d, batches %d, records written %d",
-                        stats.events,
-                        stats.malformed,
-                        stats.batches,
-                        stats.records_written,
-                    )
-            log.info("signal received: stopping")
+        while not stop.is_set() and not consumer.failed:
+            try:
+                await asyncio.wait_for(stop.wait(), STATS_INTERVAL_S)
+            except TimeoutError:
+                stats = consumer.stats
+                log.info(
+                    "events %d, malformed %d, batches %d, records written %d",
+                    stats.events,
+                    stats.malformed,
+                    stats.batches,
+                    stats.records_written,
+                )
+        stopping.cancel()
+        log.info("stopping")
     finally:
+        await consumer.stop()
         await redis.aclose()
     log.info("stopped")
+    return 1 if consumer.failed else 0
 
 
 def main() -> None:
@@ -52,7 +65,7 @@ def main() -> None:
         level=settings.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    uvloop.run(consume(settings))
+    sys.exit(uvloop.run(consume(settings)))
 
 
 if __name__ == "__main__":

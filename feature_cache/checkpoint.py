@@ -2,8 +2,8 @@
 
 One hash per partition, ``{prefix}checkpoint:{topic}:{partition}``: a field per symbol
 with its ``SymbolState`` checkpoint, and ``__offset__``, the last offset those states
-include. A batch updates the fields of the symbols it touched and the offset in the same
-pipeline as the feature records; untouched symbols' fields are already current, so the
+include. A checkpoint updates the fields of the symbols changed since the previous one
+and the offset in one pipeline; unchanged symbols' fields are already current, so the
 hash as a whole is the partition's state as of ``__offset__``. Offsets are committed to
 Kafka only after that write, so a consumer taking over a partition restores the states
 and resumes at ``__offset__ + 1``: features after a rebalance equal features without one.
@@ -58,8 +58,11 @@ class StateCheckpoints:
                 name: SymbolState.from_checkpoint(json.loads(raw)) for name, raw in fields.items()
             }
             return int(offset_raw), states
-        except ValueError as exc:  # another format or corrupt: start from the committed offset
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # Another format or corrupt: start from the committed offset, and drop the
+            # hash so later checkpoints (which write changed symbols only) start clean.
             log.warning("checkpoint %s unreadable (%s); states start empty", self.key(tp), exc)
+            await self._client.delete(self.key(tp))
             return None, {}
 
 

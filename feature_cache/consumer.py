@@ -5,7 +5,9 @@ the touched symbols' feature records are written in one Redis pipeline (monotoni
 writes). About once a second per partition (one partition at a time, spread over the
 interval; and when partitions are revoked, and on stop) the states changed since the
 partition's last checkpoint are written to Redis and only then is its offset committed,
-so a partition's committed offset never runs ahead of its checkpoint.
+so a partition's committed offset never runs ahead of its checkpoint. A batch counts for
+a checkpoint only once its dead letters are sent and its features written, and a
+rebalance's checkpoint waits for the batch in progress.
 Checkpointing per batch would cost more than the batch (a state with its windows is
 tens of kB of JSON). A malformed
 message is counted, logged with its offset, sent to the dead-letter topic (before its
@@ -37,6 +39,10 @@ from feature_cache.store import FeatureRecord, FeatureWriter
 from server.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+# An event stamped further ahead than this is refused: Redis keeps a symbol's newest
+# record, so one far-future event would block every later write for the symbol.
+MAX_CLOCK_SKEW_US = 60_000_000
 
 
 class Record(Protocol):
@@ -106,17 +112,22 @@ class FeatureConsumer:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = False
+        # Held by a batch from its first event to its last write, and by checkpoints: a
+        # rebalance's checkpoint never commits a batch that is half done.
+        self._lock = asyncio.Lock()
 
-    async def _retry(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+    async def _retry(self, what: str, attempt: Callable[[], Awaitable[None]]) -> bool:
+        """Retries ``attempt`` with backoff while Kafka fails; False if stopping first."""
         delay = 0.1
         while not self._stopping:
             try:
                 await attempt()
-                return
+                return True
             except (KafkaError, OSError) as exc:
                 log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.retry_backoff_max_s)
+        return False
 
     async def start(self) -> None:
         if self._task is not None:
@@ -125,6 +136,7 @@ class FeatureConsumer:
         self._consumer.subscribe([self._settings.topic], listener=_Rebalance(self))
         await self._retry("Kafka consumer start", self._consumer.start)
         self._task = asyncio.create_task(self._run())
+        self._task.add_done_callback(self._task_done)
 
     async def stop(self) -> None:
         """Finishes the batch in hand (nothing half-written is committed), then stops."""
@@ -136,7 +148,9 @@ class FeatureConsumer:
             try:
                 await asyncio.wait_for(self._task, timeout=10)
             except TimeoutError:
-                log.warning("consumer loop did not finish in 10 s; cancelling")
+                log.warning("consumer loop did not finish in 10 s; cancelled it")
+            except Exception:  # noqa: BLE001, S110 - logged by _task_done; stop the rest anyway
+                pass
         self._stopping = False  # let the final checkpoint retry a Redis blip
         try:
             await asyncio.wait_for(self.checkpoint(), timeout=5)
@@ -144,6 +158,23 @@ class FeatureConsumer:
             log.warning("final checkpoint not written in 5 s; the next owner replays more")
         await self._consumer.stop()
         await self._producer.stop()
+
+    @property
+    def failed(self) -> bool:
+        """True when the loop died on an unexpected error: the process should exit."""
+        task = self._task
+        return (
+            task is not None
+            and task.done()
+            and not task.cancelled()
+            and (task.exception() is not None)
+        )
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error(
+                "consumer loop died; nothing after its last checkpoint is committed", exc_info=exc
+            )
 
     async def __aenter__(self) -> FeatureConsumer:
         await self.start()
@@ -157,7 +188,17 @@ class FeatureConsumer:
 
     async def restore(self, tp: TopicPartition) -> None:
         """Takes over a partition: its states as of its checkpoint, resuming right after it."""
-        offset, states = await self._checkpoints.load(tp)
+        delay = 0.05
+        while True:
+            try:
+                offset, states = await self._checkpoints.load(tp)
+                break
+            except (redis.exceptions.RedisError, OSError) as exc:
+                if self._stopping:
+                    raise
+                log.warning("loading %s's checkpoint failed (%s); retrying", tp, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._settings.retry_backoff_max_s)
         self.states[tp] = states
         if offset is not None:
             self._consumer.seek(tp, offset + 1)
@@ -180,15 +221,25 @@ class FeatureConsumer:
                 await self._handle(batches)
 
     async def _handle(self, batches: dict[TopicPartition, list[Record]]) -> None:
+        async with self._lock:
+            await self._handle_locked(batches)
+            await self._checkpoint_due()
+
+    async def _handle_locked(self, batches: dict[TopicPartition, list[Record]]) -> None:
         touched: dict[str, SymbolState] = {}
+        dirty: dict[TopicPartition, dict[str, SymbolState]] = {}
         last_offset: dict[str, int] = {}
         dead: list[tuple[Record, str]] = []
+        latest_us = time.time_ns() // 1000 + MAX_CLOCK_SKEW_US
         for tp, records in batches.items():
             states = self.states.setdefault(tp, {})
-            dirty = self._dirty.setdefault(tp, {})
+            changed = dirty.setdefault(tp, {})
             for record in records:
                 try:
                     event = decode(record.value)
+                    if event.exchange_time_us > latest_us:
+                        # It would block the symbol's later writes (Redis keeps the newest).
+                        raise MalformedMessage("exchange time more than 60 s in the future")
                     state = states.get(event.symbol)
                     if state is None:
                         state = states[event.symbol] = SymbolState()
@@ -200,29 +251,35 @@ class FeatureConsumer:
                     log.exception("could not apply %s/%d", tp, record.offset)
                     dead.append((record, f"could not apply: {exc!r}"))
                     continue
-                touched[event.symbol] = dirty[event.symbol] = state
+                touched[event.symbol] = changed[event.symbol] = state
                 last_offset[event.symbol] = record.offset
-            self._uncommitted[tp] = records[-1].offset
         features = []
         for symbol, state in touched.items():
-            values = state.features()
+            try:
+                values = state.features()
+            except Exception:  # a state gone wrong must not stop the other symbols
+                log.exception("could not compute features for %s", symbol)
+                continue
             if values is not None:
                 features.append(
                     FeatureRecord(symbol, values, state.last_event_time_us, last_offset[symbol])
                 )
-        if dead:
-            await self._dead_letter(dead)
+        if dead and not await self._dead_letter(dead):
+            return  # stopping before the dead letters were sent: nothing is committed
         if features and not await self._execute(
             functools.partial(self._writer.queue, records=features)
         ):
             return  # stopping before Redis came back: the next owner replays from the checkpoint
+        # Only now, with dead letters sent and features written, may a checkpoint commit them.
+        for tp, records in batches.items():
+            self._uncommitted[tp] = records[-1].offset
+            self._dirty.setdefault(tp, {}).update(dirty[tp])
         self.stats.note_freshness(
             (r.timestamp for records in batches.values() for r in records), time.time() * 1000
         )
         self.stats.events += sum(len(records) for records in batches.values()) - len(dead)
         self.stats.batches += 1
         self.stats.records_written += len(features)
-        await self._checkpoint_due()
 
     async def _checkpoint_due(self) -> None:
         """Checkpoints one partition at a time, spread over the interval, so that no
@@ -234,14 +291,19 @@ class FeatureConsumer:
         if now - self._last_checkpoint < step_s:
             return
         oldest = min(self._uncommitted, key=lambda tp: self._checkpointed_at.get(tp, 0.0))
-        await self.checkpoint([oldest])
+        await self._checkpoint_locked([oldest])
 
     async def checkpoint(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         """Writes the states changed since the last checkpoint, then commits their offsets.
 
         Only offsets whose states are in Redis are committed: a consumer that takes a
-        partition over restores the checkpoint and resumes right after it.
+        partition over restores the checkpoint and resumes right after it. Waits for a
+        batch in progress to finish first.
         """
+        async with self._lock:
+            await self._checkpoint_locked(partitions)
+
+    async def _checkpoint_locked(self, partitions: Iterable[TopicPartition] | None) -> None:
         chosen = list(self._uncommitted if partitions is None else partitions)
         offsets = {tp: self._uncommitted.pop(tp) for tp in chosen if tp in self._uncommitted}
         dirty = {tp: self._dirty.pop(tp, {}) for tp in offsets}
@@ -278,9 +340,9 @@ class FeatureConsumer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.retry_backoff_max_s)
 
-    async def _dead_letter(self, dead: list[tuple[Record, str]]) -> None:
+    async def _dead_letter(self, dead: list[tuple[Record, str]]) -> bool:
+        """Sends each malformed message to the dead-letter topic; False if stopping first."""
         for record, reason in dead:
-            self.stats.malformed += 1
             log.warning(
                 "malformed message %s/%d@%d: %s",
                 record.topic,
@@ -292,9 +354,18 @@ class FeatureConsumer:
                 ("error", reason.encode()),
                 ("source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
             ]
-            await self._producer.send_and_wait(
-                self._settings.dead_letter_topic,
-                value=record.value,
-                key=record.key,
-                headers=headers,
-            )
+
+            async def send(
+                record: Record = record, headers: list[tuple[str, bytes]] = headers
+            ) -> None:
+                await self._producer.send_and_wait(
+                    self._settings.dead_letter_topic,
+                    value=record.value,
+                    key=record.key,
+                    headers=headers,
+                )
+
+            if not await self._retry("dead-letter send", send):
+                return False
+            self.stats.malformed += 1
+        return True

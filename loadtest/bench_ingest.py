@@ -54,7 +54,10 @@ async def throughput(settings: KafkaSettings, redis_url: str, count: int) -> flo
     progress = Progress(count, "consumed")
     # Timed from the end of the first batch: joining the group is not ingest.
     started, first = 0.0, 0
+    deadline = time.monotonic() + 300
     while consumer.stats.events < count:
+        if time.monotonic() > deadline or consumer.failed:
+            raise RuntimeError(f"consumer stalled at {consumer.stats.events:,} events")
         await asyncio.sleep(0.001 if not first else 0.05)
         if not first and consumer.stats.events:
             started, first = time.perf_counter(), consumer.stats.events

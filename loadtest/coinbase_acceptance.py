@@ -96,6 +96,13 @@ async def run(path: Path, run_dir: Path) -> int:
             + " |"
         )
     mismatched = [s for s in want if not same(got[s], want[s])]
+    if stats.malformed or stats.events != len(events):
+        print(
+            f"FAILED: consumed {stats.events:,} of {len(events):,} events,"
+            f" {stats.malformed} malformed",
+            file=sys.stderr,
+        )
+        return 1
     skipped = sum(parser.stats.skipped.values())
     print(
         f"\nconsumer: {stats.events:,} events, {stats.malformed} malformed,"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -71,12 +72,17 @@ async def test_a_second_consumer_splits_the_partitions_and_features_stay_right(
     await wait_for_features(reader, events[:2000])
 
     second = await start_consumer()
+
+    def split() -> bool:
+        ours, theirs = first.assignment(), second.assignment()
+        return (
+            bool(ours and theirs and ours.isdisjoint(theirs)) and len(ours | theirs) == PARTITIONS
+        )
+
     deadline = time.monotonic() + 30
-    while not (first.assignment() and second.assignment()):
-        assert time.monotonic() < deadline, "the group never rebalanced"
+    while not split():  # during the rebalance the old assignment still shows
+        assert time.monotonic() < deadline, (first.assignment(), second.assignment())
         await asyncio.sleep(0.1)
-    assert first.assignment().isdisjoint(second.assignment())
-    assert len(first.assignment() | second.assignment()) == PARTITIONS
 
     await publish(kafka_settings, events[2000:])
     await wait_for_features(reader, events)
@@ -129,6 +135,9 @@ async def test_malformed_message_goes_to_the_dead_letter_topic_and_the_rest_is_p
     kafka_settings, start_consumer, redis_client, key_prefix
 ):
     events = generated(600)
+    future = dataclasses.replace(
+        events[-1], exchange_time_us=time.time_ns() // 1000 + 3_600_000_000
+    )
     consumer = await start_consumer()
     producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.bootstrap_servers)
     await producer.start()
@@ -138,6 +147,9 @@ async def test_malformed_message_goes_to_the_dead_letter_topic_and_the_rest_is_p
                 await producer.send_and_wait(
                     kafka_settings.topic, key=b"BTC-USD", value=b"\x0a\xffnot protobuf"
                 )
+                await producer.send_and_wait(
+                    kafka_settings.topic, key=b"BTC-USD", value=encode(future)
+                )
             await producer.send(
                 kafka_settings.topic, key=event.symbol.encode(), value=encode(event)
             )
@@ -146,10 +158,10 @@ async def test_malformed_message_goes_to_the_dead_letter_topic_and_the_rest_is_p
         await producer.stop()
 
     await wait_for_features(FeatureReader(redis_client, key_prefix=key_prefix), events)
-    dead = await read_all(kafka_settings.bootstrap_servers, kafka_settings.dead_letter_topic, 1)
-    assert len(dead) == 1
-    assert dead[0].value == b"\x0a\xffnot protobuf"
-    headers = dict(dead[0].headers)
-    assert headers["error"].startswith(b"not a marketdata.v1.MarketEvent")
-    assert headers["source"].startswith(kafka_settings.topic.encode() + b"/")
-    assert consumer.stats.malformed == 1
+    dead = await read_all(kafka_settings.bootstrap_servers, kafka_settings.dead_letter_topic, 2)
+    assert [d.value for d in dead] == [b"\x0a\xffnot protobuf", encode(future)]
+    errors = [dict(d.headers)["error"] for d in dead]
+    assert errors[0].startswith(b"not a marketdata.v1.MarketEvent")
+    assert errors[1] == b"exchange time more than 60 s in the future"
+    assert all(dict(d.headers)["source"].startswith(kafka_settings.topic.encode()) for d in dead)
+    assert consumer.stats.malformed == 2
