@@ -44,14 +44,15 @@ class DecisionApp:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # A full pool makes a caller wait for a connection (its own budget bounds the
-        # wait) instead of failing at once, which would turn a burst into ABSTAINs.
+        # A full pool makes a caller wait for a connection, for as long as its own
+        # budget allows (every read runs under the request's timeout), instead of failing
+        # at once, which would turn a burst into ABSTAINs.
         socket_timeout_s = settings.redis.socket_timeout_ms / 1000.0
         self.redis = aioredis.Redis.from_pool(
             aioredis.BlockingConnectionPool.from_url(
                 settings.redis.url,
                 max_connections=settings.redis.max_connections,
-                timeout=socket_timeout_s,
+                timeout=None,
                 socket_timeout=socket_timeout_s,
                 socket_connect_timeout=socket_timeout_s,
                 # A request's budget bounds every read; retrying inside it hides an outage.

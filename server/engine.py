@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # in flight (Redis slow or down) new ones are dropped: the cache is best-effort, and the
 # Redis connections are for the decisions' reads.
 MAX_PENDING_SCORE_WRITES = 8
+SCORE_WRITE_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,9 +207,10 @@ class DecisionEngine:
 
     async def _write_scores(self, entries: list[ScoreEntry]) -> None:
         try:
-            await self._score_cache.put_many(entries)
-        except (redis.exceptions.RedisError, OSError) as exc:
-            log.warning("cached score write failed: %s", exc)
+            async with asyncio.timeout(SCORE_WRITE_TIMEOUT_S):
+                await self._score_cache.put_many(entries)
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            log.warning("cached score write failed: %r", exc)
 
     async def stop(self, timeout_s: float = 1.0) -> None:
         """Lets in-flight cached-score writes finish (bounded), then cancels the rest."""

@@ -87,9 +87,10 @@ class RedisSettings(_Section):
     url: str = Field("redis://127.0.0.1:16379/0", description="Feature and score cache.")
     key_prefix: str = Field("decision:", description="Prefix of every key this service uses.")
     socket_timeout_ms: float = Field(
-        20.0,
+        250.0,
         gt=0,
-        description="Redis socket timeout; a read is also bounded by the request's budget.",
+        description="Redis socket timeout: a safety net for a hung Redis; every read on the "
+        "decision path is bounded by its request's budget anyway.",
     )
     max_connections: int = Field(64, ge=1, description="Connection pool size.")
 
