@@ -41,7 +41,8 @@ from server.settings import KafkaSettings
 log = logging.getLogger(__name__)
 
 # An event stamped further ahead than this is refused: Redis keeps a symbol's newest
-# record, so one far-future event would block every later write for the symbol.
+# record, so one far-future event would block every later write for the symbol. (Replays
+# at full speed therefore stamp their events to end now: see feature_cache.replay.)
 MAX_CLOCK_SKEW_US = 60_000_000
 
 

@@ -55,12 +55,23 @@ class Progress:
         self._print(final=True)
 
 
-def rebased(events: Iterable[MarketEvent], now_us: int) -> Iterator[MarketEvent]:
-    """The events with exchange times shifted so that the first one is ``now_us``."""
-    shift: int | None = None
+def rebased(events: Iterable[MarketEvent], now_us: int, *, end_now: bool) -> Iterator[MarketEvent]:
+    """The events with exchange times shifted so that the first one is ``now_us`` (for a
+    paced replay, which keeps up with the clock) or the last one is (for a replay at full
+    speed, so that no event is stamped in the future: the consumer refuses those)."""
+    if end_now:
+        events = list(events)
+        if not events:
+            return
+        shift = now_us - events[-1].exchange_time_us
+    else:
+        events = iter(events)
+        first = next(events, None)
+        if first is None:
+            return
+        shift = now_us - first.exchange_time_us
+        events = itertools.chain([first], events)
     for event in events:
-        if shift is None:
-            shift = now_us - event.exchange_time_us
         yield dataclasses.replace(event, exchange_time_us=event.exchange_time_us + shift)
 
 
@@ -114,7 +125,7 @@ def _events(args: argparse.Namespace) -> tuple[Iterable[MarketEvent], int | None
     generator = MarketGenerator(
         args.symbols.split(","),
         seed=args.seed,
-        start_time_us=time.time_ns() // 1000,
+        start_time_us=time.time_ns() // 1000,  # rebased below
         events_per_second=args.events_per_second,
     )
     if args.count <= 0:  # endless, for the local stack
@@ -141,7 +152,9 @@ def main() -> None:
     speed = None if args.speed == "max" else float(args.speed)
     events, total = _events(args)
     if not args.keep_times:
-        events = rebased(events, time.time_ns() // 1000)
+        if speed is None and total is None and args.source == "generator":
+            raise SystemExit("an endless generator needs a paced --speed (or --keep-times)")
+        events = rebased(events, time.time_ns() // 1000, end_now=speed is None)
     count = asyncio.run(
         replay(
             events,

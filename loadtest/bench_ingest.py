@@ -22,7 +22,7 @@ import uvloop
 
 from feature_cache.consumer import FeatureConsumer
 from feature_cache.generator import MarketGenerator
-from feature_cache.replay import Progress, replay
+from feature_cache.replay import Progress, rebased, replay
 from server.localstack.processes import ManagedProcess, free_ports
 from server.localstack.redis_server import start_redis
 from server.localstack.tansu import create_topics, start_tansu
@@ -39,7 +39,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def throughput(settings: KafkaSettings, redis_url: str, count: int) -> float:
-    events = MarketGenerator(SYMBOLS, seed=3, start_time_us=time.time_ns() // 1000).events(count)
+    # Stamped in the past (ending now): events from the future are refused.
+    events = rebased(
+        MarketGenerator(SYMBOLS, seed=3, start_time_us=0).events(count),
+        time.time_ns() // 1000,
+        end_now=True,
+    )
     print(f"publishing {count:,} events …", flush=True)
     await replay(
         events,
