@@ -423,3 +423,18 @@ def compute_offline(events: Iterable[MarketEvent]) -> dict[str, tuple[float, ...
             state = states[event.symbol] = SymbolState()
         state.apply(event)
     return {symbol: state.features() for symbol, state in states.items()}
+
+
+def same_features(
+    got: Sequence[float] | None, want: Sequence[float] | None, *, rel_tol: float = 1e-9
+) -> bool:
+    """Whether two feature vectors agree (both absent, or every value within ``rel_tol``).
+
+    What the consumer wrote to Redis went through JSON; values agree to the last bits,
+    the tolerance only absorbs the last-place rounding of a different summation order.
+    """
+    if got is None or want is None:
+        return got is want
+    return all(
+        math.isclose(g, w, rel_tol=rel_tol, abs_tol=1e-12) for g, w in zip(got, want, strict=True)
+    )

@@ -23,6 +23,7 @@ import uvloop
 from feature_cache.consumer import FeatureConsumer
 from feature_cache.generator import MarketGenerator
 from feature_cache.replay import Progress, rebased, replay
+from loadtest.stats import percentile
 from server.localstack.processes import ManagedProcess, free_ports
 from server.localstack.redis_server import start_redis
 from server.localstack.tansu import create_topics, start_tansu
@@ -31,11 +32,6 @@ from server.settings import KafkaSettings
 REPO = Path(__file__).resolve().parents[1]
 SYMBOLS = [f"SYM{i}-USD" for i in range(20)]
 PARTITIONS = 4
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def throughput(settings: KafkaSettings, redis_url: str, count: int) -> float:

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from feature_cache.schema import MODEL_INPUT_WIDTH
 from feature_cache.store import FeatureWriter
 from loadtest.feature_keeper import FeatureKeeper
+from loadtest.stats import percentile
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from server.localstack.health import serving
@@ -35,10 +36,6 @@ from server.settings import Settings
 from torchserve.archive import build_archive
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def percentile(sorted_ms: list[float], q: float) -> float:
-    return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
 
 
 async def measure(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ import uvloop
 
 from feature_cache.coinbase import CoinbaseParser, read_recording
 from feature_cache.consumer import FeatureConsumer
-from feature_cache.features import compute_offline
+from feature_cache.features import compute_offline, same_features
 from feature_cache.replay import Progress, replay
 from feature_cache.schema import FEATURE_NAMES
 from feature_cache.store import FeatureReader
@@ -32,14 +31,6 @@ from server.settings import KafkaSettings
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDING = REPO.parent / "shared/data/coinbase-l2-2021-04-17/COINBASE.ws.28.0"
-
-
-def same(got: tuple[float, ...] | None, want: tuple[float, ...] | None) -> bool:
-    if got is None or want is None:
-        return got is want
-    return all(
-        math.isclose(g, w, rel_tol=1e-9, abs_tol=1e-12) for g, w in zip(got, want, strict=True)
-    )
 
 
 async def run(path: Path, run_dir: Path) -> int:
@@ -74,7 +65,7 @@ async def run(path: Path, run_dir: Path) -> int:
             while True:
                 records = await reader.read_many(list(want))
                 got = {s: (r.values if r else None) for s, r in zip(want, records, strict=True)}
-                if all(same(got[s], want[s]) for s in want) or time.monotonic() > deadline:
+                if all(same_features(got[s], want[s]) for s in want) or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.2)
             stats = consumer.stats
@@ -91,11 +82,11 @@ async def run(path: Path, run_dir: Path) -> int:
         values = got[symbol]
         cells = [f"{values[i]:.3f}" for i in index] if values else ["-"] * len(shown)
         print(
-            f"| {symbol} | {'yes' if same(got[symbol], want[symbol]) else 'NO'} | "
+            f"| {symbol} | {'yes' if same_features(got[symbol], want[symbol]) else 'NO'} | "
             + " | ".join(cells)
             + " |"
         )
-    mismatched = [s for s in want if not same(got[s], want[s])]
+    mismatched = [s for s in want if not same_features(got[s], want[s])]
     if stats.malformed or stats.events != len(events):
         print(
             f"FAILED: consumed {stats.events:,} of {len(events):,} events,"

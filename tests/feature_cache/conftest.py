@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -14,7 +13,7 @@ from aiokafka import AIOKafkaConsumer
 
 from feature_cache.consumer import FeatureConsumer
 from feature_cache.events import MarketEvent
-from feature_cache.features import compute_offline
+from feature_cache.features import compute_offline, same_features
 from feature_cache.replay import Progress, replay
 from feature_cache.store import FeatureReader
 from server.localstack.tansu import create_topics
@@ -69,14 +68,6 @@ async def publish(kafka_settings: KafkaSettings, events: Sequence[MarketEvent]) 
     )
 
 
-def features_match(got: Sequence[float] | None, want: Sequence[float] | None) -> bool:
-    if got is None or want is None:
-        return got is want
-    return all(
-        math.isclose(g, w, rel_tol=1e-9, abs_tol=1e-9) for g, w in zip(got, want, strict=True)
-    )
-
-
 async def wait_for_features(
     reader: FeatureReader, events: Sequence[MarketEvent], timeout_s: float = 30.0
 ) -> dict[str, tuple[float, ...] | None]:
@@ -86,10 +77,10 @@ async def wait_for_features(
     while True:
         records = await reader.read_many(list(want))
         got = {s: (r.values if r else None) for s, r in zip(want, records, strict=True)}
-        if all(features_match(got[s], want[s]) for s in want):
+        if all(same_features(got[s], want[s]) for s in want):
             return got
         if time.monotonic() > deadline:
-            mismatched = [s for s in want if not features_match(got[s], want[s])]
+            mismatched = [s for s in want if not same_features(got[s], want[s])]
             raise AssertionError(f"features differ for {mismatched}: {got} != {want}")
         await asyncio.sleep(0.1)
 
