@@ -5,7 +5,6 @@ For ``make run`` and the tests only; production points the consumer at a Kafka c
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -47,7 +46,3 @@ async def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
                 pass
     finally:
         await admin.close()
-
-
-def ensure_topics(bootstrap: str, partitions: dict[str, int]) -> None:
-    asyncio.run(create_topics(bootstrap, partitions))
