@@ -156,6 +156,8 @@ def main() -> None:
                     "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{ts_ports.grpc_inference}",
                     "DECISION_TORCHSERVE__SECONDARY_ADDRESS": f"127.0.0.1:{no_secondary}",
                     "DECISION_TORCHSERVE__CONNECT_TIMEOUT_MS": "200",
+                    "DECISION_AUDIT__JOURNAL_DIR": str(run_dir / "journal"),
+                    "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}",
                 },
             )
             procs.append(server)

@@ -1,8 +1,14 @@
 """The composition root: builds every component from ``Settings`` and runs their lifecycle.
 
-Start order: Redis client → model clients → gRPC server (NOT_SERVING) → SERVING once
-Redis answers. Stop runs in reverse: NOT_SERVING, stop accepting and let in-flight RPCs
-finish within the grace period, pending cached-score writes, model clients, Redis.
+Start order: audit trail (journal opened and repaired, shipping of an earlier process's
+leftovers begins) → model clients → gRPC server (NOT_SERVING) → SERVING once Redis
+answers. Stop runs in reverse: NOT_SERVING, stop accepting and let in-flight RPCs finish
+within the grace period, pending cached-score writes, model clients, Redis, then the
+audit trail (journal synced and closed, backlog shipped within the drain time).
+
+Health: "" and ``decision.v1.DecisionService`` say whether decisions are served;
+``decision.audit`` says whether the audit store is taking the journal (NOT_SERVING while
+it is down: decisions go on, the journal grows).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from types import TracebackType
 
 import grpc
@@ -24,6 +31,7 @@ from fallback.rules import RulesBaseline
 from fallback.score_cache import ScoreCache
 from feature_cache.store import FeatureReader
 from proto.decision.v1 import decision_pb2
+from server.audit.trail import AuditTrail, DecisionAudit, UnrecordedDecisions
 from server.breaker import AsyncCircuitBreaker
 from server.domain import Source
 from server.engine import DecisionEngine
@@ -35,6 +43,8 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 DECISION_SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
+AUDIT_HEALTH = "decision.audit"
+AUDIT_HEALTH_INTERVAL_S = 0.5
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -85,6 +95,8 @@ class DecisionApp:
             ttl_ms=int(settings.fallback.cached_score_max_age_ms * 4),
         )
         fb = settings.fallback
+        self.audit = AuditTrail(settings.audit, server_id=settings.audit.server_id)
+        recorder: DecisionAudit = self.audit if settings.audit.enabled else UnrecordedDecisions()
         self.engine = DecisionEngine(
             features=FeatureReader(self.redis, key_prefix=settings.redis.key_prefix),
             router=ReplicaRouter(
@@ -105,6 +117,7 @@ class DecisionApp:
                 response_margin_ms=settings.decision.response_margin_ms,
             ),
             score_cache=score_cache,
+            audit=recorder,
             decision=settings.decision,
             feature_max_age_ms=settings.features.max_age_ms,
             score_write_interval_ms=fb.cached_score_write_interval_ms,
@@ -128,6 +141,7 @@ class DecisionApp:
         )
         self.port = 0
         self._ready_task: asyncio.Task[None] | None = None
+        self._audit_health_task: asyncio.Task[None] | None = None
         self._started = False
         self._stopped = False
 
@@ -135,10 +149,15 @@ class DecisionApp:
         if self._started:
             return
         self._started = True
-        for replica in self.replicas:
-            await replica.client.start()
         address = f"{self.settings.server.host}:{self.settings.server.port}"
         self.port = self.server.add_insecure_port(address)
+        if self.settings.audit.enabled:
+            if not self.audit.server_id:
+                self.audit.server_id = f"{socket.gethostname()}:{self.port}"
+            await self.audit.start()
+            self._audit_health_task = asyncio.create_task(self._watch_audit())
+        for replica in self.replicas:
+            await replica.client.start()
         await self._set_health(NOT_SERVING)
         await self.server.start()
         log.info("DecisionService listening on %s:%d", self.settings.server.host, self.port)
@@ -171,6 +190,15 @@ class DecisionApp:
             log.info("ready: health SERVING")
             return
 
+    async def _watch_audit(self) -> None:
+        healthy: bool | None = None
+        while True:
+            ok = self.audit.shipper.status().store_ok
+            if ok != healthy:
+                healthy = ok
+                await self.health.set(AUDIT_HEALTH, SERVING if ok else NOT_SERVING)
+            await asyncio.sleep(AUDIT_HEALTH_INTERVAL_S)
+
     async def _set_health(
         self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
     ) -> None:
@@ -186,16 +214,18 @@ class DecisionApp:
         if not self._started or self._stopped:
             return
         self._stopped = True
-        if self._ready_task is not None:
-            self._ready_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ready_task
+        for task in (self._ready_task, self._audit_health_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=self.settings.server.grace_period_s)
         await self.engine.stop()
         for replica in reversed(self.replicas):
             await replica.client.stop()
         await self.redis.aclose()
+        await self.audit.stop()
         log.info("stopped")
 
     async def __aenter__(self) -> DecisionApp:

@@ -46,6 +46,15 @@ class OrderRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What the transport knows about a call, for the audit record."""
+
+    received_at_ns: int  # wall clock, ns since the epoch
+    trace_id: str = ""  # W3C trace id (32 hex digits) when the caller sent a traceparent
+    caller: str = ""  # the authenticated principal, else the transport's peer address
+
+
+@dataclass(frozen=True, slots=True)
 class DecisionResult:
     request_id: str
     decision_id: str

@@ -1,7 +1,8 @@
 """The decision core: features → model (primary, one retry) → fallback ladder.
 
 Transport-agnostic: it takes validated ``OrderRequest``s and a ``Budget`` and returns
-``DecisionResult``s; the gRPC servicer only converts. A single order is a batch of one,
+``DecisionResult``s, each recorded in the audit journal first; the gRPC servicer only
+converts. A single order is a batch of one,
 so Decide and DecideBatch share every step: one Redis pipeline for the features, one
 model call for all rows with fresh features, one pipeline for the cached scores.
 """
@@ -21,8 +22,9 @@ from fallback.chain import FallbackChain, LadderInput, LadderOutcome
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 from feature_cache.schema import FEATURE_INDEX, first_unrepresentable, model_row
 from feature_cache.store import FeatureReader, FeatureRecord
+from server.audit.trail import DecisionAudit
 from server.deadline import Budget
-from server.domain import Decision, DecisionResult, OrderRequest, Side
+from server.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side
 from server.router import ReplicaRouter
 from server.settings import DecisionSettings
 
@@ -49,6 +51,7 @@ class DecisionEngine:
         router: ReplicaRouter,
         ladder: FallbackChain,
         score_cache: ScoreCache,
+        audit: DecisionAudit,
         decision: DecisionSettings,
         feature_max_age_ms: float,
         score_write_interval_ms: float,
@@ -57,6 +60,7 @@ class DecisionEngine:
         self._router = router
         self._ladder = ladder
         self._score_cache = score_cache
+        self._audit = audit
         self._threshold = decision.threshold
         self._margin_ms = decision.response_margin_ms
         self._max_age_ms = feature_max_age_ms
@@ -64,7 +68,11 @@ class DecisionEngine:
         self._score_write_interval_us = int(score_write_interval_ms * 1000)
         self._score_written_at_us: dict[tuple[str, Side], int] = {}
 
-    async def decide(self, orders: Sequence[OrderRequest], budget: Budget) -> list[DecisionResult]:
+    async def decide(
+        self, orders: Sequence[OrderRequest], budget: Budget, call: CallInfo
+    ) -> list[DecisionResult]:
+        """Decides every order and records them in the audit journal before returning;
+        raises ``AuditUnavailable`` (and returns nothing) when they cannot be recorded."""
         started = time.perf_counter_ns()
         reasons: list[list[str]] = [[] for _ in orders]
         features = await self._read_features(orders, budget, reasons)
@@ -105,6 +113,7 @@ class DecisionEngine:
                     decided_at_ns=decided_at,
                 )
             )
+        self._audit.record_decisions(call, orders, [f.values for f in features], results)
         return results
 
     async def _read_features(

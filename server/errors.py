@@ -3,7 +3,9 @@
 ::
 
     DecisionError                 INTERNAL
-    └── InvalidArgument           INVALID_ARGUMENT  (names the field)
+    ├── InvalidArgument           INVALID_ARGUMENT  (names the field)
+    └── AuditUnavailable          UNAVAILABLE       (the journal refused the record:
+                                                     no decision is returned unrecorded)
 
 Model-call failures (``server.model_client.ModelCallError``) never reach a client:
 the engine turns them into a fallback step and a reason. ``grpc_errors`` is the only
@@ -36,6 +38,13 @@ class InvalidArgument(DecisionError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+
+
+class AuditUnavailable(DecisionError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"decision not recorded, so not returned: {problem}")
 
 
 Handler = Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
@@ -11,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.deadline import Budget
-from server.domain import DecisionResult
+from server.domain import CallInfo, DecisionResult
 from server.engine import DecisionEngine
 from server.errors import InvalidArgument, grpc_errors
 from server.validation import order_from_pb, orders_from_batch_pb
@@ -43,6 +44,31 @@ def tolerant_parser(message: type[M]) -> Callable[[bytes], M | UndecodableReques
 def reject_undecodable(request: object) -> None:
     if isinstance(request, UndecodableRequest):
         raise InvalidArgument("request", f"not a valid {request.message_name}")
+
+
+def trace_id_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The trace id of a W3C ``traceparent`` header (``00-<32 hex>-<16 hex>-<2 hex>``)."""
+    for key, value in metadata or ():
+        if key == "traceparent" and isinstance(value, str):
+            parts = value.split("-")
+            if len(parts) >= 4 and len(parts[1]) == 32 and _is_hex(parts[1]):
+                return parts[1].lower()
+    return ""
+
+
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def _is_hex(text: str) -> bool:
+    return _HEX_DIGITS.issuperset(text)
+
+
+def call_info(context: grpc.aio.ServicerContext[Any, Any]) -> CallInfo:
+    return CallInfo(
+        received_at_ns=time.time_ns(),
+        trace_id=trace_id_of(context.invocation_metadata()),
+        caller=context.peer(),
+    )
 
 
 def response_to_pb(result: DecisionResult) -> decision_pb2.DecideResponse:
@@ -82,10 +108,11 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         request: decision_pb2.DecideRequest,
         context: grpc.aio.ServicerContext[decision_pb2.DecideRequest, decision_pb2.DecideResponse],
     ) -> decision_pb2.DecideResponse:
+        call = call_info(context)
         reject_undecodable(request)
         order = order_from_pb(request)
         budget = Budget.for_call(context.time_remaining(), self._default_budget_ms)
-        (result,) = await self._engine.decide([order], budget)
+        (result,) = await self._engine.decide([order], budget, call)
         return response_to_pb(result)
 
     @grpc_errors
@@ -96,10 +123,11 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             decision_pb2.DecideBatchRequest, decision_pb2.DecideBatchResponse
         ],
     ) -> decision_pb2.DecideBatchResponse:
+        call = call_info(context)
         reject_undecodable(request)
         orders = orders_from_batch_pb(request, self._max_batch_size)
         budget = Budget.for_call(context.time_remaining(), self._default_budget_ms)
-        results = await self._engine.decide(orders, budget)
+        results = await self._engine.decide(orders, budget, call)
         return decision_pb2.DecideBatchResponse(responses=[response_to_pb(r) for r in results])
 
 

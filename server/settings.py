@@ -177,6 +177,55 @@ class FallbackSettings(_Section):
     )
 
 
+class AuditSettings(_Section):
+    enabled: bool = Field(
+        True,
+        description="Record every decision. Off only to measure what the audit costs: "
+        "decisions are then not recorded at all.",
+    )
+    journal_dir: str = Field(
+        ".run/audit/journal",
+        description="Folder of the local journal, written before each response; one server "
+        "process per folder.",
+    )
+    fsync_interval_ms: float = Field(
+        200.0,
+        ge=0,
+        description="How often the journal is fsynced (a process crash loses nothing either "
+        "way; this bounds what a machine crash may lose). 0: after every append, at a cost "
+        "of milliseconds per decision.",
+    )
+    segment_max_bytes: int = Field(
+        64 << 20, ge=64 << 10, description="A journal segment file is closed at this size."
+    )
+    database_url: str = Field(
+        "sqlite:///.run/audit/audit.db",
+        description="SQLAlchemy URL of the audit store: SQLite by default, "
+        "postgresql+psycopg://... in production.",
+    )
+    migrate_on_start: bool = Field(
+        True, description="Bring the store's schema to the latest migration before shipping."
+    )
+    ship_batch_records: int = Field(
+        5000, ge=1, description="Most records inserted in one transaction."
+    )
+    ship_idle_interval_ms: float = Field(
+        100.0, gt=0, description="When caught up, how often the shipper looks for new records."
+    )
+    ship_retry_max_s: float = Field(
+        5.0, gt=0, description="Longest wait between attempts while the store is down."
+    )
+    shutdown_drain_s: float = Field(
+        5.0,
+        ge=0,
+        description="On shutdown, how long the shipper may go on shipping the backlog; what "
+        "is left is shipped by the next start.",
+    )
+    server_id: str = Field(
+        "", description="This server in the audit records; empty: host name and port."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DECISION_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -190,6 +239,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     decision: DecisionSettings = DecisionSettings()
     fallback: FallbackSettings = FallbackSettings()
+    audit: AuditSettings = AuditSettings()
 
     @model_validator(mode="after")
     def _budget_leaves_room_for_the_model(self) -> Settings:

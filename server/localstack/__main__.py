@@ -164,6 +164,10 @@ class LocalStack:
                 "server",
                 env={
                     "DECISION_SERVER__PORT": str(self.decision_port),
+                    "DECISION_AUDIT__JOURNAL_DIR": str(self.run_dir / "audit" / "journal"),
+                    "DECISION_AUDIT__DATABASE_URL": (
+                        f"sqlite:///{self.run_dir / 'audit' / 'audit.db'}"
+                    ),
                     "DECISION_TORCHSERVE__PRIMARY_ADDRESS": (
                         f"127.0.0.1:{self.primary.grpc_inference}"
                     ),

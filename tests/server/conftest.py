@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -46,8 +47,16 @@ def sample_record(
     )
 
 
-def make_settings(redis_url: str, key_prefix: str, **sections: dict[str, Any]) -> Settings:
+def make_settings(
+    redis_url: str, key_prefix: str, run_dir: Path, **sections: dict[str, Any]
+) -> Settings:
+    """Test settings; the audit journal and SQLite store go under ``run_dir``."""
     base: dict[str, dict[str, Any]] = {
+        "audit": {
+            "journal_dir": str(run_dir / "journal"),
+            "database_url": f"sqlite:///{run_dir / 'audit.db'}",
+            "ship_idle_interval_ms": 20.0,
+        },
         "server": {"port": 0, "grace_period_s": 1.0},
         "redis": {"url": redis_url, "key_prefix": key_prefix},
         # Tests write features once; a long bound keeps them fresh however slow the machine.
@@ -90,13 +99,15 @@ async def feature_writer(redis_client: aioredis.Redis, key_prefix: str) -> Featu
 
 @pytest.fixture
 async def start_app(
-    redis_instance: RedisInstance, key_prefix: str
+    redis_instance: RedisInstance, key_prefix: str, tmp_path: Path
 ) -> AsyncIterator[Callable[..., Any]]:
-    """Starts DecisionApps with settings sections merged over the test defaults."""
+    """Starts DecisionApps with settings sections merged over the test defaults; each app
+    has an audit folder of its own under the test's ``tmp_path``."""
     apps: list[DecisionApp] = []
 
     async def _start(**sections: dict[str, Any]) -> DecisionApp:
-        app = DecisionApp(make_settings(redis_instance.url, key_prefix, **sections))
+        run_dir = tmp_path / f"app{len(apps)}"
+        app = DecisionApp(make_settings(redis_instance.url, key_prefix, run_dir, **sections))
         await app.start()
         await app.wait_ready()
         apps.append(app)

@@ -231,7 +231,7 @@ async def test_batch_is_one_model_call_in_request_order(
 
 
 async def test_health_is_serving_only_when_ready_and_reflection_lists_the_service(
-    redis_instance, key_prefix, channel_to
+    redis_instance, key_prefix, channel_to, tmp_path
 ):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -242,7 +242,7 @@ async def test_health_is_serving_only_when_ready_and_reflection_lists_the_servic
 
     # Redis not there yet: the server answers health checks, NOT_SERVING.
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
-    app = DecisionApp(make_settings(dead_redis, key_prefix))
+    app = DecisionApp(make_settings(dead_redis, key_prefix, tmp_path / "a"))
     await app.start()
     try:
         channel = channel_to(app)
@@ -260,7 +260,7 @@ async def test_health_is_serving_only_when_ready_and_reflection_lists_the_servic
     finally:
         await app.stop()
 
-    ready = DecisionApp(make_settings(redis_instance.url, key_prefix))
+    ready = DecisionApp(make_settings(redis_instance.url, key_prefix, tmp_path / "b"))
     await ready.start()
     try:
         await asyncio.wait_for(ready.wait_ready(), 5)

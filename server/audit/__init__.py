@@ -1,0 +1,1 @@
+"""The audit trail: a local journal written before each response, shipped to SQL after."""

@@ -1,0 +1,272 @@
+"""Ships the audit journal into the SQL store, on a thread of its own.
+
+The shipper reads from its checkpoint (a small file beside the segments) up to the
+journal's last complete record, inserts a batch in one transaction, then moves the
+checkpoint and deletes the segments it has passed. Inserts are idempotent, so a crash
+between the insert and the checkpoint only re-ships a batch. While the store fails, the
+journal grows and decisions go on; the shipper retries with backoff and ``status``
+says so. A corrupt record in a closed segment (a torn write that was never repaired) is
+logged and the rest of that segment skipped: nothing before it is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from server.audit.journal import (
+    MAGIC,
+    Journal,
+    Position,
+    parse_frames,
+    read_range,
+    segment_path,
+    segments,
+)
+from server.audit.migrate import upgrade
+from server.audit.record import decode
+from server.audit.store import AuditStore
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK_BYTES = 4 << 20
+CHECKPOINT_FILE = "shipped"
+
+
+@dataclass(frozen=True, slots=True)
+class ShipperStatus:
+    store_ok: bool  # the last attempt to reach the store succeeded
+    last_error: str
+    backlog_bytes: int  # journal bytes not yet in the store
+    shipped_records: int  # since this process started
+    skipped_records: int  # unreadable records passed over (logged)
+    last_shipped_at_us: int  # wall clock of the last successful insert, 0 if none
+
+
+class AuditShipper:
+    def __init__(
+        self,
+        journal: Journal,
+        store: AuditStore,
+        *,
+        batch_records: int,
+        idle_interval_ms: float,
+        retry_max_s: float,
+        migrate: bool,
+    ) -> None:
+        self._journal = journal
+        self._directory = journal.directory
+        self._store = store
+        self._batch_records = batch_records
+        self._idle_interval_s = idle_interval_ms / 1000.0
+        self._retry_max_s = retry_max_s
+        self._schema_ready = not migrate
+        self._checkpoint = Position(0, 0)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._drain_deadline = 0.0
+        self._thread: threading.Thread | None = None
+        self._store_ok = True
+        self._last_error = ""
+        self._shipped = 0
+        self._skipped = 0
+        self._last_shipped_at_us = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._checkpoint = self._load_checkpoint()
+        self._thread = threading.Thread(target=self._run, name="audit-shipper", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain_timeout_s: float) -> bool:
+        """Ships what it can within ``drain_timeout_s``; True when nothing is left behind."""
+        if self._thread is None:
+            return self.backlog_bytes() == 0
+        self._drain_deadline = time.monotonic() + drain_timeout_s
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(drain_timeout_s + 5.0)
+        self._thread = None
+        left = self.backlog_bytes()
+        if left:
+            log.warning(
+                "audit shipper stopped with %d journal bytes unshipped; the next start ships them",
+                left,
+            )
+        return left == 0
+
+    def status(self) -> ShipperStatus:
+        return ShipperStatus(
+            store_ok=self._store_ok,
+            last_error=self._last_error,
+            backlog_bytes=self.backlog_bytes(),
+            shipped_records=self._shipped,
+            skipped_records=self._skipped,
+            last_shipped_at_us=self._last_shipped_at_us,
+        )
+
+    def backlog_bytes(self) -> int:
+        limit = self._journal.position
+        checkpoint = self._checkpoint
+        total = 0
+        for segment in segments(self._directory):
+            if segment < checkpoint.segment:
+                continue
+            if segment == limit.segment:
+                end = limit.offset
+            else:
+                try:
+                    end = segment_path(self._directory, segment).stat().st_size
+                except FileNotFoundError:
+                    continue
+            start = checkpoint.offset if segment == checkpoint.segment else len(MAGIC)
+            total += max(0, end - start)
+        return total
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff_s = 0.0
+        while True:
+            try:
+                if not self._schema_ready:
+                    upgrade(self._store.engine)
+                    self._schema_ready = True
+                shipped = self.ship_once()
+            except Exception as exc:  # noqa: BLE001 - the thread's boundary: log, back off, retry
+                if self._store_ok:
+                    log.warning("audit store unavailable; journal keeps growing: %s", exc)
+                self._store_ok = False
+                self._last_error = f"{type(exc).__name__}: {exc}"[:500]
+                if self._stopping and time.monotonic() >= self._drain_deadline:
+                    return
+                backoff_s = min(max(backoff_s * 2, 0.05), self._retry_max_s)
+                self._sleep(backoff_s)
+                continue
+            if not self._store_ok:
+                log.info("audit store reachable again; shipping the backlog")
+            self._store_ok, self._last_error, backoff_s = True, "", 0.0
+            if shipped == 0:
+                if self._stopping:
+                    return
+                self._sleep(self._idle_interval_s)
+            elif self._stopping and time.monotonic() >= self._drain_deadline:
+                return
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stopping:
+            # Draining: retry soon, but never past the deadline.
+            seconds = min(seconds, max(0.0, self._drain_deadline - time.monotonic()))
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    def ship_once(self) -> int:
+        """Ships one batch; returns how many records it passed (0: caught up)."""
+        while True:
+            limit = self._journal.position
+            checkpoint = self._checkpoint
+            if checkpoint.segment > limit.segment:
+                return 0
+            path = segment_path(self._directory, checkpoint.segment)
+            if checkpoint.segment == limit.segment:
+                end = limit.offset
+            else:
+                try:
+                    end = path.stat().st_size
+                except FileNotFoundError:
+                    self._advance_to_next_segment(checkpoint.segment)
+                    continue
+            if checkpoint.offset >= end:
+                if checkpoint.segment == limit.segment:
+                    return 0
+                self._advance_to_next_segment(checkpoint.segment)
+                continue
+            data = read_range(
+                path, checkpoint.offset, min(end, checkpoint.offset + READ_CHUNK_BYTES)
+            )
+            frames = parse_frames(data, self._batch_records)
+            if not frames.payloads:
+                log.error(
+                    "audit journal: %s has an unreadable record at offset %d (%s); skipping "
+                    "the rest of that segment",
+                    path.name,
+                    checkpoint.offset,
+                    frames.problem,
+                )
+                self._skipped += 1
+                if checkpoint.segment == limit.segment:
+                    self._save_checkpoint(Position(checkpoint.segment, end))
+                    return 0
+                self._advance_to_next_segment(checkpoint.segment)
+                continue
+            records = self._decode(frames.payloads, path.name)
+            if records:
+                self._store.insert(records)
+            self._shipped += len(records)
+            self._last_shipped_at_us = time.time_ns() // 1000
+            self._save_checkpoint(Position(checkpoint.segment, checkpoint.offset + frames.consumed))
+            return len(frames.payloads)
+
+    def _decode(self, payloads: list[bytes], segment_name: str) -> list[dict[str, Any]]:
+        records = []
+        for payload in payloads:
+            try:
+                records.append(decode(payload))
+            except (orjson.JSONDecodeError, ValueError):
+                # The checksum held, so this is what was written: a defect, not a torn write.
+                log.error(
+                    "audit journal: %s holds a record that is not an audit record", segment_name
+                )
+                self._skipped += 1
+        return records
+
+    # -- checkpoint --------------------------------------------------------------------
+
+    def _advance_to_next_segment(self, segment: int) -> None:
+        later = [s for s in segments(self._directory) if s > segment]
+        next_segment = later[0] if later else self._journal.position.segment
+        self._save_checkpoint(Position(next_segment, len(MAGIC)), durable=True)
+        for old in segments(self._directory):
+            if old < next_segment:
+                with contextlib.suppress(FileNotFoundError):
+                    segment_path(self._directory, old).unlink()
+
+    def _load_checkpoint(self) -> Position:
+        path = self._directory / CHECKPOINT_FILE
+        try:
+            saved = orjson.loads(path.read_bytes())
+            return Position(int(saved["segment"]), int(saved["offset"]))
+        except FileNotFoundError:
+            pass
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.error("audit journal: unreadable checkpoint %s; shipping from the start", path)
+        present = segments(self._directory)
+        first = present[0] if present else self._journal.position.segment
+        return Position(first, len(MAGIC))
+
+    def _save_checkpoint(self, position: Position, *, durable: bool = False) -> None:
+        """Replaces the checkpoint file atomically. ``durable`` fsyncs it too: done before
+        deleting passed segments, so that after a machine crash it never points into one."""
+        path = self._directory / CHECKPOINT_FILE
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as file:
+            file.write(orjson.dumps({"segment": position.segment, "offset": position.offset}))
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
+        tmp.replace(path)
+        self._checkpoint = position
+
+    @property
+    def checkpoint(self) -> Position:
+        return self._checkpoint

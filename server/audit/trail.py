@@ -1,0 +1,168 @@
+"""The audit trail as the server sees it: append before answering, ship in the background.
+
+``AuditTrail.record_decisions`` builds one record per decision and appends them to the
+journal in one write; it raises ``AuditUnavailable`` when the journal cannot take them,
+so the engine never returns a decision that was not recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
+from server.audit.journal import Journal, JournalWriteError
+from server.audit.record import AdminRecord, DecisionRecord, encode
+from server.audit.shipper import AuditShipper, ShipperStatus
+from server.audit.store import AuditStore, create_store_engine
+from server.domain import CallInfo, DecisionResult, OrderRequest
+from server.errors import AuditUnavailable
+from server.settings import AuditSettings
+
+log = logging.getLogger(__name__)
+
+
+class DecisionAudit(Protocol):
+    def record_decisions(
+        self,
+        call: CallInfo,
+        orders: Sequence[OrderRequest],
+        features: Sequence[Sequence[float] | None],
+        results: Sequence[DecisionResult],
+    ) -> None: ...
+
+
+class UnrecordedDecisions:
+    """``audit.enabled=false``: nothing is recorded (only to measure what the audit costs)."""
+
+    def record_decisions(
+        self,
+        call: CallInfo,
+        orders: Sequence[OrderRequest],
+        features: Sequence[Sequence[float] | None],
+        results: Sequence[DecisionResult],
+    ) -> None:
+        return None
+
+
+def decision_record(
+    server_id: str,
+    call: CallInfo,
+    order: OrderRequest,
+    features: Sequence[float] | None,
+    result: DecisionResult,
+) -> DecisionRecord:
+    return DecisionRecord(
+        decision_id=result.decision_id,
+        request_id=result.request_id,
+        trace_id=call.trace_id,
+        client_id=order.client_id,
+        caller=call.caller,
+        server_id=server_id,
+        received_at_us=call.received_at_ns // 1000,
+        decided_at_us=result.decided_at_ns // 1000,
+        symbol=order.symbol,
+        side=order.side.name,
+        quantity=order.quantity,
+        limit_price=order.limit_price,
+        decision=result.decision.name,
+        score=result.score,
+        threshold=result.threshold,
+        source=result.source.name,
+        model_name=result.model_name,
+        model_version=result.model_version,
+        feature_schema_version=SCHEMA_VERSION,
+        features=None if features is None else dict(zip(FEATURE_NAMES, features, strict=True)),
+        feature_overrides=dict(order.feature_overrides),
+        feature_age_ms=result.feature_age_ms,
+        reason=result.reason,
+        features_us=result.features_us,
+        model_us=result.model_us,
+        total_us=result.total_us,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditStatus:
+    journal_records: int  # appended since start
+    journal_write_failures: int
+    shipper: ShipperStatus
+
+
+class AuditTrail:
+    """Journal, store and shipper, with the same start/stop lifecycle as the rest."""
+
+    def __init__(self, settings: AuditSettings, *, server_id: str) -> None:
+        self.server_id = server_id
+        self._settings = settings
+        self.journal = Journal(
+            Path(settings.journal_dir),
+            segment_max_bytes=settings.segment_max_bytes,
+            fsync_interval_ms=settings.fsync_interval_ms,
+        )
+        self.store = AuditStore(create_store_engine(settings.database_url))
+        self.shipper = AuditShipper(
+            self.journal,
+            self.store,
+            batch_records=settings.ship_batch_records,
+            idle_interval_ms=settings.ship_idle_interval_ms,
+            retry_max_s=settings.ship_retry_max_s,
+            migrate=settings.migrate_on_start,
+        )
+        self._started = False
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Opens the journal (repairing a torn tail) and starts shipping, the earlier
+        process's leftovers first. The store may be down: shipping then waits for it."""
+        if self._started:
+            return
+        self._started = True
+        await asyncio.to_thread(self.journal.open)
+        self.shipper.start()
+
+    async def stop(self) -> None:
+        """Idempotent: syncs and closes the journal, then ships what is left (bounded)."""
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        self.journal.close()
+        self.shipper.stop(self._settings.shutdown_drain_s)
+        self.store.dispose()
+
+    def record_decisions(
+        self,
+        call: CallInfo,
+        orders: Sequence[OrderRequest],
+        features: Sequence[Sequence[float] | None],
+        results: Sequence[DecisionResult],
+    ) -> None:
+        records = [
+            encode(decision_record(self.server_id, call, order, values, result))
+            for order, values, result in zip(orders, features, results, strict=True)
+        ]
+        self._append(records)
+
+    def record_admin_action(self, record: AdminRecord) -> None:
+        self._append([encode(record)])
+
+    def _append(self, payloads: list[bytes]) -> None:
+        try:
+            self.journal.append(payloads)
+        except JournalWriteError as exc:
+            log.error("%s", exc)
+            raise AuditUnavailable(str(exc)) from exc
+
+    def status(self) -> AuditStatus:
+        return AuditStatus(
+            journal_records=self.journal.appended_records,
+            journal_write_failures=self.journal.write_failures,
+            shipper=self.shipper.status(),
+        )

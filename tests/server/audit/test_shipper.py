@@ -1,0 +1,178 @@
+"""The shipper against real databases: everything arrives once, the store may go away."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from server.audit.journal import Journal, segment_path, segments
+from server.audit.record import encode
+from server.audit.shipper import CHECKPOINT_FILE, AuditShipper
+from server.audit.store import AuditStore, create_store_engine
+from tests.server.audit.conftest import decision_record
+from tests.server.audit.proxy import TcpProxy
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+class Parts:
+    def __init__(self, directory, url: str, segment_max_bytes: int = 64 << 10) -> None:
+        self.journal = Journal(
+            directory, segment_max_bytes=segment_max_bytes, fsync_interval_ms=20.0
+        )
+        self.journal.open()
+        self.store = AuditStore(create_store_engine(url))
+        self.shipper = AuditShipper(
+            self.journal,
+            self.store,
+            batch_records=500,
+            idle_interval_ms=10.0,
+            retry_max_s=0.2,
+            migrate=True,
+        )
+
+    def append(self, count: int) -> list[str]:
+        records = [decision_record(n) for n in range(count)]
+        for record in records:
+            self.journal.append([encode(record)])
+        return [r.decision_id for r in records]
+
+    def close(self) -> None:
+        self.journal.close()
+        self.shipper.stop(drain_timeout_s=5.0)
+        self.store.dispose()
+
+
+def stored_count(url: str) -> int:
+    engine = create_store_engine(url)
+    try:
+        return AuditStore(engine).count_decisions()
+    finally:
+        engine.dispose()
+
+
+def test_everything_is_shipped_once_and_passed_segments_are_deleted(tmp_path, database_url):
+    parts = Parts(tmp_path, database_url)
+    ids = parts.append(2000)
+    assert len(segments(tmp_path)) > 10
+    parts.shipper.start()
+    wait_for(lambda: parts.shipper.backlog_bytes() == 0)
+    assert parts.store.decision_ids() == set(ids)
+    assert segments(tmp_path) == [parts.journal.position.segment]
+    parts.close()
+
+    # The next process: leftovers first, then its own records, nothing twice.
+    again = Parts(tmp_path, database_url)
+    more = again.append(10)
+    again.shipper.start()
+    wait_for(lambda: again.shipper.backlog_bytes() == 0)
+    assert again.store.decision_ids() == set(ids) | set(more)
+    again.close()
+
+
+def test_records_left_by_a_killed_process_are_shipped_by_the_next(tmp_path, database_url):
+    script = f"""
+import os, signal
+from pathlib import Path
+from server.audit.journal import Journal
+from server.audit.record import encode
+from tests.server.audit.conftest import decision_record
+journal = Journal(Path({str(tmp_path)!r}), segment_max_bytes=1 << 20, fsync_interval_ms=1000)
+journal.open()
+for n in range(300):
+    record = decision_record(n)
+    journal.append([encode(record)])
+    print(record.decision_id, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    ids = set(child.stdout.split())
+    assert len(ids) == 300
+
+    after = Parts(tmp_path, database_url)
+    after.shipper.start()
+    wait_for(lambda: after.shipper.backlog_bytes() == 0)
+    assert after.store.decision_ids() == ids
+    after.close()
+
+
+def test_a_batch_shipped_again_after_a_lost_checkpoint_does_no_harm(tmp_path, database_url):
+    parts = Parts(tmp_path, database_url, segment_max_bytes=64 << 20)
+    parts.append(200)
+    parts.shipper.start()
+    wait_for(lambda: parts.shipper.backlog_bytes() == 0)
+    parts.close()
+    (tmp_path / CHECKPOINT_FILE).unlink()  # as if the process died before saving it
+
+    again = Parts(tmp_path, database_url, segment_max_bytes=64 << 20)
+    again.shipper.start()
+    wait_for(lambda: again.shipper.backlog_bytes() == 0)
+    assert again.shipper.status().shipped_records == 200  # re-read ...
+    assert again.store.count_decisions() == 200  # ... and stored once
+    again.close()
+
+
+def test_store_down_journal_grows_and_drains_when_it_is_back(tmp_path, postgres_url):
+    url = sa.make_url(postgres_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy.start()
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    parts = Parts(tmp_path, proxied)
+    try:
+        parts.shipper.start()
+        parts.append(100)
+        wait_for(lambda: parts.shipper.backlog_bytes() == 0)
+
+        proxy.cut()
+        parts.append(500)
+        wait_for(lambda: not parts.shipper.status().store_ok)
+        status = parts.shipper.status()
+        assert status.backlog_bytes > 0
+        assert status.last_error
+        assert stored_count(postgres_url) == 100
+
+        proxy.restore()
+        wait_for(lambda: parts.shipper.backlog_bytes() == 0)
+        assert parts.shipper.status().store_ok
+        assert stored_count(postgres_url) == 600
+    finally:
+        parts.close()
+        proxy.close()
+
+
+def test_an_unreadable_record_in_a_closed_segment_skips_only_the_rest_of_it(tmp_path):
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    journal_dir = tmp_path / "journal"
+    parts = Parts(journal_dir, url)
+    first_segment = parts.journal.position.segment
+    parts.append(20)
+    parts.journal._rotate()
+    later = parts.append(5)
+    parts.journal.close()
+    path = segment_path(journal_dir, first_segment)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a record in the middle of a closed segment
+    path.write_bytes(bytes(data))
+
+    parts.shipper.start()
+    wait_for(lambda: parts.shipper.backlog_bytes() == 0)
+    stored = parts.store.decision_ids()
+    assert set(later) <= stored
+    assert 0 < len(stored) - len(later) < 20  # the records before the damage are kept
+    assert parts.shipper.status().skipped_records == 1
+    parts.shipper.stop(1.0)
+    parts.store.dispose()

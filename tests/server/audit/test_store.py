@@ -1,0 +1,80 @@
+"""The SQL store and its migrations, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from server.audit.migrate import downgrade, upgrade
+from server.audit.record import AdminRecord, decode, encode
+from server.audit.store import (
+    AuditStore,
+    admin_actions,
+    create_store_engine,
+    decisions,
+    metadata,
+)
+from tests.server.audit.conftest import decision_record
+
+
+def test_migrations_create_exactly_the_tables_the_code_defines(database_url):
+    engine = create_store_engine(database_url)
+    try:
+        upgrade(engine)
+        upgrade(engine)  # already at head: nothing to do
+        with engine.connect() as conn:
+            differences = compare_metadata(MigrationContext.configure(conn), metadata)
+        assert differences == []
+        indexes = {i["name"] for i in sa.inspect(engine).get_indexes("decisions")}
+        assert {
+            "ix_decisions_symbol_decided_at",
+            "ix_decisions_model_version_decided_at",
+            "ix_decisions_source_decided_at",
+        } <= indexes
+        downgrade(engine, "base")
+        assert "decisions" not in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_inserts_are_idempotent_and_keep_every_field(database_url):
+    engine = create_store_engine(database_url)
+    upgrade(engine)
+    store = AuditStore(engine)
+    try:
+        records = [
+            decode(encode(decision_record(n, features={"spread_bps": 1.5 + n}, score=None)))
+            for n in range(50)
+        ]
+        admin = decode(
+            encode(
+                AdminRecord(
+                    action_id="a-1",
+                    at_us=1_700_000_000_000_000,
+                    actor="alice",
+                    action="SetBreaker",
+                    target="primary",
+                    before={"mode": "AUTO"},
+                    after={"mode": "FORCE_OPEN"},
+                    reason="paging",
+                )
+            )
+        )
+        store.insert([*records, admin])
+        store.insert([*records[:20], admin])  # shipped again after a crash
+        assert store.count_decisions() == 50
+        with engine.connect() as conn:
+            row = (
+                conn.execute(sa.select(decisions).where(decisions.c.request_id == "req-7"))
+                .mappings()
+                .one()
+            )
+            actions = conn.execute(sa.select(admin_actions.c.actor, admin_actions.c.after)).all()
+        assert row["features"] == {"spread_bps": 8.5}
+        assert row["score"] is None
+        assert row["model_version"] == "a" * 64
+        assert row["source"] == "PRIMARY"
+        assert actions == [("alice", {"mode": "FORCE_OPEN"})]
+    finally:
+        store.dispose()
