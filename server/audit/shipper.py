@@ -50,6 +50,13 @@ class ShipperStatus:
     last_shipped_at_us: int  # wall clock of the last successful insert, 0 if none
 
 
+def describe(exc: BaseException) -> str:
+    """The error in one line, without the statement or its parameters (audit data)."""
+    cause = getattr(exc, "orig", None) or exc
+    first_line = (str(cause).strip().splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {first_line}"[:300]
+
+
 class AuditShipper:
     def __init__(
         self,
@@ -144,10 +151,11 @@ class AuditShipper:
                     self._schema_ready = True
                 shipped = self.ship_once()
             except Exception as exc:  # noqa: BLE001 - the thread's boundary: log, back off, retry
+                problem = describe(exc)
                 if self._store_ok:
-                    log.warning("audit store unavailable; journal keeps growing: %s", exc)
+                    log.warning("audit store unavailable; journal keeps growing: %s", problem)
                 self._store_ok = False
-                self._last_error = f"{type(exc).__name__}: {exc}"[:500]
+                self._last_error = problem
                 if self._stopping and time.monotonic() >= self._drain_deadline:
                     return
                 backoff_s = min(max(backoff_s * 2, 0.05), self._retry_max_s)

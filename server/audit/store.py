@@ -110,7 +110,7 @@ def create_store_engine(url: str) -> Engine:
         database = sa.make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, json_serializer=_json_text)
+        engine = sa.create_engine(url, json_serializer=_json_text, hide_parameters=True)
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -128,6 +128,8 @@ def create_store_engine(url: str) -> Engine:
     return sa.create_engine(
         url,
         json_serializer=_json_text,
+        # Errors name the failure, not the audit records that were being inserted.
+        hide_parameters=True,
         pool_pre_ping=True,
         connect_args={
             "connect_timeout": 5,
@@ -180,11 +182,16 @@ class AuditStore:
             return int(conn.execute(sa.select(sa.func.count()).select_from(decisions)).scalar_one())
 
     def decision_ids(self, ids: Sequence[str] | None = None) -> set[str]:
-        query = sa.select(decisions.c.decision_id)
-        if ids is not None:
-            query = query.where(decisions.c.decision_id.in_(ids))
+        """The stored decision ids: all, or those of ``ids`` (looked up in chunks)."""
+        column = decisions.c.decision_id
         with self.engine.connect() as conn:
-            return {row[0] for row in conn.execute(query)}
+            if ids is None:
+                return set(conn.execute(sa.select(column)).scalars())
+            found: set[str] = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                found.update(conn.execute(sa.select(column).where(column.in_(chunk))).scalars())
+            return found
 
     def dispose(self) -> None:
         self.engine.dispose()

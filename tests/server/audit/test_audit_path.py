@@ -1,0 +1,256 @@
+"""The audit trail behind a real decision server: killed mid-load, database gone, records
+complete."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto.decision.v1 import decision_pb2_grpc
+from server.audit.store import AuditStore, create_store_engine, decisions
+from server.localstack.health import serving
+from server.localstack.processes import free_port
+from tests.server.audit.proxy import TcpProxy
+from tests.server.audit.test_shipper import wait_for
+from tests.server.conftest import buy, decision_stub, replica_settings, sample_record
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+class Load:
+    """Closed-loop Decide calls from ``concurrency`` tasks; remembers every OK decision id."""
+
+    def __init__(self, port: int, concurrency: int = 8) -> None:
+        self.port = port
+        self.concurrency = concurrency
+        self.ok_ids: set[str] = set()
+        self.errors: Counter[grpc.StatusCode] = Counter()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.concurrency)]
+
+    async def _worker(self, n: int) -> None:
+        symbols = ("BTC-USD", "ETH-USD")
+        # Reconnect quickly once a killed server is back (gRPC's default backoff is 1 s+).
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 200),
+        ]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}", options) as channel:
+            stub = decision_pb2_grpc.DecisionServiceStub(channel)
+            i = 0
+            while not self._stop.is_set():
+                i += 1
+                try:
+                    response = await stub.Decide(
+                        buy(symbols[i % 2], request_id=f"w{n}-{i}"), timeout=1.0
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    self.errors[exc.code()] += 1
+                    await asyncio.sleep(0.01)  # the server is down: do not spin
+                    continue
+                self.ok_ids.add(response.decision_id)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+
+def start_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server"],
+            cwd=REPO,
+            env={**os.environ, **env, "DECISION_SERVER__PORT": str(port)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 30
+    while not serving(port):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "server not SERVING in 30 s"
+        time.sleep(0.05)
+    return proc
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
+    database, replicas, redis_instance, key_prefix, feature_writer, tmp_path, request
+):
+    url = (
+        f"sqlite:///{tmp_path / 'audit.db'}"
+        if database == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    for symbol in ("BTC-USD", "ETH-USD"):
+        await feature_writer.write(sample_record(symbol))
+    ts = replica_settings(replicas)
+    env = {
+        "DECISION_REDIS__URL": redis_instance.url,
+        "DECISION_REDIS__KEY_PREFIX": key_prefix,
+        "DECISION_FEATURES__MAX_AGE_MS": "120000",
+        "DECISION_TORCHSERVE__PRIMARY_ADDRESS": str(ts["primary_address"]),
+        "DECISION_TORCHSERVE__SECONDARY_ADDRESS": str(ts["secondary_address"]),
+        "DECISION_TORCHSERVE__PER_CALL_TIMEOUT_MS": "500",
+        "DECISION_AUDIT__JOURNAL_DIR": str(tmp_path / "journal"),
+        "DECISION_AUDIT__DATABASE_URL": url,
+        # Long enough that most of the load is still only in the journal at the kill.
+        "DECISION_AUDIT__SHIP_IDLE_INTERVAL_MS": "500",
+        "DECISION_AUDIT__FSYNC_INTERVAL_MS": "1000",
+    }
+    port = free_port()
+    log = tmp_path / "server.log"
+    server = start_server(port, env, log)
+    load = Load(port)
+    engine = create_store_engine(url)
+    store = AuditStore(engine)
+    try:
+        load.start()
+        await asyncio.sleep(1.5)
+        server.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(server.wait)
+        served_before_kill = len(load.ok_ids)
+        await asyncio.sleep(0.3)  # callers now see UNAVAILABLE
+        server = await asyncio.to_thread(start_server, port, env, log)
+        for _ in range(100):  # until the restarted server has served for a while
+            await asyncio.sleep(0.1)
+            if len(load.ok_ids) > served_before_kill + 100:
+                break
+        await load.stop()
+
+        assert served_before_kill > 100, load.errors
+        assert len(load.ok_ids) > served_before_kill + 100  # the restarted server served
+        assert set(load.errors) <= {grpc.StatusCode.UNAVAILABLE}, load.errors
+
+        # The restarted server ships the killed one's journal, then its own.
+        ok_ids = list(load.ok_ids)
+        await asyncio.to_thread(
+            wait_for, lambda: len(store.decision_ids(ok_ids)) == len(ok_ids), 30
+        )
+        server.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(server.wait, 20) == 0
+        missing = load.ok_ids - store.decision_ids(ok_ids)
+        assert not missing, f"{len(missing)} decisions answered OK but not stored"
+    finally:
+        await load.stop()
+        stop_process(server)
+        store.dispose()
+
+
+async def test_decisions_go_on_while_the_database_is_down_and_all_arrive_after(
+    replicas, start_app, channel_to, feature_writer, postgres_url
+):
+    for symbol in ("BTC-USD", "ETH-USD"):
+        await feature_writer.write(sample_record(symbol))
+    target = sa.make_url(postgres_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    proxy.start()
+    proxied = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    try:
+        app = await start_app(
+            torchserve=replica_settings(replicas),
+            audit={"database_url": proxied, "ship_retry_max_s": 0.2},
+        )
+        health = health_pb2_grpc.HealthStub(channel_to(app))
+        load = Load(app.port)
+        load.start()
+        await asyncio.sleep(0.5)
+
+        proxy.cut()
+        await asyncio.to_thread(wait_for, lambda: not app.audit.status().shipper.store_ok, 10)
+        audit_down = health_pb2.HealthCheckRequest(service="decision.audit")
+        for _ in range(40):
+            audit_health = await health.Check(audit_down, timeout=1)
+            if audit_health.status != health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # decisions keep coming with the store away
+        backlog = app.audit.status().shipper.backlog_bytes
+        proxy.restore()
+        await asyncio.sleep(0.5)
+        await load.stop()
+
+        assert audit_health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert backlog > 0
+        assert not load.errors, load.errors  # no decision failed because of the database
+        served = len(load.ok_ids)
+        assert served > 100
+
+        engine = create_store_engine(postgres_url)
+        try:
+            store = AuditStore(engine)
+            await asyncio.to_thread(wait_for, lambda: store.count_decisions() == served, 30)
+            assert store.decision_ids() == load.ok_ids
+        finally:
+            engine.dispose()
+        assert app.audit.status().shipper.store_ok
+    finally:
+        proxy.close()
+
+
+async def test_the_record_holds_what_the_service_knew(
+    replicas, start_app, channel_to, feature_writer, model_store
+):
+    await feature_writer.write(sample_record("BTC-USD", spread_bps=3.25))
+    app = await start_app(torchserve=replica_settings(replicas))
+    stub = decision_stub(channel_to(app))
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    response = await stub.Decide(
+        buy(
+            request_id="audit-1",
+            client_id="desk-7",
+            quantity=2.5,
+            feature_overrides={"ofi_1s": 0.75},
+        ),
+        metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),),
+        timeout=2.0,
+    )
+    engine = app.audit.store.engine
+
+    def stored() -> dict[str, object] | None:
+        with engine.connect() as conn:
+            query = sa.select(decisions).where(decisions.c.decision_id == response.decision_id)
+            row = conn.execute(query).mappings().first()
+        return dict(row) if row else None
+
+    await asyncio.to_thread(wait_for, lambda: stored() is not None, 10)
+    row = stored()
+    assert row is not None
+    _, archive = model_store
+    assert row["request_id"] == "audit-1"
+    assert row["trace_id"] == trace_id
+    assert row["client_id"] == "desk-7"
+    assert str(row["caller"]).startswith("ipv4:127.0.0.1:")
+    assert row["symbol"] == "BTC-USD" and row["side"] == "BUY" and row["quantity"] == 2.5
+    assert row["source"] == "PRIMARY" and row["decision"] in ("TRADE", "NO_TRADE")
+    assert row["score"] == response.score and row["threshold"] == response.threshold
+    assert row["model_name"] == "champion" and row["model_version"] == archive.version
+    assert row["feature_schema_version"] == 1
+    features = row["features"]
+    assert isinstance(features, dict)
+    assert features["spread_bps"] == 3.25 and features["ofi_1s"] == 0.75
+    assert row["feature_overrides"] == {"ofi_1s": 0.75}
+    assert row["reason"] == response.reason
+    assert row["total_us"] == response.timings.total_us
+    assert row["server_id"].endswith(f":{app.port}")
