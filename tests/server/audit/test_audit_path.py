@@ -253,4 +253,4 @@ async def test_the_record_holds_what_the_service_knew(
     assert row["feature_overrides"] == {"ofi_1s": 0.75}
     assert row["reason"] == response.reason
     assert row["total_us"] == response.timings.total_us
-    assert row["server_id"].endswith(f":{app.port}")
+    assert str(row["server_id"]).endswith(f":{app.port}")
