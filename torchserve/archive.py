@@ -46,6 +46,17 @@ def content_version(files: dict[str, bytes]) -> str:
     return digest.hexdigest()
 
 
+def archive_version(path: Path) -> str | None:
+    """The version hash written into an archive at build time; None if it has none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            meta = json.loads(archive.read("model-meta.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    version = meta.get("version") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) else None
+
+
 def torchscript_members(path: Path) -> dict[str, bytes]:
     """The members of a TorchScript file that define the model."""
     with zipfile.ZipFile(path) as archive:

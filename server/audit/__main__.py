@@ -1,0 +1,127 @@
+"""``python -m server.audit``: the audit store's schema, and replay of recorded decisions.
+
+    python -m server.audit migrate
+    python -m server.audit replay --since 2026-11-21T09:00 --until 2026-11-21T10:00
+    python -m server.audit replay --decision-id 3f1c... --replica 127.0.0.1:7070
+    python -m server.audit replay --since ... --against other-model.mar
+
+The database URL comes from ``--database-url`` or the server's settings
+(``DECISION_AUDIT__DATABASE_URL``). Replay exits 0 when every replayable decision
+matched, 1 when some differ, 2 when it could not run or a decision's model was not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import sys
+from pathlib import Path
+
+from server.audit.migrate import upgrade
+from server.audit.replay import ReplayError, ReplayReport, load_decisions, replay
+from server.audit.store import create_store_engine
+from server.settings import Settings
+
+DIFFERENCES_SHOWN = 20
+
+
+def _time(text: str) -> dt.datetime:
+    """An ISO 8601 time; without a zone it is UTC."""
+    value = dt.datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server.audit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--database-url", help="SQLAlchemy URL of the audit store")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("migrate", help="bring the audit store's schema to the latest version")
+    rp = commands.add_parser("replay", help="score recorded decisions again and compare")
+    rp.add_argument("--decision-id", action="append", default=[], help="repeatable")
+    rp.add_argument("--since", type=_time, help="ISO time, inclusive (UTC if no zone)")
+    rp.add_argument("--until", type=_time, help="ISO time, exclusive (UTC if no zone)")
+    rp.add_argument("--limit", type=int, default=10_000, help="most decisions (default 10000)")
+    model = rp.add_mutually_exclusive_group()
+    model.add_argument(
+        "--model-store",
+        type=Path,
+        default=Path(".run/model-store"),
+        help="folder of .mar archives, looked up by version hash (default .run/model-store)",
+    )
+    model.add_argument("--replica", help="host:port of a running replica serving the version")
+    model.add_argument("--against", type=Path, help="score with this archive instead")
+    rp.add_argument("--tolerance", type=float, default=1e-6, help="largest score difference")
+    rp.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser  # fmt: skip
+
+
+def _print_report(report: ReplayReport) -> None:
+    print(f"selected {report.selected}, replayed {report.replayed}, "
+          f"differences {len(report.differences)}")  # fmt: skip
+    for reason, count in sorted(report.skipped.items()):
+        print(f"  skipped {count}: {reason}")
+    for reason, count in sorted(report.unreplayable.items()):
+        print(f"  NOT REPLAYED {count}: {reason}")
+    for diff in report.differences[:DIFFERENCES_SHOWN]:
+        print(
+            f"  DIFFERS {diff.decision_id}: score {diff.recorded_score:.6f} -> "
+            f"{diff.replayed_score:.6f}, {diff.recorded_decision} -> {diff.replayed_decision}"
+        )
+    if len(report.differences) > DIFFERENCES_SHOWN:
+        print(f"  ... and {len(report.differences) - DIFFERENCES_SHOWN} more (--json for all)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    engine = create_store_engine(args.database_url or Settings().audit.database_url)
+    try:
+        if args.command == "migrate":
+            upgrade(engine)
+            print("audit store at the latest schema")
+            return 0
+        if not (args.decision_id or args.since or args.until):
+            print("replay: give --decision-id, or --since/--until", file=sys.stderr)
+            return 2
+        records = load_decisions(
+            engine,
+            decision_ids=args.decision_id,
+            since=args.since,
+            until=args.until,
+            limit=args.limit,
+        )
+        if not records:
+            print("replay: no recorded decision matches", file=sys.stderr)
+            return 2
+        report = asyncio.run(
+            replay(
+                records,
+                model_store=None if (args.replica or args.against) else args.model_store,
+                replica=args.replica,
+                against=args.against,
+                tolerance=args.tolerance,
+            )
+        )
+    except ReplayError as exc:
+        print(f"replay: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_report(report)
+    if report.unreplayable:
+        return 2
+    return 1 if report.differences else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
