@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,29 +14,56 @@ import pytest
 import sqlalchemy as sa
 
 from server.audit.record import DecisionRecord
+from server.localstack.postgres_server import start_postgres
+from server.localstack.processes import free_port
 
-# The machine's PostgreSQL (trust auth on loopback); a test gets a database of its own.
-POSTGRES_URL = os.environ.get(
-    "DECISION_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
+# A server where this user may create databases: DECISION_TEST_POSTGRES_URL, else the
+# machine's own on 5432 (trust auth on loopback), else one the tests start. Each test
+# gets a database of its own.
+MACHINE_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def _admin_engine(url: str) -> sa.Engine | None:
+    engine = sa.create_engine(
+        url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
+    )
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    except sa.exc.OperationalError:
+        engine.dispose()
+        return None
+    return engine
 
 
 @pytest.fixture(scope="session")
 def postgres_admin() -> Iterator[sa.Engine]:
-    engine = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("select 1"))
-    except sa.exc.OperationalError as exc:
-        engine.dispose()
-        pytest.fail(
-            f"PostgreSQL is not reachable at {POSTGRES_URL} (set DECISION_TEST_POSTGRES_URL "
-            f"to a server where this user may create databases): {exc}"
-        )
-    try:
+    configured = os.environ.get("DECISION_TEST_POSTGRES_URL")
+    if configured:
+        engine = _admin_engine(configured)
+        if engine is None:
+            pytest.fail(f"PostgreSQL not reachable at DECISION_TEST_POSTGRES_URL={configured}")
         yield engine
-    finally:
         engine.dispose()
+        return
+    engine = _admin_engine(MACHINE_POSTGRES_URL)
+    if engine is not None:
+        yield engine
+        engine.dispose()
+        return
+    # As root the server runs as the postgres user: a folder that user can reach.
+    run_dir = Path(tempfile.mkdtemp(prefix="decision-test-pg-"))
+    run_dir.chmod(0o755)
+    port = free_port()
+    proc = start_postgres(port, run_dir / "pg")
+    try:
+        engine = _admin_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres")
+        assert engine is not None, proc.log_tail()
+        yield engine
+        engine.dispose()
+    finally:
+        proc.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture
