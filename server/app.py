@@ -23,6 +23,7 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -39,6 +40,7 @@ from server.model_client import TorchServeClient, not_the_replicas_fault
 from server.router import Replica, ReplicaRouter
 from server.servicer import DecisionServicer, add_decision_service
 from server.settings import Settings
+from server.telemetry import AuditCollector, MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,12 @@ class DecisionApp:
             feature_max_age_ms=settings.features.max_age_ms,
             score_write_interval_ms=fb.cached_score_write_interval_ms,
         )
+        registry = CollectorRegistry()
+        if settings.audit.enabled:
+            registry.register(AuditCollector(self.audit))
+        self.metrics = MetricsServer(
+            registry, settings.telemetry.metrics_host, settings.telemetry.metrics_port
+        )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
@@ -159,6 +167,7 @@ class DecisionApp:
         for replica in self.replicas:
             await replica.client.start()
         await self._set_health(NOT_SERVING)
+        self.metrics.start()
         await self.server.start()
         log.info("DecisionService listening on %s:%d", self.settings.server.host, self.port)
         self._ready_task = asyncio.create_task(self._become_ready())
@@ -225,6 +234,7 @@ class DecisionApp:
         for replica in reversed(self.replicas):
             await replica.client.stop()
         await self.redis.aclose()
+        self.metrics.stop()
         await self.audit.stop()
         log.info("stopped")
 

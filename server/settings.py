@@ -226,6 +226,13 @@ class AuditSettings(_Section):
     )
 
 
+class TelemetrySettings(_Section):
+    metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus endpoint.")
+    metrics_port: int = Field(
+        9464, ge=0, description="Prometheus /metrics port (HTTP); 0 turns the endpoint off."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DECISION_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -240,6 +247,7 @@ class Settings(BaseSettings):
     decision: DecisionSettings = DecisionSettings()
     fallback: FallbackSettings = FallbackSettings()
     audit: AuditSettings = AuditSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @model_validator(mode="after")
     def _budget_leaves_room_for_the_model(self) -> Settings:

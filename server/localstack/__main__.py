@@ -53,7 +53,7 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _usage(decision_port: int, admin_port: int, run_dir: Path) -> str:
+def _usage(decision_port: int, admin_port: int, metrics_port: int, run_dir: Path) -> str:
     return f"""
 Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
 
@@ -69,6 +69,8 @@ Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
       -d '{{"symbol":"BTC-USD","side":"SIDE_BUY","quantity":1}}' \\
       127.0.0.1:{decision_port} decision.v1.DecisionService/Decide
 
+  Metrics: http://127.0.0.1:{metrics_port}/metrics
+  Audit:   {run_dir}/audit/audit.db (SQLite); replay with python -m server.audit replay
   Logs: {run_dir}/*/  (admin port {admin_port} arrives with the AdminService)
 """
 
@@ -80,6 +82,7 @@ class LocalStack:
         self.run_dir = run_dir
         self.decision_port = 50051 + offset
         self.admin_port = 50052 + offset
+        self.metrics_port = 9464 + offset
         self.redis_port = 16379 + offset
         self.kafka_port = 19092 + offset
         self.primary = PRIMARY_PORTS.shifted(offset)
@@ -87,7 +90,7 @@ class LocalStack:
         self._started: list[ManagedProcess] = []
 
     def busy_ports(self) -> list[int]:
-        ports = [self.decision_port, self.redis_port, self.kafka_port]
+        ports = [self.decision_port, self.metrics_port, self.redis_port, self.kafka_port]
         for replica in (self.primary, self.secondary):
             ports.extend(asdict(replica).values())
         return [port for port in ports if port_open("127.0.0.1", port)]
@@ -164,6 +167,7 @@ class LocalStack:
                 "server",
                 env={
                     "DECISION_SERVER__PORT": str(self.decision_port),
+                    "DECISION_TELEMETRY__METRICS_PORT": str(self.metrics_port),
                     "DECISION_AUDIT__JOURNAL_DIR": str(self.run_dir / "audit" / "journal"),
                     "DECISION_AUDIT__DATABASE_URL": (
                         f"sqlite:///{self.run_dir / 'audit' / 'audit.db'}"
@@ -221,7 +225,7 @@ async def run(args: argparse.Namespace) -> int:
                 await starting
             return 0
         starting.result()
-        _say(_usage(stack.decision_port, stack.admin_port, stack.run_dir))
+        _say(_usage(stack.decision_port, stack.admin_port, stack.metrics_port, stack.run_dir))
         if not args.exit_when_ready:
             await stopping
             _say("stopping…")

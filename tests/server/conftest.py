@@ -58,6 +58,7 @@ def make_settings(
             "ship_idle_interval_ms": 20.0,
         },
         "server": {"port": 0, "grace_period_s": 1.0},
+        "telemetry": {"metrics_port": 0},
         "redis": {"url": redis_url, "key_prefix": key_prefix},
         # Tests write features once; a long bound keeps them fresh however slow the machine.
         "features": {"max_age_ms": 120_000.0},

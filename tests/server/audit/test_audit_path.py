@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -113,6 +114,7 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
         "DECISION_TORCHSERVE__PRIMARY_ADDRESS": str(ts["primary_address"]),
         "DECISION_TORCHSERVE__SECONDARY_ADDRESS": str(ts["secondary_address"]),
         "DECISION_TORCHSERVE__PER_CALL_TIMEOUT_MS": "500",
+        "DECISION_TELEMETRY__METRICS_PORT": "0",
         "DECISION_AUDIT__JOURNAL_DIR": str(tmp_path / "journal"),
         "DECISION_AUDIT__DATABASE_URL": url,
         # Long enough that most of the load is still only in the journal at the kill.
@@ -171,6 +173,7 @@ async def test_decisions_go_on_while_the_database_is_down_and_all_arrive_after(
         app = await start_app(
             torchserve=replica_settings(replicas),
             audit={"database_url": proxied, "ship_retry_max_s": 0.2},
+            telemetry={"metrics_port": free_port()},
         )
         health = health_pb2_grpc.HealthStub(channel_to(app))
         load = Load(app.port)
@@ -187,12 +190,15 @@ async def test_decisions_go_on_while_the_database_is_down_and_all_arrive_after(
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)  # decisions keep coming with the store away
         backlog = app.audit.status().shipper.backlog_bytes
+        metrics_down = await asyncio.to_thread(scrape, app.metrics.port)
         proxy.restore()
         await asyncio.sleep(0.5)
         await load.stop()
 
         assert audit_health.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert backlog > 0
+        assert metrics_down["decision_audit_store_up"] == 0.0
+        assert metrics_down["decision_audit_backlog_bytes"] > 0
         assert not load.errors, load.errors  # no decision failed because of the database
         served = len(load.ok_ids)
         assert served > 100
@@ -205,8 +211,23 @@ async def test_decisions_go_on_while_the_database_is_down_and_all_arrive_after(
         finally:
             engine.dispose()
         assert app.audit.status().shipper.store_ok
+        metrics_up = await asyncio.to_thread(scrape, app.metrics.port)
+        assert metrics_up["decision_audit_store_up"] == 1.0
+        assert metrics_up["decision_audit_shipped_records_total"] >= served
     finally:
         proxy.close()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The endpoint's samples without labels, by name."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
 
 
 async def test_the_record_holds_what_the_service_knew(

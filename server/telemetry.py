@@ -1,0 +1,96 @@
+"""Prometheus metrics over HTTP, from a registry of the app's own (no global registry).
+
+Collectors read the components' status when scraped, so the hot path does no metrics
+work for them. Served by prometheus_client's HTTP server on a thread of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from server.audit.trail import AuditTrail
+
+log = logging.getLogger(__name__)
+
+
+class AuditCollector(Collector):
+    """The audit trail's journal and shipper, as on-call alerts on them."""
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self._trail = trail
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._trail.status()
+        shipper = status.shipper
+        yield CounterMetricFamily(
+            "decision_audit_journal_records",
+            "Decision and admin records appended to the audit journal.",
+            value=status.journal_records,
+        )
+        yield CounterMetricFamily(
+            "decision_audit_journal_write_failures",
+            "Appends the journal refused (those decisions were not returned).",
+            value=status.journal_write_failures,
+        )
+        yield CounterMetricFamily(
+            "decision_audit_shipped_records",
+            "Journal records inserted into the audit store.",
+            value=shipper.shipped_records,
+        )
+        yield CounterMetricFamily(
+            "decision_audit_skipped_records",
+            "Unreadable journal records passed over by the shipper (logged).",
+            value=shipper.skipped_records,
+        )
+        yield GaugeMetricFamily(
+            "decision_audit_backlog_bytes",
+            "Journal bytes not yet in the audit store.",
+            value=shipper.backlog_bytes,
+        )
+        yield GaugeMetricFamily(
+            "decision_audit_store_up",
+            "1 when the last attempt to reach the audit store succeeded, else 0.",
+            value=1.0 if shipper.store_ok else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "decision_audit_last_shipped_timestamp_seconds",
+            "Wall-clock time of the last successful insert (0: none yet).",
+            value=shipper.last_shipped_at_us / 1e6,
+        )
+
+
+class MetricsServer:
+    """The /metrics endpoint; ``port`` 0 in settings turns it off."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self.registry = registry
+        self._host = host
+        self._requested_port = port
+        self.port = 0
+        self._server: WSGIServer | None = None
+        self._thread: Thread | None = None
+
+    def start(self) -> None:
+        if self._requested_port == 0 or self._server is not None:
+            return
+        self._server, self._thread = start_http_server(
+            self._requested_port, self._host, self.registry
+        )
+        self.port = self._server.server_port
+        log.info("metrics on http://%s:%d/metrics", self._host, self.port)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
