@@ -46,6 +46,7 @@ test-fast: ## Unit tests only (no servers started)
 bench: setup ## Benchmarks: Decide vs TorchServe latency, feature-cache ingest and freshness
 	@$(PY) -m loadtest.bench_latency
 	@$(PY) -m loadtest.bench_ingest
+	@$(PY) -m loadtest.bench_audit
 
 acceptance: setup ## The Coinbase recording in ../shared/data through Kafka into Redis, checked
 	@$(PY) -m loadtest.coinbase_acceptance

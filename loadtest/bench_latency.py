@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -38,6 +40,70 @@ from torchserve.archive import build_archive
 REPO = Path(__file__).resolve().parents[1]
 
 
+@contextlib.asynccontextmanager
+async def fresh_features(redis_port: int) -> AsyncIterator[None]:
+    """BTC-USD's features rewritten in Redis every 0.2 s while the block runs."""
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
+    keeper = FeatureKeeper(
+        FeatureWriter(client, key_prefix=Settings().redis.key_prefix, ttl_s=30),
+        ["BTC-USD"],
+        interval_s=0.2,
+    )
+    await keeper.start()
+    try:
+        await asyncio.sleep(0.1)
+        yield
+    finally:
+        await keeper.stop()
+        await client.aclose()
+
+
+def start_backends(
+    run_dir: Path, redis_port: int, ts_ports: ReplicaPorts, procs: list[ManagedProcess]
+) -> None:
+    """Builds the model archive, starts redis-server and one TorchServe replica and waits
+    for both; each is added to ``procs`` before it starts, for the caller to stop."""
+    archive = build_archive(run_dir / "store")
+    procs.append(start_redis(redis_port, run_dir / "redis"))
+    replica = torchserve_replica("primary", ts_ports, archive.path.parent, run_dir)
+    procs.append(replica)
+    start_replica(replica, ts_ports)
+
+
+def decision_server(
+    port: int,
+    *,
+    redis_port: int,
+    torchserve_port: int,
+    no_secondary_port: int,
+    state_dir: Path,
+    name: str = "decision-server",
+    env: Mapping[str, str] | None = None,
+) -> ManagedProcess:
+    """A decision server (not started) on the given Redis and TorchServe replica, with a
+    secondary address nobody listens on; its log, journal and SQLite audit store live in
+    ``state_dir``. ``env`` adds or overrides settings."""
+    return ManagedProcess(
+        name,
+        [sys.executable, "-m", "server"],
+        cwd=REPO,
+        log_path=state_dir / "server.log",
+        env={
+            **os.environ,
+            "DECISION_SERVER__LOG_LEVEL": "WARNING",
+            "DECISION_SERVER__PORT": str(port),
+            "DECISION_REDIS__URL": f"redis://127.0.0.1:{redis_port}/0",
+            "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{torchserve_port}",
+            "DECISION_TORCHSERVE__SECONDARY_ADDRESS": f"127.0.0.1:{no_secondary_port}",
+            "DECISION_TORCHSERVE__CONNECT_TIMEOUT_MS": "200",
+            "DECISION_TELEMETRY__METRICS_PORT": "0",  # not 9464: make run may hold it
+            "DECISION_AUDIT__JOURNAL_DIR": str(state_dir / "journal"),
+            "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{state_dir / 'audit.db'}",
+            **(env or {}),
+        },
+    )
+
+
 async def measure(
     decision_port: int,
     torchserve_port: int,
@@ -46,14 +112,13 @@ async def measure(
     rounds: int,
     per_round: int,
 ) -> dict[str, list[float]]:
-    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
-    keeper = FeatureKeeper(
-        FeatureWriter(client, key_prefix=Settings().redis.key_prefix, ttl_s=30),
-        ["BTC-USD"],
-        interval_s=0.2,
-    )
-    await keeper.start()
-    await asyncio.sleep(0.1)
+    async with fresh_features(redis_port):
+        return await _measure(decision_port, torchserve_port, echo_port, rounds, per_round)
+
+
+async def _measure(
+    decision_port: int, torchserve_port: int, echo_port: int, rounds: int, per_round: int
+) -> dict[str, list[float]]:
     decision_channel = grpc.aio.insecure_channel(f"127.0.0.1:{decision_port}")
     ts_channel = grpc.aio.insecure_channel(f"127.0.0.1:{torchserve_port}")
     echo_channel = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}")
@@ -114,11 +179,9 @@ async def measure(
             print(f"  round {r + 1}/{rounds}", end="\r", flush=True)
         print()
     finally:
-        await keeper.stop()
         await decision_channel.close()
         await echo_channel.close()
         await ts_channel.close()
-        await client.aclose()
     primary = sources.get(decision_pb2.SOURCE_PRIMARY, 0)
     total = sum(sources.values())
     print(f"  Decide answered by the primary: {primary}/{total}")
@@ -134,31 +197,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         run_dir = Path(tmp)
         print("starting redis-server, TorchServe and the decision server …", flush=True)
-        archive = build_archive(run_dir / "store")
         redis_port, decision_port, echo_port, no_secondary, *replica_ports = free_ports(10)
         ts_ports = ReplicaPorts(*replica_ports)
         procs: list[ManagedProcess] = []
         try:
-            procs.append(start_redis(redis_port, run_dir / "redis"))
-            replica = torchserve_replica("primary", ts_ports, archive.path.parent, run_dir)
-            procs.append(replica)
-            start_replica(replica, ts_ports)
-            server = ManagedProcess(
-                "decision-server",
-                [sys.executable, "-m", "server"],
-                cwd=REPO,
-                log_path=run_dir / "server.log",
-                env={
-                    **os.environ,
-                    "DECISION_SERVER__LOG_LEVEL": "WARNING",
-                    "DECISION_SERVER__PORT": str(decision_port),
-                    "DECISION_REDIS__URL": f"redis://127.0.0.1:{redis_port}/0",
-                    "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{ts_ports.grpc_inference}",
-                    "DECISION_TORCHSERVE__SECONDARY_ADDRESS": f"127.0.0.1:{no_secondary}",
-                    "DECISION_TORCHSERVE__CONNECT_TIMEOUT_MS": "200",
-                    "DECISION_AUDIT__JOURNAL_DIR": str(run_dir / "journal"),
-                    "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}",
-                },
+            start_backends(run_dir, redis_port, ts_ports, procs)
+            server = decision_server(
+                decision_port,
+                redis_port=redis_port,
+                torchserve_port=ts_ports.grpc_inference,
+                no_secondary_port=no_secondary,
+                state_dir=run_dir,
             )
             procs.append(server)
             server.start()

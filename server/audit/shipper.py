@@ -36,7 +36,8 @@ from server.audit.store import AuditStore
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK_BYTES = 4 << 20
+# Room for a full batch: a decision record is about 1.2 KiB.
+READ_CHUNK_BYTES = 16 << 20
 CHECKPOINT_FILE = "shipped"
 
 

@@ -79,19 +79,11 @@ admin_actions = sa.Table(
     sa.Index("ix_admin_actions_actor_at", "actor", "at"),
 )
 
-_DECISION_COLUMNS = frozenset(c.name for c in decisions.columns)
 _ADMIN_COLUMNS = frozenset(c.name for c in admin_actions.columns)
 
 
 def from_us(us: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(us / 1_000_000, tz=_UTC)
-
-
-def decision_row(record: Mapping[str, Any]) -> dict[str, Any]:
-    row = {k: v for k, v in record.items() if k in _DECISION_COLUMNS}
-    row["received_at"] = from_us(record["received_at_us"])
-    row["decided_at"] = from_us(record["decided_at_us"])
-    return row
 
 
 def admin_row(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,40 +134,99 @@ def create_store_engine(url: str) -> Engine:
     )
 
 
+# Decision rows go in as tuples in this order, built straight from the journal's dicts:
+# SQLAlchemy's per-row parameter processing costs more than the insert itself.
+DECISION_COLUMNS: tuple[str, ...] = tuple(c.name for c in decisions.columns)
+_JSON_COLUMNS = frozenset({"features", "feature_overrides"})
+_TIME_COLUMNS = {"received_at": "received_at_us", "decided_at": "decided_at_us"}
+
+
+def decision_values(record: Mapping[str, Any], time: Any, json: Any) -> tuple[Any, ...]:
+    """One decision's column values; ``time`` and ``json`` convert those columns."""
+    values = []
+    for name in DECISION_COLUMNS:
+        if name in _TIME_COLUMNS:
+            values.append(time(record[_TIME_COLUMNS[name]]))
+        elif name in _JSON_COLUMNS:
+            value = record.get(name)
+            values.append(None if value is None else json(value))
+        else:
+            values.append(record.get(name))
+    return tuple(values)
+
+
+def _sqlite_time(us: int) -> str:
+    # The text SQLAlchemy's SQLite DateTime stores and compares (UTC, no zone).
+    return from_us(us).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
 class AuditStore:
-    """Idempotent batch inserts into the audit tables."""
+    """Idempotent batch inserts into the audit tables.
+
+    Decisions take each database's bulk path: SQLite ``INSERT OR IGNORE`` with
+    ``executemany``; PostgreSQL ``COPY`` into a temporary table, then one
+    ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``. Admin actions are rare and go
+    through SQLAlchemy.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        dialect = engine.dialect.name
-        if dialect == "postgresql":
-            self._insert: Any = postgresql.insert
-        elif dialect == "sqlite":
-            self._insert = sqlite.insert
+        self.dialect = engine.dialect.name
+        if self.dialect == "postgresql":
+            insert: Any = postgresql.insert
+        elif self.dialect == "sqlite":
+            insert = sqlite.insert
         else:
-            raise ValueError(f"audit store: unsupported database {dialect!r}")
-        self._insert_decisions = self._insert(decisions).on_conflict_do_nothing(
-            index_elements=["decision_id"]
-        )
-        self._insert_admin = self._insert(admin_actions).on_conflict_do_nothing(
+            raise ValueError(f"audit store: unsupported database {self.dialect!r}")
+        self._insert_admin = insert(admin_actions).on_conflict_do_nothing(
             index_elements=["action_id"]
+        )
+        # Statements built from the table definition's column names; values are bound.
+        columns = ", ".join(DECISION_COLUMNS)
+        marks = ", ".join("?" for _ in DECISION_COLUMNS)
+        self._sqlite_insert = f"INSERT OR IGNORE INTO decisions ({columns}) VALUES ({marks})"  # noqa: S608
+        self._pg_copy = f"COPY decisions_in ({columns}) FROM STDIN"
+        self._pg_merge = (
+            f"INSERT INTO decisions ({columns}) SELECT {columns} FROM decisions_in"  # noqa: S608
+            " ON CONFLICT (decision_id) DO NOTHING"
         )
 
     def insert(self, records: Iterable[Mapping[str, Any]]) -> int:
         """Stores decoded journal records in one transaction; returns how many were given."""
-        decision_rows: list[dict[str, Any]] = []
+        decision_records: list[Mapping[str, Any]] = []
         admin_rows: list[dict[str, Any]] = []
         for record in records:
             if record["kind"] == DECISION:
-                decision_rows.append(decision_row(record))
+                decision_records.append(record)
             elif record["kind"] == ADMIN:
                 admin_rows.append(admin_row(record))
         with self.engine.begin() as conn:
-            if decision_rows:
-                conn.execute(self._insert_decisions, decision_rows)
+            if decision_records:
+                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    if self.dialect == "sqlite":
+                        self._insert_sqlite(cursor, decision_records)
+                    else:
+                        self._insert_postgresql(cursor, decision_records)
+                finally:
+                    cursor.close()
             if admin_rows:
                 conn.execute(self._insert_admin, admin_rows)
-        return len(decision_rows) + len(admin_rows)
+        return len(decision_records) + len(admin_rows)
+
+    def _insert_sqlite(self, cursor: Any, records: list[Mapping[str, Any]]) -> None:
+        cursor.executemany(
+            self._sqlite_insert, [decision_values(r, _sqlite_time, _json_text) for r in records]
+        )
+
+    def _insert_postgresql(self, cursor: Any, records: list[Mapping[str, Any]]) -> None:
+        cursor.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS decisions_in (LIKE decisions) ON COMMIT DELETE ROWS"
+        )
+        with cursor.copy(self._pg_copy) as copy:
+            for record in records:
+                copy.write_row(decision_values(record, from_us, _json_text))
+        cursor.execute(self._pg_merge)
 
     def count_decisions(self) -> int:
         with self.engine.connect() as conn:

@@ -1,0 +1,348 @@
+"""The audit trail's costs, measured in one run on this machine.
+
+1. Journal append: ``encode`` + ``Journal.append`` of one decision record (11 features)
+   per call, each call timed, with the default segment size and fsync interval.
+2. Shipping: a journal of N records shipped by ``AuditShipper`` into a fresh SQLite file
+   and a fresh PostgreSQL database of this run's own (dropped at the end); rows/s from the
+   shipper's start until its backlog is empty, the schema migrated before the clock.
+3. Decide p50/p99 with the audit on and off: decision servers (audit off, on, and off
+   again as a control) on one redis-server and one TorchServe replica, the same load on
+   each in rounds whose order rotates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import functools
+import gc
+import hashlib
+import os
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import grpc
+import sqlalchemy as sa
+
+from feature_cache.schema import FEATURE_NAMES
+from loadtest.bench_latency import decision_server, fresh_features, start_backends
+from loadtest.stats import percentile
+from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from server.audit.journal import Journal
+from server.audit.migrate import upgrade
+from server.audit.record import DecisionRecord, encode
+from server.audit.shipper import AuditShipper, describe
+from server.audit.store import AuditStore, create_store_engine
+from server.audit.trail import decision_record
+from server.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
+from server.localstack.health import serving
+from server.localstack.processes import ManagedProcess, free_ports
+from server.localstack.torchserve_replica import ReplicaPorts
+from server.settings import AuditSettings
+
+POSTGRES_URL = os.environ.get(
+    "DECISION_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+DEFAULTS = AuditSettings()  # segment size, fsync interval, shipper timings
+BATCH_RECORDS = 5000
+SHIP_TARGET = ">= 20,000 rows/s"
+# DECISION_AUDIT__ENABLED per server; a second audit-off server is the control: how far
+# apart two identical servers measure on this machine (the noise floor of "on - off").
+CONFIGS = {"audit off": "false", "audit on": "true", "audit off again": "false"}
+DECIDE = decision_pb2.DecideRequest(symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0)
+Row = tuple[str, str, str, str]  # measurement, count, result, target
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def make_records(count: int, seed: int = 1) -> list[DecisionRecord]:
+    """Records as the server builds them (``decision_record``), with varied values."""
+    rng = random.Random(seed)
+    version = hashlib.sha256(b"champion").hexdigest()
+    start_ns = time.time_ns()
+    records = []
+    for n in range(count):
+        at_ns = start_ns + n * 1_000_000
+        side, quantity = Side(1 + n % 2), round(rng.uniform(0.01, 5.0), 4)
+        order = OrderRequest(str(uuid.uuid4()), "BTC-USD", side, quantity, client_id="bench")
+        score = rng.random()
+        result = DecisionResult(
+            request_id=order.request_id,
+            decision_id=str(uuid.uuid4()),
+            decision=Decision.TRADE if score >= 0.55 else Decision.NO_TRADE,
+            score=score,
+            threshold=0.55,
+            source=Source.PRIMARY,
+            model_name="champion",
+            model_version=version,
+            reason=f"primary answered in {rng.uniform(0.8, 3.0):.1f} ms",
+            feature_age_ms=rng.uniform(0.0, 200.0),
+            features_us=rng.randint(150, 600),
+            model_us=rng.randint(800, 2500),
+            total_us=rng.randint(1100, 3200),
+            decided_at_ns=at_ns + 1_600_000,
+        )
+        call = CallInfo(at_ns, uuid.uuid4().hex, "ipv4:127.0.0.1:52814")
+        features = [rng.gauss(0.0, 1.0) for _ in FEATURE_NAMES]
+        records.append(decision_record("bench-host:50051", call, order, features, result))
+    return records
+
+
+def open_journal(directory: Path) -> Journal:
+    journal = Journal(
+        directory,
+        segment_max_bytes=DEFAULTS.segment_max_bytes,
+        fsync_interval_ms=DEFAULTS.fsync_interval_ms,
+    )
+    journal.open()
+    return journal
+
+
+def us_summary(ns: Sequence[int]) -> str:
+    p50, p99, mean = percentile(ns, 0.5), percentile(ns, 0.99), statistics.fmean(ns)
+    return f"median {p50 / 1000:.1f} us, p99 {p99 / 1000:.1f} us, mean {mean / 1000:.1f} us"
+
+
+def bench_append(records: Sequence[DecisionRecord], directory: Path) -> list[Row]:
+    say(f"[1/3] journal append: {len(records):,} records, one encode + append each")
+    encode_ns, append_ns, both_ns = [], [], []
+    clock = time.perf_counter_ns
+    journal = open_journal(directory)
+    try:
+        for i, record in enumerate(records, 1):
+            t0 = clock()
+            payload = encode(record)
+            t1 = clock()
+            journal.append([payload])
+            t2 = clock()
+            encode_ns.append(t1 - t0)
+            append_ns.append(t2 - t1)
+            both_ns.append(t2 - t0)
+            if i % 10_000 == 0:
+                say(f"  appended {i:,}/{len(records):,}")
+    finally:
+        journal.close()
+    n = f"{len(records):,}"
+    return [
+        ("journal: encode + append, per record", n, us_summary(both_ns), "<= 20 us median"),
+        ("journal: encode alone", n, us_summary(encode_ns), ""),
+        ("journal: append alone", n, us_summary(append_ns), ""),
+    ]
+
+
+def ship(
+    label: str, url: str, payloads: Sequence[bytes], directory: Path, store_class: type[AuditStore]
+) -> Row:
+    """Ships a journal of ``payloads`` into the empty store at ``url``."""
+    store = store_class(create_store_engine(url))
+    upgrade(store.engine)
+    journal = open_journal(directory)
+    for start in range(0, len(payloads), 1000):
+        journal.append(payloads[start : start + 1000])
+    shipper = AuditShipper(
+        journal,
+        store,
+        batch_records=BATCH_RECORDS,
+        idle_interval_ms=DEFAULTS.ship_idle_interval_ms,
+        retry_max_s=DEFAULTS.ship_retry_max_s,
+        migrate=False,
+    )
+    say(f"  shipping {len(payloads):,} records into {label} …")
+    try:
+        started = next_report = time.perf_counter()
+        shipper.start()
+        while (status := shipper.status()).backlog_bytes:
+            if not status.store_ok:
+                raise RuntimeError(f"{label}: {status.last_error}")
+            if time.perf_counter() >= next_report + 1.0:
+                next_report += 1.0
+                say(f"    {status.shipped_records:,}/{len(payloads):,} shipped")
+            time.sleep(0.02)  # each look lists the journal folder, holding the GIL
+        elapsed = time.perf_counter() - started
+    finally:
+        shipper.stop(drain_timeout_s=5.0)
+        journal.close()
+    stored = store.count_decisions()
+    store.dispose()
+    if stored != len(payloads):
+        raise RuntimeError(f"{label}: {stored:,} rows stored of {len(payloads):,}")
+    say(f"    {stored:,} rows in {elapsed:.2f} s: {stored / elapsed:,.0f} rows/s")
+    return (f"ship into {label}", f"{stored:,}", f"{stored / elapsed:,.0f} rows/s", SHIP_TARGET)
+
+
+@contextlib.contextmanager
+def postgres_database(suffix: str) -> Iterator[str | None]:
+    """A database of this run's own (None when the server is not usable), then dropped."""
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"audit_bench_{os.getpid()}_{suffix}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.DBAPIError as exc:
+        say(f"  PostgreSQL is not usable at {POSTGRES_URL}: {describe(exc)}; skipped")
+        admin.dispose()
+        url = None
+    else:
+        url = admin.url.set(database=name).render_as_string(hide_password=False)
+    if url is None:
+        yield None
+        return
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def bench_ship(payloads: Sequence[bytes], run_dir: Path) -> list[Row]:
+    say(f"[2/3] shipping: {len(payloads):,} records, batches of up to {BATCH_RECORDS:,}")
+    sqlite_url = f"sqlite:///{run_dir / 'ship.db'}"
+    rows = [ship("SQLite", sqlite_url, payloads, run_dir / "sqlite", AuditStore)]
+    with postgres_database("ship") as url:
+        if url is None:
+            rows.append(("ship into PostgreSQL", "-", "skipped: not reachable", SHIP_TARGET))
+        else:
+            rows.append(ship("PostgreSQL", url, payloads, run_dir / "postgresql", AuditStore))
+    return rows
+
+
+async def decide_load(
+    ports: Mapping[str, int], redis_port: int, plan: Sequence[tuple[int, int]]
+) -> tuple[dict[tuple[str, int], list[float]], Counter[tuple[str, int]]]:
+    """Runs ``plan`` (concurrency, calls) on each config in turn, rotating the order.
+    By (config, concurrency): latencies in ms, and answers from the primary model."""
+    results: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
+    primary: Counter[tuple[str, int]] = collections.Counter()
+    channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{p}") for name, p in ports.items()}
+
+    async def load(name: str, concurrency: int, calls: int) -> None:
+        decide = decision_pb2_grpc.DecisionServiceStub(channels[name]).Decide
+
+        async def worker() -> None:
+            for _ in range(calls // concurrency):
+                started = time.perf_counter()
+                response = await decide(DECIDE, timeout=1.0)
+                results[name, concurrency].append((time.perf_counter() - started) * 1000)
+                primary[name, concurrency] += response.source == decision_pb2.SOURCE_PRIMARY
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    try:
+        async with fresh_features(redis_port):
+            for name in ports:  # warm-up, not recorded
+                await load(name, 1, 200)
+            results.clear()
+            primary.clear()
+            for r, (concurrency, calls) in enumerate(plan):
+                order = list(ports)[r % len(ports) :] + list(ports)[: r % len(ports)]
+                medians = []
+                for name in order:  # each config takes each place in turn
+                    done = len(results[name, concurrency])
+                    await load(name, concurrency, calls)
+                    p50 = percentile(results[name, concurrency][done:], 0.5)
+                    medians.append(f"{name} {p50:.3f}")
+                say(
+                    f"  round {r + 1}/{len(plan)}, concurrency {concurrency}, p50 ms: "
+                    + ", ".join(medians)
+                )
+    finally:
+        for channel in channels.values():
+            await channel.close()
+    return results, primary
+
+
+def bench_decide(run_dir: Path, plan: Sequence[tuple[int, int]]) -> list[Row]:
+    say(f"[3/3] Decide, audit off vs on: starting redis-server, TorchServe, {len(CONFIGS)} servers")
+    replica_count = len(dataclasses.fields(ReplicaPorts))
+    redis_port, no_secondary, *more = free_ports(2 + replica_count + 2 * len(CONFIGS))
+    ts_ports = ReplicaPorts(*more[:replica_count])
+    ports = dict(zip(CONFIGS, more[replica_count::2], strict=True))
+    metrics_ports = dict(zip(CONFIGS, more[replica_count + 1 :: 2], strict=True))
+    procs: list[ManagedProcess] = []
+    try:
+        start_backends(run_dir, redis_port, ts_ports, procs)
+        for name, enabled in CONFIGS.items():
+            server = decision_server(
+                ports[name],
+                redis_port=redis_port,
+                torchserve_port=ts_ports.grpc_inference,
+                no_secondary_port=no_secondary,
+                state_dir=run_dir / name.replace(" ", "-"),
+                name=f"decision server ({name})",
+                # Each serves /metrics, as in production, on a port of its own.
+                env={
+                    "DECISION_AUDIT__ENABLED": enabled,
+                    "DECISION_TELEMETRY__METRICS_PORT": str(metrics_ports[name]),
+                },
+            )
+            procs.append(server)
+            server.start()
+        for server, port in zip(procs[-len(CONFIGS) :], ports.values(), strict=True):
+            server.wait_ready(functools.partial(serving, port), 30)
+        results, primary = asyncio.run(decide_load(ports, redis_port, plan))
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    audit_db = create_store_engine(f"sqlite:///{run_dir / 'audit-on' / 'audit.db'}")
+    say(f"  the audit-on server stored {AuditStore(audit_db).count_decisions():,} decisions")
+    audit_db.dispose()
+    rows: list[Row] = []
+    for concurrency in sorted({c for c, _ in plan}):
+        for name in CONFIGS:
+            values = results[name, concurrency]
+            n = f"{len(values):,} ({primary[name, concurrency]:,} primary)"
+            summary = f"p50 {percentile(values, 0.5):.3f} ms, p99 {percentile(values, 0.99):.3f} ms"
+            rows.append((f"Decide c={concurrency}, {name}", n, summary, ""))
+        off, on, again = (results[name, concurrency] for name in CONFIGS)
+        for label, a, b in (("on - off", on, off), ("off again - off (noise)", again, off)):
+            p50 = percentile(a, 0.5) - percentile(b, 0.5)
+            p99 = percentile(a, 0.99) - percentile(b, 0.99)
+            summary = f"p50 {p50:+.3f} ms, p99 {p99:+.3f} ms"
+            rows.append((f"Decide c={concurrency}, {label}", "", summary, ""))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--appends", type=int, default=50_000)
+    parser.add_argument("--ship-records", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=6, help="rounds at concurrency 1")
+    parser.add_argument("--per-round", type=int, default=300, help="calls per round and config")
+    parser.add_argument("--concurrent-rounds", type=int, default=3, help="rounds at 8")
+    parser.add_argument("--concurrent-calls", type=int, default=800, help="per round at 8")
+    args = parser.parse_args()
+
+    say(f"building {max(args.appends, args.ship_records):,} decision records …")
+    records = make_records(max(args.appends, args.ship_records))
+    payloads = [encode(record) for record in records[: args.ship_records]]
+    say(f"  {len(payloads[0]):,} bytes a record in the journal")
+    # The benchmark's own data set stays out of the collector's way: a server holds no
+    # 100,000 records, and full collections walking them would slow the shipper.
+    gc.freeze()
+    plan = [(1, args.per_round)] * args.rounds
+    plan += [(8, args.concurrent_calls)] * args.concurrent_rounds
+    with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
+        run_dir = Path(tmp)
+        rows = bench_append(records[: args.appends], run_dir / "append")
+        rows += bench_ship(payloads, run_dir)
+        rows += bench_decide(run_dir, plan)
+    say("\n| measurement | n | result | target |")
+    say("| --- | ---: | --- | --- |")
+    for row in rows:
+        say("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
