@@ -157,6 +157,13 @@ class DecisionApp:
         if self._started:
             return
         self._started = True
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()  # undo what did start: the journal above all
+            raise
+
+    async def _start(self) -> None:
         address = f"{self.settings.server.host}:{self.settings.server.port}"
         self.port = self.server.add_insecure_port(address)
         if self.settings.audit.enabled:
@@ -202,7 +209,7 @@ class DecisionApp:
     async def _watch_audit(self) -> None:
         healthy: bool | None = None
         while True:
-            ok = self.audit.shipper.status().store_ok
+            ok = self.audit.shipper.store_ok
             if ok != healthy:
                 healthy = ok
                 await self.health.set(AUDIT_HEALTH, SERVING if ok else NOT_SERVING)
@@ -228,14 +235,17 @@ class DecisionApp:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace=self.settings.server.grace_period_s)
-        await self.engine.stop()
-        for replica in reversed(self.replicas):
-            await replica.client.stop()
-        await self.redis.aclose()
-        self.metrics.stop()
-        await self.audit.stop()
+        try:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace=self.settings.server.grace_period_s)
+            await self.engine.stop()
+            for replica in reversed(self.replicas):
+                await replica.client.stop()
+            await self.redis.aclose()
+            self.metrics.stop()
+        finally:
+            # Whatever failed above, the journal is synced, closed and shipped.
+            await self.audit.stop()
         log.info("stopped")
 
     async def __aenter__(self) -> DecisionApp:

@@ -49,6 +49,11 @@ class AuditCollector(Collector):
             "Unreadable journal records passed over by the shipper (logged).",
             value=shipper.skipped_records,
         )
+        yield CounterMetricFamily(
+            "decision_audit_rejected_records",
+            "Records the audit store refused (kept in the journal folder's rejected.jsonl).",
+            value=shipper.rejected_records,
+        )
         yield GaugeMetricFamily(
             "decision_audit_backlog_bytes",
             "Journal bytes not yet in the audit store.",

@@ -31,7 +31,8 @@ DIFFERENCES_SHOWN = 20
 def _time(text: str) -> dt.datetime:
     """An ISO 8601 time; without a zone it is UTC."""
     value = dt.datetime.fromisoformat(text)
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    # In UTC: SQLite compares the stored UTC text and ignores a zone.
+    return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _parser() -> argparse.ArgumentParser:

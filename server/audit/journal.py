@@ -80,6 +80,10 @@ def parse_frames(data: bytes | memoryview, max_records: int | None = None) -> Fr
             problem = "incomplete record header"
             break
         length, checksum = HEADER.unpack_from(view, offset)
+        if length == 0:
+            # Never written (append refuses empty payloads): zeros left by a crash.
+            problem = "empty record"
+            break
         if length > MAX_RECORD_BYTES:
             problem = f"record length {length} is not plausible"
             break
@@ -135,6 +139,8 @@ class Journal:
         self._sync_thread: threading.Thread | None = None
         self.appended_records = 0
         self.write_failures = 0
+        self._needs_new_segment = False
+        self._rotation_failing = False
 
     @property
     def position(self) -> Position:
@@ -191,10 +197,17 @@ class Journal:
                 os.fsync(file.fileno())
 
     def _begin_segment(self, segment: int) -> None:
+        """Creates the next segment; on failure nothing changes and no file is left."""
         path = segment_path(self.directory, segment)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(fd, MAGIC)
-        self._fsync_directory()
+        try:
+            if os.write(fd, MAGIC) != len(MAGIC):
+                raise OSError("short write of the segment header")
+            self._fsync_directory()
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
         self._fd, self._segment, self._end = fd, segment, len(MAGIC)
         self._position = Position(segment, self._end)
 
@@ -209,6 +222,17 @@ class Journal:
         """Hands the records to the OS in one write; all or none of them are kept."""
         if self._fd < 0:
             raise JournalWriteError("the audit journal is closed")
+        if not all(payloads):
+            raise ValueError("an audit record cannot be empty")
+        if self._needs_new_segment:
+            # A partial write could not be cut from the current segment: never write
+            # after it (the records would be misframed), start afresh or refuse.
+            try:
+                self._rotate()
+            except OSError as exc:
+                self.write_failures += 1
+                raise JournalWriteError(f"audit journal unusable: {exc}") from exc
+            self._needs_new_segment = False
         data = frame(payloads)
         view = memoryview(data)
         written = 0
@@ -223,20 +247,34 @@ class Journal:
         self._position = Position(self._segment, self._end)
         self.appended_records += len(payloads)
         if self._fsync_interval_s == 0:
-            os.fdatasync(self._fd)
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                # The records are in the file and will be shipped; the decision is not
+                # returned, since its durability was not what was asked.
+                self.write_failures += 1
+                raise JournalWriteError(f"audit journal fsync failed: {exc}") from exc
             self._synced_end = self._position
         if self._end >= self._segment_max_bytes:
-            self._rotate()
+            try:
+                self._rotate()
+                self._rotation_failing = False
+            except OSError:
+                # The records are written; the segment grows past its size until a
+                # later append manages to rotate.
+                if not self._rotation_failing:
+                    log.exception("audit journal: cannot start a new segment; will retry")
+                self._rotation_failing = True
 
     def _discard_partial_write(self) -> None:
-        """Cuts a partly written record, or moves to a new segment if that fails too."""
+        """Cuts a partly written record; if that fails, the next append needs a new segment
+        (the torn tail stays at the end of this one, where the shipper stops reading)."""
         try:
             os.ftruncate(self._fd, self._end)
             os.lseek(self._fd, self._end, os.SEEK_SET)
         except OSError:
-            log.exception("audit journal: could not cut a partial write; starting a new segment")
-            with contextlib.suppress(OSError):
-                self._rotate()
+            log.exception("audit journal: could not cut a partial write")
+            self._needs_new_segment = True
 
     def _rotate(self) -> None:
         old = self._fd

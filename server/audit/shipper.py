@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import sqlalchemy.exc
 
 from server.audit.journal import (
     MAGIC,
@@ -37,6 +38,9 @@ from server.audit.store import AuditStore
 log = logging.getLogger(__name__)
 
 # Room for a full batch: a decision record is about 1.2 KiB.
+REJECTED_FILE = "rejected.jsonl"
+# Errors that are about the rows, not the database being away: retrying cannot help.
+ROW_ERRORS = (sqlalchemy.exc.DataError, sqlalchemy.exc.IntegrityError)
 READ_CHUNK_BYTES = 16 << 20
 CHECKPOINT_FILE = "shipped"
 
@@ -48,6 +52,7 @@ class ShipperStatus:
     backlog_bytes: int  # journal bytes not yet in the store
     shipped_records: int  # since this process started
     skipped_records: int  # unreadable records passed over (logged)
+    rejected_records: int  # records the store refused, kept in rejected.jsonl (logged)
     last_shipped_at_us: int  # wall clock of the last successful insert, 0 if none
 
 
@@ -81,10 +86,11 @@ class AuditShipper:
         self._stopping = False
         self._drain_deadline = 0.0
         self._thread: threading.Thread | None = None
-        self._store_ok = True
+        self._store_ok: bool | None = None  # None: not reached yet
         self._last_error = ""
         self._shipped = 0
         self._skipped = 0
+        self._rejected = 0
         self._last_shipped_at_us = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -113,13 +119,19 @@ class AuditShipper:
             )
         return left == 0
 
+    @property
+    def store_ok(self) -> bool:
+        """The last attempt to reach the store succeeded (False before the first)."""
+        return bool(self._store_ok)
+
     def status(self) -> ShipperStatus:
         return ShipperStatus(
-            store_ok=self._store_ok,
+            store_ok=self.store_ok,
             last_error=self._last_error,
             backlog_bytes=self.backlog_bytes(),
             shipped_records=self._shipped,
             skipped_records=self._skipped,
+            rejected_records=self._rejected,
             last_shipped_at_us=self._last_shipped_at_us,
         )
 
@@ -153,7 +165,7 @@ class AuditShipper:
                 shipped = self.ship_once()
             except Exception as exc:  # noqa: BLE001 - the thread's boundary: log, back off, retry
                 problem = describe(exc)
-                if self._store_ok:
+                if self._store_ok is not False:
                     log.warning("audit store unavailable; journal keeps growing: %s", problem)
                 self._store_ok = False
                 self._last_error = problem
@@ -162,7 +174,7 @@ class AuditShipper:
                 backoff_s = min(max(backoff_s * 2, 0.05), self._retry_max_s)
                 self._sleep(backoff_s)
                 continue
-            if not self._store_ok:
+            if self._store_ok is False:
                 log.info("audit store reachable again; shipping the backlog")
             self._store_ok, self._last_error, backoff_s = True, "", 0.0
             if shipped == 0:
@@ -220,11 +232,34 @@ class AuditShipper:
                 continue
             records = self._decode(frames.payloads, path.name)
             if records:
-                self._store.insert(records)
+                try:
+                    self._store.insert(records)
+                except ROW_ERRORS:
+                    self._insert_one_by_one(records)
             self._shipped += len(records)
             self._last_shipped_at_us = time.time_ns() // 1000
             self._save_checkpoint(Position(checkpoint.segment, checkpoint.offset + frames.consumed))
             return len(frames.payloads)
+
+    def _insert_one_by_one(self, records: list[dict[str, Any]]) -> None:
+        """A batch the store refused for its rows: each record alone; those refused again
+        are set aside in ``rejected.jsonl`` (never dropped, never blocking the rest)."""
+        for record in records:
+            try:
+                self._store.insert([record])
+            except ROW_ERRORS as exc:
+                log.error(
+                    "audit store refused %s record %s: %s; kept in %s",
+                    record.get("kind"),
+                    record.get("decision_id") or record.get("action_id"),
+                    describe(exc),
+                    REJECTED_FILE,
+                )
+                with (self._directory / REJECTED_FILE).open("ab") as file:
+                    file.write(orjson.dumps({"error": describe(exc), "record": record}) + b"\n")
+                    file.flush()
+                    os.fsync(file.fileno())
+                self._rejected += 1
 
     def _decode(self, payloads: list[bytes], segment_name: str) -> list[dict[str, Any]]:
         records = []

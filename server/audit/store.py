@@ -163,10 +163,10 @@ def _sqlite_time(us: int) -> str:
 class AuditStore:
     """Idempotent batch inserts into the audit tables.
 
-    Decisions take each database's bulk path: SQLite ``INSERT OR IGNORE`` with
-    ``executemany``; PostgreSQL ``COPY`` into a temporary table, then one
-    ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``. Admin actions are rare and go
-    through SQLAlchemy.
+    Decisions take each database's bulk path: SQLite ``executemany``; PostgreSQL
+    ``COPY`` into a temporary table, then one ``INSERT ... SELECT``. Both skip ids already
+    stored (``ON CONFLICT DO NOTHING``) and raise on any other bad row. Admin actions are
+    rare and go through SQLAlchemy.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -184,7 +184,10 @@ class AuditStore:
         # Statements built from the table definition's column names; values are bound.
         columns = ", ".join(DECISION_COLUMNS)
         marks = ", ".join("?" for _ in DECISION_COLUMNS)
-        self._sqlite_insert = f"INSERT OR IGNORE INTO decisions ({columns}) VALUES ({marks})"  # noqa: S608
+        self._sqlite_insert = (
+            f"INSERT INTO decisions ({columns}) VALUES ({marks})"  # noqa: S608
+            " ON CONFLICT (decision_id) DO NOTHING"
+        )
         self._pg_copy = f"COPY decisions_in ({columns}) FROM STDIN"
         self._pg_merge = (
             f"INSERT INTO decisions ({columns}) SELECT {columns} FROM decisions_in"  # noqa: S608
@@ -203,11 +206,19 @@ class AuditStore:
         with self.engine.begin() as conn:
             if decision_records:
                 cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                dbapi_error = self.engine.dialect.loaded_dbapi.Error
                 try:
                     if self.dialect == "sqlite":
                         self._insert_sqlite(cursor, decision_records)
                     else:
                         self._insert_postgresql(cursor, decision_records)
+                except dbapi_error as exc:
+                    # The driver's own error, as SQLAlchemy would have raised it
+                    # (IntegrityError, DataError, OperationalError, ...), without the rows.
+                    raise sa.exc.DBAPIError.instance(
+                        "bulk insert into decisions", None, exc, dbapi_error,
+                        hide_parameters=True, dialect=self.engine.dialect,
+                    ) from exc  # fmt: skip
                 finally:
                     cursor.close()
             if admin_rows:

@@ -90,8 +90,16 @@ def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path):
     try:
         wait_for(lambda: serving(decision_port), 150)
         with grpc.insecure_channel(f"127.0.0.1:{decision_port}") as channel:
-            response = decision_pb2_grpc.DecisionServiceStub(channel).Decide(buy(), timeout=1.0)
-        assert response.source == decision_pb2.SOURCE_PRIMARY, response.reason
+            stub = decision_pb2_grpc.DecisionServiceStub(channel)
+            # The model answers (a first call on a busy 2-core machine may exceed the
+            # 25 ms per-call cap and fall back: that is the ladder working, not a failure).
+            sources = []
+            for _ in range(5):
+                response = stub.Decide(buy(), timeout=1.0)
+                sources.append((response.source, response.reason))
+                if response.source == decision_pb2.SOURCE_PRIMARY:
+                    break
+        assert sources[-1][0] == decision_pb2.SOURCE_PRIMARY, sources
         children = descendants(proc.pid)
         assert len(children) >= 4  # redis, 2 TorchServe launchers (+ JVMs, workers), server
 
@@ -107,6 +115,8 @@ def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def zombie(pid: int) -> bool:

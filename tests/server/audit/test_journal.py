@@ -150,3 +150,44 @@ print(journal.write_failures)
     )
     assert done.stdout.split() == ["refused", "1"], done.stderr
     assert all_records(tmp_path) == [b"kept", b"next"]
+
+
+def test_a_failed_rotation_keeps_appending_to_the_current_segment(tmp_path):
+    # Out of file descriptors: the next segment cannot be created (a real OS refusal).
+    script = f"""
+import resource
+from pathlib import Path
+from server.audit.journal import Journal
+journal = Journal(Path({str(tmp_path)!r}), segment_max_bytes=64 << 10, fsync_interval_ms=0)
+journal.open()
+first = journal.position.segment
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+import os
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))
+for n in range(100):
+    journal.append([b"%04d" % n + b"x" * 1000])  # past the segment size: rotation fails
+stuck = journal.position.segment
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+journal.append([b"after"])
+journal.close()
+print(first == stuck, journal.position.segment > stuck)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert done.stdout.split() == ["True", "True"], done.stderr
+    records = all_records(tmp_path)
+    assert len(records) == 101 and records[-1] == b"after"
+    assert "cannot start a new segment" in done.stderr
+
+
+def test_zeros_after_the_last_record_are_not_records(tmp_path):
+    parsed = parse_frames(frame([b"real"]) + bytes(64))
+    assert parsed.payloads == [b"real"]
+    assert parsed.problem == "empty record"
+    with pytest.raises(ValueError, match="empty"):
+        journal = open_journal(tmp_path)
+        try:
+            journal.append([b""])
+        finally:
+            journal.close()

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import sqlalchemy as sa
 
 from server.audit.journal import Journal, segment_path, segments
@@ -176,3 +177,27 @@ def test_an_unreadable_record_in_a_closed_segment_skips_only_the_rest_of_it(tmp_
     assert parts.shipper.status().skipped_records == 1
     parts.shipper.stop(1.0)
     parts.store.dispose()
+
+
+def test_records_the_store_refuses_are_set_aside_and_the_rest_ship(tmp_path, database_url):
+    parts = Parts(tmp_path, database_url)
+    good = parts.append(30)
+    refused = [decision_record(0, symbol=None)]  # NOT NULL: no database takes it
+    if database_url.startswith("postgresql"):
+        refused.append(decision_record(1, model_version="f" * 65))  # longer than the column
+    for record in refused:
+        parts.journal.append([encode(record)])
+    later = parts.append(30)
+    parts.shipper.start()
+    wait_for(lambda: parts.shipper.backlog_bytes() == 0)
+    try:
+        assert parts.store.decision_ids() == set(good) | set(later)
+        status = parts.shipper.status()
+        assert status.rejected_records == len(refused)
+        assert status.store_ok
+        kept = (tmp_path / "rejected.jsonl").read_text().splitlines()
+        assert [orjson.loads(line)["record"]["decision_id"] for line in kept] == [
+            r.decision_id for r in refused
+        ]
+    finally:
+        parts.close()
