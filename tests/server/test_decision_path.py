@@ -72,12 +72,18 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
 ):
     await feature_writer.write(sample_record("BTC-USD"))
     app = await start_app(
-        torchserve=replica_settings(replicas, per_call_timeout_ms=20.0),
+        # 15 ms for the paused primary leaves the secondary ~30 ms of the 50: room for a
+        # 2-core machine where the previous test's restarted JVM is still compiling.
+        torchserve=replica_settings(replicas, per_call_timeout_ms=15.0),
         breaker={"fail_max": 3, "reset_timeout_s": 1.0},
     )
     stub = decision_stub(channel_to(app))
-    last = await stub.Decide(buy(), timeout=2.0)
-    assert last.source == decision_pb2.SOURCE_PRIMARY, last.reason
+    # Until the primary answers within its cap (a JVM restarted by an earlier test warms up).
+    deadline = time.monotonic() + 10
+    while (last := await stub.Decide(buy(), timeout=2.0)).source != decision_pb2.SOURCE_PRIMARY:
+        assert time.monotonic() < deadline, last.reason
+        await asyncio.sleep(0.1)
+    assert app.replicas[0].breaker.state == "closed"
 
     primary = replicas["primary"]
     primary.proc.pause()
@@ -86,7 +92,7 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
             started = time.monotonic()
             response = await stub.Decide(buy(), timeout=0.050)
             elapsed_ms = (time.monotonic() - started) * 1000
-            assert response.source == decision_pb2.SOURCE_SECONDARY
+            assert response.source == decision_pb2.SOURCE_SECONDARY, response.reason
             assert "primary deadline exceeded" in response.reason
             assert elapsed_ms < 50
         assert app.replicas[0].breaker.state == "open"
@@ -94,7 +100,7 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
         response = await stub.Decide(buy(), timeout=0.050)
         assert response.source == decision_pb2.SOURCE_SECONDARY
         assert response.reason.startswith("primary breaker open; secondary answered in")
-        assert response.timings.model_us < 20_000  # no time spent waiting on the primary
+        assert response.timings.model_us < 15_000  # no time spent waiting on the primary
     finally:
         primary.proc.resume()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -113,8 +114,17 @@ def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path):
         assert not live_group_members(proc.pid)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            # Each child runs in a process group of its own: the stack must stop them
+            # (SIGINT); only what is still there after that is killed, group by group.
+            stragglers = descendants(proc.pid)
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                for pid in [proc.pid, *stragglers]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
+                proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
 
