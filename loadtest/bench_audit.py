@@ -163,7 +163,7 @@ def ship(
         started = next_report = time.perf_counter()
         shipper.start()
         while (status := shipper.status()).backlog_bytes:
-            if not status.store_ok:
+            if status.last_error:  # store_ok is False until the first insert, too
                 raise RuntimeError(f"{label}: {status.last_error}")
             if time.perf_counter() >= next_report + 1.0:
                 next_report += 1.0
