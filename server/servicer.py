@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -56,7 +57,7 @@ def trace_id_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     return ""
 
 
-_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_HEX_DIGITS = frozenset(string.hexdigits)
 
 
 def _is_hex(text: str) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,16 @@ from server.localstack.redis_server import start_redis
 from server.localstack.tansu import start_tansu
 from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
 from torchserve.archive import ArchiveInfo, build_archive
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Polls ``condition`` until it holds; fails the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 class RedisInstance:

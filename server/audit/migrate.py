@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -11,22 +12,24 @@ from sqlalchemy.engine import Engine
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def alembic_config(engine: Engine) -> Config:
+def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     return config
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Brings the store's schema to ``revision``; a no-op when it is there already."""
-    config = alembic_config(engine)
+def _run(engine: Engine, step: Callable[[Config, str], None], revision: str) -> None:
+    """Runs an alembic command on one of ``engine``'s connections, in a transaction."""
+    config = alembic_config()
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+        step(config, revision)
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Brings the store's schema to ``revision``; a no-op when it is there already."""
+    _run(engine, command.upgrade, revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
-    config = alembic_config(engine)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, revision)
+    _run(engine, command.downgrade, revision)

@@ -277,10 +277,11 @@ class AuditShipper:
     # -- checkpoint --------------------------------------------------------------------
 
     def _advance_to_next_segment(self, segment: int) -> None:
-        later = [s for s in segments(self._directory) if s > segment]
+        present = segments(self._directory)
+        later = [s for s in present if s > segment]
         next_segment = later[0] if later else self._journal.position.segment
         self._save_checkpoint(Position(next_segment, len(MAGIC)), durable=True)
-        for old in segments(self._directory):
+        for old in present:
             if old < next_segment:
                 with contextlib.suppress(FileNotFoundError):
                     segment_path(self._directory, old).unlink()

@@ -17,18 +17,10 @@ from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.localstack.__main__ import LocalStack
 from server.localstack.health import serving
 from server.localstack.processes import free_port, live_group_members, port_open
+from tests.conftest import REPO, wait_for
 from tests.server.conftest import buy
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_for(condition, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_server_process_serves_then_stops_cleanly_on_sigterm(redis_instance, tmp_path):

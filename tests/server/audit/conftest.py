@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -38,32 +39,23 @@ def _admin_engine(url: str) -> sa.Engine | None:
 
 @pytest.fixture(scope="session")
 def postgres_admin() -> Iterator[sa.Engine]:
-    configured = os.environ.get("DECISION_TEST_POSTGRES_URL")
-    if configured:
-        engine = _admin_engine(configured)
-        if engine is None:
+    with contextlib.ExitStack() as cleanup:
+        configured = os.environ.get("DECISION_TEST_POSTGRES_URL")
+        engine = _admin_engine(configured or MACHINE_POSTGRES_URL)
+        if engine is None and configured:
             pytest.fail(f"PostgreSQL not reachable at DECISION_TEST_POSTGRES_URL={configured}")
+        if engine is None:
+            # As root the server runs as the postgres user: a folder that user can reach.
+            run_dir = Path(tempfile.mkdtemp(prefix="decision-test-pg-"))
+            cleanup.callback(shutil.rmtree, run_dir, ignore_errors=True)
+            run_dir.chmod(0o755)
+            port = free_port()
+            proc = start_postgres(port, run_dir / "pg")
+            cleanup.callback(proc.stop)
+            engine = _admin_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres")
+            assert engine is not None, proc.log_tail()
+        cleanup.callback(engine.dispose)
         yield engine
-        engine.dispose()
-        return
-    engine = _admin_engine(MACHINE_POSTGRES_URL)
-    if engine is not None:
-        yield engine
-        engine.dispose()
-        return
-    # As root the server runs as the postgres user: a folder that user can reach.
-    run_dir = Path(tempfile.mkdtemp(prefix="decision-test-pg-"))
-    run_dir.chmod(0o755)
-    port = free_port()
-    proc = start_postgres(port, run_dir / "pg")
-    try:
-        engine = _admin_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres")
-        assert engine is not None, proc.log_tail()
-        yield engine
-        engine.dispose()
-    finally:
-        proc.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -22,13 +22,11 @@ from proto.decision.v1 import decision_pb2_grpc
 from server.audit.store import AuditStore, create_store_engine, decisions
 from server.localstack.health import serving
 from server.localstack.processes import free_port
+from tests.conftest import REPO, wait_for
 from tests.server.audit.proxy import TcpProxy
-from tests.server.audit.test_shipper import wait_for
 from tests.server.conftest import buy, decision_stub, replica_settings, sample_record
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[3]
 
 
 class Load:
@@ -255,7 +253,10 @@ async def test_the_record_holds_what_the_service_knew(
             row = conn.execute(query).mappings().first()
         return dict(row) if row else None
 
-    await asyncio.to_thread(wait_for, lambda: stored() is not None, 10)
+    # store_ok first: it holds once the shipper has created the tables and inserted.
+    await asyncio.to_thread(
+        wait_for, lambda: app.audit.shipper.store_ok and stored() is not None, 10
+    )
     row = stored()
     assert row is not None
     _, archive = model_store

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,8 +20,7 @@ from server.audit.journal import (
     segment_path,
     segments,
 )
-
-REPO = Path(__file__).resolve().parents[3]
+from tests.conftest import REPO
 
 
 def open_journal(directory, **kw) -> Journal:

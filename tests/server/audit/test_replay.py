@@ -5,19 +5,16 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from proto.decision.v1 import decision_pb2
 from server.audit.replay import load_decisions, replay
-from tests.server.audit.test_shipper import wait_for
+from tests.conftest import REPO, wait_for
 from tests.server.conftest import buy, decision_stub, replica_settings, sample_record
 from torchserve.archive import build_archive
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[3]
 
 
 async def recorded_decisions(app, stub, feature_writer) -> list[str]:
@@ -38,7 +35,12 @@ async def recorded_decisions(app, stub, feature_writer) -> list[str]:
         ids.append(response.decision_id)
     abstain = await stub.Decide(buy("NO-FEATURES"), timeout=5.0)
     ids.append(abstain.decision_id)
-    await asyncio.to_thread(wait_for, lambda: app.audit.store.count_decisions() == 41, 20)
+    # store_ok first: it holds once the shipper has created the tables and inserted.
+    await asyncio.to_thread(
+        wait_for,
+        lambda: app.audit.shipper.store_ok and app.audit.store.count_decisions() == 41,
+        20,
+    )
     return ids
 
 

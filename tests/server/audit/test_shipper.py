@@ -5,9 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import orjson
 import sqlalchemy as sa
@@ -16,17 +13,9 @@ from server.audit.journal import Journal, segment_path, segments
 from server.audit.record import encode
 from server.audit.shipper import CHECKPOINT_FILE, AuditShipper
 from server.audit.store import AuditStore, create_store_engine
+from tests.conftest import REPO, wait_for
 from tests.server.audit.conftest import decision_record
 from tests.server.audit.proxy import TcpProxy
-
-REPO = Path(__file__).resolve().parents[3]
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 class Parts:
@@ -90,6 +79,7 @@ import os, signal
 from pathlib import Path
 from server.audit.journal import Journal
 from server.audit.record import encode
+from tests.conftest import REPO, wait_for
 from tests.server.audit.conftest import decision_record
 journal = Journal(Path({str(tmp_path)!r}), segment_max_bytes=1 << 20, fsync_interval_ms=1000)
 journal.open()
