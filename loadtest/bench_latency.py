@@ -35,7 +35,9 @@ from server.localstack.redis_server import start_redis
 from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
 from server.model_client import pack_rows
 from server.settings import Settings
-from torchserve.archive import build_archive
+from torchserve.train import REPO, ensure_models
+
+MODEL_STORE = REPO / ".run/models"
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,9 +63,10 @@ async def fresh_features(redis_port: int) -> AsyncIterator[None]:
 def start_backends(
     run_dir: Path, redis_port: int, ts_ports: ReplicaPorts, procs: list[ManagedProcess]
 ) -> None:
-    """Builds the model archive, starts redis-server and one TorchServe replica and waits
-    for both; each is added to ``procs`` before it starts, for the caller to stop."""
-    archive = build_archive(run_dir / "store")
+    """Trains the models if ``.run/models`` is stale, starts redis-server and one
+    TorchServe replica and waits for both; each is added to ``procs`` before it starts,
+    for the caller to stop."""
+    archive = ensure_models(MODEL_STORE)["champion"]
     procs.append(start_redis(redis_port, run_dir / "redis"))
     replica = torchserve_replica("primary", ts_ports, archive.path.parent, run_dir)
     procs.append(replica)

@@ -36,10 +36,15 @@ from server.audit.trail import AuditTrail, DecisionAudit, UnrecordedDecisions
 from server.breaker import AsyncCircuitBreaker
 from server.domain import Source
 from server.engine import DecisionEngine
-from server.model_client import TorchServeClient, not_the_replicas_fault
+from server.model_client import (
+    ModelClient,
+    OipClient,
+    TorchServeClient,
+    not_the_replicas_fault,
+)
 from server.router import Replica, ReplicaRouter
 from server.servicer import DecisionServicer, add_decision_service
-from server.settings import Settings
+from server.settings import Settings, TorchServeSettings
 from server.telemetry import AuditCollector, MetricsServer
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,21 @@ AUDIT_HEALTH = "decision.audit"
 AUDIT_HEALTH_INTERVAL_S = 0.5
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def model_client(ts: TorchServeSettings, name: str, address: str) -> ModelClient:
+    """The replica's client for the configured inference protocol."""
+    if ts.protocol == "oip":
+        return OipClient(
+            name,
+            address,
+            ts.model_name,
+            service=ts.oip_service,
+            reconnect_backoff_ms=ts.reconnect_backoff_ms,
+        )
+    return TorchServeClient(
+        name, address, ts.model_name, reconnect_backoff_ms=ts.reconnect_backoff_ms
+    )
 
 
 class DecisionApp:
@@ -74,9 +94,7 @@ class DecisionApp:
         ts = settings.torchserve
         self.replicas = [
             Replica(
-                TorchServeClient(
-                    name, address, ts.model_name, reconnect_backoff_ms=ts.reconnect_backoff_ms
-                ),
+                model_client(ts, name, address),
                 AsyncCircuitBreaker(
                     name,
                     fail_max=settings.breaker.fail_max,

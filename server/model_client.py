@@ -1,9 +1,16 @@
 """Model clients: one replica's inference API behind one interface.
 
-``ModelClient`` is what the router calls; ``TorchServeClient`` speaks TorchServe's
-native gRPC inference API. Rows travel packed as little-endian float32 in one
-``Predictions`` call, however many there are; the handler answers one score per row and
-the model version (sha256 of the archive content) it was built from.
+``ModelClient`` is what the router calls. Two implementations, picked by
+``DECISION_TORCHSERVE__PROTOCOL``:
+
+- ``TorchServeClient`` speaks TorchServe's native gRPC inference API: the rows travel
+  packed as little-endian float32 in one ``Predictions`` call.
+- ``OipClient`` speaks the Open Inference Protocol (KServe v2) gRPC API, which TorchServe
+  0.12 serves beside its own and Triton, KServe and MLServer speak: one ``ModelInfer``
+  with an FP32 tensor ``rows`` of shape ``[n, width]``.
+
+Either way the handler answers one score per row and the model version (sha256 of the
+archive content) it was built from; rows it rejects come back as an error answer.
 
 ::
 
@@ -20,13 +27,15 @@ import asyncio
 import json
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 
+from feature_cache.schema import representable
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
+from proto.third_party.torchserve import open_inference_grpc_pb2 as oip_pb2
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +105,21 @@ def pack_rows(rows: Sequence[Sequence[float]]) -> bytes:
     return struct.pack(f"<{len(flat)}f", *flat)
 
 
-class TorchServeClient:
-    """TorchServe's gRPC inference API (``Predictions``) on one replica."""
+def channel_options(reconnect_backoff_ms: int) -> list[tuple[str, int]]:
+    return [
+        # Come back quickly after a replica restart instead of backing off for minutes.
+        ("grpc.initial_reconnect_backoff_ms", min(100, reconnect_backoff_ms)),
+        ("grpc.min_reconnect_backoff_ms", min(100, reconnect_backoff_ms)),
+        ("grpc.max_reconnect_backoff_ms", reconnect_backoff_ms),
+        ("grpc.enable_retries", 0),  # the one retry is ours, to another replica
+    ]
+
+
+_Response = TypeVar("_Response")
+
+
+class _GrpcModelClient:
+    """One replica over one gRPC channel; subclasses build the call and read the answer."""
 
     def __init__(
         self, name: str, address: str, model_name: str, *, reconnect_backoff_ms: int = 500
@@ -105,20 +127,16 @@ class TorchServeClient:
         self.name = name
         self.address = address
         self.model_name = model_name
-        self._options = [
-            # Come back quickly after a replica restart instead of backing off for minutes.
-            ("grpc.initial_reconnect_backoff_ms", min(100, reconnect_backoff_ms)),
-            ("grpc.min_reconnect_backoff_ms", min(100, reconnect_backoff_ms)),
-            ("grpc.max_reconnect_backoff_ms", reconnect_backoff_ms),
-            ("grpc.enable_retries", 0),  # the one retry is ours, to another replica
-        ]
+        self._options = channel_options(reconnect_backoff_ms)
         self._channel: grpc.aio.Channel | None = None
-        self._stub: inference_pb2_grpc.InferenceAPIsServiceAsyncStub | None = None
 
     async def start(self) -> None:
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(self.address, options=self._options)
-            self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
+            self._bind(self._channel)
+
+    def _bind(self, channel: grpc.aio.Channel) -> None:
+        raise NotImplementedError
 
     async def connect(self, timeout_s: float) -> bool:
         if self._channel is None:
@@ -130,25 +148,19 @@ class TorchServeClient:
         return True
 
     async def stop(self) -> None:
-        channel, self._channel, self._stub = self._channel, None, None
+        channel, self._channel = self._channel, None
         if channel is not None:
             await channel.close()
 
-    async def predict(
-        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
-    ) -> ModelScores:
-        if self._stub is None:
+    async def _call(
+        self, call: Callable[[], Awaitable[_Response]], *, budget_limited: bool
+    ) -> tuple[_Response, float]:
+        """Runs ``call``; the answer and its round trip in ms, or a ``ModelCallError``."""
+        if self._channel is None:
             raise ModelUnavailable(f"{self.name} client not started")
-        try:
-            packed = pack_rows(rows)
-        except (OverflowError, struct.error) as exc:
-            raise ModelInputError(f"rows cannot be sent as float32: {exc}") from None
-        request = inference_pb2.PredictionsRequest(
-            model_name=self.model_name, input={"rows": packed}
-        )
         started = time.perf_counter()
         try:
-            response = await self._stub.Predictions(request, timeout=timeout_s)
+            response = await call()
         except grpc.aio.AioRpcError as exc:
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -160,19 +172,11 @@ class TorchServeClient:
                 f"{self.name} {exc.code().name.lower()} after {elapsed_ms:.1f} ms"
                 f" ({(exc.details() or '').strip()[:120]})"
             ) from None
-        elapsed_ms = (time.perf_counter() - started) * 1000.0
-        return self._parse(response.prediction, len(rows), elapsed_ms)
+        return response, (time.perf_counter() - started) * 1000.0
 
-    def _parse(self, payload: bytes, expected: int, elapsed_ms: float) -> ModelScores:
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            raise ModelResponseError(f"{self.name} answered with non-JSON") from None
-        if not isinstance(doc, dict):
-            raise ModelResponseError(f"{self.name} answered JSON that is not an object")
-        if "error" in doc:
-            raise ModelInputError(f"{self.name} rejected the rows: {doc['error']}")
-        scores = doc.get("scores")
+    def _scores(
+        self, scores: object, version: object, expected: int, elapsed_ms: float
+    ) -> ModelScores:
         if not isinstance(scores, list) or len(scores) != expected:
             raise ModelResponseError(
                 f"{self.name} answered {len(scores) if isinstance(scores, list) else 'no'}"
@@ -180,7 +184,114 @@ class TorchServeClient:
             )
         if not all(isinstance(s, (int, float)) and 0.0 <= s <= 1.0 for s in scores):
             raise ModelResponseError(f"{self.name} answered a score outside [0, 1]")
-        version = doc.get("model_version")
         if not isinstance(version, str) or not version:
             raise ModelResponseError(f"{self.name} answered without a model version")
         return ModelScores(self.model_name, version, [float(s) for s in scores], elapsed_ms)
+
+
+class TorchServeClient(_GrpcModelClient):
+    """TorchServe's native gRPC inference API (``Predictions``) on one replica."""
+
+    _stub: inference_pb2_grpc.InferenceAPIsServiceAsyncStub
+
+    def _bind(self, channel: grpc.aio.Channel) -> None:
+        self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+
+    async def predict(
+        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
+    ) -> ModelScores:
+        try:
+            packed = pack_rows(rows)
+        except (OverflowError, struct.error) as exc:
+            raise ModelInputError(f"rows cannot be sent as float32: {exc}") from None
+        request = inference_pb2.PredictionsRequest(
+            model_name=self.model_name, input={"rows": packed}
+        )
+        response, elapsed_ms = await self._call(
+            lambda: self._stub.Predictions(request, timeout=timeout_s),
+            budget_limited=budget_limited,
+        )
+        try:
+            doc = json.loads(response.prediction)
+        except ValueError:
+            raise ModelResponseError(f"{self.name} answered with non-JSON") from None
+        if not isinstance(doc, dict):
+            raise ModelResponseError(f"{self.name} answered JSON that is not an object")
+        if "error" in doc:
+            raise ModelInputError(f"{self.name} rejected the rows: {doc['error']}")
+        return self._scores(doc.get("scores"), doc.get("model_version"), len(rows), elapsed_ms)
+
+
+TORCHSERVE_OIP_SERVICE = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
+
+
+class OipClient(_GrpcModelClient):
+    """The Open Inference Protocol (KServe v2) gRPC API's ``ModelInfer`` on one replica.
+
+    ``service`` is the gRPC service name: TorchServe's own package
+    (``TORCHSERVE_OIP_SERVICE``), or ``inference.GRPCInferenceService`` for Triton,
+    KServe and MLServer; the messages are the same.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        model_name: str,
+        *,
+        service: str = TORCHSERVE_OIP_SERVICE,
+        reconnect_backoff_ms: int = 500,
+    ) -> None:
+        super().__init__(name, address, model_name, reconnect_backoff_ms=reconnect_backoff_ms)
+        self.service = service
+
+    def _bind(self, channel: grpc.aio.Channel) -> None:
+        self._infer = channel.unary_unary(
+            f"/{self.service}/ModelInfer",
+            request_serializer=oip_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=oip_pb2.ModelInferResponse.FromString,
+        )
+
+    async def predict(
+        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
+    ) -> ModelScores:
+        flat = [v for row in rows for v in row]
+        if not all(representable(v) for v in flat):
+            # TorchServe's frontend cannot even encode such a value for its handler.
+            raise ModelInputError("rows cannot be sent as float32: a value is not finite")
+        width = len(rows[0]) if rows else 0
+        request = oip_pb2.ModelInferRequest(
+            model_name=self.model_name,
+            inputs=[
+                oip_pb2.ModelInferRequest.InferInputTensor(
+                    name="rows",
+                    datatype="FP32",
+                    shape=[len(rows), width],
+                    contents=oip_pb2.InferTensorContents(fp32_contents=flat),
+                )
+            ],
+        )
+        response, elapsed_ms = await self._call(
+            lambda: self._infer(request, timeout=timeout_s), budget_limited=budget_limited
+        )
+        outputs = {output.name: output for output in response.outputs}
+        if "error" in outputs:
+            raise ModelInputError(
+                f"{self.name} rejected the rows: {_oip_text(outputs['error'].contents)}"
+            )
+        if "scores" not in outputs:
+            raise ModelResponseError(f"{self.name} answered without an output 'scores'")
+        scores = list(outputs["scores"].contents.fp32_contents)
+        return self._scores(scores, response.model_version, len(rows), elapsed_ms)
+
+
+def _oip_text(contents: oip_pb2.InferTensorContents) -> str:
+    """The first BYTES element as text; TorchServe sends each one JSON-encoded."""
+    if not contents.bytes_contents:
+        return "(no message)"
+    raw = contents.bytes_contents[0].decode(errors="replace")
+    try:
+        text = json.loads(raw)
+    except ValueError:
+        return raw
+    return text if isinstance(text, str) else raw

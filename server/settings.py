@@ -6,6 +6,8 @@ Nested fields use ``__``: ``DECISION_TORCHSERVE__PER_CALL_TIMEOUT_MS=15``,
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -31,6 +33,17 @@ class ServerSettings(_Section):
 
 class TorchServeSettings(_Section):
     model_name: str = Field("champion", description="Model name registered in TorchServe.")
+    protocol: Literal["torchserve", "oip"] = Field(
+        "torchserve",
+        description="Inference API of the replicas: TorchServe's native gRPC API, or the "
+        "Open Inference Protocol (KServe v2) gRPC API that TorchServe, Triton, KServe and "
+        "MLServer serve.",
+    )
+    oip_service: str = Field(
+        "org.pytorch.serve.grpc.openinference.GRPCInferenceService",
+        description="gRPC service name for protocol oip: TorchServe's own package by "
+        "default; inference.GRPCInferenceService for Triton, KServe and MLServer.",
+    )
     primary_address: str = Field(
         "127.0.0.1:7070", description="host:port of the primary replica's gRPC inference API."
     )

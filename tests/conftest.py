@@ -14,7 +14,8 @@ from server.localstack.processes import ManagedProcess, free_port, free_ports
 from server.localstack.redis_server import start_redis
 from server.localstack.tansu import start_tansu
 from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
-from torchserve.archive import ArchiveInfo, build_archive
+from torchserve.archive import ArchiveInfo
+from torchserve.train import ensure_models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,10 +87,20 @@ def sync_redis(redis_instance: RedisInstance) -> Iterator[redis.Redis]:
         client.close()
 
 
+# A small training run (about 10 s): the same pipeline as ``make models``, fewer events.
+TEST_TRAINING = {"days": 3, "events_per_day": 40_000}
+
+
 @pytest.fixture(scope="session")
-def model_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ArchiveInfo]:
-    store = tmp_path_factory.mktemp("model-store")
-    return store, build_archive(store, model_name="champion", seed=0)
+def trained_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ArchiveInfo]:
+    """Champion and challenger archives, trained once for the session."""
+    return ensure_models(tmp_path_factory.mktemp("model-store"), seed=0, **TEST_TRAINING)
+
+
+@pytest.fixture(scope="session")
+def model_store(trained_models: dict[str, ArchiveInfo]) -> tuple[Path, ArchiveInfo]:
+    champion = trained_models["champion"]
+    return champion.path.parent, champion
 
 
 class Replica:
@@ -101,13 +112,14 @@ class Replica:
         self.address = f"127.0.0.1:{self.ports.grpc_inference}"
         self._store = store
         self._run_dir = run_dir
+        self.model_name = "challenger" if name == "challenger" else "champion"
         self.proc = self._new_proc()
 
     def _new_proc(self) -> ManagedProcess:
         return torchserve_replica(self.name, self.ports, self._store, self._run_dir)
 
     def start(self) -> None:
-        start_replica(self.proc, self.ports)
+        start_replica(self.proc, self.ports, model_name=self.model_name)
 
     def restart(self) -> None:
         self.proc.stop()

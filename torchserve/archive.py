@@ -1,20 +1,20 @@
 """Builds a model archive (.mar) and its version hash.
 
-The version is the sha256 of the archive's content: every member of the TorchScript
-file, the handler and the metadata (without the version field itself), each named, in
-name order. Left out: zip timestamps, TorchServe's MANIFEST (it records the build time)
-and TorchScript's ``.data/serialization_id`` (random per save). TorchScript's emitted code
-follows set iteration order, so the model is saved in a child with a fixed hash seed.
-Together these make the same seed give the same version on every build.
+The version is the sha256 of the archive's content: every member of the serialized
+model (each member of a TorchScript file; an XGBoost JSON file as it is), the handler and
+the other files (metadata without the version field itself, reference distributions),
+each named, in name order. Left out: zip timestamps, TorchServe's MANIFEST (it records
+the build time) and TorchScript's ``.data/serialization_id`` (random per save).
+TorchScript's emitted code follows set iteration order, so models are saved in a process
+with a fixed hash seed (``torchserve.train`` sees to it). Together these make the same
+seed give the same version on every build.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -22,12 +22,12 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-from feature_cache.schema import MODEL_INPUT_NAMES, MODEL_INPUT_WIDTH, SCHEMA_VERSION
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 HANDLER_SOURCE = Path(__file__).with_name("handler.py")
+META_FILE = "model-meta.json"
 
 
 @dataclass(frozen=True)
@@ -50,89 +50,75 @@ def archive_version(path: Path) -> str | None:
     """The version hash written into an archive at build time; None if it has none."""
     try:
         with zipfile.ZipFile(path) as archive:
-            meta = json.loads(archive.read("model-meta.json"))
+            meta = json.loads(archive.read(META_FILE))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
     version = meta.get("version") if isinstance(meta, dict) else None
     return version if isinstance(version, str) else None
 
 
-def torchscript_members(path: Path) -> dict[str, bytes]:
-    """The members of a TorchScript file that define the model."""
+def archive_meta(path: Path) -> dict[str, Any]:
     with zipfile.ZipFile(path) as archive:
+        meta: dict[str, Any] = json.loads(archive.read(META_FILE))
+    return meta
+
+
+def serialized_members(path: Path) -> dict[str, bytes]:
+    """The content of a serialized model that defines it, by member name."""
+    if not zipfile.is_zipfile(path):
+        return {path.name: path.read_bytes()}
+    with zipfile.ZipFile(path) as archive:  # TorchScript: a zip of code, constants, data
         return {
-            f"model.pt/{name.split('/', 1)[1]}": archive.read(name)
+            f"{path.name}/{name.split('/', 1)[1]}": archive.read(name)
             for name in archive.namelist()
             if not name.endswith(".data/serialization_id")
         }
 
 
-def save_model(path: Path, seed: int) -> None:
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    subprocess.run(  # noqa: S603 - fixed argv, no shell
-        [sys.executable, "-m", "torchserve.model", "--out", str(path), "--seed", str(seed)],
-        check=True,
-        env=env,
-    )
+def build_archive(
+    export_dir: Path,
+    *,
+    model_name: str,
+    serialized_file: Path,
+    meta: dict[str, Any],
+    extra_files: dict[str, bytes],
+) -> ArchiveInfo:
+    """Writes ``{export_dir}/{model_name}.mar`` and returns its version.
 
-
-def build_archive(export_dir: Path, *, model_name: str = "champion", seed: int = 0) -> ArchiveInfo:
-    """Writes ``{export_dir}/{model_name}.mar`` and returns its version."""
+    ``meta`` goes into ``model-meta.json`` with ``model_name``, ``serialized_file`` and
+    the version added; the handler reads it at load.
+    """
     export_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mar-") as tmp:
         work = Path(tmp)
-        save_model(work / "model.pt", seed)
+        model_file = work / serialized_file.name
+        shutil.copyfile(serialized_file, model_file)
         shutil.copyfile(HANDLER_SOURCE, work / "handler.py")
-        meta = {
-            "model_name": model_name,
-            "serialized_file": "model.pt",
-            "input_width": MODEL_INPUT_WIDTH,
-            "input_names": list(MODEL_INPUT_NAMES),
-            "feature_schema_version": SCHEMA_VERSION,
-            "seed": seed,
-        }
-        meta_bytes = json.dumps(meta, sort_keys=True).encode()
+        full_meta = {**meta, "model_name": model_name, "serialized_file": model_file.name}
+        meta_bytes = json.dumps(full_meta, sort_keys=True).encode()
+        for name, content in extra_files.items():
+            (work / name).write_bytes(content)
         version = content_version(
             {
-                **torchscript_members(work / "model.pt"),
+                **serialized_members(model_file),
                 "handler.py": (work / "handler.py").read_bytes(),
-                "model-meta.json": meta_bytes,
+                META_FILE: meta_bytes,
+                **extra_files,
             }
         )
-        (work / "model-meta.json").write_text(json.dumps({**meta, "version": version}))
-        subprocess.run(  # noqa: S603 - fixed argv, no shell
-            [
-                str(Path(sys.executable).with_name("torch-model-archiver")),
-                "--model-name",
-                model_name,
-                "--version",
-                "1.0",
-                "--serialized-file",
-                str(work / "model.pt"),
-                "--handler",
-                str(work / "handler.py"),
-                "--extra-files",
-                str(work / "model-meta.json"),
-                "--export-path",
-                str(export_dir),
-                "--force",
-            ],
-            check=True,
-        )
+        (work / META_FILE).write_text(json.dumps({**full_meta, "version": version}, indent=1))
+        extras = [str(work / META_FILE), *(str(work / name) for name in sorted(extra_files))]
+        argv = [
+            str(Path(sys.executable).with_name("torch-model-archiver")),
+            "--model-name", model_name,
+            "--version", "1.0",
+            "--serialized-file", str(model_file),
+            "--handler", str(work / "handler.py"),
+            "--extra-files", ",".join(extras),
+            "--export-path", str(export_dir),
+            "--force",
+        ]  # fmt: skip
+        subprocess.run(argv, check=True)  # noqa: S603 - fixed argv, no shell
     info = ArchiveInfo(model_name, export_dir / f"{model_name}.mar", version)
     log.info("built %s version %s", info.path, info.version)
     return info
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--export-dir", type=Path, required=True)
-    parser.add_argument("--model-name", default="champion")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build_archive(args.export_dir, model_name=args.model_name, seed=args.seed)
-
-
-if __name__ == "__main__":
-    main()

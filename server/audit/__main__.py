@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model-store",
         type=Path,
-        default=Path(".run/model-store"),
-        help="folder of .mar archives, looked up by version hash (default .run/model-store)",
+        default=Path(".run/models"),
+        help="folder of .mar archives, looked up by version hash (default .run/models)",
     )
     model.add_argument("--replica", help="host:port of a running replica serving the version")
     model.add_argument("--against", type=Path, help="score with this archive instead")

@@ -31,7 +31,12 @@ from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION, model_row
 from server.audit.store import decisions
 from server.domain import Side
 from server.localstack.processes import free_ports
-from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
+from server.localstack.torchserve_replica import (
+    ModelServing,
+    ReplicaPorts,
+    start_replica,
+    torchserve_replica,
+)
 from server.model_client import ModelCallError, ModelInputError, TorchServeClient
 from torchserve.archive import archive_version
 
@@ -115,11 +120,11 @@ async def served_archive(archive: Path, model_name: str) -> AsyncIterator[TorchS
             ports,
             archive.parent,
             Path(tmp),
-            models=f"{model_name}={archive.name}",
+            model_section=ModelServing(model_name, mar_name=archive.name).properties(),
         )
         try:
             log.info("starting TorchServe with %s for the replay", archive.name)
-            start_replica(proc, ports)
+            start_replica(proc, ports, model_name=model_name)
             client = TorchServeClient("replay", f"127.0.0.1:{ports.grpc_inference}", model_name)
             await client.start()
             try:

@@ -1,11 +1,13 @@
 """``make run``: the local stack on DESIGN.md's ports, stopped cleanly by Ctrl-C.
 
 Starts redis-server, a Tansu broker (Kafka protocol) with the market-data topics, the
-primary and secondary TorchServe replicas, the feature-cache consumer, a replayer
+primary, secondary and challenger TorchServe replicas, the feature-cache consumer, a replayer
 publishing generated market data for the default symbols in real time, and the
 decision server; waits until features are in Redis and the server reports SERVING;
 prints how to call it; on SIGINT or SIGTERM stops everything in reverse order, each
-process through its own process group. Run-time files go under ``.run/``.
+process through its own process group. Run-time files go under ``.run/``; the models are
+``make models``'s in ``.run/models`` (trained first when missing or stale, about a
+minute), or those in ``--models DIR`` as they are.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ from server.localstack.processes import (
 from server.localstack.redis_server import redis_server
 from server.localstack.tansu import create_topics, tansu_broker
 from server.localstack.torchserve_replica import (
+    CHALLENGER_PORTS,
     PRIMARY_PORTS,
     SECONDARY_PORTS,
     start_replica,
     torchserve_replica,
 )
 from server.settings import Settings
-from torchserve.archive import build_archive
+from torchserve.train import ensure_models, load_models
 
 log = logging.getLogger("localstack")
 
@@ -78,8 +81,9 @@ Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
 class LocalStack:
     """The local stack's processes and tasks; ``stop`` undoes whatever ``start`` did."""
 
-    def __init__(self, run_dir: Path, offset: int) -> None:
+    def __init__(self, run_dir: Path, offset: int, models_dir: Path | None = None) -> None:
         self.run_dir = run_dir
+        self.models_dir = models_dir
         self.decision_port = 50051 + offset
         self.admin_port = 50052 + offset
         self.metrics_port = 9464 + offset
@@ -87,11 +91,12 @@ class LocalStack:
         self.kafka_port = 19092 + offset
         self.primary = PRIMARY_PORTS.shifted(offset)
         self.secondary = SECONDARY_PORTS.shifted(offset)
+        self.challenger = CHALLENGER_PORTS.shifted(offset)
         self._started: list[ManagedProcess] = []
 
     def busy_ports(self) -> list[int]:
         ports = [self.decision_port, self.metrics_port, self.redis_port, self.kafka_port]
-        for replica in (self.primary, self.secondary):
+        for replica in (self.primary, self.secondary, self.challenger):
             ports.extend(asdict(replica).values())
         return [port for port in ports if port_open("127.0.0.1", port)]
 
@@ -118,10 +123,15 @@ class LocalStack:
         )
 
     async def start(self) -> None:
-        _say("[1/7] building the model archive")
-        store = self.run_dir / "model-store"
-        archive = await asyncio.to_thread(build_archive, store, model_name="champion", seed=0)
-        _say(f"      champion version {archive.version[:16]}…")
+        if self.models_dir is None:
+            _say("[1/7] models: .run/models (trained now if missing or stale)")
+            archives = await asyncio.to_thread(ensure_models, REPO / ".run/models")
+        else:
+            _say(f"[1/7] models: {self.models_dir}")
+            archives = load_models(self.models_dir)
+        store = archives["champion"].path.parent
+        for name, archive in archives.items():
+            _say(f"      {name} version {archive.version[:16]}…")
 
         _say(f"[2/7] redis-server on 127.0.0.1:{self.redis_port}")
         redis = self._track(redis_server(self.redis_port, self.run_dir / "redis"))
@@ -138,14 +148,19 @@ class LocalStack:
 
         _say(
             f"[4/7] TorchServe primary :{self.primary.grpc_inference},"
-            f" secondary :{self.secondary.grpc_inference}"
+            f" secondary :{self.secondary.grpc_inference},"
+            f" challenger :{self.challenger.grpc_inference}"
         )
         replicas = [
-            (self._track(torchserve_replica(name, ports, store, self.run_dir)), ports)
-            for name, ports in (("primary", self.primary), ("secondary", self.secondary))
-        ]  # both JVMs boot in parallel
-        for proc, ports in replicas:
-            await asyncio.to_thread(start_replica, proc, ports)
+            (self._track(torchserve_replica(name, ports, store, self.run_dir)), ports, model)
+            for name, ports, model in (
+                ("primary", self.primary, "champion"),
+                ("secondary", self.secondary, "champion"),
+                ("challenger", self.challenger, "challenger"),
+            )
+        ]  # the JVMs boot in parallel
+        for proc, ports, model in replicas:
+            await asyncio.to_thread(start_replica, proc, ports, model_name=model)
 
         _say("[5/7] feature-cache consumer")
         self._track(self._python("feature-cache", "-m", "feature_cache"))
@@ -203,7 +218,7 @@ class LocalStack:
 
 
 async def run(args: argparse.Namespace) -> int:
-    stack = LocalStack(args.run_dir, args.port_offset)
+    stack = LocalStack(args.run_dir, args.port_offset, args.models)
     busy = stack.busy_ports()
     if busy:
         _say(f"ports already in use: {busy}; is another stack running? (--port-offset N moves it)")
@@ -245,6 +260,11 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=REPO / ".run")
     parser.add_argument(
         "--port-offset", type=int, default=0, help="add N to every port (a second stack)"
+    )
+    parser.add_argument(
+        "--models",
+        type=Path,
+        help="serve the archives in this folder as they are (default: .run/models, trained)",
     )
     parser.add_argument(
         "--exit-when-ready", action="store_true", help="start, check readiness, stop (a smoke test)"

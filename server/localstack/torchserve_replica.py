@@ -3,11 +3,14 @@
 Each replica gets its own TMPDIR (TorchServe keeps its pid file and worker sockets
 there) and its own ``initial_worker_port``, so several replicas share one machine.
 The config is ``torchserve/replicas/replica.properties`` with this replica's ports and
-paths filled in; token auth is off there because every address is loopback.
+paths filled in (token auth is off there because every address is loopback), followed
+by its model section: the committed ``{role}.properties`` beside it for the primary,
+secondary and challenger, or one rendered by ``ModelServing`` (replay, benchmarks).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import string
 import sys
@@ -44,17 +47,57 @@ class ReplicaPorts:
 
 PRIMARY_PORTS = ReplicaPorts.from_base(7070, 8080, 9000)
 SECONDARY_PORTS = ReplicaPorts.from_base(7170, 8180, 9100)
+CHALLENGER_PORTS = ReplicaPorts.from_base(7270, 8280, 9200)
 
 
-CONFIG_TEMPLATE = Path(__file__).resolve().parents[2] / "torchserve/replicas/replica.properties"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "torchserve/replicas"
+CONFIG_TEMPLATE = CONFIG_DIR / "replica.properties"
+ROLES = ("primary", "secondary", "challenger")
 
 
-def config_properties(ports: ReplicaPorts, model_store: Path, models: str, workers: int) -> str:
-    """The replica's config.properties, from the committed template."""
+@dataclass(frozen=True)
+class ModelServing:
+    """One model's section of a replica config (TorchServe's ``models`` property)."""
+
+    model_name: str = "champion"
+    batch_size: int = 1
+    max_batch_delay_ms: int = 0
+    workers: int = 1
+    mar_name: str | None = None  # default: ``{model_name}.mar``
+
+    def properties(self) -> str:
+        mar = self.mar_name or f"{self.model_name}.mar"
+        config = {
+            self.model_name: {
+                "1.0": {
+                    "defaultVersion": True,
+                    "marName": mar,
+                    "minWorkers": self.workers,
+                    "maxWorkers": self.workers,
+                    "batchSize": self.batch_size,
+                    "maxBatchDelay": self.max_batch_delay_ms,
+                    "responseTimeout": 10,
+                }
+            }
+        }
+        return (
+            f"load_models={self.model_name}={mar}\n"
+            f"models={json.dumps(config, separators=(',', ':'))}\n"
+        )
+
+
+def role_section(role: str) -> str:
+    """The committed model section of a replica role (primary, secondary, challenger)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown replica role {role!r}; one of {', '.join(ROLES)}")
+    return (CONFIG_DIR / f"{role}.properties").read_text()
+
+
+def config_properties(ports: ReplicaPorts, model_store: Path, model_section: str) -> str:
+    """The replica's config.properties: the shared template, then its model section."""
     template = string.Template(CONFIG_TEMPLATE.read_text())
-    return template.substitute(
-        asdict(ports), model_store=str(model_store), models=models, workers=workers
-    )
+    common = template.substitute(asdict(ports), model_store=str(model_store))
+    return f"{common}\n{model_section}"
 
 
 def torchserve_replica(
@@ -63,16 +106,18 @@ def torchserve_replica(
     model_store: Path,
     run_dir: Path,
     *,
-    models: str = "champion=champion.mar",
-    workers: int = 1,
+    model_section: str | None = None,
 ) -> ManagedProcess:
+    """The replica ``name`` (not started); its model section is ``role_section(name)``
+    unless one is given."""
     replica_dir = run_dir / name
     tmp_dir = replica_dir / "tmp"
     logs_dir = replica_dir / "logs"
     for folder in (tmp_dir, logs_dir):
         folder.mkdir(parents=True, exist_ok=True)
     config = replica_dir / "config.properties"
-    config.write_text(config_properties(ports, model_store, models, workers))
+    section = role_section(name) if model_section is None else model_section
+    config.write_text(config_properties(ports, model_store, section))
     launcher = Path(sys.executable).with_name("torchserve")
     argv = [
         str(launcher),
@@ -113,6 +158,12 @@ def torchserve_ready(address: str, model_name: str = "champion") -> bool:
         return False
 
 
-def start_replica(proc: ManagedProcess, ports: ReplicaPorts, *, timeout_s: float = 90.0) -> None:
+def start_replica(
+    proc: ManagedProcess,
+    ports: ReplicaPorts,
+    *,
+    model_name: str = "champion",
+    timeout_s: float = 90.0,
+) -> None:
     address = f"127.0.0.1:{ports.grpc_inference}"
-    start_ready(proc, lambda: torchserve_ready(address), timeout_s)
+    start_ready(proc, lambda: torchserve_ready(address, model_name), timeout_s)

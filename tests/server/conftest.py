@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -11,11 +12,12 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from feature_cache.schema import FEATURE_NAMES
+from feature_cache.schema import FEATURE_NAMES, MODEL_INPUT_WIDTH
 from feature_cache.store import FeatureRecord, FeatureWriter
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
 from server.localstack.processes import free_port
+from server.model_client import ModelCallError
 from server.settings import Settings
 from tests.conftest import RedisInstance, Replica
 
@@ -91,6 +93,27 @@ def replica_settings(replicas: dict[str, Replica], **torchserve: object) -> dict
         "per_call_timeout_ms": 500.0,
         **torchserve,
     }
+
+
+async def settle(app: DecisionApp, *, answer_within_ms: float = 10.0, times: int = 5) -> None:
+    """Waits until every replica of ``app`` answers ``times`` calls in a row within
+    ``answer_within_ms``. A JVM that an earlier test restarted or resumed is still
+    compiling or working off its backlog for a while; a test about deadlines must not
+    start in that window on a 2-core machine."""
+    row = [[0.0] * MODEL_INPUT_WIDTH]
+    for replica in app.replicas:
+        deadline = time.monotonic() + 20
+        fast = 0
+        while fast < times:
+            assert time.monotonic() < deadline, f"{replica.name} is not answering promptly"
+            started = time.monotonic()
+            try:
+                await replica.client.predict(row, timeout_s=1.0)
+            except ModelCallError:  # still starting: try again
+                fast = 0
+                await asyncio.sleep(0.05)
+                continue
+            fast = fast + 1 if (time.monotonic() - started) * 1000 < answer_within_ms else 0
 
 
 @pytest.fixture

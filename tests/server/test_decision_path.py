@@ -14,16 +14,19 @@ from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 from feature_cache.store import FeatureWriter
 from proto.decision.v1 import decision_pb2
 from server.domain import Side
-from tests.server.conftest import buy, decision_stub, replica_settings, sample_record
+from tests.server.conftest import buy, decision_stub, replica_settings, sample_record, settle
 
 pytestmark = pytest.mark.integration
+# The decision path runs against the same replicas through either inference API.
+PROTOCOLS = pytest.mark.parametrize("protocol", ["torchserve", "oip"])
 
 
+@PROTOCOLS
 async def test_normal_path_is_answered_by_the_primary(
-    replicas, model_store, start_app, channel_to, feature_writer: FeatureWriter
+    protocol, replicas, model_store, start_app, channel_to, feature_writer: FeatureWriter
 ):
     await feature_writer.write(sample_record("BTC-USD"))
-    app = await start_app(torchserve=replica_settings(replicas))
+    app = await start_app(torchserve=replica_settings(replicas, protocol=protocol))
     stub = decision_stub(channel_to(app))
 
     response = await stub.Decide(buy(request_id="r-1"), timeout=2.0)
@@ -47,11 +50,12 @@ async def test_normal_path_is_answered_by_the_primary(
     assert response.decision_id
 
 
+@PROTOCOLS
 async def test_primary_killed_is_answered_by_the_secondary(
-    replicas, start_app, channel_to, feature_writer
+    protocol, replicas, start_app, channel_to, feature_writer
 ):
     await feature_writer.write(sample_record("BTC-USD"))
-    app = await start_app(torchserve=replica_settings(replicas))
+    app = await start_app(torchserve=replica_settings(replicas, protocol=protocol))
     stub = decision_stub(channel_to(app))
     last = await stub.Decide(buy(), timeout=2.0)
     assert last.source == decision_pb2.SOURCE_PRIMARY, last.reason
@@ -72,17 +76,13 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
 ):
     await feature_writer.write(sample_record("BTC-USD"))
     app = await start_app(
-        # 15 ms for the paused primary leaves the secondary ~30 ms of the 50: room for a
-        # 2-core machine where the previous test's restarted JVM is still compiling.
-        torchserve=replica_settings(replicas, per_call_timeout_ms=15.0),
+        # The cap holds for both calls: 20 ms for the paused primary leaves the secondary
+        # 18-20 ms of the 50 (less the reserve), room for a busy 2-core machine.
+        torchserve=replica_settings(replicas, per_call_timeout_ms=20.0),
         breaker={"fail_max": 3, "reset_timeout_s": 1.0},
     )
     stub = decision_stub(channel_to(app))
-    # Until the primary answers within its cap (a JVM restarted by an earlier test warms up).
-    deadline = time.monotonic() + 10
-    while (last := await stub.Decide(buy(), timeout=2.0)).source != decision_pb2.SOURCE_PRIMARY:
-        assert time.monotonic() < deadline, last.reason
-        await asyncio.sleep(0.1)
+    await settle(app)
     assert app.replicas[0].breaker.state == "closed"
 
     primary = replicas["primary"]
@@ -100,7 +100,7 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
         response = await stub.Decide(buy(), timeout=0.050)
         assert response.source == decision_pb2.SOURCE_SECONDARY
         assert response.reason.startswith("primary breaker open; secondary answered in")
-        assert response.timings.model_us < 15_000  # no time spent waiting on the primary
+        assert response.timings.model_us < 20_000  # no time spent waiting on the primary
     finally:
         primary.proc.resume()
 
@@ -196,13 +196,14 @@ async def test_stale_features_skip_the_model(replicas, start_app, channel_to, fe
     assert response.feature_age_ms >= 5000
 
 
+@PROTOCOLS
 async def test_batch_is_one_model_call_in_request_order(
-    replicas, start_app, channel_to, feature_writer
+    protocol, replicas, start_app, channel_to, feature_writer
 ):
     await feature_writer.write_many(
         [sample_record("BTC-USD"), sample_record("ETH-USD", imbalance_l5=-0.5)]
     )
-    app = await start_app(torchserve=replica_settings(replicas))
+    app = await start_app(torchserve=replica_settings(replicas, protocol=protocol))
     stub = decision_stub(channel_to(app))
     primary = app.replicas[0].client
     calls: list[int] = []
@@ -321,6 +322,7 @@ async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breake
         decision={"fallback_reserve_ms": 8.0},
     )
     stub = decision_stub(channel_to(app))
+    await settle(app)
 
     replicas["primary"].proc.pause()  # every call to it times out
     try:
@@ -330,8 +332,8 @@ async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breake
             assert response.reason.startswith("primary deadline exceeded")
         assert app.replicas[0].breaker.state == "closed"
 
-        for _ in range(2):  # 50 ms budget: the primary gets 25 ms and misses them
-            response = await stub.Decide(buy(), timeout=0.050)
+        for _ in range(2):  # 80 ms budget: the primary gets 25 ms and misses them
+            response = await stub.Decide(buy(), timeout=0.080)
             assert response.source == decision_pb2.SOURCE_SECONDARY, response.reason
         assert app.replicas[0].breaker.state == "open"
     finally:

@@ -64,7 +64,7 @@ def test_server_process_serves_then_stops_cleanly_on_sigterm(redis_instance, tmp
             proc.wait()
 
 
-def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path):
+def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path, model_store):
     # An offset whose every port is free: away from a stack on the default ports.
     offset = next(
         n
@@ -74,7 +74,7 @@ def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path):
     decision_port = 50051 + offset
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.localstack", "--run-dir", str(tmp_path), "--port-offset",
-         str(offset)],
+         str(offset), "--models", str(model_store[0])],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -94,7 +94,7 @@ def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path):
                     break
         assert sources[-1][0] == decision_pb2.SOURCE_PRIMARY, sources
         children = descendants(proc.pid)
-        assert len(children) >= 4  # redis, 2 TorchServe launchers (+ JVMs, workers), server
+        assert len(children) >= 5  # redis, 3 TorchServe launchers (+ JVMs, workers), server
 
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         output, _ = proc.communicate(timeout=60)

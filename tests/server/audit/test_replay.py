@@ -10,9 +10,9 @@ import pytest
 
 from proto.decision.v1 import decision_pb2
 from server.audit.replay import load_decisions, replay
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, TEST_TRAINING, wait_for
 from tests.server.conftest import buy, decision_stub, replica_settings, sample_record
-from torchserve.archive import build_archive
+from torchserve.train import ensure_models
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ async def test_replay_matches_the_recorded_model_and_reports_a_different_one(
     assert (report.replayed, report.differences, report.unreplayable) == (40, [], {})
 
     # A deliberately different model: every score moves.
-    other = build_archive(tmp_path / "other-model", model_name="champion", seed=1)
+    other = ensure_models(tmp_path / "other-model", seed=1, **TEST_TRAINING)["champion"]
     report = await replay(records, against=other.path)
     assert report.replayed == 40
     assert len(report.differences) == 40

@@ -1,0 +1,91 @@
+"""Archives in real TorchServe processes: served scores equal offline scores for the same
+rows, through both inference APIs, and bad rows get a clear error."""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feature_cache.schema import MODEL_INPUT_WIDTH
+from server.localstack.processes import free_ports
+from server.localstack.torchserve_replica import ReplicaPorts
+from server.model_client import ModelInputError, OipClient, TorchServeClient
+from tests.conftest import Replica
+from torchserve.archive import archive_meta
+from torchserve.train import OFFLINE_SCORERS
+
+pytestmark = pytest.mark.integration
+
+CLIENTS = {"torchserve": TorchServeClient, "oip": OipClient}
+
+
+@pytest.fixture(scope="module")
+def challenger_replica(model_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    store, _ = model_store
+    replica = Replica(
+        "challenger", ReplicaPorts(*free_ports(6)), store, tmp_path_factory.mktemp("ts")
+    )
+    try:
+        replica.start()
+        yield replica
+    finally:
+        replica.proc.stop()
+
+
+def offline_scores(archive: Path, rows: np.ndarray, tmp_path: Path) -> np.ndarray:
+    """Scores from the archive's own serialized model, loaded outside TorchServe."""
+    meta = archive_meta(archive)
+    with zipfile.ZipFile(archive) as mar:
+        mar.extract(meta["serialized_file"], tmp_path)
+    model_file = tmp_path / meta["serialized_file"]
+    return OFFLINE_SCORERS[meta["framework"]](model_file, rows)
+
+
+@pytest.fixture(scope="module")
+def heldout_rows(model_store) -> np.ndarray:
+    store, _ = model_store
+    rows: np.ndarray = np.load(store / "heldout.npz")["x"][:64]
+    return rows
+
+
+@pytest.mark.parametrize("protocol", ["torchserve", "oip"])
+@pytest.mark.parametrize("model", ["champion", "challenger"])
+async def test_served_scores_equal_offline_scores(
+    protocol, model, replicas, challenger_replica, trained_models, heldout_rows, tmp_path
+):
+    replica = replicas["primary"] if model == "champion" else challenger_replica
+    archive = trained_models[model]
+    want = offline_scores(archive.path, heldout_rows, tmp_path)
+    client = CLIENTS[protocol]("replica", replica.address, model)
+    await client.start()
+    try:
+        for n in (1, 8, 64):
+            got = await client.predict(heldout_rows[:n].tolist(), timeout_s=10.0)
+            assert got.model_version == archive.version
+            assert got.scores == pytest.approx(want[:n].tolist(), abs=1e-6)
+        # The scores spread: a model that answers a constant would pass the check above.
+        assert float(np.std(want)) > 0.01
+    finally:
+        await client.stop()
+
+
+@pytest.mark.parametrize("protocol", ["torchserve", "oip"])
+async def test_bad_rows_get_a_clear_error_and_the_replica_stays_up(
+    protocol, replicas, model_store, heldout_rows
+):
+    client = CLIENTS[protocol]("primary", replicas["primary"].address, "champion")
+    await client.start()
+    try:
+        with pytest.raises(ModelInputError, match=r"shape|whole number"):
+            await client.predict([[0.5] * (MODEL_INPUT_WIDTH - 1)], timeout_s=10.0)
+        with pytest.raises(ModelInputError, match=r"non-finite|not finite"):
+            await client.predict([[math.inf] * MODEL_INPUT_WIDTH], timeout_s=10.0)
+        good = await client.predict(heldout_rows[:2].tolist(), timeout_s=10.0)
+        assert len(good.scores) == 2
+    finally:
+        await client.stop()

@@ -1,0 +1,332 @@
+"""``make models``: simulated days -> features -> labels -> walk-forward split -> the
+champion (Torch MLP, TorchScript) and the challenger (XGBoost, native JSON) -> archives.
+
+Walk-forward by day: the first ``days - 2`` days train, the next one validates (early
+stopping for both models), the last is held out for the evaluation report and never
+seen while fitting. Days are separate sessions and no label looks past its day's end,
+so nothing leaks across the split.
+
+Reproducible: one seed fixes the data, the initial weights, the shuffling and the trees;
+Torch trains on one thread, XGBoost builds on one thread, and the process runs with
+``PYTHONHASHSEED=0`` (``main`` re-executes itself to ensure it) because TorchScript's
+emitted code follows set iteration order. The same spec gives archives with the same
+version hash.
+
+Outputs in ``--out``: ``champion.mar``, ``challenger.mar``, ``heldout.npz`` (held-out rows,
+labels and each model's offline scores, for ``torchserve.evaluate``) and ``models.json``
+(versions, spec, split, a digest of the code that built them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xgboost as xgb
+from torch import nn
+
+from feature_cache.schema import MODEL_INPUT_NAMES, MODEL_INPUT_WIDTH, SCHEMA_VERSION
+from torchserve.archive import ArchiveInfo, build_archive
+from torchserve.dataset import DataSpec, Rows, concat, simulate
+from torchserve.model import ScoreMLP, fit_scaling, to_torchscript
+from torchserve.reference import reference_distributions
+
+REPO = Path(__file__).resolve().parents[1]
+# The sources whose change can change a model: a cached build with another digest is stale.
+CODE_FILES = (
+    "torchserve/train.py",
+    "torchserve/dataset.py",
+    "torchserve/model.py",
+    "torchserve/reference.py",
+    "torchserve/archive.py",
+    "torchserve/handler.py",
+    "feature_cache/generator.py",
+    "feature_cache/features.py",
+    "feature_cache/schema.py",
+)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    data: DataSpec = field(default_factory=DataSpec)
+    mlp_hidden: int = 32
+    mlp_max_epochs: int = 40
+    mlp_patience: int = 5
+    mlp_batch: int = 512
+    mlp_learning_rate: float = 1e-3
+    xgb_max_rounds: int = 600
+    xgb_early_stopping: int = 40
+    xgb_params: tuple[tuple[str, Any], ...] = (
+        ("objective", "binary:logistic"),
+        ("eval_metric", "logloss"),
+        ("tree_method", "hist"),
+        ("max_depth", 4),
+        ("eta", 0.05),
+        ("subsample", 0.8),
+        ("colsample_bytree", 0.8),
+        ("min_child_weight", 5),
+        ("nthread", 1),
+    )
+
+    def as_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["data"] = self.data.as_dict()
+        doc["xgb_params"] = dict(self.xgb_params)
+        return doc
+
+
+@dataclass(frozen=True)
+class Split:
+    train: Rows
+    valid: Rows
+    heldout: Rows
+
+
+def walk_forward(days: list[Rows]) -> Split:
+    if len(days) < 3:
+        raise ValueError(f"need at least 3 days (train, validate, hold out), got {len(days)}")
+    return Split(concat(days[:-2]), days[-2], days[-1])
+
+
+def code_digest() -> str:
+    digest = hashlib.sha256()
+    for name in CODE_FILES:
+        digest.update(name.encode() + b"\0" + (REPO / name).read_bytes())
+    return digest.hexdigest()
+
+
+Say = Callable[[str], None]
+
+
+def train_champion(split: Split, spec: TrainSpec, say: Say) -> ScoreMLP:
+    torch.manual_seed(spec.data.seed)
+    model = ScoreMLP(hidden=spec.mlp_hidden)
+    fit_scaling(model, split.train.x)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.mlp_learning_rate)
+    loss_fn = nn.BCEWithLogitsLoss()
+    x, y = torch.from_numpy(split.train.x), torch.from_numpy(split.train.y.astype(np.float32))
+    vx, vy = torch.from_numpy(split.valid.x), torch.from_numpy(split.valid.y.astype(np.float32))
+    shuffle = torch.Generator().manual_seed(spec.data.seed)
+    best_loss, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
+    for epoch in range(1, spec.mlp_max_epochs + 1):
+        model.train()
+        for batch in torch.split(torch.randperm(len(y), generator=shuffle), spec.mlp_batch):
+            optimizer.zero_grad()
+            loss_fn(model.logits(x[batch]), y[batch]).backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            valid_loss = float(loss_fn(model.logits(vx), vy))
+        if valid_loss < best_loss - 1e-5:
+            best_loss, best_state, stale = valid_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+        say(f"      champion epoch {epoch:2d}: validation log-loss {valid_loss:.4f}")
+        if stale >= spec.mlp_patience:
+            break
+    model.load_state_dict(best_state)
+    return model.eval()
+
+
+def train_challenger(split: Split, spec: TrainSpec, say: Say) -> xgb.Booster:
+    params = {**dict(spec.xgb_params), "seed": spec.data.seed}
+    train = xgb.DMatrix(split.train.x, label=split.train.y, feature_names=list(MODEL_INPUT_NAMES))
+    valid = xgb.DMatrix(split.valid.x, label=split.valid.y, feature_names=list(MODEL_INPUT_NAMES))
+    booster = xgb.train(
+        params,
+        train,
+        num_boost_round=spec.xgb_max_rounds,
+        evals=[(valid, "valid")],
+        early_stopping_rounds=spec.xgb_early_stopping,
+        verbose_eval=False,
+    )
+    rounds = booster.best_iteration + 1
+    say(f"      challenger: {rounds} trees (validation log-loss {booster.best_score:.4f})")
+    return booster[:rounds]
+
+
+def torchscript_scores(path: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Scores from the saved TorchScript file, as the handler computes them."""
+    model = torch.jit.load(str(path))  # type: ignore[no-untyped-call]
+    with torch.inference_mode():
+        return np.asarray(model(torch.from_numpy(x)).numpy(), dtype=np.float32)
+
+
+def xgboost_scores(path: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Scores from the saved XGBoost JSON file, as the handler computes them."""
+    booster = xgb.Booster(model_file=str(path))
+    return np.asarray(booster.inplace_predict(x, validate_features=False), dtype=np.float32)
+
+
+OFFLINE_SCORERS: dict[str, Callable[[Path, np.ndarray[Any, Any]], np.ndarray[Any, Any]]] = {
+    "torchscript": torchscript_scores,
+    "xgboost": xgboost_scores,
+}
+"""A saved model's offline scorer, by the framework named in its archive's metadata."""
+
+
+def _meta(framework: str, spec: TrainSpec, split: Split) -> dict[str, Any]:
+    return {
+        "framework": framework,
+        "input_width": MODEL_INPUT_WIDTH,
+        "input_names": list(MODEL_INPUT_NAMES),
+        "feature_schema_version": SCHEMA_VERSION,
+        "training": spec.as_dict(),
+        "split": {
+            "train_days": sorted({int(d) for d in split.train.day}),
+            "validation_day": int(split.valid.day[0]),
+            "heldout_day": int(split.heldout.day[0]),
+            "train_rows": len(split.train),
+        },
+        "reference_file": "reference.json",
+    }
+
+
+def _reference(scores: np.ndarray[Any, Any], split: Split) -> bytes:
+    doc = reference_distributions(MODEL_INPUT_NAMES[1:], split.train.x[:, 1:], scores)
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def _archive(
+    out: Path, name: str, framework: str, model_file: Path, split: Split, spec: TrainSpec
+) -> ArchiveInfo:
+    """Archives a saved model with its metadata and its training-period reference."""
+    train_scores = OFFLINE_SCORERS[framework](model_file, split.train.x)
+    return build_archive(
+        out,
+        model_name=name,
+        serialized_file=model_file,
+        meta=_meta(framework, spec, split),
+        extra_files={"reference.json": _reference(train_scores, split)},
+    )
+
+
+def build_models(out: Path, spec: TrainSpec, say: Say) -> dict[str, ArchiveInfo]:
+    """Runs the pipeline into ``out``; needs ``PYTHONHASHSEED=0`` (see the module doc)."""
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        raise RuntimeError("build_models needs PYTHONHASHSEED=0; run python -m torchserve.train")
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    say(f"[1/4] simulating {spec.data.days} days x {spec.data.events_per_day:,} events")
+    days = simulate(spec.data, progress=lambda done, total: say(f"      day {done}/{total}"))
+    split = walk_forward(days)
+    say(
+        f"      rows: train {len(split.train):,}, validation {len(split.valid):,},"
+        f" held out {len(split.heldout):,} (positive share {split.train.y.mean():.3f})"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    archives: dict[str, ArchiveInfo] = {}
+    heldout: dict[str, Any] = {
+        "x": split.heldout.x,
+        "y": split.heldout.y,
+        "time_us": split.heldout.time_us,
+    }
+    with tempfile.TemporaryDirectory(prefix="models-") as tmp:
+        say("[2/4] training the champion (Torch MLP)")
+        champion_file = Path(tmp) / "model.pt"
+        torch.jit.save(to_torchscript(train_champion(split, spec, say)), str(champion_file))
+        archives["champion"] = _archive(out, "champion", "torchscript", champion_file, split, spec)
+        heldout["champion"] = OFFLINE_SCORERS["torchscript"](champion_file, split.heldout.x)
+
+        say("[3/4] training the challenger (XGBoost)")
+        challenger_file = Path(tmp) / "model.json"
+        train_challenger(split, spec, say).save_model(str(challenger_file))
+        archives["challenger"] = _archive(
+            out, "challenger", "xgboost", challenger_file, split, spec
+        )
+        heldout["challenger"] = OFFLINE_SCORERS["xgboost"](challenger_file, split.heldout.x)
+
+    say("[4/4] writing held-out scores and models.json")
+    np.savez_compressed(out / "heldout.npz", **heldout)
+    manifest = {
+        "spec": spec.as_dict(),
+        "code_digest": code_digest(),
+        "models": {
+            name: {"archive": info.path.name, "version": info.version}
+            for name, info in archives.items()
+        },
+    }
+    (out / "models.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    for name, info in archives.items():
+        say(f"      {name}: {info.path} version {info.version[:16]}…")
+    say(f"      done in {time.perf_counter() - started:.0f} s")
+    return archives
+
+
+def spec_from_args(args: argparse.Namespace) -> TrainSpec:
+    return TrainSpec(
+        data=DataSpec(seed=args.seed, days=args.days, events_per_day=args.events_per_day)
+    )
+
+
+def is_current(out: Path, spec: TrainSpec) -> bool:
+    """Whether ``out`` holds models built from ``spec`` by the code as it is now."""
+    try:
+        manifest = json.loads((out / "models.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        manifest.get("spec") == json.loads(json.dumps(spec.as_dict()))
+        and manifest.get("code_digest") == code_digest()
+        and all((out / m["archive"]).exists() for m in manifest.get("models", {}).values())
+    )
+
+
+def ensure_models(
+    out: Path,
+    *,
+    seed: int = 0,
+    days: int = DataSpec.days,
+    events_per_day: int = DataSpec.events_per_day,
+) -> dict[str, ArchiveInfo]:
+    """The models in ``out`` for this spec, trained first (in a child process) if stale."""
+    argv = [sys.executable, "-m", "torchserve.train", "--out", str(out), "--seed", str(seed)]
+    argv += ["--days", str(days), "--events-per-day", str(events_per_day), "--if-stale"]
+    subprocess.run(argv, check=True, env={**os.environ, "PYTHONHASHSEED": "0"})  # noqa: S603
+    return load_models(out)
+
+
+def load_models(out: Path) -> dict[str, ArchiveInfo]:
+    """The archives listed in ``out/models.json``, by model name."""
+    manifest = json.loads((out / "models.json").read_text())
+    return {
+        name: ArchiveInfo(name, out / model["archive"], model["version"])
+        for name, model in manifest["models"].items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train and archive the champion and challenger.")
+    parser.add_argument("--out", type=Path, default=REPO / ".run/models")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--days", type=int, default=DataSpec.days)
+    parser.add_argument("--events-per-day", type=int, default=DataSpec.events_per_day)
+    parser.add_argument(
+        "--if-stale", action="store_true", help="do nothing when --out is current for the spec"
+    )
+    args = parser.parse_args()
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        os.execve(sys.executable, [sys.executable, "-m", "torchserve.train", *sys.argv[1:]], env)  # noqa: S606
+    spec = spec_from_args(args)
+    if args.if_stale and is_current(args.out, spec):
+        print(f"models in {args.out} are current", flush=True)
+        return
+    build_models(args.out, spec, lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    main()
