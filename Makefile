@@ -19,8 +19,12 @@ lock: ## Pin the virtualenv's exact versions into constraints.txt
 	  echo "# after changing pyproject.toml's dependencies."; \
 	  $(PY) -m pip freeze --exclude-editable | grep -iv '^decision-service'; } > constraints.txt
 
-run: setup ## Run the local stack (redis, TorchServe x2, decision server); Ctrl-C stops it
+run: setup ## Run the local stack (redis, Tansu, TorchServe x3, decision server); Ctrl-C stops it
 	@$(PY) -m server.localstack
+
+models: setup ## Train the champion and challenger into .run/models and write docs/models.md
+	@$(PY) -m torchserve.train --out .run/models
+	@$(PY) -m torchserve.evaluate --models .run/models --report docs/models.md
 
 proto: ## Regenerate the protobuf stubs (with mypy stubs)
 	@.ci/gen-proto
@@ -43,12 +47,13 @@ test: setup-ci lint proto-check ## Set up, lint, check the protos and run every 
 test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-bench: setup ## Benchmarks: Decide vs TorchServe latency, feature-cache ingest and freshness
+bench: setup ## Benchmarks: Decide vs TorchServe latency, ingest, audit, model serving and batching
 	@$(PY) -m loadtest.bench_latency
 	@$(PY) -m loadtest.bench_ingest
 	@$(PY) -m loadtest.bench_audit
+	@$(PY) -m loadtest.bench_models
 
 acceptance: setup ## The Coinbase recording in ../shared/data through Kafka into Redis, checked
 	@$(PY) -m loadtest.coinbase_acceptance
 
-.PHONY: help setup setup-ci lock run proto fmt lint proto-check test test-fast bench acceptance
+.PHONY: help setup setup-ci lock run models proto fmt lint proto-check test test-fast bench acceptance
