@@ -132,6 +132,9 @@ class FallbackChain:
                 self.policy_version,
             )
         item.reasons.append("abstain: no fresh features for rules")
+        return self.abstain()
+
+    def abstain(self) -> LadderOutcome:
         return LadderOutcome(
             Decision.ABSTAIN,
             None,

@@ -141,6 +141,17 @@ class FeatureReader:
         raw = await self._client.hget(feature_key(self._prefix, symbol), "p")
         return _decode(symbol, raw)
 
+    async def symbols(self, limit: int = 100) -> list[str]:
+        """Symbols with a feature record (at most ``limit``, sorted), for status pages."""
+        prefix = feature_key(self._prefix, "")
+        found: set[str] = set()
+        async for key in self._client.scan_iter(match=f"{prefix}*", count=500):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            found.add(name.removeprefix(prefix))
+            if len(found) >= limit:
+                break
+        return sorted(found)
+
     async def read_many(self, symbols: Sequence[str]) -> list[FeatureRecord | None]:
         if len(symbols) == 1:  # a plain command costs ~40 µs less than a pipeline of one
             return [await self.read(symbols[0])]

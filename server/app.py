@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -31,9 +32,15 @@ from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
 from fallback.score_cache import ScoreCache
 from feature_cache.store import FeatureReader
-from proto.decision.v1 import decision_pb2
-from server.audit.trail import AuditTrail, DecisionAudit, UnrecordedDecisions
+from proto.decision.v1 import admin_pb2, decision_pb2
+from server.admin.auth import AdminAuthInterceptor, Role, TokenBook
+from server.admin.control_plane import AuditView, ControlPlane
+from server.admin.servicer import ADMIN_SERVICE, READ_METHODS, AdminServicer
+from server.audit.trail import AuditTrail, UnrecordedDecisions
 from server.breaker import AsyncCircuitBreaker
+from server.control.canary import CanaryMonitor
+from server.control.flags import flag_specs
+from server.control.shared import SharedControl
 from server.domain import Source
 from server.engine import DecisionEngine
 from server.model_client import (
@@ -43,9 +50,10 @@ from server.model_client import (
     not_the_replicas_fault,
 )
 from server.router import Replica, ReplicaRouter
-from server.servicer import DecisionServicer, add_decision_service
+from server.servicer import DecisionServicer, add_decision_service, add_tolerant_service
 from server.settings import Settings, TorchServeSettings
-from server.telemetry import AuditCollector, MetricsServer
+from server.shadow import ShadowScorer
+from server.telemetry import AuditCollector, MetricsServer, ShadowCollector
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +64,40 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def model_client(ts: TorchServeSettings, name: str, address: str) -> ModelClient:
+def model_client(
+    ts: TorchServeSettings, name: str, address: str, model_name: str | None = None
+) -> ModelClient:
     """The replica's client for the configured inference protocol."""
+    model = model_name or ts.model_name
     if ts.protocol == "oip":
         return OipClient(
             name,
             address,
-            ts.model_name,
+            model,
             service=ts.oip_service,
             reconnect_backoff_ms=ts.reconnect_backoff_ms,
         )
-    return TorchServeClient(
-        name, address, ts.model_name, reconnect_backoff_ms=ts.reconnect_backoff_ms
+    return TorchServeClient(name, address, model, reconnect_backoff_ms=ts.reconnect_backoff_ms)
+
+
+def server_credentials(settings: Settings, *, client_ca_file: str = "") -> grpc.ServerCredentials:
+    """TLS credentials from the settings' PEM files; with ``client_ca_file``, clients must
+    present a certificate that CA signed (mTLS)."""
+    server = settings.server
+    key, chain = Path(server.tls_key_file).read_bytes(), Path(server.tls_cert_file).read_bytes()
+    client_ca = Path(client_ca_file).read_bytes() if client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def add_port(
+    server: grpc.aio.Server, address: str, settings: Settings, *, client_ca_file: str = ""
+) -> int:
+    if not settings.server.tls_cert_file:
+        return server.add_insecure_port(address)
+    credentials = server_credentials(settings, client_ca_file=client_ca_file)
+    return server.add_secure_port(address, credentials)
 
 
 class DecisionApp:
@@ -92,9 +121,10 @@ class DecisionApp:
             )
         )
         ts = settings.torchserve
-        self.replicas = [
-            Replica(
-                model_client(ts, name, address),
+
+        def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
+            return Replica(
+                model_client(ts, name, address, model),
                 AsyncCircuitBreaker(
                     name,
                     fail_max=settings.breaker.fail_max,
@@ -104,11 +134,26 @@ class DecisionApp:
                 ),
                 source,
             )
-            for name, address, source in (
-                ("primary", ts.primary_address, Source.PRIMARY),
-                ("secondary", ts.secondary_address, Source.SECONDARY),
-            )
+
+        self.replicas = [
+            replica("primary", ts.primary_address, Source.PRIMARY),
+            replica("secondary", ts.secondary_address, Source.SECONDARY),
         ]
+        self.challenger = (
+            replica("challenger", ts.challenger_address, Source.CANARY, ts.challenger_model_name)
+            if ts.challenger_address
+            else None
+        )
+        addresses = {"primary": ts.primary_address, "secondary": ts.secondary_address}
+        if ts.challenger_address:
+            addresses["challenger"] = ts.challenger_address
+        self.shared = SharedControl(
+            settings.redis.url,
+            key_prefix=settings.redis.key_prefix,
+            flags=flag_specs(settings.control),
+            resync_interval_ms=settings.control.resync_interval_ms,
+            redis_timeout_ms=settings.control.redis_timeout_ms,
+        )
         score_cache = ScoreCache(
             self.redis,
             key_prefix=settings.redis.key_prefix,
@@ -116,14 +161,46 @@ class DecisionApp:
         )
         fb = settings.fallback
         self.audit = AuditTrail(settings.audit, server_id=settings.audit.server_id)
-        recorder: DecisionAudit = self.audit if settings.audit.enabled else UnrecordedDecisions()
+        recorder: AuditTrail | UnrecordedDecisions = (
+            self.audit if settings.audit.enabled else UnrecordedDecisions()
+        )
+        features = FeatureReader(self.redis, key_prefix=settings.redis.key_prefix)
+        self.canary = CanaryMonitor(
+            settings.canary,
+            on_breach=lambda breach: self.control_plane.rollback_canary(breach),
+            auto_rollback=lambda: self.control_plane.auto_rollback(),
+        )
+        self.shadow = (
+            ShadowScorer(
+                self.challenger,
+                audit=recorder,
+                max_in_flight=settings.shadow.max_in_flight,
+                timeout_ms=settings.shadow.timeout_ms,
+                threshold=settings.decision.threshold,
+                psi_window=settings.shadow.psi_window,
+            )
+            if self.challenger is not None
+            else None
+        )
+        self.control_plane = ControlPlane(
+            shared=self.shared,
+            replicas=[*self.replicas, *([self.challenger] if self.challenger else [])],
+            addresses=addresses,
+            audit=recorder,
+            canary=self.canary,
+            server_id=lambda: self.audit.server_id,
+            features=features,
+            audit_view=self._audit_view if settings.audit.enabled else lambda: None,
+        )
         self.engine = DecisionEngine(
-            features=FeatureReader(self.redis, key_prefix=settings.redis.key_prefix),
+            features=features,
             router=ReplicaRouter(
                 self.replicas,
                 torchserve=ts,
                 decision=settings.decision,
                 min_counted_timeout_ms=settings.breaker.min_counted_timeout_ms,
+                control=lambda: self.shared.state,
+                challenger=self.challenger,
             ),
             ladder=FallbackChain(
                 score_cache,
@@ -141,10 +218,15 @@ class DecisionApp:
             decision=settings.decision,
             feature_max_age_ms=settings.features.max_age_ms,
             score_write_interval_ms=fb.cached_score_write_interval_ms,
+            control=lambda: self.shared.state,
+            canary=self.canary if self.challenger is not None else None,
+            shadow=self.shadow,
         )
         registry = CollectorRegistry()
         if settings.audit.enabled:
             registry.register(AuditCollector(self.audit))
+        if self.shadow is not None:
+            registry.register(ShadowCollector(self.shadow))
         self.metrics = MetricsServer(
             registry, settings.telemetry.metrics_host, settings.telemetry.metrics_port
         )
@@ -165,7 +247,30 @@ class DecisionApp:
         reflection.enable_server_reflection(
             (DECISION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
+        self.admin_server: grpc.aio.Server | None = None
+        if settings.admin.enabled:
+            tokens = TokenBook.load(
+                file=settings.admin.tokens_file, inline=settings.admin.tokens.get_secret_value()
+            )
+            if not len(tokens):
+                log.warning("AdminService has no tokens: every admin call will be refused")
+            self.admin_server = grpc.aio.server(
+                interceptors=[
+                    AdminAuthInterceptor(tokens, READ_METHODS, default_role=Role.OPERATOR)
+                ],
+                options=[("grpc.so_reuseport", 0)],
+            )
+            add_tolerant_service(
+                AdminServicer(self.control_plane),
+                admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+                admin_pb2,
+                self.admin_server,
+            )
+            reflection.enable_server_reflection(
+                (ADMIN_SERVICE, reflection.SERVICE_NAME), self.admin_server
+            )
         self.port = 0
+        self.admin_port = 0
         self._ready_task: asyncio.Task[None] | None = None
         self._audit_health_task: asyncio.Task[None] | None = None
         self._started = False
@@ -182,19 +287,32 @@ class DecisionApp:
             raise
 
     async def _start(self) -> None:
-        address = f"{self.settings.server.host}:{self.settings.server.port}"
-        self.port = self.server.add_insecure_port(address)
+        settings = self.settings
+        self.port = add_port(
+            self.server, f"{settings.server.host}:{settings.server.port}", settings
+        )
         if self.settings.audit.enabled:
             if not self.audit.server_id:
                 self.audit.server_id = f"{socket.gethostname()}:{self.port}"
             await self.audit.start()
             self._audit_health_task = asyncio.create_task(self._watch_audit())
-        for replica in self.replicas:
+        for replica in self._all_replicas():
             await replica.client.start()
+        await self.shared.start()
         await self._set_health(NOT_SERVING)
         self.metrics.start()
         await self.server.start()
-        log.info("DecisionService listening on %s:%d", self.settings.server.host, self.port)
+        log.info("DecisionService listening on %s:%d", settings.server.host, self.port)
+        if self.admin_server is not None:
+            admin = settings.admin
+            self.admin_port = add_port(
+                self.admin_server,
+                f"{admin.host}:{admin.port}",
+                settings,
+                client_ca_file=admin.tls_client_ca_file,
+            )
+            await self.admin_server.start()
+            log.info("AdminService listening on %s:%d", admin.host, self.admin_port)
         self._ready_task = asyncio.create_task(self._become_ready())
 
     async def _become_ready(self) -> None:
@@ -205,10 +323,9 @@ class DecisionApp:
         by more than the connect timeout (the breaker and the ladder deal with it).
         """
         connect_timeout_s = self.settings.torchserve.connect_timeout_ms / 1000.0
-        connected = await asyncio.gather(
-            *(r.client.connect(connect_timeout_s) for r in self.replicas)
-        )
-        for replica, ok in zip(self.replicas, connected, strict=True):
+        replicas = self._all_replicas()
+        connected = await asyncio.gather(*(r.client.connect(connect_timeout_s) for r in replicas))
+        for replica, ok in zip(replicas, connected, strict=True):
             if not ok:
                 log.warning("replica %s not reachable at start", replica.name)
         delay_s = 0.05
@@ -223,6 +340,13 @@ class DecisionApp:
             await self._set_health(SERVING)
             log.info("ready: health SERVING")
             return
+
+    def _all_replicas(self) -> list[Replica]:
+        return [*self.replicas, *([self.challenger] if self.challenger else [])]
+
+    def _audit_view(self) -> AuditView:
+        shipper = self.audit.shipper.status()
+        return AuditView(shipper.store_ok, shipper.backlog_bytes, shipper.last_error)
 
     async def _watch_audit(self) -> None:
         healthy: bool | None = None
@@ -255,9 +379,13 @@ class DecisionApp:
                     await task
         try:
             await self.health.enter_graceful_shutdown()
-            await self.server.stop(grace=self.settings.server.grace_period_s)
+            grace_s = self.settings.server.grace_period_s
+            if self.admin_server is not None:
+                await self.admin_server.stop(grace=grace_s)
+            await self.server.stop(grace=grace_s)
             await self.engine.stop()
-            for replica in reversed(self.replicas):
+            await self.shared.stop()
+            for replica in reversed(self._all_replicas()):
                 await replica.client.stop()
             await self.redis.aclose()
             self.metrics.stop()

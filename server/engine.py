@@ -1,19 +1,25 @@
-"""The decision core: features → model (primary, one retry) → fallback ladder.
+"""The decision core: kill switch → features → model (primary, one retry) → fallback ladder.
 
 Transport-agnostic: it takes validated ``OrderRequest``s and a ``Budget`` and returns
 ``DecisionResult``s, each recorded in the audit journal first; the gRPC servicer only
 converts. A single order is a batch of one,
 so Decide and DecideBatch share every step: one Redis pipeline for the features, one
 model call for all rows with fresh features, one pipeline for the cached scores.
+
+The shared control state is read once per call: an engaged kill switch makes the order
+ABSTAIN before anything else; the canary weight sends the call to the challenger first
+(its outcome feeds the ``CanaryMonitor``); the shadow sample rate hands a champion-scored
+call's rows to the ``ShadowScorer`` after the decisions are recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis.exceptions
@@ -23,10 +29,14 @@ from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 from feature_cache.schema import FEATURE_INDEX, first_unrepresentable, model_row
 from feature_cache.store import FeatureReader, FeatureRecord
 from server.audit.trail import DecisionAudit
+from server.control.canary import CANARY, CHAMPION, CanaryMonitor
+from server.control.flags import SHADOW_SAMPLE_RATE
+from server.control.state import GLOBAL_SCOPE, ControlState
 from server.deadline import Budget
-from server.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side
-from server.router import ReplicaRouter
+from server.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
+from server.router import Attempt, ReplicaRouter
 from server.settings import DecisionSettings
+from server.shadow import Shadowed, ShadowScorer
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +45,12 @@ log = logging.getLogger(__name__)
 # Redis connections are for the decisions' reads.
 MAX_PENDING_SCORE_WRITES = 8
 SCORE_WRITE_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _ShadowCall:
+    rows: Sequence[Sequence[float]]
+    scores: dict[int, float]  # the champion's score, by order index
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +71,10 @@ class DecisionEngine:
         decision: DecisionSettings,
         feature_max_age_ms: float,
         score_write_interval_ms: float,
+        control: Callable[[], ControlState] = ControlState,
+        canary: CanaryMonitor | None = None,
+        shadow: ShadowScorer | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._features = features
         self._router = router
@@ -67,6 +87,10 @@ class DecisionEngine:
         self._pending_writes: set[asyncio.Task[None]] = set()
         self._score_write_interval_us = int(score_write_interval_ms * 1000)
         self._score_written_at_us: dict[tuple[str, Side], int] = {}
+        self._control = control
+        self._canary = canary
+        self._shadow = shadow
+        self._rng = rng or random.Random()  # noqa: S311 - sampling, not security
 
     async def decide(
         self, orders: Sequence[OrderRequest], budget: Budget, call: CallInfo
@@ -74,14 +98,22 @@ class DecisionEngine:
         """Decides every order and records them in the audit journal before returning;
         raises ``AuditUnavailable`` (and returns nothing) when they cannot be recorded."""
         started = time.perf_counter_ns()
+        state = self._control()
+        now_us = time.time_ns() // 1000
         reasons: list[list[str]] = [[] for _ in orders]
-        features = await self._read_features(orders, budget, reasons)
+        outcomes = self._kill_switched(orders, state, now_us, reasons)
+        features = await self._read_features(orders, budget, reasons, skip=outcomes)
         features_done = time.perf_counter_ns()
 
         scorable = {i: f.values for i, f in enumerate(features) if f.values is not None}
-        outcomes: dict[int, LadderOutcome] = {}
+        shadowed: _ShadowCall | None = None
         if scorable:
-            outcomes = await self._score(orders, scorable, budget, reasons)
+            weight, _ = state.canary(now_us)
+            canary = weight > 0 and self._canary is not None and self._rng.random() < weight
+            scored, shadowed = await self._score(
+                orders, scorable, budget, reasons, canary=canary, monitored=weight > 0
+            )
+            outcomes.update(scored)
         model_done = time.perf_counter_ns()
 
         pending = [i for i in range(len(orders)) if i not in outcomes]
@@ -114,20 +146,67 @@ class DecisionEngine:
                 )
             )
         self._audit.record_decisions(call, orders, [f.values for f in features], results)
+        if shadowed is not None and self._shadow is not None:
+            rate = state.flag_value(SHADOW_SAMPLE_RATE, now_us)
+            if rate > 0 and self._rng.random() < rate:
+                self._shadow.submit(
+                    shadowed.rows,
+                    [
+                        Shadowed(
+                            results[i].decision_id, score, results[i].decision is Decision.TRADE
+                        )
+                        for i, score in shadowed.scores.items()
+                    ],
+                    state.breaker_mode(self._shadow.replica_name, now_us),
+                )
         return results
 
+    def _kill_switched(
+        self,
+        orders: Sequence[OrderRequest],
+        state: ControlState,
+        now_us: int,
+        reasons: list[list[str]],
+    ) -> dict[int, LadderOutcome]:
+        """ABSTAIN outcomes, by index, for the orders an engaged kill switch stops."""
+        if not state.entries:
+            return {}
+        stopped = {}
+        for i, order in enumerate(orders):
+            switch = state.kill_switch(order.symbol, now_us)
+            if switch is None:
+                continue
+            scope, change = switch
+            what = "all symbols" if scope == GLOBAL_SCOPE else scope
+            reasons[i].append(
+                f"kill switch for {what} engaged by {change.changed_by}: {change.reason}"
+            )
+            stopped[i] = self._ladder.abstain()
+        return stopped
+
     async def _read_features(
-        self, orders: Sequence[OrderRequest], budget: Budget, reasons: list[list[str]]
+        self,
+        orders: Sequence[OrderRequest],
+        budget: Budget,
+        reasons: list[list[str]],
+        *,
+        skip: Sequence[int] | dict[int, LadderOutcome] = (),
     ) -> list[_Features]:
+        """The features of each order; none for the orders in ``skip`` (already decided)."""
+        wanted = [i for i in range(len(orders)) if i not in skip]
+        if not wanted:
+            return [_Features(None, -1.0)] * len(orders)
         left_ms = budget.remaining_ms() - self._margin_ms
-        records: Sequence[FeatureRecord | None] = [None] * len(orders)
+        records: list[FeatureRecord | None] = [None] * len(orders)
         problem = ""
         if left_ms <= 0:
             problem = "features skipped: no budget left"
         else:
             try:
                 async with asyncio.timeout(left_ms / 1000.0):
-                    records = await self._features.read_many([o.symbol for o in orders])
+                    read = await self._features.read_many([orders[i].symbol for i in wanted])
+                for i, record in zip(wanted, read, strict=True):
+                    records[i] = record
             except TimeoutError:
                 problem = f"feature store timed out after {left_ms:.1f} ms"
             except (redis.exceptions.RedisError, OSError) as exc:
@@ -135,7 +214,10 @@ class DecisionEngine:
                 log.warning("feature read failed: %s", exc)
         now_us = time.time_ns() // 1000
         out = []
-        for order, record, why in zip(orders, records, reasons, strict=True):
+        for i, (order, record, why) in enumerate(zip(orders, records, reasons, strict=True)):
+            if i in skip:
+                out.append(_Features(None, -1.0))
+                continue
             if record is None:
                 why.append(problem or f"no features for {order.symbol}")
                 out.append(_Features(None, -1.0))
@@ -162,15 +244,33 @@ class DecisionEngine:
         scorable: dict[int, Sequence[float]],
         budget: Budget,
         reasons: list[list[str]],
-    ) -> dict[int, LadderOutcome]:
-        """One model call for every order with fresh features; their outcomes by index."""
+        *,
+        canary: bool,
+        monitored: bool,
+    ) -> tuple[dict[int, LadderOutcome], _ShadowCall | None]:
+        """One model call for every order with fresh features: their outcomes by index,
+        and what a shadow call would need when the champion scored them."""
         rows = [model_row(orders[i].side.sign, values) for i, values in scorable.items()]
         call_reasons: list[str] = []
-        routed = await self._router.score(rows, budget, call_reasons)
+        attempts: list[Attempt] = []
+        routed = await self._router.score(
+            rows, budget, call_reasons, canary=canary, attempts=attempts
+        )
+        if monitored and self._canary is not None and attempts:
+            first = attempts[0]
+            self._canary.record(
+                CANARY if canary else CHAMPION,
+                ok=first.ok,
+                elapsed_ms=first.elapsed_ms,
+                fell_back=routed is None,
+                scores=routed.scores.scores
+                if routed is not None and (routed.source is Source.CANARY) == canary
+                else (),
+            )
         if routed is None:
             for i in scorable:
                 reasons[i].extend(call_reasons)
-            return {}
+            return {}, None
         scores = routed.scores
         answered = f"{routed.source.name.lower()} answered in {scores.elapsed_ms:.1f} ms"
         scored_at_us = time.time_ns() // 1000
@@ -189,8 +289,13 @@ class DecisionEngine:
             )
             cached = CachedScore(score, scores.model_name, scores.model_version, scored_at_us)
             entries.append(ScoreEntry(orders[i].symbol, orders[i].side, cached))
-        self._remember_scores(entries)
-        return outcomes
+        champion = routed.source is not Source.CANARY
+        if champion:  # the challenger's own scores are no cached champion scores
+            self._remember_scores(entries)
+        shadow = None
+        if champion and self._shadow is not None:
+            shadow = _ShadowCall(rows, dict(zip(scorable, scores.scores, strict=True)))
+        return outcomes, shadow
 
     def _remember_scores(self, entries: list[ScoreEntry]) -> None:
         """Writes the scores for the ladder unless this server wrote the key very recently."""
@@ -222,7 +327,12 @@ class DecisionEngine:
             log.warning("cached score write failed: %r", exc)
 
     async def stop(self, timeout_s: float = 1.0) -> None:
-        """Lets in-flight cached-score writes finish (bounded), then cancels the rest."""
+        """Lets in-flight cached-score writes and shadow calls finish (bounded), then
+        cancels the rest."""
+        if self._shadow is not None:
+            await self._shadow.stop(timeout_s)
+        if self._canary is not None:
+            await self._canary.stop()
         pending = list(self._pending_writes)
         if not pending:
             return

@@ -4,8 +4,10 @@
 
     DecisionError                 INTERNAL
     ├── InvalidArgument           INVALID_ARGUMENT  (names the field)
-    └── AuditUnavailable          UNAVAILABLE       (the journal refused the record:
-                                                     no decision is returned unrecorded)
+    ├── AuditUnavailable          UNAVAILABLE       (the journal refused the record:
+    │                                                no decision is returned unrecorded)
+    └── SharedStateUnavailable    UNAVAILABLE       (Redis did not take an admin change:
+                                                     nothing changed)
 
 Model-call failures (``server.model_client.ModelCallError``) never reach a client:
 the engine turns them into a fallback step and a reason. ``grpc_errors`` is the only
@@ -20,9 +22,11 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 log = logging.getLogger(__name__)
 
+M = TypeVar("M", bound=Message)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Self_ = TypeVar("Self_")
@@ -47,6 +51,34 @@ class AuditUnavailable(DecisionError):
         super().__init__(f"decision not recorded, so not returned: {problem}")
 
 
+class SharedStateUnavailable(DecisionError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"shared state unavailable, nothing changed: {problem}")
+
+
+class UndecodableRequest:
+    """Stands in for a request whose bytes are not the expected message.
+
+    grpc answers INTERNAL when a deserializer raises; bad input must get
+    INVALID_ARGUMENT, so decoding never raises and ``grpc_errors`` rejects this instead.
+    """
+
+    def __init__(self, message_name: str) -> None:
+        self.message_name = message_name
+
+
+def tolerant_parser(message: type[M]) -> Callable[[bytes], M | UndecodableRequest]:
+    def parse(data: bytes) -> M | UndecodableRequest:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return UndecodableRequest(message.DESCRIPTOR.full_name)
+
+    return parse
+
+
 Handler = Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
 
 
@@ -58,6 +90,8 @@ def grpc_errors(handler: Handler[Self_, Req, Resp]) -> Handler[Self_, Req, Resp]
         self: Self_, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
         try:
+            if isinstance(request, UndecodableRequest):
+                raise InvalidArgument("request", f"not a valid {request.message_name}")
             return await handler(self, request, context)
         except DecisionError as exc:
             code, details = exc.code, str(exc)

@@ -1,13 +1,21 @@
-"""Primary first, then exactly one retry to the secondary, each behind its own breaker."""
+"""Primary first, then exactly one retry to the secondary, each behind its own breaker.
+
+On-call overrides (``server.control``) come first: a replica forced open is not called,
+one forced closed is called whatever its breaker says. For the canary share, the
+challenger is tried before them; when it fails, the champion answers as usual.
+"""
 
 from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from server.breaker import AsyncCircuitBreaker, BreakerOpenError
+from server.control.recent import RecentCalls
+from server.control.state import BreakerMode, ControlState
 from server.deadline import Budget, model_call_timeout_ms
 from server.domain import Source
 from server.model_client import ModelCallError, ModelClient, ModelInputError, ModelScores
@@ -19,6 +27,8 @@ class Replica:
     client: ModelClient
     breaker: AsyncCircuitBreaker
     source: Source
+    # Every call this server made to it, for status; the model version it last answered.
+    recent: RecentCalls = field(default_factory=RecentCalls)
 
     @property
     def name(self) -> str:
@@ -29,6 +39,15 @@ class Replica:
 class RoutedScores:
     scores: ModelScores
     source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One replica the router tried (or skipped for its breaker) for one call."""
+
+    source: Source
+    ok: bool
+    elapsed_ms: float  # 0 when the breaker rejected the call without making it
 
 
 class ReplicaRouter:
@@ -49,10 +68,14 @@ class ReplicaRouter:
         torchserve: TorchServeSettings,
         decision: DecisionSettings,
         min_counted_timeout_ms: float,
+        control: Callable[[], ControlState] = ControlState,
+        challenger: Replica | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._min_counted_timeout_ms = min_counted_timeout_ms
         self.replicas = tuple(replicas)
+        self.challenger = challenger
+        self._control = control
         self._cap_ms = torchserve.per_call_timeout_ms
         self._jitter = torchserve.timeout_jitter
         self._min_call_ms = torchserve.min_call_budget_ms
@@ -60,12 +83,33 @@ class ReplicaRouter:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
 
     async def score(
-        self, rows: Sequence[Sequence[float]], budget: Budget, reasons: list[str]
+        self,
+        rows: Sequence[Sequence[float]],
+        budget: Budget,
+        reasons: list[str],
+        *,
+        canary: bool = False,
+        attempts: list[Attempt] | None = None,
     ) -> RoutedScores | None:
-        """Scores the rows, or returns None with ``reasons`` saying why each replica did not."""
-        for replica in self.replicas:
-            if not replica.breaker.allows_call():
+        """Scores the rows, or returns None with ``reasons`` saying why each replica did not.
+
+        ``canary``: the challenger is tried first. ``attempts`` collects what each
+        replica tried did, for the canary's comparison.
+        """
+        state = self._control()
+        now_us = time.time_ns() // 1000
+        lane = self.replicas
+        if canary and self.challenger is not None:
+            lane = (self.challenger, *self.replicas)
+        for replica in lane:
+            mode = state.breaker_mode(replica.name, now_us)
+            if mode is BreakerMode.FORCE_OPEN:
+                reasons.append(f"{replica.name} forced open by on-call")
+                continue
+            if mode is BreakerMode.AUTO and not replica.breaker.allows_call():
                 reasons.append(f"{replica.name} breaker {replica.breaker.state}")
+                if attempts is not None:
+                    attempts.append(Attempt(replica.source, False, 0.0))
                 continue
             timeout_ms = model_call_timeout_ms(
                 budget.remaining_ms(),
@@ -80,20 +124,32 @@ class ReplicaRouter:
                     f" (needs {self._min_call_ms:.1f})"
                 )
                 return None
+            call = functools.partial(
+                replica.client.predict,
+                rows,
+                timeout_ms / 1000.0,
+                budget_limited=timeout_ms < self._min_counted_timeout_ms,
+            )
+            started = time.perf_counter()
             try:
-                scores = await replica.breaker.call(
-                    functools.partial(
-                        replica.client.predict,
-                        rows,
-                        timeout_ms / 1000.0,
-                        budget_limited=timeout_ms < self._min_counted_timeout_ms,
-                    )
-                )
-            except (BreakerOpenError, ModelCallError) as exc:
+                # Forced closed: on-call vouches for the replica, its breaker is bypassed.
+                scores = await (replica.breaker.call(call) if mode is BreakerMode.AUTO else call())
+            except BreakerOpenError as exc:
+                reasons.append(str(exc))
+                if attempts is not None:
+                    attempts.append(Attempt(replica.source, False, 0.0))
+            except ModelCallError as exc:
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                replica.recent.record(elapsed_ms, ok=False)
+                if attempts is not None:
+                    attempts.append(Attempt(replica.source, False, elapsed_ms))
                 reasons.append(str(exc))
             except ModelInputError as exc:
                 reasons.append(str(exc))
                 return None  # our rows: the other replica would reject them too
             else:
+                replica.recent.record(scores.elapsed_ms, ok=True, version=scores.model_version)
+                if attempts is not None:
+                    attempts.append(Attempt(replica.source, True, scores.elapsed_ms))
                 return RoutedScores(scores, replica.source)
         return None

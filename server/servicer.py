@@ -4,47 +4,20 @@ from __future__ import annotations
 
 import string
 import time
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.deadline import Budget
 from server.domain import CallInfo, DecisionResult
 from server.engine import DecisionEngine
-from server.errors import InvalidArgument, grpc_errors
+from server.errors import grpc_errors, tolerant_parser
 from server.validation import order_from_pb, orders_from_batch_pb
-
-M = TypeVar("M", bound=Message)
-
-
-class UndecodableRequest:
-    """Stands in for a request whose bytes are not the expected message.
-
-    grpc answers INTERNAL when a deserializer raises; bad input must get
-    INVALID_ARGUMENT, so decoding never raises and the handler rejects this instead.
-    """
-
-    def __init__(self, message_name: str) -> None:
-        self.message_name = message_name
-
-
-def tolerant_parser(message: type[M]) -> Callable[[bytes], M | UndecodableRequest]:
-    def parse(data: bytes) -> M | UndecodableRequest:
-        try:
-            return message.FromString(data)
-        except DecodeError:
-            return UndecodableRequest(message.DESCRIPTOR.full_name)
-
-    return parse
-
-
-def reject_undecodable(request: object) -> None:
-    if isinstance(request, UndecodableRequest):
-        raise InvalidArgument("request", f"not a valid {request.message_name}")
 
 
 def trace_id_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
@@ -110,7 +83,6 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         context: grpc.aio.ServicerContext[decision_pb2.DecideRequest, decision_pb2.DecideResponse],
     ) -> decision_pb2.DecideResponse:
         call = call_info(context)
-        reject_undecodable(request)
         order = order_from_pb(request)
         budget = Budget.for_call(context.time_remaining(), self._default_budget_ms)
         (result,) = await self._engine.decide([order], budget, call)
@@ -125,26 +97,32 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         ],
     ) -> decision_pb2.DecideBatchResponse:
         call = call_info(context)
-        reject_undecodable(request)
         orders = orders_from_batch_pb(request, self._max_batch_size)
         budget = Budget.for_call(context.time_remaining(), self._default_budget_ms)
         results = await self._engine.decide(orders, budget, call)
         return decision_pb2.DecideBatchResponse(responses=[response_to_pb(r) for r in results])
 
 
+def add_tolerant_service(
+    servicer: object, descriptor: ServiceDescriptor, pb2: ModuleType, server: grpc.aio.Server
+) -> None:
+    """Registers a service like the generated helper, except that a request whose bytes
+    do not decode reaches ``grpc_errors`` (INVALID_ARGUMENT), not grpc (INTERNAL)."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in descriptor.methods:
+        request_type = getattr(pb2, method.input_type.name)
+        response_type = getattr(pb2, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=tolerant_parser(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )
+
+
 def add_decision_service(servicer: DecisionServicer, server: grpc.aio.Server) -> None:
-    """Registers DecisionService like the generated helper, with tolerant request parsing."""
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        "Decide": grpc.unary_unary_rpc_method_handler(
-            servicer.Decide,
-            request_deserializer=tolerant_parser(decision_pb2.DecideRequest),
-            response_serializer=decision_pb2.DecideResponse.SerializeToString,
-        ),
-        "DecideBatch": grpc.unary_unary_rpc_method_handler(
-            servicer.DecideBatch,
-            request_deserializer=tolerant_parser(decision_pb2.DecideBatchRequest),
-            response_serializer=decision_pb2.DecideBatchResponse.SerializeToString,
-        ),
-    }
-    service = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    add_tolerant_service(
+        servicer, decision_pb2.DESCRIPTOR.services_by_name["DecisionService"], decision_pb2, server
+    )

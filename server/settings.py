@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,6 +28,65 @@ class ServerSettings(_Section):
     log_level: str = Field("INFO", description="Python logging level of the server process.")
     max_concurrent_rpcs: int | None = Field(
         None, description="gRPC's cap on concurrent RPCs; excess get RESOURCE_EXHAUSTED."
+    )
+    tls_cert_file: str = Field(
+        "",
+        description="PEM certificate chain of both ports (DecisionService and AdminService); "
+        "empty: plaintext. Needs tls_key_file.",
+    )
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("server.tls_cert_file and server.tls_key_file go together")
+        return self
+
+
+class AdminSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address AdminService listens on.")
+    port: int = Field(
+        50052, ge=0, description="AdminService gRPC port, apart so the network can restrict it."
+    )
+    enabled: bool = Field(True, description="Serve AdminService.")
+    tokens_file: str = Field(
+        "",
+        description="File of bearer tokens, one '<principal> <role> <token>' per line "
+        "(role viewer or operator).",
+    )
+    tokens: SecretStr = Field(
+        SecretStr(""),
+        description="More tokens, as in tokens_file, separated by commas; never logged.",
+    )
+    tls_client_ca_file: str = Field(
+        "",
+        description="PEM CA bundle: when set (with server TLS), admin clients must present "
+        "a certificate it signed (mTLS).",
+    )
+
+
+class ControlSettings(_Section):
+    resync_interval_ms: float = Field(
+        250.0,
+        gt=0,
+        le=1000.0,
+        description="How often each server checks the shared state's version in Redis, "
+        "besides pub/sub: the bound on how late a change is seen when a message is lost.",
+    )
+    redis_timeout_ms: float = Field(
+        1000.0, gt=0, description="Timeout of one shared-state read or write."
+    )
+    shadow_sample_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Default of flag shadow_sample_rate: share of decisions also scored by "
+        "the challenger, off the critical path.",
+    )
+    canary_auto_rollback: bool = Field(
+        True,
+        description="Default of flag canary_auto_rollback: a canary breaching its limits "
+        "is rolled back by itself.",
     )
 
 
@@ -49,6 +108,13 @@ class TorchServeSettings(_Section):
     )
     secondary_address: str = Field(
         "127.0.0.1:7170", description="host:port of the replica that gets the single retry."
+    )
+    challenger_address: str = Field(
+        "127.0.0.1:7270",
+        description="host:port of the challenger replica (shadow and canary); empty: none.",
+    )
+    challenger_model_name: str = Field(
+        "challenger", description="Model name of the challenger in its replica."
     )
     per_call_timeout_ms: float = Field(
         25.0,
@@ -239,6 +305,47 @@ class AuditSettings(_Section):
     )
 
 
+class CanarySettings(_Section):
+    """Limits of the canary against the champion; a breach rolls the canary back."""
+
+    window_s: float = Field(
+        30.0, gt=0, description="Sliding window the two sides are compared over."
+    )
+    min_decisions: int = Field(
+        50, ge=1, description="Decisions each side needs in the window before it is judged."
+    )
+    max_error_rate_increase: float = Field(
+        0.05, ge=0, description="Canary model-call error/timeout rate above the champion's."
+    )
+    max_p99_ratio: float = Field(
+        2.0, gt=0, description="Canary p99 latency limit as a multiple of the champion's..."
+    )
+    p99_slack_ms: float = Field(
+        5.0, ge=0, description="...plus this, so that a 1 ms champion does not make 3 ms a breach."
+    )
+    max_fallback_rate_increase: float = Field(
+        0.05,
+        ge=0,
+        description="Share of decisions ending in the fallback ladder, above the champion's.",
+    )
+    max_score_psi: float = Field(
+        0.25, ge=0, description="PSI of the canary's scores against the champion's in the window."
+    )
+
+
+class ShadowSettings(_Section):
+    max_in_flight: int = Field(
+        16,
+        ge=1,
+        description="Shadow calls in flight at most; past it a sampled decision's shadow "
+        "call is dropped and counted, never queued.",
+    )
+    timeout_ms: float = Field(100.0, gt=0, description="Timeout of one shadow call.")
+    psi_window: int = Field(
+        2000, ge=10, description="Pairs of champion and challenger scores the score PSI is over."
+    )
+
+
 class TelemetrySettings(_Section):
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus endpoint.")
     metrics_port: int = Field(
@@ -261,6 +368,10 @@ class Settings(BaseSettings):
     fallback: FallbackSettings = FallbackSettings()
     audit: AuditSettings = AuditSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    admin: AdminSettings = AdminSettings()
+    control: ControlSettings = ControlSettings()
+    canary: CanarySettings = CanarySettings()
+    shadow: ShadowSettings = ShadowSettings()
 
     @model_validator(mode="after")
     def _budget_leaves_room_for_the_model(self) -> Settings:

@@ -12,10 +12,16 @@ from threading import Thread
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from server.audit.trail import AuditTrail
+from server.shadow import DIFF_BUCKETS, ShadowScorer
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,55 @@ class AuditCollector(Collector):
             "decision_audit_last_shipped_timestamp_seconds",
             "Wall-clock time of the last successful insert (0: none yet).",
             value=shipper.last_shipped_at_us / 1e6,
+        )
+
+
+class ShadowCollector(Collector):
+    """The challenger's shadow scores against the champion's decisions."""
+
+    def __init__(self, shadow: ShadowScorer) -> None:
+        self._shadow = shadow
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._shadow.stats()
+        calls = CounterMetricFamily(
+            "decision_shadow_decisions",
+            "Decisions sampled for shadow scoring, by outcome.",
+            labels=["outcome"],
+        )
+        calls.add_metric(["scored"], stats.scored)
+        calls.add_metric(["dropped"], stats.dropped)
+        calls.add_metric(["failed"], stats.failed)
+        yield calls
+        yield CounterMetricFamily(
+            "decision_shadow_agreements",
+            "Shadow-scored decisions the challenger would have decided the same way.",
+            value=stats.agreed,
+        )
+        yield GaugeMetricFamily(
+            "decision_shadow_agreement_ratio",
+            "Share of shadow-scored decisions the challenger agreed with (0 before any).",
+            value=stats.agreed / stats.scored if stats.scored else 0.0,
+        )
+        yield HistogramMetricFamily(
+            "decision_shadow_score_difference",
+            "|challenger score - champion score| per shadow-scored decision.",
+            buckets=[
+                *(
+                    (str(bound), count)
+                    for bound, count in zip(DIFF_BUCKETS, stats.diff_counts, strict=True)
+                ),
+                ("+Inf", stats.scored),
+            ],
+            sum_value=stats.diff_sum,
+        )
+        yield GaugeMetricFamily(
+            "decision_shadow_score_psi",
+            "PSI of the challenger's scores against the champion's over the recent pairs.",
+            value=stats.score_psi,
+        )
+        yield GaugeMetricFamily(
+            "decision_shadow_in_flight", "Shadow calls in flight.", value=stats.in_flight
         )
 
 

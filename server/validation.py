@@ -32,16 +32,20 @@ def _positive_finite(value: float, field: str) -> float:
     return value
 
 
-def order_from_pb(request: decision_pb2.DecideRequest, field_prefix: str = "") -> OrderRequest:
-    """Validates one request; ``field_prefix`` names its place in a batch (``requests[3].``)."""
-    symbol = request.symbol
+def check_symbol(field: str, symbol: str) -> str:
     if not symbol:
-        raise InvalidArgument(f"{field_prefix}symbol", "is required")
+        raise InvalidArgument(field, "is required")
     if not SYMBOL_PATTERN.fullmatch(symbol):
         raise InvalidArgument(
-            f"{field_prefix}symbol",
+            field,
             "must be 1 to 32 characters of A-Z, 0-9, '.', '_', '/', '-', starting with A-Z or 0-9",
         )
+    return symbol
+
+
+def order_from_pb(request: decision_pb2.DecideRequest, field_prefix: str = "") -> OrderRequest:
+    """Validates one request; ``field_prefix`` names its place in a batch (``requests[3].``)."""
+    symbol = check_symbol(f"{field_prefix}symbol", request.symbol)
     side = _SIDES.get(request.side)
     if side is None:
         raise InvalidArgument(

@@ -154,3 +154,19 @@ def replicas(
     finally:
         for replica in pair.values():
             replica.proc.stop()
+
+
+@pytest.fixture(scope="session")
+def challenger_replica(
+    model_store: tuple[Path, ArchiveInfo], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Replica]:
+    """The challenger's TorchServe, for the session; tests that break it restore it after."""
+    store, _ = model_store
+    replica = Replica(
+        "challenger", ReplicaPorts(*free_ports(6)), store, tmp_path_factory.mktemp("ts")
+    )
+    try:
+        replica.start()
+        yield replica
+    finally:
+        replica.proc.stop()

@@ -1,6 +1,8 @@
 """What the audit trail records: one ``DecisionRecord`` per decision, one ``AdminRecord``
-per accepted admin change. Both travel through the journal as JSON (orjson: ~1 us a
-record) and land in their own table; ``kind`` tells the shipper which.
+per accepted admin change, one ``ShadowRecord`` per challenger score of a shadowed
+decision. They travel through the journal as JSON (orjson: ~1 us a record); ``kind``
+tells the shipper where each lands: decisions and admin actions in their own tables, a
+shadow score in its decision's shadow columns (always journalled after the decision).
 
 Enum fields are stored by name ("TRADE", "PRIMARY") so that the rows read well to an
 auditor without a lookup table; times are wall-clock microseconds since the epoch.
@@ -16,6 +18,7 @@ import orjson
 
 DECISION: Final = "decision"
 ADMIN: Final = "admin"
+SHADOW: Final = "shadow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +70,16 @@ class AdminRecord:
     kind: str = ADMIN
 
 
-AuditRecord = DecisionRecord | AdminRecord
+@dataclass(frozen=True, slots=True)
+class ShadowRecord:
+    decision_id: str
+    shadow_model_name: str
+    shadow_model_version: str
+    shadow_score: float
+    kind: str = SHADOW
+
+
+AuditRecord = DecisionRecord | AdminRecord | ShadowRecord
 
 
 def encode(record: AuditRecord) -> bytes:
@@ -77,6 +89,6 @@ def encode(record: AuditRecord) -> bytes:
 def decode(payload: bytes) -> dict[str, Any]:
     """The record as a dict (the shipper's input); raises ``orjson.JSONDecodeError``."""
     value = orjson.loads(payload)
-    if not isinstance(value, dict) or value.get("kind") not in (DECISION, ADMIN):
+    if not isinstance(value, dict) or value.get("kind") not in (DECISION, ADMIN, SHADOW):
         raise ValueError("not an audit record")
     return value

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from server.audit.record import ADMIN, DECISION
+from server.audit.record import ADMIN, DECISION, SHADOW
 
 metadata = sa.MetaData()
 
@@ -80,6 +80,16 @@ admin_actions = sa.Table(
 )
 
 _ADMIN_COLUMNS = frozenset(c.name for c in admin_actions.columns)
+_SHADOW_FIELDS = ("decision_id", "shadow_model_name", "shadow_model_version", "shadow_score")
+_UPDATE_SHADOW = (
+    decisions.update()
+    .where(decisions.c.decision_id == sa.bindparam("b_decision_id"))
+    .values(
+        shadow_model_name=sa.bindparam("shadow_model_name"),
+        shadow_model_version=sa.bindparam("shadow_model_version"),
+        shadow_score=sa.bindparam("shadow_score"),
+    )
+)
 
 
 def from_us(us: int) -> dt.datetime:
@@ -198,11 +208,19 @@ class AuditStore:
         """Stores decoded journal records in one transaction; returns how many were given."""
         decision_records: list[Mapping[str, Any]] = []
         admin_rows: list[dict[str, Any]] = []
+        shadow_rows: list[dict[str, Any]] = []
         for record in records:
             if record["kind"] == DECISION:
                 decision_records.append(record)
             elif record["kind"] == ADMIN:
                 admin_rows.append(admin_row(record))
+            elif record["kind"] == SHADOW:
+                shadow_rows.append(
+                    {
+                        "b_decision_id": record["decision_id"],
+                        **{k: record[k] for k in _SHADOW_FIELDS[1:]},
+                    }
+                )
         with self.engine.begin() as conn:
             if decision_records:
                 cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -223,7 +241,11 @@ class AuditStore:
                     cursor.close()
             if admin_rows:
                 conn.execute(self._insert_admin, admin_rows)
-        return len(decision_records) + len(admin_rows)
+            if shadow_rows:
+                # After the inserts: a shadow record follows its decision in the journal,
+                # so the decision's row exists, from this batch or an earlier one.
+                conn.execute(_UPDATE_SHADOW, shadow_rows)
+        return len(decision_records) + len(admin_rows) + len(shadow_rows)
 
     def _insert_sqlite(self, cursor: Any, records: list[Mapping[str, Any]]) -> None:
         cursor.executemany(

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
 from server.audit.journal import Journal, JournalWriteError
-from server.audit.record import AdminRecord, DecisionRecord, encode
+from server.audit.record import AdminRecord, DecisionRecord, ShadowRecord, encode
 from server.audit.shipper import AuditShipper, ShipperStatus
 from server.audit.store import AuditStore, create_store_engine
 from server.domain import CallInfo, DecisionResult, OrderRequest
@@ -38,6 +38,12 @@ class DecisionAudit(Protocol):
 
 class UnrecordedDecisions:
     """``audit.enabled=false``: nothing is recorded (only to measure what the audit costs)."""
+
+    def record_admin_action(self, record: AdminRecord) -> None:
+        return None
+
+    def record_shadow(self, records: Sequence[ShadowRecord]) -> None:
+        return None
 
     def record_decisions(
         self,
@@ -152,6 +158,9 @@ class AuditTrail:
 
     def record_admin_action(self, record: AdminRecord) -> None:
         self._append([encode(record)])
+
+    def record_shadow(self, records: Sequence[ShadowRecord]) -> None:
+        self._append([encode(r) for r in records])
 
     def _append(self, payloads: list[bytes]) -> None:
         try:

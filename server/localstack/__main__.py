@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -72,10 +73,34 @@ Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
       -d '{{"symbol":"BTC-USD","side":"SIDE_BUY","quantity":1}}' \\
       127.0.0.1:{decision_port} decision.v1.DecisionService/Decide
 
+  On-call (AdminService on 127.0.0.1:{admin_port}; tokens in {run_dir}/admin/):
+    export DECISIONCTL_ADDRESS=127.0.0.1:{admin_port}
+    export DECISIONCTL_TOKEN_FILE={run_dir}/admin/operator.token
+    .venv/bin/decisionctl status
+    .venv/bin/decisionctl flag set shadow_sample_rate 0.1 --reason "compare the challenger"
+
   Metrics: http://127.0.0.1:{metrics_port}/metrics
-  Audit:   {run_dir}/audit/audit.db (SQLite); replay with python -m server.audit replay
-  Logs: {run_dir}/*/  (admin port {admin_port} arrives with the AdminService)
+  Audit:   {run_dir}/audit/audit.db (SQLite); replay with .venv/bin/decisionctl replay
+  Logs: {run_dir}/*/
 """
+
+
+def admin_tokens(folder: Path) -> Path:
+    """The local stack's admin tokens (made once, owner-only): the server's token file,
+    and one file per role holding just the token, for decisionctl."""
+    folder.mkdir(parents=True, exist_ok=True)
+    book = folder / "tokens"
+    if not book.exists():
+        lines = []
+        for principal, role in (("oncall", "operator"), ("dashboard", "viewer")):
+            token = secrets.token_urlsafe(32)
+            lines.append(f"{principal} {role} {token}\n")
+            role_file = folder / f"{role}.token"
+            role_file.write_text(token + "\n")
+            role_file.chmod(0o600)
+        book.write_text("".join(lines))
+        book.chmod(0o600)
+    return book
 
 
 class LocalStack:
@@ -95,7 +120,13 @@ class LocalStack:
         self._started: list[ManagedProcess] = []
 
     def busy_ports(self) -> list[int]:
-        ports = [self.decision_port, self.metrics_port, self.redis_port, self.kafka_port]
+        ports = [
+            self.decision_port,
+            self.admin_port,
+            self.metrics_port,
+            self.redis_port,
+            self.kafka_port,
+        ]
         for replica in (self.primary, self.secondary, self.challenger):
             ports.extend(asdict(replica).values())
         return [port for port in ports if port_open("127.0.0.1", port)]
@@ -182,6 +213,11 @@ class LocalStack:
                 "server",
                 env={
                     "DECISION_SERVER__PORT": str(self.decision_port),
+                    "DECISION_ADMIN__PORT": str(self.admin_port),
+                    "DECISION_ADMIN__TOKENS_FILE": str(admin_tokens(self.run_dir / "admin")),
+                    "DECISION_TORCHSERVE__CHALLENGER_ADDRESS": (
+                        f"127.0.0.1:{self.challenger.grpc_inference}"
+                    ),
                     "DECISION_TELEMETRY__METRICS_PORT": str(self.metrics_port),
                     "DECISION_AUDIT__JOURNAL_DIR": str(self.run_dir / "audit" / "journal"),
                     "DECISION_AUDIT__DATABASE_URL": (

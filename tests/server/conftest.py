@@ -68,8 +68,10 @@ def make_settings(
         "torchserve": {
             "primary_address": f"127.0.0.1:{free_port()}",
             "secondary_address": f"127.0.0.1:{free_port()}",
+            "challenger_address": "",
             "connect_timeout_ms": 300.0,
         },
+        "admin": {"port": 0},
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}

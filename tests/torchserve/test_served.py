@@ -5,36 +5,19 @@ from __future__ import annotations
 
 import math
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from feature_cache.schema import MODEL_INPUT_WIDTH
-from server.localstack.processes import free_ports
-from server.localstack.torchserve_replica import ReplicaPorts
 from server.model_client import ModelInputError, OipClient, TorchServeClient
-from tests.conftest import Replica
 from torchserve.archive import archive_meta
 from torchserve.train import OFFLINE_SCORERS
 
 pytestmark = pytest.mark.integration
 
 CLIENTS = {"torchserve": TorchServeClient, "oip": OipClient}
-
-
-@pytest.fixture(scope="module")
-def challenger_replica(model_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
-    store, _ = model_store
-    replica = Replica(
-        "challenger", ReplicaPorts(*free_ports(6)), store, tmp_path_factory.mktemp("ts")
-    )
-    try:
-        replica.start()
-        yield replica
-    finally:
-        replica.proc.stop()
 
 
 def offline_scores(archive: Path, rows: np.ndarray, tmp_path: Path) -> np.ndarray:

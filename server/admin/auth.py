@@ -1,0 +1,180 @@
+"""Bearer-token authentication and roles for AdminService.
+
+Tokens come from a file and/or the environment, one entry per line (or per ``,`` in the
+environment): ``<principal> <role> <token>``, ``#`` starts a comment. Only the tokens'
+sha256 digests are kept, and a presented token is compared with every known digest in
+constant time, so neither timing nor a memory dump reveals a token. Tokens never reach
+a log: errors name the principal or the line, never the token.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+
+BEARER = "bearer "
+
+
+class Role(enum.IntEnum):
+    """Ordered: a role may do what every lower role may."""
+
+    VIEWER = 1
+    OPERATOR = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    name: str
+    role: Role
+
+
+class TokenError(ValueError):
+    """A token entry that cannot be used; the message never contains the token."""
+
+
+class TokenBook:
+    def __init__(self, entries: Iterable[tuple[str, Role, str]]) -> None:
+        self._digests: list[tuple[bytes, Principal]] = []
+        seen: set[bytes] = set()
+        for name, role, token in entries:
+            digest = hashlib.sha256(token.encode()).digest()
+            if digest in seen:
+                raise TokenError(f"the token of {name!r} is given twice")
+            seen.add(digest)
+            self._digests.append((digest, Principal(name, role)))
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    @classmethod
+    def parse(cls, text: str, *, origin: str) -> list[tuple[str, Role, str]]:
+        entries = []
+        for number, raw in enumerate(text.replace(",", "\n").splitlines(), start=1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 3:
+                raise TokenError(f"{origin} entry {number}: expected '<principal> <role> <token>'")
+            name, role_name, token = parts
+            try:
+                role = Role[role_name.upper()]
+            except KeyError:
+                raise TokenError(
+                    f"{origin} entry {number} ({name}): role must be viewer or operator"
+                ) from None
+            if len(token) < 16:
+                raise TokenError(f"{origin} entry {number} ({name}): token shorter than 16")
+            entries.append((name, role, token))
+        return entries
+
+    @classmethod
+    def load(cls, *, file: str = "", inline: str = "") -> TokenBook:
+        entries = []
+        if file:
+            try:
+                text = Path(file).read_text()
+            except OSError as exc:
+                raise TokenError(f"admin token file {file}: {exc.strerror}") from None
+            entries += cls.parse(text, origin=f"token file {file}")
+        if inline:
+            entries += cls.parse(inline, origin="DECISION_ADMIN__TOKENS")
+        return cls(entries)
+
+    def authenticate(self, token: str) -> Principal | None:
+        digest = hashlib.sha256(token.encode()).digest()
+        found = None
+        for known, principal in self._digests:  # no early exit: constant time
+            if hmac.compare_digest(known, digest):
+                found = principal
+        return found
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            if value[: len(BEARER)].lower() == BEARER:
+                return value[len(BEARER) :].strip()
+            return None
+    return None
+
+
+Behaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Admits a call when its bearer token maps to a role at least the method's.
+
+    ``required`` maps full method names (``/decision.v1.AdminService/SetFlag``) to
+    roles; a method not listed needs ``default_role``. The servicer reads the admitted
+    principal with ``current_principal()``.
+    """
+
+    def __init__(
+        self, tokens: TokenBook, required: Mapping[str, Role], *, default_role: Role
+    ) -> None:
+        self._tokens = tokens
+        self._required = dict(required)
+        self._default = default_role
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        needed = self._required.get(method, self._default)
+        behaviour = cast(Behaviour, handler.unary_unary)
+        tokens = self._tokens
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            token = bearer_token(context.invocation_metadata())
+            if token is None:
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing bearer token: send metadata 'authorization: Bearer <token>'",
+                )
+            principal = tokens.authenticate(token or "")
+            if principal is None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token")
+            if principal.role < needed:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{principal.name} ({principal.role.name.lower()}) may not call"
+                    f" {method.rsplit('/', 1)[-1]}: it needs the {needed.name.lower()} role",
+                )
+            if principal is None:  # abort raised; this tells mypy
+                raise AssertionError("context.abort returned")
+            _principal.set(principal)  # guarded awaits the servicer in its own context
+            return await behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("admin_principal")
+
+
+def current_principal() -> Principal:
+    """The authenticated principal of the call being served (set by
+    ``AdminAuthInterceptor`` around the servicer method)."""
+    try:
+        return _principal.get()
+    except LookupError:
+        raise RuntimeError("call not admitted by AdminAuthInterceptor") from None

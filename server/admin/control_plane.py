@@ -1,0 +1,361 @@
+"""``ControlPlane``: what AdminService does, transport-agnostic.
+
+Each change is validated (``InvalidArgument`` names the field), written to the shared
+state (every server applies it within a second) and then recorded as an admin audit row
+with the effective value before and after. If the journal refuses the row, the change is
+reverted and ``AuditUnavailable`` raised: no change stays unaudited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis.exceptions
+
+from feature_cache.store import FeatureReader
+from server.audit.record import AdminRecord
+from server.control.canary import CanaryComparison, CanaryMonitor
+from server.control.flags import CANARY_AUTO_ROLLBACK
+from server.control.recent import CallSummary
+from server.control.shared import SharedControl, SyncStatus
+from server.control.state import (
+    BREAKER_PREFIX,
+    CANARY_FIELD,
+    FLAG_PREFIX,
+    GLOBAL_SCOPE,
+    KILL_PREFIX,
+    BreakerMode,
+    Change,
+    Entry,
+    FlagSpec,
+)
+from server.errors import AuditUnavailable, InvalidArgument
+from server.router import Replica
+from server.validation import check_symbol
+
+log = logging.getLogger(__name__)
+
+AUTO_ROLLBACK_ACTOR = "auto-rollback"
+MAX_REASON_CHARS = 500
+MAX_TTL_S = 7 * 24 * 3600.0
+
+
+class AdminAudit(Protocol):
+    def record_admin_action(self, record: AdminRecord) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    name: str
+    address: str
+    breaker_state: str
+    mode: BreakerMode
+    change: Change | None
+    recent: CallSummary
+    model_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlagView:
+    name: str
+    value: str
+    default: str
+    description: str
+    change: Change | None
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryView:
+    weight: float
+    change: Change | None
+    auto_rollback: bool
+    comparison: CanaryComparison | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditView:
+    store_ok: bool
+    backlog_bytes: int
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    server_id: str
+    replicas: list[ReplicaView]
+    flags: list[FlagView]
+    kill_switches: dict[str, Change]
+    canary: CanaryView
+    sync: SyncStatus
+    feature_ages_ms: dict[str, float]  # -1: no record
+    audit: AuditView | None
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _reason(reason: str) -> str:
+    text = reason.strip()
+    if not text:
+        raise InvalidArgument("reason", "required: say why, for the audit trail")
+    if len(text) > MAX_REASON_CHARS:
+        raise InvalidArgument("reason", f"at most {MAX_REASON_CHARS} characters")
+    return text
+
+
+def _expiry(ttl_s: float, now_us: int) -> int:
+    if not math.isfinite(ttl_s) or ttl_s < 0 or ttl_s > MAX_TTL_S:
+        raise InvalidArgument("ttl_s", f"must be 0 (no expiry) to {MAX_TTL_S:.0f} seconds")
+    return now_us + int(ttl_s * 1_000_000) if ttl_s > 0 else 0
+
+
+def _change_dict(change: Change | None) -> dict[str, Any]:
+    if change is None:
+        return {}
+    return {
+        "changed_by": change.changed_by,
+        "reason": change.reason,
+        "changed_at_us": change.changed_at_us,
+        "expires_at_us": change.expires_at_us,
+    }
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        *,
+        shared: SharedControl,
+        replicas: Sequence[Replica],
+        addresses: Mapping[str, str],
+        audit: AdminAudit,
+        canary: CanaryMonitor | None,
+        server_id: Callable[[], str],
+        features: FeatureReader,
+        audit_view: Callable[[], AuditView | None] = lambda: None,
+    ) -> None:
+        self._features = features
+        self._audit_view = audit_view
+        self._shared = shared
+        self._replicas = {r.name: r for r in replicas}
+        self._addresses = dict(addresses)
+        self._audit = audit
+        self._canary = canary
+        self._server_id = server_id
+
+    @property
+    def flags(self) -> Mapping[str, FlagSpec]:
+        return self._shared.flags
+
+    async def _apply(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        field_name: str,
+        entry: Entry | None,
+        before: Mapping[str, Any],
+        after: Mapping[str, Any],
+        reason: str,
+    ) -> None:
+        replaced = await self._shared.put(field_name, entry)
+        record = AdminRecord(
+            action_id=str(uuid.uuid4()),
+            at_us=_now_us(),
+            actor=actor,
+            action=action,
+            target=target,
+            before=dict(before),
+            after=dict(after),
+            reason=reason,
+        )
+        try:
+            self._audit.record_admin_action(record)
+        except AuditUnavailable:
+            log.error("admin change %s %s not audited: reverting it", action, target)
+            await self._shared.put(field_name, replaced)
+            raise
+        log.info("admin: %s %s by %s: %s -> %s (%s)", action, target, actor, before, after, reason)
+
+    def _replica(self, name: str) -> str:
+        if name not in self._addresses:
+            raise InvalidArgument(
+                "replica", f"unknown replica {name!r}; one of {', '.join(sorted(self._addresses))}"
+            )
+        return name
+
+    async def set_breaker(
+        self, actor: str, replica: str, mode: BreakerMode, reason: str, ttl_s: float
+    ) -> tuple[BreakerMode, BreakerMode, int]:
+        """Returns the mode before and after, and when the override expires (0: never)."""
+        name = self._replica(replica)
+        why = _reason(reason)
+        now_us = _now_us()
+        expires_at_us = _expiry(ttl_s, now_us) if mode is not BreakerMode.AUTO else 0
+        before_mode, before_change = self._shared.state.breaker(name, now_us)
+        change = Change(actor, why, now_us, expires_at_us)
+        await self._apply(
+            actor=actor,
+            action="set_breaker",
+            target=name,
+            field_name=BREAKER_PREFIX + name,
+            entry=None if mode is BreakerMode.AUTO else Entry("", mode.name, change),
+            before={"mode": before_mode.name, **_change_dict(before_change)},
+            after={"mode": mode.name, "expires_at_us": expires_at_us},
+            reason=why,
+        )
+        return before_mode, mode, expires_at_us
+
+    def flag_view(self, spec: FlagSpec, now_us: int) -> FlagView:
+        value, change = self._shared.state.flag(spec, now_us)
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        return FlagView(spec.name, text, spec.default, spec.description, change)
+
+    def list_flags(self) -> list[FlagView]:
+        now_us = _now_us()
+        return [self.flag_view(spec, now_us) for spec in self.flags.values()]
+
+    async def set_flag(
+        self, actor: str, name: str, value: str, *, reset: bool, reason: str, ttl_s: float
+    ) -> tuple[FlagView, FlagView]:
+        spec = self.flags.get(name)
+        if spec is None:
+            raise InvalidArgument("name", f"unknown flag {name!r}; one of {', '.join(self.flags)}")
+        why = _reason(reason)
+        now_us = _now_us()
+        entry = None
+        if not reset:
+            try:
+                parsed = spec.parse(value)
+            except ValueError as exc:
+                raise InvalidArgument("value", str(exc)) from None
+            text = str(parsed).lower() if isinstance(parsed, bool) else str(parsed)
+            entry = Entry("", text, Change(actor, why, now_us, _expiry(ttl_s, now_us)))
+        before = self.flag_view(spec, now_us)
+        await self._apply(
+            actor=actor,
+            action="reset_flag" if reset else "set_flag",
+            target=name,
+            field_name=FLAG_PREFIX + name,
+            entry=entry,
+            before={"value": before.value, **_change_dict(before.change)},
+            after={
+                "value": spec.default if entry is None else entry.value,
+                "expires_at_us": 0 if entry is None else entry.change.expires_at_us,
+            },
+            reason=why,
+        )
+        return before, self.flag_view(spec, _now_us())
+
+    async def set_canary(self, actor: str, weight: float, reason: str) -> tuple[float, float]:
+        if not math.isfinite(weight) or not 0.0 <= weight <= 1.0:
+            raise InvalidArgument("weight", "must be a share in [0, 1]")
+        if weight > 0 and "challenger" not in self._addresses:
+            raise InvalidArgument("weight", "no challenger replica is configured")
+        return await self._set_canary(actor, weight, _reason(reason))
+
+    async def _set_canary(self, actor: str, weight: float, why: str) -> tuple[float, float]:
+        now_us = _now_us()
+        before, before_change = self._shared.state.canary(now_us)
+        await self._apply(
+            actor=actor,
+            action="set_canary",
+            target="challenger",
+            field_name=CANARY_FIELD,
+            entry=Entry("", weight, Change(actor, why, now_us)),
+            before={"weight": before, **_change_dict(before_change)},
+            after={"weight": weight},
+            reason=why,
+        )
+        if self._canary is not None:
+            self._canary.reset()  # a new weight is judged on its own decisions
+        return before, weight
+
+    async def rollback_canary(self, breach: str) -> None:
+        """The canary monitor's rollback: weight 0 on every server, audited."""
+        if self._shared.state.canary(_now_us())[0] == 0:
+            return
+        await self._set_canary(AUTO_ROLLBACK_ACTOR, 0.0, f"automatic rollback: {breach}")
+
+    def auto_rollback(self) -> bool:
+        return bool(self._shared.state.flag_value(CANARY_AUTO_ROLLBACK, _now_us()))
+
+    async def kill_switch(
+        self, actor: str, scope: str, engaged: bool, reason: str, ttl_s: float
+    ) -> tuple[bool, bool, int]:
+        if scope != GLOBAL_SCOPE:
+            check_symbol("scope", scope)
+        why = _reason(reason)
+        now_us = _now_us()
+        expires_at_us = _expiry(ttl_s, now_us) if engaged else 0
+        before_change = self._shared.state.kill_switches(now_us).get(scope)
+        await self._apply(
+            actor=actor,
+            action="engage_kill_switch" if engaged else "release_kill_switch",
+            target=scope,
+            field_name=KILL_PREFIX + scope,
+            entry=Entry("", True, Change(actor, why, now_us, expires_at_us)) if engaged else None,
+            before={"engaged": before_change is not None, **_change_dict(before_change)},
+            after={"engaged": engaged, "expires_at_us": expires_at_us},
+            reason=why,
+        )
+        return before_change is not None, engaged, expires_at_us
+
+    async def feature_ages_ms(self, timeout_s: float = 1.0) -> dict[str, float]:
+        """Age of each symbol's feature record; empty when Redis does not answer."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                symbols = await self._features.symbols()
+                records = await self._features.read_many(symbols) if symbols else []
+        except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
+            log.warning("status: feature ages unavailable: %r", exc)
+            return {}
+        now_us = _now_us()
+        return {
+            symbol: -1.0 if record is None else record.age_ms(now_us)
+            for symbol, record in zip(symbols, records, strict=True)
+        }
+
+    async def status(self) -> Status:
+        feature_ages = await self.feature_ages_ms()
+        now_us = _now_us()
+        state = self._shared.state
+        replicas = []
+        for name, address in self._addresses.items():
+            replica = self._replicas[name]
+            mode, change = state.breaker(name, now_us)
+            replicas.append(
+                ReplicaView(
+                    name,
+                    address,
+                    replica.breaker.state,
+                    mode,
+                    change,
+                    replica.recent.summary(),
+                    replica.recent.last_version,
+                )
+            )
+        weight, canary_change = state.canary(now_us)
+        return Status(
+            server_id=self._server_id(),
+            replicas=replicas,
+            flags=self.list_flags(),
+            kill_switches=state.kill_switches(now_us),
+            canary=CanaryView(
+                weight,
+                canary_change,
+                self.auto_rollback(),
+                self._canary.compare() if self._canary is not None else None,
+            ),
+            sync=self._shared.status(),
+            feature_ages_ms=feature_ages,
+            audit=self._audit_view(),
+        )

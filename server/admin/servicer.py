@@ -1,0 +1,199 @@
+"""AdminService over gRPC: converts protobuf to ``ControlPlane`` calls and back.
+
+Authentication and roles are the interceptor's (``server.admin.auth``); the servicer
+reads the admitted principal to name the actor of each change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from proto.decision.v1 import admin_pb2, admin_pb2_grpc
+from server.admin.auth import Role, current_principal
+from server.admin.control_plane import ControlPlane, FlagView
+from server.control.canary import WindowSummary
+from server.control.state import BreakerMode, Change
+from server.errors import InvalidArgument, grpc_errors
+
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+# What each method needs; every other method of the admin server needs operator.
+READ_METHODS = {
+    f"/{ADMIN_SERVICE}/GetStatus": Role.VIEWER,
+    f"/{ADMIN_SERVICE}/ListFlags": Role.VIEWER,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Role.VIEWER,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Role.VIEWER,
+}
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _timestamp(us: int) -> Timestamp | None:
+    if us <= 0:
+        return None
+    ts = Timestamp()
+    ts.FromMicroseconds(us)
+    return ts
+
+
+def change_to_pb(change: Change | None) -> admin_pb2.ChangeInfo | None:
+    if change is None:
+        return None
+    return admin_pb2.ChangeInfo(
+        changed_by=change.changed_by,
+        reason=change.reason,
+        changed_at=_timestamp(change.changed_at_us),
+        expires_at=_timestamp(change.expires_at_us),
+    )
+
+
+def flag_to_pb(flag: FlagView) -> admin_pb2.Flag:
+    return admin_pb2.Flag(
+        name=flag.name,
+        value=flag.value,
+        default_value=flag.default,
+        description=flag.description,
+        change=change_to_pb(flag.change),
+    )
+
+
+def window_to_pb(window: WindowSummary) -> admin_pb2.CanaryWindow:
+    return admin_pb2.CanaryWindow(
+        decisions=window.decisions,
+        error_rate=window.error_rate,
+        p99_ms=window.p99_ms,
+        fallback_rate=window.fallback_rate,
+    )
+
+
+def breaker_mode(value: int) -> BreakerMode:
+    try:
+        return BreakerMode(value)
+    except ValueError:
+        raise InvalidArgument(
+            "mode",
+            "must be BREAKER_MODE_AUTO, BREAKER_MODE_FORCE_OPEN or BREAKER_MODE_FORCE_CLOSED",
+        ) from None
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, plane: ControlPlane) -> None:
+        self._plane = plane
+
+    @grpc_errors
+    async def GetStatus(
+        self, request: admin_pb2.GetStatusRequest, context: Context
+    ) -> admin_pb2.GetStatusResponse:
+        status = await self._plane.status()
+        canary = status.canary
+        comparison = canary.comparison
+        response = admin_pb2.GetStatusResponse(
+            server_id=status.server_id,
+            replicas=[
+                admin_pb2.ReplicaStatus(
+                    name=r.name,
+                    address=r.address,
+                    breaker_state=r.breaker_state,
+                    mode=admin_pb2.BreakerMode.ValueType(r.mode),
+                    override=change_to_pb(r.change),
+                    recent_calls=r.recent.calls,
+                    recent_failures=r.recent.failures,
+                    recent_p50_ms=r.recent.p50_ms,
+                    recent_p99_ms=r.recent.p99_ms,
+                    model_version=r.model_version,
+                )
+                for r in status.replicas
+            ],
+            flags=[flag_to_pb(f) for f in status.flags],
+            kill_switches=[
+                admin_pb2.KillSwitchState(scope=scope, change=change_to_pb(change))
+                for scope, change in sorted(status.kill_switches.items())
+            ],
+            canary=admin_pb2.CanaryStatus(
+                weight=canary.weight,
+                change=change_to_pb(canary.change),
+                auto_rollback=canary.auto_rollback,
+                canary=window_to_pb(comparison.canary) if comparison else None,
+                champion=window_to_pb(comparison.champion) if comparison else None,
+                score_psi=comparison.score_psi if comparison else 0.0,
+            ),
+            features=[
+                admin_pb2.SymbolFreshness(symbol=symbol, age_ms=age)
+                for symbol, age in status.feature_ages_ms.items()
+            ],
+            shared_state=admin_pb2.SharedStateStatus(
+                in_sync=status.sync.in_sync,
+                synced_at=_timestamp(status.sync.synced_at_us),
+                error=status.sync.error,
+                version=status.sync.version,
+            ),
+            model_versions={r.name: r.model_version for r in status.replicas if r.model_version},
+        )
+        if status.audit is not None:
+            response.audit.CopyFrom(
+                admin_pb2.AuditBacklog(
+                    store_ok=status.audit.store_ok,
+                    backlog_bytes=status.audit.backlog_bytes,
+                    last_error=status.audit.last_error,
+                )
+            )
+        return response
+
+    @grpc_errors
+    async def SetBreaker(
+        self, request: admin_pb2.SetBreakerRequest, context: Context
+    ) -> admin_pb2.SetBreakerResponse:
+        before, after, expires_at_us = await self._plane.set_breaker(
+            current_principal().name,
+            request.replica,
+            breaker_mode(request.mode),
+            request.reason,
+            request.ttl_s,
+        )
+        return admin_pb2.SetBreakerResponse(
+            before=admin_pb2.BreakerMode.ValueType(before),
+            after=admin_pb2.BreakerMode.ValueType(after),
+            expires_at=_timestamp(expires_at_us),
+        )
+
+    @grpc_errors
+    async def SetFlag(
+        self, request: admin_pb2.SetFlagRequest, context: Context
+    ) -> admin_pb2.SetFlagResponse:
+        before, after = await self._plane.set_flag(
+            current_principal().name,
+            request.name,
+            request.value,
+            reset=request.reset,
+            reason=request.reason,
+            ttl_s=request.ttl_s,
+        )
+        return admin_pb2.SetFlagResponse(before=flag_to_pb(before), after=flag_to_pb(after))
+
+    @grpc_errors
+    async def ListFlags(
+        self, request: admin_pb2.ListFlagsRequest, context: Context
+    ) -> admin_pb2.ListFlagsResponse:
+        return admin_pb2.ListFlagsResponse(flags=[flag_to_pb(f) for f in self._plane.list_flags()])
+
+    @grpc_errors
+    async def SetCanary(
+        self, request: admin_pb2.SetCanaryRequest, context: Context
+    ) -> admin_pb2.SetCanaryResponse:
+        before, after = await self._plane.set_canary(
+            current_principal().name, request.weight, request.reason
+        )
+        return admin_pb2.SetCanaryResponse(before=before, after=after)
+
+    @grpc_errors
+    async def KillSwitch(
+        self, request: admin_pb2.KillSwitchRequest, context: Context
+    ) -> admin_pb2.KillSwitchResponse:
+        before, after, expires_at_us = await self._plane.kill_switch(
+            current_principal().name, request.scope, request.engaged, request.reason, request.ttl_s
+        )
+        return admin_pb2.KillSwitchResponse(
+            before=before, after=after, expires_at=_timestamp(expires_at_us)
+        )

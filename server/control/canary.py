@@ -1,0 +1,169 @@
+"""``CanaryMonitor``: the canary's decisions against the champion's, over a sliding window.
+
+Every decision routed while the canary weight is above 0 is recorded on its side
+(``canary`` or ``champion``): whether the first model call succeeded and how long it
+took, whether the decision fell back to the ladder, and its scores. A breach is the
+canary doing worse than the champion by more than a limit, on any one of: error and
+timeout rate, p99 latency, fallback rate, or score PSI against the champion's scores;
+each side needs ``min_decisions`` in the window before it is judged. On a breach, with
+the flag ``canary_auto_rollback`` on, ``on_breach`` rolls the weight back to 0 on every
+server (``ControlPlane.rollback_canary``) and the windows start afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from server.control.recent import percentile
+from server.settings import CanarySettings
+from torchserve.reference import histogram, psi
+
+log = logging.getLogger(__name__)
+
+CANARY: Final = "canary"
+CHAMPION: Final = "champion"
+CHECK_INTERVAL_S = 0.2
+MAX_RECORDS = 20_000  # per side: bounds memory whatever the rate
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSummary:
+    decisions: int
+    error_rate: float
+    p99_ms: float
+    fallback_rate: float
+    scores: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryComparison:
+    canary: WindowSummary
+    champion: WindowSummary
+    score_psi: float  # 0 until both sides have min_decisions scores
+
+
+class _Side:
+    def __init__(self) -> None:
+        # (monotonic s, model call ok, its ms, fell back, scores)
+        self.records: deque[tuple[float, bool, float, bool, tuple[float, ...]]] = deque(
+            maxlen=MAX_RECORDS
+        )
+
+    def add(self, ok: bool, elapsed_ms: float, fell_back: bool, scores: Sequence[float]) -> None:
+        self.records.append((time.monotonic(), ok, elapsed_ms, fell_back, tuple(scores)))
+
+    def summary(self, since_s: float) -> WindowSummary:
+        while self.records and self.records[0][0] < since_s:
+            self.records.popleft()
+        n = len(self.records)
+        if n == 0:
+            return WindowSummary(0, 0.0, 0.0, 0.0, ())
+        errors = sum(1 for _, ok, _, _, _ in self.records if not ok)
+        fell_back = sum(1 for _, _, _, fb, _ in self.records if fb)
+        latencies = sorted(ms for _, ok, ms, _, _ in self.records if ok)
+        scores = tuple(s for *_, row_scores in self.records for s in row_scores)
+        return WindowSummary(n, errors / n, percentile(latencies, 0.99), fell_back / n, scores)
+
+
+class CanaryMonitor:
+    def __init__(
+        self,
+        limits: CanarySettings,
+        *,
+        on_breach: Callable[[str], Awaitable[None]],
+        auto_rollback: Callable[[], bool],
+    ) -> None:
+        self._limits = limits
+        self._on_breach = on_breach
+        self._auto_rollback = auto_rollback
+        self._sides = {CANARY: _Side(), CHAMPION: _Side()}
+        self._checked_at = 0.0
+        self._rollback: asyncio.Task[None] | None = None
+
+    def record(
+        self,
+        side: str,
+        *,
+        ok: bool,
+        elapsed_ms: float,
+        fell_back: bool,
+        scores: Sequence[float] = (),
+    ) -> None:
+        self._sides[side].add(ok, elapsed_ms, fell_back, scores)
+        now = time.monotonic()
+        if now - self._checked_at < CHECK_INTERVAL_S:
+            return
+        self._checked_at = now
+        breach = self.breach()
+        if breach is None or not self._auto_rollback():
+            return
+        if self._rollback is None or self._rollback.done():
+            log.warning("canary breach: %s", breach)
+            self._rollback = asyncio.create_task(self._roll_back(breach))
+
+    async def _roll_back(self, breach: str) -> None:
+        try:
+            await self._on_breach(breach)
+        except Exception:  # a failed rollback is retried at the next check
+            log.exception("canary rollback failed")
+            return
+        self.reset()
+
+    def reset(self) -> None:
+        for side in self._sides.values():
+            side.records.clear()
+
+    def compare(self) -> CanaryComparison:
+        since = time.monotonic() - self._limits.window_s
+        canary = self._sides[CANARY].summary(since)
+        champion = self._sides[CHAMPION].summary(since)
+        score_psi = 0.0
+        enough = self._limits.min_decisions
+        if len(canary.scores) >= enough and len(champion.scores) >= enough:
+            reference = histogram(np.asarray(champion.scores))
+            score_psi = psi(reference, np.asarray(canary.scores))
+        return CanaryComparison(canary, champion, score_psi)
+
+    def breach(self) -> str | None:
+        """Which limit the canary breaches now, in words; None when none (or too few)."""
+        limits = self._limits
+        c = self.compare()
+        canary, champion = c.canary, c.champion
+        if canary.decisions < limits.min_decisions or champion.decisions < limits.min_decisions:
+            return None
+        window = f"over the last {limits.window_s:g} s"
+        if canary.error_rate - champion.error_rate > limits.max_error_rate_increase:
+            return (
+                f"error/timeout rate {canary.error_rate:.0%} vs champion"
+                f" {champion.error_rate:.0%} (limit +{limits.max_error_rate_increase:.0%}) {window}"
+            )
+        p99_limit_ms = champion.p99_ms * limits.max_p99_ratio + limits.p99_slack_ms
+        if canary.p99_ms > p99_limit_ms:
+            return (
+                f"p99 {canary.p99_ms:.1f} ms vs champion {champion.p99_ms:.1f} ms"
+                f" (limit {p99_limit_ms:.1f} ms) {window}"
+            )
+        if canary.fallback_rate - champion.fallback_rate > limits.max_fallback_rate_increase:
+            return (
+                f"fallback rate {canary.fallback_rate:.0%} vs champion"
+                f" {champion.fallback_rate:.0%}"
+                f" (limit +{limits.max_fallback_rate_increase:.0%}) {window}"
+            )
+        if c.score_psi > limits.max_score_psi:
+            return (
+                f"score PSI {c.score_psi:.2f} against the champion's scores"
+                f" (limit {limits.max_score_psi:.2f}) {window}"
+            )
+        return None
+
+    async def stop(self) -> None:
+        if self._rollback is not None and not self._rollback.done():
+            await asyncio.wait([self._rollback], timeout=1.0)

@@ -1,0 +1,55 @@
+"""``RecentCalls``: what the last calls to something did, over a sliding time window.
+
+Bounded in both time and count, so a burst cannot grow it; summaries sort at most
+``max_calls`` latencies, which is cheap at the rate on-call and the canary read them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class CallSummary:
+    calls: int
+    failures: int
+    p50_ms: float  # of the successful calls; 0 when none
+    p99_ms: float
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failures / self.calls if self.calls else 0.0
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(0, min(len(sorted_values) - 1, round(q * len(sorted_values) + 0.5) - 1))
+    return sorted_values[rank]
+
+
+class RecentCalls:
+    def __init__(self, *, window_s: float = 60.0, max_calls: int = 4096) -> None:
+        self._window_s = window_s
+        self._calls: deque[tuple[float, float, bool]] = deque(maxlen=max_calls)
+        self.last_version = ""  # the model version of the last successful call
+
+    def record(
+        self, elapsed_ms: float, *, ok: bool, version: str = "", now_s: float | None = None
+    ) -> None:
+        self._calls.append((time.monotonic() if now_s is None else now_s, elapsed_ms, ok))
+        if version:
+            self.last_version = version
+
+    def summary(self, now_s: float | None = None) -> CallSummary:
+        since = (time.monotonic() if now_s is None else now_s) - self._window_s
+        while self._calls and self._calls[0][0] < since:
+            self._calls.popleft()
+        latencies = sorted(ms for _, ms, ok in self._calls if ok)
+        failures = sum(1 for _, _, ok in self._calls if not ok)
+        return CallSummary(
+            len(self._calls), failures, percentile(latencies, 0.50), percentile(latencies, 0.99)
+        )

@@ -1,0 +1,459 @@
+"""AdminService end to end: two real decision server processes sharing one redis-server,
+real TorchServe replicas, tokens and roles, admin audit rows, canary rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
+from server.app import DecisionApp
+from server.audit.store import admin_actions, create_store_engine
+from server.localstack.health import serving
+from server.localstack.processes import ManagedProcess, free_ports
+from tests.conftest import REPO, RedisInstance, Replica
+from tests.server.conftest import buy, decision_stub, replica_settings, sample_record, settle
+
+pytestmark = pytest.mark.integration
+
+OPERATOR_TOKEN = "operator-token-0123456789"  # noqa: S105 - test token
+VIEWER_TOKEN = "viewer-token-0123456789"  # noqa: S105 - test token
+TOKENS = f"oncall operator {OPERATOR_TOKEN}, dashboard viewer {VIEWER_TOKEN}"
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+OPERATOR = bearer(OPERATOR_TOKEN)
+VIEWER = bearer(VIEWER_TOKEN)
+
+
+class ServerProcess:
+    def __init__(self, proc: ManagedProcess, port: int, admin_port: int, run_dir: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.admin_port = admin_port
+        self.run_dir = run_dir
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.admin_channel = grpc.aio.insecure_channel(f"127.0.0.1:{admin_port}")
+        self.decisions = decision_stub(self.channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.admin_channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await self.admin_channel.close()
+        self.proc.stop()
+
+
+@pytest.fixture
+def server_processes(
+    redis_instance: RedisInstance, key_prefix: str, replicas: dict[str, Replica], tmp_path: Path
+) -> Iterator[Callable[[int], list[ServerProcess]]]:
+    """Starts decision server processes on one Redis and one key prefix (a deployment)."""
+    started: list[ServerProcess] = []
+
+    def start(count: int) -> list[ServerProcess]:
+        for i in range(count):
+            port, admin_port = free_ports(2)
+            run_dir = tmp_path / f"server{i}"
+            env = {
+                **os.environ,
+                "DECISION_SERVER__PORT": str(port),
+                "DECISION_SERVER__LOG_LEVEL": "INFO",
+                "DECISION_ADMIN__PORT": str(admin_port),
+                "DECISION_ADMIN__TOKENS": TOKENS,
+                "DECISION_REDIS__URL": redis_instance.url,
+                "DECISION_REDIS__KEY_PREFIX": key_prefix,
+                "DECISION_FEATURES__MAX_AGE_MS": "120000",
+                "DECISION_TORCHSERVE__PRIMARY_ADDRESS": replicas["primary"].address,
+                "DECISION_TORCHSERVE__SECONDARY_ADDRESS": replicas["secondary"].address,
+                "DECISION_TORCHSERVE__CHALLENGER_ADDRESS": "",
+                "DECISION_TORCHSERVE__PER_CALL_TIMEOUT_MS": "500",
+                "DECISION_TELEMETRY__METRICS_PORT": "0",
+                "DECISION_AUDIT__JOURNAL_DIR": str(run_dir / "journal"),
+                "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}",
+                "DECISION_AUDIT__SHIP_IDLE_INTERVAL_MS": "20",
+            }
+            proc = ManagedProcess(
+                f"decision server {i}",
+                [sys.executable, "-m", "server"],
+                cwd=REPO,
+                log_path=run_dir / "server.log",
+                env=env,
+            )
+            started.append(ServerProcess(proc, port, admin_port, run_dir))
+            proc.start()
+        for server in started[-count:]:
+            server.proc.wait_ready(functools.partial(serving, server.port), 30.0)
+        return started[-count:]
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.proc.stop()
+
+
+async def decide_until(
+    server: ServerProcess, symbol: str, done: Callable[[decision_pb2.DecideResponse], bool]
+) -> tuple[decision_pb2.DecideResponse, float]:
+    """Decides every 20 ms until ``done``; the answer and the seconds it took (max 10)."""
+    started = time.monotonic()
+    while True:
+        response = await server.decisions.Decide(buy(symbol), timeout=2.0)
+        if done(response):
+            return response, time.monotonic() - started
+        assert time.monotonic() - started < 10, response.reason
+        await asyncio.sleep(0.02)
+
+
+def admin_rows(database: Path) -> list[sa.Row[Any]]:
+    if not database.exists():  # the shipper has not created the store yet
+        return []
+    engine = create_store_engine(f"sqlite:///{database}")
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.select(admin_actions).order_by(admin_actions.c.at)))
+    finally:
+        engine.dispose()
+
+
+async def wait_admin_rows(database: Path, count: int) -> list[sa.Row[Any]]:
+    deadline = time.monotonic() + 10
+    while True:
+        rows = admin_rows(database)
+        if len(rows) >= count:
+            return rows
+        assert time.monotonic() < deadline, f"{len(rows)} admin rows, expected {count}"
+        await asyncio.sleep(0.1)
+
+
+async def test_breaker_override_reaches_the_other_server_within_a_second_and_expires(
+    server_processes, feature_writer
+):
+    await feature_writer.write(sample_record("BTC-USD"))
+    a, b = server_processes(2)
+    try:
+        for server in (a, b):
+            response = await server.decisions.Decide(buy(), timeout=2.0)
+            assert response.source == decision_pb2.SOURCE_PRIMARY, response.reason
+
+        answer = await a.admin.SetBreaker(
+            admin_pb2.SetBreakerRequest(
+                replica="primary",
+                mode=admin_pb2.BREAKER_MODE_FORCE_OPEN,
+                reason="drill: primary replica misbehaving",
+                ttl_s=3.0,
+            ),
+            metadata=OPERATOR,
+            timeout=5.0,
+        )
+        set_at = time.monotonic()
+        assert answer.before == admin_pb2.BREAKER_MODE_AUTO
+        assert answer.after == admin_pb2.BREAKER_MODE_FORCE_OPEN
+        assert answer.HasField("expires_at")
+
+        # The server that took the change applies it at once; the other within a second.
+        response = await a.decisions.Decide(buy(), timeout=2.0)
+        assert response.source == decision_pb2.SOURCE_SECONDARY, response.reason
+        response, took_s = await decide_until(
+            b, "BTC-USD", lambda r: r.source == decision_pb2.SOURCE_SECONDARY
+        )
+        assert time.monotonic() - set_at < 1.0, f"server b took {took_s:.2f} s"
+        assert response.reason.startswith("primary forced open by on-call")
+
+        status = await b.admin.GetStatus(admin_pb2.GetStatusRequest(), metadata=VIEWER)
+        (primary,) = [r for r in status.replicas if r.name == "primary"]
+        assert primary.mode == admin_pb2.BREAKER_MODE_FORCE_OPEN
+        assert primary.override.changed_by == "oncall"
+        assert status.shared_state.in_sync
+
+        # The TTL ends the override on both servers by itself.
+        for server in (a, b):
+            response, _ = await decide_until(
+                server, "BTC-USD", lambda r: r.source == decision_pb2.SOURCE_PRIMARY
+            )
+        elapsed_s = time.monotonic() - set_at
+        assert 2.5 < elapsed_s < 4.5, elapsed_s
+        status = await b.admin.GetStatus(admin_pb2.GetStatusRequest(), metadata=VIEWER)
+        (primary,) = [r for r in status.replicas if r.name == "primary"]
+        assert primary.mode == admin_pb2.BREAKER_MODE_AUTO
+    finally:
+        for server in (a, b):
+            await server.close()
+
+    (row,) = await wait_admin_rows(a.run_dir / "audit.db", 1)
+    assert (row.actor, row.action, row.target) == ("oncall", "set_breaker", "primary")
+    assert row.before["mode"] == "AUTO"
+    assert row.after["mode"] == "FORCE_OPEN"
+    assert row.reason == "drill: primary replica misbehaving"
+
+
+async def test_kill_switch_for_one_symbol_abstains_only_that_symbol_on_every_server(
+    server_processes, feature_writer
+):
+    for symbol in ("BTC-USD", "ETH-USD"):
+        await feature_writer.write(sample_record(symbol))
+    a, b = server_processes(2)
+    try:
+        await a.admin.KillSwitch(
+            admin_pb2.KillSwitchRequest(scope="ETH-USD", engaged=True, reason="bad prints"),
+            metadata=OPERATOR,
+            timeout=5.0,
+        )
+        response, took_s = await decide_until(
+            b, "ETH-USD", lambda r: r.decision == decision_pb2.DECISION_ABSTAIN
+        )
+        assert took_s < 1.0
+        assert response.source == decision_pb2.SOURCE_ABSTAIN
+        assert response.reason == "kill switch for ETH-USD engaged by oncall: bad prints"
+        for server in (a, b):
+            other = await server.decisions.Decide(buy("BTC-USD"), timeout=2.0)
+            assert other.source == decision_pb2.SOURCE_PRIMARY, other.reason
+
+        await b.admin.KillSwitch(
+            admin_pb2.KillSwitchRequest(scope="ETH-USD", engaged=False, reason="prints fixed"),
+            metadata=OPERATOR,
+            timeout=5.0,
+        )
+        _, took_s = await decide_until(
+            a, "ETH-USD", lambda r: r.source == decision_pb2.SOURCE_PRIMARY
+        )
+        assert took_s < 1.0
+    finally:
+        for server in (a, b):
+            await server.close()
+
+
+@pytest.fixture
+async def admin_app(start_app, replicas) -> DecisionApp:
+    app: DecisionApp = await start_app(
+        torchserve=replica_settings(replicas), admin={"tokens": TOKENS}
+    )
+    return app
+
+
+async def test_changes_need_an_operator_token_and_each_accepted_one_is_audited(admin_app):
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{admin_app.admin_port}")
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    change = admin_pb2.SetFlagRequest(name="shadow_sample_rate", value="0.5", reason="compare")
+    try:
+        for metadata, code in (
+            ([], grpc.StatusCode.UNAUTHENTICATED),
+            (bearer("not-a-known-token-at-all"), grpc.StatusCode.UNAUTHENTICATED),
+            ([("authorization", OPERATOR_TOKEN)], grpc.StatusCode.UNAUTHENTICATED),
+            (VIEWER, grpc.StatusCode.PERMISSION_DENIED),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await admin.SetFlag(change, metadata=metadata, timeout=5.0)
+            assert err.value.code() == code, err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=5.0)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "dashboard (viewer) may not call SetFlag" in (
+            await _details(admin.SetFlag(change, metadata=VIEWER, timeout=5.0))
+        )
+
+        # Bad values name the field; nothing is changed or audited.
+        for request, field in (
+            (admin_pb2.SetFlagRequest(name="nope", value="1", reason="x"), "name"),
+            (admin_pb2.SetFlagRequest(name="shadow_sample_rate", value="2", reason="x"), "value"),
+            (admin_pb2.SetFlagRequest(name="shadow_sample_rate", value="0.1"), "reason"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await admin.SetFlag(request, metadata=OPERATOR, timeout=5.0)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (err.value.details() or "").startswith(f"{field}:")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.KillSwitch(
+                admin_pb2.KillSwitchRequest(scope="btc usd", engaged=True, reason="x"),
+                metadata=OPERATOR,
+            )
+        assert (err.value.details() or "").startswith("scope:")
+
+        # Viewers read; operators change, and every change is one audit row.
+        listed = await admin.ListFlags(admin_pb2.ListFlagsRequest(), metadata=VIEWER)
+        assert {f.name for f in listed.flags} == {"shadow_sample_rate", "canary_auto_rollback"}
+        flag = await admin.SetFlag(change, metadata=OPERATOR, timeout=5.0)
+        assert (flag.before.value, flag.after.value) == ("0.0", "0.5")
+        await admin.SetFlag(
+            admin_pb2.SetFlagRequest(name="shadow_sample_rate", reset=True, reason="done"),
+            metadata=OPERATOR,
+            timeout=5.0,
+        )
+        await admin.SetBreaker(
+            admin_pb2.SetBreakerRequest(
+                replica="secondary", mode=admin_pb2.BREAKER_MODE_FORCE_CLOSED, reason="trust it"
+            ),
+            metadata=OPERATOR,
+            timeout=5.0,
+        )
+        status = await admin.GetStatus(admin_pb2.GetStatusRequest(), metadata=VIEWER)
+        assert {f.name: f.value for f in status.flags}["shadow_sample_rate"] == "0.0"
+        assert [r.mode for r in status.replicas] == [
+            admin_pb2.BREAKER_MODE_AUTO,
+            admin_pb2.BREAKER_MODE_FORCE_CLOSED,
+        ]
+    finally:
+        await channel.close()
+
+    rows = await wait_admin_rows(Path(admin_app.settings.audit.journal_dir).parent / "audit.db", 3)
+    assert [(r.actor, r.action, r.target) for r in rows] == [
+        ("oncall", "set_flag", "shadow_sample_rate"),
+        ("oncall", "reset_flag", "shadow_sample_rate"),
+        ("oncall", "set_breaker", "secondary"),
+    ]
+    assert rows[0].before["value"] == "0.0" and rows[0].after["value"] == "0.5"
+    assert rows[1].before["changed_by"] == "oncall"
+
+
+async def _details(call: object) -> str:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return exc.details() or ""
+    raise AssertionError("the call succeeded")
+
+
+@pytest.fixture
+async def canary_app(start_app, replicas, challenger_replica) -> DecisionApp:
+    challenger_replica.ensure_running()
+    app: DecisionApp = await start_app(
+        torchserve={
+            **replica_settings(replicas, per_call_timeout_ms=60.0),
+            "challenger_address": challenger_replica.address,
+        },
+        breaker={"min_counted_timeout_ms": 10.0},
+        admin={"tokens": TOKENS},
+        # A short window and sample so that the test runs in seconds; PSI between two
+        # different models on a few dozen decisions is noise, so it is not judged here.
+        canary={"window_s": 10.0, "min_decisions": 10, "max_score_psi": 100.0},
+    )
+    await settle(app)
+    return app
+
+
+async def set_canary(app: DecisionApp, weight: float) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as channel:
+        await admin_pb2_grpc.AdminServiceStub(channel).SetCanary(
+            admin_pb2.SetCanaryRequest(weight=weight, reason="canary test"),
+            metadata=OPERATOR,
+            timeout=5.0,
+        )
+
+
+async def test_a_good_challenger_keeps_its_canary_share(canary_app, channel_to, feature_writer):
+    await feature_writer.write(sample_record("BTC-USD"))
+    await set_canary(canary_app, 0.5)
+    stub = decision_stub(channel_to(canary_app))
+    sources = []
+    for _ in range(80):
+        sources.append((await stub.Decide(buy(), timeout=2.0)).source)
+    assert sources.count(decision_pb2.SOURCE_CANARY) >= 15
+    assert sources.count(decision_pb2.SOURCE_PRIMARY) >= 15
+    assert canary_app.shared.state.canary(time.time_ns() // 1000)[0] == 0.5
+    assert canary_app.canary.breach() is None
+
+
+async def test_an_erroring_challenger_is_rolled_back_within_the_window(
+    canary_app, channel_to, feature_writer, challenger_replica
+):
+    await feature_writer.write(sample_record("BTC-USD"))
+    await set_canary(canary_app, 0.5)
+    stub = decision_stub(channel_to(canary_app))
+    challenger_replica.proc.pause()  # every canary call now times out
+    try:
+        started = time.monotonic()
+        while canary_app.shared.state.canary(time.time_ns() // 1000)[0] > 0:
+            assert time.monotonic() - started < 10.0, "no rollback within the window"
+            response = await stub.Decide(buy(), timeout=2.0)
+            # The caller never pays with a fallback: the champion answers.
+            assert response.source in (decision_pb2.SOURCE_PRIMARY, decision_pb2.SOURCE_SECONDARY)
+        after_rollback = [(await stub.Decide(buy(), timeout=2.0)).source for _ in range(10)]
+        assert decision_pb2.SOURCE_CANARY not in after_rollback
+    finally:
+        challenger_replica.proc.resume()
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{canary_app.admin_port}") as channel:
+        status = await admin_pb2_grpc.AdminServiceStub(channel).GetStatus(
+            admin_pb2.GetStatusRequest(), metadata=VIEWER
+        )
+    assert status.canary.weight == 0.0
+    assert status.canary.change.changed_by == "auto-rollback"
+    assert status.canary.change.reason.startswith("automatic rollback: error/timeout rate")
+    rows = await wait_admin_rows(Path(canary_app.settings.audit.journal_dir).parent / "audit.db", 2)
+    assert rows[-1].actor == "auto-rollback"
+    assert rows[-1].before["weight"] == 0.5 and rows[-1].after["weight"] == 0.0
+
+
+async def test_shadow_scores_land_in_the_decision_rows_and_saturation_drops_them(
+    start_app, replicas, challenger_replica, channel_to, feature_writer
+):
+    challenger_replica.ensure_running()
+    await feature_writer.write(sample_record("BTC-USD"))
+    app: DecisionApp = await start_app(
+        torchserve={
+            **replica_settings(replicas),
+            "challenger_address": challenger_replica.address,
+        },
+        control={"shadow_sample_rate": 1.0},
+        shadow={"max_in_flight": 1},
+    )
+    await settle(app)
+    stub = decision_stub(channel_to(app))
+    decided = []
+    for _ in range(20):
+        decided.append(await stub.Decide(buy(), timeout=2.0))
+        await asyncio.sleep(0.02)  # one shadow call at a time: let each finish
+    assert app.shadow is not None
+    stats = app.shadow.stats()
+    assert stats.scored >= 15, stats
+    assert stats.scored + stats.dropped + stats.failed + stats.in_flight == stats.sampled == 20
+
+    # A stopped challenger: shadow calls pile up to the bound, then are dropped, and the
+    # decisions do not wait for them.
+    challenger_replica.proc.pause()
+    try:
+        for _ in range(10):
+            response = await stub.Decide(buy(), timeout=2.0)
+            assert response.source == decision_pb2.SOURCE_PRIMARY
+            assert response.timings.total_us < 50_000
+        after = app.shadow.stats()
+        assert after.dropped - stats.dropped >= 9, after
+    finally:
+        challenger_replica.proc.resume()
+
+    database = Path(app.settings.audit.journal_dir).parent / "audit.db"
+    deadline = time.monotonic() + 10
+    while True:
+        engine = create_store_engine(f"sqlite:///{database}")
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    sa.text(
+                        "SELECT decision_id, score, shadow_model_name, shadow_model_version,"
+                        " shadow_score FROM decisions WHERE shadow_score IS NOT NULL"
+                    )
+                ).all()
+        finally:
+            engine.dispose()
+        if len(rows) >= stats.scored:
+            break
+        assert time.monotonic() < deadline, f"{len(rows)} shadow rows"
+        await asyncio.sleep(0.1)
+    ids = {r.decision_id for r in decided}
+    assert {r.decision_id for r in rows} <= ids
+    assert {r.shadow_model_name for r in rows} == {"challenger"}
+    assert all(0.0 <= r.shadow_score <= 1.0 for r in rows)
+    assert any(abs(r.shadow_score - r.score) > 1e-6 for r in rows)  # another model

@@ -1,0 +1,471 @@
+"""decisionctl: arguments, formatting, and the RPC path against an in-process fake server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from proto.decision.v1 import admin_pb2 as pb
+from proto.decision.v1 import admin_pb2_grpc as pb_grpc
+from server.admin import ctl
+from server.localstack.processes import free_port
+
+# Test tokens of a fake server, not secrets.
+TOKEN = "operator-token-0123456789"  # noqa: S105
+VIEWER_TOKEN = "viewer-token-0123456789"  # noqa: S105
+
+
+def _ts(iso: str) -> Timestamp:
+    ts = Timestamp()
+    ts.FromJsonString(iso)
+    return ts
+
+
+def _status() -> pb.GetStatusResponse:
+    return pb.GetStatusResponse(
+        server_id="decision-a1",
+        shared_state=pb.SharedStateStatus(
+            in_sync=False, error="redis timeout", version=42, synced_at=_ts("2026-11-21T09:59:00Z")
+        ),
+        replicas=[
+            pb.ReplicaStatus(
+                name="primary",
+                address="10.0.0.1:7070",
+                breaker_state="closed",
+                mode=pb.BREAKER_MODE_AUTO,
+                recent_calls=1200,
+                recent_failures=3,
+                recent_p50_ms=4.12,
+                recent_p99_ms=12.9,
+                model_version="3f1c2a9b8d7e6f5a4b3c",
+            ),
+            pb.ReplicaStatus(
+                name="secondary",
+                address="10.0.0.2:7070",
+                breaker_state="open",
+                mode=pb.BREAKER_MODE_FORCE_OPEN,
+                override=pb.ChangeInfo(
+                    changed_by="alice",
+                    reason="replica OOM INC-123",
+                    changed_at=_ts("2026-11-21T09:45:00Z"),
+                    expires_at=_ts("2026-11-21T10:00:00Z"),
+                ),
+            ),
+        ],
+        model_versions={"secondary": "aaaabbbbccccdddd"},
+        flags=[
+            pb.Flag(name="canary_auto_rollback", value="true", default_value="true"),
+            pb.Flag(
+                name="shadow_sample_rate",
+                value="0.05",
+                default_value="0.01",
+                change=pb.ChangeInfo(changed_by="bob", reason="more shadow"),
+            ),
+        ],
+        kill_switches=[
+            pb.KillSwitchState(
+                scope="AAPL", change=pb.ChangeInfo(changed_by="carol", reason="halted")
+            )
+        ],
+        canary=pb.CanaryStatus(
+            weight=0.1,
+            auto_rollback=True,
+            canary=pb.CanaryWindow(decisions=500, error_rate=0.02, p99_ms=15.0, fallback_rate=0.01),
+            champion=pb.CanaryWindow(decisions=4500, error_rate=0.001, p99_ms=11.0),
+            score_psi=0.0312,
+        ),
+        features=[
+            pb.SymbolFreshness(symbol="AAPL", age_ms=120.0),
+            pb.SymbolFreshness(symbol="MSFT", age_ms=-1.0),
+        ],
+        audit=pb.AuditBacklog(store_ok=False, backlog_bytes=3 * 1024 * 1024, last_error="refused"),
+    )
+
+
+# --- durations and arguments ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90.0), ("90s", 90.0), ("15m", 900.0), ("2h", 7200.0), ("1.5h", 5400.0), ("0.5", 0.5)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert ctl.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "15x", "-5m", "0", "0s", "1d", "m", "1h30m", "1e3"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid duration"):
+        ctl.parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "required"),
+        (["bogus"], "invalid choice"),
+        (["breaker", "primary", "force-open"], "--reason"),
+        (["breaker", "primary", "sideways", "--reason", "x"], "invalid choice"),
+        (
+            ["breaker", "primary", "force-open", "--reason", "x", "--ttl", "soon"],
+            "invalid duration",
+        ),
+        (["breaker", "primary", "force-open", "--reason", "  "], "must not be empty"),
+        (["canary", "set", "1.5", "--reason", "x"], "must be in [0, 1]"),
+        (["kill-switch", "engage", "--reason", "x"], "required"),
+        (["status", "--extra"], "unrecognized arguments"),
+        (["--timeout", "0", "status"], "positive"),
+    ],
+)
+def test_argument_errors_exit_2(argv: list[str], message: str, capsys) -> None:
+    assert ctl.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["breaker", "primary", "auto", "--reason", "x", "--ttl", "5m"],
+        ["kill-switch", "release", "*", "--reason", "x", "--ttl", "5m"],
+    ],
+)
+def test_meaningless_ttl_is_refused(argv: list[str], capsys, monkeypatch) -> None:
+    monkeypatch.setenv(ctl.TOKEN_ENV, TOKEN)
+    assert ctl.main(argv) == 2
+    assert "--ttl applies to" in capsys.readouterr().err
+
+
+def test_common_options_before_or_after_the_command() -> None:
+    parser = ctl.build_parser()
+    before = parser.parse_args(["--address", "h:1", "--timeout", "2", "status"])
+    after = parser.parse_args(["status", "--address", "h:1", "--timeout", "2"])
+    assert (before.address, before.timeout) == (after.address, after.timeout) == ("h:1", 2.0)
+
+
+def test_missing_token_exits_2_naming_the_variables(capsys, monkeypatch) -> None:
+    monkeypatch.delenv(ctl.TOKEN_ENV, raising=False)
+    monkeypatch.delenv(ctl.TOKEN_FILE_ENV, raising=False)
+    assert ctl.main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert "DECISIONCTL_TOKEN" in err
+    assert "--token-file" in err
+
+
+def test_token_sources(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(f"  {TOKEN}\n")
+    assert ctl.resolve_token(None, {"DECISIONCTL_TOKEN": " t0 "}) == "t0"
+    assert ctl.resolve_token(str(token_file), {"DECISIONCTL_TOKEN": "t0"}) == TOKEN
+    assert ctl.resolve_token(None, {"DECISIONCTL_TOKEN_FILE": str(token_file)}) == TOKEN
+    with pytest.raises(ctl.UsageError, match="empty"):
+        (tmp_path / "empty").write_text("\n")
+        ctl.resolve_token(str(tmp_path / "empty"), {})
+    with pytest.raises(ctl.UsageError, match="token file"):
+        ctl.resolve_token(str(tmp_path / "missing"), {})
+
+
+# --- formatting ---------------------------------------------------------------------------
+
+
+def test_format_status_shows_the_key_content() -> None:
+    text = ctl.format_status(_status())
+    for expected in [
+        "decision-a1",
+        "OUT OF SYNC",
+        "redis timeout",
+        "version 42",
+        "10.0.0.1:7070",
+        "FORCE_OPEN by alice",
+        "until 2026-11-21T10:00:00Z: replica OOM INC-123",
+        "3f1c2a9b8d7e",
+        "aaaabbbbcccc",  # from model_versions when the replica has none
+        "12.9",
+        "shadow_sample_rate",
+        "0.01",
+        "AAPL ENGAGED by carol",
+        "weight 0.1",
+        "auto-rollback on",
+        "0.0312",
+        "120 ms",
+        "no record",
+        "store FAILING",
+        "3.0 MiB",
+        "refused",
+    ]:
+        assert expected in text, expected
+    assert "3f1c2a9b8d7e6" not in text  # model versions are cut to 12 characters
+    primary = next(line for line in text.splitlines() if "10.0.0.1" in line)
+    assert primary.split()[:6] == ["primary", "10.0.0.1:7070", "closed", "AUTO", "1200", "3"]
+
+
+def test_format_status_of_an_empty_response() -> None:
+    text = ctl.format_status(pb.GetStatusResponse())
+    assert "(no replicas)" in text
+    assert "(none engaged)" in text
+    assert "store FAILING" in text
+
+
+def test_change_lines() -> None:
+    breaker = pb.SetBreakerResponse(
+        before=pb.BREAKER_MODE_AUTO,
+        after=pb.BREAKER_MODE_FORCE_OPEN,
+        expires_at=_ts("2026-11-21T10:00:00Z"),
+    )
+    assert ctl.format_breaker_change("primary", breaker) == (
+        "breaker primary: AUTO -> FORCE_OPEN (until 2026-11-21T10:00:00Z)"
+    )
+    back = pb.SetBreakerResponse(before=pb.BREAKER_MODE_FORCE_OPEN, after=pb.BREAKER_MODE_AUTO)
+    assert ctl.format_breaker_change("primary", back) == "breaker primary: FORCE_OPEN -> AUTO"
+    flag = pb.SetFlagResponse(
+        before=pb.Flag(name="shadow_sample_rate", value="0.01", default_value="0.01"),
+        after=pb.Flag(name="shadow_sample_rate", value="0.05", default_value="0.01"),
+    )
+    assert ctl.format_flag_change(flag) == "flag shadow_sample_rate: 0.01 -> 0.05 (default 0.01)"
+    canary = pb.SetCanaryResponse(before=0.1, after=1.0)
+    assert ctl.format_canary_change(canary) == "canary weight: 0.1 -> 1"
+    switch = pb.KillSwitchResponse(before=False, after=True)
+    assert ctl.format_kill_switch_change("*", switch) == (
+        "kill switch *: released -> engaged (until changed)"
+    )
+
+
+def test_json_keeps_field_names_and_zero_values() -> None:
+    data = json.loads(ctl.to_json(_status()))
+    assert data["server_id"] == "decision-a1"
+    assert data["shared_state"]["in_sync"] is False
+    assert data["replicas"][1]["mode"] == "BREAKER_MODE_FORCE_OPEN"
+
+
+# --- the RPC path, against a fake server ----------------------------------------------------
+
+
+class FakeAdmin(pb_grpc.AdminServiceServicer):
+    """Answers with canned responses; the viewer token may only read."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+        self.authorization: list[str] = []
+
+    def _admit(self, context: Any, *, change: bool) -> None:
+        value = dict(context.invocation_metadata()).get("authorization", "")
+        self.authorization.append(value)
+        if value not in (f"Bearer {TOKEN}", f"Bearer {VIEWER_TOKEN}"):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token")
+        if change and value != f"Bearer {TOKEN}":
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "viewer may not call it")
+
+    def GetStatus(self, request: Any, context: Any) -> pb.GetStatusResponse:
+        self._admit(context, change=False)
+        return _status()
+
+    def ListFlags(self, request: Any, context: Any) -> pb.ListFlagsResponse:
+        self._admit(context, change=False)
+        return pb.ListFlagsResponse(flags=_status().flags)
+
+    def SetBreaker(self, request: Any, context: Any) -> pb.SetBreakerResponse:
+        self._admit(context, change=True)
+        self.requests.append(request)
+        return pb.SetBreakerResponse(
+            before=pb.BREAKER_MODE_AUTO, after=request.mode, expires_at=_ts("2026-11-21T10:00:00Z")
+        )
+
+    def SetFlag(self, request: Any, context: Any) -> pb.SetFlagResponse:
+        self._admit(context, change=True)
+        self.requests.append(request)
+        if request.name != "shadow_sample_rate":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown flag {request.name}")
+        value = "0.01" if request.reset else request.value
+        return pb.SetFlagResponse(
+            before=pb.Flag(name=request.name, value="0.05", default_value="0.01"),
+            after=pb.Flag(name=request.name, value=value, default_value="0.01"),
+        )
+
+    def SetCanary(self, request: Any, context: Any) -> pb.SetCanaryResponse:
+        self._admit(context, change=True)
+        self.requests.append(request)
+        return pb.SetCanaryResponse(before=0.1, after=request.weight)
+
+    def KillSwitch(self, request: Any, context: Any) -> pb.KillSwitchResponse:
+        self._admit(context, change=True)
+        self.requests.append(request)
+        return pb.KillSwitchResponse(before=not request.engaged, after=request.engaged)
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[FakeAdmin, str]]:
+    servicer = FakeAdmin()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_AdminServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        server.stop(None).wait()
+
+
+@pytest.fixture
+def operator(monkeypatch) -> None:
+    monkeypatch.setenv(ctl.TOKEN_ENV, TOKEN)
+    monkeypatch.delenv(ctl.TOKEN_FILE_ENV, raising=False)
+
+
+def test_status_sends_the_token(fake, operator, capsys) -> None:
+    servicer, address = fake
+    assert ctl.main(["--address", address, "status"]) == 0
+    out, err = capsys.readouterr()
+    assert "decision-a1" in out
+    assert servicer.authorization == [f"Bearer {TOKEN}"]
+    assert TOKEN not in out + err
+
+
+def test_status_json(fake, operator, capsys) -> None:
+    _, address = fake
+    assert ctl.main(["status", "--json", "--address", address]) == 0
+    assert json.loads(capsys.readouterr().out)["canary"]["weight"] == 0.1
+
+
+def test_address_from_the_environment(fake, operator, capsys, monkeypatch) -> None:
+    _, address = fake
+    monkeypatch.setenv(ctl.ADDRESS_ENV, address)
+    assert ctl.main(["flags"]) == 0
+    assert "shadow_sample_rate" in capsys.readouterr().out
+
+
+def test_token_file_option(fake, capsys, monkeypatch, tmp_path: Path) -> None:
+    servicer, address = fake
+    monkeypatch.delenv(ctl.TOKEN_ENV, raising=False)
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    argv = ["--address", address, "--token-file", str(tmp_path / "token"), "status"]
+    assert ctl.main(argv) == 0
+    assert servicer.authorization == [f"Bearer {TOKEN}"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "line", "expected"),
+    [
+        (
+            ["breaker", "secondary", "force-open", "--reason", "OOM", "--ttl", "15m"],
+            "breaker secondary: AUTO -> FORCE_OPEN (until 2026-11-21T10:00:00Z)",
+            pb.SetBreakerRequest(
+                replica="secondary", mode=pb.BREAKER_MODE_FORCE_OPEN, reason="OOM", ttl_s=900
+            ),
+        ),
+        (
+            ["flag", "set", "shadow_sample_rate", "0.2", "--reason", "more"],
+            "flag shadow_sample_rate: 0.05 -> 0.2 (default 0.01)",
+            pb.SetFlagRequest(name="shadow_sample_rate", value="0.2", reason="more"),
+        ),
+        (
+            ["flag", "reset", "shadow_sample_rate", "--reason", "done"],
+            "flag shadow_sample_rate: 0.05 -> 0.01 (the default)",
+            pb.SetFlagRequest(name="shadow_sample_rate", reset=True, reason="done"),
+        ),
+        (
+            ["canary", "promote", "--reason", "good"],
+            "canary weight: 0.1 -> 1",
+            pb.SetCanaryRequest(weight=1.0, reason="good"),
+        ),
+        (
+            ["canary", "rollback", "--reason", "bad"],
+            "canary weight: 0.1 -> 0",
+            pb.SetCanaryRequest(weight=0.0, reason="bad"),
+        ),
+        (
+            ["canary", "set", "0.25", "--reason", "ramp"],
+            "canary weight: 0.1 -> 0.25",
+            pb.SetCanaryRequest(weight=0.25, reason="ramp"),
+        ),
+        (
+            ["kill-switch", "engage", "*", "--reason", "halt", "--ttl", "90"],
+            "kill switch *: released -> engaged (until changed)",
+            pb.KillSwitchRequest(scope="*", engaged=True, reason="halt", ttl_s=90),
+        ),
+    ],
+)
+def test_change_commands(fake, operator, capsys, argv, line, expected) -> None:
+    servicer, address = fake
+    assert ctl.main(["--address", address, *argv]) == 0
+    assert capsys.readouterr().out.strip() == line
+    assert servicer.requests == [expected]
+
+
+def test_permission_denied_exits_2(fake, capsys, monkeypatch) -> None:
+    _, address = fake
+    monkeypatch.setenv(ctl.TOKEN_ENV, VIEWER_TOKEN)
+    argv = ["--address", address, "canary", "promote", "--reason", "x"]
+    assert ctl.main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "decisionctl: permission denied: viewer may not call it"
+    )
+
+
+def test_unknown_token_exits_2(fake, capsys, monkeypatch) -> None:
+    _, address = fake
+    monkeypatch.setenv(ctl.TOKEN_ENV, "wrong-token-0123456789")
+    assert ctl.main(["--address", address, "status"]) == 2
+    err = capsys.readouterr().err
+    assert "decisionctl: unauthenticated: unknown bearer token" in err
+    assert "wrong-token" not in err
+
+
+def test_invalid_argument_exits_2(fake, operator, capsys) -> None:
+    _, address = fake
+    assert ctl.main(["--address", address, "flag", "set", "nope", "1", "--reason", "x"]) == 2
+    assert "decisionctl: invalid argument: unknown flag nope" in capsys.readouterr().err
+
+
+def test_unreachable_server_exits_3(operator, capsys) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    assert ctl.main(["--address", address, "--timeout", "0.5", "status"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("decisionctl: ")
+    assert address in err
+
+
+# --- replay -------------------------------------------------------------------------------
+
+
+def test_replay_passes_every_argument_through(monkeypatch) -> None:
+    import server.audit.__main__ as audit_cli
+
+    seen: list[list[str] | None] = []
+
+    def fake_main(argv: list[str] | None = None) -> int:
+        seen.append(argv)
+        return 1
+
+    monkeypatch.setattr(audit_cli, "main", fake_main)
+    argv = ["replay", "--since", "2026-11-21T09:00", "--until", "2026-11-21T10:00", "--json"]
+    assert ctl.main(argv) == 1
+    assert ctl.main(["replay", "--database-url", "sqlite://", "--decision-id", "abc"]) == 1
+    assert seen == [
+        ["replay", "--since", "2026-11-21T09:00", "--until", "2026-11-21T10:00", "--json"],
+        ["--database-url", "sqlite://", "replay", "--decision-id", "abc"],
+    ]
+
+
+def test_replay_usage_error_is_the_audit_clis(capsys) -> None:
+    assert ctl.main(["replay", "--no-such-option"]) == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--cert-file", "c.pem"], "--cert-file and --key-file go together"),
+        (["--server-name", "admin.internal"], "--server-name needs TLS"),
+        (["--ca-file", "/nonexistent/ca.pem"], "CA file /nonexistent/ca.pem"),
+    ],
+)
+def test_tls_option_errors_exit_2(options: list[str], message: str, operator, capsys) -> None:
+    assert ctl.main([*options, "status"]) == 2
+    assert message in capsys.readouterr().err
