@@ -47,11 +47,12 @@ test: setup-ci lint proto-check ## Set up, lint, check the protos and run every 
 test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-bench: setup ## Benchmarks: Decide vs TorchServe latency, ingest, audit, model serving and batching
+bench: setup ## Benchmarks: Decide vs TorchServe latency, ingest, audit, model serving, shadow
 	@$(PY) -m loadtest.bench_latency
 	@$(PY) -m loadtest.bench_ingest
 	@$(PY) -m loadtest.bench_audit
 	@$(PY) -m loadtest.bench_models
+	@$(PY) -m loadtest.bench_shadow
 
 acceptance: setup ## The Coinbase recording in ../shared/data through Kafka into Redis, checked
 	@$(PY) -m loadtest.coinbase_acceptance

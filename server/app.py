@@ -316,7 +316,8 @@ class DecisionApp:
         self._ready_task = asyncio.create_task(self._become_ready())
 
     async def _become_ready(self) -> None:
-        """SERVING once Redis answers: without it every answer would be a fallback.
+        """SERVING once Redis answers and the shared control state is read: without them
+        every answer would be a fallback, or ignore a kill switch.
 
         Replica connections are opened first, so the first decisions do not pay for the
         TCP and HTTP/2 handshakes; a replica that is not there does not delay readiness
@@ -332,6 +333,9 @@ class DecisionApp:
         while True:
             try:
                 await self.redis.ping()
+                # Never decide before the kill switches and overrides are known.
+                if not self.shared.status().in_sync and not await self.shared.sync():
+                    raise aioredis.ConnectionError(self.shared.status().error)
             except (aioredis.RedisError, OSError) as exc:
                 log.warning("waiting for Redis at %s: %s", self.settings.redis.url, exc)
                 await asyncio.sleep(delay_s)

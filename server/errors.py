@@ -6,8 +6,8 @@
     ├── InvalidArgument           INVALID_ARGUMENT  (names the field)
     ├── AuditUnavailable          UNAVAILABLE       (the journal refused the record:
     │                                                no decision is returned unrecorded)
-    └── SharedStateUnavailable    UNAVAILABLE       (Redis did not take an admin change:
-                                                     nothing changed)
+    ├── SharedStateUnavailable    UNAVAILABLE       (Redis did not take an admin change)
+    └── FailedPrecondition        FAILED_PRECONDITION (the deployment cannot do it)
 
 Model-call failures (``server.model_client.ModelCallError``) never reach a client:
 the engine turns them into a fallback step and a reason. ``grpc_errors`` is the only
@@ -55,7 +55,11 @@ class SharedStateUnavailable(DecisionError):
     code = grpc.StatusCode.UNAVAILABLE
 
     def __init__(self, problem: str) -> None:
-        super().__init__(f"shared state unavailable, nothing changed: {problem}")
+        super().__init__(f"shared state unavailable, change not confirmed: {problem}")
+
+
+class FailedPrecondition(DecisionError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class UndecodableRequest:

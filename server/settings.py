@@ -329,7 +329,13 @@ class CanarySettings(_Section):
         description="Share of decisions ending in the fallback ladder, above the champion's.",
     )
     max_score_psi: float = Field(
-        0.25, ge=0, description="PSI of the canary's scores against the champion's in the window."
+        2.0,
+        ge=0,
+        description="PSI of the canary's scores against the champion's in the window "
+        "(each side needs 500 scores). Two different models may score on different "
+        "scales: the shipped champion and challenger differ by PSI ~0.9 on the same "
+        "decisions, so the default catches a broken challenger (a constant score), not a "
+        "recalibrated one.",
     )
 
 
@@ -372,6 +378,14 @@ class Settings(BaseSettings):
     control: ControlSettings = ControlSettings()
     canary: CanarySettings = CanarySettings()
     shadow: ShadowSettings = ShadowSettings()
+
+    @model_validator(mode="after")
+    def _mtls_needs_tls(self) -> Settings:
+        if self.admin.tls_client_ca_file and not self.server.tls_cert_file:
+            raise ValueError(
+                "admin.tls_client_ca_file (mTLS) needs server.tls_cert_file and tls_key_file"
+            )
+        return self
 
     @model_validator(mode="after")
     def _budget_leaves_room_for_the_model(self) -> Settings:

@@ -14,8 +14,8 @@ the champion's over the last ``psi_window`` pairs.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +24,6 @@ from typing import Protocol
 import numpy as np
 
 from server.audit.record import ShadowRecord
-from server.breaker import BreakerOpenError
 from server.control.state import BreakerMode
 from server.model_client import ModelCallError, ModelInputError
 from server.router import Replica
@@ -105,12 +104,19 @@ class ShadowScorer:
         self, rows: Sequence[Sequence[float]], shadowed: Sequence[Shadowed], mode: BreakerMode
     ) -> None:
         replica = self._challenger
-        call = functools.partial(replica.client.predict, rows, self._timeout_s)
+        started = time.perf_counter()
         try:
-            scores = await (replica.breaker.call(call) if mode is BreakerMode.AUTO else call())
-        except (ModelCallError, BreakerOpenError, ModelInputError) as exc:
+            # Not through the challenger's breaker: shadow timeouts must not open it for
+            # the canary, and in-flight calls are bounded already.
+            scores = await replica.client.predict(rows, self._timeout_s)
+        except (ModelCallError, ModelInputError) as exc:
             self._failed += len(shadowed)
+            replica.recent.record((time.perf_counter() - started) * 1000, ok=False)
             log.debug("shadow call failed: %s", exc)
+            return
+        except Exception:  # a task's exception would otherwise go unseen
+            self._failed += len(shadowed)
+            log.exception("shadow call failed unexpectedly")
             return
         replica.recent.record(scores.elapsed_ms, ok=True, version=scores.model_version)
         records = []

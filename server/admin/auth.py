@@ -13,7 +13,7 @@ import contextvars
 import enum
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -108,6 +108,9 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
 
 
 Behaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+StreamBehaviour = Callable[
+    [AsyncIterator[Any], grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]
+]
 
 
 class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -125,6 +128,28 @@ class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
         self._required = dict(required)
         self._default = default_role
 
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        """The call's principal, or the call aborted with UNAUTHENTICATED or
+        PERMISSION_DENIED."""
+        needed = self._required.get(method, self._default)
+        token = bearer_token(context.invocation_metadata())
+        if token is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing bearer token: send metadata 'authorization: Bearer <token>'",
+            )
+        principal = self._tokens.authenticate(token or "")
+        if principal is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token")
+            raise AssertionError("context.abort returned")  # pragma: no cover
+        if principal.role < needed:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{principal.name} ({principal.role.name.lower()}) may not call"
+                f" {method.rsplit('/', 1)[-1]}: it needs the {needed.name.lower()} role",
+            )
+        return principal
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -133,39 +158,43 @@ class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
+        if handler is None:
+            return None
         method = handler_call_details.method
-        needed = self._required.get(method, self._default)
-        behaviour = cast(Behaviour, handler.unary_unary)
-        tokens = self._tokens
+        admit = self._admit
+        if handler.unary_unary is not None:
+            unary = cast(Behaviour, handler.unary_unary)
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            token = bearer_token(context.invocation_metadata())
-            if token is None:
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "missing bearer token: send metadata 'authorization: Bearer <token>'",
-                )
-            principal = tokens.authenticate(token or "")
-            if principal is None:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token")
-            if principal.role < needed:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"{principal.name} ({principal.role.name.lower()}) may not call"
-                    f" {method.rsplit('/', 1)[-1]}: it needs the {needed.name.lower()} role",
-                )
-            if principal is None:  # abort raised; this tells mypy
-                raise AssertionError("context.abort returned")
-            _principal.set(principal)  # guarded awaits the servicer in its own context
-            return await behaviour(request, context)
+            async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                _principal.set(await admit(method, context))  # same context as the servicer
+                return await unary(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            return grpc.unary_unary_rpc_method_handler(
+                guarded,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:  # server reflection
+            streaming = cast(StreamBehaviour, handler.stream_stream)
+
+            async def guarded_stream(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                _principal.set(await admit(method, context))
+                async for response in streaming(requests, context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                guarded_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # No other kind is served on the admin port: refuse rather than let it through.
+        return grpc.unary_unary_rpc_method_handler(_unimplemented)
+
+
+async def _unimplemented(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not served on the admin port")
 
 
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("admin_principal")

@@ -36,7 +36,7 @@ from server.control.state import (
     Entry,
     FlagSpec,
 )
-from server.errors import AuditUnavailable, InvalidArgument
+from server.errors import AuditUnavailable, FailedPrecondition, InvalidArgument
 from server.router import Replica
 from server.validation import check_symbol
 
@@ -165,7 +165,10 @@ class ControlPlane:
         before: Mapping[str, Any],
         after: Mapping[str, Any],
         reason: str,
+        revert_unaudited: bool = True,
     ) -> None:
+        """``revert_unaudited``: undo the change when the journal refuses its audit row;
+        False for a safety change (a rollback), which stays and is logged instead."""
         replaced = await self._shared.put(field_name, entry)
         record = AdminRecord(
             action_id=str(uuid.uuid4()),
@@ -180,6 +183,9 @@ class ControlPlane:
         try:
             self._audit.record_admin_action(record)
         except AuditUnavailable:
+            if not revert_unaudited:
+                log.error("admin change %s %s kept, not audited: %s", action, target, record)
+                return
             log.error("admin change %s %s not audited: reverting it", action, target)
             await self._shared.put(field_name, replaced)
             raise
@@ -259,10 +265,12 @@ class ControlPlane:
         if not math.isfinite(weight) or not 0.0 <= weight <= 1.0:
             raise InvalidArgument("weight", "must be a share in [0, 1]")
         if weight > 0 and "challenger" not in self._addresses:
-            raise InvalidArgument("weight", "no challenger replica is configured")
+            raise FailedPrecondition("no challenger replica is configured")
         return await self._set_canary(actor, weight, _reason(reason))
 
-    async def _set_canary(self, actor: str, weight: float, why: str) -> tuple[float, float]:
+    async def _set_canary(
+        self, actor: str, weight: float, why: str, *, revert_unaudited: bool = True
+    ) -> tuple[float, float]:
         now_us = _now_us()
         before, before_change = self._shared.state.canary(now_us)
         await self._apply(
@@ -274,6 +282,7 @@ class ControlPlane:
             before={"weight": before, **_change_dict(before_change)},
             after={"weight": weight},
             reason=why,
+            revert_unaudited=revert_unaudited,
         )
         if self._canary is not None:
             self._canary.reset()  # a new weight is judged on its own decisions
@@ -283,7 +292,9 @@ class ControlPlane:
         """The canary monitor's rollback: weight 0 on every server, audited."""
         if self._shared.state.canary(_now_us())[0] == 0:
             return
-        await self._set_canary(AUTO_ROLLBACK_ACTOR, 0.0, f"automatic rollback: {breach}")
+        await self._set_canary(
+            AUTO_ROLLBACK_ACTOR, 0.0, f"automatic rollback: {breach}", revert_unaudited=False
+        )
 
     def auto_rollback(self) -> bool:
         return bool(self._shared.state.flag_value(CANARY_AUTO_ROLLBACK, _now_us()))

@@ -5,7 +5,9 @@ Every decision routed while the canary weight is above 0 is recorded on its side
 took, whether the decision fell back to the ladder, and its scores. A breach is the
 canary doing worse than the champion by more than a limit, on any one of: error and
 timeout rate, p99 latency, fallback rate, or score PSI against the champion's scores;
-each side needs ``min_decisions`` in the window before it is judged. On a breach, with
+each side needs ``min_decisions`` in the window before it is judged (PSI: at least
+``PSI_MIN_SCORES`` scores). The comparison runs in a task of its own every
+``CHECK_INTERVAL_S`` while decisions are recorded, not in a Decide. On a breach, with
 the flag ``canary_auto_rollback`` on, ``on_breach`` rolls the weight back to 0 on every
 server (``ControlPlane.rollback_canary``) and the windows start afresh.
 """
@@ -13,6 +15,7 @@ server (``ControlPlane.rollback_canary``) and the windows start afresh.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -32,6 +35,7 @@ CANARY: Final = "canary"
 CHAMPION: Final = "champion"
 CHECK_INTERVAL_S = 0.2
 MAX_RECORDS = 20_000  # per side: bounds memory whatever the rate
+PSI_MIN_SCORES = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +89,7 @@ class CanaryMonitor:
         self._on_breach = on_breach
         self._auto_rollback = auto_rollback
         self._sides = {CANARY: _Side(), CHAMPION: _Side()}
-        self._checked_at = 0.0
-        self._rollback: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     def record(
         self,
@@ -97,25 +100,28 @@ class CanaryMonitor:
         fell_back: bool,
         scores: Sequence[float] = (),
     ) -> None:
+        """Only appends: the hot path never pays for the comparison (see ``_watch``)."""
         self._sides[side].add(ok, elapsed_ms, fell_back, scores)
-        now = time.monotonic()
-        if now - self._checked_at < CHECK_INTERVAL_S:
-            return
-        self._checked_at = now
-        breach = self.breach()
-        if breach is None or not self._auto_rollback():
-            return
-        if self._rollback is None or self._rollback.done():
-            log.warning("canary breach: %s", breach)
-            self._rollback = asyncio.create_task(self._roll_back(breach))
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch(), name="canary-watch")
 
-    async def _roll_back(self, breach: str) -> None:
-        try:
-            await self._on_breach(breach)
-        except Exception:  # a failed rollback is retried at the next check
-            log.exception("canary rollback failed")
-            return
-        self.reset()
+    async def _watch(self) -> None:
+        """Compares the sides every ``CHECK_INTERVAL_S`` while decisions are recorded;
+        ends when the window is empty (no canary), restarted by the next record."""
+        while any(side.records for side in self._sides.values()):
+            await asyncio.sleep(CHECK_INTERVAL_S)
+            if not self._auto_rollback():
+                continue
+            breach = self.breach()
+            if breach is None:
+                continue
+            log.warning("canary breach: %s", breach)
+            try:
+                await self._on_breach(breach)
+            except Exception:  # retried at the next check
+                log.exception("canary rollback failed")
+                continue
+            self.reset()
 
     def reset(self) -> None:
         for side in self._sides.values():
@@ -126,7 +132,9 @@ class CanaryMonitor:
         canary = self._sides[CANARY].summary(since)
         champion = self._sides[CHAMPION].summary(since)
         score_psi = 0.0
-        enough = self._limits.min_decisions
+        # Deciles of two samples of the same distribution differ by ~9/n in PSI each:
+        # below a few hundred scores PSI is noise, not drift.
+        enough = max(self._limits.min_decisions, PSI_MIN_SCORES)
         if len(canary.scores) >= enough and len(champion.scores) >= enough:
             reference = histogram(np.asarray(champion.scores))
             score_psi = psi(reference, np.asarray(canary.scores))
@@ -165,5 +173,7 @@ class CanaryMonitor:
         return None
 
     async def stop(self) -> None:
-        if self._rollback is not None and not self._rollback.done():
-            await asyncio.wait([self._rollback], timeout=1.0)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher

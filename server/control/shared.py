@@ -197,14 +197,20 @@ class SharedControl:
                 self._lost(exc)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, RECONNECT_MAX_S)
+            except Exception as exc:  # the listener must outlive any surprise
+                log.exception("control listener failed; restarting it")
+                self._lost(exc)
+                await asyncio.sleep(RECONNECT_MAX_S)
 
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self._resync_interval_s)
             try:
                 raw_version = await self._redis.get(self._version_key)
+                if int(raw_version or 0) != self.state.version or not self._in_sync:
+                    await self.sync()
             except (aioredis.RedisError, OSError) as exc:
                 self._lost(exc)
-                continue
-            if int(raw_version or 0) != self.state.version or not self._in_sync:
-                await self.sync()
+            except Exception as exc:  # the resync must outlive any surprise
+                log.exception("control resync failed")
+                self._lost(exc)

@@ -15,7 +15,9 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from feature_cache.schema import MODEL_INPUT_WIDTH
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.app import DecisionApp
 from server.audit.store import admin_actions, create_store_engine
@@ -261,6 +263,18 @@ async def test_changes_need_an_operator_token_and_each_accepted_one_is_audited(a
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=5.0)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # Server reflection (a streaming method) on the admin port needs a token too.
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        listing = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in reflect.ServerReflectionInfo(iter([listing]), timeout=5.0):
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        async for answer in reflect.ServerReflectionInfo(
+            iter([listing]), metadata=VIEWER, timeout=5.0
+        ):
+            names = {s.name for s in answer.list_services_response.service}
+            assert "decision.v1.AdminService" in names
         assert "dashboard (viewer) may not call SetFlag" in (
             await _details(admin.SetFlag(change, metadata=VIEWER, timeout=5.0))
         )
@@ -338,7 +352,14 @@ async def canary_app(start_app, replicas, challenger_replica) -> DecisionApp:
         admin={"tokens": TOKENS},
         # A short window and sample so that the test runs in seconds; PSI between two
         # different models on a few dozen decisions is noise, so it is not judged here.
-        canary={"window_s": 10.0, "min_decisions": 10, "max_score_psi": 100.0},
+        # The good canary must not be judged on this machine's latency noise: the p99 of
+        # a few dozen calls is their slowest one.
+        canary={
+            "window_s": 10.0,
+            "min_decisions": 10,
+            "max_p99_ratio": 10.0,
+            "p99_slack_ms": 50.0,
+        },
     )
     await settle(app)
     return app
@@ -408,9 +429,13 @@ async def test_shadow_scores_land_in_the_decision_rows_and_saturation_drops_them
             "challenger_address": challenger_replica.address,
         },
         control={"shadow_sample_rate": 1.0},
-        shadow={"max_in_flight": 1},
+        # One call at a time, and one that outlasts the paused challenger below.
+        shadow={"max_in_flight": 1, "timeout_ms": 5000.0},
     )
     await settle(app)
+    assert app.challenger is not None
+    for _ in range(20):  # the challenger answers promptly (an earlier test paused it)
+        await app.challenger.client.predict([[0.0] * MODEL_INPUT_WIDTH], timeout_s=2.0)
     stub = decision_stub(channel_to(app))
     decided = []
     for _ in range(20):
@@ -427,6 +452,7 @@ async def test_shadow_scores_land_in_the_decision_rows_and_saturation_drops_them
     try:
         for _ in range(10):
             response = await stub.Decide(buy(), timeout=2.0)
+            decided.append(response)
             assert response.source == decision_pb2.SOURCE_PRIMARY
             assert response.timings.total_us < 50_000
         after = app.shadow.stats()
