@@ -256,8 +256,10 @@ class DecisionEngine:
         routed = await self._router.score(
             rows, budget, call_reasons, canary=canary, attempts=attempts
         )
-        if monitored and self._canary is not None and attempts:
-            first = attempts[0]
+        # The side's own first attempt: a challenger on-call forced open made none, and
+        # the champion's answer must not count for it.
+        first = next((a for a in attempts if (a.source is Source.CANARY) == canary), None)
+        if monitored and self._canary is not None and first is not None:
             self._canary.record(
                 CANARY if canary else CHAMPION,
                 ok=first.ok,
