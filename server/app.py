@@ -199,7 +199,6 @@ class DecisionApp:
                 torchserve=ts,
                 decision=settings.decision,
                 min_counted_timeout_ms=settings.breaker.min_counted_timeout_ms,
-                control=lambda: self.shared.state,
                 challenger=self.challenger,
             ),
             ladder=FallbackChain(

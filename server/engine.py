@@ -19,7 +19,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 import redis.exceptions
@@ -111,7 +111,14 @@ class DecisionEngine:
             weight, _ = state.canary(now_us)
             canary = weight > 0 and self._canary is not None and self._rng.random() < weight
             scored, shadowed = await self._score(
-                orders, scorable, budget, reasons, canary=canary, monitored=weight > 0
+                orders,
+                scorable,
+                budget,
+                reasons,
+                canary=canary,
+                monitored=weight > 0,
+                state=state,
+                now_us=now_us,
             )
             outcomes.update(scored)
         model_done = time.perf_counter_ns()
@@ -190,7 +197,7 @@ class DecisionEngine:
         budget: Budget,
         reasons: list[list[str]],
         *,
-        skip: Sequence[int] | dict[int, LadderOutcome] = (),
+        skip: Container[int] = (),
     ) -> list[_Features]:
         """The features of each order; none for the orders in ``skip`` (already decided)."""
         wanted = [i for i in range(len(orders)) if i not in skip]
@@ -247,6 +254,8 @@ class DecisionEngine:
         *,
         canary: bool,
         monitored: bool,
+        state: ControlState,
+        now_us: int,
     ) -> tuple[dict[int, LadderOutcome], _ShadowCall | None]:
         """One model call for every order with fresh features: their outcomes by index,
         and what a shadow call would need when the champion scored them."""
@@ -254,7 +263,7 @@ class DecisionEngine:
         call_reasons: list[str] = []
         attempts: list[Attempt] = []
         routed = await self._router.score(
-            rows, budget, call_reasons, canary=canary, attempts=attempts
+            rows, budget, call_reasons, canary=canary, attempts=attempts, state=state, now_us=now_us
         )
         # The side's own first attempt: a challenger on-call forced open made none, and
         # the champion's answer must not count for it.

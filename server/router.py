@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from server.breaker import AsyncCircuitBreaker, BreakerOpenError
@@ -68,14 +68,12 @@ class ReplicaRouter:
         torchserve: TorchServeSettings,
         decision: DecisionSettings,
         min_counted_timeout_ms: float,
-        control: Callable[[], ControlState] = ControlState,
         challenger: Replica | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._min_counted_timeout_ms = min_counted_timeout_ms
         self.replicas = tuple(replicas)
         self.challenger = challenger
-        self._control = control
         self._cap_ms = torchserve.per_call_timeout_ms
         self._jitter = torchserve.timeout_jitter
         self._min_call_ms = torchserve.min_call_budget_ms
@@ -90,14 +88,16 @@ class ReplicaRouter:
         *,
         canary: bool = False,
         attempts: list[Attempt] | None = None,
+        state: ControlState | None = None,
+        now_us: int = 0,
     ) -> RoutedScores | None:
         """Scores the rows, or returns None with ``reasons`` saying why each replica did not.
 
         ``canary``: the challenger is tried first. ``attempts`` collects what each
-        replica tried did, for the canary's comparison.
+        replica tried did, for the canary's comparison. ``state`` (read at ``now_us``)
+        holds on-call's breaker overrides; the engine reads it once per call.
         """
-        state = self._control()
-        now_us = time.time_ns() // 1000
+        state = state or ControlState()
         lane = self.replicas
         if canary and self.challenger is not None:
             lane = (self.challenger, *self.replicas)

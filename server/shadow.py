@@ -96,13 +96,11 @@ class ShadowScorer:
         if mode is BreakerMode.FORCE_OPEN or len(self._tasks) >= self._max_in_flight:
             self._dropped += len(shadowed)
             return
-        task = asyncio.create_task(self._shadow(rows, shadowed, mode))
+        task = asyncio.create_task(self._shadow(rows, shadowed))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _shadow(
-        self, rows: Sequence[Sequence[float]], shadowed: Sequence[Shadowed], mode: BreakerMode
-    ) -> None:
+    async def _shadow(self, rows: Sequence[Sequence[float]], shadowed: Sequence[Shadowed]) -> None:
         replica = self._challenger
         started = time.perf_counter()
         try:

@@ -35,6 +35,7 @@ from server.control.state import (
     Change,
     Entry,
     FlagSpec,
+    flag_text,
 )
 from server.errors import AuditUnavailable, FailedPrecondition, InvalidArgument
 from server.router import Replica
@@ -213,7 +214,7 @@ class ControlPlane:
             action="set_breaker",
             target=name,
             field_name=BREAKER_PREFIX + name,
-            entry=None if mode is BreakerMode.AUTO else Entry("", mode.name, change),
+            entry=None if mode is BreakerMode.AUTO else Entry(mode.name, change),
             before={"mode": before_mode.name, **_change_dict(before_change)},
             after={"mode": mode.name, "expires_at_us": expires_at_us},
             reason=why,
@@ -222,8 +223,7 @@ class ControlPlane:
 
     def flag_view(self, spec: FlagSpec, now_us: int) -> FlagView:
         value, change = self._shared.state.flag(spec, now_us)
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        return FlagView(spec.name, text, spec.default, spec.description, change)
+        return FlagView(spec.name, flag_text(value), spec.default, spec.description, change)
 
     def list_flags(self) -> list[FlagView]:
         now_us = _now_us()
@@ -243,8 +243,7 @@ class ControlPlane:
                 parsed = spec.parse(value)
             except ValueError as exc:
                 raise InvalidArgument("value", str(exc)) from None
-            text = str(parsed).lower() if isinstance(parsed, bool) else str(parsed)
-            entry = Entry("", text, Change(actor, why, now_us, _expiry(ttl_s, now_us)))
+            entry = Entry(flag_text(parsed), Change(actor, why, now_us, _expiry(ttl_s, now_us)))
         before = self.flag_view(spec, now_us)
         await self._apply(
             actor=actor,
@@ -278,7 +277,7 @@ class ControlPlane:
             action="set_canary",
             target="challenger",
             field_name=CANARY_FIELD,
-            entry=Entry("", weight, Change(actor, why, now_us)),
+            entry=Entry(weight, Change(actor, why, now_us)),
             before={"weight": before, **_change_dict(before_change)},
             after={"weight": weight},
             reason=why,
@@ -313,7 +312,7 @@ class ControlPlane:
             action="engage_kill_switch" if engaged else "release_kill_switch",
             target=scope,
             field_name=KILL_PREFIX + scope,
-            entry=Entry("", True, Change(actor, why, now_us, expires_at_us)) if engaged else None,
+            entry=Entry(True, Change(actor, why, now_us, expires_at_us)) if engaged else None,
             before={"engaged": before_change is not None, **_change_dict(before_change)},
             after={"engaged": engaged, "expires_at_us": expires_at_us},
             reason=why,

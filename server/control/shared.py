@@ -135,7 +135,7 @@ class SharedControl:
             for raw_field, raw in raw_entries.items():
                 name = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
                 try:
-                    entries[name] = Entry.decode(name, raw)
+                    entries[name] = Entry.decode(raw)
                 except (ValueError, KeyError, TypeError) as exc:
                     log.warning("control entry %s ignored: %r", name, exc)
             version = int(raw_version or 0)
@@ -175,7 +175,7 @@ class SharedControl:
         if raw_before is None:
             return None
         try:
-            return Entry.decode(field_name, raw_before)
+            return Entry.decode(raw_before)
         except (ValueError, KeyError, TypeError):
             return None
 

@@ -5,7 +5,7 @@ and every server keeps the latest ``ControlState`` for its hot path. A change ma
 an expiry: it is then ignored from that wall-clock time on by every server, whether or
 not any of them hears of it, so a TTL needs no process to enforce it.
 
-In Redis, one hash holds one JSON entry per setting, keyed by ``Entry.field``:
+In Redis, one hash holds one JSON ``Entry`` per setting, under the field
 ``breaker:<replica>``, ``flag:<name>``, ``kill:<symbol or *>`` and ``canary``.
 """
 
@@ -52,9 +52,8 @@ class Change:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One stored setting: its Redis hash field, its value (JSON-able) and its change."""
+    """One stored setting: its value (JSON-able) and its change."""
 
-    field: str
     value: Any
     change: Change
 
@@ -70,10 +69,9 @@ class Entry:
         )
 
     @classmethod
-    def decode(cls, field_name: str, raw: bytes | str) -> Entry:
+    def decode(cls, raw: bytes | str) -> Entry:
         doc = orjson.loads(raw)
         return cls(
-            field_name,
             doc["value"],
             Change(
                 str(doc["changed_by"]),
@@ -109,6 +107,11 @@ def boolean(text: str) -> bool:
     if lowered in ("false", "0", "no", "off"):
         return False
     raise ValueError(f"{text!r} is not true or false")
+
+
+def flag_text(value: Any) -> str:
+    """A parsed flag value as stored and shown ("true", "0.5")."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,12 +175,11 @@ class ControlState:
         }
 
     def flag(self, spec: FlagSpec, now_us: int) -> tuple[Any, Change | None]:
-        """The flag's value in effect (the default when unset or expired) and its change."""
+        """The flag's value in effect and, when it was set and is live, its change."""
         entry = self._live(FLAG_PREFIX + spec.name, now_us)
-        if entry is None or spec.name not in self.flag_values:
-            default = self.flag_defaults.get(spec.name)
-            return (spec.parse(spec.default) if default is None else default), None
-        return self.flag_values[spec.name], entry.change
+        change = entry.change if entry is not None and spec.name in self.flag_values else None
+        value = self.flag_value(spec.name, now_us)
+        return (spec.parse(spec.default) if value is None else value), change
 
     def flag_value(self, name: str, now_us: int) -> Any:
         """The flag's parsed value in effect: as set unless unset or expired, else the

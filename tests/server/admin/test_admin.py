@@ -120,24 +120,30 @@ async def decide_until(
         await asyncio.sleep(0.02)
 
 
-def admin_rows(database: Path) -> list[sa.Row[Any]]:
+ADMIN_ROWS = sa.select(admin_actions).order_by(admin_actions.c.at)
+
+
+def store_rows(database: Path, statement: sa.Executable) -> list[sa.Row[Any]]:
     if not database.exists():  # the shipper has not created the store yet
         return []
     engine = create_store_engine(f"sqlite:///{database}")
     try:
         with engine.connect() as conn:
-            return list(conn.execute(sa.select(admin_actions).order_by(admin_actions.c.at)))
+            return list(conn.execute(statement))
     finally:
         engine.dispose()
 
 
-async def wait_admin_rows(database: Path, count: int) -> list[sa.Row[Any]]:
+async def wait_store_rows(
+    database: Path, count: int, statement: sa.Executable = ADMIN_ROWS
+) -> list[sa.Row[Any]]:
+    """The rows ``statement`` selects, once there are ``count`` (admin rows by default)."""
     deadline = time.monotonic() + 10
     while True:
-        rows = admin_rows(database)
+        rows = store_rows(database, statement)
         if len(rows) >= count:
             return rows
-        assert time.monotonic() < deadline, f"{len(rows)} admin rows, expected {count}"
+        assert time.monotonic() < deadline, f"{len(rows)} rows, expected {count}"
         await asyncio.sleep(0.1)
 
 
@@ -195,7 +201,7 @@ async def test_breaker_override_reaches_the_other_server_within_a_second_and_exp
         for server in (a, b):
             await server.close()
 
-    (row,) = await wait_admin_rows(a.run_dir / "audit.db", 1)
+    (row,) = await wait_store_rows(a.run_dir / "audit.db", 1)
     assert (row.actor, row.action, row.target) == ("oncall", "set_breaker", "primary")
     assert row.before["mode"] == "AUTO"
     assert row.after["mode"] == "FORCE_OPEN"
@@ -322,7 +328,7 @@ async def test_changes_need_an_operator_token_and_each_accepted_one_is_audited(a
     finally:
         await channel.close()
 
-    rows = await wait_admin_rows(Path(admin_app.settings.audit.journal_dir).parent / "audit.db", 3)
+    rows = await wait_store_rows(Path(admin_app.settings.audit.journal_dir).parent / "audit.db", 3)
     assert [(r.actor, r.action, r.target) for r in rows] == [
         ("oncall", "set_flag", "shadow_sample_rate"),
         ("oncall", "reset_flag", "shadow_sample_rate"),
@@ -413,7 +419,7 @@ async def test_an_erroring_challenger_is_rolled_back_within_the_window(
     assert status.canary.weight == 0.0
     assert status.canary.change.changed_by == "auto-rollback"
     assert status.canary.change.reason.startswith("automatic rollback: error/timeout rate")
-    rows = await wait_admin_rows(Path(canary_app.settings.audit.journal_dir).parent / "audit.db", 2)
+    rows = await wait_store_rows(Path(canary_app.settings.audit.journal_dir).parent / "audit.db", 2)
     assert rows[-1].actor == "auto-rollback"
     assert rows[-1].before["weight"] == 0.5 and rows[-1].after["weight"] == 0.0
 
@@ -461,23 +467,11 @@ async def test_shadow_scores_land_in_the_decision_rows_and_saturation_drops_them
         challenger_replica.proc.resume()
 
     database = Path(app.settings.audit.journal_dir).parent / "audit.db"
-    deadline = time.monotonic() + 10
-    while True:
-        engine = create_store_engine(f"sqlite:///{database}")
-        try:
-            with engine.connect() as conn:
-                rows = conn.execute(
-                    sa.text(
-                        "SELECT decision_id, score, shadow_model_name, shadow_model_version,"
-                        " shadow_score FROM decisions WHERE shadow_score IS NOT NULL"
-                    )
-                ).all()
-        finally:
-            engine.dispose()
-        if len(rows) >= stats.scored:
-            break
-        assert time.monotonic() < deadline, f"{len(rows)} shadow rows"
-        await asyncio.sleep(0.1)
+    shadow_rows = sa.text(
+        "SELECT decision_id, score, shadow_model_name, shadow_model_version,"
+        " shadow_score FROM decisions WHERE shadow_score IS NOT NULL"
+    )
+    rows = await wait_store_rows(database, stats.scored, shadow_rows)
     ids = {r.decision_id for r in decided}
     assert {r.decision_id for r in rows} <= ids
     assert {r.shadow_model_name for r in rows} == {"challenger"}
