@@ -178,6 +178,8 @@ class DecisionApp:
                 timeout_ms=settings.shadow.timeout_ms,
                 threshold=settings.decision.threshold,
                 psi_window=settings.shadow.psi_window,
+                batch_window_ms=settings.shadow.batch_window_ms,
+                batch_max_rows=settings.shadow.batch_max_rows,
             )
             if self.challenger is not None
             else None

@@ -347,6 +347,15 @@ class ShadowSettings(_Section):
         "call is dropped and counted, never queued.",
     )
     timeout_ms: float = Field(100.0, gt=0, description="Timeout of one shadow call.")
+    batch_window_ms: float = Field(
+        200.0,
+        ge=0,
+        description="Sampled decisions are gathered this long and scored in one challenger "
+        "call; 0: one call per decision.",
+    )
+    batch_max_rows: int = Field(
+        64, ge=1, description="A gathered shadow call is sent at once when it has this many rows."
+    )
     psi_window: int = Field(
         2000, ge=10, description="Pairs of champion and challenger scores the score PSI is over."
     )

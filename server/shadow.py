@@ -1,9 +1,12 @@
 """``ShadowScorer``: the challenger scores a sample of decisions, off the critical path.
 
 The engine hands over a decision's rows after it has recorded the decision and before
-it answers; the call to the challenger runs as its own task, so the caller never waits
-for it. At most ``max_in_flight`` shadow calls run at once: past that a sampled decision
-is dropped and counted, never queued (a slow challenger must not pile up work).
+it answers; the caller never waits for the challenger. Sampled decisions are gathered for
+up to ``batch_window_ms`` (or ``batch_max_rows`` rows) and scored in one challenger call:
+one call per decision cost the challenger and this process a request's overhead for every
+decision, which on shared cores showed in the champion's tail latency. At most
+``max_in_flight`` shadow calls run at once: a batch due past that is dropped and counted,
+never queued (a slow challenger must not pile up work).
 
 Each shadow score is appended to the audit journal as a ``ShadowRecord`` (the shipper
 fills the decision row's shadow columns) and feeds the comparison figures: agreement
@@ -55,7 +58,7 @@ class ShadowStats:
     dropped: int  # saturated: not called
     failed: int  # called, no score (timeout, error, breaker)
     agreed: int  # scored decisions whose challenger decision was the same
-    in_flight: int
+    in_flight: int  # decisions gathered for a call or in one
     diff_counts: tuple[int, ...]  # cumulative counts per DIFF_BUCKETS bound
     diff_sum: float
     score_psi: float  # challenger vs champion scores over the window; 0 when too few
@@ -71,13 +74,21 @@ class ShadowScorer:
         timeout_ms: float,
         threshold: float,
         psi_window: int,
+        batch_window_ms: float,
+        batch_max_rows: int,
     ) -> None:
         self._challenger = challenger
         self._audit = audit
         self._max_in_flight = max_in_flight
         self._timeout_s = timeout_ms / 1000.0
         self._threshold = threshold
+        self._batch_window_s = batch_window_ms / 1000.0
+        self._batch_max_rows = batch_max_rows
+        self._batch_rows: list[Sequence[float]] = []
+        self._batch: list[Shadowed] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._in_calls = 0
         self._champion_scores: deque[float] = deque(maxlen=psi_window)
         self._challenger_scores: deque[float] = deque(maxlen=psi_window)
         self._sampled = self._scored = self._dropped = self._failed = self._agreed = 0
@@ -91,16 +102,45 @@ class ShadowScorer:
     def submit(
         self, rows: Sequence[Sequence[float]], shadowed: Sequence[Shadowed], mode: BreakerMode
     ) -> None:
-        """Starts the shadow call for these decisions, or drops it when saturated."""
+        """Adds these decisions to the next shadow call; a forced-open challenger drops
+        them (counted)."""
         self._sampled += len(shadowed)
-        if mode is BreakerMode.FORCE_OPEN or len(self._tasks) >= self._max_in_flight:
+        if mode is BreakerMode.FORCE_OPEN:
             self._dropped += len(shadowed)
             return
+        self._batch_rows.extend(rows)
+        self._batch.extend(shadowed)
+        if len(self._batch_rows) >= self._batch_max_rows or self._batch_window_s <= 0:
+            self._flush()
+        elif self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(
+                self._batch_window_s, self._flush
+            )
+
+    def _flush(self) -> None:
+        """Sends the gathered decisions in one call, or drops them when saturated."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        rows, shadowed = self._batch_rows, self._batch
+        if not shadowed:
+            return
+        self._batch_rows, self._batch = [], []
+        if len(self._tasks) >= self._max_in_flight:
+            self._dropped += len(shadowed)
+            return
+        self._in_calls += len(shadowed)
         task = asyncio.create_task(self._shadow(rows, shadowed))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _shadow(self, rows: Sequence[Sequence[float]], shadowed: Sequence[Shadowed]) -> None:
+        try:
+            await self._score(rows, shadowed)
+        finally:
+            self._in_calls -= len(shadowed)
+
+    async def _score(self, rows: Sequence[Sequence[float]], shadowed: Sequence[Shadowed]) -> None:
         replica = self._challenger
         started = time.perf_counter()
         try:
@@ -147,14 +187,16 @@ class ShadowScorer:
             self._dropped,
             self._failed,
             self._agreed,
-            len(self._tasks),
+            self._in_calls + len(self._batch),
             tuple(self._diff_counts),
             self._diff_sum,
             score_psi,
         )
 
     async def stop(self, timeout_s: float = 1.0) -> None:
-        """Lets shadow calls in flight finish (bounded), then cancels the rest."""
+        """Sends the gathered decisions, lets shadow calls in flight finish (bounded),
+        then cancels the rest."""
+        self._flush()
         if not self._tasks:
             return
         _, late = await asyncio.wait(list(self._tasks), timeout=timeout_s)

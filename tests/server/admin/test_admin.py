@@ -436,7 +436,8 @@ async def test_shadow_scores_land_in_the_decision_rows_and_saturation_drops_them
         },
         control={"shadow_sample_rate": 1.0},
         # One call at a time, and one that outlasts the paused challenger below.
-        shadow={"max_in_flight": 1, "timeout_ms": 5000.0},
+        # No gathering: one call per decision, so the bound is reached call by call.
+        shadow={"max_in_flight": 1, "timeout_ms": 5000.0, "batch_window_ms": 0.0},
     )
     await settle(app)
     assert app.challenger is not None
