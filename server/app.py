@@ -41,6 +41,7 @@ from server.breaker import AsyncCircuitBreaker
 from server.control.canary import CanaryMonitor
 from server.control.flags import flag_specs
 from server.control.shared import SharedControl
+from server.control.state import CANARY_FIELD
 from server.domain import Source
 from server.engine import DecisionEngine
 from server.model_client import (
@@ -120,6 +121,14 @@ class DecisionApp:
                 retry=Retry(NoBackoff(), 0),
             )
         )
+        # GetStatus scans every feature key: on a client of its own, so that on-call
+        # looking at status never takes a connection a Decide is waiting for.
+        self.status_redis = aioredis.Redis.from_url(
+            settings.redis.url,
+            max_connections=2,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+        )
         ts = settings.torchserve
 
         def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
@@ -169,6 +178,7 @@ class DecisionApp:
             settings.canary,
             on_breach=lambda breach: self.control_plane.rollback_canary(breach),
             auto_rollback=lambda: self.control_plane.auto_rollback(),
+            setting=lambda: self.shared.state.entries.get(CANARY_FIELD),
         )
         self.shadow = (
             ShadowScorer(
@@ -191,7 +201,7 @@ class DecisionApp:
             audit=recorder,
             canary=self.canary,
             server_id=lambda: self.audit.server_id,
-            features=features,
+            features=FeatureReader(self.status_redis, key_prefix=settings.redis.key_prefix),
             audit_view=self._audit_view if settings.audit.enabled else lambda: None,
         )
         self.engine = DecisionEngine(
@@ -393,6 +403,7 @@ class DecisionApp:
             for replica in reversed(self._all_replicas()):
                 await replica.client.stop()
             await self.redis.aclose()
+            await self.status_redis.aclose()
             self.metrics.stop()
         finally:
             # Whatever failed above, the journal is synced, closed and shipped.

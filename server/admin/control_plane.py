@@ -9,6 +9,7 @@ reverted and ``AuditUnavailable`` raised: no change stays unaudited.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ from server.control.state import (
     KILL_PREFIX,
     BreakerMode,
     Change,
+    ControlState,
     Entry,
     FlagSpec,
     flag_text,
@@ -46,6 +48,10 @@ log = logging.getLogger(__name__)
 AUTO_ROLLBACK_ACTOR = "auto-rollback"
 MAX_REASON_CHARS = 500
 MAX_TTL_S = 7 * 24 * 3600.0
+
+
+class Unchanged(Exception):
+    """A conditional change found the value it would change already changed."""
 
 
 class AdminAudit(Protocol):
@@ -163,21 +169,28 @@ class ControlPlane:
         target: str,
         field_name: str,
         entry: Entry | None,
-        before: Mapping[str, Any],
+        before: Callable[[ControlState], Mapping[str, Any]],
         after: Mapping[str, Any],
         reason: str,
+        only_if: Callable[[ControlState], bool] | None = None,
         revert_unaudited: bool = True,
-    ) -> None:
-        """``revert_unaudited``: undo the change when the journal refuses its audit row;
+    ) -> ControlState:
+        """Writes ``entry`` and its audit row; ``before`` describes the entry it replaced
+        (read in the write's transaction, so the row is right however stale this
+        server's copy was). Returns that state; raises ``Unchanged`` when ``only_if``
+        refused it.
+        ``revert_unaudited``: undo the change when the journal refuses its audit row;
         False for a safety change (a rollback), which stays and is logged instead."""
-        replaced = await self._shared.put(field_name, entry)
+        put = await self._shared.put(field_name, entry, only_if=only_if)
+        if not put.applied:
+            raise Unchanged
         record = AdminRecord(
             action_id=str(uuid.uuid4()),
             at_us=_now_us(),
             actor=actor,
             action=action,
             target=target,
-            before=dict(before),
+            before=dict(before(put.before)),
             after=dict(after),
             reason=reason,
         )
@@ -186,11 +199,20 @@ class ControlPlane:
         except AuditUnavailable:
             if not revert_unaudited:
                 log.error("admin change %s %s kept, not audited: %s", action, target, record)
-                return
+                return put.before
             log.error("admin change %s %s not audited: reverting it", action, target)
-            await self._shared.put(field_name, replaced)
+            await self._shared.put(field_name, put.before.entries.get(field_name))
             raise
-        log.info("admin: %s %s by %s: %s -> %s (%s)", action, target, actor, before, after, reason)
+        log.info(
+            "admin: %s %s by %s: %s -> %s (%s)",
+            action,
+            target,
+            actor,
+            record.before,
+            record.after,
+            reason,
+        )
+        return put.before
 
     def _replica(self, name: str) -> str:
         if name not in self._addresses:
@@ -207,27 +229,33 @@ class ControlPlane:
         why = _reason(reason)
         now_us = _now_us()
         expires_at_us = _expiry(ttl_s, now_us) if mode is not BreakerMode.AUTO else 0
-        before_mode, before_change = self._shared.state.breaker(name, now_us)
         change = Change(actor, why, now_us, expires_at_us)
-        await self._apply(
+
+        def describe(state: ControlState) -> dict[str, Any]:
+            before_mode, before_change = state.breaker(name, now_us)
+            return {"mode": before_mode.name, **_change_dict(before_change)}
+
+        previous = await self._apply(
             actor=actor,
             action="set_breaker",
             target=name,
             field_name=BREAKER_PREFIX + name,
             entry=None if mode is BreakerMode.AUTO else Entry(mode.name, change),
-            before={"mode": before_mode.name, **_change_dict(before_change)},
+            before=describe,
             after={"mode": mode.name, "expires_at_us": expires_at_us},
             reason=why,
         )
-        return before_mode, mode, expires_at_us
+        return previous.breaker_mode(name, now_us), mode, expires_at_us
 
-    def flag_view(self, spec: FlagSpec, now_us: int) -> FlagView:
-        value, change = self._shared.state.flag(spec, now_us)
+    @staticmethod
+    def _flag_view(state: ControlState, spec: FlagSpec, now_us: int) -> FlagView:
+        value, change = state.flag(spec, now_us)
         return FlagView(spec.name, flag_text(value), spec.default, spec.description, change)
 
     def list_flags(self) -> list[FlagView]:
         now_us = _now_us()
-        return [self.flag_view(spec, now_us) for spec in self.flags.values()]
+        state = self._shared.state
+        return [self._flag_view(state, spec, now_us) for spec in self.flags.values()]
 
     async def set_flag(
         self, actor: str, name: str, value: str, *, reset: bool, reason: str, ttl_s: float
@@ -244,21 +272,29 @@ class ControlPlane:
             except ValueError as exc:
                 raise InvalidArgument("value", str(exc)) from None
             entry = Entry(flag_text(parsed), Change(actor, why, now_us, _expiry(ttl_s, now_us)))
-        before = self.flag_view(spec, now_us)
-        await self._apply(
+
+        def describe(state: ControlState) -> dict[str, Any]:
+            view = self._flag_view(state, spec, now_us)
+            return {"value": view.value, **_change_dict(view.change)}
+
+        previous = await self._apply(
             actor=actor,
             action="reset_flag" if reset else "set_flag",
             target=name,
             field_name=FLAG_PREFIX + name,
             entry=entry,
-            before={"value": before.value, **_change_dict(before.change)},
+            before=describe,
             after={
                 "value": spec.default if entry is None else entry.value,
                 "expires_at_us": 0 if entry is None else entry.change.expires_at_us,
             },
             reason=why,
         )
-        return before, self.flag_view(spec, _now_us())
+        now_us = _now_us()
+        return (
+            self._flag_view(previous, spec, now_us),
+            self._flag_view(self._shared.state, spec, now_us),
+        )
 
     async def set_canary(self, actor: str, weight: float, reason: str) -> tuple[float, float]:
         if not math.isfinite(weight) or not 0.0 <= weight <= 1.0:
@@ -268,32 +304,46 @@ class ControlPlane:
         return await self._set_canary(actor, weight, _reason(reason))
 
     async def _set_canary(
-        self, actor: str, weight: float, why: str, *, revert_unaudited: bool = True
+        self,
+        actor: str,
+        weight: float,
+        why: str,
+        *,
+        only_if: Callable[[ControlState], bool] | None = None,
+        revert_unaudited: bool = True,
     ) -> tuple[float, float]:
         now_us = _now_us()
-        before, before_change = self._shared.state.canary(now_us)
-        await self._apply(
+
+        def describe(state: ControlState) -> dict[str, Any]:
+            before, before_change = state.canary(now_us)
+            return {"weight": before, **_change_dict(before_change)}
+
+        previous = await self._apply(
             actor=actor,
             action="set_canary",
             target="challenger",
             field_name=CANARY_FIELD,
             entry=Entry(weight, Change(actor, why, now_us)),
-            before={"weight": before, **_change_dict(before_change)},
+            before=describe,
             after={"weight": weight},
             reason=why,
+            only_if=only_if,
             revert_unaudited=revert_unaudited,
         )
-        if self._canary is not None:
-            self._canary.reset()  # a new weight is judged on its own decisions
-        return before, weight
+        # Every server's canary monitor starts its windows afresh when it sees the change.
+        return previous.canary(now_us)[0], weight
 
     async def rollback_canary(self, breach: str) -> None:
-        """The canary monitor's rollback: weight 0 on every server, audited."""
-        if self._shared.state.canary(_now_us())[0] == 0:
-            return
-        await self._set_canary(
-            AUTO_ROLLBACK_ACTOR, 0.0, f"automatic rollback: {breach}", revert_unaudited=False
-        )
+        """The canary monitor's rollback: weight 0 on every server, audited once however
+        many servers see the breach (the first one's write wins, the others find 0)."""
+        with contextlib.suppress(Unchanged):
+            await self._set_canary(
+                AUTO_ROLLBACK_ACTOR,
+                0.0,
+                f"automatic rollback: {breach}",
+                only_if=lambda state: state.canary(_now_us())[0] > 0,
+                revert_unaudited=False,
+            )
 
     def auto_rollback(self) -> bool:
         return bool(self._shared.state.flag_value(CANARY_AUTO_ROLLBACK, _now_us()))
@@ -306,18 +356,22 @@ class ControlPlane:
         why = _reason(reason)
         now_us = _now_us()
         expires_at_us = _expiry(ttl_s, now_us) if engaged else 0
-        before_change = self._shared.state.kill_switches(now_us).get(scope)
-        await self._apply(
+
+        def describe(state: ControlState) -> dict[str, Any]:
+            before_change = state.kill_switches(now_us).get(scope)
+            return {"engaged": before_change is not None, **_change_dict(before_change)}
+
+        previous = await self._apply(
             actor=actor,
             action="engage_kill_switch" if engaged else "release_kill_switch",
             target=scope,
             field_name=KILL_PREFIX + scope,
             entry=Entry(True, Change(actor, why, now_us, expires_at_us)) if engaged else None,
-            before={"engaged": before_change is not None, **_change_dict(before_change)},
+            before=describe,
             after={"engaged": engaged, "expires_at_us": expires_at_us},
             reason=why,
         )
-        return before_change is not None, engaged, expires_at_us
+        return scope in previous.kill_switches(now_us), engaged, expires_at_us
 
     async def feature_ages_ms(self, timeout_s: float = 1.0) -> dict[str, float]:
         """Age of each symbol's feature record; empty when Redis does not answer."""

@@ -8,6 +8,7 @@ whose id is already stored is skipped, so a batch shipped twice does no harm.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from server.audit.record import ADMIN, DECISION, SHADOW
+
+log = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
 
@@ -244,7 +247,12 @@ class AuditStore:
             if shadow_rows:
                 # After the inserts: a shadow record follows its decision in the journal,
                 # so the decision's row exists, from this batch or an earlier one.
-                conn.execute(_UPDATE_SHADOW, shadow_rows)
+                updated = conn.execute(_UPDATE_SHADOW, shadow_rows)
+                if updated.supports_sane_multi_rowcount() and updated.rowcount != len(shadow_rows):
+                    log.warning(
+                        "%d shadow scores found no decision row to fill",
+                        len(shadow_rows) - updated.rowcount,
+                    )
         return len(decision_records) + len(admin_rows) + len(shadow_rows)
 
     def _insert_sqlite(self, cursor: Any, records: list[Mapping[str, Any]]) -> None:

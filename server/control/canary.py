@@ -9,7 +9,9 @@ each side needs ``min_decisions`` in the window before it is judged (PSI: at lea
 ``PSI_MIN_SCORES`` scores). The comparison runs in a task of its own every
 ``CHECK_INTERVAL_S`` while decisions are recorded, not in a Decide. On a breach, with
 the flag ``canary_auto_rollback`` on, ``on_breach`` rolls the weight back to 0 on every
-server (``ControlPlane.rollback_canary``) and the windows start afresh.
+server (``ControlPlane.rollback_canary``). Whenever the canary setting changes (on-call,
+a rollback, on any server) every server's windows start afresh: a weight is judged only
+on decisions made under it.
 """
 
 from __future__ import annotations
@@ -84,10 +86,15 @@ class CanaryMonitor:
         *,
         on_breach: Callable[[str], Awaitable[None]],
         auto_rollback: Callable[[], bool],
+        setting: Callable[[], object],
     ) -> None:
+        """``setting``: the canary setting in effect; the windows start afresh when it
+        changes."""
         self._limits = limits
         self._on_breach = on_breach
         self._auto_rollback = auto_rollback
+        self._setting = setting
+        self._judged_setting = setting()
         self._sides = {CANARY: _Side(), CHAMPION: _Side()}
         self._watcher: asyncio.Task[None] | None = None
 
@@ -110,6 +117,11 @@ class CanaryMonitor:
         ends when the window is empty (no canary), restarted by the next record."""
         while any(side.records for side in self._sides.values()):
             await asyncio.sleep(CHECK_INTERVAL_S)
+            setting = self._setting()
+            if setting != self._judged_setting:
+                self._judged_setting = setting
+                self.reset()
+                continue
             if not self._auto_rollback():
                 continue
             breach = self.breach()
@@ -120,8 +132,6 @@ class CanaryMonitor:
                 await self._on_breach(breach)
             except Exception:  # retried at the next check
                 log.exception("canary rollback failed")
-                continue
-            self.reset()
 
     def reset(self) -> None:
         for side in self._sides.values():

@@ -16,13 +16,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import WatchError
 
 from server.control.state import ControlState, Entry, FlagSpec
 from server.errors import SharedStateUnavailable
@@ -31,6 +32,13 @@ log = logging.getLogger(__name__)
 
 LISTEN_POLL_S = 1.0
 RECONNECT_MAX_S = 2.0
+PUT_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    applied: bool
+    before: ControlState  # the written field as it was (alone), applied or not
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +102,7 @@ class SharedControl:
         ]
 
     async def stop(self) -> None:
-        if not self._started or self._stopped:
+        if self._stopped:
             return
         self._stopped = True
         for task in self._tasks:
@@ -155,29 +163,59 @@ class SharedControl:
         self._in_sync = False
         self._error = f"{type(exc).__name__}: {exc}"
 
-    async def put(self, field_name: str, entry: Entry | None) -> Entry | None:
-        """Writes (or with None deletes) one entry on every server; returns the entry it
-        replaced. Raises ``SharedStateUnavailable`` when Redis did not take it."""
+    def snapshot(self, entries: Mapping[str, Entry]) -> ControlState:
+        """A state holding only ``entries`` (what a change replaced, for its audit row)."""
+        return ControlState.from_entries(0, entries, self._flags)
+
+    async def put(
+        self,
+        field_name: str,
+        entry: Entry | None,
+        *,
+        only_if: Callable[[ControlState], bool] | None = None,
+    ) -> Put:
+        """Writes (or with None deletes) one entry on every server, unless ``only_if``
+        rejects the field's current value (read in the same transaction, so two servers
+        cannot both act on one value). Raises ``SharedStateUnavailable`` when Redis did
+        not take it."""
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hget(self._hash, field_name)
-                if entry is None:
-                    pipe.hdel(self._hash, field_name)
+                for _ in range(PUT_ATTEMPTS):
+                    try:
+                        await pipe.watch(self._hash)
+                        raw_before = await pipe.hget(self._hash, field_name)
+                        before = self.snapshot(self._decoded(field_name, raw_before))
+                        if only_if is not None and not only_if(before):
+                            return Put(False, before)  # leaving the block unwatches
+                        pipe.multi()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                        if entry is None:
+                            pipe.hdel(self._hash, field_name)
+                        else:
+                            pipe.hset(self._hash, field_name, entry.encode())
+                        pipe.incr(self._version_key)
+                        pipe.publish(self._channel, field_name)
+                        await pipe.execute()
+                        break
+                    except WatchError:  # another change to the hash came first: read again
+                        continue
                 else:
-                    pipe.hset(self._hash, field_name, entry.encode())
-                pipe.incr(self._version_key)
-                pipe.publish(self._channel, field_name)
-                raw_before, *_ = await pipe.execute()
+                    raise SharedStateUnavailable(
+                        f"control state changed {PUT_ATTEMPTS} times while writing; try again"
+                    )
         except (aioredis.RedisError, OSError) as exc:
             self._lost(exc)
             raise SharedStateUnavailable(f"{type(exc).__name__}: {exc}") from exc
         await self.sync()  # this server applies its own change at once
-        if raw_before is None:
-            return None
+        return Put(True, before)
+
+    @staticmethod
+    def _decoded(field_name: str, raw: bytes | str | None) -> dict[str, Entry]:
+        if raw is None:
+            return {}
         try:
-            return Entry.decode(raw_before)
+            return {field_name: Entry.decode(raw)}
         except (ValueError, KeyError, TypeError):
-            return None
+            return {}
 
     async def _listen(self) -> None:
         delay_s = 0.05

@@ -4,6 +4,7 @@ real TorchServe replicas, tokens and roles, admin audit rows, canary rollback.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import sys
@@ -422,6 +423,53 @@ async def test_an_erroring_challenger_is_rolled_back_within_the_window(
     rows = await wait_store_rows(Path(canary_app.settings.audit.journal_dir).parent / "audit.db", 2)
     assert rows[-1].actor == "auto-rollback"
     assert rows[-1].before["weight"] == 0.5 and rows[-1].after["weight"] == 0.0
+
+
+async def test_a_slow_but_answering_challenger_is_rolled_back_on_its_p99(
+    start_app, replicas, challenger_replica, channel_to, feature_writer
+):
+    challenger_replica.ensure_running()
+    await feature_writer.write(sample_record("BTC-USD"))
+    app: DecisionApp = await start_app(
+        torchserve={
+            # Long enough that the slow challenger's calls all succeed: only p99 breaches.
+            **replica_settings(replicas, per_call_timeout_ms=400.0),
+            "challenger_address": challenger_replica.address,
+        },
+        admin={"tokens": TOKENS},
+        canary={"window_s": 10.0, "min_decisions": 10, "max_p99_ratio": 2.0, "p99_slack_ms": 20.0},
+    )
+    await settle(app)
+    await set_canary(app, 0.5)
+    stub = decision_stub(channel_to(app))
+
+    async def slow_down() -> None:
+        # Stopped 80 % of the time: every call waits up to ~100 ms, none fails.
+        while True:
+            challenger_replica.proc.pause()
+            await asyncio.sleep(0.1)
+            challenger_replica.proc.resume()
+            await asyncio.sleep(0.025)
+
+    slowing = asyncio.create_task(slow_down())
+    try:
+        started = time.monotonic()
+        while app.shared.state.canary(time.time_ns() // 1000)[0] > 0:
+            assert time.monotonic() - started < 15.0, "no rollback within the window"
+            response = await stub.Decide(buy(), timeout=2.0)
+            assert response.source != decision_pb2.SOURCE_ABSTAIN
+    finally:
+        slowing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await slowing
+        challenger_replica.proc.resume()
+
+    weight, change = app.shared.state.canary(time.time_ns() // 1000)
+    assert weight == 0.0 and change is not None
+    assert change.changed_by == "auto-rollback"
+    assert change.reason.startswith("automatic rollback: p99"), change.reason
+    assert app.challenger is not None
+    assert app.challenger.recent.summary().failures == 0  # slow, never failing
 
 
 async def test_shadow_scores_land_in_the_decision_rows_and_saturation_drops_them(

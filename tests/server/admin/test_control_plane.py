@@ -1,0 +1,218 @@
+"""ControlPlane and SharedControl against a real redis-server: audit rows that say what a
+change really replaced, reverts when the journal refuses a row, one rollback however
+many servers see a breach, and what a server does while Redis is unreachable.
+
+Several ``SharedControl``s on one key prefix stand for several servers. The journal is a
+fake here (the real one is in the end-to-end tests): these tests are about what the
+control plane does when it accepts or refuses a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from feature_cache.store import FeatureReader
+from proto.decision.v1 import admin_pb2, admin_pb2_grpc
+from server.admin.control_plane import AUTO_ROLLBACK_ACTOR, ControlPlane
+from server.app import DecisionApp
+from server.audit.record import AdminRecord
+from server.control.flags import flag_specs
+from server.control.shared import SharedControl
+from server.control.state import BreakerMode
+from server.errors import AuditUnavailable, SharedStateUnavailable
+from server.localstack.processes import free_port
+from server.localstack.redis_server import start_redis
+from server.settings import ControlSettings
+from tests.conftest import RedisInstance
+from tests.server.admin.test_admin import OPERATOR, TOKENS, VIEWER
+
+pytestmark = pytest.mark.integration
+
+ADDRESSES = {"primary": "p:1", "secondary": "s:1", "challenger": "c:1"}
+
+
+class Journal:
+    def __init__(self) -> None:
+        self.rows: list[AdminRecord] = []
+        self.refuse = False
+
+    def record_admin_action(self, record: AdminRecord) -> None:
+        if self.refuse:
+            raise AuditUnavailable("journal write failed: disk full")
+        self.rows.append(record)
+
+
+Server = tuple[ControlPlane, SharedControl, Journal]
+
+
+@pytest.fixture
+async def servers(
+    redis_instance: RedisInstance, key_prefix: str
+) -> AsyncIterator[Callable[[], Server]]:
+    """Makes control planes sharing one Redis and key prefix (a deployment's servers)."""
+    started: list[SharedControl] = []
+    clients: list[aioredis.Redis] = []
+    flags = flag_specs(ControlSettings())
+
+    def start() -> Server:
+        shared = SharedControl(
+            redis_instance.url,
+            key_prefix=key_prefix,
+            flags=flags,
+            resync_interval_ms=250.0,
+            redis_timeout_ms=200.0,
+        )
+        client = aioredis.Redis.from_url(redis_instance.url)
+        clients.append(client)
+        journal = Journal()
+        plane = ControlPlane(
+            shared=shared,
+            replicas=[],
+            addresses=ADDRESSES,
+            audit=journal,
+            canary=None,
+            server_id=lambda: "test",
+            features=FeatureReader(client, key_prefix=key_prefix),
+        )
+        started.append(shared)
+        return plane, shared, journal
+
+    try:
+        yield start
+    finally:
+        for shared in started:
+            await shared.stop()
+        for client in clients:
+            await client.aclose()
+
+
+async def test_a_refused_audit_row_reverts_the_change_on_every_server(servers) -> None:
+    plane, shared, journal = servers()
+    _, other, _ = servers()
+    await shared.start()
+    await other.start()
+    await plane.set_breaker("oncall", "primary", BreakerMode.FORCE_OPEN, "slow", ttl_s=0)
+
+    journal.refuse = True
+    with pytest.raises(AuditUnavailable):
+        await plane.set_breaker("oncall", "primary", BreakerMode.FORCE_CLOSED, "trust", ttl_s=0)
+    with pytest.raises(AuditUnavailable):
+        await plane.kill_switch("oncall", "BTC-USD", True, "bad prints", ttl_s=0)
+    await other.sync()
+    for state in (shared.state, other.state):
+        mode, change = state.breaker("primary", time.time_ns() // 1000)
+        assert mode is BreakerMode.FORCE_OPEN  # the audited change, not the refused one
+        assert change is not None and change.reason == "slow"
+        assert state.kill_switch("BTC-USD", time.time_ns() // 1000) is None
+    assert [r.action for r in journal.rows] == ["set_breaker"]
+
+
+async def test_the_audit_row_says_what_was_replaced_even_when_this_server_had_not_heard(
+    servers,
+) -> None:
+    plane_a, shared_a, journal_a = servers()
+    plane_b, shared_b, _ = servers()
+    await shared_b.start()  # A is not listening: it will not hear of B's change
+    await plane_b.set_flag(
+        "dashboard", "shadow_sample_rate", "0.3", reset=False, reason="b", ttl_s=0
+    )
+    # Only what Redis holds can say what A's change replaces.
+    assert shared_a.state.flag_value("shadow_sample_rate", time.time_ns() // 1000) == 0.0
+
+    before, after = await plane_a.set_flag(
+        "oncall", "shadow_sample_rate", "0.7", reset=False, reason="a", ttl_s=0
+    )
+    assert (before.value, after.value) == ("0.3", "0.7")
+    assert before.change is not None and before.change.changed_by == "dashboard"
+    row = journal_a.rows[-1]
+    assert row.before["value"] == "0.3" and row.before["changed_by"] == "dashboard"
+    assert row.after["value"] == "0.7"
+
+
+async def test_a_breach_seen_by_every_server_is_rolled_back_and_audited_once(servers) -> None:
+    deployment = [servers() for _ in range(4)]
+    for _, shared, _ in deployment:
+        await shared.start()
+    await deployment[0][0].set_canary("oncall", 0.2, "try the challenger")
+    for _, shared, _ in deployment:
+        await shared.sync()
+
+    await asyncio.gather(
+        *(plane.rollback_canary("p99 90 ms vs champion 8 ms") for plane, _, _ in deployment)
+    )
+    rollbacks = [
+        row
+        for _, _, journal in deployment
+        for row in journal.rows
+        if row.actor == AUTO_ROLLBACK_ACTOR
+    ]
+    assert len(rollbacks) == 1
+    assert rollbacks[0].before["weight"] == 0.2 and rollbacks[0].after["weight"] == 0.0
+    for _, shared, _ in deployment:
+        await shared.sync()
+        assert shared.state.canary(time.time_ns() // 1000)[0] == 0.0
+
+
+async def test_without_redis_a_server_keeps_its_state_says_so_and_refuses_changes(
+    start_app, tmp_path: Path, key_prefix: str, feature_writer
+) -> None:
+    port = free_port()
+    redis_proc = start_redis(port, tmp_path / "redis")
+    try:
+        app: DecisionApp = await start_app(
+            redis={"url": f"redis://127.0.0.1:{port}/0"},
+            admin={"tokens": TOKENS},
+            control={"redis_timeout_ms": 200.0},
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            force_open = admin_pb2.SetBreakerRequest(
+                replica="secondary", mode=admin_pb2.BREAKER_MODE_FORCE_OPEN, reason="slow"
+            )
+            await admin.SetBreaker(force_open, metadata=OPERATOR, timeout=5.0)
+
+            redis_proc.pause()  # Redis stops answering: connections hang, as on a partition
+            try:
+                deadline = time.monotonic() + 5.0
+                while app.shared.status().in_sync:
+                    assert time.monotonic() < deadline, "still in sync with a stopped Redis"
+                    await asyncio.sleep(0.05)
+                status = await admin.GetStatus(
+                    admin_pb2.GetStatusRequest(), metadata=VIEWER, timeout=5.0
+                )
+                assert not status.shared_state.in_sync
+                assert status.shared_state.error
+                # The last known override is still applied.
+                modes = {r.name: r.mode for r in status.replicas}
+                assert modes["secondary"] == admin_pb2.BREAKER_MODE_FORCE_OPEN
+                now_us = time.time_ns() // 1000
+                assert app.shared.state.breaker_mode("secondary", now_us) is BreakerMode.FORCE_OPEN
+
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await admin.KillSwitch(
+                        admin_pb2.KillSwitchRequest(scope="*", engaged=True, reason="stop"),
+                        metadata=OPERATOR,
+                        timeout=5.0,
+                    )
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+                with pytest.raises(SharedStateUnavailable):
+                    await app.shared.put("flag:shadow_sample_rate", None)
+            finally:
+                redis_proc.resume()
+
+            deadline = time.monotonic() + 5.0
+            while not app.shared.status().in_sync:
+                assert time.monotonic() < deadline, "not back in sync after Redis returned"
+                await asyncio.sleep(0.05)
+            status = await admin.GetStatus(admin_pb2.GetStatusRequest(), metadata=VIEWER)
+            assert status.shared_state.in_sync
+            assert status.kill_switches == []  # the refused change never happened
+    finally:
+        redis_proc.stop()

@@ -1,0 +1,76 @@
+"""CanaryMonitor's judging (pure logic; the canary with real replicas is in
+tests/server/admin/test_admin.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from server.control.canary import CANARY, CHAMPION, CHECK_INTERVAL_S, CanaryMonitor
+from server.settings import CanarySettings
+
+
+class Deployment:
+    """The canary setting as every server sees it, and the rollbacks asked for."""
+
+    def __init__(self) -> None:
+        self.setting: object = ("weight", 0.5)
+        self.breaches: list[str] = []
+
+    async def roll_back(self, breach: str) -> None:
+        self.breaches.append(breach)
+        self.setting = ("weight", 0.0)
+
+
+def monitor(deployment: Deployment) -> CanaryMonitor:
+    return CanaryMonitor(
+        CanarySettings(window_s=30.0, min_decisions=10),
+        on_breach=deployment.roll_back,
+        auto_rollback=lambda: True,
+        setting=lambda: deployment.setting,
+    )
+
+
+def record(canary: CanaryMonitor, side: str, n: int, *, ok: bool = True) -> None:
+    for _ in range(n):
+        canary.record(side, ok=ok, elapsed_ms=2.0, fell_back=False, scores=(0.5,))
+
+
+async def test_a_failing_canary_is_rolled_back_once() -> None:
+    deployment = Deployment()
+    canary = monitor(deployment)
+    record(canary, CHAMPION, 20)
+    record(canary, CANARY, 20, ok=False)
+    assert (canary.breach() or "").startswith("error/timeout rate 100%")
+    await asyncio.sleep(CHECK_INTERVAL_S * 4)
+    assert len(deployment.breaches) == 1
+    # The rollback changed the setting: the windows were started afresh.
+    assert canary.compare().canary.decisions == 0
+    await canary.stop()
+
+
+async def test_a_setting_changed_elsewhere_starts_the_windows_afresh() -> None:
+    deployment = Deployment()
+    canary = monitor(deployment)
+    record(canary, CHAMPION, 20)
+    record(canary, CANARY, 5, ok=False)
+    await asyncio.sleep(CHECK_INTERVAL_S * 2)
+    assert canary.compare().canary.decisions == 5  # the same setting: kept
+    deployment.setting = ("weight", 0.2)  # another server's change, synced here
+    await asyncio.sleep(CHECK_INTERVAL_S * 2)
+    # The failures under the old weight are not held against the new one.
+    record(canary, CANARY, 5, ok=False)
+    record(canary, CANARY, 10)
+    record(canary, CHAMPION, 20)
+    assert canary.compare().canary.decisions == 15
+    assert canary.breach() is not None  # 33 % errors under this weight: still judged
+    await canary.stop()
+
+
+async def test_too_few_decisions_are_not_judged() -> None:
+    deployment = Deployment()
+    canary = monitor(deployment)
+    record(canary, CHAMPION, 20)
+    record(canary, CANARY, 9, ok=False)
+    await asyncio.sleep(CHECK_INTERVAL_S * 2)
+    assert canary.breach() is None and deployment.breaches == []
+    await canary.stop()
