@@ -37,6 +37,7 @@ from server.admin.auth import AdminAuthInterceptor, Role, TokenBook
 from server.admin.control_plane import AuditView, ControlPlane
 from server.admin.servicer import ADMIN_SERVICE, READ_METHODS, AdminServicer
 from server.audit.trail import AuditTrail, UnrecordedDecisions
+from server.batching import BatchingClient
 from server.breaker import AsyncCircuitBreaker
 from server.control.canary import CanaryMonitor
 from server.control.flags import flag_specs
@@ -54,7 +55,7 @@ from server.router import Replica, ReplicaRouter
 from server.servicer import DecisionServicer, add_decision_service, add_tolerant_service
 from server.settings import Settings, TorchServeSettings
 from server.shadow import ShadowScorer
-from server.telemetry import AuditCollector, MetricsServer, ShadowCollector
+from server.telemetry import AuditCollector, LoadCollector, MetricsServer, ShadowCollector
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +69,29 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def model_client(
     ts: TorchServeSettings, name: str, address: str, model_name: str | None = None
 ) -> ModelClient:
-    """The replica's client for the configured inference protocol."""
+    """The replica's client for the configured inference protocol, micro-batching unless
+    ``batch_max_rows`` is 1."""
     model = model_name or ts.model_name
+    client: ModelClient
     if ts.protocol == "oip":
-        return OipClient(
+        client = OipClient(
             name,
             address,
             model,
             service=ts.oip_service,
             reconnect_backoff_ms=ts.reconnect_backoff_ms,
         )
-    return TorchServeClient(name, address, model, reconnect_backoff_ms=ts.reconnect_backoff_ms)
+    else:
+        client = TorchServeClient(
+            name, address, model, reconnect_backoff_ms=ts.reconnect_backoff_ms
+        )
+    if ts.batch_max_rows <= 1:
+        return client
+    return BatchingClient(
+        client,
+        max_batch_rows=ts.batch_max_rows,
+        max_concurrent_calls=ts.batch_max_concurrent_calls,
+    )
 
 
 def server_credentials(settings: Settings, *, client_ca_file: str = "") -> grpc.ServerCredentials:
@@ -234,6 +247,7 @@ class DecisionApp:
             shadow=self.shadow,
         )
         registry = CollectorRegistry()
+        registry.register(LoadCollector(self.engine, [r.client for r in self._all_replicas()]))
         if settings.audit.enabled:
             registry.register(AuditCollector(self.audit))
         if self.shadow is not None:

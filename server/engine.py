@@ -34,6 +34,7 @@ from server.control.flags import SHADOW_SAMPLE_RATE
 from server.control.state import GLOBAL_SCOPE, ControlState
 from server.deadline import Budget
 from server.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
+from server.errors import Overloaded
 from server.router import Attempt, ReplicaRouter
 from server.settings import DecisionSettings
 from server.shadow import Shadowed, ShadowScorer
@@ -91,12 +92,41 @@ class DecisionEngine:
         self._canary = canary
         self._shadow = shadow
         self._rng = rng or random.Random()  # noqa: S311 - sampling, not security
+        self._max_in_flight = decision.max_in_flight
+        self._shed_to_rules = decision.overload_action == "rules"
+        self._in_flight = 0
+        self.shed = 0  # decisions shed so far (rejected, or decided without the model)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
 
     async def decide(
         self, orders: Sequence[OrderRequest], budget: Budget, call: CallInfo
     ) -> list[DecisionResult]:
         """Decides every order and records them in the audit journal before returning;
-        raises ``AuditUnavailable`` (and returns nothing) when they cannot be recorded."""
+        raises ``AuditUnavailable`` (and returns nothing) when they cannot be recorded,
+        and ``Overloaded`` when shedding by rejection."""
+        limit = self._max_in_flight
+        overloaded = 0 < limit < self._in_flight + len(orders) and self._in_flight > 0
+        if overloaded:
+            self.shed += len(orders)
+            if not self._shed_to_rules:
+                raise Overloaded(self._in_flight, limit)
+        self._in_flight += len(orders)
+        try:
+            return await self._decide(orders, budget, call, overloaded=overloaded)
+        finally:
+            self._in_flight -= len(orders)
+
+    async def _decide(
+        self,
+        orders: Sequence[OrderRequest],
+        budget: Budget,
+        call: CallInfo,
+        *,
+        overloaded: bool,
+    ) -> list[DecisionResult]:
         started = time.perf_counter_ns()
         state = self._control()
         now_us = time.time_ns() // 1000
@@ -107,7 +137,10 @@ class DecisionEngine:
 
         scorable = {i: f.values for i, f in enumerate(features) if f.values is not None}
         shadowed: _ShadowCall | None = None
-        if scorable:
+        if scorable and overloaded:
+            for i in scorable:
+                reasons[i].append(f"overloaded: model skipped ({self._in_flight} in flight)")
+        elif scorable:
             weight, _ = state.canary(now_us)
             canary = weight > 0 and self._canary is not None and self._rng.random() < weight
             scored, shadowed = await self._score(

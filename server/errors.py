@@ -7,6 +7,7 @@
     ├── AuditUnavailable          UNAVAILABLE       (the journal refused the record:
     │                                                no decision is returned unrecorded)
     ├── SharedStateUnavailable    UNAVAILABLE       (Redis did not take an admin change)
+    ├── Overloaded                RESOURCE_EXHAUSTED (too many decisions in flight: shed)
     └── FailedPrecondition        FAILED_PRECONDITION (the deployment cannot do it)
 
 Model-call failures (``server.model_client.ModelCallError``) never reach a client:
@@ -49,6 +50,15 @@ class AuditUnavailable(DecisionError):
 
     def __init__(self, problem: str) -> None:
         super().__init__(f"decision not recorded, so not returned: {problem}")
+
+
+class Overloaded(DecisionError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, in_flight: int, limit: int) -> None:
+        super().__init__(
+            f"overloaded: {in_flight} decisions in flight (limit {limit}); retry with backoff"
+        )
 
 
 class SharedStateUnavailable(DecisionError):

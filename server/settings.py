@@ -142,6 +142,27 @@ class TorchServeSettings(_Section):
     reconnect_backoff_ms: int = Field(
         500, ge=1, description="Longest wait before reconnecting to a replica that went away."
     )
+    hedge: bool = Field(
+        False,
+        description="Hedging: a primary call not answered within the primary's recent p95 "
+        "latency also goes to the secondary, when the budget allows; the first good answer "
+        "wins and the other call is cancelled. Never more than one extra call a request.",
+    )
+    hedge_min_delay_ms: float = Field(
+        1.0, ge=0, description="Hedging waits at least this long, whatever the p95."
+    )
+    batch_max_rows: int = Field(
+        64,
+        ge=1,
+        description="Concurrent calls to one replica are coalesced into model calls of up "
+        "to this many rows; 1 turns micro-batching off.",
+    )
+    batch_max_concurrent_calls: int = Field(
+        4,
+        ge=1,
+        description="Model calls out to one replica at once; requests arriving past it "
+        "wait for one to return and go together in the next.",
+    )
 
 
 class BreakerSettings(_Section):
@@ -231,6 +252,18 @@ class DecisionSettings(_Section):
         ge=0,
         description="Part of the budget kept back from every lookup for building and sending "
         "the response.",
+    )
+    max_in_flight: int = Field(
+        256,
+        ge=0,
+        description="Decisions (DecideBatch rows count one each) being made at once; past "
+        "it new calls are shed at once instead of queueing past their deadlines. 0: no "
+        "bound. A batch larger than the bound is taken when nothing else is in flight.",
+    )
+    overload_action: Literal["reject", "rules"] = Field(
+        "reject",
+        description="Shed calls get RESOURCE_EXHAUSTED (reject), or are decided without a "
+        "model call by the fallback ladder: cached score, rules, abstain (rules).",
     )
 
 

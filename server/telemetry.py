@@ -7,7 +7,7 @@ work for them. Served by prometheus_client's HTTP server on a thread of its own.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from threading import Thread
 from wsgiref.simple_server import WSGIServer
 
@@ -21,6 +21,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from server.audit.trail import AuditTrail
+from server.batching import BatchingClient
+from server.engine import DecisionEngine
+from server.model_client import ModelClient
 from server.shadow import DIFF_BUCKETS, ShadowScorer
 
 log = logging.getLogger(__name__)
@@ -122,8 +125,47 @@ class ShadowCollector(Collector):
             value=stats.score_psi,
         )
         yield GaugeMetricFamily(
-            "decision_shadow_in_flight", "Shadow calls in flight.", value=stats.in_flight
+            "decision_shadow_in_flight",
+            "Sampled decisions gathered for a shadow call or in one.",
+            value=stats.in_flight,
         )
+
+
+class LoadCollector(Collector):
+    """Load shedding and micro-batching: what the server did with the load it got."""
+
+    def __init__(self, engine: DecisionEngine, clients: Sequence[ModelClient]) -> None:
+        self._engine = engine
+        self._batching = [c for c in clients if isinstance(c, BatchingClient)]
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "decision_shed",
+            "Decisions shed for overload: rejected, or decided without a model call.",
+            value=self._engine.shed,
+        )
+        yield GaugeMetricFamily(
+            "decision_in_flight", "Decisions being made now.", value=self._engine.in_flight
+        )
+        families = {
+            "calls": CounterMetricFamily(
+                "decision_model_batch_calls", "Micro-batched model calls.", labels=["replica"]
+            ),
+            "rows": CounterMetricFamily(
+                "decision_model_batch_rows", "Rows those calls carried.", labels=["replica"]
+            ),
+            "sent_alone": CounterMetricFamily(
+                "decision_model_sent_alone",
+                "Requests sent alone: their deadline came near while the replica was busy.",
+                labels=["replica"],
+            ),
+        }
+        for client in self._batching:
+            stats = client.stats()
+            families["calls"].add_metric([client.name], stats.calls)
+            families["rows"].add_metric([client.name], stats.rows)
+            families["sent_alone"].add_metric([client.name], stats.sent_alone)
+        yield from families.values()
 
 
 class MetricsServer:

@@ -44,10 +44,18 @@ class RecentCalls:
         if version:
             self.last_version = version
 
-    def summary(self, now_s: float | None = None) -> CallSummary:
+    def _trim(self, now_s: float | None) -> None:
         since = (time.monotonic() if now_s is None else now_s) - self._window_s
         while self._calls and self._calls[0][0] < since:
             self._calls.popleft()
+
+    def percentile_ms(self, q: float, now_s: float | None = None) -> float:
+        """The q-quantile of the successful calls' latencies in the window (0: none)."""
+        self._trim(now_s)
+        return percentile(sorted(ms for _, ms, ok in self._calls if ok), q)
+
+    def summary(self, now_s: float | None = None) -> CallSummary:
+        self._trim(now_s)
         latencies = sorted(ms for _, ms, ok in self._calls if ok)
         failures = sum(1 for _, _, ok in self._calls if not ok)
         return CallSummary(

@@ -1,0 +1,170 @@
+"""BatchingClient's queueing, splitting and deadlines (pure logic: the replica is a fake
+whose call takes a fixed time whatever its rows, as TorchServe's does for up to 64;
+the real replica is in tests/torchserve/test_served.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from server.batching import BatchingClient
+from server.model_client import ModelInputError, ModelScores, ModelTimeout, ModelUnavailable
+
+
+class FakeReplica:
+    name = "primary"
+    model_name = "champion"
+
+    def __init__(self, call_ms: float = 5.0) -> None:
+        self.call_s = call_ms / 1000.0
+        self.calls: list[int] = []  # rows per call
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.fail: Exception | None = None
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def connect(self, timeout_s: float) -> bool:
+        return True
+
+    async def predict(
+        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
+    ) -> ModelScores:
+        self.calls.append(len(rows))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if any(row[0] < 0 for row in rows):
+                raise ModelInputError("primary rejected the rows: negative value")
+            if self.call_s > timeout_s:
+                await asyncio.sleep(timeout_s)
+                raise ModelTimeout("primary deadline exceeded", budget_limited=budget_limited)
+            await asyncio.sleep(self.call_s)
+            if self.fail is not None:
+                raise self.fail
+            # A row's score is its first value: each caller can check it got its own.
+            return ModelScores("champion", "v1", [row[0] for row in rows], self.call_s * 1000)
+        finally:
+            self.in_flight -= 1
+
+
+def client(replica: FakeReplica, *, max_rows: int = 64, max_calls: int = 1) -> BatchingClient:
+    return BatchingClient(replica, max_batch_rows=max_rows, max_concurrent_calls=max_calls)
+
+
+async def test_concurrent_requests_share_calls_and_each_gets_its_own_scores() -> None:
+    replica = FakeReplica()
+    batching = client(replica, max_calls=1)
+    requests = [[[i / 100, 0.0]] for i in range(20)] + [[[0.5, 0.0], [0.6, 0.0]]]
+    answers = await asyncio.gather(*(batching.predict(rows, 1.0) for rows in requests))
+    assert [a.scores for a in answers] == [[row[0] for row in rows] for rows in requests]
+    # All arrived in one loop turn: one call carried them all.
+    assert replica.calls == [22]
+    assert batching.stats().requests == 21
+
+
+async def test_the_replica_never_has_more_calls_than_the_cap_and_calls_stay_within_max_rows() -> (
+    None
+):
+    replica = FakeReplica(call_ms=3.0)
+    batching = client(replica, max_rows=8, max_calls=2)
+
+    async def caller(i: int) -> list[float]:
+        await asyncio.sleep(i * 0.0005)  # spread over several calls
+        return (await batching.predict([[i / 1000, 1.0]], 1.0)).scores
+
+    answers = await asyncio.gather(*(caller(i) for i in range(60)))
+    assert answers == [[i / 1000] for i in range(60)]
+    assert replica.most_in_flight <= 2
+    assert max(replica.calls) <= 8
+    assert len(replica.calls) < 60  # some coalesced
+
+
+async def test_a_lone_request_is_sent_at_once() -> None:
+    replica = FakeReplica(call_ms=1.0)
+    batching = client(replica)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await batching.predict([[0.1]], 1.0)
+    assert loop.time() - started < 0.05  # no window: no timer stood between
+    assert replica.calls == [1]
+
+
+async def test_a_request_meets_every_deadline_it_would_have_met_alone() -> None:
+    # One call at a time, each 20 ms: a queued request behind it waits ~20 ms. Those
+    # whose deadline leaves room for a call but not for the wait are sent alone.
+    replica = FakeReplica(call_ms=20.0)
+    batching = client(replica, max_calls=1)
+    await batching.predict([[0.0]], 1.0)  # teaches it the expected call time
+    first = asyncio.create_task(batching.predict([[0.0]], 1.0))
+    await asyncio.sleep(0.001)  # the replica is busy with ``first``
+    # 100 ms leaves room to wait for ``first`` (~20 ms) and then share a call (20 ms).
+    roomy = [asyncio.create_task(batching.predict([[0.3 + i / 100]], 0.1)) for i in range(3)]
+    answers = await asyncio.gather(first, *roomy)
+    assert [a.scores for a in answers[1:]] == [[0.3], [0.31], [0.32]]
+    assert replica.calls[-1] == 3
+    assert batching.stats().sent_alone == 0
+    # 35 ms: alone it is met (20 ms), after waiting for the busy replica it would not be.
+    first = asyncio.create_task(batching.predict([[0.0]], 1.0))
+    await asyncio.sleep(0.001)
+    answer = await batching.predict([[0.7]], 0.035)
+    assert answer.scores == [0.7]
+    assert batching.stats().sent_alone == 1
+    await first
+
+
+async def test_each_request_keeps_its_own_deadline_in_a_shared_call() -> None:
+    replica = FakeReplica(call_ms=30.0)
+    batching = client(replica, max_calls=1)
+    short = asyncio.create_task(batching.predict([[0.1]], 0.01))
+    long = asyncio.create_task(batching.predict([[0.2]], 1.0))
+    with pytest.raises(ModelTimeout):
+        await short  # it would have timed out alone too: the call takes 30 ms
+    assert (await long).scores == [0.2]
+    assert replica.calls == [2]
+
+
+async def test_a_bad_row_fails_only_its_own_request() -> None:
+    replica = FakeReplica(call_ms=1.0)
+    batching = client(replica)
+    good, bad, other = await asyncio.gather(
+        batching.predict([[0.1]], 1.0),
+        batching.predict([[-1.0]], 1.0),
+        batching.predict([[0.3]], 1.0),
+        return_exceptions=True,
+    )
+    assert isinstance(good, ModelScores) and good.scores == [0.1]
+    assert isinstance(other, ModelScores) and other.scores == [0.3]
+    assert isinstance(bad, ModelInputError)
+    assert replica.calls == [3, 1, 1, 1]  # the shared call, then each alone
+
+
+async def test_a_failed_call_fails_each_of_its_requests_with_its_own_error() -> None:
+    replica = FakeReplica(call_ms=1.0)
+    replica.fail = ModelUnavailable("primary unavailable after 1.0 ms")
+    batching = client(replica)
+    errors = await asyncio.gather(
+        *(batching.predict([[0.1]], 1.0) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(e, ModelUnavailable) for e in errors)
+    assert len({id(e) for e in errors}) == 3
+
+
+async def test_a_cancelled_caller_is_not_sent() -> None:
+    replica = FakeReplica(call_ms=10.0)
+    batching = client(replica, max_calls=1)
+    first = asyncio.create_task(batching.predict([[0.1]], 1.0))
+    await asyncio.sleep(0.001)
+    gone = asyncio.create_task(batching.predict([[0.2]], 1.0))
+    await asyncio.sleep(0.001)
+    gone.cancel()
+    kept = await batching.predict([[0.3]], 1.0)
+    await first
+    assert kept.scores == [0.3]
+    assert replica.calls == [1, 1]

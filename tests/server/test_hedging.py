@@ -1,0 +1,153 @@
+"""Hedging in ReplicaRouter (pure logic: the replicas are fakes with scripted latencies;
+the real replicas are in tests/server/test_decision_path.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Sequence
+
+import pytest
+
+from server.breaker import AsyncCircuitBreaker
+from server.deadline import Budget
+from server.domain import Source
+from server.model_client import ModelScores, ModelTimeout, ModelUnavailable
+from server.router import Replica, ReplicaRouter
+from server.settings import DecisionSettings, TorchServeSettings
+
+
+class ScriptedReplica:
+    """Answers after ``latency_ms`` (or fails when ``fails``), or as ``script`` says for
+    a request; counts calls per request (a row's first value is its request's number)."""
+
+    model_name = "champion"
+
+    def __init__(self, name: str, latency_ms: float = 1.0, *, fails: bool = False) -> None:
+        self.name = name
+        self.latency_ms = latency_ms
+        self.fails = fails
+        self.calls: Counter[float] = Counter()
+        self.cancelled = 0
+        self.script: dict[float, tuple[float, bool]] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def connect(self, timeout_s: float) -> bool:
+        return True
+
+    async def predict(
+        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
+    ) -> ModelScores:
+        request = rows[0][0]
+        self.calls[request] += 1
+        latency_ms, fails = self.script.get(request, (self.latency_ms, self.fails))
+        try:
+            await asyncio.sleep(min(latency_ms / 1000.0, timeout_s))
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if latency_ms / 1000.0 > timeout_s:
+            raise ModelTimeout(f"{self.name} deadline exceeded")
+        if fails:
+            raise ModelUnavailable(f"{self.name} unavailable")
+        return ModelScores("champion", self.name, [0.5] * len(rows), latency_ms)
+
+
+def router(
+    primary: ScriptedReplica, secondary: ScriptedReplica, *, hedge: bool = True
+) -> ReplicaRouter:
+    replicas = [
+        Replica(
+            client=client,
+            breaker=AsyncCircuitBreaker(client.name, fail_max=1000, reset_timeout_s=1.0),
+            source=source,
+        )
+        for client, source in ((primary, Source.PRIMARY), (secondary, Source.SECONDARY))
+    ]
+    return ReplicaRouter(
+        replicas,
+        torchserve=TorchServeSettings(
+            per_call_timeout_ms=60.0, timeout_jitter=0.0, hedge=hedge, hedge_min_delay_ms=5.0
+        ),
+        decision=DecisionSettings(fallback_reserve_ms=1.0),
+        min_counted_timeout_ms=10.0,
+    )
+
+
+async def score(routing: ReplicaRouter, request: float = 0.0, budget_ms: float = 200.0):
+    reasons: list[str] = []
+    routed = await routing.score([[request, 1.0]], Budget(budget_ms), reasons)
+    return routed, reasons
+
+
+async def test_a_slow_primary_is_hedged_and_the_first_answer_wins() -> None:
+    primary, secondary = ScriptedReplica("primary", 40.0), ScriptedReplica("secondary", 2.0)
+    routing = router(primary, secondary)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    routed, reasons = await score(routing)
+    elapsed_ms = (loop.time() - started) * 1000
+    assert routed is not None and routed.source is Source.SECONDARY
+    assert elapsed_ms < 30, "waited for the slow primary"
+    assert "hedged to secondary after 5.0 ms" in reasons
+    await asyncio.sleep(0.01)
+    assert primary.cancelled == 1  # the slower call was cancelled
+    assert (primary.calls[0.0], secondary.calls[0.0], routing.hedges) == (1, 1, 1)
+
+
+async def test_a_primary_answering_before_the_delay_is_not_hedged() -> None:
+    primary, secondary = ScriptedReplica("primary", 1.0), ScriptedReplica("secondary", 1.0)
+    routing = router(primary, secondary)
+    routed, _ = await score(routing)
+    assert routed is not None and routed.source is Source.PRIMARY
+    assert secondary.calls[0.0] == 0 and routing.hedges == 0
+
+
+async def test_the_hedge_delay_follows_the_primarys_recent_p95() -> None:
+    primary, secondary = ScriptedReplica("primary", 9.0), ScriptedReplica("secondary", 1.0)
+    routing = router(primary, secondary)
+    for _ in range(20):  # the primary's recent p95 is 12 ms, above the 5 ms floor
+        routing.replicas[0].recent.record(12.0, ok=True)
+    routed, _ = await score(routing)
+    assert routed is not None and routed.source is Source.PRIMARY  # 9 ms: not hedged
+    assert routing.hedge_delay_ms(routing.replicas[0]) == 12.0
+    assert secondary.calls[0.0] == 0
+
+
+async def test_without_hedging_a_slow_primary_is_waited_for() -> None:
+    primary, secondary = ScriptedReplica("primary", 30.0), ScriptedReplica("secondary", 1.0)
+    routed, _ = await score(router(primary, secondary, hedge=False))
+    assert routed is not None and routed.source is Source.PRIMARY
+    assert secondary.calls[0.0] == 0
+
+
+async def test_no_hedge_when_the_budget_has_no_room_for_another_call() -> None:
+    primary, secondary = ScriptedReplica("primary", 8.0), ScriptedReplica("secondary", 1.0)
+    routing = router(primary, secondary)
+    # 7 ms of budget: after the 5 ms delay less than the 1 ms reserve + 1 ms call is left.
+    routed, reasons = await score(routing, budget_ms=7.0)
+    assert routed is None
+    assert secondary.calls[0.0] == 0 and routing.hedges == 0
+    assert any("deadline exceeded" in r for r in reasons)
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_no_request_makes_more_than_one_extra_call(seed: int) -> None:
+    rng = random.Random(seed)
+    primary, secondary = ScriptedReplica("primary"), ScriptedReplica("secondary")
+    routing = router(primary, secondary)
+
+    for n in range(60):  # fast, slow, timing out, failing: in every combination
+        primary.script[float(n)] = (rng.choice([1.0, 3.0, 8.0, 30.0, 80.0]), rng.random() < 0.2)
+        secondary.script[float(n)] = (rng.choice([1.0, 8.0, 80.0]), rng.random() < 0.2)
+    await asyncio.gather(*(score(routing, request=float(n)) for n in range(60)))
+    for n in range(60):
+        assert primary.calls[float(n)] + secondary.calls[float(n)] <= 2, n
+        assert primary.calls[float(n)] == 1 and secondary.calls[float(n)] <= 1
+    assert routing.hedges > 0  # the scripts did make it hedge
