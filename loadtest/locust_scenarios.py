@@ -1,0 +1,174 @@
+"""The locust scenarios' plans, without locust: options, load over time, the request mix.
+
+``loadtest/locustfile.py`` is the locust side; this module holds what can be decided
+without it, so that tests can import it (importing locust monkey-patches the whole
+process with gevent).
+
+Scenarios (``--scenario``):
+
+- ``steady``: ``--users`` users, each paced to ``--user-rps`` decisions per second, for
+  the run time.
+- ``burst``: the same users and pacing, but the user count steps through
+  ``BURST_LADDER`` (base, peak, base, peak, base; peak = ``--users``), each step
+  ``--burst-step`` seconds long (default: a fifth of ``--run-time``, else 10 s).
+- ``primary-failure``: steady load; ``--fault-at`` seconds in, the primary replica's
+  breaker is forced open through AdminService for ``--fault-for`` seconds (the
+  override's TTL, so it ends by itself even if locust is killed), and set back to AUTO
+  when the test stops earlier.
+- ``stale-features``: steady load on ``--stale-symbols``, symbols without fresh features:
+  the server answers from its fallback ladder (a cached score within its age bound, else
+  ABSTAIN; the rules baseline needs fresh features).
+
+Bounds: the target and the admin address must be loopback unless ``--allow-remote``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from proto.decision.v1 import decision_pb2
+from server.errors import InvalidArgument
+from server.validation import check_symbol
+
+SCENARIOS = ("steady", "burst", "primary-failure", "stale-features")
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_ADMIN_ADDRESS = "127.0.0.1:50052"
+# The local stack (make run) keeps these symbols' features fresh.
+FED_SYMBOLS = ("BTC-USD", "ETH-USD", "SOL-USD")
+# ...and never writes features for these.
+UNFED_SYMBOLS = ("DOGE-USD", "ADA-USD")
+# Fractions of --users, one per step: a burst is a sudden jump, held, then a drop.
+BURST_LADDER = (0.25, 1.0, 0.25, 1.0, 0.25)
+DEFAULT_BURST_STEP_S = 10.0
+
+
+class ScenarioError(ValueError):
+    """Options that would make the scenario meaningless or leave loopback."""
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` names this machine (``localhost``, 127.0.0.0/8, ``[::1]``)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return False
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _symbols(text: str, what: str) -> tuple[str, ...]:
+    symbols = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not symbols:
+        raise ScenarioError(f"{what}: give at least one symbol")
+    for symbol in symbols:
+        try:
+            check_symbol(what, symbol)
+        except InvalidArgument as exc:
+            raise ScenarioError(f"{exc}, got {symbol!r}") from None
+    return symbols
+
+
+def _positive(value: float, what: str) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ScenarioError(f"{what} must be a positive number, got {value}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ScenarioOptions:
+    scenario: str
+    target: str
+    users: int
+    spawn_rate: float
+    run_time_s: float | None  # None: until stopped
+    user_rps: float
+    symbols: tuple[str, ...]  # what the users ask about
+    deadline_s: float
+    admin_address: str
+    fault_at_s: float
+    fault_for_s: float
+    burst_step_s: float
+
+    @classmethod
+    def from_namespace(cls, ns: Any, target: str) -> ScenarioOptions:
+        """From locust's parsed options (its own plus the locustfile's); raises
+        ``ScenarioError`` naming the option that is wrong."""
+        scenario = ns.scenario
+        if scenario not in SCENARIOS:
+            raise ScenarioError(f"--scenario must be one of {', '.join(SCENARIOS)}")
+        admin_address = ns.admin_address
+        for what, address in (("target (-H)", target), ("--admin-address", admin_address)):
+            if "://" in address:
+                raise ScenarioError(f"{what} {address!r}: give host:port, without a scheme")
+        if not ns.allow_remote:
+            for what, address in (("target (-H)", target), ("--admin-address", admin_address)):
+                if not is_loopback(address):
+                    raise ScenarioError(
+                        f"{what} {address!r} is not a loopback host:port; "
+                        "pass --allow-remote to load another machine"
+                    )
+        run_time_s = float(ns.run_time) if ns.run_time else None
+        if ns.burst_step_s is not None:
+            burst_step_s = _positive(ns.burst_step_s, "--burst-step-s")
+        elif run_time_s is not None:
+            burst_step_s = run_time_s / len(BURST_LADDER)
+        else:
+            burst_step_s = DEFAULT_BURST_STEP_S
+        fault_at_s = float(ns.fault_at_s)
+        if not (math.isfinite(fault_at_s) and fault_at_s >= 0):
+            raise ScenarioError(f"--fault-at-s must be zero or more, got {fault_at_s}")
+        if scenario == "primary-failure" and run_time_s is not None and fault_at_s >= run_time_s:
+            raise ScenarioError(
+                f"--fault-at-s {fault_at_s:g} is not before the end of the run ({run_time_s:g} s)"
+            )
+        stale = scenario == "stale-features"
+        return cls(
+            scenario=scenario,
+            target=target,
+            users=max(1, int(ns.num_users or 1)),
+            spawn_rate=_positive(float(ns.spawn_rate or 1.0), "--spawn-rate"),
+            run_time_s=run_time_s,
+            user_rps=_positive(ns.user_rps, "--user-rps"),
+            symbols=_symbols(
+                ns.stale_symbols if stale else ns.symbols,
+                "--stale-symbols" if stale else "--symbols",
+            ),
+            deadline_s=_positive(ns.deadline_ms, "--deadline-ms") / 1000.0,
+            admin_address=admin_address,
+            fault_at_s=fault_at_s,
+            fault_for_s=_positive(ns.fault_for_s, "--fault-for-s"),
+            burst_step_s=burst_step_s,
+        )
+
+    def load_at(self, elapsed_s: float) -> tuple[int, float] | None:
+        """(users, spawn rate) ``elapsed_s`` into the run; None when the run is over."""
+        if self.scenario != "burst":
+            if self.run_time_s is not None and elapsed_s >= self.run_time_s:
+                return None
+            return self.users, self.spawn_rate
+        step = int(elapsed_s // self.burst_step_s)
+        if step >= len(BURST_LADDER):
+            return None
+        return max(1, round(self.users * BURST_LADDER[step])), self.spawn_rate
+
+
+def source_label(source: decision_pb2.Source.ValueType) -> str:
+    """``SOURCE_CACHED_SCORE`` -> ``cached-score``: the suffix of a Decide stats row."""
+    return decision_pb2.Source.Name(source).removeprefix("SOURCE_").lower().replace("_", "-")
+
+
+def request_mix(symbols: Sequence[str]) -> list[decision_pb2.DecideRequest]:
+    """One buy and one sell per symbol: the orders a user cycles through."""
+    return [
+        decision_pb2.DecideRequest(symbol=symbol, side=side, quantity=1.0, client_id="locust")
+        for symbol in symbols
+        for side in (decision_pb2.SIDE_BUY, decision_pb2.SIDE_SELL)
+    ]
