@@ -47,7 +47,8 @@ test: setup-ci lint proto-check ## Set up, lint, check the protos and run every 
 test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-bench: setup ## Benchmarks: Decide vs TorchServe latency, ingest, audit, model serving, shadow
+bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths), Decide vs TorchServe latency, ingest, audit, model serving, shadow
+	@$(PY) -m loadtest.bench_paths
 	@$(PY) -m loadtest.bench_latency
 	@$(PY) -m loadtest.bench_ingest
 	@$(PY) -m loadtest.bench_audit

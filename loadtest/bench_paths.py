@@ -1,0 +1,431 @@
+"""Latency and throughput of four gRPC paths, measured in one run on this machine.
+
+Starts its own redis-server, one TorchServe replica (primary, champion), the decision
+server (AdminService on, a secondary address nobody listens on) and the bare echo server
+as separate processes on free loopback ports, and drives them with ``loadtest.loadgen``
+worker processes:
+
+- E: the echo server's Decide (the floor: one Python gRPC hop, no work);
+- T: TorchServe's ``Predictions`` called directly (the peer);
+- D: Decide through the whole chain (the product);
+- F: Decide with the primary and secondary breakers forced open through AdminService, so
+  the fallback ladder answers.
+
+Each path runs a closed-loop sweep (concurrency 1 up) and an open loop at fixed rates.
+Runs are short and the paths alternate within each round, so machine noise lands on all
+alike; a cell's rounds are merged (histograms added, throughput averaged). Prints a
+markdown table, the performance targets as met or missed, and draws latency against
+achieved throughput to a PNG. Everything it starts is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import math
+import signal
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import grpc
+
+from loadtest.bench_latency import decision_server, fresh_features, start_backends
+from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, Mode, Target
+from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
+from server.localstack.health import serving
+from server.localstack.processes import ManagedProcess, free_ports, listening
+from server.localstack.torchserve_replica import ReplicaPorts
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "bench-operator-token-0123456789"  # noqa: S105 - a throwaway local token
+PATHS = ("E", "T", "D", "F")
+PATH_NAMES = {
+    "E": "E echo (floor)",
+    "T": "T TorchServe direct",
+    "D": "D Decide",
+    "F": "F Decide, breakers open",
+}
+PATH_TARGETS: dict[str, Target] = {"E": "echo", "T": "torchserve", "D": "decide", "F": "decide"}
+MODEL_SOURCES = {"SOURCE_PRIMARY", "SOURCE_SECONDARY", "SOURCE_CANARY"}
+TARGET_RATE = 1000.0
+MIN_MODEL_SHARE = 0.95
+"""A D figure stands for the model path only when a model gave this share of answers."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    concurrencies: tuple[int, ...]
+    rates: tuple[float, ...]
+    seconds: float
+    rounds: int
+    warmup_s: float
+
+
+FULL = Plan((1, 4, 16, 64), (250.0, 500.0, 1000.0), seconds=2.0, rounds=2, warmup_s=0.5)
+QUICK = Plan((1, 16), (250.0, 1000.0), seconds=1.0, rounds=1, warmup_s=0.3)
+Cell = tuple[str, Mode, float]  # path, mode, concurrency or rate
+
+
+class BreakerSwitch:
+    """Turns D into F and back: both breakers forced open, or back on auto, through
+    AdminService. Its two channels stay open for the whole run; every wait is bounded."""
+
+    def __init__(self, admin_address: str, decide_address: str) -> None:
+        self._admin_channel = grpc.aio.insecure_channel(admin_address)
+        self._decide_channel = grpc.aio.insecure_channel(decide_address)
+        self._forced_open: bool | None = None
+
+    async def __aenter__(self) -> BreakerSwitch:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # Overrides left behind die with this run's own redis-server.
+        for channel in (self._admin_channel, self._decide_channel):
+            await asyncio.wait_for(channel.close(), timeout=5.0)
+
+    async def prepare(self, path: str) -> None:
+        """F needs both breakers forced open, D needs them on auto; E and T care not."""
+        if path in ("D", "F") and self._forced_open != (path == "F"):
+            await asyncio.wait_for(self._set(forced=path == "F"), timeout=20.0)
+
+    async def _set(self, *, forced: bool) -> None:
+        mode = admin_pb2.BREAKER_MODE_FORCE_OPEN if forced else admin_pb2.BREAKER_MODE_AUTO
+        admin = admin_pb2_grpc.AdminServiceStub(self._admin_channel)
+        for replica in ("primary", "secondary"):
+            await admin.SetBreaker(
+                admin_pb2.SetBreakerRequest(
+                    replica=replica, mode=mode, reason="bench_paths: the F path"
+                ),
+                metadata=[("authorization", f"Bearer {TOKEN}")],
+                timeout=5.0,
+            )
+        decide = decision_pb2_grpc.DecisionServiceStub(self._decide_channel).Decide
+        request = decision_pb2.DecideRequest(
+            symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0
+        )
+        # Overrides reach a replica through Redis, and back on auto a breaker that opened
+        # by itself under load needs its reset time: wait until Decide shows the change.
+        deadline = time.monotonic() + 15.0
+        while True:
+            response = await decide(request, timeout=1.0)
+            source = decision_pb2.Source.Name(response.source)
+            if (source in MODEL_SOURCES) != forced:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"breakers forced open={forced}, Decide still from {source}")
+            await asyncio.sleep(0.05)
+        self._forced_open = forced
+
+
+@dataclass(frozen=True)
+class Paths:
+    echo: str
+    torchserve: str
+    decide: str
+    admin: str
+
+    def address(self, path: str) -> str:
+        return {"E": self.echo, "T": self.torchserve}.get(path, self.decide)
+
+
+def spec_for(paths: Paths, cell: Cell, plan: Plan, processes: int) -> LoadSpec:
+    path, mode, load = cell
+    return LoadSpec(
+        target=PATH_TARGETS[path],
+        address=paths.address(path),
+        mode=mode,
+        seconds=plan.seconds,
+        # A real bound, far above what two cores can send in the time.
+        max_requests=int(plan.seconds * 50_000),
+        concurrency=int(load) if mode == "closed" else 1,
+        rate_per_s=load if mode == "open" else 0.0,
+        warmup_s=plan.warmup_s,
+        processes=1 if mode == "closed" and load == 1 else processes,
+    )
+
+
+def cells(plan: Plan) -> list[Cell]:
+    closed: list[Cell] = [(p, "closed", float(c)) for c in plan.concurrencies for p in PATHS]
+    opened: list[Cell] = [(p, "open", r) for r in plan.rates for p in PATHS]
+    return closed + opened
+
+
+async def measure(
+    paths: Paths, generator: LoadGenerator, plan: Plan, redis_port: int
+) -> dict[Cell, LoadResult]:
+    rounds: dict[Cell, list[LoadResult]] = defaultdict(list)
+    todo = cells(plan)
+    total, done = len(todo) * plan.rounds, 0
+    async with fresh_features(redis_port), BreakerSwitch(paths.admin, paths.decide) as switch:
+        for r in range(plan.rounds):
+            for cell in todo:
+                await switch.prepare(cell[0])
+                spec = spec_for(paths, cell, plan, generator.processes)
+                result = await asyncio.to_thread(generator.run, spec)
+                rounds[cell].append(result)
+                done += 1
+                print(f"  [{done}/{total}] round {r + 1} {describe_row(cell, result)}", flush=True)
+    return {cell: LoadResult.combine(results) for cell, results in rounds.items()}
+
+
+def describe_row(cell: Cell, result: LoadResult) -> str:
+    path, mode, load = cell
+    return (
+        f"{path} {mode} {load_text(mode, load)}: {result.throughput_per_s:,.0f}/s"
+        f" p50 {result.percentile_ms(50):.2f} p99 {result.percentile_ms(99):.2f} ms"
+        f" errors {result.error_count}, generator {result.generator_cores:.2f} cores"
+    )
+
+
+def load_text(mode: Mode, load: float) -> str:
+    return f"c={load:g}" if mode == "closed" else f"{load:g}/s"
+
+
+def answered_by(result: LoadResult) -> str:
+    shares = sorted(result.answers.items(), key=lambda item: -item[1])
+    return ", ".join(
+        f"{source.removeprefix('SOURCE_').lower()} {100 * n / result.ok:.0f} %"
+        for source, n in shares
+    )
+
+
+def model_share(result: LoadResult) -> float:
+    """The share of OK answers a model replica gave (not the fallback ladder)."""
+    return sum(n for s, n in result.answers.items() if s in MODEL_SOURCES) / max(result.ok, 1)
+
+
+def table(results: dict[Cell, LoadResult]) -> str:
+    lines = [
+        "| path | mode | load | req/s | p50 ms | p99 ms | p999 ms | errors | answered by"
+        " | loadgen cores |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for cell, result in results.items():
+        path, mode, load = cell
+        errors = ", ".join(f"{k} {n}" for k, n in sorted(result.errors.items())) or "0"
+        lines.append(
+            f"| {PATH_NAMES[path]} | {mode} | {load_text(mode, load)}"
+            f" | {result.throughput_per_s:,.0f} | {result.percentile_ms(50):.2f}"
+            f" | {result.percentile_ms(99):.2f} | {result.percentile_ms(99.9):.2f}"
+            f" | {errors} | {answered_by(result)} | {result.generator_cores:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def saturated(results: dict[Cell, LoadResult], path: str) -> float:
+    """The best closed-loop throughput; for D only the decisions a model made count,
+    or an overloaded primary whose breaker opened would pass for a fast one."""
+    return max(
+        r.throughput_per_s * (model_share(r) if path == "D" else 1.0)
+        for (p, mode, _), r in results.items()
+        if p == path and mode == "closed"
+    )
+
+
+class Check(NamedTuple):
+    name: str
+    value: float
+    unit: str
+    bound: float
+    upper: bool = True
+    """Whether ``bound`` is an upper bound (else a lower one)."""
+    model_share: float = 1.0
+    """Of the D answers behind ``value``, the share a model gave."""
+
+    def row(self) -> str:
+        within = self.value <= self.bound if self.upper else self.value >= self.bound
+        if math.isnan(self.value) or math.isnan(self.model_share):
+            verdict = "not measured"
+        elif self.model_share < MIN_MODEL_SHARE:
+            # The fallback ladder answering for an overloaded model is not the model path.
+            verdict = f"missed: the model answered only {100 * self.model_share:.0f} % of D"
+        else:
+            verdict = "met" if within else "missed"
+            if self.model_share < 1.0:
+                verdict += f" (model answered {100 * self.model_share:.1f} % of D)"
+        op = "<=" if self.upper else ">="
+        return (
+            f"| {self.name} | {self.value:.2f} {self.unit} | {op} {self.bound:g} {self.unit}"
+            f" | {verdict} |"
+        )
+
+
+def targets(results: dict[Cell, LoadResult]) -> str:
+    def ms(path: str, mode: Mode, load: float, percent: float) -> float:
+        result = results.get((path, mode, load))
+        return result.percentile_ms(percent) if result else math.nan
+
+    def from_model(mode: Mode, load: float) -> float:
+        result = results.get(("D", mode, load))
+        return model_share(result) if result else math.nan
+
+    sat = {path: saturated(results, path) for path in PATHS}
+    rate = TARGET_RATE
+    d_minus_t = ms("D", "closed", 1, 50) - ms("T", "closed", 1, 50)
+    f_over_e = ms("F", "open", rate, 99) / ms("E", "open", rate, 99)
+    checks = [
+        Check("D p50 - T p50 at c=1", d_minus_t, "ms", 0.5, model_share=from_model("closed", 1)),
+        Check("D saturated / T saturated", sat["D"] / sat["T"], "x", 3.0, upper=False),
+        Check("D saturated / E saturated", sat["D"] / sat["E"], "x", 0.5, upper=False),
+        Check(
+            f"D p99 open {rate:g}/s",
+            ms("D", "open", rate, 99),
+            "ms",
+            10.0,
+            model_share=from_model("open", rate),
+        ),
+        Check(f"F p99 / E p99 open {rate:g}/s", f_over_e, "x", 2.0),
+    ]
+    lines = ["| target | measured | bound | verdict |", "| --- | ---: | ---: | --- |"]
+    lines += [check.row() for check in checks]
+    saturation = ", ".join(f"{path} {sat[path]:,.0f}/s" for path in PATHS)
+    return "\n".join(lines) + (
+        f"\n\nsaturated throughput (best closed loop; D: model answers only): {saturation}"
+    )
+
+
+def plot(results: dict[Cell, LoadResult], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.4), sharey=True)
+    for ax, mode, what in zip(
+        axes,
+        ("closed", "open"),
+        ("closed loop, concurrency 1 up", "open loop, fixed rates"),
+        strict=True,
+    ):
+        for index, path in enumerate(PATHS):
+            # In load order: past saturation, throughput can fall as load rises.
+            points = sorted(
+                (load, r.throughput_per_s, r.percentile_ms(50), r.percentile_ms(99))
+                for (p, m, load), r in results.items()
+                if p == path and m == mode and r.ok
+            )
+            if not points:
+                continue
+            loads, xs, p50s, p99s = zip(*points, strict=True)
+            color = f"C{index}"
+            ax.plot(xs, p50s, "o-", color=color, label=f"{PATH_NAMES[path]} p50")
+            ax.plot(xs, p99s, "s--", color=color, alpha=0.7, label=f"{PATH_NAMES[path]} p99")
+            if mode == "closed":
+                for load, x, p50 in zip(loads, xs, p50s, strict=True):
+                    label = f"c={load:g}"
+                    ax.annotate(label, (x, p50), (3, -9), textcoords="offset points", fontsize=7)
+        ax.set_yscale("log")
+        if mode == "closed":
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("achieved throughput (requests/s)")
+        ax.set_title(what)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("latency (ms)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, int]:
+    """Starts everything on free ports (each added to ``procs`` first); returns the paths
+    and the redis port."""
+    redis_port, decision_port, admin_port, echo_port, no_secondary, *replica = free_ports(11)
+    ts_ports = ReplicaPorts(*replica)
+    start_backends(run_dir, redis_port, ts_ports, procs)
+    server = decision_server(
+        decision_port,
+        redis_port=redis_port,
+        torchserve_port=ts_ports.grpc_inference,
+        no_secondary_port=no_secondary,
+        state_dir=run_dir,
+        env={
+            "DECISION_ADMIN__ENABLED": "true",
+            "DECISION_ADMIN__PORT": str(admin_port),
+            "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
+        },
+    )
+    procs.append(server)
+    server.start()
+    echo = ManagedProcess(
+        "echo-server",
+        [sys.executable, "-m", "loadtest.echo_server", "--port", str(echo_port)],
+        cwd=REPO,
+        log_path=run_dir / "echo.log",
+    )
+    procs.append(echo)
+    echo.start()
+    server.wait_ready(lambda: serving(decision_port), 30)
+    echo.wait_ready(listening(echo_port), 30)
+    ports = (echo_port, ts_ports.grpc_inference, decision_port, admin_port)
+    return Paths(*(f"127.0.0.1:{port}" for port in ports)), redis_port
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs: a smoke check")
+    parser.add_argument("--seconds", type=float, help="measured seconds per run and round")
+    parser.add_argument("--rounds", type=int, help="rounds over every path and load")
+    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument(
+        "--out", type=Path, help="PNG path (default docs/img/bench_paths.png; with --quick .run/)"
+    )
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    plan = dataclasses.replace(
+        plan, seconds=args.seconds or plan.seconds, rounds=args.rounds or plan.rounds
+    )
+    default_out = ".run/bench_paths-quick.png" if args.quick else "docs/img/bench_paths.png"
+    out: Path = args.out or REPO / default_out
+
+    # SIGTERM's default ends the process without `finally`, leaving every server behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    began = time.monotonic()
+    procs: list[ManagedProcess] = []
+    generator = LoadGenerator(args.processes)
+    with tempfile.TemporaryDirectory(prefix="bench-paths-") as tmp:
+        try:
+            # The workers import while TorchServe boots.
+            generator.start()
+            print(
+                "starting redis-server, TorchServe, the decision server, the echo server …",
+                flush=True,
+            )
+            paths, redis_port = start_servers(Path(tmp), procs)
+            generator.wait_ready()
+            runs = len(cells(plan)) * plan.rounds
+            print(
+                f"measuring {runs} runs of {plan.seconds:g} s (+{plan.warmup_s:g} s warm-up)"
+                f" with {args.processes} load generator processes",
+                flush=True,
+            )
+            results = asyncio.run(measure(paths, generator, plan, redis_port))
+        finally:
+            generator.stop()
+            for proc in reversed(procs):
+                proc.stop()
+
+    print()
+    print(table(results))
+    print()
+    print(targets(results))
+    plot(results, out, f"gRPC paths on this machine ({plan.rounds} x {plan.seconds:g} s per point)")
+    print(f"\nplot: {out}; whole run {time.monotonic() - began:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

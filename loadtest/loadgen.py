@@ -1,0 +1,468 @@
+"""Closed- and open-loop gRPC load generator in worker processes, with HdrHistogram latencies.
+
+A ``LoadSpec`` says what to call, how and for how long:
+
+- ``target``: ``decide`` (decision.v1.DecisionService/Decide, BTC-USD buy 1.0), ``echo``
+  (the same method on ``loadtest/echo_server.py``) or ``torchserve`` (TorchServe's native
+  ``Predictions`` with the packed float32 row the decision server sends);
+- ``mode``: ``closed`` (``concurrency`` callers, each sending its next call when the
+  previous one answered) or ``open`` (``rate_per_s`` calls on a fixed schedule that does
+  not wait for answers);
+- bounds: loopback addresses only, ``seconds`` measured after ``warmup_s`` not recorded,
+  at most ``max_requests`` measured calls, each with a ``timeout_s`` deadline.
+
+``LoadGenerator`` runs a spec split across spawned OS processes, each with its own uvloop
+event loop and channel, and merges what they return. Latencies are in microseconds
+(1 us .. 60 s, 3 significant digits); only OK answers are recorded, errors are counted by
+gRPC status name. In open loop a call's latency runs from its *scheduled* send time, so a
+generator or server that falls behind shows up as latency instead of as fewer samples
+(no coordinated omission); ``send_lag_*`` says how far behind schedule sends went.
+
+``python -m loadtest.loadgen --target echo --address 127.0.0.1:PORT ...`` runs one spec
+and prints one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from multiprocessing.pool import Pool
+from types import TracebackType
+from typing import Literal
+
+import grpc
+import uvloop
+
+# hdrhistogram ships no type stubs or py.typed marker; HdrHistogram is used as Any.
+from hdrh.histogram import HdrHistogram
+
+from feature_cache.schema import MODEL_INPUT_WIDTH
+from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
+from server.model_client import pack_rows
+
+Target = Literal["decide", "echo", "torchserve"]
+Mode = Literal["closed", "open"]
+Call = Callable[[], Awaitable[str]]
+"""One request; returns a label for the answer (a Decide source), raises AioRpcError."""
+
+LOWEST_US, HIGHEST_US, SIGNIFICANT_DIGITS = 1, 60_000_000, 3
+MAX_SECONDS = 600.0
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT_DIGITS)
+
+
+def merge_histograms(encoded: Iterable[bytes]) -> HdrHistogram:
+    """One histogram holding every value of the encoded ones."""
+    merged = new_histogram()
+    for blob in encoded:
+        merged.add(HdrHistogram.decode(blob))
+    return merged
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    target: Target
+    address: str
+    mode: Mode
+    seconds: float
+    max_requests: int
+    concurrency: int = 1
+    rate_per_s: float = 0.0
+    warmup_s: float = 0.5
+    timeout_s: float = 1.0
+    processes: int = 1
+    model_name: str = "champion"
+    phase_s: float = 0.0
+    """Open loop: this share's schedule starts this much later (set by ``shares``)."""
+
+    def __post_init__(self) -> None:
+        host = self.address.rsplit(":", 1)[0]
+        if host not in LOOPBACK_HOSTS:
+            raise ValueError(f"loopback addresses only, not {self.address!r}")
+        if not 0 < self.seconds <= MAX_SECONDS or not 0 <= self.warmup_s <= MAX_SECONDS:
+            raise ValueError(f"seconds and warmup_s must be within (0, {MAX_SECONDS:g}]")
+        if self.max_requests < 1 or self.processes < 1 or self.timeout_s <= 0:
+            raise ValueError("max_requests, processes and timeout_s must be positive")
+        if self.mode == "closed" and self.concurrency < 1:
+            raise ValueError("closed loop needs concurrency >= 1")
+        if self.mode == "open" and self.rate_per_s <= 0:
+            raise ValueError("open loop needs rate_per_s > 0")
+
+    def shares(self) -> list[LoadSpec]:
+        """The spec split into one part per process, which together make this spec.
+
+        Open loop: each process sends every ``processes``-th call of one schedule (its
+        rate divided, its start shifted), so the merged sends stay evenly spaced.
+        """
+        count = min(self.processes, self.concurrency) if self.mode == "closed" else self.processes
+        count = min(count, self.max_requests)
+        parts = []
+        for index in range(count):
+            parts.append(
+                dataclasses.replace(
+                    self,
+                    processes=1,
+                    concurrency=_part(self.concurrency, count, index),
+                    max_requests=_part(self.max_requests, count, index),
+                    rate_per_s=self.rate_per_s / count,
+                    phase_s=index / self.rate_per_s if self.mode == "open" else 0.0,
+                )
+            )
+        return parts
+
+
+def _part(total: int, parts: int, index: int) -> int:
+    return total // parts + (1 if index < total % parts else 0)
+
+
+@dataclass
+class WorkerResult:
+    """What one process measured; plain data, so it pickles back to the parent."""
+
+    histogram: bytes
+    ok: int
+    errors: dict[str, int]
+    answers: dict[str, int]
+    elapsed_s: float
+    max_in_flight: int
+    send_lag_max_ms: float
+    send_lag_total_ms: float
+    sends: int
+    cpu_s: float
+    """CPU time the process used while measuring, its gRPC threads included."""
+    pid: int
+
+
+class Recorder:
+    """Counts and times the calls of one process."""
+
+    def __init__(self) -> None:
+        self.histogram = new_histogram()
+        self.ok = 0
+        self.errors: Counter[str] = Counter()
+        self.answers: Counter[str] = Counter()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.sends = 0
+        self.send_lag_max_s = 0.0
+        self.send_lag_total_s = 0.0
+
+    def note_send(self, lag_s: float) -> None:
+        self.sends += 1
+        self.send_lag_total_s += lag_s
+        self.send_lag_max_s = max(self.send_lag_max_s, lag_s)
+
+    async def observe(self, call: Call, since: float) -> None:
+        """Runs ``call``; an OK answer's latency is counted from ``since`` (perf_counter)."""
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            answer = await call()
+        except grpc.aio.AioRpcError as exc:
+            self.errors[exc.code().name] += 1
+        else:
+            latency_us = round((time.perf_counter() - since) * 1e6)
+            self.histogram.record_value(min(max(latency_us, LOWEST_US), HIGHEST_US))
+            self.ok += 1
+            self.answers[answer] += 1
+        finally:
+            self.in_flight -= 1
+
+    def result(self, elapsed_s: float, cpu_s: float) -> WorkerResult:
+        return WorkerResult(
+            histogram=self.histogram.encode(),
+            ok=self.ok,
+            errors=dict(self.errors),
+            answers=dict(self.answers),
+            elapsed_s=elapsed_s,
+            max_in_flight=self.max_in_flight,
+            send_lag_max_ms=self.send_lag_max_s * 1000,
+            send_lag_total_ms=self.send_lag_total_s * 1000,
+            sends=self.sends,
+            cpu_s=cpu_s,
+            pid=os.getpid(),
+        )
+
+
+async def closed_loop(
+    call: Call, recorder: Recorder, *, concurrency: int, seconds: float, max_requests: int
+) -> float:
+    """``concurrency`` callers for ``seconds``; returns the elapsed time, last answer included."""
+    start = time.perf_counter()
+    stop_at = start + seconds
+    sent = 0
+
+    async def caller() -> None:
+        nonlocal sent
+        while sent < max_requests and time.perf_counter() < stop_at:
+            sent += 1
+            recorder.note_send(0.0)
+            await recorder.observe(call, time.perf_counter())
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return time.perf_counter() - start
+
+
+async def open_loop(
+    call: Call,
+    recorder: Recorder,
+    *,
+    rate_per_s: float,
+    seconds: float,
+    max_requests: int,
+    phase_s: float = 0.0,
+) -> float:
+    """Calls sent every 1/rate s for ``seconds`` whatever the answers; returns the elapsed
+    time from the first scheduled send to the last answer."""
+    interval = 1.0 / rate_per_s
+    count = max(1, min(max_requests, int(seconds * rate_per_s)))
+    start = time.perf_counter() + phase_s
+    pending: set[asyncio.Task[None]] = set()
+    for i in range(count):
+        scheduled = start + i * interval
+        delay = scheduled - time.perf_counter()
+        # Behind schedule it still yields once per send, so answers are read between sends.
+        await asyncio.sleep(max(delay, 0.0))
+        # The event loop's timers and a busy loop wake us late; the call is still charged
+        # from its scheduled time, or a stalled generator would hide a slow server.
+        recorder.note_send(max(0.0, time.perf_counter() - scheduled))
+        task = asyncio.create_task(recorder.observe(call, scheduled))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.gather(*pending)
+    return time.perf_counter() - start
+
+
+def make_call(channel: grpc.aio.Channel, spec: LoadSpec) -> Call:
+    if spec.target in ("decide", "echo"):
+        decide = decision_pb2_grpc.DecisionServiceStub(channel).Decide
+        request = decision_pb2.DecideRequest(
+            symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0
+        )
+
+        async def call_decide() -> str:
+            response = await decide(request, timeout=spec.timeout_s)
+            return decision_pb2.Source.Name(response.source)
+
+        return call_decide
+    predictions = inference_pb2_grpc.InferenceAPIsServiceStub(channel).Predictions
+    ts_request = inference_pb2.PredictionsRequest(
+        model_name=spec.model_name, input={"rows": pack_rows([[0.1] * MODEL_INPUT_WIDTH])}
+    )
+
+    async def call_torchserve() -> str:
+        response = await predictions(ts_request, timeout=spec.timeout_s)
+        # The handler answers a rejected row with an error document, not a gRPC status.
+        return "rejected" if b'"error"' in response.prediction else "scored"
+
+    return call_torchserve
+
+
+async def drive(call: Call, recorder: Recorder, spec: LoadSpec, seconds: float) -> float:
+    """Runs ``spec``'s loop for ``seconds``; returns the elapsed time."""
+    if spec.mode == "closed":
+        return await closed_loop(
+            call,
+            recorder,
+            concurrency=spec.concurrency,
+            seconds=seconds,
+            max_requests=spec.max_requests,
+        )
+    return await open_loop(
+        call,
+        recorder,
+        rate_per_s=spec.rate_per_s,
+        seconds=seconds,
+        max_requests=spec.max_requests,
+        phase_s=spec.phase_s,
+    )
+
+
+async def _measure(spec: LoadSpec) -> WorkerResult:
+    options = [("grpc.enable_retries", 0)]
+    async with grpc.aio.insecure_channel(spec.address, options=options) as channel:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(channel.channel_ready(), timeout=2.0)
+        call = make_call(channel, spec)
+        if spec.warmup_s > 0:
+            await drive(call, Recorder(), spec, spec.warmup_s)
+        recorder, cpu_start = Recorder(), time.process_time()
+        elapsed_s = await drive(call, recorder, spec, spec.seconds)
+        return recorder.result(elapsed_s, time.process_time() - cpu_start)
+
+
+def run_worker(spec: LoadSpec) -> WorkerResult:
+    """One process's share, on its own uvloop event loop (the pool's task function)."""
+    return uvloop.run(_measure(spec))
+
+
+def _ready(_: int) -> int:
+    # Held long enough that every idle worker takes one, proving all have started.
+    time.sleep(0.3)
+    return os.getpid()
+
+
+@dataclass
+class LoadResult:
+    """A spec's measurement: what its processes returned, over ``runs`` runs (rounds)."""
+
+    spec: LoadSpec
+    workers: list[WorkerResult]
+    runs: int = 1
+
+    def __post_init__(self) -> None:
+        self.histogram = merge_histograms(w.histogram for w in self.workers)
+
+    @classmethod
+    def combine(cls, rounds: list[LoadResult]) -> LoadResult:
+        """Rounds of one spec: histograms and counts added, throughput averaged."""
+        workers = [w for one in rounds for w in one.workers]
+        return cls(rounds[0].spec, workers, sum(one.runs for one in rounds))
+
+    @property
+    def ok(self) -> int:
+        return sum(w.ok for w in self.workers)
+
+    @property
+    def errors(self) -> dict[str, int]:
+        return dict(sum((Counter(w.errors) for w in self.workers), Counter()))
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def answers(self) -> dict[str, int]:
+        return dict(sum((Counter(w.answers) for w in self.workers), Counter()))
+
+    @property
+    def throughput_per_s(self) -> float:
+        # Per process: each timed its own window, and the windows of one run overlap.
+        return sum(w.ok / w.elapsed_s for w in self.workers if w.elapsed_s > 0) / self.runs
+
+    @property
+    def generator_cores(self) -> float:
+        """CPU cores the load generator itself kept busy: near 1 per process means the
+        generator, not the server, may be what limits the throughput."""
+        return sum(w.cpu_s / w.elapsed_s for w in self.workers if w.elapsed_s > 0) / self.runs
+
+    @property
+    def send_lag_mean_ms(self) -> float:
+        sends = sum(w.sends for w in self.workers)
+        return sum(w.send_lag_total_ms for w in self.workers) / max(sends, 1)
+
+    @property
+    def send_lag_max_ms(self) -> float:
+        return max(w.send_lag_max_ms for w in self.workers)
+
+    def percentile_ms(self, percent: float) -> float:
+        if self.ok == 0:
+            return float("nan")
+        return float(self.histogram.get_value_at_percentile(percent)) / 1000
+
+
+class LoadGenerator:
+    """``processes`` spawned worker processes, reused from run to run; a context manager.
+
+    Spawned, not forked: a forked child would inherit the parent's gRPC and event-loop
+    state, which gRPC does not support.
+    """
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._pool: Pool | None = None
+
+    def start(self) -> None:
+        """Starts the workers without waiting for them (imports take a second or two)."""
+        self._started()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Returns once every worker has started and imported the generator."""
+        pool = self._started()
+        deadline = time.monotonic() + timeout_s
+        while len(set(pool.map(_ready, range(self.processes), chunksize=1))) < self.processes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.processes} load generator processes not ready")
+
+    def run(self, spec: LoadSpec) -> LoadResult:
+        shares = spec.shares()
+        if len(shares) > self.processes:
+            raise ValueError(f"{len(shares)} processes wanted, {self.processes} in the pool")
+        # A worker that never answers must fail the run, not hang it.
+        limit_s = spec.warmup_s + spec.seconds + 2 * spec.timeout_s + 30.0
+        workers = self._started().map_async(run_worker, shares, chunksize=1).get(limit_s)
+        if len({w.pid for w in workers}) != len(shares):
+            # Two shares one after the other in one process would halve the load silently.
+            raise RuntimeError("a load generator process ran more than one share")
+        return LoadResult(spec, workers)
+
+    def _started(self) -> Pool:
+        if self._pool is None:
+            self._pool = multiprocessing.get_context("spawn").Pool(self.processes)
+        return self._pool
+
+    def stop(self) -> None:
+        """Ends the worker processes (by pid, through the pool). Idempotent."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> LoadGenerator:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def describe(result: LoadResult) -> str:
+    spec = result.spec
+    load = f"c={spec.concurrency}" if spec.mode == "closed" else f"{spec.rate_per_s:g}/s"
+    errors = ", ".join(f"{name} {n}" for name, n in sorted(result.errors.items())) or "0"
+    return (
+        f"{spec.target} {spec.mode} {load}: {result.throughput_per_s:,.0f} req/s,"
+        f" p50 {result.percentile_ms(50):.3f} p99 {result.percentile_ms(99):.3f}"
+        f" p999 {result.percentile_ms(99.9):.3f} ms, ok {result.ok}, errors {errors},"
+        f" send lag mean {result.send_lag_mean_ms:.3f} max {result.send_lag_max_ms:.1f} ms,"
+        f" generator {result.generator_cores:.2f} cores"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--target", choices=["decide", "echo", "torchserve"], required=True)
+    parser.add_argument("--address", required=True, help="host:port on loopback")
+    parser.add_argument("--mode", choices=["closed", "open"], default="closed")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--rate-per-s", type=float, default=0.0, help="open loop only")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup-s", type=float, default=0.5, help="seconds not recorded")
+    parser.add_argument("--max-requests", type=int, default=1_000_000)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--timeout-s", type=float, default=1.0, help="per call")
+    spec = LoadSpec(**vars(parser.parse_args()))
+    with LoadGenerator(len(spec.shares())) as generator:
+        print(describe(generator.run(spec)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
