@@ -67,7 +67,12 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def model_client(
-    ts: TorchServeSettings, name: str, address: str, model_name: str | None = None
+    ts: TorchServeSettings,
+    name: str,
+    address: str,
+    model_name: str | None = None,
+    *,
+    min_counted_timeout_ms: float = 0.0,
 ) -> ModelClient:
     """The replica's client for the configured inference protocol, micro-batching unless
     ``batch_max_rows`` is 1."""
@@ -91,6 +96,7 @@ def model_client(
         client,
         max_batch_rows=ts.batch_max_rows,
         max_concurrent_calls=ts.batch_max_concurrent_calls,
+        min_counted_timeout_ms=min_counted_timeout_ms,
     )
 
 
@@ -146,7 +152,13 @@ class DecisionApp:
 
         def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
             return Replica(
-                model_client(ts, name, address, model),
+                model_client(
+                    ts,
+                    name,
+                    address,
+                    model,
+                    min_counted_timeout_ms=settings.breaker.min_counted_timeout_ms,
+                ),
                 AsyncCircuitBreaker(
                     name,
                     fail_max=settings.breaker.fail_max,

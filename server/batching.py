@@ -51,6 +51,8 @@ class _Queued:
     enqueued: float  # perf_counter
     future: asyncio.Future[ModelScores]
     timer: asyncio.TimerHandle | None = field(default=None)
+    call: asyncio.Task[None] | None = field(default=None)  # the model call it is in
+    batch: list[_Queued] = field(default_factory=list)  # everyone in that call
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,22 +63,32 @@ class BatchingStats:
     sent_alone: int  # requests whose deadline came near while the replica was busy
 
 
-def _clone(exc: ModelCallError | ModelInputError) -> Exception:
-    """One exception per waiter: raising one instance in many tasks mixes their tracebacks."""
+def _clone(exc: ModelCallError | ModelInputError, *, budget_limited: bool) -> Exception:
+    """One exception per waiter (raising one instance in many tasks mixes their
+    tracebacks); a timeout says whether it was the waiter's short budget."""
     if isinstance(exc, ModelTimeout):
-        return ModelTimeout(str(exc), budget_limited=exc.budget_limited)
+        return ModelTimeout(str(exc), budget_limited=exc.budget_limited or budget_limited)
     return type(exc)(str(exc))
 
 
 class BatchingClient:
     def __init__(
-        self, inner: ModelClient, *, max_batch_rows: int, max_concurrent_calls: int
+        self,
+        inner: ModelClient,
+        *,
+        max_batch_rows: int,
+        max_concurrent_calls: int,
+        min_counted_timeout_ms: float = 0.0,
     ) -> None:
+        """``min_counted_timeout_ms``: a timeout of a request whose call had less than
+        this (its wait in the queue took the rest) is marked ``budget_limited``, as the
+        router marks a call it gives too little time: not the replica's fault."""
         self.name = inner.name
         self.model_name = inner.model_name
         self._inner = inner
         self._max_rows = max_batch_rows
         self._max_calls = max_concurrent_calls
+        self._min_counted_s = min_counted_timeout_ms / 1000.0
         self._queue: deque[_Queued] = deque()
         self._calls_out = 0
         self._flush_scheduled = False
@@ -90,7 +102,8 @@ class BatchingClient:
 
     async def stop(self) -> None:
         queued, self._queue = list(self._queue), deque()
-        self._fail(queued, ModelUnavailable(f"{self.name} client stopped"))
+        for waiter in queued:
+            self._settle(waiter, ModelUnavailable(f"{self.name} client stopped"))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -124,6 +137,12 @@ class BatchingClient:
             self._schedule_flush(loop)
         try:
             return await queued.future
+        except asyncio.CancelledError:
+            # A hedge won, or the caller went away: a call nobody waits for any more
+            # gives its slot back.
+            if queued.call is not None and all(q.future.done() for q in queued.batch):
+                queued.call.cancel()
+            raise
         finally:
             if queued.timer is not None:
                 queued.timer.cancel()
@@ -159,45 +178,50 @@ class BatchingClient:
 
     def _start_call(self, batch: list[_Queued]) -> None:
         self._calls_out += 1
-        task = asyncio.create_task(self._call(batch))
+        task = asyncio.create_task(self._score(batch))
+        for queued in batch:
+            queued.call, queued.batch = task, batch
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda done: self._call_done(done, batch))
 
-    async def _call(self, batch: list[_Queued]) -> None:
-        try:
-            await self._score(batch)
-        finally:
-            self._calls_out -= 1
-            if self._queue:
-                self._schedule_flush(asyncio.get_running_loop())
+    def _call_done(self, task: asyncio.Task[None], batch: list[_Queued]) -> None:
+        """However the call ended (cancelled before it even ran, too), nobody in it is
+        left waiting, its slot is free and the queue moves on."""
+        self._tasks.discard(task)
+        self._calls_out -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: batched call failed unexpectedly", self.name, exc_info=task.exception())
+        for queued in batch:
+            self._settle(queued, ModelUnavailable(f"{self.name} call ended without an answer"))
+        if self._queue:
+            self._schedule_flush(asyncio.get_running_loop())
 
     async def _score(self, batch: list[_Queued]) -> None:
         loop = asyncio.get_running_loop()
+        batch = [queued for queued in batch if not queued.future.done()]
+        if not batch:
+            return
+        sent_at = loop.time()
         rows = [row for queued in batch for row in queued.rows]
-        timeout_s = max(queued.deadline for queued in batch) - loop.time()
+        timeout_s = max(queued.deadline for queued in batch) - sent_at
         for queued in batch:
             if queued.timer is not None:
                 queued.timer.cancel()
-            if queued.deadline < loop.time() + timeout_s:  # fails alone at its deadline
-                queued.timer = loop.call_at(queued.deadline, self._late, queued)
+            if queued.deadline < sent_at + timeout_s:  # fails alone at its deadline
+                queued.timer = loop.call_at(queued.deadline, self._late, queued, sent_at)
         try:
             scores = await self._inner.predict(
                 rows, max(timeout_s, 0.0), budget_limited=all(q.budget_limited for q in batch)
             )
         except ModelInputError as exc:
             if len(batch) == 1:
-                self._fail(batch, exc)
+                self._settle(batch[0], exc, sent_at)
             else:  # whose rows? each alone finds out, without failing the others
                 await asyncio.gather(*(self._score([queued]) for queued in batch))
             return
         except ModelCallError as exc:
-            self._fail(batch, exc)
-            return
-        except BaseException as exc:  # a waiter left unanswered would hang its caller
-            self._fail(batch, ModelUnavailable(f"{self.name} call failed: {exc!r}"))
-            if not isinstance(exc, Exception):
-                raise  # cancelled (stop): the callers are answered, the task ends
-            log.exception("%s: batched call failed unexpectedly", self.name)
+            for queued in batch:
+                self._settle(queued, exc, sent_at)
             return
         self._calls += 1
         self._rows += len(rows)
@@ -221,18 +245,20 @@ class BatchingClient:
                 )
             start = end
 
-    def _late(self, queued: _Queued) -> None:
-        if not queued.future.done():
-            queued.future.set_exception(
-                ModelTimeout(
-                    f"{self.name} deadline exceeded after"
-                    f" {(time.perf_counter() - queued.enqueued) * 1000:.1f} ms",
-                    budget_limited=queued.budget_limited,
-                )
-            )
+    def _late(self, queued: _Queued, sent_at: float) -> None:
+        elapsed_ms = (time.perf_counter() - queued.enqueued) * 1000
+        timeout = ModelTimeout(f"{self.name} deadline exceeded after {elapsed_ms:.1f} ms")
+        self._settle(queued, timeout, sent_at)
 
-    @staticmethod
-    def _fail(batch: list[_Queued], exc: ModelCallError | ModelInputError) -> None:
-        for queued in batch:
-            if not queued.future.done():
-                queued.future.set_exception(_clone(exc))
+    def _settle(
+        self,
+        queued: _Queued,
+        exc: ModelCallError | ModelInputError,
+        sent_at: float | None = None,
+    ) -> None:
+        """Fails one waiter, unless answered already; ``sent_at``: when its call went out,
+        to tell whether the replica had the time the router thinks it gave."""
+        if queued.future.done():
+            return
+        short = sent_at is not None and queued.deadline - sent_at < self._min_counted_s
+        queued.future.set_exception(_clone(exc, budget_limited=queued.budget_limited or short))

@@ -7,7 +7,7 @@ challenger is tried before them; when it fails, the champion answers as usual.
 Hedging (setting ``torchserve.hedge``, off by default): a primary call that has not
 answered within the primary's recent p95 also goes to the secondary, when the budget
 still allows a call; the first good answer wins and the other call is cancelled. The
-hedge takes the retry's place: no request makes more than one extra call.
+hedge takes the retry's place: outside the canary, no request makes more than two model calls.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class ReplicaRouter:
         replica tried did, for the canary's comparison. ``state`` (read at ``now_us``)
         holds on-call's breaker overrides; the engine reads it once per call. With
         hedging on, a slow primary's request also goes to the secondary (see ``_hedged``);
-        either way no request makes more than two model calls.
+        either way the champion gets at most two model calls per request.
         """
         state = state or ControlState()
         lane = self.replicas
@@ -254,7 +254,11 @@ class ReplicaRouter:
             self._attempt(replica, mode, rows, timeout_ms, reasons, attempts)
         )
         delay_ms = self.hedge_delay_ms(replica)
-        done, _ = await asyncio.wait({primary}, timeout=delay_ms / 1000.0)
+        try:
+            done, _ = await asyncio.wait({primary}, timeout=delay_ms / 1000.0)
+        except BaseException:  # the caller went away: so does its call
+            _abandon(primary)
+            raise
         if primary in done:
             routed = primary.result()
             if routed is not None:
@@ -262,7 +266,11 @@ class ReplicaRouter:
             return await self._attempt_backup(backup, rows, budget, reasons, attempts)
         backup_timeout_ms = self._call_timeout_ms(budget)
         if backup_timeout_ms < self._min_call_ms:
-            return await primary
+            try:
+                return await primary
+            except asyncio.CancelledError:
+                _abandon(primary)
+                raise
         self.hedges += 1
         reasons.append(f"hedged to {backup[0].name} after {delay_ms:.1f} ms")
         second = asyncio.create_task(
@@ -278,9 +286,8 @@ class ReplicaRouter:
                         return routed
             return None
         finally:
-            for task in pending:  # the slower call: its answer is not needed
-                task.cancel()
-                task.add_done_callback(_consume)
+            for task in (primary, second):  # the slower call: its answer is not needed
+                _abandon(task)
 
     async def _attempt_backup(
         self,
@@ -301,7 +308,13 @@ class ReplicaRouter:
         return await self._attempt(*backup, rows, timeout_ms, reasons, attempts)
 
 
+def _abandon(task: asyncio.Task[RoutedScores | None]) -> None:
+    """Cancels a call whose answer is not needed any more and retrieves its outcome
+    when it ends, so that none is reported as lost."""
+    task.cancel()
+    task.add_done_callback(_consume)
+
+
 def _consume(task: asyncio.Task[RoutedScores | None]) -> None:
-    """Retrieves a cancelled hedge call's outcome, so that none is reported as lost."""
     if not task.cancelled():
         task.exception()

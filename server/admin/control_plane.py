@@ -39,7 +39,12 @@ from server.control.state import (
     FlagSpec,
     flag_text,
 )
-from server.errors import AuditUnavailable, FailedPrecondition, InvalidArgument
+from server.errors import (
+    AuditUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    SharedStateUnavailable,
+)
 from server.router import Replica
 from server.validation import check_symbol
 
@@ -201,7 +206,15 @@ class ControlPlane:
                 log.error("admin change %s %s kept, not audited: %s", action, target, record)
                 return put.before
             log.error("admin change %s %s not audited: reverting it", action, target)
-            await self._shared.put(field_name, put.before.entries.get(field_name))
+            try:
+                # Only if still ours: a later change (audited) must not be undone.
+                await self._shared.put(
+                    field_name,
+                    put.before.entries.get(field_name),
+                    only_if=lambda state: state.entries.get(field_name) == entry,
+                )
+            except SharedStateUnavailable:
+                log.error("admin change %s %s kept, not audited: %s", action, target, record)
             raise
         log.info(
             "admin: %s %s by %s: %s -> %s (%s)",

@@ -178,6 +178,7 @@ class SharedControl:
         rejects the field's current value (read in the same transaction, so two servers
         cannot both act on one value). Raises ``SharedStateUnavailable`` when Redis did
         not take it."""
+        first_before: ControlState | None = None
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 for _ in range(PUT_ATTEMPTS):
@@ -185,6 +186,14 @@ class SharedControl:
                         await pipe.watch(self._hash)
                         raw_before = await pipe.hget(self._hash, field_name)
                         before = self.snapshot(self._decoded(field_name, raw_before))
+                        if first_before is None:
+                            first_before = before
+                        elif entry is not None and raw_before == entry.encode():
+                            # redis-py reports a connection lost during EXEC as a
+                            # WatchError: this write did land (the entry is unique by its
+                            # change time), so it is not written again.
+                            before = first_before
+                            break
                         if only_if is not None and not only_if(before):
                             return Put(False, before)  # leaving the block unwatches
                         pipe.multi()  # type: ignore[no-untyped-call]  # untyped in redis-py

@@ -168,3 +168,47 @@ async def test_a_cancelled_caller_is_not_sent() -> None:
     await first
     assert kept.scores == [0.3]
     assert replica.calls == [1, 1]
+
+
+async def test_a_call_nobody_waits_for_any_more_is_cancelled_and_frees_its_slot() -> None:
+    replica = FakeReplica(call_ms=200.0)
+    batching = client(replica, max_calls=1)
+    abandoned = asyncio.create_task(batching.predict([[0.1]], 1.0))  # e.g. a hedge's loser
+    await asyncio.sleep(0.01)
+    abandoned.cancel()
+    await asyncio.sleep(0.01)
+    assert replica.in_flight == 0  # the model call was cancelled with it
+    replica.call_s = 0.001
+    assert (await batching.predict([[0.2]], 1.0)).scores == [0.2]  # the slot is free
+
+
+async def test_a_timeout_after_waiting_in_the_queue_is_not_the_replicas_fault() -> None:
+    replica = FakeReplica(call_ms=30.0)
+    batching = BatchingClient(
+        replica, max_batch_rows=64, max_concurrent_calls=1, min_counted_timeout_ms=10.0
+    )
+    await batching.predict([[0.0]], 1.0)  # expected call time: 30 ms
+    busy = asyncio.create_task(batching.predict([[0.0]], 1.0))
+    await asyncio.sleep(0.001)
+    # 29 ms left, 2 x 30 ms expected: sent alone at once; given 29 ms > 10: counted.
+    with pytest.raises(ModelTimeout) as counted:
+        await batching.predict([[0.1]], 0.029)
+    assert not counted.value.budget_limited
+    await busy
+    # In a shared call that outlives it, with 5 ms of its own: not the replica's fault.
+    first = asyncio.create_task(batching.predict([[0.2]], 1.0))
+    short = asyncio.create_task(batching.predict([[0.3]], 0.005))
+    with pytest.raises(ModelTimeout) as limited:
+        await short
+    assert limited.value.budget_limited
+    await first
+
+
+async def test_stopping_answers_every_waiter() -> None:
+    replica = FakeReplica(call_ms=5000.0)
+    batching = client(replica, max_calls=1)
+    waiting = [asyncio.create_task(batching.predict([[i / 10]], 10.0)) for i in range(3)]
+    await asyncio.sleep(0)  # queued; the flush has not run yet
+    await batching.stop()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, ModelUnavailable) for r in results), results
