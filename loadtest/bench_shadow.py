@@ -116,7 +116,7 @@ def shadow_metrics(metrics_port: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rate", type=float, default=200.0, help="Decide calls per second")
+    parser.add_argument("--rate", type=float, default=100.0, help="Decide calls per second")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=5.0, help="per round and mode")
     parser.add_argument(
