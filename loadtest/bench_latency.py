@@ -109,6 +109,16 @@ def decision_server(
     )
 
 
+def echo_server(port: int, run_dir: Path) -> ManagedProcess:
+    """The bare echo server (``loadtest.echo_server``, not started), logging to run_dir."""
+    return ManagedProcess(
+        "echo-server",
+        [sys.executable, "-m", "loadtest.echo_server", "--port", str(port)],
+        cwd=REPO,
+        log_path=run_dir / "echo.log",
+    )
+
+
 async def measure(
     decision_port: int,
     torchserve_port: int,
@@ -216,12 +226,7 @@ def main() -> None:
             )
             procs.append(server)
             server.start()
-            echo = ManagedProcess(
-                "echo-server",
-                [sys.executable, "-m", "loadtest.echo_server", "--port", str(echo_port)],
-                cwd=REPO,
-                log_path=run_dir / "echo.log",
-            )
+            echo = echo_server(echo_port, run_dir)
             procs.append(echo)
             echo.start()
             server.wait_ready(lambda: serving(decision_port), 30)

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import grpc
 
-from loadtest.bench_latency import decision_server, fresh_features, start_backends
+from loadtest.bench_latency import decision_server, echo_server, fresh_features, start_backends
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, Mode, Target
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from server.localstack.health import serving
@@ -361,12 +361,7 @@ def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, in
     )
     procs.append(server)
     server.start()
-    echo = ManagedProcess(
-        "echo-server",
-        [sys.executable, "-m", "loadtest.echo_server", "--port", str(echo_port)],
-        cwd=REPO,
-        log_path=run_dir / "echo.log",
-    )
+    echo = echo_server(echo_port, run_dir)
     procs.append(echo)
     echo.start()
     server.wait_ready(lambda: serving(decision_port), 30)

@@ -123,12 +123,8 @@ class ReplicaRouter:
             mode = self._admissible(replica, state, now_us, reasons, attempts)
             if mode is None:
                 continue
-            timeout_ms = self._call_timeout_ms(budget)
-            if timeout_ms < self._min_call_ms:
-                reasons.append(
-                    f"{replica.name} skipped: {max(timeout_ms, 0.0):.1f} ms of budget left"
-                    f" (needs {self._min_call_ms:.1f})"
-                )
+            timeout_ms = self._call_budget_ms(replica, budget, reasons)
+            if timeout_ms is None:
                 return None
             try:
                 backup = self._hedge_backup(replica, canary, state, now_us)
@@ -145,6 +141,18 @@ class ReplicaRouter:
             if routed is not None:
                 return routed
         return None
+
+    def _call_budget_ms(self, replica: Replica, budget: Budget, reasons: list[str]) -> float | None:
+        """What a call to ``replica`` may spend now, or None, with the reason, when less
+        than ``min_call_budget_ms`` is left."""
+        timeout_ms = self._call_timeout_ms(budget)
+        if timeout_ms < self._min_call_ms:
+            reasons.append(
+                f"{replica.name} skipped: {max(timeout_ms, 0.0):.1f} ms of budget left"
+                f" (needs {self._min_call_ms:.1f})"
+            )
+            return None
+        return timeout_ms
 
     def _call_timeout_ms(self, budget: Budget) -> float:
         return model_call_timeout_ms(
@@ -298,12 +306,8 @@ class ReplicaRouter:
         attempts: list[Attempt],
     ) -> RoutedScores | None:
         """The plain retry, when the hedged-for primary failed before its hedge delay."""
-        timeout_ms = self._call_timeout_ms(budget)
-        if timeout_ms < self._min_call_ms:
-            reasons.append(
-                f"{backup[0].name} skipped: {max(timeout_ms, 0.0):.1f} ms of budget left"
-                f" (needs {self._min_call_ms:.1f})"
-            )
+        timeout_ms = self._call_budget_ms(backup[0], budget, reasons)
+        if timeout_ms is None:
             return None
         return await self._attempt(*backup, rows, timeout_ms, reasons, attempts)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,33 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def server_process_env(
+    redis_url: str,
+    key_prefix: str,
+    replicas: dict[str, Replica],
+    run_dir: Path,
+    **settings: str,
+) -> dict[str, str]:
+    """The environment of a decision server process (``python -m server``) on the test's
+    Redis and replicas, its audit journal and SQLite store under ``run_dir``; ``settings``
+    (``DECISION_...`` names) add or override."""
+    return {
+        **os.environ,
+        "DECISION_REDIS__URL": redis_url,
+        "DECISION_REDIS__KEY_PREFIX": key_prefix,
+        # Tests write features once: a long bound keeps them fresh on a slow machine.
+        "DECISION_FEATURES__MAX_AGE_MS": "120000",
+        "DECISION_TORCHSERVE__PRIMARY_ADDRESS": replicas["primary"].address,
+        "DECISION_TORCHSERVE__SECONDARY_ADDRESS": replicas["secondary"].address,
+        "DECISION_TORCHSERVE__CHALLENGER_ADDRESS": "",
+        "DECISION_TORCHSERVE__PER_CALL_TIMEOUT_MS": "500",
+        "DECISION_TELEMETRY__METRICS_PORT": "0",
+        "DECISION_AUDIT__JOURNAL_DIR": str(run_dir / "journal"),
+        "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}",
+        **settings,
+    }
 
 
 class RedisInstance:

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from feature_cache.store import FeatureWriter
 from server.localstack.health import serving
 from server.localstack.processes import ManagedProcess, free_ports
-from tests.conftest import REPO, RedisInstance, Replica
+from tests.conftest import REPO, RedisInstance, Replica, server_process_env
 from tests.server.conftest import sample_record
 
 OPERATOR_TOKEN = "loadtest-operator-token-0123456789"  # noqa: S105 - test token
@@ -66,23 +66,15 @@ def decision_server(
     run_dir = tmp_path_factory.mktemp("loadtest-server")
     key_prefix = f"loadtest{time.monotonic_ns()}:"
     port, admin_port = free_ports(2)
-    env = {
-        **os.environ,
-        "DECISION_SERVER__PORT": str(port),
-        "DECISION_ADMIN__PORT": str(admin_port),
-        "DECISION_ADMIN__TOKENS": f"loadtest operator {OPERATOR_TOKEN}",
-        "DECISION_REDIS__URL": redis_instance.url,
-        "DECISION_REDIS__KEY_PREFIX": key_prefix,
-        # Written once for the module: a long bound keeps them fresh on a slow machine.
-        "DECISION_FEATURES__MAX_AGE_MS": "120000",
-        "DECISION_TORCHSERVE__PRIMARY_ADDRESS": replicas["primary"].address,
-        "DECISION_TORCHSERVE__SECONDARY_ADDRESS": replicas["secondary"].address,
-        "DECISION_TORCHSERVE__CHALLENGER_ADDRESS": "",
-        "DECISION_TORCHSERVE__PER_CALL_TIMEOUT_MS": "500",
-        "DECISION_TELEMETRY__METRICS_PORT": "0",
-        "DECISION_AUDIT__JOURNAL_DIR": str(run_dir / "journal"),
-        "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}",
-    }
+    env = server_process_env(
+        redis_instance.url,
+        key_prefix,
+        replicas,
+        run_dir,
+        DECISION_SERVER__PORT=str(port),
+        DECISION_ADMIN__PORT=str(admin_port),
+        DECISION_ADMIN__TOKENS=f"loadtest operator {OPERATOR_TOKEN}",
+    )
     proc = ManagedProcess(
         "decision server",
         [sys.executable, "-m", "server"],

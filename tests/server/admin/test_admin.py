@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ from server.app import DecisionApp
 from server.audit.store import admin_actions, create_store_engine
 from server.localstack.health import serving
 from server.localstack.processes import ManagedProcess, free_ports
-from tests.conftest import REPO, RedisInstance, Replica
+from tests.conftest import REPO, RedisInstance, Replica, server_process_env
 from tests.server.conftest import buy, decision_stub, replica_settings, sample_record, settle
 
 pytestmark = pytest.mark.integration
@@ -70,24 +69,17 @@ def server_processes(
         for i in range(count):
             port, admin_port = free_ports(2)
             run_dir = tmp_path / f"server{i}"
-            env = {
-                **os.environ,
-                "DECISION_SERVER__PORT": str(port),
-                "DECISION_SERVER__LOG_LEVEL": "INFO",
-                "DECISION_ADMIN__PORT": str(admin_port),
-                "DECISION_ADMIN__TOKENS": TOKENS,
-                "DECISION_REDIS__URL": redis_instance.url,
-                "DECISION_REDIS__KEY_PREFIX": key_prefix,
-                "DECISION_FEATURES__MAX_AGE_MS": "120000",
-                "DECISION_TORCHSERVE__PRIMARY_ADDRESS": replicas["primary"].address,
-                "DECISION_TORCHSERVE__SECONDARY_ADDRESS": replicas["secondary"].address,
-                "DECISION_TORCHSERVE__CHALLENGER_ADDRESS": "",
-                "DECISION_TORCHSERVE__PER_CALL_TIMEOUT_MS": "500",
-                "DECISION_TELEMETRY__METRICS_PORT": "0",
-                "DECISION_AUDIT__JOURNAL_DIR": str(run_dir / "journal"),
-                "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}",
-                "DECISION_AUDIT__SHIP_IDLE_INTERVAL_MS": "20",
-            }
+            env = server_process_env(
+                redis_instance.url,
+                key_prefix,
+                replicas,
+                run_dir,
+                DECISION_SERVER__PORT=str(port),
+                DECISION_SERVER__LOG_LEVEL="INFO",
+                DECISION_ADMIN__PORT=str(admin_port),
+                DECISION_ADMIN__TOKENS=TOKENS,
+                DECISION_AUDIT__SHIP_IDLE_INTERVAL_MS="20",
+            )
             proc = ManagedProcess(
                 f"decision server {i}",
                 [sys.executable, "-m", "server"],
