@@ -85,10 +85,17 @@ def model_client(
             model,
             service=ts.oip_service,
             reconnect_backoff_ms=ts.reconnect_backoff_ms,
+            wire_timeout_ms=ts.wire_timeout_ms,
+            max_abandoned_calls=ts.max_abandoned_calls,
         )
     else:
         client = TorchServeClient(
-            name, address, model, reconnect_backoff_ms=ts.reconnect_backoff_ms
+            name,
+            address,
+            model,
+            reconnect_backoff_ms=ts.reconnect_backoff_ms,
+            wire_timeout_ms=ts.wire_timeout_ms,
+            max_abandoned_calls=ts.max_abandoned_calls,
         )
     if ts.batch_max_rows <= 1:
         return client

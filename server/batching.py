@@ -97,6 +97,10 @@ class BatchingClient:
         self._answered = False
         self._calls = self._rows = self._requests = self._sent_alone = 0
 
+    @property
+    def inner(self) -> ModelClient:
+        return self._inner
+
     async def start(self) -> None:
         await self._inner.start()
 
@@ -139,7 +143,8 @@ class BatchingClient:
             return await queued.future
         except asyncio.CancelledError:
             # A hedge won, or the caller went away: a call nobody waits for any more
-            # gives its slot back.
+            # gives its slot back (its RPC is abandoned to finish on the wire, never
+            # cancelled: see server.model_client).
             if queued.call is not None and all(q.future.done() for q in queued.batch):
                 queued.call.cancel()
             raise

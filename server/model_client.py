@@ -12,11 +12,22 @@
 Either way the handler answers one score per row and the model version (sha256 of the
 archive content) it was built from; rows it rejects come back as an error answer.
 
+A call we stop waiting for is abandoned, never cancelled. TorchServe restarts a worker
+(and reloads its model) when a gRPC call it is answering is cancelled (pytorch/serve
+issues 1888 and 3087), so a deadline enforced by cancelling turns timeouts into worker
+restarts and more timeouts. Each RPC therefore goes out with a long wire deadline
+(``wire_timeout_ms``, for a replica that hangs) and runs in a task of its own; the caller
+waits for it only as long as its own budget allows, or until it is cancelled itself, and
+the RPC finishes on the wire unobserved. Abandoned calls are bounded per replica
+(``max_abandoned_calls``): past the bound the replica gets no new call (``ModelBusy``)
+until some of them end, so a hung replica never piles them up.
+
 ::
 
     ModelCallError              a replica failure; counts against its breaker
-    ├── ModelTimeout            the call's deadline passed
+    ├── ModelTimeout            the caller's wait for the call ended
     ├── ModelUnavailable        connection refused / reset, replica error status
+    │   └── ModelBusy           not sent: too many abandoned calls still out (not counted)
     └── ModelResponseError      an answer we cannot use (wrong count, bad JSON)
     ModelInputError             the replica rejected our rows; not the replica's fault
 """
@@ -25,17 +36,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
 from feature_cache.schema import representable
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from proto.third_party.torchserve import open_inference_grpc_pb2 as oip_pb2
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +76,14 @@ class ModelUnavailable(ModelCallError):
     pass
 
 
+class ModelBusy(ModelUnavailable):
+    """Not sent: the replica still works on ``max_abandoned_calls`` calls nobody waits for.
+
+    Not counted against the breaker: those calls' timeouts were judged when they were
+    abandoned; this only keeps the replica from being sent more than it can answer.
+    """
+
+
 class ModelResponseError(ModelCallError):
     pass
 
@@ -72,9 +94,18 @@ class ModelInputError(Exception):
 
 def not_the_replicas_fault(exc: BaseException) -> bool:
     """Errors a replica's breaker must not count: our rows, or our caller's short budget."""
-    return isinstance(exc, ModelInputError) or (
+    return isinstance(exc, (ModelInputError, ModelBusy)) or (
         isinstance(exc, ModelTimeout) and exc.budget_limited
     )
+
+
+@dataclass(frozen=True, slots=True)
+class AbandonedCalls:
+    """Calls a replica's client stopped waiting for and left to finish on the wire."""
+
+    outstanding: int  # still out now
+    total: int  # abandoned since start
+    refused: int  # calls not sent because ``outstanding`` was at the bound
 
 
 class ModelClient(Protocol):
@@ -92,7 +123,8 @@ class ModelClient(Protocol):
     async def predict(
         self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
     ) -> ModelScores:
-        """Scores ``rows`` within ``timeout_s`` or raises ``ModelCallError``.
+        """Scores ``rows`` within ``timeout_s`` or raises ``ModelCallError``; a call not
+        answered by then (or whose caller is cancelled) is abandoned, never cancelled.
 
         ``budget_limited``: the caller's budget left this call too little time to judge
         the replica by; a timeout then is marked as not the replica's fault.
@@ -118,17 +150,35 @@ def channel_options(reconnect_backoff_ms: int) -> list[tuple[str, int]]:
 _Response = TypeVar("_Response")
 
 
-class _GrpcModelClient:
-    """One replica over one gRPC channel; subclasses build the call and read the answer."""
+class GrpcModelClient:
+    """One replica over one gRPC channel; subclasses build the call and read the answer.
+
+    ``wire_timeout_ms``: the deadline each RPC carries on the wire, however short the
+    caller's wait; only a replica that hangs this long sees a call cancelled.
+    ``max_abandoned_calls``: calls left running on the wire after their caller stopped
+    waiting, at most; past it a call is refused with ``ModelBusy``.
+    """
 
     def __init__(
-        self, name: str, address: str, model_name: str, *, reconnect_backoff_ms: int = 500
+        self,
+        name: str,
+        address: str,
+        model_name: str,
+        *,
+        reconnect_backoff_ms: int = 500,
+        wire_timeout_ms: float = 2000.0,
+        max_abandoned_calls: int = 16,
     ) -> None:
         self.name = name
         self.address = address
         self.model_name = model_name
         self._options = channel_options(reconnect_backoff_ms)
         self._channel: grpc.aio.Channel | None = None
+        self._wire_timeout_s = wire_timeout_ms / 1000.0
+        self._max_abandoned = max_abandoned_calls
+        self._abandoned: set[asyncio.Future[Any]] = set()
+        self._abandoned_total = 0
+        self._refused = 0
 
     async def start(self) -> None:
         if self._channel is None:
@@ -147,23 +197,52 @@ class _GrpcModelClient:
             return False
         return True
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 1.0) -> None:
+        """Closes the channel; abandoned calls get up to ``grace_s`` to finish first (a
+        call still out then is cancelled with the channel)."""
         channel, self._channel = self._channel, None
         if channel is not None:
+            if self._abandoned:
+                await asyncio.wait(set(self._abandoned), timeout=grace_s)
             await channel.close()
 
+    def abandoned(self) -> AbandonedCalls:
+        return AbandonedCalls(len(self._abandoned), self._abandoned_total, self._refused)
+
     async def _call(
-        self, call: Callable[[], Awaitable[_Response]], *, budget_limited: bool
+        self,
+        call: Callable[[float], Awaitable[_Response]],
+        timeout_s: float,
+        *,
+        budget_limited: bool,
     ) -> tuple[_Response, float]:
-        """Runs ``call``; the answer and its round trip in ms, or a ``ModelCallError``."""
+        """Runs ``call(wire_timeout_s)`` and waits for it up to ``timeout_s``; the answer
+        and its round trip in ms, or a ``ModelCallError``. The RPC is never cancelled
+        here: when the wait ends, or the caller is cancelled, it is abandoned."""
         if self._channel is None:
             raise ModelUnavailable(f"{self.name} client not started")
+        if timeout_s <= 0:  # a call that could only be abandoned is not sent
+            raise ModelTimeout(f"{self.name} had no time for a call", budget_limited=True)
+        if len(self._abandoned) >= self._max_abandoned:
+            self._refused += 1
+            raise ModelBusy(f"{self.name} busy: {len(self._abandoned)} abandoned calls still out")
         started = time.perf_counter()
+        rpc = asyncio.ensure_future(call(max(self._wire_timeout_s, timeout_s)))
         try:
-            response = await call()
+            response = await asyncio.wait_for(asyncio.shield(rpc), timeout_s)
+        except TimeoutError:
+            self._abandon(rpc)
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+            raise ModelTimeout(
+                f"{self.name} deadline exceeded after {elapsed_ms:.1f} ms",
+                budget_limited=budget_limited,
+            ) from None
+        except asyncio.CancelledError:
+            self._abandon(rpc)
+            raise
         except grpc.aio.AioRpcError as exc:
             elapsed_ms = (time.perf_counter() - started) * 1000.0
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the wire deadline
                 raise ModelTimeout(
                     f"{self.name} deadline exceeded after {elapsed_ms:.1f} ms",
                     budget_limited=budget_limited,
@@ -173,6 +252,20 @@ class _GrpcModelClient:
                 f" ({(exc.details() or '').strip()[:120]})"
             ) from None
         return response, (time.perf_counter() - started) * 1000.0
+
+    def _abandon(self, rpc: asyncio.Future[Any]) -> None:
+        if rpc.done():
+            if not rpc.cancelled():
+                rpc.exception()  # retrieved: an answer nobody wants is not an error
+            return
+        self._abandoned.add(rpc)
+        self._abandoned_total += 1
+        rpc.add_done_callback(self._abandoned_done)
+
+    def _abandoned_done(self, rpc: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(rpc)
+        if not rpc.cancelled() and rpc.exception() is not None:
+            log.debug("%s: an abandoned call ended with %r", self.name, rpc.exception())
 
     def _scores(
         self, scores: object, version: object, expected: int, elapsed_ms: float
@@ -189,7 +282,7 @@ class _GrpcModelClient:
         return ModelScores(self.model_name, version, [float(s) for s in scores], elapsed_ms)
 
 
-class TorchServeClient(_GrpcModelClient):
+class TorchServeClient(GrpcModelClient):
     """TorchServe's native gRPC inference API (``Predictions``) on one replica."""
 
     _stub: inference_pb2_grpc.InferenceAPIsServiceAsyncStub
@@ -208,7 +301,8 @@ class TorchServeClient(_GrpcModelClient):
             model_name=self.model_name, input={"rows": packed}
         )
         response, elapsed_ms = await self._call(
-            lambda: self._stub.Predictions(request, timeout=timeout_s),
+            lambda wire_timeout_s: self._stub.Predictions(request, timeout=wire_timeout_s),
+            timeout_s,
             budget_limited=budget_limited,
         )
         try:
@@ -225,7 +319,7 @@ class TorchServeClient(_GrpcModelClient):
 TORCHSERVE_OIP_SERVICE = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
 
 
-class OipClient(_GrpcModelClient):
+class OipClient(GrpcModelClient):
     """The Open Inference Protocol (KServe v2) gRPC API's ``ModelInfer`` on one replica.
 
     ``service`` is the gRPC service name: TorchServe's own package
@@ -241,8 +335,17 @@ class OipClient(_GrpcModelClient):
         *,
         service: str = TORCHSERVE_OIP_SERVICE,
         reconnect_backoff_ms: int = 500,
+        wire_timeout_ms: float = 2000.0,
+        max_abandoned_calls: int = 16,
     ) -> None:
-        super().__init__(name, address, model_name, reconnect_backoff_ms=reconnect_backoff_ms)
+        super().__init__(
+            name,
+            address,
+            model_name,
+            reconnect_backoff_ms=reconnect_backoff_ms,
+            wire_timeout_ms=wire_timeout_ms,
+            max_abandoned_calls=max_abandoned_calls,
+        )
         self.service = service
 
     def _bind(self, channel: grpc.aio.Channel) -> None:
@@ -272,7 +375,9 @@ class OipClient(_GrpcModelClient):
             ],
         )
         response, elapsed_ms = await self._call(
-            lambda: self._infer(request, timeout=timeout_s), budget_limited=budget_limited
+            lambda wire_timeout_s: self._infer(request, timeout=wire_timeout_s),
+            timeout_s,
+            budget_limited=budget_limited,
         )
         outputs = {output.name: output for output in response.outputs}
         if "error" in outputs:

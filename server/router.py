@@ -6,7 +6,8 @@ challenger is tried before them; when it fails, the champion answers as usual.
 
 Hedging (setting ``torchserve.hedge``, off by default): a primary call that has not
 answered within the primary's recent p95 also goes to the secondary, when the budget
-still allows a call; the first good answer wins and the other call is cancelled. The
+still allows a call; the first good answer wins and the other call is abandoned (left to
+finish on the wire, never cancelled: see ``server.model_client``). The
 hedge takes the retry's place: outside the canary, no request makes more than two model calls.
 """
 
@@ -255,7 +256,7 @@ class ReplicaRouter:
     ) -> RoutedScores | None:
         """Calls ``first``; if it has not answered within its hedge delay and the budget
         still allows a call, calls ``backup`` too and takes the first good answer,
-        cancelling the other call. ``backup`` is not called again afterwards, so the
+        abandoning the other call. ``backup`` is not called again afterwards, so the
         hedge is the request's one extra call, as the retry is without hedging."""
         replica, mode = first
         primary = asyncio.create_task(
@@ -313,8 +314,9 @@ class ReplicaRouter:
 
 
 def _abandon(task: asyncio.Task[RoutedScores | None]) -> None:
-    """Cancels a call whose answer is not needed any more and retrieves its outcome
-    when it ends, so that none is reported as lost."""
+    """Stops waiting for a call whose answer is not needed any more (cancelling the
+    attempt; the model client leaves its RPC to finish on the wire) and retrieves its
+    outcome when it ends, so that none is reported as lost."""
     task.cancel()
     task.add_done_callback(_consume)
 

@@ -128,6 +128,19 @@ class TorchServeSettings(_Section):
         description="Each call's cap is reduced by a random share up to this, so replicas' "
         "timeouts do not fire in lockstep.",
     )
+    wire_timeout_ms: float = Field(
+        2000.0,
+        gt=0,
+        description="Deadline a model call carries on the wire. A call is abandoned, not "
+        "cancelled, when its caller stops waiting (TorchServe restarts a worker whose call "
+        "is cancelled), and runs to this deadline at most.",
+    )
+    max_abandoned_calls: int = Field(
+        16,
+        ge=1,
+        description="Calls to one replica left running after their callers stopped "
+        "waiting, at most; past it the replica gets no new call until some end.",
+    )
     min_call_budget_ms: float = Field(
         1.0,
         gt=0,
@@ -146,7 +159,7 @@ class TorchServeSettings(_Section):
         False,
         description="Hedging: a primary call not answered within the primary's recent p95 "
         "latency also goes to the secondary, when the budget allows; the first good answer "
-        "wins and the other call is cancelled. Never more than one extra call a request.",
+        "wins and the other call is abandoned. Never more than one extra call a request.",
     )
     hedge_min_delay_ms: float = Field(
         1.0, ge=0, description="Hedging waits at least this long, whatever the p95."

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from server.audit.trail import AuditTrail
 from server.batching import BatchingClient
 from server.engine import DecisionEngine
-from server.model_client import ModelClient
+from server.model_client import GrpcModelClient, ModelClient
 from server.shadow import DIFF_BUCKETS, ShadowScorer
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,8 @@ class LoadCollector(Collector):
     def __init__(self, engine: DecisionEngine, clients: Sequence[ModelClient]) -> None:
         self._engine = engine
         self._batching = [c for c in clients if isinstance(c, BatchingClient)]
+        unwrapped = [c.inner if isinstance(c, BatchingClient) else c for c in clients]
+        self._wire = [c for c in unwrapped if isinstance(c, GrpcModelClient)]
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(
@@ -166,6 +168,28 @@ class LoadCollector(Collector):
             families["rows"].add_metric([client.name], stats.rows)
             families["sent_alone"].add_metric([client.name], stats.sent_alone)
         yield from families.values()
+        outstanding = GaugeMetricFamily(
+            "decision_model_abandoned_outstanding",
+            "Model calls whose callers stopped waiting, still running on the wire (never "
+            "cancelled: TorchServe restarts a worker whose call is cancelled).",
+            labels=["replica"],
+        )
+        abandoned = CounterMetricFamily(
+            "decision_model_abandoned",
+            "Model calls abandoned to finish on the wire after their callers stopped waiting.",
+            labels=["replica"],
+        )
+        refused = CounterMetricFamily(
+            "decision_model_refused_busy",
+            "Model calls not sent because the replica had max_abandoned_calls still out.",
+            labels=["replica"],
+        )
+        for wire in self._wire:
+            calls = wire.abandoned()
+            outstanding.add_metric([wire.name], calls.outstanding)
+            abandoned.add_metric([wire.name], calls.total)
+            refused.add_metric([wire.name], calls.refused)
+        yield from (outstanding, abandoned, refused)
 
 
 class MetricsServer:

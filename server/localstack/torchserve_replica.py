@@ -139,6 +139,22 @@ def torchserve_replica(
     )
 
 
+# TorchServe's frontend logs this each time it starts a worker again after one stopped
+# (a crashed or killed worker, or one whose gRPC call was cancelled: pytorch/serve 1888).
+WORKER_RESTART_LINE = "Retry worker"
+
+
+def worker_restarts(replica_dir: Path) -> int:
+    """Worker restarts the replica in ``replica_dir`` has logged: its console log,
+    ``logs/stdout.log``, kept across starts of the replica (compare two counts)."""
+    log_path = replica_dir / "logs" / "stdout.log"
+    try:
+        with log_path.open(errors="replace") as lines:
+            return sum(WORKER_RESTART_LINE in line for line in lines)
+    except FileNotFoundError:
+        return 0
+
+
 def torchserve_ready(address: str, model_name: str = "champion") -> bool:
     """True once the replica is Healthy and has scored one row.
 
