@@ -55,7 +55,11 @@ bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths),
 	@$(PY) -m loadtest.bench_models
 	@$(PY) -m loadtest.bench_shadow
 
+DURATION ?= 600
+soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 ..."
+	@$(PY) -m loadtest.soak --duration-s $(DURATION) $(foreach f,$(FAULTS),--fault $(f))
+
 acceptance: setup ## The Coinbase recording in ../shared/data through Kafka into Redis, checked
 	@$(PY) -m loadtest.coinbase_acceptance
 
-.PHONY: help setup setup-ci lock run models proto fmt lint proto-check test test-fast bench acceptance
+.PHONY: help setup setup-ci lock run models proto fmt lint proto-check test test-fast bench soak acceptance

@@ -131,6 +131,12 @@ class LocalStack:
             ports.extend(asdict(replica).values())
         return [port for port in ports if port_open("127.0.0.1", port)]
 
+    @property
+    def processes(self) -> dict[str, ManagedProcess]:
+        """The processes started so far, by name (redis-server, the broker, torchserve-primary,
+        ..., feature-cache, replayer, decision-server)."""
+        return {proc.name: proc for proc in self._started}
+
     def _track(self, proc: ManagedProcess) -> ManagedProcess:
         self._started.append(proc)  # before it starts, so an interrupted start stops it
         proc.start()

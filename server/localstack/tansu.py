@@ -25,7 +25,7 @@ def tansu_broker(port: int, run_dir: Path) -> ManagedProcess:
         "--advertised-listener-url", url,
         "--storage-engine", "memory://tansu/",
     ]  # fmt: skip
-    return ManagedProcess("tansu", argv, cwd=run_dir, log_path=run_dir / "tansu.log")
+    return ManagedProcess("kafka-broker", argv, cwd=run_dir, log_path=run_dir / "tansu.log")
 
 
 def start_tansu(port: int, run_dir: Path, *, timeout_s: float = 20.0) -> ManagedProcess:

@@ -52,6 +52,7 @@ CHALLENGER_PORTS = ReplicaPorts.from_base(7270, 8280, 9200)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "torchserve/replicas"
 CONFIG_TEMPLATE = CONFIG_DIR / "replica.properties"
+LOG_CONFIG = CONFIG_DIR / "log4j2.xml"
 ROLES = ("primary", "secondary", "challenger")
 
 
@@ -125,6 +126,7 @@ def torchserve_replica(
         "--ncs",
         "--disable-token-auth",
         "--ts-config", str(config),
+        "--log-config", str(LOG_CONFIG),
         "--model-store", str(model_store),
     ]  # fmt: skip
     env = {
@@ -145,14 +147,13 @@ WORKER_RESTART_LINE = "Retry worker"
 
 
 def worker_restarts(replica_dir: Path) -> int:
-    """Worker restarts the replica in ``replica_dir`` has logged: its console log,
-    ``logs/stdout.log``, kept across starts of the replica (compare two counts)."""
-    log_path = replica_dir / "logs" / "stdout.log"
-    try:
+    """Worker restarts the replica in ``replica_dir`` has logged in the frontend's log
+    (``logs/ts_log.log``, kept across starts of the replica: compare two counts)."""
+    count = 0
+    for log_path in sorted((replica_dir / "logs").glob("ts_log*.log")):  # with rolled ones
         with log_path.open(errors="replace") as lines:
-            return sum(WORKER_RESTART_LINE in line for line in lines)
-    except FileNotFoundError:
-        return 0
+            count += sum(WORKER_RESTART_LINE in line for line in lines)
+    return count
 
 
 def torchserve_ready(address: str, model_name: str = "champion") -> bool:

@@ -1,0 +1,317 @@
+"""``make soak DURATION=3600``: the whole local stack under steady Decide load, judged
+every 10 s.
+
+Starts the stack as ``make run`` does (``server.localstack.LocalStack``: redis-server,
+the broker, three TorchServe replicas, the feature-cache consumer, the replayer at 300
+events/s, the decision server), then drives Decide open loop (default 100/s over the
+default symbols, both sides, a 50 ms deadline) from this process and every window
+prints: answers by source, p50/p99 from the send, answers after the deadline, feature
+age p99, the consumer group's lag, TorchServe worker restarts, and each process
+group's CPU and RSS. Faults (``--fault primary@120+30``: SIGSTOP the primary 120 s into
+the load, SIGCONT 30 s later; targets primary, replicas, redis, broker) are injected
+on schedule. At the end every OK answer's decision must be in the audit store.
+
+Writes a JSON summary and a PNG timeline, and exits 1 when a bound was broken (see
+``loadtest.soak_report``), 2 when the stack did not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+from loadtest.soak_probe import ConsumerLag, ProcessSampler, stored_decision_ids
+from loadtest.soak_report import (
+    HEADER,
+    MODEL_SOURCES,
+    Answer,
+    Bounds,
+    Window,
+    draw_timeline,
+    growth,
+    judge,
+    row,
+    summarize,
+    write_json,
+)
+from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from server.localstack.__main__ import DEFAULT_SYMBOLS, REPO, LocalStack
+from server.localstack.processes import ProcessStartError
+from server.localstack.torchserve_replica import worker_restarts
+from server.settings import Settings
+
+REPLICAS = ("primary", "secondary", "challenger")
+FAULT_GROUPS = {
+    "primary": ("torchserve-primary",),
+    "replicas": ("torchserve-primary", "torchserve-secondary"),
+    "redis": ("redis-server",),
+    "broker": ("kafka-broker",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    target: str
+    at_s: float
+    duration_s: float
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        """``TARGET@START+DURATION``, seconds since the measured load started."""
+        try:
+            target, when = text.split("@")
+            start, duration = when.split("+")
+            fault = cls(target, float(start), float(duration))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not TARGET@START+DURATION: {text!r}") from None
+        if target not in FAULT_GROUPS:
+            raise argparse.ArgumentTypeError(f"fault target one of {', '.join(FAULT_GROUPS)}")
+        return fault
+
+    def label(self) -> str:
+        return f"{self.target} paused"
+
+
+class LoadDriver:
+    """Open-loop Decide calls at ``rate_per_s`` (a fixed schedule that does not wait for
+    answers); ``take()`` hands over the answers completed since the last take."""
+
+    def __init__(self, address: str, rate_per_s: float, deadline_ms: float) -> None:
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
+        self._interval_s = 1.0 / rate_per_s
+        self._deadline_ms = deadline_ms
+        self._requests = [
+            decision_pb2.DecideRequest(symbol=symbol, side=side, quantity=1.0)
+            for symbol in DEFAULT_SYMBOLS
+            for side in (decision_pb2.SIDE_BUY, decision_pb2.SIDE_SELL)
+        ]
+        self._answers: list[Answer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.started_at = time.monotonic()
+
+    async def run(self, until_s: float) -> None:
+        """Sends until ``until_s`` seconds after ``started_at``, then waits for the answers."""
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        sent = 0
+        while (next_at := begin + sent * self._interval_s) < begin + until_s:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            task = asyncio.create_task(self._one(self._requests[sent % len(self._requests)]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            sent += 1
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def _one(self, request: decision_pb2.DecideRequest) -> None:
+        sent = time.monotonic()
+        try:
+            response = await self._stub.Decide(request, timeout=self._deadline_ms / 1000)
+        except grpc.aio.AioRpcError as exc:
+            outcome, age, decision_id = exc.code().name, -1.0, ""
+            late = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        else:
+            outcome = decision_pb2.Source.Name(response.source).removeprefix("SOURCE_")
+            age, decision_id, late = response.feature_age_ms, response.decision_id, False
+        done = time.monotonic()
+        latency_ms = (done - sent) * 1000
+        self._answers.append(
+            Answer(
+                done - self.started_at,
+                latency_ms,
+                outcome,
+                age,
+                late or latency_ms > self._deadline_ms,
+                decision_id,
+            )
+        )
+
+    def take(self) -> list[Answer]:
+        answers, self._answers = self._answers, []
+        return answers
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+async def inject(stack: LocalStack, fault: Fault, started_at: float) -> None:
+    await asyncio.sleep(max(0.0, started_at + fault.at_s - time.monotonic()))
+    groups = [stack.processes[name] for name in FAULT_GROUPS[fault.target]]
+    print(f"--- fault: SIGSTOP {', '.join(p.name for p in groups)} for {fault.duration_s:.0f} s")
+    for proc in groups:
+        proc.pause()
+    try:
+        await asyncio.sleep(fault.duration_s)
+    finally:
+        for proc in groups:
+            proc.resume()
+        print(f"--- fault over: SIGCONT {', '.join(p.name for p in groups)}")
+
+
+def fault_at(faults: list[Fault], start_s: float, end_s: float, recovery_s: float) -> str:
+    for fault in faults:
+        if start_s < fault.at_s + fault.duration_s + recovery_s and end_s > fault.at_s:
+            return fault.label()
+    return ""
+
+
+async def soak(args: argparse.Namespace) -> int:
+    bounds = Bounds()
+    stack = LocalStack(args.run_dir, args.port_offset, args.models)
+    busy = stack.busy_ports()
+    if busy:
+        print(f"ports in use: {busy}; is a stack running? (--port-offset N moves this one)")
+        return 2
+    settings = Settings()
+    windows: list[Window] = []
+    answered: set[str] = set()
+    try:
+        try:
+            await stack.start()
+        except ProcessStartError as exc:
+            print(f"the stack did not start: {exc}")
+            return 2
+        sampler = ProcessSampler(stack.processes)
+        lag = ConsumerLag(
+            f"127.0.0.1:{stack.kafka_port}", settings.kafka.topic, settings.kafka.group_id
+        )
+        await lag.start()
+        driver = LoadDriver(f"127.0.0.1:{stack.decision_port}", args.rate, args.deadline_ms)
+        replica_dirs = [args.run_dir / name for name in REPLICAS]
+        restarts_before = sum(worker_restarts(d) for d in replica_dirs)
+        print(
+            f"load: {args.rate:.0f} Decide/s open loop, {args.deadline_ms:.0f} ms deadline,"
+            f" {args.warmup_s:.0f} s warm-up then {args.duration_s:.0f} s measured"
+        )
+        load = asyncio.create_task(driver.run(args.warmup_s + args.duration_s))
+        await asyncio.sleep(args.warmup_s)
+        driver.take()  # the warm-up is not judged
+        started_at = time.monotonic()
+        driver.started_at = started_at
+        sampler.sample(started_at)
+        injections = [asyncio.create_task(inject(stack, f, started_at)) for f in args.fault]
+        print(HEADER)
+        window_start = 0.0
+        while window_start < args.duration_s - 0.5:
+            window_end = min(window_start + args.window_s, args.duration_s)
+            await asyncio.sleep(max(0.0, started_at + window_end - time.monotonic()))
+            if window_end >= args.duration_s:
+                await load  # the last answers come within one deadline
+            answers = driver.take()
+            answered.update(a.decision_id for a in answers if a.decision_id)
+            try:
+                consumer_lag = await lag.read()
+            except Exception:  # noqa: BLE001 - a paused broker: no figure this window
+                consumer_lag = -1
+            window = summarize(
+                answers,
+                window_start,
+                window_end,
+                consumer_lag=consumer_lag,
+                worker_restarts=sum(worker_restarts(d) for d in replica_dirs) - restarts_before,
+                processes=sampler.sample(time.monotonic()),
+                fault=fault_at(args.fault, window_start, window_end, bounds.recovery_s),
+            )
+            window.broken = judge(window, bounds)
+            windows.append(window)
+            print(row(window), flush=True)
+            window_start = window_end
+        await asyncio.gather(*injections)
+        await driver.close()
+        await lag.stop()
+        missing = await _missing_from_audit(stack, answered)
+    finally:
+        await stack.stop()
+    return report(args, windows, bounds, missing, len(answered))
+
+
+async def _missing_from_audit(stack: LocalStack, answered: set[str]) -> int:
+    """Decisions answered but not in the audit store, after giving the shipper 30 s."""
+    database = stack.run_dir / "audit" / "audit.db"
+    deadline = time.monotonic() + 30
+    while True:
+        missing = len(answered - await asyncio.to_thread(stored_decision_ids, database))
+        if missing == 0 or time.monotonic() > deadline:
+            return missing
+        await asyncio.sleep(1)
+
+
+def report(
+    args: argparse.Namespace, windows: list[Window], bounds: Bounds, missing: int, answered: int
+) -> int:
+    part_s = min(600.0, args.duration_s / 3)
+    broken = [f"{w.start_s:.0f}-{w.end_s:.0f} s: {b}" for w in windows for b in w.broken]
+    broken += growth(windows, bounds, part_s)
+    if missing:
+        broken.append(f"{missing} of {answered} answered decisions missing from the audit store")
+    steady = [w for w in windows if not w.fault]
+    summary = {
+        "rate_per_s": args.rate,
+        "deadline_ms": args.deadline_ms,
+        "duration_s": args.duration_s,
+        "faults": [asdict(f) for f in args.fault],
+        "bounds": asdict(bounds),
+        "answered": answered,
+        "missing_from_audit": missing,
+        "late": sum(w.late for w in windows),
+        "worker_restarts": windows[-1].worker_restarts if windows else 0,
+        "min_model_share": min((w.model_share for w in steady), default=0.0),
+        "max_p99_ms": max((w.p99_ms for w in steady), default=0.0),
+        "model_answers": sum(
+            n for w in windows for source, n in w.outcomes.items() if source in MODEL_SOURCES
+        ),
+        "broken": broken,
+    }
+    write_json(args.json, summary, windows)
+    if windows:
+        draw_timeline(
+            args.png,
+            windows,
+            f"soak: {args.rate:.0f} Decide/s, {args.duration_s / 60:.0f} min"
+            + (f", faults: {', '.join(f.target for f in args.fault)}" if args.fault else ""),
+        )
+    print(
+        f"\n{answered} decisions; late {summary['late']}; worker restarts"
+        f" {summary['worker_restarts']}; steady windows: model share ≥"
+        f" {summary['min_model_share']:.1%}, p99 ≤ {summary['max_p99_ms']:.1f} ms;"
+        f" audit missing {missing}. JSON {args.json}, PNG {args.png}"
+    )
+    for line in broken:
+        print(f"BROKEN {line}")
+    print("soak: PASSED" if not broken else f"soak: FAILED ({len(broken)} bounds broken)")
+    return 1 if broken else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration-s", type=float, default=600.0, help="measured seconds")
+    parser.add_argument("--warmup-s", type=float, default=10.0, help="load before measuring")
+    parser.add_argument("--rate", type=float, default=100.0, help="Decide calls a second")
+    parser.add_argument("--deadline-ms", type=float, default=50.0)
+    parser.add_argument("--window-s", type=float, default=10.0)
+    parser.add_argument("--fault", type=Fault.parse, action="append", default=[])
+    parser.add_argument("--run-dir", type=Path, default=REPO / ".run/soak")
+    parser.add_argument("--port-offset", type=int, default=0)
+    parser.add_argument("--models", type=Path, help="archives to serve (default: .run/models)")
+    parser.add_argument("--json", type=Path, default=REPO / ".run/soak/soak.json")
+    parser.add_argument("--png", type=Path, default=REPO / "docs/img/soak.png")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(asyncio.run(soak(args)))
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""What the soak reads off the running stack besides the answers: each process group's
+CPU and memory, the consumer group's lag, TorchServe worker restarts, audit rows.
+
+CPU is the group's (a TorchServe replica is a launcher, a JVM and a Python worker)
+user + system time over the window, as a share of one core; memory is the group's
+summed RSS. Everything is read from /proc and the processes' own stores, so sampling
+costs the stack nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from server.localstack.processes import ManagedProcess, live_group_members
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupUsage:
+    cpu_s: float  # user + system seconds of the group's live members, cumulative
+    rss_mb: float
+
+
+def group_usage(pgid: int) -> GroupUsage:
+    cpu_ticks = 0
+    rss_pages = 0
+    for pid in live_group_members(pgid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited between the listing and the read
+        # Fields after the name, from 0: state=0 ... utime=11, stime=12, rss=21.
+        cpu_ticks += int(fields[11]) + int(fields[12])
+        rss_pages += int(fields[21])
+    return GroupUsage(cpu_ticks / CLOCK_TICKS, rss_pages * PAGE_BYTES / 1e6)
+
+
+class ProcessSampler:
+    """CPU share (of one core) and RSS per process group, between successive samples.
+
+    A member that exits takes its CPU time with it; the group's CPU then reads low for
+    one window, never negative.
+    """
+
+    def __init__(self, processes: Mapping[str, ManagedProcess]) -> None:
+        self._pgids = {name: proc.pid for name, proc in processes.items() if proc.pid}
+        self._last: dict[str, GroupUsage] = {}
+        self._last_at = 0.0
+
+    def sample(self, now: float) -> dict[str, tuple[float, float]]:
+        """name -> (CPU % of one core since the last sample, RSS MB now)."""
+        usage = {name: group_usage(pgid) for name, pgid in self._pgids.items()}
+        elapsed = now - self._last_at if self._last_at else 0.0
+        result = {}
+        for name, now_usage in usage.items():
+            before = self._last.get(name)
+            cpu = 0.0
+            if before is not None and elapsed > 0:
+                cpu = max(0.0, now_usage.cpu_s - before.cpu_s) / elapsed * 100.0
+            result[name] = (cpu, now_usage.rss_mb)
+        self._last, self._last_at = usage, now
+        return result
+
+
+class ConsumerLag:
+    """Messages produced to ``topic`` and not yet committed by ``group``."""
+
+    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
+        self._topic = topic
+        self._group = group
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        self._offsets = AIOKafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+
+    async def start(self) -> None:
+        await self._admin.start()
+        await self._offsets.start()
+
+    async def stop(self) -> None:
+        await self._offsets.stop()
+        await self._admin.close()
+
+    async def read(self) -> int:
+        partitions = self._offsets.partitions_for_topic(self._topic) or set()
+        tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+        if not tps:
+            return 0
+        ends = await self._offsets.end_offsets(tps)
+        committed = await self._admin.list_consumer_group_offsets(self._group, partitions=tps)
+        return sum(
+            max(0, ends[tp] - (committed[tp].offset if tp in committed else 0)) for tp in tps
+        )
+
+
+def stored_decision_ids(database: Path) -> set[str]:
+    """Decision ids in the SQLite audit store, read through a read-only connection."""
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+        return {row[0] for row in connection.execute("SELECT decision_id FROM decisions")}

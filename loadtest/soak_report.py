@@ -1,0 +1,209 @@
+"""The soak's windows: what one 10 s window saw, the bounds it is judged by, the table,
+the JSON summary and the PNG timeline.
+
+A window overlapping a fault, or ending less than ``recovery_s`` after one, is a fault
+window: answers must still all come before the deadline, but who answered, how fast and
+how fresh the features were are not held to the steady-state bounds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from loadtest.stats import percentile
+
+MODEL_SOURCES = frozenset({"PRIMARY", "SECONDARY", "CANARY"})
+# Processes whose CPU and memory must not grow over the run (the broker and the consumer
+# decayed before: a fetch cost that grew with the broker's history).
+FLAT_PROCESSES = ("kafka-broker", "feature-cache")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One Decide call as the client saw it."""
+
+    done_at_s: float  # since the load started
+    latency_ms: float  # from the send
+    outcome: str  # the source (PRIMARY, RULES, ...) or the gRPC status name if not OK
+    feature_age_ms: float  # -1: none used, or not OK
+    late: bool  # answered (or failed) after the caller's deadline
+    decision_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    min_model_share: float = 0.99
+    max_p99_ms: float = 30.0
+    max_feature_age_p99_ms: float = 500.0
+    max_worker_restarts: int = 0
+    max_growth: float = 0.25  # FLAT_PROCESSES, last vs first part of the run
+    recovery_s: float = 10.0  # after a fault, time the model gets to answer again
+
+
+@dataclass(slots=True)
+class Window:
+    start_s: float
+    end_s: float
+    answers: int
+    outcomes: dict[str, int]
+    model_share: float
+    p50_ms: float
+    p99_ms: float
+    late: int
+    feature_age_p99_ms: float
+    consumer_lag: int
+    worker_restarts: int  # cumulative since the soak started
+    processes: dict[str, tuple[float, float]]  # name -> (CPU % of a core, RSS MB)
+    fault: str = ""  # the fault this window overlaps or recovers from
+    broken: list[str] = field(default_factory=list)
+
+
+def summarize(
+    answers: Sequence[Answer],
+    start_s: float,
+    end_s: float,
+    *,
+    consumer_lag: int,
+    worker_restarts: int,
+    processes: dict[str, tuple[float, float]],
+    fault: str,
+) -> Window:
+    outcomes = Counter(a.outcome for a in answers)
+    latencies = [a.latency_ms for a in answers] or [0.0]
+    ages = [a.feature_age_ms for a in answers if a.feature_age_ms >= 0] or [0.0]
+    model = sum(n for source, n in outcomes.items() if source in MODEL_SOURCES)
+    return Window(
+        start_s=start_s,
+        end_s=end_s,
+        answers=len(answers),
+        outcomes=dict(outcomes),
+        model_share=model / len(answers) if answers else 0.0,
+        p50_ms=percentile(latencies, 0.50),
+        p99_ms=percentile(latencies, 0.99),
+        late=sum(a.late for a in answers),
+        feature_age_p99_ms=percentile(ages, 0.99),
+        consumer_lag=consumer_lag,
+        worker_restarts=worker_restarts,
+        processes=processes,
+        fault=fault,
+    )
+
+
+def judge(window: Window, bounds: Bounds) -> list[str]:
+    """The bounds this window broke, in words."""
+    broken = []
+    if window.late:
+        broken.append(f"{window.late} answers after the deadline")
+    if window.worker_restarts > bounds.max_worker_restarts:
+        broken.append(f"{window.worker_restarts} TorchServe worker restarts")
+    if window.answers == 0:
+        broken.append("no answers")
+    if window.fault:
+        return broken
+    if window.model_share < bounds.min_model_share:
+        broken.append(f"model share {window.model_share:.1%} < {bounds.min_model_share:.0%}")
+    if window.p99_ms > bounds.max_p99_ms:
+        broken.append(f"p99 {window.p99_ms:.1f} ms > {bounds.max_p99_ms:.0f} ms")
+    if window.feature_age_p99_ms > bounds.max_feature_age_p99_ms:
+        broken.append(
+            f"feature age p99 {window.feature_age_p99_ms:.0f} ms"
+            f" > {bounds.max_feature_age_p99_ms:.0f} ms"
+        )
+    return broken
+
+
+def growth(windows: Sequence[Window], bounds: Bounds, part_s: float) -> list[str]:
+    """FLAT_PROCESSES' mean CPU and RSS over the last ``part_s`` against the first
+    ``part_s`` of the run; what grew past ``bounds.max_growth``, in words."""
+    steady = [w for w in windows if not w.fault]
+    if not steady:
+        return []
+    first = [w for w in steady if w.end_s <= steady[0].start_s + part_s]
+    last = [w for w in steady if w.start_s >= steady[-1].end_s - part_s]
+    broken = []
+    for name in FLAT_PROCESSES:
+        for index, what, floor in ((0, "CPU", 2.0), (1, "RSS", 5.0)):
+            before = _mean(w.processes.get(name, (0.0, 0.0))[index] for w in first)
+            after = _mean(w.processes.get(name, (0.0, 0.0))[index] for w in last)
+            # A floor: 1 % -> 1.3 % of a core is noise, not growth.
+            if after > max(before, floor) * (1 + bounds.max_growth):
+                broken.append(f"{name} {what} grew {before:.1f} -> {after:.1f}")
+    return broken
+
+
+def _mean(values: object) -> float:
+    items = list(values)  # type: ignore[call-overload]
+    return sum(items) / len(items) if items else 0.0
+
+
+HEADER = (
+    f"{'window':>11} {'n':>5} {'model':>6} {'p50':>6} {'p99':>6} {'late':>4} {'age99':>6}"
+    f" {'lag':>5} {'rst':>3}  sources / processes (CPU % of a core, RSS MB)"
+)
+
+
+def row(window: Window) -> str:
+    sources = " ".join(f"{k}={v}" for k, v in sorted(window.outcomes.items()))
+    procs = " ".join(
+        f"{name}={cpu:.0f}%/{rss:.0f}M" for name, (cpu, rss) in window.processes.items()
+    )
+    flag = f"  [{window.fault}]" if window.fault else ""
+    broken = f"  BROKEN: {'; '.join(window.broken)}" if window.broken else ""
+    return (
+        f"{window.start_s:5.0f}-{window.end_s:<5.0f} {window.answers:5d}"
+        f" {window.model_share:6.1%} {window.p50_ms:6.1f} {window.p99_ms:6.1f}"
+        f" {window.late:4d} {window.feature_age_p99_ms:6.0f} {window.consumer_lag:5d}"
+        f" {window.worker_restarts:3d}  {sources}{flag}{broken}\n{'':>11} {procs}"
+    )
+
+
+def write_json(path: Path, summary: dict[str, object], windows: Sequence[Window]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {**summary, "windows": [asdict(w) for w in windows]}
+    path.write_text(json.dumps(doc, indent=1))
+
+
+def draw_timeline(path: Path, windows: Sequence[Window], title: str) -> None:
+    """Four panels over time: model share, p50/p99, feature age p99 and lag, CPU and RSS
+    of every process; fault windows shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [w.end_s / 60 for w in windows]
+    fig, axes = plt.subplots(4, 1, figsize=(11, 12), sharex=True)
+    axes[0].plot(t, [100 * w.model_share for w in windows], label="model share %")
+    axes[0].set_ylabel("model share %")
+    axes[0].set_ylim(0, 101)
+    axes[1].plot(t, [w.p50_ms for w in windows], label="p50")
+    axes[1].plot(t, [w.p99_ms for w in windows], label="p99")
+    axes[1].set_ylabel("Decide latency ms")
+    axes[1].legend(loc="upper left")
+    axes[2].plot(t, [w.feature_age_p99_ms for w in windows], label="feature age p99 ms")
+    axes[2].plot(t, [w.consumer_lag for w in windows], label="consumer lag (messages)")
+    axes[2].set_yscale("symlog")
+    axes[2].legend(loc="upper left")
+    names = list(windows[0].processes) if windows else []
+    for name in names:
+        axes[3].plot(t, [w.processes.get(name, (0.0, 0.0))[0] for w in windows], label=name)
+    axes[3].set_ylabel("CPU % of one core")
+    axes[3].legend(loc="upper left", fontsize=7, ncol=3)
+    rss_axis = axes[3].twinx()
+    total_rss = [sum(rss for _, rss in w.processes.values()) for w in windows]
+    rss_axis.plot(t, total_rss, "k--", label="stack RSS MB")
+    rss_axis.set_ylabel("stack RSS MB (dashed)")
+    for axis in axes:
+        for w in windows:
+            if w.fault:
+                axis.axvspan(w.start_s / 60, w.end_s / 60, color="orange", alpha=0.15)
+    axes[3].set_xlabel("minutes since the load started")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
