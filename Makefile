@@ -19,7 +19,7 @@ lock: ## Pin the virtualenv's exact versions into constraints.txt
 	  echo "# after changing pyproject.toml's dependencies."; \
 	  $(PY) -m pip freeze --exclude-editable | grep -iv '^decision-service'; } > constraints.txt
 
-run: setup ## Run the local stack (redis, Tansu, TorchServe x3, decision server); Ctrl-C stops it
+run: setup ## Run the local stack (redis, Kafka-protocol broker, TorchServe x3, decision server); Ctrl-C stops it
 	@$(PY) -m server.localstack
 
 models: setup ## Train the champion and challenger into .run/models and write docs/models.md
@@ -47,10 +47,11 @@ test: setup-ci lint proto-check ## Set up, lint, check the protos and run every 
 test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths), Decide vs TorchServe latency, ingest, audit, model serving, shadow
+bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths), Decide vs TorchServe latency, ingest, broker, audit, model serving, shadow
 	@$(PY) -m loadtest.bench_paths
 	@$(PY) -m loadtest.bench_latency
 	@$(PY) -m loadtest.bench_ingest
+	@$(PY) -m loadtest.bench_broker --duration-s 300
 	@$(PY) -m loadtest.bench_audit
 	@$(PY) -m loadtest.bench_models
 	@$(PY) -m loadtest.bench_shadow

@@ -1,6 +1,6 @@
 """Feature-cache ingest: throughput through one consumer, and Kafka → Redis freshness.
 
-Starts its own Tansu broker and redis-server on free loopback ports. Throughput: N
+Starts its own Kafka-protocol broker and redis-server on free loopback ports. Throughput: N
 generated events are published first, then one consumer (this process) is timed from
 start until every event is in Redis. Freshness: a replayer process publishes at a fixed
 rate (5,000 events/s by default) while the consumer runs; freshness is the time from a
@@ -24,9 +24,9 @@ from feature_cache.consumer import FeatureConsumer
 from feature_cache.generator import MarketGenerator
 from feature_cache.replay import Progress, rebased, replay
 from loadtest.stats import percentile
+from server.localstack.kafka_broker import create_topics, start_kafka_broker
 from server.localstack.processes import ManagedProcess, free_ports
 from server.localstack.redis_server import start_redis
-from server.localstack.tansu import create_topics, start_tansu
 from server.settings import KafkaSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,11 +106,11 @@ async def freshness(
 
 
 async def run(args: argparse.Namespace, run_dir: Path) -> None:
-    tansu_port, redis_port = free_ports(2)
-    tansu = start_tansu(tansu_port, run_dir / "tansu")
+    broker_port, redis_port = free_ports(2)
+    broker = start_kafka_broker(broker_port, run_dir / "kafka")
     redis_proc = start_redis(redis_port, run_dir / "redis")
     try:
-        bootstrap = f"127.0.0.1:{tansu_port}"
+        bootstrap = f"127.0.0.1:{broker_port}"
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         topics = {"bench-tp": PARTITIONS, "bench-fresh": PARTITIONS, "bench.dlq": 1}
         await create_topics(bootstrap, topics)
@@ -127,7 +127,7 @@ async def run(args: argparse.Namespace, run_dir: Path) -> None:
         )
     finally:
         redis_proc.stop()
-        tansu.stop()
+        broker.stop()
     print()
     print("| measure | value | target |")
     print("| --- | ---: | ---: |")

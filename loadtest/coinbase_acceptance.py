@@ -1,6 +1,6 @@
 """Acceptance: the real Coinbase recording through Kafka into Redis features, checked.
 
-Starts its own Tansu broker and redis-server, replays the recording (default:
+Starts its own Kafka-protocol broker and redis-server, replays the recording (default:
 ``../shared/data/coinbase-l2-2021-04-17/COINBASE.ws.28.0`` beside the repository) at
 full speed through one consumer, and checks that every product's features in Redis
 equal the features computed offline from the same events. Exit status 0 when they do.
@@ -24,9 +24,9 @@ from feature_cache.features import compute_offline, same_features
 from feature_cache.replay import Progress, replay
 from feature_cache.schema import FEATURE_NAMES
 from feature_cache.store import FeatureReader
+from server.localstack.kafka_broker import create_topics, start_kafka_broker
 from server.localstack.processes import free_ports
 from server.localstack.redis_server import start_redis
-from server.localstack.tansu import create_topics, start_tansu
 from server.settings import KafkaSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,12 +38,12 @@ async def run(path: Path, run_dir: Path) -> int:
     events = list(read_recording(path, parser=parser))
     want = compute_offline(events)
     print(f"{len(events):,} events for {len(want)} products from {path.name}", flush=True)
-    tansu_port, redis_port = free_ports(2)
-    tansu = start_tansu(tansu_port, run_dir / "tansu")
+    broker_port, redis_port = free_ports(2)
+    broker = start_kafka_broker(broker_port, run_dir / "kafka")
     redis_proc = start_redis(redis_port, run_dir / "redis")
     redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
     try:
-        bootstrap = f"127.0.0.1:{tansu_port}"
+        bootstrap = f"127.0.0.1:{broker_port}"
         await create_topics(bootstrap, {"coinbase": 4, "coinbase.dlq": 1})
         settings = KafkaSettings(
             bootstrap_servers=bootstrap,
@@ -72,7 +72,7 @@ async def run(path: Path, run_dir: Path) -> int:
     finally:
         await redis.aclose()
         redis_proc.stop()
-        tansu.stop()
+        broker.stop()
 
     shown = ("spread_bps", "imbalance_l5", "ofi_5s", "realized_vol_30s_bps", "trade_intensity_5s")
     index = [FEATURE_NAMES.index(name) for name in shown]

@@ -11,9 +11,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from server.localstack.kafka_broker import start_kafka_broker
 from server.localstack.processes import ManagedProcess, free_port, free_ports
 from server.localstack.redis_server import start_redis
-from server.localstack.tansu import start_tansu
 from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
 from torchserve.archive import ArchiveInfo
 from torchserve.train import ensure_models
@@ -82,9 +82,9 @@ class KafkaInstance:
 
 @pytest.fixture(scope="session")
 def kafka_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaInstance]:
-    """A real Tansu broker (Kafka protocol, memory only) for the session."""
+    """A real Kafka-protocol broker (localkafka, on disk) for the session."""
     port = free_port()
-    proc = start_tansu(port, tmp_path_factory.mktemp("tansu"))
+    proc = start_kafka_broker(port, tmp_path_factory.mktemp("kafka"))
     try:
         yield KafkaInstance(proc, port)
     finally:

@@ -68,6 +68,12 @@ def start_ready(
     return proc
 
 
+def niced(argv: Sequence[str], niceness: int) -> list[str]:
+    """``argv`` run at a lower CPU priority (``nice``: the same process, so its process
+    group and children keep it)."""
+    return ["nice", "-n", str(niceness), *argv] if niceness else list(argv)
+
+
 def listening(port: int, host: str = "127.0.0.1") -> Callable[[], bool]:
     return lambda: port_open(host, port)
 

@@ -22,7 +22,7 @@ from google.protobuf import empty_pb2
 
 from feature_cache.schema import MODEL_INPUT_WIDTH
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
-from server.localstack.processes import ManagedProcess, start_ready
+from server.localstack.processes import ManagedProcess, niced, start_ready
 from server.model_client import pack_rows
 
 
@@ -108,9 +108,10 @@ def torchserve_replica(
     run_dir: Path,
     *,
     model_section: str | None = None,
+    niceness: int = 0,
 ) -> ManagedProcess:
     """The replica ``name`` (not started); its model section is ``role_section(name)``
-    unless one is given."""
+    unless one is given; ``niceness``: its CPU priority (``nice``), JVM and workers too."""
     replica_dir = run_dir / name
     tmp_dir = replica_dir / "tmp"
     logs_dir = replica_dir / "logs"
@@ -137,7 +138,11 @@ def torchserve_replica(
         "METRICS_LOCATION": str(logs_dir),
     }
     return ManagedProcess(
-        f"torchserve-{name}", argv, cwd=replica_dir, log_path=logs_dir / "stdout.log", env=env
+        f"torchserve-{name}",
+        niced(argv, niceness),
+        cwd=replica_dir,
+        log_path=logs_dir / "stdout.log",
+        env=env,
     )
 
 

@@ -1,4 +1,4 @@
-"""Topics and consumers of the test's own on the session's Tansu broker and redis-server."""
+"""Topics and consumers of the test's own on the session's broker and redis-server."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from feature_cache.events import MarketEvent
 from feature_cache.features import compute_offline, same_features
 from feature_cache.replay import Progress, replay
 from feature_cache.store import FeatureReader
-from server.localstack.tansu import create_topics
+from server.localstack.kafka_broker import create_topics
 from server.settings import KafkaSettings
 from tests.conftest import KafkaInstance
 

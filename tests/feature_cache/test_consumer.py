@@ -1,4 +1,4 @@
-"""The consumer against a real Tansu broker and a real redis-server."""
+"""The consumer against a real Kafka-protocol broker (localkafka) and a real redis-server."""
 
 from __future__ import annotations
 

@@ -1,0 +1,195 @@
+"""The log of one topic-partition: a directory of segments, a log start offset, and waiters.
+
+Contract:
+- ``append`` numbers the batches from the high watermark, writes them to the active segment
+  (rolling first when it would pass ``segment_bytes``) and wakes every waiting fetch.
+- ``read(offset, max_bytes)`` returns whole batches from the one holding ``offset``, from
+  one segment, at least one batch; ``b""`` at the high watermark; ``OffsetOutOfRangeError``
+  outside ``[log_start_offset, high_watermark]``. Its cost is two bisections and one pread,
+  whatever the length of the log.
+- ``enforce_retention(now_ms)`` deletes the oldest whole segments whose newest timestamp is
+  older than ``retention_ms``; when that is every segment, it rolls a new empty one first,
+  so a log always has an active segment.
+- ``delete_records(offset)`` moves the log start offset (persisted in ``log-start-offset``)
+  and deletes the whole segments below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from bisect import bisect_right
+from dataclasses import dataclass
+from pathlib import Path
+
+from localkafka.errors import OffsetOutOfRangeError
+from localkafka.fsutil import write_atomic
+from localkafka.records import BatchInfo, assign_offsets
+from localkafka.segment import SUFFIX, Segment
+
+log = logging.getLogger(__name__)
+
+LOG_START_FILE = "log-start-offset"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    retention_ms: int
+    """Age (ms) past which a whole segment is deleted, judged by its newest timestamp; -1 keeps
+    everything."""
+    segment_bytes: int
+    """Size (bytes) at which the active segment is closed and a new one started."""
+
+
+class PartitionLog:
+    def __init__(self, directory: Path, config: LogConfig, segments: list[Segment], start: int):
+        self.directory = directory
+        self.config = config
+        self._segments = segments
+        self._bases = [s.base_offset for s in segments]
+        self._log_start = start
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    @classmethod
+    def open(cls, directory: Path, config: LogConfig) -> PartitionLog:
+        """Opens (or creates) the log in ``directory``, repairing a torn tail."""
+        directory.mkdir(parents=True, exist_ok=True)
+        segments: list[Segment] = []
+        for path in sorted(directory.glob(f"*{SUFFIX}")):
+            if not path.stem.isdigit():
+                log.warning("%s: not a segment name, ignored", path)
+                continue
+            if segments and segments[-1].next_offset != int(path.stem):
+                # An earlier segment lost its tail: what follows would leave a gap.
+                log.warning("%s: follows a truncated segment, deleted", path)
+                path.unlink()
+                continue
+            segments.append(Segment.open(path, int(path.stem)))
+        start_file = directory / LOG_START_FILE
+        stored = int(start_file.read_text()) if start_file.exists() else 0
+        if not segments:
+            segments.append(Segment.create(directory, stored))
+        start = min(max(stored, segments[0].base_offset), segments[-1].next_offset)
+        return cls(directory, config, segments, start)
+
+    @property
+    def log_start_offset(self) -> int:
+        return self._log_start
+
+    @property
+    def high_watermark(self) -> int:
+        """The offset the next appended record gets (every append is committed at once)."""
+        return self._segments[-1].next_offset
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.size for s in self._segments)
+
+    def append(self, data: bytes, batches: list[BatchInfo]) -> int:
+        """Appends validated batches; returns the offset given to the first record."""
+        active = self._segments[-1]
+        if active.size > 0 and active.size + len(data) > self.config.segment_bytes:
+            active = self._roll()
+        base = active.next_offset
+        active.append(assign_offsets(data, batches, base), batches)
+        self._wake()
+        return base
+
+    def _roll(self) -> Segment:
+        segment = Segment.create(self.directory, self.high_watermark)
+        self._segments.append(segment)
+        self._bases.append(segment.base_offset)
+        log.debug("%s: rolled a new segment at offset %d", self.directory, segment.base_offset)
+        return segment
+
+    def read(self, offset: int, max_bytes: int) -> bytes:
+        if offset < self._log_start or offset > self.high_watermark:
+            raise OffsetOutOfRangeError(offset, self._log_start, self.high_watermark)
+        if offset == self.high_watermark:
+            return b""
+        segment = self._segments[bisect_right(self._bases, offset) - 1]
+        return segment.read(offset, max_bytes)
+
+    def offset_for_timestamp(self, timestamp: int) -> tuple[int, int] | None:
+        """(offset, timestamp) of the first record stamped at or after ``timestamp``."""
+        for segment in self._segments:
+            if segment.max_timestamp >= timestamp:
+                found = segment.find_timestamp(timestamp)
+                if found is not None:
+                    return max(found[0], self._log_start), found[1]
+        return None
+
+    def delete_records(self, offset: int) -> int:
+        """Moves the log start offset up to ``offset`` (-1: the high watermark); returns it."""
+        if offset == -1:
+            offset = self.high_watermark
+        if offset < 0 or offset > self.high_watermark:
+            raise OffsetOutOfRangeError(offset, self._log_start, self.high_watermark)
+        if offset > self._log_start:
+            write_atomic(self.directory / LOG_START_FILE, str(offset).encode())
+            self._log_start = offset
+            whole = 0
+            while whole < len(self._segments) - 1 and self._segments[whole].next_offset <= offset:
+                whole += 1
+            self._delete_oldest(whole)
+        return self._log_start
+
+    def enforce_retention(self, now_ms: int) -> int:
+        """Deletes the segments past retention; returns how many."""
+        if self.config.retention_ms < 0:
+            return 0
+        cutoff = now_ms - self.config.retention_ms
+        expired = 0
+        for segment in self._segments:
+            if segment.size == 0 or segment.max_timestamp >= cutoff:
+                break
+            expired += 1
+        if expired == len(self._segments):
+            self._roll()
+        self._delete_oldest(expired)
+        return expired
+
+    def _delete_oldest(self, count: int) -> None:
+        if count <= 0:
+            return
+        for segment in self._segments[:count]:
+            segment.delete()
+        del self._segments[:count]
+        del self._bases[:count]
+        self._log_start = max(self._log_start, self._segments[0].base_offset)
+        log.info(
+            "%s: deleted %d segment(s); log start offset now %d",
+            self.directory,
+            count,
+            self._log_start,
+        )
+
+    def add_waiter(self, waiter: asyncio.Future[None]) -> None:
+        """``waiter`` gets a result at the next append (or when the log closes)."""
+        self._waiters.add(waiter)
+
+    def discard_waiter(self, waiter: asyncio.Future[None]) -> None:
+        self._waiters.discard(waiter)
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    def dup_dirty(self) -> list[int]:
+        """Duplicated descriptors of the segments written since the last call, to fsync."""
+        return [fd for s in self._segments if (fd := s.dup_if_dirty()) is not None]
+
+    def fsync(self) -> None:
+        for segment in self._segments:
+            segment.fsync()
+
+    def close(self) -> None:
+        self._wake()
+        for segment in self._segments:
+            segment.close()

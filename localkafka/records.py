@@ -1,0 +1,135 @@
+"""Kafka v2 record batches (magic 2) as bytes: header parsing, CRC checks, offset rewriting.
+
+The broker stores batches exactly as producers sent them, except for the base offset (and
+the partition leader epoch, set to 0). Neither is covered by the batch CRC32C, which spans
+the bytes from ``attributes`` to the end of the batch, so a rewrite needs no re-checksum.
+
+Layout of the 61-byte header (all big-endian)::
+
+    base_offset int64 | batch_length int32 | partition_leader_epoch int32 | magic int8 |
+    crc uint32 | attributes int16 | last_offset_delta int32 | first_timestamp int64 |
+    max_timestamp int64 | producer_id int64 | producer_epoch int16 | base_sequence int32 |
+    records_count int32
+
+``batch_length`` counts the bytes after itself, so a batch occupies ``12 + batch_length``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from aiokafka.record.default_records import DefaultRecordBatch
+from aiokafka.record.util import calc_crc32c
+
+from localkafka.errors import ErrorCode, InvalidRecordsError
+
+HEADER = struct.Struct(">qiiBIhiqqqhii")
+HEADER_SIZE = HEADER.size  # 61
+LOG_OVERHEAD = 12  # base offset and length: the bytes outside batch_length
+_CRC_START = 21  # attributes onwards
+_PREFIX = struct.Struct(">qi")
+_EPOCH = struct.Struct(">i")
+
+
+class BatchInfo(NamedTuple):
+    """Where one batch lies in a buffer, and what the index keeps of it."""
+
+    position: int
+    size: int
+    base_offset: int
+    record_count: int
+    max_timestamp: int
+
+
+def _parse(buf: bytes | memoryview, pos: int) -> BatchInfo:
+    """The batch at ``pos``; raises ``InvalidRecordsError`` if it is not a whole valid one."""
+    if len(buf) - pos < HEADER_SIZE:
+        raise InvalidRecordsError(ErrorCode.CORRUPT_MESSAGE, "truncated batch header")
+    (
+        base_offset,
+        length,
+        _epoch,
+        magic,
+        crc,
+        _attributes,
+        last_offset_delta,
+        _first_ts,
+        max_ts,
+        _producer_id,
+        _producer_epoch,
+        _base_sequence,
+        count,
+    ) = HEADER.unpack_from(buf, pos)
+    if magic != 2:
+        raise InvalidRecordsError(
+            ErrorCode.UNSUPPORTED_FOR_MESSAGE_FORMAT, f"record batch magic {magic}, want 2"
+        )
+    size = LOG_OVERHEAD + length
+    if size < HEADER_SIZE or pos + size > len(buf):
+        raise InvalidRecordsError(ErrorCode.CORRUPT_MESSAGE, f"batch length {length} invalid")
+    if count <= 0 or last_offset_delta != count - 1:
+        raise InvalidRecordsError(
+            ErrorCode.CORRUPT_MESSAGE,
+            f"{count} records with last offset delta {last_offset_delta}",
+        )
+    if calc_crc32c(memoryview(buf)[pos + _CRC_START : pos + size]) != crc:
+        raise InvalidRecordsError(ErrorCode.CORRUPT_MESSAGE, "record batch CRC mismatch")
+    return BatchInfo(pos, size, base_offset, count, max_ts)
+
+
+def split_batches(data: bytes | None, max_batch_bytes: int) -> list[BatchInfo]:
+    """Every batch of a produced ``records`` field, which must hold only whole valid batches."""
+    if not data:
+        raise InvalidRecordsError(ErrorCode.CORRUPT_MESSAGE, "no record batches")
+    batches = []
+    pos = 0
+    while pos < len(data):
+        info = _parse(data, pos)
+        if info.size > max_batch_bytes:
+            raise InvalidRecordsError(
+                ErrorCode.MESSAGE_TOO_LARGE, f"batch of {info.size} B over {max_batch_bytes} B"
+            )
+        batches.append(info)
+        pos += info.size
+    return batches
+
+
+def valid_prefix(buf: bytes, first_offset: int) -> tuple[list[BatchInfo], int]:
+    """The batches of a stored segment up to the first torn, corrupt or out-of-sequence one.
+
+    Returns them and the byte length they cover; what follows is to be truncated.
+    """
+    batches: list[BatchInfo] = []
+    pos = 0
+    expected = first_offset
+    while pos < len(buf):
+        try:
+            info = _parse(buf, pos)
+        except InvalidRecordsError:
+            break
+        if info.base_offset != expected:
+            break
+        batches.append(info)
+        pos += info.size
+        expected += info.record_count
+    return batches, pos
+
+
+def assign_offsets(data: bytes, batches: list[BatchInfo], base_offset: int) -> bytearray:
+    """A copy of ``data`` whose batches start at ``base_offset`` and run on contiguously."""
+    out = bytearray(data)
+    offset = base_offset
+    for info in batches:
+        _PREFIX.pack_into(out, info.position, offset, info.size - LOG_OVERHEAD)
+        _EPOCH.pack_into(out, info.position + LOG_OVERHEAD, 0)
+        offset += info.record_count
+    return out
+
+
+def first_at_or_after(batch: bytes, timestamp: int) -> tuple[int, int] | None:
+    """(offset, timestamp) of the first record in ``batch`` stamped at or after ``timestamp``."""
+    for record in DefaultRecordBatch(batch):
+        if record.timestamp >= timestamp:
+            return record.offset, record.timestamp
+    return None
