@@ -6,7 +6,6 @@ why ("no cached score; rules: spread 12.0 bps > 10.0").
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -17,7 +16,7 @@ import redis.exceptions
 
 from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache
-from server.deadline import Budget
+from server.deadline import Budget, within
 from server.domain import Decision, OrderRequest, Source
 
 log = logging.getLogger(__name__)
@@ -57,12 +56,14 @@ class FallbackChain:
         cached_score_max_age_ms: float,
         model_threshold: float,
         response_margin_ms: float,
+        read_timeout_ms: float,
     ) -> None:
         self._score_cache = score_cache
         self._rules = rules
         self._max_age_ms = cached_score_max_age_ms
         self._model_threshold = model_threshold
         self._margin_ms = response_margin_ms
+        self._read_timeout_ms = read_timeout_ms
         policy = {
             "rules": rules.parameters(),
             "cached_score_max_age_ms": cached_score_max_age_ms,
@@ -89,9 +90,10 @@ class FallbackChain:
             problem = "cached score skipped: no budget left"
         else:
             try:
-                async with asyncio.timeout(left_ms / 1000.0):
-                    keys = [(item.order.symbol, item.order.side) for item in items]
-                    return await self._score_cache.get_many(keys), "no cached score"
+                keys = [(item.order.symbol, item.order.side) for item in items]
+                left_ms = min(left_ms, self._read_timeout_ms)
+                cached = await within(self._score_cache.get_many(keys), left_ms / 1000.0)
+                return cached, "no cached score"
             except TimeoutError:
                 problem = f"cached score lookup timed out after {left_ms:.1f} ms"
             except (redis.exceptions.RedisError, OSError) as exc:

@@ -1,9 +1,19 @@
-"""A request's time budget, and how much of it one model call may spend."""
+"""A request's time budget, how much of it one model call may spend, and waiting for a
+call within it without cancelling the call."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Calls left to finish after their callers stopped waiting: held here so that nothing
+# collects them before they end (the event loop keeps only weak references to tasks).
+_abandoned: set[asyncio.Future[Any]] = set()
 
 
 class Budget:
@@ -41,3 +51,35 @@ def model_call_timeout_ms(
     """
     jittered_cap = cap_ms * (1.0 - jitter * rng.random())
     return min(remaining_ms - reserve_ms, jittered_cap)
+
+
+async def within(call: Coroutine[Any, Any, T], timeout_s: float) -> T:
+    """Awaits ``call`` for at most ``timeout_s``, then raises ``TimeoutError`` at once.
+
+    The call is abandoned, not cancelled: it finishes in the background and its outcome
+    is dropped. Cancelling a client call mid-flight makes the client clean up first
+    (redis-py closes its connection), and a hung server stretches that clean-up past the
+    caller's deadline: a paused Redis made answers late that way. The client's own socket
+    timeout bounds how long an abandoned call lives.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=max(timeout_s, 0.0))
+    except asyncio.CancelledError:
+        _abandon(task)
+        raise
+    if task in done:
+        return task.result()
+    _abandon(task)
+    raise TimeoutError
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    _abandoned.add(task)
+    task.add_done_callback(_forget)
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: an outcome nobody waits for is not an error

@@ -32,7 +32,7 @@ from server.audit.trail import DecisionAudit
 from server.control.canary import CANARY, CHAMPION, CanaryMonitor
 from server.control.flags import SHADOW_SAMPLE_RATE
 from server.control.state import GLOBAL_SCOPE, ControlState
-from server.deadline import Budget
+from server.deadline import Budget, within
 from server.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
 from server.errors import Overloaded
 from server.router import Attempt, ReplicaRouter
@@ -72,6 +72,7 @@ class DecisionEngine:
         decision: DecisionSettings,
         feature_max_age_ms: float,
         score_write_interval_ms: float,
+        read_timeout_ms: float,
         control: Callable[[], ControlState] = ControlState,
         canary: CanaryMonitor | None = None,
         shadow: ShadowScorer | None = None,
@@ -84,6 +85,7 @@ class DecisionEngine:
         self._audit = audit
         self._threshold = decision.threshold
         self._margin_ms = decision.response_margin_ms
+        self._read_timeout_ms = read_timeout_ms
         self._max_age_ms = feature_max_age_ms
         self._pending_writes: set[asyncio.Task[None]] = set()
         self._score_write_interval_us = int(score_write_interval_ms * 1000)
@@ -243,8 +245,10 @@ class DecisionEngine:
             problem = "features skipped: no budget left"
         else:
             try:
-                async with asyncio.timeout(left_ms / 1000.0):
-                    read = await self._features.read_many([orders[i].symbol for i in wanted])
+                left_ms = min(left_ms, self._read_timeout_ms)
+                read = await within(
+                    self._features.read_many([orders[i].symbol for i in wanted]), left_ms / 1000.0
+                )
                 for i, record in zip(wanted, read, strict=True):
                     records[i] = record
             except TimeoutError:

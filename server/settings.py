@@ -205,6 +205,14 @@ class RedisSettings(_Section):
         description="Redis socket timeout: a safety net for a hung Redis; every read on the "
         "decision path is bounded by its request's budget anyway.",
     )
+    read_timeout_ms: float = Field(
+        10.0,
+        gt=0,
+        description="Cap on one Redis read on the decision path (features, cached score): "
+        "a Redis that has not answered by then is sick, and the rest of the budget stays "
+        "for the ladder. Without it a paused Redis took the whole budget and answers came "
+        "late.",
+    )
     max_connections: int = Field(64, ge=1, description="Connection pool size.")
 
 

@@ -43,6 +43,7 @@ def server_process_env(
         **os.environ,
         "DECISION_REDIS__URL": redis_url,
         "DECISION_REDIS__KEY_PREFIX": key_prefix,
+        "DECISION_REDIS__READ_TIMEOUT_MS": "200",
         # Tests write features once: a long bound keeps them fresh on a slow machine.
         "DECISION_FEATURES__MAX_AGE_MS": "120000",
         "DECISION_TORCHSERVE__PRIMARY_ADDRESS": replicas["primary"].address,

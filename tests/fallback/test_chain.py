@@ -16,6 +16,7 @@ def chain(max_spread_bps: float = 10.0, max_age_ms: float = 1000.0) -> FallbackC
         cached_score_max_age_ms=max_age_ms,
         model_threshold=0.55,
         response_margin_ms=0.5,
+        read_timeout_ms=10.0,
     )
 
 

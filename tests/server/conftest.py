@@ -61,7 +61,8 @@ def make_settings(
         },
         "server": {"port": 0, "grace_period_s": 1.0},
         "telemetry": {"metrics_port": 0},
-        "redis": {"url": redis_url, "key_prefix": key_prefix},
+        # A busy test machine can take longer than the 10 ms default for a Redis read.
+        "redis": {"url": redis_url, "key_prefix": key_prefix, "read_timeout_ms": 200.0},
         # Tests write features once; a long bound keeps them fresh however slow the machine.
         "features": {"max_age_ms": 120_000.0},
         # Nothing listens on these unless a test passes its replicas' addresses.

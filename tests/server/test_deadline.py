@@ -1,12 +1,14 @@
-"""Budget arithmetic for model calls (pure logic)."""
+"""Budget arithmetic for model calls, and waiting for a call without cancelling it."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 
 import pytest
 
-from server.deadline import Budget, model_call_timeout_ms
+from server.deadline import Budget, model_call_timeout_ms, within
 
 
 def test_no_caller_deadline_uses_the_default_budget():
@@ -38,3 +40,31 @@ def test_jitter_only_lowers_the_cap_by_at_most_its_share():
     assert min(values) >= 18.0
     assert max(values) <= 20.0
     assert len(set(values)) > 900
+
+
+async def test_within_returns_at_its_timeout_however_slow_the_call_is_to_clean_up():
+    """A client whose clean-up on cancellation blocks (redis-py closing its connection to
+    a paused server) must not hold the caller past its timeout."""
+    cleaned = asyncio.Event()
+
+    async def slow_call() -> str:
+        try:
+            await asyncio.sleep(0.5)
+            return "late"
+        finally:
+            await asyncio.sleep(0.2)  # a clean-up that takes its time
+            cleaned.set()
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await within(slow_call(), 0.02)
+    assert time.monotonic() - started < 0.15
+    assert not cleaned.is_set()  # left running, not cancelled
+    await asyncio.wait_for(cleaned.wait(), 2)
+
+
+async def test_within_gives_the_answer_of_a_call_that_ends_in_time():
+    async def quick() -> int:
+        return 7
+
+    assert await within(quick(), 1.0) == 7
