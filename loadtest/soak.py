@@ -179,7 +179,7 @@ async def soak(args: argparse.Namespace) -> int:
         except ProcessStartError as exc:
             print(f"the stack did not start: {exc}")
             return 2
-        sampler = ProcessSampler(stack.processes)
+        sampler = ProcessSampler(stack.processes, own_name="soak-client")
         lag = ConsumerLag(
             f"127.0.0.1:{stack.kafka_port}", settings.kafka.topic, settings.kafka.group_id
         )

@@ -30,10 +30,10 @@ class GroupUsage:
     rss_mb: float
 
 
-def group_usage(pgid: int) -> GroupUsage:
+def usage_of(pids: list[int]) -> GroupUsage:
     cpu_ticks = 0
     rss_pages = 0
-    for pid in live_group_members(pgid):
+    for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
@@ -51,14 +51,20 @@ class ProcessSampler:
     one window, never negative.
     """
 
-    def __init__(self, processes: Mapping[str, ManagedProcess]) -> None:
+    def __init__(
+        self, processes: Mapping[str, ManagedProcess], *, own_name: str | None = None
+    ) -> None:
+        """``own_name``: also sample this process (the load generator) under that name."""
         self._pgids = {name: proc.pid for name, proc in processes.items() if proc.pid}
+        self._own_name = own_name
         self._last: dict[str, GroupUsage] = {}
         self._last_at = 0.0
 
     def sample(self, now: float) -> dict[str, tuple[float, float]]:
         """name -> (CPU % of one core since the last sample, RSS MB now)."""
-        usage = {name: group_usage(pgid) for name, pgid in self._pgids.items()}
+        usage = {name: usage_of(live_group_members(pgid)) for name, pgid in self._pgids.items()}
+        if self._own_name:
+            usage[self._own_name] = usage_of([os.getpid()])
         elapsed = now - self._last_at if self._last_at else 0.0
         result = {}
         for name, now_usage in usage.items():
