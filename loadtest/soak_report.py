@@ -30,7 +30,7 @@ class Answer:
     latency_ms: float  # from the send
     outcome: str  # the source (PRIMARY, RULES, ...) or the gRPC status name if not OK
     feature_age_ms: float  # -1: none used, or not OK
-    late: bool  # answered (or failed) after the caller's deadline
+    late: bool  # ended DEADLINE_EXCEEDED: no answer within the caller's deadline
     decision_id: str = ""
 
 
