@@ -79,7 +79,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         await self._owner.checkpoint(revoked)  # the next owner starts where this one ends
         for tp in revoked:
-            self._owner.states.pop(tp, None)
+            self._owner.revoke(tp)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
@@ -104,6 +104,8 @@ class FeatureConsumer:
             bootstrap_servers=settings.bootstrap_servers, client_id="feature-cache-dlq"
         )
         self.states: dict[TopicPartition, dict[str, SymbolState]] = {}
+        # Per owned partition: the first offset its states do not hold yet.
+        self._next_offset: dict[TopicPartition, int] = {}
         # Since the last checkpoint: the states that changed, the last offset handled.
         self._dirty: dict[TopicPartition, dict[str, SymbolState]] = {}
         self._uncommitted: dict[TopicPartition, int] = {}
@@ -188,7 +190,14 @@ class FeatureConsumer:
         return set(self._consumer.assignment())
 
     async def restore(self, tp: TopicPartition) -> None:
-        """Takes over a partition: its states as of its checkpoint, resuming right after it."""
+        """Takes over a partition: its states as of its checkpoint, resuming right after it.
+
+        Not under the batch lock: this runs in aiokafka's rebalance listener, during which
+        no heartbeat goes out, and a batch retrying Redis could hold the lock past the
+        session timeout. aiokafka hands out an assignment before it calls the listener
+        (aio-libs/aiokafka#738), so a batch of the partition may be fetched meanwhile:
+        ``_restored`` sorts it out. States and seek are set with no await between them.
+        """
         delay = 0.05
         while True:
             try:
@@ -201,9 +210,15 @@ class FeatureConsumer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.retry_backoff_max_s)
         self.states[tp] = states
+        self._next_offset[tp] = 0 if offset is None else offset + 1
         if offset is not None:
             self._consumer.seek(tp, offset + 1)
         log.info("assigned %s: %d symbols restored, checkpoint %s", tp, len(states), offset)
+
+    def revoke(self, tp: TopicPartition) -> None:
+        """Forgets a partition another consumer takes over (after its checkpoint)."""
+        self.states.pop(tp, None)
+        self._next_offset.pop(tp, None)
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -232,8 +247,9 @@ class FeatureConsumer:
         last_offset: dict[str, int] = {}
         dead: list[tuple[Record, str]] = []
         latest_us = time.time_ns() // 1000 + MAX_CLOCK_SKEW_US
-        for tp, records in batches.items():
-            states = self.states.setdefault(tp, {})
+        handled = self._restored(batches)
+        for tp, records in handled.items():
+            states = self.states[tp]
             changed = dirty.setdefault(tp, {})
             for record in records:
                 try:
@@ -254,6 +270,7 @@ class FeatureConsumer:
                     continue
                 touched[event.symbol] = changed[event.symbol] = state
                 last_offset[event.symbol] = record.offset
+            self._next_offset[tp] = records[-1].offset + 1  # the states hold them now
         features = []
         for symbol, state in touched.items():
             try:
@@ -272,15 +289,42 @@ class FeatureConsumer:
         ):
             return  # stopping before Redis came back: the next owner replays from the checkpoint
         # Only now, with dead letters sent and features written, may a checkpoint commit them.
-        for tp, records in batches.items():
+        for tp, records in handled.items():
             self._uncommitted[tp] = records[-1].offset
             self._dirty.setdefault(tp, {}).update(dirty[tp])
         self.stats.note_freshness(
-            (r.timestamp for records in batches.values() for r in records), time.time() * 1000
+            (r.timestamp for records in handled.values() for r in records), time.time() * 1000
         )
-        self.stats.events += sum(len(records) for records in batches.values()) - len(dead)
+        self.stats.events += sum(len(records) for records in handled.values()) - len(dead)
         self.stats.batches += 1
         self.stats.records_written += len(features)
+
+    def _restored(
+        self, batches: dict[TopicPartition, list[Record]]
+    ) -> dict[TopicPartition, list[Record]]:
+        """The records to apply: those of restored partitions that their states do not
+        hold yet. A fetch made before a restore's seek may start at an older committed
+        offset, and the seek reads again what such a fetch applied; both are skipped. A
+        partition assigned but not restored yet is read again from the batch's start once
+        it is (its restore seeks to its checkpoint, if it has one); one revoked meanwhile
+        is dropped."""
+        handled = {}
+        for tp, records in batches.items():
+            if tp in self.states:
+                next_offset = self._next_offset.get(tp, 0)
+                if records[0].offset < next_offset:
+                    log.info(
+                        "%s: skipping records below offset %d, applied already", tp, next_offset
+                    )
+                    records = [r for r in records if r.offset >= next_offset]
+                if records:
+                    handled[tp] = records
+            elif tp in self._consumer.assignment():
+                log.info(
+                    "%s: fetched before its restore; reading again from %d", tp, records[0].offset
+                )
+                self._consumer.seek(tp, records[0].offset)
+        return handled
 
     async def _checkpoint_due(self) -> None:
         """Checkpoints one partition at a time, spread over the interval, so that no

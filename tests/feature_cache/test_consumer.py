@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from feature_cache.checkpoint import StateCheckpoints
 from feature_cache.codec import encode
 from feature_cache.generator import MarketGenerator
 from feature_cache.store import FeatureReader
@@ -37,6 +38,35 @@ async def test_replayed_events_become_the_offline_features(
     events = generated(3000)
     await start_consumer()
     await publish(kafka_settings, events)
+    await wait_for_features(FeatureReader(redis_client, key_prefix=key_prefix), events)
+
+
+async def test_records_fetched_before_the_partitions_are_restored_are_not_lost(
+    kafka_settings, start_consumer, redis_client, key_prefix, monkeypatch
+):
+    """aiokafka hands out the assignment before it calls the rebalance listener, so the
+    first fetch can return records while the restore still reads the checkpoint: those
+    records must be applied after the restore, not dropped by it."""
+    events = generated(2000)
+    await publish(kafka_settings, events[:1000])
+    load = StateCheckpoints.load
+    restored = 0
+
+    async def slow_load(self, tp):
+        nonlocal restored
+        await asyncio.sleep(0.5)  # a busy Redis: the first fetch returns meanwhile
+        loaded = await load(self, tp)
+        restored += 1
+        return loaded
+
+    monkeypatch.setattr(StateCheckpoints, "load", slow_load)
+    await start_consumer()
+    deadline = time.monotonic() + 30
+    while restored < PARTITIONS:
+        assert time.monotonic() < deadline, "the partitions were never restored"
+        await asyncio.sleep(0.1)
+    # Applied to what the restore left: the states of the first half, not empty ones.
+    await publish(kafka_settings, events[1000:])
     await wait_for_features(FeatureReader(redis_client, key_prefix=key_prefix), events)
 
 
