@@ -16,7 +16,7 @@ import redis.exceptions
 
 from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache
-from server.deadline import Budget, within
+from server.deadline import Budget, StoreBusy, StoreReads
 from server.domain import Decision, OrderRequest, Source
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,13 @@ class FallbackChain:
         *,
         cached_score_max_age_ms: float,
         model_threshold: float,
-        response_margin_ms: float,
-        read_timeout_ms: float,
+        redis_reads: StoreReads,
     ) -> None:
         self._score_cache = score_cache
         self._rules = rules
         self._max_age_ms = cached_score_max_age_ms
         self._model_threshold = model_threshold
-        self._margin_ms = response_margin_ms
-        self._read_timeout_ms = read_timeout_ms
+        self._redis_reads = redis_reads
         policy = {
             "rules": rules.parameters(),
             "cached_score_max_age_ms": cached_score_max_age_ms,
@@ -85,17 +83,18 @@ class FallbackChain:
         self, items: Sequence[LadderInput], budget: Budget
     ) -> tuple[Sequence[CachedScore | None], str]:
         """The cached scores, or Nones and why the lookup did not happen or failed."""
-        left_ms = budget.remaining_ms() - self._margin_ms
+        left_ms = self._redis_reads.timeout_ms(budget)
         if left_ms <= 0:
             problem = "cached score skipped: no budget left"
         else:
             try:
                 keys = [(item.order.symbol, item.order.side) for item in items]
-                left_ms = min(left_ms, self._read_timeout_ms)
-                cached = await within(self._score_cache.get_many(keys), left_ms / 1000.0)
+                cached = await self._redis_reads.run(self._score_cache.get_many(keys), left_ms)
                 return cached, "no cached score"
             except TimeoutError:
                 problem = f"cached score lookup timed out after {left_ms:.1f} ms"
+            except StoreBusy as exc:
+                problem = f"cached score store busy: {exc}"
             except (redis.exceptions.RedisError, OSError) as exc:
                 problem = f"cached score unavailable ({type(exc).__name__})"
                 log.warning("score cache read failed: %s", exc)

@@ -43,6 +43,7 @@ from server.control.canary import CanaryMonitor
 from server.control.flags import flag_specs
 from server.control.shared import SharedControl
 from server.control.state import CANARY_FIELD
+from server.deadline import StoreReads
 from server.domain import Source
 from server.engine import DecisionEngine
 from server.model_client import (
@@ -134,13 +135,14 @@ class DecisionApp:
         self.settings = settings
         # A full pool makes a caller wait for a connection, for as long as its own
         # budget allows (every read runs under the request's timeout), instead of failing
-        # at once, which would turn a burst into ABSTAINs.
+        # at once, which would turn a burst into ABSTAINs. A read abandoned at its timeout
+        # waits at most the socket timeout for a connection, then as long again for Redis.
         socket_timeout_s = settings.redis.socket_timeout_ms / 1000.0
         self.redis = aioredis.Redis.from_pool(
             aioredis.BlockingConnectionPool.from_url(
                 settings.redis.url,
                 max_connections=settings.redis.max_connections,
-                timeout=None,
+                timeout=socket_timeout_s,
                 socket_timeout=socket_timeout_s,
                 socket_connect_timeout=socket_timeout_s,
                 # A request's budget bounds every read; retrying inside it hides an outage.
@@ -236,6 +238,11 @@ class DecisionApp:
             features=FeatureReader(self.status_redis, key_prefix=settings.redis.key_prefix),
             audit_view=self._audit_view if settings.audit.enabled else lambda: None,
         )
+        # One bound for the features and the cached scores: both read the same Redis pool.
+        redis_reads = StoreReads(
+            cap_ms=settings.redis.read_timeout_ms,
+            max_abandoned=settings.redis.max_abandoned_reads,
+        )
         self.engine = DecisionEngine(
             features=features,
             router=ReplicaRouter(
@@ -254,14 +261,13 @@ class DecisionApp:
                 ),
                 cached_score_max_age_ms=fb.cached_score_max_age_ms,
                 model_threshold=settings.decision.threshold,
-                response_margin_ms=settings.decision.response_margin_ms,
-                read_timeout_ms=settings.redis.read_timeout_ms,
+                redis_reads=redis_reads,
             ),
             score_cache=score_cache,
             audit=recorder,
             decision=settings.decision,
             feature_max_age_ms=settings.features.max_age_ms,
-            read_timeout_ms=settings.redis.read_timeout_ms,
+            redis_reads=redis_reads,
             score_write_interval_ms=fb.cached_score_write_interval_ms,
             control=lambda: self.shared.state,
             canary=self.canary if self.challenger is not None else None,
@@ -286,6 +292,7 @@ class DecisionApp:
                 self.engine,
                 default_budget_ms=settings.decision.default_budget_ms,
                 max_batch_size=settings.server.max_batch_size,
+                response_margin_ms=settings.decision.response_margin_ms,
             ),
             self.server,
         )

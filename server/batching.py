@@ -2,7 +2,8 @@
 
 A ``ModelClient`` in front of another. Each ``predict`` joins a queue; a model call takes
 the queued rows (up to ``max_batch_rows``) whenever fewer than ``max_concurrent_calls``
-calls are out to the replica. So the window adapts to load by itself: an idle replica
+calls are awaited (a call abandoned at its timeout frees its slot; the client below
+bounds those). So the window adapts to load by itself: an idle replica
 gets a request at once (the flush runs in the same event-loop turn, so calls that arrive
 together still share it), a busy one gets whatever gathered while it worked, and no
 timer ever delays a request.

@@ -8,6 +8,13 @@ with a function that returns or raises at once: pybreaker does every state chang
 half-open → closed on success) under its own lock, and the lock is never held across
 an await.
 
+Failures that overlap count once: a call that began before the last failure the breaker
+counted does not count when it fails too. Calls in flight together fail together when
+the replica, or the machine, stalls for a moment, and five of them are one event, not
+five pieces of evidence. A replica that is down fails call after call, each begun after
+the last, so each counts; a hung one has its calls refused at once (``ModelBusy``) once
+its bound of abandoned calls is out unanswered, and each refusal counts.
+
 Once the reset timeout has passed, the breaker goes half-open (pybreaker's transition)
 and lets one trial call through at a time; the others are rejected at once with
 ``BreakerOpenError``. Errors for which ``ignore`` returns True
@@ -17,6 +24,7 @@ and lets one trial call through at a time; the others are rejected at once with
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -64,6 +72,7 @@ class AsyncCircuitBreaker:
             throw_new_error_on_trip=False,
         )
         self._trial_in_flight = False
+        self._failure_counted_at = float("-inf")  # monotonic
 
     @property
     def state(self) -> str:
@@ -134,10 +143,13 @@ class AsyncCircuitBreaker:
         Cancellation (the caller giving up) is not recorded as a replica failure.
         """
         trial = self._admit()
+        started = time.monotonic()
         try:
             result = await fn()
         except Exception as exc:
-            if not self._ignore(exc):
+            overlapped = started < self._failure_counted_at
+            if not self._ignore(exc) and (trial or not overlapped):
+                self._failure_counted_at = time.monotonic()
                 self._record(trial=trial, failure=exc)
             raise
         else:

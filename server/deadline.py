@@ -11,10 +11,6 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-# Calls left to finish after their callers stopped waiting: held here so that nothing
-# collects them before they end (the event loop keeps only weak references to tasks).
-_abandoned: set[asyncio.Future[Any]] = set()
-
 
 class Budget:
     """The time a request has, on the monotonic clock, from the caller's gRPC deadline."""
@@ -26,11 +22,14 @@ class Budget:
         self.deadline = start + total_ms / 1000.0
 
     @classmethod
-    def for_call(cls, time_remaining_s: float | None, default_ms: float) -> Budget:
-        """The caller's remaining deadline, or ``default_ms`` when the call has none."""
+    def for_call(
+        cls, time_remaining_s: float | None, default_ms: float, *, margin_ms: float = 0.0
+    ) -> Budget:
+        """The caller's remaining deadline less ``margin_ms`` (the time the answer needs
+        to reach the caller), or ``default_ms`` when the call has none."""
         if time_remaining_s is None:
             return cls(default_ms)
-        return cls(time_remaining_s * 1000.0)
+        return cls(time_remaining_s * 1000.0 - margin_ms)
 
     def remaining_ms(self) -> float:
         return (self.deadline - time.monotonic()) * 1000.0
@@ -53,33 +52,82 @@ def model_call_timeout_ms(
     return min(remaining_ms - reserve_ms, jittered_cap)
 
 
-async def within(call: Coroutine[Any, Any, T], timeout_s: float) -> T:
-    """Awaits ``call`` for at most ``timeout_s``, then raises ``TimeoutError`` at once.
+# A stalled event loop (its process went unscheduled on a busy machine) may run the timers
+# that fell due before it reads the sockets that filled meanwhile (uvloop, which the
+# server runs on, does), so a wait that ends this late may be for an answer already
+# received. Such a wait gets a moment more, for
+# the loop to read it, before it is called a timeout.
+STALLED_TIMER_S = 0.002
+STALL_GRACE_S = 0.001
 
-    The call is abandoned, not cancelled: it finishes in the background and its outcome
-    is dropped. Cancelling a client call mid-flight makes the client clean up first
-    (redis-py closes its connection), and a hung server stretches that clean-up past the
-    caller's deadline: a paused Redis made answers late that way. The client's own socket
-    timeout bounds how long an abandoned call lives.
+
+async def settled_within(future: asyncio.Future[Any], timeout_s: float) -> bool:
+    """Waits up to ``timeout_s`` for ``future`` (never cancelling it); whether it is done.
+
+    When the wait itself ended more than ``STALLED_TIMER_S`` late (the loop was stalled),
+    the future gets ``STALL_GRACE_S`` more: its answer may be waiting in a socket.
     """
-    task = asyncio.ensure_future(call)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=max(timeout_s, 0.0))
-    except asyncio.CancelledError:
-        _abandon(task)
-        raise
-    if task in done:
-        return task.result()
-    _abandon(task)
-    raise TimeoutError
+    loop = asyncio.get_running_loop()
+    due = loop.time() + timeout_s
+    await asyncio.wait({future}, timeout=max(timeout_s, 0.0))
+    if not future.done() and loop.time() - due > STALLED_TIMER_S:
+        await asyncio.wait({future}, timeout=STALL_GRACE_S)
+    return future.done()
 
 
-def _abandon(task: asyncio.Future[Any]) -> None:
-    _abandoned.add(task)
-    task.add_done_callback(_forget)
+class StoreBusy(Exception):
+    """Not started: the store still runs ``max_abandoned`` reads nobody waits for."""
 
 
-def _forget(task: asyncio.Future[Any]) -> None:
-    _abandoned.discard(task)
-    if not task.cancelled():
-        task.exception()  # retrieved: an outcome nobody waits for is not an error
+class StoreReads:
+    """Reads from one store (Redis) on the decision path, each bounded by the request's
+    budget and by ``cap_ms``.
+
+    A read still running at its timeout is abandoned, not cancelled. Cancelling a client
+    call mid-flight makes the client clean up first (redis-py closes its connection), and
+    a hung server stretches that clean-up past the caller's deadline: a paused Redis made
+    answers late that way. At most ``max_abandoned`` reads are left running at once; past
+    that no read starts (``StoreBusy``) until some end, so a hung store does not gather a
+    backlog that every fresh read waits behind once it wakes. The client's socket timeout
+    bounds how long an abandoned read lives.
+    """
+
+    def __init__(self, *, cap_ms: float, max_abandoned: int) -> None:
+        self.cap_ms = cap_ms
+        self._max_abandoned = max_abandoned
+        self._abandoned: set[asyncio.Future[Any]] = set()
+
+    def timeout_ms(self, budget: Budget) -> float:
+        """What the next read may spend: the budget left, capped."""
+        return min(budget.remaining_ms(), self.cap_ms)
+
+    @property
+    def abandoned(self) -> int:
+        """Reads still running after their caller stopped waiting."""
+        return len(self._abandoned)
+
+    async def run(self, call: Coroutine[Any, Any, T], timeout_ms: float) -> T:
+        """Awaits ``call`` for at most ``timeout_ms``, then raises ``TimeoutError`` at once;
+        ``StoreBusy`` without starting it when too many reads are still abandoned."""
+        if len(self._abandoned) >= self._max_abandoned:
+            call.close()
+            raise StoreBusy(f"{len(self._abandoned)} abandoned reads still running")
+        task = asyncio.ensure_future(call)
+        try:
+            answered = await settled_within(task, timeout_ms / 1000.0)
+        except asyncio.CancelledError:
+            self._abandon(task)
+            raise
+        if answered:
+            return task.result()
+        self._abandon(task)
+        raise TimeoutError
+
+    def _abandon(self, task: asyncio.Future[Any]) -> None:
+        self._abandoned.add(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an outcome nobody waits for is not an error

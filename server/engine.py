@@ -32,7 +32,7 @@ from server.audit.trail import DecisionAudit
 from server.control.canary import CANARY, CHAMPION, CanaryMonitor
 from server.control.flags import SHADOW_SAMPLE_RATE
 from server.control.state import GLOBAL_SCOPE, ControlState
-from server.deadline import Budget, within
+from server.deadline import Budget, StoreBusy, StoreReads
 from server.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
 from server.errors import Overloaded
 from server.router import Attempt, ReplicaRouter
@@ -72,7 +72,7 @@ class DecisionEngine:
         decision: DecisionSettings,
         feature_max_age_ms: float,
         score_write_interval_ms: float,
-        read_timeout_ms: float,
+        redis_reads: StoreReads,
         control: Callable[[], ControlState] = ControlState,
         canary: CanaryMonitor | None = None,
         shadow: ShadowScorer | None = None,
@@ -84,8 +84,7 @@ class DecisionEngine:
         self._score_cache = score_cache
         self._audit = audit
         self._threshold = decision.threshold
-        self._margin_ms = decision.response_margin_ms
-        self._read_timeout_ms = read_timeout_ms
+        self._redis_reads = redis_reads
         self._max_age_ms = feature_max_age_ms
         self._pending_writes: set[asyncio.Task[None]] = set()
         self._score_write_interval_us = int(score_write_interval_ms * 1000)
@@ -238,21 +237,22 @@ class DecisionEngine:
         wanted = [i for i in range(len(orders)) if i not in skip]
         if not wanted:
             return [_Features(None, -1.0)] * len(orders)
-        left_ms = budget.remaining_ms() - self._margin_ms
+        left_ms = self._redis_reads.timeout_ms(budget)
         records: list[FeatureRecord | None] = [None] * len(orders)
         problem = ""
         if left_ms <= 0:
             problem = "features skipped: no budget left"
         else:
             try:
-                left_ms = min(left_ms, self._read_timeout_ms)
-                read = await within(
-                    self._features.read_many([orders[i].symbol for i in wanted]), left_ms / 1000.0
+                read = await self._redis_reads.run(
+                    self._features.read_many([orders[i].symbol for i in wanted]), left_ms
                 )
                 for i, record in zip(wanted, read, strict=True):
                     records[i] = record
             except TimeoutError:
                 problem = f"feature store timed out after {left_ms:.1f} ms"
+            except StoreBusy as exc:
+                problem = f"feature store busy: {exc}"
             except (redis.exceptions.RedisError, OSError) as exc:
                 problem = f"feature store unavailable ({type(exc).__name__})"
                 log.warning("feature read failed: %s", exc)

@@ -27,7 +27,8 @@ until some of them end, so a hung replica never piles them up.
     ModelCallError              a replica failure; counts against its breaker
     ├── ModelTimeout            the caller's wait for the call ended
     ├── ModelUnavailable        connection refused / reset, replica error status
-    │   └── ModelBusy           not sent: too many abandoned calls still out (not counted)
+    │   └── ModelBusy           not sent: too many abandoned calls still out (counted
+    │                           only when the replica answered none of them)
     └── ModelResponseError      an answer we cannot use (wrong count, bad JSON)
     ModelInputError             the replica rejected our rows; not the replica's fault
 """
@@ -48,6 +49,7 @@ import grpc
 from feature_cache.schema import representable
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from proto.third_party.torchserve import open_inference_grpc_pb2 as oip_pb2
+from server.deadline import settled_within
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +81,15 @@ class ModelUnavailable(ModelCallError):
 class ModelBusy(ModelUnavailable):
     """Not sent: the replica still works on ``max_abandoned_calls`` calls nobody waits for.
 
-    Not counted against the breaker: those calls' timeouts were judged when they were
-    abandoned; this only keeps the replica from being sent more than it can answer.
+    Counted against the breaker only when the replica has answered nothing since the
+    oldest of those calls was abandoned (``replica_silent``): a hung replica. Otherwise those
+    calls' timeouts were judged when they were abandoned, and this only keeps a slow
+    replica from being sent more than it can answer.
     """
+
+    def __init__(self, message: str, *, replica_silent: bool) -> None:
+        super().__init__(message)
+        self.replica_silent = replica_silent
 
 
 class ModelResponseError(ModelCallError):
@@ -94,8 +102,10 @@ class ModelInputError(Exception):
 
 def not_the_replicas_fault(exc: BaseException) -> bool:
     """Errors a replica's breaker must not count: our rows, or our caller's short budget."""
-    return isinstance(exc, (ModelInputError, ModelBusy)) or (
-        isinstance(exc, ModelTimeout) and exc.budget_limited
+    return (
+        isinstance(exc, ModelInputError)
+        or (isinstance(exc, ModelBusy) and not exc.replica_silent)
+        or (isinstance(exc, ModelTimeout) and exc.budget_limited)
     )
 
 
@@ -166,7 +176,7 @@ class GrpcModelClient:
         model_name: str,
         *,
         reconnect_backoff_ms: int = 500,
-        wire_timeout_ms: float = 2000.0,
+        wire_timeout_ms: float = 120_000.0,
         max_abandoned_calls: int = 16,
     ) -> None:
         self.name = name
@@ -176,8 +186,9 @@ class GrpcModelClient:
         self._channel: grpc.aio.Channel | None = None
         self._wire_timeout_s = wire_timeout_ms / 1000.0
         self._max_abandoned = max_abandoned_calls
-        self._abandoned: set[asyncio.Future[Any]] = set()
+        self._abandoned: dict[asyncio.Future[Any], float] = {}  # call → abandoned at (monotonic)
         self._abandoned_total = 0
+        self._answered_at = float("-inf")  # monotonic: the replica's last answer of any kind
         self._refused = 0
 
     async def start(self) -> None:
@@ -225,21 +236,29 @@ class GrpcModelClient:
             raise ModelTimeout(f"{self.name} had no time for a call", budget_limited=True)
         if len(self._abandoned) >= self._max_abandoned:
             self._refused += 1
-            raise ModelBusy(f"{self.name} busy: {len(self._abandoned)} abandoned calls still out")
+            silent = self._answered_at < min(self._abandoned.values())
+            raise ModelBusy(
+                f"{self.name} busy: {len(self._abandoned)} abandoned calls still out"
+                + (", none answered since the first was abandoned" if silent else ""),
+                replica_silent=silent,
+            )
         started = time.perf_counter()
         rpc = asyncio.ensure_future(call(max(self._wire_timeout_s, timeout_s)))
         try:
-            response = await asyncio.wait_for(asyncio.shield(rpc), timeout_s)
-        except TimeoutError:
+            answered = await settled_within(rpc, timeout_s)
+        except asyncio.CancelledError:
+            self._abandon(rpc)
+            raise
+        if not answered:
             self._abandon(rpc)
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             raise ModelTimeout(
                 f"{self.name} deadline exceeded after {elapsed_ms:.1f} ms",
                 budget_limited=budget_limited,
-            ) from None
-        except asyncio.CancelledError:
-            self._abandon(rpc)
-            raise
+            )
+        self._note_answer(rpc)
+        try:
+            response = rpc.result()
         except grpc.aio.AioRpcError as exc:
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the wire deadline
@@ -254,18 +273,36 @@ class GrpcModelClient:
         return response, (time.perf_counter() - started) * 1000.0
 
     def _abandon(self, rpc: asyncio.Future[Any]) -> None:
+        # The time of abandonment, not of sending: an answer to a later call that came
+        # while this one was still awaited says nothing about the replica since.
         if rpc.done():
+            self._note_answer(rpc)
             if not rpc.cancelled():
                 rpc.exception()  # retrieved: an answer nobody wants is not an error
             return
-        self._abandoned.add(rpc)
+        self._abandoned[rpc] = time.monotonic()
         self._abandoned_total += 1
         rpc.add_done_callback(self._abandoned_done)
 
     def _abandoned_done(self, rpc: asyncio.Future[Any]) -> None:
-        self._abandoned.discard(rpc)
+        self._abandoned.pop(rpc, None)
+        self._note_answer(rpc)
         if not rpc.cancelled() and rpc.exception() is not None:
             log.debug("%s: an abandoned call ended with %r", self.name, rpc.exception())
+
+    def _note_answer(self, rpc: asyncio.Future[Any]) -> None:
+        """Records that the replica answered, unless ``rpc`` ended without its word (the
+        wire deadline, a cancellation, no connection)."""
+        if rpc.cancelled():
+            return
+        exc = rpc.exception()
+        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.CANCELLED,
+            grpc.StatusCode.UNAVAILABLE,
+        ):
+            return
+        self._answered_at = time.monotonic()
 
     def _scores(
         self, scores: object, version: object, expected: int, elapsed_ms: float
@@ -335,7 +372,7 @@ class OipClient(GrpcModelClient):
         *,
         service: str = TORCHSERVE_OIP_SERVICE,
         reconnect_backoff_ms: int = 500,
-        wire_timeout_ms: float = 2000.0,
+        wire_timeout_ms: float = 120_000.0,
         max_abandoned_calls: int = 16,
     ) -> None:
         super().__init__(

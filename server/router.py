@@ -65,9 +65,9 @@ class ReplicaRouter:
     Each call gets ``min(remaining budget - fallback reserve, jittered per-call cap)``.
     A call is skipped, with the reason recorded, when less than ``min_call_budget_ms``
     would be left for it. A timeout of a call given less than ``min_counted_timeout_ms``
-    does not count against the replica's breaker: a caller with a 4 ms deadline must
-    not open the breaker of a healthy replica that answers in 5, while a replica that
-    misses a 10 ms deadline is unhealthy whoever set it.
+    does not count against the replica's breaker: a caller with a short deadline that
+    leaves a call 4 ms must not open the breaker of a healthy replica that answers in 5,
+    while a replica that misses a 10 ms wait is unhealthy whoever set it.
     """
 
     def __init__(

@@ -70,11 +70,22 @@ def response_to_pb(result: DecisionResult) -> decision_pb2.DecideResponse:
 
 class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     def __init__(
-        self, engine: DecisionEngine, *, default_budget_ms: float, max_batch_size: int
+        self,
+        engine: DecisionEngine,
+        *,
+        default_budget_ms: float,
+        max_batch_size: int,
+        response_margin_ms: float,
     ) -> None:
         self._engine = engine
         self._default_budget_ms = default_budget_ms
         self._max_batch_size = max_batch_size
+        self._margin_ms = response_margin_ms
+
+    def _budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> Budget:
+        return Budget.for_call(
+            context.time_remaining(), self._default_budget_ms, margin_ms=self._margin_ms
+        )
 
     @grpc_errors
     async def Decide(
@@ -84,7 +95,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     ) -> decision_pb2.DecideResponse:
         call = call_info(context)
         order = order_from_pb(request)
-        budget = Budget.for_call(context.time_remaining(), self._default_budget_ms)
+        budget = self._budget(context)
         (result,) = await self._engine.decide([order], budget, call)
         return response_to_pb(result)
 
@@ -98,7 +109,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     ) -> decision_pb2.DecideBatchResponse:
         call = call_info(context)
         orders = orders_from_batch_pb(request, self._max_batch_size)
-        budget = Budget.for_call(context.time_remaining(), self._default_budget_ms)
+        budget = self._budget(context)
         results = await self._engine.decide(orders, budget, call)
         return decision_pb2.DecideBatchResponse(responses=[response_to_pb(r) for r in results])
 

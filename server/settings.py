@@ -129,11 +129,15 @@ class TorchServeSettings(_Section):
         "timeouts do not fire in lockstep.",
     )
     wire_timeout_ms: float = Field(
-        2000.0,
+        120_000.0,
         gt=0,
         description="Deadline a model call carries on the wire. A call is abandoned, not "
         "cancelled, when its caller stops waiting (TorchServe restarts a worker whose call "
-        "is cancelled), and runs to this deadline at most.",
+        "is cancelled), and runs to this deadline at most. Longer than any stall a replica "
+        "recovers from: at a 2 s deadline, a replica paused for 30 s found its abandoned "
+        "calls cancelled when it resumed, and restarted two workers. The cost: a "
+        "connection that dies silently (no reset) holds max_abandoned_calls for this long, "
+        "and stopping the server cancels the calls still out after a 1 s grace.",
     )
     max_abandoned_calls: int = Field(
         16,
@@ -180,7 +184,10 @@ class TorchServeSettings(_Section):
 
 class BreakerSettings(_Section):
     fail_max: int = Field(
-        5, ge=1, description="Consecutive failures that open a replica's breaker."
+        5,
+        ge=1,
+        description="Consecutive failures that open a replica's breaker; calls in flight "
+        "together that fail together count once.",
     )
     reset_timeout_s: float = Field(
         2.0,
@@ -202,8 +209,10 @@ class RedisSettings(_Section):
     socket_timeout_ms: float = Field(
         250.0,
         gt=0,
-        description="Redis socket timeout: a safety net for a hung Redis; every read on the "
-        "decision path is bounded by its request's budget anyway.",
+        description="Redis socket timeout: how long a read abandoned at its timeout (see "
+        "read_timeout_ms), or a cached-score write in the background, may wait for a "
+        "pooled connection and then for Redis; a caller never waits longer than its own "
+        "budget.",
     )
     read_timeout_ms: float = Field(
         10.0,
@@ -214,6 +223,13 @@ class RedisSettings(_Section):
         "late.",
     )
     max_connections: int = Field(64, ge=1, description="Connection pool size.")
+    max_abandoned_reads: int = Field(
+        32,
+        ge=1,
+        description="Decision-path reads left running after their timeout, at most; past "
+        "it no read starts (the answer says the feature store is busy) until some end, so "
+        "a hung Redis gathers no backlog that delays the reads after it wakes.",
+    )
 
 
 class FeatureSettings(_Section):
@@ -266,13 +282,14 @@ class DecisionSettings(_Section):
         3.0,
         ge=0,
         description="Part of the budget kept back from model calls for the fallback ladder "
-        "and the response.",
+        "(the response's own time is response_margin_ms).",
     )
     response_margin_ms: float = Field(
-        0.5,
+        5.0,
         ge=0,
-        description="Part of the budget kept back from every lookup for building and sending "
-        "the response.",
+        description="The server plans to answer this long before the caller's deadline: "
+        "the time the answer needs to reach the caller on a busy machine. Every step's "
+        "budget (features, model calls, ladder) ends this much early.",
     )
     max_in_flight: int = Field(
         256,

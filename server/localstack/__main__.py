@@ -43,6 +43,7 @@ from server.localstack.torchserve_replica import (
     SECONDARY_PORTS,
     start_replica,
     torchserve_replica,
+    warm_up_replica,
 )
 from server.settings import Settings
 from torchserve.train import ensure_models, load_models
@@ -216,6 +217,13 @@ class LocalStack:
         ]  # the JVMs boot in parallel
         for proc, ports, model in replicas:
             await asyncio.to_thread(start_replica, proc, ports, model_name=model)
+        for name, ports in (("primary", self.primary), ("secondary", self.secondary)):
+            # The challenger is off the answer path: it warms up on shadow calls.
+            warm = await asyncio.to_thread(warm_up_replica, f"127.0.0.1:{ports.grpc_inference}")
+            if warm.problem:
+                _say(f"      {name} warm-up stopped after {warm.calls} calls ({warm.problem})")
+            else:
+                _say(f"      {name} warmed up with {warm.calls} calls")
 
         _say("[5/7] feature-cache consumer")
         self._track(

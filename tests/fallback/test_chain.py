@@ -7,6 +7,7 @@ from typing import Any, cast
 from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
 from fallback.score_cache import ScoreCache
+from server.deadline import StoreReads
 
 
 def chain(max_spread_bps: float = 10.0, max_age_ms: float = 1000.0) -> FallbackChain:
@@ -15,8 +16,7 @@ def chain(max_spread_bps: float = 10.0, max_age_ms: float = 1000.0) -> FallbackC
         RulesBaseline(max_spread_bps=max_spread_bps, max_volatility_bps=25, min_imbalance=0.1),
         cached_score_max_age_ms=max_age_ms,
         model_threshold=0.55,
-        response_margin_ms=0.5,
-        read_timeout_ms=10.0,
+        redis_reads=StoreReads(cap_ms=10.0, max_abandoned=32),
     )
 
 

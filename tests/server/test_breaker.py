@@ -60,6 +60,25 @@ async def test_a_success_resets_the_failure_count():
     assert cb.state == "closed"
 
 
+async def test_calls_in_flight_together_that_fail_together_count_once():
+    cb = breaker(fail_max=2)
+    stall = asyncio.Event()
+
+    async def stalled() -> None:
+        await stall.wait()
+        raise Boom
+
+    calls = [asyncio.create_task(cb.call(stalled)) for _ in range(5)]
+    await asyncio.sleep(0)
+    stall.set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, Boom) for r in results)
+    assert (cb.state, cb.fail_counter) == ("closed", 1)
+    with pytest.raises(Boom):
+        await cb.call(fail)  # begun after the stall: new evidence
+    assert cb.state == "open"
+
+
 async def test_half_open_trial_success_closes_and_failure_reopens():
     cb = breaker()
     for _ in range(3):

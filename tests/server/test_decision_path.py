@@ -326,10 +326,21 @@ async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breake
 
     replicas["primary"].proc.pause()  # every call to it times out
     try:
-        for _ in range(5):  # 20 ms budget - 8 ms reserve: 12 ms, too short to blame it
+        # 20 ms budget - 8 ms reserve: at most 12 ms for the call, too short to blame it.
+        # On a busy machine a request can reach the handler with too little left to call
+        # at all; such calls do not count toward the five timeouts (nor past the bound of
+        # abandoned calls, where a silent replica would be blamed).
+        timeouts = 0
+        for _ in range(12):
             response = await stub.Decide(buy(), timeout=0.020)
             assert response.source == decision_pb2.SOURCE_RULES, response.reason
-            assert response.reason.startswith("primary deadline exceeded")
+            assert response.reason.startswith(("primary deadline exceeded", "primary skipped")), (
+                response.reason
+            )
+            timeouts += response.reason.startswith("primary deadline exceeded")
+            if timeouts == 5:
+                break
+        assert timeouts == 5
         assert app.replicas[0].breaker.state == "closed"
 
         for _ in range(2):  # 80 ms budget: the primary gets 25 ms and misses them

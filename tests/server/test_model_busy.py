@@ -1,0 +1,95 @@
+"""When a refused model call (``ModelBusy``) counts against the replica (pure logic: a
+client whose calls are scripted coroutines, no replica)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import pytest
+
+from server.model_client import (
+    GrpcModelClient,
+    ModelBusy,
+    ModelTimeout,
+    not_the_replicas_fault,
+)
+
+Call = Callable[[float], Awaitable[str]]
+
+
+class ScriptedClient(GrpcModelClient):
+    """Runs the coroutine it is given in place of an RPC."""
+
+    def _bind(self, channel: grpc.aio.Channel) -> None:
+        pass
+
+    async def answer(self, call: Call, timeout_s: float) -> str:
+        response, _ = await self._call(call, timeout_s, budget_limited=False)
+        return response
+
+
+@pytest.fixture
+async def replica() -> AsyncIterator[tuple[ScriptedClient, asyncio.Event, Call, Call]]:
+    client = ScriptedClient("primary", "127.0.0.1:9", "champion", max_abandoned_calls=2)
+    await client.start()  # a lazy channel: nothing connects
+    wakes = asyncio.Event()
+
+    async def hung(_wire_timeout_s: float) -> str:
+        await wakes.wait()
+        return "late"
+
+    async def quick(_wire_timeout_s: float) -> str:
+        return "answer"
+
+    yield client, wakes, hung, quick
+    wakes.set()
+    await client.stop()
+
+
+async def test_a_replica_that_answers_none_of_its_abandoned_calls_is_at_fault(replica):
+    client, _, hung, quick = replica
+    assert await client.answer(quick, 1.0) == "answer"
+    for _ in range(2):
+        with pytest.raises(ModelTimeout):
+            await client.answer(hung, 0.001)
+    with pytest.raises(ModelBusy, match="none answered") as refused:
+        await client.answer(quick, 1.0)
+    assert refused.value.replica_silent
+    assert not not_the_replicas_fault(refused.value)
+
+
+async def test_a_replica_that_answered_since_its_first_abandoned_call_is_not(replica):
+    client, wakes, hung, quick = replica
+    with pytest.raises(ModelTimeout):
+        await client.answer(hung, 0.001)
+    assert await client.answer(quick, 1.0) == "answer"  # it answers, if slowly
+    with pytest.raises(ModelTimeout):
+        await client.answer(hung, 0.001)
+    with pytest.raises(ModelBusy) as refused:
+        await client.answer(quick, 1.0)
+    assert not refused.value.replica_silent
+    assert not_the_replicas_fault(refused.value)
+
+    wakes.set()  # the abandoned calls end and the replica is called again
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert client.abandoned().outstanding == 0
+    assert await client.answer(quick, 1.0) == "answer"
+
+
+async def test_an_answer_that_came_before_a_call_was_abandoned_does_not_excuse_the_replica(
+    replica,
+):
+    client, _, hung, quick = replica
+    first = asyncio.ensure_future(client.answer(hung, 0.05))
+    await asyncio.sleep(0)  # the first call is out ...
+    assert await client.answer(quick, 1.0) == "answer"  # ... when a later one is answered
+    with pytest.raises(ModelTimeout):
+        await first  # abandoned after that answer
+    with pytest.raises(ModelTimeout):
+        await client.answer(hung, 0.001)
+    with pytest.raises(ModelBusy, match="none answered") as refused:
+        await client.answer(quick, 1.0)
+    assert refused.value.replica_silent
