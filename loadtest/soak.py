@@ -9,7 +9,10 @@ prints: answers by source, p50/p99 from the send, answers after the deadline, fe
 age p99, the consumer group's lag, TorchServe worker restarts, and each process
 group's CPU and RSS. Faults (``--fault primary@120+30``: SIGSTOP the primary 120 s into
 the load, SIGCONT 30 s later; targets primary, replicas, redis, broker) are injected
-on schedule. At the end every OK answer's decision must be in the audit store.
+on schedule; after each, the model must answer ≥ 99 % of a second's calls again within
+10 s. At the end every OK answer's decision must be in the audit store, and in runs of
+30 minutes or more the broker's and the consumer's CPU and RSS over the last 10 minutes
+must be within 25 % of the first 10.
 
 Writes a JSON summary and a PNG timeline, and exits 1 when a bound was broken (see
 ``loadtest.soak_report``), 2 when the stack did not start.
@@ -37,6 +40,7 @@ from loadtest.soak_report import (
     draw_timeline,
     growth,
     judge,
+    recovery_s,
     row,
     summarize,
     write_json,
@@ -48,6 +52,11 @@ from server.localstack.torchserve_replica import worker_restarts
 from server.settings import Settings
 
 REPLICAS = ("primary", "secondary", "challenger")
+# The broker's and the consumer's CPU and memory: the last this many seconds against the
+# first, in runs of at least three times as long.
+GROWTH_PART_S = 600.0
+# After a fault, how long the answers are kept to find when the model answered again.
+RECOVERY_WATCH_S = 60.0
 FAULT_GROUPS = {
     "primary": ("torchserve-primary",),
     "replicas": ("torchserve-primary", "torchserve-secondary"),
@@ -151,9 +160,9 @@ async def inject(stack: LocalStack, fault: Fault, started_at: float) -> None:
         print(f"--- fault over: SIGCONT {', '.join(p.name for p in groups)}")
 
 
-def fault_at(faults: list[Fault], start_s: float, end_s: float, recovery_s: float) -> str:
+def fault_at(faults: list[Fault], start_s: float, end_s: float, settle_s: float) -> str:
     for fault in faults:
-        if start_s < fault.at_s + fault.duration_s + recovery_s and end_s > fault.at_s:
+        if start_s < fault.at_s + fault.duration_s + settle_s and end_s > fault.at_s:
             return fault.label()
     return ""
 
@@ -193,6 +202,7 @@ async def soak(args: argparse.Namespace) -> int:
         driver.started_at = started_at
         sampler.sample(started_at)
         injections = [asyncio.create_task(inject(stack, f, started_at)) for f in args.fault]
+        after_faults: dict[Fault, list[Answer]] = {fault: [] for fault in args.fault}
         print(HEADER)
         window_start = 0.0
         while window_start < args.duration_s - 0.5:
@@ -202,6 +212,9 @@ async def soak(args: argparse.Namespace) -> int:
                 await load  # the last answers come within one deadline
             answers = driver.take()
             answered.update(a.decision_id for a in answers if a.decision_id)
+            for fault, after in after_faults.items():
+                end_s = fault.at_s + fault.duration_s
+                after += [a for a in answers if end_s <= a.done_at_s < end_s + RECOVERY_WATCH_S]
             try:
                 consumer_lag = await lag.read()
             except Exception:  # noqa: BLE001 - a paused broker: no figure this window
@@ -225,7 +238,11 @@ async def soak(args: argparse.Namespace) -> int:
         missing = await _missing_from_audit(stack, answered)
     finally:
         await stack.stop()
-    return report(args, windows, bounds, missing, len(answered))
+    recoveries = {
+        fault: recovery_s(after, fault.at_s + fault.duration_s)
+        for fault, after in after_faults.items()
+    }
+    return report(args, windows, bounds, missing, len(answered), recoveries)
 
 
 async def _missing_from_audit(stack: LocalStack, answered: set[str]) -> int:
@@ -240,11 +257,24 @@ async def _missing_from_audit(stack: LocalStack, answered: set[str]) -> int:
 
 
 def report(
-    args: argparse.Namespace, windows: list[Window], bounds: Bounds, missing: int, answered: int
+    args: argparse.Namespace,
+    windows: list[Window],
+    bounds: Bounds,
+    missing: int,
+    answered: int,
+    recoveries: dict[Fault, float | None],
 ) -> int:
-    part_s = min(600.0, args.duration_s / 3)
     broken = [f"{w.start_s:.0f}-{w.end_s:.0f} s: {b}" for w in windows for b in w.broken]
-    broken += growth(windows, bounds, part_s)
+    # Growth is a trend over the first and last GROWTH_PART_S; a shorter run's parts are
+    # minutes apart and measure the machine's moods instead.
+    if args.duration_s >= 3 * GROWTH_PART_S:
+        broken += growth(windows, bounds, GROWTH_PART_S)
+    for fault, took_s in recoveries.items():
+        if took_s is None or took_s > bounds.recovery_s:
+            after = "never" if took_s is None else f"after {took_s:.0f} s"
+            broken.append(
+                f"{fault.label()} at {fault.at_s:.0f} s: the model answered ≥ 99 % again {after}"
+            )
     if missing:
         broken.append(f"{missing} of {answered} answered decisions missing from the audit store")
     steady = [w for w in windows if not w.fault]
@@ -252,7 +282,7 @@ def report(
         "rate_per_s": args.rate,
         "deadline_ms": args.deadline_ms,
         "duration_s": args.duration_s,
-        "faults": [asdict(f) for f in args.fault],
+        "faults": [asdict(f) | {"recovery_s": recoveries.get(f)} for f in args.fault],
         "bounds": asdict(bounds),
         "answered": answered,
         "missing_from_audit": missing,
@@ -279,6 +309,9 @@ def report(
         f" {summary['min_model_share']:.1%}, p99 ≤ {summary['max_p99_ms']:.1f} ms;"
         f" audit missing {missing}. JSON {args.json}, PNG {args.png}"
     )
+    for fault, took_s in recoveries.items():
+        after = "not within the run" if took_s is None else f"{took_s:.0f} s after"
+        print(f"{fault.label()} at {fault.at_s:.0f} s: the model answered again {after}")
     for line in broken:
         print(f"BROKEN {line}")
     print("soak: PASSED" if not broken else f"soak: FAILED ({len(broken)} bounds broken)")

@@ -85,6 +85,7 @@ class ConsumerLag:
         self._group = group
         self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
         self._offsets = AIOKafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        self._topic_partitions: list[TopicPartition] = []
 
     async def start(self) -> None:
         await self._admin.start()
@@ -94,11 +95,24 @@ class ConsumerLag:
         await self._offsets.stop()
         await self._admin.close()
 
+    async def _partitions(self) -> list[TopicPartition]:
+        # Asked of the broker: a consumer that subscribes to nothing learns a topic's
+        # partitions only at its next metadata refresh (minutes), and read a lag of 0.
+        if not self._topic_partitions:
+            topics = await self._admin.describe_topics([self._topic])
+            self._topic_partitions = [
+                TopicPartition(self._topic, partition["partition"])
+                for topic in topics
+                if topic["topic"] == self._topic and topic["error_code"] == 0
+                for partition in topic["partitions"]
+            ]
+        return self._topic_partitions
+
     async def read(self) -> int:
-        partitions = self._offsets.partitions_for_topic(self._topic) or set()
-        tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+        """The lag, or -1 while the topic's partitions are unknown (not created yet)."""
+        tps = await self._partitions()
         if not tps:
-            return 0
+            return -1
         ends = await self._offsets.end_offsets(tps)
         committed = await self._admin.list_consumer_group_offsets(self._group, partitions=tps)
         return sum(

@@ -116,6 +116,23 @@ def judge(window: Window, bounds: Bounds) -> list[str]:
     return broken
 
 
+def recovery_s(
+    answers: Sequence[Answer], since_s: float, *, slice_s: float = 1.0, min_share: float = 0.99
+) -> float | None:
+    """Seconds from ``since_s`` (a fault's end) to the start of the first ``slice_s`` in
+    which the model gave at least ``min_share`` of the answers; None if none did."""
+    slices: dict[int, list[bool]] = {}
+    for answer in answers:
+        if answer.done_at_s >= since_s:
+            index = int((answer.done_at_s - since_s) // slice_s)
+            slices.setdefault(index, []).append(answer.outcome in MODEL_SOURCES)
+    for index in sorted(slices):
+        by_model = slices[index]
+        if sum(by_model) >= min_share * len(by_model):
+            return index * slice_s
+    return None
+
+
 def growth(windows: Sequence[Window], bounds: Bounds, part_s: float) -> list[str]:
     """FLAT_PROCESSES' mean CPU and RSS over the last ``part_s`` against the first
     ``part_s`` of the run; what grew past ``bounds.max_growth``, in words."""

@@ -1,16 +1,19 @@
-"""The soak harness against the whole local stack, as ``make run`` starts it: steady
-Decide load with the stack's redis-server paused for 30 s in the middle.
+"""The soak harness against the whole local stack, as ``make run`` starts it: three
+minutes of steady Decide load with the stack's redis-server paused for 30 s in the middle.
 
-What it asserts holds today: no TorchServe worker restart, every answered decision in the
-audit store, no status but OK or DEADLINE_EXCEEDED, the pause seen in the windows. The
-harness's latency and model-share bounds are reported, not asserted, until the stack
-meets them on this machine (issue "The whole stack stays healthy for hours").
+Asserted: no TorchServe worker restart; every answered decision in the audit store, and
+every answer the model did not give says why; the ladder abstains while Redis is paused
+and the model answers again within 10 s of the resume; under 1 % of answers after the
+deadline. Reported, not asserted: the per-window bounds (model share ≥ 99 %, p99 ≤ 30 ms,
+no late answer), which a busy 2-core machine does not meet every window yet (issue
+"The whole stack stays healthy for hours").
 """
 
 from __future__ import annotations
 
 import json
 import random
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +25,8 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
-DURATION_S = 90
+DURATION_S = 180
+PAUSE = "redis@60+30"
 
 
 def free_offset(run_dir: Path) -> int:
@@ -36,14 +40,14 @@ def free_offset(run_dir: Path) -> int:
 
 
 @pytest.mark.timeout(DURATION_S + 300)
-def test_soak_with_a_redis_pause_loses_nothing_and_restarts_no_worker(model_store, tmp_path):
+def test_three_minute_soak_with_a_redis_pause_loses_nothing_and_recovers(model_store, tmp_path):
     store, _ = model_store
     run_dir = tmp_path / "stack"
     summary_path = tmp_path / "soak.json"
     command = [
         sys.executable, "-m", "loadtest.soak",
         "--duration-s", str(DURATION_S),
-        "--fault", "redis@30+30",
+        "--fault", PAUSE,
         "--models", str(store),
         "--run-dir", str(run_dir),
         "--port-offset", str(free_offset(run_dir)),
@@ -56,9 +60,12 @@ def test_soak_with_a_redis_pause_loses_nothing_and_restarts_no_worker(model_stor
     output = result.stdout + result.stderr
     assert result.returncode in (0, 1), output[-6000:]  # 1: a bound broken (reported)
     summary = json.loads(summary_path.read_text())
+    (fault,) = summary["faults"]
+    assert fault["recovery_s"] is not None and fault["recovery_s"] <= 10, output[-6000:]
     assert summary["worker_restarts"] == 0
     assert summary["missing_from_audit"] == 0
     calls = sum(w["answers"] for w in summary["windows"])
+    assert summary["late"] < 0.01 * calls, output[-6000:]
     assert calls >= 0.9 * 100 * DURATION_S
     outcomes = {name for w in summary["windows"] for name in w["outcomes"]}
     assert outcomes <= {
@@ -74,3 +81,9 @@ def test_soak_with_a_redis_pause_loses_nothing_and_restarts_no_worker(model_stor
     # While Redis was paused no decision had features: the ladder abstained.
     assert any(w["outcomes"].get("ABSTAIN", 0) > 0.5 * w["answers"] for w in paused), output[-6000:]
     assert (tmp_path / "soak.png").stat().st_size > 10_000
+    # Every answer the model did not give says why, in the audit record.
+    with sqlite3.connect(run_dir / "audit" / "audit.db") as db:
+        reasons = db.execute(
+            "SELECT count(*), sum(reason = '') FROM decisions WHERE source != 'PRIMARY'"
+        ).fetchone()
+    assert reasons[0] > 0 and reasons[1] == 0, reasons

@@ -1,0 +1,87 @@
+"""How the soak judges its windows (pure logic, answers written by hand)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from loadtest.soak import Fault, fault_at
+from loadtest.soak_report import Answer, Bounds, Window, growth, judge, recovery_s, summarize
+
+
+def answer(at_s: float, outcome: str = "PRIMARY", *, latency_ms: float = 5.0) -> Answer:
+    late = outcome == "DEADLINE_EXCEEDED"
+    return Answer(at_s, latency_ms, outcome, 80.0 if not late else -1.0, late)
+
+
+def window(answers: list[Answer], *, fault: str = "", cpu: float = 5.0) -> Window:
+    return summarize(
+        answers,
+        0.0,
+        10.0,
+        consumer_lag=0,
+        worker_restarts=0,
+        processes={"kafka-broker": (cpu, 32.0), "feature-cache": (cpu, 56.0)},
+        fault=fault,
+    )
+
+
+def test_a_steady_window_within_the_bounds_breaks_none():
+    assert judge(window([answer(i / 100) for i in range(1000)]), Bounds()) == []
+
+
+def test_one_late_answer_breaks_a_window_even_during_a_fault():
+    answers = [answer(i / 100) for i in range(999)] + [answer(9.99, "DEADLINE_EXCEEDED")]
+    assert judge(window(answers), Bounds()) == ["1 answers after the deadline"]
+    assert judge(window(answers, fault="redis paused"), Bounds()) == [
+        "1 answers after the deadline"
+    ]
+
+
+def test_model_share_and_p99_hold_outside_faults_only():
+    answers = [
+        answer(i / 100, "RULES" if i < 20 else "PRIMARY", latency_ms=40.0) for i in range(1000)
+    ]
+    broken = judge(window(answers), Bounds())
+    assert broken == ["model share 98.0% < 99%", "p99 40.0 ms > 30 ms"]
+    assert judge(window(answers, fault="primary paused"), Bounds()) == []
+
+
+def test_growth_compares_the_last_part_with_the_first_above_a_floor():
+    def run(first_cpu: float, last_cpu: float) -> list[Window]:
+        windows = []
+        for i in range(6):
+            w = window([answer(0.0)], cpu=first_cpu if i < 3 else last_cpu)
+            w.start_s, w.end_s = i * 10.0, (i + 1) * 10.0
+            windows.append(w)
+        return windows
+
+    assert growth(run(10.0, 12.0), Bounds(), part_s=30) == []
+    assert growth(run(10.0, 13.0), Bounds(), part_s=30) == [
+        "kafka-broker CPU grew 10.0 -> 13.0",
+        "feature-cache CPU grew 10.0 -> 13.0",
+    ]
+    assert growth(run(1.0, 2.4), Bounds(), part_s=30) == []  # under the 2 % floor: noise
+
+
+def test_recovery_is_the_first_second_after_the_fault_the_model_answers_again():
+    answers = [answer(40.0 + i / 100, "RULES" if i < 250 else "PRIMARY") for i in range(1000)]
+    assert recovery_s(answers, since_s=40.0) == 3.0
+    assert recovery_s([answer(41.0, "ABSTAIN")], since_s=40.0) is None
+    assert recovery_s([answer(39.0)], since_s=40.0) is None  # before the fault ended
+
+
+def test_a_window_is_a_fault_window_until_it_has_settled():
+    faults = [Fault("redis", 30.0, 30.0)]
+    assert fault_at(faults, 20.0, 30.0, settle_s=10.0) == ""
+    assert fault_at(faults, 30.0, 40.0, settle_s=10.0) == "redis paused"
+    assert fault_at(faults, 60.0, 70.0, settle_s=10.0) == "redis paused"
+    assert fault_at(faults, 70.0, 80.0, settle_s=10.0) == ""
+
+
+@pytest.mark.parametrize("text", ["redis", "redis@30", "disk@30+30", "redis@x+30"])
+def test_a_fault_is_target_at_start_plus_duration(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        Fault.parse(text)
+    assert Fault.parse("broker@120+30") == Fault("broker", 120.0, 30.0)
