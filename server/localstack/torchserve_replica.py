@@ -196,9 +196,10 @@ def warm_up_replica(
 ) -> WarmUp:
     """Scores ``calls`` small batches (four at a time, for at most ``max_s``).
 
-    A fresh JVM interprets, then compiles its hot paths after thousands of calls, and
-    until then a call takes several times longer: a stack that took decisions from the
-    first second timed out half of its model calls in its first minute. Warming up is an
+    A fresh JVM interprets until it has compiled its hot paths (with C1 only, as
+    ``replica.properties`` sets, within these calls), and until then a call takes
+    several times longer: a stack that took decisions from the first second timed out
+    half of its model calls in its first minute. Warming up is an
     optimisation, so a failed call ends it with the reason rather than the stack's start;
     and its calls are never cut short (a cancelled call restarts a TorchServe worker).
     """

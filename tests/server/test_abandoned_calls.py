@@ -19,6 +19,7 @@ from feature_cache.schema import MODEL_INPUT_WIDTH
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from server.localstack.processes import ManagedProcess, free_ports
 from server.localstack.torchserve_replica import (
+    ModelServing,
     ReplicaPorts,
     start_replica,
     torchserve_replica,
@@ -43,10 +44,19 @@ SHORT_WAIT_S = 0.003  # shorter than most answers on this machine: most calls ti
 def own_replica(
     model_store: tuple[Path, ArchiveInfo], tmp_path: Path
 ) -> Iterator[tuple[str, Path]]:
-    """A replica of this test's own: its workers are restarted on purpose."""
+    """A replica of this test's own: its workers are restarted on purpose.
+
+    With TorchServe's batching on (8 rows, 1 ms), as the primary ran until 2026-11-23: a
+    call then spends its first millisecond in the frontend's batch, so 3 ms deadlines cut
+    calls the worker is answering often enough for the defect to show within the
+    test's bound; without batching a call is answered so fast that a run sometimes cut
+    none mid-answer."""
     store, _ = model_store
     ports = ReplicaPorts(*free_ports(6))
-    proc: ManagedProcess = torchserve_replica("primary", ports, store, tmp_path)
+    batched = ModelServing(batch_size=8, max_batch_delay_ms=1).properties()
+    proc: ManagedProcess = torchserve_replica(
+        "primary", ports, store, tmp_path, model_section=batched
+    )
     try:
         start_replica(proc, ports)
         yield f"127.0.0.1:{ports.grpc_inference}", tmp_path / "primary"
