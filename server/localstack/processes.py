@@ -79,10 +79,15 @@ def listening(port: int, host: str = "127.0.0.1") -> Callable[[], bool]:
 
 
 class ManagedProcess:
-    """Runs ``argv`` in a new session; ``stop`` ends its whole process group.
+    """Runs ``argv`` in a process group of its own; ``stop`` ends that whole group.
 
     TorchServe's launcher starts a JVM which starts Python workers: signalling the
-    group reaches all of them, and only them.
+    group reaches all of them, and only them. The group stays in the caller's session:
+    with the kernel's autogroup scheduling on (``kernel.sched_autogroup_enabled``, the
+    default on desktop and many VM kernels) each new session is a scheduling group of
+    its own with a full share of the CPU, and ``nice`` (``BACKGROUND_NICENESS``) would
+    only weigh a process against the others of its session: the niced broker,
+    replayer, consumer and challenger would compete with the decision server as equals.
     """
 
     def __init__(
@@ -120,7 +125,7 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                process_group=0,  # see the class docstring: not a session
             )
         log.info("started %s (pid %d)", self.name, self._proc.pid)
 
