@@ -6,8 +6,9 @@ the broker, three TorchServe replicas, the feature-cache consumer, the replayer 
 events/s, the decision server), then drives Decide open loop (default 100/s over the
 default symbols, both sides, a 50 ms deadline) from this process and every window
 prints: answers by source, p50/p99 from the send, answers after the deadline, feature
-age p99, the consumer group's lag, TorchServe worker restarts, and each process
-group's CPU and RSS. Faults (``--fault primary@120+30``: SIGSTOP the primary 120 s into
+age p99, the consumer group's lag, TorchServe worker restarts, the machine's busy and
+steal share (a shared VM's host can take the CPU from every process at once), and each
+process group's CPU and RSS. Faults (``--fault primary@120+30``: SIGSTOP the primary 120 s into
 the load, SIGCONT 30 s later; targets primary, replicas, redis, broker) are injected
 on schedule; after each, the model must answer ≥ 99 % of a second's calls again within
 10 s. At the end every OK answer's decision must be in the audit store, and in runs of
@@ -25,12 +26,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 import grpc
 
-from loadtest.soak_probe import ConsumerLag, ProcessSampler, stored_decision_ids
+from loadtest.soak_probe import ConsumerLag, MachineSampler, ProcessSampler, stored_decision_ids
 from loadtest.soak_report import (
     HEADER,
     MODEL_SOURCES,
@@ -201,6 +202,7 @@ async def soak(args: argparse.Namespace) -> int:
         started_at = time.monotonic()
         driver.started_at = started_at
         sampler.sample(started_at)
+        machine = MachineSampler()
         injections = [asyncio.create_task(inject(stack, f, started_at)) for f in args.fault]
         after_faults: dict[Fault, list[Answer]] = {fault: [] for fault in args.fault}
         print(HEADER)
@@ -226,6 +228,7 @@ async def soak(args: argparse.Namespace) -> int:
                 consumer_lag=consumer_lag,
                 worker_restarts=sum(worker_restarts(d) for d in replica_dirs) - restarts_before,
                 processes=sampler.sample(time.monotonic()),
+                machine=astuple(machine.sample()),
                 fault=fault_at(args.fault, window_start, window_end, bounds.recovery_s),
             )
             window.broken = judge(window, bounds)

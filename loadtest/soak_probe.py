@@ -77,6 +77,39 @@ class ProcessSampler:
         return result
 
 
+@dataclass(frozen=True, slots=True)
+class MachineUsage:
+    """The whole machine between two samples, as a share of all its cores."""
+
+    busy_pct: float  # user, nice, system, irq, softirq
+    steal_pct: float  # time the hypervisor ran someone else while this VM wanted a CPU
+
+
+class MachineSampler:
+    """The machine's busy and steal time per window, from ``/proc/stat``: a broken window
+    on a shared VM may be the machine's (steal, or every core busy), not the stack's."""
+
+    def __init__(self, stat_path: Path = Path("/proc/stat")) -> None:
+        self._path = stat_path
+        self._last = self._read()
+
+    def _read(self) -> list[int]:
+        # cpu user nice system idle iowait irq softirq steal ...
+        return [int(x) for x in self._path.read_text().split("\n", 1)[0].split()[1:9]]
+
+    def sample(self) -> MachineUsage:
+        now = self._read()
+        user, nice, system, idle, iowait, irq, softirq, steal = (
+            b - a for a, b in zip(self._last, now, strict=True)
+        )
+        self._last = now
+        total = user + nice + system + idle + iowait + irq + softirq + steal
+        if total <= 0:
+            return MachineUsage(0.0, 0.0)
+        busy = user + nice + system + irq + softirq
+        return MachineUsage(100.0 * busy / total, 100.0 * steal / total)
+
+
 class ConsumerLag:
     """Messages produced to ``topic`` and not yet committed by ``group``."""
 

@@ -60,6 +60,9 @@ class Window:
     processes: dict[str, tuple[float, float]]  # name -> (CPU % of a core, RSS MB)
     fault: str = ""  # the fault this window overlaps or recovers from
     broken: list[str] = field(default_factory=list)
+    # The whole machine over the window, % of all cores: busy, and stolen by the host.
+    machine_busy_pct: float = 0.0
+    machine_steal_pct: float = 0.0
 
 
 def summarize(
@@ -71,7 +74,9 @@ def summarize(
     worker_restarts: int,
     processes: dict[str, tuple[float, float]],
     fault: str,
+    machine: tuple[float, float] = (0.0, 0.0),
 ) -> Window:
+    """``machine``: (busy %, steal %) of all cores over the window."""
     outcomes = Counter(a.outcome for a in answers)
     latencies = [a.latency_ms for a in answers] or [0.0]
     ages = [a.feature_age_ms for a in answers if a.feature_age_ms >= 0] or [0.0]
@@ -90,6 +95,8 @@ def summarize(
         worker_restarts=worker_restarts,
         processes=processes,
         fault=fault,
+        machine_busy_pct=machine[0],
+        machine_steal_pct=machine[1],
     )
 
 
@@ -159,7 +166,8 @@ def _mean(values: object) -> float:
 
 HEADER = (
     f"{'window':>11} {'n':>5} {'model':>6} {'p50':>6} {'p99':>6} {'late':>4} {'age99':>6}"
-    f" {'lag':>5} {'rst':>3}  sources / processes (CPU % of a core, RSS MB)"
+    f" {'lag':>5} {'rst':>3}  sources / machine (% of all cores),"
+    " processes (CPU % of a core, RSS MB)"
 )
 
 
@@ -174,7 +182,8 @@ def row(window: Window) -> str:
         f"{window.start_s:5.0f}-{window.end_s:<5.0f} {window.answers:5d}"
         f" {window.model_share:6.1%} {window.p50_ms:6.1f} {window.p99_ms:6.1f}"
         f" {window.late:4d} {window.feature_age_p99_ms:6.0f} {window.consumer_lag:5d}"
-        f" {window.worker_restarts:3d}  {sources}{flag}{broken}\n{'':>11} {procs}"
+        f" {window.worker_restarts:3d}  {sources}{flag}{broken}\n{'':>11} machine"
+        f" busy={window.machine_busy_pct:.0f}% steal={window.machine_steal_pct:.1f}% {procs}"
     )
 
 

@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from loadtest.soak import Fault, fault_at
+from loadtest.soak_probe import MachineSampler, MachineUsage
 from loadtest.soak_report import Answer, Bounds, Window, growth, judge, recovery_s, summarize
 
 
@@ -85,3 +86,16 @@ def test_a_fault_is_target_at_start_plus_duration(text):
     with pytest.raises(argparse.ArgumentTypeError):
         Fault.parse(text)
     assert Fault.parse("broker@120+30") == Fault("broker", 120.0, 30.0)
+
+
+def test_machine_usage_is_busy_and_steal_between_two_reads_of_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    #               user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 1 2 3\n")
+    sampler = MachineSampler(stat)
+    stat.write_text("cpu  160 20 70 880 10 5 5 60 0 0\ncpu0 1 2 3\n")
+    usage = sampler.sample()
+    # 210 ticks passed: 110 busy (60 + 20 + 20 + 5 + 5), 80 idle, 20 stolen.
+    assert usage.busy_pct == pytest.approx(100 * 110 / 210)
+    assert usage.steal_pct == pytest.approx(100 * 20 / 210)
+    assert sampler.sample() == MachineUsage(0.0, 0.0)  # no time passed
