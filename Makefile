@@ -20,7 +20,7 @@ lock: ## Pin the virtualenv's exact versions into constraints.txt
 	  $(PY) -m pip freeze --exclude-editable | grep -iv '^decision-service'; } > constraints.txt
 
 run: setup ## Run the local stack (redis, Kafka-protocol broker, TorchServe x3, decision server); Ctrl-C stops it
-	@$(PY) -m server.localstack
+	@$(PY) -m localstack
 
 models: setup ## Train the champion and challenger into .run/models and write docs/models.md
 	@$(PY) -m torchserve.train --out .run/models
@@ -33,10 +33,11 @@ fmt: ## Format the code
 	@$(PY) -m ruff format .
 	@$(PY) -m ruff check --fix .
 
-lint: ## ruff, ruff format --check, mypy (strict on the packages)
+lint: ## ruff, ruff format --check, mypy (strict on the packages), the import layering
 	@$(PY) -m ruff check .
 	@$(PY) -m ruff format --check .
 	@$(PY) -m mypy
+	@.venv/bin/lint-imports
 
 proto-check: setup-ci ## Stubs fresh, buf lint, buf breaking against main
 	@.ci/check-proto

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import redis.exceptions
 
+from core.deadline import Budget, StoreBusy, StoreReads
+from core.domain import Decision, OrderRequest, Source, model_decision
 from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache
-from server.deadline import Budget, StoreBusy, StoreReads
-from server.domain import Decision, OrderRequest, Source
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,7 @@ class FallbackChain:
             age_ms = cached.age_ms()
             if age_ms <= self._max_age_ms:
                 item.reasons.append(f"cached score {age_ms:.0f} ms old")
-                decision = (
-                    Decision.TRADE if cached.score >= self._model_threshold else Decision.NO_TRADE
-                )
+                decision = model_decision(cached.score, self._model_threshold)
                 return LadderOutcome(
                     decision,
                     cached.score,

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from core.domain import Decision, Side
 from feature_cache.schema import FEATURE_INDEX
-from server.domain import Decision, Side
 
 _SPREAD = FEATURE_INDEX["spread_bps"]
 _VOL = FEATURE_INDEX["realized_vol_30s_bps"]

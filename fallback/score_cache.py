@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from server.domain import Side
+from core.domain import Side
 
 log = logging.getLogger(__name__)
 

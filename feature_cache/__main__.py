@@ -12,14 +12,14 @@ import redis.asyncio as aioredis
 import uvloop
 
 from feature_cache.consumer import FeatureConsumer
-from server.settings import Settings
+from feature_cache.settings import FeatureCacheSettings
 
 log = logging.getLogger("feature_cache")
 
 STATS_INTERVAL_S = 10.0
 
 
-async def consume(settings: Settings) -> int:
+async def consume(settings: FeatureCacheSettings) -> int:
     """Runs until a signal (exit status 0) or until the consumer loop dies (status 1)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,9 +60,9 @@ async def consume(settings: Settings) -> int:
 
 
 def main() -> None:
-    settings = Settings()
+    settings = FeatureCacheSettings()
     logging.basicConfig(
-        level=settings.server.log_level.upper(),
+        level=settings.feature_cache.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     sys.exit(uvloop.run(consume(settings)))

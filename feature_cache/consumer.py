@@ -35,8 +35,8 @@ from redis.asyncio.client import Pipeline
 from feature_cache.checkpoint import StateCheckpoints
 from feature_cache.codec import MalformedMessage, decode
 from feature_cache.features import SymbolState
+from feature_cache.settings import KafkaSettings
 from feature_cache.store import FeatureRecord, FeatureWriter
-from server.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

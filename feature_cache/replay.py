@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 
 from feature_cache.codec import encode
 from feature_cache.events import MarketEvent
-from server.settings import Settings
+from feature_cache.settings import FeatureCacheSettings
 
 # Futures awaited per chunk: bounds memory while keeping the producer's batches full.
 _CHUNK = 5000
@@ -139,7 +139,7 @@ def _events(args: argparse.Namespace) -> tuple[Iterable[MarketEvent], int | None
 
 
 def main() -> None:
-    kafka = Settings().kafka
+    kafka = FeatureCacheSettings().kafka
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--source", choices=("generator", "coinbase"), default="generator")
     parser.add_argument("--path", type=Path, help="the recording, for --source coinbase")

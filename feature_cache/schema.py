@@ -8,6 +8,7 @@ module defines a feature name or its position. A change of names or order is a n
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Final
 
@@ -38,6 +39,13 @@ def model_row(side_sign: float, features: Sequence[float]) -> list[float]:
     if len(features) != len(FEATURE_NAMES):
         raise ValueError(f"expected {len(FEATURE_NAMES)} features, got {len(features)}")
     return [side_sign, *features]
+
+
+def pack_rows(rows: Sequence[Sequence[float]]) -> bytes:
+    """Model rows as the replicas take them: little-endian float32, row after row (the
+    handler's ``_packed_rows`` reads them back)."""
+    flat = [v for row in rows for v in row]
+    return struct.pack(f"<{len(flat)}f", *flat)
 
 
 # The model computes in float32: a value beyond this cannot be sent to it.

@@ -33,9 +33,12 @@ from pathlib import Path
 import grpc
 import sqlalchemy as sa
 
+from core.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
+from core.processes import ManagedProcess, free_ports
 from feature_cache.schema import FEATURE_NAMES
 from loadtest.bench_latency import decision_server, fresh_features, start_backends
 from loadtest.stats import percentile
+from localstack.health import serving
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.audit.journal import Journal
 from server.audit.migrate import upgrade
@@ -43,11 +46,8 @@ from server.audit.record import DecisionRecord, encode
 from server.audit.shipper import AuditShipper, describe
 from server.audit.store import AuditStore, create_store_engine
 from server.audit.trail import decision_record
-from server.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
-from server.localstack.health import serving
-from server.localstack.processes import ManagedProcess, free_ports
-from server.localstack.torchserve_replica import ReplicaPorts
 from server.settings import AuditSettings
+from torchserve.replica import ReplicaPorts
 
 POSTGRES_URL = os.environ.get(
     "DECISION_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

@@ -32,7 +32,7 @@ import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from server.localstack.processes import ManagedProcess, free_port, listening, start_ready
+from core.processes import ManagedProcess, free_port, listening, start_ready
 
 REPO = Path(__file__).resolve().parents[1]
 TOPIC = "bench"

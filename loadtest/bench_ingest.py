@@ -20,14 +20,14 @@ from pathlib import Path
 import redis.asyncio as aioredis
 import uvloop
 
+from core.processes import ManagedProcess, free_ports
 from feature_cache.consumer import FeatureConsumer
 from feature_cache.generator import MarketGenerator
 from feature_cache.replay import Progress, rebased, replay
+from feature_cache.settings import KafkaSettings
 from loadtest.stats import percentile
-from server.localstack.kafka_broker import create_topics, start_kafka_broker
-from server.localstack.processes import ManagedProcess, free_ports
-from server.localstack.redis_server import start_redis
-from server.settings import KafkaSettings
+from localstack.kafka_broker import create_topics, start_kafka_broker
+from localstack.redis_server import start_redis
 
 REPO = Path(__file__).resolve().parents[1]
 SYMBOLS = [f"SYM{i}-USD" for i in range(20)]

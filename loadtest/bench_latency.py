@@ -23,18 +23,17 @@ from pathlib import Path
 import grpc
 import redis.asyncio as aioredis
 
-from feature_cache.schema import MODEL_INPUT_WIDTH
+from core.processes import ManagedProcess, free_ports, port_open
+from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from feature_cache.store import FeatureWriter
 from loadtest.feature_keeper import FeatureKeeper
 from loadtest.stats import percentile
+from localstack.health import serving
+from localstack.redis_server import start_redis
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
-from server.localstack.health import serving
-from server.localstack.processes import ManagedProcess, free_ports, port_open
-from server.localstack.redis_server import start_redis
-from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
-from server.model_client import pack_rows
 from server.settings import Settings
+from torchserve.replica import ReplicaPorts, start_replica, torchserve_replica
 from torchserve.train import REPO, ensure_models
 
 MODEL_STORE = REPO / ".run/models"

@@ -53,23 +53,22 @@ from typing import Any
 
 import numpy as np
 
-from feature_cache.schema import MODEL_INPUT_WIDTH
+from core.processes import ManagedProcess, free_ports
+from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from loadtest.stats import percentile
-from server.localstack.processes import ManagedProcess, free_ports
-from server.localstack.torchserve_replica import (
-    ModelServing,
-    ReplicaPorts,
-    start_replica,
-    torchserve_replica,
-)
 from server.model_client import (
     ModelCallError,
     ModelClient,
     OipClient,
     TorchServeClient,
-    pack_rows,
 )
 from torchserve.handler import ScoreHandler
+from torchserve.replica import (
+    ModelServing,
+    ReplicaPorts,
+    start_replica,
+    torchserve_replica,
+)
 from torchserve.train import REPO, ensure_models
 
 MODEL_STORE = REPO / ".run/models"

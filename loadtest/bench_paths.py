@@ -36,12 +36,12 @@ from typing import NamedTuple
 
 import grpc
 
+from core.processes import ManagedProcess, free_ports, listening
 from loadtest.bench_latency import decision_server, echo_server, fresh_features, start_backends
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, Mode, Target
+from localstack.health import serving
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
-from server.localstack.health import serving
-from server.localstack.processes import ManagedProcess, free_ports, listening
-from server.localstack.torchserve_replica import ReplicaPorts
+from torchserve.replica import ReplicaPorts
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-operator-token-0123456789"  # noqa: S105 - a throwaway local token

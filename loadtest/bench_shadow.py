@@ -20,13 +20,13 @@ from pathlib import Path
 
 import grpc
 
+from core.processes import ManagedProcess, free_ports
 from loadtest.bench_latency import MODEL_STORE, decision_server, fresh_features
 from loadtest.stats import percentile
+from localstack.health import serving
+from localstack.redis_server import start_redis
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
-from server.localstack.health import serving
-from server.localstack.processes import ManagedProcess, free_ports
-from server.localstack.redis_server import start_redis
-from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
+from torchserve.replica import ReplicaPorts, start_replica, torchserve_replica
 from torchserve.train import ensure_models
 
 TOKEN = "bench-operator-token-0123456789"  # noqa: S105 - a throwaway local token

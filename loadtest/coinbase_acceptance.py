@@ -18,16 +18,16 @@ from pathlib import Path
 import redis.asyncio as aioredis
 import uvloop
 
+from core.processes import free_ports
 from feature_cache.coinbase import CoinbaseParser, read_recording
 from feature_cache.consumer import FeatureConsumer
 from feature_cache.features import compute_offline, same_features
 from feature_cache.replay import Progress, replay
 from feature_cache.schema import FEATURE_NAMES
+from feature_cache.settings import KafkaSettings
 from feature_cache.store import FeatureReader
-from server.localstack.kafka_broker import create_topics, start_kafka_broker
-from server.localstack.processes import free_ports
-from server.localstack.redis_server import start_redis
-from server.settings import KafkaSettings
+from localstack.kafka_broker import create_topics, start_kafka_broker
+from localstack.redis_server import start_redis
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDING = REPO.parent / "shared/data/coinbase-l2-2021-04-17/COINBASE.ws.28.0"

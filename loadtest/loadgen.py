@@ -44,10 +44,9 @@ import uvloop
 # hdrhistogram ships no type stubs or py.typed marker; HdrHistogram is used as Any.
 from hdrh.histogram import HdrHistogram
 
-from feature_cache.schema import MODEL_INPUT_WIDTH
+from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
-from server.model_client import pack_rows
 
 Target = Literal["decide", "echo", "torchserve"]
 Mode = Literal["closed", "open"]

@@ -1,7 +1,7 @@
 """``make soak DURATION=3600``: the whole local stack under steady Decide load, judged
 every 10 s.
 
-Starts the stack as ``make run`` does (``server.localstack.LocalStack``: redis-server,
+Starts the stack as ``make run`` does (``localstack.LocalStack``: redis-server,
 the broker, three TorchServe replicas, the feature-cache consumer, the replayer at 300
 events/s, the decision server), then drives Decide open loop (default 100/s over the
 default symbols, both sides, a 50 ms deadline) from this process and every window
@@ -31,6 +31,8 @@ from pathlib import Path
 
 import grpc
 
+from core.processes import ProcessStartError
+from feature_cache.settings import FeatureCacheSettings
 from loadtest.soak_probe import ConsumerLag, MachineSampler, ProcessSampler, stored_decision_ids
 from loadtest.soak_report import (
     HEADER,
@@ -46,11 +48,9 @@ from loadtest.soak_report import (
     summarize,
     write_json,
 )
+from localstack.__main__ import DEFAULT_SYMBOLS, REPO, LocalStack
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
-from server.localstack.__main__ import DEFAULT_SYMBOLS, REPO, LocalStack
-from server.localstack.processes import ProcessStartError
-from server.localstack.torchserve_replica import worker_restarts
-from server.settings import Settings
+from torchserve.replica import worker_restarts
 
 REPLICAS = ("primary", "secondary", "challenger")
 # The broker's and the consumer's CPU and memory: the last this many seconds against the
@@ -175,7 +175,7 @@ async def soak(args: argparse.Namespace) -> int:
     if busy:
         print(f"ports in use: {busy}; is a stack running? (--port-offset N moves this one)")
         return 2
-    settings = Settings()
+    kafka = FeatureCacheSettings().kafka
     windows: list[Window] = []
     answered: set[str] = set()
     try:
@@ -185,9 +185,7 @@ async def soak(args: argparse.Namespace) -> int:
             print(f"the stack did not start: {exc}")
             return 2
         sampler = ProcessSampler(stack.processes, own_name="soak-client")
-        lag = ConsumerLag(
-            f"127.0.0.1:{stack.kafka_port}", settings.kafka.topic, settings.kafka.group_id
-        )
+        lag = ConsumerLag(f"127.0.0.1:{stack.kafka_port}", kafka.topic, kafka.group_id)
         await lag.start()
         driver = LoadDriver(f"127.0.0.1:{stack.decision_port}", args.rate, args.deadline_ms)
         replica_dirs = [args.run_dir / name for name in REPLICAS]

@@ -28,6 +28,8 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from core.deadline import StoreReads
+from core.domain import Source
 from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
 from fallback.score_cache import ScoreCache
@@ -43,8 +45,6 @@ from server.control.canary import CanaryMonitor
 from server.control.flags import flag_specs
 from server.control.shared import SharedControl
 from server.control.state import CANARY_FIELD
-from server.deadline import StoreReads
-from server.domain import Source
 from server.engine import DecisionEngine
 from server.model_client import (
     ModelClient,

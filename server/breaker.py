@@ -158,9 +158,3 @@ class AsyncCircuitBreaker:
         finally:
             if trial:
                 self._trial_in_flight = False
-
-    def force_open(self) -> None:
-        self._breaker.open()
-
-    def force_closed(self) -> None:
-        self._breaker.close()

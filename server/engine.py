@@ -1,4 +1,4 @@
-"""The decision core: kill switch → features → model (primary, one retry) → fallback ladder.
+"""The decision engine: kill switch → features → model (primary, one retry) → fallback ladder.
 
 Transport-agnostic: it takes validated ``OrderRequest``s and a ``Budget`` and returns
 ``DecisionResult``s, each recorded in the audit journal first; the gRPC servicer only
@@ -24,6 +24,16 @@ from dataclasses import dataclass
 
 import redis.exceptions
 
+from core.deadline import Budget, StoreBusy, StoreReads
+from core.domain import (
+    CallInfo,
+    Decision,
+    DecisionResult,
+    OrderRequest,
+    Side,
+    Source,
+    model_decision,
+)
 from fallback.chain import FallbackChain, LadderInput, LadderOutcome
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 from feature_cache.schema import FEATURE_INDEX, first_unrepresentable, model_row
@@ -32,8 +42,6 @@ from server.audit.trail import DecisionAudit
 from server.control.canary import CANARY, CHAMPION, CanaryMonitor
 from server.control.flags import SHADOW_SAMPLE_RATE
 from server.control.state import GLOBAL_SCOPE, ControlState
-from server.deadline import Budget, StoreBusy, StoreReads
-from server.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
 from server.errors import Overloaded
 from server.router import Attempt, ReplicaRouter
 from server.settings import DecisionSettings
@@ -326,7 +334,7 @@ class DecisionEngine:
         outcomes = {}
         for i, score in zip(scorable, scores.scores, strict=True):
             reasons[i].extend([*call_reasons, answered])
-            decision = Decision.TRADE if score >= self._threshold else Decision.NO_TRADE
+            decision = model_decision(score, self._threshold)
             outcomes[i] = LadderOutcome(
                 decision,
                 score,

@@ -46,10 +46,10 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from feature_cache.schema import representable
+from core.deadline import settled_within
+from feature_cache.schema import pack_rows, representable
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from proto.third_party.torchserve import open_inference_grpc_pb2 as oip_pb2
-from server.deadline import settled_within
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +140,6 @@ class ModelClient(Protocol):
         the replica by; a timeout then is marked as not the replica's fault.
         """
         ...
-
-
-def pack_rows(rows: Sequence[Sequence[float]]) -> bytes:
-    flat = [v for row in rows for v in row]
-    return struct.pack(f"<{len(flat)}f", *flat)
 
 
 def channel_options(reconnect_backoff_ms: int) -> list[tuple[str, int]]:

@@ -20,11 +20,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from core.deadline import Budget, model_call_timeout_ms
+from core.domain import Source
 from server.breaker import AsyncCircuitBreaker, BreakerOpenError
 from server.control.recent import RecentCalls
 from server.control.state import BreakerMode, ControlState
-from server.deadline import Budget, model_call_timeout_ms
-from server.domain import Source
 from server.model_client import ModelCallError, ModelClient, ModelInputError, ModelScores
 from server.settings import DecisionSettings, TorchServeSettings
 

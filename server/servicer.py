@@ -12,9 +12,9 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from core.deadline import Budget
+from core.domain import CallInfo, DecisionResult
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
-from server.deadline import Budget
-from server.domain import CallInfo, DecisionResult
 from server.engine import DecisionEngine
 from server.errors import grpc_errors, tolerant_parser
 from server.validation import order_from_pb, orders_from_batch_pb

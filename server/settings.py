@@ -1,22 +1,25 @@
 """One settings tree for the decision server, read from ``DECISION_*`` environment variables.
 
 Nested fields use ``__``: ``DECISION_TORCHSERVE__PER_CALL_TIMEOUT_MS=15``,
-``DECISION_REDIS__URL=redis://127.0.0.1:6379/0``. Units are in the field names.
+``DECISION_REDIS__URL=redis://127.0.0.1:6379/0``. Units are in the field names. The
+server's own sections are here; the feature cache's and the ladder's come from their
+packages (``feature_cache.settings``, ``fallback.settings``).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings
+
+from core.domain import DEFAULT_TRADE_THRESHOLD
+from core.settings import ROOT_CONFIG, SettingsSection
+from fallback.settings import FallbackSettings
+from feature_cache.settings import FeatureSettings, RedisSettings
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServerSettings(_Section):
+class ServerSettings(SettingsSection):
     host: str = Field("127.0.0.1", description="Address DecisionService listens on.")
     port: int = Field(50051, description="DecisionService gRPC port (health and reflection too).")
     grace_period_s: float = Field(
@@ -43,7 +46,7 @@ class ServerSettings(_Section):
         return self
 
 
-class AdminSettings(_Section):
+class AdminSettings(SettingsSection):
     host: str = Field("127.0.0.1", description="Address AdminService listens on.")
     port: int = Field(
         50052, ge=0, description="AdminService gRPC port, apart so the network can restrict it."
@@ -65,7 +68,7 @@ class AdminSettings(_Section):
     )
 
 
-class ControlSettings(_Section):
+class ControlSettings(SettingsSection):
     resync_interval_ms: float = Field(
         250.0,
         gt=0,
@@ -90,7 +93,7 @@ class ControlSettings(_Section):
     )
 
 
-class TorchServeSettings(_Section):
+class TorchServeSettings(SettingsSection):
     model_name: str = Field("champion", description="Model name registered in TorchServe.")
     protocol: Literal["torchserve", "oip"] = Field(
         "torchserve",
@@ -182,7 +185,7 @@ class TorchServeSettings(_Section):
     )
 
 
-class BreakerSettings(_Section):
+class BreakerSettings(SettingsSection):
     fail_max: int = Field(
         5,
         ge=1,
@@ -203,78 +206,10 @@ class BreakerSettings(_Section):
     )
 
 
-class RedisSettings(_Section):
-    url: str = Field("redis://127.0.0.1:16379/0", description="Feature and score cache.")
-    key_prefix: str = Field("decision:", description="Prefix of every key this service uses.")
-    socket_timeout_ms: float = Field(
-        250.0,
-        gt=0,
-        description="Redis socket timeout: how long a read abandoned at its timeout (see "
-        "read_timeout_ms), or a cached-score write in the background, may wait for a "
-        "pooled connection and then for Redis; a caller never waits longer than its own "
-        "budget.",
+class DecisionSettings(SettingsSection):
+    threshold: float = Field(
+        DEFAULT_TRADE_THRESHOLD, ge=0.0, le=1.0, description="TRADE when score >= threshold."
     )
-    read_timeout_ms: float = Field(
-        10.0,
-        gt=0,
-        description="Cap on one Redis read on the decision path (features, cached score): "
-        "a Redis that has not answered by then is sick, and the rest of the budget stays "
-        "for the ladder. Without it a paused Redis took the whole budget and answers came "
-        "late.",
-    )
-    max_connections: int = Field(64, ge=1, description="Connection pool size.")
-    max_abandoned_reads: int = Field(
-        32,
-        ge=1,
-        description="Decision-path reads left running after their timeout, at most; past "
-        "it no read starts (the answer says the feature store is busy) until some end, so "
-        "a hung Redis gathers no backlog that delays the reads after it wakes.",
-    )
-
-
-class FeatureSettings(_Section):
-    max_age_ms: float = Field(
-        2000.0, gt=0, description="Older feature records are stale: the model is skipped."
-    )
-
-
-class KafkaSettings(_Section):
-    bootstrap_servers: str = Field(
-        "127.0.0.1:19092", description="Kafka brokers, comma-separated host:port."
-    )
-    topic: str = Field("market-data", description="Market events, keyed by symbol.")
-    dead_letter_topic: str = Field(
-        "market-data.dlq", description="Where malformed market events go, with the reason."
-    )
-    group_id: str = Field("feature-cache", description="Consumer group of the feature cache.")
-    max_batch: int = Field(
-        2000, ge=1, description="Most records one fetch hands the consumer at once."
-    )
-    fetch_timeout_ms: int = Field(
-        50, ge=1, description="How long one fetch waits for records before an empty batch."
-    )
-    fetch_max_wait_ms: int = Field(
-        10,
-        ge=0,
-        description="How long the broker may hold a fetch for more data; short keeps features "
-        "fresh when the feed is quiet.",
-    )
-    checkpoint_interval_ms: float = Field(
-        1000.0,
-        ge=0,
-        description="How often the consumer checkpoints its state and commits offsets; a "
-        "consumer taking over replays at most this much.",
-    )
-    retry_backoff_max_s: float = Field(
-        5.0, gt=0, description="Longest wait between retries while Kafka or Redis is down."
-    )
-    feature_ttl_s: float = Field(
-        60.0, gt=0, description="TTL of the feature records the consumer writes."
-    )
-
-
-class DecisionSettings(_Section):
-    threshold: float = Field(0.55, ge=0.0, le=1.0, description="TRADE when score >= threshold.")
     default_budget_ms: float = Field(
         50.0, gt=0, description="Budget of a call that arrives without a gRPC deadline."
     )
@@ -305,29 +240,7 @@ class DecisionSettings(_Section):
     )
 
 
-class FallbackSettings(_Section):
-    cached_score_max_age_ms: float = Field(
-        1000.0, gt=0, description="A cached model score older than this is not used."
-    )
-    cached_score_write_interval_ms: float = Field(
-        100.0,
-        ge=0,
-        description="A symbol and side's cached score is rewritten at most this often, so "
-        "busy symbols do not cost a Redis write per decision.",
-    )
-    rules_max_spread_bps: float = Field(
-        10.0, description="Rules: NO_TRADE when the spread is wider than this."
-    )
-    rules_max_volatility_bps: float = Field(
-        25.0, description="Rules: NO_TRADE when 30 s realized volatility exceeds this."
-    )
-    rules_min_imbalance: float = Field(
-        0.1,
-        description="Rules: TRADE when 5-level depth imbalance leans this far the order's way.",
-    )
-
-
-class AuditSettings(_Section):
+class AuditSettings(SettingsSection):
     enabled: bool = Field(
         True,
         description="Record every decision. Off only to measure what the audit costs: "
@@ -376,7 +289,7 @@ class AuditSettings(_Section):
     )
 
 
-class CanarySettings(_Section):
+class CanarySettings(SettingsSection):
     """Limits of the canary against the champion; a breach rolls the canary back."""
 
     window_s: float = Field(
@@ -410,7 +323,7 @@ class CanarySettings(_Section):
     )
 
 
-class ShadowSettings(_Section):
+class ShadowSettings(SettingsSection):
     max_in_flight: int = Field(
         16,
         ge=1,
@@ -432,7 +345,7 @@ class ShadowSettings(_Section):
     )
 
 
-class TelemetrySettings(_Section):
+class TelemetrySettings(SettingsSection):
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus endpoint.")
     metrics_port: int = Field(
         9464, ge=0, description="Prometheus /metrics port (HTTP); 0 turns the endpoint off."
@@ -440,16 +353,13 @@ class TelemetrySettings(_Section):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="DECISION_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+    model_config = ROOT_CONFIG
 
     server: ServerSettings = ServerSettings()
     torchserve: TorchServeSettings = TorchServeSettings()
     breaker: BreakerSettings = BreakerSettings()
     redis: RedisSettings = RedisSettings()
     features: FeatureSettings = FeatureSettings()
-    kafka: KafkaSettings = KafkaSettings()
     decision: DecisionSettings = DecisionSettings()
     fallback: FallbackSettings = FallbackSettings()
     audit: AuditSettings = AuditSettings()

@@ -26,11 +26,12 @@ from typing import Protocol
 
 import numpy as np
 
+from core.domain import Decision, model_decision
+from core.drift import histogram, psi
 from server.audit.record import ShadowRecord
 from server.control.state import BreakerMode
 from server.model_client import ModelCallError, ModelInputError
 from server.router import Replica
-from torchserve.reference import histogram, psi
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,9 @@ class ShadowScorer:
                 ShadowRecord(decision.decision_id, scores.model_name, scores.model_version, score)
             )
             self._scored += 1
-            self._agreed += (score >= self._threshold) == decision.trade
+            self._agreed += (
+                model_decision(score, self._threshold) is Decision.TRADE
+            ) == decision.trade
             diff = abs(score - decision.score)
             self._diff_sum += diff
             for i, bound in enumerate(DIFF_BUCKETS):

@@ -6,9 +6,9 @@ import math
 import re
 import uuid
 
+from core.domain import OrderRequest, Side
 from feature_cache.schema import FEATURE_INDEX, representable
 from proto.decision.v1 import decision_pb2
-from server.domain import OrderRequest, Side
 from server.errors import InvalidArgument
 
 MAX_ID_LENGTH = 128

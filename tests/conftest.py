@@ -11,11 +11,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from server.localstack.kafka_broker import start_kafka_broker
-from server.localstack.processes import ManagedProcess, free_port, free_ports
-from server.localstack.redis_server import start_redis
-from server.localstack.torchserve_replica import ReplicaPorts, start_replica, torchserve_replica
+from core.processes import ManagedProcess, free_port, free_ports
+from localstack.kafka_broker import start_kafka_broker
+from localstack.redis_server import start_redis
 from torchserve.archive import ArchiveInfo
+from torchserve.replica import ReplicaPorts, start_replica, torchserve_replica
 from torchserve.train import ensure_models
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,9 +32,9 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from core.domain import DEFAULT_TRADE_THRESHOLD, Side
 from fallback.rules import RulesBaseline
-from server.domain import Side
-from server.settings import DecisionSettings, FallbackSettings
+from fallback.settings import FallbackSettings
 
 BLOCK_US = 60_000_000
 BOOTSTRAP_SAMPLES = 300
@@ -137,7 +137,7 @@ def report(models_dir: Path, out: Path) -> str:
     heldout = np.load(models_dir / "heldout.npz")
     manifest = json.loads((models_dir / "models.json").read_text())
     x, y, when = heldout["x"], heldout["y"], heldout["time_us"]
-    threshold = DecisionSettings().threshold
+    threshold = DEFAULT_TRADE_THRESHOLD
     scored = [
         Scored("champion (Torch MLP)", heldout["champion"], threshold),
         Scored("challenger (XGBoost)", heldout["challenger"], threshold),

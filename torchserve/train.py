@@ -51,6 +51,7 @@ CODE_FILES = (
     "torchserve/dataset.py",
     "torchserve/model.py",
     "torchserve/reference.py",
+    "core/drift.py",
     "torchserve/archive.py",
     "torchserve/handler.py",
     "feature_cache/generator.py",

@@ -147,10 +147,6 @@ class Journal:
         """The end of the last complete record (safe to read up to from another thread)."""
         return self._position
 
-    @property
-    def is_open(self) -> bool:
-        return self._fd >= 0
-
     def open(self) -> None:
         """Locks the directory, repairs a torn tail, and begins a new segment."""
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -27,18 +27,18 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from core.domain import Side
+from core.processes import free_ports
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION, model_row
 from server.audit.store import decisions
-from server.domain import Side
-from server.localstack.processes import free_ports
-from server.localstack.torchserve_replica import (
+from server.model_client import ModelCallError, ModelInputError, TorchServeClient
+from torchserve.archive import archive_version
+from torchserve.replica import (
     ModelServing,
     ReplicaPorts,
     start_replica,
     torchserve_replica,
 )
-from server.model_client import ModelCallError, ModelInputError, TorchServeClient
-from torchserve.archive import archive_version
 
 log = logging.getLogger(__name__)
 

@@ -311,7 +311,3 @@ class AuditShipper:
                 os.fsync(file.fileno())
         tmp.replace(path)
         self._checkpoint = position
-
-    @property
-    def checkpoint(self) -> Position:
-        return self._checkpoint

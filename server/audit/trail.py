@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from core.domain import CallInfo, DecisionResult, OrderRequest
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
 from server.audit.journal import Journal, JournalWriteError
 from server.audit.record import AdminRecord, DecisionRecord, ShadowRecord, encode
 from server.audit.shipper import AuditShipper, ShipperStatus
 from server.audit.store import AuditStore, create_store_engine
-from server.domain import CallInfo, DecisionResult, OrderRequest
 from server.errors import AuditUnavailable
 from server.settings import AuditSettings
 

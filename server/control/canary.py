@@ -27,9 +27,9 @@ from typing import Final
 
 import numpy as np
 
+from core.drift import histogram, psi
 from server.control.recent import percentile
 from server.settings import CanarySettings
-from torchserve.reference import histogram, psi
 
 log = logging.getLogger(__name__)
 

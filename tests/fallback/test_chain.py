@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from core.deadline import StoreReads
 from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
 from fallback.score_cache import ScoreCache
-from server.deadline import StoreReads
 
 
 def chain(max_spread_bps: float = 10.0, max_age_ms: float = 1000.0) -> FallbackChain:

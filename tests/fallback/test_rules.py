@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from core.domain import Decision, Side
 from fallback.rules import RulesBaseline
 from feature_cache.schema import FEATURE_NAMES
-from server.domain import Decision, Side
 
 RULES = RulesBaseline(max_spread_bps=10, max_volatility_bps=25, min_imbalance=0.1)
 

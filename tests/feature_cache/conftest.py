@@ -15,9 +15,9 @@ from feature_cache.consumer import FeatureConsumer
 from feature_cache.events import MarketEvent
 from feature_cache.features import compute_offline, same_features
 from feature_cache.replay import Progress, replay
+from feature_cache.settings import KafkaSettings
 from feature_cache.store import FeatureReader
-from server.localstack.kafka_broker import create_topics
-from server.settings import KafkaSettings
+from localstack.kafka_broker import create_topics
 from tests.conftest import KafkaInstance
 
 PARTITIONS = 4

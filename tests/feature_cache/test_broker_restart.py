@@ -8,13 +8,13 @@ import time
 
 import pytest
 
+from core.processes import free_port, listening
 from feature_cache.consumer import FeatureConsumer
 from feature_cache.generator import MarketGenerator
 from feature_cache.replay import Progress, replay
+from feature_cache.settings import KafkaSettings
 from feature_cache.store import FeatureReader
-from server.localstack.kafka_broker import create_topics, kafka_broker
-from server.localstack.processes import free_port, listening
-from server.settings import KafkaSettings
+from localstack.kafka_broker import create_topics, kafka_broker
 from tests.feature_cache.conftest import PARTITIONS, wait_for_features
 from tests.feature_cache.test_consumer import SYMBOLS
 

@@ -10,7 +10,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from feature_cache.consumer import FeatureConsumer
-from server.settings import KafkaSettings
+from feature_cache.settings import KafkaSettings
 
 TP = TopicPartition("market-data", 0)
 

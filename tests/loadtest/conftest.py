@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from core.processes import ManagedProcess, free_ports
 from feature_cache.store import FeatureWriter
-from server.localstack.health import serving
-from server.localstack.processes import ManagedProcess, free_ports
+from localstack.health import serving
 from tests.conftest import REPO, RedisInstance, Replica, server_process_env
 from tests.server.conftest import sample_record
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from core.processes import ManagedProcess, free_port, listening, start_ready
 from loadtest.loadgen import (
     LoadGenerator,
     LoadSpec,
@@ -23,7 +24,6 @@ from loadtest.loadgen import (
     open_loop,
 )
 from proto.decision.v1 import decision_pb2
-from server.localstack.processes import ManagedProcess, free_port, listening, start_ready
 
 REPO = Path(__file__).resolve().parents[2]
 

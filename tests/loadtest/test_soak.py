@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from server.localstack.__main__ import LocalStack
+from localstack.__main__ import LocalStack
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration

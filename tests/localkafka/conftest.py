@@ -14,9 +14,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from core.processes import ManagedProcess, free_port, listening, start_ready
 from localkafka import Broker, BrokerSettings
 from localkafka.group import GroupSettings
-from server.localstack.processes import ManagedProcess, free_port, listening, start_ready
 from tests.conftest import REPO
 
 

@@ -12,11 +12,11 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from core.processes import free_port
 from feature_cache.schema import FEATURE_NAMES, MODEL_INPUT_WIDTH
 from feature_cache.store import FeatureRecord, FeatureWriter
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
-from server.localstack.processes import free_port
 from server.model_client import ModelCallError
 from server.settings import Settings
 from tests.conftest import RedisInstance, Replica

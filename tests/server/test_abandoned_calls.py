@@ -15,24 +15,23 @@ from pathlib import Path
 import grpc
 import pytest
 
-from feature_cache.schema import MODEL_INPUT_WIDTH
+from core.processes import ManagedProcess, free_ports
+from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
-from server.localstack.processes import ManagedProcess, free_ports
-from server.localstack.torchserve_replica import (
+from server.model_client import (
+    ModelBusy,
+    ModelCallError,
+    ModelTimeout,
+    TorchServeClient,
+)
+from torchserve.archive import ArchiveInfo
+from torchserve.replica import (
     ModelServing,
     ReplicaPorts,
     start_replica,
     torchserve_replica,
     worker_restarts,
 )
-from server.model_client import (
-    ModelBusy,
-    ModelCallError,
-    ModelTimeout,
-    TorchServeClient,
-    pack_rows,
-)
-from torchserve.archive import ArchiveInfo
 
 pytestmark = pytest.mark.integration
 

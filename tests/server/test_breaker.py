@@ -143,15 +143,6 @@ async def test_ignored_errors_and_cancellation_count_as_neither_failure_nor_succ
     assert cb.fail_counter == 1
 
 
-async def test_force_open_and_closed():
-    cb = breaker(reset_timeout_s=60)
-    cb.force_open()
-    with pytest.raises(BreakerOpenError):
-        await cb.call(succeed)
-    cb.force_closed()
-    assert await cb.call(succeed) == "ok"
-
-
 async def test_trial_runs_half_open_and_a_late_result_does_not_decide_a_later_state():
     cb = breaker()
     release = asyncio.Event()

@@ -10,8 +10,8 @@ import time
 import pytest
 import uvloop
 
-from server import deadline
-from server.deadline import Budget, StoreBusy, StoreReads, model_call_timeout_ms, settled_within
+from core import deadline
+from core.deadline import Budget, StoreBusy, StoreReads, model_call_timeout_ms, settled_within
 
 
 def test_no_caller_deadline_uses_the_default_budget():

@@ -10,10 +10,10 @@ import time
 import grpc
 import pytest
 
+from core.domain import Side
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 from feature_cache.store import FeatureWriter
 from proto.decision.v1 import decision_pb2
-from server.domain import Side
 from tests.server.conftest import buy, decision_stub, replica_settings, sample_record, settle
 
 pytestmark = pytest.mark.integration
@@ -243,8 +243,8 @@ async def test_health_is_serving_only_when_ready_and_reflection_lists_the_servic
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+    from core.processes import free_port
     from server.app import DecisionApp
-    from server.localstack.processes import free_port
     from tests.server.conftest import make_settings
 
     # Redis not there yet: the server answers health checks, NOT_SERVING.

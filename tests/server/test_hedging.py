@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import pytest
 
+from core.deadline import Budget
+from core.domain import Source
 from server.breaker import AsyncCircuitBreaker
-from server.deadline import Budget
-from server.domain import Source
 from server.model_client import ModelScores, ModelTimeout, ModelUnavailable
 from server.router import Replica, ReplicaRouter
 from server.settings import DecisionSettings, TorchServeSettings

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from server.localstack.processes import ManagedProcess, live_group_members, niced
+from core.processes import ManagedProcess, live_group_members, niced
 from tests.conftest import wait_for
 
 

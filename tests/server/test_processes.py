@@ -13,10 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from core.processes import free_port, live_group_members, port_open
+from localstack.__main__ import LocalStack
+from localstack.health import serving
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
-from server.localstack.__main__ import LocalStack
-from server.localstack.health import serving
-from server.localstack.processes import free_port, live_group_members, port_open
 from tests.conftest import REPO, wait_for
 from tests.server.conftest import buy
 
@@ -73,7 +73,7 @@ def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path, model_sto
     )
     decision_port = 50051 + offset
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.localstack", "--run-dir", str(tmp_path), "--port-offset",
+        [sys.executable, "-m", "localstack", "--run-dir", str(tmp_path), "--port-offset",
          str(offset), "--models", str(model_store[0])],
         cwd=REPO,
         stdout=subprocess.PIPE,

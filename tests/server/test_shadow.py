@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from core.domain import Source
 from server.audit.record import ShadowRecord
 from server.breaker import AsyncCircuitBreaker
 from server.control.state import BreakerMode
-from server.domain import Source
 from server.model_client import ModelScores, ModelTimeout
 from server.router import Replica
 from server.shadow import Shadowed, ShadowScorer

@@ -11,12 +11,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from feature_cache.schema import MODEL_INPUT_NAMES, MODEL_INPUT_WIDTH
-from server.model_client import pack_rows
+from core.drift import psi
+from feature_cache.schema import MODEL_INPUT_NAMES, MODEL_INPUT_WIDTH, pack_rows
 from tests.conftest import TEST_TRAINING
 from torchserve.archive import archive_meta
 from torchserve.dataset import DataSpec, simulate_day
-from torchserve.reference import psi
 from torchserve.train import ensure_models, load_models
 
 
@@ -63,7 +62,7 @@ def test_archives_carry_reference_distributions(trained_models):
 def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift():
     rng = np.random.default_rng(0)
     values = rng.normal(size=20_000)
-    from torchserve.reference import histogram
+    from core.drift import histogram
 
     reference = histogram(values)
     assert psi(reference, rng.normal(size=20_000)) < 0.01

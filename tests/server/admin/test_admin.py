@@ -17,12 +17,12 @@ import pytest
 import sqlalchemy as sa
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from core.processes import ManagedProcess, free_ports
 from feature_cache.schema import MODEL_INPUT_WIDTH
+from localstack.health import serving
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.app import DecisionApp
 from server.audit.store import admin_actions, create_store_engine
-from server.localstack.health import serving
-from server.localstack.processes import ManagedProcess, free_ports
 from tests.conftest import REPO, RedisInstance, Replica, server_process_env
 from tests.server.conftest import buy, decision_stub, replica_settings, sample_record, settle
 

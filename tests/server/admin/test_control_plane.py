@@ -18,7 +18,9 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from core.processes import free_port
 from feature_cache.store import FeatureReader
+from localstack.redis_server import start_redis
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc
 from server.admin.control_plane import AUTO_ROLLBACK_ACTOR, ControlPlane
 from server.app import DecisionApp
@@ -27,8 +29,6 @@ from server.control.flags import flag_specs
 from server.control.shared import SharedControl
 from server.control.state import BreakerMode
 from server.errors import AuditUnavailable, SharedStateUnavailable
-from server.localstack.processes import free_port
-from server.localstack.redis_server import start_redis
 from server.settings import ControlSettings
 from tests.conftest import RedisInstance
 from tests.server.admin.test_admin import OPERATOR, TOKENS, VIEWER

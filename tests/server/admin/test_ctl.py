@@ -13,10 +13,10 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from core.processes import free_port
 from proto.decision.v1 import admin_pb2 as pb
 from proto.decision.v1 import admin_pb2_grpc as pb_grpc
 from server.admin import ctl
-from server.localstack.processes import free_port
 
 # Test tokens of a fake server, not secrets.
 TOKEN = "operator-token-0123456789"  # noqa: S105

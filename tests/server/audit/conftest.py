@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from core.processes import free_port
+from localstack.postgres_server import start_postgres
 from server.audit.record import DecisionRecord
-from server.localstack.postgres_server import start_postgres
-from server.localstack.processes import free_port
 
 # A server where this user may create databases: DECISION_TEST_POSTGRES_URL, else the
 # machine's own on 5432 (trust auth on loopback), else one the tests start. Each test

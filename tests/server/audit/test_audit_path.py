@@ -18,10 +18,10 @@ import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from core.processes import free_port
+from localstack.health import serving
 from proto.decision.v1 import decision_pb2_grpc
 from server.audit.store import AuditStore, create_store_engine, decisions
-from server.localstack.health import serving
-from server.localstack.processes import free_port
 from tests.conftest import REPO, wait_for
 from tests.server.audit.proxy import TcpProxy
 from tests.server.conftest import buy, decision_stub, replica_settings, sample_record

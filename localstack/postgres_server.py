@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from server.localstack.processes import ManagedProcess, listening, start_ready
+from core.processes import ManagedProcess, listening, start_ready
 
 
 def postgres_bin_dir() -> Path | None:

@@ -1,10 +1,12 @@
-"""Transport-agnostic types of the decision core. Enum values equal the proto's."""
+"""Transport-agnostic types of a decision, and the model's threshold rule. Enum values equal
+the proto's."""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 
 class Side(enum.IntEnum):
@@ -21,6 +23,15 @@ class Decision(enum.IntEnum):
     TRADE = 1
     NO_TRADE = 2
     ABSTAIN = 3
+
+
+# The model's operating threshold unless configured (DECISION_DECISION__THRESHOLD).
+DEFAULT_TRADE_THRESHOLD: Final = 0.55
+
+
+def model_decision(score: float, threshold: float) -> Decision:
+    """The model's verdict on a score: TRADE when it reaches the threshold."""
+    return Decision.TRADE if score >= threshold else Decision.NO_TRADE
 
 
 class Source(enum.IntEnum):

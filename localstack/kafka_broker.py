@@ -13,7 +13,7 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from server.localstack.processes import ManagedProcess, listening, niced, start_ready
+from core.processes import ManagedProcess, listening, niced, start_ready
 
 # The local stack replays market data for hours: ten minutes of it is plenty to
 # restart a consumer from, and keeps the broker's disk use bounded.

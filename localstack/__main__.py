@@ -26,18 +26,19 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from feature_cache.store import FeatureReader
-from server.localstack.health import serving
-from server.localstack.kafka_broker import create_topics, kafka_broker
-from server.localstack.processes import (
+from core.processes import (
     ManagedProcess,
     ProcessStartError,
     listening,
     niced,
     port_open,
 )
-from server.localstack.redis_server import redis_server
-from server.localstack.torchserve_replica import (
+from feature_cache.settings import FeatureCacheSettings
+from feature_cache.store import FeatureReader
+from localstack.health import serving
+from localstack.kafka_broker import create_topics, kafka_broker
+from localstack.redis_server import redis_server
+from torchserve.replica import (
     CHALLENGER_PORTS,
     PRIMARY_PORTS,
     SECONDARY_PORTS,
@@ -45,7 +46,6 @@ from server.localstack.torchserve_replica import (
     torchserve_replica,
     warm_up_replica,
 )
-from server.settings import Settings
 from torchserve.train import ensure_models, load_models
 
 log = logging.getLogger("localstack")
@@ -59,7 +59,7 @@ DEFAULT_SYMBOLS = ["BTC-USD", "ETH-USD", "SOL-USD"]
 # while the stack ran, against ~6 ms alone.
 BACKGROUND_NICENESS = 10
 MARKET_DATA_PARTITIONS = 4
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _say(message: str) -> None:
@@ -185,7 +185,7 @@ class LocalStack:
         redis = self._track(redis_server(self.redis_port, self.run_dir / "redis"))
         await asyncio.to_thread(redis.wait_ready, listening(self.redis_port), 10.0)
 
-        kafka = Settings().kafka
+        kafka = FeatureCacheSettings().kafka
         _say(f"[3/7] Kafka-protocol broker on 127.0.0.1:{self.kafka_port}, topic {kafka.topic}")
         broker = self._track(
             kafka_broker(self.kafka_port, self.run_dir / "kafka", niceness=BACKGROUND_NICENESS)
@@ -272,7 +272,7 @@ class LocalStack:
     async def _wait_for_features(self, timeout_s: float) -> None:
         """Until the consumer has written every default symbol's features to Redis."""
         client = aioredis.Redis.from_url(f"redis://127.0.0.1:{self.redis_port}/0")
-        reader = FeatureReader(client, key_prefix=Settings().redis.key_prefix)
+        reader = FeatureReader(client, key_prefix=FeatureCacheSettings().redis.key_prefix)
         deadline = time.monotonic() + timeout_s
         try:
             while None in await reader.read_many(DEFAULT_SYMBOLS):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from server.localstack.processes import ManagedProcess, listening, start_ready
+from core.processes import ManagedProcess, listening, start_ready
 
 
 def redis_server(port: int, run_dir: Path, *, name: str = "redis-server") -> ManagedProcess:

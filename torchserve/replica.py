@@ -21,10 +21,9 @@ from pathlib import Path
 import grpc
 from google.protobuf import empty_pb2
 
-from feature_cache.schema import MODEL_INPUT_WIDTH
+from core.processes import ManagedProcess, niced, start_ready
+from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
-from server.localstack.processes import ManagedProcess, niced, start_ready
-from server.model_client import pack_rows
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ SECONDARY_PORTS = ReplicaPorts.from_base(7170, 8180, 9100)
 CHALLENGER_PORTS = ReplicaPorts.from_base(7270, 8280, 9200)
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "torchserve/replicas"
+CONFIG_DIR = Path(__file__).resolve().parent / "replicas"
 CONFIG_TEMPLATE = CONFIG_DIR / "replica.properties"
 LOG_CONFIG = CONFIG_DIR / "log4j2.xml"
 ROLES = ("primary", "secondary", "challenger")

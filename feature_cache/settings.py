@@ -1,0 +1,95 @@
+"""The feature cache's settings: Redis (shared with the server, which reads the features),
+the feature age limit, Kafka, and the root of the consumer and replayer processes."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+from core.settings import ROOT_CONFIG, SettingsSection
+
+
+class RedisSettings(SettingsSection):
+    url: str = Field("redis://127.0.0.1:16379/0", description="Feature and score cache.")
+    key_prefix: str = Field("decision:", description="Prefix of every key this service uses.")
+    socket_timeout_ms: float = Field(
+        250.0,
+        gt=0,
+        description="Redis socket timeout: how long a read abandoned at its timeout (see "
+        "read_timeout_ms), or a cached-score write in the background, may wait for a "
+        "pooled connection and then for Redis; a caller never waits longer than its own "
+        "budget.",
+    )
+    read_timeout_ms: float = Field(
+        10.0,
+        gt=0,
+        description="Cap on one Redis read on the decision path (features, cached score): "
+        "a Redis that has not answered by then is sick, and the rest of the budget stays "
+        "for the ladder. Without it a paused Redis took the whole budget and answers came "
+        "late.",
+    )
+    max_connections: int = Field(64, ge=1, description="Connection pool size.")
+    max_abandoned_reads: int = Field(
+        32,
+        ge=1,
+        description="Decision-path reads left running after their timeout, at most; past "
+        "it no read starts (the answer says the feature store is busy) until some end, so "
+        "a hung Redis gathers no backlog that delays the reads after it wakes.",
+    )
+
+
+class FeatureSettings(SettingsSection):
+    max_age_ms: float = Field(
+        2000.0, gt=0, description="Older feature records are stale: the model is skipped."
+    )
+
+
+class KafkaSettings(SettingsSection):
+    bootstrap_servers: str = Field(
+        "127.0.0.1:19092", description="Kafka brokers, comma-separated host:port."
+    )
+    topic: str = Field("market-data", description="Market events, keyed by symbol.")
+    dead_letter_topic: str = Field(
+        "market-data.dlq", description="Where malformed market events go, with the reason."
+    )
+    group_id: str = Field("feature-cache", description="Consumer group of the feature cache.")
+    max_batch: int = Field(
+        2000, ge=1, description="Most records one fetch hands the consumer at once."
+    )
+    fetch_timeout_ms: int = Field(
+        50, ge=1, description="How long one fetch waits for records before an empty batch."
+    )
+    fetch_max_wait_ms: int = Field(
+        10,
+        ge=0,
+        description="How long the broker may hold a fetch for more data; short keeps features "
+        "fresh when the feed is quiet.",
+    )
+    checkpoint_interval_ms: float = Field(
+        1000.0,
+        ge=0,
+        description="How often the consumer checkpoints its state and commits offsets; a "
+        "consumer taking over replays at most this much.",
+    )
+    retry_backoff_max_s: float = Field(
+        5.0, gt=0, description="Longest wait between retries while Kafka or Redis is down."
+    )
+    feature_ttl_s: float = Field(
+        60.0, gt=0, description="TTL of the feature records the consumer writes."
+    )
+
+
+class FeatureCacheProcessSettings(SettingsSection):
+    log_level: str = Field(
+        "INFO", description="Python logging level of the feature-cache consumer process."
+    )
+
+
+class FeatureCacheSettings(BaseSettings):
+    """The settings of ``python -m feature_cache`` and ``feature_cache.replay``."""
+
+    model_config = ROOT_CONFIG
+
+    feature_cache: FeatureCacheProcessSettings = FeatureCacheProcessSettings()
+    redis: RedisSettings = RedisSettings()
+    kafka: KafkaSettings = KafkaSettings()
