@@ -72,9 +72,17 @@ class FallbackChain:
         ).hexdigest()
 
     async def decide_many(
-        self, items: Sequence[LadderInput], budget: Budget
+        self, items: Sequence[LadderInput], budget: Budget, *, store_failure: str = ""
     ) -> list[LadderOutcome]:
-        cached, problem = await self._cached_scores(items, budget)
+        """The ladder's outcome for each item. ``store_failure`` says why this decision's
+        feature read failed (timed out, busy, unreachable): the cached scores live in the
+        same Redis, so they are not read then, and a sick Redis costs a decision one read
+        cap rather than two (a paused Redis made answers late that way)."""
+        cached: Sequence[CachedScore | None]
+        if store_failure:
+            cached, problem = [None] * len(items), f"cached score skipped: {store_failure}"
+        else:
+            cached, problem = await self._cached_scores(items, budget)
         return [
             self._decide(item, score, problem) for item, score in zip(items, cached, strict=True)
         ]

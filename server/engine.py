@@ -141,7 +141,7 @@ class DecisionEngine:
         now_us = time.time_ns() // 1000
         reasons: list[list[str]] = [[] for _ in orders]
         outcomes = self._kill_switched(orders, state, now_us, reasons)
-        features = await self._read_features(orders, budget, reasons, skip=outcomes)
+        features, store_failure = await self._read_features(orders, budget, reasons, skip=outcomes)
         features_done = time.perf_counter_ns()
 
         scorable = {i: f.values for i, f in enumerate(features) if f.values is not None}
@@ -168,7 +168,7 @@ class DecisionEngine:
         pending = [i for i in range(len(orders)) if i not in outcomes]
         if pending:
             ladder = [LadderInput(orders[i], features[i].values, reasons[i]) for i in pending]
-            decided = await self._ladder.decide_many(ladder, budget)
+            decided = await self._ladder.decide_many(ladder, budget, store_failure=store_failure)
             outcomes.update(zip(pending, decided, strict=True))
 
         finished = time.perf_counter_ns()
@@ -240,14 +240,15 @@ class DecisionEngine:
         reasons: list[list[str]],
         *,
         skip: Container[int] = (),
-    ) -> list[_Features]:
-        """The features of each order; none for the orders in ``skip`` (already decided)."""
+    ) -> tuple[list[_Features], str]:
+        """The features of each order (none for the orders in ``skip``, already decided),
+        and why the feature store failed to answer ("" when it answered)."""
         wanted = [i for i in range(len(orders)) if i not in skip]
         if not wanted:
-            return [_Features(None, -1.0)] * len(orders)
+            return [_Features(None, -1.0)] * len(orders), ""
         left_ms = self._redis_reads.timeout_ms(budget)
         records: list[FeatureRecord | None] = [None] * len(orders)
-        problem = ""
+        problem = store_failure = ""
         if left_ms <= 0:
             problem = "features skipped: no budget left"
         else:
@@ -264,6 +265,7 @@ class DecisionEngine:
             except (redis.exceptions.RedisError, OSError) as exc:
                 problem = f"feature store unavailable ({type(exc).__name__})"
                 log.warning("feature read failed: %s", exc)
+            store_failure = problem
         now_us = time.time_ns() // 1000
         out = []
         for i, (order, record, why) in enumerate(zip(orders, records, reasons, strict=True)):
@@ -288,7 +290,7 @@ class DecisionEngine:
                 out.append(_Features(None, age_ms))
                 continue
             out.append(_Features(values, age_ms))
-        return out
+        return out, store_failure
 
     async def _score(
         self,

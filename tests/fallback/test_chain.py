@@ -1,23 +1,105 @@
-"""The fallback policy's version (pure logic)."""
+"""The ladder (pure logic, over a fake score cache): its order, cached score → rules →
+ABSTAIN, what each step says, and its policy version."""
 
 from __future__ import annotations
 
+import re
+import time
+from collections.abc import Sequence
 from typing import Any, cast
 
-from core.deadline import StoreReads
-from fallback.chain import FallbackChain
+from core.deadline import Budget, StoreReads
+from core.domain import Decision, OrderRequest, Side, Source
+from fallback.chain import FallbackChain, LadderInput
 from fallback.rules import RulesBaseline
-from fallback.score_cache import ScoreCache
+from fallback.score_cache import CachedScore, ScoreCache
+from feature_cache.schema import FEATURE_INDEX, FEATURE_NAMES
 
 
-def chain(max_spread_bps: float = 10.0, max_age_ms: float = 1000.0) -> FallbackChain:
+class FakeScoreCache:
+    """Answers every lookup with ``score``, and counts the lookups."""
+
+    def __init__(self, score: CachedScore | None) -> None:
+        self.score = score
+        self.lookups = 0
+
+    async def get_many(self, keys: Sequence[tuple[str, Side]]) -> list[CachedScore | None]:
+        self.lookups += 1
+        return [self.score] * len(keys)
+
+
+def chain(
+    max_spread_bps: float = 10.0, max_age_ms: float = 1000.0, cache: Any = None
+) -> FallbackChain:
     return FallbackChain(
-        cast(ScoreCache, cast(Any, None)),  # the version never reads the cache
+        cast(ScoreCache, cache),
         RulesBaseline(max_spread_bps=max_spread_bps, max_volatility_bps=25, min_imbalance=0.1),
         cached_score_max_age_ms=max_age_ms,
         model_threshold=0.55,
         redis_reads=StoreReads(cap_ms=10.0, max_abandoned=32),
     )
+
+
+def cached(score: float, age_ms: float) -> CachedScore:
+    now_us = time.time_ns() // 1000
+    return CachedScore(score, "champion", "v1", now_us - int(age_ms * 1000))
+
+
+def calm_book() -> list[float]:
+    """Features the rules trade a buy on: tight spread, calm, bids leaning in."""
+    values = [0.0] * len(FEATURE_NAMES)
+    values[FEATURE_INDEX["spread_bps"]] = 1.0
+    values[FEATURE_INDEX["imbalance_l5"]] = 0.5
+    return values
+
+
+def item(features: Sequence[float] | None) -> LadderInput:
+    return LadderInput(OrderRequest("r1", "BTC-USD", Side.BUY, 1.0), features, [])
+
+
+async def test_a_fresh_cached_score_decides_first():
+    ladder = chain(cache=FakeScoreCache(cached(0.9, age_ms=100)))
+    order = item(calm_book())
+    [outcome] = await ladder.decide_many([order], Budget(50))
+    assert (outcome.source, outcome.decision, outcome.score) == (
+        Source.CACHED_SCORE,
+        Decision.TRADE,
+        0.9,
+    )
+    assert len(order.reasons) == 1
+    assert re.fullmatch(r"cached score \d+ ms old", order.reasons[0])
+
+
+async def test_a_stale_cached_score_passes_to_the_rules_then_abstain():
+    ladder = chain(cache=FakeScoreCache(cached(0.9, age_ms=5000)))
+    with_features, without = item(calm_book()), item(None)
+    ruled, abstained = await ladder.decide_many([with_features, without], Budget(50))
+    assert (ruled.source, ruled.decision) == (Source.RULES, Decision.TRADE)
+    assert ruled.model_version == ladder.policy_version
+    assert re.fullmatch(r"cached score \d+ ms old \(max 1000\)", with_features.reasons[0])
+    assert with_features.reasons[1].startswith("rules: ")
+    assert (abstained.source, abstained.decision) == (Source.ABSTAIN, Decision.ABSTAIN)
+    assert without.reasons[-1] == "abstain: no fresh features for rules"
+
+
+async def test_no_cached_score_goes_to_the_rules():
+    ladder = chain(cache=FakeScoreCache(None))
+    order = item(calm_book())
+    [outcome] = await ladder.decide_many([order], Budget(50))
+    assert outcome.source is Source.RULES
+    assert order.reasons[0] == "no cached score"
+
+
+async def test_a_failed_feature_read_skips_the_cached_score_in_the_same_redis():
+    cache = FakeScoreCache(cached(0.9, age_ms=100))
+    ladder = chain(cache=cache)
+    order = item(None)
+    [outcome] = await ladder.decide_many(
+        [order], Budget(50), store_failure="feature store timed out after 10.0 ms"
+    )
+    assert cache.lookups == 0
+    assert outcome.source is Source.ABSTAIN
+    assert order.reasons[0] == "cached score skipped: feature store timed out after 10.0 ms"
 
 
 def test_policy_version_is_stable_and_changes_with_any_setting():

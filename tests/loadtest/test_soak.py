@@ -86,4 +86,13 @@ def test_three_minute_soak_with_a_redis_pause_loses_nothing_and_recovers(model_s
         reasons = db.execute(
             "SELECT count(*), sum(reason = '') FROM decisions WHERE source != 'PRIMARY'"
         ).fetchone()
+        # A decision whose feature read timed out does not wait for Redis a second time.
+        waited_twice = db.execute(
+            "SELECT count(*) FROM decisions WHERE reason LIKE '%feature store timed out%'"
+            " AND reason LIKE '%cached score lookup timed out%'"
+        ).fetchone()[0]
+        skipped = db.execute(
+            "SELECT count(*) FROM decisions WHERE reason LIKE '%cached score skipped: feature%'"
+        ).fetchone()[0]
     assert reasons[0] > 0 and reasons[1] == 0, reasons
+    assert waited_twice == 0 and skipped > 0, (waited_twice, skipped)
