@@ -65,6 +65,9 @@ class ModelServing:
     max_batch_delay_ms: int = 0
     workers: int = 1
     mar_name: str | None = None  # default: ``{model_name}.mar``
+    # As the committed sections set it (why: replica.properties): a worker holding a job
+    # this long on the wall clock is restarted, so a paused replica's must outlast a pause.
+    response_timeout_s: int = 60
 
     def properties(self) -> str:
         mar = self.mar_name or f"{self.model_name}.mar"
@@ -77,7 +80,7 @@ class ModelServing:
                     "maxWorkers": self.workers,
                     "batchSize": self.batch_size,
                     "maxBatchDelay": self.max_batch_delay_ms,
-                    "responseTimeout": 10,
+                    "responseTimeout": self.response_timeout_s,
                 }
             }
         }
