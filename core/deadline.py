@@ -4,10 +4,16 @@ call within it without cancelling the call."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import redis.exceptions
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -79,6 +85,14 @@ class StoreBusy(Exception):
     """Not started: the store still runs ``max_abandoned`` reads nobody waits for."""
 
 
+@dataclass(frozen=True, slots=True)
+class StoreRead(Generic[T]):
+    """A read on the decision path: its value, or why there is none."""
+
+    value: T | None
+    failure: str = ""  # "" when the store answered
+
+
 class StoreReads:
     """Reads from one store (Redis) on the decision path, each bounded by the request's
     budget and by ``cap_ms``.
@@ -105,6 +119,25 @@ class StoreReads:
     def abandoned(self) -> int:
         """Reads still running after their caller stopped waiting."""
         return len(self._abandoned)
+
+    async def read(
+        self, call: Callable[[], Coroutine[Any, Any, T]], budget: Budget, *, what: str
+    ) -> StoreRead[T]:
+        """``call()`` within the budget left (capped), never raising for the store: a
+        timeout, a busy or failed store comes back as ``failure``, in words that begin
+        with ``what`` ("feature store timed out after 10.0 ms")."""
+        left_ms = self.timeout_ms(budget)
+        if left_ms <= 0:
+            return StoreRead(None, f"{what} skipped: no budget left")
+        try:
+            return StoreRead(await self.run(call(), left_ms))
+        except TimeoutError:
+            return StoreRead(None, f"{what} timed out after {left_ms:.1f} ms")
+        except StoreBusy as exc:
+            return StoreRead(None, f"{what} busy: {exc}")
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("%s failed: %s", what, exc)
+            return StoreRead(None, f"{what} unavailable ({type(exc).__name__})")
 
     async def run(self, call: Coroutine[Any, Any, T], timeout_ms: float) -> T:
         """Awaits ``call`` for at most ``timeout_ms``, then raises ``TimeoutError`` at once;

@@ -4,6 +4,7 @@ the proto's."""
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -32,6 +33,13 @@ DEFAULT_TRADE_THRESHOLD: Final = 0.55
 def model_decision(score: float, threshold: float) -> Decision:
     """The model's verdict on a score: TRADE when it reaches the threshold."""
     return Decision.TRADE if score >= threshold else Decision.NO_TRADE
+
+
+def age_ms(stamped_at_us: int, now_us: int | None = None) -> float:
+    """How old a wall-clock stamp (µs since the epoch) is, in ms; never negative (clocks
+    of different hosts disagree a little)."""
+    now = time.time_ns() // 1000 if now_us is None else now_us
+    return max(0.0, (now - stamped_at_us) / 1000.0)
 
 
 class Source(enum.IntEnum):

@@ -1,32 +1,27 @@
 """The ladder after the model: cached score (bounded age) → rules baseline → ABSTAIN.
 
-Every step taken or passed over appends to the order's reasons, so the response says
+Every step taken or passed over adds to the outcome's reasons, so the response says
 why ("no cached score; rules: spread 12.0 bps > 10.0").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import redis.exceptions
-
-from core.deadline import Budget, StoreBusy, StoreReads
+from core.deadline import Budget, StoreReads
 from core.domain import Decision, OrderRequest, Source, model_decision
 from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache
 
-log = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class LadderInput:
     order: OrderRequest
     features: Sequence[float] | None  # fresh features, None when missing or stale
-    reasons: list[str]
 
 
 RULES_MODEL_NAME = "rules"
@@ -35,12 +30,19 @@ ABSTAIN_MODEL_NAME = "fallback"
 
 @dataclass(frozen=True, slots=True)
 class LadderOutcome:
+    """A decision and where it came from: the model's, or a rung of the ladder's."""
+
     decision: Decision
     score: float | None
     threshold: float
     source: Source
     model_name: str
     model_version: str
+    reasons: tuple[str, ...] = ()  # why, in the order the steps were taken
+
+    def after(self, reasons: Sequence[str]) -> LadderOutcome:
+        """This outcome, with ``reasons`` (what came before it) ahead of its own."""
+        return dataclasses.replace(self, reasons=(*reasons, *self.reasons))
 
 
 class FallbackChain:
@@ -82,54 +84,37 @@ class FallbackChain:
         if store_failure:
             cached, problem = [None] * len(items), f"cached score skipped: {store_failure}"
         else:
-            cached, problem = await self._cached_scores(items, budget)
+            keys = [(item.order.symbol, item.order.side) for item in items]
+            read = await self._redis_reads.read(
+                lambda: self._score_cache.get_many(keys), budget, what="cached score lookup"
+            )
+            cached = [None] * len(items) if read.value is None else read.value
+            problem = read.failure or "no cached score"
         return [
             self._decide(item, score, problem) for item, score in zip(items, cached, strict=True)
         ]
 
-    async def _cached_scores(
-        self, items: Sequence[LadderInput], budget: Budget
-    ) -> tuple[Sequence[CachedScore | None], str]:
-        """The cached scores, or Nones and why the lookup did not happen or failed."""
-        left_ms = self._redis_reads.timeout_ms(budget)
-        if left_ms <= 0:
-            problem = "cached score skipped: no budget left"
-        else:
-            try:
-                keys = [(item.order.symbol, item.order.side) for item in items]
-                cached = await self._redis_reads.run(self._score_cache.get_many(keys), left_ms)
-                return cached, "no cached score"
-            except TimeoutError:
-                problem = f"cached score lookup timed out after {left_ms:.1f} ms"
-            except StoreBusy as exc:
-                problem = f"cached score store busy: {exc}"
-            except (redis.exceptions.RedisError, OSError) as exc:
-                problem = f"cached score unavailable ({type(exc).__name__})"
-                log.warning("score cache read failed: %s", exc)
-        return [None] * len(items), problem
-
     def _decide(
         self, item: LadderInput, cached: CachedScore | None, missing_reason: str
     ) -> LadderOutcome:
+        """Cached score, else rules, else ABSTAIN, with a reason for every step."""
         if cached is None:
-            item.reasons.append(missing_reason)
+            passed = missing_reason
         else:
             age_ms = cached.age_ms()
             if age_ms <= self._max_age_ms:
-                item.reasons.append(f"cached score {age_ms:.0f} ms old")
-                decision = model_decision(cached.score, self._model_threshold)
                 return LadderOutcome(
-                    decision,
+                    model_decision(cached.score, self._model_threshold),
                     cached.score,
                     self._model_threshold,
                     Source.CACHED_SCORE,
                     cached.model_name,
                     cached.model_version,
+                    (f"cached score {age_ms:.0f} ms old",),
                 )
-            item.reasons.append(f"cached score {age_ms:.0f} ms old (max {self._max_age_ms:.0f})")
+            passed = f"cached score {age_ms:.0f} ms old (max {self._max_age_ms:.0f})"
         if item.features is not None:
             verdict = self._rules.evaluate(item.order.side, item.features)
-            item.reasons.append(f"rules: {verdict.explanation}")
             return LadderOutcome(
                 verdict.decision,
                 verdict.score,
@@ -137,11 +122,11 @@ class FallbackChain:
                 Source.RULES,
                 RULES_MODEL_NAME,
                 self.policy_version,
+                (passed, f"rules: {verdict.explanation}"),
             )
-        item.reasons.append("abstain: no fresh features for rules")
-        return self.abstain()
+        return self.abstain((passed, "abstain: no fresh features for rules"))
 
-    def abstain(self) -> LadderOutcome:
+    def abstain(self, reasons: Sequence[str] = ()) -> LadderOutcome:
         return LadderOutcome(
             Decision.ABSTAIN,
             None,
@@ -149,4 +134,5 @@ class FallbackChain:
             Source.ABSTAIN,
             ABSTAIN_MODEL_NAME,
             self.policy_version,
+            tuple(reasons),
         )

@@ -32,6 +32,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 from redis.asyncio.client import Pipeline
 
+from core.backoff import Backoff
 from feature_cache.checkpoint import StateCheckpoints
 from feature_cache.codec import MalformedMessage, decode
 from feature_cache.features import SymbolState
@@ -121,16 +122,19 @@ class FeatureConsumer:
 
     async def _retry(self, what: str, attempt: Callable[[], Awaitable[None]]) -> bool:
         """Retries ``attempt`` with backoff while Kafka fails; False if stopping first."""
-        delay = 0.1
+        backoff = self._backoff(0.1)
         while not self._stopping:
             try:
                 await attempt()
                 return True
             except (KafkaError, OSError) as exc:
+                delay = backoff.next_s()
                 log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self._settings.retry_backoff_max_s)
         return False
+
+    def _backoff(self, initial_s: float) -> Backoff:
+        return Backoff(initial_s=initial_s, max_s=self._settings.retry_backoff_max_s)
 
     async def start(self) -> None:
         if self._task is not None:
@@ -186,9 +190,6 @@ class FeatureConsumer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def assignment(self) -> set[TopicPartition]:
-        return set(self._consumer.assignment())
-
     async def restore(self, tp: TopicPartition) -> None:
         """Takes over a partition: its states as of its checkpoint, resuming right after it.
 
@@ -198,7 +199,7 @@ class FeatureConsumer:
         (aio-libs/aiokafka#738), so a batch of the partition may be fetched meanwhile:
         ``_restored`` sorts it out. States and seek are set with no await between them.
         """
-        delay = 0.05
+        backoff = self._backoff(0.05)
         while True:
             try:
                 offset, states = await self._checkpoints.load(tp)
@@ -207,8 +208,7 @@ class FeatureConsumer:
                 if self._stopping:
                     raise
                 log.warning("loading %s's checkpoint failed (%s); retrying", tp, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._settings.retry_backoff_max_s)
+                await asyncio.sleep(backoff.next_s())
         self.states[tp] = states
         self._next_offset[tp] = 0 if offset is None else offset + 1
         if offset is not None:
@@ -221,6 +221,7 @@ class FeatureConsumer:
         self._next_offset.pop(tp, None)
 
     async def _run(self) -> None:
+        backoff = self._backoff(0.1)
         while not self._stopping:
             try:
                 batches = await self._consumer.getmany(
@@ -231,8 +232,9 @@ class FeatureConsumer:
                 return
             except KafkaError as exc:
                 log.warning("fetch failed: %s", exc)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(backoff.next_s())
                 continue
+            backoff.reset()
             if batches:
                 await self._handle(batches)
 
@@ -371,7 +373,7 @@ class FeatureConsumer:
 
     async def _execute(self, fill: Callable[[Pipeline], None]) -> bool:
         """Runs one pipeline, retrying while Redis is down; False if stopping first."""
-        delay = 0.05
+        backoff = self._backoff(0.05)
         while True:
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
@@ -381,9 +383,9 @@ class FeatureConsumer:
             except (redis.exceptions.RedisError, OSError) as exc:
                 if self._stopping:
                     return False
+                delay = backoff.next_s()
                 log.warning("Redis write failed (%s); retrying in %.2f s", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self._settings.retry_backoff_max_s)
 
     async def _dead_letter(self, dead: list[tuple[Record, str]]) -> bool:
         """Sends each malformed message to the dead-letter topic; False if stopping first."""

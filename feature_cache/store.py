@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
+from core.domain import age_ms
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,7 @@ class FeatureRecord:
     schema_version: int = SCHEMA_VERSION
 
     def age_ms(self, now_us: int | None = None) -> float:
-        now = time.time_ns() // 1000 if now_us is None else now_us
-        return max(0.0, (now - self.event_time_us) / 1000.0)
+        return age_ms(self.event_time_us, now_us)
 
 
 def feature_key(prefix: str, symbol: str) -> str:
@@ -125,9 +124,6 @@ class FeatureWriter:
             self.queue(pipe, records)
             results = await pipe.execute()
         return sum(int(r) for r in results)
-
-    async def write(self, record: FeatureRecord) -> bool:
-        return await self.write_many([record]) == 1
 
 
 class FeatureReader:

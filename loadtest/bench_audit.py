@@ -35,9 +35,9 @@ import sqlalchemy as sa
 
 from core.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
 from core.processes import ManagedProcess, free_ports
+from core.stats import percentile
 from feature_cache.schema import FEATURE_NAMES
 from loadtest.bench_latency import decision_server, fresh_features, start_backends
-from loadtest.stats import percentile
 from localstack.health import serving
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.audit.journal import Journal

@@ -21,11 +21,11 @@ import redis.asyncio as aioredis
 import uvloop
 
 from core.processes import ManagedProcess, free_ports
+from core.stats import percentile
 from feature_cache.consumer import FeatureConsumer
 from feature_cache.generator import MarketGenerator
 from feature_cache.replay import Progress, rebased, replay
 from feature_cache.settings import KafkaSettings
-from loadtest.stats import percentile
 from localstack.kafka_broker import create_topics, start_kafka_broker
 from localstack.redis_server import start_redis
 

@@ -24,10 +24,10 @@ import grpc
 import redis.asyncio as aioredis
 
 from core.processes import ManagedProcess, free_ports, port_open
+from core.stats import percentile
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from feature_cache.store import FeatureWriter
 from loadtest.feature_keeper import FeatureKeeper
-from loadtest.stats import percentile
 from localstack.health import serving
 from localstack.redis_server import start_redis
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc

@@ -54,8 +54,8 @@ from typing import Any
 import numpy as np
 
 from core.processes import ManagedProcess, free_ports
+from core.stats import percentile
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
-from loadtest.stats import percentile
 from server.model_client import (
     ModelCallError,
     ModelClient,

@@ -21,8 +21,8 @@ from pathlib import Path
 import grpc
 
 from core.processes import ManagedProcess, free_ports
+from core.stats import percentile
 from loadtest.bench_latency import MODEL_STORE, decision_server, fresh_features
-from loadtest.stats import percentile
 from localstack.health import serving
 from localstack.redis_server import start_redis
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc

@@ -50,7 +50,13 @@ from loadtest.locust_scenarios import (
     source_label,
 )
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2_grpc
-from server.admin.ctl import ADDRESS_ENV, TOKEN_ENV, TOKEN_FILE_ENV, UsageError, resolve_token
+from server.admin.ctl_connection import (
+    ADDRESS_ENV,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+    UsageError,
+    resolve_token,
+)
 
 # Before any channel exists: gRPC's own threads must cooperate with gevent's loop.
 grpc_gevent.init_gevent()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loadtest.stats import percentile
+from core.stats import percentile
 
 MODEL_SOURCES = frozenset({"PRIMARY", "SECONDARY", "CANARY"})
 # Processes whose CPU and memory must not grow over the run (the broker and the consumer

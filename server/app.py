@@ -1,14 +1,16 @@
 """The composition root: builds every component from ``Settings`` and runs their lifecycle.
 
-Start order: audit trail (journal opened and repaired, shipping of an earlier process's
-leftovers begins) → model clients → gRPC server (NOT_SERVING) → SERVING once Redis
-answers. Stop runs in reverse: NOT_SERVING, stop accepting and let in-flight RPCs finish
-within the grace period, pending cached-score writes, model clients, Redis, then the
-audit trail (journal synced and closed, backlog shipped within the drain time).
+Small builders make the parts (Redis clients, replicas, the decision engine, the gRPC
+front); ``DecisionApp`` wires them and runs them on an ``AsyncExitStack``, so that stop
+is start in reverse, whatever failed.
 
-Health: "" and ``decision.v1.DecisionService`` say whether decisions are served;
-``decision.audit`` says whether the audit store is taking the journal (NOT_SERVING while
-it is down: decisions go on, the journal grows).
+Start order: ports bound → audit trail (journal opened and repaired, shipping of an
+earlier process's leftovers begins) → model clients → shared control state → metrics →
+gRPC servers (NOT_SERVING) → SERVING once Redis answers. Stop runs in reverse:
+NOT_SERVING, both gRPC servers stop accepting and let in-flight RPCs finish within the
+grace period (together), pending shadow calls and cached-score writes, the canary
+monitor, the shared state, model clients, Redis, metrics, then the audit trail (journal
+synced and closed, backlog shipped within the drain time).
 """
 
 from __future__ import annotations
@@ -17,63 +19,54 @@ import asyncio
 import contextlib
 import logging
 import socket
-from pathlib import Path
+from dataclasses import dataclass
 from types import TracebackType
 
-import grpc
 import redis.asyncio as aioredis
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from core.backoff import Backoff
 from core.deadline import StoreReads
 from core.domain import Source
 from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
-from fallback.score_cache import ScoreCache
+from fallback.score_cache import ScoreCache, ScoreWriter
 from feature_cache.store import FeatureReader
-from proto.decision.v1 import admin_pb2, decision_pb2
-from server.admin.auth import AdminAuthInterceptor, Role, TokenBook
-from server.admin.control_plane import AuditView, ControlPlane
-from server.admin.servicer import ADMIN_SERVICE, READ_METHODS, AdminServicer
+from server.admin.control_plane import ControlPlane
+from server.admin.servicer import AdminServicer
+from server.admin.views import AuditView
 from server.audit.trail import AuditTrail, UnrecordedDecisions
 from server.batching import BatchingClient
-from server.breaker import AsyncCircuitBreaker
 from server.control.canary import CanaryMonitor
+from server.control.changes import AuditedChanges, CanaryRollback
 from server.control.flags import flag_specs
 from server.control.shared import SharedControl
-from server.control.state import CANARY_FIELD
 from server.engine import DecisionEngine
-from server.model_client import (
-    ModelClient,
-    OipClient,
-    TorchServeClient,
-    not_the_replicas_fault,
-)
-from server.router import Replica, ReplicaRouter
-from server.servicer import DecisionServicer, add_decision_service, add_tolerant_service
+from server.features import FeatureSource
+from server.front import GrpcFront
+from server.model_client import ModelClient, OipClient, TorchServeClient
+from server.replica import Replica
+from server.router import ReplicaRouter
+from server.servicer import DecisionServicer
 from server.settings import Settings, TorchServeSettings
-from server.shadow import ShadowScorer
+from server.shadow import ShadowAudit, ShadowScorer
 from server.telemetry import AuditCollector, LoadCollector, MetricsServer, ShadowCollector
+from server.traffic import Traffic
 
 log = logging.getLogger(__name__)
 
-DECISION_SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
-AUDIT_HEALTH = "decision.audit"
 AUDIT_HEALTH_INTERVAL_S = 0.5
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Cached scores live a few times their useful age: a ladder read finds a stale one (and
+# says how stale) rather than none.
+SCORE_TTL_FACTOR = 4
+# GetStatus's own Redis connections: enough for one status call at a time.
+STATUS_REDIS_CONNECTIONS = 2
 
 
 def model_client(
-    ts: TorchServeSettings,
-    name: str,
-    address: str,
-    model_name: str | None = None,
-    *,
-    min_counted_timeout_ms: float = 0.0,
+    ts: TorchServeSettings, name: str, address: str, model_name: str | None = None
 ) -> ModelClient:
     """The replica's client for the configured inference protocol, micro-batching unless
     ``batch_max_rows`` is 1."""
@@ -104,28 +97,117 @@ def model_client(
         client,
         max_batch_rows=ts.batch_max_rows,
         max_concurrent_calls=ts.batch_max_concurrent_calls,
-        min_counted_timeout_ms=min_counted_timeout_ms,
     )
 
 
-def server_credentials(settings: Settings, *, client_ca_file: str = "") -> grpc.ServerCredentials:
-    """TLS credentials from the settings' PEM files; with ``client_ca_file``, clients must
-    present a certificate that CA signed (mTLS)."""
-    server = settings.server
-    key, chain = Path(server.tls_key_file).read_bytes(), Path(server.tls_cert_file).read_bytes()
-    client_ca = Path(client_ca_file).read_bytes() if client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+def decision_redis(settings: Settings) -> aioredis.Redis:
+    """The Decide path's Redis client.
+
+    A full pool makes a caller wait for a connection, for as long as its own budget
+    allows (every read runs under the request's timeout), instead of failing at once,
+    which would turn a burst into ABSTAINs. A read abandoned at its timeout waits at most
+    the socket timeout for a connection, then as long again for Redis.
+    """
+    socket_timeout_s = settings.redis.socket_timeout_ms / 1000.0
+    return aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool.from_url(
+            settings.redis.url,
+            max_connections=settings.redis.max_connections,
+            timeout=socket_timeout_s,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            # A request's budget bounds every read; retrying inside it hides an outage.
+            retry=Retry(NoBackoff(), 0),
+        )
     )
 
 
-def add_port(
-    server: grpc.aio.Server, address: str, settings: Settings, *, client_ca_file: str = ""
-) -> int:
-    if not settings.server.tls_cert_file:
-        return server.add_insecure_port(address)
-    credentials = server_credentials(settings, client_ca_file=client_ca_file)
-    return server.add_secure_port(address, credentials)
+def status_redis(settings: Settings) -> aioredis.Redis:
+    """GetStatus scans every feature key: on a client of its own, so that on-call looking
+    at status never takes a connection a Decide is waiting for."""
+    socket_timeout_s = settings.redis.socket_timeout_ms / 1000.0
+    return aioredis.Redis.from_url(
+        settings.redis.url,
+        max_connections=STATUS_REDIS_CONNECTIONS,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s,
+    )
+
+
+@dataclass(frozen=True)
+class Replicas:
+    champions: list[Replica]  # primary, secondary
+    challenger: Replica | None
+    addresses: dict[str, str]  # by name, for status
+
+    @classmethod
+    def build(cls, settings: Settings) -> Replicas:
+        ts = settings.torchserve
+
+        def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
+            return Replica.build(model_client(ts, name, address, model), source, settings.breaker)
+
+        addresses = {"primary": ts.primary_address, "secondary": ts.secondary_address}
+        champions = [
+            replica("primary", ts.primary_address, Source.PRIMARY),
+            replica("secondary", ts.secondary_address, Source.SECONDARY),
+        ]
+        challenger = None
+        if ts.challenger_address:
+            addresses["challenger"] = ts.challenger_address
+            challenger = replica(
+                "challenger", ts.challenger_address, Source.CANARY, ts.challenger_model_name
+            )
+        return cls(champions, challenger, addresses)
+
+    @property
+    def all(self) -> list[Replica]:
+        return [*self.champions, *([self.challenger] if self.challenger else [])]
+
+
+def traffic(settings: Settings, replicas: Replicas, canary: CanaryMonitor) -> Traffic:
+    """The champion's lane (primary → secondary) and, with a challenger, the canary's."""
+    ts, decision = settings.torchserve, settings.decision
+    champion = ReplicaRouter(replicas.champions, torchserve=ts, decision=decision)
+    if replicas.challenger is None:
+        return Traffic(champion)
+    lane = [replicas.challenger, *replicas.champions]
+    return Traffic(
+        champion, (ReplicaRouter(lane, torchserve=ts, decision=decision, hedge=False), canary)
+    )
+
+
+def ladder(settings: Settings, score_cache: ScoreCache, redis_reads: StoreReads) -> FallbackChain:
+    fb = settings.fallback
+    return FallbackChain(
+        score_cache,
+        RulesBaseline(
+            max_spread_bps=fb.rules_max_spread_bps,
+            max_volatility_bps=fb.rules_max_volatility_bps,
+            min_imbalance=fb.rules_min_imbalance,
+        ),
+        cached_score_max_age_ms=fb.cached_score_max_age_ms,
+        model_threshold=settings.decision.threshold,
+        redis_reads=redis_reads,
+    )
+
+
+def shadow_scorer(
+    settings: Settings, challenger: Replica | None, audit: ShadowAudit
+) -> ShadowScorer | None:
+    if challenger is None:
+        return None
+    shadow = settings.shadow
+    return ShadowScorer(
+        challenger,
+        audit=audit,
+        max_in_flight=shadow.max_in_flight,
+        timeout_ms=shadow.timeout_ms,
+        threshold=settings.decision.threshold,
+        psi_window=shadow.psi_window,
+        batch_window_ms=shadow.batch_window_ms,
+        batch_max_rows=shadow.batch_max_rows,
+    )
 
 
 class DecisionApp:
@@ -133,110 +215,40 @@ class DecisionApp:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # A full pool makes a caller wait for a connection, for as long as its own
-        # budget allows (every read runs under the request's timeout), instead of failing
-        # at once, which would turn a burst into ABSTAINs. A read abandoned at its timeout
-        # waits at most the socket timeout for a connection, then as long again for Redis.
-        socket_timeout_s = settings.redis.socket_timeout_ms / 1000.0
-        self.redis = aioredis.Redis.from_pool(
-            aioredis.BlockingConnectionPool.from_url(
-                settings.redis.url,
-                max_connections=settings.redis.max_connections,
-                timeout=socket_timeout_s,
-                socket_timeout=socket_timeout_s,
-                socket_connect_timeout=socket_timeout_s,
-                # A request's budget bounds every read; retrying inside it hides an outage.
-                retry=Retry(NoBackoff(), 0),
-            )
-        )
-        # GetStatus scans every feature key: on a client of its own, so that on-call
-        # looking at status never takes a connection a Decide is waiting for.
-        self.status_redis = aioredis.Redis.from_url(
-            settings.redis.url,
-            max_connections=2,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-        )
-        ts = settings.torchserve
-
-        def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
-            return Replica(
-                model_client(
-                    ts,
-                    name,
-                    address,
-                    model,
-                    min_counted_timeout_ms=settings.breaker.min_counted_timeout_ms,
-                ),
-                AsyncCircuitBreaker(
-                    name,
-                    fail_max=settings.breaker.fail_max,
-                    reset_timeout_s=settings.breaker.reset_timeout_s,
-                    success_threshold=settings.breaker.success_threshold,
-                    ignore=not_the_replicas_fault,
-                ),
-                source,
-            )
-
-        self.replicas = [
-            replica("primary", ts.primary_address, Source.PRIMARY),
-            replica("secondary", ts.secondary_address, Source.SECONDARY),
-        ]
-        self.challenger = (
-            replica("challenger", ts.challenger_address, Source.CANARY, ts.challenger_model_name)
-            if ts.challenger_address
-            else None
-        )
-        addresses = {"primary": ts.primary_address, "secondary": ts.secondary_address}
-        if ts.challenger_address:
-            addresses["challenger"] = ts.challenger_address
+        prefix = settings.redis.key_prefix
+        self.redis = decision_redis(settings)
+        self.status_redis = status_redis(settings)
+        replicas = Replicas.build(settings)
+        self.replicas = replicas.champions
+        self.challenger = replicas.challenger
+        self._all_replicas = replicas.all
         self.shared = SharedControl(
             settings.redis.url,
-            key_prefix=settings.redis.key_prefix,
+            key_prefix=prefix,
             flags=flag_specs(settings.control),
             resync_interval_ms=settings.control.resync_interval_ms,
             redis_timeout_ms=settings.control.redis_timeout_ms,
         )
-        score_cache = ScoreCache(
-            self.redis,
-            key_prefix=settings.redis.key_prefix,
-            ttl_ms=int(settings.fallback.cached_score_max_age_ms * 4),
-        )
-        fb = settings.fallback
         self.audit = AuditTrail(settings.audit, server_id=settings.audit.server_id)
         recorder: AuditTrail | UnrecordedDecisions = (
             self.audit if settings.audit.enabled else UnrecordedDecisions()
         )
-        features = FeatureReader(self.redis, key_prefix=settings.redis.key_prefix)
-        self.canary = CanaryMonitor(
-            settings.canary,
-            on_breach=lambda breach: self.control_plane.rollback_canary(breach),
-            auto_rollback=lambda: self.control_plane.auto_rollback(),
-            setting=lambda: self.shared.state.entries.get(CANARY_FIELD),
-        )
-        self.shadow = (
-            ShadowScorer(
-                self.challenger,
-                audit=recorder,
-                max_in_flight=settings.shadow.max_in_flight,
-                timeout_ms=settings.shadow.timeout_ms,
-                threshold=settings.decision.threshold,
-                psi_window=settings.shadow.psi_window,
-                batch_window_ms=settings.shadow.batch_window_ms,
-                batch_max_rows=settings.shadow.batch_max_rows,
-            )
-            if self.challenger is not None
-            else None
-        )
+        changes = AuditedChanges(self.shared, recorder)
+        self.canary = CanaryMonitor(settings.canary, CanaryRollback(changes))
+        self.shadow = shadow_scorer(settings, self.challenger, recorder)
         self.control_plane = ControlPlane(
-            shared=self.shared,
-            replicas=[*self.replicas, *([self.challenger] if self.challenger else [])],
-            addresses=addresses,
-            audit=recorder,
+            changes=changes,
+            replicas=replicas.all,
+            addresses=replicas.addresses,
             canary=self.canary,
             server_id=lambda: self.audit.server_id,
-            features=FeatureReader(self.status_redis, key_prefix=settings.redis.key_prefix),
+            features=FeatureReader(self.status_redis, key_prefix=prefix),
             audit_view=self._audit_view if settings.audit.enabled else lambda: None,
+        )
+        score_cache = ScoreCache(
+            self.redis,
+            key_prefix=prefix,
+            ttl_ms=int(settings.fallback.cached_score_max_age_ms * SCORE_TTL_FACTOR),
         )
         # One bound for the features and the cached scores: both read the same Redis pool.
         redis_reads = StoreReads(
@@ -244,37 +256,23 @@ class DecisionApp:
             max_abandoned=settings.redis.max_abandoned_reads,
         )
         self.engine = DecisionEngine(
-            features=features,
-            router=ReplicaRouter(
-                self.replicas,
-                torchserve=ts,
-                decision=settings.decision,
-                min_counted_timeout_ms=settings.breaker.min_counted_timeout_ms,
-                challenger=self.challenger,
+            features=FeatureSource(
+                FeatureReader(self.redis, key_prefix=prefix),
+                redis_reads,
+                max_age_ms=settings.features.max_age_ms,
             ),
-            ladder=FallbackChain(
-                score_cache,
-                RulesBaseline(
-                    max_spread_bps=fb.rules_max_spread_bps,
-                    max_volatility_bps=fb.rules_max_volatility_bps,
-                    min_imbalance=fb.rules_min_imbalance,
-                ),
-                cached_score_max_age_ms=fb.cached_score_max_age_ms,
-                model_threshold=settings.decision.threshold,
-                redis_reads=redis_reads,
+            traffic=traffic(settings, replicas, self.canary),
+            ladder=ladder(settings, score_cache, redis_reads),
+            scores=ScoreWriter(
+                score_cache, write_interval_ms=settings.fallback.cached_score_write_interval_ms
             ),
-            score_cache=score_cache,
             audit=recorder,
             decision=settings.decision,
-            feature_max_age_ms=settings.features.max_age_ms,
-            redis_reads=redis_reads,
-            score_write_interval_ms=fb.cached_score_write_interval_ms,
             control=lambda: self.shared.state,
-            canary=self.canary if self.challenger is not None else None,
             shadow=self.shadow,
         )
         registry = CollectorRegistry()
-        registry.register(LoadCollector(self.engine, [r.client for r in self._all_replicas()]))
+        registry.register(LoadCollector(self.engine, [r.client for r in replicas.all]))
         if settings.audit.enabled:
             registry.register(AuditCollector(self.audit))
         if self.shadow is not None:
@@ -282,91 +280,63 @@ class DecisionApp:
         self.metrics = MetricsServer(
             registry, settings.telemetry.metrics_host, settings.telemetry.metrics_port
         )
-        self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(
-            maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
-            options=[("grpc.so_reuseport", 0)],
-        )
-        add_decision_service(
+        self.front = GrpcFront(
+            settings,
             DecisionServicer(
                 self.engine,
                 default_budget_ms=settings.decision.default_budget_ms,
                 max_batch_size=settings.server.max_batch_size,
                 response_margin_ms=settings.decision.response_margin_ms,
             ),
-            self.server,
+            AdminServicer(self.control_plane) if settings.admin.enabled else None,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (DECISION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
-        self.admin_server: grpc.aio.Server | None = None
-        if settings.admin.enabled:
-            tokens = TokenBook.load(
-                file=settings.admin.tokens_file, inline=settings.admin.tokens.get_secret_value()
-            )
-            if not len(tokens):
-                log.warning("AdminService has no tokens: every admin call will be refused")
-            self.admin_server = grpc.aio.server(
-                interceptors=[
-                    AdminAuthInterceptor(tokens, READ_METHODS, default_role=Role.OPERATOR)
-                ],
-                options=[("grpc.so_reuseport", 0)],
-            )
-            add_tolerant_service(
-                AdminServicer(self.control_plane),
-                admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
-                admin_pb2,
-                self.admin_server,
-            )
-            reflection.enable_server_reflection(
-                (ADMIN_SERVICE, reflection.SERVICE_NAME), self.admin_server
-            )
-        self.port = 0
-        self.admin_port = 0
+        self._stack = contextlib.AsyncExitStack()
         self._ready_task: asyncio.Task[None] | None = None
-        self._audit_health_task: asyncio.Task[None] | None = None
-        self._started = False
-        self._stopped = False
+        self._started = self._stopped = False
+
+    @property
+    def port(self) -> int:
+        return self.front.port
+
+    @property
+    def admin_port(self) -> int:
+        return self.front.admin_port
 
     async def start(self) -> None:
         if self._started:
             return
         self._started = True
         try:
-            await self._start()
+            await self._start(self._stack)
         except BaseException:
-            await self.stop()  # undo what did start: the journal above all
+            await self._stack.aclose()  # undo what did start: the journal above all
             raise
 
-    async def _start(self) -> None:
-        settings = self.settings
-        self.port = add_port(
-            self.server, f"{settings.server.host}:{settings.server.port}", settings
-        )
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        """Starts each component and pushes its stop: the stack stops them in reverse."""
+        self.front.bind()
         if self.settings.audit.enabled:
             if not self.audit.server_id:
                 self.audit.server_id = f"{socket.gethostname()}:{self.port}"
             await self.audit.start()
-            self._audit_health_task = asyncio.create_task(self._watch_audit())
-        for replica in self._all_replicas():
-            await replica.client.start()
-        await self.shared.start()
-        await self._set_health(NOT_SERVING)
+            stack.push_async_callback(self.audit.stop)
         self.metrics.start()
-        await self.server.start()
-        log.info("DecisionService listening on %s:%d", settings.server.host, self.port)
-        if self.admin_server is not None:
-            admin = settings.admin
-            self.admin_port = add_port(
-                self.admin_server,
-                f"{admin.host}:{admin.port}",
-                settings,
-                client_ca_file=admin.tls_client_ca_file,
-            )
-            await self.admin_server.start()
-            log.info("AdminService listening on %s:%d", admin.host, self.admin_port)
+        stack.callback(self.metrics.stop)
+        stack.push_async_callback(self.redis.aclose)
+        stack.push_async_callback(self.status_redis.aclose)
+        for replica in self._all_replicas:
+            await replica.client.start()
+            stack.push_async_callback(replica.client.stop)
+        await self.shared.start()
+        stack.push_async_callback(self.shared.stop)
+        stack.push_async_callback(self.canary.stop)
+        stack.push_async_callback(self.engine.stop)
+        await self.front.start()
+        stack.push_async_callback(self.front.stop)
+        if self.settings.audit.enabled:
+            stack.push_async_callback(_cancel, asyncio.create_task(self._watch_audit()))
         self._ready_task = asyncio.create_task(self._become_ready())
+        stack.push_async_callback(_cancel, self._ready_task)
 
     async def _become_ready(self) -> None:
         """SERVING once Redis answers and the shared control state is read: without them
@@ -377,12 +347,12 @@ class DecisionApp:
         by more than the connect timeout (the breaker and the ladder deal with it).
         """
         connect_timeout_s = self.settings.torchserve.connect_timeout_ms / 1000.0
-        replicas = self._all_replicas()
+        replicas = self._all_replicas
         connected = await asyncio.gather(*(r.client.connect(connect_timeout_s) for r in replicas))
         for replica, ok in zip(replicas, connected, strict=True):
             if not ok:
                 log.warning("replica %s not reachable at start", replica.name)
-        delay_s = 0.05
+        backoff = Backoff(initial_s=0.05, max_s=2.0)
         while True:
             try:
                 await self.redis.ping()
@@ -391,15 +361,11 @@ class DecisionApp:
                     raise aioredis.ConnectionError(self.shared.status().error)
             except (aioredis.RedisError, OSError) as exc:
                 log.warning("waiting for Redis at %s: %s", self.settings.redis.url, exc)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 2.0)
+                await asyncio.sleep(backoff.next_s())
                 continue
-            await self._set_health(SERVING)
+            await self.front.set_serving(True)
             log.info("ready: health SERVING")
             return
-
-    def _all_replicas(self) -> list[Replica]:
-        return [*self.replicas, *([self.challenger] if self.challenger else [])]
 
     def _audit_view(self) -> AuditView:
         shipper = self.audit.shipper.status()
@@ -411,14 +377,8 @@ class DecisionApp:
             ok = self.audit.shipper.store_ok
             if ok != healthy:
                 healthy = ok
-                await self.health.set(AUDIT_HEALTH, SERVING if ok else NOT_SERVING)
+                await self.front.set_audit_serving(ok)
             await asyncio.sleep(AUDIT_HEALTH_INTERVAL_S)
-
-    async def _set_health(
-        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
-    ) -> None:
-        for service in ("", DECISION_SERVICE):
-            await self.health.set(service, status)
 
     async def wait_ready(self) -> None:
         if self._ready_task is not None:
@@ -429,27 +389,7 @@ class DecisionApp:
         if not self._started or self._stopped:
             return
         self._stopped = True
-        for task in (self._ready_task, self._audit_health_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        try:
-            await self.health.enter_graceful_shutdown()
-            grace_s = self.settings.server.grace_period_s
-            if self.admin_server is not None:
-                await self.admin_server.stop(grace=grace_s)
-            await self.server.stop(grace=grace_s)
-            await self.engine.stop()
-            await self.shared.stop()
-            for replica in reversed(self._all_replicas()):
-                await replica.client.stop()
-            await self.redis.aclose()
-            await self.status_redis.aclose()
-            self.metrics.stop()
-        finally:
-            # Whatever failed above, the journal is synced, closed and shipped.
-            await self.audit.stop()
+        await self._stack.aclose()
         log.info("stopped")
 
     async def __aenter__(self) -> DecisionApp:
@@ -463,3 +403,9 @@ class DecisionApp:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -48,7 +48,6 @@ EXPECTED_WEIGHT = 0.1
 class _Queued:
     rows: Sequence[Sequence[float]]
     deadline: float  # loop time
-    budget_limited: bool
     enqueued: float  # perf_counter
     future: asyncio.Future[ModelScores]
     timer: asyncio.TimerHandle | None = field(default=None)
@@ -64,11 +63,11 @@ class BatchingStats:
     sent_alone: int  # requests whose deadline came near while the replica was busy
 
 
-def _clone(exc: ModelCallError | ModelInputError, *, budget_limited: bool) -> Exception:
+def _clone(exc: ModelCallError | ModelInputError, *, given_ms: float) -> Exception:
     """One exception per waiter (raising one instance in many tasks mixes their
-    tracebacks); a timeout says whether it was the waiter's short budget."""
+    tracebacks); a timeout carries the time the replica had for this waiter's rows."""
     if isinstance(exc, ModelTimeout):
-        return ModelTimeout(str(exc), budget_limited=exc.budget_limited or budget_limited)
+        return ModelTimeout(str(exc), given_ms=min(exc.given_ms, given_ms))
     return type(exc)(str(exc))
 
 
@@ -79,17 +78,14 @@ class BatchingClient:
         *,
         max_batch_rows: int,
         max_concurrent_calls: int,
-        min_counted_timeout_ms: float = 0.0,
     ) -> None:
-        """``min_counted_timeout_ms``: a timeout of a request whose call had less than
-        this (its wait in the queue took the rest) is marked ``budget_limited``, as the
-        router marks a call it gives too little time: not the replica's fault."""
+        """A request that times out says how long the replica had for it: from when its
+        call went out to its deadline (its wait in the queue is not the replica's)."""
         self.name = inner.name
         self.model_name = inner.model_name
         self._inner = inner
         self._max_rows = max_batch_rows
         self._max_calls = max_concurrent_calls
-        self._min_counted_s = min_counted_timeout_ms / 1000.0
         self._queue: deque[_Queued] = deque()
         self._calls_out = 0
         self._flush_scheduled = False
@@ -120,16 +116,13 @@ class BatchingClient:
     def stats(self) -> BatchingStats:
         return BatchingStats(self._calls, self._rows, self._requests, self._sent_alone)
 
-    async def predict(
-        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
-    ) -> ModelScores:
+    async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         if len(rows) >= self._max_rows:  # a full call already
-            return await self._inner.predict(rows, timeout_s, budget_limited=budget_limited)
+            return await self._inner.predict(rows, timeout_s)
         loop = asyncio.get_running_loop()
         queued = _Queued(
             rows,
             loop.time() + timeout_s,
-            budget_limited,
             time.perf_counter(),
             loop.create_future(),
         )
@@ -216,9 +209,7 @@ class BatchingClient:
             if queued.deadline < sent_at + timeout_s:  # fails alone at its deadline
                 queued.timer = loop.call_at(queued.deadline, self._late, queued, sent_at)
         try:
-            scores = await self._inner.predict(
-                rows, max(timeout_s, 0.0), budget_limited=all(q.budget_limited for q in batch)
-            )
+            scores = await self._inner.predict(rows, max(timeout_s, 0.0))
         except ModelInputError as exc:
             if len(batch) == 1:
                 self._settle(batch[0], exc, sent_at)
@@ -253,7 +244,10 @@ class BatchingClient:
 
     def _late(self, queued: _Queued, sent_at: float) -> None:
         elapsed_ms = (time.perf_counter() - queued.enqueued) * 1000
-        timeout = ModelTimeout(f"{self.name} deadline exceeded after {elapsed_ms:.1f} ms")
+        timeout = ModelTimeout(
+            f"{self.name} deadline exceeded after {elapsed_ms:.1f} ms",
+            given_ms=(queued.deadline - sent_at) * 1000.0,
+        )
         self._settle(queued, timeout, sent_at)
 
     def _settle(
@@ -262,9 +256,9 @@ class BatchingClient:
         exc: ModelCallError | ModelInputError,
         sent_at: float | None = None,
     ) -> None:
-        """Fails one waiter, unless answered already; ``sent_at``: when its call went out,
-        to tell whether the replica had the time the router thinks it gave."""
+        """Fails one waiter, unless answered already; ``sent_at``: when its call went out
+        (None: it never did), so that a timeout carries the time the replica really had."""
         if queued.future.done():
             return
-        short = sent_at is not None and queued.deadline - sent_at < self._min_counted_s
-        queued.future.set_exception(_clone(exc, budget_limited=queued.budget_limited or short))
+        given_ms = 0.0 if sent_at is None else max(queued.deadline - sent_at, 0.0) * 1000.0
+        queued.future.set_exception(_clone(exc, given_ms=given_ms))

@@ -80,11 +80,6 @@ class AsyncCircuitBreaker:
         state: str = self._breaker.current_state
         return state
 
-    @property
-    def fail_counter(self) -> int:
-        count: int = self._breaker.fail_counter
-        return count
-
     def _reset_elapsed(self) -> bool:
         opened_at: datetime | None = self._breaker._state_storage.opened_at
         timeout = timedelta(seconds=self._breaker.reset_timeout)

@@ -12,7 +12,10 @@
 
 Model-call failures (``server.model_client.ModelCallError``) never reach a client:
 the engine turns them into a fallback step and a reason. ``grpc_errors`` is the only
-place that catches a bare ``Exception``.
+place where a call's unexpected error is caught (INTERNAL, logged). The other bare
+``except Exception`` clauses sit at the boundary of a background loop, thread or task
+that must outlive a surprise (the shipper, the control listener, the consumer, shadow
+calls, the canary's check, the breaker's bookkeeping); each says why.
 """
 
 from __future__ import annotations

@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -67,11 +66,11 @@ class ModelCallError(Exception):
 
 
 class ModelTimeout(ModelCallError):
-    def __init__(self, message: str, *, budget_limited: bool = False) -> None:
+    def __init__(self, message: str, *, given_ms: float) -> None:
         super().__init__(message)
-        # True when the caller's budget left the call too little time to judge the
-        # replica by: then the timeout says nothing about the replica.
-        self.budget_limited = budget_limited
+        # How long the replica had to answer. Whether that was long enough to judge the
+        # replica by is the breaker's rule (``server.replica.counts_against_replica``).
+        self.given_ms = given_ms
 
 
 class ModelUnavailable(ModelCallError):
@@ -100,15 +99,6 @@ class ModelInputError(Exception):
     """The replica rejected the rows (wrong width, non-finite value)."""
 
 
-def not_the_replicas_fault(exc: BaseException) -> bool:
-    """Errors a replica's breaker must not count: our rows, or our caller's short budget."""
-    return (
-        isinstance(exc, ModelInputError)
-        or (isinstance(exc, ModelBusy) and not exc.replica_silent)
-        or (isinstance(exc, ModelTimeout) and exc.budget_limited)
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class AbandonedCalls:
     """Calls a replica's client stopped waiting for and left to finish on the wire."""
@@ -130,16 +120,22 @@ class ModelClient(Protocol):
         """Opens the connection ahead of the first call; False if the replica is not there."""
         ...
 
-    async def predict(
-        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
-    ) -> ModelScores:
+    async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         """Scores ``rows`` within ``timeout_s`` or raises ``ModelCallError``; a call not
-        answered by then (or whose caller is cancelled) is abandoned, never cancelled.
-
-        ``budget_limited``: the caller's budget left this call too little time to judge
-        the replica by; a timeout then is marked as not the replica's fault.
-        """
+        answered by then (or whose caller is cancelled) is abandoned, never cancelled."""
         ...
+
+
+def _check_float32(rows: Sequence[Sequence[float]]) -> None:
+    """Raises ``ModelInputError`` for a value the model cannot take. Checked before the
+    call on either protocol: packed float32 overflows, and TorchServe's OIP frontend
+    cannot even encode a non-finite value for its handler."""
+    for row in rows:
+        for value in row:
+            if not representable(value):
+                raise ModelInputError(
+                    f"rows cannot be sent as float32: {value!r} is not finite or out of range"
+                )
 
 
 def channel_options(reconnect_backoff_ms: int) -> list[tuple[str, int]]:
@@ -219,8 +215,6 @@ class GrpcModelClient:
         self,
         call: Callable[[float], Awaitable[_Response]],
         timeout_s: float,
-        *,
-        budget_limited: bool,
     ) -> tuple[_Response, float]:
         """Runs ``call(wire_timeout_s)`` and waits for it up to ``timeout_s``; the answer
         and its round trip in ms, or a ``ModelCallError``. The RPC is never cancelled
@@ -228,7 +222,7 @@ class GrpcModelClient:
         if self._channel is None:
             raise ModelUnavailable(f"{self.name} client not started")
         if timeout_s <= 0:  # a call that could only be abandoned is not sent
-            raise ModelTimeout(f"{self.name} had no time for a call", budget_limited=True)
+            raise ModelTimeout(f"{self.name} had no time for a call", given_ms=0.0)
         if len(self._abandoned) >= self._max_abandoned:
             self._refused += 1
             silent = self._answered_at < min(self._abandoned.values())
@@ -249,7 +243,7 @@ class GrpcModelClient:
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             raise ModelTimeout(
                 f"{self.name} deadline exceeded after {elapsed_ms:.1f} ms",
-                budget_limited=budget_limited,
+                given_ms=timeout_s * 1000.0,
             )
         self._note_answer(rpc)
         try:
@@ -259,7 +253,7 @@ class GrpcModelClient:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the wire deadline
                 raise ModelTimeout(
                     f"{self.name} deadline exceeded after {elapsed_ms:.1f} ms",
-                    budget_limited=budget_limited,
+                    given_ms=elapsed_ms,
                 ) from None
             raise ModelUnavailable(
                 f"{self.name} {exc.code().name.lower()} after {elapsed_ms:.1f} ms"
@@ -322,20 +316,14 @@ class TorchServeClient(GrpcModelClient):
     def _bind(self, channel: grpc.aio.Channel) -> None:
         self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
 
-    async def predict(
-        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
-    ) -> ModelScores:
-        try:
-            packed = pack_rows(rows)
-        except (OverflowError, struct.error) as exc:
-            raise ModelInputError(f"rows cannot be sent as float32: {exc}") from None
+    async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
+        _check_float32(rows)
         request = inference_pb2.PredictionsRequest(
-            model_name=self.model_name, input={"rows": packed}
+            model_name=self.model_name, input={"rows": pack_rows(rows)}
         )
         response, elapsed_ms = await self._call(
             lambda wire_timeout_s: self._stub.Predictions(request, timeout=wire_timeout_s),
             timeout_s,
-            budget_limited=budget_limited,
         )
         try:
             doc = json.loads(response.prediction)
@@ -387,13 +375,9 @@ class OipClient(GrpcModelClient):
             response_deserializer=oip_pb2.ModelInferResponse.FromString,
         )
 
-    async def predict(
-        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
-    ) -> ModelScores:
+    async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
+        _check_float32(rows)
         flat = [v for row in rows for v in row]
-        if not all(representable(v) for v in flat):
-            # TorchServe's frontend cannot even encode such a value for its handler.
-            raise ModelInputError("rows cannot be sent as float32: a value is not finite")
         width = len(rows[0]) if rows else 0
         request = oip_pb2.ModelInferRequest(
             model_name=self.model_name,
@@ -409,7 +393,6 @@ class OipClient(GrpcModelClient):
         response, elapsed_ms = await self._call(
             lambda wire_timeout_s: self._infer(request, timeout=wire_timeout_s),
             timeout_s,
-            budget_limited=budget_limited,
         )
         outputs = {output.name: output for output in response.outputs}
         if "error" in outputs:

@@ -1,73 +1,73 @@
-"""Primary first, then exactly one retry to the secondary, each behind its own breaker.
+"""A lane of replicas: the first, then exactly one retry to the next, each behind its own
+breaker.
 
-On-call overrides (``server.control``) come first: a replica forced open is not called,
-one forced closed is called whatever its breaker says. For the canary share, the
-challenger is tried before them; when it fails, the champion answers as usual.
+Each replica is asked first whether a call may go (on-call's override, then its
+breaker: see ``server.replica``). The champion's lane is primary → secondary; the
+canary's is challenger → primary → secondary (``server.traffic``).
 
-Hedging (setting ``torchserve.hedge``, off by default): a primary call that has not
-answered within the primary's recent p95 also goes to the secondary, when the budget
-still allows a call; the first good answer wins and the other call is abandoned (left to
-finish on the wire, never cancelled: see ``server.model_client``). The
-hedge takes the retry's place: outside the canary, no request makes more than two model calls.
+Hedging (setting ``torchserve.hedge``, off by default, champion lane only): a primary call
+that has not answered within the primary's recent p95 also goes to the secondary, when
+the budget still allows a call; the first good answer wins and the other call is
+abandoned (left to finish on the wire, never cancelled: see ``server.model_client``). The
+hedge takes the retry's place: no request makes more than two champion model calls.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from core.deadline import Budget, model_call_timeout_ms
 from core.domain import Source
-from server.breaker import AsyncCircuitBreaker, BreakerOpenError
-from server.control.recent import RecentCalls
-from server.control.state import BreakerMode, ControlState
-from server.model_client import ModelCallError, ModelClient, ModelInputError, ModelScores
+from server.control.state import ControlState
+from server.model_client import ModelInputError, ModelScores
+from server.replica import Admission, Attempt, Replica
 from server.settings import DecisionSettings, TorchServeSettings
 
 HEDGE_DELAY_REFRESH_S = 0.5
 
 
-@dataclass(frozen=True)
-class Replica:
-    client: ModelClient
-    breaker: AsyncCircuitBreaker
-    source: Source
-    # Every call this server made to it, for status; the model version it last answered.
-    recent: RecentCalls = field(default_factory=RecentCalls)
-
-    @property
-    def name(self) -> str:
-        return self.client.name
-
-
 @dataclass(frozen=True, slots=True)
 class RoutedScores:
     scores: ModelScores
-    source: Source
+    source: Source  # who answered
 
 
 @dataclass(frozen=True, slots=True)
-class Attempt:
-    """One replica the router tried (or skipped for its breaker) for one call."""
+class RouteResult:
+    """What a lane did for one call: the answer (None: nobody answered), every attempt
+    in the order made, and the reasons in the order they arose."""
 
-    source: Source
-    ok: bool
-    elapsed_ms: float  # 0 when the breaker rejected the call without making it
+    answer: RoutedScores | None = None
+    attempts: tuple[Attempt, ...] = ()
+    reasons: tuple[str, ...] = ()
+
+    def then(self, other: RouteResult) -> RouteResult:
+        """This, followed by ``other``: ``other``'s answer, both histories."""
+        return RouteResult(
+            other.answer, self.attempts + other.attempts, self.reasons + other.reasons
+        )
+
+
+def _tried(*attempts: Attempt, notes: Sequence[str] = ()) -> RouteResult:
+    """A result from attempts in the order they ended (the first good one answers),
+    after ``notes``."""
+    answer = next((RoutedScores(a.scores, a.source) for a in attempts if a.scores), None)
+    return RouteResult(answer, attempts, (*notes, *(a.reason for a in attempts if a.reason)))
+
+
+def _note(reason: str) -> RouteResult:
+    return RouteResult(reasons=(reason,))
 
 
 class ReplicaRouter:
-    """Calls the primary, and on error, timeout or an open breaker, the secondary once.
+    """Calls the lane's replicas in order until one answers.
 
-    Each call gets ``min(remaining budget - fallback reserve, jittered per-call cap)``.
-    A call is skipped, with the reason recorded, when less than ``min_call_budget_ms``
-    would be left for it. A timeout of a call given less than ``min_counted_timeout_ms``
-    does not count against the replica's breaker: a caller with a short deadline that
-    leaves a call 4 ms must not open the breaker of a healthy replica that answers in 5,
-    while a replica that misses a 10 ms wait is unhealthy whoever set it.
+    Each call gets ``min(remaining budget - fallback reserve, jittered per-call cap)``;
+    none is made when less than ``min_call_budget_ms`` would be left for it.
     """
 
     def __init__(
@@ -76,19 +76,17 @@ class ReplicaRouter:
         *,
         torchserve: TorchServeSettings,
         decision: DecisionSettings,
-        min_counted_timeout_ms: float,
-        challenger: Replica | None = None,
+        hedge: bool | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self._min_counted_timeout_ms = min_counted_timeout_ms
+        """``hedge``: overrides ``torchserve.hedge`` (the canary's lane never hedges)."""
         self.replicas = tuple(replicas)
-        self.challenger = challenger
         self._cap_ms = torchserve.per_call_timeout_ms
         self._jitter = torchserve.timeout_jitter
         self._min_call_ms = torchserve.min_call_budget_ms
         self._reserve_ms = decision.fallback_reserve_ms
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
-        self._hedge = torchserve.hedge
+        self._hedge = torchserve.hedge if hedge is None else hedge
         self._hedge_min_delay_ms = torchserve.hedge_min_delay_ms
         self._hedge_delays: dict[str, tuple[float, float]] = {}
         self.hedges = 0  # hedge calls made
@@ -97,63 +95,47 @@ class ReplicaRouter:
         self,
         rows: Sequence[Sequence[float]],
         budget: Budget,
-        reasons: list[str],
         *,
-        canary: bool = False,
-        attempts: list[Attempt] | None = None,
         state: ControlState | None = None,
         now_us: int = 0,
-    ) -> RoutedScores | None:
-        """Scores the rows, or returns None with ``reasons`` saying why each replica did not.
-
-        ``canary``: the challenger is tried first. ``attempts`` collects what each
-        replica tried did, for the canary's comparison. ``state`` (read at ``now_us``)
-        holds on-call's breaker overrides; the engine reads it once per call. With
-        hedging on, a slow primary's request also goes to the secondary (see ``_hedged``);
-        either way the champion gets at most two model calls per request.
-        """
+    ) -> RouteResult:
+        """Scores the rows, or says why each replica did not. ``state`` (read at
+        ``now_us``) holds on-call's overrides; the engine reads it once per call."""
         state = state or ControlState()
-        lane = self.replicas
-        if canary and self.challenger is not None:
-            lane = (self.challenger, *self.replicas)
-        attempts = [] if attempts is None else attempts
-        called: set[str] = set()
-        for replica in lane:
-            if replica.name in called:  # the hedge already asked it
+        result = RouteResult()
+        hedged_to: Replica | None = None
+        for replica in self.replicas:
+            if replica is hedged_to:  # the hedge was its call
                 continue
-            mode = self._admissible(replica, state, now_us, reasons, attempts)
-            if mode is None:
+            admission = replica.admission(state, now_us)
+            if not admission.allowed:
+                refused = (replica.refused(admission),) if admission.by_breaker else ()
+                result = result.then(RouteResult(attempts=refused, reasons=(admission.refusal,)))
                 continue
-            timeout_ms = self._call_budget_ms(replica, budget, reasons)
-            if timeout_ms is None:
-                return None
+            timeout_ms = self._call_timeout_ms(budget)
+            if timeout_ms < self._min_call_ms:
+                return result.then(_note(self._no_time(replica, timeout_ms)))
+            backup = self._hedge_backup(replica, state, now_us)
             try:
-                backup = self._hedge_backup(replica, canary, state, now_us)
                 if backup is None:
-                    routed = await self._attempt(replica, mode, rows, timeout_ms, reasons, attempts)
+                    step = _tried(await replica.call(rows, timeout_ms, admission))
                 else:
-                    called.add(backup[0].name)
-                    routed = await self._hedged(
-                        (replica, mode), backup, rows, timeout_ms, budget, reasons, attempts
+                    hedged_to = backup[0]
+                    step = await self._hedged(
+                        (replica, admission), backup, rows, timeout_ms, budget
                     )
-            except ModelInputError as exc:
-                reasons.append(str(exc))
-                return None  # our rows: the other replica would reject them too
-            if routed is not None:
-                return routed
-        return None
+            except ModelInputError as exc:  # our rows: the other replica would reject them too
+                return result.then(_note(str(exc)))
+            result = result.then(step)
+            if result.answer is not None:
+                return result
+        return result
 
-    def _call_budget_ms(self, replica: Replica, budget: Budget, reasons: list[str]) -> float | None:
-        """What a call to ``replica`` may spend now, or None, with the reason, when less
-        than ``min_call_budget_ms`` is left."""
-        timeout_ms = self._call_timeout_ms(budget)
-        if timeout_ms < self._min_call_ms:
-            reasons.append(
-                f"{replica.name} skipped: {max(timeout_ms, 0.0):.1f} ms of budget left"
-                f" (needs {self._min_call_ms:.1f})"
-            )
-            return None
-        return timeout_ms
+    def _no_time(self, replica: Replica, timeout_ms: float) -> str:
+        return (
+            f"{replica.name} skipped: {max(timeout_ms, 0.0):.1f} ms of budget left"
+            f" (needs {self._min_call_ms:.1f})"
+        )
 
     def _call_timeout_ms(self, budget: Budget) -> float:
         return model_call_timeout_ms(
@@ -164,74 +146,16 @@ class ReplicaRouter:
             rng=self._rng,
         )
 
-    @staticmethod
-    def _admissible(
-        replica: Replica,
-        state: ControlState,
-        now_us: int,
-        reasons: list[str] | None,
-        attempts: list[Attempt] | None,
-    ) -> BreakerMode | None:
-        """The replica's breaker mode if a call to it may be made now, else None (with
-        the reason and the attempt recorded, when given lists for them)."""
-        mode = state.breaker_mode(replica.name, now_us)
-        if mode is BreakerMode.FORCE_OPEN:
-            if reasons is not None:
-                reasons.append(f"{replica.name} forced open by on-call")
-            return None
-        if mode is BreakerMode.AUTO and not replica.breaker.allows_call():
-            if reasons is not None:
-                reasons.append(f"{replica.name} breaker {replica.breaker.state}")
-            if attempts is not None:
-                attempts.append(Attempt(replica.source, False, 0.0))
-            return None
-        return mode
-
-    async def _attempt(
-        self,
-        replica: Replica,
-        mode: BreakerMode,
-        rows: Sequence[Sequence[float]],
-        timeout_ms: float,
-        reasons: list[str],
-        attempts: list[Attempt],
-    ) -> RoutedScores | None:
-        """One model call: the scores, or None with the reason recorded. Raises
-        ``ModelInputError`` when the replica rejects the rows themselves."""
-        call = functools.partial(
-            replica.client.predict,
-            rows,
-            timeout_ms / 1000.0,
-            budget_limited=timeout_ms < self._min_counted_timeout_ms,
-        )
-        started = time.perf_counter()
-        try:
-            # Forced closed: on-call vouches for the replica, its breaker is bypassed.
-            scores = await (replica.breaker.call(call) if mode is BreakerMode.AUTO else call())
-        except BreakerOpenError as exc:
-            reasons.append(str(exc))
-            attempts.append(Attempt(replica.source, False, 0.0))
-            return None
-        except ModelCallError as exc:
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            replica.recent.record(elapsed_ms, ok=False)
-            attempts.append(Attempt(replica.source, False, elapsed_ms))
-            reasons.append(str(exc))
-            return None
-        replica.recent.record(scores.elapsed_ms, ok=True, version=scores.model_version)
-        attempts.append(Attempt(replica.source, True, scores.elapsed_ms))
-        return RoutedScores(scores, replica.source)
-
     def _hedge_backup(
-        self, replica: Replica, canary: bool, state: ControlState, now_us: int
-    ) -> tuple[Replica, BreakerMode] | None:
-        """The replica a call to ``replica`` may be hedged to: the secondary, for a call
-        to the primary outside the canary, when hedging is on and it may be called."""
-        if not self._hedge or canary or len(self.replicas) < 2 or replica is not self.replicas[0]:
+        self, replica: Replica, state: ControlState, now_us: int
+    ) -> tuple[Replica, Admission] | None:
+        """The replica a call to ``replica`` may be hedged to: the next in the lane, for
+        a call to the first, when hedging is on and the next may be called."""
+        if not self._hedge or len(self.replicas) < 2 or replica is not self.replicas[0]:
             return None
         backup = self.replicas[1]
-        mode = self._admissible(backup, state, now_us, None, None)
-        return None if mode is None else (backup, mode)
+        admission = backup.admission(state, now_us)
+        return (backup, admission) if admission.allowed else None
 
     def hedge_delay_ms(self, replica: Replica) -> float:
         """How long the primary has before its request is hedged: its recent p95 (read
@@ -246,22 +170,18 @@ class ReplicaRouter:
 
     async def _hedged(
         self,
-        first: tuple[Replica, BreakerMode],
-        backup: tuple[Replica, BreakerMode],
+        first: tuple[Replica, Admission],
+        backup: tuple[Replica, Admission],
         rows: Sequence[Sequence[float]],
         timeout_ms: float,
         budget: Budget,
-        reasons: list[str],
-        attempts: list[Attempt],
-    ) -> RoutedScores | None:
+    ) -> RouteResult:
         """Calls ``first``; if it has not answered within its hedge delay and the budget
         still allows a call, calls ``backup`` too and takes the first good answer,
         abandoning the other call. ``backup`` is not called again afterwards, so the
         hedge is the request's one extra call, as the retry is without hedging."""
-        replica, mode = first
-        primary = asyncio.create_task(
-            self._attempt(replica, mode, rows, timeout_ms, reasons, attempts)
-        )
+        replica, admission = first
+        primary = asyncio.create_task(replica.call(rows, timeout_ms, admission))
         delay_ms = self.hedge_delay_ms(replica)
         try:
             done, _ = await asyncio.wait({primary}, timeout=delay_ms / 1000.0)
@@ -269,51 +189,42 @@ class ReplicaRouter:
             _abandon(primary)
             raise
         if primary in done:
-            routed = primary.result()
-            if routed is not None:
-                return routed
-            return await self._attempt_backup(backup, rows, budget, reasons, attempts)
+            tried = _tried(primary.result())
+            if tried.answer is not None:
+                return tried
+            return tried.then(await self._retry(backup, rows, budget))
         backup_timeout_ms = self._call_timeout_ms(budget)
         if backup_timeout_ms < self._min_call_ms:
             try:
-                return await primary
+                return _tried(await primary)
             except asyncio.CancelledError:
                 _abandon(primary)
                 raise
         self.hedges += 1
-        reasons.append(f"hedged to {backup[0].name} after {delay_ms:.1f} ms")
-        second = asyncio.create_task(
-            self._attempt(*backup, rows, backup_timeout_ms, reasons, attempts)
-        )
-        pending: set[asyncio.Task[RoutedScores | None]] = {primary, second}
+        second = asyncio.create_task(backup[0].call(rows, backup_timeout_ms, backup[1]))
+        pending: set[asyncio.Task[Attempt]] = {primary, second}
+        ended: list[Attempt] = []
         try:
-            while pending:
+            while pending and not any(a.ok for a in ended):
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    routed = task.result()
-                    if routed is not None:
-                        return routed
-            return None
+                ended.extend(task.result() for task in done)
         finally:
             for task in (primary, second):  # the slower call: its answer is not needed
                 _abandon(task)
+        return _tried(*ended, notes=(f"hedged to {backup[0].name} after {delay_ms:.1f} ms",))
 
-    async def _attempt_backup(
-        self,
-        backup: tuple[Replica, BreakerMode],
-        rows: Sequence[Sequence[float]],
-        budget: Budget,
-        reasons: list[str],
-        attempts: list[Attempt],
-    ) -> RoutedScores | None:
+    async def _retry(
+        self, backup: tuple[Replica, Admission], rows: Sequence[Sequence[float]], budget: Budget
+    ) -> RouteResult:
         """The plain retry, when the hedged-for primary failed before its hedge delay."""
-        timeout_ms = self._call_budget_ms(backup[0], budget, reasons)
-        if timeout_ms is None:
-            return None
-        return await self._attempt(*backup, rows, timeout_ms, reasons, attempts)
+        replica, admission = backup
+        timeout_ms = self._call_timeout_ms(budget)
+        if timeout_ms < self._min_call_ms:
+            return _note(self._no_time(replica, timeout_ms))
+        return _tried(await replica.call(rows, timeout_ms, admission))
 
 
-def _abandon(task: asyncio.Task[RoutedScores | None]) -> None:
+def _abandon(task: asyncio.Task[Attempt]) -> None:
     """Stops waiting for a call whose answer is not needed any more (cancelling the
     attempt; the model client leaves its RPC to finish on the wire) and retrieves its
     outcome when it ends, so that none is reported as lost."""
@@ -321,6 +232,6 @@ def _abandon(task: asyncio.Task[RoutedScores | None]) -> None:
     task.add_done_callback(_consume)
 
 
-def _consume(task: asyncio.Task[RoutedScores | None]) -> None:
+def _consume(task: asyncio.Task[Attempt]) -> None:
     if not task.cancelled():
         task.exception()

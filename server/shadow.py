@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,11 +28,13 @@ import numpy as np
 from core.domain import Decision, model_decision
 from core.drift import histogram, psi
 from server.audit.record import ShadowRecord
-from server.control.state import BreakerMode
-from server.model_client import ModelCallError, ModelInputError
-from server.router import Replica
+from server.control.state import ControlState
+from server.model_client import ModelInputError
+from server.replica import Admission, Attempt, Replica
 
 log = logging.getLogger(__name__)
+
+UNGUARDED = Admission(guarded=False)
 
 # Score-difference histogram bounds (|challenger - champion|), for the metrics.
 DIFF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -81,7 +82,7 @@ class ShadowScorer:
         self._challenger = challenger
         self._audit = audit
         self._max_in_flight = max_in_flight
-        self._timeout_s = timeout_ms / 1000.0
+        self._timeout_ms = timeout_ms
         self._threshold = threshold
         self._batch_window_s = batch_window_ms / 1000.0
         self._batch_max_rows = batch_max_rows
@@ -101,12 +102,16 @@ class ShadowScorer:
         return self._challenger.name
 
     def submit(
-        self, rows: Sequence[Sequence[float]], shadowed: Sequence[Shadowed], mode: BreakerMode
+        self,
+        rows: Sequence[Sequence[float]],
+        shadowed: Sequence[Shadowed],
+        state: ControlState,
+        now_us: int,
     ) -> None:
-        """Adds these decisions to the next shadow call; a forced-open challenger drops
-        them (counted)."""
+        """Adds these decisions to the next shadow call; a challenger on-call forced open
+        drops them (counted)."""
         self._sampled += len(shadowed)
-        if mode is BreakerMode.FORCE_OPEN:
+        if not self._challenger.admission(state, now_us, guarded=False).allowed:
             self._dropped += len(shadowed)
             return
         self._batch_rows.extend(rows)
@@ -142,22 +147,21 @@ class ShadowScorer:
             self._in_calls -= len(shadowed)
 
     async def _score(self, rows: Sequence[Sequence[float]], shadowed: Sequence[Shadowed]) -> None:
-        replica = self._challenger
-        started = time.perf_counter()
         try:
             # Not through the challenger's breaker: shadow timeouts must not open it for
             # the canary, and in-flight calls are bounded already.
-            scores = await replica.client.predict(rows, self._timeout_s)
-        except (ModelCallError, ModelInputError) as exc:
-            self._failed += len(shadowed)
-            replica.recent.record((time.perf_counter() - started) * 1000, ok=False)
-            log.debug("shadow call failed: %s", exc)
-            return
+            attempt = await self._challenger.call(rows, self._timeout_ms, UNGUARDED)
+        except ModelInputError as exc:
+            attempt = Attempt(self._challenger.source, None, 0.0, str(exc))
         except Exception:  # a task's exception would otherwise go unseen
             self._failed += len(shadowed)
             log.exception("shadow call failed unexpectedly")
             return
-        replica.recent.record(scores.elapsed_ms, ok=True, version=scores.model_version)
+        scores = attempt.scores
+        if scores is None:
+            self._failed += len(shadowed)
+            log.debug("shadow call failed: %s", attempt.reason)
+            return
         records = []
         for decision, score in zip(shadowed, scores.scores, strict=True):
             records.append(

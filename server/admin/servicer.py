@@ -13,7 +13,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc
 from server.admin.auth import Role, current_principal
-from server.admin.control_plane import ControlPlane, FlagView
+from server.admin.control_plane import ControlPlane
+from server.admin.views import FlagView
 from server.control.canary import WindowSummary
 from server.control.state import BreakerMode, Change
 from server.errors import InvalidArgument, grpc_errors

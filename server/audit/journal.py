@@ -23,7 +23,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,11 +318,3 @@ class Journal:
                 self._fd = -1
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
-def iter_segment(path: Path) -> Iterator[bytes]:
-    """Every valid record of a closed segment (stops at a torn tail)."""
-    data = path.read_bytes()
-    if not data.startswith(MAGIC):
-        return
-    yield from parse_frames(memoryview(data)[len(MAGIC) :]).payloads

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 import sqlalchemy.exc
 
+from core.backoff import Backoff
 from server.audit.journal import (
     MAGIC,
     Journal,
@@ -43,6 +44,7 @@ REJECTED_FILE = "rejected.jsonl"
 ROW_ERRORS = (sqlalchemy.exc.DataError, sqlalchemy.exc.IntegrityError)
 READ_CHUNK_BYTES = 16 << 20
 CHECKPOINT_FILE = "shipped"
+RETRY_INITIAL_S = 0.05  # the first wait after the store fails; then up to retry_max_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +158,7 @@ class AuditShipper:
     # -- the loop ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        backoff_s = 0.0
+        backoff = Backoff(initial_s=RETRY_INITIAL_S, max_s=self._retry_max_s)
         while True:
             try:
                 if not self._schema_ready:
@@ -171,12 +173,12 @@ class AuditShipper:
                 self._last_error = problem
                 if self._stopping and time.monotonic() >= self._drain_deadline:
                     return
-                backoff_s = min(max(backoff_s * 2, 0.05), self._retry_max_s)
-                self._sleep(backoff_s)
+                self._sleep(backoff.next_s())
                 continue
             if self._store_ok is False:
                 log.info("audit store reachable again; shipping the backlog")
-            self._store_ok, self._last_error, backoff_s = True, "", 0.0
+            self._store_ok, self._last_error = True, ""
+            backoff.reset()
             if shipped == 0:
                 if self._stopping:
                     return

@@ -8,10 +8,10 @@ timeout rate, p99 latency, fallback rate, or score PSI against the champion's sc
 each side needs ``min_decisions`` in the window before it is judged (PSI: at least
 ``PSI_MIN_SCORES`` scores). The comparison runs in a task of its own every
 ``CHECK_INTERVAL_S`` while decisions are recorded, not in a Decide. On a breach, with
-the flag ``canary_auto_rollback`` on, ``on_breach`` rolls the weight back to 0 on every
-server (``ControlPlane.rollback_canary``). Whenever the canary setting changes (on-call,
-a rollback, on any server) every server's windows start afresh: a weight is judged only
-on decisions made under it.
+the flag ``canary_auto_rollback`` on, the weight is rolled back to 0 on every server
+(``CanaryLever.roll_back``; in the server ``server.control.changes.CanaryRollback``).
+Whenever the canary setting changes (on-call, a rollback, on any server) every server's
+windows start afresh: a weight is judged only on decisions made under it.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import numpy as np
 
 from core.drift import histogram, psi
-from server.control.recent import percentile
+from core.stats import percentile
 from server.settings import CanarySettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,18 @@ class CanaryComparison:
     score_psi: float  # 0 until both sides have min_decisions scores
 
 
+class CanaryLever(Protocol):
+    def setting(self) -> object:
+        """The canary setting in effect; the windows start afresh when it changes."""
+        ...
+
+    def enabled(self) -> bool:
+        """Whether a breach rolls the canary back by itself."""
+        ...
+
+    async def roll_back(self, breach: str) -> None: ...
+
+
 class _Side:
     def __init__(self) -> None:
         # (monotonic s, model call ok, its ms, fell back, scores)
@@ -80,21 +92,10 @@ class _Side:
 
 
 class CanaryMonitor:
-    def __init__(
-        self,
-        limits: CanarySettings,
-        *,
-        on_breach: Callable[[str], Awaitable[None]],
-        auto_rollback: Callable[[], bool],
-        setting: Callable[[], object],
-    ) -> None:
-        """``setting``: the canary setting in effect; the windows start afresh when it
-        changes."""
+    def __init__(self, limits: CanarySettings, lever: CanaryLever) -> None:
         self._limits = limits
-        self._on_breach = on_breach
-        self._auto_rollback = auto_rollback
-        self._setting = setting
-        self._judged_setting = setting()
+        self._lever = lever
+        self._judged_setting = lever.setting()
         self._sides = {CANARY: _Side(), CHAMPION: _Side()}
         self._watcher: asyncio.Task[None] | None = None
 
@@ -117,19 +118,19 @@ class CanaryMonitor:
         ends when the window is empty (no canary), restarted by the next record."""
         while any(side.records for side in self._sides.values()):
             await asyncio.sleep(CHECK_INTERVAL_S)
-            setting = self._setting()
+            setting = self._lever.setting()
             if setting != self._judged_setting:
                 self._judged_setting = setting
                 self.reset()
                 continue
-            if not self._auto_rollback():
+            if not self._lever.enabled():
                 continue
             breach = self.breach()
             if breach is None:
                 continue
             log.warning("canary breach: %s", breach)
             try:
-                await self._on_breach(breach)
+                await self._lever.roll_back(breach)
             except Exception:  # retried at the next check
                 log.exception("canary rollback failed")
 

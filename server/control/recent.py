@@ -10,6 +10,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from core.stats import percentile
+
 
 @dataclass(frozen=True, slots=True)
 class CallSummary:
@@ -21,14 +23,6 @@ class CallSummary:
     @property
     def failure_rate(self) -> float:
         return self.failures / self.calls if self.calls else 0.0
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (0 when empty)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(0, min(len(sorted_values) - 1, round(q * len(sorted_values) + 0.5) - 1))
-    return sorted_values[rank]
 
 
 class RecentCalls:
@@ -52,7 +46,7 @@ class RecentCalls:
     def percentile_ms(self, q: float, now_s: float | None = None) -> float:
         """The q-quantile of the successful calls' latencies in the window (0: none)."""
         self._trim(now_s)
-        return percentile(sorted(ms for _, ms, ok in self._calls if ok), q)
+        return percentile((ms for _, ms, ok in self._calls if ok), q)
 
     def summary(self, now_s: float | None = None) -> CallSummary:
         self._trim(now_s)

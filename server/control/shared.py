@@ -25,12 +25,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import WatchError
 
+from core.backoff import Backoff
 from server.control.state import ControlState, Entry, FlagSpec
 from server.errors import SharedStateUnavailable
 
 log = logging.getLogger(__name__)
 
 LISTEN_POLL_S = 1.0
+RECONNECT_INITIAL_S = 0.05
 RECONNECT_MAX_S = 2.0
 PUT_ATTEMPTS = 5
 
@@ -227,13 +229,13 @@ class SharedControl:
             return {}
 
     async def _listen(self) -> None:
-        delay_s = 0.05
+        backoff = Backoff(initial_s=RECONNECT_INITIAL_S, max_s=RECONNECT_MAX_S)
         while True:
             try:
                 async with self._subscriber.pubsub() as pubsub:
                     await pubsub.subscribe(self._channel)
                     await self.sync()  # what changed while not subscribed
-                    delay_s = 0.05
+                    backoff.reset()
                     while True:
                         message = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=LISTEN_POLL_S
@@ -242,8 +244,7 @@ class SharedControl:
                             await self.sync()
             except (aioredis.RedisError, OSError) as exc:
                 self._lost(exc)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, RECONNECT_MAX_S)
+                await asyncio.sleep(backoff.next_s())
             except Exception as exc:  # the listener must outlive any surprise
                 log.exception("control listener failed; restarting it")
                 self._lost(exc)

@@ -8,6 +8,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, cast
 
+import redis.exceptions
+
 from core.deadline import Budget, StoreReads
 from core.domain import Decision, OrderRequest, Side, Source
 from fallback.chain import FallbackChain, LadderInput
@@ -54,52 +56,72 @@ def calm_book() -> list[float]:
 
 
 def item(features: Sequence[float] | None) -> LadderInput:
-    return LadderInput(OrderRequest("r1", "BTC-USD", Side.BUY, 1.0), features, [])
+    return LadderInput(OrderRequest("r1", "BTC-USD", Side.BUY, 1.0), features)
 
 
 async def test_a_fresh_cached_score_decides_first():
     ladder = chain(cache=FakeScoreCache(cached(0.9, age_ms=100)))
-    order = item(calm_book())
-    [outcome] = await ladder.decide_many([order], Budget(50))
+    [outcome] = await ladder.decide_many([item(calm_book())], Budget(50))
     assert (outcome.source, outcome.decision, outcome.score) == (
         Source.CACHED_SCORE,
         Decision.TRADE,
         0.9,
     )
-    assert len(order.reasons) == 1
-    assert re.fullmatch(r"cached score \d+ ms old", order.reasons[0])
+    assert len(outcome.reasons) == 1
+    assert re.fullmatch(r"cached score \d+ ms old", outcome.reasons[0])
 
 
 async def test_a_stale_cached_score_passes_to_the_rules_then_abstain():
     ladder = chain(cache=FakeScoreCache(cached(0.9, age_ms=5000)))
-    with_features, without = item(calm_book()), item(None)
-    ruled, abstained = await ladder.decide_many([with_features, without], Budget(50))
+    ruled, abstained = await ladder.decide_many([item(calm_book()), item(None)], Budget(50))
     assert (ruled.source, ruled.decision) == (Source.RULES, Decision.TRADE)
     assert ruled.model_version == ladder.policy_version
-    assert re.fullmatch(r"cached score \d+ ms old \(max 1000\)", with_features.reasons[0])
-    assert with_features.reasons[1].startswith("rules: ")
+    assert re.fullmatch(r"cached score \d+ ms old \(max 1000\)", ruled.reasons[0])
+    assert ruled.reasons[1].startswith("rules: ")
     assert (abstained.source, abstained.decision) == (Source.ABSTAIN, Decision.ABSTAIN)
-    assert without.reasons[-1] == "abstain: no fresh features for rules"
+    assert abstained.reasons[-1] == "abstain: no fresh features for rules"
 
 
 async def test_no_cached_score_goes_to_the_rules():
     ladder = chain(cache=FakeScoreCache(None))
-    order = item(calm_book())
-    [outcome] = await ladder.decide_many([order], Budget(50))
+    [outcome] = await ladder.decide_many([item(calm_book())], Budget(50))
     assert outcome.source is Source.RULES
-    assert order.reasons[0] == "no cached score"
+    assert outcome.reasons[0] == "no cached score"
+
+
+class FailingScoreCache:
+    async def get_many(self, keys: Sequence[tuple[str, Side]]) -> list[CachedScore | None]:
+        raise redis.exceptions.ConnectionError("connection refused")
+
+
+async def test_a_failed_cached_score_lookup_goes_to_the_rules_and_says_why():
+    ladder = chain(cache=FailingScoreCache())
+    ruled, abstained = await ladder.decide_many([item(calm_book()), item(None)], Budget(50))
+    assert (ruled.source, abstained.source) == (Source.RULES, Source.ABSTAIN)
+    assert ruled.reasons[0] == "cached score lookup unavailable (ConnectionError)"
+    assert abstained.reasons == (
+        "cached score lookup unavailable (ConnectionError)",
+        "abstain: no fresh features for rules",
+    )
+
+
+async def test_no_budget_left_skips_the_cached_score_lookup():
+    cache = FakeScoreCache(cached(0.9, age_ms=100))
+    [outcome] = await chain(cache=cache).decide_many([item(calm_book())], Budget(-1))
+    assert cache.lookups == 0
+    assert outcome.source is Source.RULES
+    assert outcome.reasons[0] == "cached score lookup skipped: no budget left"
 
 
 async def test_a_failed_feature_read_skips_the_cached_score_in_the_same_redis():
     cache = FakeScoreCache(cached(0.9, age_ms=100))
     ladder = chain(cache=cache)
-    order = item(None)
     [outcome] = await ladder.decide_many(
-        [order], Budget(50), store_failure="feature store timed out after 10.0 ms"
+        [item(None)], Budget(50), store_failure="feature store timed out after 10.0 ms"
     )
     assert cache.lookups == 0
     assert outcome.source is Source.ABSTAIN
-    assert order.reasons[0] == "cached score skipped: feature store timed out after 10.0 ms"
+    assert outcome.reasons[0] == "cached score skipped: feature store timed out after 10.0 ms"
 
 
 def test_policy_version_is_stable_and_changes_with_any_setting():

@@ -18,10 +18,13 @@ async def test_older_records_never_overwrite_newer_ones(redis_client, key_prefix
     writer = FeatureWriter(redis_client, key_prefix=key_prefix, ttl_s=60)
     reader = FeatureReader(redis_client, key_prefix=key_prefix)
 
-    assert await writer.write(record("BTC-USD", t=1000, offset=5, value=1.0))
-    assert not await writer.write(record("BTC-USD", t=999, offset=9, value=2.0))  # older time
-    assert not await writer.write(record("BTC-USD", t=1000, offset=5, value=3.0))  # redelivery
-    assert await writer.write(record("BTC-USD", t=1000, offset=6, value=4.0))  # same time, later
+    async def newer(record: FeatureRecord) -> bool:
+        return await writer.write_many([record]) == 1
+
+    assert await newer(record("BTC-USD", t=1000, offset=5, value=1.0))
+    assert not await newer(record("BTC-USD", t=999, offset=9, value=2.0))  # older time
+    assert not await newer(record("BTC-USD", t=1000, offset=5, value=3.0))  # redelivery
+    assert await newer(record("BTC-USD", t=1000, offset=6, value=4.0))  # same time, later
 
     got = await reader.read("BTC-USD")
     assert got is not None
@@ -42,7 +45,7 @@ async def test_batch_read_is_in_symbol_order_with_gaps(redis_client, key_prefix)
 async def test_records_expire_and_other_schema_versions_read_as_missing(redis_client, key_prefix):
     writer = FeatureWriter(redis_client, key_prefix=key_prefix, ttl_s=60)
     reader = FeatureReader(redis_client, key_prefix=key_prefix)
-    await writer.write(record("OLD", 1, 1, 1.0))
+    await writer.write_many([record("OLD", 1, 1, 1.0)])
     assert 0 < await redis_client.pttl(feature_key(key_prefix, "OLD")) <= 60_000
     await redis_client.hset(feature_key(key_prefix, "OLD"), "p", '{"v":0,"t":2,"o":2,"f":[1]}')
     assert await reader.read("OLD") is None

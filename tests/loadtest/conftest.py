@@ -47,8 +47,8 @@ async def _write_features(redis_url: str, key_prefix: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
     try:
         writer = FeatureWriter(client, key_prefix=key_prefix, ttl_s=600)
-        await writer.write(sample_record(FRESH_SYMBOL))
-        await writer.write(sample_record(STALE_SYMBOL, age_ms=600_000.0))
+        await writer.write_many([sample_record(FRESH_SYMBOL)])
+        await writer.write_many([sample_record(STALE_SYMBOL, age_ms=600_000.0)])
     finally:
         await client.aclose()
 

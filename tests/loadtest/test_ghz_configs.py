@@ -354,17 +354,6 @@ def test_duration_grammar_follows_go():
         assert not go_duration_ok(bad), bad
 
 
-def test_each_documented_key_has_one_type():
-    groups = [STRING_KEYS, BOOL_KEYS, UINT_KEYS, INT_KEYS, DURATION_KEYS, STRING_MAP_KEYS]
-    seen: set[str] = set()
-    for group in groups:
-        assert not seen & group, seen & group
-        seen |= group
-    assert {"load-schedule", "load-start", "load-step", "load-end", "load-step-duration"} <= (
-        GHZ_CONFIG_KEYS
-    )
-
-
 @pytest.mark.parametrize(
     ("key", "mutate"),
     [

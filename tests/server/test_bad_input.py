@@ -43,7 +43,7 @@ def generated_request(rng: random.Random) -> decision_pb2.DecideRequest:
 async def test_generated_bad_requests_get_ok_or_invalid_argument(
     replicas, start_app, channel_to, feature_writer
 ):
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     # Real replicas: requests that pass validation go all the way to the model.
     app = await start_app(
         server={"max_batch_size": 8},
@@ -75,7 +75,7 @@ async def test_generated_bad_requests_get_ok_or_invalid_argument(
 
     assert codes.get(grpc.StatusCode.OK, 0) > 0
     assert codes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 500
-    await feature_writer.write(sample_record("BTC-USD", offset=2))
+    await feature_writer.write_many([sample_record("BTC-USD", offset=2)])
     response = await stub.Decide(buy(), timeout=2.0)  # still serving, from the model
     assert response.source == decision_pb2.SOURCE_PRIMARY, response.reason
     assert [r.breaker.state for r in app.replicas] == ["closed", "closed"]
@@ -84,7 +84,7 @@ async def test_generated_bad_requests_get_ok_or_invalid_argument(
 async def test_feature_record_the_model_cannot_take_goes_down_the_ladder(
     start_app, channel_to, feature_writer
 ):
-    await feature_writer.write(sample_record("BTC-USD", ofi_1s=1e39))
+    await feature_writer.write_many([sample_record("BTC-USD", ofi_1s=1e39)])
     app = await start_app()
     response = await decision_stub(channel_to(app)).Decide(buy(), timeout=2.0)
     assert response.source == decision_pb2.SOURCE_ABSTAIN

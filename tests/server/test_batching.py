@@ -11,6 +11,7 @@ import pytest
 
 from server.batching import BatchingClient
 from server.model_client import ModelInputError, ModelScores, ModelTimeout, ModelUnavailable
+from server.replica import counts_against_replica
 
 
 class FakeReplica:
@@ -33,9 +34,7 @@ class FakeReplica:
     async def connect(self, timeout_s: float) -> bool:
         return True
 
-    async def predict(
-        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
-    ) -> ModelScores:
+    async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         self.calls.append(len(rows))
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
@@ -44,7 +43,7 @@ class FakeReplica:
                 raise ModelInputError("primary rejected the rows: negative value")
             if self.call_s > timeout_s:
                 await asyncio.sleep(timeout_s)
-                raise ModelTimeout("primary deadline exceeded", budget_limited=budget_limited)
+                raise ModelTimeout("primary deadline exceeded", given_ms=timeout_s * 1000)
             await asyncio.sleep(self.call_s)
             if self.fail is not None:
                 raise self.fail
@@ -184,23 +183,22 @@ async def test_a_call_nobody_waits_for_any_more_is_cancelled_and_frees_its_slot(
 
 async def test_a_timeout_after_waiting_in_the_queue_is_not_the_replicas_fault() -> None:
     replica = FakeReplica(call_ms=30.0)
-    batching = BatchingClient(
-        replica, max_batch_rows=64, max_concurrent_calls=1, min_counted_timeout_ms=10.0
-    )
+    batching = BatchingClient(replica, max_batch_rows=64, max_concurrent_calls=1)
     await batching.predict([[0.0]], 1.0)  # expected call time: 30 ms
     busy = asyncio.create_task(batching.predict([[0.0]], 1.0))
     await asyncio.sleep(0.001)
     # 29 ms left, 2 x 30 ms expected: sent alone at once; given 29 ms > 10: counted.
     with pytest.raises(ModelTimeout) as counted:
         await batching.predict([[0.1]], 0.029)
-    assert not counted.value.budget_limited
+    assert counts_against_replica(counted.value, min_counted_timeout_ms=10.0)
     await busy
     # In a shared call that outlives it, with 5 ms of its own: not the replica's fault.
     first = asyncio.create_task(batching.predict([[0.2]], 1.0))
     short = asyncio.create_task(batching.predict([[0.3]], 0.005))
     with pytest.raises(ModelTimeout) as limited:
         await short
-    assert limited.value.budget_limited
+    assert limited.value.given_ms <= 5.0
+    assert not counts_against_replica(limited.value, min_counted_timeout_ms=10.0)
     await first
 
 

@@ -13,21 +13,24 @@ class Deployment:
     """The canary setting as every server sees it, and the rollbacks asked for."""
 
     def __init__(self) -> None:
-        self.setting: object = ("weight", 0.5)
+        self.current: object = ("weight", 0.5)
         self.breaches: list[str] = []
+
+        self.auto_rollback = True
+
+    def setting(self) -> object:
+        return self.current
+
+    def enabled(self) -> bool:
+        return self.auto_rollback
 
     async def roll_back(self, breach: str) -> None:
         self.breaches.append(breach)
-        self.setting = ("weight", 0.0)
+        self.current = ("weight", 0.0)
 
 
 def monitor(deployment: Deployment) -> CanaryMonitor:
-    return CanaryMonitor(
-        CanarySettings(window_s=30.0, min_decisions=10),
-        on_breach=deployment.roll_back,
-        auto_rollback=lambda: True,
-        setting=lambda: deployment.setting,
-    )
+    return CanaryMonitor(CanarySettings(window_s=30.0, min_decisions=10), deployment)
 
 
 def record(canary: CanaryMonitor, side: str, n: int, *, ok: bool = True) -> None:
@@ -55,7 +58,7 @@ async def test_a_setting_changed_elsewhere_starts_the_windows_afresh() -> None:
     record(canary, CANARY, 5, ok=False)
     await asyncio.sleep(CHECK_INTERVAL_S * 2)
     assert canary.compare().canary.decisions == 5  # the same setting: kept
-    deployment.setting = ("weight", 0.2)  # another server's change, synced here
+    deployment.current = ("weight", 0.2)  # another server's change, synced here
     await asyncio.sleep(CHECK_INTERVAL_S * 2)
     # The failures under the old weight are not held against the new one.
     record(canary, CANARY, 5, ok=False)

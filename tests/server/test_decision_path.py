@@ -25,7 +25,7 @@ PROTOCOLS = pytest.mark.parametrize("protocol", ["torchserve", "oip"])
 async def test_normal_path_is_answered_by_the_primary(
     protocol, replicas, model_store, start_app, channel_to, feature_writer: FeatureWriter
 ):
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(torchserve=replica_settings(replicas, protocol=protocol))
     stub = decision_stub(channel_to(app))
 
@@ -54,7 +54,7 @@ async def test_normal_path_is_answered_by_the_primary(
 async def test_primary_killed_is_answered_by_the_secondary(
     protocol, replicas, start_app, channel_to, feature_writer
 ):
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(torchserve=replica_settings(replicas, protocol=protocol))
     stub = decision_stub(channel_to(app))
     last = await stub.Decide(buy(), timeout=2.0)
@@ -74,7 +74,7 @@ async def test_primary_killed_is_answered_by_the_secondary(
 async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breaker_opens_and_closes(
     replicas, start_app, channel_to, feature_writer
 ):
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(
         # The cap holds for both calls: 20 ms for the paused primary leaves the secondary
         # 18-20 ms of the 50 (less the reserve), room for a busy 2-core machine.
@@ -131,7 +131,7 @@ async def wait_for_cached_score(
 async def test_both_replicas_down_falls_back_to_cached_score_then_rules_then_abstain(
     replicas, start_app, channel_to, feature_writer, redis_client, key_prefix
 ):
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(
         torchserve=replica_settings(replicas), fallback={"cached_score_max_age_ms": 1000.0}
     )
@@ -149,7 +149,7 @@ async def test_both_replicas_down_falls_back_to_cached_score_then_rules_then_abs
         now_us = time.time_ns() // 1000
         fresh = dataclasses.replace(remembered, scored_at_us=now_us - 100_000)
         await cache.put_many([ScoreEntry("BTC-USD", Side.BUY, fresh)])
-        await feature_writer.write(sample_record("BTC-USD", offset=2))
+        await feature_writer.write_many([sample_record("BTC-USD", offset=2)])
         cached = await stub.Decide(buy(), timeout=2.0)
         assert cached.source == decision_pb2.SOURCE_CACHED_SCORE, cached.reason
         assert cached.score == pytest.approx(good.score)
@@ -185,7 +185,7 @@ async def test_both_replicas_down_falls_back_to_cached_score_then_rules_then_abs
 
 
 async def test_stale_features_skip_the_model(replicas, start_app, channel_to, feature_writer):
-    await feature_writer.write(sample_record("SOL-USD", age_ms=5000))
+    await feature_writer.write_many([sample_record("SOL-USD", age_ms=5000)])
     app = await start_app(torchserve=replica_settings(replicas), features={"max_age_ms": 2000})
     stub = decision_stub(channel_to(app))
 
@@ -283,7 +283,7 @@ async def test_health_is_serving_only_when_ready_and_reflection_lists_the_servic
 async def test_no_caller_deadline_gets_the_default_budget(
     replicas, start_app, channel_to, feature_writer
 ):
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(
         torchserve=replica_settings(replicas), decision={"default_budget_ms": 30.0}
     )
@@ -313,7 +313,7 @@ async def test_grpc_status_not_internal_for_invalid_argument(start_app, channel_
 async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breaker(
     replicas, start_app, channel_to, feature_writer
 ):
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(
         torchserve=replica_settings(replicas, per_call_timeout_ms=25.0),
         breaker={"fail_max": 2, "reset_timeout_s": 60.0, "min_counted_timeout_ms": 15.0},
@@ -354,7 +354,7 @@ async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breake
 async def test_cached_score_is_rewritten_at_most_once_per_interval(
     replicas, start_app, channel_to, feature_writer, redis_client, key_prefix
 ):
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(
         torchserve=replica_settings(replicas),
         fallback={"cached_score_write_interval_ms": 300.0},
@@ -375,7 +375,7 @@ async def test_cached_score_is_rewritten_at_most_once_per_interval(
 async def test_more_concurrent_calls_than_redis_connections_all_get_the_model(
     replicas, start_app, channel_to, feature_writer
 ):
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(
         torchserve=replica_settings(replicas),
         redis={"max_connections": 2},

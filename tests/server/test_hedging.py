@@ -14,7 +14,8 @@ from core.deadline import Budget
 from core.domain import Source
 from server.breaker import AsyncCircuitBreaker
 from server.model_client import ModelScores, ModelTimeout, ModelUnavailable
-from server.router import Replica, ReplicaRouter
+from server.replica import Replica
+from server.router import ReplicaRouter
 from server.settings import DecisionSettings, TorchServeSettings
 
 
@@ -41,9 +42,7 @@ class ScriptedReplica:
     async def connect(self, timeout_s: float) -> bool:
         return True
 
-    async def predict(
-        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
-    ) -> ModelScores:
+    async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         request = rows[0][0]
         self.calls[request] += 1
         latency_ms, fails = self.script.get(request, (self.latency_ms, self.fails))
@@ -53,7 +52,7 @@ class ScriptedReplica:
             self.cancelled += 1
             raise
         if latency_ms / 1000.0 > timeout_s:
-            raise ModelTimeout(f"{self.name} deadline exceeded")
+            raise ModelTimeout(f"{self.name} deadline exceeded", given_ms=timeout_s * 1000)
         if fails:
             raise ModelUnavailable(f"{self.name} unavailable")
         return ModelScores("champion", self.name, [0.5] * len(rows), latency_ms)
@@ -76,14 +75,12 @@ def router(
             per_call_timeout_ms=60.0, timeout_jitter=0.0, hedge=hedge, hedge_min_delay_ms=5.0
         ),
         decision=DecisionSettings(fallback_reserve_ms=1.0),
-        min_counted_timeout_ms=10.0,
     )
 
 
 async def score(routing: ReplicaRouter, request: float = 0.0, budget_ms: float = 200.0):
-    reasons: list[str] = []
-    routed = await routing.score([[request, 1.0]], Budget(budget_ms), reasons)
-    return routed, reasons
+    result = await routing.score([[request, 1.0]], Budget(budget_ms))
+    return result.answer, result.reasons
 
 
 async def test_a_slow_primary_is_hedged_and_the_first_answer_wins() -> None:

@@ -32,7 +32,7 @@ async def timed_decide(stub, request) -> tuple[object, float]:
 async def test_calls_past_the_bound_are_answered_at_once(
     action, start_app, replicas, channel_to, feature_writer
 ):
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     app: DecisionApp = await start_app(
         # Both replicas paused below: the two admitted decisions wait on them.
         torchserve=replica_settings(replicas, per_call_timeout_ms=400.0),

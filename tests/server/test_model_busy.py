@@ -9,12 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import pytest
 
-from server.model_client import (
-    GrpcModelClient,
-    ModelBusy,
-    ModelTimeout,
-    not_the_replicas_fault,
-)
+from server.model_client import GrpcModelClient, ModelBusy, ModelTimeout
+from server.replica import counts_against_replica
 
 Call = Callable[[float], Awaitable[str]]
 
@@ -26,7 +22,7 @@ class ScriptedClient(GrpcModelClient):
         pass
 
     async def answer(self, call: Call, timeout_s: float) -> str:
-        response, _ = await self._call(call, timeout_s, budget_limited=False)
+        response, _ = await self._call(call, timeout_s)
         return response
 
 
@@ -57,7 +53,7 @@ async def test_a_replica_that_answers_none_of_its_abandoned_calls_is_at_fault(re
     with pytest.raises(ModelBusy, match="none answered") as refused:
         await client.answer(quick, 1.0)
     assert refused.value.replica_silent
-    assert not not_the_replicas_fault(refused.value)
+    assert counts_against_replica(refused.value, min_counted_timeout_ms=10.0)
 
 
 async def test_a_replica_that_answered_since_its_first_abandoned_call_is_not(replica):
@@ -70,7 +66,7 @@ async def test_a_replica_that_answered_since_its_first_abandoned_call_is_not(rep
     with pytest.raises(ModelBusy) as refused:
         await client.answer(quick, 1.0)
     assert not refused.value.replica_silent
-    assert not_the_replicas_fault(refused.value)
+    assert not counts_against_replica(refused.value, min_counted_timeout_ms=10.0)
 
     wakes.set()  # the abandoned calls end and the replica is called again
     for _ in range(10):

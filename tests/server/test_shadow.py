@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from core.domain import Source
 from server.audit.record import ShadowRecord
 from server.breaker import AsyncCircuitBreaker
-from server.control.state import BreakerMode
+from server.control.state import Change, ControlState, Entry
 from server.model_client import ModelScores, ModelTimeout
-from server.router import Replica
+from server.replica import Replica
 from server.shadow import Shadowed, ShadowScorer
 
 
@@ -34,13 +34,11 @@ class FakeChallenger:
     async def connect(self, timeout_s: float) -> bool:
         return True
 
-    async def predict(
-        self, rows: Sequence[Sequence[float]], timeout_s: float, *, budget_limited: bool = False
-    ) -> ModelScores:
+    async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         self.calls.append(len(rows))
         await self.release.wait()
         if self.fail:
-            raise ModelTimeout("timed out")
+            raise ModelTimeout("timed out", given_ms=timeout_s * 1000)
         return ModelScores("challenger", "v2", [row[0] for row in rows], elapsed_ms=1.0)
 
 
@@ -80,7 +78,7 @@ def scorer(
 def submit(shadow: ShadowScorer, n: int, start: int = 0) -> None:
     for i in range(start, start + n):
         # The fake challenger scores a row with its first value.
-        shadow.submit([[0.9]], [Shadowed(f"d{i}", 0.6, trade=True)], BreakerMode.AUTO)
+        shadow.submit([[0.9]], [Shadowed(f"d{i}", 0.6, trade=True)], ControlState(), 0)
 
 
 async def test_decisions_within_the_window_share_one_call() -> None:
@@ -136,7 +134,10 @@ async def test_failed_calls_and_a_forced_open_challenger_are_counted() -> None:
     challenger.fail = True
     shadow = scorer(challenger, audit, window_ms=0.0)
     submit(shadow, 1)
-    shadow.submit([[0.9]], [Shadowed("forced", 0.6, trade=True)], BreakerMode.FORCE_OPEN)
+    forced_open = ControlState(
+        entries={"breaker:challenger": Entry("FORCE_OPEN", Change("on-call", "test", 0))}
+    )
+    shadow.submit([[0.9]], [Shadowed("forced", 0.6, trade=True)], forced_open, 0)
     await shadow.stop()
     stats = shadow.stats()
     assert (stats.sampled, stats.failed, stats.dropped, stats.scored) == (2, 1, 1, 0)

@@ -143,7 +143,7 @@ async def wait_store_rows(
 async def test_breaker_override_reaches_the_other_server_within_a_second_and_expires(
     server_processes, feature_writer
 ):
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     a, b = server_processes(2)
     try:
         for server in (a, b):
@@ -205,7 +205,7 @@ async def test_kill_switch_for_one_symbol_abstains_only_that_symbol_on_every_ser
     server_processes, feature_writer
 ):
     for symbol in ("BTC-USD", "ETH-USD"):
-        await feature_writer.write(sample_record(symbol))
+        await feature_writer.write_many([sample_record(symbol)])
     a, b = server_processes(2)
     try:
         await a.admin.KillSwitch(
@@ -374,7 +374,7 @@ async def set_canary(app: DecisionApp, weight: float) -> None:
 
 
 async def test_a_good_challenger_keeps_its_canary_share(canary_app, channel_to, feature_writer):
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     await set_canary(canary_app, 0.5)
     stub = decision_stub(channel_to(canary_app))
     sources = []
@@ -389,7 +389,7 @@ async def test_a_good_challenger_keeps_its_canary_share(canary_app, channel_to, 
 async def test_an_erroring_challenger_is_rolled_back_within_the_window(
     canary_app, channel_to, feature_writer, challenger_replica
 ):
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     await set_canary(canary_app, 0.5)
     stub = decision_stub(channel_to(canary_app))
     challenger_replica.proc.pause()  # every canary call now times out
@@ -421,7 +421,7 @@ async def test_a_slow_but_answering_challenger_is_rolled_back_on_its_p99(
     start_app, replicas, challenger_replica, channel_to, feature_writer
 ):
     challenger_replica.ensure_running()
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     app: DecisionApp = await start_app(
         torchserve={
             # Long enough that the slow challenger's calls all succeed: only p99 breaches.
@@ -468,7 +468,7 @@ async def test_shadow_scores_land_in_the_decision_rows_and_saturation_drops_them
     start_app, replicas, challenger_replica, channel_to, feature_writer
 ):
     challenger_replica.ensure_running()
-    await feature_writer.write(sample_record("BTC-USD"))
+    await feature_writer.write_many([sample_record("BTC-USD")])
     app: DecisionApp = await start_app(
         torchserve={
             **replica_settings(replicas),

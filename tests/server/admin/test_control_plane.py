@@ -22,9 +22,10 @@ from core.processes import free_port
 from feature_cache.store import FeatureReader
 from localstack.redis_server import start_redis
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc
-from server.admin.control_plane import AUTO_ROLLBACK_ACTOR, ControlPlane
+from server.admin.control_plane import ControlPlane
 from server.app import DecisionApp
 from server.audit.record import AdminRecord
+from server.control.changes import AUTO_ROLLBACK_ACTOR, AuditedChanges, CanaryRollback
 from server.control.flags import flag_specs
 from server.control.shared import SharedControl
 from server.control.state import BreakerMode
@@ -73,10 +74,9 @@ async def servers(
         clients.append(client)
         journal = Journal()
         plane = ControlPlane(
-            shared=shared,
+            changes=AuditedChanges(shared, journal),
             replicas=[],
             addresses=ADDRESSES,
-            audit=journal,
             canary=None,
             server_id=lambda: "test",
             features=FeatureReader(client, key_prefix=key_prefix),
@@ -145,7 +145,10 @@ async def test_a_breach_seen_by_every_server_is_rolled_back_and_audited_once(ser
         await shared.sync()
 
     await asyncio.gather(
-        *(plane.rollback_canary("p99 90 ms vs champion 8 ms") for plane, _, _ in deployment)
+        *(
+            CanaryRollback(AuditedChanges(shared, journal)).roll_back("p99 90 ms vs champion 8 ms")
+            for _, shared, journal in deployment
+        )
     )
     rollbacks = [
         row

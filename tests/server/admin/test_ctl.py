@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from core.processes import free_port
 from proto.decision.v1 import admin_pb2 as pb
 from proto.decision.v1 import admin_pb2_grpc as pb_grpc
-from server.admin import ctl
+from server.admin import ctl, ctl_connection, ctl_format
 
 # Test tokens of a fake server, not secrets.
 TOKEN = "operator-token-0123456789"  # noqa: S105
@@ -138,7 +138,7 @@ def test_argument_errors_exit_2(argv: list[str], message: str, capsys) -> None:
     ],
 )
 def test_meaningless_ttl_is_refused(argv: list[str], capsys, monkeypatch) -> None:
-    monkeypatch.setenv(ctl.TOKEN_ENV, TOKEN)
+    monkeypatch.setenv(ctl_connection.TOKEN_ENV, TOKEN)
     assert ctl.main(argv) == 2
     assert "--ttl applies to" in capsys.readouterr().err
 
@@ -151,8 +151,8 @@ def test_common_options_before_or_after_the_command() -> None:
 
 
 def test_missing_token_exits_2_naming_the_variables(capsys, monkeypatch) -> None:
-    monkeypatch.delenv(ctl.TOKEN_ENV, raising=False)
-    monkeypatch.delenv(ctl.TOKEN_FILE_ENV, raising=False)
+    monkeypatch.delenv(ctl_connection.TOKEN_ENV, raising=False)
+    monkeypatch.delenv(ctl_connection.TOKEN_FILE_ENV, raising=False)
     assert ctl.main(["status"]) == 2
     err = capsys.readouterr().err
     assert "DECISIONCTL_TOKEN" in err
@@ -162,21 +162,21 @@ def test_missing_token_exits_2_naming_the_variables(capsys, monkeypatch) -> None
 def test_token_sources(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(f"  {TOKEN}\n")
-    assert ctl.resolve_token(None, {"DECISIONCTL_TOKEN": " t0 "}) == "t0"
-    assert ctl.resolve_token(str(token_file), {"DECISIONCTL_TOKEN": "t0"}) == TOKEN
-    assert ctl.resolve_token(None, {"DECISIONCTL_TOKEN_FILE": str(token_file)}) == TOKEN
-    with pytest.raises(ctl.UsageError, match="empty"):
+    assert ctl_connection.resolve_token(None, {"DECISIONCTL_TOKEN": " t0 "}) == "t0"
+    assert ctl_connection.resolve_token(str(token_file), {"DECISIONCTL_TOKEN": "t0"}) == TOKEN
+    assert ctl_connection.resolve_token(None, {"DECISIONCTL_TOKEN_FILE": str(token_file)}) == TOKEN
+    with pytest.raises(ctl_connection.UsageError, match="empty"):
         (tmp_path / "empty").write_text("\n")
-        ctl.resolve_token(str(tmp_path / "empty"), {})
-    with pytest.raises(ctl.UsageError, match="token file"):
-        ctl.resolve_token(str(tmp_path / "missing"), {})
+        ctl_connection.resolve_token(str(tmp_path / "empty"), {})
+    with pytest.raises(ctl_connection.UsageError, match="token file"):
+        ctl_connection.resolve_token(str(tmp_path / "missing"), {})
 
 
 # --- formatting ---------------------------------------------------------------------------
 
 
 def test_format_status_shows_the_key_content() -> None:
-    text = ctl.format_status(_status())
+    text = ctl_format.format_status(_status())
     for expected in [
         "decision-a1",
         "OUT OF SYNC",
@@ -207,7 +207,7 @@ def test_format_status_shows_the_key_content() -> None:
 
 
 def test_format_status_of_an_empty_response() -> None:
-    text = ctl.format_status(pb.GetStatusResponse())
+    text = ctl_format.format_status(pb.GetStatusResponse())
     assert "(no replicas)" in text
     assert "(none engaged)" in text
     assert "store FAILING" in text
@@ -219,26 +219,31 @@ def test_change_lines() -> None:
         after=pb.BREAKER_MODE_FORCE_OPEN,
         expires_at=_ts("2026-11-21T10:00:00Z"),
     )
-    assert ctl.format_breaker_change("primary", breaker) == (
+    assert ctl_format.format_breaker_change("primary", breaker) == (
         "breaker primary: AUTO -> FORCE_OPEN (until 2026-11-21T10:00:00Z)"
     )
     back = pb.SetBreakerResponse(before=pb.BREAKER_MODE_FORCE_OPEN, after=pb.BREAKER_MODE_AUTO)
-    assert ctl.format_breaker_change("primary", back) == "breaker primary: FORCE_OPEN -> AUTO"
+    assert (
+        ctl_format.format_breaker_change("primary", back) == "breaker primary: FORCE_OPEN -> AUTO"
+    )
     flag = pb.SetFlagResponse(
         before=pb.Flag(name="shadow_sample_rate", value="0.01", default_value="0.01"),
         after=pb.Flag(name="shadow_sample_rate", value="0.05", default_value="0.01"),
     )
-    assert ctl.format_flag_change(flag) == "flag shadow_sample_rate: 0.01 -> 0.05 (default 0.01)"
+    assert (
+        ctl_format.format_flag_change(flag)
+        == "flag shadow_sample_rate: 0.01 -> 0.05 (default 0.01)"
+    )
     canary = pb.SetCanaryResponse(before=0.1, after=1.0)
-    assert ctl.format_canary_change(canary) == "canary weight: 0.1 -> 1"
+    assert ctl_format.format_canary_change(canary) == "canary weight: 0.1 -> 1"
     switch = pb.KillSwitchResponse(before=False, after=True)
-    assert ctl.format_kill_switch_change("*", switch) == (
+    assert ctl_format.format_kill_switch_change("*", switch) == (
         "kill switch *: released -> engaged (until changed)"
     )
 
 
 def test_json_keeps_field_names_and_zero_values() -> None:
-    data = json.loads(ctl.to_json(_status()))
+    data = json.loads(ctl_format.to_json(_status()))
     assert data["server_id"] == "decision-a1"
     assert data["shared_state"]["in_sync"] is False
     assert data["replicas"][1]["mode"] == "BREAKER_MODE_FORCE_OPEN"
@@ -314,8 +319,8 @@ def fake() -> Iterator[tuple[FakeAdmin, str]]:
 
 @pytest.fixture
 def operator(monkeypatch) -> None:
-    monkeypatch.setenv(ctl.TOKEN_ENV, TOKEN)
-    monkeypatch.delenv(ctl.TOKEN_FILE_ENV, raising=False)
+    monkeypatch.setenv(ctl_connection.TOKEN_ENV, TOKEN)
+    monkeypatch.delenv(ctl_connection.TOKEN_FILE_ENV, raising=False)
 
 
 def test_status_sends_the_token(fake, operator, capsys) -> None:
@@ -335,14 +340,14 @@ def test_status_json(fake, operator, capsys) -> None:
 
 def test_address_from_the_environment(fake, operator, capsys, monkeypatch) -> None:
     _, address = fake
-    monkeypatch.setenv(ctl.ADDRESS_ENV, address)
+    monkeypatch.setenv(ctl_connection.ADDRESS_ENV, address)
     assert ctl.main(["flags"]) == 0
     assert "shadow_sample_rate" in capsys.readouterr().out
 
 
 def test_token_file_option(fake, capsys, monkeypatch, tmp_path: Path) -> None:
     servicer, address = fake
-    monkeypatch.delenv(ctl.TOKEN_ENV, raising=False)
+    monkeypatch.delenv(ctl_connection.TOKEN_ENV, raising=False)
     (tmp_path / "token").write_text(TOKEN + "\n")
     argv = ["--address", address, "--token-file", str(tmp_path / "token"), "status"]
     assert ctl.main(argv) == 0
@@ -400,7 +405,7 @@ def test_change_commands(fake, operator, capsys, argv, line, expected) -> None:
 
 def test_permission_denied_exits_2(fake, capsys, monkeypatch) -> None:
     _, address = fake
-    monkeypatch.setenv(ctl.TOKEN_ENV, VIEWER_TOKEN)
+    monkeypatch.setenv(ctl_connection.TOKEN_ENV, VIEWER_TOKEN)
     argv = ["--address", address, "canary", "promote", "--reason", "x"]
     assert ctl.main(argv) == 2
     assert capsys.readouterr().err.strip() == (
@@ -410,7 +415,7 @@ def test_permission_denied_exits_2(fake, capsys, monkeypatch) -> None:
 
 def test_unknown_token_exits_2(fake, capsys, monkeypatch) -> None:
     _, address = fake
-    monkeypatch.setenv(ctl.TOKEN_ENV, "wrong-token-0123456789")
+    monkeypatch.setenv(ctl_connection.TOKEN_ENV, "wrong-token-0123456789")
     assert ctl.main(["--address", address, "status"]) == 2
     err = capsys.readouterr().err
     assert "decisionctl: unauthenticated: unknown bearer token" in err

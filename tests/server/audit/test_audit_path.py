@@ -103,7 +103,7 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
         else request.getfixturevalue("postgres_url")
     )
     for symbol in ("BTC-USD", "ETH-USD"):
-        await feature_writer.write(sample_record(symbol))
+        await feature_writer.write_many([sample_record(symbol)])
     ts = replica_settings(replicas)
     env = {
         "DECISION_REDIS__URL": redis_instance.url,
@@ -162,7 +162,7 @@ async def test_decisions_go_on_while_the_database_is_down_and_all_arrive_after(
     replicas, start_app, channel_to, feature_writer, postgres_url
 ):
     for symbol in ("BTC-USD", "ETH-USD"):
-        await feature_writer.write(sample_record(symbol))
+        await feature_writer.write_many([sample_record(symbol)])
     target = sa.make_url(postgres_url)
     proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
     proxy.start()
@@ -231,7 +231,7 @@ def scrape(port: int) -> dict[str, float]:
 async def test_the_record_holds_what_the_service_knew(
     replicas, start_app, channel_to, feature_writer, model_store
 ):
-    await feature_writer.write(sample_record("BTC-USD", spread_bps=3.25))
+    await feature_writer.write_many([sample_record("BTC-USD", spread_bps=3.25)])
     app = await start_app(torchserve=replica_settings(replicas))
     stub = decision_stub(channel_to(app))
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"

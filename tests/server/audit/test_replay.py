@@ -20,8 +20,8 @@ pytestmark = pytest.mark.integration
 async def recorded_decisions(app, stub, feature_writer) -> list[str]:
     """40 model decisions over varied features and both sides, plus one ABSTAIN."""
     for n, symbol in enumerate(("BTC-USD", "ETH-USD", "SOL-USD", "XRP-USD")):
-        await feature_writer.write(
-            sample_record(symbol, imbalance_l1=0.4 * n - 0.6, mid_return_5s_bps=3.0 - 2 * n)
+        await feature_writer.write_many(
+            [sample_record(symbol, imbalance_l1=0.4 * n - 0.6, mid_return_5s_bps=3.0 - 2 * n)]
         )
     ids = []
     for i in range(40):

@@ -1,0 +1,200 @@
+"""``decisionctl``'s output: AdminService's answers as the tables and lines on-call reads
+(pure: messages in, text out)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from proto.decision.v1 import admin_pb2 as pb
+
+MODEL_VERSION_SHOWN = 12
+
+
+def _time(ts: Timestamp) -> str:
+    return ts.ToDatetime(tzinfo=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _mode(mode: pb.BreakerMode.ValueType) -> str:
+    return pb.BreakerMode.Name(mode).removeprefix("BREAKER_MODE_")
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def _bytes(count: int) -> str:
+    if count < 1024:
+        return f"{count} B"
+    size, unit = count / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"
+
+
+def format_change(change: pb.ChangeInfo) -> str:
+    """``by alice at ..., until ...: reason`` (parts that are unset are left out)."""
+    text = f"by {change.changed_by or '?'}"
+    if change.HasField("changed_at"):
+        text += f" at {_time(change.changed_at)}"
+    if change.HasField("expires_at"):
+        text += f", until {_time(change.expires_at)}"
+    return f"{text}: {change.reason}" if change.reason else text
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]], indent: str = "  ") -> str:
+    """Left-aligned columns separated by two spaces; a header line, then one per row."""
+    lines = [list(headers), *(list(row) for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    return "\n".join(
+        (indent + "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))).rstrip()
+        for line in lines
+    )
+
+
+def format_flags(flags: Iterable[pb.Flag]) -> str:
+    rows = [
+        [
+            flag.name,
+            flag.value,
+            flag.default_value,
+            format_change(flag.change) if flag.HasField("change") else "",
+        ]
+        for flag in flags
+    ]
+    if not rows:
+        return "  (no flags)"
+    return format_table(["NAME", "VALUE", "DEFAULT", "CHANGED"], rows)
+
+
+def _format_replicas(status: pb.GetStatusResponse) -> list[str]:
+    if not status.replicas:
+        return ["  (no replicas)"]
+    rows, overrides = [], []
+    for replica in status.replicas:
+        version = replica.model_version or status.model_versions.get(replica.name, "")
+        rows.append(
+            [
+                replica.name,
+                replica.address,
+                replica.breaker_state,
+                _mode(replica.mode),
+                str(replica.recent_calls),
+                str(replica.recent_failures),
+                f"{replica.recent_p50_ms:.1f}",
+                f"{replica.recent_p99_ms:.1f}",
+                version[:MODEL_VERSION_SHOWN] or "-",
+            ]
+        )
+        # AUTO has no override to explain; UNSPECIFIED is shown as it is, without one.
+        if replica.mode != pb.BREAKER_MODE_AUTO and replica.HasField("override"):
+            overrides.append(
+                f"  {replica.name} {_mode(replica.mode)} {format_change(replica.override)}"
+            )
+    headers = ["NAME", "ADDRESS", "BREAKER", "MODE", "CALLS", "FAILS", "P50MS", "P99MS", "MODEL"]
+    return [format_table(headers, rows), *overrides]
+
+
+def _format_canary(canary: pb.CanaryStatus) -> list[str]:
+    line = f"  weight {_num(canary.weight)}"
+    if canary.HasField("change"):
+        line += f" ({format_change(canary.change)})"
+    line += f", auto-rollback {'on' if canary.auto_rollback else 'off'}"
+    windows = [
+        [
+            name,
+            str(window.decisions),
+            f"{window.error_rate:.2%}",
+            f"{window.p99_ms:.1f}",
+            f"{window.fallback_rate:.2%}",
+        ]
+        for name, window in (("canary", canary.canary), ("champion", canary.champion))
+    ]
+    table = format_table(["WINDOW", "DECISIONS", "ERRORS", "P99MS", "FALLBACK"], windows)
+    return [line, table, f"  score psi {canary.score_psi:.4f}"]
+
+
+def format_status(status: pb.GetStatusResponse) -> str:
+    """GetStatus for a human: a header, then one section per topic."""
+    shared = status.shared_state
+    if shared.in_sync:
+        sync = f"in sync, version {shared.version}"
+    else:
+        sync = f"OUT OF SYNC (keeping version {shared.version}): {shared.error or '?'}"
+    if shared.HasField("synced_at"):
+        sync += f", last synced {_time(shared.synced_at)}"
+    out = [f"server        {status.server_id or '?'}", f"shared state  {sync}", "", "replicas"]
+    out += _format_replicas(status)
+    out += ["", "kill switches"]
+    out += [
+        f"  {switch.scope} ENGAGED {format_change(switch.change)}"
+        for switch in status.kill_switches
+    ] or ["  (none engaged)"]
+    out += ["", "flags", format_flags(status.flags), "", "canary"]
+    out += _format_canary(status.canary)
+    out += ["", "features"]
+    if status.features:
+        ages = [
+            [f.symbol, "no record" if f.age_ms < 0 else f"{f.age_ms:.0f} ms"]
+            for f in status.features
+        ]
+        out.append(format_table(["SYMBOL", "AGE"], ages))
+    else:
+        out.append("  (no symbols)")
+    audit = status.audit
+    store = "store ok" if audit.store_ok else "store FAILING"
+    backlog = f"  {store}, backlog {_bytes(audit.backlog_bytes)}"
+    if audit.last_error:
+        backlog += f", last error: {audit.last_error}"
+    out += ["", "audit", backlog]
+    return "\n".join(out)
+
+
+def _until(expires_at: Timestamp, has_expiry: bool, ongoing: bool) -> str:
+    if has_expiry:
+        return f" (until {_time(expires_at)})"
+    return " (until changed)" if ongoing else ""
+
+
+def format_breaker_change(replica: str, response: pb.SetBreakerResponse) -> str:
+    ongoing = response.after != pb.BREAKER_MODE_AUTO
+    until = _until(response.expires_at, response.HasField("expires_at"), ongoing)
+    return f"breaker {replica}: {_mode(response.before)} -> {_mode(response.after)}{until}"
+
+
+def format_flag_change(response: pb.SetFlagResponse) -> str:
+    after = response.after
+    if after.HasField("change") and after.change.HasField("expires_at"):
+        note = f" (default {after.default_value}, until {_time(after.change.expires_at)})"
+    elif after.value == after.default_value:
+        note = " (the default)"
+    else:
+        note = f" (default {after.default_value})"
+    return (
+        f"flag {after.name or response.before.name}: {response.before.value} -> {after.value}{note}"
+    )
+
+
+def format_canary_change(response: pb.SetCanaryResponse) -> str:
+    return f"canary weight: {_num(response.before)} -> {_num(response.after)}"
+
+
+def format_kill_switch_change(scope: str, response: pb.KillSwitchResponse) -> str:
+    def state(engaged: bool) -> str:
+        return "engaged" if engaged else "released"
+
+    until = _until(response.expires_at, response.HasField("expires_at"), response.after)
+    return f"kill switch {scope}: {state(response.before)} -> {state(response.after)}{until}"
+
+
+def to_json(message: Message) -> str:
+    # Fields at their zero value are printed too: `"in_sync": false` must not vanish.
+    return json_format.MessageToJson(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )

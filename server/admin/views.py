@@ -1,0 +1,58 @@
+"""What ``ControlPlane.status`` and the flag calls return: plain views, transport-agnostic
+(AdminService turns them into messages, ``decisionctl`` into tables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.control.canary import CanaryComparison
+from server.control.recent import CallSummary
+from server.control.shared import SyncStatus
+from server.control.state import BreakerMode, Change
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    name: str
+    address: str
+    breaker_state: str
+    mode: BreakerMode
+    change: Change | None
+    recent: CallSummary
+    model_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlagView:
+    name: str
+    value: str
+    default: str
+    description: str
+    change: Change | None
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryView:
+    weight: float
+    change: Change | None
+    auto_rollback: bool
+    comparison: CanaryComparison | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditView:
+    store_ok: bool
+    backlog_bytes: int
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    server_id: str
+    replicas: list[ReplicaView]
+    flags: list[FlagView]
+    kill_switches: dict[str, Change]
+    canary: CanaryView
+    sync: SyncStatus
+    feature_ages_ms: dict[str, float]  # -1: no record
+    audit: AuditView | None

@@ -1,0 +1,176 @@
+"""Audited changes to the shared control state, and the canary's automatic rollback.
+
+``AuditedChanges`` is the one way a setting changes for every server: written to the
+shared state, then recorded as an admin audit row with the effective value before and
+after. On-call's levers (``server.admin.control_plane``) and the canary monitor's
+rollback (``CanaryRollback``) both go through it, so neither needs the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from server.audit.record import AdminRecord
+from server.control.flags import CANARY_AUTO_ROLLBACK
+from server.control.shared import SharedControl
+from server.control.state import CANARY_FIELD, Change, ControlState, Entry
+from server.errors import AuditUnavailable, SharedStateUnavailable
+
+log = logging.getLogger(__name__)
+
+AUTO_ROLLBACK_ACTOR = "auto-rollback"
+
+
+class Unchanged(Exception):
+    """A conditional change found the value it would change already changed."""
+
+
+class AdminAudit(Protocol):
+    def record_admin_action(self, record: AdminRecord) -> None: ...
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def change_dict(change: Change | None) -> dict[str, Any]:
+    """A change as an audit row's before/after shows it."""
+    if change is None:
+        return {}
+    return {
+        "changed_by": change.changed_by,
+        "reason": change.reason,
+        "changed_at_us": change.changed_at_us,
+        "expires_at_us": change.expires_at_us,
+    }
+
+
+class AuditedChanges:
+    def __init__(self, shared: SharedControl, audit: AdminAudit) -> None:
+        self.shared = shared
+        self._audit = audit
+
+    async def apply(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        field_name: str,
+        entry: Entry | None,
+        before: Callable[[ControlState], Mapping[str, Any]],
+        after: Mapping[str, Any],
+        reason: str,
+        only_if: Callable[[ControlState], bool] | None = None,
+        revert_unaudited: bool = True,
+    ) -> ControlState:
+        """Writes ``entry`` and its audit row; ``before`` describes the entry it replaced
+        (read in the write's transaction, so the row is right however stale this
+        server's copy was). Returns that state; raises ``Unchanged`` when ``only_if``
+        refused it.
+        ``revert_unaudited``: undo the change when the journal refuses its audit row;
+        False for a safety change (a rollback), which stays and is logged instead."""
+        put = await self.shared.put(field_name, entry, only_if=only_if)
+        if not put.applied:
+            raise Unchanged
+        record = AdminRecord(
+            action_id=str(uuid.uuid4()),
+            at_us=now_us(),
+            actor=actor,
+            action=action,
+            target=target,
+            before=dict(before(put.before)),
+            after=dict(after),
+            reason=reason,
+        )
+        try:
+            self._audit.record_admin_action(record)
+        except AuditUnavailable:
+            if not revert_unaudited:
+                log.error("admin change %s %s kept, not audited: %s", action, target, record)
+                return put.before
+            log.error("admin change %s %s not audited: reverting it", action, target)
+            try:
+                # Only if still ours: a later change (audited) must not be undone.
+                await self.shared.put(
+                    field_name,
+                    put.before.entries.get(field_name),
+                    only_if=lambda state: state.entries.get(field_name) == entry,
+                )
+            except SharedStateUnavailable:
+                log.error("admin change %s %s kept, not audited: %s", action, target, record)
+            raise
+        log.info(
+            "admin: %s %s by %s: %s -> %s (%s)",
+            action,
+            target,
+            actor,
+            record.before,
+            record.after,
+            reason,
+        )
+        return put.before
+
+    async def set_canary(
+        self,
+        actor: str,
+        weight: float,
+        why: str,
+        *,
+        only_if: Callable[[ControlState], bool] | None = None,
+        revert_unaudited: bool = True,
+    ) -> tuple[float, float]:
+        """The canary weight on every server; the weight before and after."""
+        at_us = now_us()
+
+        def describe(state: ControlState) -> dict[str, Any]:
+            before, before_change = state.canary(at_us)
+            return {"weight": before, **change_dict(before_change)}
+
+        previous = await self.apply(
+            actor=actor,
+            action="set_canary",
+            target="challenger",
+            field_name=CANARY_FIELD,
+            entry=Entry(weight, Change(actor, why, at_us)),
+            before=describe,
+            after={"weight": weight},
+            reason=why,
+            only_if=only_if,
+            revert_unaudited=revert_unaudited,
+        )
+        # Every server's canary monitor starts its windows afresh when it sees the change.
+        return previous.canary(at_us)[0], weight
+
+
+class CanaryRollback:
+    """What the canary monitor may do about the canary: read its setting, see whether
+    on-call lets it roll back by itself, and roll it back."""
+
+    def __init__(self, changes: AuditedChanges) -> None:
+        self._changes = changes
+
+    def setting(self) -> object:
+        """The canary setting in effect (the monitor's windows start afresh on a change)."""
+        return self._changes.shared.state.entries.get(CANARY_FIELD)
+
+    def enabled(self) -> bool:
+        """The flag ``canary_auto_rollback``."""
+        return bool(self._changes.shared.state.flag_value(CANARY_AUTO_ROLLBACK, now_us()))
+
+    async def roll_back(self, breach: str) -> None:
+        """Weight 0 on every server, audited once however many servers see the breach
+        (the first one's write wins, the others find 0); kept even if not audited."""
+        with contextlib.suppress(Unchanged):
+            await self._changes.set_canary(
+                AUTO_ROLLBACK_ACTOR,
+                0.0,
+                f"automatic rollback: {breach}",
+                only_if=lambda state: state.canary(now_us())[0] > 0,
+                revert_unaudited=False,
+            )

@@ -1,0 +1,74 @@
+"""``FeatureSource``: each order's features as the model may use them, read once per call.
+
+One Redis read for all the orders of a call, bounded by the request's budget; each
+order gets a finished ``FeatureSnapshot``: the values with the order's overrides applied,
+or none and why (no record, stale, unusable, the store failed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from core.deadline import Budget, StoreReads
+from core.domain import OrderRequest
+from feature_cache.schema import FEATURE_INDEX, first_unrepresentable
+from feature_cache.store import FeatureReader, FeatureRecord
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSnapshot:
+    values: Sequence[float] | None  # fresh values with overrides applied; None if unusable
+    age_ms: float = -1.0  # -1 when there was no record
+    reason: str = ""  # why there are no values; "" when there are
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureRead:
+    snapshots: tuple[FeatureSnapshot, ...]  # one per order, in order
+    store_failure: str = ""  # why the store did not answer; "" when it did
+
+
+class FeatureSource:
+    def __init__(self, reader: FeatureReader, reads: StoreReads, *, max_age_ms: float) -> None:
+        self._reader = reader
+        self._reads = reads
+        self._max_age_ms = max_age_ms
+
+    async def read(self, orders: Sequence[OrderRequest], budget: Budget) -> FeatureRead:
+        if not orders:
+            return FeatureRead(())
+        symbols = [order.symbol for order in orders]
+        read = await self._reads.read(
+            lambda: self._reader.read_many(symbols), budget, what="feature store"
+        )
+        if read.value is None:
+            return FeatureRead(
+                (FeatureSnapshot(None, reason=read.failure),) * len(orders), read.failure
+            )
+        now_us = time.time_ns() // 1000
+        return FeatureRead(
+            tuple(
+                self._snapshot(order, record, now_us)
+                for order, record in zip(orders, read.value, strict=True)
+            )
+        )
+
+    def _snapshot(
+        self, order: OrderRequest, record: FeatureRecord | None, now_us: int
+    ) -> FeatureSnapshot:
+        if record is None:
+            return FeatureSnapshot(None, reason=f"no features for {order.symbol}")
+        age_ms = record.age_ms(now_us)
+        if age_ms > self._max_age_ms:
+            return FeatureSnapshot(
+                None, age_ms, f"features stale: {age_ms:.0f} ms old (max {self._max_age_ms:.0f})"
+            )
+        values = list(record.values)
+        for name, value in order.feature_overrides.items():
+            values[FEATURE_INDEX[name]] = value
+        problem = first_unrepresentable(values)
+        if problem is not None:
+            return FeatureSnapshot(None, age_ms, f"features unusable: {problem}")
+        return FeatureSnapshot(values, age_ms)

@@ -1,0 +1,134 @@
+"""``GrpcFront``: the server's gRPC side. The DecisionService port with health and
+reflection, the AdminService port (its own, token-checked), TLS on both.
+
+Ports are bound before anything else starts (a port in use fails the start at once),
+the servers start last, and both stop together: concurrently, so a shutdown takes one
+grace period, not one per server.
+
+Health: "" and ``decision.v1.DecisionService`` say whether decisions are served;
+``decision.audit`` says whether the audit store is taking the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proto.decision.v1 import admin_pb2, decision_pb2
+from server.admin.auth import AdminAuthInterceptor, Role, TokenBook
+from server.admin.servicer import ADMIN_SERVICE, READ_METHODS, AdminServicer
+from server.servicer import DecisionServicer, add_decision_service, add_tolerant_service
+from server.settings import AdminSettings, Settings
+
+log = logging.getLogger(__name__)
+
+DECISION_SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
+AUDIT_HEALTH = "decision.audit"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# One server process per port for now: SO_REUSEPORT would let a second server on this
+# machine silently share it.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+def server_credentials(settings: Settings, *, client_ca_file: str = "") -> grpc.ServerCredentials:
+    """TLS credentials from the settings' PEM files; with ``client_ca_file``, clients must
+    present a certificate that CA signed (mTLS)."""
+    server = settings.server
+    key, chain = Path(server.tls_key_file).read_bytes(), Path(server.tls_cert_file).read_bytes()
+    client_ca = Path(client_ca_file).read_bytes() if client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def add_port(
+    server: grpc.aio.Server, address: str, settings: Settings, *, client_ca_file: str = ""
+) -> int:
+    if not settings.server.tls_cert_file:
+        return server.add_insecure_port(address)
+    credentials = server_credentials(settings, client_ca_file=client_ca_file)
+    return server.add_secure_port(address, credentials)
+
+
+def admin_server(admin: AdminSettings, servicer: AdminServicer) -> grpc.aio.Server:
+    """AdminService behind token checks, with reflection, on a server of its own."""
+    tokens = TokenBook.load(file=admin.tokens_file, inline=admin.tokens.get_secret_value())
+    if not len(tokens):
+        log.warning("AdminService has no tokens: every admin call will be refused")
+    server = grpc.aio.server(
+        interceptors=[AdminAuthInterceptor(tokens, READ_METHODS, default_role=Role.OPERATOR)],
+        options=SERVER_OPTIONS,
+    )
+    add_tolerant_service(
+        servicer, admin_pb2.DESCRIPTOR.services_by_name["AdminService"], admin_pb2, server
+    )
+    reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), server)
+    return server
+
+
+class GrpcFront:
+    def __init__(
+        self,
+        settings: Settings,
+        decisions: DecisionServicer,
+        admin: AdminServicer | None = None,
+    ) -> None:
+        """``admin``: AdminService's servicer, None when the admin port is off."""
+        self._settings = settings
+        self.health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(
+            maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs, options=SERVER_OPTIONS
+        )
+        add_decision_service(decisions, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (DECISION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self._admin = None if admin is None else admin_server(settings.admin, admin)
+        self.port = 0
+        self.admin_port = 0
+
+    def bind(self) -> None:
+        """Binds both ports (port 0: any free one; see ``port``, ``admin_port``)."""
+        settings = self._settings
+        self.port = add_port(
+            self._server, f"{settings.server.host}:{settings.server.port}", settings
+        )
+        if self._admin is not None:
+            admin = settings.admin
+            self.admin_port = add_port(
+                self._admin,
+                f"{admin.host}:{admin.port}",
+                settings,
+                client_ca_file=admin.tls_client_ca_file,
+            )
+
+    async def start(self) -> None:
+        """Starts serving on the bound ports, health NOT_SERVING until ``set_serving``."""
+        await self.set_serving(False)
+        await self._server.start()
+        log.info("DecisionService listening on %s:%d", self._settings.server.host, self.port)
+        if self._admin is not None:
+            await self._admin.start()
+            log.info("AdminService listening on %s:%d", self._settings.admin.host, self.admin_port)
+
+    async def set_serving(self, serving: bool) -> None:
+        for service in ("", DECISION_SERVICE):
+            await self.health.set(service, SERVING if serving else NOT_SERVING)
+
+    async def set_audit_serving(self, serving: bool) -> None:
+        await self.health.set(AUDIT_HEALTH, SERVING if serving else NOT_SERVING)
+
+    async def stop(self) -> None:
+        """NOT_SERVING, then both servers stop taking calls and let those in flight
+        finish within the grace period, together."""
+        await self.health.enter_graceful_shutdown()
+        grace_s = self._settings.server.grace_period_s
+        servers = [self._server, *([self._admin] if self._admin is not None else [])]
+        await asyncio.gather(*(server.stop(grace=grace_s) for server in servers))

@@ -1,0 +1,143 @@
+"""One model replica: its client, its breaker, on-call's override of it, and the one rule
+that says whether a failed call was the replica's fault.
+
+The router (primary, retry, hedge), the canary and the shadow scorer all ask the replica
+whether a call may go now (``admission``) and make it through ``call``, which returns
+an ``Attempt`` rather than raising for a replica failure: the caller composes attempts
+into its own result.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from core.domain import Source
+from server.breaker import AsyncCircuitBreaker, BreakerOpenError
+from server.control.recent import RecentCalls
+from server.control.state import BreakerMode, ControlState
+from server.model_client import (
+    ModelBusy,
+    ModelCallError,
+    ModelClient,
+    ModelInputError,
+    ModelScores,
+    ModelTimeout,
+)
+from server.settings import BreakerSettings
+
+
+def counts_against_replica(exc: BaseException, *, min_counted_timeout_ms: float) -> bool:
+    """Whether a failed call is evidence against the replica, for its breaker.
+
+    Not: rows the replica rejected (ours); a call refused because the replica still works
+    on abandoned calls it does answer (it is slow, and was judged when they were
+    abandoned); a timeout of a call given less than ``min_counted_timeout_ms`` (a caller
+    with a tight deadline that leaves 4 ms must not open the breaker of a healthy replica
+    that answers in 5, while a replica that misses a 10 ms wait is unhealthy whoever set it).
+    """
+    if isinstance(exc, ModelInputError):
+        return False
+    if isinstance(exc, ModelBusy):
+        return exc.replica_silent
+    if isinstance(exc, ModelTimeout):
+        return exc.given_ms >= min_counted_timeout_ms
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Whether a call to a replica may go now, and whether through its breaker."""
+
+    refusal: str = ""  # why not; "" when the call may go
+    guarded: bool = True  # through the breaker; False when on-call forced it closed
+    by_breaker: bool = False  # refused by the breaker (an attempt that failed at once)
+
+    @property
+    def allowed(self) -> bool:
+        return not self.refusal
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One call to a replica, or one its breaker refused."""
+
+    source: Source
+    scores: ModelScores | None  # None when the call failed
+    elapsed_ms: float  # 0 when the breaker refused the call without making it
+    reason: str = ""  # why it failed; "" when it answered
+
+    @property
+    def ok(self) -> bool:
+        return self.scores is not None
+
+
+@dataclass(frozen=True, eq=False)
+class Replica:
+    client: ModelClient
+    breaker: AsyncCircuitBreaker
+    source: Source
+    # Every call this server made to it, for status and the hedge delay; the model
+    # version it last answered.
+    recent: RecentCalls = field(default_factory=RecentCalls)
+
+    @classmethod
+    def build(cls, client: ModelClient, source: Source, breaker: BreakerSettings) -> Replica:
+        """A replica whose breaker counts only the failures ``counts_against_replica``
+        says are the replica's."""
+        rule = functools.partial(
+            counts_against_replica, min_counted_timeout_ms=breaker.min_counted_timeout_ms
+        )
+        return cls(
+            client,
+            AsyncCircuitBreaker(
+                client.name,
+                fail_max=breaker.fail_max,
+                reset_timeout_s=breaker.reset_timeout_s,
+                success_threshold=breaker.success_threshold,
+                ignore=lambda exc: not rule(exc),
+            ),
+            source,
+        )
+
+    @property
+    def name(self) -> str:
+        return self.client.name
+
+    def admission(self, state: ControlState, now_us: int, *, guarded: bool = True) -> Admission:
+        """May a call go now? On-call's override first (forced open: no; forced closed:
+        yes, past the breaker), then the breaker. ``guarded=False``: the caller does not
+        go through the breaker (shadow calls), so only a forced-open replica is refused."""
+        mode = state.breaker_mode(self.name, now_us)
+        if mode is BreakerMode.FORCE_OPEN:
+            return Admission(f"{self.name} forced open by on-call")
+        if mode is BreakerMode.FORCE_CLOSED or not guarded:
+            return Admission(guarded=False)
+        if not self.breaker.allows_call():
+            return Admission(f"{self.name} breaker {self.breaker.state}", by_breaker=True)
+        return Admission()
+
+    def refused(self, admission: Admission) -> Attempt:
+        """The failed attempt a breaker's refusal stands for."""
+        return Attempt(self.source, None, 0.0, admission.refusal)
+
+    async def call(
+        self, rows: Sequence[Sequence[float]], timeout_ms: float, admission: Admission
+    ) -> Attempt:
+        """One model call within ``timeout_ms``, through the breaker when ``admission``
+        says so; its outcome is recorded in ``recent``. Raises ``ModelInputError`` when
+        the replica rejects the rows themselves (any replica would)."""
+        predict = functools.partial(self.client.predict, rows, timeout_ms / 1000.0)
+        started = time.perf_counter()
+        try:
+            scores = await (self.breaker.call(predict) if admission.guarded else predict())
+        except BreakerOpenError as exc:  # a trial call went out since the admission
+            return Attempt(self.source, None, 0.0, str(exc))
+        except ModelCallError as exc:
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            self.recent.record(elapsed_ms, ok=False)
+            return Attempt(self.source, None, elapsed_ms, str(exc))
+        self.recent.record(scores.elapsed_ms, ok=True, version=scores.model_version)
+        return Attempt(self.source, scores, scores.elapsed_ms)
