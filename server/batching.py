@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from server.model_client import (
+    ModelBusy,
     ModelCallError,
     ModelClient,
     ModelInputError,
@@ -68,6 +69,8 @@ def _clone(exc: ModelCallError | ModelInputError, *, given_ms: float) -> Excepti
     tracebacks); a timeout carries the time the replica had for this waiter's rows."""
     if isinstance(exc, ModelTimeout):
         return ModelTimeout(str(exc), given_ms=min(exc.given_ms, given_ms))
+    if isinstance(exc, ModelBusy):  # whether the replica is silent decides whose fault
+        return ModelBusy(str(exc), replica_silent=exc.replica_silent)
     return type(exc)(str(exc))
 
 

@@ -10,7 +10,13 @@ from collections.abc import Sequence
 import pytest
 
 from server.batching import BatchingClient
-from server.model_client import ModelInputError, ModelScores, ModelTimeout, ModelUnavailable
+from server.model_client import (
+    ModelBusy,
+    ModelInputError,
+    ModelScores,
+    ModelTimeout,
+    ModelUnavailable,
+)
 from server.replica import counts_against_replica
 
 
@@ -153,6 +159,21 @@ async def test_a_failed_call_fails_each_of_its_requests_with_its_own_error() -> 
     )
     assert all(isinstance(e, ModelUnavailable) for e in errors)
     assert len({id(e) for e in errors}) == 3
+
+
+@pytest.mark.parametrize("silent", [True, False])
+async def test_a_refused_call_tells_each_request_whether_the_replica_is_silent(
+    silent: bool,
+) -> None:
+    replica = FakeReplica(call_ms=1.0)
+    replica.fail = ModelBusy("primary busy: 16 abandoned calls still out", replica_silent=silent)
+    batching = client(replica)
+    errors = await asyncio.gather(
+        *(batching.predict([[0.1]], 1.0) for _ in range(3)), return_exceptions=True
+    )
+    for error in errors:
+        assert isinstance(error, ModelBusy) and error.replica_silent is silent, error
+        assert counts_against_replica(error, min_counted_timeout_ms=10.0) is silent
 
 
 async def test_a_cancelled_caller_is_not_sent() -> None:
