@@ -20,7 +20,7 @@ lock: ## Pin the virtualenv's exact versions into constraints.txt
 	  $(PY) -m pip freeze --exclude-editable | grep -iv '^decision-service'; } > constraints.txt
 
 run: setup ## Run the local stack (redis, Kafka-protocol broker, TorchServe x3, decision server); Ctrl-C stops it
-	@$(PY) -m localstack
+	@$(PY) -m localstack $(if $(WORKERS),--workers $(WORKERS))
 
 models: setup ## Train the champion and challenger into .run/models and write docs/models.md
 	@$(PY) -m torchserve.train --out .run/models

@@ -103,6 +103,7 @@ def decision_server(
             "DECISION_TELEMETRY__METRICS_PORT": "0",  # not 9464: make run may hold it
             "DECISION_AUDIT__JOURNAL_DIR": str(state_dir / "journal"),
             "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{state_dir / 'audit.db'}",
+            "DECISION_SERVER__WORKERS": "1",
             **(env or {}),
         },
     )

@@ -12,7 +12,9 @@ A ``LoadSpec`` says what to call, how and for how long:
   at most ``max_requests`` measured calls, each with a ``timeout_s`` deadline.
 
 ``LoadGenerator`` runs a spec split across spawned OS processes, each with its own uvloop
-event loop and channel, and merges what they return. Latencies are in microseconds
+event loop and ``channels`` channels (separate TCP connections, used in turn: a server
+with several workers on one port gets connections, not requests, spread over them),
+and merges what they return. Latencies are in microseconds
 (1 us .. 60 s, 3 significant digits); only OK answers are recorded, errors are counted by
 gRPC status name. In open loop a call's latency runs from its *scheduled* send time, so a
 generator or server that falls behind shows up as latency instead of as fewer samples
@@ -28,11 +30,12 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from multiprocessing.pool import Pool
 from types import TracebackType
@@ -82,6 +85,8 @@ class LoadSpec:
     warmup_s: float = 0.5
     timeout_s: float = 1.0
     processes: int = 1
+    channels: int = 1
+    """Connections per process, called in turn."""
     model_name: str = "champion"
     phase_s: float = 0.0
     """Open loop: this share's schedule starts this much later (set by ``shares``)."""
@@ -92,8 +97,8 @@ class LoadSpec:
             raise ValueError(f"loopback addresses only, not {self.address!r}")
         if not 0 < self.seconds <= MAX_SECONDS or not 0 <= self.warmup_s <= MAX_SECONDS:
             raise ValueError(f"seconds and warmup_s must be within (0, {MAX_SECONDS:g}]")
-        if self.max_requests < 1 or self.processes < 1 or self.timeout_s <= 0:
-            raise ValueError("max_requests, processes and timeout_s must be positive")
+        if min(self.max_requests, self.processes, self.channels) < 1 or self.timeout_s <= 0:
+            raise ValueError("max_requests, processes, channels and timeout_s must be positive")
         if self.mode == "closed" and self.concurrency < 1:
             raise ValueError("closed loop needs concurrency >= 1")
         if self.mode == "open" and self.rate_per_s <= 0:
@@ -290,12 +295,31 @@ async def drive(call: Call, recorder: Recorder, spec: LoadSpec, seconds: float) 
     )
 
 
+def in_turn(calls: Sequence[Call]) -> Call:
+    """One call that goes to each of ``calls`` in turn."""
+    turn = itertools.cycle(calls)
+
+    async def call() -> str:
+        return await next(turn)()
+
+    return call
+
+
 async def _measure(spec: LoadSpec) -> WorkerResult:
-    options = [("grpc.enable_retries", 0)]
-    async with grpc.aio.insecure_channel(spec.address, options=options) as channel:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(channel.channel_ready(), timeout=2.0)
-        call = make_call(channel, spec)
+    # A subchannel pool of its own per channel: otherwise channels to one address share
+    # one TCP connection, and a server's workers would see one connection.
+    options = [("grpc.enable_retries", 0), ("grpc.use_local_subchannel_pool", 1)]
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [
+            await stack.enter_async_context(
+                grpc.aio.insecure_channel(spec.address, options=options)
+            )
+            for _ in range(spec.channels)
+        ]
+        for channel in channels:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(channel.channel_ready(), timeout=2.0)
+        call = in_turn([make_call(channel, spec) for channel in channels])
         if spec.warmup_s > 0:
             await drive(call, Recorder(), spec, spec.warmup_s)
         recorder, cpu_start = Recorder(), time.process_time()
@@ -457,6 +481,7 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=0.5, help="seconds not recorded")
     parser.add_argument("--max-requests", type=int, default=1_000_000)
     parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--channels", type=int, default=1, help="connections per process")
     parser.add_argument("--timeout-s", type=float, default=1.0, help="per call")
     spec = LoadSpec(**vars(parser.parse_args()))
     with LoadGenerator(len(spec.shares())) as generator:

@@ -277,7 +277,11 @@ class DecisionUser(User):
         self._pace = constant_throughput(options.user_rps)
         self._requests = request_mix(options.symbols)
         self._next = random.randrange(len(self._requests))
-        self._channel = grpc.insecure_channel(options.target)
+        # A connection of its own per user (not the process-wide subchannel pool's one):
+        # a server with several workers on one port spreads connections, not requests.
+        self._channel = grpc.insecure_channel(
+            options.target, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
         self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
 
     def wait_time(self) -> float:

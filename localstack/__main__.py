@@ -115,9 +115,14 @@ def admin_tokens(folder: Path) -> Path:
 class LocalStack:
     """The local stack's processes and tasks; ``stop`` undoes whatever ``start`` did."""
 
-    def __init__(self, run_dir: Path, offset: int, models_dir: Path | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, offset: int, models_dir: Path | None = None, *, workers: int = 1
+    ) -> None:
+        """``workers``: decision-server processes sharing the ports (their metrics on
+        consecutive ports from the first)."""
         self.run_dir = run_dir
         self.models_dir = models_dir
+        self.workers = workers
         self.decision_port = 50051 + offset
         self.admin_port = 50052 + offset
         self.metrics_port = 9464 + offset
@@ -132,7 +137,7 @@ class LocalStack:
         ports = [
             self.decision_port,
             self.admin_port,
-            self.metrics_port,
+            *range(self.metrics_port, self.metrics_port + self.workers),
             self.redis_port,
             self.kafka_port,
         ]
@@ -240,7 +245,8 @@ class LocalStack:
         )  # fmt: skip
         await self._wait_for_features(timeout_s=60.0)
 
-        _say(f"[7/7] decision server on 127.0.0.1:{self.decision_port}")
+        workers = f", {self.workers} workers" if self.workers > 1 else ""
+        _say(f"[7/7] decision server on 127.0.0.1:{self.decision_port}{workers}")
         server = self._track(
             self._python(
                 "decision-server",
@@ -254,6 +260,7 @@ class LocalStack:
                         f"127.0.0.1:{self.challenger.grpc_inference}"
                     ),
                     "DECISION_TELEMETRY__METRICS_PORT": str(self.metrics_port),
+                    "DECISION_SERVER__WORKERS": str(self.workers),
                     "DECISION_AUDIT__JOURNAL_DIR": str(self.run_dir / "audit" / "journal"),
                     "DECISION_AUDIT__DATABASE_URL": (
                         f"sqlite:///{self.run_dir / 'audit' / 'audit.db'}"
@@ -289,7 +296,7 @@ class LocalStack:
 
 
 async def run(args: argparse.Namespace) -> int:
-    stack = LocalStack(args.run_dir, args.port_offset, args.models)
+    stack = LocalStack(args.run_dir, args.port_offset, args.models, workers=args.workers)
     busy = stack.busy_ports()
     if busy:
         _say(f"ports already in use: {busy}; is another stack running? (--port-offset N moves it)")
@@ -336,6 +343,13 @@ def main() -> None:
         "--models",
         type=Path,
         help="serve the archives in this folder as they are (default: .run/models, trained)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="decision-server processes sharing its ports (default 1: on two cores the "
+        "three TorchServe replicas need the other one)",
     )
     parser.add_argument(
         "--exit-when-ready", action="store_true", help="start, check readiness, stop (a smoke test)"

@@ -1,26 +1,40 @@
-"""``python -m server`` / ``decision-server``: run the decision server until SIGTERM or SIGINT."""
+"""``python -m server`` / ``decision-server``: run the decision server until SIGTERM or SIGINT.
+
+    decision-server                 one worker per core this process may use
+    decision-server --workers 2     two worker processes sharing the ports
+
+Settings come from ``DECISION_*`` environment variables (see the README); ``--workers``
+overrides ``DECISION_SERVER__WORKERS``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import logging
 import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import uvloop
 
-from server.app import DecisionApp
 from server.settings import Settings
+from server.workers import Supervisor, available_cpus, journal_plans, worker_settings
 
 log = logging.getLogger("server")
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, adopted: Sequence[Path] = ()) -> None:
+    # Imported here: the supervisor forks its workers before any gRPC object exists.
+    from server.app import DecisionApp
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with DecisionApp(settings):
+    async with DecisionApp(settings, adopted_journals=adopted):
         # What start-up allocated lives as long as the process: kept out of the cyclic
         # collector's full passes, which otherwise walk it while decisions wait.
         gc.freeze()
@@ -28,14 +42,46 @@ async def serve(settings: Settings) -> None:
         log.info("signal received: shutting down")
 
 
-def main() -> None:
+def run_worker(settings: Settings, adopted: tuple[Path, ...] = ()) -> None:
+    uvloop.run(serve(settings, adopted))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="decision-server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the ports (default: DECISION_SERVER__WORKERS, "
+        "else one per core)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     settings = Settings()
     logging.basicConfig(
         level=settings.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
     )
-    uvloop.run(serve(settings))
+    workers = args.workers or settings.server.workers or available_cpus()
+    if workers < 1:
+        log.error("--workers must be at least 1")
+        return 2
+    if workers == 1:
+        plan = journal_plans(Path(settings.audit.journal_dir), 1)[0]
+        run_worker(worker_settings(settings, 0, 1, plan), plan.adopted)
+        return 0
+    if settings.server.port == 0 or (settings.admin.enabled and settings.admin.port == 0):
+        log.error("several workers share fixed ports: set DECISION_SERVER__PORT and the admin port")
+        return 2
+    log.info("starting %d workers on port %d", workers, settings.server.port)
+    return Supervisor(settings, workers, run_worker).run()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import redis.asyncio as aioredis
@@ -30,6 +32,7 @@ from redis.backoff import NoBackoff
 from core.backoff import Backoff
 from core.deadline import StoreReads
 from core.domain import Source
+from core.loop_lag import LoopLag
 from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
 from fallback.score_cache import ScoreCache, ScoreWriter
@@ -37,6 +40,7 @@ from feature_cache.store import FeatureReader
 from server.admin.control_plane import ControlPlane
 from server.admin.servicer import AdminServicer
 from server.admin.views import AuditView
+from server.admission import AdmissionLimit
 from server.audit.trail import AuditTrail, UnrecordedDecisions
 from server.batching import BatchingClient
 from server.control.canary import CanaryMonitor
@@ -66,10 +70,16 @@ STATUS_REDIS_CONNECTIONS = 2
 
 
 def model_client(
-    ts: TorchServeSettings, name: str, address: str, model_name: str | None = None
+    ts: TorchServeSettings,
+    name: str,
+    address: str,
+    model_name: str | None = None,
+    *,
+    loop_lag: LoopLag | None = None,
 ) -> ModelClient:
     """The replica's client for the configured inference protocol, micro-batching unless
-    ``batch_max_rows`` is 1."""
+    ``batch_max_rows`` is 1. ``loop_lag``: this process's event-loop probe, so that a
+    timeout does not blame the replica for time the loop was stalled."""
     model = model_name or ts.model_name
     client: ModelClient
     if ts.protocol == "oip":
@@ -81,6 +91,7 @@ def model_client(
             reconnect_backoff_ms=ts.reconnect_backoff_ms,
             wire_timeout_ms=ts.wire_timeout_ms,
             max_abandoned_calls=ts.max_abandoned_calls,
+            loop_lag=loop_lag,
         )
     else:
         client = TorchServeClient(
@@ -90,6 +101,7 @@ def model_client(
             reconnect_backoff_ms=ts.reconnect_backoff_ms,
             wire_timeout_ms=ts.wire_timeout_ms,
             max_abandoned_calls=ts.max_abandoned_calls,
+            loop_lag=loop_lag,
         )
     if ts.batch_max_rows <= 1:
         return client
@@ -97,6 +109,7 @@ def model_client(
         client,
         max_batch_rows=ts.batch_max_rows,
         max_concurrent_calls=ts.batch_max_concurrent_calls,
+        loop_lag=loop_lag,
     )
 
 
@@ -141,11 +154,12 @@ class Replicas:
     addresses: dict[str, str]  # by name, for status
 
     @classmethod
-    def build(cls, settings: Settings) -> Replicas:
+    def build(cls, settings: Settings, loop_lag: LoopLag) -> Replicas:
         ts = settings.torchserve
 
         def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
-            return Replica.build(model_client(ts, name, address, model), source, settings.breaker)
+            client = model_client(ts, name, address, model, loop_lag=loop_lag)
+            return Replica.build(client, source, settings.breaker)
 
         addresses = {"primary": ts.primary_address, "secondary": ts.secondary_address}
         champions = [
@@ -213,12 +227,15 @@ def shadow_scorer(
 class DecisionApp:
     """The decision server and everything it owns."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, adopted_journals: Sequence[Path] = ()) -> None:
+        """``adopted_journals``: journal folders no worker writes now, shipped beside this
+        server's own (``server.workers``)."""
         self.settings = settings
         prefix = settings.redis.key_prefix
         self.redis = decision_redis(settings)
         self.status_redis = status_redis(settings)
-        replicas = Replicas.build(settings)
+        self.loop_lag = LoopLag()
+        replicas = Replicas.build(settings, self.loop_lag)
         self.replicas = replicas.champions
         self.challenger = replicas.challenger
         self._all_replicas = replicas.all
@@ -229,7 +246,9 @@ class DecisionApp:
             resync_interval_ms=settings.control.resync_interval_ms,
             redis_timeout_ms=settings.control.redis_timeout_ms,
         )
-        self.audit = AuditTrail(settings.audit, server_id=settings.audit.server_id)
+        self.audit = AuditTrail(
+            settings.audit, server_id=settings.audit.server_id, adopted=adopted_journals
+        )
         recorder: AuditTrail | UnrecordedDecisions = (
             self.audit if settings.audit.enabled else UnrecordedDecisions()
         )
@@ -269,6 +288,12 @@ class DecisionApp:
             audit=recorder,
             decision=settings.decision,
             control=lambda: self.shared.state,
+            admission=AdmissionLimit(
+                max_in_flight=settings.decision.max_in_flight,
+                min_in_flight=settings.decision.min_in_flight,
+                target_lag_ms=settings.decision.target_loop_lag_ms,
+                lag=self.loop_lag,
+            ),
             shadow=self.shadow,
         )
         registry = CollectorRegistry()
@@ -322,6 +347,8 @@ class DecisionApp:
             stack.push_async_callback(self.audit.stop)
         self.metrics.start()
         stack.callback(self.metrics.stop)
+        self.loop_lag.start()
+        stack.push_async_callback(self.loop_lag.stop)
         stack.push_async_callback(self.redis.aclose)
         stack.push_async_callback(self.status_redis.aclose)
         for replica in self._all_replicas:

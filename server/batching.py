@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from core.loop_lag import LoopLag
 from server.model_client import (
     ModelBusy,
     ModelCallError,
@@ -36,6 +37,7 @@ from server.model_client import (
     ModelScores,
     ModelTimeout,
     ModelUnavailable,
+    timeout_error,
 )
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class BatchingClient:
         *,
         max_batch_rows: int,
         max_concurrent_calls: int,
+        loop_lag: LoopLag | None = None,
     ) -> None:
         """A request that times out says how long the replica had for it: from when its
         call went out to its deadline (its wait in the queue is not the replica's)."""
@@ -89,6 +92,7 @@ class BatchingClient:
         self._inner = inner
         self._max_rows = max_batch_rows
         self._max_calls = max_concurrent_calls
+        self._loop_lag = loop_lag
         self._queue: deque[_Queued] = deque()
         self._calls_out = 0
         self._flush_scheduled = False
@@ -247,10 +251,8 @@ class BatchingClient:
 
     def _late(self, queued: _Queued, sent_at: float) -> None:
         elapsed_ms = (time.perf_counter() - queued.enqueued) * 1000
-        timeout = ModelTimeout(
-            f"{self.name} deadline exceeded after {elapsed_ms:.1f} ms",
-            given_ms=(queued.deadline - sent_at) * 1000.0,
-        )
+        wait_ms = (queued.deadline - sent_at) * 1000.0
+        timeout = timeout_error(self.name, elapsed_ms, wait_ms, sent_at, self._loop_lag)
         self._settle(queued, timeout, sent_at)
 
     def _settle(

@@ -16,9 +16,13 @@ the last, so each counts; a hung one has its calls refused at once (``ModelBusy`
 its bound of abandoned calls is out unanswered, and each refusal counts.
 
 Once the reset timeout has passed, the breaker goes half-open (pybreaker's transition)
-and lets one trial call through at a time; the others are rejected at once with
-``BreakerOpenError``. Errors for which ``ignore`` returns True
-(the caller's fault, not the replica's) are recorded as neither failure nor success.
+and lets trial calls through, a growing number at once: one, then two after the first
+success, four after the second, and so on, until ``success_threshold`` successes close
+it; calls past that number are rejected at once with ``BreakerOpenError``. Under load
+the replica so gets a growing share of the traffic back, rather than one trial call at
+a time whose single unlucky timeout reopens it for another reset timeout. Any counted
+failure of a trial reopens it. Errors for which ``ignore`` returns True (the caller's
+fault, not the replica's) are recorded as neither failure nor success.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ T = TypeVar("T")
 CLOSED = pybreaker.STATE_CLOSED
 OPEN = pybreaker.STATE_OPEN
 HALF_OPEN = pybreaker.STATE_HALF_OPEN
+# Trial calls at once double with each success, up to 2**this.
+MAX_TRIAL_DOUBLINGS = 6
 
 
 class BreakerOpenError(Exception):
@@ -71,7 +77,7 @@ class AsyncCircuitBreaker:
             name=name,
             throw_new_error_on_trip=False,
         )
-        self._trial_in_flight = False
+        self._trials_in_flight = 0
         self._failure_counted_at = float("-inf")  # monotonic
 
     @property
@@ -92,9 +98,18 @@ class AsyncCircuitBreaker:
             return None
         if state == OPEN and not self._reset_elapsed():
             return f"{self.name} breaker open"
-        if self._trial_in_flight:
-            return f"{self.name} breaker half-open, trial call in flight"
+        allowed = self._trials_allowed()
+        if self._trials_in_flight >= allowed:
+            return f"{self.name} breaker half-open, {allowed} trial call(s) in flight"
         return None
+
+    def _trials_allowed(self) -> int:
+        """Trial calls at once: doubling with each success since the breaker went
+        half-open (1 while it is still open: the first trial makes it half-open)."""
+        if self.state != HALF_OPEN:
+            return 1
+        successes: int = self._breaker._state_storage.success_counter
+        return 1 << min(successes, MAX_TRIAL_DOUBLINGS)
 
     def allows_call(self) -> bool:
         """Whether a call now would be let through (no state change)."""
@@ -109,7 +124,7 @@ class AsyncCircuitBreaker:
             return False
         if self.state == OPEN:
             self._breaker.half_open()  # as pybreaker does before its trial call
-        self._trial_in_flight = True
+        self._trials_in_flight += 1
         return True
 
     def _record(self, *, trial: bool, failure: Exception | None) -> None:
@@ -152,4 +167,4 @@ class AsyncCircuitBreaker:
             return result
         finally:
             if trial:
-                self._trial_in_flight = False
+                self._trials_in_flight -= 1

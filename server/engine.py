@@ -33,6 +33,7 @@ from core.domain import (
 from fallback.chain import FallbackChain, LadderInput, LadderOutcome
 from fallback.score_cache import CachedScore, ScoreEntry, ScoreWriter
 from feature_cache.schema import model_row
+from server.admission import AdmissionLimit
 from server.audit.trail import DecisionAudit
 from server.control.flags import SHADOW_SAMPLE_RATE
 from server.control.state import GLOBAL_SCOPE, ControlState
@@ -55,6 +56,7 @@ class DecisionEngine:
         audit: DecisionAudit,
         decision: DecisionSettings,
         control: Callable[[], ControlState] = ControlState,
+        admission: AdmissionLimit,
         shadow: ShadowScorer | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -67,7 +69,7 @@ class DecisionEngine:
         self._control = control
         self._shadow = shadow
         self._rng = rng or random.Random()  # noqa: S311 - sampling, not security
-        self._max_in_flight = decision.max_in_flight
+        self._admission = admission
         self._shed_to_rules = decision.overload_action == "rules"
         self._in_flight = 0
         self.shed = 0  # decisions shed so far (rejected, or decided without the model)
@@ -82,12 +84,11 @@ class DecisionEngine:
         """Decides every order and records them in the audit journal before returning;
         raises ``AuditUnavailable`` (and returns nothing) when they cannot be recorded,
         and ``Overloaded`` when shedding by rejection."""
-        limit = self._max_in_flight
-        overloaded = 0 < limit < self._in_flight + len(orders) and self._in_flight > 0
+        overloaded = not self._admission.admits(self._in_flight, len(orders))
         if overloaded:
             self.shed += len(orders)
             if not self._shed_to_rules:
-                raise Overloaded(self._in_flight, limit)
+                raise Overloaded(self._in_flight, self._admission.limit)
         self._in_flight += len(orders)
         try:
             return await self._decide(orders, budget, call, overloaded=overloaded)

@@ -8,6 +8,7 @@
     │                                                no decision is returned unrecorded)
     ├── SharedStateUnavailable    UNAVAILABLE       (Redis did not take an admin change)
     ├── Overloaded                RESOURCE_EXHAUSTED (too many decisions in flight: shed)
+    ├── Expired                   DEADLINE_EXCEEDED (the deadline passed while queued)
     └── FailedPrecondition        FAILED_PRECONDITION (the deployment cannot do it)
 
 Model-call failures (``server.model_client.ModelCallError``) never reach a client:
@@ -58,10 +59,20 @@ class AuditUnavailable(DecisionError):
 class Overloaded(DecisionError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, in_flight: int, limit: int) -> None:
+    def __init__(self, in_flight: int, limit: float) -> None:
         super().__init__(
-            f"overloaded: {in_flight} decisions in flight (limit {limit}); retry with backoff"
+            f"overloaded: {in_flight} decisions in flight (limit {limit:.0f}); retry with backoff"
         )
+
+
+class Expired(DecisionError):
+    """The call's deadline had passed when its handler ran: it waited in the server's
+    queue too long. No decision is made (nor recorded): nobody waits for it."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def __init__(self) -> None:
+        super().__init__("deadline passed before the server took the call up: no decision made")
 
 
 class SharedStateUnavailable(DecisionError):

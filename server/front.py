@@ -23,7 +23,7 @@ from proto.decision.v1 import admin_pb2, decision_pb2
 from server.admin.auth import AdminAuthInterceptor, Role, TokenBook
 from server.admin.servicer import ADMIN_SERVICE, READ_METHODS, AdminServicer
 from server.servicer import DecisionServicer, add_decision_service, add_tolerant_service
-from server.settings import AdminSettings, Settings
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,12 @@ DECISION_SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].f
 AUDIT_HEALTH = "decision.audit"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-# One server process per port for now: SO_REUSEPORT would let a second server on this
-# machine silently share it.
-SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """SO_REUSEPORT only for the workers of one server (``server.workers``): a server on
+    its own must not silently share its port with another one started by mistake."""
+    return [("grpc.so_reuseport", 1 if settings.server.reuse_port else 0)]
 
 
 def server_credentials(settings: Settings, *, client_ca_file: str = "") -> grpc.ServerCredentials:
@@ -56,14 +59,15 @@ def add_port(
     return server.add_secure_port(address, credentials)
 
 
-def admin_server(admin: AdminSettings, servicer: AdminServicer) -> grpc.aio.Server:
+def admin_server(settings: Settings, servicer: AdminServicer) -> grpc.aio.Server:
     """AdminService behind token checks, with reflection, on a server of its own."""
+    admin = settings.admin
     tokens = TokenBook.load(file=admin.tokens_file, inline=admin.tokens.get_secret_value())
     if not len(tokens):
         log.warning("AdminService has no tokens: every admin call will be refused")
     server = grpc.aio.server(
         interceptors=[AdminAuthInterceptor(tokens, READ_METHODS, default_role=Role.OPERATOR)],
-        options=SERVER_OPTIONS,
+        options=server_options(settings),
     )
     add_tolerant_service(
         servicer, admin_pb2.DESCRIPTOR.services_by_name["AdminService"], admin_pb2, server
@@ -83,14 +87,15 @@ class GrpcFront:
         self._settings = settings
         self.health = health.aio.HealthServicer()
         self._server = grpc.aio.server(
-            maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs, options=SERVER_OPTIONS
+            maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
+            options=server_options(settings),
         )
         add_decision_service(decisions, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (DECISION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        self._admin = None if admin is None else admin_server(settings.admin, admin)
+        self._admin = None if admin is None else admin_server(settings, admin)
         self.port = 0
         self.admin_port = 0
 

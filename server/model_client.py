@@ -46,6 +46,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from core.deadline import settled_within
+from core.loop_lag import LoopLag
 from feature_cache.schema import pack_rows, representable
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from proto.third_party.torchserve import open_inference_grpc_pb2 as oip_pb2
@@ -126,6 +127,20 @@ class ModelClient(Protocol):
         ...
 
 
+def timeout_error(
+    name: str, elapsed_ms: float, wait_ms: float, since: float, loop_lag: LoopLag | None
+) -> ModelTimeout:
+    """A wait of ``wait_ms`` (begun at loop time ``since``) that ended unanswered. The
+    replica is deemed to have had the wait less the time this process's event loop was
+    stalled meanwhile: an answer may have sat unread in a socket."""
+    stalled_ms = 0.0 if loop_lag is None else min(loop_lag.stalled_ms(since), wait_ms)
+    note = f" (event loop stalled {stalled_ms:.1f} ms of it)" if stalled_ms >= 1.0 else ""
+    return ModelTimeout(
+        f"{name} deadline exceeded after {elapsed_ms:.1f} ms{note}",
+        given_ms=wait_ms - stalled_ms,
+    )
+
+
 def _check_float32(rows: Sequence[Sequence[float]]) -> None:
     """Raises ``ModelInputError`` for a value the model cannot take. Checked before the
     call on either protocol: packed float32 overflows, and TorchServe's OIP frontend
@@ -169,10 +184,12 @@ class GrpcModelClient:
         reconnect_backoff_ms: int = 500,
         wire_timeout_ms: float = 120_000.0,
         max_abandoned_calls: int = 16,
+        loop_lag: LoopLag | None = None,
     ) -> None:
         self.name = name
         self.address = address
         self.model_name = model_name
+        self._loop_lag = loop_lag
         self._options = channel_options(reconnect_backoff_ms)
         self._channel: grpc.aio.Channel | None = None
         self._wire_timeout_s = wire_timeout_ms / 1000.0
@@ -232,6 +249,7 @@ class GrpcModelClient:
                 replica_silent=silent,
             )
         started = time.perf_counter()
+        waited_since = asyncio.get_running_loop().time()
         rpc = asyncio.ensure_future(call(max(self._wire_timeout_s, timeout_s)))
         try:
             answered = await settled_within(rpc, timeout_s)
@@ -241,9 +259,8 @@ class GrpcModelClient:
         if not answered:
             self._abandon(rpc)
             elapsed_ms = (time.perf_counter() - started) * 1000.0
-            raise ModelTimeout(
-                f"{self.name} deadline exceeded after {elapsed_ms:.1f} ms",
-                given_ms=timeout_s * 1000.0,
+            raise timeout_error(
+                self.name, elapsed_ms, timeout_s * 1000.0, waited_since, self._loop_lag
             )
         self._note_answer(rpc)
         try:
@@ -357,6 +374,7 @@ class OipClient(GrpcModelClient):
         reconnect_backoff_ms: int = 500,
         wire_timeout_ms: float = 120_000.0,
         max_abandoned_calls: int = 16,
+        loop_lag: LoopLag | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -365,6 +383,7 @@ class OipClient(GrpcModelClient):
             reconnect_backoff_ms=reconnect_backoff_ms,
             wire_timeout_ms=wire_timeout_ms,
             max_abandoned_calls=max_abandoned_calls,
+            loop_lag=loop_lag,
         )
         self.service = service
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from core.deadline import Budget, model_call_timeout_ms
 from core.domain import Source
+from core.retry_budget import RetryBudget
 from server.control.state import ControlState
 from server.model_client import ModelInputError, ModelScores
 from server.replica import Admission, Attempt, Replica
@@ -67,7 +68,10 @@ class ReplicaRouter:
     """Calls the lane's replicas in order until one answers.
 
     Each call gets ``min(remaining budget - fallback reserve, jittered per-call cap)``;
-    none is made when less than ``min_call_budget_ms`` would be left for it.
+    none is made when less than ``min_call_budget_ms`` would be left for it. A call after
+    a failed one (a retry, or a hedge) is made only within the lane's retry budget
+    (``retry_budget_ratio`` of first calls): a call to the next replica because the
+    first one's breaker refused is a first call, not a retry.
     """
 
     def __init__(
@@ -90,6 +94,9 @@ class ReplicaRouter:
         self._hedge_min_delay_ms = torchserve.hedge_min_delay_ms
         self._hedge_delays: dict[str, tuple[float, float]] = {}
         self.hedges = 0  # hedge calls made
+        self.retries = RetryBudget(
+            ratio=torchserve.retry_budget_ratio, min_per_s=torchserve.retry_budget_min_per_s
+        )
 
     async def score(
         self,
@@ -104,6 +111,7 @@ class ReplicaRouter:
         state = state or ControlState()
         result = RouteResult()
         hedged_to: Replica | None = None
+        called = False
         for replica in self.replicas:
             if replica is hedged_to:  # the hedge was its call
                 continue
@@ -115,6 +123,11 @@ class ReplicaRouter:
             timeout_ms = self._call_timeout_ms(budget)
             if timeout_ms < self._min_call_ms:
                 return result.then(_note(self._no_time(replica, timeout_ms)))
+            if not called:
+                self.retries.deposit()
+            elif not self.retries.withdraw():
+                return result.then(_note(_budget_spent(replica)))
+            called = True
             backup = self._hedge_backup(replica, state, now_us)
             try:
                 if backup is None:
@@ -194,7 +207,7 @@ class ReplicaRouter:
                 return tried
             return tried.then(await self._retry(backup, rows, budget))
         backup_timeout_ms = self._call_timeout_ms(budget)
-        if backup_timeout_ms < self._min_call_ms:
+        if backup_timeout_ms < self._min_call_ms or not self.retries.withdraw():
             try:
                 return _tried(await primary)
             except asyncio.CancelledError:
@@ -221,7 +234,13 @@ class ReplicaRouter:
         timeout_ms = self._call_timeout_ms(budget)
         if timeout_ms < self._min_call_ms:
             return _note(self._no_time(replica, timeout_ms))
+        if not self.retries.withdraw():
+            return _note(_budget_spent(replica))
         return _tried(await replica.call(rows, timeout_ms, admission))
+
+
+def _budget_spent(replica: Replica) -> str:
+    return f"{replica.name} not called: retry budget spent"
 
 
 def _abandon(task: asyncio.Task[Attempt]) -> None:

@@ -16,7 +16,7 @@ from core.deadline import Budget
 from core.domain import CallInfo, DecisionResult
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.engine import DecisionEngine
-from server.errors import grpc_errors, tolerant_parser
+from server.errors import Expired, grpc_errors, tolerant_parser
 from server.validation import order_from_pb, orders_from_batch_pb
 
 
@@ -83,9 +83,12 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         self._margin_ms = response_margin_ms
 
     def _budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> Budget:
-        return Budget.for_call(
-            context.time_remaining(), self._default_budget_ms, margin_ms=self._margin_ms
-        )
+        """The call's budget; ``Expired`` when its deadline passed while it was queued:
+        work for a caller that has gone only makes the calls behind it late too."""
+        remaining_s = context.time_remaining()
+        if remaining_s is not None and remaining_s <= 0:
+            raise Expired()
+        return Budget.for_call(remaining_s, self._default_budget_ms, margin_ms=self._margin_ms)
 
     @grpc_errors
     async def Decide(

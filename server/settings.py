@@ -28,6 +28,18 @@ class ServerSettings(SettingsSection):
         description="On SIGTERM, how long in-flight RPCs may finish before being cancelled.",
     )
     max_batch_size: int = Field(256, ge=1, description="Most requests one DecideBatch may carry.")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="Server processes sharing the ports (SO_REUSEPORT), each with its own "
+        "journal folder and metrics port; 0: one per core this process may use. "
+        "`decision-server --workers N` overrides it.",
+    )
+    reuse_port: bool = Field(
+        False,
+        description="Set by the supervisor for its workers (SO_REUSEPORT on both ports); "
+        "a server on its own keeps its ports to itself.",
+    )
     log_level: str = Field("INFO", description="Python logging level of the server process.")
     max_concurrent_rpcs: int | None = Field(
         None, description="gRPC's cap on concurrent RPCs; excess get RESOURCE_EXHAUSTED."
@@ -171,6 +183,16 @@ class TorchServeSettings(SettingsSection):
     hedge_min_delay_ms: float = Field(
         1.0, ge=0, description="Hedging waits at least this long, whatever the p95."
     )
+    retry_budget_ratio: float = Field(
+        0.2,
+        ge=0,
+        description="Retries and hedges to the next replica, as a share of first calls (a "
+        "token bucket): when the primary slows down for everyone, retries cannot double "
+        "the secondary's load.",
+    )
+    retry_budget_min_per_s: float = Field(
+        10.0, ge=0, description="Retries always allowed per second, whatever the traffic."
+    )
     batch_max_rows: int = Field(
         64,
         ge=1,
@@ -197,7 +219,12 @@ class BreakerSettings(SettingsSection):
         gt=0,
         description="How long an open breaker waits before letting one trial call through.",
     )
-    success_threshold: int = Field(1, ge=1, description="Successful trials that close the breaker.")
+    success_threshold: int = Field(
+        4,
+        ge=1,
+        description="Successful trial calls that close a half-open breaker; the trial calls "
+        "let through at once double with each success (1, 2, 4, ...).",
+    )
     min_counted_timeout_ms: float = Field(
         10.0,
         ge=0,
@@ -229,14 +256,22 @@ class DecisionSettings(SettingsSection):
     max_in_flight: int = Field(
         256,
         ge=0,
-        description="Decisions (DecideBatch rows count one each) being made at once; past "
-        "it new calls are shed at once instead of queueing past their deadlines. 0: no "
-        "bound. A batch larger than the bound is taken when nothing else is in flight.",
+        description="Ceiling of the admission limit: decisions (DecideBatch rows count one "
+        "each) being made at once; past the limit new calls are shed at once instead of "
+        "queueing past their deadlines. 0: no ceiling. A batch larger than the limit is "
+        "taken when nothing else is in flight.",
     )
+    target_loop_lag_ms: float = Field(
+        10.0,
+        gt=0,
+        description="The admission limit shrinks while the event loop runs later than this "
+        "(requests then wait in gRPC's queue, unseen) and grows back while it does not.",
+    )
+    min_in_flight: int = Field(4, ge=1, description="The admission limit never shrinks below this.")
     overload_action: Literal["reject", "rules"] = Field(
-        "reject",
-        description="Shed calls get RESOURCE_EXHAUSTED (reject), or are decided without a "
-        "model call by the fallback ladder: cached score, rules, abstain (rules).",
+        "rules",
+        description="Shed calls are decided at once without a model call by the fallback "
+        "ladder: cached score, rules, abstain (rules), or get RESOURCE_EXHAUSTED (reject).",
     )
 
 

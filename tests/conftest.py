@@ -53,6 +53,8 @@ def server_process_env(
         "DECISION_TELEMETRY__METRICS_PORT": "0",
         "DECISION_AUDIT__JOURNAL_DIR": str(run_dir / "journal"),
         "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}",
+        # One process unless a test is about workers: the default follows the machine.
+        "DECISION_SERVER__WORKERS": "1",
         **settings,
     }
 

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -63,6 +64,39 @@ def describe(exc: BaseException) -> str:
     cause = getattr(exc, "orig", None) or exc
     first_line = (str(cause).strip().splitlines() or [""])[0]
     return f"{type(cause).__name__}: {first_line}"[:300]
+
+
+def read_checkpoint(directory: Path) -> Position | None:
+    """Where shipping of a journal folder stopped; None when it never started (or the
+    checkpoint is unreadable: then everything is shipped again, logged)."""
+    path = directory / CHECKPOINT_FILE
+    try:
+        saved = orjson.loads(path.read_bytes())
+        return Position(int(saved["segment"]), int(saved["offset"]))
+    except FileNotFoundError:
+        return None
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        log.error("audit journal: unreadable checkpoint %s; shipping from the start", path)
+        return None
+
+
+def unshipped_bytes(directory: Path) -> int:
+    """Journal bytes of a folder no process writes that are not shipped yet."""
+    present = segments(directory)
+    if not present:
+        return 0
+    checkpoint = read_checkpoint(directory) or Position(present[0], len(MAGIC))
+    total = 0
+    for segment in present:
+        if segment < checkpoint.segment:
+            continue
+        try:
+            end = segment_path(directory, segment).stat().st_size
+        except FileNotFoundError:
+            continue
+        start = checkpoint.offset if segment == checkpoint.segment else len(MAGIC)
+        total += max(0, end - start)
+    return total
 
 
 class AuditShipper:
@@ -289,14 +323,9 @@ class AuditShipper:
                     segment_path(self._directory, old).unlink()
 
     def _load_checkpoint(self) -> Position:
-        path = self._directory / CHECKPOINT_FILE
-        try:
-            saved = orjson.loads(path.read_bytes())
-            return Position(int(saved["segment"]), int(saved["offset"]))
-        except FileNotFoundError:
-            pass
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            log.error("audit journal: unreadable checkpoint %s; shipping from the start", path)
+        saved = read_checkpoint(self._directory)
+        if saved is not None:
+            return saved
         present = segments(self._directory)
         first = present[0] if present else self._journal.position.segment
         return Position(first, len(MAGIC))

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from core.backoff import Backoff
 from core.domain import CallInfo, DecisionResult, OrderRequest
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
-from server.audit.journal import Journal, JournalWriteError
+from server.audit.journal import Journal, JournalLocked, JournalWriteError
 from server.audit.record import AdminRecord, DecisionRecord, ShadowRecord, encode
 from server.audit.shipper import AuditShipper, ShipperStatus
 from server.audit.store import AuditStore, create_store_engine
@@ -24,6 +26,9 @@ from server.errors import AuditUnavailable
 from server.settings import AuditSettings
 
 log = logging.getLogger(__name__)
+
+# How long a starting server waits for a journal folder another process still holds.
+LOCK_WAIT_S = 15.0
 
 
 class DecisionAudit(Protocol):
@@ -99,28 +104,60 @@ class AuditStatus:
     shipper: ShipperStatus
 
 
+async def _open(journal: Journal) -> None:
+    """Opens the journal, waiting up to ``LOCK_WAIT_S`` for a process that still holds
+    it: the worker this one replaces may still be shipping its last records."""
+    backoff = Backoff(initial_s=0.05, max_s=1.0)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            await asyncio.to_thread(journal.open)
+            return
+        except JournalLocked:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("journal %s still held by another process; waiting", journal.directory)
+            await asyncio.sleep(backoff.next_s())
+
+
 class AuditTrail:
     """Journal, store and shipper, with the same start/stop lifecycle as the rest."""
 
-    def __init__(self, settings: AuditSettings, *, server_id: str) -> None:
+    def __init__(
+        self, settings: AuditSettings, *, server_id: str, adopted: Sequence[Path] = ()
+    ) -> None:
+        """``adopted``: journal folders no running server writes (an earlier run had more
+        workers): shipped to the store beside this server's own, never written."""
         self.server_id = server_id
         self._settings = settings
-        self.journal = Journal(
-            Path(settings.journal_dir),
+        self.journal = self._journal(Path(settings.journal_dir))
+        self.store = AuditStore(create_store_engine(settings.database_url))
+        self.shipper = self._shipper(self.journal, migrate=settings.migrate_on_start)
+        self._adopted = [self._journal(folder) for folder in adopted]
+        self._adopted_shippers = [
+            self._shipper(journal, migrate=False) for journal in self._adopted
+        ]
+        self._started = False
+        self._stopped = False
+
+    def _journal(self, folder: Path) -> Journal:
+        settings = self._settings
+        return Journal(
+            folder,
             segment_max_bytes=settings.segment_max_bytes,
             fsync_interval_ms=settings.fsync_interval_ms,
         )
-        self.store = AuditStore(create_store_engine(settings.database_url))
-        self.shipper = AuditShipper(
-            self.journal,
+
+    def _shipper(self, journal: Journal, *, migrate: bool) -> AuditShipper:
+        settings = self._settings
+        return AuditShipper(
+            journal,
             self.store,
             batch_records=settings.ship_batch_records,
             idle_interval_ms=settings.ship_idle_interval_ms,
             retry_max_s=settings.ship_retry_max_s,
-            migrate=settings.migrate_on_start,
+            migrate=migrate,
         )
-        self._started = False
-        self._stopped = False
 
     async def start(self) -> None:
         """Opens the journal (repairing a torn tail) and starts shipping, the earlier
@@ -128,8 +165,12 @@ class AuditTrail:
         if self._started:
             return
         self._started = True
-        await asyncio.to_thread(self.journal.open)
+        await _open(self.journal)
         self.shipper.start()
+        for journal, shipper in zip(self._adopted, self._adopted_shippers, strict=True):
+            log.info("shipping what is left in %s (no worker writes it now)", journal.directory)
+            await _open(journal)
+            shipper.start()
 
     async def stop(self) -> None:
         """Idempotent: syncs and closes the journal, then ships what is left (bounded)."""
@@ -139,8 +180,10 @@ class AuditTrail:
         await asyncio.to_thread(self._close)
 
     def _close(self) -> None:
-        self.journal.close()
-        self.shipper.stop(self._settings.shutdown_drain_s)
+        for journal in (self.journal, *self._adopted):
+            journal.close()
+        for shipper in (self.shipper, *self._adopted_shippers):
+            shipper.stop(self._settings.shutdown_drain_s)
         self.store.dispose()
 
     def record_decisions(

@@ -96,8 +96,8 @@ async def test_half_open_trial_success_closes_and_failure_reopens():
     assert cb.state == "closed"
 
 
-async def test_only_one_trial_at_a_time_while_half_open():
-    cb = breaker()
+async def test_half_open_lets_a_doubling_number_of_trials_through_until_it_closes():
+    cb = breaker(success_threshold=3)
     for _ in range(3):
         with pytest.raises(Boom):
             await cb.call(fail)
@@ -108,13 +108,44 @@ async def test_only_one_trial_at_a_time_while_half_open():
         await release.wait()
         return "ok"
 
-    trial = asyncio.create_task(cb.call(slow_success))
+    first = asyncio.create_task(cb.call(slow_success))
     await asyncio.sleep(0)
-    with pytest.raises(BreakerOpenError, match="trial call in flight"):
+    with pytest.raises(BreakerOpenError, match="1 trial call"):
         await cb.call(succeed)
     release.set()
-    assert await trial == "ok"
+    assert await first == "ok"
+    assert cb.state == "half-open"  # one success of three
+    release.clear()
+    two = [asyncio.create_task(cb.call(slow_success)) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(BreakerOpenError, match="2 trial call"):
+        await cb.call(succeed)
+    release.set()
+    assert await asyncio.gather(*two) == ["ok", "ok"]
     assert cb.state == "closed"
+
+
+async def test_a_failed_trial_reopens_the_breaker_whatever_the_others_do():
+    cb = breaker(success_threshold=4)
+    for _ in range(3):
+        with pytest.raises(Boom):
+            await cb.call(fail)
+    await asyncio.sleep(0.06)
+    assert await cb.call(succeed) == "ok"  # two trials at once from now on
+    release = asyncio.Event()
+
+    async def slow_success() -> str:
+        await release.wait()
+        return "ok"
+
+    slow = asyncio.create_task(cb.call(slow_success))
+    await asyncio.sleep(0)
+    with pytest.raises(Boom):
+        await cb.call(fail)
+    assert cb.state == "open"
+    release.set()
+    assert await slow == "ok"
+    assert cb.state == "open"  # a success that began half-open does not close it now
 
 
 async def test_ignored_errors_and_cancellation_count_as_neither_failure_nor_success():

@@ -21,6 +21,7 @@ from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry, ScoreWriter
 from feature_cache.schema import FEATURE_INDEX, FEATURE_NAMES
 from feature_cache.store import FeatureReader, FeatureRecord
+from server.admission import AdmissionLimit
 from server.control.canary import CanaryMonitor
 from server.control.flags import SHADOW_SAMPLE_RATE, flag_specs
 from server.control.state import CANARY_FIELD, KILL_PREFIX, Change, ControlState, Entry, FlagSpec
@@ -215,6 +216,12 @@ class Parts:
             audit=self.audit,
             decision=decision,
             control=lambda: self.state,
+            admission=AdmissionLimit(
+                max_in_flight=decision.max_in_flight,
+                min_in_flight=1,
+                target_lag_ms=10.0,
+                lag=None,
+            ),
             shadow=cast(Any, self.shadow),
             rng=random.Random(1),
         )

@@ -4,9 +4,11 @@ the real replicas are in tests/server/test_decision_path.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -59,8 +61,9 @@ class ScriptedReplica:
 
 
 def router(
-    primary: ScriptedReplica, secondary: ScriptedReplica, *, hedge: bool = True
+    primary: ScriptedReplica, secondary: ScriptedReplica, *, hedge: bool = True, **options: Any
 ) -> ReplicaRouter:
+    """``options``: more ``TorchServeSettings``."""
     replicas = [
         Replica(
             client=client,
@@ -72,7 +75,13 @@ def router(
     return ReplicaRouter(
         replicas,
         torchserve=TorchServeSettings(
-            per_call_timeout_ms=60.0, timeout_jitter=0.0, hedge=hedge, hedge_min_delay_ms=5.0
+            **{
+                "per_call_timeout_ms": 60.0,
+                "timeout_jitter": 0.0,
+                "hedge": hedge,
+                "hedge_min_delay_ms": 5.0,
+                **options,
+            }
         ),
         decision=DecisionSettings(fallback_reserve_ms=1.0),
     )
@@ -150,3 +159,40 @@ async def test_no_request_makes_more_than_one_extra_call(seed: int) -> None:
         scripts = (primary.script[request], secondary.script[request])
         assert primary.calls[request] == 1 and secondary.calls[request] <= 1, (seen, scripts)
     assert routing.hedges > 0  # the scripts did make it hedge
+
+
+def no_retry_budget(primary: ScriptedReplica, secondary: ScriptedReplica) -> ReplicaRouter:
+    """A router whose retry budget is its starting balance (10 tokens), never refilled."""
+    return router(
+        primary, secondary, hedge=False, retry_budget_ratio=0.0, retry_budget_min_per_s=0.0
+    )
+
+
+async def test_retries_stop_when_the_retry_budget_is_spent() -> None:
+    primary = ScriptedReplica("primary", fails=True)
+    secondary = ScriptedReplica("secondary")
+    routing = no_retry_budget(primary, secondary)
+    answered = [await score(routing, request=float(n)) for n in range(12)]
+    assert all(routed is not None for routed, _ in answered[:10])
+    for routed, reasons in answered[10:]:
+        assert routed is None
+        assert reasons == ("primary unavailable", "secondary not called: retry budget spent")
+    assert (routing.retries.spent, routing.retries.refused) == (10, 2)
+
+
+async def test_calls_past_an_open_breaker_are_first_calls_not_retries() -> None:
+    primary = ScriptedReplica("primary")
+    secondary = ScriptedReplica("secondary")
+    routing = no_retry_budget(primary, secondary)
+    breaker = routing.replicas[0].breaker
+    for _ in range(1000):  # open the primary's breaker
+        with contextlib.suppress(ModelUnavailable):
+            await breaker.call(primary_down)
+    assert breaker.state == "open"
+    answered = [await score(routing, request=float(n)) for n in range(20)]
+    assert all(routed is not None and routed.source is Source.SECONDARY for routed, _ in answered)
+    assert routing.retries.spent == 0
+
+
+async def primary_down() -> None:
+    raise ModelUnavailable("primary unavailable")

@@ -4,11 +4,13 @@ client whose calls are scripted coroutines, no replica)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
 
+from core.loop_lag import LoopLag
 from server.model_client import GrpcModelClient, ModelBusy, ModelTimeout
 from server.replica import counts_against_replica
 
@@ -24,6 +26,11 @@ class ScriptedClient(GrpcModelClient):
     async def answer(self, call: Call, timeout_s: float) -> str:
         response, _ = await self._call(call, timeout_s)
         return response
+
+
+def busy_elsewhere(seconds: float) -> None:
+    """This process's event loop runs nothing else meanwhile (other requests' work)."""
+    time.sleep(seconds)
 
 
 @pytest.fixture
@@ -89,3 +96,37 @@ async def test_an_answer_that_came_before_a_call_was_abandoned_does_not_excuse_t
     with pytest.raises(ModelBusy, match="none answered") as refused:
         await client.answer(quick, 1.0)
     assert refused.value.replica_silent
+
+
+async def test_a_timeout_while_our_event_loop_was_stalled_is_not_the_replicas_fault() -> None:
+    lag = LoopLag(interval_s=0.002)
+    lag.start()
+    client = ScriptedClient("primary", "127.0.0.1:9", "champion", loop_lag=lag)
+    await client.start()
+    wakes = asyncio.Event()
+
+    async def hung(_wire_timeout_s: float) -> str:
+        await wakes.wait()
+        return "late"
+
+    async def stall_the_loop() -> None:
+        await asyncio.sleep(0.001)
+        busy_elsewhere(0.03)  # longer than the whole wait
+
+    try:
+        await asyncio.sleep(0.01)
+        stall = asyncio.ensure_future(stall_the_loop())
+        with pytest.raises(ModelTimeout, match="event loop stalled") as stalled:
+            await client.answer(hung, 0.02)
+        await stall
+        assert stalled.value.given_ms < 10.0
+        assert not counts_against_replica(stalled.value, min_counted_timeout_ms=10.0)
+        # The same wait with the loop free: the replica had all of it, and is to blame.
+        with pytest.raises(ModelTimeout) as counted:
+            await client.answer(hung, 0.02)
+        assert counted.value.given_ms > 15.0
+        assert counts_against_replica(counted.value, min_counted_timeout_ms=10.0)
+    finally:
+        wakes.set()
+        await client.stop()
+        await lag.stop()

@@ -29,6 +29,7 @@ def test_server_process_serves_then_stops_cleanly_on_sigterm(redis_instance, tmp
         **os.environ,
         "DECISION_SERVER__PORT": str(port),
         "DECISION_SERVER__GRACE_PERIOD_S": "2",
+        "DECISION_SERVER__WORKERS": "1",
         "DECISION_REDIS__URL": redis_instance.url,
         "DECISION_REDIS__KEY_PREFIX": f"proc{port}:",
         "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{free_port()}",

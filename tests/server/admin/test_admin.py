@@ -22,7 +22,7 @@ from feature_cache.schema import MODEL_INPUT_WIDTH
 from localstack.health import serving
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.app import DecisionApp
-from server.audit.store import admin_actions, create_store_engine
+from server.audit.store import admin_actions, create_store_engine, decisions
 from tests.conftest import REPO, RedisInstance, Replica, server_process_env
 from tests.server.conftest import buy, decision_stub, replica_settings, sample_record, settle
 
@@ -65,7 +65,7 @@ def server_processes(
     """Starts decision server processes on one Redis and one key prefix (a deployment)."""
     started: list[ServerProcess] = []
 
-    def start(count: int) -> list[ServerProcess]:
+    def start(count: int, workers: int = 1) -> list[ServerProcess]:
         for i in range(count):
             port, admin_port = free_ports(2)
             run_dir = tmp_path / f"server{i}"
@@ -79,6 +79,7 @@ def server_processes(
                 DECISION_ADMIN__PORT=str(admin_port),
                 DECISION_ADMIN__TOKENS=TOKENS,
                 DECISION_AUDIT__SHIP_IDLE_INTERVAL_MS="20",
+                DECISION_SERVER__WORKERS=str(workers),
             )
             proc = ManagedProcess(
                 f"decision server {i}",
@@ -235,6 +236,51 @@ async def test_kill_switch_for_one_symbol_abstains_only_that_symbol_on_every_ser
     finally:
         for server in (a, b):
             await server.close()
+
+
+async def test_a_kill_switch_through_one_worker_reaches_every_worker_of_the_server(
+    server_processes, feature_writer
+):
+    """``--workers 2``: connections spread over both workers, an admin call reaches one
+    of them, and every worker stops deciding the symbol; SIGTERM stops both, and every
+    decision either made is in the audit store under its own server id."""
+    await feature_writer.write_many([sample_record("ETH-USD")])
+    (server,) = server_processes(1, workers=2)
+    # A connection of its own per channel: the kernel spreads connections over workers.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) for _ in range(8)
+    ]
+    ids: set[str] = set()
+    try:
+        stubs = [decision_stub(channel) for channel in channels]
+        for stub in stubs:
+            answer = await stub.Decide(buy("ETH-USD"), timeout=2.0)
+            assert answer.source == decision_pb2.SOURCE_PRIMARY, answer.reason
+            ids.add(answer.decision_id)
+        await server.admin.KillSwitch(
+            admin_pb2.KillSwitchRequest(scope="ETH-USD", engaged=True, reason="bad prints"),
+            metadata=OPERATOR,
+            timeout=5.0,
+        )
+        deadline = time.monotonic() + 1.0
+        for stub in stubs:  # every connection, whichever worker it reached
+            while True:
+                answer = await stub.Decide(buy("ETH-USD"), timeout=2.0)
+                ids.add(answer.decision_id)
+                if answer.source == decision_pb2.SOURCE_ABSTAIN:
+                    break
+                assert time.monotonic() < deadline, answer.reason
+                await asyncio.sleep(0.02)
+    finally:
+        for channel in channels:
+            await channel.close()
+        await server.close()  # SIGTERM: both workers drain their journals
+    assert server.proc.wait(0) == 0  # a clean stop, workers included
+    statement = sa.select(decisions.c.decision_id, decisions.c.server_id)
+    rows = store_rows(server.run_dir / "audit.db", statement)
+    assert ids <= {row.decision_id for row in rows}
+    assert {row.server_id.rsplit("/", 1)[-1] for row in rows} == {"w0", "w1"}
 
 
 @pytest.fixture

@@ -71,6 +71,7 @@ class Load:
 
 
 def start_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``python -m server`` in a process group of its own (its workers too)."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "server"],
@@ -78,6 +79,7 @@ def start_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[
             env={**os.environ, **env, "DECISION_SERVER__PORT": str(port)},
             stdout=out,
             stderr=subprocess.STDOUT,
+            process_group=0,
         )
     deadline = time.monotonic() + 30
     while not serving(port):
@@ -88,15 +90,18 @@ def start_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Kills the server's process group (workers included) unless it has ended."""
     if proc.poll() is None:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(("database", "workers"), [("sqlite", 1), ("postgresql", 1), ("sqlite", 2)])
 async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
-    database, replicas, redis_instance, key_prefix, feature_writer, tmp_path, request
+    database, workers, replicas, redis_instance, key_prefix, feature_writer, tmp_path, request
 ):
+    """Every process of the server is killed at once (a container killed), mid-load;
+    with several workers, each one's journal is shipped by the next run's."""
     url = (
         f"sqlite:///{tmp_path / 'audit.db'}"
         if database == "sqlite"
@@ -118,6 +123,8 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
         # Long enough that most of the load is still only in the journal at the kill.
         "DECISION_AUDIT__SHIP_IDLE_INTERVAL_MS": "500",
         "DECISION_AUDIT__FSYNC_INTERVAL_MS": "1000",
+        "DECISION_SERVER__WORKERS": str(workers),
+        "DECISION_ADMIN__ENABLED": "false",
     }
     port = free_port()
     log = tmp_path / "server.log"
@@ -128,7 +135,7 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
     try:
         load.start()
         await asyncio.sleep(1.5)
-        server.send_signal(signal.SIGKILL)
+        os.killpg(server.pid, signal.SIGKILL)
         await asyncio.to_thread(server.wait)
         served_before_kill = len(load.ok_ids)
         await asyncio.sleep(0.3)  # callers now see UNAVAILABLE
@@ -152,6 +159,9 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
         assert await asyncio.to_thread(server.wait, 20) == 0
         missing = load.ok_ids - store.decision_ids(ok_ids)
         assert not missing, f"{len(missing)} decisions answered OK but not stored"
+        with engine.connect() as connection:
+            servers = set(connection.scalars(sa.select(decisions.c.server_id).distinct()))
+        assert len(servers) == workers, servers  # every worker served
     finally:
         await load.stop()
         stop_process(server)

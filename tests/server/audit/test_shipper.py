@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -11,8 +12,11 @@ import sqlalchemy as sa
 
 from server.audit.journal import Journal, segment_path, segments
 from server.audit.record import encode
-from server.audit.shipper import CHECKPOINT_FILE, AuditShipper
+from server.audit.shipper import CHECKPOINT_FILE, AuditShipper, unshipped_bytes
 from server.audit.store import AuditStore, create_store_engine
+from server.audit.trail import AuditTrail
+from server.settings import AuditSettings
+from server.workers import journal_plans
 from tests.conftest import REPO, wait_for
 from tests.server.audit.conftest import decision_record
 from tests.server.audit.proxy import TcpProxy
@@ -191,3 +195,30 @@ def test_records_the_store_refuses_are_set_aside_and_the_rest_ship(tmp_path, dat
         ]
     finally:
         parts.close()
+
+
+async def test_a_journal_folder_no_worker_writes_any_more_is_shipped_by_an_adopter(
+    tmp_path, database_url
+):
+    """A run with more workers left records in a folder no worker of this run owns: a
+    worker adopts it, ships them beside its own, and afterwards nothing is left to adopt."""
+    orphan = tmp_path / "journal" / "worker-3"
+    left = Parts(orphan, database_url)
+    ids = left.append(50)
+    left.journal.close()  # killed: never shipped
+    left.store.dispose()
+    assert unshipped_bytes(orphan) > 0
+
+    settings = AuditSettings(
+        journal_dir=str(tmp_path / "journal" / "worker-0"),
+        database_url=database_url,
+        ship_idle_interval_ms=10.0,
+    )
+    trail = AuditTrail(settings, server_id="test/w0", adopted=[orphan])
+    await trail.start()
+    try:
+        await asyncio.to_thread(wait_for, lambda: unshipped_bytes(orphan) == 0, 20)
+        assert set(ids) <= trail.store.decision_ids()
+    finally:
+        await trail.stop()
+    assert journal_plans(tmp_path / "journal", 2)[0].adopted == ()  # nothing left there

@@ -1,0 +1,70 @@
+"""``LoopLag``: how late this process's event loop runs, measured by a probe.
+
+A replica's answer that sits in a socket while the loop is busy with other requests is
+read late, and a wait for it times out: the time was lost here, not at the replica.
+The probe wakes every ``interval_s`` and records how late it woke; ``stalled_ms(since)``
+sums that lateness over a span, so a timeout can say how much of its wait the loop was
+not there to read an answer (``ModelTimeout.given_ms`` is the wait less that), and the
+breaker does not blame a replica for this process's overload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+
+# Wakes later than this count as lateness; below it is timer granularity, not a stall.
+NOISE_S = 0.0005
+
+
+class LoopLag:
+    def __init__(self, *, interval_s: float = 0.005, keep: int = 512) -> None:
+        """``keep``: probes remembered (at 5 ms, about 2.5 s of history when all is
+        well; a stalled loop probes less often, so the span only grows)."""
+        self._interval_s = interval_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=keep)  # (woke at, late s)
+        self._task: asyncio.Task[None] | None = None
+        self._due = float("inf")  # when the probe should wake next (loop time)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._probe(), name="loop-lag")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._due = loop.time() + self._interval_s
+            await asyncio.sleep(self._interval_s)
+            now = loop.time()
+            late = now - self._due
+            if late > NOISE_S:
+                self._samples.append((now, late))
+
+    def stalled_ms(self, since: float) -> float:
+        """How long the loop was stalled since ``since`` (loop time, s): the lateness of
+        the probes that woke after it, each counted at most up to ``since``, and the
+        probe's own wake-up if it is overdue now (a stall that just ended: the timer that
+        asks may run before the probe does)."""
+        now = asyncio.get_running_loop().time()
+        overdue = now - self._due
+        total = min(overdue, now - since) if overdue > NOISE_S else 0.0
+        for woke_at, late in reversed(self._samples):
+            if woke_at <= since:
+                break
+            total += min(late, woke_at - since)
+        return total * 1000.0
+
+    def recent_ms(self, window_s: float = 1.0) -> float:
+        """The longest stall in the last ``window_s`` (0 when none)."""
+        if not self._samples:
+            return 0.0
+        since = asyncio.get_running_loop().time() - window_s
+        return max((late for woke_at, late in self._samples if woke_at > since), default=0.0) * 1e3

@@ -1,0 +1,69 @@
+"""``AdmissionLimit``: how many decisions may take the model path at once, adapted to how
+far behind this process runs.
+
+A fixed in-flight bound cannot see the requests that wait in gRPC's own queue before a
+handler runs: once the process is short of CPU they wait there, unseen, until they are
+late. What it can see is its event loop running behind (``core.loop_lag``): the longer
+ready work waits, the more requests are queued. So the limit is adjusted like a
+congestion window (additive increase, multiplicative decrease, as in Netflix's
+concurrency-limits and TCP): while the loop runs late by more than ``target_lag_ms``
+the limit shrinks to ¾ of what was in flight; while it does not and the limit is nearly
+used, it grows by a tenth. ``max_in_flight`` stays the ceiling. A request past the limit
+is shed at once (the ladder's answer, or RESOURCE_EXHAUSTED): a fast honest answer
+instead of a late one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+ADJUST_INTERVAL_S = 0.05
+LAG_WINDOW_S = 0.25
+DECREASE = 0.75
+INCREASE = 0.1
+
+
+class LagProbe(Protocol):
+    def recent_ms(self, window_s: float = 1.0) -> float: ...
+
+
+class AdmissionLimit:
+    def __init__(
+        self,
+        *,
+        max_in_flight: int,
+        min_in_flight: int,
+        target_lag_ms: float,
+        lag: LagProbe | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``max_in_flight`` 0: no ceiling (the limit still adapts when ``lag`` is given)."""
+        self._ceiling = float(max_in_flight) if max_in_flight > 0 else float("inf")
+        self._floor = float(max(1, min_in_flight))
+        self._target_lag_ms = target_lag_ms
+        self._lag = lag
+        self._clock = clock
+        self._adjusted_at = clock()
+        self._peak = 0  # most in flight since the last adjustment
+        self.limit = self._ceiling
+
+    def admits(self, in_flight: int, count: int) -> bool:
+        """Whether ``count`` more decisions may take the model path with ``in_flight``
+        already being made. A batch larger than the limit is taken when nothing else is
+        in flight."""
+        self._peak = max(self._peak, in_flight)
+        self._adjust()
+        return in_flight == 0 or in_flight + count <= self.limit
+
+    def _adjust(self) -> None:
+        now = self._clock()
+        if self._lag is None or now - self._adjusted_at < ADJUST_INTERVAL_S:
+            return
+        self._adjusted_at = now
+        peak, self._peak = self._peak, 0
+        if self._lag.recent_ms(LAG_WINDOW_S) > self._target_lag_ms:
+            self.limit = max(self._floor, min(self.limit, float(max(peak, 1))) * DECREASE)
+        elif peak >= 0.8 * self.limit:
+            self.limit = min(self._ceiling, self.limit + max(1.0, self.limit * INCREASE))

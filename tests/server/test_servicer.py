@@ -1,0 +1,56 @@
+"""The servicer's own decisions before the engine (pure logic: a fake context and engine)."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from proto.decision.v1 import decision_pb2
+from server.engine import DecisionEngine
+from server.servicer import DecisionServicer
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    def __init__(self, remaining_s: float | None) -> None:
+        self.remaining_s = remaining_s
+        self.code: grpc.StatusCode | None = None
+
+    def time_remaining(self) -> float | None:
+        return self.remaining_s
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        raise Aborted(details)
+
+
+class NoEngine:
+    """Fails the test if a call reaches it."""
+
+    async def decide(self, *args: Any) -> list[Any]:
+        raise AssertionError("an expired call reached the engine")
+
+
+async def test_a_call_whose_deadline_passed_in_the_queue_gets_no_decision() -> None:
+    servicer = DecisionServicer(
+        cast(DecisionEngine, NoEngine()),
+        default_budget_ms=50.0,
+        max_batch_size=16,
+        response_margin_ms=5.0,
+    )
+    context = FakeContext(remaining_s=-0.002)
+    request = decision_pb2.DecideRequest(symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0)
+    with pytest.raises(Aborted, match="deadline passed"):
+        await servicer.Decide(request, cast(Any, context))
+    assert context.code is grpc.StatusCode.DEADLINE_EXCEEDED
