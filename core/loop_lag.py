@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
+
+log = logging.getLogger(__name__)
 
 # Wakes later than this count as lateness; below it is timer granularity, not a stall.
 NOISE_S = 0.0005
+# A stall this long is logged (at most once per LOG_EVERY_S): every request waited it out.
+LOG_STALL_S = 0.05
+LOG_EVERY_S = 10.0
 
 
 class LoopLag:
@@ -26,6 +32,7 @@ class LoopLag:
         self._samples: deque[tuple[float, float]] = deque(maxlen=keep)  # (woke at, late s)
         self._task: asyncio.Task[None] | None = None
         self._due = float("inf")  # when the probe should wake next (loop time)
+        self._logged_at = float("-inf")
 
     def start(self) -> None:
         if self._task is None:
@@ -47,6 +54,9 @@ class LoopLag:
             late = now - self._due
             if late > NOISE_S:
                 self._samples.append((now, late))
+            if late > LOG_STALL_S and now - self._logged_at >= LOG_EVERY_S:
+                self._logged_at = now
+                log.warning("event loop stalled %.0f ms", late * 1000)
 
     def stalled_ms(self, since: float) -> float:
         """How long the loop was stalled since ``since`` (loop time, s): the lateness of

@@ -22,6 +22,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ MAGIC = b"DJNL\x00\x01\r\n"
 HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 20
 SEGMENT_SUFFIX = ".seg"
+# A write to the page cache takes microseconds; one this slow stalled every decision.
+SLOW_WRITE_S = 0.02
 
 
 class JournalError(Exception):
@@ -232,6 +235,7 @@ class Journal:
         data = frame(payloads)
         view = memoryview(data)
         written = 0
+        started = time.perf_counter()
         try:
             while written < len(data):
                 written += os.write(self._fd, view[written:])
@@ -239,6 +243,9 @@ class Journal:
             self.write_failures += 1
             self._discard_partial_write()
             raise JournalWriteError(f"audit journal write failed: {exc}") from exc
+        took_s = time.perf_counter() - started
+        if took_s > SLOW_WRITE_S:  # the write runs on the event loop: every call waited
+            log.warning("audit journal write took %.0f ms (the kernel held it)", took_s * 1e3)
         self._end += len(data)
         self._position = Position(self._segment, self._end)
         self.appended_records += len(payloads)

@@ -107,12 +107,15 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
     await asyncio.sleep(1.1)  # reset timeout: the next call is the half-open trial
     assert app.replicas[0].breaker.allows_call()
     # A resumed JVM first works off what queued while it was stopped, so a trial may
-    # still fail and reopen the breaker for another reset timeout; it must close soon.
+    # still fail and reopen the breaker for another reset timeout; it must close soon,
+    # after success_threshold successful trials.
     deadline = time.monotonic() + 10
-    while (response := await stub.Decide(buy(), timeout=2.0)).source != decision_pb2.SOURCE_PRIMARY:
+    while app.replicas[0].breaker.state != "closed":
+        response = await stub.Decide(buy(), timeout=2.0)
         assert time.monotonic() < deadline, response.reason
-        await asyncio.sleep(0.2)
-    assert app.replicas[0].breaker.state == "closed"
+        await asyncio.sleep(0.02 if response.source == decision_pb2.SOURCE_PRIMARY else 0.2)
+    response = await stub.Decide(buy(), timeout=2.0)
+    assert response.source == decision_pb2.SOURCE_PRIMARY, response.reason
 
 
 async def wait_for_cached_score(

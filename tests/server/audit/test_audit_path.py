@@ -49,6 +49,8 @@ class Load:
         options = [
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 200),
+            # A connection of its own: the kernel spreads connections over workers.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}", options) as channel:
             stub = decision_pb2_grpc.DecisionServiceStub(channel)
