@@ -72,6 +72,12 @@ class LoopLag:
             total += min(late, woke_at - since)
         return total * 1000.0
 
+    def stalled_share(self, window_s: float) -> float:
+        """The share of the last ``window_s`` the loop was stalled: near 0 when it keeps
+        up, near 1 when work waits all the time. One stall of 30 ms in 250 ms is 0.12."""
+        since = asyncio.get_running_loop().time() - window_s
+        return min(1.0, self.stalled_ms(since) / (window_s * 1000.0))
+
     def recent_ms(self, window_s: float = 1.0) -> float:
         """The longest stall in the last ``window_s`` (0 when none)."""
         if not self._samples:

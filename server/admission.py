@@ -3,12 +3,15 @@ far behind this process runs.
 
 A fixed in-flight bound cannot see the requests that wait in gRPC's own queue before a
 handler runs: once the process is short of CPU they wait there, unseen, until they are
-late. What it can see is its event loop running behind (``core.loop_lag``): the longer
-ready work waits, the more requests are queued. So the limit is adjusted like a
+late. What it can see is its event loop running behind (``core.loop_lag``): the more of
+the time ready work waits, the more requests are queued. So the limit is adjusted like a
 congestion window (additive increase, multiplicative decrease, as in Netflix's
-concurrency-limits and TCP): while the loop runs late by more than ``target_lag_ms``
-the limit shrinks to ¾ of what was in flight; while it does not and the limit is nearly
-used, it grows by a tenth. ``max_in_flight`` stays the ceiling. A request past the limit
+concurrency-limits and TCP): while the loop was stalled more than ``max_stalled_share``
+of the last 250 ms the limit shrinks to ¾ of what was in flight; otherwise, when the
+limit is nearly used, it grows by a tenth. ``max_in_flight`` stays the ceiling. A share,
+not the longest stall: one 30 ms hiccup of a busy machine (in a soak at 100/s it shed
+requests the model would have answered in time) is not overload; a loop behind most of
+the time is. A request past the limit
 is shed at once (the ladder's answer, or RESOURCE_EXHAUSTED): a fast honest answer
 instead of a late one.
 """
@@ -26,7 +29,7 @@ INCREASE = 0.1
 
 
 class LagProbe(Protocol):
-    def recent_ms(self, window_s: float = 1.0) -> float: ...
+    def stalled_share(self, window_s: float) -> float: ...
 
 
 class AdmissionLimit:
@@ -35,14 +38,14 @@ class AdmissionLimit:
         *,
         max_in_flight: int,
         min_in_flight: int,
-        target_lag_ms: float,
+        max_stalled_share: float,
         lag: LagProbe | None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``max_in_flight`` 0: no ceiling (the limit still adapts when ``lag`` is given)."""
         self._ceiling = float(max_in_flight) if max_in_flight > 0 else float("inf")
         self._floor = float(max(1, min_in_flight))
-        self._target_lag_ms = target_lag_ms
+        self._max_stalled_share = max_stalled_share
         self._lag = lag
         self._clock = clock
         self._adjusted_at = clock()
@@ -63,7 +66,7 @@ class AdmissionLimit:
             return
         self._adjusted_at = now
         peak, self._peak = self._peak, 0
-        if self._lag.recent_ms(LAG_WINDOW_S) > self._target_lag_ms:
+        if self._lag.stalled_share(LAG_WINDOW_S) > self._max_stalled_share:
             self.limit = max(self._floor, min(self.limit, float(max(peak, 1))) * DECREASE)
         elif peak >= 0.8 * self.limit:
             self.limit = min(self._ceiling, self.limit + max(1.0, self.limit * INCREASE))

@@ -291,7 +291,7 @@ class DecisionApp:
             admission=AdmissionLimit(
                 max_in_flight=settings.decision.max_in_flight,
                 min_in_flight=settings.decision.min_in_flight,
-                target_lag_ms=settings.decision.target_loop_lag_ms,
+                max_stalled_share=settings.decision.max_loop_stalled_share,
                 lag=self.loop_lag,
             ),
             shadow=self.shadow,

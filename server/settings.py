@@ -261,11 +261,13 @@ class DecisionSettings(SettingsSection):
         "queueing past their deadlines. 0: no ceiling. A batch larger than the limit is "
         "taken when nothing else is in flight.",
     )
-    target_loop_lag_ms: float = Field(
-        10.0,
+    max_loop_stalled_share: float = Field(
+        0.2,
         gt=0,
-        description="The admission limit shrinks while the event loop runs later than this "
-        "(requests then wait in gRPC's queue, unseen) and grows back while it does not.",
+        le=1,
+        description="The admission limit shrinks while the event loop was stalled more than "
+        "this share of the last 250 ms (requests then wait in gRPC's queue, unseen) and "
+        "grows back while it was not.",
     )
     min_in_flight: int = Field(4, ge=1, description="The admission limit never shrinks below this.")
     overload_action: Literal["reject", "rules"] = Field(

@@ -43,3 +43,16 @@ async def test_a_stall_that_began_before_the_span_counts_only_inside_it() -> Non
         assert 9.0 <= lag.stalled_ms(since) < 40.0
     finally:
         await lag.stop()
+
+
+async def test_the_stalled_share_is_the_stall_over_the_window() -> None:
+    lag = LoopLag(interval_s=0.002)
+    lag.start()
+    try:
+        await asyncio.sleep(0.01)
+        block_the_loop(0.05)
+        await asyncio.sleep(0.005)
+        assert lag.stalled_share(0.25) >= 0.18  # at least 48 of the last 250 ms
+        assert lag.stalled_share(0.01) <= 1.0
+    finally:
+        await lag.stop()

@@ -219,7 +219,7 @@ class Parts:
             admission=AdmissionLimit(
                 max_in_flight=decision.max_in_flight,
                 min_in_flight=1,
-                target_lag_ms=10.0,
+                max_stalled_share=0.2,
                 lag=None,
             ),
             shadow=cast(Any, self.shadow),
