@@ -77,10 +77,3 @@ class LoopLag:
         up, near 1 when work waits all the time. One stall of 30 ms in 250 ms is 0.12."""
         since = asyncio.get_running_loop().time() - window_s
         return min(1.0, self.stalled_ms(since) / (window_s * 1000.0))
-
-    def recent_ms(self, window_s: float = 1.0) -> float:
-        """The longest stall in the last ``window_s`` (0 when none)."""
-        if not self._samples:
-            return 0.0
-        since = asyncio.get_running_loop().time() - window_s
-        return max((late for woke_at, late in self._samples if woke_at > since), default=0.0) * 1e3

@@ -84,10 +84,8 @@ def journal_plans(journal_dir: Path, workers: int) -> list[JournalPlan]:
 def worker_settings(settings: Settings, index: int, workers: int, plan: JournalPlan) -> Settings:
     """What worker ``index`` of ``workers`` runs with: the shared ports with SO_REUSEPORT
     (several workers only), its own journal folder, metrics port and server id."""
-    if workers == 1:
-        return settings.model_copy(
-            update={"audit": settings.audit.model_copy(update={"journal_dir": str(plan.own)})}
-        )
+    if workers == 1:  # the journal is journal_dir itself, as before workers existed
+        return settings
     server_id = settings.audit.server_id or f"{socket.gethostname()}:{settings.server.port}"
     metrics_port = settings.telemetry.metrics_port
     return settings.model_copy(

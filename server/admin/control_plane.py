@@ -20,9 +20,8 @@ import redis.exceptions
 from feature_cache.store import FeatureReader
 from server.admin.views import AuditView, CanaryView, FlagView, ReplicaView, Status
 from server.control.canary import CanaryMonitor
-from server.control.changes import AuditedChanges, change_dict
+from server.control.changes import AuditedChanges, auto_rollback_on, change_dict
 from server.control.changes import now_us as _now_us
-from server.control.flags import CANARY_AUTO_ROLLBACK
 from server.control.state import (
     BREAKER_PREFIX,
     FLAG_PREFIX,
@@ -174,9 +173,6 @@ class ControlPlane:
             raise FailedPrecondition("no challenger replica is configured")
         return await self._changes.set_canary(actor, weight, _reason(reason))
 
-    def auto_rollback(self) -> bool:
-        return bool(self._shared.state.flag_value(CANARY_AUTO_ROLLBACK, _now_us()))
-
     async def kill_switch(
         self, actor: str, scope: str, engaged: bool, reason: str, ttl_s: float
     ) -> tuple[bool, bool, int]:
@@ -245,7 +241,7 @@ class ControlPlane:
             canary=CanaryView(
                 weight,
                 canary_change,
-                self.auto_rollback(),
+                auto_rollback_on(state, now_us),
                 self._canary.compare() if self._canary is not None else None,
             ),
             sync=self._shared.status(),

@@ -148,6 +148,11 @@ class AuditedChanges:
         return previous.canary(at_us)[0], weight
 
 
+def auto_rollback_on(state: ControlState, at_us: int) -> bool:
+    """The flag ``canary_auto_rollback``: whether a breach rolls the canary back."""
+    return bool(state.flag_value(CANARY_AUTO_ROLLBACK, at_us))
+
+
 class CanaryRollback:
     """What the canary monitor may do about the canary: read its setting, see whether
     on-call lets it roll back by itself, and roll it back."""
@@ -160,8 +165,7 @@ class CanaryRollback:
         return self._changes.shared.state.entries.get(CANARY_FIELD)
 
     def enabled(self) -> bool:
-        """The flag ``canary_auto_rollback``."""
-        return bool(self._changes.shared.state.flag_value(CANARY_AUTO_ROLLBACK, now_us()))
+        return auto_rollback_on(self._changes.shared.state, now_us())
 
     async def roll_back(self, breach: str) -> None:
         """Weight 0 on every server, audited once however many servers see the breach

@@ -23,7 +23,6 @@ async def test_a_blocked_loop_is_measured_even_before_the_probe_wakes() -> None:
         assert lag.stalled_ms(since) >= 27.0  # the probe is overdue: counted already
         await asyncio.sleep(0.01)
         assert lag.stalled_ms(since) >= 27.0  # and once it has woken
-        assert lag.recent_ms() >= 27.0
         after = loop.time()
         await asyncio.sleep(0.01)
         assert lag.stalled_ms(after) < lag.stalled_ms(since)  # the stall was before `after`

@@ -18,9 +18,10 @@ from server.model_client import (
     ModelUnavailable,
 )
 from server.replica import counts_against_replica
+from tests.server.fakes import AlwaysConnected
 
 
-class FakeReplica:
+class FakeReplica(AlwaysConnected):
     name = "primary"
     model_name = "champion"
 
@@ -30,15 +31,6 @@ class FakeReplica:
         self.in_flight = 0
         self.most_in_flight = 0
         self.fail: Exception | None = None
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def connect(self, timeout_s: float) -> bool:
-        return True
 
     async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         self.calls.append(len(rows))

@@ -40,6 +40,7 @@ from server.settings import (
 )
 from server.shadow import Shadowed
 from server.traffic import Traffic
+from tests.server.fakes import AlwaysConnected
 
 SYMBOLS = ("BTC-USD", "ETH-USD")
 FLAGS = flag_specs(ControlSettings())
@@ -73,7 +74,7 @@ class FakeFeatureStore:
         return [self.records.get(symbol) for symbol in symbols]
 
 
-class FakeReplicaClient:
+class FakeReplicaClient(AlwaysConnected):
     """Scores every row ``score``, or fails when ``fails``; records the rows it got, and
     holds each call until ``released`` is set."""
 
@@ -85,15 +86,6 @@ class FakeReplicaClient:
         self.calls: list[list[list[float]]] = []
         self.released = asyncio.Event()
         self.released.set()
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def connect(self, timeout_s: float) -> bool:
-        return True
 
     async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         self.calls.append([list(row) for row in rows])

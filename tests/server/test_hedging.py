@@ -19,9 +19,10 @@ from server.model_client import ModelScores, ModelTimeout, ModelUnavailable
 from server.replica import Replica
 from server.router import ReplicaRouter
 from server.settings import DecisionSettings, TorchServeSettings
+from tests.server.fakes import AlwaysConnected
 
 
-class ScriptedReplica:
+class ScriptedReplica(AlwaysConnected):
     """Answers after ``latency_ms`` (or fails when ``fails``), or as ``script`` says for
     a request; counts calls per request (a row's first value is its request's number)."""
 
@@ -34,15 +35,6 @@ class ScriptedReplica:
         self.calls: Counter[float] = Counter()
         self.cancelled = 0
         self.script: dict[float, tuple[float, bool]] = {}
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def connect(self, timeout_s: float) -> bool:
-        return True
 
     async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         request = rows[0][0]

@@ -13,9 +13,10 @@ from server.control.state import Change, ControlState, Entry
 from server.model_client import ModelScores, ModelTimeout
 from server.replica import Replica
 from server.shadow import Shadowed, ShadowScorer
+from tests.server.fakes import AlwaysConnected
 
 
-class FakeChallenger:
+class FakeChallenger(AlwaysConnected):
     name = "challenger"
     model_name = "challenger"
 
@@ -24,15 +25,6 @@ class FakeChallenger:
         self.release = asyncio.Event()
         self.release.set()
         self.fail = False
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def connect(self, timeout_s: float) -> bool:
-        return True
 
     async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         self.calls.append(len(rows))
