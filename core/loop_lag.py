@@ -6,14 +6,22 @@ The probe wakes every ``interval_s`` and records how late it woke; ``stalled_ms(
 sums that lateness over a span, so a timeout can say how much of its wait the loop was
 not there to read an answer (``ModelTimeout.given_ms`` is the wait less that), and the
 breaker does not blame a replica for this process's overload.
+
+A stall over ``LOG_STALL_S`` is logged with what the loop's thread did meanwhile: its CPU
+time and the part of it the cyclic garbage collector took. A stall spent on the CPU is
+this process's own work (a long callback, a full collection); one spent off it is the
+kernel's (another process had the core, a blocking system call, the host took the CPU).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import time
 from collections import deque
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +30,27 @@ NOISE_S = 0.0005
 # A stall this long is logged (at most once per LOG_EVERY_S): every request waited it out.
 LOG_STALL_S = 0.05
 LOG_EVERY_S = 10.0
+
+
+class GcClock:
+    """Wall time spent in the cyclic garbage collector, from ``gc.callbacks``."""
+
+    def __init__(self) -> None:
+        self.total_s = 0.0
+        self._began = 0.0
+
+    def install(self) -> None:
+        gc.callbacks.append(self._on_gc)
+
+    def remove(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.total_s += time.perf_counter() - self._began
 
 
 class LoopLag:
@@ -33,14 +62,17 @@ class LoopLag:
         self._task: asyncio.Task[None] | None = None
         self._due = float("inf")  # when the probe should wake next (loop time)
         self._logged_at = float("-inf")
+        self._gc = GcClock()
 
     def start(self) -> None:
         if self._task is None:
+            self._gc.install()
             self._task = asyncio.create_task(self._probe(), name="loop-lag")
 
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
+            self._gc.remove()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -49,6 +81,7 @@ class LoopLag:
         loop = asyncio.get_running_loop()
         while True:
             self._due = loop.time() + self._interval_s
+            cpu_before, gc_before = time.thread_time(), self._gc.total_s
             await asyncio.sleep(self._interval_s)
             now = loop.time()
             late = now - self._due
@@ -56,7 +89,13 @@ class LoopLag:
                 self._samples.append((now, late))
             if late > LOG_STALL_S and now - self._logged_at >= LOG_EVERY_S:
                 self._logged_at = now
-                log.warning("event loop stalled %.0f ms", late * 1000)
+                log.warning(
+                    "event loop stalled %.0f ms: its thread ran %.0f ms of it on the CPU,"
+                    " %.0f ms in garbage collection",
+                    late * 1000,
+                    (time.thread_time() - cpu_before) * 1000,
+                    (self._gc.total_s - gc_before) * 1000,
+                )
 
     def stalled_ms(self, since: float) -> float:
         """How long the loop was stalled since ``since`` (loop time, s): the lateness of

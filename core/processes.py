@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -43,15 +43,21 @@ def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
 
 def live_group_members(pgid: int) -> list[int]:
     """Pids in process group ``pgid`` that are not zombies (Linux /proc)."""
-    members = []
+    return live_members_by_group([pgid])[pgid]
+
+
+def live_members_by_group(pgids: Iterable[int]) -> dict[int, list[int]]:
+    """For each of ``pgids``, the pids in that process group that are not zombies, from
+    one pass over /proc (a pass reads every process's stat: tens of ms on a busy box)."""
+    members: dict[int, list[int]] = {pgid: [] for pgid in pgids}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
         state, pgrp = fields[0], int(fields[2])
-        if pgrp == pgid and state != "Z":
-            members.append(int(stat.parent.name))
+        if pgrp in members and state != "Z":
+            members[pgrp].append(int(stat.parent.name))
     return members
 
 

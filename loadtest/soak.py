@@ -24,16 +24,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from dataclasses import asdict, astuple, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 
 from core.processes import ProcessStartError
 from feature_cache.settings import FeatureCacheSettings
-from loadtest.soak_probe import ConsumerLag, MachineSampler, ProcessSampler, stored_decision_ids
+from loadtest.soak_probe import (
+    ConsumerLag,
+    MachineSampler,
+    ProcessSampler,
+    Stall,
+    StallWitness,
+    stored_decision_ids,
+)
 from loadtest.soak_report import (
     HEADER,
     MODEL_SOURCES,
@@ -105,6 +114,7 @@ class LoadDriver:
         ]
         self._answers: list[Answer] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._send_lag_max_s = 0.0
         self.started_at = time.monotonic()
 
     async def run(self, until_s: float) -> None:
@@ -114,6 +124,7 @@ class LoadDriver:
         sent = 0
         while (next_at := begin + sent * self._interval_s) < begin + until_s:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
+            self._send_lag_max_s = max(self._send_lag_max_s, loop.time() - next_at)
             task = asyncio.create_task(self._one(self._requests[sent % len(self._requests)]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -122,7 +133,7 @@ class LoadDriver:
             await asyncio.wait(set(self._tasks))
 
     async def _one(self, request: decision_pb2.DecideRequest) -> None:
-        sent = time.monotonic()
+        sent, sent_unix = time.monotonic(), time.time()
         try:
             response = await self._stub.Decide(request, timeout=self._deadline_ms / 1000)
         except grpc.aio.AioRpcError as exc:
@@ -136,12 +147,18 @@ class LoadDriver:
         # Late is gRPC's verdict (DEADLINE_EXCEEDED): an OK answer that this process
         # resumes after the deadline arrived in time and was held by our own event loop.
         self._answers.append(
-            Answer(done - self.started_at, latency_ms, outcome, age, late, decision_id)
+            Answer(done - self.started_at, latency_ms, outcome, age, late, decision_id, sent_unix)
         )
 
     def take(self) -> list[Answer]:
         answers, self._answers = self._answers, []
         return answers
+
+    def take_send_lag_ms(self) -> float:
+        """The longest this process's loop sent a call behind its schedule since the
+        last take: a stall of the load generator, not of the stack."""
+        lag_s, self._send_lag_max_s = self._send_lag_max_s, 0.0
+        return lag_s * 1000
 
     async def close(self) -> None:
         await self._channel.close()
@@ -161,6 +178,24 @@ async def inject(stack: LocalStack, fault: Fault, started_at: float) -> None:
         print(f"--- fault over: SIGCONT {', '.join(p.name for p in groups)}")
 
 
+def count_restarts(replica_dirs: list[Path]) -> int:
+    return sum(worker_restarts(d) for d in replica_dirs)
+
+
+def describe_late(answer: Answer, stalls: list[Stall]) -> str:
+    """A late call's send time (to find it in the server's log and the audit store) and
+    the machine stalls the witness saw while it was out."""
+    sent = datetime.fromtimestamp(answer.sent_unix_s, UTC).strftime("%H:%M:%S.%f")[:-3]
+    ended = answer.sent_unix_s + answer.latency_ms / 1000
+    near = [
+        f"{s.late_ms:.0f} ms ending {(s.at_unix_s - answer.sent_unix_s) * 1000:+.0f} ms"
+        for s in stalls
+        if answer.sent_unix_s - 0.2 <= s.at_unix_s <= ended + 0.2
+    ]
+    witness = f"machine stalls {', '.join(near)}" if near else "no machine stall"
+    return f"sent {sent} UTC, {answer.outcome} after {answer.latency_ms:.1f} ms; {witness}"
+
+
 def fault_at(faults: list[Fault], start_s: float, end_s: float, settle_s: float) -> str:
     for fault in faults:
         if start_s < fault.at_s + fault.duration_s + settle_s and end_s > fault.at_s:
@@ -178,18 +213,22 @@ async def soak(args: argparse.Namespace) -> int:
     kafka = FeatureCacheSettings().kafka
     windows: list[Window] = []
     answered: set[str] = set()
+    witness = StallWitness(args.run_dir, REPO)
     try:
         try:
             await stack.start()
         except ProcessStartError as exc:
             print(f"the stack did not start: {exc}")
             return 2
+        # What this process allocated so far (the stack's start imported torch) is kept
+        # out of the collector's full passes, which would stall the sender for tens of ms.
+        gc.freeze()
         sampler = ProcessSampler(stack.processes, own_name="soak-client")
         lag = ConsumerLag(f"127.0.0.1:{stack.kafka_port}", kafka.topic, kafka.group_id)
         await lag.start()
         driver = LoadDriver(f"127.0.0.1:{stack.decision_port}", args.rate, args.deadline_ms)
         replica_dirs = [args.run_dir / name for name in REPLICAS]
-        restarts_before = sum(worker_restarts(d) for d in replica_dirs)
+        restarts_before = count_restarts(replica_dirs)
         print(
             f"load: {args.rate:.0f} Decide/s open loop, {args.deadline_ms:.0f} ms deadline,"
             f" {args.warmup_s:.0f} s warm-up then {args.duration_s:.0f} s measured"
@@ -197,6 +236,8 @@ async def soak(args: argparse.Namespace) -> int:
         load = asyncio.create_task(driver.run(args.warmup_s + args.duration_s))
         await asyncio.sleep(args.warmup_s)
         driver.take()  # the warm-up is not judged
+        driver.take_send_lag_ms()
+        witness.start()
         started_at = time.monotonic()
         driver.started_at = started_at
         sampler.sample(started_at)
@@ -211,10 +252,15 @@ async def soak(args: argparse.Namespace) -> int:
             if window_end >= args.duration_s:
                 await load  # the last answers come within one deadline
             answers = driver.take()
+            stalls = witness.take()
             answered.update(a.decision_id for a in answers if a.decision_id)
             for fault, after in after_faults.items():
                 end_s = fault.at_s + fault.duration_s
                 after += [a for a in answers if end_s <= a.done_at_s < end_s + RECOVERY_WATCH_S]
+            # Read off the loop's thread: a pass over /proc and the replicas' logs takes
+            # tens of ms, and the sender would fall behind its schedule meanwhile.
+            processes = await asyncio.to_thread(sampler.sample, time.monotonic())
+            restarts = await asyncio.to_thread(count_restarts, replica_dirs)
             try:
                 consumer_lag = await lag.read()
             except Exception:  # noqa: BLE001 - a paused broker: no figure this window
@@ -224,20 +270,26 @@ async def soak(args: argparse.Namespace) -> int:
                 window_start,
                 window_end,
                 consumer_lag=consumer_lag,
-                worker_restarts=sum(worker_restarts(d) for d in replica_dirs) - restarts_before,
-                processes=sampler.sample(time.monotonic()),
+                worker_restarts=restarts - restarts_before,
+                processes=processes,
                 machine=astuple(machine.sample()),
+                machine_stall_max_ms=max((s.late_ms for s in stalls), default=0.0),
+                client_send_lag_max_ms=driver.take_send_lag_ms(),
                 fault=fault_at(args.fault, window_start, window_end, bounds.recovery_s),
             )
             window.broken = judge(window, bounds)
             windows.append(window)
             print(row(window), flush=True)
+            for answer in answers:
+                if answer.late:
+                    print(f"{'':>11} late: {describe_late(answer, stalls)}", flush=True)
             window_start = window_end
         await asyncio.gather(*injections)
         await driver.close()
         await lag.stop()
         missing = await _missing_from_audit(stack, answered)
     finally:
+        witness.stop()
         await stack.stop()
     recoveries = {
         fault: recovery_s(after, fault.at_s + fault.duration_s)

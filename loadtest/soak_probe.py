@@ -1,5 +1,6 @@
 """What the soak reads off the running stack besides the answers: each process group's
-CPU and memory, the consumer group's lag, TorchServe worker restarts, audit rows.
+CPU and memory, the consumer group's lag, TorchServe worker restarts, audit rows, and
+the machine's stalls as a process with nothing else to do saw them.
 
 CPU is the group's (a TorchServe replica is a launcher, a JVM and a Python worker)
 user + system time over the window, as a share of one core; memory is the group's
@@ -9,8 +10,10 @@ costs the stack nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from core.processes import ManagedProcess, live_group_members
+from core.processes import ManagedProcess, live_members_by_group
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -62,7 +65,8 @@ class ProcessSampler:
 
     def sample(self, now: float) -> dict[str, tuple[float, float]]:
         """name -> (CPU % of one core since the last sample, RSS MB now)."""
-        usage = {name: usage_of(live_group_members(pgid)) for name, pgid in self._pgids.items()}
+        members = live_members_by_group(self._pgids.values())
+        usage = {name: usage_of(members[pgid]) for name, pgid in self._pgids.items()}
         if self._own_name:
             usage[self._own_name] = usage_of([os.getpid()])
         elapsed = now - self._last_at if self._last_at else 0.0
@@ -157,3 +161,50 @@ def stored_decision_ids(database: Path) -> set[str]:
     """Decision ids in the SQLite audit store, read through a read-only connection."""
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
         return {row[0] for row in connection.execute("SELECT decision_id FROM decisions")}
+
+
+@dataclass(frozen=True, slots=True)
+class Stall:
+    at_unix_s: float
+    late_ms: float
+
+
+class StallWitness:
+    """Runs ``loadtest.stall_witness`` beside the stack and hands over the machine-wide
+    stalls it saw since the last ``take``."""
+
+    def __init__(self, run_dir: Path, cwd: Path) -> None:
+        self._proc = ManagedProcess(
+            "stall-witness",
+            [sys.executable, "-m", "loadtest.stall_witness"],
+            cwd=cwd,
+            log_path=run_dir / "stall-witness" / "stalls.log",
+        )
+        self._read_to = 0
+
+    def start(self) -> None:
+        self._proc.log_path.unlink(missing_ok=True)
+        self._proc.start()
+
+    def stop(self) -> None:
+        self._proc.stop()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def take(self) -> list[Stall]:
+        try:
+            with open(self._proc.log_path, "rb") as log:
+                log.seek(self._read_to)
+                text = log.read()
+        except OSError:
+            return []
+        complete = text[: text.rfind(b"\n") + 1]  # a line being written waits
+        self._read_to += len(complete)
+        stalls = []
+        for line in complete.decode(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                at, late = line.split()
+                stalls.append(Stall(float(at), float(late)))
+        return stalls

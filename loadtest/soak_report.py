@@ -32,6 +32,7 @@ class Answer:
     feature_age_ms: float  # -1: none used, or not OK
     late: bool  # ended DEADLINE_EXCEEDED: no answer within the caller's deadline
     decision_id: str = ""
+    sent_unix_s: float = 0.0  # to find the call in the server's log and the audit store
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,10 @@ class Window:
     # The whole machine over the window, % of all cores: busy, and stolen by the host.
     machine_busy_pct: float = 0.0
     machine_steal_pct: float = 0.0
+    # The longest a process with nothing else to do waited for a CPU (the stall
+    # witness), and the longest the load generator's own loop sent behind schedule.
+    machine_stall_max_ms: float = 0.0
+    client_send_lag_max_ms: float = 0.0
 
 
 def summarize(
@@ -75,6 +80,8 @@ def summarize(
     processes: dict[str, tuple[float, float]],
     fault: str,
     machine: tuple[float, float] = (0.0, 0.0),
+    machine_stall_max_ms: float = 0.0,
+    client_send_lag_max_ms: float = 0.0,
 ) -> Window:
     """``machine``: (busy %, steal %) of all cores over the window."""
     outcomes = Counter(a.outcome for a in answers)
@@ -97,6 +104,8 @@ def summarize(
         fault=fault,
         machine_busy_pct=machine[0],
         machine_steal_pct=machine[1],
+        machine_stall_max_ms=machine_stall_max_ms,
+        client_send_lag_max_ms=client_send_lag_max_ms,
     )
 
 
@@ -183,7 +192,10 @@ def row(window: Window) -> str:
         f" {window.model_share:6.1%} {window.p50_ms:6.1f} {window.p99_ms:6.1f}"
         f" {window.late:4d} {window.feature_age_p99_ms:6.0f} {window.consumer_lag:5d}"
         f" {window.worker_restarts:3d}  {sources}{flag}{broken}\n{'':>11} machine"
-        f" busy={window.machine_busy_pct:.0f}% steal={window.machine_steal_pct:.1f}% {procs}"
+        f" busy={window.machine_busy_pct:.0f}% steal={window.machine_steal_pct:.1f}%"
+        f" stall={window.machine_stall_max_ms:.0f}ms"
+        f" client-lag={window.client_send_lag_max_ms:.0f}ms"
+        f" {procs}"
     )
 
 

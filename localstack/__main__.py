@@ -120,8 +120,10 @@ class LocalStack:
     ) -> None:
         """``workers``: decision-server processes sharing the ports (their metrics on
         consecutive ports from the first)."""
-        self.run_dir = run_dir
-        self.models_dir = models_dir
+        # Absolute: the processes run in the checkout, and redis-server and TorchServe
+        # read their folders from their own working directory.
+        self.run_dir = run_dir.resolve()
+        self.models_dir = models_dir.resolve() if models_dir else None
         self.workers = workers
         self.decision_port = 50051 + offset
         self.admin_port = 50052 + offset

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import re
 import time
+
+import pytest
 
 from core.loop_lag import LoopLag
 
@@ -55,3 +59,39 @@ async def test_the_stalled_share_is_the_stall_over_the_window() -> None:
         assert lag.stalled_share(0.01) <= 1.0
     finally:
         await lag.stop()
+
+
+async def test_a_stall_is_logged_with_the_cpu_and_collection_time_it_took(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lag = LoopLag(interval_s=0.002)
+    lag.start()
+    try:
+        await asyncio.sleep(0.01)
+        began = time.thread_time()
+        while time.thread_time() - began < 0.08:  # on the CPU, not asleep
+            gc.collect(0)
+        await asyncio.sleep(0.01)
+    finally:
+        await lag.stop()
+    (record,) = [r for r in caplog.records if "event loop stalled" in r.getMessage()]
+    stalled_ms, cpu_ms, gc_ms = (float(x) for x in re.findall(r"(\d+) ms", record.getMessage()))
+    assert stalled_ms >= 70
+    assert cpu_ms >= 70  # it was this thread's own work
+    assert 0 < gc_ms <= cpu_ms
+
+
+async def test_a_stall_off_the_cpu_is_logged_as_such(caplog: pytest.LogCaptureFixture) -> None:
+    lag = LoopLag(interval_s=0.002)
+    lag.start()
+    try:
+        await asyncio.sleep(0.01)
+        block_the_loop(0.08)  # asleep: the kernel has the thread
+        await asyncio.sleep(0.01)
+    finally:
+        await lag.stop()
+    (record,) = [r for r in caplog.records if "event loop stalled" in r.getMessage()]
+    stalled_ms, cpu_ms, gc_ms = (float(x) for x in re.findall(r"(\d+) ms", record.getMessage()))
+    assert stalled_ms >= 70
+    assert cpu_ms < 20
+    assert gc_ms == 0
