@@ -61,7 +61,7 @@ DURATION ?= 600
 soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 ..."
 	@$(PY) -m loadtest.soak --duration-s $(DURATION) $(foreach f,$(FAULTS),--fault $(f))
 
-acceptance: setup ## The Coinbase recording in ../shared/data through Kafka into Redis, checked
-	@$(PY) -m loadtest.coinbase_acceptance
+acceptance: setup ## Every recording under ../shared/data (Coinbase, Binance, Kraken, L2 CSV) through Kafka into Redis, checked
+	@$(PY) -m loadtest.acceptance
 
 .PHONY: help setup setup-ci lock run models proto fmt lint proto-check test test-fast bench soak acceptance

@@ -1,7 +1,12 @@
 """``python -m feature_cache.replay``: publish market events to Kafka at 1x, Nx or max speed.
 
-Sources: the seeded generator (``--source generator``) or a raw Coinbase websocket
-recording (``--source coinbase --path FILE``). Events are keyed by symbol. With
+Sources: the seeded generator (``--source generator``) or a recording,
+``--source KIND:PATH`` with KIND ``coinbase``, ``binance``, ``kraken`` or ``csv`` and PATH
+a file or a folder (``feature_cache.exchanges.sources``; ``--source coinbase --path FILE``
+still works). Events are keyed by symbol (``BINANCE:BTC-USD``: a venue's books never mix
+with another's). A recording's replay ends with a summary per symbol: snapshots, deltas,
+trades, sequence gaps, checksum failures, crossed books, events not published while a
+book was out of sync, skipped and malformed lines. With
 ``--rebase-time`` (the default) exchange times are shifted so the first event is "now",
 so that features computed from an old recording are fresh to the decision server.
 """
@@ -21,6 +26,8 @@ from aiokafka import AIOKafkaProducer
 
 from feature_cache.codec import encode
 from feature_cache.events import MarketEvent
+from feature_cache.exchanges.feed import ReplaySummary
+from feature_cache.exchanges.sources import KINDS, Source
 from feature_cache.settings import FeatureCacheSettings
 
 # Futures awaited per chunk: bounds memory while keeping the producer's batches full.
@@ -118,13 +125,19 @@ async def replay(
     return progress.count
 
 
-def _events(args: argparse.Namespace) -> tuple[Iterable[MarketEvent], int | None]:
-    if args.source == "coinbase":
-        from feature_cache.coinbase import read_recording
-
+def _events(
+    args: argparse.Namespace, summary: ReplaySummary
+) -> tuple[Iterable[MarketEvent], int | None]:
+    if args.source == "coinbase":  # the older spelling: --source coinbase --path FILE
         if args.path is None:
             raise SystemExit("--source coinbase needs --path to the recording")
-        return read_recording(args.path), None
+        args.source = f"coinbase:{args.path}"
+    if args.source != "generator":
+        try:
+            source = Source.parse(args.source)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        return source.events(summary), None
     from feature_cache.generator import MarketGenerator
 
     generator = MarketGenerator(
@@ -141,7 +154,11 @@ def _events(args: argparse.Namespace) -> tuple[Iterable[MarketEvent], int | None
 def main() -> None:
     kafka = FeatureCacheSettings().kafka
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--source", choices=("generator", "coinbase"), default="generator")
+    parser.add_argument(
+        "--source",
+        default="generator",
+        help=f"generator, or KIND:PATH with KIND one of {', '.join(KINDS)} (a file or a folder)",
+    )
     parser.add_argument("--path", type=Path, help="the recording, for --source coinbase")
     parser.add_argument("--symbols", default="BTC-USD,ETH-USD,SOL-USD")
     parser.add_argument("--count", type=int, default=10_000, help="generator events; 0: endless")
@@ -155,7 +172,8 @@ def main() -> None:
     parser.add_argument("--topic", default=kafka.topic)
     args = parser.parse_args()
     speed = None if args.speed == "max" else float(args.speed)
-    events, total = _events(args)
+    summary = ReplaySummary()
+    events, total = _events(args, summary)
     if not args.keep_times:
         if speed is None and total is None and args.source == "generator":
             raise SystemExit("an endless generator needs a paced --speed (or --keep-times)")
@@ -170,6 +188,8 @@ def main() -> None:
         )
     )
     print(f"published {count:,} events to {args.topic}", file=sys.stderr)
+    if args.source != "generator":
+        print(summary.table(), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from proto.decision.v1 import decision_pb2
 from server.errors import InvalidArgument
 
 MAX_ID_LENGTH = 128
-SYMBOL_PATTERN = re.compile(r"[A-Z0-9][A-Z0-9._/-]{0,31}")
+# ':' for a venue's key (``BINANCE:BTC-USD``, see feature_cache.exchanges.symbols).
+SYMBOL_PATTERN = re.compile(r"[A-Z0-9][A-Z0-9._/:-]{0,31}")
 _SIDES = {decision_pb2.SIDE_BUY: Side.BUY, decision_pb2.SIDE_SELL: Side.SELL}
 
 
@@ -38,7 +39,8 @@ def check_symbol(field: str, symbol: str) -> str:
     if not SYMBOL_PATTERN.fullmatch(symbol):
         raise InvalidArgument(
             field,
-            "must be 1 to 32 characters of A-Z, 0-9, '.', '_', '/', '-', starting with A-Z or 0-9",
+            "must be 1 to 32 characters of A-Z, 0-9, '.', '_', '/', ':', '-',"
+            " starting with A-Z or 0-9",
         )
     return symbol
 

@@ -143,7 +143,9 @@ class DecideRequest(_message.Message):
     At most 128 characters.
     """
     symbol: _builtins.str
-    """Instrument, e.g. "BTC-USD": 1 to 32 characters of A-Z, 0-9, '-', '.', '/', '_'."""
+    """Instrument, e.g. "BTC-USD", or with its venue "BINANCE:BTC-USD": 1 to 32
+    characters of A-Z, 0-9, '-', '.', '/', '_', ':'.
+    """
     side: Global___Side.ValueType
     quantity: _builtins.float
     """Order quantity in base units; finite and greater than zero."""

@@ -1,0 +1,128 @@
+"""The raw websocket recording format the exchange readers share, and its value checks.
+
+One line a frame, as cryptofeed's raw-data recorder writes it:
+
+* ``RECEIVE_TIME: JSON``: a websocket message; RECEIVE_TIME is Unix seconds (local clock);
+* ``URL -> RECEIVE_TIME: JSON``: a REST response (Binance's depth snapshot);
+* ``URL <-> TIME`` and ``URL <- TIME: JSON``: the recorder's own connection and
+  subscribe records; skipped, as are blank lines.
+
+A recording may be split over several files (cryptofeed writes the websocket frames
+and the REST responses apart): :func:`merged_lines` reads them as one stream in receive
+time order, each file's own order kept.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+
+class MalformedLine(ValueError):
+    """A line or value that does not follow the format; the message says what was wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedLine:
+    receive_time_us: int
+    body: str  # the JSON text
+    url: str | None = None  # the request, for a REST response
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    kind: str  # "blank" or "connection"
+
+
+def classify(text: str) -> RecordedLine | Skipped:
+    """One line of a recording; raises :class:`MalformedLine`."""
+    text = text.rstrip("\r\n")
+    if not text.strip():
+        return Skipped("blank")
+    head, sep, body = text.partition(": ")
+    first = head.split(" ", 1)[0]
+    if "://" in first:
+        url, arrow, when = head.partition(" -> ")
+        if arrow and sep:
+            return RecordedLine(seconds_to_us(when), body, url)
+        return Skipped("connection")  # `URL <-> TIME`, `URL <- TIME: JSON`
+    if not sep:
+        raise MalformedLine("expected 'RECEIVE_TIME: JSON'")
+    return RecordedLine(seconds_to_us(head), body)
+
+
+def merged_lines(paths: Iterable[Path]) -> Iterator[tuple[str, str]]:
+    """``(file:line, text)`` of every line of ``paths``, as one stream ordered by receive
+    time; a line without a readable time keeps its place after the line before it."""
+    return ((where, text) for _, _, where, text in heapq.merge(*map(_timed_lines, paths)))
+
+
+def _timed_lines(path: Path) -> Iterator[tuple[int, int, str, str]]:
+    last_us = 0
+    # newline="": a "\r" inside a line is not a line end, so line numbers match `wc -l`.
+    with path.open(encoding="utf-8", errors="replace", newline="") as lines:
+        for number, text in enumerate(lines, start=1):
+            try:
+                found = classify(text)
+            except MalformedLine:
+                found = Skipped("unreadable")
+            if isinstance(found, RecordedLine):
+                last_us = found.receive_time_us
+            yield last_us, number, f"{path.name}:{number}", text
+
+
+def seconds_to_us(text: str) -> int:
+    """Decimal Unix seconds to integer microseconds, exactly (a float holds ~0.2 us at
+    today's epoch seconds)."""
+    try:
+        seconds = Decimal(text.strip())
+    except InvalidOperation:
+        raise MalformedLine(f"time {text[:40]!r} is not a number") from None
+    if not seconds.is_finite():
+        raise MalformedLine(f"time {text!r} is not finite")
+    return int(seconds.scaleb(6).to_integral_value())
+
+
+def number(value: object, what: str) -> float:
+    """A decimal string (venues send prices and sizes as strings to keep their digits)."""
+    if not isinstance(value, str):
+        raise MalformedLine(f"{what} {value!r} is not a decimal string")
+    try:
+        result = float(value)
+    except ValueError:
+        raise MalformedLine(f"{what} {value!r} is not a number") from None
+    if not math.isfinite(result):
+        raise MalformedLine(f"{what} {value!r} is not finite")
+    return result
+
+
+def price(value: object) -> float:
+    result = number(value, "price")
+    if result <= 0:
+        raise MalformedLine(f"price {value!r} is not positive")
+    return result
+
+
+def size(value: object) -> float:
+    result = number(value, "size")
+    if result < 0:
+        raise MalformedLine(f"size {value!r} is negative")
+    return result
+
+
+def text_field(message: dict[str, object], key: str) -> str:
+    value = message.get(key)
+    if not isinstance(value, str):
+        raise MalformedLine(f"field {key!r} is missing or not a string")
+    return value
+
+
+def int_field(message: dict[str, object], key: str) -> int:
+    value = message.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MalformedLine(f"field {key!r} is missing or not an integer")
+    return value
