@@ -42,6 +42,17 @@ class FeatureSettings(SettingsSection):
     max_age_ms: float = Field(
         2000.0, gt=0, description="Older feature records are stale: the model is skipped."
     )
+    mirror: bool = Field(
+        True,
+        description="Keep every symbol's record in this process (feature_cache.mirror), "
+        "updated by the writer's pub/sub messages; Decide reads Redis only while the mirror "
+        "is not live (before its first load, after a lost subscription).",
+    )
+    mirror_max_symbols: int = Field(
+        10_000,
+        ge=1,
+        description="Records the mirror holds at most; a symbol past it is read from Redis.",
+    )
 
 
 class KafkaSettings(SettingsSection):

@@ -5,6 +5,10 @@ A record is one Redis hash per symbol, ``{prefix}features:{symbol}``, with field
 ``o`` (source offset). The writer's Lua script compares ``(t, o)`` with the stored pair
 and writes only when the new one is greater, so a re-delivered or replayed older
 message never moves a symbol's features back. Records expire after ``ttl_s``.
+
+Each write that lands is also published on ``{prefix}features:changed`` as
+``SYMBOL\nPAYLOAD``, so that a decision server's ``FeatureMirror`` holds the same
+record within milliseconds without a read.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ if cur[1] then
 end
 redis.call('HSET', KEYS[1], 'p', ARGV[3], 't', ARGV[1], 'o', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[6] .. '\\n' .. ARGV[3])
 return 1
 """
 
@@ -57,6 +62,18 @@ def feature_key(prefix: str, symbol: str) -> str:
     return f"{prefix}features:{symbol}"
 
 
+def feature_channel(prefix: str) -> str:
+    """Where each landed write is published, ``SYMBOL\nPAYLOAD`` (see ``decode_change``)."""
+    return f"{prefix}features:changed"
+
+
+def decode_change(data: bytes | str) -> FeatureRecord | None:
+    """A published change, or None if it is not one (or has another schema version)."""
+    text = data.decode() if isinstance(data, bytes) else data
+    symbol, sep, payload = text.partition("\n")
+    return decode_record(symbol, payload) if sep else None
+
+
 def _encode(record: FeatureRecord) -> str:
     return json.dumps(
         {
@@ -69,7 +86,7 @@ def _encode(record: FeatureRecord) -> str:
     )
 
 
-def _decode(symbol: str, raw: bytes | str | None) -> FeatureRecord | None:
+def decode_record(symbol: str, raw: bytes | str | None) -> FeatureRecord | None:
     """The record, or None when there is none, it has another schema version or is corrupt."""
     if raw is None:
         return None
@@ -95,6 +112,7 @@ class FeatureWriter:
     def __init__(self, client: aioredis.Redis, *, key_prefix: str, ttl_s: float) -> None:
         self._client = client
         self._prefix = key_prefix
+        self._channel = feature_channel(key_prefix)
         self._ttl_ms = int(ttl_s * 1000)
 
     def queue(self, pipe: Pipeline, records: Sequence[FeatureRecord]) -> None:
@@ -114,6 +132,8 @@ class FeatureWriter:
                 record.source_offset,
                 _encode(record),
                 self._ttl_ms,
+                self._channel,
+                record.symbol,
             )
 
     async def write_many(self, records: Sequence[FeatureRecord]) -> int:
@@ -135,7 +155,7 @@ class FeatureReader:
 
     async def read(self, symbol: str) -> FeatureRecord | None:
         raw = await self._client.hget(feature_key(self._prefix, symbol), "p")
-        return _decode(symbol, raw)
+        return decode_record(symbol, raw)
 
     async def symbols(self, limit: int = 100) -> list[str]:
         """Symbols with a feature record (at most ``limit``, sorted), for status pages."""
@@ -155,4 +175,4 @@ class FeatureReader:
             for symbol in symbols:
                 pipe.hget(feature_key(self._prefix, symbol), "p")
             raws = await pipe.execute()
-        return [_decode(s, r) for s, r in zip(symbols, raws, strict=True)]
+        return [decode_record(s, r) for s, r in zip(symbols, raws, strict=True)]

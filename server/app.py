@@ -5,7 +5,8 @@ front); ``DecisionApp`` wires them and runs them on an ``AsyncExitStack``, so th
 is start in reverse, whatever failed.
 
 Start order: ports bound → audit trail (journal opened and repaired, shipping of an
-earlier process's leftovers begins) → model clients → shared control state → metrics →
+earlier process's leftovers begins) → feature mirror (live after its first load) → model
+clients → shared control state → metrics →
 gRPC servers (NOT_SERVING) → SERVING once Redis answers. Stop runs in reverse:
 NOT_SERVING, both gRPC servers stop accepting and let in-flight RPCs finish within the
 grace period (together), pending shadow calls and cached-score writes, the canary
@@ -36,6 +37,7 @@ from core.loop_lag import LoopLag
 from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
 from fallback.score_cache import ScoreCache, ScoreWriter
+from feature_cache.mirror import FeatureMirror
 from feature_cache.store import FeatureReader
 from server.admin.control_plane import ControlPlane
 from server.admin.servicer import AdminServicer
@@ -56,7 +58,13 @@ from server.router import ReplicaRouter
 from server.servicer import DecisionServicer
 from server.settings import Settings, TorchServeSettings
 from server.shadow import ShadowAudit, ShadowScorer
-from server.telemetry import AuditCollector, LoadCollector, MetricsServer, ShadowCollector
+from server.telemetry import (
+    AuditCollector,
+    FeatureCollector,
+    LoadCollector,
+    MetricsServer,
+    ShadowCollector,
+)
 from server.traffic import Traffic
 
 log = logging.getLogger(__name__)
@@ -206,6 +214,18 @@ def ladder(settings: Settings, score_cache: ScoreCache, redis_reads: StoreReads)
     )
 
 
+def feature_mirror(settings: Settings) -> FeatureMirror | None:
+    features = settings.features
+    if not features.mirror:
+        return None
+    return FeatureMirror(
+        settings.redis.url,
+        key_prefix=settings.redis.key_prefix,
+        max_symbols=features.mirror_max_symbols,
+        connect_timeout_ms=settings.redis.socket_timeout_ms,
+    )
+
+
 def shadow_scorer(
     settings: Settings, challenger: Replica | None, audit: ShadowAudit
 ) -> ShadowScorer | None:
@@ -255,6 +275,7 @@ class DecisionApp:
         changes = AuditedChanges(self.shared, recorder)
         self.canary = CanaryMonitor(settings.canary, CanaryRollback(changes))
         self.shadow = shadow_scorer(settings, self.challenger, recorder)
+        self.mirror = feature_mirror(settings)
         self.control_plane = ControlPlane(
             changes=changes,
             replicas=replicas.all,
@@ -262,6 +283,7 @@ class DecisionApp:
             canary=self.canary,
             server_id=lambda: self.audit.server_id,
             features=FeatureReader(self.status_redis, key_prefix=prefix),
+            mirror=self.mirror,
             audit_view=self._audit_view if settings.audit.enabled else lambda: None,
         )
         score_cache = ScoreCache(
@@ -274,12 +296,14 @@ class DecisionApp:
             cap_ms=settings.redis.read_timeout_ms,
             max_abandoned=settings.redis.max_abandoned_reads,
         )
+        self.features = FeatureSource(
+            FeatureReader(self.redis, key_prefix=prefix),
+            redis_reads,
+            max_age_ms=settings.features.max_age_ms,
+            mirror=self.mirror,
+        )
         self.engine = DecisionEngine(
-            features=FeatureSource(
-                FeatureReader(self.redis, key_prefix=prefix),
-                redis_reads,
-                max_age_ms=settings.features.max_age_ms,
-            ),
+            features=self.features,
             traffic=traffic(settings, replicas, self.canary),
             ladder=ladder(settings, score_cache, redis_reads),
             scores=ScoreWriter(
@@ -298,6 +322,7 @@ class DecisionApp:
         )
         registry = CollectorRegistry()
         registry.register(LoadCollector(self.engine, [r.client for r in replicas.all]))
+        registry.register(FeatureCollector(self.features, self.mirror))
         if settings.audit.enabled:
             registry.register(AuditCollector(self.audit))
         if self.shadow is not None:
@@ -351,6 +376,9 @@ class DecisionApp:
         stack.push_async_callback(self.loop_lag.stop)
         stack.push_async_callback(self.redis.aclose)
         stack.push_async_callback(self.status_redis.aclose)
+        if self.mirror is not None:
+            await self.mirror.start()
+            stack.push_async_callback(self.mirror.stop)
         for replica in self._all_replicas:
             await replica.client.start()
             stack.push_async_callback(replica.client.stop)

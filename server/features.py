@@ -1,8 +1,9 @@
 """``FeatureSource``: each order's features as the model may use them, read once per call.
 
-One Redis read for all the orders of a call, bounded by the request's budget; each
-order gets a finished ``FeatureSnapshot``: the values with the order's overrides applied,
-or none and why (no record, stale, unusable, the store failed).
+The records come from the process's ``FeatureMirror`` while it is live, else from one
+Redis read for all the orders of a call, bounded by the request's budget; each order gets
+a finished ``FeatureSnapshot``: the values with the order's overrides applied, or none
+and why (no record, stale, unusable, the store failed).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from core.deadline import Budget, StoreReads
 from core.domain import OrderRequest
+from feature_cache.mirror import FeatureMirror
 from feature_cache.schema import FEATURE_INDEX, first_unrepresentable
 from feature_cache.store import FeatureReader, FeatureRecord
 
@@ -31,27 +33,43 @@ class FeatureRead:
 
 
 class FeatureSource:
-    def __init__(self, reader: FeatureReader, reads: StoreReads, *, max_age_ms: float) -> None:
+    def __init__(
+        self,
+        reader: FeatureReader,
+        reads: StoreReads,
+        *,
+        max_age_ms: float,
+        mirror: FeatureMirror | None = None,
+    ) -> None:
         self._reader = reader
         self._reads = reads
         self._max_age_ms = max_age_ms
+        self._mirror = mirror
+        self.mirror_reads = 0  # calls answered from the mirror
+        self.store_reads = 0  # calls that read Redis
 
     async def read(self, orders: Sequence[OrderRequest], budget: Budget) -> FeatureRead:
         if not orders:
             return FeatureRead(())
         symbols = [order.symbol for order in orders]
-        read = await self._reads.read(
-            lambda: self._reader.read_many(symbols), budget, what="feature store"
-        )
-        if read.value is None:
-            return FeatureRead(
-                (FeatureSnapshot(None, reason=read.failure),) * len(orders), read.failure
+        records = self._mirror.lookup(symbols) if self._mirror is not None else None
+        if records is not None:
+            self.mirror_reads += 1
+        else:
+            self.store_reads += 1
+            read = await self._reads.read(
+                lambda: self._reader.read_many(symbols), budget, what="feature store"
             )
+            if read.value is None:
+                return FeatureRead(
+                    (FeatureSnapshot(None, reason=read.failure),) * len(orders), read.failure
+                )
+            records = read.value
         now_us = time.time_ns() // 1000
         return FeatureRead(
             tuple(
                 self._snapshot(order, record, now_us)
-                for order, record in zip(orders, read.value, strict=True)
+                for order, record in zip(orders, records, strict=True)
             )
         )
 

@@ -20,9 +20,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from feature_cache.mirror import FeatureMirror
 from server.audit.trail import AuditTrail
 from server.batching import BatchingClient
 from server.engine import DecisionEngine
+from server.features import FeatureSource
 from server.model_client import GrpcModelClient, ModelClient
 from server.shadow import DIFF_BUCKETS, ShadowScorer
 
@@ -77,6 +79,40 @@ class AuditCollector(Collector):
             "decision_audit_last_shipped_timestamp_seconds",
             "Wall-clock time of the last successful insert (0: none yet).",
             value=shipper.last_shipped_at_us / 1e6,
+        )
+
+
+class FeatureCollector(Collector):
+    """Where Decide's features came from: the in-process mirror or a Redis read."""
+
+    def __init__(self, source: FeatureSource, mirror: FeatureMirror | None) -> None:
+        self._source = source
+        self._mirror = mirror
+
+    def collect(self) -> Iterator[Metric]:
+        reads = CounterMetricFamily(
+            "decision_feature_reads",
+            "Decide calls' feature reads, by where they were answered.",
+            labels=["via"],
+        )
+        reads.add_metric(["mirror"], self._source.mirror_reads)
+        reads.add_metric(["redis"], self._source.store_reads)
+        yield reads
+        if self._mirror is None:
+            return
+        status = self._mirror.status()
+        yield GaugeMetricFamily(
+            "decision_feature_mirror_live",
+            "1 while the feature mirror answers (loaded, subscription up); 0: Redis is read.",
+            value=1.0 if status.live else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "decision_feature_mirror_symbols", "Symbols the mirror holds.", value=status.symbols
+        )
+        yield CounterMetricFamily(
+            "decision_feature_mirror_losses",
+            "Times the mirror's subscription was lost (it reloads when it is back).",
+            value=status.losses,
         )
 
 

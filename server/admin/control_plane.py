@@ -17,6 +17,7 @@ from typing import Any
 
 import redis.exceptions
 
+from feature_cache.mirror import FeatureMirror
 from feature_cache.store import FeatureReader
 from server.admin.views import AuditView, CanaryView, FlagView, ReplicaView, Status
 from server.control.canary import CanaryMonitor
@@ -69,9 +70,11 @@ class ControlPlane:
         canary: CanaryMonitor | None,
         server_id: Callable[[], str],
         features: FeatureReader,
+        mirror: FeatureMirror | None = None,
         audit_view: Callable[[], AuditView | None] = lambda: None,
     ) -> None:
         self._features = features
+        self._mirror = mirror
         self._audit_view = audit_view
         self._changes = changes
         self._shared = changes.shared
@@ -247,4 +250,5 @@ class ControlPlane:
             sync=self._shared.status(),
             feature_ages_ms=feature_ages,
             audit=self._audit_view(),
+            mirror=self._mirror.status() if self._mirror is not None else None,
         )

@@ -120,6 +120,16 @@ def _format_canary(canary: pb.CanaryStatus) -> list[str]:
     return [line, table, f"  score psi {canary.score_psi:.4f}"]
 
 
+def _format_mirror(mirror: pb.FeatureMirrorStatus) -> str:
+    if not mirror.enabled:
+        return "read from Redis (no mirror)"
+    since = f" since {_time(mirror.since)}" if mirror.HasField("since") else ""
+    losses = f", {mirror.losses} subscriptions lost" if mirror.losses else ""
+    if mirror.live:
+        return f"mirror live, {mirror.symbols} symbols{since}{losses}"
+    return f"MIRROR NOT LIVE{since}, reading Redis: {mirror.error or '?'}{losses}"
+
+
 def format_status(status: pb.GetStatusResponse) -> str:
     """GetStatus for a human: a header, then one section per topic."""
     shared = status.shared_state
@@ -129,7 +139,13 @@ def format_status(status: pb.GetStatusResponse) -> str:
         sync = f"OUT OF SYNC (keeping version {shared.version}): {shared.error or '?'}"
     if shared.HasField("synced_at"):
         sync += f", last synced {_time(shared.synced_at)}"
-    out = [f"server        {status.server_id or '?'}", f"shared state  {sync}", "", "replicas"]
+    out = [
+        f"server        {status.server_id or '?'}",
+        f"shared state  {sync}",
+        f"features      {_format_mirror(status.feature_mirror)}",
+        "",
+        "replicas",
+    ]
     out += _format_replicas(status)
     out += ["", "kill switches"]
     out += [

@@ -132,6 +132,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             ),
             model_versions={r.name: r.model_version for r in status.replicas if r.model_version},
         )
+        mirror = status.mirror
+        response.feature_mirror.CopyFrom(
+            admin_pb2.FeatureMirrorStatus(enabled=False)
+            if mirror is None
+            else admin_pb2.FeatureMirrorStatus(
+                live=mirror.live,
+                enabled=True,
+                symbols=mirror.symbols,
+                since=_timestamp(mirror.since_us),
+                error=mirror.error,
+                losses=mirror.losses,
+            )
+        )
         if status.audit is not None:
             response.audit.CopyFrom(
                 admin_pb2.AuditBacklog(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from feature_cache.mirror import MirrorStatus
 from server.control.canary import CanaryComparison
 from server.control.recent import CallSummary
 from server.control.shared import SyncStatus
@@ -56,3 +57,4 @@ class Status:
     sync: SyncStatus
     feature_ages_ms: dict[str, float]  # -1: no record
     audit: AuditView | None
+    mirror: MirrorStatus | None = None  # None: no feature mirror

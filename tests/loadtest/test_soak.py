@@ -3,7 +3,8 @@ minutes of steady Decide load with the stack's redis-server paused for 30 s in t
 
 Asserted: no TorchServe worker restart; every answered decision in the audit store, and
 every answer the model did not give says why; the ladder abstains while Redis is paused
-and the model answers again within 10 s of the resume; under 1 % of answers after the
+(the feature mirror's records go stale; no decision waits for Redis twice) and the model
+answers again within 10 s of the resume; under 1 % of answers after the
 deadline. Reported, not asserted: the per-window bounds (model share ≥ 99 %, p99 ≤ 30 ms,
 no late answer), which a busy 2-core machine does not meet every window yet (issue
 "The whole stack stays healthy for hours").
@@ -91,8 +92,11 @@ def test_three_minute_soak_with_a_redis_pause_loses_nothing_and_recovers(model_s
             "SELECT count(*) FROM decisions WHERE reason LIKE '%feature store timed out%'"
             " AND reason LIKE '%cached score lookup timed out%'"
         ).fetchone()[0]
-        skipped = db.execute(
-            "SELECT count(*) FROM decisions WHERE reason LIKE '%cached score skipped: feature%'"
+        # The feature mirror kept answering while Redis was paused: the features it held
+        # went stale, and only the cached-score lookup waited for Redis.
+        stale_from_mirror = db.execute(
+            "SELECT count(*) FROM decisions WHERE reason LIKE 'features stale%'"
+            " AND reason LIKE '%cached score lookup timed out%'"
         ).fetchone()[0]
     assert reasons[0] > 0 and reasons[1] == 0, reasons
-    assert waited_twice == 0 and skipped > 0, (waited_twice, skipped)
+    assert waited_twice == 0 and stale_from_mirror > 0, (waited_twice, stale_from_mirror)

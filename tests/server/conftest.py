@@ -120,23 +120,73 @@ async def settle(app: DecisionApp, *, answer_within_ms: float = 10.0, times: int
 
 
 @pytest.fixture
-async def feature_writer(redis_client: aioredis.Redis, key_prefix: str) -> FeatureWriter:
-    return FeatureWriter(redis_client, key_prefix=key_prefix, ttl_s=60)
+async def feature_writer(
+    redis_client: aioredis.Redis, key_prefix: str, running_apps: list[DecisionApp]
+) -> MirroredFeatureWriter:
+    return MirroredFeatureWriter(
+        FeatureWriter(redis_client, key_prefix=key_prefix, ttl_s=60), running_apps
+    )
+
+
+async def mirrored(apps: list[DecisionApp], records: list[FeatureRecord]) -> None:
+    """Waits until the feature mirror of every app in ``apps`` holds ``records`` (or newer):
+    it hears of a write a few ms after Redis has it, and a test decides at once."""
+    deadline = time.monotonic() + 10
+    for app in apps:
+        mirror = app.mirror
+        if mirror is None or not mirror.live:
+            continue  # the app reads Redis
+        for record in records:
+            while (
+                (held := mirror.lookup([record.symbol])) is None
+                or held[0] is None
+                or (
+                    held[0].event_time_us,
+                    held[0].source_offset,
+                )
+                < (record.event_time_us, record.source_offset)
+            ):
+                assert time.monotonic() < deadline, f"{record.symbol} not mirrored in time"
+                await asyncio.sleep(0.002)
+
+
+class MirroredFeatureWriter:
+    """The consumer's ``FeatureWriter``, returning once the running apps' mirrors have
+    what it wrote."""
+
+    def __init__(self, writer: FeatureWriter, apps: list[DecisionApp]) -> None:
+        self._writer = writer
+        self._apps = apps
+
+    async def write_many(self, records: list[FeatureRecord]) -> int:
+        written = await self._writer.write_many(records)
+        await mirrored(self._apps, records)
+        return written
+
+
+@pytest.fixture
+def running_apps() -> list[DecisionApp]:
+    return []
 
 
 @pytest.fixture
 async def start_app(
-    redis_instance: RedisInstance, key_prefix: str, tmp_path: Path
+    redis_instance: RedisInstance, key_prefix: str, tmp_path: Path, running_apps: list[DecisionApp]
 ) -> AsyncIterator[Callable[..., Any]]:
     """Starts DecisionApps with settings sections merged over the test defaults; each app
-    has an audit folder of its own under the test's ``tmp_path``."""
-    apps: list[DecisionApp] = []
+    has an audit folder of its own under the test's ``tmp_path``. Returns once the app is
+    SERVING and its feature mirror (when on) is live."""
+    apps = running_apps
 
     async def _start(**sections: dict[str, Any]) -> DecisionApp:
         run_dir = tmp_path / f"app{len(apps)}"
         app = DecisionApp(make_settings(redis_instance.url, key_prefix, run_dir, **sections))
         await app.start()
         await app.wait_ready()
+        deadline = time.monotonic() + 10
+        while app.mirror is not None and not app.mirror.live:
+            assert time.monotonic() < deadline, "the feature mirror did not load"
+            await asyncio.sleep(0.005)
         apps.append(app)
         return app
 

@@ -12,9 +12,15 @@ import pytest
 
 from core.domain import Side
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
-from feature_cache.store import FeatureWriter
 from proto.decision.v1 import decision_pb2
-from tests.server.conftest import buy, decision_stub, replica_settings, sample_record, settle
+from tests.server.conftest import (
+    MirroredFeatureWriter,
+    buy,
+    decision_stub,
+    replica_settings,
+    sample_record,
+    settle,
+)
 
 pytestmark = pytest.mark.integration
 # The decision path runs against the same replicas through either inference API.
@@ -23,7 +29,7 @@ PROTOCOLS = pytest.mark.parametrize("protocol", ["torchserve", "oip"])
 
 @PROTOCOLS
 async def test_normal_path_is_answered_by_the_primary(
-    protocol, replicas, model_store, start_app, channel_to, feature_writer: FeatureWriter
+    protocol, replicas, model_store, start_app, channel_to, feature_writer: MirroredFeatureWriter
 ):
     await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(torchserve=replica_settings(replicas, protocol=protocol))

@@ -374,6 +374,49 @@ class SharedStateStatus(_message.Message):
 Global___SharedStateStatus: _TypeAlias = SharedStateStatus  # noqa: Y015
 
 @_typing.final
+class FeatureMirrorStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIVE_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    SYMBOLS_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    LOSSES_FIELD_NUMBER: _builtins.int
+    live: _builtins.bool
+    """False: Decide reads its features from Redis (the mirror is off, not loaded yet,
+    or its subscription was lost and it is loading again).
+    """
+    enabled: _builtins.bool
+    """False when the server runs without a mirror (DECISION_FEATURES__MIRROR=false)."""
+    symbols: _builtins.int
+    error: _builtins.str
+    """Why it is not live."""
+    losses: _builtins.int
+    """Subscriptions lost since the server started."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """When live last changed."""
+
+    def __init__(
+        self,
+        *,
+        live: _builtins.bool = ...,
+        enabled: _builtins.bool = ...,
+        symbols: _builtins.int = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        error: _builtins.str = ...,
+        losses: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "error", b"error", "live", b"live", "losses", b"losses", "since", b"since", "symbols", b"symbols"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureMirrorStatus: _TypeAlias = FeatureMirrorStatus  # noqa: Y015
+
+@_typing.final
 class GetStatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -406,6 +449,7 @@ class GetStatusResponse(_message.Message):
     AUDIT_FIELD_NUMBER: _builtins.int
     SHARED_STATE_FIELD_NUMBER: _builtins.int
     MODEL_VERSIONS_FIELD_NUMBER: _builtins.int
+    FEATURE_MIRROR_FIELD_NUMBER: _builtins.int
     server_id: _builtins.str
     """The server that answered: breaker states and windows are per server."""
     @_builtins.property
@@ -426,6 +470,8 @@ class GetStatusResponse(_message.Message):
     def model_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Model versions answering now, by replica name."""
 
+    @_builtins.property
+    def feature_mirror(self) -> Global___FeatureMirrorStatus: ...
     def __init__(
         self,
         *,
@@ -438,10 +484,11 @@ class GetStatusResponse(_message.Message):
         audit: Global___AuditBacklog | None = ...,
         shared_state: Global___SharedStateStatus | None = ...,
         model_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        feature_mirror: Global___FeatureMirrorStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "canary", b"canary", "shared_state", b"shared_state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "canary", b"canary", "feature_mirror", b"feature_mirror", "shared_state", b"shared_state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "canary", b"canary", "features", b"features", "flags", b"flags", "kill_switches", b"kill_switches", "model_versions", b"model_versions", "replicas", b"replicas", "server_id", b"server_id", "shared_state", b"shared_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "canary", b"canary", "feature_mirror", b"feature_mirror", "features", b"features", "flags", b"flags", "kill_switches", b"kill_switches", "model_versions", b"model_versions", "replicas", b"replicas", "server_id", b"server_id", "shared_state", b"shared_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -364,6 +364,8 @@ async def test_changes_need_an_operator_token_and_each_accepted_one_is_audited(a
             admin_pb2.BREAKER_MODE_AUTO,
             admin_pb2.BREAKER_MODE_FORCE_CLOSED,
         ]
+        mirror = status.feature_mirror
+        assert (mirror.enabled, mirror.live, mirror.losses) == (True, True, 0)
     finally:
         await channel.close()
 

@@ -35,6 +35,13 @@ def _status() -> pb.GetStatusResponse:
         shared_state=pb.SharedStateStatus(
             in_sync=False, error="redis timeout", version=42, synced_at=_ts("2026-11-21T09:59:00Z")
         ),
+        feature_mirror=pb.FeatureMirrorStatus(
+            enabled=True,
+            live=False,
+            error="ConnectionError: reset",
+            since=_ts("2026-11-21T09:58:00Z"),
+            losses=2,
+        ),
         replicas=[
             pb.ReplicaStatus(
                 name="primary",
@@ -199,6 +206,8 @@ def test_format_status_shows_the_key_content() -> None:
         "store FAILING",
         "3.0 MiB",
         "refused",
+        "MIRROR NOT LIVE since 2026-11-21T09:58:00Z, reading Redis: ConnectionError: reset",
+        "2 subscriptions lost",
     ]:
         assert expected in text, expected
     assert "3f1c2a9b8d7e6" not in text  # model versions are cut to 12 characters
@@ -208,6 +217,7 @@ def test_format_status_shows_the_key_content() -> None:
 
 def test_format_status_of_an_empty_response() -> None:
     text = ctl_format.format_status(pb.GetStatusResponse())
+    assert "read from Redis (no mirror)" in text
     assert "(no replicas)" in text
     assert "(none engaged)" in text
     assert "store FAILING" in text
