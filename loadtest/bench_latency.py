@@ -1,10 +1,12 @@
 """Decide vs direct TorchServe at concurrency 1, measured in one run on this machine.
 
-Starts its own redis-server, one TorchServe replica, the decision server and a bare
-echo server (the floor: one Python gRPC hop, no work) as separate processes on free
-loopback ports; this process is the client of every path. The paths are measured in
-alternating rounds so that machine noise lands on all of them alike. Prints p50/p99
-per path and the difference the decision layer adds over the direct model call.
+Starts its own redis-server, one TorchServe replica, two decision servers (D, as
+configured by default: features from its in-process mirror; R, the same with
+``DECISION_FEATURES__MIRROR=false``: a Redis read per call) and a bare echo server (the
+floor: one Python gRPC hop, no work) as separate processes on free loopback ports; this
+process is the client of every path. The paths are measured in alternating rounds so
+that machine noise lands on all of them alike. Prints p50/p99 per path and the
+difference the decision layer adds over the direct model call.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -119,8 +122,11 @@ def echo_server(port: int, run_dir: Path) -> ManagedProcess:
     )
 
 
+DECIDE_PATHS = {"decide": "D: Decide (whole chain)", "decide_redis": "R: Decide, no mirror"}
+
+
 async def measure(
-    decision_port: int,
+    decide_ports: Mapping[str, int],
     torchserve_port: int,
     echo_port: int,
     redis_port: int,
@@ -128,16 +134,26 @@ async def measure(
     per_round: int,
 ) -> dict[str, list[float]]:
     async with fresh_features(redis_port):
-        return await _measure(decision_port, torchserve_port, echo_port, rounds, per_round)
+        return await _measure(decide_ports, torchserve_port, echo_port, rounds, per_round)
 
 
 async def _measure(
-    decision_port: int, torchserve_port: int, echo_port: int, rounds: int, per_round: int
+    decide_ports: Mapping[str, int],
+    torchserve_port: int,
+    echo_port: int,
+    rounds: int,
+    per_round: int,
 ) -> dict[str, list[float]]:
-    decision_channel = grpc.aio.insecure_channel(f"127.0.0.1:{decision_port}")
+    """``decide_ports``: a decision server's port by path name (``DECIDE_PATHS``)."""
+    channels = {
+        name: grpc.aio.insecure_channel(f"127.0.0.1:{port}") for name, port in decide_ports.items()
+    }
     ts_channel = grpc.aio.insecure_channel(f"127.0.0.1:{torchserve_port}")
     echo_channel = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}")
-    decide = decision_pb2_grpc.DecisionServiceStub(decision_channel).Decide
+    decides = {
+        name: decision_pb2_grpc.DecisionServiceStub(channel).Decide
+        for name, channel in channels.items()
+    }
     echo = decision_pb2_grpc.DecisionServiceStub(echo_channel).Decide
     predict = inference_pb2_grpc.InferenceAPIsServiceStub(ts_channel).Predictions
     decide_request = decision_pb2.DecideRequest(
@@ -146,24 +162,22 @@ async def _measure(
     predict_request = inference_pb2.PredictionsRequest(
         model_name="champion", input={"rows": pack_rows([[0.1] * MODEL_INPUT_WIDTH])}
     )
-    results: dict[str, list[float]] = {
-        "echo": [],
-        "torchserve": [],
-        "decide": [],
-        "decide_server_us": [],
-        "decide_features_us": [],
-        "decide_model_us": [],
-    }
-    sources: dict[int, int] = {}
+    stages = ("server", "features", "model")
+    results: dict[str, list[float]] = {"echo": [], "torchserve": []}
+    for name in decides:
+        results[name] = []
+        for stage in stages:
+            results[f"{name}_{stage}_us"] = []
+    sources: dict[str, dict[int, int]] = {name: {} for name in decides}
 
-    async def one_decide() -> float:
+    async def one_decide(name: str) -> float:
         started = time.perf_counter()
-        response = await decide(decide_request, timeout=1.0)
+        response = await decides[name](decide_request, timeout=1.0)
         elapsed = (time.perf_counter() - started) * 1000
-        sources[response.source] = sources.get(response.source, 0) + 1
-        results["decide_server_us"].append(response.timings.total_us)
-        results["decide_features_us"].append(response.timings.features_us)
-        results["decide_model_us"].append(response.timings.model_us)
+        sources[name][response.source] = sources[name].get(response.source, 0) + 1
+        results[f"{name}_server_us"].append(response.timings.total_us)
+        results[f"{name}_features_us"].append(response.timings.features_us)
+        results[f"{name}_model_us"].append(response.timings.model_us)
         return elapsed
 
     async def one_echo() -> float:
@@ -180,26 +194,30 @@ async def _measure(
         for _ in range(50):  # warm-up, not recorded
             await one_echo()
             await one_predict()
-            await one_decide()
-        for key in ("decide_server_us", "decide_features_us", "decide_model_us"):
-            results[key].clear()
-        sources.clear()
+            for name in decides:
+                await one_decide(name)
+        for name in decides:
+            for stage in stages:
+                results[f"{name}_{stage}_us"].clear()
+            sources[name].clear()
         for r in range(rounds):
             for _ in range(per_round):
                 results["echo"].append(await one_echo())
             for _ in range(per_round):
                 results["torchserve"].append(await one_predict())
-            for _ in range(per_round):
-                results["decide"].append(await one_decide())
+            for name in decides:
+                for _ in range(per_round):
+                    results[name].append(await one_decide(name))
             print(f"  round {r + 1}/{rounds}", end="\r", flush=True)
         print()
     finally:
-        await decision_channel.close()
-        await echo_channel.close()
-        await ts_channel.close()
-    primary = sources.get(decision_pb2.SOURCE_PRIMARY, 0)
-    total = sum(sources.values())
-    print(f"  Decide answered by the primary: {primary}/{total}")
+        for channel in [*channels.values(), echo_channel, ts_channel]:
+            await channel.close()
+    for name, counts in sources.items():
+        primary = counts.get(decision_pb2.SOURCE_PRIMARY, 0)
+        print(
+            f"  {DECIDE_PATHS[name][:1]} answered by the primary: {primary}/{sum(counts.values())}"
+        )
     return results
 
 
@@ -211,30 +229,38 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         run_dir = Path(tmp)
-        print("starting redis-server, TorchServe and the decision server …", flush=True)
-        redis_port, decision_port, echo_port, no_secondary, *replica_ports = free_ports(10)
-        ts_ports = ReplicaPorts(*replica_ports)
+        print("starting redis-server, TorchServe and the decision servers …", flush=True)
+        redis_port, echo_port, no_secondary, *ports = free_ports(11)
+        decide_ports = dict(zip(DECIDE_PATHS, ports[:2], strict=True))
+        ts_ports = ReplicaPorts(*ports[2:])
         procs: list[ManagedProcess] = []
         try:
             start_backends(run_dir, redis_port, ts_ports, procs)
-            server = decision_server(
-                decision_port,
-                redis_port=redis_port,
-                torchserve_port=ts_ports.grpc_inference,
-                no_secondary_port=no_secondary,
-                state_dir=run_dir,
-            )
-            procs.append(server)
-            server.start()
+            servers = [
+                decision_server(
+                    port,
+                    redis_port=redis_port,
+                    torchserve_port=ts_ports.grpc_inference,
+                    no_secondary_port=no_secondary,
+                    state_dir=run_dir / name,
+                    name=name,
+                    env={"DECISION_FEATURES__MIRROR": str(name == "decide").lower()},
+                )
+                for name, port in decide_ports.items()
+            ]
+            procs += servers
+            for server in servers:
+                server.start()
             echo = echo_server(echo_port, run_dir)
             procs.append(echo)
             echo.start()
-            server.wait_ready(lambda: serving(decision_port), 30)
+            for server, port in zip(servers, decide_ports.values(), strict=True):
+                server.wait_ready(functools.partial(serving, port), 30)
             echo.wait_ready(lambda: port_open("127.0.0.1", echo_port), 30)
             print(f"measuring {args.rounds} x {args.per_round} calls per path, concurrency 1")
             results = asyncio.run(
                 measure(
-                    decision_port,
+                    decide_ports,
                     ts_ports.grpc_inference,
                     echo_port,
                     redis_port,
@@ -248,33 +274,33 @@ def main() -> None:
 
     ec = sorted(results["echo"])
     ts = sorted(results["torchserve"])
-    dc = sorted(results["decide"])
-    server_ms = {
-        stage: statistics.median(results[f"decide_{stage}_us"]) / 1000
-        for stage in ("features", "model", "server")
-    }
-    rows = [
-        ("E: bare grpc.aio echo (floor)", ec),
-        ("T: TorchServe gRPC direct", ts),
-        ("D: Decide (whole chain)", dc),
-    ]
+    rows = [("E: bare grpc.aio echo (floor)", ec), ("T: TorchServe gRPC direct", ts)]
+    rows += [(label, sorted(results[name])) for name, label in DECIDE_PATHS.items()]
     print()
     print("| path (concurrency 1) | calls | p50 ms | p99 ms |")
     print("| --- | ---: | ---: | ---: |")
-    for name, values in rows:
+    for label, values in rows:
         print(
-            f"| {name} | {len(values)} | {percentile(values, 0.5):.3f} |"
+            f"| {label} | {len(values)} | {percentile(values, 0.5):.3f} |"
             f" {percentile(values, 0.99):.3f} |"
         )
-    print(
-        "| D - T (what the decision layer adds) | |"
-        f" {percentile(dc, 0.5) - percentile(ts, 0.5):+.3f} |"
-        f" {percentile(dc, 0.99) - percentile(ts, 0.99):+.3f} |"
-    )
-    print(
-        "\nDecide server-side medians: features {features:.3f} ms, model {model:.3f} ms,"
-        " total {server:.3f} ms".format(**server_ms)
-    )
+    for name, label in DECIDE_PATHS.items():
+        dc = sorted(results[name])
+        print(
+            f"| {label[0]} - T (what the decision layer adds) | |"
+            f" {percentile(dc, 0.5) - percentile(ts, 0.5):+.3f} |"
+            f" {percentile(dc, 0.99) - percentile(ts, 0.99):+.3f} |"
+        )
+    print()
+    for name, label in DECIDE_PATHS.items():
+        server_ms = {
+            stage: statistics.median(results[f"{name}_{stage}_us"]) / 1000
+            for stage in ("features", "model", "server")
+        }
+        print(
+            f"{label[0]} server-side medians: features {{features:.3f}} ms, model {{model:.3f}} ms,"
+            " total {{server:.3f}} ms".format(**server_ms)
+        )
     print("target: Decide adds <= 0.5 ms at p50")
 
 

@@ -19,10 +19,15 @@ Each path runs a closed-loop sweep (concurrency 1 up, each call with a 1 s deadl
 saturated throughput) and an open loop at fixed rates, each call with the product's
 50 ms deadline (``OPEN_LOOP_DEADLINE_S``): an answer that does not come in time counts
 as DEADLINE_EXCEEDED in the errors column.
+After those rounds, D runs open loop at 1.0 and 1.2 times its measured capacity (its
+saturated throughput with a model answering), the same number of rounds: past capacity
+every answer must still come in time, and the model must keep most of the answers.
 Runs are short and the paths alternate within each round, so machine noise lands on all
 alike; a cell's rounds are merged (histograms added, throughput averaged). Prints a
 markdown table, the performance targets as met or missed, and draws latency against
-achieved throughput to a PNG. Everything it starts is stopped on the way out.
+achieved throughput to a PNG. The figures go to a JSON file as well (``--json``); the
+run is compared with the one the file held before. Everything it starts is stopped on
+the way out.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import math
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +46,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -74,6 +81,9 @@ CLOSED_LOOP_DEADLINE_S = 1.0
 OPEN_LOOP_DEADLINE_S = 0.05  # what execution systems give a Decide
 MIN_MODEL_SHARE = 0.95
 """A D figure stands for the model path only when a model gave this share of answers."""
+CAPACITY_FACTORS = (1.0, 1.2)
+"""D's open-loop points past the fixed rates, as multiples of its measured capacity."""
+MIN_MODEL_SHARE_PAST_CAPACITY = 0.8
 
 
 @dataclass(frozen=True)
@@ -185,16 +195,27 @@ async def measure(
 ) -> dict[Cell, LoadResult]:
     rounds: dict[Cell, list[LoadResult]] = defaultdict(list)
     todo = cells(plan)
-    total, done = len(todo) * plan.rounds, 0
+    total, done = (len(todo) + len(CAPACITY_FACTORS)) * plan.rounds, 0
+
+    async def run(cell: Cell, r: int) -> None:
+        nonlocal done
+        await switch.prepare(cell[0])
+        spec = spec_for(paths, cell, plan, generator.processes, channels)
+        result = await asyncio.to_thread(generator.run, spec)
+        rounds[cell].append(result)
+        done += 1
+        print(f"  [{done}/{total}] round {r + 1} {describe_row(cell, result)}", flush=True)
+
     async with fresh_features(redis_port), BreakerSwitch(paths.admin, paths.decide) as switch:
         for r in range(plan.rounds):
             for cell in todo:
-                await switch.prepare(cell[0])
-                spec = spec_for(paths, cell, plan, generator.processes, channels)
-                result = await asyncio.to_thread(generator.run, spec)
-                rounds[cell].append(result)
-                done += 1
-                print(f"  [{done}/{total}] round {r + 1} {describe_row(cell, result)}", flush=True)
+                await run(cell, r)
+        capacity = saturated({c: LoadResult.combine(rs) for c, rs in rounds.items()}, "D")
+        past: list[Cell] = [("D", "open", round(f * capacity)) for f in CAPACITY_FACTORS]
+        print(f"  D's capacity: {capacity:,.0f}/s; open loop at {[c[2] for c in past]}/s")
+        for r in range(plan.rounds):
+            for cell in past:
+                await run(cell, r)
     return {cell: LoadResult.combine(results) for cell, results in rounds.items()}
 
 
@@ -293,7 +314,24 @@ def targets(results: dict[Cell, LoadResult]) -> str:
     rate = TARGET_RATE
     d_minus_t = ms("D", "closed", 1, 50) - ms("T", "closed", 1, 50)
     f_over_e = ms("F", "open", rate, 99) / ms("E", "open", rate, 99)
+    top = round(max(CAPACITY_FACTORS) * sat["D"])
+    past_capacity = [(load, r) for (p, m, load), r in results.items() if p == "D" and m == "open"]
+    late = sum(r.errors.get("DEADLINE_EXCEEDED", 0) for load, r in past_capacity if load <= top)
+    at_top = max(past_capacity, default=None, key=lambda item: item[0])
     checks = [
+        Check(
+            f"D late answers, open loop up to {top:,}/s ({max(CAPACITY_FACTORS):g} x capacity)",
+            late if past_capacity else math.nan,
+            "",
+            0,
+        ),
+        Check(
+            f"D model share at {top:,}/s",
+            100 * model_share(at_top[1]) if at_top and at_top[0] == top else math.nan,
+            "%",
+            100 * MIN_MODEL_SHARE_PAST_CAPACITY,
+            upper=False,
+        ),
         Check("D p50 - T p50 at c=1", d_minus_t, "ms", 0.8, model_share=from_model("closed", 1)),
         Check("D saturated / E saturated", sat["D"] / sat["E"], "x", 0.3, upper=False),
         Check("W saturated / D saturated", sat["W"] / sat["D"], "x", 1.0, upper=False),
@@ -312,6 +350,57 @@ def targets(results: dict[Cell, LoadResult]) -> str:
     return "\n".join(lines) + (
         f"\n\nsaturated throughput (best closed loop; D: model answers only): {saturation}"
     )
+
+
+def figures(results: dict[Cell, LoadResult]) -> dict[str, Any]:
+    """The run's figures as plain data: every cell, the saturated throughputs."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 - git from PATH, fixed arguments
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": commit,
+        "saturated_per_s": {path: round(saturated(results, path), 1) for path in PATHS},
+        "cells": [
+            {
+                "path": path,
+                "mode": mode,
+                "load": load,
+                "per_s": round(r.throughput_per_s, 1),
+                "p50_ms": round(r.percentile_ms(50), 3),
+                "p99_ms": round(r.percentile_ms(99), 3),
+                "p999_ms": round(r.percentile_ms(99.9), 3),
+                "errors": r.errors,
+                "model_share": round(model_share(r), 4),
+            }
+            for (path, mode, load), r in results.items()
+        ],
+    }
+
+
+def compare(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """Saturated throughput and p99 per cell against an earlier run's figures."""
+    lines = [f"against the run of {before.get('when')} at {before.get('commit')}:"]
+    earlier = before.get("saturated_per_s", {})
+    for path, value in now["saturated_per_s"].items():
+        if earlier.get(path):
+            lines.append(
+                f"  {path} saturated {earlier[path]:,.0f} -> {value:,.0f}/s"
+                f" ({value / earlier[path] - 1:+.0%})"
+            )
+    old = {(c["path"], c["mode"], c["load"]): c for c in before.get("cells", [])}
+    for cell in now["cells"]:
+        prior = old.get((cell["path"], cell["mode"], cell["load"]))
+        if prior and not math.isnan(prior["p99_ms"]) and not math.isnan(cell["p99_ms"]):
+            lines.append(
+                f"  {cell['path']} {cell['mode']} {cell['load']:g}: p99 {prior['p99_ms']:.2f}"
+                f" -> {cell['p99_ms']:.2f} ms"
+            )
+    return "\n".join(lines)
 
 
 def plot(results: dict[Cell, LoadResult], out: Path, title: str) -> None:
@@ -424,6 +513,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--out", type=Path, help="PNG path (default docs/img/bench_paths.png; with --quick .run/)"
     )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="figures file, compared with before it is replaced (default"
+        " docs/bench_paths.json; with --quick .run/)",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     plan = dataclasses.replace(
@@ -431,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     default_out = ".run/bench_paths-quick.png" if args.quick else "docs/img/bench_paths.png"
     out: Path = args.out or REPO / default_out
+    default_json = ".run/bench_paths-quick.json" if args.quick else "docs/bench_paths.json"
+    json_path: Path = args.json or REPO / default_json
 
     # SIGTERM's default ends the process without `finally`, leaving every server behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -465,7 +562,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print(targets(results))
     plot(results, out, f"gRPC paths on this machine ({plan.rounds} x {plan.seconds:g} s per point)")
-    print(f"\nplot: {out}; whole run {time.monotonic() - began:.0f} s", flush=True)
+    now = figures(results)
+    if json_path.exists():
+        print()
+        print(compare(json.loads(json_path.read_text()), now))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(now, indent=1) + "\n")
+    print(f"\nplot: {out}; figures: {json_path}; whole run {time.monotonic() - began:.0f} s")
 
 
 if __name__ == "__main__":
