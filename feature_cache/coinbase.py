@@ -36,15 +36,14 @@ A line that does not follow the format raises :class:`RecordingFormatError` with
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from feature_cache.events import Aggressor, BookDelta, BookSide, BookSnapshot, MarketEvent, Trade
+from feature_cache.exchanges.recording import MalformedLine, price, seconds_to_us, size, text_field
 
 __all__ = [
     "CoinbaseParser",
@@ -71,10 +70,6 @@ class RecordingFormatError(ValueError):
         super().__init__(f"line {line_number}: {reason}")
         self.line_number = line_number
         self.reason = reason
-
-
-class _Malformed(Exception):
-    """Raised by the field helpers; the parser adds the line number."""
 
 
 @dataclass(slots=True)
@@ -111,7 +106,7 @@ class CoinbaseParser:
         self.stats.lines += 1
         try:
             event = self._parse(line)
-        except _Malformed as exc:
+        except MalformedLine as exc:
             raise RecordingFormatError(self.stats.lines, str(exc)) from None
         if event is not None:
             self.stats.events[type(event).__name__] += 1
@@ -128,15 +123,15 @@ class CoinbaseParser:
             self.stats.skipped["connection"] += 1
             return None
         if not sep:
-            raise _Malformed("expected 'RECEIVE_TIME: JSON'")
-        receive_time_us = _receive_time_us(head)
+            raise MalformedLine("expected 'RECEIVE_TIME: JSON'")
+        receive_time_us = seconds_to_us(head)
         try:
             message = json.loads(body)
         except json.JSONDecodeError as exc:
-            raise _Malformed(f"bad JSON: {exc.msg} at column {exc.colno}") from None
+            raise MalformedLine(f"bad JSON: {exc.msg} at column {exc.colno}") from None
         if not isinstance(message, dict):
-            raise _Malformed("message is not a JSON object")
-        kind = _str(message, "type")
+            raise MalformedLine("message is not a JSON object")
+        kind = text_field(message, "type")
         if kind == "snapshot":
             return self._snapshot(message, receive_time_us)
         if kind == "l2update":
@@ -147,7 +142,7 @@ class CoinbaseParser:
         return None
 
     def _snapshot(self, message: dict[str, object], receive_time_us: int) -> BookSnapshot:
-        symbol = _str(message, "product_id")
+        symbol = text_field(message, "product_id")
         # Coinbase's level2 snapshot has no `time`; take the exchange's if a feed adds one.
         time_us = _time_us(message) if "time" in message else receive_time_us
         bids = _levels(message, "bids")
@@ -155,31 +150,33 @@ class CoinbaseParser:
         return BookSnapshot(symbol, time_us, self._next_sequence(symbol), bids, asks)
 
     def _delta(self, message: dict[str, object]) -> BookDelta:
-        symbol = _str(message, "product_id")
+        symbol = text_field(message, "product_id")
         time_us = _time_us(message)
         raw_changes = message.get("changes")
         if not isinstance(raw_changes, list) or not raw_changes:
-            raise _Malformed("'changes' is not a non-empty list")
+            raise MalformedLine("'changes' is not a non-empty list")
         changes: list[tuple[BookSide, float, float]] = []
         for change in raw_changes:
             if not isinstance(change, list) or len(change) != 3:
-                raise _Malformed(f"change {change!r} is not [side, price, size]")
+                raise MalformedLine(f"change {change!r} is not [side, price, size]")
             side = _BOOK_SIDES.get(change[0]) if isinstance(change[0], str) else None
             if side is None:
-                raise _Malformed(f"change side {change[0]!r} is not 'buy' or 'sell'")
-            changes.append((side, _price(change[1]), _size(change[2])))
+                raise MalformedLine(f"change side {change[0]!r} is not 'buy' or 'sell'")
+            changes.append((side, price(change[1]), size(change[2])))
         return BookDelta(symbol, time_us, self._next_sequence(symbol), tuple(changes))
 
     def _trade(self, message: dict[str, object]) -> Trade:
-        symbol = _str(message, "product_id")
+        symbol = text_field(message, "product_id")
         time_us = _time_us(message)
-        maker_side = _str(message, "side")
+        maker_side = text_field(message, "side")
         aggressor = _AGGRESSOR_FROM_MAKER_SIDE.get(maker_side)
         if aggressor is None:
-            raise _Malformed(f"match side {maker_side!r} is not 'buy' or 'sell'")
-        price = _price(message.get("price"))
-        size = _size(message.get("size"))
-        return Trade(symbol, time_us, self._next_sequence(symbol), price, size, aggressor)
+            raise MalformedLine(f"match side {maker_side!r} is not 'buy' or 'sell'")
+        trade_price = price(message.get("price"))
+        trade_size = size(message.get("size"))
+        return Trade(
+            symbol, time_us, self._next_sequence(symbol), trade_price, trade_size, aggressor
+        )
 
     def _next_sequence(self, symbol: str) -> int:
         # Called last, after every field has been validated (see parse()).
@@ -214,72 +211,26 @@ def read_recording(
                 yield event
 
 
-def _receive_time_us(text: str) -> int:
-    # Decimal, not float: a float holds ~0.2 us at today's epoch seconds, so the digits
-    # recorded would not survive the round trip exactly.
-    try:
-        seconds = Decimal(text)
-    except InvalidOperation:
-        raise _Malformed(f"RECEIVE_TIME {text[:40]!r} is not a number") from None
-    if not seconds.is_finite():
-        raise _Malformed(f"RECEIVE_TIME {text!r} is not finite")
-    return int(seconds.scaleb(6).to_integral_value())
-
-
 def _time_us(message: dict[str, object]) -> int:
-    text = _str(message, "time")
+    text = text_field(message, "time")
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise _Malformed(f"time {text!r} is not ISO-8601") from None
+        raise MalformedLine(f"time {text!r} is not ISO-8601") from None
     if moment.tzinfo is None:
         # Coinbase always sends "Z"; a naive time would be read in the local zone.
-        raise _Malformed(f"time {text!r} has no UTC offset")
+        raise MalformedLine(f"time {text!r} has no UTC offset")
     # timedelta // timedelta is exact integer arithmetic, no float rounding.
     return (moment - _EPOCH) // _ONE_US
-
-
-def _str(message: dict[str, object], key: str) -> str:
-    value = message.get(key)
-    if not isinstance(value, str):
-        raise _Malformed(f"field {key!r} is missing or not a string")
-    return value
-
-
-def _number(value: object, what: str) -> float:
-    # Coinbase sends prices and sizes as decimal strings; anything else is a format change.
-    if not isinstance(value, str):
-        raise _Malformed(f"{what} {value!r} is not a decimal string")
-    try:
-        number = float(value)
-    except ValueError:
-        raise _Malformed(f"{what} {value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise _Malformed(f"{what} {value!r} is not finite")
-    return number
-
-
-def _price(value: object) -> float:
-    price = _number(value, "price")
-    if price <= 0:
-        raise _Malformed(f"price {value!r} is not positive")
-    return price
-
-
-def _size(value: object) -> float:
-    size = _number(value, "size")
-    if size < 0:
-        raise _Malformed(f"size {value!r} is negative")
-    return size
 
 
 def _levels(message: dict[str, object], key: str) -> tuple[tuple[float, float], ...]:
     raw = message.get(key)
     if not isinstance(raw, list):
-        raise _Malformed(f"field {key!r} is missing or not a list")
+        raise MalformedLine(f"field {key!r} is missing or not a list")
     levels: list[tuple[float, float]] = []
     for level in raw:
         if not isinstance(level, list) or len(level) != 2:
-            raise _Malformed(f"{key} level {level!r} is not [price, size]")
-        levels.append((_price(level[0]), _size(level[1])))
+            raise MalformedLine(f"{key} level {level!r} is not [price, size]")
+        levels.append((price(level[0]), size(level[1])))
     return tuple(levels)

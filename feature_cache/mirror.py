@@ -27,7 +27,7 @@ from types import TracebackType
 
 import redis.asyncio as aioredis
 
-from core.backoff import Backoff
+from core.pubsub import listen
 from feature_cache.store import (
     FeatureReader,
     FeatureRecord,
@@ -37,9 +37,6 @@ from feature_cache.store import (
 
 log = logging.getLogger(__name__)
 
-LISTEN_POLL_S = 1.0
-RECONNECT_INITIAL_S = 0.05
-RECONNECT_MAX_S = 2.0
 LOAD_SYMBOLS = 100_000  # SCAN bound for a load; max_symbols bounds what is kept
 
 
@@ -150,40 +147,30 @@ class FeatureMirror:
         self._live, self._error = live, error
 
     async def _listen(self) -> None:
-        backoff = Backoff(initial_s=RECONNECT_INITIAL_S, max_s=RECONNECT_MAX_S)
-        while True:
-            try:
-                async with self._subscriber.pubsub() as pubsub:
-                    await pubsub.subscribe(self._channel)
-                    # Subscribed before the load: a record written meanwhile is in the
-                    # load or in a message, and the newer one wins either way.
-                    await self._load()
-                    self._set_live(True)
-                    backoff.reset()
-                    while True:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=LISTEN_POLL_S
-                        )
-                        if message is not None and message.get("type") == "message":
-                            self._apply(decode_change(message["data"]))
-            except (aioredis.RedisError, OSError) as exc:
-                self._set_live(False, f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(backoff.next_s())
-            except Exception as exc:  # the listener must outlive any surprise
-                log.exception("feature mirror listener failed; restarting it")
-                self._set_live(False, f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(RECONNECT_MAX_S)
+        await listen(
+            self._subscriber,
+            self._channel,
+            on_subscribed=self._load,
+            on_message=self._apply,
+            on_lost=self._lost,
+        )
+
+    def _lost(self, exc: BaseException) -> None:
+        self._set_live(False, f"{type(exc).__name__}: {exc}")
 
     async def _load(self) -> None:
+        """Every record, read once the subscription is up: a record written meanwhile is
+        in the load or in a message, and the newer one wins either way."""
         symbols = await self._reader.symbols(limit=LOAD_SYMBOLS)
         records = await self._reader.read_many(symbols) if symbols else []
         self._records = {}
         self._full = False
         for record in records:
             self._keep(record)
+        self._set_live(True)
 
-    def _apply(self, record: FeatureRecord | None) -> None:
-        if self._keep(record):
+    async def _apply(self, data: bytes) -> None:
+        if self._keep(decode_change(data)):
             self._applied += 1
 
     def _keep(self, record: FeatureRecord | None) -> bool:

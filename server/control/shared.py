@@ -25,15 +25,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import WatchError
 
-from core.backoff import Backoff
+from core.pubsub import listen
 from server.control.state import ControlState, Entry, FlagSpec
 from server.errors import SharedStateUnavailable
 
 log = logging.getLogger(__name__)
 
-LISTEN_POLL_S = 1.0
-RECONNECT_INITIAL_S = 0.05
-RECONNECT_MAX_S = 2.0
 PUT_ATTEMPTS = 5
 
 
@@ -229,26 +226,18 @@ class SharedControl:
             return {}
 
     async def _listen(self) -> None:
-        backoff = Backoff(initial_s=RECONNECT_INITIAL_S, max_s=RECONNECT_MAX_S)
-        while True:
-            try:
-                async with self._subscriber.pubsub() as pubsub:
-                    await pubsub.subscribe(self._channel)
-                    await self.sync()  # what changed while not subscribed
-                    backoff.reset()
-                    while True:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=LISTEN_POLL_S
-                        )
-                        if message is not None:
-                            await self.sync()
-            except (aioredis.RedisError, OSError) as exc:
-                self._lost(exc)
-                await asyncio.sleep(backoff.next_s())
-            except Exception as exc:  # the listener must outlive any surprise
-                log.exception("control listener failed; restarting it")
-                self._lost(exc)
-                await asyncio.sleep(RECONNECT_MAX_S)
+        # A message only says that something changed: the whole state is read again, as
+        # it is once subscribed (what changed while not subscribed).
+        await listen(
+            self._subscriber,
+            self._channel,
+            on_subscribed=self._read_again,
+            on_message=self._read_again,
+            on_lost=self._lost,
+        )
+
+    async def _read_again(self, *_message: bytes) -> None:
+        await self.sync()
 
     async def _resync(self) -> None:
         while True:

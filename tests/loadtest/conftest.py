@@ -82,10 +82,11 @@ def decision_server(
         log_path=run_dir / "server.log",
         env=env,
     )
+    # Written before the server starts: its feature mirror loads them with everything else.
+    asyncio.run(_write_features(redis_instance.url, key_prefix))
     try:
         proc.start()
         proc.wait_ready(functools.partial(serving, port), 30.0)
-        asyncio.run(_write_features(redis_instance.url, key_prefix))
         yield DecisionServer(port, admin_port, run_dir)
     finally:
         proc.stop()
