@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from loadtest.soak import Fault, fault_at
-from loadtest.soak_probe import MachineSampler, MachineUsage
+from loadtest.soak import Fault, describe_late, fault_at
+from loadtest.soak_probe import MachineSampler, MachineUsage, Stall
 from loadtest.soak_report import Answer, Bounds, Window, growth, judge, recovery_s, summarize
 
 
@@ -99,3 +99,13 @@ def test_machine_usage_is_busy_and_steal_between_two_reads_of_proc_stat(tmp_path
     assert usage.busy_pct == pytest.approx(100 * 110 / 210)
     assert usage.steal_pct == pytest.approx(100 * 20 / 210)
     assert sampler.sample() == MachineUsage(0.0, 0.0)  # no time passed
+
+
+def test_a_late_call_is_described_with_its_send_time_and_the_machine_stalls_around_it():
+    sent = 1_795_459_672.5  # 2026-11-23 18:47:52.500 UTC
+    late = Answer(10.0, 50.4, "DEADLINE_EXCEEDED", -1.0, True, "", sent)
+    stalls = [Stall(sent + 0.030, 84.0), Stall(sent + 5.0, 30.0)]  # the second is long after
+    text = describe_late(late, stalls)
+    assert text.startswith("sent 18:47:52.500 UTC, DEADLINE_EXCEEDED after 50.4 ms")
+    assert text.endswith("machine stalls 84 ms ending +30 ms")
+    assert describe_late(late, stalls[1:]).endswith("no machine stall")
