@@ -11,6 +11,7 @@ A stall over ``LOG_STALL_S`` is logged with what the loop's thread did meanwhile
 time and the part of it the cyclic garbage collector took. A stall spent on the CPU is
 this process's own work (a long callback, a full collection); one spent off it is the
 kernel's (another process had the core, a blocking system call, the host took the CPU).
+A ``StallWatch`` thread adds where the loop's thread was in the middle of the stall.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import time
 from collections import deque
 from typing import Any
 
+from core.stall_watch import StallWatch
+
 log = logging.getLogger(__name__)
 
 # Wakes later than this count as lateness; below it is timer granularity, not a stall.
@@ -30,6 +33,9 @@ NOISE_S = 0.0005
 # A stall this long is logged (at most once per LOG_EVERY_S): every request waited it out.
 LOG_STALL_S = 0.05
 LOG_EVERY_S = 10.0
+# The stall watch looks at the loop's thread once the probe is this late: a stall that
+# may reach LOG_STALL_S.
+WATCH_OVERDUE_S = 0.03
 
 
 class GcClock:
@@ -63,38 +69,46 @@ class LoopLag:
         self._due = float("inf")  # when the probe should wake next (loop time)
         self._logged_at = float("-inf")
         self._gc = GcClock()
+        self._watch: StallWatch | None = None
 
     def start(self) -> None:
         if self._task is None:
             self._gc.install()
-            self._task = asyncio.create_task(self._probe(), name="loop-lag")
+            self._watch = StallWatch(overdue_s=self._interval_s + WATCH_OVERDUE_S)
+            self._watch.start()
+            self._task = asyncio.create_task(self._probe(self._watch), name="loop-lag")
 
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
             self._gc.remove()
+            if self._watch is not None:
+                self._watch.stop()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _probe(self) -> None:
+    async def _probe(self, watch: StallWatch) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self._due = loop.time() + self._interval_s
             cpu_before, gc_before = time.thread_time(), self._gc.total_s
+            watch.beat()
             await asyncio.sleep(self._interval_s)
             now = loop.time()
             late = now - self._due
             if late > NOISE_S:
                 self._samples.append((now, late))
+            where = watch.take() if late > WATCH_OVERDUE_S else ""
             if late > LOG_STALL_S and now - self._logged_at >= LOG_EVERY_S:
                 self._logged_at = now
                 log.warning(
                     "event loop stalled %.0f ms: its thread ran %.0f ms of it on the CPU,"
-                    " %.0f ms in garbage collection",
+                    " %.0f ms in garbage collection; in the middle of it: %s",
                     late * 1000,
                     (time.thread_time() - cpu_before) * 1000,
                     (self._gc.total_s - gc_before) * 1000,
+                    where or "not seen",
                 )
 
     def stalled_ms(self, since: float) -> float:

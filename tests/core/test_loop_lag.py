@@ -95,3 +95,27 @@ async def test_a_stall_off_the_cpu_is_logged_as_such(caplog: pytest.LogCaptureFi
     assert stalled_ms >= 70
     assert cpu_ms < 20
     assert gc_ms == 0
+
+
+def crunch_numbers(seconds: float) -> None:
+    began = time.thread_time()
+    while time.thread_time() - began < seconds:
+        sum(range(1000))
+
+
+async def test_a_stall_is_logged_with_where_the_loop_was_in_the_middle_of_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lag = LoopLag(interval_s=0.002)
+    lag.start()
+    try:
+        await asyncio.sleep(0.01)
+        crunch_numbers(0.1)
+        await asyncio.sleep(0.01)
+    finally:
+        await lag.stop()
+    (record,) = [r for r in caplog.records if "event loop stalled" in r.getMessage()]
+    where = record.getMessage().split("in the middle of it: ")[1]
+    innermost, caller = where.split(" < ")[:2]
+    assert innermost.startswith("test_loop_lag.py:") and innermost.endswith(" crunch_numbers")
+    assert caller.endswith(" test_a_stall_is_logged_with_where_the_loop_was_in_the_middle_of_it")
