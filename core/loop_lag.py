@@ -8,9 +8,11 @@ not there to read an answer (``ModelTimeout.given_ms`` is the wait less that), a
 breaker does not blame a replica for this process's overload.
 
 A stall over ``LOG_STALL_S`` is logged with what the loop's thread did meanwhile: its CPU
-time and the part of it the cyclic garbage collector took. A stall spent on the CPU is
-this process's own work (a long callback, a full collection); one spent off it is the
-kernel's (another process had the core, a blocking system call, the host took the CPU).
+time (and the part of it in the kernel: page faults, memory reclaim), how often it was
+preempted, and the part the cyclic garbage collector took. A stall spent on the CPU is
+this process's own work (a long callback, a full collection, the kernel working for it);
+one spent off it is the kernel's (another process had the core, a blocking system call,
+the host took the CPU).
 A ``StallWatch`` thread adds where the loop's thread was in the middle of the stall.
 """
 
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import resource
 import time
 from collections import deque
 from typing import Any
@@ -36,6 +39,11 @@ LOG_EVERY_S = 10.0
 # The stall watch looks at the loop's thread once the probe is this late: a stall that
 # may reach LOG_STALL_S.
 WATCH_OVERDUE_S = 0.03
+
+
+def thread_usage() -> resource.struct_rusage:
+    """This thread's CPU time (user and kernel), page faults and context switches."""
+    return resource.getrusage(resource.RUSAGE_THREAD)
 
 
 class GcClock:
@@ -92,7 +100,7 @@ class LoopLag:
         loop = asyncio.get_running_loop()
         while True:
             self._due = loop.time() + self._interval_s
-            cpu_before, gc_before = time.thread_time(), self._gc.total_s
+            before, gc_before = thread_usage(), self._gc.total_s
             watch.beat()
             await asyncio.sleep(self._interval_s)
             now = loop.time()
@@ -102,11 +110,16 @@ class LoopLag:
             where = watch.take() if late > WATCH_OVERDUE_S else ""
             if late > LOG_STALL_S and now - self._logged_at >= LOG_EVERY_S:
                 self._logged_at = now
+                used = thread_usage()
                 log.warning(
-                    "event loop stalled %.0f ms: its thread ran %.0f ms of it on the CPU,"
+                    "event loop stalled %.0f ms: its thread ran %.0f ms of it on the CPU"
+                    " (%.0f ms in the kernel, %d page faults, %d times preempted),"
                     " %.0f ms in garbage collection; in the middle of it: %s",
                     late * 1000,
-                    (time.thread_time() - cpu_before) * 1000,
+                    (used.ru_utime + used.ru_stime - before.ru_utime - before.ru_stime) * 1000,
+                    (used.ru_stime - before.ru_stime) * 1000,
+                    used.ru_minflt + used.ru_majflt - before.ru_minflt - before.ru_majflt,
+                    used.ru_nivcsw - before.ru_nivcsw,
                     (self._gc.total_s - gc_before) * 1000,
                     where or "not seen",
                 )

@@ -16,6 +16,20 @@ def block_the_loop(seconds: float) -> None:
     time.sleep(seconds)
 
 
+STALL_LINE = re.compile(
+    r"stalled (?P<stalled>\d+) ms: its thread ran (?P<cpu>\d+) ms of it on the CPU"
+    r" \((?P<kernel>\d+) ms in the kernel, (?P<faults>\d+) page faults,"
+    r" (?P<preempted>\d+) times preempted\), (?P<gc>\d+) ms in garbage collection"
+)
+
+
+def logged_stall(caplog: pytest.LogCaptureFixture) -> dict[str, int]:
+    (record,) = [r for r in caplog.records if "event loop stalled" in r.getMessage()]
+    found = STALL_LINE.search(record.getMessage())
+    assert found, record.getMessage()
+    return {name: int(value) for name, value in found.groupdict().items()}
+
+
 async def test_a_blocked_loop_is_measured_even_before_the_probe_wakes() -> None:
     lag = LoopLag(interval_s=0.002)
     lag.start()
@@ -74,11 +88,10 @@ async def test_a_stall_is_logged_with_the_cpu_and_collection_time_it_took(
         await asyncio.sleep(0.01)
     finally:
         await lag.stop()
-    (record,) = [r for r in caplog.records if "event loop stalled" in r.getMessage()]
-    stalled_ms, cpu_ms, gc_ms = (float(x) for x in re.findall(r"(\d+) ms", record.getMessage()))
-    assert stalled_ms >= 70
-    assert cpu_ms >= 70  # it was this thread's own work
-    assert 0 < gc_ms <= cpu_ms
+    stall = logged_stall(caplog)
+    assert stall["stalled"] >= 70
+    assert stall["cpu"] >= 70  # it was this thread's own work
+    assert 0 < stall["gc"] <= stall["cpu"]
 
 
 async def test_a_stall_off_the_cpu_is_logged_as_such(caplog: pytest.LogCaptureFixture) -> None:
@@ -90,11 +103,10 @@ async def test_a_stall_off_the_cpu_is_logged_as_such(caplog: pytest.LogCaptureFi
         await asyncio.sleep(0.01)
     finally:
         await lag.stop()
-    (record,) = [r for r in caplog.records if "event loop stalled" in r.getMessage()]
-    stalled_ms, cpu_ms, gc_ms = (float(x) for x in re.findall(r"(\d+) ms", record.getMessage()))
-    assert stalled_ms >= 70
-    assert cpu_ms < 20
-    assert gc_ms == 0
+    stall = logged_stall(caplog)
+    assert stall["stalled"] >= 70
+    assert stall["cpu"] < 20
+    assert stall["gc"] == 0
 
 
 def crunch_numbers(seconds: float) -> None:
@@ -119,3 +131,21 @@ async def test_a_stall_is_logged_with_where_the_loop_was_in_the_middle_of_it(
     innermost, caller = where.split(" < ")[:2]
     assert innermost.startswith("test_loop_lag.py:") and innermost.endswith(" crunch_numbers")
     assert caller.endswith(" test_a_stall_is_logged_with_where_the_loop_was_in_the_middle_of_it")
+
+
+async def test_a_stall_spent_faulting_in_memory_counts_its_page_faults_and_kernel_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lag = LoopLag(interval_s=0.002)
+    lag.start()
+    try:
+        await asyncio.sleep(0.01)
+        began = time.monotonic()
+        while time.monotonic() - began < 0.08:
+            bytearray(64 << 20)  # fresh pages each time, zeroed: the kernel faults them in
+        await asyncio.sleep(0.01)
+    finally:
+        await lag.stop()
+    stall = logged_stall(caplog)
+    assert stall["faults"] > 1000
+    assert stall["kernel"] > 0
