@@ -52,6 +52,7 @@ from loadtest.soak_report import (
     draw_timeline,
     growth,
     judge,
+    machine_drift,
     recovery_s,
     row,
     summarize,
@@ -320,8 +321,10 @@ def report(
     broken = [f"{w.start_s:.0f}-{w.end_s:.0f} s: {b}" for w in windows for b in w.broken]
     # Growth is a trend over the first and last GROWTH_PART_S; a shorter run's parts are
     # minutes apart and measure the machine's moods instead.
+    drift = None
     if args.duration_s >= 3 * GROWTH_PART_S:
         broken += growth(windows, bounds, GROWTH_PART_S)
+        drift = machine_drift(windows, GROWTH_PART_S)
     for fault, took_s in recoveries.items():
         if took_s is None or took_s > bounds.recovery_s:
             after = "never" if took_s is None else f"after {took_s:.0f} s"
@@ -346,6 +349,8 @@ def report(
         "model_answers": sum(
             n for w in windows for source, n in w.outcomes.items() if source in MODEL_SOURCES
         ),
+        # The replayer's CPU (fixed work) last 10 minutes against the first: the machine.
+        "machine_drift": drift,
         "broken": broken,
     }
     write_json(args.json, summary, windows)
@@ -362,6 +367,11 @@ def report(
         f" {summary['min_model_share']:.1%}, p99 ≤ {summary['max_p99_ms']:.1f} ms;"
         f" audit missing {missing}. JSON {args.json}, PNG {args.png}"
     )
+    if drift is not None:
+        print(
+            f"the machine's speed, last part against the first: the replayer's fixed work"
+            f" took x{drift:.2f} the CPU"
+        )
     for fault, took_s in recoveries.items():
         after = "not within the run" if took_s is None else f"{took_s:.0f} s after"
         print(f"{fault.label()} at {fault.at_s:.0f} s: the model answered again {after}")

@@ -20,6 +20,10 @@ MODEL_SOURCES = frozenset({"PRIMARY", "SECONDARY", "CANARY"})
 # Processes whose CPU and memory must not grow over the run (the broker and the consumer
 # decayed before: a fetch cost that grew with the broker's history).
 FLAT_PROCESSES = ("kafka-broker", "feature-cache")
+# A process whose work is fixed (the replayer publishes 300 events/s whatever else runs):
+# its CPU rising means the machine got slower (a busy host, a lower clock), and every
+# process's CPU rises with it. CPU growth is judged against it.
+YARDSTICK = "replayer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,21 +155,39 @@ def recovery_s(
 
 def growth(windows: Sequence[Window], bounds: Bounds, part_s: float) -> list[str]:
     """FLAT_PROCESSES' mean CPU and RSS over the last ``part_s`` against the first
-    ``part_s`` of the run; what grew past ``bounds.max_growth``, in words."""
+    ``part_s`` of the run; what grew past ``bounds.max_growth``, in words. CPU is
+    compared in units of the ``YARDSTICK``'s CPU over the same windows, when it ran."""
     steady = [w for w in windows if not w.fault]
     if not steady:
         return []
     first = [w for w in steady if w.end_s <= steady[0].start_s + part_s]
     last = [w for w in steady if w.start_s >= steady[-1].end_s - part_s]
+
+    def mean(name: str, index: int, part: list[Window]) -> float:
+        return _mean(w.processes.get(name, (0.0, 0.0))[index] for w in part)
+
+    machine = machine_drift(windows, part_s)
     broken = []
     for name in FLAT_PROCESSES:
         for index, what, floor in ((0, "CPU", 2.0), (1, "RSS", 5.0)):
-            before = _mean(w.processes.get(name, (0.0, 0.0))[index] for w in first)
-            after = _mean(w.processes.get(name, (0.0, 0.0))[index] for w in last)
+            before, after = mean(name, index, first), mean(name, index, last)
+            scale = machine if what == "CPU" and machine is not None else None
             # A floor: 1 % -> 1.3 % of a core is noise, not growth.
-            if after > max(before, floor) * (1 + bounds.max_growth):
-                broken.append(f"{name} {what} grew {before:.1f} -> {after:.1f}")
+            if after / (scale or 1.0) > max(before, floor) * (1 + bounds.max_growth):
+                against = "" if scale is None else f" (the {YARDSTICK}'s x{scale:.2f})"
+                broken.append(f"{name} {what} grew {before:.1f} -> {after:.1f}{against}")
     return broken
+
+
+def machine_drift(windows: Sequence[Window], part_s: float) -> float | None:
+    """The ``YARDSTICK``'s CPU over the last ``part_s`` against the first: how much
+    slower the machine ran at the end (None when it did not run)."""
+    steady = [w for w in windows if not w.fault]
+    first = [w for w in steady if w.end_s <= steady[0].start_s + part_s] if steady else []
+    last = [w for w in steady if w.start_s >= steady[-1].end_s - part_s] if steady else []
+    before = _mean(w.processes.get(YARDSTICK, (0.0, 0.0))[0] for w in first)
+    after = _mean(w.processes.get(YARDSTICK, (0.0, 0.0))[0] for w in last)
+    return after / before if before > 0 and after > 0 else None
 
 
 def _mean(values: object) -> float:

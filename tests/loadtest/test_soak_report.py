@@ -8,7 +8,16 @@ import pytest
 
 from loadtest.soak import Fault, describe_late, fault_at
 from loadtest.soak_probe import MachineSampler, MachineUsage, Stall
-from loadtest.soak_report import Answer, Bounds, Window, growth, judge, recovery_s, summarize
+from loadtest.soak_report import (
+    Answer,
+    Bounds,
+    Window,
+    growth,
+    judge,
+    machine_drift,
+    recovery_s,
+    summarize,
+)
 
 
 def answer(at_s: float, outcome: str = "PRIMARY", *, latency_ms: float = 5.0) -> Answer:
@@ -109,3 +118,25 @@ def test_a_late_call_is_described_with_its_send_time_and_the_machine_stalls_arou
     assert text.startswith("sent 18:47:52.500 UTC, DEADLINE_EXCEEDED after 50.4 ms")
     assert text.endswith("machine stalls 84 ms ending +30 ms")
     assert describe_late(late, stalls[1:]).endswith("no machine stall")
+
+
+def test_cpu_growth_is_judged_against_a_process_whose_work_is_fixed():
+    def run(broker: tuple[float, float], replayer: tuple[float, float]) -> list[Window]:
+        windows = []
+        for i in range(6):
+            part = 0 if i < 3 else 1
+            w = window([answer(0.0)], cpu=broker[part])
+            w.processes["replayer"] = (replayer[part], 47.0)
+            w.start_s, w.end_s = i * 10.0, (i + 1) * 10.0
+            windows.append(w)
+        return windows
+
+    # The whole machine ran 40 % slower at the end: the replayer's fixed work shows it.
+    slower = run(broker=(5.0, 7.0), replayer=(5.0, 7.0))
+    assert machine_drift(slower, part_s=30) == pytest.approx(1.4)
+    assert growth(slower, Bounds(), part_s=30) == []
+    # The broker alone grew.
+    assert growth(run(broker=(5.0, 7.0), replayer=(5.0, 5.0)), Bounds(), part_s=30) == [
+        "kafka-broker CPU grew 5.0 -> 7.0 (the replayer's x1.00)",
+        "feature-cache CPU grew 5.0 -> 7.0 (the replayer's x1.00)",
+    ]
