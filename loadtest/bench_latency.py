@@ -298,8 +298,8 @@ def main() -> None:
             for stage in ("features", "model", "server")
         }
         print(
-            f"{label[0]} server-side medians: features {{features:.3f}} ms, model {{model:.3f}} ms,"
-            " total {{server:.3f}} ms".format(**server_ms)
+            f"{label[0]} server-side medians: features {server_ms['features']:.3f} ms,"
+            f" model {server_ms['model']:.3f} ms, total {server_ms['server']:.3f} ms"
         )
     print("target: Decide adds <= 0.5 ms at p50")
 
