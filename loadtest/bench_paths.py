@@ -317,17 +317,17 @@ def targets(results: dict[Cell, LoadResult]) -> str:
     top = round(max(CAPACITY_FACTORS) * sat["D"])
     past_capacity = [(load, r) for (p, m, load), r in results.items() if p == "D" and m == "open"]
     late = sum(r.errors.get("DEADLINE_EXCEEDED", 0) for load, r in past_capacity if load <= top)
-    at_top = max(past_capacity, default=None, key=lambda item: item[0])
+    at_top = results.get(("D", "open", top))
     checks = [
         Check(
             f"D late answers, open loop up to {top:,}/s ({max(CAPACITY_FACTORS):g} x capacity)",
             late if past_capacity else math.nan,
-            "",
+            "calls",
             0,
         ),
         Check(
             f"D model share at {top:,}/s",
-            100 * model_share(at_top[1]) if at_top and at_top[0] == top else math.nan,
+            100 * model_share(at_top) if at_top else math.nan,
             "%",
             100 * MIN_MODEL_SHARE_PAST_CAPACITY,
             upper=False,
