@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import re
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -21,6 +23,19 @@ STALL_LINE = re.compile(
     r" \((?P<kernel>\d+) ms in the kernel, (?P<faults>\d+) page faults,"
     r" (?P<preempted>\d+) times preempted\), (?P<gc>\d+) ms in garbage collection"
 )
+
+
+@contextlib.asynccontextmanager
+async def probe_running() -> AsyncIterator[None]:
+    """A probe running around the block, with time to wake before and after it."""
+    lag = LoopLag(interval_s=0.002)
+    lag.start()
+    try:
+        await asyncio.sleep(0.01)
+        yield
+        await asyncio.sleep(0.01)
+    finally:
+        await lag.stop()
 
 
 def logged_stall(caplog: pytest.LogCaptureFixture) -> dict[str, int]:
@@ -78,16 +93,10 @@ async def test_the_stalled_share_is_the_stall_over_the_window() -> None:
 async def test_a_stall_is_logged_with_the_cpu_and_collection_time_it_took(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    lag = LoopLag(interval_s=0.002)
-    lag.start()
-    try:
-        await asyncio.sleep(0.01)
+    async with probe_running():
         began = time.thread_time()
         while time.thread_time() - began < 0.08:  # on the CPU, not asleep
             gc.collect(0)
-        await asyncio.sleep(0.01)
-    finally:
-        await lag.stop()
     stall = logged_stall(caplog)
     assert stall["stalled"] >= 70
     assert stall["cpu"] >= 70  # it was this thread's own work
@@ -95,14 +104,8 @@ async def test_a_stall_is_logged_with_the_cpu_and_collection_time_it_took(
 
 
 async def test_a_stall_off_the_cpu_is_logged_as_such(caplog: pytest.LogCaptureFixture) -> None:
-    lag = LoopLag(interval_s=0.002)
-    lag.start()
-    try:
-        await asyncio.sleep(0.01)
+    async with probe_running():
         block_the_loop(0.08)  # asleep: the kernel has the thread
-        await asyncio.sleep(0.01)
-    finally:
-        await lag.stop()
     stall = logged_stall(caplog)
     assert stall["stalled"] >= 70
     assert stall["cpu"] < 20
@@ -118,14 +121,8 @@ def crunch_numbers(seconds: float) -> None:
 async def test_a_stall_is_logged_with_where_the_loop_was_in_the_middle_of_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    lag = LoopLag(interval_s=0.002)
-    lag.start()
-    try:
-        await asyncio.sleep(0.01)
+    async with probe_running():
         crunch_numbers(0.1)
-        await asyncio.sleep(0.01)
-    finally:
-        await lag.stop()
     (record,) = [r for r in caplog.records if "event loop stalled" in r.getMessage()]
     where = record.getMessage().split("in the middle of it: ")[1]
     innermost, caller = where.split(" < ")[:2]
@@ -136,16 +133,10 @@ async def test_a_stall_is_logged_with_where_the_loop_was_in_the_middle_of_it(
 async def test_a_stall_spent_faulting_in_memory_counts_its_page_faults_and_kernel_time(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    lag = LoopLag(interval_s=0.002)
-    lag.start()
-    try:
-        await asyncio.sleep(0.01)
+    async with probe_running():
         began = time.monotonic()
         while time.monotonic() - began < 0.08:
             bytearray(64 << 20)  # fresh pages each time, zeroed: the kernel faults them in
-        await asyncio.sleep(0.01)
-    finally:
-        await lag.stop()
     stall = logged_stall(caplog)
     assert stall["faults"] > 1000
     assert stall["kernel"] > 0
