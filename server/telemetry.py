@@ -27,6 +27,7 @@ from server.engine import DecisionEngine
 from server.features import FeatureSource
 from server.model_client import GrpcModelClient, ModelClient
 from server.shadow import DIFF_BUCKETS, ShadowScorer
+from server.undelivered import UndeliveredAnswers
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,14 @@ class ShadowCollector(Collector):
 class LoadCollector(Collector):
     """Load shedding and micro-batching: what the server did with the load it got."""
 
-    def __init__(self, engine: DecisionEngine, clients: Sequence[ModelClient]) -> None:
+    def __init__(
+        self,
+        engine: DecisionEngine,
+        clients: Sequence[ModelClient],
+        undelivered: UndeliveredAnswers | None = None,
+    ) -> None:
         self._engine = engine
+        self._undelivered = undelivered
         self._batching = [c for c in clients if isinstance(c, BatchingClient)]
         unwrapped = [c.inner if isinstance(c, BatchingClient) else c for c in clients]
         self._wire = [c for c in unwrapped if isinstance(c, GrpcModelClient)]
@@ -185,6 +192,13 @@ class LoadCollector(Collector):
         yield GaugeMetricFamily(
             "decision_in_flight", "Decisions being made now.", value=self._engine.in_flight
         )
+        if self._undelivered is not None:
+            yield CounterMetricFamily(
+                "decision_answers_undelivered",
+                "Answers gRPC could not send: the caller's deadline had passed, or it went"
+                " away, before the answer was ready.",
+                value=self._undelivered.count,
+            )
         families = {
             "calls": CounterMetricFamily(
                 "decision_model_batch_calls", "Micro-batched model calls.", labels=["replica"]
@@ -197,12 +211,19 @@ class LoadCollector(Collector):
                 "Requests sent alone: their deadline came near while the replica was busy.",
                 labels=["replica"],
             ),
+            "shed": CounterMetricFamily(
+                "decision_model_shed_at_capacity",
+                "Requests not sent: their deadline came near while the replica already had "
+                "twice its batch_max_concurrent_calls out; the ladder answered them.",
+                labels=["replica"],
+            ),
         }
         for client in self._batching:
             stats = client.stats()
             families["calls"].add_metric([client.name], stats.calls)
             families["rows"].add_metric([client.name], stats.rows)
             families["sent_alone"].add_metric([client.name], stats.sent_alone)
+            families["shed"].add_metric([client.name], stats.shed)
         yield from families.values()
         outstanding = GaugeMetricFamily(
             "decision_model_abandoned_outstanding",
