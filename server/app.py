@@ -66,6 +66,7 @@ from server.telemetry import (
     ShadowCollector,
 )
 from server.traffic import Traffic
+from server.undelivered import UndeliveredAnswers
 
 log = logging.getLogger(__name__)
 
@@ -320,8 +321,11 @@ class DecisionApp:
             ),
             shadow=self.shadow,
         )
+        self.undelivered = UndeliveredAnswers()
         registry = CollectorRegistry()
-        registry.register(LoadCollector(self.engine, [r.client for r in replicas.all]))
+        registry.register(
+            LoadCollector(self.engine, [r.client for r in replicas.all], self.undelivered)
+        )
         registry.register(FeatureCollector(self.features, self.mirror))
         if settings.audit.enabled:
             registry.register(AuditCollector(self.audit))
@@ -365,6 +369,8 @@ class DecisionApp:
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         """Starts each component and pushes its stop: the stack stops them in reverse."""
         self.front.bind()
+        self.undelivered.install()
+        stack.callback(self.undelivered.remove)
         if self.settings.audit.enabled:
             if not self.audit.server_id:
                 self.audit.server_id = f"{socket.gethostname()}:{self.port}"

@@ -1,0 +1,61 @@
+"""Answers gRPC could not send, counted instead of logged one traceback each.
+
+When a handler returns after its caller's deadline (or the caller went away), grpcio
+cannot send the answer and logs ``ExecuteBatchError raised in core by servicer method``
+at ERROR with a full traceback, once per call. Under overload that is hundreds of
+tracebacks a second: log I/O and formatting on a process already short of CPU, and a
+log in which on-call cannot find anything else. ``UndeliveredAnswers`` drops those
+records from grpcio's logger, counts them (the metric
+``decision_answers_undelivered_total``: the server's own view of late answers), and
+lets one summary line through at most every ``summary_interval_s``. The message is
+grpcio's (``_handle_exceptions`` in its aio server, 1.85): a grpcio upgrade that rewords
+it brings the tracebacks back, and the metric stays at 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+GRPC_LOGGER = "grpc._cython.cygrpc"
+UNSENT_PREFIX = "ExecuteBatchError raised in core"
+
+log = logging.getLogger(__name__)
+
+
+class UndeliveredAnswers(logging.Filter):
+    def __init__(
+        self, *, summary_interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self.count = 0
+        self._interval_s = summary_interval_s
+        self._clock = clock
+        self._reported = 0
+        self._reported_at = float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(UNSENT_PREFIX):
+            return True
+        self.count += 1
+        now = self._clock()
+        if now - self._reported_at >= self._interval_s:
+            since, self._reported, self._reported_at = (
+                self.count - self._reported,
+                self.count,
+                now,
+            )
+            log.warning(
+                "%d answer(s) could not be sent since the last report (%d in all): their"
+                " callers' deadlines had passed or the callers went away",
+                since,
+                self.count,
+            )
+        return False
+
+    def install(self) -> None:
+        logging.getLogger(GRPC_LOGGER).addFilter(self)
+
+    def remove(self) -> None:
+        logging.getLogger(GRPC_LOGGER).removeFilter(self)
