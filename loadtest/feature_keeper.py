@@ -11,16 +11,23 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 from feature_cache.schema import FEATURE_NAMES
-from feature_cache.store import FeatureRecord, FeatureWriter
+from feature_cache.store import FeatureRecord
 
 log = logging.getLogger(__name__)
 
 
+class RecordWriter(Protocol):
+    """Where records go: a ``FeatureWriter``, or a test's wrapper of one."""
+
+    async def write_many(self, records: list[FeatureRecord]) -> int: ...
+
+
 class FeatureKeeper:
     def __init__(
-        self, writer: FeatureWriter, symbols: Sequence[str], *, interval_s: float, seed: int = 7
+        self, writer: RecordWriter, symbols: Sequence[str], *, interval_s: float, seed: int = 7
     ) -> None:
         self._writer = writer
         self._symbols = list(symbols)

@@ -1,10 +1,13 @@
-"""A real DecisionApp (in the test's event loop) wired to real Redis and TorchServe."""
+"""A real DecisionApp (in the test's event loop) wired to real Redis and TorchServe, and
+decision server processes (``python -m server``, as users run it) on the same."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +15,15 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from core.processes import free_port
+from core.processes import ManagedProcess, free_port, free_ports
 from feature_cache.schema import FEATURE_NAMES, MODEL_INPUT_WIDTH
 from feature_cache.store import FeatureRecord, FeatureWriter
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from localstack.health import serving
+from proto.decision.v1 import admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
 from server.model_client import ModelCallError
 from server.settings import Settings
-from tests.conftest import RedisInstance, Replica
+from tests.conftest import REPO, RedisInstance, Replica, server_process_env
 
 # Features that give a real score; the rules see a tight spread and a buy-side lean.
 SAMPLE_FEATURES = {
@@ -221,3 +225,76 @@ def buy(symbol: str = "BTC-USD", **fields: Any) -> decision_pb2.DecideRequest:
     return decision_pb2.DecideRequest(
         **{"symbol": symbol, "side": decision_pb2.SIDE_BUY, "quantity": 1.0, **fields}
     )
+
+
+OPERATOR_TOKEN = "operator-token-0123456789"  # noqa: S105 - test token
+VIEWER_TOKEN = "viewer-token-0123456789"  # noqa: S105 - test token
+TOKENS = f"oncall operator {OPERATOR_TOKEN}, dashboard viewer {VIEWER_TOKEN}"
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+OPERATOR = bearer(OPERATOR_TOKEN)
+VIEWER = bearer(VIEWER_TOKEN)
+
+
+class ServerProcess:
+    def __init__(self, proc: ManagedProcess, port: int, admin_port: int, run_dir: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.admin_port = admin_port
+        self.run_dir = run_dir
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.admin_channel = grpc.aio.insecure_channel(f"127.0.0.1:{admin_port}")
+        self.decisions = decision_stub(self.channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.admin_channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await self.admin_channel.close()
+        self.proc.stop()
+
+
+@pytest.fixture
+def server_processes(
+    redis_instance: RedisInstance, key_prefix: str, replicas: dict[str, Replica], tmp_path: Path
+) -> Iterator[Callable[[int], list[ServerProcess]]]:
+    """Starts decision server processes on one Redis and one key prefix (a deployment)."""
+    started: list[ServerProcess] = []
+
+    def start(count: int, workers: int = 1) -> list[ServerProcess]:
+        for i in range(count):
+            port, admin_port = free_ports(2)
+            run_dir = tmp_path / f"server{i}"
+            env = server_process_env(
+                redis_instance.url,
+                key_prefix,
+                replicas,
+                run_dir,
+                DECISION_SERVER__PORT=str(port),
+                DECISION_SERVER__LOG_LEVEL="INFO",
+                DECISION_ADMIN__PORT=str(admin_port),
+                DECISION_ADMIN__TOKENS=TOKENS,
+                DECISION_AUDIT__SHIP_IDLE_INTERVAL_MS="20",
+                DECISION_SERVER__WORKERS=str(workers),
+            )
+            proc = ManagedProcess(
+                f"decision server {i}",
+                [sys.executable, "-m", "server"],
+                cwd=REPO,
+                log_path=run_dir / "server.log",
+                env=env,
+            )
+            started.append(ServerProcess(proc, port, admin_port, run_dir))
+            proc.start()
+        for server in started[-count:]:
+            server.proc.wait_ready(functools.partial(serving, server.port), 30.0)
+        return started[-count:]
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.proc.stop()

@@ -1,6 +1,13 @@
-"""Both replicas slowed (not stopped) and the load past capacity: every answer still
-comes before the caller's deadline, the model keeps answering what the replicas can
-serve, and once the load drops the breakers close within 5 s."""
+"""Both replicas slowed (not stopped) and the load past what they serve in time: every
+answer still comes before the caller's deadline, the model keeps answering what the
+replicas can serve, and once the load drops the breakers close within 5 s.
+
+The server runs as users run it (``python -m server``: its own process, uvloop), and
+the load is set from this machine's own speed, measured first: half of what the server
+answers per second from the ladder alone. These machines run 2-4 x slower on some days
+than on others; a fixed rate is past what the server itself can answer on a slow day
+(then every answer is late whatever it does) and nowhere near overload on a fast one.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +17,23 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+import redis.asyncio as aioredis
 
 from core.processes import ManagedProcess
-from loadtest.loadgen import LoadGenerator, LoadSpec
-from proto.decision.v1 import decision_pb2
-from server.app import DecisionApp
-from tests.server.conftest import buy, decision_stub, replica_settings, sample_record, settle
+from feature_cache.store import FeatureWriter
+from loadtest.feature_keeper import FeatureKeeper
+from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec
+from proto.decision.v1 import admin_pb2, decision_pb2
+from tests.conftest import RedisInstance
+from tests.server.conftest import OPERATOR, VIEWER, ServerProcess, buy
 
 pytestmark = pytest.mark.integration
 
-RATE_PER_S = 500.0  # past what the in-process server and the slowed replicas can do
+LADDER_SHARE = 0.5  # the open-loop rate, as a share of the server's ladder-only throughput
 SECONDS = 6.0
 DEADLINE_S = 0.05
 MODEL_SOURCES = (decision_pb2.SOURCE_PRIMARY, decision_pb2.SOURCE_SECONDARY)
+REPLICAS = ("primary", "secondary")
 
 
 @contextlib.asynccontextmanager
@@ -52,51 +63,123 @@ async def slowed(
             proc.resume()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15, open: with both replicas slowed and 500 Decide/s the breakers open and"
-    " close in turn, the model answers ~1 % and 30-90 calls end past their deadline",
-)
-async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
-    start_app, replicas, channel_to, feature_writer
-):
-    await feature_writer.write_many([sample_record("BTC-USD")])
-    app: DecisionApp = await start_app(torchserve=replica_settings(replicas))
-    await settle(app)
+@contextlib.asynccontextmanager
+async def fresh_features(redis_instance: RedisInstance, key_prefix: str) -> AsyncIterator[None]:
+    """BTC-USD's features rewritten every 0.2 s, as the consumer would."""
+    client = aioredis.Redis.from_url(redis_instance.url)
+    keeper = FeatureKeeper(
+        FeatureWriter(client, key_prefix=key_prefix, ttl_s=30), ["BTC-USD"], interval_s=0.2
+    )
+    await keeper.start()
+    try:
+        yield
+    finally:
+        await keeper.stop()
+        await client.aclose()
+
+
+async def set_breakers(server: ServerProcess, mode: admin_pb2.BreakerMode.ValueType) -> None:
+    for replica in REPLICAS:
+        await server.admin.SetBreaker(
+            admin_pb2.SetBreakerRequest(replica=replica, mode=mode, reason="overload test"),
+            metadata=OPERATOR,
+            timeout=5.0,
+        )
+
+
+async def ladder_throughput(server: ServerProcess, generator: LoadGenerator) -> float:
+    """Decisions a second the server answers with both breakers forced open (closed
+    loop, 16 callers): what it can do without the model on this machine today."""
+    await set_breakers(server, admin_pb2.BREAKER_MODE_FORCE_OPEN)
     spec = LoadSpec(
         target="decide",
-        address=f"127.0.0.1:{app.port}",
-        mode="open",
-        seconds=SECONDS,
-        warmup_s=1.0,
-        max_requests=int(RATE_PER_S * SECONDS),
-        rate_per_s=RATE_PER_S,
-        timeout_s=DEADLINE_S,
+        address=f"127.0.0.1:{server.port}",
+        mode="closed",
+        seconds=2.0,
+        warmup_s=0.5,
+        concurrency=16,
+        max_requests=100_000,
+        timeout_s=1.0,
         channels=2,
     )
-    with LoadGenerator(processes=1) as generator:
-        await asyncio.to_thread(generator.wait_ready)
-        async with slowed([r.proc for r in replicas.values()], stopped_ms=8, running_ms=8):
-            result = await asyncio.to_thread(generator.run, spec)
+    try:
+        result = await asyncio.to_thread(generator.run, spec)
+    finally:
+        await set_breakers(server, admin_pb2.BREAKER_MODE_AUTO)
+    assert result.ok > 0 and not result.errors, result.errors
+    return result.throughput_per_s
 
-    seen = (
-        f"answers {result.answers}, errors {result.errors}, p99 {result.percentile_ms(99):.1f} ms"
-    )
-    assert result.ok > 0.5 * RATE_PER_S * SECONDS, seen
-    assert result.errors.get("DEADLINE_EXCEEDED", 0) == 0, seen
-    modelled = sum(
+
+async def model_answers_in_time(server: ServerProcess) -> None:
+    """Waits (at most 20 s: a replica the ladder measurement left alone is idle) until
+    the model answers in time again."""
+    deadline = time.monotonic() + 20.0
+    while True:
+        response = await server.decisions.Decide(buy(), timeout=1.0)
+        if response.source in MODEL_SOURCES:
+            return
+        assert time.monotonic() < deadline, response.reason
+        await asyncio.sleep(0.05)
+
+
+def modelled(result: LoadResult) -> int:
+    return sum(
         n for s, n in result.answers.items() if decision_pb2.Source.Value(s) in MODEL_SOURCES
     )
-    assert modelled >= 0.2 * result.ok, seen  # no collapse onto the ladder
 
-    # The load and the slowing are over: within 5 s the model answers and both breakers
-    # are closed again.
-    stub = decision_stub(channel_to(app))
-    deadline = time.monotonic() + 5.0
-    while True:
-        response = await stub.Decide(buy(), timeout=1.0)
-        states = [replica.breaker.state for replica in app.replicas]
-        if states == ["closed", "closed"] and response.source in MODEL_SOURCES:
-            break
-        assert time.monotonic() < deadline, (states, response.reason)
-        await asyncio.sleep(0.05)
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 15, open: on a 2-core machine the replicas' CPU is the server's, and at"
+    " half the ladder-only rate (214-343/s on 2026-11-23) 20-25 % of the answers came late"
+    " and the model answered 0-1 %; unslowed at 278/s still 148 late, model 15 %",
+)
+async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
+    server_processes, replicas, redis_instance, key_prefix
+):
+    async with fresh_features(redis_instance, key_prefix):
+        [server] = server_processes(1)
+        try:
+            await model_answers_in_time(server)
+            with LoadGenerator(processes=1) as generator:
+                await asyncio.to_thread(generator.wait_ready)
+                rate = LADDER_SHARE * await ladder_throughput(server, generator)
+                await model_answers_in_time(server)
+                spec = LoadSpec(
+                    target="decide",
+                    address=f"127.0.0.1:{server.port}",
+                    mode="open",
+                    seconds=SECONDS,
+                    warmup_s=1.0,
+                    max_requests=int(rate * SECONDS),
+                    rate_per_s=rate,
+                    timeout_s=DEADLINE_S,
+                    channels=2,
+                )
+                procs = [r.proc for r in replicas.values()]
+                async with slowed(procs, stopped_ms=8, running_ms=8):
+                    result = await asyncio.to_thread(generator.run, spec)
+
+            seen = (
+                f"at {rate:.0f}/s: answers {result.answers}, errors {result.errors},"
+                f" p99 {result.percentile_ms(99):.1f} ms"
+            )
+            assert result.ok > 0.5 * rate * SECONDS, seen
+            assert result.errors.get("DEADLINE_EXCEEDED", 0) == 0, seen
+            assert modelled(result) >= 0.2 * result.ok, seen  # no collapse onto the ladder
+
+            # The load and the slowing are over: within 5 s the model answers and both
+            # breakers are closed again.
+            deadline = time.monotonic() + 5.0
+            while True:
+                response = await server.decisions.Decide(buy(), timeout=1.0)
+                status = await server.admin.GetStatus(
+                    admin_pb2.GetStatusRequest(), metadata=VIEWER, timeout=1.0
+                )
+                states = {r.name: r.breaker_state for r in status.replicas if r.name in REPLICAS}
+                if set(states.values()) == {"closed"} and response.source in MODEL_SOURCES:
+                    break
+                assert time.monotonic() < deadline, (states, response.reason)
+                await asyncio.sleep(0.05)
+        finally:
+            await server.close()

@@ -32,7 +32,7 @@ from server.control.state import BreakerMode
 from server.errors import AuditUnavailable, SharedStateUnavailable
 from server.settings import ControlSettings
 from tests.conftest import RedisInstance
-from tests.server.admin.test_admin import OPERATOR, TOKENS, VIEWER
+from tests.server.conftest import OPERATOR, TOKENS, VIEWER
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,7 @@ import pytest
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.admin import ctl
 from server.app import DecisionApp
-from tests.server.admin.test_admin import OPERATOR_TOKEN, TOKENS, VIEWER
-from tests.server.conftest import buy, decision_stub
+from tests.server.conftest import OPERATOR_TOKEN, TOKENS, VIEWER, buy, decision_stub
 
 pytestmark = pytest.mark.integration
 
