@@ -138,20 +138,6 @@ class LoopLag:
             total += min(late, woke_at - since)
         return total * 1000.0
 
-    def longest_stall_ms(self, since: float) -> float:
-        """The longest single stall since ``since`` (loop time, s), the probe's own
-        overdue wake-up included: how late a timer due now may fire if the loop goes on
-        as it did. (The sum, ``stalled_ms``, counts many short stalls that each delay a
-        timer only a little.)"""
-        now = asyncio.get_running_loop().time()
-        overdue = now - self._due
-        longest = overdue if overdue > NOISE_S else 0.0
-        for woke_at, late in reversed(self._samples):
-            if woke_at <= since:
-                break
-            longest = max(longest, late)
-        return longest * 1000.0
-
     def stalled_share(self, window_s: float) -> float:
         """The share of the last ``window_s`` the loop was stalled: near 0 when it keeps
         up, near 1 when work waits all the time. One stall of 30 ms in 250 ms is 0.12."""

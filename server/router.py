@@ -68,7 +68,7 @@ def _note(reason: str) -> RouteResult:
 
 
 class LagProbe(Protocol):
-    def longest_stall_ms(self, since: float) -> float: ...
+    def stalled_ms(self, since: float) -> float: ...
 
 
 class ReplicaRouter:
@@ -76,8 +76,8 @@ class ReplicaRouter:
 
     Each call gets ``min(remaining budget - fallback reserve - recent loop lag, jittered
     per-call cap)``; none is made when less than ``min_call_budget_ms`` would be left for
-    it. The recent loop lag is this process's event loop's longest stall in the last
-    ``LAG_LOOKBACK_S``: a wait on a loop that stalls that long ends that much
+    it. The recent loop lag is how long this process's event loop was stalled in the
+    last ``LAG_LOOKBACK_S``: a wait on a loop running that far behind ends that much
     late, and a primary wait, a retry and the ladder, each ending late, made answers
     leave 3-6 ms after the caller's deadline in the hour soaks. A call after
     a failed one (a retry, or a hedge) is made only within the lane's retry budget
@@ -170,7 +170,7 @@ class ReplicaRouter:
         if self._loop_lag is None:
             return 0.0
         since = asyncio.get_running_loop().time() - LAG_LOOKBACK_S
-        return self._loop_lag.longest_stall_ms(since)
+        return self._loop_lag.stalled_ms(since)
 
     def _call_timeout_ms(self, budget: Budget) -> float:
         return model_call_timeout_ms(

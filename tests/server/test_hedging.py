@@ -204,7 +204,7 @@ class StalledLoop:
         self.ms = ms
         self.asked: list[float] = []
 
-    def longest_stall_ms(self, since: float) -> float:
+    def stalled_ms(self, since: float) -> float:
         self.asked.append(asyncio.get_running_loop().time() - since)
         return self.ms
 
