@@ -188,22 +188,16 @@ class Replicas:
         return [*self.champions, *([self.challenger] if self.challenger else [])]
 
 
-def traffic(
-    settings: Settings, replicas: Replicas, canary: CanaryMonitor, loop_lag: LoopLag
-) -> Traffic:
-    """The champion's lane (primary → secondary) and, with a challenger, the canary's;
-    their model-call waits are shortened by the recent ``loop_lag``."""
+def traffic(settings: Settings, replicas: Replicas, canary: CanaryMonitor) -> Traffic:
+    """The champion's lane (primary → secondary) and, with a challenger, the canary's."""
     ts, decision = settings.torchserve, settings.decision
-    champion = ReplicaRouter(
-        replicas.champions, torchserve=ts, decision=decision, loop_lag=loop_lag
-    )
+    champion = ReplicaRouter(replicas.champions, torchserve=ts, decision=decision)
     if replicas.challenger is None:
         return Traffic(champion)
     lane = [replicas.challenger, *replicas.champions]
-    canary_lane = ReplicaRouter(
-        lane, torchserve=ts, decision=decision, hedge=False, loop_lag=loop_lag
+    return Traffic(
+        champion, (ReplicaRouter(lane, torchserve=ts, decision=decision, hedge=False), canary)
     )
-    return Traffic(champion, (canary_lane, canary))
 
 
 def ladder(settings: Settings, score_cache: ScoreCache, redis_reads: StoreReads) -> FallbackChain:
@@ -311,7 +305,7 @@ class DecisionApp:
         )
         self.engine = DecisionEngine(
             features=self.features,
-            traffic=traffic(settings, replicas, self.canary, self.loop_lag),
+            traffic=traffic(settings, replicas, self.canary),
             ladder=ladder(settings, score_cache, redis_reads),
             scores=ScoreWriter(
                 score_cache, write_interval_ms=settings.fallback.cached_score_write_interval_ms

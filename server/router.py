@@ -19,7 +19,6 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from core.deadline import Budget, model_call_timeout_ms
 from core.domain import Source
@@ -30,8 +29,6 @@ from server.replica import Admission, Attempt, Replica
 from server.settings import DecisionSettings, TorchServeSettings
 
 HEDGE_DELAY_REFRESH_S = 0.5
-# How far back the event loop's lag is read to shorten a model call's wait.
-LAG_LOOKBACK_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,19 +64,11 @@ def _note(reason: str) -> RouteResult:
     return RouteResult(reasons=(reason,))
 
 
-class LagProbe(Protocol):
-    def stalled_ms(self, since: float) -> float: ...
-
-
 class ReplicaRouter:
     """Calls the lane's replicas in order until one answers.
 
-    Each call gets ``min(remaining budget - fallback reserve - recent loop lag, jittered
-    per-call cap)``; none is made when less than ``min_call_budget_ms`` would be left for
-    it. The recent loop lag is how long this process's event loop was stalled in the
-    last ``LAG_LOOKBACK_S``: a wait on a loop running that far behind ends that much
-    late, and a primary wait, a retry and the ladder, each ending late, made answers
-    leave 3-6 ms after the caller's deadline in the hour soaks. A call after
+    Each call gets ``min(remaining budget - fallback reserve, jittered per-call cap)``;
+    none is made when less than ``min_call_budget_ms`` would be left for it. A call after
     a failed one (a retry, or a hedge) is made only within the lane's retry budget
     (``retry_budget_ratio`` of first calls): a call to the next replica because the
     first one's breaker refused is a first call, not a retry.
@@ -93,12 +82,9 @@ class ReplicaRouter:
         decision: DecisionSettings,
         hedge: bool | None = None,
         rng: random.Random | None = None,
-        loop_lag: LagProbe | None = None,
     ) -> None:
-        """``hedge``: overrides ``torchserve.hedge`` (the canary's lane never hedges);
-        ``loop_lag``: this process's event-loop probe (None: waits ignore lag)."""
+        """``hedge``: overrides ``torchserve.hedge`` (the canary's lane never hedges)."""
         self.replicas = tuple(replicas)
-        self._loop_lag = loop_lag
         self._cap_ms = torchserve.per_call_timeout_ms
         self._jitter = torchserve.timeout_jitter
         self._min_call_ms = torchserve.min_call_budget_ms
@@ -159,22 +145,14 @@ class ReplicaRouter:
         return result
 
     def _no_time(self, replica: Replica, timeout_ms: float) -> str:
-        lag_ms = self._recent_lag_ms()
-        behind = f"; event loop {lag_ms:.0f} ms behind" if lag_ms >= 1.0 else ""
         return (
             f"{replica.name} skipped: {max(timeout_ms, 0.0):.1f} ms of budget left"
-            f" (needs {self._min_call_ms:.1f}{behind})"
+            f" (needs {self._min_call_ms:.1f})"
         )
-
-    def _recent_lag_ms(self) -> float:
-        if self._loop_lag is None:
-            return 0.0
-        since = asyncio.get_running_loop().time() - LAG_LOOKBACK_S
-        return self._loop_lag.stalled_ms(since)
 
     def _call_timeout_ms(self, budget: Budget) -> float:
         return model_call_timeout_ms(
-            budget.remaining_ms() - self._recent_lag_ms(),
+            budget.remaining_ms(),
             reserve_ms=self._reserve_ms,
             cap_ms=self._cap_ms,
             jitter=self._jitter,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -54,12 +53,7 @@ class ScriptedReplica(AlwaysConnected):
 
 
 def router(
-    primary: ScriptedReplica,
-    secondary: ScriptedReplica,
-    *,
-    hedge: bool = True,
-    loop_lag: Any = None,
-    **options: Any,
+    primary: ScriptedReplica, secondary: ScriptedReplica, *, hedge: bool = True, **options: Any
 ) -> ReplicaRouter:
     """``options``: more ``TorchServeSettings``."""
     replicas = [
@@ -82,7 +76,6 @@ def router(
             }
         ),
         decision=DecisionSettings(fallback_reserve_ms=1.0),
-        loop_lag=loop_lag,
     )
 
 
@@ -195,52 +188,3 @@ async def test_calls_past_an_open_breaker_are_first_calls_not_retries() -> None:
 
 async def primary_down() -> None:
     raise ModelUnavailable("primary unavailable")
-
-
-class StalledLoop:
-    """A loop-lag probe that says the loop was stalled ``ms`` in any recent span."""
-
-    def __init__(self, ms: float) -> None:
-        self.ms = ms
-        self.asked: list[float] = []
-
-    def stalled_ms(self, since: float) -> float:
-        self.asked.append(asyncio.get_running_loop().time() - since)
-        return self.ms
-
-
-def timeouts_given(replica: ScriptedReplica) -> list[float]:
-    """The timeout of each call ``replica`` got, in ms (wrapping its predict)."""
-    given: list[float] = []
-    predict = replica.predict
-
-    async def recording(rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
-        given.append(timeout_s * 1000)
-        return await predict(rows, timeout_s)
-
-    replica.predict = recording  # type: ignore[method-assign]
-    return given
-
-
-async def test_a_lagging_event_loop_shortens_each_model_wait_by_its_lag() -> None:
-    # Waits on a loop 30 ms behind end ~30 ms late: the primary's and the retry's waits
-    # leave that much more of the budget, so the ladder's answer still goes in time.
-    primary = ScriptedReplica("primary", 500.0)  # times out
-    secondary = ScriptedReplica("secondary", 500.0)
-    lag = StalledLoop(30.0)
-    routing = router(primary, secondary, hedge=False, loop_lag=lag)
-    primary_given, secondary_given = timeouts_given(primary), timeouts_given(secondary)
-    _, reasons = await score(routing, budget_ms=100.0)
-    # 100 ms - 1 ms reserve - 30 ms lag = 69, capped at 60; then what is left of it.
-    assert primary_given == [pytest.approx(60.0, abs=1.0)]
-    assert secondary_given and secondary_given[0] < 100 - 60 - 1 - 30 + 1
-    assert all(span == pytest.approx(0.1, abs=0.001) for span in lag.asked)
-    # Past its lag the loop leaves no time for a call at all: the reason says why.
-    lag.ms = 99.6
-    _, reasons = await score(routing, request=1.0, budget_ms=100.0)
-    assert len(reasons) == 1
-    assert re.fullmatch(
-        r"primary skipped: 0\.0 ms of budget left \(needs 1\.0; event loop 100 ms behind\)",
-        reasons[0],
-    ), reasons
-    assert primary.calls[1.0] == 0
