@@ -20,14 +20,9 @@ and lets trial calls through, a growing number at once: one, then two after the 
 success, four after the second, and so on, until ``success_threshold`` successes close
 it; calls past that number are rejected at once with ``BreakerOpenError``. Under load
 the replica so gets a growing share of the traffic back, rather than one trial call at
-a time whose single unlucky timeout reopens it for another reset timeout. A failed
-trial reopens it when the trials' failures would outnumber their successes: the first
-trial of a replica still down reopens it at once, while one timeout among successes of
-a replica that works on a busy machine does not (closed, it takes ``fail_max`` failures
-in a row to open; half-open, one failure reopened it, and under load the breakers
-flapped open for seconds at a time on healthy replicas). Errors for which ``ignore``
-returns True (the caller's fault, not the replica's) are recorded as neither failure
-nor success.
+a time whose single unlucky timeout reopens it for another reset timeout. Any counted
+failure of a trial reopens it. Errors for which ``ignore`` returns True (the caller's
+fault, not the replica's) are recorded as neither failure nor success.
 """
 
 from __future__ import annotations
@@ -83,7 +78,6 @@ class AsyncCircuitBreaker:
             throw_new_error_on_trip=False,
         )
         self._trials_in_flight = 0
-        self._trial_failures = 0  # since the breaker last went half-open
         self._failure_counted_at = float("-inf")  # monotonic
 
     @property
@@ -130,7 +124,6 @@ class AsyncCircuitBreaker:
             return False
         if self.state == OPEN:
             self._breaker.half_open()  # as pybreaker does before its trial call
-            self._trial_failures = 0
         self._trials_in_flight += 1
         return True
 
@@ -138,23 +131,11 @@ class AsyncCircuitBreaker:
         """Feeds one outcome to pybreaker, if it still concerns the current state.
 
         A call let in while closed that ends after the breaker opened says nothing the
-        breaker does not know; only the trials decide a half-open breaker, and a failed
-        one reopens it only when the trials' failures outnumber their successes.
+        breaker does not know; only the trial decides a half-open breaker.
         """
         expected = HALF_OPEN if trial else CLOSED
         if self.state != expected:
             return
-        if trial and failure is not None:
-            self._trial_failures += 1
-            successes: int = self._breaker._state_storage.success_counter
-            if self._trial_failures <= successes:
-                log.info(
-                    "breaker %s: a trial failed (%d failed, %d succeeded): stays half-open",
-                    self.name,
-                    self._trial_failures,
-                    successes,
-                )
-                return
 
         def outcome() -> None:
             if failure is not None:

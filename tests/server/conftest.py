@@ -257,6 +257,14 @@ class ServerProcess:
         self.proc.stop()
 
 
+def ready_workers(log_path: Path) -> int:
+    """Workers of a server process that have logged that they serve."""
+    try:
+        return log_path.read_text().count("ready: health SERVING")
+    except FileNotFoundError:
+        return 0
+
+
 @pytest.fixture
 def server_processes(
     redis_instance: RedisInstance, key_prefix: str, replicas: dict[str, Replica], tmp_path: Path
@@ -291,6 +299,10 @@ def server_processes(
             proc.start()
         for server in started[-count:]:
             server.proc.wait_ready(functools.partial(serving, server.port), 30.0)
+            # One worker serving answers the health check; the kernel gives connections
+            # only to workers already listening, so a test about several waits for all.
+            log_path = server.run_dir / "server.log"
+            server.proc.wait_ready(lambda path=log_path: ready_workers(path) >= workers, 30.0)
         return started[-count:]
 
     try:
