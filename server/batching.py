@@ -10,16 +10,10 @@ timer ever delays a request.
 
 Deadline-aware: a request never waits in the queue past the point where a call would
 no longer fit before its deadline (``deadline - 2 x expected call time``): then it goes
-alone, past the cap, as long as fewer than ``ALONE_CALLS_FACTOR`` times the cap are out;
-beyond that it fails at once with ``ModelBusy`` (not the replica's fault) and the ladder
-answers. A replica that is slow because it is saturated must not be sent one more call
-per waiting request: that deepens its queue, every call times out, and the breaker sees
-failures where there was only load (the metastable collapse of the overload runs).
-
-Each request keeps its own deadline inside a shared call, which runs until the latest
-one. The shared call costs a request no time of its own because a replica scores 64 rows
-about as fast as one (measured: 1.86 / 2.05 / 1.99 ms p50 for 1 / 8 / 64 rows); so below
-saturation a request meets every deadline it would have met alone.
+alone, whatever the cap. Each request keeps its own deadline inside a shared call, which
+runs until the latest one. The shared call costs a request no time of its own because a
+replica scores 64 rows about as fast as one (measured: 1.86 / 2.05 / 1.99 ms p50 for
+1 / 8 / 64 rows); so a request meets every deadline it would have met alone.
 
 A call the replica rejects (``ModelInputError``: a bad row) is retried row set by row
 set, so one caller's bad row never fails the others.
@@ -51,9 +45,6 @@ log = logging.getLogger(__name__)
 # The expected call time: until the first answer this, then an EWMA of the answers.
 INITIAL_EXPECTED_MS = 2.0
 EXPECTED_WEIGHT = 0.1
-# Requests whose deadline comes near while every slot is taken go alone, up to this many
-# times ``max_concurrent_calls`` calls out in all; past that they fail at once.
-ALONE_CALLS_FACTOR = 2
 
 
 @dataclass(slots=True, eq=False)
@@ -73,7 +64,6 @@ class BatchingStats:
     rows: int  # rows they carried
     requests: int  # predict calls answered through the queue
     sent_alone: int  # requests whose deadline came near while the replica was busy
-    shed: int  # such requests failed at once: the replica already had all it could take
 
 
 def _clone(exc: ModelCallError | ModelInputError, *, given_ms: float) -> Exception:
@@ -109,7 +99,7 @@ class BatchingClient:
         self._tasks: set[asyncio.Task[None]] = set()
         self._expected_ms = INITIAL_EXPECTED_MS
         self._answered = False
-        self._calls = self._rows = self._requests = self._sent_alone = self._shed = 0
+        self._calls = self._rows = self._requests = self._sent_alone = 0
 
     @property
     def inner(self) -> ModelClient:
@@ -131,7 +121,7 @@ class BatchingClient:
         return await self._inner.connect(timeout_s)
 
     def stats(self) -> BatchingStats:
-        return BatchingStats(self._calls, self._rows, self._requests, self._sent_alone, self._shed)
+        return BatchingStats(self._calls, self._rows, self._requests, self._sent_alone)
 
     async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         if len(rows) >= self._max_rows:  # a full call already
@@ -173,17 +163,6 @@ class BatchingClient:
         try:
             self._queue.remove(queued)
         except ValueError:  # already in a call, or its caller was cancelled
-            return
-        if self._calls_out >= self._max_calls * ALONE_CALLS_FACTOR:
-            # The replica works on all it can take: one more call would only slow the
-            # calls already out. The request goes to the ladder now, not late.
-            self._shed += 1
-            waited_ms = (time.perf_counter() - queued.enqueued) * 1000.0
-            busy = ModelBusy(
-                f"{self.name} at capacity ({self._calls_out} calls out, queued {waited_ms:.1f} ms)",
-                replica_silent=False,
-            )
-            self._settle(queued, busy)
             return
         self._sent_alone += 1
         self._start_call([queued])

@@ -211,19 +211,12 @@ class LoadCollector(Collector):
                 "Requests sent alone: their deadline came near while the replica was busy.",
                 labels=["replica"],
             ),
-            "shed": CounterMetricFamily(
-                "decision_model_shed_at_capacity",
-                "Requests not sent: their deadline came near while the replica already had "
-                "twice its batch_max_concurrent_calls out; the ladder answered them.",
-                labels=["replica"],
-            ),
         }
         for client in self._batching:
             stats = client.stats()
             families["calls"].add_metric([client.name], stats.calls)
             families["rows"].add_metric([client.name], stats.rows)
             families["sent_alone"].add_metric([client.name], stats.sent_alone)
-            families["shed"].add_metric([client.name], stats.shed)
         yield from families.values()
         outstanding = GaugeMetricFamily(
             "decision_model_abandoned_outstanding",

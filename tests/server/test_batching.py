@@ -116,32 +116,6 @@ async def test_a_request_meets_every_deadline_it_would_have_met_alone() -> None:
     await first
 
 
-async def test_a_saturated_replica_is_not_sent_a_call_per_waiting_request() -> None:
-    # Two slots, each call 50 ms: the requests behind them cannot wait for a slot within
-    # their 30 ms. Two more may go alone (twice the slots out in all); the rest fail at
-    # once, blamed on load rather than on the replica, instead of piling calls onto it.
-    replica = FakeReplica(call_ms=50.0)
-    batching = client(replica, max_calls=2)
-    await batching.predict([[0.0]], 1.0)  # teaches it the expected call time
-    busy = []
-    for i in range(2):  # one call each: a turn apart, so not coalesced
-        busy.append(asyncio.create_task(batching.predict([[i / 10]], 1.0)))
-        await asyncio.sleep(0.001)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    waiting = [batching.predict([[0.5 + i / 100]], 0.12) for i in range(6)]
-    outcomes = await asyncio.gather(*waiting, return_exceptions=True)
-    await asyncio.gather(*busy)
-    answered = [o for o in outcomes if isinstance(o, ModelScores)]
-    refused = [o for o in outcomes if isinstance(o, ModelBusy)]
-    assert len(answered) == 2 and len(refused) == 4, outcomes
-    assert replica.most_in_flight == 4
-    assert batching.stats().shed == 4
-    assert not any(counts_against_replica(exc, min_counted_timeout_ms=0) for exc in refused)
-    assert "at capacity" in str(refused[0])
-    assert loop.time() - started < 0.12  # refused before their deadline, not at it
-
-
 async def test_each_request_keeps_its_own_deadline_in_a_shared_call() -> None:
     replica = FakeReplica(call_ms=30.0)
     batching = client(replica, max_calls=1)
