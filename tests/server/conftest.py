@@ -257,12 +257,12 @@ class ServerProcess:
         self.proc.stop()
 
 
-def ready_workers(log_path: Path) -> int:
-    """Workers of a server process that have logged that they serve."""
+def ready_workers(log_path: Path, workers: int) -> bool:
+    """Whether ``workers`` workers of a server process have logged that they serve."""
     try:
-        return log_path.read_text().count("ready: health SERVING")
+        return log_path.read_text().count("ready: health SERVING") >= workers
     except FileNotFoundError:
-        return 0
+        return False
 
 
 @pytest.fixture
@@ -301,8 +301,8 @@ def server_processes(
             server.proc.wait_ready(functools.partial(serving, server.port), 30.0)
             # One worker serving answers the health check; the kernel gives connections
             # only to workers already listening, so a test about several waits for all.
-            log_path = server.run_dir / "server.log"
-            server.proc.wait_ready(lambda path=log_path: ready_workers(path) >= workers, 30.0)
+            every_worker = functools.partial(ready_workers, server.run_dir / "server.log", workers)
+            server.proc.wait_ready(every_worker, 30.0)
         return started[-count:]
 
     try:
