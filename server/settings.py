@@ -223,8 +223,7 @@ class BreakerSettings(SettingsSection):
         4,
         ge=1,
         description="Successful trial calls that close a half-open breaker; the trial calls "
-        "let through at once double with each success (1, 2, 4, ...), and a failed one "
-        "reopens it only when the trials' failures would outnumber their successes.",
+        "let through at once double with each success (1, 2, 4, ...).",
     )
     min_counted_timeout_ms: float = Field(
         10.0,

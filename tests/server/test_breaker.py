@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import pytest
@@ -126,18 +125,12 @@ async def test_half_open_lets_a_doubling_number_of_trials_through_until_it_close
     assert cb.state == "closed"
 
 
-async def trips(cb: AsyncCircuitBreaker) -> None:
-    """Opens ``cb`` (fail_max 3) and waits out its reset timeout."""
+async def test_a_failed_trial_reopens_the_breaker_whatever_the_others_do():
+    cb = breaker(success_threshold=4)
     for _ in range(3):
         with pytest.raises(Boom):
             await cb.call(fail)
-    assert cb.state == "open"
     await asyncio.sleep(0.06)
-
-
-async def test_trial_failures_outnumbering_successes_reopen_the_breaker():
-    cb = breaker(success_threshold=4)
-    await trips(cb)
     assert await cb.call(succeed) == "ok"  # two trials at once from now on
     release = asyncio.Event()
 
@@ -148,36 +141,11 @@ async def test_trial_failures_outnumbering_successes_reopen_the_breaker():
     slow = asyncio.create_task(cb.call(slow_success))
     await asyncio.sleep(0)
     with pytest.raises(Boom):
-        await cb.call(fail)  # one of one success: tolerated
-    assert cb.state == "half-open"
-    with pytest.raises(Boom):
-        await cb.call(fail)  # two failures, one success: reopened
+        await cb.call(fail)
     assert cb.state == "open"
     release.set()
     assert await slow == "ok"
     assert cb.state == "open"  # a success that began half-open does not close it now
-
-
-async def test_a_lone_failed_trial_among_successes_does_not_reopen_the_breaker():
-    # A replica that answers on a busy machine times out now and then: half-open, that
-    # once cost it another reset timeout each time, and under load it rarely closed.
-    cb = breaker(success_threshold=4)
-    await trips(cb)
-    outcomes = [succeed, succeed, fail, succeed, succeed]
-    for outcome in outcomes:
-        with contextlib.suppress(Boom):
-            await cb.call(outcome)
-    assert cb.state == "closed"
-
-
-async def test_a_replica_still_down_reopens_the_breaker_at_its_first_trial():
-    cb = breaker()
-    await trips(cb)
-    with pytest.raises(Boom):
-        await cb.call(fail)
-    assert cb.state == "open"
-    with pytest.raises(BreakerOpenError):
-        await cb.call(succeed)
 
 
 async def test_ignored_errors_and_cancellation_count_as_neither_failure_nor_success():
