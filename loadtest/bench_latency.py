@@ -24,13 +24,11 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import grpc
-import redis.asyncio as aioredis
 
 from core.processes import ManagedProcess, free_ports, port_open
 from core.stats import percentile
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
-from feature_cache.store import FeatureWriter
-from loadtest.feature_keeper import FeatureKeeper
+from loadtest import feature_keeper
 from localstack.health import serving
 from localstack.redis_server import start_redis
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
@@ -46,20 +44,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @contextlib.asynccontextmanager
 async def fresh_features(redis_port: int) -> AsyncIterator[None]:
-    """BTC-USD's features rewritten in Redis every 0.2 s while the block runs."""
-    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
-    keeper = FeatureKeeper(
-        FeatureWriter(client, key_prefix=Settings().redis.key_prefix, ttl_s=30),
-        ["BTC-USD"],
-        interval_s=0.2,
-    )
-    await keeper.start()
-    try:
-        await asyncio.sleep(0.1)
+    """BTC-USD's features rewritten in the given redis-server every 0.2 s while the block
+    runs, under the default key prefix."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    async with feature_keeper.fresh_features(url, Settings().redis.key_prefix):
         yield
-    finally:
-        await keeper.stop()
-        await client.aclose()
 
 
 def start_backends(

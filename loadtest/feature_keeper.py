@@ -7,14 +7,17 @@ uses (monotonic, with a TTL), so Decide sees fresh features and the primary answ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
+import redis.asyncio as aioredis
+
 from feature_cache.schema import FEATURE_NAMES
-from feature_cache.store import FeatureRecord
+from feature_cache.store import FeatureRecord, FeatureWriter
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +80,22 @@ class FeatureKeeper:
                 await task
             except asyncio.CancelledError:
                 pass
+
+
+@contextlib.asynccontextmanager
+async def fresh_features(
+    redis_url: str, key_prefix: str, symbols: Sequence[str] = ("BTC-USD",)
+) -> AsyncIterator[None]:
+    """``symbols``' features rewritten in Redis every 0.2 s while the block runs, as the
+    consumer would."""
+    client = aioredis.Redis.from_url(redis_url)
+    keeper = FeatureKeeper(
+        FeatureWriter(client, key_prefix=key_prefix, ttl_s=30), symbols, interval_s=0.2
+    )
+    await keeper.start()
+    try:
+        await asyncio.sleep(0.1)
+        yield
+    finally:
+        await keeper.stop()
+        await client.aclose()

@@ -41,17 +41,13 @@ class UndeliveredAnswers(logging.Filter):
         self.count += 1
         now = self._clock()
         if now - self._reported_at >= self._interval_s:
-            since, self._reported, self._reported_at = (
-                self.count - self._reported,
-                self.count,
-                now,
-            )
             log.warning(
                 "%d answer(s) could not be sent since the last report (%d in all): their"
                 " callers' deadlines had passed or the callers went away",
-                since,
+                self.count - self._reported,
                 self.count,
             )
+            self._reported, self._reported_at = self.count, now
         return False
 
     def install(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -57,6 +58,14 @@ def server_process_env(
         "DECISION_SERVER__WORKERS": "1",
         **settings,
     }
+
+
+def server_process(name: str, run_dir: Path, env: dict[str, str]) -> ManagedProcess:
+    """A decision server process (``python -m server``, not started) logging to
+    ``run_dir/server.log``; ``env`` from ``server_process_env``."""
+    return ManagedProcess(
+        name, [sys.executable, "-m", "server"], cwd=REPO, log_path=run_dir / "server.log", env=env
+    )
 
 
 class RedisInstance:

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from core.processes import ManagedProcess, free_ports
 from feature_cache.store import FeatureWriter
 from localstack.health import serving
-from tests.conftest import REPO, RedisInstance, Replica, server_process_env
+from tests.conftest import REPO, RedisInstance, Replica, server_process, server_process_env
 from tests.server.conftest import sample_record
 
 OPERATOR_TOKEN = "loadtest-operator-token-0123456789"  # noqa: S105 - test token
@@ -75,13 +75,7 @@ def decision_server(
         DECISION_ADMIN__PORT=str(admin_port),
         DECISION_ADMIN__TOKENS=f"loadtest operator {OPERATOR_TOKEN}",
     )
-    proc = ManagedProcess(
-        "decision server",
-        [sys.executable, "-m", "server"],
-        cwd=REPO,
-        log_path=run_dir / "server.log",
-        env=env,
-    )
+    proc = server_process("decision server", run_dir, env)
     # Written before the server starts: its feature mirror loads them with everything else.
     asyncio.run(_write_features(redis_instance.url, key_prefix))
     try:

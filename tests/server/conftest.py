@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from proto.decision.v1 import admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
 from server.model_client import ModelCallError
 from server.settings import Settings
-from tests.conftest import REPO, RedisInstance, Replica, server_process_env
+from tests.conftest import RedisInstance, Replica, server_process, server_process_env
 
 # Features that give a real score; the rules see a tight spread and a buy-side lean.
 SAMPLE_FEATURES = {
@@ -288,13 +287,7 @@ def server_processes(
                 DECISION_AUDIT__SHIP_IDLE_INTERVAL_MS="20",
                 DECISION_SERVER__WORKERS=str(workers),
             )
-            proc = ManagedProcess(
-                f"decision server {i}",
-                [sys.executable, "-m", "server"],
-                cwd=REPO,
-                log_path=run_dir / "server.log",
-                env=env,
-            )
+            proc = server_process(f"decision server {i}", run_dir, env)
             started.append(ServerProcess(proc, port, admin_port, run_dir))
             proc.start()
         for server in started[-count:]:

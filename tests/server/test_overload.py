@@ -17,14 +17,11 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 
 from core.processes import ManagedProcess
-from feature_cache.store import FeatureWriter
-from loadtest.feature_keeper import FeatureKeeper
+from loadtest.feature_keeper import fresh_features
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec
 from proto.decision.v1 import admin_pb2, decision_pb2
-from tests.conftest import RedisInstance
 from tests.server.conftest import OPERATOR, VIEWER, ServerProcess, buy
 
 pytestmark = pytest.mark.integration
@@ -61,21 +58,6 @@ async def slowed(
             await task
         for proc in procs:
             proc.resume()
-
-
-@contextlib.asynccontextmanager
-async def fresh_features(redis_instance: RedisInstance, key_prefix: str) -> AsyncIterator[None]:
-    """BTC-USD's features rewritten every 0.2 s, as the consumer would."""
-    client = aioredis.Redis.from_url(redis_instance.url)
-    keeper = FeatureKeeper(
-        FeatureWriter(client, key_prefix=key_prefix, ttl_s=30), ["BTC-USD"], interval_s=0.2
-    )
-    await keeper.start()
-    try:
-        yield
-    finally:
-        await keeper.stop()
-        await client.aclose()
 
 
 async def set_breakers(server: ServerProcess, mode: admin_pb2.BreakerMode.ValueType) -> None:
@@ -137,7 +119,7 @@ def modelled(result: LoadResult) -> int:
 async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
     server_processes, replicas, redis_instance, key_prefix
 ):
-    async with fresh_features(redis_instance, key_prefix):
+    async with fresh_features(redis_instance.url, key_prefix):
         [server] = server_processes(1)
         try:
             await model_answers_in_time(server)
