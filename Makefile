@@ -42,7 +42,10 @@ lint: ## ruff, ruff format --check, mypy (strict on the packages), the import la
 proto-check: setup-ci ## Stubs fresh, buf lint, buf breaking against main
 	@.ci/check-proto
 
-test: setup-ci lint proto-check ## Set up, lint, check the protos and run every test
+k8s-validate: setup ## Render every kustomize overlay (k8s/) and validate each object strictly; lint the Dockerfiles
+	@$(PY) -m k8s.validate
+
+test: setup-ci lint proto-check k8s-validate ## Set up, lint, check the protos and the manifests, run every test
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: ## Unit tests only (no servers started)
@@ -64,4 +67,4 @@ soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 
 acceptance: setup ## Every recording under ../shared/data (Coinbase, Binance, Kraken, L2 CSV) through Kafka into Redis, checked
 	@$(PY) -m loadtest.acceptance
 
-.PHONY: help setup setup-ci lock run models proto fmt lint proto-check test test-fast bench soak acceptance
+.PHONY: help setup setup-ci lock run models proto fmt lint proto-check k8s-validate test test-fast bench soak acceptance

@@ -1,12 +1,20 @@
-"""``python -m feature_cache`` / ``feature-cache``: run the consumer until SIGTERM or SIGINT."""
+"""``python -m feature_cache`` / ``feature-cache``: run the consumer until SIGTERM or SIGINT.
+
+``feature-cache --check-alive SECONDS`` instead exits 0 when the running consumer touched
+its ``DECISION_FEATURE_CACHE__ALIVE_FILE`` within that many seconds, 1 otherwise: a
+container's liveness probe (the consumer serves no port of its own).
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import signal
 import sys
+import time
+from pathlib import Path
 
 import redis.asyncio as aioredis
 import uvloop
@@ -39,6 +47,7 @@ async def consume(settings: FeatureCacheSettings) -> int:
         else:
             log.info("consuming %s as group %s", settings.kafka.topic, settings.kafka.group_id)
         while not stop.is_set() and not consumer.failed:
+            touch_alive(settings)
             try:
                 await asyncio.wait_for(stop.wait(), STATS_INTERVAL_S)
             except TimeoutError:
@@ -59,8 +68,29 @@ async def consume(settings: FeatureCacheSettings) -> int:
     return 1 if consumer.failed else 0
 
 
-def main() -> None:
+def touch_alive(settings: FeatureCacheSettings) -> None:
+    if settings.feature_cache.alive_file:
+        Path(settings.feature_cache.alive_file).touch()
+
+
+def alive_within(settings: FeatureCacheSettings, max_age_s: float) -> bool:
+    """Whether the consumer's loop touched its alive file within ``max_age_s``."""
+    if not settings.feature_cache.alive_file:
+        raise SystemExit("--check-alive needs DECISION_FEATURE_CACHE__ALIVE_FILE")
+    try:
+        touched = Path(settings.feature_cache.alive_file).stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return time.time() - touched <= max_age_s
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="feature-cache", description=__doc__)
+    parser.add_argument("--check-alive", type=float, metavar="SECONDS")
+    args = parser.parse_args(argv)
     settings = FeatureCacheSettings()
+    if args.check_alive is not None:
+        sys.exit(0 if alive_within(settings, args.check_alive) else 1)
     logging.basicConfig(
         level=settings.feature_cache.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -94,6 +94,11 @@ class FeatureCacheProcessSettings(SettingsSection):
     log_level: str = Field(
         "INFO", description="Python logging level of the feature-cache consumer process."
     )
+    alive_file: str = Field(
+        "",
+        description="File the consumer touches every 10 s while its loop runs, for a "
+        "container's liveness probe (`feature-cache --check-alive 60`); empty: none.",
+    )
 
 
 class FeatureCacheSettings(BaseSettings):

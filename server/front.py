@@ -35,8 +35,16 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """SO_REUSEPORT only for the workers of one server (``server.workers``): a server on
-    its own must not silently share its port with another one started by mistake."""
-    return [("grpc.so_reuseport", 1 if settings.server.reuse_port else 0)]
+    its own must not silently share its port with another one started by mistake. A
+    maximum connection age when one is set (``server.max_connection_age_s``)."""
+    server = settings.server
+    options = [("grpc.so_reuseport", 1 if server.reuse_port else 0)]
+    if server.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", round(server.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(server.max_connection_age_grace_s * 1000)),
+        ]
+    return options
 
 
 def server_credentials(settings: Settings, *, client_ca_file: str = "") -> grpc.ServerCredentials:

@@ -41,6 +41,17 @@ class ServerSettings(SettingsSection):
         "a server on its own keeps its ports to itself.",
     )
     log_level: str = Field("INFO", description="Python logging level of the server process.")
+    max_connection_age_s: float = Field(
+        0.0,
+        ge=0,
+        description="Connections older than this are closed gracefully (GOAWAY; calls in "
+        "flight get max_connection_age_grace_s to finish), so that clients reconnect and "
+        "re-resolve: behind a headless Service, new pods join their round robin only "
+        "then. 0: connections last as long as clients keep them.",
+    )
+    max_connection_age_grace_s: float = Field(
+        10.0, ge=0, description="How long calls on a connection past its age may finish."
+    )
     max_concurrent_rpcs: int | None = Field(
         None, description="gRPC's cap on concurrent RPCs; excess get RESOURCE_EXHAUSTED."
     )

@@ -97,10 +97,18 @@ def role_section(role: str) -> str:
     return (CONFIG_DIR / f"{role}.properties").read_text()
 
 
-def config_properties(ports: ReplicaPorts, model_store: Path, model_section: str) -> str:
-    """The replica's config.properties: the shared template, then its model section."""
+def config_properties(
+    ports: ReplicaPorts, model_store: Path, model_section: str, *, bind_address: str = "127.0.0.1"
+) -> str:
+    """The replica's config.properties: the shared template, then its model section.
+
+    ``bind_address``: where the inference and metrics APIs listen (management stays on
+    loopback): loopback on one machine, ``0.0.0.0`` in a container.
+    """
     template = string.Template(CONFIG_TEMPLATE.read_text())
-    common = template.substitute(asdict(ports), model_store=str(model_store))
+    common = template.substitute(
+        asdict(ports), model_store=str(model_store), bind_address=bind_address
+    )
     return f"{common}\n{model_section}"
 
 

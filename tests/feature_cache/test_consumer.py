@@ -133,7 +133,13 @@ async def test_killed_consumer_resumes_without_loss(
         "DECISION_KAFKA__DEAD_LETTER_TOPIC": kafka_settings.dead_letter_topic,
         "DECISION_KAFKA__GROUP_ID": kafka_settings.group_id,
         "DECISION_KAFKA__MAX_BATCH": "200",
+        "DECISION_FEATURE_CACHE__ALIVE_FILE": str(tmp_path / "alive"),
     }
+
+    def alive_within(seconds: float) -> int:
+        """The exit status of the container's liveness probe command."""
+        argv = [sys.executable, "-m", "feature_cache", "--check-alive", str(seconds)]
+        return subprocess.run(argv, cwd=REPO, env=env, check=False).returncode
 
     def start() -> subprocess.Popen[bytes]:
         log = (tmp_path / "consumer.log").open("ab")
@@ -149,9 +155,12 @@ async def test_killed_consumer_resumes_without_loss(
     try:
         await publish(kafka_settings, events[:2000])
         await wait_for_features(reader, events[:2000])
+        assert alive_within(30) == 0
         await publish(kafka_settings, events[2000:3000])
         proc.send_signal(signal.SIGKILL)  # mid-stream, without a chance to commit
         proc.wait()
+        await asyncio.sleep(1.2)
+        assert alive_within(1) == 1, "a killed consumer's alive file goes stale"
 
         await publish(kafka_settings, events[3000:])
         proc = start()

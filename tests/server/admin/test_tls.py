@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
+from server import probe
 from server.admin import ctl
 from server.app import DecisionApp
 from tests.server.conftest import OPERATOR_TOKEN, TOKENS, VIEWER, buy, decision_stub
@@ -114,3 +115,16 @@ async def test_both_ports_speak_tls_and_admin_needs_a_client_certificate(
     code = await asyncio.to_thread(ctl.main, ["status", *common, *tls, "--timeout", "2"])
     assert code == 3, "no client certificate: the server is not reachable for this client"
     assert "127.0.0.1" in capsys.readouterr().err
+
+
+async def test_the_probe_checks_health_over_tls(start_app, pki: Path) -> None:
+    app: DecisionApp = await start_app(
+        server={"tls_cert_file": str(pki / "server.pem"), "tls_key_file": str(pki / "server.key")},
+    )
+    address = f"127.0.0.1:{app.port}"
+    tls = ["--ca-file", str(pki / "ca.pem"), "--server-name", "localhost"]
+    assert await asyncio.to_thread(probe.main, [*tls, address]) == 0
+    service = ["--service", "decision.v1.DecisionService"]
+    assert await asyncio.to_thread(probe.main, [*tls, *service, address]) == 0
+    # Plaintext to a TLS port is no answer: the probe fails.
+    assert await asyncio.to_thread(probe.main, ["--timeout-s", "1", address]) == 1

@@ -1,0 +1,60 @@
+# syntax=docker/dockerfile:1
+# TorchServe with the model archives baked in, one image for the three roles
+# (primary sidecar, secondary, challenger: the container's argument). Built from the
+# repository root after `make models`, naming the archives' version hashes (the sha256
+# of each archive, as models.json and every decision's audit record carry them); the
+# build fails when an archive is not the version named:
+#   docker build -f k8s/images/model-server.Dockerfile \
+#     --build-arg CHAMPION_SHA256=$(sha256sum .run/models/champion.mar | cut -c1-64) \
+#     --build-arg CHALLENGER_SHA256=$(sha256sum .run/models/challenger.mar | cut -c1-64) \
+#     -t model-server:$(sha256sum .run/models/champion.mar | cut -c1-12) .
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:0000000000000000000000000000000000000000000000000000000000000000
+
+FROM ${PYTHON_IMAGE} AS build
+WORKDIR /src
+RUN python -m venv /opt/venv
+COPY pyproject.toml constraints.txt README.md ./
+COPY core core
+COPY server server
+COPY fallback fallback
+COPY feature_cache feature_cache
+COPY torchserve torchserve
+COPY proto proto
+# The constraints pin torch's CPU-only build (+cpu): pass the index that serves it
+# (--build-arg PIP_EXTRA_INDEX_URL=...), or your registry's mirror of it.
+ARG PIP_EXTRA_INDEX_URL
+RUN /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt ".[model]"
+
+FROM build AS models
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ARG CHAMPION_SHA256
+ARG CHALLENGER_SHA256
+COPY .run/models/champion.mar .run/models/challenger.mar /opt/models/
+RUN test -n "${CHAMPION_SHA256}" && test -n "${CHALLENGER_SHA256}" \
+ && echo "${CHAMPION_SHA256}  /opt/models/champion.mar" | sha256sum -c - \
+ && echo "${CHALLENGER_SHA256}  /opt/models/challenger.mar" | sha256sum -c -
+
+FROM ${PYTHON_IMAGE}
+ARG CHAMPION_SHA256
+ARG CHALLENGER_SHA256
+# TorchServe's frontend is Java 17; the headless JRE only.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless=17.* \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10002 --no-create-home --shell /usr/sbin/nologin model-server
+COPY --from=build /opt/venv /opt/venv
+COPY --from=models /opt/models /opt/models
+LABEL org.opencontainers.image.title="model-server" \
+      decision.models.champion.sha256="${CHAMPION_SHA256}" \
+      decision.models.challenger.sha256="${CHALLENGER_SHA256}"
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+WORKDIR /var/run/model-server
+USER 10002
+# gRPC inference (native and Open Inference Protocol), REST inference (/ping), metrics.
+EXPOSE 7070 8080 8082
+HEALTHCHECK --interval=10s --timeout=2s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/ping', timeout=1)"]
+ENTRYPOINT ["python", "-m", "torchserve.container", "--run-dir", "/var/run/model-server"]
+CMD ["primary"]

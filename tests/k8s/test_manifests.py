@@ -1,0 +1,236 @@
+"""The rendered objects against what the service needs: resources and probes everywhere,
+the TorchServe sidecar, ports and settings that match the server's own, consistent grace
+periods, and network policies that allow exactly the intended flows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from feature_cache.settings import FeatureCacheSettings
+from k8s.render import Object, containers, find, one, pod_spec
+from server.admin.auth import TokenBook
+from server.front import DECISION_SERVICE
+from server.settings import Settings
+from torchserve.container import CONTAINER_PORTS
+
+WORKLOADS = ("decision", "model-secondary", "model-challenger", "feature-cache")
+
+
+def config_env(objects: list[Object]) -> dict[str, str]:
+    (config,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    data: dict[str, str] = config["data"]
+    return data
+
+
+def container(objects: list[Object], workload: str, name: str) -> Object:
+    (found,) = [c for c in containers(one(objects, "Deployment", workload)) if c["name"] == name]
+    return found
+
+
+def ports(c: Object) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+
+
+def cpus(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def settings_from(
+    model: type[Settings] | type[FeatureCacheSettings],
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Any:
+    """``model`` as the container's environment makes it (extra="forbid" at every level:
+    a misspelt name is an error, not a silent default)."""
+    with monkeypatch.context() as patched:
+        for name in [n for n in __import__("os").environ if n.startswith("DECISION_")]:
+            patched.delenv(name)
+        for name, value in env.items():
+            patched.setenv(name, value)
+        return model()
+
+
+def container_env(objects: list[Object], workload: str, name: str) -> dict[str, str]:
+    """The container's DECISION_* environment: the ConfigMap, then its own entries (a
+    Secret's value stands in as a placeholder of the right form)."""
+    c = container(objects, workload, name)
+    env = {k: v for k, v in config_env(objects).items()}
+    for entry in c.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        else:
+            env[entry["name"]] = {
+                "DECISION_REDIS__URL": "redis://redis.example:6379/0",
+                "DECISION_AUDIT__DATABASE_URL": "postgresql+psycopg://decision@pg.example/db",
+            }[entry["name"]]
+    return {k: v for k, v in env.items() if k.startswith("DECISION_")}
+
+
+def test_every_container_has_requests_limits_and_probes(objects: list[Object]) -> None:
+    for workload in WORKLOADS:
+        for c in containers(one(objects, "Deployment", workload)):
+            where = f"{workload}/{c['name']}"
+            resources = c["resources"]
+            assert {"cpu", "memory"} <= resources["requests"].keys(), where
+            assert {"cpu", "memory"} <= resources["limits"].keys(), where
+            assert {"readinessProbe", "livenessProbe", "startupProbe"} <= c.keys(), where
+            context = c["securityContext"]
+            assert context["readOnlyRootFilesystem"] and not context["allowPrivilegeEscalation"]
+            assert context["capabilities"]["drop"] == ["ALL"], where
+        assert pod_spec(one(objects, "Deployment", workload))["securityContext"]["runAsNonRoot"]
+
+
+def test_the_decision_pod_runs_the_primary_as_a_native_sidecar(objects: list[Object]) -> None:
+    spec = pod_spec(one(objects, "Deployment", "decision"))
+    (sidecar,) = spec["initContainers"]
+    assert sidecar["name"] == "torchserve" and sidecar["restartPolicy"] == "Always"
+    assert sidecar["image"].split("/")[-1].startswith("model-server")
+    assert sidecar["args"] == ["primary"]
+    # The server reaches it over loopback, on the port the image serves gRPC on.
+    assert ports(sidecar)["ts-grpc"] == CONTAINER_PORTS.grpc_inference
+    assert ports(sidecar)["ts-rest"] == CONTAINER_PORTS.rest_inference
+    assert ports(sidecar)["ts-metrics"] == CONTAINER_PORTS.rest_metrics
+    env = config_env(objects)
+    assert env["DECISION_TORCHSERVE__PRIMARY_ADDRESS"] == f"127.0.0.1:{ports(sidecar)['ts-grpc']}"
+    assert sidecar["startupProbe"]["httpGet"]["port"] == "ts-rest"
+    # No other container of the pod is a model server: the challenger never is.
+    assert [c["name"] for c in spec["containers"]] == ["decision-server"]
+
+
+def test_the_replicas_addresses_are_their_services(objects: list[Object]) -> None:
+    env = config_env(objects)
+    for role in ("secondary", "challenger"):
+        service = one(objects, "Service", f"model-{role}")
+        (grpc_port,) = [p for p in service["spec"]["ports"] if p["name"] == "ts-grpc"]
+        assert env[f"DECISION_TORCHSERVE__{role.upper()}_ADDRESS"] == (
+            f"model-{role}:{grpc_port['port']}"
+        )
+        workload = one(objects, "Deployment", f"model-{role}")
+        assert service["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]
+        (torchserve,) = containers(workload)
+        assert torchserve["args"] == [role]
+        assert ports(torchserve)[grpc_port["targetPort"]] == CONTAINER_PORTS.grpc_inference
+
+
+def test_ports_and_environment_match_the_server_settings(
+    objects: list[Object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = container_env(objects, "decision", "decision-server")
+    settings: Settings = settings_from(Settings, env, monkeypatch)
+    server = container(objects, "decision", "decision-server")
+    named = ports(server)
+    assert named["grpc"] == settings.server.port
+    assert named["admin"] == settings.admin.port
+    workers = settings.server.workers
+    metrics = sorted(v for k, v in named.items() if k.startswith("metrics-"))
+    assert metrics == [settings.telemetry.metrics_port + i for i in range(workers)]
+    # One worker per CPU the container is given (it would see the node's otherwise).
+    assert workers == cpus(server["resources"]["requests"]["cpu"])
+    assert server["resources"]["requests"] == server["resources"]["limits"]
+    # Every address binds in the pod; the journal is on its volume.
+    assert settings.server.host == settings.admin.host == "0.0.0.0"
+    assert settings.telemetry.metrics_host == "0.0.0.0"
+    mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
+    assert settings.audit.journal_dir.startswith(mounts["journal"] + "/")
+    assert settings.admin.tokens_file.startswith(mounts["admin-tokens"] + "/")
+    # The Services' ports are the container's.
+    for service_name, port_names in {
+        "decision": ["grpc"],
+        "decision-headless": ["grpc"],
+        "decision-admin": ["admin"],
+        "decision-metrics": [*(f"metrics-{i}" for i in range(workers)), "ts-metrics"],
+    }.items():
+        service = one(objects, "Service", service_name)
+        assert [p["targetPort"] for p in service["spec"]["ports"]] == port_names
+        pod_ports = {**named, **ports(container(objects, "decision", "torchserve"))}
+        assert all(p["port"] == pod_ports[p["targetPort"]] for p in service["spec"]["ports"])
+
+
+def test_the_consumer_environment_is_its_settings(
+    objects: list[Object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = container_env(objects, "feature-cache", "feature-cache")
+    settings: FeatureCacheSettings = settings_from(FeatureCacheSettings, env, monkeypatch)
+    consumer = container(objects, "feature-cache", "feature-cache")
+    mounts = [m["mountPath"] for m in consumer["volumeMounts"]]
+    assert any(settings.feature_cache.alive_file.startswith(m + "/") for m in mounts)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert consumer[probe]["exec"]["command"][:2] == ["feature-cache", "--check-alive"]
+    topic = one(objects, "KafkaTopic", settings.kafka.topic)
+    assert one(objects, "KafkaTopic", settings.kafka.dead_letter_topic)
+    workload = one(objects, "Deployment", "feature-cache")
+    assert 1 <= workload["spec"]["replicas"] <= topic["spec"]["partitions"]
+
+
+def test_the_probes_ask_the_servers_health_service(rendered: dict[str, list[Object]]) -> None:
+    plain = container(rendered["dev"], "decision", "decision-server")
+    assert plain["readinessProbe"]["grpc"] == {"port": 50051, "service": DECISION_SERVICE}
+    assert plain["livenessProbe"]["grpc"] == {"port": 50051}
+    # With TLS the kubelet's plaintext gRPC probe cannot connect: decision-probe checks
+    # the same services with the CA of the mounted certificate.
+    tls = container(rendered["prod"], "decision", "decision-server")
+    mount = {m["name"]: m["mountPath"] for m in tls["volumeMounts"]}["tls"]
+    readiness = tls["readinessProbe"]["exec"]["command"]
+    assert "grpc" not in tls["readinessProbe"]
+    assert readiness[0] == "decision-probe" and readiness[-1] == "127.0.0.1:50051"
+    assert readiness[readiness.index("--service") + 1] == DECISION_SERVICE
+    assert readiness[readiness.index("--ca-file") + 1].startswith(mount + "/")
+    env = {e["name"]: e.get("value") for e in tls["env"]}
+    assert env["DECISION_SERVER__TLS_CERT_FILE"].startswith(mount + "/")
+    assert env["DECISION_SERVER__TLS_KEY_FILE"].startswith(mount + "/")
+
+
+def test_grace_periods_cover_the_server_shutdown(objects: list[Object]) -> None:
+    env = config_env(objects)
+    spec = pod_spec(one(objects, "Deployment", "decision"))
+    server = container(objects, "decision", "decision-server")
+    pre_stop_s = server["lifecycle"]["preStop"]["sleep"]["seconds"]
+    shutdown_s = (
+        pre_stop_s
+        + float(env["DECISION_SERVER__GRACE_PERIOD_S"])
+        + float(env["DECISION_AUDIT__SHUTDOWN_DRAIN_S"])
+    )
+    assert spec["terminationGracePeriodSeconds"] >= shutdown_s + 5
+    for workload in ("model-secondary", "model-challenger"):
+        spec = pod_spec(one(objects, "Deployment", workload))
+        (torchserve,) = spec["containers"]
+        assert (
+            spec["terminationGracePeriodSeconds"]
+            > (torchserve["lifecycle"]["preStop"]["sleep"]["seconds"])
+        )
+
+
+def test_disruption_budgets_and_autoscaling_cover_the_workloads(objects: list[Object]) -> None:
+    for workload in WORKLOADS:
+        labels = one(objects, "Deployment", workload)["spec"]["template"]["metadata"]["labels"]
+        matching = [
+            b
+            for b in find(objects, "PodDisruptionBudget")
+            if b["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        ]
+        assert len(matching) == 1, workload
+    hpa = one(objects, "HorizontalPodAutoscaler", "decision")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "decision"
+    assert "replicas" not in one(objects, "Deployment", "decision")["spec"], "the HPA owns it"
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    behavior = hpa["spec"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
+
+
+def test_dev_tokens_are_ones_the_server_accepts(rendered: dict[str, list[Object]]) -> None:
+    (tokens,) = [
+        o
+        for o in rendered["dev"]
+        if o["kind"] == "Secret" and o["metadata"]["name"].startswith("decision-admin-tokens")
+    ]
+    text = __import__("base64").b64decode(tokens["data"]["tokens"]).decode()
+    assert len(TokenBook(TokenBook.parse(text, origin="dev Secret"))) == 1
+
+
+def test_prod_images_are_pinned_by_digest(rendered: dict[str, list[Object]]) -> None:
+    for workload in WORKLOADS:
+        for c in containers(one(rendered["prod"], "Deployment", workload)):
+            assert "@sha256:" in c["image"], c["image"]
+    assert not [o for o in rendered["prod"] if o["kind"] == "Secret"], "prod brings no Secret"

@@ -1,0 +1,39 @@
+"""server.max_connection_age_s: a connection is closed gracefully at that age, so that a
+client balancing over a headless Service reconnects and re-resolves (new pods join)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from server.app import DecisionApp
+from tests.server.conftest import buy, decision_stub
+
+pytestmark = pytest.mark.integration
+
+READY = grpc.ChannelConnectivity.READY
+
+
+async def state_after(app: DecisionApp, wait_s: float) -> grpc.ChannelConnectivity:
+    """The channel's state ``wait_s`` after a call that succeeded; then another call
+    succeeds too (a closed connection is reopened)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = decision_stub(channel)
+        assert (await stub.Decide(buy(), timeout=5.0)).decision_id
+        assert channel.get_state() == READY
+        await asyncio.sleep(wait_s)
+        state = channel.get_state()
+        assert (await stub.Decide(buy(), timeout=5.0)).decision_id
+        return state
+
+
+async def test_an_aged_connection_is_closed_and_the_client_reconnects(start_app) -> None:
+    aging = await start_app(server={"max_connection_age_s": 0.5, "max_connection_age_grace_s": 0.2})
+    assert await state_after(aging, 1.5) != READY
+
+
+async def test_by_default_a_connection_is_kept(start_app) -> None:
+    keeping = await start_app()
+    assert await state_after(keeping, 1.5) == READY
