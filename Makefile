@@ -11,8 +11,8 @@ help: ## List the targets
 setup: ## Install system packages when missing (apt-get) and the virtualenv
 	@.ci/setup
 
-setup-ci: ## setup, plus npm and buf for the proto checks
-	@.ci/setup --with-buf
+setup-ci: ## setup, plus the test tools: buf (npm) for the proto checks, MLServer in its own virtualenv
+	@.ci/setup --with-test-tools
 
 lock: ## Pin the virtualenv's exact versions into constraints.txt
 	@{ echo "# Exact versions for .ci/setup (pip install -c constraints.txt). Regenerate with 'make lock'"; \

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 K8S_DIR = Path(__file__).resolve().parent
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "dev-mlserver")
 # Objects that live beside another release (the monitoring stack's), not in an overlay.
 MONITORING_FILES = ("monitoring/prometheus-adapter-config.yaml",)
 # The Kubernetes version the objects are validated against (kubernetes-validate's schemas).

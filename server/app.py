@@ -56,7 +56,7 @@ from server.model_client import ModelClient, OipClient, TorchServeClient
 from server.replica import Replica
 from server.router import ReplicaRouter
 from server.servicer import DecisionServicer
-from server.settings import Settings, TorchServeSettings
+from server.settings import InferenceApi, Settings, TorchServeSettings
 from server.shadow import ShadowAudit, ShadowScorer
 from server.telemetry import (
     AuditCollector,
@@ -84,19 +84,23 @@ def model_client(
     address: str,
     model_name: str | None = None,
     *,
+    api: InferenceApi | None = None,
     loop_lag: LoopLag | None = None,
 ) -> ModelClient:
-    """The replica's client for the configured inference protocol, micro-batching unless
-    ``batch_max_rows`` is 1. ``loop_lag``: this process's event-loop probe, so that a
-    timeout does not blame the replica for time the loop was stalled."""
+    """The replica's client for its inference API (default: the champion's), micro-batching
+    unless ``batch_max_rows`` is 1. ``loop_lag``: this process's event-loop probe, so that
+    a timeout does not blame the replica for time the loop was stalled."""
     model = model_name or ts.model_name
+    api = api or ts.champion_api()
     client: ModelClient
-    if ts.protocol == "oip":
+    if api.protocol == "oip":
         client = OipClient(
             name,
             address,
             model,
-            service=ts.oip_service,
+            service=api.oip_service,
+            output=api.oip_output,
+            model_version=api.model_version,
             reconnect_backoff_ms=ts.reconnect_backoff_ms,
             wire_timeout_ms=ts.wire_timeout_ms,
             max_abandoned_calls=ts.max_abandoned_calls,
@@ -107,6 +111,7 @@ def model_client(
             name,
             address,
             model,
+            model_version=api.model_version,
             reconnect_backoff_ms=ts.reconnect_backoff_ms,
             wire_timeout_ms=ts.wire_timeout_ms,
             max_abandoned_calls=ts.max_abandoned_calls,
@@ -167,7 +172,8 @@ class Replicas:
         ts = settings.torchserve
 
         def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
-            client = model_client(ts, name, address, model, loop_lag=loop_lag)
+            api = ts.challenger_api() if source is Source.CANARY else ts.champion_api()
+            client = model_client(ts, name, address, model, api=api, loop_lag=loop_lag)
             return Replica.build(client, source, settings.breaker)
 
         addresses = {"primary": ts.primary_address, "secondary": ts.secondary_address}

@@ -7,10 +7,14 @@
   packed as little-endian float32 in one ``Predictions`` call.
 - ``OipClient`` speaks the Open Inference Protocol (KServe v2) gRPC API, which TorchServe
   0.12 serves beside its own and Triton, KServe and MLServer speak: one ``ModelInfer``
-  with an FP32 tensor ``rows`` of shape ``[n, width]``.
+  with an FP32 tensor ``rows`` of shape ``[n, width]``. The scores are the output
+  named by setting, else ``scores`` (our TorchServe handler's), else the response's only
+  output (MLServer's XGBoost runtime answers ``predict``, ``[n, 1]``); FP32 or FP64, in
+  the typed ``contents`` or in ``raw_output_contents`` (Triton's default).
 
-Either way the handler answers one score per row and the model version (sha256 of the
-archive content) it was built from; rows it rejects come back as an error answer.
+Either way the replica answers one score per row and the model version (sha256 of the
+archive content) it was built from, unless a version is set for the replica (a server
+that answers none, or a number); rows our handler rejects come back as an error answer.
 
 A call we stop waiting for is abandoned, never cancelled. TorchServe restarts a worker
 (and reloads its model) when a gRPC call it is answering is cancelled (pytorch/serve
@@ -44,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
+import numpy as np
 
 from core.deadline import settled_within
 from core.loop_lag import LoopLag
@@ -185,10 +190,13 @@ class GrpcModelClient:
         wire_timeout_ms: float = 120_000.0,
         max_abandoned_calls: int = 16,
         loop_lag: LoopLag | None = None,
+        model_version: str = "",
     ) -> None:
         self.name = name
         self.address = address
         self.model_name = model_name
+        # Reported for every answer instead of the replica's own word, when set.
+        self.model_version = model_version
         self._loop_lag = loop_lag
         self._options = channel_options(reconnect_backoff_ms)
         self._channel: grpc.aio.Channel | None = None
@@ -320,6 +328,7 @@ class GrpcModelClient:
             )
         if not all(isinstance(s, (int, float)) and 0.0 <= s <= 1.0 for s in scores):
             raise ModelResponseError(f"{self.name} answered a score outside [0, 1]")
+        version = self.model_version or version
         if not isinstance(version, str) or not version:
             raise ModelResponseError(f"{self.name} answered without a model version")
         return ModelScores(self.model_name, version, [float(s) for s in scores], elapsed_ms)
@@ -361,7 +370,8 @@ class OipClient(GrpcModelClient):
 
     ``service`` is the gRPC service name: TorchServe's own package
     (``TORCHSERVE_OIP_SERVICE``), or ``inference.GRPCInferenceService`` for Triton,
-    KServe and MLServer; the messages are the same.
+    KServe and MLServer; the messages are the same. ``output``: the output tensor that
+    holds the scores; empty: ``scores``, else the response's only output.
     """
 
     def __init__(
@@ -375,6 +385,8 @@ class OipClient(GrpcModelClient):
         wire_timeout_ms: float = 120_000.0,
         max_abandoned_calls: int = 16,
         loop_lag: LoopLag | None = None,
+        model_version: str = "",
+        output: str = "",
     ) -> None:
         super().__init__(
             name,
@@ -384,8 +396,10 @@ class OipClient(GrpcModelClient):
             wire_timeout_ms=wire_timeout_ms,
             max_abandoned_calls=max_abandoned_calls,
             loop_lag=loop_lag,
+            model_version=model_version,
         )
         self.service = service
+        self.output = output
 
     def _bind(self, channel: grpc.aio.Channel) -> None:
         self._infer = channel.unary_unary(
@@ -413,15 +427,61 @@ class OipClient(GrpcModelClient):
             lambda wire_timeout_s: self._infer(request, timeout=wire_timeout_s),
             timeout_s,
         )
-        outputs = {output.name: output for output in response.outputs}
-        if "error" in outputs:
-            raise ModelInputError(
-                f"{self.name} rejected the rows: {_oip_text(outputs['error'].contents)}"
-            )
-        if "scores" not in outputs:
-            raise ModelResponseError(f"{self.name} answered without an output 'scores'")
-        scores = list(outputs["scores"].contents.fp32_contents)
+        scores = oip_scores(response, len(rows), output=self.output, replica=self.name)
         return self._scores(scores, response.model_version, len(rows), elapsed_ms)
+
+
+def oip_scores(
+    response: oip_pb2.ModelInferResponse, rows: int, *, output: str, replica: str
+) -> list[float]:
+    """One score per row from the output that holds them: ``output``, else ``scores``,
+    else the only output; an ``error`` output is the replica rejecting our rows."""
+    names = [o.name for o in response.outputs]
+    if "error" in names:
+        error = response.outputs[names.index("error")]
+        raise ModelInputError(f"{replica} rejected the rows: {_oip_text(error.contents)}")
+    if output:
+        wanted = output
+    elif "scores" in names or len(names) != 1:
+        wanted = "scores"
+    else:
+        wanted = names[0]
+    if wanted not in names:
+        raise ModelResponseError(
+            f"{replica} answered outputs {names} without {wanted!r}"
+            " (DECISION_TORCHSERVE__OIP_OUTPUT names the one with the scores)"
+        )
+    index = names.index(wanted)
+    tensor = response.outputs[index]
+    if list(tensor.shape) not in ([rows], [rows, 1]):
+        raise ModelResponseError(
+            f"{replica} answered {wanted!r} of shape {list(tensor.shape)}:"
+            f" not one score for each of {rows} rows"
+        )
+    raw = response.raw_output_contents[index] if response.raw_output_contents else None
+    return _tensor_values(tensor, raw, replica)
+
+
+# OIP datatypes a score may come in: the typed contents field and the raw bytes' format.
+_FLOAT_TENSORS = {"FP32": ("fp32_contents", "<f4"), "FP64": ("fp64_contents", "<f8")}
+
+
+def _tensor_values(
+    tensor: oip_pb2.ModelInferResponse.InferOutputTensor, raw: bytes | None, replica: str
+) -> list[float]:
+    """A float tensor's values, from its typed contents or from its raw bytes (a server
+    sends one or the other: Triton raw by default, TorchServe and MLServer typed)."""
+    if tensor.datatype not in _FLOAT_TENSORS:
+        raise ModelResponseError(
+            f"{replica} answered {tensor.name!r} as {tensor.datatype}, not FP32 or FP64"
+        )
+    field, layout = _FLOAT_TENSORS[tensor.datatype]
+    if raw is not None:
+        width = np.dtype(layout).itemsize
+        if len(raw) % width:
+            raise ModelResponseError(f"{replica} answered {len(raw)} raw bytes for {tensor.name!r}")
+        return [float(v) for v in np.frombuffer(raw, dtype=layout)]
+    return [float(v) for v in getattr(tensor.contents, field)]
 
 
 def _oip_text(contents: oip_pb2.InferTensorContents) -> str:

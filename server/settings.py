@@ -8,6 +8,7 @@ packages (``feature_cache.settings``, ``fallback.settings``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
@@ -129,6 +130,18 @@ class TorchServeSettings(SettingsSection):
         description="gRPC service name for protocol oip: TorchServe's own package by "
         "default; inference.GRPCInferenceService for Triton, KServe and MLServer.",
     )
+    oip_output: str = Field(
+        "",
+        description="Output tensor holding the scores in an OIP replica's answer; empty: "
+        "'scores' (our TorchServe handler's), else the answer's only output (MLServer's "
+        "XGBoost runtime answers 'predict').",
+    )
+    model_version: str = Field(
+        "",
+        description="Version reported for the champion replicas' answers instead of their "
+        "own, for a server that answers none or a number (Triton's '1'): the archive's "
+        "sha256. Empty: the replica's answer.",
+    )
     primary_address: str = Field(
         "127.0.0.1:7070", description="host:port of the primary replica's gRPC inference API."
     )
@@ -141,6 +154,17 @@ class TorchServeSettings(SettingsSection):
     )
     challenger_model_name: str = Field(
         "challenger", description="Model name of the challenger in its replica."
+    )
+    challenger_protocol: Literal["", "torchserve", "oip"] = Field(
+        "",
+        description="The challenger's inference API when it differs from protocol (a "
+        "challenger on MLServer or Triton: oip); empty: protocol.",
+    )
+    challenger_oip_service: str = Field(
+        "", description="The challenger's OIP gRPC service name; empty: oip_service."
+    )
+    challenger_model_version: str = Field(
+        "", description="As model_version, for the challenger's answers."
     )
     per_call_timeout_ms: float = Field(
         25.0,
@@ -216,6 +240,29 @@ class TorchServeSettings(SettingsSection):
         description="Model calls out to one replica at once; requests arriving past it "
         "wait for one to return and go together in the next.",
     )
+
+    def champion_api(self) -> InferenceApi:
+        """How the primary and the secondary are called."""
+        return InferenceApi(self.protocol, self.oip_service, self.oip_output, self.model_version)
+
+    def challenger_api(self) -> InferenceApi:
+        """How the challenger is called: the champion's API unless set apart."""
+        return InferenceApi(
+            self.challenger_protocol or self.protocol,
+            self.challenger_oip_service or self.oip_service,
+            self.oip_output,
+            self.challenger_model_version,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceApi:
+    """One replica's inference API, as ``server.app.model_client`` builds its client."""
+
+    protocol: str  # "torchserve" (native gRPC) or "oip"
+    oip_service: str
+    oip_output: str  # "": "scores", else the only output
+    model_version: str  # "": the replica's answer
 
 
 class BreakerSettings(SettingsSection):

@@ -122,3 +122,22 @@ def build_archive(
     info = ArchiveInfo(model_name, export_dir / f"{model_name}.mar", version)
     log.info("built %s version %s", info.path, info.version)
     return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m torchserve.archive version PATH``: prints the archive's version hash
+    (exit 1 when it has none); the model-server image's build checks it."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "version":
+        print("usage: python -m torchserve.archive version PATH", file=sys.stderr)  # noqa: T201
+        return 2
+    version = archive_version(Path(args[1]))
+    if version is None:
+        print(f"{args[1]}: not a model archive with a version", file=sys.stderr)  # noqa: T201
+        return 1
+    print(version)  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,12 +2,12 @@
 # TorchServe with the model archives baked in, one image for the three roles
 # (primary sidecar, secondary, challenger: the container's argument). Built from the
 # repository root after `make models`, naming the archives' version hashes (the sha256
-# of each archive, as models.json and every decision's audit record carry them); the
-# build fails when an archive is not the version named:
+# of each archive's content, as models.json, every answer and every audit record carry
+# them); the build fails when an archive is not the version named:
 #   docker build -f k8s/images/model-server.Dockerfile \
-#     --build-arg CHAMPION_SHA256=$(sha256sum .run/models/champion.mar | cut -c1-64) \
-#     --build-arg CHALLENGER_SHA256=$(sha256sum .run/models/challenger.mar | cut -c1-64) \
-#     -t model-server:$(sha256sum .run/models/champion.mar | cut -c1-12) .
+#     --build-arg CHAMPION_VERSION=$(.venv/bin/python -m torchserve.archive version .run/models/champion.mar) \
+#     --build-arg CHALLENGER_VERSION=$(.venv/bin/python -m torchserve.archive version .run/models/challenger.mar) \
+#     -t model-server:$(.venv/bin/python -m torchserve.archive version .run/models/champion.mar | cut -c1-12) .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:0000000000000000000000000000000000000000000000000000000000000000
 
 FROM ${PYTHON_IMAGE} AS build
@@ -26,17 +26,16 @@ ARG PIP_EXTRA_INDEX_URL
 RUN /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt ".[model]"
 
 FROM build AS models
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-ARG CHAMPION_SHA256
-ARG CHALLENGER_SHA256
+ARG CHAMPION_VERSION
+ARG CHALLENGER_VERSION
 COPY .run/models/champion.mar .run/models/challenger.mar /opt/models/
-RUN test -n "${CHAMPION_SHA256}" && test -n "${CHALLENGER_SHA256}" \
- && echo "${CHAMPION_SHA256}  /opt/models/champion.mar" | sha256sum -c - \
- && echo "${CHALLENGER_SHA256}  /opt/models/challenger.mar" | sha256sum -c -
+RUN test -n "${CHAMPION_VERSION}" && test -n "${CHALLENGER_VERSION}" \
+ && test "$(/opt/venv/bin/python -m torchserve.archive version /opt/models/champion.mar)" = "${CHAMPION_VERSION}" \
+ && test "$(/opt/venv/bin/python -m torchserve.archive version /opt/models/challenger.mar)" = "${CHALLENGER_VERSION}"
 
 FROM ${PYTHON_IMAGE}
-ARG CHAMPION_SHA256
-ARG CHALLENGER_SHA256
+ARG CHAMPION_VERSION
+ARG CHALLENGER_VERSION
 # TorchServe's frontend is Java 17; the headless JRE only.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends openjdk-17-jre-headless=17.* \
@@ -45,8 +44,8 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 COPY --from=models /opt/models /opt/models
 LABEL org.opencontainers.image.title="model-server" \
-      decision.models.champion.sha256="${CHAMPION_SHA256}" \
-      decision.models.challenger.sha256="${CHALLENGER_SHA256}"
+      decision.models.champion.version="${CHAMPION_VERSION}" \
+      decision.models.challenger.version="${CHALLENGER_VERSION}"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

@@ -14,6 +14,7 @@ from server.admin.auth import TokenBook
 from server.front import DECISION_SERVICE
 from server.settings import Settings
 from torchserve.container import CONTAINER_PORTS
+from torchserve.mlserver import MLSERVER_OIP_SERVICE
 
 WORKLOADS = ("decision", "model-secondary", "model-challenger", "feature-cache")
 
@@ -109,9 +110,32 @@ def test_the_replicas_addresses_are_their_services(objects: list[Object]) -> Non
         )
         workload = one(objects, "Deployment", f"model-{role}")
         assert service["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]
-        (torchserve,) = containers(workload)
-        assert torchserve["args"] == [role]
-        assert ports(torchserve)[grpc_port["targetPort"]] == CONTAINER_PORTS.grpc_inference
+        (model_server,) = containers(workload)
+        assert ports(model_server)[grpc_port["targetPort"]] == CONTAINER_PORTS.grpc_inference
+        if model_server["name"] == "torchserve":
+            assert model_server["args"] == [role]
+
+
+def test_the_mlserver_component_swaps_the_challenger_alone(
+    rendered: dict[str, list[Object]],
+) -> None:
+    dev, swapped = rendered["dev"], rendered["dev-mlserver"]
+    (mlserver,) = containers(one(swapped, "Deployment", "model-challenger"))
+    assert mlserver["name"] == "mlserver" and "args" not in mlserver
+    assert mlserver["image"].split("/")[-1].startswith("mlserver-challenger:")
+    assert mlserver["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    (torchserve,) = containers(one(dev, "Deployment", "model-challenger"))
+    assert ports(mlserver) == ports(torchserve)  # the Service and policies still fit
+    env = config_env(swapped)
+    assert env["DECISION_TORCHSERVE__CHALLENGER_PROTOCOL"] == "oip"
+    assert env["DECISION_TORCHSERVE__CHALLENGER_OIP_SERVICE"] == MLSERVER_OIP_SERVICE
+    assert "DECISION_TORCHSERVE__PROTOCOL" not in env, "the champion's API is untouched"
+
+    # The rest renders as in dev (Deployments name the ConfigMap by its content hash).
+    def unchanged(objects: list[Object]) -> list[Object]:
+        return [o for o in objects if o["kind"] not in ("ConfigMap", "Deployment")]
+
+    assert unchanged(swapped) == unchanged(dev)
 
 
 def test_ports_and_environment_match_the_server_settings(

@@ -14,8 +14,10 @@ import pytest
 from core.drift import psi
 from feature_cache.schema import MODEL_INPUT_NAMES, MODEL_INPUT_WIDTH, pack_rows
 from tests.conftest import TEST_TRAINING
+from torchserve import archive as archive_cli
 from torchserve.archive import archive_meta
 from torchserve.dataset import DataSpec, simulate_day
+from torchserve.mlserver import model_repository
 from torchserve.train import ensure_models, load_models
 
 
@@ -128,3 +130,27 @@ def test_bad_rows_get_a_clear_error_and_do_not_spoil_the_batch(handler):
     assert "must be FP32, got FP64" in oip_errors[1]["data"][0]
     assert "missing input tensor 'rows'" in oip_errors[2]["data"][0]
     assert len(out[6]["scores"]) == 1
+
+
+def test_the_archive_cli_prints_the_version_the_images_are_checked_against(
+    trained_models, tmp_path: Path, capsys
+):
+    main = archive_cli.main
+    archive = trained_models["challenger"]
+    assert main(["version", str(archive.path)]) == 0
+    assert capsys.readouterr().out.strip() == archive.version
+    not_an_archive = tmp_path / "x.mar"
+    not_an_archive.write_bytes(b"not a zip")
+    assert main(["version", str(not_an_archive)]) == 1
+    assert main(["versions"]) == 2
+
+
+def test_an_mlserver_repository_holds_the_archives_model_and_version(trained_models, tmp_path):
+    archive = trained_models["challenger"]
+    model_dir = model_repository(archive.path, tmp_path)
+    settings = json.loads((model_dir / "model-settings.json").read_text())
+    assert settings["parameters"] == {"uri": "./model.json", "version": archive.version}
+    assert settings["implementation"] == "mlserver_xgboost.XGBoostModel"
+    assert (model_dir / "model.json").stat().st_size > 1000
+    with pytest.raises(ValueError, match="XGBoost challenger"):
+        model_repository(trained_models["champion"].path, tmp_path / "other")
