@@ -258,3 +258,25 @@ def test_prod_images_are_pinned_by_digest(rendered: dict[str, list[Object]]) -> 
         for c in containers(one(rendered["prod"], "Deployment", workload)):
             assert "@sha256:" in c["image"], c["image"]
     assert not [o for o in rendered["prod"] if o["kind"] == "Secret"], "prod brings no Secret"
+
+
+def test_service_monitors_scrape_ports_that_serve_metrics(objects: list[Object]) -> None:
+    workers = int(config_env(objects)["DECISION_SERVER__WORKERS"])
+    metrics_port = int(config_env(objects)["DECISION_TELEMETRY__METRICS_PORT"])
+    serving = {f"metrics-{i}": metrics_port + i for i in range(workers)}
+    serving["ts-metrics"] = CONTAINER_PORTS.rest_metrics
+    for monitor in find(objects, "ServiceMonitor"):
+        wanted = monitor["spec"]["selector"]["matchLabels"]
+        services = [
+            s
+            for s in find(objects, "Service")
+            if wanted.items() <= s["metadata"].get("labels", {}).items()
+        ]
+        assert services, monitor["metadata"]["name"]
+        for service in services:
+            ports_by_name = {p["name"]: p for p in service["spec"]["ports"]}
+            for endpoint in monitor["spec"]["endpoints"]:
+                port = ports_by_name[endpoint["port"]]
+                assert port["port"] == serving[endpoint["port"]], (service, endpoint)
+    decision = one(objects, "ServiceMonitor", "decision")
+    assert sorted(e["port"] for e in decision["spec"]["endpoints"]) == sorted(serving)
