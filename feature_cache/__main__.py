@@ -69,8 +69,12 @@ async def consume(settings: FeatureCacheSettings) -> int:
 
 
 def touch_alive(settings: FeatureCacheSettings) -> None:
+    """Marks the consumer's loop alive now: touches the alive file, making its folder if
+    it is not there (a fresh emptyDir); nothing when no file is set."""
     if settings.feature_cache.alive_file:
-        Path(settings.feature_cache.alive_file).touch()
+        path = Path(settings.feature_cache.alive_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
 
 
 def alive_within(settings: FeatureCacheSettings, max_age_s: float) -> bool:

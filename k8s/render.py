@@ -14,6 +14,8 @@ import yaml
 
 K8S_DIR = Path(__file__).resolve().parent
 OVERLAYS = ("dev", "prod", "dev-mlserver")
+# Rendered on their own: the topics live in the Kafka cluster's namespace.
+TOPICS = "topics"
 # Objects that live beside another release (the monitoring stack's), not in an overlay.
 MONITORING_FILES = ("monitoring/prometheus-adapter-config.yaml",)
 # The Kubernetes version the objects are validated against (kubernetes-validate's schemas).
@@ -51,6 +53,10 @@ def render(kustomization: Path) -> list[Object]:
 
 def render_overlay(name: str) -> list[Object]:
     return render(K8S_DIR / "overlays" / name)
+
+
+def render_topics() -> list[Object]:
+    return render(K8S_DIR / TOPICS)
 
 
 def load(relative_path: str) -> list[Object]:

@@ -31,10 +31,11 @@ from k8s.render import (
     KUBERNETES_VERSION,
     MONITORING_FILES,
     OVERLAYS,
+    TOPICS,
     Object,
     RenderError,
     load,
-    render_overlay,
+    render,
 )
 
 SCHEMAS_DIR = K8S_DIR / "schemas"
@@ -108,9 +109,9 @@ def problems(obj: Object) -> Iterator[str]:
         yield f"{where}: {exc.message}"
 
 
-def validate_overlay(name: str) -> list[str]:
+def validate_kustomization(name: str, folder: Path) -> list[str]:
     try:
-        objects = render_overlay(name)
+        objects = render(folder)
     except RenderError as exc:
         return [str(exc)]
     return validate_objects(name, objects)
@@ -137,7 +138,12 @@ def lint_dockerfiles() -> list[str]:
 
 def main() -> int:
     print(f"validating against Kubernetes {KUBERNETES_VERSION} (strict)")
-    found = [p for overlay in OVERLAYS for p in validate_overlay(overlay)]
+    found = [
+        p
+        for overlay in OVERLAYS
+        for p in validate_kustomization(overlay, K8S_DIR / "overlays" / overlay)
+    ]
+    found += validate_kustomization(TOPICS, K8S_DIR / TOPICS)
     found += [p for path in MONITORING_FILES for p in validate_objects(path, load(path))]
     found += lint_dockerfiles()
     for problem in found:

@@ -216,79 +216,82 @@ async def soak(args: argparse.Namespace) -> int:
     answered: set[str] = set()
     witness = StallWitness(args.run_dir, REPO)
     try:
-        try:
-            await stack.start()
-        except ProcessStartError as exc:
-            print(f"the stack did not start: {exc}")
-            return 2
-        # What this process allocated so far (the stack's start imported torch) is kept
-        # out of the collector's full passes, which would stall the sender for tens of ms.
-        gc.freeze()
-        sampler = ProcessSampler(stack.processes, own_name="soak-client")
-        lag = ConsumerLag(f"127.0.0.1:{stack.kafka_port}", kafka.topic, kafka.group_id)
-        await lag.start()
-        driver = LoadDriver(f"127.0.0.1:{stack.decision_port}", args.rate, args.deadline_ms)
-        replica_dirs = [args.run_dir / name for name in REPLICAS]
-        restarts_before = count_restarts(replica_dirs)
-        print(
-            f"load: {args.rate:.0f} Decide/s open loop, {args.deadline_ms:.0f} ms deadline,"
-            f" {args.warmup_s:.0f} s warm-up then {args.duration_s:.0f} s measured"
-        )
-        load = asyncio.create_task(driver.run(args.warmup_s + args.duration_s))
-        await asyncio.sleep(args.warmup_s)
-        driver.take()  # the warm-up is not judged
-        driver.take_send_lag_ms()
-        witness.start()
-        started_at = time.monotonic()
-        driver.started_at = started_at
-        sampler.sample(started_at)
-        machine = MachineSampler()
-        injections = [asyncio.create_task(inject(stack, f, started_at)) for f in args.fault]
-        after_faults: dict[Fault, list[Answer]] = {fault: [] for fault in args.fault}
-        print(HEADER)
-        window_start = 0.0
-        while window_start < args.duration_s - 0.5:
-            window_end = min(window_start + args.window_s, args.duration_s)
-            await asyncio.sleep(max(0.0, started_at + window_end - time.monotonic()))
-            if window_end >= args.duration_s:
-                await load  # the last answers come within one deadline
-            answers = driver.take()
-            stalls = witness.take()
-            answered.update(a.decision_id for a in answers if a.decision_id)
-            for fault, after in after_faults.items():
-                end_s = fault.at_s + fault.duration_s
-                after += [a for a in answers if end_s <= a.done_at_s < end_s + RECOVERY_WATCH_S]
-            # Read off the loop's thread: a pass over /proc and the replicas' logs takes
-            # tens of ms, and the sender would fall behind its schedule meanwhile.
-            processes = await asyncio.to_thread(sampler.sample, time.monotonic())
-            restarts = await asyncio.to_thread(count_restarts, replica_dirs)
+        # The probe's and the driver's clients close before the stack stops, however the
+        # run ends (an interrupted run too).
+        async with contextlib.AsyncExitStack() as clients:
             try:
-                consumer_lag = await lag.read()
-            except Exception:  # noqa: BLE001 - a paused broker: no figure this window
-                consumer_lag = -1
-            window = summarize(
-                answers,
-                window_start,
-                window_end,
-                consumer_lag=consumer_lag,
-                worker_restarts=restarts - restarts_before,
-                processes=processes,
-                machine=astuple(machine.sample()),
-                machine_stall_max_ms=max((s.late_ms for s in stalls), default=0.0),
-                client_send_lag_max_ms=driver.take_send_lag_ms(),
-                fault=fault_at(args.fault, window_start, window_end, bounds.recovery_s),
+                await stack.start()
+            except ProcessStartError as exc:
+                print(f"the stack did not start: {exc}")
+                return 2
+            # What this process allocated so far (the stack's start imported torch) is kept
+            # out of the collector's full passes, which would stall the sender for tens of ms.
+            gc.freeze()
+            sampler = ProcessSampler(stack.processes, own_name="soak-client")
+            lag = ConsumerLag(f"127.0.0.1:{stack.kafka_port}", kafka.topic, kafka.group_id)
+            await lag.start()
+            clients.push_async_callback(lag.stop)
+            driver = LoadDriver(f"127.0.0.1:{stack.decision_port}", args.rate, args.deadline_ms)
+            clients.push_async_callback(driver.close)
+            replica_dirs = [args.run_dir / name for name in REPLICAS]
+            restarts_before = count_restarts(replica_dirs)
+            print(
+                f"load: {args.rate:.0f} Decide/s open loop, {args.deadline_ms:.0f} ms deadline,"
+                f" {args.warmup_s:.0f} s warm-up then {args.duration_s:.0f} s measured"
             )
-            window.broken = judge(window, bounds)
-            windows.append(window)
-            print(row(window), flush=True)
-            for answer in answers:
-                if answer.late:
-                    print(f"{'':>11} late: {describe_late(answer, stalls)}", flush=True)
-            window_start = window_end
-        await asyncio.gather(*injections)
-        await driver.close()
-        await lag.stop()
-        missing = await _missing_from_audit(stack, answered)
+            load = asyncio.create_task(driver.run(args.warmup_s + args.duration_s))
+            await asyncio.sleep(args.warmup_s)
+            driver.take()  # the warm-up is not judged
+            driver.take_send_lag_ms()
+            witness.start()
+            started_at = time.monotonic()
+            driver.started_at = started_at
+            sampler.sample(started_at)
+            machine = MachineSampler()
+            injections = [asyncio.create_task(inject(stack, f, started_at)) for f in args.fault]
+            after_faults: dict[Fault, list[Answer]] = {fault: [] for fault in args.fault}
+            print(HEADER)
+            window_start = 0.0
+            while window_start < args.duration_s - 0.5:
+                window_end = min(window_start + args.window_s, args.duration_s)
+                await asyncio.sleep(max(0.0, started_at + window_end - time.monotonic()))
+                if window_end >= args.duration_s:
+                    await load  # the last answers come within one deadline
+                answers = driver.take()
+                stalls = witness.take()
+                answered.update(a.decision_id for a in answers if a.decision_id)
+                for fault, after in after_faults.items():
+                    end_s = fault.at_s + fault.duration_s
+                    after += [a for a in answers if end_s <= a.done_at_s < end_s + RECOVERY_WATCH_S]
+                # Read off the loop's thread: a pass over /proc and the replicas' logs takes
+                # tens of ms, and the sender would fall behind its schedule meanwhile.
+                processes = await asyncio.to_thread(sampler.sample, time.monotonic())
+                restarts = await asyncio.to_thread(count_restarts, replica_dirs)
+                try:
+                    consumer_lag = await lag.read()
+                except Exception:  # noqa: BLE001 - a paused broker: no figure this window
+                    consumer_lag = -1
+                window = summarize(
+                    answers,
+                    window_start,
+                    window_end,
+                    consumer_lag=consumer_lag,
+                    worker_restarts=restarts - restarts_before,
+                    processes=processes,
+                    machine=astuple(machine.sample()),
+                    machine_stall_max_ms=max((s.late_ms for s in stalls), default=0.0),
+                    client_send_lag_max_ms=driver.take_send_lag_ms(),
+                    fault=fault_at(args.fault, window_start, window_end, bounds.recovery_s),
+                )
+                window.broken = judge(window, bounds)
+                windows.append(window)
+                print(row(window), flush=True)
+                for answer in answers:
+                    if answer.late:
+                        print(f"{'':>11} late: {describe_late(answer, stalls)}", flush=True)
+                window_start = window_end
+            await asyncio.gather(*injections)
+            missing = await _missing_from_audit(stack, answered)
     finally:
         witness.stop()
         await stack.stop()

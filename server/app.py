@@ -436,7 +436,7 @@ class DecisionApp:
 
     def _audit_view(self) -> AuditView:
         shipper = self.audit.shipper.status()
-        return AuditView(shipper.store_ok, shipper.backlog_bytes, shipper.last_error)
+        return AuditView(shipper.store_ok, shipper.backlog_bytes, shipper.last_error, shipper.full)
 
     async def _watch_audit(self) -> None:
         healthy: bool | None = None

@@ -458,7 +458,14 @@ def oip_scores(
             f"{replica} answered {wanted!r} of shape {list(tensor.shape)}:"
             f" not one score for each of {rows} rows"
         )
-    raw = response.raw_output_contents[index] if response.raw_output_contents else None
+    raw = None
+    if response.raw_output_contents:  # then one entry per output, in the outputs' order
+        if len(response.raw_output_contents) != len(names):
+            raise ModelResponseError(
+                f"{replica} answered {len(response.raw_output_contents)} raw contents"
+                f" for {len(names)} outputs"
+            )
+        raw = response.raw_output_contents[index]
     return _tensor_values(tensor, raw, replica)
 
 

@@ -163,6 +163,9 @@ class TorchServeSettings(SettingsSection):
     challenger_oip_service: str = Field(
         "", description="The challenger's OIP gRPC service name; empty: oip_service."
     )
+    challenger_oip_output: str = Field(
+        "", description="As oip_output, for the challenger; empty: oip_output."
+    )
     challenger_model_version: str = Field(
         "", description="As model_version, for the challenger's answers."
     )
@@ -250,7 +253,7 @@ class TorchServeSettings(SettingsSection):
         return InferenceApi(
             self.challenger_protocol or self.protocol,
             self.challenger_oip_service or self.oip_service,
-            self.oip_output,
+            self.challenger_oip_output or self.oip_output,
             self.challenger_model_version,
         )
 
@@ -259,7 +262,7 @@ class TorchServeSettings(SettingsSection):
 class InferenceApi:
     """One replica's inference API, as ``server.app.model_client`` builds its client."""
 
-    protocol: str  # "torchserve" (native gRPC) or "oip"
+    protocol: Literal["torchserve", "oip"]
     oip_service: str
     oip_output: str  # "": "scores", else the only output
     model_version: str  # "": the replica's answer
@@ -363,6 +366,14 @@ class AuditSettings(SettingsSection):
     )
     migrate_on_start: bool = Field(
         True, description="Bring the store's schema to the latest migration before shipping."
+    )
+    max_backlog_bytes: int = Field(
+        0,
+        ge=0,
+        description="Journal bytes not yet in the audit store at which new decisions are "
+        "refused (UNAVAILABLE) rather than recorded, until the store catches up. Set it "
+        "below the journal volume's size divided by the workers: a container whose "
+        "volume fills is evicted with every record not yet shipped. 0: no cap.",
     )
     ship_batch_records: int = Field(
         5000, ge=1, description="Most records inserted in one transaction."

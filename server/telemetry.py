@@ -52,6 +52,17 @@ class AuditCollector(Collector):
             value=status.journal_write_failures,
         )
         yield CounterMetricFamily(
+            "decision_audit_refused_decisions",
+            "Decisions refused (UNAVAILABLE) while the journal's backlog was at its cap.",
+            value=status.refused_decisions,
+        )
+        yield GaugeMetricFamily(
+            "decision_audit_journal_full",
+            "1 while the journal's backlog is at DECISION_AUDIT__MAX_BACKLOG_BYTES and new "
+            "decisions are refused, else 0.",
+            value=1.0 if shipper.full else 0.0,
+        )
+        yield CounterMetricFamily(
             "decision_audit_shipped_records",
             "Journal records inserted into the audit store.",
             value=shipper.shipped_records,

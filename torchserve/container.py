@@ -9,16 +9,21 @@ its own, or the primary a sidecar of a decision pod) and the inference and metri
 bound to ``0.0.0.0`` for the kubelet's probes, the decision pods and Prometheus.
 
 The config, TorchServe's temp files and its logs go under ``--run-dir`` (an emptyDir:
-the image's root file system is read-only); the process is replaced by TorchServe's own
-(``exec``), so the container's signals reach it directly.
+the image's root file system is read-only). This process stays as the container's PID 1
+and passes SIGTERM and SIGINT on to TorchServe's whole process group (``supervise``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 
 from torchserve.replica import ROLES, ReplicaPorts, config_properties, role_section
 
@@ -55,6 +60,30 @@ def prepare(role: str, model_store: Path, run_dir: Path) -> tuple[list[str], dic
     return argv, env
 
 
+def supervise(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> int:
+    """Runs ``argv`` in a process group of its own until it exits; SIGTERM and SIGINT are
+    passed to the whole group. Returns its exit status (128 + N when signal N ended it).
+
+    In a container this process is PID 1, and the kernel delivers a signal to PID 1
+    only when it has a handler. TorchServe's launcher has none and waits on the JVM it
+    starts: run as PID 1 it would never see the kubelet's SIGTERM, and the pod would be
+    killed at the end of its grace period instead of stopping. The JVM and its workers
+    share the launcher's group, so one signal to the group reaches all of them.
+    """
+    proc = subprocess.Popen(  # noqa: S603 - our own argv
+        list(argv), env={**os.environ, **env}, cwd=cwd, process_group=0
+    )
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = proc.wait()
+    return 128 - code if code < 0 else code
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="model-server", description=__doc__)
     parser.add_argument("role", choices=ROLES)
@@ -62,9 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("/var/run/model-server"))
     args = parser.parse_args(argv)
     command, env = prepare(args.role, args.model_store, args.run_dir)
-    os.environ.update(env)
-    os.chdir(args.run_dir)  # the JVM's gc.log goes to logs/ under its working directory
-    os.execv(command[0], command)  # noqa: S606 - replaces this process; the argv is ours
+    # The run folder is the JVM's working directory: its gc.log goes to logs/ there.
+    sys.exit(supervise(command, env, args.run_dir))
 
 
 if __name__ == "__main__":

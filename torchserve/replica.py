@@ -2,8 +2,9 @@
 
 Each replica gets its own TMPDIR (TorchServe keeps its pid file and worker sockets
 there) and its own ``initial_worker_port``, so several replicas share one machine.
-The config is ``torchserve/replicas/replica.properties`` with this replica's ports and
-paths filled in (token auth is off there because every address is loopback), followed
+The config is ``torchserve/replicas/replica.properties`` with this replica's ports,
+paths and bind address filled in (loopback here; why token auth is off: the template),
+followed
 by its model section: the committed ``{role}.properties`` beside it for the primary,
 secondary and challenger, or one rendered by ``ModelServing`` (replay, benchmarks).
 """

@@ -20,7 +20,8 @@ COPY proto proto
 RUN /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt .
 
 FROM ${PYTHON_IMAGE}
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin decision
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin decision \
+ && install -d -o decision -g decision /var/lib/decision
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -40,7 +40,8 @@ ARG CHALLENGER_VERSION
 RUN apt-get update \
  && apt-get install -y --no-install-recommends openjdk-17-jre-headless=17.* \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10002 --no-create-home --shell /usr/sbin/nologin model-server
+ && useradd --system --uid 10002 --no-create-home --shell /usr/sbin/nologin model-server \
+ && install -d -o model-server -g model-server /var/run/model-server
 COPY --from=build /opt/venv /opt/venv
 COPY --from=models /opt/models /opt/models
 LABEL org.opencontainers.image.title="model-server" \

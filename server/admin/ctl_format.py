@@ -166,6 +166,8 @@ def format_status(status: pb.GetStatusResponse) -> str:
     audit = status.audit
     store = "store ok" if audit.store_ok else "store FAILING"
     backlog = f"  {store}, backlog {_bytes(audit.backlog_bytes)}"
+    if audit.full:
+        backlog += " (JOURNAL FULL: decisions refused until the store catches up)"
     if audit.last_error:
         backlog += f", last error: {audit.last_error}"
     out += ["", "audit", backlog]

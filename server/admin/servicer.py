@@ -151,6 +151,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     store_ok=status.audit.store_ok,
                     backlog_bytes=status.audit.backlog_bytes,
                     last_error=status.audit.last_error,
+                    full=status.audit.full,
                 )
             )
         return response

@@ -45,6 +45,7 @@ class AuditView:
     store_ok: bool
     backlog_bytes: int
     last_error: str
+    full: bool  # the backlog is at its cap: decisions are refused
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,7 @@ class ShipperStatus:
     store_ok: bool  # the last attempt to reach the store succeeded
     last_error: str
     backlog_bytes: int  # journal bytes not yet in the store
+    full: bool  # the backlog reached its cap: new decisions are refused
     shipped_records: int  # since this process started
     skipped_records: int  # unreadable records passed over (logged)
     rejected_records: int  # records the store refused, kept in rejected.jsonl (logged)
@@ -109,7 +110,9 @@ class AuditShipper:
         idle_interval_ms: float,
         retry_max_s: float,
         migrate: bool,
+        max_backlog_bytes: int = 0,
     ) -> None:
+        """``max_backlog_bytes``: unshipped bytes at which ``full`` turns true (0: never)."""
         self._journal = journal
         self._directory = journal.directory
         self._store = store
@@ -128,6 +131,10 @@ class AuditShipper:
         self._skipped = 0
         self._rejected = 0
         self._last_shipped_at_us = 0
+        self._max_backlog_bytes = max_backlog_bytes
+        # Read on the decision path without a lock (a bool): the shipper's thread sets it
+        # after each batch or wait, so it lags the journal by at most one retry wait.
+        self.full = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -135,6 +142,7 @@ class AuditShipper:
         if self._thread is not None:
             return
         self._checkpoint = self._load_checkpoint()
+        self._check_backlog()
         self._thread = threading.Thread(target=self._run, name="audit-shipper", daemon=True)
         self._thread.start()
 
@@ -165,6 +173,7 @@ class AuditShipper:
             store_ok=self.store_ok,
             last_error=self._last_error,
             backlog_bytes=self.backlog_bytes(),
+            full=self.full,
             shipped_records=self._shipped,
             skipped_records=self._skipped,
             rejected_records=self._rejected,
@@ -191,9 +200,27 @@ class AuditShipper:
 
     # -- the loop ----------------------------------------------------------------------
 
+    def _check_backlog(self) -> None:
+        """Sets ``full`` from the backlog against its cap, and says when it changes."""
+        if self._max_backlog_bytes <= 0:
+            return
+        backlog = self.backlog_bytes()
+        full = backlog >= self._max_backlog_bytes
+        if full and not self.full:
+            log.error(
+                "audit journal holds %d bytes not yet in the store (cap %d): new decisions"
+                " are refused until the store takes the backlog",
+                backlog,
+                self._max_backlog_bytes,
+            )
+        elif self.full and not full:
+            log.warning("audit journal backlog under its cap again: decisions resume")
+        self.full = full
+
     def _run(self) -> None:
         backoff = Backoff(initial_s=RETRY_INITIAL_S, max_s=self._retry_max_s)
         while True:
+            self._check_backlog()
             try:
                 if not self._schema_ready:
                     upgrade(self._store.engine)

@@ -101,6 +101,7 @@ def decision_record(
 class AuditStatus:
     journal_records: int  # appended since start
     journal_write_failures: int
+    refused_decisions: int  # refused unrecorded while the backlog was at its cap
     shipper: ShipperStatus
 
 
@@ -139,6 +140,7 @@ class AuditTrail:
         ]
         self._started = False
         self._stopped = False
+        self.refused_decisions = 0
 
     def _journal(self, folder: Path) -> Journal:
         settings = self._settings
@@ -157,6 +159,7 @@ class AuditTrail:
             idle_interval_ms=settings.ship_idle_interval_ms,
             retry_max_s=settings.ship_retry_max_s,
             migrate=migrate,
+            max_backlog_bytes=settings.max_backlog_bytes,
         )
 
     async def start(self) -> None:
@@ -193,6 +196,14 @@ class AuditTrail:
         features: Sequence[Sequence[float] | None],
         results: Sequence[DecisionResult],
     ) -> None:
+        if self.shipper.full:
+            # Refused before it is written: the journal's volume must not fill up, for a
+            # pod over its volume's size is evicted with every record not yet shipped.
+            self.refused_decisions += len(orders)
+            raise AuditUnavailable(
+                "audit journal backlog at its cap (DECISION_AUDIT__MAX_BACKLOG_BYTES) while"
+                " the audit store is unreachable: decisions are refused until it catches up"
+            )
         records = [
             encode(decision_record(self.server_id, call, order, values, result))
             for order, values, result in zip(orders, features, results, strict=True)
@@ -216,5 +227,6 @@ class AuditTrail:
         return AuditStatus(
             journal_records=self.journal.appended_records,
             journal_write_failures=self.journal.write_failures,
+            refused_decisions=self.refused_decisions,
             shipper=self.shipper.status(),
         )

@@ -18,12 +18,14 @@ def settings_with(alive_file: str) -> FeatureCacheSettings:
 
 
 def test_a_touched_file_is_alive_until_it_is_older_than_asked(tmp_path: Path) -> None:
-    settings = settings_with(str(tmp_path / "alive"))
+    # Its folder is not there yet, as in a container's fresh emptyDir.
+    alive = tmp_path / "feature-cache" / "alive"
+    settings = settings_with(str(alive))
     assert not alive_within(settings, 60), "never touched: not alive"
     touch_alive(settings)
     assert alive_within(settings, 60)
     ten_s_ago = time.time() - 10
-    os.utime(tmp_path / "alive", (ten_s_ago, ten_s_ago))
+    os.utime(alive, (ten_s_ago, ten_s_ago))
     assert alive_within(settings, 11)
     assert not alive_within(settings, 9)
 

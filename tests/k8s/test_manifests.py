@@ -4,13 +4,14 @@ periods, and network policies that allow exactly the intended flows."""
 
 from __future__ import annotations
 
+import base64
+import os
 from typing import Any
 
 import pytest
 
 from feature_cache.settings import FeatureCacheSettings
-from k8s.render import Object, containers, find, one, pod_spec
-from server.admin.auth import TokenBook
+from k8s.render import Object, containers, find, one, pod_spec, render_topics
 from server.front import DECISION_SERVICE
 from server.settings import Settings
 from torchserve.container import CONTAINER_PORTS
@@ -43,10 +44,12 @@ def settings_from(
     env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Any:
-    """``model`` as the container's environment makes it (extra="forbid" at every level:
-    a misspelt name is an error, not a silent default)."""
+    """``model`` as the container's environment makes it. A misspelt field of a section
+    the model has is an error (extra="forbid" in every section), not a silent default;
+    a section the model lacks is ignored (one environment serves every process), which
+    ``test_every_variable_is_a_setting_of_some_process`` covers."""
     with monkeypatch.context() as patched:
-        for name in [n for n in __import__("os").environ if n.startswith("DECISION_")]:
+        for name in [n for n in os.environ if n.startswith("DECISION_")]:
             patched.delenv(name)
         for name, value in env.items():
             patched.setenv(name, value)
@@ -69,14 +72,22 @@ def container_env(objects: list[Object], workload: str, name: str) -> dict[str, 
     return {k: v for k, v in env.items() if k.startswith("DECISION_")}
 
 
+def is_sidecar(c: Object) -> bool:
+    return c.get("restartPolicy") == "Always"
+
+
 def test_every_container_has_requests_limits_and_probes(objects: list[Object]) -> None:
     for workload in WORKLOADS:
         for c in containers(one(objects, "Deployment", workload)):
             where = f"{workload}/{c['name']}"
             resources = c["resources"]
-            assert {"cpu", "memory"} <= resources["requests"].keys(), where
-            assert {"cpu", "memory"} <= resources["limits"].keys(), where
-            assert {"readinessProbe", "livenessProbe", "startupProbe"} <= c.keys(), where
+            wanted = {"cpu", "memory", "ephemeral-storage"}
+            assert wanted <= resources["requests"].keys(), where
+            assert wanted <= resources["limits"].keys(), where
+            assert {"livenessProbe", "startupProbe"} <= c.keys(), where
+            # A native sidecar's readiness would be the pod's: the primary's worker
+            # restarting must not take the pod out of its Services.
+            assert ("readinessProbe" in c) != is_sidecar(c), where
             context = c["securityContext"]
             assert context["readOnlyRootFilesystem"] and not context["allowPrivilegeEscalation"]
             assert context["capabilities"]["drop"] == ["ALL"], where
@@ -86,7 +97,7 @@ def test_every_container_has_requests_limits_and_probes(objects: list[Object]) -
 def test_the_decision_pod_runs_the_primary_as_a_native_sidecar(objects: list[Object]) -> None:
     spec = pod_spec(one(objects, "Deployment", "decision"))
     (sidecar,) = spec["initContainers"]
-    assert sidecar["name"] == "torchserve" and sidecar["restartPolicy"] == "Always"
+    assert sidecar["name"] == "torchserve" and is_sidecar(sidecar)
     assert sidecar["image"].split("/")[-1].startswith("model-server")
     assert sidecar["args"] == ["primary"]
     # The server reaches it over loopback, on the port the image serves gRPC on.
@@ -172,6 +183,20 @@ def test_ports_and_environment_match_the_server_settings(
         assert all(p["port"] == pod_ports[p["targetPort"]] for p in service["spec"]["ports"])
 
 
+def test_every_variable_is_a_setting_of_some_process(objects: list[Object]) -> None:
+    """One environment serves the server and the consumer: each variable must name a
+    field of one of them (a misspelt section would be ignored by both)."""
+    for name in config_env(objects):
+        section, field = name.removeprefix("DECISION_").lower().split("__")
+        owners = [
+            root
+            for root in (Settings, FeatureCacheSettings)
+            if section in root.model_fields
+            and field in root.model_fields[section].annotation.model_fields  # type: ignore[union-attr]
+        ]
+        assert owners, name
+
+
 def test_the_consumer_environment_is_its_settings(
     objects: list[Object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -182,10 +207,16 @@ def test_the_consumer_environment_is_its_settings(
     assert any(settings.feature_cache.alive_file.startswith(m + "/") for m in mounts)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert consumer[probe]["exec"]["command"][:2] == ["feature-cache", "--check-alive"]
-    topic = one(objects, "KafkaTopic", settings.kafka.topic)
-    assert one(objects, "KafkaTopic", settings.kafka.dead_letter_topic)
+    topics = render_topics()
+    topic = one(topics, "KafkaTopic", settings.kafka.topic)
+    assert one(topics, "KafkaTopic", settings.kafka.dead_letter_topic)
     workload = one(objects, "Deployment", "feature-cache")
     assert 1 <= workload["spec"]["replicas"] <= topic["spec"]["partitions"]
+    # Strimzi reconciles topics in its Kafka cluster's namespace, the bootstrap's.
+    cluster, namespace = settings.kafka.bootstrap_servers.split(":")[0].split(".")[:2]
+    assert {t["metadata"]["namespace"] for t in topics} == {namespace}
+    assert cluster == topic["metadata"]["labels"]["strimzi.io/cluster"] + "-kafka-bootstrap"
+    assert not find(objects, "KafkaTopic"), "not in the decision service's namespace"
 
 
 def test_the_probes_ask_the_servers_health_service(rendered: dict[str, list[Object]]) -> None:
@@ -243,14 +274,12 @@ def test_disruption_budgets_and_autoscaling_cover_the_workloads(objects: list[Ob
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
 
 
-def test_dev_tokens_are_ones_the_server_accepts(rendered: dict[str, list[Object]]) -> None:
-    (tokens,) = [
-        o
-        for o in rendered["dev"]
-        if o["kind"] == "Secret" and o["metadata"]["name"].startswith("decision-admin-tokens")
-    ]
-    text = __import__("base64").b64decode(tokens["data"]["tokens"]).decode()
-    assert len(TokenBook(TokenBook.parse(text, origin="dev Secret"))) == 1
+def test_no_admin_token_is_in_the_repository(objects: list[Object]) -> None:
+    secrets = [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"]
+    assert not [name for name in secrets if name.startswith("decision-admin-tokens")]
+    for secret in (o for o in objects if o["kind"] == "Secret"):
+        for value in secret.get("data", {}).values():
+            assert " operator " not in base64.b64decode(value).decode()
 
 
 def test_prod_images_are_pinned_by_digest(rendered: dict[str, list[Object]]) -> None:
@@ -258,6 +287,44 @@ def test_prod_images_are_pinned_by_digest(rendered: dict[str, list[Object]]) -> 
         for c in containers(one(rendered["prod"], "Deployment", workload)):
             assert "@sha256:" in c["image"], c["image"]
     assert not [o for o in rendered["prod"] if o["kind"] == "Secret"], "prod brings no Secret"
+
+
+def test_with_tls_no_service_port_claims_cleartext(rendered: dict[str, list[Object]]) -> None:
+    for name in ("decision", "decision-headless", "decision-admin"):
+        for port in one(rendered["prod"], "Service", name)["spec"]["ports"]:
+            assert port.get("appProtocol") != "kubernetes.io/h2c", name
+        assert one(rendered["dev"], "Service", name)["spec"]["ports"][0]["appProtocol"] == (
+            "kubernetes.io/h2c"
+        )
+
+
+def quantity_bytes(text: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return float(text[:-2]) * units[text[-2:]] if text[-2:] in units else float(text)
+
+
+def test_the_journal_fills_its_cap_before_its_volume_and_the_pod_its_limits(
+    objects: list[Object],
+) -> None:
+    env = config_env(objects)
+    spec = pod_spec(one(objects, "Deployment", "decision"))
+    volumes = {
+        v["name"]: quantity_bytes(v["emptyDir"]["sizeLimit"])
+        for v in spec["volumes"]
+        if "emptyDir" in v
+    }
+    segment_bytes = Settings().audit.segment_max_bytes  # each worker's open segment
+    workers = int(env["DECISION_SERVER__WORKERS"])
+    cap = int(env["DECISION_AUDIT__MAX_BACKLOG_BYTES"])
+    assert cap > 0
+    assert workers * (cap + segment_bytes) < volumes["journal"]
+    # The pod is evicted when its volumes (and logs) pass the sum of the containers'
+    # limits: the volumes alone must fit well inside it.
+    limits = sum(
+        quantity_bytes(c["resources"]["limits"]["ephemeral-storage"])
+        for c in containers(one(objects, "Deployment", "decision"))
+    )
+    assert sum(volumes.values()) < limits - 2**29
 
 
 def test_service_monitors_scrape_ports_that_serve_metrics(objects: list[Object]) -> None:

@@ -4,6 +4,8 @@ the list of flows the service needs (k8s/base/network-policies.yaml names them).
 
 from __future__ import annotations
 
+import copy
+
 from k8s.render import Object, find, one
 
 WORKLOADS = ("decision", "model-secondary", "model-challenger", "feature-cache")
@@ -105,8 +107,6 @@ def test_everything_else_is_denied_both_ways(objects: list[Object]) -> None:
 
 
 def test_a_widened_rule_is_caught(objects: list[Object]) -> None:
-    import copy
-
     widened = copy.deepcopy(objects)
     policy = one(widened, "NetworkPolicy", "model-server")
     policy["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]  # any pod of the namespace

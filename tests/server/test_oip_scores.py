@@ -9,6 +9,7 @@ import pytest
 
 from proto.third_party.torchserve import open_inference_grpc_pb2 as oip
 from server.model_client import ModelInputError, ModelResponseError, oip_scores
+from server.settings import InferenceApi, TorchServeSettings
 
 Output = oip.ModelInferResponse.InferOutputTensor
 
@@ -82,3 +83,31 @@ def test_an_error_output_is_our_rows_being_rejected() -> None:
 def test_an_answer_that_is_not_one_score_a_row_is_refused(output: Output, message: str) -> None:
     with pytest.raises(ModelResponseError, match=message):
         read(answer(output), 2)
+
+
+def test_raw_contents_must_come_one_per_output() -> None:
+    two = answer(
+        Output(name="predict", datatype="FP32", shape=[1]),
+        Output(name="scores", datatype="FP32", shape=[1]),
+        raw=[struct.pack("<f", 0.5)],
+    )
+    with pytest.raises(ModelResponseError, match="1 raw contents for 2 outputs"):
+        read(two, 1)
+
+
+def test_the_challenger_has_an_api_of_its_own_and_the_champions_by_default() -> None:
+    ts = TorchServeSettings(
+        protocol="oip",
+        oip_output="scores",
+        challenger_protocol="oip",
+        challenger_oip_service="inference.GRPCInferenceService",
+        challenger_oip_output="predict",
+    )
+    assert ts.champion_api() == InferenceApi(
+        "oip", "org.pytorch.serve.grpc.openinference.GRPCInferenceService", "scores", ""
+    )
+    assert ts.challenger_api() == InferenceApi(
+        "oip", "inference.GRPCInferenceService", "predict", ""
+    )
+    plain = TorchServeSettings()
+    assert plain.challenger_api() == plain.champion_api()

@@ -3,10 +3,15 @@ stack, with the APIs a pod's neighbours need bound to every interface."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
 from torchserve.container import prepare
 from torchserve.replica import PRIMARY_PORTS, config_properties, role_section
 
@@ -42,3 +47,39 @@ def test_the_local_stack_keeps_every_address_on_loopback(tmp_path: Path) -> None
     addresses = [v for k, v in config.items() if k.endswith("_address")]
     assert len(addresses) == 5
     assert all("127.0.0.1" in address for address in addresses)
+
+
+CHILD = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: (out.write_text("terminated"), sys.exit(0)))
+out.write_text("started")
+time.sleep(30)
+"""
+
+
+def test_the_entry_point_passes_sigterm_to_torchserves_process_group(tmp_path: Path) -> None:
+    """As PID 1 the supervisor must hand the kubelet's SIGTERM on: here a child that
+    records the signal stands in for TorchServe's launcher and JVM."""
+    out = tmp_path / "child.txt"
+    supervisor = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from torchserve.container import supervise;"
+            f" sys.exit(supervise([sys.executable, '-c', {CHILD!r}, {str(out)!r}], {{}},"
+            f" Path({str(tmp_path)!r})))",
+        ],
+        cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (out.exists() and out.read_text() == "started"):
+            assert time.monotonic() < deadline, "the child did not start"
+            time.sleep(0.05)
+        supervisor.send_signal(signal.SIGTERM)  # to the supervisor alone, as to PID 1
+        assert supervisor.wait(timeout=10) == 0
+        assert out.read_text() == "terminated"
+    finally:
+        supervisor.kill()
+        supervisor.wait()

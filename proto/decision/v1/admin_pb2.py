@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dproto/decision/v1/admin.proto\x12\x0b\x64\x65\x63ision.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\nChangeInfo\x12\x12\n\nchanged_by\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12.\n\nchanged_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10GetStatusRequest\"\x8c\x02\n\rReplicaStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x15\n\rbreaker_state\x18\x03 \x01(\t\x12&\n\x04mode\x18\x04 \x01(\x0e\x32\x18.decision.v1.BreakerMode\x12)\n\x08override\x18\x05 \x01(\x0b\x32\x17.decision.v1.ChangeInfo\x12\x14\n\x0crecent_calls\x18\x06 \x01(\x04\x12\x17\n\x0frecent_failures\x18\x07 \x01(\x04\x12\x15\n\rrecent_p50_ms\x18\x08 \x01(\x01\x12\x15\n\rrecent_p99_ms\x18\t \x01(\x01\x12\x15\n\rmodel_version\x18\n \x01(\t\"x\n\x04\x46lag\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\'\n\x06\x63hange\x18\x05 \x01(\x0b\x32\x17.decision.v1.ChangeInfo\"I\n\x0fKillSwitchState\x12\r\n\x05scope\x18\x01 \x01(\t\x12\'\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x17.decision.v1.ChangeInfo\"\\\n\x0c\x43\x61naryWindow\x12\x11\n\tdecisions\x18\x01 \x01(\x04\x12\x12\n\nerror_rate\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x15\n\rfallback_rate\x18\x04 \x01(\x01\"\xc9\x01\n\x0c\x43\x61naryStatus\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\'\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x17.decision.v1.ChangeInfo\x12\x15\n\rauto_rollback\x18\x03 \x01(\x08\x12)\n\x06\x63\x61nary\x18\x04 \x01(\x0b\x32\x19.decision.v1.CanaryWindow\x12+\n\x08\x63hampion\x18\x05 \x01(\x0b\x32\x19.decision.v1.CanaryWindow\x12\x11\n\tscore_psi\x18\x06 \x01(\x01\"1\n\x0fSymbolFreshness\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x0e\n\x06\x61ge_ms\x18\x02 \x01(\x01\"K\n\x0c\x41uditBacklog\x12\x10\n\x08store_ok\x18\x01 \x01(\x08\x12\x15\n\rbacklog_bytes\x18\x02 \x01(\x04\x12\x12\n\nlast_error\x18\x03 \x01(\t\"s\n\x11SharedStateStatus\x12\x0f\n\x07in_sync\x18\x01 \x01(\x08\x12-\n\tsynced_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x04\"\x8f\x01\n\x13\x46\x65\x61tureMirrorStatus\x12\x0c\n\x04live\x18\x01 \x01(\x08\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x0f\n\x07symbols\x18\x03 \x01(\r\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0e\n\x06losses\x18\x06 \x01(\x04\"\xa1\x04\n\x11GetStatusResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12,\n\x08replicas\x18\x02 \x03(\x0b\x32\x1a.decision.v1.ReplicaStatus\x12 \n\x05\x66lags\x18\x03 \x03(\x0b\x32\x11.decision.v1.Flag\x12\x33\n\rkill_switches\x18\x04 \x03(\x0b\x32\x1c.decision.v1.KillSwitchState\x12)\n\x06\x63\x61nary\x18\x05 \x01(\x0b\x32\x19.decision.v1.CanaryStatus\x12.\n\x08\x66\x65\x61tures\x18\x06 \x03(\x0b\x32\x1c.decision.v1.SymbolFreshness\x12(\n\x05\x61udit\x18\x07 \x01(\x0b\x32\x19.decision.v1.AuditBacklog\x12\x34\n\x0cshared_state\x18\x08 \x01(\x0b\x32\x1e.decision.v1.SharedStateStatus\x12I\n\x0emodel_versions\x18\t \x03(\x0b\x32\x31.decision.v1.GetStatusResponse.ModelVersionsEntry\x12\x38\n\x0e\x66\x65\x61ture_mirror\x18\n \x01(\x0b\x32 .decision.v1.FeatureMirrorStatus\x1a\x34\n\x12ModelVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x11SetBreakerRequest\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12&\n\x04mode\x18\x02 \x01(\x0e\x32\x18.decision.v1.BreakerMode\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05ttl_s\x18\x04 \x01(\x01\"\x97\x01\n\x12SetBreakerResponse\x12(\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0e\x32\x18.decision.v1.BreakerMode\x12\'\n\x05\x61\x66ter\x18\x02 \x01(\x0e\x32\x18.decision.v1.BreakerMode\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x0eSetFlagRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05ttl_s\x18\x05 \x01(\x01\"V\n\x0fSetFlagResponse\x12!\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0b\x32\x11.decision.v1.Flag\x12 \n\x05\x61\x66ter\x18\x02 \x01(\x0b\x32\x11.decision.v1.Flag\"\x12\n\x10ListFlagsRequest\"5\n\x11ListFlagsResponse\x12 \n\x05\x66lags\x18\x01 \x03(\x0b\x32\x11.decision.v1.Flag\"2\n\x10SetCanaryRequest\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11SetCanaryResponse\x12\x0e\n\x06\x62\x65\x66ore\x18\x01 \x01(\x01\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x01\"R\n\x11KillSwitchRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0f\n\x07\x65ngaged\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05ttl_s\x18\x04 \x01(\x01\"c\n\x12KillSwitchResponse\x12\x0e\n\x06\x62\x65\x66ore\x18\x01 \x01(\x08\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x08\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*~\n\x0b\x42reakerMode\x12\x1c\n\x18\x42REAKER_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42REAKER_MODE_AUTO\x10\x01\x12\x1b\n\x17\x42REAKER_MODE_FORCE_OPEN\x10\x02\x12\x1d\n\x19\x42REAKER_MODE_FORCE_CLOSED\x10\x03\x32\xd6\x03\n\x0c\x41\x64minService\x12J\n\tGetStatus\x12\x1d.decision.v1.GetStatusRequest\x1a\x1e.decision.v1.GetStatusResponse\x12M\n\nSetBreaker\x12\x1e.decision.v1.SetBreakerRequest\x1a\x1f.decision.v1.SetBreakerResponse\x12\x44\n\x07SetFlag\x12\x1b.decision.v1.SetFlagRequest\x1a\x1c.decision.v1.SetFlagResponse\x12J\n\tListFlags\x12\x1d.decision.v1.ListFlagsRequest\x1a\x1e.decision.v1.ListFlagsResponse\x12J\n\tSetCanary\x12\x1d.decision.v1.SetCanaryRequest\x1a\x1e.decision.v1.SetCanaryResponse\x12M\n\nKillSwitch\x12\x1e.decision.v1.KillSwitchRequest\x1a\x1f.decision.v1.KillSwitchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dproto/decision/v1/admin.proto\x12\x0b\x64\x65\x63ision.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\nChangeInfo\x12\x12\n\nchanged_by\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12.\n\nchanged_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10GetStatusRequest\"\x8c\x02\n\rReplicaStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x15\n\rbreaker_state\x18\x03 \x01(\t\x12&\n\x04mode\x18\x04 \x01(\x0e\x32\x18.decision.v1.BreakerMode\x12)\n\x08override\x18\x05 \x01(\x0b\x32\x17.decision.v1.ChangeInfo\x12\x14\n\x0crecent_calls\x18\x06 \x01(\x04\x12\x17\n\x0frecent_failures\x18\x07 \x01(\x04\x12\x15\n\rrecent_p50_ms\x18\x08 \x01(\x01\x12\x15\n\rrecent_p99_ms\x18\t \x01(\x01\x12\x15\n\rmodel_version\x18\n \x01(\t\"x\n\x04\x46lag\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\'\n\x06\x63hange\x18\x05 \x01(\x0b\x32\x17.decision.v1.ChangeInfo\"I\n\x0fKillSwitchState\x12\r\n\x05scope\x18\x01 \x01(\t\x12\'\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x17.decision.v1.ChangeInfo\"\\\n\x0c\x43\x61naryWindow\x12\x11\n\tdecisions\x18\x01 \x01(\x04\x12\x12\n\nerror_rate\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x15\n\rfallback_rate\x18\x04 \x01(\x01\"\xc9\x01\n\x0c\x43\x61naryStatus\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\'\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x17.decision.v1.ChangeInfo\x12\x15\n\rauto_rollback\x18\x03 \x01(\x08\x12)\n\x06\x63\x61nary\x18\x04 \x01(\x0b\x32\x19.decision.v1.CanaryWindow\x12+\n\x08\x63hampion\x18\x05 \x01(\x0b\x32\x19.decision.v1.CanaryWindow\x12\x11\n\tscore_psi\x18\x06 \x01(\x01\"1\n\x0fSymbolFreshness\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x0e\n\x06\x61ge_ms\x18\x02 \x01(\x01\"Y\n\x0c\x41uditBacklog\x12\x10\n\x08store_ok\x18\x01 \x01(\x08\x12\x15\n\rbacklog_bytes\x18\x02 \x01(\x04\x12\x12\n\nlast_error\x18\x03 \x01(\t\x12\x0c\n\x04\x66ull\x18\x04 \x01(\x08\"s\n\x11SharedStateStatus\x12\x0f\n\x07in_sync\x18\x01 \x01(\x08\x12-\n\tsynced_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x04\"\x8f\x01\n\x13\x46\x65\x61tureMirrorStatus\x12\x0c\n\x04live\x18\x01 \x01(\x08\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x0f\n\x07symbols\x18\x03 \x01(\r\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0e\n\x06losses\x18\x06 \x01(\x04\"\xa1\x04\n\x11GetStatusResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12,\n\x08replicas\x18\x02 \x03(\x0b\x32\x1a.decision.v1.ReplicaStatus\x12 \n\x05\x66lags\x18\x03 \x03(\x0b\x32\x11.decision.v1.Flag\x12\x33\n\rkill_switches\x18\x04 \x03(\x0b\x32\x1c.decision.v1.KillSwitchState\x12)\n\x06\x63\x61nary\x18\x05 \x01(\x0b\x32\x19.decision.v1.CanaryStatus\x12.\n\x08\x66\x65\x61tures\x18\x06 \x03(\x0b\x32\x1c.decision.v1.SymbolFreshness\x12(\n\x05\x61udit\x18\x07 \x01(\x0b\x32\x19.decision.v1.AuditBacklog\x12\x34\n\x0cshared_state\x18\x08 \x01(\x0b\x32\x1e.decision.v1.SharedStateStatus\x12I\n\x0emodel_versions\x18\t \x03(\x0b\x32\x31.decision.v1.GetStatusResponse.ModelVersionsEntry\x12\x38\n\x0e\x66\x65\x61ture_mirror\x18\n \x01(\x0b\x32 .decision.v1.FeatureMirrorStatus\x1a\x34\n\x12ModelVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x11SetBreakerRequest\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12&\n\x04mode\x18\x02 \x01(\x0e\x32\x18.decision.v1.BreakerMode\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05ttl_s\x18\x04 \x01(\x01\"\x97\x01\n\x12SetBreakerResponse\x12(\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0e\x32\x18.decision.v1.BreakerMode\x12\'\n\x05\x61\x66ter\x18\x02 \x01(\x0e\x32\x18.decision.v1.BreakerMode\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x0eSetFlagRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05ttl_s\x18\x05 \x01(\x01\"V\n\x0fSetFlagResponse\x12!\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0b\x32\x11.decision.v1.Flag\x12 \n\x05\x61\x66ter\x18\x02 \x01(\x0b\x32\x11.decision.v1.Flag\"\x12\n\x10ListFlagsRequest\"5\n\x11ListFlagsResponse\x12 \n\x05\x66lags\x18\x01 \x03(\x0b\x32\x11.decision.v1.Flag\"2\n\x10SetCanaryRequest\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11SetCanaryResponse\x12\x0e\n\x06\x62\x65\x66ore\x18\x01 \x01(\x01\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x01\"R\n\x11KillSwitchRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0f\n\x07\x65ngaged\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05ttl_s\x18\x04 \x01(\x01\"c\n\x12KillSwitchResponse\x12\x0e\n\x06\x62\x65\x66ore\x18\x01 \x01(\x08\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x08\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*~\n\x0b\x42reakerMode\x12\x1c\n\x18\x42REAKER_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42REAKER_MODE_AUTO\x10\x01\x12\x1b\n\x17\x42REAKER_MODE_FORCE_OPEN\x10\x02\x12\x1d\n\x19\x42REAKER_MODE_FORCE_CLOSED\x10\x03\x32\xd6\x03\n\x0c\x41\x64minService\x12J\n\tGetStatus\x12\x1d.decision.v1.GetStatusRequest\x1a\x1e.decision.v1.GetStatusResponse\x12M\n\nSetBreaker\x12\x1e.decision.v1.SetBreakerRequest\x1a\x1f.decision.v1.SetBreakerResponse\x12\x44\n\x07SetFlag\x12\x1b.decision.v1.SetFlagRequest\x1a\x1c.decision.v1.SetFlagResponse\x12J\n\tListFlags\x12\x1d.decision.v1.ListFlagsRequest\x1a\x1e.decision.v1.ListFlagsResponse\x12J\n\tSetCanary\x12\x1d.decision.v1.SetCanaryRequest\x1a\x1e.decision.v1.SetCanaryResponse\x12M\n\nKillSwitch\x12\x1e.decision.v1.KillSwitchRequest\x1a\x1f.decision.v1.KillSwitchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETSTATUSRESPONSE_MODELVERSIONSENTRY']._loaded_options = None
   _globals['_GETSTATUSRESPONSE_MODELVERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_BREAKERMODE']._serialized_start=2759
-  _globals['_BREAKERMODE']._serialized_end=2885
+  _globals['_BREAKERMODE']._serialized_start=2773
+  _globals['_BREAKERMODE']._serialized_end=2899
   _globals['_CHANGEINFO']._serialized_start=80
   _globals['_CHANGEINFO']._serialized_end=224
   _globals['_GETSTATUSREQUEST']._serialized_start=226
@@ -53,35 +53,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SYMBOLFRESHNESS']._serialized_start=1012
   _globals['_SYMBOLFRESHNESS']._serialized_end=1061
   _globals['_AUDITBACKLOG']._serialized_start=1063
-  _globals['_AUDITBACKLOG']._serialized_end=1138
-  _globals['_SHAREDSTATESTATUS']._serialized_start=1140
-  _globals['_SHAREDSTATESTATUS']._serialized_end=1255
-  _globals['_FEATUREMIRRORSTATUS']._serialized_start=1258
-  _globals['_FEATUREMIRRORSTATUS']._serialized_end=1401
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1404
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1949
-  _globals['_GETSTATUSRESPONSE_MODELVERSIONSENTRY']._serialized_start=1897
-  _globals['_GETSTATUSRESPONSE_MODELVERSIONSENTRY']._serialized_end=1949
-  _globals['_SETBREAKERREQUEST']._serialized_start=1951
-  _globals['_SETBREAKERREQUEST']._serialized_end=2058
-  _globals['_SETBREAKERRESPONSE']._serialized_start=2061
-  _globals['_SETBREAKERRESPONSE']._serialized_end=2212
-  _globals['_SETFLAGREQUEST']._serialized_start=2214
-  _globals['_SETFLAGREQUEST']._serialized_end=2305
-  _globals['_SETFLAGRESPONSE']._serialized_start=2307
-  _globals['_SETFLAGRESPONSE']._serialized_end=2393
-  _globals['_LISTFLAGSREQUEST']._serialized_start=2395
-  _globals['_LISTFLAGSREQUEST']._serialized_end=2413
-  _globals['_LISTFLAGSRESPONSE']._serialized_start=2415
-  _globals['_LISTFLAGSRESPONSE']._serialized_end=2468
-  _globals['_SETCANARYREQUEST']._serialized_start=2470
-  _globals['_SETCANARYREQUEST']._serialized_end=2520
-  _globals['_SETCANARYRESPONSE']._serialized_start=2522
-  _globals['_SETCANARYRESPONSE']._serialized_end=2572
-  _globals['_KILLSWITCHREQUEST']._serialized_start=2574
-  _globals['_KILLSWITCHREQUEST']._serialized_end=2656
-  _globals['_KILLSWITCHRESPONSE']._serialized_start=2658
-  _globals['_KILLSWITCHRESPONSE']._serialized_end=2757
-  _globals['_ADMINSERVICE']._serialized_start=2888
-  _globals['_ADMINSERVICE']._serialized_end=3358
+  _globals['_AUDITBACKLOG']._serialized_end=1152
+  _globals['_SHAREDSTATESTATUS']._serialized_start=1154
+  _globals['_SHAREDSTATESTATUS']._serialized_end=1269
+  _globals['_FEATUREMIRRORSTATUS']._serialized_start=1272
+  _globals['_FEATUREMIRRORSTATUS']._serialized_end=1415
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1418
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1963
+  _globals['_GETSTATUSRESPONSE_MODELVERSIONSENTRY']._serialized_start=1911
+  _globals['_GETSTATUSRESPONSE_MODELVERSIONSENTRY']._serialized_end=1963
+  _globals['_SETBREAKERREQUEST']._serialized_start=1965
+  _globals['_SETBREAKERREQUEST']._serialized_end=2072
+  _globals['_SETBREAKERRESPONSE']._serialized_start=2075
+  _globals['_SETBREAKERRESPONSE']._serialized_end=2226
+  _globals['_SETFLAGREQUEST']._serialized_start=2228
+  _globals['_SETFLAGREQUEST']._serialized_end=2319
+  _globals['_SETFLAGRESPONSE']._serialized_start=2321
+  _globals['_SETFLAGRESPONSE']._serialized_end=2407
+  _globals['_LISTFLAGSREQUEST']._serialized_start=2409
+  _globals['_LISTFLAGSREQUEST']._serialized_end=2427
+  _globals['_LISTFLAGSRESPONSE']._serialized_start=2429
+  _globals['_LISTFLAGSRESPONSE']._serialized_end=2482
+  _globals['_SETCANARYREQUEST']._serialized_start=2484
+  _globals['_SETCANARYREQUEST']._serialized_end=2534
+  _globals['_SETCANARYRESPONSE']._serialized_start=2536
+  _globals['_SETCANARYRESPONSE']._serialized_end=2586
+  _globals['_KILLSWITCHREQUEST']._serialized_start=2588
+  _globals['_KILLSWITCHREQUEST']._serialized_end=2670
+  _globals['_KILLSWITCHRESPONSE']._serialized_start=2672
+  _globals['_KILLSWITCHRESPONSE']._serialized_end=2771
+  _globals['_ADMINSERVICE']._serialized_start=2902
+  _globals['_ADMINSERVICE']._serialized_end=3372
 # @@protoc_insertion_point(module_scope)

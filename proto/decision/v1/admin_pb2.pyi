@@ -319,21 +319,27 @@ class AuditBacklog(_message.Message):
     STORE_OK_FIELD_NUMBER: _builtins.int
     BACKLOG_BYTES_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    FULL_FIELD_NUMBER: _builtins.int
     store_ok: _builtins.bool
     """Whether the audit store is taking the journal."""
     backlog_bytes: _builtins.int
     """Journal bytes not yet shipped to the store."""
     last_error: _builtins.str
+    full: _builtins.bool
+    """True while the backlog is at its cap (DECISION_AUDIT__MAX_BACKLOG_BYTES): new
+    decisions are refused with UNAVAILABLE until the store takes the backlog.
+    """
     def __init__(
         self,
         *,
         store_ok: _builtins.bool = ...,
         backlog_bytes: _builtins.int = ...,
         last_error: _builtins.str = ...,
+        full: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog_bytes", b"backlog_bytes", "last_error", b"last_error", "store_ok", b"store_ok"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog_bytes", b"backlog_bytes", "full", b"full", "last_error", b"last_error", "store_ok", b"store_ok"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -93,7 +93,9 @@ def _status() -> pb.GetStatusResponse:
             pb.SymbolFreshness(symbol="AAPL", age_ms=120.0),
             pb.SymbolFreshness(symbol="MSFT", age_ms=-1.0),
         ],
-        audit=pb.AuditBacklog(store_ok=False, backlog_bytes=3 * 1024 * 1024, last_error="refused"),
+        audit=pb.AuditBacklog(
+            store_ok=False, backlog_bytes=3 * 1024 * 1024, last_error="refused", full=True
+        ),
     )
 
 
@@ -205,6 +207,7 @@ def test_format_status_shows_the_key_content() -> None:
         "no record",
         "store FAILING",
         "3.0 MiB",
+        "JOURNAL FULL: decisions refused",
         "refused",
         "MIRROR NOT LIVE since 2026-11-21T09:58:00Z, reading Redis: ConnectionError: reset",
         "2 subscriptions lost",
@@ -221,6 +224,7 @@ def test_format_status_of_an_empty_response() -> None:
     assert "(no replicas)" in text
     assert "(none engaged)" in text
     assert "store FAILING" in text
+    assert "JOURNAL FULL" not in text
 
 
 def test_change_lines() -> None:

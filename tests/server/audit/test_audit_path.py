@@ -288,3 +288,51 @@ async def test_the_record_holds_what_the_service_knew(
     assert row["reason"] == response.reason
     assert row["total_us"] == response.timings.total_us
     assert str(row["server_id"]).endswith(f":{app.port}")
+
+
+async def test_a_journal_at_its_cap_refuses_decisions_until_the_store_catches_up(
+    replicas, start_app, channel_to, feature_writer, postgres_url
+):
+    await feature_writer.write_many([sample_record("BTC-USD")])
+    target = sa.make_url(postgres_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    proxy.start()
+    proxied = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    cap = 20_000  # about 17 decision records
+    try:
+        app = await start_app(
+            torchserve=replica_settings(replicas),
+            audit={"database_url": proxied, "ship_retry_max_s": 0.2, "max_backlog_bytes": cap},
+        )
+        stub = decision_stub(channel_to(app))
+        proxy.cut()
+        await asyncio.to_thread(wait_for, lambda: not app.audit.status().shipper.store_ok, 10)
+        answered: set[str] = set()
+        refused = None
+        for _ in range(500):
+            try:
+                answered.add((await stub.Decide(buy(), timeout=2.0)).decision_id)
+            except grpc.aio.AioRpcError as exc:
+                refused = exc
+                break
+            await asyncio.sleep(0.005)
+        assert refused is not None, "the journal grew past its cap"
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert "MAX_BACKLOG_BYTES" in (refused.details() or "")
+        status = app.audit.status()
+        assert status.shipper.full and status.refused_decisions == 1
+        # Refused within one retry wait of the cap: the journal stayed near it.
+        assert cap <= status.shipper.backlog_bytes < cap + 100_000
+
+        proxy.restore()
+        await asyncio.to_thread(wait_for, lambda: not app.audit.status().shipper.full, 20)
+        answered.add((await stub.Decide(buy(), timeout=2.0)).decision_id)
+        engine = create_store_engine(postgres_url)
+        try:
+            store = AuditStore(engine)
+            await asyncio.to_thread(wait_for, lambda: store.count_decisions() == len(answered), 30)
+            assert store.decision_ids() == answered  # every answered decision, none refused
+        finally:
+            engine.dispose()
+    finally:
+        proxy.close()
