@@ -267,11 +267,12 @@ def ready_workers(log_path: Path, workers: int) -> bool:
 @pytest.fixture
 def server_processes(
     redis_instance: RedisInstance, key_prefix: str, replicas: dict[str, Replica], tmp_path: Path
-) -> Iterator[Callable[[int], list[ServerProcess]]]:
+) -> Iterator[Callable[..., list[ServerProcess]]]:
     """Starts decision server processes on one Redis and one key prefix (a deployment)."""
     started: list[ServerProcess] = []
 
-    def start(count: int, workers: int = 1) -> list[ServerProcess]:
+    def start(count: int, workers: int = 1, **env: str) -> list[ServerProcess]:
+        """``env``: more DECISION_* settings for every one of them."""
         for i in range(count):
             port, admin_port = free_ports(2)
             run_dir = tmp_path / f"server{i}"
@@ -286,6 +287,7 @@ def server_processes(
                 DECISION_ADMIN__TOKENS=TOKENS,
                 DECISION_AUDIT__SHIP_IDLE_INTERVAL_MS="20",
                 DECISION_SERVER__WORKERS=str(workers),
+                **env,
             )
             proc = server_process(f"decision server {i}", run_dir, env)
             started.append(ServerProcess(proc, port, admin_port, run_dir))
