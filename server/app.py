@@ -26,7 +26,12 @@ from pathlib import Path
 from types import TracebackType
 
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -55,6 +60,7 @@ from server.front import GrpcFront
 from server.model_client import ModelClient, OipClient, TorchServeClient
 from server.replica import Replica
 from server.router import ReplicaRouter
+from server.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
 from server.servicer import DecisionServicer
 from server.settings import InferenceApi, Settings, TorchServeSettings
 from server.shadow import ShadowAudit, ShadowScorer
@@ -63,6 +69,7 @@ from server.telemetry import (
     FeatureCollector,
     LoadCollector,
     MetricsServer,
+    ReplicaCollector,
     ShadowCollector,
 )
 from server.traffic import Traffic
@@ -329,6 +336,12 @@ class DecisionApp:
         )
         self.undelivered = UndeliveredAnswers()
         registry = CollectorRegistry()
+        # The process's CPU, memory and file descriptors, the interpreter's GC and version.
+        ProcessCollector(registry=registry)
+        GCCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        rpc_metrics = RpcMetrics(registry)
+        registry.register(ReplicaCollector(replicas.all))
         registry.register(
             LoadCollector(self.engine, [r.client for r in replicas.all], self.undelivered)
         )
@@ -349,6 +362,7 @@ class DecisionApp:
                 response_margin_ms=settings.decision.response_margin_ms,
             ),
             AdminServicer(self.control_plane) if settings.admin.enabled else None,
+            interceptors=[RpcMetricsInterceptor(rpc_metrics)],
         )
         self._stack = contextlib.AsyncExitStack()
         self._ready_task: asyncio.Task[None] | None = None

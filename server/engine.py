@@ -16,6 +16,7 @@ before anything else; the shadow sample rate hands a champion-scored call's rows
 
 from __future__ import annotations
 
+import collections
 import random
 import time
 import uuid
@@ -73,6 +74,8 @@ class DecisionEngine:
         self._shed_to_rules = decision.overload_action == "rules"
         self._in_flight = 0
         self.shed = 0  # decisions shed so far (rejected, or decided without the model)
+        # Decisions made so far, by who decided and what (read by the metrics).
+        self.decided: collections.Counter[tuple[Source, Decision]] = collections.Counter()
 
     @property
     def in_flight(self) -> int:
@@ -162,6 +165,7 @@ class DecisionEngine:
         ]
         values = [features[i].values for i in range(len(orders))]
         self._audit.record_decisions(call, orders, values, results)
+        self.decided.update((r.source, r.decision) for r in results)
         if champion_scores:
             self._shadow_sample(list(scorable), rows, champion_scores, results, state, now_us)
         return results

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -67,14 +68,22 @@ def add_port(
     return server.add_secure_port(address, credentials)
 
 
-def admin_server(settings: Settings, servicer: AdminServicer) -> grpc.aio.Server:
-    """AdminService behind token checks, with reflection, on a server of its own."""
+def admin_server(
+    settings: Settings,
+    servicer: AdminServicer,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> grpc.aio.Server:
+    """AdminService behind token checks, with reflection, on a server of its own;
+    ``interceptors`` run before the token check (a refused call is measured too)."""
     admin = settings.admin
     tokens = TokenBook.load(file=admin.tokens_file, inline=admin.tokens.get_secret_value())
     if not len(tokens):
         log.warning("AdminService has no tokens: every admin call will be refused")
     server = grpc.aio.server(
-        interceptors=[AdminAuthInterceptor(tokens, READ_METHODS, default_role=Role.OPERATOR)],
+        interceptors=[
+            *interceptors,
+            AdminAuthInterceptor(tokens, READ_METHODS, default_role=Role.OPERATOR),
+        ],
         options=server_options(settings),
     )
     add_tolerant_service(
@@ -90,11 +99,14 @@ class GrpcFront:
         settings: Settings,
         decisions: DecisionServicer,
         admin: AdminServicer | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
-        """``admin``: AdminService's servicer, None when the admin port is off."""
+        """``admin``: AdminService's servicer, None when the admin port is off;
+        ``interceptors``: on both servers (request metrics)."""
         self._settings = settings
         self.health = health.aio.HealthServicer()
         self._server = grpc.aio.server(
+            interceptors=list(interceptors),
             maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
             options=server_options(settings),
         )
@@ -103,7 +115,7 @@ class GrpcFront:
         reflection.enable_server_reflection(
             (DECISION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        self._admin = None if admin is None else admin_server(settings, admin)
+        self._admin = None if admin is None else admin_server(settings, admin, interceptors)
         self.port = 0
         self.admin_port = 0
 

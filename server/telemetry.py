@@ -26,6 +26,7 @@ from server.batching import BatchingClient
 from server.engine import DecisionEngine
 from server.features import FeatureSource
 from server.model_client import GrpcModelClient, ModelClient
+from server.replica import Replica
 from server.shadow import DIFF_BUCKETS, ShadowScorer
 from server.undelivered import UndeliveredAnswers
 
@@ -203,6 +204,14 @@ class LoadCollector(Collector):
         yield GaugeMetricFamily(
             "decision_in_flight", "Decisions being made now.", value=self._engine.in_flight
         )
+        decided = CounterMetricFamily(
+            "decision_decisions",
+            "Decisions answered (recorded in the audit journal), by who decided and what.",
+            labels=["source", "decision"],
+        )
+        for (source, decision), count in sorted(self._engine.decided.items()):
+            decided.add_metric([source.name.lower(), decision.name.lower()], count)
+        yield decided
         if self._undelivered is not None:
             yield CounterMetricFamily(
                 "decision_answers_undelivered",
@@ -251,6 +260,38 @@ class LoadCollector(Collector):
             abandoned.add_metric([wire.name], calls.total)
             refused.add_metric([wire.name], calls.refused)
         yield from (outstanding, abandoned, refused)
+
+
+BREAKER_STATES = ("closed", "open", "half-open")
+
+
+class ReplicaCollector(Collector):
+    """Each replica's breaker state and its calls' outcomes, as this process sees them."""
+
+    def __init__(self, replicas: Sequence[Replica]) -> None:
+        self._replicas = list(replicas)
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "decision_breaker_state",
+            "1 for the replica's breaker state in this process (closed, open, half-open), "
+            "0 for the others.",
+            labels=["replica", "state"],
+        )
+        calls = CounterMetricFamily(
+            "decision_model_calls",
+            "Model calls to the replica by outcome (failed: error, timeout or refusal "
+            "by the replica; a breaker's refusal makes no call).",
+            labels=["replica", "outcome"],
+        )
+        for replica in self._replicas:
+            current = replica.breaker.state
+            for name in BREAKER_STATES:
+                state.add_metric([replica.name, name], 1.0 if current == name else 0.0)
+            calls.add_metric([replica.name, "ok"], replica.recent.total_ok)
+            calls.add_metric([replica.name, "failed"], replica.recent.total_failed)
+        yield state
+        yield calls
 
 
 class MetricsServer:

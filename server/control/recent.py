@@ -30,11 +30,17 @@ class RecentCalls:
         self._window_s = window_s
         self._calls: deque[tuple[float, float, bool]] = deque(maxlen=max_calls)
         self.last_version = ""  # the model version of the last successful call
+        self.total_ok = 0  # since start, for metrics
+        self.total_failed = 0
 
     def record(
         self, elapsed_ms: float, *, ok: bool, version: str = "", now_s: float | None = None
     ) -> None:
         self._calls.append((time.monotonic() if now_s is None else now_s, elapsed_ms, ok))
+        if ok:
+            self.total_ok += 1
+        else:
+            self.total_failed += 1
         if version:
             self.last_version = version
 
