@@ -92,6 +92,9 @@ class RpcMetrics:
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: RpcMetrics) -> None:
         self._metrics = metrics
+        # Per method: the handler seen and its measured wrapper. A service's handlers are
+        # the same objects call after call, so the wrapper is built once, not per call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], Any]] = {}
 
     async def intercept_service(
         self,
@@ -103,7 +106,17 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        started, method = self._metrics.method(handler_call_details.method)
+        seen = self._wrapped.get(handler_call_details.method)
+        if seen is not None and seen[0] is handler:
+            return cast("grpc.RpcMethodHandler[Any, Any]", seen[1])
+        wrapped = self._wrap(handler_call_details.method, handler)
+        self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(
+        self, full_method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        started, method = self._metrics.method(full_method)
         unary = cast(Behaviour, handler.unary_unary)
 
         async def measured(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
