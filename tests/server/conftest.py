@@ -271,8 +271,8 @@ def server_processes(
     """Starts decision server processes on one Redis and one key prefix (a deployment)."""
     started: list[ServerProcess] = []
 
-    def start(count: int, workers: int = 1, **env: str) -> list[ServerProcess]:
-        """``env``: more DECISION_* settings for every one of them."""
+    def start(count: int, workers: int = 1, **settings: str) -> list[ServerProcess]:
+        """``settings``: more DECISION_* variables for every one of them."""
         for i in range(count):
             port, admin_port = free_ports(2)
             run_dir = tmp_path / f"server{i}"
@@ -287,7 +287,7 @@ def server_processes(
                 DECISION_ADMIN__TOKENS=TOKENS,
                 DECISION_AUDIT__SHIP_IDLE_INTERVAL_MS="20",
                 DECISION_SERVER__WORKERS=str(workers),
-                **env,
+                **settings,
             )
             proc = server_process(f"decision server {i}", run_dir, env)
             started.append(ServerProcess(proc, port, admin_port, run_dir))
