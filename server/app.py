@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -387,7 +387,11 @@ class DecisionApp:
             raise
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
-        """Starts each component and pushes its stop: the stack stops them in reverse."""
+        """Starts each component and pushes its stop: the stack stops them in reverse,
+        each within ``stop_s`` (the longest a stop may need: the gRPC grace, the
+        shipper's drain, and slack)."""
+        settings = self.settings
+        stop_s = settings.server.grace_period_s + settings.audit.shutdown_drain_s + STOP_SLACK_S
         self.front.bind()
         self.undelivered.install()
         stack.callback(self.undelivered.remove)
@@ -395,25 +399,27 @@ class DecisionApp:
             if not self.audit.server_id:
                 self.audit.server_id = f"{socket.gethostname()}:{self.port}"
             await self.audit.start()
-            stack.push_async_callback(self.audit.stop)
+            stack.push_async_callback(bounded("audit trail", self.audit.stop, stop_s))
         self.metrics.start()
         stack.callback(self.metrics.stop)
         self.loop_lag.start()
-        stack.push_async_callback(self.loop_lag.stop)
-        stack.push_async_callback(self.redis.aclose)
-        stack.push_async_callback(self.status_redis.aclose)
+        stack.push_async_callback(bounded("loop-lag probe", self.loop_lag.stop, stop_s))
+        stack.push_async_callback(bounded("Redis client", self.redis.aclose, stop_s))
+        stack.push_async_callback(bounded("status Redis client", self.status_redis.aclose, stop_s))
         if self.mirror is not None:
             await self.mirror.start()
-            stack.push_async_callback(self.mirror.stop)
+            stack.push_async_callback(bounded("feature mirror", self.mirror.stop, stop_s))
         for replica in self._all_replicas:
             await replica.client.start()
-            stack.push_async_callback(replica.client.stop)
+            stack.push_async_callback(
+                bounded(f"{replica.name} client", replica.client.stop, stop_s)
+            )
         await self.shared.start()
-        stack.push_async_callback(self.shared.stop)
-        stack.push_async_callback(self.canary.stop)
-        stack.push_async_callback(self.engine.stop)
+        stack.push_async_callback(bounded("shared control state", self.shared.stop, stop_s))
+        stack.push_async_callback(bounded("canary monitor", self.canary.stop, stop_s))
+        stack.push_async_callback(bounded("decision engine", self.engine.stop, stop_s))
         await self.front.start()
-        stack.push_async_callback(self.front.stop)
+        stack.push_async_callback(bounded("gRPC servers", self.front.stop, stop_s))
         if self.settings.audit.enabled:
             stack.push_async_callback(_cancel, asyncio.create_task(self._watch_audit()))
         self._ready_task = asyncio.create_task(self._become_ready())
@@ -490,3 +496,46 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+# Beyond its grace and drain, how long one component's stop may take before the
+# shutdown goes on without it.
+STOP_SLACK_S = 5.0
+
+
+def bounded(
+    name: str, stop: Callable[[], Awaitable[None]], timeout_s: float
+) -> Callable[[], Awaitable[None]]:
+    """``stop``, given up after ``timeout_s`` (cancelled and logged, never awaited
+    further): one component stuck in its stop must not hang the whole shutdown, which a
+    supervisor or Kubernetes would then end with SIGKILL, journal unsynced."""
+
+    async def run() -> None:
+        task = asyncio.ensure_future(stop())
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            where = " <- ".join(awaiting(task.get_coro()))
+            task.cancel()
+            log.error(
+                "%s did not stop within %.0f s (waiting in %s); stopping the rest",
+                name,
+                timeout_s,
+                where,
+            )
+            return
+        task.result()  # its own error, if it failed
+
+    return run
+
+
+def awaiting(coro: object) -> list[str]:
+    """Where a suspended coroutine waits: each awaited coroutine's function and line,
+    outermost first (a task's own stack shows only its outermost frame)."""
+    places = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            code = frame.f_code
+            places.append(f"{code.co_qualname} ({Path(code.co_filename).name}:{frame.f_lineno})")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return places
