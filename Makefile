@@ -19,8 +19,8 @@ lock: ## Pin the virtualenv's exact versions into constraints.txt
 	  echo "# after changing pyproject.toml's dependencies."; \
 	  $(PY) -m pip freeze --exclude-editable | grep -iv '^decision-service'; } > constraints.txt
 
-run: setup ## Run the local stack (redis, Kafka-protocol broker, TorchServe x3, decision server); Ctrl-C stops it
-	@$(PY) -m localstack $(if $(WORKERS),--workers $(WORKERS))
+run: setup ## Run the local stack (redis, Kafka-protocol broker, TorchServe x3, decision server, labeler; PROMETHEUS=1 adds Prometheus with the alert rules); Ctrl-C stops it
+	@$(PY) -m localstack $(if $(WORKERS),--workers $(WORKERS)) $(if $(PROMETHEUS),--with-prometheus)
 
 models: setup ## Train the champion and challenger into .run/models and write docs/models.md
 	@$(PY) -m torchserve.train --out .run/models
@@ -67,4 +67,10 @@ soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 
 acceptance: setup ## Every recording under ../shared/data (Coinbase, Binance, Kraken, L2 CSV) through Kafka into Redis, checked
 	@$(PY) -m loadtest.acceptance
 
-.PHONY: help setup setup-ci lock run models proto fmt lint proto-check k8s-validate test test-fast bench soak acceptance
+drift-report: setup ## PSI of every recording under ../shared/data (and of an unseen generated day) against the champion's training reference
+	@$(PY) -m loadtest.drift_report
+
+quality-report: setup ## Live model quality: the labeler's AUC on replayed held-out data against the offline AUC of the same period (about 8 minutes; writes docs/quality.md)
+	@$(PY) -m loadtest.quality_report
+
+.PHONY: help setup setup-ci lock run models proto fmt lint proto-check k8s-validate test test-fast bench soak acceptance drift-report quality-report

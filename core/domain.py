@@ -42,6 +42,26 @@ def age_ms(stamped_at_us: int, now_us: int | None = None) -> float:
     return max(0.0, (now - stamped_at_us) / 1000.0)
 
 
+# Why a decision was not the model's, as a bounded set of codes (metrics label them; the
+# decision's reason text says the rest). A model failure is the last one of its lane.
+FALLBACK_REASONS: Final = (
+    "kill_switch",
+    "no_features",
+    "features_stale",
+    "features_unusable",
+    "feature_store",
+    "overloaded",
+    "model_breaker_open",
+    "model_timeout",
+    "model_busy",
+    "model_unavailable",
+    "model_error",
+    "model_no_time",
+    "model_retry_budget",
+    "model_input",
+)
+
+
 class Source(enum.IntEnum):
     PRIMARY = 1
     SECONDARY = 2
@@ -89,3 +109,8 @@ class DecisionResult:
     model_us: int
     total_us: int
     decided_at_ns: int  # wall clock, ns since the epoch
+    # Exchange time of the features the decision used (µs since the epoch), 0 when none:
+    # where the realized outcome is measured from.
+    feature_time_us: int = 0
+    # Why the model did not answer, one of FALLBACK_REASONS; "" when it did.
+    fallback: str = ""

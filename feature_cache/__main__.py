@@ -1,8 +1,9 @@
 """``python -m feature_cache`` / ``feature-cache``: run the consumer until SIGTERM or SIGINT.
 
+Its Prometheus metrics are on ``DECISION_FEATURE_CACHE__METRICS_PORT`` (9480; 0: off).
 ``feature-cache --check-alive SECONDS`` instead exits 0 when the running consumer touched
 its ``DECISION_FEATURE_CACHE__ALIVE_FILE`` within that many seconds, 1 otherwise: a
-container's liveness probe (the consumer serves no port of its own).
+container's liveness probe (a live metrics thread says nothing of the consumer's loop).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 import uvloop
+from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
 
+from core.metrics_http import MetricsServer
 from feature_cache.consumer import FeatureConsumer
+from feature_cache.metrics import ConsumerCollector
 from feature_cache.settings import FeatureCacheSettings
 
 log = logging.getLogger("feature_cache")
@@ -28,13 +32,27 @@ STATS_INTERVAL_S = 10.0
 
 
 async def consume(settings: FeatureCacheSettings) -> int:
-    """Runs until a signal (exit status 0) or until the consumer loop dies (status 1)."""
+    """Runs until a signal (exit status 0), until the consumer loop dies (status 1), or not
+    at all when its metrics port cannot be served (status 2)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     redis = aioredis.Redis.from_url(settings.redis.url)
     consumer = FeatureConsumer(settings.kafka, redis, key_prefix=settings.redis.key_prefix)
+    metrics = metrics_server(settings, consumer)
+    try:
+        metrics.start()
+    except OSError as exc:
+        process = settings.feature_cache
+        log.error(
+            "cannot serve metrics on %s:%d (DECISION_FEATURE_CACHE__METRICS_PORT; 0: off): %s",
+            process.metrics_host,
+            process.metrics_port,
+            exc,
+        )
+        await redis.aclose()
+        return 2
     try:
         # Kafka may be down at start: a signal must still end the retries.
         starting = asyncio.create_task(consumer.start())
@@ -64,8 +82,19 @@ async def consume(settings: FeatureCacheSettings) -> int:
     finally:
         await consumer.stop()
         await redis.aclose()
+        metrics.stop()
     log.info("stopped")
     return 1 if consumer.failed else 0
+
+
+def metrics_server(settings: FeatureCacheSettings, consumer: FeatureConsumer) -> MetricsServer:
+    """The consumer's /metrics (not started): its own figures, the process's and GC's."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
+    registry.register(ConsumerCollector(consumer))
+    process = settings.feature_cache
+    return MetricsServer(registry, process.metrics_host, process.metrics_port)
 
 
 def touch_alive(settings: FeatureCacheSettings) -> None:

@@ -45,8 +45,11 @@ class StateCheckpoints:
         mapping[OFFSET_FIELD] = str(offset)
         pipe.hset(self.key(tp), mapping=mapping)  # type: ignore[arg-type]  # Mapping is invariant
 
-    async def load(self, tp: TopicPartition) -> tuple[int | None, dict[str, SymbolState]]:
-        """The last checkpointed offset (None if there is none) and the states as of it."""
+    async def load(
+        self, tp: TopicPartition, *, repair: bool = True
+    ) -> tuple[int | None, dict[str, SymbolState]]:
+        """The last checkpointed offset (None if there is none) and the states as of it.
+        ``repair``: drop an unreadable checkpoint (its owner does; a reader does not)."""
         fields = {
             _text(name): raw for name, raw in (await self._client.hgetall(self.key(tp))).items()
         }
@@ -62,7 +65,8 @@ class StateCheckpoints:
             # Another format or corrupt: start from the committed offset, and drop the
             # hash so later checkpoints (which write changed symbols only) start clean.
             log.warning("checkpoint %s unreadable (%s); states start empty", self.key(tp), exc)
-            await self._client.delete(self.key(tp))
+            if repair:
+                await self._client.delete(self.key(tp))
             return None, {}
 
 

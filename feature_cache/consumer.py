@@ -33,6 +33,7 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError
 from redis.asyncio.client import Pipeline
 
 from core.backoff import Backoff
+from core.histogram import LATENCY_BOUNDS_S, Buckets
 from feature_cache.checkpoint import StateCheckpoints
 from feature_cache.codec import MalformedMessage, decode
 from feature_cache.features import SymbolState
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 # record, so one far-future event would block every later write for the symbol. (Replays
 # at full speed therefore stamp their events to end now: see feature_cache.replay.)
 MAX_CLOCK_SKEW_US = 60_000_000
+
+# Seconds from an event's Kafka create time to its features written in Redis.
+FRESHNESS_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0)
 
 
 class Record(Protocol):
@@ -61,14 +65,20 @@ class Record(Protocol):
 @dataclass
 class ConsumerStats:
     events: int = 0
-    malformed: int = 0
+    malformed: int = 0  # sent to the dead-letter topic
     batches: int = 0
     records_written: int = 0
     # Kafka create time -> Redis write done, ms, for the latest batches (bounded).
     freshness_ms: list[float] = field(default_factory=list)
+    # The same since start, in seconds, for the metrics.
+    freshness: Buckets = field(default_factory=lambda: Buckets(FRESHNESS_BOUNDS_S))
+    # Seconds each batch's feature write to Redis took, its retries included.
+    write_latency: Buckets = field(default_factory=lambda: Buckets(LATENCY_BOUNDS_S))
 
     def note_freshness(self, created_ms: Iterable[int], written_ms: float) -> None:
-        self.freshness_ms.extend(written_ms - c for c in created_ms)
+        for created in created_ms:
+            self.freshness_ms.append(written_ms - created)
+            self.freshness.observe((written_ms - created) / 1e3)
         if len(self.freshness_ms) > 200_000:
             del self.freshness_ms[:100_000]
 
@@ -112,6 +122,7 @@ class FeatureConsumer:
         self._uncommitted: dict[TopicPartition, int] = {}
         self._last_checkpoint = time.monotonic()
         self._checkpointed_at: dict[TopicPartition, float] = {}
+        self._owned_since: dict[TopicPartition, float] = {}  # monotonic s of its assignment
         self.stats = ConsumerStats()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -211,6 +222,7 @@ class FeatureConsumer:
                 await asyncio.sleep(backoff.next_s())
         self.states[tp] = states
         self._next_offset[tp] = 0 if offset is None else offset + 1
+        self._owned_since[tp] = time.monotonic()
         if offset is not None:
             self._consumer.seek(tp, offset + 1)
         log.info("assigned %s: %d symbols restored, checkpoint %s", tp, len(states), offset)
@@ -219,6 +231,7 @@ class FeatureConsumer:
         """Forgets a partition another consumer takes over (after its checkpoint)."""
         self.states.pop(tp, None)
         self._next_offset.pop(tp, None)
+        self._owned_since.pop(tp, None)
 
     async def _run(self) -> None:
         backoff = self._backoff(0.1)
@@ -286,10 +299,13 @@ class FeatureConsumer:
                 )
         if dead and not await self._dead_letter(dead):
             return  # stopping before the dead letters were sent: nothing is committed
+        write_started = time.perf_counter()
         if features and not await self._execute(
             functools.partial(self._writer.queue, records=features)
         ):
             return  # stopping before Redis came back: the next owner replays from the checkpoint
+        if features:
+            self.stats.write_latency.observe(time.perf_counter() - write_started)
         # Only now, with dead letters sent and features written, may a checkpoint commit them.
         for tp, records in handled.items():
             self._uncommitted[tp] = records[-1].offset
@@ -327,6 +343,29 @@ class FeatureConsumer:
                 )
                 self._consumer.seek(tp, records[0].offset)
         return handled
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Events behind the partition's end, per owned partition whose end is known (from
+        the last fetch response): the broker's high watermark less the next offset to
+        handle."""
+        lag = {}
+        for tp, next_offset in list(self._next_offset.items()):  # the scrape's thread
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                lag[tp] = max(0, highwater - next_offset)
+        return lag
+
+    def checkpoint_ages_s(self) -> dict[TopicPartition, float]:
+        """Per owned partition: seconds since its last checkpoint (or its assignment)
+        while it holds handled events not yet checkpointed, else 0: what a crash now would
+        make the next owner replay."""
+        now = time.monotonic()
+        return {
+            tp: now - max(self._checkpointed_at.get(tp, since), since)
+            if tp in self._uncommitted
+            else 0.0
+            for tp, since in list(self._owned_since.items())
+        }
 
     async def _checkpoint_due(self) -> None:
         """Checkpoints one partition at a time, spread over the interval, so that no

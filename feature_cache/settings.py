@@ -99,6 +99,12 @@ class FeatureCacheProcessSettings(SettingsSection):
         description="File the consumer touches every 10 s while its loop runs, for a "
         "container's liveness probe (`feature-cache --check-alive 60`); empty: none.",
     )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address of the consumer's Prometheus endpoint."
+    )
+    metrics_port: int = Field(
+        9480, ge=0, description="The consumer's /metrics port (HTTP); 0 turns it off."
+    )
 
 
 class FeatureCacheSettings(BaseSettings):

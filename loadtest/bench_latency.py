@@ -1,12 +1,17 @@
 """Decide vs direct TorchServe at concurrency 1, measured in one run on this machine.
 
-Starts its own redis-server, one TorchServe replica, two decision servers (D, as
-configured by default: features from its in-process mirror; R, the same with
-``DECISION_FEATURES__MIRROR=false``: a Redis read per call) and a bare echo server (the
-floor: one Python gRPC hop, no work) as separate processes on free loopback ports; this
-process is the client of every path. The paths are measured in alternating rounds so
-that machine noise lands on all of them alike. Prints p50/p99 per path and the
-difference the decision layer adds over the direct model call.
+Starts its own redis-server, one TorchServe replica, four decision servers (D, as
+configured by default: features from its in-process mirror, /metrics served; R, the same
+with ``DECISION_FEATURES__MIRROR=false``: a Redis read per call; O, D with tracing on at
+``--trace-sample-ratio``, exporting to an OTLP sink, ``loadtest.otlp_sink``; M, D with the
+metrics endpoint off, so without request metrics: what metrics cost) and a bare echo
+server (the floor: one Python gRPC hop, no work) as separate processes on free loopback
+ports; this process is the client of every path. The paths are measured in alternating
+rounds so that machine noise lands on all of them alike. Prints p50/p99 per path and
+the difference the decision layer adds over the direct model call; then, with
+``--saturate-s``, each Decide server's throughput under ``--callers`` closed-loop
+callers, in alternating rounds too (tracing's cost at saturation: O against D; metrics':
+D against M).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -111,7 +117,12 @@ def echo_server(port: int, run_dir: Path) -> ManagedProcess:
     )
 
 
-DECIDE_PATHS = {"decide": "D: Decide (whole chain)", "decide_redis": "R: Decide, no mirror"}
+DECIDE_PATHS = {
+    "decide": "D: Decide (whole chain)",
+    "decide_redis": "R: Decide, no mirror",
+    "decide_traced": "O: Decide, traced (--trace-sample-ratio, OTLP export)",
+    "decide_unmeasured": "M: Decide, metrics endpoint off (no request metrics)",
+}
 
 
 async def measure(
@@ -210,21 +221,90 @@ async def _measure(
     return results
 
 
+async def closed_loop(decide: Any, request: decision_pb2.DecideRequest, until: float) -> int:
+    """Calls ``decide`` back to back until ``until`` (monotonic); how many answered."""
+    done = 0
+    while time.monotonic() < until:
+        await decide(request, timeout=1.0)
+        done += 1
+    return done
+
+
+async def saturate(
+    decide_ports: Mapping[str, int], redis_port: int, callers: int, seconds: float, rounds: int
+) -> dict[str, list[float]]:
+    """Decide calls a second per path, ``callers`` closed-loop callers (each on a channel
+    of its own) for ``seconds`` per round, the paths alternating within each round."""
+    async with fresh_features(redis_port):
+        throughput: dict[str, list[float]] = {name: [] for name in decide_ports}
+        request = decision_pb2.DecideRequest(
+            symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0
+        )
+        for r in range(rounds):
+            for name, port in decide_ports.items():
+                channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(callers)]
+                stubs = [decision_pb2_grpc.DecisionServiceStub(c).Decide for c in channels]
+                until = time.monotonic() + seconds
+                started = time.monotonic()
+                done = await asyncio.gather(*(closed_loop(stub, request, until) for stub in stubs))
+                throughput[name].append(sum(done) / (time.monotonic() - started))
+                for channel in channels:
+                    await channel.close()
+            print(f"  saturation round {r + 1}/{rounds}", end="\r", flush=True)
+        print()
+        return throughput
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=200)
+    parser.add_argument(
+        "--saturate-s", type=float, default=5.0, help="seconds per path and round; 0: skip"
+    )
+    parser.add_argument("--saturate-rounds", type=int, default=3)
+    parser.add_argument("--callers", type=int, default=32)
+    parser.add_argument(
+        "--trace-sample-ratio",
+        type=float,
+        default=Settings().telemetry.trace_sample_ratio,
+        help="path O's sampling (default: the setting's default)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         run_dir = Path(tmp)
         print("starting redis-server, TorchServe and the decision servers …", flush=True)
-        redis_port, echo_port, no_secondary, *ports = free_ports(11)
-        decide_ports = dict(zip(DECIDE_PATHS, ports[:2], strict=True))
-        ts_ports = ReplicaPorts(*ports[2:])
+        redis_port, echo_port, no_secondary, sink_port, *ports = free_ports(18)
+        decide_ports = dict(zip(DECIDE_PATHS, ports[:4], strict=True))
+        ts_ports = ReplicaPorts(*ports[4:10])
+        # Every server but M serves /metrics (nobody scrapes it: recording is the cost).
+        metrics = {
+            name: {"DECISION_TELEMETRY__METRICS_PORT": str(port)}
+            for name, port in zip(DECIDE_PATHS, ports[10:14], strict=True)
+        }
         procs: list[ManagedProcess] = []
+        path_env = {
+            "decide": metrics["decide"],
+            "decide_redis": {**metrics["decide_redis"], "DECISION_FEATURES__MIRROR": "false"},
+            "decide_traced": {
+                **metrics["decide_traced"],
+                "DECISION_TELEMETRY__OTLP_ENDPOINT": f"127.0.0.1:{sink_port}",
+                "DECISION_TELEMETRY__TRACE_SAMPLE_RATIO": str(args.trace_sample_ratio),
+            },
+            "decide_unmeasured": {},
+        }
         try:
             start_backends(run_dir, redis_port, ts_ports, procs)
+            sink = ManagedProcess(
+                "otlp-sink",
+                [sys.executable, "-m", "loadtest.otlp_sink", "--port", str(sink_port)],
+                cwd=REPO,
+                log_path=run_dir / "otlp-sink.log",
+            )
+            procs.append(sink)
+            sink.start()
+            sink.wait_ready(lambda: port_open("127.0.0.1", sink_port), 30)
             servers = [
                 decision_server(
                     port,
@@ -233,7 +313,7 @@ def main() -> None:
                     no_secondary_port=no_secondary,
                     state_dir=run_dir / name,
                     name=name,
-                    env={"DECISION_FEATURES__MIRROR": str(name == "decide").lower()},
+                    env=path_env[name],
                 )
                 for name, port in decide_ports.items()
             ]
@@ -257,6 +337,21 @@ def main() -> None:
                     args.per_round,
                 )
             )
+            throughput: dict[str, list[float]] = {}
+            if args.saturate_s > 0:
+                print(
+                    f"saturating each Decide server: {args.callers} callers,"
+                    f" {args.saturate_s:g} s x {args.saturate_rounds} rounds"
+                )
+                throughput = asyncio.run(
+                    saturate(
+                        decide_ports,
+                        redis_port,
+                        args.callers,
+                        args.saturate_s,
+                        args.saturate_rounds,
+                    )
+                )
         finally:
             for proc in reversed(procs):
                 proc.stop()
@@ -291,6 +386,30 @@ def main() -> None:
             f" model {server_ms['model']:.3f} ms, total {server_ms['server']:.3f} ms"
         )
     print("target: Decide adds <= 0.5 ms at p50")
+    traced, plain = sorted(results["decide_traced"]), sorted(results["decide"])
+    p50 = percentile(traced, 0.5) - percentile(plain, 0.5)
+    p99 = percentile(traced, 0.99) - percentile(plain, 0.99)
+    ratio_text = f"tracing at {args.trace_sample_ratio:.0%}"
+    print(f"{ratio_text}, concurrency 1: O - D = {p50:+.3f} ms at p50, {p99:+.3f} ms at p99")
+    unmeasured = sorted(results["decide_unmeasured"])
+    p50 = percentile(plain, 0.5) - percentile(unmeasured, 0.5)
+    p99 = percentile(plain, 0.99) - percentile(unmeasured, 0.99)
+    print(f"metrics, concurrency 1: D - M = {p50:+.3f} ms at p50, {p99:+.3f} ms at p99")
+    if throughput:
+        print()
+        print("| path (saturated) | Decide/s per round | median |")
+        print("| --- | --- | ---: |")
+        for name, label in DECIDE_PATHS.items():
+            rounds_text = ", ".join(f"{v:,.0f}" for v in throughput[name])
+            print(f"| {label} | {rounds_text} | {statistics.median(throughput[name]):,.0f} |")
+        ratio = statistics.median(throughput["decide_traced"]) / statistics.median(
+            throughput["decide"]
+        )
+        print(f"{ratio_text}, saturated: O / D = {ratio:.2f} of the throughput")
+        ratio = statistics.median(throughput["decide"]) / statistics.median(
+            throughput["decide_unmeasured"]
+        )
+        print(f"metrics, saturated: D / M = {ratio:.2f} of the throughput")
 
 
 if __name__ == "__main__":

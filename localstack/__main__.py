@@ -37,6 +37,7 @@ from feature_cache.settings import FeatureCacheSettings
 from feature_cache.store import FeatureReader
 from localstack.health import serving
 from localstack.kafka_broker import create_topics, kafka_broker
+from localstack.prometheus import Target, prometheus_binary, prometheus_process, write_config
 from localstack.redis_server import redis_server
 from torchserve.replica import (
     CHALLENGER_PORTS,
@@ -66,7 +67,15 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _usage(decision_port: int, admin_port: int, metrics_port: int, run_dir: Path) -> str:
+def _usage(stack: LocalStack) -> str:
+    decision_port, admin_port, run_dir = stack.decision_port, stack.admin_port, stack.run_dir
+    last = stack.metrics_port + stack.workers - 1
+    workers = f"; its workers on the ports up to {last}" if stack.workers > 1 else ""
+    prometheus = (
+        f"  Prometheus: http://127.0.0.1:{stack.prometheus_port}/alerts (the stack's alerts)\n"
+        if stack.prometheus
+        else ""
+    )
     return f"""
 Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
 
@@ -88,8 +97,10 @@ Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
     .venv/bin/decisionctl status
     .venv/bin/decisionctl flag set shadow_sample_rate 0.1 --reason "compare the challenger"
 
-  Metrics: http://127.0.0.1:{metrics_port}/metrics
-  Audit:   {run_dir}/audit/audit.db (SQLite); replay with .venv/bin/decisionctl replay
+  Metrics: http://127.0.0.1:{stack.metrics_port}/metrics (server{workers})
+           http://127.0.0.1:{stack.consumer_metrics_port}/metrics (feature-cache consumer)
+           http://127.0.0.1:{stack.labeler_metrics_port}/metrics (labeler: live model quality)
+{prometheus}  Audit:   {run_dir}/audit/audit.db (SQLite); replay with .venv/bin/decisionctl replay
   Logs: {run_dir}/*/
 """
 
@@ -116,18 +127,32 @@ class LocalStack:
     """The local stack's processes and tasks; ``stop`` undoes whatever ``start`` did."""
 
     def __init__(
-        self, run_dir: Path, offset: int, models_dir: Path | None = None, *, workers: int = 1
+        self,
+        run_dir: Path,
+        offset: int,
+        models_dir: Path | None = None,
+        *,
+        workers: int = 1,
+        replayer: bool = True,
+        prometheus: bool = False,
     ) -> None:
         """``workers``: decision-server processes sharing the ports (their metrics on
-        consecutive ports from the first)."""
+        consecutive ports from the first). ``replayer`` False: no generated market data,
+        the caller publishes its own (the server starts without waiting for features).
+        ``prometheus``: a Prometheus scraping the stack with the alert rules loaded."""
         # Absolute: the processes run in the checkout, and redis-server and TorchServe
         # read their folders from their own working directory.
         self.run_dir = run_dir.resolve()
         self.models_dir = models_dir.resolve() if models_dir else None
         self.workers = workers
+        self.replayer = replayer
+        self.prometheus = prometheus
+        self.prometheus_port = 9090 + offset
         self.decision_port = 50051 + offset
         self.admin_port = 50052 + offset
         self.metrics_port = 9464 + offset
+        self.consumer_metrics_port = 9480 + offset
+        self.labeler_metrics_port = 9490 + offset
         self.redis_port = 16379 + offset
         self.kafka_port = 19092 + offset
         self.primary = PRIMARY_PORTS.shifted(offset)
@@ -140,6 +165,9 @@ class LocalStack:
             self.decision_port,
             self.admin_port,
             *range(self.metrics_port, self.metrics_port + self.workers),
+            self.consumer_metrics_port,
+            self.labeler_metrics_port,
+            *([self.prometheus_port] if self.prometheus else []),
             self.redis_port,
             self.kafka_port,
         ]
@@ -150,7 +178,7 @@ class LocalStack:
     @property
     def processes(self) -> dict[str, ManagedProcess]:
         """The processes started so far, by name (redis-server, the broker, torchserve-primary,
-        ..., feature-cache, replayer, decision-server)."""
+        ..., feature-cache, replayer, decision-server, labeler)."""
         return {proc.name: proc for proc in self._started}
 
     def _track(self, proc: ManagedProcess) -> ManagedProcess:
@@ -179,21 +207,21 @@ class LocalStack:
 
     async def start(self) -> None:
         if self.models_dir is None:
-            _say("[1/7] models: .run/models (trained now if missing or stale)")
+            _say("[1/8] models: .run/models (trained now if missing or stale)")
             archives = await asyncio.to_thread(ensure_models, REPO / ".run/models")
         else:
-            _say(f"[1/7] models: {self.models_dir}")
+            _say(f"[1/8] models: {self.models_dir}")
             archives = load_models(self.models_dir)
         store = archives["champion"].path.parent
         for name, archive in archives.items():
             _say(f"      {name} version {archive.version[:16]}…")
 
-        _say(f"[2/7] redis-server on 127.0.0.1:{self.redis_port}")
+        _say(f"[2/8] redis-server on 127.0.0.1:{self.redis_port}")
         redis = self._track(redis_server(self.redis_port, self.run_dir / "redis"))
         await asyncio.to_thread(redis.wait_ready, listening(self.redis_port), 10.0)
 
         kafka = FeatureCacheSettings().kafka
-        _say(f"[3/7] Kafka-protocol broker on 127.0.0.1:{self.kafka_port}, topic {kafka.topic}")
+        _say(f"[3/8] Kafka-protocol broker on 127.0.0.1:{self.kafka_port}, topic {kafka.topic}")
         broker = self._track(
             kafka_broker(self.kafka_port, self.run_dir / "kafka", niceness=BACKGROUND_NICENESS)
         )
@@ -204,7 +232,7 @@ class LocalStack:
         )
 
         _say(
-            f"[4/7] TorchServe primary :{self.primary.grpc_inference},"
+            f"[4/8] TorchServe primary :{self.primary.grpc_inference},"
             f" secondary :{self.secondary.grpc_inference},"
             f" challenger :{self.challenger.grpc_inference}"
         )
@@ -232,23 +260,49 @@ class LocalStack:
             else:
                 _say(f"      {name} warmed up with {warm.calls} calls")
 
-        _say("[5/7] feature-cache consumer")
-        self._track(
-            self._python("feature-cache", "-m", "feature_cache", niceness=BACKGROUND_NICENESS)
-        )
-
-        _say("[6/7] replayer: generated market data for " + ", ".join(DEFAULT_SYMBOLS))
+        _say("[5/8] feature-cache consumer")
         self._track(
             self._python(
-                "replayer", "-m", "feature_cache.replay", "--count", "0", "--speed", "1",
-                "--events-per-second", "300", "--symbols", ",".join(DEFAULT_SYMBOLS),
+                "feature-cache",
+                "-m",
+                "feature_cache",
+                env={"DECISION_FEATURE_CACHE__METRICS_PORT": str(self.consumer_metrics_port)},
                 niceness=BACKGROUND_NICENESS,
             )
-        )  # fmt: skip
-        await self._wait_for_features(timeout_s=60.0)
+        )
+
+        # Before the server, so that its market data covers the first decision; it waits
+        # for the audit store's schema, which the server migrates as it starts.
+        _say("[6/8] labeler: decisions' realized outcomes, the models' live quality")
+        audit_database_url = f"sqlite:///{self.run_dir / 'audit' / 'audit.db'}"
+        self._track(
+            self._python(
+                "labeler",
+                "-m",
+                "quality",
+                env={
+                    "DECISION_AUDIT__DATABASE_URL": audit_database_url,
+                    "DECISION_QUALITY__METRICS_PORT": str(self.labeler_metrics_port),
+                },
+                niceness=BACKGROUND_NICENESS,
+            )
+        )
+
+        if self.replayer:
+            _say("[7/8] replayer: generated market data for " + ", ".join(DEFAULT_SYMBOLS))
+            self._track(
+                self._python(
+                    "replayer", "-m", "feature_cache.replay", "--count", "0", "--speed", "1",
+                    "--events-per-second", "300", "--symbols", ",".join(DEFAULT_SYMBOLS),
+                    niceness=BACKGROUND_NICENESS,
+                )
+            )  # fmt: skip
+            await self._wait_for_features(timeout_s=60.0)
+        else:
+            _say("[7/8] replayer: none (the caller publishes the market data)")
 
         workers = f", {self.workers} workers" if self.workers > 1 else ""
-        _say(f"[7/7] decision server on 127.0.0.1:{self.decision_port}{workers}")
+        _say(f"[8/8] decision server on 127.0.0.1:{self.decision_port}{workers}")
         server = self._track(
             self._python(
                 "decision-server",
@@ -264,9 +318,9 @@ class LocalStack:
                     "DECISION_TELEMETRY__METRICS_PORT": str(self.metrics_port),
                     "DECISION_SERVER__WORKERS": str(self.workers),
                     "DECISION_AUDIT__JOURNAL_DIR": str(self.run_dir / "audit" / "journal"),
-                    "DECISION_AUDIT__DATABASE_URL": (
-                        f"sqlite:///{self.run_dir / 'audit' / 'audit.db'}"
-                    ),
+                    # Drift against the served archives' training references.
+                    "DECISION_DRIFT__MODEL_STORE": str(store),
+                    "DECISION_AUDIT__DATABASE_URL": audit_database_url,
                     "DECISION_TORCHSERVE__PRIMARY_ADDRESS": (
                         f"127.0.0.1:{self.primary.grpc_inference}"
                     ),
@@ -277,6 +331,33 @@ class LocalStack:
             )
         )
         await asyncio.to_thread(server.wait_ready, lambda: serving(self.decision_port), 30.0)
+
+        if self.prometheus:
+            await self._start_prometheus()
+
+    def scrape_targets(self) -> list[Target]:
+        """Every /metrics of the stack, by job."""
+        return [
+            Target(
+                "decision-server", tuple(range(self.metrics_port, self.metrics_port + self.workers))
+            ),
+            Target("feature-cache", (self.consumer_metrics_port,)),
+            Target("labeler", (self.labeler_metrics_port,)),
+            Target(
+                "torchserve",
+                tuple(r.rest_metrics for r in (self.primary, self.secondary, self.challenger)),
+            ),
+        ]
+
+    async def _start_prometheus(self) -> None:
+        folder = self.run_dir / "prometheus"
+        config_file = write_config(folder, self.scrape_targets())
+        _say(
+            f"      prometheus on 127.0.0.1:{self.prometheus_port}, the alert rules of"
+            " k8s/base/alert-rules.yaml loaded"
+        )
+        proc = self._track(prometheus_process(folder, config_file, self.prometheus_port))
+        await asyncio.to_thread(proc.wait_ready, listening(self.prometheus_port), 30.0)
 
     async def _wait_for_features(self, timeout_s: float) -> None:
         """Until the consumer has written every default symbol's features to Redis."""
@@ -298,7 +379,15 @@ class LocalStack:
 
 
 async def run(args: argparse.Namespace) -> int:
-    stack = LocalStack(args.run_dir, args.port_offset, args.models, workers=args.workers)
+    if args.with_prometheus:
+        prometheus_binary()  # before anything starts: say what is missing
+    stack = LocalStack(
+        args.run_dir,
+        args.port_offset,
+        args.models,
+        workers=args.workers,
+        prometheus=args.with_prometheus,
+    )
     busy = stack.busy_ports()
     if busy:
         _say(f"ports already in use: {busy}; is another stack running? (--port-offset N moves it)")
@@ -320,7 +409,7 @@ async def run(args: argparse.Namespace) -> int:
                 await starting
             return 0
         starting.result()
-        _say(_usage(stack.decision_port, stack.admin_port, stack.metrics_port, stack.run_dir))
+        _say(_usage(stack))
         if not args.exit_when_ready:
             await stopping
             _say("stopping…")
@@ -352,6 +441,12 @@ def main() -> None:
         default=1,
         help="decision-server processes sharing its ports (default 1: on two cores the "
         "three TorchServe replicas need the other one)",
+    )
+    parser.add_argument(
+        "--with-prometheus",
+        action="store_true",
+        help="also run a Prometheus (port 9090 + offset) scraping the stack, with the alert "
+        "rules of k8s/base loaded",
     )
     parser.add_argument(
         "--exit-when-ready", action="store_true", help="start, check readiness, stop (a smoke test)"

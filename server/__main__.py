@@ -20,6 +20,7 @@ from pathlib import Path
 
 import uvloop
 
+from server.logs import configure_logging
 from server.settings import Settings
 from server.workers import Supervisor, available_cpus, journal_plans, worker_settings
 
@@ -64,10 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
-    logging.basicConfig(
-        level=settings.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.server.log_level, settings.server.log_format)
     workers = args.workers or settings.server.workers or available_cpus()
     if workers < 1:
         log.error("--workers must be at least 1")

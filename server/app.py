@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import grpc
 import redis.asyncio as aioredis
 from prometheus_client import (
     CollectorRegistry,
@@ -39,6 +40,7 @@ from core.backoff import Backoff
 from core.deadline import StoreReads
 from core.domain import Source
 from core.loop_lag import LoopLag
+from core.metrics_http import MetricsServer
 from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
 from fallback.score_cache import ScoreCache, ScoreWriter
@@ -46,7 +48,7 @@ from feature_cache.mirror import FeatureMirror
 from feature_cache.store import FeatureReader
 from server.admin.control_plane import ControlPlane
 from server.admin.servicer import AdminServicer
-from server.admin.views import AuditView
+from server.admin.views import AuditView, DriftView
 from server.admission import AdmissionLimit
 from server.audit.trail import AuditTrail, UnrecordedDecisions
 from server.batching import BatchingClient
@@ -54,6 +56,7 @@ from server.control.canary import CanaryMonitor
 from server.control.changes import AuditedChanges, CanaryRollback
 from server.control.flags import flag_specs
 from server.control.shared import SharedControl
+from server.drift import DriftMonitor, ModelReferences
 from server.engine import DecisionEngine
 from server.features import FeatureSource
 from server.front import GrpcFront
@@ -66,12 +69,14 @@ from server.settings import InferenceApi, Settings, TorchServeSettings
 from server.shadow import ShadowAudit, ShadowScorer
 from server.telemetry import (
     AuditCollector,
+    CanaryCollector,
+    DriftCollector,
     FeatureCollector,
     LoadCollector,
-    MetricsServer,
     ReplicaCollector,
     ShadowCollector,
 )
+from server.tracing import Tracing
 from server.traffic import Traffic
 from server.undelivered import UndeliveredAnswers
 
@@ -93,6 +98,7 @@ def model_client(
     *,
     api: InferenceApi | None = None,
     loop_lag: LoopLag | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> ModelClient:
     """The replica's client for its inference API (default: the champion's), micro-batching
     unless ``batch_max_rows`` is 1. ``loop_lag``: this process's event-loop probe, so that
@@ -112,6 +118,7 @@ def model_client(
             wire_timeout_ms=ts.wire_timeout_ms,
             max_abandoned_calls=ts.max_abandoned_calls,
             loop_lag=loop_lag,
+            interceptors=interceptors,
         )
     else:
         client = TorchServeClient(
@@ -123,6 +130,7 @@ def model_client(
             wire_timeout_ms=ts.wire_timeout_ms,
             max_abandoned_calls=ts.max_abandoned_calls,
             loop_lag=loop_lag,
+            interceptors=interceptors,
         )
     if ts.batch_max_rows <= 1:
         return client
@@ -175,13 +183,16 @@ class Replicas:
     addresses: dict[str, str]  # by name, for status
 
     @classmethod
-    def build(cls, settings: Settings, loop_lag: LoopLag) -> Replicas:
+    def build(cls, settings: Settings, loop_lag: LoopLag, tracing: Tracing) -> Replicas:
         ts = settings.torchserve
+        interceptors = tracing.client_interceptors()
 
         def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
             api = ts.challenger_api() if source is Source.CANARY else ts.champion_api()
-            client = model_client(ts, name, address, model, api=api, loop_lag=loop_lag)
-            return Replica.build(client, source, settings.breaker)
+            client = model_client(
+                ts, name, address, model, api=api, loop_lag=loop_lag, interceptors=interceptors
+            )
+            return Replica.build(client, source, settings.breaker, tracing.tracer)
 
         addresses = {"primary": ts.primary_address, "secondary": ts.secondary_address}
         champions = [
@@ -261,15 +272,23 @@ def shadow_scorer(
 class DecisionApp:
     """The decision server and everything it owns."""
 
-    def __init__(self, settings: Settings, *, adopted_journals: Sequence[Path] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        adopted_journals: Sequence[Path] = (),
+        tracing: Tracing | None = None,
+    ) -> None:
         """``adopted_journals``: journal folders no worker writes now, shipped beside this
-        server's own (``server.workers``)."""
+        server's own (``server.workers``). ``tracing``: instead of the one the settings
+        make (tests: an in-memory exporter)."""
         self.settings = settings
+        self.tracing = tracing or Tracing.from_settings(settings.telemetry)
         prefix = settings.redis.key_prefix
         self.redis = decision_redis(settings)
         self.status_redis = status_redis(settings)
         self.loop_lag = LoopLag()
-        replicas = Replicas.build(settings, self.loop_lag)
+        replicas = Replicas.build(settings, self.loop_lag, self.tracing)
         self.replicas = replicas.champions
         self.challenger = replicas.challenger
         self._all_replicas = replicas.all
@@ -289,6 +308,11 @@ class DecisionApp:
         changes = AuditedChanges(self.shared, recorder)
         self.canary = CanaryMonitor(settings.canary, CanaryRollback(changes))
         self.shadow = shadow_scorer(settings, self.challenger, recorder)
+        self.drift = (
+            DriftMonitor(settings.drift, ModelReferences(Path(settings.drift.model_store)))
+            if settings.drift.model_store
+            else None
+        )
         self.mirror = feature_mirror(settings)
         self.control_plane = ControlPlane(
             changes=changes,
@@ -299,6 +323,7 @@ class DecisionApp:
             features=FeatureReader(self.status_redis, key_prefix=prefix),
             mirror=self.mirror,
             audit_view=self._audit_view if settings.audit.enabled else lambda: None,
+            drift=self._drift_view,
         )
         score_cache = ScoreCache(
             self.redis,
@@ -333,6 +358,8 @@ class DecisionApp:
                 lag=self.loop_lag,
             ),
             shadow=self.shadow,
+            drift=self.drift,
+            tracer=self.tracing.tracer,
         )
         self.undelivered = UndeliveredAnswers()
         registry = CollectorRegistry()
@@ -346,10 +373,13 @@ class DecisionApp:
             LoadCollector(self.engine, [r.client for r in replicas.all], self.undelivered)
         )
         registry.register(FeatureCollector(self.features, self.mirror))
+        registry.register(CanaryCollector(self.canary, lambda: self.shared.state))
         if settings.audit.enabled:
             registry.register(AuditCollector(self.audit))
         if self.shadow is not None:
             registry.register(ShadowCollector(self.shadow))
+        if self.drift is not None:
+            registry.register(DriftCollector(self.drift))
         self.metrics = MetricsServer(
             registry, settings.telemetry.metrics_host, settings.telemetry.metrics_port
         )
@@ -362,7 +392,13 @@ class DecisionApp:
                 response_margin_ms=settings.decision.response_margin_ms,
             ),
             AdminServicer(self.control_plane) if settings.admin.enabled else None,
-            interceptors=[RpcMetricsInterceptor(rpc_metrics)],
+            # Tracing's first: it wraps each call's handler anew, and the metrics
+            # interceptor keeps one wrapper per method (the handler it is given). With no
+            # endpoint to read them, request metrics are not kept (bench_latency's path M).
+            interceptors=[
+                *self.tracing.server_interceptors(),
+                *([RpcMetricsInterceptor(rpc_metrics)] if settings.telemetry.metrics_port else []),
+            ],
         )
         self._stack = contextlib.AsyncExitStack()
         self._ready_task: asyncio.Task[None] | None = None
@@ -393,6 +429,10 @@ class DecisionApp:
         settings = self.settings
         stop_s = settings.server.grace_period_s + settings.audit.shutdown_drain_s + STOP_SLACK_S
         self.front.bind()
+        # Stopped last: the spans of everything else's stop are exported too.
+        stack.push_async_callback(
+            bounded("tracing", lambda: asyncio.to_thread(self.tracing.shutdown), stop_s)
+        )
         self.undelivered.install()
         stack.callback(self.undelivered.remove)
         if self.settings.audit.enabled:
@@ -417,6 +457,9 @@ class DecisionApp:
         await self.shared.start()
         stack.push_async_callback(bounded("shared control state", self.shared.stop, stop_s))
         stack.push_async_callback(bounded("canary monitor", self.canary.stop, stop_s))
+        if self.drift is not None:
+            self.drift.start()
+            stack.push_async_callback(bounded("drift monitor", self.drift.stop, stop_s))
         stack.push_async_callback(bounded("decision engine", self.engine.stop, stop_s))
         await self.front.start()
         stack.push_async_callback(bounded("gRPC servers", self.front.stop, stop_s))
@@ -457,6 +500,12 @@ class DecisionApp:
     def _audit_view(self) -> AuditView:
         shipper = self.audit.shipper.status()
         return AuditView(shipper.store_ok, shipper.backlog_bytes, shipper.last_error, shipper.full)
+
+    def _drift_view(self) -> DriftView | None:
+        if self.drift is None:
+            return None
+        limits = self.settings.drift
+        return DriftView(self.drift.status(), limits.watch_psi, limits.act_psi)
 
     async def _watch_audit(self) -> None:
         healthy: bool | None = None

@@ -22,6 +22,7 @@ set, so one caller's bad row never fails the others.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -56,6 +57,8 @@ class _Queued:
     timer: asyncio.TimerHandle | None = field(default=None)
     call: asyncio.Task[None] | None = field(default=None)  # the model call it is in
     batch: list[_Queued] = field(default_factory=list)  # everyone in that call
+    # The caller's context (its span, its decision ids), for the call that carries it.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +160,9 @@ class BatchingClient:
         # At the end of this loop turn: requests that arrived in it share the call.
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop.call_soon(self._flush)
+            # In no request's context: the flush (and what it starts) would otherwise
+            # inherit the scheduler's, and every later call that of one old request.
+            loop.call_soon(self._flush, context=contextvars.Context())
 
     def _send_alone(self, queued: _Queued) -> None:
         try:
@@ -184,7 +189,9 @@ class BatchingClient:
 
     def _start_call(self, batch: list[_Queued]) -> None:
         self._calls_out += 1
-        task = asyncio.create_task(self._score(batch))
+        # The call runs in its first request's context (a copy): its RPC's span is a
+        # child of that request's attempt, and nothing carries over to later calls.
+        task = asyncio.create_task(self._score(batch), context=batch[0].context.copy())
         for queued in batch:
             queued.call, queued.batch = task, batch
         self._tasks.add(task)

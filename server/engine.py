@@ -22,6 +22,9 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+
 from core.deadline import Budget
 from core.domain import (
     CallInfo,
@@ -31,6 +34,7 @@ from core.domain import (
     Source,
     model_decision,
 )
+from core.histogram import LATENCY_BOUNDS_S, Buckets
 from fallback.chain import FallbackChain, LadderInput, LadderOutcome
 from fallback.score_cache import CachedScore, ScoreEntry, ScoreWriter
 from feature_cache.schema import model_row
@@ -38,12 +42,18 @@ from server.admission import AdmissionLimit
 from server.audit.trail import DecisionAudit
 from server.control.flags import SHADOW_SAMPLE_RATE
 from server.control.state import GLOBAL_SCOPE, ControlState
+from server.drift import DriftMonitor
 from server.errors import Overloaded
 from server.features import FeatureSnapshot, FeatureSource
+from server.logs import deciding
 from server.router import RoutedScores
 from server.settings import DecisionSettings
 from server.shadow import Shadowed, ShadowScorer
+from server.tracing import NO_TRACER
 from server.traffic import Traffic
+
+# Seconds: the features' age when a decision read them (stale is past 2 s by default).
+FEATURE_AGE_BOUNDS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0)
 
 
 class DecisionEngine:
@@ -59,6 +69,8 @@ class DecisionEngine:
         control: Callable[[], ControlState] = ControlState,
         admission: AdmissionLimit,
         shadow: ShadowScorer | None = None,
+        drift: DriftMonitor | None = None,
+        tracer: Tracer = NO_TRACER,
         rng: random.Random | None = None,
     ) -> None:
         self._features = features
@@ -69,13 +81,20 @@ class DecisionEngine:
         self._threshold = decision.threshold
         self._control = control
         self._shadow = shadow
+        self._drift = drift
+        self._tracer = tracer
         self._rng = rng or random.Random()  # noqa: S311 - sampling, not security
         self._admission = admission
         self._shed_to_rules = decision.overload_action == "rules"
         self._in_flight = 0
         self.shed = 0  # decisions shed so far (rejected, or decided without the model)
-        # Decisions made so far, by who decided and what (read by the metrics).
+        # Decisions made so far, by who decided and what, how long each took by who
+        # decided, and how old the features they read were (read by the metrics).
         self.decided: collections.Counter[tuple[Source, Decision]] = collections.Counter()
+        # Decisions not the model's, by who decided and why (FALLBACK_REASONS).
+        self.fallbacks: collections.Counter[tuple[Source, str]] = collections.Counter()
+        self.latency = {source: Buckets(LATENCY_BOUNDS_S) for source in Source}
+        self.feature_age = Buckets(FEATURE_AGE_BOUNDS_S)
 
     @property
     def in_flight(self) -> int:
@@ -93,14 +112,18 @@ class DecisionEngine:
             if not self._shed_to_rules:
                 raise Overloaded(self._in_flight, self._admission.limit)
         self._in_flight += len(orders)
+        # The ids come first, so that every log line of the decision carries them.
+        ids = [str(uuid.uuid4()) for _ in orders]
         try:
-            return await self._decide(orders, budget, call, overloaded=overloaded)
+            with deciding(ids):
+                return await self._decide(orders, ids, budget, call, overloaded=overloaded)
         finally:
             self._in_flight -= len(orders)
 
     async def _decide(
         self,
         orders: Sequence[OrderRequest],
+        ids: Sequence[str],
         budget: Budget,
         call: CallInfo,
         *,
@@ -110,8 +133,14 @@ class DecisionEngine:
         state = self._control()
         now_us = time.time_ns() // 1000
         outcomes = self._kill_switched(orders, state, now_us)
+        fallbacks = dict.fromkeys(outcomes, "kill_switch")  # why not the model, by index
         wanted = [i for i in range(len(orders)) if i not in outcomes]
-        read = await self._features.read([orders[i] for i in wanted], budget)
+        with self._tracer.start_as_current_span("decision.features") as span:
+            read = await self._features.read([orders[i] for i in wanted], budget)
+            span.set_attribute("decision.orders", len(wanted))
+            span.set_attribute(
+                "decision.features.missing", sum(s.values is None for s in read.snapshots)
+            )
         features = dict.fromkeys(range(len(orders)), FeatureSnapshot(None))
         features.update(zip(wanted, read.snapshots, strict=True))
         features_done = time.perf_counter_ns()
@@ -119,35 +148,54 @@ class DecisionEngine:
         scorable = {i: v for i in wanted if (v := features[i].values) is not None}
         rows = [model_row(orders[i].side.sign, values) for i, values in scorable.items()]
         model_reasons: tuple[str, ...] = ()
+        model_failure = ""  # why the model did not answer the scorable orders
         champion_scores: Sequence[float] = ()
+        champion_version = ""
         if scorable and overloaded:
             model_reasons = (f"overloaded: model skipped ({self._in_flight} in flight)",)
+            model_failure = "overloaded"
         elif scorable:
-            routed = await self._traffic.score(rows, budget, state, now_us)
+            with self._tracer.start_as_current_span("decision.model") as span:
+                routed = await self._traffic.score(rows, budget, state, now_us)
+                span.set_attribute("decision.rows", len(rows))
+                span.set_attribute(
+                    "decision.answered_by",
+                    routed.answer.source.name.lower() if routed.answer else "none",
+                )
             model_reasons = routed.reasons
+            model_failure = routed.failure or "model_error"
             if routed.answer is not None:
                 outcomes.update(self._scored(orders, list(scorable), routed.answer, model_reasons))
                 if routed.answer.source is not Source.CANARY:
                     champion_scores = routed.answer.scores.scores
+                    champion_version = routed.answer.scores.model_version
         model_done = time.perf_counter_ns()
 
         pending = [i for i in wanted if i not in outcomes]
         if pending:
             ladder = [LadderInput(orders[i], features[i].values) for i in pending]
-            decided = await self._ladder.decide_many(
-                ladder, budget, store_failure=read.store_failure
-            )
+            with self._tracer.start_as_current_span("decision.ladder") as span:
+                decided = await self._ladder.decide_many(
+                    ladder, budget, store_failure=read.store_failure
+                )
+                span.set_attribute("decision.orders", len(pending))
+                span.set_attribute(
+                    "decision.sources", sorted({o.source.name.lower() for o in decided})
+                )
             for i, outcome in zip(pending, decided, strict=True):
                 before = (features[i].reason,) if features[i].reason else ()
                 after_model = model_reasons if i in scorable else ()
                 outcomes[i] = outcome.after((*before, *after_model))
+                fallbacks[i] = (
+                    model_failure if i in scorable else features[i].fallback or "no_features"
+                )
 
         finished = time.perf_counter_ns()
         decided_at = time.time_ns()
         results = [
             DecisionResult(
                 request_id=order.request_id,
-                decision_id=str(uuid.uuid4()),
+                decision_id=ids[i],
                 decision=outcomes[i].decision,
                 score=outcomes[i].score,
                 threshold=outcomes[i].threshold,
@@ -160,15 +208,34 @@ class DecisionEngine:
                 model_us=(model_done - features_done) // 1000,
                 total_us=(finished - started) // 1000,
                 decided_at_ns=decided_at,
+                feature_time_us=features[i].event_time_us,
+                fallback=fallbacks.get(i, ""),
             )
             for i, order in enumerate(orders)
         ]
         values = [features[i].values for i in range(len(orders))]
-        self._audit.record_decisions(call, orders, values, results)
-        self.decided.update((r.source, r.decision) for r in results)
+        with self._tracer.start_as_current_span("audit.journal_append"):
+            self._audit.record_decisions(call, orders, values, results)
+        request_span = trace.get_current_span()
+        if request_span.is_recording():
+            request_span.set_attribute("decision.id", ids[0])
+            request_span.set_attribute("decision.count", len(ids))
+            request_span.set_attribute("decision.source", results[0].source.name.lower())
+        self._tally(results)
+        if self._drift is not None:
+            self._drift.observe(values, champion_scores, champion_version)
         if champion_scores:
             self._shadow_sample(list(scorable), rows, champion_scores, results, state, now_us)
         return results
+
+    def _tally(self, results: Sequence[DecisionResult]) -> None:
+        for result in results:
+            self.decided[result.source, result.decision] += 1
+            if result.fallback:
+                self.fallbacks[result.source, result.fallback] += 1
+            self.latency[result.source].observe(result.total_us / 1e6)
+            if result.feature_age_ms >= 0:
+                self.feature_age.observe(result.feature_age_ms / 1e3)
 
     def _kill_switched(
         self, orders: Sequence[OrderRequest], state: ControlState, now_us: int

@@ -24,6 +24,8 @@ class FeatureSnapshot:
     values: Sequence[float] | None  # fresh values with overrides applied; None if unusable
     age_ms: float = -1.0  # -1 when there was no record
     reason: str = ""  # why there are no values; "" when there are
+    event_time_us: int = 0  # the record's exchange time when there are values, else 0
+    fallback: str = ""  # why there are no values, as a code of FALLBACK_REASONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +63,8 @@ class FeatureSource:
                 lambda: self._reader.read_many(symbols), budget, what="feature store"
             )
             if read.value is None:
-                return FeatureRead(
-                    (FeatureSnapshot(None, reason=read.failure),) * len(orders), read.failure
-                )
+                unread = FeatureSnapshot(None, reason=read.failure, fallback="feature_store")
+                return FeatureRead((unread,) * len(orders), read.failure)
             records = read.value
         now_us = time.time_ns() // 1000
         return FeatureRead(
@@ -77,16 +78,23 @@ class FeatureSource:
         self, order: OrderRequest, record: FeatureRecord | None, now_us: int
     ) -> FeatureSnapshot:
         if record is None:
-            return FeatureSnapshot(None, reason=f"no features for {order.symbol}")
+            return FeatureSnapshot(
+                None, reason=f"no features for {order.symbol}", fallback="no_features"
+            )
         age_ms = record.age_ms(now_us)
         if age_ms > self._max_age_ms:
             return FeatureSnapshot(
-                None, age_ms, f"features stale: {age_ms:.0f} ms old (max {self._max_age_ms:.0f})"
+                None,
+                age_ms,
+                f"features stale: {age_ms:.0f} ms old (max {self._max_age_ms:.0f})",
+                fallback="features_stale",
             )
         values = list(record.values)
         for name, value in order.feature_overrides.items():
             values[FEATURE_INDEX[name]] = value
         problem = first_unrepresentable(values)
         if problem is not None:
-            return FeatureSnapshot(None, age_ms, f"features unusable: {problem}")
-        return FeatureSnapshot(values, age_ms)
+            return FeatureSnapshot(
+                None, age_ms, f"features unusable: {problem}", fallback="features_unusable"
+            )
+        return FeatureSnapshot(values, age_ms, event_time_us=record.event_time_us)

@@ -191,7 +191,9 @@ class GrpcModelClient:
         max_abandoned_calls: int = 16,
         loop_lag: LoopLag | None = None,
         model_version: str = "",
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
+        """``interceptors``: on the channel (tracing's, when on)."""
         self.name = name
         self.address = address
         self.model_name = model_name
@@ -199,6 +201,7 @@ class GrpcModelClient:
         self.model_version = model_version
         self._loop_lag = loop_lag
         self._options = channel_options(reconnect_backoff_ms)
+        self._interceptors = list(interceptors)
         self._channel: grpc.aio.Channel | None = None
         self._wire_timeout_s = wire_timeout_ms / 1000.0
         self._max_abandoned = max_abandoned_calls
@@ -209,7 +212,9 @@ class GrpcModelClient:
 
     async def start(self) -> None:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=self._options)
+            self._channel = grpc.aio.insecure_channel(
+                self.address, options=self._options, interceptors=self._interceptors or None
+            )
             self._bind(self._channel)
 
     def _bind(self, channel: grpc.aio.Channel) -> None:
@@ -387,6 +392,7 @@ class OipClient(GrpcModelClient):
         loop_lag: LoopLag | None = None,
         model_version: str = "",
         output: str = "",
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         super().__init__(
             name,
@@ -397,6 +403,7 @@ class OipClient(GrpcModelClient):
             max_abandoned_calls=max_abandoned_calls,
             loop_lag=loop_lag,
             model_version=model_version,
+            interceptors=interceptors,
         )
         self.service = service
         self.output = output

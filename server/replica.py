@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import StatusCode, Tracer
+
 from core.domain import Source
 from server.breaker import AsyncCircuitBreaker, BreakerOpenError
 from server.control.recent import RecentCalls
@@ -25,8 +27,10 @@ from server.model_client import (
     ModelInputError,
     ModelScores,
     ModelTimeout,
+    ModelUnavailable,
 )
 from server.settings import BreakerSettings
+from server.tracing import NO_TRACER
 
 
 def counts_against_replica(exc: BaseException, *, min_counted_timeout_ms: float) -> bool:
@@ -68,10 +72,23 @@ class Attempt:
     scores: ModelScores | None  # None when the call failed
     elapsed_ms: float  # 0 when the breaker refused the call without making it
     reason: str = ""  # why it failed; "" when it answered
+    # What failed, as a code: breaker_open, timeout, busy, unavailable or error.
+    failure: str = ""
 
     @property
     def ok(self) -> bool:
         return self.scores is not None
+
+
+def failure_code(exc: ModelCallError) -> str:
+    """A failed call as one of the codes ``Attempt.failure`` takes."""
+    if isinstance(exc, ModelTimeout):
+        return "timeout"
+    if isinstance(exc, ModelBusy):
+        return "busy"  # before unavailable: a busy replica is one kind of it
+    if isinstance(exc, ModelUnavailable):
+        return "unavailable"
+    return "error"
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,9 +99,16 @@ class Replica:
     # Every call this server made to it, for status and the hedge delay; the model
     # version it last answered.
     recent: RecentCalls = field(default_factory=RecentCalls)
+    tracer: Tracer = NO_TRACER  # a span per call ("model.attempt")
 
     @classmethod
-    def build(cls, client: ModelClient, source: Source, breaker: BreakerSettings) -> Replica:
+    def build(
+        cls,
+        client: ModelClient,
+        source: Source,
+        breaker: BreakerSettings,
+        tracer: Tracer = NO_TRACER,
+    ) -> Replica:
         """A replica whose breaker counts only the failures ``counts_against_replica``
         says are the replica's."""
         rule = functools.partial(
@@ -100,6 +124,7 @@ class Replica:
                 ignore=lambda exc: not rule(exc),
             ),
             source,
+            tracer=tracer,
         )
 
     @property
@@ -121,7 +146,7 @@ class Replica:
 
     def refused(self, admission: Admission) -> Attempt:
         """The failed attempt a breaker's refusal stands for."""
-        return Attempt(self.source, None, 0.0, admission.refusal)
+        return Attempt(self.source, None, 0.0, admission.refusal, "breaker_open")
 
     async def call(
         self, rows: Sequence[Sequence[float]], timeout_ms: float, admission: Admission
@@ -129,15 +154,28 @@ class Replica:
         """One model call within ``timeout_ms``, through the breaker when ``admission``
         says so; its outcome is recorded in ``recent``. Raises ``ModelInputError`` when
         the replica rejects the rows themselves (any replica would)."""
+        with self.tracer.start_as_current_span(
+            "model.attempt",
+            attributes={"replica": self.name, "timeout_ms": timeout_ms, "rows": len(rows)},
+        ) as span:
+            attempt = await self._call(rows, timeout_ms, admission)
+            span.set_attribute("outcome", "ok" if attempt.scores is not None else "failed")
+            if attempt.reason:
+                span.set_status(StatusCode.ERROR, attempt.reason)
+            return attempt
+
+    async def _call(
+        self, rows: Sequence[Sequence[float]], timeout_ms: float, admission: Admission
+    ) -> Attempt:
         predict = functools.partial(self.client.predict, rows, timeout_ms / 1000.0)
         started = time.perf_counter()
         try:
             scores = await (self.breaker.call(predict) if admission.guarded else predict())
         except BreakerOpenError as exc:  # a trial call went out since the admission
-            return Attempt(self.source, None, 0.0, str(exc))
+            return Attempt(self.source, None, 0.0, str(exc), "breaker_open")
         except ModelCallError as exc:
             elapsed_ms = (time.perf_counter() - started) * 1000
             self.recent.record(elapsed_ms, ok=False)
-            return Attempt(self.source, None, elapsed_ms, str(exc))
+            return Attempt(self.source, None, elapsed_ms, str(exc), failure_code(exc))
         self.recent.record(scores.elapsed_ms, ok=True, version=scores.model_version)
         return Attempt(self.source, scores, scores.elapsed_ms)

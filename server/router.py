@@ -45,11 +45,17 @@ class RouteResult:
     answer: RoutedScores | None = None
     attempts: tuple[Attempt, ...] = ()
     reasons: tuple[str, ...] = ()
+    # Without an answer: what stopped the lane last, a ``model_*`` code of
+    # core.domain.FALLBACK_REASONS.
+    failure: str = ""
 
     def then(self, other: RouteResult) -> RouteResult:
         """This, followed by ``other``: ``other``'s answer, both histories."""
         return RouteResult(
-            other.answer, self.attempts + other.attempts, self.reasons + other.reasons
+            other.answer,
+            self.attempts + other.attempts,
+            self.reasons + other.reasons,
+            "" if other.answer else other.failure or self.failure,
         )
 
 
@@ -57,11 +63,15 @@ def _tried(*attempts: Attempt, notes: Sequence[str] = ()) -> RouteResult:
     """A result from attempts in the order they ended (the first good one answers),
     after ``notes``."""
     answer = next((RoutedScores(a.scores, a.source) for a in attempts if a.scores), None)
-    return RouteResult(answer, attempts, (*notes, *(a.reason for a in attempts if a.reason)))
+    failed = [a.failure for a in attempts if not a.ok]
+    failure = "" if answer or not failed else f"model_{failed[-1] or 'error'}"
+    return RouteResult(
+        answer, attempts, (*notes, *(a.reason for a in attempts if a.reason)), failure
+    )
 
 
-def _note(reason: str) -> RouteResult:
-    return RouteResult(reasons=(reason,))
+def _note(reason: str, failure: str) -> RouteResult:
+    return RouteResult(reasons=(reason,), failure=failure)
 
 
 class ReplicaRouter:
@@ -118,15 +128,21 @@ class ReplicaRouter:
             admission = replica.admission(state, now_us)
             if not admission.allowed:
                 refused = (replica.refused(admission),) if admission.by_breaker else ()
-                result = result.then(RouteResult(attempts=refused, reasons=(admission.refusal,)))
+                result = result.then(
+                    RouteResult(
+                        attempts=refused,
+                        reasons=(admission.refusal,),
+                        failure="model_breaker_open",
+                    )
+                )
                 continue
             timeout_ms = self._call_timeout_ms(budget)
             if timeout_ms < self._min_call_ms:
-                return result.then(_note(self._no_time(replica, timeout_ms)))
+                return result.then(_note(self._no_time(replica, timeout_ms), "model_no_time"))
             if not called:
                 self.retries.deposit()
             elif not self.retries.withdraw():
-                return result.then(_note(_budget_spent(replica)))
+                return result.then(_note(_budget_spent(replica), "model_retry_budget"))
             called = True
             backup = self._hedge_backup(replica, state, now_us)
             try:
@@ -138,7 +154,7 @@ class ReplicaRouter:
                         (replica, admission), backup, rows, timeout_ms, budget
                     )
             except ModelInputError as exc:  # our rows: the other replica would reject them too
-                return result.then(_note(str(exc)))
+                return result.then(_note(str(exc), "model_input"))
             result = result.then(step)
             if result.answer is not None:
                 return result
@@ -233,9 +249,9 @@ class ReplicaRouter:
         replica, admission = backup
         timeout_ms = self._call_timeout_ms(budget)
         if timeout_ms < self._min_call_ms:
-            return _note(self._no_time(replica, timeout_ms))
+            return _note(self._no_time(replica, timeout_ms), "model_no_time")
         if not self.retries.withdraw():
-            return _note(_budget_spent(replica))
+            return _note(_budget_spent(replica), "model_retry_budget")
         return _tried(await replica.call(rows, timeout_ms, admission))
 
 

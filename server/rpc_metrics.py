@@ -23,11 +23,7 @@ from typing import Any, cast
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-# Seconds: dense below 20 ms, where a 10 ms latency objective is judged.
-HANDLING_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
-    0.1, 0.25, 0.5, 1.0, 2.5,
-)  # fmt: skip
+from core.histogram import LATENCY_BOUNDS_S
 
 Behaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
@@ -67,7 +63,7 @@ class RpcMetrics:
             "grpc_server_handling_seconds",
             "Time from the handler's start to its answer (or error), in seconds.",
             labels,
-            buckets=HANDLING_BUCKETS,
+            buckets=LATENCY_BOUNDS_S,
             registry=registry,
         )
         self._methods: dict[str, tuple[Any, _MethodMetrics]] = {}

@@ -11,12 +11,14 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import trace
 
 from core.deadline import Budget
 from core.domain import CallInfo, DecisionResult
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.engine import DecisionEngine
 from server.errors import Expired, grpc_errors, tolerant_parser
+from server.tracing import traceparent
 from server.validation import order_from_pb, orders_from_batch_pb
 
 
@@ -38,11 +40,26 @@ def _is_hex(text: str) -> bool:
 
 
 def call_info(context: grpc.aio.ServicerContext[Any, Any]) -> CallInfo:
+    """The call's trace id is its server span's when that is sampled (the caller's trace,
+    or a new one), else the caller's ``traceparent``'s: an id with a trace behind it."""
+    span = trace.get_current_span().get_span_context()
+    sampled = span.is_valid and span.trace_flags.sampled
     return CallInfo(
         received_at_ns=time.time_ns(),
-        trace_id=trace_id_of(context.invocation_metadata()),
+        trace_id=(
+            f"{span.trace_id:032x}" if sampled else trace_id_of(context.invocation_metadata())
+        ),
         caller=context.peer(),
     )
+
+
+def answer_traceparent(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Tells the caller the server span of its call (trailing ``traceparent``) when the
+    call is sampled, so that a caller without tracing of its own can find the trace. Set
+    first: an aborted call keeps it (``abort`` keeps the trailing metadata set before)."""
+    value = traceparent(trace.get_current_span())
+    if value is not None:
+        context.set_trailing_metadata((("traceparent", value),))
 
 
 def response_to_pb(result: DecisionResult) -> decision_pb2.DecideResponse:
@@ -96,6 +113,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         request: decision_pb2.DecideRequest,
         context: grpc.aio.ServicerContext[decision_pb2.DecideRequest, decision_pb2.DecideResponse],
     ) -> decision_pb2.DecideResponse:
+        answer_traceparent(context)
         call = call_info(context)
         order = order_from_pb(request)
         budget = self._budget(context)
@@ -110,6 +128,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             decision_pb2.DecideBatchRequest, decision_pb2.DecideBatchResponse
         ],
     ) -> decision_pb2.DecideBatchResponse:
+        answer_traceparent(context)
         call = call_info(context)
         orders = orders_from_batch_pb(request, self._max_batch_size)
         budget = self._budget(context)

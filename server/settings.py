@@ -42,6 +42,12 @@ class ServerSettings(SettingsSection):
         "a server on its own keeps its ports to itself.",
     )
     log_level: str = Field("INFO", description="Python logging level of the server process.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: one line per record; json: one JSON object per line (time, level, "
+        "logger, process, message, trace_id, decision_id, exception). Both carry the trace "
+        "and decision ids of the call being handled.",
+    )
     max_connection_age_s: float = Field(
         0.0,
         ge=0,
@@ -451,10 +457,55 @@ class ShadowSettings(SettingsSection):
     )
 
 
+class DriftSettings(SettingsSection):
+    model_store: str = Field(
+        "",
+        description="Folder of model archives (.mar): live features and champion scores "
+        "are compared with the reference.json of the archive of the version the champion "
+        "answers with; empty: no drift is computed.",
+    )
+    window: int = Field(
+        5000, ge=100, description="Recent decisions (and champion scores) the PSI is over."
+    )
+    min_samples: int = Field(
+        500,
+        ge=10,
+        description="No PSI below this many decisions with features (or scores): deciles "
+        "of a small sample differ from the reference by chance.",
+    )
+    interval_s: float = Field(10.0, gt=0, description="How often the PSI is computed.")
+    watch_psi: float = Field(
+        0.1, gt=0, description="PSI from which a feature is shown drifting (status)."
+    )
+    act_psi: float = Field(
+        0.25, gt=0, description="PSI from which a feature is shown shifted (status, alert)."
+    )
+
+
 class TelemetrySettings(SettingsSection):
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus endpoint.")
     metrics_port: int = Field(
         9464, ge=0, description="Prometheus /metrics port (HTTP); 0 turns the endpoint off."
+    )
+    otlp_endpoint: str = Field(
+        "",
+        description="OpenTelemetry collector (OTLP over gRPC, host:port) the server's spans "
+        "are exported to; empty: no tracing at all (no spans are made).",
+    )
+    otlp_insecure: bool = Field(
+        True, description="Plaintext to the collector (a sidecar or node-local agent)."
+    )
+    trace_sample_ratio: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Share of new traces recorded; a caller's traceparent decides for its own "
+        "calls (sampled or not). Tracing costs on every call, sampled or not (bench_latency: "
+        "at 5 %, +0.16 ms at p50 and a quarter of the saturated throughput; at 100 %, "
+        "+0.35 ms and 44 %).",
+    )
+    service_name: str = Field(
+        "decision-server", description="The service.name resource of the spans."
     )
 
 
@@ -474,6 +525,7 @@ class Settings(BaseSettings):
     control: ControlSettings = ControlSettings()
     canary: CanarySettings = CanarySettings()
     shadow: ShadowSettings = ShadowSettings()
+    drift: DriftSettings = DriftSettings()
 
     @model_validator(mode="after")
     def _mtls_needs_tls(self) -> Settings:
@@ -481,6 +533,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "admin.tls_client_ca_file (mTLS) needs server.tls_cert_file and tls_key_file"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _drift_watches_before_it_acts(self) -> Settings:
+        if self.drift.watch_psi >= self.drift.act_psi:
+            raise ValueError("drift.watch_psi must be below drift.act_psi")
         return self
 
     @model_validator(mode="after")

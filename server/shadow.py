@@ -27,6 +27,7 @@ import numpy as np
 
 from core.domain import Decision, model_decision
 from core.drift import histogram, psi
+from core.histogram import Buckets
 from server.audit.record import ShadowRecord
 from server.control.state import ControlState
 from server.model_client import ModelInputError
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 UNGUARDED = Admission(guarded=False)
 
 # Score-difference histogram bounds (|challenger - champion|), for the metrics.
-DIFF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+DIFF_BOUNDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 class ShadowAudit(Protocol):
@@ -61,8 +62,8 @@ class ShadowStats:
     failed: int  # called, no score (timeout, error, breaker)
     agreed: int  # scored decisions whose challenger decision was the same
     in_flight: int  # decisions gathered for a call or in one
-    diff_counts: tuple[int, ...]  # cumulative counts per DIFF_BUCKETS bound
-    diff_sum: float
+    score_difference: tuple[tuple[str, int], ...]  # cumulative (le, count), as Buckets
+    score_difference_sum: float
     score_psi: float  # challenger vs champion scores over the window; 0 when too few
 
 
@@ -94,8 +95,7 @@ class ShadowScorer:
         self._champion_scores: deque[float] = deque(maxlen=psi_window)
         self._challenger_scores: deque[float] = deque(maxlen=psi_window)
         self._sampled = self._scored = self._dropped = self._failed = self._agreed = 0
-        self._diff_counts = [0] * len(DIFF_BUCKETS)
-        self._diff_sum = 0.0
+        self._score_difference = Buckets(DIFF_BOUNDS)
 
     @property
     def replica_name(self) -> str:
@@ -141,10 +141,13 @@ class ShadowScorer:
         task.add_done_callback(self._tasks.discard)
 
     async def _shadow(self, rows: Sequence[Sequence[float]], shadowed: Sequence[Shadowed]) -> None:
-        try:
-            await self._score(rows, shadowed)
-        finally:
-            self._in_calls -= len(shadowed)
+        # In the trace of the decision that opened the batch (the task's context is its).
+        with self._challenger.tracer.start_as_current_span("decision.shadow") as span:
+            span.set_attribute("decision.shadowed", len(shadowed))
+            try:
+                await self._score(rows, shadowed)
+            finally:
+                self._in_calls -= len(shadowed)
 
     async def _score(self, rows: Sequence[Sequence[float]], shadowed: Sequence[Shadowed]) -> None:
         try:
@@ -171,11 +174,7 @@ class ShadowScorer:
             self._agreed += (
                 model_decision(score, self._threshold) is Decision.TRADE
             ) == decision.trade
-            diff = abs(score - decision.score)
-            self._diff_sum += diff
-            for i, bound in enumerate(DIFF_BUCKETS):
-                if diff <= bound:
-                    self._diff_counts[i] += 1
+            self._score_difference.observe(abs(score - decision.score))
             self._champion_scores.append(decision.score)
             self._challenger_scores.append(score)
         try:
@@ -195,8 +194,8 @@ class ShadowScorer:
             self._failed,
             self._agreed,
             self._in_calls + len(self._batch),
-            tuple(self._diff_counts),
-            self._diff_sum,
+            tuple(self._score_difference.cumulative()),
+            self._score_difference.total,
             score_psi,
         )
 

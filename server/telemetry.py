@@ -1,17 +1,15 @@
 """Prometheus metrics over HTTP, from a registry of the app's own (no global registry).
 
 Collectors read the components' status when scraped, so the hot path does no metrics
-work for them. Served by prometheus_client's HTTP server on a thread of its own.
+work for them. Served by ``core.metrics_http.MetricsServer``.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator, Sequence
-from threading import Thread
-from wsgiref.simple_server import WSGIServer
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -21,16 +19,18 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from feature_cache.mirror import FeatureMirror
+from feature_cache.schema import FEATURE_NAMES
 from server.audit.trail import AuditTrail
 from server.batching import BatchingClient
+from server.control.canary import CanaryMonitor
+from server.control.state import ControlState
+from server.drift import DriftMonitor
 from server.engine import DecisionEngine
 from server.features import FeatureSource
 from server.model_client import GrpcModelClient, ModelClient
 from server.replica import Replica
-from server.shadow import DIFF_BUCKETS, ShadowScorer
+from server.shadow import ShadowScorer
 from server.undelivered import UndeliveredAnswers
-
-log = logging.getLogger(__name__)
 
 
 class AuditCollector(Collector):
@@ -159,14 +159,8 @@ class ShadowCollector(Collector):
         yield HistogramMetricFamily(
             "decision_shadow_score_difference",
             "|challenger score - champion score| per shadow-scored decision.",
-            buckets=[
-                *(
-                    (str(bound), count)
-                    for bound, count in zip(DIFF_BUCKETS, stats.diff_counts, strict=True)
-                ),
-                ("+Inf", stats.scored),
-            ],
-            sum_value=stats.diff_sum,
+            buckets=list(stats.score_difference),
+            sum_value=stats.score_difference_sum,
         )
         yield GaugeMetricFamily(
             "decision_shadow_score_psi",
@@ -212,6 +206,35 @@ class LoadCollector(Collector):
         for (source, decision), count in sorted(self._engine.decided.items()):
             decided.add_metric([source.name.lower(), decision.name.lower()], count)
         yield decided
+        fallbacks = CounterMetricFamily(
+            "decision_fallbacks",
+            "Decisions the model did not answer, by who decided and why (a bounded set of "
+            "reasons: kill_switch, no_features, features_stale, features_unusable, "
+            "feature_store, overloaded, model_breaker_open, model_timeout, model_busy, "
+            "model_unavailable, model_error, model_no_time, model_retry_budget, model_input).",
+            labels=["source", "reason"],
+        )
+        for (source, reason), count in sorted(self._engine.fallbacks.items()):
+            fallbacks.add_metric([source.name.lower(), reason], count)
+        yield fallbacks
+        latency = HistogramMetricFamily(
+            "decision_latency_seconds",
+            "Time the engine spent deciding (features, model, ladder; not the journal append "
+            "nor gRPC), in seconds, by who decided; a DecideBatch's rows each count the "
+            "batch's time.",
+            labels=["source"],
+        )
+        for source, buckets in self._engine.latency.items():
+            latency.add_metric([source.name.lower()], buckets.cumulative(), sum_value=buckets.total)
+        yield latency
+        age = self._engine.feature_age
+        yield HistogramMetricFamily(
+            "decision_feature_age_seconds",
+            "Age of the features a decision read (now less their event time), in seconds; "
+            "decisions that found no features are not counted.",
+            buckets=age.cumulative(),
+            sum_value=age.total,
+        )
         if self._undelivered is not None:
             yield CounterMetricFamily(
                 "decision_answers_undelivered",
@@ -262,6 +285,67 @@ class LoadCollector(Collector):
         yield from (outstanding, abandoned, refused)
 
 
+class DriftCollector(Collector):
+    """PSI of the live features and champion scores against the serving model's
+    training reference (NaN until computed: too few decisions, or no reference)."""
+
+    def __init__(self, drift: DriftMonitor) -> None:
+        self._drift = drift
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._drift.status()
+        features = GaugeMetricFamily(
+            "decision_drift_psi",
+            "PSI of each feature over the recent decisions against the serving model's "
+            "training reference (0.1: drifting, 0.25: shifted); NaN until computed.",
+            labels=["feature"],
+        )
+        for name in FEATURE_NAMES:
+            features.add_metric([name], status.feature_psi.get(name, math.nan))
+        yield features
+        yield GaugeMetricFamily(
+            "decision_drift_score_psi",
+            "PSI of the champion's recent scores against its training-period scores; NaN "
+            "until computed.",
+            value=math.nan if status.score_psi is None else status.score_psi,
+        )
+        yield GaugeMetricFamily(
+            "decision_drift_samples",
+            "Recent decisions with features the drift is computed over.",
+            value=status.samples,
+        )
+        reference = GaugeMetricFamily(
+            "decision_drift_reference",
+            "1 for the model version whose training reference the drift is against.",
+            labels=["model_version"],
+        )
+        if status.model_version:
+            reference.add_metric([status.model_version], 1.0)
+        yield reference
+
+
+class CanaryCollector(Collector):
+    """The canary's weight in effect and the automatic rollbacks this server made."""
+
+    def __init__(self, canary: CanaryMonitor, state: Callable[[], ControlState]) -> None:
+        self._canary = canary
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        weight, _ = self._state().canary(time.time_ns() // 1000)
+        yield GaugeMetricFamily(
+            "decision_canary_weight",
+            "Share of decisions routed to the challenger as a canary (0: no canary).",
+            value=weight,
+        )
+        yield CounterMetricFamily(
+            "decision_canary_rollbacks",
+            "Automatic canary rollbacks this server made on a breach (another server that "
+            "saw the same breach first made it instead).",
+            value=self._canary.rollbacks,
+        )
+
+
 BREAKER_STATES = ("closed", "open", "half-open")
 
 
@@ -284,41 +368,22 @@ class ReplicaCollector(Collector):
             "by the replica; a breaker's refusal makes no call).",
             labels=["replica", "outcome"],
         )
+        latency = HistogramMetricFamily(
+            "decision_model_call_seconds",
+            "Model calls' latency in seconds by replica and outcome, as the server waited "
+            "for them (a failed call's is how long it waited before it gave up).",
+            labels=["replica", "outcome"],
+        )
         for replica in self._replicas:
             current = replica.breaker.state
             for name in BREAKER_STATES:
                 state.add_metric([replica.name, name], 1.0 if current == name else 0.0)
-            calls.add_metric([replica.name, "ok"], replica.recent.total_ok)
-            calls.add_metric([replica.name, "failed"], replica.recent.total_failed)
-        yield state
-        yield calls
-
-
-class MetricsServer:
-    """The /metrics endpoint; ``port`` 0 in settings turns it off."""
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self.registry = registry
-        self._host = host
-        self._requested_port = port
-        self.port = 0
-        self._server: WSGIServer | None = None
-        self._thread: Thread | None = None
-
-    def start(self) -> None:
-        if self._requested_port == 0 or self._server is not None:
-            return
-        self._server, self._thread = start_http_server(
-            self._requested_port, self._host, self.registry
-        )
-        self.port = self._server.server_port
-        log.info("metrics on http://%s:%d/metrics", self._host, self.port)
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+            for outcome, buckets in (
+                ("ok", replica.recent.ok_latency),
+                ("failed", replica.recent.failed_latency),
+            ):
+                calls.add_metric([replica.name, outcome], buckets.count)
+                latency.add_metric(
+                    [replica.name, outcome], buckets.cumulative(), sum_value=buckets.total
+                )
+        yield from (state, calls, latency)

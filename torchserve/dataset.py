@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from core.labels import favourable_move
 from feature_cache.features import SymbolState
 from feature_cache.generator import MarketGenerator
 from feature_cache.schema import MODEL_INPUT_WIDTH, SCHEMA_VERSION, model_row
@@ -116,12 +117,10 @@ def simulate_day(spec: DataSpec, day: int) -> Rows:
         for now, mid, features in samples[symbol]:
             if times_np[-1] < now + horizon_us:
                 continue  # the horizon runs past the day's data: no label
-            later = values_np[np.searchsorted(times_np, now + horizon_us, side="right") - 1]
-            half_spread = features[0] * mid / 2e4  # spread_bps back to price units
-            x.append(model_row(1.0, features))
-            y.append(int(later - mid > half_spread))
-            x.append(model_row(-1.0, features))
-            y.append(int(mid - later > half_spread))
+            later = float(values_np[np.searchsorted(times_np, now + horizon_us, side="right") - 1])
+            for side_sign in (1.0, -1.0):
+                x.append(model_row(side_sign, features))
+                y.append(int(favourable_move(side_sign, mid, later, features[0])))
             when.extend((now, now))
     order = np.argsort(np.asarray(when, dtype=np.int64), kind="stable")
     rows = np.asarray(x, dtype=np.float32).reshape(-1, MODEL_INPUT_WIDTH)

@@ -57,6 +57,7 @@ CODE_FILES = (
     "feature_cache/generator.py",
     "feature_cache/features.py",
     "feature_cache/schema.py",
+    "core/labels.py",
 )
 
 

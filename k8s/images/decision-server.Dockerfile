@@ -14,6 +14,7 @@ COPY core core
 COPY server server
 COPY fallback fallback
 COPY feature_cache feature_cache
+COPY quality quality
 COPY torchserve torchserve
 COPY proto proto
 # Wheels only (grpcio, uvloop, hiredis, orjson ship them): no compiler in either stage.

@@ -19,7 +19,14 @@ import redis.exceptions
 
 from feature_cache.mirror import FeatureMirror
 from feature_cache.store import FeatureReader
-from server.admin.views import AuditView, CanaryView, FlagView, ReplicaView, Status
+from server.admin.views import (
+    AuditView,
+    CanaryView,
+    DriftView,
+    FlagView,
+    ReplicaView,
+    Status,
+)
 from server.control.canary import CanaryMonitor
 from server.control.changes import AuditedChanges, auto_rollback_on, change_dict
 from server.control.changes import now_us as _now_us
@@ -72,10 +79,12 @@ class ControlPlane:
         features: FeatureReader,
         mirror: FeatureMirror | None = None,
         audit_view: Callable[[], AuditView | None] = lambda: None,
+        drift: Callable[[], DriftView | None] = lambda: None,
     ) -> None:
         self._features = features
         self._mirror = mirror
         self._audit_view = audit_view
+        self._drift = drift
         self._changes = changes
         self._shared = changes.shared
         self._replicas = {r.name: r for r in replicas}
@@ -251,4 +260,5 @@ class ControlPlane:
             feature_ages_ms=feature_ages,
             audit=self._audit_view(),
             mirror=self._mirror.status() if self._mirror is not None else None,
+            drift=self._drift(),
         )

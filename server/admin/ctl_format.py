@@ -130,6 +130,27 @@ def _format_mirror(mirror: pb.FeatureMirrorStatus) -> str:
     return f"MIRROR NOT LIVE{since}, reading Redis: {mirror.error or '?'}{losses}"
 
 
+def _format_drift(drift: pb.DriftStatus) -> list[str]:
+    """PSI against the serving model's training reference, each feature marked drifting
+    (from watch_psi) or SHIFTED (from act_psi)."""
+    if not drift.enabled:
+        return ["  (not computed: DECISION_DRIFT__MODEL_STORE is not set)"]
+    about = f"  model {drift.model_version[:12] or '?'}, {drift.samples} decisions"
+    if drift.problem:
+        return [f"{about}: no PSI yet ({drift.problem})"]
+
+    def mark(psi: float) -> str:
+        if psi >= drift.act_psi:
+            return "SHIFTED"
+        return "drifting" if psi >= drift.watch_psi else ""
+
+    rows = [[f.feature, f"{f.psi:.3f}", mark(f.psi)] for f in drift.features]
+    if drift.HasField("score_psi"):
+        rows.append(["(score)", f"{drift.score_psi:.3f}", mark(drift.score_psi)])
+    computed = f", computed {_time(drift.computed_at)}" if drift.HasField("computed_at") else ""
+    return [f"{about}{computed}", format_table(["FEATURE", "PSI", ""], rows)]
+
+
 def format_status(status: pb.GetStatusResponse) -> str:
     """GetStatus for a human: a header, then one section per topic."""
     shared = status.shared_state
@@ -163,6 +184,7 @@ def format_status(status: pb.GetStatusResponse) -> str:
         out.append(format_table(["SYMBOL", "AGE"], ages))
     else:
         out.append("  (no symbols)")
+    out += ["", "drift", *_format_drift(status.drift)]
     audit = status.audit
     store = "store ok" if audit.store_ok else "store FAILING"
     backlog = f"  {store}, backlog {_bytes(audit.backlog_bytes)}"

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc
 from server.admin.auth import Role, current_principal
 from server.admin.control_plane import ControlPlane
-from server.admin.views import FlagView
+from server.admin.views import DriftView, FlagView
 from server.control.canary import WindowSummary
 from server.control.state import BreakerMode, Change
 from server.errors import InvalidArgument, grpc_errors
@@ -145,6 +145,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 losses=mirror.losses,
             )
         )
+        if status.drift is not None:
+            response.drift.CopyFrom(drift_to_pb(status.drift))
         if status.audit is not None:
             response.audit.CopyFrom(
                 admin_pb2.AuditBacklog(
@@ -212,3 +214,22 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.KillSwitchResponse(
             before=before, after=after, expires_at=_timestamp(expires_at_us)
         )
+
+
+def drift_to_pb(view: DriftView) -> admin_pb2.DriftStatus:
+    drift = view.status
+    return admin_pb2.DriftStatus(
+        enabled=True,
+        model_version=drift.model_version,
+        samples=drift.samples,
+        scores=drift.scores,
+        features=[
+            admin_pb2.FeatureDrift(feature=name, psi=value)
+            for name, value in drift.feature_psi.items()
+        ],
+        score_psi=drift.score_psi,
+        computed_at=_timestamp(drift.computed_at_us),
+        problem=drift.problem,
+        watch_psi=view.watch_psi,
+        act_psi=view.act_psi,
+    )

@@ -10,6 +10,7 @@ from server.control.canary import CanaryComparison
 from server.control.recent import CallSummary
 from server.control.shared import SyncStatus
 from server.control.state import BreakerMode, Change
+from server.drift import DriftStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,13 @@ class AuditView:
 
 
 @dataclass(frozen=True, slots=True)
+class DriftView:
+    status: DriftStatus
+    watch_psi: float
+    act_psi: float
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     server_id: str
     replicas: list[ReplicaView]
@@ -59,3 +67,4 @@ class Status:
     feature_ages_ms: dict[str, float]  # -1: no record
     audit: AuditView | None
     mirror: MirrorStatus | None = None  # None: no feature mirror
+    drift: DriftView | None = None  # None: no drift computed (no model store)

@@ -51,6 +51,9 @@ class DecisionRecord:
     features_us: int
     model_us: int
     total_us: int
+    # Exchange time of the features (µs since the epoch); None when none were used, and in
+    # records journalled before the field existed.
+    feature_time_us: int | None = None
     shadow_model_name: str | None = None
     shadow_model_version: str | None = None
     shadow_score: float | None = None

@@ -59,12 +59,32 @@ decisions = sa.Table(
     sa.Column("features_us", sa.BigInteger, nullable=False),
     sa.Column("model_us", sa.BigInteger, nullable=False),
     sa.Column("total_us", sa.BigInteger, nullable=False),
+    # Exchange time of the features used (NULL when none): the realized outcome is measured
+    # from it (decision_outcomes).
+    sa.Column("feature_time", sa.DateTime(timezone=True)),
     # The questions an auditor asks: one symbol over time, one model version, one source.
     sa.Index("ix_decisions_symbol_decided_at", "symbol", "decided_at"),
     sa.Index("ix_decisions_model_version_decided_at", "model_version", "decided_at"),
     sa.Index("ix_decisions_source_decided_at", "source", "decided_at"),
     sa.Index("ix_decisions_decided_at", "decided_at"),
     sa.Index("ix_decisions_request_id", "request_id"),
+)
+
+# What happened after a decision: the label its model was trained to predict, measured
+# from the market data by the labeler (python -m quality) once the horizon has passed. A
+# later fact about a decision, so a table of its own rather than an update of the record.
+decision_outcomes = sa.Table(
+    "decision_outcomes",
+    metadata,
+    sa.Column("decision_id", sa.String(36), primary_key=True),
+    sa.Column("labeled_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("horizon_ms", sa.Integer, nullable=False),
+    # 1: the mid moved in the side's favour by more than the half-spread, 0: it did not,
+    # NULL: no label (``reason`` says why).
+    sa.Column("label", sa.SmallInteger),
+    sa.Column("mid_at_features", sa.Float),
+    sa.Column("mid_after_horizon", sa.Float),
+    sa.Column("reason", sa.Text, nullable=False),
 )
 
 admin_actions = sa.Table(
@@ -151,7 +171,11 @@ def create_store_engine(url: str) -> Engine:
 # SQLAlchemy's per-row parameter processing costs more than the insert itself.
 DECISION_COLUMNS: tuple[str, ...] = tuple(c.name for c in decisions.columns)
 _JSON_COLUMNS = frozenset({"features", "feature_overrides"})
-_TIME_COLUMNS = {"received_at": "received_at_us", "decided_at": "decided_at_us"}
+_TIME_COLUMNS = {
+    "received_at": "received_at_us",
+    "decided_at": "decided_at_us",
+    "feature_time": "feature_time_us",
+}
 
 
 def decision_values(record: Mapping[str, Any], time: Any, json: Any) -> tuple[Any, ...]:
@@ -159,7 +183,8 @@ def decision_values(record: Mapping[str, Any], time: Any, json: Any) -> tuple[An
     values = []
     for name in DECISION_COLUMNS:
         if name in _TIME_COLUMNS:
-            values.append(time(record[_TIME_COLUMNS[name]]))
+            stamp = record.get(_TIME_COLUMNS[name])
+            values.append(None if stamp is None else time(stamp))
         elif name in _JSON_COLUMNS:
             value = record.get(name)
             values.append(None if value is None else json(value))

@@ -94,6 +94,7 @@ def decision_record(
         features_us=result.features_us,
         model_us=result.model_us,
         total_us=result.total_us,
+        feature_time_us=result.feature_time_us or None,
     )
 
 

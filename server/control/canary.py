@@ -65,7 +65,9 @@ class CanaryLever(Protocol):
         """Whether a breach rolls the canary back by itself."""
         ...
 
-    async def roll_back(self, breach: str) -> None: ...
+    async def roll_back(self, breach: str) -> bool:
+        """Sets the weight to 0; False when it already was (another server did it)."""
+        ...
 
 
 class _Side:
@@ -98,6 +100,7 @@ class CanaryMonitor:
         self._judged_setting = lever.setting()
         self._sides = {CANARY: _Side(), CHAMPION: _Side()}
         self._watcher: asyncio.Task[None] | None = None
+        self.rollbacks = 0  # rollbacks this server made (another's write may win), for metrics
 
     def record(
         self,
@@ -130,7 +133,7 @@ class CanaryMonitor:
                 continue
             log.warning("canary breach: %s", breach)
             try:
-                await self._lever.roll_back(breach)
+                self.rollbacks += await self._lever.roll_back(breach)
             except Exception:  # retried at the next check
                 log.exception("canary rollback failed")
 

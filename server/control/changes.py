@@ -8,7 +8,6 @@ rollback (``CanaryRollback``) both go through it, so neither needs the other.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import uuid
@@ -167,10 +166,11 @@ class CanaryRollback:
     def enabled(self) -> bool:
         return auto_rollback_on(self._changes.shared.state, now_us())
 
-    async def roll_back(self, breach: str) -> None:
+    async def roll_back(self, breach: str) -> bool:
         """Weight 0 on every server, audited once however many servers see the breach
-        (the first one's write wins, the others find 0); kept even if not audited."""
-        with contextlib.suppress(Unchanged):
+        (the first one's write wins, the others find 0 and return False); kept even if
+        not audited."""
+        try:
             await self._changes.set_canary(
                 AUTO_ROLLBACK_ACTOR,
                 0.0,
@@ -178,3 +178,6 @@ class CanaryRollback:
                 only_if=lambda state: state.canary(now_us())[0] > 0,
                 revert_unaudited=False,
             )
+        except Unchanged:
+            return False
+        return True

@@ -10,6 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from core.histogram import LATENCY_BOUNDS_S, Buckets
 from core.stats import percentile
 
 
@@ -30,17 +31,15 @@ class RecentCalls:
         self._window_s = window_s
         self._calls: deque[tuple[float, float, bool]] = deque(maxlen=max_calls)
         self.last_version = ""  # the model version of the last successful call
-        self.total_ok = 0  # since start, for metrics
-        self.total_failed = 0
+        # Since start, for metrics: latency in seconds of the successful and failed calls.
+        self.ok_latency = Buckets(LATENCY_BOUNDS_S)
+        self.failed_latency = Buckets(LATENCY_BOUNDS_S)
 
     def record(
         self, elapsed_ms: float, *, ok: bool, version: str = "", now_s: float | None = None
     ) -> None:
         self._calls.append((time.monotonic() if now_s is None else now_s, elapsed_ms, ok))
-        if ok:
-            self.total_ok += 1
-        else:
-            self.total_failed += 1
+        (self.ok_latency if ok else self.failed_latency).observe(elapsed_ms / 1e3)
         if version:
             self.last_version = version
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -56,6 +57,24 @@ async def start_consumer(
     finally:
         for consumer in consumers:
             await consumer.stop()
+
+
+def consumer_env(
+    kafka_settings: KafkaSettings, redis_url: str, key_prefix: str, **extra: str
+) -> dict[str, str]:
+    """The environment of a ``python -m feature_cache`` process on the test's topic and
+    prefix, its metrics off unless ``extra`` sets them."""
+    return {
+        **os.environ,
+        "DECISION_REDIS__URL": redis_url,
+        "DECISION_REDIS__KEY_PREFIX": key_prefix,
+        "DECISION_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "DECISION_KAFKA__TOPIC": kafka_settings.topic,
+        "DECISION_KAFKA__DEAD_LETTER_TOPIC": kafka_settings.dead_letter_topic,
+        "DECISION_KAFKA__GROUP_ID": kafka_settings.group_id,
+        "DECISION_FEATURE_CACHE__METRICS_PORT": "0",
+        **extra,
+    }
 
 
 async def publish(kafka_settings: KafkaSettings, events: Sequence[MarketEvent]) -> None:

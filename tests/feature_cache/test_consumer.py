@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,13 @@ from feature_cache.checkpoint import StateCheckpoints
 from feature_cache.codec import encode
 from feature_cache.generator import MarketGenerator
 from feature_cache.store import FeatureReader
-from tests.feature_cache.conftest import PARTITIONS, publish, read_all, wait_for_features
+from tests.feature_cache.conftest import (
+    PARTITIONS,
+    consumer_env,
+    publish,
+    read_all,
+    wait_for_features,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -124,17 +129,13 @@ async def test_killed_consumer_resumes_without_loss(
 ):
     events = generated(4000)
     reader = FeatureReader(redis_client, key_prefix=key_prefix)
-    env = {
-        **os.environ,
-        "DECISION_REDIS__URL": redis_instance.url,
-        "DECISION_REDIS__KEY_PREFIX": key_prefix,
-        "DECISION_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-        "DECISION_KAFKA__TOPIC": kafka_settings.topic,
-        "DECISION_KAFKA__DEAD_LETTER_TOPIC": kafka_settings.dead_letter_topic,
-        "DECISION_KAFKA__GROUP_ID": kafka_settings.group_id,
-        "DECISION_KAFKA__MAX_BATCH": "200",
-        "DECISION_FEATURE_CACHE__ALIVE_FILE": str(tmp_path / "alive"),
-    }
+    env = consumer_env(
+        kafka_settings,
+        redis_instance.url,
+        key_prefix,
+        DECISION_KAFKA__MAX_BATCH="200",
+        DECISION_FEATURE_CACHE__ALIVE_FILE=str(tmp_path / "alive"),
+    )
 
     def alive_within(seconds: float) -> int:
         """The exit status of the container's liveness probe command."""

@@ -12,6 +12,7 @@ import pytest
 
 from feature_cache.settings import FeatureCacheSettings
 from k8s.render import Object, containers, find, one, pod_spec, render_topics
+from quality.settings import QualitySettings
 from server.front import DECISION_SERVICE
 from server.settings import Settings
 from torchserve.container import CONTAINER_PORTS
@@ -21,7 +22,11 @@ WORKLOADS = ("decision", "model-secondary", "model-challenger", "feature-cache")
 
 
 def config_env(objects: list[Object]) -> dict[str, str]:
-    (config,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    (config,) = [
+        o
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("decision-config")
+    ]
     data: dict[str, str] = config["data"]
     return data
 
@@ -40,7 +45,7 @@ def cpus(quantity: str) -> float:
 
 
 def settings_from(
-    model: type[Settings] | type[FeatureCacheSettings],
+    model: type[Settings] | type[FeatureCacheSettings] | type[QualitySettings],
     env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Any:
@@ -94,9 +99,27 @@ def test_every_container_has_requests_limits_and_probes(objects: list[Object]) -
         assert pod_spec(one(objects, "Deployment", workload))["securityContext"]["runAsNonRoot"]
 
 
+def test_the_drift_references_are_the_sidecars_archives(objects: list[Object]) -> None:
+    """A plain init container copies the model-server image's archives into the folder
+    the server reads its drift references from, before the sidecar starts."""
+    spec = pod_spec(one(objects, "Deployment", "decision"))
+    first, second = spec["initContainers"]
+    assert first["name"] == "model-references" and not is_sidecar(first)
+    assert second["name"] == "torchserve"
+    assert first["image"] == second["image"]
+    store = config_env(objects)["DECISION_DRIFT__MODEL_STORE"]
+    assert first["command"][0] == "cp" and first["command"][-1].rstrip("/") == store
+    server = container(objects, "decision", "decision-server")
+    mount = next(m for m in server["volumeMounts"] if m["mountPath"] == store)
+    assert mount["readOnly"]
+    assert [m["name"] for m in first["volumeMounts"]] == [mount["name"]]
+    assert first["resources"]["limits"] and first["securityContext"]["readOnlyRootFilesystem"]
+    assert not {"livenessProbe", "readinessProbe", "startupProbe"} & first.keys()
+
+
 def test_the_decision_pod_runs_the_primary_as_a_native_sidecar(objects: list[Object]) -> None:
     spec = pod_spec(one(objects, "Deployment", "decision"))
-    (sidecar,) = spec["initContainers"]
+    (sidecar,) = [c for c in spec["initContainers"] if is_sidecar(c)]
     assert sidecar["name"] == "torchserve" and is_sidecar(sidecar)
     assert sidecar["image"].split("/")[-1].startswith("model-server")
     assert sidecar["args"] == ["primary"]
@@ -184,13 +207,13 @@ def test_ports_and_environment_match_the_server_settings(
 
 
 def test_every_variable_is_a_setting_of_some_process(objects: list[Object]) -> None:
-    """One environment serves the server and the consumer: each variable must name a
-    field of one of them (a misspelt section would be ignored by both)."""
+    """One environment serves the server, the consumer and the labeler: each variable must
+    name a field of one of them (a misspelt section would be ignored by all)."""
     for name in config_env(objects):
         section, field = name.removeprefix("DECISION_").lower().split("__")
         owners = [
             root
-            for root in (Settings, FeatureCacheSettings)
+            for root in (Settings, FeatureCacheSettings, QualitySettings)
             if section in root.model_fields
             and field in root.model_fields[section].annotation.model_fields  # type: ignore[union-attr]
         ]
@@ -207,6 +230,13 @@ def test_the_consumer_environment_is_its_settings(
     assert any(settings.feature_cache.alive_file.startswith(m + "/") for m in mounts)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert consumer[probe]["exec"]["command"][:2] == ["feature-cache", "--check-alive"]
+    ports = {p["name"]: p["containerPort"] for p in consumer["ports"]}
+    assert ports == {"metrics": settings.feature_cache.metrics_port}
+    assert settings.feature_cache.metrics_host == "0.0.0.0"
+    monitor = one(objects, "PodMonitor", "feature-cache")
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    pod_labels = one(objects, "Deployment", "feature-cache")["spec"]["template"]["metadata"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels["labels"].items()
     topics = render_topics()
     topic = one(topics, "KafkaTopic", settings.kafka.topic)
     assert one(topics, "KafkaTopic", settings.kafka.dead_letter_topic)
@@ -347,3 +377,23 @@ def test_service_monitors_scrape_ports_that_serve_metrics(objects: list[Object])
                 assert port["port"] == serving[endpoint["port"]], (service, endpoint)
     decision = one(objects, "ServiceMonitor", "decision")
     assert sorted(e["port"] for e in decision["spec"]["endpoints"]) == sorted(serving)
+
+
+def test_the_labeler_environment_is_its_settings(
+    objects: list[Object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = container_env(objects, "labeler", "labeler")
+    settings: QualitySettings = settings_from(QualitySettings, env, monkeypatch)
+    labeler = container(objects, "labeler", "labeler")
+    ports = {p["name"]: p["containerPort"] for p in labeler["ports"]}
+    assert ports == {"metrics": settings.quality.metrics_port}
+    assert settings.quality.metrics_host == "0.0.0.0"
+    # The audit store and Redis of the decision pods, from the same Secrets.
+    server = {e["name"]: e for e in container(objects, "decision", "decision-server")["env"]}
+    own = {e["name"]: e for e in labeler["env"]}
+    for name in ("DECISION_AUDIT__DATABASE_URL", "DECISION_REDIS__URL"):
+        assert own[name]["valueFrom"] == server[name]["valueFrom"], name
+    monitor = one(objects, "PodMonitor", "labeler")
+    pod_labels = one(objects, "Deployment", "labeler")["spec"]["template"]["metadata"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels["labels"].items()
+    assert one(objects, "Deployment", "labeler")["spec"]["replicas"] == 1

@@ -22,6 +22,7 @@ EXPECTED = {
     ("decision", "model-challenger", "TCP/7070"),
     (MONITORING, "model-secondary", "TCP/8082"),
     (MONITORING, "model-challenger", "TCP/8082"),
+    (MONITORING, "feature-cache", "TCP/9480"),
     # Egress.
     *((w, DNS, port) for w in WORKLOADS for port in ("UDP/53", "TCP/53")),
     ("decision", "model-secondary", "TCP/7070"),

@@ -13,12 +13,13 @@ from k8s.validate import lint_dockerfiles, main, problems
 def test_every_overlay_renders_valid_objects_and_the_dockerfiles_lint(capsys) -> None:
     assert main() == 0, capsys.readouterr().out
     out = capsys.readouterr().out
-    assert "prod: 24 objects, 0 problems" in out and "topics: 2 objects, 0 problems" in out
+    assert "prod: 29 objects, 0 problems" in out and "topics: 2 objects, 0 problems" in out
+    assert "prod: promtool check rules: ok" in out and "prod: promtool test rules: ok" in out
 
 
 def test_every_rendered_object_has_a_schema(objects: list[Object]) -> None:
     assert all(list(problems(o)) == [] for o in objects)
-    assert {o["kind"] for o in objects} >= {"ServiceMonitor", "PrometheusRule"}
+    assert {o["kind"] for o in objects} >= {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 
 def mutated(objects: list[Object], kind: str, name: str, change) -> Object:

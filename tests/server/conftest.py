@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from proto.decision.v1 import admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
 from server.model_client import ModelCallError
 from server.settings import Settings
+from server.tracing import Tracing
 from tests.conftest import RedisInstance, Replica, server_process, server_process_env
 
 # Features that give a real score; the rules see a tight spread and a buy-side lean.
@@ -181,9 +183,10 @@ async def start_app(
     SERVING and its feature mirror (when on) is live."""
     apps = running_apps
 
-    async def _start(**sections: dict[str, Any]) -> DecisionApp:
+    async def _start(tracing: Tracing | None = None, **sections: dict[str, Any]) -> DecisionApp:
         run_dir = tmp_path / f"app{len(apps)}"
-        app = DecisionApp(make_settings(redis_instance.url, key_prefix, run_dir, **sections))
+        settings = make_settings(redis_instance.url, key_prefix, run_dir, **sections)
+        app = DecisionApp(settings, tracing=tracing)
         await app.start()
         await app.wait_ready()
         deadline = time.monotonic() + 10
@@ -191,6 +194,8 @@ async def start_app(
             assert time.monotonic() < deadline, "the feature mirror did not load"
             await asyncio.sleep(0.005)
         apps.append(app)
+        # As serve() does in a server process: start-up's objects stay out of full passes.
+        gc.freeze()
         return app
 
     try:
@@ -198,6 +203,10 @@ async def start_app(
     finally:
         for app in apps:
             await app.stop()
+        if apps:
+            # Frozen objects are never collected: the stopped apps' garbage is let go (the
+            # next app's start freezes what is still alive again).
+            gc.unfreeze()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ the real replica is in tests/torchserve/test_served.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Sequence
 
 import pytest
@@ -223,3 +224,37 @@ async def test_stopping_answers_every_waiter() -> None:
     await batching.stop()
     results = await asyncio.gather(*waiting, return_exceptions=True)
     assert all(isinstance(r, ModelUnavailable) for r in results), results
+
+
+REQUEST = contextvars.ContextVar("request", default="none")
+
+
+class ContextReplica(FakeReplica):
+    """Records the request context each call runs in."""
+
+    def __init__(self) -> None:
+        super().__init__(call_ms=5.0)
+        self.seen: list[str] = []
+
+    async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
+        self.seen.append(REQUEST.get())
+        return await super().predict(rows, timeout_s)
+
+
+async def test_each_call_runs_in_its_first_requests_context_not_an_earlier_ones() -> None:
+    """A call (its RPC's span, its log lines) belongs to a request of its own batch, even
+    when it was started by the previous call's end, long after that call's requests."""
+    replica = ContextReplica()
+    batching = client(replica, max_calls=1)
+
+    async def request(name: str) -> ModelScores:
+        REQUEST.set(name)
+        return await batching.predict([[0.1, 0.0]], 1.0)
+
+    first = asyncio.create_task(request("first"))
+    await asyncio.sleep(0)  # the first call goes out; the next two queue behind it
+    queued = [asyncio.create_task(request(name)) for name in ("second", "third")]
+    await asyncio.gather(first, *queued)
+    later = await asyncio.create_task(request("later"))
+    assert later.scores == [0.1]
+    assert replica.seen == ["first", "second", "later"]

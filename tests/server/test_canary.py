@@ -24,9 +24,10 @@ class Deployment:
     def enabled(self) -> bool:
         return self.auto_rollback
 
-    async def roll_back(self, breach: str) -> None:
+    async def roll_back(self, breach: str) -> bool:
         self.breaches.append(breach)
         self.current = ("weight", 0.0)
+        return True
 
 
 def monitor(deployment: Deployment) -> CanaryMonitor:

@@ -151,7 +151,7 @@ class NoRollback:
     def enabled(self) -> bool:
         return False
 
-    async def roll_back(self, breach: str) -> None:
+    async def roll_back(self, breach: str) -> bool:
         raise AssertionError(f"no rollback expected: {breach}")
 
 
@@ -252,6 +252,7 @@ async def test_the_primary_answers_and_its_score_is_recorded_and_cached(parts: P
     assert (result.source, result.decision, result.score) == (Source.PRIMARY, Decision.TRADE, 0.9)
     assert (result.model_name, result.model_version) == ("champion", "primary-v1")
     assert result.reason == "primary answered in 1.0 ms"
+    assert result.fallback == ""
     assert 10.0 <= result.feature_age_ms < 1000.0
     [(features, recorded)] = parts.audit.recorded
     assert recorded == [result] and features == [list(calm_book())]
@@ -269,6 +270,7 @@ async def test_a_batch_makes_one_feature_read_and_one_model_call_for_the_fresh_r
     assert len(parts.primary.calls) == 1 and len(parts.primary.calls[0]) == 1
     assert fresh.source is Source.PRIMARY
     assert stale.source is Source.ABSTAIN  # the rules need fresh features too
+    assert (fresh.fallback, stale.fallback) == ("", "features_stale")
     assert re.fullmatch(
         r"features stale: 50\d\d ms old \(max 1000\); no cached score;"
         r" abstain: no fresh features for rules",
@@ -281,6 +283,7 @@ async def test_an_engaged_kill_switch_abstains_before_reading_anything(parts: Pa
     stopped, going = await parts.decide("BTC-USD", "ETH-USD")
     assert (stopped.source, stopped.decision) == (Source.ABSTAIN, Decision.ABSTAIN)
     assert stopped.reason == "kill switch for BTC-USD engaged by alice: bad prints"
+    assert stopped.fallback == "kill_switch"
     assert stopped.feature_age_ms == -1.0
     assert parts.store.reads == [["ETH-USD"]]  # only the order that goes on
     assert going.source is Source.PRIMARY
@@ -296,6 +299,8 @@ async def test_when_both_replicas_fail_the_ladder_decides_and_every_step_says_wh
     steps = result.reason.split("; ")
     assert steps[:3] == ["primary unavailable", "secondary unavailable", "no cached score"]
     assert steps[3].startswith("rules: ") and len(steps) == 4
+    assert result.fallback == "model_unavailable"  # the secondary's, the lane's last
+    assert parts.engine.fallbacks == {(Source.RULES, "model_unavailable"): 1}
 
 
 async def test_a_fresh_cached_score_answers_when_the_model_does_not() -> None:
@@ -325,6 +330,7 @@ async def test_a_failed_feature_read_abstains_without_a_second_redis_read(parts:
         "feature store unavailable (ConnectionError); cached score skipped: feature store"
         " unavailable (ConnectionError); abstain: no fresh features for rules"
     )
+    assert result.fallback == "feature_store"
     assert parts.cache.lookups == 0 and parts.primary.calls == []
 
 
@@ -338,6 +344,7 @@ async def test_overload_shedding_to_rules_skips_the_model() -> None:
         await first
         assert shed.source is Source.RULES
         assert shed.reason.startswith("overloaded: model skipped (2 in flight); no cached score")
+        assert shed.fallback == "overloaded"
         assert parts.engine.shed == 1
 
 
@@ -381,3 +388,22 @@ async def test_a_sampled_champion_decision_is_shadowed_with_its_scores(parts: Pa
     [result] = await parts.decide("BTC-USD")
     [[shadowed]] = parts.shadow.submitted
     assert shadowed == Shadowed(result.decision_id, 0.9, trade=True)
+
+
+async def test_breakers_forced_open_and_a_budget_too_short_say_so_by_code(parts: Parts) -> None:
+    parts.state = state(
+        {
+            "breaker:primary": entry("FORCE_OPEN", reason="slow"),
+            "breaker:secondary": entry("FORCE_OPEN", reason="slow"),
+        }
+    )
+    [refused] = await parts.decide("BTC-USD")
+    assert (refused.source, refused.fallback) == (Source.RULES, "model_breaker_open")
+    parts.state = state({})
+    [hurried] = await parts.decide("BTC-USD", budget_ms=1.0)  # no time left for a call
+    assert hurried.fallback == "model_no_time", hurried.reason
+    assert parts.primary.calls == []
+    assert parts.engine.fallbacks == {
+        (Source.RULES, "model_breaker_open"): 1,
+        (hurried.source, "model_no_time"): 1,
+    }

@@ -1,64 +1,66 @@
-"""Every metric the Kubernetes manifests (k8s/) name (the HPA's custom metric,
-prometheus-adapter's rule, the alert rules' expressions) is one a real decision server
-exports on its /metrics."""
+"""Every metric the Kubernetes manifests (k8s/) name for the decision server (the HPA's
+custom metric, prometheus-adapter's rule, the alert rules, the Grafana dashboard) is one
+a real decision server exports on its /metrics. (The consumer's and the labeler's names:
+their own tests.)"""
 
 from __future__ import annotations
 
 import asyncio
-import re
-import urllib.request
 
 import pytest
 import yaml
 
 from core.processes import free_port
-from k8s.render import MONITORING_FILES, OVERLAYS, Object, find, load, one, render_overlay
+from k8s.alert_rules import dashboard_expressions, rule_expressions
+from k8s.render import MONITORING_FILES, OVERLAYS, Object, load, one, render_overlay
 from server.app import DecisionApp
+from tests.metrics import exported_names, names_in
+from tests.server.conftest import buy, decision_stub
 
 pytestmark = pytest.mark.integration
 
-OUR_METRIC = re.compile(r"\bdecision_[a-z0-9_]+\b")
+SERVER_PREFIXES = ("decision_", "grpc_server_")
+LABELER_PREFIX = "decision_quality_"  # the labeler's (tests/quality)
 
 
-def exported_names(port: int) -> set[str]:
-    """The sample names the endpoint serves (a counter's _total, a histogram's _bucket)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line[:1] != "#"}
+def server_names(names: set[str]) -> set[str]:
+    return {name for name in names if not name.startswith(LABELER_PREFIX)}
 
 
 def named_in_manifests(objects: list[Object]) -> dict[str, set[str]]:
-    """Where each decision_* name is used: the HPA, the rules, the adapter."""
+    """Where each of the server's names is used: the HPA, the rules, the dashboard, the
+    adapter."""
     hpa = one(objects, "HorizontalPodAutoscaler", "decision")
     used = {
         "hpa": {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
     }
-    expressions = [
-        rule["expr"]
-        for rules in find(objects, "PrometheusRule")
-        for group in rules["spec"]["groups"]
-        for rule in group["rules"]
-    ]
-    used["rules"] = {name for expr in expressions for name in OUR_METRIC.findall(expr)}
+    used["rules"] = server_names(names_in(rule_expressions(objects), SERVER_PREFIXES))
+    used["dashboard"] = server_names(names_in(dashboard_expressions(objects), SERVER_PREFIXES))
     adapter = [o for path in MONITORING_FILES for o in load(path)]
     config = yaml.safe_load(adapter[0]["data"]["config.yaml"])
-    used["adapter"] = {
-        name for rule in config["rules"] for name in OUR_METRIC.findall(rule["seriesQuery"])
-    }
+    used["adapter"] = names_in([rule["seriesQuery"] for rule in config["rules"]], ("decision_",))
     used["adapter as"] = {rule["name"]["as"] for rule in config["rules"]}
     return used
 
 
-async def test_the_manifests_name_only_exported_metrics(start_app) -> None:
+async def test_the_manifests_name_only_exported_metrics(start_app, channel_to, tmp_path) -> None:
     rendered = {overlay: render_overlay(overlay) for overlay in OVERLAYS}
     port = free_port()
-    app: DecisionApp = await start_app(telemetry={"metrics_port": port})
+    app: DecisionApp = await start_app(
+        telemetry={"metrics_port": port},
+        drift={"model_store": str(tmp_path)},  # no archives: the PSI families read NaN
+        # A challenger (nobody there) makes the server shadow-score, with its metrics.
+        torchserve={"challenger_address": f"127.0.0.1:{free_port()}"},
+    )
     assert app.metrics is not None
+    # One decision (ABSTAIN: no features) makes the families with labels show samples.
+    await decision_stub(channel_to(app)).Decide(buy(), timeout=2.0)
     exported = await asyncio.to_thread(exported_names, port)
     assert "decision_in_flight" in exported
     for overlay, objects in rendered.items():
         used = named_in_manifests(objects)
         assert used["hpa"] == used["adapter"] == used["adapter as"] == {"decision_in_flight"}
-        assert len(used["rules"]) >= 5, used["rules"]
+        assert len(used["rules"]) >= 10, used["rules"]
+        assert len(used["dashboard"]) >= 15, used["dashboard"]
         for where, names in used.items():
             assert names <= exported, f"{overlay} {where}: {sorted(names - exported)}"

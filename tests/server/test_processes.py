@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,6 +21,7 @@ from localstack.__main__ import LocalStack
 from localstack.health import serving
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from tests.conftest import REPO, wait_for
+from tests.metrics import scrape, value
 from tests.server.conftest import buy
 
 pytestmark = pytest.mark.integration
@@ -70,12 +74,12 @@ def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path, model_sto
     offset = next(
         n
         for n in range(1000 + os.getpid() % 997, 15000, 997)
-        if not LocalStack(tmp_path, n).busy_ports()
+        if not LocalStack(tmp_path, n, prometheus=True).busy_ports()
     )
     decision_port = 50051 + offset
     proc = subprocess.Popen(
         [sys.executable, "-m", "localstack", "--run-dir", str(tmp_path), "--port-offset",
-         str(offset), "--models", str(model_store[0])],
+         str(offset), "--models", str(model_store[0]), "--with-prometheus"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -94,8 +98,17 @@ def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path, model_sto
                 if response.source == decision_pb2.SOURCE_PRIMARY:
                     break
         assert sources[-1][0] == decision_pb2.SOURCE_PRIMARY, sources
+        # The labeler finds the decisions in the audit store and labels them once the
+        # market data has passed their 2 s horizon.
+        wait_for(lambda: labelled(9490 + offset) >= len(sources), 60)
+        # Prometheus scrapes every process and has the alert rules loaded.
+        prometheus = 9090 + offset
+        wait_for(lambda: unhealthy_targets(prometheus) == set(), 30)
+        rules = api(prometheus, "rules")["groups"]
+        assert any(r["name"] == "DecisionModelWorseThanChance" for g in rules for r in g["rules"])
         children = descendants(proc.pid)
-        assert len(children) >= 5  # redis, 3 TorchServe launchers (+ JVMs, workers), server
+        # redis, 3 TorchServe launchers (+ JVMs, workers), the server, the labeler, prometheus
+        assert len(children) >= 7
 
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         output, _ = proc.communicate(timeout=60)
@@ -120,6 +133,37 @@ def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path, model_sto
                 proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def api(prometheus_port: int, path: str) -> Any:
+    url = f"http://127.0.0.1:{prometheus_port}/api/v1/{path}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())["data"]
+
+
+STACK_JOBS = {"decision-server", "feature-cache", "labeler", "torchserve"}
+
+
+def unhealthy_targets(prometheus_port: int) -> set[str] | None:
+    """The jobs with a target not up; None while Prometheus has not scraped them all."""
+    try:
+        targets = api(prometheus_port, "targets")["activeTargets"]
+    except OSError:
+        return None
+    if {t["labels"]["job"] for t in targets} != STACK_JOBS or any(
+        t["health"] == "unknown" for t in targets
+    ):
+        return None
+    return {t["labels"]["job"] for t in targets if t["health"] != "up"}
+
+
+def labelled(labeler_metrics_port: int) -> float:
+    """Decisions the labeler has labelled; 0 while its metrics are not served yet."""
+    try:
+        samples = scrape(labeler_metrics_port)
+    except OSError:
+        return 0.0
+    return value(samples, "decision_quality_outcomes_total", result="labelled")
 
 
 def zombie(pid: int) -> bool:

@@ -423,6 +423,89 @@ class FeatureMirrorStatus(_message.Message):
 Global___FeatureMirrorStatus: _TypeAlias = FeatureMirrorStatus  # noqa: Y015
 
 @_typing.final
+class FeatureDrift(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    PSI_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    psi: _builtins.float
+    """Population stability index of the feature's recent values against the training
+    period's deciles (0.1: drifting, 0.25: shifted).
+    """
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        psi: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "psi", b"psi"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureDrift: _TypeAlias = FeatureDrift  # noqa: Y015
+
+@_typing.final
+class DriftStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    SCORE_PSI_FIELD_NUMBER: _builtins.int
+    COMPUTED_AT_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    WATCH_PSI_FIELD_NUMBER: _builtins.int
+    ACT_PSI_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """False when the server computes no drift (DECISION_DRIFT__MODEL_STORE is empty)."""
+    model_version: _builtins.str
+    """The model version whose training reference the PSI is against."""
+    samples: _builtins.int
+    """Recent decisions with features, and champion scores, in the window."""
+    scores: _builtins.int
+    score_psi: _builtins.float
+    """PSI of the champion's recent scores; unset while too few."""
+    problem: _builtins.str
+    """Why there is no PSI now; empty when there is."""
+    watch_psi: _builtins.float
+    """The server's thresholds: drifting from watch_psi, shifted from act_psi."""
+    act_psi: _builtins.float
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureDrift]:
+        """Empty while there is no PSI (see problem)."""
+
+    @_builtins.property
+    def computed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        model_version: _builtins.str = ...,
+        samples: _builtins.int = ...,
+        scores: _builtins.int = ...,
+        features: _abc.Iterable[Global___FeatureDrift] | None = ...,
+        score_psi: _builtins.float | None = ...,
+        computed_at: _timestamp_pb2.Timestamp | None = ...,
+        problem: _builtins.str = ...,
+        watch_psi: _builtins.float = ...,
+        act_psi: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_score_psi", b"_score_psi", "computed_at", b"computed_at", "score_psi", b"score_psi"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score_psi", b"_score_psi", "act_psi", b"act_psi", "computed_at", b"computed_at", "enabled", b"enabled", "features", b"features", "model_version", b"model_version", "problem", b"problem", "samples", b"samples", "score_psi", b"score_psi", "scores", b"scores", "watch_psi", b"watch_psi"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__score_psi: _TypeAlias = _typing.Literal["score_psi"]  # noqa: Y015
+    _WhichOneofArgType__score_psi: _TypeAlias = _typing.Literal["_score_psi", b"_score_psi"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__score_psi) -> _WhichOneofReturnType__score_psi | None: ...
+
+Global___DriftStatus: _TypeAlias = DriftStatus  # noqa: Y015
+
+@_typing.final
 class GetStatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -456,6 +539,7 @@ class GetStatusResponse(_message.Message):
     SHARED_STATE_FIELD_NUMBER: _builtins.int
     MODEL_VERSIONS_FIELD_NUMBER: _builtins.int
     FEATURE_MIRROR_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
     server_id: _builtins.str
     """The server that answered: breaker states and windows are per server."""
     @_builtins.property
@@ -478,6 +562,8 @@ class GetStatusResponse(_message.Message):
 
     @_builtins.property
     def feature_mirror(self) -> Global___FeatureMirrorStatus: ...
+    @_builtins.property
+    def drift(self) -> Global___DriftStatus: ...
     def __init__(
         self,
         *,
@@ -491,10 +577,11 @@ class GetStatusResponse(_message.Message):
         shared_state: Global___SharedStateStatus | None = ...,
         model_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         feature_mirror: Global___FeatureMirrorStatus | None = ...,
+        drift: Global___DriftStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "canary", b"canary", "feature_mirror", b"feature_mirror", "shared_state", b"shared_state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "canary", b"canary", "drift", b"drift", "feature_mirror", b"feature_mirror", "shared_state", b"shared_state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "canary", b"canary", "feature_mirror", b"feature_mirror", "features", b"features", "flags", b"flags", "kill_switches", b"kill_switches", "model_versions", b"model_versions", "replicas", b"replicas", "server_id", b"server_id", "shared_state", b"shared_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "canary", b"canary", "drift", b"drift", "feature_mirror", b"feature_mirror", "features", b"features", "flags", b"flags", "kill_switches", b"kill_switches", "model_versions", b"model_versions", "replicas", b"replicas", "server_id", b"server_id", "shared_state", b"shared_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -227,6 +227,38 @@ def test_format_status_of_an_empty_response() -> None:
     assert "JOURNAL FULL" not in text
 
 
+def test_format_status_marks_drifting_and_shifted_features() -> None:
+    drift = pb.DriftStatus(
+        enabled=True,
+        model_version="3f1c2a9b8d7e6f5a",
+        samples=5000,
+        scores=4200,
+        features=[
+            pb.FeatureDrift(feature="spread_bps", psi=0.02),
+            pb.FeatureDrift(feature="ofi_5s", psi=0.17),
+            pb.FeatureDrift(feature="imbalance_l1", psi=0.4),
+        ],
+        score_psi=0.05,
+        watch_psi=0.1,
+        act_psi=0.25,
+    )
+    lines = ctl_format.format_status(pb.GetStatusResponse(drift=drift)).splitlines()
+    assert "  model 3f1c2a9b8d7e, 5000 decisions" in lines
+    marks = {line.split()[0]: line.split()[2:] for line in lines if "0." in line}
+    assert marks["spread_bps"] == []
+    assert marks["ofi_5s"] == ["drifting"]
+    assert marks["imbalance_l1"] == ["SHIFTED"]
+    assert marks["(score)"] == []
+
+
+def test_format_status_says_why_there_is_no_drift() -> None:
+    text = ctl_format.format_status(pb.GetStatusResponse())
+    assert "(not computed: DECISION_DRIFT__MODEL_STORE is not set)" in text
+    waiting = pb.DriftStatus(enabled=True, model_version="abc", samples=12, problem="too few")
+    text = ctl_format.format_status(pb.GetStatusResponse(drift=waiting))
+    assert "model abc, 12 decisions: no PSI yet (too few)" in text
+
+
 def test_change_lines() -> None:
     breaker = pb.SetBreakerResponse(
         before=pb.BREAKER_MODE_AUTO,

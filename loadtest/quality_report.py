@@ -1,0 +1,404 @@
+"""``python -m loadtest.quality_report`` (``make quality-report``): the labeler's live AUC
+against the offline evaluation of the same period, and a broken model's.
+
+Replays the start of the models' held-out day (the generated day no model was fitted
+on, ``docs/models.md``) through the local stack in real time, rebased to now, and sends
+Decide calls for random symbols and sides at a steady rate. The challenger replica
+serves the champion with its scores inverted (1 - score), shadow-scoring every decision.
+Once the labeler has labelled every decision, it compares:
+
+- live: the labeler's AUC of the champion's served scores (its ``/metrics``, with the
+  window set to hold every decision), checked against the same decisions' AUC computed
+  from the audit store's ``decision_outcomes``;
+- offline: the champion's AUC on the held-out rows (``heldout.npz``: every 250 ms per
+  symbol, both sides) of the same span of exchange time;
+- broken: the inverted challenger's live AUC, which must fall below 0.5.
+
+Writes ``docs/quality.md``; exits 1 when the live AUC is more than 0.02 from the offline
+one or the inverted model's is not below 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import random
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+import uuid
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from core.domain import DEFAULT_TRADE_THRESHOLD
+from core.metrics_http import Samples, scrape
+from feature_cache.events import MarketEvent
+from feature_cache.generator import MarketGenerator
+from feature_cache.replay import Progress, replay
+from feature_cache.settings import FeatureCacheSettings
+from localstack.__main__ import LocalStack
+from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
+from quality.rolling import auc, calibration_error
+from quality.store import epoch_us
+from torchserve.archive import archive_meta, archive_version, build_archive
+from torchserve.dataset import DAY_US, FIRST_DAY_US, day_seed
+from torchserve.train import ensure_models
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_GAP = 0.02  # the issue's bound on |live AUC - offline AUC|
+MODEL_SOURCES = (decision_pb2.SOURCE_PRIMARY, decision_pb2.SOURCE_SECONDARY)
+
+
+class Inverted(torch.nn.Module):
+    """A deliberately broken model: the champion's scores, inverted."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        scores: torch.Tensor = self.inner(rows)
+        return 1.0 - scores
+
+
+def inverted_archive(champion: Path, out: Path) -> None:
+    """``out/challenger.mar``: the champion's archive with its model's scores inverted."""
+    meta = archive_meta(champion)
+    with tempfile.TemporaryDirectory(prefix="inverted-") as tmp, zipfile.ZipFile(champion) as mar:
+        work = Path(tmp)
+        original = work / "champion.pt"
+        original.write_bytes(mar.read(meta["serialized_file"]))
+        reference = mar.read(meta["reference_file"])
+        model = torch.jit.script(Inverted(torch.jit.load(str(original))))  # type: ignore[no-untyped-call]
+        serialized = work / "inverted.pt"
+        torch.jit.save(model, str(serialized))
+        kept = {
+            k: v for k, v in meta.items() if k not in ("model_name", "serialized_file", "version")
+        }
+        build_archive(
+            out,
+            model_name="challenger",
+            serialized_file=serialized,
+            meta={**kept, "inverted_from": meta["version"]},
+            extra_files={"reference.json": reference},
+        )
+
+
+def models_with_inverted_challenger(models: Path, out: Path) -> None:
+    """A model folder for the stack: the champion, and the inverted one as challenger."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(models / "champion.mar", out / "champion.mar")
+    inverted_archive(models / "champion.mar", out)
+    manifest = {
+        "models": {
+            name: {"archive": f"{name}.mar", "version": archive_version(out / f"{name}.mar")}
+            for name in ("champion", "challenger")
+        }
+    }
+    (out / "models.json").write_text(json.dumps(manifest, indent=1))
+
+
+def heldout_events(spec: dict[str, Any], duration_s: float) -> list[MarketEvent]:
+    """The first ``duration_s`` of exchange time of the held-out day, as training made it."""
+    day = spec["days"] - 1
+    start_us = FIRST_DAY_US + day * DAY_US
+    generator = MarketGenerator(
+        tuple(spec["symbols"]),
+        seed=day_seed(spec["seed"], day),
+        start_time_us=start_us,
+        events_per_second=spec["events_per_second"],
+    )
+    end_us = start_us + int(duration_s * 1e6)
+    events = []
+    for event in generator.events(spec["events_per_day"]):
+        if event.exchange_time_us >= end_us:
+            break
+        events.append(event)
+    return events
+
+
+def rebased(events: list[MarketEvent], shift_us: int) -> Iterator[MarketEvent]:
+    for event in events:
+        yield dataclasses.replace(event, exchange_time_us=event.exchange_time_us + shift_us)
+
+
+@dataclasses.dataclass
+class Called:
+    decision_ids: list[str] = dataclasses.field(default_factory=list)
+    sources: Counter[int] = dataclasses.field(default_factory=Counter)
+    errors: Counter[str] = dataclasses.field(default_factory=Counter)
+
+
+async def decide_steadily(
+    address: str, symbols: list[str], rate: float, until: float, called: Called
+) -> None:
+    """Decide calls at ``rate`` a second, open loop, until the monotonic time ``until``."""
+    rng = random.Random(0)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = decision_pb2_grpc.DecisionServiceStub(channel)
+
+        async def one() -> None:
+            request = decision_pb2.DecideRequest(
+                request_id=str(uuid.uuid4()),
+                symbol=rng.choice(symbols),
+                side=rng.choice((decision_pb2.SIDE_BUY, decision_pb2.SIDE_SELL)),
+                quantity=1.0,
+                client_id="quality-report",
+            )
+            try:
+                response = await stub.Decide(request, timeout=0.1)
+            except grpc.aio.AioRpcError as exc:
+                called.errors[exc.code().name] += 1
+                return
+            called.decision_ids.append(response.decision_id)
+            called.sources[response.source] += 1
+
+        tasks = set()
+        next_at = time.monotonic()
+        while next_at < until:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            task = asyncio.create_task(one())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            next_at += 1.0 / rate
+        await asyncio.gather(*tasks)
+
+
+async def shadow_every_decision(stack: LocalStack) -> None:
+    token = (stack.run_dir / "admin" / "operator.token").read_text().strip()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.admin_port}") as channel:
+        await admin_pb2_grpc.AdminServiceStub(channel).SetFlag(
+            admin_pb2.SetFlagRequest(
+                name="shadow_sample_rate",
+                value="1",
+                reason="quality report: judge the inverted challenger",
+            ),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=5,
+        )
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), float("nan"))
+
+
+def labelled(port: int) -> tuple[float, float]:
+    """(outcomes written, decisions waiting) at the labeler; (0, 0) while it is not up."""
+    try:
+        samples = scrape(port)
+    except OSError:
+        return 0.0, 0.0
+    total = sum(v for (name, _), v in samples.items() if name == "decision_quality_outcomes_total")
+    return total, samples.get(("decision_quality_pending_decisions", frozenset()), 0.0)
+
+
+def stored_outcomes(database: Path, decision_ids: list[str]) -> list[tuple[str, float, int, str]]:
+    """(source, score, label, feature_time) of the labelled decisions among ``decision_ids``."""
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        conn.execute("CREATE TEMP TABLE wanted (decision_id TEXT PRIMARY KEY)")
+        conn.executemany("INSERT INTO wanted VALUES (?)", [(i,) for i in decision_ids])
+        return conn.execute(
+            "SELECT d.source, d.score, o.label, d.feature_time FROM decisions d"
+            " JOIN wanted USING (decision_id) JOIN decision_outcomes o USING (decision_id)"
+            " WHERE o.label IS NOT NULL"
+        ).fetchall()
+
+
+def outcome_counts(database: Path) -> dict[str, int]:
+    """Outcomes by reason ("" for labelled)."""
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        rows = conn.execute("SELECT reason, count(*) FROM decision_outcomes GROUP BY reason")
+        return {reason: count for reason, count in rows}
+
+
+def quality_of(scores: np.ndarray[Any, Any], labels: np.ndarray[Any, Any]) -> dict[str, float]:
+    flagged = scores >= DEFAULT_TRADE_THRESHOLD
+    return {
+        "rows": float(len(scores)),
+        "auc": auc(scores, labels),
+        "precision": float(labels[flagged].mean()) if flagged.any() else float("nan"),
+        "trade_share": float(flagged.mean()),
+        "calibration_error": calibration_error(scores, labels),
+        "favourable_share": float(labels.mean()),
+    }
+
+
+async def run(args: argparse.Namespace) -> int:
+    archives = await asyncio.to_thread(ensure_models, args.models)
+    manifest = json.loads((args.models / "models.json").read_text())
+    spec = manifest["spec"]["data"]
+    champion_version = archives["champion"].version
+    heldout = np.load(args.models / "heldout.npz")
+    stack_models = args.run_dir / "models"
+    await asyncio.to_thread(models_with_inverted_challenger, args.models, stack_models)
+    events = heldout_events(spec, args.duration_s)
+    print(f"held-out day {spec['days'] - 1}: {len(events):,} events over {args.duration_s:.0f} s")
+
+    # Every decision stays in the labeler's window: the whole run is one sample.
+    os.environ["DECISION_QUALITY__WINDOW"] = "1000000"
+    stack = LocalStack(args.run_dir, args.port_offset, stack_models, replayer=False)
+    if stack.busy_ports():
+        print(f"ports in use: {stack.busy_ports()}; --port-offset N moves this stack")
+        return 2
+    called = Called()
+    try:
+        await stack.start()
+        await shadow_every_decision(stack)
+        shift_us = time.time_ns() // 1000 - events[0].exchange_time_us
+        kafka = FeatureCacheSettings().kafka
+        publishing = asyncio.create_task(
+            replay(
+                rebased(events, shift_us),
+                bootstrap=f"127.0.0.1:{stack.kafka_port}",
+                topic=kafka.topic,
+                speed=1.0,
+                progress=Progress(len(events)),
+            )
+        )
+        # Decide once the features' 30 s windows have filled, as training samples do.
+        await asyncio.sleep(spec["warmup_s"])
+        until = time.monotonic() + args.duration_s - spec["warmup_s"]
+        print(f"deciding at {args.rate:.0f}/s until the replay ends")
+        await decide_steadily(
+            f"127.0.0.1:{stack.decision_port}", spec["symbols"], args.rate, until, called
+        )
+        await publishing
+        print(f"{len(called.decision_ids):,} decisions, errors {dict(called.errors) or 0};"
+              " waiting for the labeler")  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:
+            written, waiting = labelled(stack.labeler_metrics_port)
+            if written >= len(called.decision_ids) and waiting == 0:
+                break
+            if time.monotonic() > deadline:
+                print(f"the labeler wrote {written:.0f} outcomes of {len(called.decision_ids)}")
+                break
+            await asyncio.sleep(1)
+        samples = scrape(stack.labeler_metrics_port)
+    finally:
+        await stack.stop()
+
+    database = args.run_dir / "audit" / "audit.db"
+    rows = stored_outcomes(database, called.decision_ids)
+    outcomes = outcome_counts(database)
+    model_rows = [r for r in rows if r[0] in ("PRIMARY", "SECONDARY")]
+    scores = np.array([r[1] for r in model_rows])
+    labels = np.array([r[2] for r in model_rows])
+    # SQLite's DateTime text, naive UTC, as SQLAlchemy stores it.
+    times = np.array(
+        [epoch_us(dt.datetime.fromisoformat(r[3])) - shift_us for r in model_rows],
+        dtype=np.int64,
+    )
+    live = quality_of(scores, labels)
+    served = {"model": "champion", "model_version": champion_version, "role": "served"}
+    live_metric = value(samples, "decision_quality_auc", **served)
+    broken = next(
+        (v for (name, labels_), v in samples.items()
+         if name == "decision_quality_auc" and ("role", "shadow") in labels_),
+        float("nan"),
+    )  # fmt: skip
+    period = (heldout["time_us"] >= times.min()) & (heldout["time_us"] <= times.max())
+    offline = quality_of(heldout["champion"][period].astype(np.float64), heldout["y"][period])
+    whole_day = quality_of(heldout["champion"].astype(np.float64), heldout["y"])
+    gap = abs(live_metric - offline["auc"])
+    ok = gap <= MAX_GAP and broken < 0.5
+    text = report_text(
+        args, called, outcomes, live, live_metric, offline, whole_day, broken, gap, ok
+    )
+    print(text)
+    args.report.write_text(text)
+    print(f"wrote {args.report}")
+    return 0 if ok else 1
+
+
+def report_text(
+    args: argparse.Namespace,
+    called: Called,
+    outcomes: dict[str, int],
+    live: dict[str, float],
+    live_metric: float,
+    offline: dict[str, float],
+    whole_day: dict[str, float],
+    broken: float,
+    gap: float,
+    ok: bool,
+) -> str:
+    sources = ", ".join(
+        f"{decision_pb2.Source.Name(decision_pb2.Source.ValueType(s)).removeprefix('SOURCE_').lower()}"
+        f" {n:,}"
+        for s, n in sorted(called.sources.items())
+    )
+
+    unlabelled = ", ".join(f"{reason} {n:,}" for reason, n in sorted(outcomes.items()) if reason)
+
+    def row(name: str, q: dict[str, float]) -> str:
+        return (
+            f"| {name} | {q['rows']:,.0f} | {q['auc']:.3f} | {q['precision']:.3f} |"
+            f" {q['trade_share']:.3f} | {q['calibration_error']:.3f} |"
+            f" {q['favourable_share']:.3f} |"
+        )
+
+    return f"""# Live model quality against the offline evaluation
+
+Written by `make quality-report` (`python -m loadtest.quality_report`) on
+{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}; do not edit by hand.
+
+The first {args.duration_s:.0f} s of the models' held-out day were replayed through the local
+stack in real time; after the 30 s warm-up, {args.rate:.0f} Decide calls a second for random
+symbols and sides ({len(called.decision_ids):,} decisions: {sources}). The labeler labelled
+{outcomes.get("", 0):,} of them from the same market data; without a label: {unlabelled or "none"}
+(the decisions of the last 2 s, whose horizon ran past the end of the replay). The
+champion's served scores (primary and secondary answers) are judged against those
+labels, and the offline evaluation is the champion's scores on the held-out rows of the
+same span of exchange time.
+
+| scorer | decisions / rows | AUC | precision | trade share | calibration error | favourable |
+| --- | --- | --- | --- | --- | --- | --- |
+{row("live: champion's served scores (audit store)", live)}
+{row("offline: held-out rows, same period", offline)}
+{row("offline: the whole held-out day", whole_day)}
+
+- The labeler's own live AUC (`decision_quality_auc`, role served): **{live_metric:.3f}**;
+  offline, same period: **{offline["auc"]:.3f}**; difference {gap:.3f} (bound {MAX_GAP}).
+- The challenger replaced by the champion with inverted scores (1 - score), shadow-scoring
+  every decision: live AUC **{broken:.3f}** (below 0.5: `DecisionModelWorseThanChance` /
+  `DecisionChallengerWorseThanChance` fire on it, `k8s/monitoring/alert-rules-test.yaml`).
+- Verdict: {"PASS" if ok else "FAIL"}.
+
+Live decisions come at random times with the features of the moment; the offline rows
+every 250 ms per symbol. Both are samples of the same period, so the AUCs differ by
+sampling noise (neighbouring decisions share most of their horizon, so the noise is
+larger than the counts suggest).
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration-s", type=float, default=360.0, help="exchange time replayed")
+    parser.add_argument("--rate", type=float, default=25.0, help="Decide calls a second")
+    parser.add_argument("--models", type=Path, default=REPO / ".run/models")
+    parser.add_argument("--run-dir", type=Path, default=REPO / ".run/quality-report")
+    parser.add_argument("--port-offset", type=int, default=300)
+    parser.add_argument("--report", type=Path, default=REPO / "docs/quality.md")
+    args = parser.parse_args()
+    if args.run_dir.exists():
+        shutil.rmtree(args.run_dir)  # a fresh audit store and journal each run
+    sys.exit(asyncio.run(run(args)))
+
+
+if __name__ == "__main__":
+    main()

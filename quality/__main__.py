@@ -1,0 +1,103 @@
+"""``python -m quality`` / ``decision-labeler``: label audited decisions with what the market
+did after them, and export the models' live quality, until SIGTERM or SIGINT.
+
+Its Prometheus metrics are on ``DECISION_QUALITY__METRICS_PORT`` (9490; 0: off). It reads
+the audit store at ``DECISION_AUDIT__DATABASE_URL`` (migrated by the decision server), the
+market data at ``DECISION_KAFKA__BOOTSTRAP_SERVERS`` and the feature cache's checkpoints
+in ``DECISION_REDIS__URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import redis.asyncio as aioredis
+import uvloop
+from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
+
+from core.metrics_http import MetricsServer
+from quality.labeler import Labeler
+from quality.metrics import LabelerCollector
+from quality.settings import QualitySettings
+from quality.store import OutcomeStore
+from server.audit.store import create_store_engine
+
+log = logging.getLogger("quality")
+
+
+async def run(settings: QualitySettings) -> int:
+    """Runs until a signal (exit status 0), or not at all when its metrics port cannot be
+    served (status 2)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    engine = create_store_engine(settings.audit.database_url)
+    redis = aioredis.Redis.from_url(settings.redis.url)
+    labeler = Labeler(settings, redis, OutcomeStore(engine, horizon_ms=settings.quality.horizon_ms))
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
+    registry.register(LabelerCollector(labeler))
+    metrics = MetricsServer(registry, settings.quality.metrics_host, settings.quality.metrics_port)
+    try:
+        metrics.start()
+    except OSError as exc:
+        log.error(
+            "cannot serve metrics on %s:%d (DECISION_QUALITY__METRICS_PORT; 0: off): %s",
+            settings.quality.metrics_host,
+            settings.quality.metrics_port,
+            exc,
+        )
+        await redis.aclose()
+        engine.dispose()
+        return 2
+    log.info(
+        "labelling decisions in %s, horizon %d ms",
+        engine.url.render_as_string(hide_password=True),
+        settings.quality.horizon_ms,
+    )
+    try:
+        await asyncio.gather(
+            labeler.follow(stop), labeler.label_until(stop), _report(labeler, stop)
+        )
+    finally:
+        await redis.aclose()
+        engine.dispose()
+        metrics.stop()
+    log.info("stopped")
+    return 0
+
+
+async def _report(labeler: Labeler, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), 30.0)
+        except TimeoutError:
+            stats = labeler.stats
+            log.info(
+                "market events %d, labelled %d, unlabelled %s, waiting %d, store errors %d",
+                stats.events,
+                stats.labelled,
+                dict(stats.unlabelled) or 0,
+                stats.pending,
+                stats.store_errors,
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="decision-labeler", description=__doc__).parse_args(argv)
+    settings = QualitySettings()
+    logging.basicConfig(
+        level=settings.quality.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    sys.exit(uvloop.run(run(settings)))
+
+
+if __name__ == "__main__":
+    main()
