@@ -145,6 +145,16 @@ def create_store_engine(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=5000")
             cursor.close()
+            # pysqlite begins a transaction only before DML, so DDL would commit one
+            # statement at a time: a reader could see a half-migrated schema and a failed
+            # migration would leave one. SQLAlchemy's recipe: the driver never begins,
+            # the engine does (docs, "Serializable isolation / Savepoints / Transactional
+            # DDL" for pysqlite).
+            dbapi_connection.isolation_level = None
+
+        @sa.event.listens_for(engine, "begin")
+        def _sqlite_begin(connection: sa.Connection) -> None:
+            connection.exec_driver_sql("BEGIN")
 
         return engine
     # A database that vanishes without closing the connection must fail the shipper's

@@ -143,7 +143,10 @@ async def test_a_call_without_a_traceparent_is_audited_with_its_new_trace(
             row = conn.execute(query).mappings().first()
         return dict(row) if row else None
 
-    await asyncio.to_thread(wait_for, lambda: stored() is not None, 10)
+    # store_ok first: it holds once the shipper has migrated the schema and inserted.
+    await asyncio.to_thread(
+        wait_for, lambda: app.audit.shipper.store_ok and stored() is not None, 10
+    )
     row = stored()
     assert row is not None and row["trace_id"] == trace_id
 

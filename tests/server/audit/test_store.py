@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -34,6 +35,26 @@ def test_migrations_create_exactly_the_tables_the_code_defines(database_url):
         } <= indexes
         downgrade(engine, "base")
         assert "decisions" not in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_a_migration_that_fails_leaves_the_schema_as_it_was(database_url):
+    """A migration runs in one transaction on every backend, SQLite included: readers
+    never see half of it, and a failure leaves the previous revision whole."""
+    engine = create_store_engine(database_url)
+    try:
+        upgrade(engine, "0001")
+        with engine.begin() as conn:
+            # A table in the way of 0002's second step makes it fail after its first.
+            conn.execute(sa.text("CREATE TABLE decision_outcomes (decision_id TEXT)"))
+        with pytest.raises(sa.exc.DatabaseError):
+            upgrade(engine)
+        columns = {c["name"] for c in sa.inspect(engine).get_columns("decisions")}
+        assert "feature_time" not in columns
+        with engine.connect() as conn:
+            version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+        assert version == "0001"
     finally:
         engine.dispose()
 
