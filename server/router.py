@@ -28,7 +28,9 @@ from server.model_client import ModelInputError, ModelScores
 from server.replica import Admission, Attempt, Replica
 from server.settings import DecisionSettings, TorchServeSettings
 
-HEDGE_DELAY_REFRESH_S = 0.5
+# How often a replica's recent latencies are summarized for the router (sorting them on
+# every call would cost more than the call).
+LATENCY_REFRESH_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +80,12 @@ class ReplicaRouter:
     """Calls the lane's replicas in order until one answers.
 
     Each call gets ``min(remaining budget - fallback reserve, jittered per-call cap)``;
-    none is made when less than ``min_call_budget_ms`` would be left for it. A call after
+    none is made when less would be left for it than the replica's recent median answer
+    (at least ``min_call_budget_ms``): a call that would most likely time out only adds
+    an abandoned call to the replica's load, the very thing that slows it. A call after
     a failed one (a retry, or a hedge) is made only within the lane's retry budget
     (``retry_budget_ratio`` of first calls): a call to the next replica because the
-    first one's breaker refused is a first call, not a retry.
+    first one's breaker refused or it was skipped for time is a first call, not a retry.
     """
 
     def __init__(
@@ -102,7 +106,8 @@ class ReplicaRouter:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._hedge = torchserve.hedge if hedge is None else hedge
         self._hedge_min_delay_ms = torchserve.hedge_min_delay_ms
-        self._hedge_delays: dict[str, tuple[float, float]] = {}
+        # By replica: when its recent latencies were summarized, their p50 and p95.
+        self._latencies: dict[str, tuple[float, float, float]] = {}
         self.hedges = 0  # hedge calls made
         self.retries = RetryBudget(
             ratio=torchserve.retry_budget_ratio, min_per_s=torchserve.retry_budget_min_per_s
@@ -137,8 +142,9 @@ class ReplicaRouter:
                 )
                 continue
             timeout_ms = self._call_timeout_ms(budget)
-            if timeout_ms < self._min_call_ms:
-                return result.then(_note(self._no_time(replica, timeout_ms), "model_no_time"))
+            if timeout_ms < self.needs_ms(replica):  # the next one may answer faster
+                result = result.then(_note(self._no_time(replica, timeout_ms), "model_no_time"))
+                continue
             if not called:
                 self.retries.deposit()
             elif not self.retries.withdraw():
@@ -163,8 +169,24 @@ class ReplicaRouter:
     def _no_time(self, replica: Replica, timeout_ms: float) -> str:
         return (
             f"{replica.name} skipped: {max(timeout_ms, 0.0):.1f} ms of budget left"
-            f" (needs {self._min_call_ms:.1f})"
+            f" (needs {self.needs_ms(replica):.1f})"
         )
+
+    def _recent_latency(self, replica: Replica) -> tuple[float, float]:
+        """The p50 and p95 of ``replica``'s recent successful calls (0 when none), read
+        at most every ``LATENCY_REFRESH_S``."""
+        now = time.monotonic()
+        cached = self._latencies.get(replica.name)
+        if cached is None or now - cached[0] > LATENCY_REFRESH_S:
+            recent = replica.recent
+            cached = (now, recent.percentile_ms(0.50), recent.percentile_ms(0.95))
+            self._latencies[replica.name] = cached
+        return cached[1], cached[2]
+
+    def needs_ms(self, replica: Replica) -> float:
+        """The least time worth a call to ``replica``: its recent median answer, at least
+        ``min_call_budget_ms``."""
+        return max(self._recent_latency(replica)[0], self._min_call_ms)
 
     def _call_timeout_ms(self, budget: Budget) -> float:
         return model_call_timeout_ms(
@@ -187,15 +209,9 @@ class ReplicaRouter:
         return (backup, admission) if admission.allowed else None
 
     def hedge_delay_ms(self, replica: Replica) -> float:
-        """How long the primary has before its request is hedged: its recent p95 (read
-        at most every ``HEDGE_DELAY_REFRESH_S``), at least the configured floor."""
-        now = time.monotonic()
-        cached = self._hedge_delays.get(replica.name)
-        if cached is None or now - cached[0] > HEDGE_DELAY_REFRESH_S:
-            p95 = replica.recent.percentile_ms(0.95)
-            cached = (now, max(p95, self._hedge_min_delay_ms))
-            self._hedge_delays[replica.name] = cached
-        return cached[1]
+        """How long the primary has before its request is hedged: its recent p95, at
+        least the configured floor."""
+        return max(self._recent_latency(replica)[1], self._hedge_min_delay_ms)
 
     async def _hedged(
         self,
@@ -223,7 +239,7 @@ class ReplicaRouter:
                 return tried
             return tried.then(await self._retry(backup, rows, budget))
         backup_timeout_ms = self._call_timeout_ms(budget)
-        if backup_timeout_ms < self._min_call_ms or not self.retries.withdraw():
+        if backup_timeout_ms < self.needs_ms(backup[0]) or not self.retries.withdraw():
             try:
                 return _tried(await primary)
             except asyncio.CancelledError:
@@ -248,7 +264,7 @@ class ReplicaRouter:
         """The plain retry, when the hedged-for primary failed before its hedge delay."""
         replica, admission = backup
         timeout_ms = self._call_timeout_ms(budget)
-        if timeout_ms < self._min_call_ms:
+        if timeout_ms < self.needs_ms(replica):
             return _note(self._no_time(replica, timeout_ms), "model_no_time")
         if not self.retries.withdraw():
             return _note(_budget_spent(replica), "model_retry_budget")

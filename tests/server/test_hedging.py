@@ -188,3 +188,29 @@ async def test_calls_past_an_open_breaker_are_first_calls_not_retries() -> None:
 
 async def primary_down() -> None:
     raise ModelUnavailable("primary unavailable")
+
+
+async def test_a_replica_is_not_called_with_less_time_than_its_median_answer() -> None:
+    """A call that would most likely time out only adds an abandoned call to a slow
+    replica's load: the lane goes to the next replica, as a first call (no retry spent)."""
+    primary, secondary = ScriptedReplica("primary", 12.0), ScriptedReplica("secondary", 1.0)
+    routing = router(primary, secondary, hedge=False, retry_budget_min_per_s=0.0)
+    for _ in range(20):
+        routing.replicas[0].recent.record(12.0, ok=True)
+        routing.replicas[1].recent.record(1.0, ok=True)
+    routed, reasons = await score(routing, budget_ms=9.0)  # 8 ms for a call
+    assert routed is not None and routed.source is Source.SECONDARY
+    assert primary.calls[0.0] == 0
+    assert reasons[0].startswith("primary skipped: ") and reasons[0].endswith("(needs 12.0)")
+
+
+async def test_with_no_recent_answers_a_replica_needs_the_configured_minimum() -> None:
+    primary, secondary = ScriptedReplica("primary", 1.0), ScriptedReplica("secondary", 1.0)
+    routing = router(primary, secondary, min_call_budget_ms=3.0)
+    assert routing.needs_ms(routing.replicas[0]) == 3.0
+    routed, reasons = await score(routing, budget_ms=3.5)  # 2.5 ms for a call: none made
+    assert routed is None and primary.calls[0.0] == secondary.calls[0.0] == 0
+    assert reasons == (
+        "primary skipped: 2.5 ms of budget left (needs 3.0)",
+        "secondary skipped: 2.5 ms of budget left (needs 3.0)",
+    )
