@@ -7,6 +7,13 @@ sums that lateness over a span, so a timeout can say how much of its wait the lo
 not there to read an answer (``ModelTimeout.given_ms`` is the wait less that), and the
 breaker does not blame a replica for this process's overload.
 
+``busy_share(window)`` says how much of a recent window the loop's thread was running or
+waiting for a CPU (Linux's per-thread schedstat): near 1, the loop has no idle moment,
+and requests wait in gRPC's queue before any handler runs (its server accepts one call
+at a time from the loop). The timers stay punctual then, so lateness cannot show it:
+at 1,480 decisions/s on two shared cores the probe woke 0.1 ms late on average while
+requests waited 39 ms before their handler and the thread was busy 93 % of the time.
+
 A stall over ``LOG_STALL_S`` is logged with what the loop's thread did meanwhile: its CPU
 time (and the part of it in the kernel: page faults, memory reclaim), how often it was
 preempted, and the part the cyclic garbage collector took. A stall spent on the CPU is
@@ -22,6 +29,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import resource
 import time
 from collections import deque
@@ -39,6 +47,29 @@ LOG_EVERY_S = 10.0
 # The stall watch looks at the loop's thread once the probe is this late: a stall that
 # may reach LOG_STALL_S.
 WATCH_OVERDUE_S = 0.03
+
+
+class ThreadBusy:
+    """Nanoseconds the calling thread has spent running or runnable (waiting in the
+    run queue for a CPU), from ``/proc/thread-self/schedstat``; where that file does not
+    exist, its CPU time alone (``time.thread_time_ns``)."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def ns(self) -> int:
+        if self._fd is None:
+            return time.thread_time_ns()
+        running, waiting, _ = os.pread(self._fd, 128, 0).split()
+        return int(running) + int(waiting)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def thread_usage() -> resource.struct_rusage:
@@ -78,6 +109,9 @@ class LoopLag:
         self._logged_at = float("-inf")
         self._gc = GcClock()
         self._watch: StallWatch | None = None
+        self._busy: ThreadBusy | None = None
+        # (loop time, busy ns of the loop's thread), one per probe wake.
+        self._busy_samples: deque[tuple[float, int]] = deque(maxlen=keep)
 
     def start(self) -> None:
         if self._task is None:
@@ -98,7 +132,18 @@ class LoopLag:
 
     async def _probe(self, watch: StallWatch) -> None:
         loop = asyncio.get_running_loop()
+        self._busy = busy = ThreadBusy()  # opened here: the loop's own thread
+        try:
+            await self._probe_until_cancelled(loop, watch, busy)
+        finally:
+            self._busy = None
+            busy.close()
+
+    async def _probe_until_cancelled(
+        self, loop: asyncio.AbstractEventLoop, watch: StallWatch, busy: ThreadBusy
+    ) -> None:
         while True:
+            self._busy_samples.append((loop.time(), busy.ns()))
             self._due = loop.time() + self._interval_s
             before, gc_before = thread_usage(), self._gc.total_s
             watch.beat()
@@ -138,8 +183,20 @@ class LoopLag:
             total += min(late, woke_at - since)
         return total * 1000.0
 
-    def stalled_share(self, window_s: float) -> float:
-        """The share of the last ``window_s`` the loop was stalled: near 0 when it keeps
-        up, near 1 when work waits all the time. One stall of 30 ms in 250 ms is 0.12."""
-        since = asyncio.get_running_loop().time() - window_s
-        return min(1.0, self.stalled_ms(since) / (window_s * 1000.0))
+    def busy_share(self, window_s: float) -> float:
+        """The share of about the last ``window_s`` the loop's thread was running or
+        waiting for a CPU: near 1 when the loop has no idle moment (0 before the probe's
+        first sample)."""
+        busy = self._busy
+        if busy is None or not self._busy_samples:
+            return 0.0
+        now = asyncio.get_running_loop().time()
+        since = now - window_s
+        then, then_ns = self._busy_samples[0]
+        for at, ns in reversed(self._busy_samples):
+            if at <= since:
+                then, then_ns = at, ns
+                break
+        if now - then <= 0:
+            return 0.0
+        return min(1.0, (busy.ns() - then_ns) / 1e9 / (now - then))

@@ -354,7 +354,7 @@ class DecisionApp:
             admission=AdmissionLimit(
                 max_in_flight=settings.decision.max_in_flight,
                 min_in_flight=settings.decision.min_in_flight,
-                max_stalled_share=settings.decision.max_loop_stalled_share,
+                max_busy_share=settings.decision.max_loop_busy_share,
                 lag=self.loop_lag,
             ),
             shadow=self.shadow,

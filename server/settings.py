@@ -207,7 +207,8 @@ class TorchServeSettings(SettingsSection):
     min_call_budget_ms: float = Field(
         1.0,
         gt=0,
-        description="A model call (first or retry) is skipped when less than this is left.",
+        description="A model call (first or retry) is skipped when less than this, or than "
+        "the replica's recent median answer time, is left.",
     )
     connect_timeout_ms: float = Field(
         2000.0,
@@ -328,13 +329,13 @@ class DecisionSettings(SettingsSection):
         "queueing past their deadlines. 0: no ceiling. A batch larger than the limit is "
         "taken when nothing else is in flight.",
     )
-    max_loop_stalled_share: float = Field(
-        0.2,
+    max_loop_busy_share: float = Field(
+        0.85,
         gt=0,
         le=1,
-        description="The admission limit shrinks while the event loop was stalled more than "
-        "this share of the last 250 ms (requests then wait in gRPC's queue, unseen) and "
-        "grows back while it was not.",
+        description="The admission limit shrinks while the event loop's thread was running or "
+        "waiting for a CPU more than this share of the last 250 ms (requests then wait in "
+        "gRPC's queue, unseen) and grows back while it was not.",
     )
     min_in_flight: int = Field(4, ge=1, description="The admission limit never shrinks below this.")
     overload_action: Literal["reject", "rules"] = Field(

@@ -18,6 +18,13 @@ def block_the_loop(seconds: float) -> None:
     time.sleep(seconds)
 
 
+def burn_cpu(seconds: float) -> None:
+    """Keeps the loop's thread running (a long callback), not sleeping."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        pass
+
+
 STALL_LINE = re.compile(
     r"stalled (?P<stalled>\d+) ms: its thread ran (?P<cpu>\d+) ms of it on the CPU"
     r" \((?P<kernel>\d+) ms in the kernel, (?P<faults>\d+) page faults,"
@@ -77,17 +84,19 @@ async def test_a_stall_that_began_before_the_span_counts_only_inside_it() -> Non
         await lag.stop()
 
 
-async def test_the_stalled_share_is_the_stall_over_the_window() -> None:
+async def test_the_busy_share_is_the_time_the_loops_thread_ran_over_the_window() -> None:
     lag = LoopLag(interval_s=0.002)
     lag.start()
     try:
-        await asyncio.sleep(0.01)
-        block_the_loop(0.05)
-        await asyncio.sleep(0.005)
-        assert lag.stalled_share(0.25) >= 0.18  # at least 48 of the last 250 ms
-        assert lag.stalled_share(0.01) <= 1.0
+        await asyncio.sleep(0.3)  # idle: the probe's own wakes only
+        assert lag.busy_share(0.25) < 0.3
+        burn_cpu(0.2)  # 200 ms on the CPU (or waiting for it) in the last 250
+        await asyncio.sleep(0)
+        assert lag.busy_share(0.25) >= 0.6
+        assert lag.busy_share(0.01) <= 1.0
     finally:
         await lag.stop()
+    assert lag.busy_share(0.25) == 0.0  # stopped: no probe, no claim
 
 
 async def test_a_stall_is_logged_with_the_cpu_and_collection_time_it_took(

@@ -211,7 +211,7 @@ class Parts:
             admission=AdmissionLimit(
                 max_in_flight=decision.max_in_flight,
                 min_in_flight=1,
-                max_stalled_share=0.2,
+                max_busy_share=0.85,
                 lag=None,
             ),
             shadow=cast(Any, self.shadow),
