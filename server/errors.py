@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +41,60 @@ Resp = TypeVar("Resp")
 Self_ = TypeVar("Self_")
 
 
+# A shed caller's first retry comes after this: a few admission-limit adjustments (50 ms
+# each), so that the limit can see the load it left before the load comes back.
+OVERLOADED_RETRY_DELAY_MS = 100
+
+
 class DecisionError(Exception):
     code = grpc.StatusCode.INTERNAL
 
+    def details(self) -> list[Message]:
+        """``google.rpc`` error details sent beside the status (none by default)."""
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field of a request: ``field`` as a path (``requests[3].quantity``)."""
+
+    field: str
+    problem: str
+
 
 class InvalidArgument(DecisionError):
+    """Every bad field of a request, each also sent as a ``google.rpc.BadRequest`` field
+    violation in the status details; the message names them all."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, problem: str) -> None:
+        self.violations: tuple[FieldViolation, ...] = (FieldViolation(field, problem),)
         super().__init__(f"{field}: {problem}")
-        self.field = field
+
+    @classmethod
+    def of(cls, violations: Sequence[FieldViolation]) -> InvalidArgument:
+        """One error for several violations (at least one)."""
+        error = cls(violations[0].field, violations[0].problem)
+        error.violations = tuple(violations)
+        error.args = ("; ".join(f"{v.field}: {v.problem}" for v in violations),)
+        return error
+
+    @property
+    def field(self) -> str:
+        return self.violations[0].field
+
+    def details(self) -> list[Message]:
+        return [
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.problem
+                    )
+                    for v in self.violations
+                ]
+            )
+        ]
 
 
 class AuditUnavailable(DecisionError):
@@ -57,12 +105,20 @@ class AuditUnavailable(DecisionError):
 
 
 class Overloaded(DecisionError):
+    """Shed by rejection; ``google.rpc.RetryInfo`` says how long to back off."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
     def __init__(self, in_flight: int, limit: float) -> None:
         super().__init__(
-            f"overloaded: {in_flight} decisions in flight (limit {limit:.0f}); retry with backoff"
+            f"overloaded: {in_flight} decisions in flight (limit {limit:.0f});"
+            f" retry after {OVERLOADED_RETRY_DELAY_MS} ms or later, with backoff"
         )
+
+    def details(self) -> list[Message]:
+        delay = Duration()
+        delay.FromMilliseconds(OVERLOADED_RETRY_DELAY_MS)
+        return [error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
 class Expired(DecisionError):
@@ -122,11 +178,27 @@ def grpc_errors(handler: Handler[Self_, Req, Resp]) -> Handler[Self_, Req, Resp]
                 raise InvalidArgument("request", f"not a valid {request.message_name}")
             return await handler(self, request, context)
         except DecisionError as exc:
-            code, details = exc.code, str(exc)
+            code, details, extra = exc.code, str(exc), exc.details()
         except Exception:
             log.exception("unhandled error in %s", handler.__qualname__)
-            code, details = grpc.StatusCode.INTERNAL, "internal error; see server logs"
-        await context.abort(code, details)
+            code, details, extra = grpc.StatusCode.INTERNAL, "internal error; see server logs", []
+        trailing = _with_status(context, code, details, extra) if extra else ()
+        await context.abort(code, details, trailing)
         raise AssertionError("context.abort returned")  # pragma: no cover - abort raises
 
     return wrapper
+
+
+def _with_status(
+    context: grpc.aio.ServicerContext[Any, Any],
+    code: grpc.StatusCode,
+    message: str,
+    details: Sequence[Message],
+) -> tuple[tuple[str, str | bytes], ...]:
+    """The call's trailing metadata so far (the traceparent) and the ``google.rpc.Status``
+    with ``details``, where grpcio-status's ``rpc_status.from_call`` finds it."""
+    status = status_pb2.Status(code=code.value[0], message=message)
+    for detail in details:
+        status.details.add().Pack(detail)
+    rich = rpc_status.to_status(status)
+    return (*tuple(context.trailing_metadata() or ()), *rich.trailing_metadata)

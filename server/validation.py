@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 import re
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
 from core.domain import OrderRequest, Side
 from feature_cache.schema import FEATURE_INDEX, representable
 from proto.decision.v1 import decision_pb2
-from server.errors import InvalidArgument
+from server.errors import FieldViolation, InvalidArgument
+
+T = TypeVar("T")
 
 MAX_ID_LENGTH = 128
 # ':' for a venue's key (``BINANCE:BTC-USD``, see feature_cache.exchanges.symbols).
@@ -46,36 +50,57 @@ def check_symbol(field: str, symbol: str) -> str:
 
 
 def order_from_pb(request: decision_pb2.DecideRequest, field_prefix: str = "") -> OrderRequest:
-    """Validates one request; ``field_prefix`` names its place in a batch (``requests[3].``)."""
-    symbol = check_symbol(f"{field_prefix}symbol", request.symbol)
-    side = _SIDES.get(request.side)
-    if side is None:
-        raise InvalidArgument(
-            f"{field_prefix}side", f"must be SIDE_BUY or SIDE_SELL, got {request.side}"
+    """Validates one request; ``field_prefix`` names its place in a batch (``requests[3].``).
+    Raises ``InvalidArgument`` naming every bad field, not only the first."""
+    violations: list[FieldViolation] = []
+
+    def checked(check: Callable[[], T], instead: T) -> T:
+        """The check's value, or ``instead`` with its violations kept for the error."""
+        try:
+            return check()
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+            return instead
+
+    symbol = checked(lambda: check_symbol(f"{field_prefix}symbol", request.symbol), "")
+    side = _SIDES.get(request.side, Side.BUY)
+    if request.side not in _SIDES:
+        violations.append(
+            FieldViolation(
+                f"{field_prefix}side", f"must be SIDE_BUY or SIDE_SELL, got {request.side}"
+            )
         )
-    quantity = _positive_finite(request.quantity, f"{field_prefix}quantity")
+    quantity = checked(lambda: _positive_finite(request.quantity, f"{field_prefix}quantity"), 0.0)
     limit_price = None
     if request.HasField("limit_price"):
-        limit_price = _positive_finite(request.limit_price, f"{field_prefix}limit_price")
+        limit_price = checked(
+            lambda: _positive_finite(request.limit_price, f"{field_prefix}limit_price"), None
+        )
     overrides: dict[str, float] = {}
     for name, value in request.feature_overrides.items():
         field = f"{field_prefix}feature_overrides[{name[:64]!r}]"
         if name not in FEATURE_INDEX:
-            raise InvalidArgument(field, "unknown feature name")
-        if not representable(value):
-            raise InvalidArgument(
-                field, f"must be finite and within float32 range (|x| <= 3.4e38), got {value}"
+            violations.append(FieldViolation(field, "unknown feature name"))
+        elif not representable(value):
+            violations.append(
+                FieldViolation(
+                    field, f"must be finite and within float32 range (|x| <= 3.4e38), got {value}"
+                )
             )
-        overrides[name] = value
-    request_id = _identifier(request.request_id, f"{field_prefix}request_id") or uuid.uuid4().hex
+        else:
+            overrides[name] = value
+    request_id = checked(lambda: _identifier(request.request_id, f"{field_prefix}request_id"), "")
+    client_id = checked(lambda: _identifier(request.client_id, f"{field_prefix}client_id"), "")
+    if violations:
+        raise InvalidArgument.of(violations)
     return OrderRequest(
-        request_id=request_id,
+        request_id=request_id or uuid.uuid4().hex,
         symbol=symbol,
         side=side,
         quantity=quantity,
         limit_price=limit_price,
         feature_overrides=overrides,
-        client_id=_identifier(request.client_id, f"{field_prefix}client_id"),
+        client_id=client_id,
     )
 
 
@@ -87,4 +112,13 @@ def orders_from_batch_pb(
         raise InvalidArgument("requests", "must hold at least one request")
     if count > max_batch_size:
         raise InvalidArgument("requests", f"holds {count} requests; at most {max_batch_size}")
-    return [order_from_pb(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
+    orders: list[OrderRequest] = []
+    violations: list[FieldViolation] = []
+    for i, one in enumerate(request.requests):
+        try:
+            orders.append(order_from_pb(one, f"requests[{i}]."))
+        except InvalidArgument as exc:  # every bad request is reported, with its index
+            violations.extend(exc.violations)
+    if violations:
+        raise InvalidArgument.of(violations)
+    return orders

@@ -9,11 +9,12 @@ import gc
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from grpc_status import rpc_status
 
 from core.processes import ManagedProcess, free_port, free_ports
 from feature_cache.schema import FEATURE_NAMES, MODEL_INPUT_WIDTH
@@ -314,3 +315,12 @@ def server_processes(
     finally:
         for server in started:
             server.proc.stop()
+
+
+def status_details(error: grpc.aio.AioRpcError) -> list[Any]:
+    """The ``google.rpc.Status`` details of a failed call, read as gRPC's clients read
+    them (grpcio-status; an AioRpcError has the ``code()`` and ``trailing_metadata()`` it
+    reads, though it is not typed as a ``grpc.Call``)."""
+    status = rpc_status.from_call(cast(grpc.Call, error))
+    assert status is not None, "no google.rpc.Status in the trailing metadata"
+    return list(status.details)

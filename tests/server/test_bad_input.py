@@ -7,10 +7,17 @@ import random
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 
 from feature_cache.schema import FEATURE_NAMES
 from proto.decision.v1 import decision_pb2
-from tests.server.conftest import buy, decision_stub, replica_settings, sample_record
+from tests.server.conftest import (
+    buy,
+    decision_stub,
+    replica_settings,
+    sample_record,
+    status_details,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -145,6 +152,54 @@ async def test_oversized_batch_and_bad_batch_item_are_named(start_app, channel_t
             decision_pb2.DecideBatchRequest(requests=[buy(), buy(quantity=-2.0)]), timeout=2
         )
     assert (err.value.details() or "").startswith("requests[1].quantity: ")
+
+
+def field_violations(err: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    """The ``google.rpc.BadRequest`` field violations in the call's status details, read
+    as a client of gRPC would (grpcio-status)."""
+    [detail] = status_details(err)
+    bad_request = error_details_pb2.BadRequest()
+    assert detail.Unpack(bad_request)
+    return [(v.field, v.description) for v in bad_request.field_violations]
+
+
+async def test_every_bad_field_of_a_request_is_a_field_violation(start_app, channel_to):
+    app = await start_app()
+    stub = decision_stub(channel_to(app))
+    request = decision_pb2.DecideRequest(symbol="btc", side=decision_pb2.SIDE_BUY, quantity=0.0)
+    request.feature_overrides["nope"] = 1.0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Decide(request, timeout=2.0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = [field for field, _ in field_violations(err.value)]
+    assert fields == ["symbol", "quantity", "feature_overrides['nope']"]
+    assert err.value.details() == "; ".join(
+        f"{field}: {problem}" for field, problem in field_violations(err.value)
+    )
+
+
+async def test_every_bad_request_of_a_batch_is_reported_with_its_index(start_app, channel_to):
+    app = await start_app()
+    stub = decision_stub(channel_to(app))
+    bad = [
+        buy(symbol=""),
+        buy(quantity=math.nan),
+        buy(side=decision_pb2.SIDE_UNSPECIFIED),
+        buy(limit_price=-1.0),
+        buy(request_id="x" * 129),
+    ]
+    batch = [bad[0], buy(), bad[1], bad[2], buy(), bad[3], bad[4]]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.DecideBatch(decision_pb2.DecideBatchRequest(requests=batch), timeout=2.0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [field for field, _ in field_violations(err.value)] == [
+        "requests[0].symbol",
+        "requests[2].quantity",
+        "requests[3].side",
+        "requests[5].limit_price",
+        "requests[6].request_id",
+    ]
+    assert app.engine.in_flight == 0 and sum(app.engine.decided.values()) == 0  # none decided
 
 
 async def test_corrupt_feature_record_reads_as_missing(

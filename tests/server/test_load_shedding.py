@@ -10,11 +10,20 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlalchemy as sa
+from google.rpc import error_details_pb2
 
 from proto.decision.v1 import decision_pb2
 from server.app import DecisionApp
+from server.errors import OVERLOADED_RETRY_DELAY_MS
 from tests.server.admin.test_admin import wait_store_rows
-from tests.server.conftest import buy, decision_stub, replica_settings, sample_record, settle
+from tests.server.conftest import (
+    buy,
+    decision_stub,
+    replica_settings,
+    sample_record,
+    settle,
+    status_details,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +69,9 @@ async def test_calls_past_the_bound_are_answered_at_once(
             assert isinstance(answer, grpc.aio.AioRpcError)
             assert answer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "2 decisions in flight (limit 2)" in (answer.details() or "")
+            retry = error_details_pb2.RetryInfo()
+            assert status_details(answer)[0].Unpack(retry)
+            assert retry.retry_delay.ToMilliseconds() == OVERLOADED_RETRY_DELAY_MS
         else:
             assert isinstance(answer, decision_pb2.DecideResponse), answer
             assert answer.source == decision_pb2.SOURCE_RULES

@@ -30,7 +30,9 @@ class FakeContext:
     def peer(self) -> str:
         return "ipv4:127.0.0.1:1"
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(
+        self, code: grpc.StatusCode, details: str, trailing_metadata: object = ()
+    ) -> None:
         self.code = code
         raise Aborted(details)
 
