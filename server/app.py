@@ -391,7 +391,13 @@ class DecisionApp:
                 max_batch_size=settings.server.max_batch_size,
                 response_margin_ms=settings.decision.response_margin_ms,
             ),
-            AdminServicer(self.control_plane) if settings.admin.enabled else None,
+            (
+                AdminServicer(
+                    self.control_plane, self.audit.store if settings.audit.enabled else None
+                )
+                if settings.admin.enabled
+                else None
+            ),
             # Tracing's first: it wraps each call's handler anew, and the metrics
             # interceptor keeps one wrapper per method (the handler it is given). With no
             # endpoint to read them, request metrics are not kept (bench_latency's path M).

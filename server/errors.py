@@ -7,6 +7,7 @@
     ├── AuditUnavailable          UNAVAILABLE       (the journal refused the record:
     │                                                no decision is returned unrecorded)
     ├── SharedStateUnavailable    UNAVAILABLE       (Redis did not take an admin change)
+    ├── StoreUnavailable          UNAVAILABLE       (the audit store did not answer a read)
     ├── Overloaded                RESOURCE_EXHAUSTED (too many decisions in flight: shed)
     ├── Expired                   DEADLINE_EXCEEDED (the deadline passed while queued)
     └── FailedPrecondition        FAILED_PRECONDITION (the deployment cannot do it)
@@ -129,6 +130,15 @@ class Expired(DecisionError):
 
     def __init__(self) -> None:
         super().__init__("deadline passed before the server took the call up: no decision made")
+
+
+class StoreUnavailable(DecisionError):
+    """The audit store did not answer a read (the journal keeps every record meanwhile)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"audit store unavailable: {problem}")
 
 
 class SharedStateUnavailable(DecisionError):

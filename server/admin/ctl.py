@@ -8,6 +8,7 @@
     decisionctl canary set 0.1 --reason "start canary" | promote | rollback --reason ...
     decisionctl kill-switch engage AAPL --reason "halted" --ttl 30m
     decisionctl kill-switch release '*' --reason "all clear"
+    decisionctl history --since 2h --actor alice --target primary
     decisionctl replay --since 2026-11-21T09:00 --until 2026-11-21T10:00
 
 The server is ``--address`` or DECISIONCTL_ADDRESS (default 127.0.0.1:50052). The bearer
@@ -27,6 +28,7 @@ import math
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -53,6 +55,7 @@ from server.admin.ctl_format import (
     format_canary_change,
     format_flag_change,
     format_flags,
+    format_history,
     format_kill_switch_change,
     format_status,
     to_json,
@@ -184,6 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     kill.add_argument("scope", help='a symbol, or "*" for every symbol')
     change(kill, ttl=True)
 
+    history = command(
+        commands, "history", "admin changes in the audit store, every server's, newest first"
+    )
+    history.add_argument("--since", type=parse_duration, help="only the last: 90s, 15m, 2h")
+    history.add_argument("--actor", default="", help="only this principal's changes")
+    history.add_argument("--target", default="", help="only changes of this replica, flag, ...")
+    history.add_argument(
+        "--limit", type=int, default=0, help="at most this many, the newest (default 100)"
+    )
+    history.add_argument("--json", action="store_true", help="print the response as JSON")
+
     # No help of its own and no common options: every argument goes to the audit CLI.
     replay = commands.add_parser(
         "replay", add_help=False, help="replay recorded decisions (python -m server.audit replay)"
@@ -227,6 +241,12 @@ def _run(session: _Session, args: argparse.Namespace) -> str:
     if command == "flags":
         listed = call(stub.ListFlags, pb.ListFlagsRequest())
         return to_json(listed) if args.json else format_flags(listed.flags)
+    if command == "history":
+        query = pb.ListAdminActionsRequest(actor=args.actor, target=args.target, limit=args.limit)
+        if args.since:
+            query.since.FromMicroseconds(time.time_ns() // 1000 - round(args.since * 1e6))
+        history = call(stub.ListAdminActions, query)
+        return to_json(history) if args.json else format_history(history.actions)
     ttl = getattr(args, "ttl", None) or 0.0
     if command == "breaker":
         mode = _MODES[args.mode]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Sequence
 
 from google.protobuf import json_format
@@ -71,6 +72,35 @@ def format_flags(flags: Iterable[pb.Flag]) -> str:
     if not rows:
         return "  (no flags)"
     return format_table(["NAME", "VALUE", "DEFAULT", "CHANGED"], rows)
+
+
+def _setting(json_text: str) -> str:
+    """A before/after JSON object as ``key=value`` pairs (``{}``: nothing)."""
+    try:
+        setting = json.loads(json_text or "{}")
+    except ValueError:
+        return json_text
+    if not isinstance(setting, dict):
+        return json_text
+    return " ".join(f"{key}={value}" for key, value in setting.items()) or "-"
+
+
+def format_history(actions: Iterable[pb.AdminAction]) -> str:
+    """One line per change, newest first: when, who, what, on what, before → after, why."""
+    rows = [
+        [
+            _time(action.at),
+            action.actor,
+            action.action,
+            action.target,
+            f"{_setting(action.before_json)} -> {_setting(action.after_json)}",
+            action.reason,
+        ]
+        for action in actions
+    ]
+    if not rows:
+        return "  (no admin changes)"
+    return format_table(["AT", "ACTOR", "ACTION", "TARGET", "CHANGE", "REASON"], rows)
 
 
 def _format_replicas(status: pb.GetStatusResponse) -> list[str]:

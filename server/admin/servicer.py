@@ -6,24 +6,31 @@ reads the admitted principal to name the actor of each change.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
+import orjson
+import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc
 from server.admin.auth import Role, current_principal
 from server.admin.control_plane import ControlPlane
 from server.admin.views import DriftView, FlagView
+from server.audit.record import AdminRecord
+from server.audit.shipper import describe
+from server.audit.store import AdminActionQuery, AuditStore
 from server.control.canary import WindowSummary
 from server.control.state import BreakerMode, Change
-from server.errors import InvalidArgument, grpc_errors
+from server.errors import FailedPrecondition, InvalidArgument, StoreUnavailable, grpc_errors
 
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 # What each method needs; every other method of the admin server needs operator.
 READ_METHODS = {
     f"/{ADMIN_SERVICE}/GetStatus": Role.VIEWER,
     f"/{ADMIN_SERVICE}/ListFlags": Role.VIEWER,
+    f"/{ADMIN_SERVICE}/ListAdminActions": Role.VIEWER,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Role.VIEWER,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Role.VIEWER,
 }
@@ -79,9 +86,61 @@ def breaker_mode(value: int) -> BreakerMode:
         ) from None
 
 
+DEFAULT_HISTORY_LIMIT = 100
+MAX_HISTORY_LIMIT = 1000
+
+
+def history_query(request: admin_pb2.ListAdminActionsRequest) -> AdminActionQuery:
+    """The store query of a ListAdminActions request; INVALID_ARGUMENT naming the field."""
+    if not 0 <= request.limit <= MAX_HISTORY_LIMIT:
+        raise InvalidArgument(
+            "limit", f"must be 0 (for {DEFAULT_HISTORY_LIMIT}) to {MAX_HISTORY_LIMIT}"
+        )
+    since_us = request.since.ToMicroseconds() if request.HasField("since") else 0
+    until_us = request.until.ToMicroseconds() if request.HasField("until") else 0
+    if since_us and until_us and until_us <= since_us:
+        raise InvalidArgument("until", "must be after since")
+    return AdminActionQuery(
+        since_us=since_us,
+        until_us=until_us,
+        actor=request.actor,
+        target=request.target,
+        limit=request.limit or DEFAULT_HISTORY_LIMIT,
+    )
+
+
+def action_to_pb(record: AdminRecord) -> admin_pb2.AdminAction:
+    return admin_pb2.AdminAction(
+        action_id=record.action_id,
+        at=_timestamp(record.at_us),
+        actor=record.actor,
+        action=record.action,
+        target=record.target,
+        before_json=orjson.dumps(record.before, option=orjson.OPT_SORT_KEYS).decode(),
+        after_json=orjson.dumps(record.after, option=orjson.OPT_SORT_KEYS).decode(),
+        reason=record.reason,
+    )
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlPlane, store: AuditStore | None = None) -> None:
+        """``store``: the audit store the admin history is read from (None: audit off)."""
         self._plane = plane
+        self._store = store
+
+    @grpc_errors
+    async def ListAdminActions(
+        self, request: admin_pb2.ListAdminActionsRequest, context: Context
+    ) -> admin_pb2.ListAdminActionsResponse:
+        query = history_query(request)
+        if self._store is None:
+            raise FailedPrecondition("the audit trail is off on this server: no admin history")
+        try:
+            # A SQL read: off the event loop, which keeps deciding meanwhile.
+            records = await asyncio.to_thread(self._store.admin_actions, query)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreUnavailable(describe(exc)) from exc
+        return admin_pb2.ListAdminActionsResponse(actions=[action_to_pb(r) for r in records])
 
     @grpc_errors
     async def GetStatus(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from server.audit.record import ADMIN, DECISION, SHADOW
+from server.audit.record import ADMIN, DECISION, SHADOW, AdminRecord
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,26 @@ _UPDATE_SHADOW = (
 
 def from_us(us: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(us / 1_000_000, tz=_UTC)
+
+
+def to_us(at: dt.datetime) -> int:
+    """Microseconds since the epoch of a stored time (SQLite gives it back without a
+    zone: it was stored in UTC)."""
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=_UTC)
+    return round(at.timestamp() * 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminActionQuery:
+    """Which stored admin actions to list: times in µs (0: no bound), exact actor and
+    target ("": any), at most ``limit``, newest first."""
+
+    since_us: int = 0
+    until_us: int = 0
+    actor: str = ""
+    target: str = ""
+    limit: int = 100
 
 
 def admin_row(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -303,6 +324,34 @@ class AuditStore:
             for record in records:
                 copy.write_row(decision_values(record, from_us, _json_text))
         cursor.execute(self._pg_merge)
+
+    def admin_actions(self, query: AdminActionQuery) -> list[AdminRecord]:
+        """The stored admin actions ``query`` selects, newest first."""
+        table = admin_actions
+        statement = sa.select(table).order_by(table.c.at.desc(), table.c.action_id)
+        if query.since_us > 0:
+            statement = statement.where(table.c.at >= from_us(query.since_us))
+        if query.until_us > 0:
+            statement = statement.where(table.c.at < from_us(query.until_us))
+        if query.actor:
+            statement = statement.where(table.c.actor == query.actor)
+        if query.target:
+            statement = statement.where(table.c.target == query.target)
+        with self.engine.connect() as conn:
+            rows = conn.execute(statement.limit(query.limit)).mappings().all()
+        return [
+            AdminRecord(
+                action_id=row["action_id"],
+                at_us=to_us(row["at"]),
+                actor=row["actor"],
+                action=row["action"],
+                target=row["target"],
+                before=row["before"],
+                after=row["after"],
+                reason=row["reason"],
+            )
+            for row in rows
+        ]
 
     def count_decisions(self) -> int:
         with self.engine.connect() as conn:

@@ -844,3 +844,113 @@ class KillSwitchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KillSwitchResponse: _TypeAlias = KillSwitchResponse  # noqa: Y015
+
+@_typing.final
+class ListAdminActionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    """Only this actor's changes (the principal of their token); empty: anyone's."""
+    target: _builtins.str
+    """Only changes of this target (a replica, a flag, a kill-switch scope,
+    "canary"); empty: any.
+    """
+    limit: _builtins.int
+    """At most this many, the newest; 0: 100. At most 1000."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Only changes made at or after this time; unset: no lower bound."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """Only changes made before this time; unset: no upper bound."""
+
+    def __init__(
+        self,
+        *,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        target: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "limit", b"limit", "since", b"since", "target", b"target", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAdminActionsRequest: _TypeAlias = ListAdminActionsRequest  # noqa: Y015
+
+@_typing.final
+class AdminAction(_message.Message):
+    """One accepted admin change, as the audit store keeps it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    BEFORE_JSON_FIELD_NUMBER: _builtins.int
+    AFTER_JSON_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    action_id: _builtins.str
+    actor: _builtins.str
+    action: _builtins.str
+    """set_breaker, set_flag, reset_flag, set_canary, engage_kill_switch,
+    release_kill_switch; the canary's automatic rollback is a set_canary by
+    "auto-rollback".
+    """
+    target: _builtins.str
+    before_json: _builtins.str
+    """The setting before and after the change, as JSON objects."""
+    after_json: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        action_id: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        action: _builtins.str = ...,
+        target: _builtins.str = ...,
+        before_json: _builtins.str = ...,
+        after_json: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "action_id", b"action_id", "actor", b"actor", "after_json", b"after_json", "at", b"at", "before_json", b"before_json", "reason", b"reason", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdminAction: _TypeAlias = AdminAction  # noqa: Y015
+
+@_typing.final
+class ListAdminActionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdminAction]: ...
+    def __init__(
+        self,
+        *,
+        actions: _abc.Iterable[Global___AdminAction] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAdminActionsResponse: _TypeAlias = ListAdminActionsResponse  # noqa: Y015

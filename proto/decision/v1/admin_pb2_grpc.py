@@ -74,6 +74,11 @@ class AdminServiceStub:
                 request_serializer=proto_dot_decision_dot_v1_dot_admin__pb2.KillSwitchRequest.SerializeToString,
                 response_deserializer=proto_dot_decision_dot_v1_dot_admin__pb2.KillSwitchResponse.FromString,
                 _registered_method=True)
+        self.ListAdminActions = channel.unary_unary(
+                '/decision.v1.AdminService/ListAdminActions',
+                request_serializer=proto_dot_decision_dot_v1_dot_admin__pb2.ListAdminActionsRequest.SerializeToString,
+                response_deserializer=proto_dot_decision_dot_v1_dot_admin__pb2.ListAdminActionsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -134,6 +139,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAdminActions(self, request, context):
+        """The admin changes in the audit store, newest first: every server's that
+        shares the store. A change is listed once its server has shipped it there
+        (within about 100 ms). Viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +180,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.KillSwitch,
                     request_deserializer=proto_dot_decision_dot_v1_dot_admin__pb2.KillSwitchRequest.FromString,
                     response_serializer=proto_dot_decision_dot_v1_dot_admin__pb2.KillSwitchResponse.SerializeToString,
+            ),
+            'ListAdminActions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdminActions,
+                    request_deserializer=proto_dot_decision_dot_v1_dot_admin__pb2.ListAdminActionsRequest.FromString,
+                    response_serializer=proto_dot_decision_dot_v1_dot_admin__pb2.ListAdminActionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -340,6 +359,33 @@ class AdminService:
             '/decision.v1.AdminService/KillSwitch',
             proto_dot_decision_dot_v1_dot_admin__pb2.KillSwitchRequest.SerializeToString,
             proto_dot_decision_dot_v1_dot_admin__pb2.KillSwitchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdminActions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/decision.v1.AdminService/ListAdminActions',
+            proto_dot_decision_dot_v1_dot_admin__pb2.ListAdminActionsRequest.SerializeToString,
+            proto_dot_decision_dot_v1_dot_admin__pb2.ListAdminActionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,11 @@ class AdminServiceStub:
     """Engages or releases a kill switch, global or for one symbol: matching
     decisions become DECISION_ABSTAIN with the switch's reason. Operator.
     """
+    ListAdminActions: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAdminActionsRequest, _admin_pb2.ListAdminActionsResponse]
+    """The admin changes in the audit store, newest first: every server's that
+    shares the store. A change is listed once its server has shipped it there
+    (within about 100 ms). Viewer.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -97,6 +102,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     KillSwitch: _aio.UnaryUnaryMultiCallable[_admin_pb2.KillSwitchRequest, _admin_pb2.KillSwitchResponse]  # type: ignore[assignment]
     """Engages or releases a kill switch, global or for one symbol: matching
     decisions become DECISION_ABSTAIN with the switch's reason. Operator.
+    """
+    ListAdminActions: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAdminActionsRequest, _admin_pb2.ListAdminActionsResponse]  # type: ignore[assignment]
+    """The admin changes in the audit store, newest first: every server's that
+    shares the store. A change is listed once its server has shipped it there
+    (within about 100 ms). Viewer.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -164,6 +174,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.KillSwitchResponse, _abc.Awaitable[_admin_pb2.KillSwitchResponse]]:
         """Engages or releases a kill switch, global or for one symbol: matching
         decisions become DECISION_ABSTAIN with the switch's reason. Operator.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAdminActions(
+        self,
+        request: _admin_pb2.ListAdminActionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAdminActionsResponse, _abc.Awaitable[_admin_pb2.ListAdminActionsResponse]]:
+        """The admin changes in the audit store, newest first: every server's that
+        shares the store. A change is listed once its server has shipped it there
+        (within about 100 ms). Viewer.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

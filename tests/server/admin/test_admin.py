@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from feature_cache.schema import MODEL_INPUT_WIDTH
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
+from server.admin import ctl
 from server.app import DecisionApp
 from server.audit.store import admin_actions, create_store_engine, decisions
 from tests.server.conftest import (
@@ -24,6 +25,7 @@ from tests.server.conftest import (
     OPERATOR_TOKEN,
     TOKENS,
     VIEWER,
+    VIEWER_TOKEN,
     ServerProcess,
     bearer,
     buy,
@@ -312,6 +314,71 @@ async def test_changes_need_an_operator_token_and_each_accepted_one_is_audited(a
     ]
     assert rows[0].before["value"] == "0.0" and rows[0].after["value"] == "0.5"
     assert rows[1].before["changed_by"] == "oncall"
+
+
+async def test_history_lists_every_change_newest_first_and_decisionctl_shows_it(
+    admin_app, tmp_path, capsys
+):
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{admin_app.admin_port}")
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    try:
+        await admin.SetBreaker(
+            admin_pb2.SetBreakerRequest(
+                replica="primary", mode=admin_pb2.BREAKER_MODE_FORCE_OPEN, reason="INC-7 OOM"
+            ),
+            metadata=OPERATOR,
+            timeout=5.0,
+        )
+        await admin.KillSwitch(
+            admin_pb2.KillSwitchRequest(scope="ETH-USD", engaged=True, reason="halted"),
+            metadata=OPERATOR,
+            timeout=5.0,
+        )
+        everything = admin_pb2.ListAdminActionsRequest()
+        deadline = time.monotonic() + 10
+        while len((await admin.ListAdminActions(everything, metadata=VIEWER)).actions) < 2:
+            assert time.monotonic() < deadline, "the changes never reached the store"
+            await asyncio.sleep(0.1)
+        listed = (await admin.ListAdminActions(everything, metadata=VIEWER)).actions
+        assert [(a.actor, a.action, a.target, a.reason) for a in listed] == [
+            ("oncall", "engage_kill_switch", "ETH-USD", "halted"),
+            ("oncall", "set_breaker", "primary", "INC-7 OOM"),
+        ]
+        assert listed[0].at.ToMicroseconds() >= listed[1].at.ToMicroseconds()
+        assert '"mode":"FORCE_OPEN"' in listed[1].after_json.replace(" ", "")
+
+        only = admin_pb2.ListAdminActionsRequest(target="primary")
+        assert [
+            a.target for a in (await admin.ListAdminActions(only, metadata=VIEWER)).actions
+        ] == ["primary"]
+        later = admin_pb2.ListAdminActionsRequest(since=listed[0].at, limit=1)
+        assert [
+            a.target for a in (await admin.ListAdminActions(later, metadata=VIEWER)).actions
+        ] == ["ETH-USD"]
+        nobody = admin_pb2.ListAdminActionsRequest(actor="someone-else")
+        assert not (await admin.ListAdminActions(nobody, metadata=VIEWER)).actions
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.ListAdminActions(
+                admin_pb2.ListAdminActionsRequest(limit=5000), metadata=VIEWER, timeout=5.0
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (err.value.details() or "").startswith("limit: ")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.ListAdminActions(everything, timeout=5.0)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await channel.close()
+
+    token_file = tmp_path / "token"
+    token_file.write_text(VIEWER_TOKEN)
+    address = f"127.0.0.1:{admin_app.admin_port}"
+    argv = ["history", "--since", "10m", "--address", address, "--token-file", str(token_file)]
+    assert await asyncio.to_thread(ctl.main, argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["AT", "ACTOR", "ACTION", "TARGET", "CHANGE", "REASON"]
+    assert "engage_kill_switch" in lines[1] and "ETH-USD" in lines[1]
+    assert "set_breaker" in lines[2] and "mode=FORCE_OPEN" in lines[2]
+    assert lines[2].rstrip().endswith("INC-7 OOM")
 
 
 async def _details(call: object) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -288,6 +289,44 @@ def test_change_lines() -> None:
     )
 
 
+def test_history_lines() -> None:
+    actions = [
+        pb.AdminAction(
+            at=_ts("2026-11-21T10:00:00Z"),
+            actor="alice",
+            action="set_breaker",
+            target="primary",
+            before_json='{"mode": "AUTO"}',
+            after_json='{"expires_at_us": 0, "mode": "FORCE_OPEN"}',
+            reason="INC-7",
+        ),
+        pb.AdminAction(
+            at=_ts("2026-11-21T09:00:00Z"),
+            actor="bob",
+            action="set_canary",
+            target="canary",
+            before_json="{}",
+            after_json="not json",
+            reason="start",
+        ),
+    ]
+    lines = ctl_format.format_history(actions).splitlines()
+    assert lines[0].split() == ["AT", "ACTOR", "ACTION", "TARGET", "CHANGE", "REASON"]
+    assert lines[1].split() == [
+        "2026-11-21T10:00:00Z",
+        "alice",
+        "set_breaker",
+        "primary",
+        "mode=AUTO",
+        "->",
+        "expires_at_us=0",
+        "mode=FORCE_OPEN",
+        "INC-7",
+    ]
+    assert "- -> not json" in lines[2]
+    assert ctl_format.format_history([]) == "  (no admin changes)"
+
+
 def test_json_keeps_field_names_and_zero_values() -> None:
     data = json.loads(ctl_format.to_json(_status()))
     assert data["server_id"] == "decision-a1"
@@ -320,6 +359,13 @@ class FakeAdmin(pb_grpc.AdminServiceServicer):
     def ListFlags(self, request: Any, context: Any) -> pb.ListFlagsResponse:
         self._admit(context, change=False)
         return pb.ListFlagsResponse(flags=_status().flags)
+
+    def ListAdminActions(self, request: Any, context: Any) -> pb.ListAdminActionsResponse:
+        self._admit(context, change=False)
+        self.requests.append(request)
+        return pb.ListAdminActionsResponse(
+            actions=[pb.AdminAction(actor="alice", action="set_flag", target="x", reason="why")]
+        )
 
     def SetBreaker(self, request: Any, context: Any) -> pb.SetBreakerResponse:
         self._admit(context, change=True)
@@ -447,6 +493,18 @@ def test_change_commands(fake, operator, capsys, argv, line, expected) -> None:
     assert ctl.main(["--address", address, *argv]) == 0
     assert capsys.readouterr().out.strip() == line
     assert servicer.requests == [expected]
+
+
+def test_history_sends_its_filters_and_prints_a_line_per_change(fake, operator, capsys) -> None:
+    servicer, address = fake
+    before_us = time.time_ns() // 1000
+    argv = ["--address", address, "history", "--since", "2h", "--actor", "alice"]
+    assert ctl.main([*argv, "--target", "x", "--limit", "5"]) == 0
+    [request] = servicer.requests
+    assert (request.actor, request.target, request.limit) == ("alice", "x", 5)
+    assert abs(before_us - 7_200_000_000 - request.since.ToMicroseconds()) < 60_000_000
+    assert not request.HasField("until")
+    assert "set_flag" in capsys.readouterr().out
 
 
 def test_permission_denied_exits_2(fake, capsys, monkeypatch) -> None:
