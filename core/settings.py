@@ -8,7 +8,9 @@ needs under the same ``DECISION_`` names, so one environment configures every pr
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import json
+
+from pydantic import BaseModel, ConfigDict, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 
@@ -22,3 +24,27 @@ class SettingsSection(BaseModel):
 ROOT_CONFIG = SettingsConfigDict(
     env_prefix="DECISION_", env_nested_delimiter="__", extra="forbid", frozen=True
 )
+
+
+def environment_lines(root: BaseModel) -> list[str]:
+    """Every setting of ``root`` as the ``DECISION_<SECTION>__<FIELD>=value`` line that
+    sets it, in declaration order; secrets masked; one that is unset (None, which no
+    variable can say) as a ``#`` comment. What a process runs with, printable."""
+    lines = []
+    for section_name, section in root:
+        if not isinstance(section, BaseModel):
+            continue
+        for field_name, value in section:
+            name = f"DECISION_{section_name.upper()}__{field_name.upper()}"
+            lines.append(f"# {name} unset" if value is None else f"{name}={_text(value)}")
+    return lines
+
+
+def _text(value: object) -> str:
+    if isinstance(value, SecretStr):
+        return "**********" if value.get_secret_value() else ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value)
+    return str(value)

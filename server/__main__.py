@@ -2,6 +2,7 @@
 
     decision-server                 one worker per core this process may use
     decision-server --workers 2     two worker processes sharing the ports
+    decision-server --print-config  the settings it would run with, then exit
 
 Settings come from ``DECISION_*`` environment variables (see the README); ``--workers``
 overrides ``DECISION_SERVER__WORKERS``.
@@ -19,7 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import uvloop
+from pydantic import ValidationError
 
+from core.settings import environment_lines
 from server.logs import configure_logging
 from server.settings import Settings
 from server.workers import Supervisor, available_cpus, journal_plans, worker_settings
@@ -59,12 +62,25 @@ def _parser() -> argparse.ArgumentParser:
         help="server processes sharing the ports (default: DECISION_SERVER__WORKERS, "
         "else one per core)",
     )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every setting as the DECISION_* variable that sets it (secrets masked) "
+        "and exit",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # a bad DECISION_* value: say which, not a traceback
+        sys.stderr.write(f"decision-server: invalid settings: {exc}\n")
+        return 2
+    if args.print_config:
+        sys.stdout.write("\n".join(environment_lines(settings)) + "\n")
+        return 0
     configure_logging(settings.server.log_level, settings.server.log_format)
     workers = args.workers or settings.server.workers or available_cpus()
     if workers < 1:

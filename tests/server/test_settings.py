@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
+from core.settings import environment_lines
 from server.settings import Settings
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize(
@@ -31,3 +37,51 @@ def test_nested_environment_variables(monkeypatch):
     assert settings.torchserve.per_call_timeout_ms == 15
     assert settings.server.port == 6000
     assert settings.torchserve.primary_address == "127.0.0.1:7070"
+
+
+def test_printed_config_sets_the_same_settings_when_read_back(monkeypatch):
+    monkeypatch.setenv("DECISION_REDIS__URL", "redis://cache.internal:6380/2")
+    monkeypatch.setenv("DECISION_DECISION__MAX_IN_FLIGHT", "64")
+    printed = environment_lines(Settings())
+    assert "DECISION_REDIS__URL=redis://cache.internal:6380/2" in printed
+    assert "DECISION_DECISION__MAX_IN_FLIGHT=64" in printed
+    assert "# DECISION_SERVER__MAX_CONCURRENT_RPCS unset" in printed
+    for line in printed:
+        if line.startswith("#"):
+            continue
+        name, value = line.split("=", 1)
+        monkeypatch.setenv(name, value)
+    read_back = Settings()
+    monkeypatch.delenv("DECISION_REDIS__URL")
+    monkeypatch.delenv("DECISION_DECISION__MAX_IN_FLIGHT")
+    assert read_back.redis.url == "redis://cache.internal:6380/2"
+    assert read_back.decision.max_in_flight == 64
+    assert read_back.model_dump() == {
+        **Settings().model_dump(),
+        "redis": {**Settings().redis.model_dump(), "url": "redis://cache.internal:6380/2"},
+        "decision": {**Settings().decision.model_dump(), "max_in_flight": 64},
+    }
+
+
+def test_secrets_are_masked_in_the_printed_config(monkeypatch):
+    monkeypatch.setenv("DECISION_ADMIN__TOKENS", "oncall operator s3cret-token-value")
+    printed = "\n".join(environment_lines(Settings()))
+    assert "s3cret" not in printed
+    assert "DECISION_ADMIN__TOKENS=**********" in printed
+
+
+def test_print_config_exits_without_serving_and_bad_values_name_the_field():
+    env = {**os.environ, "DECISION_SERVER__MAX_BATCH_SIZE": "7"}
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "--print-config"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "DECISION_SERVER__MAX_BATCH_SIZE=7" in done.stdout.splitlines()
+    env["DECISION_SERVER__PORT"] = "not-a-port"
+    done = subprocess.run(
+        [sys.executable, "-m", "server"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "invalid settings" in done.stderr and "server.port" in done.stderr
