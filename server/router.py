@@ -31,6 +31,10 @@ from server.settings import DecisionSettings, TorchServeSettings
 # How often a replica's recent latencies are summarized for the router (sorting them on
 # every call would cost more than the call).
 LATENCY_REFRESH_S = 0.5
+# The median answer a call must have time for is of this many last seconds' calls: a
+# replica skipped for time makes no calls, so an older median would keep it skipped;
+# with none this recent, the floor is min_call_budget_ms and the next call measures anew.
+NEEDS_WINDOW_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,19 +177,23 @@ class ReplicaRouter:
         )
 
     def _recent_latency(self, replica: Replica) -> tuple[float, float]:
-        """The p50 and p95 of ``replica``'s recent successful calls (0 when none), read
-        at most every ``LATENCY_REFRESH_S``."""
+        """The p50 of ``replica``'s successful calls of the last ``NEEDS_WINDOW_S`` and
+        the p95 of its recent ones (0 when none), read at most every ``LATENCY_REFRESH_S``."""
         now = time.monotonic()
         cached = self._latencies.get(replica.name)
         if cached is None or now - cached[0] > LATENCY_REFRESH_S:
             recent = replica.recent
-            cached = (now, recent.percentile_ms(0.50), recent.percentile_ms(0.95))
+            cached = (
+                now,
+                recent.percentile_ms(0.50, within_s=NEEDS_WINDOW_S),
+                recent.percentile_ms(0.95),
+            )
             self._latencies[replica.name] = cached
         return cached[1], cached[2]
 
     def needs_ms(self, replica: Replica) -> float:
-        """The least time worth a call to ``replica``: its recent median answer, at least
-        ``min_call_budget_ms``."""
+        """The least time worth a call to ``replica``: its median answer of the last
+        ``NEEDS_WINDOW_S``, at least ``min_call_budget_ms``."""
         return max(self._recent_latency(replica)[0], self._min_call_ms)
 
     def _call_timeout_ms(self, budget: Budget) -> float:

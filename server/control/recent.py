@@ -48,10 +48,16 @@ class RecentCalls:
         while self._calls and self._calls[0][0] < since:
             self._calls.popleft()
 
-    def percentile_ms(self, q: float, now_s: float | None = None) -> float:
-        """The q-quantile of the successful calls' latencies in the window (0: none)."""
+    def percentile_ms(
+        self, q: float, now_s: float | None = None, *, within_s: float | None = None
+    ) -> float:
+        """The q-quantile of the successful calls' latencies in the window, or in its last
+        ``within_s`` seconds (0: none)."""
         self._trim(now_s)
-        return percentile((ms for _, ms, ok in self._calls if ok), q)
+        if within_s is None:
+            return percentile((ms for _, ms, ok in self._calls if ok), q)
+        since = (time.monotonic() if now_s is None else now_s) - within_s
+        return percentile((ms for at, ms, ok in self._calls if ok and at >= since), q)
 
     def summary(self, now_s: float | None = None) -> CallSummary:
         self._trim(now_s)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +18,7 @@ from core.domain import Source
 from server.breaker import AsyncCircuitBreaker
 from server.model_client import ModelScores, ModelTimeout, ModelUnavailable
 from server.replica import Replica
-from server.router import ReplicaRouter
+from server.router import NEEDS_WINDOW_S, ReplicaRouter
 from server.settings import DecisionSettings, TorchServeSettings
 from tests.server.fakes import AlwaysConnected
 
@@ -214,3 +215,16 @@ async def test_with_no_recent_answers_a_replica_needs_the_configured_minimum() -
         "primary skipped: 2.5 ms of budget left (needs 3.0)",
         "secondary skipped: 2.5 ms of budget left (needs 3.0)",
     )
+
+
+async def test_a_median_older_than_the_needs_window_no_longer_keeps_a_replica_skipped() -> None:
+    """A replica skipped for time makes no calls, so its old median must expire: after
+    ``NEEDS_WINDOW_S`` without a call it needs only the configured minimum again."""
+    primary, secondary = ScriptedReplica("primary", 1.0), ScriptedReplica("secondary", 1.0)
+    routing = router(primary, secondary)
+    long_ago = time.monotonic() - NEEDS_WINDOW_S - 1.0
+    for _ in range(20):
+        routing.replicas[0].recent.record(30.0, ok=True, now_s=long_ago)
+    assert routing.needs_ms(routing.replicas[0]) == 1.0  # the configured minimum
+    routed, _ = await score(routing, budget_ms=9.0)
+    assert routed is not None and routed.source is Source.PRIMARY
