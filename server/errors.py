@@ -55,6 +55,10 @@ class DecisionError(Exception):
         return []
 
 
+# Violations listed in one INVALID_ARGUMENT (its message and its BadRequest).
+MAX_VIOLATIONS = 20
+
+
 @dataclass(frozen=True, slots=True)
 class FieldViolation:
     """One bad field of a request: ``field`` as a path (``requests[3].quantity``)."""
@@ -75,10 +79,16 @@ class InvalidArgument(DecisionError):
 
     @classmethod
     def of(cls, violations: Sequence[FieldViolation]) -> InvalidArgument:
-        """One error for several violations (at least one)."""
+        """One error for several violations (at least one); past ``MAX_VIOLATIONS`` the
+        rest are counted, not listed: a status goes back in trailing metadata, which gRPC
+        bounds (8 KiB by default), and a batch of 256 bad requests must still get its
+        INVALID_ARGUMENT."""
         error = cls(violations[0].field, violations[0].problem)
-        error.violations = tuple(violations)
-        error.args = ("; ".join(f"{v.field}: {v.problem}" for v in violations),)
+        error.violations = tuple(violations[:MAX_VIOLATIONS])
+        text = "; ".join(f"{v.field}: {v.problem[:200]}" for v in error.violations)
+        if len(violations) > MAX_VIOLATIONS:
+            text += f"; and {len(violations) - MAX_VIOLATIONS} more"
+        error.args = (text,)
         return error
 
     @property

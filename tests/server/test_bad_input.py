@@ -11,6 +11,7 @@ from google.rpc import error_details_pb2
 
 from feature_cache.schema import FEATURE_NAMES
 from proto.decision.v1 import decision_pb2
+from server.errors import MAX_VIOLATIONS
 from tests.server.conftest import (
     buy,
     decision_stub,
@@ -200,6 +201,23 @@ async def test_every_bad_request_of_a_batch_is_reported_with_its_index(start_app
         "requests[6].request_id",
     ]
     assert app.engine.in_flight == 0 and sum(app.engine.decided.values()) == 0  # none decided
+
+
+async def test_a_batch_of_many_bad_requests_gets_its_first_violations_and_a_count(
+    start_app, channel_to
+):
+    """256 bad requests, each with long bad fields: the status still fits gRPC's trailing
+    metadata, so the caller gets INVALID_ARGUMENT, not a transport error."""
+    app = await start_app()
+    stub = decision_stub(channel_to(app))
+    bad = buy(symbol="x" * 10_000, quantity=math.nan, request_id="y" * 5_000)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.DecideBatch(decision_pb2.DecideBatchRequest(requests=[bad] * 256), timeout=5.0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = field_violations(err.value)
+    assert len(violations) == MAX_VIOLATIONS
+    assert violations[0][0] == "requests[0].symbol"
+    assert (err.value.details() or "").endswith(f"; and {3 * 256 - MAX_VIOLATIONS} more")
 
 
 async def test_corrupt_feature_record_reads_as_missing(
