@@ -9,6 +9,7 @@ needs under the same ``DECISION_`` names, so one environment configures every pr
 from __future__ import annotations
 
 import json
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 from pydantic_settings import SettingsConfigDict
@@ -43,8 +44,20 @@ def environment_lines(root: BaseModel) -> list[str]:
 def _text(value: object) -> str:
     if isinstance(value, SecretStr):
         return "**********" if value.get_secret_value() else ""
+    if isinstance(value, str) and "://" in value:
+        return _without_password(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list | tuple | dict):
         return json.dumps(value)
     return str(value)
+
+
+def _without_password(url: str) -> str:
+    """``scheme://user:***@host/...``: a URL's password masked (a database or Redis URL)."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -65,9 +65,15 @@ def test_printed_config_sets_the_same_settings_when_read_back(monkeypatch):
 
 def test_secrets_are_masked_in_the_printed_config(monkeypatch):
     monkeypatch.setenv("DECISION_ADMIN__TOKENS", "oncall operator s3cret-token-value")
+    monkeypatch.setenv(
+        "DECISION_AUDIT__DATABASE_URL", "postgresql+psycopg://audit:pw-s3cret@db:5432/a"
+    )
+    monkeypatch.setenv("DECISION_REDIS__URL", "redis://:s3cret-pass@cache:6379/0")
     printed = "\n".join(environment_lines(Settings()))
     assert "s3cret" not in printed
     assert "DECISION_ADMIN__TOKENS=**********" in printed
+    assert "DECISION_AUDIT__DATABASE_URL=postgresql+psycopg://audit:***@db:5432/a" in printed
+    assert "DECISION_REDIS__URL=redis://:***@cache:6379/0" in printed
 
 
 def test_print_config_exits_without_serving_and_bad_values_name_the_field():
