@@ -59,6 +59,8 @@ class ThreadBusy:
             self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
         except OSError:
             self._fd = None
+        if self._fd is not None and self.ns() == 0:  # a kernel that does not count
+            self.close()
 
     def ns(self) -> int:
         if self._fd is None:
@@ -137,6 +139,7 @@ class LoopLag:
             await self._probe_until_cancelled(loop, watch, busy)
         finally:
             self._busy = None
+            self._busy_samples.clear()
             busy.close()
 
     async def _probe_until_cancelled(

@@ -88,6 +88,7 @@ def breaker_mode(value: int) -> BreakerMode:
 
 DEFAULT_HISTORY_LIMIT = 100
 MAX_HISTORY_LIMIT = 1000
+HISTORY_READ_TIMEOUT_S = 5.0
 
 
 def history_query(request: admin_pb2.ListAdminActionsRequest) -> AdminActionQuery:
@@ -127,6 +128,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         """``store``: the audit store the admin history is read from (None: audit off)."""
         self._plane = plane
         self._store = store
+        # One history read at a time: a hung store holds one worker thread and one of the
+        # shipper's pool connections, not one per viewer polling it.
+        self._reading = asyncio.Lock()
 
     @grpc_errors
     async def ListAdminActions(
@@ -136,8 +140,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if self._store is None:
             raise FailedPrecondition("the audit trail is off on this server: no admin history")
         try:
-            # A SQL read: off the event loop, which keeps deciding meanwhile.
-            records = await asyncio.to_thread(self._store.admin_actions, query)
+            async with asyncio.timeout(HISTORY_READ_TIMEOUT_S), self._reading:
+                # A SQL read: off the event loop, which keeps deciding meanwhile.
+                records = await asyncio.to_thread(self._store.admin_actions, query)
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"no answer within {HISTORY_READ_TIMEOUT_S:.0f} s") from exc
         except sa.exc.SQLAlchemyError as exc:
             raise StoreUnavailable(describe(exc)) from exc
         return admin_pb2.ListAdminActionsResponse(actions=[action_to_pb(r) for r in records])
