@@ -14,6 +14,7 @@ from typing import Any, cast
 import grpc
 import pytest
 import redis.asyncio as aioredis
+import sqlalchemy as sa
 from grpc_status import rpc_status
 
 from core.processes import ManagedProcess, free_port, free_ports
@@ -22,10 +23,17 @@ from feature_cache.store import FeatureRecord, FeatureWriter
 from localstack.health import serving
 from proto.decision.v1 import admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
+from server.audit.store import decisions
 from server.model_client import ModelCallError
 from server.settings import Settings
 from server.tracing import Tracing
-from tests.conftest import RedisInstance, Replica, server_process, server_process_env
+from tests.conftest import (
+    RedisInstance,
+    Replica,
+    server_process,
+    server_process_env,
+    wait_for,
+)
 
 # Features that give a real score; the rules see a tight spread and a buy-side lean.
 SAMPLE_FEATURES = {
@@ -324,3 +332,22 @@ def status_details(error: grpc.aio.AioRpcError) -> list[Any]:
     status = rpc_status.from_call(cast(grpc.Call, error))
     assert status is not None, "no google.rpc.Status in the trailing metadata"
     return list(status.details)
+
+
+async def audited_decision(app: DecisionApp, decision_id: str) -> dict[str, Any]:
+    """The audit store's row of ``decision_id``, once the app's shipper has put it there
+    (store_ok first: it holds once the shipper has migrated the schema and inserted)."""
+    engine = app.audit.store.engine
+
+    def stored() -> dict[str, Any] | None:
+        with engine.connect() as conn:
+            query = sa.select(decisions).where(decisions.c.decision_id == decision_id)
+            row = conn.execute(query).mappings().first()
+        return dict(row) if row else None
+
+    await asyncio.to_thread(
+        wait_for, lambda: app.audit.shipper.store_ok and stored() is not None, 10
+    )
+    row = stored()
+    assert row is not None
+    return row

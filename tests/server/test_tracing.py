@@ -9,7 +9,6 @@ import time
 
 import grpc
 import pytest
-import sqlalchemy as sa
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -18,11 +17,15 @@ from opentelemetry.trace import SpanKind, StatusCode
 from core.processes import free_port
 from proto.decision.v1 import decision_pb2
 from server.app import DecisionApp
-from server.audit.store import decisions
 from server.settings import TelemetrySettings
 from server.tracing import Tracing
-from tests.conftest import wait_for
-from tests.server.conftest import buy, decision_stub, replica_settings, sample_record
+from tests.server.conftest import (
+    audited_decision,
+    buy,
+    decision_stub,
+    replica_settings,
+    sample_record,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -135,20 +138,8 @@ async def test_a_call_without_a_traceparent_is_audited_with_its_new_trace(
     answered = str(dict(await call.trailing_metadata() or ())["traceparent"])
     assert answered.split("-")[1] == trace_id
 
-    engine = app.audit.store.engine
-
-    def stored() -> dict[str, object] | None:
-        with engine.connect() as conn:
-            query = sa.select(decisions).where(decisions.c.decision_id == answer.decision_id)
-            row = conn.execute(query).mappings().first()
-        return dict(row) if row else None
-
-    # store_ok first: it holds once the shipper has migrated the schema and inserted.
-    await asyncio.to_thread(
-        wait_for, lambda: app.audit.shipper.store_ok and stored() is not None, 10
-    )
-    row = stored()
-    assert row is not None and row["trace_id"] == trace_id
+    row = await audited_decision(app, answer.decision_id)
+    assert row["trace_id"] == trace_id
 
 
 async def test_without_tracing_no_span_is_made_and_no_traceparent_answered(

@@ -24,7 +24,13 @@ from proto.decision.v1 import decision_pb2_grpc
 from server.audit.store import AuditStore, create_store_engine, decisions
 from tests.conftest import REPO, wait_for
 from tests.server.audit.proxy import TcpProxy
-from tests.server.conftest import buy, decision_stub, replica_settings, sample_record
+from tests.server.conftest import (
+    audited_decision,
+    buy,
+    decision_stub,
+    replica_settings,
+    sample_record,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -257,20 +263,7 @@ async def test_the_record_holds_what_the_service_knew(
         metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),),
         timeout=2.0,
     )
-    engine = app.audit.store.engine
-
-    def stored() -> dict[str, object] | None:
-        with engine.connect() as conn:
-            query = sa.select(decisions).where(decisions.c.decision_id == response.decision_id)
-            row = conn.execute(query).mappings().first()
-        return dict(row) if row else None
-
-    # store_ok first: it holds once the shipper has created the tables and inserted.
-    await asyncio.to_thread(
-        wait_for, lambda: app.audit.shipper.store_ok and stored() is not None, 10
-    )
-    row = stored()
-    assert row is not None
+    row = await audited_decision(app, response.decision_id)
     _, archive = model_store
     assert row["request_id"] == "audit-1"
     assert row["trace_id"] == trace_id
