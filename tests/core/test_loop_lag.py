@@ -132,7 +132,9 @@ async def test_a_stall_is_logged_with_where_the_loop_was_in_the_middle_of_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with probe_running():
-        crunch_numbers(0.1)
+        # Long enough that the watch thread, woken every 10 ms, gets the CPU and the GIL
+        # past its 32 ms mark even on a loaded machine (at 0.1 s it once did not).
+        crunch_numbers(0.4)
     (record,) = [r for r in caplog.records if "event loop stalled" in r.getMessage()]
     where = record.getMessage().split("in the middle of it: ")[1]
     innermost, caller = where.split(" < ")[:2]
