@@ -14,10 +14,8 @@ setup: ## Install system packages when missing (apt-get) and the virtualenv
 setup-ci: ## setup, plus the test tools: buf (npm) for the proto checks, MLServer in its own virtualenv
 	@.ci/setup --with-test-tools
 
-lock: ## Pin the virtualenv's exact versions into constraints.txt
-	@{ echo "# Exact versions for .ci/setup (pip install -c constraints.txt). Regenerate with 'make lock'"; \
-	  echo "# after changing pyproject.toml's dependencies."; \
-	  $(PY) -m pip freeze --exclude-editable | grep -iv '^decision-service'; } > constraints.txt
+lock: ## Pin the virtualenv's exact versions into constraints.txt, and every file a fresh install takes, with its sha256, into requirements.lock
+	@$(PY) .ci/lock
 
 run: setup ## Run the local stack (redis, Kafka-protocol broker, TorchServe x3, decision server, labeler; PROMETHEUS=1 adds Prometheus with the alert rules); Ctrl-C stops it
 	@$(PY) -m localstack $(if $(WORKERS),--workers $(WORKERS)) $(if $(PROMETHEUS),--with-prometheus)
@@ -25,6 +23,9 @@ run: setup ## Run the local stack (redis, Kafka-protocol broker, TorchServe x3, 
 models: setup ## Train the champion and challenger into .run/models and write docs/models.md
 	@$(PY) -m torchserve.train --out .run/models
 	@$(PY) -m torchserve.evaluate --models .run/models --report docs/models.md
+
+config-doc: setup ## Regenerate docs/configuration.md (every DECISION_* setting) from the settings models
+	@$(PY) -m localstack.config_reference
 
 proto: ## Regenerate the protobuf stubs (with mypy stubs)
 	@.ci/gen-proto

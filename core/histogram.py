@@ -37,6 +37,10 @@ class Buckets:
         self.count += 1
         self.total += value
 
+    def counts(self) -> list[int]:
+        """Observations per bucket (not cumulative), the last one above every bound."""
+        return list(self._counts)
+
     def cumulative(self) -> list[tuple[str, int]]:
         """``(le, observations at or below it)`` per bound, ending with ``+Inf``; ``le`` as
         prometheus_client writes it, so these histograms' buckets match its own."""
@@ -48,3 +52,17 @@ class Buckets:
             buckets.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
         buckets.append(("+Inf", running + counts[-1]))
         return buckets
+
+
+def quantile_bound(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
+    """The upper bound of the bucket holding the ``q`` quantile of ``counts`` (per bucket,
+    the last above every bound: ``inf``); None when there is no observation."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    running = 0
+    for bound, count in zip((*bounds, float("inf")), counts, strict=False):
+        running += count
+        if running >= q * total:
+            return bound
+    return float("inf")

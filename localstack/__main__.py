@@ -15,14 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import random
 import secrets
 import signal
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -32,9 +35,11 @@ from core.processes import (
     listening,
     niced,
     port_open,
+    start_ready,
 )
 from feature_cache.settings import FeatureCacheSettings
 from feature_cache.store import FeatureReader
+from localstack.chaos import ChaosService, ChaosTarget
 from localstack.health import serving
 from localstack.kafka_broker import create_topics, kafka_broker
 from localstack.prometheus import Target, prometheus_binary, prometheus_process, write_config
@@ -159,8 +164,31 @@ class LocalStack:
         self.secondary = SECONDARY_PORTS.shifted(offset)
         self.challenger = CHALLENGER_PORTS.shifted(offset)
         self._started: list[ManagedProcess] = []
+        self._chaos_targets: dict[str, ChaosTarget] = {}
+        self._chaos: ChaosService | None = None
 
     def busy_ports(self) -> list[int]:
+        return [port for port in self.ports() if port_open("127.0.0.1", port)]
+
+    def overlap_with_default(self) -> list[int]:
+        """The ports this stack shares with a stack on the default ports (offset 0)."""
+        if self.decision_port == LocalStack(self.run_dir, 0).decision_port:
+            return []
+        return sorted(set(self.ports()) & set(LocalStack(self.run_dir, 0).ports()))
+
+    @classmethod
+    def free_offset(cls, run_dir: Path, **options: Any) -> int:
+        """A random port offset (1000 to 15000) whose stack would take no port in use now
+        nor one of the default stack's: for a second stack beside ``make run``'s."""
+        rng = random.Random()  # noqa: S311 - spreading ports, not a secret
+        for _ in range(100):
+            stack = cls(run_dir, rng.randrange(1000, 15000, 10), **options)
+            if not stack.overlap_with_default() and not stack.busy_ports():
+                return stack.decision_port - cls(run_dir, 0).decision_port
+        raise ProcessStartError("no free port offset for another stack")
+
+    def ports(self) -> list[int]:
+        """Every port this stack listens on."""
         ports = [
             self.decision_port,
             self.admin_port,
@@ -173,7 +201,7 @@ class LocalStack:
         ]
         for replica in (self.primary, self.secondary, self.challenger):
             ports.extend(asdict(replica).values())
-        return [port for port in ports if port_open("127.0.0.1", port)]
+        return ports
 
     @property
     def processes(self) -> dict[str, ManagedProcess]:
@@ -219,6 +247,11 @@ class LocalStack:
         _say(f"[2/8] redis-server on 127.0.0.1:{self.redis_port}")
         redis = self._track(redis_server(self.redis_port, self.run_dir / "redis"))
         await asyncio.to_thread(redis.wait_ready, listening(self.redis_port), 10.0)
+        self._chaos_targets["redis"] = ChaosTarget(
+            redis,
+            f"127.0.0.1:{self.redis_port}",
+            lambda: start_ready(redis, listening(self.redis_port), 10.0),
+        )
 
         kafka = FeatureCacheSettings().kafka
         _say(f"[3/8] Kafka-protocol broker on 127.0.0.1:{self.kafka_port}, topic {kafka.topic}")
@@ -226,6 +259,11 @@ class LocalStack:
             kafka_broker(self.kafka_port, self.run_dir / "kafka", niceness=BACKGROUND_NICENESS)
         )
         await asyncio.to_thread(broker.wait_ready, listening(self.kafka_port), 20.0)
+        self._chaos_targets["broker"] = ChaosTarget(
+            broker,
+            f"127.0.0.1:{self.kafka_port}",
+            lambda: start_ready(broker, listening(self.kafka_port), 20.0),
+        )
         await create_topics(
             f"127.0.0.1:{self.kafka_port}",
             {kafka.topic: MARKET_DATA_PARTITIONS, kafka.dead_letter_topic: 1},
@@ -252,6 +290,11 @@ class LocalStack:
         ]  # the JVMs boot in parallel
         for proc, ports, model in replicas:
             await asyncio.to_thread(start_replica, proc, ports, model_name=model)
+            self._chaos_targets[proc.name.removeprefix("torchserve-")] = ChaosTarget(
+                proc,
+                f"127.0.0.1:{ports.grpc_inference}",
+                functools.partial(start_replica, proc, ports, model_name=model),
+            )
         for name, ports in (("primary", self.primary), ("secondary", self.secondary)):
             # The challenger is off the answer path: it warms up on shadow calls.
             warm = await asyncio.to_thread(warm_up_replica, f"127.0.0.1:{ports.grpc_inference}")
@@ -334,6 +377,8 @@ class LocalStack:
 
         if self.prometheus:
             await self._start_prometheus()
+        self._chaos = ChaosService(self.run_dir, self._chaos_targets)
+        await self._chaos.start()
 
     def scrape_targets(self) -> list[Target]:
         """Every /metrics of the stack, by job."""
@@ -373,6 +418,8 @@ class LocalStack:
             await client.aclose()
 
     async def stop(self) -> None:
+        if self._chaos is not None:  # first: no fault starts while the stack stops
+            await self._chaos.stop()
         for proc in reversed(self._started):
             await asyncio.to_thread(proc.stop)
         _say("all processes stopped")
@@ -388,6 +435,13 @@ async def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         prometheus=args.with_prometheus,
     )
+    overlap = stack.overlap_with_default()
+    if overlap:
+        _say(
+            f"--port-offset {args.port_offset} puts this stack on ports a stack on the default "
+            f"ports uses ({', '.join(map(str, overlap[:5]))}): use a multiple of 1000"
+        )
+        return 2
     busy = stack.busy_ports()
     if busy:
         _say(f"ports already in use: {busy}; is another stack running? (--port-offset N moves it)")
@@ -428,7 +482,10 @@ def main() -> None:
     )
     parser.add_argument("--run-dir", type=Path, default=REPO / ".run")
     parser.add_argument(
-        "--port-offset", type=int, default=0, help="add N to every port (a second stack)"
+        "--port-offset",
+        type=int,
+        default=0,
+        help="add N to every port (a second stack; a multiple of 1000 keeps clear of the first)",
     )
     parser.add_argument(
         "--models",

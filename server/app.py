@@ -19,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
@@ -55,6 +58,7 @@ from server.batching import BatchingClient
 from server.control.canary import CanaryMonitor
 from server.control.changes import AuditedChanges, CanaryRollback
 from server.control.flags import flag_specs
+from server.control.fleet import FleetMember, FleetRegistration, fleet_members
 from server.control.shared import SharedControl
 from server.drift import DriftMonitor, ModelReferences
 from server.engine import DecisionEngine
@@ -171,6 +175,17 @@ def status_redis(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         settings.redis.url,
         max_connections=STATUS_REDIS_CONNECTIONS,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s,
+    )
+
+
+def fleet_redis(settings: Settings) -> aioredis.Redis:
+    """The fleet entry's writer: a write a second, and the last at stop."""
+    socket_timeout_s = settings.redis.socket_timeout_ms / 1000.0
+    return aioredis.Redis.from_url(
+        settings.redis.url,
+        max_connections=2,
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=socket_timeout_s,
     )
@@ -324,6 +339,7 @@ class DecisionApp:
             mirror=self.mirror,
             audit_view=self._audit_view if settings.audit.enabled else lambda: None,
             drift=self._drift_view,
+            fleet=lambda: fleet_members(self.status_redis, prefix),
         )
         score_cache = ScoreCache(
             self.redis,
@@ -406,6 +422,12 @@ class DecisionApp:
                 *([RpcMetricsInterceptor(rpc_metrics)] if settings.telemetry.metrics_port else []),
             ],
         )
+        # A client of its own: on-call's status reads share status_redis's two connections,
+        # and a full pool fails rather than waits; the entry must be written every second.
+        self.fleet_redis = fleet_redis(settings)
+        self.fleet = FleetRegistration(self.fleet_redis, key_prefix=prefix, member=self._member)
+        self._started_at_us = time.time_ns() // 1000
+        self._serving = False
         self._stack = contextlib.AsyncExitStack()
         self._ready_task: asyncio.Task[None] | None = None
         self._started = self._stopped = False
@@ -452,6 +474,7 @@ class DecisionApp:
         stack.push_async_callback(bounded("loop-lag probe", self.loop_lag.stop, stop_s))
         stack.push_async_callback(bounded("Redis client", self.redis.aclose, stop_s))
         stack.push_async_callback(bounded("status Redis client", self.status_redis.aclose, stop_s))
+        stack.push_async_callback(bounded("fleet Redis client", self.fleet_redis.aclose, stop_s))
         if self.mirror is not None:
             await self.mirror.start()
             stack.push_async_callback(bounded("feature mirror", self.mirror.stop, stop_s))
@@ -462,6 +485,8 @@ class DecisionApp:
             )
         await self.shared.start()
         stack.push_async_callback(bounded("shared control state", self.shared.stop, stop_s))
+        self.fleet.start()
+        stack.push_async_callback(bounded("fleet registration", self.fleet.stop, stop_s))
         stack.push_async_callback(bounded("canary monitor", self.canary.stop, stop_s))
         if self.drift is not None:
             self.drift.start()
@@ -469,6 +494,9 @@ class DecisionApp:
         stack.push_async_callback(bounded("decision engine", self.engine.stop, stop_s))
         await self.front.start()
         stack.push_async_callback(bounded("gRPC servers", self.front.stop, stop_s))
+        # Runs before the servers' stop (the stack unwinds in reverse): the fleet list
+        # says NOT serving for the whole grace period, as health does.
+        stack.push_async_callback(bounded("fleet entry", self._leave_serving, stop_s))
         if self.settings.audit.enabled:
             stack.push_async_callback(_cancel, asyncio.create_task(self._watch_audit()))
         self._ready_task = asyncio.create_task(self._become_ready())
@@ -500,8 +528,44 @@ class DecisionApp:
                 await asyncio.sleep(backoff.next_s())
                 continue
             await self.front.set_serving(True)
+            self._serving = True
+            with contextlib.suppress(aioredis.RedisError, OSError):
+                await self.fleet.refresh()  # listed as SERVING before it says it is ready
             log.info("ready: health SERVING")
             return
+
+    async def _leave_serving(self) -> None:
+        self._serving = False
+        with contextlib.suppress(aioredis.RedisError, OSError):
+            await self.fleet.refresh()
+
+    def _member(self) -> FleetMember:
+        """This server as its fleet entry says."""
+        host = socket.gethostname()
+        admin = self.settings.admin
+        shadow_scored, shadow_agreed = self.shadow.agreement() if self.shadow else (0, 0)
+        advertised = admin.advertise_address or _reachable(admin.host, self.admin_port, host)
+        return FleetMember(
+            server_id=self.audit.server_id or f"{host}:{self.port}",
+            admin_address=advertised if admin.enabled else "",
+            decision_address=_reachable(self.settings.server.host, self.port, host),
+            host=host,
+            pid=os.getpid(),
+            started_at_us=self._started_at_us,
+            serving=self._serving,
+            in_flight=self.engine.in_flight,
+            decisions=sum(self.engine.decided.values()),
+            breakers={r.name: r.breaker.state for r in self._all_replicas},
+            decisions_by_source=_by_first(self.engine.decided),
+            fallbacks=_by_second(self.engine.fallbacks),
+            shadow_scored=shadow_scored,
+            shadow_agreed=shadow_agreed,
+            latency_counts={
+                source.name.lower(): buckets.counts()
+                for source, buckets in self.engine.latency.items()
+                if buckets.count
+            },
+        )
 
     def _audit_view(self) -> AuditView:
         shipper = self.audit.shipper.status()
@@ -545,6 +609,29 @@ class DecisionApp:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _by_first(counts: Mapping[tuple[Source, Any], int]) -> dict[str, int]:
+    """Counts keyed by (source, ...) summed by source name."""
+    summed: dict[str, int] = {}
+    for (source, _), count in counts.items():
+        summed[source.name.lower()] = summed.get(source.name.lower(), 0) + count
+    return summed
+
+
+def _by_second(counts: Mapping[tuple[Any, str], int]) -> dict[str, int]:
+    """Counts keyed by (..., reason) summed by reason."""
+    summed: dict[str, int] = {}
+    for (_, reason), count in counts.items():
+        summed[reason] = summed.get(reason, 0) + count
+    return summed
+
+
+def _reachable(host: str, port: int, hostname: str) -> str:
+    """``host:port`` as another machine would dial it: a wildcard host is this host's name."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = hostname
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

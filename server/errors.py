@@ -151,6 +151,15 @@ class StoreUnavailable(DecisionError):
         super().__init__(f"audit store unavailable: {problem}")
 
 
+class FleetUnavailable(DecisionError):
+    """The shared store holding the fleet list did not answer."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"fleet list unavailable: {problem}")
+
+
 class SharedStateUnavailable(DecisionError):
     code = grpc.StatusCode.UNAVAILABLE
 

@@ -96,6 +96,12 @@ class AdminSettings(SettingsSection):
         description="PEM CA bundle: when set (with server TLS), admin clients must present "
         "a certificate it signed (mTLS).",
     )
+    advertise_address: str = Field(
+        "",
+        description="host:port other machines reach this AdminService at, as registered in "
+        "the fleet list (decisionctl status, top); empty: the listening address, with this "
+        "host's name for a wildcard host (Kubernetes: the pod IP and the port).",
+    )
 
 
 class ControlSettings(SettingsSection):

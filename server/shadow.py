@@ -182,6 +182,11 @@ class ShadowScorer:
         except Exception:  # the decision itself is recorded; a lost shadow is only logged
             log.exception("shadow scores not recorded")
 
+    def agreement(self) -> tuple[int, int]:
+        """Decisions scored in the shadow so far, and those the challenger agreed with
+        (``stats`` without the PSI it computes: cheap enough for every second)."""
+        return self._scored, self._agreed
+
     def stats(self) -> ShadowStats:
         score_psi = 0.0
         if len(self._champion_scores) >= 10:

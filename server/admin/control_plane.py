@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import redis.exceptions
@@ -30,6 +30,7 @@ from server.admin.views import (
 from server.control.canary import CanaryMonitor
 from server.control.changes import AuditedChanges, auto_rollback_on, change_dict
 from server.control.changes import now_us as _now_us
+from server.control.fleet import FleetMember
 from server.control.state import (
     BREAKER_PREFIX,
     FLAG_PREFIX,
@@ -42,7 +43,7 @@ from server.control.state import (
     FlagSpec,
     flag_text,
 )
-from server.errors import FailedPrecondition, InvalidArgument
+from server.errors import FailedPrecondition, FleetUnavailable, InvalidArgument
 from server.replica import Replica
 from server.validation import check_symbol
 
@@ -80,7 +81,10 @@ class ControlPlane:
         mirror: FeatureMirror | None = None,
         audit_view: Callable[[], AuditView | None] = lambda: None,
         drift: Callable[[], DriftView | None] = lambda: None,
+        fleet: Callable[[], Awaitable[list[FleetMember]]] | None = None,
     ) -> None:
+        """``fleet``: reads the registered servers (None: this server alone is known)."""
+        self._fleet = fleet
         self._features = features
         self._mirror = mirror
         self._audit_view = audit_view
@@ -224,6 +228,15 @@ class ControlPlane:
             symbol: -1.0 if record is None else record.age_ms(now_us)
             for symbol, record in zip(symbols, records, strict=True)
         }
+
+    async def servers(self) -> list[FleetMember]:
+        """Every registered server; ``FleetUnavailable`` when the shared store fails."""
+        if self._fleet is None:
+            return []
+        try:
+            return await self._fleet()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise FleetUnavailable(str(exc) or type(exc).__name__) from exc
 
     async def status(self) -> Status:
         feature_ages = await self.feature_ages_ms()

@@ -1,6 +1,8 @@
 """``decisionctl``: on-call control of the decision servers through AdminService.
 
     decisionctl status [--json]
+    decisionctl servers [--json]
+    decisionctl top [--interval 1] [--frames N]
     decisionctl breaker primary force-open --reason "replica OOM, INC-123" --ttl 15m
     decisionctl flags
     decisionctl flag set shadow_sample_rate 0.05 --reason "more shadow traffic" --ttl 2h
@@ -10,6 +12,7 @@
     decisionctl kill-switch release '*' --reason "all clear"
     decisionctl history --since 2h --actor alice --target primary
     decisionctl replay --since 2026-11-21T09:00 --until 2026-11-21T10:00
+    decisionctl chaos pause primary        (the local stack only; then: resume primary)
 
 The server is ``--address`` or DECISIONCTL_ADDRESS (default 127.0.0.1:50052). The bearer
 token is read from ``--token-file``, DECISIONCTL_TOKEN or DECISIONCTL_TOKEN_FILE; there is
@@ -30,11 +33,13 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
+from core import chaos as chaos_protocol
 from proto.decision.v1 import admin_pb2 as pb
 from proto.decision.v1 import admin_pb2_grpc as pb_grpc
 from server.admin.ctl_connection import (
@@ -43,6 +48,7 @@ from server.admin.ctl_connection import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_REFUSED,
+    EXIT_UNREACHABLE,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
     UsageError,
@@ -57,6 +63,7 @@ from server.admin.ctl_format import (
     format_flags,
     format_history,
     format_kill_switch_change,
+    format_servers,
     format_status,
     to_json,
 )
@@ -154,6 +161,33 @@ def build_parser() -> argparse.ArgumentParser:
     status = command(commands, "status", "this server's view of replicas, flags, canary, ...")
     status.add_argument("--json", action="store_true", help="print the response as JSON")
 
+    servers = command(
+        commands, "servers", "every server process registered in the shared store (the fleet)"
+    )
+    servers.add_argument("--json", action="store_true", help="print the response as JSON")
+
+    top = command(
+        commands,
+        "top",
+        "live view: decisions/s by source, fallbacks, every server, breakers, features",
+    )
+    top.add_argument(
+        "--interval", type=_positive, default=1.0, help="seconds between frames (default 1)"
+    )
+    top.add_argument(
+        "--frames", type=int, default=0, help="stop after this many frames (default: Ctrl-C)"
+    )
+    top.add_argument(
+        "--consumer-metrics",
+        help="the feature-cache consumer's /metrics URL, for its lag (default: the local "
+        "stack's, when --address is on loopback)",
+    )
+    top.add_argument(
+        "--labeler-metrics",
+        help="the labeler's /metrics URL, for the live AUC (default: the local stack's, "
+        "when --address is on loopback)",
+    )
+
     breaker = command(commands, "breaker", "override a replica's circuit breaker")
     breaker.add_argument("replica", help="primary, secondary or challenger")
     breaker.add_argument("mode", choices=sorted(_MODES), help="auto removes the override")
@@ -198,9 +232,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     history.add_argument("--json", action="store_true", help="print the response as JSON")
 
+    chaos = commands.add_parser(
+        "chaos",
+        help="faults in the local stack (make run) only: pause, slow, kill a replica, ...",
+        description="Injects a fault into a process of the local stack that `make run` "
+        "started from this checkout (it refuses anything else): a TorchServe replica "
+        f"({', '.join(chaos_protocol.REPLICAS)}: {', '.join(chaos_protocol.REPLICA_ACTIONS)}) "
+        f"or {' / '.join(chaos_protocol.SERVICES)} "
+        f"({', '.join(chaos_protocol.SERVICE_ACTIONS)}). Prints what was done and what to "
+        "watch.",
+    )
+    chaos.add_argument("action", choices=chaos_protocol.ACTIONS)
+    chaos.add_argument("target", choices=(*chaos_protocol.REPLICAS, *chaos_protocol.SERVICES))
+    chaos.add_argument(
+        "--run-dir", default=".run", help="the local stack's run folder (default .run)"
+    )
+    chaos.add_argument(
+        "--stopped-ms", type=_positive, default=20.0, help="slow: ms off the CPU per cycle"
+    )
+    chaos.add_argument(
+        "--running-ms", type=_positive, default=20.0, help="slow: ms on the CPU per cycle"
+    )
+
     # No help of its own and no common options: every argument goes to the audit CLI.
     replay = commands.add_parser(
-        "replay", add_help=False, help="replay recorded decisions (python -m server.audit replay)"
+        "replay", add_help=False, help="score recorded decisions again and compare (--help)"
     )
     replay.add_argument("--database-url", help="SQLAlchemy URL of the audit store")
     return parser
@@ -237,7 +293,36 @@ def _run(session: _Session, args: argparse.Namespace) -> str:
     stub, call, command = session.stub, session.call, args.command
     if command == "status":
         status = call(stub.GetStatus, pb.GetStatusRequest())
-        return to_json(status) if args.json else format_status(status)
+        if args.json:
+            return to_json(status)
+        return format_status(status) + "\n\nfleet\n" + _fleet(session)
+    if command == "top":
+        # Imported here: rich is needed by this command only.
+        from server.admin import ctl_top
+
+        consumer_url, labeler_url = ctl_top.local_stack_metrics(args.address)
+        consumer_url = args.consumer_metrics or consumer_url
+        labeler_url = args.labeler_metrics or labeler_url
+
+        def read() -> ctl_top.Sample:
+            status = call(stub.GetStatus, pb.GetStatusRequest())
+            fleet = call(stub.ListServers, pb.ListServersRequest())
+            return ctl_top.Sample(
+                time.monotonic(),
+                status,
+                list(fleet.servers),
+                consumer=ctl_top.consumer_text(consumer_url),
+                quality=ctl_top.quality_text(labeler_url),
+            )
+
+        try:
+            ctl_top.run(read, args.address, interval_s=args.interval, frames=args.frames)
+        except KeyboardInterrupt:
+            pass
+        return ""
+    if command == "servers":
+        fleet = call(stub.ListServers, pb.ListServersRequest())
+        return to_json(fleet) if args.json else format_servers(fleet.servers, time.time())
     if command == "flags":
         listed = call(stub.ListFlags, pb.ListFlagsRequest())
         return to_json(listed) if args.json else format_flags(listed.flags)
@@ -277,15 +362,46 @@ def _run(session: _Session, args: argparse.Namespace) -> str:
     raise AssertionError(f"unhandled command {command}")
 
 
+def _fleet(session: _Session) -> str:
+    """The fleet table for ``status``; a server that cannot list it still shows its own
+    status, with why the list is missing."""
+    try:
+        listed = session.call(session.stub.ListServers, pb.ListServersRequest())
+    except grpc.RpcError as exc:
+        return f"  (not listed: {exc.code().name} {exc.details()})"
+    return format_servers(listed.servers, time.time())
+
+
 def _replay(args: argparse.Namespace, rest: list[str]) -> int:
     # Imported here: the audit store's dependencies are not needed for the RPC commands.
     from server.audit.__main__ import main as audit_main
 
     prefix = ["--database-url", args.database_url] if args.database_url else []
     try:
-        return audit_main([*prefix, "replay", *rest])
+        return audit_main([*prefix, "replay", *rest], prog="decisionctl")
     except SystemExit as exc:  # its argparse exits on a usage error or --help
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    request = chaos_protocol.ChaosRequest(
+        args.action, args.target, stopped_ms=args.stopped_ms, running_ms=args.running_ms
+    )
+    try:
+        # A restart waits for TorchServe to load its model: up to about 90 s.
+        answer = chaos_protocol.ask(Path(args.run_dir), request, timeout_s=120.0)
+    except chaos_protocol.NoLocalStack as exc:
+        _write("err", f"decisionctl: {exc}")
+        return EXIT_REFUSED
+    except OSError as exc:
+        _write("err", f"decisionctl: the local stack did not answer: {exc}")
+        return EXIT_UNREACHABLE
+    if not answer.ok:
+        _write("err", f"decisionctl: refused: {answer.message}")
+        return EXIT_REFUSED
+    _write("out", answer.message)
+    _write("out", f"watch: {answer.watch}")
+    return EXIT_OK
 
 
 def _write(stream: str, text: str) -> None:
@@ -303,8 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     if args.command == "replay":
         return _replay(args, rest)
+    if args.command == "chaos":
+        return _chaos(args)
 
     address = getattr(args, "address", None) or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+    args.address = address
     timeout = getattr(args, "timeout", 5.0)
     try:
         _check(args)
@@ -315,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
                 timeout,
                 (("authorization", f"Bearer {token}"),),
             )
-            _write("out", _run(session, args))
+            printed = _run(session, args)
+            if printed:
+                _write("out", printed)
     except UsageError as exc:
         _write("err", f"decisionctl: {exc}")
         return EXIT_REFUSED

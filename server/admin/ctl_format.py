@@ -103,6 +103,37 @@ def format_history(actions: Iterable[pb.AdminAction]) -> str:
     return format_table(["AT", "ACTOR", "ACTION", "TARGET", "CHANGE", "REASON"], rows)
 
 
+def _age(ts: Timestamp, now_s: float) -> str:
+    seconds = max(0.0, now_s - ts.ToMicroseconds() / 1e6)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def format_servers(servers: Sequence[pb.ServerInfo], now_s: float) -> str:
+    """ListServers for a human: one row per server process, its breakers in one cell."""
+    if not servers:
+        return "  (none registered)"
+    rows = [
+        [
+            s.server_id,
+            s.admin_address or "-",
+            str(s.pid),
+            _age(s.started_at, now_s),
+            _age(s.seen_at, now_s),
+            "yes" if s.serving else "NO",
+            str(s.in_flight),
+            str(s.decisions),
+            " ".join(f"{name}={state}" for name, state in sorted(s.breakers.items())),
+        ]
+        for s in servers
+    ]
+    headers = ["SERVER", "ADMIN", "PID", "UP", "SEEN", "SERVING", "IN FLIGHT", "DECISIONS"]
+    return format_table([*headers, "BREAKERS"], rows)
+
+
 def _format_replicas(status: pb.GetStatusResponse) -> list[str]:
     if not status.replicas:
         return ["  (no replicas)"]

@@ -14,6 +14,7 @@ import orjson
 import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from core.histogram import LATENCY_BOUNDS_S
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc
 from server.admin.auth import Role, current_principal
 from server.admin.control_plane import ControlPlane
@@ -22,6 +23,7 @@ from server.audit.record import AdminRecord
 from server.audit.shipper import describe
 from server.audit.store import AdminActionQuery, AuditStore
 from server.control.canary import WindowSummary
+from server.control.fleet import FleetMember
 from server.control.state import BreakerMode, Change
 from server.errors import FailedPrecondition, InvalidArgument, StoreUnavailable, grpc_errors
 
@@ -31,6 +33,7 @@ READ_METHODS = {
     f"/{ADMIN_SERVICE}/GetStatus": Role.VIEWER,
     f"/{ADMIN_SERVICE}/ListFlags": Role.VIEWER,
     f"/{ADMIN_SERVICE}/ListAdminActions": Role.VIEWER,
+    f"/{ADMIN_SERVICE}/ListServers": Role.VIEWER,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Role.VIEWER,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Role.VIEWER,
 }
@@ -123,6 +126,31 @@ def action_to_pb(record: AdminRecord) -> admin_pb2.AdminAction:
     )
 
 
+def server_to_pb(member: FleetMember) -> admin_pb2.ServerInfo:
+    return admin_pb2.ServerInfo(
+        server_id=member.server_id,
+        admin_address=member.admin_address,
+        decision_address=member.decision_address,
+        host=member.host,
+        pid=member.pid,
+        started_at=_timestamp(member.started_at_us),
+        seen_at=_timestamp(member.seen_at_us),
+        serving=member.serving,
+        in_flight=member.in_flight,
+        decisions=member.decisions,
+        breakers=dict(member.breakers),
+        decisions_by_source=dict(member.decisions_by_source),
+        fallbacks=dict(member.fallbacks),
+        shadow_scored=member.shadow_scored,
+        shadow_agreed=member.shadow_agreed,
+        latency={
+            source: admin_pb2.LatencyCounts(counts=counts)
+            for source, counts in member.latency_counts.items()
+        },
+        latency_bounds_s=LATENCY_BOUNDS_S,
+    )
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, plane: ControlPlane, store: AuditStore | None = None) -> None:
         """``store``: the audit store the admin history is read from (None: audit off)."""
@@ -148,6 +176,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         except sa.exc.SQLAlchemyError as exc:
             raise StoreUnavailable(describe(exc)) from exc
         return admin_pb2.ListAdminActionsResponse(actions=[action_to_pb(r) for r in records])
+
+    @grpc_errors
+    async def ListServers(
+        self, request: admin_pb2.ListServersRequest, context: Context
+    ) -> admin_pb2.ListServersResponse:
+        return admin_pb2.ListServersResponse(
+            servers=[server_to_pb(m) for m in await self._plane.servers()]
+        )
 
     @grpc_errors
     async def GetStatus(

@@ -35,9 +35,9 @@ def _time(text: str) -> dt.datetime:
     return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m server.audit",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -79,8 +79,9 @@ def _print_report(report: ReplayReport) -> None:
         print(f"  ... and {len(report.differences) - DIFFERENCES_SHOWN} more (--json for all)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "python -m server.audit") -> int:
+    """``prog``: the command's name in usage lines (``decisionctl`` runs replay too)."""
+    args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     engine = create_store_engine(args.database_url or Settings().audit.database_url)
     try:
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 records,
                 model_store=None if (args.replica or args.against) else args.model_store,
                 replica=args.replica,
-                against=args.against,
+                against=args.against.resolve() if args.against else None,
                 tolerance=args.tolerance,
             )
         )

@@ -106,7 +106,7 @@ def archives_by_version(model_store: Path) -> dict[str, Path]:
     for path in sorted(model_store.glob("*.mar")):
         version = archive_version(path)
         if version is not None:
-            found[version] = path
+            found[version] = path.resolve()  # TorchServe runs in a folder of its own
     return found
 
 

@@ -24,3 +24,14 @@ def test_nothing_observed_reads_as_zeros() -> None:
 def test_bounds_must_rise(bounds: tuple[float, ...]) -> None:
     with pytest.raises(ValueError, match="strictly increasing"):
         Buckets(bounds)
+
+
+def test_quantile_bound_is_the_upper_bound_of_the_quantiles_bucket() -> None:
+    from core.histogram import quantile_bound
+
+    bounds = (0.001, 0.005, 0.01)
+    assert quantile_bound(bounds, [0, 0, 0, 0], 0.5) is None
+    assert quantile_bound(bounds, [50, 49, 1, 0], 0.5) == 0.001
+    assert quantile_bound(bounds, [50, 49, 1, 0], 0.51) == 0.005
+    assert quantile_bound(bounds, [50, 49, 1, 0], 0.99) == 0.005
+    assert quantile_bound(bounds, [50, 49, 0, 1], 1.0) == float("inf")

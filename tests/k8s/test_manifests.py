@@ -73,6 +73,7 @@ def container_env(objects: list[Object], workload: str, name: str) -> dict[str, 
             env[entry["name"]] = {
                 "DECISION_REDIS__URL": "redis://redis.example:6379/0",
                 "DECISION_AUDIT__DATABASE_URL": "postgresql+psycopg://decision@pg.example/db",
+                "POD_IP": "10.0.0.7",  # the downward API's
             }[entry["name"]]
     return {k: v for k, v in env.items() if k.startswith("DECISION_")}
 
@@ -193,6 +194,8 @@ def test_ports_and_environment_match_the_server_settings(
     mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
     assert settings.audit.journal_dir.startswith(mounts["journal"] + "/")
     assert settings.admin.tokens_file.startswith(mounts["admin-tokens"] + "/")
+    # The fleet list gives the pod's own address, not the wildcard it binds.
+    assert settings.admin.advertise_address == f"$(POD_IP):{settings.admin.port}"
     # The Services' ports are the container's.
     for service_name, port_names in {
         "decision": ["grpc"],

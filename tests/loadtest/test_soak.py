@@ -13,11 +13,9 @@ no late answer), which a busy 2-core machine does not meet every window yet (iss
 from __future__ import annotations
 
 import json
-import random
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -28,16 +26,6 @@ pytestmark = pytest.mark.integration
 
 DURATION_S = 180
 PAUSE = "redis@60+30"
-
-
-def free_offset(run_dir: Path) -> int:
-    """A port offset at which none of the stack's ports is taken (ports stay < 65536)."""
-    rng = random.Random()
-    for _ in range(50):
-        offset = rng.randrange(1000, 15000, 10)
-        if not LocalStack(run_dir, offset).busy_ports():
-            return offset
-    raise RuntimeError("no free port offset for a second stack")
 
 
 @pytest.mark.timeout(DURATION_S + 300)
@@ -51,7 +39,7 @@ def test_three_minute_soak_with_a_redis_pause_loses_nothing_and_recovers(model_s
         "--fault", PAUSE,
         "--models", str(store),
         "--run-dir", str(run_dir),
-        "--port-offset", str(free_offset(run_dir)),
+        "--port-offset", str(LocalStack.free_offset(run_dir)),
         "--json", str(summary_path),
         "--png", str(tmp_path / "soak.png"),
     ]  # fmt: skip

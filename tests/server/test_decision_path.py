@@ -51,6 +51,7 @@ async def test_normal_path_is_answered_by_the_primary(
     )
     assert response.decision == expected
     assert response.reason.startswith("primary answered in")
+    assert response.reason_code == decision_pb2.REASON_CODE_MODEL_ANSWERED
     assert 0 <= response.feature_age_ms < 1000
     assert response.timings.total_us >= response.timings.model_us > 0
     assert response.decision_id
@@ -72,6 +73,7 @@ async def test_primary_killed_is_answered_by_the_secondary(
         assert response.source == decision_pb2.SOURCE_SECONDARY
         assert response.reason.startswith("primary unavailable")
         assert "secondary answered in" in response.reason
+        assert response.reason_code == decision_pb2.REASON_CODE_MODEL_ANSWERED
         assert response.model_version
     finally:
         replicas["primary"].restart()
@@ -169,6 +171,10 @@ async def test_both_replicas_down_falls_back_to_cached_score_then_rules_then_abs
             r"cached score \d+ ms old$",
             cached.reason,
         ), cached.reason
+        assert cached.reason_code in (
+            decision_pb2.REASON_CODE_MODEL_UNAVAILABLE,
+            decision_pb2.REASON_CODE_MODEL_TIMEOUT,
+        )
 
         old = dataclasses.replace(remembered, scored_at_us=now_us - 3_000_000)
         await cache.put_many([ScoreEntry("BTC-USD", Side.BUY, old)])
@@ -186,6 +192,7 @@ async def test_both_replicas_down_falls_back_to_cached_score_then_rules_then_abs
         assert missing.decision == decision_pb2.DECISION_ABSTAIN
         assert not missing.HasField("score")
         assert "no features for ETH-USD" in missing.reason
+        assert missing.reason_code == decision_pb2.REASON_CODE_NO_FEATURES
         assert missing.feature_age_ms == -1
         assert (missing.model_name, missing.model_version) == ("fallback", rules.model_version)
     finally:
@@ -202,6 +209,7 @@ async def test_stale_features_skip_the_model(replicas, start_app, channel_to, fe
 
     assert response.source == decision_pb2.SOURCE_ABSTAIN
     assert re.match(r"features stale: 5\d{3} ms old \(max 2000\)", response.reason)
+    assert response.reason_code == decision_pb2.REASON_CODE_FEATURES_STALE
     assert response.feature_age_ms >= 5000
 
 

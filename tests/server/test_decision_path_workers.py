@@ -154,7 +154,11 @@ async def test_every_workers_breaker_opens_on_a_paused_primary_and_closes_after(
             for _ in range(3):
                 for stub in stubs:
                     answer = await stub.Decide(buy(), timeout=0.2)
-                    assert answer.source == decision_pb2.SOURCE_SECONDARY, answer.reason
+                    # The secondary answers, or, on a machine busy enough that it is late
+                    # too, the ladder does: the primary is never the one.
+                    assert answer.source != decision_pb2.SOURCE_PRIMARY, answer.reason
+                    assert answer.reason.startswith("primary"), answer.reason
+                    assert "secondary" in answer.reason, answer.reason
                     ids.add(answer.decision_id)
             for answer in await answers(stubs, buy(), timeout_s=0.2):
                 assert answer.reason.startswith("primary breaker open"), answer.reason

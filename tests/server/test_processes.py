@@ -71,11 +71,7 @@ def test_server_process_serves_then_stops_cleanly_on_sigterm(redis_instance, tmp
 
 def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path, model_store):
     # An offset whose every port is free: away from a stack on the default ports.
-    offset = next(
-        n
-        for n in range(1000 + os.getpid() % 997, 15000, 997)
-        if not LocalStack(tmp_path, n, prometheus=True).busy_ports()
-    )
+    offset = LocalStack.free_offset(tmp_path, prometheus=True)
     decision_port = 50051 + offset
     proc = subprocess.Popen(
         [sys.executable, "-m", "localstack", "--run-dir", str(tmp_path), "--port-offset",

@@ -79,6 +79,11 @@ class AdminServiceStub:
                 request_serializer=proto_dot_decision_dot_v1_dot_admin__pb2.ListAdminActionsRequest.SerializeToString,
                 response_deserializer=proto_dot_decision_dot_v1_dot_admin__pb2.ListAdminActionsResponse.FromString,
                 _registered_method=True)
+        self.ListServers = channel.unary_unary(
+                '/decision.v1.AdminService/ListServers',
+                request_serializer=proto_dot_decision_dot_v1_dot_admin__pb2.ListServersRequest.SerializeToString,
+                response_deserializer=proto_dot_decision_dot_v1_dot_admin__pb2.ListServersResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -148,6 +153,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListServers(self, request, context):
+        """Every server process registered in the shared store (each worker of a
+        server is one): each rewrites its entry every second, and an entry not
+        rewritten for 10 s is gone. Viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +199,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAdminActions,
                     request_deserializer=proto_dot_decision_dot_v1_dot_admin__pb2.ListAdminActionsRequest.FromString,
                     response_serializer=proto_dot_decision_dot_v1_dot_admin__pb2.ListAdminActionsResponse.SerializeToString,
+            ),
+            'ListServers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServers,
+                    request_deserializer=proto_dot_decision_dot_v1_dot_admin__pb2.ListServersRequest.FromString,
+                    response_serializer=proto_dot_decision_dot_v1_dot_admin__pb2.ListServersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -386,6 +405,33 @@ class AdminService:
             '/decision.v1.AdminService/ListAdminActions',
             proto_dot_decision_dot_v1_dot_admin__pb2.ListAdminActionsRequest.SerializeToString,
             proto_dot_decision_dot_v1_dot_admin__pb2.ListAdminActionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/decision.v1.AdminService/ListServers',
+            proto_dot_decision_dot_v1_dot_admin__pb2.ListServersRequest.SerializeToString,
+            proto_dot_decision_dot_v1_dot_admin__pb2.ListServersResponse.FromString,
             options,
             channel_credentials,
             insecure,

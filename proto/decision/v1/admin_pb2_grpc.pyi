@@ -69,6 +69,11 @@ class AdminServiceStub:
     shares the store. A change is listed once its server has shipped it there
     (within about 100 ms). Viewer.
     """
+    ListServers: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListServersRequest, _admin_pb2.ListServersResponse]
+    """Every server process registered in the shared store (each worker of a
+    server is one): each rewrites its entry every second, and an entry not
+    rewritten for 10 s is gone. Viewer.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -107,6 +112,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """The admin changes in the audit store, newest first: every server's that
     shares the store. A change is listed once its server has shipped it there
     (within about 100 ms). Viewer.
+    """
+    ListServers: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListServersRequest, _admin_pb2.ListServersResponse]  # type: ignore[assignment]
+    """Every server process registered in the shared store (each worker of a
+    server is one): each rewrites its entry every second, and an entry not
+    rewritten for 10 s is gone. Viewer.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -185,6 +195,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """The admin changes in the audit store, newest first: every server's that
         shares the store. A change is listed once its server has shipped it there
         (within about 100 ms). Viewer.
+        """
+
+    @_abc_1.abstractmethod
+    def ListServers(
+        self,
+        request: _admin_pb2.ListServersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListServersResponse, _abc.Awaitable[_admin_pb2.ListServersResponse]]:
+        """Every server process registered in the shared store (each worker of a
+        server is one): each rewrites its entry every second, and an entry not
+        rewritten for 10 s is gone. Viewer.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

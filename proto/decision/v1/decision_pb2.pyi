@@ -107,6 +107,84 @@ SOURCE_ABSTAIN: Source.ValueType  # 6
 """Nobody: the decision is DECISION_ABSTAIN."""
 Global___Source: _TypeAlias = Source  # noqa: Y015
 
+class _ReasonCode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REASON_CODE_UNSPECIFIED: _ReasonCode.ValueType  # 0
+    """Not set: a server older than this field."""
+    REASON_CODE_MODEL_ANSWERED: _ReasonCode.ValueType  # 1
+    """The model answered (SOURCE_PRIMARY, SOURCE_SECONDARY or SOURCE_CANARY)."""
+    REASON_CODE_KILL_SWITCH: _ReasonCode.ValueType  # 2
+    """A kill switch covers the symbol: ABSTAIN."""
+    REASON_CODE_NO_FEATURES: _ReasonCode.ValueType  # 3
+    """No feature record for the symbol."""
+    REASON_CODE_FEATURES_STALE: _ReasonCode.ValueType  # 4
+    """The feature record is older than the staleness bound."""
+    REASON_CODE_FEATURES_UNUSABLE: _ReasonCode.ValueType  # 5
+    """The feature record cannot be scored (missing or non-finite values)."""
+    REASON_CODE_FEATURE_STORE: _ReasonCode.ValueType  # 6
+    """The feature store did not answer in time."""
+    REASON_CODE_OVERLOADED: _ReasonCode.ValueType  # 7
+    """The server was over its admission limit: the model was skipped."""
+    REASON_CODE_MODEL_BREAKER_OPEN: _ReasonCode.ValueType  # 8
+    """Every replica's circuit breaker was open."""
+    REASON_CODE_MODEL_TIMEOUT: _ReasonCode.ValueType  # 9
+    """The model did not answer within the call's budget."""
+    REASON_CODE_MODEL_BUSY: _ReasonCode.ValueType  # 10
+    """The replicas refused the call (busy)."""
+    REASON_CODE_MODEL_UNAVAILABLE: _ReasonCode.ValueType  # 11
+    """The replicas could not be reached."""
+    REASON_CODE_MODEL_ERROR: _ReasonCode.ValueType  # 12
+    """The replicas answered with an error."""
+    REASON_CODE_MODEL_NO_TIME: _ReasonCode.ValueType  # 13
+    """The call's remaining budget was too short for a model call."""
+    REASON_CODE_MODEL_RETRY_BUDGET: _ReasonCode.ValueType  # 14
+    """The retry budget allowed no call to the next replica."""
+    REASON_CODE_MODEL_INPUT: _ReasonCode.ValueType  # 15
+    """The replicas rejected the model input."""
+
+class ReasonCode(_ReasonCode, metaclass=_ReasonCodeEnumTypeWrapper):
+    """Why the model did not answer a decision, for programs (`reason` says it in words).
+    Values may be added: treat an unknown value as REASON_CODE_UNSPECIFIED.
+    """
+
+REASON_CODE_UNSPECIFIED: ReasonCode.ValueType  # 0
+"""Not set: a server older than this field."""
+REASON_CODE_MODEL_ANSWERED: ReasonCode.ValueType  # 1
+"""The model answered (SOURCE_PRIMARY, SOURCE_SECONDARY or SOURCE_CANARY)."""
+REASON_CODE_KILL_SWITCH: ReasonCode.ValueType  # 2
+"""A kill switch covers the symbol: ABSTAIN."""
+REASON_CODE_NO_FEATURES: ReasonCode.ValueType  # 3
+"""No feature record for the symbol."""
+REASON_CODE_FEATURES_STALE: ReasonCode.ValueType  # 4
+"""The feature record is older than the staleness bound."""
+REASON_CODE_FEATURES_UNUSABLE: ReasonCode.ValueType  # 5
+"""The feature record cannot be scored (missing or non-finite values)."""
+REASON_CODE_FEATURE_STORE: ReasonCode.ValueType  # 6
+"""The feature store did not answer in time."""
+REASON_CODE_OVERLOADED: ReasonCode.ValueType  # 7
+"""The server was over its admission limit: the model was skipped."""
+REASON_CODE_MODEL_BREAKER_OPEN: ReasonCode.ValueType  # 8
+"""Every replica's circuit breaker was open."""
+REASON_CODE_MODEL_TIMEOUT: ReasonCode.ValueType  # 9
+"""The model did not answer within the call's budget."""
+REASON_CODE_MODEL_BUSY: ReasonCode.ValueType  # 10
+"""The replicas refused the call (busy)."""
+REASON_CODE_MODEL_UNAVAILABLE: ReasonCode.ValueType  # 11
+"""The replicas could not be reached."""
+REASON_CODE_MODEL_ERROR: ReasonCode.ValueType  # 12
+"""The replicas answered with an error."""
+REASON_CODE_MODEL_NO_TIME: ReasonCode.ValueType  # 13
+"""The call's remaining budget was too short for a model call."""
+REASON_CODE_MODEL_RETRY_BUDGET: ReasonCode.ValueType  # 14
+"""The retry budget allowed no call to the next replica."""
+REASON_CODE_MODEL_INPUT: ReasonCode.ValueType  # 15
+"""The replicas rejected the model input."""
+Global___ReasonCode: _TypeAlias = ReasonCode  # noqa: Y015
+
 @_typing.final
 class DecideRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -227,6 +305,7 @@ class DecideResponse(_message.Message):
     FEATURE_AGE_MS_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     DECIDED_AT_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request's id (generated when the request had none)."""
     decision_id: _builtins.str
@@ -247,6 +326,8 @@ class DecideResponse(_message.Message):
     """Why this source decided, in words an on-call engineer can act on."""
     feature_age_ms: _builtins.float
     """Age of the feature record used, in milliseconds (-1 when there was none)."""
+    reason_code: Global___ReasonCode.ValueType
+    """Why the model did not answer, for programs; `reason` says it in words."""
     @_builtins.property
     def timings(self) -> Global___DecideTimings: ...
     @_builtins.property
@@ -266,10 +347,11 @@ class DecideResponse(_message.Message):
         feature_age_ms: _builtins.float = ...,
         timings: Global___DecideTimings | None = ...,
         decided_at: _timestamp_pb2.Timestamp | None = ...,
+        reason_code: Global___ReasonCode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "decided_at", b"decided_at", "score", b"score", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "decided_at", b"decided_at", "decision", b"decision", "decision_id", b"decision_id", "feature_age_ms", b"feature_age_ms", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "request_id", b"request_id", "score", b"score", "source", b"source", "threshold", b"threshold", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "decided_at", b"decided_at", "decision", b"decision", "decision_id", b"decision_id", "feature_age_ms", b"feature_age_ms", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "reason_code", b"reason_code", "request_id", b"request_id", "score", b"score", "source", b"source", "threshold", b"threshold", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
     _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015

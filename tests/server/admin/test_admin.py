@@ -157,6 +157,7 @@ async def test_kill_switch_for_one_symbol_abstains_only_that_symbol_on_every_ser
         assert took_s < 1.0
         assert response.source == decision_pb2.SOURCE_ABSTAIN
         assert response.reason == "kill switch for ETH-USD engaged by oncall: bad prints"
+        assert response.reason_code == decision_pb2.REASON_CODE_KILL_SWITCH
         for server in (a, b):
             other = await server.decisions.Decide(buy("BTC-USD"), timeout=2.0)
             assert other.source == decision_pb2.SOURCE_PRIMARY, other.reason
@@ -568,3 +569,63 @@ async def test_shadow_scores_land_in_the_decision_rows_and_saturation_drops_them
     assert {r.shadow_model_name for r in rows} == {"challenger"}
     assert all(0.0 <= r.shadow_score <= 1.0 for r in rows)
     assert any(abs(r.shadow_score - r.score) > 1e-6 for r in rows)  # another model
+
+
+async def _servers(server: Any) -> dict[str, admin_pb2.ServerInfo]:
+    listed = await server.admin.ListServers(
+        admin_pb2.ListServersRequest(), metadata=VIEWER, timeout=5.0
+    )
+    return {s.server_id: s for s in listed.servers}
+
+
+async def test_every_server_process_is_listed_by_any_server_and_leaves_the_list_on_stop(
+    server_processes, feature_writer
+):
+    await feature_writer.write_many([sample_record("BTC-USD")])
+    (single,) = server_processes(1)
+    (pair,) = server_processes(1, workers=2)
+    try:
+        # Each worker of the second server is listed: each has its own breakers.
+        for _ in range(50):  # a worker lists itself as it becomes ready: within moments
+            if len(listed := await _servers(single)) == 3:
+                break
+            await asyncio.sleep(0.1)
+        assert len(listed) == 3, sorted(listed)
+        assert sum(s.admin_address.endswith(f":{pair.admin_port}") for s in listed.values()) == 2
+        mine = next(s for s in listed.values() if s.admin_address.endswith(f":{single.admin_port}"))
+        assert mine.serving
+        assert mine.pid == single.proc.pid
+        assert mine.decision_address.endswith(f":{single.port}")
+        assert mine.breakers["primary"] == "closed"
+        assert mine.HasField("started_at") and mine.HasField("seen_at")
+        assert (await _servers(pair)).keys() == listed.keys()  # any server lists them all
+
+        await single.decisions.Decide(buy("BTC-USD"), timeout=2.0)
+        deadline = time.monotonic() + 10.0  # entries are rewritten every second
+        while (await _servers(pair))[mine.server_id].decisions < 1:
+            assert time.monotonic() < deadline, "the decision never showed in the list"
+            await asyncio.sleep(0.5)
+
+        await single.close()  # a clean stop removes its entry at once
+        assert mine.server_id not in await _servers(pair)
+        assert len(await _servers(pair)) == 2
+    finally:
+        for server in (single, pair):
+            await server.close()
+
+
+async def test_decisionctl_status_shows_the_fleet(server_processes, capsys, monkeypatch):
+    a, b = server_processes(2)
+    monkeypatch.setenv("DECISIONCTL_TOKEN", VIEWER_TOKEN)
+    try:
+        argv = ["status", "--address", f"127.0.0.1:{a.admin_port}"]
+        assert await asyncio.to_thread(ctl.main, argv) == 0
+        out = capsys.readouterr().out
+        fleet = out.split("\nfleet\n", 1)[1]
+        for server in (a, b):
+            assert f":{server.admin_port} " in fleet
+            assert f"{server.proc.pid} " in fleet
+        assert fleet.count("primary=closed") == 2
+    finally:
+        for server in (a, b):
+            await server.close()

@@ -219,6 +219,47 @@ def test_format_status_shows_the_key_content() -> None:
     assert primary.split()[:6] == ["primary", "10.0.0.1:7070", "closed", "AUTO", "1200", "3"]
 
 
+def _servers() -> pb.ListServersResponse:
+    return pb.ListServersResponse(
+        servers=[
+            pb.ServerInfo(
+                server_id="decision-a1",
+                admin_address="10.0.0.1:50052",
+                pid=41,
+                started_at=_ts("2026-11-21T08:00:00Z"),
+                seen_at=_ts("2026-11-21T09:59:58Z"),
+                serving=True,
+                in_flight=3,
+                decisions=120456,
+                breakers={"primary": "closed", "secondary": "closed"},
+            ),
+            pb.ServerInfo(
+                server_id="decision-a2/w1",
+                admin_address="10.0.0.2:50052",
+                pid=77,
+                started_at=_ts("2026-11-21T09:59:00Z"),
+                seen_at=_ts("2026-11-21T09:59:56Z"),
+                breakers={"secondary": "closed", "primary": "open"},
+            ),
+        ]
+    )
+
+
+def test_format_servers_one_row_each_with_ages_and_breakers() -> None:
+    now_s = _ts("2026-11-21T10:00:00Z").ToMicroseconds() / 1e6
+    lines = ctl_format.format_servers(_servers().servers, now_s).splitlines()
+    assert lines[0].split() == [
+        "SERVER", "ADMIN", "PID", "UP", "SEEN", "SERVING", "IN", "FLIGHT", "DECISIONS", "BREAKERS"
+    ]  # fmt: skip
+    assert lines[1].split() == [
+        "decision-a1", "10.0.0.1:50052", "41", "2.0h", "2s", "yes", "3", "120456",
+        "primary=closed", "secondary=closed",
+    ]  # fmt: skip
+    assert lines[2].split()[3:6] == ["60s", "4s", "NO"]
+    assert lines[2].endswith("primary=open secondary=closed")  # sorted by replica
+    assert ctl_format.format_servers([], now_s) == "  (none registered)"
+
+
 def test_format_status_of_an_empty_response() -> None:
     text = ctl_format.format_status(pb.GetStatusResponse())
     assert "read from Redis (no mirror)" in text
@@ -343,6 +384,7 @@ class FakeAdmin(pb_grpc.AdminServiceServicer):
     def __init__(self) -> None:
         self.requests: list[Any] = []
         self.authorization: list[str] = []
+        self.fleet_error = False
 
     def _admit(self, context: Any, *, change: bool) -> None:
         value = dict(context.invocation_metadata()).get("authorization", "")
@@ -366,6 +408,12 @@ class FakeAdmin(pb_grpc.AdminServiceServicer):
         return pb.ListAdminActionsResponse(
             actions=[pb.AdminAction(actor="alice", action="set_flag", target="x", reason="why")]
         )
+
+    def ListServers(self, request: Any, context: Any) -> pb.ListServersResponse:
+        self._admit(context, change=False)
+        if self.fleet_error:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "fleet list unavailable: redis down")
+        return _servers()
 
     def SetBreaker(self, request: Any, context: Any) -> pb.SetBreakerResponse:
         self._admit(context, change=True)
@@ -415,13 +463,36 @@ def operator(monkeypatch) -> None:
     monkeypatch.delenv(ctl_connection.TOKEN_FILE_ENV, raising=False)
 
 
-def test_status_sends_the_token(fake, operator, capsys) -> None:
+def test_status_sends_the_token_and_shows_the_fleet(fake, operator, capsys) -> None:
     servicer, address = fake
     assert ctl.main(["--address", address, "status"]) == 0
     out, err = capsys.readouterr()
     assert "decision-a1" in out
-    assert servicer.authorization == [f"Bearer {TOKEN}"]
+    assert servicer.authorization == [f"Bearer {TOKEN}"] * 2  # GetStatus, ListServers
     assert TOKEN not in out + err
+    fleet = out.split("\nfleet\n", 1)[1]
+    rows = [line.split()[:3] for line in fleet.splitlines()[1:]]
+    assert rows == [
+        ["decision-a1", "10.0.0.1:50052", "41"],
+        ["decision-a2/w1", "10.0.0.2:50052", "77"],
+    ]
+
+
+def test_status_of_a_server_that_cannot_list_the_fleet(fake, operator, capsys) -> None:
+    servicer, address = fake
+    servicer.fleet_error = True
+    assert ctl.main(["--address", address, "status"]) == 0
+    out = capsys.readouterr().out
+    assert "decision-a1" in out
+    assert "(not listed: UNAVAILABLE fleet list unavailable: redis down)" in out
+
+
+def test_servers_json(fake, operator, capsys) -> None:
+    _, address = fake
+    assert ctl.main(["servers", "--json", "--address", address]) == 0
+    listed = json.loads(capsys.readouterr().out)["servers"]
+    assert [s["server_id"] for s in listed] == ["decision-a1", "decision-a2/w1"]
+    assert listed[1]["breakers"] == {"primary": "open", "secondary": "closed"}
 
 
 def test_status_json(fake, operator, capsys) -> None:
@@ -441,7 +512,7 @@ def test_token_file_option(fake, capsys, monkeypatch, tmp_path: Path) -> None:
     servicer, address = fake
     monkeypatch.delenv(ctl_connection.TOKEN_ENV, raising=False)
     (tmp_path / "token").write_text(TOKEN + "\n")
-    argv = ["--address", address, "--token-file", str(tmp_path / "token"), "status"]
+    argv = ["--address", address, "--token-file", str(tmp_path / "token"), "flags"]
     assert ctl.main(argv) == 0
     assert servicer.authorization == [f"Bearer {TOKEN}"]
 
@@ -548,7 +619,8 @@ def test_replay_passes_every_argument_through(monkeypatch) -> None:
 
     seen: list[list[str] | None] = []
 
-    def fake_main(argv: list[str] | None = None) -> int:
+    def fake_main(argv: list[str] | None = None, *, prog: str = "") -> int:
+        assert prog == "decisionctl"
         seen.append(argv)
         return 1
 
@@ -562,9 +634,13 @@ def test_replay_passes_every_argument_through(monkeypatch) -> None:
     ]
 
 
-def test_replay_usage_error_is_the_audit_clis(capsys) -> None:
+def test_replay_usage_error_is_the_audit_clis_under_decisionctls_name(capsys) -> None:
     assert ctl.main(["replay", "--no-such-option"]) == 2
-    assert "unrecognized arguments" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err
+    assert err.startswith("usage: decisionctl ")
+    assert ctl.main(["replay", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: decisionctl replay ")
 
 
 @pytest.mark.parametrize(
@@ -578,3 +654,90 @@ def test_replay_usage_error_is_the_audit_clis(capsys) -> None:
 def test_tls_option_errors_exit_2(options: list[str], message: str, operator, capsys) -> None:
     assert ctl.main([*options, "status"]) == 2
     assert message in capsys.readouterr().err
+
+
+# --- top ----------------------------------------------------------------------------------
+
+
+def _sample(at_s: float, seen: str, primary: int, rules: int, timeouts: int, slow: int = 0) -> Any:
+    """A frame of one server; ``slow`` of its primary answers took 20-30 ms, the rest
+    4-5 ms (half) and 5-7.5 ms."""
+    from core.histogram import LATENCY_BOUNDS_S
+    from server.admin.ctl_top import Sample
+
+    counts = [0] * (len(LATENCY_BOUNDS_S) + 1)
+    fast = primary - slow
+    counts[LATENCY_BOUNDS_S.index(0.005)] = fast // 2
+    counts[LATENCY_BOUNDS_S.index(0.0075)] = fast - fast // 2
+    counts[LATENCY_BOUNDS_S.index(0.03)] = slow
+
+    server = pb.ServerInfo(
+        server_id="decision-a1",
+        admin_address="10.0.0.1:50052",
+        started_at=_ts("2026-11-21T08:00:00Z"),
+        seen_at=_ts(seen),
+        serving=True,
+        decisions=primary + rules,
+        breakers={"primary": "half-open"},
+        decisions_by_source={"primary": primary, "rules": rules},
+        fallbacks={"model_timeout": timeouts},
+        shadow_scored=primary // 10,
+        shadow_agreed=primary // 20,
+        latency={"primary": pb.LatencyCounts(counts=counts)},
+        latency_bounds_s=LATENCY_BOUNDS_S,
+    )
+    return Sample(at_s, _status(), [server])
+
+
+def test_top_frame_shows_rates_from_the_counts_over_the_servers_own_write_times() -> None:
+    from rich.console import Console
+
+    from server.admin.ctl_top import Baselines, render
+
+    before = _sample(0.0, "2026-11-21T10:00:00Z", primary=1000, rules=100, timeouts=100)
+    # The frames are 1 s apart, the server's writes 2 s apart: its rates are over 2 s.
+    after = _sample(1.0, "2026-11-21T10:00:02Z", primary=1180, rules=120, timeouts=120, slow=2)
+    baselines = Baselines()
+    first = Console(record=True, width=160)
+    first.print(render(before, baselines.update(before.servers), "127.0.0.1:50052"))
+    assert "(rates from the next frame)" in first.export_text()
+
+    console = Console(record=True, width=160)
+    console.print(render(after, baselines.update(after.servers), "127.0.0.1:50052"))
+    text = console.export_text()
+    assert "1 servers  100 decisions/s, model 90.0%" in text
+    sources = text.split("decisions/s by source", 1)[1].splitlines()
+    assert sources[1].split() == ["PRIMARY", "RULES"]
+    assert sources[2].split() == ["per", "s", "90.0", "10.0"]
+    # Of the 180 primary answers since the baseline, 89 took up to 5 ms, 89 up to 7.5 ms
+    # and 2 from 20 to 30 ms: the median is in the 7.5 ms bucket, the 99th in the 30.
+    assert sources[3].split() == ["p50", "ms", "≤7.5", "-"]
+    assert sources[4].split() == ["p99", "ms", "≤30", "-"]
+    lines = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+    assert lines["model_timeout"] == ["model_timeout", "10.0"]
+    assert lines["decision-a1"][:6] == [
+        "decision-a1", "10.0.0.1:50052", "yes", "100.0", "0", "primary=half-open"
+    ]  # fmt: skip
+    assert "primary=half-open" in text
+    assert "shadow: 50% agree (9.0/s)" in text
+    assert "replicas (as decision-a1 sees them)" in text
+
+    # A frame that finds the same entries again (top reads as often as servers write)
+    # shows the same rates, not blanks.
+    again = Console(record=True, width=160)
+    again.print(render(after, baselines.update(after.servers), "127.0.0.1:50052"))
+    assert "100 decisions/s, model 90.0%" in again.export_text()
+
+
+def test_top_finds_a_local_stacks_other_metrics_and_says_when_they_are_unreachable() -> None:
+    from server.admin.ctl_top import consumer_text, local_stack_metrics, quality_text
+
+    assert local_stack_metrics("127.0.0.1:51052") == (
+        "http://127.0.0.1:10480/metrics",
+        "http://127.0.0.1:10490/metrics",
+    )
+    assert local_stack_metrics("decision-admin.prod:50052") == ("", "")
+    closed = f"http://127.0.0.1:{free_port()}/metrics"
+    assert consumer_text(closed).startswith("unreachable (")
+    assert quality_text(closed).startswith("unreachable (")
+    assert consumer_text("") == quality_text("") == ""

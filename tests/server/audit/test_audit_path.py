@@ -282,6 +282,13 @@ async def test_the_record_holds_what_the_service_knew(
     assert row["total_us"] == response.timings.total_us
     assert str(row["server_id"]).endswith(f":{app.port}")
 
+    # request_id is a correlation id, not an idempotency key (decision.proto): the same
+    # request again is decided and audited again, under a decision id of its own.
+    again = await stub.Decide(buy(request_id="audit-1", client_id="desk-7"), timeout=2.0)
+    assert again.request_id == "audit-1"
+    assert again.decision_id != response.decision_id
+    assert (await audited_decision(app, again.decision_id))["request_id"] == "audit-1"
+
 
 async def test_a_journal_at_its_cap_refuses_decisions_until_the_store_catches_up(
     replicas, start_app, channel_to, feature_writer, postgres_url

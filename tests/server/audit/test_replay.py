@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,7 +46,7 @@ async def recorded_decisions(app, stub, feature_writer) -> list[str]:
 
 
 async def test_replay_matches_the_recorded_model_and_reports_a_different_one(
-    replicas, model_store, start_app, channel_to, feature_writer, tmp_path
+    replicas, model_store, start_app, channel_to, feature_writer, tmp_path, monkeypatch
 ):
     app = await start_app(torchserve=replica_settings(replicas))
     ids = await recorded_decisions(app, decision_stub(channel_to(app)), feature_writer)
@@ -58,9 +59,11 @@ async def test_replay_matches_the_recorded_model_and_reports_a_different_one(
     assert (report.replayed, report.differences, report.unreplayable) == (40, [], {})
     assert report.skipped == {"ABSTAIN: no model score to replay": 1}
 
-    # The archive looked up by its version hash, in a TorchServe process of its own.
+    # The archive looked up by its version hash, in a TorchServe process of its own; the
+    # store given relative to the working folder, as the CLI's default (.run/models) is.
     store, _ = model_store
-    report = await replay(records, model_store=store)
+    monkeypatch.chdir(store.parent)
+    report = await replay(records, model_store=Path(store.name))
     assert (report.replayed, report.differences, report.unreplayable) == (40, [], {})
 
     # A deliberately different model: every score moves.

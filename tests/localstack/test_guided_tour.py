@@ -1,0 +1,229 @@
+"""The README's guided tour, end to end, on a real local stack: call it, pause the primary
+with ``decisionctl chaos``, see the secondary answer and the primary's breaker open,
+resume it, see the primary answer again; every decision is in the audit store."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pty
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from core.processes import live_group_members
+from localstack.__main__ import LocalStack
+from localstack.health import serving
+from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
+from tests.conftest import REPO, wait_for
+from tests.server.conftest import buy
+
+pytestmark = pytest.mark.integration
+SOURCE = decision_pb2.Source.Name
+
+
+@contextlib.contextmanager
+def local_stack(run_dir: Path, models: Path) -> Iterator[LocalStack]:
+    """``python -m localstack`` as ``make run`` starts it (on free ports), until SIGINT."""
+    offset = LocalStack.free_offset(run_dir)
+    stack = LocalStack(run_dir, offset)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localstack", "--run-dir", str(run_dir), "--port-offset",
+         str(offset), "--models", str(models)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: serving(stack.decision_port) or proc.poll() is not None, 150)
+        assert proc.poll() is None, "the stack exited while starting"
+        wait_for(lambda: (run_dir / "chaos.sock").exists(), 10)
+        yield stack
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0
+    assert not live_group_members(proc.pid)
+
+
+def decisionctl(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "decisionctl"), *args, "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+
+
+def primary_breaker(admin: admin_pb2_grpc.AdminServiceStub, token: str) -> str:
+    status = admin.GetStatus(
+        admin_pb2.GetStatusRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=5
+    )
+    return next(r.breaker_state for r in status.replicas if r.name == "primary")
+
+
+def decide_until(
+    stub: decision_pb2_grpc.DecisionServiceStub,
+    wanted: decision_pb2.Source.ValueType,
+    timeout_s: float,
+) -> list[decision_pb2.DecideResponse]:
+    """Decides every 50 ms (50 ms deadlines) until one answer's source is ``wanted``."""
+    answers: list[decision_pb2.DecideResponse] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        answers.append(stub.Decide(buy(), timeout=0.05))
+        if answers[-1].source == wanted:
+            return answers
+        time.sleep(0.05)
+    seen = [(SOURCE(a.source), a.reason) for a in answers]
+    raise AssertionError(f"no {SOURCE(wanted)} in {seen}")
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def top_frame(
+    admin_port: int, run_dir: Path, decide: Callable[[], decision_pb2.DecideResponse]
+) -> tuple[str, list[decision_pb2.DecideResponse]]:
+    """The last frame ``decisionctl top --frames 3`` drew in a pseudo-terminal, and the
+    decisions made (every 20 ms) while it ran, so that it has rates to show."""
+    controller, terminal = pty.openpty()
+    env = {
+        **os.environ,
+        "DECISIONCTL_TOKEN_FILE": str(run_dir / "admin" / "viewer.token"),
+        "COLUMNS": "200",
+        "LINES": "60",
+        "TERM": "xterm",
+    }
+    top = subprocess.Popen(
+        [str(Path(sys.executable).parent / "decisionctl"), "top", "--frames", "3",
+         "--interval", "1.5", "--address", f"127.0.0.1:{admin_port}"],
+        stdin=terminal, stdout=terminal, stderr=terminal, env=env,
+    )  # fmt: skip
+    os.close(terminal)
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # read as top writes: a full terminal buffer would block it
+        with contextlib.suppress(OSError):  # EIO once the terminal's other end is closed
+            while chunk := os.read(controller, 65536):
+                chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    made = []
+    try:
+        deadline = time.monotonic() + 60
+        while top.poll() is None and time.monotonic() < deadline:
+            made.append(decide())
+            time.sleep(0.02)
+    finally:
+        if top.poll() is None:
+            top.kill()
+        top.wait()
+        reader.join(timeout=10)
+        os.close(controller)
+    output = b"".join(chunks)
+    assert top.returncode == 0, output.decode(errors="replace")
+    text = ANSI.sub("", output.decode(errors="replace")).replace("\r", "")
+    return text.rsplit("decisionctl top", 1)[1].join(["decisionctl top", ""]), made
+
+
+@pytest.mark.timeout(400)
+def test_the_readme_guided_tour(model_store, tmp_path):
+    run_dir = tmp_path / "run"
+    with local_stack(run_dir, model_store[0]) as stack:
+        token = (run_dir / "admin" / "viewer.token").read_text().strip()
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{stack.decision_port}") as channel,
+            grpc.insecure_channel(f"127.0.0.1:{stack.admin_port}") as admin_channel,
+        ):
+            stub = decision_pb2_grpc.DecisionServiceStub(channel)
+            admin = admin_pb2_grpc.AdminServiceStub(admin_channel)
+            # 1. Call it: the primary answers (a first call on a busy machine may fall back).
+            answers = decide_until(stub, decision_pb2.SOURCE_PRIMARY, 20)
+
+            # 2. Pause the primary: the secondary answers at once, the breaker opens.
+            paused = decisionctl(run_dir, "chaos", "pause", "primary")
+            assert paused.returncode == 0, paused.stderr
+            assert paused.stdout.startswith("paused primary (127.0.0.1:")
+            assert "watch: decisions come from the secondary" in paused.stdout
+            assert "undo: decisionctl chaos resume primary" in paused.stdout
+            answers += decide_until(stub, decision_pb2.SOURCE_SECONDARY, 10)
+            assert "primary" in answers[-1].reason
+            deadline = time.monotonic() + 20
+            while primary_breaker(admin, token) != "open":
+                assert time.monotonic() < deadline, "the primary's breaker never opened"
+                answers.append(stub.Decide(buy(), timeout=0.05))
+            answers.append(stub.Decide(buy(), timeout=0.05))
+            assert answers[-1].source == decision_pb2.SOURCE_SECONDARY, answers[-1].reason
+            assert "primary breaker open" in answers[-1].reason
+
+            # decisionctl top, in a terminal, while decisions go on: the secondary decides.
+            frame, more = top_frame(
+                stack.admin_port, run_dir, lambda: stub.Decide(buy(), timeout=0.05)
+            )
+            answers += more
+            assert "decisionctl top" in frame and "1 servers" in frame
+            assert "decisions/s by source" in frame
+            source_row = frame.split("decisions/s by source", 1)[1].splitlines()[1]
+            assert source_row.split()[0] == "SECONDARY", frame
+            assert re.search(r"model (100\.0|9\d\.\d)%", frame), frame
+            assert "primary=open" in frame
+            assert "feature age" in frame and "BTC-USD" in frame
+            assert "replicas (as " in frame and "audit: store ok" in frame
+            # The consumer's and the labeler's /metrics, found from the stack's layout.
+            assert re.search(r"feature-cache consumer: lag \d+ events over 4 partitions", frame)
+            assert "live AUC: " in frame and "unreachable" not in frame
+
+            # 3. Resume it: the primary answers again within seconds, its breaker closes.
+            resumed = decisionctl(run_dir, "chaos", "resume", "primary")
+            assert resumed.returncode == 0, resumed.stderr
+            answers += decide_until(stub, decision_pb2.SOURCE_PRIMARY, 15)
+            # Half-open, it closes once its trial calls (decisions) succeed.
+            deadline = time.monotonic() + 15
+            while primary_breaker(admin, token) != "closed":
+                assert time.monotonic() < deadline, "the primary's breaker never closed"
+                answers.append(stub.Decide(buy(), timeout=0.05))
+                time.sleep(0.05)
+
+            # Chaos refuses what it does not apply to.
+            refused = decisionctl(run_dir, "chaos", "kill", "redis")
+            assert refused.returncode == 2
+            assert "redis takes pause, resume, stop, start, not kill" in refused.stderr
+
+        # 4. Every decision of the tour is in the audit store, with its source.
+        audit_db = run_dir / "audit" / "audit.db"
+        wanted = {a.decision_id: SOURCE(a.source) for a in answers}
+
+        def audited() -> dict[str, str]:
+            with contextlib.closing(sqlite3.connect(audit_db)) as db:
+                rows = db.execute("SELECT decision_id, source FROM decisions").fetchall()
+            return {decision_id: source for decision_id, source in rows if decision_id in wanted}
+
+        wait_for(lambda: len(audited()) == len(wanted), 15)
+        assert {k: v.upper() for k, v in audited().items()} == {
+            k: v.removeprefix("SOURCE_") for k, v in wanted.items()
+        }
+
+
+def test_chaos_without_a_local_stack_is_refused(tmp_path):
+    result = decisionctl(tmp_path, "chaos", "pause", "primary")
+    assert result.returncode == 2
+    assert "no local stack in" in result.stderr
+    assert "chaos acts only on the stack `make run` started" in result.stderr
