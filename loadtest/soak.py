@@ -11,7 +11,8 @@ steal share (a shared VM's host can take the CPU from every process at once), an
 process group's CPU and RSS. Faults (``--fault primary@120+30``: SIGSTOP the primary 120 s into
 the load, SIGCONT 30 s later; targets primary, replicas, redis, broker) are injected
 on schedule; after each, the model must answer ≥ 99 % of a second's calls again within
-10 s. At the end every OK answer's decision must be in the audit store, and in runs of
+10 s. At the end every OK answer's decision must be in the audit store (each late call
+is printed as the server recorded it, found by its own request id), and in runs of
 30 minutes or more the broker's and the consumer's CPU and RSS over the last 10 minutes
 must be within 25 % of the first 10.
 
@@ -27,6 +28,7 @@ import contextlib
 import gc
 import logging
 import time
+import uuid
 from dataclasses import asdict, astuple, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,8 +41,10 @@ from loadtest.soak_probe import (
     ConsumerLag,
     MachineSampler,
     ProcessSampler,
+    ServerView,
     Stall,
     StallWitness,
+    server_views,
     stored_decision_ids,
 )
 from loadtest.soak_report import (
@@ -108,12 +112,14 @@ class LoadDriver:
         self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
         self._interval_s = 1.0 / rate_per_s
         self._deadline_ms = deadline_ms
-        self._requests = [
-            decision_pb2.DecideRequest(symbol=symbol, side=side, quantity=1.0)
+        self._orders = [
+            (symbol, side)
             for symbol in DEFAULT_SYMBOLS
             for side in (decision_pb2.SIDE_BUY, decision_pb2.SIDE_SELL)
         ]
         self._answers: list[Answer] = []
+        # Request ids unique across runs: the run folder's audit store outlives a run.
+        self._run_token = uuid.uuid4().hex[:8]
         self._tasks: set[asyncio.Task[None]] = set()
         self._send_lag_max_s = 0.0
         self.started_at = time.monotonic()
@@ -126,7 +132,12 @@ class LoadDriver:
         while (next_at := begin + sent * self._interval_s) < begin + until_s:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             self._send_lag_max_s = max(self._send_lag_max_s, loop.time() - next_at)
-            task = asyncio.create_task(self._one(self._requests[sent % len(self._requests)]))
+            symbol, side = self._orders[sent % len(self._orders)]
+            # Each call's own request id: a late call is found in the audit store by it.
+            request = decision_pb2.DecideRequest(
+                symbol=symbol, side=side, quantity=1.0, request_id=f"soak-{self._run_token}-{sent}"
+            )
+            task = asyncio.create_task(self._one(request))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             sent += 1
@@ -148,7 +159,16 @@ class LoadDriver:
         # Late is gRPC's verdict (DEADLINE_EXCEEDED): an OK answer that this process
         # resumes after the deadline arrived in time and was held by our own event loop.
         self._answers.append(
-            Answer(done - self.started_at, latency_ms, outcome, age, late, decision_id, sent_unix)
+            Answer(
+                done - self.started_at,
+                latency_ms,
+                outcome,
+                age,
+                late,
+                decision_id,
+                sent_unix,
+                request.request_id,
+            )
         )
 
     def take(self) -> list[Answer]:
@@ -186,7 +206,7 @@ def count_restarts(replica_dirs: list[Path]) -> int:
 def describe_late(answer: Answer, stalls: list[Stall]) -> str:
     """A late call's send time (to find it in the server's log and the audit store) and
     the machine stalls the witness saw while it was out."""
-    sent = datetime.fromtimestamp(answer.sent_unix_s, UTC).strftime("%H:%M:%S.%f")[:-3]
+    sent = _clock(answer.sent_unix_s)
     ended = answer.sent_unix_s + answer.latency_ms / 1000
     near = [
         f"{s.late_ms:.0f} ms ending {(s.at_unix_s - answer.sent_unix_s) * 1000:+.0f} ms"
@@ -195,6 +215,26 @@ def describe_late(answer: Answer, stalls: list[Stall]) -> str:
     ]
     witness = f"machine stalls {', '.join(near)}" if near else "no machine stall"
     return f"sent {sent} UTC, {answer.outcome} after {answer.latency_ms:.1f} ms; {witness}"
+
+
+def _clock(unix_s: float) -> str:
+    """A wall-clock time of day, UTC, to the millisecond."""
+    return datetime.fromtimestamp(unix_s, UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
+def describe_server_view(answer: Answer, view: ServerView | None) -> str:
+    """Where a late call's time went, as the server's audit row tells: a decision made
+    in time whose answer still came late was held after it (the server's loop or the
+    client's), one made late overran the server's budget, and none at all never reached
+    the decision engine (queued in gRPC, or shed as expired)."""
+    if view is None:
+        return "the server never decided it"
+    began_ms = (view.received_unix_s - answer.sent_unix_s) * 1000
+    decided_ms = (view.decided_unix_s - answer.sent_unix_s) * 1000
+    return (
+        f"the server began {began_ms:+.1f} ms after the send and decided"
+        f" {decided_ms:+.1f} ms ({view.source}: {view.reason})"
+    )
 
 
 def fault_at(faults: list[Fault], start_s: float, end_s: float, settle_s: float) -> str:
@@ -214,6 +254,8 @@ async def soak(args: argparse.Namespace) -> int:
     kafka = FeatureCacheSettings().kafka
     windows: list[Window] = []
     answered: set[str] = set()
+    late_answers: list[Answer] = []
+    late_calls: list[str] = []  # each as the server recorded it
     witness = StallWitness(args.run_dir, REPO)
     try:
         # The probe's and the driver's clients close before the stack stops, however the
@@ -288,10 +330,23 @@ async def soak(args: argparse.Namespace) -> int:
                 print(row(window), flush=True)
                 for answer in answers:
                     if answer.late:
+                        late_answers.append(answer)
                         print(f"{'':>11} late: {describe_late(answer, stalls)}", flush=True)
                 window_start = window_end
             await asyncio.gather(*injections)
             missing = await _missing_from_audit(stack, answered)
+            views = await asyncio.to_thread(
+                server_views,
+                stack.run_dir / "audit" / "audit.db",
+                [a.request_id for a in late_answers],
+            )
+            late_calls = [
+                f"sent {_clock(a.sent_unix_s)}: {describe_server_view(a, views.get(a.request_id))}"
+                for a in late_answers
+            ]
+            if late_calls:
+                print("\nlate calls as the server recorded them:")
+                print("\n".join(f"  {line}" for line in late_calls))
     finally:
         witness.stop()
         await stack.stop()
@@ -299,7 +354,7 @@ async def soak(args: argparse.Namespace) -> int:
         fault: recovery_s(after, fault.at_s + fault.duration_s)
         for fault, after in after_faults.items()
     }
-    return report(args, windows, bounds, missing, len(answered), recoveries)
+    return report(args, windows, bounds, missing, len(answered), recoveries, late_calls)
 
 
 async def _missing_from_audit(stack: LocalStack, answered: set[str]) -> int:
@@ -320,6 +375,7 @@ def report(
     missing: int,
     answered: int,
     recoveries: dict[Fault, float | None],
+    late_calls: list[str],
 ) -> int:
     broken = [f"{w.start_s:.0f}-{w.end_s:.0f} s: {b}" for w in windows for b in w.broken]
     # Growth is a trend over the first and last GROWTH_PART_S; a shorter run's parts are
@@ -346,6 +402,7 @@ def report(
         "answered": answered,
         "missing_from_audit": missing,
         "late": sum(w.late for w in windows),
+        "late_calls": late_calls,  # each as the server recorded it
         "worker_restarts": windows[-1].worker_restarts if windows else 0,
         "min_model_share": min((w.model_share for w in steady), default=0.0),
         "max_p99_ms": max((w.p99_ms for w in steady), default=0.0),

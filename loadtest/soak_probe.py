@@ -11,11 +11,13 @@ costs the stack nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -161,6 +163,38 @@ def stored_decision_ids(database: Path) -> set[str]:
     """Decision ids in the SQLite audit store, read through a read-only connection."""
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
         return {row[0] for row in connection.execute("SELECT decision_id FROM decisions")}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerView:
+    """A call as the decision server recorded it: its audit row's times and answer."""
+
+    received_unix_s: float  # the handler began
+    decided_unix_s: float  # the decision was made (the answer went out after)
+    source: str
+    reason: str
+
+
+def server_views(database: Path, request_ids: Sequence[str]) -> dict[str, ServerView]:
+    """The audit rows of these request ids (a call the server never decided has none)."""
+    if not request_ids:
+        return {}
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+        rows = connection.execute(
+            "SELECT request_id, received_at, decided_at, source, reason FROM decisions"
+            " WHERE request_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(request_ids)),),
+        ).fetchall()
+    return {
+        request_id: ServerView(_unix_s(received), _unix_s(decided), source, reason)
+        for request_id, received, decided, source, reason in rows
+    }
+
+
+def _unix_s(stored: str) -> float:
+    """A time as the audit store keeps it in SQLite (ISO, UTC, with or without zone)."""
+    when = datetime.fromisoformat(stored)
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 @dataclass(frozen=True, slots=True)

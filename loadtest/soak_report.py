@@ -37,6 +37,7 @@ class Answer:
     late: bool  # ended DEADLINE_EXCEEDED: no answer within the caller's deadline
     decision_id: str = ""
     sent_unix_s: float = 0.0  # to find the call in the server's log and the audit store
+    request_id: str = ""  # the call's own, found in the audit store by it
 
 
 @dataclass(frozen=True, slots=True)
