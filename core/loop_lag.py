@@ -186,6 +186,18 @@ class LoopLag:
             total += min(late, woke_at - since)
         return total * 1000.0
 
+    def longest_late_ms(self, window_s: float) -> float:
+        """The latest the loop woke the probe in about the last ``window_s`` (ms), the
+        probe's own wake-up included if it is overdue now: how late a timer due now may
+        fire if the loop goes on as it just did."""
+        now = asyncio.get_running_loop().time()
+        longest = max(now - self._due, 0.0)
+        for woke_at, late in reversed(self._samples):
+            if woke_at <= now - window_s:
+                break
+            longest = max(longest, late)
+        return longest * 1000.0
+
     def busy_share(self, window_s: float) -> float:
         """The share of about the last ``window_s`` the loop's thread was running or
         waiting for a CPU: near 1 when the loop has no idle moment (0 before the probe's

@@ -92,6 +92,9 @@ AUDIT_HEALTH_INTERVAL_S = 0.5
 SCORE_TTL_FACTOR = 4
 # GetStatus's own Redis connections: enough for one status call at a time.
 STATUS_REDIS_CONNECTIONS = 2
+# How far back the loop's lateness is kept out of budgets (decision.stall_margin_max_ms):
+# stalls on a busy machine come in bursts of a few hundred ms; a second covers one.
+STALL_WINDOW_S = 1.0
 
 
 def model_client(
@@ -406,6 +409,7 @@ class DecisionApp:
                 default_budget_ms=settings.decision.default_budget_ms,
                 max_batch_size=settings.server.max_batch_size,
                 response_margin_ms=settings.decision.response_margin_ms,
+                recent_stall_ms=self._recent_stall_ms,
             ),
             (
                 AdminServicer(
@@ -533,6 +537,11 @@ class DecisionApp:
                 await self.fleet.refresh()  # listed as SERVING before it says it is ready
             log.info("ready: health SERVING")
             return
+
+    def _recent_stall_ms(self) -> float:
+        """The loop's longest lateness of the last ``STALL_WINDOW_S``, capped."""
+        cap_ms = self.settings.decision.stall_margin_max_ms
+        return min(self.loop_lag.longest_late_ms(STALL_WINDOW_S), cap_ms) if cap_ms else 0.0
 
     async def _leave_serving(self) -> None:
         self._serving = False

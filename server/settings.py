@@ -321,11 +321,20 @@ class DecisionSettings(SettingsSection):
         "(the response's own time is response_margin_ms).",
     )
     response_margin_ms: float = Field(
-        5.0,
+        12.0,
         ge=0,
         description="The server plans to answer this long before the caller's deadline: "
-        "the time the answer needs to reach the caller on a busy machine. Every step's "
-        "budget (features, model calls, ladder) ends this much early.",
+        "the time the answer needs to reach the caller, and a stall of the whole machine "
+        "(on a shared 2-core VM, 10-15 ms a few times a minute) landing on the last step. "
+        "Every step's budget (features, model calls, ladder) ends this much early.",
+    )
+    stall_margin_max_ms: float = Field(
+        10.0,
+        ge=0,
+        description="While the event loop has woken late in the last second, the server "
+        "plans to answer that much earlier still, up to this: a wait's timer fires as late "
+        "as the loop is, so a plan that ignores it answers after the caller's deadline. "
+        "0: off.",
     )
     max_in_flight: int = Field(
         256,

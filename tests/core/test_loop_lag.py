@@ -84,6 +84,21 @@ async def test_a_stall_that_began_before_the_span_counts_only_inside_it() -> Non
         await lag.stop()
 
 
+async def test_the_longest_lateness_is_of_the_window_asked_for() -> None:
+    lag = LoopLag(interval_s=0.002)
+    lag.start()
+    try:
+        await asyncio.sleep(0.01)
+        block_the_loop(0.06)
+        assert lag.longest_late_ms(1.0) >= 57.0  # the probe is overdue: counted already
+        await asyncio.sleep(0.01)
+        assert lag.longest_late_ms(1.0) >= 57.0  # and once it has woken
+        await asyncio.sleep(0.1)
+        assert lag.longest_late_ms(0.05) < 55.0  # the stall was before the last 50 ms
+    finally:
+        await lag.stop()
+
+
 async def test_the_busy_share_is_the_time_the_loops_thread_ran_over_the_window() -> None:
     lag = LoopLag(interval_s=0.002)
     lag.start()

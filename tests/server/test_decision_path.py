@@ -335,15 +335,20 @@ async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breake
         torchserve=replica_settings(replicas, per_call_timeout_ms=25.0),
         breaker={"fail_max": 2, "reset_timeout_s": 60.0, "min_counted_timeout_ms": 15.0},
         # This test is about the breaker; a wide reserve keeps answers inside even the
-        # short deadlines when the machine is busy.
-        decision={"fallback_reserve_ms": 8.0},
+        # short deadlines when the machine is busy; the margins are fixed so that a 20 ms
+        # deadline always leaves a call some time.
+        decision={
+            "fallback_reserve_ms": 8.0,
+            "response_margin_ms": 5.0,
+            "stall_margin_max_ms": 0.0,
+        },
     )
     stub = decision_stub(channel_to(app))
     await settle(app)
 
     replicas["primary"].proc.pause()  # every call to it times out
     try:
-        # 20 ms budget - 8 ms reserve: at most 12 ms for the call, too short to blame it.
+        # 20 ms - 5 ms margin - 8 ms reserve: at most 7 ms for the call, too short to blame it.
         # On a busy machine a request can reach the handler with too little left to call
         # at all; such calls do not count toward the five timeouts (nor past the bound of
         # abandoned calls, where a silent replica would be blamed).

@@ -56,3 +56,33 @@ async def test_a_call_whose_deadline_passed_in_the_queue_gets_no_decision() -> N
     with pytest.raises(Aborted, match="deadline passed"):
         await servicer.Decide(request, cast(Any, context))
     assert context.code is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class BudgetRecorder:
+    """Keeps the budget a call was given; decides nothing."""
+
+    def __init__(self) -> None:
+        self.remaining_ms = 0.0
+
+    async def decide(self, orders: Any, budget: Any, call: Any) -> list[Any]:
+        self.remaining_ms = budget.remaining_ms()
+        return []
+
+
+@pytest.mark.parametrize(("recent_stall_ms", "left_at_most"), [(0.0, 45.0), (12.0, 33.0)])
+async def test_a_lately_stalled_loop_plans_to_answer_that_much_earlier(
+    recent_stall_ms: float, left_at_most: float
+) -> None:
+    engine = BudgetRecorder()
+    servicer = DecisionServicer(
+        cast(DecisionEngine, engine),
+        default_budget_ms=50.0,
+        max_batch_size=16,
+        response_margin_ms=5.0,
+        recent_stall_ms=lambda: recent_stall_ms,
+    )
+    request = decision_pb2.DecideRequest(symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0)
+    with pytest.raises(Aborted):  # the recorder decided nothing: an internal error
+        await servicer.Decide(request, cast(Any, FakeContext(remaining_s=0.050)))
+    # 50 ms left less the 5 ms margin and the loop's recent lateness (a little has passed).
+    assert left_at_most - 3.0 < engine.remaining_ms <= left_at_most
