@@ -41,12 +41,13 @@ log = logging.getLogger(__name__)
 
 # Wakes later than this count as lateness; below it is timer granularity, not a stall.
 NOISE_S = 0.0005
-# A stall this long is logged (at most once per LOG_EVERY_S): every request waited it out.
-LOG_STALL_S = 0.05
+# A stall this long is logged (at most once per LOG_EVERY_S): every request waited it out,
+# and it is more than the response margin (12 ms) can absorb.
+LOG_STALL_S = 0.03
 LOG_EVERY_S = 10.0
 # The stall watch looks at the loop's thread once the probe is this late: a stall that
 # may reach LOG_STALL_S.
-WATCH_OVERDUE_S = 0.03
+WATCH_OVERDUE_S = 0.02
 
 
 class ThreadBusy:
