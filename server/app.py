@@ -95,6 +95,8 @@ STATUS_REDIS_CONNECTIONS = 2
 # How far back the loop's lateness is kept out of budgets (decision.stall_margin_max_ms):
 # stalls on a busy machine come in bursts of a few hundred ms; a second covers one.
 STALL_WINDOW_S = 1.0
+# ... read off the probe's samples at most this often (its own interval), not per Decide.
+STALL_REFRESH_S = 0.005
 
 
 def model_client(
@@ -431,6 +433,8 @@ class DecisionApp:
         self.fleet_redis = fleet_redis(settings)
         self.fleet = FleetRegistration(self.fleet_redis, key_prefix=prefix, member=self._member)
         self._started_at_us = time.time_ns() // 1000
+        self._stall_read_at = float("-inf")
+        self._stall_ms = 0.0
         self._serving = False
         self._stack = contextlib.AsyncExitStack()
         self._ready_task: asyncio.Task[None] | None = None
@@ -539,9 +543,16 @@ class DecisionApp:
             return
 
     def _recent_stall_ms(self) -> float:
-        """The loop's longest lateness of the last ``STALL_WINDOW_S``, capped."""
+        """The loop's longest lateness of the last ``STALL_WINDOW_S``, capped; the scan
+        of the probe's samples runs at most every ``STALL_REFRESH_S``."""
         cap_ms = self.settings.decision.stall_margin_max_ms
-        return min(self.loop_lag.longest_late_ms(STALL_WINDOW_S), cap_ms) if cap_ms else 0.0
+        if not cap_ms:
+            return 0.0
+        now = time.monotonic()
+        if now - self._stall_read_at >= STALL_REFRESH_S:
+            self._stall_read_at = now
+            self._stall_ms = min(self.loop_lag.longest_late_ms(STALL_WINDOW_S), cap_ms)
+        return self._stall_ms
 
     async def _leave_serving(self) -> None:
         self._serving = False
