@@ -52,7 +52,7 @@ test: setup-ci lint proto-check k8s-validate ## Set up, lint, check the protos a
 test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths), Decide vs TorchServe latency, ingest, broker, audit, model serving, shadow
+bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths), Decide vs TorchServe latency, ingest, broker, audit, model serving, shadow, CPU slice
 	@$(PY) -m loadtest.bench_paths
 	@$(PY) -m loadtest.bench_latency
 	@$(PY) -m loadtest.bench_ingest
@@ -60,6 +60,7 @@ bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths),
 	@$(PY) -m loadtest.bench_audit
 	@$(PY) -m loadtest.bench_models
 	@$(PY) -m loadtest.bench_shadow
+	@$(PY) -m loadtest.bench_cpu_slice
 
 DURATION ?= 600
 soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 ..."

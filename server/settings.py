@@ -19,6 +19,10 @@ from core.settings import ROOT_CONFIG, SettingsSection
 from fallback.settings import FallbackSettings
 from feature_cache.settings import FeatureSettings, RedisSettings
 
+# The decision server's requested CPU slice (µs). Measured with
+# loadtest/bench_cpu_slice.py: see docs/benchmarks.md.
+CPU_SLICE_US = 100
+
 
 class ServerSettings(SettingsSection):
     host: str = Field("127.0.0.1", description="Address DecisionService listens on.")
@@ -61,6 +65,15 @@ class ServerSettings(SettingsSection):
     )
     max_concurrent_rpcs: int | None = Field(
         None, description="gRPC's cap on concurrent RPCs; excess get RESOURCE_EXHAUSTED."
+    )
+    cpu_slice_us: int = Field(
+        CPU_SLICE_US,
+        ge=0,
+        description="The CPU slice the server asks Linux's scheduler for (EEVDF, kernel "
+        "6.12+; 100-100000 µs): a slice shorter than the default (~0.7 ms times "
+        "1 + log2(cores)) lets the server preempt a busy neighbour (a TorchServe JVM) as "
+        "soon as a request or a timer wakes it, without taking more CPU. 0: the kernel's "
+        "default. See core/cpu_slice.py.",
     )
     tls_cert_file: str = Field(
         "",
