@@ -3,12 +3,12 @@ slice (``core.cpu_slice``), measured side by side.
 
     python -m loadtest.bench_cpu_slice [--rounds 6] [--round-s 5] [--slice-us 100 300]
 
-CPU-bound processes at the same nice value as the probe (by default one per core: the
-TorchServe JVMs and their workers, the load) keep every core busy. A
-probe process runs an asyncio loop like the decision server's: it sleeps 5 ms, does
-0.3 ms of work (a request's worth), and records how late each wake came. Each round
-runs one probe per arm (the kernel's default slice, then each requested slice) in
-turn, so that a busier minute of the shared machine falls on every arm alike.
+CPU-bound processes at the same nice value as the probe (by default one per core, as
+the TorchServe JVMs and the load keep them) keep every core busy. A probe process runs
+an asyncio loop like the decision server's: it sleeps 5 ms, does 0.3 ms of work (a
+request's worth), and records how late each wake came. Each round runs one probe per
+arm (the kernel's default slice, then each requested slice) in turn, so that a busier
+minute of the shared machine falls on every arm alike.
 """
 
 from __future__ import annotations

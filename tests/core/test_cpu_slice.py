@@ -23,10 +23,6 @@ def in_new_thread(work: Callable[[], T]) -> T:
     return results[0]
 
 
-def kernel_reports_slices() -> bool:
-    return in_new_thread(current_slice_us) is not None
-
-
 def kernel_takes_slices() -> bool:
     """Linux 6.12 and later (EEVDF with sched_attr::sched_runtime as the slice)."""
     if platform.system() != "Linux":
