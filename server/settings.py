@@ -19,9 +19,11 @@ from core.settings import ROOT_CONFIG, SettingsSection
 from fallback.settings import FallbackSettings
 from feature_cache.settings import FeatureSettings, RedisSettings
 
-# The decision server's requested CPU slice (µs). Measured with
-# loadtest/bench_cpu_slice.py: see docs/benchmarks.md.
-CPU_SLICE_US = 100
+# The decision server's requested CPU slice (µs); 0: the kernel's default. Off by
+# default: 100 µs cut an event loop's wake-up lateness (loadtest/bench_cpu_slice.py) but
+# cost Decide ~5 % of its capacity and ~10 points of model share past it, side by side
+# in loadtest/bench_paths.py on two cores shared with TorchServe (docs/benchmarks.md).
+CPU_SLICE_US = 0
 
 
 class ServerSettings(SettingsSection):
@@ -72,8 +74,9 @@ class ServerSettings(SettingsSection):
         description="The CPU slice the server asks Linux's scheduler for (EEVDF, kernel "
         "6.12+; 100-100000 µs): a slice shorter than the default (~0.7 ms times "
         "1 + log2(cores)) lets the server preempt a busy neighbour (a TorchServe JVM) as "
-        "soon as a request or a timer wakes it, without taking more CPU. 0: the kernel's "
-        "default. See core/cpu_slice.py.",
+        "soon as a request or a timer wakes it, without taking more CPU; sharing cores "
+        "with the model server, it also interrupts the model's work (100 µs cost ~5 % of "
+        "Decide's capacity on two cores). 0: the kernel's default. See core/cpu_slice.py.",
     )
     tls_cert_file: str = Field(
         "",
