@@ -21,6 +21,7 @@ the caller is told so.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 from dataclasses import dataclass
@@ -61,6 +62,11 @@ class SliceResult:
     why_not: str = ""
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _syscalls() -> tuple[int, int] | None:
     if platform.system() != "Linux":
         return None
@@ -73,8 +79,7 @@ def current_slice_us() -> int | None:
     if numbers is None:
         return None
     attr = _SchedAttr()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(numbers[1], 0, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
+    if _libc().syscall(numbers[1], 0, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
         return None
     return int(attr.sched_runtime) // 1000 if attr.sched_runtime else None
 
@@ -93,8 +98,7 @@ def request_cpu_slice(slice_us: int) -> SliceResult:
         sched_nice=os.getpriority(os.PRIO_PROCESS, 0),
         sched_runtime=wanted * 1000,
     )
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(numbers[0], 0, ctypes.byref(attr), 0) != 0:
+    if _libc().syscall(numbers[0], 0, ctypes.byref(attr), 0) != 0:
         errno = ctypes.get_errno()
         return SliceResult(current_slice_us(), False, f"sched_setattr: {os.strerror(errno)}")
     now = current_slice_us()

@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
 
 from core.cpu_slice import current_slice_us, request_cpu_slice
+from core.stats import percentile
 
 INTERVAL_S = 0.005
 WORK_S = 0.0003
@@ -72,11 +73,6 @@ def _run_probe(slice_us: int, seconds: float) -> tuple[int | None, list[float]]:
     return got[0], got[1]
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
@@ -108,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{reported[arm]} µs" + (" (default)" if arm == 0 else "")
         print(
             f"{name:>14} {len(late):>6} {statistics.median(late):>7.2f}"
-            f" {_quantile(late, 0.99):>7.2f} {_quantile(late, 0.999):>8.2f} {max(late):>7.2f}"
+            f" {percentile(late, 0.99):>7.2f} {percentile(late, 0.999):>8.2f} {max(late):>7.2f}"
         )
     return 0
 
