@@ -80,18 +80,23 @@ class FallbackChain:
         feature read failed (timed out, busy, unreachable): the cached scores live in the
         same Redis, so they are not read then, and a sick Redis costs a decision one read
         cap rather than two (a paused Redis made answers late that way)."""
-        cached: Sequence[CachedScore | None]
+        keys = [(item.order.symbol, item.order.side) for item in items]
         if store_failure:
-            cached, problem = [None] * len(items), f"cached score skipped: {store_failure}"
-        else:
-            keys = [(item.order.symbol, item.order.side) for item in items]
+            skipped = f"cached score skipped: {store_failure}"
+            return [self._decide(item, None, skipped) for item in items]
+        known = self._score_cache.held(keys)
+        failure = ""  # why the keys not held in memory have no score
+        unknown = list(dict.fromkeys(key for key in keys if key not in known))
+        if unknown:
             read = await self._redis_reads.read(
-                lambda: self._score_cache.get_many(keys), budget, what="cached score lookup"
+                lambda: self._score_cache.get_many(unknown), budget, what="cached score lookup"
             )
-            cached = [None] * len(items) if read.value is None else read.value
-            problem = read.failure or "no cached score"
+            if read.value is not None:
+                known.update(zip(unknown, read.value, strict=True))
+            failure = read.failure
         return [
-            self._decide(item, score, problem) for item, score in zip(items, cached, strict=True)
+            self._decide(item, known.get(key), "no cached score" if key in known else failure)
+            for item, key in zip(items, keys, strict=True)
         ]
 
     def _decide(

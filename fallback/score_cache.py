@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -38,13 +39,63 @@ def score_key(prefix: str, symbol: str, side: Side) -> str:
     return f"{prefix}score:{symbol}:{side.name.lower()}"
 
 
-class ScoreCache:
-    """Writes scores with a TTL (a few times their useful age) and reads them in one pipeline."""
+ScoreKey = tuple[str, Side]
 
-    def __init__(self, client: aioredis.Redis, *, key_prefix: str, ttl_ms: int) -> None:
+# Keys held in memory at most; past it the copy starts again empty (a symbol field a
+# caller fills with anything must not grow it without bound).
+MAX_HELD_SCORES = 4096
+
+
+class ScoreCache:
+    """Writes scores with a TTL (a few times their useful age) and reads them in one
+    pipeline, through a copy in this process's memory: a key read from Redis less than
+    ``held_ms`` ago (found or not) is answered from memory, and the scores this process
+    computes are held as they are made (``hold``). So a server shedding load, or with its
+    breakers open, reads each busy key from Redis at most every ``held_ms`` instead of
+    once per decision; a held score can be up to ``held_ms`` behind one another server
+    wrote meanwhile (the ladder still judges its age from when it was scored)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        key_prefix: str,
+        ttl_ms: int,
+        held_ms: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._client = client
         self._prefix = key_prefix
         self._ttl_ms = ttl_ms
+        self._held_s = held_ms / 1000.0
+        self._clock = clock
+        self._held: dict[ScoreKey, tuple[float, CachedScore | None]] = {}
+
+    def held(self, keys: Sequence[ScoreKey]) -> dict[ScoreKey, CachedScore | None]:
+        """The keys whose score (or its absence) this process knows from less than
+        ``held_ms`` ago, without a Redis read."""
+        if self._held_s <= 0:
+            return {}
+        oldest = self._clock() - self._held_s
+        known = {}
+        for key in keys:
+            entry = self._held.get(key)
+            if entry is not None and entry[0] > oldest:
+                known[key] = entry[1]
+        return known
+
+    def hold(self, entries: Sequence[ScoreEntry]) -> None:
+        """Scores this process just computed: held as if read from Redis now."""
+        self._remember_held([((e.symbol, e.side), e.score) for e in entries])
+
+    def _remember_held(self, found: Sequence[tuple[ScoreKey, CachedScore | None]]) -> None:
+        if self._held_s <= 0:
+            return
+        if len(self._held) + len(found) > MAX_HELD_SCORES:
+            self._held.clear()
+        now = self._clock()
+        for key, score in found:
+            self._held[key] = (now, score)
 
     async def put_many(self, entries: Sequence[ScoreEntry]) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
@@ -62,15 +113,19 @@ class ScoreCache:
                 )
             await pipe.execute()
 
-    async def get_many(self, keys: Sequence[tuple[str, Side]]) -> list[CachedScore | None]:
+    async def get_many(self, keys: Sequence[ScoreKey]) -> list[CachedScore | None]:
+        """The keys' scores as Redis holds them now (held in memory for ``held_ms``)."""
         names = [score_key(self._prefix, symbol, side) for symbol, side in keys]
         if len(names) == 1:  # a plain command costs ~40 µs less than a pipeline of one
-            return [_decode(await self._client.get(names[0]))]
-        async with self._client.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.get(name)
-            raws = await pipe.execute()
-        return [_decode(raw) for raw in raws]
+            scores = [_decode(await self._client.get(names[0]))]
+        else:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.get(name)
+                raws = await pipe.execute()
+            scores = [_decode(raw) for raw in raws]
+        self._remember_held(list(zip(keys, scores, strict=True)))
+        return scores
 
 
 # Past this many writes in flight (Redis slow or down) new ones are dropped: the cache is
@@ -94,6 +149,7 @@ class ScoreWriter:
         self._pending: set[asyncio.Task[None]] = set()
 
     def remember(self, entries: Sequence[ScoreEntry]) -> None:
+        self._cache.hold(entries)
         if len(self._pending) >= MAX_PENDING_SCORE_WRITES:
             return
         due = []

@@ -17,6 +17,13 @@ class FallbackSettings(SettingsSection):
         description="A symbol and side's cached score is rewritten at most this often, so "
         "busy symbols do not cost a Redis write per decision.",
     )
+    cached_score_held_ms: float = Field(
+        100.0,
+        ge=0,
+        description="Each server process holds the cached scores it reads or computes in "
+        "memory this long before reading Redis again, so shedding load or open breakers do "
+        "not cost a Redis read per decision; 0 reads Redis every time.",
+    )
     rules_max_spread_bps: float = Field(
         10.0, description="Rules: NO_TRADE when the spread is wider than this."
     )

@@ -350,6 +350,7 @@ class DecisionApp:
             self.redis,
             key_prefix=prefix,
             ttl_ms=int(settings.fallback.cached_score_max_age_ms * SCORE_TTL_FACTOR),
+            held_ms=settings.fallback.cached_score_held_ms,
         )
         # One bound for the features and the cached scores: both read the same Redis pool.
         redis_reads = StoreReads(

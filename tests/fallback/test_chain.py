@@ -25,6 +25,9 @@ class FakeScoreCache:
         self.score = score
         self.lookups = 0
 
+    def held(self, keys: Sequence[tuple[str, Side]]) -> dict[tuple[str, Side], CachedScore | None]:
+        return {}  # nothing held in memory: every lookup reads
+
     async def get_many(self, keys: Sequence[tuple[str, Side]]) -> list[CachedScore | None]:
         self.lookups += 1
         return [self.score] * len(keys)
@@ -90,6 +93,9 @@ async def test_no_cached_score_goes_to_the_rules():
 
 
 class FailingScoreCache:
+    def held(self, keys: Sequence[tuple[str, Side]]) -> dict[tuple[str, Side], CachedScore | None]:
+        return {}  # nothing held in memory: every lookup reads
+
     async def get_many(self, keys: Sequence[tuple[str, Side]]) -> list[CachedScore | None]:
         raise redis.exceptions.ConnectionError("connection refused")
 

@@ -147,8 +147,11 @@ async def test_both_replicas_down_falls_back_to_cached_score_then_rules_then_abs
     replicas, start_app, channel_to, feature_writer, redis_client, key_prefix
 ):
     await feature_writer.write_many([sample_record("BTC-USD")])
+    # Every decision reads the cached score from Redis (none held in memory): this test
+    # moves it there and expects the next decision to see it.
     app = await start_app(
-        torchserve=replica_settings(replicas), fallback={"cached_score_max_age_ms": 1000.0}
+        torchserve=replica_settings(replicas),
+        fallback={"cached_score_max_age_ms": 1000.0, "cached_score_held_ms": 0},
     )
     stub = decision_stub(channel_to(app))
     good = await stub.Decide(buy(), timeout=2.0)

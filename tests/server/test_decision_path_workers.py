@@ -91,7 +91,9 @@ async def test_every_worker_falls_back_to_the_secondary_then_the_ladder(
     server_processes, replicas, feature_writer, redis_client, key_prefix
 ):
     await feature_writer.write_many([sample_record("BTC-USD"), sample_record("SOL-USD")])
-    (server,) = server_processes(1, workers=2)
+    # Every decision reads the cached score from Redis (none held in memory): this test
+    # moves it there and expects each worker to see it at once.
+    (server,) = server_processes(1, workers=2, DECISION_FALLBACK__CACHED_SCORE_HELD_MS="0")
     ids: set[str] = set()
     cache = ScoreCache(redis_client, key_prefix=key_prefix, ttl_ms=60_000)
     async with connections(server) as stubs:

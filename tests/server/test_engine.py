@@ -101,9 +101,15 @@ class FakeScoreCache:
         self.lookups = 0
         self.written: list[ScoreEntry] = []
 
+    def held(self, keys: Sequence[tuple[str, Side]]) -> dict[tuple[str, Side], CachedScore | None]:
+        return {}  # nothing held in memory: every lookup reads
+
     async def get_many(self, keys: Sequence[tuple[str, Side]]) -> list[CachedScore | None]:
         self.lookups += 1
         return [self.score] * len(keys)
+
+    def hold(self, entries: Sequence[ScoreEntry]) -> None:
+        pass
 
     async def put_many(self, entries: Sequence[ScoreEntry]) -> None:
         self.written.extend(entries)
