@@ -267,10 +267,12 @@ class TorchServeSettings(SettingsSection):
         "to this many rows; 1 turns micro-batching off.",
     )
     batch_max_concurrent_calls: int = Field(
-        4,
+        1,
         ge=1,
         description="Model calls out to one replica at once; requests arriving past it "
-        "wait for one to return and go together in the next.",
+        "wait for one to return and go together in the next. Match it to the replica's "
+        "TorchServe workers (1 in this project's replicas): calls past them only wait in "
+        "TorchServe's queue, and more, smaller calls cost its JVM more CPU.",
     )
 
     def champion_api(self) -> InferenceApi:
