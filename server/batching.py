@@ -75,7 +75,7 @@ def _clone(exc: ModelCallError | ModelInputError, *, given_ms: float) -> Excepti
     if isinstance(exc, ModelTimeout):
         return ModelTimeout(str(exc), given_ms=min(exc.given_ms, given_ms))
     if isinstance(exc, ModelBusy):  # whether the replica is silent decides whose fault
-        return ModelBusy(str(exc), replica_silent=exc.replica_silent)
+        return ModelBusy(str(exc), silent_ms=exc.silent_ms)
     return type(exc)(str(exc))
 
 

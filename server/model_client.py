@@ -86,15 +86,17 @@ class ModelUnavailable(ModelCallError):
 class ModelBusy(ModelUnavailable):
     """Not sent: the replica still works on ``max_abandoned_calls`` calls nobody waits for.
 
-    Counted against the breaker only when the replica has answered nothing since the
-    oldest of those calls was abandoned (``replica_silent``): a hung replica. Otherwise those
-    calls' timeouts were judged when they were abandoned, and this only keeps a slow
-    replica from being sent more than it can answer.
+    ``silent_ms``: how long the replica has answered nothing, from when the oldest of
+    those calls was abandoned (0 when it answered since). Counted against the breaker
+    only when that is as long as a timeout that counts (a hung replica): calls given a
+    few milliseconds each are abandoned faster than a healthy but slowed replica answers
+    any, and their timeouts were judged when they were abandoned. Otherwise this only
+    keeps a slow replica from being sent more than it can answer.
     """
 
-    def __init__(self, message: str, *, replica_silent: bool) -> None:
+    def __init__(self, message: str, *, silent_ms: float) -> None:
         super().__init__(message)
-        self.replica_silent = replica_silent
+        self.silent_ms = silent_ms
 
 
 class ModelResponseError(ModelCallError):
@@ -255,11 +257,16 @@ class GrpcModelClient:
             raise ModelTimeout(f"{self.name} had no time for a call", given_ms=0.0)
         if len(self._abandoned) >= self._max_abandoned:
             self._refused += 1
-            silent = self._answered_at < min(self._abandoned.values())
+            first_abandoned = min(self._abandoned.values())
+            silent_ms = (
+                (time.monotonic() - first_abandoned) * 1000.0
+                if self._answered_at < first_abandoned
+                else 0.0
+            )
             raise ModelBusy(
                 f"{self.name} busy: {len(self._abandoned)} abandoned calls still out"
-                + (", none answered since the first was abandoned" if silent else ""),
-                replica_silent=silent,
+                + (f", none answered for {silent_ms:.1f} ms" if silent_ms else ""),
+                silent_ms=silent_ms,
             )
         started = time.perf_counter()
         waited_since = asyncio.get_running_loop().time()

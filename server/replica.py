@@ -36,16 +36,17 @@ from server.tracing import NO_TRACER
 def counts_against_replica(exc: BaseException, *, min_counted_timeout_ms: float) -> bool:
     """Whether a failed call is evidence against the replica, for its breaker.
 
-    Not: rows the replica rejected (ours); a call refused because the replica still works
-    on abandoned calls it does answer (it is slow, and was judged when they were
-    abandoned); a timeout of a call given less than ``min_counted_timeout_ms`` (a caller
-    with a tight deadline that leaves 4 ms must not open the breaker of a healthy replica
-    that answers in 5, while a replica that misses a 10 ms wait is unhealthy whoever set it).
+    Not: rows the replica rejected (ours); a timeout of a call given less than
+    ``min_counted_timeout_ms`` (a caller with a tight deadline that leaves 4 ms must not
+    open the breaker of a healthy replica that answers in 5, while a replica that misses
+    a 10 ms wait is unhealthy whoever set it); a call refused because the replica still
+    works on abandoned calls, unless it has answered none of them for that long too (a
+    slow replica answers them, a hung one does not).
     """
     if isinstance(exc, ModelInputError):
         return False
     if isinstance(exc, ModelBusy):
-        return exc.replica_silent
+        return exc.silent_ms > 0 and exc.silent_ms >= min_counted_timeout_ms
     if isinstance(exc, ModelTimeout):
         return exc.given_ms >= min_counted_timeout_ms
     return True

@@ -154,19 +154,19 @@ async def test_a_failed_call_fails_each_of_its_requests_with_its_own_error() -> 
     assert len({id(e) for e in errors}) == 3
 
 
-@pytest.mark.parametrize("silent", [True, False])
-async def test_a_refused_call_tells_each_request_whether_the_replica_is_silent(
-    silent: bool,
+@pytest.mark.parametrize("silent_ms", [25.0, 0.0])
+async def test_a_refused_call_tells_each_request_how_long_the_replica_is_silent(
+    silent_ms: float,
 ) -> None:
     replica = FakeReplica(call_ms=1.0)
-    replica.fail = ModelBusy("primary busy: 16 abandoned calls still out", replica_silent=silent)
+    replica.fail = ModelBusy("primary busy: 16 abandoned calls still out", silent_ms=silent_ms)
     batching = client(replica)
     errors = await asyncio.gather(
         *(batching.predict([[0.1]], 1.0) for _ in range(3)), return_exceptions=True
     )
     for error in errors:
-        assert isinstance(error, ModelBusy) and error.replica_silent is silent, error
-        assert counts_against_replica(error, min_counted_timeout_ms=10.0) is silent
+        assert isinstance(error, ModelBusy) and error.silent_ms == silent_ms, error
+        assert counts_against_replica(error, min_counted_timeout_ms=10.0) is (silent_ms > 0)
 
 
 async def test_a_cancelled_caller_is_not_sent() -> None:
