@@ -193,14 +193,8 @@ class ReplicaRouter:
 
     def needs_ms(self, replica: Replica) -> float:
         """The least time worth a call to ``replica``: its median answer of the last
-        ``NEEDS_WINDOW_S``, at least ``min_call_budget_ms``. A replica that answered
-        nothing lately (a secondary the primary spares) is expected to be as slow as the
-        slowest of the lane that did: the same model, so a retry with less time than the
-        primary needed is not sent to become one more abandoned call."""
-        own = self._recent_latency(replica)[0]
-        if own <= 0:
-            own = max(self._recent_latency(other)[0] for other in self.replicas)
-        return max(own, self._min_call_ms)
+        ``NEEDS_WINDOW_S``, at least ``min_call_budget_ms``."""
+        return max(self._recent_latency(replica)[0], self._min_call_ms)
 
     def _call_timeout_ms(self, budget: Budget) -> float:
         return model_call_timeout_ms(

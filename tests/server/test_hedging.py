@@ -220,20 +220,6 @@ async def test_with_no_recent_answers_a_replica_needs_the_configured_minimum() -
         assert 2.0 <= float(match[1]) <= 2.5
 
 
-async def test_a_replica_with_no_recent_answers_needs_what_the_lane_needed() -> None:
-    """The secondary the primary spares has no answers of its own to go by: it is the
-    same model, so a retry with less time than the primary's median is not sent (it would
-    be one more call abandoned on the wire)."""
-    primary, secondary = ScriptedReplica("primary", 12.0), ScriptedReplica("secondary", 1.0)
-    routing = router(primary, secondary, hedge=False, min_call_budget_ms=1.0)
-    for _ in range(20):
-        routing.replicas[0].recent.record(12.0, ok=True)
-    assert routing.needs_ms(routing.replicas[1]) == 12.0
-    routed, reasons = await score(routing, budget_ms=9.0)  # 8 ms for a call
-    assert routed is None and secondary.calls[0.0] == 0
-    assert reasons[1].startswith("secondary skipped: ") and reasons[1].endswith("(needs 12.0)")
-
-
 async def test_a_median_older_than_the_needs_window_no_longer_keeps_a_replica_skipped() -> None:
     """A replica skipped for time makes no calls, so its old median must expire: after
     ``NEEDS_WINDOW_S`` without a call it needs only the configured minimum again."""
