@@ -41,9 +41,17 @@ def score_key(prefix: str, symbol: str, side: Side) -> str:
 
 ScoreKey = tuple[str, Side]
 
-# Keys held in memory at most; past it the copy starts again empty (a symbol field a
-# caller fills with anything must not grow it without bound).
-MAX_HELD_SCORES = 4096
+# Keys held in memory at most (the feature mirror takes up to 10,000 symbols: 20,000
+# keys); when full, the expired entries go first, then, if none had expired, all (a
+# symbol field a caller fills with anything must not grow it without bound).
+MAX_HELD_SCORES = 32_768
+
+
+def _newer(score: CachedScore | None, than: CachedScore | None) -> bool:
+    """Whether ``score`` was scored after ``than`` (no score is older than any)."""
+    if score is None:
+        return False
+    return than is None or score.scored_at_us > than.scored_at_us
 
 
 class ScoreCache:
@@ -51,9 +59,10 @@ class ScoreCache:
     pipeline, through a copy in this process's memory: a key read from Redis less than
     ``held_ms`` ago (found or not) is answered from memory, and the scores this process
     computes are held as they are made (``hold``). So a server shedding load, or with its
-    breakers open, reads each busy key from Redis at most every ``held_ms`` instead of
-    once per decision; a held score can be up to ``held_ms`` behind one another server
-    wrote meanwhile (the ladder still judges its age from when it was scored)."""
+    breakers open, reads a busy key from Redis about once every ``held_ms`` (reads that
+    miss together are not merged) instead of once per decision; a held score, or a held
+    absence, can be up to ``held_ms`` behind what another server wrote meanwhile (the
+    ladder still judges a score's age from when it was scored)."""
 
     def __init__(
         self,
@@ -89,13 +98,28 @@ class ScoreCache:
         self._remember_held([((e.symbol, e.side), e.score) for e in entries])
 
     def _remember_held(self, found: Sequence[tuple[ScoreKey, CachedScore | None]]) -> None:
+        """Holds each key's score as of now, unless a newer one is held already: a Redis
+        read that was out while this process scored the key must not put back the older
+        score (or its absence)."""
         if self._held_s <= 0:
             return
-        if len(self._held) + len(found) > MAX_HELD_SCORES:
-            self._held.clear()
         now = self._clock()
         for key, score in found:
+            entry = self._held.get(key)
+            if entry is None:
+                self._make_room(now)
+            elif _newer(entry[1], than=score) and entry[0] > now - self._held_s:
+                continue
             self._held[key] = (now, score)
+
+    def _make_room(self, now: float) -> None:
+        if len(self._held) < MAX_HELD_SCORES:
+            return
+        oldest = now - self._held_s
+        for key in [k for k, (at, _) in self._held.items() if at <= oldest]:
+            del self._held[key]
+        if len(self._held) >= MAX_HELD_SCORES:
+            self._held.clear()
 
     async def put_many(self, entries: Sequence[ScoreEntry]) -> None:
         async with self._client.pipeline(transaction=False) as pipe:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.settings import SettingsSection
 
@@ -34,3 +34,13 @@ class FallbackSettings(SettingsSection):
         0.1,
         description="Rules: TRADE when 5-level depth imbalance leans this far the order's way.",
     )
+
+    @model_validator(mode="after")
+    def _held_shorter_than_useful(self) -> FallbackSettings:
+        if self.cached_score_held_ms >= self.cached_score_max_age_ms:
+            raise ValueError(
+                f"cached_score_held_ms ({self.cached_score_held_ms:g}) must be less than "
+                f"cached_score_max_age_ms ({self.cached_score_max_age_ms:g}): a score held "
+                "that long would be too old to use before it is read again"
+            )
+        return self

@@ -106,11 +106,13 @@ def model_client(
     model_name: str | None = None,
     *,
     api: InferenceApi | None = None,
+    max_concurrent_calls: int | None = None,
     loop_lag: LoopLag | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> ModelClient:
     """The replica's client for its inference API (default: the champion's), micro-batching
-    unless ``batch_max_rows`` is 1. ``loop_lag``: this process's event-loop probe, so that
+    unless ``batch_max_rows`` is 1, with ``max_concurrent_calls`` out at once (default:
+    ``batch_max_concurrent_calls``). ``loop_lag``: this process's event-loop probe, so that
     a timeout does not blame the replica for time the loop was stalled."""
     model = model_name or ts.model_name
     api = api or ts.champion_api()
@@ -146,7 +148,7 @@ def model_client(
     return BatchingClient(
         client,
         max_batch_rows=ts.batch_max_rows,
-        max_concurrent_calls=ts.batch_max_concurrent_calls,
+        max_concurrent_calls=max_concurrent_calls or ts.batch_max_concurrent_calls,
         loop_lag=loop_lag,
     )
 
@@ -208,9 +210,20 @@ class Replicas:
         interceptors = tracing.client_interceptors()
 
         def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
-            api = ts.challenger_api() if source is Source.CANARY else ts.champion_api()
+            canary = source is Source.CANARY
             client = model_client(
-                ts, name, address, model, api=api, loop_lag=loop_lag, interceptors=interceptors
+                ts,
+                name,
+                address,
+                model,
+                api=ts.challenger_api() if canary else ts.champion_api(),
+                max_concurrent_calls=(
+                    ts.challenger_batch_max_concurrent_calls
+                    if canary
+                    else ts.batch_max_concurrent_calls
+                ),
+                loop_lag=loop_lag,
+                interceptors=interceptors,
             )
             return Replica.build(client, source, settings.breaker, tracing.tracer)
 

@@ -108,6 +108,10 @@ class BatchingClient:
     def inner(self) -> ModelClient:
         return self._inner
 
+    @property
+    def max_concurrent_calls(self) -> int:
+        return self._max_calls
+
     async def start(self) -> None:
         await self._inner.start()
 

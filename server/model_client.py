@@ -32,7 +32,8 @@ until some of them end, so a hung replica never piles them up.
     ├── ModelTimeout            the caller's wait for the call ended
     ├── ModelUnavailable        connection refused / reset, replica error status
     │   └── ModelBusy           not sent: too many abandoned calls still out (counted
-    │                           only when the replica answered none of them)
+    │                           only once the replica answered none of them for
+    │                           breaker.min_counted_timeout_ms)
     └── ModelResponseError      an answer we cannot use (wrong count, bad JSON)
     ModelInputError             the replica rejected our rows; not the replica's fault
 """

@@ -274,6 +274,14 @@ class TorchServeSettings(SettingsSection):
         "TorchServe workers (1 in this project's replicas): calls past them only wait in "
         "TorchServe's queue, and more, smaller calls cost its JVM more CPU.",
     )
+    challenger_batch_max_concurrent_calls: int = Field(
+        4,
+        ge=1,
+        description="As batch_max_concurrent_calls, for the challenger: it batches in "
+        "TorchServe itself (batchSize 16, maxBatchDelay 2 ms), which can only gather calls "
+        "that are out together, and its shadow calls (up to 64 rows) would otherwise hold "
+        "the canary's only slot.",
+    )
 
     def champion_api(self) -> InferenceApi:
         """How the primary and the secondary are called."""
@@ -321,7 +329,9 @@ class BreakerSettings(SettingsSection):
         10.0,
         ge=0,
         description="A model-call timeout counts as a replica failure only if the call was "
-        "given at least this long; shorter calls were cut by the caller's tight budget.",
+        "given at least this long; shorter calls were cut by the caller's tight budget. A "
+        "call refused for the replica's abandoned calls counts only once the replica has "
+        "answered none of them for this long.",
     )
 
 

@@ -12,7 +12,7 @@ from core.deadline import Budget, StoreReads
 from core.domain import OrderRequest, Side, Source
 from fallback.chain import FallbackChain, LadderInput
 from fallback.rules import RulesBaseline
-from fallback.score_cache import MAX_HELD_SCORES, CachedScore, ScoreCache, ScoreEntry
+from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 
 pytestmark = pytest.mark.integration
 
@@ -104,16 +104,6 @@ async def test_held_ms_0_reads_redis_every_time(redis_client: aioredis.Redis, ke
     cache.hold([ScoreEntry(*BUY, score(0.8))])
     await cache.get_many([BUY])
     assert cache.held([BUY]) == {}
-
-
-def test_the_copy_in_memory_is_bounded():
-    cache = ScoreCache(aioredis.Redis(port=9), key_prefix="bounded:", ttl_ms=60_000, held_ms=60_000)
-    for n in range(MAX_HELD_SCORES + 10):
-        cache.hold([ScoreEntry(f"SYM{n}", Side.BUY, score(0.5))])
-        assert len(cache.held([(f"SYM{n}", Side.BUY)])) == 1
-    assert len(cache.held([(f"SYM{n}", Side.BUY) for n in range(MAX_HELD_SCORES + 10)])) <= (
-        MAX_HELD_SCORES
-    )
 
 
 def buy(symbol: str = "BTC-USD") -> LadderInput:

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import pytest
 
+from core.loop_lag import LoopLag
+from server.app import Replicas
 from server.batching import BatchingClient
 from server.model_client import (
     ModelBusy,
@@ -19,6 +21,8 @@ from server.model_client import (
     ModelUnavailable,
 )
 from server.replica import counts_against_replica
+from server.settings import Settings, TorchServeSettings
+from server.tracing import Tracing
 from tests.server.fakes import AlwaysConnected
 
 
@@ -258,3 +262,18 @@ async def test_each_call_runs_in_its_first_requests_context_not_an_earlier_ones(
     later = await asyncio.create_task(request("later"))
     assert later.scores == [0.1]
     assert replica.seen == ["first", "second", "later"]
+
+
+def test_each_champion_has_one_call_out_and_the_challenger_several_for_torchserve_to_batch() -> (
+    None
+):
+    settings = Settings(
+        torchserve=TorchServeSettings(challenger_address="127.0.0.1:9"),
+    )
+    replicas = Replicas.build(settings, LoopLag(interval_s=0.01), Tracing(None))
+    calls_out = {
+        r.name: r.client.max_concurrent_calls
+        for r in replicas.all
+        if isinstance(r.client, BatchingClient)
+    }
+    assert calls_out == {"primary": 1, "secondary": 1, "challenger": 4}
