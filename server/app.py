@@ -106,14 +106,14 @@ def model_client(
     model_name: str | None = None,
     *,
     api: InferenceApi | None = None,
-    max_concurrent_calls: int | None = None,
+    max_concurrent_calls: int,
     loop_lag: LoopLag | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> ModelClient:
     """The replica's client for its inference API (default: the champion's), micro-batching
-    unless ``batch_max_rows`` is 1, with ``max_concurrent_calls`` out at once (default:
-    ``batch_max_concurrent_calls``). ``loop_lag``: this process's event-loop probe, so that
-    a timeout does not blame the replica for time the loop was stalled."""
+    unless ``batch_max_rows`` is 1, with ``max_concurrent_calls`` out at once. ``loop_lag``:
+    this process's event-loop probe, so that a timeout does not blame the replica for time
+    the loop was stalled."""
     model = model_name or ts.model_name
     api = api or ts.champion_api()
     client: ModelClient
@@ -148,7 +148,7 @@ def model_client(
     return BatchingClient(
         client,
         max_batch_rows=ts.batch_max_rows,
-        max_concurrent_calls=max_concurrent_calls or ts.batch_max_concurrent_calls,
+        max_concurrent_calls=max_concurrent_calls,
         loop_lag=loop_lag,
     )
 

@@ -3,8 +3,6 @@ less than ``held_ms`` ago is answered without a Redis read; past that, Redis aga
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import redis.asyncio as aioredis
 
@@ -12,23 +10,10 @@ from core.deadline import Budget, StoreReads
 from core.domain import OrderRequest, Side, Source
 from fallback.chain import FallbackChain, LadderInput
 from fallback.rules import RulesBaseline
-from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
+from fallback.score_cache import ScoreCache, ScoreEntry
+from tests.fallback.scores import BUY, Clock, score
 
 pytestmark = pytest.mark.integration
-
-BUY = ("BTC-USD", Side.BUY)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def score(value: float) -> CachedScore:
-    return CachedScore(value, "champion", "v1", time.time_ns() // 1000)
 
 
 def ladder(cache: ScoreCache) -> FallbackChain:

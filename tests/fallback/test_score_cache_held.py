@@ -3,8 +3,6 @@ for how long, what a late read may not overwrite, and its bound."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -12,26 +10,12 @@ from pydantic import ValidationError
 from core.domain import Side
 from fallback.score_cache import (
     MAX_HELD_SCORES,
-    CachedScore,
     ScoreCache,
     ScoreEntry,
     ScoreWriter,
 )
 from fallback.settings import FallbackSettings
-
-BUY = ("BTC-USD", Side.BUY)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def score(value: float, *, age_ms: float = 0.0) -> CachedScore:
-    return CachedScore(value, "champion", "v1", time.time_ns() // 1000 - int(age_ms * 1000))
+from tests.fallback.scores import BUY, Clock, score
 
 
 def cache(clock: Clock, held_ms: float = 100.0) -> ScoreCache:
