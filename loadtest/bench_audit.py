@@ -151,7 +151,7 @@ def ship(
     for start in range(0, len(payloads), 1000):
         journal.append(payloads[start : start + 1000])
     shipper = AuditShipper(
-        journal,
+        journal.directory,
         store,
         batch_records=BATCH_RECORDS,
         idle_interval_ms=DEFAULTS.ship_idle_interval_ms,

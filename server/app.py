@@ -333,7 +333,11 @@ class DecisionApp:
             redis_timeout_ms=settings.control.redis_timeout_ms,
         )
         self.audit = AuditTrail(
-            settings.audit, server_id=settings.audit.server_id, adopted=adopted_journals
+            settings.audit,
+            server_id=settings.audit.server_id,
+            adopted=adopted_journals,
+            log_level=settings.server.log_level,
+            log_format=settings.server.log_format,
         )
         recorder: AuditTrail | UnrecordedDecisions = (
             self.audit if settings.audit.enabled else UnrecordedDecisions()

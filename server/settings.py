@@ -440,6 +440,14 @@ class AuditSettings(SettingsSection):
         description="On shutdown, how long the shipper may go on shipping the backlog; what "
         "is left is shipped by the next start.",
     )
+    ship_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU niceness of the shipper's process: when the cores are busy the "
+        "decision path comes first, and the backlog (see max_backlog_bytes) absorbs the "
+        "difference. 0: the server's priority.",
+    )
     server_id: str = Field(
         "", description="This server in the audit records; empty: host name and port."
     )

@@ -1,7 +1,10 @@
-"""Ships the audit journal into the SQL store, on a thread of its own.
+"""Ships an audit journal folder into the SQL store, on a thread of its own.
 
-The shipper reads from its checkpoint (a small file beside the segments) up to the
-journal's last complete record, inserts a batch in one transaction, then moves the
+It runs in a process of its own beside the server (``server.audit.ship_process``), so
+that parsing and inserting never hold the server's interpreter lock, and reads only the
+folder: it needs nothing from the process that writes it. The shipper reads from its
+checkpoint (a small file beside the segments) up to the last complete record, inserts a
+batch in one transaction, then moves the
 checkpoint and deletes the segments it has passed. Inserts are idempotent, so a crash
 between the insert and the checkpoint only re-ships a batch. While the store fails, the
 journal grows and decisions go on; the shipper retries with backoff and ``status``
@@ -26,7 +29,6 @@ import sqlalchemy.exc
 from core.backoff import Backoff
 from server.audit.journal import (
     MAGIC,
-    Journal,
     Position,
     parse_frames,
     read_range,
@@ -81,12 +83,12 @@ def read_checkpoint(directory: Path) -> Position | None:
         return None
 
 
-def unshipped_bytes(directory: Path) -> int:
-    """Journal bytes of a folder no process writes that are not shipped yet."""
+def unshipped_bytes(directory: Path, checkpoint: Position | None = None) -> int:
+    """Journal bytes of a folder past ``checkpoint`` (default: the one saved there)."""
     present = segments(directory)
     if not present:
         return 0
-    checkpoint = read_checkpoint(directory) or Position(present[0], len(MAGIC))
+    checkpoint = checkpoint or read_checkpoint(directory) or Position(present[0], len(MAGIC))
     total = 0
     for segment in present:
         if segment < checkpoint.segment:
@@ -103,7 +105,7 @@ def unshipped_bytes(directory: Path) -> int:
 class AuditShipper:
     def __init__(
         self,
-        journal: Journal,
+        directory: Path,
         store: AuditStore,
         *,
         batch_records: int,
@@ -113,8 +115,7 @@ class AuditShipper:
         max_backlog_bytes: int = 0,
     ) -> None:
         """``max_backlog_bytes``: unshipped bytes at which ``full`` turns true (0: never)."""
-        self._journal = journal
-        self._directory = journal.directory
+        self._directory = directory
         self._store = store
         self._batch_records = batch_records
         self._idle_interval_s = idle_interval_ms / 1000.0
@@ -132,8 +133,7 @@ class AuditShipper:
         self._rejected = 0
         self._last_shipped_at_us = 0
         self._max_backlog_bytes = max_backlog_bytes
-        # Read on the decision path without a lock (a bool): the shipper's thread sets it
-        # after each batch or wait, so it lags the journal by at most one retry wait.
+        # Set after each batch or wait and by each status(); a bool, read without a lock.
         self.full = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -169,10 +169,14 @@ class AuditShipper:
         return bool(self._store_ok)
 
     def status(self) -> ShipperStatus:
+        """Now, the backlog measured afresh (``full`` with it, not only after a batch or
+        a retry wait: the journal grows while the store is down)."""
+        backlog = self.backlog_bytes()
+        self._note_backlog(backlog)
         return ShipperStatus(
             store_ok=self.store_ok,
             last_error=self._last_error,
-            backlog_bytes=self.backlog_bytes(),
+            backlog_bytes=backlog,
             full=self.full,
             shipped_records=self._shipped,
             skipped_records=self._skipped,
@@ -181,30 +185,18 @@ class AuditShipper:
         )
 
     def backlog_bytes(self) -> int:
-        limit = self._journal.position
-        checkpoint = self._checkpoint
-        total = 0
-        for segment in segments(self._directory):
-            if segment < checkpoint.segment:
-                continue
-            if segment == limit.segment:
-                end = limit.offset
-            else:
-                try:
-                    end = segment_path(self._directory, segment).stat().st_size
-                except FileNotFoundError:
-                    continue
-            start = checkpoint.offset if segment == checkpoint.segment else len(MAGIC)
-            total += max(0, end - start)
-        return total
+        return unshipped_bytes(self._directory, self._checkpoint)
 
     # -- the loop ----------------------------------------------------------------------
 
     def _check_backlog(self) -> None:
+        if self._max_backlog_bytes > 0:
+            self._note_backlog(self.backlog_bytes())
+
+    def _note_backlog(self, backlog: int) -> None:
         """Sets ``full`` from the backlog against its cap, and says when it changes."""
         if self._max_backlog_bytes <= 0:
             return
-        backlog = self.backlog_bytes()
         full = backlog >= self._max_backlog_bytes
         if full and not self.full:
             log.error(
@@ -258,10 +250,12 @@ class AuditShipper:
         """Whether the last batch took all the journal held when it was read: short of a
         full batch and in the segment being written (a short batch at the end of an older
         segment has more behind it)."""
-        return (
-            shipped < self._batch_records
-            and self._checkpoint.segment >= self._journal.position.segment
-        )
+        return shipped < self._batch_records and self._checkpoint.segment >= self._newest()
+
+    def _newest(self) -> int:
+        """The segment being written (the newest present), or the checkpoint's."""
+        present = segments(self._directory)
+        return present[-1] if present else self._checkpoint.segment
 
     def _sleep(self, seconds: float) -> None:
         if self._stopping:
@@ -273,21 +267,20 @@ class AuditShipper:
     def ship_once(self) -> int:
         """Ships one batch; returns how many records it passed (0: caught up)."""
         while True:
-            limit = self._journal.position
             checkpoint = self._checkpoint
-            if checkpoint.segment > limit.segment:
+            newest = self._newest()
+            if checkpoint.segment > newest:
                 return 0
             path = segment_path(self._directory, checkpoint.segment)
-            if checkpoint.segment == limit.segment:
-                end = limit.offset
-            else:
-                try:
-                    end = path.stat().st_size
-                except FileNotFoundError:
-                    self._advance_to_next_segment(checkpoint.segment)
-                    continue
+            try:
+                end = path.stat().st_size
+            except FileNotFoundError:
+                if checkpoint.segment == newest:
+                    return 0
+                self._advance_to_next_segment(checkpoint.segment)
+                continue
             if checkpoint.offset >= end:
-                if checkpoint.segment == limit.segment:
+                if checkpoint.segment == newest:
                     return 0
                 self._advance_to_next_segment(checkpoint.segment)
                 continue
@@ -296,6 +289,11 @@ class AuditShipper:
             )
             frames = parse_frames(data, self._batch_records)
             if not frames.payloads:
+                if checkpoint.segment == newest:
+                    # Being written: the rest of the record is on its way. Damage is
+                    # judged once a newer segment exists, for the writer never appends
+                    # after a torn write (it cuts it or begins a new segment).
+                    return 0
                 log.error(
                     "audit journal: %s has an unreadable record at offset %d (%s); skipping "
                     "the rest of that segment",
@@ -304,9 +302,6 @@ class AuditShipper:
                     frames.problem,
                 )
                 self._skipped += 1
-                if checkpoint.segment == limit.segment:
-                    self._save_checkpoint(Position(checkpoint.segment, end))
-                    return 0
                 self._advance_to_next_segment(checkpoint.segment)
                 continue
             records = self._decode(frames.payloads, path.name)
@@ -358,7 +353,7 @@ class AuditShipper:
     def _advance_to_next_segment(self, segment: int) -> None:
         present = segments(self._directory)
         later = [s for s in present if s > segment]
-        next_segment = later[0] if later else self._journal.position.segment
+        next_segment = later[0] if later else segment + 1
         self._save_checkpoint(Position(next_segment, len(MAGIC)), durable=True)
         for old in present:
             if old < next_segment:
@@ -370,8 +365,7 @@ class AuditShipper:
         if saved is not None:
             return saved
         present = segments(self._directory)
-        first = present[0] if present else self._journal.position.segment
-        return Position(first, len(MAGIC))
+        return Position(present[0] if present else 0, len(MAGIC))
 
     def _save_checkpoint(self, position: Position, *, durable: bool = False) -> None:
         """Replaces the checkpoint file atomically. ``durable`` fsyncs it too: done before

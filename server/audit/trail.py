@@ -20,7 +20,8 @@ from core.domain import CallInfo, DecisionResult, OrderRequest
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
 from server.audit.journal import Journal, JournalLocked, JournalWriteError
 from server.audit.record import AdminRecord, DecisionRecord, ShadowRecord, encode
-from server.audit.shipper import AuditShipper, ShipperStatus
+from server.audit.ship_process import ShipperProcess
+from server.audit.shipper import ShipperStatus
 from server.audit.store import AuditStore, create_store_engine
 from server.errors import AuditUnavailable
 from server.settings import AuditSettings
@@ -126,12 +127,20 @@ class AuditTrail:
     """Journal, store and shipper, with the same start/stop lifecycle as the rest."""
 
     def __init__(
-        self, settings: AuditSettings, *, server_id: str, adopted: Sequence[Path] = ()
+        self,
+        settings: AuditSettings,
+        *,
+        server_id: str,
+        adopted: Sequence[Path] = (),
+        log_level: str = "INFO",
+        log_format: str = "text",
     ) -> None:
         """``adopted``: journal folders no running server writes (an earlier run had more
-        workers): shipped to the store beside this server's own, never written."""
+        workers): shipped to the store beside this server's own, never written. The
+        shippers' processes log at ``log_level`` in ``log_format``, as the server does."""
         self.server_id = server_id
         self._settings = settings
+        self._logging = (log_level, log_format)
         self.journal = self._journal(Path(settings.journal_dir))
         self.store = AuditStore(create_store_engine(settings.database_url))
         self.shipper = self._shipper(self.journal, migrate=settings.migrate_on_start)
@@ -151,16 +160,14 @@ class AuditTrail:
             fsync_interval_ms=settings.fsync_interval_ms,
         )
 
-    def _shipper(self, journal: Journal, *, migrate: bool) -> AuditShipper:
-        settings = self._settings
-        return AuditShipper(
-            journal,
-            self.store,
-            batch_records=settings.ship_batch_records,
-            idle_interval_ms=settings.ship_idle_interval_ms,
-            retry_max_s=settings.ship_retry_max_s,
+    def _shipper(self, journal: Journal, *, migrate: bool) -> ShipperProcess:
+        log_level, log_format = self._logging
+        return ShipperProcess(
+            journal.directory,
+            self._settings,
             migrate=migrate,
-            max_backlog_bytes=settings.max_backlog_bytes,
+            log_level=log_level,
+            log_format=log_format,
         )
 
     async def start(self) -> None:

@@ -20,6 +20,7 @@ from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.admin import ctl
 from server.app import DecisionApp
 from server.audit.store import admin_actions, create_store_engine, decisions
+from tests.conftest import wait_for
 from tests.server.conftest import (
     OPERATOR,
     OPERATOR_TOKEN,
@@ -61,6 +62,10 @@ def store_rows(database: Path, statement: sa.Executable) -> list[sa.Row[Any]]:
     try:
         with engine.connect() as conn:
             return list(conn.execute(statement))
+    except sa.exc.OperationalError as exc:
+        if "no such table" in str(exc):  # nor migrated it yet
+            return []
+        raise
     finally:
         engine.dispose()
 
@@ -226,6 +231,9 @@ async def admin_app(start_app, replicas) -> DecisionApp:
     app: DecisionApp = await start_app(
         torchserve=replica_settings(replicas), admin={"tokens": TOKENS}
     )
+    # The store's tables exist once the shipper's process has migrated it and said so
+    # (until then history answers UNAVAILABLE, as it would with the store away).
+    await asyncio.to_thread(wait_for, lambda: app.audit.shipper.store_ok, 10)
     return app
 
 

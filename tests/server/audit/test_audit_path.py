@@ -226,6 +226,10 @@ async def test_decisions_go_on_while_the_database_is_down_and_all_arrive_after(
             assert store.decision_ids() == load.ok_ids
         finally:
             engine.dispose()
+        # The shipper's process reports every 100 ms: its count follows the store's.
+        await asyncio.to_thread(
+            wait_for, lambda: app.audit.status().shipper.shipped_records >= served, 5
+        )
         assert app.audit.status().shipper.store_ok
         metrics_up = await asyncio.to_thread(scrape, app.metrics.port)
         assert metrics_up["decision_audit_store_up"] == 1.0

@@ -11,7 +11,8 @@ import time
 import orjson
 import sqlalchemy as sa
 
-from server.audit.journal import Journal, segment_path, segments
+from server.audit.journal import Journal, frame, segment_path, segments
+from server.audit.migrate import upgrade
 from server.audit.record import encode
 from server.audit.shipper import CHECKPOINT_FILE, AuditShipper, unshipped_bytes
 from server.audit.store import AuditStore, create_store_engine
@@ -31,7 +32,7 @@ class Parts:
         self.journal.open()
         self.store = AuditStore(create_store_engine(url))
         self.shipper = AuditShipper(
-            self.journal,
+            directory,
             self.store,
             batch_records=500,
             idle_interval_ms=10.0,
@@ -77,7 +78,7 @@ def test_under_steady_appends_records_are_shipped_in_batches_not_one_by_one(tmp_
     journal.open()
     store = CountingStore(create_store_engine(f"sqlite:///{tmp_path / 'audit.db'}"))
     shipper = AuditShipper(
-        journal, store, batch_records=5000, idle_interval_ms=100.0, retry_max_s=0.2, migrate=True
+        tmp_path, store, batch_records=5000, idle_interval_ms=100.0, retry_max_s=0.2, migrate=True
     )
     shipper.start()
     try:
@@ -122,6 +123,7 @@ def test_records_left_by_a_killed_process_are_shipped_by_the_next(tmp_path, data
 import os, signal
 from pathlib import Path
 from server.audit.journal import Journal
+from server.audit.migrate import upgrade
 from server.audit.record import encode
 from tests.conftest import REPO, wait_for
 from tests.server.audit.conftest import decision_record
@@ -262,3 +264,26 @@ async def test_a_journal_folder_no_worker_writes_any_more_is_shipped_by_an_adopt
     finally:
         await trail.stop()
     assert journal_plans(tmp_path / "journal", 2)[0].adopted == ()  # nothing left there
+
+
+def test_a_record_half_written_at_the_end_of_the_newest_segment_waits_for_the_rest(tmp_path):
+    """The shipper reads a folder another process writes: a record it sees half written
+    is on its way, not damage to skip."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    journal_dir = tmp_path / "journal"
+    parts = Parts(journal_dir, url)
+    parts.append(3)
+    path = segment_path(journal_dir, parts.journal.position.segment)
+    whole = frame([encode(decision_record(99))])
+    with path.open("ab") as file:
+        file.write(whole[:40])  # the writer's os.write, seen part way
+    upgrade(parts.store.engine)
+    assert parts.shipper.ship_once() == 3
+    assert parts.shipper.ship_once() == 0
+    with path.open("ab") as file:
+        file.write(whole[40:])
+    assert parts.shipper.ship_once() == 1
+    assert parts.shipper.status().skipped_records == 0
+    assert len(parts.store.decision_ids()) == 4
+    parts.journal.close()
+    parts.store.dispose()
