@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
 import time
 import uuid
 from dataclasses import asdict, astuple, dataclass
@@ -459,6 +460,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args.run_dir.mkdir(parents=True, exist_ok=True)
+    # SIGTERM ends a soak as Ctrl-C does: the stack it started is stopped on the way out
+    # (the default action would end this process alone and leave every part running).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
         raise SystemExit(asyncio.run(soak(args)))
     raise SystemExit(130)
