@@ -153,6 +153,7 @@ def ship(
     shipper = AuditShipper(
         journal.directory,
         store,
+        written=lambda: journal.position,
         batch_records=BATCH_RECORDS,
         idle_interval_ms=DEFAULTS.ship_idle_interval_ms,
         retry_max_s=DEFAULTS.ship_retry_max_s,

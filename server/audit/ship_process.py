@@ -8,12 +8,18 @@ child process shares no lock with the server, runs at a lower CPU priority
 reads only the journal folder.
 
 The protocol is two pipes. The server writes one JSON line of settings to the child's
-stdin and keeps stdin open: its end (the server stopping, or dying however it dies)
-tells the child to ship what it can within ``audit.shutdown_drain_s`` and exit, so a
-child never outlives its server by more than that. The child writes its status as a
-JSON line on stdout every ``STATUS_INTERVAL_S``; its logs go to stderr, the server's
-own. A child that exits unasked is started again; a child holds an exclusive lock on
-its folder's ``SHIPPER_LOCK``, so the next one waits for one still draining.
+stdin, then, after each status line it reads, the journal's position (``segment
+offset``: the end of the last record it wrote whole) when it moved. The child ships
+only up to that position, never what it merely sees in the folder: a write the journal
+is cutting back after a failure, or a segment a failing rotation creates and deletes,
+is never taken for records. The end of stdin (the server stopping, or dying however it
+dies) means no writer is left: the child ships the folder's complete records within
+``audit.shutdown_drain_s`` and exits, so it never outlives its server by more than that.
+The child writes its status as a JSON line on stdout every ``STATUS_INTERVAL_S``; its
+logs go to stderr, the server's own. A child that exits unasked is started again, and
+while none reports the server measures the backlog (and the cap) from the folder
+itself; a child holds an exclusive lock on its folder's ``SHIPPER_LOCK``, so the next one
+waits for one still draining.
 
 The child is started by the server (``CHILD_CODE``); it is not a command to run.
 """
@@ -29,13 +35,14 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import IO, cast
 
 import orjson
 
 from core.backoff import Backoff
+from server.audit.journal import Journal, Position
 from server.audit.shipper import AuditShipper, ShipperStatus, unshipped_bytes
 from server.audit.store import AuditStore, create_store_engine
 from server.logs import configure_logging
@@ -45,8 +52,11 @@ log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 0.1
 LOCK_FILE = "SHIPPER_LOCK"
-# How long a stopping server waits for its child past the drain, before killing it.
-EXIT_SLACK_S = 5.0
+# How long a stopping server waits for its child past the drain, before killing it
+# (more than the child gives its own shipping thread past the drain: 5 s).
+EXIT_SLACK_S = 10.0
+# Without a status line for this long, the server measures the backlog itself.
+SILENT_S = 3 * STATUS_INTERVAL_S
 RESTART_INITIAL_S = 0.5
 RESTART_MAX_S = 30.0
 # A Ctrl-C or a SIGTERM sent to the server's process group must not cut the drain short:
@@ -66,32 +76,36 @@ class ShipperProcess:
 
     def __init__(
         self,
-        directory: Path,
+        journal: Journal,
         settings: AuditSettings,
         *,
         migrate: bool,
         log_level: str,
         log_format: str,
     ) -> None:
-        self._directory = directory
-        self._request = orjson.dumps(
-            {
-                "directory": str(directory),
-                "settings": settings.model_dump(mode="json"),
-                "migrate": migrate,
-                "log_level": log_level,
-                "log_format": log_format,
-            }
-        )
-        self._drain_s = settings.shutdown_drain_s
+        """``journal``: the folder's writer, opened before ``start``."""
+        self._journal = journal
+        self._directory = journal.directory
+        self._request = {
+            "directory": str(journal.directory),
+            "settings": settings.model_dump(mode="json"),
+            "migrate": migrate,
+            "log_level": log_level,
+            "log_format": log_format,
+        }
+        self._max_backlog_bytes = settings.max_backlog_bytes
         self._child: subprocess.Popen[bytes] | None = None
+        self._told: Position | None = None  # the position the child last got
         self._watcher: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._spawning = threading.Lock()  # stop() never misses a child being started
+        # Held to start a child, to close its stdin and to write to it: stop() never
+        # misses a child being started, and no write goes to a descriptor closed (and
+        # perhaps reused) under it.
+        self._lock = threading.Lock()
         self._status = ShipperStatus(
             store_ok=False,
             last_error="the shipper process has not reported yet",
-            backlog_bytes=unshipped_bytes(directory),
+            backlog_bytes=0,
             full=False,
             shipped_records=0,
             skipped_records=0,
@@ -113,7 +127,8 @@ class ShipperProcess:
 
     @property
     def full(self) -> bool:
-        """Read on the decision path: the last status, at most ``STATUS_INTERVAL_S`` old."""
+        """Read on the decision path: from the last status, or measured here while no
+        child reports (at most ``SILENT_S`` old)."""
         return self._status.full
 
     def status(self) -> ShipperStatus:
@@ -122,22 +137,30 @@ class ShipperProcess:
     def start(self) -> None:
         if self._watcher is not None:
             return
+        self._measure_backlog()
         self._child = self._spawn()
         self._watcher = threading.Thread(
             target=self._watch, name="audit-shipper-watch", daemon=True
         )
         self._watcher.start()
 
-    def stop(self, drain_timeout_s: float) -> bool:
-        """Asks the child to ship what it can within ``drain_timeout_s`` (the folder's
-        writer is closed by now) and waits for it; True when nothing is left behind."""
-        if self._watcher is None:
-            return unshipped_bytes(self._directory) == 0
-        with self._spawning:
+    def begin_stop(self) -> None:
+        """Tells the child no more records come (the journal is closed by now): it ships
+        what it can within the drain and exits. ``stop`` waits for it."""
+        with self._lock:
             self._stopping.set()
             child = self._child
+            if child is not None:
+                _close_quietly(child.stdin)
+
+    def stop(self, drain_timeout_s: float) -> bool:
+        """Stops the child (``begin_stop``) and waits for it; True when nothing is left
+        behind."""
+        if self._watcher is None:
+            return unshipped_bytes(self._directory) == 0
+        self.begin_stop()
+        child = self._child
         if child is not None:
-            _close_quietly(child.stdin)
             try:
                 child.wait(drain_timeout_s + EXIT_SLACK_S)
             except subprocess.TimeoutExpired:
@@ -164,44 +187,99 @@ class ShipperProcess:
             stdout=subprocess.PIPE,
             close_fds=True,
         )
+        position = self._journal.position
+        request = {**self._request, "position": [position.segment, position.offset]}
         stdin = cast(IO[bytes], child.stdin)  # a pipe, as asked
-        stdin.write(self._request + b"\n")
+        stdin.write(orjson.dumps(request) + b"\n")
         stdin.flush()
+        # From here on only position lines, never waiting on a child that reads none.
+        os.set_blocking(stdin.fileno(), False)
+        self._told = position
         return child
 
     def _watch(self) -> None:
-        """Reads the child's status lines; starts it again if it exits unasked."""
+        """Follows the child's status; starts it again if it exits unasked."""
         backoff = Backoff(initial_s=RESTART_INITIAL_S, max_s=RESTART_MAX_S)
+        child: subprocess.Popen[bytes] | None = self._child
         while True:
-            child = cast(subprocess.Popen[bytes], self._child)  # set before this thread
-            for line in cast(IO[bytes], child.stdout):
-                self._take(line)
-                backoff.reset()
-            code = child.wait()
-            _close_quietly(child.stdin)
-            _close_quietly(child.stdout)
-            if self._stopping.is_set():
-                return
-            log.error("audit shipper process exited with code %s; starting it again", code)
-            last = self._status
-            self._earlier = (
-                last.shipped_records,
-                last.skipped_records,
-                last.rejected_records,
-            )
-            self._status = ShipperStatus(
-                **{
-                    **asdict(last),
-                    "store_ok": False,
-                    "last_error": f"the shipper process exited with code {code}",
-                }
-            )
-            if self._stopping.wait(backoff.next_s()):
-                return
-            with self._spawning:
+            if child is not None:
+                self._follow(child, backoff)
+                code = child.wait()
+                _close_quietly(child.stdout)
+                with self._lock:
+                    _close_quietly(child.stdin)
                 if self._stopping.is_set():
                     return
-                self._child = self._spawn()
+                log.error("audit shipper process exited with code %s; starting it again", code)
+                self._note_down(f"the shipper process exited with code {code}")
+            if self._wait_measuring(backoff.next_s()):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                try:
+                    child = self._child = self._spawn()
+                except OSError as exc:
+                    log.error("audit shipper process could not start: %s; will retry", exc)
+                    self._note_down(f"the shipper process could not start: {exc}")
+                    child = None
+
+    def _follow(self, child: subprocess.Popen[bytes], backoff: Backoff) -> None:
+        """Takes the child's status lines until its stdout ends; after each, tells it
+        where the journal is."""
+        stdout = cast(IO[bytes], child.stdout).fileno()
+        pending = b""
+        while True:
+            readable, _, _ = select.select([stdout], [], [], SILENT_S)
+            if not readable:  # starting, waiting for the lock, or starved of CPU
+                self._measure_backlog()
+                continue
+            data = os.read(stdout, 1 << 16)
+            if not data:
+                return
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                self._take(line)
+                backoff.reset()
+            self._tell_position(child)
+
+    def _tell_position(self, child: subprocess.Popen[bytes]) -> None:
+        position = self._journal.position
+        if position == self._told:
+            return
+        with self._lock:
+            stdin = child.stdin
+            if stdin is None or stdin.closed:
+                return
+            try:
+                # One short line: a pipe writes it whole or not at all (PIPE_BUF).
+                os.write(stdin.fileno(), f"{position.segment} {position.offset}\n".encode())
+            except BlockingIOError:
+                return  # the child reads none now; the next status line tries again
+            except OSError:
+                return  # the child is gone; _watch sees its stdout end
+        self._told = position
+
+    def _wait_measuring(self, seconds: float) -> bool:
+        """Waits ``seconds`` (True: stopping), measuring the backlog meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self._stopping.wait(min(left, SILENT_S)):
+                return True
+            self._measure_backlog()
+        return self._stopping.is_set()
+
+    def _measure_backlog(self) -> None:
+        """The backlog and the cap from the folder itself (the checkpoint file), while
+        no child says them."""
+        backlog = unshipped_bytes(self._directory)
+        cap = self._max_backlog_bytes
+        self._status = replace(self._status, backlog_bytes=backlog, full=cap > 0 and backlog >= cap)
+
+    def _note_down(self, error: str) -> None:
+        last = self._status
+        self._earlier = (last.shipped_records, last.skipped_records, last.rejected_records)
+        self._status = replace(last, last_error=error)
 
     def _take(self, line: bytes) -> None:
         try:
@@ -215,7 +293,9 @@ class ShipperProcess:
                 shipped_records=shipped + int(fields["shipped_records"]),
                 skipped_records=skipped + int(fields["skipped_records"]),
                 rejected_records=rejected + int(fields["rejected_records"]),
-                last_shipped_at_us=int(fields["last_shipped_at_us"]),
+                last_shipped_at_us=max(
+                    self._status.last_shipped_at_us, int(fields["last_shipped_at_us"])
+                ),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.error("audit shipper process wrote a line that is not its status: %r", line[:200])
@@ -228,6 +308,38 @@ def _close_quietly(stream: IO[bytes] | None) -> None:
 
 
 # -- the child -------------------------------------------------------------------------
+
+
+class _Writer:
+    """Where the server's journal is, as it last said; None once its stdin ended (no
+    writer: the folder's complete records are all there is)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending = b""
+        self.position: Position | None = None
+
+    def read_line(self) -> bytes:
+        """The first line (the request), blocking."""
+        while b"\n" not in self._pending:
+            data = os.read(self._fd, 1 << 16)
+            if not data:
+                raise EOFError("the server closed the pipe before its request")
+            self._pending += data
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line
+
+    def take(self) -> bool:
+        """Reads what the server wrote; False once its stdin has ended."""
+        data = os.read(self._fd, 1 << 16)
+        if not data:
+            self.position = None
+            return False
+        *lines, self._pending = (self._pending + data).split(b"\n")
+        if lines:
+            segment, offset = lines[-1].split()
+            self.position = Position(int(segment), int(offset))
+        return True
 
 
 def _lock(directory: Path) -> int:
@@ -248,17 +360,20 @@ def _report(shipper: AuditShipper) -> bool:
     return True
 
 
-def _serve(stdin: IO[bytes]) -> None:
-    request = orjson.loads(stdin.readline())  # the one line the server writes
+def _serve(stdin_fd: int) -> None:
+    writer = _Writer(stdin_fd)
+    request = orjson.loads(writer.read_line())
     configure_logging(request["log_level"], request["log_format"])
     settings = AuditSettings.model_validate(request["settings"])
     os.nice(settings.ship_nice)
+    writer.position = Position(*request["position"])
     directory = Path(request["directory"])
     _lock(directory)
     store = AuditStore(create_store_engine(settings.database_url))
     shipper = AuditShipper(
         directory,
         store,
+        written=lambda: writer.position,
         batch_records=settings.ship_batch_records,
         idle_interval_ms=settings.ship_idle_interval_ms,
         retry_max_s=settings.ship_retry_max_s,
@@ -268,8 +383,8 @@ def _serve(stdin: IO[bytes]) -> None:
     shipper.start()
     try:
         while _report(shipper):
-            readable, _, _ = select.select([stdin], [], [], STATUS_INTERVAL_S)
-            if readable and not os.read(stdin.fileno(), 4096):
+            readable, _, _ = select.select([stdin_fd], [], [], STATUS_INTERVAL_S)
+            if readable and not writer.take():
                 break  # the server closed our stdin: stopping, or gone
     finally:
         shipper.stop(settings.shutdown_drain_s)
@@ -280,8 +395,7 @@ def _serve(stdin: IO[bytes]) -> None:
 def main() -> None:
     started = time.monotonic()
     try:
-        _serve(sys.stdin.buffer)
+        _serve(sys.stdin.fileno())
     except Exception:  # the process's boundary: the server starts another
         log.exception("audit shipper process failed after %.1f s", time.monotonic() - started)
         sys.exit(1)
-

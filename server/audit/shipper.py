@@ -1,8 +1,8 @@
 """Ships an audit journal folder into the SQL store, on a thread of its own.
 
 It runs in a process of its own beside the server (``server.audit.ship_process``), so
-that parsing and inserting never hold the server's interpreter lock, and reads only the
-folder: it needs nothing from the process that writes it. The shipper reads from its
+that parsing and inserting never hold the server's interpreter lock; from the writer it
+needs only the journal's position (``written``). The shipper reads from its
 checkpoint (a small file beside the segments) up to the last complete record, inserts a
 batch in one transaction, then moves the
 checkpoint and deletes the segments it has passed. Inserts are idempotent, so a crash
@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,14 +109,19 @@ class AuditShipper:
         directory: Path,
         store: AuditStore,
         *,
+        written: Callable[[], Position | None],
         batch_records: int,
         idle_interval_ms: float,
         retry_max_s: float,
         migrate: bool,
         max_backlog_bytes: int = 0,
     ) -> None:
-        """``max_backlog_bytes``: unshipped bytes at which ``full`` turns true (0: never)."""
+        """``written``: the end of the last record the folder's writer wrote whole (read
+        up to there and no further: past it a write may be in progress or being cut
+        back); None when no process writes the folder (its complete records are all).
+        ``max_backlog_bytes``: unshipped bytes at which ``full`` turns true (0: never)."""
         self._directory = directory
+        self._written = written
         self._store = store
         self._batch_records = batch_records
         self._idle_interval_s = idle_interval_ms / 1000.0
@@ -250,10 +256,13 @@ class AuditShipper:
         """Whether the last batch took all the journal held when it was read: short of a
         full batch and in the segment being written (a short batch at the end of an older
         segment has more behind it)."""
-        return shipped < self._batch_records and self._checkpoint.segment >= self._newest()
+        return shipped < self._batch_records and self._checkpoint.segment >= self._last()
 
-    def _newest(self) -> int:
-        """The segment being written (the newest present), or the checkpoint's."""
+    def _last(self) -> int:
+        """The segment being written: the writer's, or with none the newest present."""
+        written = self._written()
+        if written is not None:
+            return written.segment
         present = segments(self._directory)
         return present[-1] if present else self._checkpoint.segment
 
@@ -268,19 +277,23 @@ class AuditShipper:
         """Ships one batch; returns how many records it passed (0: caught up)."""
         while True:
             checkpoint = self._checkpoint
-            newest = self._newest()
-            if checkpoint.segment > newest:
+            written = self._written()
+            last = written.segment if written is not None else self._last()
+            if checkpoint.segment > last:
                 return 0
             path = segment_path(self._directory, checkpoint.segment)
-            try:
-                end = path.stat().st_size
-            except FileNotFoundError:
-                if checkpoint.segment == newest:
-                    return 0
-                self._advance_to_next_segment(checkpoint.segment)
-                continue
+            if written is not None and checkpoint.segment == written.segment:
+                end = written.offset
+            else:
+                try:
+                    end = path.stat().st_size
+                except FileNotFoundError:
+                    if checkpoint.segment == last:
+                        return 0
+                    self._advance_to_next_segment(checkpoint.segment)
+                    continue
             if checkpoint.offset >= end:
-                if checkpoint.segment == newest:
+                if checkpoint.segment == last:
                     return 0
                 self._advance_to_next_segment(checkpoint.segment)
                 continue
@@ -289,10 +302,9 @@ class AuditShipper:
             )
             frames = parse_frames(data, self._batch_records)
             if not frames.payloads:
-                if checkpoint.segment == newest:
-                    # Being written: the rest of the record is on its way. Damage is
-                    # judged once a newer segment exists, for the writer never appends
-                    # after a torn write (it cuts it or begins a new segment).
+                if checkpoint.segment == last and written is None:
+                    # No writer, and the last record torn: its server died writing it.
+                    # The next server's repair cuts it; nothing whole comes after it.
                     return 0
                 log.error(
                     "audit journal: %s has an unreadable record at offset %d (%s); skipping "
@@ -302,6 +314,9 @@ class AuditShipper:
                     frames.problem,
                 )
                 self._skipped += 1
+                if checkpoint.segment == last:
+                    self._save_checkpoint(Position(checkpoint.segment, end))
+                    return 0
                 self._advance_to_next_segment(checkpoint.segment)
                 continue
             records = self._decode(frames.payloads, path.name)

@@ -163,7 +163,7 @@ class AuditTrail:
     def _shipper(self, journal: Journal, *, migrate: bool) -> ShipperProcess:
         log_level, log_format = self._logging
         return ShipperProcess(
-            journal.directory,
+            journal,
             self._settings,
             migrate=migrate,
             log_level=log_level,
@@ -193,7 +193,10 @@ class AuditTrail:
     def _close(self) -> None:
         for journal in (self.journal, *self._adopted):
             journal.close()
-        for shipper in (self.shipper, *self._adopted_shippers):
+        shippers = (self.shipper, *self._adopted_shippers)
+        for shipper in shippers:  # all drain at once, within one drain's time
+            shipper.begin_stop()
+        for shipper in shippers:
             shipper.stop(self._settings.shutdown_drain_s)
         self.store.dispose()
 
@@ -209,8 +212,9 @@ class AuditTrail:
             # pod over its volume's size is evicted with every record not yet shipped.
             self.refused_decisions += len(orders)
             raise AuditUnavailable(
-                "audit journal backlog at its cap (DECISION_AUDIT__MAX_BACKLOG_BYTES) while"
-                " the audit store is unreachable: decisions are refused until it catches up"
+                "audit journal backlog at its cap (DECISION_AUDIT__MAX_BACKLOG_BYTES): the"
+                " audit store is unreachable or takes records slower than they come;"
+                " decisions are refused until it catches up"
             )
         records = [
             encode(decision_record(self.server_id, call, order, values, result))

@@ -11,7 +11,7 @@ import time
 import orjson
 import sqlalchemy as sa
 
-from server.audit.journal import Journal, frame, segment_path, segments
+from server.audit.journal import MAGIC, Journal, frame, segment_path, segments
 from server.audit.migrate import upgrade
 from server.audit.record import encode
 from server.audit.shipper import CHECKPOINT_FILE, AuditShipper, unshipped_bytes
@@ -34,6 +34,7 @@ class Parts:
         self.shipper = AuditShipper(
             directory,
             self.store,
+            written=lambda: self.journal.position,
             batch_records=500,
             idle_interval_ms=10.0,
             retry_max_s=0.2,
@@ -78,7 +79,13 @@ def test_under_steady_appends_records_are_shipped_in_batches_not_one_by_one(tmp_
     journal.open()
     store = CountingStore(create_store_engine(f"sqlite:///{tmp_path / 'audit.db'}"))
     shipper = AuditShipper(
-        tmp_path, store, batch_records=5000, idle_interval_ms=100.0, retry_max_s=0.2, migrate=True
+        tmp_path,
+        store,
+        written=lambda: journal.position,
+        batch_records=5000,
+        idle_interval_ms=100.0,
+        retry_max_s=0.2,
+        migrate=True,
     )
     shipper.start()
     try:
@@ -266,24 +273,71 @@ async def test_a_journal_folder_no_worker_writes_any_more_is_shipped_by_an_adopt
     assert journal_plans(tmp_path / "journal", 2)[0].adopted == ()  # nothing left there
 
 
-def test_a_record_half_written_at_the_end_of_the_newest_segment_waits_for_the_rest(tmp_path):
-    """The shipper reads a folder another process writes: a record it sees half written
-    is on its way, not damage to skip."""
+def test_nothing_past_the_writers_position_is_shipped(tmp_path):
+    """Bytes past the journal's position may be a write it is cutting back after a
+    failure: a whole record there is not shipped, and the record written in its place
+    after the cut is."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    parts = Parts(tmp_path / "journal", url)
+    upgrade(parts.store.engine)
+    kept = parts.append(3)
+    path = segment_path(tmp_path / "journal", parts.journal.position.segment)
+    cut_back = decision_record(98)
+    with path.open("ab") as file:
+        file.write(frame([encode(cut_back)]))  # written whole, about to be cut
+    assert parts.shipper.ship_once() == 3
+    assert parts.shipper.ship_once() == 0
+    with path.open("r+b") as file:
+        file.truncate(parts.journal.position.offset)  # the journal's cut
+    later = parts.append(1)
+    assert parts.shipper.ship_once() == 1
+    assert parts.store.decision_ids() == set(kept) | set(later)
+    assert parts.shipper.status().skipped_records == 0
+    parts.close()
+
+
+def test_a_segment_past_the_writers_does_not_end_the_one_it_writes(tmp_path):
+    """A failing rotation creates the next segment and deletes it again: seen in that
+    moment, it must not make the shipper pass (and delete) the segment being written."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    parts = Parts(tmp_path / "journal", url)
+    upgrade(parts.store.engine)
+    first = parts.append(2)
+    current = parts.journal.position.segment
+    segment_path(tmp_path / "journal", current + 1).write_bytes(MAGIC)
+    assert parts.shipper.ship_once() == 2
+    assert parts.shipper.ship_once() == 0
+    segment_path(tmp_path / "journal", current + 1).unlink()
+    later = parts.append(2)
+    assert parts.shipper.ship_once() == 2
+    assert segment_path(tmp_path / "journal", current).exists()
+    assert parts.store.decision_ids() == set(first) | set(later)
+    parts.close()
+
+
+def test_with_no_writer_a_half_written_last_record_is_left_for_the_repair(tmp_path):
+    """A folder no process writes (its server died mid-write): the complete records are
+    shipped and the torn one is neither shipped nor counted as damage."""
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     journal_dir = tmp_path / "journal"
     parts = Parts(journal_dir, url)
-    parts.append(3)
+    ids = parts.append(3)
     path = segment_path(journal_dir, parts.journal.position.segment)
-    whole = frame([encode(decision_record(99))])
-    with path.open("ab") as file:
-        file.write(whole[:40])  # the writer's os.write, seen part way
-    upgrade(parts.store.engine)
-    assert parts.shipper.ship_once() == 3
-    assert parts.shipper.ship_once() == 0
-    with path.open("ab") as file:
-        file.write(whole[40:])
-    assert parts.shipper.ship_once() == 1
-    assert parts.shipper.status().skipped_records == 0
-    assert len(parts.store.decision_ids()) == 4
     parts.journal.close()
+    with path.open("ab") as file:
+        file.write(frame([encode(decision_record(99))])[:40])
+    orphan = AuditShipper(
+        journal_dir,
+        parts.store,
+        written=lambda: None,
+        batch_records=500,
+        idle_interval_ms=10.0,
+        retry_max_s=0.2,
+        migrate=False,
+    )
+    upgrade(parts.store.engine)
+    assert orphan.ship_once() == 3
+    assert orphan.ship_once() == 0
+    assert orphan.status().skipped_records == 0
+    assert parts.store.decision_ids() == set(ids)
     parts.store.dispose()
