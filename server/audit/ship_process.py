@@ -5,7 +5,7 @@ server it held the interpreter lock the event loop needs (side by side on two co
 Decide at 700/s had p99 18-34 ms with the thread and 12-15 ms with this process). A
 child process shares no lock with the server, runs at a lower CPU priority
 (``audit.ship_nice``) so that the decision path comes first when the cores are busy, and
-reads only the journal folder.
+needs from the server only the journal's position.
 
 The protocol is two pipes. The server writes one JSON line of settings to the child's
 stdin, then, after each status line it reads, the journal's position (``segment
