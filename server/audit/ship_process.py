@@ -114,6 +114,7 @@ class ShipperProcess:
         )
         # Counts of children that exited, so that a restart does not reset the totals.
         self._earlier = (0, 0, 0)
+        self._tried = threading.Event()  # a child has tried the store once
 
     @property
     def store_ok(self) -> bool:
@@ -143,6 +144,11 @@ class ShipperProcess:
             target=self._watch, name="audit-shipper-watch", daemon=True
         )
         self._watcher.start()
+
+    def wait_tried(self, timeout_s: float) -> bool:
+        """Waits until a child has started and tried the store once (reached it and
+        migrated it, or failed to); False if that took longer than ``timeout_s``."""
+        return self._tried.wait(timeout_s)
 
     def begin_stop(self) -> None:
         """Tells the child no more records come (the journal is closed by now): it ships
@@ -297,6 +303,8 @@ class ShipperProcess:
                     self._status.last_shipped_at_us, int(fields["last_shipped_at_us"])
                 ),
             )
+            if self._status.store_ok or self._status.last_error:
+                self._tried.set()
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.error("audit shipper process wrote a line that is not its status: %r", line[:200])
 

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 # How long a starting server waits for a journal folder another process still holds.
 LOCK_WAIT_S = 15.0
+# How long a starting server waits for its shippers' first try of the store: the
+# children import and migrate in that time, a CPU burst better spent before the server
+# answers than beside its first decisions (and the store's tables exist for history).
+SHIPPER_START_WAIT_S = 10.0
 
 
 class DecisionAudit(Protocol):
@@ -182,6 +186,13 @@ class AuditTrail:
             log.info("shipping what is left in %s (no worker writes it now)", journal.directory)
             await _open(journal)
             shipper.start()
+        for shipper in (self.shipper, *self._adopted_shippers):
+            if not await asyncio.to_thread(shipper.wait_tried, SHIPPER_START_WAIT_S):
+                log.warning(
+                    "audit shipper process has not tried the store after %.0f s; starting"
+                    " anyway (the journal keeps every decision meanwhile)",
+                    SHIPPER_START_WAIT_S,
+                )
 
     async def stop(self) -> None:
         """Idempotent: syncs and closes the journal, then ships what is left (bounded)."""
