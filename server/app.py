@@ -4,8 +4,9 @@ Small builders make the parts (Redis clients, replicas, the decision engine, the
 front); ``DecisionApp`` wires them and runs them on an ``AsyncExitStack``, so that stop
 is start in reverse, whatever failed.
 
-Start order: ports bound → audit trail (journal opened and repaired, shipping of an
-earlier process's leftovers begins) → feature mirror (live after its first load) → model
+Start order: ports bound → audit trail (journal opened and repaired, the shipper's
+process started and its first try of the store awaited, at most 10 s; an earlier
+process's leftovers ship first) → feature mirror (live after its first load) → model
 clients → shared control state → metrics →
 gRPC servers (NOT_SERVING) → SERVING once Redis answers. Stop runs in reverse:
 NOT_SERVING, both gRPC servers stop accepting and let in-flight RPCs finish within the
