@@ -43,7 +43,7 @@ import orjson
 
 from core.backoff import Backoff
 from server.audit.journal import Journal, Position
-from server.audit.shipper import AuditShipper, ShipperStatus, unshipped_bytes
+from server.audit.shipper import AuditShipper, ShipperStatus, over_cap, unshipped_bytes
 from server.audit.store import AuditStore, create_store_engine
 from server.logs import configure_logging
 from server.settings import AuditSettings
@@ -279,8 +279,8 @@ class ShipperProcess:
         """The backlog and the cap from the folder itself (the checkpoint file), while
         no child says them."""
         backlog = unshipped_bytes(self._directory)
-        cap = self._max_backlog_bytes
-        self._status = replace(self._status, backlog_bytes=backlog, full=cap > 0 and backlog >= cap)
+        full = over_cap(backlog, self._max_backlog_bytes)
+        self._status = replace(self._status, backlog_bytes=backlog, full=full)
 
     def _note_down(self, error: str) -> None:
         last = self._status
@@ -289,24 +289,21 @@ class ShipperProcess:
 
     def _take(self, line: bytes) -> None:
         try:
-            fields = orjson.loads(line)
-            shipped, skipped, rejected = self._earlier
-            self._status = ShipperStatus(
-                store_ok=bool(fields["store_ok"]),
-                last_error=str(fields["last_error"]),
-                backlog_bytes=int(fields["backlog_bytes"]),
-                full=bool(fields["full"]),
-                shipped_records=shipped + int(fields["shipped_records"]),
-                skipped_records=skipped + int(fields["skipped_records"]),
-                rejected_records=rejected + int(fields["rejected_records"]),
-                last_shipped_at_us=max(
-                    self._status.last_shipped_at_us, int(fields["last_shipped_at_us"])
-                ),
-            )
-            if self._status.store_ok or self._status.last_error:
-                self._tried.set()
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            reported = ShipperStatus(**orjson.loads(line))
+        except (orjson.JSONDecodeError, TypeError):
             log.error("audit shipper process wrote a line that is not its status: %r", line[:200])
+            return
+        # This child's counts on top of the earlier children's; the last ship, the latest.
+        shipped, skipped, rejected = self._earlier
+        self._status = replace(
+            reported,
+            shipped_records=shipped + reported.shipped_records,
+            skipped_records=skipped + reported.skipped_records,
+            rejected_records=rejected + reported.rejected_records,
+            last_shipped_at_us=max(self._status.last_shipped_at_us, reported.last_shipped_at_us),
+        )
+        if reported.store_ok or reported.last_error:
+            self._tried.set()
 
 
 def _close_quietly(stream: IO[bytes] | None) -> None:

@@ -103,6 +103,11 @@ def unshipped_bytes(directory: Path, checkpoint: Position | None = None) -> int:
     return total
 
 
+def over_cap(backlog_bytes: int, max_backlog_bytes: int) -> bool:
+    """Whether a backlog refuses new decisions (a cap of 0: never)."""
+    return 0 < max_backlog_bytes <= backlog_bytes
+
+
 class AuditShipper:
     def __init__(
         self,
@@ -203,7 +208,7 @@ class AuditShipper:
         """Sets ``full`` from the backlog against its cap, and says when it changes."""
         if self._max_backlog_bytes <= 0:
             return
-        full = backlog >= self._max_backlog_bytes
+        full = over_cap(backlog, self._max_backlog_bytes)
         if full and not self.full:
             log.error(
                 "audit journal holds %d bytes not yet in the store (cap %d): new decisions"
