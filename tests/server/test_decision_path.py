@@ -31,8 +31,10 @@ PROTOCOLS = pytest.mark.parametrize("protocol", ["torchserve", "oip"])
 async def test_normal_path_is_answered_by_the_primary(
     protocol, replicas, model_store, start_app, channel_to, feature_writer: MirroredFeatureWriter
 ):
-    await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(torchserve=replica_settings(replicas, protocol=protocol))
+    # Written once the server runs: its start (the shipper's first try of the store
+    # included) takes over a second on a busy machine, and the age asserted is the read's.
+    await feature_writer.write_many([sample_record("BTC-USD")])
     stub = decision_stub(channel_to(app))
 
     response = await stub.Decide(buy(request_id="r-1"), timeout=2.0)
@@ -208,8 +210,8 @@ async def test_both_replicas_down_falls_back_to_cached_score_then_rules_then_abs
 
 
 async def test_stale_features_skip_the_model(replicas, start_app, channel_to, feature_writer):
-    await feature_writer.write_many([sample_record("SOL-USD", age_ms=5000)])
     app = await start_app(torchserve=replica_settings(replicas), features={"max_age_ms": 2000})
+    await feature_writer.write_many([sample_record("SOL-USD", age_ms=5000)])  # once it runs
     stub = decision_stub(channel_to(app))
 
     response = await stub.Decide(buy("SOL-USD"), timeout=2.0)
