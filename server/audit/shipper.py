@@ -2,14 +2,14 @@
 
 It runs in a process of its own beside the server (``server.audit.ship_process``), so
 that parsing and inserting never hold the server's interpreter lock; from the writer it
-needs only the journal's position (``written``). The shipper reads from its
-checkpoint (a small file beside the segments) up to the last complete record, inserts a
-batch in one transaction, then moves the
-checkpoint and deletes the segments it has passed. Inserts are idempotent, so a crash
-between the insert and the checkpoint only re-ships a batch. While the store fails, the
-journal grows and decisions go on; the shipper retries with backoff and ``status``
-says so. A corrupt record in a closed segment (a torn write that was never repaired) is
-logged and the rest of that segment skipped: nothing before it is lost.
+needs only the journal's position (``written``). The shipper reads from its checkpoint
+(a small file beside the segments) up to the last complete record, inserts a batch in
+one transaction, then moves the checkpoint and deletes the segments it has passed.
+Inserts are idempotent, so a crash between the insert and the checkpoint only re-ships a
+batch. While the store fails, the journal grows and decisions go on; the shipper retries
+with backoff and ``status`` says so. A corrupt record in a closed segment (a torn write
+that was never repaired) is logged and the rest of that segment skipped: nothing before
+it is lost.
 """
 
 from __future__ import annotations
@@ -261,11 +261,12 @@ class AuditShipper:
         """Whether the last batch took all the journal held when it was read: short of a
         full batch and in the segment being written (a short batch at the end of an older
         segment has more behind it)."""
-        return shipped < self._batch_records and self._checkpoint.segment >= self._last()
+        last = self._last(self._written())
+        return shipped < self._batch_records and self._checkpoint.segment >= last
 
-    def _last(self) -> int:
-        """The segment being written: the writer's, or with none the newest present."""
-        written = self._written()
+    def _last(self, written: Position | None) -> int:
+        """The segment being written: the writer's (``written``), or with none the newest
+        present."""
         if written is not None:
             return written.segment
         present = segments(self._directory)
@@ -283,7 +284,7 @@ class AuditShipper:
         while True:
             checkpoint = self._checkpoint
             written = self._written()
-            last = written.segment if written is not None else self._last()
+            last = self._last(written)
             if checkpoint.segment > last:
                 return 0
             path = segment_path(self._directory, checkpoint.segment)
