@@ -9,11 +9,17 @@ together still share it), a busy one gets whatever gathered while it worked, and
 timer ever delays a request.
 
 Deadline-aware: a request never waits in the queue past the point where a call would
-no longer fit before its deadline (``deadline - 2 x expected call time``): then it goes
-alone, whatever the cap. Each request keeps its own deadline inside a shared call, which
-runs until the latest one. The shared call costs a request no time of its own because a
-replica scores 64 rows about as fast as one (measured: 1.86 / 2.05 / 1.99 ms p50 for
-1 / 8 / 64 rows); so a request meets every deadline it would have met alone.
+no longer fit before its deadline (``deadline - expected call time``): then it leaves
+the queue unsent with ``ModelNoTime`` (not the replica's fault), and the router tries
+the next replica or the ladder answers, in the time the router kept back for it. It is
+not sent past the cap: a replica works one call a worker at a time, so the extra call
+would only wait in the replica's own queue, and a slow replica sent one call per waiting
+request falls behind until every call times out and its breaker opens (both replicas
+slowed and the load past capacity, ``tests/server/test_overload.py``: the model
+answered 81-125 decisions a second when they were sent, 345-883 since). Each request
+keeps its own deadline inside a shared call, which runs until the latest one. The shared
+call costs a request no time of its own because a replica scores 64 rows about as fast
+as one (measured: 1.86 / 2.05 / 1.99 ms p50 for 1 / 8 / 64 rows).
 
 A call the replica rejects (``ModelInputError``: a bad row) is retried row set by row
 set, so one caller's bad row never fails the others.
@@ -35,6 +41,7 @@ from server.model_client import (
     ModelCallError,
     ModelClient,
     ModelInputError,
+    ModelNoTime,
     ModelScores,
     ModelTimeout,
     ModelUnavailable,
@@ -66,7 +73,7 @@ class BatchingStats:
     calls: int  # model calls made
     rows: int  # rows they carried
     requests: int  # predict calls answered through the queue
-    sent_alone: int  # requests whose deadline came near while the replica was busy
+    out_of_time: int  # requests that left the queue unsent: the replica stayed busy
 
 
 def _clone(exc: ModelCallError | ModelInputError, *, given_ms: float) -> Exception:
@@ -102,7 +109,7 @@ class BatchingClient:
         self._tasks: set[asyncio.Task[None]] = set()
         self._expected_ms = INITIAL_EXPECTED_MS
         self._answered = False
-        self._calls = self._rows = self._requests = self._sent_alone = 0
+        self._calls = self._rows = self._requests = self._out_of_time = 0
 
     @property
     def inner(self) -> ModelClient:
@@ -128,7 +135,7 @@ class BatchingClient:
         return await self._inner.connect(timeout_s)
 
     def stats(self) -> BatchingStats:
-        return BatchingStats(self._calls, self._rows, self._requests, self._sent_alone)
+        return BatchingStats(self._calls, self._rows, self._requests, self._out_of_time)
 
     async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         if len(rows) >= self._max_rows:  # a full call already
@@ -143,7 +150,7 @@ class BatchingClient:
         self._queue.append(queued)
         # Queued while the replica is busy, but only while a call still fits in time.
         queued.timer = loop.call_at(
-            queued.deadline - 2 * self._expected_ms / 1000.0, self._send_alone, queued
+            queued.deadline - self._expected_ms / 1000.0, self._out_of_queue_time, queued
         )
         if self._calls_out < self._max_calls:
             self._schedule_flush(loop)
@@ -168,13 +175,25 @@ class BatchingClient:
             # inherit the scheduler's, and every later call that of one old request.
             loop.call_soon(self._flush, context=contextvars.Context())
 
-    def _send_alone(self, queued: _Queued) -> None:
+    def _out_of_queue_time(self, queued: _Queued) -> None:
+        """A queued request has only the time of a call left: it goes now if a call may
+        go, else it leaves the queue unsent."""
         try:
             self._queue.remove(queued)
         except ValueError:  # already in a call, or its caller was cancelled
             return
-        self._sent_alone += 1
-        self._start_call([queued])
+        if self._calls_out < self._max_calls:  # a call ended this loop turn
+            self._start_call([queued])
+            return
+        self._out_of_time += 1
+        waited_ms = (time.perf_counter() - queued.enqueued) * 1000.0
+        self._settle(
+            queued,
+            ModelNoTime(
+                f"{self.name} busy: {self._calls_out} call(s) out all the {waited_ms:.1f} ms"
+                " it could wait"
+            ),
+        )
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -30,6 +30,8 @@ until some of them end, so a hung replica never piles them up.
 
     ModelCallError              a replica failure; counts against its breaker
     ├── ModelTimeout            the caller's wait for the call ended
+    ├── ModelNoTime             not sent: the replica's calls stayed out until too
+    │                           little of the caller's time was left (never counted)
     ├── ModelUnavailable        connection refused / reset, replica error status
     │   └── ModelBusy           not sent: too many abandoned calls still out (counted
     │                           only once the replica answered none of them for
@@ -78,6 +80,18 @@ class ModelTimeout(ModelCallError):
         # How long the replica had to answer. Whether that was long enough to judge the
         # replica by is the breaker's rule (``server.replica.counts_against_replica``).
         self.given_ms = given_ms
+
+
+class ModelNoTime(ModelCallError):
+    """Not sent: the request waited in the replica's queue (``server.batching``) while
+    every call it may have out was out, until too little of its time was left for one.
+
+    The replica was busy, not failing: never counted against its breaker, and the next
+    replica is tried as a first call, not a retry. Sending it anyway would only queue it
+    in the replica behind the calls already there (TorchServe works one call a worker
+    at a time), and a slow replica sent one call per waiting request falls further
+    behind until every call times out.
+    """
 
 
 class ModelUnavailable(ModelCallError):

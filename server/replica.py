@@ -25,6 +25,7 @@ from server.model_client import (
     ModelCallError,
     ModelClient,
     ModelInputError,
+    ModelNoTime,
     ModelScores,
     ModelTimeout,
     ModelUnavailable,
@@ -36,14 +37,15 @@ from server.tracing import NO_TRACER
 def counts_against_replica(exc: BaseException, *, min_counted_timeout_ms: float) -> bool:
     """Whether a failed call is evidence against the replica, for its breaker.
 
-    Not: rows the replica rejected (ours); a timeout of a call given less than
-    ``min_counted_timeout_ms`` (a caller with a tight deadline that leaves 4 ms must not
-    open the breaker of a healthy replica that answers in 5, while a replica that misses
-    a 10 ms wait is unhealthy whoever set it); a call refused because the replica still
-    works on abandoned calls, unless it has answered none of them for that long too (a
-    slow replica answers them, a hung one does not).
+    Not: rows the replica rejected (ours); a request that was never sent because the
+    replica's calls stayed out past its time (busy is not failing); a timeout of a call
+    given less than ``min_counted_timeout_ms`` (a caller with a tight deadline that leaves
+    4 ms must not open the breaker of a healthy replica that answers in 5, while a
+    replica that misses a 10 ms wait is unhealthy whoever set it); a call refused because
+    the replica still works on abandoned calls, unless it has answered none of them for
+    that long too (a slow replica answers them, a hung one does not).
     """
-    if isinstance(exc, ModelInputError):
+    if isinstance(exc, ModelInputError | ModelNoTime):
         return False
     if isinstance(exc, ModelBusy):
         return exc.silent_ms > 0 and exc.silent_ms >= min_counted_timeout_ms
@@ -71,20 +73,31 @@ class Attempt:
 
     source: Source
     scores: ModelScores | None  # None when the call failed
-    elapsed_ms: float  # 0 when the breaker refused the call without making it
+    # 0 when the breaker refused the call without making it; its wait in the queue
+    # for a request never sent (no_time).
+    elapsed_ms: float
     reason: str = ""  # why it failed; "" when it answered
-    # What failed, as a code: breaker_open, timeout, busy, unavailable or error.
+    # What failed, as a code: breaker_open, no_time (never sent: the replica was busy
+    # for all of the time the request had), timeout, busy, unavailable or error.
     failure: str = ""
 
     @property
     def ok(self) -> bool:
         return self.scores is not None
 
+    @property
+    def made_a_call(self) -> bool:
+        """Whether the replica was called (the retry after a failed call is a retry;
+        after a call the breaker refused or that never went out it is a first call)."""
+        return self.failure not in ("breaker_open", "no_time")
+
 
 def failure_code(exc: ModelCallError) -> str:
     """A failed call as one of the codes ``Attempt.failure`` takes."""
     if isinstance(exc, ModelTimeout):
         return "timeout"
+    if isinstance(exc, ModelNoTime):
+        return "no_time"
     if isinstance(exc, ModelBusy):
         return "busy"  # before unavailable: a busy replica is one kind of it
     if isinstance(exc, ModelUnavailable):
@@ -174,6 +187,9 @@ class Replica:
             scores = await (self.breaker.call(predict) if admission.guarded else predict())
         except BreakerOpenError as exc:  # a trial call went out since the admission
             return Attempt(self.source, None, 0.0, str(exc), "breaker_open")
+        except ModelNoTime as exc:  # no call was made: nothing to record of the replica
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            return Attempt(self.source, None, elapsed_ms, str(exc), failure_code(exc))
         except ModelCallError as exc:
             elapsed_ms = (time.perf_counter() - started) * 1000
             self.recent.record(elapsed_ms, ok=False)

@@ -89,7 +89,8 @@ class ReplicaRouter:
     an abandoned call to the replica's load, the very thing that slows it. A call after
     a failed one (a retry, or a hedge) is made only within the lane's retry budget
     (``retry_budget_ratio`` of first calls): a call to the next replica because the
-    first one's breaker refused or it was skipped for time is a first call, not a retry.
+    first one's breaker refused, it was skipped for time or its request never left the
+    replica's queue (``ModelNoTime``) is a first call, not a retry.
     """
 
     def __init__(
@@ -130,7 +131,8 @@ class ReplicaRouter:
         state = state or ControlState()
         result = RouteResult()
         hedged_to: Replica | None = None
-        called = False
+        deposited = False  # this request's first call is in the retry budget
+        retrying = False  # a call to an earlier replica was made and failed
         for replica in self.replicas:
             if replica is hedged_to:  # the hedge was its call
                 continue
@@ -149,11 +151,12 @@ class ReplicaRouter:
             if timeout_ms < self.needs_ms(replica):  # the next one may answer faster
                 result = result.then(_note(self._no_time(replica, timeout_ms), "model_no_time"))
                 continue
-            if not called:
+            if retrying:
+                if not self.retries.withdraw():
+                    return result.then(_note(_budget_spent(replica), "model_retry_budget"))
+            elif not deposited:
                 self.retries.deposit()
-            elif not self.retries.withdraw():
-                return result.then(_note(_budget_spent(replica), "model_retry_budget"))
-            called = True
+                deposited = True
             backup = self._hedge_backup(replica, state, now_us)
             try:
                 if backup is None:
@@ -168,6 +171,7 @@ class ReplicaRouter:
             result = result.then(step)
             if result.answer is not None:
                 return result
+            retrying = retrying or any(a.made_a_call for a in step.attempts)
         return result
 
     def _no_time(self, replica: Replica, timeout_ms: float) -> str:
@@ -242,10 +246,12 @@ class ReplicaRouter:
             _abandon(primary)
             raise
         if primary in done:
-            tried = _tried(primary.result())
-            if tried.answer is not None:
-                return tried
-            return tried.then(await self._retry(backup, rows, budget))
+            attempt = primary.result()
+            if attempt.ok:
+                return _tried(attempt)
+            # A retry after a failed call; a first call after one that never went out.
+            after = await self._call_next(backup, rows, budget, retry=attempt.made_a_call)
+            return _tried(attempt).then(after)
         backup_timeout_ms = self._call_timeout_ms(budget)
         if backup_timeout_ms < self.needs_ms(backup[0]) or not self.retries.withdraw():
             try:
@@ -266,15 +272,21 @@ class ReplicaRouter:
                 _abandon(task)
         return _tried(*ended, notes=(f"hedged to {backup[0].name} after {delay_ms:.1f} ms",))
 
-    async def _retry(
-        self, backup: tuple[Replica, Admission], rows: Sequence[Sequence[float]], budget: Budget
+    async def _call_next(
+        self,
+        backup: tuple[Replica, Admission],
+        rows: Sequence[Sequence[float]],
+        budget: Budget,
+        *,
+        retry: bool,
     ) -> RouteResult:
-        """The plain retry, when the hedged-for primary failed before its hedge delay."""
+        """The call to the next replica when the hedged-for primary failed before its
+        hedge delay: within the retry budget when ``retry``."""
         replica, admission = backup
         timeout_ms = self._call_timeout_ms(budget)
         if timeout_ms < self.needs_ms(replica):
             return _note(self._no_time(replica, timeout_ms), "model_no_time")
-        if not self.retries.withdraw():
+        if retry and not self.retries.withdraw():
             return _note(_budget_spent(replica), "model_retry_budget")
         return _tried(await replica.call(rows, timeout_ms, admission))
 

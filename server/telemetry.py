@@ -249,9 +249,11 @@ class LoadCollector(Collector):
             "rows": CounterMetricFamily(
                 "decision_model_batch_rows", "Rows those calls carried.", labels=["replica"]
             ),
-            "sent_alone": CounterMetricFamily(
-                "decision_model_sent_alone",
-                "Requests sent alone: their deadline came near while the replica was busy.",
+            "out_of_time": CounterMetricFamily(
+                "decision_model_queue_out_of_time",
+                "Requests that left the replica's queue unsent: its calls stayed out until "
+                "too little of their time was left (the next replica or the ladder answered; "
+                "not counted against the breaker).",
                 labels=["replica"],
             ),
         }
@@ -259,7 +261,7 @@ class LoadCollector(Collector):
             stats = client.stats()
             families["calls"].add_metric([client.name], stats.calls)
             families["rows"].add_metric([client.name], stats.rows)
-            families["sent_alone"].add_metric([client.name], stats.sent_alone)
+            families["out_of_time"].add_metric([client.name], stats.out_of_time)
         yield from families.values()
         outstanding = GaugeMetricFamily(
             "decision_model_abandoned_outstanding",

@@ -16,6 +16,7 @@ from server.batching import BatchingClient
 from server.model_client import (
     ModelBusy,
     ModelInputError,
+    ModelNoTime,
     ModelScores,
     ModelTimeout,
     ModelUnavailable,
@@ -98,9 +99,10 @@ async def test_a_lone_request_is_sent_at_once() -> None:
     assert replica.calls == [1]
 
 
-async def test_a_request_meets_every_deadline_it_would_have_met_alone() -> None:
+async def test_a_request_with_no_time_to_wait_for_the_busy_replica_leaves_unsent() -> None:
     # One call at a time, each 20 ms: a queued request behind it waits ~20 ms. Those
-    # whose deadline leaves room for a call but not for the wait are sent alone.
+    # whose deadline leaves room for the wait and a call share the next call; the others
+    # leave the queue unsent, not counted against the replica, and no second call is out.
     replica = FakeReplica(call_ms=20.0)
     batching = client(replica, max_calls=1)
     await batching.predict([[0.0]], 1.0)  # teaches it the expected call time
@@ -111,13 +113,35 @@ async def test_a_request_meets_every_deadline_it_would_have_met_alone() -> None:
     answers = await asyncio.gather(first, *roomy)
     assert [a.scores for a in answers[1:]] == [[0.3], [0.31], [0.32]]
     assert replica.calls[-1] == 3
-    assert batching.stats().sent_alone == 0
-    # 35 ms: alone it is met (20 ms), after waiting for the busy replica it would not be.
+    assert batching.stats().out_of_time == 0
+    # 30 ms: alone it would be met (20 ms), after waiting for the busy replica (~19 ms
+    # more) it would not; it gives up when only a call's time is left (30 - 20 ms).
     first = asyncio.create_task(batching.predict([[0.0]], 1.0))
     await asyncio.sleep(0.001)
-    answer = await batching.predict([[0.7]], 0.035)
-    assert answer.scores == [0.7]
-    assert batching.stats().sent_alone == 1
+    calls_before = len(replica.calls)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ModelNoTime, match="primary busy: 1 call") as unsent:
+        await batching.predict([[0.7]], 0.030)
+    assert 0.008 < loop.time() - started < 0.018
+    assert not counts_against_replica(unsent.value, min_counted_timeout_ms=10.0)
+    assert batching.stats().out_of_time == 1
+    await first
+    assert len(replica.calls) == calls_before  # never sent
+    assert replica.most_in_flight == 1
+
+
+async def test_a_queued_request_goes_when_the_call_ahead_ends_in_its_time() -> None:
+    # 45 ms given, 20 ms calls: it waits for the call out (~19 ms) and then goes (done
+    # at ~39 ms), rather than leaving while more than one call's time is left.
+    replica = FakeReplica(call_ms=20.0)
+    batching = client(replica, max_calls=1)
+    await batching.predict([[0.0]], 1.0)
+    first = asyncio.create_task(batching.predict([[0.0]], 1.0))
+    await asyncio.sleep(0.001)
+    answer = await batching.predict([[0.4]], 0.045)
+    assert answer.scores == [0.4]
+    assert batching.stats().out_of_time == 0
     await first
 
 
@@ -203,13 +227,11 @@ async def test_a_timeout_after_waiting_in_the_queue_is_not_the_replicas_fault() 
     replica = FakeReplica(call_ms=30.0)
     batching = BatchingClient(replica, max_batch_rows=64, max_concurrent_calls=1)
     await batching.predict([[0.0]], 1.0)  # expected call time: 30 ms
-    busy = asyncio.create_task(batching.predict([[0.0]], 1.0))
-    await asyncio.sleep(0.001)
-    # 29 ms left, 2 x 30 ms expected: sent alone at once; given 29 ms > 10: counted.
+    # Alone, with 29 ms for a 30 ms call: the replica's timeout, counted.
     with pytest.raises(ModelTimeout) as counted:
         await batching.predict([[0.1]], 0.029)
+    assert counted.value.given_ms >= 28.0
     assert counts_against_replica(counted.value, min_counted_timeout_ms=10.0)
-    await busy
     # In a shared call that outlives it, with 5 ms of its own: not the replica's fault.
     first = asyncio.create_task(batching.predict([[0.2]], 1.0))
     short = asyncio.create_task(batching.predict([[0.3]], 0.005))

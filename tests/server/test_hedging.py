@@ -17,7 +17,7 @@ import pytest
 from core.deadline import Budget
 from core.domain import Source
 from server.breaker import AsyncCircuitBreaker
-from server.model_client import ModelScores, ModelTimeout, ModelUnavailable
+from server.model_client import ModelNoTime, ModelScores, ModelTimeout, ModelUnavailable
 from server.replica import Replica
 from server.router import NEEDS_WINDOW_S, ReplicaRouter
 from server.settings import DecisionSettings, TorchServeSettings
@@ -190,6 +190,35 @@ async def test_calls_past_an_open_breaker_are_first_calls_not_retries() -> None:
 
 async def primary_down() -> None:
     raise ModelUnavailable("primary unavailable")
+
+
+class BusyReplica(ScriptedReplica):
+    """A replica whose queue never lets a request out (``ModelNoTime``), after a while."""
+
+    async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
+        self.calls[rows[0][0]] += 1
+        await asyncio.sleep(min(self.latency_ms / 1000.0, timeout_s / 2))
+        raise ModelNoTime(f"{self.name} busy: 1 call(s) out all the time it could wait")
+
+
+@pytest.mark.parametrize("hedge", [False, True])
+async def test_a_request_that_never_left_the_primarys_queue_is_a_first_call(hedge: bool) -> None:
+    """Busy is not failing: the secondary is called outside the retry budget, and the
+    primary's breaker counts nothing (with hedging, the primary gives up before its
+    hedge delay, as a queued request with little time does)."""
+    primary = BusyReplica("primary", latency_ms=1.0)
+    secondary = ScriptedReplica("secondary")
+    routing = router(
+        primary, secondary, hedge=hedge, retry_budget_ratio=0.0, retry_budget_min_per_s=0.0
+    )
+    answered = [await score(routing, request=float(n)) for n in range(20)]
+    for routed, reasons in answered:
+        assert routed is not None and routed.source is Source.SECONDARY, reasons
+        assert reasons[0].startswith("primary busy: 1 call(s) out"), reasons
+    assert routing.retries.spent == 0 and routing.retries.refused == 0
+    assert routing.replicas[0].breaker.state == "closed"
+    assert routing.replicas[0].recent.summary().calls == 0  # no call was made
+    assert routing.hedges == 0
 
 
 async def test_a_replica_is_not_called_with_less_time_than_its_median_answer() -> None:
