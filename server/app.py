@@ -56,6 +56,7 @@ from server.admin.views import AuditView, DriftView
 from server.admission import AdmissionLimit
 from server.audit.trail import AuditTrail, UnrecordedDecisions
 from server.batching import BatchingClient
+from server.breaker_probe import BreakerProbe
 from server.control.canary import CanaryMonitor
 from server.control.changes import AuditedChanges, CanaryRollback
 from server.control.flags import flag_specs
@@ -401,6 +402,13 @@ class DecisionApp:
             drift=self.drift,
             tracer=self.tracing.tracer,
         )
+        self.breaker_probe = BreakerProbe(
+            replicas.all,
+            interval_ms=settings.breaker.probe_interval_ms,
+            call_timeout_ms=settings.torchserve.per_call_timeout_ms,
+            control=lambda: self.shared.state,
+            calls_to_close=settings.breaker.success_threshold,
+        )
         self.undelivered = UndeliveredAnswers()
         registry = CollectorRegistry()
         # The process's CPU, memory and file descriptors, the interpreter's GC and version.
@@ -512,6 +520,8 @@ class DecisionApp:
             )
         await self.shared.start()
         stack.push_async_callback(bounded("shared control state", self.shared.stop, stop_s))
+        self.breaker_probe.start()
+        stack.push_async_callback(bounded("breaker probe", self.breaker_probe.stop, stop_s))
         self.fleet.start()
         stack.push_async_callback(bounded("fleet registration", self.fleet.stop, stop_s))
         stack.push_async_callback(bounded("canary monitor", self.canary.stop, stop_s))

@@ -325,6 +325,14 @@ class BreakerSettings(SettingsSection):
         description="Successful trial calls that close a half-open breaker; the trial calls "
         "let through at once double with each success (1, 2, 4, ...).",
     )
+    probe_interval_ms: float = Field(
+        500.0,
+        ge=0,
+        description="How often a breaker that is not closed, and that no request has tried "
+        "since its reset timeout passed, is tried with probe calls (one row of zeros each, "
+        "until it closes): a replica that gets no traffic, the secondary while the primary "
+        "answers, would otherwise show open long after it recovered. 0: off.",
+    )
     min_counted_timeout_ms: float = Field(
         10.0,
         ge=0,

@@ -1,0 +1,96 @@
+"""Trial calls for a breaker that no request tries.
+
+An open breaker closes through trial calls (``server.breaker``), and trial calls come
+from requests. A replica whose breaker opened while the replica before it in the lane
+now answers everything (the secondary, once the primary is back) gets no request, so
+its breaker would stay open, and say so in status, in ``decision_breaker_state`` and in
+the breaker-open alert, long after the replica recovered; the next time the primary
+fails, the secondary would start again from one trial call at a time.
+
+Every ``interval_ms``, each replica whose breaker is not closed and would let a trial
+call through now (its reset timeout has passed, or it is half-open with a trial slot
+free) gets probe calls through its breaker, one after another, each a real model call of
+one row of zeros, until the breaker closes, refuses or a call fails. A replica on-call
+forced open or closed is left alone: the override decides, not the breaker. A probe
+call is a call like any other (``server.replica``): never cancelled, its latency in the
+replica's recent calls, its failure counted by the breaker's own rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from feature_cache.schema import FEATURE_NAMES, model_row
+from server.breaker import CLOSED
+from server.control.state import ControlState
+from server.model_client import ModelInputError
+from server.replica import Replica
+
+log = logging.getLogger(__name__)
+
+# A row any replica of the model takes: a buy with every feature 0.
+PROBE_ROW = model_row(1.0, [0.0] * len(FEATURE_NAMES))
+
+
+class BreakerProbe:
+    def __init__(
+        self,
+        replicas: Sequence[Replica],
+        *,
+        interval_ms: float,
+        call_timeout_ms: float,
+        control: Callable[[], ControlState],
+        calls_to_close: int,
+    ) -> None:
+        """``calls_to_close``: the most probe calls one pass makes to one replica (the
+        breaker's success threshold: enough to close it)."""
+        self._replicas = list(replicas)
+        self._interval_s = interval_ms / 1000.0
+        self._timeout_ms = call_timeout_ms
+        self._control = control
+        self._calls_to_close = calls_to_close
+        self._task: asyncio.Task[None] | None = None
+        self.calls = 0  # probe calls made
+
+    def start(self) -> None:
+        if self._task is None and self._interval_s > 0:
+            self._task = asyncio.create_task(self._run(), name="breaker-probe")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            for replica in list(self._replicas):
+                try:
+                    await self.probe(replica)
+                except ModelInputError as exc:  # a model that takes other rows
+                    log.warning(
+                        "breaker probe: %s rejected the probe row, not probed: %s",
+                        replica.name,
+                        exc,
+                    )
+                    self._replicas.remove(replica)
+
+    async def probe(self, replica: Replica) -> None:
+        """Probe calls to ``replica`` while its breaker is not closed and lets one
+        through, at most ``calls_to_close``; stops at the first that fails."""
+        for _ in range(self._calls_to_close):
+            if replica.breaker.state == CLOSED:
+                return
+            admission = replica.admission(self._control(), time.time_ns() // 1000)
+            if not admission.allowed or not admission.guarded:
+                return
+            attempt = await replica.call([PROBE_ROW], self._timeout_ms, admission)
+            self.calls += 1
+            if not attempt.ok:
+                return
