@@ -161,7 +161,8 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
                 f" p99 {result.percentile_ms(99):.1f} ms; within capacity the model answered"
                 f" {served_per_s:.0f}/s ({served.answers}, errors {served.errors})"
             )
-            assert served_per_s > 0, seen
+            # Within capacity the replicas, slowed as they are, keep up: the reference.
+            assert modelled(served) >= 0.8 * served.ok > 0, seen
             assert result.ok > 0.5 * rate * SECONDS, seen
             assert result.errors.get("DEADLINE_EXCEEDED", 0) == 0, seen
             # No collapse onto the ladder: past capacity the model answers at least half
