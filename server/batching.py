@@ -182,8 +182,9 @@ class BatchingClient:
             self._queue.remove(queued)
         except ValueError:  # already in a call, or its caller was cancelled
             return
-        if self._calls_out < self._max_calls:  # a call ended this loop turn
-            self._start_call([queued])
+        if self._calls_out < self._max_calls:  # a call ended this loop turn: the queue goes
+            self._queue.appendleft(queued)  # and this request in its first call
+            self._flush()
             return
         self._out_of_time += 1
         waited_ms = (time.perf_counter() - queued.enqueued) * 1000.0

@@ -51,9 +51,18 @@ class BreakerOpenError(Exception):
 
 
 class _StateLogger(pybreaker.CircuitBreakerListener):
+    """Opening from closed and closing at WARNING; the trials in between (open ->
+    half-open -> open, every reset timeout while a replica stays down) at INFO."""
+
     def state_change(self, cb: pybreaker.CircuitBreaker, old: Any, new: Any) -> None:
-        log.warning(
-            "breaker %s: %s -> %s", cb.name, old.name if old else None, new.name if new else None
+        old_name, new_name = (old.name if old else None), (new.name if new else None)
+        trial = HALF_OPEN in (old_name, new_name) and new_name != CLOSED
+        log.log(
+            logging.INFO if trial else logging.WARNING,
+            "breaker %s: %s -> %s",
+            cb.name,
+            old_name,
+            new_name,
         )
 
 

@@ -80,6 +80,8 @@ class BreakerProbe:
                         exc,
                     )
                     self._replicas.remove(replica)
+                except Exception:  # a bug must not end probing for good: logged, next pass
+                    log.exception("breaker probe of %s failed", replica.name)
 
     async def probe(self, replica: Replica) -> None:
         """Probe calls to ``replica`` while its breaker is not closed and lets one

@@ -255,10 +255,15 @@ class ReplicaRouter:
         backup_timeout_ms = self._call_timeout_ms(budget)
         if backup_timeout_ms < self.needs_ms(backup[0]) or not self.retries.withdraw():
             try:
-                return _tried(await primary)
+                attempt = await primary
             except asyncio.CancelledError:
                 _abandon(primary)
                 raise
+            if attempt.ok or attempt.made_a_call:
+                return _tried(attempt)
+            # Never sent (no time in its queue): the next replica, as a first call.
+            after = await self._call_next(backup, rows, budget, retry=False)
+            return _tried(attempt).then(after)
         self.hedges += 1
         second = asyncio.create_task(backup[0].call(rows, backup_timeout_ms, backup[1]))
         pending: set[asyncio.Task[Attempt]] = {primary, second}

@@ -328,9 +328,10 @@ class BreakerSettings(SettingsSection):
     probe_interval_ms: float = Field(
         500.0,
         ge=0,
-        description="How often a breaker that is not closed, and that no request has tried "
-        "since its reset timeout passed, is tried with probe calls (one row of zeros each, "
-        "until it closes): a replica that gets no traffic, the secondary while the primary "
+        description="How often a breaker that is not closed and would let a trial call "
+        "through (open past its reset timeout, or half-open with a trial slot free) is "
+        "tried with probe calls through it, one row of zeros each, until it closes, refuses "
+        "or a call fails: a replica that gets no traffic, the secondary while the primary "
         "answers, would otherwise show open long after it recovered. 0: off.",
     )
     min_counted_timeout_ms: float = Field(

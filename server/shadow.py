@@ -59,7 +59,7 @@ class ShadowStats:
     sampled: int
     scored: int
     dropped: int  # saturated: not called
-    failed: int  # called, no score (timeout, error, breaker)
+    failed: int  # called or queued, no score (timeout, no time, error, breaker)
     agreed: int  # scored decisions whose challenger decision was the same
     in_flight: int  # decisions gathered for a call or in one
     score_difference: tuple[tuple[str, int], ...]  # cumulative (le, count), as Buckets

@@ -46,7 +46,9 @@ class Traffic:
         # The side's own first attempt: a challenger on-call forced open made none, and
         # the champion's answer must not count for it.
         first = next((a for a in result.attempts if (a.source is Source.CANARY) == on_canary), None)
-        if first is not None:
+        # A request that never left the side's queue (no time: busy, not failing) says
+        # nothing of its model either way.
+        if first is not None and first.failure != "no_time":
             answer = result.answer
             own = answer is not None and (answer.source is Source.CANARY) == on_canary
             monitor.record(

@@ -37,9 +37,14 @@ class FakeReplica(AlwaysConnected):
         self.in_flight = 0
         self.most_in_flight = 0
         self.fail: Exception | None = None
+        # When set, a call answers when it opens, not after ``call_ms`` (which it still
+        # reports as its time): a test decides when the replica is done.
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()  # set as each call comes in
 
     async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         self.calls.append(len(rows))
+        self.entered.set()
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
@@ -48,7 +53,7 @@ class FakeReplica(AlwaysConnected):
             if self.call_s > timeout_s:
                 await asyncio.sleep(timeout_s)
                 raise ModelTimeout("primary deadline exceeded", given_ms=timeout_s * 1000)
-            await asyncio.sleep(self.call_s)
+            await (self.gate.wait() if self.gate is not None else asyncio.sleep(self.call_s))
             if self.fail is not None:
                 raise self.fail
             # A row's score is its first value: each caller can check it got its own.
@@ -114,33 +119,39 @@ async def test_a_request_with_no_time_to_wait_for_the_busy_replica_leaves_unsent
     assert [a.scores for a in answers[1:]] == [[0.3], [0.31], [0.32]]
     assert replica.calls[-1] == 3
     assert batching.stats().out_of_time == 0
-    # 30 ms: alone it would be met (20 ms), after waiting for the busy replica (~19 ms
-    # more) it would not; it gives up when only a call's time is left (30 - 20 ms).
+    # The replica now holds its call: a request given 30 ms cannot wait for it and then
+    # make a 20 ms call; it gives up when only a call's time is left (at 30 - 20 ms),
+    # long before its deadline, and is never sent.
+    replica.gate, replica.entered = asyncio.Event(), asyncio.Event()
     first = asyncio.create_task(batching.predict([[0.0]], 1.0))
-    await asyncio.sleep(0.001)
+    await replica.entered.wait()  # the replica holds ``first``'s call
     calls_before = len(replica.calls)
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(ModelNoTime, match="primary busy: 1 call") as unsent:
         await batching.predict([[0.7]], 0.030)
-    assert 0.008 < loop.time() - started < 0.018
+    assert 0.009 < loop.time() - started < 0.030
     assert not counts_against_replica(unsent.value, min_counted_timeout_ms=10.0)
     assert batching.stats().out_of_time == 1
+    replica.gate.set()
     await first
     assert len(replica.calls) == calls_before  # never sent
     assert replica.most_in_flight == 1
 
 
 async def test_a_queued_request_goes_when_the_call_ahead_ends_in_its_time() -> None:
-    # 45 ms given, 20 ms calls: it waits for the call out (~19 ms) and then goes (done
-    # at ~39 ms), rather than leaving while more than one call's time is left.
+    # 60 ms given, 20 ms calls: it would give up at 40 ms; the call ahead ends at ~10 ms
+    # and it goes in the next one, first in line.
     replica = FakeReplica(call_ms=20.0)
     batching = client(replica, max_calls=1)
-    await batching.predict([[0.0]], 1.0)
+    await batching.predict([[0.0]], 1.0)  # teaches it the expected call time
+    replica.gate, replica.entered = asyncio.Event(), asyncio.Event()
     first = asyncio.create_task(batching.predict([[0.0]], 1.0))
-    await asyncio.sleep(0.001)
-    answer = await batching.predict([[0.4]], 0.045)
-    assert answer.scores == [0.4]
+    await replica.entered.wait()  # the replica holds ``first``'s call
+    waiting = asyncio.create_task(batching.predict([[0.4]], 0.060))
+    await asyncio.sleep(0.01)
+    replica.gate.set()
+    assert (await waiting).scores == [0.4]
     assert batching.stats().out_of_time == 0
     await first
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -210,3 +211,23 @@ async def test_trial_runs_half_open_and_a_late_result_does_not_decide_a_later_st
     trial_release.set()
     await trial
     assert cb.state == "closed"
+
+
+async def test_opening_and_closing_are_warnings_the_trials_between_are_info(caplog):
+    cb = breaker(fail_max=1)
+    with caplog.at_level(logging.INFO, logger="server.breaker"):
+        with pytest.raises(Boom):
+            await cb.call(fail)
+        await asyncio.sleep(0.06)
+        with pytest.raises(Boom):
+            await cb.call(fail)  # a failed trial: open -> half-open -> open
+        await asyncio.sleep(0.06)
+        assert await cb.call(succeed) == "ok"  # open -> half-open -> closed
+    seen = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "server.breaker"]
+    assert seen == [
+        (logging.WARNING, "breaker primary: closed -> open"),
+        (logging.INFO, "breaker primary: open -> half-open"),
+        (logging.INFO, "breaker primary: half-open -> open"),
+        (logging.INFO, "breaker primary: open -> half-open"),
+        (logging.WARNING, "breaker primary: half-open -> closed"),
+    ]

@@ -28,7 +28,7 @@ from server.control.state import CANARY_FIELD, KILL_PREFIX, Change, ControlState
 from server.engine import DecisionEngine
 from server.errors import Overloaded
 from server.features import FeatureSource
-from server.model_client import ModelScores, ModelUnavailable
+from server.model_client import ModelNoTime, ModelScores, ModelUnavailable
 from server.replica import Replica
 from server.router import ReplicaRouter
 from server.settings import (
@@ -83,11 +83,14 @@ class FakeReplicaClient(AlwaysConnected):
         self.model_name = model_name
         self.score = score
         self.fails = False
+        self.busy = False  # every request leaves its queue unsent (no time)
         self.calls: list[list[list[float]]] = []
         self.released = asyncio.Event()
         self.released.set()
 
     async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
+        if self.busy:
+            raise ModelNoTime(f"{self.name} busy: 1 call(s) out all the 3.0 ms it could wait")
         self.calls.append([list(row) for row in rows])
         await self.released.wait()
         if self.fails:
@@ -387,6 +390,18 @@ async def test_a_failing_challenger_falls_back_to_the_champion_and_counts_agains
     assert result.reason == "challenger unavailable; primary answered in 1.0 ms"
     canary = parts.monitor.compare().canary
     assert (canary.decisions, canary.error_rate, canary.fallback_rate) == (1, 1.0, 0.0)
+
+
+async def test_a_busy_challenger_falls_back_to_the_champion_and_counts_for_neither(
+    parts: Parts,
+) -> None:
+    parts.state = state({CANARY_FIELD: entry(1.0)})
+    parts.challenger.busy = True
+    [result] = await parts.decide("BTC-USD")
+    assert result.source is Source.PRIMARY
+    assert result.reason.startswith("challenger busy: 1 call(s) out"), result.reason
+    canary = parts.monitor.compare().canary
+    assert canary.decisions == 0  # busy is not failing: nothing for the canary's error rate
 
 
 async def test_a_sampled_champion_decision_is_shadowed_with_its_scores(parts: Parts) -> None:

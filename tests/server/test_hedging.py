@@ -20,7 +20,7 @@ from server.breaker import AsyncCircuitBreaker
 from server.model_client import ModelNoTime, ModelScores, ModelTimeout, ModelUnavailable
 from server.replica import Replica
 from server.router import NEEDS_WINDOW_S, ReplicaRouter
-from server.settings import DecisionSettings, TorchServeSettings
+from server.settings import BreakerSettings, DecisionSettings, TorchServeSettings
 from tests.server.fakes import AlwaysConnected
 
 
@@ -55,16 +55,26 @@ class ScriptedReplica(AlwaysConnected):
 
 
 def router(
-    primary: ScriptedReplica, secondary: ScriptedReplica, *, hedge: bool = True, **options: Any
+    primary: ScriptedReplica,
+    secondary: ScriptedReplica,
+    *,
+    hedge: bool = True,
+    breakers: BreakerSettings | None = None,
+    **options: Any,
 ) -> ReplicaRouter:
-    """``options``: more ``TorchServeSettings``."""
+    """``options``: more ``TorchServeSettings``. ``breakers``: the server's breakers, which
+    count only what ``counts_against_replica`` says (default: breakers that count every
+    failure and open only after 1,000)."""
+    lane = ((primary, Source.PRIMARY), (secondary, Source.SECONDARY))
     replicas = [
-        Replica(
+        Replica.build(client, source, breakers)
+        if breakers is not None
+        else Replica(
             client=client,
             breaker=AsyncCircuitBreaker(client.name, fail_max=1000, reset_timeout_s=1.0),
             source=source,
         )
-        for client, source in ((primary, Source.PRIMARY), (secondary, Source.SECONDARY))
+        for client, source in lane
     ]
     return ReplicaRouter(
         replicas,
@@ -201,15 +211,24 @@ class BusyReplica(ScriptedReplica):
         raise ModelNoTime(f"{self.name} busy: 1 call(s) out all the time it could wait")
 
 
+OPENS_AT_ONCE = BreakerSettings(fail_max=1)
+
+
 @pytest.mark.parametrize("hedge", [False, True])
 async def test_a_request_that_never_left_the_primarys_queue_is_a_first_call(hedge: bool) -> None:
     """Busy is not failing: the secondary is called outside the retry budget, and the
-    primary's breaker counts nothing (with hedging, the primary gives up before its
-    hedge delay, as a queued request with little time does)."""
+    primary's breaker, which one counted failure would open, stays closed (with hedging,
+    the primary gives up well before its hedge delay)."""
     primary = BusyReplica("primary", latency_ms=1.0)
     secondary = ScriptedReplica("secondary")
     routing = router(
-        primary, secondary, hedge=hedge, retry_budget_ratio=0.0, retry_budget_min_per_s=0.0
+        primary,
+        secondary,
+        hedge=hedge,
+        breakers=OPENS_AT_ONCE,
+        hedge_min_delay_ms=50.0,
+        retry_budget_ratio=0.0,
+        retry_budget_min_per_s=0.0,
     )
     answered = [await score(routing, request=float(n)) for n in range(20)]
     for routed, reasons in answered:
@@ -219,6 +238,30 @@ async def test_a_request_that_never_left_the_primarys_queue_is_a_first_call(hedg
     assert routing.replicas[0].breaker.state == "closed"
     assert routing.replicas[0].recent.summary().calls == 0  # no call was made
     assert routing.hedges == 0
+
+
+async def test_a_primary_queued_past_its_hedge_delay_and_never_sent_is_followed_by_a_first_call():
+    """The hedge delay passes with the request still queued for the primary and the
+    retry budget spent, so no hedge; when the primary gives it up unsent, the secondary
+    is still called, as a first call."""
+    primary = BusyReplica("primary", latency_ms=20.0)  # gives up after 20 ms; hedge at 5
+    secondary = ScriptedReplica("secondary")
+    routing = router(
+        primary,
+        secondary,
+        hedge=True,
+        breakers=OPENS_AT_ONCE,
+        retry_budget_ratio=0.0,
+        retry_budget_min_per_s=0.0,
+    )
+    while routing.retries.withdraw():  # the starting balance, spent
+        pass
+    answered = [await score(routing, request=float(n)) for n in range(5)]
+    for routed, reasons in answered:
+        assert routed is not None and routed.source is Source.SECONDARY, reasons
+        assert reasons[0].startswith("primary busy: 1 call(s) out"), reasons
+    assert routing.hedges == 0
+    assert routing.replicas[0].breaker.state == "closed"
 
 
 async def test_a_replica_is_not_called_with_less_time_than_its_median_answer() -> None:

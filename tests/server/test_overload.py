@@ -165,9 +165,10 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
             assert modelled(served) >= 0.8 * served.ok > 0, seen
             assert result.ok > 0.5 * rate * SECONDS, seen
             assert result.errors.get("DEADLINE_EXCEEDED", 0) == 0, seen
-            # No collapse onto the ladder: past capacity the model answers at least half
-            # as many a second as it did within it.
-            assert modelled(result) / SECONDS >= 0.5 * served_per_s, seen
+            # No collapse onto the ladder: past capacity the model answers at least as many
+            # a second as within it (its calls carry more rows as the load grows; 1.6-3.4 x
+            # measured, and 0.3-0.5 x when it collapsed).
+            assert modelled(result) / SECONDS >= served_per_s, seen
 
             # The load and the slowing are over: within 5 s the model answers and both
             # breakers are closed again.
