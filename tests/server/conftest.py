@@ -274,6 +274,14 @@ class ServerProcess:
         self.proc.stop()
 
 
+# Connections a test of ``--workers 2`` opens so that both workers get some. The kernel
+# gives each new connection to one of the SO_REUSEPORT listeners by a hash of its
+# addresses and ports, so all of n connections reach the same worker 2 ** (1 - n) of the
+# time: with 8, 0.7 % (21 of 3,000 tries of two listening sockets here), which failed a CI
+# run (every decision in the audit store from w0); with 16, 0.003 %.
+WORKER_CONNECTIONS = 16
+
+
 def ready_workers(log_path: Path, workers: int) -> bool:
     """Whether ``workers`` workers of a server process have logged that they serve."""
     try:

@@ -20,23 +20,28 @@ from fallback.score_cache import ScoreCache, ScoreEntry
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.audit.store import decisions
 from tests.server.admin.test_admin import store_rows
-from tests.server.conftest import ServerProcess, buy, decision_stub, sample_record
+from tests.server.conftest import (
+    WORKER_CONNECTIONS,
+    ServerProcess,
+    buy,
+    decision_stub,
+    sample_record,
+)
 from tests.server.test_decision_path import wait_for_cached_score
 
 pytestmark = pytest.mark.integration
 
-CONNECTIONS = 8
 # The async stub type exists only in the generated type stubs.
 Stubs = list["decision_pb2_grpc.DecisionServiceAsyncStub"]
 
 
 @asynccontextmanager
 async def connections(server: ServerProcess) -> AsyncIterator[Stubs]:
-    """``CONNECTIONS`` channels, each with a connection of its own."""
+    """``WORKER_CONNECTIONS`` channels, each with a connection of its own."""
     options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options)
-        for _ in range(CONNECTIONS)
+        for _ in range(WORKER_CONNECTIONS)
     ]
     try:
         yield [decision_stub(channel) for channel in channels]

@@ -27,6 +27,7 @@ from tests.server.conftest import (
     TOKENS,
     VIEWER,
     VIEWER_TOKEN,
+    WORKER_CONNECTIONS,
     ServerProcess,
     bearer,
     buy,
@@ -192,7 +193,8 @@ async def test_a_kill_switch_through_one_worker_reaches_every_worker_of_the_serv
     # A connection of its own per channel: the kernel spreads connections over workers.
     options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) for _ in range(8)
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options)
+        for _ in range(WORKER_CONNECTIONS)
     ]
     ids: set[str] = set()
     try:
