@@ -187,12 +187,10 @@ class Replica:
             scores = await (self.breaker.call(predict) if admission.guarded else predict())
         except BreakerOpenError as exc:  # a trial call went out since the admission
             return Attempt(self.source, None, 0.0, str(exc), "breaker_open")
-        except ModelNoTime as exc:  # no call was made: nothing to record of the replica
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            return Attempt(self.source, None, elapsed_ms, str(exc), failure_code(exc))
         except ModelCallError as exc:
             elapsed_ms = (time.perf_counter() - started) * 1000
-            self.recent.record(elapsed_ms, ok=False)
+            if not isinstance(exc, ModelNoTime):  # never sent: nothing to record of the replica
+                self.recent.record(elapsed_ms, ok=False)
             return Attempt(self.source, None, elapsed_ms, str(exc), failure_code(exc))
         self.recent.record(scores.elapsed_ms, ok=True, version=scores.model_version)
         return Attempt(self.source, scores, scores.elapsed_ms)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -72,20 +73,19 @@ async def set_breakers(server: ServerProcess, mode: admin_pb2.BreakerMode.ValueT
         )
 
 
+def decide_load(server: ServerProcess, **load: Any) -> LoadSpec:
+    """Decide calls to ``server`` over two connections, shaped by ``load`` (LoadSpec's
+    fields: mode, duration, concurrency or rate, deadline)."""
+    load.setdefault("max_requests", 100_000)
+    return LoadSpec(target="decide", address=f"127.0.0.1:{server.port}", channels=2, **load)
+
+
 async def ladder_throughput(server: ServerProcess, generator: LoadGenerator) -> float:
     """Decisions a second the server answers with both breakers forced open (closed
     loop, 16 callers): what it can do without the model on this machine today."""
     await set_breakers(server, admin_pb2.BREAKER_MODE_FORCE_OPEN)
-    spec = LoadSpec(
-        target="decide",
-        address=f"127.0.0.1:{server.port}",
-        mode="closed",
-        seconds=2.0,
-        warmup_s=0.5,
-        concurrency=16,
-        max_requests=100_000,
-        timeout_s=1.0,
-        channels=2,
+    spec = decide_load(
+        server, mode="closed", seconds=2.0, warmup_s=0.5, concurrency=16, timeout_s=1.0
     )
     try:
         result = await asyncio.to_thread(generator.run, spec)
@@ -109,16 +109,8 @@ async def model_answers_in_time(server: ServerProcess) -> None:
 
 def within_capacity(server: ServerProcess) -> LoadSpec:
     """Four callers, each waiting for its answer: a load the slowed replicas keep up with."""
-    return LoadSpec(
-        target="decide",
-        address=f"127.0.0.1:{server.port}",
-        mode="closed",
-        seconds=3.0,
-        warmup_s=0.5,
-        concurrency=4,
-        max_requests=100_000,
-        timeout_s=DEADLINE_S,
-        channels=2,
+    return decide_load(
+        server, mode="closed", seconds=3.0, warmup_s=0.5, concurrency=4, timeout_s=DEADLINE_S
     )
 
 
@@ -139,16 +131,14 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
                 await asyncio.to_thread(generator.wait_ready)
                 rate = LADDER_SHARE * await ladder_throughput(server, generator)
                 await model_answers_in_time(server)
-                spec = LoadSpec(
-                    target="decide",
-                    address=f"127.0.0.1:{server.port}",
+                spec = decide_load(
+                    server,
                     mode="open",
                     seconds=SECONDS,
                     warmup_s=1.0,
                     max_requests=int(rate * SECONDS),
                     rate_per_s=rate,
                     timeout_s=DEADLINE_S,
-                    channels=2,
                 )
                 procs = [r.proc for r in replicas.values()]
                 async with slowed(procs, stopped_ms=8, running_ms=8):
