@@ -6,7 +6,7 @@ the broker, three TorchServe replicas, the feature-cache consumer, the replayer 
 events/s, the decision server), then drives Decide open loop (default 100/s over the
 default symbols, both sides, a 50 ms deadline) from this process and every window
 prints: answers by source, p50/p99 from the send, answers after the deadline, feature
-age p99, the consumer group's lag, TorchServe worker restarts, the machine's busy and
+age p99, the consumer group's lag, TorchServe workers lost, the machine's busy and
 steal share (a shared VM's host can take the CPU from every process at once), and each
 process group's CPU and RSS. Faults (``--fault primary@120+30``: SIGSTOP the primary 120 s into
 the load, SIGCONT 30 s later; targets primary, replicas, redis, broker) are injected
@@ -65,7 +65,7 @@ from loadtest.soak_report import (
 )
 from localstack.__main__ import DEFAULT_SYMBOLS, REPO, LocalStack
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
-from torchserve.replica import worker_restarts
+from torchserve.replica import workers_lost
 
 REPLICAS = ("primary", "secondary", "challenger")
 # The broker's and the consumer's CPU and memory: the last this many seconds against the
@@ -200,8 +200,8 @@ async def inject(stack: LocalStack, fault: Fault, started_at: float) -> None:
         print(f"--- fault over: SIGCONT {', '.join(p.name for p in groups)}")
 
 
-def count_restarts(replica_dirs: list[Path]) -> int:
-    return sum(worker_restarts(d) for d in replica_dirs)
+def count_workers_lost(replica_dirs: list[Path]) -> int:
+    return sum(workers_lost(d) for d in replica_dirs)
 
 
 def describe_late(answer: Answer, stalls: list[Stall]) -> str:
@@ -277,7 +277,7 @@ async def soak(args: argparse.Namespace) -> int:
             driver = LoadDriver(f"127.0.0.1:{stack.decision_port}", args.rate, args.deadline_ms)
             clients.push_async_callback(driver.close)
             replica_dirs = [args.run_dir / name for name in REPLICAS]
-            restarts_before = count_restarts(replica_dirs)
+            lost_before = count_workers_lost(replica_dirs)
             print(
                 f"load: {args.rate:.0f} Decide/s open loop, {args.deadline_ms:.0f} ms deadline,"
                 f" {args.warmup_s:.0f} s warm-up then {args.duration_s:.0f} s measured"
@@ -309,7 +309,7 @@ async def soak(args: argparse.Namespace) -> int:
                 # Read off the loop's thread: a pass over /proc and the replicas' logs takes
                 # tens of ms, and the sender would fall behind its schedule meanwhile.
                 processes = await asyncio.to_thread(sampler.sample, time.monotonic())
-                restarts = await asyncio.to_thread(count_restarts, replica_dirs)
+                lost = await asyncio.to_thread(count_workers_lost, replica_dirs)
                 try:
                     consumer_lag = await lag.read()
                 except Exception:  # noqa: BLE001 - a paused broker: no figure this window
@@ -319,7 +319,7 @@ async def soak(args: argparse.Namespace) -> int:
                     window_start,
                     window_end,
                     consumer_lag=consumer_lag,
-                    worker_restarts=restarts - restarts_before,
+                    workers_lost=lost - lost_before,
                     processes=processes,
                     machine=astuple(machine.sample()),
                     machine_stall_max_ms=max((s.late_ms for s in stalls), default=0.0),
@@ -404,7 +404,7 @@ def report(
         "missing_from_audit": missing,
         "late": sum(w.late for w in windows),
         "late_calls": late_calls,  # each as the server recorded it
-        "worker_restarts": windows[-1].worker_restarts if windows else 0,
+        "workers_lost": windows[-1].workers_lost if windows else 0,
         "min_model_share": min((w.model_share for w in steady), default=0.0),
         "max_p99_ms": max((w.p99_ms for w in steady), default=0.0),
         "model_answers": sum(
@@ -423,8 +423,8 @@ def report(
             + (f", faults: {', '.join(f.target for f in args.fault)}" if args.fault else ""),
         )
     print(
-        f"\n{answered} decisions; late {summary['late']}; worker restarts"
-        f" {summary['worker_restarts']}; steady windows: model share ≥"
+        f"\n{answered} decisions; late {summary['late']}; TorchServe workers lost"
+        f" {summary['workers_lost']}; steady windows: model share ≥"
         f" {summary['min_model_share']:.1%}, p99 ≤ {summary['max_p99_ms']:.1f} ms;"
         f" audit missing {missing}. JSON {args.json}, PNG {args.png}"
     )

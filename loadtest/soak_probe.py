@@ -1,5 +1,5 @@
 """What the soak reads off the running stack besides the answers: each process group's
-CPU and memory, the consumer group's lag, TorchServe worker restarts, audit rows, and
+CPU and memory, the consumer group's lag, TorchServe workers lost, audit rows, and
 the machine's stalls as a process with nothing else to do saw them.
 
 CPU is the group's (a TorchServe replica is a launcher, a JVM and a Python worker)

@@ -45,7 +45,7 @@ class Bounds:
     min_model_share: float = 0.99
     max_p99_ms: float = 30.0
     max_feature_age_p99_ms: float = 500.0
-    max_worker_restarts: int = 0
+    max_workers_lost: int = 0
     max_growth: float = 0.25  # FLAT_PROCESSES, last vs first part of the run
     recovery_s: float = 10.0  # after a fault, time the model gets to answer again
 
@@ -62,7 +62,7 @@ class Window:
     late: int
     feature_age_p99_ms: float
     consumer_lag: int
-    worker_restarts: int  # cumulative since the soak started
+    workers_lost: int  # cumulative since the soak started
     processes: dict[str, tuple[float, float]]  # name -> (CPU % of a core, RSS MB)
     fault: str = ""  # the fault this window overlaps or recovers from
     broken: list[str] = field(default_factory=list)
@@ -81,7 +81,7 @@ def summarize(
     end_s: float,
     *,
     consumer_lag: int,
-    worker_restarts: int,
+    workers_lost: int,
     processes: dict[str, tuple[float, float]],
     fault: str,
     machine: tuple[float, float] = (0.0, 0.0),
@@ -104,7 +104,7 @@ def summarize(
         late=sum(a.late for a in answers),
         feature_age_p99_ms=percentile(ages, 0.99),
         consumer_lag=consumer_lag,
-        worker_restarts=worker_restarts,
+        workers_lost=workers_lost,
         processes=processes,
         fault=fault,
         machine_busy_pct=machine[0],
@@ -119,8 +119,8 @@ def judge(window: Window, bounds: Bounds) -> list[str]:
     broken = []
     if window.late:
         broken.append(f"{window.late} answers after the deadline")
-    if window.worker_restarts > bounds.max_worker_restarts:
-        broken.append(f"{window.worker_restarts} TorchServe worker restarts")
+    if window.workers_lost > bounds.max_workers_lost:
+        broken.append(f"{window.workers_lost} TorchServe workers lost")
     if window.answers == 0:
         broken.append("no answers")
     if window.fault:
@@ -198,7 +198,7 @@ def _mean(values: object) -> float:
 
 HEADER = (
     f"{'window':>11} {'n':>5} {'model':>6} {'p50':>6} {'p99':>6} {'late':>4} {'age99':>6}"
-    f" {'lag':>5} {'rst':>3}  sources / machine (% of all cores),"
+    f" {'lag':>5} {'lost':>4}  sources / machine (% of all cores),"
     " processes (CPU % of a core, RSS MB)"
 )
 
@@ -214,7 +214,7 @@ def row(window: Window) -> str:
         f"{window.start_s:5.0f}-{window.end_s:<5.0f} {window.answers:5d}"
         f" {window.model_share:6.1%} {window.p50_ms:6.1f} {window.p99_ms:6.1f}"
         f" {window.late:4d} {window.feature_age_p99_ms:6.0f} {window.consumer_lag:5d}"
-        f" {window.worker_restarts:3d}  {sources}{flag}{broken}\n{'':>11} machine"
+        f" {window.workers_lost:4d}  {sources}{flag}{broken}\n{'':>11} machine"
         f" busy={window.machine_busy_pct:.0f}% steal={window.machine_steal_pct:.1f}%"
         f" stall={window.machine_stall_max_ms:.0f}ms"
         f" client-lag={window.client_send_lag_max_ms:.0f}ms"

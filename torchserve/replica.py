@@ -158,18 +158,20 @@ def torchserve_replica(
     )
 
 
-# TorchServe's frontend logs this each time it starts a worker again after one stopped
-# (a crashed or killed worker, or one whose gRPC call was cancelled: pytorch/serve 1888).
-WORKER_RESTART_LINE = "Retry worker"
+# TorchServe's frontend logs this each time a worker's backend connection closes: a
+# crashed or killed worker, or one whose gRPC call was cancelled (pytorch/serve 1888,
+# 3087). Most such workers are started again ("Retry worker"); some, in TorchServe 0.12,
+# are not, and the replica then answers nothing more: counting restarts missed those.
+WORKER_LOST_LINE = "Worker disconnected"
 
 
-def worker_restarts(replica_dir: Path) -> int:
-    """Worker restarts the replica in ``replica_dir`` has logged in the frontend's log
-    (``logs/ts_log.log``, kept across starts of the replica: compare two counts)."""
+def workers_lost(replica_dir: Path) -> int:
+    """Workers the replica in ``replica_dir`` has lost, restarted or not, as its frontend's
+    log (``logs/ts_log.log``, kept across starts of the replica: compare two counts) says."""
     count = 0
     for log_path in sorted((replica_dir / "logs").glob("ts_log*.log")):  # with rolled ones
         with log_path.open(errors="replace") as lines:
-            count += sum(WORKER_RESTART_LINE in line for line in lines)
+            count += sum(WORKER_LOST_LINE in line for line in lines)
     return count
 
 

@@ -36,7 +36,7 @@ def window(answers: list[Answer], *, fault: str = "", cpu: float = 5.0) -> Windo
         0.0,
         10.0,
         consumer_lag=0,
-        worker_restarts=0,
+        workers_lost=0,
         processes={"kafka-broker": (cpu, 32.0), "feature-cache": (cpu, 56.0)},
         fault=fault,
     )

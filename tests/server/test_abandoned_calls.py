@@ -1,15 +1,16 @@
 """A call whose caller stops waiting is abandoned, never cancelled, against real TorchServe.
 
-TorchServe restarts a worker (and reloads its model) when a gRPC call it is answering
-is cancelled (pytorch/serve issues 1888, 3087). Cancelling at a short deadline restarts
-workers; the model client's abandoning at the same deadline must not.
+TorchServe loses a worker when a gRPC call it is answering is cancelled (pytorch/serve
+issues 1888, 3087): it restarts the worker and reloads its model, or (0.12, now and then)
+never starts it again, and the replica answers nothing more. Cancelling at a short
+deadline loses workers; the model client's abandoning at the same deadline must not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -30,13 +31,15 @@ from torchserve.replica import (
     ReplicaPorts,
     start_replica,
     torchserve_replica,
-    worker_restarts,
+    workers_lost,
 )
 
 pytestmark = pytest.mark.integration
 
-CALLERS = 4  # concurrent callers, each calling in a loop
-SHORT_WAIT_S = 0.003  # shorter than most answers on this machine: most calls time out
+CALLERS = 16  # concurrent callers, each calling in a loop
+SHORT_WAIT_S = 0.003  # about the median answer on this machine: many calls time out
+# The cancelling load lost a worker after 0.8-26 s in five tries (4 callers: 0.3-34 s).
+CANCELLING_BOUND_S = 120
 
 
 @pytest.fixture
@@ -63,73 +66,78 @@ def own_replica(
         proc.stop()
 
 
-async def _cancelling_callers(address: str, until: float) -> int:
-    """Calls with a 3 ms gRPC deadline, the way a client enforcing its budget on the wire
-    does; returns how many calls ended DEADLINE_EXCEEDED."""
-    request = inference_pb2.PredictionsRequest(
-        model_name="champion", input={"rows": pack_rows([[0.0] * MODEL_INPUT_WIDTH])}
-    )
-    cut = 0
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
-
-        async def caller() -> None:
-            nonlocal cut
-            while time.monotonic() < until:
-                try:
-                    await stub.Predictions(request, timeout=SHORT_WAIT_S)
-                except grpc.aio.AioRpcError as exc:
-                    cut += exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                    await asyncio.sleep(0.001)
-
-        await asyncio.gather(*(caller() for _ in range(CALLERS)))
-    return cut
-
-
-async def _abandoning_callers(client: TorchServeClient, until: float) -> int:
-    """The same load through the model client; returns how many waits timed out."""
-    row = [[0.0] * MODEL_INPUT_WIDTH]
+async def _load(
+    call: Callable[[], Awaitable[bool]], replica_dir: Path, seconds: float
+) -> tuple[int, bool]:
+    """``CALLERS`` callers each making ``call`` in a loop for ``seconds``, or until the
+    replica loses a worker; returns how many calls timed out and whether one was lost."""
+    lost_before = workers_lost(replica_dir)
+    until = time.monotonic() + seconds
     timed_out = 0
+    lost = False
 
     async def caller() -> None:
         nonlocal timed_out
-        while time.monotonic() < until:
-            try:
-                await client.predict(row, SHORT_WAIT_S)
-            except ModelTimeout:
-                timed_out += 1
-            except ModelBusy:
-                await asyncio.sleep(0.001)
+        while time.monotonic() < until and not lost:
+            timed_out += await call()
 
-    await asyncio.gather(*(caller() for _ in range(CALLERS)))
-    return timed_out
+    async def watch() -> None:
+        nonlocal lost
+        while time.monotonic() < until and not lost:
+            await asyncio.sleep(0.25)
+            lost = await asyncio.to_thread(workers_lost, replica_dir) > lost_before
+
+    await asyncio.gather(watch(), *(caller() for _ in range(CALLERS)))
+    return timed_out, lost
 
 
-async def test_abandoned_calls_never_restart_a_worker_where_cancelled_calls_do(own_replica):
+async def test_abandoned_calls_never_lose_a_worker_where_cancelled_calls_do(own_replica):
     address, replica_dir = own_replica
-    # First the client under test, on a replica whose worker never restarted.
+    row = [[0.0] * MODEL_INPUT_WIDTH]
+    # First the client under test, on a replica that never lost a worker.
     client = TorchServeClient("primary", address, "champion", max_abandoned_calls=64)
+
+    async def abandoning_call() -> bool:
+        try:
+            await client.predict(row, SHORT_WAIT_S)
+        except ModelTimeout:
+            return True
+        except ModelBusy:
+            await asyncio.sleep(0.001)
+        return False
+
     await client.start()
     try:
-        before = worker_restarts(replica_dir)
-        timed_out = await _abandoning_callers(client, time.monotonic() + 15)
+        timed_out, _ = await _load(abandoning_call, replica_dir, 15)
         abandoned = client.abandoned()
     finally:
         await client.stop(grace_s=5.0)
-    await asyncio.sleep(2)  # a restart is logged within a second of the cancel
+    await asyncio.sleep(2)  # a lost worker is logged within a second of the cancel
     assert timed_out > 50, "the load did not make calls time out: the test proves nothing"
     assert abandoned.total > 50  # (a wait may end just as its answer arrives)
-    assert worker_restarts(replica_dir) == before
+    assert workers_lost(replica_dir) == 0
 
-    # Then the same load cancelling on the wire: the defect reproduces (bounded: 40 s).
-    before = worker_restarts(replica_dir)
-    cut = 0
-    deadline = time.monotonic() + 40
-    while worker_restarts(replica_dir) == before and time.monotonic() < deadline:
-        cut += await _cancelling_callers(address, time.monotonic() + 5)
-        await asyncio.sleep(1.5)
+    # Then the same load cancelling on the wire, the way a client enforcing its budget on
+    # the wire does: the defect reproduces. It is a race in TorchServe (the call is
+    # cancelled between the worker's check and its answer), so it takes from under a
+    # second to half a minute here; bounded.
+    request = inference_pb2.PredictionsRequest(
+        model_name="champion", input={"rows": pack_rows(row)}
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+
+        async def cancelling_call() -> bool:
+            try:
+                await stub.Predictions(request, timeout=SHORT_WAIT_S)
+            except grpc.aio.AioRpcError as exc:
+                await asyncio.sleep(0.001)
+                return exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            return False
+
+        cut, lost = await _load(cancelling_call, replica_dir, CANCELLING_BOUND_S)
     assert cut > 0
-    assert worker_restarts(replica_dir) > before, "cancelled calls did not restart a worker"
+    assert lost, f"{cut} cancelled calls in {CANCELLING_BOUND_S} s lost no worker"
 
 
 async def test_a_hung_replica_gets_no_more_than_the_bound_of_abandoned_calls(own_replica):
