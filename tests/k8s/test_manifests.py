@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from server.front import DECISION_SERVICE
 from server.settings import Settings
 from torchserve.container import CONTAINER_PORTS
 from torchserve.mlserver import MLSERVER_OIP_SERVICE
+from torchserve.replica import role_section
 
 WORKLOADS = ("decision", "model-secondary", "model-challenger", "feature-cache")
 
@@ -133,6 +135,27 @@ def test_the_decision_pod_runs_the_primary_as_a_native_sidecar(objects: list[Obj
     assert sidecar["startupProbe"]["httpGet"]["port"] == "ts-rest"
     # No other container of the pod is a model server: the challenger never is.
     assert [c["name"] for c in spec["containers"]] == ["decision-server"]
+
+
+def test_torchserve_is_probed_with_a_prediction_of_its_roles_model(objects: list[Object]) -> None:
+    """TorchServe's /ping says Healthy while a worker it never started again leaves every
+    call waiting (0.12; tests/server/test_abandoned_calls.py): readiness and liveness ask
+    for a prediction of the role's model instead (tests/torchserve/test_served.py)."""
+    probed = []
+    for workload in ("decision", "model-secondary", "model-challenger"):
+        for c in containers(one(objects, "Deployment", workload)):
+            if c["name"] != "torchserve":
+                continue  # the mlserver component's challenger has health endpoints
+            (role,) = c["args"]
+            model = re.search(r"^load_models=(\w+)=", role_section(role), re.MULTILINE)
+            assert model, role
+            prediction = {"path": f"/predictions/{model[1]}", "port": "ts-rest"}
+            for probe in ("readinessProbe", "livenessProbe"):
+                if probe in c:  # (the sidecar has no readiness probe)
+                    assert c[probe]["httpGet"] == prediction, f"{workload} {probe}"
+                    assert c[probe]["timeoutSeconds"] >= 2, f"{workload} {probe}"
+            probed.append(role)
+    assert {"primary", "secondary"} <= set(probed)
 
 
 def test_the_replicas_addresses_are_their_services(objects: list[Object]) -> None:

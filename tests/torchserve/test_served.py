@@ -1,10 +1,12 @@
 """Archives in real TorchServe processes: served scores equal offline scores for the same
-rows, through both inference APIs, and bad rows get a clear error."""
+rows, through both inference APIs, bad rows get a clear error, and the Kubernetes probes'
+request is answered by the model's worker."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from feature_cache.schema import MODEL_INPUT_WIDTH
 from server.batching import BatchingClient
 from server.model_client import ModelInputError, ModelScores, OipClient, TorchServeClient
 from torchserve.archive import archive_meta
+from torchserve.replica import workers_lost
 from torchserve.train import OFFLINE_SCORERS
 
 pytestmark = pytest.mark.integration
@@ -113,3 +116,22 @@ async def test_micro_batched_scores_are_the_scores_of_unbatched_calls(
     finally:
         await batching.stop()
         await plain.stop()
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10.0) as response:
+        return response.status, response.read().decode()
+
+
+async def test_the_probes_request_is_answered_by_the_models_worker(replicas, challenger_replica):
+    """The Kubernetes probes of every TorchServe container GET /predictions/<model>
+    (k8s/base): the worker itself answers it, 200 with an error naming the missing rows,
+    so a replica whose worker is gone fails the probe (its /ping still says Healthy)."""
+    for replica in (replicas["primary"], challenger_replica):
+        lost_before = workers_lost(replica.replica_dir)
+        status, body = await asyncio.to_thread(
+            _get, replica.ports.rest_inference, f"/predictions/{replica.model_name}"
+        )
+        assert status == 200
+        assert "missing input 'rows'" in body
+        assert workers_lost(replica.replica_dir) == lost_before
