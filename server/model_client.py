@@ -16,13 +16,14 @@ Either way the replica answers one score per row and the model version (sha256 o
 archive content) it was built from, unless a version is set for the replica (a server
 that answers none, or a number); rows our handler rejects come back as an error answer.
 
-A call we stop waiting for is abandoned, never cancelled. TorchServe restarts a worker
-(and reloads its model) when a gRPC call it is answering is cancelled (pytorch/serve
-issues 1888 and 3087), so a deadline enforced by cancelling turns timeouts into worker
-restarts and more timeouts. Each RPC therefore goes out with a long wire deadline
-(``wire_timeout_ms``, for a replica that hangs) and runs in a task of its own; the caller
-waits for it only as long as its own budget allows, or until it is cancelled itself, and
-the RPC finishes on the wire unobserved. Abandoned calls are bounded per replica
+A call we stop waiting for is abandoned, never cancelled. TorchServe loses a worker when
+a gRPC call it is answering is cancelled (pytorch/serve issues 1888 and 3087): it
+restarts it and reloads its model, or, now and then, leaves the replica without one. A
+deadline enforced by cancelling turns timeouts into worker restarts and more timeouts.
+Each RPC therefore goes out with a long wire deadline (``wire_timeout_ms``, for a
+replica that hangs) and runs in a task of its own; the caller waits for it only as long
+as its own budget allows, or until it is cancelled itself, and the RPC finishes on the
+wire unobserved. Abandoned calls are bounded per replica
 (``max_abandoned_calls``): past the bound the replica gets no new call (``ModelBusy``)
 until some of them end, so a hung replica never piles them up.
 

@@ -162,7 +162,6 @@ class Replica:
         self.address = f"127.0.0.1:{self.ports.grpc_inference}"
         self._store = store
         self._run_dir = run_dir
-        self.replica_dir = run_dir / name  # its config and logs (``workers_lost``)
         self.model_name = "challenger" if name == "challenger" else "champion"
         self.proc = self._new_proc()
 

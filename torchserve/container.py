@@ -4,7 +4,7 @@ The model-server image (``k8s/images/model-server.Dockerfile``) runs this as its
 point, so the three roles share one image and one config with the local stack: the
 template ``replicas/replica.properties`` and the role's committed model section
 (``primary``, ``secondary``, ``challenger``), with every replica on the same ports (7070
-gRPC inference, 8080 REST inference with ``/ping``, 8082 metrics; each role is a pod of
+gRPC inference, 8080 REST inference (the probes), 8082 metrics; each role is a pod of
 its own, or the primary a sidecar of a decision pod) and the inference and metrics APIs
 bound to ``0.0.0.0`` for the kubelet's probes, the decision pods and Prometheus.
 

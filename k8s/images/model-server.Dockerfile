@@ -52,7 +52,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1
 WORKDIR /var/run/model-server
 USER 10002
-# gRPC inference (native and Open Inference Protocol), REST inference (/ping), metrics.
+# gRPC inference (native and Open Inference Protocol), REST inference (the probes), metrics.
 EXPOSE 7070 8080 8082
 HEALTHCHECK --interval=10s --timeout=2s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/ping', timeout=1)"]
