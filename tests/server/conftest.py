@@ -8,6 +8,7 @@ import functools
 import gc
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -280,6 +281,23 @@ class ServerProcess:
 # time: with 8, 0.7 % (21 of 3,000 tries of two listening sockets here), which failed a CI
 # run (every decision in the audit store from w0); with 16, 0.003 %.
 WORKER_CONNECTIONS = 16
+# The async stub type exists only in the generated type stubs.
+DecisionStubs = list["decision_pb2_grpc.DecisionServiceAsyncStub"]
+
+
+@asynccontextmanager
+async def worker_connections(server: ServerProcess) -> AsyncIterator[DecisionStubs]:
+    """``WORKER_CONNECTIONS`` channels to ``server``, each with a connection of its own."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options)
+        for _ in range(WORKER_CONNECTIONS)
+    ]
+    try:
+        yield [decision_stub(channel) for channel in channels]
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 def ready_workers(log_path: Path, workers: int) -> bool:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -17,40 +16,24 @@ import sqlalchemy as sa
 
 from core.domain import Side
 from fallback.score_cache import ScoreCache, ScoreEntry
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from proto.decision.v1 import decision_pb2
 from server.audit.store import decisions
 from tests.server.admin.test_admin import store_rows
 from tests.server.conftest import (
-    WORKER_CONNECTIONS,
+    DecisionStubs,
     ServerProcess,
     buy,
-    decision_stub,
     sample_record,
+    worker_connections,
 )
 from tests.server.test_decision_path import wait_for_cached_score
 
 pytestmark = pytest.mark.integration
 
-# The async stub type exists only in the generated type stubs.
-Stubs = list["decision_pb2_grpc.DecisionServiceAsyncStub"]
 
-
-@asynccontextmanager
-async def connections(server: ServerProcess) -> AsyncIterator[Stubs]:
-    """``WORKER_CONNECTIONS`` channels, each with a connection of its own."""
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options)
-        for _ in range(WORKER_CONNECTIONS)
-    ]
-    try:
-        yield [decision_stub(channel) for channel in channels]
-    finally:
-        for channel in channels:
-            await channel.close()
-
-
-async def answers(stubs: Stubs, request: decision_pb2.DecideRequest, timeout_s: float = 2.0):
+async def answers(
+    stubs: DecisionStubs, request: decision_pb2.DecideRequest, timeout_s: float = 2.0
+):
     return [await stub.Decide(request, timeout=timeout_s) for stub in stubs]
 
 
@@ -72,7 +55,7 @@ async def test_every_worker_decides_validates_and_batches(
     (server,) = server_processes(1, workers=2)
     _, archive = model_store
     ids: set[str] = set()
-    async with connections(server) as stubs:
+    async with worker_connections(server) as stubs:
         for answer in await answers(stubs, buy()):
             assert answer.source == decision_pb2.SOURCE_PRIMARY, answer.reason
             assert answer.model_version == archive.version
@@ -101,7 +84,7 @@ async def test_every_worker_falls_back_to_the_secondary_then_the_ladder(
     (server,) = server_processes(1, workers=2, DECISION_FALLBACK__CACHED_SCORE_HELD_MS="0")
     ids: set[str] = set()
     cache = ScoreCache(redis_client, key_prefix=key_prefix, ttl_ms=60_000)
-    async with connections(server) as stubs:
+    async with worker_connections(server) as stubs:
         good = await answers(stubs, buy())
         assert {a.source for a in good} == {decision_pb2.SOURCE_PRIMARY}
         remembered = await wait_for_cached_score(cache, "BTC-USD", Side.BUY)
@@ -150,7 +133,7 @@ async def test_every_workers_breaker_opens_on_a_paused_primary_and_closes_after(
     )
     ids: set[str] = set()
     primary = replicas["primary"]
-    async with connections(server) as stubs:
+    async with worker_connections(server) as stubs:
         for answer in await answers(stubs, buy()):  # every worker's primary is warm
             assert answer.source == decision_pb2.SOURCE_PRIMARY, answer.reason
         primary.proc.pause()

@@ -27,7 +27,6 @@ from tests.server.conftest import (
     TOKENS,
     VIEWER,
     VIEWER_TOKEN,
-    WORKER_CONNECTIONS,
     ServerProcess,
     bearer,
     buy,
@@ -35,6 +34,7 @@ from tests.server.conftest import (
     replica_settings,
     sample_record,
     settle,
+    worker_connections,
 )
 
 pytestmark = pytest.mark.integration
@@ -190,36 +190,29 @@ async def test_a_kill_switch_through_one_worker_reaches_every_worker_of_the_serv
     decision either made is in the audit store under its own server id."""
     await feature_writer.write_many([sample_record("ETH-USD")])
     (server,) = server_processes(1, workers=2)
-    # A connection of its own per channel: the kernel spreads connections over workers.
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options)
-        for _ in range(WORKER_CONNECTIONS)
-    ]
     ids: set[str] = set()
     try:
-        stubs = [decision_stub(channel) for channel in channels]
-        for stub in stubs:
-            answer = await stub.Decide(buy("ETH-USD"), timeout=2.0)
-            assert answer.source == decision_pb2.SOURCE_PRIMARY, answer.reason
-            ids.add(answer.decision_id)
-        await server.admin.KillSwitch(
-            admin_pb2.KillSwitchRequest(scope="ETH-USD", engaged=True, reason="bad prints"),
-            metadata=OPERATOR,
-            timeout=5.0,
-        )
-        deadline = time.monotonic() + 1.0
-        for stub in stubs:  # every connection, whichever worker it reached
-            while True:
+        # A connection of its own per channel: the kernel spreads connections over workers.
+        async with worker_connections(server) as stubs:
+            for stub in stubs:
                 answer = await stub.Decide(buy("ETH-USD"), timeout=2.0)
+                assert answer.source == decision_pb2.SOURCE_PRIMARY, answer.reason
                 ids.add(answer.decision_id)
-                if answer.source == decision_pb2.SOURCE_ABSTAIN:
-                    break
-                assert time.monotonic() < deadline, answer.reason
-                await asyncio.sleep(0.02)
+            await server.admin.KillSwitch(
+                admin_pb2.KillSwitchRequest(scope="ETH-USD", engaged=True, reason="bad prints"),
+                metadata=OPERATOR,
+                timeout=5.0,
+            )
+            deadline = time.monotonic() + 1.0
+            for stub in stubs:  # every connection, whichever worker it reached
+                while True:
+                    answer = await stub.Decide(buy("ETH-USD"), timeout=2.0)
+                    ids.add(answer.decision_id)
+                    if answer.source == decision_pb2.SOURCE_ABSTAIN:
+                        break
+                    assert time.monotonic() < deadline, answer.reason
+                    await asyncio.sleep(0.02)
     finally:
-        for channel in channels:
-            await channel.close()
         await server.close()  # SIGTERM: both workers drain their journals
     assert server.proc.wait(0) == 0  # a clean stop, workers included
     statement = sa.select(decisions.c.decision_id, decisions.c.server_id)
