@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import random
@@ -66,6 +67,16 @@ DEFAULT_SYMBOLS = ["BTC-USD", "ETH-USD", "SOL-USD"]
 BACKGROUND_NICENESS = 10
 MARKET_DATA_PARTITIONS = 4
 REPO = Path(__file__).resolve().parents[1]
+
+
+def outgoing_ports() -> range:
+    """The ports Linux picks local ends of outgoing connections from
+    (``net.ipv4.ip_local_port_range``); empty where that cannot be read."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return range(0)
+    return range(low, high + 1)
 
 
 def _say(message: str) -> None:
@@ -179,11 +190,20 @@ class LocalStack:
     @classmethod
     def free_offset(cls, run_dir: Path, **options: Any) -> int:
         """A random port offset (1000 to 15000) whose stack would take no port in use now
-        nor one of the default stack's: for a second stack beside ``make run``'s."""
+        nor one of the default stack's: for a second stack beside ``make run``'s.
+
+        Offsets whose ports all lie outside the kernel's range for outgoing connections
+        come first: a port in that range can be taken, between this check and the
+        listener's bind, as the local end of some process's connection."""
         rng = random.Random()  # noqa: S311 - spreading ports, not a secret
-        for _ in range(100):
-            stack = cls(run_dir, rng.randrange(1000, 15000, 10), **options)
-            if not stack.overlap_with_default() and not stack.busy_ports():
+        offsets = list(range(1000, 15000, 10))
+        rng.shuffle(offsets)
+        outgoing = outgoing_ports()
+        stacks = [cls(run_dir, offset, **options) for offset in offsets]
+        stacks.sort(key=lambda stack: any(port in outgoing for port in stack.ports()))
+        candidates = (stack for stack in stacks if not stack.overlap_with_default())
+        for stack in itertools.islice(candidates, 100):
+            if not stack.busy_ports():
                 return stack.decision_port - cls(run_dir, 0).decision_port
         raise ProcessStartError("no free port offset for another stack")
 

@@ -36,17 +36,26 @@ def local_stack(run_dir: Path, models: Path) -> Iterator[LocalStack]:
     """``python -m localstack`` as ``make run`` starts it (on free ports), until SIGINT."""
     offset = LocalStack.free_offset(run_dir)
     stack = LocalStack(run_dir, offset)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "localstack", "--run-dir", str(run_dir), "--port-offset",
-         str(offset), "--models", str(models)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
+    # What make run prints (its steps; on a failed start, the failing process's log).
+    output = run_dir.parent / "localstack.out"
+    with output.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "localstack", "--run-dir", str(run_dir), "--port-offset",
+             str(offset), "--models", str(models)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
     try:
-        wait_for(lambda: serving(stack.decision_port) or proc.poll() is not None, 150)
-        assert proc.poll() is None, "the stack exited while starting"
+        deadline = time.monotonic() + 150
+        while not serving(stack.decision_port):
+            running = proc.poll() is None
+            assert running and time.monotonic() < deadline, (
+                f"the stack {'was not serving after 150 s' if running else 'exited'}:\n"
+                + output.read_text(errors="replace")
+            )
+            time.sleep(0.1)
         wait_for(lambda: (run_dir / "chaos.sock").exists(), 10)
         yield stack
     finally:
@@ -57,7 +66,7 @@ def local_stack(run_dir: Path, models: Path) -> Iterator[LocalStack]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 0
+    assert proc.returncode == 0, output.read_text(errors="replace")
     assert not live_group_members(proc.pid)
 
 

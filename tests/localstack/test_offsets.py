@@ -1,0 +1,29 @@
+"""A second stack's port offset (tests, the soak) keeps clear of the ports the kernel
+gives outgoing connections and of a stack on the default ports."""
+
+from __future__ import annotations
+
+import pytest
+
+from localstack import __main__ as localstack
+from localstack.__main__ import LocalStack
+
+# Linux's default net.ipv4.ip_local_port_range.
+LINUX_OUTGOING = range(32768, 61000)
+
+
+@pytest.mark.parametrize("options", [{}, {"prometheus": True, "workers": 4}])
+def test_an_offset_stack_takes_no_port_of_outgoing_connections(tmp_path, monkeypatch, options):
+    monkeypatch.setattr(localstack, "outgoing_ports", lambda: LINUX_OUTGOING)
+    default_ports = set(LocalStack(tmp_path, 0, **options).ports())
+    for _ in range(20):  # the offset is drawn at random
+        stack = LocalStack(tmp_path, LocalStack.free_offset(tmp_path, **options), **options)
+        assert [port for port in stack.ports() if port in LINUX_OUTGOING] == []
+        assert not default_ports & set(stack.ports())
+
+
+def test_every_port_outgoing_still_gives_an_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(localstack, "outgoing_ports", lambda: range(1024, 65536))
+    offset = LocalStack.free_offset(tmp_path)
+    assert 1000 <= offset < 15000
+    assert not LocalStack(tmp_path, offset).overlap_with_default()
