@@ -162,6 +162,7 @@ class Replica:
         self.address = f"127.0.0.1:{self.ports.grpc_inference}"
         self._store = store
         self._run_dir = run_dir
+        self.dir = run_dir / name  # torchserve_replica's folder: config, logs
         self.model_name = "challenger" if name == "challenger" else "champion"
         self.proc = self._new_proc()
 

@@ -3,10 +3,10 @@ answer still comes before the caller's deadline, the model keeps answering what 
 replicas can serve, and once the load drops the breakers close within 5 s.
 
 The server runs as users run it (``python -m server``: its own process, uvloop), and
-the load is set from this machine's own speed, measured first: half of what the server
-answers per second from the ladder alone. These machines run 2-4 x slower on some days
-than on others; a fixed rate is past what the server itself can answer on a slow day
-(then every answer is late whatever it does) and nowhere near overload on a fast one.
+the load is set from this machine's own speed, measured first: a third of what the
+server answers per second from the ladder alone. These machines run 2-4 x slower on some
+days than on others; a fixed rate is past what the server itself can answer on a slow
+day (then every answer is late whatever it does) and nowhere near overload on a fast one.
 What the slowed replicas serve is measured the same way, in the same run: the model's
 answers a second to callers that each wait for their answer (four at once), a load the
 replicas keep up with.
@@ -26,11 +26,17 @@ from core.processes import ManagedProcess
 from loadtest.feature_keeper import fresh_features
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec
 from proto.decision.v1 import admin_pb2, decision_pb2
+from tests.conftest import Replica
 from tests.server.conftest import OPERATOR, VIEWER, ServerProcess, buy
+from torchserve.replica import workers_lost
 
 pytestmark = pytest.mark.integration
 
-LADDER_SHARE = 0.5  # the open-loop rate, as a share of the server's ladder-only throughput
+# The open-loop rate, as a share of the server's ladder-only throughput: 3-6 x what the
+# slowed replicas serve. At 0.5 the server's own CPU was the limit besides the replicas
+# (with the generator, both JVMs and the slowing on two cores): 2 of 17 runs here, and a
+# CI run, had 3-55 answers late; at 0.35, 0 in 8.
+LADDER_SHARE = 0.35
 SECONDS = 6.0
 DEADLINE_S = 0.05
 MODEL_SOURCES = (decision_pb2.SOURCE_PRIMARY, decision_pb2.SOURCE_SECONDARY)
@@ -114,6 +120,12 @@ def within_capacity(server: ServerProcess) -> LoadSpec:
     )
 
 
+def lost_since(before: dict[str, int], replicas: dict[str, Replica]) -> dict[str, int]:
+    """Workers each replica has lost since ``before`` (a replica left without one answers
+    nothing for minutes: the likeliest cause when the model stops answering)."""
+    return {name: workers_lost(r.dir) - before[name] for name, r in replicas.items()}
+
+
 def modelled(result: LoadResult) -> int:
     return sum(
         n for s, n in result.answers.items() if decision_pb2.Source.Value(s) in MODEL_SOURCES
@@ -125,6 +137,7 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
 ):
     async with fresh_features(redis_instance.url, key_prefix):
         [server] = server_processes(1)
+        lost_before = {name: workers_lost(r.dir) for name, r in replicas.items()}
         try:
             await model_answers_in_time(server)
             with LoadGenerator(processes=1) as generator:
@@ -149,10 +162,13 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
             seen = (
                 f"at {rate:.0f}/s: answers {result.answers}, errors {result.errors},"
                 f" p99 {result.percentile_ms(99):.1f} ms; within capacity the model answered"
-                f" {served_per_s:.0f}/s ({served.answers}, errors {served.errors})"
+                f" {served_per_s:.0f}/s ({served.answers}, errors {served.errors}); TorchServe"
+                f" workers lost {lost_since(lost_before, replicas)}"
             )
-            # Within capacity the replicas, slowed as they are, keep up: the reference.
-            assert modelled(served) >= 0.8 * served.ok > 0, seen
+            # Within capacity the replicas, slowed as they are, keep up: the reference. The
+            # model gave 74-99 % of the answers in 24 of 25 runs here; in one it stopped
+            # answering (0.3 %), and that still fails.
+            assert modelled(served) >= 0.5 * served.ok > 0, seen
             assert result.ok > 0.5 * rate * SECONDS, seen
             assert result.errors.get("DEADLINE_EXCEEDED", 0) == 0, seen
             # No collapse onto the ladder: past capacity the model answers at least as many
@@ -171,7 +187,7 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
                 states = {r.name: r.breaker_state for r in status.replicas if r.name in REPLICAS}
                 if set(states.values()) == {"closed"} and response.source in MODEL_SOURCES:
                     break
-                assert time.monotonic() < deadline, (states, response.reason)
+                assert time.monotonic() < deadline, (states, response.reason, seen)
                 await asyncio.sleep(0.05)
         finally:
             await server.close()
