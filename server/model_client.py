@@ -19,7 +19,7 @@ that answers none, or a number); rows our handler rejects come back as an error 
 A call we stop waiting for is abandoned, never cancelled. TorchServe loses a worker when
 a gRPC call it is answering is cancelled (pytorch/serve issues 1888 and 3087): it
 restarts it and reloads its model, or, now and then, leaves the replica without one. A
-deadline enforced by cancelling turns timeouts into worker restarts and more timeouts.
+deadline enforced by cancelling turns timeouts into lost workers and more timeouts.
 Each RPC therefore goes out with a long wire deadline (``wire_timeout_ms``, for a
 replica that hangs) and runs in a task of its own; the caller waits for it only as long
 as its own budget allows, or until it is cancelled itself, and the RPC finishes on the

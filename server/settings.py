@@ -213,8 +213,8 @@ class TorchServeSettings(SettingsSection):
         120_000.0,
         gt=0,
         description="Deadline a model call carries on the wire. A call is abandoned, not "
-        "cancelled, when its caller stops waiting (TorchServe restarts a worker whose call "
-        "is cancelled), and runs to this deadline at most. Longer than any stall a replica "
+        "cancelled, when its caller stops waiting (TorchServe can lose the worker answering a "
+        "cancelled call), and runs to this deadline at most. Longer than any stall a replica "
         "recovers from: at a 2 s deadline, a replica paused for 30 s found its abandoned "
         "calls cancelled when it resumed, and restarted two workers. The cost: a "
         "connection that dies silently (no reset) holds max_abandoned_calls for this long, "

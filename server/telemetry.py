@@ -266,7 +266,7 @@ class LoadCollector(Collector):
         outstanding = GaugeMetricFamily(
             "decision_model_abandoned_outstanding",
             "Model calls whose callers stopped waiting, still running on the wire (never "
-            "cancelled: TorchServe restarts a worker whose call is cancelled).",
+            "cancelled: TorchServe can lose the worker answering a cancelled call).",
             labels=["replica"],
         )
         abandoned = CounterMetricFamily(

@@ -218,7 +218,7 @@ def warm_up_replica(
     several times longer: a stack that took decisions from the first second timed out
     half of its model calls in its first minute. Warming up is an
     optimisation, so a failed call ends it with the reason rather than the stack's start;
-    and its calls are never cut short (a cancelled call restarts a TorchServe worker).
+    and its calls are never cut short (a cancelled call can cost TorchServe its worker).
     """
     rows = [[0.0] * MODEL_INPUT_WIDTH]
     requests = [
