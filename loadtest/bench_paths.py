@@ -26,8 +26,10 @@ Runs are short and the paths alternate within each round, so machine noise lands
 alike; a cell's rounds are merged (histograms added, throughput averaged). Prints a
 markdown table, the performance targets as met or missed, and draws latency against
 achieved throughput to a PNG. The figures go to a JSON file as well (``--json``); the
-run is compared with the one the file held before. Everything it starts is stopped on
-the way out.
+run is compared with the one the file held before. It also counts the workers the
+TorchServe replica loses in each cell (its log says so): T's calls are cancelled at their
+deadlines, which can cost TorchServe a worker, and the cells after that measure a
+replica without one. Everything it starts is stopped on the way out.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from loadtest.bench_latency import decision_server, echo_server, fresh_features,
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, Mode, Target
 from localstack.health import serving
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
-from torchserve.replica import ReplicaPorts
+from torchserve.replica import ReplicaPorts, workers_lost
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-operator-token-0123456789"  # noqa: S105 - a throwaway local token
@@ -190,10 +192,25 @@ def cells(plan: Plan) -> list[Cell]:
     return closed + opened
 
 
+class Measured(NamedTuple):
+    results: dict[Cell, LoadResult]
+    workers_lost: dict[Cell, int]
+    """TorchServe workers the replica lost during a cell, for the cells where it lost any:
+    T's calls are cancelled at their deadline, and a cancelled call can cost TorchServe
+    its worker (pytorch/serve 1888, 3087); the cells after such a loss met a replica
+    restarting its worker, or left without one."""
+
+
 async def measure(
-    paths: Paths, generator: LoadGenerator, plan: Plan, redis_port: int, channels: int
-) -> dict[Cell, LoadResult]:
+    paths: Paths,
+    generator: LoadGenerator,
+    plan: Plan,
+    redis_port: int,
+    channels: int,
+    replica_dir: Path,
+) -> Measured:
     rounds: dict[Cell, list[LoadResult]] = defaultdict(list)
+    lost: dict[Cell, int] = defaultdict(int)
     todo = cells(plan)
     total, done = (len(todo) + len(CAPACITY_FACTORS)) * plan.rounds, 0
 
@@ -201,10 +218,15 @@ async def measure(
         nonlocal done
         await switch.prepare(cell[0])
         spec = spec_for(paths, cell, plan, generator.processes, channels)
+        before = workers_lost(replica_dir)
         result = await asyncio.to_thread(generator.run, spec)
         rounds[cell].append(result)
         done += 1
-        print(f"  [{done}/{total}] round {r + 1} {describe_row(cell, result)}", flush=True)
+        row = describe_row(cell, result)
+        if lost_now := workers_lost(replica_dir) - before:
+            lost[cell] += lost_now
+            row += f"; TorchServe lost {lost_now} worker(s)"
+        print(f"  [{done}/{total}] round {r + 1} {row}", flush=True)
 
     async with fresh_features(redis_port), BreakerSwitch(paths.admin, paths.decide) as switch:
         for r in range(plan.rounds):
@@ -216,13 +238,28 @@ async def measure(
         for r in range(plan.rounds):
             for cell in past:
                 await run(cell, r)
-    return {cell: LoadResult.combine(results) for cell, results in rounds.items()}
+    combined = {cell: LoadResult.combine(results) for cell, results in rounds.items()}
+    return Measured(combined, dict(lost))
+
+
+def cell_text(cell: Cell) -> str:
+    path, mode, load = cell
+    return f"{path} {mode} {load_text(mode, load)}"
+
+
+def losses(workers_lost: dict[Cell, int]) -> str:
+    if not workers_lost:
+        return "TorchServe workers lost: none"
+    where = ", ".join(f"{cell_text(cell)} {n}" for cell, n in workers_lost.items())
+    return (
+        f"TorchServe workers lost: {sum(workers_lost.values())} ({where}): the cells after"
+        " a loss met a replica restarting its worker, or without one"
+    )
 
 
 def describe_row(cell: Cell, result: LoadResult) -> str:
-    path, mode, load = cell
     return (
-        f"{path} {mode} {load_text(mode, load)}: {result.throughput_per_s:,.0f}/s"
+        f"{cell_text(cell)}: {result.throughput_per_s:,.0f}/s"
         f" p50 {result.percentile_ms(50):.2f} p99 {result.percentile_ms(99):.2f} ms"
         f" errors {result.error_count}, generator {result.generator_cores:.2f} cores"
     )
@@ -352,8 +389,10 @@ def targets(results: dict[Cell, LoadResult]) -> str:
     )
 
 
-def figures(results: dict[Cell, LoadResult]) -> dict[str, Any]:
-    """The run's figures as plain data: every cell, the saturated throughputs."""
+def figures(measured: Measured) -> dict[str, Any]:
+    """The run's figures as plain data: every cell, the saturated throughputs, the
+    TorchServe workers lost."""
+    results = measured.results
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 - git from PATH, fixed arguments
         cwd=REPO,
@@ -379,6 +418,7 @@ def figures(results: dict[Cell, LoadResult]) -> dict[str, Any]:
             }
             for (path, mode, load), r in results.items()
         ],
+        "workers_lost": {cell_text(cell): n for cell, n in measured.workers_lost.items()},
     }
 
 
@@ -453,9 +493,9 @@ def plot(results: dict[Cell, LoadResult], out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, int]:
-    """Starts everything on free ports (each added to ``procs`` first); returns the paths
-    and the redis port."""
+def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, int, Path]:
+    """Starts everything on free ports (each added to ``procs`` first); returns the paths,
+    the redis port and the TorchServe replica's folder."""
     ports = free_ports(13)
     redis_port, decision_port, admin_port, echo_port, no_secondary = ports[:5]
     workers_port, workers_admin_port, *replica = ports[5:]
@@ -498,7 +538,7 @@ def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, in
     workers.wait_ready(lambda: serving(workers_port), 30)
     echo.wait_ready(listening(echo_port), 30)
     addresses = (echo_port, ts_ports.grpc_inference, decision_port, admin_port, workers_port)
-    return Paths(*(f"127.0.0.1:{port}" for port in addresses)), redis_port
+    return Paths(*(f"127.0.0.1:{port}" for port in addresses)), redis_port, run_dir / "primary"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -542,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "starting redis-server, TorchServe, the decision server, the echo server …",
                 flush=True,
             )
-            paths, redis_port = start_servers(Path(tmp), procs)
+            paths, redis_port, replica_dir = start_servers(Path(tmp), procs)
             generator.wait_ready()
             runs = len(cells(plan)) * plan.rounds
             print(
@@ -551,18 +591,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f" of {args.channels} connections each",
                 flush=True,
             )
-            results = asyncio.run(measure(paths, generator, plan, redis_port, args.channels))
+            measured = asyncio.run(
+                measure(paths, generator, plan, redis_port, args.channels, replica_dir)
+            )
         finally:
             generator.stop()
             for proc in reversed(procs):
                 proc.stop()
 
+    results = measured.results
     print()
     print(table(results))
     print()
     print(targets(results))
+    print(losses(measured.workers_lost))
     plot(results, out, f"gRPC paths on this machine ({plan.rounds} x {plan.seconds:g} s per point)")
-    now = figures(results)
+    now = figures(measured)
     if json_path.exists():
         print()
         print(compare(json.loads(json_path.read_text()), now))

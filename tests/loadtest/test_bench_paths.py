@@ -3,7 +3,7 @@ load results)."""
 
 from __future__ import annotations
 
-from loadtest.bench_paths import Cell, compare, figures, targets
+from loadtest.bench_paths import Cell, Measured, compare, figures, losses, targets
 from loadtest.loadgen import LoadResult, LoadSpec, WorkerResult, new_histogram
 
 
@@ -64,9 +64,18 @@ def test_past_capacity_late_answers_and_a_low_model_share_are_missed() -> None:
 
 
 def test_the_figures_file_compares_a_run_with_the_last() -> None:
-    before = figures(runs(late_at_top=0, model_at_top=0.9))
+    before = figures(Measured(runs(late_at_top=0, model_at_top=0.9), {}))
     after_runs = runs(late_at_top=0, model_at_top=0.9)
     after_runs[("D", "closed", 16.0)] = result(("D", 16), ok=400, mode="closed")
-    text = compare(before, figures(after_runs))
+    text = compare(before, figures(Measured(after_runs, {})))
     assert "D saturated 500 -> 400/s (-20%)" in text
     assert "D open 600: p99 3.00 -> 3.00 ms" in text
+
+
+def test_workers_lost_are_named_by_cell_in_the_text_and_the_figures() -> None:
+    lost: dict[Cell, int] = {("T", "open", 1000.0): 2, ("D", "closed", 16.0): 1}
+    text = losses(lost)
+    assert text.startswith("TorchServe workers lost: 3 (T open 1000/s 2, D closed c=16 1)")
+    assert losses({}) == "TorchServe workers lost: none"
+    figured = figures(Measured(runs(late_at_top=0, model_at_top=0.9), lost))
+    assert figured["workers_lost"] == {"T open 1000/s": 2, "D closed c=16": 1}
