@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 import redis
@@ -21,6 +23,18 @@ from torchserve.replica import ReplicaPorts, start_replica, torchserve_replica
 from torchserve.train import ensure_models
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def stop_as_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # CI stops a job with SIGTERM, whose default ends pytest at once: the session's
+    # redis-server, broker and TorchServe replicas (each in a process group of its own, out
+    # of reach of a signal to pytest's group) would outlive it. Raised as Ctrl-C's
+    # KeyboardInterrupt, pytest stops the test and tears every fixture down first.
+    signal.signal(signal.SIGTERM, stop_as_interrupted)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
