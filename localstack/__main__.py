@@ -45,6 +45,7 @@ from localstack.health import serving
 from localstack.kafka_broker import create_topics, kafka_broker
 from localstack.prometheus import Target, prometheus_binary, prometheus_process, write_config
 from localstack.redis_server import redis_server
+from torchserve.archive import ArchiveInfo
 from torchserve.replica import (
     CHALLENGER_PORTS,
     PRIMARY_PORTS,
@@ -77,6 +78,28 @@ def outgoing_ports() -> range:
     except (OSError, ValueError):
         return range(0)
     return range(low, high + 1)
+
+
+SERVED_MODELS = ("champion", "challenger")
+
+
+def served_models(folder: Path) -> dict[str, ArchiveInfo]:
+    """The champion's and the challenger's archives as ``folder/models.json`` lists them,
+    or a ``ProcessStartError`` saying what is missing."""
+    try:
+        archives = load_models(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ProcessStartError(
+            f"no models in {folder}: {exc} (--models takes a folder that make models wrote,"
+            " as .run/models)"
+        ) from exc
+    unlisted = [name for name in SERVED_MODELS if name not in archives]
+    absent = [str(a.path) for a in archives.values() if not a.path.is_file()]
+    if unlisted or absent:
+        raise ProcessStartError(
+            f"{folder / 'models.json'}: models not listed {unlisted}, archives missing {absent}"
+        )
+    return archives
 
 
 def _say(message: str) -> None:
@@ -259,7 +282,7 @@ class LocalStack:
             archives = await asyncio.to_thread(ensure_models, REPO / ".run/models")
         else:
             _say(f"[1/8] models: {self.models_dir}")
-            archives = load_models(self.models_dir)
+            archives = served_models(self.models_dir)
         store = archives["champion"].path.parent
         for name, archive in archives.items():
             _say(f"      {name} version {archive.version[:16]}…")
