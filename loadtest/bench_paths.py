@@ -29,7 +29,7 @@ achieved throughput to a PNG. The figures go to a JSON file as well (``--json``)
 run is compared with the one the file held before. It also counts the workers the
 TorchServe replica loses in each cell (its log says so): T's calls are cancelled at their
 deadlines, which can cost TorchServe a worker, and the cells after that measure a
-replica without one. Everything it starts is stopped on the way out.
+replica restarting its worker, or without one. Everything it starts is stopped on the way out.
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ MIN_MODEL_SHARE = 0.95
 CAPACITY_FACTORS = (1.0, 1.2)
 """D's open-loop points past the fixed rates, as multiples of its measured capacity."""
 MIN_MODEL_SHARE_PAST_CAPACITY = 0.8
+LOSS_SETTLE_S = 1.0
+"""After the last cell, this long for TorchServe to log a worker its cancelled calls cost."""
 
 
 @dataclass(frozen=True)
@@ -213,20 +215,33 @@ async def measure(
     lost: dict[Cell, int] = defaultdict(int)
     todo = cells(plan)
     total, done = (len(todo) + len(CAPACITY_FACTORS)) * plan.rounds, 0
+    # The replica's count of lost workers, read at every cell's start and end: a loss
+    # logged as a cell's channels close (their calls cancelled) or in the moment before
+    # the next cell is charged to the cell that ended.
+    counted = await asyncio.to_thread(workers_lost, replica_dir)
+    last: Cell | None = None
+
+    async def charge(cell: Cell | None) -> int:
+        nonlocal counted
+        now = await asyncio.to_thread(workers_lost, replica_dir)
+        new, counted = max(0, now - counted), now  # max: a rolled log deleted
+        if cell is not None and new:
+            lost[cell] += new
+        return new
 
     async def run(cell: Cell, r: int) -> None:
-        nonlocal done
+        nonlocal done, last
         await switch.prepare(cell[0])
+        await charge(last)
         spec = spec_for(paths, cell, plan, generator.processes, channels)
-        before = workers_lost(replica_dir)
         result = await asyncio.to_thread(generator.run, spec)
         rounds[cell].append(result)
         done += 1
         row = describe_row(cell, result)
-        if lost_now := workers_lost(replica_dir) - before:
-            lost[cell] += lost_now
-            row += f"; TorchServe lost {lost_now} worker(s)"
+        if new := await charge(cell):
+            row += f"; TorchServe lost {new} worker(s)"
         print(f"  [{done}/{total}] round {r + 1} {row}", flush=True)
+        last = cell
 
     async with fresh_features(redis_port), BreakerSwitch(paths.admin, paths.decide) as switch:
         for r in range(plan.rounds):
@@ -238,6 +253,8 @@ async def measure(
         for r in range(plan.rounds):
             for cell in past:
                 await run(cell, r)
+    await asyncio.sleep(LOSS_SETTLE_S)
+    await charge(last)
     combined = {cell: LoadResult.combine(results) for cell, results in rounds.items()}
     return Measured(combined, dict(lost))
 
@@ -247,13 +264,13 @@ def cell_text(cell: Cell) -> str:
     return f"{path} {mode} {load_text(mode, load)}"
 
 
-def losses(workers_lost: dict[Cell, int]) -> str:
-    if not workers_lost:
+def losses(lost: dict[Cell, int]) -> str:
+    if not lost:
         return "TorchServe workers lost: none"
-    where = ", ".join(f"{cell_text(cell)} {n}" for cell, n in workers_lost.items())
+    where = ", ".join(f"{cell_text(cell)} {n}" for cell, n in lost.items())
     return (
-        f"TorchServe workers lost: {sum(workers_lost.values())} ({where}): the cells after"
-        " a loss met a replica restarting its worker, or without one"
+        f"TorchServe workers lost: {sum(lost.values())} ({where}): the cells after a loss"
+        " met a replica restarting its worker, or without one"
     )
 
 
