@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def stop_as_interrupted(signum: int, frame: FrameType | None) -> None:
+    # Once: a second SIGTERM (a runner escalating) must not cut the teardown short. Not
+    # SIG_IGN, which the processes the teardown still starts would inherit.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 

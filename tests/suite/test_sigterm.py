@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from core.processes import live_group_members
 from tests.conftest import REPO, wait_for
 
 INNER = """
@@ -31,43 +32,45 @@ def sleeper(tmp_path_factory):
 
 
 def test_waits(sleeper):
-    Path("{pid_file}").write_text(str(sleeper.pid))
+    written = Path("{pid_file}.tmp")
+    written.write_text(str(sleeper.pid))
+    written.rename("{pid_file}")  # whole, or not there
     time.sleep(120)
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 def test_sigterm_stops_the_session_fixtures_processes(tmp_path: Path) -> None:
     pid_file = tmp_path / "sleeper.pid"
     test_file = tmp_path / "test_inner.py"
     test_file.write_text(textwrap.dedent(INNER).replace("{pid_file}", str(pid_file)))
-    pytest_run = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
-         "--rootdir", str(tmp_path), str(test_file)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
+    output = tmp_path / "pytest.out"
+    # The suite's own configuration (pytest-timeout, warnings as errors), none of this
+    # run's PYTEST_* variables (an -m or -k there would deselect the test).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    with output.open("wb") as out:
+        pytest_run = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-c", str(REPO / "pyproject.toml"),
+             "--rootdir", str(tmp_path), "-p", "tests.conftest", "-p", "no:cacheprovider",
+             str(test_file)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
     sleeper = 0
     try:
-        wait_for(pid_file.exists, 60)
+        wait_for(lambda: pid_file.exists() or pytest_run.poll() is not None, 60)
+        assert pytest_run.poll() is None, output.read_text(errors="replace")
         sleeper = int(pid_file.read_text())
-        assert alive(sleeper)
+        assert live_group_members(sleeper)
         pytest_run.send_signal(signal.SIGTERM)
-        output, _ = pytest_run.communicate(timeout=30)
-        assert not alive(sleeper), output.decode(errors="replace")
-        assert b"KeyboardInterrupt" in output
+        pytest_run.wait(timeout=30)
+        assert not live_group_members(sleeper), output.read_text(errors="replace")
+        assert "KeyboardInterrupt" in output.read_text(errors="replace")
     finally:
         if pytest_run.poll() is None:
             os.killpg(pytest_run.pid, signal.SIGKILL)
             pytest_run.wait()
-        if sleeper and alive(sleeper):
+        if sleeper and live_group_members(sleeper):
             os.killpg(sleeper, signal.SIGKILL)
