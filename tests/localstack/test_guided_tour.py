@@ -48,15 +48,15 @@ def local_stack(run_dir: Path, models: Path) -> Iterator[LocalStack]:
             start_new_session=True,
         )  # fmt: skip
     try:
+        # Started: the decision server serving and, last of all, the chaos socket open.
         deadline = time.monotonic() + 150
-        while not serving(stack.decision_port):
+        while not (serving(stack.decision_port) and (run_dir / "chaos.sock").exists()):
             running = proc.poll() is None
             assert running and time.monotonic() < deadline, (
-                f"the stack {'was not serving after 150 s' if running else 'exited'}:\n"
+                f"the stack {'had not started after 150 s' if running else 'exited'}:\n"
                 + output.read_text(errors="replace")
             )
             time.sleep(0.1)
-        wait_for(lambda: (run_dir / "chaos.sock").exists(), 10)
         yield stack
     finally:
         with contextlib.suppress(ProcessLookupError):

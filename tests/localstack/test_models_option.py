@@ -42,3 +42,10 @@ def test_a_complete_folder_gives_both_archives(tmp_path: Path) -> None:
         "champion": folder / "champion.mar",
         "challenger": folder / "challenger.mar",
     }
+
+
+@pytest.mark.parametrize("manifest", ['{"models": ["champion"]}', '{"models": {"champion": {}}}'])
+def test_a_models_json_of_another_shape_is_named(tmp_path: Path, manifest: str) -> None:
+    (tmp_path / "models.json").write_text(manifest)
+    with pytest.raises(ProcessStartError, match=r"no models in "):
+        served_models(tmp_path)
