@@ -40,7 +40,7 @@ from localstack.redis_server import start_redis
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from server.settings import Settings
-from torchserve.replica import ReplicaPorts, start_replica, torchserve_replica
+from torchserve.replica import ReplicaPorts, replica_dir, start_replica, torchserve_replica
 from torchserve.train import REPO, ensure_models
 
 MODEL_STORE = REPO / ".run/models"
@@ -59,15 +59,16 @@ async def fresh_features(redis_port: int) -> AsyncIterator[None]:
 
 def start_backends(
     run_dir: Path, redis_port: int, ts_ports: ReplicaPorts, procs: list[ManagedProcess]
-) -> None:
+) -> Path:
     """Trains the models if ``.run/models`` is stale, starts redis-server and one
     TorchServe replica and waits for both; each is added to ``procs`` before it starts,
-    for the caller to stop."""
+    for the caller to stop. Returns the replica's folder (its logs)."""
     archive = ensure_models(MODEL_STORE)["champion"]
     procs.append(start_redis(redis_port, run_dir / "redis"))
     replica = torchserve_replica("primary", ts_ports, archive.path.parent, run_dir)
     procs.append(replica)
     start_replica(replica, ts_ports)
+    return replica_dir(run_dir, "primary")
 
 
 def decision_server(

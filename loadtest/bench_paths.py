@@ -517,7 +517,7 @@ def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, in
     redis_port, decision_port, admin_port, echo_port, no_secondary = ports[:5]
     workers_port, workers_admin_port, *replica = ports[5:]
     ts_ports = ReplicaPorts(*replica)
-    start_backends(run_dir, redis_port, ts_ports, procs)
+    replica_folder = start_backends(run_dir, redis_port, ts_ports, procs)
     server = decision_server(
         decision_port,
         redis_port=redis_port,
@@ -555,7 +555,7 @@ def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, in
     workers.wait_ready(lambda: serving(workers_port), 30)
     echo.wait_ready(listening(echo_port), 30)
     addresses = (echo_port, ts_ports.grpc_inference, decision_port, admin_port, workers_port)
-    return Paths(*(f"127.0.0.1:{port}" for port in addresses)), redis_port, run_dir / "primary"
+    return Paths(*(f"127.0.0.1:{port}" for port in addresses)), redis_port, replica_folder
 
 
 def main(argv: Sequence[str] | None = None) -> None:

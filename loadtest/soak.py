@@ -65,7 +65,7 @@ from loadtest.soak_report import (
 )
 from localstack.__main__ import DEFAULT_SYMBOLS, REPO, LocalStack
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
-from torchserve.replica import workers_lost
+from torchserve.replica import replica_dir, workers_lost
 
 REPLICAS = ("primary", "secondary", "challenger")
 # The broker's and the consumer's CPU and memory: the last this many seconds against the
@@ -276,7 +276,7 @@ async def soak(args: argparse.Namespace) -> int:
             clients.push_async_callback(lag.stop)
             driver = LoadDriver(f"127.0.0.1:{stack.decision_port}", args.rate, args.deadline_ms)
             clients.push_async_callback(driver.close)
-            replica_dirs = [args.run_dir / name for name in REPLICAS]
+            replica_dirs = [replica_dir(args.run_dir, name) for name in REPLICAS]
             lost_before = count_workers_lost(replica_dirs)
             print(
                 f"load: {args.rate:.0f} Decide/s open loop, {args.deadline_ms:.0f} ms deadline,"

@@ -19,7 +19,7 @@ from core.processes import ManagedProcess, free_port, free_ports
 from localstack.kafka_broker import start_kafka_broker
 from localstack.redis_server import start_redis
 from torchserve.archive import ArchiveInfo
-from torchserve.replica import ReplicaPorts, start_replica, torchserve_replica
+from torchserve.replica import ReplicaPorts, replica_dir, start_replica, torchserve_replica
 from torchserve.train import ensure_models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ class Replica:
         self.address = f"127.0.0.1:{self.ports.grpc_inference}"
         self._store = store
         self._run_dir = run_dir
-        self.dir = run_dir / name  # torchserve_replica's folder: config, logs
+        self.dir = replica_dir(run_dir, name)
         self.model_name = "challenger" if name == "challenger" else "champion"
         self.proc = self._new_proc()
 

@@ -113,6 +113,11 @@ def config_properties(
     return f"{common}\n{model_section}"
 
 
+def replica_dir(run_dir: Path, name: str) -> Path:
+    """Where ``torchserve_replica`` keeps replica ``name``'s config, temp files and logs."""
+    return run_dir / name
+
+
 def torchserve_replica(
     name: str,
     ports: ReplicaPorts,
@@ -124,12 +129,12 @@ def torchserve_replica(
 ) -> ManagedProcess:
     """The replica ``name`` (not started); its model section is ``role_section(name)``
     unless one is given; ``niceness``: its CPU priority (``nice``), JVM and workers too."""
-    replica_dir = run_dir / name
-    tmp_dir = replica_dir / "tmp"
-    logs_dir = replica_dir / "logs"
-    for folder in (tmp_dir, logs_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    config = replica_dir / "config.properties"
+    folder = replica_dir(run_dir, name)
+    tmp_dir = folder / "tmp"
+    logs_dir = folder / "logs"
+    for made in (tmp_dir, logs_dir):
+        made.mkdir(parents=True, exist_ok=True)
+    config = folder / "config.properties"
     section = role_section(name) if model_section is None else model_section
     config.write_text(config_properties(ports, model_store, section))
     launcher = Path(sys.executable).with_name("torchserve")
@@ -152,7 +157,7 @@ def torchserve_replica(
     return ManagedProcess(
         f"torchserve-{name}",
         niced(argv, niceness),
-        cwd=replica_dir,
+        cwd=folder,
         log_path=logs_dir / "stdout.log",
         env=env,
     )

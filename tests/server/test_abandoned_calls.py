@@ -30,6 +30,7 @@ from torchserve.archive import ArchiveInfo
 from torchserve.replica import (
     ModelServing,
     ReplicaPorts,
+    replica_dir,
     start_replica,
     torchserve_replica,
     workers_lost,
@@ -65,7 +66,7 @@ def own_replica(
     )
     try:
         start_replica(proc, ports)
-        yield f"127.0.0.1:{ports.grpc_inference}", tmp_path / "primary"
+        yield f"127.0.0.1:{ports.grpc_inference}", replica_dir(tmp_path, "primary")
     finally:
         proc.stop()
 
