@@ -21,9 +21,9 @@ a gRPC call it is answering is cancelled (pytorch/serve issues 1888 and 3087): i
 restarts it and reloads its model, or, now and then, leaves the replica without one. A
 deadline enforced by cancelling turns timeouts into lost workers and more timeouts.
 Each RPC therefore goes out with a long wire deadline (``wire_timeout_ms``, for a
-replica that hangs) and runs in a task of its own; the caller waits for it only as long
-as its own budget allows, or until it is cancelled itself, and the RPC finishes on the
-wire unobserved. Abandoned calls are bounded per replica
+replica that hangs) and is never awaited directly: the caller waits for the call's done
+callback only as long as its own budget allows, or until it is cancelled itself, and the
+RPC finishes on the wire unobserved. Abandoned calls are bounded per replica
 (``max_abandoned_calls``): past the bound the replica gets no new call (``ModelBusy``)
 until some of them end, so a hung replica never piles them up.
 
@@ -47,7 +47,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -187,6 +187,26 @@ def channel_options(reconnect_backoff_ms: int) -> list[tuple[str, int]]:
 
 
 _Response = TypeVar("_Response")
+_Answer_co = TypeVar("_Answer_co", covariant=True)
+
+
+class Rpc(Protocol[_Answer_co]):
+    """A call on the wire as ``_call`` needs it: a grpc.aio call, awaited for its answer
+    once done (an asyncio task is one too, for tests)."""
+
+    def done(self) -> bool: ...
+
+    def cancelled(self) -> bool: ...
+
+    def add_done_callback(self, fn: Callable[[Any], None], /) -> None: ...
+
+    def __await__(self) -> Generator[Any, None, _Answer_co]: ...
+
+
+# Statuses a call ends with without the replica having answered it.
+NO_WORD_FROM_REPLICA = frozenset(
+    {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
+)
 
 
 class GrpcModelClient:
@@ -261,12 +281,12 @@ class GrpcModelClient:
 
     async def _call(
         self,
-        call: Callable[[float], Awaitable[_Response]],
+        call: Callable[[float], Rpc[_Response]],
         timeout_s: float,
     ) -> tuple[_Response, float]:
-        """Runs ``call(wire_timeout_s)`` and waits for it up to ``timeout_s``; the answer
-        and its round trip in ms, or a ``ModelCallError``. The RPC is never cancelled
-        here: when the wait ends, or the caller is cancelled, it is abandoned."""
+        """Starts ``call(wire_timeout_s)`` and waits for it up to ``timeout_s``; the
+        answer and its round trip in ms, or a ``ModelCallError``. The RPC is never
+        cancelled here: when the wait ends, or the caller is cancelled, it is abandoned."""
         if self._channel is None:
             raise ModelUnavailable(f"{self.name} client not started")
         if timeout_s <= 0:  # a call that could only be abandoned is not sent
@@ -286,7 +306,7 @@ class GrpcModelClient:
             )
         started = time.perf_counter()
         waited_since = asyncio.get_running_loop().time()
-        rpc = asyncio.ensure_future(call(max(self._wire_timeout_s, timeout_s)))
+        rpc = call(max(self._wire_timeout_s, timeout_s))
         try:
             answered = await settled_within(rpc, timeout_s)
         except asyncio.CancelledError:
@@ -298,10 +318,12 @@ class GrpcModelClient:
             raise timeout_error(
                 self.name, elapsed_ms, timeout_s * 1000.0, waited_since, self._loop_lag
             )
-        self._note_answer(rpc)
+        if rpc.cancelled():  # only closing the channel cancels a call
+            raise ModelUnavailable(f"{self.name} call cancelled: the client is stopping")
         try:
-            response = rpc.result()
+            response = await rpc  # done: returns without waiting
         except grpc.aio.AioRpcError as exc:
+            self._note_status(exc.code())
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # the wire deadline
                 raise ModelTimeout(
@@ -312,19 +334,21 @@ class GrpcModelClient:
                 f"{self.name} {exc.code().name.lower()} after {elapsed_ms:.1f} ms"
                 f" ({(exc.details() or '').strip()[:120]})"
             ) from None
+        self._note_status(grpc.StatusCode.OK)
         return response, (time.perf_counter() - started) * 1000.0
 
-    def _abandon(self, rpc: asyncio.Future[Any]) -> None:
+    def _abandon(self, rpc: Rpc[Any]) -> None:
+        # A future for the call (a task awaiting it), for its end to be noted; made only
+        # for calls given up on, so the answered ones carry no task.
+        ended = asyncio.ensure_future(rpc)
+        if rpc.done():
+            ended.add_done_callback(self._note_answer)
+            return
         # The time of abandonment, not of sending: an answer to a later call that came
         # while this one was still awaited says nothing about the replica since.
-        if rpc.done():
-            self._note_answer(rpc)
-            if not rpc.cancelled():
-                rpc.exception()  # retrieved: an answer nobody wants is not an error
-            return
-        self._abandoned[rpc] = time.monotonic()
+        self._abandoned[ended] = time.monotonic()
         self._abandoned_total += 1
-        rpc.add_done_callback(self._abandoned_done)
+        ended.add_done_callback(self._abandoned_done)
 
     def _abandoned_done(self, rpc: asyncio.Future[Any]) -> None:
         self._abandoned.pop(rpc, None)
@@ -337,14 +361,16 @@ class GrpcModelClient:
         wire deadline, a cancellation, no connection)."""
         if rpc.cancelled():
             return
-        exc = rpc.exception()
-        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            grpc.StatusCode.CANCELLED,
-            grpc.StatusCode.UNAVAILABLE,
-        ):
-            return
-        self._answered_at = time.monotonic()
+        exc = rpc.exception()  # retrieved: an answer nobody wants is not an error
+        if isinstance(exc, grpc.aio.AioRpcError):
+            self._note_status(exc.code())
+        else:
+            self._note_status(grpc.StatusCode.OK)
+
+    def _note_status(self, code: grpc.StatusCode) -> None:
+        """Records that the replica answered, unless ``code`` says it did not speak."""
+        if code not in NO_WORD_FROM_REPLICA:
+            self._answered_at = time.monotonic()
 
     def _scores(
         self, scores: object, version: object, expected: int, elapsed_ms: float

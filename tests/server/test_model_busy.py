@@ -18,13 +18,15 @@ Call = Callable[[float], Awaitable[str]]
 
 
 class ScriptedClient(GrpcModelClient):
-    """Runs the coroutine it is given in place of an RPC."""
+    """Runs the coroutine it is given, as a task, in place of an RPC."""
 
     def _bind(self, channel: grpc.aio.Channel) -> None:
         pass
 
     async def answer(self, call: Call, timeout_s: float) -> str:
-        response, _ = await self._call(call, timeout_s)
+        response, _ = await self._call(
+            lambda wire_timeout_s: asyncio.ensure_future(call(wire_timeout_s)), timeout_s
+        )
         return response
 
 
