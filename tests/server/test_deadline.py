@@ -6,6 +6,7 @@ import asyncio
 import random
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 import uvloop
@@ -84,6 +85,52 @@ async def test_a_wait_that_ends_on_time_gets_no_grace(monkeypatch):
     started = time.perf_counter()
     assert not await settled_within(never, 0.005)
     assert (time.perf_counter() - started) < 0.5
+
+
+class CallLike:
+    """What a grpc.aio call offers ``settled_within``: done() and add_done_callback(),
+    callbacks run at once when it ends and never taken back (no remove_done_callback)."""
+
+    def __init__(self) -> None:
+        self._done = False
+        self.callbacks: list[Callable[[CallLike], None]] = []
+
+    def done(self) -> bool:
+        return self._done
+
+    def add_done_callback(self, fn) -> None:
+        if self._done:
+            fn(self)
+        else:
+            self.callbacks.append(fn)
+
+    def end(self) -> None:
+        self._done = True
+        for fn in self.callbacks:
+            fn(self)
+
+
+async def test_a_call_that_ends_in_time_wakes_the_wait_before_its_timeout():
+    call = CallLike()
+    asyncio.get_running_loop().call_later(0.01, call.end)
+    started = time.perf_counter()
+    assert await settled_within(call, 5.0)
+    assert time.perf_counter() - started < 2.5
+
+
+async def test_a_call_that_ends_after_the_wait_is_left_running_and_harmless():
+    call = CallLike()
+    assert not await settled_within(call, 0.005)
+    call.end()  # the wait's callback is still on the call: it must do nothing now
+    await asyncio.sleep(0)
+    assert call.done()
+
+
+async def test_a_call_already_done_is_settled_without_a_callback():
+    call = CallLike()
+    call.end()
+    assert await settled_within(call, 0.0)
+    assert call.callbacks == []
 
 
 @pytest.mark.parametrize(
