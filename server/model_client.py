@@ -192,7 +192,7 @@ _Answer_co = TypeVar("_Answer_co", covariant=True)
 
 class Rpc(Protocol[_Answer_co]):
     """A call on the wire as ``_call`` needs it: a grpc.aio call, awaited for its answer
-    once done (an asyncio task is one too, for tests)."""
+    once done, when awaiting it does not wait (an asyncio task is one too, for tests)."""
 
     def done(self) -> bool: ...
 
@@ -318,10 +318,20 @@ class GrpcModelClient:
             raise timeout_error(
                 self.name, elapsed_ms, timeout_s * 1000.0, waited_since, self._loop_lag
             )
-        if rpc.cancelled():  # only closing the channel cancels a call
-            raise ModelUnavailable(f"{self.name} call cancelled: the client is stopping")
         try:
-            response = await rpc  # done: returns without waiting
+            # Done, so this does not wait: grpc sets a call's status and ends its
+            # invocation in one step. Were it to wait, a cancellation of this task would
+            # still not reach the RPC: grpc does not cancel a call that has its status.
+            response = await rpc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # The call itself was cancelled on this side: only closing its channel does.
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+            raise ModelUnavailable(
+                f"{self.name} call cancelled locally after {elapsed_ms:.1f} ms"
+            ) from None
         except grpc.aio.AioRpcError as exc:
             self._note_status(exc.code())
             elapsed_ms = (time.perf_counter() - started) * 1000.0
