@@ -46,6 +46,8 @@ LADDER_SHARE = 0.35
 LATE_SHARE_ALLOWED = 0.005
 SECONDS = 6.0
 DEADLINE_S = 0.05
+# How long the server may take to settle on the slowed replicas before the reference.
+SETTLE_S = 15.0
 MODEL_SOURCES = (decision_pb2.SOURCE_PRIMARY, decision_pb2.SOURCE_SECONDARY)
 REPLICAS = ("primary", "secondary")
 
@@ -120,6 +122,22 @@ async def model_answers_in_time(server: ServerProcess) -> None:
         await asyncio.sleep(0.05)
 
 
+async def model_back(server: ServerProcess, within_s: float, why: str) -> None:
+    """Waits until both breakers are closed and the model answers a decision; fails after
+    ``within_s`` with what it saw last, and ``why``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        response = await server.decisions.Decide(buy(), timeout=1.0)
+        status = await server.admin.GetStatus(
+            admin_pb2.GetStatusRequest(), metadata=VIEWER, timeout=1.0
+        )
+        states = {r.name: r.breaker_state for r in status.replicas if r.name in REPLICAS}
+        if set(states.values()) == {"closed"} and response.source in MODEL_SOURCES:
+            return
+        assert time.monotonic() < deadline, (states, response.reason, why)
+        await asyncio.sleep(0.05)
+
+
 def within_capacity(server: ServerProcess) -> LoadSpec:
     """Four callers, each waiting for its answer: a load the slowed replicas keep up with."""
     return decide_load(
@@ -162,6 +180,15 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
                 )
                 procs = [r.proc for r in replicas.values()]
                 async with slowed(procs, stopped_ms=8, running_ms=8):
+                    # The slowing's onset can time calls out and open both breakers (for
+                    # 2 s, then probed): in a failed CI run that took most of the 3 s
+                    # reference. The reference is what the slowed replicas serve once
+                    # the server has settled on them.
+                    await model_back(
+                        server,
+                        SETTLE_S,
+                        f"slowed, workers lost {lost_since(lost_before, replicas)}",
+                    )
                     served = await asyncio.to_thread(generator.run, within_capacity(server))
                     result = await asyncio.to_thread(generator.run, spec)
 
@@ -175,8 +202,11 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
             # Within capacity the replicas, slowed as they are, keep up: the reference. The
             # model gave 34-99 % of the answers in 29 of 30 runs here (34 % on a stretch
             # where the ladder alone ran at 2/3 of its usual speed); in one it stopped
-            # answering (0.3 %), and that still fails. A lower reference makes the
-            # comparison past capacity below easier, so it must stay well above nothing.
+            # answering (0.3 %). On a slow hour (2026-11-25) that was 1 run in 4, old
+            # code and new alike, and once in CI: both breakers opened at the slowing's
+            # onset, before the reference waited for them to close. A lower reference
+            # makes the comparison past capacity below easier, so it must stay well above
+            # nothing.
             assert modelled(served) >= 0.25 * served.ok > 0, seen
             assert result.ok > 0.5 * rate * SECONDS, seen
             late = result.errors.get("DEADLINE_EXCEEDED", 0)
@@ -188,20 +218,8 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
 
             # The load and the slowing are over: within 5 s the model answers and both
             # breakers are closed again.
-            deadline = time.monotonic() + 5.0
-            while True:
-                response = await server.decisions.Decide(buy(), timeout=1.0)
-                status = await server.admin.GetStatus(
-                    admin_pb2.GetStatusRequest(), metadata=VIEWER, timeout=1.0
-                )
-                states = {r.name: r.breaker_state for r in status.replicas if r.name in REPLICAS}
-                if set(states.values()) == {"closed"} and response.source in MODEL_SOURCES:
-                    break
-                assert time.monotonic() < deadline, (
-                    states,
-                    response.reason,
-                    f"workers lost since the start {lost_since(lost_before, replicas)}",
-                )
-                await asyncio.sleep(0.05)
+            await model_back(
+                server, 5.0, f"workers lost since the start {lost_since(lost_before, replicas)}"
+            )
         finally:
             await server.close()
