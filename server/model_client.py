@@ -21,9 +21,9 @@ a gRPC call it is answering is cancelled (pytorch/serve issues 1888 and 3087): i
 restarts it and reloads its model, or, now and then, leaves the replica without one. A
 deadline enforced by cancelling turns timeouts into lost workers and more timeouts.
 Each RPC therefore goes out with a long wire deadline (``wire_timeout_ms``, for a
-replica that hangs) and is never awaited directly: the caller waits for the call's done
-callback only as long as its own budget allows, or until it is cancelled itself, and the
-RPC finishes on the wire unobserved. Abandoned calls are bounded per replica
+replica that hangs); the caller waits for the call's done callback only as long as its
+own budget allows, or until it is cancelled itself, and the RPC finishes on the wire
+unobserved. Abandoned calls are bounded per replica
 (``max_abandoned_calls``): past the bound the replica gets no new call (``ModelBusy``)
 until some of them end, so a hung replica never piles them up.
 
@@ -195,8 +195,6 @@ class Rpc(Protocol[_Answer_co]):
     once done, when awaiting it does not wait (an asyncio task is one too, for tests)."""
 
     def done(self) -> bool: ...
-
-    def cancelled(self) -> bool: ...
 
     def add_done_callback(self, fn: Callable[[Any], None], /) -> None: ...
 
