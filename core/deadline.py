@@ -86,28 +86,27 @@ async def settled_within(future: Settles, timeout_s: float) -> bool:
     if future.done():
         return True
     loop = asyncio.get_running_loop()
-    due = loop.time() + timeout_s
     waiter: asyncio.Future[None] = loop.create_future()
 
     def wake(_: object = None) -> None:
         if not waiter.done():
             waiter.set_result(None)
 
-    # A grpc.aio call cannot take a callback back: ``wake`` stays on it, harmless once
-    # the waiter is done.
-    future.add_done_callback(wake)
-    timer = loop.call_at(due, wake)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-    if not future.done() and loop.time() - due > STALLED_TIMER_S:
-        waiter = loop.create_future()
-        timer = loop.call_later(STALL_GRACE_S, wake)
+    async def until(when: float) -> None:  # the waiter is done, or ``when`` has come
+        timer = loop.call_at(when, wake)
         try:
             await waiter
         finally:
             timer.cancel()
+
+    # A grpc.aio call cannot take a callback back: ``wake`` stays on it, harmless once
+    # the waiter is done.
+    future.add_done_callback(wake)
+    due = loop.time() + timeout_s
+    await until(due)
+    if not future.done() and loop.time() - due > STALLED_TIMER_S:
+        waiter = loop.create_future()
+        await until(loop.time() + STALL_GRACE_S)
     return future.done()
 
 

@@ -108,6 +108,14 @@ async def test_the_double_sees_a_call_cancelled_under_it(replica):
     assert servicer.finished == 0
 
 
+async def finishes_unobserved(servicer: SlowReplica, client: TorchServeClient) -> None:
+    """The call given up on is counted as abandoned until it ends, and the replica
+    finishes it: never cancelled."""
+    assert client.abandoned().outstanding == 1
+    await until(lambda: client.abandoned().outstanding == 0)
+    assert (servicer.finished, servicer.cancelled) == (1, 0)
+
+
 async def test_an_answer_in_time_leaves_nothing_behind(replica, client):
     scores = await client.predict(ROWS, 5.0)
     assert scores.scores == [0.5]
@@ -119,9 +127,7 @@ async def test_a_wait_that_times_out_abandons_the_call_without_cancelling_it(rep
     servicer.delay_s = 0.2
     with pytest.raises(ModelTimeout):
         await client.predict(ROWS, 0.02)
-    assert client.abandoned().outstanding == 1
-    await until(lambda: client.abandoned().outstanding == 0)
-    assert (servicer.finished, servicer.cancelled) == (1, 0)
+    await finishes_unobserved(servicer, client)
 
 
 async def test_a_cancelled_caller_abandons_the_call_without_cancelling_it(replica, client):
@@ -132,9 +138,7 @@ async def test_a_cancelled_caller_abandons_the_call_without_cancelling_it(replic
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
-    assert client.abandoned().outstanding == 1
-    await until(lambda: client.abandoned().outstanding == 0)
-    assert (servicer.finished, servicer.cancelled) == (1, 0)
+    await finishes_unobserved(servicer, client)
 
 
 async def test_a_call_cut_by_its_channel_closing_is_unavailable_not_a_cancellation(replica, client):
