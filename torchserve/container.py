@@ -11,6 +11,11 @@ bound to ``0.0.0.0`` for the kubelet's probes, the decision pods and Prometheus.
 The config, TorchServe's temp files and its logs go under ``--run-dir`` (an emptyDir:
 the image's root file system is read-only). This process stays as the container's PID 1
 and passes SIGTERM and SIGINT on to TorchServe's whole process group (``supervise``).
+
+``python -m torchserve.container --check-health`` is the image's HEALTHCHECK: healthy
+while the model the config in ``--run-dir`` loads answers a prediction request, as the
+Kubernetes probes ask (``k8s/base/model-servers.yaml``), not while ``/ping`` says so:
+TorchServe 0.12 answers /ping "Healthy" while a worker it lost is never started again.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
@@ -84,12 +92,55 @@ def supervise(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> int:
     return 128 - code if code < 0 else code
 
 
+def config_values(config_text: str) -> dict[str, str]:
+    """A ``config.properties`` file's ``key=value`` lines."""
+    lines = (line.strip() for line in config_text.splitlines())
+    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def health_url(config_text: str) -> str:
+    """Where a prediction request for the model the config loads (``load_models``:
+    ``name=file.mar``) goes on the REST inference API, over loopback."""
+    config = config_values(config_text)
+    model = config["load_models"].split(",")[0].split("=")[0]
+    address = urllib.parse.urlsplit(config["inference_address"])
+    return f"http://127.0.0.1:{address.port}/predictions/{model}"
+
+
+def check_health(run_dir: Path, timeout_s: float = 1.0) -> str | None:
+    """None while the replica under ``run_dir`` answers a prediction request (a GET
+    without rows: TorchServe's queue and worker answer it, with an error, 200), else why
+    not. A request that times out closes its connection, which loses no worker."""
+    try:
+        url = health_url((run_dir / "config.properties").read_text())
+    except (OSError, KeyError) as exc:
+        return f"no replica config in {run_dir}: {exc!r}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):  # noqa: S310 - loopback http
+            return None
+    except urllib.error.HTTPError as exc:
+        return f"{url}: HTTP {exc.code}"
+    except (OSError, TimeoutError) as exc:
+        return f"{url}: {exc}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="model-server", description=__doc__)
-    parser.add_argument("role", choices=ROLES)
+    parser.add_argument("role", choices=ROLES, nargs="?")
     parser.add_argument("--model-store", type=Path, default=Path("/opt/models"))
     parser.add_argument("--run-dir", type=Path, default=Path("/var/run/model-server"))
+    parser.add_argument(
+        "--check-health",
+        action="store_true",
+        help="exit 0 while the running replica's model answers, else 1 (the HEALTHCHECK)",
+    )
     args = parser.parse_args(argv)
+    if args.check_health:
+        problem = check_health(args.run_dir)
+        sys.exit(None if problem is None else f"unhealthy: {problem}")  # a message exits 1
+    if args.role is None:
+        parser.error("a role is required: " + ", ".join(ROLES))
     command, env = prepare(args.role, args.model_store, args.run_dir)
     # The run folder is the JVM's working directory: its gc.log goes to logs/ there.
     sys.exit(supervise(command, env, args.run_dir))

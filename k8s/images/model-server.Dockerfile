@@ -54,7 +54,9 @@ WORKDIR /var/run/model-server
 USER 10002
 # gRPC inference (native and Open Inference Protocol), REST inference (the probes), metrics.
 EXPOSE 7070 8080 8082
+# Healthy while the role's model answers a prediction request, as the Kubernetes probes
+# ask: /ping stays "Healthy" while a lost worker is never started again.
 HEALTHCHECK --interval=10s --timeout=2s --start-period=60s --retries=3 \
-  CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/ping', timeout=1)"]
+  CMD ["python", "-m", "torchserve.container", "--check-health"]
 ENTRYPOINT ["python", "-m", "torchserve.container", "--run-dir", "/var/run/model-server"]
 CMD ["primary"]

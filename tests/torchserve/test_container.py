@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from torchserve.container import prepare
+from tests.conftest import REPO, Replica, wait_for
+from torchserve.container import check_health, health_url, prepare
 from torchserve.replica import PRIMARY_PORTS, config_properties, role_section
 
 
@@ -40,6 +40,40 @@ def test_a_role_gets_its_model_section_and_container_addresses(tmp_path: Path, r
     assert argv[argv.index("--model-store") + 1] == "/opt/models"
     assert {env["TMPDIR"], env["LOG_LOCATION"]} == {str(tmp_path / "tmp"), str(tmp_path / "logs")}
     assert (tmp_path / "tmp").is_dir() and (tmp_path / "logs").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("role", "model"),
+    [("primary", "champion"), ("secondary", "champion"), ("challenger", "challenger")],
+)
+def test_the_health_check_asks_the_roles_model_over_loopback(
+    tmp_path: Path, role: str, model: str
+) -> None:
+    argv, _ = prepare(role, Path("/opt/models"), tmp_path)
+    config = Path(argv[argv.index("--ts-config") + 1]).read_text()
+    assert health_url(config) == f"http://127.0.0.1:8080/predictions/{model}"
+
+
+def test_the_health_check_without_a_config_says_so(tmp_path: Path) -> None:
+    problem = check_health(tmp_path)
+    assert problem is not None and str(tmp_path) in problem
+
+
+@pytest.mark.integration
+def test_the_health_check_passes_while_the_model_answers_and_fails_while_it_does_not(
+    tmp_path: Path, replicas: dict[str, Replica]
+) -> None:
+    replica = replicas["secondary"]
+    config = config_properties(replica.ports, tmp_path, role_section("secondary"))
+    (tmp_path / "config.properties").write_text(config)
+    assert check_health(tmp_path) is None
+    replica.proc.pause()  # a replica that answers nothing, as one whose worker is lost
+    try:
+        problem = check_health(tmp_path, timeout_s=0.5)
+    finally:
+        replica.proc.resume()
+    assert problem is not None and "/predictions/champion" in problem
+    wait_for(lambda: check_health(tmp_path) is None)
 
 
 def test_the_local_stack_keeps_every_address_on_loopback(tmp_path: Path) -> None:
