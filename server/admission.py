@@ -9,13 +9,17 @@ for a CPU (``core.loop_lag``'s busy share). So the limit is adjusted like a cong
 window (additive increase, multiplicative decrease, as in Netflix's concurrency-limits
 and TCP): while the loop was busy more than ``max_busy_share`` of the last 250 ms the
 limit shrinks to ¾ of what was in flight; otherwise, when the limit is nearly used, it
-grows by a tenth. ``max_in_flight`` stays the ceiling. Not the timers' lateness: a
-saturated loop keeps them punctual (at 1,480 decisions/s on two shared cores the probe
-woke 0.1 ms late on average while calls waited 39 ms before their handler), and one
-30 ms hiccup of a busy machine is not overload. A request past the limit is shed at
-once (the ladder's answer, or RESOURCE_EXHAUSTED): a fast honest answer instead of a late
-one, and the model calls it does not make are work the loop and the replicas beside it
-do not do.
+grows by a tenth. ``max_in_flight`` stays the ceiling, ``min_in_flight`` the floor: a
+decision shed still costs the loop its gRPC call, its features and its audit record,
+about what one on the model path costs, since one batched model call serves many (650
+µs of server CPU a decision at saturation whether the model gave 38 % of the answers or
+100 %), so below a batch's worth shedding only takes answers from the model. Not the
+timers' lateness: a saturated loop keeps them punctual (at 1,480 decisions/s on two
+shared cores the probe woke 0.1 ms late on average while calls waited 39 ms before their
+handler), and one 30 ms hiccup of a busy machine is not overload. A request past the
+limit is shed at once (the ladder's answer, or RESOURCE_EXHAUSTED): a fast honest answer
+instead of a late one, and the model calls it does not make are work the replicas beside
+the loop do not do.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ class AdmissionLimit:
     ) -> None:
         """``max_in_flight`` 0: no ceiling (the limit still adapts when ``lag`` is given)."""
         self._ceiling = float(max_in_flight) if max_in_flight > 0 else float("inf")
-        self._floor = float(max(1, min_in_flight))
+        # A floor above the ceiling would lift a shrinking limit past it.
+        self._floor = min(float(max(1, min_in_flight)), self._ceiling)
         self._max_busy_share = max_busy_share
         self._lag = lag
         self._clock = clock

@@ -51,6 +51,19 @@ def test_the_limit_never_goes_below_its_floor_and_an_idle_server_admits() -> Non
     assert admission.admits(0, 400)  # nothing in flight: even a batch past the limit
 
 
+def test_a_floor_above_the_ceiling_never_lifts_the_limit_past_the_ceiling() -> None:
+    script = Scripted()
+    admission = AdmissionLimit(
+        max_in_flight=2, min_in_flight=16, max_busy_share=0.85, lag=script, clock=script
+    )
+    script.share = 0.9
+    for _ in range(5):
+        tick(script)
+        admission.admits(2, 1)
+    assert admission.limit == 2.0
+    assert not admission.admits(2, 1)
+
+
 def test_a_punctual_loop_grows_a_used_limit_back_to_the_ceiling() -> None:
     script = Scripted()
     admission = limit(script)
