@@ -389,7 +389,15 @@ class DecisionSettings(SettingsSection):
         "waiting for a CPU more than this share of the last 250 ms (requests then wait in "
         "gRPC's queue, unseen) and grows back while it was not.",
     )
-    min_in_flight: int = Field(4, ge=1, description="The admission limit never shrinks below this.")
+    min_in_flight: int = Field(
+        16,
+        ge=1,
+        description="The admission limit never shrinks below this. A decision shed costs the "
+        "loop about what one on the model path does (one batched model call serves many), so "
+        "a floor below a batch's worth sheds model answers without relieving the loop: on "
+        "two shared cores, open loop at 1,100 and 1,400/s, 16 against 4 gave the model 2.2 x "
+        "the answers with as many late (265 against 311 of 58,200).",
+    )
     overload_action: Literal["reject", "rules"] = Field(
         "rules",
         description="Shed calls are decided at once without a model call by the fallback "
