@@ -266,8 +266,9 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
             # a second as within it (its calls carry more rows as the load grows; 1.8-3.2 x
             # measured at 0.35, and 0.3-0.5 x when it collapsed). Once in 16 runs with a busy
             # loop beside the test it was 0.5 x with no breaker open: the server's own CPU was
-            # the limit, and it shed to the ladder (admission limit at 5, budgets spent
-            # before the model step), as it should; the two-core machine gives no more.
+            # the limit, and it shed to the ladder (admission limit at 5, its floor 4 then;
+            # budgets spent before the model step), as it should; the two-core machine gives
+            # no more.
             assert modelled(result) / SECONDS >= served_per_s, seen
 
             # The load and the slowing are over: within 5 s the model answers and both

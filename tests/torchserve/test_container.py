@@ -12,13 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, Replica, wait_for
-from torchserve.container import check_health, health_url, prepare
+from torchserve.container import check_health, config_values, health_url, prepare
 from torchserve.replica import PRIMARY_PORTS, config_properties, role_section
-
-
-def properties(text: str) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#")
-    return {key: value for key, value in pairs}
 
 
 @pytest.mark.parametrize("role", ["primary", "secondary", "challenger"])
@@ -27,7 +22,7 @@ def test_a_role_gets_its_model_section_and_container_addresses(tmp_path: Path, r
 
     config_path = Path(argv[argv.index("--ts-config") + 1])
     assert config_path.parent == tmp_path
-    config = properties(config_path.read_text())
+    config = config_values(config_path.read_text())
     assert config["inference_address"] == "http://0.0.0.0:8080"
     assert config["metrics_address"] == "http://0.0.0.0:8082"
     assert (config["grpc_inference_address"], config["grpc_inference_port"]) == ("0.0.0.0", "7070")
@@ -35,7 +30,7 @@ def test_a_role_gets_its_model_section_and_container_addresses(tmp_path: Path, r
     assert config["management_address"] == "http://127.0.0.1:8081"
     assert config["grpc_management_address"] == "127.0.0.1"
     assert config["model_store"] == "/opt/models"
-    assert config["models"] == properties(role_section(role))["models"]
+    assert config["models"] == config_values(role_section(role))["models"]
     assert argv[0].endswith("torchserve") and "--foreground" in argv
     assert argv[argv.index("--model-store") + 1] == "/opt/models"
     assert {env["TMPDIR"], env["LOG_LOCATION"]} == {str(tmp_path / "tmp"), str(tmp_path / "logs")}
@@ -77,7 +72,7 @@ def test_the_health_check_passes_while_the_model_answers_and_fails_while_it_does
 
 
 def test_the_local_stack_keeps_every_address_on_loopback(tmp_path: Path) -> None:
-    config = properties(config_properties(PRIMARY_PORTS, tmp_path, role_section("primary")))
+    config = config_values(config_properties(PRIMARY_PORTS, tmp_path, role_section("primary")))
     addresses = [v for k, v in config.items() if k.endswith("_address")]
     assert len(addresses) == 5
     assert all("127.0.0.1" in address for address in addresses)
