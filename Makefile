@@ -11,7 +11,7 @@ help: ## List the targets
 setup: ## Install system packages when missing (apt-get) and the virtualenv
 	@.ci/setup
 
-setup-ci: ## setup, plus the test tools: buf (npm) for the proto checks, MLServer in its own virtualenv
+setup-ci: ## setup, plus the test tools: buf (npm) for the proto checks, MLServer in its own virtualenv, promtool (apt) for the alert rules
 	@.ci/setup --with-test-tools
 
 lock: ## Pin the virtualenv's exact versions into constraints.txt, and every file a fresh install takes, with its sha256, into requirements.lock

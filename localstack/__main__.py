@@ -1,4 +1,4 @@
-"""``make run``: the local stack on DESIGN.md's ports, stopped cleanly by Ctrl-C.
+"""``make run``: the local stack on the README's ports, stopped cleanly by Ctrl-C.
 
 Starts redis-server, the local Kafka-protocol broker with the market-data topics, the
 primary, secondary and challenger TorchServe replicas, the feature-cache consumer, a replayer

@@ -38,7 +38,7 @@ class ReplicaPorts:
 
     @classmethod
     def from_base(cls, base_grpc: int, base_rest: int, worker: int) -> ReplicaPorts:
-        """DESIGN.md's scheme: 7070/7071 and 8080/8081/8082 for the primary, +100 per replica."""
+        """The README's ports: 7070/7071 and 8080/8081/8082 for the primary, +100 per replica."""
         return cls(base_grpc, base_grpc + 1, base_rest, base_rest + 1, base_rest + 2, worker)
 
     def shifted(self, offset: int) -> ReplicaPorts:
