@@ -66,7 +66,10 @@ class ServerSettings(SettingsSection):
         10.0, ge=0, description="How long calls on a connection past its age may finish."
     )
     max_concurrent_rpcs: int | None = Field(
-        None, description="gRPC's cap on concurrent RPCs; excess get RESOURCE_EXHAUSTED."
+        None,
+        description="gRPC's cap on concurrent RPCs; excess get RESOURCE_EXHAUSTED. It counts "
+        "only calls the server has taken from gRPC's core, not those still queued there, so "
+        "it does not shed a CPU-bound overload (docs/benchmarks.md).",
     )
     cpu_slice_us: int = Field(
         CPU_SLICE_US,
