@@ -1,4 +1,4 @@
-"""The label the models learn and live quality is judged by (DESIGN.md's decision
+"""The label the models learn and live quality is judged by (docs/architecture.md's decision
 semantics), in one place: training (``torchserve.dataset``) and the labeler (``quality``)
 both call it, and a change here makes the cached models stale (``torchserve.train``)."""
 

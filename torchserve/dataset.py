@@ -5,7 +5,7 @@ A day is one ``MarketGenerator`` session of its own seed: its events go through
 sees), and every ``sample_every_ms`` of exchange time per symbol the current features
 become two rows, one per side (``schema.model_row``).
 
-Label (DESIGN.md's decision semantics): for a buy, 1 when the mid ``horizon_ms`` later
+Label (docs/architecture.md, decision semantics): for a buy, 1 when the mid ``horizon_ms`` later
 (the mid in effect then) exceeds the mid now by more than the half-spread now; for a
 sell, 1 when it is below by more than the half-spread. A sample whose horizon runs past
 the day's last event has no label and is dropped, so no label looks across a day; the

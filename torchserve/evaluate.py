@@ -185,9 +185,9 @@ Written by `make models` (`python -m torchserve.evaluate`); do not edit by hand.
 `feature_cache.features` (schema version {spec["feature_schema_version"]}) sampled every
 {spec["sample_every_ms"]} ms per symbol, one row per side. Label: the mid
 {spec["horizon_ms"]} ms later has moved in the side's favour by more than the half-spread
-(DESIGN.md's decision semantics). Walk-forward by day: days 0-{spec["days"] - 3} train, day
-{spec["days"] - 2} validates (early stopping), day {spec["days"] - 1} is held out and
-reported here: {len(y):,} rows, {y.mean():.1%} favourable.
+(docs/architecture.md, decision semantics). Walk-forward by day: days
+0-{spec["days"] - 3} train, day {spec["days"] - 2} validates (early stopping), day
+{spec["days"] - 1} is held out and reported here: {len(y):,} rows, {y.mean():.1%} favourable.
 
 ## Results on the held-out day
 
