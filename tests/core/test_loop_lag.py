@@ -109,7 +109,8 @@ async def test_the_busy_share_is_the_time_the_loops_thread_ran_over_the_window()
         await asyncio.sleep(0)
         busy = lag.busy_share(0.25)
         assert busy >= 0.6 and busy - idle >= 0.3, (idle, busy)
-        assert lag.busy_share(0.01) <= 1.0
+        # A window inside the busy stretch reads it as busy, and never as more than all.
+        assert 0.6 <= lag.busy_share(0.01) <= 1.0
     finally:
         await lag.stop()
     assert lag.busy_share(0.25) == 0.0  # stopped: no probe, no claim

@@ -160,16 +160,18 @@ def test_a_spec_splits_into_shares_that_add_up_to_it() -> None:
 
 
 @pytest.mark.parametrize(
-    "changes",
+    ("changes", "why"),
     [
-        {"address": "10.0.0.5:50051"},
-        {"seconds": 0.0},
-        {"seconds": 3600.0},
-        {"max_requests": 0},
-        {"mode": "open", "rate_per_s": 0.0},
+        ({"address": "10.0.0.5:50051"}, "loopback addresses only"),
+        ({"seconds": 0.0}, "seconds and warmup_s must be within"),
+        ({"seconds": 3600.0}, "seconds and warmup_s must be within"),
+        ({"max_requests": 0}, "max_requests, processes, channels and timeout_s"),
+        ({"mode": "open", "rate_per_s": 0.0}, "open loop needs rate_per_s"),
     ],
 )
-def test_a_spec_is_refused_when_unbounded_or_off_loopback(changes: dict[str, object]) -> None:
+def test_a_spec_is_refused_when_unbounded_or_off_loopback(
+    changes: dict[str, object], why: str
+) -> None:
     fields: dict[str, object] = {
         "target": "echo",
         "address": "127.0.0.1:50051",
@@ -177,7 +179,7 @@ def test_a_spec_is_refused_when_unbounded_or_off_loopback(changes: dict[str, obj
         "seconds": 1.0,
         "max_requests": 10,
     }
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=why):
         LoadSpec(**{**fields, **changes})  # type: ignore[arg-type]
 
 

@@ -426,5 +426,5 @@ async def test_breakers_forced_open_and_a_budget_too_short_say_so_by_code(parts:
     assert parts.primary.calls == []
     assert parts.engine.fallbacks == {
         (Source.RULES, "model_breaker_open"): 1,
-        (hurried.source, "model_no_time"): 1,
+        (Source.RULES, "model_no_time"): 1,
     }
