@@ -1,5 +1,7 @@
-"""The CPU slice request, on this machine's real kernel. Each test asks in a thread of its
-own: the slice is per thread, and the test process keeps the kernel's default."""
+"""The CPU slice request, on this machine's real kernel, and its refusals with the
+kernel's answer replaced (a kernel that ignores the slice, a platform without the call).
+Each test asks in a thread of its own: the slice is per thread, and the test process
+keeps the kernel's default."""
 
 from __future__ import annotations
 
@@ -66,3 +68,23 @@ def test_an_older_kernel_says_why_the_slice_was_not_taken() -> None:
 
     assert not result.applied
     assert result.why_not
+
+
+def test_a_kernel_that_accepts_the_call_but_keeps_its_own_slice_is_not_taken_at_its_word(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What a kernel before 6.12 does, on any kernel: the thread's slice reads back unchanged.
+    monkeypatch.setattr("core.cpu_slice.current_slice_us", lambda: 2800)
+
+    result = in_new_thread(lambda: request_cpu_slice(300))
+
+    assert result == SliceResult(2800, False, f"this kernel ({platform.release()}) keeps its own")
+
+
+def test_a_platform_without_the_syscalls_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("core.cpu_slice._syscalls", lambda: None)
+
+    result = request_cpu_slice(300)
+
+    assert result.slice_us is None and not result.applied
+    assert result.why_not.startswith("not Linux on x86_64/aarch64")
