@@ -68,6 +68,7 @@ def test_every_alert_links_to_a_runbook_section_and_has_a_severity(
     objects: list[Object],
 ) -> None:
     sections = anchors((REPO / RUNBOOK).read_text())
+    assert alerts(objects), "no alert rules found in the manifests"
     for name, rule in alerts(objects).items():
         page, _, anchor = rule["annotations"]["runbook_url"].partition("#")
         assert page == RUNBOOK, name

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import re
 import time
+from collections.abc import Sequence
 
 import grpc
 import pytest
@@ -383,24 +384,35 @@ async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breake
 
 
 async def test_cached_score_is_rewritten_at_most_once_per_interval(
-    replicas, start_app, channel_to, feature_writer, redis_client, key_prefix
+    replicas, start_app, channel_to, feature_writer, redis_client, key_prefix, monkeypatch
 ):
+    # Every write the server starts, counted as it starts (the server runs on this loop).
+    writes: list[int] = []
+    put_many = ScoreCache.put_many
+
+    async def counted(self: ScoreCache, entries: Sequence[ScoreEntry]) -> None:
+        writes.append(len(entries))
+        await put_many(self, entries)
+
+    monkeypatch.setattr(ScoreCache, "put_many", counted)
     await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(
         torchserve=replica_settings(replicas),
-        fallback={"cached_score_write_interval_ms": 300.0},
+        fallback={"cached_score_write_interval_ms": 1000.0},
     )
     stub = decision_stub(channel_to(app))
     cache = ScoreCache(redis_client, key_prefix=key_prefix, ttl_ms=60_000)
     await stub.Decide(buy(), timeout=2.0)
     first = (await wait_for_cached_score(cache, "BTC-USD", Side.BUY)).scored_at_us
     await stub.Decide(buy(), timeout=2.0)
-    await asyncio.sleep(0.1)  # a write, had there been one, would have landed by now
+    await asyncio.sleep(0.05)  # the write task, had there been one, has started by now
+    assert writes == [1]
     (again,) = await cache.get_many([("BTC-USD", Side.BUY)])
     assert again is not None and again.scored_at_us == first
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.0)
     await stub.Decide(buy(), timeout=2.0)
     await wait_for_cached_score(cache, "BTC-USD", Side.BUY, newer_than_us=first)
+    assert writes == [1, 1]
 
 
 async def test_more_concurrent_calls_than_redis_connections_all_get_the_model(
@@ -410,6 +422,8 @@ async def test_more_concurrent_calls_than_redis_connections_all_get_the_model(
     app = await start_app(
         torchserve=replica_settings(replicas),
         redis={"max_connections": 2},
+        # Every call reads Redis: with the mirror on, none would use the pool at all.
+        features={"mirror": False},
         # About the connection pool, not admission: 40 calls at once stall this test's
         # loop on a slow day, and the admission limit would shed some to the ladder.
         decision={"max_loop_busy_share": 1.0},
@@ -418,3 +432,4 @@ async def test_more_concurrent_calls_than_redis_connections_all_get_the_model(
     responses = await asyncio.gather(*(stub.Decide(buy(), timeout=5.0) for _ in range(40)))
     sources = {r.source for r in responses}
     assert sources == {decision_pb2.SOURCE_PRIMARY}, {r.reason for r in responses}
+    assert app.features.store_reads >= 40

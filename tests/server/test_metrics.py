@@ -89,6 +89,8 @@ async def test_traffic_moves_the_request_decision_and_replica_metrics(
     for source, count in (("primary", 5), ("secondary", 2), ("abstain", 2)):
         assert value(got, "decision_latency_seconds_count", source=source) == count
         assert value(got, "decision_latency_seconds_bucket", source=source, le="+Inf") == count
+    # Exported at zero, not missing (``value`` reads a missing series as 0).
+    assert ("decision_latency_seconds_count", frozenset({("source", "rules")})) in got
     assert value(got, "decision_latency_seconds_count", source="rules") == 0
     # Why the model did not answer, by code: only the two abstentions (the secondary's
     # answers are the model's).
@@ -116,8 +118,11 @@ async def test_traffic_moves_the_request_decision_and_replica_metrics(
         assert value(got, "decision_model_call_seconds_sum", **labels) > 0
     # Two failures do not open a breaker that opens at five.
     assert value(got, "decision_breaker_state", replica="primary", state="closed") == 1
+    open_state = frozenset({("replica", "primary"), ("state", "open")})
+    assert ("decision_breaker_state", open_state) in got
     assert value(got, "decision_breaker_state", replica="primary", state="open") == 0
 
+    assert ("decision_canary_weight", frozenset()) in got
     assert value(got, "decision_canary_weight") == 0
     assert ("decision_canary_rollbacks_total", frozenset()) in got
 

@@ -151,10 +151,12 @@ async def test_without_tracing_no_span_is_made_and_no_traceparent_answered(
     call = decision_stub(channel_to(app)).Decide(
         buy(), timeout=2.0, metadata=(("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"),)
     )
-    await call
+    answer = await call
     trailing = dict(await call.trailing_metadata() or ())
     assert "traceparent" not in trailing
-    assert isinstance(call, grpc.aio.UnaryUnaryCall)
+    # No server span to take a trace id from: the record keeps the caller's.
+    row = await audited_decision(app, answer.decision_id)
+    assert row["trace_id"] == CALLER_TRACE
 
 
 async def test_a_refused_call_answers_its_traceparent_too(

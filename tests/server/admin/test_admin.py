@@ -256,11 +256,15 @@ async def test_changes_need_an_operator_token_and_each_accepted_one_is_audited(a
             async for _ in reflect.ServerReflectionInfo(iter([listing]), timeout=5.0):
                 pass
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        async for answer in reflect.ServerReflectionInfo(
-            iter([listing]), metadata=VIEWER, timeout=5.0
-        ):
-            names = {s.name for s in answer.list_services_response.service}
-            assert "decision.v1.AdminService" in names
+        answers = [
+            answer
+            async for answer in reflect.ServerReflectionInfo(
+                iter([listing]), metadata=VIEWER, timeout=5.0
+            )
+        ]
+        assert len(answers) == 1
+        names = {s.name for s in answers[0].list_services_response.service}
+        assert "decision.v1.AdminService" in names
         assert "dashboard (viewer) may not call SetFlag" in (
             await _details(admin.SetFlag(change, metadata=VIEWER, timeout=5.0))
         )

@@ -48,7 +48,7 @@ def test_a_migration_that_fails_leaves_the_schema_as_it_was(database_url):
         with engine.begin() as conn:
             # A table in the way of 0002's second step makes it fail after its first.
             conn.execute(sa.text("CREATE TABLE decision_outcomes (decision_id TEXT)"))
-        with pytest.raises(sa.exc.DatabaseError):
+        with pytest.raises(sa.exc.DatabaseError, match="decision_outcomes"):  # that step's
             upgrade(engine)
         columns = {c["name"] for c in sa.inspect(engine).get_columns("decisions")}
         assert "feature_time" not in columns
