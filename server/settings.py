@@ -397,9 +397,8 @@ class DecisionSettings(SettingsSection):
         ge=1,
         description="The admission limit never shrinks below this. A decision shed costs the "
         "loop about what one on the model path does (one batched model call serves many), so "
-        "a floor below a batch's worth sheds model answers without relieving the loop: on "
-        "two shared cores, open loop at 1,100 and 1,400/s, 16 against 4 gave the model 2.2 x "
-        "the answers with as many late (265 against 311 of 58,200).",
+        "a floor below a batch's worth sheds model answers without relieving the loop "
+        "(docs/benchmarks.md).",
     )
     overload_action: Literal["reject", "rules"] = Field(
         "rules",
