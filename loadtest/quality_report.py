@@ -251,8 +251,9 @@ async def run(args: argparse.Namespace) -> int:
     # Every decision stays in the labeler's window: the whole run is one sample.
     os.environ["DECISION_QUALITY__WINDOW"] = "1000000"
     stack = LocalStack(args.run_dir, args.port_offset, stack_models, replayer=False)
-    if stack.busy_ports():
-        print(f"ports in use: {stack.busy_ports()}; --port-offset N moves this stack")
+    refused = stack.claim_ports()
+    if refused:
+        print(f"{refused}; --port-offset N moves this stack")
         return 2
     called = Called()
     try:

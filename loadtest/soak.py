@@ -248,9 +248,9 @@ def fault_at(faults: list[Fault], start_s: float, end_s: float, settle_s: float)
 async def soak(args: argparse.Namespace) -> int:
     bounds = Bounds()
     stack = LocalStack(args.run_dir, args.port_offset, args.models)
-    busy = stack.busy_ports()
-    if busy:
-        print(f"ports in use: {busy}; is a stack running? (--port-offset N moves this one)")
+    refused = stack.claim_ports()
+    if refused:
+        print(f"{refused}; is another stack running? (--port-offset N moves this one)")
         return 2
     kafka = FeatureCacheSettings().kafka
     windows: list[Window] = []

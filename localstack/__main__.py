@@ -43,6 +43,7 @@ from feature_cache.store import FeatureReader
 from localstack.chaos import ChaosService, ChaosTarget
 from localstack.health import serving
 from localstack.kafka_broker import create_topics, kafka_broker
+from localstack.port_claims import PortClaims
 from localstack.prometheus import Target, prometheus_binary, prometheus_process, write_config
 from localstack.redis_server import redis_server
 from torchserve.archive import ArchiveInfo
@@ -68,6 +69,8 @@ DEFAULT_SYMBOLS = ["BTC-USD", "ETH-USD", "SOL-USD"]
 BACKGROUND_NICENESS = 10
 MARKET_DATA_PARTITIONS = 4
 REPO = Path(__file__).resolve().parents[1]
+# The offsets ``free_offset`` draws from (it skips those that meet the default stack).
+SECOND_STACK_OFFSETS = range(1000, 15000, 10)
 
 
 def outgoing_ports() -> range:
@@ -199,12 +202,27 @@ class LocalStack:
         self.primary = PRIMARY_PORTS.shifted(offset)
         self.secondary = SECONDARY_PORTS.shifted(offset)
         self.challenger = CHALLENGER_PORTS.shifted(offset)
+        self._claims = PortClaims()
         self._started: list[ManagedProcess] = []
         self._chaos_targets: dict[str, ChaosTarget] = {}
         self._chaos: ChaosService | None = None
 
     def busy_ports(self) -> list[int]:
         return [port for port in self.ports() if port_open("127.0.0.1", port)]
+
+    def claim_ports(self) -> str:
+        """Claims this stack's ports for this process until ``stop`` and returns '', or
+        claims none and returns why: ports another stack claims (starting or running) or
+        some process listens on."""
+        taken = self._claims.claim(self.ports())
+        if taken:
+            shown = ", ".join(f"{port} ({who})" for port, who in list(taken.items())[:5])
+            return f"ports another stack claims: {shown}"
+        busy = self.busy_ports()
+        if busy:
+            self._claims.release()
+            return f"ports already in use: {', '.join(map(str, busy[:5]))}"
+        return ""
 
     def overlap_with_default(self) -> list[int]:
         """The ports this stack shares with a stack on the default ports (offset 0)."""
@@ -214,23 +232,25 @@ class LocalStack:
 
     @classmethod
     def free_offset(cls, run_dir: Path, **options: Any) -> int:
-        """A random port offset (1000 to 15000) whose stack would take no port in use now
-        nor one of the default stack's: for a second stack beside ``make run``'s.
+        """A random port offset (1000 to 15000) whose stack would take no port in use now,
+        none that another stack claims (``localstack.port_claims``: a stack claims its
+        ports as it starts, before it binds them) and none of the default stack's: for a
+        second stack beside ``make run``'s. Two draws within the moment before either
+        stack claims (a second or two when the stack is a child process) may still meet.
 
         Offsets whose ports all lie outside the kernel's range for outgoing connections
         come first: a port in that range can be taken, between this check and the
-        listener's bind, as the local end of some process's connection. There are fewer
-        of those (about 270 here), so two stacks drawn at the same moment, before either
-        has bound its ports, share one more often (about 15 % against 5 %)."""
+        listener's bind, as the local end of some process's connection."""
         rng = random.Random()  # noqa: S311 - spreading ports, not a secret
-        offsets = list(range(1000, 15000, 10))
+        offsets = list(SECOND_STACK_OFFSETS)
         rng.shuffle(offsets)
         outgoing = outgoing_ports()
         stacks = [cls(run_dir, offset, **options) for offset in offsets]
         stacks.sort(key=lambda stack: any(port in outgoing for port in stack.ports()))
         candidates = (stack for stack in stacks if not stack.overlap_with_default())
+        claims = PortClaims()
         for stack in itertools.islice(candidates, 100):
-            if not stack.busy_ports():
+            if not claims.claimed_elsewhere(stack.ports()) and not stack.busy_ports():
                 return stack.decision_port - cls(run_dir, 0).decision_port
         raise ProcessStartError("no free port offset for another stack")
 
@@ -281,6 +301,10 @@ class LocalStack:
         )
 
     async def start(self) -> None:
+        if not self._claims.held:  # callers that report a refusal their own way claim first
+            refused = self.claim_ports()
+            if refused:
+                raise ProcessStartError(f"{refused} (--port-offset N moves this stack)")
         if self.models_dir is None:
             _say("[1/8] models: .run/models (trained now if missing or stale)")
             archives = await asyncio.to_thread(ensure_models, REPO / ".run/models")
@@ -469,6 +493,7 @@ class LocalStack:
             await self._chaos.stop()
         for proc in reversed(self._started):
             await asyncio.to_thread(proc.stop)
+        self._claims.release()
         _say("all processes stopped")
 
 
@@ -489,9 +514,9 @@ async def run(args: argparse.Namespace) -> int:
             f"ports uses ({', '.join(map(str, overlap[:5]))}): use a multiple of 1000"
         )
         return 2
-    busy = stack.busy_ports()
-    if busy:
-        _say(f"ports already in use: {busy}; is another stack running? (--port-offset N moves it)")
+    refused = stack.claim_ports()
+    if refused:
+        _say(f"{refused}; is another stack running? (--port-offset N moves this one)")
         return 1
 
     stop = asyncio.Event()
