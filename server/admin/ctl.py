@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import grpc
 from google.protobuf.message import Message
 
 from core import chaos as chaos_protocol
+from core.cli_args import parse_duration, parse_time
 from proto.decision.v1 import admin_pb2 as pb
 from proto.decision.v1 import admin_pb2_grpc as pb_grpc
 from server.admin.ctl_connection import (
@@ -73,24 +73,9 @@ _MODES = {
     "force-open": pb.BREAKER_MODE_FORCE_OPEN,
     "force-closed": pb.BREAKER_MODE_FORCE_CLOSED,
 }
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh]?)")
-_UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 # --- argument types -------------------------------------------------------------------
-
-
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``15m``, ``2h`` (decimals allowed) to seconds, positive."""
-    match = _DURATION.fullmatch(text.strip().lower())
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: use seconds (90, 90s), minutes (15m) or hours (2h)"
-        )
-    seconds = float(match[1]) * _UNIT_S[match[2]]
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be positive")
-    return seconds
 
 
 def _weight(text: str) -> float:
@@ -224,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     history = command(
         commands, "history", "admin changes in the audit store, every server's, newest first"
     )
-    history.add_argument("--since", type=parse_duration, help="only the last: 90s, 15m, 2h")
+    history.add_argument(
+        "--since", type=parse_time, help="from this time on: 15m, 2h (ago) or 2026-11-21T09:00"
+    )
     history.add_argument("--actor", default="", help="only this principal's changes")
     history.add_argument("--target", default="", help="only changes of this replica, flag, ...")
     history.add_argument(
@@ -329,7 +316,7 @@ def _run(session: _Session, args: argparse.Namespace) -> str:
     if command == "history":
         query = pb.ListAdminActionsRequest(actor=args.actor, target=args.target, limit=args.limit)
         if args.since:
-            query.since.FromMicroseconds(time.time_ns() // 1000 - round(args.since * 1e6))
+            query.since.FromMicroseconds(round(args.since.timestamp() * 1e6))
         history = call(stub.ListAdminActions, query)
         return to_json(history) if args.json else format_history(history.actions)
     ttl = getattr(args, "ttl", None) or 0.0

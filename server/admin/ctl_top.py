@@ -14,6 +14,7 @@ canary, drift), and shows rates from the difference with the frame before:
 
 from __future__ import annotations
 
+import contextlib
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -292,13 +293,21 @@ def run(
     frames: int,
     console: Console | None = None,
 ) -> None:
-    """Refreshes every ``interval_s`` until Ctrl-C, or for ``frames`` frames (> 0)."""
+    """Refreshes every ``interval_s`` until Ctrl-C, or for ``frames`` frames (> 0): in
+    place on a terminal, else (piped, to a file) each frame after the last."""
+    console = console or Console()
+    # Not on a terminal, Live keeps only the last frame: a log of top would lose the rest.
+    live = Live(console=console, auto_refresh=False) if console.is_terminal else None
     baselines = Baselines()
     shown = 0
-    with Live(console=console, auto_refresh=False, screen=False) as live:
+    with live or contextlib.nullcontext():
         while frames <= 0 or shown < frames:
             sample = read()
-            live.update(render(sample, baselines.update(sample.servers), address), refresh=True)
+            frame = render(sample, baselines.update(sample.servers), address)
+            if live is None:
+                console.print(frame)
+            else:
+                live.update(frame, refresh=True)
             shown += 1
             if frames <= 0 or shown < frames:
                 time.sleep(interval_s)

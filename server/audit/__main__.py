@@ -14,25 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import logging
 import sys
 from pathlib import Path
 
+import sqlalchemy as sa
+
+from core.cli_args import parse_time
 from server.audit.migrate import upgrade
 from server.audit.replay import ReplayError, ReplayReport, load_decisions, replay
 from server.audit.store import create_store_engine
 from server.settings import Settings
 
 DIFFERENCES_SHOWN = 20
-
-
-def _time(text: str) -> dt.datetime:
-    """An ISO 8601 time; without a zone it is UTC."""
-    value = dt.datetime.fromisoformat(text)
-    # In UTC: SQLite compares the stored UTC text and ignores a zone.
-    return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -44,10 +39,28 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--database-url", help="SQLAlchemy URL of the audit store")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("migrate", help="bring the audit store's schema to the latest version")
-    rp = commands.add_parser("replay", help="score recorded decisions again and compare")
+    rp = commands.add_parser(
+        "replay",
+        help="score recorded decisions again and compare",
+        description="Scores recorded decisions again with the model version that made each "
+        "(or --against another archive) and compares the scores and decisions. Exits 0 when "
+        "all match, 1 when some differ, 2 when it could not run.",
+    )
+    # Here too, so that replay's own help lists it; SUPPRESS: not given here, the main
+    # parser's value stands.
+    rp.add_argument(
+        "--database-url",
+        default=argparse.SUPPRESS,
+        help="SQLAlchemy URL of the audit store (default: DECISION_AUDIT__DATABASE_URL, or "
+        ".run/audit/audit.db in the current folder)",
+    )
     rp.add_argument("--decision-id", action="append", default=[], help="repeatable")
-    rp.add_argument("--since", type=_time, help="ISO time, inclusive (UTC if no zone)")
-    rp.add_argument("--until", type=_time, help="ISO time, exclusive (UTC if no zone)")
+    rp.add_argument(
+        "--since",
+        type=parse_time,
+        help="from, inclusive: 2026-11-21T09:00 (UTC if no zone) or 2h (ago)",
+    )
+    rp.add_argument("--until", type=parse_time, help="to, exclusive: as --since")
     rp.add_argument("--limit", type=int, default=10_000, help="most decisions (default 10000)")
     model = rp.add_mutually_exclusive_group()
     model.add_argument(
@@ -61,6 +74,16 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     rp.add_argument("--tolerance", type=float, default=1e-6, help="largest score difference")
     rp.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser  # fmt: skip
+
+
+def _missing_sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite ``url`` when it does not exist (a relative path is read from
+    the current folder), else None."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database).resolve()
+    return None if path.exists() else path
 
 
 def _print_report(report: ReplayReport) -> None:
@@ -83,7 +106,17 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m server.audit")
     """``prog``: the command's name in usage lines (``decisionctl`` runs replay too)."""
     args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    engine = create_store_engine(args.database_url or Settings().audit.database_url)
+    url = args.database_url or Settings().audit.database_url
+    if args.command == "replay":
+        missing = _missing_sqlite_file(url)
+        if missing is not None:  # reading must not create an empty store
+            print(
+                f"replay: no audit store at {missing} (give --database-url, or run from the "
+                "checkout whose stack recorded the decisions)",
+                file=sys.stderr,
+            )
+            return 2
+    engine = create_store_engine(url)
     try:
         if args.command == "migrate":
             upgrade(engine)
@@ -102,6 +135,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m server.audit")
         if not records:
             print("replay: no recorded decision matches", file=sys.stderr)
             return 2
+        print(f"replaying {len(records):,} recorded decisions ...", file=sys.stderr, flush=True)
         report = asyncio.run(
             replay(
                 records,
@@ -113,6 +147,9 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m server.audit")
         )
     except ReplayError as exc:
         print(f"replay: {exc}", file=sys.stderr)
+        return 2
+    except sa.exc.DBAPIError as exc:  # unreachable, or not an audit store (no tables)
+        print(f"{args.command}: audit store {engine.url!r}: {exc.orig}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Iterator
@@ -101,20 +100,6 @@ def _status() -> pb.GetStatusResponse:
 
 
 # --- durations and arguments ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("90", 90.0), ("90s", 90.0), ("15m", 900.0), ("2h", 7200.0), ("1.5h", 5400.0), ("0.5", 0.5)],
-)
-def test_parse_duration(text: str, seconds: float) -> None:
-    assert ctl.parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["", "abc", "15x", "-5m", "0", "0s", "1d", "m", "1h30m", "1e3"])
-def test_parse_duration_rejects(text: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError, match="invalid duration"):
-        ctl.parse_duration(text)
 
 
 @pytest.mark.parametrize(
@@ -729,6 +714,32 @@ def test_top_frame_shows_rates_from_the_counts_over_the_servers_own_write_times(
     assert "100 decisions/s, model 90.0%" in again.export_text()
 
 
+def test_top_piped_prints_every_frame_in_turn() -> None:
+    """Not on a terminal (``decisionctl top --frames 3 > top.log``) each frame follows the
+    last, each ending its line; on a terminal they replace each other in place."""
+    import io
+
+    from rich.console import Console
+
+    from server.admin.ctl_top import run
+
+    samples = iter(
+        [
+            _sample(0.0, "2026-11-21T10:00:00Z", primary=1000, rules=100, timeouts=100),
+            _sample(1.0, "2026-11-21T10:00:02Z", primary=1180, rules=120, timeouts=120),
+            _sample(2.0, "2026-11-21T10:00:04Z", primary=1360, rules=140, timeouts=140),
+        ]
+    )
+    out = io.StringIO()
+    piped = Console(file=out, width=160, force_terminal=False)
+    run(lambda: next(samples), "127.0.0.1:50052", interval_s=0.0, frames=3, console=piped)
+    text = out.getvalue()
+    assert text.count("decisionctl top") == 3
+    assert text.count("(rates from the next frame)") == 1  # the first frame only
+    assert text.count("100 decisions/s, model 90.0%") == 2
+    assert text.endswith("\n")
+
+
 def test_top_finds_a_local_stacks_other_metrics_and_says_when_they_are_unreachable() -> None:
     from server.admin.ctl_top import consumer_text, local_stack_metrics, quality_text
 
@@ -741,3 +752,18 @@ def test_top_finds_a_local_stacks_other_metrics_and_says_when_they_are_unreachab
     assert consumer_text(closed).startswith("unreachable (")
     assert quality_text(closed).startswith("unreachable (")
     assert consumer_text("") == quality_text("") == ""
+
+
+def test_replay_reads_no_store_it_would_have_to_create(tmp_path, monkeypatch, capsys) -> None:
+    """Run outside the checkout, the default (relative) SQLite store is not there: one
+    line says where it looked, and no empty store is left behind."""
+    monkeypatch.chdir(tmp_path)
+    assert ctl.main(["replay", "--since", "10m"]) == 2
+    err = capsys.readouterr().err
+    assert f"no audit store at {tmp_path / '.run/audit/audit.db'}" in err
+    assert "--database-url" in err
+    assert list(tmp_path.iterdir()) == []
+
+    (tmp_path / "empty.db").touch()  # a file, but no audit store in it
+    assert ctl.main(["replay", "--database-url", "sqlite:///empty.db", "--since", "1h"]) == 2
+    assert "no such table: decisions" in capsys.readouterr().err
