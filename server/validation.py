@@ -44,7 +44,7 @@ def check_symbol(field: str, symbol: str) -> str:
         raise InvalidArgument(
             field,
             "must be 1 to 32 characters of A-Z, 0-9, '.', '_', '/', ':', '-',"
-            " starting with A-Z or 0-9",
+            f" starting with A-Z or 0-9, got {symbol[:40]!r}",
         )
     return symbol
 

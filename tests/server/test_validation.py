@@ -21,6 +21,15 @@ def test_other_symbols_are_refused_naming_the_field(symbol: str) -> None:
         check_symbol("requests[2].symbol", symbol)
 
 
+def test_a_refused_symbol_is_echoed_shortened() -> None:
+    with pytest.raises(InvalidArgument, match="got 'btc-usd'"):
+        check_symbol("symbol", "btc-usd")
+    with pytest.raises(InvalidArgument) as err:
+        check_symbol("symbol", "a" * 1000)
+    assert f"got {'a' * 40!r}" in str(err.value)
+    assert "a" * 41 not in str(err.value)
+
+
 def test_a_request_with_several_bad_fields_names_them_all() -> None:
     request = decision_pb2.DecideRequest(symbol="", side=decision_pb2.SIDE_SELL, quantity=-1.0)
     request.client_id = "\x07"
