@@ -1,13 +1,13 @@
 """``make run``: the local stack on the README's ports, stopped cleanly by Ctrl-C.
 
 Starts redis-server, the local Kafka-protocol broker with the market-data topics, the
-primary, secondary and challenger TorchServe replicas, the feature-cache consumer, a replayer
-publishing generated market data for the default symbols in real time, and the
-decision server; waits until features are in Redis and the server reports SERVING;
-prints how to call it; on SIGINT or SIGTERM stops everything in reverse order, each
-process through its own process group. Run-time files go under ``.run/``; the models are
-``make models``'s in ``.run/models`` (trained first when missing or stale, about a
-minute), or those in ``--models DIR`` as they are.
+primary, secondary and challenger TorchServe replicas, the feature-cache consumer, a
+replayer publishing generated market data for the default symbols in real time, the
+decision server and the labeler (live model quality); waits until features are in Redis
+and the server reports SERVING; prints how to call it; on SIGINT or SIGTERM stops
+everything in reverse order, each process through its own process group. Run-time
+files go under ``.run/``; the models are ``make models``'s in ``.run/models`` (trained
+first when missing or stale, about a minute), or those in ``--models DIR`` as they are.
 """
 
 from __future__ import annotations
@@ -550,9 +550,16 @@ async def run(args: argparse.Namespace) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="python -m localstack",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
     )
-    parser.add_argument("--run-dir", type=Path, default=REPO / ".run")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=REPO / ".run",
+        help="run-time files: logs, data, the admin tokens, chaos.sock (default: .run/)",
+    )
     parser.add_argument(
         "--port-offset",
         type=int,

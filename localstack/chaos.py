@@ -48,6 +48,8 @@ def _effect(action: str, target: str) -> str:
     """What ``action`` on ``target`` does to the decisions, in on-call's words."""
     undone = action in ("resume", "restart", "start")
     if target == "challenger":
+        if undone:
+            return "shadow calls and the canary have their challenger again"
         return "shadow calls and the canary lose their challenger; answers do not change"
     if target in ("primary", "secondary"):
         other = "secondary" if target == "primary" else "primary"
@@ -62,8 +64,10 @@ def _effect(action: str, target: str) -> str:
                 "may open; the model's share follows what it can still serve"
             )
         return (
-            f"decisions come from the {other} at once (the reason names the {target}); "
-            f"the {target}'s breaker opens after 5 failures"
+            f"decisions come from the {other} when the caller's deadline leaves it time "
+            f"after the {target}'s call times out, else from the ladder (the reason names "
+            f"the {target}); after 5 failures the {target}'s breaker opens and the {other} "
+            "answers at once"
         )
     if undone:
         return "features fresh again within seconds"

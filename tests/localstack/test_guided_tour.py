@@ -167,7 +167,8 @@ def test_the_readme_guided_tour(model_store, tmp_path):
             # 1. Call it: the primary answers (a first call on a busy machine may fall back).
             answers = decide_until(stub, decision_pb2.SOURCE_PRIMARY, 20)
 
-            # 2. Pause the primary: the secondary answers at once, the breaker opens.
+            # 2. Pause the primary: the secondary answers (once the primary's call has
+            # timed out, when the deadline leaves it time), the breaker opens.
             paused = decisionctl(run_dir, "chaos", "pause", "primary")
             assert paused.returncode == 0, paused.stderr
             assert paused.stdout.startswith("paused primary (127.0.0.1:")
