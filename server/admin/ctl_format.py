@@ -85,15 +85,48 @@ def _setting(json_text: str) -> str:
     return " ".join(f"{key}={value}" for key, value in setting.items()) or "-"
 
 
+def _object(json_text: str) -> dict[str, object] | None:
+    try:
+        value = json.loads(json_text or "{}")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _field(key: str, value: object) -> str:
+    """One recorded value for a human: epoch-microsecond times as UTC ("none" for 0)."""
+    if key.endswith("_at_us"):
+        if not value:
+            return "none"
+        if isinstance(value, int):
+            return _time(Timestamp(seconds=value // 1_000_000))
+    return "-" if value is None else str(value)
+
+
+def _change(before_json: str, after_json: str) -> str:
+    """What a change set: each key it set whose value differs from before, as ``key old
+    -> new``. The previous change's bookkeeping (who, why, when), which only the before
+    side carries, is not shown; JSON that is not an object shows as it is."""
+    before, after = _object(before_json), _object(after_json)
+    if before is None or after is None:
+        return f"{_setting(before_json)} -> {_setting(after_json)}"
+    changed = [
+        f"{key.removesuffix('_us')} {_field(key, before.get(key))} -> {_field(key, value)}"
+        for key, value in after.items()
+        if _field(key, before.get(key)) != _field(key, value)
+    ]
+    return "; ".join(changed) or "(no change)"
+
+
 def format_history(actions: Iterable[pb.AdminAction]) -> str:
-    """One line per change, newest first: when, who, what, on what, before → after, why."""
+    """One line per change, newest first: when, who, what, on what, what changed, why."""
     rows = [
         [
             _time(action.at),
             action.actor,
             action.action,
             action.target,
-            f"{_setting(action.before_json)} -> {_setting(action.after_json)}",
+            _change(action.before_json, action.after_json),
             action.reason,
         ]
         for action in actions

@@ -385,7 +385,7 @@ async def test_history_lists_every_change_newest_first_and_decisionctl_shows_it(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["AT", "ACTOR", "ACTION", "TARGET", "CHANGE", "REASON"]
     assert "engage_kill_switch" in lines[1] and "ETH-USD" in lines[1]
-    assert "set_breaker" in lines[2] and "mode=FORCE_OPEN" in lines[2]
+    assert "set_breaker" in lines[2] and "mode AUTO -> FORCE_OPEN" in lines[2]
     assert lines[2].rstrip().endswith("INC-7 OOM")
 
 

@@ -327,6 +327,25 @@ def test_history_lines() -> None:
             reason="INC-7",
         ),
         pb.AdminAction(
+            at=_ts("2026-11-21T09:30:00Z"),
+            actor="bob",
+            action="set_breaker",
+            target="primary",
+            before_json='{"changed_at_us": 1795591800000000, "changed_by": "alice", '
+            '"expires_at_us": 0, "mode": "FORCE_OPEN", "reason": "INC-7"}',
+            after_json='{"expires_at_us": 1795256100000000, "mode": "AUTO"}',
+            reason="recovered",
+        ),
+        pb.AdminAction(
+            at=_ts("2026-11-21T09:20:00Z"),
+            actor="bob",
+            action="set_flag",
+            target="shadow_sample_rate",
+            before_json='{"value": 0.2}',
+            after_json='{"value": 0.2}',
+            reason="again",
+        ),
+        pb.AdminAction(
             at=_ts("2026-11-21T09:00:00Z"),
             actor="bob",
             action="set_canary",
@@ -343,13 +362,17 @@ def test_history_lines() -> None:
         "alice",
         "set_breaker",
         "primary",
-        "mode=AUTO",
+        "mode",
+        "AUTO",
         "->",
-        "expires_at_us=0",
-        "mode=FORCE_OPEN",
+        "FORCE_OPEN",  # no expiry before or after: not a change
         "INC-7",
     ]
-    assert "- -> not json" in lines[2]
+    # Only what changed, times in UTC; the previous change's bookkeeping is left out.
+    assert "expires_at none -> 2026-11-21T10:15:00Z; mode FORCE_OPEN -> AUTO" in lines[2]
+    assert "alice" not in lines[2] and "INC-7" not in lines[2] and "changed" not in lines[2]
+    assert "(no change)" in lines[3]
+    assert "- -> not json" in lines[4]
     assert ctl_format.format_history([]) == "  (no admin changes)"
 
 
