@@ -22,6 +22,7 @@ import uvloop
 from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
 
 from core.metrics_http import MetricsServer
+from core.settings import settings_from_environment
 from feature_cache.consumer import FeatureConsumer
 from feature_cache.metrics import ConsumerCollector
 from feature_cache.settings import FeatureCacheSettings
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="feature-cache", description=__doc__)
     parser.add_argument("--check-alive", type=float, metavar="SECONDS")
     args = parser.parse_args(argv)
-    settings = FeatureCacheSettings()
+    settings = settings_from_environment(FeatureCacheSettings, "feature-cache")
     if args.check_alive is not None:
         sys.exit(0 if alive_within(settings, args.check_alive) else 1)
     logging.basicConfig(

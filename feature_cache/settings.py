@@ -103,7 +103,7 @@ class FeatureCacheProcessSettings(SettingsSection):
         "127.0.0.1", description="Address of the consumer's Prometheus endpoint."
     )
     metrics_port: int = Field(
-        9480, ge=0, description="The consumer's /metrics port (HTTP); 0 turns it off."
+        9480, ge=0, le=65535, description="The consumer's /metrics port (HTTP); 0 turns it off."
     )
 
 

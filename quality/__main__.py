@@ -20,6 +20,7 @@ import uvloop
 from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
 
 from core.metrics_http import MetricsServer
+from core.settings import settings_from_environment
 from quality.labeler import Labeler
 from quality.metrics import LabelerCollector
 from quality.settings import QualitySettings
@@ -91,7 +92,7 @@ async def _report(labeler: Labeler, stop: asyncio.Event) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="decision-labeler", description=__doc__).parse_args(argv)
-    settings = QualitySettings()
+    settings = settings_from_environment(QualitySettings, "decision-labeler")
     logging.basicConfig(
         level=settings.quality.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

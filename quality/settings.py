@@ -48,7 +48,9 @@ class LabelerSettings(SettingsSection):
     )
     log_level: str = Field("INFO", description="Python logging level of the labeler.")
     metrics_host: str = Field("127.0.0.1", description="Address of the labeler's /metrics.")
-    metrics_port: int = Field(9490, ge=0, description="The labeler's /metrics port; 0: off.")
+    metrics_port: int = Field(
+        9490, ge=0, le=65535, description="The labeler's /metrics port; 0: off."
+    )
 
     @model_validator(mode="after")
     def _lookback_covers_the_wait(self) -> LabelerSettings:

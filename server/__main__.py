@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import uvloop
-from pydantic import ValidationError
 
 from core.cpu_slice import request_cpu_slice
-from core.settings import environment_lines
+from core.settings import environment_lines, settings_from_environment
+from server.admin.auth import TokenBook, TokenError
 from server.logs import configure_logging
 from server.settings import Settings
 from server.workers import Supervisor, available_cpus, journal_plans, worker_settings
@@ -74,14 +74,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        settings = Settings()
-    except ValidationError as exc:  # a bad DECISION_* value: say which, not a traceback
-        sys.stderr.write(f"decision-server: invalid settings: {exc}\n")
-        return 2
+    settings = settings_from_environment(Settings, "decision-server")
     if args.print_config:
         sys.stdout.write("\n".join(environment_lines(settings)) + "\n")
         return 0
+    if settings.admin.enabled:
+        try:  # here, once: not a traceback from every worker as each starts
+            TokenBook.load(
+                file=settings.admin.tokens_file, inline=settings.admin.tokens.get_secret_value()
+            )
+        except TokenError as exc:  # its message never holds the token
+            sys.stderr.write(f"decision-server: invalid settings:\n  {exc}\n")
+            return 2
     configure_logging(settings.server.log_level, settings.server.log_format)
     if settings.server.cpu_slice_us:
         # Before any thread or worker exists: they inherit it.

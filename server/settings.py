@@ -28,7 +28,12 @@ CPU_SLICE_US = 0
 
 class ServerSettings(SettingsSection):
     host: str = Field("127.0.0.1", description="Address DecisionService listens on.")
-    port: int = Field(50051, description="DecisionService gRPC port (health and reflection too).")
+    port: int = Field(
+        50051,
+        ge=0,
+        le=65535,
+        description="DecisionService gRPC port (health and reflection too).",
+    )
     grace_period_s: float = Field(
         5.0,
         ge=0,
@@ -98,7 +103,10 @@ class ServerSettings(SettingsSection):
 class AdminSettings(SettingsSection):
     host: str = Field("127.0.0.1", description="Address AdminService listens on.")
     port: int = Field(
-        50052, ge=0, description="AdminService gRPC port, apart so the network can restrict it."
+        50052,
+        ge=0,
+        le=65535,
+        description="AdminService gRPC port, apart so the network can restrict it.",
     )
     enabled: bool = Field(True, description="Serve AdminService.")
     tokens_file: str = Field(
@@ -556,7 +564,10 @@ class DriftSettings(SettingsSection):
 class TelemetrySettings(SettingsSection):
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus endpoint.")
     metrics_port: int = Field(
-        9464, ge=0, description="Prometheus /metrics port (HTTP); 0 turns the endpoint off."
+        9464,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics port (HTTP); 0 turns the endpoint off.",
     )
     otlp_endpoint: str = Field(
         "",

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError, field_validator
 
-from core.settings import environment_lines
+from core.settings import SettingsSection, environment_lines, settings_problems
 from server.settings import Settings
 from tests.conftest import REPO
 
@@ -90,4 +90,78 @@ def test_print_config_exits_without_serving_and_bad_values_name_the_field():
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 2
-    assert "invalid settings" in done.stderr and "server.port" in done.stderr
+    assert done.stderr.startswith("decision-server: invalid settings:\n")
+    assert "DECISION_SERVER__PORT='not-a-port': Input should be a valid integer" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "program", "variable"),
+    [
+        ("feature_cache", "feature-cache", "DECISION_FEATURE_CACHE__METRICS_PORT"),
+        ("quality", "decision-labeler", "DECISION_QUALITY__METRICS_PORT"),
+        ("server", "decision-server", "DECISION_TELEMETRY__METRICS_PORT"),
+    ],
+)
+def test_every_process_names_the_variable_it_cannot_use(module, program, variable):
+    env = {**os.environ, variable: "70000"}
+    done = subprocess.run(
+        [sys.executable, "-m", module],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"{program}: invalid settings:\n"
+        f"  {variable}='70000': Input should be less than or equal to 65535\n"
+    )
+
+
+def test_a_bad_secret_or_token_is_named_but_never_shown():
+    given = "s3cret-token-value"
+    env = {
+        **os.environ,
+        "DECISION_ADMIN__TOKENS": f"oncall superuser {given}",
+        "DECISION_AUDIT__DATABASE_URL": "postgresql://audit:pw-s3cret@db/a",
+        "DECISION_AUDIT__MAX_BACKLOG_BYTES": "lots",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "server"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "DECISION_AUDIT__MAX_BACKLOG_BYTES='lots'" in done.stderr
+    del env["DECISION_AUDIT__MAX_BACKLOG_BYTES"]
+    done = subprocess.run(
+        [sys.executable, "-m", "server"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "DECISION_ADMIN__TOKENS entry 1 (oncall): role must be viewer or operator" in (
+        done.stderr
+    )
+    assert "s3cret" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_settings_problems_mask_secrets_and_url_passwords():
+    class Section(SettingsSection):
+        token: SecretStr = SecretStr("")
+        url: str = ""
+        count: int = 0
+
+        @field_validator("token", "url")
+        @classmethod
+        def refuse(cls, value):
+            raise ValueError("refused")
+
+    class Root(BaseModel):
+        section: Section = Section.model_construct()
+
+    with pytest.raises(ValidationError) as err:
+        Root.model_validate(
+            {"section": {"token": "s3cret", "url": "redis://:s3cret@h/0", "count": "x"}}
+        )
+    lines = settings_problems(Root, err.value)
+    assert "s3cret" not in "\n".join(lines)
+    assert lines[0] == "DECISION_SECTION__TOKEN='**********': Value error, refused"
+    assert lines[1] == "DECISION_SECTION__URL='redis://:***@h/0': Value error, refused"
+    assert lines[2].startswith("DECISION_SECTION__COUNT='x': Input should be a valid integer")
