@@ -69,16 +69,26 @@ def consumer_text(url: str) -> str:
 
 
 def quality_text(url: str) -> str:
-    """The labeler's live AUC per model and role, or why it is not known."""
+    """The labeler's live AUC per model and role, with the labelled decisions it is of
+    (an AUC of a handful means little), or why it is not known."""
     if not url:
         return ""
     try:
-        auc = scrape(url).get("decision_quality_auc", [])
+        found = scrape(url)
     except (OSError, ValueError) as exc:
         return f"unreachable ({exc})"
+
+    def key(sample: MetricSample) -> tuple[str, ...]:
+        return tuple(sample.labels.get(name, "") for name in ("model", "model_version", "role"))
+
+    samples = {key(s): s.value for s in found.get("decision_quality_samples", [])}
     shown = [
         f"{s.labels['model']} {s.labels['model_version'][:8]} ({s.labels['role']}) {s.value:.3f}"
-        for s in sorted(auc, key=lambda s: (s.labels["role"], s.labels["model"]))
+        f" of {samples.get(key(s), 0):,.0f}"
+        for s in sorted(
+            found.get("decision_quality_auc", []),
+            key=lambda s: (s.labels["role"], s.labels["model"]),
+        )
     ]
     return ", ".join(shown) or "no labelled decisions yet"
 

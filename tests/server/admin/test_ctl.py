@@ -777,6 +777,30 @@ def test_top_finds_a_local_stacks_other_metrics_and_says_when_they_are_unreachab
     assert consumer_text("") == quality_text("") == ""
 
 
+def test_top_shows_how_many_labelled_decisions_each_auc_is_of(monkeypatch) -> None:
+    from prometheus_client.samples import Sample
+
+    from server.admin import ctl_top
+
+    def labels(role: str) -> dict[str, str]:
+        return {"model": "champion", "model_version": "60594984abcdef", "role": role}
+
+    page = {
+        "decision_quality_auc": [
+            Sample("decision_quality_auc", labels("shadow"), 0.61),
+            Sample("decision_quality_auc", labels("served"), 1.0),
+        ],
+        "decision_quality_samples": [
+            Sample("decision_quality_samples", labels("served"), 4.0),
+            Sample("decision_quality_samples", labels("shadow"), 1250.0),
+        ],
+    }
+    monkeypatch.setattr(ctl_top, "scrape", lambda url: page)
+    assert ctl_top.quality_text("http://127.0.0.1:9490/metrics") == (
+        "champion 60594984 (served) 1.000 of 4, champion 60594984 (shadow) 0.610 of 1,250"
+    )
+
+
 def test_replay_reads_no_store_it_would_have_to_create(tmp_path, monkeypatch, capsys) -> None:
     """Run outside the checkout, the default (relative) SQLite store is not there: one
     line says where it looked, and no empty store is left behind."""
