@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -31,22 +32,29 @@ time.sleep(60)
 
 @pytest.fixture
 def claims_dir(tmp_path, monkeypatch):
+    """A folder of claims of this test's own, and no real port in use: only the claims
+    decide."""
     folder = tmp_path / "claims"
     monkeypatch.setattr(port_claims, "CLAIMS_DIR", folder)
+    monkeypatch.setattr(LocalStack, "busy_ports", lambda self: [])
     return folder
 
 
 def test_a_claim_refuses_every_other_claim_on_any_of_its_ports(claims_dir):
-    first, second = PortClaims(), PortClaims()
-    assert first.claim([40001, 40002]) == {}
-    assert second.claim([40002, 40003]) == {40002: f"pid {os.getpid()}"}
-    assert second.held == []  # all or none: 40003 was not kept either
-    assert PortClaims().claim([40003]) == {}
-    assert PortClaims().claimed_elsewhere([40001, 40003, 40004]) == [40001, 40003]
-    assert first.claimed_elsewhere([40001, 40002]) == []  # its own claims are not another's
+    first, second, third = PortClaims(), PortClaims(), PortClaims()
+    try:
+        assert first.claim([40001, 40002]) == {}
+        assert second.claim([40000, 40002, 40003]) == {40002: f"pid {os.getpid()}"}
+        assert second.held == []  # all or none: 40000 was not kept
+        assert third.claim([40000, 40003]) == {}
+        assert PortClaims().claimed_elsewhere([40001, 40003, 40004]) == [40001, 40003]
+        assert first.claimed_elsewhere([40001, 40002]) == []  # its own are not another's
 
-    first.release()
-    assert second.claim([40002]) == {}
+        first.release()
+        assert second.claim([40002]) == {}
+    finally:
+        for claims in (first, second, third):
+            claims.release()
 
 
 def test_a_dead_claimer_leaves_no_claim(claims_dir):
@@ -70,20 +78,23 @@ def test_a_dead_claimer_leaves_no_claim(claims_dir):
 def test_a_stack_on_claimed_ports_is_refused_before_it_starts_anything(claims_dir, tmp_path):
     running = LocalStack(tmp_path / "a", 7000)
     assert running.claim_ports() == ""
-    second = LocalStack(tmp_path / "b", 7000)
-    refused = second.claim_ports()
-    assert refused.startswith("ports another stack claims: ")
-    assert f"(pid {os.getpid()})" in refused
+    try:
+        second = LocalStack(tmp_path / "b", 7000)
+        refused = second.claim_ports()
+        assert refused.startswith("ports another stack claims: ")
+        assert f"(pid {os.getpid()})" in refused
 
-    async def start_and_stop() -> None:
-        try:
-            await second.start()
-        finally:  # a regression would have started processes: stop them
-            await second.stop()
+        async def start_and_stop() -> None:
+            try:
+                await second.start()
+            finally:  # a regression would have started processes: stop them
+                await second.stop()
 
-    with pytest.raises(ProcessStartError, match="another stack claims"):
-        asyncio.run(start_and_stop())
-    assert second.processes == {}
+        with pytest.raises(ProcessStartError, match="another stack claims"):
+            asyncio.run(start_and_stop())
+        assert second.processes == {}
+    finally:
+        running._claims.release()
 
 
 def test_a_claimed_offset_is_never_drawn(claims_dir, tmp_path, monkeypatch):
@@ -91,9 +102,30 @@ def test_a_claimed_offset_is_never_drawn(claims_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(localstack, "outgoing_ports", lambda: range(0))
     claimed = LocalStack(tmp_path, 3000)
     assert claimed.claim_ports() == ""
-    assert {LocalStack.free_offset(tmp_path) for _ in range(20)} == {6000}
-    claimed._claims.release()
+    try:
+        assert {LocalStack.free_offset(tmp_path) for _ in range(20)} == {6000}
+    finally:
+        claimed._claims.release()
     assert LocalStack.free_offset(tmp_path) in (3000, 6000)
+
+
+def test_a_look_at_a_port_does_not_refuse_a_claim_made_meanwhile(claims_dir):
+    """``free_offset`` in one process locks a port's file for a moment to see whether it
+    is claimed; a stack claiming that port in that moment waits it out."""
+    earlier = PortClaims()
+    assert earlier.claim([40021]) == {}  # the file exists from now on
+    earlier.release()
+    fd = PortClaims()._open(40021, create=False)
+    assert fd is not None
+    assert port_claims._lock(fd, grace_s=0.0)  # a look, held ...
+    look_ends = threading.Timer(0.05, os.close, (fd,))  # ... for 50 ms
+    look_ends.start()
+    claims = PortClaims()
+    try:
+        assert claims.claim([40021]) == {}
+    finally:
+        look_ends.join()
+        claims.release()
 
 
 def test_make_run_refuses_ports_another_stack_claims(tmp_path):
@@ -101,7 +133,15 @@ def test_make_run_refuses_ports_another_stack_claims(tmp_path):
     claims = PortClaims(tmp_path / "decision-stack-ports")  # TMPDIR for the child below
     offset = 4000
     assert claims.claim(LocalStack(tmp_path, offset).ports()) == {}
-    result = subprocess.run(
+    result = run_localstack(tmp_path, offset)
+    claims.release()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"(pid {os.getpid()})" in result.stdout + result.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def run_localstack(tmp_path, offset):
+    return subprocess.run(
         [sys.executable, "-m", "localstack", "--run-dir", str(tmp_path / "run"),
          "--port-offset", str(offset), "--models", str(tmp_path)],
         env={**os.environ, "TMPDIR": str(tmp_path)},
@@ -111,6 +151,3 @@ def test_make_run_refuses_ports_another_stack_claims(tmp_path):
         timeout=60,
         check=False,
     )  # fmt: skip
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert f"(pid {os.getpid()})" in result.stdout + result.stderr
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
