@@ -8,6 +8,8 @@ import datetime as dt
 import re
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh]?)")
+# A time ago names its unit: a bare number could be a date (20261121) or a year.
+_AGO = re.compile(r"\d+(?:\.\d+)?[smh]")
 _UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -26,8 +28,8 @@ def parse_duration(text: str) -> float:
 
 def parse_time(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
     """A point in time, in UTC: an ISO 8601 time (UTC when it names no zone) or a
-    duration back from ``now`` (``15m``: fifteen minutes ago)."""
-    if _DURATION.fullmatch(text.strip().lower()):
+    duration back from ``now`` with its unit (``15m``: fifteen minutes ago)."""
+    if _AGO.fullmatch(text.strip().lower()):
         return (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=parse_duration(text))
     try:
         value = dt.datetime.fromisoformat(text.strip())

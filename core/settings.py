@@ -14,7 +14,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import SettingsConfigDict, SettingsError
 
 Root = TypeVar("Root", bound=BaseModel)
 
@@ -58,9 +58,14 @@ def _text(value: object) -> str:
 
 
 def _without_password(url: str) -> str:
-    """``scheme://user:***@host/...``: a URL's password masked (a database or Redis URL)."""
-    parts = urlsplit(url)
-    if not parts.password:
+    """``scheme://user:***@host/...``: a URL's password masked (a database or Redis URL);
+    a URL that cannot be parsed, masked whole."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "***"
+    if not password:
         return url
     user = parts.username or ""
     host = parts.netloc.rsplit("@", 1)[1]
@@ -69,35 +74,40 @@ def _without_password(url: str) -> str:
 
 def settings_problems(root: type[BaseModel], exc: ValidationError) -> list[str]:
     """One line per bad setting of ``root``, named as the variable that sets it
-    (``DECISION_SERVER__PORT='abc': Input should be a valid integer ...``; a secret's value
-    masked, a URL's password too); a rule across settings (no field of its own) as its
-    message."""
+    (``DECISION_SERVER__PORT='abc': Input should be a valid integer ...``). The value is
+    shown only for a setting that exists and is not a secret (a URL's password masked):
+    a misspelt variable may hold a token. A rule across a section's settings is named by
+    the section (``DECISION_QUALITY__*``)."""
     lines = []
     for error in exc.errors(include_url=False):
         location = [str(part) for part in error["loc"]]
         message = error["msg"]
-        if len(location) < 2:
+        if not location:
             lines.append(message)
             continue
+        if len(location) == 1:
+            lines.append(f"DECISION_{location[0].upper()}__*: {message}")
+            continue
         name = "DECISION_" + "__".join(location[:2]).upper()
+        kind = _setting_type(root, location[0], location[1])
         given = error["input"]
-        if _is_secret(root, location[0], location[1]):
-            shown = "'**********'"
-        elif isinstance(given, str):
-            shown = repr(_without_password(given) if "://" in given else given)
-        else:
-            shown = repr(given)
-        lines.append(f"{name}={shown}: {message}")
+        if kind is None or kind is SecretStr:
+            lines.append(f"{name}: {message}")
+            continue
+        if isinstance(given, str) and "://" in given:
+            given = _without_password(given)
+        lines.append(f"{name}={given!r}: {message}")
     return lines
 
 
-def _is_secret(root: type[BaseModel], section: str, field: str) -> bool:
+def _setting_type(root: type[BaseModel], section: str, field: str) -> object | None:
+    """The declared type of setting ``section.field`` of ``root``; None if there is none."""
     section_field = root.model_fields.get(section)
     model = section_field.annotation if section_field else None
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
-        return False
+        return None
     setting = model.model_fields.get(field)
-    return setting is not None and setting.annotation is SecretStr
+    return None if setting is None else setting.annotation
 
 
 def settings_from_environment(root: type[Root], program: str) -> Root:
@@ -107,5 +117,7 @@ def settings_from_environment(root: type[Root], program: str) -> Root:
         return root()
     except ValidationError as exc:
         problems = "".join(f"  {line}\n" for line in settings_problems(root, exc))
-        sys.stderr.write(f"{program}: invalid settings:\n{problems}")
-        raise SystemExit(2) from None
+    except SettingsError as exc:  # a section given as one variable that is not JSON
+        problems = f"  {exc}\n"
+    sys.stderr.write(f"{program}: invalid settings:\n{problems}")
+    raise SystemExit(2)

@@ -109,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     if settings.server.port == 0 or (settings.admin.enabled and settings.admin.port == 0):
         log.error("several workers share fixed ports: set DECISION_SERVER__PORT and the admin port")
         return 2
+    last_metrics_port = settings.telemetry.metrics_port + workers - 1
+    if settings.telemetry.metrics_port and last_metrics_port > 65535:
+        log.error(
+            "worker %d's metrics port would be %d: DECISION_TELEMETRY__METRICS_PORT is the "
+            "first of %d consecutive ports",
+            workers - 1,
+            last_metrics_port,
+            workers,
+        )
+        return 2
     log.info("starting %d workers on port %d", workers, settings.server.port)
     return Supervisor(settings, workers, run_worker).run()
 

@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument(
         "--since", type=parse_time, help="from this time on: 15m, 2h (ago) or 2026-11-21T09:00"
     )
+    history.add_argument("--until", type=parse_time, help="before this time: as --since")
     history.add_argument("--actor", default="", help="only this principal's changes")
     history.add_argument("--target", default="", help="only changes of this replica, flag, ...")
     history.add_argument(
@@ -317,6 +318,8 @@ def _run(session: _Session, args: argparse.Namespace) -> str:
         query = pb.ListAdminActionsRequest(actor=args.actor, target=args.target, limit=args.limit)
         if args.since:
             query.since.FromMicroseconds(round(args.since.timestamp() * 1e6))
+        if args.until:
+            query.until.FromMicroseconds(round(args.until.timestamp() * 1e6))
         history = call(stub.ListAdminActions, query)
         return to_json(history) if args.json else format_history(history.actions)
     ttl = getattr(args, "ttl", None) or 0.0

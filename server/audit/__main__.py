@@ -22,6 +22,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from core.cli_args import parse_time
+from core.settings import settings_from_environment
 from server.audit.migrate import upgrade
 from server.audit.replay import ReplayError, ReplayReport, load_decisions, replay
 from server.audit.store import create_store_engine
@@ -82,6 +83,8 @@ def _missing_sqlite_file(url: str) -> Path | None:
     parsed = sa.make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
+    if parsed.query.get("uri") == "true":  # a file: URI: sqlite3 reads it itself
+        return None
     path = Path(parsed.database).resolve()
     return None if path.exists() else path
 
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m server.audit")
     """``prog``: the command's name in usage lines (``decisionctl`` runs replay too)."""
     args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    url = args.database_url or Settings().audit.database_url
+    url = args.database_url or settings_from_environment(Settings, prog).audit.database_url
     if args.command == "replay":
         missing = _missing_sqlite_file(url)
         if missing is not None:  # reading must not create an empty store

@@ -18,7 +18,8 @@ NOW = dt.datetime(2026, 11, 26, 6, 0, tzinfo=dt.UTC)
     [
         ("15m", dt.datetime(2026, 11, 26, 5, 45, tzinfo=dt.UTC)),
         ("2h", dt.datetime(2026, 11, 26, 4, 0, tzinfo=dt.UTC)),
-        ("90", dt.datetime(2026, 11, 26, 5, 58, 30, tzinfo=dt.UTC)),
+        ("90s", dt.datetime(2026, 11, 26, 5, 58, 30, tzinfo=dt.UTC)),
+        ("20261121", dt.datetime(2026, 11, 21, tzinfo=dt.UTC)),  # a date, not seconds ago
         ("2026-11-21T09:00", dt.datetime(2026, 11, 21, 9, 0, tzinfo=dt.UTC)),
         ("2026-11-21", dt.datetime(2026, 11, 21, tzinfo=dt.UTC)),
         ("2026-11-21T10:00+01:00", dt.datetime(2026, 11, 21, 9, 0, tzinfo=dt.UTC)),
@@ -30,7 +31,7 @@ def test_a_time_is_a_duration_ago_or_an_iso_time_in_utc(text, expected):
     assert parsed.utcoffset() == dt.timedelta(0)
 
 
-@pytest.mark.parametrize("text", ["", "yesterday", "10xm", "-5m", "0s", "2026-13-01"])
+@pytest.mark.parametrize("text", ["", "yesterday", "10xm", "-5m", "0s", "2026-13-01", "90"])
 def test_anything_else_is_refused_showing_both_forms(text):
     with pytest.raises(argparse.ArgumentTypeError) as refused:
         parse_time(text, now=NOW)

@@ -123,6 +123,10 @@ def test_a_bad_secret_or_token_is_named_but_never_shown():
         "DECISION_ADMIN__TOKENS": f"oncall superuser {given}",
         "DECISION_AUDIT__DATABASE_URL": "postgresql://audit:pw-s3cret@db/a",
         "DECISION_AUDIT__MAX_BACKLOG_BYTES": "lots",
+        # Should the token check regress, the server must not take anyone's ports.
+        "DECISION_SERVER__PORT": "0",
+        "DECISION_ADMIN__PORT": "0",
+        "DECISION_TELEMETRY__METRICS_PORT": "0",
     }
     done = subprocess.run(
         [sys.executable, "-m", "server"],
@@ -130,9 +134,10 @@ def test_a_bad_secret_or_token_is_named_but_never_shown():
     )  # fmt: skip
     assert done.returncode == 2
     assert "DECISION_AUDIT__MAX_BACKLOG_BYTES='lots'" in done.stderr
+    assert "s3cret" not in done.stderr
     del env["DECISION_AUDIT__MAX_BACKLOG_BYTES"]
     done = subprocess.run(
-        [sys.executable, "-m", "server"],
+        [sys.executable, "-m", "server", "--workers", "1"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 2
@@ -142,7 +147,7 @@ def test_a_bad_secret_or_token_is_named_but_never_shown():
     assert "s3cret" not in done.stderr and "Traceback" not in done.stderr
 
 
-def test_settings_problems_mask_secrets_and_url_passwords():
+def test_settings_problems_show_no_secret_nor_the_value_of_a_misspelt_variable():
     class Section(SettingsSection):
         token: SecretStr = SecretStr("")
         url: str = ""
@@ -156,12 +161,46 @@ def test_settings_problems_mask_secrets_and_url_passwords():
     class Root(BaseModel):
         section: Section = Section.model_construct()
 
+    given = {
+        "token": "s3cret",
+        "url": "redis://:s3cret@h/0",
+        "count": "x",
+        "tokn": "operator:s3cret",  # misspelt: no such setting
+    }
     with pytest.raises(ValidationError) as err:
-        Root.model_validate(
-            {"section": {"token": "s3cret", "url": "redis://:s3cret@h/0", "count": "x"}}
-        )
+        Root.model_validate({"section": given})
     lines = settings_problems(Root, err.value)
     assert "s3cret" not in "\n".join(lines)
-    assert lines[0] == "DECISION_SECTION__TOKEN='**********': Value error, refused"
-    assert lines[1] == "DECISION_SECTION__URL='redis://:***@h/0': Value error, refused"
-    assert lines[2].startswith("DECISION_SECTION__COUNT='x': Input should be a valid integer")
+    assert lines == [
+        "DECISION_SECTION__TOKEN: Value error, refused",
+        "DECISION_SECTION__URL='redis://:***@h/0': Value error, refused",
+        "DECISION_SECTION__COUNT='x': Input should be a valid integer, unable to parse string "
+        "as an integer",
+        "DECISION_SECTION__TOKN: Extra inputs are not permitted",
+    ]
+    with pytest.raises(ValidationError) as err:
+        Root.model_validate({"section": {"url": "redis://:s3cret@[bad/0"}})
+    (unparsable,) = settings_problems(Root, err.value)
+    assert unparsable == "DECISION_SECTION__URL='***': Value error, refused"
+
+
+def test_a_section_given_whole_and_not_json_is_a_clear_refusal():
+    env = {**os.environ, "DECISION_SERVER": "abc"}
+    done = subprocess.run(
+        [sys.executable, "-m", "server"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith("decision-server: invalid settings:\n")
+    assert '"server"' in done.stderr and "Traceback" not in done.stderr
+
+
+def test_workers_whose_metrics_ports_run_past_65535_are_refused_before_starting():
+    env = {**os.environ, "DECISION_TELEMETRY__METRICS_PORT": "65535"}
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "--workers", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "worker 1's metrics port would be 65536" in done.stderr
+    assert "started" not in done.stderr

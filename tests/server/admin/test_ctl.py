@@ -585,6 +585,13 @@ def test_history_sends_its_filters_and_prints_a_line_per_change(fake, operator, 
     assert not request.HasField("until")
     assert "set_flag" in capsys.readouterr().out
 
+    servicer.requests.clear()
+    window = ["--since", "2026-11-21T09:00", "--until", "2026-11-21T10:00+01:00"]
+    assert ctl.main(["--address", address, "history", *window]) == 0
+    [request] = servicer.requests
+    assert request.since.ToJsonString() == "2026-11-21T09:00:00Z"
+    assert request.until.ToJsonString() == "2026-11-21T09:00:00Z"  # given in UTC+1
+
 
 def test_permission_denied_exits_2(fake, capsys, monkeypatch) -> None:
     _, address = fake
