@@ -76,19 +76,21 @@ def test_secrets_are_masked_in_the_printed_config(monkeypatch):
     assert "DECISION_REDIS__URL=redis://:***@cache:6379/0" in printed
 
 
-def test_print_config_exits_without_serving_and_bad_values_name_the_field():
-    env = {**os.environ, "DECISION_SERVER__MAX_BATCH_SIZE": "7"}
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "--print-config"],
+def run_module(env: dict[str, str], module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` with ``env``, as a shell would start it."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
+
+
+def test_print_config_exits_without_serving_and_bad_values_name_the_field():
+    env = {**os.environ, "DECISION_SERVER__MAX_BATCH_SIZE": "7"}
+    done = run_module(env, "server", "--print-config")
     assert done.returncode == 0, done.stderr
     assert "DECISION_SERVER__MAX_BATCH_SIZE=7" in done.stdout.splitlines()
     env["DECISION_SERVER__PORT"] = "not-a-port"
-    done = subprocess.run(
-        [sys.executable, "-m", "server"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    done = run_module(env, "server")
     assert done.returncode == 2
     assert done.stderr.startswith("decision-server: invalid settings:\n")
     assert "DECISION_SERVER__PORT='not-a-port': Input should be a valid integer" in done.stderr
@@ -105,10 +107,7 @@ def test_print_config_exits_without_serving_and_bad_values_name_the_field():
 )
 def test_every_process_names_the_variable_it_cannot_use(module, program, variable):
     env = {**os.environ, variable: "70000"}
-    done = subprocess.run(
-        [sys.executable, "-m", module],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    done = run_module(env, module)
     assert done.returncode == 2, done.stderr
     assert done.stderr == (
         f"{program}: invalid settings:\n"
@@ -128,18 +127,12 @@ def test_a_bad_secret_or_token_is_named_but_never_shown():
         "DECISION_ADMIN__PORT": "0",
         "DECISION_TELEMETRY__METRICS_PORT": "0",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "server"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    done = run_module(env, "server")
     assert done.returncode == 2
     assert "DECISION_AUDIT__MAX_BACKLOG_BYTES='lots'" in done.stderr
     assert "s3cret" not in done.stderr
     del env["DECISION_AUDIT__MAX_BACKLOG_BYTES"]
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "--workers", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    done = run_module(env, "server", "--workers", "1")
     assert done.returncode == 2
     assert "DECISION_ADMIN__TOKENS entry 1 (oncall): role must be viewer or operator" in (
         done.stderr
@@ -186,10 +179,7 @@ def test_settings_problems_show_no_secret_nor_the_value_of_a_misspelt_variable()
 
 def test_a_section_given_whole_and_not_json_is_a_clear_refusal():
     env = {**os.environ, "DECISION_SERVER": "abc"}
-    done = subprocess.run(
-        [sys.executable, "-m", "server"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    done = run_module(env, "server")
     assert done.returncode == 2
     assert done.stderr.startswith("decision-server: invalid settings:\n")
     assert '"server"' in done.stderr and "Traceback" not in done.stderr
@@ -197,10 +187,7 @@ def test_a_section_given_whole_and_not_json_is_a_clear_refusal():
 
 def test_workers_whose_metrics_ports_run_past_65535_are_refused_before_starting():
     env = {**os.environ, "DECISION_TELEMETRY__METRICS_PORT": "65535"}
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "--workers", "2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    done = run_module(env, "server", "--workers", "2")
     assert done.returncode == 2
     assert "worker 1's metrics port would be 65536" in done.stderr
     assert "started" not in done.stderr
