@@ -74,23 +74,21 @@ def format_flags(flags: Iterable[pb.Flag]) -> str:
     return format_table(["NAME", "VALUE", "DEFAULT", "CHANGED"], rows)
 
 
-def _setting(json_text: str) -> str:
-    """A before/after JSON object as ``key=value`` pairs (``{}``: nothing)."""
-    try:
-        setting = json.loads(json_text or "{}")
-    except ValueError:
-        return json_text
-    if not isinstance(setting, dict):
-        return json_text
-    return " ".join(f"{key}={value}" for key, value in setting.items()) or "-"
-
-
 def _object(json_text: str) -> dict[str, object] | None:
+    """A recorded JSON object (empty text: ``{}``); None when the text is not one."""
     try:
         value = json.loads(json_text or "{}")
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def _setting(json_text: str) -> str:
+    """A before/after JSON object as ``key=value`` pairs (``{}``: nothing)."""
+    setting = _object(json_text)
+    if setting is None:
+        return json_text
+    return " ".join(f"{key}={value}" for key, value in setting.items()) or "-"
 
 
 def _field(key: str, value: object) -> str:
