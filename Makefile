@@ -52,8 +52,9 @@ test: setup-ci lint proto-check k8s-validate ## Set up, lint, check the protos a
 test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths), Decide vs TorchServe latency, ingest, broker, audit, model serving, shadow, CPU slice
+bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths), worker scaling (bench_workers), Decide vs TorchServe latency, ingest, broker, audit, model serving, shadow, CPU slice
 	@$(PY) -m loadtest.bench_paths
+	@$(PY) -m loadtest.bench_workers
 	@$(PY) -m loadtest.bench_latency
 	@$(PY) -m loadtest.bench_ingest
 	@$(PY) -m loadtest.bench_broker --duration-s 300

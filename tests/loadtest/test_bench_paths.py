@@ -4,48 +4,19 @@ load results)."""
 from __future__ import annotations
 
 from loadtest.bench_paths import Cell, Measured, compare, figures, losses, targets
-from loadtest.loadgen import LoadResult, LoadSpec, WorkerResult, new_histogram
-
-
-def result(
-    path_rate: tuple[str, float], *, ok: int, late: int = 0, model: float = 1.0, mode="open"
-) -> LoadResult:
-    histogram = new_histogram()
-    for _ in range(ok):
-        histogram.record_value(3_000)  # 3 ms
-    modelled = int(ok * model)
-    worker = WorkerResult(
-        histogram=histogram.encode(),
-        ok=ok,
-        errors={"DEADLINE_EXCEEDED": late} if late else {},
-        answers={"SOURCE_PRIMARY": modelled, "SOURCE_RULES": ok - modelled},
-        elapsed_s=1.0,
-        max_in_flight=1,
-        send_lag_max_ms=0.0,
-        send_lag_total_ms=0.0,
-        sends=ok,
-        cpu_s=0.1,
-        pid=1,
-    )
-    spec = LoadSpec(
-        target="decide",
-        address="127.0.0.1:1",
-        mode=mode,
-        seconds=1.0,
-        max_requests=10_000,
-        rate_per_s=path_rate[1] if mode == "open" else 0.0,
-        concurrency=int(path_rate[1]) if mode == "closed" else 1,
-    )
-    return LoadResult(spec, [worker])
+from loadtest.loadgen import LoadResult
+from tests.loadtest.made_up import load_result
 
 
 def runs(*, late_at_top: int, model_at_top: float) -> dict[Cell, LoadResult]:
     results: dict[Cell, LoadResult] = {}
     for path in ("E", "T", "D", "W", "F"):
-        results[(path, "closed", 16.0)] = result((path, 16), ok=500, mode="closed")
-    results[("D", "open", 250.0)] = result(("D", 250), ok=250)
-    results[("D", "open", 500.0)] = result(("D", 500), ok=500)  # 1.0 x the capacity of 500/s
-    results[("D", "open", 600.0)] = result(("D", 600), ok=600, late=late_at_top, model=model_at_top)
+        results[(path, "closed", 16.0)] = load_result("closed", 16, ok=500)
+    results[("D", "open", 250.0)] = load_result("open", 250, ok=250)
+    results[("D", "open", 500.0)] = load_result("open", 500, ok=500)  # 1.0 x the capacity of 500/s
+    results[("D", "open", 600.0)] = load_result(
+        "open", 600, ok=600, late=late_at_top, model=model_at_top
+    )
     return results
 
 
@@ -66,7 +37,7 @@ def test_past_capacity_late_answers_and_a_low_model_share_are_missed() -> None:
 def test_the_figures_file_compares_a_run_with_the_last() -> None:
     before = figures(Measured(runs(late_at_top=0, model_at_top=0.9), {}))
     after_runs = runs(late_at_top=0, model_at_top=0.9)
-    after_runs[("D", "closed", 16.0)] = result(("D", 16), ok=400, mode="closed")
+    after_runs[("D", "closed", 16.0)] = load_result("closed", 16, ok=400)
     text = compare(before, figures(Measured(after_runs, {})))
     assert "D saturated 500 -> 400/s (-20%)" in text
     assert "D open 600: p99 3.00 -> 3.00 ms" in text

@@ -1,0 +1,412 @@
+"""What ``decision-server --workers N`` gives on this machine: Decide's saturated
+throughput as the server's worker count grows (the per-pod figure of the capacity notes).
+
+Starts redis-server, one TorchServe replica (the primary sidecar, its committed model
+section) and the bare echo server, then one decision server per worker count in
+``--workers``, one after the other: each is stopped before the next starts, so only one
+holds cores. For each worker count it measures, closed loop with ``--concurrency``
+callers per worker (each call with a 1 s deadline):
+
+- D: Decide through the whole chain; its capacity counts only the answers a model gave
+  (past its admission limit a worker sheds the rest to the ladder);
+- D open loop at the ``--open-loop`` multiples of that capacity, each call with the
+  product's 50 ms deadline: where a pod of this shape starts answering late or from
+  the ladder, which is what an autoscaler's target must stay below;
+- F: closed loop again with both breakers forced open through AdminService: the
+  fallback ladder answers, the server's own ceiling with no model call in it.
+
+E (the echo server: one Python process, no work) and T (TorchServe called directly) are
+measured once, for reference. Every cell also says how many cores the decision server's
+processes used (its whole process tree, read with psutil), TorchServe's and the load
+generator's: a server that scales leaves a core or more per worker busy, and a load
+generator near one core per process means it, not the server, set the figure.
+Prints a markdown table of every cell, the best D and F figure per worker count with
+its ratio to one worker, and D's open-loop cells against its capacity; writes the
+figures to ``--json``. Everything it starts is stopped on
+the way out, by process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil  # type: ignore[import-untyped]  # no stubs in the virtualenv
+
+from core.processes import ManagedProcess, free_ports, listening
+from loadtest.bench_latency import decision_server, echo_server, fresh_features, start_backends
+from loadtest.bench_paths import (
+    OPEN_LOOP_DEADLINE_S,
+    TOKEN,
+    BreakerSwitch,
+    answered_by,
+    load_text,
+    model_share,
+)
+from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, Mode, Target
+from localstack.health import serving
+from torchserve.replica import ReplicaPorts
+
+REPO = Path(__file__).resolve().parents[1]
+CLOSED_LOOP_DEADLINE_S = 1.0
+PATH_TARGETS: dict[str, Target] = {"E": "echo", "T": "torchserve", "D": "decide", "F": "decide"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    path: str
+    workers: int  # the decision server's; 0 for E and T
+    mode: Mode
+    load: float  # callers (closed loop) or calls a second (open loop)
+
+    def text(self) -> str:
+        return f"{self.path} workers {self.workers or '-'} {load_text(self.mode, self.load)}"
+
+
+@dataclass(frozen=True)
+class Row:
+    cell: Cell
+    result: LoadResult
+    server_cores: float
+    torchserve_cores: float
+
+    def figures(self) -> dict[str, Any]:
+        r = self.result
+        return {
+            "path": self.cell.path,
+            "workers": self.cell.workers,
+            "mode": self.cell.mode,
+            "load": self.cell.load,
+            "per_s": round(r.throughput_per_s, 1),
+            "p50_ms": round(r.percentile_ms(50), 3),
+            "p99_ms": round(r.percentile_ms(99), 3),
+            "errors": r.errors,
+            "model_share": round(model_share(r), 4),
+            "server_cores": round(self.server_cores, 2),
+            "torchserve_cores": round(self.torchserve_cores, 2),
+            "loadgen_cores": round(r.generator_cores, 2),
+        }
+
+
+class TreeCpu:
+    """CPU seconds used by a process and all its descendants, read between two calls.
+
+    Descendants are looked up at each read; one that exited in between takes its
+    seconds with it, so a figure is a floor (the servers' workers live for the run).
+    """
+
+    def __init__(self, pid: int | None) -> None:
+        self._root = psutil.Process(pid) if pid else None
+
+    def seconds(self) -> float:
+        if self._root is None:
+            return 0.0
+        total = 0.0
+        for proc in [self._root, *self._root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
+
+def cores_during(
+    trees: Sequence[TreeCpu], run: Callable[[], LoadResult]
+) -> tuple[LoadResult, list[float]]:
+    """``run``'s result and the cores each tree kept busy while it ran."""
+    before = [tree.seconds() for tree in trees]
+    began = time.monotonic()
+    result = run()
+    elapsed = time.monotonic() - began
+    return result, [(tree.seconds() - b) / elapsed for tree, b in zip(trees, before, strict=True)]
+
+
+def table(rows: Sequence[Row]) -> str:
+    lines = [
+        "| path | workers | load | req/s | p50 ms | p99 ms | errors | answered by"
+        " | server cores | TorchServe cores | loadgen cores |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        f = row.figures()
+        errors = ", ".join(f"{k} {n}" for k, n in sorted(row.result.errors.items())) or "0"
+        lines.append(
+            f"| {f['path']} | {f['workers'] or '-'} | {load_text(row.cell.mode, row.cell.load)}"
+            f" | {f['per_s']:,.0f}"
+            f" | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} | {errors} | {answered_by(row.result)}"
+            f" | {f['server_cores']:.2f} | {f['torchserve_cores']:.2f}"
+            f" | {f['loadgen_cores']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def best(rows: Sequence[Row], path: str, workers: int) -> float:
+    """The path's best throughput at this worker count; for D only the decisions a model
+    made count, or an overloaded server shedding to the ladder would pass for a fast one
+    (bench_paths' ``saturated`` counts the same way)."""
+    return max(
+        (
+            row.result.throughput_per_s * (model_share(row.result) if path == "D" else 1.0)
+            for row in rows
+            if row.cell.path == path and row.cell.workers == workers and row.cell.mode == "closed"
+        ),
+        default=0.0,
+    )
+
+
+def scaling(rows: Sequence[Row], worker_counts: Sequence[int]) -> str:
+    lines = [
+        "| workers | D: model answers/s | D vs 1 worker | F: ladder answers/s | F vs 1 worker |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    d_one, f_one = best(rows, "D", worker_counts[0]), best(rows, "F", worker_counts[0])
+    for n in worker_counts:
+        d, f = best(rows, "D", n), best(rows, "F", n)
+        lines.append(
+            f"| {n} | {d:,.0f} | {d / d_one if d_one else 0:.2f} x"
+            f" | {f:,.0f} | {f / f_one if f_one else 0:.2f} x |"
+        )
+    return "\n".join(lines)
+
+
+def positive_numbers(text: str, number: Callable[[str], float]) -> list[Any]:
+    """``text``'s comma-separated values as ``number`` reads them, all above 0."""
+    try:
+        values = [number(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"positive numbers separated by commas, not {text!r}")
+    return values
+
+
+def float_list(text: str) -> list[float]:
+    return positive_numbers(text, float)
+
+
+def int_list(text: str) -> list[int]:
+    return positive_numbers(text, int)
+
+
+def open_loop(rows: Sequence[Row]) -> str:
+    """D's open-loop cells: how its answers hold up as the load nears its capacity."""
+    lines = [
+        "| workers | calls/s | x capacity | late (DEADLINE_EXCEEDED) | model share | p99 ms |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        if row.cell.mode != "open":
+            continue
+        capacity = best(rows, "D", row.cell.workers)
+        late = row.result.errors.get("DEADLINE_EXCEEDED", 0)
+        lines.append(
+            f"| {row.cell.workers} | {row.cell.load:,.0f} | {row.cell.load / capacity:.2f}"
+            f" | {late} | {100 * model_share(row.result):.1f} %"
+            f" | {row.result.percentile_ms(99):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+class Bench:
+    """The servers this run started (each added to ``procs`` before it starts) and the
+    load generator; measures one cell at a time and prints it as it goes."""
+
+    def __init__(self, args: argparse.Namespace, run_dir: Path, generator: LoadGenerator) -> None:
+        self.args = args
+        self.run_dir = run_dir
+        self.generator = generator
+        self.procs: list[ManagedProcess] = []
+        self.rows: list[Row] = []
+        per_server = 2 * len(args.concurrency) + len(args.open_loop)
+        self.total = 2 * len(args.concurrency) + per_server * len(args.workers)
+        redis_port, echo_port, no_secondary, *replica = free_ports(9)
+        self.redis_port, self.echo_port, self.no_secondary = redis_port, echo_port, no_secondary
+        self.ts_ports = ReplicaPorts(*replica)
+        self.torchserve: ManagedProcess | None = None
+        self.echo: ManagedProcess | None = None
+
+    def start_backends(self) -> None:
+        start_backends(self.run_dir, self.redis_port, self.ts_ports, self.procs)
+        self.torchserve = next(p for p in self.procs if p.name.startswith("torchserve"))
+        self.echo = echo_server(self.echo_port, self.run_dir)
+        self.procs.append(self.echo)
+        self.echo.start()
+        self.echo.wait_ready(listening(self.echo_port), 30)
+
+    def measure(self, cell: Cell, address: str, server: ManagedProcess | None) -> None:
+        closed = cell.mode == "closed"
+        spec = LoadSpec(
+            target=PATH_TARGETS[cell.path],
+            address=address,
+            mode=cell.mode,
+            seconds=self.args.seconds,
+            max_requests=int(self.args.seconds * 200_000),  # a real bound, never reached
+            concurrency=int(cell.load) if closed else 1,
+            rate_per_s=0.0 if closed else cell.load,
+            warmup_s=self.args.warmup,
+            timeout_s=CLOSED_LOOP_DEADLINE_S if closed else OPEN_LOOP_DEADLINE_S,
+            processes=self.generator.processes,
+            channels=self.args.channels,
+        )
+        trees = [TreeCpu(server.pid if server else None), TreeCpu(self.torchserve_pid())]
+        result, (server_cores, ts_cores) = cores_during(trees, lambda: self.generator.run(spec))
+        row = Row(cell, result, server_cores, ts_cores)
+        self.rows.append(row)
+        f = row.figures()
+        print(
+            f"  [{len(self.rows)}/{self.total}] {cell.text()}:"
+            f" {f['per_s']:,.0f}/s p50 {f['p50_ms']:.2f}"
+            f" p99 {f['p99_ms']:.2f} ms, errors {result.error_count},"
+            f" {answered_by(result) or 'no answers'}; cores: server {server_cores:.2f},"
+            f" TorchServe {ts_cores:.2f}, loadgen {result.generator_cores:.2f}",
+            flush=True,
+        )
+
+    def torchserve_pid(self) -> int | None:
+        return self.torchserve.pid if self.torchserve else None
+
+    async def run(self) -> None:
+        echo = f"127.0.0.1:{self.echo_port}"
+        torchserve = f"127.0.0.1:{self.ts_ports.grpc_inference}"
+        async with fresh_features(self.redis_port):
+            for c in self.args.concurrency:
+                await asyncio.to_thread(self.measure, Cell("E", 0, "closed", c), echo, self.echo)
+                await asyncio.to_thread(self.measure, Cell("T", 0, "closed", c), torchserve, None)
+            for workers in self.args.workers:
+                await self.run_workers(workers)
+
+    async def run_workers(self, workers: int) -> None:
+        decide_port, admin_port = free_ports(2)
+        server = decision_server(
+            decide_port,
+            redis_port=self.redis_port,
+            torchserve_port=self.ts_ports.grpc_inference,
+            no_secondary_port=self.no_secondary,
+            state_dir=self.run_dir / f"workers-{workers}",
+            name=f"decision-server-{workers}",
+            env={
+                "DECISION_SERVER__WORKERS": str(workers),
+                "DECISION_ADMIN__ENABLED": "true",
+                "DECISION_ADMIN__PORT": str(admin_port),
+                "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
+            },
+        )
+        self.procs.append(server)
+        print(f"starting a decision server with {workers} worker(s) …", flush=True)
+        server.start()
+        try:
+            await asyncio.to_thread(server.wait_ready, lambda: serving(decide_port), 60)
+            address = f"127.0.0.1:{decide_port}"
+            async with BreakerSwitch(f"127.0.0.1:{admin_port}", address) as switch:
+                cells = [Cell("D", workers, "closed", c * workers) for c in self.args.concurrency]
+                await self.measure_all(switch, cells, address, server)
+                capacity = best(self.rows, "D", workers)
+                rates = [round(f * capacity) for f in self.args.open_loop]
+                cells = [Cell("D", workers, "open", rate) for rate in rates if rate > 0]
+                await self.measure_all(switch, cells, address, server)
+                cells = [Cell("F", workers, "closed", c * workers) for c in self.args.concurrency]
+                await self.measure_all(switch, cells, address, server)
+        finally:
+            server.stop()
+
+    async def measure_all(
+        self, switch: BreakerSwitch, cells: Sequence[Cell], address: str, server: ManagedProcess
+    ) -> None:
+        for cell in cells:
+            await switch.prepare(cell.path)
+            await asyncio.to_thread(self.measure, cell, address, server)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cores = len(os.sched_getaffinity(0))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--workers",
+        type=int_list,
+        default=[n for n in (1, 2, 4, 8) if n <= cores],
+        help="decision server worker counts, comma separated (default: 1, 2, 4, 8 up to"
+        f" the cores this process may use, {cores} here)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int_list,
+        default=[16, 32],
+        help="closed-loop callers per decision server worker (E and T: per cell);"
+        " more than about 32 a worker and its admission limit sheds to the ladder",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=max(2, min(8, cores // 2)),
+        help="load generator processes (default: half the cores, 2 to 8)",
+    )
+    parser.add_argument("--channels", type=int, default=8, help="connections per process")
+    parser.add_argument(
+        "--open-loop",
+        type=float_list,
+        default=[0.5, 0.7, 0.85, 1.0],
+        help="D open loop at these multiples of each worker count's measured capacity,"
+        " comma separated (default 0.5,0.7,0.85,1.0)",
+    )
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds first")
+    parser.add_argument(
+        "--json", type=Path, default=REPO / ".run/bench_workers.json", help="figures file"
+    )
+    args = parser.parse_args(argv)
+
+    # SIGTERM's default ends the process without `finally`, leaving every server behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    began = time.monotonic()
+    generator = LoadGenerator(args.processes)
+    with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
+        bench = Bench(args, Path(tmp), generator)
+        try:
+            generator.start()  # the workers import while TorchServe boots
+            print(f"starting redis-server, TorchServe, the echo server ({cores} cores) …")
+            bench.start_backends()
+            generator.wait_ready()
+            print(
+                f"measuring {bench.total} cells of {args.seconds:g} s (+{args.warmup:g} s"
+                f" warm-up), {args.processes} load generator processes of"
+                f" {args.channels} connections each",
+                flush=True,
+            )
+            asyncio.run(bench.run())
+        finally:
+            generator.stop()
+            for proc in reversed(bench.procs):
+                proc.stop()
+
+    print()
+    print(table(bench.rows))
+    print()
+    print(scaling(bench.rows, args.workers))
+    print()
+    print(open_loop(bench.rows))
+    figures = {
+        "cores": cores,
+        "cpu": psutil.cpu_count(logical=True),
+        "processes": args.processes,
+        "channels": args.channels,
+        "seconds": args.seconds,
+        "rows": [row.figures() for row in bench.rows],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"\nfigures: {args.json}; whole run {time.monotonic() - began:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Load results made up for the benchmarks' pure-logic tests."""
+
+from __future__ import annotations
+
+from loadtest.loadgen import LoadResult, LoadSpec, Mode, WorkerResult, new_histogram
+
+
+def load_result(
+    mode: Mode, load: float, *, ok: int, late: int = 0, model: float = 1.0, latency_us: int = 3_000
+) -> LoadResult:
+    """One process's run over one second: ``ok`` answers of ``latency_us`` each, ``model``
+    of them from the primary and the rest from the rules, and ``late`` DEADLINE_EXCEEDED;
+    ``load`` is the concurrency (closed loop) or the rate (open loop)."""
+    histogram = new_histogram()
+    for _ in range(ok):
+        histogram.record_value(latency_us)
+    modelled = int(ok * model)
+    worker = WorkerResult(
+        histogram=histogram.encode(),
+        ok=ok,
+        errors={"DEADLINE_EXCEEDED": late} if late else {},
+        answers={"SOURCE_PRIMARY": modelled, "SOURCE_RULES": ok - modelled},
+        elapsed_s=1.0,
+        max_in_flight=1,
+        send_lag_max_ms=0.0,
+        send_lag_total_ms=0.0,
+        sends=ok + late,
+        cpu_s=0.1,
+        pid=1,
+    )
+    spec = LoadSpec(
+        target="decide",
+        address="127.0.0.1:1",
+        mode=mode,
+        seconds=1.0,
+        max_requests=100_000,
+        concurrency=int(load) if mode == "closed" else 1,
+        rate_per_s=load if mode == "open" else 0.0,
+    )
+    return LoadResult(spec, [worker])
