@@ -199,6 +199,13 @@ def int_list(text: str) -> list[int]:
     return positive_numbers(text, int)
 
 
+def setting(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name.startswith("DECISION_"):
+        raise argparse.ArgumentTypeError(f"DECISION_…=VALUE, not {text!r}")
+    return name, value
+
+
 def open_loop(rows: Sequence[Row]) -> str:
     """D's open-loop cells: how its answers hold up as the load nears its capacity."""
     lines = [
@@ -300,6 +307,7 @@ class Bench:
                 "DECISION_ADMIN__ENABLED": "true",
                 "DECISION_ADMIN__PORT": str(admin_port),
                 "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
+                **dict(self.args.server_env),
             },
         )
         self.procs.append(server)
@@ -358,6 +366,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=[0.5, 0.7, 0.85, 1.0],
         help="D open loop at these multiples of each worker count's measured capacity,"
         " comma separated (default 0.5,0.7,0.85,1.0)",
+    )
+    parser.add_argument(
+        "--server-env",
+        type=setting,
+        action="append",
+        default=[],
+        metavar="DECISION_…=VALUE",
+        help="a setting for the decision servers (repeatable), e.g."
+        " DECISION_DECISION__OVERLOAD_ACTION=reject",
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds first")

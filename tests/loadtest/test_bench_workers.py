@@ -19,6 +19,7 @@ from loadtest.bench_workers import (
     int_list,
     open_loop,
     scaling,
+    setting,
 )
 from loadtest.loadgen import Mode
 from tests.loadtest.made_up import load_result
@@ -75,6 +76,17 @@ def test_lists_refuse_what_is_not_positive(text: str) -> None:
 def test_lists_read_comma_separated_values() -> None:
     assert int_list("1,2, 8") == [1, 2, 8]
     assert float_list("0.5,1") == [0.5, 1.0]
+
+
+def test_server_settings_are_decision_variables_with_a_value() -> None:
+    assert setting("DECISION_DECISION__OVERLOAD_ACTION=reject") == (
+        "DECISION_DECISION__OVERLOAD_ACTION",
+        "reject",
+    )
+    assert setting("DECISION_X=") == ("DECISION_X", "")
+    for text in ("PATH=/tmp", "DECISION_X"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            setting(text)
 
 
 def test_tree_cpu_counts_a_child_process_of_the_root() -> None:
