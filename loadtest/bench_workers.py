@@ -22,8 +22,10 @@ generator's: a server that scales leaves a core or more per worker busy, and a l
 generator near one core per process means it, not the server, set the figure.
 Prints a markdown table of every cell, the best D and F figure per worker count with
 its ratio to one worker, and D's open-loop cells against its capacity; writes the
-figures to ``--json``. Everything it starts is stopped on
-the way out, by process group.
+figures to ``--json``. ``--server-cpus`` and ``--torchserve-cpus`` pin those processes
+(every thread) to CPUs of their own, as a pod with Guaranteed QoS under the static CPU
+manager is held; the load generator and the rest then keep to the other CPUs. Everything
+it starts is stopped on the way out, by process group.
 """
 
 from __future__ import annotations
@@ -121,6 +123,25 @@ class TreeCpu:
         return total
 
 
+def pin(pid: int | None, cpus: Sequence[int]) -> int:
+    """Every thread of the process ``pid`` and of its descendants on ``cpus``, as a
+    container's cpuset under Kubernetes' static CPU manager holds them (threads made
+    later inherit it). Returns how many threads it pinned. Affinity is per thread: a
+    process's is only its main thread's."""
+    if pid is None or not cpus:
+        return 0
+    root = psutil.Process(pid)
+    pinned = 0
+    for proc in [root, *root.children(recursive=True)]:
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            try:
+                os.sched_setaffinity(int(task.name), set(cpus))
+            except ProcessLookupError:  # a thread that ended meanwhile
+                continue
+            pinned += 1
+    return pinned
+
+
 def cores_during(
     trees: Sequence[TreeCpu], run: Callable[[], LoadResult]
 ) -> tuple[LoadResult, list[float]]:
@@ -199,6 +220,19 @@ def int_list(text: str) -> list[int]:
     return positive_numbers(text, int)
 
 
+def cpu_list(text: str) -> list[int]:
+    try:
+        cpus = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        cpus = []
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not set(cpus) <= allowed:
+        raise argparse.ArgumentTypeError(
+            f"CPU numbers separated by commas, of {sorted(allowed)}, not {text!r}"
+        )
+    return cpus
+
+
 def setting(text: str) -> tuple[str, str]:
     name, equals, value = text.partition("=")
     if not equals or not name.startswith("DECISION_"):
@@ -246,6 +280,9 @@ class Bench:
     def start_backends(self) -> None:
         start_backends(self.run_dir, self.redis_port, self.ts_ports, self.procs)
         self.torchserve = next(p for p in self.procs if p.name.startswith("torchserve"))
+        if self.args.torchserve_cpus:
+            threads = pin(self.torchserve.pid, self.args.torchserve_cpus)
+            print(f"TorchServe: {threads} threads on CPUs {self.args.torchserve_cpus}")
         self.echo = echo_server(self.echo_port, self.run_dir)
         self.procs.append(self.echo)
         self.echo.start()
@@ -315,6 +352,9 @@ class Bench:
         server.start()
         try:
             await asyncio.to_thread(server.wait_ready, lambda: serving(decide_port), 60)
+            if self.args.server_cpus:
+                threads = pin(server.pid, self.args.server_cpus)
+                print(f"  {threads} threads on CPUs {self.args.server_cpus}", flush=True)
             address = f"127.0.0.1:{decide_port}"
             async with BreakerSwitch(f"127.0.0.1:{admin_port}", address) as switch:
                 cells = [Cell("D", workers, "closed", c * workers) for c in self.args.concurrency]
@@ -376,6 +416,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="a setting for the decision servers (repeatable), e.g."
         " DECISION_DECISION__OVERLOAD_ACTION=reject",
     )
+    parser.add_argument(
+        "--server-cpus",
+        type=cpu_list,
+        default=[],
+        help="CPUs the decision servers are pinned to once ready (every thread, as a pod"
+        " with Guaranteed QoS under the static CPU manager), e.g. 0,1; default: any",
+    )
+    parser.add_argument(
+        "--torchserve-cpus", type=cpu_list, default=[], help="the same for TorchServe"
+    )
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds first")
     parser.add_argument(
@@ -386,6 +436,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # SIGTERM's default ends the process without `finally`, leaving every server behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     began = time.monotonic()
+    if pinned := set(args.server_cpus) | set(args.torchserve_cpus):
+        # The load generator, redis-server and the echo server (started from here) keep
+        # off the pinned CPUs, as other pods keep off a pod's exclusive cores.
+        if rest := os.sched_getaffinity(0) - pinned:
+            os.sched_setaffinity(0, rest)
+            print(f"the load generator, redis-server and the echo server on CPUs {sorted(rest)}")
+        else:
+            print("no CPU left beside the pinned ones: the load generator shares them")
     generator = LoadGenerator(args.processes)
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
         bench = Bench(args, Path(tmp), generator)

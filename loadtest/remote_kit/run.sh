@@ -1,7 +1,8 @@
 #!/bin/bash
 # Call 2 on the target, right after setup.sh on the same machine (.devicekit/b carried):
-# TorchServe's jar, the JRE and redis-server from the carry, then bench_workers with
-# $WORKERS_ARGS, and bench_paths too with PATHS=1. Figures and logs go to $OUT.
+# TorchServe's jar, the JRE and redis-server from the carry, then one bench_workers run
+# per argument (each a run's arguments), and bench_paths too with PATHS=1. Figures and
+# logs go to $OUT (at most 8 files come back: 3 runs with bench_paths, 4 without).
 set -uo pipefail
 untar() { python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' "$1" "$2"; }
 K=$PWD/.devicekit/b
@@ -27,10 +28,15 @@ export PATH=/tmp/dk/redis/bin:$BIN:$PATH JAVA_HOME=/tmp/dk/jre PYTHONUNBUFFERED=
 redis-server --version || exit 5
 mkdir -p .run && untar $K/models.tar.xz .run
 $PY -c 'import server.app, loadtest.bench_workers, ts.model_server; print("imports ok")' || exit 6
-echo "== bench_workers"; date -u
-WORKERS_ARGS=${WORKERS_ARGS:---workers 1,2,4,8 --concurrency 16,32 --open-loop 0.5,0.7,0.85,1.0,1.2 --seconds 2.5}
-# shellcheck disable=SC2086  # the arguments are words
-timeout "${WORKERS_S:-280}" $PY -m loadtest.bench_workers $WORKERS_ARGS --json "$OUT/bench_workers.json" 2>&1 | tee "$OUT/bench_workers.log"
+# Each argument is one bench_workers run's arguments (default: the scaling run).
+[ $# -gt 0 ] || set -- "--workers 1,2,4,8 --concurrency 16,32 --open-loop 0.5,0.7,0.85,1.0,1.2 --seconds 2.5"
+run=0
+for args in "$@"; do
+  run=$((run + 1))
+  echo "== bench_workers $args"; date -u
+  # shellcheck disable=SC2086  # the arguments are words
+  timeout "${WORKERS_S:-280}" $PY -m loadtest.bench_workers $args --json "$OUT/bench_workers-$run.json" 2>&1 | tee "$OUT/bench_workers-$run.log"
+done
 if [ "${PATHS:-0}" = 1 ]; then
   echo "== bench_paths"; date -u
   timeout "${PATHS_S:-220}" $PY -m loadtest.bench_paths --processes 6 --rounds 1 --json "$OUT/bench_paths.json" --out "$OUT/bench_paths.png" 2>&1 | tee "$OUT/bench_paths.log"

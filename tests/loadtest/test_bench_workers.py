@@ -4,10 +4,12 @@ CPU reading of a real process tree."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
 
+import psutil  # type: ignore[import-untyped]  # no stubs in the virtualenv
 import pytest
 
 from loadtest.bench_workers import (
@@ -15,9 +17,11 @@ from loadtest.bench_workers import (
     Row,
     TreeCpu,
     best,
+    cpu_list,
     float_list,
     int_list,
     open_loop,
+    pin,
     scaling,
     setting,
 )
@@ -104,3 +108,37 @@ def test_tree_cpu_counts_a_child_process_of_the_root() -> None:
         root.kill()
         root.wait()
     assert TreeCpu(None).seconds() == 0.0
+
+
+def test_pin_puts_every_thread_of_the_tree_on_the_cpus() -> None:
+    # A shell whose child runs three threads: affinity is per thread, so pinning only
+    # the processes would leave two of them free.
+    threads = (
+        "import threading, time;"
+        " [threading.Thread(target=time.sleep, args=(30,)).start() for _ in range(2)];"
+        " time.sleep(30)"
+    )
+    root = subprocess.Popen(["/bin/sh", "-c", f"{sys.executable} -c '{threads}'; true"])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            tasks = [t for c in psutil.Process(root.pid).children() for t in c.threads()]
+            if len(tasks) == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert len(tasks) == 3
+        assert pin(root.pid, [0]) == 4  # the shell's one thread and the child's three
+        for task in tasks:
+            assert os.sched_getaffinity(task.id) == {0}
+    finally:
+        for proc in psutil.Process(root.pid).children(recursive=True):
+            proc.kill()
+        root.kill()
+        root.wait()
+
+
+def test_cpu_list_takes_only_cpus_this_process_may_use() -> None:
+    assert cpu_list("0") == [0]
+    for text in ("", "x", "99999"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cpu_list(text)
