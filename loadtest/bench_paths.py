@@ -406,17 +406,22 @@ def targets(results: dict[Cell, LoadResult]) -> str:
     )
 
 
-def figures(measured: Measured) -> dict[str, Any]:
-    """The run's figures as plain data: every cell, the saturated throughputs, the
-    TorchServe workers lost."""
-    results = measured.results
-    commit = subprocess.run(
+def checkout_commit() -> str:
+    """The checkout's commit, short; empty outside a git checkout."""
+    return subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 - git from PATH, fixed arguments
         cwd=REPO,
         capture_output=True,
         text=True,
         check=False,
     ).stdout.strip()
+
+
+def figures(measured: Measured) -> dict[str, Any]:
+    """The run's figures as plain data: every cell, the saturated throughputs, the
+    TorchServe workers lost."""
+    results = measured.results
+    commit = checkout_commit()
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "commit": commit,

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from loadtest.bench_paths import (
     TOKEN,
     BreakerSwitch,
     answered_by,
+    checkout_commit,
     load_text,
     model_share,
 )
@@ -103,8 +105,9 @@ class Row:
 class TreeCpu:
     """CPU seconds used by a process and all its descendants, read between two calls.
 
-    Descendants are looked up at each read; one that exited in between takes its
-    seconds with it, so a figure is a floor (the servers' workers live for the run).
+    Descendants are looked up at each read: one that exits takes its seconds with it
+    (the servers' workers live for the whole run; a worker restarted mid-cell would make
+    that cell's figure wrong, even negative).
     """
 
     def __init__(self, pid: int | None) -> None:
@@ -123,17 +126,20 @@ class TreeCpu:
         return total
 
 
-def pin(pid: int | None, cpus: Sequence[int]) -> int:
-    """Every thread of the process ``pid`` and of its descendants on ``cpus``, as a
-    container's cpuset under Kubernetes' static CPU manager holds them (threads made
-    later inherit it). Returns how many threads it pinned. Affinity is per thread: a
-    process's is only its main thread's."""
-    if pid is None or not cpus:
-        return 0
+def pin(pid: int, cpus: Collection[int]) -> int:
+    """Every thread of the process ``pid`` and of its descendants on ``cpus``; returns
+    how many threads it pinned. Affinity is per thread (a process's is only its main
+    thread's), and a thread inherits the affinity of the thread that made it, so a
+    thread made meanwhile by one not yet pinned escapes: pin a process before it starts
+    threads where it matters (``started_on``)."""
     root = psutil.Process(pid)
     pinned = 0
     for proc in [root, *root.children(recursive=True)]:
-        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+        try:
+            tasks = list(Path(f"/proc/{proc.pid}/task").iterdir())
+        except FileNotFoundError:  # a process that ended meanwhile
+            continue
+        for task in tasks:
             try:
                 os.sched_setaffinity(int(task.name), set(cpus))
             except ProcessLookupError:  # a thread that ended meanwhile
@@ -142,15 +148,54 @@ def pin(pid: int | None, cpus: Sequence[int]) -> int:
     return pinned
 
 
+@contextlib.contextmanager
+def started_on(cpus: Collection[int]) -> Iterator[None]:
+    """Processes started in the block (from this thread) start on ``cpus``, as a
+    container's processes start inside its cpuset under Kubernetes' static CPU manager:
+    a JVM or a thread pool sizes itself by the CPUs it may use when it starts. No
+    ``cpus``: no change."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(cpus))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def listeners(pid: int | None, port: int) -> int:
+    """How many processes of ``pid``'s tree listen on TCP ``port``."""
+    if pid is None:
+        return 0
+    root = psutil.Process(pid)
+    count = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            sockets = proc.net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        count += any(s.status == psutil.CONN_LISTEN and s.laddr.port == port for s in sockets)
+    return count
+
+
 def cores_during(
     trees: Sequence[TreeCpu], run: Callable[[], LoadResult]
 ) -> tuple[LoadResult, list[float]]:
-    """``run``'s result and the cores each tree kept busy while it ran."""
+    """``run``'s result and the cores each tree kept busy while it ran: its warm-up and
+    the load generator's setup included, where the load generator's own cores count
+    its measured seconds only."""
     before = [tree.seconds() for tree in trees]
     began = time.monotonic()
     result = run()
     elapsed = time.monotonic() - began
     return result, [(tree.seconds() - b) / elapsed for tree, b in zip(trees, before, strict=True)]
+
+
+def errors_text(errors: dict[str, int]) -> str:
+    """``errors`` by gRPC status name as ``CODE n, CODE n``, or ``0``."""
+    return ", ".join(f"{code} {n}" for code, n in sorted(errors.items())) or "0"
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -161,7 +206,7 @@ def table(rows: Sequence[Row]) -> str:
     ]
     for row in rows:
         f = row.figures()
-        errors = ", ".join(f"{k} {n}" for k, n in sorted(row.result.errors.items())) or "0"
+        errors = errors_text(row.result.errors)
         lines.append(
             f"| {f['path']} | {f['workers'] or '-'} | {load_text(row.cell.mode, row.cell.load)}"
             f" | {f['per_s']:,.0f}"
@@ -187,11 +232,12 @@ def best(rows: Sequence[Row], path: str, workers: int) -> float:
 
 
 def scaling(rows: Sequence[Row], worker_counts: Sequence[int]) -> str:
+    first = worker_counts[0]
     lines = [
-        "| workers | D: model answers/s | D vs 1 worker | F: ladder answers/s | F vs 1 worker |",
+        f"| workers | D: model answers/s | D vs {first} | F: ladder answers/s | F vs {first} |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
-    d_one, f_one = best(rows, "D", worker_counts[0]), best(rows, "F", worker_counts[0])
+    d_one, f_one = best(rows, "D", first), best(rows, "F", first)
     for n in worker_counts:
         d, f = best(rows, "D", n), best(rows, "F", n)
         lines.append(
@@ -243,17 +289,20 @@ def setting(text: str) -> tuple[str, str]:
 def open_loop(rows: Sequence[Row]) -> str:
     """D's open-loop cells: how its answers hold up as the load nears its capacity."""
     lines = [
-        "| workers | calls/s | x capacity | late (DEADLINE_EXCEEDED) | model share | p99 ms |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| workers | calls/s | x capacity | late (DEADLINE_EXCEEDED) | other errors"
+        " | model share | p99 ms |",
+        "| ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for row in rows:
         if row.cell.mode != "open":
             continue
         capacity = best(rows, "D", row.cell.workers)
-        late = row.result.errors.get("DEADLINE_EXCEEDED", 0)
+        errors = dict(row.result.errors)
+        late = errors.pop("DEADLINE_EXCEEDED", 0)
+        others = errors_text(errors)
         lines.append(
             f"| {row.cell.workers} | {row.cell.load:,.0f} | {row.cell.load / capacity:.2f}"
-            f" | {late} | {100 * model_share(row.result):.1f} %"
+            f" | {late} | {others} | {100 * model_share(row.result):.1f} %"
             f" | {row.result.percentile_ms(99):.2f} |"
         )
     return "\n".join(lines)
@@ -278,11 +327,13 @@ class Bench:
         self.echo: ManagedProcess | None = None
 
     def start_backends(self) -> None:
-        start_backends(self.run_dir, self.redis_port, self.ts_ports, self.procs)
+        # redis-server starts first, on TorchServe's CPUs too; it moves to the rest after.
+        with started_on(self.args.torchserve_cpus):
+            start_backends(self.run_dir, self.redis_port, self.ts_ports, self.procs)
         self.torchserve = next(p for p in self.procs if p.name.startswith("torchserve"))
-        if self.args.torchserve_cpus:
-            threads = pin(self.torchserve.pid, self.args.torchserve_cpus)
-            print(f"TorchServe: {threads} threads on CPUs {self.args.torchserve_cpus}")
+        redis = next(p for p in self.procs if p.name.startswith("redis"))
+        if self.args.torchserve_cpus and redis.pid is not None:
+            pin(redis.pid, os.sched_getaffinity(0))
         self.echo = echo_server(self.echo_port, self.run_dir)
         self.procs.append(self.echo)
         self.echo.start()
@@ -348,13 +399,17 @@ class Bench:
             },
         )
         self.procs.append(server)
-        print(f"starting a decision server with {workers} worker(s) …", flush=True)
-        server.start()
+        cpus = f" on CPUs {self.args.server_cpus}" if self.args.server_cpus else ""
+        print(f"starting a decision server with {workers} worker(s){cpus} …", flush=True)
+        with started_on(self.args.server_cpus):
+            server.start()
         try:
-            await asyncio.to_thread(server.wait_ready, lambda: serving(decide_port), 60)
-            if self.args.server_cpus:
-                threads = pin(server.pid, self.args.server_cpus)
-                print(f"  {threads} threads on CPUs {self.args.server_cpus}", flush=True)
+            # Ready when every worker listens: connections are spread as they open.
+            await asyncio.to_thread(
+                server.wait_ready,
+                lambda: serving(decide_port) and listeners(server.pid, decide_port) >= workers,
+                60,
+            )
             address = f"127.0.0.1:{decide_port}"
             async with BreakerSwitch(f"127.0.0.1:{admin_port}", address) as switch:
                 cells = [Cell("D", workers, "closed", c * workers) for c in self.args.concurrency]
@@ -420,8 +475,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--server-cpus",
         type=cpu_list,
         default=[],
-        help="CPUs the decision servers are pinned to once ready (every thread, as a pod"
-        " with Guaranteed QoS under the static CPU manager), e.g. 0,1; default: any",
+        help="CPUs the decision servers start on (every process and thread, as a pod with"
+        " Guaranteed QoS under the static CPU manager), e.g. 0,1; default: the CPUs"
+        " not pinned, shared with the load generator",
     )
     parser.add_argument(
         "--torchserve-cpus", type=cpu_list, default=[], help="the same for TorchServe"
@@ -432,15 +488,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--json", type=Path, default=REPO / ".run/bench_workers.json", help="figures file"
     )
     args = parser.parse_args(argv)
+    if set(args.server_cpus) & set(args.torchserve_cpus):
+        parser.error("--server-cpus and --torchserve-cpus overlap: a pod's containers do not")
 
     # SIGTERM's default ends the process without `finally`, leaving every server behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     began = time.monotonic()
     if pinned := set(args.server_cpus) | set(args.torchserve_cpus):
         # The load generator, redis-server and the echo server (started from here) keep
-        # off the pinned CPUs, as other pods keep off a pod's exclusive cores.
+        # off the pinned CPUs, as other pods keep off a pod's exclusive cores. Every
+        # thread: numpy's BLAS pool is already running.
         if rest := os.sched_getaffinity(0) - pinned:
-            os.sched_setaffinity(0, rest)
+            pin(os.getpid(), rest)
             print(f"the load generator, redis-server and the echo server on CPUs {sorted(rest)}")
         else:
             print("no CPU left beside the pinned ones: the load generator shares them")
@@ -460,9 +519,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             asyncio.run(bench.run())
         finally:
+            # A second SIGTERM must not cut the stopping short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             generator.stop()
             for proc in reversed(bench.procs):
                 proc.stop()
+            # What was measured is kept, also when the run was cut short.
+            write_figures(args, cores, bench.rows)
 
     print()
     print(table(bench.rows))
@@ -470,17 +533,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(scaling(bench.rows, args.workers))
     print()
     print(open_loop(bench.rows))
+    print(f"\nfigures: {args.json}; whole run {time.monotonic() - began:.0f} s")
+
+
+def write_figures(args: argparse.Namespace, cores: int, rows: Sequence[Row]) -> None:
+    """The run's figures and how it was run, to ``args.json``."""
     figures = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": checkout_commit(),
         "cores": cores,
         "cpu": psutil.cpu_count(logical=True),
-        "processes": args.processes,
-        "channels": args.channels,
-        "seconds": args.seconds,
-        "rows": [row.figures() for row in bench.rows],
+        # All but --json: where the figures went, and a Path.
+        "arguments": {name: value for name, value in vars(args).items() if name != "json"},
+        "rows": [row.figures() for row in rows],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(figures, indent=1) + "\n")
-    print(f"\nfigures: {args.json}; whole run {time.monotonic() - began:.0f} s")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 # Writes .devicekit/a (our wheels for Python 3.12, 29 MiB) and .devicekit/b (a jlinked
 # JRE 17, TorchServe's frontend jar as tar.xz, redis-server with the libraries it links
 # beyond glibc, .run/models, 54 MiB). Run here: it needs this machine's JDK 17 (jlink),
-# redis-server, pip access to the package index and trained models (make models).
+# objcopy (binutils), xz, redis-server, pip access to the package index and trained
+# models (make models).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 KIT="$(dirname "$0")"

@@ -1,18 +1,20 @@
 #!/bin/bash
 # Call 2 on the target, right after setup.sh on the same machine (.devicekit/b carried):
 # TorchServe's jar, the JRE and redis-server from the carry, then one bench_workers run
-# per argument (each a run's arguments), and bench_paths too with PATHS=1. Figures and
-# logs go to $OUT (at most 8 files come back: 3 runs with bench_paths, 4 without).
+# per argument (each argument one run's arguments), and bench_paths too with PATHS=1.
+# Figures and logs go to $OUT: 2 files a bench_workers run, 3 for bench_paths, and at
+# most 8 files come back from a call (4 runs, or 2 with bench_paths).
 set -uo pipefail
+: "${OUT:?set OUT to the folder the figures go to}"
 untar() { python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' "$1" "$2"; }
 K=$PWD/.devicekit/b
-[ -d /tmp/site ] || { echo "no /tmp/site: call 1 ran on another machine"; exit 3; }
-if [ -x /tmp/v/bin/python3 ]; then PY=/tmp/v/bin/python3; BIN=/tmp/v/bin
-else PY=$(which python3); BIN=$(dirname $PY); export PYTHONPATH=/tmp/site:/tmp/site-ts; fi
-mkdir -p /tmp/dk && untar $K/jre.tar.xz /tmp/dk && /tmp/dk/jre/bin/java -version 2>&1 | head -1 || exit 3
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-ts $K/torchserve-*.whl 2>&1 | tail -3
-[ $BIN = /tmp/v/bin ] && echo 'import site; site.addsitedir("/tmp/site-ts")' > $($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/01-torchserve.pth
-mkdir -p /tmp/site-ts/ts/frontend /tmp/dk/jar && untar $K/jar.tar.xz /tmp/dk/jar
+PY=/tmp/v/bin/python3
+[ -x "$PY" ] || { echo "no /tmp/v: setup.sh ran on another machine, or not at all"; exit 3; }
+mkdir -p /tmp/dk && untar "$K/jre.tar.xz" /tmp/dk && /tmp/dk/jre/bin/java -version 2>&1 | head -1 || exit 3
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-ts "$K"/torchserve-*.whl || exit 4
+SP=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo 'import site; site.addsitedir("/tmp/site-ts")' > "$SP/01-torchserve.pth"
+mkdir -p /tmp/site-ts/ts/frontend /tmp/dk/jar && untar "$K/jar.tar.xz" /tmp/dk/jar || exit 4
 (cd /tmp/dk/jar && $PY -c '
 import os, zipfile
 names = sorted(os.path.join(d, f)[2:] for d, _, fs in os.walk(".") for f in fs)
@@ -20,25 +22,32 @@ names.sort(key=lambda n: n != "META-INF/MANIFEST.MF")
 with zipfile.ZipFile("/tmp/site-ts/ts/frontend/model-server.jar", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
     for n in names: z.write(n, n)
 print("jar entries", len(names))') || exit 4
-printf '#!%s\nimport sys\nfrom ts.model_server import start\nsys.exit(start())\n' $PY > $BIN/torchserve; chmod +x $BIN/torchserve
-mkdir -p /tmp/dk/redis-lib && untar $K/redis.tar.xz /tmp/dk
-for l in /tmp/dk/redis/lib/*; do ldconfig -p | grep -q "$(basename $l)" || ln -sf $l /tmp/dk/redis-lib/; done
-printf '#!/bin/sh\nLD_LIBRARY_PATH=/tmp/dk/redis-lib exec /tmp/dk/redis/bin/redis-server.real "$@"\n' > /tmp/dk/redis/bin/redis-server; chmod +x /tmp/dk/redis/bin/redis-server
-export PATH=/tmp/dk/redis/bin:$BIN:$PATH JAVA_HOME=/tmp/dk/jre PYTHONUNBUFFERED=1
+# The launcher TorchServe's replicas are started with: beside the interpreter.
+printf '#!%s\nimport sys\nfrom ts.model_server import start\nsys.exit(start())\n' "$PY" > /tmp/v/bin/torchserve
+chmod +x /tmp/v/bin/torchserve
+mkdir -p /tmp/dk/redis-lib && untar "$K/redis.tar.xz" /tmp/dk || exit 5
+for lib in /tmp/dk/redis/lib/*; do
+  ldconfig -p | grep -q "$(basename "$lib")" || ln -sf "$lib" /tmp/dk/redis-lib/
+done
+printf '#!/bin/sh\nLD_LIBRARY_PATH=/tmp/dk/redis-lib exec /tmp/dk/redis/bin/redis-server.real "$@"\n' > /tmp/dk/redis/bin/redis-server
+chmod +x /tmp/dk/redis/bin/redis-server
+export PATH=/tmp/dk/redis/bin:/tmp/v/bin:$PATH JAVA_HOME=/tmp/dk/jre PYTHONUNBUFFERED=1
 redis-server --version || exit 5
-mkdir -p .run && untar $K/models.tar.xz .run
+mkdir -p .run && untar "$K/models.tar.xz" .run || exit 6
 $PY -c 'import server.app, loadtest.bench_workers, ts.model_server; print("imports ok")' || exit 6
-# Each argument is one bench_workers run's arguments (default: the scaling run).
 [ $# -gt 0 ] || set -- "--workers 1,2,4,8 --concurrency 16,32 --open-loop 0.5,0.7,0.85,1.0,1.2 --seconds 2.5"
 run=0
 for args in "$@"; do
   run=$((run + 1))
   echo "== bench_workers $args"; date -u
-  # shellcheck disable=SC2086  # the arguments are words
-  timeout "${WORKERS_S:-280}" $PY -m loadtest.bench_workers $args --json "$OUT/bench_workers-$run.json" 2>&1 | tee "$OUT/bench_workers-$run.log"
+  # $args unquoted: it is one run's arguments, split into words.
+  # shellcheck disable=SC2086
+  timeout "${WORKERS_S:-280}" "$PY" -m loadtest.bench_workers $args --json "$OUT/bench_workers-$run.json" 2>&1 \
+    | tee "$OUT/bench_workers-$run.log"
 done
 if [ "${PATHS:-0}" = 1 ]; then
   echo "== bench_paths"; date -u
-  timeout "${PATHS_S:-220}" $PY -m loadtest.bench_paths --processes 6 --rounds 1 --json "$OUT/bench_paths.json" --out "$OUT/bench_paths.png" 2>&1 | tee "$OUT/bench_paths.log"
+  timeout "${PATHS_S:-220}" "$PY" -m loadtest.bench_paths --processes 6 --rounds 1 \
+    --json "$OUT/bench_paths.json" --out "$OUT/bench_paths.png" 2>&1 | tee "$OUT/bench_paths.log"
 fi
 date -u

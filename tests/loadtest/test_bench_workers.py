@@ -20,19 +20,31 @@ from loadtest.bench_workers import (
     cpu_list,
     float_list,
     int_list,
+    listeners,
     open_loop,
     pin,
     scaling,
     setting,
+    started_on,
 )
 from loadtest.loadgen import Mode
 from tests.loadtest.made_up import load_result
 
 
 def row(
-    path: str, workers: int, mode: Mode, load: float, *, ok: int, model: float = 1.0, late: int = 0
+    path: str,
+    workers: int,
+    mode: Mode,
+    load: float,
+    *,
+    ok: int,
+    model: float = 1.0,
+    late: int = 0,
+    rejected: int = 0,
 ) -> Row:
     result = load_result(mode, load, ok=ok, model=model, late=late, latency_us=4_000)
+    if rejected:
+        result.workers[0].errors["RESOURCE_EXHAUSTED"] = rejected
     return Row(Cell(path, workers, mode, load), result, server_cores=1.0, torchserve_cores=0.5)
 
 
@@ -43,7 +55,7 @@ ROWS = [
     row("D", 1, "open", 2_000, ok=2_000),  # open loop never sets the capacity
     row("F", 1, "closed", 16, ok=1_500),
     row("D", 2, "closed", 32, ok=1_900, model=0.9),
-    row("D", 2, "open", 1_710, ok=1_500, model=0.6, late=210),
+    row("D", 2, "open", 1_710, ok=1_500, model=0.6, late=210, rejected=40),
     row("F", 2, "closed", 32, ok=2_700),
 ]
 
@@ -61,11 +73,18 @@ def test_scaling_gives_each_worker_count_against_one_worker() -> None:
     assert lines[3] == "| 2 | 1,710 | 1.71 x | 2,700 | 1.80 x |"
 
 
+def test_scaling_names_the_worker_count_it_compares_with() -> None:
+    lines = scaling(ROWS, [2]).splitlines()
+    assert lines[0] == "| workers | D: model answers/s | D vs 2 | F: ladder answers/s | F vs 2 |"
+    assert lines[2] == "| 2 | 1,710 | 1.00 x | 2,700 | 1.00 x |"
+
+
 def test_open_loop_rows_give_load_against_capacity_late_answers_and_model_share() -> None:
     lines = open_loop(ROWS).splitlines()
     assert lines[2:] == [
-        "| 1 | 2,000 | 2.00 | 0 | 100.0 % | 4.00 |",
-        "| 2 | 1,710 | 1.00 | 210 | 60.0 % | 4.00 |",
+        "| 1 | 2,000 | 2.00 | 0 | 0 | 100.0 % | 4.00 |",
+        # Refused calls are not late, and not hidden either.
+        "| 2 | 1,710 | 1.00 | 210 | RESOURCE_EXHAUSTED 40 | 60.0 % | 4.00 |",
     ]
 
 
@@ -94,51 +113,96 @@ def test_server_settings_are_decision_variables_with_a_value() -> None:
 
 
 def test_tree_cpu_counts_a_child_process_of_the_root() -> None:
-    # The root (a shell) idles while its child burns CPU: the tree's seconds must grow.
-    burn = (
-        f"{sys.executable} -c 'import time; end = time.time() + 0.6\nwhile time.time() < end: pass'"
-    )
-    root = subprocess.Popen(["/bin/sh", "-c", f"{burn}; sleep 5"])
+    # The root (a shell) idles while its child burns 0.5 s of CPU (not of wall time, which
+    # a busy machine would spend waiting): the tree's seconds must grow by about that.
+    burn = "import time\nwhile time.process_time() < 0.5: pass"
+    root = subprocess.Popen(["/bin/sh", "-c", f"{sys.executable} -c '{burn}'; sleep 30"])
     try:
         tree = TreeCpu(root.pid)
-        before = tree.seconds()
-        time.sleep(0.4)
-        assert tree.seconds() - before > 0.2
+        deadline = time.monotonic() + 20
+        while tree.seconds() < 0.4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tree.seconds() >= 0.4
     finally:
         root.kill()
         root.wait()
     assert TreeCpu(None).seconds() == 0.0
 
 
+ALLOWED = sorted(os.sched_getaffinity(0))
+needs_two_cpus = pytest.mark.skipif(
+    len(ALLOWED) < 2, reason="pinning to one of one CPU would change nothing"
+)
+
+
+def running_threads(three_threads: str) -> subprocess.Popen[bytes]:
+    """A shell whose child runs three threads (returned once they run)."""
+    root = subprocess.Popen(["/bin/sh", "-c", f"{sys.executable} -c '{three_threads}'; true"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if sum(c.num_threads() for c in psutil.Process(root.pid).children()) == 3:
+            return root
+        time.sleep(0.05)
+    root.kill()
+    raise AssertionError("the child's three threads did not start")
+
+
+THREE_THREADS = (
+    "import threading, time;"
+    " [threading.Thread(target=time.sleep, args=(30,)).start() for _ in range(2)];"
+    " time.sleep(30)"
+)
+
+
+def end(root: subprocess.Popen[bytes]) -> None:
+    for proc in psutil.Process(root.pid).children(recursive=True):
+        proc.kill()
+    root.kill()
+    root.wait()
+
+
+@needs_two_cpus
 def test_pin_puts_every_thread_of_the_tree_on_the_cpus() -> None:
-    # A shell whose child runs three threads: affinity is per thread, so pinning only
-    # the processes would leave two of them free.
-    threads = (
-        "import threading, time;"
-        " [threading.Thread(target=time.sleep, args=(30,)).start() for _ in range(2)];"
-        " time.sleep(30)"
-    )
-    root = subprocess.Popen(["/bin/sh", "-c", f"{sys.executable} -c '{threads}'; true"])
+    # Affinity is per thread: pinning only the processes would leave two threads free.
+    root = running_threads(THREE_THREADS)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            tasks = [t for c in psutil.Process(root.pid).children() for t in c.threads()]
-            if len(tasks) == 3 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert len(tasks) == 3
-        assert pin(root.pid, [0]) == 4  # the shell's one thread and the child's three
-        for task in tasks:
-            assert os.sched_getaffinity(task.id) == {0}
+        assert pin(root.pid, [ALLOWED[-1]]) == 4  # the shell's one thread, the child's three
+        tasks = [t for c in psutil.Process(root.pid).children() for t in c.threads()]
+        assert [os.sched_getaffinity(t.id) for t in tasks] == [{ALLOWED[-1]}] * 3
     finally:
-        for proc in psutil.Process(root.pid).children(recursive=True):
-            proc.kill()
-        root.kill()
-        root.wait()
+        end(root)
+
+
+@needs_two_cpus
+def test_started_on_starts_processes_on_the_cpus_and_leaves_the_caller_as_it_was() -> None:
+    before = os.sched_getaffinity(0)
+    with started_on([ALLOWED[0]]):
+        root = running_threads(THREE_THREADS)
+    try:
+        assert os.sched_getaffinity(0) == before
+        tasks = [t for c in psutil.Process(root.pid).children() for t in c.threads()]
+        assert [os.sched_getaffinity(t.id) for t in tasks] == [{ALLOWED[0]}] * 3
+    finally:
+        end(root)
+
+
+def test_listeners_counts_the_processes_listening_on_the_port() -> None:
+    listen = (
+        "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
+        " print(s.getsockname()[1], flush=True); time.sleep(30)"
+    )
+    with subprocess.Popen([sys.executable, "-c", listen], stdout=subprocess.PIPE) as server:
+        try:
+            assert server.stdout is not None
+            port = int(server.stdout.readline())
+            assert listeners(server.pid, port) == 1
+            assert listeners(server.pid, port - 1) == 0
+        finally:
+            server.kill()
 
 
 def test_cpu_list_takes_only_cpus_this_process_may_use() -> None:
-    assert cpu_list("0") == [0]
-    for text in ("", "x", "99999"):
+    assert cpu_list(str(ALLOWED[0])) == [ALLOWED[0]]
+    for text in ("", "x", str(max(ALLOWED) + 1)):
         with pytest.raises(argparse.ArgumentTypeError):
             cpu_list(text)
