@@ -279,6 +279,16 @@ def cpu_list(text: str) -> list[int]:
     return cpus
 
 
+def default_workers(cpus: int) -> list[int]:
+    """1, 2, 4, 8 up to the CPUs the servers may use (at least 1)."""
+    return [n for n in (1, 2, 4, 8) if n <= max(cpus, 1)]
+
+
+def default_processes(cpus: int) -> int:
+    """Half the CPUs the load generator may use, 2 to 8."""
+    return max(2, min(8, cpus // 2))
+
+
 def setting(text: str) -> tuple[str, str]:
     name, equals, value = text.partition("=")
     if not equals or not name.startswith("DECISION_"):
@@ -437,9 +447,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--workers",
         type=int_list,
-        default=[n for n in (1, 2, 4, 8) if n <= cores],
         help="decision server worker counts, comma separated (default: 1, 2, 4, 8 up to"
-        f" the cores this process may use, {cores} here)",
+        f" the CPUs of --server-cpus, else the cores this process may use, {cores} here)",
     )
     parser.add_argument(
         "--concurrency",
@@ -451,8 +460,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--processes",
         type=int,
-        default=max(2, min(8, cores // 2)),
-        help="load generator processes (default: half the cores, 2 to 8)",
+        help="load generator processes (default: half the cores it is left, 2 to 8)",
     )
     parser.add_argument("--channels", type=int, default=8, help="connections per process")
     parser.add_argument(
@@ -490,15 +498,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if set(args.server_cpus) & set(args.torchserve_cpus):
         parser.error("--server-cpus and --torchserve-cpus overlap: a pod's containers do not")
+    pinned = set(args.server_cpus) | set(args.torchserve_cpus)
+    rest = os.sched_getaffinity(0) - pinned
+    if args.workers is None:
+        args.workers = default_workers(len(args.server_cpus) or cores)
+    if args.processes is None:
+        args.processes = default_processes(len(rest or pinned))
 
     # SIGTERM's default ends the process without `finally`, leaving every server behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     began = time.monotonic()
-    if pinned := set(args.server_cpus) | set(args.torchserve_cpus):
+    if pinned:
         # The load generator, redis-server and the echo server (started from here) keep
         # off the pinned CPUs, as other pods keep off a pod's exclusive cores. Every
         # thread: numpy's BLAS pool is already running.
-        if rest := os.sched_getaffinity(0) - pinned:
+        if rest:
             pin(os.getpid(), rest)
             print(f"the load generator, redis-server and the echo server on CPUs {sorted(rest)}")
         else:

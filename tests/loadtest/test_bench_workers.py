@@ -18,6 +18,8 @@ from loadtest.bench_workers import (
     TreeCpu,
     best,
     cpu_list,
+    default_processes,
+    default_workers,
     float_list,
     int_list,
     listeners,
@@ -99,6 +101,13 @@ def test_lists_refuse_what_is_not_positive(text: str) -> None:
 def test_lists_read_comma_separated_values() -> None:
     assert int_list("1,2, 8") == [1, 2, 8]
     assert float_list("0.5,1") == [0.5, 1.0]
+
+
+def test_defaults_follow_the_cpus_each_side_may_use() -> None:
+    assert default_workers(2) == [1, 2]  # --server-cpus 0,1: no 4 or 8 workers on two CPUs
+    assert default_workers(16) == [1, 2, 4, 8]
+    assert default_workers(0) == [1]
+    assert [default_processes(n) for n in (1, 6, 13, 40)] == [2, 3, 6, 8]
 
 
 def test_server_settings_are_decision_variables_with_a_value() -> None:
