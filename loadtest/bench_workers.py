@@ -17,11 +17,11 @@ callers per worker (each call with a 1 s deadline):
 
 E (the echo server: one Python process, no work) and T (TorchServe called directly) are
 measured once, for reference. Every cell also says how many cores the decision server's
-processes used (its whole process tree, read with psutil), TorchServe's and the load
+processes used (its whole process group, read from /proc), TorchServe's and the load
 generator's: a server that scales leaves a core or more per worker busy, and a load
 generator near one core per process means it, not the server, set the figure.
 Prints a markdown table of every cell, the best D and F figure per worker count with
-its ratio to one worker, and D's open-loop cells against its capacity; writes the
+its ratio to the first count's, and D's open-loop cells against its capacity; writes the
 figures to ``--json``. ``--server-cpus`` and ``--torchserve-cpus`` pin those processes
 (every thread) to CPUs of their own, as a pod with Guaranteed QoS under the static CPU
 manager is held; the load generator and the rest then keep to the other CPUs. Everything
@@ -46,7 +46,7 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the virtualenv
 
-from core.processes import ManagedProcess, free_ports, listening
+from core.processes import ManagedProcess, free_ports, listening, live_members_by_group
 from loadtest.bench_latency import decision_server, echo_server, fresh_features, start_backends
 from loadtest.bench_paths import (
     OPEN_LOOP_DEADLINE_S,
@@ -58,6 +58,7 @@ from loadtest.bench_paths import (
     model_share,
 )
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, Mode, Target
+from loadtest.soak_probe import usage_of
 from localstack.health import serving
 from torchserve.replica import ReplicaPorts
 
@@ -102,28 +103,19 @@ class Row:
         }
 
 
-class TreeCpu:
-    """CPU seconds used by a process and all its descendants, read between two calls.
+def group_cpu_seconds(pgids: Sequence[int | None]) -> list[float]:
+    """CPU seconds of each process group's live members (0.0 for None), from one pass
+    over /proc: a ManagedProcess is its group's leader, so its group is the process
+    and everything it started (TorchServe's JVM and workers, the server's workers). A
+    member that exits takes its seconds with it (they all live for the whole run)."""
+    members = live_members_by_group(pgid for pgid in pgids if pgid)
+    return [usage_of(members[pgid]).cpu_s if pgid else 0.0 for pgid in pgids]
 
-    Descendants are looked up at each read: one that exits takes its seconds with it
-    (the servers' workers live for the whole run; a worker restarted mid-cell would make
-    that cell's figure wrong, even negative).
-    """
 
-    def __init__(self, pid: int | None) -> None:
-        self._root = psutil.Process(pid) if pid else None
-
-    def seconds(self) -> float:
-        if self._root is None:
-            return 0.0
-        total = 0.0
-        for proc in [self._root, *self._root.children(recursive=True)]:
-            try:
-                times = proc.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += times.user + times.system
-        return total
+def tree(pid: int) -> list[psutil.Process]:
+    """The process ``pid`` and all its descendants."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
 
 
 def pin(pid: int, cpus: Collection[int]) -> int:
@@ -132,9 +124,8 @@ def pin(pid: int, cpus: Collection[int]) -> int:
     thread's), and a thread inherits the affinity of the thread that made it, so a
     thread made meanwhile by one not yet pinned escapes: pin a process before it starts
     threads where it matters (``started_on``)."""
-    root = psutil.Process(pid)
     pinned = 0
-    for proc in [root, *root.children(recursive=True)]:
+    for proc in tree(pid):
         try:
             tasks = list(Path(f"/proc/{proc.pid}/task").iterdir())
         except FileNotFoundError:  # a process that ended meanwhile
@@ -169,9 +160,8 @@ def listeners(pid: int | None, port: int) -> int:
     """How many processes of ``pid``'s tree listen on TCP ``port``."""
     if pid is None:
         return 0
-    root = psutil.Process(pid)
     count = 0
-    for proc in [root, *root.children(recursive=True)]:
+    for proc in tree(pid):
         try:
             sockets = proc.net_connections(kind="tcp")
         except psutil.NoSuchProcess:
@@ -181,16 +171,17 @@ def listeners(pid: int | None, port: int) -> int:
 
 
 def cores_during(
-    trees: Sequence[TreeCpu], run: Callable[[], LoadResult]
+    pgids: Sequence[int | None], run: Callable[[], LoadResult]
 ) -> tuple[LoadResult, list[float]]:
-    """``run``'s result and the cores each tree kept busy while it ran: its warm-up and
-    the load generator's setup included, where the load generator's own cores count
-    its measured seconds only."""
-    before = [tree.seconds() for tree in trees]
+    """``run``'s result and the cores each process group kept busy while it ran: its
+    warm-up and the load generator's setup included, where the load generator's own
+    cores count its measured seconds only."""
+    before = group_cpu_seconds(pgids)
     began = time.monotonic()
     result = run()
     elapsed = time.monotonic() - began
-    return result, [(tree.seconds() - b) / elapsed for tree, b in zip(trees, before, strict=True)]
+    after = group_cpu_seconds(pgids)
+    return result, [(a - b) / elapsed for a, b in zip(after, before, strict=True)]
 
 
 def errors_text(errors: dict[str, int]) -> str:
@@ -364,8 +355,8 @@ class Bench:
             processes=self.generator.processes,
             channels=self.args.channels,
         )
-        trees = [TreeCpu(server.pid if server else None), TreeCpu(self.torchserve_pid())]
-        result, (server_cores, ts_cores) = cores_during(trees, lambda: self.generator.run(spec))
+        groups = [server.pid if server else None, self.torchserve_pid()]
+        result, (server_cores, ts_cores) = cores_during(groups, lambda: self.generator.run(spec))
         row = Row(cell, result, server_cores, ts_cores)
         self.rows.append(row)
         f = row.figures()
