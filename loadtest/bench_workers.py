@@ -38,6 +38,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,10 @@ class Row:
     result: LoadResult
     server_cores: float
     torchserve_cores: float
+    # Each worker's own cores and the connections it held midway (D and F only): how
+    # evenly SO_REUSEPORT's hash of the connections spread the load.
+    worker_cores: tuple[float, ...] = ()
+    worker_connections: tuple[int, ...] = ()
 
     def figures(self) -> dict[str, Any]:
         r = self.result
@@ -100,7 +105,19 @@ class Row:
             "server_cores": round(self.server_cores, 2),
             "torchserve_cores": round(self.torchserve_cores, 2),
             "loadgen_cores": round(r.generator_cores, 2),
+            "worker_cores": [round(cores, 2) for cores in self.worker_cores],
+            "worker_connections": list(self.worker_connections),
         }
+
+    def spread(self) -> str:
+        """The least and the most busy worker's cores and connections, or ``-``."""
+        if len(self.worker_cores) < 2:
+            return "-"
+        cores, connections = self.worker_cores, self.worker_connections or (0,)
+        return (
+            f"{min(cores):.2f} to {max(cores):.2f} cores,"
+            f" {min(connections)} to {max(connections)} connections"
+        )
 
 
 def group_cpu_seconds(pgids: Sequence[int | None]) -> list[float]:
@@ -156,32 +173,77 @@ def started_on(cpus: Collection[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+def sockets_on(pid: int, port: int, status: str) -> int:
+    """How many of the process ``pid``'s TCP sockets on local ``port`` are in ``status``
+    (0 for a process that ended)."""
+    try:
+        sockets = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.NoSuchProcess:
+        return 0
+    return sum(1 for s in sockets if s.status == status and s.laddr.port == port)
+
+
+def listening_pids(pid: int | None, port: int) -> list[int]:
+    """The processes of ``pid``'s tree that listen on TCP ``port``: a server's workers."""
+    if pid is None:
+        return []
+    return [proc.pid for proc in tree(pid) if sockets_on(proc.pid, port, psutil.CONN_LISTEN)]
+
+
 def listeners(pid: int | None, port: int) -> int:
     """How many processes of ``pid``'s tree listen on TCP ``port``."""
-    if pid is None:
-        return 0
-    count = 0
-    for proc in tree(pid):
-        try:
-            sockets = proc.net_connections(kind="tcp")
-        except psutil.NoSuchProcess:
-            continue
-        count += any(s.status == psutil.CONN_LISTEN and s.laddr.port == port for s in sockets)
-    return count
+    return len(listening_pids(pid, port))
+
+
+def process_cpu_seconds(pids: Sequence[int]) -> list[float]:
+    """CPU seconds of each process (every thread of it), from /proc."""
+    return [usage_of([pid]).cpu_s for pid in pids]
+
+
+@dataclass(frozen=True)
+class Busy:
+    """The cores each process group and each process kept busy while a cell ran, and the
+    connections each process held on the port at its midpoint."""
+
+    group_cores: list[float]
+    process_cores: list[float]
+    connections: list[int]
 
 
 def cores_during(
-    pgids: Sequence[int | None], run: Callable[[], LoadResult]
-) -> tuple[LoadResult, list[float]]:
-    """``run``'s result and the cores each process group kept busy while it ran: its
-    warm-up and the load generator's setup included, where the load generator's own
-    cores count its measured seconds only."""
-    before = group_cpu_seconds(pgids)
+    pgids: Sequence[int | None],
+    run: Callable[[], LoadResult],
+    *,
+    pids: Sequence[int] = (),
+    port: int = 0,
+    midpoint_s: float = 0.0,
+) -> tuple[LoadResult, Busy]:
+    """``run``'s result and what kept busy while it ran: the cores of each process group
+    in ``pgids`` and of each process in ``pids`` (its warm-up and the load generator's
+    setup included, where the load generator's own cores count its measured seconds
+    only), and how many connections each of ``pids`` held on ``port`` ``midpoint_s``
+    after the start (the load generator connects anew for every cell)."""
+    connections = [0] * len(pids)
+
+    def count_connections() -> None:
+        connections[:] = [sockets_on(pid, port, psutil.CONN_ESTABLISHED) for pid in pids]
+
+    counter = threading.Timer(midpoint_s, count_connections)
+    counter.start()  # with no pids it counts nothing
+    before = group_cpu_seconds(pgids), process_cpu_seconds(pids)
     began = time.monotonic()
-    result = run()
+    try:
+        result = run()
+    finally:
+        counter.cancel()
     elapsed = time.monotonic() - began
-    after = group_cpu_seconds(pgids)
-    return result, [(a - b) / elapsed for a, b in zip(after, before, strict=True)]
+    counter.join()
+    after = group_cpu_seconds(pgids), process_cpu_seconds(pids)
+    group_cores, process_cores = (
+        [(a - b) / elapsed for a, b in zip(late, early, strict=True)]
+        for late, early in zip(after, before, strict=True)
+    )
+    return result, Busy(group_cores, process_cores, connections)
 
 
 def errors_text(errors: dict[str, int]) -> str:
@@ -291,8 +353,8 @@ def open_loop(rows: Sequence[Row]) -> str:
     """D's open-loop cells: how its answers hold up as the load nears its capacity."""
     lines = [
         "| workers | calls/s | x capacity | late (DEADLINE_EXCEEDED) | other errors"
-        " | model share | p99 ms |",
-        "| ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        " | model share | p99 ms | workers' spread |",
+        "| ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
     ]
     for row in rows:
         if row.cell.mode != "open":
@@ -304,7 +366,7 @@ def open_loop(rows: Sequence[Row]) -> str:
         lines.append(
             f"| {row.cell.workers} | {row.cell.load:,.0f} | {row.cell.load / capacity:.2f}"
             f" | {late} | {others} | {100 * model_share(row.result):.1f} %"
-            f" | {row.result.percentile_ms(99):.2f} |"
+            f" | {row.result.percentile_ms(99):.2f} | {row.spread()} |"
         )
     return "\n".join(lines)
 
@@ -340,7 +402,10 @@ class Bench:
         self.echo.start()
         self.echo.wait_ready(listening(self.echo_port), 30)
 
-    def measure(self, cell: Cell, address: str, server: ManagedProcess | None) -> None:
+    def measure(
+        self, cell: Cell, address: str, server: ManagedProcess | None, workers: Sequence[int] = ()
+    ) -> None:
+        """One cell; ``workers``: the server's worker pids, each measured on its own."""
         closed = cell.mode == "closed"
         spec = LoadSpec(
             target=PATH_TARGETS[cell.path],
@@ -356,8 +421,22 @@ class Bench:
             channels=self.args.channels,
         )
         groups = [server.pid if server else None, self.torchserve_pid()]
-        result, (server_cores, ts_cores) = cores_during(groups, lambda: self.generator.run(spec))
-        row = Row(cell, result, server_cores, ts_cores)
+        result, busy = cores_during(
+            groups,
+            lambda: self.generator.run(spec),
+            pids=workers,
+            port=int(address.rpartition(":")[2]),
+            midpoint_s=self.args.warmup + self.args.seconds / 2,
+        )
+        server_cores, ts_cores = busy.group_cores
+        row = Row(
+            cell,
+            result,
+            server_cores,
+            ts_cores,
+            tuple(busy.process_cores),
+            tuple(busy.connections),
+        )
         self.rows.append(row)
         f = row.figures()
         print(
@@ -365,7 +444,8 @@ class Bench:
             f" {f['per_s']:,.0f}/s p50 {f['p50_ms']:.2f}"
             f" p99 {f['p99_ms']:.2f} ms, errors {result.error_count},"
             f" {answered_by(result) or 'no answers'}; cores: server {server_cores:.2f},"
-            f" TorchServe {ts_cores:.2f}, loadgen {result.generator_cores:.2f}",
+            f" TorchServe {ts_cores:.2f}, loadgen {result.generator_cores:.2f}"
+            + (f"; workers {row.spread()}" if len(workers) > 1 else ""),
             flush=True,
         )
 
@@ -412,24 +492,30 @@ class Bench:
                 60,
             )
             address = f"127.0.0.1:{decide_port}"
+            pids = listening_pids(server.pid, decide_port)
             async with BreakerSwitch(f"127.0.0.1:{admin_port}", address) as switch:
                 cells = [Cell("D", workers, "closed", c * workers) for c in self.args.concurrency]
-                await self.measure_all(switch, cells, address, server)
+                await self.measure_all(switch, cells, address, server, pids)
                 capacity = best(self.rows, "D", workers)
                 rates = [round(f * capacity) for f in self.args.open_loop]
                 cells = [Cell("D", workers, "open", rate) for rate in rates if rate > 0]
-                await self.measure_all(switch, cells, address, server)
+                await self.measure_all(switch, cells, address, server, pids)
                 cells = [Cell("F", workers, "closed", c * workers) for c in self.args.concurrency]
-                await self.measure_all(switch, cells, address, server)
+                await self.measure_all(switch, cells, address, server, pids)
         finally:
             server.stop()
 
     async def measure_all(
-        self, switch: BreakerSwitch, cells: Sequence[Cell], address: str, server: ManagedProcess
+        self,
+        switch: BreakerSwitch,
+        cells: Sequence[Cell],
+        address: str,
+        server: ManagedProcess,
+        workers: Sequence[int],
     ) -> None:
         for cell in cells:
             await switch.prepare(cell.path)
-            await asyncio.to_thread(self.measure, cell, address, server)
+            await asyncio.to_thread(self.measure, cell, address, server, workers)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from loadtest.bench_workers import (
     Cell,
     Row,
     best,
+    cores_during,
     cpu_list,
     default_processes,
     default_workers,
@@ -30,7 +32,7 @@ from loadtest.bench_workers import (
     setting,
     started_on,
 )
-from loadtest.loadgen import Mode
+from loadtest.loadgen import LoadResult, Mode
 from tests.loadtest.made_up import load_result
 
 
@@ -85,10 +87,18 @@ def test_scaling_names_the_worker_count_it_compares_with() -> None:
 def test_open_loop_rows_give_load_against_capacity_late_answers_and_model_share() -> None:
     lines = open_loop(ROWS).splitlines()
     assert lines[2:] == [
-        "| 1 | 2,000 | 2.00 | 0 | 0 | 100.0 % | 4.00 |",
+        "| 1 | 2,000 | 2.00 | 0 | 0 | 100.0 % | 4.00 | - |",
         # Refused calls are not late, and not hidden either.
-        "| 2 | 1,710 | 1.00 | 210 | RESOURCE_EXHAUSTED 40 | 60.0 % | 4.00 |",
+        "| 2 | 1,710 | 1.00 | 210 | RESOURCE_EXHAUSTED 40 | 60.0 % | 4.00 | - |",
     ]
+
+
+def test_spread_gives_the_least_and_most_busy_worker() -> None:
+    one = row("D", 2, "open", 1_000, ok=1_000)
+    assert one.spread() == "-"  # no worker measured on its own (E, T)
+    spread = Row(one.cell, one.result, 1.0, 0.5, (0.62, 0.91, 0.35), (9, 12, 3))
+    assert spread.spread() == "0.35 to 0.91 cores, 3 to 12 connections"
+    assert spread.figures()["worker_connections"] == [9, 12, 3]
 
 
 @pytest.mark.parametrize("text", ["", "0,1", "-1", "a,b"])
@@ -209,6 +219,35 @@ def test_listeners_counts_the_processes_listening_on_the_port() -> None:
             port = int(server.stdout.readline())
             assert listeners(server.pid, port) == 1
             assert listeners(server.pid, port - 1) == 0
+        finally:
+            server.kill()
+
+
+def test_cores_during_counts_each_process_and_its_connections_midway() -> None:
+    # A server that takes connections and burns CPU while it holds them; the run opens
+    # two, holds them past the midpoint and closes them.
+    serve = (
+        "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
+        " print(s.getsockname()[1], flush=True); held = [s.accept() for _ in range(2)];"
+        " t = time.process_time()\nwhile time.process_time() < t + 0.3: pass\ntime.sleep(30)"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", serve], stdout=subprocess.PIPE, process_group=0
+    ) as server:
+        try:
+            assert server.stdout is not None
+            port = int(server.stdout.readline())
+
+            def run() -> LoadResult:
+                with socket.create_connection(("127.0.0.1", port)):
+                    with socket.create_connection(("127.0.0.1", port)):
+                        time.sleep(1.0)
+                return load_result("closed", 2, ok=1)
+
+            _, busy = cores_during([server.pid], run, pids=[server.pid], port=port, midpoint_s=0.5)
+            assert busy.connections == [2]
+            assert busy.process_cores[0] > 0.1  # its 0.3 s of CPU in about a second
+            assert busy.group_cores[0] == pytest.approx(busy.process_cores[0], abs=0.05)
         finally:
             server.kill()
 
