@@ -572,6 +572,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--json", type=Path, default=REPO / ".run/bench_workers.json", help="figures file"
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="run in this folder and keep it: every process's log, each server's journal"
+        " and audit store (SQLite), to read why decisions went as they did (default: a"
+        " temporary folder, removed)",
+    )
     args = parser.parse_args(argv)
     if set(args.server_cpus) & set(args.torchserve_cpus):
         parser.error("--server-cpus and --torchserve-cpus overlap: a pod's containers do not")
@@ -595,8 +602,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             print("no CPU left beside the pinned ones: the load generator shares them")
     generator = LoadGenerator(args.processes)
-    with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
-        bench = Bench(args, Path(tmp), generator)
+    with kept_or_temporary(args.keep) as run_dir:
+        bench = Bench(args, run_dir, generator)
         try:
             generator.start()  # the workers import while TorchServe boots
             print(f"starting redis-server, TorchServe, the echo server ({cores} cores) …")
@@ -627,6 +634,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nfigures: {args.json}; whole run {time.monotonic() - began:.0f} s")
 
 
+@contextlib.contextmanager
+def kept_or_temporary(keep: Path | None) -> Iterator[Path]:
+    """``keep`` (made if missing, left in place), or a temporary folder removed after."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep.resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
+        yield Path(tmp)
+
+
 def write_figures(args: argparse.Namespace, cores: int, rows: Sequence[Row]) -> None:
     """The run's figures and how it was run, to ``args.json``."""
     figures = {
@@ -634,8 +652,12 @@ def write_figures(args: argparse.Namespace, cores: int, rows: Sequence[Row]) -> 
         "commit": checkout_commit(),
         "cores": cores,
         "cpu": psutil.cpu_count(logical=True),
-        # All but --json: where the figures went, and a Path.
-        "arguments": {name: value for name, value in vars(args).items() if name != "json"},
+        # All but --json (where the figures went); --keep as text.
+        "arguments": {
+            name: str(value) if isinstance(value, Path) else value
+            for name, value in vars(args).items()
+            if name != "json"
+        },
         "rows": [row.figures() for row in rows],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

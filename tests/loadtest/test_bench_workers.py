@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the virtualenv
 import pytest
@@ -25,6 +26,7 @@ from loadtest.bench_workers import (
     float_list,
     group_cpu_seconds,
     int_list,
+    kept_or_temporary,
     listeners,
     open_loop,
     pin,
@@ -257,3 +259,12 @@ def test_cpu_list_takes_only_cpus_this_process_may_use() -> None:
     for text in ("", "x", str(max(ALLOWED) + 1)):
         with pytest.raises(argparse.ArgumentTypeError):
             cpu_list(text)
+
+
+def test_a_kept_run_folder_stays_and_a_temporary_one_goes(tmp_path: Path) -> None:
+    with kept_or_temporary(tmp_path / "kept") as run_dir:
+        (run_dir / "server.log").write_text("kept")
+    assert (tmp_path / "kept" / "server.log").read_text() == "kept"
+    with kept_or_temporary(None) as run_dir:
+        (run_dir / "server.log").write_text("gone")
+    assert not run_dir.exists()
