@@ -328,7 +328,8 @@ class BreakerSettings(SettingsSection):
     reset_timeout_s: float = Field(
         2.0,
         gt=0,
-        description="How long an open breaker waits before letting one trial call through.",
+        description="How long an open breaker waits before it lets trial calls through "
+        "(one, then twice as many after each success).",
     )
     success_threshold: int = Field(
         4,
