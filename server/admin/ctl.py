@@ -12,6 +12,7 @@
     decisionctl kill-switch release '*' --reason "all clear"
     decisionctl history --since 2h --actor alice --target primary
     decisionctl replay --since 2026-11-21T09:00 --until 2026-11-21T10:00
+    decisionctl timeline --since 15m --step 10s
     decisionctl chaos pause primary        (the local stack only; then: resume primary)
 
 The server is ``--address`` or DECISIONCTL_ADDRESS (default 127.0.0.1:50052). The bearer
@@ -20,8 +21,9 @@ no ``--token`` so that it never lands in shell history or ``ps``. TLS when ``--c
 or ``--cert-file`` is given. Durations: 90, 90s, 15m, 2h.
 
 Exit codes: 0 done; 1 any other error; 2 refused (no or bad token, not allowed, bad
-argument, precondition) or a usage error; 3 the server did not answer. ``replay`` exits
-with the audit replay's own codes.
+argument, precondition) or a usage error; 3 the server did not answer. ``replay`` and
+``timeline`` read the audit store (``--database-url`` or DECISION_AUDIT__DATABASE_URL), not
+the server, and exit with the audit CLI's own codes.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ from server.admin.ctl_format import (
     format_status,
     to_json,
 )
+
+# Commands of the audit CLI (``python -m server.audit``) that decisionctl runs too.
+AUDIT_COMMANDS = {
+    "replay": "score recorded decisions again and compare (--help)",
+    "timeline": "recorded decisions over time: sources, time taken, fallback reasons (--help)",
+}
 
 _MODES = {
     "auto": pb.BREAKER_MODE_AUTO,
@@ -242,11 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--running-ms", type=_positive, default=20.0, help="slow: ms on the CPU per cycle"
     )
 
-    # No help of its own and no common options: every argument goes to the audit CLI.
-    replay = commands.add_parser(
-        "replay", add_help=False, help="score recorded decisions again and compare (--help)"
-    )
-    replay.add_argument("--database-url", help="SQLAlchemy URL of the audit store")
+    # No help of their own and no common options: every argument goes to the audit CLI.
+    for name, text in AUDIT_COMMANDS.items():
+        audit = commands.add_parser(name, add_help=False, help=text)
+        audit.add_argument("--database-url", help="SQLAlchemy URL of the audit store")
     return parser
 
 
@@ -362,13 +369,14 @@ def _fleet(session: _Session) -> str:
     return format_servers(listed.servers, time.time())
 
 
-def _replay(args: argparse.Namespace, rest: list[str]) -> int:
+def _audit(args: argparse.Namespace, rest: list[str]) -> int:
+    """``replay`` and ``timeline``: the audit CLI's commands, run here."""
     # Imported here: the audit store's dependencies are not needed for the RPC commands.
     from server.audit.__main__ import main as audit_main
 
     prefix = ["--database-url", args.database_url] if args.database_url else []
     try:
-        return audit_main([*prefix, "replay", *rest], prog="decisionctl")
+        return audit_main([*prefix, args.command, *rest], prog="decisionctl")
     except SystemExit as exc:  # its argparse exits on a usage error or --help
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
 
@@ -403,12 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, rest = parser.parse_known_args(argv)
-        if rest and args.command != "replay":
+        if rest and args.command not in AUDIT_COMMANDS:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
     except SystemExit as exc:  # argparse's usage errors (2) and --help (0)
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
-    if args.command == "replay":
-        return _replay(args, rest)
+    if args.command in AUDIT_COMMANDS:
+        return _audit(args, rest)
     if args.command == "chaos":
         return _chaos(args)
 

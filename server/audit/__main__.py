@@ -1,9 +1,11 @@
-"""``python -m server.audit``: the audit store's schema, and replay of recorded decisions.
+"""``python -m server.audit``: the audit store's schema, replay of recorded decisions, and
+their timeline.
 
     python -m server.audit migrate
     python -m server.audit replay --since 2026-11-21T09:00 --until 2026-11-21T10:00
     python -m server.audit replay --decision-id 3f1c... --replica 127.0.0.1:7070
     python -m server.audit replay --since ... --against other-model.mar
+    python -m server.audit timeline --since 15m --step 10s
 
 The database URL comes from ``--database-url`` or the server's settings
 (``DECISION_AUDIT__DATABASE_URL``). Replay exits 0 when every replayable decision
@@ -21,11 +23,12 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from core.cli_args import parse_time
+from core.cli_args import parse_duration, parse_time
 from core.settings import settings_from_environment
 from server.audit.migrate import upgrade
 from server.audit.replay import ReplayError, ReplayReport, load_decisions, replay
 from server.audit.store import create_store_engine
+from server.audit.timeline import format_timeline, load_recorded, timeline
 from server.settings import Settings
 
 DIFFERENCES_SHOWN = 20
@@ -74,6 +77,31 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     model.add_argument("--against", type=Path, help="score with this archive instead")
     rp.add_argument("--tolerance", type=float, default=1e-6, help="largest score difference")
     rp.add_argument("--json", action="store_true", help="print the report as JSON")
+    tl = commands.add_parser(
+        "timeline",
+        help="recorded decisions over time: sources, time taken, fallback reasons",
+        description="Per step of --step: how many decisions were made, the model's share, "
+        "each source, the total time's p50 / p99, and why the ones no model made went to the "
+        "ladder (reasons with their numbers masked). Exits 0, or 2 when it could not run or "
+        "no decision was recorded in that time.",
+    )
+    tl.add_argument(
+        "--database-url",
+        default=argparse.SUPPRESS,
+        help="SQLAlchemy URL of the audit store (default: DECISION_AUDIT__DATABASE_URL, or "
+        ".run/audit/audit.db in the current folder)",
+    )
+    tl.add_argument(
+        "--since",
+        type=parse_time,
+        default="15m",
+        help="from, inclusive: 2026-11-21T09:00 (UTC if no zone) or 2h (ago); default 15m",
+    )
+    tl.add_argument("--until", type=parse_time, help="to, exclusive: as --since (default now)")
+    tl.add_argument("--step", type=parse_duration, default=1.0, help="90, 10s, 1m (default 1s)")
+    tl.add_argument("--limit", type=int, default=200_000, help="most decisions (default 200000)")
+    tl.add_argument("--reasons", type=int, default=2, help="fallback reasons a step (default 2)")
+    tl.add_argument("--json", action="store_true", help="print the steps as JSON")
     return parser  # fmt: skip
 
 
@@ -105,17 +133,32 @@ def _print_report(report: ReplayReport) -> None:
         print(f"  ... and {len(report.differences) - DIFFERENCES_SHOWN} more (--json for all)")
 
 
+def _timeline(engine: sa.Engine, args: argparse.Namespace) -> int:
+    recorded = load_recorded(engine, since=args.since, until=args.until, limit=args.limit)
+    if not recorded:
+        print("timeline: no recorded decision in that time", file=sys.stderr)
+        return 2
+    steps = timeline(recorded, args.step)
+    if args.json:
+        print(json.dumps([step.as_dict() for step in steps], indent=1))
+    else:
+        print(format_timeline(steps, reasons=args.reasons))
+    if len(recorded) == args.limit:
+        print(f"timeline: stopped at --limit {args.limit:,} decisions", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None, *, prog: str = "python -m server.audit") -> int:
     """``prog``: the command's name in usage lines (``decisionctl`` runs replay too)."""
     args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     url = args.database_url or settings_from_environment(Settings, prog).audit.database_url
-    if args.command == "replay":
+    if args.command in ("replay", "timeline"):
         missing = _missing_sqlite_file(url)
         if missing is not None:  # reading must not create an empty store
             print(
-                f"replay: no audit store at {missing} (give --database-url, or run from the "
-                "checkout whose stack recorded the decisions)",
+                f"{args.command}: no audit store at {missing} (give --database-url, or run "
+                "from the checkout whose stack recorded the decisions)",
                 file=sys.stderr,
             )
             return 2
@@ -125,6 +168,8 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m server.audit")
             upgrade(engine)
             print("audit store at the latest schema")
             return 0
+        if args.command == "timeline":
+            return _timeline(engine, args)
         if not (args.decision_id or args.since or args.until):
             print("replay: give --decision-id, or --since/--until", file=sys.stderr)
             return 2

@@ -1,0 +1,148 @@
+"""What the recorded decisions looked like over time: per step, how many were made, which
+source answered them, how long they took, and why the ones the model did not make went
+to the ladder. On-call reads it after an incident ("the model's share fell at 14:02:
+why?"); a benchmark kept with ``--keep`` reads its servers' audit stores the same way.
+
+A reason is grouped by its text with every number in it masked (``primary skipped: #
+ms of budget left (needs #)``), so that one cause is one line whatever the figures.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from server.audit.replay import MODEL_SOURCES
+from server.audit.store import decisions
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def reason_kind(reason: str) -> str:
+    """``reason`` with every number masked: one line per cause."""
+    return _NUMBER.sub("#", reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What the timeline reads of one decision."""
+
+    decided_at: dt.datetime
+    source: str
+    reason: str
+    total_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    start: dt.datetime
+    decisions: int
+    by_source: dict[str, int]
+    # Reasons (numbers masked) of the decisions no model made, most frequent first.
+    fallbacks: list[tuple[str, int]]
+    total_p50_ms: float
+    total_p99_ms: float
+
+    @property
+    def model_share(self) -> float:
+        return sum(self.by_source.get(s, 0) for s in MODEL_SOURCES) / self.decisions
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "start": self.start.isoformat(),
+            "decisions": self.decisions,
+            "model_share": round(self.model_share, 4),
+            "by_source": self.by_source,
+            "fallbacks": dict(self.fallbacks),
+            "total_p50_ms": round(self.total_p50_ms, 3),
+            "total_p99_ms": round(self.total_p99_ms, 3),
+        }
+
+
+def load_recorded(
+    engine: Engine,
+    *,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    limit: int = 200_000,
+) -> list[Recorded]:
+    """Decisions made in ``[since, until)``, oldest first, at most ``limit`` (the time
+    is ``decided_at``'s: indexed, as replay selects)."""
+    c = decisions.c
+    query = (
+        sa.select(c.decided_at, c.source, c.reason, c.total_us).order_by(c.decided_at).limit(limit)
+    )
+    if since is not None:
+        query = query.where(c.decided_at >= since)
+    if until is not None:
+        query = query.where(c.decided_at < until)
+    with engine.connect() as conn:
+        return [Recorded(*row) for row in conn.execute(query)]
+
+
+def _percentile_ms(sorted_us: Sequence[int], share: float) -> float:
+    return sorted_us[min(len(sorted_us) - 1, int(share * len(sorted_us)))] / 1000.0
+
+
+def timeline(recorded: Iterable[Recorded], step_s: float) -> list[Step]:
+    """``recorded`` in steps of ``step_s`` from the earliest one's (whole-second) time;
+    steps with no decision are left out."""
+    records = list(recorded)
+    if not records:
+        return []
+    origin = min(_utc(r.decided_at) for r in records).replace(microsecond=0)
+    by_step: dict[int, list[Recorded]] = {}
+    for record in records:
+        index = int((_utc(record.decided_at) - origin).total_seconds() // step_s)
+        by_step.setdefault(index, []).append(record)
+    steps = []
+    for index, in_step in sorted(by_step.items()):
+        total_us = sorted(r.total_us for r in in_step)
+        fallbacks = Counter(reason_kind(r.reason) for r in in_step if r.source not in MODEL_SOURCES)
+        steps.append(
+            Step(
+                start=origin + dt.timedelta(seconds=index * step_s),
+                decisions=len(in_step),
+                by_source=dict(Counter(r.source for r in in_step).most_common()),
+                fallbacks=fallbacks.most_common(),
+                total_p50_ms=_percentile_ms(total_us, 0.5),
+                total_p99_ms=_percentile_ms(total_us, 0.99),
+            )
+        )
+    return steps
+
+
+def _utc(at: dt.datetime) -> dt.datetime:
+    # SQLite gives back the stored UTC time without its zone.
+    return at.astimezone(dt.UTC) if at.tzinfo else at.replace(tzinfo=dt.UTC)
+
+
+def format_timeline(steps: Sequence[Step], *, reasons: int = 2) -> str:
+    """A heading, then one line per step: its start (UTC), decisions, the model's share,
+    the total time's p50 / p99, each source, and the ``reasons`` most frequent fallback
+    reasons."""
+    if not steps:
+        return "no recorded decision in that time"
+    lines = [
+        f"{steps[0].start:%Y-%m-%d} UTC: step start, decisions, model share,"
+        " total time p50 / p99, by source | the most frequent fallback reasons"
+    ]
+    for step in steps:
+        sources = " ".join(f"{name} {n}" for name, n in step.by_source.items())
+        why = "; ".join(f"{n} x {kind}" for kind, n in step.fallbacks[:reasons])
+        more = len(step.fallbacks) - reasons
+        if more > 0:
+            why += f"; {more} more reason{'s' if more > 1 else ''}"
+        lines.append(
+            f"{step.start:%H:%M:%S.%f}"[:-3]
+            + f"  {step.decisions:6,d}  model {100 * step.model_share:5.1f} %"
+            + f"  {step.total_p50_ms:6.1f} / {step.total_p99_ms:6.1f} ms  {sources}"
+            + (f"  | {why}" if why else "")
+        )
+    return "\n".join(lines)
