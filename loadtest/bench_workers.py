@@ -421,6 +421,8 @@ class Bench:
             channels=self.args.channels,
         )
         groups = [server.pid if server else None, self.torchserve_pid()]
+        # When the cell began, to find its decisions in a kept audit store (--keep).
+        began = time.strftime("%H:%M:%S", time.gmtime())
         result, busy = cores_during(
             groups,
             lambda: self.generator.run(spec),
@@ -440,7 +442,7 @@ class Bench:
         self.rows.append(row)
         f = row.figures()
         print(
-            f"  [{len(self.rows)}/{self.total}] {cell.text()}:"
+            f"  [{len(self.rows)}/{self.total}] {began} {cell.text()}:"
             f" {f['per_s']:,.0f}/s p50 {f['p50_ms']:.2f}"
             f" p99 {f['p99_ms']:.2f} ms, errors {result.error_count},"
             f" {answered_by(result) or 'no answers'}; cores: server {server_cores:.2f},"
@@ -576,8 +578,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--keep",
         type=Path,
         help="run in this folder and keep it: every process's log, each server's journal"
-        " and audit store (SQLite), to read why decisions went as they did (default: a"
-        " temporary folder, removed)",
+        " and audit store (SQLite), to read why decisions went as they did with"
+        " `python -m server.audit timeline` (each cell's line gives its start, UTC;"
+        " default: a temporary folder, removed)",
     )
     args = parser.parse_args(argv)
     if set(args.server_cpus) & set(args.torchserve_cpus):

@@ -2,8 +2,9 @@
 # Call 2 on the target, right after setup.sh on the same machine (.devicekit/b carried):
 # TorchServe's jar, the JRE and redis-server from the carry, then one bench_workers run
 # per argument (each argument one run's arguments), and bench_paths too with PATHS=1.
-# Figures and logs go to $OUT: 2 files a bench_workers run, 3 for bench_paths, and at
-# most 8 files come back from a call (4 runs, or 2 with bench_paths).
+# Figures and logs go to $OUT: 2 files a bench_workers run (3 with TIMELINE=1: each
+# server's decisions over time, from its kept audit store), 3 for bench_paths, and at
+# most 8 files come back from a call (4 runs, 2 with TIMELINE=1 or with bench_paths).
 set -uo pipefail
 : "${OUT:?set OUT to the folder the figures go to}"
 untar() { python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' "$1" "$2"; }
@@ -42,8 +43,17 @@ for args in "$@"; do
   echo "== bench_workers $args"; date -u
   # $args unquoted: it is one run's arguments, split into words.
   # shellcheck disable=SC2086
-  timeout "${WORKERS_S:-280}" "$PY" -m loadtest.bench_workers $args --json "$OUT/bench_workers-$run.json" 2>&1 \
-    | tee "$OUT/bench_workers-$run.log"
+  keep=()
+  [ "${TIMELINE:-0}" = 1 ] && keep=(--keep "/tmp/dk/keep-$run")
+  timeout "${WORKERS_S:-280}" "$PY" -m loadtest.bench_workers $args "${keep[@]}" \
+    --json "$OUT/bench_workers-$run.json" 2>&1 | tee "$OUT/bench_workers-$run.log"
+  # With TIMELINE=1: each server's decisions, half a second a line, beside the log.
+  for db in /tmp/dk/keep-"$run"/workers-*/audit.db; do
+    [ -f "$db" ] || continue
+    echo "== $db"
+    "$PY" -m server.audit --database-url "sqlite:///$db" timeline --since 2h --step 0.5 --reasons 3
+  done > "$OUT/timeline-$run.txt" 2>&1
+  [ -s "$OUT/timeline-$run.txt" ] || rm -f "$OUT/timeline-$run.txt"
 done
 if [ "${PATHS:-0}" = 1 ]; then
   echo "== bench_paths"; date -u
