@@ -51,6 +51,7 @@ LADDER_SHARE = 0.35
 # loops beside the test (slower than any hour seen in CI) 120 were late (3.3 %) in 1 run of 3.
 LATE_SHARE_ALLOWED = 0.005
 SECONDS = 6.0
+WARMUP_S = 1.0
 # The callers' deadline, unless the replicas are too slow today for it (``deadline_s``).
 DEADLINE_S = 0.05
 # Each replica is held off the CPU this long, then let run as long, over and over.
@@ -127,6 +128,20 @@ def decide_load(server: ServerProcess, **load: Any) -> LoadSpec:
     fields: mode, duration, concurrency or rate, deadline)."""
     load.setdefault("max_requests", 100_000)
     return LoadSpec(target="decide", address=f"127.0.0.1:{server.port}", channels=2, **load)
+
+
+def open_load(server: ServerProcess, rate: float, timeout_s: float) -> LoadSpec:
+    """``rate`` Decide calls a second for ``SECONDS`` after ``WARMUP_S``, each with a
+    deadline of ``timeout_s``."""
+    return decide_load(
+        server,
+        mode="open",
+        seconds=SECONDS,
+        warmup_s=WARMUP_S,
+        max_requests=int(rate * SECONDS),
+        rate_per_s=rate,
+        timeout_s=timeout_s,
+    )
 
 
 async def ladder_throughput(server: ServerProcess, generator: LoadGenerator) -> float:
@@ -236,15 +251,7 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
                 await model_answers_in_time(server)
                 answer_p90_ms = max([await answer_time_p90_ms(r) for r in replicas.values()])
                 timeout_s = deadline_s(answer_p90_ms)
-                spec = decide_load(
-                    server,
-                    mode="open",
-                    seconds=SECONDS,
-                    warmup_s=1.0,
-                    max_requests=int(rate * SECONDS),
-                    rate_per_s=rate,
-                    timeout_s=timeout_s,
-                )
+                spec = open_load(server, rate, timeout_s)
                 procs = [r.proc for r in replicas.values()]
                 async with slowed(procs, stopped_ms=SLOWING_MS, running_ms=SLOWING_MS):
                     # The slowing's onset can time calls out and open both breakers (for
@@ -321,18 +328,10 @@ async def test_a_stopped_server_loses_only_the_calls_that_waited_through_the_sto
                 await asyncio.to_thread(generator.wait_ready)
                 rate = STOP_LOAD_SHARE * await ladder_throughput(server, generator)
                 await model_answers_in_time(server)
-                spec = decide_load(
-                    server,
-                    mode="open",
-                    seconds=SECONDS,
-                    warmup_s=1.0,
-                    max_requests=int(rate * SECONDS),
-                    rate_per_s=rate,
-                    timeout_s=DEADLINE_S,
-                )
+                spec = open_load(server, rate, DEADLINE_S)
                 # Stopped in the middle of the measured seconds.
                 stop = asyncio.create_task(
-                    stopped_once(server.proc, after_s=1.0 + SECONDS / 2, for_s=SERVER_STOP_S)
+                    stopped_once(server.proc, after_s=WARMUP_S + SECONDS / 2, for_s=SERVER_STOP_S)
                 )
                 try:
                     result = await asyncio.to_thread(generator.run, spec)
