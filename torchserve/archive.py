@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -118,7 +119,13 @@ def build_archive(
             "--export-path", str(export_dir),
             "--force",
         ]  # fmt: skip
-        subprocess.run(argv, check=True)  # noqa: S603 - fixed argv, no shell
+        # The archiver stages the files in {temp folder}/{model name}, removed first: two
+        # archives of one name built at once (make models beside a test run) would share
+        # it, and one failed with "File exists". A temp folder of this call's own.
+        staging = work / "staging"
+        staging.mkdir()
+        env = {**os.environ, "TMPDIR": str(staging)}
+        subprocess.run(argv, check=True, env=env)  # noqa: S603 - fixed argv, no shell
     info = ArchiveInfo(model_name, export_dir / f"{model_name}.mar", version)
     log.info("built %s version %s", info.path, info.version)
     return info

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import tempfile
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -154,3 +155,21 @@ def test_an_mlserver_repository_holds_the_archives_model_and_version(trained_mod
     assert (model_dir / "model.json").stat().st_size > 1000
     with pytest.raises(ValueError, match="XGBoost challenger"):
         model_repository(trained_models["champion"].path, tmp_path / "other")
+
+
+def test_an_archive_is_staged_in_a_folder_of_its_own(tmp_path: Path):
+    """torch-model-archiver stages the files in {temp folder}/{model name}: a build beside
+    another of the same name (``make models`` during a test run) shared it and failed.
+    Something in that shared place must not matter to a build."""
+    name = f"staging-{tmp_path.name}"
+    shared = Path(tempfile.gettempdir()) / name
+    shared.write_text("not a folder: the archiver cannot remove it as one")
+    model = tmp_path / "model.json"
+    model.write_text("{}")
+    try:
+        info = archive_cli.build_archive(
+            tmp_path / "store", model_name=name, serialized_file=model, meta={}, extra_files={}
+        )
+    finally:
+        shared.unlink()
+    assert info.path.exists() and len(info.version) == 64
