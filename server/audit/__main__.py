@@ -10,12 +10,14 @@ their timeline.
 The database URL comes from ``--database-url`` or the server's settings
 (``DECISION_AUDIT__DATABASE_URL``). Replay exits 0 when every replayable decision
 matched, 1 when some differ, 2 when it could not run or a decision's model was not found.
+Timeline exits 0, or 2 when it could not run or no decision was recorded in that time.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import logging
 import sys
@@ -32,6 +34,7 @@ from server.audit.timeline import format_timeline, load_recorded, timeline
 from server.settings import Settings
 
 DIFFERENCES_SHOWN = 20
+TIMELINE_DEFAULT_SPAN = dt.timedelta(minutes=15)
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -94,13 +97,20 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     tl.add_argument(
         "--since",
         type=parse_time,
-        default="15m",
-        help="from, inclusive: 2026-11-21T09:00 (UTC if no zone) or 2h (ago); default 15m",
+        help="from, inclusive: 2026-11-21T09:00 (UTC if no zone) or 2h (ago); default 15"
+        " minutes before --until",
     )
     tl.add_argument("--until", type=parse_time, help="to, exclusive: as --since (default now)")
     tl.add_argument("--step", type=parse_duration, default=1.0, help="90, 10s, 1m (default 1s)")
-    tl.add_argument("--limit", type=int, default=200_000, help="most decisions (default 200000)")
-    tl.add_argument("--reasons", type=int, default=2, help="fallback reasons a step (default 2)")
+    tl.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=200_000,
+        help="most decisions, the newest (default 200000)",
+    )
+    tl.add_argument(
+        "--reasons", type=_positive_int, default=2, help="fallback reasons a step (default 2)"
+    )
     tl.add_argument("--json", action="store_true", help="print the steps as JSON")
     return parser  # fmt: skip
 
@@ -133,23 +143,46 @@ def _print_report(report: ReplayReport) -> None:
         print(f"  ... and {len(report.differences) - DIFFERENCES_SHOWN} more (--json for all)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number above 0, not {text!r}")
+    return value
+
+
 def _timeline(engine: sa.Engine, args: argparse.Namespace) -> int:
-    recorded = load_recorded(engine, since=args.since, until=args.until, limit=args.limit)
-    if not recorded:
+    until = args.until or dt.datetime.now(dt.UTC)
+    since = args.since or until - TIMELINE_DEFAULT_SPAN
+    if since >= until:
+        print(f"timeline: --since {since:%Y-%m-%dT%H:%M:%S} is not before --until "
+              f"{until:%Y-%m-%dT%H:%M:%S}", file=sys.stderr)  # fmt: skip
+        return 2
+    loaded = load_recorded(engine, since=since, until=until, limit=args.limit)
+    if not loaded.recorded:
         print("timeline: no recorded decision in that time", file=sys.stderr)
         return 2
-    steps = timeline(recorded, args.step)
+    if loaded.cut:  # said first: the steps start later than asked
+        print(
+            f"timeline: more than --limit {args.limit:,} decisions in that time; these are "
+            f"the newest, from {loaded.recorded[0].decided_at} (raise --limit, or narrow "
+            "--since/--until)",
+            file=sys.stderr,
+            flush=True,
+        )
+    steps = timeline(loaded.recorded, args.step)
     if args.json:
         print(json.dumps([step.as_dict() for step in steps], indent=1))
     else:
         print(format_timeline(steps, reasons=args.reasons))
-    if len(recorded) == args.limit:
-        print(f"timeline: stopped at --limit {args.limit:,} decisions", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None, *, prog: str = "python -m server.audit") -> int:
-    """``prog``: the command's name in usage lines (``decisionctl`` runs replay too)."""
+    """``prog``: the command's name in usage lines (``decisionctl`` runs replay and
+    timeline too)."""
     args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     url = args.database_url or settings_from_environment(Settings, prog).audit.database_url

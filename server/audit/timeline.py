@@ -10,6 +10,7 @@ ms of budget left (needs #)``), so that one cause is one line whatever the figur
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -65,25 +66,38 @@ class Step:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """The decisions read, oldest first; ``cut``: more were made in the time asked for
+    than the limit allowed, and the oldest of them were left out."""
+
+    recorded: list[Recorded]
+    cut: bool
+
+
 def load_recorded(
     engine: Engine,
     *,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     limit: int = 200_000,
-) -> list[Recorded]:
-    """Decisions made in ``[since, until)``, oldest first, at most ``limit`` (the time
-    is ``decided_at``'s: indexed, as replay selects)."""
+) -> Loaded:
+    """The newest ``limit`` decisions made in ``[since, until)`` (the time is
+    ``decided_at``'s: indexed, as replay selects): an incident is usually at the end of
+    the time asked for."""
     c = decisions.c
     query = (
-        sa.select(c.decided_at, c.source, c.reason, c.total_us).order_by(c.decided_at).limit(limit)
+        sa.select(c.decided_at, c.source, c.reason, c.total_us)
+        .order_by(c.decided_at.desc())
+        .limit(limit + 1)
     )
     if since is not None:
         query = query.where(c.decided_at >= since)
     if until is not None:
         query = query.where(c.decided_at < until)
     with engine.connect() as conn:
-        return [Recorded(*row) for row in conn.execute(query)]
+        newest_first = [Recorded(*row) for row in conn.execute(query)]
+    return Loaded(newest_first[:limit][::-1], cut=len(newest_first) > limit)
 
 
 def _percentile_ms(sorted_us: Sequence[int], share: float) -> float:
@@ -91,15 +105,11 @@ def _percentile_ms(sorted_us: Sequence[int], share: float) -> float:
 
 
 def timeline(recorded: Iterable[Recorded], step_s: float) -> list[Step]:
-    """``recorded`` in steps of ``step_s`` from the earliest one's (whole-second) time;
-    steps with no decision are left out."""
-    records = list(recorded)
-    if not records:
-        return []
-    origin = min(_utc(r.decided_at) for r in records).replace(microsecond=0)
+    """``recorded`` in steps of ``step_s``, each starting at a multiple of ``step_s``
+    since the epoch (10 s steps at :00, :10, …); steps with no decision are left out."""
     by_step: dict[int, list[Recorded]] = {}
-    for record in records:
-        index = int((_utc(record.decided_at) - origin).total_seconds() // step_s)
+    for record in recorded:
+        index = math.floor(_utc(record.decided_at).timestamp() / step_s)
         by_step.setdefault(index, []).append(record)
     steps = []
     for index, in_step in sorted(by_step.items()):
@@ -107,7 +117,7 @@ def timeline(recorded: Iterable[Recorded], step_s: float) -> list[Step]:
         fallbacks = Counter(reason_kind(r.reason) for r in in_step if r.source not in MODEL_SOURCES)
         steps.append(
             Step(
-                start=origin + dt.timedelta(seconds=index * step_s),
+                start=dt.datetime.fromtimestamp(index * step_s, dt.UTC),
                 decisions=len(in_step),
                 by_source=dict(Counter(r.source for r in in_step).most_common()),
                 fallbacks=fallbacks.most_common(),
@@ -126,19 +136,23 @@ def _utc(at: dt.datetime) -> dt.datetime:
 def format_timeline(steps: Sequence[Step], *, reasons: int = 2) -> str:
     """A heading, then one line per step: its start (UTC), decisions, the model's share,
     the total time's p50 / p99, each source, and the ``reasons`` most frequent fallback
-    reasons."""
+    reasons; a line with the date before the first step of each day."""
     if not steps:
         return "no recorded decision in that time"
     lines = [
-        f"{steps[0].start:%Y-%m-%d} UTC: step start, decisions, model share,"
-        " total time p50 / p99, by source | the most frequent fallback reasons"
+        "step start (UTC), decisions, model share, total time p50 / p99, by source"
+        " | the most frequent fallback reasons"
     ]
+    day = None
     for step in steps:
+        if step.start.date() != day:
+            day = step.start.date()
+            lines.append(f"{day:%Y-%m-%d}")
         sources = " ".join(f"{name} {n}" for name, n in step.by_source.items())
         why = "; ".join(f"{n} x {kind}" for kind, n in step.fallbacks[:reasons])
         more = len(step.fallbacks) - reasons
         if more > 0:
-            why += f"; {more} more reason{'s' if more > 1 else ''}"
+            why += f"{'; ' if why else ''}{more} more reason{'s' if more > 1 else ''}"
         lines.append(
             f"{step.start:%H:%M:%S.%f}"[:-3]
             + f"  {step.decisions:6,d}  model {100 * step.model_share:5.1f} %"

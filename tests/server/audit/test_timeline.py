@@ -43,10 +43,12 @@ def test_a_reason_with_its_numbers_masked_is_one_cause_whatever_the_figures() ->
 
 def test_steps_count_sources_and_the_reasons_of_what_no_model_made() -> None:
     first, second, third = timeline(RECORDED, 0.5)
-    # Steps start at the first record's whole second; the empty ones are left out.
+    # Steps start at multiples of the step; the empty ones are left out.
     assert [s.start for s in (first, second, third)] == [
         T0.replace(microsecond=0) + dt.timedelta(seconds=s) for s in (0.0, 0.5, 2.0)
     ]
+    [minute] = timeline(RECORDED, 60.0)
+    assert minute.start == T0.replace(second=0, microsecond=0) and minute.decisions == 6
     assert first.decisions == 2 and first.model_share == 1.0 and first.fallbacks == []
     assert second.by_source == {"CACHED_SCORE": 2, "RULES": 1}
     assert second.model_share == 0.0
@@ -60,12 +62,16 @@ def test_steps_count_sources_and_the_reasons_of_what_no_model_made() -> None:
 
 def test_the_text_gives_each_step_a_line_with_its_most_frequent_reasons() -> None:
     lines = format_timeline(timeline(RECORDED, 0.5), reasons=1).splitlines()
-    assert lines[0].startswith("2026-11-26 UTC: step start")
-    assert lines[2] == (
+    assert lines[0].startswith("step start (UTC)")
+    assert lines[1] == "2026-11-26"  # and again before the first step of another day
+    assert lines[3] == (
         "11:08:06.500       3  model   0.0 %     0.1 /    0.1 ms  CACHED_SCORE 2 RULES 1"
         f"  | 2 x {reason_kind(SKIPPED)}; 1 more reason"
     )
-    assert lines[3].startswith("11:08:08.000       1  model 100.0 %     7.5 /    7.5 ms")
+    assert lines[4].startswith("11:08:08.000       1  model 100.0 %     7.5 /    7.5 ms")
+    after_midnight = Recorded(T0 + dt.timedelta(hours=13), "PRIMARY", "primary answered", 900)
+    lines = format_timeline(timeline([*RECORDED, after_midnight], 0.5)).splitlines()
+    assert lines[-2:] == ["2026-11-27", lines[-1]] and lines[-1].startswith("00:08:06.000")
     assert format_timeline([]) == "no recorded decision in that time"
 
 
@@ -84,7 +90,7 @@ def test_the_command_reads_the_audit_store(database_url, capsys) -> None:
     assert audit_main(["--database-url", database_url, "timeline", "--since", "1m"]) == 0
     text = capsys.readouterr().out
     assert f"1 x {reason_kind(SKIPPED)}" in text
-    assert sum(int(line.split()[1]) for line in text.splitlines()[1:]) == 10
+    assert sum(int(line.split()[1]) for line in text.splitlines()[2:]) == 10
 
     # decisionctl runs the same command.
     argv = ["timeline", "--database-url", database_url, "--since", "1m", "--step", "1m", "--json"]
@@ -93,6 +99,18 @@ def test_the_command_reads_the_audit_store(database_url, capsys) -> None:
     assert step["decisions"] == 10 and step["model_share"] == 0.9
     assert step["by_source"] == {"PRIMARY": 9, "RULES": 1}
 
-    # Nothing in that time: said, and not a success.
+    # More than --limit: the newest, said first.
+    assert audit_main(["--database-url", database_url, "timeline", "--limit", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "more than --limit 4 decisions in that time; these are the newest" in err
+    assert sum(int(line.split()[1]) for line in out.splitlines()[2:]) == 4
+
+    # Nothing in that time (the 15 minutes before an hour ago): said, and not a success.
     assert ctl.main(["timeline", "--database-url", database_url, "--until", "1h"]) == 2
     assert "no recorded decision" in capsys.readouterr().err
+    assert (
+        ctl.main(["timeline", "--database-url", database_url, "--since", "1m", "--until", "2m"])
+        == 2
+    )
+    assert "is not before --until" in capsys.readouterr().err
+    assert ctl.main(["timeline", "--database-url", database_url, "--reasons", "0"]) == 2
