@@ -110,14 +110,13 @@ class Row:
         }
 
     def spread(self) -> str:
-        """The least and the most busy worker's cores and connections, or ``-``."""
+        """The least and the most busy worker's cores and connections (when counted), or
+        ``-``."""
         if len(self.worker_cores) < 2:
             return "-"
-        cores, connections = self.worker_cores, self.worker_connections or (0,)
-        return (
-            f"{min(cores):.2f} to {max(cores):.2f} cores,"
-            f" {min(connections)} to {max(connections)} connections"
-        )
+        cores, connections = self.worker_cores, self.worker_connections
+        held = f", {min(connections)} to {max(connections)} connections" if connections else ""
+        return f"{min(cores):.2f} to {max(cores):.2f} cores{held}"
 
 
 def group_cpu_seconds(pgids: Sequence[int | None]) -> list[float]:
@@ -178,7 +177,7 @@ def sockets_on(pid: int, port: int, status: str) -> int:
     (0 for a process that ended)."""
     try:
         sockets = psutil.Process(pid).net_connections(kind="tcp")
-    except psutil.NoSuchProcess:
+    except psutil.Error:  # ended, or not ours to read
         return 0
     return sum(1 for s in sockets if s.status == status and s.laddr.port == port)
 
@@ -222,8 +221,9 @@ def cores_during(
     in ``pgids`` and of each process in ``pids`` (its warm-up and the load generator's
     setup included, where the load generator's own cores count its measured seconds
     only), and how many connections each of ``pids`` held on ``port`` ``midpoint_s``
-    after the start (the load generator connects anew for every cell)."""
-    connections = [0] * len(pids)
+    after the start (the load generator connects anew for every cell; none counted when
+    ``run`` ended first). A process that ended meanwhile counts 0 cores, not less."""
+    connections: list[int] = []
 
     def count_connections() -> None:
         connections[:] = [sockets_on(pid, port, psutil.CONN_ESTABLISHED) for pid in pids]
@@ -240,7 +240,7 @@ def cores_during(
     counter.join()
     after = group_cpu_seconds(pgids), process_cpu_seconds(pids)
     group_cores, process_cores = (
-        [(a - b) / elapsed for a, b in zip(late, early, strict=True)]
+        [max(a - b, 0.0) / elapsed for a, b in zip(late, early, strict=True)]
         for late, early in zip(after, before, strict=True)
     )
     return result, Busy(group_cores, process_cores, connections)
@@ -422,7 +422,7 @@ class Bench:
         )
         groups = [server.pid if server else None, self.torchserve_pid()]
         # When the cell began, to find its decisions in a kept audit store (--keep).
-        began = time.strftime("%H:%M:%S", time.gmtime())
+        began = time.strftime("%H:%M:%SZ", time.gmtime())
         result, busy = cores_during(
             groups,
             lambda: self.generator.run(spec),

@@ -41,19 +41,23 @@ run=0
 for args in "$@"; do
   run=$((run + 1))
   echo "== bench_workers $args"; date -u
+  # Run numbers restart with each call: a kept folder of an earlier call goes first.
+  kept=/tmp/dk/keep-$run
+  rm -rf "$kept"
+  keep=()
+  [ "${TIMELINE:-0}" = 1 ] && keep=(--keep "$kept")
   # $args unquoted: it is one run's arguments, split into words.
   # shellcheck disable=SC2086
-  keep=()
-  [ "${TIMELINE:-0}" = 1 ] && keep=(--keep "/tmp/dk/keep-$run")
   timeout "${WORKERS_S:-280}" "$PY" -m loadtest.bench_workers $args "${keep[@]}" \
     --json "$OUT/bench_workers-$run.json" 2>&1 | tee "$OUT/bench_workers-$run.log"
-  # With TIMELINE=1: each server's decisions, half a second a line, beside the log.
-  for db in /tmp/dk/keep-"$run"/workers-*/audit.db; do
+  [ "${TIMELINE:-0}" = 1 ] || continue
+  # Each server's decisions, half a second a line, beside the log.
+  for db in "$kept"/workers-*/audit.db; do
     [ -f "$db" ] || continue
     echo "== $db"
-    "$PY" -m server.audit --database-url "sqlite:///$db" timeline --since 2h --step 0.5 --reasons 3
+    "$PY" -m server.audit --database-url "sqlite:///$db" timeline --since 2h --step 0.5 \
+      --reasons 3 --limit 5000000
   done > "$OUT/timeline-$run.txt" 2>&1
-  [ -s "$OUT/timeline-$run.txt" ] || rm -f "$OUT/timeline-$run.txt"
 done
 if [ "${PATHS:-0}" = 1 ]; then
   echo "== bench_paths"; date -u

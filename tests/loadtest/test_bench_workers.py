@@ -100,6 +100,8 @@ def test_spread_gives_the_least_and_most_busy_worker() -> None:
     assert one.spread() == "-"  # no worker measured on its own (E, T)
     spread = Row(one.cell, one.result, 1.0, 0.5, (0.62, 0.91, 0.35), (9, 12, 3))
     assert spread.spread() == "0.35 to 0.91 cores, 3 to 12 connections"
+    uncounted = Row(one.cell, one.result, 1.0, 0.5, (0.62, 0.91), ())  # the cell ended first
+    assert uncounted.spread() == "0.62 to 0.91 cores"
     assert spread.figures()["worker_connections"] == [9, 12, 3]
 
 
@@ -249,7 +251,8 @@ def test_cores_during_counts_each_process_and_its_connections_midway() -> None:
             _, busy = cores_during([server.pid], run, pids=[server.pid], port=port, midpoint_s=0.5)
             assert busy.connections == [2]
             assert busy.process_cores[0] > 0.1  # its 0.3 s of CPU in about a second
-            assert busy.group_cores[0] == pytest.approx(busy.process_cores[0], abs=0.05)
+            # Read a moment apart, on a machine that may be busy.
+            assert busy.group_cores[0] == pytest.approx(busy.process_cores[0], abs=0.1)
         finally:
             server.kill()
 

@@ -104,14 +104,17 @@ async def slowed(
             proc.resume()
 
 
-async def stopped_once(proc: ManagedProcess, *, after_s: float, for_s: float) -> None:
-    """``proc`` (its whole group) held off the CPU once: ``for_s`` from ``after_s``."""
+async def stopped_once(proc: ManagedProcess, *, after_s: float, for_s: float) -> float:
+    """``proc`` (its whole group) held off the CPU once: ``for_s`` from ``after_s``.
+    Returns when it was stopped (``time.monotonic``)."""
     await asyncio.sleep(after_s)
     proc.pause()
+    stopped_at = time.monotonic()
     try:
         await asyncio.sleep(for_s)
     finally:
         proc.resume()
+    return stopped_at
 
 
 async def set_breakers(server: ServerProcess, mode: admin_pb2.BreakerMode.ValueType) -> None:
@@ -333,10 +336,15 @@ async def test_a_stopped_server_loses_only_the_calls_that_waited_through_the_sto
                 stop = asyncio.create_task(
                     stopped_once(server.proc, after_s=WARMUP_S + SECONDS / 2, for_s=SERVER_STOP_S)
                 )
+                began = time.monotonic()
                 try:
                     result = await asyncio.to_thread(generator.run, spec)
                 finally:
-                    await stop
+                    stopped_at = await stop
+                ended = time.monotonic()
+            # The load generator's processes were ready: the load began with the call, and
+            # the stop came within its measured seconds, or the counts below mean nothing.
+            assert began + WARMUP_S < stopped_at < ended - SERVER_STOP_S, (began, ended)
             late = result.errors.get("DEADLINE_EXCEEDED", 0)
             # The calls sent while the server was stopped, and those sent within the
             # deadline before it stopped (they cannot be answered by then either).
