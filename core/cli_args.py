@@ -1,10 +1,12 @@
-"""Command-line argument types the operator tools share: durations (``--ttl 15m``) and
-points in time given either way (``--since 2h`` or ``--since 2026-11-21T09:00``)."""
+"""Command-line argument types the operator tools share: durations (``--ttl 15m``),
+points in time given either way (``--since 2h`` or ``--since 2026-11-21T09:00``), and
+numbers above 0."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import re
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh]?)")
@@ -40,3 +42,25 @@ def parse_time(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
         ) from None
     # In UTC: SQLite compares the stored UTC text and ignores a zone.
     return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def positive_number(text: str) -> float:
+    """A finite number above 0 (``--timeout 2.5``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a positive number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number above 0 (``--limit 1000``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number above 0, not {text!r}")
+    return value

@@ -29,7 +29,6 @@ the server, and exit with the audit CLI's own codes.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ import grpc
 from google.protobuf.message import Message
 
 from core import chaos as chaos_protocol
-from core.cli_args import parse_duration, parse_time
+from core.cli_args import parse_duration, parse_time, positive_number
 from proto.decision.v1 import admin_pb2 as pb
 from proto.decision.v1 import admin_pb2_grpc as pb_grpc
 from server.admin.ctl_connection import (
@@ -96,16 +95,6 @@ def _weight(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a positive number")
-    return value
-
-
 def _reason(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("the reason must not be empty: it goes to the audit")
@@ -120,7 +109,7 @@ def _common_options() -> argparse.ArgumentParser:
     # other parser's default. main() and _channel() apply the defaults.
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--address", help=f"HOST:PORT (${ADDRESS_ENV}, else {DEFAULT_ADDRESS})")
-    common.add_argument("--timeout", type=_positive, help="seconds per call (default 5)")
+    common.add_argument("--timeout", type=positive_number, help="seconds per call (default 5)")
     common.add_argument(
         "--token-file", help=f"bearer token file (else ${TOKEN_ENV}, ${TOKEN_FILE_ENV})"
     )
@@ -165,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "live view: decisions/s by source, fallbacks, every server, breakers, features",
     )
     top.add_argument(
-        "--interval", type=_positive, default=1.0, help="seconds between frames (default 1)"
+        "--interval", type=positive_number, default=1.0, help="seconds between frames (default 1)"
     )
     top.add_argument(
         "--frames", type=int, default=0, help="stop after this many frames (default: Ctrl-C)"
@@ -244,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir", default=".run", help="the local stack's run folder (default .run)"
     )
     chaos.add_argument(
-        "--stopped-ms", type=_positive, default=20.0, help="slow: ms off the CPU per cycle"
+        "--stopped-ms", type=positive_number, default=20.0, help="slow: ms off the CPU per cycle"
     )
     chaos.add_argument(
-        "--running-ms", type=_positive, default=20.0, help="slow: ms on the CPU per cycle"
+        "--running-ms", type=positive_number, default=20.0, help="slow: ms on the CPU per cycle"
     )
 
     # No help of their own and no common options: every argument goes to the audit CLI.

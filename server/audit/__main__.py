@@ -25,7 +25,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from core.cli_args import parse_duration, parse_time
+from core.cli_args import parse_duration, parse_time, positive_int
 from core.settings import settings_from_environment
 from server.audit.migrate import upgrade
 from server.audit.replay import ReplayError, ReplayReport, load_decisions, replay
@@ -104,12 +104,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     tl.add_argument("--step", type=parse_duration, default=1.0, help="90, 10s, 1m (default 1s)")
     tl.add_argument(
         "--limit",
-        type=_positive_int,
+        type=positive_int,
         default=200_000,
         help="most decisions, the newest (default 200000)",
     )
     tl.add_argument(
-        "--reasons", type=_positive_int, default=2, help="fallback reasons a step (default 2)"
+        "--reasons", type=positive_int, default=2, help="fallback reasons a step (default 2)"
     )
     tl.add_argument("--json", action="store_true", help="print the steps as JSON")
     return parser  # fmt: skip
@@ -141,16 +141,6 @@ def _print_report(report: ReplayReport) -> None:
         )
     if len(report.differences) > DIFFERENCES_SHOWN:
         print(f"  ... and {len(report.differences) - DIFFERENCES_SHOWN} more (--json for all)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a whole number above 0, not {text!r}")
-    return value
 
 
 def _timeline(engine: sa.Engine, args: argparse.Namespace) -> int:
