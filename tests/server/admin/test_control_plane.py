@@ -219,3 +219,14 @@ async def test_without_redis_a_server_keeps_its_state_says_so_and_refuses_change
             assert status.kill_switches == []  # the refused change never happened
     finally:
         redis_proc.stop()
+
+
+async def test_a_control_state_stopped_right_after_a_change_stops(servers) -> None:
+    """Its listener's cancellation was once lost in the Redis calls: stop never ended."""
+    plane, shared, _ = servers()
+    await shared.start()
+    await plane.set_canary("oncall", 0.5, "a change just published")
+    # Not under a timeout: stop() would swallow the timeout's cancellation and return.
+    stopping = asyncio.create_task(shared.stop())
+    done, _ = await asyncio.wait([stopping], timeout=5.0)
+    assert stopping in done, "stop() still waits for the listener"
