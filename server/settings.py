@@ -488,7 +488,10 @@ class CanarySettings(SettingsSection):
         30.0, gt=0, description="Sliding window the two sides are compared over."
     )
     min_decisions: int = Field(
-        50, ge=1, description="Decisions each side needs in the window before it is judged."
+        50,
+        ge=1,
+        description="Decisions each side needs in the window before it is judged, and "
+        "before this server takes a promotion (weight 1).",
     )
     max_error_rate_increase: float = Field(
         0.05, ge=0, description="Canary model-call error/timeout rate above the champion's."

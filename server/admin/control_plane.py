@@ -182,12 +182,38 @@ class ControlPlane:
             self._flag_view(self._shared.state, spec, now_us),
         )
 
-    async def set_canary(self, actor: str, weight: float, reason: str) -> tuple[float, float]:
+    async def set_canary(
+        self, actor: str, weight: float, reason: str, *, force: bool = False
+    ) -> tuple[float, float]:
+        """``force``: promote (weight 1) without this server's judgement of the canary."""
         if not math.isfinite(weight) or not 0.0 <= weight <= 1.0:
             raise InvalidArgument("weight", "must be a share in [0, 1]")
         if weight > 0 and "challenger" not in self._addresses:
             raise FailedPrecondition("no challenger replica is configured")
-        return await self._changes.set_canary(actor, weight, _reason(reason))
+        why = _reason(reason)
+        if weight == 1.0 and not force:
+            self._check_promotion()
+        return await self._changes.set_canary(actor, weight, why, forced=force and weight == 1.0)
+
+    def _check_promotion(self) -> None:
+        """At weight 1 no decision reaches the champion, so nothing is compared and
+        nothing rolls back by itself: a promotion needs a canary judged at a lower
+        weight first, on this server's window (each server judges its own decisions)."""
+        weight, _ = self._shared.state.canary(_now_us())
+        if weight >= 1.0:
+            return  # already promoted: setting it again changes nothing
+        refusal: str | None
+        if weight <= 0.0:
+            refusal = "no canary is running; run one at a weight below 1 first"
+        elif self._canary is None:
+            refusal = "this server does not judge the canary"
+        else:
+            refusal = self._canary.why_not_promote()
+        if refusal is not None:
+            raise FailedPrecondition(
+                f"promotion refused: {refusal}; to promote anyway, set force"
+                " (decisionctl canary promote --force)"
+            )
 
     async def kill_switch(
         self, actor: str, scope: str, engaged: bool, reason: str, ttl_s: float

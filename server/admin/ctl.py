@@ -7,7 +7,7 @@
     decisionctl flags
     decisionctl flag set shadow_sample_rate 0.05 --reason "more shadow traffic" --ttl 2h
     decisionctl flag reset shadow_sample_rate --reason "back to normal"
-    decisionctl canary set 0.1 --reason "start canary" | promote | rollback --reason ...
+    decisionctl canary set 0.1 --reason "start canary" | promote [--force] | rollback --reason ...
     decisionctl kill-switch engage AAPL --reason "halted" --ttl 30m
     decisionctl kill-switch release '*' --reason "all clear"
     decisionctl history --since 2h --actor alice --target primary
@@ -195,7 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     canary_set = command(canary, "set", "set the weight")
     canary_set.add_argument("weight", type=_weight, help="in [0, 1]")
     change(canary_set, ttl=False)
-    change(command(canary, "promote", "weight 1: the challenger decides all"), ttl=False)
+    promote = command(canary, "promote", "weight 1: the challenger decides all")
+    promote.add_argument(
+        "--force",
+        action="store_true",
+        help="even if the server has not judged a canary at a lower weight (audited)",
+    )
+    change(promote, ttl=False)
     change(command(canary, "rollback", "weight 0: the champion decides all"), ttl=False)
 
     kill = command(commands, "kill-switch", "decisions for a scope become ABSTAIN")
@@ -337,7 +343,8 @@ def _run(session: _Session, args: argparse.Namespace) -> str:
         return format_flag_change(call(stub.SetFlag, flag))
     if command == "canary":
         weight = {"promote": 1.0, "rollback": 0.0}.get(args.action, getattr(args, "weight", 0.0))
-        canary = pb.SetCanaryRequest(weight=weight, reason=args.reason)
+        force = getattr(args, "force", False)
+        canary = pb.SetCanaryRequest(weight=weight, reason=args.reason, force=force)
         return format_canary_change(call(stub.SetCanary, canary))
     if command == "kill-switch":
         engaged = args.action == "engage"

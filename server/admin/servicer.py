@@ -302,7 +302,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.SetCanaryRequest, context: Context
     ) -> admin_pb2.SetCanaryResponse:
         before, after = await self._plane.set_canary(
-            current_principal().name, request.weight, request.reason
+            current_principal().name, request.weight, request.reason, force=request.force
         )
         return admin_pb2.SetCanaryResponse(before=before, after=after)
 

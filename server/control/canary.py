@@ -156,11 +156,29 @@ class CanaryMonitor:
 
     def breach(self) -> str | None:
         """Which limit the canary breaches now, in words; None when none (or too few)."""
-        limits = self._limits
         c = self.compare()
+        return self._breach(c) if self._judged(c) else None
+
+    def why_not_promote(self) -> str | None:
+        """Why the canary may not be promoted on this server's evidence, in words; None
+        when each side has ``min_decisions`` in the window and no limit is breached."""
+        c = self.compare()
+        if not self._judged(c):
+            return (
+                f"not judged yet: in the last {self._limits.window_s:g} s this server saw"
+                f" {c.canary.decisions} canary and {c.champion.decisions} champion decisions"
+                f" under the weight now set ({self._limits.min_decisions} each needed)"
+            )
+        breach = self._breach(c)
+        return None if breach is None else f"the canary breaches a limit: {breach}"
+
+    def _judged(self, c: CanaryComparison) -> bool:
+        needed = self._limits.min_decisions
+        return c.canary.decisions >= needed and c.champion.decisions >= needed
+
+    def _breach(self, c: CanaryComparison) -> str | None:
+        limits = self._limits
         canary, champion = c.canary, c.champion
-        if canary.decisions < limits.min_decisions or champion.decisions < limits.min_decisions:
-            return None
         window = f"over the last {limits.window_s:g} s"
         if canary.error_rate - champion.error_rate > limits.max_error_rate_increase:
             return (

@@ -123,8 +123,10 @@ class AuditedChanges:
         *,
         only_if: Callable[[ControlState], bool] | None = None,
         revert_unaudited: bool = True,
+        forced: bool = False,
     ) -> tuple[float, float]:
-        """The canary weight on every server; the weight before and after."""
+        """The canary weight on every server; the weight before and after. ``forced``:
+        a promotion made without the canary's judgement, said so in the audit record."""
         at_us = now_us()
 
         def describe(state: ControlState) -> dict[str, Any]:
@@ -138,7 +140,7 @@ class AuditedChanges:
             field_name=CANARY_FIELD,
             entry=Entry(weight, Change(actor, why, at_us)),
             before=describe,
-            after={"weight": weight},
+            after={"weight": weight, "forced": True} if forced else {"weight": weight},
             reason=why,
             only_if=only_if,
             revert_unaudited=revert_unaudited,

@@ -78,3 +78,18 @@ async def test_too_few_decisions_are_not_judged() -> None:
     await asyncio.sleep(CHECK_INTERVAL_S * 2)
     assert canary.breach() is None and deployment.breaches == []
     await canary.stop()
+
+
+async def test_a_canary_is_promotable_only_once_judged_without_a_breach() -> None:
+    canary = monitor(Deployment())
+    record(canary, CHAMPION, 20)
+    record(canary, CANARY, 9)
+    refusal = canary.why_not_promote() or ""
+    assert refusal.startswith("not judged yet") and "9 canary and 20 champion" in refusal
+    record(canary, CANARY, 1)
+    assert canary.why_not_promote() is None
+    record(canary, CANARY, 10, ok=False)
+    assert (canary.why_not_promote() or "").startswith(
+        "the canary breaches a limit: error/timeout rate 50%"
+    )
+    await canary.stop()

@@ -116,7 +116,7 @@ async def test_the_canary_lane_decides_with_the_challenger_on_mlserver(
     await feature_writer.write_many([sample_record("BTC-USD")])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as channel:
         await admin_pb2_grpc.AdminServiceStub(channel).SetCanary(
-            admin_pb2.SetCanaryRequest(weight=1.0, reason="challenger on MLServer"),
+            admin_pb2.SetCanaryRequest(weight=1.0, reason="challenger on MLServer", force=True),
             metadata=OPERATOR,
             timeout=5.0,
         )

@@ -747,19 +747,25 @@ class SetCanaryRequest(_message.Message):
 
     WEIGHT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     weight: _builtins.float
     """Share of decisions the challenger decides, in [0, 1]."""
     reason: _builtins.str
     """Required."""
+    force: _builtins.bool
+    """Weight 1 without the check that a canary ran and was judged on this server
+    (canary.min_decisions on each side in the window, no breach). Audited.
+    """
     def __init__(
         self,
         *,
         weight: _builtins.float = ...,
         reason: _builtins.str = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "reason", b"reason", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

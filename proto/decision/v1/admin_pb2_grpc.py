@@ -130,7 +130,9 @@ class AdminServiceServicer:
 
     def SetCanary(self, request, context):
         """Sets the canary weight: the share of decisions the challenger decides.
-        0 rolls back, 1 promotes. Operator.
+        0 rolls back, 1 promotes. Operator. A promotion is refused with
+        FAILED_PRECONDITION unless this server has judged the canary running now
+        and found no breach; `force` overrides that.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

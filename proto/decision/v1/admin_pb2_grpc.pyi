@@ -58,7 +58,9 @@ class AdminServiceStub:
     """Every flag with its value in effect and its default. Viewer."""
     SetCanary: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetCanaryRequest, _admin_pb2.SetCanaryResponse]
     """Sets the canary weight: the share of decisions the challenger decides.
-    0 rolls back, 1 promotes. Operator.
+    0 rolls back, 1 promotes. Operator. A promotion is refused with
+    FAILED_PRECONDITION unless this server has judged the canary running now
+    and found no breach; `force` overrides that.
     """
     KillSwitch: _grpc.UnaryUnaryMultiCallable[_admin_pb2.KillSwitchRequest, _admin_pb2.KillSwitchResponse]
     """Engages or releases a kill switch, global or for one symbol: matching
@@ -102,7 +104,9 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Every flag with its value in effect and its default. Viewer."""
     SetCanary: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetCanaryRequest, _admin_pb2.SetCanaryResponse]  # type: ignore[assignment]
     """Sets the canary weight: the share of decisions the challenger decides.
-    0 rolls back, 1 promotes. Operator.
+    0 rolls back, 1 promotes. Operator. A promotion is refused with
+    FAILED_PRECONDITION unless this server has judged the canary running now
+    and found no breach; `force` overrides that.
     """
     KillSwitch: _aio.UnaryUnaryMultiCallable[_admin_pb2.KillSwitchRequest, _admin_pb2.KillSwitchResponse]  # type: ignore[assignment]
     """Engages or releases a kill switch, global or for one symbol: matching
@@ -173,7 +177,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.SetCanaryResponse, _abc.Awaitable[_admin_pb2.SetCanaryResponse]]:
         """Sets the canary weight: the share of decisions the challenger decides.
-        0 rolls back, 1 promotes. Operator.
+        0 rolls back, 1 promotes. Operator. A promotion is refused with
+        FAILED_PRECONDITION unless this server has judged the canary running now
+        and found no breach; `force` overrides that.
         """
 
     @_abc_1.abstractmethod

@@ -431,9 +431,15 @@ async def set_canary(app: DecisionApp, weight: float) -> None:
         )
 
 
-async def test_a_good_challenger_keeps_its_canary_share(canary_app, channel_to, feature_writer):
+async def test_a_good_challenger_keeps_its_canary_share_and_is_promoted_once_judged(
+    canary_app, channel_to, feature_writer
+):
     await feature_writer.write_many([sample_record("BTC-USD")])
     await set_canary(canary_app, 0.5)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await set_canary(canary_app, 1.0)  # no decision judged yet
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "promotion refused: not judged yet" in (refused.value.details() or "")
     stub = decision_stub(channel_to(canary_app))
     sources = []
     for _ in range(80):
@@ -442,6 +448,10 @@ async def test_a_good_challenger_keeps_its_canary_share(canary_app, channel_to, 
     assert sources.count(decision_pb2.SOURCE_PRIMARY) >= 15
     assert canary_app.shared.state.canary(time.time_ns() // 1000)[0] == 0.5
     assert canary_app.canary.breach() is None
+
+    await set_canary(canary_app, 1.0)
+    promoted = [(await stub.Decide(buy(), timeout=2.0)).source for _ in range(10)]
+    assert promoted == [decision_pb2.SOURCE_CANARY] * 10
 
 
 async def test_an_erroring_challenger_is_rolled_back_within_the_window(

@@ -25,12 +25,13 @@ from proto.decision.v1 import admin_pb2, admin_pb2_grpc
 from server.admin.control_plane import ControlPlane
 from server.app import DecisionApp
 from server.audit.record import AdminRecord
+from server.control.canary import CANARY, CHAMPION, CanaryMonitor
 from server.control.changes import AUTO_ROLLBACK_ACTOR, AuditedChanges, CanaryRollback
 from server.control.flags import flag_specs
 from server.control.shared import SharedControl
 from server.control.state import BreakerMode
-from server.errors import AuditUnavailable, SharedStateUnavailable
-from server.settings import ControlSettings
+from server.errors import AuditUnavailable, FailedPrecondition, SharedStateUnavailable
+from server.settings import CanarySettings, ControlSettings
 from tests.conftest import RedisInstance
 from tests.server.conftest import OPERATOR, TOKENS, VIEWER
 
@@ -62,7 +63,7 @@ async def servers(
     clients: list[aioredis.Redis] = []
     flags = flag_specs(ControlSettings())
 
-    def start() -> Server:
+    def start(canary: CanaryMonitor | None = None) -> Server:
         shared = SharedControl(
             redis_instance.url,
             key_prefix=key_prefix,
@@ -77,7 +78,7 @@ async def servers(
             changes=AuditedChanges(shared, journal),
             replicas=[],
             addresses=ADDRESSES,
-            canary=None,
+            canary=canary,
             server_id=lambda: "test",
             features=FeatureReader(client, key_prefix=key_prefix),
         )
@@ -161,6 +162,53 @@ async def test_a_breach_seen_by_every_server_is_rolled_back_and_audited_once(ser
     for _, shared, _ in deployment:
         await shared.sync()
         assert shared.state.canary(time.time_ns() // 1000)[0] == 0.0
+
+
+class UnchangingCanary:
+    """A canary lever whose setting never changes: the monitor keeps what it records."""
+
+    def setting(self) -> object:
+        return "unchanged"
+
+    def enabled(self) -> bool:
+        return False
+
+    async def roll_back(self, breach: str) -> bool:
+        return False
+
+
+async def test_a_promotion_needs_a_canary_judged_on_this_server_unless_forced(servers) -> None:
+    canary = CanaryMonitor(CanarySettings(min_decisions=10), UnchangingCanary())
+    plane, shared, journal = servers(canary)
+    await shared.start()
+
+    with pytest.raises(FailedPrecondition, match="no canary is running"):
+        await plane.set_canary("oncall", 1.0, "ship it")
+    await plane.set_canary("oncall", 0.1, "try it")
+    for _ in range(10):
+        canary.record(CHAMPION, ok=True, elapsed_ms=2.0, fell_back=False, scores=(0.5,))
+    for _ in range(9):
+        canary.record(CANARY, ok=True, elapsed_ms=2.0, fell_back=False, scores=(0.5,))
+    with pytest.raises(FailedPrecondition, match=r"not judged yet: .* 9 canary and 10 champion"):
+        await plane.set_canary("oncall", 1.0, "ship it")
+    assert shared.state.canary(time.time_ns() // 1000)[0] == pytest.approx(0.1)
+
+    canary.record(CANARY, ok=True, elapsed_ms=2.0, fell_back=False, scores=(0.5,))
+    assert await plane.set_canary("oncall", 1.0, "judged good") == (pytest.approx(0.1), 1.0)
+    assert await plane.set_canary("oncall", 1.0, "again") == (1.0, 1.0)  # nothing to judge
+    await canary.stop()
+    assert [row.after for row in journal.rows] == [{"weight": w} for w in (0.1, 1.0, 1.0)]
+
+
+async def test_a_forced_promotion_goes_through_and_is_audited_as_forced(servers) -> None:
+    plane, shared, journal = servers()
+    await shared.start()
+    await plane.set_canary("oncall", 1.0, "challenger is the fix, INC-9", force=True)
+    assert shared.state.canary(time.time_ns() // 1000)[0] == 1.0
+    assert journal.rows[-1].after == {"weight": 1.0, "forced": True}
+    # force means nothing below weight 1: a canary step is audited as one.
+    await plane.set_canary("oncall", 0.5, "step back", force=True)
+    assert journal.rows[-1].after == {"weight": 0.5}
 
 
 async def test_without_redis_a_server_keeps_its_state_says_so_and_refuses_changes(

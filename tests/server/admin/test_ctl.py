@@ -551,6 +551,11 @@ def test_token_file_option(fake, capsys, monkeypatch, tmp_path: Path) -> None:
             pb.SetCanaryRequest(weight=1.0, reason="good"),
         ),
         (
+            ["canary", "promote", "--force", "--reason", "the fix, INC-9"],
+            "canary weight: 0.1 -> 1",
+            pb.SetCanaryRequest(weight=1.0, reason="the fix, INC-9", force=True),
+        ),
+        (
             ["canary", "rollback", "--reason", "bad"],
             "canary weight: 0.1 -> 0",
             pb.SetCanaryRequest(weight=0.0, reason="bad"),
