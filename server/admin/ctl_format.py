@@ -103,13 +103,16 @@ def _field(key: str, value: object) -> str:
 
 def _change(before_json: str, after_json: str) -> str:
     """What a change set: each key it set whose value differs from before, as ``key old
-    -> new``. The previous change's bookkeeping (who, why, when), which only the before
-    side carries, is not shown; JSON that is not an object shows as it is."""
+    -> new``, and a mark only the after side carries (``forced``: true) as its name. The
+    previous change's bookkeeping (who, why, when), which only the before side carries,
+    is not shown; JSON that is not an object shows as it is."""
     before, after = _object(before_json), _object(after_json)
     if before is None or after is None:
         return f"{_setting(before_json)} -> {_setting(after_json)}"
     changed = [
-        f"{key.removesuffix('_us')} {_field(key, before.get(key))} -> {_field(key, value)}"
+        key
+        if value is True and key not in before
+        else f"{key.removesuffix('_us')} {_field(key, before.get(key))} -> {_field(key, value)}"
         for key, value in after.items()
         if _field(key, before.get(key)) != _field(key, value)
     ]

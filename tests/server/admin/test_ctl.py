@@ -354,6 +354,15 @@ def test_history_lines() -> None:
             after_json="not json",
             reason="start",
         ),
+        pb.AdminAction(
+            at=_ts("2026-11-21T08:00:00Z"),
+            actor="carol",
+            action="set_canary",
+            target="challenger",
+            before_json='{"weight": 0.0}',
+            after_json='{"forced": true, "weight": 1.0}',
+            reason="INC-9",
+        ),
     ]
     lines = ctl_format.format_history(actions).splitlines()
     assert lines[0].split() == ["AT", "ACTOR", "ACTION", "TARGET", "CHANGE", "REASON"]
@@ -373,6 +382,7 @@ def test_history_lines() -> None:
     assert "alice" not in lines[2] and "INC-7" not in lines[2] and "changed" not in lines[2]
     assert "(no change)" in lines[3]
     assert "- -> not json" in lines[4]
+    assert "forced; weight 0.0 -> 1.0" in lines[5]  # a mark only the after side has
     assert ctl_format.format_history([]) == "  (no admin changes)"
 
 
