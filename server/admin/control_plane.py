@@ -192,28 +192,27 @@ class ControlPlane:
             raise FailedPrecondition("no challenger replica is configured")
         why = _reason(reason)
         if weight == 1.0 and not force:
-            self._check_promotion()
+            refusal = self._promotion_refused(self._shared.state.canary(_now_us())[0])
+            if refusal is not None:
+                raise FailedPrecondition(
+                    f"promotion refused: {refusal}; to promote anyway, set force"
+                    " (decisionctl canary promote --force)"
+                )
         return await self._changes.set_canary(actor, weight, why, forced=force and weight == 1.0)
 
-    def _check_promotion(self) -> None:
-        """At weight 1 no decision reaches the champion, so nothing is compared and
-        nothing rolls back by itself: a promotion needs a canary judged at a lower
-        weight first, on this server's window (each server judges its own decisions)."""
-        weight, _ = self._shared.state.canary(_now_us())
+    def _promotion_refused(self, weight: float) -> str | None:
+        """Why a promotion from ``weight`` would be refused, in words; None when it
+        would be taken. At weight 1 no decision reaches the champion, so nothing is
+        compared and nothing rolls back by itself: a promotion needs a canary judged at
+        a lower weight first, on this server's window (each server judges its own
+        decisions)."""
         if weight >= 1.0:
-            return  # already promoted: setting it again changes nothing
-        refusal: str | None
+            return None  # already promoted: setting it again changes nothing
         if weight <= 0.0:
-            refusal = "no canary is running; run one at a weight below 1 first"
-        elif self._canary is None:
-            refusal = "this server does not judge the canary"
-        else:
-            refusal = self._canary.why_not_promote()
-        if refusal is not None:
-            raise FailedPrecondition(
-                f"promotion refused: {refusal}; to promote anyway, set force"
-                " (decisionctl canary promote --force)"
-            )
+            return "no canary is running; run one at a weight below 1 first"
+        if self._canary is None:
+            return "this server does not judge the canary"
+        return self._canary.why_not_promote()
 
     async def kill_switch(
         self, actor: str, scope: str, engaged: bool, reason: str, ttl_s: float
@@ -294,6 +293,7 @@ class ControlPlane:
                 canary_change,
                 auto_rollback_on(state, now_us),
                 self._canary.compare() if self._canary is not None else None,
+                self._promotion_refused(weight),
             ),
             sync=self._shared.status(),
             feature_ages_ms=feature_ages,

@@ -212,7 +212,13 @@ def _format_canary(canary: pb.CanaryStatus) -> list[str]:
         for name, window in (("canary", canary.canary), ("champion", canary.champion))
     ]
     table = format_table(["WINDOW", "DECISIONS", "ERRORS", "P99MS", "FALLBACK"], windows)
-    return [line, table, f"  score psi {canary.score_psi:.4f}"]
+    lines = [line, table, f"  score psi {canary.score_psi:.4f}"]
+    if 0.0 < canary.weight < 1.0:  # a canary runs: whether this server takes a promotion
+        refused = canary.promotion_refused
+        lines.append(
+            f"  promote: refused, {refused}" if refused else "  promote: judged, no breach"
+        )
+    return lines
 
 
 def _format_mirror(mirror: pb.FeatureMirrorStatus) -> str:

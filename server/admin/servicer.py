@@ -221,6 +221,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 canary=window_to_pb(comparison.canary) if comparison else None,
                 champion=window_to_pb(comparison.champion) if comparison else None,
                 score_psi=comparison.score_psi if comparison else 0.0,
+                promotion_refused=canary.promotion_refused or "",
             ),
             features=[
                 admin_pb2.SymbolFreshness(symbol=symbol, age_ms=age)

@@ -39,6 +39,7 @@ class CanaryView:
     change: Change | None
     auto_rollback: bool
     comparison: CanaryComparison | None
+    promotion_refused: str | None  # why a promotion would be refused now; None: taken
 
 
 @dataclass(frozen=True, slots=True)

@@ -257,12 +257,17 @@ class CanaryStatus(_message.Message):
     CANARY_FIELD_NUMBER: _builtins.int
     CHAMPION_FIELD_NUMBER: _builtins.int
     SCORE_PSI_FIELD_NUMBER: _builtins.int
+    PROMOTION_REFUSED_FIELD_NUMBER: _builtins.int
     weight: _builtins.float
     """Share of decisions the challenger decides (SOURCE_CANARY)."""
     auto_rollback: _builtins.bool
     """Whether a breach of the limits rolls the canary back (flag canary_auto_rollback)."""
     score_psi: _builtins.float
     """PSI of the canary's scores against the champion's over the window."""
+    promotion_refused: _builtins.str
+    """Why this server would refuse a promotion (SetCanary to weight 1) now, in
+    words; empty when it would take one, or the weight already is 1.
+    """
     @_builtins.property
     def change(self) -> Global___ChangeInfo:
         """Set when the weight was set through SetCanary or by an automatic rollback."""
@@ -280,10 +285,11 @@ class CanaryStatus(_message.Message):
         canary: Global___CanaryWindow | None = ...,
         champion: Global___CanaryWindow | None = ...,
         score_psi: _builtins.float = ...,
+        promotion_refused: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "champion", b"champion", "change", b"change"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rollback", b"auto_rollback", "canary", b"canary", "champion", b"champion", "change", b"change", "score_psi", b"score_psi", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rollback", b"auto_rollback", "canary", b"canary", "champion", b"champion", "change", b"change", "promotion_refused", b"promotion_refused", "score_psi", b"score_psi", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

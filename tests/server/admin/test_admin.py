@@ -431,6 +431,13 @@ async def set_canary(app: DecisionApp, weight: float) -> None:
         )
 
 
+async def get_status(app: DecisionApp) -> admin_pb2.GetStatusResponse:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as channel:
+        return await admin_pb2_grpc.AdminServiceStub(channel).GetStatus(
+            admin_pb2.GetStatusRequest(), metadata=VIEWER, timeout=5.0
+        )
+
+
 async def test_a_good_challenger_keeps_its_canary_share_and_is_promoted_once_judged(
     canary_app, channel_to, feature_writer
 ):
@@ -440,6 +447,8 @@ async def test_a_good_challenger_keeps_its_canary_share_and_is_promoted_once_jud
         await set_canary(canary_app, 1.0)  # no decision judged yet
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "promotion refused: not judged yet" in (refused.value.details() or "")
+    status = await get_status(canary_app)
+    assert status.canary.promotion_refused.startswith("not judged yet")
     stub = decision_stub(channel_to(canary_app))
     sources = []
     for _ in range(80):
@@ -448,6 +457,8 @@ async def test_a_good_challenger_keeps_its_canary_share_and_is_promoted_once_jud
     assert sources.count(decision_pb2.SOURCE_PRIMARY) >= 15
     assert canary_app.shared.state.canary(time.time_ns() // 1000)[0] == 0.5
     assert canary_app.canary.breach() is None
+    status = await get_status(canary_app)
+    assert status.canary.promotion_refused == ""  # judged: a promotion would be taken
 
     await set_canary(canary_app, 1.0)
     promoted = [(await stub.Decide(buy(), timeout=2.0)).source for _ in range(10)]
@@ -473,10 +484,7 @@ async def test_an_erroring_challenger_is_rolled_back_within_the_window(
     finally:
         challenger_replica.proc.resume()
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{canary_app.admin_port}") as channel:
-        status = await admin_pb2_grpc.AdminServiceStub(channel).GetStatus(
-            admin_pb2.GetStatusRequest(), metadata=VIEWER
-        )
+    status = await get_status(canary_app)
     assert status.canary.weight == 0.0
     assert status.canary.change.changed_by == "auto-rollback"
     assert status.canary.change.reason.startswith("automatic rollback: error/timeout rate")

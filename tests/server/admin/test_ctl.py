@@ -245,6 +245,21 @@ def test_format_servers_one_row_each_with_ages_and_breakers() -> None:
     assert ctl_format.format_servers([], now_s) == "  (none registered)"
 
 
+def test_format_status_says_whether_this_server_takes_a_promotion() -> None:
+    def promote_line(canary: pb.CanaryStatus) -> list[str]:
+        text = ctl_format.format_status(pb.GetStatusResponse(canary=canary))
+        return [line.strip() for line in text.splitlines() if "promote:" in line]
+
+    refused = "not judged yet: in the last 30 s this server saw 3 canary and 40 champion"
+    assert promote_line(pb.CanaryStatus(weight=0.1, promotion_refused=refused)) == [
+        f"promote: refused, {refused}"
+    ]
+    assert promote_line(pb.CanaryStatus(weight=0.1)) == ["promote: judged, no breach"]
+    # No canary running, or promoted already: nothing to say about a promotion.
+    assert promote_line(pb.CanaryStatus(weight=0.0, promotion_refused="no canary")) == []
+    assert promote_line(pb.CanaryStatus(weight=1.0)) == []
+
+
 def test_format_status_of_an_empty_response() -> None:
     text = ctl_format.format_status(pb.GetStatusResponse())
     assert "read from Redis (no mirror)" in text
