@@ -36,6 +36,7 @@ from collections import deque
 from typing import Any
 
 from core.stall_watch import StallWatch
+from core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,7 @@ class LoopLag:
             self._gc.remove()
             if self._watch is not None:
                 self._watch.stop()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _probe(self, watch: StallWatch) -> None:
         loop = asyncio.get_running_loop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -23,6 +22,7 @@ from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
 
 from core.metrics_http import MetricsServer
 from core.settings import settings_from_environment
+from core.tasks import cancel_and_wait
 from feature_cache.consumer import FeatureConsumer
 from feature_cache.metrics import ConsumerCollector
 from feature_cache.settings import FeatureCacheSettings
@@ -60,9 +60,7 @@ async def consume(settings: FeatureCacheSettings) -> int:
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
+            await cancel_and_wait(starting)
         else:
             log.info("consuming %s as group %s", settings.kafka.topic, settings.kafka.group_id)
         while not stop.is_set() and not consumer.failed:

@@ -18,7 +18,6 @@ holds ``max_symbols`` (a bound on memory): that symbol may have a record in Redi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from types import TracebackType
 import redis.asyncio as aioredis
 
 from core.pubsub import listen
+from core.tasks import cancel_and_wait
 from feature_cache.store import (
     FeatureReader,
     FeatureRecord,
@@ -92,10 +92,7 @@ class FeatureMirror:
             return
         self._stopped = True
         self._set_live(False, "stopped")
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await self._subscriber.aclose()
         await self._loader.aclose()
 

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
+from core.tasks import cancel_and_wait
 from feature_cache.schema import FEATURE_NAMES
 from feature_cache.store import FeatureRecord, FeatureWriter
 
@@ -74,12 +75,7 @@ class FeatureKeeper:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
 
 
 @contextlib.asynccontextmanager

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import itertools
 import logging
@@ -38,6 +37,7 @@ from core.processes import (
     port_open,
     start_ready,
 )
+from core.tasks import cancel_and_wait
 from feature_cache.settings import FeatureCacheSettings
 from feature_cache.store import FeatureReader
 from localstack.chaos import ChaosService, ChaosTarget
@@ -530,9 +530,7 @@ async def run(args: argparse.Namespace) -> int:
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():  # Ctrl-C while starting: stop what has started
             _say("interrupted while starting; stopping…")
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
+            await cancel_and_wait(starting)
             return 0
         starting.result()
         _say(_usage(stack))

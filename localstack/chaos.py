@@ -26,6 +26,7 @@ from core.chaos import (
     socket_path,
 )
 from core.processes import ManagedProcess
+from core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +201,7 @@ class ChaosService:
         )
 
     async def _end_slowing(self, name: str) -> None:
-        task = self._slowing.pop(name, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._slowing.pop(name, None))
 
 
 async def _slow(proc: ManagedProcess, stopped_ms: float, running_ms: float) -> None:

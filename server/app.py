@@ -45,6 +45,7 @@ from core.deadline import StoreReads
 from core.domain import Source
 from core.loop_lag import LoopLag
 from core.metrics_http import MetricsServer
+from core.tasks import cancel_and_wait
 from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
 from fallback.score_cache import ScoreCache, ScoreWriter
@@ -535,9 +536,9 @@ class DecisionApp:
         # says NOT serving for the whole grace period, as health does.
         stack.push_async_callback(bounded("fleet entry", self._leave_serving, stop_s))
         if self.settings.audit.enabled:
-            stack.push_async_callback(_cancel, asyncio.create_task(self._watch_audit()))
+            stack.push_async_callback(cancel_and_wait, asyncio.create_task(self._watch_audit()))
         self._ready_task = asyncio.create_task(self._become_ready())
-        stack.push_async_callback(_cancel, self._ready_task)
+        stack.push_async_callback(cancel_and_wait, self._ready_task)
 
     async def _become_ready(self) -> None:
         """SERVING once Redis answers and the shared control state is read: without them
@@ -681,12 +682,6 @@ def _reachable(host: str, port: int, hostname: str) -> str:
     if host in ("", "0.0.0.0", "::", "[::]"):
         host = hostname
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 # Beyond its grace and drain, how long one component's stop may take before the

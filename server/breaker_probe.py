@@ -19,11 +19,11 @@ replica's recent calls, its failure counted by the breaker's own rule.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 
+from core.tasks import cancel_and_wait
 from feature_cache.schema import FEATURE_NAMES, model_row
 from server.breaker import CLOSED
 from server.control.state import ControlState
@@ -62,10 +62,7 @@ class BreakerProbe:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

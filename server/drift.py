@@ -14,7 +14,6 @@ and no PSI is reported.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from core.drift import psi
+from core.tasks import cancel_and_wait
 from feature_cache.schema import FEATURE_NAMES
 from server.settings import DriftSettings
 from torchserve.archive import archive_version
@@ -158,10 +158,7 @@ class DriftMonitor:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

@@ -17,7 +17,6 @@ windows start afresh: a weight is judged only on decisions made under it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -29,6 +28,7 @@ import numpy as np
 
 from core.drift import histogram, psi
 from core.stats import percentile
+from core.tasks import cancel_and_wait
 from server.settings import CanarySettings
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,4 @@ class CanaryMonitor:
         return None
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await cancel_and_wait(self._watcher)

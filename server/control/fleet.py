@@ -13,7 +13,6 @@ within the TTL with no one cleaning up; one that stops cleanly removes itself at
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -21,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import orjson
 import redis.asyncio as aioredis
+
+from core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +157,8 @@ class FleetRegistration:
             await asyncio.sleep(self._interval_s)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         if self._registered_id:
             try:
                 async with self._client.pipeline(transaction=True) as pipe:

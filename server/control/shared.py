@@ -13,7 +13,6 @@ are wall-clock times) and ``status()`` says since when it is out of sync.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import WatchError
 
 from core.pubsub import listen
+from core.tasks import cancel_and_wait
 from server.control.state import ControlState, Entry, FlagSpec
 from server.errors import SharedStateUnavailable
 
@@ -104,11 +104,7 @@ class SharedControl:
         if self._stopped:
             return
         self._stopped = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         await self._subscriber.aclose()
         await self._redis.aclose()
 
