@@ -216,28 +216,41 @@ def cores_during(
     pids: Sequence[int] = (),
     port: int = 0,
     midpoint_s: float = 0.0,
+    measured_from_s: float = 0.0,
 ) -> tuple[LoadResult, Busy]:
     """``run``'s result and what kept busy while it ran: the cores of each process group
-    in ``pgids`` and of each process in ``pids`` (its warm-up and the load generator's
-    setup included, where the load generator's own cores count its measured seconds
-    only), and how many connections each of ``pids`` held on ``port`` ``midpoint_s``
-    after the start (the load generator connects anew for every cell; none counted when
-    ``run`` ended first). A process that ended meanwhile counts 0 cores, not less."""
+    in ``pgids`` and of each process in ``pids`` from ``measured_from_s`` after the start
+    to the end (the load generator's warm-up left out, as its own cores leave it out;
+    from the start when ``run`` ended first), and how many connections each of ``pids``
+    held on ``port`` ``midpoint_s`` after the start (the load generator connects anew
+    for every cell; none counted when ``run`` ended first). A process that ended
+    meanwhile counts 0 cores, not less."""
     connections: list[int] = []
 
     def count_connections() -> None:
         connections[:] = [sockets_on(pid, port, psutil.CONN_ESTABLISHED) for pid in pids]
 
+    def cpu_now() -> tuple[float, tuple[list[float], list[float]]]:
+        return time.monotonic(), (group_cpu_seconds(pgids), process_cpu_seconds(pids))
+
+    start = [cpu_now()]
+
+    def start_measuring() -> None:
+        start[0] = cpu_now()
+
     counter = threading.Timer(midpoint_s, count_connections)
+    warmed = threading.Timer(measured_from_s, start_measuring)
     counter.start()  # with no pids it counts nothing
-    before = group_cpu_seconds(pgids), process_cpu_seconds(pids)
-    began = time.monotonic()
+    warmed.start()
     try:
         result = run()
     finally:
         counter.cancel()
-    elapsed = time.monotonic() - began
+        warmed.cancel()
     counter.join()
+    warmed.join()
+    began, before = start[0]
+    elapsed = max(time.monotonic() - began, 1e-9)
     after = group_cpu_seconds(pgids), process_cpu_seconds(pids)
     group_cores, process_cores = (
         [max(a - b, 0.0) / elapsed for a, b in zip(late, early, strict=True)]
@@ -429,6 +442,7 @@ class Bench:
             pids=workers,
             port=int(address.rpartition(":")[2]),
             midpoint_s=self.args.warmup + self.args.seconds / 2,
+            measured_from_s=self.args.warmup,
         )
         server_cores, ts_cores = busy.group_cores
         row = Row(

@@ -257,6 +257,37 @@ def test_cores_during_counts_each_process_and_its_connections_midway() -> None:
             server.kill()
 
 
+def test_cores_during_leaves_the_warm_up_out() -> None:
+    # A server that burns 0.3 s of CPU on each connection it takes; each run connects at
+    # its start (its warm-up) and then waits a second.
+    serve = (
+        "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
+        " print(s.getsockname()[1], flush=True)\nwhile True:\n held = s.accept();"
+        " t = time.process_time()\n while time.process_time() < t + 0.3: pass"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", serve], stdout=subprocess.PIPE, process_group=0
+    ) as server:
+        try:
+            assert server.stdout is not None
+            port = int(server.stdout.readline())
+
+            def run() -> LoadResult:
+                with socket.create_connection(("127.0.0.1", port)):
+                    time.sleep(1.0)
+                return load_result("closed", 1, ok=1)
+
+            _, whole = cores_during([server.pid], run, pids=[server.pid])
+            assert whole.process_cores[0] > 0.1
+            _, after_warmup = cores_during(
+                [server.pid], run, pids=[server.pid], measured_from_s=0.6
+            )
+            assert after_warmup.process_cores[0] < 0.05
+            assert after_warmup.group_cores[0] < 0.05
+        finally:
+            server.kill()
+
+
 def test_cpu_list_takes_only_cpus_this_process_may_use() -> None:
     assert cpu_list(str(ALLOWED[0])) == [ALLOWED[0]]
     for text in ("", "x", str(max(ALLOWED) + 1)):
