@@ -27,7 +27,7 @@ from server.admin.views import (
     ReplicaView,
     Status,
 )
-from server.control.canary import CanaryMonitor
+from server.control.canary import CanaryComparison, CanaryMonitor
 from server.control.changes import AuditedChanges, auto_rollback_on, change_dict
 from server.control.changes import now_us as _now_us
 from server.control.fleet import FleetMember
@@ -192,7 +192,10 @@ class ControlPlane:
             raise FailedPrecondition("no challenger replica is configured")
         why = _reason(reason)
         if weight == 1.0 and not force:
-            refusal = self._promotion_refused(self._shared.state.canary(_now_us())[0])
+            refusal = self._promotion_refused(
+                self._shared.state.canary(_now_us())[0],
+                self._canary.compare() if self._canary is not None else None,
+            )
             if refusal is not None:
                 raise FailedPrecondition(
                     f"promotion refused: {refusal}; to promote anyway, set force"
@@ -200,19 +203,19 @@ class ControlPlane:
                 )
         return await self._changes.set_canary(actor, weight, why, forced=force and weight == 1.0)
 
-    def _promotion_refused(self, weight: float) -> str | None:
-        """Why a promotion from ``weight`` would be refused, in words; None when it
-        would be taken. At weight 1 no decision reaches the champion, so nothing is
-        compared and nothing rolls back by itself: a promotion needs a canary judged at
-        a lower weight first, on this server's window (each server judges its own
-        decisions)."""
+    def _promotion_refused(self, weight: float, comparison: CanaryComparison | None) -> str | None:
+        """Why a promotion from ``weight`` would be refused, given this server's canary
+        comparison (None: it has no monitor), in words; None when it would be taken. At
+        weight 1 no decision reaches the champion, so nothing is compared and nothing
+        rolls back by itself: a promotion needs a canary judged at a lower weight first,
+        on this server's window (each server judges its own decisions)."""
         if weight >= 1.0:
             return None  # already promoted: setting it again changes nothing
         if weight <= 0.0:
             return "no canary is running; run one at a weight below 1 first"
-        if self._canary is None:
+        if self._canary is None or comparison is None:
             return "this server does not judge the canary"
-        return self._canary.why_not_promote()
+        return self._canary.why_not_promote(comparison)
 
     async def kill_switch(
         self, actor: str, scope: str, engaged: bool, reason: str, ttl_s: float
@@ -283,6 +286,7 @@ class ControlPlane:
                 )
             )
         weight, canary_change = state.canary(now_us)
+        comparison = self._canary.compare() if self._canary is not None else None
         return Status(
             server_id=self._server_id(),
             replicas=replicas,
@@ -292,8 +296,8 @@ class ControlPlane:
                 weight,
                 canary_change,
                 auto_rollback_on(state, now_us),
-                self._canary.compare() if self._canary is not None else None,
-                self._promotion_refused(weight),
+                comparison,
+                self._promotion_refused(weight, comparison),
             ),
             sync=self._shared.status(),
             feature_ages_ms=feature_ages,

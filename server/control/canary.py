@@ -159,10 +159,10 @@ class CanaryMonitor:
         c = self.compare()
         return self._breach(c) if self._judged(c) else None
 
-    def why_not_promote(self) -> str | None:
-        """Why the canary may not be promoted on this server's evidence, in words; None
-        when each side has ``min_decisions`` in the window and no limit is breached."""
-        c = self.compare()
+    def why_not_promote(self, c: CanaryComparison) -> str | None:
+        """Why the canary may not be promoted on this server's evidence (``compare()``'s
+        comparison), in words; None when each side has ``min_decisions`` in the window
+        and no limit is breached."""
         if not self._judged(c):
             return (
                 f"not judged yet: in the last {self._limits.window_s:g} s this server saw"

@@ -4,12 +4,14 @@ CPU reading of a real process tree."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the virtualenv
@@ -212,80 +214,73 @@ def test_started_on_starts_processes_on_the_cpus_and_leaves_the_caller_as_it_was
         end(root)
 
 
-def test_listeners_counts_the_processes_listening_on_the_port() -> None:
-    listen = (
-        "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
-        " print(s.getsockname()[1], flush=True); time.sleep(30)"
-    )
-    with subprocess.Popen([sys.executable, "-c", listen], stdout=subprocess.PIPE) as server:
+LISTEN = (
+    "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
+    " print(s.getsockname()[1], flush=True)\n"
+)
+
+
+@contextlib.contextmanager
+def listening_script(then: str) -> Iterator[tuple[int, int]]:
+    """A Python process (a process group of its own) listening on a free loopback port,
+    then running ``then``: its pid and the port. Killed on exit."""
+    with subprocess.Popen(
+        [sys.executable, "-c", LISTEN + then], stdout=subprocess.PIPE, process_group=0
+    ) as server:
         try:
             assert server.stdout is not None
-            port = int(server.stdout.readline())
-            assert listeners(server.pid, port) == 1
-            assert listeners(server.pid, port - 1) == 0
+            yield server.pid, int(server.stdout.readline())
         finally:
             server.kill()
+
+
+def test_listeners_counts_the_processes_listening_on_the_port() -> None:
+    with listening_script("time.sleep(30)") as (pid, port):
+        assert listeners(pid, port) == 1
+        assert listeners(pid, port - 1) == 0
 
 
 def test_cores_during_counts_each_process_and_its_connections_midway() -> None:
     # A server that takes connections and burns CPU while it holds them; the run opens
     # two, holds them past the midpoint and closes them.
-    serve = (
-        "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
-        " print(s.getsockname()[1], flush=True); held = [s.accept() for _ in range(2)];"
-        " t = time.process_time()\nwhile time.process_time() < t + 0.3: pass\ntime.sleep(30)"
+    burn_holding_two = (
+        "held = [s.accept() for _ in range(2)]; t = time.process_time()\n"
+        "while time.process_time() < t + 0.3: pass\ntime.sleep(30)"
     )
-    with subprocess.Popen(
-        [sys.executable, "-c", serve], stdout=subprocess.PIPE, process_group=0
-    ) as server:
-        try:
-            assert server.stdout is not None
-            port = int(server.stdout.readline())
+    with listening_script(burn_holding_two) as (pid, port):
 
-            def run() -> LoadResult:
+        def run() -> LoadResult:
+            with socket.create_connection(("127.0.0.1", port)):
                 with socket.create_connection(("127.0.0.1", port)):
-                    with socket.create_connection(("127.0.0.1", port)):
-                        time.sleep(1.0)
-                return load_result("closed", 2, ok=1)
+                    time.sleep(1.0)
+            return load_result("closed", 2, ok=1)
 
-            _, busy = cores_during([server.pid], run, pids=[server.pid], port=port, midpoint_s=0.5)
-            assert busy.connections == [2]
-            assert busy.process_cores[0] > 0.1  # its 0.3 s of CPU in about a second
-            # Read a moment apart, on a machine that may be busy.
-            assert busy.group_cores[0] == pytest.approx(busy.process_cores[0], abs=0.1)
-        finally:
-            server.kill()
+        _, busy = cores_during([pid], run, pids=[pid], port=port, midpoint_s=0.5)
+        assert busy.connections == [2]
+        assert busy.process_cores[0] > 0.1  # its 0.3 s of CPU in about a second
+        # Read a moment apart, on a machine that may be busy.
+        assert busy.group_cores[0] == pytest.approx(busy.process_cores[0], abs=0.1)
 
 
 def test_cores_during_leaves_the_warm_up_out() -> None:
     # A server that burns 0.3 s of CPU on each connection it takes; each run connects at
     # its start (its warm-up) and then waits a second.
-    serve = (
-        "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
-        " print(s.getsockname()[1], flush=True)\nwhile True:\n held = s.accept();"
-        " t = time.process_time()\n while time.process_time() < t + 0.3: pass"
+    burn_on_each = (
+        "while True:\n held = s.accept(); t = time.process_time()\n"
+        " while time.process_time() < t + 0.3: pass"
     )
-    with subprocess.Popen(
-        [sys.executable, "-c", serve], stdout=subprocess.PIPE, process_group=0
-    ) as server:
-        try:
-            assert server.stdout is not None
-            port = int(server.stdout.readline())
+    with listening_script(burn_on_each) as (pid, port):
 
-            def run() -> LoadResult:
-                with socket.create_connection(("127.0.0.1", port)):
-                    time.sleep(1.0)
-                return load_result("closed", 1, ok=1)
+        def run() -> LoadResult:
+            with socket.create_connection(("127.0.0.1", port)):
+                time.sleep(1.0)
+            return load_result("closed", 1, ok=1)
 
-            _, whole = cores_during([server.pid], run, pids=[server.pid])
-            assert whole.process_cores[0] > 0.1
-            _, after_warmup = cores_during(
-                [server.pid], run, pids=[server.pid], measured_from_s=0.6
-            )
-            assert after_warmup.process_cores[0] < 0.05
-            assert after_warmup.group_cores[0] < 0.05
-        finally:
-            server.kill()
+        _, whole = cores_during([pid], run, pids=[pid])
+        assert whole.process_cores[0] > 0.1
+        _, after_warmup = cores_during([pid], run, pids=[pid], measured_from_s=0.6)
+        assert after_warmup.process_cores[0] < 0.05
+        assert after_warmup.group_cores[0] < 0.05
 
 
 def test_cpu_list_takes_only_cpus_this_process_may_use() -> None:

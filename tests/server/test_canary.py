@@ -84,12 +84,12 @@ async def test_a_canary_is_promotable_only_once_judged_without_a_breach() -> Non
     canary = monitor(Deployment())
     record(canary, CHAMPION, 20)
     record(canary, CANARY, 9)
-    refusal = canary.why_not_promote() or ""
+    refusal = canary.why_not_promote(canary.compare()) or ""
     assert refusal.startswith("not judged yet") and "9 canary and 20 champion" in refusal
     record(canary, CANARY, 1)
-    assert canary.why_not_promote() is None
+    assert canary.why_not_promote(canary.compare()) is None
     record(canary, CANARY, 10, ok=False)
-    assert (canary.why_not_promote() or "").startswith(
+    assert (canary.why_not_promote(canary.compare()) or "").startswith(
         "the canary breaches a limit: error/timeout rate 50%"
     )
     await canary.stop()
