@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from core.processes import free_port, live_group_members, port_open
+from core.processes import free_port, free_ports, live_group_members, port_open
 from localstack.__main__ import LocalStack
 from localstack.health import serving
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
@@ -28,10 +28,13 @@ pytestmark = pytest.mark.integration
 
 
 def test_server_process_serves_then_stops_cleanly_on_sigterm(redis_instance, tmp_path):
-    port = free_port()
+    port, admin_port = free_ports(2)
     env = {
         **os.environ,
         "DECISION_SERVER__PORT": str(port),
+        # Every port the server binds is free: 50052, the default, lies in Linux's
+        # ephemeral range, where another test's connection may hold it.
+        "DECISION_ADMIN__PORT": str(admin_port),
         "DECISION_SERVER__GRACE_PERIOD_S": "2",
         "DECISION_SERVER__WORKERS": "1",
         "DECISION_REDIS__URL": redis_instance.url,
@@ -51,8 +54,14 @@ def test_server_process_serves_then_stops_cleanly_on_sigterm(redis_instance, tmp
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+    def serving_while_running() -> bool:
+        exited = proc.poll()
+        assert exited is None, f"exited {exited}: {(tmp_path / 'server.log').read_text()[-3000:]}"
+        return serving(port)
+
     try:
-        wait_for(lambda: serving(port), 20)
+        wait_for(serving_while_running, 20)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             response = decision_pb2_grpc.DecisionServiceStub(channel).Decide(buy(), timeout=1.0)
             assert response.source == decision_pb2.SOURCE_ABSTAIN  # no features written
