@@ -14,12 +14,19 @@ at a time from the loop). The timers stay punctual then, so lateness cannot show
 at 1,480 decisions/s on two shared cores the probe woke 0.1 ms late on average while
 requests waited 39 ms before their handler and the thread was busy 93 % of the time.
 
-A stall over ``LOG_STALL_S`` is logged with what the loop's thread did meanwhile: its CPU
-time (and the part of it in the kernel: page faults, memory reclaim), how often it was
-preempted, and the part the cyclic garbage collector took. A stall spent on the CPU is
-this process's own work (a long callback, a full collection, the kernel working for it);
-one spent off it is the kernel's (another process had the core, a blocking system call,
-the host took the CPU).
+A stall over ``LOG_STALL_S`` is logged with what the loop's thread did meanwhile, which
+says whose the stall was:
+
+- on the CPU (and the part of it in the kernel: page faults, memory reclaim), and the
+  part the cyclic garbage collector took: this process's own work (a long callback, a
+  full collection, the kernel working for it);
+- waiting for a CPU while runnable (the scheduler's run-queue time; how often it was
+  preempted): another process, or another thread, had the cores;
+- blocked (each a voluntary context switch): a blocking system call, a lock, or the GIL,
+  which is the likely one when the process's other threads ran for most of the stall;
+- none of these: the host did not run the virtual machine (steal), or the kernel stopped
+  the process (SIGSTOP, a cgroup freeze).
+
 A ``StallWatch`` thread adds where the loop's thread was in the middle of the stall.
 """
 
@@ -33,6 +40,7 @@ import os
 import resource
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from core.stall_watch import StallWatch
@@ -65,20 +73,20 @@ class ThreadBusy:
             self.close()
 
     def ns(self) -> int:
+        running, waiting = self.running_and_waiting_ns()
+        return running + (waiting or 0)
+
+    def running_and_waiting_ns(self) -> tuple[int, int | None]:
+        """Nanoseconds on a CPU and runnable but waiting for one (None: not counted here)."""
         if self._fd is None:
-            return time.thread_time_ns()
+            return time.thread_time_ns(), None
         running, waiting, _ = os.pread(self._fd, 128, 0).split()
-        return int(running) + int(waiting)
+        return int(running), int(waiting)
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-def thread_usage() -> resource.struct_rusage:
-    """This thread's CPU time (user and kernel), page faults and context switches."""
-    return resource.getrusage(resource.RUSAGE_THREAD)
 
 
 class GcClock:
@@ -100,6 +108,45 @@ class GcClock:
             self._began = time.perf_counter()
         else:
             self.total_s += time.perf_counter() - self._began
+
+
+@dataclass(frozen=True, slots=True)
+class LoopThreadUsage:
+    """What the loop's thread, and the process, had used at one moment."""
+
+    thread: resource.struct_rusage  # CPU time, page faults, context switches
+    process_cpu_s: float  # every thread of the process, the loop's included
+    waiting_ns: int | None  # runnable but not running (None: the kernel does not say)
+    gc_s: float  # in the cyclic garbage collector
+
+    @classmethod
+    def now(cls, busy: ThreadBusy, gc_clock: GcClock) -> LoopThreadUsage:
+        process = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(
+            thread=resource.getrusage(resource.RUSAGE_THREAD),
+            process_cpu_s=process.ru_utime + process.ru_stime,
+            waiting_ns=busy.running_and_waiting_ns()[1],
+            gc_s=gc_clock.total_s,
+        )
+
+    def since(self, before: LoopThreadUsage) -> str:
+        """What the loop's thread did between ``before`` and this, in words."""
+        now, then = self.thread, before.thread
+        cpu_s = now.ru_utime + now.ru_stime - then.ru_utime - then.ru_stime
+        waited = (
+            f"waited {(self.waiting_ns - before.waiting_ns) / 1e6:.0f} ms for a CPU, "
+            if self.waiting_ns is not None and before.waiting_ns is not None
+            else ""
+        )
+        others_s = max(self.process_cpu_s - before.process_cpu_s - cpu_s, 0.0)
+        return (
+            f"its thread ran {cpu_s * 1000:.0f} ms of it on the CPU"
+            f" ({(now.ru_stime - then.ru_stime) * 1000:.0f} ms in the kernel,"
+            f" {now.ru_minflt + now.ru_majflt - then.ru_minflt - then.ru_majflt} page faults,"
+            f" {now.ru_nivcsw - then.ru_nivcsw} times preempted), {waited}blocked"
+            f" {now.ru_nvcsw - then.ru_nvcsw} times, {(self.gc_s - before.gc_s) * 1000:.0f} ms"
+            f" in garbage collection; the process's other threads ran {others_s * 1000:.0f} ms"
+        )
 
 
 class LoopLag:
@@ -148,7 +195,7 @@ class LoopLag:
         while True:
             self._busy_samples.append((loop.time(), busy.ns()))
             self._due = loop.time() + self._interval_s
-            before, gc_before = thread_usage(), self._gc.total_s
+            before = LoopThreadUsage.now(busy, self._gc)
             watch.beat()
             await asyncio.sleep(self._interval_s)
             now = loop.time()
@@ -158,17 +205,10 @@ class LoopLag:
             where = watch.take() if late > WATCH_OVERDUE_S else ""
             if late > LOG_STALL_S and now - self._logged_at >= LOG_EVERY_S:
                 self._logged_at = now
-                used = thread_usage()
                 log.warning(
-                    "event loop stalled %.0f ms: its thread ran %.0f ms of it on the CPU"
-                    " (%.0f ms in the kernel, %d page faults, %d times preempted),"
-                    " %.0f ms in garbage collection; in the middle of it: %s",
+                    "event loop stalled %.0f ms: %s; in the middle of it: %s",
                     late * 1000,
-                    (used.ru_utime + used.ru_stime - before.ru_utime - before.ru_stime) * 1000,
-                    (used.ru_stime - before.ru_stime) * 1000,
-                    used.ru_minflt + used.ru_majflt - before.ru_minflt - before.ru_majflt,
-                    used.ru_nivcsw - before.ru_nivcsw,
-                    (self._gc.total_s - gc_before) * 1000,
+                    LoopThreadUsage.now(busy, self._gc).since(before),
                     where or "not seen",
                 )
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import re
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -28,7 +31,9 @@ def burn_cpu(seconds: float) -> None:
 STALL_LINE = re.compile(
     r"stalled (?P<stalled>\d+) ms: its thread ran (?P<cpu>\d+) ms of it on the CPU"
     r" \((?P<kernel>\d+) ms in the kernel, (?P<faults>\d+) page faults,"
-    r" (?P<preempted>\d+) times preempted\), (?P<gc>\d+) ms in garbage collection"
+    r" (?P<preempted>\d+) times preempted\), waited (?P<waited>\d+) ms for a CPU,"
+    r" blocked (?P<blocked>\d+) times, (?P<gc>\d+) ms in garbage collection;"
+    r" the process's other threads ran (?P<others>\d+) ms"
 )
 
 
@@ -135,7 +140,68 @@ async def test_a_stall_off_the_cpu_is_logged_as_such(caplog: pytest.LogCaptureFi
     stall = logged_stall(caplog)
     assert stall["stalled"] >= 70
     assert stall["cpu"] < 20
+    assert stall["blocked"] >= 1  # a system call that slept
     assert stall["gc"] == 0
+
+
+async def test_a_stall_waiting_for_the_gil_shows_the_time_of_the_thread_that_held_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stopping = threading.Event()
+
+    def hold_the_gil() -> None:  # pure Python: gives the GIL up only when asked to
+        while not stopping.is_set():
+            sum(range(100))
+
+    hog = threading.Thread(target=hold_the_gil)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.1)  # a waiting thread asks for the GIL after 100 ms
+    try:
+        async with probe_running():
+            hog.start()
+            await asyncio.sleep(0.3)
+            stopping.set()
+    finally:
+        stopping.set()
+        if hog.is_alive():
+            hog.join()
+        sys.setswitchinterval(switch_interval)
+    stall = logged_stall(caplog)
+    assert stall["stalled"] >= 70
+    assert stall["cpu"] < stall["stalled"] / 3
+    # The holder ran for the stall, less what a busy 2-core machine took of its core.
+    assert stall["others"] >= stall["stalled"] / 3
+    assert stall["blocked"] >= 1  # waiting for the GIL
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/thread-self/schedstat"), reason="no run-queue time here"
+)
+async def test_a_stall_waiting_for_a_cpu_is_logged_as_such(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Six processes that never sleep share the loop's one CPU: 10 ms of its own work
+    takes about 70."""
+    affinity = os.sched_getaffinity(0)
+    cpu = min(affinity)
+    spin = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    hogs = [await asyncio.create_subprocess_exec(sys.executable, "-c", spin) for _ in range(6)]
+    try:
+        await asyncio.sleep(0.3)  # started and spinning
+        os.sched_setaffinity(0, {cpu})
+        async with probe_running():
+            began = time.thread_time()
+            while time.thread_time() - began < 0.01:
+                pass
+    finally:
+        os.sched_setaffinity(0, affinity)
+        for hog in hogs:
+            hog.kill()
+            await hog.wait()
+    stall = logged_stall(caplog)
+    assert stall["stalled"] >= 30
+    assert stall["waited"] >= stall["stalled"] / 2
+    assert stall["preempted"] >= 1
 
 
 def crunch_numbers(seconds: float) -> None:
