@@ -350,9 +350,10 @@ class BreakerSettings(SettingsSection):
         10.0,
         ge=0,
         description="A model-call timeout counts as a replica failure only if the call was "
-        "given at least this long; shorter calls were cut by the caller's tight budget. A "
-        "call refused for the replica's abandoned calls counts only once the replica has "
-        "answered none of them for this long.",
+        "given at least this long, less any stall of this server's event loop during the "
+        "wait (an answer may have sat unread); shorter calls were cut by the caller's tight "
+        "budget. A call refused for the replica's abandoned calls counts only once the "
+        "replica has answered none of them for this long.",
     )
 
 
