@@ -55,11 +55,13 @@ from server.admin.control_plane import ControlPlane
 from server.admin.servicer import AdminServicer
 from server.admin.views import AuditView, DriftView
 from server.admission import AdmissionLimit
+from server.audit.store import create_store_engine
 from server.audit.trail import AuditTrail, UnrecordedDecisions
 from server.batching import BatchingClient
 from server.breaker_probe import BreakerProbe
 from server.control.canary import CanaryMonitor
 from server.control.changes import AuditedChanges, CanaryRollback
+from server.control.durable import ControlStore
 from server.control.flags import flag_specs
 from server.control.fleet import FleetMember, FleetRegistration, fleet_members
 from server.control.shared import SharedControl
@@ -77,6 +79,7 @@ from server.shadow import ShadowAudit, ShadowScorer
 from server.telemetry import (
     AuditCollector,
     CanaryCollector,
+    ControlStateCollector,
     DriftCollector,
     FeatureCollector,
     LoadCollector,
@@ -330,6 +333,10 @@ class DecisionApp:
         self._all_replicas = replicas.all
         self.shared = SharedControl(
             settings.redis.url,
+            store=ControlStore(
+                create_store_engine(settings.audit.database_url),
+                migrate=settings.audit.migrate_on_start,
+            ),
             key_prefix=prefix,
             flags=flag_specs(settings.control),
             resync_interval_ms=settings.control.resync_interval_ms,
@@ -345,7 +352,7 @@ class DecisionApp:
         recorder: AuditTrail | UnrecordedDecisions = (
             self.audit if settings.audit.enabled else UnrecordedDecisions()
         )
-        changes = AuditedChanges(self.shared, recorder)
+        changes = AuditedChanges(self.shared)
         self.canary = CanaryMonitor(settings.canary, CanaryRollback(changes))
         self.shadow = shadow_scorer(settings, self.challenger, recorder)
         self.drift = (
@@ -423,6 +430,7 @@ class DecisionApp:
         )
         registry.register(FeatureCollector(self.features, self.mirror))
         registry.register(CanaryCollector(self.canary, lambda: self.shared.state))
+        registry.register(ControlStateCollector(self.shared.status))
         if settings.audit.enabled:
             registry.register(AuditCollector(self.audit))
         if self.shadow is not None:
@@ -541,8 +549,8 @@ class DecisionApp:
         stack.push_async_callback(cancel_and_wait, self._ready_task)
 
     async def _become_ready(self) -> None:
-        """SERVING once Redis answers and the shared control state is read: without them
-        every answer would be a fallback, or ignore a kill switch.
+        """SERVING once Redis answers and the control state is read from its durable copy
+        and Redis: without them every answer would be a fallback, or ignore a kill switch.
 
         Replica connections are opened first, so the first decisions do not pay for the
         TCP and HTTP/2 handshakes; a replica that is not there does not delay readiness
@@ -558,7 +566,15 @@ class DecisionApp:
         while True:
             try:
                 await self.redis.ping()
-                # Never decide before the kill switches and overrides are known.
+                # Never decide before the kill switches and overrides are known: from the
+                # durable copy (Redis's may have lost them), and Redis's copy followed.
+                if not self.shared.known and not await self.shared.read_durable():
+                    log.warning(
+                        "waiting for the control state in the audit store: %s",
+                        self.shared.status().durable_error,
+                    )
+                    await asyncio.sleep(backoff.next_s())
+                    continue
                 if not self.shared.status().in_sync and not await self.shared.sync():
                     raise aioredis.ConnectionError(self.shared.status().error)
             except (aioredis.RedisError, OSError) as exc:

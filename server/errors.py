@@ -6,7 +6,8 @@
     ├── InvalidArgument           INVALID_ARGUMENT  (names the field)
     ├── AuditUnavailable          UNAVAILABLE       (the journal refused the record:
     │                                                no decision is returned unrecorded)
-    ├── SharedStateUnavailable    UNAVAILABLE       (Redis did not take an admin change)
+    ├── SharedStateUnavailable    UNAVAILABLE       (the durable store did not take an
+    │                                                admin change)
     ├── StoreUnavailable          UNAVAILABLE       (the audit store did not answer a read)
     ├── Overloaded                RESOURCE_EXHAUSTED (too many decisions in flight: shed)
     ├── Expired                   DEADLINE_EXCEEDED (the deadline passed while queued)

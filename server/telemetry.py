@@ -23,6 +23,7 @@ from feature_cache.schema import FEATURE_NAMES
 from server.audit.trail import AuditTrail
 from server.batching import BatchingClient
 from server.control.canary import CanaryMonitor
+from server.control.shared import SyncStatus
 from server.control.state import ControlState
 from server.drift import DriftMonitor
 from server.engine import DecisionEngine
@@ -345,6 +346,36 @@ class CanaryCollector(Collector):
             "Automatic canary rollbacks this server made on a breach (another server that "
             "saw the same breach first made it instead).",
             value=self._canary.rollbacks,
+        )
+
+
+class ControlStateCollector(Collector):
+    """The control state's copies as this server sees them, and Redis's losses."""
+
+    def __init__(self, status: Callable[[], SyncStatus]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._status()
+        yield CounterMetricFamily(
+            "decision_control_state_lost",
+            "Times this server found Redis's copy of the control state (kill switches, "
+            "breaker overrides, flags, canary) had lost data and wrote it back from the "
+            "durable copy.",
+            value=status.losses,
+        )
+        readable = GaugeMetricFamily(
+            "decision_control_state_readable",
+            "1 while the last read of this copy of the control state succeeded.",
+            labels=["copy"],
+        )
+        readable.add_metric(["redis"], float(status.in_sync))
+        readable.add_metric(["durable"], float(status.durable_ok))
+        yield readable
+        yield GaugeMetricFamily(
+            "decision_control_state_version",
+            "Version of the control state this server applies.",
+            value=status.version,
         )
 
 

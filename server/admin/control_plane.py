@@ -1,10 +1,9 @@
 """``ControlPlane``: what AdminService does, transport-agnostic.
 
 Each change is validated (``InvalidArgument`` names the field), then written through
-``AuditedChanges``: to the shared state (every server applies it within a second) and as
-an admin audit row with the effective value before and after. If the journal refuses
-the row, the change is reverted and ``AuditUnavailable`` raised: no change stays
-unaudited.
+``AuditedChanges``: the setting and its admin audit row (the effective value before and
+after) in one transaction of the audit store's database, before the call answers; every
+server applies it within a second. No change is ever made unaudited.
 """
 
 from __future__ import annotations

@@ -252,6 +252,14 @@ def _format_drift(drift: pb.DriftStatus) -> list[str]:
     return [f"{about}{computed}", format_table(["FEATURE", "PSI", ""], rows)]
 
 
+def format_loss(shared: pb.SharedStateStatus) -> str:
+    """Redis's lost control state, as this server found it (status and top)."""
+    return (
+        f"REDIS LOST THE CONTROL STATE {shared.losses} time(s), last {_time(shared.last_loss_at)}:"
+        f" {shared.last_loss} (written back; see the runbook, DecisionControlStateLost)"
+    )
+
+
 def format_status(status: pb.GetStatusResponse) -> str:
     """GetStatus for a human: a header, then one section per topic."""
     shared = status.shared_state
@@ -264,6 +272,8 @@ def format_status(status: pb.GetStatusResponse) -> str:
     out = [
         f"server        {status.server_id or '?'}",
         f"shared state  {sync}",
+        f"durable copy  {'ok' if shared.durable_ok else f'NOT READ: {shared.durable_error}'}",
+        *([f"              {format_loss(shared)}"] if shared.losses else []),
         f"features      {_format_mirror(status.feature_mirror)}",
         "",
         "replicas",

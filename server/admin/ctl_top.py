@@ -9,6 +9,8 @@ canary, drift), and shows rates from the difference with the frame before:
     servers  one row each: decisions/s, in flight, breakers, serving
     replicas  (the server asked) breaker, override, recent calls, p50/p99
     features  age per symbol; audit backlog; canary; shadow agreement; drift
+    control  the control state's version, both copies' health, the kill switches, and a
+             red line when Redis lost the control state
     others  the feature-cache consumer's lag and the labeler's live AUC (their /metrics)
 """
 
@@ -29,6 +31,7 @@ from rich.text import Text
 
 from core.histogram import quantile_bound
 from proto.decision.v1 import admin_pb2 as pb
+from server.admin.ctl_format import format_loss
 
 MODEL_SOURCES = ("primary", "secondary", "canary")
 
@@ -272,7 +275,16 @@ def render(sample: Sample, baselines: Mapping[str, pb.ServerInfo], address: str)
         f"   drift: {drift_text}"
         f"   mirror: {'live' if status.feature_mirror.live else 'NOT LIVE'}"
     )
-    others = []
+    shared = status.shared_state
+    redis = "in sync" if shared.in_sync else "OUT OF SYNC"
+    control = Text(
+        f"control state: version {shared.version}, Redis {redis},"
+        f" durable copy {'ok' if shared.durable_ok else 'NOT READ'}"
+        f"   kill switches: {', '.join(k.scope for k in status.kill_switches) or 'none'}"
+    )
+    others = [control]
+    if shared.losses:
+        others.append(Text(format_loss(shared), style="bold red"))
     if sample.consumer:
         others.append(Text(f"feature-cache consumer: {sample.consumer}"))
     if sample.quality:

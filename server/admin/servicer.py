@@ -192,6 +192,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         status = await self._plane.status()
         canary = status.canary
         comparison = canary.comparison
+        loss = status.sync.last_loss
         response = admin_pb2.GetStatusResponse(
             server_id=status.server_id,
             replicas=[
@@ -232,6 +233,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 synced_at=_timestamp(status.sync.synced_at_us),
                 error=status.sync.error,
                 version=status.sync.version,
+                durable_ok=status.sync.durable_ok,
+                durable_error=status.sync.durable_error,
+                losses=status.sync.losses,
+                last_loss_at=_timestamp(loss.at_us) if loss else None,
+                last_loss=loss.what if loss else "",
             ),
             model_versions={r.name: r.model_version for r in status.replicas if r.model_version},
         )

@@ -103,6 +103,19 @@ admin_actions = sa.Table(
     sa.Index("ix_admin_actions_actor_at", "actor", "at"),
 )
 
+# The levers on-call sets (kill switches, breaker overrides, flags, the canary weight):
+# their durable copy, one row holding the whole state at its version
+# (``server.control.durable``). Redis holds a copy for distribution; this is the truth.
+control_state = sa.Table(
+    "control_state",
+    metadata,
+    sa.Column("id", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    # JSON object of field -> entry, as ``server.control.state.encode_entries`` writes it.
+    sa.Column("entries", sa.Text, nullable=False),
+    sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 _ADMIN_COLUMNS = frozenset(c.name for c in admin_actions.columns)
 _SHADOW_FIELDS = ("decision_id", "shadow_model_name", "shadow_model_version", "shadow_score")
 _UPDATE_SHADOW = (

@@ -19,7 +19,7 @@ from core.backoff import Backoff
 from core.domain import CallInfo, DecisionResult, OrderRequest
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
 from server.audit.journal import Journal, JournalLocked, JournalWriteError
-from server.audit.record import AdminRecord, DecisionRecord, ShadowRecord, encode
+from server.audit.record import DecisionRecord, ShadowRecord, encode
 from server.audit.ship_process import ShipperProcess
 from server.audit.shipper import ShipperStatus
 from server.audit.store import AuditStore, create_store_engine
@@ -48,9 +48,6 @@ class DecisionAudit(Protocol):
 
 class UnrecordedDecisions:
     """``audit.enabled=false``: nothing is recorded (only to measure what the audit costs)."""
-
-    def record_admin_action(self, record: AdminRecord) -> None:
-        return None
 
     def record_shadow(self, records: Sequence[ShadowRecord]) -> None:
         return None
@@ -232,9 +229,6 @@ class AuditTrail:
             for order, values, result in zip(orders, features, results, strict=True)
         ]
         self._append(records)
-
-    def record_admin_action(self, record: AdminRecord) -> None:
-        self._append([encode(record)])
 
     def record_shadow(self, records: Sequence[ShadowRecord]) -> None:
         self._append([encode(r) for r in records])

@@ -1,9 +1,10 @@
 """Audited changes to the shared control state, and the canary's automatic rollback.
 
-``AuditedChanges`` is the one way a setting changes for every server: written to the
-shared state, then recorded as an admin audit row with the effective value before and
-after. On-call's levers (``server.admin.control_plane``) and the canary monitor's
-rollback (``CanaryRollback``) both go through it, so neither needs the other.
+``AuditedChanges`` is the one way a setting changes for every server: the setting and
+its admin audit row (the effective value before and after) are written in one
+transaction of the durable store, then distributed. On-call's levers
+(``server.admin.control_plane``) and the canary monitor's rollback (``CanaryRollback``)
+both go through it, so neither needs the other.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from server.audit.record import AdminRecord
 from server.control.flags import CANARY_AUTO_ROLLBACK
 from server.control.shared import SharedControl
 from server.control.state import CANARY_FIELD, Change, ControlState, Entry
-from server.errors import AuditUnavailable, SharedStateUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,6 @@ AUTO_ROLLBACK_ACTOR = "auto-rollback"
 
 class Unchanged(Exception):
     """A conditional change found the value it would change already changed."""
-
-
-class AdminAudit(Protocol):
-    def record_admin_action(self, record: AdminRecord) -> None: ...
 
 
 def now_us() -> int:
@@ -50,9 +46,8 @@ def change_dict(change: Change | None) -> dict[str, Any]:
 
 
 class AuditedChanges:
-    def __init__(self, shared: SharedControl, audit: AdminAudit) -> None:
+    def __init__(self, shared: SharedControl) -> None:
         self.shared = shared
-        self._audit = audit
 
     async def apply(
         self,
@@ -66,54 +61,33 @@ class AuditedChanges:
         after: Mapping[str, Any],
         reason: str,
         only_if: Callable[[ControlState], bool] | None = None,
-        revert_unaudited: bool = True,
     ) -> ControlState:
-        """Writes ``entry`` and its audit row; ``before`` describes the entry it replaced
-        (read in the write's transaction, so the row is right however stale this
-        server's copy was). Returns that state; raises ``Unchanged`` when ``only_if``
-        refused it.
-        ``revert_unaudited``: undo the change when the journal refuses its audit row;
-        False for a safety change (a rollback), which stays and is logged instead."""
-        put = await self.shared.put(field_name, entry, only_if=only_if)
-        if not put.applied:
+        """Writes ``entry`` with its audit row; ``before`` describes the entry it
+        replaced (read in the write's transaction, so the row is right however stale
+        this server's copy was). Returns that state; raises ``Unchanged`` when
+        ``only_if`` refused it, ``SharedStateUnavailable`` when the store did not take it."""
+
+        def record_for(replaced: Entry | None) -> AdminRecord | None:
+            state = self.shared.snapshot({} if replaced is None else {field_name: replaced})
+            if only_if is not None and not only_if(state):
+                return None
+            return AdminRecord(
+                action_id=str(uuid.uuid4()),
+                at_us=now_us(),
+                actor=actor,
+                action=action,
+                target=target,
+                before=dict(before(state)),
+                after=dict(after),
+                reason=reason,
+            )
+
+        written = await self.shared.change(field_name, entry, record_for)
+        if written is None:
             raise Unchanged
-        record = AdminRecord(
-            action_id=str(uuid.uuid4()),
-            at_us=now_us(),
-            actor=actor,
-            action=action,
-            target=target,
-            before=dict(before(put.before)),
-            after=dict(after),
-            reason=reason,
-        )
-        try:
-            self._audit.record_admin_action(record)
-        except AuditUnavailable:
-            if not revert_unaudited:
-                log.error("admin change %s %s kept, not audited: %s", action, target, record)
-                return put.before
-            log.error("admin change %s %s not audited: reverting it", action, target)
-            try:
-                # Only if still ours: a later change (audited) must not be undone.
-                await self.shared.put(
-                    field_name,
-                    put.before.entries.get(field_name),
-                    only_if=lambda state: state.entries.get(field_name) == entry,
-                )
-            except SharedStateUnavailable:
-                log.error("admin change %s %s kept, not audited: %s", action, target, record)
-            raise
-        log.info(
-            "admin: %s %s by %s: %s -> %s (%s)",
-            action,
-            target,
-            actor,
-            record.before,
-            record.after,
-            reason,
-        )
-        return put.before
+        log.info("admin: %s %s by %s -> %s (%s)", action, target, actor, dict(after), reason)
+        replaced = written.before
+        return self.shared.snapshot({} if replaced is None else {field_name: replaced})
 
     async def set_canary(
         self,
@@ -122,7 +96,6 @@ class AuditedChanges:
         why: str,
         *,
         only_if: Callable[[ControlState], bool] | None = None,
-        revert_unaudited: bool = True,
         forced: bool = False,
     ) -> tuple[float, float]:
         """The canary weight on every server; the weight before and after. ``forced``:
@@ -143,7 +116,6 @@ class AuditedChanges:
             after={"weight": weight, "forced": True} if forced else {"weight": weight},
             reason=why,
             only_if=only_if,
-            revert_unaudited=revert_unaudited,
         )
         # Every server's canary monitor starts its windows afresh when it sees the change.
         return previous.canary(at_us)[0], weight
@@ -170,15 +142,13 @@ class CanaryRollback:
 
     async def roll_back(self, breach: str) -> bool:
         """Weight 0 on every server, audited once however many servers see the breach
-        (the first one's write wins, the others find 0 and return False); kept even if
-        not audited."""
+        (the first one's write wins, the others find 0 and return False)."""
         try:
             await self._changes.set_canary(
                 AUTO_ROLLBACK_ACTOR,
                 0.0,
                 f"automatic rollback: {breach}",
                 only_if=lambda state: state.canary(now_us())[0] > 0,
-                revert_unaudited=False,
             )
         except Unchanged:
             return False

@@ -1,12 +1,14 @@
 """The shared control state: breaker overrides, flags, kill switches and the canary weight.
 
-On-call changes it through AdminService; it lives in Redis (``server.control.shared``)
-and every server keeps the latest ``ControlState`` for its hot path. A change may carry
+On-call changes it through AdminService; its durable copy lives in the audit store's
+database, a copy in Redis distributes it (``server.control.shared``), and every server
+keeps the latest ``ControlState`` for its hot path. A change may carry
 an expiry: it is then ignored from that wall-clock time on by every server, whether or
 not any of them hears of it, so a TTL needs no process to enforce it.
 
-In Redis, one hash holds one JSON ``Entry`` per setting, under the field
-``breaker:<replica>``, ``flag:<name>``, ``kill:<symbol or *>`` and ``canary``.
+Both copies hold the state as one JSON object of ``Entry``s (``encode_entries``), under
+the fields ``breaker:<replica>``, ``flag:<name>``, ``kill:<symbol or *>`` and ``canary``,
+with the state's version beside it.
 """
 
 from __future__ import annotations
@@ -57,20 +59,17 @@ class Entry:
     value: Any
     change: Change
 
-    def encode(self) -> bytes:
-        return orjson.dumps(
-            {
-                "value": self.value,
-                "changed_by": self.change.changed_by,
-                "reason": self.change.reason,
-                "changed_at_us": self.change.changed_at_us,
-                "expires_at_us": self.change.expires_at_us,
-            }
-        )
+    def doc(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "changed_by": self.change.changed_by,
+            "reason": self.change.reason,
+            "changed_at_us": self.change.changed_at_us,
+            "expires_at_us": self.change.expires_at_us,
+        }
 
     @classmethod
-    def decode(cls, raw: bytes | str) -> Entry:
-        doc = orjson.loads(raw)
+    def from_doc(cls, doc: Mapping[str, Any]) -> Entry:
         return cls(
             doc["value"],
             Change(
@@ -80,6 +79,26 @@ class Entry:
                 int(doc.get("expires_at_us") or 0),
             ),
         )
+
+
+def encode_entries(entries: Mapping[str, Entry]) -> bytes:
+    """The whole state's entries as one JSON object, as both copies store it."""
+    return orjson.dumps({name: entry.doc() for name, entry in entries.items()})
+
+
+def decode_entries(raw: bytes | str) -> dict[str, Entry]:
+    """``encode_entries``' inverse; an entry that does not decode is left out, logged
+    (``ValueError`` when the whole is not an object)."""
+    docs = orjson.loads(raw)
+    if not isinstance(docs, dict):
+        raise ValueError(f"control state is not a JSON object: {type(docs).__name__}")
+    entries = {}
+    for name, doc in docs.items():
+        try:
+            entries[name] = Entry.from_doc(doc)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("control entry %s ignored: %r", name, exc)
+    return entries
 
 
 @dataclass(frozen=True, slots=True)

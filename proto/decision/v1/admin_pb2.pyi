@@ -353,7 +353,9 @@ Global___AuditBacklog: _TypeAlias = AuditBacklog  # noqa: Y015
 
 @_typing.final
 class SharedStateStatus(_message.Message):
-    """The health of the shared state in Redis, as this server sees it."""
+    """The health of the shared state's two copies, as this server sees them: the
+    durable one in the audit store's database, the one in Redis.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -361,14 +363,31 @@ class SharedStateStatus(_message.Message):
     SYNCED_AT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    DURABLE_OK_FIELD_NUMBER: _builtins.int
+    DURABLE_ERROR_FIELD_NUMBER: _builtins.int
+    LOSSES_FIELD_NUMBER: _builtins.int
+    LAST_LOSS_AT_FIELD_NUMBER: _builtins.int
+    LAST_LOSS_FIELD_NUMBER: _builtins.int
     in_sync: _builtins.bool
     """False while Redis cannot be reached: the server keeps its last known state."""
     error: _builtins.str
     """Why the last sync failed, when in_sync is false."""
     version: _builtins.int
     """Version of the shared state, raised by every change."""
+    durable_ok: _builtins.bool
+    """False while the durable copy cannot be read: the server keeps its state."""
+    durable_error: _builtins.str
+    losses: _builtins.int
+    """Times this server found Redis's copy had lost data (emptied, gone back, or
+    changed without a change) and wrote the state back. Since the server started.
+    """
+    last_loss: _builtins.str
     @_builtins.property
     def synced_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_loss_at(self) -> _timestamp_pb2.Timestamp:
+        """The last such loss: when, and what was found."""
+
     def __init__(
         self,
         *,
@@ -376,10 +395,15 @@ class SharedStateStatus(_message.Message):
         synced_at: _timestamp_pb2.Timestamp | None = ...,
         error: _builtins.str = ...,
         version: _builtins.int = ...,
+        durable_ok: _builtins.bool = ...,
+        durable_error: _builtins.str = ...,
+        losses: _builtins.int = ...,
+        last_loss_at: _timestamp_pb2.Timestamp | None = ...,
+        last_loss: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["synced_at", b"synced_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_loss_at", b"last_loss_at", "synced_at", b"synced_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "in_sync", b"in_sync", "synced_at", b"synced_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable_error", b"durable_error", "durable_ok", b"durable_ok", "error", b"error", "in_sync", b"in_sync", "last_loss", b"last_loss", "last_loss_at", b"last_loss_at", "losses", b"losses", "synced_at", b"synced_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -32,10 +32,11 @@ class AdminServiceStub:
     Missing or unknown token: UNAUTHENTICATED; a viewer changing something:
     PERMISSION_DENIED.
 
-    Changes are stored in Redis, shared by every decision server: each server
-    keeps a copy for its hot path and learns of a change within a second. Every
-    accepted change writes an admin audit row (who, what, before, after, reason,
-    when). A change with a TTL ends by itself on every server.
+    A change is written, with its admin audit row (who, what, before, after,
+    reason, when), to the audit store's database before the call answers; Redis
+    distributes it, and every server keeps a copy for its hot path and learns of
+    it within a second. A setting changes only by such a call or by its own TTL:
+    Redis losing its contents is detected and repaired, never obeyed.
     """
 
     def __init__(self, channel):
@@ -93,10 +94,11 @@ class AdminServiceServicer:
     Missing or unknown token: UNAUTHENTICATED; a viewer changing something:
     PERMISSION_DENIED.
 
-    Changes are stored in Redis, shared by every decision server: each server
-    keeps a copy for its hot path and learns of a change within a second. Every
-    accepted change writes an admin audit row (who, what, before, after, reason,
-    when). A change with a TTL ends by itself on every server.
+    A change is written, with its admin audit row (who, what, before, after,
+    reason, when), to the audit store's database before the call answers; Redis
+    distributes it, and every server keeps a copy for its hot path and learns of
+    it within a second. A setting changes only by such a call or by its own TTL:
+    Redis losing its contents is detected and repaired, never obeyed.
     """
 
     def GetStatus(self, request, context):
@@ -222,10 +224,11 @@ class AdminService:
     Missing or unknown token: UNAUTHENTICATED; a viewer changing something:
     PERMISSION_DENIED.
 
-    Changes are stored in Redis, shared by every decision server: each server
-    keeps a copy for its hot path and learns of a change within a second. Every
-    accepted change writes an admin audit row (who, what, before, after, reason,
-    when). A change with a TTL ends by itself on every server.
+    A change is written, with its admin audit row (who, what, before, after,
+    reason, when), to the audit store's database before the call answers; Redis
+    distributes it, and every server keeps a copy for its hot path and learns of
+    it within a second. A setting changes only by such a call or by its own TTL:
+    Redis losing its contents is detected and repaired, never obeyed.
     """
 
     @staticmethod

@@ -1,10 +1,9 @@
-"""ControlPlane and SharedControl against a real redis-server: audit rows that say what a
-change really replaced, reverts when the journal refuses a row, one rollback however
-many servers see a breach, and what a server does while Redis is unreachable.
+"""ControlPlane and SharedControl against a real redis-server and a real audit store:
+audit rows that say what a change really replaced, written with the change or not at all,
+one rollback however many servers see a breach, and what a server does while Redis is
+unreachable.
 
-Several ``SharedControl``s on one key prefix stand for several servers. The journal is a
-fake here (the real one is in the end-to-end tests): these tests are about what the
-control plane does when it accepts or refuses a row.
+Several ``SharedControl``s on one key prefix and one store stand for several servers.
 """
 
 from __future__ import annotations
@@ -25,12 +24,14 @@ from proto.decision.v1 import admin_pb2, admin_pb2_grpc
 from server.admin.control_plane import ControlPlane
 from server.app import DecisionApp
 from server.audit.record import AdminRecord
+from server.audit.store import AdminActionQuery, AuditStore, create_store_engine
 from server.control.canary import CANARY, CHAMPION, CanaryMonitor
 from server.control.changes import AUTO_ROLLBACK_ACTOR, AuditedChanges, CanaryRollback
+from server.control.durable import ControlStore
 from server.control.flags import flag_specs
 from server.control.shared import SharedControl
 from server.control.state import BreakerMode
-from server.errors import AuditUnavailable, FailedPrecondition, SharedStateUnavailable
+from server.errors import FailedPrecondition, SharedStateUnavailable
 from server.settings import CanarySettings, ControlSettings
 from tests.conftest import RedisInstance
 from tests.server.conftest import OPERATOR, TOKENS, VIEWER
@@ -40,42 +41,50 @@ pytestmark = pytest.mark.integration
 ADDRESSES = {"primary": "p:1", "secondary": "s:1", "challenger": "c:1"}
 
 
-class Journal:
-    def __init__(self) -> None:
-        self.rows: list[AdminRecord] = []
-        self.refuse = False
+def shared_control(redis_url: str, key_prefix: str, database_url: str) -> SharedControl:
+    """A server's control state, as the app builds it (short timeouts for tests)."""
+    return SharedControl(
+        redis_url,
+        store=ControlStore(create_store_engine(database_url), migrate=True),
+        key_prefix=key_prefix,
+        flags=flag_specs(ControlSettings()),
+        resync_interval_ms=250.0,
+        redis_timeout_ms=200.0,
+    )
 
-    def record_admin_action(self, record: AdminRecord) -> None:
-        if self.refuse:
-            raise AuditUnavailable("journal write failed: disk full")
-        self.rows.append(record)
+
+def admin_rows(database_url: str) -> list[AdminRecord]:
+    """The admin audit rows, oldest first."""
+    store = AuditStore(create_store_engine(database_url))
+    try:
+        return list(reversed(store.admin_actions(AdminActionQuery(limit=1000))))
+    finally:
+        store.dispose()
 
 
-Server = tuple[ControlPlane, SharedControl, Journal]
+Server = tuple[ControlPlane, SharedControl]
+
+
+@pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'audit.db'}"
 
 
 @pytest.fixture
 async def servers(
-    redis_instance: RedisInstance, key_prefix: str
-) -> AsyncIterator[Callable[[], Server]]:
-    """Makes control planes sharing one Redis and key prefix (a deployment's servers)."""
+    redis_instance: RedisInstance, key_prefix: str, store_url: str
+) -> AsyncIterator[Callable[..., Server]]:
+    """Makes control planes sharing one Redis, key prefix and store (a deployment's
+    servers)."""
     started: list[SharedControl] = []
     clients: list[aioredis.Redis] = []
-    flags = flag_specs(ControlSettings())
 
-    def start(canary: CanaryMonitor | None = None) -> Server:
-        shared = SharedControl(
-            redis_instance.url,
-            key_prefix=key_prefix,
-            flags=flags,
-            resync_interval_ms=250.0,
-            redis_timeout_ms=200.0,
-        )
+    def start(canary: CanaryMonitor | None = None, database_url: str = store_url) -> Server:
+        shared = shared_control(redis_instance.url, key_prefix, database_url)
         client = aioredis.Redis.from_url(redis_instance.url)
         clients.append(client)
-        journal = Journal()
         plane = ControlPlane(
-            changes=AuditedChanges(shared, journal),
+            changes=AuditedChanges(shared),
             replicas=[],
             addresses=ADDRESSES,
             canary=canary,
@@ -83,7 +92,7 @@ async def servers(
             features=FeatureReader(client, key_prefix=key_prefix),
         )
         started.append(shared)
-        return plane, shared, journal
+        return plane, shared
 
     try:
         yield start
@@ -94,37 +103,33 @@ async def servers(
             await client.aclose()
 
 
-async def test_a_refused_audit_row_reverts_the_change_on_every_server(servers) -> None:
-    plane, shared, journal = servers()
-    _, other, _ = servers()
+async def test_a_change_the_store_does_not_take_is_made_nowhere(servers, store_url) -> None:
+    unreachable = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/audit"
+    plane, shared = servers(database_url=unreachable)
+    _, other = servers()
     await shared.start()
     await other.start()
-    await plane.set_breaker("oncall", "primary", BreakerMode.FORCE_OPEN, "slow", ttl_s=0)
+    assert not shared.status().durable_ok and shared.status().durable_error
 
-    journal.refuse = True
-    with pytest.raises(AuditUnavailable):
-        await plane.set_breaker("oncall", "primary", BreakerMode.FORCE_CLOSED, "trust", ttl_s=0)
-    with pytest.raises(AuditUnavailable):
+    with pytest.raises(SharedStateUnavailable, match="audit store did not take the change"):
         await plane.kill_switch("oncall", "BTC-USD", True, "bad prints", ttl_s=0)
     await other.sync()
+    now_us = time.time_ns() // 1000
     for state in (shared.state, other.state):
-        mode, change = state.breaker("primary", time.time_ns() // 1000)
-        assert mode is BreakerMode.FORCE_OPEN  # the audited change, not the refused one
-        assert change is not None and change.reason == "slow"
-        assert state.kill_switch("BTC-USD", time.time_ns() // 1000) is None
-    assert [r.action for r in journal.rows] == ["set_breaker"]
+        assert state.kill_switch("BTC-USD", now_us) is None
+    assert admin_rows(store_url) == []
 
 
 async def test_the_audit_row_says_what_was_replaced_even_when_this_server_had_not_heard(
-    servers,
+    servers, store_url
 ) -> None:
-    plane_a, shared_a, journal_a = servers()
-    plane_b, shared_b, _ = servers()
+    plane_a, shared_a = servers()
+    plane_b, shared_b = servers()
     await shared_b.start()  # A is not listening: it will not hear of B's change
     await plane_b.set_flag(
         "dashboard", "shadow_sample_rate", "0.3", reset=False, reason="b", ttl_s=0
     )
-    # Only what Redis holds can say what A's change replaces.
+    # Only the store can say what A's change replaces.
     assert shared_a.state.flag_value("shadow_sample_rate", time.time_ns() // 1000) == 0.0
 
     before, after = await plane_a.set_flag(
@@ -132,34 +137,31 @@ async def test_the_audit_row_says_what_was_replaced_even_when_this_server_had_no
     )
     assert (before.value, after.value) == ("0.3", "0.7")
     assert before.change is not None and before.change.changed_by == "dashboard"
-    row = journal_a.rows[-1]
+    row = admin_rows(store_url)[-1]
     assert row.before["value"] == "0.3" and row.before["changed_by"] == "dashboard"
     assert row.after["value"] == "0.7"
 
 
-async def test_a_breach_seen_by_every_server_is_rolled_back_and_audited_once(servers) -> None:
+async def test_a_breach_seen_by_every_server_is_rolled_back_and_audited_once(
+    servers, store_url
+) -> None:
     deployment = [servers() for _ in range(4)]
-    for _, shared, _ in deployment:
+    for _, shared in deployment:
         await shared.start()
     await deployment[0][0].set_canary("oncall", 0.2, "try the challenger")
-    for _, shared, _ in deployment:
+    for _, shared in deployment:
         await shared.sync()
 
     await asyncio.gather(
         *(
-            CanaryRollback(AuditedChanges(shared, journal)).roll_back("p99 90 ms vs champion 8 ms")
-            for _, shared, journal in deployment
+            CanaryRollback(AuditedChanges(shared)).roll_back("p99 90 ms vs champion 8 ms")
+            for _, shared in deployment
         )
     )
-    rollbacks = [
-        row
-        for _, _, journal in deployment
-        for row in journal.rows
-        if row.actor == AUTO_ROLLBACK_ACTOR
-    ]
+    rollbacks = [row for row in admin_rows(store_url) if row.actor == AUTO_ROLLBACK_ACTOR]
     assert len(rollbacks) == 1
     assert rollbacks[0].before["weight"] == 0.2 and rollbacks[0].after["weight"] == 0.0
-    for _, shared, _ in deployment:
+    for _, shared in deployment:
         await shared.sync()
         assert shared.state.canary(time.time_ns() // 1000)[0] == 0.0
 
@@ -177,9 +179,11 @@ class UnchangingCanary:
         return False
 
 
-async def test_a_promotion_needs_a_canary_judged_on_this_server_unless_forced(servers) -> None:
+async def test_a_promotion_needs_a_canary_judged_on_this_server_unless_forced(
+    servers, store_url
+) -> None:
     canary = CanaryMonitor(CanarySettings(min_decisions=10), UnchangingCanary())
-    plane, shared, journal = servers(canary)
+    plane, shared = servers(canary)
     await shared.start()
 
     with pytest.raises(FailedPrecondition, match="no canary is running"):
@@ -197,22 +201,22 @@ async def test_a_promotion_needs_a_canary_judged_on_this_server_unless_forced(se
     assert await plane.set_canary("oncall", 1.0, "judged good") == (pytest.approx(0.1), 1.0)
     assert await plane.set_canary("oncall", 1.0, "again") == (1.0, 1.0)  # nothing to judge
     await canary.stop()
-    assert [row.after for row in journal.rows] == [{"weight": w} for w in (0.1, 1.0, 1.0)]
+    assert [row.after for row in admin_rows(store_url)] == [{"weight": w} for w in (0.1, 1.0, 1.0)]
 
 
-async def test_a_forced_promotion_goes_through_and_is_audited_as_forced(servers) -> None:
-    plane, shared, journal = servers()
+async def test_a_forced_promotion_goes_through_and_is_audited_as_forced(servers, store_url) -> None:
+    plane, shared = servers()
     await shared.start()
     await plane.set_canary("oncall", 1.0, "challenger is the fix, INC-9", force=True)
     assert shared.state.canary(time.time_ns() // 1000)[0] == 1.0
-    assert journal.rows[-1].after == {"weight": 1.0, "forced": True}
+    assert admin_rows(store_url)[-1].after == {"weight": 1.0, "forced": True}
     # force means nothing below weight 1: a canary step is audited as one.
     await plane.set_canary("oncall", 0.5, "step back", force=True)
-    assert journal.rows[-1].after == {"weight": 0.5}
+    assert admin_rows(store_url)[-1].after == {"weight": 0.5}
 
 
-async def test_without_redis_a_server_keeps_its_state_says_so_and_refuses_changes(
-    start_app, tmp_path: Path, key_prefix: str, feature_writer
+async def test_without_redis_a_server_keeps_its_state_says_so_and_still_takes_changes(
+    start_app, tmp_path: Path, key_prefix: str
 ) -> None:
     port = free_port()
     redis_proc = start_redis(port, tmp_path / "redis")
@@ -240,21 +244,21 @@ async def test_without_redis_a_server_keeps_its_state_says_so_and_refuses_change
                 )
                 assert not status.shared_state.in_sync
                 assert status.shared_state.error
+                assert status.shared_state.durable_ok
                 # The last known override is still applied.
                 modes = {r.name: r.mode for r in status.replicas}
                 assert modes["secondary"] == admin_pb2.BREAKER_MODE_FORCE_OPEN
                 now_us = time.time_ns() // 1000
                 assert app.shared.state.breaker_mode("secondary", now_us) is BreakerMode.FORCE_OPEN
 
-                with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await admin.KillSwitch(
-                        admin_pb2.KillSwitchRequest(scope="*", engaged=True, reason="stop"),
-                        metadata=OPERATOR,
-                        timeout=5.0,
-                    )
-                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
-                with pytest.raises(SharedStateUnavailable):
-                    await app.shared.put("flag:shadow_sample_rate", None)
+                # The store takes the change: it holds on this server at once (the others
+                # read it from the store), and Redis gets it once it answers again.
+                await admin.KillSwitch(
+                    admin_pb2.KillSwitchRequest(scope="*", engaged=True, reason="stop"),
+                    metadata=OPERATOR,
+                    timeout=5.0,
+                )
+                assert app.shared.state.kill_switch("BTC-USD", time.time_ns() // 1000)
             finally:
                 redis_proc.resume()
 
@@ -264,14 +268,18 @@ async def test_without_redis_a_server_keeps_its_state_says_so_and_refuses_change
                 await asyncio.sleep(0.05)
             status = await admin.GetStatus(admin_pb2.GetStatusRequest(), metadata=VIEWER)
             assert status.shared_state.in_sync
-            assert status.kill_switches == []  # the refused change never happened
+            assert [k.scope for k in status.kill_switches] == ["*"]
+            assert status.shared_state.losses == 0  # Redis was behind, not emptied
+            async with aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0") as client:
+                stored = await client.hget(f"{key_prefix}control:state", "version")
+            assert stored is not None and int(stored) == status.shared_state.version
     finally:
         redis_proc.stop()
 
 
 async def test_a_control_state_stopped_right_after_a_change_stops(servers) -> None:
     """Its listener's cancellation was once lost in the Redis calls: stop never ended."""
-    plane, shared, _ = servers()
+    plane, shared = servers()
     await shared.start()
     await plane.set_canary("oncall", 0.5, "a change just published")
     # Not under a timeout: stop() would swallow the timeout's cancellation and return.

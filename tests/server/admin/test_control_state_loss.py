@@ -1,0 +1,204 @@
+"""On-call's levers survive Redis losing its contents (a flush, a restart without
+persistence) with a real redis-server of the test's own and a real audit store (SQLite
+and PostgreSQL): every server keeps obeying them, Redis gets them back, the loss is
+counted, a server started while Redis is empty takes them from the store, and each lever
+still ends at its own expiry.
+
+Several ``SharedControl``s on one Redis, key prefix and store stand for several servers
+here; ``test_control_state_processes`` does the same with decision server processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from core.processes import ManagedProcess, free_port
+from localstack.redis_server import start_redis
+from server.control.changes import AuditedChanges
+from server.control.shared import SharedControl
+from server.control.state import BREAKER_PREFIX, BreakerMode, Change, ControlState, Entry
+from tests.server.admin.test_control_plane import shared_control
+
+pytestmark = pytest.mark.integration
+
+# Each lever's time to live: long enough for the losses below, short enough to watch expire.
+TTL_S = 6.0
+# How soon after a loss every server must be seen obeying, and Redis hold the state again.
+WITHIN_S = 1.0
+
+
+class OwnRedis:
+    """A redis-server of the test's own, which it may flush and restart (empty)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._run_dir = run_dir
+        self.proc: ManagedProcess = start_redis(self.port, run_dir)
+
+    def restart_empty(self) -> None:
+        self.proc.stop()
+        self.proc = start_redis(self.port, self._run_dir)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    redis = OwnRedis(tmp_path / "redis")
+    try:
+        yield redis
+    finally:
+        redis.proc.stop()
+
+
+@pytest.fixture
+async def fleet(
+    own_redis: OwnRedis, key_prefix: str, database_url: str
+) -> AsyncIterator[list[SharedControl]]:
+    """Servers' control states on the test's Redis and store; more may be appended."""
+    servers: list[SharedControl] = []
+    try:
+        yield servers
+    finally:
+        for shared in servers:
+            await shared.stop()
+
+
+async def start_server(
+    fleet: list[SharedControl], redis: OwnRedis, prefix: str, url: str
+) -> SharedControl:
+    shared = shared_control(redis.url, prefix, url)
+    await shared.start()
+    fleet.append(shared)
+    return shared
+
+
+def obeys_all_three(state: ControlState, now_us: int) -> bool:
+    killed = state.kill_switch("SOL-USD", now_us)
+    return (
+        killed is not None
+        and killed[0] == "SOL-USD"
+        and state.breaker_mode("primary", now_us) is BreakerMode.FORCE_OPEN
+        and state.canary(now_us)[0] == pytest.approx(0.25)
+    )
+
+
+def obeys_none(state: ControlState, now_us: int) -> bool:
+    return (
+        state.kill_switch("SOL-USD", now_us) is None
+        and state.breaker_mode("primary", now_us) is BreakerMode.AUTO
+        and state.canary(now_us)[0] == 0.0
+    )
+
+
+async def engage_three(shared: SharedControl) -> int:
+    """A kill switch on SOL-USD, the primary's breaker forced open and a canary weight,
+    each with ``TTL_S`` to live; returns when they expire (µs)."""
+    changes = AuditedChanges(shared)
+    now_us = time.time_ns() // 1000
+    expires_at_us = now_us + int(TTL_S * 1_000_000)
+    change = Change("oncall", "test", now_us, expires_at_us)
+    for action, field_name, value in (
+        ("kill_switch", "kill:SOL-USD", True),
+        ("set_breaker", BREAKER_PREFIX + "primary", BreakerMode.FORCE_OPEN.name),
+        ("set_canary", "canary", 0.25),
+    ):
+        await changes.apply(
+            actor="oncall",
+            action=action,
+            target=field_name,
+            field_name=field_name,
+            entry=Entry(value, change),
+            before=lambda _state: {},
+            after={"value": value},
+            reason="test",
+        )
+    return expires_at_us
+
+
+async def watch_obeying(servers: list[SharedControl], redis_url: str, key: str) -> None:
+    """Every server obeys all three throughout, and within ``WITHIN_S`` Redis holds the
+    state again at the servers' version."""
+    deadline = time.monotonic() + WITHIN_S
+    async with aioredis.Redis.from_url(redis_url) as client:
+        while True:
+            now_us = time.time_ns() // 1000
+            for shared in servers:
+                assert obeys_all_three(shared.state, now_us), shared.state
+            version = await client.hget(key, "version")
+            if version is not None and all(int(version) == s.state.version for s in servers):
+                return
+            assert time.monotonic() < deadline, f"Redis not repaired: version {version!r}"
+            await asyncio.sleep(0.02)
+
+
+async def test_levers_hold_through_a_flush_and_an_empty_restart_and_expire_on_time(
+    fleet, own_redis: OwnRedis, key_prefix: str, database_url: str
+) -> None:
+    a = await start_server(fleet, own_redis, key_prefix, database_url)
+    b = await start_server(fleet, own_redis, key_prefix, database_url)
+    expires_at_us = await engage_three(a)
+    await b.sync()
+    assert obeys_all_three(b.state, time.time_ns() // 1000)
+    key = f"{key_prefix}control:state"
+
+    async with aioredis.Redis.from_url(own_redis.url) as client:
+        await client.flushall()
+    await watch_obeying([a, b], own_redis.url, key)
+    losses_after_flush = a.losses + b.losses
+    assert losses_after_flush >= 1  # the first server to look counts it; the other may
+
+    await asyncio.to_thread(own_redis.restart_empty)
+    await watch_obeying([a, b], own_redis.url, key)
+    assert a.losses + b.losses > losses_after_flush
+    last_loss = a.status().last_loss or b.status().last_loss
+    assert last_loss is not None and "no control state" in last_loss.what
+
+    # A server that starts while Redis is empty takes the levers from the store.
+    async with aioredis.Redis.from_url(own_redis.url) as client:
+        await client.flushall()
+    c = await start_server(fleet, own_redis, key_prefix, database_url)
+    assert obeys_all_three(c.state, time.time_ns() // 1000)
+    await watch_obeying([a, b, c], own_redis.url, key)
+
+    # Each still ends at its own expiry, on every server, with no one acting.
+    await asyncio.sleep(max(0.0, (expires_at_us - time.time_ns() // 1000) / 1e6 - 0.3))
+    before_us = time.time_ns() // 1000
+    if before_us < expires_at_us:
+        assert all(obeys_all_three(s.state, before_us) for s in (a, b, c))
+    await asyncio.sleep(max(0.0, (expires_at_us - time.time_ns() // 1000) / 1e6) + 0.05)
+    after_us = time.time_ns() // 1000
+    assert all(obeys_none(s.state, after_us) for s in (a, b, c))
+
+
+async def test_redis_going_back_a_version_is_not_obeyed(
+    fleet, own_redis: OwnRedis, key_prefix: str, database_url: str
+) -> None:
+    """A failover to a replica that missed the last write: an older state in Redis."""
+    a = await start_server(fleet, own_redis, key_prefix, database_url)
+    await engage_three(a)
+    key = f"{key_prefix}control:state"
+    async with aioredis.Redis.from_url(own_redis.url) as client:
+        await client.hset(key, mapping={"version": 1, "entries": "{}"})
+    await watch_obeying([a], own_redis.url, key)
+    last_loss = a.status().last_loss
+    assert a.losses == 1 and last_loss is not None and "went back" in last_loss.what
+
+
+async def test_entries_gone_without_a_new_version_are_not_obeyed(
+    fleet, own_redis: OwnRedis, key_prefix: str, database_url: str
+) -> None:
+    a = await start_server(fleet, own_redis, key_prefix, database_url)
+    await engage_three(a)
+    key = f"{key_prefix}control:state"
+    async with aioredis.Redis.from_url(own_redis.url) as client:
+        await client.hset(key, "entries", "{}")  # same version, nothing set
+    await a.sync()  # a full read (the resync compares versions only)
+    await watch_obeying([a], own_redis.url, key)
+    last_loss = a.status().last_loss
+    assert last_loss is not None and "without a new version" in last_loss.what

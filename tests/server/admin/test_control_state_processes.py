@@ -1,0 +1,159 @@
+"""On-call's levers through Redis losing its contents, with decision server processes:
+two servers on one Redis and one audit store (SQLite and PostgreSQL); a kill switch, a
+forced-open breaker and a canary weight engaged through AdminService; Redis flushed,
+then restarted empty. Within a second each process still obeys all three (its status
+and its decisions), its ``decision_control_state_lost_total`` moved, and a third process
+started while Redis is empty obeys them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+import redis
+
+from core.processes import ManagedProcess, free_port, free_ports
+from localstack.health import serving
+from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
+from tests.conftest import server_process, server_process_env
+from tests.metrics import scrape, value
+from tests.server.admin.test_control_state_loss import WITHIN_S, OwnRedis
+from tests.server.conftest import OPERATOR, TOKENS, VIEWER, buy
+
+pytestmark = pytest.mark.integration
+
+KILLED = "SOL-USD"
+
+
+class Server:
+    def __init__(self, index: int, redis_url: str, database_url: str, run_dir: Path) -> None:
+        self.port, self.admin_port, self.metrics_port = free_ports(3)
+        nowhere = SimpleNamespace(address=f"127.0.0.1:{free_port()}")  # no replica needed
+        own_dir = run_dir / f"server{index}"
+        env = server_process_env(
+            redis_url,
+            "levers:",
+            {"primary": nowhere, "secondary": nowhere},  # type: ignore[dict-item]
+            own_dir,
+            DECISION_TORCHSERVE__CHALLENGER_ADDRESS=nowhere.address,
+            DECISION_SERVER__PORT=str(self.port),
+            DECISION_ADMIN__PORT=str(self.admin_port),
+            DECISION_ADMIN__TOKENS=TOKENS,
+            DECISION_TELEMETRY__METRICS_PORT=str(self.metrics_port),
+            DECISION_TORCHSERVE__CONNECT_TIMEOUT_MS="200",
+            DECISION_AUDIT__DATABASE_URL=database_url,
+        )
+        self.proc: ManagedProcess = server_process(f"decision server {index}", own_dir, env)
+        self.proc.start()
+
+    def wait_serving(self) -> None:
+        self.proc.wait_ready(lambda: serving(self.port), 30.0)
+
+    def call(self, method: str, request: Any, token: list[tuple[str, str]]) -> Any:
+        with grpc.insecure_channel(f"127.0.0.1:{self.admin_port}") as channel:
+            stub = admin_pb2_grpc.AdminServiceStub(channel)
+            return getattr(stub, method)(request, metadata=token, timeout=5.0)
+
+    def decide(self, symbol: str) -> decision_pb2.DecideResponse:
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            stub = decision_pb2_grpc.DecisionServiceStub(channel)
+            response: decision_pb2.DecideResponse = stub.Decide(buy(symbol), timeout=2.0)
+            return response
+
+    def losses(self) -> float:
+        return value(scrape(self.metrics_port), "decision_control_state_lost_total")
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[list[Server]]:
+    started: list[Server] = []
+    try:
+        yield started
+    finally:
+        for server in started:
+            server.proc.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    own = OwnRedis(tmp_path / "redis")
+    try:
+        yield own
+    finally:
+        own.proc.stop()
+
+
+def obeys_all_three(server: Server) -> str:
+    """What ``server`` does not obey, empty when it obeys all three."""
+    status = server.call("GetStatus", admin_pb2.GetStatusRequest(), VIEWER)
+    wrong = []
+    if [k.scope for k in status.kill_switches] != [KILLED]:
+        wrong.append(f"kill switches {[k.scope for k in status.kill_switches]}")
+    modes = {r.name: r.mode for r in status.replicas}
+    if modes.get("primary") != admin_pb2.BREAKER_MODE_FORCE_OPEN:
+        wrong.append(f"primary breaker mode {modes.get('primary')}")
+    if abs(status.canary.weight - 0.25) > 1e-9:
+        wrong.append(f"canary weight {status.canary.weight}")
+    killed = server.decide(KILLED)
+    if killed.source != decision_pb2.SOURCE_ABSTAIN or "kill switch" not in killed.reason:
+        wrong.append(f"{KILLED} decided by {killed.source}: {killed.reason}")
+    return "; ".join(wrong)
+
+
+def all_obey_within(servers: list[Server], within_s: float) -> None:
+    """Every server obeys all three on each look until ``within_s`` has passed."""
+    deadline = time.monotonic() + within_s
+    while True:
+        for server in servers:
+            wrong = obeys_all_three(server)
+            assert not wrong, f"server on {server.port}: {wrong}"
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+
+
+def test_two_server_processes_obey_the_levers_through_a_redis_flush_and_restart(
+    servers: list[Server], own_redis: OwnRedis, database_url: str, tmp_path: Path
+) -> None:
+    servers += [Server(i, own_redis.url, database_url, tmp_path) for i in range(2)]
+    for server in servers:
+        server.wait_serving()
+    reason = admin_pb2.KillSwitchRequest(scope=KILLED, engaged=True, reason="halt", ttl_s=600)
+    servers[0].call("KillSwitch", reason, OPERATOR)
+    servers[1].call(
+        "SetBreaker",
+        admin_pb2.SetBreakerRequest(
+            replica="primary", mode=admin_pb2.BREAKER_MODE_FORCE_OPEN, reason="slow", ttl_s=600
+        ),
+        OPERATOR,
+    )
+    servers[0].call(
+        "SetCanary",
+        admin_pb2.SetCanaryRequest(weight=0.25, reason="try it"),
+        OPERATOR,
+    )
+    all_obey_within(servers, 0.0)
+
+    with contextlib.closing(redis.Redis(port=own_redis.port)) as client:
+        client.flushall()
+    all_obey_within(servers, WITHIN_S)
+    after_flush = sum(s.losses() for s in servers)
+    assert after_flush >= 1
+
+    own_redis.restart_empty()
+    all_obey_within(servers, WITHIN_S)
+    assert sum(s.losses() for s in servers) > after_flush
+
+    # A server that starts while Redis is empty (again) takes the levers from the store.
+    with contextlib.closing(redis.Redis(port=own_redis.port)) as client:
+        client.flushall()
+    servers.append(Server(2, own_redis.url, database_url, tmp_path))
+    servers[2].wait_serving()
+    all_obey_within(servers, WITHIN_S)
