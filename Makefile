@@ -64,8 +64,8 @@ bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths),
 	@$(PY) -m loadtest.bench_cpu_slice
 
 DURATION ?= 600
-soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 ..."
-	@$(PY) -m loadtest.soak --duration-s $(DURATION) $(foreach f,$(FAULTS),--fault $(f))
+soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 redis-empty@300 ...", LEVERS="kill-switch:SOL-USD@60 ..."
+	@$(PY) -m loadtest.soak --duration-s $(DURATION) $(foreach f,$(FAULTS),--fault $(f)) $(foreach l,$(LEVERS),--lever $(l))
 
 acceptance: setup ## Every recording under ../shared/data (Coinbase, Binance, Kraken, L2 CSV) through Kafka into Redis, checked
 	@$(PY) -m loadtest.acceptance

@@ -20,7 +20,11 @@ SERVICES: Final = ("redis", "broker")
 # What each kind of target may have done to it.
 REPLICA_ACTIONS: Final = ("pause", "resume", "kill", "restart", "slow")
 SERVICE_ACTIONS: Final = ("pause", "resume", "stop", "start")
-ACTIONS: Final = tuple(dict.fromkeys((*REPLICA_ACTIONS, *SERVICE_ACTIONS)))
+# Redis keeps nothing on disk (localstack/redis_server.py), so stopped and started it comes
+# back with no keys: as after a failover to a replica behind, a FLUSHALL or an eviction.
+RESTART_EMPTY: Final = "restart-empty"
+REDIS_ACTIONS: Final = (*SERVICE_ACTIONS, RESTART_EMPTY)
+ACTIONS: Final = tuple(dict.fromkeys((*REPLICA_ACTIONS, *REDIS_ACTIONS)))
 MAX_LINE_BYTES: Final = 4096
 
 
@@ -34,18 +38,23 @@ class ChaosRequest:
 
     def problem(self) -> str:
         """Why the stack would refuse this request ("" when it would not)."""
-        allowed: tuple[str, ...]
-        if self.target in REPLICAS:
-            allowed = REPLICA_ACTIONS
-        elif self.target in SERVICES:
-            allowed = SERVICE_ACTIONS
-        else:
+        allowed = actions_of(self.target)
+        if not allowed:
             return f"unknown target {self.target!r}: one of {', '.join(REPLICAS + SERVICES)}"
         if self.action not in allowed:
             return f"{self.target} takes {', '.join(allowed)}, not {self.action}"
         if self.action == "slow" and not (0 < self.stopped_ms <= 1000 and 0 < self.running_ms):
             return "slow needs 0 < stopped_ms <= 1000 and running_ms > 0"
         return ""
+
+
+def actions_of(target: str) -> tuple[str, ...]:
+    """What may be done to ``target`` (nothing to a target the stack does not have)."""
+    if target in REPLICAS:
+        return REPLICA_ACTIONS
+    if target == "redis":
+        return REDIS_ACTIONS
+    return SERVICE_ACTIONS if target in SERVICES else ()
 
 
 @dataclass(frozen=True, slots=True)

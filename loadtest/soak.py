@@ -9,9 +9,14 @@ prints: answers by source, p50/p99 from the send, answers after the deadline, fe
 age p99, the consumer group's lag, TorchServe workers lost, the machine's busy and
 steal share (a shared VM's host can take the CPU from every process at once), and each
 process group's CPU and RSS. Faults (``--fault primary@120+30``: SIGSTOP the primary 120 s into
-the load, SIGCONT 30 s later; targets primary, replicas, redis, broker) are injected
-on schedule; after each, the model must answer ≥ 99 % of a second's calls again within
-10 s. At the end every OK answer's decision must be in the audit store (each late call
+the load, SIGCONT 30 s later; targets primary, replicas, redis, broker; and
+``--fault redis-empty@300``: redis-server stopped and started again with no keys, as
+``decisionctl chaos restart-empty redis`` does) are injected on schedule; after each, the
+model must answer ≥ 99 % of a second's calls again within 10 s. Levers
+(``--lever kill-switch:SOL-USD@60``, see ``loadtest.soak_levers``) are engaged through
+AdminService on schedule, and every later decision they bind must obey them, in the
+answers and in the audit store; the answers they may stop are not held to the model's
+share. At the end every OK answer's decision must be in the audit store (each late call
 is printed as the server recorded it, found by its own request id), and in runs of
 30 minutes or more the broker's and the consumer's CPU and RSS over the last 10 minutes
 must be within 25 % of the first 10.
@@ -31,13 +36,14 @@ import signal
 import time
 import uuid
 from dataclasses import asdict, astuple, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 
+from core.chaos import RESTART_EMPTY, ChaosRequest, NoLocalStack, ask
 from core.processes import ProcessStartError
 from feature_cache.settings import FeatureCacheSettings
+from loadtest.soak_levers import Lever, LeverCheck, engage, operator_token, release, utc_clock
 from loadtest.soak_probe import (
     ConsumerLag,
     MachineSampler,
@@ -45,6 +51,7 @@ from loadtest.soak_probe import (
     ServerView,
     Stall,
     StallWitness,
+    audited_decisions,
     server_views,
     stored_decision_ids,
 )
@@ -54,8 +61,10 @@ from loadtest.soak_report import (
     Answer,
     Bounds,
     Window,
+    decisions_of,
     draw_timeline,
     growth,
+    held_to_model,
     judge,
     machine_drift,
     recovery_s,
@@ -79,6 +88,9 @@ FAULT_GROUPS = {
     "redis": ("redis-server",),
     "broker": ("kafka-broker",),
 }
+# Faults that restart a process through the stack's chaos service: no duration, it is
+# down only while it restarts.
+RESTARTS = {"redis-empty": ChaosRequest(RESTART_EMPTY, "redis")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,19 +101,26 @@ class Fault:
 
     @classmethod
     def parse(cls, text: str) -> Fault:
-        """``TARGET@START+DURATION``, seconds since the measured load started."""
+        """``TARGET@START+DURATION``, seconds since the measured load started; a restart
+        (``redis-empty@START``) has no duration."""
         try:
             target, when = text.split("@")
-            start, duration = when.split("+")
-            fault = cls(target, float(start), float(duration))
+            start, plus, duration = when.partition("+")
+            fault = cls(target, float(start), float(duration) if plus else 0.0)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not TARGET@START+DURATION: {text!r}") from None
-        if target not in FAULT_GROUPS:
-            raise argparse.ArgumentTypeError(f"fault target one of {', '.join(FAULT_GROUPS)}")
+        if target in RESTARTS:
+            if fault.duration_s:
+                raise argparse.ArgumentTypeError(f"{target} is a restart: {target}@START")
+        elif target not in FAULT_GROUPS:
+            targets = ", ".join([*FAULT_GROUPS, *RESTARTS])
+            raise argparse.ArgumentTypeError(f"fault target one of {targets}")
+        elif not plus:
+            raise argparse.ArgumentTypeError(f"not TARGET@START+DURATION: {text!r}")
         return fault
 
     def label(self) -> str:
-        return f"{self.target} paused"
+        return "redis restarted empty" if self.target in RESTARTS else f"{self.target} paused"
 
 
 class LoadDriver:
@@ -120,7 +139,7 @@ class LoadDriver:
         ]
         self._answers: list[Answer] = []
         # Request ids unique across runs: the run folder's audit store outlives a run.
-        self._run_token = uuid.uuid4().hex[:8]
+        self.request_prefix = f"soak-{uuid.uuid4().hex[:8]}-"
         self._tasks: set[asyncio.Task[None]] = set()
         self._send_lag_max_s = 0.0
         self.started_at = time.monotonic()
@@ -136,7 +155,7 @@ class LoadDriver:
             symbol, side = self._orders[sent % len(self._orders)]
             # Each call's own request id: a late call is found in the audit store by it.
             request = decision_pb2.DecideRequest(
-                symbol=symbol, side=side, quantity=1.0, request_id=f"soak-{self._run_token}-{sent}"
+                symbol=symbol, side=side, quantity=1.0, request_id=f"{self.request_prefix}{sent}"
             )
             task = asyncio.create_task(self._one(request))
             self._tasks.add(task)
@@ -152,9 +171,12 @@ class LoadDriver:
         except grpc.aio.AioRpcError as exc:
             outcome, age, decision_id = exc.code().name, -1.0, ""
             late = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            decision = reason = ""
         else:
             outcome = decision_pb2.Source.Name(response.source).removeprefix("SOURCE_")
             age, decision_id, late = response.feature_age_ms, response.decision_id, False
+            decision = decision_pb2.Decision.Name(response.decision).removeprefix("DECISION_")
+            reason = response.reason
         done = time.monotonic()
         latency_ms = (done - sent) * 1000
         # Late is gRPC's verdict (DEADLINE_EXCEEDED): an OK answer that this process
@@ -169,6 +191,9 @@ class LoadDriver:
                 decision_id,
                 sent_unix,
                 request.request_id,
+                request.symbol,
+                decision,
+                reason,
             )
         )
 
@@ -186,8 +211,11 @@ class LoadDriver:
         await self._channel.close()
 
 
-async def inject(stack: LocalStack, fault: Fault, started_at: float) -> None:
+async def inject(stack: LocalStack, fault: Fault, started_at: float) -> str:
+    """Injects ``fault`` on schedule; why it could not be, in words ("" when it was)."""
     await asyncio.sleep(max(0.0, started_at + fault.at_s - time.monotonic()))
+    if fault.target in RESTARTS:
+        return await restart(stack, RESTARTS[fault.target])
     groups = [stack.processes[name] for name in FAULT_GROUPS[fault.target]]
     print(f"--- fault: SIGSTOP {', '.join(p.name for p in groups)} for {fault.duration_s:.0f} s")
     for proc in groups:
@@ -198,6 +226,38 @@ async def inject(stack: LocalStack, fault: Fault, started_at: float) -> None:
         for proc in groups:
             proc.resume()
         print(f"--- fault over: SIGCONT {', '.join(p.name for p in groups)}")
+    return ""
+
+
+async def restart(stack: LocalStack, request: ChaosRequest) -> str:
+    """Restarts a process of the stack through its own chaos service, as
+    ``decisionctl chaos`` does (the stack's Ctrl-C still ends what it starts)."""
+    print(f"--- fault: decisionctl chaos {request.action} {request.target}")
+    try:
+        # A Redis restart takes well under a second; the timeout only bounds a hang.
+        answer = await asyncio.to_thread(ask, stack.run_dir, request, 60.0)
+    except (NoLocalStack, OSError) as exc:
+        return f"chaos {request.action} {request.target} not done: {exc}"
+    if not answer.ok:
+        return f"chaos {request.action} {request.target} refused: {answer.message}"
+    print(f"--- fault over: {answer.message}")
+    return ""
+
+
+async def pull(lever: Lever, stack: LocalStack, started_at: float, levers: LeverCheck) -> str:
+    """Engages ``lever`` on schedule; why it could not be, in words ("" when it was)."""
+    await asyncio.sleep(max(0.0, started_at + lever.at_s - time.monotonic()))
+    try:
+        token = await asyncio.to_thread(operator_token, stack.run_dir)
+        switch = await engage(lever, f"127.0.0.1:{stack.admin_port}", token)
+    except grpc.aio.AioRpcError as exc:
+        return f"lever {lever.label()} refused: {exc.code().name} {exc.details()}"
+    except OSError as exc:  # no operator token in the run folder
+        return f"lever {lever.label()} not engaged: {exc}"
+    levers.kill_switches.append(switch)
+    took_ms = (switch.engaged_unix_s - switch.asked_unix_s) * 1000
+    print(f"--- lever: kill switch for {lever.scope} engaged (AdminService OK in {took_ms:.0f} ms)")
+    return ""
 
 
 def count_workers_lost(replica_dirs: list[Path]) -> int:
@@ -207,7 +267,7 @@ def count_workers_lost(replica_dirs: list[Path]) -> int:
 def describe_late(answer: Answer, stalls: list[Stall]) -> str:
     """A late call's send time (to find it in the server's log and the audit store) and
     the machine stalls the witness saw while it was out."""
-    sent = _clock(answer.sent_unix_s)
+    sent = utc_clock(answer.sent_unix_s)
     ended = answer.sent_unix_s + answer.latency_ms / 1000
     near = [
         f"{s.late_ms:.0f} ms ending {(s.at_unix_s - answer.sent_unix_s) * 1000:+.0f} ms"
@@ -216,11 +276,6 @@ def describe_late(answer: Answer, stalls: list[Stall]) -> str:
     ]
     witness = f"machine stalls {', '.join(near)}" if near else "no machine stall"
     return f"sent {sent} UTC, {answer.outcome} after {answer.latency_ms:.1f} ms; {witness}"
-
-
-def _clock(unix_s: float) -> str:
-    """A wall-clock time of day, UTC, to the millisecond."""
-    return datetime.fromtimestamp(unix_s, UTC).strftime("%H:%M:%S.%f")[:-3]
 
 
 def describe_server_view(answer: Answer, view: ServerView | None) -> str:
@@ -257,6 +312,7 @@ async def soak(args: argparse.Namespace) -> int:
     answered: set[str] = set()
     late_answers: list[Answer] = []
     late_calls: list[str] = []  # each as the server recorded it
+    levers = LeverCheck()
     witness = StallWitness(args.run_dir, REPO)
     try:
         # The probe's and the driver's clients close before the stack stops, however the
@@ -276,6 +332,7 @@ async def soak(args: argparse.Namespace) -> int:
             clients.push_async_callback(lag.stop)
             driver = LoadDriver(f"127.0.0.1:{stack.decision_port}", args.rate, args.deadline_ms)
             clients.push_async_callback(driver.close)
+            clients.push_async_callback(release_levers, stack, levers)
             replica_dirs = [replica_dir(args.run_dir, name) for name in REPLICAS]
             lost_before = count_workers_lost(replica_dirs)
             print(
@@ -291,7 +348,10 @@ async def soak(args: argparse.Namespace) -> int:
             driver.started_at = started_at
             sampler.sample(started_at)
             machine = MachineSampler()
-            injections = [asyncio.create_task(inject(stack, f, started_at)) for f in args.fault]
+            scheduled = [asyncio.create_task(inject(stack, f, started_at)) for f in args.fault]
+            scheduled += [
+                asyncio.create_task(pull(lever, stack, started_at, levers)) for lever in args.lever
+            ]
             after_faults: dict[Fault, list[Answer]] = {fault: [] for fault in args.fault}
             print(HEADER)
             window_start = 0.0
@@ -303,9 +363,14 @@ async def soak(args: argparse.Namespace) -> int:
                 answers = driver.take()
                 stalls = witness.take()
                 answered.update(a.decision_id for a in answers if a.decision_id)
+                disobeyed = levers.answers.add(decisions_of(answers), levers.kill_switches)
                 for fault, after in after_faults.items():
                     end_s = fault.at_s + fault.duration_s
-                    after += [a for a in answers if end_s <= a.done_at_s < end_s + RECOVERY_WATCH_S]
+                    after += [
+                        a
+                        for a in held_to_model(answers, levers.kill_switches)
+                        if end_s <= a.done_at_s < end_s + RECOVERY_WATCH_S
+                    ]
                 # Read off the loop's thread: a pass over /proc and the replicas' logs takes
                 # tens of ms, and the sender would fall behind its schedule meanwhile.
                 processes = await asyncio.to_thread(sampler.sample, time.monotonic())
@@ -325,6 +390,8 @@ async def soak(args: argparse.Namespace) -> int:
                     machine_stall_max_ms=max((s.late_ms for s in stalls), default=0.0),
                     client_send_lag_max_ms=driver.take_send_lag_ms(),
                     fault=fault_at(args.fault, window_start, window_end, bounds.recovery_s),
+                    kill_switches=levers.kill_switches,
+                    disobeyed=disobeyed,
                 )
                 window.broken = judge(window, bounds)
                 windows.append(window)
@@ -334,15 +401,21 @@ async def soak(args: argparse.Namespace) -> int:
                         late_answers.append(answer)
                         print(f"{'':>11} late: {describe_late(answer, stalls)}", flush=True)
                 window_start = window_end
-            await asyncio.gather(*injections)
+            not_done = [problem for problem in await asyncio.gather(*scheduled) if problem]
             missing = await _missing_from_audit(stack, answered)
+            # After every answered decision is in the audit store (or the wait gave up).
+            rows = await asyncio.to_thread(
+                audited_decisions, stack.run_dir / "audit" / "audit.db", driver.request_prefix
+            )
+            levers.audit.add(rows, levers.kill_switches)
             views = await asyncio.to_thread(
                 server_views,
                 stack.run_dir / "audit" / "audit.db",
                 [a.request_id for a in late_answers],
             )
             late_calls = [
-                f"sent {_clock(a.sent_unix_s)}: {describe_server_view(a, views.get(a.request_id))}"
+                f"sent {utc_clock(a.sent_unix_s)}:"
+                f" {describe_server_view(a, views.get(a.request_id))}"
                 for a in late_answers
             ]
             if late_calls:
@@ -351,11 +424,30 @@ async def soak(args: argparse.Namespace) -> int:
     finally:
         witness.stop()
         await stack.stop()
+    # A fault after a kill switch for every symbol leaves no answer to judge the model by.
     recoveries = {
         fault: recovery_s(after, fault.at_s + fault.duration_s)
         for fault, after in after_faults.items()
+        if after
     }
-    return report(args, windows, bounds, missing, len(answered), recoveries, late_calls)
+    return report(
+        args, windows, bounds, missing, len(answered), recoveries, late_calls, levers, not_done
+    )
+
+
+async def release_levers(stack: LocalStack, levers: LeverCheck) -> None:
+    """The soak's kill switches released before the stack stops, however the run ends."""
+    if not levers.kill_switches:
+        return
+    try:
+        token = await asyncio.to_thread(operator_token, stack.run_dir)
+        await release(levers.kill_switches, f"127.0.0.1:{stack.admin_port}", token)
+    except grpc.aio.AioRpcError as exc:
+        print(f"--- the soak's kill switches were not released: {exc.code().name} {exc.details()}")
+    except OSError as exc:
+        print(f"--- the soak's kill switches were not released: {exc}")
+    else:
+        print("--- lever: the soak's kill switches released")
 
 
 async def _missing_from_audit(stack: LocalStack, answered: set[str]) -> int:
@@ -377,8 +469,12 @@ def report(
     answered: int,
     recoveries: dict[Fault, float | None],
     late_calls: list[str],
+    levers: LeverCheck,
+    not_done: list[str],
 ) -> int:
+    """``not_done``: the faults and levers that could not be applied, in words."""
     broken = [f"{w.start_s:.0f}-{w.end_s:.0f} s: {b}" for w in windows for b in w.broken]
+    broken += not_done + levers.broken()
     # Growth is a trend over the first and last GROWTH_PART_S; a shorter run's parts are
     # minutes apart and measure the machine's moods instead.
     drift = None
@@ -393,12 +489,13 @@ def report(
             )
     if missing:
         broken.append(f"{missing} of {answered} answered decisions missing from the audit store")
-    steady = [w for w in windows if not w.fault]
+    steady = [w for w in windows if not w.fault and w.answers > w.kill_switched]
     summary = {
         "rate_per_s": args.rate,
         "deadline_ms": args.deadline_ms,
         "duration_s": args.duration_s,
         "faults": [asdict(f) | {"recovery_s": recoveries.get(f)} for f in args.fault],
+        "levers": {"asked": [lever.label() for lever in args.lever], **levers.summary()},
         "bounds": asdict(bounds),
         "answered": answered,
         "missing_from_audit": missing,
@@ -436,6 +533,8 @@ def report(
     for fault, took_s in recoveries.items():
         after = "not within the run" if took_s is None else f"{took_s:.0f} s after"
         print(f"{fault.label()} at {fault.at_s:.0f} s: the model answered again {after}")
+    if args.lever:
+        print(levers.describe())
     for line in broken:
         print(f"BROKEN {line}")
     print("soak: PASSED" if not broken else f"soak: FAILED ({len(broken)} bounds broken)")
@@ -451,7 +550,20 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="Decide calls a second")
     parser.add_argument("--deadline-ms", type=float, default=50.0)
     parser.add_argument("--window-s", type=float, default=10.0)
-    parser.add_argument("--fault", type=Fault.parse, action="append", default=[])
+    parser.add_argument(
+        "--fault",
+        type=Fault.parse,
+        action="append",
+        default=[],
+        help="TARGET@START+DURATION (primary, replicas, redis, broker paused) or redis-empty@START",
+    )
+    parser.add_argument(
+        "--lever",
+        type=Lever.parse,
+        action="append",
+        default=[],
+        help="KIND:SCOPE@START engaged through AdminService: kill-switch:SOL-USD@60 (or '*')",
+    )
     parser.add_argument("--run-dir", type=Path, default=REPO / ".run/soak")
     parser.add_argument("--port-offset", type=int, default=0)
     parser.add_argument("--models", type=Path, help="archives to serve (default: .run/models)")

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from core.processes import ManagedProcess, live_members_by_group
+from loadtest.soak_levers import Decided
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -53,22 +54,24 @@ class ProcessSampler:
     """CPU share (of one core) and RSS per process group, between successive samples.
 
     A member that exits takes its CPU time with it; the group's CPU then reads low for
-    one window, never negative.
+    one window, never negative. A process restarted (a chaos restart) is followed to its
+    new group.
     """
 
     def __init__(
         self, processes: Mapping[str, ManagedProcess], *, own_name: str | None = None
     ) -> None:
         """``own_name``: also sample this process (the load generator) under that name."""
-        self._pgids = {name: proc.pid for name, proc in processes.items() if proc.pid}
+        self._processes = {name: proc for name, proc in processes.items() if proc.pid}
         self._own_name = own_name
         self._last: dict[str, GroupUsage] = {}
         self._last_at = 0.0
 
     def sample(self, now: float) -> dict[str, tuple[float, float]]:
         """name -> (CPU % of one core since the last sample, RSS MB now)."""
-        members = live_members_by_group(self._pgids.values())
-        usage = {name: usage_of(members[pgid]) for name, pgid in self._pgids.items()}
+        pgids = {name: proc.pid for name, proc in self._processes.items() if proc.pid}
+        members = live_members_by_group(pgids.values())
+        usage = {name: usage_of(members[pgid]) for name, pgid in pgids.items()}
         if self._own_name:
             usage[self._own_name] = usage_of([os.getpid()])
         elapsed = now - self._last_at if self._last_at else 0.0
@@ -189,6 +192,21 @@ def server_views(database: Path, request_ids: Sequence[str]) -> dict[str, Server
         request_id: ServerView(_unix_s(received), _unix_s(decided), source, reason)
         for request_id, received, decided, source, reason in rows
     }
+
+
+def audited_decisions(database: Path, request_prefix: str) -> list[Decided]:
+    """The audit rows of the calls whose request id starts with ``request_prefix`` (one
+    soak's: the run folder's audit store outlives a run)."""
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+        rows = connection.execute(
+            "SELECT symbol, received_at, decision, source, reason FROM decisions"
+            " WHERE substr(request_id, 1, ?) = ?",
+            (len(request_prefix), request_prefix),
+        ).fetchall()
+    return [
+        Decided(symbol, _unix_s(received), decision, source, reason)
+        for symbol, received, decision, source, reason in rows
+    ]
 
 
 def _unix_s(stored: str) -> float:

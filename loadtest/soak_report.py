@@ -4,17 +4,23 @@ the JSON summary and the PNG timeline.
 A window overlapping a fault, or ending less than ``recovery_s`` after one, is a fault
 window: answers must still all come before the deadline, but who answered, how fast and
 how fresh the features were are not held to the steady-state bounds.
+
+A kill switch the soak engaged (``--lever``) binds every decision for its scope sent
+after AdminService answered OK: each must ABSTAIN, from source ABSTAIN, with a kill-switch
+reason, in every window, fault or not. The answers it may stop are not held to the model's
+share.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from core.stats import percentile
+from loadtest.soak_levers import Decided, KillSwitch
 
 MODEL_SOURCES = frozenset({"PRIMARY", "SECONDARY", "CANARY"})
 # Processes whose CPU and memory must not grow over the run (the broker and the consumer
@@ -38,6 +44,25 @@ class Answer:
     decision_id: str = ""
     sent_unix_s: float = 0.0  # to find the call in the server's log and the audit store
     request_id: str = ""  # the call's own, found in the audit store by it
+    symbol: str = ""
+    decision: str = ""  # TRADE, NO_TRADE, ABSTAIN; "" if not OK
+    reason: str = ""
+
+    def decided(self) -> Decided | None:
+        """The decision this answer carried; None for a refusal or a late call."""
+        if not self.decision:
+            return None
+        return Decided(self.symbol, self.sent_unix_s, self.decision, self.outcome, self.reason)
+
+
+def decisions_of(answers: Iterable[Answer]) -> list[Decided]:
+    """The decisions the answers carried (refusals and late calls carried none)."""
+    return [decided for a in answers if (decided := a.decided()) is not None]
+
+
+def held_to_model(answers: Iterable[Answer], kill_switches: Sequence[KillSwitch]) -> list[Answer]:
+    """The answers the model's share is judged over: those no kill switch may have stopped."""
+    return [a for a in answers if not any(k.covers(a.symbol, a.sent_unix_s) for k in kill_switches)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +91,10 @@ class Window:
     processes: dict[str, tuple[float, float]]  # name -> (CPU % of a core, RSS MB)
     fault: str = ""  # the fault this window overlaps or recovers from
     broken: list[str] = field(default_factory=list)
+    # Answers a kill switch may have stopped (not held to the model's share), and those
+    # it bound that did not obey it.
+    kill_switched: int = 0
+    disobeyed: int = 0
     # The whole machine over the window, % of all cores: busy, and stolen by the host.
     machine_busy_pct: float = 0.0
     machine_steal_pct: float = 0.0
@@ -87,18 +116,22 @@ def summarize(
     machine: tuple[float, float] = (0.0, 0.0),
     machine_stall_max_ms: float = 0.0,
     client_send_lag_max_ms: float = 0.0,
+    kill_switches: Sequence[KillSwitch] = (),
+    disobeyed: int = 0,
 ) -> Window:
-    """``machine``: (busy %, steal %) of all cores over the window."""
+    """``machine``: (busy %, steal %) of all cores over the window. The model's share is
+    of the answers no kill switch may have stopped; ``disobeyed``: of those it bound."""
     outcomes = Counter(a.outcome for a in answers)
     latencies = [a.latency_ms for a in answers] or [0.0]
     ages = [a.feature_age_ms for a in answers if a.feature_age_ms >= 0] or [0.0]
-    model = sum(n for source, n in outcomes.items() if source in MODEL_SOURCES)
+    judged = held_to_model(answers, kill_switches)
+    model = sum(a.outcome in MODEL_SOURCES for a in judged)
     return Window(
         start_s=start_s,
         end_s=end_s,
         answers=len(answers),
         outcomes=dict(outcomes),
-        model_share=model / len(answers) if answers else 0.0,
+        model_share=model / len(judged) if judged else 0.0,
         p50_ms=percentile(latencies, 0.50),
         p99_ms=percentile(latencies, 0.99),
         late=sum(a.late for a in answers),
@@ -111,6 +144,8 @@ def summarize(
         machine_steal_pct=machine[1],
         machine_stall_max_ms=machine_stall_max_ms,
         client_send_lag_max_ms=client_send_lag_max_ms,
+        kill_switched=len(answers) - len(judged),
+        disobeyed=disobeyed,
     )
 
 
@@ -123,9 +158,12 @@ def judge(window: Window, bounds: Bounds) -> list[str]:
         broken.append(f"{window.workers_lost} TorchServe workers lost")
     if window.answers == 0:
         broken.append("no answers")
+    if window.disobeyed:
+        broken.append(f"{window.disobeyed} decisions did not obey a kill switch")
     if window.fault:
         return broken
-    if window.model_share < bounds.min_model_share:
+    some_held_to_model = window.answers > window.kill_switched
+    if some_held_to_model and window.model_share < bounds.min_model_share:
         broken.append(f"model share {window.model_share:.1%} < {bounds.min_model_share:.0%}")
     if window.p99_ms > bounds.max_p99_ms:
         broken.append(f"p99 {window.p99_ms:.1f} ms > {bounds.max_p99_ms:.0f} ms")
@@ -205,6 +243,8 @@ HEADER = (
 
 def row(window: Window) -> str:
     sources = " ".join(f"{k}={v}" for k, v in sorted(window.outcomes.items()))
+    if window.kill_switched:
+        sources += f" kill-switched={window.kill_switched}"
     procs = " ".join(
         f"{name}={cpu:.0f}%/{rss:.0f}M" for name, (cpu, rss) in window.processes.items()
     )

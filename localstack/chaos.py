@@ -19,6 +19,7 @@ from pathlib import Path
 from core.chaos import (
     MAX_LINE_BYTES,
     REPLICAS,
+    RESTART_EMPTY,
     ChaosAnswer,
     ChaosRequest,
     answer_line,
@@ -42,11 +43,20 @@ class ChaosTarget:
 
 
 _UNDO = {"pause": "resume", "slow": "resume", "kill": "restart", "stop": "start"}
-_STARTS = ("restart", "start")
+_STARTS = ("restart", "start", RESTART_EMPTY)
+WATCH_LOSS = "watch the loss and its repair with: decisionctl status; decisionctl top"
 
 
 def _effect(action: str, target: str) -> str:
     """What ``action`` on ``target`` does to the decisions, in on-call's words."""
+    if action == RESTART_EMPTY:
+        return (
+            "Redis lost every key, as after a failover, a FLUSHALL or an eviction: the "
+            "consumer writes each symbol's features again with its next batch (until then "
+            "each server's mirror, then ABSTAIN); the control state (kill switches, breaker "
+            "overrides, canary weight) is written back from its durable copy in the audit "
+            "store, never lifted"
+        )
     undone = action in ("resume", "restart", "start")
     if target == "challenger":
         if undone:
@@ -86,7 +96,8 @@ def _effect(action: str, target: str) -> str:
 def _watch(action: str, target: str) -> str:
     undo = _UNDO.get(action)
     again = f"; undo: decisionctl chaos {undo} {target}" if undo else ""
-    return f"{_effect(action, target)}. {WATCH_TOP}{again}"
+    watch = WATCH_LOSS if action == RESTART_EMPTY else WATCH_TOP
+    return f"{_effect(action, target)}. {watch}{again}"
 
 
 class ChaosService:
@@ -187,9 +198,14 @@ class ChaosService:
         if action == "stop":
             await asyncio.to_thread(proc.stop)
             return f"stopped {where}: SIGTERM to its process group"
-        if action in ("restart", "start"):
+        if action in _STARTS:
             await asyncio.to_thread(proc.stop)
             await asyncio.to_thread(target.restart)
+            if action == RESTART_EMPTY:
+                return (
+                    f"restarted {name} ({target.address}, pid {proc.pid}): serving again, "
+                    "empty (it keeps nothing on disk)"
+                )
             return f"{action}ed {name} ({target.address}, pid {proc.pid}): serving again"
         await self._end_slowing(name)
         self._slowing[name] = asyncio.create_task(

@@ -230,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         "started from this checkout (it refuses anything else): a TorchServe replica "
         f"({', '.join(chaos_protocol.REPLICAS)}: {', '.join(chaos_protocol.REPLICA_ACTIONS)}) "
         f"or {' / '.join(chaos_protocol.SERVICES)} "
-        f"({', '.join(chaos_protocol.SERVICE_ACTIONS)}). Prints what was done and what to "
-        "watch.",
+        f"({', '.join(chaos_protocol.SERVICE_ACTIONS)}; redis also "
+        f"{chaos_protocol.RESTART_EMPTY}: stopped and started, back with no keys). Prints what "
+        "was done and what to watch.",
     )
     chaos.add_argument("action", choices=chaos_protocol.ACTIONS)
     chaos.add_argument("target", choices=(*chaos_protocol.REPLICAS, *chaos_protocol.SERVICES))

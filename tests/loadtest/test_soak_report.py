@@ -8,15 +8,18 @@ from pathlib import Path
 import pytest
 
 from loadtest.soak import Fault, describe_late, describe_server_view, fault_at
+from loadtest.soak_levers import KillSwitch
 from loadtest.soak_probe import MachineSampler, MachineUsage, ServerView, Stall, server_views
 from loadtest.soak_report import (
     Answer,
     Bounds,
     Window,
     growth,
+    held_to_model,
     judge,
     machine_drift,
     recovery_s,
+    row,
     summarize,
 )
 from server.audit.migrate import upgrade
@@ -176,3 +179,79 @@ def test_cpu_growth_is_judged_against_a_process_whose_work_is_fixed():
         "kafka-broker CPU grew 5.0 -> 7.0 (the replayer's x1.00)",
         "feature-cache CPU grew 5.0 -> 7.0 (the replayer's x1.00)",
     ]
+
+
+def order_answer(at_s: float, symbol: str, *, sent_unix_s: float = 101.0) -> Answer:
+    """SOL-USD's answers ABSTAIN on the soak's kill switch, the others' come from the model."""
+    if symbol == "SOL-USD":
+        reason = "kill switch for SOL-USD engaged by oncall: soak"
+        return Answer(
+            at_s, 5.0, "ABSTAIN", -1.0, False, "d", sent_unix_s, "", symbol, "ABSTAIN", reason
+        )
+    return Answer(at_s, 5.0, "PRIMARY", 80.0, False, "d", sent_unix_s, "", symbol, "TRADE", "")
+
+
+def summarized(
+    answers: list[Answer], *, kill_switches: list[KillSwitch], fault: str = ""
+) -> Window:
+    return summarize(
+        answers,
+        0.0,
+        10.0,
+        consumer_lag=0,
+        workers_lost=0,
+        processes={},
+        fault=fault,
+        kill_switches=kill_switches,
+    )
+
+
+def test_a_kill_switchs_abstentions_do_not_count_against_the_model_share():
+    switch = KillSwitch("SOL-USD", 100.0, 100.01)
+    symbols = ("BTC-USD", "ETH-USD", "SOL-USD")
+    answers = [order_answer(i / 100, symbols[i % 3]) for i in range(999)]
+    unaware = summarized(answers, kill_switches=[])
+    assert judge(unaware, Bounds()) == ["model share 66.7% < 99%"]
+
+    held = summarized(answers, kill_switches=[switch])
+
+    assert (held.model_share, held.kill_switched) == (1.0, 333)
+    assert judge(held, Bounds()) == []
+    assert "kill-switched=333" in row(held)
+    # Sent before the switch was asked for: the model's to answer.
+    early = [order_answer(0.0, "SOL-USD", sent_unix_s=99.0)]
+    assert held_to_model(early, [switch]) == early
+    assert judge(summarized(early, kill_switches=[switch]), Bounds()) == ["model share 0.0% < 99%"]
+
+
+def test_a_window_with_a_disobeyed_kill_switch_is_broken_even_during_a_fault():
+    answers = [answer(i / 100) for i in range(1000)]
+    during_fault = summarize(
+        answers,
+        0.0,
+        10.0,
+        consumer_lag=0,
+        workers_lost=0,
+        processes={},
+        fault="redis restarted empty",
+        disobeyed=12,
+    )
+    assert judge(during_fault, Bounds()) == ["12 decisions did not obey a kill switch"]
+
+
+def test_every_answer_kill_switched_leaves_no_model_share_to_judge():
+    answers = [order_answer(i / 100, "SOL-USD") for i in range(100)]
+    held = summarized(answers, kill_switches=[KillSwitch("*", 100.0, 100.0)])
+    assert held.kill_switched == 100
+    assert judge(held, Bounds()) == []
+
+
+def test_a_redis_restart_is_a_fault_without_duration_that_settles_as_the_others():
+    fault = Fault.parse("redis-empty@50")
+    assert fault == Fault.parse("redis-empty@50+0") == Fault("redis-empty", 50.0, 0.0)
+    assert fault.label() == "redis restarted empty"
+    with pytest.raises(argparse.ArgumentTypeError):
+        Fault.parse("redis-empty@50+30")  # a restart has no duration
+    assert fault_at([fault], 40.0, 50.0, settle_s=10.0) == ""
+    assert fault_at([fault], 50.0, 60.0, settle_s=10.0) == "redis restarted empty"
+    assert fault_at([fault], 60.0, 70.0, settle_s=10.0) == ""

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+import redis
+
 from core.chaos import ChaosRequest, ask
-from core.processes import ManagedProcess
+from core.processes import ManagedProcess, free_port, listening, start_ready
 from localstack.chaos import ChaosService, ChaosTarget
+from localstack.redis_server import start_redis
 
 
 def _state(proc: ManagedProcess) -> str:
@@ -88,3 +92,45 @@ async def test_slow_holds_the_process_off_the_cpu_part_of_the_time_until_resumed
     finally:
         await service.stop()
         proc.stop()
+
+
+@pytest.mark.integration
+async def test_restart_empty_brings_redis_back_with_no_keys(tmp_path):
+    port = free_port()
+    proc = start_redis(port, tmp_path / "redis")
+    restart = ChaosTarget(
+        proc, f"127.0.0.1:{port}", lambda: start_ready(proc, listening(port), 10.0)
+    )
+    service = ChaosService(tmp_path, {"redis": restart})
+    await service.start()
+    client = redis.Redis(port=port)
+    try:
+        client.set("decision:control:version", 7)
+        pid_before = proc.pid
+
+        answer = await asyncio.to_thread(ask, tmp_path, ChaosRequest("restart-empty", "redis"), 30)
+
+        assert answer.ok, answer.message
+        assert answer.message.startswith(f"restarted redis (127.0.0.1:{port}, pid ")
+        assert answer.message.endswith("serving again, empty (it keeps nothing on disk)")
+        assert proc.running() and proc.pid != pid_before
+        assert "from its durable copy in the audit store, never lifted" in answer.watch
+        assert answer.watch.endswith("decisionctl status; decisionctl top")
+        # Stopped by SIGTERM, a shutdown that saves when saving is configured: the stack's
+        # Redis must keep nothing on disk, or "restart-empty" would not be empty.
+        assert client.dbsize() == 0
+        assert not [p.name for p in (tmp_path / "redis").iterdir() if not p.name.endswith(".log")]
+    finally:
+        client.close()
+        await service.stop()
+        proc.stop()
+
+
+def test_only_redis_restarts_empty():
+    assert ChaosRequest("restart-empty", "redis").problem() == ""
+    assert ChaosRequest("restart-empty", "broker").problem() == (
+        "broker takes pause, resume, stop, start, not restart-empty"
+    )
+    assert ChaosRequest("restart-empty", "primary").problem() == (
+        "primary takes pause, resume, kill, restart, slow, not restart-empty"
+    )

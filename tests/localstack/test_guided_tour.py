@@ -215,7 +215,8 @@ def test_the_readme_guided_tour(model_store, tmp_path):
             # Chaos refuses what it does not apply to.
             refused = decisionctl(run_dir, "chaos", "kill", "redis")
             assert refused.returncode == 2
-            assert "redis takes pause, resume, stop, start, not kill" in refused.stderr
+            takes = "redis takes pause, resume, stop, start, restart-empty, not kill"
+            assert takes in refused.stderr
 
         # 4. Every decision of the tour is in the audit store, with its source.
         audit_db = run_dir / "audit" / "audit.db"
