@@ -568,15 +568,18 @@ class DecisionApp:
                 await self.redis.ping()
                 # Never decide before the kill switches and overrides are known: from the
                 # durable copy (Redis's may have lost them), and Redis's copy followed.
-                if not self.shared.known and not await self.shared.read_durable():
+                if not self.shared.known or not self.shared.status().in_sync:
+                    await self.shared.refresh()
+                status = self.shared.status()
+                if not status.in_sync:
+                    raise aioredis.ConnectionError(status.error)
+                if not self.shared.known:
                     log.warning(
                         "waiting for the control state in the audit store: %s",
-                        self.shared.status().durable_error,
+                        status.durable_error,
                     )
                     await asyncio.sleep(backoff.next_s())
                     continue
-                if not self.shared.status().in_sync and not await self.shared.sync():
-                    raise aioredis.ConnectionError(self.shared.status().error)
             except (aioredis.RedisError, OSError) as exc:
                 log.warning("waiting for Redis at %s: %s", self.settings.redis.url, exc)
                 await asyncio.sleep(backoff.next_s())

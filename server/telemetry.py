@@ -357,13 +357,16 @@ class ControlStateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         status = self._status()
-        yield CounterMetricFamily(
+        lost = CounterMetricFamily(
             "decision_control_state_lost",
-            "Times this server found Redis's copy of the control state (kill switches, "
-            "breaker overrides, flags, canary) had lost data and wrote it back from the "
-            "durable copy.",
-            value=status.losses,
+            "Times this server found a copy of the control state (kill switches, breaker "
+            "overrides, flags, canary) had lost data, and wrote it back: Redis's, or the "
+            "audit store's (went back).",
+            labels=["copy"],
         )
+        for copy, count in sorted(status.losses.items()):
+            lost.add_metric([copy], count)
+        yield lost
         readable = GaugeMetricFamily(
             "decision_control_state_readable",
             "1 while the last read of this copy of the control state succeeded.",
@@ -374,7 +377,8 @@ class ControlStateCollector(Collector):
         yield readable
         yield GaugeMetricFamily(
             "decision_control_state_version",
-            "Version of the control state this server applies.",
+            "Version of the control state this server applies (-1: not read yet, every "
+            "symbol stopped).",
             value=status.version,
         )
 

@@ -253,10 +253,10 @@ def _format_drift(drift: pb.DriftStatus) -> list[str]:
 
 
 def format_loss(shared: pb.SharedStateStatus) -> str:
-    """Redis's lost control state, as this server found it (status and top)."""
+    """A copy of the control state that lost data, as this server found it (status, top)."""
     return (
-        f"REDIS LOST THE CONTROL STATE {shared.losses} time(s), last {_time(shared.last_loss_at)}:"
-        f" {shared.last_loss} (written back; see the runbook, DecisionControlStateLost)"
+        f"LOST THE CONTROL STATE {shared.losses} time(s), last {_time(shared.last_loss_at)}:"
+        f" {shared.last_loss} (written back; runbook: DecisionControlStateLost)"
     )
 
 

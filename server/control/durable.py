@@ -10,6 +10,7 @@ servers cannot both act on one value. Blocking (SQLAlchemy): callers run it in a
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -25,6 +26,9 @@ from server.control.state import Entry, decode_entries, encode_entries
 log = logging.getLogger(__name__)
 
 ROW_ID = 1
+# The longest a change waits for another change's row lock (PostgreSQL; SQLite's wait is
+# the engine's busy_timeout).
+LOCK_TIMEOUT_S = 5
 # Locks the row as the transaction's first statement: PostgreSQL takes a row lock,
 # SQLite its write lock (a deferred transaction that read first could not upgrade).
 _LOCK = (
@@ -82,6 +86,9 @@ class ControlStore:
         version is above both, so no copy's version ever goes back."""
         self._ensure_schema()
         with self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                # Another change holding the row: fail the call rather than hang a thread.
+                conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_S}s'")
             if conn.execute(_LOCK).rowcount == 0:  # the row was deleted: start it again
                 conn.execute(sa.insert(control_state).values(_row(0, {})))
             stored = _stored(conn.execute(_READ).one())
@@ -108,6 +115,18 @@ class ControlStore:
             conn.execute(sa.insert(admin_actions).values(admin_row(asdict(record))))
         # Given back as it reads back, so every copy compares equal.
         return Written(before, StoredState(version, decode_entries(values["entries"])))
+
+    def restore(self, state: StoredState, *, over_version: int) -> bool:
+        """Writes ``state`` back if the stored version is still ``over_version`` (a store
+        restored from a backup is behind what the servers applied); False otherwise."""
+        self._ensure_schema()
+        statement = (
+            control_state.update()
+            .where(control_state.c.id == ROW_ID, control_state.c.version == over_version)
+            .values(_row(state.version, state.entries, at_us=time.time_ns() // 1000))
+        )
+        with self.engine.begin() as conn:
+            return bool(conn.execute(statement).rowcount)
 
     def dispose(self) -> None:
         self.engine.dispose()

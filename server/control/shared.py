@@ -1,44 +1,49 @@
-"""``SharedControl``: on-call's levers, their two copies, and this server's view of them.
+"""``SharedControl``: on-call's levers as this server applies them, and their two copies.
 
 The audit store's database holds the truth (``ControlStore``): a change is written there,
-with its audit row, before AdminService answers. Redis holds a copy for distribution: one
-hash (the version and the entries), replaced whole by a script that never lowers its
-version, which also publishes on the change channel. Every server re-reads Redis when a
-message comes, checks its version every ``resync_interval_ms`` (a lost message, a
-flushed store) and reads the durable copy every ``DURABLE_POLL_S`` (a change Redis did
-not take, Redis unreachable).
+with its audit row, before AdminService answers, and a server applies only what it read
+there. Redis holds a copy that tells every server of a change (``RedisCopy``: a message,
+and a version each server checks every ``resync_interval_ms``); each server also reads
+the durable copy every ``DURABLE_POLL_S``, for a change Redis did not take.
 
-The rule: this server's state only moves to a higher version, so a lever changes only
-by an audited action or its own expiry (wall-clock times in the entries). A Redis copy
-that vanished, went back, or changed without a new version lost data (a restart without
-persistence, a failover, a flush, an eviction): it is never obeyed; the loss is counted
-and logged, and the state is written back from the durable copy (the script lets one
-writer win). A Redis copy that is merely behind is brought up to date the same way,
-without counting a loss.
+Until it has read the durable copy, a server stops every symbol (a kill switch for
+``*``): it cannot know what on-call engaged. Then its state changes only to a durable
+state at least as new, so a lever changes only by an audited action or its own expiry
+(wall-clock times in the entries).
+
+A Redis copy that vanished, went back, holds a version the durable copy does not, or
+changed without a new version lost data (a restart without persistence, a failover, a
+flush, an eviction, a write by hand). It was never obeyed: the loss is counted and
+logged, and the copy written again; one merely behind is brought up to date without
+counting. A durable copy older than what this server applied (restored from a backup)
+is counted too, and written back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 import sqlalchemy as sa
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from core.pubsub import listen
 from core.tasks import cancel_and_wait
 from server.audit.record import AdminRecord
 from server.control.durable import ControlStore, StoredState, Written
-from server.control.state import ControlState, Entry, FlagSpec, decode_entries, encode_entries
+from server.control.redis_copy import REDIS_ERRORS, Copy, RedisCopy, judge
+from server.control.state import GLOBAL_SCOPE, KILL_PREFIX, Change, ControlState, Entry, FlagSpec
 from server.errors import SharedStateUnavailable
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # How often each server reads the durable copy: the bound on how late a change is seen
 # when Redis did not take it (or cannot be reached).
@@ -48,28 +53,16 @@ DURABLE_READ_TIMEOUT_S = 5.0
 # The longest a change may wait for the durable store: past it, on-call is told the
 # change may or may not have been written (the transaction may still commit).
 CHANGE_TIMEOUT_S = 10.0
-
-# KEYS: the state hash, the change channel. ARGV: version, entries. Never lowers the
-# version (the same version is written again: entries lost without a new version come
-# back); returns 1 when it wrote.
-_WRITE_UNLESS_OLDER = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-if current > tonumber(ARGV[1]) then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'version', ARGV[1], 'entries', ARGV[2])
-redis.call('PUBLISH', KEYS[2], ARGV[1])
-return 1
-"""
-
-_REDIS_ERRORS = (aioredis.RedisError, OSError)
+NOT_READ = "the control state has not been read from the audit store yet"
+REDIS, DURABLE = "redis", "durable"
 
 
 @dataclass(frozen=True, slots=True)
 class Loss:
-    """The last time Redis's copy was found to have lost data."""
+    """The last time a copy was found to have lost data."""
 
     at_us: int
+    copy: str  # REDIS or DURABLE
     what: str
 
 
@@ -78,17 +71,17 @@ class SyncStatus:
     in_sync: bool  # Redis answered the last read
     synced_at_us: int  # wall clock of the last successful Redis read, 0 if none
     error: str  # why the last Redis read failed, when not in sync
-    version: int
+    version: int  # -1 until the durable copy has been read
     durable_ok: bool  # the durable copy answered the last read
     durable_error: str
-    losses: int  # times this server found Redis's copy lost data
+    losses: Mapping[str, int]  # by copy: times this server found it had lost data
     last_loss: Loss | None
 
 
-@dataclass(frozen=True, slots=True)
-class _RedisCopy:
-    version: int
-    entries: Mapping[str, Entry]
+def not_read_state(flags: Mapping[str, FlagSpec]) -> ControlState:
+    """Every symbol stopped, at a version below any stored one."""
+    stop = Entry(True, Change("decision-server", NOT_READ, time.time_ns() // 1000))
+    return ControlState.from_entries(-1, {KILL_PREFIX + GLOBAL_SCOPE: stop}, flags)
 
 
 class SharedControl:
@@ -102,35 +95,24 @@ class SharedControl:
         resync_interval_ms: float,
         redis_timeout_ms: float,
     ) -> None:
-        timeout_s = redis_timeout_ms / 1000.0
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-        # Pub/sub waits for messages indefinitely, so it gets a client without a read
-        # timeout; its health is checked by pinging an idle connection.
-        self._subscriber = aioredis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, health_check_interval=5
-        )
-        self._write_unless_older = self._redis.register_script(_WRITE_UNLESS_OLDER)
+        self._copy = RedisCopy(url, key_prefix=key_prefix, timeout_ms=redis_timeout_ms)
         self._store = store
-        self._key = f"{key_prefix}control:state"
-        self._channel = f"{key_prefix}control:changed"
         self._flags = dict(flags)
         self._resync_interval_s = resync_interval_ms / 1000.0
-        self.state = ControlState.from_entries(0, {}, self._flags)
-        self._redis_seen = 0  # the highest version read from Redis
+        self.state = not_read_state(self._flags)
+        self._redis_seen = 0  # the highest version read from Redis in step with the store
+        self._looked = False  # whether Redis's copy has been judged once
         self._in_sync = False
         self._synced_at_us = 0
         self._error = "not read yet"
-        self._durable_read_at_us = 0
-        self._durable_error = "not read yet"
         self._durable_ok: bool | None = None  # None: not tried yet
-        self.losses = 0
+        self._durable_error = "not read yet"
+        self.losses = {REDIS: 0, DURABLE: 0}
         self._last_loss: Loss | None = None
-        self._sync_lock = asyncio.Lock()
+        self._lock = asyncio.Lock()
+        # One thread for the store's blocking calls: a store that hangs holds one thread,
+        # not one per poll, and stop() can wait for it.
+        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="control-store")
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._stopped = False
@@ -141,22 +123,20 @@ class SharedControl:
 
     @property
     def known(self) -> bool:
-        """Whether the durable copy has been read: before, this server may not know of a
-        lever engaged while Redis was empty or away."""
-        return self._durable_read_at_us > 0
+        """Whether the durable copy has been read: before, every symbol is stopped."""
+        return self.state.version >= 0
 
     async def start(self) -> None:
-        """Reads both copies once (a failure leaves what it has, and says so in status),
-        then follows them in the background."""
+        """Reads both copies once (a failure leaves every symbol stopped, and says so in
+        status), then follows them in the background."""
         if self._started:
             return
         self._started = True
-        await self.read_durable()
-        await self.sync()
+        await self.refresh()
         self._tasks = [
             asyncio.create_task(self._listen(), name="control-listen"),
             asyncio.create_task(self._resync(), name="control-resync"),
-            asyncio.create_task(self._poll_durable(), name="control-durable"),
+            asyncio.create_task(self._poll(), name="control-durable"),
         ]
 
     async def stop(self) -> None:
@@ -164,9 +144,10 @@ class SharedControl:
             return
         self._stopped = True
         await cancel_and_wait(*self._tasks)
-        await self._subscriber.aclose()
-        await self._redis.aclose()
-        await asyncio.to_thread(self._store.dispose)
+        await self._copy.aclose()
+        # A call the tasks left running finishes before its connections are closed.
+        await asyncio.to_thread(self._store_thread.shutdown, wait=True)
+        self._store.dispose()
 
     async def __aenter__(self) -> SharedControl:
         await self.start()
@@ -188,7 +169,7 @@ class SharedControl:
             version=self.state.version,
             durable_ok=bool(self._durable_ok),
             durable_error=self._durable_error,
-            losses=self.losses,
+            losses=dict(self.losses),
             last_loss=self._last_loss,
         )
 
@@ -196,100 +177,99 @@ class SharedControl:
         """A state holding only ``entries`` (what a change replaced, for its audit row)."""
         return ControlState.from_entries(0, entries, self._flags)
 
-    def _adopt(self, version: int, entries: Mapping[str, Entry], source: str) -> None:
-        """Takes a copy's state when it is newer than this server's."""
-        if version > self.state.version:
-            log.info("control state version %d from %s: %d entries", version, source, len(entries))
-            self.state = ControlState.from_entries(version, entries, self._flags)
+    async def _in_store_thread(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._store_thread, functools.partial(call, *args, **kwargs)
+        )
 
-    async def read_durable(self) -> bool:
-        """Reads the durable copy; False (state kept, status says why) when it failed."""
+    async def refresh(self) -> None:
+        """Reads Redis's copy, then the durable one (in that order: a change reaches
+        Redis only after the store, so a Redis version above the store's is not one);
+        applies the durable state and repairs whichever copy lost data or is behind."""
+        async with self._lock:
+            copy = await self._read_redis()
+            stored = await self._read_durable()
+            if stored is not None:
+                await self._apply(stored)
+            if copy is not None and self.known:
+                await self._check_redis(copy, judged_against_store=stored is not None)
+
+    async def _read_redis(self) -> Copy | None:
+        try:
+            copy = await self._copy.read()
+        except REDIS_ERRORS as exc:
+            self._out_of_sync(exc)
+            return None
+        if not self._in_sync:
+            log.info("control state: Redis answers again")
+        self._in_sync = True
+        self._synced_at_us = time.time_ns() // 1000
+        self._error = ""
+        return copy
+
+    async def _read_durable(self) -> StoredState | None:
         try:
             async with asyncio.timeout(DURABLE_READ_TIMEOUT_S):
-                stored: StoredState = await asyncio.to_thread(self._store.load)
+                stored: StoredState = await self._in_store_thread(self._store.load)
         except (sa.exc.SQLAlchemyError, OSError, ValueError, TimeoutError) as exc:
             if self._durable_ok is not False:
                 log.warning("control state: durable copy not read: %r", exc)
             self._durable_ok = False
             self._durable_error = f"{type(exc).__name__}: {exc}"
-            return False
-        self._adopt(stored.version, stored.entries, "the durable copy")
+            return None
         self._durable_ok = True
         self._durable_error = ""
-        self._durable_read_at_us = time.time_ns() // 1000
-        return True
+        return stored
 
-    async def sync(self) -> bool:
-        """Reads Redis's copy: takes it when newer, writes it back when behind or lost.
-        False (state kept) when Redis did not answer."""
-        async with self._sync_lock:
-            try:
-                raw_version, raw_entries = await self._redis.hmget(self._key, "version", "entries")
-            except _REDIS_ERRORS as exc:
-                self._out_of_sync(exc)
-                return False
-            if not self._in_sync:
-                log.info("control state in sync with Redis at version %d", self.state.version)
-            self._in_sync = True
-            self._synced_at_us = time.time_ns() // 1000
-            self._error = ""
-            copy, loss = self._judge(raw_version, raw_entries)
-            if copy is not None and not loss:
-                self._redis_seen = max(self._redis_seen, copy.version)
-                self._adopt(copy.version, copy.entries, "Redis")
-            if loss or (copy is not None and copy.version < self.state.version):
-                await self._repair(loss)
-            return True
-
-    def _judge(
-        self, raw_version: bytes | str | None, raw_entries: bytes | str | None
-    ) -> tuple[_RedisCopy | None, str]:
-        """Redis's copy, and why it must have lost data (empty when it may be right or
-        merely behind)."""
+    async def _apply(self, stored: StoredState) -> None:
         mine = self.state
-        if raw_version is None:
-            if mine.version == 0:
-                return None, ""
-            return None, f"Redis held no control state; this server has version {mine.version}"
-        try:
-            copy = _RedisCopy(int(raw_version), decode_entries(raw_entries or b""))
-        except ValueError as exc:  # not written by this code
-            return None, f"Redis's control state is unreadable: {exc}"
-        if copy.version < self._redis_seen:
-            loss = (
-                f"Redis's control state went back from version {self._redis_seen} to {copy.version}"
+        if stored.version > mine.version:
+            log.info("control state version %d: %d entries", stored.version, len(stored.entries))
+            self.state = ControlState.from_entries(stored.version, stored.entries, self._flags)
+        elif stored.version < mine.version:
+            self._lost(
+                DURABLE,
+                f"the audit store's control state went back from version {mine.version}"
+                f" to {stored.version}",
             )
-        elif copy.version == mine.version and copy.entries != mine.entries:
-            loss = f"Redis's control state at version {copy.version} changed without a new version"
-        else:
-            loss = ""
-        return copy, loss
+            kept = StoredState(mine.version, mine.entries)
+            try:
+                await self._in_store_thread(self._store.restore, kept, over_version=stored.version)
+            except sa.exc.SQLAlchemyError as exc:
+                log.error("control state not written back to the audit store: %r", exc)
 
-    async def _repair(self, loss: str) -> None:
-        """Writes the highest state known (the durable copy's, or this server's if
-        higher) back to Redis; counts ``loss`` when there was one."""
-        if loss:
-            self.losses += 1
-            self._last_loss = Loss(time.time_ns() // 1000, loss)
-            log.error(
-                "control state lost in Redis: %s; keeping version %d and writing it back",
-                loss,
-                self.state.version,
-            )
-        await self.read_durable()
-        state = self.state
-        try:
-            wrote = await self._write_redis(state.version, state.entries)
-        except _REDIS_ERRORS as exc:
-            self._out_of_sync(exc)
+    async def _check_redis(self, copy: Copy, *, judged_against_store: bool) -> None:
+        mine = self.state
+        verdict = judge(
+            copy,
+            StoredState(mine.version, mine.entries),
+            redis_seen=self._redis_seen,
+            first_look=not self._looked,
+            against_store=judged_against_store,
+        )
+        self._looked = True
+        if verdict.in_step:
+            self._redis_seen = max(self._redis_seen, mine.version)
+        if not verdict.repair:
             return
-        if wrote:
-            log.warning("control state version %d written to Redis", state.version)
-        self._redis_seen = max(self._redis_seen, state.version)  # Redis holds at least it
+        if verdict.loss:
+            self._lost(REDIS, verdict.loss)
+        try:
+            if await self._copy.replace(copy.raw_version, mine.version, mine.entries):
+                self._redis_seen = mine.version
+                log.warning("control state version %d written to Redis", mine.version)
+        except REDIS_ERRORS as exc:
+            self._out_of_sync(exc)
 
-    async def _write_redis(self, version: int, entries: Mapping[str, Entry]) -> bool:
-        args: list[int | bytes] = [version, encode_entries(entries)]
-        return bool(await self._write_unless_older(keys=[self._key, self._channel], args=args))
+    def _lost(self, copy: str, what: str) -> None:
+        self.losses[copy] += 1
+        self._last_loss = Loss(time.time_ns() // 1000, copy, what)
+        log.error(
+            "control state lost: %s; keeping version %d and writing it back",
+            what,
+            self.state.version,
+        )
 
     def _out_of_sync(self, exc: BaseException) -> None:
         if self._in_sync:
@@ -313,14 +293,11 @@ class SharedControl:
         ``SharedStateUnavailable`` when the durable store did not take it; a Redis that
         does not take it is only logged (the servers read the durable copy within
         ``DURABLE_POLL_S``)."""
+        known = StoredState(self.state.version, self.state.entries)
         try:
             async with asyncio.timeout(CHANGE_TIMEOUT_S):
-                written = await asyncio.to_thread(
-                    self._store.write,
-                    field_name,
-                    entry,
-                    known=StoredState(self.state.version, self.state.entries),
-                    record_for=record_for,
+                written = await self._in_store_thread(
+                    self._store.write, field_name, entry, known=known, record_for=record_for
                 )
         except TimeoutError as exc:
             raise SharedStateUnavailable(
@@ -331,56 +308,46 @@ class SharedControl:
             raise SharedStateUnavailable(
                 f"the audit store did not take the change: {type(exc).__name__}: {exc}"
             ) from exc
-        if written is None:
-            return None
-        async with self._sync_lock:
-            self._adopt(written.state.version, written.state.entries, "this server's change")
-            try:
-                await self._write_redis(written.state.version, written.state.entries)
-            except _REDIS_ERRORS as exc:
-                self._out_of_sync(exc)
-                log.warning(
-                    "control state version %d recorded durably, not in Redis (%r): the "
-                    "other servers read it from the durable copy",
-                    written.state.version,
-                    exc,
-                )
-            else:
-                self._redis_seen = max(self._redis_seen, written.state.version)
+        if written is not None:
+            async with self._lock:
+                await self._apply(written.state)  # this server applies it at once
+            await self.refresh()  # and tells the others through Redis
         return written
 
     async def _listen(self) -> None:
-        # A message only says that something changed: the whole state is read again, as
-        # it is once subscribed (what changed while not subscribed).
+        # A message only says that something changed: both copies are read again, as
+        # they are once subscribed (what changed while not subscribed).
         await listen(
-            self._subscriber,
-            self._channel,
-            on_subscribed=self._read_again,
-            on_message=self._read_again,
+            self._copy.subscriber,
+            self._copy.channel,
+            on_subscribed=self.refresh,
+            on_message=self._on_message,
             on_lost=self._out_of_sync,
         )
 
-    async def _read_again(self, *_message: bytes) -> None:
-        await self.sync()
+    async def _on_message(self, _message: bytes) -> None:
+        await self.refresh()
 
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self._resync_interval_s)
             try:
-                raw_version = await self._redis.hget(self._key, "version")
-                if int(raw_version or 0) != self.state.version or not self._in_sync:
-                    await self.sync()
-            except _REDIS_ERRORS as exc:
+                raw_version = await self._copy.raw_version()
+                in_step = raw_version == str(self.state.version) or (
+                    raw_version == "" and self.state.version == 0
+                )
+                if not in_step or not self._in_sync:
+                    await self.refresh()
+            except REDIS_ERRORS as exc:
                 self._out_of_sync(exc)
             except Exception as exc:  # the resync must outlive any surprise
                 log.exception("control resync failed")
                 self._out_of_sync(exc)
 
-    async def _poll_durable(self) -> None:
+    async def _poll(self) -> None:
         while True:
             await asyncio.sleep(DURABLE_POLL_S)
             try:
-                if await self.read_durable() and self.state.version > self._redis_seen:
-                    await self.sync()  # Redis missed a change: bring it up to date
+                await self.refresh()
             except Exception:  # the poll must outlive any surprise
                 log.exception("control durable poll failed")

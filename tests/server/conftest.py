@@ -312,7 +312,8 @@ def ready_workers(log_path: Path, workers: int) -> bool:
 def server_processes(
     redis_instance: RedisInstance, key_prefix: str, replicas: dict[str, Replica], tmp_path: Path
 ) -> Iterator[Callable[..., list[ServerProcess]]]:
-    """Starts decision server processes on one Redis and one key prefix (a deployment)."""
+    """Starts decision server processes on one Redis, key prefix and audit store (a
+    deployment): ``tmp_path / "audit.db"``."""
     started: list[ServerProcess] = []
 
     def start(count: int, workers: int = 1, **settings: str) -> list[ServerProcess]:
@@ -331,6 +332,7 @@ def server_processes(
                 DECISION_ADMIN__TOKENS=TOKENS,
                 DECISION_AUDIT__SHIP_IDLE_INTERVAL_MS="20",
                 DECISION_SERVER__WORKERS=str(workers),
+                DECISION_AUDIT__DATABASE_URL=f"sqlite:///{tmp_path / 'audit.db'}",
                 **settings,
             )
             proc = server_process(f"decision server {i}", run_dir, env)

@@ -43,7 +43,7 @@ async def stop_and_read_servers(server: ServerProcess, ids: set[str]) -> set[str
     await server.close()
     assert server.proc.wait(0) == 0
     statement = sa.select(decisions.c.decision_id, decisions.c.server_id)
-    rows = store_rows(server.run_dir / "audit.db", statement)
+    rows = store_rows(server.run_dir.parent / "audit.db", statement)
     assert ids <= {row.decision_id for row in rows}
     return {row.server_id.rsplit("/", 1)[-1] for row in rows if row.decision_id in ids}
 

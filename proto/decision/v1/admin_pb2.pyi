@@ -378,8 +378,9 @@ class SharedStateStatus(_message.Message):
     """False while the durable copy cannot be read: the server keeps its state."""
     durable_error: _builtins.str
     losses: _builtins.int
-    """Times this server found Redis's copy had lost data (emptied, gone back, or
-    changed without a change) and wrote the state back. Since the server started.
+    """Times this server found a copy had lost data (Redis's emptied, gone back or
+    changed without a change; the store's gone back) and wrote the state back.
+    Since the server started.
     """
     last_loss: _builtins.str
     @_builtins.property

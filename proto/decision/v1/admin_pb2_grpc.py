@@ -33,10 +33,10 @@ class AdminServiceStub:
     PERMISSION_DENIED.
 
     A change is written, with its admin audit row (who, what, before, after,
-    reason, when), to the audit store's database before the call answers; Redis
-    distributes it, and every server keeps a copy for its hot path and learns of
-    it within a second. A setting changes only by such a call or by its own TTL:
-    Redis losing its contents is detected and repaired, never obeyed.
+    reason, when), to the audit store's database before the call answers; servers
+    apply only what they read there, Redis tells them of a change, and every
+    server applies it within a second. A setting changes only by such a call or by
+    its own TTL: Redis losing its contents is detected and repaired, never obeyed.
     """
 
     def __init__(self, channel):
@@ -95,10 +95,10 @@ class AdminServiceServicer:
     PERMISSION_DENIED.
 
     A change is written, with its admin audit row (who, what, before, after,
-    reason, when), to the audit store's database before the call answers; Redis
-    distributes it, and every server keeps a copy for its hot path and learns of
-    it within a second. A setting changes only by such a call or by its own TTL:
-    Redis losing its contents is detected and repaired, never obeyed.
+    reason, when), to the audit store's database before the call answers; servers
+    apply only what they read there, Redis tells them of a change, and every
+    server applies it within a second. A setting changes only by such a call or by
+    its own TTL: Redis losing its contents is detected and repaired, never obeyed.
     """
 
     def GetStatus(self, request, context):
@@ -225,10 +225,10 @@ class AdminService:
     PERMISSION_DENIED.
 
     A change is written, with its admin audit row (who, what, before, after,
-    reason, when), to the audit store's database before the call answers; Redis
-    distributes it, and every server keeps a copy for its hot path and learns of
-    it within a second. A setting changes only by such a call or by its own TTL:
-    Redis losing its contents is detected and repaired, never obeyed.
+    reason, when), to the audit store's database before the call answers; servers
+    apply only what they read there, Redis tells them of a change, and every
+    server applies it within a second. A setting changes only by such a call or by
+    its own TTL: Redis losing its contents is detected and repaired, never obeyed.
     """
 
     @staticmethod

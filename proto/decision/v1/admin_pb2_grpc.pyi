@@ -37,10 +37,10 @@ class AdminServiceStub:
     PERMISSION_DENIED.
 
     A change is written, with its admin audit row (who, what, before, after,
-    reason, when), to the audit store's database before the call answers; Redis
-    distributes it, and every server keeps a copy for its hot path and learns of
-    it within a second. A setting changes only by such a call or by its own TTL:
-    Redis losing its contents is detected and repaired, never obeyed.
+    reason, when), to the audit store's database before the call answers; servers
+    apply only what they read there, Redis tells them of a change, and every
+    server applies it within a second. A setting changes only by such a call or by
+    its own TTL: Redis losing its contents is detected and repaired, never obeyed.
     """
 
     @_typing.overload
@@ -87,10 +87,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     PERMISSION_DENIED.
 
     A change is written, with its admin audit row (who, what, before, after,
-    reason, when), to the audit store's database before the call answers; Redis
-    distributes it, and every server keeps a copy for its hot path and learns of
-    it within a second. A setting changes only by such a call or by its own TTL:
-    Redis losing its contents is detected and repaired, never obeyed.
+    reason, when), to the audit store's database before the call answers; servers
+    apply only what they read there, Redis tells them of a change, and every
+    server applies it within a second. A setting changes only by such a call or by
+    its own TTL: Redis losing its contents is detected and repaired, never obeyed.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -133,10 +133,10 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     PERMISSION_DENIED.
 
     A change is written, with its admin audit row (who, what, before, after,
-    reason, when), to the audit store's database before the call answers; Redis
-    distributes it, and every server keeps a copy for its hot path and learns of
-    it within a second. A setting changes only by such a call or by its own TTL:
-    Redis losing its contents is detected and repaired, never obeyed.
+    reason, when), to the audit store's database before the call answers; servers
+    apply only what they read there, Redis tells them of a change, and every
+    server applies it within a second. A setting changes only by such a call or by
+    its own TTL: Redis losing its contents is detected and repaired, never obeyed.
     """
 
     @_abc_1.abstractmethod

@@ -138,7 +138,7 @@ async def test_breaker_override_reaches_the_other_server_within_a_second_and_exp
         for server in (a, b):
             await server.close()
 
-    (row,) = await wait_store_rows(a.run_dir / "audit.db", 1)
+    (row,) = await wait_store_rows(a.run_dir.parent / "audit.db", 1)
     assert (row.actor, row.action, row.target) == ("oncall", "set_breaker", "primary")
     assert row.before["mode"] == "AUTO"
     assert row.after["mode"] == "FORCE_OPEN"
@@ -216,7 +216,7 @@ async def test_a_kill_switch_through_one_worker_reaches_every_worker_of_the_serv
         await server.close()  # SIGTERM: both workers drain their journals
     assert server.proc.wait(0) == 0  # a clean stop, workers included
     statement = sa.select(decisions.c.decision_id, decisions.c.server_id)
-    rows = store_rows(server.run_dir / "audit.db", statement)
+    rows = store_rows(server.run_dir.parent / "audit.db", statement)
     assert ids <= {row.decision_id for row in rows}
     assert {row.server_id.rsplit("/", 1)[-1] for row in rows} == {"w0", "w1"}
 

@@ -29,7 +29,7 @@ from server.control.canary import CANARY, CHAMPION, CanaryMonitor
 from server.control.changes import AUTO_ROLLBACK_ACTOR, AuditedChanges, CanaryRollback
 from server.control.durable import ControlStore
 from server.control.flags import flag_specs
-from server.control.shared import SharedControl
+from server.control.shared import NOT_READ, SharedControl
 from server.control.state import BreakerMode
 from server.errors import FailedPrecondition, SharedStateUnavailable
 from server.settings import CanarySettings, ControlSettings
@@ -66,8 +66,9 @@ Server = tuple[ControlPlane, SharedControl]
 
 
 @pytest.fixture
-def store_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'audit.db'}"
+def store_url(database_url: str) -> str:
+    """The deployment's one audit store (SQLite and PostgreSQL)."""
+    return database_url
 
 
 @pytest.fixture
@@ -113,11 +114,14 @@ async def test_a_change_the_store_does_not_take_is_made_nowhere(servers, store_u
 
     with pytest.raises(SharedStateUnavailable, match="audit store did not take the change"):
         await plane.kill_switch("oncall", "BTC-USD", True, "bad prints", ttl_s=0)
-    await other.sync()
+    await other.refresh()
     now_us = time.time_ns() // 1000
-    for state in (shared.state, other.state):
-        assert state.kill_switch("BTC-USD", now_us) is None
+    assert other.state.kill_switch("BTC-USD", now_us) is None
     assert admin_rows(store_url) == []
+    # Never having read the store, that server stops every symbol, and says why.
+    stopped = shared.state.kill_switch("ETH-USD", now_us)
+    assert stopped is not None and stopped[0] == "*"
+    assert stopped[1].reason == NOT_READ
 
 
 async def test_the_audit_row_says_what_was_replaced_even_when_this_server_had_not_heard(
@@ -150,7 +154,7 @@ async def test_a_breach_seen_by_every_server_is_rolled_back_and_audited_once(
         await shared.start()
     await deployment[0][0].set_canary("oncall", 0.2, "try the challenger")
     for _, shared in deployment:
-        await shared.sync()
+        await shared.refresh()
 
     await asyncio.gather(
         *(
@@ -162,7 +166,7 @@ async def test_a_breach_seen_by_every_server_is_rolled_back_and_audited_once(
     assert len(rollbacks) == 1
     assert rollbacks[0].before["weight"] == 0.2 and rollbacks[0].after["weight"] == 0.0
     for _, shared in deployment:
-        await shared.sync()
+        await shared.refresh()
         assert shared.state.canary(time.time_ns() // 1000)[0] == 0.0
 
 

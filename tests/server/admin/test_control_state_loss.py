@@ -1,8 +1,8 @@
-"""On-call's levers survive Redis losing its contents (a flush, a restart without
-persistence) with a real redis-server of the test's own and a real audit store (SQLite
-and PostgreSQL): every server keeps obeying them, Redis gets them back, the loss is
-counted, a server started while Redis is empty takes them from the store, and each lever
-still ends at its own expiry.
+"""On-call's levers survive a copy losing data (Redis flushed, restarted empty, gone
+back, written by hand; the store restored from an older backup) with a real redis-server
+of the test's own and a real audit store (SQLite and PostgreSQL): every server keeps
+obeying them, the copy gets them back, the loss is counted, a server started while Redis
+is empty takes them from the store, and each lever still ends at its own expiry.
 
 Several ``SharedControl``s on one Redis, key prefix and store stand for several servers
 here; ``test_control_state_processes`` does the same with decision server processes.
@@ -17,20 +17,23 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+import sqlalchemy as sa
 
 from core.processes import ManagedProcess, free_port
 from localstack.redis_server import start_redis
+from server.audit.store import control_state
 from server.control.changes import AuditedChanges
-from server.control.shared import SharedControl
+from server.control.shared import DURABLE_POLL_S, SharedControl
 from server.control.state import BREAKER_PREFIX, BreakerMode, Change, ControlState, Entry
 from tests.server.admin.test_control_plane import shared_control
 
 pytestmark = pytest.mark.integration
 
-# Each lever's time to live: long enough for the losses below, short enough to watch expire.
-TTL_S = 6.0
 # How soon after a loss every server must be seen obeying, and Redis hold the state again.
 WITHIN_S = 1.0
+# Levers that outlast the test, and a short one to watch expire after a loss.
+LONG_TTL_S = 600.0
+SHORT_TTL_S = 3.0
 
 
 class OwnRedis:
@@ -96,12 +99,12 @@ def obeys_none(state: ControlState, now_us: int) -> bool:
     )
 
 
-async def engage_three(shared: SharedControl) -> int:
+async def engage_three(shared: SharedControl, ttl_s: float = LONG_TTL_S) -> int:
     """A kill switch on SOL-USD, the primary's breaker forced open and a canary weight,
-    each with ``TTL_S`` to live; returns when they expire (µs)."""
+    each with ``ttl_s`` to live; returns when they expire (µs)."""
     changes = AuditedChanges(shared)
     now_us = time.time_ns() // 1000
-    expires_at_us = now_us + int(TTL_S * 1_000_000)
+    expires_at_us = now_us + int(ttl_s * 1_000_000)
     change = Change("oncall", "test", now_us, expires_at_us)
     for action, field_name, value in (
         ("kill_switch", "kill:SOL-USD", True),
@@ -137,49 +140,75 @@ async def watch_obeying(servers: list[SharedControl], redis_url: str, key: str) 
             await asyncio.sleep(0.02)
 
 
-async def test_levers_hold_through_a_flush_and_an_empty_restart_and_expire_on_time(
+def redis_losses(*servers: SharedControl) -> int:
+    return sum(s.losses["redis"] for s in servers)
+
+
+async def flush(redis: OwnRedis) -> None:
+    async with aioredis.Redis.from_url(redis.url) as client:
+        await client.flushall()
+
+
+async def test_levers_hold_through_a_flush_and_an_empty_restart(
     fleet, own_redis: OwnRedis, key_prefix: str, database_url: str
 ) -> None:
     a = await start_server(fleet, own_redis, key_prefix, database_url)
     b = await start_server(fleet, own_redis, key_prefix, database_url)
-    expires_at_us = await engage_three(a)
-    await b.sync()
+    await engage_three(a)
+    await b.refresh()
     assert obeys_all_three(b.state, time.time_ns() // 1000)
     key = f"{key_prefix}control:state"
 
-    async with aioredis.Redis.from_url(own_redis.url) as client:
-        await client.flushall()
+    await flush(own_redis)
     await watch_obeying([a, b], own_redis.url, key)
-    losses_after_flush = a.losses + b.losses
-    assert losses_after_flush >= 1  # the first server to look counts it; the other may
+    after_flush = redis_losses(a, b)
+    assert after_flush >= 1  # the first server to look counts it; the other may
 
     await asyncio.to_thread(own_redis.restart_empty)
     await watch_obeying([a, b], own_redis.url, key)
-    assert a.losses + b.losses > losses_after_flush
+    assert redis_losses(a, b) > after_flush
     last_loss = a.status().last_loss or b.status().last_loss
     assert last_loss is not None and "no control state" in last_loss.what
-
-    # A server that starts while Redis is empty takes the levers from the store.
-    async with aioredis.Redis.from_url(own_redis.url) as client:
-        await client.flushall()
-    c = await start_server(fleet, own_redis, key_prefix, database_url)
-    assert obeys_all_three(c.state, time.time_ns() // 1000)
-    await watch_obeying([a, b, c], own_redis.url, key)
-
-    # Each still ends at its own expiry, on every server, with no one acting.
-    await asyncio.sleep(max(0.0, (expires_at_us - time.time_ns() // 1000) / 1e6 - 0.3))
-    before_us = time.time_ns() // 1000
-    if before_us < expires_at_us:
-        assert all(obeys_all_three(s.state, before_us) for s in (a, b, c))
-    await asyncio.sleep(max(0.0, (expires_at_us - time.time_ns() // 1000) / 1e6) + 0.05)
-    after_us = time.time_ns() // 1000
-    assert all(obeys_none(s.state, after_us) for s in (a, b, c))
+    assert all(s.losses["durable"] == 0 for s in (a, b))
 
 
-async def test_redis_going_back_a_version_is_not_obeyed(
+async def test_a_server_started_while_redis_is_empty_takes_the_levers_from_the_store(
     fleet, own_redis: OwnRedis, key_prefix: str, database_url: str
 ) -> None:
-    """A failover to a replica that missed the last write: an older state in Redis."""
+    """A fleet restart beside a Redis that lost everything: no server is left to write
+    Redis back, so only the store can tell the new one."""
+    a = await start_server(fleet, own_redis, key_prefix, database_url)
+    await engage_three(a)
+    await a.stop()
+    await flush(own_redis)
+
+    b = await start_server(fleet, own_redis, key_prefix, database_url)
+    assert obeys_all_three(b.state, time.time_ns() // 1000)
+    assert b.losses["redis"] == 1  # it found Redis empty, and wrote it back
+    await watch_obeying([b], own_redis.url, f"{key_prefix}control:state")
+
+
+async def test_levers_still_expire_on_time_after_a_loss(
+    fleet, own_redis: OwnRedis, key_prefix: str, database_url: str
+) -> None:
+    a = await start_server(fleet, own_redis, key_prefix, database_url)
+    b = await start_server(fleet, own_redis, key_prefix, database_url)
+    expires_at_us = await engage_three(a, ttl_s=SHORT_TTL_S)
+    await flush(own_redis)
+    await asyncio.sleep(0.3)  # each server has read Redis at least once since
+    now_us = time.time_ns() // 1000
+    assert now_us < expires_at_us, "the machine was too slow to see the levers before expiry"
+    assert all(obeys_all_three(s.state, now_us) for s in (a, b))
+
+    await asyncio.sleep((expires_at_us - time.time_ns() // 1000) / 1e6 + 0.05)
+    after_us = time.time_ns() // 1000
+    assert all(obeys_none(s.state, after_us) for s in (a, b))
+
+
+async def test_a_redis_copy_that_went_back_a_version_is_not_obeyed(
+    fleet, own_redis: OwnRedis, key_prefix: str, database_url: str
+) -> None:
+    """A failover to a replica that missed the last writes: an older state in Redis."""
     a = await start_server(fleet, own_redis, key_prefix, database_url)
     await engage_three(a)
     key = f"{key_prefix}control:state"
@@ -187,7 +216,21 @@ async def test_redis_going_back_a_version_is_not_obeyed(
         await client.hset(key, mapping={"version": 1, "entries": "{}"})
     await watch_obeying([a], own_redis.url, key)
     last_loss = a.status().last_loss
-    assert a.losses == 1 and last_loss is not None and "went back" in last_loss.what
+    assert a.losses["redis"] == 1 and last_loss is not None and "went back" in last_loss.what
+
+
+async def test_a_redis_version_the_store_does_not_have_is_not_obeyed(
+    fleet, own_redis: OwnRedis, key_prefix: str, database_url: str
+) -> None:
+    """A write by hand (or by anything but AdminService): never an audited change."""
+    a = await start_server(fleet, own_redis, key_prefix, database_url)
+    await engage_three(a)
+    key = f"{key_prefix}control:state"
+    async with aioredis.Redis.from_url(own_redis.url) as client:
+        await client.hset(key, mapping={"version": 999, "entries": "{}"})
+    await watch_obeying([a], own_redis.url, key)
+    last_loss = a.status().last_loss
+    assert last_loss is not None and "which the audit store does not" in last_loss.what
 
 
 async def test_entries_gone_without_a_new_version_are_not_obeyed(
@@ -198,7 +241,29 @@ async def test_entries_gone_without_a_new_version_are_not_obeyed(
     key = f"{key_prefix}control:state"
     async with aioredis.Redis.from_url(own_redis.url) as client:
         await client.hset(key, "entries", "{}")  # same version, nothing set
-    await a.sync()  # a full read (the resync compares versions only)
+    # The version check does not see it; the durable poll's full read does, within 1 s.
+    await asyncio.sleep(DURABLE_POLL_S + 0.5)
     await watch_obeying([a], own_redis.url, key)
     last_loss = a.status().last_loss
-    assert last_loss is not None and "without a new version" in last_loss.what
+    assert last_loss is not None and "changed without a change" in last_loss.what
+
+
+async def test_a_store_restored_from_an_older_backup_is_written_back(
+    fleet, own_redis: OwnRedis, key_prefix: str, database_url: str
+) -> None:
+    a = await start_server(fleet, own_redis, key_prefix, database_url)
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            backup = conn.execute(sa.select(control_state)).one()._asdict()
+        await engage_three(a)
+        version = a.state.version
+        with engine.begin() as conn:
+            conn.execute(control_state.update().values(backup))
+        await a.refresh()
+        assert obeys_all_three(a.state, time.time_ns() // 1000)
+        assert a.losses["durable"] == 1
+        with engine.begin() as conn:
+            assert conn.execute(sa.select(control_state.c.version)).scalar_one() == version
+    finally:
+        engine.dispose()

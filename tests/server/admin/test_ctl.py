@@ -33,7 +33,14 @@ def _status() -> pb.GetStatusResponse:
     return pb.GetStatusResponse(
         server_id="decision-a1",
         shared_state=pb.SharedStateStatus(
-            in_sync=False, error="redis timeout", version=42, synced_at=_ts("2026-11-21T09:59:00Z")
+            in_sync=False,
+            error="redis timeout",
+            version=42,
+            synced_at=_ts("2026-11-21T09:59:00Z"),
+            durable_error="OperationalError: connection refused",
+            losses=3,
+            last_loss_at=_ts("2026-11-21T09:57:00Z"),
+            last_loss="Redis held no control state; this server has version 42",
         ),
         feature_mirror=pb.FeatureMirrorStatus(
             enabled=True,
@@ -177,6 +184,9 @@ def test_format_status_shows_the_key_content() -> None:
         "OUT OF SYNC",
         "redis timeout",
         "version 42",
+        "durable copy  NOT READ: OperationalError: connection refused",
+        "LOST THE CONTROL STATE 3 time(s), last 2026-11-21T09:57:00Z: Redis held no control"
+        " state; this server has version 42",
         "10.0.0.1:7070",
         "FORCE_OPEN by alice",
         "until 2026-11-21T10:00:00Z: replica OOM INC-123",
