@@ -118,15 +118,22 @@ class ControlStore:
 
     def restore(self, state: StoredState, *, over_version: int) -> bool:
         """Writes ``state`` back if the stored version is still ``over_version`` (a store
-        restored from a backup is behind what the servers applied); False otherwise."""
+        restored from a backup, or its row deleted: version 0, is behind what the servers
+        applied); False otherwise."""
         self._ensure_schema()
+        values = _row(state.version, state.entries, at_us=time.time_ns() // 1000)
         statement = (
             control_state.update()
             .where(control_state.c.id == ROW_ID, control_state.c.version == over_version)
-            .values(_row(state.version, state.entries, at_us=time.time_ns() // 1000))
+            .values(values)
         )
         with self.engine.begin() as conn:
-            return bool(conn.execute(statement).rowcount)
+            if conn.execute(statement).rowcount:
+                return True
+            if over_version == 0 and conn.execute(_READ).one_or_none() is None:
+                conn.execute(sa.insert(control_state).values(values))
+                return True
+            return False
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -2,8 +2,8 @@
 
 One hash, ``{prefix}control:state``, holds the version and the entries (as the durable
 copy has them), and each write publishes the version on ``{prefix}control:changed``. It
-is only ever replaced whole, by a script that first checks the version it replaces is
-the one the writer judged, so two servers repairing it at once cannot undo each other.
+is only ever replaced whole, by a script that first checks that what it replaces is what
+the writer judged, so two servers repairing it at once cannot undo each other.
 """
 
 from __future__ import annotations
@@ -14,19 +14,28 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
 from server.control.durable import StoredState
 from server.control.state import Entry, decode_entries, encode_entries
 
 REDIS_ERRORS = (aioredis.RedisError, OSError)
 
-# KEYS: the hash, the channel. ARGV: the version expected there ("" when none), the new
-# version, the entries. Returns 1 when it wrote.
+# KEYS: the hash, the channel. ARGV: what is expected there (the version as stored, ""
+# when nothing is, "!<type>" when the key is not a hash), the new version, the entries.
+# Replaces the key whole; returns 1 when it wrote.
 _REPLACE = """
-local current = redis.call('HGET', KEYS[1], 'version') or ''
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local current = ''
+if kind == 'hash' then
+  current = redis.call('HGET', KEYS[1], 'version') or ''
+elseif kind ~= 'none' then
+  current = '!' .. kind
+end
 if current ~= ARGV[1] then
   return 0
 end
+redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'version', ARGV[2], 'entries', ARGV[3])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
 return 1
@@ -106,19 +115,35 @@ class RedisCopy:
         await self._redis.aclose()
 
     async def raw_version(self) -> str:
-        """The version as stored ("" when there is none); raises ``REDIS_ERRORS``."""
-        return _text(await self._redis.hget(self.key, "version"))
+        """The version as stored ("" when there is none, "!<type>" when the key is not a
+        hash); raises ``REDIS_ERRORS``."""
+        try:
+            return _text(await self._redis.hget(self.key, "version"))
+        except ResponseError as exc:
+            return await self._wrong_type(exc)
 
     async def read(self) -> Copy:
         """Raises ``REDIS_ERRORS`` when Redis does not answer."""
-        raw_version, raw_entries = await self._redis.hmget(self.key, "version", "entries")
+        try:
+            raw_version, raw_entries = await self._redis.hmget(self.key, "version", "entries")
+        except ResponseError as exc:
+            text = await self._wrong_type(exc)
+            return Copy(text, None, {}, unreadable=f"the key is a {text[1:]}, not a hash")
         text = _text(raw_version)
         if not text:
             return Copy("", None, {})
         try:
-            return Copy(text, int(text), decode_entries(raw_entries or b""))
+            version = int(text)
+            if text != str(version):
+                raise ValueError(f"version {text!r} is not as this code writes it")
+            return Copy(text, version, decode_entries(raw_entries or b""))
         except ValueError as exc:  # not written by this code
             return Copy(text, None, {}, unreadable=str(exc))
+
+    async def _wrong_type(self, exc: ResponseError) -> str:
+        if not str(exc).startswith("WRONGTYPE"):
+            raise exc
+        return "!" + _text(await self._redis.type(self.key))
 
     async def replace(self, expected: str, version: int, entries: Mapping[str, Entry]) -> bool:
         """Writes the state if the stored version is still ``expected``; False when it

@@ -235,8 +235,11 @@ class SharedControl:
             )
             kept = StoredState(mine.version, mine.entries)
             try:
-                await self._in_store_thread(self._store.restore, kept, over_version=stored.version)
-            except sa.exc.SQLAlchemyError as exc:
+                async with asyncio.timeout(DURABLE_READ_TIMEOUT_S):
+                    await self._in_store_thread(
+                        self._store.restore, kept, over_version=stored.version
+                    )
+            except (sa.exc.SQLAlchemyError, OSError, TimeoutError) as exc:
                 log.error("control state not written back to the audit store: %r", exc)
 
     async def _check_redis(self, copy: Copy, *, judged_against_store: bool) -> None:
@@ -310,7 +313,9 @@ class SharedControl:
             ) from exc
         if written is not None:
             async with self._lock:
-                await self._apply(written.state)  # this server applies it at once
+                # This server applies it at once, unless it already read a later change.
+                if written.state.version > self.state.version:
+                    await self._apply(written.state)
             await self.refresh()  # and tells the others through Redis
         return written
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,8 @@ from core.processes import ManagedProcess, free_port
 from localstack.redis_server import start_redis
 from server.audit.store import control_state
 from server.control.changes import AuditedChanges
-from server.control.shared import DURABLE_POLL_S, SharedControl
+from server.control.redis_copy import RedisCopy
+from server.control.shared import SharedControl
 from server.control.state import BREAKER_PREFIX, BreakerMode, Change, ControlState, Entry
 from tests.server.admin.test_control_plane import shared_control
 
@@ -157,6 +158,7 @@ async def test_levers_hold_through_a_flush_and_an_empty_restart(
     await engage_three(a)
     await b.refresh()
     assert obeys_all_three(b.state, time.time_ns() // 1000)
+    assert redis_losses(a, b) == 0  # changes, even the fleet's first, are not losses
     key = f"{key_prefix}control:state"
 
     await flush(own_redis)
@@ -233,19 +235,80 @@ async def test_a_redis_version_the_store_does_not_have_is_not_obeyed(
     assert last_loss is not None and "which the audit store does not" in last_loss.what
 
 
+async def repaired_by_hand_edit(
+    a: SharedControl,
+    redis: OwnRedis,
+    key_prefix: str,
+    edit: Callable[[aioredis.Redis, str], Awaitable[object]],
+) -> str:
+    """Edits Redis's copy by hand, then waits (bounded) until ``a`` counted the loss and
+    Redis holds its state again, entries and all; returns what ``a`` found."""
+    key = f"{key_prefix}control:state"
+    reader = RedisCopy(redis.url, key_prefix=key_prefix, timeout_ms=500)
+    try:
+        async with aioredis.Redis.from_url(redis.url) as client:
+            await edit(client, key)
+        deadline = time.monotonic() + 10.0
+        while True:
+            assert obeys_all_three(a.state, time.time_ns() // 1000)
+            copy = await reader.read()
+            loss = a.status().last_loss
+            if (
+                loss is not None
+                and copy.version == a.state.version
+                and copy.entries == a.state.entries
+            ):
+                return loss.what
+            assert time.monotonic() < deadline, f"not repaired: {copy}"
+            await asyncio.sleep(0.05)
+    finally:
+        await reader.aclose()
+
+
 async def test_entries_gone_without_a_new_version_are_not_obeyed(
     fleet, own_redis: OwnRedis, key_prefix: str, database_url: str
 ) -> None:
     a = await start_server(fleet, own_redis, key_prefix, database_url)
     await engage_three(a)
-    key = f"{key_prefix}control:state"
-    async with aioredis.Redis.from_url(own_redis.url) as client:
-        await client.hset(key, "entries", "{}")  # same version, nothing set
-    # The version check does not see it; the durable poll's full read does, within 1 s.
-    await asyncio.sleep(DURABLE_POLL_S + 0.5)
-    await watch_obeying([a], own_redis.url, key)
-    last_loss = a.status().last_loss
-    assert last_loss is not None and "changed without a change" in last_loss.what
+    # Same version, nothing set: the version check does not see it, the poll's full read does.
+    found = await repaired_by_hand_edit(
+        a, own_redis, key_prefix, lambda client, key: client.hset(key, "entries", "{}")
+    )
+    assert "changed without a change" in found
+
+
+@pytest.mark.parametrize(
+    ("edit", "found"),
+    [
+        (lambda client, key: client.set(key, "7"), "the key is a string, not a hash"),
+        (lambda client, key: client.hset(key, "version", "03"), "not as this code writes it"),
+    ],
+)
+async def test_a_redis_copy_written_otherwise_is_replaced(
+    fleet, own_redis: OwnRedis, key_prefix: str, database_url: str, edit, found: str
+) -> None:
+    a = await start_server(fleet, own_redis, key_prefix, database_url)
+    await engage_three(a)
+    assert found in await repaired_by_hand_edit(a, own_redis, key_prefix, edit)
+
+
+async def test_a_deleted_store_row_is_written_back(
+    fleet, own_redis: OwnRedis, key_prefix: str, database_url: str
+) -> None:
+    a = await start_server(fleet, own_redis, key_prefix, database_url)
+    await engage_three(a)
+    version = a.state.version
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(control_state.delete())
+        await a.refresh()
+        assert obeys_all_three(a.state, time.time_ns() // 1000)
+        assert a.losses["durable"] == 1
+        with engine.begin() as conn:
+            assert conn.execute(sa.select(control_state.c.version)).scalar_one() == version
+    finally:
+        engine.dispose()
 
 
 async def test_a_store_restored_from_an_older_backup_is_written_back(

@@ -147,6 +147,7 @@ def test_two_server_processes_obey_the_levers_through_a_redis_flush_and_restart(
         OPERATOR,
     )
     all_come_to_obey(servers)
+    assert sum(s.losses() for s in servers) == 0  # changes are not losses
 
     with contextlib.closing(redis.Redis(port=own_redis.port)) as client:
         client.flushall()
