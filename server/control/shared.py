@@ -62,7 +62,6 @@ class Loss:
     """The last time a copy was found to have lost data."""
 
     at_us: int
-    copy: str  # REDIS or DURABLE
     what: str
 
 
@@ -267,7 +266,7 @@ class SharedControl:
 
     def _lost(self, copy: str, what: str) -> None:
         self.losses[copy] += 1
-        self._last_loss = Loss(time.time_ns() // 1000, copy, what)
+        self._last_loss = Loss(time.time_ns() // 1000, what)
         log.error(
             "control state lost: %s; keeping version %d and writing it back",
             what,

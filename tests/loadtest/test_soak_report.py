@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,13 @@ def answer(at_s: float, outcome: str = "PRIMARY", *, latency_ms: float = 5.0) ->
     return Answer(at_s, latency_ms, outcome, 80.0 if not late else -1.0, late)
 
 
-def window(answers: list[Answer], *, fault: str = "", cpu: float = 5.0) -> Window:
+def window(
+    answers: list[Answer],
+    *,
+    fault: str = "",
+    cpu: float = 5.0,
+    kill_switches: Sequence[KillSwitch] = (),
+) -> Window:
     return summarize(
         answers,
         0.0,
@@ -42,6 +49,7 @@ def window(answers: list[Answer], *, fault: str = "", cpu: float = 5.0) -> Windo
         workers_lost=0,
         processes={"kafka-broker": (cpu, 32.0), "feature-cache": (cpu, 56.0)},
         fault=fault,
+        kill_switches=kill_switches,
     )
 
 
@@ -191,29 +199,14 @@ def order_answer(at_s: float, symbol: str, *, sent_unix_s: float = 101.0) -> Ans
     return Answer(at_s, 5.0, "PRIMARY", 80.0, False, "d", sent_unix_s, "", symbol, "TRADE", "")
 
 
-def summarized(
-    answers: list[Answer], *, kill_switches: list[KillSwitch], fault: str = ""
-) -> Window:
-    return summarize(
-        answers,
-        0.0,
-        10.0,
-        consumer_lag=0,
-        workers_lost=0,
-        processes={},
-        fault=fault,
-        kill_switches=kill_switches,
-    )
-
-
 def test_a_kill_switchs_abstentions_do_not_count_against_the_model_share():
     switch = KillSwitch("SOL-USD", 100.0, 100.01)
     symbols = ("BTC-USD", "ETH-USD", "SOL-USD")
     answers = [order_answer(i / 100, symbols[i % 3]) for i in range(999)]
-    unaware = summarized(answers, kill_switches=[])
+    unaware = window(answers, kill_switches=[])
     assert judge(unaware, Bounds()) == ["model share 66.7% < 99%"]
 
-    held = summarized(answers, kill_switches=[switch])
+    held = window(answers, kill_switches=[switch])
 
     assert (held.model_share, held.kill_switched) == (1.0, 333)
     assert judge(held, Bounds()) == []
@@ -221,7 +214,7 @@ def test_a_kill_switchs_abstentions_do_not_count_against_the_model_share():
     # Sent before the switch was asked for: the model's to answer.
     early = [order_answer(0.0, "SOL-USD", sent_unix_s=99.0)]
     assert held_to_model(early, [switch]) == early
-    assert judge(summarized(early, kill_switches=[switch]), Bounds()) == ["model share 0.0% < 99%"]
+    assert judge(window(early, kill_switches=[switch]), Bounds()) == ["model share 0.0% < 99%"]
 
 
 def test_a_window_with_a_disobeyed_kill_switch_is_broken_even_during_a_fault():
@@ -241,7 +234,7 @@ def test_a_window_with_a_disobeyed_kill_switch_is_broken_even_during_a_fault():
 
 def test_every_answer_kill_switched_leaves_no_model_share_to_judge():
     answers = [order_answer(i / 100, "SOL-USD") for i in range(100)]
-    held = summarized(answers, kill_switches=[KillSwitch("*", 100.0, 100.0)])
+    held = window(answers, kill_switches=[KillSwitch("*", 100.0, 100.0)])
     assert held.kill_switched == 100
     assert judge(held, Bounds()) == []
 

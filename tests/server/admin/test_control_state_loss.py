@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 
-from core.processes import ManagedProcess, free_port
-from localstack.redis_server import start_redis
 from server.audit.store import control_state
 from server.control.changes import AuditedChanges
 from server.control.redis_copy import RedisCopy
 from server.control.shared import SharedControl
 from server.control.state import BREAKER_PREFIX, BreakerMode, Change, ControlState, Entry
+from tests.server.admin.conftest import OwnRedis
 from tests.server.admin.test_control_plane import shared_control
 
 pytestmark = pytest.mark.integration
@@ -35,29 +33,6 @@ WITHIN_S = 1.0
 # Levers that outlast the test, and a short one to watch expire after a loss.
 LONG_TTL_S = 600.0
 SHORT_TTL_S = 3.0
-
-
-class OwnRedis:
-    """A redis-server of the test's own, which it may flush and restart (empty)."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._run_dir = run_dir
-        self.proc: ManagedProcess = start_redis(self.port, run_dir)
-
-    def restart_empty(self) -> None:
-        self.proc.stop()
-        self.proc = start_redis(self.port, self._run_dir)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    redis = OwnRedis(tmp_path / "redis")
-    try:
-        yield redis
-    finally:
-        redis.proc.stop()
 
 
 @pytest.fixture
@@ -213,12 +188,13 @@ async def test_a_redis_copy_that_went_back_a_version_is_not_obeyed(
     """A failover to a replica that missed the last writes: an older state in Redis."""
     a = await start_server(fleet, own_redis, key_prefix, database_url)
     await engage_three(a)
-    key = f"{key_prefix}control:state"
-    async with aioredis.Redis.from_url(own_redis.url) as client:
-        await client.hset(key, mapping={"version": 1, "entries": "{}"})
-    await watch_obeying([a], own_redis.url, key)
-    last_loss = a.status().last_loss
-    assert a.losses["redis"] == 1 and last_loss is not None and "went back" in last_loss.what
+    found = await repaired_by_hand_edit(
+        a,
+        own_redis,
+        key_prefix,
+        lambda client, key: client.hset(key, mapping={"version": 1, "entries": "{}"}),
+    )
+    assert a.losses["redis"] == 1 and "went back" in found
 
 
 async def test_a_redis_version_the_store_does_not_have_is_not_obeyed(
@@ -227,12 +203,13 @@ async def test_a_redis_version_the_store_does_not_have_is_not_obeyed(
     """A write by hand (or by anything but AdminService): never an audited change."""
     a = await start_server(fleet, own_redis, key_prefix, database_url)
     await engage_three(a)
-    key = f"{key_prefix}control:state"
-    async with aioredis.Redis.from_url(own_redis.url) as client:
-        await client.hset(key, mapping={"version": 999, "entries": "{}"})
-    await watch_obeying([a], own_redis.url, key)
-    last_loss = a.status().last_loss
-    assert last_loss is not None and "which the audit store does not" in last_loss.what
+    found = await repaired_by_hand_edit(
+        a,
+        own_redis,
+        key_prefix,
+        lambda client, key: client.hset(key, mapping={"version": 999, "entries": "{}"}),
+    )
+    assert "which the audit store does not" in found
 
 
 async def repaired_by_hand_edit(

@@ -24,7 +24,8 @@ from localstack.health import serving
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from tests.conftest import server_process, server_process_env
 from tests.metrics import scrape, value
-from tests.server.admin.test_control_state_loss import WITHIN_S, OwnRedis
+from tests.server.admin.conftest import OwnRedis
+from tests.server.admin.test_control_state_loss import WITHIN_S
 from tests.server.conftest import OPERATOR, TOKENS, VIEWER, buy
 
 pytestmark = pytest.mark.integration
@@ -79,15 +80,6 @@ def servers(tmp_path: Path) -> Iterator[list[Server]]:
     finally:
         for server in started:
             server.proc.stop()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    own = OwnRedis(tmp_path / "redis")
-    try:
-        yield own
-    finally:
-        own.proc.stop()
 
 
 def obeys_all_three(server: Server) -> str:
