@@ -52,7 +52,7 @@ test: setup-ci lint proto-check k8s-validate ## Set up, lint, check the protos a
 test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths), worker scaling (bench_workers), Decide vs TorchServe latency, ingest, broker, audit, model serving, shadow, CPU slice
+bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths), worker scaling (bench_workers), Decide vs TorchServe latency, ingest, broker, audit, model serving, shadow
 	@$(PY) -m loadtest.bench_paths
 	@$(PY) -m loadtest.bench_workers
 	@$(PY) -m loadtest.bench_latency
@@ -61,7 +61,6 @@ bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths),
 	@$(PY) -m loadtest.bench_audit
 	@$(PY) -m loadtest.bench_models
 	@$(PY) -m loadtest.bench_shadow
-	@$(PY) -m loadtest.bench_cpu_slice
 
 DURATION ?= 600
 soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 redis-empty@300 ...", LEVERS="kill-switch:SOL-USD@60 ..."

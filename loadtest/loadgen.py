@@ -47,6 +47,7 @@ import uvloop
 # hdrhistogram ships no type stubs or py.typed marker; HdrHistogram is used as Any.
 from hdrh.histogram import HdrHistogram
 
+from core.caller import CALLER_OPTIONS
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
@@ -57,6 +58,8 @@ Call = Callable[[], Awaitable[str]]
 """One request; returns a label for the answer (a Decide source), raises AioRpcError."""
 
 LOWEST_US, HIGHEST_US, SIGNIFICANT_DIGITS = 1, 60_000_000, 3
+REFUSALS = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE"})
+"""The codes a server (or the channel) refuses a call with, to be retried elsewhere."""
 MAX_SECONDS = 600.0
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
@@ -136,6 +139,8 @@ class WorkerResult:
     """What one process measured; plain data, so it pickles back to the parent."""
 
     histogram: bytes
+    refusals: bytes
+    """Latencies of the calls refused (``REFUSALS``), as the caller saw them."""
     ok: int
     errors: dict[str, int]
     answers: dict[str, int]
@@ -154,6 +159,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.histogram = new_histogram()
+        self.refusals = new_histogram()
         self.ok = 0
         self.errors: Counter[str] = Counter()
         self.answers: Counter[str] = Counter()
@@ -176,6 +182,9 @@ class Recorder:
             answer = await call()
         except grpc.aio.AioRpcError as exc:
             self.errors[exc.code().name] += 1
+            if exc.code().name in REFUSALS:
+                refused_us = round((time.perf_counter() - since) * 1e6)
+                self.refusals.record_value(min(max(refused_us, LOWEST_US), HIGHEST_US))
         else:
             latency_us = round((time.perf_counter() - since) * 1e6)
             self.histogram.record_value(min(max(latency_us, LOWEST_US), HIGHEST_US))
@@ -187,6 +196,7 @@ class Recorder:
     def result(self, elapsed_s: float, cpu_s: float) -> WorkerResult:
         return WorkerResult(
             histogram=self.histogram.encode(),
+            refusals=self.refusals.encode(),
             ok=self.ok,
             errors=dict(self.errors),
             answers=dict(self.answers),
@@ -308,7 +318,7 @@ def in_turn(calls: Sequence[Call]) -> Call:
 async def _measure(spec: LoadSpec) -> WorkerResult:
     # A subchannel pool of its own per channel: otherwise channels to one address share
     # one TCP connection, and a server's workers would see one connection.
-    options = [("grpc.enable_retries", 0), ("grpc.use_local_subchannel_pool", 1)]
+    options = [*CALLER_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
     async with contextlib.AsyncExitStack() as stack:
         channels = [
             await stack.enter_async_context(
@@ -348,6 +358,7 @@ class LoadResult:
 
     def __post_init__(self) -> None:
         self.histogram = merge_histograms(w.histogram for w in self.workers)
+        self.refusals = merge_histograms(w.refusals for w in self.workers)
 
     @classmethod
     def combine(cls, rounds: list[LoadResult]) -> LoadResult:
@@ -395,6 +406,16 @@ class LoadResult:
         if self.ok == 0:
             return float("nan")
         return float(self.histogram.get_value_at_percentile(percent)) / 1000
+
+    @property
+    def refused(self) -> int:
+        return sum(n for code, n in self.errors.items() if code in REFUSALS)
+
+    def refusal_percentile_ms(self, percent: float) -> float:
+        """How long a refused call took to be refused, as the caller saw it."""
+        if self.refused == 0:
+            return float("nan")
+        return float(self.refusals.get_value_at_percentile(percent)) / 1000
 
 
 class LoadGenerator:

@@ -38,6 +38,7 @@ from locust.runners import WorkerRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 from locust.user.wait_time import constant_throughput
 
+from core.caller import CALLER_OPTIONS
 from loadtest.locust_scenarios import (
     DEFAULT_ADMIN_ADDRESS,
     DEFAULT_TARGET,
@@ -280,7 +281,7 @@ class DecisionUser(User):
         # A connection of its own per user (not the process-wide subchannel pool's one):
         # a server with several workers on one port spreads connections, not requests.
         self._channel = grpc.insecure_channel(
-            options.target, options=[("grpc.use_local_subchannel_pool", 1)]
+            options.target, options=[*CALLER_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
         )
         self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import grpc
 
+from core.caller import CALLER_OPTIONS
 from core.chaos import RESTART_EMPTY, ChaosRequest, NoLocalStack, ask
 from core.processes import ProcessStartError
 from feature_cache.settings import FeatureCacheSettings
@@ -128,7 +129,7 @@ class LoadDriver:
     answers); ``take()`` hands over the answers completed since the last take."""
 
     def __init__(self, address: str, rate_per_s: float, deadline_ms: float) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = grpc.aio.insecure_channel(address, options=CALLER_OPTIONS)
         self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
         self._interval_s = 1.0 / rate_per_s
         self._deadline_ms = deadline_ms

@@ -126,7 +126,11 @@ Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
   Python:
     import grpc
     from proto.decision.v1 import decision_pb2 as pb, decision_pb2_grpc as rpc
-    stub = rpc.DecisionServiceStub(grpc.insecure_channel("127.0.0.1:{decision_port}"))
+    # Past the server's per-connection cap: RESOURCE_EXHAUSTED at once, not a queue.
+    options = [("grpc.http.max_concurrent_streams_reject_on_client", 1),
+               ("grpc.enable_retries", 0)]
+    channel = grpc.insecure_channel("127.0.0.1:{decision_port}", options=options)
+    stub = rpc.DecisionServiceStub(channel)
     print(stub.Decide(pb.DecideRequest(symbol="BTC-USD", side=pb.SIDE_BUY, quantity=1),
                       timeout=0.05))
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import uvloop
 
-from core.cpu_slice import request_cpu_slice
 from core.settings import environment_lines, settings_from_environment
 from server.admin.auth import TokenBook, TokenError
 from server.logs import configure_logging
@@ -87,17 +86,6 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"decision-server: invalid settings:\n  {exc}\n")
             return 2
     configure_logging(settings.server.log_level, settings.server.log_format)
-    if settings.server.cpu_slice_us:
-        # Before any thread or worker exists: they inherit it.
-        cpu_slice = request_cpu_slice(settings.server.cpu_slice_us)
-        if cpu_slice.applied:
-            log.info("CPU slice %d µs", cpu_slice.slice_us)
-        else:
-            log.warning(
-                "CPU slice of %d µs not taken (%s): the kernel's default slice applies",
-                settings.server.cpu_slice_us,
-                cpu_slice.why_not,
-            )
     workers = args.workers or settings.server.workers or available_cpus()
     if workers < 1:
         log.error("--workers must be at least 1")

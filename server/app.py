@@ -54,7 +54,6 @@ from feature_cache.store import FeatureReader
 from server.admin.control_plane import ControlPlane
 from server.admin.servicer import AdminServicer
 from server.admin.views import AuditView, DriftView
-from server.admission import AdmissionLimit
 from server.audit.store import create_store_engine
 from server.audit.trail import AuditTrail, UnrecordedDecisions
 from server.batching import BatchingClient
@@ -98,11 +97,6 @@ AUDIT_HEALTH_INTERVAL_S = 0.5
 SCORE_TTL_FACTOR = 4
 # GetStatus's own Redis connections: enough for one status call at a time.
 STATUS_REDIS_CONNECTIONS = 2
-# How far back the loop's lateness is kept out of budgets (decision.stall_margin_max_ms):
-# stalls on a busy machine come in bursts of a few hundred ms; a second covers one.
-STALL_WINDOW_S = 1.0
-# ... read off the probe's samples at most this often (its own interval), not per Decide.
-STALL_REFRESH_S = 0.005
 
 
 def model_client(
@@ -400,12 +394,6 @@ class DecisionApp:
             audit=recorder,
             decision=settings.decision,
             control=lambda: self.shared.state,
-            admission=AdmissionLimit(
-                max_in_flight=settings.decision.max_in_flight,
-                min_in_flight=settings.decision.min_in_flight,
-                max_busy_share=settings.decision.max_loop_busy_share,
-                lag=self.loop_lag,
-            ),
             shadow=self.shadow,
             drift=self.drift,
             tracer=self.tracing.tracer,
@@ -447,7 +435,6 @@ class DecisionApp:
                 default_budget_ms=settings.decision.default_budget_ms,
                 max_batch_size=settings.server.max_batch_size,
                 response_margin_ms=settings.decision.response_margin_ms,
-                recent_stall_ms=self._recent_stall_ms,
             ),
             (
                 AdminServicer(
@@ -469,8 +456,6 @@ class DecisionApp:
         self.fleet_redis = fleet_redis(settings)
         self.fleet = FleetRegistration(self.fleet_redis, key_prefix=prefix, member=self._member)
         self._started_at_us = time.time_ns() // 1000
-        self._stall_read_at = float("-inf")
-        self._stall_ms = 0.0
         self._serving = False
         self._stack = contextlib.AsyncExitStack()
         self._ready_task: asyncio.Task[None] | None = None
@@ -590,18 +575,6 @@ class DecisionApp:
                 await self.fleet.refresh()  # listed as SERVING before it says it is ready
             log.info("ready: health SERVING")
             return
-
-    def _recent_stall_ms(self) -> float:
-        """The loop's longest lateness of the last ``STALL_WINDOW_S``, capped; the scan
-        of the probe's samples runs at most every ``STALL_REFRESH_S``."""
-        cap_ms = self.settings.decision.stall_margin_max_ms
-        if not cap_ms:
-            return 0.0
-        now = time.monotonic()
-        if now - self._stall_read_at >= STALL_REFRESH_S:
-            self._stall_read_at = now
-            self._stall_ms = min(self.loop_lag.longest_late_ms(STALL_WINDOW_S), cap_ms)
-        return self._stall_ms
 
     async def _leave_serving(self) -> None:
         self._serving = False

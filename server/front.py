@@ -36,10 +36,15 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """SO_REUSEPORT only for the workers of one server (``server.workers``): a server on
-    its own must not silently share its port with another one started by mistake. A
-    maximum connection age when one is set (``server.max_connection_age_s``)."""
+    its own must not silently share its port with another one started by mistake. The
+    per-connection stream cap, which gRPC's core enforces before any Python runs (a call
+    past it gets RST_STREAM(REFUSED_STREAM), or RESOURCE_EXHAUSTED at once from a client
+    with ``CALLER_OPTIONS``). A maximum connection age when one is set."""
     server = settings.server
-    options = [("grpc.so_reuseport", 1 if server.reuse_port else 0)]
+    options = [
+        ("grpc.so_reuseport", 1 if server.reuse_port else 0),
+        ("grpc.max_concurrent_streams", server.max_concurrent_streams),
+    ]
     if server.max_connection_age_s > 0:
         options += [
             ("grpc.max_connection_age_ms", round(server.max_connection_age_s * 1000)),
@@ -107,7 +112,6 @@ class GrpcFront:
         self.health = health.aio.HealthServicer()
         self._server = grpc.aio.server(
             interceptors=list(interceptors),
-            maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
             options=server_options(settings),
         )
         add_decision_service(decisions, self._server)

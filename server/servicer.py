@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from types import ModuleType
 from typing import Any, Final
 
@@ -103,15 +103,11 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         default_budget_ms: float,
         max_batch_size: int,
         response_margin_ms: float,
-        recent_stall_ms: Callable[[], float] = lambda: 0.0,
     ) -> None:
-        """``recent_stall_ms``: how late the event loop has recently run a timer, kept
-        back from every budget on top of ``response_margin_ms`` (the caller bounds it)."""
         self._engine = engine
         self._default_budget_ms = default_budget_ms
         self._max_batch_size = max_batch_size
         self._margin_ms = response_margin_ms
-        self._recent_stall_ms = recent_stall_ms
 
     def _budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> Budget:
         """The call's budget; ``Expired`` when its deadline passed while it was queued:
@@ -119,10 +115,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         remaining_s = context.time_remaining()
         if remaining_s is not None and remaining_s <= 0:
             raise Expired()
-        # Every step's timer may fire as late as the loop has been lately: the last one
-        # would end past the planned answer by that much.
-        margin_ms = self._margin_ms + self._recent_stall_ms()
-        return Budget.for_call(remaining_s, self._default_budget_ms, margin_ms=margin_ms)
+        return Budget.for_call(remaining_s, self._default_budget_ms, margin_ms=self._margin_ms)
 
     @grpc_errors
     async def Decide(

@@ -19,12 +19,6 @@ from core.settings import ROOT_CONFIG, SettingsSection
 from fallback.settings import FallbackSettings
 from feature_cache.settings import FeatureSettings, RedisSettings
 
-# The decision server's requested CPU slice (µs); 0: the kernel's default. Off by
-# default: 100 µs cut an event loop's wake-up lateness (loadtest/bench_cpu_slice.py) but
-# cost Decide ~5 % of its capacity and ~10 points of model share past it, side by side
-# in loadtest/bench_paths.py on two cores shared with TorchServe (docs/benchmarks.md).
-CPU_SLICE_US = 0
-
 
 class ServerSettings(SettingsSection):
     host: str = Field("127.0.0.1", description="Address DecisionService listens on.")
@@ -70,21 +64,15 @@ class ServerSettings(SettingsSection):
     max_connection_age_grace_s: float = Field(
         10.0, ge=0, description="How long calls on a connection past its age may finish."
     )
-    max_concurrent_rpcs: int | None = Field(
-        None,
-        description="gRPC's cap on concurrent RPCs; excess get RESOURCE_EXHAUSTED. It counts "
-        "only calls the server has taken from gRPC's core, not those still queued there, so "
-        "it does not shed a CPU-bound overload (docs/benchmarks.md).",
-    )
-    cpu_slice_us: int = Field(
-        CPU_SLICE_US,
-        ge=0,
-        description="The CPU slice the server asks Linux's scheduler for (EEVDF, kernel "
-        "6.12+; 100-100000 µs): a slice shorter than the default (~0.7 ms times "
-        "1 + log2(cores)) lets the server preempt a busy neighbour (a TorchServe JVM) as "
-        "soon as a request or a timer wakes it, without taking more CPU; sharing cores "
-        "with the model server, it also interrupts the model's work (100 µs cost ~5 % of "
-        "Decide's capacity on two cores). 0: the kernel's default. See core/cpu_slice.py.",
+    max_concurrent_streams: int = Field(
+        16,
+        ge=1,
+        description="Calls one client connection may have in flight at once (HTTP/2's "
+        "SETTINGS_MAX_CONCURRENT_STREAMS). gRPC's core refuses a call past it before the "
+        "server's Python sees it, so the calls this server holds are at most this times its "
+        "connections, and none waits past its deadline in a queue the server cannot see. "
+        "Size it with the callers' connections: connections x this should stay near what "
+        "the server answers within a deadline (docs/overload.md).",
     )
     tls_cert_file: str = Field(
         "",
@@ -377,43 +365,6 @@ class DecisionSettings(SettingsSection):
         "the time the answer needs to reach the caller, and a stall of the whole machine "
         "(on a shared 2-core VM, 10-15 ms a few times a minute) landing on the last step. "
         "Every step's budget (features, model calls, ladder) ends this much early.",
-    )
-    stall_margin_max_ms: float = Field(
-        10.0,
-        ge=0,
-        description="While the event loop has woken late in the last second, the server "
-        "plans to answer that much earlier still, up to this: a wait's timer fires as late "
-        "as the loop is, so a plan that ignores it answers after the caller's deadline. "
-        "0: off.",
-    )
-    max_in_flight: int = Field(
-        256,
-        ge=0,
-        description="Ceiling of the admission limit: decisions (DecideBatch rows count one "
-        "each) being made at once; past the limit new calls are shed at once instead of "
-        "queueing past their deadlines. 0: no ceiling. A batch larger than the limit is "
-        "taken when nothing else is in flight.",
-    )
-    max_loop_busy_share: float = Field(
-        0.85,
-        gt=0,
-        le=1,
-        description="The admission limit shrinks while the event loop's thread was running or "
-        "waiting for a CPU more than this share of the last 250 ms (requests then wait in "
-        "gRPC's queue, unseen) and grows back while it was not.",
-    )
-    min_in_flight: int = Field(
-        16,
-        ge=1,
-        description="The admission limit never shrinks below this. A decision shed costs the "
-        "loop about what one on the model path does (one batched model call serves many), so "
-        "a floor below a batch's worth sheds model answers without relieving the loop "
-        "(docs/benchmarks.md).",
-    )
-    overload_action: Literal["reject", "rules"] = Field(
-        "rules",
-        description="Shed calls are decided at once without a model call by the fallback "
-        "ladder: cached score, rules, abstain (rules), or get RESOURCE_EXHAUSTED (reject).",
     )
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import grpc
 
+from core.caller import CALLER_OPTIONS
+
 DEFAULT_ADDRESS = "127.0.0.1:50052"
 ADDRESS_ENV = "DECISIONCTL_ADDRESS"
 # Names of environment variables, not secrets.
@@ -60,14 +62,14 @@ def channel(args: argparse.Namespace, address: str) -> grpc.Channel:
     if ca is None and cert is None:
         if server_name is not None:
             raise UsageError("--server-name needs TLS: give --ca-file")
-        return grpc.insecure_channel(address)
+        return grpc.insecure_channel(address, options=CALLER_OPTIONS)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(ca, "CA file") if ca else None,
         private_key=_read(key, "key file") if key else None,
         certificate_chain=_read(cert, "certificate file") if cert else None,
     )
-    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    return grpc.secure_channel(address, credentials, options=options)
+    name = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(address, credentials, options=[*CALLER_OPTIONS, *name])
 
 
 def rpc_error(exc: grpc.RpcError, address: str) -> tuple[int, str]:

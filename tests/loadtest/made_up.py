@@ -6,25 +6,42 @@ from loadtest.loadgen import LoadResult, LoadSpec, Mode, WorkerResult, new_histo
 
 
 def load_result(
-    mode: Mode, load: float, *, ok: int, late: int = 0, model: float = 1.0, latency_us: int = 3_000
+    mode: Mode,
+    load: float,
+    *,
+    ok: int,
+    late: int = 0,
+    model: float = 1.0,
+    latency_us: int = 3_000,
+    refused: int = 0,
+    refusal_us: int = 1_000,
 ) -> LoadResult:
     """One process's run over one second: ``ok`` answers of ``latency_us`` each, ``model``
-    of them from the primary and the rest from the rules, and ``late`` DEADLINE_EXCEEDED;
+    of them from the primary and the rest from the rules, ``late`` DEADLINE_EXCEEDED and
+    ``refused`` RESOURCE_EXHAUSTED after ``refusal_us`` each;
     ``load`` is the concurrency (closed loop) or the rate (open loop)."""
     histogram = new_histogram()
     for _ in range(ok):
         histogram.record_value(latency_us)
+    refusals = new_histogram()
+    for _ in range(refused):
+        refusals.record_value(refusal_us)
     modelled = int(ok * model)
     worker = WorkerResult(
         histogram=histogram.encode(),
+        refusals=refusals.encode(),
         ok=ok,
-        errors={"DEADLINE_EXCEEDED": late} if late else {},
+        errors={
+            code: n
+            for code, n in (("DEADLINE_EXCEEDED", late), ("RESOURCE_EXHAUSTED", refused))
+            if n
+        },
         answers={"SOURCE_PRIMARY": modelled, "SOURCE_RULES": ok - modelled},
         elapsed_s=1.0,
         max_in_flight=1,
         send_lag_max_ms=0.0,
         send_lag_total_ms=0.0,
-        sends=ok + late,
+        sends=ok + late + refused,
         cpu_s=0.1,
         pid=1,
     )

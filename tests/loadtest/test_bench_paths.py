@@ -8,14 +8,27 @@ from loadtest.loadgen import LoadResult
 from tests.loadtest.made_up import load_result
 
 
-def runs(*, late_at_top: int, model_at_top: float) -> dict[Cell, LoadResult]:
+def runs(
+    *, late_at_top: int = 0, model_at_top: float = 0.9, refusal_us: int = 1_000
+) -> dict[Cell, LoadResult]:
+    """Every path saturated at 500/s, D's open loop at 0.5-1.5 x that: 100 refused at each
+    point past capacity, and the top point (750/s) as given."""
     results: dict[Cell, LoadResult] = {}
     for path in ("E", "T", "D", "W", "F"):
         results[(path, "closed", 16.0)] = load_result("closed", 16, ok=500)
-    results[("D", "open", 250.0)] = load_result("open", 250, ok=250)
-    results[("D", "open", 500.0)] = load_result("open", 500, ok=500)  # 1.0 x the capacity of 500/s
-    results[("D", "open", 600.0)] = load_result(
-        "open", 600, ok=600, late=late_at_top, model=model_at_top
+    for load in (250, 400, 500, 600):
+        refused = 100 if load >= 500 else 0
+        results[("D", "open", float(load))] = load_result(
+            "open", load, ok=load - refused, refused=refused, refusal_us=refusal_us
+        )
+    results[("D", "open", 750.0)] = load_result(
+        "open",
+        750,
+        ok=600,
+        late=late_at_top,
+        model=model_at_top,
+        refused=150 - late_at_top,
+        refusal_us=refusal_us,
     )
     return results
 
@@ -25,22 +38,27 @@ def verdict(text: str, name: str) -> str:
     return line.rsplit("|", 2)[1].strip()
 
 
-def test_past_capacity_late_answers_and_a_low_model_share_are_missed() -> None:
-    good = targets(runs(late_at_top=0, model_at_top=0.85))
-    assert verdict(good, "D late answers, open loop up to 600/s") == "met"
-    assert verdict(good, "D model share at 600/s") == "met"
-    bad = targets(runs(late_at_top=3, model_at_top=0.5))
-    assert verdict(bad, "D late answers, open loop up to 600/s") == "missed"
-    assert verdict(bad, "D model share at 600/s") == "missed"
+LATE = "D late answers at 1-1.5 x capacity"
+REFUSAL = "D refusal p99 as the caller sees it"
+AT_1_2 = "D model share of all calls at 1.2 x capacity"
+
+
+def test_past_capacity_late_answers_slow_refusals_and_a_low_model_share_are_missed() -> None:
+    good = targets(runs())
+    assert [verdict(good, name) for name in (LATE, REFUSAL, AT_1_2)] == ["met"] * 3
+    assert verdict(targets(runs(late_at_top=3)), LATE) == "missed"
+    assert verdict(targets(runs(refusal_us=8_000)), REFUSAL) == "missed"
+    # 500 of 600 calls at 1.2 x: the model answered 83 % of all calls; 100 refused.
+    assert "| 83.33 % |" in next(line for line in good.splitlines() if AT_1_2 in line)
 
 
 def test_the_figures_file_compares_a_run_with_the_last() -> None:
-    before = figures(Measured(runs(late_at_top=0, model_at_top=0.9), {}))
-    after_runs = runs(late_at_top=0, model_at_top=0.9)
+    before = figures(Measured(runs(), {}))
+    after_runs = runs()
     after_runs[("D", "closed", 16.0)] = load_result("closed", 16, ok=400)
     text = compare(before, figures(Measured(after_runs, {})))
     assert "D saturated 500 -> 400/s (-20%)" in text
-    assert "D open 600: p99 3.00 -> 3.00 ms" in text
+    assert "D open 750: p99 3.00 -> 3.00 ms" in text
 
 
 def test_workers_lost_are_named_by_cell_in_the_text_and_the_figures() -> None:
@@ -48,5 +66,5 @@ def test_workers_lost_are_named_by_cell_in_the_text_and_the_figures() -> None:
     text = losses(lost)
     assert text.startswith("TorchServe workers lost: 3 (T open 1000/s 2, D closed c=16 1)")
     assert losses({}) == "TorchServe workers lost: none"
-    figured = figures(Measured(runs(late_at_top=0, model_at_top=0.9), lost))
+    figured = figures(Measured(runs(), lost))
     assert figured["workers_lost"] == {"T open 1000/s": 2, "D closed c=16": 1}

@@ -89,12 +89,9 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
     app = await start_app(
         # The cap holds for both calls: 15 ms for the paused primary leaves the secondary
         # about 20 ms of the 38 that the 12 ms response margin leaves of 50 (less the
-        # reserve, the way in and any stall margin), room for a busy 2-core machine.
+        # reserve and the way in), room for a busy 2-core machine.
         torchserve=replica_settings(replicas, per_call_timeout_ms=15.0),
         breaker={"fail_max": 3, "reset_timeout_s": 1.0},
-        # The retry is what is tested: a stall of the test's own start-up must not take
-        # the secondary's time (the server would answer from the ladder, in time).
-        decision={"stall_margin_max_ms": 0.0},
     )
     stub = decision_stub(channel_to(app))
     await settle(app)
@@ -358,7 +355,6 @@ async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breake
         decision={
             "fallback_reserve_ms": 8.0,
             "response_margin_ms": 5.0,
-            "stall_margin_max_ms": 0.0,
         },
     )
     stub = decision_stub(channel_to(app))
@@ -440,9 +436,8 @@ async def test_more_concurrent_calls_than_redis_connections_all_get_the_model(
         redis={"max_connections": 2},
         # Every call reads Redis: with the mirror on, none would use the pool at all.
         features={"mirror": False},
-        # About the connection pool, not admission: 40 calls at once stall this test's
-        # loop on a slow day, and the admission limit would shed some to the ladder.
-        decision={"max_loop_busy_share": 1.0},
+        # 40 calls at once on one connection, past the default stream cap.
+        server={"max_concurrent_streams": 64},
     )
     stub = decision_stub(channel_to(app))
     responses = await asyncio.gather(*(stub.Decide(buy(), timeout=5.0) for _ in range(40)))

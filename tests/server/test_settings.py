@@ -41,11 +41,10 @@ def test_nested_environment_variables(monkeypatch):
 
 def test_printed_config_sets_the_same_settings_when_read_back(monkeypatch):
     monkeypatch.setenv("DECISION_REDIS__URL", "redis://cache.internal:6380/2")
-    monkeypatch.setenv("DECISION_DECISION__MAX_IN_FLIGHT", "64")
+    monkeypatch.setenv("DECISION_SERVER__MAX_CONCURRENT_STREAMS", "64")
     printed = environment_lines(Settings())
     assert "DECISION_REDIS__URL=redis://cache.internal:6380/2" in printed
-    assert "DECISION_DECISION__MAX_IN_FLIGHT=64" in printed
-    assert "# DECISION_SERVER__MAX_CONCURRENT_RPCS unset" in printed
+    assert "DECISION_SERVER__MAX_CONCURRENT_STREAMS=64" in printed
     for line in printed:
         if line.startswith("#"):
             continue
@@ -53,13 +52,13 @@ def test_printed_config_sets_the_same_settings_when_read_back(monkeypatch):
         monkeypatch.setenv(name, value)
     read_back = Settings()
     monkeypatch.delenv("DECISION_REDIS__URL")
-    monkeypatch.delenv("DECISION_DECISION__MAX_IN_FLIGHT")
+    monkeypatch.delenv("DECISION_SERVER__MAX_CONCURRENT_STREAMS")
     assert read_back.redis.url == "redis://cache.internal:6380/2"
-    assert read_back.decision.max_in_flight == 64
+    assert read_back.server.max_concurrent_streams == 64
     assert read_back.model_dump() == {
         **Settings().model_dump(),
         "redis": {**Settings().redis.model_dump(), "url": "redis://cache.internal:6380/2"},
-        "decision": {**Settings().decision.model_dump(), "max_in_flight": 64},
+        "server": {**Settings().server.model_dump(), "max_concurrent_streams": 64},
     }
 
 

@@ -29,6 +29,16 @@ class DecisionServiceStub:
     """DecisionService answers "may I trade SYMBOL, SIDE, QUANTITY now?" within the
     caller's gRPC deadline. Calls without a deadline get the server's default
     budget. Bad input is rejected with INVALID_ARGUMENT naming the field.
+
+    The contract under load: an answer inside the deadline, or a refusal within
+    a few milliseconds, never an answer after the deadline. A connection may
+    have a limited number of calls in flight (the server's HTTP/2
+    MAX_CONCURRENT_STREAMS); the call past it is refused before the server does
+    any work: RESOURCE_EXHAUSTED from a channel with the options
+    grpc.http.max_concurrent_streams_reject_on_client=1 and
+    grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
+    UNAVAILABLE from the server. Retry a refusal on another server, or decide
+    without us.
     """
 
     def __init__(self, channel):
@@ -53,6 +63,16 @@ class DecisionServiceServicer:
     """DecisionService answers "may I trade SYMBOL, SIDE, QUANTITY now?" within the
     caller's gRPC deadline. Calls without a deadline get the server's default
     budget. Bad input is rejected with INVALID_ARGUMENT naming the field.
+
+    The contract under load: an answer inside the deadline, or a refusal within
+    a few milliseconds, never an answer after the deadline. A connection may
+    have a limited number of calls in flight (the server's HTTP/2
+    MAX_CONCURRENT_STREAMS); the call past it is refused before the server does
+    any work: RESOURCE_EXHAUSTED from a channel with the options
+    grpc.http.max_concurrent_streams_reject_on_client=1 and
+    grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
+    UNAVAILABLE from the server. Retry a refusal on another server, or decide
+    without us.
     """
 
     def Decide(self, request, context):
@@ -95,6 +115,16 @@ class DecisionService:
     """DecisionService answers "may I trade SYMBOL, SIDE, QUANTITY now?" within the
     caller's gRPC deadline. Calls without a deadline get the server's default
     budget. Bad input is rejected with INVALID_ARGUMENT naming the field.
+
+    The contract under load: an answer inside the deadline, or a refusal within
+    a few milliseconds, never an answer after the deadline. A connection may
+    have a limited number of calls in flight (the server's HTTP/2
+    MAX_CONCURRENT_STREAMS); the call past it is refused before the server does
+    any work: RESOURCE_EXHAUSTED from a channel with the options
+    grpc.http.max_concurrent_streams_reject_on_client=1 and
+    grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
+    UNAVAILABLE from the server. Retry a refusal on another server, or decide
+    without us.
     """
 
     @staticmethod

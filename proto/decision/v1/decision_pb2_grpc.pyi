@@ -35,6 +35,16 @@ class DecisionServiceStub:
     """DecisionService answers "may I trade SYMBOL, SIDE, QUANTITY now?" within the
     caller's gRPC deadline. Calls without a deadline get the server's default
     budget. Bad input is rejected with INVALID_ARGUMENT naming the field.
+
+    The contract under load: an answer inside the deadline, or a refusal within
+    a few milliseconds, never an answer after the deadline. A connection may
+    have a limited number of calls in flight (the server's HTTP/2
+    MAX_CONCURRENT_STREAMS); the call past it is refused before the server does
+    any work: RESOURCE_EXHAUSTED from a channel with the options
+    grpc.http.max_concurrent_streams_reject_on_client=1 and
+    grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
+    UNAVAILABLE from the server. Retry a refusal on another server, or decide
+    without us.
     """
 
     @_typing.overload
@@ -53,6 +63,16 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     """DecisionService answers "may I trade SYMBOL, SIDE, QUANTITY now?" within the
     caller's gRPC deadline. Calls without a deadline get the server's default
     budget. Bad input is rejected with INVALID_ARGUMENT naming the field.
+
+    The contract under load: an answer inside the deadline, or a refusal within
+    a few milliseconds, never an answer after the deadline. A connection may
+    have a limited number of calls in flight (the server's HTTP/2
+    MAX_CONCURRENT_STREAMS); the call past it is refused before the server does
+    any work: RESOURCE_EXHAUSTED from a channel with the options
+    grpc.http.max_concurrent_streams_reject_on_client=1 and
+    grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
+    UNAVAILABLE from the server. Retry a refusal on another server, or decide
+    without us.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -67,6 +87,16 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
     """DecisionService answers "may I trade SYMBOL, SIDE, QUANTITY now?" within the
     caller's gRPC deadline. Calls without a deadline get the server's default
     budget. Bad input is rejected with INVALID_ARGUMENT naming the field.
+
+    The contract under load: an answer inside the deadline, or a refusal within
+    a few milliseconds, never an answer after the deadline. A connection may
+    have a limited number of calls in flight (the server's HTTP/2
+    MAX_CONCURRENT_STREAMS); the call past it is refused before the server does
+    any work: RESOURCE_EXHAUSTED from a channel with the options
+    grpc.http.max_concurrent_streams_reject_on_client=1 and
+    grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
+    UNAVAILABLE from the server. Retry a refusal on another server, or decide
+    without us.
     """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,114 @@
+"""Past ``server.max_concurrent_streams`` calls on one connection, gRPC's core refuses
+the next one before the server's Python sees it: a caller with ``CALLER_OPTIONS`` gets
+RESOURCE_EXHAUSTED at once, never a call queued past its deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from core.caller import CALLER_OPTIONS
+from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from server.app import DecisionApp
+from tests.server.admin.test_admin import wait_store_rows
+from tests.server.conftest import buy, replica_settings, sample_record, settle
+
+pytestmark = pytest.mark.integration
+
+CAP = 2
+
+
+async def timed_decide(stub, request, timeout_s: float = 5.0) -> tuple[object, float]:
+    """A call from a thread of its own, with the sync client: the server runs on this
+    test's event loop, which grpc.aio's client would share with it."""
+
+    def call() -> tuple[object, float]:
+        started = time.monotonic()
+        try:
+            answer: object = stub.Decide(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            answer = exc
+        return answer, (time.monotonic() - started) * 1000
+
+    return await asyncio.to_thread(call)
+
+
+@pytest.fixture
+async def capped(start_app, replicas, feature_writer) -> AsyncIterator[DecisionApp]:
+    """A server capped at ``CAP`` calls per connection, its replicas paused while the
+    test runs: the calls it takes wait on them."""
+    await feature_writer.write_many([sample_record("BTC-USD")])
+    app: DecisionApp = await start_app(
+        server={"max_concurrent_streams": CAP},
+        torchserve=replica_settings(replicas, per_call_timeout_ms=400.0),
+        decision={"default_budget_ms": 1000.0},
+    )
+    await settle(app)
+    for replica in replicas.values():
+        replica.proc.pause()
+    try:
+        yield app
+    finally:
+        for replica in replicas.values():
+            replica.proc.resume()
+
+
+async def test_a_call_past_the_cap_is_refused_at_once_and_the_connection_goes_on(capped):
+    address = f"127.0.0.1:{capped.port}"
+    with (
+        grpc.insecure_channel(address, options=CALLER_OPTIONS) as first,
+        grpc.insecure_channel(
+            address, options=[*CALLER_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+        ) as second,
+    ):
+        for channel in (first, second):
+            await asyncio.to_thread(grpc.channel_ready_future(channel).result, 5.0)
+        stub = decision_pb2_grpc.DecisionServiceStub(first)
+        held = [asyncio.create_task(timed_decide(stub, buy())) for _ in range(CAP)]
+        await asyncio.sleep(0.1)  # both wait on the paused replicas
+        refused = await asyncio.gather(*(timed_decide(stub, buy()) for _ in range(4)))
+        assert not any(task.done() for task in held), "the cap was not reached"
+        # The cap is per connection: another one still gets its calls taken.
+        other = asyncio.create_task(
+            timed_decide(decision_pb2_grpc.DecisionServiceStub(second), buy())
+        )
+        await asyncio.sleep(0.1)
+        assert not other.done()
+        answers = [answer for answer, _ in [*await asyncio.gather(*held), await other]]
+        decided = [a for a in answers if isinstance(a, decision_pb2.DecideResponse)]
+
+        for answer, ms in refused:
+            assert isinstance(answer, grpc.RpcError), answer
+            assert answer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert ms < 100, "a refused call waited for the calls in flight"
+        # The calls taken are answered once the model times out, by the ladder.
+        assert decided == answers, answers
+        after, _ = await timed_decide(stub, buy())
+        assert isinstance(after, decision_pb2.DecideResponse), after
+    assert capped.engine.in_flight == 0
+
+    # Every decision returned is in the audit store; refused calls made none.
+    database = Path(capped.settings.audit.journal_dir).parent / "audit.db"
+    rows = await wait_store_rows(database, CAP + 2, sa.text("SELECT decision_id FROM decisions"))
+    assert {r.decision_id for r in rows} == {a.decision_id for a in [*decided, after]}
+
+
+async def test_without_the_callers_option_a_call_past_the_cap_waits_in_the_channel(capped):
+    """Why callers set ``CALLER_OPTIONS``: gRPC's default holds the call in the channel
+    until a stream frees, where its deadline can pass."""
+    with grpc.insecure_channel(f"127.0.0.1:{capped.port}") as channel:
+        await asyncio.to_thread(grpc.channel_ready_future(channel).result, 5.0)
+        stub = decision_pb2_grpc.DecisionServiceStub(channel)
+        held = [asyncio.create_task(timed_decide(stub, buy())) for _ in range(CAP)]
+        await asyncio.sleep(0.1)
+        queued, ms = await timed_decide(stub, buy(), timeout_s=0.2)
+        await asyncio.gather(*held)
+    assert isinstance(queued, grpc.RpcError)
+    assert queued.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert ms >= 190
