@@ -8,7 +8,7 @@ holds cores. For each worker count it measures, closed loop with ``--concurrency
 callers per worker (each call with a 1 s deadline):
 
 - D: Decide through the whole chain; its capacity counts only the answers a model gave
-  (past its admission limit a worker sheds the rest to the ladder);
+  (a worker whose budgets run short answers the rest from the ladder);
 - D open loop at the ``--open-loop`` multiples of that capacity, each call with the
   product's 50 ms deadline: where a pod of this shape starts answering late or from
   the ladder, which is what an autoscaler's target must stay below;
@@ -57,8 +57,9 @@ from loadtest.bench_paths import (
     checkout_commit,
     load_text,
     model_share,
+    model_share_of_calls,
 )
-from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, Mode, Target
+from loadtest.loadgen import REFUSALS, LoadGenerator, LoadResult, LoadSpec, Mode, Target
 from loadtest.soak_probe import usage_of
 from localstack.health import serving
 from torchserve.replica import ReplicaPorts
@@ -365,9 +366,9 @@ def setting(text: str) -> tuple[str, str]:
 def open_loop(rows: Sequence[Row]) -> str:
     """D's open-loop cells: how its answers hold up as the load nears its capacity."""
     lines = [
-        "| workers | calls/s | x capacity | late (DEADLINE_EXCEEDED) | other errors"
-        " | model share | p99 ms | workers' spread |",
-        "| ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
+        "| workers | calls/s | x capacity | late (DEADLINE_EXCEEDED) | refused | refusal p99 ms"
+        " | other errors | model share of calls | p99 ms | workers' spread |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
     ]
     for row in rows:
         if row.cell.mode != "open":
@@ -375,10 +376,12 @@ def open_loop(rows: Sequence[Row]) -> str:
         capacity = best(rows, "D", row.cell.workers)
         errors = dict(row.result.errors)
         late = errors.pop("DEADLINE_EXCEEDED", 0)
-        others = errors_text(errors)
+        others = errors_text({k: n for k, n in errors.items() if k not in REFUSALS})
+        refused = row.result.refused
         lines.append(
             f"| {row.cell.workers} | {row.cell.load:,.0f} | {row.cell.load / capacity:.2f}"
-            f" | {late} | {others} | {100 * model_share(row.result):.1f} %"
+            f" | {late} | {refused} | {row.result.refusal_percentile_ms(99):.2f} | {others}"
+            f" | {100 * model_share_of_calls(row.result):.1f} %"
             f" | {row.result.percentile_ms(99):.2f} | {row.spread()} |"
         )
     return "\n".join(lines)
@@ -548,7 +551,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=int_list,
         default=[16, 32],
         help="closed-loop callers per decision server worker (E and T: per cell);"
-        " more than about 32 a worker and its admission limit sheds to the ladder",
+        " past a connection's stream cap (DECISION_SERVER__MAX_CONCURRENT_STREAMS) calls"
+        " are refused",
     )
     parser.add_argument(
         "--processes",

@@ -49,11 +49,14 @@ def row(
     ok: int,
     model: float = 1.0,
     late: int = 0,
-    rejected: int = 0,
+    refused: int = 0,
+    unknown: int = 0,
 ) -> Row:
-    result = load_result(mode, load, ok=ok, model=model, late=late, latency_us=4_000)
-    if rejected:
-        result.workers[0].errors["RESOURCE_EXHAUSTED"] = rejected
+    result = load_result(
+        mode, load, ok=ok, model=model, late=late, latency_us=4_000, refused=refused
+    )
+    if unknown:
+        result.workers[0].errors["UNKNOWN"] = unknown
     return Row(Cell(path, workers, mode, load), result, server_cores=1.0, torchserve_cores=0.5)
 
 
@@ -64,7 +67,7 @@ ROWS = [
     row("D", 1, "open", 2_000, ok=2_000),  # open loop never sets the capacity
     row("F", 1, "closed", 16, ok=1_500),
     row("D", 2, "closed", 32, ok=1_900, model=0.9),
-    row("D", 2, "open", 1_710, ok=1_500, model=0.6, late=210, rejected=40),
+    row("D", 2, "open", 1_710, ok=1_500, model=0.6, late=210, refused=40, unknown=2),
     row("F", 2, "closed", 32, ok=2_700),
 ]
 
@@ -91,9 +94,10 @@ def test_scaling_names_the_worker_count_it_compares_with() -> None:
 def test_open_loop_rows_give_load_against_capacity_late_answers_and_model_share() -> None:
     lines = open_loop(ROWS).splitlines()
     assert lines[2:] == [
-        "| 1 | 2,000 | 2.00 | 0 | 0 | 100.0 % | 4.00 | - |",
-        # Refused calls are not late, and not hidden either.
-        "| 2 | 1,710 | 1.00 | 210 | RESOURCE_EXHAUSTED 40 | 60.0 % | 4.00 | - |",
+        "| 1 | 2,000 | 2.00 | 0 | 0 | nan | 0 | 100.0 % | 4.00 | - |",
+        # Refused calls are not late, and not hidden either; the model's share is of
+        # every call: 900 of 1,752.
+        "| 2 | 1,710 | 1.00 | 210 | 40 | 1.00 | UNKNOWN 2 | 51.4 % | 4.00 | - |",
     ]
 
 
