@@ -50,6 +50,7 @@ FALLBACK_REASONS: Final = (
     "features_stale",
     "features_unusable",
     "feature_store",
+    "overloaded",
     "model_breaker_open",
     "model_timeout",
     "model_busy",

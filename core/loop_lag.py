@@ -7,6 +7,13 @@ sums that lateness over a span, so a timeout can say how much of its wait the lo
 not there to read an answer (``ModelTimeout.given_ms`` is the wait less that), and the
 breaker does not blame a replica for this process's overload.
 
+``busy_share(window)`` says how much of a recent window the loop's thread was running or
+waiting for a CPU (Linux's per-thread schedstat): near 1, the loop has no idle moment,
+and requests wait in gRPC's queue before any handler runs (its server accepts one call
+at a time from the loop). The timers stay punctual then, so lateness cannot show it:
+at 1,480 decisions/s on two shared cores the probe woke 0.1 ms late on average while
+requests waited 39 ms before their handler and the thread was busy 93 % of the time.
+
 A stall over ``LOG_STALL_S`` is logged with what the loop's thread did meanwhile, which
 says whose the stall was:
 
@@ -153,6 +160,9 @@ class LoopLag:
         self._logged_at = float("-inf")
         self._gc = GcClock()
         self._watch: StallWatch | None = None
+        self._busy: ThreadBusy | None = None
+        # (loop time, busy ns of the loop's thread), one per probe wake.
+        self._busy_samples: deque[tuple[float, int]] = deque(maxlen=keep)
 
     def start(self) -> None:
         if self._task is None:
@@ -171,16 +181,19 @@ class LoopLag:
 
     async def _probe(self, watch: StallWatch) -> None:
         loop = asyncio.get_running_loop()
-        busy = ThreadBusy()  # opened here: the loop's own thread
+        self._busy = busy = ThreadBusy()  # opened here: the loop's own thread
         try:
             await self._probe_until_cancelled(loop, watch, busy)
         finally:
+            self._busy = None
+            self._busy_samples.clear()
             busy.close()
 
     async def _probe_until_cancelled(
         self, loop: asyncio.AbstractEventLoop, watch: StallWatch, busy: ThreadBusy
     ) -> None:
         while True:
+            self._busy_samples.append((loop.time(), busy.ns()))
             self._due = loop.time() + self._interval_s
             before = LoopThreadUsage.now(busy, self._gc)
             watch.beat()
@@ -212,3 +225,21 @@ class LoopLag:
                 break
             total += min(late, woke_at - since)
         return total * 1000.0
+
+    def busy_share(self, window_s: float) -> float:
+        """The share of about the last ``window_s`` the loop's thread was running or
+        waiting for a CPU: near 1 when the loop has no idle moment (0 before the probe's
+        first sample)."""
+        busy = self._busy
+        if busy is None or not self._busy_samples:
+            return 0.0
+        now = asyncio.get_running_loop().time()
+        since = now - window_s
+        then, then_ns = self._busy_samples[0]
+        for at, ns in reversed(self._busy_samples):
+            if at <= since:
+                then, then_ns = at, ns
+                break
+        if now - then <= 0:
+            return 0.0
+        return min(1.0, (busy.ns() - then_ns) / 1e9 / (now - then))

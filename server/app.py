@@ -54,6 +54,7 @@ from feature_cache.store import FeatureReader
 from server.admin.control_plane import ControlPlane
 from server.admin.servicer import AdminServicer
 from server.admin.views import AuditView, DriftView
+from server.admission import AdmissionLimit
 from server.audit.store import create_store_engine
 from server.audit.trail import AuditTrail, UnrecordedDecisions
 from server.batching import BatchingClient
@@ -394,6 +395,12 @@ class DecisionApp:
             audit=recorder,
             decision=settings.decision,
             control=lambda: self.shared.state,
+            admission=AdmissionLimit(
+                max_in_flight=settings.decision.max_in_flight,
+                min_in_flight=settings.decision.min_in_flight,
+                max_busy_share=settings.decision.max_loop_busy_share,
+                lag=self.loop_lag,
+            ),
             shadow=self.shadow,
             drift=self.drift,
             tracer=self.tracing.tracer,

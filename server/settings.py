@@ -366,6 +366,35 @@ class DecisionSettings(SettingsSection):
         "(on a shared 2-core VM, 10-15 ms a few times a minute) landing on the last step. "
         "Every step's budget (features, model calls, ladder) ends this much early.",
     )
+    max_in_flight: int = Field(
+        256,
+        ge=0,
+        description="Ceiling of the admission limit: decisions (DecideBatch rows count one "
+        "each) being made at once; past the limit new calls are shed at once instead of "
+        "queueing past their deadlines. 0: no ceiling. A batch larger than the limit is "
+        "taken when nothing else is in flight.",
+    )
+    max_loop_busy_share: float = Field(
+        0.85,
+        gt=0,
+        le=1,
+        description="The admission limit shrinks while the event loop's thread was running or "
+        "waiting for a CPU more than this share of the last 250 ms (requests then wait in "
+        "gRPC's queue, unseen) and grows back while it was not.",
+    )
+    min_in_flight: int = Field(
+        16,
+        ge=1,
+        description="The admission limit never shrinks below this. A decision shed costs the "
+        "loop about what one on the model path does (one batched model call serves many), so "
+        "a floor below a batch's worth sheds model answers without relieving the loop "
+        "(docs/benchmarks.md).",
+    )
+    overload_action: Literal["reject", "rules"] = Field(
+        "rules",
+        description="Shed calls are decided at once without a model call by the fallback "
+        "ladder: cached score, rules, abstain (rules), or get RESOURCE_EXHAUSTED (reject).",
+    )
 
 
 class AuditSettings(SettingsSection):

@@ -176,7 +176,7 @@ class ShadowCollector(Collector):
 
 
 class LoadCollector(Collector):
-    """Decisions in flight and micro-batching: what the server did with the load it got."""
+    """Load shedding and micro-batching: what the server did with the load it got."""
 
     def __init__(
         self,
@@ -191,6 +191,11 @@ class LoadCollector(Collector):
         self._wire = [c for c in unwrapped if isinstance(c, GrpcModelClient)]
 
     def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "decision_shed",
+            "Decisions shed for overload: rejected, or decided without a model call.",
+            value=self._engine.shed,
+        )
         yield GaugeMetricFamily(
             "decision_in_flight", "Decisions being made now.", value=self._engine.in_flight
         )
@@ -206,7 +211,7 @@ class LoadCollector(Collector):
             "decision_fallbacks",
             "Decisions the model did not answer, by who decided and why (a bounded set of "
             "reasons: kill_switch, no_features, features_stale, features_unusable, "
-            "feature_store, model_breaker_open, model_timeout, model_busy, "
+            "feature_store, overloaded, model_breaker_open, model_timeout, model_busy, "
             "model_unavailable, model_error, model_no_time, model_retry_budget, model_input).",
             labels=["source", "reason"],
         )

@@ -128,9 +128,7 @@ class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode
     REASON_CODE_FEATURE_STORE: _ReasonCode.ValueType  # 6
     """The feature store did not answer in time."""
     REASON_CODE_OVERLOADED: _ReasonCode.ValueType  # 7
-    """No longer set: the server was over its admission limit and skipped the
-    model. Overload is now refused before a decision is made.
-    """
+    """The server was over its admission limit: the model was skipped."""
     REASON_CODE_MODEL_BREAKER_OPEN: _ReasonCode.ValueType  # 8
     """Every replica's circuit breaker was open."""
     REASON_CODE_MODEL_TIMEOUT: _ReasonCode.ValueType  # 9
@@ -168,9 +166,7 @@ REASON_CODE_FEATURES_UNUSABLE: ReasonCode.ValueType  # 5
 REASON_CODE_FEATURE_STORE: ReasonCode.ValueType  # 6
 """The feature store did not answer in time."""
 REASON_CODE_OVERLOADED: ReasonCode.ValueType  # 7
-"""No longer set: the server was over its admission limit and skipped the
-model. Overload is now refused before a decision is made.
-"""
+"""The server was over its admission limit: the model was skipped."""
 REASON_CODE_MODEL_BREAKER_OPEN: ReasonCode.ValueType  # 8
 """Every replica's circuit breaker was open."""
 REASON_CODE_MODEL_TIMEOUT: ReasonCode.ValueType  # 9

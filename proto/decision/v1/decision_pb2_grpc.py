@@ -37,8 +37,9 @@ class DecisionServiceStub:
     any work: RESOURCE_EXHAUSTED from a channel with the options
     grpc.http.max_concurrent_streams_reject_on_client=1 and
     grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
-    UNAVAILABLE from the server. Retry a refusal on another server, or decide
-    without us.
+    UNAVAILABLE from the server. A server past its admission limit answers from
+    the fallback ladder at once (or RESOURCE_EXHAUSTED with RetryInfo, by
+    setting). Retry a refusal on another server, or decide without us.
     """
 
     def __init__(self, channel):
@@ -71,8 +72,9 @@ class DecisionServiceServicer:
     any work: RESOURCE_EXHAUSTED from a channel with the options
     grpc.http.max_concurrent_streams_reject_on_client=1 and
     grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
-    UNAVAILABLE from the server. Retry a refusal on another server, or decide
-    without us.
+    UNAVAILABLE from the server. A server past its admission limit answers from
+    the fallback ladder at once (or RESOURCE_EXHAUSTED with RetryInfo, by
+    setting). Retry a refusal on another server, or decide without us.
     """
 
     def Decide(self, request, context):
@@ -123,8 +125,9 @@ class DecisionService:
     any work: RESOURCE_EXHAUSTED from a channel with the options
     grpc.http.max_concurrent_streams_reject_on_client=1 and
     grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
-    UNAVAILABLE from the server. Retry a refusal on another server, or decide
-    without us.
+    UNAVAILABLE from the server. A server past its admission limit answers from
+    the fallback ladder at once (or RESOURCE_EXHAUSTED with RetryInfo, by
+    setting). Retry a refusal on another server, or decide without us.
     """
 
     @staticmethod

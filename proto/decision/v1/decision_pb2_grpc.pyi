@@ -43,8 +43,9 @@ class DecisionServiceStub:
     any work: RESOURCE_EXHAUSTED from a channel with the options
     grpc.http.max_concurrent_streams_reject_on_client=1 and
     grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
-    UNAVAILABLE from the server. Retry a refusal on another server, or decide
-    without us.
+    UNAVAILABLE from the server. A server past its admission limit answers from
+    the fallback ladder at once (or RESOURCE_EXHAUSTED with RetryInfo, by
+    setting). Retry a refusal on another server, or decide without us.
     """
 
     @_typing.overload
@@ -71,8 +72,9 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     any work: RESOURCE_EXHAUSTED from a channel with the options
     grpc.http.max_concurrent_streams_reject_on_client=1 and
     grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
-    UNAVAILABLE from the server. Retry a refusal on another server, or decide
-    without us.
+    UNAVAILABLE from the server. A server past its admission limit answers from
+    the fallback ladder at once (or RESOURCE_EXHAUSTED with RetryInfo, by
+    setting). Retry a refusal on another server, or decide without us.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -95,8 +97,9 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
     any work: RESOURCE_EXHAUSTED from a channel with the options
     grpc.http.max_concurrent_streams_reject_on_client=1 and
     grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
-    UNAVAILABLE from the server. Retry a refusal on another server, or decide
-    without us.
+    UNAVAILABLE from the server. A server past its admission limit answers from
+    the fallback ladder at once (or RESOURCE_EXHAUSTED with RetryInfo, by
+    setting). Retry a refusal on another server, or decide without us.
     """
 
     @_abc_1.abstractmethod
