@@ -12,9 +12,6 @@ worker processes:
 - F: Decide with the primary and secondary breakers forced open through AdminService, so
   the fallback ladder answers.
 
-Every path is called over ``--channels`` connections per load-generator process, so
-that the workers of W each get some (the kernel spreads connections, not requests).
-
 Each path runs a closed-loop sweep (concurrency 1 up, each call with a 1 s deadline: the
 saturated throughput) and an open loop at fixed rates, each call with the product's
 50 ms deadline (``OPEN_LOOP_DEADLINE_S``): an answer that does not come in time counts
@@ -22,9 +19,12 @@ as DEADLINE_EXCEEDED in the errors column.
 After those rounds, D runs open loop at 0.5 to 1.5 times its measured capacity (its
 saturated throughput with a model answering), the same number of rounds: past capacity
 every call must still be answered in time or refused at once (gRPC's stream cap,
-docs/overload.md), and the model must keep most of the answers. Every path but W is
-called over one connection per load-generator process, as the caller's contract asks;
-W over ``--channels``, so that both its workers get some.
+docs/overload.md), and the model must keep most of the answers. Open loop, every path
+but W is called over one connection per load-generator process, as the caller's
+contract asks; closed loop, over as many as its callers need to stay within the
+server's stream cap (callers refused at once would only spin); W always over at least
+``--channels``, so that both its workers get some (the kernel spreads connections, not
+requests).
 Runs are short and the paths alternate within each round, so machine noise lands on all
 alike; a cell's rounds are merged (histograms added, throughput averaged). Prints a
 markdown table, the performance targets as met or missed, and draws latency against
@@ -88,8 +88,8 @@ MIN_MODEL_SHARE = 0.95
 """A D figure stands for the model path only when a model gave this share of answers."""
 CAPACITY_FACTORS = (0.5, 0.8, 1.0, 1.2, 1.5)
 """D's open-loop points past the fixed rates, as multiples of its measured capacity."""
-NEVER_LATE_FROM = 1.0
-"""From this multiple of D's capacity up, no answer may come after its deadline."""
+CALLS_PER_CONNECTION = 16
+"""The decision server's default stream cap (``server.max_concurrent_streams``)."""
 MODEL_SHARE_OF_CALLS = {0.8: 0.95, 1.2: 0.8}
 """The share of all D calls (refused ones included) the model must answer, by multiple
 of D's capacity."""
@@ -181,6 +181,8 @@ class Paths:
 
 def spec_for(paths: Paths, cell: Cell, plan: Plan, processes: int, channels: int = 1) -> LoadSpec:
     path, mode, load = cell
+    processes = 1 if mode == "closed" and load == 1 else processes
+    needed = math.ceil(load / processes / CALLS_PER_CONNECTION) if mode == "closed" else 1
     return LoadSpec(
         target=PATH_TARGETS[path],
         address=paths.address(path),
@@ -192,8 +194,8 @@ def spec_for(paths: Paths, cell: Cell, plan: Plan, processes: int, channels: int
         rate_per_s=load if mode == "open" else 0.0,
         warmup_s=plan.warmup_s,
         timeout_s=OPEN_LOOP_DEADLINE_S if mode == "open" else CLOSED_LOOP_DEADLINE_S,
-        processes=1 if mode == "closed" and load == 1 else processes,
-        channels=channels if path == "W" else 1,
+        processes=processes,
+        channels=max(needed, channels if path == "W" else 1),
     )
 
 
@@ -385,11 +387,11 @@ def targets(results: dict[Cell, LoadResult]) -> str:
     d_minus_t = ms("D", "closed", 1, 50) - ms("T", "closed", 1, 50)
     f_over_e = ms("F", "open", rate, 99) / ms("E", "open", rate, 99)
     past = {f: results.get(("D", "open", round(f * sat["D"]))) for f in CAPACITY_FACTORS}
-    never_late = [r for f, r in past.items() if r is not None and f >= NEVER_LATE_FROM]
+    never_late = [r for r in past.values() if r is not None]
     refused = [r for r in past.values() if r is not None and r.refused]
     checks = [
         Check(
-            f"D late answers at {NEVER_LATE_FROM:g}-{max(CAPACITY_FACTORS):g} x capacity",
+            f"D late answers at {min(CAPACITY_FACTORS):g}-{max(CAPACITY_FACTORS):g} x capacity",
             sum(r.errors.get("DEADLINE_EXCEEDED", 0) for r in never_late)
             if never_late
             else math.nan,

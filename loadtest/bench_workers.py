@@ -378,9 +378,10 @@ def open_loop(rows: Sequence[Row]) -> str:
         late = errors.pop("DEADLINE_EXCEEDED", 0)
         others = errors_text({k: n for k, n in errors.items() if k not in REFUSALS})
         refused = row.result.refused
+        refusal_p99 = f"{row.result.refusal_percentile_ms(99):.2f}" if refused else "-"
         lines.append(
             f"| {row.cell.workers} | {row.cell.load:,.0f} | {row.cell.load / capacity:.2f}"
-            f" | {late} | {refused} | {row.result.refusal_percentile_ms(99):.2f} | {others}"
+            f" | {late} | {refused} | {refusal_p99} | {others}"
             f" | {100 * model_share_of_calls(row.result):.1f} %"
             f" | {row.result.percentile_ms(99):.2f} | {row.spread()} |"
         )

@@ -72,7 +72,8 @@ class ServerSettings(SettingsSection):
         "server's Python sees it, so the calls this server holds are at most this times its "
         "connections, and none waits past its deadline in a queue the server cannot see. "
         "Size it with the callers' connections: connections x this should stay near what "
-        "the server answers within a deadline (docs/overload.md).",
+        "the server answers within a deadline (docs/overload.md). AdminService's port "
+        "has the same cap.",
     )
     tls_cert_file: str = Field(
         "",

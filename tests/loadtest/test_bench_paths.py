@@ -38,7 +38,7 @@ def verdict(text: str, name: str) -> str:
     return line.rsplit("|", 2)[1].strip()
 
 
-LATE = "D late answers at 1-1.5 x capacity"
+LATE = "D late answers at 0.5-1.5 x capacity"
 REFUSAL = "D refusal p99 as the caller sees it"
 AT_1_2 = "D model share of all calls at 1.2 x capacity"
 
@@ -50,6 +50,14 @@ def test_past_capacity_late_answers_slow_refusals_and_a_low_model_share_are_miss
     assert verdict(targets(runs(refusal_us=8_000)), REFUSAL) == "missed"
     # 500 of 600 calls at 1.2 x: the model answered 83 % of all calls; 100 refused.
     assert "| 83.33 % |" in next(line for line in good.splitlines() if AT_1_2 in line)
+
+
+def test_a_low_model_share_at_1_2_x_capacity_is_missed() -> None:
+    results = runs()
+    results[("D", "open", 600.0)] = load_result("open", 600, ok=500, model=0.5, refused=100)
+    assert verdict(targets(results), AT_1_2) == "missed"
+    results[("D", "open", 400.0)] = load_result("open", 400, ok=400, model=0.9)
+    assert verdict(targets(results), "D model share of all calls at 0.8 x capacity") == "missed"
 
 
 def test_the_figures_file_compares_a_run_with_the_last() -> None:

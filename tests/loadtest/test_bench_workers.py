@@ -94,7 +94,7 @@ def test_scaling_names_the_worker_count_it_compares_with() -> None:
 def test_open_loop_rows_give_load_against_capacity_late_answers_and_model_share() -> None:
     lines = open_loop(ROWS).splitlines()
     assert lines[2:] == [
-        "| 1 | 2,000 | 2.00 | 0 | 0 | nan | 0 | 100.0 % | 4.00 | - |",
+        "| 1 | 2,000 | 2.00 | 0 | 0 | - | 0 | 100.0 % | 4.00 | - |",
         # Refused calls are not late, and not hidden either; the model's share is of
         # every call: 900 of 1,752.
         "| 2 | 1,710 | 1.00 | 210 | 40 | 1.00 | UNKNOWN 2 | 51.4 % | 4.00 | - |",

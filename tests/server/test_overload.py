@@ -285,7 +285,7 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
             assert modelled(served) >= 0.25 * served.ok > 0, seen
             assert result.ok > 0.5 * rate * SECONDS, seen
             # Every call is answered in time or refused at once (gRPC's stream cap).
-            assert result.errors.get("DEADLINE_EXCEEDED", 0) == 0, seen
+            assert not set(result.errors) - REFUSALS, seen
             assert result.refusal_percentile_ms(99) < 5.0 or not result.refused, seen
             # No collapse onto the ladder: past capacity the model answers at least as many
             # a second as within it (its calls carry more rows as the load grows; 1.8-3.2 x
@@ -346,13 +346,14 @@ async def test_a_stopped_server_loses_only_the_calls_that_waited_through_the_sto
                 f" answers {result.answers}, errors {result.errors}, the stop held up about"
                 f" {held_up:.0f} calls"
             )
-            # Measured here (2026-11-26, three runs at 242-470/s): 65-135 late of 85-165
-            # held up, and the ladder answered 0-51 calls. Read from the audit records of
-            # a run at 1,100/s, the model answered every decision again within 0.1-0.2 s of
-            # the stop's end. Half again of what it held up is room for a busy machine;
-            # seconds of late answers after it would be several times more.
-            # With the stream cap at most the calls the connections hold can wait through
-            # the stop; the rest are refused at once, which is not late.
+            # Measured here (2026-11-26, three runs at 242-470/s, before the stream cap):
+            # 65-135 late of 85-165 held up, and the ladder answered 0-51 calls. Read from
+            # the audit records of a run at 1,100/s, the model answered every decision again
+            # within 0.1-0.2 s of the stop's end. Half again of what it held up is room for
+            # a busy machine; seconds of late answers after it would be several times more.
+            # The stream cap does not bound this: a call that reaches its deadline frees its
+            # stream in the caller's channel, and the next call takes it (122 late at
+            # 486/s with the cap, 2 x 16 streams).
             assert 0 < late <= 1.5 * held_up, seen
             assert not set(result.errors) - {"DEADLINE_EXCEEDED", *REFUSALS}, seen
             # All but the calls answered while the queue drained came from the model.

@@ -86,9 +86,12 @@ async def test_a_call_past_the_cap_is_refused_at_once_and_the_connection_goes_on
         for answer, ms in refused:
             assert isinstance(answer, grpc.RpcError), answer
             assert answer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert ms < 100, "a refused call waited for the calls in flight"
+            # At once; the bound leaves room for this test's threads on a busy machine.
+            assert ms < 50, "a refused call waited for the calls in flight"
         # The calls taken are answered once the model times out, by the ladder.
         assert decided == answers, answers
+        model = {decision_pb2.SOURCE_PRIMARY, decision_pb2.SOURCE_SECONDARY}
+        assert not {a.source for a in decided} & model, [a.reason for a in decided]
         after, _ = await timed_decide(stub, buy())
         assert isinstance(after, decision_pb2.DecideResponse), after
     assert capped.engine.in_flight == 0

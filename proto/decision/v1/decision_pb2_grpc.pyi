@@ -37,7 +37,8 @@ class DecisionServiceStub:
     budget. Bad input is rejected with INVALID_ARGUMENT naming the field.
 
     The contract under load: an answer inside the deadline, or a refusal within
-    a few milliseconds, never an answer after the deadline. A connection may
+    a few milliseconds, not an answer after the deadline (while a server's
+    connections times its stream limit fit what it answers in time). A connection may
     have a limited number of calls in flight (the server's HTTP/2
     MAX_CONCURRENT_STREAMS); the call past it is refused before the server does
     any work: RESOURCE_EXHAUSTED from a channel with the options
@@ -66,7 +67,8 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     budget. Bad input is rejected with INVALID_ARGUMENT naming the field.
 
     The contract under load: an answer inside the deadline, or a refusal within
-    a few milliseconds, never an answer after the deadline. A connection may
+    a few milliseconds, not an answer after the deadline (while a server's
+    connections times its stream limit fit what it answers in time). A connection may
     have a limited number of calls in flight (the server's HTTP/2
     MAX_CONCURRENT_STREAMS); the call past it is refused before the server does
     any work: RESOURCE_EXHAUSTED from a channel with the options
@@ -91,7 +93,8 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
     budget. Bad input is rejected with INVALID_ARGUMENT naming the field.
 
     The contract under load: an answer inside the deadline, or a refusal within
-    a few milliseconds, never an answer after the deadline. A connection may
+    a few milliseconds, not an answer after the deadline (while a server's
+    connections times its stream limit fit what it answers in time). A connection may
     have a limited number of calls in flight (the server's HTTP/2
     MAX_CONCURRENT_STREAMS); the call past it is refused before the server does
     any work: RESOURCE_EXHAUSTED from a channel with the options
