@@ -60,6 +60,7 @@ from loadtest.bench_latency import decision_server, echo_server, fresh_features,
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, Mode, Target
 from localstack.health import serving
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
+from server.settings import ServerSettings
 from torchserve.replica import ReplicaPorts, workers_lost
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,8 +89,8 @@ MIN_MODEL_SHARE = 0.95
 """A D figure stands for the model path only when a model gave this share of answers."""
 CAPACITY_FACTORS = (0.5, 0.8, 1.0, 1.2, 1.5)
 """D's open-loop points past the fixed rates, as multiples of its measured capacity."""
-CALLS_PER_CONNECTION = 16
-"""The decision server's default stream cap (``server.max_concurrent_streams``)."""
+CALLS_PER_CONNECTION = ServerSettings().max_concurrent_streams
+"""The decision servers' stream cap: calls one connection may have in flight."""
 MODEL_SHARE_OF_CALLS = {0.8: 0.95, 1.2: 0.8}
 """The share of all D calls (refused ones included) the model must answer, by multiple
 of D's capacity."""
@@ -305,15 +306,19 @@ def answered_by(result: LoadResult) -> str:
     )
 
 
+def modelled(result: LoadResult) -> int:
+    """The answers a model replica gave (not the fallback ladder)."""
+    return sum(n for s, n in result.answers.items() if s in MODEL_SOURCES)
+
+
 def model_share(result: LoadResult) -> float:
-    """The share of OK answers a model replica gave (not the fallback ladder)."""
-    return sum(n for s, n in result.answers.items() if s in MODEL_SOURCES) / max(result.ok, 1)
+    """The share of OK answers a model replica gave."""
+    return modelled(result) / max(result.ok, 1)
 
 
 def model_share_of_calls(result: LoadResult) -> float:
     """The share of all calls, refused and late ones included, a model replica answered."""
-    calls = result.ok + result.error_count
-    return sum(n for s, n in result.answers.items() if s in MODEL_SOURCES) / max(calls, 1)
+    return modelled(result) / max(result.ok + result.error_count, 1)
 
 
 def table(results: dict[Cell, LoadResult]) -> str:

@@ -70,7 +70,8 @@ class ServerSettings(SettingsSection):
         description="Calls one client connection may have in flight at once (HTTP/2's "
         "SETTINGS_MAX_CONCURRENT_STREAMS). gRPC's core refuses a call past it before the "
         "server's Python sees it, so the calls this server holds, queued where it cannot "
-        "see them included, are at most this times its connections. Size it with the callers' connections: connections x this should stay near what "
+        "see them included, are at most this times its connections. Size it with the "
+        "callers' connections: connections x this should stay near what "
         "the server answers within a deadline (docs/overload.md). AdminService's port "
         "has the same cap.",
     )
