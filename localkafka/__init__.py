@@ -1,7 +1,8 @@
 """localkafka: a small, durable, single-node broker speaking the Kafka wire protocol.
 
-For the local stack and the tests (production uses a Kafka cluster). aiokafka's producer,
-consumer (with consumer groups) and admin client work against it unchanged. Run it with
+For the local stack and the tests (production uses a Kafka cluster). aiokafka's and
+librdkafka's producers (idempotent ones too), consumers (with consumer groups) and admin
+clients work against it unchanged; docs/kafka-apis.md lists what it serves. Run it with
 ``python -m localkafka --data-dir DIR`` or in-process::
 
     async with Broker(BrokerSettings(data_dir=path, port=0)) as broker:

@@ -48,6 +48,10 @@ class GroupCoordinator:
     def group(self, group_id: str) -> Group | None:
         return self._groups.get(group_id)
 
+    def groups(self) -> list[Group]:
+        """Every group that has had a member since the broker started."""
+        return list(self._groups.values())
+
     async def join(self, request: JoinRequest) -> JoinResult:
         settings = self._settings
         if not request.group_id:
@@ -91,6 +95,7 @@ class GroupCoordinator:
     async def _add_member(self, group: Group, member_id: str, request: JoinRequest) -> JoinResult:
         member = Member(member_id, request)
         group.members[member_id] = member
+        group.protocol_type = request.protocol_type
         if group.leader_id is None:
             group.leader_id = member_id
         group.new_member_added = True

@@ -1,18 +1,27 @@
 """From a request frame to a response frame: header, version check, decode, handler, encode.
 
-An unknown API key, an unserved version or undecodable bytes raise
-``MalformedRequestError``: the connection is closed, as Kafka does. The exception is
-ApiVersions in a version we do not serve, answered (as Kafka does, KIP-511) in v0 with
-UNSUPPORTED_VERSION and the ApiVersions range we serve, so the client can retry.
+A well-formed request always gets an answer in its own response schema:
+
+- an API or version the broker does not serve (but aiokafka can decode) gets
+  UNSUPPORTED_VERSION, and ApiVersions in such a version gets Kafka's v0 answer with
+  UNSUPPORTED_VERSION and the ApiVersions range served (KIP-511), so the client retries;
+- a handler that fails answers UNKNOWN_SERVER_ERROR, its traceback logged.
+
+Each kind is logged once per API and version. Only a frame that cannot be read (an
+unknown API key, a version nobody defines, bytes that do not decode) raises
+``MalformedRequestError``, and its connection is closed, as Kafka does; so is an acks=0
+Produce that failed, which has no response to carry the error.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from io import BytesIO
 
 from localkafka.errors import ErrorCode, MalformedRequestError
 from localkafka.protocol import (
+    KNOWN,
     SUPPORTED,
     ApiKey,
     Body,
@@ -22,7 +31,12 @@ from localkafka.protocol import (
     decode_body,
     decode_header,
     encode_response,
+    error_body,
 )
+
+log = logging.getLogger(__name__)
+
+_SERVED_KEYS = frozenset(int(key) for key in ApiKey)
 
 
 class Dispatcher:
@@ -31,31 +45,51 @@ class Dispatcher:
         missing = set(SUPPORTED) - set(self._routes)
         if missing:
             raise ValueError(f"no handler for {sorted(k.name for k in missing)}")
+        self._logged: set[tuple[str, int, int]] = set()
 
     async def handle(self, frame: bytes, client_host: str) -> bytes | None:
         """The response frame (size-prefixed) to a request frame, or None for no response."""
         buffer = BytesIO(frame)
         header = decode_header(buffer)
+        key, version = header.api_key, header.api_version
         api_versions = SUPPORTED[ApiKey.API_VERSIONS]
-        if header.api_key == ApiKey.API_VERSIONS and header.api_version not in api_versions:
+        if key == ApiKey.API_VERSIONS and version not in api_versions:
             own = [e for e in advertised_versions() if e["api_key"] == ApiKey.API_VERSIONS]
             body = {"error_code": ErrorCode.UNSUPPORTED_VERSION, "api_versions": own}
             return encode_response(api_versions[0][1], header.correlation_id, body)
-        try:
-            key = ApiKey(header.api_key)
-        except ValueError:
-            raise MalformedRequestError(f"unknown API key {header.api_key}") from None
-        structs = SUPPORTED[key].get(header.api_version)
-        if structs is None:
-            raise MalformedRequestError(f"{key.name} v{header.api_version} is not served")
+        api = ApiKey(key) if key in _SERVED_KEYS else None
+        structs = SUPPORTED[api].get(version) if api is not None else None
+        if api is None or structs is None:
+            known = KNOWN.get((key, version))
+            if known is None:
+                raise MalformedRequestError(f"API key {key} v{version} is unknown")
+            request = decode_body(known[0], buffer, len(frame))
+            if key == ApiKey.PRODUCE and request.get("required_acks") == 0:
+                raise MalformedRequestError(f"acks=0 Produce v{version} is not served")
+            if self._first_time("unserved", key, version):
+                log.warning("%s is not served: answered UNSUPPORTED_VERSION", known[0].__name__)
+            body = error_body(known[1].SCHEMA, ErrorCode.UNSUPPORTED_VERSION)
+            return encode_response(known[1], header.correlation_id, body)
         request = decode_body(structs[0], buffer, len(frame))
-        context = RequestContext(
-            key, header.api_version, header.correlation_id, header.client_id, client_host
-        )
-        response = await self._routes[key](context, request)
+        log.debug("%s v%d from %s", api.name, version, header.client_id)
+        context = RequestContext(api, version, header.correlation_id, header.client_id, client_host)
+        try:
+            response = await self._routes[api](context, request)
+        except MalformedRequestError:
+            raise
+        except Exception:  # one request's failure is answered, never the connection's end
+            if self._first_time("failed", key, version):
+                log.exception("%s v%d failed: answered UNKNOWN_SERVER_ERROR", api.name, version)
+            response = error_body(structs[1].SCHEMA, ErrorCode.UNKNOWN_SERVER_ERROR)
         if response is None:
             return None
         return encode_response(structs[1], header.correlation_id, response)
+
+    def _first_time(self, kind: str, key: int, version: int) -> bool:
+        """Whether this kind of answer to this API and version is to be logged: the first."""
+        seen = (kind, key, version) in self._logged
+        self._logged.add((kind, key, version))
+        return not seen
 
     async def _api_versions(self, context: RequestContext, request: Body) -> Body:
         return {"error_code": 0, "api_versions": advertised_versions(), "throttle_time_ms": 0}

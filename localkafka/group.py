@@ -98,6 +98,8 @@ class Member:
 class Group:
     group_id: str
     state: GroupState = GroupState.EMPTY
+    protocol_type: str = ""
+    """The kind of group ("consumer"), from its members' JoinGroup; kept when it empties."""
     generation_id: int = 0
     protocol_name: str | None = None
     leader_id: str | None = None

@@ -2,7 +2,9 @@
 
 Contract:
 - ``append`` numbers the batches from the high watermark, writes them to the active segment
-  (rolling first when it would pass ``segment_bytes``) and wakes every waiting fetch.
+  (rolling first when it would pass ``segment_bytes``) and wakes every waiting fetch. A
+  batch from an idempotent producer is checked against ``localkafka.producers`` first: a
+  duplicate is answered with its first offset and not written again.
 - ``read(offset, max_bytes)`` returns whole batches from the one holding ``offset``, from
   one segment, at least one batch; ``b""`` at the high watermark; ``OffsetOutOfRangeError``
   outside ``[log_start_offset, high_watermark]``. Its cost is two bisections and one pread,
@@ -22,8 +24,9 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 
-from localkafka.errors import OffsetOutOfRangeError
+from localkafka.errors import ErrorCode, KafkaApiError, OffsetOutOfRangeError
 from localkafka.fsutil import write_atomic
+from localkafka.producers import ProducerState
 from localkafka.records import BatchInfo, assign_offsets
 from localkafka.segment import SUFFIX, Segment
 
@@ -42,12 +45,20 @@ class LogConfig:
 
 
 class PartitionLog:
-    def __init__(self, directory: Path, config: LogConfig, segments: list[Segment], start: int):
+    def __init__(
+        self,
+        directory: Path,
+        config: LogConfig,
+        segments: list[Segment],
+        start: int,
+        producers: ProducerState,
+    ):
         self.directory = directory
         self.config = config
         self._segments = segments
         self._bases = [s.base_offset for s in segments]
         self._log_start = start
+        self._producers = producers
         self._waiters: set[asyncio.Future[None]] = set()
 
     @classmethod
@@ -55,6 +66,7 @@ class PartitionLog:
         """Opens (or creates) the log in ``directory``, repairing a torn tail."""
         directory.mkdir(parents=True, exist_ok=True)
         segments: list[Segment] = []
+        producers = ProducerState()
         for path in sorted(directory.glob(f"*{SUFFIX}")):
             if not path.stem.isdigit():
                 log.warning("%s: not a segment name, ignored", path)
@@ -64,13 +76,18 @@ class PartitionLog:
                 log.warning("%s: follows a truncated segment, deleted", path)
                 path.unlink()
                 continue
-            segments.append(Segment.open(path, int(path.stem)))
+            segment, batches = Segment.open(path, int(path.stem))
+            segments.append(segment)
+            offset = segment.base_offset
+            for batch in batches:
+                producers.record(batch, offset)
+                offset += batch.record_count
         start_file = directory / LOG_START_FILE
         stored = int(start_file.read_text()) if start_file.exists() else 0
         if not segments:
             segments.append(Segment.create(directory, stored))
         start = min(max(stored, segments[0].base_offset), segments[-1].next_offset)
-        return cls(directory, config, segments, start)
+        return cls(directory, config, segments, start, producers)
 
     @property
     def log_start_offset(self) -> int:
@@ -91,11 +108,24 @@ class PartitionLog:
 
     def append(self, data: bytes, batches: list[BatchInfo]) -> int:
         """Appends validated batches; returns the offset given to the first record."""
+        if any(batch.producer_id >= 0 for batch in batches):
+            if len(batches) > 1:
+                raise KafkaApiError(
+                    ErrorCode.INVALID_RECORD,
+                    "an idempotent producer sends one record batch per partition",
+                )
+            duplicate_of = self._producers.check(batches[0])
+            if duplicate_of is not None:
+                return duplicate_of
         active = self._segments[-1]
         if active.size > 0 and active.size + len(data) > self.config.segment_bytes:
             active = self._roll()
         base = active.next_offset
         active.append(assign_offsets(data, batches, base), batches)
+        offset = base
+        for batch in batches:
+            self._producers.record(batch, offset)
+            offset += batch.record_count
         self._wake()
         return base
 

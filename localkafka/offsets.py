@@ -110,6 +110,10 @@ class OffsetStore:
     def group(self, group: str) -> Mapping[TopicPartition, CommittedOffset]:
         return self._groups.get(group, {})
 
+    def group_ids(self) -> list[str]:
+        """The groups that hold committed offsets."""
+        return [group for group, commits in self._groups.items() if commits]
+
     def delete_topic(self, topic: str) -> None:
         frames = []
         for group, commits in self._groups.items():

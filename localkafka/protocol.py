@@ -1,15 +1,23 @@
-"""The Kafka APIs and versions the broker serves, and their codec, all on aiokafka's structs.
+"""The Kafka APIs and versions the broker serves, and their codec, on aiokafka's structs.
 
-Requests are decoded with aiokafka's ``*Request_vN`` structs into plain dicts
-(``to_object``); handlers answer with dicts that hold every field any served version of
-the response has, and ``encode_response`` picks the fields of the negotiated version's
-``*Response_vN`` schema. Only non-flexible versions are served, so every request header is
-``RequestHeader_v1`` and every response header ``ResponseHeader_v0``.
+Requests are decoded with aiokafka's ``*Request_vN`` structs into plain dicts; handlers
+answer with dicts that hold every field any served version of the response has, and
+``encode_response`` picks the fields of the negotiated version's ``*Response_vN`` schema
+(tagged-field buffers are sent empty).
 
-Version ranges: the newest aiokafka 0.14 can build, non-flexible. Kafka defines JoinGroup
-v3/v4 and SyncGroup v2 with the same wire format as the version before, so those decode
-with that struct (JoinGroup v4+ adds MEMBER_ID_REQUIRED, handled by the coordinator).
-ListOffsets stops at v3: aiokafka's v4 struct cannot be built by its own request builder.
+Version ranges: the newest non-flexible version aiokafka 0.14 has, plus ApiVersions v3,
+the flexible version librdkafka and the Java clients ask for first (its structs are
+defined here; its response header stays v0, as KIP-511 requires). Kafka defines
+JoinGroup v3/v4, SyncGroup v2, CreateTopics v4 and InitProducerId v1 with the same wire
+format as the version before, so those decode with that struct (JoinGroup v4+ adds
+MEMBER_ID_REQUIRED, handled by the coordinator; CreateTopics v4 lets a client leave the
+partition count and replication factor to the broker, KIP-464, which every version here
+accepts). ListOffsets stops at v3: aiokafka's v4 struct cannot be
+built by its own request builder.
+
+``KNOWN`` holds every request aiokafka can decode, served or not: a well-formed request
+the broker does not serve is answered with UNSUPPORTED_VERSION in its own response
+schema rather than by closing the connection (``localkafka.dispatch``).
 """
 
 from __future__ import annotations
@@ -30,9 +38,24 @@ from aiokafka.protocol import (
     metadata,
     offset,
     produce,
+    transaction,
 )
-from aiokafka.protocol.api import RequestHeader_v1, ResponseHeader_v0
-from aiokafka.protocol.types import Array, Schema
+from aiokafka.protocol.api import (
+    RequestHeader_v1,
+    RequestStruct,
+    Response,
+    ResponseHeader_v0,
+    ResponseHeader_v1,
+)
+from aiokafka.protocol.types import (
+    Array,
+    CompactArray,
+    CompactString,
+    Int16,
+    Int32,
+    Schema,
+    TaggedFields,
+)
 
 from localkafka.errors import MalformedRequestError
 
@@ -51,11 +74,45 @@ class ApiKey(IntEnum):
     HEARTBEAT = 12
     LEAVE_GROUP = 13
     SYNC_GROUP = 14
+    DESCRIBE_GROUPS = 15
+    LIST_GROUPS = 16
     API_VERSIONS = 18
     CREATE_TOPICS = 19
     DELETE_TOPICS = 20
     DELETE_RECORDS = 21
+    INIT_PRODUCER_ID = 22
     DESCRIBE_CONFIGS = 32
+
+
+class ApiVersionResponse_v3(Response):  # type: ignore[misc]  # aiokafka is untyped here
+    API_KEY = 18
+    API_VERSION = 3
+    SCHEMA = Schema(
+        ("error_code", Int16),
+        (
+            "api_versions",
+            CompactArray(
+                ("api_key", Int16),
+                ("min_version", Int16),
+                ("max_version", Int16),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("throttle_time_ms", Int32),
+        ("tags", TaggedFields),
+    )
+
+
+class ApiVersionRequest_v3(RequestStruct):  # type: ignore[misc]  # aiokafka is untyped here
+    API_KEY = 18
+    API_VERSION = 3
+    FLEXIBLE_VERSION = True
+    RESPONSE_TYPE = ApiVersionResponse_v3
+    SCHEMA = Schema(
+        ("client_software_name", CompactString("utf-8")),
+        ("client_software_version", CompactString("utf-8")),
+        ("tags", TaggedFields),
+    )
 
 
 StructPair = tuple[Any, Any]  # (aiokafka request struct class, response struct class)
@@ -74,6 +131,19 @@ def _versions(
     return pairs
 
 
+def _every_known_request() -> dict[tuple[int, int], StructPair]:
+    """(API key, version) -> structs, for every request aiokafka defines with its response
+    (paired by name: some of aiokafka's RESPONSE_TYPE links point at the version before)."""
+    known: dict[tuple[int, int], StructPair] = {}
+    modules = (admin, commit, coordination, fetch, group, metadata, offset, produce, transaction)
+    for module in modules:
+        for name, request in vars(module).items():
+            response = getattr(module, name.replace("Request_v", "Response_v"), None)
+            if "Request_v" in name and response is not None:
+                known[(request.API_KEY, request.API_VERSION)] = (request, response)
+    return known
+
+
 SUPPORTED: dict[ApiKey, dict[int, StructPair]] = {
     ApiKey.PRODUCE: _versions(produce, "Produce", 3, 8),
     ApiKey.FETCH: _versions(fetch, "Fetch", 4, 11),
@@ -86,11 +156,22 @@ SUPPORTED: dict[ApiKey, dict[int, StructPair]] = {
     ApiKey.HEARTBEAT: _versions(group, "Heartbeat", 0, 1),
     ApiKey.LEAVE_GROUP: _versions(group, "LeaveGroup", 0, 1),
     ApiKey.SYNC_GROUP: _versions(group, "SyncGroup", 0, 3, {2: 1}),
-    ApiKey.API_VERSIONS: _versions(admin, "ApiVersion", 0, 2),
-    ApiKey.CREATE_TOPICS: _versions(admin, "CreateTopics", 0, 3),
+    ApiKey.DESCRIBE_GROUPS: _versions(admin, "DescribeGroups", 0, 3),
+    ApiKey.LIST_GROUPS: _versions(admin, "ListGroups", 0, 2),
+    ApiKey.API_VERSIONS: {
+        **_versions(admin, "ApiVersion", 0, 2),
+        3: (ApiVersionRequest_v3, ApiVersionResponse_v3),
+    },
+    ApiKey.CREATE_TOPICS: _versions(admin, "CreateTopics", 0, 4, {4: 3}),
     ApiKey.DELETE_TOPICS: _versions(admin, "DeleteTopics", 0, 3),
     ApiKey.DELETE_RECORDS: _versions(admin, "DeleteRecords", 0, 1),
+    ApiKey.INIT_PRODUCER_ID: _versions(transaction, "InitProducerId", 0, 1, {1: 0}),
     ApiKey.DESCRIBE_CONFIGS: _versions(admin, "DescribeConfigs", 0, 2),
+}
+
+KNOWN: dict[tuple[int, int], StructPair] = {
+    **_every_known_request(),
+    **{(key, version): pair for key, pairs in SUPPORTED.items() for version, pair in pairs.items()},
 }
 
 
@@ -132,21 +213,38 @@ def decode_header(buffer: BytesIO) -> Header:
 
 
 def decode_body(request_struct: Any, buffer: BytesIO, size: int) -> Body:
+    """The request's fields as a dict; a flexible version's header tags are skipped first."""
     try:
-        decoded = request_struct.decode(buffer)
+        if request_struct.FLEXIBLE_VERSION:
+            TaggedFields.decode(buffer)
+        decoded = request_struct.SCHEMA.decode(buffer)
     except Exception as exc:  # aiokafka's decoders raise ValueError, struct.error, ...
         raise MalformedRequestError(f"undecodable {request_struct.__name__}: {exc!r}") from exc
     if buffer.tell() != size:
         raise MalformedRequestError(
             f"{request_struct.__name__}: {size - buffer.tell()} bytes left over"
         )
-    body: Body = decoded.to_object()
+    return _to_dict(request_struct.SCHEMA, decoded)
+
+
+def _to_dict(schema: Schema, values: Any) -> Body:
+    """Decoded values as a dict (aiokafka's own ``to_object`` fails on a null array)."""
+    body: Body = {}
+    for name, field, value in zip(schema.names, schema.fields, values, strict=True):
+        if isinstance(field, Schema):
+            value = _to_dict(field, value)
+        elif isinstance(field, Array) and isinstance(field.array_of, Schema) and value is not None:
+            value = [_to_dict(field.array_of, item) for item in value]
+        body[name] = value
     return body
 
 
 def _values(schema: Any, body: Mapping[str, Any]) -> list[Any]:
-    values = []
+    values: list[Any] = []
     for name, field in zip(schema.names, schema.fields, strict=True):
+        if field is TaggedFields:
+            values.append({})
+            continue
         value = body[name]
         if isinstance(field, Schema):
             value = tuple(_values(field, value))
@@ -158,8 +256,40 @@ def _values(schema: Any, body: Mapping[str, Any]) -> list[Any]:
 
 def encode_response(response_struct: Any, correlation_id: int, body: Mapping[str, Any]) -> bytes:
     """The size-prefixed frame of ``body`` in ``response_struct``'s schema."""
+    flexible = any(field is TaggedFields for field in response_struct.SCHEMA.fields)
+    header = (
+        ResponseHeader_v1(correlation_id, {})
+        if flexible and response_struct.API_KEY != ApiKey.API_VERSIONS
+        else ResponseHeader_v0(correlation_id)
+    )
     encoded: bytes = (
-        ResponseHeader_v0(correlation_id).encode()
-        + response_struct(*_values(response_struct.SCHEMA, body)).encode()
+        header.encode() + response_struct(*_values(response_struct.SCHEMA, body)).encode()
     )
     return len(encoded).to_bytes(4, "big") + encoded
+
+
+def error_body(schema: Any, code: int) -> Body:
+    """A response of ``schema`` that only says ``code``: every top-level error field set
+    to it, arrays empty, numbers 0, strings empty (the error message, when there is one,
+    null)."""
+    body: Body = {}
+    for name, field in zip(schema.names, schema.fields, strict=True):
+        value: Any
+        if name in ("error_code", "error"):
+            value = code
+        elif isinstance(field, Schema):
+            value = error_body(field, code)
+        elif isinstance(field, Array):
+            value = []
+        elif field is TaggedFields:
+            value = {}
+        elif name == "error_message" or not isinstance(field, type):
+            value = None if name == "error_message" else ""
+        elif field.__name__ in ("Bytes", "CompactBytes"):
+            value = b""
+        elif field.__name__ == "Boolean":
+            value = False
+        else:
+            value = 0
+        body[name] = value
+    return body

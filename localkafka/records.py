@@ -40,6 +40,15 @@ class BatchInfo(NamedTuple):
     base_offset: int
     record_count: int
     max_timestamp: int
+    producer_id: int
+    """-1 unless an idempotent producer wrote the batch."""
+    producer_epoch: int
+    base_sequence: int
+
+    @property
+    def last_sequence(self) -> int:
+        """The sequence number of the batch's last record (sequences wrap at 2**31 - 1)."""
+        return (self.base_sequence + self.record_count - 1) % (2**31)
 
 
 def _parse(buf: bytes | memoryview, pos: int) -> BatchInfo:
@@ -56,9 +65,9 @@ def _parse(buf: bytes | memoryview, pos: int) -> BatchInfo:
         last_offset_delta,
         _first_ts,
         max_ts,
-        _producer_id,
-        _producer_epoch,
-        _base_sequence,
+        producer_id,
+        producer_epoch,
+        base_sequence,
         count,
     ) = HEADER.unpack_from(buf, pos)
     if magic != 2:
@@ -75,7 +84,9 @@ def _parse(buf: bytes | memoryview, pos: int) -> BatchInfo:
         )
     if calc_crc32c(memoryview(buf)[pos + _CRC_START : pos + size]) != crc:
         raise InvalidRecordsError(ErrorCode.CORRUPT_MESSAGE, "record batch CRC mismatch")
-    return BatchInfo(pos, size, base_offset, count, max_ts)
+    return BatchInfo(
+        pos, size, base_offset, count, max_ts, producer_id, producer_epoch, base_sequence
+    )
 
 
 def split_batches(data: bytes | None, max_batch_bytes: int) -> list[BatchInfo]:

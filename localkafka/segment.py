@@ -57,8 +57,10 @@ class Segment:
         return cls(path, base_offset, fd)
 
     @classmethod
-    def open(cls, path: Path, base_offset: int) -> Segment:
-        """Opens an existing segment, rebuilding its index; a torn or corrupt tail is cut off."""
+    def open(cls, path: Path, base_offset: int) -> tuple[Segment, list[BatchInfo]]:
+        """Opens an existing segment, rebuilding its index; a torn or corrupt tail is cut off.
+
+        Returns it with the batches it holds."""
         fd = os.open(path, os.O_RDWR | os.O_APPEND)
         try:
             data = os.pread(fd, os.fstat(fd).st_size, 0)
@@ -78,7 +80,7 @@ class Segment:
         segment = cls(path, base_offset, fd)
         segment._index(batches, base_offset, 0)
         segment.size = valid
-        return segment
+        return segment, batches
 
     @property
     def batch_count(self) -> int:

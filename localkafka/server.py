@@ -7,8 +7,9 @@ running fsync, fsyncs everything written and closes the files.
 
 A connection's requests are answered one at a time, in order, as Kafka does (a client that
 wants concurrency opens more connections, as aiokafka does for group coordination). A
-frame that cannot be served closes that connection with a warning; nothing a client sends
-stops the broker. Chores: fsync every ``fsync_interval_ms``, retention every
+well-formed request is always answered, with an error if need be; a frame that cannot be
+read closes that connection with a warning (``localkafka.dispatch``). Nothing a client
+sends stops the broker. Chores: fsync every ``fsync_interval_ms``, retention every
 ``retention_check_interval_ms``, group session expiry every 100 ms.
 """
 
@@ -34,6 +35,7 @@ from localkafka.handlers.cluster import ClusterHandlers
 from localkafka.handlers.data import DataHandlers
 from localkafka.handlers.groups import GroupHandlers
 from localkafka.offsets import OffsetStore
+from localkafka.producers import ProducerIds
 from localkafka.settings import BrokerSettings
 from localkafka.topics import TopicStore
 
@@ -63,6 +65,7 @@ class Broker:
         self._clock_ms = clock_ms
         self.topics = TopicStore(settings.data_dir, settings.log_defaults)
         self.offsets = OffsetStore(settings.data_dir)
+        self.producer_ids = ProducerIds(settings.data_dir)
         self.coordinator = GroupCoordinator(settings.groups)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[object]] = set()
@@ -104,10 +107,11 @@ class Broker:
             raise LocalKafkaError(f"{data_dir} is in use by another broker") from None
         self.topics.open()
         self.offsets.open()
+        self.producer_ids.open()
         cluster = ClusterHandlers(self.topics, self.offsets, self.settings, _cluster_id(data_dir))
         self._dispatcher = Dispatcher(
             {
-                **DataHandlers(self.topics, self.settings).routes(),
+                **DataHandlers(self.topics, self.settings, self.producer_ids).routes(),
                 **cluster.routes(),
                 **GroupHandlers(self.coordinator, self.offsets, self.topics).routes(),
             }

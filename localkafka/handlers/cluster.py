@@ -1,8 +1,9 @@
 """Metadata, FindCoordinator, CreateTopics, DeleteTopics and DescribeConfigs.
 
 The broker is node 0, the controller, the leader of every partition and the coordinator of
-every group. Unknown topics are UNKNOWN_TOPIC_OR_PARTITION unless the broker auto-creates
-topics and the request allows it (Metadata v4+ ``allow_auto_topic_creation``).
+every group; it coordinates no transactions. Unknown topics are UNKNOWN_TOPIC_OR_PARTITION
+unless the broker auto-creates topics and the request allows it (Metadata v4+
+``allow_auto_topic_creation``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 NODE_ID = 0
 _TOPIC_RESOURCE, _BROKER_RESOURCE = 2, 4
+_GROUP_COORDINATOR = 0  # FindCoordinator's key type 1 is a transaction coordinator
 _TOPIC_CONFIG_SOURCE, _STATIC_BROKER_CONFIG_SOURCE = 1, 4
 
 
@@ -89,16 +91,26 @@ class ClusterHandlers:
         return entry
 
     async def find_coordinator(self, ctx: RequestContext, request: Body) -> Body:
-        group_kind = request.get("coordinator_type", 0) == 0  # 1 (transactions) is not served
         host, port = self.address
-        return {
+        response: Body = {
             "throttle_time_ms": 0,
-            "error_code": ErrorCode.NONE if group_kind else ErrorCode.COORDINATOR_NOT_AVAILABLE,
+            "error_code": ErrorCode.NONE,
             "error_message": None,
-            "coordinator_id": NODE_ID if group_kind else -1,
-            "host": host if group_kind else "",
-            "port": port if group_kind else -1,
+            "coordinator_id": NODE_ID,
+            "host": host,
+            "port": port,
         }
+        if request.get("coordinator_type", 0) != _GROUP_COORDINATOR:
+            # Transactions are not served. Kafka's "not available" would have a
+            # transactional client retry until it times out; this one it reports at once.
+            response.update(
+                error_code=ErrorCode.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+                error_message="localkafka does not serve transactions",
+                coordinator_id=-1,
+                host="",
+                port=-1,
+            )
+        return response
 
     async def create_topics(self, ctx: RequestContext, request: Body) -> Body:
         specs = request["create_topic_requests"]

@@ -1,7 +1,12 @@
-"""Produce, Fetch, ListOffsets and DeleteRecords: the handlers that touch partition logs.
+"""Produce, InitProducerId, Fetch, ListOffsets and DeleteRecords: the handlers that touch
+partition logs.
 
 - Produce: every acks level (0, 1, -1) is answered after the batches are in the file;
   acks=0 gets no response, and on an error its connection is closed, as Kafka does.
+  Batches of idempotent producers are checked for sequence (``localkafka.producers``).
+- InitProducerId: a new producer id at epoch 0 for an idempotent producer. Transactions
+  are not served: a transactional id is refused with TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+  and no transactional API is advertised.
 - Fetch: a long poll. It answers at once when ``min_bytes`` are available or a partition
   has an error, else when data arrives on any requested partition or ``max_wait_time``
   passes. Each partition gives whole batches up to its ``max_bytes``, at least one; the
@@ -16,6 +21,7 @@ from typing import Any
 
 from localkafka.errors import ErrorCode, KafkaApiError, MalformedRequestError
 from localkafka.log import PartitionLog
+from localkafka.producers import ProducerIds
 from localkafka.protocol import ApiKey, Body, Handler, RequestContext
 from localkafka.records import split_batches
 from localkafka.settings import BrokerSettings
@@ -27,13 +33,17 @@ _NO_LIMIT = 2**31 - 1
 
 
 class DataHandlers:
-    def __init__(self, topics: TopicStore, settings: BrokerSettings) -> None:
+    def __init__(
+        self, topics: TopicStore, settings: BrokerSettings, producer_ids: ProducerIds
+    ) -> None:
         self._topics = topics
         self._settings = settings
+        self._producer_ids = producer_ids
 
     def routes(self) -> dict[ApiKey, Handler]:
         return {
             ApiKey.PRODUCE: self.produce,
+            ApiKey.INIT_PRODUCER_ID: self.init_producer_id,
             ApiKey.FETCH: self.fetch,
             ApiKey.LIST_OFFSETS: self.list_offsets,
             ApiKey.DELETE_RECORDS: self.delete_records,
@@ -95,6 +105,25 @@ class DataHandlers:
                 result["error_code"] = ErrorCode.KAFKA_STORAGE_ERROR
             result["log_start_offset"] = target.log_start_offset
         return result
+
+    async def init_producer_id(self, ctx: RequestContext, request: Body) -> Body:
+        response: Body = {
+            "throttle_time_ms": 0,
+            "error_code": ErrorCode.NONE,
+            "producer_id": -1,
+            "producer_epoch": -1,
+        }
+        if request["transactional_id"] is not None:
+            response["error_code"] = ErrorCode.TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+            return response
+        try:
+            response["producer_id"] = self._producer_ids.allocate()
+        except OSError as exc:
+            log.error("allocating a producer id failed: %s", exc)
+            response["error_code"] = ErrorCode.KAFKA_STORAGE_ERROR
+            return response
+        response["producer_epoch"] = 0
+        return response
 
     async def fetch(self, ctx: RequestContext, request: Body) -> Body:
         response: Body = {"throttle_time_ms": 0, "error_code": 0, "session_id": 0, "topics": []}

@@ -1,6 +1,9 @@
-"""JoinGroup, SyncGroup, Heartbeat, LeaveGroup, OffsetCommit and OffsetFetch.
+"""JoinGroup, SyncGroup, Heartbeat, LeaveGroup, OffsetCommit, OffsetFetch, ListGroups and
+DescribeGroups.
 
 Thin: each converts the request to a coordinator or offset-store call and the result back.
+ListGroups and DescribeGroups show the groups that had members since the broker started,
+and, as Empty groups of no protocol type, those known only by their committed offsets.
 Static membership (``group_instance_id``) is not implemented: such a member is treated as
 a dynamic one. OffsetCommit is acknowledged only after the commit is in the offsets file.
 """
@@ -12,7 +15,7 @@ from collections import defaultdict
 
 from localkafka.coordinator import GroupCoordinator
 from localkafka.errors import ErrorCode
-from localkafka.group import JoinRequest
+from localkafka.group import GroupState, JoinRequest
 from localkafka.offsets import CommittedOffset, OffsetStore, TopicPartition
 from localkafka.protocol import ApiKey, Body, Handler, RequestContext
 from localkafka.topics import TopicStore
@@ -20,6 +23,8 @@ from localkafka.topics import TopicStore
 log = logging.getLogger(__name__)
 
 MAX_METADATA_CHARS = 4096  # Kafka's offset.metadata.max.bytes
+_NO_OPERATIONS_ASKED = -(2**31)  # DescribeGroups v3: authorized operations not requested
+_DEAD = "Dead"  # Kafka's state for a group it does not know
 
 
 class GroupHandlers:
@@ -38,7 +43,51 @@ class GroupHandlers:
             ApiKey.LEAVE_GROUP: self.leave_group,
             ApiKey.OFFSET_COMMIT: self.offset_commit,
             ApiKey.OFFSET_FETCH: self.offset_fetch,
+            ApiKey.LIST_GROUPS: self.list_groups,
+            ApiKey.DESCRIBE_GROUPS: self.describe_groups,
         }
+
+    async def list_groups(self, ctx: RequestContext, request: Body) -> Body:
+        kinds = {group_id: "" for group_id in self._offsets.group_ids()}
+        kinds.update({g.group_id: g.protocol_type for g in self._coordinator.groups()})
+        return {
+            "throttle_time_ms": 0,
+            "error_code": ErrorCode.NONE,
+            "groups": [{"group": g, "protocol_type": kind} for g, kind in sorted(kinds.items())],
+        }
+
+    async def describe_groups(self, ctx: RequestContext, request: Body) -> Body:
+        return {"throttle_time_ms": 0, "groups": [self._describe(g) for g in request["groups"]]}
+
+    def _describe(self, group_id: str) -> Body:
+        entry: Body = {
+            "error_code": ErrorCode.NONE if group_id else ErrorCode.INVALID_GROUP_ID,
+            "group": group_id,
+            "state": _DEAD,
+            "protocol_type": "",
+            "protocol": "",
+            "members": [],
+            "authorized_operations": _NO_OPERATIONS_ASKED,
+        }
+        group = self._coordinator.group(group_id)
+        if group is None:
+            if self._offsets.group(group_id):
+                entry["state"] = GroupState.EMPTY.value
+            return entry
+        chosen = group.state in (GroupState.STABLE, GroupState.COMPLETING_REBALANCE)
+        protocol = (group.protocol_name or "") if chosen else ""
+        entry.update(state=group.state.value, protocol_type=group.protocol_type, protocol=protocol)
+        entry["members"] = [
+            {
+                "member_id": member.member_id,
+                "client_id": member.request.client_id,
+                "client_host": member.request.client_host,
+                "member_metadata": member.metadata_for(protocol) if protocol else b"",
+                "member_assignment": member.assignment,
+            }
+            for member in group.members.values()
+        ]
+        return entry
 
     async def join_group(self, ctx: RequestContext, request: Body) -> Body:
         session_timeout_ms: int = request["session_timeout"]

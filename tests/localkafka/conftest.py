@@ -21,10 +21,14 @@ from tests.conftest import REPO
 
 
 def make_batch(
-    values: list[bytes], timestamp_ms: int = 1_700_000_000_000, key: bytes | None = None
+    values: list[bytes],
+    timestamp_ms: int = 1_700_000_000_000,
+    key: bytes | None = None,
+    producer: tuple[int, int, int] = (-1, -1, -1),
 ) -> bytes:
-    """A v2 record batch as a producer sends it (base offset 0)."""
-    builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 10_000_000)
+    """A v2 record batch as a producer sends it (base offset 0); ``producer`` is an
+    idempotent producer's (id, epoch, first sequence)."""
+    builder = DefaultRecordBatchBuilder(2, 0, 0, *producer, 10_000_000)
     for index, value in enumerate(values):
         builder.append(index, timestamp=timestamp_ms + index, key=key, value=value, headers=[])
     return bytes(builder.build())

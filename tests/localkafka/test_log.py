@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatch
 
-from localkafka.errors import ErrorCode, InvalidRecordsError, OffsetOutOfRangeError
+from localkafka.errors import (
+    ErrorCode,
+    InvalidRecordsError,
+    KafkaApiError,
+    OffsetOutOfRangeError,
+)
 from localkafka.log import LogConfig, PartitionLog
 from localkafka.records import split_batches
 from localkafka.segment import segment_name
@@ -18,8 +23,13 @@ T0 = 1_700_000_000_000
 BIG = LogConfig(retention_ms=-1, segment_bytes=1 << 30)
 
 
-def append(log: PartitionLog, values: list[bytes], timestamp_ms: int = T0) -> int:
-    data = make_batch(values, timestamp_ms)
+def append(
+    log: PartitionLog,
+    values: list[bytes],
+    timestamp_ms: int = T0,
+    producer: tuple[int, int, int] = (-1, -1, -1),
+) -> int:
+    data = make_batch(values, timestamp_ms, producer=producer)
     return log.append(data, split_batches(data, 1 << 20))
 
 
@@ -207,3 +217,73 @@ def test_the_offset_for_a_timestamp_is_the_first_record_at_or_after_it(tmp_path:
     assert log.offset_for_timestamp(T0 + 4001) == (13, T0 + 4001)
     assert log.offset_for_timestamp(T0 + 4003) == (15, T0 + 5000)
     assert log.offset_for_timestamp(T0 + 99_000) is None
+
+
+def test_an_idempotent_retry_gets_its_first_offset_and_is_not_written_again(
+    tmp_path: Path,
+) -> None:
+    log = PartitionLog.open(tmp_path, BIG)
+    assert append(log, [b"a", b"b"], producer=(7, 0, 0)) == 0
+    assert append(log, [b"c"], producer=(7, 0, 2)) == 2
+    assert append(log, [b"a", b"b"], producer=(7, 0, 0)) == 0  # the answer was lost: a retry
+    assert log.high_watermark == 3
+    assert append(log, [b"d"], producer=(7, 0, 3)) == 3
+    assert [v for _, v in records(log.read(0, 1 << 20))] == [b"a", b"b", b"c", b"d"]
+
+
+@pytest.mark.parametrize(
+    ("producer", "code"),
+    [
+        pytest.param((7, 0, 5), ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER, id="gap"),
+        pytest.param((7, 0, 1), ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER, id="overlap"),
+        pytest.param((7, 1, 3), ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER, id="new-epoch-not-0"),
+    ],
+)
+def test_a_batch_out_of_sequence_is_refused(
+    tmp_path: Path, producer: tuple[int, int, int], code: ErrorCode
+) -> None:
+    log = PartitionLog.open(tmp_path, BIG)
+    append(log, [b"a", b"b", b"c"], producer=(7, 0, 0))
+    with pytest.raises(KafkaApiError) as refused:
+        append(log, [b"x"], producer=producer)
+    assert refused.value.code == code
+    assert log.high_watermark == 3
+
+
+def test_a_fenced_epoch_is_refused_and_a_new_epoch_starts_at_zero(tmp_path: Path) -> None:
+    log = PartitionLog.open(tmp_path, BIG)
+    append(log, [b"a"], producer=(7, 0, 0))
+    assert append(log, [b"b"], producer=(7, 1, 0)) == 1
+    with pytest.raises(KafkaApiError) as refused:
+        append(log, [b"c"], producer=(7, 0, 1))
+    assert refused.value.code == ErrorCode.INVALID_PRODUCER_EPOCH
+
+
+def test_sequences_wrap_and_an_unknown_producer_may_start_anywhere(tmp_path: Path) -> None:
+    log = PartitionLog.open(tmp_path, BIG)
+    top = 2**31 - 1
+    assert append(log, [b"a", b"b"], producer=(3, 0, top - 1)) == 0
+    assert append(log, [b"c"], producer=(3, 0, 0)) == 2
+
+
+def test_duplicates_are_still_recognised_after_reopening(tmp_path: Path) -> None:
+    log = PartitionLog.open(tmp_path, LogConfig(retention_ms=-1, segment_bytes=200))
+    for sequence in range(8):
+        append(log, [f"v{sequence}".encode()], producer=(9, 0, sequence))
+    log.close()
+    again = PartitionLog.open(tmp_path, LogConfig(retention_ms=-1, segment_bytes=200))
+    assert again.segment_count > 1
+    assert append(again, [b"v7"], producer=(9, 0, 7)) == 7
+    assert append(again, [b"v3"], producer=(9, 0, 3)) == 3  # one of the last five
+    assert again.high_watermark == 8
+    with pytest.raises(KafkaApiError):
+        append(again, [b"v2"], producer=(9, 0, 2))  # older than the last five: out of order
+    assert append(again, [b"v8"], producer=(9, 0, 8)) == 8
+
+
+def test_an_idempotent_request_holds_one_batch_per_partition(tmp_path: Path) -> None:
+    log = PartitionLog.open(tmp_path, BIG)
+    data = make_batch([b"a"], producer=(1, 0, 0)) + make_batch([b"b"], producer=(1, 0, 1))
+    with pytest.raises(KafkaApiError) as refused:
+        log.append(data, split_batches(data, 1 << 20))
+    assert refused.value.code == ErrorCode.INVALID_RECORD

@@ -6,22 +6,35 @@ import asyncio
 import random
 import struct
 import time
+from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.client import AIOKafkaClient
-from aiokafka.protocol.admin import ApiVersionResponse_v0
-from aiokafka.protocol.api import RequestHeader_v1, ResponseHeader_v0
+from aiokafka.protocol.admin import (
+    ApiVersionResponse_v0,
+    CreatePartitionsRequest_v0,
+    CreatePartitionsResponse_v0,
+    ListGroupsResponse_v1,
+)
+from aiokafka.protocol.api import RequestHeader_v1, RequestHeader_v2, ResponseHeader_v0
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.metadata import MetadataRequest_v1
 from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.protocol.transaction import InitProducerIdRequest
 
 from localkafka import Broker
 from localkafka.errors import ErrorCode
-from localkafka.protocol import SUPPORTED, ApiKey
-from tests.localkafka.conftest import create_topic, eventually, make_batch, produce
+from localkafka.protocol import (
+    SUPPORTED,
+    ApiKey,
+    ApiVersionRequest_v3,
+    ApiVersionResponse_v3,
+)
+from tests.localkafka.conftest import create_topic, eventually, fast_settings, make_batch, produce
 
 
 def frame(api_key: int, version: int, body: bytes, correlation_id: int = 7) -> bytes:
@@ -57,14 +70,97 @@ async def test_clients_negotiate_exactly_the_advertised_versions(broker: Broker)
 
 
 async def test_an_unsupported_api_versions_version_is_answered_in_v0(broker: Broker) -> None:
-    # ApiVersions v3 is flexible: header v2, tagged fields. Kafka answers in v0 (KIP-511).
-    response = await exchange(broker.port, frame(ApiKey.API_VERSIONS, 3, b"\x00\x00\x00\x00"))
+    # A version newer than the broker's: Kafka answers in v0 (KIP-511), whatever it is.
+    response = await exchange(broker.port, frame(ApiKey.API_VERSIONS, 4, b"\x00\x00\x00\x00"))
     assert response is not None
     header = ResponseHeader_v0.decode(response[:4])
     body = ApiVersionResponse_v0.decode(response[4:])
     assert header.correlation_id == 7
     assert body.error_code == ErrorCode.UNSUPPORTED_VERSION
-    assert body.api_versions == [(18, 0, 2)]
+    assert body.api_versions == [(18, 0, 3)]
+
+
+async def test_api_versions_v3_is_answered_in_the_flexible_format(broker: Broker) -> None:
+    # Header v2 (tagged fields after the client id), as librdkafka and the Java clients send.
+    request = ApiVersionRequest_v3("librdkafka", "2.16.0", {})
+    header = RequestHeader_v2(request, correlation_id=11, client_id="flex").encode()
+    data = header + request.encode()
+    response = await exchange(broker.port, struct.pack(">i", len(data)) + data)
+    assert response is not None
+    buffer = BytesIO(response)
+    assert ResponseHeader_v0.decode(buffer).correlation_id == 11  # v0 even here (KIP-511)
+    body = ApiVersionResponse_v3.decode(buffer)
+    assert buffer.tell() == len(response)
+    assert body.error_code == 0
+    assert {(key, low, high) for key, low, high, _ in body.api_versions} == {
+        (int(key), min(v), max(v)) for key, v in SUPPORTED.items()
+    }
+
+
+async def exchange_on_one_connection(port: int, frames: list[bytes]) -> list[bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    responses = []
+    try:
+        for data in frames:
+            writer.write(data)
+            await writer.drain()
+            size = struct.unpack(">i", await asyncio.wait_for(reader.readexactly(4), 5))[0]
+            responses.append(await reader.readexactly(size))
+    finally:
+        writer.close()
+    return responses
+
+
+async def test_an_api_not_served_gets_unsupported_version_and_the_connection_stays(
+    broker: Broker,
+) -> None:
+    create_partitions = CreatePartitionsRequest_v0([("t", (2, []))], 1000, False).encode()
+    metadata = MetadataRequest_v1([]).encode()
+    not_served, served = await exchange_on_one_connection(
+        broker.port,
+        [frame(37, 0, create_partitions, correlation_id=1), frame(3, 1, metadata, 2)],
+    )
+    buffer = BytesIO(not_served)
+    assert ResponseHeader_v0.decode(buffer).correlation_id == 1
+    body = CreatePartitionsResponse_v0.decode(buffer)
+    assert body.throttle_time_ms == 0 and body.topic_errors == []
+    assert ResponseHeader_v0.decode(served[:4]).correlation_id == 2
+
+
+async def test_a_failing_handler_answers_unknown_server_error(broker: Broker) -> None:
+    async def broken(context: Any, request: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    broker._dispatcher._routes[ApiKey.LIST_GROUPS] = broken
+    failed, again = await exchange_on_one_connection(
+        broker.port, [frame(16, 1, b"", correlation_id=1), frame(16, 1, b"", correlation_id=2)]
+    )
+    for response, correlation_id in ((failed, 1), (again, 2)):
+        buffer = BytesIO(response)
+        assert ResponseHeader_v0.decode(buffer).correlation_id == correlation_id
+        body = ListGroupsResponse_v1.decode(buffer)
+        assert (body.error_code, body.groups) == (ErrorCode.UNKNOWN_SERVER_ERROR, [])
+
+
+async def test_producer_ids_are_never_reused_and_transactions_are_refused(
+    tmp_path: Path,
+) -> None:
+    settings = fast_settings(tmp_path / "data")
+    ids = []
+    for _ in range(2):  # a restart between
+        async with Broker(settings) as running:
+            client = AIOKafkaClient(bootstrap_servers=f"127.0.0.1:{running.port}")
+            await client.bootstrap()
+            try:
+                for _ in range(2):
+                    response = await client.send(0, InitProducerIdRequest(None, 60_000))
+                    assert (response.error_code, response.producer_epoch) == (0, 0)
+                    ids.append(response.producer_id)
+                refused = await client.send(0, InitProducerIdRequest("tx", 60_000))
+                assert refused.error_code == ErrorCode.TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+            finally:
+                await client.close()
+    assert len(set(ids)) == 4
 
 
 @pytest.mark.parametrize(
@@ -171,3 +267,29 @@ async def test_acks_zero_is_stored_without_a_response(broker: Broker, bootstrap:
     log = broker.topics.partition("fire", 0)
     assert log is not None
     await eventually(lambda: log.high_watermark == 5)
+
+
+async def test_a_resent_idempotent_batch_is_answered_with_its_offset_once_written(
+    broker: Broker, bootstrap: str
+) -> None:
+    await create_topic(bootstrap, "once", partitions=1)
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    try:
+        id_response = await client.send(0, InitProducerIdRequest(None, 60_000))
+        producer = (id_response.producer_id, id_response.producer_epoch, 0)
+        first = make_batch([b"a", b"b"], producer=producer)
+        offsets = []
+        for data in (first, first, make_batch([b"c"], producer=(producer[0], 0, 2))):
+            response = await client.send(0, ProduceRequest(None, -1, 5000, [("once", [(0, data)])]))
+            [(_, [(_, error, offset, *_)])] = response.topics
+            offsets.append((error, offset))
+        gap = make_batch([b"x"], producer=(producer[0], 0, 9))
+        response = await client.send(0, ProduceRequest(None, -1, 5000, [("once", [(0, gap)])]))
+        refused = response.topics[0][1][0][1]
+    finally:
+        await client.close()
+    assert offsets == [(0, 0), (0, 0), (0, 2)]
+    assert refused == ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER
+    log = broker.topics.partition("once", 0)
+    assert log is not None and log.high_watermark == 3
