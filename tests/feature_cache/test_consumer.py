@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from confluent_kafka import Producer
 
 from feature_cache.checkpoint import StateCheckpoints
 from feature_cache.codec import encode
@@ -43,6 +44,45 @@ async def test_replayed_events_become_the_offline_features(
     events = generated(3000)
     await start_consumer()
     await publish(kafka_settings, events)
+    await wait_for_features(FeatureReader(redis_client, key_prefix=key_prefix), events)
+
+
+def publish_with_librdkafka(kafka_settings, events, codec: str) -> None:
+    """As a producer outside the project publishes: librdkafka, idempotent (the default of
+    the Java clients since Kafka 3.0), compressed, keyed by symbol like ``replay``."""
+    producer = Producer(
+        {
+            "bootstrap.servers": kafka_settings.bootstrap_servers,
+            "enable.idempotence": True,
+            "compression.type": codec,
+            "linger.ms": 5,
+        }
+    )
+    failed = []
+
+    def on_delivery(error, _message) -> None:
+        if error is not None:
+            failed.append(error)
+
+    for event in events:
+        producer.produce(
+            kafka_settings.topic,
+            key=event.symbol.encode(),
+            value=encode(event),
+            on_delivery=on_delivery,
+        )
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    assert failed == []
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+async def test_market_data_from_librdkafka_becomes_the_same_features(
+    kafka_settings, start_consumer, redis_client, key_prefix, codec
+):
+    events = generated(2000, seed=17)
+    await start_consumer()
+    await asyncio.to_thread(publish_with_librdkafka, kafka_settings, events, codec)
     await wait_for_features(FeatureReader(redis_client, key_prefix=key_prefix), events)
 
 
