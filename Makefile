@@ -11,7 +11,7 @@ help: ## List the targets
 setup: ## Install system packages when missing (apt-get) and the virtualenv
 	@.ci/setup
 
-setup-ci: ## setup, plus the test tools: buf (npm) for the proto checks, MLServer in its own virtualenv, promtool (apt) for the alert rules
+setup-ci: ## setup, plus the test tools: buf (npm) for the proto checks, MLServer in its own virtualenv, promtool (apt) for the alert rules, kcat (apt) for the broker's conformance suite
 	@.ci/setup --with-test-tools
 
 lock: ## Pin the virtualenv's exact versions into constraints.txt, and every file a fresh install takes, with its sha256, into requirements.lock
@@ -24,8 +24,9 @@ models: setup ## Train the champion and challenger into .run/models and write do
 	@$(PY) -m torchserve.train --out .run/models
 	@$(PY) -m torchserve.evaluate --models .run/models --report docs/models.md
 
-config-doc: setup ## Regenerate docs/configuration.md (every DECISION_* setting) from the settings models
+config-doc: setup ## Regenerate docs/configuration.md (every DECISION_* setting) and docs/kafka-apis.md (the local broker's ApiVersions answer)
 	@$(PY) -m localstack.config_reference
+	@$(PY) -m localkafka.api_doc
 
 proto: ## Regenerate the protobuf stubs (with mypy stubs)
 	@.ci/gen-proto

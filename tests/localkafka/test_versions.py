@@ -23,6 +23,7 @@ from aiokafka.protocol.types import (
 )
 
 from localkafka import Broker
+from localkafka.api_doc import DOC, advertised, render
 from localkafka.protocol import SUPPORTED
 
 CASES = [
@@ -75,3 +76,7 @@ async def test_each_advertised_version_round_trips(broker: Broker, key: Any, ver
     response_struct.decode(buffer)
     assert buffer.tell() == size
 
+
+async def test_the_api_table_in_the_docs_is_the_brokers_answer(broker: Broker) -> None:
+    live = render(await advertised(broker.port))
+    assert DOC.read_text() == live, "run: python -m localkafka.api_doc"
