@@ -1,14 +1,15 @@
 """From a request frame to a response frame: header, version check, decode, handler, encode.
 
-A well-formed request always gets an answer in its own response schema:
+A request the broker can read always gets an answer in its own response schema, the
+error on every topic, partition, group or resource it named (``protocol.error_body``):
 
-- an API or version the broker does not serve (but aiokafka can decode) gets
+- an API or version the broker does not serve, but aiokafka 0.14 can decode, gets
   UNSUPPORTED_VERSION, and ApiVersions in such a version gets Kafka's v0 answer with
   UNSUPPORTED_VERSION and the ApiVersions range served (KIP-511), so the client retries;
 - a handler that fails answers UNKNOWN_SERVER_ERROR, its traceback logged.
 
-Each kind is logged once per API and version. Only a frame that cannot be read (an
-unknown API key, a version nobody defines, bytes that do not decode) raises
+Each kind is logged once per API and version. A frame that cannot be read (an unknown
+API key, a version aiokafka has no struct for, bytes that do not decode) raises
 ``MalformedRequestError``, and its connection is closed, as Kafka does; so is an acks=0
 Produce that failed, which has no response to carry the error.
 """
@@ -68,7 +69,7 @@ class Dispatcher:
                 raise MalformedRequestError(f"acks=0 Produce v{version} is not served")
             if self._first_time("unserved", key, version):
                 log.warning("%s is not served: answered UNSUPPORTED_VERSION", known[0].__name__)
-            body = error_body(known[1].SCHEMA, ErrorCode.UNSUPPORTED_VERSION)
+            body = error_body(known[1].SCHEMA, ErrorCode.UNSUPPORTED_VERSION, request)
             return encode_response(known[1], header.correlation_id, body)
         request = decode_body(structs[0], buffer, len(frame))
         log.debug("%s v%d from %s", api.name, version, header.client_id)
@@ -80,7 +81,9 @@ class Dispatcher:
         except Exception:  # one request's failure is answered, never the connection's end
             if self._first_time("failed", key, version):
                 log.exception("%s v%d failed: answered UNKNOWN_SERVER_ERROR", api.name, version)
-            response = error_body(structs[1].SCHEMA, ErrorCode.UNKNOWN_SERVER_ERROR)
+            if api == ApiKey.PRODUCE and request.get("required_acks") == 0:
+                raise MalformedRequestError("acks=0 Produce failed") from None
+            response = error_body(structs[1].SCHEMA, ErrorCode.UNKNOWN_SERVER_ERROR, request)
         if response is None:
             return None
         return encode_response(structs[1], header.correlation_id, response)

@@ -99,6 +99,11 @@ class PartitionLog:
         return self._segments[-1].next_offset
 
     @property
+    def highest_producer_id(self) -> int:
+        """The highest idempotent producer id in the log; -1 when none."""
+        return self._producers.highest_id()
+
+    @property
     def segment_count(self) -> int:
         return len(self._segments)
 

@@ -11,10 +11,14 @@ Kafka's rules for a batch stamped with a producer id (``ProducerStateManager``):
 - A producer the partition does not know (new, or its batches deleted before a restart)
   may start at any sequence.
 
+- A batch stamped with a producer id but no epoch or sequence is INVALID_RECORD.
+
 The state is rebuilt from the batch headers in the log when the broker starts (Kafka
 keeps snapshots; a local log is read whole at start anyway), so a retry that crosses a
-restart is still recognised. Producer ids are never handed out twice: the next one is
-kept in ``<data dir>/producer-ids``.
+restart is still recognised. It is kept until the broker stops: Kafka forgets a producer
+after a day without a write, a local broker's run is shorter. Producer ids are never
+handed out twice: the next one is kept in ``<data dir>/producer-ids``, and is never
+below an id the logs hold.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localkafka.errors import ErrorCode, KafkaApiError
+from localkafka.errors import ErrorCode, KafkaApiError, LocalKafkaError
 from localkafka.fsutil import write_atomic
 from localkafka.records import BatchInfo
 
@@ -52,7 +56,15 @@ class ProducerState:
 
         Raises ``KafkaApiError`` for a batch out of sequence or from a fenced epoch.
         """
-        known = self._producers.get(batch.producer_id) if batch.producer_id >= 0 else None
+        if batch.producer_id < 0:
+            return None
+        if batch.producer_epoch < 0 or batch.base_sequence < 0:
+            raise KafkaApiError(
+                ErrorCode.INVALID_RECORD,
+                f"producer {batch.producer_id}: epoch {batch.producer_epoch}, "
+                f"sequence {batch.base_sequence}",
+            )
+        known = self._producers.get(batch.producer_id)
         if known is None:
             return None
         if batch.producer_epoch < known.epoch:
@@ -90,6 +102,10 @@ class ProducerState:
             known = self._producers[batch.producer_id] = _Producer(batch.producer_epoch)
         known.batches.append((batch.base_sequence, batch.last_sequence, base_offset))
 
+    def highest_id(self) -> int:
+        """The highest producer id written to the partition; -1 when none."""
+        return max(self._producers, default=-1)
+
 
 class ProducerIds:
     """Hands out producer ids, each once, across restarts too."""
@@ -98,8 +114,16 @@ class ProducerIds:
         self._path = data_dir / IDS_FILE
         self._next = 0
 
-    def open(self) -> None:
-        self._next = int(self._path.read_text()) if self._path.exists() else 0
+    def open(self, at_least: int = 0) -> None:
+        """Reads the next id; ``at_least``: one past the highest id the logs hold, so a
+        lost file never hands out an id whose batches are still there."""
+        stored = 0
+        if self._path.exists():
+            try:
+                stored = int(self._path.read_text())
+            except ValueError:
+                raise LocalKafkaError(f"{self._path} does not hold a producer id") from None
+        self._next = max(stored, at_least)
 
     def allocate(self) -> int:
         """A new id, written down before it is handed out."""

@@ -268,28 +268,66 @@ def encode_response(response_struct: Any, correlation_id: int, body: Mapping[str
     return len(encoded).to_bytes(4, "big") + encoded
 
 
-def error_body(schema: Any, code: int) -> Body:
-    """A response of ``schema`` that only says ``code``: every top-level error field set
-    to it, arrays empty, numbers 0, strings empty (the error message, when there is one,
-    null)."""
+# Response fields that name what a request asked about, by the names requests use for them.
+_SAME_THING = {
+    "topic": ("topic", "name", "topics"),
+    "topics": ("topic", "name", "topics"),
+    "name": ("name", "topic"),
+    "partition": ("partition", "partition_index"),
+    "partition_index": ("partition_index", "partition"),
+    "group": ("group",),
+    "resource_type": ("resource_type",),
+    "resource_name": ("resource_name",),
+}
+# Response arrays answering a request array of another name.
+_ANSWERS = {"topic_errors": "create_topic_requests", "topic_error_codes": "topics"}
+
+
+def error_body(schema: Any, code: int, request: Any = None) -> Body:
+    """A response of ``schema`` that says ``code`` for everything ``request`` asked about,
+    as Kafka's error responses do: every error field set, each topic, partition, group or
+    resource the request named answered with it. Other numbers are 0 (offsets and
+    timestamps -1), strings empty, the error message null."""
+    asked = request if isinstance(request, Mapping) else {}
     body: Body = {}
     for name, field in zip(schema.names, schema.fields, strict=True):
         value: Any
         if name in ("error_code", "error"):
             value = code
         elif isinstance(field, Schema):
-            value = error_body(field, code)
+            value = error_body(field, code, asked.get(name))
         elif isinstance(field, Array):
-            value = []
+            items = asked.get(_ANSWERS.get(name, name))
+            if isinstance(field.array_of, Schema) and isinstance(items, list):
+                value = [error_body(field.array_of, code, _item(item)) for item in items]
+            else:
+                value = []
         elif field is TaggedFields:
             value = {}
-        elif name == "error_message" or not isinstance(field, type):
-            value = None if name == "error_message" else ""
-        elif field.__name__ in ("Bytes", "CompactBytes"):
-            value = b""
-        elif field.__name__ == "Boolean":
-            value = False
+        elif name == "error_message":
+            value = None
         else:
-            value = 0
+            value = _named(name, field, asked)
         body[name] = value
     return body
+
+
+def _item(item: Any) -> Any:
+    """A request array's item as a mapping: a bare topic name or partition number stands
+    for every field that could hold it."""
+    if isinstance(item, Mapping):
+        return item
+    return {key: item for key in _SAME_THING}
+
+
+def _named(name: str, field: Any, asked: Mapping[str, Any]) -> Any:
+    """The request's value for an identifying field, else the field type's neutral value."""
+    kind = field.__name__ if isinstance(field, type) else type(field).__name__
+    neutral: Any = {"Bytes": b"", "CompactBytes": b"", "Boolean": False, "Int64": -1}.get(kind, 0)
+    if not isinstance(field, type):  # a String instance
+        neutral = ""
+    for key in _SAME_THING.get(name, ()):
+        value = asked.get(key)
+        if value is not None and isinstance(value, type(neutral)):
+            return value
+    return neutral

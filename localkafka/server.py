@@ -107,7 +107,7 @@ class Broker:
             raise LocalKafkaError(f"{data_dir} is in use by another broker") from None
         self.topics.open()
         self.offsets.open()
-        self.producer_ids.open()
+        self.producer_ids.open(at_least=self.topics.highest_producer_id() + 1)
         cluster = ClusterHandlers(self.topics, self.offsets, self.settings, _cluster_id(data_dir))
         self._dispatcher = Dispatcher(
             {

@@ -108,6 +108,13 @@ class TopicStore:
     def names(self) -> list[str]:
         return list(self._topics)
 
+    def highest_producer_id(self) -> int:
+        """The highest idempotent producer id in any partition; -1 when none."""
+        return max(
+            (p.highest_producer_id for t in self._topics.values() for p in t.partitions),
+            default=-1,
+        )
+
     def check_new(self, name: str, partitions: int) -> None:
         """Raises the error creating this topic would meet (configs: ``parse_configs``)."""
         check_topic_name(name)

@@ -3,7 +3,8 @@ DescribeGroups.
 
 Thin: each converts the request to a coordinator or offset-store call and the result back.
 ListGroups and DescribeGroups show the groups that had members since the broker started,
-and, as Empty groups of no protocol type, those known only by their committed offsets.
+and, as Empty groups of no protocol type, those known only by their committed offsets;
+authorized operations are not reported (there is no authorization).
 Static membership (``group_instance_id``) is not implemented: such a member is treated as
 a dynamic one. OffsetCommit is acknowledged only after the commit is in the offsets file.
 """
@@ -61,7 +62,7 @@ class GroupHandlers:
 
     def _describe(self, group_id: str) -> Body:
         entry: Body = {
-            "error_code": ErrorCode.NONE if group_id else ErrorCode.INVALID_GROUP_ID,
+            "error_code": ErrorCode.NONE,
             "group": group_id,
             "state": _DEAD,
             "protocol_type": "",
@@ -74,16 +75,16 @@ class GroupHandlers:
             if self._offsets.group(group_id):
                 entry["state"] = GroupState.EMPTY.value
             return entry
-        chosen = group.state in (GroupState.STABLE, GroupState.COMPLETING_REBALANCE)
-        protocol = (group.protocol_name or "") if chosen else ""
+        stable = group.state is GroupState.STABLE  # Kafka shows the protocol only then
+        protocol = (group.protocol_name or "") if stable else ""
         entry.update(state=group.state.value, protocol_type=group.protocol_type, protocol=protocol)
         entry["members"] = [
             {
                 "member_id": member.member_id,
                 "client_id": member.request.client_id,
                 "client_host": member.request.client_host,
-                "member_metadata": member.metadata_for(protocol) if protocol else b"",
-                "member_assignment": member.assignment,
+                "member_metadata": member.metadata_for(protocol) if stable else b"",
+                "member_assignment": member.assignment if stable else b"",
             }
             for member in group.members.values()
         ]

@@ -169,7 +169,10 @@ def test_librdkafka_uses_every_api_the_broker_advertises(
     reader.subscribe(["data"])
     assert sorted(map(int, poll_values(reader, 800))) == list(range(800))
     reader.commit(asynchronous=False)
-    time.sleep(0.5)  # heartbeats go out every 100 ms
+    deadline = time.monotonic() + 10
+    while "HEARTBEAT" not in served_to_us(broker, tmp_path):  # one every 100 ms
+        assert time.monotonic() < deadline, "no heartbeat"
+        reader.poll(0.1)
     later = reader.offsets_for_times(
         [TopicPartition("data", p, T0 + 30_000) for p in range(4)], timeout=10
     )
@@ -203,7 +206,7 @@ def test_librdkafka_uses_every_api_the_broker_advertises(
     }
 
 
-def test_an_idempotent_producer_loses_and_repeats_nothing_across_a_broker_kill(
+def test_what_a_killed_broker_left_unanswered_is_resent_and_written_once(
     broker: BrokerProcess, rdkafka: Librdkafka
 ) -> None:
     create_topics(AdminClient(rdkafka.config()), orders=4)
@@ -256,6 +259,8 @@ def test_an_idempotent_producer_loses_and_repeats_nothing_across_a_broker_kill(
     reader.close()
     assert sorted(values) == list(range(total))
     assert all(sent == sorted(sent) for sent in by_key.values())  # each key in order
+    # A retry of a batch written before the answer was lost is not reproduced here (the
+    # broker answered nothing after the freeze): test_log and test_wire cover duplicates.
 
 
 def test_two_consumers_share_the_partitions_and_one_takes_all_when_the_other_leaves(

@@ -281,6 +281,13 @@ def test_duplicates_are_still_recognised_after_reopening(tmp_path: Path) -> None
     assert append(again, [b"v8"], producer=(9, 0, 8)) == 8
 
 
+def test_a_producer_id_without_epoch_or_sequence_is_an_invalid_record(tmp_path: Path) -> None:
+    log = PartitionLog.open(tmp_path, BIG)
+    with pytest.raises(KafkaApiError) as refused:
+        append(log, [b"a"], producer=(4, -1, -1))
+    assert refused.value.code == ErrorCode.INVALID_RECORD
+
+
 def test_an_idempotent_request_holds_one_batch_per_partition(tmp_path: Path) -> None:
     log = PartitionLog.open(tmp_path, BIG)
     data = make_batch([b"a"], producer=(1, 0, 0)) + make_batch([b"b"], producer=(1, 0, 1))

@@ -23,7 +23,7 @@ from aiokafka.protocol.admin import (
 from aiokafka.protocol.api import RequestHeader_v1, RequestHeader_v2, ResponseHeader_v0
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.metadata import MetadataRequest_v1
-from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.protocol.produce import ProduceRequest, ProduceRequest_v2, ProduceResponse_v2
 from aiokafka.protocol.transaction import InitProducerIdRequest
 
 from localkafka import Broker
@@ -34,6 +34,7 @@ from localkafka.protocol import (
     ApiVersionRequest_v3,
     ApiVersionResponse_v3,
 )
+from localkafka.records import split_batches
 from tests.localkafka.conftest import create_topic, eventually, fast_settings, make_batch, produce
 
 
@@ -127,6 +128,37 @@ async def test_an_api_not_served_gets_unsupported_version_and_the_connection_sta
     assert ResponseHeader_v0.decode(served[:4]).correlation_id == 2
 
 
+async def test_errors_are_answered_for_each_partition_the_request_named(
+    broker: Broker, bootstrap: str
+) -> None:
+    """A response schema without a top-level error field carries the error per partition:
+    an empty answer would read as success, and a producer would wait for its batch."""
+    await create_topic(bootstrap, "named", partitions=2)
+    batch = make_batch([b"a"])
+    old = ProduceRequest_v2(1, 5000, [("named", [(0, batch), (1, batch)])]).encode()
+    [unserved] = await exchange_on_one_connection(broker.port, [frame(0, 2, old)])
+    buffer = BytesIO(unserved)
+    ResponseHeader_v0.decode(buffer)
+    answer = ProduceResponse_v2.decode(buffer)
+    assert [(t, [(p, e) for p, e, *_ in parts]) for t, parts in answer.topics] == [
+        ("named", [(0, ErrorCode.UNSUPPORTED_VERSION), (1, ErrorCode.UNSUPPORTED_VERSION)])
+    ]
+
+    async def broken(context: Any, request: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    broker._dispatcher._routes[ApiKey.PRODUCE] = broken
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    try:
+        response = await client.send(0, ProduceRequest(None, 1, 5000, [("named", [(1, batch)])]))
+    finally:
+        await client.close()
+    assert [(t, [(p, e) for p, e, *_ in parts]) for t, parts in response.topics] == [
+        ("named", [(1, ErrorCode.UNKNOWN_SERVER_ERROR)])
+    ]
+
+
 async def test_a_failing_handler_answers_unknown_server_error(broker: Broker) -> None:
     async def broken(context: Any, request: Any) -> Any:
         raise RuntimeError("a bug")
@@ -147,7 +179,9 @@ async def test_producer_ids_are_never_reused_and_transactions_are_refused(
 ) -> None:
     settings = fast_settings(tmp_path / "data")
     ids = []
-    for _ in range(2):  # a restart between
+    for restart in range(3):  # the last one after the ids file was lost
+        if restart == 2:
+            (settings.data_dir / "producer-ids").unlink()
         async with Broker(settings) as running:
             client = AIOKafkaClient(bootstrap_servers=f"127.0.0.1:{running.port}")
             await client.bootstrap()
@@ -158,9 +192,14 @@ async def test_producer_ids_are_never_reused_and_transactions_are_refused(
                     ids.append(response.producer_id)
                 refused = await client.send(0, InitProducerIdRequest("tx", 60_000))
                 assert refused.error_code == ErrorCode.TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+                running.topics.create(f"written-{restart}", 1, {})
+                log = running.topics.partition(f"written-{restart}", 0)
+                assert log is not None
+                data = make_batch([b"x"], producer=(ids[-1], 0, 0))
+                log.append(data, split_batches(data, 1 << 20))
             finally:
                 await client.close()
-    assert len(set(ids)) == 4
+    assert len(set(ids)) == 6  # the logs still held the highest id handed out
 
 
 @pytest.mark.parametrize(
