@@ -1,0 +1,139 @@
+"""Triton Inference Server for both archives: a model repository made from a TorchServe
+archive, and ``tritonserver`` started on it.
+
+``model_repository`` writes ``folder/<model>/config.pbtxt`` (Python backend, Triton's
+dynamic batcher with a queue policy) and ``folder/<model>/1/`` holding
+``torchserve/triton_model.py`` as ``model.py`` beside the archive's own ``handler.py``,
+``model-meta.json`` and serialized model: Triton scores with the scorer TorchServe uses.
+Triton names versions by number, so its answers say version "1"; the decision server
+reports the archive's hash instead (``DECISION_TORCHSERVE__MODEL_VERSION``, printed by
+``python -m torchserve.triton``).
+
+``tritonserver`` comes from the ``nvidia-pytriton`` wheel (``make setup-ci`` installs it
+into ``.tools/triton`` without its dependencies: only the binary and the Python backend
+are used). The backend's stub runs the Python whose minor version matches it, with this
+project's packages (numpy, torch, xgboost) on its path (``python-path.txt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+from core.processes import ManagedProcess
+from torchserve.archive import archive_meta, archive_version
+from torchserve.mlserver import MLSERVER_OIP_SERVICE, model_ready
+
+TRITON_OIP_SERVICE = MLSERVER_OIP_SERVICE  # the OIP service's standard name
+MODEL_FILE = Path(__file__).with_name("triton_model.py")
+MAX_BATCH = 64  # the decision server's micro-batches are smaller (server.batch_max_rows)
+QUEUE_DELAY_US = 500  # what a lone request waits for others: a fraction of a model call
+# A request that waited a whole caller's deadline in Triton's queue is refused there,
+# not scored for nobody (the product's deadline is 50 ms).
+QUEUE_TIMEOUT_US = 50_000
+
+__all__ = ["TRITON_OIP_SERVICE", "model_ready", "model_repository", "tritonserver_process"]
+
+
+def _config(model_name: str, width: int, instances: int) -> str:
+    return f"""name: "{model_name}"
+backend: "python"
+max_batch_size: {MAX_BATCH}
+input [ {{ name: "rows", data_type: TYPE_FP32, dims: [ {width} ] }} ]
+output [ {{ name: "scores", data_type: TYPE_FP32, dims: [ 1 ] }} ]
+dynamic_batching {{
+  max_queue_delay_microseconds: {QUEUE_DELAY_US}
+  default_queue_policy {{
+    timeout_action: REJECT
+    default_timeout_microseconds: {QUEUE_TIMEOUT_US}
+  }}
+}}
+instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]
+"""
+
+
+def model_repository(
+    archive: Path, folder: Path, *, model_name: str | None = None, instances: int = 1
+) -> Path:
+    """Writes ``folder/<model name>/`` from ``archive``; returns it. ``instances``: model
+    instances Triton runs side by side, each a process (one per CPU given to it)."""
+    meta = archive_meta(archive)
+    name = model_name or str(meta.get("model_name") or archive.stem)
+    if archive_version(archive) is None:
+        raise ValueError(f"{archive}: no version hash")
+    version_dir = folder / name / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as mar:
+        for member in ("handler.py", "model-meta.json", meta["serialized_file"]):
+            (version_dir / member).write_bytes(mar.read(member))
+    shutil.copyfile(MODEL_FILE, version_dir / "model.py")
+    paths = dict.fromkeys(sysconfig.get_paths()[kind] for kind in ("purelib", "platlib"))
+    (version_dir / "python-path.txt").write_text("".join(f"{path}\n" for path in paths))
+    (folder / name / "config.pbtxt").write_text(_config(name, int(meta["input_width"]), instances))
+    return folder / name
+
+
+def backend_directory(triton_root: Path, work_dir: Path) -> Path:
+    """A backend directory in ``work_dir`` whose Python backend has the stub built for
+    this Python's minor version (the wheel ships one per version, beside the backend)."""
+    backends = work_dir / "triton-backends"
+    python = backends / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    source = triton_root / "backends" / "python"
+    for item in source.iterdir():
+        target = python / item.name
+        if not target.exists():
+            target.symlink_to(item)
+    stub = triton_root / "python_backend_stubs" / sysconfig.get_python_version()
+    target = python / "triton_python_backend_stub"
+    if not target.exists():
+        target.symlink_to(stub / "triton_python_backend_stub")
+    return backends
+
+
+def tritonserver_process(
+    triton_root: Path,
+    folder: Path,
+    *,
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int,
+    log_path: Path,
+) -> ManagedProcess:
+    """``tritonserver`` on the repository ``folder``, loopback only (not started).
+
+    ``triton_root`` is the wheel's ``pytriton/tritonserver``; its backend directory is
+    made beside ``log_path``."""
+    argv = [
+        str(triton_root / "bin" / "tritonserver"),
+        f"--model-repository={folder}",
+        f"--backend-directory={backend_directory(triton_root, log_path.parent)}",
+        "--disable-auto-complete-config",
+        "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
+        "--http-address=127.0.0.1", f"--http-port={http_port}",
+        "--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}",
+        "--allow-gpu-metrics=false",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+    ]  # fmt: skip
+    return ManagedProcess("tritonserver", argv, cwd=folder, log_path=log_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m torchserve.triton", description=__doc__)
+    parser.add_argument("folder", type=Path, help="the model repository to write")
+    parser.add_argument("archives", type=Path, nargs="+", help="model archives (.mar)")
+    parser.add_argument("--instances", type=int, default=1, help="model instances per model")
+    args = parser.parse_args(argv)
+    for archive in args.archives:
+        model = model_repository(archive, args.folder, instances=args.instances)
+        print(f"{model}: version {archive_version(archive)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
