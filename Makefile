@@ -17,8 +17,11 @@ setup-ci: ## setup, plus the test tools: buf (npm) for the proto checks, MLServe
 lock: ## Pin the virtualenv's exact versions into constraints.txt, and every file a fresh install takes, with its sha256, into requirements.lock
 	@$(PY) .ci/lock
 
-run: setup ## Run the local stack (redis, Kafka-protocol broker, TorchServe x3, decision server, labeler; PROMETHEUS=1 adds Prometheus with the alert rules); Ctrl-C stops it
-	@$(PY) -m localstack $(if $(WORKERS),--workers $(WORKERS)) $(if $(PROMETHEUS),--with-prometheus)
+run: setup $(if $(filter triton,$(MODEL_SERVER)),setup-triton) ## Run the local stack (redis, Kafka-protocol broker, TorchServe x3, decision server, labeler; PROMETHEUS=1 adds Prometheus with the alert rules; MODEL_SERVER=triton serves the models with Triton); Ctrl-C stops it
+	@$(PY) -m localstack $(if $(WORKERS),--workers $(WORKERS)) $(if $(PROMETHEUS),--with-prometheus) $(if $(MODEL_SERVER),--model-server $(MODEL_SERVER))
+
+setup-triton: setup ## setup, plus Triton's tritonserver in .tools/triton (the nvidia-pytriton wheel) for MODEL_SERVER=triton
+	@.ci/setup --with-triton
 
 models: setup ## Train the champion and challenger into .run/models and write docs/models.md
 	@$(PY) -m torchserve.train --out .run/models

@@ -1,7 +1,8 @@
 """``make run``: the local stack on the README's ports, stopped cleanly by Ctrl-C.
 
 Starts redis-server, the local Kafka-protocol broker with the market-data topics, the
-primary, secondary and challenger TorchServe replicas, the feature-cache consumer, a
+primary, secondary and challenger replicas (TorchServe, or Triton with
+``--model-server triton``), the feature-cache consumer, a
 replayer publishing generated market data for the default symbols in real time, the
 decision server and the labeler (live model quality); waits until features are in Redis
 and the server reports SERVING; prints how to call it; on SIGINT or SIGTERM stops
@@ -20,6 +21,7 @@ import logging
 import os
 import random
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -51,11 +53,19 @@ from torchserve.replica import (
     CHALLENGER_PORTS,
     PRIMARY_PORTS,
     SECONDARY_PORTS,
+    ReplicaPorts,
     start_replica,
     torchserve_replica,
     warm_up_replica,
 )
 from torchserve.train import ensure_models, load_models
+from torchserve.triton import (
+    TRITON_OIP_SERVICE,
+    TRITON_ROOT,
+    model_ready,
+    model_repository,
+    tritonserver_process,
+)
 
 log = logging.getLogger("localstack")
 
@@ -67,6 +77,7 @@ DEFAULT_SYMBOLS = ["BTC-USD", "ETH-USD", "SOL-USD"]
 # to 500 ms old) yield to them. Without this a TorchServe call took 11-19 ms at p50
 # while the stack ran, against ~6 ms alone.
 BACKGROUND_NICENESS = 10
+TRITON_START_S = 120.0  # a Python backend model loads torch or xgboost: seconds, not ms
 MARKET_DATA_PARTITIONS = 4
 REPO = Path(__file__).resolve().parents[1]
 # The offsets ``free_offset`` draws from (it skips those that meet the default stack).
@@ -84,6 +95,13 @@ def outgoing_ports() -> range:
 
 
 SERVED_MODELS = ("champion", "challenger")
+MODEL_SERVERS = ("torchserve", "triton")
+# The replicas: name, ports attribute, model, CPU priority (the challenger yields).
+REPLICA_ROLES = (
+    ("primary", "primary", "champion", 0),
+    ("secondary", "secondary", "champion", 0),
+    ("challenger", "challenger", "challenger", BACKGROUND_NICENESS),
+)
 
 
 def served_models(folder: Path) -> dict[str, ArchiveInfo]:
@@ -183,11 +201,18 @@ class LocalStack:
         workers: int = 1,
         replayer: bool = True,
         prometheus: bool = False,
+        model_server: str = "torchserve",
     ) -> None:
         """``workers``: decision-server processes sharing the ports (their metrics on
         consecutive ports from the first). ``replayer`` False: no generated market data,
         the caller publishes its own (the server starts without waiting for features).
-        ``prometheus``: a Prometheus scraping the stack with the alert rules loaded."""
+        ``prometheus``: a Prometheus scraping the stack with the alert rules loaded.
+        ``model_server``: what serves the models on the replicas' ports, ``torchserve``
+        or ``triton`` (Triton's gRPC, HTTP and metrics on TorchServe's gRPC inference,
+        REST inference and metrics ports)."""
+        if model_server not in MODEL_SERVERS:
+            raise ValueError(f"model server {model_server!r}: one of {MODEL_SERVERS}")
+        self.model_server = model_server
         # Absolute: the processes run in the checkout, and redis-server and TorchServe
         # read their folders from their own working directory.
         self.run_dir = run_dir.resolve()
@@ -344,39 +369,10 @@ class LocalStack:
             {kafka.topic: MARKET_DATA_PARTITIONS, kafka.dead_letter_topic: 1},
         )
 
-        _say(
-            f"[4/8] TorchServe primary :{self.primary.grpc_inference},"
-            f" secondary :{self.secondary.grpc_inference},"
-            f" challenger :{self.challenger.grpc_inference}"
-        )
-        replicas = [
-            (
-                self._track(
-                    torchserve_replica(name, ports, store, self.run_dir, niceness=niceness)
-                ),
-                ports,
-                model,
-            )
-            for name, ports, model, niceness in (
-                ("primary", self.primary, "champion", 0),
-                ("secondary", self.secondary, "champion", 0),
-                ("challenger", self.challenger, "challenger", BACKGROUND_NICENESS),
-            )
-        ]  # the JVMs boot in parallel
-        for proc, ports, model in replicas:
-            await asyncio.to_thread(start_replica, proc, ports, model_name=model)
-            self._chaos_targets[proc.name.removeprefix("torchserve-")] = ChaosTarget(
-                proc,
-                f"127.0.0.1:{ports.grpc_inference}",
-                functools.partial(start_replica, proc, ports, model_name=model),
-            )
-        for name, ports in (("primary", self.primary), ("secondary", self.secondary)):
-            # The challenger is off the answer path: it warms up on shadow calls.
-            warm = await asyncio.to_thread(warm_up_replica, f"127.0.0.1:{ports.grpc_inference}")
-            if warm.problem:
-                _say(f"      {name} warm-up stopped after {warm.calls} calls ({warm.problem})")
-            else:
-                _say(f"      {name} warmed up with {warm.calls} calls")
+        if self.model_server == "triton":
+            await self._start_triton(archives)
+        else:
+            await self._start_torchserve(store)
 
         _say("[5/8] feature-cache consumer")
         self._track(
@@ -445,6 +441,7 @@ class LocalStack:
                     "DECISION_TORCHSERVE__SECONDARY_ADDRESS": (
                         f"127.0.0.1:{self.secondary.grpc_inference}"
                     ),
+                    **self._model_server_env(),
                 },
             )
         )
@@ -455,6 +452,92 @@ class LocalStack:
         self._chaos = ChaosService(self.run_dir, self._chaos_targets)
         await self._chaos.start()
 
+    async def _start_torchserve(self, store: Path) -> None:
+        _say(
+            f"[4/8] TorchServe primary :{self.primary.grpc_inference},"
+            f" secondary :{self.secondary.grpc_inference},"
+            f" challenger :{self.challenger.grpc_inference}"
+        )
+        replicas = [
+            (
+                self._track(
+                    torchserve_replica(
+                        name, getattr(self, attr), store, self.run_dir, niceness=niceness
+                    )
+                ),
+                getattr(self, attr),
+                model,
+            )
+            for name, attr, model, niceness in REPLICA_ROLES
+        ]  # the JVMs boot in parallel
+        for proc, ports, model in replicas:
+            await asyncio.to_thread(start_replica, proc, ports, model_name=model)
+            self._chaos_targets[proc.name.removeprefix("torchserve-")] = ChaosTarget(
+                proc,
+                f"127.0.0.1:{ports.grpc_inference}",
+                functools.partial(start_replica, proc, ports, model_name=model),
+            )
+        for name, ports in (("primary", self.primary), ("secondary", self.secondary)):
+            # The challenger is off the answer path: it warms up on shadow calls.
+            warm = await asyncio.to_thread(warm_up_replica, f"127.0.0.1:{ports.grpc_inference}")
+            if warm.problem:
+                _say(f"      {name} warm-up stopped after {warm.calls} calls ({warm.problem})")
+            else:
+                _say(f"      {name} warmed up with {warm.calls} calls")
+
+    async def _start_triton(self, archives: dict[str, ArchiveInfo]) -> None:
+        """One tritonserver per replica, each serving its model from a repository made of
+        the archive (``torchserve.triton``)."""
+        if not (TRITON_ROOT / "bin" / "tritonserver").exists():
+            raise ProcessStartError(
+                f"no tritonserver in {TRITON_ROOT}: `make run MODEL_SERVER=triton` installs it"
+            )
+        _say(
+            f"[4/8] Triton primary :{self.primary.grpc_inference},"
+            f" secondary :{self.secondary.grpc_inference},"
+            f" challenger :{self.challenger.grpc_inference}"
+        )
+        started = []
+        for name, attr, model, niceness in REPLICA_ROLES:
+            ports: ReplicaPorts = getattr(self, attr)
+            folder = self.run_dir / f"triton-{name}"
+            repository = folder / "models"
+            shutil.rmtree(repository, ignore_errors=True)  # the archives may have changed
+            model_repository(archives[model].path, repository, model_name=model)
+            proc = self._track(
+                tritonserver_process(
+                    TRITON_ROOT,
+                    repository,
+                    grpc_port=ports.grpc_inference,
+                    http_port=ports.rest_inference,
+                    metrics_port=ports.rest_metrics,
+                    log_path=folder / "triton.log",
+                    niceness=niceness,
+                )
+            )
+            address = f"127.0.0.1:{ports.grpc_inference}"
+            ready = functools.partial(model_ready, address, model)
+            started.append((name, proc, ready))
+            self._chaos_targets[name] = ChaosTarget(
+                proc, address, functools.partial(start_ready, proc, ready, TRITON_START_S)
+            )
+        for _, proc, ready in started:  # the servers load their models in parallel
+            await asyncio.to_thread(proc.wait_ready, ready, TRITON_START_S)
+
+    def _model_server_env(self) -> dict[str, str]:
+        """The decision server's settings for the model server: TorchServe's are the
+        defaults; Triton speaks OIP and answers version "1", so the archives' hashes
+        are given."""
+        if self.model_server != "triton":
+            return {}
+        archives = load_models(self.models_dir or REPO / ".run/models")
+        return {
+            "DECISION_TORCHSERVE__PROTOCOL": "oip",
+            "DECISION_TORCHSERVE__OIP_SERVICE": TRITON_OIP_SERVICE,
+            "DECISION_TORCHSERVE__MODEL_VERSION": archives["champion"].version,
+            "DECISION_TORCHSERVE__CHALLENGER_MODEL_VERSION": archives["challenger"].version,
+        }
+
     def scrape_targets(self) -> list[Target]:
         """Every /metrics of the stack, by job."""
         return [
@@ -464,7 +547,7 @@ class LocalStack:
             Target("feature-cache", (self.consumer_metrics_port,)),
             Target("labeler", (self.labeler_metrics_port,)),
             Target(
-                "torchserve",
+                self.model_server,
                 tuple(r.rest_metrics for r in (self.primary, self.secondary, self.challenger)),
             ),
         ]
@@ -510,6 +593,7 @@ async def run(args: argparse.Namespace) -> int:
         args.models,
         workers=args.workers,
         prometheus=args.with_prometheus,
+        model_server=args.model_server,
     )
     overlap = stack.overlap_with_default()
     if overlap:
@@ -586,6 +670,12 @@ def main() -> None:
         action="store_true",
         help="also run a Prometheus (port 9090 + offset) scraping the stack, with the alert "
         "rules of k8s/base loaded",
+    )
+    parser.add_argument(
+        "--model-server",
+        choices=MODEL_SERVERS,
+        default="torchserve",
+        help="what serves the models on the replicas' ports (default torchserve)",
     )
     parser.add_argument(
         "--exit-when-ready", action="store_true", help="start, check readiness, stop (a smoke test)"

@@ -24,11 +24,13 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-from core.processes import ManagedProcess
+from core.processes import ManagedProcess, niced
 from torchserve.archive import archive_meta, archive_version
 from torchserve.mlserver import MLSERVER_OIP_SERVICE, model_ready
 
 TRITON_OIP_SERVICE = MLSERVER_OIP_SERVICE  # the OIP service's standard name
+# Where .ci/setup --with-triton (and --with-test-tools) puts the wheel's server.
+TRITON_ROOT = Path(__file__).resolve().parents[1] / ".tools" / "triton" / "pytriton" / "tritonserver"
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 MAX_BATCH = 64  # the decision server's micro-batches are smaller (server.batch_max_rows)
 QUEUE_DELAY_US = 500  # what a lone request waits for others: a fraction of a model call
@@ -36,7 +38,13 @@ QUEUE_DELAY_US = 500  # what a lone request waits for others: a fraction of a mo
 # not scored for nobody (the product's deadline is 50 ms).
 QUEUE_TIMEOUT_US = 50_000
 
-__all__ = ["TRITON_OIP_SERVICE", "model_ready", "model_repository", "tritonserver_process"]
+__all__ = [
+    "TRITON_OIP_SERVICE",
+    "TRITON_ROOT",
+    "model_ready",
+    "model_repository",
+    "tritonserver_process",
+]
 
 
 def _config(model_name: str, width: int, instances: int) -> str:
@@ -103,6 +111,7 @@ def tritonserver_process(
     http_port: int,
     metrics_port: int,
     log_path: Path,
+    niceness: int = 0,
 ) -> ManagedProcess:
     """``tritonserver`` on the repository ``folder``, loopback only (not started).
 
@@ -120,7 +129,7 @@ def tritonserver_process(
         "--strict-readiness=true",
         "--exit-on-error=true",
     ]  # fmt: skip
-    return ManagedProcess("tritonserver", argv, cwd=folder, log_path=log_path)
+    return ManagedProcess("tritonserver", niced(argv, niceness), cwd=folder, log_path=log_path)
 
 
 def main(argv: list[str] | None = None) -> int:

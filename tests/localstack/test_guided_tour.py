@@ -32,7 +32,7 @@ SOURCE = decision_pb2.Source.Name
 
 
 @contextlib.contextmanager
-def local_stack(run_dir: Path, models: Path) -> Iterator[LocalStack]:
+def local_stack(run_dir: Path, models: Path, *options: str) -> Iterator[LocalStack]:
     """``python -m localstack`` as ``make run`` starts it (on free ports), until SIGINT."""
     offset = LocalStack.free_offset(run_dir)
     stack = LocalStack(run_dir, offset)
@@ -41,7 +41,7 @@ def local_stack(run_dir: Path, models: Path) -> Iterator[LocalStack]:
     with output.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "localstack", "--run-dir", str(run_dir), "--port-offset",
-             str(offset), "--models", str(models)],
+             str(offset), "--models", str(models), *options],
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -238,3 +238,25 @@ def test_chaos_without_a_local_stack_is_refused(tmp_path):
     assert result.returncode == 2
     assert "no local stack in" in result.stderr
     assert "chaos acts only on the stack `make run` started" in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_the_stack_on_triton_decides_with_the_archives_and_their_versions(
+    trained_models, tmp_path
+):
+    """make run MODEL_SERVER=triton: Triton on the replicas' ports; the primary answers,
+    and when it is paused the secondary, with the champion archive's version hash."""
+    run_dir = tmp_path / "run"
+    champion = trained_models["champion"]
+    with (
+        local_stack(run_dir, champion.path.parent, "--model-server", "triton") as stack,
+        grpc.insecure_channel(f"127.0.0.1:{stack.decision_port}") as channel,
+    ):
+        stub = decision_pb2_grpc.DecisionServiceStub(channel)
+        answers = decide_until(stub, decision_pb2.SOURCE_PRIMARY, 30)
+        paused = decisionctl(run_dir, "chaos", "pause", "primary")
+        assert paused.returncode == 0, paused.stderr
+        answers += decide_until(stub, decision_pb2.SOURCE_SECONDARY, 10)
+        assert decisionctl(run_dir, "chaos", "resume", "primary").returncode == 0
+    modelled = [a for a in answers if a.source != decision_pb2.SOURCE_RULES]
+    assert {a.model_version for a in modelled if a.model_name == "champion"} == {champion.version}

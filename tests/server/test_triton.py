@@ -16,7 +16,6 @@ from feature_cache.schema import FEATURE_NAMES, model_row
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.app import DecisionApp
 from server.model_client import OipClient
-from tests.conftest import REPO
 from tests.server.conftest import (
     OPERATOR,
     SAMPLE_FEATURES,
@@ -29,6 +28,7 @@ from tests.server.test_mlserver import offline_scores
 from torchserve.archive import ArchiveInfo
 from torchserve.triton import (
     TRITON_OIP_SERVICE,
+    TRITON_ROOT,
     model_ready,
     model_repository,
     tritonserver_process,
@@ -36,7 +36,6 @@ from torchserve.triton import (
 
 pytestmark = pytest.mark.integration
 
-TRITON_ROOT = REPO / ".tools" / "triton" / "pytriton" / "tritonserver"
 MODELS = ("champion", "challenger")
 
 
