@@ -30,7 +30,7 @@ from torchserve.mlserver import MLSERVER_OIP_SERVICE, model_ready
 
 TRITON_OIP_SERVICE = MLSERVER_OIP_SERVICE  # the OIP service's standard name
 # Where .ci/setup --with-triton (and --with-test-tools) puts the wheel's server.
-TRITON_ROOT = Path(__file__).resolve().parents[1] / ".tools" / "triton" / "pytriton" / "tritonserver"
+TRITON_ROOT = Path(__file__).resolve().parents[1] / ".tools/triton/pytriton/tritonserver"
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 MAX_BATCH = 64  # the decision server's micro-batches are smaller (server.batch_max_rows)
 QUEUE_DELAY_US = 500  # what a lone request waits for others: a fraction of a model call

@@ -241,9 +241,7 @@ def test_chaos_without_a_local_stack_is_refused(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_the_stack_on_triton_decides_with_the_archives_and_their_versions(
-    trained_models, tmp_path
-):
+def test_the_stack_on_triton_decides_with_the_archives_and_their_versions(trained_models, tmp_path):
     """make run MODEL_SERVER=triton: Triton on the replicas' ports; the primary answers,
     and when it is paused the secondary, with the champion archive's version hash."""
     run_dir = tmp_path / "run"
