@@ -56,7 +56,7 @@ test: setup-ci lint proto-check k8s-validate ## Set up, lint, check the protos a
 test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-bench: setup ## Benchmarks: echo/TorchServe/Decide/fallback paths (bench_paths), worker scaling (bench_workers), Decide vs TorchServe latency, ingest, broker, audit, model serving, shadow
+bench: setup-triton ## Benchmarks: echo/TorchServe/Triton/Decide/fallback paths (bench_paths), worker scaling (bench_workers), Decide vs TorchServe latency, ingest, broker, audit, model serving, shadow
 	@$(PY) -m loadtest.bench_paths
 	@$(PY) -m loadtest.bench_workers
 	@$(PY) -m loadtest.bench_latency

@@ -7,7 +7,10 @@ worker processes:
 
 - E: the echo server's Decide (the floor: one Python gRPC hop, no work);
 - T: TorchServe's ``Predictions`` called directly (the peer);
+- X: Triton's OIP ``ModelInfer`` called directly, serving the same champion archive
+  (``torchserve.triton``): the other model server;
 - D: Decide through the whole chain (the product), one server process;
+- Y: the same with its primary on Triton;
 - W: the same with ``--workers 2`` (a second decision server, same Redis and replica);
 - F: Decide with the primary and secondary breakers forced open through AdminService, so
   the fallback ladder answers.
@@ -16,7 +19,11 @@ Each path runs a closed-loop sweep (concurrency 1 up, each call with a 1 s deadl
 saturated throughput) and an open loop at fixed rates, each call with the product's
 50 ms deadline (``OPEN_LOOP_DEADLINE_S``): an answer that does not come in time counts
 as DEADLINE_EXCEEDED in the errors column.
-After those rounds, D runs open loop at 0.5 to 1.5 times its measured capacity (its
+Every cell also measures the cores the path's own processes used (a decision server
+with its model server, the model server alone). After those rounds, T, X and Y run open
+loop at 0.5 and 0.8 of their own capacity, for a table of the two model servers side by
+side (capacity, calls per core, p50/p99 at concurrency 1 and at those loads); and D runs
+open loop at 0.5 to 1.5 times its measured capacity (its
 saturated throughput with a model answering), the same number of rounds: past capacity
 every call must still be answered in time or refused at once (gRPC's stream cap,
 docs/overload.md), and the model must keep most of the answers. Open loop, every path
@@ -40,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -55,32 +63,55 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from core.processes import ManagedProcess, free_ports, listening
-from loadtest.bench_latency import decision_server, echo_server, fresh_features, start_backends
+from core.processes import ManagedProcess, ProcessStartError, free_ports, listening
+from loadtest.bench_latency import (
+    MODEL_STORE,
+    decision_server,
+    echo_server,
+    fresh_features,
+    start_backends,
+)
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, Mode, Target
+from loadtest.soak_probe import group_cpu_seconds
 from localstack.health import serving
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from server.settings import ServerSettings
 from torchserve.replica import ReplicaPorts, workers_lost
+from torchserve.train import ensure_models
+from torchserve.triton import (
+    TRITON_OIP_SERVICE,
+    TRITON_ROOT,
+    model_ready,
+    model_repository,
+    tritonserver_process,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-operator-token-0123456789"  # noqa: S105 - a throwaway local token
-PATHS = ("E", "T", "D", "W", "F")
+PATHS = ("E", "T", "X", "D", "Y", "W", "F")
 PATH_NAMES = {
     "E": "E echo (floor)",
     "T": "T TorchServe direct",
+    "X": "X Triton direct",
     "D": "D Decide",
+    "Y": "Y Decide on Triton",
     "W": "W Decide, 2 workers",
     "F": "F Decide, breakers open",
 }
 PATH_TARGETS: dict[str, Target] = {
     "E": "echo",
     "T": "torchserve",
+    "X": "oip",
     "D": "decide",
+    "Y": "decide",
     "W": "decide",
     "F": "decide",
 }
-MODEL_PATHS = ("D", "W")  # paths whose answers should come from a model
+MODEL_PATHS = ("D", "Y", "W")  # paths whose answers should come from a model
+MODEL_SERVER_PATHS = {"TorchServe": ("T", "D"), "Triton": ("X", "Y")}
+"""Each model server's direct path and Decide path, compared side by side."""
+SERVER_FACTORS = (0.5, 0.8)
+"""T, X and Y run open loop at these multiples of their own capacity too."""
 MODEL_SOURCES = {"SOURCE_PRIMARY", "SOURCE_SECONDARY", "SOURCE_CANARY"}
 TARGET_RATE = 1000.0
 CLOSED_LOOP_DEADLINE_S = 1.0
@@ -173,11 +204,19 @@ class Paths:
     decide: str
     admin: str
     decide_workers: str
+    triton: str
+    decide_triton: str
+    process_groups: dict[str, tuple[int, ...]]
+    """Per path, the process groups that serve it: their CPU is the path's cost."""
 
     def address(self, path: str) -> str:
-        return {"E": self.echo, "T": self.torchserve, "W": self.decide_workers}.get(
-            path, self.decide
-        )
+        return {
+            "E": self.echo,
+            "T": self.torchserve,
+            "X": self.triton,
+            "Y": self.decide_triton,
+            "W": self.decide_workers,
+        }.get(path, self.decide)
 
 
 def spec_for(paths: Paths, cell: Cell, plan: Plan, processes: int, channels: int = 1) -> LoadSpec:
@@ -208,6 +247,8 @@ def cells(plan: Plan) -> list[Cell]:
 
 class Measured(NamedTuple):
     results: dict[Cell, LoadResult]
+    server_cores: dict[Cell, float]
+    """The cores the path's own processes kept busy while the cell ran (rounds averaged)."""
     workers_lost: dict[Cell, int]
     """TorchServe workers the replica lost during a cell, for the cells where it lost any:
     T's calls are cancelled at their deadline, and a cancelled call can cost TorchServe
@@ -224,9 +265,11 @@ async def measure(
     replica_dir: Path,
 ) -> Measured:
     rounds: dict[Cell, list[LoadResult]] = defaultdict(list)
+    cores: dict[Cell, list[float]] = defaultdict(list)
     lost: dict[Cell, int] = defaultdict(int)
     todo = cells(plan)
-    total, done = (len(todo) + len(CAPACITY_FACTORS)) * plan.rounds, 0
+    extra = len(CAPACITY_FACTORS) + len(SERVER_FACTORS) * 3
+    total, done = (len(todo) + extra) * plan.rounds, 0
     # The replica's count of lost workers, read at every cell's start and end: a loss
     # logged as a cell's channels close (their calls cancelled) or in the moment before
     # the next cell is charged to the cell that ended.
@@ -246,7 +289,12 @@ async def measure(
         await switch.prepare(cell[0])
         await charge(last)
         spec = spec_for(paths, cell, plan, generator.processes, channels)
+        groups = paths.process_groups[cell[0]]
+        cpu_before, began = group_cpu_seconds(groups), time.monotonic()
         result = await asyncio.to_thread(generator.run, spec)
+        elapsed = time.monotonic() - began
+        used = sum(group_cpu_seconds(groups)) - sum(cpu_before)
+        cores[cell].append(used / elapsed if elapsed > 0 else math.nan)
         rounds[cell].append(result)
         done += 1
         row = describe_row(cell, result)
@@ -259,16 +307,22 @@ async def measure(
         for r in range(plan.rounds):
             for cell in todo:
                 await run(cell, r)
-        capacity = saturated({c: LoadResult.combine(rs) for c, rs in rounds.items()}, "D")
+        so_far = {c: LoadResult.combine(rs) for c, rs in rounds.items()}
+        capacity = saturated(so_far, "D")
         past: list[Cell] = [("D", "open", round(f * capacity)) for f in CAPACITY_FACTORS]
         print(f"  D's capacity: {capacity:,.0f}/s; open loop at {[c[2] for c in past]}/s")
+        for path in ("T", "X", "Y"):
+            own = saturated(so_far, path)
+            past += [(path, "open", round(f * own)) for f in SERVER_FACTORS]
+            print(f"  {path}'s capacity: {own:,.0f}/s")
         for r in range(plan.rounds):
             for cell in past:
                 await run(cell, r)
     await asyncio.sleep(LOSS_SETTLE_S)
     await charge(last)
     combined = {cell: LoadResult.combine(results) for cell, results in rounds.items()}
-    return Measured(combined, dict(lost))
+    averaged = {cell: sum(each) / len(each) for cell, each in cores.items()}
+    return Measured(combined, averaged, dict(lost))
 
 
 def cell_text(cell: Cell) -> str:
@@ -321,11 +375,11 @@ def model_share_of_calls(result: LoadResult) -> float:
     return modelled(result) / max(result.ok + result.error_count, 1)
 
 
-def table(results: dict[Cell, LoadResult]) -> str:
+def table(results: dict[Cell, LoadResult], server_cores: dict[Cell, float]) -> str:
     lines = [
         "| path | mode | load | req/s | p50 ms | p99 ms | p999 ms | errors | refusal p99 ms"
-        " | answered by | loadgen cores |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        " | answered by | server cores | loadgen cores |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for cell, result in results.items():
         path, mode, load = cell
@@ -335,8 +389,58 @@ def table(results: dict[Cell, LoadResult]) -> str:
             f" | {result.throughput_per_s:,.0f} | {result.percentile_ms(50):.2f}"
             f" | {result.percentile_ms(99):.2f} | {result.percentile_ms(99.9):.2f}"
             f" | {errors} | {result.refusal_percentile_ms(99):.2f} | {answered_by(result)}"
-            f" | {result.generator_cores:.2f} |"
+            f" | {server_cores.get(cell, math.nan):.2f} | {result.generator_cores:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def best_closed(results: dict[Cell, LoadResult], path: str) -> Cell:
+    """The closed-loop cell of ``path`` that gave its saturated throughput."""
+    return max(
+        (cell for cell in results if cell[0] == path and cell[1] == "closed"),
+        key=lambda cell: (
+            results[cell].throughput_per_s
+            * (model_share(results[cell]) if path in MODEL_PATHS else 1.0)
+        ),
+    )
+
+
+def model_servers(measured: Measured) -> str:
+    """Each model server's direct path and Decide path side by side: capacity, the cores
+    its processes used there and calls per core, p50/p99 at concurrency 1 and open loop at
+    0.5 and 0.8 of the path's own capacity."""
+    results, cores = measured.results, measured.server_cores
+
+    def latency(result: LoadResult | None) -> str:
+        if result is None or not result.ok:
+            return "-"
+        return f"{result.percentile_ms(50):.2f} / {result.percentile_ms(99):.2f}"
+
+    lines = [
+        "| model server | path | capacity | cores there | per core | c=1 p50 / p99 ms"
+        + "".join(f" | {f:g} x p50 / p99 ms" for f in SERVER_FACTORS)
+        + " | model share of calls at 0.8 x |",
+        "| --- | --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(SERVER_FACTORS) + " ---: |",
+    ]
+    for server, pair in MODEL_SERVER_PATHS.items():
+        for path in pair:
+            capacity = saturated(results, path)
+            if math.isnan(capacity):
+                continue
+            used = cores.get(best_closed(results, path), math.nan)
+            opened = {f: results.get((path, "open", round(f * capacity))) for f in SERVER_FACTORS}
+            at_08 = opened.get(0.8)
+            share = (
+                f"{100 * model_share_of_calls(at_08):.1f} %"
+                if path in MODEL_PATHS and at_08 is not None
+                else "-"
+            )
+            lines.append(
+                f"| {server} | {PATH_NAMES[path]} | {capacity:,.0f}/s | {used:.2f}"
+                f" | {capacity / used:,.0f}/s | {latency(results.get((path, 'closed', 1.0)))}"
+                + "".join(f" | {latency(opened[f])}" for f in SERVER_FACTORS)
+                + f" | {share} |"
+            )
     return "\n".join(lines)
 
 
@@ -344,9 +448,12 @@ def saturated(results: dict[Cell, LoadResult], path: str) -> float:
     """The best closed-loop throughput; for D and W only the decisions a model made
     count, or an overloaded primary whose breaker opened would pass for a fast one."""
     return max(
-        r.throughput_per_s * (model_share(r) if path in MODEL_PATHS else 1.0)
-        for (p, mode, _), r in results.items()
-        if p == path and mode == "closed"
+        (
+            r.throughput_per_s * (model_share(r) if path in MODEL_PATHS else 1.0)
+            for (p, mode, _), r in results.items()
+            if p == path and mode == "closed"
+        ),
+        default=math.nan,
     )
 
 
@@ -472,6 +579,7 @@ def figures(measured: Measured) -> dict[str, Any]:
                 "model_share": round(model_share(r), 4),
                 "model_share_of_calls": round(model_share_of_calls(r), 4),
                 "refusal_p99_ms": round(r.refusal_percentile_ms(99), 3),
+                "server_cores": round(measured.server_cores.get((path, mode, load), math.nan), 3),
             }
             for (path, mode, load), r in results.items()
         ],
@@ -553,49 +661,90 @@ def plot(results: dict[Cell, LoadResult], out: Path, title: str) -> None:
 def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, int, Path]:
     """Starts everything on free ports (each added to ``procs`` first); returns the paths,
     the redis port and the TorchServe replica's folder."""
-    ports = free_ports(13)
+    if not (TRITON_ROOT / "bin" / "tritonserver").exists():
+        raise ProcessStartError(f"no tritonserver in {TRITON_ROOT}: run make setup-triton")
+    ports = free_ports(17)
     redis_port, decision_port, admin_port, echo_port, no_secondary = ports[:5]
-    workers_port, workers_admin_port, *replica = ports[5:]
-    ts_ports = ReplicaPorts(*replica)
+    workers_port, workers_admin_port, triton_decision_port = ports[5:8]
+    triton_grpc, triton_http, triton_metrics = ports[8:11]
+    ts_ports = ReplicaPorts(*ports[11:17])
     replica_folder = start_backends(run_dir, redis_port, ts_ports, procs)
-    server = decision_server(
-        decision_port,
-        redis_port=redis_port,
-        torchserve_port=ts_ports.grpc_inference,
-        no_secondary_port=no_secondary,
-        state_dir=run_dir,
-        env={
-            "DECISION_ADMIN__ENABLED": "true",
-            "DECISION_ADMIN__PORT": str(admin_port),
-            "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
-        },
+    champion = ensure_models(MODEL_STORE)["champion"]
+    repository = run_dir / "triton" / "models"
+    model_repository(champion.path, repository, model_name="champion")
+    triton = tritonserver_process(
+        TRITON_ROOT,
+        repository,
+        grpc_port=triton_grpc,
+        http_port=triton_http,
+        metrics_port=triton_metrics,
+        log_path=run_dir / "triton" / "triton.log",
     )
-    procs.append(server)
-    server.start()
-    workers = decision_server(
-        workers_port,
-        redis_port=redis_port,
-        torchserve_port=ts_ports.grpc_inference,
-        no_secondary_port=no_secondary,
-        state_dir=run_dir / "workers",
-        name="decision-server-workers",
-        env={
-            "DECISION_SERVER__WORKERS": "2",
-            "DECISION_ADMIN__ENABLED": "true",
-            "DECISION_ADMIN__PORT": str(workers_admin_port),
-            "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
-        },
-    )
-    procs.append(workers)
-    workers.start()
+    procs.append(triton)
+    triton.start()
+    admin_env = {
+        "DECISION_ADMIN__ENABLED": "true",
+        "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
+    }
+    servers = {
+        "decision": (decision_port, ts_ports.grpc_inference, run_dir, {
+            **admin_env, "DECISION_ADMIN__PORT": str(admin_port)}),
+        "workers": (workers_port, ts_ports.grpc_inference, run_dir / "workers", {
+            **admin_env, "DECISION_ADMIN__PORT": str(workers_admin_port),
+            "DECISION_SERVER__WORKERS": "2"}),
+        "triton": (triton_decision_port, triton_grpc, run_dir / "on-triton", {
+            "DECISION_TORCHSERVE__PROTOCOL": "oip",
+            "DECISION_TORCHSERVE__OIP_SERVICE": TRITON_OIP_SERVICE,
+            "DECISION_TORCHSERVE__MODEL_VERSION": champion.version}),
+    }  # fmt: skip
+    started = {}
+    for name, (port, model_port, state_dir, env) in servers.items():
+        server = decision_server(
+            port,
+            redis_port=redis_port,
+            torchserve_port=model_port,
+            no_secondary_port=no_secondary,
+            state_dir=state_dir,
+            name=f"decision-server-{name}",
+            env=env,
+        )
+        procs.append(server)
+        server.start()
+        started[name] = server
     echo = echo_server(echo_port, run_dir)
     procs.append(echo)
     echo.start()
-    server.wait_ready(lambda: serving(decision_port), 30)
-    workers.wait_ready(lambda: serving(workers_port), 30)
+    for name, server in started.items():
+        server.wait_ready(functools.partial(serving, servers[name][0]), 30)
     echo.wait_ready(listening(echo_port), 30)
-    addresses = (echo_port, ts_ports.grpc_inference, decision_port, admin_port, workers_port)
-    return Paths(*(f"127.0.0.1:{port}" for port in addresses)), redis_port, replica_folder
+    triton.wait_ready(lambda: model_ready(f"127.0.0.1:{triton_grpc}", "champion"), 120)
+    torchserve = next(p for p in procs if p.name.startswith("torchserve"))
+    groups = {
+        "E": (echo,),
+        "T": (torchserve,),
+        "X": (triton,),
+        "D": (started["decision"], torchserve),
+        "Y": (started["triton"], triton),
+        "W": (started["workers"], torchserve),
+        "F": (started["decision"],),
+    }
+
+    def at(port: int) -> str:
+        return f"127.0.0.1:{port}"
+
+    paths = Paths(
+        echo=at(echo_port),
+        torchserve=at(ts_ports.grpc_inference),
+        decide=at(decision_port),
+        admin=at(admin_port),
+        decide_workers=at(workers_port),
+        triton=f"127.0.0.1:{triton_grpc}",
+        decide_triton=f"127.0.0.1:{triton_decision_port}",
+        process_groups={
+            path: tuple(proc.pid or 0 for proc in members) for path, members in groups.items()
+        },
+    )
+    return paths, redis_port, replica_folder
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -636,7 +785,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             # The workers import while TorchServe boots.
             generator.start()
             print(
-                "starting redis-server, TorchServe, the decision server, the echo server …",
+                "starting redis-server, TorchServe, Triton, the decision servers, the echo"
+                " server …",
                 flush=True,
             )
             paths, redis_port, replica_dir = start_servers(Path(tmp), procs)
@@ -658,7 +808,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     results = measured.results
     print()
-    print(table(results))
+    print(table(results, measured.server_cores))
+    print()
+    print(model_servers(measured))
     print()
     print(targets(results))
     print(losses(measured.workers_lost))

@@ -47,7 +47,7 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the virtualenv
 
-from core.processes import ManagedProcess, free_ports, listening, live_members_by_group
+from core.processes import ManagedProcess, free_ports, listening
 from loadtest.bench_latency import decision_server, echo_server, fresh_features, start_backends
 from loadtest.bench_paths import (
     OPEN_LOOP_DEADLINE_S,
@@ -60,7 +60,7 @@ from loadtest.bench_paths import (
     model_share_of_calls,
 )
 from loadtest.loadgen import REFUSALS, LoadGenerator, LoadResult, LoadSpec, Mode, Target
-from loadtest.soak_probe import usage_of
+from loadtest.soak_probe import group_cpu_seconds, usage_of
 from localstack.health import serving
 from torchserve.replica import ReplicaPorts
 
@@ -118,15 +118,6 @@ class Row:
         cores, connections = self.worker_cores, self.worker_connections
         held = f", {min(connections)} to {max(connections)} connections" if connections else ""
         return f"{min(cores):.2f} to {max(cores):.2f} cores{held}"
-
-
-def group_cpu_seconds(pgids: Sequence[int | None]) -> list[float]:
-    """CPU seconds of each process group's live members (0.0 for None), from one pass
-    over /proc: a ManagedProcess is its group's leader, so its group is the process
-    and everything it started (TorchServe's JVM and workers, the server's workers). A
-    member that exits takes its seconds with it (they all live for the whole run)."""
-    members = live_members_by_group(pgid for pgid in pgids if pgid)
-    return [usage_of(members[pgid]).cpu_s if pgid else 0.0 for pgid in pgids]
 
 
 def tree(pid: int) -> list[psutil.Process]:

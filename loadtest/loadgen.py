@@ -3,8 +3,9 @@
 A ``LoadSpec`` says what to call, how and for how long:
 
 - ``target``: ``decide`` (decision.v1.DecisionService/Decide, BTC-USD buy 1.0), ``echo``
-  (the same method on ``loadtest/echo_server.py``) or ``torchserve`` (TorchServe's native
-  ``Predictions`` with the packed float32 row the decision server sends);
+  (the same method on ``loadtest/echo_server.py``), ``torchserve`` (TorchServe's native
+  ``Predictions`` with the packed float32 row the decision server sends) or ``oip`` (the
+  Open Inference Protocol's ``ModelInfer`` as Triton serves it, the same row);
 - ``mode``: ``closed`` (``concurrency`` callers, each sending its next call when the
   previous one answered) or ``open`` (``rate_per_s`` calls on a fixed schedule that does
   not wait for answers);
@@ -51,8 +52,10 @@ from core.caller import CALLER_OPTIONS
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
+from proto.third_party.torchserve import open_inference_grpc_pb2 as oip_pb2
+from torchserve.triton import TRITON_OIP_SERVICE as OIP_SERVICE
 
-Target = Literal["decide", "echo", "torchserve"]
+Target = Literal["decide", "echo", "torchserve", "oip"]
 Mode = Literal["closed", "open"]
 Call = Callable[[], Awaitable[str]]
 """One request; returns a label for the answer (a Decide source), raises AioRpcError."""
@@ -272,6 +275,29 @@ def make_call(channel: grpc.aio.Channel, spec: LoadSpec) -> Call:
             return decision_pb2.Source.Name(response.source)
 
         return call_decide
+    if spec.target == "oip":
+        infer = channel.unary_unary(
+            f"/{OIP_SERVICE}/ModelInfer",
+            request_serializer=oip_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=oip_pb2.ModelInferResponse.FromString,
+        )
+        oip_request = oip_pb2.ModelInferRequest(
+            model_name=spec.model_name,
+            inputs=[
+                oip_pb2.ModelInferRequest.InferInputTensor(
+                    name="rows",
+                    datatype="FP32",
+                    shape=[1, MODEL_INPUT_WIDTH],
+                    contents=oip_pb2.InferTensorContents(fp32_contents=[0.1] * MODEL_INPUT_WIDTH),
+                )
+            ],
+        )
+
+        async def call_oip() -> str:
+            await infer(oip_request, timeout=spec.timeout_s)
+            return "scored"
+
+        return call_oip
     predictions = inference_pb2_grpc.InferenceAPIsServiceStub(channel).Predictions
     ts_request = inference_pb2.PredictionsRequest(
         model_name=spec.model_name, input={"rows": pack_rows([[0.1] * MODEL_INPUT_WIDTH])}
@@ -493,7 +519,7 @@ def describe(result: LoadResult) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--target", choices=["decide", "echo", "torchserve"], required=True)
+    parser.add_argument("--target", choices=["decide", "echo", "torchserve", "oip"], required=True)
     parser.add_argument("--address", required=True, help="host:port on loopback")
     parser.add_argument("--mode", choices=["closed", "open"], default="closed")
     parser.add_argument("--concurrency", type=int, default=1)

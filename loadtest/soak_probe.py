@@ -260,3 +260,12 @@ class StallWitness:
                 at, late = line.split()
                 stalls.append(Stall(float(at), float(late)))
         return stalls
+
+
+def group_cpu_seconds(pgids: Sequence[int | None]) -> list[float]:
+    """CPU seconds of each process group's live members (0.0 for None), from one pass
+    over /proc: a ManagedProcess is its group's leader, so its group is the process
+    and everything it started (TorchServe's JVM and workers, the server's workers). A
+    member that exits takes its seconds with it (they all live for the whole run)."""
+    members = live_members_by_group(pgid for pgid in pgids if pgid)
+    return [usage_of(members[pgid]).cpu_s if pgid else 0.0 for pgid in pgids]

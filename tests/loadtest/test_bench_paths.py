@@ -3,7 +3,15 @@ load results)."""
 
 from __future__ import annotations
 
-from loadtest.bench_paths import Cell, Measured, compare, figures, losses, targets
+from loadtest.bench_paths import (
+    Cell,
+    Measured,
+    compare,
+    figures,
+    losses,
+    model_servers,
+    targets,
+)
 from loadtest.loadgen import LoadResult
 from tests.loadtest.made_up import load_result
 
@@ -61,10 +69,10 @@ def test_a_low_model_share_at_1_2_x_capacity_is_missed() -> None:
 
 
 def test_the_figures_file_compares_a_run_with_the_last() -> None:
-    before = figures(Measured(runs(), {}))
+    before = figures(Measured(runs(), {}, {}))
     after_runs = runs()
     after_runs[("D", "closed", 16.0)] = load_result("closed", 16, ok=400)
-    text = compare(before, figures(Measured(after_runs, {})))
+    text = compare(before, figures(Measured(after_runs, {}, {})))
     assert "D saturated 500 -> 400/s (-20%)" in text
     assert "D open 750: p99 3.00 -> 3.00 ms" in text
 
@@ -74,5 +82,21 @@ def test_workers_lost_are_named_by_cell_in_the_text_and_the_figures() -> None:
     text = losses(lost)
     assert text.startswith("TorchServe workers lost: 3 (T open 1000/s 2, D closed c=16 1)")
     assert losses({}) == "TorchServe workers lost: none"
-    figured = figures(Measured(runs(), lost))
+    figured = figures(Measured(runs(), {}, lost))
     assert figured["workers_lost"] == {"T open 1000/s": 2, "D closed c=16": 1}
+
+
+def test_model_servers_side_by_side_give_capacity_per_core_and_latency_at_their_loads() -> None:
+    results = runs()
+    results[("X", "closed", 16.0)] = load_result("closed", 16, ok=2000)
+    results[("X", "closed", 1.0)] = load_result("closed", 1, ok=600)
+    results[("X", "open", 1000.0)] = load_result("open", 1000, ok=1000)
+    results[("X", "open", 1600.0)] = load_result("open", 1600, ok=1600)
+    cores: dict[Cell, float] = {("X", "closed", 16.0): 0.5, ("T", "closed", 16.0): 1.0}
+    text = model_servers(Measured(results, cores, {}))
+    triton = next(line for line in text.splitlines() if "X Triton direct" in line)
+    assert triton.startswith("| Triton | X Triton direct | 2,000/s | 0.50 | 4,000/s |")
+    assert triton.count(" / ") == 3  # c=1, 0.5 x and 0.8 x all measured
+    torchserve = next(line for line in text.splitlines() if "T TorchServe direct" in line)
+    assert "| 500/s | 1.00 | 500/s |" in torchserve
+    assert "Y Decide on Triton" not in text  # not measured: no row

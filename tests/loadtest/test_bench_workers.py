@@ -26,7 +26,6 @@ from loadtest.bench_workers import (
     default_processes,
     default_workers,
     float_list,
-    group_cpu_seconds,
     int_list,
     kept_or_temporary,
     listeners,
@@ -37,6 +36,7 @@ from loadtest.bench_workers import (
     started_on,
 )
 from loadtest.loadgen import LoadResult, Mode
+from loadtest.soak_probe import group_cpu_seconds
 from tests.loadtest.made_up import load_result
 
 
