@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 K8S_DIR = Path(__file__).resolve().parent
-OVERLAYS = ("dev", "prod", "dev-mlserver")
+OVERLAYS = ("dev", "prod", "dev-mlserver", "dev-triton")
 # Rendered on their own: the topics live in the Kafka cluster's namespace.
 TOPICS = "topics"
 # Objects that live beside another release (the monitoring stack's), not in an overlay.

@@ -48,6 +48,7 @@ from localstack.kafka_broker import create_topics, kafka_broker
 from localstack.port_claims import PortClaims
 from localstack.prometheus import Target, prometheus_binary, prometheus_process, write_config
 from localstack.redis_server import redis_server
+from server.settings import ARCHIVE_VERSION
 from torchserve.archive import ArchiveInfo
 from torchserve.replica import (
     CHALLENGER_PORTS,
@@ -527,15 +528,15 @@ class LocalStack:
     def _model_server_env(self) -> dict[str, str]:
         """The decision server's settings for the model server: TorchServe's are the
         defaults; Triton speaks OIP and answers version "1", so the archives' hashes
-        are given."""
+        are reported instead."""
         if self.model_server != "triton":
             return {}
-        archives = load_models(self.models_dir or REPO / ".run/models")
         return {
             "DECISION_TORCHSERVE__PROTOCOL": "oip",
             "DECISION_TORCHSERVE__OIP_SERVICE": TRITON_OIP_SERVICE,
-            "DECISION_TORCHSERVE__MODEL_VERSION": archives["champion"].version,
-            "DECISION_TORCHSERVE__CHALLENGER_MODEL_VERSION": archives["challenger"].version,
+            # The archives' own versions, read from the served folder (the drift store).
+            "DECISION_TORCHSERVE__MODEL_VERSION": ARCHIVE_VERSION,
+            "DECISION_TORCHSERVE__CHALLENGER_MODEL_VERSION": ARCHIVE_VERSION,
         }
 
     def scrape_targets(self) -> list[Target]:

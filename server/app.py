@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -65,7 +66,7 @@ from server.control.durable import ControlStore
 from server.control.flags import flag_specs
 from server.control.fleet import FleetMember, FleetRegistration, fleet_members
 from server.control.shared import SharedControl
-from server.drift import DriftMonitor, ModelReferences
+from server.drift import DriftMonitor, ModelReferences, archived_version
 from server.engine import DecisionEngine
 from server.features import FeatureSource
 from server.front import GrpcFront
@@ -74,7 +75,7 @@ from server.replica import Replica
 from server.router import ReplicaRouter
 from server.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
 from server.servicer import DecisionServicer
-from server.settings import InferenceApi, Settings, TorchServeSettings
+from server.settings import ARCHIVE_VERSION, InferenceApi, Settings, TorchServeSettings
 from server.shadow import ShadowAudit, ShadowScorer
 from server.telemetry import (
     AuditCollector,
@@ -212,12 +213,17 @@ class Replicas:
 
         def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
             canary = source is Source.CANARY
+            api = ts.challenger_api() if canary else ts.champion_api()
+            if api.model_version == ARCHIVE_VERSION:
+                store = Path(settings.drift.model_store)
+                version = archived_version(store, model or ts.model_name)
+                api = dataclasses.replace(api, model_version=version)
             client = model_client(
                 ts,
                 name,
                 address,
                 model,
-                api=ts.challenger_api() if canary else ts.champion_api(),
+                api=api,
                 max_concurrent_calls=(
                     ts.challenger_batch_max_concurrent_calls
                     if canary

@@ -45,6 +45,16 @@ class Reference:
     score: dict[str, list[float]]
 
 
+def archived_version(store: Path, model_name: str) -> str:
+    """The version hash of ``<store>/<model_name>.mar``: what a model server that numbers
+    its versions (Triton) serves, when it was built from the same archives."""
+    path = store / f"{model_name}.mar"
+    version = archive_version(path)
+    if version is None:
+        raise ValueError(f"no model archive with a version at {path}")
+    return version
+
+
 class ModelReferences:
     """The reference distributions in a folder of model archives, by model version."""
 

@@ -145,6 +145,10 @@ class ControlSettings(SettingsSection):
     )
 
 
+ARCHIVE_VERSION = "archive"
+"""A model_version that names the served archive's own version hash (see resolve in app)."""
+
+
 class TorchServeSettings(SettingsSection):
     model_name: str = Field("champion", description="Model name registered in TorchServe.")
     protocol: Literal["torchserve", "oip"] = Field(
@@ -168,7 +172,8 @@ class TorchServeSettings(SettingsSection):
         "",
         description="Version reported for the champion replicas' answers instead of their "
         "own, for a server that answers none or a number (Triton's '1'): the archive's "
-        "sha256. Empty: the replica's answer.",
+        "sha256, or 'archive': that of <model_name>.mar in drift.model_store. Empty: the "
+        "replica's answer.",
     )
     primary_address: str = Field(
         "127.0.0.1:7070", description="host:port of the primary replica's gRPC inference API."
@@ -600,6 +605,17 @@ class Settings(BaseSettings):
         if self.admin.tls_client_ca_file and not self.server.tls_cert_file:
             raise ValueError(
                 "admin.tls_client_ca_file (mTLS) needs server.tls_cert_file and tls_key_file"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _archive_versions_need_the_archives(self) -> Settings:
+        ts = self.torchserve
+        wanted = ARCHIVE_VERSION in (ts.model_version, ts.challenger_model_version)
+        if wanted and not self.drift.model_store:
+            raise ValueError(
+                f"torchserve.model_version '{ARCHIVE_VERSION}' reads the archives in "
+                "drift.model_store, which is not set"
             )
         return self
 

@@ -18,6 +18,7 @@ project's packages (numpy, torch, xgboost) on its path (``python-path.txt``).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import sysconfig
@@ -103,6 +104,36 @@ def backend_directory(triton_root: Path, work_dir: Path) -> Path:
     return backends
 
 
+def tritonserver_argv(
+    triton_root: Path,
+    folder: Path,
+    work_dir: Path,
+    *,
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int,
+    host: str = "127.0.0.1",
+    model: str = "",
+) -> list[str]:
+    """``tritonserver`` on the repository ``folder``, listening on ``host``; its backend
+    directory is made in ``work_dir``. ``model``: load only that one (else every model
+    in the repository)."""
+    only = ["--model-control-mode=explicit", f"--load-model={model}"] if model else []
+    return [
+        str(triton_root / "bin" / "tritonserver"),
+        f"--model-repository={folder}",
+        f"--backend-directory={backend_directory(triton_root, work_dir)}",
+        "--disable-auto-complete-config",
+        *only,
+        f"--grpc-address={host}", f"--grpc-port={grpc_port}",
+        f"--http-address={host}", f"--http-port={http_port}",
+        f"--metrics-address={host}", f"--metrics-port={metrics_port}",
+        "--allow-gpu-metrics=false",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+    ]  # fmt: skip
+
+
 def tritonserver_process(
     triton_root: Path,
     folder: Path,
@@ -117,31 +148,52 @@ def tritonserver_process(
 
     ``triton_root`` is the wheel's ``pytriton/tritonserver``; its backend directory is
     made beside ``log_path``."""
-    argv = [
-        str(triton_root / "bin" / "tritonserver"),
-        f"--model-repository={folder}",
-        f"--backend-directory={backend_directory(triton_root, log_path.parent)}",
-        "--disable-auto-complete-config",
-        "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
-        "--http-address=127.0.0.1", f"--http-port={http_port}",
-        "--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}",
-        "--allow-gpu-metrics=false",
-        "--strict-readiness=true",
-        "--exit-on-error=true",
-    ]  # fmt: skip
+    argv = tritonserver_argv(
+        triton_root,
+        folder,
+        log_path.parent,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+    )
     return ManagedProcess("tritonserver", niced(argv, niceness), cwd=folder, log_path=log_path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torchserve.triton", description=__doc__)
-    parser.add_argument("folder", type=Path, help="the model repository to write")
-    parser.add_argument("archives", type=Path, nargs="+", help="model archives (.mar)")
-    parser.add_argument("--instances", type=int, default=1, help="model instances per model")
+    commands = parser.add_subparsers(dest="command", required=True)
+    repository = commands.add_parser("repository", help="write a model repository")
+    repository.add_argument("folder", type=Path, help="the model repository to write")
+    repository.add_argument("archives", type=Path, nargs="+", help="model archives (.mar)")
+    repository.add_argument("--instances", type=int, default=1, help="instances per model")
+    serve = commands.add_parser(
+        "serve", help="run tritonserver on one model of a repository, on every interface"
+    )
+    serve.add_argument("folder", type=Path, help="the model repository")
+    serve.add_argument("model", help="the model to serve: champion or challenger")
+    serve.add_argument("--triton-root", type=Path, default=TRITON_ROOT)
+    serve.add_argument("--work-dir", type=Path, default=Path("/tmp"), help="writable")  # noqa: S108
+    serve.add_argument("--host", default="0.0.0.0")
+    for name, port in (("grpc", 7070), ("http", 8080), ("metrics", 8082)):
+        serve.add_argument(f"--{name}-port", type=int, default=port)
     args = parser.parse_args(argv)
-    for archive in args.archives:
-        model = model_repository(archive, args.folder, instances=args.instances)
-        print(f"{model}: version {archive_version(archive)}")
-    return 0
+    if args.command == "repository":
+        for archive in args.archives:
+            model = model_repository(archive, args.folder, instances=args.instances)
+            print(f"{model}: version {archive_version(archive)}")
+        return 0
+    command = tritonserver_argv(
+        args.triton_root,
+        args.folder,
+        args.work_dir,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        host=args.host,
+        model=args.model,
+    )
+    os.execv(command[0], command)  # noqa: S606 (tritonserver takes the process: PID 1)
+    return 0  # not reached
 
 
 if __name__ == "__main__":

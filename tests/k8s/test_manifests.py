@@ -15,12 +15,15 @@ from feature_cache.settings import FeatureCacheSettings
 from k8s.render import Object, containers, find, one, pod_spec, render_topics
 from quality.settings import QualitySettings
 from server.front import DECISION_SERVICE
-from server.settings import Settings
+from server.settings import ARCHIVE_VERSION, Settings
 from torchserve.container import CONTAINER_PORTS
 from torchserve.mlserver import MLSERVER_OIP_SERVICE
 from torchserve.replica import role_section
+from torchserve.triton import TRITON_OIP_SERVICE
 
 WORKLOADS = ("decision", "model-secondary", "model-challenger", "feature-cache")
+# The primary sidecar's container and image, and what its argument names, by model server.
+SIDECARS = {"torchserve": ("model-server", "primary"), "triton": ("triton-server", "champion")}
 
 
 def config_env(objects: list[Object]) -> dict[str, str]:
@@ -108,7 +111,7 @@ def test_the_drift_references_are_the_sidecars_archives(objects: list[Object]) -
     spec = pod_spec(one(objects, "Deployment", "decision"))
     first, second = spec["initContainers"]
     assert first["name"] == "model-references" and not is_sidecar(first)
-    assert second["name"] == "torchserve"
+    assert second["name"] in SIDECARS
     assert first["image"] == second["image"]
     store = config_env(objects)["DECISION_DRIFT__MODEL_STORE"]
     assert first["command"][0] == "cp" and first["command"][-1].rstrip("/") == store
@@ -123,9 +126,9 @@ def test_the_drift_references_are_the_sidecars_archives(objects: list[Object]) -
 def test_the_decision_pod_runs_the_primary_as_a_native_sidecar(objects: list[Object]) -> None:
     spec = pod_spec(one(objects, "Deployment", "decision"))
     (sidecar,) = [c for c in spec["initContainers"] if is_sidecar(c)]
-    assert sidecar["name"] == "torchserve" and is_sidecar(sidecar)
-    assert sidecar["image"].split("/")[-1].startswith("model-server")
-    assert sidecar["args"] == ["primary"]
+    image, argument = SIDECARS[sidecar["name"]]
+    assert sidecar["image"].split("/")[-1].startswith(image)
+    assert sidecar["args"] == [argument]
     # The server reaches it over loopback, on the port the image serves gRPC on.
     assert ports(sidecar)["ts-grpc"] == CONTAINER_PORTS.grpc_inference
     assert ports(sidecar)["ts-rest"] == CONTAINER_PORTS.rest_inference
@@ -155,7 +158,10 @@ def test_torchserve_is_probed_with_a_prediction_of_its_roles_model(objects: list
                     assert c[probe]["httpGet"] == prediction, f"{workload} {probe}"
                     assert c[probe]["timeoutSeconds"] >= 2, f"{workload} {probe}"
             probed.append(role)
-    assert {"primary", "secondary"} <= set(probed)
+    triton = any(
+        c["name"] == "triton" for c in containers(one(objects, "Deployment", "model-secondary"))
+    )  # the triton component: every replica has Triton's health endpoints
+    assert triton or {"primary", "secondary"} <= set(probed)
 
 
 def test_the_replicas_addresses_are_their_services(objects: list[Object]) -> None:
@@ -196,6 +202,41 @@ def test_the_mlserver_component_swaps_the_challenger_alone(
     assert unchanged(swapped) == unchanged(dev)
 
 
+def test_the_triton_component_swaps_every_replica(rendered: dict[str, list[Object]]) -> None:
+    dev, swapped = rendered["dev"], rendered["dev-triton"]
+    served = {}
+    for workload in ("decision", "model-secondary", "model-challenger"):
+        (triton,) = [
+            c for c in containers(one(swapped, "Deployment", workload)) if c["name"] == "triton"
+        ]
+        (torchserve,) = [
+            c for c in containers(one(dev, "Deployment", workload)) if c["name"] == "torchserve"
+        ]
+        assert triton["image"].split("/")[-1].startswith("triton-server:")
+        assert ports(triton) == ports(torchserve)  # the Services and policies still fit
+        assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+        for probe in ("startupProbe", "readinessProbe"):
+            if probe in torchserve:
+                assert triton[probe]["httpGet"]["path"] == "/v2/health/ready", workload
+        served[workload] = triton["args"]
+    assert served == {
+        "decision": ["champion"],
+        "model-secondary": ["champion"],
+        "model-challenger": ["challenger"],
+    }
+    (references,) = [
+        c
+        for c in pod_spec(one(swapped, "Deployment", "decision"))["initContainers"]
+        if c["name"] == "model-references"
+    ]
+    assert references["image"].split("/")[-1].startswith("triton-server:")  # its own archives
+    env = config_env(swapped)
+    assert env["DECISION_TORCHSERVE__PROTOCOL"] == "oip"
+    assert env["DECISION_TORCHSERVE__OIP_SERVICE"] == TRITON_OIP_SERVICE
+    assert env["DECISION_TORCHSERVE__MODEL_VERSION"] == ARCHIVE_VERSION
+    assert env["DECISION_TORCHSERVE__CHALLENGER_MODEL_VERSION"] == ARCHIVE_VERSION
+
+
 def test_ports_and_environment_match_the_server_settings(
     objects: list[Object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -228,7 +269,10 @@ def test_ports_and_environment_match_the_server_settings(
     }.items():
         service = one(objects, "Service", service_name)
         assert [p["targetPort"] for p in service["spec"]["ports"]] == port_names
-        pod_ports = {**named, **ports(container(objects, "decision", "torchserve"))}
+        (sidecar,) = [
+            c for c in containers(one(objects, "Deployment", "decision")) if c["name"] in SIDECARS
+        ]
+        pod_ports = {**named, **ports(sidecar)}
         assert all(p["port"] == pod_ports[p["targetPort"]] for p in service["spec"]["ports"])
 
 

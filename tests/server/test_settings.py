@@ -22,6 +22,10 @@ from tests.conftest import REPO
         ({"breaker": {"min_counted_timeout_ms": 30}}, "hung replica would never open"),
         ({"decision": {"fallback_reserve_ms": 60}}, "fallback_reserve_ms must be below"),
         ({"redis": {"max_connections": 0}}, "redis.max_connections"),
+        (
+            {"torchserve": {"challenger_model_version": "archive"}},
+            "reads the archives in drift.model_store, which is not set",
+        ),
         ({"server": {"no_such_field": 1}}, "server.no_such_field"),
     ],
 )

@@ -98,10 +98,12 @@ async def test_the_decision_path_answers_from_triton_with_the_archives_versions(
             "challenger_address": triton,
             "protocol": "oip",
             "oip_service": TRITON_OIP_SERVICE,
-            "model_version": champion.version,
-            "challenger_model_version": challenger.version,
+            # Triton answers version "1": the versions of the archives it was built from.
+            "model_version": "archive",
+            "challenger_model_version": "archive",
             "per_call_timeout_ms": 500.0,
         },
+        drift={"model_store": str(champion.path.parent)},
         admin={"tokens": TOKENS},
     )
     await feature_writer.write_many([sample_record("BTC-USD")])
