@@ -514,6 +514,7 @@ class LocalStack:
                     metrics_port=ports.rest_metrics,
                     log_path=folder / "triton.log",
                     niceness=niceness,
+                    name=f"triton-{name}",
                 )
             )
             address = f"127.0.0.1:{ports.grpc_inference}"

@@ -146,7 +146,8 @@ class ControlSettings(SettingsSection):
 
 
 ARCHIVE_VERSION = "archive"
-"""A model_version that names the served archive's own version hash (see resolve in app)."""
+"""A model_version that names the served archive's own version hash (resolved where
+server.app builds the replicas, from drift.model_store)."""
 
 
 class TorchServeSettings(SettingsSection):

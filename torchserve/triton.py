@@ -33,11 +33,13 @@ TRITON_OIP_SERVICE = MLSERVER_OIP_SERVICE  # the OIP service's standard name
 # Where .ci/setup --with-triton (and --with-test-tools) puts the wheel's server.
 TRITON_ROOT = Path(__file__).resolve().parents[1] / ".tools/triton/pytriton/tritonserver"
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
-MAX_BATCH = 64  # the decision server's micro-batches are smaller (server.batch_max_rows)
+# Triton refuses a request of more rows than this: the largest call the decision server
+# sends is a whole DecideBatch (server.max_batch_size, 256 by default).
+MAX_BATCH = 256
 QUEUE_DELAY_US = 500  # what a lone request waits for others: a fraction of a model call
-# A request that waited a whole caller's deadline in Triton's queue is refused there,
-# not scored for nobody (the product's deadline is 50 ms).
-QUEUE_TIMEOUT_US = 50_000
+# A request queued longer than the decision server's cap on one model call
+# (torchserve.per_call_timeout_ms, 25 ms) has been abandoned: refused, not scored.
+QUEUE_TIMEOUT_US = 25_000
 
 __all__ = [
     "TRITON_OIP_SERVICE",
@@ -48,10 +50,10 @@ __all__ = [
 ]
 
 
-def _config(model_name: str, width: int, instances: int) -> str:
+def _config(model_name: str, width: int, instances: int, max_batch: int) -> str:
     return f"""name: "{model_name}"
 backend: "python"
-max_batch_size: {MAX_BATCH}
+max_batch_size: {max_batch}
 input [ {{ name: "rows", data_type: TYPE_FP32, dims: [ {width} ] }} ]
 output [ {{ name: "scores", data_type: TYPE_FP32, dims: [ 1 ] }} ]
 dynamic_batching {{
@@ -66,10 +68,16 @@ instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]
 
 
 def model_repository(
-    archive: Path, folder: Path, *, model_name: str | None = None, instances: int = 1
+    archive: Path,
+    folder: Path,
+    *,
+    model_name: str | None = None,
+    instances: int = 1,
+    max_batch: int = MAX_BATCH,
 ) -> Path:
     """Writes ``folder/<model name>/`` from ``archive``; returns it. ``instances``: model
-    instances Triton runs side by side, each a process (one per CPU given to it)."""
+    instances Triton runs side by side, each a process (one per CPU given to it);
+    ``max_batch``: the most rows one request may carry."""
     meta = archive_meta(archive)
     name = model_name or str(meta.get("model_name") or archive.stem)
     if archive_version(archive) is None:
@@ -82,7 +90,8 @@ def model_repository(
     shutil.copyfile(MODEL_FILE, version_dir / "model.py")
     paths = dict.fromkeys(sysconfig.get_paths()[kind] for kind in ("purelib", "platlib"))
     (version_dir / "python-path.txt").write_text("".join(f"{path}\n" for path in paths))
-    (folder / name / "config.pbtxt").write_text(_config(name, int(meta["input_width"]), instances))
+    config = _config(name, int(meta["input_width"]), instances, max_batch)
+    (folder / name / "config.pbtxt").write_text(config)
     return folder / name
 
 
@@ -93,14 +102,13 @@ def backend_directory(triton_root: Path, work_dir: Path) -> Path:
     python = backends / "python"
     python.mkdir(parents=True, exist_ok=True)
     source = triton_root / "backends" / "python"
-    for item in source.iterdir():
-        target = python / item.name
-        if not target.exists():
-            target.symlink_to(item)
     stub = triton_root / "python_backend_stubs" / sysconfig.get_python_version()
-    target = python / "triton_python_backend_stub"
-    if not target.exists():
-        target.symlink_to(stub / "triton_python_backend_stub")
+    links = {item.name: item for item in source.iterdir()}
+    links["triton_python_backend_stub"] = stub / "triton_python_backend_stub"
+    for name, item in links.items():  # made anew: a folder kept across runs may be stale
+        target = python / name
+        target.unlink(missing_ok=True)
+        target.symlink_to(item)
     return backends
 
 
@@ -143,6 +151,7 @@ def tritonserver_process(
     metrics_port: int,
     log_path: Path,
     niceness: int = 0,
+    name: str = "tritonserver",
 ) -> ManagedProcess:
     """``tritonserver`` on the repository ``folder``, loopback only (not started).
 
@@ -156,7 +165,7 @@ def tritonserver_process(
         http_port=http_port,
         metrics_port=metrics_port,
     )
-    return ManagedProcess("tritonserver", niced(argv, niceness), cwd=folder, log_path=log_path)
+    return ManagedProcess(name, niced(argv, niceness), cwd=folder, log_path=log_path)
 
 
 def main(argv: list[str] | None = None) -> int:

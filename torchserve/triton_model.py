@@ -47,6 +47,8 @@ def _archive_handler() -> Any:
 
 
 class TritonPythonModel:
+    """One archive's scorer, as Triton's Python backend calls it."""
+
     def initialize(self, args: dict[str, str]) -> None:
         with open(os.path.join(HERE, "model-meta.json")) as f:
             meta = json.load(f)

@@ -14,7 +14,7 @@ import pytest
 
 from core.drift import histogram
 from feature_cache.schema import FEATURE_NAMES
-from server.drift import DriftMonitor, ModelReferences, Reference, Ring
+from server.drift import DriftMonitor, ModelReferences, Reference, Ring, archived_version
 from server.settings import DriftSettings
 from torchserve.archive import META_FILE
 
@@ -155,3 +155,10 @@ async def test_a_new_model_version_starts_the_score_window_afresh() -> None:
     drift.observe(live_rows(10), [0.5] * 10, "v2")
     status = await drift.refresh()
     assert (status.model_version, status.samples, status.scores) == ("v2", 610, 10)
+
+
+def test_the_archived_version_is_the_named_archives_or_a_clear_error(tmp_path: Path) -> None:
+    write_archive(tmp_path / "champion.mar", "c0ffee", None)
+    assert archived_version(tmp_path, "champion") == "c0ffee"
+    with pytest.raises(ValueError, match=r"no model archive with a version at .*challenger\.mar"):
+        archived_version(tmp_path, "challenger")

@@ -72,13 +72,13 @@ async def test_triton_scores_equal_the_archives_offline_scores(
     triton: str, name: str, trained_models, model_store, tmp_path
 ) -> None:
     store, _ = model_store
-    rows: np.ndarray = np.load(store / "heldout.npz")["x"][:64]
+    rows: np.ndarray = np.load(store / "heldout.npz")["x"][:256]
     archive = trained_models[name]
     want = offline_scores(archive.path, rows, tmp_path)
     client = OipClient(name, triton, name, service=TRITON_OIP_SERVICE)
     await client.start()
     try:
-        for n in (1, 8, 64):
+        for n in (1, 8, 64, 256):  # 256: a whole DecideBatch in one call
             got = await client.predict(rows[:n].tolist(), timeout_s=10.0)
             assert got.model_version == "1"  # Triton numbers versions
             assert got.scores == pytest.approx(want[:n], abs=1e-6)
