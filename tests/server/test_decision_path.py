@@ -104,18 +104,23 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
         # replica had min_counted_timeout_ms of it, less any stall of this process's
         # event loop, so on a busy machine a call or two more may be needed; never fewer.
         calls = 0
+        sources = []
         while app.replicas[0].breaker.state == "closed":
             assert calls < 10, "10 timeouts of the paused primary left its breaker closed"
             started = time.monotonic()
             response = await stub.Decide(buy(), timeout=0.050)
             elapsed_ms = (time.monotonic() - started) * 1000
             calls += 1
-            assert response.source == decision_pb2.SOURCE_SECONDARY, response.reason
+            sources.append(response.source)
+            # The secondary answers; when a stall of the host makes it late too (CI,
+            # 2026-11-27), the ladder does, still in time.
+            assert response.source != decision_pb2.SOURCE_PRIMARY, response.reason
             assert "primary deadline exceeded" in response.reason
             assert elapsed_ms < 50
             if calls < 3:
                 assert app.replicas[0].breaker.state == "closed", f"open after {calls} call(s)"
         assert app.replicas[0].breaker.state == "open"
+        assert sources.count(decision_pb2.SOURCE_SECONDARY) >= len(sources) - 1, sources
 
         response = await stub.Decide(buy(), timeout=0.050)
         assert response.source == decision_pb2.SOURCE_SECONDARY
