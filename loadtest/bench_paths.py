@@ -738,8 +738,8 @@ def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, in
         decide=at(decision_port),
         admin=at(admin_port),
         decide_workers=at(workers_port),
-        triton=f"127.0.0.1:{triton_grpc}",
-        decide_triton=f"127.0.0.1:{triton_decision_port}",
+        triton=at(triton_grpc),
+        decide_triton=at(triton_decision_port),
         process_groups={
             path: tuple(proc.pid or 0 for proc in members) for path, members in groups.items()
         },

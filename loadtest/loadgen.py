@@ -52,7 +52,7 @@ from core.caller import CALLER_OPTIONS
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
-from proto.third_party.torchserve import open_inference_grpc_pb2 as oip_pb2
+from server.model_client import oip_model_infer, oip_request
 from torchserve.triton import TRITON_OIP_SERVICE as OIP_SERVICE
 
 Target = Literal["decide", "echo", "torchserve", "oip"]
@@ -276,25 +276,11 @@ def make_call(channel: grpc.aio.Channel, spec: LoadSpec) -> Call:
 
         return call_decide
     if spec.target == "oip":
-        infer = channel.unary_unary(
-            f"/{OIP_SERVICE}/ModelInfer",
-            request_serializer=oip_pb2.ModelInferRequest.SerializeToString,
-            response_deserializer=oip_pb2.ModelInferResponse.FromString,
-        )
-        oip_request = oip_pb2.ModelInferRequest(
-            model_name=spec.model_name,
-            inputs=[
-                oip_pb2.ModelInferRequest.InferInputTensor(
-                    name="rows",
-                    datatype="FP32",
-                    shape=[1, MODEL_INPUT_WIDTH],
-                    contents=oip_pb2.InferTensorContents(fp32_contents=[0.1] * MODEL_INPUT_WIDTH),
-                )
-            ],
-        )
+        infer = oip_model_infer(channel, OIP_SERVICE)
+        one_row = oip_request(spec.model_name, [[0.1] * MODEL_INPUT_WIDTH])
 
         async def call_oip() -> str:
-            await infer(oip_request, timeout=spec.timeout_s)
+            await infer(one_row, timeout=spec.timeout_s)
             return "scored"
 
         return call_oip

@@ -466,33 +466,41 @@ class OipClient(GrpcModelClient):
         self.output = output
 
     def _bind(self, channel: grpc.aio.Channel) -> None:
-        self._infer = channel.unary_unary(
-            f"/{self.service}/ModelInfer",
-            request_serializer=oip_pb2.ModelInferRequest.SerializeToString,
-            response_deserializer=oip_pb2.ModelInferResponse.FromString,
-        )
+        self._infer = oip_model_infer(channel, self.service)
 
     async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         _check_float32(rows)
-        flat = [v for row in rows for v in row]
-        width = len(rows[0]) if rows else 0
-        request = oip_pb2.ModelInferRequest(
-            model_name=self.model_name,
-            inputs=[
-                oip_pb2.ModelInferRequest.InferInputTensor(
-                    name="rows",
-                    datatype="FP32",
-                    shape=[len(rows), width],
-                    contents=oip_pb2.InferTensorContents(fp32_contents=flat),
-                )
-            ],
-        )
+        request = oip_request(self.model_name, rows)
         response, elapsed_ms = await self._call(
             lambda wire_timeout_s: self._infer(request, timeout=wire_timeout_s),
             timeout_s,
         )
         scores = oip_scores(response, len(rows), output=self.output, replica=self.name)
         return self._scores(scores, response.model_version, len(rows), elapsed_ms)
+
+
+def oip_model_infer(channel: grpc.aio.Channel, service: str) -> Any:
+    """The OIP ``ModelInfer`` method of ``service`` on ``channel``."""
+    return channel.unary_unary(
+        f"/{service}/ModelInfer",
+        request_serializer=oip_pb2.ModelInferRequest.SerializeToString,
+        response_deserializer=oip_pb2.ModelInferResponse.FromString,
+    )
+
+
+def oip_request(model_name: str, rows: Sequence[Sequence[float]]) -> oip_pb2.ModelInferRequest:
+    """A ``ModelInfer`` request with ``rows`` as the FP32 input tensor ``rows``."""
+    return oip_pb2.ModelInferRequest(
+        model_name=model_name,
+        inputs=[
+            oip_pb2.ModelInferRequest.InferInputTensor(
+                name="rows",
+                datatype="FP32",
+                shape=[len(rows), len(rows[0]) if rows else 0],
+                contents=oip_pb2.InferTensorContents(fp32_contents=[v for r in rows for v in r]),
+            )
+        ],
+    )
 
 
 def oip_scores(
