@@ -1,5 +1,5 @@
-"""cancel_and_wait: the tasks end, their errors surface, the caller's cancellation is
-kept (pure asyncio, no servers)."""
+"""cancel_and_wait: the tasks end (one that swallowed a cancellation too), their errors
+surface, the caller's cancellation is kept (pure asyncio, no servers)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from core.tasks import cancel_and_wait
+from core.tasks import RECANCEL_S, cancel_and_wait
 
 
 async def test_every_task_is_cancelled_and_awaited() -> None:
@@ -47,3 +47,19 @@ async def test_the_callers_own_cancellation_is_not_swallowed() -> None:
     assert loop.time() - started < 0.4
     await asyncio.wait([background])  # it still ends on its own
     assert background.cancelled()
+
+
+async def test_a_task_that_swallowed_its_cancellation_is_cancelled_again() -> None:
+    async def swallows_the_first() -> None:
+        # As a library that catches the CancelledError mid-call and carries on.
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            pass
+        await asyncio.Event().wait()  # until cancelled again
+
+    stubborn = asyncio.create_task(swallows_the_first())
+    await asyncio.sleep(0)
+    async with asyncio.timeout(5 * RECANCEL_S):
+        await cancel_and_wait(stubborn)
+    assert stubborn.cancelled()
