@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -307,3 +308,26 @@ async def test_a_store_restored_from_an_older_backup_is_written_back(
             assert conn.execute(sa.select(control_state.c.version)).scalar_one() == version
     finally:
         engine.dispose()
+
+
+async def test_two_fleets_on_one_prefix_with_their_own_stores_do_not_fight_hot(
+    own_redis: OwnRedis, key_prefix: str, tmp_path: Path
+) -> None:
+    """Each finds the other's version a loss, and writes its own back at most once per
+    resync interval (0.25 s here), not as fast as its loop runs; each keeps obeying its
+    own store."""
+    servers: list[SharedControl] = []
+    try:
+        a = await start_server(servers, own_redis, key_prefix, f"sqlite:///{tmp_path / 'a.db'}")
+        b = await start_server(servers, own_redis, key_prefix, f"sqlite:///{tmp_path / 'b.db'}")
+        await engage_three(a)
+        watched_s = 2.0
+        await asyncio.sleep(watched_s)
+        assert obeys_all_three(a.state, time.time_ns() // 1000)
+        assert obeys_none(b.state, time.time_ns() // 1000)
+        most = watched_s / 0.25 + 2  # one per interval, and the first of each
+        assert 0 < redis_losses(a) <= most, a.losses
+        assert 0 < redis_losses(b) <= most, b.losses
+    finally:
+        for shared in servers:
+            await shared.stop()
