@@ -658,44 +658,66 @@ def plot(results: dict[Cell, LoadResult], out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, int, Path]:
-    """Starts everything on free ports (each added to ``procs`` first); returns the paths,
-    the redis port and the TorchServe replica's folder."""
+def start_triton(
+    run_dir: Path, procs: list[ManagedProcess], grpc_port: int, http_port: int, metrics_port: int
+) -> tuple[ManagedProcess, dict[str, str]]:
+    """Starts ``tritonserver`` serving the champion archive (added to ``procs`` first; not
+    waited for: ``triton_ready``); returns it and the settings of a decision server whose
+    primary it is."""
     if not (TRITON_ROOT / "bin" / "tritonserver").exists():
         raise ProcessStartError(f"no tritonserver in {TRITON_ROOT}: run make setup-triton")
-    ports = free_ports(17)
-    redis_port, decision_port, admin_port, echo_port, no_secondary = ports[:5]
-    workers_port, workers_admin_port, triton_decision_port = ports[5:8]
-    triton_grpc, triton_http, triton_metrics = ports[8:11]
-    ts_ports = ReplicaPorts(*ports[11:17])
-    replica_folder = start_backends(run_dir, redis_port, ts_ports, procs)
     champion = ensure_models(MODEL_STORE)["champion"]
     repository = run_dir / "triton" / "models"
     model_repository(champion.path, repository, model_name="champion")
     triton = tritonserver_process(
         TRITON_ROOT,
         repository,
-        grpc_port=triton_grpc,
-        http_port=triton_http,
-        metrics_port=triton_metrics,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
         log_path=run_dir / "triton" / "triton.log",
     )
     procs.append(triton)
     triton.start()
+    decision_env = {
+        "DECISION_TORCHSERVE__PROTOCOL": "oip",
+        "DECISION_TORCHSERVE__OIP_SERVICE": TRITON_OIP_SERVICE,
+        "DECISION_TORCHSERVE__MODEL_VERSION": champion.version,
+    }
+    return triton, decision_env
+
+
+def triton_ready(triton: ManagedProcess, grpc_port: int) -> None:
+    """Waits until Triton says the champion is ready (loading it takes seconds)."""
+    triton.wait_ready(lambda: model_ready(f"127.0.0.1:{grpc_port}", "champion"), 120)
+
+
+def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, int, Path]:
+    """Starts everything on free ports (each added to ``procs`` first); returns the paths,
+    the redis port and the TorchServe replica's folder."""
+    ports = free_ports(17)
+    redis_port, decision_port, admin_port, echo_port, no_secondary = ports[:5]
+    workers_port, workers_admin_port, triton_decision_port = ports[5:8]
+    triton_grpc, triton_http, triton_metrics = ports[8:11]
+    ts_ports = ReplicaPorts(*ports[11:17])
+    replica_folder = start_backends(run_dir, redis_port, ts_ports, procs)
+    triton, on_triton = start_triton(run_dir, procs, triton_grpc, triton_http, triton_metrics)
     admin_env = {
         "DECISION_ADMIN__ENABLED": "true",
         "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
     }
+    # One fleet: on one Redis key prefix the servers share the control state's durable
+    # copy too, as a deployment does (with an audit store each, they fought over Redis's
+    # copy after F's first breaker change, at 0.45 of a core per idle server).
+    one_store = {"DECISION_AUDIT__DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}"}
     servers = {
         "decision": (decision_port, ts_ports.grpc_inference, run_dir, {
-            **admin_env, "DECISION_ADMIN__PORT": str(admin_port)}),
+            **admin_env, **one_store, "DECISION_ADMIN__PORT": str(admin_port)}),
         "workers": (workers_port, ts_ports.grpc_inference, run_dir / "workers", {
-            **admin_env, "DECISION_ADMIN__PORT": str(workers_admin_port),
+            **admin_env, **one_store, "DECISION_ADMIN__PORT": str(workers_admin_port),
             "DECISION_SERVER__WORKERS": "2"}),
         "triton": (triton_decision_port, triton_grpc, run_dir / "on-triton", {
-            "DECISION_TORCHSERVE__PROTOCOL": "oip",
-            "DECISION_TORCHSERVE__OIP_SERVICE": TRITON_OIP_SERVICE,
-            "DECISION_TORCHSERVE__MODEL_VERSION": champion.version}),
+            **one_store, **on_triton}),
     }  # fmt: skip
     started = {}
     for name, (port, model_port, state_dir, env) in servers.items():
@@ -717,7 +739,7 @@ def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, in
     for name, server in started.items():
         server.wait_ready(functools.partial(serving, servers[name][0]), 30)
     echo.wait_ready(listening(echo_port), 30)
-    triton.wait_ready(lambda: model_ready(f"127.0.0.1:{triton_grpc}", "champion"), 120)
+    triton_ready(triton, triton_grpc)
     torchserve = next(p for p in procs if p.name.startswith("torchserve"))
     groups = {
         "E": (echo,),

@@ -1,8 +1,9 @@
 """What ``decision-server --workers N`` gives on this machine: Decide's saturated
 throughput as the server's worker count grows (the per-pod figure of the capacity notes).
 
-Starts redis-server, one TorchServe replica (the primary sidecar, its committed model
-section) and the bare echo server, then one decision server per worker count in
+Starts redis-server, one model server (``--model-server``: a TorchServe replica with the
+primary sidecar's committed model section, or Triton serving the same champion archive)
+and the bare echo server, then one decision server per worker count in
 ``--workers``, one after the other: each is stopped before the next starts, so only one
 holds cores. For each worker count it measures, closed loop with ``--concurrency``
 callers per worker (each call with a 1 s deadline):
@@ -15,14 +16,15 @@ callers per worker (each call with a 1 s deadline):
 - F: closed loop again with both breakers forced open through AdminService: the
   fallback ladder answers, the server's own ceiling with no model call in it.
 
-E (the echo server: one Python process, no work) and T (TorchServe called directly) are
-measured once, for reference. Every cell also says how many cores the decision server's
-processes used (its whole process group, read from /proc), TorchServe's and the load
+E (the echo server: one Python process, no work) and T (the model server called directly:
+TorchServe's ``Predictions``, or Triton's OIP ``ModelInfer``) are measured once, for
+reference. Every cell also says how many cores the decision server's
+processes used (its whole process group, read from /proc), the model server's and the load
 generator's: a server that scales leaves a core or more per worker busy, and a load
 generator near one core per process means it, not the server, set the figure.
 Prints a markdown table of every cell, the best D and F figure per worker count with
 its ratio to the first count's, and D's open-loop cells against its capacity; writes the
-figures to ``--json``. ``--server-cpus`` and ``--torchserve-cpus`` pin those processes
+figures to ``--json``. ``--server-cpus`` and ``--model-server-cpus`` pin those processes
 (every thread) to CPUs of their own, as a pod with Guaranteed QoS under the static CPU
 manager is held; the load generator and the rest then keep to the other CPUs. Everything
 it starts is stopped on the way out, by process group.
@@ -58,15 +60,20 @@ from loadtest.bench_paths import (
     load_text,
     model_share,
     model_share_of_calls,
+    start_triton,
+    triton_ready,
 )
 from loadtest.loadgen import REFUSALS, LoadGenerator, LoadResult, LoadSpec, Mode, Target
 from loadtest.soak_probe import group_cpu_seconds, usage_of
 from localstack.health import serving
+from localstack.redis_server import start_redis
 from torchserve.replica import ReplicaPorts
 
 REPO = Path(__file__).resolve().parents[1]
 CLOSED_LOOP_DEADLINE_S = 1.0
-PATH_TARGETS: dict[str, Target] = {"E": "echo", "T": "torchserve", "D": "decide", "F": "decide"}
+MODEL_SERVERS = ("torchserve", "triton")
+# What T calls on each model server: the protocol the decision server speaks to it.
+MODEL_SERVER_TARGETS: dict[str, Target] = {"torchserve": "torchserve", "triton": "oip"}
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,7 @@ class Row:
     cell: Cell
     result: LoadResult
     server_cores: float
-    torchserve_cores: float
+    model_server_cores: float
     # Each worker's own cores and the connections it held midway (D and F only): how
     # evenly SO_REUSEPORT's hash of the connections spread the load.
     worker_cores: tuple[float, ...] = ()
@@ -104,7 +111,7 @@ class Row:
             "errors": r.errors,
             "model_share": round(model_share(r), 4),
             "server_cores": round(self.server_cores, 2),
-            "torchserve_cores": round(self.torchserve_cores, 2),
+            "model_server_cores": round(self.model_server_cores, 2),
             "loadgen_cores": round(r.generator_cores, 2),
             "worker_cores": [round(cores, 2) for cores in self.worker_cores],
             "worker_connections": list(self.worker_connections),
@@ -259,7 +266,7 @@ def errors_text(errors: dict[str, int]) -> str:
 def table(rows: Sequence[Row]) -> str:
     lines = [
         "| path | workers | load | req/s | p50 ms | p99 ms | errors | answered by"
-        " | server cores | TorchServe cores | loadgen cores |",
+        " | server cores | model server cores | loadgen cores |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for row in rows:
@@ -269,7 +276,7 @@ def table(rows: Sequence[Row]) -> str:
             f"| {f['path']} | {f['workers'] or '-'} | {load_text(row.cell.mode, row.cell.load)}"
             f" | {f['per_s']:,.0f}"
             f" | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} | {errors} | {answered_by(row.result)}"
-            f" | {f['server_cores']:.2f} | {f['torchserve_cores']:.2f}"
+            f" | {f['server_cores']:.2f} | {f['model_server_cores']:.2f}"
             f" | {f['loadgen_cores']:.2f} |"
         )
     return "\n".join(lines)
@@ -391,19 +398,31 @@ class Bench:
         self.rows: list[Row] = []
         per_server = 2 * len(args.concurrency) + len(args.open_loop)
         self.total = 2 * len(args.concurrency) + per_server * len(args.workers)
-        redis_port, echo_port, no_secondary, *replica = free_ports(9)
+        redis_port, echo_port, no_secondary, *model_ports = free_ports(9)
         self.redis_port, self.echo_port, self.no_secondary = redis_port, echo_port, no_secondary
-        self.ts_ports = ReplicaPorts(*replica)
-        self.torchserve: ManagedProcess | None = None
+        # TorchServe's six ports; Triton takes the first three (gRPC, HTTP, metrics).
+        self.ts_ports = ReplicaPorts(*model_ports)
+        self.triton_ports = model_ports[:3]
+        self.model_port = self.ts_ports.grpc_inference
+        self.model_server: ManagedProcess | None = None
+        self.decision_env: dict[str, str] = {}  # what a decision server on it needs
         self.echo: ManagedProcess | None = None
 
     def start_backends(self) -> None:
-        # redis-server starts first, on TorchServe's CPUs too; it moves to the rest after.
-        with started_on(self.args.torchserve_cpus):
-            start_backends(self.run_dir, self.redis_port, self.ts_ports, self.procs)
-        self.torchserve = next(p for p in self.procs if p.name.startswith("torchserve"))
+        # redis-server starts first, on the model server's CPUs too; it moves after.
+        with started_on(self.args.model_server_cpus):
+            if self.args.model_server == "triton":
+                self.procs.append(start_redis(self.redis_port, self.run_dir / "redis"))
+                self.model_port, http_port, metrics_port = self.triton_ports
+                self.model_server, self.decision_env = start_triton(
+                    self.run_dir, self.procs, self.model_port, http_port, metrics_port
+                )
+                triton_ready(self.model_server, self.model_port)
+            else:
+                start_backends(self.run_dir, self.redis_port, self.ts_ports, self.procs)
+                self.model_server = next(p for p in self.procs if p.name.startswith("torchserve"))
         redis = next(p for p in self.procs if p.name.startswith("redis"))
-        if self.args.torchserve_cpus and redis.pid is not None:
+        if self.args.model_server_cpus and redis.pid is not None:
             pin(redis.pid, os.sched_getaffinity(0))
         self.echo = echo_server(self.echo_port, self.run_dir)
         self.procs.append(self.echo)
@@ -416,7 +435,7 @@ class Bench:
         """One cell; ``workers``: the server's worker pids, each measured on its own."""
         closed = cell.mode == "closed"
         spec = LoadSpec(
-            target=PATH_TARGETS[cell.path],
+            target=self.target(cell.path),
             address=address,
             mode=cell.mode,
             seconds=self.args.seconds,
@@ -428,7 +447,7 @@ class Bench:
             processes=self.generator.processes,
             channels=self.args.channels,
         )
-        groups = [server.pid if server else None, self.torchserve_pid()]
+        groups = [server.pid if server else None, self.model_server_pid()]
         # When the cell began, to find its decisions in a kept audit store (--keep).
         began = time.strftime("%H:%M:%SZ", time.gmtime())
         result, busy = cores_during(
@@ -439,12 +458,12 @@ class Bench:
             midpoint_s=self.args.warmup + self.args.seconds / 2,
             measured_from_s=self.args.warmup,
         )
-        server_cores, ts_cores = busy.group_cores
+        server_cores, model_cores = busy.group_cores
         row = Row(
             cell,
             result,
             server_cores,
-            ts_cores,
+            model_cores,
             tuple(busy.process_cores),
             tuple(busy.connections),
         )
@@ -455,21 +474,27 @@ class Bench:
             f" {f['per_s']:,.0f}/s p50 {f['p50_ms']:.2f}"
             f" p99 {f['p99_ms']:.2f} ms, errors {result.error_count},"
             f" {answered_by(result) or 'no answers'}; cores: server {server_cores:.2f},"
-            f" TorchServe {ts_cores:.2f}, loadgen {result.generator_cores:.2f}"
+            f" {self.args.model_server} {model_cores:.2f}, loadgen {result.generator_cores:.2f}"
             + (f"; workers {row.spread()}" if len(workers) > 1 else ""),
             flush=True,
         )
 
-    def torchserve_pid(self) -> int | None:
-        return self.torchserve.pid if self.torchserve else None
+    def target(self, path: str) -> Target:
+        if path == "T":
+            return MODEL_SERVER_TARGETS[self.args.model_server]
+        return "echo" if path == "E" else "decide"
+
+    def model_server_pid(self) -> int | None:
+        return self.model_server.pid if self.model_server else None
 
     async def run(self) -> None:
         echo = f"127.0.0.1:{self.echo_port}"
-        torchserve = f"127.0.0.1:{self.ts_ports.grpc_inference}"
+        model_server = f"127.0.0.1:{self.model_port}"
         async with fresh_features(self.redis_port):
             for c in self.args.concurrency:
                 await asyncio.to_thread(self.measure, Cell("E", 0, "closed", c), echo, self.echo)
-                await asyncio.to_thread(self.measure, Cell("T", 0, "closed", c), torchserve, None)
+                t = Cell("T", 0, "closed", c)
+                await asyncio.to_thread(self.measure, t, model_server, None)
             for workers in self.args.workers:
                 await self.run_workers(workers)
 
@@ -478,7 +503,7 @@ class Bench:
         server = decision_server(
             decide_port,
             redis_port=self.redis_port,
-            torchserve_port=self.ts_ports.grpc_inference,
+            torchserve_port=self.model_port,
             no_secondary_port=self.no_secondary,
             state_dir=self.run_dir / f"workers-{workers}",
             name=f"decision-server-{workers}",
@@ -487,6 +512,7 @@ class Bench:
                 "DECISION_ADMIN__ENABLED": "true",
                 "DECISION_ADMIN__PORT": str(admin_port),
                 "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
+                **self.decision_env,
                 **dict(self.args.server_env),
             },
         )
@@ -577,7 +603,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         " not pinned, shared with the load generator",
     )
     parser.add_argument(
-        "--torchserve-cpus", type=cpu_list, default=[], help="the same for TorchServe"
+        "--model-server",
+        choices=MODEL_SERVERS,
+        default="torchserve",
+        help="what serves the champion: a TorchServe replica or Triton (make setup-triton)",
+    )
+    parser.add_argument(
+        "--model-server-cpus", type=cpu_list, default=[], help="the same for the model server"
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds first")
@@ -593,9 +625,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         " default: a temporary folder, removed)",
     )
     args = parser.parse_args(argv)
-    if set(args.server_cpus) & set(args.torchserve_cpus):
-        parser.error("--server-cpus and --torchserve-cpus overlap: a pod's containers do not")
-    pinned = set(args.server_cpus) | set(args.torchserve_cpus)
+    if set(args.server_cpus) & set(args.model_server_cpus):
+        parser.error("--server-cpus and --model-server-cpus overlap: a pod's containers do not")
+    pinned = set(args.server_cpus) | set(args.model_server_cpus)
     rest = os.sched_getaffinity(0) - pinned
     if args.workers is None:
         args.workers = default_workers(len(args.server_cpus) or cores)
@@ -618,8 +650,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with kept_or_temporary(args.keep) as run_dir:
         bench = Bench(args, run_dir, generator)
         try:
-            generator.start()  # the workers import while TorchServe boots
-            print(f"starting redis-server, TorchServe, the echo server ({cores} cores) …")
+            generator.start()  # the workers import while the model server boots
+            print(f"starting redis-server, {args.model_server}, the echo server ({cores} cores) …")
             bench.start_backends()
             generator.wait_ready()
             print(

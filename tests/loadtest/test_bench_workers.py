@@ -57,7 +57,7 @@ def row(
     )
     if unknown:
         result.workers[0].errors["UNKNOWN"] = unknown
-    return Row(Cell(path, workers, mode, load), result, server_cores=1.0, torchserve_cores=0.5)
+    return Row(Cell(path, workers, mode, load), result, server_cores=1.0, model_server_cores=0.5)
 
 
 ROWS = [
