@@ -101,9 +101,7 @@ def render() -> str:
             "Every setting is an environment variable `DECISION_<SECTION>__<FIELD>`; one "
             "environment configures every process, and each reads the sections it needs. "
             "A value that does not parse stops the process at once, naming the field; "
-            "`decision-server --print-config` prints what the server would run with. The "
-            "README's [Configuration](../README.md#configuration) section lists the ones you "
-            "are most likely to touch.",
+            "`decision-server --print-config` prints what the server would run with.",
             "",
             "| variable | default | read by | meaning |",
             "| --- | --- | --- | --- |",

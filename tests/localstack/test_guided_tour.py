@@ -153,6 +153,17 @@ def top_frame(
     return text.rsplit("decisionctl top", 1)[1].join(["decisionctl top", ""]), made
 
 
+def readme_shell_call(port: int) -> subprocess.CompletedProcess[str]:
+    """Runs the README's ``buf curl`` block against ``port`` instead of 50051."""
+    readme = (REPO / "README.md").read_text()
+    block = next(b for b in readme.split("```sh\n")[1:] if "buf curl" in b.split("```")[0])
+    command = block.split("```")[0].replace("127.0.0.1:50051", f"127.0.0.1:{port}")
+    assert (REPO / ".tools/node_modules/.bin/buf").exists(), "no buf: run make setup-ci"
+    return subprocess.run(
+        ["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
+
+
 @pytest.mark.timeout(400)
 def test_the_readme_guided_tour(model_store, tmp_path):
     run_dir = tmp_path / "run"
@@ -166,6 +177,10 @@ def test_the_readme_guided_tour(model_store, tmp_path):
             admin = admin_pb2_grpc.AdminServiceStub(admin_channel)
             # 1. Call it: the primary answers (a first call on a busy machine may fall back).
             answers = decide_until(stub, decision_pb2.SOURCE_PRIMARY, 20)
+            # The README's shell line, as written, on this stack's port.
+            called = readme_shell_call(stack.decision_port)
+            assert called.returncode == 0, called.stderr
+            assert '"decisionId"' in called.stdout and '"source": "SOURCE_' in called.stdout
 
             # 2. Pause the primary: the secondary answers (once the primary's call has
             # timed out, when the deadline leaves it time), the breaker opens.
