@@ -48,6 +48,13 @@ log = logging.getLogger(__name__)
 MAX_CLOCK_SKEW_US = 60_000_000
 
 # Seconds from an event's Kafka create time to its features written in Redis.
+# How long one fetch waits for records before handing back an empty batch.
+FETCH_TIMEOUT_MS = 50
+# How long the broker may hold a fetch for more data: short keeps features fresh when the
+# feed is quiet.
+FETCH_MAX_WAIT_MS = 10
+# The longest wait between retries while Kafka or Redis is down.
+RETRY_BACKOFF_MAX_S = 5.0
 FRESHNESS_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0)
 
 
@@ -108,7 +115,7 @@ class FeatureConsumer:
             group_id=settings.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=settings.fetch_max_wait_ms,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             client_id="feature-cache",
         )
         self._producer = AIOKafkaProducer(
@@ -145,7 +152,7 @@ class FeatureConsumer:
         return False
 
     def _backoff(self, initial_s: float) -> Backoff:
-        return Backoff(initial_s=initial_s, max_s=self._settings.retry_backoff_max_s)
+        return Backoff(initial_s=initial_s, max_s=RETRY_BACKOFF_MAX_S)
 
     async def start(self) -> None:
         if self._task is not None:
@@ -238,7 +245,7 @@ class FeatureConsumer:
         while not self._stopping:
             try:
                 batches = await self._consumer.getmany(
-                    timeout_ms=self._settings.fetch_timeout_ms,
+                    timeout_ms=FETCH_TIMEOUT_MS,
                     max_records=self._settings.max_batch,
                 )
             except ConsumerStoppedError:

@@ -67,23 +67,11 @@ class KafkaSettings(SettingsSection):
     max_batch: int = Field(
         2000, ge=1, description="Most records one fetch hands the consumer at once."
     )
-    fetch_timeout_ms: int = Field(
-        50, ge=1, description="How long one fetch waits for records before an empty batch."
-    )
-    fetch_max_wait_ms: int = Field(
-        10,
-        ge=0,
-        description="How long the broker may hold a fetch for more data; short keeps features "
-        "fresh when the feed is quiet.",
-    )
     checkpoint_interval_ms: float = Field(
         1000.0,
         ge=0,
         description="How often the consumer checkpoints its state and commits offsets; a "
         "consumer taking over replays at most this much.",
-    )
-    retry_backoff_max_s: float = Field(
-        5.0, gt=0, description="Longest wait between retries while Kafka or Redis is down."
     )
     feature_ttl_s: float = Field(
         60.0, gt=0, description="TTL of the feature records the consumer writes."

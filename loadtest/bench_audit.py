@@ -40,9 +40,10 @@ from feature_cache.schema import FEATURE_NAMES
 from loadtest.bench_latency import decision_server, fresh_features, start_backends
 from localstack.health import serving
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
-from server.audit.journal import Journal
+from server.audit.journal import SEGMENT_MAX_BYTES, Journal
 from server.audit.migrate import upgrade
 from server.audit.record import DecisionRecord, encode
+from server.audit.ship_process import SHIP_BATCH_RECORDS
 from server.audit.shipper import AuditShipper, describe
 from server.audit.store import AuditStore, create_store_engine
 from server.audit.trail import decision_record
@@ -52,8 +53,7 @@ from torchserve.replica import ReplicaPorts
 POSTGRES_URL = os.environ.get(
     "DECISION_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-DEFAULTS = AuditSettings()  # segment size, fsync interval, shipper timings
-BATCH_RECORDS = 5000
+DEFAULTS = AuditSettings()  # fsync interval, shipper timings
 SHIP_TARGET = ">= 20,000 rows/s"
 # DECISION_AUDIT__ENABLED per server; a second audit-off server is the control: how far
 # apart two identical servers measure on this machine (the noise floor of "on - off").
@@ -102,7 +102,7 @@ def make_records(count: int, seed: int = 1) -> list[DecisionRecord]:
 def open_journal(directory: Path) -> Journal:
     journal = Journal(
         directory,
-        segment_max_bytes=DEFAULTS.segment_max_bytes,
+        segment_max_bytes=SEGMENT_MAX_BYTES,
         fsync_interval_ms=DEFAULTS.fsync_interval_ms,
     )
     journal.open()
@@ -154,7 +154,7 @@ def ship(
         journal.directory,
         store,
         written=lambda: journal.position,
-        batch_records=BATCH_RECORDS,
+        batch_records=SHIP_BATCH_RECORDS,
         idle_interval_ms=DEFAULTS.ship_idle_interval_ms,
         retry_max_s=DEFAULTS.ship_retry_max_s,
         migrate=False,
@@ -208,7 +208,7 @@ def postgres_database(suffix: str) -> Iterator[str | None]:
 
 
 def bench_ship(payloads: Sequence[bytes], run_dir: Path) -> list[Row]:
-    say(f"[2/3] shipping: {len(payloads):,} records, batches of up to {BATCH_RECORDS:,}")
+    say(f"[2/3] shipping: {len(payloads):,} records, batches of up to {SHIP_BATCH_RECORDS:,}")
     sqlite_url = f"sqlite:///{run_dir / 'ship.db'}"
     rows = [ship("SQLite", sqlite_url, payloads, run_dir / "sqlite", AuditStore)]
     with postgres_database("ship") as url:

@@ -37,6 +37,7 @@ from core.backoff import Backoff
 from core.labels import favourable_move
 from feature_cache.checkpoint import StateCheckpoints
 from feature_cache.codec import MalformedMessage, decode
+from feature_cache.consumer import RETRY_BACKOFF_MAX_S
 from feature_cache.events import MarketEvent
 from feature_cache.features import SymbolState
 from quality.history import MidHistory
@@ -130,7 +131,7 @@ class Labeler:
     async def follow(self, stop: asyncio.Event) -> None:
         """Reads the market data until ``stop``; retries while Kafka or Redis (the
         checkpoints) is away."""
-        backoff = Backoff(initial_s=0.2, max_s=self._kafka.retry_backoff_max_s)
+        backoff = Backoff(initial_s=0.2, max_s=RETRY_BACKOFF_MAX_S)
         while not stop.is_set():
             try:
                 consumer = await self._assigned()

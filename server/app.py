@@ -65,7 +65,7 @@ from server.control.changes import AuditedChanges, CanaryRollback
 from server.control.durable import ControlStore
 from server.control.flags import flag_specs
 from server.control.fleet import FleetMember, FleetRegistration, fleet_members
-from server.control.shared import SharedControl
+from server.control.shared import CONTROL_REDIS_TIMEOUT_MS, SharedControl
 from server.drift import DriftMonitor, ModelReferences, archived_version
 from server.engine import DecisionEngine
 from server.features import FeatureSource
@@ -76,7 +76,7 @@ from server.router import ReplicaRouter
 from server.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
 from server.servicer import DecisionServicer
 from server.settings import ARCHIVE_VERSION, InferenceApi, Settings, TorchServeSettings
-from server.shadow import ShadowAudit, ShadowScorer
+from server.shadow import SHADOW_PSI_WINDOW, ShadowAudit, ShadowScorer
 from server.telemetry import (
     AuditCollector,
     CanaryCollector,
@@ -127,7 +127,6 @@ def model_client(
             service=api.oip_service,
             output=api.oip_output,
             model_version=api.model_version,
-            reconnect_backoff_ms=ts.reconnect_backoff_ms,
             wire_timeout_ms=ts.wire_timeout_ms,
             max_abandoned_calls=ts.max_abandoned_calls,
             loop_lag=loop_lag,
@@ -139,7 +138,6 @@ def model_client(
             address,
             model,
             model_version=api.model_version,
-            reconnect_backoff_ms=ts.reconnect_backoff_ms,
             wire_timeout_ms=ts.wire_timeout_ms,
             max_abandoned_calls=ts.max_abandoned_calls,
             loop_lag=loop_lag,
@@ -303,7 +301,7 @@ def shadow_scorer(
         max_in_flight=shadow.max_in_flight,
         timeout_ms=shadow.timeout_ms,
         threshold=settings.decision.threshold,
-        psi_window=shadow.psi_window,
+        psi_window=SHADOW_PSI_WINDOW,
         batch_window_ms=shadow.batch_window_ms,
         batch_max_rows=shadow.batch_max_rows,
     )
@@ -341,7 +339,7 @@ class DecisionApp:
             key_prefix=prefix,
             flags=flag_specs(settings.control),
             resync_interval_ms=settings.control.resync_interval_ms,
-            redis_timeout_ms=settings.control.redis_timeout_ms,
+            redis_timeout_ms=CONTROL_REDIS_TIMEOUT_MS,
         )
         self.audit = AuditTrail(
             settings.audit,

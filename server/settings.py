@@ -128,9 +128,6 @@ class ControlSettings(SettingsSection):
         description="How often each server checks the shared state's version in Redis, "
         "besides pub/sub: the bound on how late a change is seen when a message is lost.",
     )
-    redis_timeout_ms: float = Field(
-        1000.0, gt=0, description="Timeout of one shared-state read or write."
-    )
     shadow_sample_rate: float = Field(
         0.0,
         ge=0.0,
@@ -243,9 +240,6 @@ class TorchServeSettings(SettingsSection):
         ge=0,
         description="At start, how long readiness waits for each replica's connection; "
         "an absent replica is left to its breaker.",
-    )
-    reconnect_backoff_ms: int = Field(
-        500, ge=1, description="Longest wait before reconnecting to a replica that went away."
     )
     hedge: bool = Field(
         False,
@@ -422,9 +416,6 @@ class AuditSettings(SettingsSection):
         "way; this bounds what a machine crash may lose). 0: after every append, at a cost "
         "of milliseconds per decision.",
     )
-    segment_max_bytes: int = Field(
-        64 << 20, ge=64 << 10, description="A journal segment file is closed at this size."
-    )
     database_url: str = Field(
         "sqlite:///.run/audit/audit.db",
         description="SQLAlchemy URL of the audit store: SQLite by default, "
@@ -441,9 +432,6 @@ class AuditSettings(SettingsSection):
         "below the journal volume's size divided by the workers: a container whose "
         "volume fills is evicted with every record not yet shipped. 0: no cap.",
     )
-    ship_batch_records: int = Field(
-        5000, ge=1, description="Most records inserted in one transaction."
-    )
     ship_idle_interval_ms: float = Field(
         100.0, gt=0, description="When caught up, how often the shipper looks for new records."
     )
@@ -455,14 +443,6 @@ class AuditSettings(SettingsSection):
         ge=0,
         description="On shutdown, how long the shipper may go on shipping the backlog; what "
         "is left is shipped by the next start.",
-    )
-    ship_nice: int = Field(
-        10,
-        ge=0,
-        le=19,
-        description="CPU niceness of the shipper's process: when the cores are busy the "
-        "decision path comes first, and the backlog (see max_backlog_bytes) absorbs the "
-        "difference. 0: the server's priority.",
     )
     server_id: str = Field(
         "", description="This server in the audit records; empty: host name and port."
@@ -522,9 +502,6 @@ class ShadowSettings(SettingsSection):
     )
     batch_max_rows: int = Field(
         64, ge=1, description="A gathered shadow call is sent at once when it has this many rows."
-    )
-    psi_window: int = Field(
-        2000, ge=10, description="Pairs of champion and challenger scores the score PSI is over."
     )
 
 

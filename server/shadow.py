@@ -39,6 +39,8 @@ UNGUARDED = Admission(guarded=False)
 
 # Score-difference histogram bounds (|challenger - champion|), for the metrics.
 DIFF_BOUNDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# Pairs of champion and challenger scores the score PSI is over: enough for its deciles.
+SHADOW_PSI_WINDOW = 2000
 
 
 class ShadowAudit(Protocol):

@@ -34,6 +34,9 @@ MAGIC = b"DJNL\x00\x01\r\n"
 HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 20
 SEGMENT_SUFFIX = ".seg"
+# A segment is closed at this size: large enough that rotation is rare, small enough that
+# a shipped segment is deleted soon.
+SEGMENT_MAX_BYTES = 64 << 20
 # A write to the page cache takes microseconds; one this slow stalled every decision.
 SLOW_WRITE_S = 0.02
 

@@ -18,7 +18,7 @@ from typing import Protocol
 from core.backoff import Backoff
 from core.domain import CallInfo, DecisionResult, OrderRequest
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
-from server.audit.journal import Journal, JournalLocked, JournalWriteError
+from server.audit.journal import SEGMENT_MAX_BYTES, Journal, JournalLocked, JournalWriteError
 from server.audit.record import DecisionRecord, ShadowRecord, encode
 from server.audit.ship_process import ShipperProcess
 from server.audit.shipper import ShipperStatus
@@ -157,7 +157,7 @@ class AuditTrail:
         settings = self._settings
         return Journal(
             folder,
-            segment_max_bytes=settings.segment_max_bytes,
+            segment_max_bytes=SEGMENT_MAX_BYTES,
             fsync_interval_ms=settings.fsync_interval_ms,
         )
 

@@ -48,6 +48,8 @@ T = TypeVar("T")
 # How often each server reads the durable copy: the bound on how late a change is seen
 # when Redis did not take it (or cannot be reached).
 DURABLE_POLL_S = 1.0
+# The longest one read or write of Redis's copy may take: Redis down is told in a second.
+CONTROL_REDIS_TIMEOUT_MS = 1000.0
 # The longest a read of the durable copy may take before it counts as failed.
 DURABLE_READ_TIMEOUT_S = 5.0
 # The longest a change may wait for the durable store: past it, on-call is told the

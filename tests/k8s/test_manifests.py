@@ -14,6 +14,7 @@ import pytest
 from feature_cache.settings import FeatureCacheSettings
 from k8s.render import Object, containers, find, one, pod_spec, render_topics
 from quality.settings import QualitySettings
+from server.audit.journal import SEGMENT_MAX_BYTES
 from server.front import DECISION_SERVICE
 from server.settings import ARCHIVE_VERSION, Settings
 from torchserve.container import CONTAINER_PORTS
@@ -413,7 +414,7 @@ def test_the_journal_fills_its_cap_before_its_volume_and_the_pod_its_limits(
         for v in spec["volumes"]
         if "emptyDir" in v
     }
-    segment_bytes = Settings().audit.segment_max_bytes  # each worker's open segment
+    segment_bytes = SEGMENT_MAX_BYTES  # each worker's open segment
     workers = int(env["DECISION_SERVER__WORKERS"])
     cap = int(env["DECISION_AUDIT__MAX_BACKLOG_BYTES"])
     assert cap > 0
