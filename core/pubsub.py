@@ -41,6 +41,7 @@ async def listen(
                 await on_subscribed()
                 backoff.reset()
                 while True:
+                    _stop_if_cancelled()
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=POLL_S
                     )
@@ -53,3 +54,13 @@ async def listen(
             log.exception("listener on %s failed; subscribing again", channel)
             on_lost(exc)
             await asyncio.sleep(RECONNECT_MAX_S)
+
+
+def _stop_if_cancelled() -> None:
+    """Ends the listener when its task was cancelled but the CancelledError never came
+    out of the Redis calls: a ``SharedControl`` stopped right after a change was
+    published went on polling for ever, its task's ``cancelling()`` at 1 (where it was
+    lost is not known). That count still says the task was asked to stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -103,7 +103,8 @@ class SharedControl:
         self.state = not_read_state(self._flags)
         self._redis_seen = 0  # the highest version read from Redis in step with the store
         self._looked = False  # whether Redis's copy has been judged once
-        self._loss_repaired_at = -float("inf")  # monotonic time of the last loss written back
+        # When this server last wrote its state back over a loss, and at which version.
+        self._loss_repaired: tuple[float, int] = (-float("inf"), -1)
         self._in_sync = False
         self._synced_at_us = 0
         self._error = "not read yet"
@@ -259,14 +260,16 @@ class SharedControl:
         if not verdict.repair:
             return
         if verdict.loss:
-            # At most one loss written back per resync interval (the resync tries again):
-            # two fleets on one Redis key prefix with different audit stores each find the
-            # other's version a loss, and would write theirs back, message each other and
-            # read it again as fast as their loops run.
+            # One version is written back over a loss at most once per resync interval
+            # (the resync tries again; a new version goes at once): two fleets on one
+            # Redis key prefix with different audit stores each find the other's version
+            # a loss, and would write theirs back, message each other and read it again
+            # as fast as their loops run.
             now = time.monotonic()
-            if now - self._loss_repaired_at < self._resync_interval_s:
+            at, version = self._loss_repaired
+            if version == mine.version and now - at < self._resync_interval_s:
                 return
-            self._loss_repaired_at = now
+            self._loss_repaired = (now, mine.version)
             self._lost(REDIS, verdict.loss)
         try:
             if await self._copy.replace(copy.raw_version, mine.version, mine.entries):
