@@ -129,12 +129,21 @@ class Ring:
         return self._data[: self._filled].copy()
 
 
+# Recent decisions (and champion scores) the PSI is over.
+WINDOW = 5000
+# No PSI below this many decisions with features (or scores): deciles of a small sample
+# differ from the reference by chance.
+MIN_SAMPLES = 500
+# How often the PSI is computed: drift is a matter of minutes.
+INTERVAL_S = 10.0
+
+
 class DriftMonitor:
     def __init__(self, settings: DriftSettings, references: ModelReferences) -> None:
         self._settings = settings
         self._references = references
-        self._rows = Ring(settings.window, len(FEATURE_NAMES))
-        self._scores = Ring(settings.window)
+        self._rows = Ring(WINDOW, len(FEATURE_NAMES))
+        self._scores = Ring(WINDOW)
         self._version = ""
         self._status = DriftStatus()
         self._task: asyncio.Task[None] | None = None
@@ -154,7 +163,7 @@ class DriftMonitor:
                 self._rows.append(row)
         if scores:
             if model_version != self._version:
-                self._scores = Ring(self._settings.window)
+                self._scores = Ring(WINDOW)
                 self._version = model_version
             for score in scores:
                 self._scores.append(score)
@@ -172,7 +181,7 @@ class DriftMonitor:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self._settings.interval_s)
+            await asyncio.sleep(INTERVAL_S)
             try:
                 await self.refresh()
             except Exception:  # the next interval tries again; serving is not affected
@@ -195,11 +204,11 @@ class DriftMonitor:
             store = self._settings.model_store
             problem = f"no archive of model version {version[:12]} in {store}"
             return dataclasses.replace(window, problem=problem)
-        if len(rows) < self._settings.min_samples:
-            problem = f"{len(rows)} decisions with features (needs {self._settings.min_samples})"
+        if len(rows) < MIN_SAMPLES:
+            problem = f"{len(rows)} decisions with features (needs {MIN_SAMPLES})"
             return dataclasses.replace(window, problem=problem)
         feature_psi, score_psi = await asyncio.to_thread(
-            population_stability, reference, rows, scores, self._settings.min_samples
+            population_stability, reference, rows, scores, MIN_SAMPLES
         )
         return dataclasses.replace(
             window,

@@ -512,16 +512,6 @@ class DriftSettings(SettingsSection):
         "are compared with the reference.json of the archive of the version the champion "
         "answers with; empty: no drift is computed.",
     )
-    window: int = Field(
-        5000, ge=100, description="Recent decisions (and champion scores) the PSI is over."
-    )
-    min_samples: int = Field(
-        500,
-        ge=10,
-        description="No PSI below this many decisions with features (or scores): deciles "
-        "of a small sample differ from the reference by chance.",
-    )
-    interval_s: float = Field(10.0, gt=0, description="How often the PSI is computed.")
     watch_psi: float = Field(
         0.1, gt=0, description="PSI from which a feature is shown drifting (status)."
     )

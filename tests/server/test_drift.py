@@ -18,7 +18,7 @@ from server.drift import DriftMonitor, ModelReferences, Reference, Ring, archive
 from server.settings import DriftSettings
 from torchserve.archive import META_FILE
 
-SETTINGS = DriftSettings(model_store="unused", window=2000, min_samples=500)
+SETTINGS = DriftSettings(model_store="unused")
 RNG = np.random.default_rng(7)
 TRAINING = RNG.normal(size=(20_000, len(FEATURE_NAMES)))
 TRAINING_SCORES = RNG.uniform(size=20_000)
@@ -124,9 +124,12 @@ def test_watch_must_be_below_act(watch: float, act: float) -> None:
         Settings(drift=DriftSettings(watch_psi=watch, act_psi=act))
 
 
-async def test_the_monitor_refreshes_by_itself_every_interval() -> None:
+async def test_the_monitor_refreshes_by_itself_every_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("server.drift.INTERVAL_S", 0.01)
     drift = DriftMonitor(
-        DriftSettings(model_store="unused", interval_s=0.01),
+        DriftSettings(model_store="unused"),
         References(reference()),  # type: ignore[arg-type]
     )
     drift.observe(live_rows(600), [0.5] * 600, "v1")

@@ -30,8 +30,10 @@ DECISIONS = 20
 
 
 async def test_drift_of_scored_decisions_shows_in_status_and_metrics(
-    replicas, model_store, start_app, channel_to, feature_writer
+    replicas, model_store, start_app, channel_to, feature_writer, monkeypatch
 ) -> None:
+    monkeypatch.setattr("server.drift.MIN_SAMPLES", 10)
+    monkeypatch.setattr("server.drift.INTERVAL_S", 0.1)
     store, champion = model_store
     await feature_writer.write_many([sample_record("BTC-USD")])
     port = free_port()
@@ -39,7 +41,7 @@ async def test_drift_of_scored_decisions_shows_in_status_and_metrics(
         torchserve=replica_settings(replicas),
         telemetry={"metrics_port": port},
         admin={"tokens": TOKENS},
-        drift={"model_store": str(store), "min_samples": 10, "interval_s": 0.1},
+        drift={"model_store": str(store)},
     )
     stub = decision_stub(channel_to(app))
     for _ in range(DECISIONS):

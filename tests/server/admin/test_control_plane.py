@@ -228,7 +228,6 @@ async def test_without_redis_a_server_keeps_its_state_says_so_and_still_takes_ch
         app: DecisionApp = await start_app(
             redis={"url": f"redis://127.0.0.1:{port}/0"},
             admin={"tokens": TOKENS},
-            control={"redis_timeout_ms": 200.0},
         )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
