@@ -1,8 +1,8 @@
 """The composition root: builds every component from ``Settings`` and runs their lifecycle.
 
-Small builders make the parts (Redis clients, replicas, the decision engine, the gRPC
-front); ``DecisionApp`` wires them and runs them on an ``AsyncExitStack``, so that stop
-is start in reverse, whatever failed.
+Small builders make the parts (the Redis clients in ``redis_clients``, the replicas in
+``replicas``, the decision engine, the gRPC front); ``DecisionApp`` wires them and runs
+them on an ``AsyncExitStack``, so that stop is start in reverse, whatever failed.
 
 Start order: ports bound → audit trail (journal opened and repaired, the shipper's
 process started and its first try of the store awaited, at most 10 s; an earlier
@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import grpc
 import redis.asyncio as aioredis
 from prometheus_client import (
     CollectorRegistry,
@@ -38,8 +35,6 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from core.backoff import Backoff
 from core.deadline import StoreReads
@@ -58,7 +53,6 @@ from server.admin.views import AuditView, DriftView
 from server.admission import AdmissionLimit
 from server.audit.store import create_store_engine
 from server.audit.trail import AuditTrail, UnrecordedDecisions
-from server.batching import BatchingClient
 from server.breaker_probe import BreakerProbe
 from server.control.canary import CanaryMonitor
 from server.control.changes import AuditedChanges, CanaryRollback
@@ -66,17 +60,18 @@ from server.control.durable import ControlStore
 from server.control.flags import flag_specs
 from server.control.fleet import FleetMember, FleetRegistration, fleet_members
 from server.control.shared import CONTROL_REDIS_TIMEOUT_MS, SharedControl
-from server.drift import DriftMonitor, ModelReferences, archived_version
+from server.drift import DriftMonitor, ModelReferences
 from server.engine import DecisionEngine
 from server.features import FeatureSource
 from server.front import GrpcFront
-from server.model_client import ModelClient, OipClient, TorchServeClient
+from server.redis_clients import decision_redis, side_redis
 from server.replica import Replica
-from server.router import ReplicaRouter
+from server.replicas import Replicas, traffic
 from server.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
 from server.servicer import DecisionServicer
-from server.settings import ARCHIVE_VERSION, InferenceApi, Settings, TorchServeSettings
+from server.settings import Settings
 from server.shadow import SHADOW_PSI_WINDOW, ShadowAudit, ShadowScorer
+from server.stopping import STOP_SLACK_S, bounded
 from server.telemetry import (
     AuditCollector,
     CanaryCollector,
@@ -88,7 +83,6 @@ from server.telemetry import (
     ShadowCollector,
 )
 from server.tracing import Tracing
-from server.traffic import Traffic
 from server.undelivered import UndeliveredAnswers
 
 log = logging.getLogger(__name__)
@@ -97,169 +91,6 @@ AUDIT_HEALTH_INTERVAL_S = 0.5
 # Cached scores live a few times their useful age: a ladder read finds a stale one (and
 # says how stale) rather than none.
 SCORE_TTL_FACTOR = 4
-# GetStatus's own Redis connections: enough for one status call at a time.
-STATUS_REDIS_CONNECTIONS = 2
-
-
-def model_client(
-    ts: TorchServeSettings,
-    name: str,
-    address: str,
-    model_name: str | None = None,
-    *,
-    api: InferenceApi | None = None,
-    max_concurrent_calls: int,
-    loop_lag: LoopLag | None = None,
-    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
-) -> ModelClient:
-    """The replica's client for its inference API (default: the champion's), micro-batching
-    unless ``batch_max_rows`` is 1, with ``max_concurrent_calls`` out at once. ``loop_lag``:
-    this process's event-loop probe, so that a timeout does not blame the replica for time
-    the loop was stalled."""
-    model = model_name or ts.model_name
-    api = api or ts.champion_api()
-    client: ModelClient
-    if api.protocol == "oip":
-        client = OipClient(
-            name,
-            address,
-            model,
-            service=api.oip_service,
-            output=api.oip_output,
-            model_version=api.model_version,
-            wire_timeout_ms=ts.wire_timeout_ms,
-            max_abandoned_calls=ts.max_abandoned_calls,
-            loop_lag=loop_lag,
-            interceptors=interceptors,
-        )
-    else:
-        client = TorchServeClient(
-            name,
-            address,
-            model,
-            model_version=api.model_version,
-            wire_timeout_ms=ts.wire_timeout_ms,
-            max_abandoned_calls=ts.max_abandoned_calls,
-            loop_lag=loop_lag,
-            interceptors=interceptors,
-        )
-    if ts.batch_max_rows <= 1:
-        return client
-    return BatchingClient(
-        client,
-        max_batch_rows=ts.batch_max_rows,
-        max_concurrent_calls=max_concurrent_calls,
-        loop_lag=loop_lag,
-    )
-
-
-def decision_redis(settings: Settings) -> aioredis.Redis:
-    """The Decide path's Redis client.
-
-    A full pool makes a caller wait for a connection, for as long as its own budget
-    allows (every read runs under the request's timeout), instead of failing at once,
-    which would turn a burst into ABSTAINs. A read abandoned at its timeout waits at most
-    the socket timeout for a connection, then as long again for Redis.
-    """
-    socket_timeout_s = settings.redis.socket_timeout_ms / 1000.0
-    return aioredis.Redis.from_pool(
-        aioredis.BlockingConnectionPool.from_url(
-            settings.redis.url,
-            max_connections=settings.redis.max_connections,
-            timeout=socket_timeout_s,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-            # A request's budget bounds every read; retrying inside it hides an outage.
-            retry=Retry(NoBackoff(), 0),
-        )
-    )
-
-
-def status_redis(settings: Settings) -> aioredis.Redis:
-    """GetStatus scans every feature key: on a client of its own, so that on-call looking
-    at status never takes a connection a Decide is waiting for."""
-    socket_timeout_s = settings.redis.socket_timeout_ms / 1000.0
-    return aioredis.Redis.from_url(
-        settings.redis.url,
-        max_connections=STATUS_REDIS_CONNECTIONS,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=socket_timeout_s,
-    )
-
-
-def fleet_redis(settings: Settings) -> aioredis.Redis:
-    """The fleet entry's writer: a write a second, and the last at stop."""
-    socket_timeout_s = settings.redis.socket_timeout_ms / 1000.0
-    return aioredis.Redis.from_url(
-        settings.redis.url,
-        max_connections=2,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=socket_timeout_s,
-    )
-
-
-@dataclass(frozen=True)
-class Replicas:
-    champions: list[Replica]  # primary, secondary
-    challenger: Replica | None
-    addresses: dict[str, str]  # by name, for status
-
-    @classmethod
-    def build(cls, settings: Settings, loop_lag: LoopLag, tracing: Tracing) -> Replicas:
-        ts = settings.torchserve
-        interceptors = tracing.client_interceptors()
-
-        def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
-            canary = source is Source.CANARY
-            api = ts.challenger_api() if canary else ts.champion_api()
-            if api.model_version == ARCHIVE_VERSION:
-                store = Path(settings.drift.model_store)
-                version = archived_version(store, model or ts.model_name)
-                api = dataclasses.replace(api, model_version=version)
-            client = model_client(
-                ts,
-                name,
-                address,
-                model,
-                api=api,
-                max_concurrent_calls=(
-                    ts.challenger_batch_max_concurrent_calls
-                    if canary
-                    else ts.batch_max_concurrent_calls
-                ),
-                loop_lag=loop_lag,
-                interceptors=interceptors,
-            )
-            return Replica.build(client, source, settings.breaker, tracing.tracer)
-
-        addresses = {"primary": ts.primary_address, "secondary": ts.secondary_address}
-        champions = [
-            replica("primary", ts.primary_address, Source.PRIMARY),
-            replica("secondary", ts.secondary_address, Source.SECONDARY),
-        ]
-        challenger = None
-        if ts.challenger_address:
-            addresses["challenger"] = ts.challenger_address
-            challenger = replica(
-                "challenger", ts.challenger_address, Source.CANARY, ts.challenger_model_name
-            )
-        return cls(champions, challenger, addresses)
-
-    @property
-    def all(self) -> list[Replica]:
-        return [*self.champions, *([self.challenger] if self.challenger else [])]
-
-
-def traffic(settings: Settings, replicas: Replicas, canary: CanaryMonitor) -> Traffic:
-    """The champion's lane (primary → secondary) and, with a challenger, the canary's."""
-    ts, decision = settings.torchserve, settings.decision
-    champion = ReplicaRouter(replicas.champions, torchserve=ts, decision=decision)
-    if replicas.challenger is None:
-        return Traffic(champion)
-    lane = [replicas.challenger, *replicas.champions]
-    return Traffic(
-        champion, (ReplicaRouter(lane, torchserve=ts, decision=decision, hedge=False), canary)
-    )
 
 
 def ladder(settings: Settings, score_cache: ScoreCache, redis_reads: StoreReads) -> FallbackChain:
@@ -324,7 +155,7 @@ class DecisionApp:
         self.tracing = tracing or Tracing.from_settings(settings.telemetry)
         prefix = settings.redis.key_prefix
         self.redis = decision_redis(settings)
-        self.status_redis = status_redis(settings)
+        self.status_redis = side_redis(settings)
         self.loop_lag = LoopLag()
         replicas = Replicas.build(settings, self.loop_lag, self.tracing)
         self.replicas = replicas.champions
@@ -464,7 +295,7 @@ class DecisionApp:
         )
         # A client of its own: on-call's status reads share status_redis's two connections,
         # and a full pool fails rather than waits; the entry must be written every second.
-        self.fleet_redis = fleet_redis(settings)
+        self.fleet_redis = side_redis(settings)
         self.fleet = FleetRegistration(self.fleet_redis, key_prefix=prefix, member=self._member)
         self._started_at_us = time.time_ns() // 1000
         self._serving = False
@@ -685,46 +516,3 @@ def _reachable(host: str, port: int, hostname: str) -> str:
     if host in ("", "0.0.0.0", "::", "[::]"):
         host = hostname
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-# Beyond its grace and drain, how long one component's stop may take before the
-# shutdown goes on without it.
-STOP_SLACK_S = 5.0
-
-
-def bounded(
-    name: str, stop: Callable[[], Awaitable[None]], timeout_s: float
-) -> Callable[[], Awaitable[None]]:
-    """``stop``, given up after ``timeout_s`` (cancelled and logged, never awaited
-    further): one component stuck in its stop must not hang the whole shutdown, which a
-    supervisor or Kubernetes would then end with SIGKILL, journal unsynced."""
-
-    async def run() -> None:
-        task = asyncio.ensure_future(stop())
-        done, _ = await asyncio.wait({task}, timeout=timeout_s)
-        if not done:
-            where = " <- ".join(awaiting(task.get_coro()))
-            task.cancel()
-            log.error(
-                "%s did not stop within %.0f s (waiting in %s); stopping the rest",
-                name,
-                timeout_s,
-                where,
-            )
-            return
-        task.result()  # its own error, if it failed
-
-    return run
-
-
-def awaiting(coro: object) -> list[str]:
-    """Where a suspended coroutine waits: each awaited coroutine's function and line,
-    outermost first (a task's own stack shows only its outermost frame)."""
-    places = []
-    while coro is not None:
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-        if frame is not None:
-            code = frame.f_code
-            places.append(f"{code.co_qualname} ({Path(code.co_filename).name}:{frame.f_lineno})")
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    return places

@@ -299,7 +299,7 @@ class TorchServeSettings(SettingsSection):
 
 @dataclass(frozen=True, slots=True)
 class InferenceApi:
-    """One replica's inference API, as ``server.app.model_client`` builds its client."""
+    """One replica's inference API, as ``server.replicas.model_client`` builds its client."""
 
     protocol: Literal["torchserve", "oip"]
     oip_service: str

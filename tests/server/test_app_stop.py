@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from server.app import bounded
+from server.stopping import bounded
 
 
 async def test_a_stop_that_never_ends_is_given_up_and_logged(caplog) -> None:

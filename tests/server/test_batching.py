@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import pytest
 
 from core.loop_lag import LoopLag
-from server.app import Replicas
 from server.batching import BatchingClient
 from server.model_client import (
     ModelBusy,
@@ -22,6 +21,7 @@ from server.model_client import (
     ModelUnavailable,
 )
 from server.replica import counts_against_replica
+from server.replicas import Replicas
 from server.settings import Settings, TorchServeSettings
 from server.tracing import Tracing
 from tests.server.fakes import AlwaysConnected

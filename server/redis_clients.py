@@ -1,0 +1,47 @@
+"""The server's Redis clients: the Decide path's, and small ones for status and the fleet
+entry, so that neither ever takes a connection a Decide is waiting for."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from server.settings import Settings
+
+# A side client's connections: enough for one status call, or one fleet write, at a time.
+SIDE_REDIS_CONNECTIONS = 2
+
+
+def decision_redis(settings: Settings) -> aioredis.Redis:
+    """The Decide path's Redis client.
+
+    A full pool makes a caller wait for a connection, for as long as its own budget
+    allows (every read runs under the request's timeout), instead of failing at once,
+    which would turn a burst into ABSTAINs. A read abandoned at its timeout waits at most
+    the socket timeout for a connection, then as long again for Redis.
+    """
+    socket_timeout_s = settings.redis.socket_timeout_ms / 1000.0
+    return aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool.from_url(
+            settings.redis.url,
+            max_connections=settings.redis.max_connections,
+            timeout=socket_timeout_s,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            # A request's budget bounds every read; retrying inside it hides an outage.
+            retry=Retry(NoBackoff(), 0),
+        )
+    )
+
+
+def side_redis(settings: Settings) -> aioredis.Redis:
+    """A small client of its own (GetStatus scans every feature key; the fleet entry is
+    written every second), so that neither takes a connection a Decide is waiting for."""
+    socket_timeout_s = settings.redis.socket_timeout_ms / 1000.0
+    return aioredis.Redis.from_url(
+        settings.redis.url,
+        max_connections=SIDE_REDIS_CONNECTIONS,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s,
+    )

@@ -1,0 +1,139 @@
+"""The model replicas as the server calls them: each replica's client (its inference API,
+micro-batching), its breaker, and the champion's and the canary's lanes over them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from core.domain import Source
+from core.loop_lag import LoopLag
+from server.batching import BatchingClient
+from server.control.canary import CanaryMonitor
+from server.drift import archived_version
+from server.model_client import ModelClient, OipClient, TorchServeClient
+from server.replica import Replica
+from server.router import ReplicaRouter
+from server.settings import ARCHIVE_VERSION, InferenceApi, Settings, TorchServeSettings
+from server.tracing import Tracing
+from server.traffic import Traffic
+
+
+def model_client(
+    ts: TorchServeSettings,
+    name: str,
+    address: str,
+    model_name: str | None = None,
+    *,
+    api: InferenceApi | None = None,
+    max_concurrent_calls: int,
+    loop_lag: LoopLag | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+) -> ModelClient:
+    """The replica's client for its inference API (default: the champion's), micro-batching
+    unless ``batch_max_rows`` is 1, with ``max_concurrent_calls`` out at once. ``loop_lag``:
+    this process's event-loop probe, so that a timeout does not blame the replica for time
+    the loop was stalled."""
+    model = model_name or ts.model_name
+    api = api or ts.champion_api()
+    client: ModelClient
+    if api.protocol == "oip":
+        client = OipClient(
+            name,
+            address,
+            model,
+            service=api.oip_service,
+            output=api.oip_output,
+            model_version=api.model_version,
+            wire_timeout_ms=ts.wire_timeout_ms,
+            max_abandoned_calls=ts.max_abandoned_calls,
+            loop_lag=loop_lag,
+            interceptors=interceptors,
+        )
+    else:
+        client = TorchServeClient(
+            name,
+            address,
+            model,
+            model_version=api.model_version,
+            wire_timeout_ms=ts.wire_timeout_ms,
+            max_abandoned_calls=ts.max_abandoned_calls,
+            loop_lag=loop_lag,
+            interceptors=interceptors,
+        )
+    if ts.batch_max_rows <= 1:
+        return client
+    return BatchingClient(
+        client,
+        max_batch_rows=ts.batch_max_rows,
+        max_concurrent_calls=max_concurrent_calls,
+        loop_lag=loop_lag,
+    )
+
+
+@dataclass(frozen=True)
+class Replicas:
+    champions: list[Replica]  # primary, secondary
+    challenger: Replica | None
+    addresses: dict[str, str]  # by name, for status
+
+    @classmethod
+    def build(cls, settings: Settings, loop_lag: LoopLag, tracing: Tracing) -> Replicas:
+        ts = settings.torchserve
+        interceptors = tracing.client_interceptors()
+
+        def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
+            canary = source is Source.CANARY
+            api = ts.challenger_api() if canary else ts.champion_api()
+            if api.model_version == ARCHIVE_VERSION:
+                store = Path(settings.drift.model_store)
+                version = archived_version(store, model or ts.model_name)
+                api = dataclasses.replace(api, model_version=version)
+            client = model_client(
+                ts,
+                name,
+                address,
+                model,
+                api=api,
+                max_concurrent_calls=(
+                    ts.challenger_batch_max_concurrent_calls
+                    if canary
+                    else ts.batch_max_concurrent_calls
+                ),
+                loop_lag=loop_lag,
+                interceptors=interceptors,
+            )
+            return Replica.build(client, source, settings.breaker, tracing.tracer)
+
+        addresses = {"primary": ts.primary_address, "secondary": ts.secondary_address}
+        champions = [
+            replica("primary", ts.primary_address, Source.PRIMARY),
+            replica("secondary", ts.secondary_address, Source.SECONDARY),
+        ]
+        challenger = None
+        if ts.challenger_address:
+            addresses["challenger"] = ts.challenger_address
+            challenger = replica(
+                "challenger", ts.challenger_address, Source.CANARY, ts.challenger_model_name
+            )
+        return cls(champions, challenger, addresses)
+
+    @property
+    def all(self) -> list[Replica]:
+        return [*self.champions, *([self.challenger] if self.challenger else [])]
+
+
+def traffic(settings: Settings, replicas: Replicas, canary: CanaryMonitor) -> Traffic:
+    """The champion's lane (primary → secondary) and, with a challenger, the canary's."""
+    ts, decision = settings.torchserve, settings.decision
+    champion = ReplicaRouter(replicas.champions, torchserve=ts, decision=decision)
+    if replicas.challenger is None:
+        return Traffic(champion)
+    lane = [replicas.challenger, *replicas.champions]
+    return Traffic(
+        champion, (ReplicaRouter(lane, torchserve=ts, decision=decision, hedge=False), canary)
+    )
