@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 # at full speed therefore stamp their events to end now: see feature_cache.replay.)
 MAX_CLOCK_SKEW_US = 60_000_000
 
-# Seconds from an event's Kafka create time to its features written in Redis.
 # How long one fetch waits for records before handing back an empty batch.
 FETCH_TIMEOUT_MS = 50
 # How long the broker may hold a fetch for more data: short keeps features fresh when the
@@ -55,6 +54,7 @@ FETCH_TIMEOUT_MS = 50
 FETCH_MAX_WAIT_MS = 10
 # The longest wait between retries while Kafka or Redis is down.
 RETRY_BACKOFF_MAX_S = 5.0
+# Seconds from an event's Kafka create time to its features written in Redis.
 FRESHNESS_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0)
 
 

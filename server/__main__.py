@@ -4,7 +4,7 @@
     decision-server --workers 2     two worker processes sharing the ports
     decision-server --print-config  the settings it would run with, then exit
 
-Settings come from ``DECISION_*`` environment variables (see the README); ``--workers``
+Settings come from ``DECISION_*`` environment variables (docs/configuration.md); ``--workers``
 overrides ``DECISION_SERVER__WORKERS``.
 """
 
