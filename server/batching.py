@@ -157,7 +157,7 @@ class BatchingClient:
         try:
             return await queued.future
         except asyncio.CancelledError:
-            # A hedge won, or the caller went away: a call nobody waits for any more
+            # The caller went away: a call nobody waits for any more
             # gives its slot back (its RPC is abandoned to finish on the wire, never
             # cancelled: see server.model_client).
             if queued.call is not None and all(q.future.done() for q in queued.batch):

@@ -1,7 +1,7 @@
 """One model replica: its client, its breaker, on-call's override of it, and the one rule
 that says whether a failed call was the replica's fault.
 
-The router (primary, retry, hedge), the canary and the shadow scorer all ask the replica
+The router (primary, retry), the canary and the shadow scorer all ask the replica
 whether a call may go now (``admission``) and make it through ``call``, which returns
 an ``Attempt`` rather than raising for a replica failure: the caller composes attempts
 into its own result.
@@ -110,7 +110,7 @@ class Replica:
     client: ModelClient
     breaker: AsyncCircuitBreaker
     source: Source
-    # Every call this server made to it, for status and the hedge delay; the model
+    # Every call this server made to it, for status and the router's median; the model
     # version it last answered.
     recent: RecentCalls = field(default_factory=RecentCalls)
     tracer: Tracer = NO_TRACER  # a span per call ("model.attempt")

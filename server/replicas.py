@@ -134,6 +134,4 @@ def traffic(settings: Settings, replicas: Replicas, canary: CanaryMonitor) -> Tr
     if replicas.challenger is None:
         return Traffic(champion)
     lane = [replicas.challenger, *replicas.champions]
-    return Traffic(
-        champion, (ReplicaRouter(lane, torchserve=ts, decision=decision, hedge=False), canary)
-    )
+    return Traffic(champion, (ReplicaRouter(lane, torchserve=ts, decision=decision), canary))

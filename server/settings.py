@@ -241,19 +241,10 @@ class TorchServeSettings(SettingsSection):
         description="At start, how long readiness waits for each replica's connection; "
         "an absent replica is left to its breaker.",
     )
-    hedge: bool = Field(
-        False,
-        description="Hedging: a primary call not answered within the primary's recent p95 "
-        "latency also goes to the secondary, when the budget allows; the first good answer "
-        "wins and the other call is abandoned. Never more than one extra call a request.",
-    )
-    hedge_min_delay_ms: float = Field(
-        1.0, ge=0, description="Hedging waits at least this long, whatever the p95."
-    )
     retry_budget_ratio: float = Field(
         0.2,
         ge=0,
-        description="Retries and hedges to the next replica, as a share of first calls (a "
+        description="Retries to the next replica, as a share of first calls (a "
         "token bucket): when the primary slows down for everyone, retries cannot double "
         "the secondary's load.",
     )

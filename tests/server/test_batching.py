@@ -225,7 +225,7 @@ async def test_a_cancelled_caller_is_not_sent() -> None:
 async def test_a_call_nobody_waits_for_any_more_is_cancelled_and_frees_its_slot() -> None:
     replica = FakeReplica(call_ms=200.0)
     batching = client(replica, max_calls=1)
-    abandoned = asyncio.create_task(batching.predict([[0.1]], 1.0))  # e.g. a hedge's loser
+    abandoned = asyncio.create_task(batching.predict([[0.1]], 1.0))  # its caller gone
     await asyncio.sleep(0.01)
     abandoned.cancel()
     await asyncio.sleep(0.01)

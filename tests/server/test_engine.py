@@ -199,9 +199,7 @@ class Parts:
             traffic=Traffic(
                 ReplicaRouter(replicas, torchserve=ts, decision=decision),
                 (
-                    ReplicaRouter(
-                        [challenger, *replicas], torchserve=ts, decision=decision, hedge=False
-                    ),
+                    ReplicaRouter([challenger, *replicas], torchserve=ts, decision=decision),
                     self.monitor,
                 ),
                 rng=random.Random(1),

@@ -1,5 +1,6 @@
-"""Hedging in ReplicaRouter (pure logic: the replicas are fakes with scripted latencies;
-the real replicas are in tests/server/test_decision_path.py)."""
+"""ReplicaRouter: the first call, one retry, the retry budget, calls skipped for time
+(pure logic: the replicas are fakes with scripted latencies; the real replicas are in
+tests/server/test_decision_path.py)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,6 @@ def router(
     primary: ScriptedReplica,
     secondary: ScriptedReplica,
     *,
-    hedge: bool = True,
     breakers: BreakerSettings | None = None,
     **options: Any,
 ) -> ReplicaRouter:
@@ -82,8 +82,6 @@ def router(
             **{
                 "per_call_timeout_ms": 60.0,
                 "timeout_jitter": 0.0,
-                "hedge": hedge,
-                "hedge_min_delay_ms": 5.0,
                 **options,
             }
         ),
@@ -96,55 +94,11 @@ async def score(routing: ReplicaRouter, request: float = 0.0, budget_ms: float =
     return result.answer, result.reasons
 
 
-async def test_a_slow_primary_is_hedged_and_the_first_answer_wins() -> None:
-    primary, secondary = ScriptedReplica("primary", 40.0), ScriptedReplica("secondary", 2.0)
-    routing = router(primary, secondary)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    routed, reasons = await score(routing)
-    elapsed_ms = (loop.time() - started) * 1000
-    assert routed is not None and routed.source is Source.SECONDARY
-    assert elapsed_ms < 30, "waited for the slow primary"
-    assert "hedged to secondary after 5.0 ms" in reasons
-    await asyncio.sleep(0.01)
-    assert primary.cancelled == 1  # the slower call was cancelled
-    assert (primary.calls[0.0], secondary.calls[0.0], routing.hedges) == (1, 1, 1)
-
-
-async def test_a_primary_answering_before_the_delay_is_not_hedged() -> None:
-    primary, secondary = ScriptedReplica("primary", 1.0), ScriptedReplica("secondary", 1.0)
-    routing = router(primary, secondary)
-    routed, _ = await score(routing)
-    assert routed is not None and routed.source is Source.PRIMARY
-    assert secondary.calls[0.0] == 0 and routing.hedges == 0
-
-
-async def test_the_hedge_delay_follows_the_primarys_recent_p95() -> None:
-    primary, secondary = ScriptedReplica("primary", 9.0), ScriptedReplica("secondary", 1.0)
-    routing = router(primary, secondary)
-    for _ in range(20):  # the primary's recent p95 is 12 ms, above the 5 ms floor
-        routing.replicas[0].recent.record(12.0, ok=True)
-    routed, _ = await score(routing)
-    assert routed is not None and routed.source is Source.PRIMARY  # 9 ms: not hedged
-    assert routing.hedge_delay_ms(routing.replicas[0]) == 12.0
-    assert secondary.calls[0.0] == 0
-
-
-async def test_without_hedging_a_slow_primary_is_waited_for() -> None:
+async def test_a_slow_primary_is_waited_for() -> None:
     primary, secondary = ScriptedReplica("primary", 30.0), ScriptedReplica("secondary", 1.0)
-    routed, _ = await score(router(primary, secondary, hedge=False))
+    routed, _ = await score(router(primary, secondary))
     assert routed is not None and routed.source is Source.PRIMARY
     assert secondary.calls[0.0] == 0
-
-
-async def test_no_hedge_when_the_budget_has_no_room_for_another_call() -> None:
-    primary, secondary = ScriptedReplica("primary", 8.0), ScriptedReplica("secondary", 1.0)
-    routing = router(primary, secondary)
-    # 7 ms of budget: after the 5 ms delay less than the 1 ms reserve + 1 ms call is left.
-    routed, reasons = await score(routing, budget_ms=7.0)
-    assert routed is None
-    assert secondary.calls[0.0] == 0 and routing.hedges == 0
-    assert any("deadline exceeded" in r for r in reasons)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -162,14 +116,12 @@ async def test_no_request_makes_more_than_one_extra_call(seed: int) -> None:
         seen = (n, primary.calls[request], secondary.calls[request])
         scripts = (primary.script[request], secondary.script[request])
         assert primary.calls[request] == 1 and secondary.calls[request] <= 1, (seen, scripts)
-    assert routing.hedges > 0  # the scripts did make it hedge
+    assert sum(secondary.calls.values()) > 0  # the scripts did make it retry
 
 
 def no_retry_budget(primary: ScriptedReplica, secondary: ScriptedReplica) -> ReplicaRouter:
     """A router whose retry budget is its starting balance (10 tokens), never refilled."""
-    return router(
-        primary, secondary, hedge=False, retry_budget_ratio=0.0, retry_budget_min_per_s=0.0
-    )
+    return router(primary, secondary, retry_budget_ratio=0.0, retry_budget_min_per_s=0.0)
 
 
 async def test_retries_stop_when_the_retry_budget_is_spent() -> None:
@@ -214,19 +166,15 @@ class BusyReplica(ScriptedReplica):
 OPENS_AT_ONCE = BreakerSettings(fail_max=1)
 
 
-@pytest.mark.parametrize("hedge", [False, True])
-async def test_a_request_that_never_left_the_primarys_queue_is_a_first_call(hedge: bool) -> None:
+async def test_a_request_that_never_left_the_primarys_queue_is_a_first_call() -> None:
     """Busy is not failing: the secondary is called outside the retry budget, and the
-    primary's breaker, which one counted failure would open, stays closed (with hedging,
-    the primary gives up well before its hedge delay)."""
+    primary's breaker, which one counted failure would open, stays closed."""
     primary = BusyReplica("primary", latency_ms=1.0)
     secondary = ScriptedReplica("secondary")
     routing = router(
         primary,
         secondary,
-        hedge=hedge,
         breakers=OPENS_AT_ONCE,
-        hedge_min_delay_ms=50.0,
         retry_budget_ratio=0.0,
         retry_budget_min_per_s=0.0,
     )
@@ -237,38 +185,13 @@ async def test_a_request_that_never_left_the_primarys_queue_is_a_first_call(hedg
     assert routing.retries.spent == 0 and routing.retries.refused == 0
     assert routing.replicas[0].breaker.state == "closed"
     assert routing.replicas[0].recent.summary().calls == 0  # no call was made
-    assert routing.hedges == 0
-
-
-async def test_a_primary_queued_past_its_hedge_delay_and_never_sent_is_followed_by_a_first_call():
-    """The hedge delay passes with the request still queued for the primary and the
-    retry budget spent, so no hedge; when the primary gives it up unsent, the secondary
-    is still called, as a first call."""
-    primary = BusyReplica("primary", latency_ms=20.0)  # gives up after 20 ms; hedge at 5
-    secondary = ScriptedReplica("secondary")
-    routing = router(
-        primary,
-        secondary,
-        hedge=True,
-        breakers=OPENS_AT_ONCE,
-        retry_budget_ratio=0.0,
-        retry_budget_min_per_s=0.0,
-    )
-    while routing.retries.withdraw():  # the starting balance, spent
-        pass
-    answered = [await score(routing, request=float(n)) for n in range(5)]
-    for routed, reasons in answered:
-        assert routed is not None and routed.source is Source.SECONDARY, reasons
-        assert reasons[0].startswith("primary busy: 1 call(s) out"), reasons
-    assert routing.hedges == 0
-    assert routing.replicas[0].breaker.state == "closed"
 
 
 async def test_a_replica_is_not_called_with_less_time_than_its_median_answer() -> None:
     """A call that would most likely time out only adds an abandoned call to a slow
     replica's load: the lane goes to the next replica, as a first call (no retry spent)."""
     primary, secondary = ScriptedReplica("primary", 12.0), ScriptedReplica("secondary", 1.0)
-    routing = router(primary, secondary, hedge=False, retry_budget_min_per_s=0.0)
+    routing = router(primary, secondary, retry_budget_min_per_s=0.0)
     for _ in range(20):
         routing.replicas[0].recent.record(12.0, ok=True)
         routing.replicas[1].recent.record(1.0, ok=True)
