@@ -4,7 +4,8 @@ micro-batching), its breaker, and the champion's and the canary's lanes over the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,31 +41,21 @@ def model_client(
     the loop was stalled."""
     model = model_name or ts.model_name
     api = api or ts.champion_api()
-    client: ModelClient
-    if api.protocol == "oip":
-        client = OipClient(
-            name,
-            address,
-            model,
-            service=api.oip_service,
-            output=api.oip_output,
-            model_version=api.model_version,
-            wire_timeout_ms=ts.wire_timeout_ms,
-            max_abandoned_calls=ts.max_abandoned_calls,
-            loop_lag=loop_lag,
-            interceptors=interceptors,
-        )
-    else:
-        client = TorchServeClient(
-            name,
-            address,
-            model,
-            model_version=api.model_version,
-            wire_timeout_ms=ts.wire_timeout_ms,
-            max_abandoned_calls=ts.max_abandoned_calls,
-            loop_lag=loop_lag,
-            interceptors=interceptors,
-        )
+    client_for_protocol: Callable[..., ModelClient] = (
+        functools.partial(OipClient, service=api.oip_service, output=api.oip_output)
+        if api.protocol == "oip"
+        else TorchServeClient
+    )
+    client = client_for_protocol(
+        name,
+        address,
+        model,
+        model_version=api.model_version,
+        wire_timeout_ms=ts.wire_timeout_ms,
+        max_abandoned_calls=ts.max_abandoned_calls,
+        loop_lag=loop_lag,
+        interceptors=interceptors,
+    )
     if ts.batch_max_rows <= 1:
         return client
     return BatchingClient(
