@@ -470,7 +470,7 @@ class OipClient(GrpcModelClient):
 
     async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         _check_float32(rows)
-        request = oip_request(self.model_name, rows)
+        request = oip_request(self.model_name, rows, queue_timeout_s=timeout_s)
         response, elapsed_ms = await self._call(
             lambda wire_timeout_s: self._infer(request, timeout=wire_timeout_s),
             timeout_s,
@@ -488,10 +488,19 @@ def oip_model_infer(channel: grpc.aio.Channel, service: str) -> Any:
     )
 
 
-def oip_request(model_name: str, rows: Sequence[Sequence[float]]) -> oip_pb2.ModelInferRequest:
-    """A ``ModelInfer`` request with ``rows`` as the FP32 input tensor ``rows``."""
+def oip_request(
+    model_name: str, rows: Sequence[Sequence[float]], *, queue_timeout_s: float = 0.0
+) -> oip_pb2.ModelInferRequest:
+    """A ``ModelInfer`` request with ``rows`` as the FP32 input tensor ``rows``.
+    ``queue_timeout_s``: how long the request may wait in the model server's queue, the
+    schedule-policy ``timeout`` parameter (Triton refuses it after that, rather than
+    score rows its caller has given up on; servers without the extension ignore it)."""
+    timeout_us = int(queue_timeout_s * 1_000_000)
     return oip_pb2.ModelInferRequest(
         model_name=model_name,
+        parameters={"timeout": oip_pb2.InferParameter(int64_param=timeout_us)}
+        if timeout_us > 0
+        else {},
         inputs=[
             oip_pb2.ModelInferRequest.InferInputTensor(
                 name="rows",

@@ -37,9 +37,11 @@ MODEL_FILE = Path(__file__).with_name("triton_model.py")
 # sends is a whole DecideBatch (server.max_batch_size, 256 by default).
 MAX_BATCH = 256
 QUEUE_DELAY_US = 500  # what a lone request waits for others: a fraction of a model call
-# A request queued longer than the decision server's cap on one model call
-# (torchserve.per_call_timeout_ms, 25 ms) has been abandoned: refused, not scored.
-QUEUE_TIMEOUT_US = 25_000
+# A request waits in the queue no longer than its caller waits for it (the decision
+# server sends each call's budget as the request's ``timeout``): past that it has been
+# abandoned and is refused, not scored. A request may lower this ceiling, not raise it;
+# one that names no timeout (a tool's) gets the ceiling.
+QUEUE_TIMEOUT_MAX_US = 60_000_000
 
 __all__ = [
     "TRITON_OIP_SERVICE",
@@ -60,7 +62,8 @@ dynamic_batching {{
   max_queue_delay_microseconds: {QUEUE_DELAY_US}
   default_queue_policy {{
     timeout_action: REJECT
-    default_timeout_microseconds: {QUEUE_TIMEOUT_US}
+    default_timeout_microseconds: {QUEUE_TIMEOUT_MAX_US}
+    allow_timeout_override: true
   }}
 }}
 instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]

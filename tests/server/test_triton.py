@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from core.processes import free_ports, start_ready
-from feature_cache.schema import FEATURE_NAMES, model_row
+from feature_cache.schema import FEATURE_NAMES, MODEL_INPUT_WIDTH, model_row
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.app import DecisionApp
-from server.model_client import OipClient
+from server.model_client import OipClient, oip_model_infer, oip_request
 from tests.server.conftest import (
     OPERATOR,
     SAMPLE_FEATURES,
@@ -128,3 +128,18 @@ async def test_the_decision_path_answers_from_triton_with_the_archives_versions(
     assert {a.source for a in canary} == {decision_pb2.SOURCE_CANARY}
     assert {a.model_version for a in canary} == {challenger.version}
     assert all(a.score == pytest.approx(want, abs=1e-6) for a in canary)
+
+
+async def test_triton_refuses_a_request_queued_past_its_own_timeout(triton: str) -> None:
+    """The decision client sends each call's budget as the request's queue timeout: a
+    request its caller has given up on is refused, not scored."""
+    rows = [[0.0] * MODEL_INPUT_WIDTH]
+    async with grpc.aio.insecure_channel(triton) as channel:
+        infer = oip_model_infer(channel, TRITON_OIP_SERVICE)
+        # A timeout past the repository's ceiling is held to the ceiling, not refused.
+        patient = oip_request("champion", rows, queue_timeout_s=1000.0)
+        assert len((await infer(patient, timeout=10.0)).outputs) == 1
+        given_up = oip_request("champion", rows, queue_timeout_s=1e-6)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await infer(given_up, timeout=10.0)
+    assert "timeout" in (refused.value.details() or "").lower()
