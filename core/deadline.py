@@ -41,6 +41,11 @@ class Budget:
         return (self.deadline - time.monotonic()) * 1000.0
 
 
+# Each model call's cap is cut by a random share up to this, so that many servers' calls
+# against one slow replica do not time out in one instant.
+TIMEOUT_JITTER = 0.1
+
+
 def model_call_timeout_ms(
     remaining_ms: float,
     *,

@@ -96,7 +96,6 @@ def decision_server(
             "DECISION_REDIS__URL": f"redis://127.0.0.1:{redis_port}/0",
             "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{torchserve_port}",
             "DECISION_TORCHSERVE__SECONDARY_ADDRESS": f"127.0.0.1:{no_secondary_port}",
-            "DECISION_TORCHSERVE__CONNECT_TIMEOUT_MS": "200",
             "DECISION_TORCHSERVE__CHALLENGER_ADDRESS": "",
             "DECISION_ADMIN__ENABLED": "false",
             "DECISION_TELEMETRY__METRICS_PORT": "0",  # not 9464: make run may hold it

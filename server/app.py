@@ -91,6 +91,9 @@ AUDIT_HEALTH_INTERVAL_S = 0.5
 # Cached scores live a few times their useful age: a ladder read finds a stale one (and
 # says how stale) rather than none.
 SCORE_TTL_FACTOR = 4
+# At start, how long readiness waits for a replica that neither answers nor refuses the
+# connection; one that is not there is left to its breaker.
+REPLICA_CONNECT_TIMEOUT_S = 2.0
 
 
 def ladder(settings: Settings, score_cache: ScoreCache, redis_reads: StoreReads) -> FallbackChain:
@@ -242,10 +245,8 @@ class DecisionApp:
         )
         self.breaker_probe = BreakerProbe(
             replicas.all,
-            interval_ms=settings.breaker.probe_interval_ms,
             call_timeout_ms=settings.torchserve.per_call_timeout_ms,
             control=lambda: self.shared.state,
-            calls_to_close=settings.breaker.success_threshold,
         )
         self.undelivered = UndeliveredAnswers()
         registry = CollectorRegistry()
@@ -383,9 +384,10 @@ class DecisionApp:
         TCP and HTTP/2 handshakes; a replica that is not there does not delay readiness
         by more than the connect timeout (the breaker and the ladder deal with it).
         """
-        connect_timeout_s = self.settings.torchserve.connect_timeout_ms / 1000.0
         replicas = self._all_replicas
-        connected = await asyncio.gather(*(r.client.connect(connect_timeout_s) for r in replicas))
+        connected = await asyncio.gather(
+            *(r.client.connect(REPLICA_CONNECT_TIMEOUT_S) for r in replicas)
+        )
         for replica, ok in zip(replicas, connected, strict=True):
             if not ok:
                 log.warning("replica %s not reachable at start", replica.name)

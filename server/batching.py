@@ -86,12 +86,17 @@ def _clone(exc: ModelCallError | ModelInputError, *, given_ms: float) -> Excepti
     return type(exc)(str(exc))
 
 
+# Rows in one model call at most: a replica scores 64 rows about as fast as one
+# (docs/benchmarks.md), and larger calls only lengthen the wait of the first row.
+MAX_BATCH_ROWS = 64
+
+
 class BatchingClient:
     def __init__(
         self,
         inner: ModelClient,
         *,
-        max_batch_rows: int,
+        max_batch_rows: int = MAX_BATCH_ROWS,
         max_concurrent_calls: int,
         loop_lag: LoopLag | None = None,
     ) -> None:

@@ -18,11 +18,12 @@ its bound of abandoned calls is out unanswered, and each refusal counts.
 Once the reset timeout has passed, the breaker goes half-open (pybreaker's transition)
 and lets trial calls through, a growing number at once: one, then two after the first
 success, four after the second, and so on, until ``success_threshold`` successes close
-it; calls past that number are rejected at once with ``BreakerOpenError``. Under load
-the replica so gets a growing share of the traffic back, rather than one trial call at
-a time whose single unlucky timeout reopens it for another reset timeout. Any counted
-failure of a trial reopens it. Errors for which ``ignore`` returns True (the caller's
-fault, not the replica's) are recorded as neither failure nor success.
+it (``SUCCESSES_TO_CLOSE`` for the replicas); calls past that number are rejected at
+once with ``BreakerOpenError``. Under load the replica so gets a growing share of the
+traffic back, rather than one trial call at a time whose single unlucky timeout reopens
+it for another reset timeout. Any counted failure of a trial reopens it. Errors for
+which ``ignore`` returns True (the caller's fault, not the replica's) are recorded as
+neither failure nor success.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class _StateLogger(pybreaker.CircuitBreakerListener):
             old_name,
             new_name,
         )
+
+
+# Trial successes that close a replica's half-open breaker: with the trials doubling
+# (1, 2, 4, ...), the fourth success comes with the replica taking most of its traffic.
+SUCCESSES_TO_CLOSE = 4
 
 
 class AsyncCircuitBreaker:

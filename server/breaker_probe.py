@@ -7,7 +7,7 @@ its breaker would stay open, and say so in status, in ``decision_breaker_state``
 the breaker-open alert, long after the replica recovered; the next time the primary
 fails, the secondary would start again from one trial call at a time.
 
-Every ``interval_ms``, each replica whose breaker is not closed and would let a trial
+Every ``PROBE_INTERVAL_S``, each replica whose breaker is not closed and would let a trial
 call through now (its reset timeout has passed, or it is half-open with a trial slot
 free) gets probe calls through its breaker, one after another, each a real model call of
 one row of zeros, until the breaker closes, refuses or a call fails. A replica on-call
@@ -25,13 +25,16 @@ from collections.abc import Callable, Sequence
 
 from core.tasks import cancel_and_wait
 from feature_cache.schema import FEATURE_NAMES, model_row
-from server.breaker import CLOSED
+from server.breaker import CLOSED, SUCCESSES_TO_CLOSE
 from server.control.state import ControlState
 from server.model_client import ModelInputError
 from server.replica import Replica
 
 log = logging.getLogger(__name__)
 
+# How often replicas whose breakers no request tries are probed: a recovered secondary
+# shows closed within about a second.
+PROBE_INTERVAL_S = 0.5
 # A row any replica of the model takes: a buy with every feature 0.
 PROBE_ROW = model_row(1.0, [0.0] * len(FEATURE_NAMES))
 
@@ -41,15 +44,15 @@ class BreakerProbe:
         self,
         replicas: Sequence[Replica],
         *,
-        interval_ms: float,
         call_timeout_ms: float,
         control: Callable[[], ControlState],
-        calls_to_close: int,
+        calls_to_close: int = SUCCESSES_TO_CLOSE,
+        interval_s: float = PROBE_INTERVAL_S,
     ) -> None:
         """``calls_to_close``: the most probe calls one pass makes to one replica (the
         breaker's success threshold: enough to close it)."""
         self._replicas = list(replicas)
-        self._interval_s = interval_ms / 1000.0
+        self._interval_s = interval_s
         self._timeout_ms = call_timeout_ms
         self._control = control
         self._calls_to_close = calls_to_close

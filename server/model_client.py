@@ -20,11 +20,11 @@ A call we stop waiting for is abandoned, never cancelled. TorchServe loses a wor
 a gRPC call it is answering is cancelled (pytorch/serve issues 1888 and 3087): it
 restarts it and reloads its model, or, now and then, leaves the replica without one. A
 deadline enforced by cancelling turns timeouts into lost workers and more timeouts.
-Each RPC therefore goes out with a long wire deadline (``wire_timeout_ms``, for a
+Each RPC therefore goes out with a long wire deadline (``WIRE_TIMEOUT_S``, for a
 replica that hangs); the caller waits for the call's done callback only as long as its
 own budget allows, or until it is cancelled itself, and the RPC finishes on the wire
 unobserved. Abandoned calls are bounded per replica
-(``max_abandoned_calls``): past the bound the replica gets no new call (``ModelBusy``)
+(``MAX_ABANDONED_CALLS``): past the bound the replica gets no new call (``ModelBusy``)
 until some of them end, so a hung replica never piles them up.
 
 ::
@@ -201,6 +201,13 @@ class Rpc(Protocol[_Answer_co]):
     def __await__(self) -> Generator[Any, None, _Answer_co]: ...
 
 
+# The deadline a model call carries on the wire: longer than any stall a replica recovers
+# from, so that only a hung replica sees a call cancelled (docs/model-serving.md).
+WIRE_TIMEOUT_S = 120.0
+# Calls to one replica left running after their callers stopped waiting, at most: a
+# hung replica holds this many, not a pile.
+MAX_ABANDONED_CALLS = 16
+
 # Statuses a call ends with without the replica having answered it.
 NO_WORD_FROM_REPLICA = frozenset(
     {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
@@ -210,8 +217,7 @@ NO_WORD_FROM_REPLICA = frozenset(
 class GrpcModelClient:
     """One replica over one gRPC channel; subclasses build the call and read the answer.
 
-    ``wire_timeout_ms``: the deadline each RPC carries on the wire, however short the
-    caller's wait; only a replica that hangs this long sees a call cancelled.
+    Each RPC carries ``WIRE_TIMEOUT_S`` on the wire, however short the caller's wait.
     ``max_abandoned_calls``: calls left running on the wire after their caller stopped
     waiting, at most; past it a call is refused with ``ModelBusy``.
     """
@@ -223,8 +229,7 @@ class GrpcModelClient:
         model_name: str,
         *,
         reconnect_backoff_ms: int = 500,
-        wire_timeout_ms: float = 120_000.0,
-        max_abandoned_calls: int = 16,
+        max_abandoned_calls: int = MAX_ABANDONED_CALLS,
         loop_lag: LoopLag | None = None,
         model_version: str = "",
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
@@ -239,7 +244,6 @@ class GrpcModelClient:
         self._options = channel_options(reconnect_backoff_ms)
         self._interceptors = list(interceptors)
         self._channel: grpc.aio.Channel | None = None
-        self._wire_timeout_s = wire_timeout_ms / 1000.0
         self._max_abandoned = max_abandoned_calls
         self._abandoned: dict[asyncio.Future[Any], float] = {}  # call → abandoned at (monotonic)
         self._abandoned_total = 0
@@ -257,10 +261,19 @@ class GrpcModelClient:
         raise NotImplementedError
 
     async def connect(self, timeout_s: float) -> bool:
-        if self._channel is None:
+        """Whether the channel connected within ``timeout_s``; False at once when the
+        replica refuses the connection (nothing there to wait for)."""
+        channel = self._channel
+        if channel is None:
             return False
+        state = channel.get_state(try_to_connect=True)
         try:
-            await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                while state is not grpc.ChannelConnectivity.READY:
+                    if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                        return False
+                    await channel.wait_for_state_change(state)
+                    state = channel.get_state(try_to_connect=True)
         except TimeoutError:
             return False
         return True
@@ -304,7 +317,7 @@ class GrpcModelClient:
             )
         started = time.perf_counter()
         waited_since = asyncio.get_running_loop().time()
-        rpc = call(max(self._wire_timeout_s, timeout_s))
+        rpc = call(max(WIRE_TIMEOUT_S, timeout_s))
         try:
             answered = await settled_within(rpc, timeout_s)
         except asyncio.CancelledError:
@@ -444,8 +457,7 @@ class OipClient(GrpcModelClient):
         *,
         service: str = TORCHSERVE_OIP_SERVICE,
         reconnect_backoff_ms: int = 500,
-        wire_timeout_ms: float = 120_000.0,
-        max_abandoned_calls: int = 16,
+        max_abandoned_calls: int = MAX_ABANDONED_CALLS,
         loop_lag: LoopLag | None = None,
         model_version: str = "",
         output: str = "",
@@ -456,7 +468,6 @@ class OipClient(GrpcModelClient):
             address,
             model_name,
             reconnect_backoff_ms=reconnect_backoff_ms,
-            wire_timeout_ms=wire_timeout_ms,
             max_abandoned_calls=max_abandoned_calls,
             loop_lag=loop_lag,
             model_version=model_version,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import StatusCode, Tracer
 
 from core.domain import Source
-from server.breaker import AsyncCircuitBreaker, BreakerOpenError
+from server.breaker import SUCCESSES_TO_CLOSE, AsyncCircuitBreaker, BreakerOpenError
 from server.control.recent import RecentCalls
 from server.control.state import BreakerMode, ControlState
 from server.model_client import (
@@ -134,7 +134,7 @@ class Replica:
                 client.name,
                 fail_max=breaker.fail_max,
                 reset_timeout_s=breaker.reset_timeout_s,
-                success_threshold=breaker.success_threshold,
+                success_threshold=SUCCESSES_TO_CLOSE,
                 ignore=lambda exc: not rule(exc),
             ),
             source,

@@ -36,7 +36,7 @@ def model_client(
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> ModelClient:
     """The replica's client for its inference API (default: the champion's), micro-batching
-    unless ``batch_max_rows`` is 1, with ``max_concurrent_calls`` out at once. ``loop_lag``:
+    with ``max_concurrent_calls`` out at once. ``loop_lag``:
     this process's event-loop probe, so that a timeout does not blame the replica for time
     the loop was stalled."""
     model = model_name or ts.model_name
@@ -51,19 +51,10 @@ def model_client(
         address,
         model,
         model_version=api.model_version,
-        wire_timeout_ms=ts.wire_timeout_ms,
-        max_abandoned_calls=ts.max_abandoned_calls,
         loop_lag=loop_lag,
         interceptors=interceptors,
     )
-    if ts.batch_max_rows <= 1:
-        return client
-    return BatchingClient(
-        client,
-        max_batch_rows=ts.batch_max_rows,
-        max_concurrent_calls=max_concurrent_calls,
-        loop_lag=loop_lag,
-    )
+    return BatchingClient(client, max_concurrent_calls=max_concurrent_calls, loop_lag=loop_lag)
 
 
 @dataclass(frozen=True)

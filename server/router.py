@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from core.deadline import Budget, model_call_timeout_ms
+from core.deadline import TIMEOUT_JITTER, Budget, model_call_timeout_ms
 from core.domain import Source
 from core.retry_budget import RetryBudget
 from server.control.state import ControlState
@@ -26,8 +26,12 @@ from server.settings import DecisionSettings, TorchServeSettings
 LATENCY_REFRESH_S = 0.5
 # The median answer a call must have time for is of this many last seconds' calls: a
 # replica skipped for time makes no calls, so an older median would keep it skipped;
-# with none this recent, the floor is min_call_budget_ms and the next call measures anew.
+# with none this recent, the floor is MIN_CALL_BUDGET_MS and the next call measures anew.
 NEEDS_WINDOW_S = 5.0
+MIN_CALL_BUDGET_MS = 1.0  # less than this left: a call could only be abandoned
+# Retries always allowed per second besides retry_budget_ratio: at low traffic a share
+# of first calls would allow none.
+RETRY_MIN_PER_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +82,7 @@ class ReplicaRouter:
 
     Each call gets ``min(remaining budget - fallback reserve, jittered per-call cap)``;
     none is made when less would be left for it than the replica's recent median answer
-    (at least ``min_call_budget_ms``): a call that would most likely time out only adds
+    (at least ``MIN_CALL_BUDGET_MS``): a call that would most likely time out only adds
     an abandoned call to the replica's load, the very thing that slows it. A call after
     a failed one (a retry) is made only within the lane's retry budget
     (``retry_budget_ratio`` of first calls): a call to the next replica because the
@@ -93,18 +97,19 @@ class ReplicaRouter:
         torchserve: TorchServeSettings,
         decision: DecisionSettings,
         rng: random.Random | None = None,
+        timeout_jitter: float = TIMEOUT_JITTER,
+        min_call_budget_ms: float = MIN_CALL_BUDGET_MS,
+        retry_min_per_s: float = RETRY_MIN_PER_S,
     ) -> None:
         self.replicas = tuple(replicas)
         self._cap_ms = torchserve.per_call_timeout_ms
-        self._jitter = torchserve.timeout_jitter
-        self._min_call_ms = torchserve.min_call_budget_ms
+        self._jitter = timeout_jitter
+        self._min_call_ms = min_call_budget_ms
         self._reserve_ms = decision.fallback_reserve_ms
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         # By replica: when its recent latencies were summarized, and their p50.
         self._latencies: dict[str, tuple[float, float]] = {}
-        self.retries = RetryBudget(
-            ratio=torchserve.retry_budget_ratio, min_per_s=torchserve.retry_budget_min_per_s
-        )
+        self.retries = RetryBudget(ratio=torchserve.retry_budget_ratio, min_per_s=retry_min_per_s)
 
     async def score(
         self,
@@ -170,7 +175,7 @@ class ReplicaRouter:
 
     def needs_ms(self, replica: Replica) -> float:
         """The least time worth a call to ``replica``: its median answer of the last
-        ``NEEDS_WINDOW_S``, at least ``min_call_budget_ms``."""
+        ``NEEDS_WINDOW_S``, at least the minimum call budget."""
         return max(self._recent_p50_ms(replica), self._min_call_ms)
 
     def _call_timeout_ms(self, budget: Budget) -> float:

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings
 
+from core.deadline import TIMEOUT_JITTER
 from core.domain import DEFAULT_TRADE_THRESHOLD
 from core.settings import ROOT_CONFIG, SettingsSection
 from fallback.settings import FallbackSettings
@@ -205,57 +206,12 @@ class TorchServeSettings(SettingsSection):
         gt=0,
         description="Cap on one model call, before jitter; the caller's budget may cut it.",
     )
-    timeout_jitter: float = Field(
-        0.1,
-        ge=0.0,
-        lt=1.0,
-        description="Each call's cap is reduced by a random share up to this, so replicas' "
-        "timeouts do not fire in lockstep.",
-    )
-    wire_timeout_ms: float = Field(
-        120_000.0,
-        gt=0,
-        description="Deadline a model call carries on the wire. A call is abandoned, not "
-        "cancelled, when its caller stops waiting (TorchServe can lose the worker answering a "
-        "cancelled call), and runs to this deadline at most. Longer than any stall a replica "
-        "recovers from: at a 2 s deadline, a replica paused for 30 s found its abandoned "
-        "calls cancelled when it resumed, and restarted two workers. The cost: a "
-        "connection that dies silently (no reset) holds max_abandoned_calls for this long, "
-        "and stopping the server cancels the calls still out after a 1 s grace.",
-    )
-    max_abandoned_calls: int = Field(
-        16,
-        ge=1,
-        description="Calls to one replica left running after their callers stopped "
-        "waiting, at most; past it the replica gets no new call until some end.",
-    )
-    min_call_budget_ms: float = Field(
-        1.0,
-        gt=0,
-        description="A model call (first or retry) is skipped when less than this, or than "
-        "the replica's recent median answer time, is left.",
-    )
-    connect_timeout_ms: float = Field(
-        2000.0,
-        ge=0,
-        description="At start, how long readiness waits for each replica's connection; "
-        "an absent replica is left to its breaker.",
-    )
     retry_budget_ratio: float = Field(
         0.2,
         ge=0,
         description="Retries to the next replica, as a share of first calls (a "
         "token bucket): when the primary slows down for everyone, retries cannot double "
         "the secondary's load.",
-    )
-    retry_budget_min_per_s: float = Field(
-        10.0, ge=0, description="Retries always allowed per second, whatever the traffic."
-    )
-    batch_max_rows: int = Field(
-        64,
-        ge=1,
-        description="Concurrent calls to one replica are coalesced into model calls of up "
-        "to this many rows; 1 turns micro-batching off.",
     )
     batch_max_concurrent_calls: int = Field(
         1,
@@ -310,21 +266,6 @@ class BreakerSettings(SettingsSection):
         gt=0,
         description="How long an open breaker waits before it lets trial calls through "
         "(one, then twice as many after each success).",
-    )
-    success_threshold: int = Field(
-        4,
-        ge=1,
-        description="Successful trial calls that close a half-open breaker; the trial calls "
-        "let through at once double with each success (1, 2, 4, ...).",
-    )
-    probe_interval_ms: float = Field(
-        500.0,
-        ge=0,
-        description="How often a breaker that is not closed and would let a trial call "
-        "through (open past its reset timeout, or half-open with a trial slot free) is "
-        "tried with probe calls through it, one row of zeros each, until it closes, refuses "
-        "or a call fails: a replica that gets no traffic, the secondary while the primary "
-        "answers, would otherwise show open long after it recovered. 0: off.",
     )
     min_counted_timeout_ms: float = Field(
         10.0,
@@ -593,7 +534,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _breaker_can_count_timeouts(self) -> Settings:
         ts = self.torchserve
-        shortest_cap_ms = ts.per_call_timeout_ms * (1.0 - ts.timeout_jitter)
+        shortest_cap_ms = ts.per_call_timeout_ms * (1.0 - TIMEOUT_JITTER)
         if self.breaker.min_counted_timeout_ms > shortest_cap_ms:
             raise ValueError(
                 f"breaker.min_counted_timeout_ms ({self.breaker.min_counted_timeout_ms}) must"

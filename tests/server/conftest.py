@@ -85,7 +85,6 @@ def make_settings(
             "primary_address": f"127.0.0.1:{free_port()}",
             "secondary_address": f"127.0.0.1:{free_port()}",
             "challenger_address": "",
-            "connect_timeout_ms": 300.0,
         },
         "admin": {"port": 0},
     }

@@ -46,7 +46,7 @@ def replica(fake: FakeReplica) -> Replica:
 def probe(replicas: Sequence[Replica], state: ControlState | None = None) -> BreakerProbe:
     return BreakerProbe(
         replicas,
-        interval_ms=10.0,
+        interval_s=0.01,
         call_timeout_ms=25.0,
         control=lambda: state or ControlState(),
         calls_to_close=SUCCESSES_TO_CLOSE,

@@ -183,7 +183,7 @@ class Parts:
         self.shadow = FakeShadow()
         self.state = state or ControlState.from_entries(0, {}, FLAGS)
         decision = decision or DecisionSettings()
-        ts = TorchServeSettings(timeout_jitter=0.0)
+        ts = TorchServeSettings()
         breaker = BreakerSettings()
         replicas = [
             Replica.build(self.primary, Source.PRIMARY, breaker),
@@ -197,9 +197,14 @@ class Parts:
         self.engine = DecisionEngine(
             features=FeatureSource(cast(FeatureReader, self.store), reads, max_age_ms=1000.0),
             traffic=Traffic(
-                ReplicaRouter(replicas, torchserve=ts, decision=decision),
+                ReplicaRouter(replicas, torchserve=ts, decision=decision, timeout_jitter=0.0),
                 (
-                    ReplicaRouter([challenger, *replicas], torchserve=ts, decision=decision),
+                    ReplicaRouter(
+                        [challenger, *replicas],
+                        torchserve=ts,
+                        decision=decision,
+                        timeout_jitter=0.0,
+                    ),
                     self.monitor,
                 ),
                 rng=random.Random(1),

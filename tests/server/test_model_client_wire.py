@@ -18,6 +18,7 @@ from google.protobuf import empty_pb2
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.trace import TracerProvider
 
+from core.processes import free_port
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from server.model_client import ModelTimeout, ModelUnavailable, TorchServeClient
@@ -149,3 +150,18 @@ async def test_a_call_cut_by_its_channel_closing_is_unavailable_not_a_cancellati
     await client.stop()
     with pytest.raises(ModelUnavailable, match="cancelled locally"):
         await caller
+
+
+async def test_connect_gives_up_at_once_on_a_replica_that_refuses() -> None:
+    """Readiness waits for the replicas' connections, but not for one that refuses the
+    connection: the breaker deals with it."""
+    absent = TorchServeClient("primary", f"127.0.0.1:{free_port()}", "champion")
+    await absent.start()
+    try:
+        assert await asyncio.wait_for(absent.connect(60.0), 10.0) is False
+    finally:
+        await absent.stop()
+
+
+async def test_connect_reaches_a_listening_replica(client) -> None:
+    assert await client.connect(10.0) is True

@@ -24,6 +24,8 @@ from server.router import NEEDS_WINDOW_S, ReplicaRouter
 from server.settings import BreakerSettings, DecisionSettings, TorchServeSettings
 from tests.server.fakes import AlwaysConnected
 
+ROUTER_TUNING = ("timeout_jitter", "min_call_budget_ms", "retry_min_per_s")
+
 
 class ScriptedReplica(AlwaysConnected):
     """Answers after ``latency_ms`` (or fails when ``fails``), or as ``script`` says for
@@ -62,9 +64,9 @@ def router(
     breakers: BreakerSettings | None = None,
     **options: Any,
 ) -> ReplicaRouter:
-    """``options``: more ``TorchServeSettings``. ``breakers``: the server's breakers, which
-    count only what ``counts_against_replica`` says (default: breakers that count every
-    failure and open only after 1,000)."""
+    """``options``: more ``TorchServeSettings``, or the router's own tuning.
+    ``breakers``: the server's breakers, which count only what ``counts_against_replica``
+    says (default: breakers that count every failure and open only after 1,000)."""
     lane = ((primary, Source.PRIMARY), (secondary, Source.SECONDARY))
     replicas = [
         Replica.build(client, source, breakers)
@@ -76,16 +78,12 @@ def router(
         )
         for client, source in lane
     ]
+    tuning = {k: options.pop(k) for k in ROUTER_TUNING if k in options}
     return ReplicaRouter(
         replicas,
-        torchserve=TorchServeSettings(
-            **{
-                "per_call_timeout_ms": 60.0,
-                "timeout_jitter": 0.0,
-                **options,
-            }
-        ),
+        torchserve=TorchServeSettings(**{"per_call_timeout_ms": 60.0, **options}),
         decision=DecisionSettings(fallback_reserve_ms=1.0),
+        **{"timeout_jitter": 0.0, **tuning},
     )
 
 
@@ -121,7 +119,7 @@ async def test_no_request_makes_more_than_one_extra_call(seed: int) -> None:
 
 def no_retry_budget(primary: ScriptedReplica, secondary: ScriptedReplica) -> ReplicaRouter:
     """A router whose retry budget is its starting balance (10 tokens), never refilled."""
-    return router(primary, secondary, retry_budget_ratio=0.0, retry_budget_min_per_s=0.0)
+    return router(primary, secondary, retry_budget_ratio=0.0, retry_min_per_s=0.0)
 
 
 async def test_retries_stop_when_the_retry_budget_is_spent() -> None:
@@ -176,7 +174,7 @@ async def test_a_request_that_never_left_the_primarys_queue_is_a_first_call() ->
         secondary,
         breakers=OPENS_AT_ONCE,
         retry_budget_ratio=0.0,
-        retry_budget_min_per_s=0.0,
+        retry_min_per_s=0.0,
     )
     answered = [await score(routing, request=float(n)) for n in range(20)]
     for routed, reasons in answered:
@@ -191,7 +189,7 @@ async def test_a_replica_is_not_called_with_less_time_than_its_median_answer() -
     """A call that would most likely time out only adds an abandoned call to a slow
     replica's load: the lane goes to the next replica, as a first call (no retry spent)."""
     primary, secondary = ScriptedReplica("primary", 12.0), ScriptedReplica("secondary", 1.0)
-    routing = router(primary, secondary, retry_budget_min_per_s=0.0)
+    routing = router(primary, secondary, retry_min_per_s=0.0)
     for _ in range(20):
         routing.replicas[0].recent.record(12.0, ok=True)
         routing.replicas[1].recent.record(1.0, ok=True)

@@ -48,7 +48,6 @@ class Server:
             DECISION_ADMIN__PORT=str(self.admin_port),
             DECISION_ADMIN__TOKENS=TOKENS,
             DECISION_TELEMETRY__METRICS_PORT=str(self.metrics_port),
-            DECISION_TORCHSERVE__CONNECT_TIMEOUT_MS="200",
             DECISION_AUDIT__DATABASE_URL=database_url,
         )
         self.proc: ManagedProcess = server_process(f"decision server {index}", own_dir, env)
