@@ -127,6 +127,11 @@ class StoreRead(Generic[T]):
     failure: str = ""  # "" when the store answered
 
 
+# Decision-path reads left running after their timeout, at most: a hung store holds this
+# many, not a backlog.
+MAX_ABANDONED_READS = 32
+
+
 class StoreReads:
     """Reads from one store (Redis) on the decision path, each bounded by the request's
     budget and by ``cap_ms``.
@@ -140,7 +145,7 @@ class StoreReads:
     bounds how long an abandoned read lives.
     """
 
-    def __init__(self, *, cap_ms: float, max_abandoned: int) -> None:
+    def __init__(self, *, cap_ms: float, max_abandoned: int = MAX_ABANDONED_READS) -> None:
         self.cap_ms = cap_ms
         self._max_abandoned = max_abandoned
         self._abandoned: set[asyncio.Future[Any]] = set()

@@ -54,6 +54,14 @@ def _newer(score: CachedScore | None, than: CachedScore | None) -> bool:
     return than is None or score.scored_at_us > than.scored_at_us
 
 
+# How long a server holds a cached score it read or computed before reading Redis
+# again: shedding load or open breakers do not cost a Redis read per decision.
+HELD_MS = 100.0
+# A symbol and side's cached score is rewritten at most this often: a busy symbol does
+# not cost a Redis write per decision.
+WRITE_INTERVAL_MS = 100.0
+
+
 class ScoreCache:
     """Writes scores with a TTL (a few times their useful age) and reads them in one
     pipeline, through a copy in this process's memory: a key read from Redis less than

@@ -38,6 +38,7 @@ from feature_cache.store import (
 log = logging.getLogger(__name__)
 
 LOAD_SYMBOLS = 100_000  # SCAN bound for a load; max_symbols bounds what is kept
+MAX_SYMBOLS = 10_000  # records kept at most: a bound on memory far past any symbol list
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +58,8 @@ class FeatureMirror:
         url: str,
         *,
         key_prefix: str,
-        max_symbols: int,
         connect_timeout_ms: float,
+        max_symbols: int = MAX_SYMBOLS,
     ) -> None:
         timeout_s = connect_timeout_ms / 1000.0
         # Pub/sub waits for messages indefinitely: no read timeout; an idle connection's

@@ -12,14 +12,6 @@ from core.settings import ROOT_CONFIG, SettingsSection
 class RedisSettings(SettingsSection):
     url: str = Field("redis://127.0.0.1:16379/0", description="Feature and score cache.")
     key_prefix: str = Field("decision:", description="Prefix of every key this service uses.")
-    socket_timeout_ms: float = Field(
-        250.0,
-        gt=0,
-        description="Redis socket timeout: how long a read abandoned at its timeout (see "
-        "read_timeout_ms), or a cached-score write in the background, may wait for a "
-        "pooled connection and then for Redis; a caller never waits longer than its own "
-        "budget.",
-    )
     read_timeout_ms: float = Field(
         10.0,
         gt=0,
@@ -27,14 +19,6 @@ class RedisSettings(SettingsSection):
         "a Redis that has not answered by then is sick, and the rest of the budget stays "
         "for the ladder. Without it a paused Redis took the whole budget and answers came "
         "late.",
-    )
-    max_connections: int = Field(64, ge=1, description="Connection pool size.")
-    max_abandoned_reads: int = Field(
-        32,
-        ge=1,
-        description="Decision-path reads left running after their timeout, at most; past "
-        "it no read starts (the answer says the feature store is busy) until some end, so "
-        "a hung Redis gathers no backlog that delays the reads after it wakes.",
     )
 
 
@@ -47,11 +31,6 @@ class FeatureSettings(SettingsSection):
         description="Keep every symbol's record in this process (feature_cache.mirror), "
         "updated by the writer's pub/sub messages; Decide reads Redis only while the mirror "
         "is not live (before its first load, after a lost subscription).",
-    )
-    mirror_max_symbols: int = Field(
-        10_000,
-        ge=1,
-        description="Records the mirror holds at most; a symbol past it is read from Redis.",
     )
 
 

@@ -44,6 +44,8 @@ from core.metrics_http import MetricsServer
 from core.tasks import cancel_and_wait
 from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
+from fallback.score_cache import HELD_MS as CACHED_SCORE_HELD_MS
+from fallback.score_cache import WRITE_INTERVAL_MS as CACHED_SCORE_WRITE_INTERVAL_MS
 from fallback.score_cache import ScoreCache, ScoreWriter
 from feature_cache.mirror import FeatureMirror
 from feature_cache.store import FeatureReader
@@ -64,7 +66,7 @@ from server.drift import DriftMonitor, ModelReferences
 from server.engine import DecisionEngine
 from server.features import FeatureSource
 from server.front import GrpcFront
-from server.redis_clients import decision_redis, side_redis
+from server.redis_clients import SOCKET_TIMEOUT_S, decision_redis, side_redis
 from server.replica import Replica
 from server.replicas import Replicas, traffic
 from server.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
@@ -118,8 +120,7 @@ def feature_mirror(settings: Settings) -> FeatureMirror | None:
     return FeatureMirror(
         settings.redis.url,
         key_prefix=settings.redis.key_prefix,
-        max_symbols=features.mirror_max_symbols,
-        connect_timeout_ms=settings.redis.socket_timeout_ms,
+        connect_timeout_ms=SOCKET_TIMEOUT_S * 1000.0,
     )
 
 
@@ -210,13 +211,10 @@ class DecisionApp:
             self.redis,
             key_prefix=prefix,
             ttl_ms=int(settings.fallback.cached_score_max_age_ms * SCORE_TTL_FACTOR),
-            held_ms=settings.fallback.cached_score_held_ms,
+            held_ms=CACHED_SCORE_HELD_MS,
         )
         # One bound for the features and the cached scores: both read the same Redis pool.
-        redis_reads = StoreReads(
-            cap_ms=settings.redis.read_timeout_ms,
-            max_abandoned=settings.redis.max_abandoned_reads,
-        )
+        redis_reads = StoreReads(cap_ms=settings.redis.read_timeout_ms)
         self.features = FeatureSource(
             FeatureReader(self.redis, key_prefix=prefix),
             redis_reads,
@@ -227,9 +225,7 @@ class DecisionApp:
             features=self.features,
             traffic=traffic(settings, replicas, self.canary),
             ladder=ladder(settings, score_cache, redis_reads),
-            scores=ScoreWriter(
-                score_cache, write_interval_ms=settings.fallback.cached_score_write_interval_ms
-            ),
+            scores=ScoreWriter(score_cache, write_interval_ms=CACHED_SCORE_WRITE_INTERVAL_MS),
             audit=recorder,
             decision=settings.decision,
             control=lambda: self.shared.state,

@@ -11,6 +11,11 @@ from server.settings import Settings
 
 # A side client's connections: enough for one status call, or one fleet write, at a time.
 SIDE_REDIS_CONNECTIONS = 2
+# The Decide path's pool: more connections than calls a server holds at once.
+DECISION_REDIS_CONNECTIONS = 64
+# How long a connection, or a read a caller abandoned, may wait for Redis: a caller
+# never waits longer than its own budget; this bounds what it leaves behind.
+SOCKET_TIMEOUT_S = 0.25
 
 
 def decision_redis(settings: Settings) -> aioredis.Redis:
@@ -21,14 +26,13 @@ def decision_redis(settings: Settings) -> aioredis.Redis:
     which would turn a burst into ABSTAINs. A read abandoned at its timeout waits at most
     the socket timeout for a connection, then as long again for Redis.
     """
-    socket_timeout_s = settings.redis.socket_timeout_ms / 1000.0
     return aioredis.Redis.from_pool(
         aioredis.BlockingConnectionPool.from_url(
             settings.redis.url,
-            max_connections=settings.redis.max_connections,
-            timeout=socket_timeout_s,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
+            max_connections=DECISION_REDIS_CONNECTIONS,
+            timeout=SOCKET_TIMEOUT_S,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
             # A request's budget bounds every read; retrying inside it hides an outage.
             retry=Retry(NoBackoff(), 0),
         )
@@ -38,10 +42,9 @@ def decision_redis(settings: Settings) -> aioredis.Redis:
 def side_redis(settings: Settings) -> aioredis.Redis:
     """A small client of its own (GetStatus scans every feature key; the fleet entry is
     written every second), so that neither takes a connection a Decide is waiting for."""
-    socket_timeout_s = settings.redis.socket_timeout_ms / 1000.0
     return aioredis.Redis.from_url(
         settings.redis.url,
         max_connections=SIDE_REDIS_CONNECTIONS,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=socket_timeout_s,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=SOCKET_TIMEOUT_S,
     )

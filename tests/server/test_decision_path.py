@@ -11,9 +11,11 @@ from collections.abc import Sequence
 import grpc
 import pytest
 
+import server.app
 from core.domain import Side
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 from proto.decision.v1 import decision_pb2
+from server import redis_clients
 from tests.server.conftest import (
     MirroredFeatureWriter,
     buy,
@@ -157,14 +159,14 @@ async def wait_for_cached_score(
 
 
 async def test_both_replicas_down_falls_back_to_cached_score_then_rules_then_abstain(
-    replicas, start_app, channel_to, feature_writer, redis_client, key_prefix
+    replicas, start_app, channel_to, feature_writer, redis_client, key_prefix, monkeypatch
 ):
     await feature_writer.write_many([sample_record("BTC-USD")])
     # Every decision reads the cached score from Redis (none held in memory): this test
     # moves it there and expects the next decision to see it.
+    monkeypatch.setattr(server.app, "CACHED_SCORE_HELD_MS", 0.0)
     app = await start_app(
-        torchserve=replica_settings(replicas),
-        fallback={"cached_score_max_age_ms": 1000.0, "cached_score_held_ms": 0},
+        torchserve=replica_settings(replicas), fallback={"cached_score_max_age_ms": 1000.0}
     )
     stub = decision_stub(channel_to(app))
     good = await stub.Decide(buy(), timeout=2.0)
@@ -412,11 +414,9 @@ async def test_cached_score_is_rewritten_at_most_once_per_interval(
         await put_many(self, entries)
 
     monkeypatch.setattr(ScoreCache, "put_many", counted)
+    monkeypatch.setattr(server.app, "CACHED_SCORE_WRITE_INTERVAL_MS", 1000.0)
     await feature_writer.write_many([sample_record("BTC-USD")])
-    app = await start_app(
-        torchserve=replica_settings(replicas),
-        fallback={"cached_score_write_interval_ms": 1000.0},
-    )
+    app = await start_app(torchserve=replica_settings(replicas))
     stub = decision_stub(channel_to(app))
     cache = ScoreCache(redis_client, key_prefix=key_prefix, ttl_ms=60_000)
     await stub.Decide(buy(), timeout=2.0)
@@ -433,12 +433,12 @@ async def test_cached_score_is_rewritten_at_most_once_per_interval(
 
 
 async def test_more_concurrent_calls_than_redis_connections_all_get_the_model(
-    replicas, start_app, channel_to, feature_writer
+    replicas, start_app, channel_to, feature_writer, monkeypatch
 ):
     await feature_writer.write_many([sample_record("BTC-USD")])
+    monkeypatch.setattr(redis_clients, "DECISION_REDIS_CONNECTIONS", 2)
     app = await start_app(
         torchserve=replica_settings(replicas),
-        redis={"max_connections": 2},
         # Every call reads Redis: with the mirror on, none would use the pool at all.
         features={"mirror": False},
         # 40 calls at once on one connection, past the default stream cap.

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from core.domain import Side
-from fallback.score_cache import ScoreCache, ScoreEntry
+from fallback.score_cache import HELD_MS, ScoreCache, ScoreEntry
 from proto.decision.v1 import decision_pb2
 from server.audit.store import decisions
 from tests.server.admin.test_admin import store_rows
@@ -79,9 +79,7 @@ async def test_every_worker_falls_back_to_the_secondary_then_the_ladder(
     server_processes, replicas, feature_writer, redis_client, key_prefix
 ):
     await feature_writer.write_many([sample_record("BTC-USD"), sample_record("SOL-USD")])
-    # Every decision reads the cached score from Redis (none held in memory): this test
-    # moves it there and expects each worker to see it at once.
-    (server,) = server_processes(1, workers=2, DECISION_FALLBACK__CACHED_SCORE_HELD_MS="0")
+    (server,) = server_processes(1, workers=2)
     ids: set[str] = set()
     cache = ScoreCache(redis_client, key_prefix=key_prefix, ttl_ms=60_000)
     async with worker_connections(server) as stubs:
@@ -99,12 +97,14 @@ async def test_every_worker_falls_back_to_the_secondary_then_the_ladder(
             now_us = time.time_ns() // 1000
             fresh = dataclasses.replace(remembered, scored_at_us=now_us - 100_000)
             await cache.put_many([ScoreEntry("BTC-USD", Side.BUY, fresh)])
+            await asyncio.sleep(HELD_MS / 1000.0)  # past what a worker holds in memory
             for answer in await answers(stubs, buy()):
                 assert answer.source == decision_pb2.SOURCE_CACHED_SCORE, answer.reason
                 assert answer.score == pytest.approx(remembered.score)
                 ids.add(answer.decision_id)
             old = dataclasses.replace(remembered, scored_at_us=now_us - 3_000_000)
             await cache.put_many([ScoreEntry("BTC-USD", Side.BUY, old)])
+            await asyncio.sleep(HELD_MS / 1000.0)
             for answer in await answers(stubs, buy()):
                 assert answer.source == decision_pb2.SOURCE_RULES, answer.reason
                 ids.add(answer.decision_id)

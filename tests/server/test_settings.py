@@ -21,7 +21,7 @@ from tests.conftest import REPO
         ({"torchserve": {"per_call_timeout_ms": 0}}, "torchserve.per_call_timeout_ms"),
         ({"breaker": {"min_counted_timeout_ms": 30}}, "hung replica would never open"),
         ({"decision": {"fallback_reserve_ms": 60}}, "fallback_reserve_ms must be below"),
-        ({"redis": {"max_connections": 0}}, "redis.max_connections"),
+        ({"redis": {"read_timeout_ms": 0}}, "redis.read_timeout_ms"),
         (
             {"torchserve": {"challenger_model_version": "archive"}},
             "reads the archives in drift.model_store, which is not set",
