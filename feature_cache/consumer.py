@@ -54,6 +54,11 @@ FETCH_TIMEOUT_MS = 50
 FETCH_MAX_WAIT_MS = 10
 # The longest wait between retries while Kafka or Redis is down.
 RETRY_BACKOFF_MAX_S = 5.0
+# Most records one fetch hands the consumer: a batch is one Redis pipeline.
+MAX_BATCH = 2000
+# How often the states are checkpointed and offsets committed: a consumer taking over a
+# partition replays at most about this much of it.
+CHECKPOINT_INTERVAL_S = 1.0
 # Seconds from an event's Kafka create time to its features written in Redis.
 FRESHNESS_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0)
 
@@ -105,8 +110,18 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class FeatureConsumer:
-    def __init__(self, settings: KafkaSettings, redis: aioredis.Redis, *, key_prefix: str) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        redis: aioredis.Redis,
+        *,
+        key_prefix: str,
+        max_batch: int = MAX_BATCH,
+        checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+    ) -> None:
         self._settings = settings
+        self._max_batch = max_batch
+        self._checkpoint_interval_s = checkpoint_interval_s
         self._redis = redis
         self._writer = FeatureWriter(redis, key_prefix=key_prefix, ttl_s=settings.feature_ttl_s)
         self._checkpoints = StateCheckpoints(redis, key_prefix=key_prefix)
@@ -246,7 +261,7 @@ class FeatureConsumer:
             try:
                 batches = await self._consumer.getmany(
                     timeout_ms=FETCH_TIMEOUT_MS,
-                    max_records=self._settings.max_batch,
+                    max_records=self._max_batch,
                 )
             except ConsumerStoppedError:
                 return
@@ -380,7 +395,7 @@ class FeatureConsumer:
         if not self._uncommitted:
             return
         now = time.monotonic()
-        step_s = self._settings.checkpoint_interval_ms / 1e3 / len(self._uncommitted)
+        step_s = self._checkpoint_interval_s / len(self._uncommitted)
         if now - self._last_checkpoint < step_s:
             return
         oldest = min(self._uncommitted, key=lambda tp: self._checkpointed_at.get(tp, 0.0))

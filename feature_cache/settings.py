@@ -43,15 +43,6 @@ class KafkaSettings(SettingsSection):
         "market-data.dlq", description="Where malformed market events go, with the reason."
     )
     group_id: str = Field("feature-cache", description="Consumer group of the feature cache.")
-    max_batch: int = Field(
-        2000, ge=1, description="Most records one fetch hands the consumer at once."
-    )
-    checkpoint_interval_ms: float = Field(
-        1000.0,
-        ge=0,
-        description="How often the consumer checkpoints its state and commits offsets; a "
-        "consumer taking over replays at most this much.",
-    )
     feature_ttl_s: float = Field(
         60.0, gt=0, description="TTL of the feature records the consumer writes."
     )

@@ -37,7 +37,7 @@ from core.backoff import Backoff
 from core.labels import favourable_move
 from feature_cache.checkpoint import StateCheckpoints
 from feature_cache.codec import MalformedMessage, decode
-from feature_cache.consumer import RETRY_BACKOFF_MAX_S
+from feature_cache.consumer import MAX_BATCH, RETRY_BACKOFF_MAX_S
 from feature_cache.events import MarketEvent
 from feature_cache.features import SymbolState
 from quality.history import MidHistory
@@ -181,9 +181,7 @@ class Labeler:
 
     async def _read(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            batches = await consumer.getmany(
-                timeout_ms=FETCH_MAX_WAIT_MS, max_records=self._kafka.max_batch
-            )
+            batches = await consumer.getmany(timeout_ms=FETCH_MAX_WAIT_MS, max_records=MAX_BATCH)
             for records in batches.values():
                 for record in records:
                     try:

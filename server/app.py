@@ -61,7 +61,7 @@ from server.control.changes import AuditedChanges, CanaryRollback
 from server.control.durable import ControlStore
 from server.control.flags import flag_specs
 from server.control.fleet import FleetMember, FleetRegistration, fleet_members
-from server.control.shared import CONTROL_REDIS_TIMEOUT_MS, SharedControl
+from server.control.shared import SharedControl
 from server.drift import DriftMonitor, ModelReferences
 from server.engine import DecisionEngine
 from server.features import FeatureSource
@@ -72,7 +72,7 @@ from server.replicas import Replicas, traffic
 from server.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
 from server.servicer import DecisionServicer
 from server.settings import Settings
-from server.shadow import SHADOW_PSI_WINDOW, ShadowAudit, ShadowScorer
+from server.shadow import ShadowAudit, ShadowScorer
 from server.stopping import STOP_SLACK_S, bounded
 from server.telemetry import (
     AuditCollector,
@@ -129,17 +129,7 @@ def shadow_scorer(
 ) -> ShadowScorer | None:
     if challenger is None:
         return None
-    shadow = settings.shadow
-    return ShadowScorer(
-        challenger,
-        audit=audit,
-        max_in_flight=shadow.max_in_flight,
-        timeout_ms=shadow.timeout_ms,
-        threshold=settings.decision.threshold,
-        psi_window=SHADOW_PSI_WINDOW,
-        batch_window_ms=shadow.batch_window_ms,
-        batch_max_rows=shadow.batch_max_rows,
-    )
+    return ShadowScorer(challenger, audit=audit, threshold=settings.decision.threshold)
 
 
 class DecisionApp:
@@ -173,8 +163,6 @@ class DecisionApp:
             ),
             key_prefix=prefix,
             flags=flag_specs(settings.control),
-            resync_interval_ms=settings.control.resync_interval_ms,
-            redis_timeout_ms=CONTROL_REDIS_TIMEOUT_MS,
         )
         self.audit = AuditTrail(
             settings.audit,

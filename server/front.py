@@ -42,7 +42,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     with ``CALLER_OPTIONS``). A maximum connection age when one is set."""
     server = settings.server
     options = [
-        ("grpc.so_reuseport", 1 if server.reuse_port else 0),
+        ("grpc.so_reuseport", 1 if server.workers > 1 else 0),
         ("grpc.max_concurrent_streams", server.max_concurrent_streams),
     ]
     if server.max_connection_age_s > 0:

@@ -42,11 +42,6 @@ class ServerSettings(SettingsSection):
         "journal folder and metrics port; 0: one per core this process may use. "
         "`decision-server --workers N` overrides it.",
     )
-    reuse_port: bool = Field(
-        False,
-        description="Set by the supervisor for its workers (SO_REUSEPORT on both ports); "
-        "a server on its own keeps its ports to itself.",
-    )
     log_level: str = Field("INFO", description="Python logging level of the server process.")
     log_format: Literal["text", "json"] = Field(
         "text",
@@ -122,13 +117,6 @@ class AdminSettings(SettingsSection):
 
 
 class ControlSettings(SettingsSection):
-    resync_interval_ms: float = Field(
-        250.0,
-        gt=0,
-        le=1000.0,
-        description="How often each server checks the shared state's version in Redis, "
-        "besides pub/sub: the bound on how late a change is seen when a message is lost.",
-    )
     shadow_sample_rate: float = Field(
         0.0,
         ge=0.0,
@@ -418,25 +406,6 @@ class CanarySettings(SettingsSection):
     )
 
 
-class ShadowSettings(SettingsSection):
-    max_in_flight: int = Field(
-        16,
-        ge=1,
-        description="Shadow calls in flight at most; past it a sampled decision's shadow "
-        "call is dropped and counted, never queued.",
-    )
-    timeout_ms: float = Field(100.0, gt=0, description="Timeout of one shadow call.")
-    batch_window_ms: float = Field(
-        200.0,
-        ge=0,
-        description="Sampled decisions are gathered this long and scored in one challenger "
-        "call; 0: one call per decision.",
-    )
-    batch_max_rows: int = Field(
-        64, ge=1, description="A gathered shadow call is sent at once when it has this many rows."
-    )
-
-
 class DriftSettings(SettingsSection):
     model_store: str = Field(
         "",
@@ -497,7 +466,6 @@ class Settings(BaseSettings):
     admin: AdminSettings = AdminSettings()
     control: ControlSettings = ControlSettings()
     canary: CanarySettings = CanarySettings()
-    shadow: ShadowSettings = ShadowSettings()
     drift: DriftSettings = DriftSettings()
 
     @model_validator(mode="after")

@@ -2,16 +2,16 @@
 
 The engine hands over a decision's rows after it has recorded the decision and before
 it answers; the caller never waits for the challenger. Sampled decisions are gathered for
-up to ``batch_window_ms`` (or ``batch_max_rows`` rows) and scored in one challenger call:
+up to ``BATCH_WINDOW_MS`` (or ``BATCH_MAX_ROWS`` rows) and scored in one challenger call:
 one call per decision cost the challenger and this process a request's overhead for every
 decision, which on shared cores showed in the champion's tail latency. At most
-``max_in_flight`` shadow calls run at once: a batch due past that is dropped and counted,
+``MAX_IN_FLIGHT`` shadow calls run at once: a batch due past that is dropped and counted,
 never queued (a slow challenger must not pile up work).
 
 Each shadow score is appended to the audit journal as a ``ShadowRecord`` (the shipper
 fills the decision row's shadow columns) and feeds the comparison figures: agreement
 with the decision, score difference, and the PSI of the challenger's scores against
-the champion's over the last ``psi_window`` pairs.
+the champion's over the last ``PSI_WINDOW`` pairs.
 """
 
 from __future__ import annotations
@@ -40,7 +40,11 @@ UNGUARDED = Admission(guarded=False)
 # Score-difference histogram bounds (|challenger - champion|), for the metrics.
 DIFF_BOUNDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 # Pairs of champion and challenger scores the score PSI is over: enough for its deciles.
-SHADOW_PSI_WINDOW = 2000
+PSI_WINDOW = 2000
+BATCH_WINDOW_MS = 200.0  # one challenger call per this much of the sampled decisions
+BATCH_MAX_ROWS = 64  # a gathered call goes at once with this many rows
+MAX_IN_FLIGHT = 16  # shadow calls at once; past it a batch is dropped, never queued
+TIMEOUT_MS = 100.0  # a shadow call's wait: longer than the challenger's answers under load
 
 
 class ShadowAudit(Protocol):
@@ -75,12 +79,12 @@ class ShadowScorer:
         challenger: Replica,
         *,
         audit: ShadowAudit,
-        max_in_flight: int,
-        timeout_ms: float,
         threshold: float,
-        psi_window: int,
-        batch_window_ms: float,
-        batch_max_rows: int,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        timeout_ms: float = TIMEOUT_MS,
+        psi_window: int = PSI_WINDOW,
+        batch_window_ms: float = BATCH_WINDOW_MS,
+        batch_max_rows: int = BATCH_MAX_ROWS,
     ) -> None:
         self._challenger = challenger
         self._audit = audit

@@ -90,7 +90,9 @@ def worker_settings(settings: Settings, index: int, workers: int, plan: JournalP
     metrics_port = settings.telemetry.metrics_port
     return settings.model_copy(
         update={
-            "server": settings.server.model_copy(update={"reuse_port": True}),
+            # The count, not the setting (0: one per CPU): the front shares the port
+            # (SO_REUSEPORT) when there are several.
+            "server": settings.server.model_copy(update={"workers": workers}),
             "audit": settings.audit.model_copy(
                 update={"journal_dir": str(plan.own), "server_id": f"{server_id}/w{index}"}
             ),

@@ -3,7 +3,7 @@
 The audit store's database holds the truth (``ControlStore``): a change is written there,
 with its audit row, before AdminService answers, and a server applies only what it read
 there. Redis holds a copy that tells every server of a change (``RedisCopy``: a message,
-and a version each server checks every ``resync_interval_ms``); each server also reads
+and a version each server checks every ``RESYNC_INTERVAL_MS``); each server also reads
 the durable copy every ``DURABLE_POLL_S``, for a change Redis did not take.
 
 Until it has read the durable copy, a server stops every symbol (a kill switch for
@@ -50,6 +50,9 @@ T = TypeVar("T")
 DURABLE_POLL_S = 1.0
 # The longest one read or write of Redis's copy may take: Redis down is told in a second.
 CONTROL_REDIS_TIMEOUT_MS = 1000.0
+# How often each server checks the version of Redis's copy, besides pub/sub: the bound
+# on how late a change is seen when a message is lost.
+RESYNC_INTERVAL_MS = 250.0
 # The longest a read of the durable copy may take before it counts as failed.
 DURABLE_READ_TIMEOUT_S = 5.0
 # The longest a change may wait for the durable store: past it, on-call is told the
@@ -93,8 +96,8 @@ class SharedControl:
         store: ControlStore,
         key_prefix: str,
         flags: Mapping[str, FlagSpec],
-        resync_interval_ms: float,
-        redis_timeout_ms: float,
+        resync_interval_ms: float = RESYNC_INTERVAL_MS,
+        redis_timeout_ms: float = CONTROL_REDIS_TIMEOUT_MS,
     ) -> None:
         self._copy = RedisCopy(url, key_prefix=key_prefix, timeout_ms=redis_timeout_ms)
         self._store = store

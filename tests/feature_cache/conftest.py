@@ -32,7 +32,6 @@ async def kafka_settings(kafka_instance: KafkaInstance, key_prefix: str) -> Kafk
         topic=f"md-{name}",
         dead_letter_topic=f"md-{name}.dlq",
         group_id=f"g-{name}",
-        max_batch=500,
     )
     await create_topics(
         kafka_instance.bootstrap, {settings.topic: PARTITIONS, settings.dead_letter_topic: 1}
@@ -47,7 +46,9 @@ async def start_consumer(
     consumers: list[FeatureConsumer] = []
 
     async def _start() -> FeatureConsumer:
-        consumer = FeatureConsumer(kafka_settings, redis_client, key_prefix=key_prefix)
+        consumer = FeatureConsumer(
+            kafka_settings, redis_client, key_prefix=key_prefix, max_batch=500
+        )
         consumers.append(consumer)
         await consumer.start()
         return consumer

@@ -37,8 +37,6 @@ async def test_consumer_resumes_from_committed_offsets_after_a_broker_restart_un
             topic="md-restart",
             dead_letter_topic="md-restart.dlq",
             group_id="g-restart",
-            max_batch=200,
-            checkpoint_interval_ms=200,
         )
         await create_topics(
             settings.bootstrap_servers, {settings.topic: PARTITIONS, settings.dead_letter_topic: 1}
@@ -48,7 +46,9 @@ async def test_consumer_resumes_from_committed_offsets_after_a_broker_restart_un
         )
         events = list(generator.events(EVENTS))
         reader = FeatureReader(redis_client, key_prefix=key_prefix)
-        consumer = FeatureConsumer(settings, redis_client, key_prefix=key_prefix)
+        consumer = FeatureConsumer(
+            settings, redis_client, key_prefix=key_prefix, max_batch=200, checkpoint_interval_s=0.2
+        )
         await consumer.start()
     except BaseException:
         broker.stop()

@@ -173,7 +173,6 @@ async def test_killed_consumer_resumes_without_loss(
         kafka_settings,
         redis_instance.url,
         key_prefix,
-        DECISION_KAFKA__MAX_BATCH="200",
         DECISION_FEATURE_CACHE__ALIVE_FILE=str(tmp_path / "alive"),
     )
 

@@ -15,6 +15,7 @@ import pytest
 from server.__main__ import main
 from server.audit.journal import MAGIC, frame, segment_path
 from server.audit.shipper import CHECKPOINT_FILE
+from server.front import server_options
 from server.settings import Settings
 from server.workers import JournalPlan, journal_plans, worker_settings
 from tests.conftest import REPO, wait_for
@@ -67,13 +68,14 @@ def test_each_worker_gets_its_own_journal_metrics_port_and_server_id(tmp_path: P
     )
     plans = journal_plans(tmp_path, 2)
     first, second = (worker_settings(settings, i, 2, plans[i]) for i in range(2))
-    assert (first.server.reuse_port, second.server.reuse_port) == (True, True)
+    reuse_port = ("grpc.so_reuseport", 1)
+    assert reuse_port in server_options(first) and reuse_port in server_options(second)
     assert (first.server.port, second.server.port) == (50051, 50051)
     assert (first.telemetry.metrics_port, second.telemetry.metrics_port) == (9464, 9465)
     assert (first.audit.server_id, second.audit.server_id) == ("pod-a/w0", "pod-a/w1")
     assert first.audit.journal_dir != second.audit.journal_dir
     alone = worker_settings(settings, 0, 1, journal_plans(tmp_path, 1)[0])
-    assert not alone.server.reuse_port
+    assert ("grpc.so_reuseport", 0) in server_options(Settings(server={"port": 50051}))
     assert (alone.telemetry.metrics_port, alone.audit.server_id) == (9464, "pod-a")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,11 +16,13 @@ import pytest
 import sqlalchemy as sa
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import server.app
 from feature_cache.schema import MODEL_INPUT_WIDTH
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.admin import ctl
 from server.app import DecisionApp
 from server.audit.store import admin_actions, create_store_engine, decisions
+from server.shadow import ShadowScorer
 from tests.conftest import wait_for
 from tests.server.conftest import (
     OPERATOR,
@@ -541,19 +544,22 @@ async def test_a_slow_but_answering_challenger_is_rolled_back_on_its_p99(
 
 
 async def test_shadow_scores_land_in_the_decision_rows_and_saturation_drops_them(
-    start_app, replicas, challenger_replica, channel_to, feature_writer
+    start_app, replicas, challenger_replica, channel_to, feature_writer, monkeypatch
 ):
     challenger_replica.ensure_running()
     await feature_writer.write_many([sample_record("BTC-USD")])
+    # One call at a time, and one that outlasts the paused challenger below. No
+    # gathering: one call per decision, so the bound is reached call by call.
+    one_at_a_time = functools.partial(
+        ShadowScorer, max_in_flight=1, timeout_ms=5000.0, batch_window_ms=0.0
+    )
+    monkeypatch.setattr(server.app, "ShadowScorer", one_at_a_time)
     app: DecisionApp = await start_app(
         torchserve={
             **replica_settings(replicas),
             "challenger_address": challenger_replica.address,
         },
         control={"shadow_sample_rate": 1.0},
-        # One call at a time, and one that outlasts the paused challenger below.
-        # No gathering: one call per decision, so the bound is reached call by call.
-        shadow={"max_in_flight": 1, "timeout_ms": 5000.0, "batch_window_ms": 0.0},
     )
     await settle(app)
     assert app.challenger is not None
