@@ -40,6 +40,7 @@ from localstack.redis_server import start_redis
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from server.settings import Settings
+from server.tracing import DEFAULT_SAMPLE_RATIO
 from torchserve.replica import ReplicaPorts, replica_dir, start_replica, torchserve_replica
 from torchserve.train import REPO, ensure_models
 
@@ -267,8 +268,8 @@ def main() -> None:
     parser.add_argument(
         "--trace-sample-ratio",
         type=float,
-        default=Settings().telemetry.trace_sample_ratio,
-        help="path O's sampling (default: the setting's default)",
+        default=DEFAULT_SAMPLE_RATIO,
+        help="path O's sampling (default: the server's default)",
     )
     args = parser.parse_args()
 
@@ -289,8 +290,9 @@ def main() -> None:
             "decide_redis": {**metrics["decide_redis"], "DECISION_FEATURES__MIRROR": "false"},
             "decide_traced": {
                 **metrics["decide_traced"],
-                "DECISION_TELEMETRY__OTLP_ENDPOINT": f"127.0.0.1:{sink_port}",
-                "DECISION_TELEMETRY__TRACE_SAMPLE_RATIO": str(args.trace_sample_ratio),
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": str(args.trace_sample_ratio),
             },
             "decide_unmeasured": {},
         }

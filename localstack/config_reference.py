@@ -103,6 +103,10 @@ def render() -> str:
             "A value that does not parse stops the process at once, naming the field; "
             "`decision-server --print-config` prints what the server would run with.",
             "",
+            "Tracing is configured by OpenTelemetry's standard variables "
+            "(`OTEL_EXPORTER_OTLP_ENDPOINT` turns it on, `OTEL_TRACES_SAMPLER`, "
+            "`OTEL_SERVICE_NAME`, ...): see [metrics](metrics.md).",
+            "",
             "| variable | default | read by | meaning |",
             "| --- | --- | --- | --- |",
             *rows,

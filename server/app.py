@@ -146,7 +146,7 @@ class DecisionApp:
         server's own (``server.workers``). ``tracing``: instead of the one the settings
         make (tests: an in-memory exporter)."""
         self.settings = settings
-        self.tracing = tracing or Tracing.from_settings(settings.telemetry)
+        self.tracing = tracing or Tracing.from_environment()
         prefix = settings.redis.key_prefix
         self.redis = decision_redis(settings)
         self.status_redis = side_redis(settings)

@@ -429,26 +429,6 @@ class TelemetrySettings(SettingsSection):
         le=65535,
         description="Prometheus /metrics port (HTTP); 0 turns the endpoint off.",
     )
-    otlp_endpoint: str = Field(
-        "",
-        description="OpenTelemetry collector (OTLP over gRPC, host:port) the server's spans "
-        "are exported to; empty: no tracing at all (no spans are made).",
-    )
-    otlp_insecure: bool = Field(
-        True, description="Plaintext to the collector (a sidecar or node-local agent)."
-    )
-    trace_sample_ratio: float = Field(
-        0.05,
-        ge=0,
-        le=1,
-        description="Share of new traces recorded; a caller's traceparent decides for its own "
-        "calls (sampled or not). Tracing costs on every call, sampled or not (bench_latency: "
-        "at 5 %, +0.16 ms at p50 and a quarter of the saturated throughput; at 100 %, "
-        "+0.35 ms and 44 %).",
-    )
-    service_name: str = Field(
-        "decision-server", description="The service.name resource of the spans."
-    )
 
 
 class Settings(BaseSettings):

@@ -1,9 +1,13 @@
 """OpenTelemetry tracing: the server's spans and its gRPC interceptors.
 
-With ``telemetry.otlp_endpoint`` set, each server process has a tracer provider of its
-own (never the global one: several apps share a test process) that samples
-``trace_sample_ratio`` of new traces, follows a caller's sampled flag, and exports in
-batches over OTLP/gRPC. ``opentelemetry-instrumentation-grpc`` makes a span of every
+Configured by OpenTelemetry's own environment variables, as any OTel SDK is: with
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) set, each
+server process has a tracer provider of its own (never the global one: several apps
+share a test process) that exports in batches over OTLP/gRPC (the exporter reads the
+other ``OTEL_EXPORTER_OTLP_*`` variables itself), samples new traces by
+``OTEL_TRACES_SAMPLER`` (default: ``DEFAULT_SAMPLE_RATIO`` of them, following a caller's
+sampled flag) and names the service ``OTEL_SERVICE_NAME`` (default
+``decision-server``). ``opentelemetry-instrumentation-grpc`` makes a span of every
 DecisionService and AdminService call (continuing a caller's W3C ``traceparent``) and of
 every model call (health checks left out); the engine adds spans for its steps. With no
 endpoint there is no provider: the tracer makes no spans (``QuietTracer``) and no
@@ -13,19 +17,23 @@ The trace and decision ids in log lines: ``server.logs``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.trace import Span, Tracer
 
-from server.settings import TelemetrySettings
-
 if TYPE_CHECKING:  # the SDK and the instrumentation load only when tracing is on (~6 MB)
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.sampling import Sampler
 
 INSTRUMENTATION = "decision-service"
+SERVICE_NAME = "decision-server"  # unless OTEL_SERVICE_NAME says otherwise
+# New traces recorded unless OTEL_TRACES_SAMPLER says otherwise: tracing costs every
+# call, sampled or not, and more the more it records (docs/metrics.md).
+DEFAULT_SAMPLE_RATIO = 0.05
 
 
 class _NoSpan:
@@ -62,27 +70,36 @@ class Tracing:
         )
 
     @classmethod
-    def from_settings(cls, settings: TelemetrySettings) -> Tracing:
-        if not settings.otlp_endpoint:
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Tracing:
+        """Off unless an OTLP endpoint is set."""
+        endpoints = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+        if not any(environ.get(name) for name in endpoints):
             return cls(None)
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        exporter = OTLPSpanExporter(
-            endpoint=settings.otlp_endpoint, insecure=settings.otlp_insecure
-        )
-        return cls.with_processor(BatchSpanProcessor(exporter), settings)
+        return cls.with_processor(BatchSpanProcessor(OTLPSpanExporter()))
 
     @classmethod
-    def with_processor(cls, processor: SpanProcessor, settings: TelemetrySettings) -> Tracing:
-        """Tracing whose spans go to ``processor`` (tests: an in-memory exporter's)."""
+    def with_processor(
+        cls,
+        processor: SpanProcessor,
+        *,
+        sampler: Sampler | None = None,
+    ) -> Tracing:
+        """Tracing whose spans go to ``processor`` (tests: an in-memory exporter's);
+        ``sampler``: instead of the environment's or the default."""
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-        provider = TracerProvider(
-            sampler=ParentBased(TraceIdRatioBased(settings.trace_sample_ratio)),
-            resource=Resource.create({"service.name": settings.service_name}),
+        if sampler is None and not os.environ.get("OTEL_TRACES_SAMPLER"):
+            sampler = ParentBased(TraceIdRatioBased(DEFAULT_SAMPLE_RATIO))
+        provider = TracerProvider(  # sampler None: the SDK reads OTEL_TRACES_SAMPLER
+            sampler=sampler,
+            resource=Resource.create(
+                {"service.name": os.environ.get("OTEL_SERVICE_NAME") or SERVICE_NAME}
+            ),
         )
         provider.add_span_processor(processor)
         return cls(provider)

@@ -9,9 +9,9 @@ import sys
 import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from server.logs import TEXT_FORMAT, JsonFormatter, LogContext, deciding
-from server.settings import TelemetrySettings
 from server.tracing import Tracing
 
 
@@ -28,9 +28,7 @@ def test_outside_a_call_the_ids_are_dashes() -> None:
 
 @pytest.mark.parametrize(("ids", "shown"), [(["d-1"], "d-1"), (["d-1", "d-2", "d-3"], "d-1+2")])
 def test_inside_a_traced_decision_both_ids_are_on_the_line(ids: list[str], shown: str) -> None:
-    tracing = Tracing.with_processor(
-        SimpleSpanProcessor(InMemorySpanExporter()), TelemetrySettings(trace_sample_ratio=1.0)
-    )
+    tracing = Tracing.with_processor(SimpleSpanProcessor(InMemorySpanExporter()), sampler=ALWAYS_ON)
     with tracing.tracer.start_as_current_span("decide") as span, deciding(ids):
         made = record()
     trace_id = f"{span.get_span_context().trace_id:032x}"

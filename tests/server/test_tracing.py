@@ -12,12 +12,12 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, StatusCode
 
 from core.processes import free_port
 from proto.decision.v1 import decision_pb2
 from server.app import DecisionApp
-from server.settings import TelemetrySettings
 from server.tracing import Tracing
 from tests.server.conftest import (
     audited_decision,
@@ -41,9 +41,7 @@ def exporter() -> InMemorySpanExporter:
 
 @pytest.fixture
 def tracing(exporter: InMemorySpanExporter) -> Tracing:
-    return Tracing.with_processor(
-        SimpleSpanProcessor(exporter), TelemetrySettings(trace_sample_ratio=1.0)
-    )
+    return Tracing.with_processor(SimpleSpanProcessor(exporter), sampler=ALWAYS_ON)
 
 
 def children(spans: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
