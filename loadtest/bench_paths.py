@@ -79,7 +79,6 @@ from server.settings import ServerSettings
 from torchserve.replica import ReplicaPorts, workers_lost
 from torchserve.train import ensure_models
 from torchserve.triton import (
-    TRITON_OIP_SERVICE,
     TRITON_ROOT,
     model_ready,
     model_repository,
@@ -680,9 +679,7 @@ def start_triton(
     procs.append(triton)
     triton.start()
     decision_env = {
-        "DECISION_TORCHSERVE__PROTOCOL": "oip",
-        "DECISION_TORCHSERVE__OIP_SERVICE": TRITON_OIP_SERVICE,
-        "DECISION_TORCHSERVE__MODEL_VERSION": champion.version,
+        "DECISION_TORCHSERVE__PROTOCOL": "oip",  # answers carry Triton's version, "1"
     }
     return triton, decision_env
 

@@ -61,7 +61,6 @@ from torchserve.replica import (
 )
 from torchserve.train import ensure_models, load_models
 from torchserve.triton import (
-    TRITON_OIP_SERVICE,
     TRITON_ROOT,
     model_ready,
     model_repository,
@@ -534,10 +533,8 @@ class LocalStack:
             return {}
         return {
             "DECISION_TORCHSERVE__PROTOCOL": "oip",
-            "DECISION_TORCHSERVE__OIP_SERVICE": TRITON_OIP_SERVICE,
             # The archives' own versions, read from the served folder (the drift store).
             "DECISION_TORCHSERVE__MODEL_VERSION": ARCHIVE_VERSION,
-            "DECISION_TORCHSERVE__CHALLENGER_MODEL_VERSION": ARCHIVE_VERSION,
         }
 
     def scrape_targets(self) -> list[Target]:

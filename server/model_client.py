@@ -438,15 +438,15 @@ class TorchServeClient(GrpcModelClient):
 
 
 TORCHSERVE_OIP_SERVICE = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
+OIP_SERVICE = "inference.GRPCInferenceService"  # the standard name: Triton, KServe, MLServer
 
 
 class OipClient(GrpcModelClient):
     """The Open Inference Protocol (KServe v2) gRPC API's ``ModelInfer`` on one replica.
 
-    ``service`` is the gRPC service name: TorchServe's own package
-    (``TORCHSERVE_OIP_SERVICE``), or ``inference.GRPCInferenceService`` for Triton,
-    KServe and MLServer; the messages are the same. ``output``: the output tensor that
-    holds the scores; empty: ``scores``, else the response's only output.
+    ``service`` is the gRPC service name: TorchServe's own package (the default), or
+    ``OIP_SERVICE`` for Triton, KServe and MLServer; the messages are the same. The scores
+    are the answer's ``scores`` output, else its only output.
     """
 
     def __init__(
@@ -456,25 +456,11 @@ class OipClient(GrpcModelClient):
         model_name: str,
         *,
         service: str = TORCHSERVE_OIP_SERVICE,
-        reconnect_backoff_ms: int = 500,
-        max_abandoned_calls: int = MAX_ABANDONED_CALLS,
-        loop_lag: LoopLag | None = None,
-        model_version: str = "",
-        output: str = "",
-        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        **options: Any,
     ) -> None:
-        super().__init__(
-            name,
-            address,
-            model_name,
-            reconnect_backoff_ms=reconnect_backoff_ms,
-            max_abandoned_calls=max_abandoned_calls,
-            loop_lag=loop_lag,
-            model_version=model_version,
-            interceptors=interceptors,
-        )
+        """``options``: as ``GrpcModelClient``'s."""
+        super().__init__(name, address, model_name, **options)
         self.service = service
-        self.output = output
 
     def _bind(self, channel: grpc.aio.Channel) -> None:
         self._infer = oip_model_infer(channel, self.service)
@@ -486,7 +472,7 @@ class OipClient(GrpcModelClient):
             lambda wire_timeout_s: self._infer(request, timeout=wire_timeout_s),
             timeout_s,
         )
-        scores = oip_scores(response, len(rows), output=self.output, replica=self.name)
+        scores = oip_scores(response, len(rows), replica=self.name)
         return self._scores(scores, response.model_version, len(rows), elapsed_ms)
 
 
@@ -523,26 +509,16 @@ def oip_request(
     )
 
 
-def oip_scores(
-    response: oip_pb2.ModelInferResponse, rows: int, *, output: str, replica: str
-) -> list[float]:
-    """One score per row from the output that holds them: ``output``, else ``scores``,
-    else the only output; an ``error`` output is the replica rejecting our rows."""
+def oip_scores(response: oip_pb2.ModelInferResponse, rows: int, *, replica: str) -> list[float]:
+    """One score per row from the output that holds them: ``scores``, else the only
+    output; an ``error`` output is the replica rejecting our rows."""
     names = [o.name for o in response.outputs]
     if "error" in names:
         error = response.outputs[names.index("error")]
         raise ModelInputError(f"{replica} rejected the rows: {_oip_text(error.contents)}")
-    if output:
-        wanted = output
-    elif "scores" in names or len(names) != 1:
-        wanted = "scores"
-    else:
-        wanted = names[0]
+    wanted = names[0] if len(names) == 1 else "scores"
     if wanted not in names:
-        raise ModelResponseError(
-            f"{replica} answered outputs {names} without {wanted!r}"
-            " (DECISION_TORCHSERVE__OIP_OUTPUT names the one with the scores)"
-        )
+        raise ModelResponseError(f"{replica} answered outputs {names}: none is 'scores'")
     index = names.index(wanted)
     tensor = response.outputs[index]
     if list(tensor.shape) not in ([rows], [rows, 1]):

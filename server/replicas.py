@@ -3,7 +3,6 @@ micro-batching), its breaker, and the champion's and the canary's lanes over the
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,12 +15,21 @@ from core.loop_lag import LoopLag
 from server.batching import BatchingClient
 from server.control.canary import CanaryMonitor
 from server.drift import archived_version
-from server.model_client import ModelClient, OipClient, TorchServeClient
+from server.model_client import (
+    OIP_SERVICE,
+    TORCHSERVE_OIP_SERVICE,
+    ModelClient,
+    OipClient,
+    TorchServeClient,
+)
 from server.replica import Replica
 from server.router import ReplicaRouter
-from server.settings import ARCHIVE_VERSION, InferenceApi, Settings, TorchServeSettings
+from server.settings import ARCHIVE_VERSION, InferenceProtocol, Settings, TorchServeSettings
 from server.tracing import Tracing
 from server.traffic import Traffic
+
+# The OIP's gRPC service, by protocol: TorchServe serves it in a package of its own.
+OIP_SERVICES = {"torchserve-oip": TORCHSERVE_OIP_SERVICE, "oip": OIP_SERVICE}
 
 
 def model_client(
@@ -30,27 +38,27 @@ def model_client(
     address: str,
     model_name: str | None = None,
     *,
-    api: InferenceApi | None = None,
+    protocol: InferenceProtocol | None = None,
+    model_version: str = "",
     max_concurrent_calls: int,
     loop_lag: LoopLag | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> ModelClient:
     """The replica's client for its inference API (default: the champion's), micro-batching
-    with ``max_concurrent_calls`` out at once. ``loop_lag``:
-    this process's event-loop probe, so that a timeout does not blame the replica for time
-    the loop was stalled."""
-    model = model_name or ts.model_name
-    api = api or ts.champion_api()
+    with ``max_concurrent_calls`` out at once. ``model_version``: reported for every answer
+    instead of the replica's word, when set. ``loop_lag``: this process's event-loop
+    probe, so that a timeout does not blame the replica for time the loop was stalled."""
+    protocol = protocol or ts.protocol
     client_for_protocol: Callable[..., ModelClient] = (
-        functools.partial(OipClient, service=api.oip_service, output=api.oip_output)
-        if api.protocol == "oip"
-        else TorchServeClient
+        TorchServeClient
+        if protocol == "torchserve"
+        else functools.partial(OipClient, service=OIP_SERVICES[protocol])
     )
     client = client_for_protocol(
         name,
         address,
-        model,
-        model_version=api.model_version,
+        model_name or ts.model_name,
+        model_version=model_version,
         loop_lag=loop_lag,
         interceptors=interceptors,
     )
@@ -70,17 +78,17 @@ class Replicas:
 
         def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
             canary = source is Source.CANARY
-            api = ts.challenger_api() if canary else ts.champion_api()
-            if api.model_version == ARCHIVE_VERSION:
+            version = ""
+            if ts.model_version == ARCHIVE_VERSION:
                 store = Path(settings.drift.model_store)
                 version = archived_version(store, model or ts.model_name)
-                api = dataclasses.replace(api, model_version=version)
             client = model_client(
                 ts,
                 name,
                 address,
                 model,
-                api=api,
+                protocol=ts.protocol_of(challenger=canary),
+                model_version=version,
                 max_concurrent_calls=(
                     ts.challenger_batch_max_concurrent_calls
                     if canary

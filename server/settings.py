@@ -8,7 +8,6 @@ packages (``feature_cache.settings``, ``fallback.settings``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
@@ -133,34 +132,24 @@ class ControlSettings(SettingsSection):
 
 ARCHIVE_VERSION = "archive"
 """A model_version that names the served archive's own version hash (resolved where
-server.app builds the replicas, from drift.model_store)."""
+server.replicas builds the replicas, from drift.model_store)."""
+
+InferenceProtocol = Literal["torchserve", "torchserve-oip", "oip"]
 
 
 class TorchServeSettings(SettingsSection):
     model_name: str = Field("champion", description="Model name registered in TorchServe.")
-    protocol: Literal["torchserve", "oip"] = Field(
+    protocol: InferenceProtocol = Field(
         "torchserve",
-        description="Inference API of the replicas: TorchServe's native gRPC API, or the "
-        "Open Inference Protocol (KServe v2) gRPC API that TorchServe, Triton, KServe and "
-        "MLServer serve.",
+        description="Inference API of the replicas: torchserve (TorchServe's native gRPC "
+        "API), torchserve-oip (the Open Inference Protocol as TorchServe serves it) or oip "
+        "(its standard service: Triton, KServe, MLServer).",
     )
-    oip_service: str = Field(
-        "org.pytorch.serve.grpc.openinference.GRPCInferenceService",
-        description="gRPC service name for protocol oip: TorchServe's own package by "
-        "default; inference.GRPCInferenceService for Triton, KServe and MLServer.",
-    )
-    oip_output: str = Field(
+    model_version: Literal["", "archive"] = Field(
         "",
-        description="Output tensor holding the scores in an OIP replica's answer; empty: "
-        "'scores' (our TorchServe handler's), else the answer's only output (MLServer's "
-        "XGBoost runtime answers 'predict').",
-    )
-    model_version: str = Field(
-        "",
-        description="Version reported for the champion replicas' answers instead of their "
-        "own, for a server that answers none or a number (Triton's '1'): the archive's "
-        "sha256, or 'archive': that of <model_name>.mar in drift.model_store. Empty: the "
-        "replica's answer.",
+        description="Empty: each answer carries the version its replica says. archive: the "
+        "version of <model name>.mar in drift.model_store, for servers that answer a "
+        "number (Triton's '1').",
     )
     primary_address: str = Field(
         "127.0.0.1:7070", description="host:port of the primary replica's gRPC inference API."
@@ -175,19 +164,8 @@ class TorchServeSettings(SettingsSection):
     challenger_model_name: str = Field(
         "challenger", description="Model name of the challenger in its replica."
     )
-    challenger_protocol: Literal["", "torchserve", "oip"] = Field(
-        "",
-        description="The challenger's inference API when it differs from protocol (a "
-        "challenger on MLServer or Triton: oip); empty: protocol.",
-    )
-    challenger_oip_service: str = Field(
-        "", description="The challenger's OIP gRPC service name; empty: oip_service."
-    )
-    challenger_oip_output: str = Field(
-        "", description="As oip_output, for the challenger; empty: oip_output."
-    )
-    challenger_model_version: str = Field(
-        "", description="As model_version, for the challenger's answers."
+    challenger_protocol: Literal["", "torchserve", "torchserve-oip", "oip"] = Field(
+        "", description="The challenger's inference API when it differs; empty: protocol."
     )
     per_call_timeout_ms: float = Field(
         25.0,
@@ -218,28 +196,8 @@ class TorchServeSettings(SettingsSection):
         "the canary's only slot.",
     )
 
-    def champion_api(self) -> InferenceApi:
-        """How the primary and the secondary are called."""
-        return InferenceApi(self.protocol, self.oip_service, self.oip_output, self.model_version)
-
-    def challenger_api(self) -> InferenceApi:
-        """How the challenger is called: the champion's API unless set apart."""
-        return InferenceApi(
-            self.challenger_protocol or self.protocol,
-            self.challenger_oip_service or self.oip_service,
-            self.challenger_oip_output or self.oip_output,
-            self.challenger_model_version,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class InferenceApi:
-    """One replica's inference API, as ``server.replicas.model_client`` builds its client."""
-
-    protocol: Literal["torchserve", "oip"]
-    oip_service: str
-    oip_output: str  # "": "scores", else the only output
-    model_version: str  # "": the replica's answer
+    def protocol_of(self, *, challenger: bool) -> InferenceProtocol:
+        return (self.challenger_protocol or self.protocol) if challenger else self.protocol
 
 
 class BreakerSettings(SettingsSection):
@@ -458,9 +416,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _archive_versions_need_the_archives(self) -> Settings:
-        ts = self.torchserve
-        wanted = ARCHIVE_VERSION in (ts.model_version, ts.challenger_model_version)
-        if wanted and not self.drift.model_store:
+        if self.torchserve.model_version == ARCHIVE_VERSION and not self.drift.model_store:
             raise ValueError(
                 f"torchserve.model_version '{ARCHIVE_VERSION}' reads the archives in "
                 "drift.model_store, which is not set"

@@ -6,8 +6,7 @@ dynamic batcher with a queue policy) and ``folder/<model>/1/`` holding
 ``torchserve/triton_model.py`` as ``model.py`` beside the archive's own ``handler.py``,
 ``model-meta.json`` and serialized model: Triton scores with the scorer TorchServe uses.
 Triton names versions by number, so its answers say version "1"; the decision server
-reports the archive's hash instead (``DECISION_TORCHSERVE__MODEL_VERSION``, printed by
-``python -m torchserve.triton``).
+reports the archive's hash instead (``DECISION_TORCHSERVE__MODEL_VERSION=archive``).
 
 ``tritonserver`` comes from the ``nvidia-pytriton`` wheel (``make setup-ci`` installs it
 into ``.tools/triton`` without its dependencies: only the binary and the Python backend

@@ -18,9 +18,7 @@ from server.audit.journal import SEGMENT_MAX_BYTES
 from server.front import DECISION_SERVICE
 from server.settings import ARCHIVE_VERSION, Settings
 from torchserve.container import CONTAINER_PORTS
-from torchserve.mlserver import MLSERVER_OIP_SERVICE
 from torchserve.replica import role_section
-from torchserve.triton import TRITON_OIP_SERVICE
 
 WORKLOADS = ("decision", "model-secondary", "model-challenger", "feature-cache")
 # The primary sidecar's container and image, and what its argument names, by model server.
@@ -193,7 +191,6 @@ def test_the_mlserver_component_swaps_the_challenger_alone(
     assert ports(mlserver) == ports(torchserve)  # the Service and policies still fit
     env = config_env(swapped)
     assert env["DECISION_TORCHSERVE__CHALLENGER_PROTOCOL"] == "oip"
-    assert env["DECISION_TORCHSERVE__CHALLENGER_OIP_SERVICE"] == MLSERVER_OIP_SERVICE
     assert "DECISION_TORCHSERVE__PROTOCOL" not in env, "the champion's API is untouched"
 
     # The rest renders as in dev (Deployments name the ConfigMap by its content hash).
@@ -233,9 +230,7 @@ def test_the_triton_component_swaps_every_replica(rendered: dict[str, list[Objec
     assert references["image"].split("/")[-1].startswith("triton-server:")  # its own archives
     env = config_env(swapped)
     assert env["DECISION_TORCHSERVE__PROTOCOL"] == "oip"
-    assert env["DECISION_TORCHSERVE__OIP_SERVICE"] == TRITON_OIP_SERVICE
     assert env["DECISION_TORCHSERVE__MODEL_VERSION"] == ARCHIVE_VERSION
-    assert env["DECISION_TORCHSERVE__CHALLENGER_MODEL_VERSION"] == ARCHIVE_VERSION
 
 
 def test_ports_and_environment_match_the_server_settings(

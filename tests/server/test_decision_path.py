@@ -27,7 +27,7 @@ from tests.server.conftest import (
 
 pytestmark = pytest.mark.integration
 # The decision path runs against the same replicas through either inference API.
-PROTOCOLS = pytest.mark.parametrize("protocol", ["torchserve", "oip"])
+PROTOCOLS = pytest.mark.parametrize("protocol", ["torchserve", "torchserve-oip"])
 
 
 @PROTOCOLS

@@ -109,7 +109,6 @@ async def test_the_canary_lane_decides_with_the_challenger_on_mlserver(
             **replica_settings(replicas),
             "challenger_address": mlserver,
             "challenger_protocol": "oip",
-            "challenger_oip_service": MLSERVER_OIP_SERVICE,
         },
         admin={"tokens": TOKENS},
     )

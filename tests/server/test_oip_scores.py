@@ -9,7 +9,7 @@ import pytest
 
 from proto.third_party.torchserve import open_inference_grpc_pb2 as oip
 from server.model_client import ModelInputError, ModelResponseError, oip_scores
-from server.settings import InferenceApi, TorchServeSettings
+from server.settings import TorchServeSettings
 
 Output = oip.ModelInferResponse.InferOutputTensor
 
@@ -29,8 +29,8 @@ def answer(*outputs: Output, raw: list[bytes] | None = None) -> oip.ModelInferRe
     )
 
 
-def read(response: oip.ModelInferResponse, rows: int, output: str = "") -> list[float]:
-    return oip_scores(response, rows, output=output, replica="challenger")
+def read(response: oip.ModelInferResponse, rows: int) -> list[float]:
+    return oip_scores(response, rows, replica="challenger")
 
 
 def test_our_handler_answers_scores() -> None:
@@ -52,13 +52,12 @@ def test_triton_sends_raw_little_endian_bytes_fp32_or_fp64() -> None:
     assert read(raw64, 2) == [0.1, 0.2]
 
 
-def test_the_output_setting_picks_one_of_several() -> None:
-    response = answer(fp32("predict", [1.0, 0.0], [2]), fp32("proba", [0.9, 0.1], [2]))
-    assert read(response, 2, output="proba") == pytest.approx([0.9, 0.1])
-    with pytest.raises(ModelResponseError, match=r"OIP_OUTPUT names the one"):
-        read(response, 2)  # two outputs, neither named scores: which one is not guessed
-    with pytest.raises(ModelResponseError, match=r"without 'score'"):
-        read(response, 2, output="score")
+def test_of_several_outputs_scores_is_read_and_none_is_guessed() -> None:
+    response = answer(fp32("predict", [1.0, 0.0], [2]), fp32("scores", [0.9, 0.1], [2]))
+    assert read(response, 2) == pytest.approx([0.9, 0.1])
+    unnamed = answer(fp32("predict", [1.0, 0.0], [2]), fp32("proba", [0.9, 0.1], [2]))
+    with pytest.raises(ModelResponseError, match=r"none is 'scores'"):
+        read(unnamed, 2)
 
 
 def test_an_error_output_is_our_rows_being_rejected() -> None:
@@ -95,19 +94,9 @@ def test_raw_contents_must_come_one_per_output() -> None:
         read(two, 1)
 
 
-def test_the_challenger_has_an_api_of_its_own_and_the_champions_by_default() -> None:
-    ts = TorchServeSettings(
-        protocol="oip",
-        oip_output="scores",
-        challenger_protocol="oip",
-        challenger_oip_service="inference.GRPCInferenceService",
-        challenger_oip_output="predict",
-    )
-    assert ts.champion_api() == InferenceApi(
-        "oip", "org.pytorch.serve.grpc.openinference.GRPCInferenceService", "scores", ""
-    )
-    assert ts.challenger_api() == InferenceApi(
-        "oip", "inference.GRPCInferenceService", "predict", ""
-    )
-    plain = TorchServeSettings()
-    assert plain.challenger_api() == plain.champion_api()
+def test_the_challenger_has_a_protocol_of_its_own_and_the_champions_by_default() -> None:
+    apart = TorchServeSettings(protocol="torchserve-oip", challenger_protocol="oip")
+    assert apart.protocol_of(challenger=False) == "torchserve-oip"
+    assert apart.protocol_of(challenger=True) == "oip"
+    plain = TorchServeSettings(protocol="oip")
+    assert plain.protocol_of(challenger=True) == plain.protocol_of(challenger=False) == "oip"

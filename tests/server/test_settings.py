@@ -23,7 +23,7 @@ from tests.conftest import REPO
         ({"decision": {"fallback_reserve_ms": 60}}, "fallback_reserve_ms must be below"),
         ({"redis": {"read_timeout_ms": 0}}, "redis.read_timeout_ms"),
         (
-            {"torchserve": {"challenger_model_version": "archive"}},
+            {"torchserve": {"model_version": "archive"}},
             "reads the archives in drift.model_store, which is not set",
         ),
         ({"server": {"no_such_field": 1}}, "server.no_such_field"),

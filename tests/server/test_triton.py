@@ -97,10 +97,8 @@ async def test_the_decision_path_answers_from_triton_with_the_archives_versions(
             "secondary_address": triton,
             "challenger_address": triton,
             "protocol": "oip",
-            "oip_service": TRITON_OIP_SERVICE,
             # Triton answers version "1": the versions of the archives it was built from.
             "model_version": "archive",
-            "challenger_model_version": "archive",
             "per_call_timeout_ms": 500.0,
         },
         drift={"model_store": str(champion.path.parent)},
