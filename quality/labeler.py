@@ -6,10 +6,10 @@ from the feature cache's checkpoint of that partition (its books as of an offset
 the labeler's mids are the consumer's from the first event on; without a checkpoint, from
 the partition's start. Each symbol's mids go into a ``MidHistory``.
 
-Decisions: every ``poll_interval_ms`` (5 s) the audit store is read from a watermark
-(``lookback_s`` behind the newest decision seen) for decisions without an outcome. One
+Decisions: every ``POLL_INTERVAL_S`` the audit store is read from a watermark
+(``LOOKBACK_S`` behind the newest decision seen) for decisions without an outcome. One
 whose horizon the symbol's market data has passed gets its label (``core.labels``); one
-from before the history, or whose symbol's data stays silent ``give_up_s`` past the
+from before the history, or whose symbol's data stays silent ``GIVE_UP_S`` past the
 horizon, gets an outcome without a label and the reason. Outcomes go into the store, and
 labelled scores into a ``RollingQuality`` per model version and role: the served score
 of decisions a model answered (primary, secondary, canary) or the rules did, and the
@@ -42,7 +42,7 @@ from feature_cache.events import MarketEvent
 from feature_cache.features import SymbolState
 from quality.history import MidHistory
 from quality.rolling import RollingQuality
-from quality.settings import QualitySettings
+from quality.settings import GIVE_UP_S, LOOKBACK_S, PASS_DECISIONS, POLL_INTERVAL_S, QualitySettings
 from quality.store import Outcome, OutcomeStore, PendingDecision
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ class Labeler:
         self._checkpoints = StateCheckpoints(redis, key_prefix=settings.redis.key_prefix)
         self._store = store
         self._horizon_us = self._settings.horizon_ms * 1000
-        self._give_up_us = int(self._settings.give_up_s * 1e6)
-        self._lookback_us = int(self._settings.lookback_s * 1e6)
+        self._give_up_us = int(GIVE_UP_S * 1e6)
+        self._lookback_us = int(LOOKBACK_S * 1e6)
         self.states: dict[str, SymbolState] = {}
         self.histories: dict[str, MidHistory] = {}
         self.quality: dict[Scorer, RollingQuality] = {}
@@ -266,7 +266,7 @@ class Labeler:
         now_us = time.time_ns() // 1000
         if self._since_us is None:
             self._since_us = now_us - self._lookback_us
-        pending = await asyncio.to_thread(self._store.pending, self._since_us, self._settings.batch)
+        pending = await asyncio.to_thread(self._store.pending, self._since_us, PASS_DECISIONS)
         decided = self.label(pending, now_us)
         outcomes = [outcome for _, outcome in decided]
         await asyncio.to_thread(self._store.record, outcomes, now_us)
@@ -294,10 +294,9 @@ class Labeler:
             history.prune(history.seen_until_us - keep_us)
 
     async def label_until(self, stop: asyncio.Event) -> None:
-        """Store passes every ``poll_interval_ms`` until ``stop``; a failing store is
+        """Store passes every ``POLL_INTERVAL_S`` until ``stop``; a failing store is
         retried at the next pass, and logged when the failure changes (a store away, or
         its schema not migrated yet, fails each pass the same way)."""
-        interval_s = self._settings.poll_interval_ms / 1000
         await self._wait_ready(stop)
         last_failure = ""
         while not stop.is_set():
@@ -313,7 +312,7 @@ class Labeler:
                     log.warning("labelling pass failed (retried every pass): %s", failure)
                 last_failure = failure
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)
+                await asyncio.wait_for(stop.wait(), POLL_INTERVAL_S)
 
     async def _wait_ready(self, stop: asyncio.Event) -> None:
         ready = asyncio.create_task(self.ready.wait())

@@ -3,43 +3,35 @@ it shares with the feature cache and the decision server (the same variables).""
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from core.settings import ROOT_CONFIG, SettingsSection
 from feature_cache.settings import KafkaSettings, RedisSettings
 from server.settings import AuditSettings
 
+# Labels are for rolling quality: a few seconds late is fine, and each store pass scans
+# the lookback's decisions.
+POLL_INTERVAL_S = 5.0
+# How far behind the newest decision seen each pass reads again: decisions reach the
+# store late (the shipper's batches, a short store outage).
+LOOKBACK_S = 120.0
+# A decision whose symbol has no market data this long past its horizon gets an outcome
+# without a label (reason given) instead of waiting on.
+GIVE_UP_S = 30.0
+PASS_DECISIONS = 20_000  # decisions read from the store per pass, at most
+
 
 class LabelerSettings(SettingsSection):
     horizon_ms: int = Field(
         2000,
         gt=0,
+        # A decision still waiting for its label must not fall out of the store reads.
+        lt=int((LOOKBACK_S - GIVE_UP_S) * 1000),
         description="The label's horizon: the mid this long after a decision's features is "
         "compared with the mid then. Must be the horizon the models were trained on "
         "(models.json's spec.data.horizon_ms).",
     )
-    poll_interval_ms: float = Field(
-        5000.0,
-        gt=0,
-        description="How often the audit store is read for decisions to label: labels are "
-        "for rolling quality, a few seconds late is fine, and each read scans the "
-        "lookback's decisions.",
-    )
-    lookback_s: float = Field(
-        120.0,
-        gt=0,
-        description="How far behind the newest decision seen the store is read again, for "
-        "decisions that reach it late (the shipper's batches, a short store outage); one "
-        "stored later than this after it was decided is not labelled.",
-    )
-    give_up_s: float = Field(
-        30.0,
-        gt=0,
-        description="A decision whose symbol has no market data this long past its horizon "
-        "gets an outcome without a label (reason given) instead of waiting on.",
-    )
-    batch: int = Field(20_000, ge=1, description="Decisions read from the store per poll, at most.")
     window: int = Field(
         2000,
         ge=10,
@@ -51,15 +43,6 @@ class LabelerSettings(SettingsSection):
     metrics_port: int = Field(
         9490, ge=0, le=65535, description="The labeler's /metrics port; 0: off."
     )
-
-    @model_validator(mode="after")
-    def _lookback_covers_the_wait(self) -> LabelerSettings:
-        if self.lookback_s * 1000 <= self.horizon_ms + self.give_up_s * 1000:
-            raise ValueError(
-                "lookback_s must exceed horizon_ms + give_up_s: a decision still waiting for "
-                "its label would fall out of the store reads"
-            )
-        return self
 
 
 class QualitySettings(BaseSettings):

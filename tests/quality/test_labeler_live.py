@@ -138,7 +138,6 @@ async def test_the_labeler_stores_the_training_label_of_every_decision_and_its_q
             "DECISION_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
             "DECISION_KAFKA__TOPIC": kafka_settings.topic,
             "DECISION_AUDIT__DATABASE_URL": database_url,
-            "DECISION_QUALITY__POLL_INTERVAL_MS": "200",
             "DECISION_QUALITY__METRICS_PORT": str(port),
         },
     )

@@ -22,7 +22,7 @@ GIVE_UP_US = 30_000_000
 
 
 def labeler() -> Labeler:
-    settings = QualitySettings(quality=LabelerSettings(horizon_ms=2000, give_up_s=30.0))
+    settings = QualitySettings(quality=LabelerSettings(horizon_ms=2000))
     store = OutcomeStore(sa.create_engine("sqlite://"), horizon_ms=2000)
     return Labeler(settings, aioredis.Redis(), store)
 
