@@ -56,6 +56,9 @@ FETCH_MAX_WAIT_MS = 10
 RETRY_BACKOFF_MAX_S = 5.0
 # Most records one fetch hands the consumer: a batch is one Redis pipeline.
 MAX_BATCH = 2000
+# The TTL of the feature records written: a symbol whose feed stopped leaves no record
+# behind for long (features.max_age_ms judges freshness, not this).
+FEATURE_TTL_S = 60.0
 # How often the states are checkpointed and offsets committed: a consumer taking over a
 # partition replays at most about this much of it.
 CHECKPOINT_INTERVAL_S = 1.0
@@ -118,12 +121,13 @@ class FeatureConsumer:
         key_prefix: str,
         max_batch: int = MAX_BATCH,
         checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+        feature_ttl_s: float = FEATURE_TTL_S,
     ) -> None:
         self._settings = settings
         self._max_batch = max_batch
         self._checkpoint_interval_s = checkpoint_interval_s
         self._redis = redis
-        self._writer = FeatureWriter(redis, key_prefix=key_prefix, ttl_s=settings.feature_ttl_s)
+        self._writer = FeatureWriter(redis, key_prefix=key_prefix, ttl_s=feature_ttl_s)
         self._checkpoints = StateCheckpoints(redis, key_prefix=key_prefix)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers,

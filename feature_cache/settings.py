@@ -43,9 +43,6 @@ class KafkaSettings(SettingsSection):
         "market-data.dlq", description="Where malformed market events go, with the reason."
     )
     group_id: str = Field("feature-cache", description="Consumer group of the feature cache.")
-    feature_ttl_s: float = Field(
-        60.0, gt=0, description="TTL of the feature records the consumer writes."
-    )
 
 
 class FeatureCacheProcessSettings(SettingsSection):

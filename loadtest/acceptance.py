@@ -66,9 +66,9 @@ async def run(source: Source, run_dir: Path) -> bool:
             topic="acceptance",
             dead_letter_topic="acceptance.dlq",
             group_id="acceptance",
-            feature_ttl_s=3600,
         )
-        async with FeatureConsumer(settings, redis, key_prefix="acceptance:") as consumer:
+        consumer = FeatureConsumer(settings, redis, key_prefix="acceptance:", feature_ttl_s=3600)
+        async with consumer:
             started = time.monotonic()
             await replay(
                 events,

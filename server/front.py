@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 DECISION_SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
 AUDIT_HEALTH = "decision.audit"
+# How long calls on a connection past its age may finish: far past any deadline.
+CONNECTION_AGE_GRACE_MS = 10_000
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -48,7 +50,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     if server.max_connection_age_s > 0:
         options += [
             ("grpc.max_connection_age_ms", round(server.max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", round(server.max_connection_age_grace_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_MS),
         ]
     return options
 

@@ -29,8 +29,11 @@ LATENCY_REFRESH_S = 0.5
 # with none this recent, the floor is MIN_CALL_BUDGET_MS and the next call measures anew.
 NEEDS_WINDOW_S = 5.0
 MIN_CALL_BUDGET_MS = 1.0  # less than this left: a call could only be abandoned
-# Retries always allowed per second besides retry_budget_ratio: at low traffic a share
-# of first calls would allow none.
+# Retries to the next replica, as a share of first calls (a token bucket): when the
+# primary slows down for everyone, retries cannot double the secondary's load.
+RETRY_RATIO = 0.2
+# Retries always allowed per second besides that share: at low traffic a share of first
+# calls would allow none.
 RETRY_MIN_PER_S = 10.0
 
 
@@ -85,7 +88,7 @@ class ReplicaRouter:
     (at least ``MIN_CALL_BUDGET_MS``): a call that would most likely time out only adds
     an abandoned call to the replica's load, the very thing that slows it. A call after
     a failed one (a retry) is made only within the lane's retry budget
-    (``retry_budget_ratio`` of first calls): a call to the next replica because the
+    (``RETRY_RATIO`` of first calls): a call to the next replica because the
     first one's breaker refused, it was skipped for time or its request never left the
     replica's queue (``ModelNoTime``) is a first call, not a retry.
     """
@@ -99,6 +102,7 @@ class ReplicaRouter:
         rng: random.Random | None = None,
         timeout_jitter: float = TIMEOUT_JITTER,
         min_call_budget_ms: float = MIN_CALL_BUDGET_MS,
+        retry_ratio: float = RETRY_RATIO,
         retry_min_per_s: float = RETRY_MIN_PER_S,
     ) -> None:
         self.replicas = tuple(replicas)
@@ -109,7 +113,7 @@ class ReplicaRouter:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         # By replica: when its recent latencies were summarized, and their p50.
         self._latencies: dict[str, tuple[float, float]] = {}
-        self.retries = RetryBudget(ratio=torchserve.retry_budget_ratio, min_per_s=retry_min_per_s)
+        self.retries = RetryBudget(ratio=retry_ratio, min_per_s=retry_min_per_s)
 
     async def score(
         self,

@@ -52,12 +52,9 @@ class ServerSettings(SettingsSection):
         0.0,
         ge=0,
         description="Connections older than this are closed gracefully (GOAWAY; calls in "
-        "flight get max_connection_age_grace_s to finish), so that clients reconnect and "
+        "flight get 10 s to finish), so that clients reconnect and "
         "re-resolve: behind a headless Service, new pods join their round robin only "
         "then. 0: connections last as long as clients keep them.",
-    )
-    max_connection_age_grace_s: float = Field(
-        10.0, ge=0, description="How long calls on a connection past its age may finish."
     )
     max_concurrent_streams: int = Field(
         16,
@@ -171,13 +168,6 @@ class TorchServeSettings(SettingsSection):
         25.0,
         gt=0,
         description="Cap on one model call, before jitter; the caller's budget may cut it.",
-    )
-    retry_budget_ratio: float = Field(
-        0.2,
-        ge=0,
-        description="Retries to the next replica, as a share of first calls (a "
-        "token bucket): when the primary slows down for everyone, retries cannot double "
-        "the secondary's load.",
     )
     batch_max_concurrent_calls: int = Field(
         1,

@@ -24,7 +24,7 @@ from server.router import NEEDS_WINDOW_S, ReplicaRouter
 from server.settings import BreakerSettings, DecisionSettings, TorchServeSettings
 from tests.server.fakes import AlwaysConnected
 
-ROUTER_TUNING = ("timeout_jitter", "min_call_budget_ms", "retry_min_per_s")
+ROUTER_TUNING = ("timeout_jitter", "min_call_budget_ms", "retry_ratio", "retry_min_per_s")
 
 
 class ScriptedReplica(AlwaysConnected):
@@ -119,7 +119,7 @@ async def test_no_request_makes_more_than_one_extra_call(seed: int) -> None:
 
 def no_retry_budget(primary: ScriptedReplica, secondary: ScriptedReplica) -> ReplicaRouter:
     """A router whose retry budget is its starting balance (10 tokens), never refilled."""
-    return router(primary, secondary, retry_budget_ratio=0.0, retry_min_per_s=0.0)
+    return router(primary, secondary, retry_ratio=0.0, retry_min_per_s=0.0)
 
 
 async def test_retries_stop_when_the_retry_budget_is_spent() -> None:
@@ -173,7 +173,7 @@ async def test_a_request_that_never_left_the_primarys_queue_is_a_first_call() ->
         primary,
         secondary,
         breakers=OPENS_AT_ONCE,
-        retry_budget_ratio=0.0,
+        retry_ratio=0.0,
         retry_min_per_s=0.0,
     )
     answered = [await score(routing, request=float(n)) for n in range(20)]
