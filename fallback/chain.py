@@ -16,6 +16,7 @@ from core.deadline import Budget, StoreReads
 from core.domain import Decision, OrderRequest, Source, model_decision
 from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache
+from fallback.settings import FallbackSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,28 @@ class FallbackChain:
         self.policy_version = hashlib.sha256(
             json.dumps(policy, sort_keys=True).encode()
         ).hexdigest()
+
+    @classmethod
+    def from_settings(
+        cls,
+        fallback: FallbackSettings,
+        score_cache: ScoreCache,
+        *,
+        model_threshold: float,
+        redis_reads: StoreReads,
+    ) -> FallbackChain:
+        rules = RulesBaseline(
+            max_spread_bps=fallback.rules_max_spread_bps,
+            max_volatility_bps=fallback.rules_max_volatility_bps,
+            min_imbalance=fallback.rules_min_imbalance,
+        )
+        return cls(
+            score_cache,
+            rules,
+            cached_score_max_age_ms=fallback.cached_score_max_age_ms,
+            model_threshold=model_threshold,
+            redis_reads=redis_reads,
+        )
 
     async def decide_many(
         self, items: Sequence[LadderInput], budget: Budget, *, store_failure: str = ""

@@ -23,27 +23,17 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import redis.asyncio as aioredis
-from prometheus_client import (
-    CollectorRegistry,
-    GCCollector,
-    PlatformCollector,
-    ProcessCollector,
-)
 
-from core.backoff import Backoff
 from core.deadline import StoreReads
-from core.domain import Source
 from core.loop_lag import LoopLag
 from core.metrics_http import MetricsServer
 from core.tasks import cancel_and_wait
 from fallback.chain import FallbackChain
-from fallback.rules import RulesBaseline
 from fallback.score_cache import HELD_MS as CACHED_SCORE_HELD_MS
 from fallback.score_cache import WRITE_INTERVAL_MS as CACHED_SCORE_WRITE_INTERVAL_MS
 from fallback.score_cache import ScoreCache, ScoreWriter
@@ -51,7 +41,6 @@ from feature_cache.mirror import FeatureMirror
 from feature_cache.store import FeatureReader
 from server.admin.control_plane import ControlPlane
 from server.admin.servicer import AdminServicer
-from server.admin.views import AuditView, DriftView
 from server.admission import AdmissionLimit
 from server.audit.store import create_store_engine
 from server.audit.trail import AuditTrail, UnrecordedDecisions
@@ -60,76 +49,29 @@ from server.control.canary import CanaryMonitor
 from server.control.changes import AuditedChanges, CanaryRollback
 from server.control.durable import ControlStore
 from server.control.flags import flag_specs
-from server.control.fleet import FleetMember, FleetRegistration, fleet_members
+from server.control.fleet import FleetMember, FleetRegistration, fleet_members, reachable
 from server.control.shared import SharedControl
 from server.drift import DriftMonitor, ModelReferences
 from server.engine import DecisionEngine
 from server.features import FeatureSource
 from server.front import GrpcFront
+from server.readiness import until_ready
 from server.redis_clients import SOCKET_TIMEOUT_S, decision_redis, side_redis
-from server.replica import Replica
 from server.replicas import Replicas, traffic
 from server.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
 from server.servicer import DecisionServicer
 from server.settings import Settings
-from server.shadow import ShadowAudit, ShadowScorer
+from server.shadow import ShadowScorer
 from server.stopping import STOP_SLACK_S, bounded
-from server.telemetry import (
-    AuditCollector,
-    CanaryCollector,
-    ControlStateCollector,
-    DriftCollector,
-    FeatureCollector,
-    LoadCollector,
-    ReplicaCollector,
-    ShadowCollector,
-)
+from server.telemetry import server_registry
 from server.tracing import Tracing
 from server.undelivered import UndeliveredAnswers
 
 log = logging.getLogger(__name__)
 
-AUDIT_HEALTH_INTERVAL_S = 0.5
 # Cached scores live a few times their useful age: a ladder read finds a stale one (and
 # says how stale) rather than none.
 SCORE_TTL_FACTOR = 4
-# At start, how long readiness waits for a replica that neither answers nor refuses the
-# connection; one that is not there is left to its breaker.
-REPLICA_CONNECT_TIMEOUT_S = 2.0
-
-
-def ladder(settings: Settings, score_cache: ScoreCache, redis_reads: StoreReads) -> FallbackChain:
-    fb = settings.fallback
-    return FallbackChain(
-        score_cache,
-        RulesBaseline(
-            max_spread_bps=fb.rules_max_spread_bps,
-            max_volatility_bps=fb.rules_max_volatility_bps,
-            min_imbalance=fb.rules_min_imbalance,
-        ),
-        cached_score_max_age_ms=fb.cached_score_max_age_ms,
-        model_threshold=settings.decision.threshold,
-        redis_reads=redis_reads,
-    )
-
-
-def feature_mirror(settings: Settings) -> FeatureMirror | None:
-    features = settings.features
-    if not features.mirror:
-        return None
-    return FeatureMirror(
-        settings.redis.url,
-        key_prefix=settings.redis.key_prefix,
-        connect_timeout_ms=SOCKET_TIMEOUT_S * 1000.0,
-    )
-
-
-def shadow_scorer(
-    settings: Settings, challenger: Replica | None, audit: ShadowAudit
-) -> ShadowScorer | None:
-    if challenger is None:
-        return None
-    return ShadowScorer(challenger, audit=audit, threshold=settings.decision.threshold)
 
 
 class DecisionApp:
@@ -176,13 +118,23 @@ class DecisionApp:
         )
         changes = AuditedChanges(self.shared)
         self.canary = CanaryMonitor(settings.canary, CanaryRollback(changes))
-        self.shadow = shadow_scorer(settings, self.challenger, recorder)
+        self.shadow = (
+            ShadowScorer(self.challenger, audit=recorder, threshold=settings.decision.threshold)
+            if self.challenger is not None
+            else None
+        )
         self.drift = (
             DriftMonitor(settings.drift, ModelReferences(Path(settings.drift.model_store)))
             if settings.drift.model_store
             else None
         )
-        self.mirror = feature_mirror(settings)
+        self.mirror = (
+            FeatureMirror(
+                settings.redis.url, key_prefix=prefix, connect_timeout_ms=SOCKET_TIMEOUT_S * 1000
+            )
+            if settings.features.mirror
+            else None
+        )
         self.control_plane = ControlPlane(
             changes=changes,
             replicas=replicas.all,
@@ -191,8 +143,8 @@ class DecisionApp:
             server_id=lambda: self.audit.server_id,
             features=FeatureReader(self.status_redis, key_prefix=prefix),
             mirror=self.mirror,
-            audit_view=self._audit_view if settings.audit.enabled else lambda: None,
-            drift=self._drift_view,
+            audit=self.audit if settings.audit.enabled else None,
+            drift=self.drift,
             fleet=lambda: fleet_members(self.status_redis, prefix),
         )
         score_cache = ScoreCache(
@@ -212,7 +164,12 @@ class DecisionApp:
         self.engine = DecisionEngine(
             features=self.features,
             traffic=traffic(settings, replicas, self.canary),
-            ladder=ladder(settings, score_cache, redis_reads),
+            ladder=FallbackChain.from_settings(
+                settings.fallback,
+                score_cache,
+                model_threshold=settings.decision.threshold,
+                redis_reads=redis_reads,
+            ),
             scores=ScoreWriter(score_cache, write_interval_ms=CACHED_SCORE_WRITE_INTERVAL_MS),
             audit=recorder,
             decision=settings.decision,
@@ -233,25 +190,20 @@ class DecisionApp:
             control=lambda: self.shared.state,
         )
         self.undelivered = UndeliveredAnswers()
-        registry = CollectorRegistry()
-        # The process's CPU, memory and file descriptors, the interpreter's GC and version.
-        ProcessCollector(registry=registry)
-        GCCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        rpc_metrics = RpcMetrics(registry)
-        registry.register(ReplicaCollector(replicas.all))
-        registry.register(
-            LoadCollector(self.engine, [r.client for r in replicas.all], self.undelivered)
+        registry = server_registry(
+            engine=self.engine,
+            replicas=replicas.all,
+            undelivered=self.undelivered,
+            features=self.features,
+            mirror=self.mirror,
+            canary=self.canary,
+            control=lambda: self.shared.state,
+            control_status=self.shared.status,
+            audit=self.audit if settings.audit.enabled else None,
+            shadow=self.shadow,
+            drift=self.drift,
         )
-        registry.register(FeatureCollector(self.features, self.mirror))
-        registry.register(CanaryCollector(self.canary, lambda: self.shared.state))
-        registry.register(ControlStateCollector(self.shared.status))
-        if settings.audit.enabled:
-            registry.register(AuditCollector(self.audit))
-        if self.shadow is not None:
-            registry.register(ShadowCollector(self.shadow))
-        if self.drift is not None:
-            registry.register(DriftCollector(self.drift))
+        rpc_metrics = RpcMetrics(registry)
         self.metrics = MetricsServer(
             registry, settings.telemetry.metrics_host, settings.telemetry.metrics_port
         )
@@ -312,97 +264,64 @@ class DecisionApp:
         shipper's drain, and slack)."""
         settings = self.settings
         stop_s = settings.server.grace_period_s + settings.audit.shutdown_drain_s + STOP_SLACK_S
+
+        def on_stop(name: str, stop: Callable[[], Awaitable[object]]) -> None:
+            stack.push_async_callback(bounded(name, stop, stop_s))
+
         self.front.bind()
         # Stopped last: the spans of everything else's stop are exported too.
-        stack.push_async_callback(
-            bounded("tracing", lambda: asyncio.to_thread(self.tracing.shutdown), stop_s)
-        )
+        on_stop("tracing", lambda: asyncio.to_thread(self.tracing.shutdown))
         self.undelivered.install()
         stack.callback(self.undelivered.remove)
         if self.settings.audit.enabled:
             if not self.audit.server_id:
                 self.audit.server_id = f"{socket.gethostname()}:{self.port}"
             await self.audit.start()
-            stack.push_async_callback(bounded("audit trail", self.audit.stop, stop_s))
+            on_stop("audit trail", self.audit.stop)
         self.metrics.start()
         stack.callback(self.metrics.stop)
         self.loop_lag.start()
-        stack.push_async_callback(bounded("loop-lag probe", self.loop_lag.stop, stop_s))
-        stack.push_async_callback(bounded("Redis client", self.redis.aclose, stop_s))
-        stack.push_async_callback(bounded("status Redis client", self.status_redis.aclose, stop_s))
-        stack.push_async_callback(bounded("fleet Redis client", self.fleet_redis.aclose, stop_s))
+        on_stop("loop-lag probe", self.loop_lag.stop)
+        on_stop("Redis client", self.redis.aclose)
+        on_stop("status Redis client", self.status_redis.aclose)
+        on_stop("fleet Redis client", self.fleet_redis.aclose)
         if self.mirror is not None:
             await self.mirror.start()
-            stack.push_async_callback(bounded("feature mirror", self.mirror.stop, stop_s))
+            on_stop("feature mirror", self.mirror.stop)
         for replica in self._all_replicas:
             await replica.client.start()
-            stack.push_async_callback(
-                bounded(f"{replica.name} client", replica.client.stop, stop_s)
-            )
+            on_stop(f"{replica.name} client", replica.client.stop)
         await self.shared.start()
-        stack.push_async_callback(bounded("shared control state", self.shared.stop, stop_s))
+        on_stop("shared control state", self.shared.stop)
         self.breaker_probe.start()
-        stack.push_async_callback(bounded("breaker probe", self.breaker_probe.stop, stop_s))
+        on_stop("breaker probe", self.breaker_probe.stop)
         self.fleet.start()
-        stack.push_async_callback(bounded("fleet registration", self.fleet.stop, stop_s))
-        stack.push_async_callback(bounded("canary monitor", self.canary.stop, stop_s))
+        on_stop("fleet registration", self.fleet.stop)
+        on_stop("canary monitor", self.canary.stop)
         if self.drift is not None:
             self.drift.start()
-            stack.push_async_callback(bounded("drift monitor", self.drift.stop, stop_s))
-        stack.push_async_callback(bounded("decision engine", self.engine.stop, stop_s))
+            on_stop("drift monitor", self.drift.stop)
+        on_stop("decision engine", self.engine.stop)
         await self.front.start()
-        stack.push_async_callback(bounded("gRPC servers", self.front.stop, stop_s))
+        on_stop("gRPC servers", self.front.stop)
         # Runs before the servers' stop (the stack unwinds in reverse): the fleet list
         # says NOT serving for the whole grace period, as health does.
-        stack.push_async_callback(bounded("fleet entry", self._leave_serving, stop_s))
+        on_stop("fleet entry", self._leave_serving)
         if self.settings.audit.enabled:
-            stack.push_async_callback(cancel_and_wait, asyncio.create_task(self._watch_audit()))
+            stack.push_async_callback(
+                cancel_and_wait,
+                asyncio.create_task(self.audit.report_store(self.front.set_audit_serving)),
+            )
         self._ready_task = asyncio.create_task(self._become_ready())
         stack.push_async_callback(cancel_and_wait, self._ready_task)
 
     async def _become_ready(self) -> None:
-        """SERVING once Redis answers and the control state is read from its durable copy
-        and Redis: without them every answer would be a fallback, or ignore a kill switch.
-
-        Replica connections are opened first, so the first decisions do not pay for the
-        TCP and HTTP/2 handshakes; a replica that is not there does not delay readiness
-        by more than the connect timeout (the breaker and the ladder deal with it).
-        """
-        replicas = self._all_replicas
-        connected = await asyncio.gather(
-            *(r.client.connect(REPLICA_CONNECT_TIMEOUT_S) for r in replicas)
-        )
-        for replica, ok in zip(replicas, connected, strict=True):
-            if not ok:
-                log.warning("replica %s not reachable at start", replica.name)
-        backoff = Backoff(initial_s=0.05, max_s=2.0)
-        while True:
-            try:
-                await self.redis.ping()
-                # Never decide before the kill switches and overrides are known: from the
-                # durable copy (Redis's may have lost them), and Redis's copy followed.
-                if not self.shared.known or not self.shared.status().in_sync:
-                    await self.shared.refresh()
-                status = self.shared.status()
-                if not status.in_sync:
-                    raise aioredis.ConnectionError(status.error)
-                if not self.shared.known:
-                    log.warning(
-                        "waiting for the control state in the audit store: %s",
-                        status.durable_error,
-                    )
-                    await asyncio.sleep(backoff.next_s())
-                    continue
-            except (aioredis.RedisError, OSError) as exc:
-                log.warning("waiting for Redis at %s: %s", self.settings.redis.url, exc)
-                await asyncio.sleep(backoff.next_s())
-                continue
-            await self.front.set_serving(True)
-            self._serving = True
-            with contextlib.suppress(aioredis.RedisError, OSError):
-                await self.fleet.refresh()  # listed as SERVING before it says it is ready
-            log.info("ready: health SERVING")
-            return
+        await until_ready(self._all_replicas, self.redis, self.shared, self.settings.redis.url)
+        await self.front.set_serving(True)
+        self._serving = True
+        with contextlib.suppress(aioredis.RedisError, OSError):
+            await self.fleet.refresh()  # listed as SERVING before it says it is ready
+        log.info("ready: health SERVING")
 
     async def _leave_serving(self) -> None:
         self._serving = False
@@ -413,48 +332,26 @@ class DecisionApp:
         """This server as its fleet entry says."""
         host = socket.gethostname()
         admin = self.settings.admin
+        advertised = admin.advertise_address or reachable(admin.host, self.admin_port, host)
+        tally = self.engine.tally()
         shadow_scored, shadow_agreed = self.shadow.agreement() if self.shadow else (0, 0)
-        advertised = admin.advertise_address or _reachable(admin.host, self.admin_port, host)
         return FleetMember(
             server_id=self.audit.server_id or f"{host}:{self.port}",
             admin_address=advertised if admin.enabled else "",
-            decision_address=_reachable(self.settings.server.host, self.port, host),
+            decision_address=reachable(self.settings.server.host, self.port, host),
             host=host,
             pid=os.getpid(),
             started_at_us=self._started_at_us,
             serving=self._serving,
             in_flight=self.engine.in_flight,
-            decisions=sum(self.engine.decided.values()),
+            decisions=tally.decisions,
             breakers={r.name: r.breaker.state for r in self._all_replicas},
-            decisions_by_source=_by_first(self.engine.decided),
-            fallbacks=_by_second(self.engine.fallbacks),
+            decisions_by_source=tally.by_source,
+            fallbacks=tally.fallbacks,
             shadow_scored=shadow_scored,
             shadow_agreed=shadow_agreed,
-            latency_counts={
-                source.name.lower(): buckets.counts()
-                for source, buckets in self.engine.latency.items()
-                if buckets.count
-            },
+            latency_counts=tally.latency_counts,
         )
-
-    def _audit_view(self) -> AuditView:
-        shipper = self.audit.shipper.status()
-        return AuditView(shipper.store_ok, shipper.backlog_bytes, shipper.last_error, shipper.full)
-
-    def _drift_view(self) -> DriftView | None:
-        if self.drift is None:
-            return None
-        limits = self.settings.drift
-        return DriftView(self.drift.status(), limits.watch_psi, limits.act_psi)
-
-    async def _watch_audit(self) -> None:
-        healthy: bool | None = None
-        while True:
-            ok = self.audit.shipper.store_ok
-            if ok != healthy:
-                healthy = ok
-                await self.front.set_audit_serving(ok)
-            await asyncio.sleep(AUDIT_HEALTH_INTERVAL_S)
 
     async def wait_ready(self) -> None:
         if self._ready_task is not None:
@@ -479,26 +376,3 @@ class DecisionApp:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
-
-
-def _by_first(counts: Mapping[tuple[Source, Any], int]) -> dict[str, int]:
-    """Counts keyed by (source, ...) summed by source name."""
-    summed: dict[str, int] = {}
-    for (source, _), count in counts.items():
-        summed[source.name.lower()] = summed.get(source.name.lower(), 0) + count
-    return summed
-
-
-def _by_second(counts: Mapping[tuple[Any, str], int]) -> dict[str, int]:
-    """Counts keyed by (..., reason) summed by reason."""
-    summed: dict[str, int] = {}
-    for (_, reason), count in counts.items():
-        summed[reason] = summed.get(reason, 0) + count
-    return summed
-
-
-def _reachable(host: str, port: int, hostname: str) -> str:
-    """``host:port`` as another machine would dial it: a wildcard host is this host's name."""
-    if host in ("", "0.0.0.0", "::", "[::]"):
-        host = hostname
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -148,6 +148,11 @@ class DriftMonitor:
         self._status = DriftStatus()
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def limits(self) -> DriftSettings:
+        """The PSIs at which drift is watched and acted on."""
+        return self._settings
+
     def observe(
         self,
         rows: Sequence[Sequence[float] | None],

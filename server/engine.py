@@ -21,6 +21,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
@@ -54,6 +55,17 @@ from server.traffic import Traffic
 
 # Seconds: the features' age when a decision read them (stale is past 2 s by default).
 FEATURE_AGE_BOUNDS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0)
+
+
+@dataclass(frozen=True)
+class Tally:
+    """What the engine decided since it started, by source and by fallback reason."""
+
+    decisions: int
+    by_source: dict[str, int]  # "primary" -> n
+    fallbacks: dict[str, int]  # reason code -> n
+    # Answer times by source: observations per bucket of LATENCY_BOUNDS_S.
+    latency_counts: dict[str, list[int]]
 
 
 class DecisionEngine:
@@ -99,6 +111,16 @@ class DecisionEngine:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def tally(self) -> Tally:
+        by_source: collections.Counter[str] = collections.Counter()
+        for (source, _), count in self.decided.items():
+            by_source[source.name.lower()] += count
+        fallbacks: collections.Counter[str] = collections.Counter()
+        for (_, reason), count in self.fallbacks.items():
+            fallbacks[reason] += count
+        latency = {s.name.lower(): b.counts() for s, b in self.latency.items() if b.count}
+        return Tally(sum(by_source.values()), dict(by_source), dict(fallbacks), latency)
 
     async def decide(
         self, orders: Sequence[OrderRequest], budget: Budget, call: CallInfo

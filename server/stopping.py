@@ -16,7 +16,7 @@ STOP_SLACK_S = 5.0
 
 
 def bounded(
-    name: str, stop: Callable[[], Awaitable[None]], timeout_s: float
+    name: str, stop: Callable[[], Awaitable[object]], timeout_s: float
 ) -> Callable[[], Awaitable[None]]:
     """``stop``, given up after ``timeout_s`` (cancelled and logged, never awaited
     further): one component stuck in its stop must not hang the whole shutdown, which a

@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -21,14 +22,13 @@ from prometheus_client.registry import Collector
 from feature_cache.mirror import FeatureMirror
 from feature_cache.schema import FEATURE_NAMES
 from server.audit.trail import AuditTrail
-from server.batching import BatchingClient
 from server.control.canary import CanaryMonitor
 from server.control.shared import SyncStatus
 from server.control.state import ControlState
 from server.drift import DriftMonitor
 from server.engine import DecisionEngine
 from server.features import FeatureSource
-from server.model_client import GrpcModelClient, ModelClient
+from server.load_metrics import LoadCollector, ReplicaCollector
 from server.replica import Replica
 from server.shadow import ShadowScorer
 from server.undelivered import UndeliveredAnswers
@@ -175,119 +175,6 @@ class ShadowCollector(Collector):
         )
 
 
-class LoadCollector(Collector):
-    """Load shedding and micro-batching: what the server did with the load it got."""
-
-    def __init__(
-        self,
-        engine: DecisionEngine,
-        clients: Sequence[ModelClient],
-        undelivered: UndeliveredAnswers | None = None,
-    ) -> None:
-        self._engine = engine
-        self._undelivered = undelivered
-        self._batching = [c for c in clients if isinstance(c, BatchingClient)]
-        unwrapped = [c.inner if isinstance(c, BatchingClient) else c for c in clients]
-        self._wire = [c for c in unwrapped if isinstance(c, GrpcModelClient)]
-
-    def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
-            "decision_shed",
-            "Decisions shed for overload: rejected, or decided without a model call.",
-            value=self._engine.shed,
-        )
-        yield GaugeMetricFamily(
-            "decision_in_flight", "Decisions being made now.", value=self._engine.in_flight
-        )
-        decided = CounterMetricFamily(
-            "decision_decisions",
-            "Decisions answered (recorded in the audit journal), by who decided and what.",
-            labels=["source", "decision"],
-        )
-        for (source, decision), count in sorted(self._engine.decided.items()):
-            decided.add_metric([source.name.lower(), decision.name.lower()], count)
-        yield decided
-        fallbacks = CounterMetricFamily(
-            "decision_fallbacks",
-            "Decisions the model did not answer, by who decided and why (a bounded set of "
-            "reasons: kill_switch, no_features, features_stale, features_unusable, "
-            "feature_store, overloaded, model_breaker_open, model_timeout, model_busy, "
-            "model_unavailable, model_error, model_no_time, model_retry_budget, model_input).",
-            labels=["source", "reason"],
-        )
-        for (source, reason), count in sorted(self._engine.fallbacks.items()):
-            fallbacks.add_metric([source.name.lower(), reason], count)
-        yield fallbacks
-        latency = HistogramMetricFamily(
-            "decision_latency_seconds",
-            "Time the engine spent deciding (features, model, ladder; not the journal append "
-            "nor gRPC), in seconds, by who decided; a DecideBatch's rows each count the "
-            "batch's time.",
-            labels=["source"],
-        )
-        for source, buckets in self._engine.latency.items():
-            latency.add_metric([source.name.lower()], buckets.cumulative(), sum_value=buckets.total)
-        yield latency
-        age = self._engine.feature_age
-        yield HistogramMetricFamily(
-            "decision_feature_age_seconds",
-            "Age of the features a decision read (now less their event time), in seconds; "
-            "decisions that found no features are not counted.",
-            buckets=age.cumulative(),
-            sum_value=age.total,
-        )
-        if self._undelivered is not None:
-            yield CounterMetricFamily(
-                "decision_answers_undelivered",
-                "Answers gRPC could not send: the caller's deadline had passed, or it went"
-                " away, before the answer was ready.",
-                value=self._undelivered.count,
-            )
-        families = {
-            "calls": CounterMetricFamily(
-                "decision_model_batch_calls", "Micro-batched model calls.", labels=["replica"]
-            ),
-            "rows": CounterMetricFamily(
-                "decision_model_batch_rows", "Rows those calls carried.", labels=["replica"]
-            ),
-            "out_of_time": CounterMetricFamily(
-                "decision_model_queue_out_of_time",
-                "Requests that left the replica's queue unsent: its calls stayed out until "
-                "too little of their time was left (the next replica or the ladder answered; "
-                "not counted against the breaker).",
-                labels=["replica"],
-            ),
-        }
-        for client in self._batching:
-            stats = client.stats()
-            families["calls"].add_metric([client.name], stats.calls)
-            families["rows"].add_metric([client.name], stats.rows)
-            families["out_of_time"].add_metric([client.name], stats.out_of_time)
-        yield from families.values()
-        outstanding = GaugeMetricFamily(
-            "decision_model_abandoned_outstanding",
-            "Model calls whose callers stopped waiting, still running on the wire (never "
-            "cancelled: TorchServe can lose the worker answering a cancelled call).",
-            labels=["replica"],
-        )
-        abandoned = CounterMetricFamily(
-            "decision_model_abandoned",
-            "Model calls abandoned to finish on the wire after their callers stopped waiting.",
-            labels=["replica"],
-        )
-        refused = CounterMetricFamily(
-            "decision_model_refused_busy",
-            "Model calls not sent because the replica had max_abandoned_calls still out.",
-            labels=["replica"],
-        )
-        for wire in self._wire:
-            calls = wire.abandoned()
-            outstanding.add_metric([wire.name], calls.outstanding)
-            abandoned.add_metric([wire.name], calls.total)
-            refused.add_metric([wire.name], calls.refused)
-        yield from (outstanding, abandoned, refused)
-
-
 class DriftCollector(Collector):
     """PSI of the live features and champion scores against the serving model's
     training reference (NaN until computed: too few decisions, or no reference)."""
@@ -383,44 +270,36 @@ class ControlStateCollector(Collector):
         )
 
 
-BREAKER_STATES = ("closed", "open", "half-open")
-
-
-class ReplicaCollector(Collector):
-    """Each replica's breaker state and its calls' outcomes, as this process sees them."""
-
-    def __init__(self, replicas: Sequence[Replica]) -> None:
-        self._replicas = list(replicas)
-
-    def collect(self) -> Iterator[Metric]:
-        state = GaugeMetricFamily(
-            "decision_breaker_state",
-            "1 for the replica's breaker state in this process (closed, open, half-open), "
-            "0 for the others.",
-            labels=["replica", "state"],
-        )
-        calls = CounterMetricFamily(
-            "decision_model_calls",
-            "Model calls to the replica by outcome (failed: error, timeout or refusal "
-            "by the replica; a breaker's refusal makes no call).",
-            labels=["replica", "outcome"],
-        )
-        latency = HistogramMetricFamily(
-            "decision_model_call_seconds",
-            "Model calls' latency in seconds by replica and outcome, as the server waited "
-            "for them (a failed call's is how long it waited before it gave up).",
-            labels=["replica", "outcome"],
-        )
-        for replica in self._replicas:
-            current = replica.breaker.state
-            for name in BREAKER_STATES:
-                state.add_metric([replica.name, name], 1.0 if current == name else 0.0)
-            for outcome, buckets in (
-                ("ok", replica.recent.ok_latency),
-                ("failed", replica.recent.failed_latency),
-            ):
-                calls.add_metric([replica.name, outcome], buckets.count)
-                latency.add_metric(
-                    [replica.name, outcome], buckets.cumulative(), sum_value=buckets.total
-                )
-        yield from (state, calls, latency)
+def server_registry(
+    *,
+    engine: DecisionEngine,
+    replicas: Sequence[Replica],
+    undelivered: UndeliveredAnswers,
+    features: FeatureSource,
+    mirror: FeatureMirror | None,
+    canary: CanaryMonitor,
+    control: Callable[[], ControlState],
+    control_status: Callable[[], SyncStatus],
+    audit: AuditTrail | None,
+    shadow: ShadowScorer | None,
+    drift: DriftMonitor | None,
+) -> CollectorRegistry:
+    """A registry of the server's own: the process (CPU, memory, file descriptors, GC,
+    version) and every component's collector."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    collectors: list[Collector] = [
+        ReplicaCollector(replicas),
+        LoadCollector(engine, [r.client for r in replicas], undelivered),
+        FeatureCollector(features, mirror),
+        CanaryCollector(canary, control),
+        ControlStateCollector(control_status),
+    ]
+    collectors += [AuditCollector(audit)] if audit is not None else []
+    collectors += [ShadowCollector(shadow)] if shadow is not None else []
+    collectors += [DriftCollector(drift)] if drift is not None else []
+    for collector in collectors:
+        registry.register(collector)
+    return registry

@@ -26,6 +26,7 @@ from server.admin.views import (
     ReplicaView,
     Status,
 )
+from server.audit.trail import AuditTrail
 from server.control.canary import CanaryComparison, CanaryMonitor
 from server.control.changes import AuditedChanges, auto_rollback_on, change_dict
 from server.control.changes import now_us as _now_us
@@ -42,6 +43,7 @@ from server.control.state import (
     FlagSpec,
     flag_text,
 )
+from server.drift import DriftMonitor
 from server.errors import FailedPrecondition, FleetUnavailable, InvalidArgument
 from server.replica import Replica
 from server.validation import check_symbol
@@ -78,15 +80,16 @@ class ControlPlane:
         server_id: Callable[[], str],
         features: FeatureReader,
         mirror: FeatureMirror | None = None,
-        audit_view: Callable[[], AuditView | None] = lambda: None,
-        drift: Callable[[], DriftView | None] = lambda: None,
+        audit: AuditTrail | None = None,
+        drift: DriftMonitor | None = None,
         fleet: Callable[[], Awaitable[list[FleetMember]]] | None = None,
     ) -> None:
-        """``fleet``: reads the registered servers (None: this server alone is known)."""
+        """``audit``, ``drift``: None when the server keeps none. ``fleet``: reads the
+        registered servers (None: this server alone is known)."""
         self._fleet = fleet
         self._features = features
         self._mirror = mirror
-        self._audit_view = audit_view
+        self._audit = audit
         self._drift = drift
         self._changes = changes
         self._shared = changes.shared
@@ -300,7 +303,19 @@ class ControlPlane:
             ),
             sync=self._shared.status(),
             feature_ages_ms=feature_ages,
-            audit=self._audit_view(),
+            audit=self._audit_status(),
             mirror=self._mirror.status() if self._mirror is not None else None,
-            drift=self._drift(),
+            drift=self._drift_status(),
         )
+
+    def _audit_status(self) -> AuditView | None:
+        if self._audit is None:
+            return None
+        shipper = self._audit.shipper.status()
+        return AuditView(shipper.store_ok, shipper.backlog_bytes, shipper.last_error, shipper.full)
+
+    def _drift_status(self) -> DriftView | None:
+        if self._drift is None:
+            return None
+        limits = self._drift.limits
+        return DriftView(self._drift.status(), limits.watch_psi, limits.act_psi)

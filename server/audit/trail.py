@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +34,8 @@ LOCK_WAIT_S = 15.0
 # children import and migrate in that time, a CPU burst better spent before the server
 # answers than beside its first decisions (and the store's tables exist for history).
 SHIPPER_START_WAIT_S = 10.0
+# How often the store's health is looked at for the server's health service.
+STORE_HEALTH_INTERVAL_S = 0.5
 
 
 class DecisionAudit(Protocol):
@@ -239,6 +241,17 @@ class AuditTrail:
         except JournalWriteError as exc:
             log.error("%s", exc)
             raise AuditUnavailable(str(exc)) from exc
+
+    async def report_store(self, report: Callable[[bool], Awaitable[None]]) -> None:
+        """Tells ``report`` whether the store is reached, at once and on every change,
+        until cancelled (the server's ``decision.audit`` health)."""
+        reached: bool | None = None
+        while True:
+            ok = self.shipper.store_ok
+            if ok != reached:
+                reached = ok
+                await report(ok)
+            await asyncio.sleep(STORE_HEALTH_INTERVAL_S)
 
     def status(self) -> AuditStatus:
         return AuditStatus(

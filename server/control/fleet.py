@@ -69,6 +69,13 @@ class FleetMember:
         return cls(**known)
 
 
+def reachable(host: str, port: int, hostname: str) -> str:
+    """``host:port`` as another machine would dial it: a wildcard host is this host's name."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = hostname
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def fleet_key(key_prefix: str, server_id: str) -> str:
     return f"{key_prefix}{FLEET_KEY}{server_id}"
 
