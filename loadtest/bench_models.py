@@ -59,9 +59,9 @@ from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from server.model_client import (
     ModelCallError,
     ModelClient,
-    OipClient,
     TorchServeClient,
 )
+from server.oip import OipClient
 from torchserve.handler import ScoreHandler
 from torchserve.replica import (
     ModelServing,

@@ -52,7 +52,7 @@ from core.caller import CALLER_OPTIONS
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
-from server.model_client import oip_model_infer, oip_request
+from server.oip import oip_model_infer, oip_request
 from torchserve.triton import TRITON_OIP_SERVICE as OIP_SERVICE
 
 Target = Literal["decide", "echo", "torchserve", "oip"]

@@ -15,13 +15,8 @@ from core.loop_lag import LoopLag
 from server.batching import BatchingClient
 from server.control.canary import CanaryMonitor
 from server.drift import archived_version
-from server.model_client import (
-    OIP_SERVICE,
-    TORCHSERVE_OIP_SERVICE,
-    ModelClient,
-    OipClient,
-    TorchServeClient,
-)
+from server.model_client import ModelClient, TorchServeClient
+from server.oip import OIP_SERVICE, TORCHSERVE_OIP_SERVICE, OipClient
 from server.replica import Replica
 from server.router import ReplicaRouter
 from server.settings import ARCHIVE_VERSION, InferenceProtocol, Settings, TorchServeSettings

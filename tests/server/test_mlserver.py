@@ -16,7 +16,7 @@ from core.processes import ManagedProcess, free_ports, start_ready
 from feature_cache.schema import FEATURE_NAMES, model_row
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.app import DecisionApp
-from server.model_client import OipClient
+from server.oip import OipClient
 from tests.conftest import REPO
 from tests.server.conftest import (
     OPERATOR,

@@ -8,7 +8,8 @@ import struct
 import pytest
 
 from proto.third_party.torchserve import open_inference_grpc_pb2 as oip
-from server.model_client import ModelInputError, ModelResponseError, oip_scores
+from server.model_client import ModelInputError, ModelResponseError
+from server.oip import oip_scores
 from server.settings import TorchServeSettings
 
 Output = oip.ModelInferResponse.InferOutputTensor

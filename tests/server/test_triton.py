@@ -15,7 +15,7 @@ from core.processes import free_ports, start_ready
 from feature_cache.schema import FEATURE_NAMES, MODEL_INPUT_WIDTH, model_row
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.app import DecisionApp
-from server.model_client import OipClient, oip_model_infer, oip_request
+from server.oip import OipClient, oip_model_infer, oip_request
 from tests.server.conftest import (
     OPERATOR,
     SAMPLE_FEATURES,
