@@ -15,10 +15,8 @@ class RedisSettings(SettingsSection):
     read_timeout_ms: float = Field(
         10.0,
         gt=0,
-        description="Cap on one Redis read on the decision path (features, cached score): "
-        "a Redis that has not answered by then is sick, and the rest of the budget stays "
-        "for the ladder. Without it a paused Redis took the whole budget and answers came "
-        "late.",
+        description="Cap on one Redis read on the decision path (features, cached score): past it "
+        "Redis is sick, and the rest of the budget stays for the ladder.",
     )
 
 

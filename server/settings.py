@@ -59,13 +59,9 @@ class ServerSettings(SettingsSection):
     max_concurrent_streams: int = Field(
         16,
         ge=1,
-        description="Calls one client connection may have in flight at once (HTTP/2's "
-        "SETTINGS_MAX_CONCURRENT_STREAMS). gRPC's core refuses a call past it before the "
-        "server's Python sees it, so the calls this server holds, queued where it cannot "
-        "see them included, are at most this times its connections. Size it with the "
-        "callers' connections: connections x this should stay near what "
-        "the server answers within a deadline (docs/overload.md). AdminService's port "
-        "has the same cap.",
+        description="Calls one client connection may have in flight; gRPC's core refuses one past "
+        "it before Python sees it. Size it so that connections x this is what the "
+        "server answers within a deadline (docs/overload.md).",
     )
     tls_cert_file: str = Field(
         "",
@@ -172,18 +168,14 @@ class TorchServeSettings(SettingsSection):
     batch_max_concurrent_calls: int = Field(
         1,
         ge=1,
-        description="Model calls out to one replica at once; requests arriving past it "
-        "wait for one to return and go together in the next. Match it to the replica's "
-        "TorchServe workers (1 in this project's replicas): calls past them only wait in "
-        "TorchServe's queue, and more, smaller calls cost its JVM more CPU.",
+        description="Model calls out to one replica at once; requests past it go together in the "
+        "next. Match the replica's model-server workers (docs/capacity.md).",
     )
     challenger_batch_max_concurrent_calls: int = Field(
         4,
         ge=1,
-        description="As batch_max_concurrent_calls, for the challenger: it batches in "
-        "TorchServe itself (batchSize 16, maxBatchDelay 2 ms), which can only gather calls "
-        "that are out together, and its shadow calls (up to 64 rows) would otherwise hold "
-        "the canary's only slot.",
+        description="As batch_max_concurrent_calls, for the challenger, which batches in its "
+        "model server itself (docs/capacity.md).",
     )
 
     def protocol_of(self, *, challenger: bool) -> InferenceProtocol:
@@ -206,11 +198,9 @@ class BreakerSettings(SettingsSection):
     min_counted_timeout_ms: float = Field(
         10.0,
         ge=0,
-        description="A model-call timeout counts as a replica failure only if the call was "
-        "given at least this long, less any stall of this server's event loop during the "
-        "wait (an answer may have sat unread); shorter calls were cut by the caller's tight "
-        "budget. A call refused for the replica's abandoned calls counts only once the "
-        "replica has answered none of them for this long.",
+        description="A model call's timeout counts against its replica only if the call was given "
+        "at least this long; a refusal for abandoned calls, once the replica has "
+        "answered none for this long.",
     )
 
 
@@ -230,34 +220,27 @@ class DecisionSettings(SettingsSection):
     response_margin_ms: float = Field(
         12.0,
         ge=0,
-        description="The server plans to answer this long before the caller's deadline: "
-        "the time the answer needs to reach the caller, and a stall of the whole machine "
-        "(on a shared 2-core VM, 10-15 ms a few times a minute) landing on the last step. "
-        "Every step's budget (features, model calls, ladder) ends this much early.",
+        description="The server plans to answer this long before the caller's deadline: the "
+        "answer's way back and a stall of the machine on the last step "
+        "(docs/overload.md).",
     )
     max_in_flight: int = Field(
         256,
         ge=0,
-        description="Ceiling of the admission limit: decisions (DecideBatch rows count one "
-        "each) being made at once; past the limit new calls are shed at once instead of "
-        "queueing past their deadlines. 0: no ceiling. A batch larger than the limit is "
-        "taken when nothing else is in flight.",
+        description="Ceiling of the admission limit: decisions being made at once (a DecideBatch "
+        "row counts one); past it new calls are shed at once. 0: no ceiling.",
     )
     max_loop_busy_share: float = Field(
         0.85,
         gt=0,
         le=1,
-        description="The admission limit shrinks while the event loop's thread was running or "
-        "waiting for a CPU more than this share of the last 250 ms (requests then wait in "
-        "gRPC's queue, unseen) and grows back while it was not.",
+        description="The admission limit shrinks while the event loop's thread was busy or "
+        "waiting for a CPU more than this share of the time, and grows back after.",
     )
     min_in_flight: int = Field(
         16,
         ge=1,
-        description="The admission limit never shrinks below this. A decision shed costs the "
-        "loop about what one on the model path does (one batched model call serves many), so "
-        "a floor below a batch's worth sheds model answers without relieving the loop "
-        "(docs/benchmarks.md).",
+        description="The admission limit never shrinks below this (docs/overload.md).",
     )
     overload_action: Literal["reject", "rules"] = Field(
         "rules",
@@ -280,9 +263,8 @@ class AuditSettings(SettingsSection):
     fsync_interval_ms: float = Field(
         200.0,
         ge=0,
-        description="How often the journal is fsynced (a process crash loses nothing either "
-        "way; this bounds what a machine crash may lose). 0: after every append, at a cost "
-        "of milliseconds per decision.",
+        description="How often the journal is fsynced: what a machine crash may lose (a process "
+        "crash loses nothing). 0: after every append, at a cost on every decision.",
     )
     database_url: str = Field(
         "sqlite:///.run/audit/audit.db",
@@ -295,10 +277,9 @@ class AuditSettings(SettingsSection):
     max_backlog_bytes: int = Field(
         0,
         ge=0,
-        description="Journal bytes not yet in the audit store at which new decisions are "
-        "refused (UNAVAILABLE) rather than recorded, until the store catches up. Set it "
-        "below the journal volume's size divided by the workers: a container whose "
-        "volume fills is evicted with every record not yet shipped. 0: no cap.",
+        description="Unshipped journal bytes at which new decisions are refused (UNAVAILABLE) "
+        "until the store catches up; below the journal volume's size over the "
+        "workers. 0: no cap.",
     )
     ship_idle_interval_ms: float = Field(
         100.0, gt=0, description="When caught up, how often the shipper looks for new records."
@@ -346,11 +327,9 @@ class CanarySettings(SettingsSection):
     max_score_psi: float = Field(
         2.0,
         ge=0,
-        description="PSI of the canary's scores against the champion's in the window "
-        "(each side needs 500 scores). Two different models may score on different "
-        "scales: the shipped champion and challenger differ by PSI ~0.9 on the same "
-        "decisions, so the default catches a broken challenger (a constant score), not a "
-        "recalibrated one.",
+        description="PSI of the canary's scores against the champion's in the window (500 scores "
+        "each at least) past which the canary is in breach; catches a broken "
+        "challenger, not a recalibrated one (docs/oncall.md).",
     )
 
 
