@@ -74,8 +74,8 @@ STALL_GRACE_S = 0.001
 
 class Settles(Protocol):
     """What ``settled_within`` waits for: an asyncio future, or a grpc.aio call itself
-    (no task wrapped around it: on the model path that wrapper and ``asyncio.wait`` cost
-    about 0.07 ms a call at concurrency 1 on the 2-core VM)."""
+    (no task wrapped around it: that wrapper and ``asyncio.wait`` cost on every model
+    call)."""
 
     def done(self) -> bool: ...
 

@@ -1,7 +1,7 @@
 """``FeatureMirror``: every symbol's latest feature record in this process's memory.
 
 A decision needs its symbol's features within a millisecond; a Redis read costs a round
-trip (~0.3 ms here, more on a busy host). The writer publishes each record it lands
+trip, more on a busy host. The writer publishes each record it lands
 (``feature_cache.store``); the mirror subscribes first, then loads every record once
 (SCAN and one pipeline), and from then applies each published record that is newer
 (event time, then source offset) than the one it holds, as the writer's own rule does.

@@ -1,25 +1,14 @@
 """``AdmissionLimit``: how many decisions may take the model path at once, adapted to how
 busy this process's event loop is.
 
-A fixed in-flight bound cannot see the requests that wait in gRPC's own queue before a
-handler runs: grpc.aio's server takes one call at a time from its queue, through the
-event loop, so once the loop has no idle moment calls wait there, unseen, until they are
-late. What it can see is how much of the time the loop's thread is running or waiting
-for a CPU (``core.loop_lag``'s busy share). So the limit is adjusted like a congestion
-window (additive increase, multiplicative decrease, as in Netflix's concurrency-limits
-and TCP): while the loop was busy more than ``max_busy_share`` of the last 250 ms the
-limit shrinks to ¾ of what was in flight; otherwise, when the limit is nearly used, it
-grows by a tenth. ``max_in_flight`` stays the ceiling, ``min_in_flight`` the floor: a
-decision shed still costs the loop its gRPC call, its features and its audit record,
-about what one on the model path costs, since one batched model call serves many (650
-µs of server CPU a decision at saturation whether the model gave 38 % of the answers or
-100 %), so below a batch's worth shedding only takes answers from the model. Not the
-timers' lateness: a saturated loop keeps them punctual (at 1,480 decisions/s on two
-shared cores the probe woke 0.1 ms late on average while calls waited 39 ms before their
-handler), and one 30 ms hiccup of a busy machine is not overload. A request past the
-limit is shed at once (the ladder's answer, or RESOURCE_EXHAUSTED): a fast honest answer
-instead of a late one, and the model calls it does not make are work the replicas beside
-the loop do not do.
+Calls wait in gRPC's own queue before any handler runs, where a fixed in-flight bound
+cannot see them; the event loop thread's busy share (``core.loop_lag``) does. So the
+limit moves like a congestion window (additive increase, multiplicative decrease): while
+the loop was busy more than ``max_busy_share`` of the last 250 ms it shrinks to ¾ of
+what was in flight; when it is nearly used, it grows by a tenth; ``max_in_flight`` is
+the ceiling, ``min_in_flight`` the floor. A request past the limit is shed at once (the
+ladder's answer, or RESOURCE_EXHAUSTED): a fast honest answer instead of a late one.
+Why the busy share and not the timers' lateness, and why the floor: docs/overload.md.
 """
 
 from __future__ import annotations

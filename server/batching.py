@@ -14,12 +14,10 @@ the queue unsent with ``ModelNoTime`` (not the replica's fault), and the router 
 the next replica or the ladder answers, in the time the router kept back for it. It is
 not sent past the cap: a replica works one call a worker at a time, so the extra call
 would only wait in the replica's own queue, and a slow replica sent one call per waiting
-request falls behind until every call times out and its breaker opens (both replicas
-slowed and the load past capacity, ``tests/server/test_overload.py``: the model
-answered 81-125 decisions a second when they were sent, 345-883 since). Each request
-keeps its own deadline inside a shared call, which runs until the latest one. The shared
-call costs a request no time of its own because a replica scores 64 rows about as fast
-as one (measured: 1.86 / 2.05 / 1.99 ms p50 for 1 / 8 / 64 rows).
+request falls behind until every call times out and its breaker opens
+(docs/benchmarks.md). Each request keeps its own deadline inside a shared call, which
+runs until the latest one. The shared call costs a request no time of its own: a
+replica scores 64 rows about as fast as one.
 
 A call the replica rejects (``ModelInputError``: a bad row) is retried row set by row
 set, so one caller's bad row never fails the others.

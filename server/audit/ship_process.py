@@ -1,11 +1,10 @@
 """The audit shipper in a process of its own, and the server's handle on it.
 
 Shipping parses records and builds insert parameters in Python: on a thread of the
-server it held the interpreter lock the event loop needs (side by side on two cores,
-Decide at 700/s had p99 18-34 ms with the thread and 12-15 ms with this process). A
-child process shares no lock with the server, runs at a lower CPU priority
-(``SHIP_NICE``) so that the decision path comes first when the cores are busy, and
-needs from the server only the journal's position.
+server it held the interpreter lock the event loop needs, and the decisions' tail
+showed it (docs/benchmarks.md). A child process shares no lock with the server, runs
+at a lower CPU priority (``SHIP_NICE``) so that the decision path comes first when the
+cores are busy, and needs from the server only the journal's position.
 
 The protocol is two pipes. The server writes one JSON line of settings to the child's
 stdin, then, after each status line it reads, the journal's position (``segment
