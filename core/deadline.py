@@ -27,16 +27,6 @@ class Budget:
         start = time.monotonic() if started is None else started
         self.deadline = start + total_ms / 1000.0
 
-    @classmethod
-    def for_call(
-        cls, time_remaining_s: float | None, default_ms: float, *, margin_ms: float = 0.0
-    ) -> Budget:
-        """The caller's remaining deadline less ``margin_ms`` (the time the answer needs
-        to reach the caller), or ``default_ms`` when the call has none."""
-        if time_remaining_s is None:
-            return cls(default_ms)
-        return cls(time_remaining_s * 1000.0 - margin_ms)
-
     def remaining_ms(self) -> float:
         return (self.deadline - time.monotonic()) * 1000.0
 
@@ -44,23 +34,45 @@ class Budget:
 # Each model call's cap is cut by a random share up to this, so that many servers' calls
 # against one slow replica do not time out in one instant.
 TIMEOUT_JITTER = 0.1
+# Kept back from the model calls for the ladder (a cached score's read, the rules).
+FALLBACK_RESERVE_MS = 3.0
 
 
-def model_call_timeout_ms(
-    remaining_ms: float,
-    *,
-    reserve_ms: float,
-    cap_ms: float,
-    jitter: float,
-    rng: random.Random,
-) -> float:
-    """What one model call may spend: the budget less the fallback reserve, capped.
+@dataclass(frozen=True, slots=True)
+class CallPlan:
+    """The one time model of a call: its budget from the caller's deadline, and what each
+    step may spend of it. The servicer asks it for the budget; the features and the
+    ladder ask it for a store read's time, the router for a model call's.
 
-    The cap is lowered by a random share up to ``jitter`` so that many servers'
-    timeouts against one slow replica do not fire in lockstep.
+    ``default_budget_ms``: a call that carries no deadline. ``response_margin_ms``: the
+    plan ends this long before the caller's deadline (the answer's way back).
+    ``model_call_ms``: one model call at most, before jitter. ``store_read_ms``: one
+    Redis read at most. ``fallback_reserve_ms``: a model call leaves this to the ladder.
     """
-    jittered_cap = cap_ms * (1.0 - jitter * rng.random())
-    return min(remaining_ms - reserve_ms, jittered_cap)
+
+    default_budget_ms: float = 50.0
+    response_margin_ms: float = 0.0
+    model_call_ms: float = 25.0
+    store_read_ms: float = 10.0
+    fallback_reserve_ms: float = FALLBACK_RESERVE_MS
+    jitter: float = TIMEOUT_JITTER
+
+    def budget(self, time_remaining_s: float | None) -> Budget:
+        """The caller's remaining deadline less the response margin, or the default."""
+        if time_remaining_s is None:
+            return Budget(self.default_budget_ms)
+        return Budget(time_remaining_s * 1000.0 - self.response_margin_ms)
+
+    def model_call_timeout_ms(self, budget: Budget, rng: random.Random) -> float:
+        """What one model call may spend: the budget less the fallback reserve, capped by
+        ``model_call_ms`` lowered by a random share up to ``jitter``."""
+        jittered_cap = self.model_call_ms * (1.0 - self.jitter * rng.random())
+        return min(budget.remaining_ms() - self.fallback_reserve_ms, jittered_cap)
+
+    @property
+    def shortest_model_call_ms(self) -> float:
+        """The shortest cap jitter makes."""
+        return self.model_call_ms * (1.0 - self.jitter)
 
 
 # A stalled event loop (its process went unscheduled on a busy machine) may run the timers

@@ -12,12 +12,6 @@ from core.settings import ROOT_CONFIG, SettingsSection
 class RedisSettings(SettingsSection):
     url: str = Field("redis://127.0.0.1:16379/0", description="Feature and score cache.")
     key_prefix: str = Field("decision:", description="Prefix of every key this service uses.")
-    read_timeout_ms: float = Field(
-        10.0,
-        gt=0,
-        description="Cap on one Redis read on the decision path (features, cached score): past it "
-        "Redis is sick, and the rest of the budget stays for the ladder.",
-    )
 
 
 class FeatureSettings(SettingsSection):

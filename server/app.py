@@ -90,6 +90,7 @@ class DecisionApp:
         self.settings = settings
         self.tracing = tracing or Tracing.from_environment()
         prefix = settings.redis.key_prefix
+        plan = settings.deadline.plan()
         self.redis = decision_redis(settings)
         self.status_redis = side_redis(settings)
         self.loop_lag = LoopLag()
@@ -154,7 +155,7 @@ class DecisionApp:
             held_ms=CACHED_SCORE_HELD_MS,
         )
         # One bound for the features and the cached scores: both read the same Redis pool.
-        redis_reads = StoreReads(cap_ms=settings.redis.read_timeout_ms)
+        redis_reads = StoreReads(cap_ms=plan.store_read_ms)
         self.features = FeatureSource(
             FeatureReader(self.redis, key_prefix=prefix),
             redis_reads,
@@ -186,7 +187,7 @@ class DecisionApp:
         )
         self.breaker_probe = BreakerProbe(
             replicas.all,
-            call_timeout_ms=settings.torchserve.per_call_timeout_ms,
+            call_timeout_ms=plan.model_call_ms,
             control=lambda: self.shared.state,
         )
         self.undelivered = UndeliveredAnswers()
@@ -211,9 +212,8 @@ class DecisionApp:
             settings,
             DecisionServicer(
                 self.engine,
-                default_budget_ms=settings.decision.default_budget_ms,
+                plan=plan,
                 max_batch_size=settings.server.max_batch_size,
-                response_margin_ms=settings.decision.response_margin_ms,
             ),
             (
                 AdminServicer(

@@ -114,9 +114,9 @@ class Replicas:
 
 def traffic(settings: Settings, replicas: Replicas, canary: CanaryMonitor) -> Traffic:
     """The champion's lane (primary → secondary) and, with a challenger, the canary's."""
-    ts, decision = settings.torchserve, settings.decision
-    champion = ReplicaRouter(replicas.champions, torchserve=ts, decision=decision)
+    plan = settings.deadline.plan()
+    champion = ReplicaRouter(replicas.champions, plan=plan)
     if replicas.challenger is None:
         return Traffic(champion)
     lane = [replicas.challenger, *replicas.champions]
-    return Traffic(champion, (ReplicaRouter(lane, torchserve=ts, decision=decision), canary))
+    return Traffic(champion, (ReplicaRouter(lane, plan=plan), canary))

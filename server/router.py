@@ -13,13 +13,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from core.deadline import TIMEOUT_JITTER, Budget, model_call_timeout_ms
+from core.deadline import Budget, CallPlan
 from core.domain import Source
 from core.retry_budget import RetryBudget
 from server.control.state import ControlState
 from server.model_client import ModelInputError, ModelScores
 from server.replica import Attempt, Replica
-from server.settings import DecisionSettings, TorchServeSettings
 
 # How often a replica's recent latencies are summarized for the router (sorting them on
 # every call would cost more than the call).
@@ -97,19 +96,15 @@ class ReplicaRouter:
         self,
         replicas: Sequence[Replica],
         *,
-        torchserve: TorchServeSettings,
-        decision: DecisionSettings,
+        plan: CallPlan,
         rng: random.Random | None = None,
-        timeout_jitter: float = TIMEOUT_JITTER,
         min_call_budget_ms: float = MIN_CALL_BUDGET_MS,
         retry_ratio: float = RETRY_RATIO,
         retry_min_per_s: float = RETRY_MIN_PER_S,
     ) -> None:
         self.replicas = tuple(replicas)
-        self._cap_ms = torchserve.per_call_timeout_ms
-        self._jitter = timeout_jitter
+        self._plan = plan
         self._min_call_ms = min_call_budget_ms
-        self._reserve_ms = decision.fallback_reserve_ms
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         # By replica: when its recent latencies were summarized, and their p50.
         self._latencies: dict[str, tuple[float, float]] = {}
@@ -183,13 +178,7 @@ class ReplicaRouter:
         return max(self._recent_p50_ms(replica), self._min_call_ms)
 
     def _call_timeout_ms(self, budget: Budget) -> float:
-        return model_call_timeout_ms(
-            budget.remaining_ms(),
-            reserve_ms=self._reserve_ms,
-            cap_ms=self._cap_ms,
-            jitter=self._jitter,
-            rng=self._rng,
-        )
+        return self._plan.model_call_timeout_ms(budget, self._rng)
 
 
 def _budget_spent(replica: Replica) -> str:

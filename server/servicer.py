@@ -13,7 +13,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
-from core.deadline import Budget
+from core.deadline import Budget, CallPlan
 from core.domain import FALLBACK_REASONS, CallInfo, DecisionResult
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.engine import DecisionEngine
@@ -100,14 +100,12 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         self,
         engine: DecisionEngine,
         *,
-        default_budget_ms: float,
+        plan: CallPlan,
         max_batch_size: int,
-        response_margin_ms: float,
     ) -> None:
         self._engine = engine
-        self._default_budget_ms = default_budget_ms
+        self._plan = plan
         self._max_batch_size = max_batch_size
-        self._margin_ms = response_margin_ms
 
     def _budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> Budget:
         """The call's budget; ``Expired`` when its deadline passed while it was queued:
@@ -115,7 +113,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         remaining_s = context.time_remaining()
         if remaining_s is not None and remaining_s <= 0:
             raise Expired()
-        return Budget.for_call(remaining_s, self._default_budget_ms, margin_ms=self._margin_ms)
+        return self._plan.budget(remaining_s)
 
     @grpc_errors
     async def Decide(

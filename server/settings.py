@@ -1,6 +1,6 @@
 """One settings tree for the decision server, read from ``DECISION_*`` environment variables.
 
-Nested fields use ``__``: ``DECISION_TORCHSERVE__PER_CALL_TIMEOUT_MS=15``,
+Nested fields use ``__``: ``DECISION_DEADLINE__MODEL_CALL_MS=15``,
 ``DECISION_REDIS__URL=redis://127.0.0.1:6379/0``. Units are in the field names. The
 server's own sections are here; the feature cache's and the ladder's come from their
 packages (``feature_cache.settings``, ``fallback.settings``).
@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings
 
-from core.deadline import TIMEOUT_JITTER
+from core.deadline import FALLBACK_RESERVE_MS, CallPlan
 from core.domain import DEFAULT_TRADE_THRESHOLD
 from core.settings import ROOT_CONFIG, SettingsSection
 from fallback.settings import FallbackSettings
@@ -160,11 +160,6 @@ class TorchServeSettings(SettingsSection):
     challenger_protocol: Literal["", "torchserve", "torchserve-oip", "oip"] = Field(
         "", description="The challenger's inference API when it differs; empty: protocol."
     )
-    per_call_timeout_ms: float = Field(
-        25.0,
-        gt=0,
-        description="Cap on one model call, before jitter; the caller's budget may cut it.",
-    )
     batch_max_concurrent_calls: int = Field(
         1,
         ge=1,
@@ -204,18 +199,11 @@ class BreakerSettings(SettingsSection):
     )
 
 
-class DecisionSettings(SettingsSection):
-    threshold: float = Field(
-        DEFAULT_TRADE_THRESHOLD, ge=0.0, le=1.0, description="TRADE when score >= threshold."
-    )
+class DeadlineSettings(SettingsSection):
     default_budget_ms: float = Field(
-        50.0, gt=0, description="Budget of a call that arrives without a gRPC deadline."
-    )
-    fallback_reserve_ms: float = Field(
-        3.0,
-        ge=0,
-        description="Part of the budget kept back from model calls for the fallback ladder "
-        "(the response's own time is response_margin_ms).",
+        50.0,
+        gt=FALLBACK_RESERVE_MS,
+        description="Budget of a call that arrives without a gRPC deadline.",
     )
     response_margin_ms: float = Field(
         12.0,
@@ -223,6 +211,32 @@ class DecisionSettings(SettingsSection):
         description="The server plans to answer this long before the caller's deadline: the "
         "answer's way back and a stall of the machine on the last step "
         "(docs/overload.md).",
+    )
+    model_call_ms: float = Field(
+        25.0,
+        gt=0,
+        description="Cap on one model call, before jitter; the budget left may cut it.",
+    )
+    store_read_ms: float = Field(
+        10.0,
+        gt=0,
+        description="Cap on one Redis read on the decision path (features, cached score): "
+        "past it Redis is sick, and the rest of the budget stays for the ladder.",
+    )
+
+    def plan(self) -> CallPlan:
+        return CallPlan(
+            default_budget_ms=self.default_budget_ms,
+            response_margin_ms=self.response_margin_ms,
+            model_call_ms=self.model_call_ms,
+            store_read_ms=self.store_read_ms,
+            fallback_reserve_ms=FALLBACK_RESERVE_MS,
+        )
+
+
+class DecisionSettings(SettingsSection):
+    threshold: float = Field(
+        DEFAULT_TRADE_THRESHOLD, ge=0.0, le=1.0, description="TRADE when score >= threshold."
     )
     max_in_flight: int = Field(
         256,
@@ -366,6 +380,7 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = BreakerSettings()
     redis: RedisSettings = RedisSettings()
     features: FeatureSettings = FeatureSettings()
+    deadline: DeadlineSettings = DeadlineSettings()
     decision: DecisionSettings = DecisionSettings()
     fallback: FallbackSettings = FallbackSettings()
     audit: AuditSettings = AuditSettings()
@@ -399,15 +414,8 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _budget_leaves_room_for_the_model(self) -> Settings:
-        if self.decision.fallback_reserve_ms >= self.decision.default_budget_ms:
-            raise ValueError("decision.fallback_reserve_ms must be below default_budget_ms")
-        return self
-
-    @model_validator(mode="after")
     def _breaker_can_count_timeouts(self) -> Settings:
-        ts = self.torchserve
-        shortest_cap_ms = ts.per_call_timeout_ms * (1.0 - TIMEOUT_JITTER)
+        shortest_cap_ms = self.deadline.plan().shortest_model_call_ms
         if self.breaker.min_counted_timeout_ms > shortest_cap_ms:
             raise ValueError(
                 f"breaker.min_counted_timeout_ms ({self.breaker.min_counted_timeout_ms}) must"

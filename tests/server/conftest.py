@@ -76,8 +76,10 @@ def make_settings(
         },
         "server": {"port": 0, "grace_period_s": 1.0},
         "telemetry": {"metrics_port": 0},
-        # A busy test machine can take longer than the 10 ms default for a Redis read.
-        "redis": {"url": redis_url, "key_prefix": key_prefix, "read_timeout_ms": 200.0},
+        "redis": {"url": redis_url, "key_prefix": key_prefix},
+        # A busy test machine can take longer than the defaults for a Redis read or a
+        # model call: generous caps, unless a test is about timeouts.
+        "deadline": {"store_read_ms": 200.0, "model_call_ms": 500.0},
         # Tests write features once; a long bound keeps them fresh however slow the machine.
         "features": {"max_age_ms": 120_000.0},
         # Nothing listens on these unless a test passes its replicas' addresses.
@@ -102,12 +104,10 @@ def replicas(replicas: dict[str, Replica]) -> dict[str, Replica]:
 
 
 def replica_settings(replicas: dict[str, Replica], **torchserve: object) -> dict[str, object]:
-    """The test's replicas; a generous per-call cap unless the test is about timeouts,
-    so that a busy machine does not turn a normal call into a timeout."""
+    """The test's replicas."""
     return {
         "primary_address": replicas["primary"].address,
         "secondary_address": replicas["secondary"].address,
-        "per_call_timeout_ms": 500.0,
         **torchserve,
     }
 

@@ -12,21 +12,22 @@ import pytest
 import uvloop
 
 from core import deadline
-from core.deadline import Budget, StoreBusy, StoreReads, model_call_timeout_ms, settled_within
+from core.deadline import Budget, CallPlan, StoreBusy, StoreReads, settled_within
 
 
 def test_no_caller_deadline_uses_the_default_budget():
-    budget = Budget.for_call(None, default_ms=50)
+    budget = CallPlan(default_budget_ms=50).budget(None)
     assert 45 < budget.remaining_ms() <= 50
 
 
 def test_caller_deadline_is_the_budget():
-    assert 9 < Budget.for_call(0.010, default_ms=50).remaining_ms() <= 10
+    assert 9 < CallPlan(default_budget_ms=50).budget(0.010).remaining_ms() <= 10
 
 
 def test_response_margin_comes_off_the_callers_deadline_only():
-    assert 4 < Budget.for_call(0.010, default_ms=50, margin_ms=5).remaining_ms() <= 5
-    assert 45 < Budget.for_call(None, default_ms=50, margin_ms=5).remaining_ms() <= 50
+    plan = CallPlan(default_budget_ms=50, response_margin_ms=5)
+    assert 4 < plan.budget(0.010).remaining_ms() <= 5
+    assert 45 < plan.budget(None).remaining_ms() <= 50
 
 
 async def _answer_lands_during_a_stall() -> bool:
@@ -146,18 +147,15 @@ async def test_a_call_already_done_is_settled_without_a_callback():
     [(50.0, 20.0, 20.0), (10.0, 20.0, 7.0), (2.0, 20.0, -1.0)],
 )
 def test_call_timeout_is_budget_less_reserve_capped(remaining, cap, expected):
-    got = model_call_timeout_ms(
-        remaining, reserve_ms=3.0, cap_ms=cap, jitter=0.0, rng=random.Random(1)
-    )
-    assert got == pytest.approx(expected)
+    plan = CallPlan(model_call_ms=cap, fallback_reserve_ms=3.0, jitter=0.0)
+    got = plan.model_call_timeout_ms(Budget(remaining, started=time.monotonic()), random.Random(1))
+    assert got == pytest.approx(expected, abs=0.5)
 
 
 def test_jitter_only_lowers_the_cap_by_at_most_its_share():
     rng = random.Random(3)
-    values = [
-        model_call_timeout_ms(1000, reserve_ms=3, cap_ms=20, jitter=0.1, rng=rng)
-        for _ in range(1000)
-    ]
+    plan = CallPlan(model_call_ms=20, fallback_reserve_ms=3, jitter=0.1)
+    values = [plan.model_call_timeout_ms(Budget(1000), rng) for _ in range(1000)]
     assert min(values) >= 18.0
     assert max(values) <= 20.0
     assert len(set(values)) > 900

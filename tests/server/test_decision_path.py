@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 import server.app
+import server.settings
 from core.domain import Side
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 from proto.decision.v1 import decision_pb2
@@ -92,7 +93,8 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
         # The cap holds for both calls: 15 ms for the paused primary leaves the secondary
         # about 20 ms of the 38 that the 12 ms response margin leaves of 50 (less the
         # reserve and the way in), room for a busy 2-core machine.
-        torchserve=replica_settings(replicas, per_call_timeout_ms=15.0),
+        torchserve=replica_settings(replicas),
+        deadline={"model_call_ms": 15.0},
         breaker={"fail_max": 3, "reset_timeout_s": 1.0},
     )
     stub = decision_stub(channel_to(app))
@@ -324,7 +326,7 @@ async def test_no_caller_deadline_gets_the_default_budget(
 ):
     await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(
-        torchserve=replica_settings(replicas), decision={"default_budget_ms": 30.0}
+        torchserve=replica_settings(replicas), deadline={"default_budget_ms": 30.0}
     )
     stub = decision_stub(channel_to(app))
     replicas["primary"].proc.pause()
@@ -350,19 +352,17 @@ async def test_grpc_status_not_internal_for_invalid_argument(start_app, channel_
 
 
 async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breaker(
-    replicas, start_app, channel_to, feature_writer
+    replicas, start_app, channel_to, feature_writer, monkeypatch
 ):
     await feature_writer.write_many([sample_record("BTC-USD")])
+    # This test is about the breaker; a wide reserve keeps answers inside even the short
+    # deadlines when the machine is busy; the margins are fixed so that a 20 ms deadline
+    # always leaves a call some time.
+    monkeypatch.setattr(server.settings, "FALLBACK_RESERVE_MS", 8.0)
     app = await start_app(
-        torchserve=replica_settings(replicas, per_call_timeout_ms=25.0),
+        torchserve=replica_settings(replicas),
         breaker={"fail_max": 2, "reset_timeout_s": 60.0, "min_counted_timeout_ms": 15.0},
-        # This test is about the breaker; a wide reserve keeps answers inside even the
-        # short deadlines when the machine is busy; the margins are fixed so that a 20 ms
-        # deadline always leaves a call some time.
-        decision={
-            "fallback_reserve_ms": 8.0,
-            "response_margin_ms": 5.0,
-        },
+        deadline={"model_call_ms": 25.0, "response_margin_ms": 5.0},
     )
     stub = decision_stub(channel_to(app))
     await settle(app)

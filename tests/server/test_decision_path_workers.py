@@ -125,7 +125,7 @@ async def test_every_workers_breaker_opens_on_a_paused_primary_and_closes_after(
     (server,) = server_processes(
         1,
         workers=2,
-        DECISION_TORCHSERVE__PER_CALL_TIMEOUT_MS="20",
+        DECISION_DEADLINE__MODEL_CALL_MS="20",
         DECISION_BREAKER__FAIL_MAX="3",
         # Long enough that no breaker turns half-open while the test is still opening
         # the others (each trial would wait on the paused primary).

@@ -14,7 +14,7 @@ from typing import Any, cast
 import pytest
 import redis.exceptions
 
-from core.deadline import Budget, StoreReads
+from core.deadline import Budget, CallPlan, StoreReads
 from core.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
 from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
@@ -36,7 +36,6 @@ from server.settings import (
     CanarySettings,
     ControlSettings,
     DecisionSettings,
-    TorchServeSettings,
 )
 from server.shadow import Shadowed
 from server.traffic import Traffic
@@ -183,7 +182,7 @@ class Parts:
         self.shadow = FakeShadow()
         self.state = state or ControlState.from_entries(0, {}, FLAGS)
         decision = decision or DecisionSettings()
-        ts = TorchServeSettings()
+        plan = CallPlan(jitter=0.0)
         breaker = BreakerSettings()
         replicas = [
             Replica.build(self.primary, Source.PRIMARY, breaker),
@@ -197,14 +196,9 @@ class Parts:
         self.engine = DecisionEngine(
             features=FeatureSource(cast(FeatureReader, self.store), reads, max_age_ms=1000.0),
             traffic=Traffic(
-                ReplicaRouter(replicas, torchserve=ts, decision=decision, timeout_jitter=0.0),
+                ReplicaRouter(replicas, plan=plan),
                 (
-                    ReplicaRouter(
-                        [challenger, *replicas],
-                        torchserve=ts,
-                        decision=decision,
-                        timeout_jitter=0.0,
-                    ),
+                    ReplicaRouter([challenger, *replicas], plan=plan),
                     self.monitor,
                 ),
                 rng=random.Random(1),

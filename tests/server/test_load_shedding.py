@@ -44,8 +44,9 @@ async def test_calls_past_the_bound_are_answered_at_once(
     await feature_writer.write_many([sample_record("BTC-USD")])
     app: DecisionApp = await start_app(
         # Both replicas paused below: the two admitted decisions wait on them.
-        torchserve=replica_settings(replicas, per_call_timeout_ms=400.0),
-        decision={"max_in_flight": 2, "overload_action": action, "default_budget_ms": 1000.0},
+        torchserve=replica_settings(replicas),
+        deadline={"model_call_ms": 400.0, "default_budget_ms": 1000.0},
+        decision={"max_in_flight": 2, "overload_action": action},
     )
     await settle(app)
     stub = decision_stub(channel_to(app))

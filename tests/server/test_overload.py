@@ -55,7 +55,7 @@ DEADLINE_S = 0.05
 # Each replica is held off the CPU this long, then let run as long, over and over.
 SLOWING_MS = 8.0
 # Of a caller's deadline, the server keeps back 12 ms for the answer's way back and 3 ms
-# for the fallback ladder (DecisionSettings: response_margin_ms, fallback_reserve_ms); the
+# for the fallback ladder (the CallPlan: response margin, fallback reserve); the
 # rest is the model's.
 SERVER_KEEPS_MS = 15.0
 # The server is held off the CPU this long once, mid-load: a stall of the host or of the

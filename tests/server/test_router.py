@@ -15,16 +15,14 @@ from typing import Any
 
 import pytest
 
-from core.deadline import Budget
+from core.deadline import Budget, CallPlan
 from core.domain import Source
 from server.breaker import AsyncCircuitBreaker
 from server.model_client import ModelNoTime, ModelScores, ModelTimeout, ModelUnavailable
 from server.replica import Replica
 from server.router import NEEDS_WINDOW_S, ReplicaRouter
-from server.settings import BreakerSettings, DecisionSettings, TorchServeSettings
+from server.settings import BreakerSettings
 from tests.server.fakes import AlwaysConnected
-
-ROUTER_TUNING = ("timeout_jitter", "min_call_budget_ms", "retry_ratio", "retry_min_per_s")
 
 
 class ScriptedReplica(AlwaysConnected):
@@ -64,7 +62,7 @@ def router(
     breakers: BreakerSettings | None = None,
     **options: Any,
 ) -> ReplicaRouter:
-    """``options``: more ``TorchServeSettings``, or the router's own tuning.
+    """``options``: the router's own tuning.
     ``breakers``: the server's breakers, which count only what ``counts_against_replica``
     says (default: breakers that count every failure and open only after 1,000)."""
     lane = ((primary, Source.PRIMARY), (secondary, Source.SECONDARY))
@@ -78,13 +76,8 @@ def router(
         )
         for client, source in lane
     ]
-    tuning = {k: options.pop(k) for k in ROUTER_TUNING if k in options}
-    return ReplicaRouter(
-        replicas,
-        torchserve=TorchServeSettings(**{"per_call_timeout_ms": 60.0, **options}),
-        decision=DecisionSettings(fallback_reserve_ms=1.0),
-        **{"timeout_jitter": 0.0, **tuning},
-    )
+    plan = CallPlan(model_call_ms=60.0, fallback_reserve_ms=1.0, jitter=0.0)
+    return ReplicaRouter(replicas, plan=plan, **options)
 
 
 async def score(routing: ReplicaRouter, request: float = 0.0, budget_ms: float = 200.0):

@@ -7,6 +7,7 @@ from typing import Any, cast
 import grpc
 import pytest
 
+from core.deadline import CallPlan
 from proto.decision.v1 import decision_pb2
 from server.engine import DecisionEngine
 from server.servicer import DecisionServicer
@@ -47,9 +48,8 @@ class NoEngine:
 async def test_a_call_whose_deadline_passed_in_the_queue_gets_no_decision() -> None:
     servicer = DecisionServicer(
         cast(DecisionEngine, NoEngine()),
-        default_budget_ms=50.0,
+        plan=CallPlan(default_budget_ms=50.0, response_margin_ms=5.0),
         max_batch_size=16,
-        response_margin_ms=5.0,
     )
     context = FakeContext(remaining_s=-0.002)
     request = decision_pb2.DecideRequest(symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0)
@@ -76,9 +76,8 @@ async def test_the_server_plans_to_answer_its_margin_before_the_deadline(
     engine = BudgetRecorder()
     servicer = DecisionServicer(
         cast(DecisionEngine, engine),
-        default_budget_ms=50.0,
+        plan=CallPlan(default_budget_ms=50.0, response_margin_ms=margin_ms),
         max_batch_size=16,
-        response_margin_ms=margin_ms,
     )
     request = decision_pb2.DecideRequest(symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0)
     with pytest.raises(Aborted):  # the recorder decided nothing: an internal error

@@ -18,10 +18,10 @@ from tests.conftest import REPO
     ("sections", "message"),
     [
         ({"breaker": {"fail_max": 0}}, "breaker.fail_max"),
-        ({"torchserve": {"per_call_timeout_ms": 0}}, "torchserve.per_call_timeout_ms"),
+        ({"deadline": {"model_call_ms": 0}}, "deadline.model_call_ms"),
         ({"breaker": {"min_counted_timeout_ms": 30}}, "hung replica would never open"),
-        ({"decision": {"fallback_reserve_ms": 60}}, "fallback_reserve_ms must be below"),
-        ({"redis": {"read_timeout_ms": 0}}, "redis.read_timeout_ms"),
+        ({"deadline": {"default_budget_ms": 2}}, "deadline.default_budget_ms"),
+        ({"deadline": {"store_read_ms": 0}}, "deadline.store_read_ms"),
         (
             {"torchserve": {"model_version": "archive"}},
             "reads the archives in drift.model_store, which is not set",
@@ -35,10 +35,10 @@ def test_unsafe_or_unknown_settings_are_rejected(sections, message):
 
 
 def test_nested_environment_variables(monkeypatch):
-    monkeypatch.setenv("DECISION_TORCHSERVE__PER_CALL_TIMEOUT_MS", "15")
+    monkeypatch.setenv("DECISION_DEADLINE__MODEL_CALL_MS", "15")
     monkeypatch.setenv("DECISION_SERVER__PORT", "6000")
     settings = Settings()
-    assert settings.torchserve.per_call_timeout_ms == 15
+    assert settings.deadline.model_call_ms == 15
     assert settings.server.port == 6000
     assert settings.torchserve.primary_address == "127.0.0.1:7070"
 

@@ -46,8 +46,8 @@ async def capped(start_app, replicas, feature_writer) -> AsyncIterator[DecisionA
     await feature_writer.write_many([sample_record("BTC-USD")])
     app: DecisionApp = await start_app(
         server={"max_concurrent_streams": CAP},
-        torchserve=replica_settings(replicas, per_call_timeout_ms=400.0),
-        decision={"default_budget_ms": 1000.0},
+        torchserve=replica_settings(replicas),
+        deadline={"model_call_ms": 400.0, "default_budget_ms": 1000.0},
     )
     await settle(app)
     for replica in replicas.values():

@@ -99,7 +99,6 @@ async def test_the_decision_path_answers_from_triton_with_the_archives_versions(
             "protocol": "oip",
             # Triton answers version "1": the versions of the archives it was built from.
             "model_version": "archive",
-            "per_call_timeout_ms": 500.0,
         },
         drift={"model_store": str(champion.path.parent)},
         admin={"tokens": TOKENS},

@@ -405,9 +405,10 @@ async def canary_app(start_app, replicas, challenger_replica) -> DecisionApp:
     challenger_replica.ensure_running()
     app: DecisionApp = await start_app(
         torchserve={
-            **replica_settings(replicas, per_call_timeout_ms=60.0),
+            **replica_settings(replicas),
             "challenger_address": challenger_replica.address,
         },
+        deadline={"model_call_ms": 60.0},
         breaker={"min_counted_timeout_ms": 10.0},
         admin={"tokens": TOKENS},
         # A short window and sample so that the test runs in seconds; PSI between two
@@ -503,10 +504,11 @@ async def test_a_slow_but_answering_challenger_is_rolled_back_on_its_p99(
     await feature_writer.write_many([sample_record("BTC-USD")])
     app: DecisionApp = await start_app(
         torchserve={
-            # Long enough that the slow challenger's calls all succeed: only p99 breaches.
-            **replica_settings(replicas, per_call_timeout_ms=400.0),
+            **replica_settings(replicas),
             "challenger_address": challenger_replica.address,
         },
+        # Long enough that the slow challenger's calls all succeed: only p99 breaches.
+        deadline={"model_call_ms": 400.0},
         admin={"tokens": TOKENS},
         canary={"window_s": 10.0, "min_decisions": 10, "max_p99_ratio": 2.0, "p99_slack_ms": 20.0},
     )

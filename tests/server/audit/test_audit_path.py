@@ -124,7 +124,7 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
         "DECISION_FEATURES__MAX_AGE_MS": "120000",
         "DECISION_TORCHSERVE__PRIMARY_ADDRESS": str(ts["primary_address"]),
         "DECISION_TORCHSERVE__SECONDARY_ADDRESS": str(ts["secondary_address"]),
-        "DECISION_TORCHSERVE__PER_CALL_TIMEOUT_MS": "500",
+        "DECISION_DEADLINE__MODEL_CALL_MS": "500",
         "DECISION_TELEMETRY__METRICS_PORT": "0",
         "DECISION_AUDIT__JOURNAL_DIR": str(tmp_path / "journal"),
         "DECISION_AUDIT__DATABASE_URL": url,
