@@ -31,10 +31,12 @@ class KafkaSettings(SettingsSection):
         "127.0.0.1:19092", description="Kafka brokers, comma-separated host:port."
     )
     topic: str = Field("market-data", description="Market events, keyed by symbol.")
-    dead_letter_topic: str = Field(
-        "market-data.dlq", description="Where malformed market events go, with the reason."
-    )
     group_id: str = Field("feature-cache", description="Consumer group of the feature cache.")
+
+    @property
+    def dead_letter_topic(self) -> str:
+        """Where malformed market events go, with the reason: the topic's name + .dlq."""
+        return f"{self.topic}.dlq"
 
 
 class FeatureCacheProcessSettings(SettingsSection):

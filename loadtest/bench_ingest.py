@@ -112,9 +112,10 @@ async def run(args: argparse.Namespace, run_dir: Path) -> None:
     try:
         bootstrap = f"127.0.0.1:{broker_port}"
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        topics = {"bench-tp": PARTITIONS, "bench-fresh": PARTITIONS, "bench.dlq": 1}
+        topics = {"bench-tp": PARTITIONS, "bench-fresh": PARTITIONS}
+        topics |= {"bench-tp.dlq": 1, "bench-fresh.dlq": 1}
         await create_topics(bootstrap, topics)
-        base = {"bootstrap_servers": bootstrap, "dead_letter_topic": "bench.dlq"}
+        base = {"bootstrap_servers": bootstrap}
         rate = await throughput(
             KafkaSettings(**base, topic="bench-tp", group_id="bench-tp"), redis_url, args.count
         )

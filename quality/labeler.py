@@ -42,7 +42,14 @@ from feature_cache.events import MarketEvent
 from feature_cache.features import SymbolState
 from quality.history import MidHistory
 from quality.rolling import RollingQuality
-from quality.settings import GIVE_UP_S, LOOKBACK_S, PASS_DECISIONS, POLL_INTERVAL_S, QualitySettings
+from quality.settings import (
+    GIVE_UP_S,
+    LOOKBACK_S,
+    PASS_DECISIONS,
+    POLL_INTERVAL_S,
+    QUALITY_WINDOW,
+    QualitySettings,
+)
 from quality.store import Outcome, OutcomeStore, PendingDecision
 
 log = logging.getLogger(__name__)
@@ -247,7 +254,7 @@ class Labeler:
     def _rolling(self, scorer: Scorer) -> RollingQuality:
         rolling = self.quality.get(scorer)
         if rolling is None:
-            rolling = self.quality[scorer] = RollingQuality(self._settings.window)
+            rolling = self.quality[scorer] = RollingQuality(QUALITY_WINDOW)
         return rolling
 
     def label(
