@@ -84,15 +84,16 @@ def journal_plans(journal_dir: Path, workers: int) -> list[JournalPlan]:
 def worker_settings(settings: Settings, index: int, workers: int, plan: JournalPlan) -> Settings:
     """What worker ``index`` of ``workers`` runs with: the shared ports with SO_REUSEPORT
     (several workers only), its own journal folder, metrics port and server id."""
+    # The count, not the setting (0: one per CPU; --workers overrides it): the front
+    # shares the port (SO_REUSEPORT) exactly when there are several.
+    server = settings.server.model_copy(update={"workers": workers})
     if workers == 1:  # the journal is journal_dir itself, as before workers existed
-        return settings
+        return settings.model_copy(update={"server": server})
     server_id = settings.audit.server_id or f"{socket.gethostname()}:{settings.server.port}"
     metrics_port = settings.telemetry.metrics_port
     return settings.model_copy(
         update={
-            # The count, not the setting (0: one per CPU): the front shares the port
-            # (SO_REUSEPORT) when there are several.
-            "server": settings.server.model_copy(update={"workers": workers}),
+            "server": server,
             "audit": settings.audit.model_copy(
                 update={"journal_dir": str(plan.own), "server_id": f"{server_id}/w{index}"}
             ),

@@ -75,7 +75,12 @@ def test_each_worker_gets_its_own_journal_metrics_port_and_server_id(tmp_path: P
     assert (first.audit.server_id, second.audit.server_id) == ("pod-a/w0", "pod-a/w1")
     assert first.audit.journal_dir != second.audit.journal_dir
     alone = worker_settings(settings, 0, 1, journal_plans(tmp_path, 1)[0])
-    assert ("grpc.so_reuseport", 0) in server_options(Settings(server={"port": 50051}))
+    assert ("grpc.so_reuseport", 0) in server_options(alone)
+    # --workers 1 on settings that say 4: one process, which shares its port with nobody.
+    four = Settings(server={"port": 50051, "workers": 4})
+    assert ("grpc.so_reuseport", 0) in server_options(
+        worker_settings(four, 0, 1, journal_plans(tmp_path, 1)[0])
+    )
     assert (alone.telemetry.metrics_port, alone.audit.server_id) == (9464, "pod-a")
 
 
