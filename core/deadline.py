@@ -36,13 +36,19 @@ class Budget:
 TIMEOUT_JITTER = 0.1
 # Kept back from the model calls for the ladder (a cached score's read, the rules).
 FALLBACK_RESERVE_MS = 3.0
+# The defaults of the settings the plan is built from (server.settings.DeadlineSettings).
+DEFAULT_BUDGET_MS = 50.0
+RESPONSE_MARGIN_MS = 12.0
+MODEL_CALL_MS = 25.0
+STORE_READ_MS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
 class CallPlan:
     """The one time model of a call: its budget from the caller's deadline, and what each
-    step may spend of it. The servicer asks it for the budget; the features and the
-    ladder ask it for a store read's time, the router for a model call's.
+    step may spend of it. The servicer asks it for the budget and the router for a model
+    call's time; the store reads (features, cached scores) are capped by its
+    ``store_read_ms``.
 
     ``default_budget_ms``: a call that carries no deadline. ``response_margin_ms``: the
     plan ends this long before the caller's deadline (the answer's way back).
@@ -50,10 +56,10 @@ class CallPlan:
     Redis read at most. ``fallback_reserve_ms``: a model call leaves this to the ladder.
     """
 
-    default_budget_ms: float = 50.0
-    response_margin_ms: float = 0.0
-    model_call_ms: float = 25.0
-    store_read_ms: float = 10.0
+    default_budget_ms: float = DEFAULT_BUDGET_MS
+    response_margin_ms: float = RESPONSE_MARGIN_MS
+    model_call_ms: float = MODEL_CALL_MS
+    store_read_ms: float = STORE_READ_MS
     fallback_reserve_ms: float = FALLBACK_RESERVE_MS
     jitter: float = TIMEOUT_JITTER
 

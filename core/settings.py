@@ -9,7 +9,9 @@ needs under the same ``DECISION_`` names, so one environment configures every pr
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -110,14 +112,35 @@ def _setting_type(root: type[BaseModel], section: str, field: str) -> object | N
     return None if setting is None else setting.annotation
 
 
+# Sections no process reads any more: a variable of one is a setting that was removed,
+# which stops a process as a removed field of a live section does (an unknown section
+# cannot: each process reads only its own sections of the one environment).
+RETIRED_SECTIONS = {"SHADOW": "shadow calls are tuned by constants now (server/shadow.py)"}
+
+
+def retired_variables(environ: Mapping[str, str]) -> list[str]:
+    """What is wrong with each ``DECISION_*`` variable of a retired section."""
+    return [
+        f"{name}: removed: {why}; unset it"
+        for name in sorted(environ)
+        for section, why in RETIRED_SECTIONS.items()
+        if name.startswith(f"DECISION_{section}__")
+    ]
+
+
 def settings_from_environment(root: type[Root], program: str) -> Root:
     """``root`` read from the ``DECISION_*`` environment, or exit 2 saying which
     variables are wrong and why: a misconfigured process says so, not a traceback."""
+    retired = retired_variables(os.environ)
     try:
-        return root()
+        settings = root()
     except ValidationError as exc:
-        problems = "".join(f"  {line}\n" for line in settings_problems(root, exc))
+        problems = "".join(f"  {line}\n" for line in [*retired, *settings_problems(root, exc)])
     except SettingsError as exc:  # a section given as one variable that is not JSON
-        problems = f"  {exc}\n"
+        problems = "".join(f"  {line}\n" for line in [*retired, str(exc)])
+    else:
+        if not retired:
+            return settings
+        problems = "".join(f"  {line}\n" for line in retired)
     sys.stderr.write(f"{program}: invalid settings:\n{problems}")
     raise SystemExit(2)

@@ -679,7 +679,7 @@ def start_triton(
     procs.append(triton)
     triton.start()
     decision_env = {
-        "DECISION_TORCHSERVE__PROTOCOL": "oip",  # answers carry Triton's version, "1"
+        "DECISION_TORCHSERVE__PROTOCOL": "kserve-v2",  # answers carry Triton's version, "1"
     }
     return triton, decision_env
 

@@ -532,7 +532,7 @@ class LocalStack:
         if self.model_server != "triton":
             return {}
         return {
-            "DECISION_TORCHSERVE__PROTOCOL": "oip",
+            "DECISION_TORCHSERVE__PROTOCOL": "kserve-v2",
             # The archives' own versions, read from the served folder (the drift store).
             "DECISION_TORCHSERVE__MODEL_VERSION": ARCHIVE_VERSION,
         }

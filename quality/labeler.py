@@ -47,7 +47,6 @@ from quality.settings import (
     LOOKBACK_S,
     PASS_DECISIONS,
     POLL_INTERVAL_S,
-    QUALITY_WINDOW,
     QualitySettings,
 )
 from quality.store import Outcome, OutcomeStore, PendingDecision
@@ -254,7 +253,7 @@ class Labeler:
     def _rolling(self, scorer: Scorer) -> RollingQuality:
         rolling = self.quality.get(scorer)
         if rolling is None:
-            rolling = self.quality[scorer] = RollingQuality(QUALITY_WINDOW)
+            rolling = self.quality[scorer] = RollingQuality(self._settings.window)
         return rolling
 
     def label(

@@ -20,9 +20,6 @@ LOOKBACK_S = 120.0
 # without a label (reason given) instead of waiting on.
 GIVE_UP_S = 30.0
 PASS_DECISIONS = 20_000  # decisions read from the store per pass, at most
-# Labelled decisions per model version that the rolling AUC, precision and calibration
-# error are computed over.
-QUALITY_WINDOW = 2000
 
 
 class LabelerSettings(SettingsSection):
@@ -34,6 +31,12 @@ class LabelerSettings(SettingsSection):
         description="The label's horizon: the mid this long after a decision's features is "
         "compared with the mid then. Must be the horizon the models were trained on "
         "(models.json's spec.data.horizon_ms).",
+    )
+    window: int = Field(
+        2000,
+        ge=10,
+        description="Labelled decisions per model version that the rolling AUC, precision "
+        "and calibration error are computed over.",
     )
     log_level: str = Field("INFO", description="Python logging level of the labeler.")
     metrics_host: str = Field("127.0.0.1", description="Address of the labeler's /metrics.")

@@ -122,7 +122,7 @@ class LoadCollector(Collector):
         )
         refused = CounterMetricFamily(
             "decision_model_refused_busy",
-            "Model calls not sent because the replica had max_abandoned_calls still out.",
+            "Model calls not sent because the replica had its bound of abandoned calls still out.",
             labels=["replica"],
         )
         for wire in self._wire:

@@ -81,7 +81,7 @@ def oip_request(
     ``queue_timeout_s``: how long the request may wait in the model server's queue, the
     schedule-policy ``timeout`` parameter (Triton refuses it after that, rather than
     score rows its caller has given up on; servers without the extension ignore it)."""
-    timeout_us = int(queue_timeout_s * 1_000_000)
+    timeout_us = max(1, round(queue_timeout_s * 1_000_000)) if queue_timeout_s > 0 else 0
     return oip_pb2.ModelInferRequest(
         model_name=model_name,
         parameters={"timeout": oip_pb2.InferParameter(int64_param=timeout_us)}

@@ -24,7 +24,7 @@ from server.tracing import Tracing
 from server.traffic import Traffic
 
 # The OIP's gRPC service, by protocol: TorchServe serves it in a package of its own.
-OIP_SERVICES = {"torchserve-oip": TORCHSERVE_OIP_SERVICE, "oip": OIP_SERVICE}
+OIP_SERVICES = {"torchserve-oip": TORCHSERVE_OIP_SERVICE, "kserve-v2": OIP_SERVICE}
 
 
 def model_client(

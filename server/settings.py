@@ -13,7 +13,14 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings
 
-from core.deadline import FALLBACK_RESERVE_MS, CallPlan
+from core.deadline import (
+    DEFAULT_BUDGET_MS,
+    FALLBACK_RESERVE_MS,
+    MODEL_CALL_MS,
+    RESPONSE_MARGIN_MS,
+    STORE_READ_MS,
+    CallPlan,
+)
 from core.domain import DEFAULT_TRADE_THRESHOLD
 from core.settings import ROOT_CONFIG, SettingsSection
 from fallback.settings import FallbackSettings
@@ -127,7 +134,7 @@ ARCHIVE_VERSION = "archive"
 """A model_version that names the served archive's own version hash (resolved where
 server.replicas builds the replicas, from drift.model_store)."""
 
-InferenceProtocol = Literal["torchserve", "torchserve-oip", "oip"]
+InferenceProtocol = Literal["torchserve", "torchserve-oip", "kserve-v2"]
 
 
 class TorchServeSettings(SettingsSection):
@@ -135,8 +142,9 @@ class TorchServeSettings(SettingsSection):
     protocol: InferenceProtocol = Field(
         "torchserve",
         description="Inference API of the replicas: torchserve (TorchServe's native gRPC "
-        "API), torchserve-oip (the Open Inference Protocol as TorchServe serves it) or oip "
-        "(its standard service: Triton, KServe, MLServer).",
+        "API), torchserve-oip (the Open Inference Protocol as TorchServe serves it) or "
+        "kserve-v2 (the same protocol under its standard service: Triton, KServe, "
+        "MLServer).",
     )
     model_version: Literal["", "archive"] = Field(
         "",
@@ -157,7 +165,7 @@ class TorchServeSettings(SettingsSection):
     challenger_model_name: str = Field(
         "challenger", description="Model name of the challenger in its replica."
     )
-    challenger_protocol: Literal["", "torchserve", "torchserve-oip", "oip"] = Field(
+    challenger_protocol: Literal["", "torchserve", "torchserve-oip", "kserve-v2"] = Field(
         "", description="The challenger's inference API when it differs; empty: protocol."
     )
     batch_max_concurrent_calls: int = Field(
@@ -201,24 +209,24 @@ class BreakerSettings(SettingsSection):
 
 class DeadlineSettings(SettingsSection):
     default_budget_ms: float = Field(
-        50.0,
+        DEFAULT_BUDGET_MS,
         gt=FALLBACK_RESERVE_MS,
         description="Budget of a call that arrives without a gRPC deadline.",
     )
     response_margin_ms: float = Field(
-        12.0,
+        RESPONSE_MARGIN_MS,
         ge=0,
         description="The server plans to answer this long before the caller's deadline: the "
         "answer's way back and a stall of the machine on the last step "
         "(docs/overload.md).",
     )
     model_call_ms: float = Field(
-        25.0,
+        MODEL_CALL_MS,
         gt=0,
         description="Cap on one model call, before jitter; the budget left may cut it.",
     )
     store_read_ms: float = Field(
-        10.0,
+        STORE_READ_MS,
         gt=0,
         description="Cap on one Redis read on the decision path (features, cached score): "
         "past it Redis is sick, and the rest of the budget stays for the ladder.",

@@ -18,7 +18,7 @@ The trace and decision ids in log lines: ``server.logs``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -70,10 +70,10 @@ class Tracing:
         )
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Tracing:
+    def from_environment(cls) -> Tracing:
         """Off unless an OTLP endpoint is set."""
         endpoints = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-        if not any(environ.get(name) for name in endpoints):
+        if not any(os.environ.get(name) for name in endpoints):
             return cls(None)
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor

@@ -190,7 +190,7 @@ def test_the_mlserver_component_swaps_the_challenger_alone(
     (torchserve,) = containers(one(dev, "Deployment", "model-challenger"))
     assert ports(mlserver) == ports(torchserve)  # the Service and policies still fit
     env = config_env(swapped)
-    assert env["DECISION_TORCHSERVE__CHALLENGER_PROTOCOL"] == "oip"
+    assert env["DECISION_TORCHSERVE__CHALLENGER_PROTOCOL"] == "kserve-v2"
     assert "DECISION_TORCHSERVE__PROTOCOL" not in env, "the champion's API is untouched"
 
     # The rest renders as in dev (Deployments name the ConfigMap by its content hash).
@@ -229,7 +229,7 @@ def test_the_triton_component_swaps_every_replica(rendered: dict[str, list[Objec
     ]
     assert references["image"].split("/")[-1].startswith("triton-server:")  # its own archives
     env = config_env(swapped)
-    assert env["DECISION_TORCHSERVE__PROTOCOL"] == "oip"
+    assert env["DECISION_TORCHSERVE__PROTOCOL"] == "kserve-v2"
     assert env["DECISION_TORCHSERVE__MODEL_VERSION"] == ARCHIVE_VERSION
 
 

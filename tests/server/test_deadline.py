@@ -16,12 +16,12 @@ from core.deadline import Budget, CallPlan, StoreBusy, StoreReads, settled_withi
 
 
 def test_no_caller_deadline_uses_the_default_budget():
-    budget = CallPlan(default_budget_ms=50).budget(None)
+    budget = CallPlan(default_budget_ms=50, response_margin_ms=0).budget(None)
     assert 45 < budget.remaining_ms() <= 50
 
 
 def test_caller_deadline_is_the_budget():
-    assert 9 < CallPlan(default_budget_ms=50).budget(0.010).remaining_ms() <= 10
+    assert 9 < CallPlan(response_margin_ms=0).budget(0.010).remaining_ms() <= 10
 
 
 def test_response_margin_comes_off_the_callers_deadline_only():

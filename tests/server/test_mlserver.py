@@ -108,7 +108,7 @@ async def test_the_canary_lane_decides_with_the_challenger_on_mlserver(
         torchserve={
             **replica_settings(replicas),
             "challenger_address": mlserver,
-            "challenger_protocol": "oip",
+            "challenger_protocol": "kserve-v2",
         },
         admin={"tokens": TOKENS},
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from pydantic import ValidationError
 
 from proto.third_party.torchserve import open_inference_grpc_pb2 as oip
 from server.model_client import ModelInputError, ModelResponseError
@@ -96,8 +97,13 @@ def test_raw_contents_must_come_one_per_output() -> None:
 
 
 def test_the_challenger_has_a_protocol_of_its_own_and_the_champions_by_default() -> None:
-    apart = TorchServeSettings(protocol="torchserve-oip", challenger_protocol="oip")
+    apart = TorchServeSettings(protocol="torchserve-oip", challenger_protocol="kserve-v2")
     assert apart.protocol_of(challenger=False) == "torchserve-oip"
-    assert apart.protocol_of(challenger=True) == "oip"
-    plain = TorchServeSettings(protocol="oip")
-    assert plain.protocol_of(challenger=True) == plain.protocol_of(challenger=False) == "oip"
+    assert apart.protocol_of(challenger=True) == "kserve-v2"
+    plain = TorchServeSettings(protocol="kserve-v2")
+    assert plain.protocol_of(challenger=True) == plain.protocol_of(challenger=False) == "kserve-v2"
+
+
+def test_the_old_ambiguous_protocol_name_stops_the_server() -> None:
+    with pytest.raises(ValidationError, match="torchserve-oip"):
+        TorchServeSettings(protocol="oip")

@@ -9,15 +9,26 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from server.tracing import DEFAULT_SAMPLE_RATIO, SERVICE_NAME, Tracing
 
 
-def test_no_endpoint_no_tracing() -> None:
-    assert not Tracing.from_environment({}).enabled
-    assert not Tracing.from_environment({"OTEL_SERVICE_NAME": "x"}).enabled
+@pytest.fixture(autouse=True)
+def no_otel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_SERVICE_NAME",
+        "OTEL_TRACES_SAMPLER",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_no_endpoint_no_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not Tracing.from_environment().enabled
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "x")
+    assert not Tracing.from_environment().enabled
 
 
 def test_an_endpoint_turns_tracing_on_with_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
-    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
-    tracing = Tracing.from_environment({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    tracing = Tracing.from_environment()
     try:
         assert tracing.provider is not None
         assert tracing.provider.resource.attributes["service.name"] == SERVICE_NAME

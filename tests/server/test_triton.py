@@ -96,7 +96,7 @@ async def test_the_decision_path_answers_from_triton_with_the_archives_versions(
             "primary_address": triton,
             "secondary_address": triton,
             "challenger_address": triton,
-            "protocol": "oip",
+            "protocol": "kserve-v2",
             # Triton answers version "1": the versions of the archives it was built from.
             "model_version": "archive",
         },
