@@ -131,16 +131,16 @@ def retired_variables(environ: Mapping[str, str]) -> list[str]:
 def settings_from_environment(root: type[Root], program: str) -> Root:
     """``root`` read from the ``DECISION_*`` environment, or exit 2 saying which
     variables are wrong and why: a misconfigured process says so, not a traceback."""
-    retired = retired_variables(os.environ)
+    problems = retired_variables(os.environ)
     try:
         settings = root()
     except ValidationError as exc:
-        problems = "".join(f"  {line}\n" for line in [*retired, *settings_problems(root, exc)])
+        problems += settings_problems(root, exc)
     except SettingsError as exc:  # a section given as one variable that is not JSON
-        problems = "".join(f"  {line}\n" for line in [*retired, str(exc)])
+        problems.append(str(exc))
     else:
-        if not retired:
+        if not problems:
             return settings
-        problems = "".join(f"  {line}\n" for line in retired)
-    sys.stderr.write(f"{program}: invalid settings:\n{problems}")
+    lines = "".join(f"  {line}\n" for line in problems)
+    sys.stderr.write(f"{program}: invalid settings:\n{lines}")
     raise SystemExit(2)

@@ -164,7 +164,7 @@ class DecisionApp:
         )
         self.engine = DecisionEngine(
             features=self.features,
-            traffic=traffic(settings, replicas, self.canary),
+            traffic=traffic(plan, replicas, self.canary),
             ladder=FallbackChain.from_settings(
                 settings.fallback,
                 score_cache,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from core.deadline import CallPlan
 from core.domain import Source
 from core.loop_lag import LoopLag
 from server.batching import BatchingClient
@@ -33,17 +34,16 @@ def model_client(
     address: str,
     model_name: str | None = None,
     *,
-    protocol: InferenceProtocol | None = None,
+    protocol: InferenceProtocol,
     model_version: str = "",
     max_concurrent_calls: int,
     loop_lag: LoopLag | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> ModelClient:
-    """The replica's client for its inference API (default: the champion's), micro-batching
-    with ``max_concurrent_calls`` out at once. ``model_version``: reported for every answer
+    """The replica's client for its inference API, micro-batching with
+    ``max_concurrent_calls`` out at once. ``model_version``: reported for every answer
     instead of the replica's word, when set. ``loop_lag``: this process's event-loop
     probe, so that a timeout does not blame the replica for time the loop was stalled."""
-    protocol = protocol or ts.protocol
     client_for_protocol: Callable[..., ModelClient] = (
         TorchServeClient
         if protocol == "torchserve"
@@ -112,9 +112,8 @@ class Replicas:
         return [*self.champions, *([self.challenger] if self.challenger else [])]
 
 
-def traffic(settings: Settings, replicas: Replicas, canary: CanaryMonitor) -> Traffic:
+def traffic(plan: CallPlan, replicas: Replicas, canary: CanaryMonitor) -> Traffic:
     """The champion's lane (primary → secondary) and, with a challenger, the canary's."""
-    plan = settings.deadline.plan()
     champion = ReplicaRouter(replicas.champions, plan=plan)
     if replicas.challenger is None:
         return Traffic(champion)
