@@ -193,7 +193,7 @@ class Rpc(Protocol[_Answer_co]):
 
 
 # The deadline a model call carries on the wire: longer than any stall a replica recovers
-# from, so that only a hung replica sees a call cancelled (docs/model-serving.md).
+# from, so that only a hung replica sees a call cancelled (docs/local-stack.md).
 WIRE_TIMEOUT_S = 120.0
 # Calls to one replica left running after their callers stopped waiting, at most: a
 # hung replica holds this many, not a pile.
