@@ -7,12 +7,15 @@ interval; and when partitions are revoked, and on stop) the states changed since
 partition's last checkpoint are written to Redis and only then is its offset committed,
 so a partition's committed offset never runs ahead of its checkpoint. A batch counts for
 a checkpoint only once its dead letters are sent and its features written, and a
-rebalance's checkpoint waits for the batch in progress.
-Checkpointing per batch would cost more than the batch (a state with its windows is
-tens of kB of JSON). A malformed
+rebalance's checkpoint waits for the batch in progress. Checkpointing per batch would
+cost more than the batch (a state with its windows is tens of kB of JSON). A malformed
 message is counted, logged with its offset, sent to the dead-letter topic (before its
 offset is committed) and skipped. Kafka or Redis down: retry with backoff; features age
 meanwhile and the server sees them as stale; nothing is committed that is not written.
+
+This module runs the loop and does the I/O; applying a batch to the states
+(``feature_cache.batch``) and choosing which partition to checkpoint
+(``feature_cache.checkpoint_schedule``) do none.
 """
 
 from __future__ import annotations
@@ -22,30 +25,25 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 from redis.asyncio.client import Pipeline
 
 from core.backoff import Backoff
-from core.histogram import LATENCY_BOUNDS_S, Buckets
+from feature_cache.batch import Record, apply_batch
 from feature_cache.checkpoint import StateCheckpoints
-from feature_cache.codec import MalformedMessage, decode
+from feature_cache.checkpoint_schedule import CheckpointSchedule
+from feature_cache.consumer_stats import ConsumerStats
+from feature_cache.dead_letters import DeadLetterProducer
 from feature_cache.features import SymbolState
 from feature_cache.settings import KafkaSettings
-from feature_cache.store import FeatureRecord, FeatureWriter
+from feature_cache.store import FeatureWriter
 
 log = logging.getLogger(__name__)
-
-# An event stamped further ahead than this is refused: Redis keeps a symbol's newest
-# record, so one far-future event would block every later write for the symbol. (Replays
-# at full speed therefore stamp their events to end now: see feature_cache.replay.)
-MAX_CLOCK_SKEW_US = 60_000_000
 
 # How long one fetch waits for records before handing back an empty batch.
 FETCH_TIMEOUT_MS = 50
@@ -62,40 +60,6 @@ FEATURE_TTL_S = 60.0
 # How often the states are checkpointed and offsets committed: a consumer taking over a
 # partition replays at most about this much of it.
 CHECKPOINT_INTERVAL_S = 1.0
-# Seconds from an event's Kafka create time to its features written in Redis.
-FRESHNESS_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0)
-
-
-class Record(Protocol):
-    """What the consumer reads of an aiokafka ``ConsumerRecord``."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int  # create time, ms since the epoch
-    key: bytes | None
-    value: bytes | None
-
-
-@dataclass
-class ConsumerStats:
-    events: int = 0
-    malformed: int = 0  # sent to the dead-letter topic
-    batches: int = 0
-    records_written: int = 0
-    # Kafka create time -> Redis write done, ms, for the latest batches (bounded).
-    freshness_ms: list[float] = field(default_factory=list)
-    # The same since start, in seconds, for the metrics.
-    freshness: Buckets = field(default_factory=lambda: Buckets(FRESHNESS_BOUNDS_S))
-    # Seconds each batch's feature write to Redis took, its retries included.
-    write_latency: Buckets = field(default_factory=lambda: Buckets(LATENCY_BOUNDS_S))
-
-    def note_freshness(self, created_ms: Iterable[int], written_ms: float) -> None:
-        for created in created_ms:
-            self.freshness_ms.append(written_ms - created)
-            self.freshness.observe((written_ms - created) / 1e3)
-        if len(self.freshness_ms) > 200_000:
-            del self.freshness_ms[:100_000]
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -125,7 +89,6 @@ class FeatureConsumer:
     ) -> None:
         self._settings = settings
         self._max_batch = max_batch
-        self._checkpoint_interval_s = checkpoint_interval_s
         self._redis = redis
         self._writer = FeatureWriter(redis, key_prefix=key_prefix, ttl_s=feature_ttl_s)
         self._checkpoints = StateCheckpoints(redis, key_prefix=key_prefix)
@@ -137,18 +100,11 @@ class FeatureConsumer:
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             client_id="feature-cache",
         )
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers, client_id="feature-cache-dlq"
-        )
+        self._dead_letters = DeadLetterProducer(settings)
         self.states: dict[TopicPartition, dict[str, SymbolState]] = {}
         # Per owned partition: the first offset its states do not hold yet.
         self._next_offset: dict[TopicPartition, int] = {}
-        # Since the last checkpoint: the states that changed, the last offset handled.
-        self._dirty: dict[TopicPartition, dict[str, SymbolState]] = {}
-        self._uncommitted: dict[TopicPartition, int] = {}
-        self._last_checkpoint = time.monotonic()
-        self._checkpointed_at: dict[TopicPartition, float] = {}
-        self._owned_since: dict[TopicPartition, float] = {}  # monotonic s of its assignment
+        self._schedule = CheckpointSchedule(checkpoint_interval_s)
         self.stats = ConsumerStats()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -176,7 +132,7 @@ class FeatureConsumer:
     async def start(self) -> None:
         if self._task is not None:
             return
-        await self._retry("Kafka producer start", self._producer.start)
+        await self._retry("Kafka producer start", self._dead_letters.start)
         self._consumer.subscribe([self._settings.topic], listener=_Rebalance(self))
         await self._retry("Kafka consumer start", self._consumer.start)
         self._task = asyncio.create_task(self._run())
@@ -201,7 +157,7 @@ class FeatureConsumer:
         except TimeoutError:
             log.warning("final checkpoint not written in 5 s; the next owner replays more")
         await self._consumer.stop()
-        await self._producer.stop()
+        await self._dead_letters.stop()
 
     @property
     def failed(self) -> bool:
@@ -248,7 +204,7 @@ class FeatureConsumer:
                 await asyncio.sleep(backoff.next_s())
         self.states[tp] = states
         self._next_offset[tp] = 0 if offset is None else offset + 1
-        self._owned_since[tp] = time.monotonic()
+        self._schedule.assigned(tp)
         if offset is not None:
             self._consumer.seek(tp, offset + 1)
         log.info("assigned %s: %d symbols restored, checkpoint %s", tp, len(states), offset)
@@ -257,7 +213,7 @@ class FeatureConsumer:
         """Forgets a partition another consumer takes over (after its checkpoint)."""
         self.states.pop(tp, None)
         self._next_offset.pop(tp, None)
-        self._owned_since.pop(tp, None)
+        self._schedule.revoked(tp)
 
     async def _run(self) -> None:
         backoff = self._backoff(0.1)
@@ -283,46 +239,11 @@ class FeatureConsumer:
             await self._checkpoint_due()
 
     async def _handle_locked(self, batches: dict[TopicPartition, list[Record]]) -> None:
-        touched: dict[str, SymbolState] = {}
-        dirty: dict[TopicPartition, dict[str, SymbolState]] = {}
-        last_offset: dict[str, int] = {}
-        dead: list[tuple[Record, str]] = []
-        latest_us = time.time_ns() // 1000 + MAX_CLOCK_SKEW_US
         handled = self._restored(batches)
+        applied = apply_batch(self.states, handled)
         for tp, records in handled.items():
-            states = self.states[tp]
-            changed = dirty.setdefault(tp, {})
-            for record in records:
-                try:
-                    event = decode(record.value)
-                    if event.exchange_time_us > latest_us:
-                        # It would block the symbol's later writes (Redis keeps the newest).
-                        raise MalformedMessage("exchange time more than 60 s in the future")
-                    state = states.get(event.symbol)
-                    if state is None:
-                        state = states[event.symbol] = SymbolState()
-                    state.apply(event)
-                except MalformedMessage as exc:
-                    dead.append((record, str(exc)))
-                    continue
-                except Exception as exc:  # one bad event must not stop the feed
-                    log.exception("could not apply %s/%d", tp, record.offset)
-                    dead.append((record, f"could not apply: {exc!r}"))
-                    continue
-                touched[event.symbol] = changed[event.symbol] = state
-                last_offset[event.symbol] = record.offset
             self._next_offset[tp] = records[-1].offset + 1  # the states hold them now
-        features = []
-        for symbol, state in touched.items():
-            try:
-                values = state.features()
-            except Exception:  # a state gone wrong must not stop the other symbols
-                log.exception("could not compute features for %s", symbol)
-                continue
-            if values is not None:
-                features.append(
-                    FeatureRecord(symbol, values, state.last_event_time_us, last_offset[symbol])
-                )
+        features, dead = applied.features, applied.dead
         if dead and not await self._dead_letter(dead):
             return  # stopping before the dead letters were sent: nothing is committed
         write_started = time.perf_counter()
@@ -334,8 +255,7 @@ class FeatureConsumer:
             self.stats.write_latency.observe(time.perf_counter() - write_started)
         # Only now, with dead letters sent and features written, may a checkpoint commit them.
         for tp, records in handled.items():
-            self._uncommitted[tp] = records[-1].offset
-            self._dirty.setdefault(tp, {}).update(dirty[tp])
+            self._schedule.handled(tp, records[-1].offset, applied.changed[tp])
         self.stats.note_freshness(
             (r.timestamp for records in handled.values() for r in records), time.time() * 1000
         )
@@ -385,25 +305,12 @@ class FeatureConsumer:
         """Per owned partition: seconds since its last checkpoint (or its assignment)
         while it holds handled events not yet checkpointed, else 0: what a crash now would
         make the next owner replay."""
-        now = time.monotonic()
-        return {
-            tp: now - max(self._checkpointed_at.get(tp, since), since)
-            if tp in self._uncommitted
-            else 0.0
-            for tp, since in list(self._owned_since.items())
-        }
+        return self._schedule.ages_s()
 
     async def _checkpoint_due(self) -> None:
-        """Checkpoints one partition at a time, spread over the interval, so that no
-        single batch pays for every partition's states at once."""
-        if not self._uncommitted:
-            return
-        now = time.monotonic()
-        step_s = self._checkpoint_interval_s / len(self._uncommitted)
-        if now - self._last_checkpoint < step_s:
-            return
-        oldest = min(self._uncommitted, key=lambda tp: self._checkpointed_at.get(tp, 0.0))
-        await self._checkpoint_locked([oldest])
+        """Checkpoints the partition whose turn it is, if any (one at a time)."""
+        if (tp := self._schedule.due()) is not None:
+            await self._checkpoint_locked([tp])
 
     async def checkpoint(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         """Writes the states changed since the last checkpoint, then commits their offsets.
@@ -416,23 +323,18 @@ class FeatureConsumer:
             await self._checkpoint_locked(partitions)
 
     async def _checkpoint_locked(self, partitions: Iterable[TopicPartition] | None) -> None:
-        chosen = list(self._uncommitted if partitions is None else partitions)
-        offsets = {tp: self._uncommitted.pop(tp) for tp in chosen if tp in self._uncommitted}
-        dirty = {tp: self._dirty.pop(tp, {}) for tp in offsets}
-        self._last_checkpoint = time.monotonic()
-        for tp in offsets:
-            self._checkpointed_at[tp] = self._last_checkpoint
-        if not offsets:
+        pending = self._schedule.take(partitions)
+        if not pending:
             return
 
         def fill(pipe: Pipeline) -> None:
-            for tp, offset in offsets.items():
-                self._checkpoints.queue(pipe, tp, dirty[tp], offset)
+            for tp, checkpoint in pending.items():
+                self._checkpoints.queue(pipe, tp, checkpoint.changed, checkpoint.offset)
 
         if not await self._execute(fill):
             return
         try:
-            await self._consumer.commit({tp: offset + 1 for tp, offset in offsets.items()})
+            await self._consumer.commit({tp: c.offset + 1 for tp, c in pending.items()})
         except KafkaError as exc:  # a rebalance took the partitions: the checkpoint covers it
             log.warning("commit failed: %s", exc)
 
@@ -462,21 +364,7 @@ class FeatureConsumer:
                 record.offset,
                 reason,
             )
-            headers = [
-                ("error", reason.encode()),
-                ("source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
-            ]
-
-            async def send(
-                record: Record = record, headers: list[tuple[str, bytes]] = headers
-            ) -> None:
-                await self._producer.send_and_wait(
-                    self._settings.dead_letter_topic,
-                    value=record.value,
-                    key=record.key,
-                    headers=headers,
-                )
-
+            send = functools.partial(self._dead_letters.send, record, reason)
             if not await self._retry("dead-letter send", send):
                 return False
             self.stats.malformed += 1

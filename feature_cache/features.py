@@ -31,40 +31,35 @@ Definitions (bid/ask prices ``Pb``/``Pa``, sizes at the touch ``qb``/``qa``,
 Sizes of 0 or less remove a level, so ``depth`` is positive whenever ``features()``
 returns a vector; the ``depth > 0`` guards only keep a corrupt feed from raising.
 
-Window sums are running sums, so ``features()`` costs the same however full the windows
-are: each entry is added once when it enters and subtracted once when it leaves, and every
-``RESUM_EVERY`` removals a window's sum is recomputed exactly (``math.fsum``) so rounding
-error cannot build up (an emptied window's sum is exactly 0). The additions and
-subtractions happen in one order fixed by the event stream alone: a window drops its
-expired entries before it takes a new one, and the entries that ``features()`` drops early
-are the ones the next addition would have dropped first. So a value depends on the events
-applied, never on when ``features()`` was called, and a state restored from
-``to_checkpoint()`` (which carries the sums and removal counts) gives bit-identical
-features.
+Window sums are running sums (``feature_cache.windows``), so ``features()`` costs the same
+however full the windows are: each entry is added once when it enters and subtracted once
+when it leaves, and every ``RESUM_EVERY`` removals a window's sum is recomputed exactly
+(``math.fsum``) so rounding error cannot build up (an emptied window's sum is exactly 0).
+The additions and subtractions happen in one order fixed by the event stream alone: a
+window drops its expired entries before it takes a new one, and the entries that
+``features()`` drops early are the ones the next addition would have dropped first. So a
+value depends on the events applied, never on when ``features()`` was called, and a state
+restored from ``to_checkpoint()`` (which carries the sums and removal counts) gives
+bit-identical features.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
-import operator
-import struct
-from collections import deque
 from collections.abc import Iterable, Sequence
-from itertools import accumulate, chain, islice
 from typing import Any
 
 from sortedcontainers import SortedDict
 
+from feature_cache.checkpoint_format import (
+    CHECKPOINT_FORMAT,
+    load_book,
+    load_window_group,
+    pack_book,
+    pack_window_group,
+)
 from feature_cache.events import Aggressor, BookDelta, BookSide, BookSnapshot, MarketEvent, Trade
-
-CHECKPOINT_FORMAT = 2
-RESUM_EVERY = 4096
-"""Removals from a window between exact re-sums of its running sum. Between two, the sum
-carries at most about (2 * RESUM_EVERY + entries) half-ulps of its largest magnitude;
-re-summing costs one pass over the window, so the cost per removal stays O(1). Changing it
-changes feature bits, as a checkpoint format change would."""
+from feature_cache.windows import AsOfWindow, SumWindow
 
 _SECOND_US = 1_000_000
 _BPS = 1e4
@@ -72,80 +67,6 @@ _TOP_LEVELS = 5
 _TRADE_WINDOW_S = 5
 
 _Touch = tuple[float, float, float, float]  # (bid price, bid size, ask price, ask size)
-
-
-class _Series:
-    """Time-stamped values, oldest first."""
-
-    __slots__ = ("span_us", "times", "values")
-
-    def __init__(self, span_us: int) -> None:
-        self.span_us = span_us
-        self.times: deque[int] = deque()
-        self.values: deque[float] = deque()
-
-
-class _Window(_Series):
-    """Holds the values with time > now - span_us once pruned, and ``total``, their sum.
-
-    ``total`` is a running sum, re-summed exactly every ``RESUM_EVERY`` removals.
-    """
-
-    __slots__ = ("removals", "total")
-
-    def __init__(self, span_us: int) -> None:
-        super().__init__(span_us)
-        self.total = 0.0
-        self.removals = 0
-        """Removals since ``total`` was last exact."""
-
-    def add(self, time_us: int, value: float) -> None:
-        # Pruning before the append fixes the order of float operations on ``total``:
-        # features() pruning early only does first what this would have done first.
-        # Pruning on each add also bounds memory even if features() is never read.
-        self.prune(time_us)
-        self.times.append(time_us)
-        self.values.append(value)
-        self.total += value
-
-    def prune(self, now_us: int) -> None:
-        cutoff = now_us - self.span_us
-        times = self.times
-        if not times or times[0] > cutoff:
-            return
-        values = self.values
-        total, removals = self.total, self.removals
-        while times and times[0] <= cutoff:
-            times.popleft()
-            total -= values.popleft()
-            removals += 1
-            if removals >= RESUM_EVERY:  # at a fixed removal, so replays re-sum alike
-                total = math.fsum(values)
-                removals = 0
-        if not times:
-            total, removals = 0.0, 0
-        self.total, self.removals = total, removals
-
-
-class _AsOfWindow(_Series):
-    """Mid history: keeps the last entry at or before now - span_us and all newer ones.
-
-    ``values[0]`` is then the value in effect span_us ago, or the oldest known one.
-    """
-
-    __slots__ = ()
-
-    def add(self, time_us: int, value: float) -> None:
-        self.times.append(time_us)
-        self.values.append(value)
-        self.prune(time_us)
-
-    def prune(self, now_us: int) -> None:
-        cutoff = now_us - self.span_us
-        times, values = self.times, self.values
-        while len(times) > 1 and times[1] <= cutoff:
-            times.popleft()
-            values.popleft()
 
 
 class SymbolState:
@@ -179,13 +100,13 @@ class SymbolState:
         # Each pair takes the same entries at the same times and is pruned at the same
         # times, so the shorter window is always a suffix of the longer one; the
         # checkpoint stores each pair's entries once.
-        self._ofi_1s = _Window(1 * _SECOND_US)
-        self._ofi_5s = _Window(5 * _SECOND_US)
-        self._sq_ret_5s = _Window(5 * _SECOND_US)
-        self._sq_ret_30s = _Window(30 * _SECOND_US)
-        self._mid_1s = _AsOfWindow(1 * _SECOND_US)
-        self._mid_5s = _AsOfWindow(5 * _SECOND_US)
-        self._trades = _Window(_TRADE_WINDOW_S * _SECOND_US)  # signed sizes
+        self._ofi_1s = SumWindow(1 * _SECOND_US)
+        self._ofi_5s = SumWindow(5 * _SECOND_US)
+        self._sq_ret_5s = SumWindow(5 * _SECOND_US)
+        self._sq_ret_30s = SumWindow(30 * _SECOND_US)
+        self._mid_1s = AsOfWindow(1 * _SECOND_US)
+        self._mid_5s = AsOfWindow(5 * _SECOND_US)
+        self._trades = SumWindow(_TRADE_WINDOW_S * _SECOND_US)  # signed sizes
         self.last_event_time_us = 0
         """Latest exchange time applied, in µs since the epoch; 0 before any event."""
         self.last_sequence: int | None = None
@@ -297,19 +218,18 @@ class SymbolState:
     def to_checkpoint(self) -> dict[str, Any]:
         """The whole state as plain JSON types; floats survive ``json`` round trips exactly.
 
-        Compact and quick to encode: float arrays (books as price, size, price, ...;
-        window values) are base64 of little-endian IEEE doubles, window times are the
-        first time then the gaps, and each pair of windows stores its entries once.
+        Books and windows are packed compactly (``feature_cache.checkpoint_format``); each
+        pair of windows stores its entries once.
         """
         return {
             "format": CHECKPOINT_FORMAT,
             "last_sequence": self.last_sequence,
             "last_event_time_us": self.last_event_time_us,
             "last_mid": self._last_mid,
-            "bids": _pack([*chain.from_iterable(self._bids.items())]),
-            "asks": _pack([*chain.from_iterable(self._asks.items())]),
+            "bids": pack_book(self._bids),
+            "asks": pack_book(self._asks),
             "windows": {
-                name: _group_doc([getattr(self, slot) for slot in slots])
+                name: pack_window_group([getattr(self, slot) for slot in slots])
                 for name, slots in _WINDOW_GROUPS.items()
             },
         }
@@ -326,11 +246,11 @@ class SymbolState:
             state.last_event_time_us = int(doc["last_event_time_us"])
             mid = doc["last_mid"]
             state._last_mid = None if mid is None else float(mid)
-            state._bids = _load_book(doc["bids"])
-            state._asks = _load_book(doc["asks"])
+            state._bids = load_book(doc["bids"])
+            state._asks = load_book(doc["asks"])
             windows = doc["windows"]
             for name, slots in _WINDOW_GROUPS.items():
-                _load_group([getattr(state, slot) for slot in slots], windows[name])
+                load_window_group([getattr(state, slot) for slot in slots], windows[name])
         except (KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"malformed checkpoint: {exc!r}") from exc
         # The touch is a function of the book: trades never change it.
@@ -348,68 +268,12 @@ _WINDOW_GROUPS = {
 }
 
 
-def _group_doc(windows: Sequence[_Series]) -> dict[str, Any]:
-    """The longest window's entries, the shorter ones' lengths, and every running sum."""
-    times = windows[-1].times
-    gaps = [times[0], *map(operator.sub, islice(times, 1, None), times)] if times else []
-    return {
-        "time_gaps": gaps,
-        "values": _pack(windows[-1].values),
-        "lengths": [len(w.times) for w in windows[:-1]],
-        "sums": [[w.total, w.removals] for w in windows if isinstance(w, _Window)],
-    }
-
-
-def _load_group(windows: Sequence[_Series], doc: dict[str, Any]) -> None:
-    times = list(accumulate(int(gap) for gap in doc["time_gaps"]))
-    values = _unpack(doc["values"])
-    lengths = [int(n) for n in doc["lengths"]]
-    summed = [w for w in windows if isinstance(w, _Window)]
-    sums = [(float(total), int(removals)) for total, removals in doc["sums"]]
-    count = len(times)
-    if len(values) != count or len(lengths) != len(windows) - 1 or len(sums) != len(summed):
-        raise ValueError("malformed checkpoint: window lengths disagree")
-    for window, length in zip(windows, [*lengths, count], strict=True):
-        if not 0 <= length <= count:
-            raise ValueError(f"malformed checkpoint: window length {length} of {count}")
-        window.times = deque(times[count - length :])
-        window.values = deque(values[count - length :])
-    for window, (total, removals) in zip(summed, sums, strict=True):
-        if not 0 <= removals < RESUM_EVERY:
-            raise ValueError(f"malformed checkpoint: removal count {removals}")
-        window.total, window.removals = total, removals
-
-
-def _load_book(text: str) -> SortedDict[float, float]:
-    """A book from the packed ``price, size, price, size, ...``."""
-    numbers = _unpack(text)
-    if len(numbers) % 2:
-        raise ValueError("malformed checkpoint: a book of odd length")
-    return SortedDict(zip(numbers[0::2], numbers[1::2], strict=True))
-
-
-# Little-endian IEEE doubles: exact (-0.0 included), the same on any host, and far
-# quicker to encode and decode than decimal text.
-def _pack(values: Sequence[float]) -> str:
-    return base64.b64encode(struct.pack(f"<{len(values)}d", *values)).decode("ascii")
-
-
-def _unpack(text: str) -> list[float]:
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except binascii.Error as exc:
-        raise ValueError(f"malformed checkpoint: {exc}") from exc
-    if len(raw) % 8:
-        raise ValueError("malformed checkpoint: a float array cut short")
-    return list(struct.unpack(f"<{len(raw) // 8}d", raw))
-
-
 def _root_bps(sum_of_squares: float) -> float:
     # A running sum can round a hair below 0 when the window is all but empty.
     return math.sqrt(sum_of_squares) * _BPS if sum_of_squares > 0.0 else 0.0
 
 
-def _return_bps(mid: float, history: _AsOfWindow) -> float:
+def _return_bps(mid: float, history: AsOfWindow) -> float:
     then = history.values[0] if history.values else 0.0
     return (mid / then - 1.0) * _BPS if then > 0.0 else 0.0
 

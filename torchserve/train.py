@@ -56,6 +56,7 @@ CODE_FILES = (
     "torchserve/handler.py",
     "feature_cache/generator.py",
     "feature_cache/features.py",
+    "feature_cache/windows.py",
     "feature_cache/schema.py",
     "core/labels.py",
 )

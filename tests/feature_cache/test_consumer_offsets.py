@@ -36,7 +36,7 @@ async def consumer() -> AsyncIterator[FeatureConsumer]:
     consumer = FeatureConsumer(KafkaSettings(), redis=None, key_prefix="t:")  # type: ignore[arg-type]
     kafka_consumer, consumer._consumer = consumer._consumer, AssignedConsumer()
     yield consumer
-    await consumer._producer.stop()  # never started: nothing to connect or flush
+    await consumer._dead_letters.stop()  # never started: nothing to connect or flush
     await kafka_consumer.stop()
 
 

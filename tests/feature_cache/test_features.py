@@ -16,9 +16,10 @@ from feature_cache.events import (
     MarketEvent,
     Trade,
 )
-from feature_cache.features import RESUM_EVERY, SymbolState, compute_offline
+from feature_cache.features import SymbolState, compute_offline
 from feature_cache.generator import MarketGenerator
 from feature_cache.schema import FEATURE_INDEX, FEATURE_NAMES
+from feature_cache.windows import RESUM_EVERY
 
 SYM = "TEST-USD"
 T0 = 1_700_000_000_000_000

@@ -1,0 +1,96 @@
+"""One fetched batch applied to its partitions' symbol states, with no I/O.
+
+Each record is decoded and folded into its symbol's ``SymbolState``; a record that cannot
+be decoded or applied becomes a dead letter, and the rest of the batch goes on. The result
+says what the consumer then writes: the touched symbols' feature records, the dead
+letters, and per partition the states a checkpoint must now include.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiokafka import TopicPartition
+
+from feature_cache.codec import MalformedMessage, decode
+from feature_cache.features import SymbolState
+from feature_cache.store import FeatureRecord
+
+log = logging.getLogger(__name__)
+
+# An event stamped further ahead than this is refused: Redis keeps a symbol's newest
+# record, so one far-future event would block every later write for the symbol. (Replays
+# at full speed therefore stamp their events to end now: see feature_cache.replay.)
+MAX_CLOCK_SKEW_US = 60_000_000
+
+
+class Record(Protocol):
+    """What the consumer reads of an aiokafka ``ConsumerRecord``."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int  # create time, ms since the epoch
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True)
+class AppliedBatch:
+    features: list[FeatureRecord]
+    """The touched symbols' records, each with the offset of its symbol's last event."""
+    dead: list[tuple[Record, str]]
+    """The records not applied, each with the reason."""
+    changed: dict[TopicPartition, dict[str, SymbolState]]
+    """Per partition of the batch: the states its records changed."""
+
+
+def apply_batch(
+    states: Mapping[TopicPartition, dict[str, SymbolState]],
+    batches: Mapping[TopicPartition, Sequence[Record]],
+) -> AppliedBatch:
+    """Folds each partition's records into its symbols' states (new symbols get a fresh
+    one); ``states`` holds every partition of ``batches``."""
+    touched: dict[str, SymbolState] = {}
+    changed_by_tp: dict[TopicPartition, dict[str, SymbolState]] = {}
+    last_offset: dict[str, int] = {}
+    dead: list[tuple[Record, str]] = []
+    latest_us = time.time_ns() // 1000 + MAX_CLOCK_SKEW_US
+    for tp, records in batches.items():
+        partition_states = states[tp]
+        changed = changed_by_tp.setdefault(tp, {})
+        for record in records:
+            try:
+                event = decode(record.value)
+                if event.exchange_time_us > latest_us:
+                    # It would block the symbol's later writes (Redis keeps the newest).
+                    raise MalformedMessage("exchange time more than 60 s in the future")
+                state = partition_states.get(event.symbol)
+                if state is None:
+                    state = partition_states[event.symbol] = SymbolState()
+                state.apply(event)
+            except MalformedMessage as exc:
+                dead.append((record, str(exc)))
+                continue
+            except Exception as exc:  # one bad event must not stop the feed
+                log.exception("could not apply %s/%d", tp, record.offset)
+                dead.append((record, f"could not apply: {exc!r}"))
+                continue
+            touched[event.symbol] = changed[event.symbol] = state
+            last_offset[event.symbol] = record.offset
+    features = []
+    for symbol, state in touched.items():
+        try:
+            values = state.features()
+        except Exception:  # a state gone wrong must not stop the other symbols
+            log.exception("could not compute features for %s", symbol)
+            continue
+        if values is not None:
+            features.append(
+                FeatureRecord(symbol, values, state.last_event_time_us, last_offset[symbol])
+            )
+    return AppliedBatch(features, dead, changed_by_tp)
