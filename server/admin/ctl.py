@@ -31,25 +31,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TypeVar
 
 import grpc
-from google.protobuf.message import Message
 
 from core import chaos as chaos_protocol
 from core.cli_args import parse_duration, parse_time, positive_number
-from proto.decision.v1 import admin_pb2 as pb
 from proto.decision.v1 import admin_pb2_grpc as pb_grpc
+from server.admin.ctl_commands import (
+    BREAKER_MODES,
+    AdminSession,
+    run_admin_command,
+    run_audit_command,
+    run_chaos_command,
+)
 from server.admin.ctl_connection import (
     ADDRESS_ENV,
     DEFAULT_ADDRESS,
     EXIT_ERROR,
     EXIT_OK,
     EXIT_REFUSED,
-    EXIT_UNREACHABLE,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
     UsageError,
@@ -57,28 +57,11 @@ from server.admin.ctl_connection import (
     resolve_token,
     rpc_error,
 )
-from server.admin.ctl_format import (
-    format_breaker_change,
-    format_canary_change,
-    format_flag_change,
-    format_flags,
-    format_history,
-    format_kill_switch_change,
-    format_servers,
-    format_status,
-    to_json,
-)
 
 # Commands of the audit CLI (``python -m server.audit``) that decisionctl runs too.
 AUDIT_COMMANDS = {
     "replay": "score recorded decisions again and compare (--help)",
     "timeline": "recorded decisions over time: sources, time taken, fallback reasons (--help)",
-}
-
-_MODES = {
-    "auto": pb.BREAKER_MODE_AUTO,
-    "force-open": pb.BREAKER_MODE_FORCE_OPEN,
-    "force-closed": pb.BREAKER_MODE_FORCE_CLOSED,
 }
 
 
@@ -172,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     breaker = command(commands, "breaker", "override a replica's circuit breaker")
     breaker.add_argument("replica", help="primary, secondary or challenger")
-    breaker.add_argument("mode", choices=sorted(_MODES), help="auto removes the override")
+    breaker.add_argument("mode", choices=sorted(BREAKER_MODES), help="auto removes the override")
     change(breaker, ttl=True)
 
     flags = command(commands, "flags", "every flag, its value and default")
@@ -253,23 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --- commands -------------------------------------------------------------------------
-
-_Req = TypeVar("_Req", bound=Message)
-_Resp = TypeVar("_Resp", bound=Message)
-
-
-@dataclass(frozen=True, slots=True)
-class _Session:
-    stub: pb_grpc.AdminServiceStub
-    timeout_s: float
-    metadata: tuple[tuple[str, str], ...]
-
-    def call(self, method: grpc.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req) -> _Resp:
-        return method(request, timeout=self.timeout_s, metadata=self.metadata)
-
-
-def _check(args: argparse.Namespace) -> None:
+def _check_ttl(args: argparse.Namespace) -> None:
     """Refuses a TTL where it would mean nothing, rather than let on-call count on it."""
     if getattr(args, "ttl", None) is None:
         return
@@ -279,124 +246,7 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--ttl applies to engage only")
 
 
-def _run(session: _Session, args: argparse.Namespace) -> str:
-    """Makes the command's call; returns what to print."""
-    stub, call, command = session.stub, session.call, args.command
-    if command == "status":
-        status = call(stub.GetStatus, pb.GetStatusRequest())
-        if args.json:
-            return to_json(status)
-        return format_status(status) + "\n\nfleet\n" + _fleet(session)
-    if command == "top":
-        # Imported here: rich is needed by this command only.
-        from server.admin import ctl_top
-
-        consumer_url, labeler_url = ctl_top.local_stack_metrics(args.address)
-        consumer_url = args.consumer_metrics or consumer_url
-        labeler_url = args.labeler_metrics or labeler_url
-
-        def read() -> ctl_top.Sample:
-            status = call(stub.GetStatus, pb.GetStatusRequest())
-            fleet = call(stub.ListServers, pb.ListServersRequest())
-            return ctl_top.Sample(
-                time.monotonic(),
-                status,
-                list(fleet.servers),
-                consumer=ctl_top.consumer_text(consumer_url),
-                quality=ctl_top.quality_text(labeler_url),
-            )
-
-        try:
-            ctl_top.run(read, args.address, interval_s=args.interval, frames=args.frames)
-        except KeyboardInterrupt:
-            pass
-        return ""
-    if command == "servers":
-        fleet = call(stub.ListServers, pb.ListServersRequest())
-        return to_json(fleet) if args.json else format_servers(fleet.servers, time.time())
-    if command == "flags":
-        listed = call(stub.ListFlags, pb.ListFlagsRequest())
-        return to_json(listed) if args.json else format_flags(listed.flags)
-    if command == "history":
-        query = pb.ListAdminActionsRequest(actor=args.actor, target=args.target, limit=args.limit)
-        if args.since:
-            query.since.FromMicroseconds(round(args.since.timestamp() * 1e6))
-        if args.until:
-            query.until.FromMicroseconds(round(args.until.timestamp() * 1e6))
-        history = call(stub.ListAdminActions, query)
-        return to_json(history) if args.json else format_history(history.actions)
-    ttl = getattr(args, "ttl", None) or 0.0
-    if command == "breaker":
-        mode = _MODES[args.mode]
-        request = pb.SetBreakerRequest(
-            replica=args.replica, mode=mode, reason=args.reason, ttl_s=ttl
-        )
-        return format_breaker_change(args.replica, call(stub.SetBreaker, request))
-    if command == "flag":
-        reset = args.action == "reset"
-        flag = pb.SetFlagRequest(
-            name=args.name,
-            value="" if reset else args.value,
-            reset=reset,
-            reason=args.reason,
-            ttl_s=ttl,
-        )
-        return format_flag_change(call(stub.SetFlag, flag))
-    if command == "canary":
-        weight = {"promote": 1.0, "rollback": 0.0}.get(args.action, getattr(args, "weight", 0.0))
-        force = getattr(args, "force", False)
-        canary = pb.SetCanaryRequest(weight=weight, reason=args.reason, force=force)
-        return format_canary_change(call(stub.SetCanary, canary))
-    if command == "kill-switch":
-        engaged = args.action == "engage"
-        switch = pb.KillSwitchRequest(
-            scope=args.scope, engaged=engaged, reason=args.reason, ttl_s=ttl
-        )
-        return format_kill_switch_change(args.scope, call(stub.KillSwitch, switch))
-    raise AssertionError(f"unhandled command {command}")
-
-
-def _fleet(session: _Session) -> str:
-    """The fleet table for ``status``; a server that cannot list it still shows its own
-    status, with why the list is missing."""
-    try:
-        listed = session.call(session.stub.ListServers, pb.ListServersRequest())
-    except grpc.RpcError as exc:
-        return f"  (not listed: {exc.code().name} {exc.details()})"
-    return format_servers(listed.servers, time.time())
-
-
-def _audit(args: argparse.Namespace, rest: list[str]) -> int:
-    """``replay`` and ``timeline``: the audit CLI's commands, run here."""
-    # Imported here: the audit store's dependencies are not needed for the RPC commands.
-    from server.audit.__main__ import main as audit_main
-
-    prefix = ["--database-url", args.database_url] if args.database_url else []
-    try:
-        return audit_main([*prefix, args.command, *rest], prog="decisionctl")
-    except SystemExit as exc:  # its argparse exits on a usage error or --help
-        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
-
-
-def _chaos(args: argparse.Namespace) -> int:
-    request = chaos_protocol.ChaosRequest(
-        args.action, args.target, stopped_ms=args.stopped_ms, running_ms=args.running_ms
-    )
-    try:
-        # A restart waits for TorchServe to load its model: up to about 90 s.
-        answer = chaos_protocol.ask(Path(args.run_dir), request, timeout_s=120.0)
-    except chaos_protocol.NoLocalStack as exc:
-        _write("err", f"decisionctl: {exc}")
-        return EXIT_REFUSED
-    except OSError as exc:
-        _write("err", f"decisionctl: the local stack did not answer: {exc}")
-        return EXIT_UNREACHABLE
-    if not answer.ok:
-        _write("err", f"decisionctl: refused: {answer.message}")
-        return EXIT_REFUSED
-    _write("out", answer.message)
-    _write("out", f"watch: {answer.watch}")
-    return EXIT_OK
+# --- dispatch -------------------------------------------------------------------------
 
 
 def _write(stream: str, text: str) -> None:
@@ -405,6 +255,7 @@ def _write(stream: str, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one decisionctl command; returns its exit code (see the module docstring)."""
     parser = build_parser()
     try:
         args, rest = parser.parse_known_args(argv)
@@ -413,23 +264,25 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse's usage errors (2) and --help (0)
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     if args.command in AUDIT_COMMANDS:
-        return _audit(args, rest)
+        return run_audit_command(args, rest)
     if args.command == "chaos":
-        return _chaos(args)
+        code, printed = run_chaos_command(args)
+        _write("out" if code == EXIT_OK else "err", printed)
+        return code
 
     address = getattr(args, "address", None) or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
     args.address = address
     timeout = getattr(args, "timeout", 5.0)
     try:
-        _check(args)
+        _check_ttl(args)
         token = resolve_token(getattr(args, "token_file", None), os.environ)
         with channel(args, address) as open_channel:
-            session = _Session(
+            session = AdminSession(
                 pb_grpc.AdminServiceStub(open_channel),
                 timeout,
                 (("authorization", f"Bearer {token}"),),
             )
-            printed = _run(session, args)
+            printed = run_admin_command(session, args)
             if printed:
                 _write("out", printed)
     except UsageError as exc:
