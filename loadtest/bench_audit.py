@@ -43,8 +43,9 @@ from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.audit.journal import SEGMENT_MAX_BYTES, Journal
 from server.audit.migrate import upgrade
 from server.audit.record import DecisionRecord, encode
-from server.audit.ship_process import SHIP_BATCH_RECORDS
-from server.audit.shipper import AuditShipper, describe
+from server.audit.ship_child import SHIP_BATCH_RECORDS
+from server.audit.ship_thread import AuditShipper
+from server.audit.shipper import describe
 from server.audit.store import AuditStore, create_store_engine
 from server.audit.trail import decision_record
 from server.settings import AuditSettings
@@ -53,7 +54,7 @@ from torchserve.replica import ReplicaPorts
 POSTGRES_URL = os.environ.get(
     "DECISION_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-DEFAULTS = AuditSettings()  # fsync interval, shipper timings
+DEFAULTS = AuditSettings()  # the fsync interval
 SHIP_TARGET = ">= 20,000 rows/s"
 # DECISION_AUDIT__ENABLED per server; a second audit-off server is the control: how far
 # apart two identical servers measure on this machine (the noise floor of "on - off").
@@ -155,8 +156,6 @@ def ship(
         store,
         written=lambda: journal.position,
         batch_records=SHIP_BATCH_RECORDS,
-        idle_interval_ms=DEFAULTS.ship_idle_interval_ms,
-        retry_max_s=DEFAULTS.ship_retry_max_s,
         migrate=False,
     )
     say(f"  shipping {len(payloads):,} records into {label} …")

@@ -2,9 +2,10 @@
 
 Shipping parses records and builds insert parameters in Python: on a thread of the
 server it held the interpreter lock the event loop needs, and the decisions' tail
-showed it (docs/benchmarks.md). A child process shares no lock with the server, runs
-at a lower CPU priority (``SHIP_NICE``) so that the decision path comes first when the
-cores are busy, and needs from the server only the journal's position.
+showed it (docs/benchmarks.md). A child process (``server.audit.ship_child``) shares no
+lock with the server, runs at a lower CPU priority (``SHIP_NICE``) so that the decision
+path comes first when the cores are busy, and needs from the server only the journal's
+position.
 
 The protocol is two pipes. The server writes one JSON line of settings to the child's
 stdin, then, after each status line it reads, the journal's position (``segment
@@ -26,7 +27,6 @@ The child is started by the server (``CHILD_CODE``); it is not a command to run.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import select
@@ -34,27 +34,19 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import IO, cast
 
 import orjson
 
 from core.backoff import Backoff
 from server.audit.journal import Journal, Position
-from server.audit.shipper import AuditShipper, ShipperStatus, over_cap, unshipped_bytes
-from server.audit.store import AuditStore, create_store_engine
-from server.logs import configure_logging
+from server.audit.ship_child import STATUS_INTERVAL_S
+from server.audit.shipper import ShipperStatus, over_cap, unshipped_bytes
 from server.settings import AuditSettings
 
 log = logging.getLogger(__name__)
 
-STATUS_INTERVAL_S = 0.1
-# When the cores are busy the decision path comes first; the backlog absorbs the difference.
-SHIP_NICE = 10
-# Records inserted in one transaction, at most.
-SHIP_BATCH_RECORDS = 5000
-LOCK_FILE = "SHIPPER_LOCK"
 # How long a stopping server waits for its child past the drain, before killing it
 # (more than the child gives its own shipping thread past the drain: 5 s).
 EXIT_SLACK_S = 10.0
@@ -69,7 +61,7 @@ CHILD_CODE = """\
 import signal
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-from server.audit.ship_process import main
+from server.audit.ship_child import main
 main()
 """
 
@@ -313,97 +305,3 @@ def _close_quietly(stream: IO[bytes] | None) -> None:
     if stream is not None:
         with contextlib.suppress(OSError):
             stream.close()
-
-
-# -- the child -------------------------------------------------------------------------
-
-
-class _Writer:
-    """Where the server's journal is, as it last said; None once its stdin ended (no
-    writer: the folder's complete records are all there is)."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._pending = b""
-        self.position: Position | None = None
-
-    def read_line(self) -> bytes:
-        """The first line (the request), blocking."""
-        while b"\n" not in self._pending:
-            data = os.read(self._fd, 1 << 16)
-            if not data:
-                raise EOFError("the server closed the pipe before its request")
-            self._pending += data
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line
-
-    def take(self) -> bool:
-        """Reads what the server wrote; False once its stdin has ended."""
-        data = os.read(self._fd, 1 << 16)
-        if not data:
-            self.position = None
-            return False
-        *lines, self._pending = (self._pending + data).split(b"\n")
-        if lines:
-            segment, offset = lines[-1].split()
-            self.position = Position(int(segment), int(offset))
-        return True
-
-
-def _lock(directory: Path) -> int:
-    """Waits for the folder's shipper lock (a child of a stopped server may still drain)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
-
-
-def _report(shipper: AuditShipper) -> bool:
-    """Writes the status line; False when the server is gone (the pipe is closed)."""
-    try:
-        sys.stdout.buffer.write(orjson.dumps(asdict(shipper.status())) + b"\n")
-        sys.stdout.buffer.flush()
-    except (BrokenPipeError, OSError):
-        return False
-    return True
-
-
-def _serve(stdin_fd: int) -> None:
-    writer = _Writer(stdin_fd)
-    request = orjson.loads(writer.read_line())
-    configure_logging(request["log_level"], request["log_format"])
-    settings = AuditSettings.model_validate(request["settings"])
-    os.nice(SHIP_NICE)
-    writer.position = Position(*request["position"])
-    directory = Path(request["directory"])
-    _lock(directory)
-    store = AuditStore(create_store_engine(settings.database_url))
-    shipper = AuditShipper(
-        directory,
-        store,
-        written=lambda: writer.position,
-        batch_records=SHIP_BATCH_RECORDS,
-        idle_interval_ms=settings.ship_idle_interval_ms,
-        retry_max_s=settings.ship_retry_max_s,
-        migrate=request["migrate"],
-        max_backlog_bytes=settings.max_backlog_bytes,
-    )
-    shipper.start()
-    try:
-        while _report(shipper):
-            readable, _, _ = select.select([stdin_fd], [], [], STATUS_INTERVAL_S)
-            if readable and not writer.take():
-                break  # the server closed our stdin: stopping, or gone
-    finally:
-        shipper.stop(settings.shutdown_drain_s)
-        _report(shipper)
-        store.dispose()
-
-
-def main() -> None:
-    started = time.monotonic()
-    try:
-        _serve(sys.stdin.fileno())
-    except Exception:  # the process's boundary: the server starts another
-        log.exception("audit shipper process failed after %.1f s", time.monotonic() - started)
-        sys.exit(1)

@@ -128,8 +128,6 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
         "DECISION_TELEMETRY__METRICS_PORT": "0",
         "DECISION_AUDIT__JOURNAL_DIR": str(tmp_path / "journal"),
         "DECISION_AUDIT__DATABASE_URL": url,
-        # Long enough that most of the load is still only in the journal at the kill.
-        "DECISION_AUDIT__SHIP_IDLE_INTERVAL_MS": "500",
         "DECISION_AUDIT__FSYNC_INTERVAL_MS": "1000",
         "DECISION_SERVER__WORKERS": str(workers),
         "DECISION_ADMIN__ENABLED": "false",
@@ -188,7 +186,7 @@ async def test_decisions_go_on_while_the_database_is_down_and_all_arrive_after(
     try:
         app = await start_app(
             torchserve=replica_settings(replicas),
-            audit={"database_url": proxied, "ship_retry_max_s": 0.2},
+            audit={"database_url": proxied},
             telemetry={"metrics_port": free_port()},
         )
         health = health_pb2_grpc.HealthStub(channel_to(app))
@@ -306,7 +304,7 @@ async def test_a_journal_at_its_cap_refuses_decisions_until_the_store_catches_up
     try:
         app = await start_app(
             torchserve=replica_settings(replicas),
-            audit={"database_url": proxied, "ship_retry_max_s": 0.2, "max_backlog_bytes": cap},
+            audit={"database_url": proxied, "max_backlog_bytes": cap},
         )
         stub = decision_stub(channel_to(app))
         proxy.cut()

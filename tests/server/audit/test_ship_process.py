@@ -14,7 +14,8 @@ import pytest
 
 from server.audit.journal import Journal
 from server.audit.record import encode
-from server.audit.ship_process import LOCK_FILE, ShipperProcess
+from server.audit.ship_child import LOCK_FILE
+from server.audit.ship_process import ShipperProcess
 from server.audit.store import AuditStore, create_store_engine
 from server.settings import AuditSettings
 from tests.conftest import REPO, wait_for
@@ -46,7 +47,7 @@ def test_a_shipper_process_that_dies_is_started_again_and_ships_the_rest(tmp_pat
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     journal = Journal(tmp_path / "journal", segment_max_bytes=1 << 20, fsync_interval_ms=0)
     journal.open()
-    settings = AuditSettings(database_url=url, ship_idle_interval_ms=10.0)
+    settings = AuditSettings(database_url=url)
     shipper = ShipperProcess(journal, settings, migrate=True, log_level="INFO", log_format="text")
     shipper.start()
     try:
@@ -79,15 +80,13 @@ import os, signal, time
 from pathlib import Path
 from server.audit.journal import Journal
 from server.audit.record import encode
-from server.audit.ship_process import LOCK_FILE, ShipperProcess
+from server.audit.ship_process import ShipperProcess
 from server.settings import AuditSettings
 from tests.server.audit.conftest import decision_record
 journal = Journal(Path({str(tmp_path / "journal")!r}), segment_max_bytes=1 << 20,
                   fsync_interval_ms=0)
 journal.open()
-# A long idle interval: nothing is shipped before the kill, all of it in the drain.
-settings = AuditSettings(database_url={url!r}, ship_idle_interval_ms=60_000.0,
-                         shutdown_drain_s=10.0)
+settings = AuditSettings(database_url={url!r}, shutdown_drain_s=10.0)
 shipper = ShipperProcess(journal, settings, migrate=True, log_level="INFO",
                          log_format="text")
 shipper.start()

@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from server.audit.journal import MAGIC, Journal, frame, segment_path, segments
 from server.audit.migrate import upgrade
 from server.audit.record import encode
-from server.audit.shipper import CHECKPOINT_FILE, AuditShipper, unshipped_bytes
+from server.audit.ship_thread import IDLE_INTERVAL_MS, AuditShipper
+from server.audit.shipper import CHECKPOINT_FILE, unshipped_bytes
 from server.audit.store import AuditStore, create_store_engine
 from server.audit.trail import AuditTrail
 from server.settings import AuditSettings
@@ -73,8 +74,8 @@ class CountingStore(AuditStore):
 
 def test_under_steady_appends_records_are_shipped_in_batches_not_one_by_one(tmp_path):
     """Two records a millisecond for half a second: the shipper takes what gathered once
-    per idle interval (100 ms), not the handful that came while the last batch shipped
-    (a transaction and a checkpoint each time, a thread busy beside the event loop)."""
+    per idle interval (``IDLE_INTERVAL_MS``), not the handful that came while the last
+    batch shipped (a transaction and a checkpoint each time, a thread always busy)."""
     journal = Journal(tmp_path, segment_max_bytes=64 << 20, fsync_interval_ms=1.0)
     journal.open()
     store = CountingStore(create_store_engine(f"sqlite:///{tmp_path / 'audit.db'}"))
@@ -83,8 +84,6 @@ def test_under_steady_appends_records_are_shipped_in_batches_not_one_by_one(tmp_
         store,
         written=lambda: journal.position,
         batch_records=5000,
-        idle_interval_ms=100.0,
-        retry_max_s=0.2,
         migrate=True,
     )
     shipper.start()
@@ -99,7 +98,10 @@ def test_under_steady_appends_records_are_shipped_in_batches_not_one_by_one(tmp_
         assert store.count_decisions() == 1000
         # One batch per idle interval while records came, and the rest (shipping each
         # handful at once made 16-19 in about 0.6 s here).
-        assert store.inserts <= appending_s / 0.1 + 2, (store.inserts, appending_s)
+        assert store.inserts <= appending_s / (IDLE_INTERVAL_MS / 1000) + 2, (
+            store.inserts,
+            appending_s,
+        )
     finally:
         shipper.stop(drain_timeout_s=5.0)
         journal.close()
@@ -259,9 +261,7 @@ async def test_a_journal_folder_no_worker_writes_any_more_is_shipped_by_an_adopt
     assert unshipped_bytes(orphan) > 0
 
     settings = AuditSettings(
-        journal_dir=str(tmp_path / "journal" / "worker-0"),
-        database_url=database_url,
-        ship_idle_interval_ms=10.0,
+        journal_dir=str(tmp_path / "journal" / "worker-0"), database_url=database_url
     )
     trail = AuditTrail(settings, server_id="test/w0", adopted=[orphan])
     await trail.start()
