@@ -1,5 +1,5 @@
-"""A request's time budget, how much of it one model call may spend, and waiting for a
-call within it without cancelling the call."""
+"""A request's time budget, how much of it one model call may spend, and the reads from a
+store on the decision path within it."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import redis.exceptions
+
+from core.abandon import AbandonPool
 
 log = logging.getLogger(__name__)
 
@@ -81,58 +83,6 @@ class CallPlan:
         return self.model_call_ms * (1.0 - self.jitter)
 
 
-# A stalled event loop (its process went unscheduled on a busy machine) may run the timers
-# that fell due before it reads the sockets that filled meanwhile (uvloop, which the
-# server runs on, does), so a wait that ends this late may be for an answer already
-# received. Such a wait gets a moment more, for
-# the loop to read it, before it is called a timeout.
-STALLED_TIMER_S = 0.002
-STALL_GRACE_S = 0.001
-
-
-class Settles(Protocol):
-    """What ``settled_within`` waits for: an asyncio future, or a grpc.aio call itself
-    (no task wrapped around it: that wrapper and ``asyncio.wait`` cost on every model
-    call)."""
-
-    def done(self) -> bool: ...
-
-    def add_done_callback(self, fn: Callable[[Any], None], /) -> None: ...
-
-
-async def settled_within(future: Settles, timeout_s: float) -> bool:
-    """Waits up to ``timeout_s`` for ``future`` (never cancelling it); whether it is done.
-
-    When the wait itself ended more than ``STALLED_TIMER_S`` late (the loop was stalled),
-    the future gets ``STALL_GRACE_S`` more: its answer may be waiting in a socket.
-    """
-    if future.done():
-        return True
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def wake(_: object = None) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    async def until(when: float) -> None:  # the waiter is done, or ``when`` has come
-        timer = loop.call_at(when, wake)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-
-    # A grpc.aio call cannot take a callback back: ``wake`` stays on it, harmless once
-    # the waiter is done.
-    future.add_done_callback(wake)
-    due = loop.time() + timeout_s
-    await until(due)
-    if not future.done() and loop.time() - due > STALLED_TIMER_S:
-        waiter = loop.create_future()
-        await until(loop.time() + STALL_GRACE_S)
-    return future.done()
-
-
 class StoreBusy(Exception):
     """Not started: the store still runs ``max_abandoned`` reads nobody waits for."""
 
@@ -154,19 +104,15 @@ class StoreReads:
     """Reads from one store (Redis) on the decision path, each bounded by the request's
     budget and by ``cap_ms``.
 
-    A read still running at its timeout is abandoned, not cancelled. Cancelling a client
-    call mid-flight makes the client clean up first (redis-py closes its connection), and
-    a hung server stretches that clean-up past the caller's deadline: a paused Redis made
-    answers late that way. At most ``max_abandoned`` reads are left running at once; past
-    that no read starts (``StoreBusy``) until some end, so a hung store does not gather a
-    backlog that every fresh read waits behind once it wakes. The client's socket timeout
-    bounds how long an abandoned read lives.
+    A read still running at its timeout is abandoned, not cancelled (``core.abandon``):
+    at most ``max_abandoned`` at once; past that no read starts (``StoreBusy``) until some
+    end, so a hung store does not gather a backlog that every fresh read waits behind once
+    it wakes. The client's socket timeout bounds how long an abandoned read lives.
     """
 
     def __init__(self, *, cap_ms: float, max_abandoned: int = MAX_ABANDONED_READS) -> None:
         self.cap_ms = cap_ms
-        self._max_abandoned = max_abandoned
-        self._abandoned: set[asyncio.Future[Any]] = set()
+        self._abandoned = AbandonPool(max_abandoned)
 
     def timeout_ms(self, budget: Budget) -> float:
         """What the next read may spend: the budget left, capped."""
@@ -175,7 +121,7 @@ class StoreReads:
     @property
     def abandoned(self) -> int:
         """Reads still running after their caller stopped waiting."""
-        return len(self._abandoned)
+        return self._abandoned.outstanding
 
     async def read(
         self, call: Callable[[], Coroutine[Any, Any, T]], budget: Budget, *, what: str
@@ -199,25 +145,10 @@ class StoreReads:
     async def run(self, call: Coroutine[Any, Any, T], timeout_ms: float) -> T:
         """Awaits ``call`` for at most ``timeout_ms``, then raises ``TimeoutError`` at once;
         ``StoreBusy`` without starting it when too many reads are still abandoned."""
-        if len(self._abandoned) >= self._max_abandoned:
+        if self._abandoned.full():
             call.close()
-            raise StoreBusy(f"{len(self._abandoned)} abandoned reads still running")
+            raise StoreBusy(f"{self._abandoned.outstanding} abandoned reads still running")
         task = asyncio.ensure_future(call)
-        try:
-            answered = await settled_within(task, timeout_ms / 1000.0)
-        except asyncio.CancelledError:
-            self._abandon(task)
-            raise
-        if answered:
+        if await self._abandoned.wait(task, timeout_ms / 1000.0):
             return task.result()
-        self._abandon(task)
         raise TimeoutError
-
-    def _abandon(self, task: asyncio.Future[Any]) -> None:
-        self._abandoned.add(task)
-        task.add_done_callback(self._forget)
-
-    def _forget(self, task: asyncio.Future[Any]) -> None:
-        self._abandoned.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: an outcome nobody waits for is not an error

@@ -56,11 +56,8 @@ import numpy as np
 from core.processes import ManagedProcess, free_ports
 from core.stats import percentile
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
-from server.model_client import (
-    ModelCallError,
-    ModelClient,
-    TorchServeClient,
-)
+from server.model_client import ModelClient, TorchServeClient
+from server.model_errors import ModelCallError
 from server.oip import OipClient
 from torchserve.handler import ScoreHandler
 from torchserve.replica import (

@@ -34,16 +34,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from core.loop_lag import LoopLag
-from server.model_client import (
+from server.model_client import ModelClient, ModelScores, timeout_error
+from server.model_errors import (
     ModelBusy,
     ModelCallError,
-    ModelClient,
     ModelInputError,
     ModelNoTime,
-    ModelScores,
     ModelTimeout,
     ModelUnavailable,
-    timeout_error,
 )
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from core.tasks import cancel_and_wait
 from feature_cache.schema import FEATURE_NAMES, model_row
 from server.breaker import CLOSED, SUCCESSES_TO_CLOSE
 from server.control.state import ControlState
-from server.model_client import ModelInputError
+from server.model_errors import ModelInputError
 from server.replica import Replica
 
 log = logging.getLogger(__name__)

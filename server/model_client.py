@@ -20,18 +20,7 @@ unobserved. Abandoned calls are bounded per replica
 (``MAX_ABANDONED_CALLS``): past the bound the replica gets no new call (``ModelBusy``)
 until some of them end, so a hung replica never piles them up.
 
-::
-
-    ModelCallError              a replica failure; counts against its breaker
-    ├── ModelTimeout            the caller's wait for the call ended
-    ├── ModelNoTime             not sent: the replica's calls stayed out until too
-    │                           little of the caller's time was left (never counted)
-    ├── ModelUnavailable        connection refused / reset, replica error status
-    │   └── ModelBusy           not sent: too many abandoned calls still out (counted
-    │                           only once the replica answered none of them for
-    │                           breaker.min_counted_timeout_ms)
-    └── ModelResponseError      an answer we cannot use (wrong count, bad JSON)
-    ModelInputError             the replica rejected our rows; not the replica's fault
+Failures are ``server.model_errors``.
 """
 
 from __future__ import annotations
@@ -46,10 +35,17 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from core.deadline import settled_within
+from core.abandon import AbandonPool
 from core.loop_lag import LoopLag
 from feature_cache.schema import pack_rows, representable
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
+from server.model_errors import (
+    ModelBusy,
+    ModelInputError,
+    ModelResponseError,
+    ModelTimeout,
+    ModelUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,58 +56,6 @@ class ModelScores:
     model_version: str
     scores: list[float]
     elapsed_ms: float
-
-
-class ModelCallError(Exception):
-    """A replica failed to score; the message is a reason fragment ("timed out after ...")."""
-
-
-class ModelTimeout(ModelCallError):
-    def __init__(self, message: str, *, given_ms: float) -> None:
-        super().__init__(message)
-        # How long the replica had to answer. Whether that was long enough to judge the
-        # replica by is the breaker's rule (``server.replica.counts_against_replica``).
-        self.given_ms = given_ms
-
-
-class ModelNoTime(ModelCallError):
-    """Not sent: the request waited in the replica's queue (``server.batching``) while
-    every call it may have out was out, until too little of its time was left for one.
-
-    The replica was busy, not failing: never counted against its breaker, and the next
-    replica is tried as a first call, not a retry. Sending it anyway would only queue it
-    in the replica behind the calls already there (TorchServe works one call a worker
-    at a time), and a slow replica sent one call per waiting request falls further
-    behind until every call times out.
-    """
-
-
-class ModelUnavailable(ModelCallError):
-    pass
-
-
-class ModelBusy(ModelUnavailable):
-    """Not sent: the replica still works on ``max_abandoned_calls`` calls nobody waits for.
-
-    ``silent_ms``: how long the replica has answered nothing, from when the oldest of
-    those calls was abandoned (0 when it answered since). Counted against the breaker
-    only when that is as long as a timeout that counts (a hung replica): calls given a
-    few milliseconds each are abandoned faster than a healthy but slowed replica answers
-    any, and their timeouts were judged when they were abandoned. Otherwise this only
-    keeps a slow replica from being sent more than it can answer.
-    """
-
-    def __init__(self, message: str, *, silent_ms: float) -> None:
-        super().__init__(message)
-        self.silent_ms = silent_ms
-
-
-class ModelResponseError(ModelCallError):
-    pass
-
-
-class ModelInputError(Exception):
-    """The replica rejected the rows (wrong width, non-finite value)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,11 +179,8 @@ class GrpcModelClient:
         self._options = channel_options(reconnect_backoff_ms)
         self._interceptors = list(interceptors)
         self._channel: grpc.aio.Channel | None = None
-        self._max_abandoned = max_abandoned_calls
-        self._abandoned: dict[asyncio.Future[Any], float] = {}  # call → abandoned at (monotonic)
-        self._abandoned_total = 0
+        self._abandoned = AbandonPool(max_abandoned_calls, on_end=self._note_answer)
         self._answered_at = float("-inf")  # monotonic: the replica's last answer of any kind
-        self._refused = 0
 
     async def start(self) -> None:
         if self._channel is None:
@@ -274,12 +215,12 @@ class GrpcModelClient:
         call still out then is cancelled with the channel)."""
         channel, self._channel = self._channel, None
         if channel is not None:
-            if self._abandoned:
-                await asyncio.wait(set(self._abandoned), timeout=grace_s)
+            await self._abandoned.drain(grace_s)
             await channel.close()
 
     def abandoned(self) -> AbandonedCalls:
-        return AbandonedCalls(len(self._abandoned), self._abandoned_total, self._refused)
+        pool = self._abandoned
+        return AbandonedCalls(pool.outstanding, pool.total, pool.refused)
 
     async def _call(
         self,
@@ -293,29 +234,22 @@ class GrpcModelClient:
             raise ModelUnavailable(f"{self.name} client not started")
         if timeout_s <= 0:  # a call that could only be abandoned is not sent
             raise ModelTimeout(f"{self.name} had no time for a call", given_ms=0.0)
-        if len(self._abandoned) >= self._max_abandoned:
-            self._refused += 1
-            first_abandoned = min(self._abandoned.values())
+        if self._abandoned.full():
+            first_abandoned = self._abandoned.oldest_at
             silent_ms = (
                 (time.monotonic() - first_abandoned) * 1000.0
                 if self._answered_at < first_abandoned
                 else 0.0
             )
             raise ModelBusy(
-                f"{self.name} busy: {len(self._abandoned)} abandoned calls still out"
+                f"{self.name} busy: {self._abandoned.outstanding} abandoned calls still out"
                 + (f", none answered for {silent_ms:.1f} ms" if silent_ms else ""),
                 silent_ms=silent_ms,
             )
         started = time.perf_counter()
         waited_since = asyncio.get_running_loop().time()
         rpc = call(max(WIRE_TIMEOUT_S, timeout_s))
-        try:
-            answered = await settled_within(rpc, timeout_s)
-        except asyncio.CancelledError:
-            self._abandon(rpc)
-            raise
-        if not answered:
-            self._abandon(rpc)
+        if not await self._abandoned.wait(rpc, timeout_s):
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             raise timeout_error(
                 self.name, elapsed_ms, timeout_s * 1000.0, waited_since, self._loop_lag
@@ -348,25 +282,6 @@ class GrpcModelClient:
             ) from None
         self._note_status(grpc.StatusCode.OK)
         return response, (time.perf_counter() - started) * 1000.0
-
-    def _abandon(self, rpc: Rpc[Any]) -> None:
-        # A future for the call (a task awaiting it), for its end to be noted; made only
-        # for calls given up on, so the answered ones carry no task.
-        ended = asyncio.ensure_future(rpc)
-        if rpc.done():
-            ended.add_done_callback(self._note_answer)
-            return
-        # The time of abandonment, not of sending: an answer to a later call that came
-        # while this one was still awaited says nothing about the replica since.
-        self._abandoned[ended] = time.monotonic()
-        self._abandoned_total += 1
-        ended.add_done_callback(self._abandoned_done)
-
-    def _abandoned_done(self, rpc: asyncio.Future[Any]) -> None:
-        self._abandoned.pop(rpc, None)
-        self._note_answer(rpc)
-        if not rpc.cancelled() and rpc.exception() is not None:
-            log.debug("%s: an abandoned call ended with %r", self.name, rpc.exception())
 
     def _note_answer(self, rpc: asyncio.Future[Any]) -> None:
         """Records that the replica answered, unless ``rpc`` ended without its word (the

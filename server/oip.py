@@ -18,13 +18,8 @@ import grpc
 import numpy as np
 
 from proto.third_party.torchserve import open_inference_grpc_pb2 as oip_pb2
-from server.model_client import (
-    GrpcModelClient,
-    ModelInputError,
-    ModelResponseError,
-    ModelScores,
-    check_float32,
-)
+from server.model_client import GrpcModelClient, ModelScores, check_float32
+from server.model_errors import ModelInputError, ModelResponseError
 
 TORCHSERVE_OIP_SERVICE = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
 OIP_SERVICE = "inference.GRPCInferenceService"  # the standard name: Triton, KServe, MLServer

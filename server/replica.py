@@ -1,5 +1,4 @@
-"""One model replica: its client, its breaker, on-call's override of it, and the one rule
-that says whether a failed call was the replica's fault.
+"""One model replica: its client, its breaker and on-call's override of it.
 
 The router (primary, retry), the canary and the shadow scorer all ask the replica
 whether a call may go now (``admission``) and make it through ``call``, which returns
@@ -20,38 +19,10 @@ from core.domain import Source
 from server.breaker import SUCCESSES_TO_CLOSE, AsyncCircuitBreaker, BreakerOpenError
 from server.control.recent import RecentCalls
 from server.control.state import BreakerMode, ControlState
-from server.model_client import (
-    ModelBusy,
-    ModelCallError,
-    ModelClient,
-    ModelInputError,
-    ModelNoTime,
-    ModelScores,
-    ModelTimeout,
-    ModelUnavailable,
-)
+from server.model_client import ModelClient, ModelScores
+from server.model_errors import ModelBreakerOpen, ModelCallError, ModelFailure, ModelNoTime
 from server.settings import BreakerSettings
 from server.tracing import NO_TRACER
-
-
-def counts_against_replica(exc: BaseException, *, min_counted_timeout_ms: float) -> bool:
-    """Whether a failed call is evidence against the replica, for its breaker.
-
-    Not: rows the replica rejected (ours); a request that was never sent because the
-    replica's calls stayed out past its time (busy is not failing); a timeout of a call
-    given less than ``min_counted_timeout_ms`` (a caller with a tight deadline that leaves
-    4 ms must not open the breaker of a healthy replica that answers in 5, while a
-    replica that misses a 10 ms wait is unhealthy whoever set it); a call refused because
-    the replica still works on abandoned calls, unless it has answered none of them for
-    that long too (a slow replica answers them, a hung one does not).
-    """
-    if isinstance(exc, ModelInputError | ModelNoTime):
-        return False
-    if isinstance(exc, ModelBusy):
-        return exc.silent_ms > 0 and exc.silent_ms >= min_counted_timeout_ms
-    if isinstance(exc, ModelTimeout):
-        return exc.given_ms >= min_counted_timeout_ms
-    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,33 +47,25 @@ class Attempt:
     # 0 when the breaker refused the call without making it; its wait in the queue
     # for a request never sent (no_time).
     elapsed_ms: float
-    reason: str = ""  # why it failed; "" when it answered
-    # What failed, as a code: breaker_open, no_time (never sent: the replica was busy
-    # for all of the time the request had), timeout, busy, unavailable or error.
-    failure: str = ""
+    error: ModelFailure | None = None  # why it failed; None when it answered
 
     @property
     def ok(self) -> bool:
         return self.scores is not None
 
     @property
-    def made_a_call(self) -> bool:
-        """Whether the replica was called (the retry after a failed call is a retry;
-        after a call the breaker refused or that never went out it is a first call)."""
-        return self.failure not in ("breaker_open", "no_time")
+    def reason(self) -> str:
+        return "" if self.error is None else str(self.error)
 
+    @property
+    def failure(self) -> str:
+        """``error``'s code; "" when it answered."""
+        return "" if self.error is None else self.error.code
 
-def failure_code(exc: ModelCallError) -> str:
-    """A failed call as one of the codes ``Attempt.failure`` takes."""
-    if isinstance(exc, ModelTimeout):
-        return "timeout"
-    if isinstance(exc, ModelNoTime):
-        return "no_time"
-    if isinstance(exc, ModelBusy):
-        return "busy"  # before unavailable: a busy replica is one kind of it
-    if isinstance(exc, ModelUnavailable):
-        return "unavailable"
-    return "error"
+    @property
+    def then_retry(self) -> bool:
+        """Whether a call to the next replica after this one is a retry."""
+        return self.error is None or self.error.retry
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,11 +86,8 @@ class Replica:
         breaker: BreakerSettings,
         tracer: Tracer = NO_TRACER,
     ) -> Replica:
-        """A replica whose breaker counts only the failures ``counts_against_replica``
-        says are the replica's."""
-        rule = functools.partial(
-            counts_against_replica, min_counted_timeout_ms=breaker.min_counted_timeout_ms
-        )
+        """A replica whose breaker counts only the failures that say they count against
+        it (``ModelFailure.counts_against_replica``); any other error counts."""
         return cls(
             client,
             AsyncCircuitBreaker(
@@ -135,7 +95,7 @@ class Replica:
                 fail_max=breaker.fail_max,
                 reset_timeout_s=breaker.reset_timeout_s,
                 success_threshold=SUCCESSES_TO_CLOSE,
-                ignore=lambda exc: not rule(exc),
+                ignore=lambda exc: isinstance(exc, ModelFailure) and not exc.counts_against_replica,
             ),
             source,
             tracer=tracer,
@@ -160,7 +120,7 @@ class Replica:
 
     def refused(self, admission: Admission) -> Attempt:
         """The failed attempt a breaker's refusal stands for."""
-        return Attempt(self.source, None, 0.0, admission.refusal, "breaker_open")
+        return Attempt(self.source, None, 0.0, ModelBreakerOpen(admission.refusal))
 
     async def call(
         self, rows: Sequence[Sequence[float]], timeout_ms: float, admission: Admission
@@ -186,11 +146,11 @@ class Replica:
         try:
             scores = await (self.breaker.call(predict) if admission.guarded else predict())
         except BreakerOpenError as exc:  # a trial call went out since the admission
-            return Attempt(self.source, None, 0.0, str(exc), "breaker_open")
+            return Attempt(self.source, None, 0.0, ModelBreakerOpen(str(exc)))
         except ModelCallError as exc:
             elapsed_ms = (time.perf_counter() - started) * 1000
             if not isinstance(exc, ModelNoTime):  # never sent: nothing to record of the replica
                 self.recent.record(elapsed_ms, ok=False)
-            return Attempt(self.source, None, elapsed_ms, str(exc), failure_code(exc))
+            return Attempt(self.source, None, elapsed_ms, exc)
         self.recent.record(scores.elapsed_ms, ok=True, version=scores.model_version)
         return Attempt(self.source, scores, scores.elapsed_ms)

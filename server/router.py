@@ -17,7 +17,8 @@ from core.deadline import Budget, CallPlan
 from core.domain import Source
 from core.retry_budget import RetryBudget
 from server.control.state import ControlState
-from server.model_client import ModelInputError, ModelScores
+from server.model_client import ModelScores
+from server.model_errors import ModelInputError
 from server.replica import Attempt, Replica
 
 # How often a replica's recent latencies are summarized for the router (sorting them on
@@ -153,7 +154,7 @@ class ReplicaRouter:
             result = result.then(step)
             if result.answer is not None:
                 return result
-            retrying = retrying or any(a.made_a_call for a in step.attempts)
+            retrying = retrying or any(a.then_retry for a in step.attempts)
         return result
 
     def _no_time(self, replica: Replica, timeout_ms: float) -> str:

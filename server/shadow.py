@@ -30,7 +30,7 @@ from core.drift import histogram, psi
 from core.histogram import Buckets
 from server.audit.record import ShadowRecord
 from server.control.state import ControlState
-from server.model_client import ModelInputError
+from server.model_errors import ModelInputError
 from server.replica import Admission, Attempt, Replica
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class ShadowScorer:
             # the canary, and in-flight calls are bounded already.
             attempt = await self._challenger.call(rows, self._timeout_ms, UNGUARDED)
         except ModelInputError as exc:
-            attempt = Attempt(self._challenger.source, None, 0.0, str(exc))
+            attempt = Attempt(self._challenger.source, None, 0.0, exc)
         except Exception:  # a task's exception would otherwise go unseen
             self._failed += len(shadowed)
             log.exception("shadow call failed unexpectedly")

@@ -16,6 +16,7 @@ from core.deadline import Budget
 from core.domain import Source
 from server.control.canary import CANARY, CHAMPION, CanaryMonitor
 from server.control.state import ControlState
+from server.model_errors import ModelNoTime
 from server.router import ReplicaRouter, RouteResult
 
 
@@ -48,7 +49,7 @@ class Traffic:
         first = next((a for a in result.attempts if (a.source is Source.CANARY) == on_canary), None)
         # A request that never left the side's queue (no time: busy, not failing) says
         # nothing of its model either way.
-        if first is not None and first.failure != "no_time":
+        if first is not None and not isinstance(first.error, ModelNoTime):
             answer = result.answer
             own = answer is not None and (answer.source is Source.CANARY) == on_canary
             monitor.record(

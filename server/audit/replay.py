@@ -31,7 +31,8 @@ from core.domain import Side
 from core.processes import free_ports
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION, model_row
 from server.audit.store import decisions
-from server.model_client import ModelCallError, ModelInputError, TorchServeClient
+from server.model_client import TorchServeClient
+from server.model_errors import ModelCallError, ModelInputError
 from torchserve.archive import archive_version
 from torchserve.replica import (
     ModelServing,

@@ -20,12 +20,8 @@ import pytest
 from core.processes import ManagedProcess, free_ports
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
-from server.model_client import (
-    ModelBusy,
-    ModelCallError,
-    ModelTimeout,
-    TorchServeClient,
-)
+from server.model_client import TorchServeClient
+from server.model_errors import ModelBusy, ModelCallError, ModelTimeout
 from torchserve.archive import ArchiveInfo
 from torchserve.replica import (
     ModelServing,

@@ -12,15 +12,14 @@ import pytest
 
 from core.loop_lag import LoopLag
 from server.batching import BatchingClient
-from server.model_client import (
+from server.model_client import ModelScores
+from server.model_errors import (
     ModelBusy,
     ModelInputError,
     ModelNoTime,
-    ModelScores,
     ModelTimeout,
     ModelUnavailable,
 )
-from server.replica import counts_against_replica
 from server.replicas import Replicas
 from server.settings import Settings, TorchServeSettings
 from server.tracing import Tracing
@@ -131,7 +130,7 @@ async def test_a_request_with_no_time_to_wait_for_the_busy_replica_leaves_unsent
     with pytest.raises(ModelNoTime, match="primary busy: 1 call") as unsent:
         await batching.predict([[0.7]], 0.030)
     assert 0.009 < loop.time() - started < 0.030
-    assert not counts_against_replica(unsent.value, min_counted_timeout_ms=10.0)
+    assert not unsent.value.counts_against_replica
     assert batching.stats().out_of_time == 1
     replica.gate.set()
     await first
@@ -205,7 +204,7 @@ async def test_a_refused_call_tells_each_request_how_long_the_replica_is_silent(
     )
     for error in errors:
         assert isinstance(error, ModelBusy) and error.silent_ms == silent_ms, error
-        assert counts_against_replica(error, min_counted_timeout_ms=10.0) is (silent_ms > 0)
+        assert error.counts_against_replica is (silent_ms > 0)
 
 
 async def test_a_cancelled_caller_is_not_sent() -> None:
@@ -242,14 +241,14 @@ async def test_a_timeout_after_waiting_in_the_queue_is_not_the_replicas_fault() 
     with pytest.raises(ModelTimeout) as counted:
         await batching.predict([[0.1]], 0.029)
     assert counted.value.given_ms >= 28.0
-    assert counts_against_replica(counted.value, min_counted_timeout_ms=10.0)
+    assert counted.value.counts_against_replica
     # In a shared call that outlives it, with 5 ms of its own: not the replica's fault.
     first = asyncio.create_task(batching.predict([[0.2]], 1.0))
     short = asyncio.create_task(batching.predict([[0.3]], 0.005))
     with pytest.raises(ModelTimeout) as limited:
         await short
     assert limited.value.given_ms <= 5.0
-    assert not counts_against_replica(limited.value, min_counted_timeout_ms=10.0)
+    assert not limited.value.counts_against_replica
     await first
 
 

@@ -10,7 +10,8 @@ from core.domain import Source
 from server.breaker import AsyncCircuitBreaker
 from server.breaker_probe import PROBE_ROW, BreakerProbe
 from server.control.state import Change, ControlState, Entry
-from server.model_client import ModelInputError, ModelScores, ModelUnavailable
+from server.model_client import ModelScores
+from server.model_errors import ModelInputError, ModelUnavailable
 from server.replica import Replica
 from tests.server.fakes import AlwaysConnected
 

@@ -11,8 +11,9 @@ import grpc
 import pytest
 
 from core.loop_lag import LoopLag
-from server.model_client import GrpcModelClient, ModelBusy, ModelTimeout
-from server.replica import counts_against_replica
+from server import model_errors
+from server.model_client import GrpcModelClient
+from server.model_errors import ModelBusy, ModelTimeout
 
 Call = Callable[[float], Awaitable[str]]
 
@@ -53,7 +54,7 @@ async def replica() -> AsyncIterator[tuple[ScriptedClient, asyncio.Event, Call, 
     await client.stop()
 
 
-async def test_a_replica_that_answers_none_of_its_abandoned_calls_is_at_fault(replica):
+async def test_a_replica_that_answers_none_of_its_abandoned_calls_is_at_fault(replica, monkeypatch):
     client, _, hung, quick = replica
     assert await client.answer(quick, 1.0) == "answer"
     for _ in range(2):
@@ -65,15 +66,17 @@ async def test_a_replica_that_answers_none_of_its_abandoned_calls_is_at_fault(re
     with pytest.raises(ModelBusy, match="none answered for") as refused:
         await client.answer(quick, 1.0)
     assert 0 < refused.value.silent_ms < 1000.0
-    assert not counts_against_replica(refused.value, min_counted_timeout_ms=1000.0)
+    with monkeypatch.context() as patched:
+        patched.setattr(model_errors, "MIN_COUNTED_TIMEOUT_MS", 1000.0)
+        assert not refused.value.counts_against_replica
     await asyncio.sleep(0.015)  # still no answer: longer than a 10 ms counted timeout
     with pytest.raises(ModelBusy, match="none answered for") as refused:
         await client.answer(quick, 1.0)
     assert refused.value.silent_ms >= 15.0
-    assert counts_against_replica(refused.value, min_counted_timeout_ms=10.0)
+    assert refused.value.counts_against_replica
 
 
-async def test_a_replica_that_answered_since_its_first_abandoned_call_is_not(replica):
+async def test_a_replica_that_answered_since_its_first_abandoned_call_is_not(replica, monkeypatch):
     client, wakes, hung, quick = replica
     with pytest.raises(ModelTimeout):
         await client.answer(hung, 0.001)
@@ -83,8 +86,9 @@ async def test_a_replica_that_answered_since_its_first_abandoned_call_is_not(rep
     with pytest.raises(ModelBusy) as refused:
         await client.answer(quick, 1.0)
     assert refused.value.silent_ms == 0
-    assert not counts_against_replica(refused.value, min_counted_timeout_ms=10.0)
-    assert not counts_against_replica(refused.value, min_counted_timeout_ms=0.0)
+    assert not refused.value.counts_against_replica
+    monkeypatch.setattr(model_errors, "MIN_COUNTED_TIMEOUT_MS", 0.0)
+    assert not refused.value.counts_against_replica
 
     wakes.set()  # the abandoned calls end and the replica is called again
     for _ in range(10):
@@ -131,14 +135,14 @@ async def test_a_timeout_while_our_event_loop_was_stalled_is_not_the_replicas_fa
             await client.answer(hung, 0.02)
         await stall
         assert stalled.value.given_ms < 10.0
-        assert not counts_against_replica(stalled.value, min_counted_timeout_ms=10.0)
+        assert not stalled.value.counts_against_replica
         # A wait with the loop free: the replica had (nearly) all of it, and is to blame.
         # Longer than the stalled one, so that a busy machine's own hiccups in it (a few
         # ms of preemption) cannot bring it under the counted minimum.
         with pytest.raises(ModelTimeout) as counted:
             await client.answer(hung, 0.1)
         assert counted.value.given_ms > 50.0
-        assert counts_against_replica(counted.value, min_counted_timeout_ms=10.0)
+        assert counted.value.counts_against_replica
     finally:
         wakes.set()
         await client.stop()

@@ -21,7 +21,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from core.processes import free_port
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
-from server.model_client import ModelTimeout, ModelUnavailable, TorchServeClient
+from server.model_client import TorchServeClient
+from server.model_errors import ModelTimeout, ModelUnavailable
 
 ROWS = [[0.1] * MODEL_INPUT_WIDTH]
 

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from proto.third_party.torchserve import open_inference_grpc_pb2 as oip
-from server.model_client import ModelInputError, ModelResponseError
+from server.model_errors import ModelInputError, ModelResponseError
 from server.oip import oip_scores
 from server.settings import TorchServeSettings
 

@@ -18,7 +18,8 @@ import pytest
 from core.deadline import Budget, CallPlan
 from core.domain import Source
 from server.breaker import AsyncCircuitBreaker
-from server.model_client import ModelNoTime, ModelScores, ModelTimeout, ModelUnavailable
+from server.model_client import ModelScores
+from server.model_errors import ModelNoTime, ModelTimeout, ModelUnavailable
 from server.replica import Replica
 from server.router import NEEDS_WINDOW_S, ReplicaRouter
 from server.settings import BreakerSettings

@@ -10,7 +10,8 @@ from core.domain import Source
 from server.audit.record import ShadowRecord
 from server.breaker import AsyncCircuitBreaker
 from server.control.state import Change, ControlState, Entry
-from server.model_client import ModelScores, ModelTimeout
+from server.model_client import ModelScores
+from server.model_errors import ModelTimeout
 from server.replica import Replica
 from server.shadow import Shadowed, ShadowScorer
 from tests.server.fakes import AlwaysConnected

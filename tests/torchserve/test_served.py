@@ -15,7 +15,8 @@ import pytest
 
 from feature_cache.schema import MODEL_INPUT_WIDTH
 from server.batching import BatchingClient
-from server.model_client import ModelInputError, ModelScores, TorchServeClient
+from server.model_client import ModelScores, TorchServeClient
+from server.model_errors import ModelInputError
 from server.oip import OipClient
 from torchserve.archive import archive_meta
 from torchserve.train import OFFLINE_SCORERS

@@ -1,0 +1,123 @@
+"""Why a model call failed: one exception tree, each kind saying what it means.
+
+Every failure carries ``code`` (``Attempt.failure``, the ``model_<code>`` fallback
+reason and the metrics' label), ``retry`` (whether a call to the next replica after it
+is a retry, which the retry budget bounds) and ``counts_against_replica`` (whether the
+replica's breaker counts it). The message is a reason fragment ("timed out after ...").
+
+::
+
+    ModelFailure                       code          retry  counts against the replica
+    ├── ModelInputError                input         no     no: the rows are ours to fix
+    └── ModelCallError                 error         yes    yes
+        ├── ModelTimeout               timeout       yes    if the call had at least
+        │                                                   MIN_COUNTED_TIMEOUT_MS
+        ├── ModelNoTime                no_time       no     no: never sent, the replica
+        │                                                   was busy, not failing
+        ├── ModelBreakerOpen           breaker_open  no     no: never sent
+        ├── ModelUnavailable           unavailable   yes    yes
+        │   └── ModelBusy              busy          yes    once the replica answered
+        │                                                   none for MIN_COUNTED_TIMEOUT_MS
+        └── ModelResponseError         error         yes    yes
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+# A model call's timeout counts against its replica only if the call had this long: a
+# replica that misses a 10 ms wait is unhealthy, one given 4 ms by a tight deadline is not.
+MIN_COUNTED_TIMEOUT_MS = 10.0
+
+
+class ModelFailure(Exception):
+    code: ClassVar[str] = "error"
+    retry: ClassVar[bool] = True
+
+    @property
+    def counts_against_replica(self) -> bool:
+        return True
+
+
+class ModelInputError(ModelFailure):
+    """The replica rejected the rows (wrong width, non-finite value): any replica would,
+    so the lane stops at once."""
+
+    code = "input"
+    retry = False
+
+    @property
+    def counts_against_replica(self) -> bool:
+        return False
+
+
+class ModelCallError(ModelFailure):
+    """A replica failed to score."""
+
+
+class ModelTimeout(ModelCallError):
+    code = "timeout"
+
+    def __init__(self, message: str, *, given_ms: float) -> None:
+        super().__init__(message)
+        self.given_ms = given_ms  # how long the replica had to answer
+
+    @property
+    def counts_against_replica(self) -> bool:
+        return self.given_ms >= MIN_COUNTED_TIMEOUT_MS
+
+
+class ModelNoTime(ModelCallError):
+    """Not sent: the request waited in the replica's queue (``server.batching``) while
+    every call it may have out was out, until too little of its time was left for one.
+    Sent anyway it would only queue in the replica behind the calls already there, and a
+    slow replica sent one call per waiting request falls behind until every call times
+    out; the next replica's call is a first call."""
+
+    code = "no_time"
+    retry = False
+
+    @property
+    def counts_against_replica(self) -> bool:
+        return False
+
+
+class ModelBreakerOpen(ModelCallError):
+    """Not sent: the replica's breaker refused the call."""
+
+    code = "breaker_open"
+    retry = False
+
+    @property
+    def counts_against_replica(self) -> bool:
+        return False
+
+
+class ModelUnavailable(ModelCallError):
+    """Connection refused or reset, or an error status from the replica."""
+
+    code = "unavailable"
+
+
+class ModelBusy(ModelUnavailable):
+    """Not sent: the replica still works on its bound of calls nobody waits for.
+
+    ``silent_ms``: how long the replica has answered nothing, from when the oldest of
+    those calls was abandoned (0 when it answered since). Calls given a few milliseconds
+    each are abandoned faster than a healthy but slowed replica answers any, so only a
+    silence as long as a timeout that counts (a hung replica) is the replica's fault.
+    """
+
+    code = "busy"
+
+    def __init__(self, message: str, *, silent_ms: float) -> None:
+        super().__init__(message)
+        self.silent_ms = silent_ms
+
+    @property
+    def counts_against_replica(self) -> bool:
+        return self.silent_ms > 0 and self.silent_ms >= MIN_COUNTED_TIMEOUT_MS
+
+
+class ModelResponseError(ModelCallError):
+    """An answer we cannot use (wrong count, bad encoding)."""
