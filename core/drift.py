@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 
 EPSILON = 1e-4
+# The usual reading of PSI, which status and the alert rules (k8s) share.
+DRIFTING_PSI = 0.1
+SHIFTED_PSI = 0.25
 QUANTILES = tuple(i / 10 for i in range(1, 10))
 
 

@@ -1,9 +1,10 @@
-"""Log lines with the trace id and the decision ids of the call being handled.
+"""Every process's log lines, with the trace id and the decision ids of the call being handled.
 
 ``LogContext`` puts the current span's trace id and the decision ids the engine is making
-into every record (``%(trace_id)s``, ``%(decision_id)s``); ``JsonFormatter`` writes a JSON
-object per line (``server.log_format``). Imports no gRPC: ``server.__main__`` configures
-logging before the supervisor forks its workers, and no gRPC state may exist by then.
+into every record (``%(trace_id)s``, ``%(decision_id)s``: "-" outside a call, and in the
+feature cache and the labeler); ``JsonFormatter`` writes a JSON object per line
+(``telemetry.log_format``). Imports no gRPC: ``server.__main__`` configures logging before
+the supervisor forks its workers, and no gRPC state may exist by then.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import SettingsConfigDict, SettingsError
 
 Root = TypeVar("Root", bound=BaseModel)
@@ -25,6 +25,19 @@ class SettingsSection(BaseModel):
     """One section of a settings root: ``DECISION_<SECTION>__<FIELD>``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TelemetrySettings(SettingsSection):
+    """What every process (server, feature cache, labeler) logs and where its /metrics
+    listens; each process's section names its own metrics port."""
+
+    log_level: str = Field("INFO", description="Python logging level of every process.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: one line per record; json: one JSON object per line (time, level, "
+        "logger, process, message, trace_id, decision_id, exception).",
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address of the /metrics endpoints.")
 
 
 # A process's settings root: environment variables ``DECISION_<SECTION>__<FIELD>``.

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 import uvloop
 from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
 
+from core.logs import configure_logging
 from core.metrics_http import MetricsServer
 from core.settings import settings_from_environment
 from core.tasks import cancel_and_wait
@@ -48,7 +49,7 @@ async def consume(settings: FeatureCacheSettings) -> int:
         process = settings.feature_cache
         log.error(
             "cannot serve metrics on %s:%d (DECISION_FEATURE_CACHE__METRICS_PORT; 0: off): %s",
-            process.metrics_host,
+            settings.telemetry.metrics_host,
             process.metrics_port,
             exc,
         )
@@ -92,8 +93,9 @@ def metrics_server(settings: FeatureCacheSettings, consumer: FeatureConsumer) ->
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
     registry.register(ConsumerCollector(consumer))
-    process = settings.feature_cache
-    return MetricsServer(registry, process.metrics_host, process.metrics_port)
+    return MetricsServer(
+        registry, settings.telemetry.metrics_host, settings.feature_cache.metrics_port
+    )
 
 
 def touch_alive(settings: FeatureCacheSettings) -> None:
@@ -123,10 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_from_environment(FeatureCacheSettings, "feature-cache")
     if args.check_alive is not None:
         sys.exit(0 if alive_within(settings, args.check_alive) else 1)
-    logging.basicConfig(
-        level=settings.feature_cache.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.telemetry.log_level, settings.telemetry.log_format)
     sys.exit(uvloop.run(consume(settings)))
 
 

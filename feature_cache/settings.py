@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
-from core.settings import ROOT_CONFIG, SettingsSection
+from core.settings import ROOT_CONFIG, SettingsSection, TelemetrySettings
 
 
 class RedisSettings(SettingsSection):
@@ -18,12 +18,6 @@ class FeatureSettings(SettingsSection):
     max_age_ms: float = Field(
         2000.0, gt=0, description="Older feature records are stale: the model is skipped."
     )
-    mirror: bool = Field(
-        True,
-        description="Keep every symbol's record in this process (feature_cache.mirror), "
-        "updated by the writer's pub/sub messages; Decide reads Redis only while the mirror "
-        "is not live (before its first load, after a lost subscription).",
-    )
 
 
 class KafkaSettings(SettingsSection):
@@ -31,7 +25,12 @@ class KafkaSettings(SettingsSection):
         "127.0.0.1:19092", description="Kafka brokers, comma-separated host:port."
     )
     topic: str = Field("market-data", description="Market events, keyed by symbol.")
-    group_id: str = Field("feature-cache", description="Consumer group of the feature cache.")
+
+    @property
+    def group_id(self) -> str:
+        """The feature cache's consumer group: one per topic, so that deployments sharing
+        a cluster never share a group."""
+        return f"{self.topic}.feature-cache"
 
     @property
     def dead_letter_topic(self) -> str:
@@ -40,16 +39,10 @@ class KafkaSettings(SettingsSection):
 
 
 class FeatureCacheProcessSettings(SettingsSection):
-    log_level: str = Field(
-        "INFO", description="Python logging level of the feature-cache consumer process."
-    )
     alive_file: str = Field(
         "",
         description="File the consumer touches every 10 s while its loop runs, for a "
         "container's liveness probe (`feature-cache --check-alive 60`); empty: none.",
-    )
-    metrics_host: str = Field(
-        "127.0.0.1", description="Address of the consumer's Prometheus endpoint."
     )
     metrics_port: int = Field(
         9480, ge=0, le=65535, description="The consumer's /metrics port (HTTP); 0 turns it off."
@@ -62,5 +55,6 @@ class FeatureCacheSettings(BaseSettings):
     model_config = ROOT_CONFIG
 
     feature_cache: FeatureCacheProcessSettings = FeatureCacheProcessSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     redis: RedisSettings = RedisSettings()
     kafka: KafkaSettings = KafkaSettings()

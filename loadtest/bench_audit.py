@@ -284,7 +284,7 @@ def bench_decide(run_dir: Path, plan: Sequence[tuple[int, int]]) -> list[Row]:
                 # Each serves /metrics, as in production, on a port of its own.
                 env={
                     "DECISION_AUDIT__ENABLED": enabled,
-                    "DECISION_TELEMETRY__METRICS_PORT": str(metrics_ports[name]),
+                    "DECISION_SERVER__METRICS_PORT": str(metrics_ports[name]),
                 },
             )
             procs.append(server)

@@ -1,10 +1,9 @@
 """Decide vs direct TorchServe at concurrency 1, measured in one run on this machine.
 
-Starts its own redis-server, one TorchServe replica, four decision servers (D, as
-configured by default: features from its in-process mirror, /metrics served; R, the same
-with ``DECISION_FEATURES__MIRROR=false``: a Redis read per call; O, D with tracing on at
-``--trace-sample-ratio``, exporting to an OTLP sink, ``loadtest.otlp_sink``; M, D with the
-metrics endpoint off, so without request metrics: what metrics cost) and a bare echo
+Starts its own redis-server, one TorchServe replica, three decision servers (D, as
+configured by default: features from its in-process mirror, /metrics served; O, D with
+tracing on at ``--trace-sample-ratio``, exporting to an OTLP sink, ``loadtest.otlp_sink``;
+M, D with the metrics endpoint off, so without request metrics: what metrics cost) and a bare echo
 server (the floor: one Python gRPC hop, no work) as separate processes on free loopback
 ports; this process is the client of every path. The paths are measured in alternating
 rounds so that machine noise lands on all of them alike. Prints p50/p99 per path and
@@ -92,14 +91,14 @@ def decision_server(
         log_path=state_dir / "server.log",
         env={
             **os.environ,
-            "DECISION_SERVER__LOG_LEVEL": "WARNING",
+            "DECISION_TELEMETRY__LOG_LEVEL": "WARNING",
             "DECISION_SERVER__PORT": str(port),
             "DECISION_REDIS__URL": f"redis://127.0.0.1:{redis_port}/0",
             "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{torchserve_port}",
             "DECISION_TORCHSERVE__SECONDARY_ADDRESS": f"127.0.0.1:{no_secondary_port}",
             "DECISION_TORCHSERVE__CHALLENGER_ADDRESS": "",
-            "DECISION_ADMIN__ENABLED": "false",
-            "DECISION_TELEMETRY__METRICS_PORT": "0",  # not 9464: make run may hold it
+            "DECISION_ADMIN__PORT": "0",
+            "DECISION_SERVER__METRICS_PORT": "0",  # not 9464: make run may hold it
             "DECISION_AUDIT__JOURNAL_DIR": str(state_dir / "journal"),
             "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{state_dir / 'audit.db'}",
             "DECISION_SERVER__WORKERS": "1",
@@ -120,7 +119,6 @@ def echo_server(port: int, run_dir: Path) -> ManagedProcess:
 
 DECIDE_PATHS = {
     "decide": "D: Decide (whole chain)",
-    "decide_redis": "R: Decide, no mirror",
     "decide_traced": "O: Decide, traced (--trace-sample-ratio, OTLP export)",
     "decide_unmeasured": "M: Decide, metrics endpoint off (no request metrics)",
 }
@@ -276,18 +274,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         run_dir = Path(tmp)
         print("starting redis-server, TorchServe and the decision servers …", flush=True)
-        redis_port, echo_port, no_secondary, sink_port, *ports = free_ports(18)
-        decide_ports = dict(zip(DECIDE_PATHS, ports[:4], strict=True))
-        ts_ports = ReplicaPorts(*ports[4:10])
+        paths = len(DECIDE_PATHS)
+        redis_port, echo_port, no_secondary, sink_port, *ports = free_ports(10 + 2 * paths)
+        decide_ports = dict(zip(DECIDE_PATHS, ports[:paths], strict=True))
+        ts_ports = ReplicaPorts(*ports[paths : paths + 6])
         # Every server but M serves /metrics (nobody scrapes it: recording is the cost).
         metrics = {
-            name: {"DECISION_TELEMETRY__METRICS_PORT": str(port)}
-            for name, port in zip(DECIDE_PATHS, ports[10:14], strict=True)
+            name: {"DECISION_SERVER__METRICS_PORT": str(port)}
+            for name, port in zip(DECIDE_PATHS, ports[paths + 6 :], strict=True)
         }
         procs: list[ManagedProcess] = []
         path_env = {
             "decide": metrics["decide"],
-            "decide_redis": {**metrics["decide_redis"], "DECISION_FEATURES__MIRROR": "false"},
             "decide_traced": {
                 **metrics["decide_traced"],
                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",

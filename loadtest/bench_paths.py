@@ -700,7 +700,6 @@ def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, in
     replica_folder = start_backends(run_dir, redis_port, ts_ports, procs)
     triton, on_triton = start_triton(run_dir, procs, triton_grpc, triton_http, triton_metrics)
     admin_env = {
-        "DECISION_ADMIN__ENABLED": "true",
         "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
     }
     # One fleet: on one Redis key prefix the servers share the control state's durable

@@ -160,10 +160,9 @@ def main() -> None:
                     "DECISION_TORCHSERVE__CHALLENGER_ADDRESS": (
                         f"127.0.0.1:{challenger_ports.grpc_inference}"
                     ),
-                    "DECISION_ADMIN__ENABLED": "true",
                     "DECISION_ADMIN__PORT": str(admin_port),
                     "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
-                    "DECISION_TELEMETRY__METRICS_PORT": str(metrics_port),
+                    "DECISION_SERVER__METRICS_PORT": str(metrics_port),
                 },
             )
             procs.append(server)

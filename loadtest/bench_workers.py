@@ -509,7 +509,6 @@ class Bench:
             name=f"decision-server-{workers}",
             env={
                 "DECISION_SERVER__WORKERS": str(workers),
-                "DECISION_ADMIN__ENABLED": "true",
                 "DECISION_ADMIN__PORT": str(admin_port),
                 "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
                 **self.decision_env,

@@ -425,11 +425,11 @@ class LocalStack:
                 env={
                     "DECISION_SERVER__PORT": str(self.decision_port),
                     "DECISION_ADMIN__PORT": str(self.admin_port),
-                    "DECISION_ADMIN__TOKENS_FILE": str(admin_tokens(self.run_dir / "admin")),
+                    "DECISION_ADMIN__TOKENS": admin_tokens(self.run_dir / "admin").read_text(),
                     "DECISION_TORCHSERVE__CHALLENGER_ADDRESS": (
                         f"127.0.0.1:{self.challenger.grpc_inference}"
                     ),
-                    "DECISION_TELEMETRY__METRICS_PORT": str(self.metrics_port),
+                    "DECISION_SERVER__METRICS_PORT": str(self.metrics_port),
                     "DECISION_SERVER__WORKERS": str(self.workers),
                     "DECISION_AUDIT__JOURNAL_DIR": str(self.run_dir / "audit" / "journal"),
                     # Drift against the served archives' training references.

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 import uvloop
 from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
 
+from core.logs import configure_logging
 from core.metrics_http import MetricsServer
 from core.settings import settings_from_environment
 from quality.labeler import Labeler
@@ -44,13 +45,15 @@ async def run(settings: QualitySettings) -> int:
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
     registry.register(LabelerCollector(labeler))
-    metrics = MetricsServer(registry, settings.quality.metrics_host, settings.quality.metrics_port)
+    metrics = MetricsServer(
+        registry, settings.telemetry.metrics_host, settings.quality.metrics_port
+    )
     try:
         metrics.start()
     except OSError as exc:
         log.error(
             "cannot serve metrics on %s:%d (DECISION_QUALITY__METRICS_PORT; 0: off): %s",
-            settings.quality.metrics_host,
+            settings.telemetry.metrics_host,
             settings.quality.metrics_port,
             exc,
         )
@@ -93,10 +96,7 @@ async def _report(labeler: Labeler, stop: asyncio.Event) -> None:
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="decision-labeler", description=__doc__).parse_args(argv)
     settings = settings_from_environment(QualitySettings, "decision-labeler")
-    logging.basicConfig(
-        level=settings.quality.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.telemetry.log_level, settings.telemetry.log_format)
     sys.exit(uvloop.run(run(settings)))
 
 

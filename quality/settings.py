@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
-from core.settings import ROOT_CONFIG, SettingsSection
+from core.settings import ROOT_CONFIG, SettingsSection, TelemetrySettings
 from feature_cache.settings import KafkaSettings, RedisSettings
 from server.settings import AuditSettings
 
@@ -38,8 +38,6 @@ class LabelerSettings(SettingsSection):
         description="Labelled decisions per model version that the rolling AUC, precision "
         "and calibration error are computed over.",
     )
-    log_level: str = Field("INFO", description="Python logging level of the labeler.")
-    metrics_host: str = Field("127.0.0.1", description="Address of the labeler's /metrics.")
     metrics_port: int = Field(
         9490, ge=0, le=65535, description="The labeler's /metrics port; 0: off."
     )
@@ -51,6 +49,7 @@ class QualitySettings(BaseSettings):
     model_config = ROOT_CONFIG
 
     quality: LabelerSettings = LabelerSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     redis: RedisSettings = RedisSettings()
     kafka: KafkaSettings = KafkaSettings()
     audit: AuditSettings = AuditSettings()

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import uvloop
 
+from core.logs import configure_logging
 from core.settings import environment_lines, settings_from_environment
 from server.admin.auth import TokenBook, TokenError
-from server.logs import configure_logging
 from server.settings import Settings
 from server.workers import Supervisor, available_cpus, journal_plans, worker_settings
 
@@ -77,15 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write("\n".join(environment_lines(settings)) + "\n")
         return 0
-    if settings.admin.enabled:
-        try:  # here, once: not a traceback from every worker as each starts
-            TokenBook.load(
-                file=settings.admin.tokens_file, inline=settings.admin.tokens.get_secret_value()
-            )
-        except TokenError as exc:  # its message never holds the token
-            sys.stderr.write(f"decision-server: invalid settings:\n  {exc}\n")
-            return 2
-    configure_logging(settings.server.log_level, settings.server.log_format)
+    try:  # here, once: not a traceback from every worker as each starts
+        TokenBook.load(settings.admin.tokens.get_secret_value())
+    except TokenError as exc:  # its message never holds the token
+        sys.stderr.write(f"decision-server: invalid settings:\n  {exc}\n")
+        return 2
+    configure_logging(settings.telemetry.log_level, settings.telemetry.log_format)
     workers = args.workers or settings.server.workers or available_cpus()
     if workers < 1:
         log.error("--workers must be at least 1")
@@ -94,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         plan = journal_plans(Path(settings.audit.journal_dir), 1)[0]
         run_worker(worker_settings(settings, 0, 1, plan), plan.adopted)
         return 0
-    if settings.server.port == 0 or (settings.admin.enabled and settings.admin.port == 0):
+    if settings.server.port == 0 or settings.admin.port == 0:
         log.error("several workers share fixed ports: set DECISION_SERVER__PORT and the admin port")
         return 2
-    last_metrics_port = settings.telemetry.metrics_port + workers - 1
-    if settings.telemetry.metrics_port and last_metrics_port > 65535:
+    last_metrics_port = settings.server.metrics_port + workers - 1
+    if settings.server.metrics_port and last_metrics_port > 65535:
         log.error(
-            "worker %d's metrics port would be %d: DECISION_TELEMETRY__METRICS_PORT is the "
+            "worker %d's metrics port would be %d: DECISION_SERVER__METRICS_PORT is the "
             "first of %d consecutive ports",
             workers - 1,
             last_metrics_port,

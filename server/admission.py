@@ -4,9 +4,9 @@ busy this process's event loop is.
 Calls wait in gRPC's own queue before any handler runs, where a fixed in-flight bound
 cannot see them; the event loop thread's busy share (``core.loop_lag``) does. So the
 limit moves like a congestion window (additive increase, multiplicative decrease): while
-the loop was busy more than ``max_busy_share`` of the last 250 ms it shrinks to ¾ of
+the loop was busy more than ``MAX_BUSY_SHARE`` of the last 250 ms it shrinks to ¾ of
 what was in flight; when it is nearly used, it grows by a tenth; ``max_in_flight`` is
-the ceiling, ``min_in_flight`` the floor. A request past the limit is shed at once (the
+the ceiling, ``MIN_IN_FLIGHT`` the floor. A request past the limit is shed at once (the
 ladder's answer, or RESOURCE_EXHAUSTED): a fast honest answer instead of a late one.
 Why the busy share and not the timers' lateness, and why the floor: docs/overload.md.
 """
@@ -21,6 +21,11 @@ ADJUST_INTERVAL_S = 0.05
 LAG_WINDOW_S = 0.25
 DECREASE = 0.75
 INCREASE = 0.1
+# Past this share of the time busy, the loop's thread is the bottleneck: calls queue.
+MAX_BUSY_SHARE = 0.85
+# The limit never shrinks below one connection's stream cap's worth of calls: a lower
+# floor shed most decisions to the cached score at the same throughput.
+MIN_IN_FLIGHT = 16
 
 
 class LagProbe(Protocol):
@@ -32,9 +37,9 @@ class AdmissionLimit:
         self,
         *,
         max_in_flight: int,
-        min_in_flight: int,
-        max_busy_share: float,
         lag: LagProbe | None,
+        min_in_flight: int = MIN_IN_FLIGHT,
+        max_busy_share: float = MAX_BUSY_SHARE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``max_in_flight`` 0: no ceiling (the limit still adapts when ``lag`` is given)."""

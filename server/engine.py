@@ -36,6 +36,7 @@ from core.domain import (
     model_decision,
 )
 from core.histogram import LATENCY_BOUNDS_S, Buckets
+from core.logs import deciding
 from fallback.chain import FallbackChain, LadderInput, LadderOutcome
 from fallback.score_cache import CachedScore, ScoreEntry, ScoreWriter
 from feature_cache.schema import model_row
@@ -46,7 +47,6 @@ from server.control.state import GLOBAL_SCOPE, ControlState
 from server.drift import DriftMonitor
 from server.errors import Overloaded
 from server.features import FeatureSnapshot, FeatureSource
-from server.logs import deciding
 from server.router import RoutedScores
 from server.settings import DecisionSettings
 from server.shadow import Shadowed, ShadowScorer

@@ -83,7 +83,7 @@ def admin_server(
     """AdminService behind token checks, with reflection, on a server of its own;
     ``interceptors`` run before the token check (a refused call is measured too)."""
     admin = settings.admin
-    tokens = TokenBook.load(file=admin.tokens_file, inline=admin.tokens.get_secret_value())
+    tokens = TokenBook.load(admin.tokens.get_secret_value())
     if not len(tokens):
         log.warning("AdminService has no tokens: every admin call will be refused")
     server = grpc.aio.server(
@@ -135,7 +135,7 @@ class GrpcFront:
             admin = settings.admin
             self.admin_port = add_port(
                 self._admin,
-                f"{admin.host}:{admin.port}",
+                f"{settings.server.host}:{admin.port}",
                 settings,
                 client_ca_file=admin.tls_client_ca_file,
             )
@@ -147,7 +147,7 @@ class GrpcFront:
         log.info("DecisionService listening on %s:%d", self._settings.server.host, self.port)
         if self._admin is not None:
             await self._admin.start()
-            log.info("AdminService listening on %s:%d", self._settings.admin.host, self.admin_port)
+            log.info("AdminService listening on %s:%d", self._settings.server.host, self.admin_port)
 
     async def set_serving(self, serving: bool) -> None:
         for service in ("", DECISION_SERVICE):

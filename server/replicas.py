@@ -20,19 +20,25 @@ from server.model_client import ModelClient, TorchServeClient
 from server.oip import OIP_SERVICE, TORCHSERVE_OIP_SERVICE, OipClient
 from server.replica import Replica
 from server.router import ReplicaRouter
-from server.settings import ARCHIVE_VERSION, InferenceProtocol, Settings, TorchServeSettings
+from server.settings import ARCHIVE_VERSION, InferenceProtocol, Settings
 from server.tracing import Tracing
 from server.traffic import Traffic
 
 # The OIP's gRPC service, by protocol: TorchServe serves it in a package of its own.
 OIP_SERVICES = {"torchserve-oip": TORCHSERVE_OIP_SERVICE, "kserve-v2": OIP_SERVICE}
+# The challenger batches in its model server, which can only gather calls that are out
+# together; and its shadow calls must not hold the canary's only slot.
+CHALLENGER_CONCURRENT_CALLS = 4
+# The models by role, as ``torchserve.train`` names their archives and every model
+# server registers them.
+CHAMPION_MODEL = "champion"
+CHALLENGER_MODEL = "challenger"
 
 
 def model_client(
-    ts: TorchServeSettings,
     name: str,
     address: str,
-    model_name: str | None = None,
+    model_name: str,
     *,
     protocol: InferenceProtocol,
     model_version: str = "",
@@ -52,7 +58,7 @@ def model_client(
     client = client_for_protocol(
         name,
         address,
-        model_name or ts.model_name,
+        model_name,
         model_version=model_version,
         loop_lag=loop_lag,
         interceptors=interceptors,
@@ -71,23 +77,20 @@ class Replicas:
         ts = settings.torchserve
         interceptors = tracing.client_interceptors()
 
-        def replica(name: str, address: str, source: Source, model: str | None = None) -> Replica:
+        def replica(name: str, address: str, source: Source) -> Replica:
             canary = source is Source.CANARY
+            model = CHALLENGER_MODEL if canary else CHAMPION_MODEL
             version = ""
             if ts.model_version == ARCHIVE_VERSION:
-                store = Path(settings.drift.model_store)
-                version = archived_version(store, model or ts.model_name)
+                version = archived_version(Path(settings.drift.model_store), model)
             client = model_client(
-                ts,
                 name,
                 address,
                 model,
                 protocol=ts.protocol_of(challenger=canary),
                 model_version=version,
                 max_concurrent_calls=(
-                    ts.challenger_batch_max_concurrent_calls
-                    if canary
-                    else ts.batch_max_concurrent_calls
+                    CHALLENGER_CONCURRENT_CALLS if canary else ts.batch_max_concurrent_calls
                 ),
                 loop_lag=loop_lag,
                 interceptors=interceptors,
@@ -102,9 +105,7 @@ class Replicas:
         challenger = None
         if ts.challenger_address:
             addresses["challenger"] = ts.challenger_address
-            challenger = replica(
-                "challenger", ts.challenger_address, Source.CANARY, ts.challenger_model_name
-            )
+            challenger = replica("challenger", ts.challenger_address, Source.CANARY)
         return cls(champions, challenger, addresses)
 
     @property

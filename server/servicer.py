@@ -101,11 +101,9 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         engine: DecisionEngine,
         *,
         plan: CallPlan,
-        max_batch_size: int,
     ) -> None:
         self._engine = engine
         self._plan = plan
-        self._max_batch_size = max_batch_size
 
     def _budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> Budget:
         """The call's budget; ``Expired`` when its deadline passed while it was queued:
@@ -138,7 +136,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     ) -> decision_pb2.DecideBatchResponse:
         answer_traceparent(context)
         call = call_info(context)
-        orders = orders_from_batch_pb(request, self._max_batch_size)
+        orders = orders_from_batch_pb(request)
         budget = self._budget(context)
         results = await self._engine.decide(orders, budget, call)
         return decision_pb2.DecideBatchResponse(responses=[response_to_pb(r) for r in results])

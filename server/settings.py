@@ -22,13 +22,16 @@ from core.deadline import (
     CallPlan,
 )
 from core.domain import DEFAULT_TRADE_THRESHOLD
-from core.settings import ROOT_CONFIG, SettingsSection
+from core.settings import ROOT_CONFIG, SettingsSection, TelemetrySettings
 from fallback.settings import FallbackSettings
 from feature_cache.settings import FeatureSettings, RedisSettings
+from server.model_errors import MIN_COUNTED_TIMEOUT_MS
 
 
 class ServerSettings(SettingsSection):
-    host: str = Field("127.0.0.1", description="Address DecisionService listens on.")
+    host: str = Field(
+        "127.0.0.1", description="Address DecisionService and AdminService listen on."
+    )
     port: int = Field(
         50051,
         ge=0,
@@ -40,7 +43,6 @@ class ServerSettings(SettingsSection):
         ge=0,
         description="On SIGTERM, how long in-flight RPCs may finish before being cancelled.",
     )
-    max_batch_size: int = Field(256, ge=1, description="Most requests one DecideBatch may carry.")
     workers: int = Field(
         0,
         ge=0,
@@ -48,12 +50,11 @@ class ServerSettings(SettingsSection):
         "journal folder and metrics port; 0: one per core this process may use. "
         "`decision-server --workers N` overrides it.",
     )
-    log_level: str = Field("INFO", description="Python logging level of the server process.")
-    log_format: Literal["text", "json"] = Field(
-        "text",
-        description="text: one line per record; json: one JSON object per line (time, level, "
-        "logger, process, message, trace_id, decision_id, exception). Both carry the trace "
-        "and decision ids of the call being handled.",
+    metrics_port: int = Field(
+        9464,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics port (HTTP), the first of one per worker; 0: off.",
     )
     max_connection_age_s: float = Field(
         0.0,
@@ -85,22 +86,16 @@ class ServerSettings(SettingsSection):
 
 
 class AdminSettings(SettingsSection):
-    host: str = Field("127.0.0.1", description="Address AdminService listens on.")
     port: int = Field(
         50052,
         ge=0,
         le=65535,
         description="AdminService gRPC port, apart so the network can restrict it.",
     )
-    enabled: bool = Field(True, description="Serve AdminService.")
-    tokens_file: str = Field(
-        "",
-        description="File of bearer tokens, one '<principal> <role> <token>' per line "
-        "(role viewer or operator).",
-    )
     tokens: SecretStr = Field(
         SecretStr(""),
-        description="More tokens, as in tokens_file, separated by commas; never logged.",
+        description="Bearer tokens, '<principal> <role> <token>' (role viewer or operator), "
+        "separated by newlines or commas; never logged.",
     )
     tls_client_ca_file: str = Field(
         "",
@@ -115,21 +110,6 @@ class AdminSettings(SettingsSection):
     )
 
 
-class ControlSettings(SettingsSection):
-    shadow_sample_rate: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
-        description="Default of flag shadow_sample_rate: share of decisions also scored by "
-        "the challenger, off the critical path.",
-    )
-    canary_auto_rollback: bool = Field(
-        True,
-        description="Default of flag canary_auto_rollback: a canary breaching its limits "
-        "is rolled back by itself.",
-    )
-
-
 ARCHIVE_VERSION = "archive"
 """A model_version that names the served archive's own version hash (resolved where
 server.replicas builds the replicas, from drift.model_store)."""
@@ -138,7 +118,6 @@ InferenceProtocol = Literal["torchserve", "torchserve-oip", "kserve-v2"]
 
 
 class TorchServeSettings(SettingsSection):
-    model_name: str = Field("champion", description="Model name registered in TorchServe.")
     protocol: InferenceProtocol = Field(
         "torchserve",
         description="Inference API of the replicas: torchserve (TorchServe's native gRPC "
@@ -149,7 +128,7 @@ class TorchServeSettings(SettingsSection):
     model_version: Literal["", "archive"] = Field(
         "",
         description="Empty: each answer carries the version its replica says. archive: the "
-        "version of <model name>.mar in drift.model_store, for servers that answer a "
+        "version of champion.mar or challenger.mar in drift.model_store, for servers that answer a "
         "number (Triton's '1').",
     )
     primary_address: str = Field(
@@ -162,9 +141,6 @@ class TorchServeSettings(SettingsSection):
         "127.0.0.1:7270",
         description="host:port of the challenger replica (shadow and canary); empty: none.",
     )
-    challenger_model_name: str = Field(
-        "challenger", description="Model name of the challenger in its replica."
-    )
     challenger_protocol: Literal["", "torchserve", "torchserve-oip", "kserve-v2"] = Field(
         "", description="The challenger's inference API when it differs; empty: protocol."
     )
@@ -173,12 +149,6 @@ class TorchServeSettings(SettingsSection):
         ge=1,
         description="Model calls out to one replica at once; requests past it go together in the "
         "next. Match the replica's model-server workers (docs/capacity.md).",
-    )
-    challenger_batch_max_concurrent_calls: int = Field(
-        4,
-        ge=1,
-        description="As batch_max_concurrent_calls, for the challenger, which batches in its "
-        "model server itself (docs/capacity.md).",
     )
 
     def protocol_of(self, *, challenger: bool) -> InferenceProtocol:
@@ -197,13 +167,6 @@ class BreakerSettings(SettingsSection):
         gt=0,
         description="How long an open breaker waits before it lets trial calls through "
         "(one, then twice as many after each success).",
-    )
-    min_counted_timeout_ms: float = Field(
-        10.0,
-        ge=0,
-        description="A model call's timeout counts against its replica only if the call was given "
-        "at least this long; a refusal for abandoned calls, once the replica has "
-        "answered none for this long.",
     )
 
 
@@ -252,18 +215,6 @@ class DecisionSettings(SettingsSection):
         description="Ceiling of the admission limit: decisions being made at once (a DecideBatch "
         "row counts one); past it new calls are shed at once. 0: no ceiling.",
     )
-    max_loop_busy_share: float = Field(
-        0.85,
-        gt=0,
-        le=1,
-        description="The admission limit shrinks while the event loop's thread was busy or "
-        "waiting for a CPU more than this share of the time, and grows back after.",
-    )
-    min_in_flight: int = Field(
-        16,
-        ge=1,
-        description="The admission limit never shrinks below this (docs/overload.md).",
-    )
     overload_action: Literal["reject", "rules"] = Field(
         "rules",
         description="Shed calls are decided at once without a model call by the fallback "
@@ -303,12 +254,6 @@ class AuditSettings(SettingsSection):
         "until the store catches up; below the journal volume's size over the "
         "workers. 0: no cap.",
     )
-    ship_idle_interval_ms: float = Field(
-        100.0, gt=0, description="When caught up, how often the shipper looks for new records."
-    )
-    ship_retry_max_s: float = Field(
-        5.0, gt=0, description="Longest wait between attempts while the store is down."
-    )
     shutdown_drain_s: float = Field(
         5.0,
         ge=0,
@@ -326,32 +271,18 @@ class CanarySettings(SettingsSection):
     window_s: float = Field(
         30.0, gt=0, description="Sliding window the two sides are compared over."
     )
-    min_decisions: int = Field(
-        50,
-        ge=1,
-        description="Decisions each side needs in the window before it is judged, and "
-        "before this server takes a promotion (weight 1).",
-    )
     max_error_rate_increase: float = Field(
         0.05, ge=0, description="Canary model-call error/timeout rate above the champion's."
     )
     max_p99_ratio: float = Field(
-        2.0, gt=0, description="Canary p99 latency limit as a multiple of the champion's..."
-    )
-    p99_slack_ms: float = Field(
-        5.0, ge=0, description="...plus this, so that a 1 ms champion does not make 3 ms a breach."
+        2.0,
+        gt=0,
+        description="Canary p99 latency limit as a multiple of the champion's (plus 5 ms).",
     )
     max_fallback_rate_increase: float = Field(
         0.05,
         ge=0,
         description="Share of decisions ending in the fallback ladder, above the champion's.",
-    )
-    max_score_psi: float = Field(
-        2.0,
-        ge=0,
-        description="PSI of the canary's scores against the champion's in the window (500 scores "
-        "each at least) past which the canary is in breach; catches a broken "
-        "challenger, not a recalibrated one (docs/oncall.md).",
     )
 
 
@@ -361,22 +292,6 @@ class DriftSettings(SettingsSection):
         description="Folder of model archives (.mar): live features and champion scores "
         "are compared with the reference.json of the archive of the version the champion "
         "answers with; empty: no drift is computed.",
-    )
-    watch_psi: float = Field(
-        0.1, gt=0, description="PSI from which a feature is shown drifting (status)."
-    )
-    act_psi: float = Field(
-        0.25, gt=0, description="PSI from which a feature is shown shifted (status, alert)."
-    )
-
-
-class TelemetrySettings(SettingsSection):
-    metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus endpoint.")
-    metrics_port: int = Field(
-        9464,
-        ge=0,
-        le=65535,
-        description="Prometheus /metrics port (HTTP); 0 turns the endpoint off.",
     )
 
 
@@ -394,7 +309,6 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     admin: AdminSettings = AdminSettings()
-    control: ControlSettings = ControlSettings()
     canary: CanarySettings = CanarySettings()
     drift: DriftSettings = DriftSettings()
 
@@ -416,18 +330,13 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _drift_watches_before_it_acts(self) -> Settings:
-        if self.drift.watch_psi >= self.drift.act_psi:
-            raise ValueError("drift.watch_psi must be below drift.act_psi")
-        return self
-
-    @model_validator(mode="after")
     def _breaker_can_count_timeouts(self) -> Settings:
         shortest_cap_ms = self.deadline.plan().shortest_model_call_ms
-        if self.breaker.min_counted_timeout_ms > shortest_cap_ms:
+        if MIN_COUNTED_TIMEOUT_MS > shortest_cap_ms:
             raise ValueError(
-                f"breaker.min_counted_timeout_ms ({self.breaker.min_counted_timeout_ms}) must"
-                f" not exceed the shortest per-call timeout ({shortest_cap_ms:.1f} ms after"
-                " jitter), or a hung replica would never open its breaker"
+                f"deadline.model_call_ms ({self.deadline.model_call_ms}) leaves calls of"
+                f" {shortest_cap_ms:.1f} ms after jitter, shorter than the"
+                f" {MIN_COUNTED_TIMEOUT_MS:.0f} ms a timeout must last to count against a"
+                " replica: a hung replica would never open its breaker"
             )
         return self

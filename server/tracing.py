@@ -12,7 +12,7 @@ DecisionService and AdminService call (continuing a caller's W3C ``traceparent``
 every model call (health checks left out); the engine adds spans for its steps. With no
 endpoint there is no provider: the tracer makes no spans (``QuietTracer``) and no
 interceptor is installed, so the decision path pays nothing but a few no-op calls.
-The trace and decision ids in log lines: ``server.logs``.
+The trace and decision ids in log lines: ``core.logs``.
 """
 
 from __future__ import annotations

@@ -104,14 +104,17 @@ def order_from_pb(request: decision_pb2.DecideRequest, field_prefix: str = "") -
     )
 
 
-def orders_from_batch_pb(
-    request: decision_pb2.DecideBatchRequest, max_batch_size: int
-) -> list[OrderRequest]:
+# Most requests one DecideBatch may carry: an execution system's basket, and the largest
+# call the server sends a model replica (Triton's repository allows as many rows).
+MAX_BATCH_REQUESTS = 256
+
+
+def orders_from_batch_pb(request: decision_pb2.DecideBatchRequest) -> list[OrderRequest]:
     count = len(request.requests)
     if count == 0:
         raise InvalidArgument("requests", "must hold at least one request")
-    if count > max_batch_size:
-        raise InvalidArgument("requests", f"holds {count} requests; at most {max_batch_size}")
+    if count > MAX_BATCH_REQUESTS:
+        raise InvalidArgument("requests", f"holds {count} requests; at most {MAX_BATCH_REQUESTS}")
     orders: list[OrderRequest] = []
     violations: list[FieldViolation] = []
     for i, one in enumerate(request.requests):

@@ -90,15 +90,14 @@ def worker_settings(settings: Settings, index: int, workers: int, plan: JournalP
     if workers == 1:  # the journal is journal_dir itself, as before workers existed
         return settings.model_copy(update={"server": server})
     server_id = settings.audit.server_id or f"{socket.gethostname()}:{settings.server.port}"
-    metrics_port = settings.telemetry.metrics_port
+    metrics_port = settings.server.metrics_port
     return settings.model_copy(
         update={
-            "server": server,
+            "server": server.model_copy(
+                update={"metrics_port": metrics_port + index if metrics_port else 0}
+            ),
             "audit": settings.audit.model_copy(
                 update={"journal_dir": str(plan.own), "server_id": f"{server_id}/w{index}"}
-            ),
-            "telemetry": settings.telemetry.model_copy(
-                update={"metrics_port": metrics_port + index if metrics_port else 0}
             ),
         }
     )

@@ -78,7 +78,7 @@ def server_process_env(
         "DECISION_TORCHSERVE__SECONDARY_ADDRESS": replicas["secondary"].address,
         "DECISION_TORCHSERVE__CHALLENGER_ADDRESS": "",
         "DECISION_DEADLINE__MODEL_CALL_MS": "500",
-        "DECISION_TELEMETRY__METRICS_PORT": "0",
+        "DECISION_SERVER__METRICS_PORT": "0",
         "DECISION_AUDIT__JOURNAL_DIR": str(run_dir / "journal"),
         "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}",
         # One process unless a test is about workers: the default follows the machine.

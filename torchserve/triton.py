@@ -33,7 +33,7 @@ TRITON_OIP_SERVICE = MLSERVER_OIP_SERVICE  # the OIP service's standard name
 TRITON_ROOT = Path(__file__).resolve().parents[1] / ".tools/triton/pytriton/tritonserver"
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 # Triton refuses a request of more rows than this: the largest call the decision server
-# sends is a whole DecideBatch (server.max_batch_size, 256 by default).
+# sends is a whole DecideBatch (server.validation.MAX_BATCH_REQUESTS).
 MAX_BATCH = 256
 QUEUE_DELAY_US = 500  # what a lone request waits for others: a fraction of a model call
 # A request waits in the queue no longer than its caller waits for it (the decision

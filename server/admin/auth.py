@@ -15,7 +15,6 @@ import hashlib
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -77,17 +76,9 @@ class TokenBook:
         return entries
 
     @classmethod
-    def load(cls, *, file: str = "", inline: str = "") -> TokenBook:
-        entries = []
-        if file:
-            try:
-                text = Path(file).read_text()
-            except OSError as exc:
-                raise TokenError(f"admin token file {file}: {exc.strerror}") from None
-            entries += cls.parse(text, origin=f"token file {file}")
-        if inline:
-            entries += cls.parse(inline, origin="DECISION_ADMIN__TOKENS")
-        return cls(entries)
+    def load(cls, text: str) -> TokenBook:
+        """The book of ``DECISION_ADMIN__TOKENS``."""
+        return cls(cls.parse(text, origin="DECISION_ADMIN__TOKENS"))
 
     def authenticate(self, token: str) -> Principal | None:
         digest = hashlib.sha256(token.encode()).digest()

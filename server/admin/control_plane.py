@@ -16,6 +16,7 @@ from typing import Any
 
 import redis.exceptions
 
+from core.drift import DRIFTING_PSI, SHIFTED_PSI
 from feature_cache.mirror import FeatureMirror
 from feature_cache.store import FeatureReader
 from server.admin.views import (
@@ -317,5 +318,4 @@ class ControlPlane:
     def _drift_status(self) -> DriftView | None:
         if self._drift is None:
             return None
-        limits = self._drift.limits
-        return DriftView(self._drift.status(), limits.watch_psi, limits.act_psi)
+        return DriftView(self._drift.status(), DRIFTING_PSI, SHIFTED_PSI)

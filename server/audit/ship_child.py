@@ -20,10 +20,10 @@ from pathlib import Path
 
 import orjson
 
+from core.logs import configure_logging
 from server.audit.journal import Position
 from server.audit.ship_thread import AuditShipper
 from server.audit.store import AuditStore, create_store_engine
-from server.logs import configure_logging
 from server.settings import AuditSettings
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ Every decision routed while the canary weight is above 0 is recorded on its side
 took, whether the decision fell back to the ladder, and its scores. A breach is the
 canary doing worse than the champion by more than a limit, on any one of: error and
 timeout rate, p99 latency, fallback rate, or score PSI against the champion's scores;
-each side needs ``min_decisions`` in the window before it is judged (PSI: at least
+each side needs ``MIN_DECISIONS`` in the window before it is judged (PSI: at least
 ``PSI_MIN_SCORES`` scores). The comparison runs in a task of its own every
 ``CHECK_INTERVAL_S`` while decisions are recorded, not in a Decide. On a breach, with
 the flag ``canary_auto_rollback`` on, the weight is rolled back to 0 on every server
@@ -38,6 +38,15 @@ CHAMPION: Final = "champion"
 CHECK_INTERVAL_S = 0.2
 MAX_RECORDS = 20_000  # per side: bounds memory whatever the rate
 PSI_MIN_SCORES = 500
+# Decisions each side needs in the window before it is judged, and before this server
+# takes a promotion: fewer, and one slow call is the whole p99.
+MIN_DECISIONS = 50
+# Added to the champion's p99 times the ratio limit: a 1 ms champion must not make a
+# 3 ms canary a breach.
+P99_SLACK_MS = 5.0
+# Score PSI against the champion past which the canary is broken (a constant score), far
+# above what a recalibrated challenger shows (docs/oncall.md).
+MAX_SCORE_PSI = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +62,7 @@ class WindowSummary:
 class CanaryComparison:
     canary: WindowSummary
     champion: WindowSummary
-    score_psi: float  # 0 until both sides have min_decisions scores
+    score_psi: float  # 0 until both sides have MIN_DECISIONS scores
 
 
 class CanaryLever(Protocol):
@@ -148,7 +157,7 @@ class CanaryMonitor:
         score_psi = 0.0
         # Deciles of two samples of the same distribution differ by ~9/n in PSI each:
         # below a few hundred scores PSI is noise, not drift.
-        enough = max(self._limits.min_decisions, PSI_MIN_SCORES)
+        enough = max(MIN_DECISIONS, PSI_MIN_SCORES)
         if len(canary.scores) >= enough and len(champion.scores) >= enough:
             reference = histogram(np.asarray(champion.scores))
             score_psi = psi(reference, np.asarray(canary.scores))
@@ -161,20 +170,19 @@ class CanaryMonitor:
 
     def why_not_promote(self, c: CanaryComparison) -> str | None:
         """Why the canary may not be promoted on this server's evidence (``compare()``'s
-        comparison), in words; None when each side has ``min_decisions`` in the window
+        comparison), in words; None when each side has ``MIN_DECISIONS`` in the window
         and no limit is breached."""
         if not self._judged(c):
             return (
                 f"not judged yet: in the last {self._limits.window_s:g} s this server saw"
                 f" {c.canary.decisions} canary and {c.champion.decisions} champion decisions"
-                f" under the weight now set ({self._limits.min_decisions} each needed)"
+                f" under the weight now set ({MIN_DECISIONS} each needed)"
             )
         breach = self._breach(c)
         return None if breach is None else f"the canary breaches a limit: {breach}"
 
     def _judged(self, c: CanaryComparison) -> bool:
-        needed = self._limits.min_decisions
-        return c.canary.decisions >= needed and c.champion.decisions >= needed
+        return c.canary.decisions >= MIN_DECISIONS and c.champion.decisions >= MIN_DECISIONS
 
     def _breach(self, c: CanaryComparison) -> str | None:
         limits = self._limits
@@ -185,7 +193,7 @@ class CanaryMonitor:
                 f"error/timeout rate {canary.error_rate:.0%} vs champion"
                 f" {champion.error_rate:.0%} (limit +{limits.max_error_rate_increase:.0%}) {window}"
             )
-        p99_limit_ms = champion.p99_ms * limits.max_p99_ratio + limits.p99_slack_ms
+        p99_limit_ms = champion.p99_ms * limits.max_p99_ratio + P99_SLACK_MS
         if canary.p99_ms > p99_limit_ms:
             return (
                 f"p99 {canary.p99_ms:.1f} ms vs champion {champion.p99_ms:.1f} ms"
@@ -197,10 +205,10 @@ class CanaryMonitor:
                 f" {champion.fallback_rate:.0%}"
                 f" (limit +{limits.max_fallback_rate_increase:.0%}) {window}"
             )
-        if c.score_psi > limits.max_score_psi:
+        if c.score_psi > MAX_SCORE_PSI:
             return (
                 f"score PSI {c.score_psi:.2f} against the champion's scores"
-                f" (limit {limits.max_score_psi:.2f}) {window}"
+                f" (limit {MAX_SCORE_PSI:.2f}) {window}"
             )
         return None
 

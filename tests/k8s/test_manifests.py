@@ -77,6 +77,7 @@ def container_env(objects: list[Object], workload: str, name: str) -> dict[str, 
             env[entry["name"]] = {
                 "DECISION_REDIS__URL": "redis://redis.example:6379/0",
                 "DECISION_AUDIT__DATABASE_URL": "postgresql+psycopg://decision@pg.example/db",
+                "DECISION_ADMIN__TOKENS": "oncall operator " + "t" * 32,
                 "POD_IP": "10.0.0.7",  # the downward API's
             }[entry["name"]]
     return {k: v for k, v in env.items() if k.startswith("DECISION_")}
@@ -244,16 +245,19 @@ def test_ports_and_environment_match_the_server_settings(
     assert named["admin"] == settings.admin.port
     workers = settings.server.workers
     metrics = sorted(v for k, v in named.items() if k.startswith("metrics-"))
-    assert metrics == [settings.telemetry.metrics_port + i for i in range(workers)]
+    assert metrics == [settings.server.metrics_port + i for i in range(workers)]
     # One worker per CPU the container is given (it would see the node's otherwise).
     assert workers == cpus(server["resources"]["requests"]["cpu"])
     assert server["resources"]["requests"] == server["resources"]["limits"]
     # Every address binds in the pod; the journal is on its volume.
-    assert settings.server.host == settings.admin.host == "0.0.0.0"
+    assert settings.server.host == "0.0.0.0"
     assert settings.telemetry.metrics_host == "0.0.0.0"
     mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
     assert settings.audit.journal_dir.startswith(mounts["journal"] + "/")
-    assert settings.admin.tokens_file.startswith(mounts["admin-tokens"] + "/")
+    # The admin tokens come from their Secret, never from the repository.
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in server["env"] if "valueFrom" in e
+               and "secretKeyRef" in e["valueFrom"]}  # fmt: skip
+    assert secrets["DECISION_ADMIN__TOKENS"] == {"name": "decision-admin-tokens", "key": "tokens"}
     # The fleet list gives the pod's own address, not the wildcard it binds.
     assert settings.admin.advertise_address == f"$(POD_IP):{settings.admin.port}"
     # The Services' ports are the container's.
@@ -298,7 +302,7 @@ def test_the_consumer_environment_is_its_settings(
         assert consumer[probe]["exec"]["command"][:2] == ["feature-cache", "--check-alive"]
     ports = {p["name"]: p["containerPort"] for p in consumer["ports"]}
     assert ports == {"metrics": settings.feature_cache.metrics_port}
-    assert settings.feature_cache.metrics_host == "0.0.0.0"
+    assert settings.telemetry.metrics_host == "0.0.0.0"
     monitor = one(objects, "PodMonitor", "feature-cache")
     assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
     pod_labels = one(objects, "Deployment", "feature-cache")["spec"]["template"]["metadata"]
@@ -425,7 +429,7 @@ def test_the_journal_fills_its_cap_before_its_volume_and_the_pod_its_limits(
 
 def test_service_monitors_scrape_ports_that_serve_metrics(objects: list[Object]) -> None:
     workers = int(config_env(objects)["DECISION_SERVER__WORKERS"])
-    metrics_port = int(config_env(objects)["DECISION_TELEMETRY__METRICS_PORT"])
+    metrics_port = int(config_env(objects)["DECISION_SERVER__METRICS_PORT"])
     serving = {f"metrics-{i}": metrics_port + i for i in range(workers)}
     serving["ts-metrics"] = CONTAINER_PORTS.rest_metrics
     for monitor in find(objects, "ServiceMonitor"):
@@ -453,7 +457,7 @@ def test_the_labeler_environment_is_its_settings(
     labeler = container(objects, "labeler", "labeler")
     ports = {p["name"]: p["containerPort"] for p in labeler["ports"]}
     assert ports == {"metrics": settings.quality.metrics_port}
-    assert settings.quality.metrics_host == "0.0.0.0"
+    assert settings.telemetry.metrics_host == "0.0.0.0"
     # The audit store and Redis of the decision pods, from the same Secrets.
     server = {e["name"]: e for e in container(objects, "decision", "decision-server")["env"]}
     own = {e["name"]: e for e in labeler["env"]}

@@ -25,7 +25,7 @@ from localstack.health import serving
 from proto.decision.v1 import admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
 from server.audit.store import decisions
-from server.model_client import ModelCallError
+from server.model_errors import ModelCallError
 from server.settings import Settings
 from server.tracing import Tracing
 from tests.conftest import (
@@ -72,10 +72,8 @@ def make_settings(
         "audit": {
             "journal_dir": str(run_dir / "journal"),
             "database_url": f"sqlite:///{run_dir / 'audit.db'}",
-            "ship_idle_interval_ms": 20.0,
         },
-        "server": {"port": 0, "grace_period_s": 1.0},
-        "telemetry": {"metrics_port": 0},
+        "server": {"port": 0, "grace_period_s": 1.0, "metrics_port": 0},
         "redis": {"url": redis_url, "key_prefix": key_prefix},
         # A busy test machine can take longer than the defaults for a Redis read or a
         # model call: generous caps, unless a test is about timeouts.
@@ -326,10 +324,9 @@ def server_processes(
                 replicas,
                 run_dir,
                 DECISION_SERVER__PORT=str(port),
-                DECISION_SERVER__LOG_LEVEL="INFO",
+                DECISION_TELEMETRY__LOG_LEVEL="INFO",
                 DECISION_ADMIN__PORT=str(admin_port),
                 DECISION_ADMIN__TOKENS=TOKENS,
-                DECISION_AUDIT__SHIP_IDLE_INTERVAL_MS="20",
                 DECISION_SERVER__WORKERS=str(workers),
                 DECISION_AUDIT__DATABASE_URL=f"sqlite:///{tmp_path / 'audit.db'}",
                 **settings,

@@ -54,7 +54,6 @@ async def test_generated_bad_requests_get_ok_or_invalid_argument(
     await feature_writer.write_many([sample_record("BTC-USD")])
     # Real replicas: requests that pass validation go all the way to the model.
     app = await start_app(
-        server={"max_batch_size": 8},
         torchserve=replica_settings(replicas),
     )
     channel = channel_to(app)
@@ -142,12 +141,12 @@ async def test_each_invalid_field_is_named(start_app, channel_to, request_fields
 
 
 async def test_oversized_batch_and_bad_batch_item_are_named(start_app, channel_to):
-    app = await start_app(server={"max_batch_size": 4})
+    app = await start_app()
     stub = decision_stub(channel_to(app))
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.DecideBatch(decision_pb2.DecideBatchRequest(requests=[buy()] * 5), timeout=2)
+        await stub.DecideBatch(decision_pb2.DecideBatchRequest(requests=[buy()] * 257), timeout=2)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details() == "requests: holds 5 requests; at most 4"
+    assert err.value.details() == "requests: holds 257 requests; at most 256"
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.DecideBatch(
             decision_pb2.DecideBatchRequest(requests=[buy(), buy(quantity=-2.0)]), timeout=2

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from server.control import canary as canary_module
 from server.control.canary import CANARY, CHAMPION, CHECK_INTERVAL_S, CanaryMonitor
 from server.settings import CanarySettings
 
@@ -30,8 +33,13 @@ class Deployment:
         return True
 
 
+@pytest.fixture(autouse=True)
+def few_decisions_judge(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(canary_module, "MIN_DECISIONS", 10)
+
+
 def monitor(deployment: Deployment) -> CanaryMonitor:
-    return CanaryMonitor(CanarySettings(window_s=30.0, min_decisions=10), deployment)
+    return CanaryMonitor(CanarySettings(window_s=30.0), deployment)
 
 
 def record(canary: CanaryMonitor, side: str, n: int, *, ok: bool = True) -> None:

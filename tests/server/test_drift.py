@@ -116,14 +116,6 @@ def test_references_are_read_from_the_archive_of_each_version(tmp_path: Path) ->
     assert references.get("ccc") is None
 
 
-@pytest.mark.parametrize("watch,act", [(0.3, 0.25), (0.25, 0.25)])
-def test_watch_must_be_below_act(watch: float, act: float) -> None:
-    from server.settings import Settings
-
-    with pytest.raises(ValueError, match="watch_psi must be below"):
-        Settings(drift=DriftSettings(watch_psi=watch, act_psi=act))
-
-
 async def test_the_monitor_refreshes_by_itself_every_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -39,7 +39,7 @@ async def test_drift_of_scored_decisions_shows_in_status_and_metrics(
     port = free_port()
     app: DecisionApp = await start_app(
         torchserve=replica_settings(replicas),
-        telemetry={"metrics_port": port},
+        server={"metrics_port": port},
         admin={"tokens": TOKENS},
         drift={"model_store": str(store)},
     )

@@ -28,13 +28,13 @@ from server.control.state import CANARY_FIELD, KILL_PREFIX, Change, ControlState
 from server.engine import DecisionEngine
 from server.errors import Overloaded
 from server.features import FeatureSource
-from server.model_client import ModelNoTime, ModelScores, ModelUnavailable
+from server.model_client import ModelScores
+from server.model_errors import ModelNoTime, ModelUnavailable
 from server.replica import Replica
 from server.router import ReplicaRouter
 from server.settings import (
     BreakerSettings,
     CanarySettings,
-    ControlSettings,
     DecisionSettings,
 )
 from server.shadow import Shadowed
@@ -42,7 +42,7 @@ from server.traffic import Traffic
 from tests.server.fakes import AlwaysConnected
 
 SYMBOLS = ("BTC-USD", "ETH-USD")
-FLAGS = flag_specs(ControlSettings())
+FLAGS = flag_specs()
 
 
 def calm_book() -> tuple[float, ...]:

@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
-from server.logs import TEXT_FORMAT, JsonFormatter, LogContext, deciding
+from core.logs import TEXT_FORMAT, JsonFormatter, LogContext, deciding
 from server.tracing import Tracing
 
 

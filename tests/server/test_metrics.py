@@ -37,7 +37,7 @@ async def test_traffic_moves_the_request_decision_and_replica_metrics(
     port = free_port()
     app: DecisionApp = await start_app(
         torchserve=replica_settings(replicas),
-        telemetry={"metrics_port": port},
+        server={"metrics_port": port},
         admin={"tokens": TOKENS},
     )
     stub = decision_stub(channel_to(app))

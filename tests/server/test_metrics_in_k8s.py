@@ -47,7 +47,7 @@ async def test_the_manifests_name_only_exported_metrics(start_app, channel_to, t
     rendered = {overlay: render_overlay(overlay) for overlay in OVERLAYS}
     port = free_port()
     app: DecisionApp = await start_app(
-        telemetry={"metrics_port": port},
+        server={"metrics_port": port},
         drift={"model_store": str(tmp_path)},  # no archives: the PSI families read NaN
         # A challenger (nobody there) makes the server shadow-score, with its metrics.
         torchserve={"challenger_address": f"127.0.0.1:{free_port()}"},

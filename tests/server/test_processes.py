@@ -41,7 +41,7 @@ def test_server_process_serves_then_stops_cleanly_on_sigterm(redis_instance, tmp
         "DECISION_REDIS__KEY_PREFIX": f"proc{port}:",
         "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{free_port()}",
         "DECISION_TORCHSERVE__SECONDARY_ADDRESS": f"127.0.0.1:{free_port()}",
-        "DECISION_TELEMETRY__METRICS_PORT": "0",
+        "DECISION_SERVER__METRICS_PORT": "0",
         "DECISION_AUDIT__JOURNAL_DIR": str(tmp_path / "journal"),
         "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{tmp_path / 'audit.db'}",
     }

@@ -49,7 +49,6 @@ async def test_a_call_whose_deadline_passed_in_the_queue_gets_no_decision() -> N
     servicer = DecisionServicer(
         cast(DecisionEngine, NoEngine()),
         plan=CallPlan(default_budget_ms=50.0, response_margin_ms=5.0),
-        max_batch_size=16,
     )
     context = FakeContext(remaining_s=-0.002)
     request = decision_pb2.DecideRequest(symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0)
@@ -77,7 +76,6 @@ async def test_the_server_plans_to_answer_its_margin_before_the_deadline(
     servicer = DecisionServicer(
         cast(DecisionEngine, engine),
         plan=CallPlan(default_budget_ms=50.0, response_margin_ms=margin_ms),
-        max_batch_size=16,
     )
     request = decision_pb2.DecideRequest(symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0)
     with pytest.raises(Aborted):  # the recorder decided nothing: an internal error

@@ -18,6 +18,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from core.processes import free_port
 from proto.decision.v1 import decision_pb2
 from server.app import DecisionApp
+from server.control import flags
 from server.tracing import Tracing
 from tests.server.conftest import (
     audited_decision,
@@ -173,13 +174,20 @@ async def test_a_refused_call_answers_its_traceparent_too(
 
 
 async def test_a_shadowed_decision_has_a_shadow_span_with_the_challengers_attempt(
-    replicas, challenger_replica, start_app, channel_to, feature_writer, tracing, exporter
+    replicas,
+    challenger_replica,
+    start_app,
+    channel_to,
+    feature_writer,
+    tracing,
+    exporter,
+    monkeypatch,
 ) -> None:
+    monkeypatch.setattr(flags, "DEFAULT_SHADOW_SAMPLE_RATE", 1.0)
     await feature_writer.write_many([sample_record("BTC-USD")])
     app: DecisionApp = await start_app(
         tracing=tracing,
         torchserve=replica_settings(replicas, challenger_address=challenger_replica.address),
-        control={"shadow_sample_rate": 1.0},
     )
     exporter.clear()
     answer = await decision_stub(channel_to(app)).Decide(buy(), timeout=2.0)

@@ -62,8 +62,7 @@ def test_a_folder_with_nothing_left_to_ship_is_not_adopted(tmp_path: Path) -> No
 
 def test_each_worker_gets_its_own_journal_metrics_port_and_server_id(tmp_path: Path) -> None:
     settings = Settings(
-        server={"port": 50051},
-        telemetry={"metrics_port": 9464},
+        server={"port": 50051, "metrics_port": 9464},
         audit={"journal_dir": str(tmp_path), "server_id": "pod-a"},
     )
     plans = journal_plans(tmp_path, 2)
@@ -71,7 +70,7 @@ def test_each_worker_gets_its_own_journal_metrics_port_and_server_id(tmp_path: P
     reuse_port = ("grpc.so_reuseport", 1)
     assert reuse_port in server_options(first) and reuse_port in server_options(second)
     assert (first.server.port, second.server.port) == (50051, 50051)
-    assert (first.telemetry.metrics_port, second.telemetry.metrics_port) == (9464, 9465)
+    assert (first.server.metrics_port, second.server.metrics_port) == (9464, 9465)
     assert (first.audit.server_id, second.audit.server_id) == ("pod-a/w0", "pod-a/w1")
     assert first.audit.journal_dir != second.audit.journal_dir
     alone = worker_settings(settings, 0, 1, journal_plans(tmp_path, 1)[0])
@@ -81,7 +80,7 @@ def test_each_worker_gets_its_own_journal_metrics_port_and_server_id(tmp_path: P
     assert ("grpc.so_reuseport", 0) in server_options(
         worker_settings(four, 0, 1, journal_plans(tmp_path, 1)[0])
     )
-    assert (alone.telemetry.metrics_port, alone.audit.server_id) == (9464, "pod-a")
+    assert (alone.server.metrics_port, alone.audit.server_id) == (9464, "pod-a")
 
 
 def test_help_prints_usage_and_starts_nothing(capsys: pytest.CaptureFixture[str]) -> None:
@@ -112,9 +111,8 @@ def run(settings, adopted):
         time.sleep(0.05)
 
 settings = Settings(
-    server={"port": 50999, "grace_period_s": 0.5},
+    server={"port": 50999, "grace_period_s": 0.5, "metrics_port": 0},
     audit={"journal_dir": str(run_dir / "journal"), "shutdown_drain_s": 0.5},
-    telemetry={"metrics_port": 0},
 )
 sys.exit(Supervisor(settings, 2, run, startup_s=1.0).run())
 """

@@ -22,6 +22,8 @@ from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.admin import ctl
 from server.app import DecisionApp
 from server.audit.store import admin_actions, create_store_engine, decisions
+from server.control import canary as canary_module
+from server.control import flags
 from server.shadow import ShadowScorer
 from tests.conftest import wait_for
 from tests.server.conftest import (
@@ -401,26 +403,21 @@ async def _details(call: object) -> str:
 
 
 @pytest.fixture
-async def canary_app(start_app, replicas, challenger_replica) -> DecisionApp:
+async def canary_app(start_app, replicas, challenger_replica, monkeypatch) -> DecisionApp:
     challenger_replica.ensure_running()
+    monkeypatch.setattr(canary_module, "MIN_DECISIONS", 10)
     app: DecisionApp = await start_app(
         torchserve={
             **replica_settings(replicas),
             "challenger_address": challenger_replica.address,
         },
         deadline={"model_call_ms": 60.0},
-        breaker={"min_counted_timeout_ms": 10.0},
         admin={"tokens": TOKENS},
         # A short window and sample so that the test runs in seconds; PSI between two
         # different models on a few dozen decisions is noise, so it is not judged here.
         # The good canary must not be judged on this machine's latency noise: the p99 of
         # a few dozen calls is their slowest one.
-        canary={
-            "window_s": 10.0,
-            "min_decisions": 10,
-            "max_p99_ratio": 10.0,
-            "p99_slack_ms": 50.0,
-        },
+        canary={"window_s": 10.0, "max_p99_ratio": 20.0},
     )
     await settle(app)
     return app
@@ -498,9 +495,10 @@ async def test_an_erroring_challenger_is_rolled_back_within_the_window(
 
 
 async def test_a_slow_but_answering_challenger_is_rolled_back_on_its_p99(
-    start_app, replicas, challenger_replica, channel_to, feature_writer
+    start_app, replicas, challenger_replica, channel_to, feature_writer, monkeypatch
 ):
     challenger_replica.ensure_running()
+    monkeypatch.setattr(canary_module, "MIN_DECISIONS", 10)
     await feature_writer.write_many([sample_record("BTC-USD")])
     app: DecisionApp = await start_app(
         torchserve={
@@ -510,7 +508,7 @@ async def test_a_slow_but_answering_challenger_is_rolled_back_on_its_p99(
         # Long enough that the slow challenger's calls all succeed: only p99 breaches.
         deadline={"model_call_ms": 400.0},
         admin={"tokens": TOKENS},
-        canary={"window_s": 10.0, "min_decisions": 10, "max_p99_ratio": 2.0, "p99_slack_ms": 20.0},
+        canary={"window_s": 10.0, "max_p99_ratio": 2.0},
     )
     await settle(app)
     await set_canary(app, 0.5)
@@ -556,12 +554,12 @@ async def test_shadow_scores_land_in_the_decision_rows_and_saturation_drops_them
         ShadowScorer, max_in_flight=1, timeout_ms=5000.0, batch_window_ms=0.0
     )
     monkeypatch.setattr(server.app, "ShadowScorer", one_at_a_time)
+    monkeypatch.setattr(flags, "DEFAULT_SHADOW_SAMPLE_RATE", 1.0)
     app: DecisionApp = await start_app(
         torchserve={
             **replica_settings(replicas),
             "challenger_address": challenger_replica.address,
         },
-        control={"shadow_sample_rate": 1.0},
     )
     await settle(app)
     assert app.challenger is not None

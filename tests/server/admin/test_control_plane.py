@@ -25,6 +25,7 @@ from server.admin.control_plane import ControlPlane
 from server.app import DecisionApp
 from server.audit.record import AdminRecord
 from server.audit.store import AdminActionQuery, AuditStore, create_store_engine
+from server.control import canary as canary_module
 from server.control.canary import CANARY, CHAMPION, CanaryMonitor
 from server.control.changes import AUTO_ROLLBACK_ACTOR, AuditedChanges, CanaryRollback
 from server.control.durable import ControlStore
@@ -32,7 +33,7 @@ from server.control.flags import flag_specs
 from server.control.shared import NOT_READ, SharedControl
 from server.control.state import BreakerMode
 from server.errors import FailedPrecondition, SharedStateUnavailable
-from server.settings import CanarySettings, ControlSettings
+from server.settings import CanarySettings
 from tests.conftest import RedisInstance
 from tests.server.conftest import OPERATOR, TOKENS, VIEWER
 
@@ -47,7 +48,7 @@ def shared_control(redis_url: str, key_prefix: str, database_url: str) -> Shared
         redis_url,
         store=ControlStore(create_store_engine(database_url), migrate=True),
         key_prefix=key_prefix,
-        flags=flag_specs(ControlSettings()),
+        flags=flag_specs(),
         resync_interval_ms=250.0,
         redis_timeout_ms=200.0,
     )
@@ -184,9 +185,10 @@ class UnchangingCanary:
 
 
 async def test_a_promotion_needs_a_canary_judged_on_this_server_unless_forced(
-    servers, store_url
+    servers, store_url, monkeypatch
 ) -> None:
-    canary = CanaryMonitor(CanarySettings(min_decisions=10), UnchangingCanary())
+    monkeypatch.setattr(canary_module, "MIN_DECISIONS", 10)
+    canary = CanaryMonitor(CanarySettings(), UnchangingCanary())
     plane, shared = servers(canary)
     await shared.start()
 

@@ -47,7 +47,7 @@ class Server:
             DECISION_SERVER__PORT=str(self.port),
             DECISION_ADMIN__PORT=str(self.admin_port),
             DECISION_ADMIN__TOKENS=TOKENS,
-            DECISION_TELEMETRY__METRICS_PORT=str(self.metrics_port),
+            DECISION_SERVER__METRICS_PORT=str(self.metrics_port),
             DECISION_AUDIT__DATABASE_URL=database_url,
         )
         self.proc: ManagedProcess = server_process(f"decision server {index}", own_dir, env)

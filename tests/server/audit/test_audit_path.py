@@ -125,12 +125,12 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
         "DECISION_TORCHSERVE__PRIMARY_ADDRESS": str(ts["primary_address"]),
         "DECISION_TORCHSERVE__SECONDARY_ADDRESS": str(ts["secondary_address"]),
         "DECISION_DEADLINE__MODEL_CALL_MS": "500",
-        "DECISION_TELEMETRY__METRICS_PORT": "0",
+        "DECISION_SERVER__METRICS_PORT": "0",
         "DECISION_AUDIT__JOURNAL_DIR": str(tmp_path / "journal"),
         "DECISION_AUDIT__DATABASE_URL": url,
         "DECISION_AUDIT__FSYNC_INTERVAL_MS": "1000",
         "DECISION_SERVER__WORKERS": str(workers),
-        "DECISION_ADMIN__ENABLED": "false",
+        "DECISION_ADMIN__PORT": str(free_port()),
     }
     port = free_port()
     log = tmp_path / "server.log"
@@ -187,7 +187,7 @@ async def test_decisions_go_on_while_the_database_is_down_and_all_arrive_after(
         app = await start_app(
             torchserve=replica_settings(replicas),
             audit={"database_url": proxied},
-            telemetry={"metrics_port": free_port()},
+            server={"metrics_port": free_port()},
         )
         health = health_pb2_grpc.HealthStub(channel_to(app))
         load = Load(app.port)
