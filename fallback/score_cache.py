@@ -60,6 +60,9 @@ HELD_MS = 100.0
 # A symbol and side's cached score is rewritten at most this often: a busy symbol does
 # not cost a Redis write per decision.
 WRITE_INTERVAL_MS = 100.0
+# Cached scores live a few times their useful age: a ladder read finds a stale one (and
+# says how stale) rather than none.
+TTL_FACTOR = 4
 
 
 class ScoreCache:
@@ -87,6 +90,14 @@ class ScoreCache:
         self._held_s = held_ms / 1000.0
         self._clock = clock
         self._held: dict[ScoreKey, tuple[float, CachedScore | None]] = {}
+
+    @classmethod
+    def for_ladder(
+        cls, client: aioredis.Redis, *, key_prefix: str, max_age_ms: float
+    ) -> ScoreCache:
+        """The server's cache of the scores the ladder uses up to ``max_age_ms`` old."""
+        ttl_ms = int(max_age_ms * TTL_FACTOR)
+        return cls(client, key_prefix=key_prefix, ttl_ms=ttl_ms, held_ms=HELD_MS)
 
     def held(self, keys: Sequence[ScoreKey]) -> dict[ScoreKey, CachedScore | None]:
         """The keys whose score (or its absence) this process knows from less than
@@ -174,9 +185,11 @@ class ScoreWriter:
     decisions per second on a few symbols, most writes would only repeat the last).
     """
 
-    def __init__(self, cache: ScoreCache, *, write_interval_ms: float) -> None:
+    def __init__(self, cache: ScoreCache, *, write_interval_ms: float | None = None) -> None:
+        """``write_interval_ms``: ``WRITE_INTERVAL_MS`` unless given."""
         self._cache = cache
-        self._interval_us = int(write_interval_ms * 1000)
+        interval_ms = WRITE_INTERVAL_MS if write_interval_ms is None else write_interval_ms
+        self._interval_us = int(interval_ms * 1000)
         self._written_at_us: dict[tuple[str, Side], int] = {}
         self._pending: set[asyncio.Task[None]] = set()
 

@@ -139,6 +139,13 @@ INTERVAL_S = 10.0
 
 
 class DriftMonitor:
+    @classmethod
+    def for_server(cls, settings: DriftSettings) -> DriftMonitor | None:
+        """The monitor of the archives in ``model_store``; None when none is set."""
+        if not settings.model_store:
+            return None
+        return cls(settings, ModelReferences(Path(settings.model_store)))
+
     def __init__(self, settings: DriftSettings, references: ModelReferences) -> None:
         self._settings = settings
         self._references = references
@@ -147,11 +154,6 @@ class DriftMonitor:
         self._version = ""
         self._status = DriftStatus()
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def limits(self) -> DriftSettings:
-        """The PSIs at which drift is watched and acted on."""
-        return self._settings
 
     def observe(
         self,

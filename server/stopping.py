@@ -1,11 +1,15 @@
-"""Stopping components within a bound: one stuck in its stop must not hang the shutdown."""
+"""Starting components in order and stopping them in reverse, each stop within a bound:
+one stuck in its stop must not hang the shutdown."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -13,6 +17,30 @@ log = logging.getLogger(__name__)
 # Beyond its grace and drain, how long one component's stop may take before the
 # shutdown goes on without it.
 STOP_SLACK_S = 5.0
+
+
+class Component(Protocol):
+    def start(self) -> Awaitable[None] | None: ...
+
+    def stop(self) -> Awaitable[object]: ...
+
+
+class Lifecycle:
+    """Components started one by one on ``stack``, which stops them in reverse, each stop
+    given up after ``stop_s``."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack, stop_s: float) -> None:
+        self._stack = stack
+        self._stop_s = stop_s
+
+    def on_stop(self, name: str, stop: Callable[[], Awaitable[object]]) -> None:
+        self._stack.push_async_callback(bounded(name, stop, self._stop_s))
+
+    async def start(self, name: str, component: Component) -> None:
+        started = component.start()
+        if inspect.isawaitable(started):
+            await started
+        self.on_stop(name, component.stop)
 
 
 def bounded(

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from core.backoff import Backoff
 from core.domain import CallInfo, DecisionResult, OrderRequest
+from core.settings import TelemetrySettings
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
 from server.audit.journal import SEGMENT_MAX_BYTES, Journal, JournalLocked, JournalWriteError
 from server.audit.record import DecisionRecord, ShadowRecord, encode
@@ -132,18 +133,16 @@ class AuditTrail:
     def __init__(
         self,
         settings: AuditSettings,
+        telemetry: TelemetrySettings | None = None,
         *,
-        server_id: str,
         adopted: Sequence[Path] = (),
-        log_level: str = "INFO",
-        log_format: str = "text",
     ) -> None:
         """``adopted``: journal folders no running server writes (an earlier run had more
         workers): shipped to the store beside this server's own, never written. The
-        shippers' processes log at ``log_level`` in ``log_format``, as the server does."""
-        self.server_id = server_id
+        shippers' processes log as ``telemetry`` says, as the server does."""
+        self.server_id = settings.server_id  # "" until the server knows its port
         self._settings = settings
-        self._logging = (log_level, log_format)
+        self._telemetry = telemetry or TelemetrySettings()
         self.journal = self._journal(Path(settings.journal_dir))
         self.store = AuditStore(create_store_engine(settings.database_url))
         self.shipper = self._shipper(self.journal, migrate=settings.migrate_on_start)
@@ -164,13 +163,12 @@ class AuditTrail:
         )
 
     def _shipper(self, journal: Journal, *, migrate: bool) -> ShipperProcess:
-        log_level, log_format = self._logging
         return ShipperProcess(
             journal,
             self._settings,
             migrate=migrate,
-            log_level=log_level,
-            log_format=log_format,
+            log_level=self._telemetry.log_level,
+            log_format=self._telemetry.log_format,
         )
 
     async def start(self) -> None:

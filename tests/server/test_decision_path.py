@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import re
 import time
 from collections.abc import Sequence
@@ -14,9 +15,12 @@ import pytest
 import server.app
 import server.settings
 from core.domain import Side
+from fallback import score_cache
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
+from feature_cache.mirror import FeatureMirror
 from proto.decision.v1 import decision_pb2
 from server import redis_clients
+from server.admission import AdmissionLimit
 from tests.server.conftest import (
     MirroredFeatureWriter,
     buy,
@@ -166,7 +170,7 @@ async def test_both_replicas_down_falls_back_to_cached_score_then_rules_then_abs
     await feature_writer.write_many([sample_record("BTC-USD")])
     # Every decision reads the cached score from Redis (none held in memory): this test
     # moves it there and expects the next decision to see it.
-    monkeypatch.setattr(server.app, "CACHED_SCORE_HELD_MS", 0.0)
+    monkeypatch.setattr(score_cache, "HELD_MS", 0.0)
     app = await start_app(
         torchserve=replica_settings(replicas), fallback={"cached_score_max_age_ms": 1000.0}
     )
@@ -361,7 +365,7 @@ async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breake
     monkeypatch.setattr(server.settings, "FALLBACK_RESERVE_MS", 8.0)
     app = await start_app(
         torchserve=replica_settings(replicas),
-        breaker={"fail_max": 2, "reset_timeout_s": 60.0, "min_counted_timeout_ms": 15.0},
+        breaker={"fail_max": 2, "reset_timeout_s": 60.0},
         deadline={"model_call_ms": 25.0, "response_margin_ms": 5.0},
     )
     stub = decision_stub(channel_to(app))
@@ -414,7 +418,7 @@ async def test_cached_score_is_rewritten_at_most_once_per_interval(
         await put_many(self, entries)
 
     monkeypatch.setattr(ScoreCache, "put_many", counted)
-    monkeypatch.setattr(server.app, "CACHED_SCORE_WRITE_INTERVAL_MS", 1000.0)
+    monkeypatch.setattr(score_cache, "WRITE_INTERVAL_MS", 1000.0)
     await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(torchserve=replica_settings(replicas))
     stub = decision_stub(channel_to(app))
@@ -437,15 +441,17 @@ async def test_more_concurrent_calls_than_redis_connections_all_get_the_model(
 ):
     await feature_writer.write_many([sample_record("BTC-USD")])
     monkeypatch.setattr(redis_clients, "DECISION_REDIS_CONNECTIONS", 2)
+    # Every call reads Redis: with the mirror answering, none would use the pool at all.
+    monkeypatch.setattr(FeatureMirror, "lookup", lambda self, symbols: None)
+    # About the connection pool, not admission: 40 calls at once stall this test's loop
+    # on a slow day, and the admission limit would shed some to the ladder.
+    monkeypatch.setattr(
+        server.app, "AdmissionLimit", functools.partial(AdmissionLimit, max_busy_share=1.0)
+    )
     app = await start_app(
         torchserve=replica_settings(replicas),
-        # Every call reads Redis: with the mirror on, none would use the pool at all.
-        features={"mirror": False},
         # 40 calls at once on one connection, past the default stream cap.
         server={"max_concurrent_streams": 64},
-        # About the connection pool, not admission: 40 calls at once stall this test's
-        # loop on a slow day, and the admission limit would shed some to the ladder.
-        decision={"max_loop_busy_share": 1.0},
     )
     stub = decision_stub(channel_to(app))
     responses = await asyncio.gather(*(stub.Decide(buy(), timeout=5.0) for _ in range(40)))

@@ -261,9 +261,11 @@ async def test_a_journal_folder_no_worker_writes_any_more_is_shipped_by_an_adopt
     assert unshipped_bytes(orphan) > 0
 
     settings = AuditSettings(
-        journal_dir=str(tmp_path / "journal" / "worker-0"), database_url=database_url
+        journal_dir=str(tmp_path / "journal" / "worker-0"),
+        database_url=database_url,
+        server_id="test/w0",
     )
-    trail = AuditTrail(settings, server_id="test/w0", adopted=[orphan])
+    trail = AuditTrail(settings, adopted=[orphan])
     await trail.start()
     try:
         await asyncio.to_thread(wait_for, lambda: unshipped_bytes(orphan) == 0, 20)

@@ -1,0 +1,64 @@
+"""This server's entry in the fleet list: what it says of itself every second."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+
+from server.control.fleet import FleetMember, reachable
+from server.engine import DecisionEngine
+from server.replica import Replica
+from server.settings import Settings
+from server.shadow import ShadowScorer
+
+
+class FleetEntry:
+    """Describes this server for ``FleetRegistration``; ``serving`` follows its health."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        ports: Callable[[], tuple[int, int]],
+        server_id: Callable[[], str],
+        engine: DecisionEngine,
+        replicas: Sequence[Replica],
+        shadow: ShadowScorer | None,
+    ) -> None:
+        """``ports``: the bound DecisionService and AdminService ports, once bound."""
+        self._settings = settings
+        self._ports = ports
+        self._server_id = server_id
+        self._engine = engine
+        self._replicas = replicas
+        self._shadow = shadow
+        self._started_at_us = time.time_ns() // 1000
+        self.serving = False
+
+    def member(self) -> FleetMember:
+        host = socket.gethostname()
+        listening = self._settings.server.host
+        port, admin_port = self._ports()
+        tally = self._engine.tally()
+        shadow_scored, shadow_agreed = self._shadow.agreement() if self._shadow else (0, 0)
+        return FleetMember(
+            server_id=self._server_id() or f"{host}:{port}",
+            admin_address=(
+                self._settings.admin.advertise_address or reachable(listening, admin_port, host)
+            ),
+            decision_address=reachable(listening, port, host),
+            host=host,
+            pid=os.getpid(),
+            started_at_us=self._started_at_us,
+            serving=self.serving,
+            in_flight=self._engine.in_flight,
+            decisions=tally.decisions,
+            breakers={r.name: r.breaker.state for r in self._replicas},
+            decisions_by_source=tally.by_source,
+            fallbacks=tally.fallbacks,
+            shadow_scored=shadow_scored,
+            shadow_agreed=shadow_agreed,
+            latency_counts=tally.latency_counts,
+        )
