@@ -83,27 +83,37 @@ class AbandonPool:
     def __init__(
         self, limit: int, *, on_end: Callable[[asyncio.Future[Any]], None] | None = None
     ) -> None:
-        self.limit = limit
+        self._limit = limit
         self._on_end = on_end
         self._out: dict[asyncio.Future[Any], float] = {}  # work -> abandoned at (monotonic)
-        self.total = 0  # abandoned since start
-        self.refused = 0  # times ``full`` turned work away
+        self._total = 0
+        self._refused = 0
 
     @property
     def outstanding(self) -> int:
         return len(self._out)
 
     @property
+    def total(self) -> int:
+        """Work abandoned since start."""
+        return self._total
+
+    @property
+    def refused(self) -> int:
+        """Times ``admits`` turned work away."""
+        return self._refused
+
+    @property
     def oldest_at(self) -> float:
         """When the longest-running abandoned work was abandoned (monotonic); inf if none."""
         return min(self._out.values(), default=float("inf"))
 
-    def full(self) -> bool:
-        """Whether new work must not start now; a True is counted in ``refused``."""
-        if len(self._out) < self.limit:
-            return False
-        self.refused += 1
-        return True
+    def admits(self) -> bool:
+        """Whether new work may start now; a refusal is counted in ``refused``."""
+        if len(self._out) < self._limit:
+            return True
+        self._refused += 1
+        return False
 
     async def wait(self, work: Work, timeout_s: float) -> bool:
         """Waits up to ``timeout_s`` for ``work`` (``settled_within``); whether it is done.
@@ -132,7 +142,7 @@ class AbandonPool:
         # The time of abandonment, not of starting: what the dependency did meanwhile
         # for work that was still awaited says nothing of it since.
         self._out[ended] = time.monotonic()
-        self.total += 1
+        self._total += 1
         ended.add_done_callback(self._ended)
 
     def _ended(self, ended: asyncio.Future[Any]) -> None:

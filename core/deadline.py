@@ -145,7 +145,7 @@ class StoreReads:
     async def run(self, call: Coroutine[Any, Any, T], timeout_ms: float) -> T:
         """Awaits ``call`` for at most ``timeout_ms``, then raises ``TimeoutError`` at once;
         ``StoreBusy`` without starting it when too many reads are still abandoned."""
-        if self._abandoned.full():
+        if not self._abandoned.admits():
             call.close()
             raise StoreBusy(f"{self._abandoned.outstanding} abandoned reads still running")
         task = asyncio.ensure_future(call)

@@ -1,17 +1,10 @@
-"""``LoopLag``: how late this process's event loop runs, measured by a probe.
+"""``LoopLag``: how busy and how late this process's event loop runs, measured by a probe.
 
-A replica's answer that sits in a socket while the loop is busy with other requests is
-read late, and a wait for it times out: the time was lost here, not at the replica.
-The probe wakes every ``interval_s`` and records how late it woke; ``stalled_ms(since)``
-sums that lateness over a span, so a timeout can say how much of its wait the loop was
-not there to read an answer (``ModelTimeout.given_ms`` is the wait less that), and the
-breaker does not blame a replica for this process's overload.
-
-``busy_share(window)`` says how much of a recent window the loop's thread was running or
-waiting for a CPU (Linux's per-thread schedstat): near 1, the loop has no idle moment,
-and requests wait in gRPC's queue before any handler runs (its server accepts one call
-at a time from the loop). The timers stay punctual then, so lateness cannot show it
-(docs/overload.md).
+The probe wakes every ``interval_s``. ``busy_share(window)`` says how much of a recent
+window the loop's thread was running or waiting for a CPU (Linux's per-thread
+schedstat): near 1, the loop has no idle moment, and requests wait in gRPC's queue
+before any handler runs (its server accepts one call at a time from the loop). The
+timers stay punctual then, so lateness cannot show it (docs/overload.md).
 
 A stall over ``LOG_STALL_S`` is logged with what the loop's thread did meanwhile, which
 says whose the stall was:
@@ -47,8 +40,6 @@ from core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
-# Wakes later than this count as lateness; below it is timer granularity, not a stall.
-NOISE_S = 0.0005
 # A stall this long is logged (at most once per LOG_EVERY_S): every request waited it out,
 # and it is more than the response margin (12 ms) can absorb.
 LOG_STALL_S = 0.03
@@ -153,7 +144,6 @@ class LoopLag:
         """``keep``: probes remembered (at 5 ms, about 2.5 s of history when all is
         well; a stalled loop probes less often, so the span only grows)."""
         self._interval_s = interval_s
-        self._samples: deque[tuple[float, float]] = deque(maxlen=keep)  # (woke at, late s)
         self._task: asyncio.Task[None] | None = None
         self._due = float("inf")  # when the probe should wake next (loop time)
         self._logged_at = float("-inf")
@@ -163,7 +153,7 @@ class LoopLag:
         # (loop time, busy ns of the loop's thread), one per probe wake.
         self._busy_samples: deque[tuple[float, int]] = deque(maxlen=keep)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._task is None:
             self._gc.install()
             self._watch = StallWatch(overdue_s=self._interval_s + WATCH_OVERDUE_S)
@@ -199,8 +189,6 @@ class LoopLag:
             await asyncio.sleep(self._interval_s)
             now = loop.time()
             late = now - self._due
-            if late > NOISE_S:
-                self._samples.append((now, late))
             where = watch.take() if late > WATCH_OVERDUE_S else ""
             if late > LOG_STALL_S and now - self._logged_at >= LOG_EVERY_S:
                 self._logged_at = now
@@ -210,20 +198,6 @@ class LoopLag:
                     LoopThreadUsage.now(busy, self._gc).since(before),
                     where or "not seen",
                 )
-
-    def stalled_ms(self, since: float) -> float:
-        """How long the loop was stalled since ``since`` (loop time, s): the lateness of
-        the probes that woke after it, each counted at most up to ``since``, and the
-        probe's own wake-up if it is overdue now (a stall that just ended: the timer that
-        asks may run before the probe does)."""
-        now = asyncio.get_running_loop().time()
-        overdue = now - self._due
-        total = min(overdue, now - since) if overdue > NOISE_S else 0.0
-        for woke_at, late in reversed(self._samples):
-            if woke_at <= since:
-                break
-            total += min(late, woke_at - since)
-        return total * 1000.0
 
     def busy_share(self, window_s: float) -> float:
         """The share of about the last ``window_s`` the loop's thread was running or

@@ -128,7 +128,11 @@ def _setting_type(root: type[BaseModel], section: str, field: str) -> object | N
 # Sections no process reads any more: a variable of one is a setting that was removed,
 # which stops a process as a removed field of a live section does (an unknown section
 # cannot: each process reads only its own sections of the one environment).
-RETIRED_SECTIONS = {"SHADOW": "shadow calls are tuned by constants now (server/shadow.py)"}
+RETIRED_SECTIONS = {
+    "SHADOW": "shadow calls are tuned by constants now (server/shadow.py)",
+    "CONTROL": "the flags' defaults are constants now (server/control/flags.py); "
+    "on-call sets the flags with decisionctl",
+}
 
 
 def retired_variables(environ: Mapping[str, str]) -> list[str]:

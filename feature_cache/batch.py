@@ -39,14 +39,13 @@ class Record(Protocol):
     value: bytes | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AppliedBatch:
+    # The touched symbols' records, each with the offset of its symbol's last event.
     features: list[FeatureRecord]
-    """The touched symbols' records, each with the offset of its symbol's last event."""
-    dead: list[tuple[Record, str]]
-    """The records not applied, each with the reason."""
+    dead: list[tuple[Record, str]]  # the records not applied, each with the reason
+    # Per partition of the batch: the states its records changed.
     changed: dict[TopicPartition, dict[str, SymbolState]]
-    """Per partition of the batch: the states its records changed."""
 
 
 def apply_batch(

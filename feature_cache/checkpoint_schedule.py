@@ -17,12 +17,11 @@ from aiokafka import TopicPartition
 from feature_cache.features import SymbolState
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PendingCheckpoint:
+    # The last offset handled: the checkpoint includes it, the commit is the next one.
     offset: int
-    """The last offset handled: the checkpoint includes it, the commit is the next one."""
-    changed: dict[str, SymbolState]
-    """The states changed since the partition's previous checkpoint."""
+    changed: dict[str, SymbolState]  # changed since the partition's previous checkpoint
 
 
 class CheckpointSchedule:

@@ -25,12 +25,7 @@ class KafkaSettings(SettingsSection):
         "127.0.0.1:19092", description="Kafka brokers, comma-separated host:port."
     )
     topic: str = Field("market-data", description="Market events, keyed by symbol.")
-
-    @property
-    def group_id(self) -> str:
-        """The feature cache's consumer group: one per topic, so that deployments sharing
-        a cluster never share a group."""
-        return f"{self.topic}.feature-cache"
+    group_id: str = Field("feature-cache", description="Consumer group of the feature cache.")
 
     @property
     def dead_letter_topic(self) -> str:

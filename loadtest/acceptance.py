@@ -64,6 +64,7 @@ async def run(source: Source, run_dir: Path) -> bool:
         settings = KafkaSettings(
             bootstrap_servers=bootstrap,
             topic="acceptance",
+            group_id="acceptance",
         )
         consumer = FeatureConsumer(settings, redis, key_prefix="acceptance:", feature_ttl_s=3600)
         async with consumer:

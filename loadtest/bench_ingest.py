@@ -116,9 +116,11 @@ async def run(args: argparse.Namespace, run_dir: Path) -> None:
         topics |= {"bench-tp.dlq": 1, "bench-fresh.dlq": 1}
         await create_topics(bootstrap, topics)
         base = {"bootstrap_servers": bootstrap}
-        rate = await throughput(KafkaSettings(**base, topic="bench-tp"), redis_url, args.count)
+        rate = await throughput(
+            KafkaSettings(**base, topic="bench-tp", group_id="bench-tp"), redis_url, args.count
+        )
         fresh = await freshness(
-            KafkaSettings(**base, topic="bench-fresh"),
+            KafkaSettings(**base, topic="bench-fresh", group_id="bench-fresh"),
             redis_url,
             args.rate,
             args.seconds,

@@ -172,8 +172,9 @@ Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
 
 
 def admin_tokens(folder: Path) -> Path:
-    """The local stack's admin tokens (made once, owner-only): the server's token file,
-    and one file per role holding just the token, for decisionctl."""
+    """The local stack's admin tokens (made once, owner-only): the server's book (its
+    ``DECISION_ADMIN__TOKENS``), and one file per role holding just the token, for
+    decisionctl."""
     folder.mkdir(parents=True, exist_ok=True)
     book = folder / "tokens"
     if not book.exists():

@@ -15,7 +15,6 @@ import logging
 import socket
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import redis.asyncio as aioredis
@@ -31,10 +30,13 @@ from feature_cache.store import FeatureReader
 from server.admin.control_plane import ControlPlane
 from server.admin.servicer import AdminServicer
 from server.admission import AdmissionLimit
+from server.audit.store import create_store_engine
 from server.audit.trail import AuditTrail, UnrecordedDecisions
 from server.breaker_probe import BreakerProbe
 from server.control.canary import CanaryMonitor
 from server.control.changes import AuditedChanges, CanaryRollback
+from server.control.durable import ControlStore
+from server.control.flags import flag_specs
 from server.control.fleet import FleetRegistration, fleet_members
 from server.control.shared import SharedControl
 from server.drift import DriftMonitor
@@ -77,11 +79,16 @@ class DecisionApp:
         self.redis = decision_redis(settings)
         self.status_redis = side_redis(settings)
         self.loop_lag = LoopLag()
-        replicas = Replicas.build(settings, self.loop_lag, self.tracing)
+        replicas = Replicas.build(settings, self.tracing)
         self.replicas = replicas.champions
         self.challenger = replicas.challenger
         self._all_replicas = replicas.all
-        self.shared = SharedControl.for_server(settings)
+        # The control state's truth in the audit database, its copy in the feature Redis.
+        engine = create_store_engine(settings.audit.database_url)
+        store = ControlStore(engine, migrate=settings.audit.migrate_on_start)
+        self.shared = SharedControl(
+            settings.redis.url, store=store, key_prefix=prefix, flags=flag_specs()
+        )
         self.audit = AuditTrail(settings.audit, settings.telemetry, adopted=adopted_journals)
         recorded = self.audit if settings.audit.enabled else None
         recorder = recorded or UnrecordedDecisions()
@@ -178,8 +185,9 @@ class DecisionApp:
         # and a full pool fails rather than waits; the entry must be written every second.
         self.fleet_redis = side_redis(settings)
         self.fleet_entry = FleetEntry(
-            settings,
+            hosts=(settings.server.host, settings.admin.host),
             ports=lambda: (self.port, self.admin_port),
+            advertise_address=settings.admin.advertise_address,
             server_id=lambda: self.audit.server_id,
             engine=self.engine,
             replicas=replicas.all,
@@ -211,12 +219,10 @@ class DecisionApp:
             raise
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
-        """Starts each component and pushes its stop: the stack stops them in reverse,
-        each within ``stop_s`` (the longest a stop may need: the gRPC grace, the
-        shipper's drain, and slack)."""
+        """Starts each component and pushes its stop, each stop bounded by the longest one
+        may need: the gRPC grace, the shipper's drain, and slack."""
         settings = self.settings
         stop_s = settings.server.grace_period_s + settings.audit.shutdown_drain_s + STOP_SLACK_S
-
         parts = Lifecycle(stack, stop_s)
         self.front.bind()
         # Stopped last: the spans of everything else's stop are exported too.
@@ -284,10 +290,5 @@ class DecisionApp:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()

@@ -33,11 +33,11 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from core.loop_lag import LoopLag
 from server.model_client import ModelClient, ModelScores, timeout_error
 from server.model_errors import (
     ModelBusy,
     ModelCallError,
+    ModelFailure,
     ModelInputError,
     ModelNoTime,
     ModelTimeout,
@@ -72,7 +72,7 @@ class BatchingStats:
     out_of_time: int  # requests that left the queue unsent: the replica stayed busy
 
 
-def _clone(exc: ModelCallError | ModelInputError, *, given_ms: float) -> Exception:
+def _clone(exc: ModelFailure, *, given_ms: float) -> Exception:
     """One exception per waiter (raising one instance in many tasks mixes their
     tracebacks); a timeout carries the time the replica had for this waiter's rows."""
     if isinstance(exc, ModelTimeout):
@@ -94,7 +94,6 @@ class BatchingClient:
         *,
         max_batch_rows: int = MAX_BATCH_ROWS,
         max_concurrent_calls: int,
-        loop_lag: LoopLag | None = None,
     ) -> None:
         """A request that times out says how long the replica had for it: from when its
         call went out to its deadline (its wait in the queue is not the replica's)."""
@@ -103,7 +102,6 @@ class BatchingClient:
         self._inner = inner
         self._max_rows = max_batch_rows
         self._max_calls = max_concurrent_calls
-        self._loop_lag = loop_lag
         self._queue: deque[_Queued] = deque()
         self._calls_out = 0
         self._flush_scheduled = False
@@ -284,13 +282,13 @@ class BatchingClient:
     def _late(self, queued: _Queued, sent_at: float) -> None:
         elapsed_ms = (time.perf_counter() - queued.enqueued) * 1000
         wait_ms = (queued.deadline - sent_at) * 1000.0
-        timeout = timeout_error(self.name, elapsed_ms, wait_ms, sent_at, self._loop_lag)
+        timeout = timeout_error(self.name, elapsed_ms, wait_ms)
         self._settle(queued, timeout, sent_at)
 
     def _settle(
         self,
         queued: _Queued,
-        exc: ModelCallError | ModelInputError,
+        exc: ModelFailure,
         sent_at: float | None = None,
     ) -> None:
         """Fails one waiter, unless answered already; ``sent_at``: when its call went out

@@ -59,7 +59,7 @@ class BreakerProbe:
         self._task: asyncio.Task[None] | None = None
         self.calls = 0  # probe calls made
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._task is None and self._interval_s > 0:
             self._task = asyncio.create_task(self._run(), name="breaker-probe")
 

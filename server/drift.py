@@ -178,7 +178,7 @@ class DriftMonitor:
     def status(self) -> DriftStatus:
         return self._status
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="drift-monitor")
 

@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from server.control.fleet import FleetMember, reachable
 from server.engine import DecisionEngine
 from server.replica import Replica
-from server.settings import Settings
 from server.shadow import ShadowScorer
 
 
@@ -19,17 +18,21 @@ class FleetEntry:
 
     def __init__(
         self,
-        settings: Settings,
         *,
+        hosts: tuple[str, str],
         ports: Callable[[], tuple[int, int]],
+        advertise_address: str,
         server_id: Callable[[], str],
         engine: DecisionEngine,
         replicas: Sequence[Replica],
         shadow: ShadowScorer | None,
     ) -> None:
-        """``ports``: the bound DecisionService and AdminService ports, once bound."""
-        self._settings = settings
+        """``hosts`` and ``ports``: where DecisionService and AdminService listen (the
+        ports once bound); ``advertise_address``: AdminService's for other machines, when
+        set."""
+        self._hosts = hosts
         self._ports = ports
+        self._advertise_address = advertise_address
         self._server_id = server_id
         self._engine = engine
         self._replicas = replicas
@@ -39,16 +42,14 @@ class FleetEntry:
 
     def member(self) -> FleetMember:
         host = socket.gethostname()
-        listening = self._settings.server.host
+        decision_host, admin_host = self._hosts
         port, admin_port = self._ports()
         tally = self._engine.tally()
         shadow_scored, shadow_agreed = self._shadow.agreement() if self._shadow else (0, 0)
         return FleetMember(
             server_id=self._server_id() or f"{host}:{port}",
-            admin_address=(
-                self._settings.admin.advertise_address or reachable(listening, admin_port, host)
-            ),
-            decision_address=reachable(listening, port, host),
+            admin_address=self._advertise_address or reachable(admin_host, admin_port, host),
+            decision_address=reachable(decision_host, port, host),
             host=host,
             pid=os.getpid(),
             started_at_us=self._started_at_us,

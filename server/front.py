@@ -105,11 +105,10 @@ class GrpcFront:
         self,
         settings: Settings,
         decisions: DecisionServicer,
-        admin: AdminServicer | None = None,
+        admin: AdminServicer,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
-        """``admin``: AdminService's servicer, None when the admin port is off;
-        ``interceptors``: on both servers (request metrics)."""
+        """``interceptors``: on both servers (request metrics)."""
         self._settings = settings
         self.health = health.aio.HealthServicer()
         self._server = grpc.aio.server(
@@ -121,7 +120,7 @@ class GrpcFront:
         reflection.enable_server_reflection(
             (DECISION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        self._admin = None if admin is None else admin_server(settings, admin, interceptors)
+        self._admin = admin_server(settings, admin, interceptors)
         self.port = 0
         self.admin_port = 0
 
@@ -131,23 +130,21 @@ class GrpcFront:
         self.port = add_port(
             self._server, f"{settings.server.host}:{settings.server.port}", settings
         )
-        if self._admin is not None:
-            admin = settings.admin
-            self.admin_port = add_port(
-                self._admin,
-                f"{settings.server.host}:{admin.port}",
-                settings,
-                client_ca_file=admin.tls_client_ca_file,
-            )
+        admin = settings.admin
+        self.admin_port = add_port(
+            self._admin,
+            f"{admin.host}:{admin.port}",
+            settings,
+            client_ca_file=admin.tls_client_ca_file,
+        )
 
     async def start(self) -> None:
         """Starts serving on the bound ports, health NOT_SERVING until ``set_serving``."""
         await self.set_serving(False)
         await self._server.start()
         log.info("DecisionService listening on %s:%d", self._settings.server.host, self.port)
-        if self._admin is not None:
-            await self._admin.start()
-            log.info("AdminService listening on %s:%d", self._settings.server.host, self.admin_port)
+        await self._admin.start()
+        log.info("AdminService listening on %s:%d", self._settings.admin.host, self.admin_port)
 
     async def set_serving(self, serving: bool) -> None:
         for service in ("", DECISION_SERVICE):
@@ -161,5 +158,4 @@ class GrpcFront:
         finish within the grace period, together."""
         await self.health.enter_graceful_shutdown()
         grace_s = self._settings.server.grace_period_s
-        servers = [self._server, *([self._admin] if self._admin is not None else [])]
-        await asyncio.gather(*(server.stop(grace=grace_s) for server in servers))
+        await asyncio.gather(*(s.stop(grace=grace_s) for s in (self._server, self._admin)))

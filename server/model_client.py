@@ -36,7 +36,6 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from core.abandon import AbandonPool
-from core.loop_lag import LoopLag
 from feature_cache.schema import pack_rows, representable
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from server.model_errors import (
@@ -85,18 +84,9 @@ class ModelClient(Protocol):
         ...
 
 
-def timeout_error(
-    name: str, elapsed_ms: float, wait_ms: float, since: float, loop_lag: LoopLag | None
-) -> ModelTimeout:
-    """A wait of ``wait_ms`` (begun at loop time ``since``) that ended unanswered. The
-    replica is deemed to have had the wait less the time this process's event loop was
-    stalled meanwhile: an answer may have sat unread in a socket."""
-    stalled_ms = 0.0 if loop_lag is None else min(loop_lag.stalled_ms(since), wait_ms)
-    note = f" (event loop stalled {stalled_ms:.1f} ms of it)" if stalled_ms >= 1.0 else ""
-    return ModelTimeout(
-        f"{name} deadline exceeded after {elapsed_ms:.1f} ms{note}",
-        given_ms=wait_ms - stalled_ms,
-    )
+def timeout_error(name: str, elapsed_ms: float, wait_ms: float) -> ModelTimeout:
+    """A wait of ``wait_ms`` that ended unanswered: the replica had all of it."""
+    return ModelTimeout(f"{name} deadline exceeded after {elapsed_ms:.1f} ms", given_ms=wait_ms)
 
 
 def check_float32(rows: Sequence[Sequence[float]]) -> None:
@@ -165,7 +155,6 @@ class GrpcModelClient:
         *,
         reconnect_backoff_ms: int = 500,
         max_abandoned_calls: int = MAX_ABANDONED_CALLS,
-        loop_lag: LoopLag | None = None,
         model_version: str = "",
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
@@ -175,7 +164,6 @@ class GrpcModelClient:
         self.model_name = model_name
         # Reported for every answer instead of the replica's own word, when set.
         self.model_version = model_version
-        self._loop_lag = loop_lag
         self._options = channel_options(reconnect_backoff_ms)
         self._interceptors = list(interceptors)
         self._channel: grpc.aio.Channel | None = None
@@ -234,7 +222,7 @@ class GrpcModelClient:
             raise ModelUnavailable(f"{self.name} client not started")
         if timeout_s <= 0:  # a call that could only be abandoned is not sent
             raise ModelTimeout(f"{self.name} had no time for a call", given_ms=0.0)
-        if self._abandoned.full():
+        if not self._abandoned.admits():
             first_abandoned = self._abandoned.oldest_at
             silent_ms = (
                 (time.monotonic() - first_abandoned) * 1000.0
@@ -247,13 +235,10 @@ class GrpcModelClient:
                 silent_ms=silent_ms,
             )
         started = time.perf_counter()
-        waited_since = asyncio.get_running_loop().time()
         rpc = call(max(WIRE_TIMEOUT_S, timeout_s))
         if not await self._abandoned.wait(rpc, timeout_s):
             elapsed_ms = (time.perf_counter() - started) * 1000.0
-            raise timeout_error(
-                self.name, elapsed_ms, timeout_s * 1000.0, waited_since, self._loop_lag
-            )
+            raise timeout_error(self.name, elapsed_ms, timeout_s * 1000.0)
         try:
             # Done, so this does not wait: grpc sets a call's status and ends its
             # invocation in one step. Were it to wait, a cancellation of this task would

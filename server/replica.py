@@ -151,6 +151,7 @@ class Replica:
             elapsed_ms = (time.perf_counter() - started) * 1000
             if not isinstance(exc, ModelNoTime):  # never sent: nothing to record of the replica
                 self.recent.record(elapsed_ms, ok=False)
-            return Attempt(self.source, None, elapsed_ms, exc)
+            # Without its traceback: a result must not hold the failed call's frames.
+            return Attempt(self.source, None, elapsed_ms, exc.with_traceback(None))
         self.recent.record(scores.elapsed_ms, ok=True, version=scores.model_version)
         return Attempt(self.source, scores, scores.elapsed_ms)

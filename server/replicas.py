@@ -12,7 +12,6 @@ import grpc
 
 from core.deadline import CallPlan
 from core.domain import Source
-from core.loop_lag import LoopLag
 from server.batching import BatchingClient
 from server.control.canary import CanaryMonitor
 from server.drift import archived_version
@@ -43,13 +42,11 @@ def model_client(
     protocol: InferenceProtocol,
     model_version: str = "",
     max_concurrent_calls: int,
-    loop_lag: LoopLag | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> ModelClient:
     """The replica's client for its inference API, micro-batching with
     ``max_concurrent_calls`` out at once. ``model_version``: reported for every answer
-    instead of the replica's word, when set. ``loop_lag``: this process's event-loop
-    probe, so that a timeout does not blame the replica for time the loop was stalled."""
+    instead of the replica's word, when set."""
     client_for_protocol: Callable[..., ModelClient] = (
         TorchServeClient
         if protocol == "torchserve"
@@ -60,10 +57,9 @@ def model_client(
         address,
         model_name,
         model_version=model_version,
-        loop_lag=loop_lag,
         interceptors=interceptors,
     )
-    return BatchingClient(client, max_concurrent_calls=max_concurrent_calls, loop_lag=loop_lag)
+    return BatchingClient(client, max_concurrent_calls=max_concurrent_calls)
 
 
 @dataclass(frozen=True)
@@ -73,7 +69,7 @@ class Replicas:
     addresses: dict[str, str]  # by name, for status
 
     @classmethod
-    def build(cls, settings: Settings, loop_lag: LoopLag, tracing: Tracing) -> Replicas:
+    def build(cls, settings: Settings, tracing: Tracing) -> Replicas:
         ts = settings.torchserve
         interceptors = tracing.client_interceptors()
 
@@ -92,7 +88,6 @@ class Replicas:
                 max_concurrent_calls=(
                     CHALLENGER_CONCURRENT_CALLS if canary else ts.batch_max_concurrent_calls
                 ),
-                loop_lag=loop_lag,
                 interceptors=interceptors,
             )
             return Replica.build(client, source, settings.breaker, tracing.tracer)

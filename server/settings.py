@@ -29,9 +29,7 @@ from server.model_errors import MIN_COUNTED_TIMEOUT_MS
 
 
 class ServerSettings(SettingsSection):
-    host: str = Field(
-        "127.0.0.1", description="Address DecisionService and AdminService listen on."
-    )
+    host: str = Field("127.0.0.1", description="Address DecisionService listens on.")
     port: int = Field(
         50051,
         ge=0,
@@ -86,6 +84,10 @@ class ServerSettings(SettingsSection):
 
 
 class AdminSettings(SettingsSection):
+    host: str = Field(
+        "127.0.0.1",
+        description="Address AdminService listens on: an interface the network can restrict.",
+    )
     port: int = Field(
         50052,
         ge=0,
@@ -268,9 +270,6 @@ class AuditSettings(SettingsSection):
 class CanarySettings(SettingsSection):
     """Limits of the canary against the champion; a breach rolls the canary back."""
 
-    window_s: float = Field(
-        30.0, gt=0, description="Sliding window the two sides are compared over."
-    )
     max_error_rate_increase: float = Field(
         0.05, ge=0, description="Canary model-call error/timeout rate above the champion's."
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ STOP_SLACK_S = 5.0
 
 
 class Component(Protocol):
-    def start(self) -> Awaitable[None] | None: ...
+    async def start(self) -> None: ...
 
     def stop(self) -> Awaitable[object]: ...
 
@@ -37,9 +36,7 @@ class Lifecycle:
         self._stack.push_async_callback(bounded(name, stop, self._stop_s))
 
     async def start(self, name: str, component: Component) -> None:
-        started = component.start()
-        if inspect.isawaitable(started):
-            await started
+        await component.start()
         self.on_stop(name, component.stop)
 
 

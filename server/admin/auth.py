@@ -1,7 +1,7 @@
 """Bearer-token authentication and roles for AdminService.
 
-Tokens come from a file and/or the environment, one entry per line (or per ``,`` in the
-environment): ``<principal> <role> <token>``, ``#`` starts a comment. Only the tokens'
+Tokens come from ``DECISION_ADMIN__TOKENS``, one entry per line or per ``,``:
+``<principal> <role> <token>``, ``#`` starts a comment. Only the tokens'
 sha256 digests are kept, and a presented token is compared with every known digest in
 constant time, so neither timing nor a memory dump reveals a token. Tokens never reach
 a log: errors name the principal or the line, never the token.

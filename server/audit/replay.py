@@ -32,7 +32,7 @@ from core.processes import free_ports
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION, model_row
 from server.audit.store import decisions
 from server.model_client import TorchServeClient
-from server.model_errors import ModelCallError, ModelInputError
+from server.model_errors import ModelFailure
 from torchserve.archive import archive_version
 from torchserve.replica import (
     ModelServing,
@@ -166,7 +166,7 @@ async def _score(
         ]
         try:
             scores = await client.predict(inputs, CALL_TIMEOUT_S)
-        except (ModelCallError, ModelInputError) as exc:
+        except ModelFailure as exc:
             raise ReplayError(f"scoring failed: {exc}") from exc
         if expected_version is not None and scores.model_version != expected_version:
             reason = f"replica serves {scores.model_version[:12]}, not the recorded version"

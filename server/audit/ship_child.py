@@ -102,6 +102,7 @@ def _serve(stdin_fd: int) -> None:
         written=lambda: writer.position,
         batch_records=SHIP_BATCH_RECORDS,
         migrate=request["migrate"],
+        idle_interval_ms=request["idle_interval_ms"],
         max_backlog_bytes=settings.max_backlog_bytes,
     )
     shipper.start()

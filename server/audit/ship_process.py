@@ -3,7 +3,7 @@
 Shipping parses records and builds insert parameters in Python: on a thread of the
 server it held the interpreter lock the event loop needs, and the decisions' tail
 showed it (docs/benchmarks.md). A child process (``server.audit.ship_child``) shares no
-lock with the server, runs at a lower CPU priority (``SHIP_NICE``) so that the decision
+lock with the server, runs at a lower CPU priority (``ship_child.SHIP_NICE``) so that the decision
 path comes first when the cores are busy, and needs from the server only the journal's
 position.
 
@@ -42,6 +42,7 @@ import orjson
 from core.backoff import Backoff
 from server.audit.journal import Journal, Position
 from server.audit.ship_child import STATUS_INTERVAL_S
+from server.audit.ship_thread import IDLE_INTERVAL_MS
 from server.audit.shipper import ShipperStatus, over_cap, unshipped_bytes
 from server.settings import AuditSettings
 
@@ -54,6 +55,8 @@ EXIT_SLACK_S = 10.0
 SILENT_S = 3 * STATUS_INTERVAL_S
 RESTART_INITIAL_S = 0.5
 RESTART_MAX_S = 30.0
+# Secrets the child has no use for stay out of its environment (and /proc).
+SECRET_VARIABLES = frozenset({"DECISION_ADMIN__TOKENS"})
 # A Ctrl-C or a SIGTERM sent to the server's process group must not cut the drain short:
 # the server decides when shipping stops (it closes the child's stdin). Ignored before
 # the imports, which leaves only the interpreter's own start (tens of ms) unguarded.
@@ -64,6 +67,11 @@ signal.signal(signal.SIGTERM, signal.SIG_IGN)
 from server.audit.ship_child import main
 main()
 """
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment, less what the child must not hold."""
+    return {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
 
 
 class ShipperProcess:
@@ -77,8 +85,10 @@ class ShipperProcess:
         migrate: bool,
         log_level: str,
         log_format: str,
+        idle_interval_ms: float = IDLE_INTERVAL_MS,
     ) -> None:
-        """``journal``: the folder's writer, opened before ``start``."""
+        """``journal``: the folder's writer, opened before ``start``. ``idle_interval_ms``:
+        how often the child, caught up, looks for new records."""
         self._journal = journal
         self._directory = journal.directory
         self._request = {
@@ -87,6 +97,7 @@ class ShipperProcess:
             "migrate": migrate,
             "log_level": log_level,
             "log_format": log_format,
+            "idle_interval_ms": idle_interval_ms,
         }
         self._max_backlog_bytes = settings.max_backlog_bytes
         self._child: subprocess.Popen[bytes] | None = None
@@ -187,6 +198,7 @@ class ShipperProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
+            env=child_environment(),
         )
         position = self._journal.position
         request = {**self._request, "position": [position.segment, position.offset]}

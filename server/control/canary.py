@@ -38,6 +38,9 @@ CHAMPION: Final = "champion"
 CHECK_INTERVAL_S = 0.2
 MAX_RECORDS = 20_000  # per side: bounds memory whatever the rate
 PSI_MIN_SCORES = 500
+# The sliding window the two sides are compared over: long enough for MIN_DECISIONS at a
+# canary's share of one server's traffic, short enough to catch a bad model in a minute.
+WINDOW_S = 30.0
 # Decisions each side needs in the window before it is judged, and before this server
 # takes a promotion: fewer, and one slow call is the whole p99.
 MIN_DECISIONS = 50
@@ -151,7 +154,7 @@ class CanaryMonitor:
             side.records.clear()
 
     def compare(self) -> CanaryComparison:
-        since = time.monotonic() - self._limits.window_s
+        since = time.monotonic() - WINDOW_S
         canary = self._sides[CANARY].summary(since)
         champion = self._sides[CHAMPION].summary(since)
         score_psi = 0.0
@@ -174,7 +177,7 @@ class CanaryMonitor:
         and no limit is breached."""
         if not self._judged(c):
             return (
-                f"not judged yet: in the last {self._limits.window_s:g} s this server saw"
+                f"not judged yet: in the last {WINDOW_S:g} s this server saw"
                 f" {c.canary.decisions} canary and {c.champion.decisions} champion decisions"
                 f" under the weight now set ({MIN_DECISIONS} each needed)"
             )
@@ -187,7 +190,7 @@ class CanaryMonitor:
     def _breach(self, c: CanaryComparison) -> str | None:
         limits = self._limits
         canary, champion = c.canary, c.champion
-        window = f"over the last {limits.window_s:g} s"
+        window = f"over the last {WINDOW_S:g} s"
         if canary.error_rate - champion.error_rate > limits.max_error_rate_increase:
             return (
                 f"error/timeout rate {canary.error_rate:.0%} vs champion"

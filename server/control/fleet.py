@@ -127,7 +127,7 @@ class FleetRegistration:
         self._task: asyncio.Task[None] | None = None
         self._registered_id = ""
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._keep_fresh(), name="fleet registration")
 

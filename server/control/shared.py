@@ -36,13 +36,10 @@ import sqlalchemy as sa
 from core.pubsub import listen
 from core.tasks import cancel_and_wait
 from server.audit.record import AdminRecord
-from server.audit.store import create_store_engine
 from server.control.durable import ControlStore, StoredState, Written
-from server.control.flags import flag_specs
 from server.control.redis_copy import REDIS_ERRORS, Copy, RedisCopy, judge
 from server.control.state import GLOBAL_SCOPE, KILL_PREFIX, Change, ControlState, Entry, FlagSpec
 from server.errors import SharedStateUnavailable
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +89,6 @@ def not_read_state(flags: Mapping[str, FlagSpec]) -> ControlState:
 
 
 class SharedControl:
-    @classmethod
-    def for_server(cls, settings: Settings) -> SharedControl:
-        """The server's: its store in the audit database, its copy in the feature Redis."""
-        engine = create_store_engine(settings.audit.database_url)
-        return cls(
-            settings.redis.url,
-            store=ControlStore(engine, migrate=settings.audit.migrate_on_start),
-            key_prefix=settings.redis.key_prefix,
-            flags=flag_specs(),
-        )
-
     def __init__(
         self,
         url: str,

@@ -41,7 +41,7 @@ STALL_LINE = re.compile(
 async def probe_running() -> AsyncIterator[None]:
     """A probe running around the block, with time to wake before and after it."""
     lag = LoopLag(interval_s=0.002)
-    lag.start()
+    await lag.start()
     try:
         await asyncio.sleep(0.01)
         yield
@@ -57,41 +57,9 @@ def logged_stall(caplog: pytest.LogCaptureFixture) -> dict[str, int]:
     return {name: int(value) for name, value in found.groupdict().items()}
 
 
-async def test_a_blocked_loop_is_measured_even_before_the_probe_wakes() -> None:
-    lag = LoopLag(interval_s=0.002)
-    lag.start()
-    try:
-        loop = asyncio.get_running_loop()
-        await asyncio.sleep(0.01)
-        since = loop.time()
-        block_the_loop(0.03)  # it can run nothing for 30 ms
-        assert lag.stalled_ms(since) >= 27.0  # the probe is overdue: counted already
-        await asyncio.sleep(0.01)
-        assert lag.stalled_ms(since) >= 27.0  # and once it has woken
-        after = loop.time()
-        await asyncio.sleep(0.01)
-        assert lag.stalled_ms(after) < lag.stalled_ms(since)  # the stall was before `after`
-    finally:
-        await lag.stop()
-
-
-async def test_a_stall_that_began_before_the_span_counts_only_inside_it() -> None:
-    lag = LoopLag(interval_s=0.002)
-    lag.start()
-    try:
-        loop = asyncio.get_running_loop()
-        await asyncio.sleep(0.01)
-        block_the_loop(0.04)
-        since = loop.time() - 0.01  # the last 10 ms of the 40 ms stall
-        await asyncio.sleep(0.005)
-        assert 9.0 <= lag.stalled_ms(since) < 40.0
-    finally:
-        await lag.stop()
-
-
 async def test_the_busy_share_is_the_time_the_loops_thread_ran_over_the_window() -> None:
     lag = LoopLag(interval_s=0.002)
-    lag.start()
+    await lag.start()
     try:
         await asyncio.sleep(0.3)  # idle: the probe's own wakes (and waits for a CPU)
         idle = lag.busy_share(0.25)

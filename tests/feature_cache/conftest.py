@@ -30,6 +30,7 @@ async def kafka_settings(kafka_instance: KafkaInstance, key_prefix: str) -> Kafk
     settings = KafkaSettings(
         bootstrap_servers=kafka_instance.bootstrap,
         topic=f"md-{name}",
+        group_id=f"g-{name}",
     )
     await create_topics(
         kafka_instance.bootstrap, {settings.topic: PARTITIONS, settings.dead_letter_topic: 1}
@@ -69,6 +70,7 @@ def consumer_env(
         "DECISION_REDIS__KEY_PREFIX": key_prefix,
         "DECISION_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
         "DECISION_KAFKA__TOPIC": kafka_settings.topic,
+        "DECISION_KAFKA__GROUP_ID": kafka_settings.group_id,
         "DECISION_FEATURE_CACHE__METRICS_PORT": "0",
         **extra,
     }

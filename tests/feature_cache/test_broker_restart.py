@@ -35,6 +35,7 @@ async def test_consumer_resumes_from_committed_offsets_after_a_broker_restart_un
         settings = KafkaSettings(
             bootstrap_servers=f"127.0.0.1:{port}",
             topic="md-restart",
+            group_id="g-restart",
         )
         await create_topics(
             settings.bootstrap_servers, {settings.topic: PARTITIONS, settings.dead_letter_topic: 1}

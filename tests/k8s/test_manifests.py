@@ -250,7 +250,7 @@ def test_ports_and_environment_match_the_server_settings(
     assert workers == cpus(server["resources"]["requests"]["cpu"])
     assert server["resources"]["requests"] == server["resources"]["limits"]
     # Every address binds in the pod; the journal is on its volume.
-    assert settings.server.host == "0.0.0.0"
+    assert settings.server.host == settings.admin.host == "0.0.0.0"
     assert settings.telemetry.metrics_host == "0.0.0.0"
     mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
     assert settings.audit.journal_dir.startswith(mounts["journal"] + "/")

@@ -11,6 +11,7 @@ from google.rpc import error_details_pb2
 
 from feature_cache.schema import FEATURE_NAMES
 from proto.decision.v1 import decision_pb2
+from server import validation
 from server.errors import MAX_VIOLATIONS
 from tests.server.conftest import (
     buy,
@@ -49,9 +50,10 @@ def generated_request(rng: random.Random) -> decision_pb2.DecideRequest:
 
 
 async def test_generated_bad_requests_get_ok_or_invalid_argument(
-    replicas, start_app, channel_to, feature_writer
+    replicas, start_app, channel_to, feature_writer, monkeypatch
 ):
     await feature_writer.write_many([sample_record("BTC-USD")])
+    monkeypatch.setattr(validation, "MAX_BATCH_REQUESTS", 8)  # batches of 9 are too many
     # Real replicas: requests that pass validation go all the way to the model.
     app = await start_app(
         torchserve=replica_settings(replicas),

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import pytest
 
-from core.loop_lag import LoopLag
 from server.batching import BatchingClient
 from server.model_client import ModelScores
 from server.model_errors import (
@@ -302,7 +301,7 @@ def test_each_champion_has_one_call_out_and_the_challenger_several_for_torchserv
     settings = Settings(
         torchserve=TorchServeSettings(challenger_address="127.0.0.1:9"),
     )
-    replicas = Replicas.build(settings, LoopLag(interval_s=0.01), Tracing(None))
+    replicas = Replicas.build(settings, Tracing(None))
     calls_out = {
         r.name: r.client.max_concurrent_calls
         for r in replicas.all

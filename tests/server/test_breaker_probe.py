@@ -121,7 +121,7 @@ async def test_the_running_probe_closes_idle_breakers_and_drops_a_replica_reject
     await opened(rejecting, other)
     rejecting.rejects = True
     prober = probe([other, target])
-    prober.start()
+    await prober.start()
     try:
         for _ in range(100):
             if target.breaker.state == "closed":

@@ -39,7 +39,7 @@ def few_decisions_judge(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def monitor(deployment: Deployment) -> CanaryMonitor:
-    return CanaryMonitor(CanarySettings(window_s=30.0), deployment)
+    return CanaryMonitor(CanarySettings(), deployment)
 
 
 def record(canary: CanaryMonitor, side: str, n: int, *, ok: bool = True) -> None:

@@ -125,7 +125,7 @@ async def test_the_monitor_refreshes_by_itself_every_interval(
         References(reference()),  # type: ignore[arg-type]
     )
     drift.observe(live_rows(600), [0.5] * 600, "v1")
-    drift.start()
+    await drift.start()
     try:
         async with asyncio.timeout(5.0):
             while drift.status().problem:  # noqa: ASYNC110 - the task sets it, no event

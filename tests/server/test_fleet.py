@@ -44,8 +44,8 @@ async def test_an_entry_not_rewritten_expires_and_a_stopped_one_is_removed(
     stopped = FleetRegistration(
         redis_client, key_prefix=key_prefix, member=lambda: _member("b"), interval_s=10.0
     )
-    crashed.start()
-    stopped.start()
+    await crashed.start()
+    await stopped.start()
     await asyncio.sleep(0.05)
     listed = await fleet_members(redis_client, key_prefix)
     assert [m.server_id for m in listed] == ["a", "b"]

@@ -119,15 +119,19 @@ def test_every_process_names_the_variable_it_cannot_use(module, program, variabl
 
 
 @pytest.mark.parametrize(
-    ("module", "program"),
-    [("feature_cache", "feature-cache"), ("server", "decision-server")],
+    ("module", "program", "variable"),
+    [
+        ("feature_cache", "feature-cache", "DECISION_SHADOW__MAX_IN_FLIGHT"),
+        ("server", "decision-server", "DECISION_SHADOW__MAX_IN_FLIGHT"),
+        ("server", "decision-server", "DECISION_CONTROL__CANARY_AUTO_ROLLBACK"),
+    ],
 )
-def test_a_setting_of_a_retired_section_stops_every_process(module, program):
-    env = {**os.environ, "DECISION_SHADOW__MAX_IN_FLIGHT": "4"}
+def test_a_setting_of_a_retired_section_stops_every_process(module, program, variable):
+    env = {**os.environ, variable: "4"}
     done = run_module(env, module)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"{program}: invalid settings:\n")
-    assert "  DECISION_SHADOW__MAX_IN_FLIGHT: removed: " in done.stderr
+    assert f"  {variable}: removed: " in done.stderr
 
 
 def test_a_bad_secret_or_token_is_named_but_never_shown():

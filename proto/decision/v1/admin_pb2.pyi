@@ -425,7 +425,7 @@ class FeatureMirrorStatus(_message.Message):
     or its subscription was lost and it is loading again).
     """
     enabled: _builtins.bool
-    """False when the server runs without a mirror (DECISION_FEATURES__MIRROR=false)."""
+    """Always true: every server keeps a mirror (kept for clients that read it)."""
     symbols: _builtins.int
     error: _builtins.str
     """Why it is not live."""
@@ -785,7 +785,7 @@ class SetCanaryRequest(_message.Message):
     """Required."""
     force: _builtins.bool
     """Weight 1 without the check that a canary ran and was judged on this server
-    (canary.min_decisions on each side in the window, no breach). Audited.
+    (server.control.canary.MIN_DECISIONS on each side in the window, no breach). Audited.
     """
     def __init__(
         self,

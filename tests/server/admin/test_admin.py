@@ -405,7 +405,13 @@ async def _details(call: object) -> str:
 @pytest.fixture
 async def canary_app(start_app, replicas, challenger_replica, monkeypatch) -> DecisionApp:
     challenger_replica.ensure_running()
+    # A short window and sample so that the test runs in seconds; PSI between two
+    # different models on a few dozen decisions is noise, so it is not judged here.
+    # The good canary must not be judged on this machine's latency noise: the p99 of
+    # a few dozen calls is their slowest one.
     monkeypatch.setattr(canary_module, "MIN_DECISIONS", 10)
+    monkeypatch.setattr(canary_module, "WINDOW_S", 10.0)
+    monkeypatch.setattr(canary_module, "P99_SLACK_MS", 50.0)
     app: DecisionApp = await start_app(
         torchserve={
             **replica_settings(replicas),
@@ -413,11 +419,7 @@ async def canary_app(start_app, replicas, challenger_replica, monkeypatch) -> De
         },
         deadline={"model_call_ms": 60.0},
         admin={"tokens": TOKENS},
-        # A short window and sample so that the test runs in seconds; PSI between two
-        # different models on a few dozen decisions is noise, so it is not judged here.
-        # The good canary must not be judged on this machine's latency noise: the p99 of
-        # a few dozen calls is their slowest one.
-        canary={"window_s": 10.0, "max_p99_ratio": 20.0},
+        canary={"max_p99_ratio": 10.0},
     )
     await settle(app)
     return app
@@ -499,6 +501,7 @@ async def test_a_slow_but_answering_challenger_is_rolled_back_on_its_p99(
 ):
     challenger_replica.ensure_running()
     monkeypatch.setattr(canary_module, "MIN_DECISIONS", 10)
+    monkeypatch.setattr(canary_module, "WINDOW_S", 10.0)
     await feature_writer.write_many([sample_record("BTC-USD")])
     app: DecisionApp = await start_app(
         torchserve={
@@ -508,7 +511,7 @@ async def test_a_slow_but_answering_challenger_is_rolled_back_on_its_p99(
         # Long enough that the slow challenger's calls all succeed: only p99 breaches.
         deadline={"model_call_ms": 400.0},
         admin={"tokens": TOKENS},
-        canary={"window_s": 10.0, "max_p99_ratio": 2.0},
+        canary={"max_p99_ratio": 2.0},
     )
     await settle(app)
     await set_canary(app, 0.5)

@@ -87,8 +87,9 @@ journal = Journal(Path({str(tmp_path / "journal")!r}), segment_max_bytes=1 << 20
                   fsync_interval_ms=0)
 journal.open()
 settings = AuditSettings(database_url={url!r}, shutdown_drain_s=10.0)
+# Idle for a minute: nothing ships before the kill, so the drain ships all of it.
 shipper = ShipperProcess(journal, settings, migrate=True, log_level="INFO",
-                         log_format="text")
+                         log_format="text", idle_interval_ms=60_000.0)
 shipper.start()
 while not shipper.store_ok:
     time.sleep(0.01)
