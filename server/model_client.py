@@ -35,7 +35,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from core.abandon import AbandonPool
+from core.abandon import AbandonPool, Work
 from feature_cache.schema import pack_rows, representable
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from server.model_errors import (
@@ -115,13 +115,9 @@ _Response = TypeVar("_Response")
 _Answer_co = TypeVar("_Answer_co", covariant=True)
 
 
-class Rpc(Protocol[_Answer_co]):
+class Rpc(Work, Protocol[_Answer_co]):
     """A call on the wire as ``_call`` needs it: a grpc.aio call, awaited for its answer
     once done, when awaiting it does not wait (an asyncio task is one too, for tests)."""
-
-    def done(self) -> bool: ...
-
-    def add_done_callback(self, fn: Callable[[Any], None], /) -> None: ...
 
     def __await__(self) -> Generator[Any, None, _Answer_co]: ...
 

@@ -99,7 +99,7 @@ class AuditCollector(Collector):
 class FeatureCollector(Collector):
     """Where Decide's features came from: the in-process mirror or a Redis read."""
 
-    def __init__(self, source: FeatureSource, mirror: FeatureMirror | None) -> None:
+    def __init__(self, source: FeatureSource, mirror: FeatureMirror) -> None:
         self._source = source
         self._mirror = mirror
 
@@ -112,8 +112,6 @@ class FeatureCollector(Collector):
         reads.add_metric(["mirror"], self._source.mirror_reads)
         reads.add_metric(["redis"], self._source.store_reads)
         yield reads
-        if self._mirror is None:
-            return
         status = self._mirror.status()
         yield GaugeMetricFamily(
             "decision_feature_mirror_live",
@@ -276,7 +274,7 @@ def server_registry(
     replicas: Sequence[Replica],
     undelivered: UndeliveredAnswers,
     features: FeatureSource,
-    mirror: FeatureMirror | None,
+    mirror: FeatureMirror,
     canary: CanaryMonitor,
     control: Callable[[], ControlState],
     control_status: Callable[[], SyncStatus],

@@ -146,7 +146,7 @@ async def mirrored(apps: list[DecisionApp], records: list[FeatureRecord]) -> Non
     deadline = time.monotonic() + 10
     for app in apps:
         mirror = app.mirror
-        if mirror is None or not mirror.live:
+        if not mirror.live:
             continue  # the app reads Redis
         for record in records:
             while (
@@ -197,7 +197,7 @@ async def start_app(
         await app.start()
         await app.wait_ready()
         deadline = time.monotonic() + 10
-        while app.mirror is not None and not app.mirror.live:
+        while not app.mirror.live:
             assert time.monotonic() < deadline, "the feature mirror did not load"
             await asyncio.sleep(0.005)
         apps.append(app)
