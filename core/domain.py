@@ -50,7 +50,6 @@ FALLBACK_REASONS: Final = (
     "features_stale",
     "features_unusable",
     "feature_store",
-    "overloaded",
     "model_breaker_open",
     "model_timeout",
     "model_busy",

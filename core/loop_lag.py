@@ -1,10 +1,5 @@
-"""``LoopLag``: how busy and how late this process's event loop runs, measured by a probe.
-
-The probe wakes every ``interval_s``. ``busy_share(window)`` says how much of a recent
-window the loop's thread was running or waiting for a CPU (Linux's per-thread
-schedstat): near 1, the loop has no idle moment, and requests wait in gRPC's queue
-before any handler runs (its server accepts one call at a time from the loop). The
-timers stay punctual then, so lateness cannot show it (docs/overload.md).
+"""``LoopLag``: how late this process's event loop runs, measured by a probe that wakes
+every ``interval_s``.
 
 A stall over ``LOG_STALL_S`` is logged with what the loop's thread did meanwhile, which
 says whose the stall was:
@@ -31,7 +26,6 @@ import logging
 import os
 import resource
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,12 +53,8 @@ class ThreadBusy:
             self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
         except OSError:
             self._fd = None
-        if self._fd is not None and self.ns() == 0:  # a kernel that does not count
-            self.close()
-
-    def ns(self) -> int:
-        running, waiting = self.running_and_waiting_ns()
-        return running + (waiting or 0)
+        if self._fd is not None and self.running_and_waiting_ns() == (0, 0):
+            self.close()  # a kernel that does not count
 
     def running_and_waiting_ns(self) -> tuple[int, int | None]:
         """Nanoseconds on a CPU and runnable but waiting for one (None: not counted here)."""
@@ -140,18 +130,13 @@ class LoopThreadUsage:
 
 
 class LoopLag:
-    def __init__(self, *, interval_s: float = 0.005, keep: int = 512) -> None:
-        """``keep``: probes remembered (at 5 ms, about 2.5 s of history when all is
-        well; a stalled loop probes less often, so the span only grows)."""
+    def __init__(self, *, interval_s: float = 0.005) -> None:
         self._interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
         self._due = float("inf")  # when the probe should wake next (loop time)
         self._logged_at = float("-inf")
         self._gc = GcClock()
         self._watch: StallWatch | None = None
-        self._busy: ThreadBusy | None = None
-        # (loop time, busy ns of the loop's thread), one per probe wake.
-        self._busy_samples: deque[tuple[float, int]] = deque(maxlen=keep)
 
     async def start(self) -> None:
         if self._task is None:
@@ -170,19 +155,16 @@ class LoopLag:
 
     async def _probe(self, watch: StallWatch) -> None:
         loop = asyncio.get_running_loop()
-        self._busy = busy = ThreadBusy()  # opened here: the loop's own thread
+        busy = ThreadBusy()  # opened here: the loop's own thread
         try:
             await self._probe_until_cancelled(loop, watch, busy)
         finally:
-            self._busy = None
-            self._busy_samples.clear()
             busy.close()
 
     async def _probe_until_cancelled(
         self, loop: asyncio.AbstractEventLoop, watch: StallWatch, busy: ThreadBusy
     ) -> None:
         while True:
-            self._busy_samples.append((loop.time(), busy.ns()))
             self._due = loop.time() + self._interval_s
             before = LoopThreadUsage.now(busy, self._gc)
             watch.beat()
@@ -198,21 +180,3 @@ class LoopLag:
                     LoopThreadUsage.now(busy, self._gc).since(before),
                     where or "not seen",
                 )
-
-    def busy_share(self, window_s: float) -> float:
-        """The share of about the last ``window_s`` the loop's thread was running or
-        waiting for a CPU: near 1 when the loop has no idle moment (0 before the probe's
-        first sample)."""
-        busy = self._busy
-        if busy is None or not self._busy_samples:
-            return 0.0
-        now = asyncio.get_running_loop().time()
-        since = now - window_s
-        then, then_ns = self._busy_samples[0]
-        for at, ns in reversed(self._busy_samples):
-            if at <= since:
-                then, then_ns = at, ns
-                break
-        if now - then <= 0:
-            return 0.0
-        return min(1.0, (busy.ns() - then_ns) / 1e9 / (now - then))

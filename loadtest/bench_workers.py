@@ -591,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=[],
         metavar="DECISION_…=VALUE",
         help="a setting for the decision servers (repeatable), e.g."
-        " DECISION_DECISION__OVERLOAD_ACTION=reject",
+        " DECISION_SERVER__MAX_CONCURRENT_STREAMS=8",
     )
     parser.add_argument(
         "--server-cpus",

@@ -61,8 +61,9 @@ Call = Callable[[], Awaitable[str]]
 """One request; returns a label for the answer (a Decide source), raises AioRpcError."""
 
 LOWEST_US, HIGHEST_US, SIGNIFICANT_DIGITS = 1, 60_000_000, 3
-REFUSALS = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE"})
-"""The codes a server (or the channel) refuses a call with, to be retried elsewhere."""
+REFUSALS = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED"})
+"""The codes a server (or the channel) refuses a call with, to be retried elsewhere:
+CANCELLED is gRPC's core ending a call past the server's queue limit (docs/overload.md)."""
 MAX_SECONDS = 600.0
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 

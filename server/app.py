@@ -29,7 +29,6 @@ from feature_cache.mirror import FeatureMirror
 from feature_cache.store import FeatureReader
 from server.admin.control_plane import ControlPlane
 from server.admin.servicer import AdminServicer
-from server.admission import AdmissionLimit
 from server.audit.store import create_store_engine
 from server.audit.trail import AuditTrail, UnrecordedDecisions
 from server.breaker_probe import BreakerProbe
@@ -139,9 +138,6 @@ class DecisionApp:
             audit=recorder,
             decision=settings.decision,
             control=lambda: self.shared.state,
-            admission=AdmissionLimit(
-                max_in_flight=settings.decision.max_in_flight, lag=self.loop_lag
-            ),
             shadow=self.shadow,
             drift=self.drift,
             tracer=self.tracing.tracer,

@@ -40,12 +40,10 @@ from core.logs import deciding
 from fallback.chain import FallbackChain, LadderInput, LadderOutcome
 from fallback.score_cache import CachedScore, ScoreEntry, ScoreWriter
 from feature_cache.schema import model_row
-from server.admission import AdmissionLimit
 from server.audit.trail import DecisionAudit
 from server.control.flags import SHADOW_SAMPLE_RATE
 from server.control.state import GLOBAL_SCOPE, ControlState
 from server.drift import DriftMonitor
-from server.errors import Overloaded
 from server.features import FeatureSnapshot, FeatureSource
 from server.router import RoutedScores
 from server.settings import DecisionSettings
@@ -79,7 +77,6 @@ class DecisionEngine:
         audit: DecisionAudit,
         decision: DecisionSettings,
         control: Callable[[], ControlState] = ControlState,
-        admission: AdmissionLimit,
         shadow: ShadowScorer | None = None,
         drift: DriftMonitor | None = None,
         tracer: Tracer = NO_TRACER,
@@ -96,10 +93,7 @@ class DecisionEngine:
         self._drift = drift
         self._tracer = tracer
         self._rng = rng or random.Random()  # noqa: S311 - sampling, not security
-        self._admission = admission
-        self._shed_to_rules = decision.overload_action == "rules"
         self._in_flight = 0
-        self.shed = 0  # decisions shed so far (rejected, or decided without the model)
         # Decisions made so far, by who decided and what, how long each took by who
         # decided, and how old the features they read were (read by the metrics).
         self.decided: collections.Counter[tuple[Source, Decision]] = collections.Counter()
@@ -126,19 +120,13 @@ class DecisionEngine:
         self, orders: Sequence[OrderRequest], budget: Budget, call: CallInfo
     ) -> list[DecisionResult]:
         """Decides every order and records them in the audit journal before returning;
-        raises ``AuditUnavailable`` (and returns nothing) when they cannot be recorded,
-        and ``Overloaded`` when shedding by rejection."""
-        overloaded = not self._admission.admits(self._in_flight, len(orders))
-        if overloaded:
-            self.shed += len(orders)
-            if not self._shed_to_rules:
-                raise Overloaded(self._in_flight, self._admission.limit)
+        raises ``AuditUnavailable`` (and returns nothing) when they cannot be recorded."""
         self._in_flight += len(orders)
         # The ids come first, so that every log line of the decision carries them.
         ids = [str(uuid.uuid4()) for _ in orders]
         try:
             with deciding(ids):
-                return await self._decide(orders, ids, budget, call, overloaded=overloaded)
+                return await self._decide(orders, ids, budget, call)
         finally:
             self._in_flight -= len(orders)
 
@@ -148,8 +136,6 @@ class DecisionEngine:
         ids: Sequence[str],
         budget: Budget,
         call: CallInfo,
-        *,
-        overloaded: bool,
     ) -> list[DecisionResult]:
         started = time.perf_counter_ns()
         state = self._control()
@@ -173,10 +159,7 @@ class DecisionEngine:
         model_failure = ""  # why the model did not answer the scorable orders
         champion_scores: Sequence[float] = ()
         champion_version = ""
-        if scorable and overloaded:
-            model_reasons = (f"overloaded: model skipped ({self._in_flight} in flight)",)
-            model_failure = "overloaded"
-        elif scorable:
+        if scorable:
             with self._tracer.start_as_current_span("decision.model") as span:
                 routed = await self._traffic.score(rows, budget, state, now_us)
                 span.set_attribute("decision.rows", len(rows))

@@ -9,7 +9,6 @@
     ├── SharedStateUnavailable    UNAVAILABLE       (the durable store did not take an
     │                                                admin change)
     ├── StoreUnavailable          UNAVAILABLE       (the audit store did not answer a read)
-    ├── Overloaded                RESOURCE_EXHAUSTED (too many decisions in flight: shed)
     ├── Expired                   DEADLINE_EXCEEDED (the deadline passed while queued)
     └── FailedPrecondition        FAILED_PRECONDITION (the deployment cannot do it)
 
@@ -30,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -41,11 +39,6 @@ M = TypeVar("M", bound=Message)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Self_ = TypeVar("Self_")
-
-
-# A shed caller's first retry comes after this: a few admission-limit adjustments (50 ms
-# each), so that the limit can see the load it left before the load comes back.
-OVERLOADED_RETRY_DELAY_MS = 100
 
 
 class DecisionError(Exception):
@@ -114,23 +107,6 @@ class AuditUnavailable(DecisionError):
 
     def __init__(self, problem: str) -> None:
         super().__init__(f"decision not recorded, so not returned: {problem}")
-
-
-class Overloaded(DecisionError):
-    """Shed by rejection; ``google.rpc.RetryInfo`` says how long to back off."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-    def __init__(self, in_flight: int, limit: float) -> None:
-        super().__init__(
-            f"overloaded: {in_flight} decisions in flight (limit {limit:.0f});"
-            f" retry after {OVERLOADED_RETRY_DELAY_MS} ms or later, with backoff"
-        )
-
-    def details(self) -> list[Message]:
-        delay = Duration()
-        delay.FromMilliseconds(OVERLOADED_RETRY_DELAY_MS)
-        return [error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
 class Expired(DecisionError):

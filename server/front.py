@@ -32,20 +32,31 @@ DECISION_SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].f
 AUDIT_HEALTH = "decision.audit"
 # How long calls on a connection past its age may finish: far past any deadline.
 CONNECTION_AGE_GRACE_MS = 10_000
+# Calls that wait for the event loop to take them, over all connections: gRPC's core
+# cancels a new call past QUEUED_CALLS_MAX, and one past QUEUED_CALLS_SHED with a chance
+# that grows to certainty at the max (random early detection). 8 waiting calls are
+# ~15 ms at the slowest capacity measured on a 2-core VM (540/s): a queued call keeps
+# time for its model call (docs/overload.md).
+QUEUED_CALLS_MAX = 8
+QUEUED_CALLS_SHED = 4
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """SO_REUSEPORT only for the workers of one server (``server.workers``): a server on
-    its own must not silently share its port with another one started by mistake. The
-    per-connection stream cap, which gRPC's core enforces before any Python runs (a call
-    past it gets RST_STREAM(REFUSED_STREAM), or RESOURCE_EXHAUSTED at once from a client
-    with ``CALLER_OPTIONS``). A maximum connection age when one is set."""
+    its own must not silently share its port with another one started by mistake. Two
+    limits that gRPC's core enforces before any Python runs: the per-connection stream
+    cap (a call past it gets RST_STREAM(REFUSED_STREAM), or RESOURCE_EXHAUSTED at once
+    from a client with ``CALLER_OPTIONS``) and the process's queue of calls the event
+    loop has not taken yet (a call past it is cancelled: the caller sees CANCELLED). A
+    maximum connection age when one is set."""
     server = settings.server
     options = [
         ("grpc.so_reuseport", 1 if server.workers > 1 else 0),
         ("grpc.max_concurrent_streams", server.max_concurrent_streams),
+        ("grpc.server.max_pending_requests", QUEUED_CALLS_SHED),
+        ("grpc.server.max_pending_requests_hard_limit", QUEUED_CALLS_MAX),
     ]
     if server.max_connection_age_s > 0:
         options += [

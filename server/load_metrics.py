@@ -1,10 +1,12 @@
-"""The decision path's load and the replicas, for Prometheus: shedding, micro-batching,
-abandoned model calls, each replica's breaker and its calls (read when scraped)."""
+"""The decision path's load and the replicas, for Prometheus: the calls gRPC's core took
+and ended, micro-batching, abandoned model calls, each replica's breaker and its calls
+(read when scraped)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from grpc_channelz.v1 import channelz, channelz_pb2
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -20,8 +22,23 @@ from server.replica import Replica
 from server.undelivered import UndeliveredAnswers
 
 
+def core_calls() -> tuple[int, int, int]:
+    """Calls this process's gRPC servers started, finished OK, and finished with an error
+    status, as gRPC's core counts them (channelz). A call started and not finished is in
+    flight, or was ended by the core before a handler ran: cancelled past the queue
+    limit, or its deadline passed while it waited."""
+    request = channelz_pb2.GetServersRequest()
+    servers = channelz.ChannelzServicer.GetServers(request, None).server
+    return (
+        sum(s.data.calls_started for s in servers),
+        sum(s.data.calls_succeeded for s in servers),
+        sum(s.data.calls_failed for s in servers),
+    )
+
+
 class LoadCollector(Collector):
-    """Load shedding and micro-batching: what the server did with the load it got."""
+    """What the server did with the load it got: calls taken and refused, decisions in
+    flight, micro-batching."""
 
     def __init__(
         self,
@@ -36,11 +53,22 @@ class LoadCollector(Collector):
         self._wire = [c for c in unwrapped if isinstance(c, GrpcModelClient)]
 
     def collect(self) -> Iterator[Metric]:
+        started, succeeded, failed = core_calls()
         yield CounterMetricFamily(
-            "decision_shed",
-            "Decisions shed for overload: rejected, or decided without a model call.",
-            value=self._engine.shed,
+            "decision_grpc_calls_started",
+            "gRPC calls this process's servers started (gRPC's core counts them); those "
+            "not finished were in flight, or ended before a handler ran (the queue full: "
+            "the caller saw CANCELLED).",
+            value=started,
         )
+        finished = CounterMetricFamily(
+            "decision_grpc_calls_finished",
+            "gRPC calls this process's servers answered, by status: ok, or error.",
+            labels=["status"],
+        )
+        finished.add_metric(["ok"], succeeded)
+        finished.add_metric(["error"], failed)
+        yield finished
         yield GaugeMetricFamily(
             "decision_in_flight", "Decisions being made now.", value=self._engine.in_flight
         )
@@ -56,7 +84,7 @@ class LoadCollector(Collector):
             "decision_fallbacks",
             "Decisions the model did not answer, by who decided and why (a bounded set of "
             "reasons: kill_switch, no_features, features_stale, features_unusable, "
-            "feature_store, overloaded, model_breaker_open, model_timeout, model_busy, "
+            "feature_store, model_breaker_open, model_timeout, model_busy, "
             "model_unavailable, model_error, model_no_time, model_retry_budget, model_input).",
             labels=["source", "reason"],
         )

@@ -211,17 +211,6 @@ class DecisionSettings(SettingsSection):
     threshold: float = Field(
         DEFAULT_TRADE_THRESHOLD, ge=0.0, le=1.0, description="TRADE when score >= threshold."
     )
-    max_in_flight: int = Field(
-        256,
-        ge=0,
-        description="Ceiling of the admission limit: decisions being made at once (a DecideBatch "
-        "row counts one); past it new calls are shed at once. 0: no ceiling.",
-    )
-    overload_action: Literal["reject", "rules"] = Field(
-        "rules",
-        description="Shed calls are decided at once without a model call by the fallback "
-        "ladder: cached score, rules, abstain (rules), or get RESOURCE_EXHAUSTED (reject).",
-    )
 
 
 class AuditSettings(SettingsSection):

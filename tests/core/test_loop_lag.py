@@ -57,26 +57,6 @@ def logged_stall(caplog: pytest.LogCaptureFixture) -> dict[str, int]:
     return {name: int(value) for name, value in found.groupdict().items()}
 
 
-async def test_the_busy_share_is_the_time_the_loops_thread_ran_over_the_window() -> None:
-    lag = LoopLag(interval_s=0.002)
-    await lag.start()
-    try:
-        await asyncio.sleep(0.3)  # idle: the probe's own wakes (and waits for a CPU)
-        idle = lag.busy_share(0.25)
-        burn_cpu(0.2)  # 200 ms on the CPU (or waiting for it) in the last 250
-        await asyncio.sleep(0)
-        busy = lag.busy_share(0.25)
-        # Not near 0.8: time the host takes the whole VM away (steal) is counted as
-        # neither running nor waiting, and this VM loses tens of ms at a time (CI,
-        # 2026-11-27: 0.58).
-        assert busy - idle >= 0.3, (idle, busy)
-        # A window inside the busy stretch reads it as busy, and never as more than all.
-        assert 0.5 <= lag.busy_share(0.01) <= 1.0
-    finally:
-        await lag.stop()
-    assert lag.busy_share(0.25) == 0.0  # stopped: no probe, no claim
-
-
 async def test_a_stall_is_logged_with_the_cpu_and_collection_time_it_took(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -132,9 +132,9 @@ def test_defaults_follow_the_cpus_each_side_may_use() -> None:
 
 
 def test_server_settings_are_decision_variables_with_a_value() -> None:
-    assert setting("DECISION_DECISION__OVERLOAD_ACTION=reject") == (
-        "DECISION_DECISION__OVERLOAD_ACTION",
-        "reject",
+    assert setting("DECISION_SERVER__MAX_CONCURRENT_STREAMS=8") == (
+        "DECISION_SERVER__MAX_CONCURRENT_STREAMS",
+        "8",
     )
     assert setting("DECISION_X=") == ("DECISION_X", "")
     for text in ("PATH=/tmp", "DECISION_X"):

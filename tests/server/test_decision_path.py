@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import re
 import time
 from collections.abc import Sequence
@@ -20,7 +19,6 @@ from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 from feature_cache.mirror import FeatureMirror
 from proto.decision.v1 import decision_pb2
 from server import model_errors, redis_clients
-from server.admission import AdmissionLimit
 from tests.server.conftest import (
     MirroredFeatureWriter,
     buy,
@@ -445,11 +443,6 @@ async def test_more_concurrent_calls_than_redis_connections_all_get_the_model(
     monkeypatch.setattr(redis_clients, "DECISION_REDIS_CONNECTIONS", 2)
     # Every call reads Redis: with the mirror answering, none would use the pool at all.
     monkeypatch.setattr(FeatureMirror, "lookup", lambda self, symbols: None)
-    # About the connection pool, not admission: 40 calls at once stall this test's loop
-    # on a slow day, and the admission limit would shed some to the ladder.
-    monkeypatch.setattr(
-        server.app, "AdmissionLimit", functools.partial(AdmissionLimit, max_busy_share=1.0)
-    )
     app = await start_app(
         torchserve=replica_settings(replicas),
         # 40 calls at once on one connection, past the default stream cap.

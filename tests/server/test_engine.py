@@ -21,12 +21,10 @@ from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry, ScoreWriter
 from feature_cache.schema import FEATURE_INDEX, FEATURE_NAMES
 from feature_cache.store import FeatureReader, FeatureRecord
-from server.admission import AdmissionLimit
 from server.control.canary import CanaryMonitor
 from server.control.flags import SHADOW_SAMPLE_RATE, flag_specs
 from server.control.state import CANARY_FIELD, KILL_PREFIX, Change, ControlState, Entry, FlagSpec
 from server.engine import DecisionEngine
-from server.errors import Overloaded
 from server.features import FeatureSource
 from server.model_client import ModelScores
 from server.model_errors import ModelNoTime, ModelUnavailable
@@ -214,12 +212,6 @@ class Parts:
             audit=self.audit,
             decision=decision,
             control=lambda: self.state,
-            admission=AdmissionLimit(
-                max_in_flight=decision.max_in_flight,
-                min_in_flight=1,
-                max_busy_share=0.85,
-                lag=None,
-            ),
             shadow=cast(Any, self.shadow),
             rng=random.Random(1),
         )
@@ -338,32 +330,6 @@ async def test_a_failed_feature_read_abstains_without_a_second_redis_read(parts:
     )
     assert result.fallback == "feature_store"
     assert parts.cache.lookups == 0 and parts.primary.calls == []
-
-
-async def test_overload_shedding_to_rules_skips_the_model() -> None:
-    async with Parts(decision=DecisionSettings(max_in_flight=1, overload_action="rules")) as parts:
-        parts.primary.released.clear()
-        first = asyncio.create_task(parts.decide("BTC-USD"))
-        await asyncio.sleep(0.001)  # in the model call, holding the one slot
-        [shed] = await parts.decide("ETH-USD")
-        parts.primary.released.set()
-        await first
-        assert shed.source is Source.RULES
-        assert shed.reason.startswith("overloaded: model skipped (2 in flight); no cached score")
-        assert shed.fallback == "overloaded"
-        assert parts.engine.shed == 1
-
-
-async def test_overload_shedding_by_rejection_raises_and_records_nothing() -> None:
-    async with Parts(decision=DecisionSettings(max_in_flight=1, overload_action="reject")) as parts:
-        parts.primary.released.clear()
-        first = asyncio.create_task(parts.decide("BTC-USD"))
-        await asyncio.sleep(0.001)
-        with pytest.raises(Overloaded):
-            await parts.decide("ETH-USD")
-        parts.primary.released.set()
-        await first
-        assert len(parts.audit.recorded) == 1  # only the first decision's
 
 
 async def test_the_canary_share_goes_to_the_challenger_and_is_not_cached(parts: Parts) -> None:

@@ -88,10 +88,10 @@ def run_module(env: dict[str, str], module: str, *args: str) -> subprocess.Compl
 
 
 def test_print_config_exits_without_serving_and_bad_values_name_the_field():
-    env = {**os.environ, "DECISION_DECISION__MAX_IN_FLIGHT": "7"}
+    env = {**os.environ, "DECISION_DECISION__THRESHOLD": "0.7"}
     done = run_module(env, "server", "--print-config")
     assert done.returncode == 0, done.stderr
-    assert "DECISION_DECISION__MAX_IN_FLIGHT=7" in done.stdout.splitlines()
+    assert "DECISION_DECISION__THRESHOLD=0.7" in done.stdout.splitlines()
     env["DECISION_SERVER__PORT"] = "not-a-port"
     done = run_module(env, "server")
     assert done.returncode == 2

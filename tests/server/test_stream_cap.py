@@ -1,10 +1,13 @@
-"""Past ``server.max_concurrent_streams`` calls on one connection, gRPC's core refuses
-the next one before the server's Python sees it: a caller with ``CALLER_OPTIONS`` gets
-RESOURCE_EXHAUSTED at once, never a call queued past its deadline."""
+"""gRPC's core refuses calls before the server's Python sees them: past
+``server.max_concurrent_streams`` calls on one connection (a caller with
+``CALLER_OPTIONS`` gets RESOURCE_EXHAUSTED at once), and past ``QUEUED_CALLS_MAX`` calls
+waiting for the event loop over all connections (CANCELLED at once): never a call queued
+past its deadline."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +19,8 @@ import sqlalchemy as sa
 from core.caller import CALLER_OPTIONS
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
+from server.front import QUEUED_CALLS_MAX
+from server.load_metrics import core_calls
 from tests.server.admin.test_admin import wait_store_rows
 from tests.server.conftest import buy, replica_settings, sample_record, settle
 
@@ -115,3 +120,64 @@ async def test_without_the_callers_option_a_call_past_the_cap_waits_in_the_chann
     assert isinstance(queued, grpc.RpcError)
     assert queued.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert ms >= 190
+
+
+async def test_calls_past_the_queue_limit_are_refused_at_once_while_the_loop_is_busy(
+    start_app, replicas, feature_writer
+):
+    """The queue limit holds for the process, whatever the connections: while the event
+    loop is blocked, calls past it are cancelled by gRPC's core and return before the
+    loop is free; the calls it queued are decided once it is."""
+    await feature_writer.write_many([sample_record("BTC-USD")])
+    app: DecisionApp = await start_app(torchserve=replica_settings(replicas))
+    await settle(app)
+    calls, blocked_s = 4 * QUEUED_CALLS_MAX, 1.0
+    channels = [  # one call per connection: no stream cap is reached
+        grpc.insecure_channel(
+            f"127.0.0.1:{app.port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(calls)
+    ]
+    try:
+        for channel in channels:
+            await asyncio.to_thread(grpc.channel_ready_future(channel).result, 5.0)
+        started_before, *_ = core_calls()
+        stubs = [decision_pb2_grpc.DecisionServiceStub(channel) for channel in channels]
+
+        def call(stub: decision_pb2_grpc.DecisionServiceStub) -> tuple[object, float]:
+            started = time.monotonic()
+            try:
+                answer: object = stub.Decide(buy(), timeout=10.0)
+            except grpc.RpcError as exc:
+                answer = exc
+            return answer, time.monotonic() - started
+
+        with concurrent.futures.ThreadPoolExecutor(calls) as pool:
+            sent = [pool.submit(call, stub) for stub in stubs]
+            # Blocks the server's loop (this one) on purpose: it takes no call meanwhile.
+            time.sleep(blocked_s)  # noqa: ASYNC251
+            outcomes = [await asyncio.wrap_future(f) for f in sent]
+    finally:
+        for channel in channels:
+            channel.close()
+
+    answered = [a for a, _ in outcomes if isinstance(a, decision_pb2.DecideResponse)]
+    refused = [(a, s) for a, s in outcomes if not isinstance(a, decision_pb2.DecideResponse)]
+    for answer, seconds in refused:
+        assert isinstance(answer, grpc.RpcError), answer
+        assert answer.code() == grpc.StatusCode.CANCELLED, answer
+        assert seconds < blocked_s / 2, "a refused call waited for the loop"
+    # The queue holds at most the limit, and one call more the server had asked for.
+    assert calls - len(refused) <= QUEUED_CALLS_MAX + 1
+    assert len(answered) == calls - len(refused) >= 1
+    # gRPC's own counts, which the metrics export, see the refusals the handlers never did.
+    started, succeeded, failed = core_calls()
+    assert started - started_before >= calls
+    assert started - succeeded - failed >= len(refused)
+
+    # Every decision returned is in the audit store; refused calls made none.
+    database = Path(app.settings.audit.journal_dir).parent / "audit.db"
+    rows = await wait_store_rows(
+        database, len(answered), sa.text("SELECT decision_id FROM decisions")
+    )
+    assert {r.decision_id for r in rows} == {a.decision_id for a in answered}

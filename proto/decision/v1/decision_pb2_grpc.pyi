@@ -37,16 +37,15 @@ class DecisionServiceStub:
     budget. Bad input is rejected with INVALID_ARGUMENT naming the field.
 
     The contract under load: an answer inside the deadline, or a refusal within
-    a few milliseconds, not an answer after the deadline (while a server's
-    connections times its stream limit fit what it answers in time). A connection may
+    a few milliseconds, not an answer after the deadline. A connection may
     have a limited number of calls in flight (the server's HTTP/2
     MAX_CONCURRENT_STREAMS); the call past it is refused before the server does
     any work: RESOURCE_EXHAUSTED from a channel with the options
     grpc.http.max_concurrent_streams_reject_on_client=1 and
     grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
-    UNAVAILABLE from the server. A server past its admission limit answers from
-    the fallback ladder at once (or RESOURCE_EXHAUSTED with RetryInfo, by
-    setting). Retry a refusal on another server, or decide without us.
+    UNAVAILABLE from the server. A server whose queue of calls not yet taken is
+    full cancels the next one at once (CANCELLED, no decision made). Retry a
+    refusal on another server, or decide without us.
     """
 
     @_typing.overload
@@ -67,16 +66,15 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     budget. Bad input is rejected with INVALID_ARGUMENT naming the field.
 
     The contract under load: an answer inside the deadline, or a refusal within
-    a few milliseconds, not an answer after the deadline (while a server's
-    connections times its stream limit fit what it answers in time). A connection may
+    a few milliseconds, not an answer after the deadline. A connection may
     have a limited number of calls in flight (the server's HTTP/2
     MAX_CONCURRENT_STREAMS); the call past it is refused before the server does
     any work: RESOURCE_EXHAUSTED from a channel with the options
     grpc.http.max_concurrent_streams_reject_on_client=1 and
     grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
-    UNAVAILABLE from the server. A server past its admission limit answers from
-    the fallback ladder at once (or RESOURCE_EXHAUSTED with RetryInfo, by
-    setting). Retry a refusal on another server, or decide without us.
+    UNAVAILABLE from the server. A server whose queue of calls not yet taken is
+    full cancels the next one at once (CANCELLED, no decision made). Retry a
+    refusal on another server, or decide without us.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -93,16 +91,15 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
     budget. Bad input is rejected with INVALID_ARGUMENT naming the field.
 
     The contract under load: an answer inside the deadline, or a refusal within
-    a few milliseconds, not an answer after the deadline (while a server's
-    connections times its stream limit fit what it answers in time). A connection may
+    a few milliseconds, not an answer after the deadline. A connection may
     have a limited number of calls in flight (the server's HTTP/2
     MAX_CONCURRENT_STREAMS); the call past it is refused before the server does
     any work: RESOURCE_EXHAUSTED from a channel with the options
     grpc.http.max_concurrent_streams_reject_on_client=1 and
     grpc.enable_retries=0 (without them gRPC queues the call in the channel), or
-    UNAVAILABLE from the server. A server past its admission limit answers from
-    the fallback ladder at once (or RESOURCE_EXHAUSTED with RetryInfo, by
-    setting). Retry a refusal on another server, or decide without us.
+    UNAVAILABLE from the server. A server whose queue of calls not yet taken is
+    full cancels the next one at once (CANCELLED, no decision made). Retry a
+    refusal on another server, or decide without us.
     """
 
     @_abc_1.abstractmethod
