@@ -35,6 +35,10 @@ from tests.server.conftest import (
 pytestmark = pytest.mark.integration
 
 
+# How gRPC's core refuses a call past the server's queue limit (server/front.py).
+REFUSED = grpc.StatusCode.CANCELLED
+
+
 class Load:
     """Closed-loop Decide calls from ``concurrency`` tasks; remembers every OK decision id."""
 
@@ -154,7 +158,9 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
 
         assert served_before_kill > 100, load.errors
         assert len(load.ok_ids) > served_before_kill + 100  # the restarted server served
-        assert set(load.errors) <= {grpc.StatusCode.UNAVAILABLE}, load.errors
+        # UNAVAILABLE while the server was down; CANCELLED for a call its queue limit
+        # refused (8 callers, a busy loop): no decision made, so nothing to store.
+        assert set(load.errors) <= {grpc.StatusCode.UNAVAILABLE, REFUSED}, load.errors
 
         # The restarted server ships the killed one's journal, then its own.
         ok_ids = list(load.ok_ids)
@@ -213,7 +219,8 @@ async def test_decisions_go_on_while_the_database_is_down_and_all_arrive_after(
         assert backlog > 0
         assert metrics_down["decision_audit_store_up"] == 0.0
         assert metrics_down["decision_audit_backlog_bytes"] > 0
-        assert not load.errors, load.errors  # no decision failed because of the database
+        # No decision failed because of the database (the queue limit may refuse a call).
+        assert set(load.errors) <= {REFUSED}, load.errors
         served = len(load.ok_ids)
         assert served > 100
 
