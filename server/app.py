@@ -32,6 +32,7 @@ from server.admin.servicer import AdminServicer
 from server.audit.store import create_store_engine
 from server.audit.trail import AuditTrail, UnrecordedDecisions
 from server.breaker_probe import BreakerProbe
+from server.call_tally import CallTally
 from server.control.canary import CanaryMonitor
 from server.control.changes import AuditedChanges, CanaryRollback
 from server.control.durable import ControlStore
@@ -43,6 +44,7 @@ from server.engine import DecisionEngine
 from server.features import FeatureSource
 from server.fleet_entry import FleetEntry
 from server.front import GrpcFront
+from server.load_metrics import core_calls
 from server.readiness import until_ready
 from server.redis_clients import SOCKET_TIMEOUT_S, decision_redis, side_redis
 from server.replicas import Replicas, traffic
@@ -148,6 +150,12 @@ class DecisionApp:
             control=lambda: self.shared.state,
         )
         self.undelivered = UndeliveredAnswers()
+        self.call_tally = CallTally(
+            lambda: self.audit.server_id,
+            core_calls,
+            lambda: self.engine.calls_in_flight,
+            self.audit.record_calls,
+        )
         registry = server_registry(
             engine=self.engine,
             replicas=replicas.all,
@@ -246,6 +254,8 @@ class DecisionApp:
             await parts.start("drift monitor", self.drift)
         parts.on_stop("decision engine", self.engine.stop)
         await parts.start("gRPC servers", self.front)
+        if self.settings.audit.enabled:  # stopped before the servers, which channelz forgets
+            await parts.start("call tally", self.call_tally)
         # Runs before the servers' stop (the stack unwinds in reverse): the fleet list
         # says NOT serving for the whole grace period, as health does.
         parts.on_stop("fleet entry", self._leave_serving)

@@ -94,6 +94,7 @@ class DecisionEngine:
         self._tracer = tracer
         self._rng = rng or random.Random()  # noqa: S311 - sampling, not security
         self._in_flight = 0
+        self._calls_in_flight = 0
         # Decisions made so far, by who decided and what, how long each took by who
         # decided, and how old the features they read were (read by the metrics).
         self.decided: collections.Counter[tuple[Source, Decision]] = collections.Counter()
@@ -104,7 +105,13 @@ class DecisionEngine:
 
     @property
     def in_flight(self) -> int:
+        """Decisions being made now (a DecideBatch call's orders each count)."""
         return self._in_flight
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Decide and DecideBatch calls being decided now."""
+        return self._calls_in_flight
 
     def tally(self) -> Tally:
         by_source: collections.Counter[str] = collections.Counter()
@@ -122,6 +129,7 @@ class DecisionEngine:
         """Decides every order and records them in the audit journal before returning;
         raises ``AuditUnavailable`` (and returns nothing) when they cannot be recorded."""
         self._in_flight += len(orders)
+        self._calls_in_flight += 1
         # The ids come first, so that every log line of the decision carries them.
         ids = [str(uuid.uuid4()) for _ in orders]
         try:
@@ -129,6 +137,7 @@ class DecisionEngine:
                 return await self._decide(orders, ids, budget, call)
         finally:
             self._in_flight -= len(orders)
+            self._calls_in_flight -= 1
 
     async def _decide(
         self,

@@ -1,8 +1,10 @@
 """What the audit trail records: one ``DecisionRecord`` per decision, one ``AdminRecord``
 per accepted admin change, one ``ShadowRecord`` per challenger score of a shadowed
-decision. They travel through the journal as JSON (orjson: ~1 us a record); ``kind``
-tells the shipper where each lands: decisions and admin actions in their own tables, a
-shadow score in its decision's shadow columns (always journalled after the decision).
+decision, one ``CallTallyRecord`` per server a minute (the calls refused without a
+decision, in aggregate). They travel through the journal as JSON (orjson: ~1 us a
+record); ``kind`` tells the shipper where each lands: decisions, admin actions and call
+tallies in their own tables, a shadow score in its decision's shadow columns (always
+journalled after the decision).
 
 Enum fields are stored by name ("TRADE", "PRIMARY") so that the rows read well to an
 auditor without a lookup table; times are wall-clock microseconds since the epoch.
@@ -19,6 +21,8 @@ import orjson
 DECISION: Final = "decision"
 ADMIN: Final = "admin"
 SHADOW: Final = "shadow"
+CALLS: Final = "calls"
+KINDS: Final = frozenset({DECISION, ADMIN, SHADOW, CALLS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +86,27 @@ class ShadowRecord:
     kind: str = SHADOW
 
 
-AuditRecord = DecisionRecord | AdminRecord | ShadowRecord
+@dataclass(frozen=True, slots=True)
+class CallTallyRecord:
+    """The gRPC calls one server process's core saw from ``from_us`` to ``to_us``: Decide
+    calls, and the few health, reflection and admin ones. A refused call (past the queue
+    limit, gRPC's core cancelled it before any handler ran) made no decision and has no
+    record of its own: it is counted here."""
+
+    server_id: str
+    from_us: int
+    to_us: int
+    calls_started: int
+    calls_answered: int  # ended OK
+    calls_failed: int  # ended with an error status from a handler
+    # Started and neither answered nor failed, less the growth of the Decide calls in
+    # flight: the calls gRPC's core ended before a handler ran (refused, or expired while
+    # queued).
+    calls_refused: int
+    kind: str = CALLS
+
+
+AuditRecord = DecisionRecord | AdminRecord | ShadowRecord | CallTallyRecord
 
 
 def encode(record: AuditRecord) -> bytes:
@@ -92,6 +116,6 @@ def encode(record: AuditRecord) -> bytes:
 def decode(payload: bytes) -> dict[str, Any]:
     """The record as a dict (the shipper's input); raises ``orjson.JSONDecodeError``."""
     value = orjson.loads(payload)
-    if not isinstance(value, dict) or value.get("kind") not in (DECISION, ADMIN, SHADOW):
+    if not isinstance(value, dict) or value.get("kind") not in KINDS:
         raise ValueError("not an audit record")
     return value

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from server.audit.record import ADMIN, DECISION, SHADOW, AdminRecord
+from server.audit.record import ADMIN, CALLS, DECISION, SHADOW, AdminRecord
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,23 @@ control_state = sa.Table(
     sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# The calls each server's gRPC core saw, a row a minute (``server.call_tally``): refused
+# calls made no decision row, and are counted here.
+call_tallies = sa.Table(
+    "call_tallies",
+    metadata,
+    sa.Column("server_id", sa.String(128), primary_key=True),
+    sa.Column("from_at", sa.DateTime(timezone=True), primary_key=True),
+    sa.Column("to_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("calls_started", sa.BigInteger, nullable=False),
+    sa.Column("calls_answered", sa.BigInteger, nullable=False),
+    sa.Column("calls_failed", sa.BigInteger, nullable=False),
+    sa.Column("calls_refused", sa.BigInteger, nullable=False),
+    sa.Index("ix_call_tallies_from_at", "from_at"),
+)
+
 _ADMIN_COLUMNS = frozenset(c.name for c in admin_actions.columns)
+_CALL_TALLY_COLUMNS = frozenset(c.name for c in call_tallies.columns)
 _SHADOW_FIELDS = ("decision_id", "shadow_model_name", "shadow_model_version", "shadow_score")
 _UPDATE_SHADOW = (
     decisions.update()
@@ -156,6 +172,12 @@ class AdminActionQuery:
 def admin_row(record: Mapping[str, Any]) -> dict[str, Any]:
     row = {k: v for k, v in record.items() if k in _ADMIN_COLUMNS}
     row["at"] = from_us(record["at_us"])
+    return row
+
+
+def call_tally_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    row = {k: v for k, v in record.items() if k in _CALL_TALLY_COLUMNS}
+    row["from_at"], row["to_at"] = from_us(record["from_us"]), from_us(record["to_us"])
     return row
 
 
@@ -247,8 +269,8 @@ class AuditStore:
 
     Decisions take each database's bulk path: SQLite ``executemany``; PostgreSQL
     ``COPY`` into a temporary table, then one ``INSERT ... SELECT``. Both skip ids already
-    stored (``ON CONFLICT DO NOTHING``) and raise on any other bad row. Admin actions are
-    rare and go through SQLAlchemy.
+    stored (``ON CONFLICT DO NOTHING``) and raise on any other bad row. Admin actions and
+    call tallies are rare and go through SQLAlchemy.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -262,6 +284,9 @@ class AuditStore:
             raise ValueError(f"audit store: unsupported database {self.dialect!r}")
         self._insert_admin = insert(admin_actions).on_conflict_do_nothing(
             index_elements=["action_id"]
+        )
+        self._insert_call_tally = insert(call_tallies).on_conflict_do_nothing(
+            index_elements=["server_id", "from_at"]
         )
         # Statements built from the table definition's column names; values are bound.
         columns = ", ".join(DECISION_COLUMNS)
@@ -281,11 +306,14 @@ class AuditStore:
         decision_records: list[Mapping[str, Any]] = []
         admin_rows: list[dict[str, Any]] = []
         shadow_rows: list[dict[str, Any]] = []
+        call_tally_rows: list[dict[str, Any]] = []
         for record in records:
             if record["kind"] == DECISION:
                 decision_records.append(record)
             elif record["kind"] == ADMIN:
                 admin_rows.append(admin_row(record))
+            elif record["kind"] == CALLS:
+                call_tally_rows.append(call_tally_row(record))
             elif record["kind"] == SHADOW:
                 shadow_rows.append(
                     {
@@ -313,6 +341,8 @@ class AuditStore:
                     cursor.close()
             if admin_rows:
                 conn.execute(self._insert_admin, admin_rows)
+            if call_tally_rows:
+                conn.execute(self._insert_call_tally, call_tally_rows)
             if shadow_rows:
                 # After the inserts: a shadow record follows its decision in the journal,
                 # so the decision's row exists, from this batch or an earlier one.
@@ -322,7 +352,7 @@ class AuditStore:
                         "%d shadow scores found no decision row to fill",
                         len(shadow_rows) - updated.rowcount,
                     )
-        return len(decision_records) + len(admin_rows) + len(shadow_rows)
+        return len(decision_records) + len(admin_rows) + len(shadow_rows) + len(call_tally_rows)
 
     def _insert_sqlite(self, cursor: Any, records: list[Mapping[str, Any]]) -> None:
         cursor.executemany(

@@ -20,7 +20,7 @@ from core.domain import CallInfo, DecisionResult, OrderRequest
 from core.settings import TelemetrySettings
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
 from server.audit.journal import SEGMENT_MAX_BYTES, Journal, JournalLocked, JournalWriteError
-from server.audit.record import DecisionRecord, ShadowRecord, encode
+from server.audit.record import CallTallyRecord, DecisionRecord, ShadowRecord, encode
 from server.audit.ship_process import ShipperProcess
 from server.audit.shipper import ShipperStatus
 from server.audit.store import AuditStore, create_store_engine
@@ -232,6 +232,10 @@ class AuditTrail:
 
     def record_shadow(self, records: Sequence[ShadowRecord]) -> None:
         self._append([encode(r) for r in records])
+
+    def record_calls(self, record: CallTallyRecord) -> None:
+        """Raises ``JournalWriteError`` when the journal cannot take it."""
+        self.journal.append([encode(record)])
 
     def _append(self, payloads: list[bytes]) -> None:
         try:

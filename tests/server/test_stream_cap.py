@@ -181,3 +181,11 @@ async def test_calls_past_the_queue_limit_are_refused_at_once_while_the_loop_is_
         database, len(answered), sa.text("SELECT decision_id FROM decisions")
     )
     assert {r.decision_id for r in rows} == {a.decision_id for a in answered}
+
+    # Refused calls made no decision; the server's call tallies count them.
+    await app.stop()  # the last tally is journalled as it stops
+    tallies = await wait_store_rows(
+        database, 1, sa.text("SELECT calls_started, calls_refused FROM call_tallies")
+    )
+    assert sum(t.calls_refused for t in tallies) == len(refused)
+    assert sum(t.calls_started for t in tallies) >= calls

@@ -8,13 +8,15 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from server.audit.migrate import downgrade, upgrade
-from server.audit.record import AdminRecord, decode, encode
+from server.audit.record import AdminRecord, CallTallyRecord, decode, encode
 from server.audit.store import (
     AuditStore,
     admin_actions,
+    call_tallies,
     create_store_engine,
     decisions,
     metadata,
+    to_us,
 )
 from tests.server.audit.conftest import decision_record
 
@@ -82,8 +84,21 @@ def test_inserts_are_idempotent_and_keep_every_field(database_url):
                 )
             )
         )
-        store.insert([*records, admin])
-        store.insert([*records[:20], admin])  # shipped again after a crash
+        tally = decode(
+            encode(
+                CallTallyRecord(
+                    server_id="pod-1:50051",
+                    from_us=1_700_000_000_000_000,
+                    to_us=1_700_000_060_000_000,
+                    calls_started=900,
+                    calls_answered=850,
+                    calls_failed=2,
+                    calls_refused=48,
+                )
+            )
+        )
+        store.insert([*records, admin, tally])
+        store.insert([*records[:20], admin, tally])  # shipped again after a crash
         assert store.count_decisions() == 50
         with engine.connect() as conn:
             row = (
@@ -92,10 +107,15 @@ def test_inserts_are_idempotent_and_keep_every_field(database_url):
                 .one()
             )
             actions = conn.execute(sa.select(admin_actions.c.actor, admin_actions.c.after)).all()
+            tallies = conn.execute(sa.select(call_tallies)).mappings().all()
         assert row["features"] == {"spread_bps": 8.5}
         assert row["score"] is None
         assert row["model_version"] == "a" * 64
         assert row["source"] == "PRIMARY"
         assert actions == [("alice", {"mode": "FORCE_OPEN"})]
+        assert [(t["server_id"], t["calls_started"], t["calls_refused"]) for t in tallies] == [
+            ("pod-1:50051", 900, 48)
+        ]
+        assert to_us(tallies[0]["to_at"]) - to_us(tallies[0]["from_at"]) == 60_000_000
     finally:
         store.dispose()

@@ -1,0 +1,97 @@
+"""The call tally's arithmetic, on counts this test sets (the live counts: test_stream_cap)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.audit.journal import JournalWriteError
+from server.audit.record import CallTallyRecord
+from server.call_tally import CallTally
+
+
+class Counts:
+    """gRPC's core counts and the calls in flight, as the test moves them."""
+
+    def __init__(self) -> None:
+        self.started = self.answered = self.failed = self.in_flight = 0
+        self.now_us = 1_000_000
+
+    def core(self) -> tuple[int, int, int]:
+        return self.started, self.answered, self.failed
+
+    def calls(
+        self, *, answered: int = 0, failed: int = 0, refused: int = 0, opened: int = 0
+    ) -> None:
+        """Calls that ended in each way, and ``opened`` more still being decided."""
+        self.started += answered + failed + refused + opened
+        self.answered += answered
+        self.failed += failed
+        self.in_flight += opened
+        self.now_us += 60_000_000
+
+    def finish(self, answered: int) -> None:
+        self.answered += answered
+        self.in_flight -= answered
+        self.now_us += 1_000_000
+
+
+class Journal:
+    """Keeps what it is given; refuses the first ``failures`` as a full disk would."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.records: list[CallTallyRecord] = []
+        self._failures = failures
+
+    def record(self, tally: CallTallyRecord) -> None:
+        if self._failures:
+            self._failures -= 1
+            raise JournalWriteError("disk full")
+        self.records.append(tally)
+
+
+def tally_of(counts: Counts, journal: Journal) -> CallTally:
+    return CallTally(
+        lambda: "pod-1:50051",
+        counts.core,
+        lambda: counts.in_flight,
+        journal.record,
+        clock_us=lambda: counts.now_us,
+    )
+
+
+def test_each_tally_counts_the_calls_since_the_last_and_the_in_flight_ones_when_they_end():
+    counts, journal = Counts(), Journal()
+    tally = tally_of(counts, journal)
+    counts.calls(answered=900, failed=3, refused=40, opened=5)
+    tally.journal()
+    counts.finish(answered=5)
+    tally.journal()
+
+    first, second = journal.records
+    assert (first.calls_started, first.calls_answered, first.calls_failed) == (948, 900, 3)
+    assert first.calls_refused == 40  # the 5 still being decided are not refusals
+    assert (second.calls_started, second.calls_answered, second.calls_refused) == (0, 5, 0)
+    assert (first.from_us, first.to_us, second.from_us) == (1_000_000, 61_000_000, 61_000_000)
+    assert first.server_id == "pod-1:50051"
+
+
+def test_a_tally_the_journal_refused_is_counted_in_the_next():
+    counts, journal = Counts(), Journal(failures=1)
+    tally = tally_of(counts, journal)
+    counts.calls(answered=10, refused=2)
+    tally.journal()  # logged, not raised: the server goes on
+    counts.calls(answered=7, refused=1)
+    tally.journal()
+
+    (only,) = journal.records
+    assert (only.from_us, only.calls_answered, only.calls_refused) == (1_000_000, 17, 3)
+
+
+@pytest.mark.asyncio
+async def test_stopping_journals_the_last_tally():
+    counts, journal = Counts(), Journal()
+    tally = tally_of(counts, journal)
+    await tally.start()
+    counts.calls(answered=3, refused=1)
+    await tally.stop()
+    assert [(t.calls_answered, t.calls_refused) for t in journal.records] == [(3, 1)]
