@@ -7,8 +7,8 @@ A ``LoadSpec`` says what to call, how and for how long:
   ``Predictions`` with the packed float32 row the decision server sends) or ``oip`` (the
   Open Inference Protocol's ``ModelInfer`` as Triton serves it, the same row);
 - ``mode``: ``closed`` (``concurrency`` callers, each sending its next call when the
-  previous one answered) or ``open`` (``rate_per_s`` calls on a fixed schedule that does
-  not wait for answers);
+  previous one answered, or after a backoff when it was refused) or ``open``
+  (``rate_per_s`` calls on a fixed schedule that does not wait for answers);
 - bounds: loopback addresses only, ``seconds`` measured after ``warmup_s`` not recorded,
   at most ``max_requests`` measured calls, each with a ``timeout_s`` deadline.
 
@@ -48,6 +48,7 @@ import uvloop
 # hdrhistogram ships no type stubs or py.typed marker; HdrHistogram is used as Any.
 from hdrh.histogram import HdrHistogram
 
+from core.backoff import Backoff
 from core.caller import CALLER_OPTIONS
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
@@ -64,6 +65,10 @@ LOWEST_US, HIGHEST_US, SIGNIFICANT_DIGITS = 1, 60_000_000, 3
 REFUSALS = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED"})
 """The codes a server (or the channel) refuses a call with, to be retried elsewhere:
 CANCELLED is gRPC's core ending a call past the server's queue limit (docs/overload.md)."""
+# A refused closed-loop caller waits before its next call, as a caller that retries
+# elsewhere would: resending at once only spins, on the CPU the server needs when they
+# share a machine. From a refusal's own time, doubling to the product's deadline.
+REFUSED_BACKOFF_S, REFUSED_BACKOFF_MAX_S = 0.001, 0.05
 MAX_SECONDS = 600.0
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
@@ -178,8 +183,9 @@ class Recorder:
         self.send_lag_total_s += lag_s
         self.send_lag_max_s = max(self.send_lag_max_s, lag_s)
 
-    async def observe(self, call: Call, since: float) -> None:
-        """Runs ``call``; an OK answer's latency is counted from ``since`` (perf_counter)."""
+    async def observe(self, call: Call, since: float) -> bool:
+        """Runs ``call``; an OK answer's latency is counted from ``since`` (perf_counter).
+        Whether the call was refused."""
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -189,6 +195,7 @@ class Recorder:
             if exc.code().name in REFUSALS:
                 refused_us = round((time.perf_counter() - since) * 1e6)
                 self.refusals.record_value(min(max(refused_us, LOWEST_US), HIGHEST_US))
+                return True
         else:
             latency_us = round((time.perf_counter() - since) * 1e6)
             self.histogram.record_value(min(max(latency_us, LOWEST_US), HIGHEST_US))
@@ -196,6 +203,7 @@ class Recorder:
             self.answers[answer] += 1
         finally:
             self.in_flight -= 1
+        return False
 
     def result(self, elapsed_s: float, cpu_s: float) -> WorkerResult:
         return WorkerResult(
@@ -217,17 +225,22 @@ class Recorder:
 async def closed_loop(
     call: Call, recorder: Recorder, *, concurrency: int, seconds: float, max_requests: int
 ) -> float:
-    """``concurrency`` callers for ``seconds``; returns the elapsed time, last answer included."""
+    """``concurrency`` callers for ``seconds``, each backing off after a refusal; returns
+    the elapsed time, last answer included."""
     start = time.perf_counter()
     stop_at = start + seconds
     sent = 0
 
     async def caller() -> None:
         nonlocal sent
+        backoff = Backoff(initial_s=REFUSED_BACKOFF_S, max_s=REFUSED_BACKOFF_MAX_S)
         while sent < max_requests and time.perf_counter() < stop_at:
             sent += 1
             recorder.note_send(0.0)
-            await recorder.observe(call, time.perf_counter())
+            if await recorder.observe(call, time.perf_counter()):
+                await asyncio.sleep(backoff.next_s())
+            else:
+                backoff.reset()
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     return time.perf_counter() - start
@@ -247,7 +260,7 @@ async def open_loop(
     interval = 1.0 / rate_per_s
     count = max(1, min(max_requests, int(seconds * rate_per_s)))
     start = time.perf_counter() + phase_s
-    pending: set[asyncio.Task[None]] = set()
+    pending: set[asyncio.Task[bool]] = set()
     for i in range(count):
         scheduled = start + i * interval
         delay = scheduled - time.perf_counter()

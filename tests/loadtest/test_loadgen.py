@@ -148,6 +148,21 @@ async def test_closed_loop_keeps_exactly_its_callers_in_flight_and_stops_at_max_
     assert recorder.ok == 400
 
 
+async def test_a_refused_closed_loop_caller_backs_off_instead_of_spinning() -> None:
+    async def refused() -> str:
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), "queue full"
+        )
+
+    recorder = Recorder()
+    await closed_loop(refused, recorder, concurrency=1, seconds=0.3, max_requests=10_000)
+
+    # Waits of 1, 2, 4 ... up to 50 ms (each jittered down to half): at most 20 calls in
+    # 0.3 s, where resending at once makes thousands.
+    assert 5 <= recorder.errors["CANCELLED"] <= 20
+    assert recorder.ok == 0
+
+
 def test_a_spec_splits_into_shares_that_add_up_to_it() -> None:
     closed = LoadSpec("decide", "127.0.0.1:1", "closed", 1.0, 101, concurrency=7, processes=2)
     assert [s.concurrency for s in closed.shares()] == [4, 3]
@@ -216,4 +231,6 @@ def test_worker_processes_measure_an_echo_server_and_count_errors(tmp_path: Path
     assert closed.throughput_per_s > 0
     assert opened.ok == 100  # 2 processes x 100/s x 0.5 s, every one answered
     assert 150 < opened.throughput_per_s < 250
-    assert refused.ok == 0 and refused.errors == {"UNAVAILABLE": 20}
+    # Nobody listens: each call refused and counted, the caller backing off between them.
+    assert refused.ok == 0 and list(refused.errors) == ["UNAVAILABLE"]
+    assert refused.errors["UNAVAILABLE"] == sum(w.sends for w in refused.workers) >= 5

@@ -154,8 +154,8 @@ async def ladder_throughput(server: ServerProcess, generator: LoadGenerator) -> 
         result = await asyncio.to_thread(generator.run, spec)
     finally:
         await set_breakers(server, admin_pb2.BREAKER_MODE_AUTO)
-    # Sixteen callers that each send again the moment they are answered keep more calls
-    # waiting than the server's queue limit holds: the excess is refused, not queued.
+    # Sixteen callers keep more calls waiting than the server's queue limit holds: the
+    # excess is refused (each refused caller backs off), not queued.
     assert result.ok > 0 and not set(result.errors) - REFUSALS, result.errors
     return result.throughput_per_s
 
