@@ -7,7 +7,7 @@ A ``LoadSpec`` says what to call, how and for how long:
   ``Predictions`` with the packed float32 row the decision server sends) or ``oip`` (the
   Open Inference Protocol's ``ModelInfer`` as Triton serves it, the same row);
 - ``mode``: ``closed`` (``concurrency`` callers, each sending its next call when the
-  previous one answered, or after a backoff when it was refused) or ``open``
+  previous one ended, or after a backoff when it was refused) or ``open``
   (``rate_per_s`` calls on a fixed schedule that does not wait for answers);
 - bounds: loopback addresses only, ``seconds`` measured after ``warmup_s`` not recorded,
   at most ``max_requests`` measured calls, each with a ``timeout_s`` deadline.
@@ -50,6 +50,7 @@ from hdrh.histogram import HdrHistogram
 
 from core.backoff import Backoff
 from core.caller import CALLER_OPTIONS
+from core.deadline import DEFAULT_BUDGET_MS
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
@@ -67,8 +68,8 @@ REFUSALS = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED"})
 CANCELLED is gRPC's core ending a call past the server's queue limit (docs/overload.md)."""
 # A refused closed-loop caller waits before its next call, as a caller that retries
 # elsewhere would: resending at once only spins, on the CPU the server needs when they
-# share a machine. From a refusal's own time, doubling to the product's deadline.
-REFUSED_BACKOFF_S, REFUSED_BACKOFF_MAX_S = 0.001, 0.05
+# share a machine. From 1 ms (about what a refusal takes), doubling up to a deadline.
+REFUSED_BACKOFF_S, REFUSED_BACKOFF_MAX_S = 0.001, DEFAULT_BUDGET_MS / 1000
 MAX_SECONDS = 600.0
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
@@ -225,8 +226,8 @@ class Recorder:
 async def closed_loop(
     call: Call, recorder: Recorder, *, concurrency: int, seconds: float, max_requests: int
 ) -> float:
-    """``concurrency`` callers for ``seconds``, each backing off after a refusal; returns
-    the elapsed time, last answer included."""
+    """``concurrency`` callers for ``seconds``, each backing off after a refusal (not past
+    the end); returns the elapsed time, last answer included."""
     start = time.perf_counter()
     stop_at = start + seconds
     sent = 0
@@ -238,8 +239,8 @@ async def closed_loop(
             sent += 1
             recorder.note_send(0.0)
             if await recorder.observe(call, time.perf_counter()):
-                await asyncio.sleep(backoff.next_s())
-            else:
+                await asyncio.sleep(min(backoff.next_s(), max(0.0, stop_at - time.perf_counter())))
+            else:  # answered, or failed otherwise (a timeout has waited long enough)
                 backoff.reset()
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))

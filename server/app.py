@@ -2,9 +2,9 @@
 
 ``DecisionApp`` wires the parts and starts them on an ``AsyncExitStack``, so that stop is
 start in reverse, whatever failed: ports bound → audit trail → feature mirror → model
-clients → shared control state → gRPC servers (NOT_SERVING) → SERVING once the replicas
-and Redis answer. The order and what each stop waits for: docs/architecture.md, "Start and
-stop".
+clients → shared control state → gRPC servers (NOT_SERVING) → call tally → SERVING once
+the replicas and Redis answer. The order and what each stop waits for:
+docs/architecture.md, "Start and stop".
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ class DecisionApp:
             await parts.start("drift monitor", self.drift)
         parts.on_stop("decision engine", self.engine.stop)
         await parts.start("gRPC servers", self.front)
-        if self.settings.audit.enabled:  # stopped before the servers, which channelz forgets
+        if self.settings.audit.enabled:  # stops before the servers: channelz forgets them
             await parts.start("call tally", self.call_tally)
         # Runs before the servers' stop (the stack unwinds in reverse): the fleet list
         # says NOT serving for the whole grace period, as health does.

@@ -6,6 +6,11 @@ makes no decision, so it has no decision record. ``CallTally`` journals, once a
 the calls the core started, answered, failed and refused in that interval, from the
 core's own counts (channelz). An auditor finds every call that reached a server either
 as a decision or in a tally.
+
+A refusal is what the core started and neither answered nor failed, less the growth of
+the calls being decided. The sum over a server's rows is exact; one row can be off by the
+calls waiting in the core's queue at its ends (at most ``QUEUED_CALLS_MAX``): counted as
+refused in it, and taken back in the next row when they are answered.
 """
 
 from __future__ import annotations
@@ -15,35 +20,33 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
 
 from core.tasks import cancel_and_wait
-from server.audit.journal import JournalError
 from server.audit.record import CallTallyRecord
+from server.load_metrics import CoreCalls
 
 log = logging.getLogger(__name__)
 
 # An auditor's resolution: a row a minute per server process, 1,440 a day.
 CALL_TALLY_INTERVAL_S = 60.0
 
-CoreCounts = tuple[int, int, int]
-"""Calls started, finished OK and finished with an error, since the process started."""
-
 
 @dataclass(frozen=True, slots=True)
 class _Mark:
     at_us: int
-    counts: CoreCounts
+    calls: CoreCalls
     in_flight: int
 
 
 class CallTally:
-    """``record`` journals a tally; one that fails (the journal's disk) is logged, and the
-    next tally covers its interval too."""
+    """``record`` journals a tally; one that fails (the journal's disk, a channelz read)
+    is logged, and the next tally covers its interval too."""
 
     def __init__(
         self,
         server_id: Callable[[], str],
-        core_counts: Callable[[], CoreCounts],
+        core_calls: Callable[[], CoreCalls],
         in_flight: Callable[[], int],
         record: Callable[[CallTallyRecord], None],
         *,
@@ -53,19 +56,21 @@ class CallTally:
         """``in_flight``: the calls being decided now; one in flight at an interval's end
         is neither answered nor refused yet, and is counted when it ends."""
         self._server_id = server_id
-        self._core_counts = core_counts
+        self._core_calls = core_calls
         self._in_flight = in_flight
         self._record = record
         self._interval_s = interval_s
         self._clock_us = clock_us
-        self._since = self._mark()
+        self._since: _Mark | None = None
         self._task: asyncio.Task[None] | None = None
 
     def _mark(self) -> _Mark:
-        return _Mark(self._clock_us(), self._core_counts(), self._in_flight())
+        return _Mark(self._clock_us(), self._core_calls(), self._in_flight())
 
     def _tally(self, since: _Mark, now: _Mark) -> CallTallyRecord:
-        started, answered, failed = (n - m for n, m in zip(now.counts, since.counts, strict=True))
+        started = now.calls.started - since.calls.started
+        answered = now.calls.succeeded - since.calls.succeeded
+        failed = now.calls.failed - since.calls.failed
         return CallTallyRecord(
             server_id=self._server_id(),
             from_us=since.at_us,
@@ -78,25 +83,40 @@ class CallTally:
 
     def journal(self) -> None:
         """Journals the calls since the last tally journalled (or since the start); the
-        next tally starts where this one ends."""
-        now = self._mark()
+        next tally starts where this one ends. Never raises: the server goes on."""
+        if self._since is None:
+            return
         try:
+            now = self._mark()
             self._record(self._tally(self._since, now))
-        except JournalError as exc:
-            log.error("call tally not journalled (the next one covers it): %s", exc)
+        except Exception:  # the next tally covers this interval too
+            log.exception("call tally not journalled (the next one covers it)")
             return
         self._since = now
 
     async def start(self) -> None:
-        self._since = self._mark()
-        self._task = asyncio.create_task(self._every_interval())
+        """From now (after the gRPC servers started: channelz lists only live servers)."""
+        if self._task is None:
+            self._since = self._mark()
+            self._task = asyncio.create_task(self._every_interval())
 
     async def stop(self) -> None:
-        """The last tally, up to now. Stopped before the gRPC servers (channelz forgets a
-        stopped server): the calls still in flight finish in their grace period, each in
-        the audit trail as a decision."""
-        await cancel_and_wait(self._task)
+        """Idempotent. The last tally, up to now: taken as the server begins to stop,
+        before its gRPC servers do (channelz forgets a stopped server). Calls in flight
+        then finish in the grace period, each in the audit trail as a decision."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        await cancel_and_wait(task)
         self.journal()
+        self._since = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     async def _every_interval(self) -> None:
         while True:

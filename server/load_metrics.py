@@ -5,6 +5,7 @@ and ended, micro-batching, abandoned model calls, each replica's breaker and its
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 from grpc_channelz.v1 import channelz, channelz_pb2
 from prometheus_client.core import (
@@ -22,14 +23,21 @@ from server.replica import Replica
 from server.undelivered import UndeliveredAnswers
 
 
-def core_calls() -> tuple[int, int, int]:
-    """Calls this process's gRPC servers started, finished OK, and finished with an error
-    status, as gRPC's core counts them (channelz). A call started and not finished is in
-    flight, or was ended by the core before a handler ran: cancelled past the queue
-    limit, or its deadline passed while it waited."""
+class CoreCalls(NamedTuple):
+    """Calls this process's gRPC servers started and finished, as gRPC's core counts them
+    (channelz), since the servers were made. A call started and not finished is in flight,
+    or was ended by the core before a handler ran: cancelled past the queue limit, or its
+    deadline passed while it waited."""
+
+    started: int
+    succeeded: int  # finished OK
+    failed: int  # finished with an error status
+
+
+def core_calls() -> CoreCalls:
     request = channelz_pb2.GetServersRequest()
     servers = channelz.ChannelzServicer.GetServers(request, None).server
-    return (
+    return CoreCalls(
         sum(s.data.calls_started for s in servers),
         sum(s.data.calls_succeeded for s in servers),
         sum(s.data.calls_failed for s in servers),

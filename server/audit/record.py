@@ -101,7 +101,7 @@ class CallTallyRecord:
     calls_failed: int  # ended with an error status from a handler
     # Started and neither answered nor failed, less the growth of the Decide calls in
     # flight: the calls gRPC's core ended before a handler ran (refused, or expired while
-    # queued).
+    # queued). Exact summed over a server's rows (server.call_tally says why not alone).
     calls_refused: int
     kind: str = CALLS
 

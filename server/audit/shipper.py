@@ -222,7 +222,9 @@ class BatchShipper:
                 log.error(
                     "audit store refused %s record %s: %s; kept in %s",
                     record.get("kind"),
-                    record.get("decision_id") or record.get("action_id"),
+                    record.get("decision_id")
+                    or record.get("action_id")
+                    or f"{record.get('server_id')}@{record.get('from_us')}",
                     describe(exc),
                     REJECTED_FILE,
                 )

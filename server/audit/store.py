@@ -285,8 +285,13 @@ class AuditStore:
         self._insert_admin = insert(admin_actions).on_conflict_do_nothing(
             index_elements=["action_id"]
         )
-        self._insert_call_tally = insert(call_tallies).on_conflict_do_nothing(
-            index_elements=["server_id", "from_at"]
+        # A tally journalled again from the same start (the journal took one it reported
+        # as failed) covers more calls: the longer one stays.
+        tally = insert(call_tallies)
+        self._insert_call_tally = tally.on_conflict_do_update(
+            index_elements=["server_id", "from_at"],
+            set_={c: tally.excluded[c] for c in _CALL_TALLY_COLUMNS - {"server_id", "from_at"}},
+            where=call_tallies.c.to_at < tally.excluded.to_at,
         )
         # Statements built from the table definition's column names; values are bound.
         columns = ", ".join(DECISION_COLUMNS)
