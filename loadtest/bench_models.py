@@ -27,6 +27,13 @@
    how far two runs of the same setting land apart. Then the recommendation: the best
    pooled throughput at 16 among the settings whose pooled p50 at concurrency 1 is
    within +1 ms of (1, 0)'s, with a caution when (1, 0) itself moved more than that.
+4. What a call costs TorchServe: the champion with no batching of its own (as the
+   decision server calls it, batching rows itself), a fresh replica per frontend setting
+   (``FRONTENDS``: one worker, two, one with a single netty thread on each side), 16
+   concurrent native requests of 1, 8 and 64 rows; calls and rows a second, the cores
+   the replica's process group used (its JVM and workers, from /proc), CPU per call, and
+   calls and rows a second per core. Passes alternate as in 3. ``--parts 4`` runs it
+   alone.
 
 The client, the TorchServe JVM and its Python worker share this machine's cores (2 on
 the development box, which other work shares too): the numbers are noisy and the closed
@@ -56,6 +63,7 @@ import numpy as np
 from core.processes import ManagedProcess, free_ports
 from core.stats import percentile
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
+from loadtest.soak_probe import group_cpu_seconds
 from server.model_client import ModelClient, TorchServeClient
 from server.model_errors import ModelCallError
 from server.oip import OipClient
@@ -84,6 +92,15 @@ TIMEOUT_S = 2.0
 WARMUP_CALLS = 200  # per case in part 1
 WARMUP_S = 1.0  # per concurrency in part 3
 REPLICA_PORTS = len(dataclasses.fields(ReplicaPorts))
+# Part 4: the frontend's settings, each on a fresh replica serving the champion with no
+# batching of its own (the decision server batches, as on the decision path).
+ONE_NETTY_THREAD_A_SIDE = "number_of_netty_threads=1\nnetty_client_threads=1\n"
+FRONTENDS = {
+    "1 worker": ModelServing("champion", workers=1).properties(),
+    "2 workers": ModelServing("champion", workers=2).properties(),
+    "1 worker, 1 netty thread a side": ModelServing("champion", workers=1).properties()
+    + ONE_NETTY_THREAD_A_SIDE,
+}
 
 Rows = list[list[float]]
 
@@ -216,7 +233,7 @@ def bench_handlers(
     run_dir: Path, batches: dict[int, list[Rows]], calls: int, rounds: int
 ) -> list[str]:
     say(
-        f"[1/3] handler latency: {calls} calls per (model, protocol, rows), concurrency 1,"
+        f"[1/4] handler latency: {calls} calls per (model, protocol, rows), concurrency 1,"
         " batchSize 1, maxBatchDelay 0"
     )
     lines = []
@@ -271,7 +288,7 @@ def time_each(fn: Callable[[Rows], object], pool: Sequence[Rows], count: int) ->
 
 
 def bench_encoding(batches: dict[int, list[Rows]], count: int) -> list[str]:
-    say(f"[2/3] input encoding in-process: {count:,} requests per form and size")
+    say(f"[2/4] input encoding in-process: {count:,} requests per form and size")
     handler = ScoreHandler()
     handler.width = MODEL_INPUT_WIDTH  # _packed_rows needs only the width
 
@@ -405,7 +422,7 @@ def bench_batching(
     run_dir: Path, pool: Sequence[Rows], seconds: float, passes: int
 ) -> tuple[list[str], list[str]]:
     say(
-        f"[3/3] server-side batching: champion, one worker, a fresh replica per setting and"
+        f"[3/4] server-side batching: champion, one worker, a fresh replica per setting and"
         f" pass ({passes} passes, the order reversed in every other one); 1-row native"
         f" requests, {seconds:g} s at each concurrency of {LOAD_CONCURRENCY}"
     )
@@ -476,13 +493,113 @@ def bench_batching(
     return table, notes
 
 
+# -- 4. what a call costs TorchServe ---------------------------------------------------
+
+
+@dataclasses.dataclass
+class Cost:
+    load: Load
+    cpu_s: float  # TorchServe's process group: the JVM and its Python workers
+
+
+def pooled_cost(costs: Sequence[Cost]) -> Cost:
+    return Cost(pooled([c.load for c in costs]), sum(c.cpu_s for c in costs))
+
+
+async def cost_load(
+    address: str, batches: dict[int, list[Rows]], seconds: float, pgid: int
+) -> dict[int, Cost]:
+    client = TorchServeClient("bench-cost", address, "champion")
+    await client.start()
+    try:
+        costs = {}
+        for n, pool in batches.items():
+            await closed_loop(client, pool, HIGH, WARMUP_S)  # not recorded
+            [before] = group_cpu_seconds([pgid])
+            load = await closed_loop(client, pool, HIGH, seconds)
+            [after] = group_cpu_seconds([pgid])
+            costs[n] = Cost(load, after - before)
+        return costs
+    finally:
+        await client.stop()
+
+
+def run_frontend(
+    run_dir: Path, name: str, section: str, batches: dict[int, list[Rows]], seconds: float
+) -> dict[int, Cost]:
+    ports = ReplicaPorts(*free_ports(REPLICA_PORTS))
+    replica = torchserve_replica(name, ports, MODEL_STORE, run_dir, model_section=section)
+    try:
+        start_replica(replica, ports, model_name="champion")
+        address = f"127.0.0.1:{ports.grpc_inference}"
+        return asyncio.run(cost_load(address, batches, seconds, replica.pid or 0))
+    finally:
+        replica.stop()
+
+
+def bench_cost(
+    run_dir: Path, batches: dict[int, list[Rows]], seconds: float, passes: int
+) -> list[str]:
+    say(
+        f"[4/4] what a call costs TorchServe: the champion, no TorchServe batching, a fresh"
+        f" replica per frontend setting and pass ({passes} passes, the order reversed in"
+        f" every other one); native requests of {BATCH_ROWS} rows, {HIGH} at once,"
+        f" {seconds:g} s each; the replica's CPU from /proc"
+    )
+    names = list(FRONTENDS)
+    runs: dict[str, list[dict[int, Cost]]] = {name: [] for name in names}
+    for p in range(passes):
+        for name in names if p % 2 == 0 else names[::-1]:
+            say(f"  pass {p + 1}/{passes}: {name}")
+            folder = f"cost-{p}-{names.index(name)}"
+            costs = run_frontend(run_dir, folder, FRONTENDS[name], batches, seconds)
+            runs[name].append(costs)
+            say(
+                "    "
+                + "; ".join(
+                    f"{n} rows: {c.load.throughput:,.0f} calls/s,"
+                    f" {c.cpu_s / c.load.seconds:.2f} cores"
+                    for n, c in costs.items()
+                )
+            )
+    lines = []
+    for name, passes_ in runs.items():
+        for n in BATCH_ROWS:
+            cost = pooled_cost([run[n] for run in passes_])
+            calls = len(cost.load.latencies_ms)
+            cores = cost.cpu_s / cost.load.seconds
+            per_pass = " / ".join(f"{run[n].load.throughput:,.0f}" for run in passes_)
+            lines.append(
+                f"| {name} | {n} | {cost.load.throughput:,.0f} | {per_pass} |"
+                f" {cost.load.throughput * n:,.0f} | {cores:.2f} |"
+                f" {cost.cpu_s / max(calls, 1) * 1e6:,.0f} |"
+                f" {cost.load.throughput / cores:,.0f} | {cost.load.throughput * n / cores:,.0f} |"
+                f" {ms_cell(cost.load.latencies_ms, 0.5)} | {ms_cell(cost.load.latencies_ms, 0.99)}"
+                f" | {cost.load.errors} |"
+            )
+    return [
+        "| frontend | rows a call | calls/s | calls/s per pass | rows/s | TorchServe cores"
+        " | CPU us a call | calls/s a core | rows/s a core | p50 ms | p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *lines,
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=300, help="per model, protocol, rows")
     parser.add_argument("--rounds", type=int, default=6, help="rounds the calls are split into")
     parser.add_argument("--encodings", type=int, default=20_000, help="per input form, rows")
     parser.add_argument("--seconds", type=float, default=3.0, help="per batching load")
-    parser.add_argument("--passes", type=int, default=2, help="over the batching settings")
+    parser.add_argument(
+        "--passes", type=int, default=2, help="over the batching and frontend settings"
+    )
+    parser.add_argument(
+        "--parts",
+        type=lambda text: {int(part) for part in text.split(",")},
+        default={1, 2, 3, 4},
+        help="which parts to run, comma separated (default 1,2,3,4)",
+    )
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -492,19 +609,26 @@ def main() -> None:
     if x.shape[1] != MODEL_INPUT_WIDTH:
         raise RuntimeError(f"held-out rows are {x.shape[1]} wide, not {MODEL_INPUT_WIDTH}")
     batches = {n: heldout_batches(x, n) for n in BATCH_ROWS}
+    tables: list[tuple[str, list[str]]] = []
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         run_dir = Path(tmp)
-        latency_table = bench_handlers(run_dir, batches, args.calls, args.rounds)
-        encoding_table = bench_encoding(batches, args.encodings)
-        batching_table, notes = bench_batching(run_dir, batches[1], args.seconds, args.passes)
-    say(f"\ndone in {time.perf_counter() - started:.0f} s\n")
-    say("Handler latency, direct calls, concurrency 1:\n")
-    say("\n".join(latency_table))
-    say("\nInput encoding for the native API, in-process, per request:\n")
-    say("\n".join(encoding_table))
-    say("\nTorchServe batching, champion, one worker, 1-row native requests:\n")
-    say("\n".join(batching_table))
-    say("\n" + "\n".join(notes))
+        if 1 in args.parts:
+            table = bench_handlers(run_dir, batches, args.calls, args.rounds)
+            tables.append(("Handler latency, direct calls, concurrency 1:", table))
+        if 2 in args.parts:
+            table = bench_encoding(batches, args.encodings)
+            tables.append(("Input encoding for the native API, in-process, per request:", table))
+        if 3 in args.parts:
+            table, notes = bench_batching(run_dir, batches[1], args.seconds, args.passes)
+            title = "TorchServe batching, champion, one worker, 1-row native requests:"
+            tables.append((title, [*table, "", *notes]))
+        if 4 in args.parts:
+            table = bench_cost(run_dir, batches, args.seconds, args.passes)
+            tables.append((f"What a call costs TorchServe, {HIGH} calls at once:", table))
+    say(f"\ndone in {time.perf_counter() - started:.0f} s")
+    for title, table in tables:
+        say(f"\n{title}\n")
+        say("\n".join(table))
 
 
 if __name__ == "__main__":
