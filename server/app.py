@@ -2,7 +2,7 @@
 
 ``DecisionApp`` wires the parts and starts them on an ``AsyncExitStack``, so that stop is
 start in reverse, whatever failed: ports bound → audit trail → feature mirror → model
-clients → shared control state → gRPC servers (NOT_SERVING) → call tally → SERVING once
+clients → shared control state → call tally → gRPC servers (NOT_SERVING) → SERVING once
 the replicas and Redis answer. The order and what each stop waits for:
 docs/architecture.md, "Start and stop".
 """
@@ -44,7 +44,6 @@ from server.engine import DecisionEngine
 from server.features import FeatureSource
 from server.fleet_entry import FleetEntry
 from server.front import GrpcFront
-from server.load_metrics import core_calls
 from server.readiness import until_ready
 from server.redis_clients import SOCKET_TIMEOUT_S, decision_redis, side_redis
 from server.replicas import Replicas, traffic
@@ -150,12 +149,7 @@ class DecisionApp:
             control=lambda: self.shared.state,
         )
         self.undelivered = UndeliveredAnswers()
-        self.call_tally = CallTally(
-            lambda: self.audit.server_id,
-            core_calls,
-            lambda: self.engine.calls_in_flight,
-            self.audit.record_calls,
-        )
+        self.call_tally = CallTally(self.audit, lambda: self.engine.calls_in_flight)
         registry = server_registry(
             engine=self.engine,
             replicas=replicas.all,
@@ -253,9 +247,11 @@ class DecisionApp:
         if self.drift is not None:
             await parts.start("drift monitor", self.drift)
         parts.on_stop("decision engine", self.engine.stop)
-        await parts.start("gRPC servers", self.front)
-        if self.settings.audit.enabled:  # stops before the servers: channelz forgets them
+        if self.settings.audit.enabled:  # counts from before the servers' first call
             await parts.start("call tally", self.call_tally)
+        await parts.start("gRPC servers", self.front)
+        # Its last row before the servers stop (channelz forgets them); stop is idempotent.
+        parts.on_stop("call tally", self.call_tally.stop)
         # Runs before the servers' stop (the stack unwinds in reverse): the fleet list
         # says NOT serving for the whole grace period, as health does.
         parts.on_stop("fleet entry", self._leave_serving)

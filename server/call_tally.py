@@ -8,9 +8,10 @@ core's own counts (channelz). An auditor finds every call that reached a server 
 as a decision or in a tally.
 
 A refusal is what the core started and neither answered nor failed, less the growth of
-the calls being decided. The sum over a server's rows is exact; one row can be off by the
-calls waiting in the core's queue at its ends (at most ``QUEUED_CALLS_MAX``): counted as
-refused in it, and taken back in the next row when they are answered.
+the calls being decided. One row can be off by the calls waiting in the core's queue at
+its ends (at most ``QUEUED_CALLS_MAX``): counted as refused in it, and taken back in the
+next row when they are answered. Summed over a server's rows only those at its last
+row's end remain (answered in the grace period, each with its decision row).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Self
+from typing import Protocol, Self
 
 from core.tasks import cancel_and_wait
 from server.audit.record import CallTallyRecord
-from server.load_metrics import CoreCalls
+from server.load_metrics import CoreCalls, core_calls
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +40,32 @@ class _Mark:
     in_flight: int
 
 
+class TallyJournal(Protocol):
+    """Where tallies go: the audit trail."""
+
+    server_id: str
+
+    def record_calls(self, record: CallTallyRecord) -> None: ...
+
+
 class CallTally:
-    """``record`` journals a tally; one that fails (the journal's disk, a channelz read)
-    is logged, and the next tally covers its interval too."""
+    """A tally that fails (the journal's disk, a channelz read) is logged, and the next
+    tally covers its interval too."""
 
     def __init__(
         self,
-        server_id: Callable[[], str],
-        core_calls: Callable[[], CoreCalls],
+        journal: TallyJournal,
         in_flight: Callable[[], int],
-        record: Callable[[CallTallyRecord], None],
         *,
+        core_calls: Callable[[], CoreCalls] = core_calls,
         interval_s: float = CALL_TALLY_INTERVAL_S,
         clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
     ) -> None:
         """``in_flight``: the calls being decided now; one in flight at an interval's end
         is neither answered nor refused yet, and is counted when it ends."""
-        self._server_id = server_id
-        self._core_calls = core_calls
+        self._journal = journal
         self._in_flight = in_flight
-        self._record = record
+        self._core_calls = core_calls
         self._interval_s = interval_s
         self._clock_us = clock_us
         self._since: _Mark | None = None
@@ -72,7 +79,7 @@ class CallTally:
         answered = now.calls.succeeded - since.calls.succeeded
         failed = now.calls.failed - since.calls.failed
         return CallTallyRecord(
-            server_id=self._server_id(),
+            server_id=self._journal.server_id,
             from_us=since.at_us,
             to_us=now.at_us,
             calls_started=started,
@@ -88,14 +95,15 @@ class CallTally:
             return
         try:
             now = self._mark()
-            self._record(self._tally(self._since, now))
+            self._journal.record_calls(self._tally(self._since, now))
         except Exception:  # the next tally covers this interval too
             log.exception("call tally not journalled (the next one covers it)")
             return
         self._since = now
 
     async def start(self) -> None:
-        """From now (after the gRPC servers started: channelz lists only live servers)."""
+        """Counts from now: before the gRPC servers start, so that every call they start
+        is in a row."""
         if self._task is None:
             self._since = self._mark()
             self._task = asyncio.create_task(self._every_interval())

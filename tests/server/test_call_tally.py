@@ -40,11 +40,13 @@ class Counts:
 class Journal:
     """Keeps what it is given; refuses the first ``failures`` as a full disk would."""
 
+    server_id = "pod-1:50051"
+
     def __init__(self, failures: int = 0) -> None:
         self.records: list[CallTallyRecord] = []
         self._failures = failures
 
-    def record(self, tally: CallTallyRecord) -> None:
+    def record_calls(self, tally: CallTallyRecord) -> None:
         if self._failures:
             self._failures -= 1
             raise JournalWriteError("disk full")
@@ -53,11 +55,7 @@ class Journal:
 
 def tally_of(counts: Counts, journal: Journal) -> CallTally:
     return CallTally(
-        lambda: "pod-1:50051",
-        counts.core,
-        lambda: counts.in_flight,
-        journal.record,
-        clock_us=lambda: counts.now_us,
+        journal, lambda: counts.in_flight, core_calls=counts.core, clock_us=lambda: counts.now_us
     )
 
 
