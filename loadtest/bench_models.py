@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 import gc
 import json
@@ -53,7 +54,7 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,21 @@ Rows = list[list[float]]
 
 def say(text: str) -> None:
     print(text, flush=True)
+
+
+@contextlib.contextmanager
+def replica_serving(
+    run_dir: Path, name: str, model_name: str, section: str
+) -> Iterator[tuple[ManagedProcess, str]]:
+    """A fresh TorchServe replica with this model section, ready; yields it and its gRPC
+    inference address, and stops it on the way out."""
+    ports = ReplicaPorts(*free_ports(REPLICA_PORTS))
+    replica = torchserve_replica(name, ports, MODEL_STORE, run_dir, model_section=section)
+    try:
+        start_replica(replica, ports, model_name=model_name)
+        yield replica, f"127.0.0.1:{ports.grpc_inference}"
+    finally:
+        replica.stop()
 
 
 def heldout_batches(x: np.ndarray[Any, Any], n: int, count: int = 64) -> list[Rows]:
@@ -238,24 +254,17 @@ def bench_handlers(
     )
     lines = []
     for model_name in MODELS:
-        ports = ReplicaPorts(*free_ports(REPLICA_PORTS))
         section = ModelServing(model_name, batch_size=1, max_batch_delay_ms=0).properties()
-        replica = torchserve_replica(
-            f"latency-{model_name}", ports, MODEL_STORE, run_dir, model_section=section
-        )
-        try:
-            say(f"  starting TorchServe with {model_name} …")
-            started = time.perf_counter()
-            start_replica(replica, ports, model_name=model_name)
+        say(f"  starting TorchServe with {model_name} …")
+        started = time.perf_counter()
+        name = f"latency-{model_name}"
+        with replica_serving(run_dir, name, model_name, section) as (replica, address):
             say(f"    ready in {time.perf_counter() - started:.1f} s; measuring")
-            address = f"127.0.0.1:{ports.grpc_inference}"
             windows = Windows()
             results = asyncio.run(
                 handler_latency(address, model_name, batches, calls, rounds, windows)
             )
             handler = handler_calls(replica, windows)
-        finally:
-            replica.stop()
         for (protocol, n), lat in results.items():
             handler_ms = [call.ms for call in handler.get(f"{protocol}/{n}", [])]
             lines.append(
@@ -400,19 +409,13 @@ def run_setting(
     run_dir: Path, name: str, batch_size: int, delay_ms: int, pool: Sequence[Rows], seconds: float
 ) -> dict[int, Load]:
     """A fresh replica of the champion with this batching, loaded at each concurrency."""
-    ports = ReplicaPorts(*free_ports(REPLICA_PORTS))
     section = ModelServing(
         "champion", batch_size=batch_size, max_batch_delay_ms=delay_ms
     ).properties()
-    replica = torchserve_replica(name, ports, MODEL_STORE, run_dir, model_section=section)
-    try:
-        start_replica(replica, ports, model_name="champion")
-        address = f"127.0.0.1:{ports.grpc_inference}"
+    with replica_serving(run_dir, name, "champion", section) as (replica, address):
         windows = Windows()
         loads = asyncio.run(batching_load(address, pool, seconds, windows))
         handler = handler_calls(replica, windows)
-    finally:
-        replica.stop()
     for concurrency, load in loads.items():
         load.batches = [call.requests for call in handler.get(str(concurrency), [])]
     return loads
@@ -527,14 +530,8 @@ async def cost_load(
 def run_frontend(
     run_dir: Path, name: str, section: str, batches: dict[int, list[Rows]], seconds: float
 ) -> dict[int, Cost]:
-    ports = ReplicaPorts(*free_ports(REPLICA_PORTS))
-    replica = torchserve_replica(name, ports, MODEL_STORE, run_dir, model_section=section)
-    try:
-        start_replica(replica, ports, model_name="champion")
-        address = f"127.0.0.1:{ports.grpc_inference}"
+    with replica_serving(run_dir, name, "champion", section) as (replica, address):
         return asyncio.run(cost_load(address, batches, seconds, replica.pid or 0))
-    finally:
-        replica.stop()
 
 
 def bench_cost(
