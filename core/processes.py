@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,13 +21,55 @@ class ProcessStartError(RuntimeError):
     """A process exited or never became ready; the message carries its log tail."""
 
 
+# Ports we hand to children come from their own range: below the kernel's range for
+# outgoing connections, so no connection's local end can take one, and clear of the
+# ports of a local stack (localstack: the default one and any offset one; a test holds
+# them apart). One process never hands a port out twice: a child binds its port a while
+# after we choose it, and a sibling chosen meanwhile must not get the same one. (Both
+# races have failed CI with EADDRINUSE.)
+CHILD_PORTS = range(10000, 16000)
+_handed_out: set[int] = set()
+
+
+def outgoing_ports() -> range:
+    """The ports Linux picks local ends of outgoing connections from
+    (``net.ipv4.ip_local_port_range``); empty where that cannot be read."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return range(0)
+    return range(low, high + 1)
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports free now (all held open until all are chosen)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
+    """``count`` distinct ports free now, none handed out before by this process."""
+    outgoing = outgoing_ports()
+    candidates = [port for port in CHILD_PORTS if port not in outgoing]
+    # A random start keeps two processes (a soak and a test run) off one sequence.
+    start = random.randrange(len(candidates)) if candidates else 0  # noqa: S311 - not a secret
+    chosen: list[int] = []
+    for port in candidates[start:] + candidates[:start]:
+        if len(chosen) == count:
+            break
+        if port not in _handed_out and _bindable(host, port):
+            chosen.append(port)
+    while len(chosen) < count:  # CHILD_PORTS all taken: let the kernel pick
+        with socket.socket() as sock:
             sock.bind((host, 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out and port not in chosen:
+            chosen.append(port)
+    _handed_out.update(chosen)
+    return chosen
 
 
 def free_port(host: str = "127.0.0.1") -> int:

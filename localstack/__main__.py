@@ -36,6 +36,7 @@ from core.processes import (
     ProcessStartError,
     listening,
     niced,
+    outgoing_ports,
     port_open,
     start_ready,
 )
@@ -82,16 +83,6 @@ MARKET_DATA_PARTITIONS = 4
 REPO = Path(__file__).resolve().parents[1]
 # The offsets ``free_offset`` draws from (it skips those that meet the default stack).
 SECOND_STACK_OFFSETS = range(1000, 15000, 10)
-
-
-def outgoing_ports() -> range:
-    """The ports Linux picks local ends of outgoing connections from
-    (``net.ipv4.ip_local_port_range``); empty where that cannot be read."""
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        return range(0)
-    return range(low, high + 1)
 
 
 SERVED_MODELS = ("champion", "challenger")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from core.processes import CHILD_PORTS
 from localstack import __main__ as localstack
 from localstack.__main__ import LocalStack
 
@@ -27,3 +28,12 @@ def test_every_port_outgoing_still_gives_an_offset(tmp_path, monkeypatch):
     offset = LocalStack.free_offset(tmp_path)
     assert 1000 <= offset < 15000
     assert not LocalStack(tmp_path, offset).overlap_with_default()
+
+
+@pytest.mark.parametrize("options", [{}, {"prometheus": True, "workers": 4}])
+def test_no_stack_takes_a_port_from_the_range_tests_give_children(tmp_path, monkeypatch, options):
+    monkeypatch.setattr(localstack, "outgoing_ports", lambda: LINUX_OUTGOING)
+    assert not set(LocalStack(tmp_path, 0, **options).ports()) & set(CHILD_PORTS)
+    for _ in range(20):
+        stack = LocalStack(tmp_path, LocalStack.free_offset(tmp_path, **options), **options)
+        assert not set(stack.ports()) & set(CHILD_PORTS)
