@@ -234,6 +234,17 @@ def test_the_triton_component_swaps_every_replica(rendered: dict[str, list[Objec
     assert env["DECISION_TORCHSERVE__MODEL_VERSION"] == ARCHIVE_VERSION
 
 
+def test_prod_serves_every_replica_with_triton(rendered: dict[str, list[Object]]) -> None:
+    """The measured choice (docs/capacity.md): prod's model server is Triton, dev's
+    stays TorchServe, as the local stack's."""
+    for workload in ("decision", "model-secondary", "model-challenger"):
+        prod = {c["name"] for c in containers(one(rendered["prod"], "Deployment", workload))}
+        dev = {c["name"] for c in containers(one(rendered["dev"], "Deployment", workload))}
+        assert "triton" in prod and "torchserve" not in prod, workload
+        assert "torchserve" in dev, workload
+    assert config_env(rendered["prod"])["DECISION_TORCHSERVE__PROTOCOL"] == "kserve-v2"
+
+
 def test_ports_and_environment_match_the_server_settings(
     objects: list[Object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
