@@ -90,11 +90,21 @@ def model_repository(
         for member in ("handler.py", "model-meta.json", meta["serialized_file"]):
             (version_dir / member).write_bytes(mar.read(member))
     shutil.copyfile(MODEL_FILE, version_dir / "model.py")
-    paths = dict.fromkeys(sysconfig.get_paths()[kind] for kind in ("purelib", "platlib"))
-    (version_dir / "python-path.txt").write_text("".join(f"{path}\n" for path in paths))
+    (version_dir / "python-path.txt").write_text("".join(f"{path}\n" for path in package_dirs()))
     config = _config(name, int(meta["input_width"]), instances, max_batch)
     (folder / name / "config.pbtxt").write_text(config)
     return folder / name
+
+
+def package_dirs() -> list[str]:
+    """The directories this interpreter imports packages from, in its order: its
+    site-packages and what their ``.pth`` files add (a venv laid over another
+    environment names that one's packages only there), not its standard library, which
+    the stub's Python brings."""
+    stdlib = sysconfig.get_paths()["stdlib"]  # a venv's is its base interpreter's
+    standard = {stdlib, os.path.join(stdlib, "lib-dynload")}
+    found = (os.path.abspath(entry) for entry in sys.path if entry)
+    return list(dict.fromkeys(p for p in found if os.path.isdir(p) and p not in standard))
 
 
 def backend_directory(triton_root: Path, work_dir: Path) -> Path:

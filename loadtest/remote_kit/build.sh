@@ -4,11 +4,12 @@
 # no redis-server, no network, and takes at most 64 MiB of files a call: the GPU
 # machines this project is sometimes lent (see loadtest/remote_kit/README.md).
 #
-# Writes .devicekit/a (our wheels for Python 3.12, 29 MiB) and .devicekit/b (a jlinked
+# Writes .devicekit/a (our wheels for Python 3.12, 29 MiB), .devicekit/b (a jlinked
 # JRE 17, TorchServe's frontend jar as tar.xz, redis-server with the libraries it links
-# beyond glibc, .run/models, 54 MiB). Run here: it needs this machine's JDK 17 (jlink),
-# objcopy (binutils), xz, redis-server, pip access to the package index and trained
-# models (make models).
+# beyond glibc, .run/models, 54 MiB) and .devicekit/c (tritonserver with its Python
+# backend, the stub for Python 3.12 and the libraries they link). Run here: it needs
+# this machine's JDK 17 (jlink), objcopy (binutils), xz, redis-server, pip access to the
+# package index, trained models (make models) and .tools/triton (make setup-triton).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 KIT="$(dirname "$0")"
@@ -16,8 +17,12 @@ OUT=$REPO/.devicekit
 JDK=${JDK:-/usr/lib/jvm/java-17-openjdk-amd64}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+TRITON=$REPO/.tools/triton
+# The target's Python; STUBS="3.12 3.11" adds this machine's, to try the kit here.
+STUBS=${STUBS:-3.12}
 [ -f "$REPO/.run/models/models.json" ] || { echo "no trained models: run make models first" >&2; exit 2; }
-rm -rf "$OUT/a" "$OUT/b" && mkdir -p "$OUT/a/whl" "$OUT/b" "$OUT/wheels"
+[ -x "$TRITON/pytriton/tritonserver/bin/tritonserver" ] || { echo "no .tools/triton: run make setup-triton first" >&2; exit 2; }
+rm -rf "$OUT/a" "$OUT/b" "$OUT/c" && mkdir -p "$OUT/a/whl" "$OUT/b" "$OUT/c" "$OUT/wheels"
 
 echo "== wheels for Python 3.12 (cached in .devicekit/wheels)"
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -70,4 +75,13 @@ done
 tar -C "$WORK" -cf - redis | xz -T2 -6 > "$OUT/b/redis.tar.xz"
 tar -C "$REPO/.run" -cf - models | xz -T2 -1 > "$OUT/b/models.tar.xz"
 cp "$KIT/run.sh" "$OUT/b/"
-du -sh "$OUT/a" "$OUT/b"
+
+echo "== Triton: tritonserver, its Python backend, the stubs for Python $STUBS, its libraries"
+# The wheel's libraries but the libpython it carries for other stubs (3.13): the stub
+# links the target's own libpython.
+(cd "$TRITON" && tar -cf - pytriton/tritonserver/bin pytriton/tritonserver/backends \
+  pytriton/tritonserver/caches $(for v in $STUBS; do echo pytriton/tritonserver/python_backend_stubs/$v; done) \
+  --exclude='__pycache__' --exclude='nvidia_pytriton.libs/libpython3*' nvidia_pytriton.libs) \
+  | xz -T2 -6 > "$OUT/c/triton.tar.xz"
+cp "$KIT/triton.sh" "$OUT/c/"
+du -sh "$OUT/a" "$OUT/b" "$OUT/c"

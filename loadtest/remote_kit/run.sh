@@ -1,7 +1,8 @@
 #!/bin/bash
-# Call 2 on the target, right after setup.sh on the same machine (.devicekit/b carried):
-# TorchServe's jar, the JRE and redis-server from the carry, then one bench_workers run
-# per argument (each argument one run's arguments), and bench_paths too with PATHS=1.
+# Call 2 on the target, right after setup.sh (and triton.sh) on the same machine
+# (.devicekit/b carried): TorchServe's jar, the JRE and redis-server from the carry,
+# then one bench_workers run per argument (each argument one run's arguments), and
+# bench_paths too with PATHS=1.
 # Figures and logs go to $OUT: 2 files a bench_workers run (3 with TIMELINE=1: each
 # server's decisions over time, from its kept audit store), 3 for bench_paths, and at
 # most 8 files come back from a call (4 runs, 2 with TIMELINE=1 or with bench_paths).
@@ -35,6 +36,13 @@ chmod +x /tmp/dk/redis/bin/redis-server
 export PATH=/tmp/dk/redis/bin:/tmp/v/bin:$PATH JAVA_HOME=/tmp/dk/jre PYTHONUNBUFFERED=1
 redis-server --version || exit 5
 mkdir -p .run && untar "$K/models.tar.xz" .run || exit 6
+# Triton, where triton.sh put it (bench_paths' X and Y paths need it).
+if [ -d /tmp/dk/triton ]; then
+  mkdir -p .tools && ln -sfn /tmp/dk/triton .tools/triton
+  [ -d /tmp/dk/pylib ] && export LD_LIBRARY_PATH=/tmp/dk/pylib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+else
+  echo "no /tmp/dk/triton (triton.sh not run): bench_paths and --model-server triton will fail"
+fi
 $PY -c 'import server.app, loadtest.bench_workers, ts.model_server; print("imports ok")' || exit 6
 [ $# -gt 0 ] || set -- "--workers 1,2,4,8 --concurrency 16,32 --open-loop 0.5,0.7,0.85,1.0,1.2 --seconds 2.5"
 run=0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import site
 import struct
+import sys
+import sysconfig
 import tempfile
 import zipfile
 from pathlib import Path
@@ -20,6 +23,7 @@ from torchserve.archive import archive_meta
 from torchserve.dataset import DataSpec, simulate_day
 from torchserve.mlserver import model_repository
 from torchserve.train import ensure_models, load_models
+from torchserve.triton import package_dirs
 
 
 def test_same_seed_same_versions_other_seed_other_versions(tmp_path: Path, trained_models):
@@ -173,3 +177,17 @@ def test_an_archive_is_staged_in_a_folder_of_its_own(tmp_path: Path):
     finally:
         shared.unlink()
     assert info.path.exists() and len(info.version) == 64
+
+
+def test_the_triton_stub_is_given_the_packages_a_pth_file_adds(tmp_path: Path, monkeypatch):
+    """A venv laid over another environment (the device kit's) names that one's packages
+    only in a .pth file; the stub, which reads python-path.txt and no .pth, needs both."""
+    venv_site, other = tmp_path / "site-packages", tmp_path / "other-env"
+    venv_site.mkdir()
+    other.mkdir()
+    (venv_site / "zz-other.pth").write_text(f"{other}\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    site.addsitedir(str(venv_site))
+    dirs = package_dirs()
+    assert str(venv_site) in dirs and str(other) in dirs
+    assert sysconfig.get_paths()["stdlib"] not in dirs  # the stub's Python brings its own
