@@ -51,7 +51,7 @@ k8s-validate: setup ## Render every kustomize overlay (k8s/) and validate each o
 	@$(PY) -m k8s.validate
 
 test: setup-ci lint proto-check k8s-validate ## Set up, lint, check the protos and the manifests, run every test
-	@$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)

@@ -4,8 +4,8 @@ minutes of steady Decide load with the stack's redis-server paused for 30 s in t
 Asserted: no TorchServe worker lost; every answered decision in the audit store, and
 every answer the model did not give says why; the ladder abstains while Redis is paused
 (the feature mirror's records go stale; no decision waits for Redis twice) and the model
-answers again within 10 s of the resume; under 1 % of answers after the
-deadline. Reported, not asserted: the per-window bounds (model share ≥ 99 %, p99 ≤ 30 ms,
+answers again within 10 s of the resume; under 1 % of calls answered after the
+deadline or refused. Reported, not asserted: the per-window bounds (model share ≥ 99 %, p99 ≤ 30 ms,
 no late answer), which a busy 2-core machine does not meet every window yet (issue
 "The whole stack stays healthy for hours").
 """
@@ -54,7 +54,10 @@ def test_three_minute_soak_with_a_redis_pause_loses_nothing_and_recovers(model_s
     assert summary["workers_lost"] == 0
     assert summary["missing_from_audit"] == 0
     calls = sum(w["answers"] for w in summary["windows"])
-    assert summary["late"] < 0.01 * calls, output[-6000:]
+    # A host stall of tens of ms may cost a few late answers or refusals (CANCELLED:
+    # gRPC's queue limit, the designed fast answer to a stall), never more than a few.
+    refused = sum(w["outcomes"].get("CANCELLED", 0) for w in summary["windows"])
+    assert summary["late"] + refused < 0.01 * calls, output[-6000:]
     assert calls >= 0.9 * 100 * DURATION_S
     outcomes = {name for w in summary["windows"] for name in w["outcomes"]}
     assert outcomes <= {
@@ -64,6 +67,7 @@ def test_three_minute_soak_with_a_redis_pause_loses_nothing_and_recovers(model_s
         "RULES",
         "ABSTAIN",
         "DEADLINE_EXCEEDED",
+        "CANCELLED",
     }, outcomes
     paused = [w for w in summary["windows"] if w["fault"]]
     assert paused, "no window overlapped the Redis pause"
