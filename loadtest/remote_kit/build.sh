@@ -79,9 +79,10 @@ cp "$KIT/run.sh" "$OUT/b/"
 echo "== Triton: tritonserver, its Python backend, the stubs for Python $STUBS, its libraries"
 # The wheel's libraries but the libpython it carries for other stubs (3.13): the stub
 # links the target's own libpython.
-(cd "$TRITON" && tar -cf - pytriton/tritonserver/bin pytriton/tritonserver/backends \
-  pytriton/tritonserver/caches $(for v in $STUBS; do echo pytriton/tritonserver/python_backend_stubs/$v; done) \
-  --exclude='__pycache__' --exclude='nvidia_pytriton.libs/libpython3*' nvidia_pytriton.libs) \
+# (tar's --exclude applies to the names after it only.)
+(cd "$TRITON" && tar -cf - --exclude='__pycache__' --exclude='nvidia_pytriton.libs/libpython3*' \
+  pytriton/tritonserver/bin pytriton/tritonserver/backends pytriton/tritonserver/caches \
+  $(for v in $STUBS; do echo pytriton/tritonserver/python_backend_stubs/$v; done) nvidia_pytriton.libs) \
   | xz -T2 -6 > "$OUT/c/triton.tar.xz"
 cp "$KIT/triton.sh" "$OUT/c/"
 du -sh "$OUT/a" "$OUT/b" "$OUT/c"
