@@ -3,21 +3,24 @@
 Each record is decoded and folded into its symbol's ``SymbolState``; a record that cannot
 be decoded or applied becomes a dead letter, and the rest of the batch goes on. The result
 says what the consumer then writes: the touched symbols' feature records, the dead
-letters, and per partition the states a checkpoint must now include.
+letters, and per partition the states a checkpoint must now include; and what it counts:
+the events the states ignored (a re-delivery, an earlier session's) and the symbols
+whose feed started over.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiokafka import TopicPartition
 
 from feature_cache.codec import MalformedMessage, decode
-from feature_cache.features import SymbolState
+from feature_cache.features import Applied, SymbolState
 from feature_cache.store import FeatureRecord
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,10 @@ class AppliedBatch:
     dead: list[tuple[Record, str]]  # the records not applied, each with the reason
     # Per partition of the batch: the states its records changed.
     changed: dict[TopicPartition, dict[str, SymbolState]]
+    # Events ignored (a re-delivery, an earlier session's), by symbol and why.
+    ignored: Counter[tuple[str, Applied]] = field(default_factory=Counter)
+    # Symbols whose feed started over in this batch, with the new session.
+    restarted: dict[str, int] = field(default_factory=dict)
 
 
 def apply_batch(
@@ -58,6 +65,8 @@ def apply_batch(
     changed_by_tp: dict[TopicPartition, dict[str, SymbolState]] = {}
     last_offset: dict[str, int] = {}
     dead: list[tuple[Record, str]] = []
+    ignored: Counter[tuple[str, Applied]] = Counter()
+    restarted: dict[str, int] = {}
     latest_us = time.time_ns() // 1000 + MAX_CLOCK_SKEW_US
     for tp, records in batches.items():
         partition_states = states[tp]
@@ -71,7 +80,7 @@ def apply_batch(
                 state = partition_states.get(event.symbol)
                 if state is None:
                     state = partition_states[event.symbol] = SymbolState()
-                state.apply(event)
+                applied = state.apply(event)
             except MalformedMessage as exc:
                 dead.append((record, str(exc)))
                 continue
@@ -79,6 +88,11 @@ def apply_batch(
                 log.exception("could not apply %s/%d", tp, record.offset)
                 dead.append((record, f"could not apply: {exc!r}"))
                 continue
+            if applied.ignored:
+                ignored[event.symbol, applied] += 1
+                continue
+            if applied is Applied.RESTARTED:
+                restarted[event.symbol] = event.session
             touched[event.symbol] = changed[event.symbol] = state
             last_offset[event.symbol] = record.offset
     features = []
@@ -92,4 +106,4 @@ def apply_batch(
             features.append(
                 FeatureRecord(symbol, values, state.last_event_time_us, last_offset[symbol])
             )
-    return AppliedBatch(features, dead, changed_by_tp)
+    return AppliedBatch(features, dead, changed_by_tp, ignored, restarted)

@@ -28,7 +28,10 @@ class MalformedMessage(ValueError):
 
 def encode(event: MarketEvent) -> bytes:
     msg = pb.MarketEvent(
-        symbol=event.symbol, exchange_time_us=event.exchange_time_us, sequence=event.sequence
+        symbol=event.symbol,
+        exchange_time_us=event.exchange_time_us,
+        sequence=event.sequence,
+        session=event.session,
     )
     if isinstance(event, BookSnapshot):
         msg.snapshot.bids.extend(pb.PriceLevel(price=p, size=s) for p, s in event.bids)
@@ -70,6 +73,7 @@ def decode(value: bytes | None) -> MarketEvent:
             msg.sequence,
             tuple(_level(lv.price, lv.size) for lv in msg.snapshot.bids),
             tuple(_level(lv.price, lv.size) for lv in msg.snapshot.asks),
+            msg.session,
         )
     if kind == "delta":
         changes = []
@@ -78,11 +82,15 @@ def decode(value: bytes | None) -> MarketEvent:
             if side is None:
                 raise MalformedMessage(f"unknown book side {change.side}")
             changes.append((side, *_level(change.price, change.size)))
-        return BookDelta(msg.symbol, msg.exchange_time_us, msg.sequence, tuple(changes))
+        return BookDelta(
+            msg.symbol, msg.exchange_time_us, msg.sequence, tuple(changes), msg.session
+        )
     if kind == "trade":
         aggressor = _AGGRESSOR_FROM_PB.get(msg.trade.aggressor)
         if aggressor is None:
             raise MalformedMessage(f"unknown aggressor {msg.trade.aggressor}")
         price, size = _level(msg.trade.price, msg.trade.size)
-        return Trade(msg.symbol, msg.exchange_time_us, msg.sequence, price, size, aggressor)
+        return Trade(
+            msg.symbol, msg.exchange_time_us, msg.sequence, price, size, aggressor, msg.session
+        )
     raise MalformedMessage("no event in the message")

@@ -10,7 +10,9 @@ a checkpoint only once its dead letters are sent and its features written, and a
 rebalance's checkpoint waits for the batch in progress. Checkpointing per batch would
 cost more than the batch (a state with its windows is tens of kB of JSON). A malformed
 message is counted, logged with its offset, sent to the dead-letter topic (before its
-offset is committed) and skipped. Kafka or Redis down: retry with backoff; features age
+offset is committed) and skipped. An event a state ignores (a re-delivery, an earlier
+session's) is counted, and a symbol whose every event is ignored for a while is logged and
+reported (``feature_cache.feed_watch``). Kafka or Redis down: retry with backoff; features age
 meanwhile and the server sees them as stale; nothing is committed that is not written.
 
 This module runs the loop and does the I/O; applying a batch to the states
@@ -34,12 +36,14 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError
 from redis.asyncio.client import Pipeline
 
 from core.backoff import Backoff
-from feature_cache.batch import Record, apply_batch
+from core.reports import queue_ignored
+from feature_cache.batch import AppliedBatch, Record, apply_batch
 from feature_cache.checkpoint import StateCheckpoints
 from feature_cache.checkpoint_schedule import CheckpointSchedule
 from feature_cache.consumer_stats import ConsumerStats
 from feature_cache.dead_letters import DeadLetterProducer
 from feature_cache.features import SymbolState
+from feature_cache.feed_watch import IGNORED_ALARM_S, FeedWatch
 from feature_cache.settings import KafkaSettings
 from feature_cache.store import FeatureWriter
 
@@ -90,6 +94,7 @@ class FeatureConsumer:
         self._settings = settings
         self._max_batch = max_batch
         self._redis = redis
+        self._key_prefix = key_prefix
         self._writer = FeatureWriter(redis, key_prefix=key_prefix, ttl_s=feature_ttl_s)
         self._checkpoints = StateCheckpoints(redis, key_prefix=key_prefix)
         self._consumer = AIOKafkaConsumer(
@@ -105,6 +110,7 @@ class FeatureConsumer:
         # Per owned partition: the first offset its states do not hold yet.
         self._next_offset: dict[TopicPartition, int] = {}
         self._schedule = CheckpointSchedule(checkpoint_interval_s)
+        self._feeds = FeedWatch()
         self.stats = ConsumerStats()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -211,6 +217,7 @@ class FeatureConsumer:
 
     def revoke(self, tp: TopicPartition) -> None:
         """Forgets a partition another consumer takes over (after its checkpoint)."""
+        self._feeds.forget(self.states.get(tp, {}))
         self.states.pop(tp, None)
         self._next_offset.pop(tp, None)
         self._schedule.revoked(tp)
@@ -244,12 +251,18 @@ class FeatureConsumer:
         for tp, records in handled.items():
             self._next_offset[tp] = records[-1].offset + 1  # the states hold them now
         features, dead = applied.features, applied.dead
+        self._note_feeds(applied)
         if dead and not await self._dead_letter(dead):
             return  # stopping before the dead letters were sent: nothing is committed
         write_started = time.perf_counter()
-        if features and not await self._execute(
-            functools.partial(self._writer.queue, records=features)
-        ):
+        report = self._feeds.report(time.monotonic(), time.time_ns() // 1000)
+
+        def fill(pipe: Pipeline) -> None:
+            self._writer.queue(pipe, features)
+            if report is not None:
+                queue_ignored(pipe, self._key_prefix, *report)
+
+        if (features or report is not None) and not await self._execute(fill):
             return  # stopping before Redis came back: the next owner replays from the checkpoint
         if features:
             self.stats.write_latency.observe(time.perf_counter() - write_started)
@@ -259,9 +272,32 @@ class FeatureConsumer:
         self.stats.note_freshness(
             (r.timestamp for records in handled.values() for r in records), time.time() * 1000
         )
-        self.stats.events += sum(len(records) for records in handled.values()) - len(dead)
+        ignored = sum(applied.ignored.values())
+        self.stats.events += sum(len(records) for records in handled.values()) - len(dead) - ignored
         self.stats.batches += 1
         self.stats.records_written += len(features)
+
+    def _note_feeds(self, applied: AppliedBatch) -> None:
+        """Counts and logs the feeds that started over and the events ignored."""
+        for symbol, session in applied.restarted.items():
+            log.info("%s: its feed started over (session %d); its book restarts", symbol, session)
+        self.stats.restarts += len(applied.restarted)
+        for (_, reason), count in applied.ignored.items():
+            self.stats.ignored[reason.value] += count
+        now_s = time.monotonic()
+        before = set(self._feeds.ignored(now_s))
+        touched = (symbol for changed in applied.changed.values() for symbol in changed)
+        self._feeds.note(touched, applied.ignored, now_s)
+        for symbol, streak in self._feeds.ignored(now_s).items():
+            if symbol not in before:
+                log.warning(
+                    "%s: every event ignored for %.0f s (%d events, the last one %s): its "
+                    "features are frozen while its feed goes on",
+                    symbol,
+                    IGNORED_ALARM_S,
+                    streak.events,
+                    streak.reason.value,
+                )
 
     def _restored(
         self, batches: dict[TopicPartition, list[Record]]
@@ -300,6 +336,10 @@ class FeatureConsumer:
             if highwater is not None:
                 lag[tp] = max(0, highwater - next_offset)
         return lag
+
+    def ignored_symbols(self) -> int:
+        """Symbols whose events have all been ignored for ``IGNORED_ALARM_S`` or more."""
+        return len(self._feeds.ignored(time.monotonic()))
 
     def checkpoint_ages_s(self) -> dict[TopicPartition, float]:
         """Per owned partition: seconds since its last checkpoint (or its assignment)

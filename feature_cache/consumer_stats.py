@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -13,8 +14,10 @@ FRESHNESS_BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 1
 
 @dataclass
 class ConsumerStats:
-    events: int = 0
+    events: int = 0  # applied to a state
     malformed: int = 0  # sent to the dead-letter topic
+    ignored: Counter[str] = field(default_factory=Counter)  # by Applied's value
+    restarts: int = 0  # a symbol's feed started over (a later session)
     batches: int = 0
     records_written: int = 0
     # Kafka create time -> Redis write done, ms, for the latest batches (bounded).

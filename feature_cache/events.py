@@ -2,8 +2,12 @@
 
 Times are the exchange's event times in microseconds since the epoch; ``sequence`` is
 the source's order (the exchange sequence, or the generator's counter), strictly
-increasing per symbol. Prices and sizes are floats; a book change of size 0 removes
-the level.
+increasing per symbol within a ``session``. A session is one run of a feed that numbers
+its events afresh: the replayer or generator started again, a recording replayed again,
+an exchange connection that resets its sequence. A feed that starts over takes a session
+greater than the last (the replayer: its start time in µs since the epoch); 0 is the
+session of a feed that never starts over. Events order by (session, sequence). Prices
+and sizes are floats; a book change of size 0 removes the level.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class BookSnapshot:
     sequence: int
     bids: tuple[tuple[float, float], ...]  # (price, size), any order
     asks: tuple[tuple[float, float], ...]
+    session: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +48,7 @@ class BookDelta:
     exchange_time_us: int
     sequence: int
     changes: tuple[tuple[BookSide, float, float], ...]  # (side, price, new size)
+    session: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +59,7 @@ class Trade:
     price: float
     size: float
     aggressor: Aggressor
+    session: int = 0
 
 
 MarketEvent = BookSnapshot | BookDelta | Trade

@@ -45,6 +45,7 @@ bit-identical features.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -69,11 +70,27 @@ _TRADE_WINDOW_S = 5
 _Touch = tuple[float, float, float, float]  # (bid price, bid size, ask price, ask size)
 
 
+class Applied(enum.Enum):
+    """What ``SymbolState.apply`` did with an event."""
+
+    APPLIED = "applied"
+    RESTARTED = "restarted"  # the first event of a later session: the state started afresh
+    DUPLICATE = "duplicate"  # ignored: its session's sequence had passed it (a re-delivery)
+    OLD_SESSION = "old_session"  # ignored: an earlier session's, after a later one began
+
+    @property
+    def ignored(self) -> bool:
+        return self in (Applied.DUPLICATE, Applied.OLD_SESSION)
+
+
 class SymbolState:
     """One symbol's book and rolling windows; see the module docstring for the features.
 
-    Not thread-safe. ``apply`` ignores an event whose ``sequence`` is not above
-    ``last_sequence``, so a re-delivered event never moves the state back.
+    Not thread-safe. ``apply`` orders events by (``session``, ``sequence``): within a
+    session it ignores an event whose sequence is not above ``last_sequence``, so a
+    re-delivered event never moves the state back; an event of a later session (a feed
+    that started over) starts the state afresh, book and windows, as a new symbol's; an
+    event of an earlier session is ignored.
     """
 
     __slots__ = (
@@ -90,9 +107,10 @@ class SymbolState:
         "_trades",
         "last_event_time_us",
         "last_sequence",
+        "session",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, session: int = 0) -> None:
         self._bids: SortedDict[float, float] = SortedDict()
         self._asks: SortedDict[float, float] = SortedDict()
         self._touch: _Touch | None = None
@@ -111,6 +129,8 @@ class SymbolState:
         """Latest exchange time applied, in µs since the epoch; 0 before any event."""
         self.last_sequence: int | None = None
         """Sequence of the last applied event; None before any event."""
+        self.session = session
+        """Session of the events applied (see ``feature_cache.events``)."""
 
     @property
     def mid(self) -> float | None:
@@ -118,10 +138,16 @@ class SymbolState:
         touch = self._touch
         return None if touch is None else (touch[0] + touch[2]) * 0.5
 
-    def apply(self, event: MarketEvent) -> None:
-        """Folds one event in; an event with a sequence not above the last one is ignored."""
-        if self.last_sequence is not None and event.sequence <= self.last_sequence:
-            return
+    def apply(self, event: MarketEvent) -> Applied:
+        """Folds one event in, or ignores it (see the class docstring); says which."""
+        outcome = Applied.APPLIED
+        if event.session != self.session:
+            if event.session < self.session:
+                return Applied.OLD_SESSION
+            self.__init__(event.session)  # type: ignore[misc]  # the feed started over
+            outcome = Applied.RESTARTED
+        elif self.last_sequence is not None and event.sequence <= self.last_sequence:
+            return Applied.DUPLICATE
         self.last_sequence = event.sequence
         now = self.last_event_time_us
         if event.exchange_time_us > now:
@@ -144,6 +170,7 @@ class SymbolState:
             self._on_book(now)
         else:
             raise TypeError(f"not a market event: {type(event).__name__}")
+        return outcome
 
     def _on_book(self, now: int) -> None:
         """After a book change: the OFI contribution and, if the mid moved, its return."""
@@ -223,6 +250,7 @@ class SymbolState:
         """
         return {
             "format": CHECKPOINT_FORMAT,
+            "session": self.session,
             "last_sequence": self.last_sequence,
             "last_event_time_us": self.last_event_time_us,
             "last_mid": self._last_mid,
@@ -241,6 +269,7 @@ class SymbolState:
             raise ValueError(f"unknown checkpoint format {doc.get('format')!r}")
         state = cls()
         try:
+            state.session = int(doc.get("session", 0))  # written since format 2's start
             seq = doc["last_sequence"]
             state.last_sequence = None if seq is None else int(seq)
             state.last_event_time_us = int(doc["last_event_time_us"])

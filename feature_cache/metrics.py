@@ -13,6 +13,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from feature_cache.consumer import FeatureConsumer
+from feature_cache.features import Applied
 
 
 class ConsumerCollector(Collector):
@@ -24,8 +25,29 @@ class ConsumerCollector(Collector):
         stats = consumer.stats
         yield CounterMetricFamily(
             "feature_cache_events",
-            "Market events applied to the features (dead letters not counted).",
+            "Market events applied to the features (dead letters and ignored events not counted).",
             value=stats.events,
+        )
+        ignored = CounterMetricFamily(
+            "feature_cache_events_ignored",
+            "Market events a symbol's state ignored: a re-delivery its session's sequence had "
+            "passed (duplicate), or an event of an earlier session than its own (old_session).",
+            labels=["reason"],
+        )
+        for reason in (Applied.DUPLICATE, Applied.OLD_SESSION):
+            ignored.add_metric([reason.value], stats.ignored[reason.value])
+        yield ignored
+        yield CounterMetricFamily(
+            "feature_cache_feed_restarts",
+            "Times a symbol's feed started over (an event of a later session): its book and "
+            "windows started afresh.",
+            value=stats.restarts,
+        )
+        yield GaugeMetricFamily(
+            "feature_cache_symbols_ignored",
+            "Symbols whose every event has been ignored for 10 s or more: their features are "
+            "frozen while their feed goes on.",
+            value=consumer.ignored_symbols(),
         )
         yield CounterMetricFamily(
             "feature_cache_dead_letters",

@@ -6,9 +6,14 @@ a file or a folder (``feature_cache.exchanges.sources``; ``--source coinbase --p
 still works). Events are keyed by symbol (``BINANCE:BTC-USD``: a venue's books never mix
 with another's). A recording's replay ends with a summary per symbol: snapshots, deltas,
 trades, sequence gaps, checksum failures, crossed books, events not published while a
-book was out of sync, skipped and malformed lines. With
-``--rebase-time`` (the default) exchange times are shifted so the first event is "now",
-so that features computed from an old recording are fresh to the decision server.
+book was out of sync, skipped and malformed lines. Unless ``--keep-times`` is given,
+exchange times are shifted so the first event is "now" (the last, at full speed), so that
+features computed from an old recording are fresh to the decision server.
+
+Each run publishes its events in a session of its own, its start time in µs since the
+epoch (``feature_cache.events``): a replayer started again, or a recording replayed
+again, numbers its events from 1 again, and the consumers follow it from its snapshots
+instead of ignoring it as a re-delivery of the last run.
 """
 
 from __future__ import annotations
@@ -65,6 +70,12 @@ class Progress:
 
     def done(self) -> None:
         self._print(final=True)
+
+
+def in_session(events: Iterable[MarketEvent], session: int) -> Iterator[MarketEvent]:
+    """The events, each in ``session``."""
+    for event in events:
+        yield dataclasses.replace(event, session=session)
 
 
 def rebased(events: Iterable[MarketEvent], now_us: int, *, end_now: bool) -> Iterator[MarketEvent]:
@@ -173,7 +184,9 @@ def main() -> None:
     args = parser.parse_args()
     speed = None if args.speed == "max" else float(args.speed)
     summary = ReplaySummary()
+    session = time.time_ns() // 1000
     events, total = _events(args, summary)
+    events = in_session(events, session)
     if not args.keep_times:
         if speed is None and total is None and args.source == "generator":
             raise SystemExit("an endless generator needs a paced --speed (or --keep-times)")
@@ -187,7 +200,7 @@ def main() -> None:
             progress=Progress(total),
         )
     )
-    print(f"published {count:,} events to {args.topic}", file=sys.stderr)
+    print(f"published {count:,} events to {args.topic} in session {session}", file=sys.stderr)
     if args.source != "generator":
         print(summary.table(), file=sys.stderr)
 

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from core.domain import age_ms
+from core.reports import IgnoredFeed, LabelProgress, read_reports
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,10 @@ class FeatureReader:
     async def read(self, symbol: str) -> FeatureRecord | None:
         raw = await self._client.hget(feature_key(self._prefix, symbol), "p")
         return decode_record(symbol, raw)
+
+    async def reports(self) -> tuple[list[IgnoredFeed], LabelProgress | None]:
+        """What the consumers and the labeler report for status (``core.reports``)."""
+        return await read_reports(self._client, self._prefix)
 
     async def symbols(self, limit: int = 100) -> list[str]:
         """Symbols with a feature record (at most ``limit``, sorted), for status pages."""

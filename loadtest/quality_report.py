@@ -14,8 +14,15 @@ Once the labeler has labelled every decision, it compares:
   symbol, both sides) of the same span of exchange time;
 - broken: the inverted challenger's live AUC, which must fall below 0.5.
 
+With ``--restart-after-s N`` (``make quality-report`` sets 60) the stack first runs the
+day's first N s the same way, is stopped and is started again on the same run folder
+(the broker keeps the topic, Redis starts empty, as ``make run`` twice does), and the
+day is replayed again from its start in a new session: the judged run is the one after
+the restart, and the report says how soon and how completely it was labelled.
+
 Writes ``docs/quality.md``; exits 1 when the live AUC is more than 0.02 from the offline
-one or the inverted model's is not below 0.5.
+one, the inverted model's is not below 0.5, or (after a restart) fewer than 90 % of the
+decisions that could be labelled were, or the first label took more than 60 s.
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ from torchserve.train import ensure_models
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_GAP = 0.02  # the issue's bound on |live AUC - offline AUC|
+MIN_LABELLED = 0.9  # after a restart: labelled share of the decisions that could be
+FIRST_LABEL_WITHIN_S = 60.0  # after a restart: from the stack serving to the first label
 MODEL_SOURCES = (decision_pb2.SOURCE_PRIMARY, decision_pb2.SOURCE_SECONDARY)
 
 
@@ -131,9 +140,12 @@ def heldout_events(spec: dict[str, Any], duration_s: float) -> list[MarketEvent]
     return events
 
 
-def rebased(events: list[MarketEvent], shift_us: int) -> Iterator[MarketEvent]:
+def rebased(events: list[MarketEvent], shift_us: int, session: int) -> Iterator[MarketEvent]:
+    """The events ``shift_us`` later, in ``session`` (one per replay, as the replayer's)."""
     for event in events:
-        yield dataclasses.replace(event, exchange_time_us=event.exchange_time_us + shift_us)
+        yield dataclasses.replace(
+            event, exchange_time_us=event.exchange_time_us + shift_us, session=session
+        )
 
 
 @dataclasses.dataclass
@@ -196,13 +208,19 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), float("nan"))
 
 
-def labelled(port: int) -> tuple[float, float]:
-    """(outcomes written, decisions waiting) at the labeler; (0, 0) while it is not up."""
+def labelled(port: int, result: str = "") -> tuple[float, float]:
+    """(outcomes written, of ``result`` if given; decisions waiting) at the labeler; (0, 0)
+    while it is not up."""
     try:
         samples = scrape(port)
     except OSError:
         return 0.0, 0.0
-    total = sum(v for (name, _), v in samples.items() if name == "decision_quality_outcomes_total")
+    total = sum(
+        v
+        for (name, labels), v in samples.items()
+        if name == "decision_quality_outcomes_total"
+        and (not result or ("result", result) in labels)
+    )
     return total, samples.get(("decision_quality_pending_decisions", frozenset()), 0.0)
 
 
@@ -218,10 +236,15 @@ def stored_outcomes(database: Path, decision_ids: list[str]) -> list[tuple[str, 
         ).fetchall()
 
 
-def outcome_counts(database: Path) -> dict[str, int]:
-    """Outcomes by reason ("" for labelled)."""
+def outcome_counts(database: Path, decision_ids: list[str]) -> dict[str, int]:
+    """Outcomes of ``decision_ids`` by reason ("" for labelled)."""
     with contextlib.closing(sqlite3.connect(database)) as conn:
-        rows = conn.execute("SELECT reason, count(*) FROM decision_outcomes GROUP BY reason")
+        conn.execute("CREATE TEMP TABLE wanted (decision_id TEXT PRIMARY KEY)")
+        conn.executemany("INSERT INTO wanted VALUES (?)", [(i,) for i in decision_ids])
+        rows = conn.execute(
+            "SELECT reason, count(*) FROM decision_outcomes JOIN wanted USING (decision_id)"
+            " GROUP BY reason"
+        )
         return {reason: count for reason, count in rows}
 
 
@@ -235,6 +258,81 @@ def quality_of(scores: np.ndarray[Any, Any], labels: np.ndarray[Any, Any]) -> di
         "calibration_error": calibration_error(scores, labels),
         "favourable_share": float(labels.mean()),
     }
+
+
+@dataclasses.dataclass
+class Restart:
+    """The run before the restart, and when the restarted stack served again."""
+
+    before: Called
+    serving_at_us: int  # wall clock, µs since the epoch
+
+
+def labelled_after_restart(
+    database: Path, decision_ids: list[str], horizon_us: int, end_us: int, serving_at_us: int
+) -> tuple[int, int, float]:
+    """Of the decisions the labeler could label (features whose horizon ends by the
+    replay's last event, ``end_us``): (labelled, could be, seconds from serving to the
+    first label)."""
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        conn.execute("CREATE TEMP TABLE wanted (decision_id TEXT PRIMARY KEY)")
+        conn.executemany("INSERT INTO wanted VALUES (?)", [(i,) for i in decision_ids])
+        rows = conn.execute(
+            "SELECT d.feature_time, o.label, o.labeled_at FROM decisions d"
+            " JOIN wanted USING (decision_id) LEFT JOIN decision_outcomes o USING (decision_id)"
+            " WHERE d.feature_time IS NOT NULL"
+        ).fetchall()
+
+    def us(text: str) -> int:  # SQLite's DateTime text, naive UTC, as SQLAlchemy stores it
+        return epoch_us(dt.datetime.fromisoformat(text))
+
+    could = [r for r in rows if us(r[0]) + horizon_us <= end_us]
+    done = [r for r in could if r[1] is not None]
+    first = min((us(r[2]) for r in done), default=0)
+    return len(done), len(could), (first - serving_at_us) / 1e6 if done else float("nan")
+
+
+async def replay_and_decide(
+    stack: LocalStack, events: list[MarketEvent], warmup_s: float, args: argparse.Namespace,
+    symbols: list[str], called: Called,
+) -> int:  # fmt: skip
+    """Replays ``events`` rebased to now, in a session of their own, and decides at
+    ``args.rate`` from ``warmup_s`` until the replay ends; the shift applied."""
+    shift_us = time.time_ns() // 1000 - events[0].exchange_time_us
+    publishing = asyncio.create_task(
+        replay(
+            rebased(events, shift_us, session=time.time_ns() // 1000),
+            bootstrap=f"127.0.0.1:{stack.kafka_port}",
+            topic=FeatureCacheSettings().kafka.topic,
+            speed=1.0,
+            progress=Progress(len(events)),
+        )
+    )
+    # Decide once the features' 30 s windows have filled, as training samples do.
+    await asyncio.sleep(warmup_s)
+    duration_s = (events[-1].exchange_time_us - events[0].exchange_time_us) / 1e6
+    until = time.monotonic() + duration_s - warmup_s
+    print(f"deciding at {args.rate:.0f}/s until the replay ends")
+    await decide_steadily(f"127.0.0.1:{stack.decision_port}", symbols, args.rate, until, called)
+    await publishing
+    return shift_us
+
+
+async def run_before_restart(
+    args: argparse.Namespace, stack_models: Path, spec: dict[str, Any]
+) -> Called:
+    """The first ``args.restart_after_s`` of the day through a stack that is then stopped."""
+    events = heldout_events(spec, args.restart_after_s)
+    print(f"before the restart: {len(events):,} events over {args.restart_after_s:.0f} s")
+    stack = LocalStack(args.run_dir, args.port_offset, stack_models, replayer=False)
+    called = Called()
+    try:
+        await stack.start()
+        await replay_and_decide(stack, events, spec["warmup_s"], args, spec["symbols"], called)
+    finally:
+        await stack.stop()
+    print(f"stopped after {len(called.decision_ids):,} decisions; starting it again")
+    return called
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -255,29 +353,20 @@ async def run(args: argparse.Namespace) -> int:
     if refused:
         print(f"{refused}; --port-offset N moves this stack")
         return 2
+    restart = None
+    if args.restart_after_s:
+        before = await run_before_restart(args, stack_models, spec)
+        stack = LocalStack(args.run_dir, args.port_offset, stack_models, replayer=False)
     called = Called()
     try:
         await stack.start()
+        if args.restart_after_s:
+            restart = Restart(before, serving_at_us=time.time_ns() // 1000)
         await shadow_every_decision(stack)
-        shift_us = time.time_ns() // 1000 - events[0].exchange_time_us
-        kafka = FeatureCacheSettings().kafka
-        publishing = asyncio.create_task(
-            replay(
-                rebased(events, shift_us),
-                bootstrap=f"127.0.0.1:{stack.kafka_port}",
-                topic=kafka.topic,
-                speed=1.0,
-                progress=Progress(len(events)),
-            )
+
+        shift_us = await replay_and_decide(
+            stack, events, spec["warmup_s"], args, spec["symbols"], called
         )
-        # Decide once the features' 30 s windows have filled, as training samples do.
-        await asyncio.sleep(spec["warmup_s"])
-        until = time.monotonic() + args.duration_s - spec["warmup_s"]
-        print(f"deciding at {args.rate:.0f}/s until the replay ends")
-        await decide_steadily(
-            f"127.0.0.1:{stack.decision_port}", spec["symbols"], args.rate, until, called
-        )
-        await publishing
         print(f"{len(called.decision_ids):,} decisions, errors {dict(called.errors) or 0};"
               " waiting for the labeler")  # fmt: skip
         deadline = time.monotonic() + 120
@@ -295,7 +384,7 @@ async def run(args: argparse.Namespace) -> int:
 
     database = args.run_dir / "audit" / "audit.db"
     rows = stored_outcomes(database, called.decision_ids)
-    outcomes = outcome_counts(database)
+    outcomes = outcome_counts(database, called.decision_ids)
     model_rows = [r for r in rows if r[0] in ("PRIMARY", "SECONDARY")]
     scores = np.array([r[1] for r in model_rows])
     labels = np.array([r[2] for r in model_rows])
@@ -317,13 +406,42 @@ async def run(args: argparse.Namespace) -> int:
     whole_day = quality_of(heldout["champion"].astype(np.float64), heldout["y"])
     gap = abs(live_metric - offline["auc"])
     ok = gap <= MAX_GAP and broken < 0.5
-    text = report_text(
-        args, called, outcomes, live, live_metric, offline, whole_day, broken, gap, ok
+    restarted = ""
+    if restart is not None:
+        end_us = events[-1].exchange_time_us + shift_us
+        horizon_us = spec["horizon_ms"] * 1000
+        done, could, first_s = labelled_after_restart(
+            database, called.decision_ids, horizon_us, end_us, restart.serving_at_us
+        )
+        share = done / could if could else 0.0
+        ok = ok and share >= MIN_LABELLED and first_s <= FIRST_LABEL_WITHIN_S
+        restarted = restart_text(args, restart, done, could, share, first_s)
+    text = (
+        report_text(args, called, outcomes, live, live_metric, offline, whole_day, broken, gap, ok)
+        + restarted
     )
     print(text)
     args.report.write_text(text)
     print(f"wrote {args.report}")
     return 0 if ok else 1
+
+
+def restart_text(
+    args: argparse.Namespace, restart: Restart, done: int, could: int, share: float, first_s: float
+) -> str:
+    return f"""
+## After a restart
+
+Before the run above, the stack ran the day's first {args.restart_after_s:.0f} s the same way
+({len(restart.before.decision_ids):,} decisions), was stopped, and was started again on the same
+run folder: the broker kept the topic, Redis started empty (its checkpoints gone), so the
+labeler read the topic from its start, the earlier run's events and then the new
+replay's, numbered from 1 again in a session of its own. The run above is the one after
+the restart: its first label was written **{first_s:.0f} s** after the stack served again
+(bound {FIRST_LABEL_WITHIN_S:.0f} s; decisions start after the 30 s warm-up), and
+**{done:,} of {could:,}** decisions that could be labelled ({share:.1%}; bound
+{MIN_LABELLED:.0%}) were: those with features whose horizon ended before the replay did.
+"""
 
 
 def report_text(
@@ -395,6 +513,12 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=REPO / ".run/quality-report")
     parser.add_argument("--port-offset", type=int, default=300)
     parser.add_argument("--report", type=Path, default=REPO / "docs/quality.md")
+    parser.add_argument(
+        "--restart-after-s",
+        type=float,
+        default=0.0,
+        help="first run this much of the day, stop the stack and start it again (0: no restart)",
+    )
     args = parser.parse_args()
     if args.run_dir.exists():
         shutil.rmtree(args.run_dir)  # a fresh audit store and journal each run

@@ -84,12 +84,14 @@ async def _report(labeler: Labeler, stop: asyncio.Event) -> None:
         except TimeoutError:
             stats = labeler.stats
             log.info(
-                "market events %d, labelled %d, unlabelled %s, waiting %d, store errors %d",
+                "market events %d, labelled %d, unlabelled %s, waiting %d, store errors %d, "
+                "labels behind decisions %.0f s",
                 stats.events,
                 stats.labelled,
                 dict(stats.unlabelled) or 0,
                 stats.pending,
                 stats.store_errors,
+                stats.labels_behind_s(),
             )
 
 

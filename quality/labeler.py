@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 
 from core.backoff import Backoff
 from core.labels import favourable_move
+from core.reports import LabelProgress, write_label_progress
 from feature_cache.checkpoint import StateCheckpoints
 from feature_cache.codec import MalformedMessage, decode
 from feature_cache.consumer import MAX_BATCH, RETRY_BACKOFF_MAX_S
@@ -44,6 +45,7 @@ from quality.history import MidHistory
 from quality.rolling import RollingQuality
 from quality.settings import (
     GIVE_UP_S,
+    LABELS_STOPPED_S,
     LOOKBACK_S,
     PASS_DECISIONS,
     POLL_INTERVAL_S,
@@ -81,6 +83,20 @@ class LabelerStats:
     pending: int = 0  # decisions read that wait for their horizon, at the last poll
     last_pass_at_s: float = 0.0  # wall clock of the last store pass that completed
     newest_labelled_decided_at_us: int = 0
+    newest_decided_at_us: int = 0  # of any decision read
+    started_at_us: int = field(default_factory=lambda: time.time_ns() // 1000)
+
+    def labels_behind_s(self) -> float:
+        """How far the newest labelled decision trails the newest decision read, in
+        seconds of decision time; before the first label, the newest trails the first
+        read, the labeler's start. Grows only while decisions come and none is labelled."""
+        if not self.newest_decided_at_us:
+            return 0.0
+        baseline = max(self.newest_labelled_decided_at_us, self.started_at_us)
+        return max(0.0, (self.newest_decided_at_us - baseline) / 1e6)
+
+    def labels_stopped(self) -> bool:
+        return self.labels_behind_s() > LABELS_STOPPED_S
 
 
 SERVED = "served"  # the score the answer was made of
@@ -101,6 +117,9 @@ class Labeler:
         self._settings = settings.quality
         self._kafka = settings.kafka
         self._checkpoints = StateCheckpoints(redis, key_prefix=settings.redis.key_prefix)
+        self._redis = redis
+        self._key_prefix = settings.redis.key_prefix
+        self._stopped_logged = False
         self._store = store
         self._horizon_us = self._settings.horizon_ms * 1000
         self._give_up_us = int(GIVE_UP_S * 1e6)
@@ -290,9 +309,40 @@ class Labeler:
         if pending:
             newest = pending[-1].decided_at_us
             self._since_us = max(self._since_us, newest - self._lookback_us)
+            self.stats.newest_decided_at_us = max(self.stats.newest_decided_at_us, newest)
         self._prune()
         self.stats.last_pass_at_s = time.time()
+        await self._publish_progress()
         return len(outcomes)
+
+    async def _publish_progress(self) -> None:
+        """The labels' progress for ``decisionctl status`` (``core.reports``), and a log
+        line when labels stop or start again."""
+        stats = self.stats
+        stopped = stats.labels_stopped()
+        if stopped != self._stopped_logged:
+            self._stopped_logged = stopped
+            if stopped:
+                log.warning(
+                    "labels stopped: the newest labelled decision is %.0f s older than the "
+                    "newest decision (%s)",
+                    stats.labels_behind_s(),
+                    ", ".join(f"{r} {n}" for r, n in sorted(stats.unlabelled.items()))
+                    or "none unlabelled",
+                )
+            else:
+                log.info("labelling again")
+        progress = LabelProgress(
+            newest_decision_us=stats.newest_decided_at_us,
+            newest_labelled_us=stats.newest_labelled_decided_at_us,
+            behind_s=stats.labels_behind_s(),
+            stopped=stopped,
+            at_us=time.time_ns() // 1000,
+        )
+        try:
+            await write_label_progress(self._redis, self._key_prefix, progress)
+        except (RedisError, OSError) as exc:  # status shows no report; retried next pass
+            log.debug("label progress not reported: %s", exc)
 
     def _prune(self) -> None:
         keep_us = self._lookback_us + self._horizon_us + self._give_up_us

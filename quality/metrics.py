@@ -68,6 +68,18 @@ class LabelerCollector(Collector):
             "Decision time of the newest labelled decision (0: none yet).",
             value=stats.newest_labelled_decided_at_us / 1e6,
         )
+        yield GaugeMetricFamily(
+            "decision_quality_newest_decision_timestamp_seconds",
+            "Decision time of the newest decision read from the audit store (0: none yet).",
+            value=stats.newest_decided_at_us / 1e6,
+        )
+        yield GaugeMetricFamily(
+            "decision_quality_labels_behind_seconds",
+            "How far the newest labelled decision trails the newest decision read, in "
+            "seconds of decision time: about the horizon plus a pass while labels flow; it "
+            "grows while decisions come and none is labelled.",
+            value=stats.labels_behind_s(),
+        )
         yield CounterMetricFamily(
             "decision_quality_store_errors",
             "Passes over the audit store that failed (logged); retried at the next.",

@@ -20,6 +20,9 @@ LOOKBACK_S = 120.0
 # without a label (reason given) instead of waiting on.
 GIVE_UP_S = 30.0
 PASS_DECISIONS = 20_000  # decisions read from the store per pass, at most
+# Labels trail decisions by the horizon and a pass or two; trailing by this much (past any
+# horizon the settings allow plus the give-up wait), labelling has stopped.
+LABELS_STOPPED_S = 120.0
 
 
 class LabelerSettings(SettingsSection):

@@ -17,6 +17,7 @@ from typing import Any
 import redis.exceptions
 
 from core.drift import DRIFTING_PSI, SHIFTED_PSI
+from core.reports import IgnoredFeed, LabelProgress
 from feature_cache.mirror import FeatureMirror
 from feature_cache.store import FeatureReader
 from server.admin.views import (
@@ -260,6 +261,17 @@ class ControlPlane:
             for symbol, record in zip(symbols, records, strict=True)
         }
 
+    async def _reports(
+        self, timeout_s: float = 1.0
+    ) -> tuple[list[IgnoredFeed], LabelProgress | None, str]:
+        """The ignored feeds and the labels' progress, and why they are unknown if so."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                ignored, labels = await self._features.reports()
+        except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
+            return [], None, f"not read: {exc!r}"
+        return ignored, labels, ""
+
     async def servers(self) -> list[FleetMember]:
         """Every registered server; ``FleetUnavailable`` when the shared store fails."""
         if self._fleet is None:
@@ -270,7 +282,9 @@ class ControlPlane:
             raise FleetUnavailable(str(exc) or type(exc).__name__) from exc
 
     async def status(self) -> Status:
-        feature_ages = await self.feature_ages_ms()
+        feature_ages, (ignored_feeds, labels, reports_error) = await asyncio.gather(
+            self.feature_ages_ms(), self._reports()
+        )
         now_us = _now_us()
         state = self._shared.state
         replicas = []
@@ -307,6 +321,9 @@ class ControlPlane:
             audit=self._audit_status(),
             mirror=self._mirror.status() if self._mirror is not None else None,
             drift=self._drift_status(),
+            ignored_feeds=ignored_feeds,
+            labels=labels,
+            reports_error=reports_error,
         )
 
     def _audit_status(self) -> AuditView | None:

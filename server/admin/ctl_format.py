@@ -196,7 +196,29 @@ def _format_replicas(status: pb.GetStatusResponse) -> list[str]:
     return [format_table(headers, rows), *overrides]
 
 
-def _format_canary(canary: pb.CanaryStatus) -> list[str]:
+def _format_labels(labels: pb.LabelStatus) -> str:
+    """Whether decisions are being labelled: live quality is judged only on labels."""
+    if not labels.reported:
+        why = f" ({labels.error})" if labels.error else ""
+        return f"no labeler reported in the last minute{why}: live quality not measured"
+    if labels.stopped:
+        return (
+            f"LABELS STOPPED: the newest labelled decision is {labels.behind_s:.0f} s behind "
+            "the newest decision; live quality is not judged"
+        )
+    return f"labelling, {labels.behind_s:.0f} s behind the decisions"
+
+
+def _format_ignored(feeds: Sequence[pb.IgnoredFeed]) -> list[str]:
+    return [
+        f"  IGNORED {feed.symbol}: every event since {_time(feed.since)} ({feed.events:,} "
+        f"events, {feed.reason.replace('_', ' ')}): its features are frozen while its feed "
+        "goes on"
+        for feed in feeds
+    ]
+
+
+def _format_canary(canary: pb.CanaryStatus, labels: pb.LabelStatus) -> list[str]:
     line = f"  weight {_num(canary.weight)}"
     if canary.HasField("change"):
         line += f" ({format_change(canary.change)})"
@@ -218,6 +240,8 @@ def _format_canary(canary: pb.CanaryStatus) -> list[str]:
         lines.append(
             f"  promote: refused, {refused}" if refused else "  promote: judged, no breach"
         )
+        if not labels.reported or labels.stopped:
+            lines.append("  live quality: not judged, no labels (see labels above)")
     return lines
 
 
@@ -275,6 +299,7 @@ def format_status(status: pb.GetStatusResponse) -> str:
         f"durable copy  {'ok' if shared.durable_ok else f'NOT READ: {shared.durable_error}'}",
         *([f"              {format_loss(shared)}"] if shared.losses else []),
         f"features      {_format_mirror(status.feature_mirror)}",
+        f"labels        {_format_labels(status.labels)}",
         "",
         "replicas",
     ]
@@ -285,7 +310,7 @@ def format_status(status: pb.GetStatusResponse) -> str:
         for switch in status.kill_switches
     ] or ["  (none engaged)"]
     out += ["", "flags", format_flags(status.flags), "", "canary"]
-    out += _format_canary(status.canary)
+    out += _format_canary(status.canary, status.labels)
     out += ["", "features"]
     if status.features:
         ages = [
@@ -295,6 +320,7 @@ def format_status(status: pb.GetStatusResponse) -> str:
         out.append(format_table(["SYMBOL", "AGE"], ages))
     else:
         out.append("  (no symbols)")
+    out += _format_ignored(status.ignored_feeds)
     out += ["", "drift", *_format_drift(status.drift)]
     audit = status.audit
     store = "store ok" if audit.store_ok else "store FAILING"

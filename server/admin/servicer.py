@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from core.histogram import LATENCY_BOUNDS_S
+from core.reports import LabelProgress
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc
 from server.admin.auth import Role, current_principal
 from server.admin.control_plane import ControlPlane
@@ -151,6 +152,23 @@ def server_to_pb(member: FleetMember) -> admin_pb2.ServerInfo:
     )
 
 
+def labels_to_pb(labels: LabelProgress | None, error: str) -> admin_pb2.LabelStatus:
+    if labels is None:
+        return admin_pb2.LabelStatus(reported=False, error=error)
+    return admin_pb2.LabelStatus(
+        reported=True,
+        behind_s=labels.behind_s,
+        stopped=labels.stopped,
+        newest_decision=_timestamp(labels.newest_decision_us)
+        if labels.newest_decision_us
+        else None,
+        newest_labelled=_timestamp(labels.newest_labelled_us)
+        if labels.newest_labelled_us
+        else None,
+        reported_at=_timestamp(labels.at_us),
+    )
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, plane: ControlPlane, store: AuditStore | None = None) -> None:
         """``store``: the audit store the admin history is read from (None: audit off)."""
@@ -254,6 +272,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 losses=mirror.losses,
             )
         )
+        response.ignored_feeds.extend(
+            admin_pb2.IgnoredFeed(
+                symbol=feed.symbol,
+                since=_timestamp(feed.since_us),
+                events=feed.events,
+                reason=feed.reason,
+            )
+            for feed in status.ignored_feeds
+        )
+        response.labels.CopyFrom(labels_to_pb(status.labels, status.reports_error))
         if status.drift is not None:
             response.drift.CopyFrom(drift_to_pb(status.drift))
         if status.audit is not None:

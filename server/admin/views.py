@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from core.reports import IgnoredFeed, LabelProgress
 from feature_cache.mirror import MirrorStatus
 from server.control.canary import CanaryComparison
 from server.control.recent import CallSummary
@@ -69,3 +70,6 @@ class Status:
     audit: AuditView | None
     mirror: MirrorStatus | None = None  # None: no feature mirror
     drift: DriftView | None = None  # None: no drift computed (no model store)
+    ignored_feeds: list[IgnoredFeed] = field(default_factory=list)
+    labels: LabelProgress | None = None  # None: no labeler reported lately (or an error)
+    reports_error: str = ""  # why the reports could not be read

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from itertools import pairwise
@@ -16,7 +17,7 @@ from feature_cache.events import (
     MarketEvent,
     Trade,
 )
-from feature_cache.features import SymbolState, compute_offline
+from feature_cache.features import Applied, SymbolState, compute_offline
 from feature_cache.generator import MarketGenerator
 from feature_cache.schema import FEATURE_INDEX, FEATURE_NAMES
 from feature_cache.windows import RESUM_EVERY
@@ -188,6 +189,49 @@ def test_redelivered_events_change_nothing():
     assert bits(state.features()) == before
     assert json.dumps(state.to_checkpoint()) == doc
     assert (state.last_sequence, state.last_event_time_us) == (13, T0 + 3000)
+
+
+def in_session(session: int, events: list[MarketEvent]) -> list[MarketEvent]:
+    return [dataclasses.replace(event, session=session) for event in events]
+
+
+def test_a_feed_that_starts_over_is_followed_from_its_snapshot():
+    """A replayer started again numbers its events from 1 again, in a later session: the
+    state starts afresh, as a new symbol's, and its features are the new run's alone."""
+    first = in_session(1, [
+        snapshot(1, T0, BIDS, ASKS),
+        delta(2, T0 + S, (BID, 100.0, 7.0)),
+        trade(3, T0 + 2 * S, 1.0, Aggressor.BUY),
+    ])  # fmt: skip
+    again = in_session(2, [
+        snapshot(1, T0 + 60 * S, [(50.0, 1.0)], [(51.0, 3.0)]),
+        trade(2, T0 + 61 * S, 2.0, Aggressor.SELL, price=50.0),
+    ])  # fmt: skip
+    state = fed(*first)
+    assert [state.apply(event) for event in again] == [Applied.RESTARTED, Applied.APPLIED]
+    assert bits(state.features()) == bits(fed(*again).features())
+    assert (state.session, state.last_sequence) == (2, 2)
+    # The first run's events, re-delivered now, are an earlier session's: ignored.
+    doc = json.dumps(state.to_checkpoint())
+    assert {state.apply(event) for event in first} == {Applied.OLD_SESSION}
+    assert json.dumps(state.to_checkpoint()) == doc
+
+
+def test_within_a_session_a_re_delivery_is_still_ignored():
+    events = in_session(7, [snapshot(1, T0, BIDS, ASKS), delta(2, T0 + 1000, (BID, 100.0, 7.0))])
+    state = fed(*events)
+    assert {state.apply(event) for event in events} == {Applied.DUPLICATE}
+    assert Applied.DUPLICATE.ignored and Applied.OLD_SESSION.ignored
+    assert not (Applied.APPLIED.ignored or Applied.RESTARTED.ignored)
+
+
+def test_checkpoint_keeps_the_session_and_reads_one_written_without_it():
+    state = fed(*in_session(5, [snapshot(1, T0, BIDS, ASKS)]))
+    restored = SymbolState.from_checkpoint(json.loads(json.dumps(state.to_checkpoint())))
+    assert restored.session == 5
+    assert restored.apply(snapshot(1, T0 + S, BIDS, ASKS)) is Applied.OLD_SESSION
+    older = {k: v for k, v in state.to_checkpoint().items() if k != "session"}
+    assert SymbolState.from_checkpoint(older).session == 0
 
 
 def test_an_event_stamped_in_the_past_does_not_rewind_the_clock():

@@ -14,7 +14,7 @@ from quality.labeler import (
     Labeler,
     Scorer,
 )
-from quality.settings import LabelerSettings, QualitySettings
+from quality.settings import LABELS_STOPPED_S, LabelerSettings, QualitySettings
 from quality.store import Outcome, OutcomeStore, PendingDecision
 
 HORIZON_US = 2_000_000
@@ -121,3 +121,20 @@ def test_scores_are_judged_by_who_scored_them() -> None:
         Scorer("rules", "", SERVED): 1,
         Scorer("challenger", "c1", SHADOW): 1,
     }
+
+
+def test_the_labels_trail_the_decisions_and_stop_past_the_limit() -> None:
+    """Behind: the newest labelled decision against the newest decision read; before a
+    label, the labeler's start. No decisions coming: nothing trails."""
+    stats = labeler().stats
+    start = stats.started_at_us
+    assert stats.labels_behind_s() == 0.0
+    stats.newest_decided_at_us = start - 60_000_000  # the lookback's, from before the start
+    assert stats.labels_behind_s() == 0.0
+    stats.newest_decided_at_us = start + 30_000_000
+    assert stats.labels_behind_s() == 30.0
+    stats.newest_labelled_decided_at_us = start + 23_000_000
+    assert stats.labels_behind_s() == 7.0
+    assert not stats.labels_stopped()
+    stats.newest_decided_at_us = start + 23_000_000 + int(LABELS_STOPPED_S * 1e6) + 1
+    assert stats.labels_stopped()

@@ -571,6 +571,8 @@ class GetStatusResponse(_message.Message):
     MODEL_VERSIONS_FIELD_NUMBER: _builtins.int
     FEATURE_MIRROR_FIELD_NUMBER: _builtins.int
     DRIFT_FIELD_NUMBER: _builtins.int
+    IGNORED_FEEDS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     server_id: _builtins.str
     """The server that answered: breaker states and windows are per server."""
     @_builtins.property
@@ -595,6 +597,16 @@ class GetStatusResponse(_message.Message):
     def feature_mirror(self) -> Global___FeatureMirrorStatus: ...
     @_builtins.property
     def drift(self) -> Global___DriftStatus: ...
+    @_builtins.property
+    def ignored_feeds(self) -> _containers.RepeatedCompositeFieldContainer[Global___IgnoredFeed]:
+        """Symbols whose every market event the feature cache has ignored for a while; empty:
+        none.
+        """
+
+    @_builtins.property
+    def labels(self) -> Global___LabelStatus:
+        """Whether decisions are being labelled (live model quality)."""
+
     def __init__(
         self,
         *,
@@ -609,14 +621,99 @@ class GetStatusResponse(_message.Message):
         model_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         feature_mirror: Global___FeatureMirrorStatus | None = ...,
         drift: Global___DriftStatus | None = ...,
+        ignored_feeds: _abc.Iterable[Global___IgnoredFeed] | None = ...,
+        labels: Global___LabelStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "canary", b"canary", "drift", b"drift", "feature_mirror", b"feature_mirror", "shared_state", b"shared_state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "canary", b"canary", "drift", b"drift", "feature_mirror", b"feature_mirror", "labels", b"labels", "shared_state", b"shared_state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "canary", b"canary", "drift", b"drift", "feature_mirror", b"feature_mirror", "features", b"features", "flags", b"flags", "kill_switches", b"kill_switches", "model_versions", b"model_versions", "replicas", b"replicas", "server_id", b"server_id", "shared_state", b"shared_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "canary", b"canary", "drift", b"drift", "feature_mirror", b"feature_mirror", "features", b"features", "flags", b"flags", "ignored_feeds", b"ignored_feeds", "kill_switches", b"kill_switches", "labels", b"labels", "model_versions", b"model_versions", "replicas", b"replicas", "server_id", b"server_id", "shared_state", b"shared_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class IgnoredFeed(_message.Message):
+    """A symbol whose every market event the feature cache has ignored for 10 s or more: its
+    features are frozen while its feed goes on.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SYMBOL_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    symbol: _builtins.str
+    events: _builtins.int
+    reason: _builtins.str
+    """Why the last one was: "duplicate" (its session's sequence had passed it) or
+    "old_session" (a later session of the feed had begun).
+    """
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """The first ignored event since the symbol's last applied one."""
+
+    def __init__(
+        self,
+        *,
+        symbol: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        events: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "reason", b"reason", "since", b"since", "symbol", b"symbol"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IgnoredFeed: _TypeAlias = IgnoredFeed  # noqa: Y015
+
+@_typing.final
+class LabelStatus(_message.Message):
+    """How far the labeler's labels trail the decisions it reads."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORTED_FIELD_NUMBER: _builtins.int
+    BEHIND_S_FIELD_NUMBER: _builtins.int
+    STOPPED_FIELD_NUMBER: _builtins.int
+    NEWEST_DECISION_FIELD_NUMBER: _builtins.int
+    NEWEST_LABELLED_FIELD_NUMBER: _builtins.int
+    REPORTED_AT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    reported: _builtins.bool
+    """False: no labeler reported in the last minute, or Redis did not answer (error)."""
+    behind_s: _builtins.float
+    """Seconds of decision time the newest labelled decision trails the newest decision."""
+    stopped: _builtins.bool
+    """Behind past the labeler's limit: labels stopped, and live quality is not judged."""
+    error: _builtins.str
+    @_builtins.property
+    def newest_decision(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def newest_labelled(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def reported_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        reported: _builtins.bool = ...,
+        behind_s: _builtins.float = ...,
+        stopped: _builtins.bool = ...,
+        newest_decision: _timestamp_pb2.Timestamp | None = ...,
+        newest_labelled: _timestamp_pb2.Timestamp | None = ...,
+        reported_at: _timestamp_pb2.Timestamp | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["newest_decision", b"newest_decision", "newest_labelled", b"newest_labelled", "reported_at", b"reported_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["behind_s", b"behind_s", "error", b"error", "newest_decision", b"newest_decision", "newest_labelled", b"newest_labelled", "reported", b"reported", "reported_at", b"reported_at", "stopped", b"stopped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelStatus: _TypeAlias = LabelStatus  # noqa: Y015
 
 @_typing.final
 class SetBreakerRequest(_message.Message):

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$proto/marketdata/v1/marketdata.proto\x12\rmarketdata.v1\")\n\nPriceLevel\x12\r\n\x05price\x18\x01 \x01(\x01\x12\x0c\n\x04size\x18\x02 \x01(\x01\"Q\n\x0bLevelChange\x12%\n\x04side\x18\x01 \x01(\x0e\x32\x17.marketdata.v1.BookSide\x12\r\n\x05price\x18\x02 \x01(\x01\x12\x0c\n\x04size\x18\x03 \x01(\x01\"`\n\x0c\x42ookSnapshot\x12\'\n\x04\x62ids\x18\x01 \x03(\x0b\x32\x19.marketdata.v1.PriceLevel\x12\'\n\x04\x61sks\x18\x02 \x03(\x0b\x32\x19.marketdata.v1.PriceLevel\"8\n\tBookDelta\x12+\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1a.marketdata.v1.LevelChange\"Q\n\x05Trade\x12\r\n\x05price\x18\x01 \x01(\x01\x12\x0c\n\x04size\x18\x02 \x01(\x01\x12+\n\taggressor\x18\x03 \x01(\x0e\x32\x18.marketdata.v1.Aggressor\"\xd5\x01\n\x0bMarketEvent\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x18\n\x10\x65xchange_time_us\x18\x02 \x01(\x03\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12/\n\x08snapshot\x18\x04 \x01(\x0b\x32\x1b.marketdata.v1.BookSnapshotH\x00\x12)\n\x05\x64\x65lta\x18\x05 \x01(\x0b\x32\x18.marketdata.v1.BookDeltaH\x00\x12%\n\x05trade\x18\x06 \x01(\x0b\x32\x14.marketdata.v1.TradeH\x00\x42\x07\n\x05\x65vent*K\n\x08\x42ookSide\x12\x19\n\x15\x42OOK_SIDE_UNSPECIFIED\x10\x00\x12\x11\n\rBOOK_SIDE_BID\x10\x01\x12\x11\n\rBOOK_SIDE_ASK\x10\x02*M\n\tAggressor\x12\x19\n\x15\x41GGRESSOR_UNSPECIFIED\x10\x00\x12\x11\n\rAGGRESSOR_BUY\x10\x01\x12\x12\n\x0e\x41GGRESSOR_SELL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$proto/marketdata/v1/marketdata.proto\x12\rmarketdata.v1\")\n\nPriceLevel\x12\r\n\x05price\x18\x01 \x01(\x01\x12\x0c\n\x04size\x18\x02 \x01(\x01\"Q\n\x0bLevelChange\x12%\n\x04side\x18\x01 \x01(\x0e\x32\x17.marketdata.v1.BookSide\x12\r\n\x05price\x18\x02 \x01(\x01\x12\x0c\n\x04size\x18\x03 \x01(\x01\"`\n\x0c\x42ookSnapshot\x12\'\n\x04\x62ids\x18\x01 \x03(\x0b\x32\x19.marketdata.v1.PriceLevel\x12\'\n\x04\x61sks\x18\x02 \x03(\x0b\x32\x19.marketdata.v1.PriceLevel\"8\n\tBookDelta\x12+\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1a.marketdata.v1.LevelChange\"Q\n\x05Trade\x12\r\n\x05price\x18\x01 \x01(\x01\x12\x0c\n\x04size\x18\x02 \x01(\x01\x12+\n\taggressor\x18\x03 \x01(\x0e\x32\x18.marketdata.v1.Aggressor\"\xe6\x01\n\x0bMarketEvent\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x18\n\x10\x65xchange_time_us\x18\x02 \x01(\x03\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12/\n\x08snapshot\x18\x04 \x01(\x0b\x32\x1b.marketdata.v1.BookSnapshotH\x00\x12)\n\x05\x64\x65lta\x18\x05 \x01(\x0b\x32\x18.marketdata.v1.BookDeltaH\x00\x12%\n\x05trade\x18\x06 \x01(\x0b\x32\x14.marketdata.v1.TradeH\x00\x12\x0f\n\x07session\x18\x07 \x01(\x03\x42\x07\n\x05\x65vent*K\n\x08\x42ookSide\x12\x19\n\x15\x42OOK_SIDE_UNSPECIFIED\x10\x00\x12\x11\n\rBOOK_SIDE_BID\x10\x01\x12\x11\n\rBOOK_SIDE_ASK\x10\x02*M\n\tAggressor\x12\x19\n\x15\x41GGRESSOR_UNSPECIFIED\x10\x00\x12\x11\n\rAGGRESSOR_BUY\x10\x01\x12\x12\n\x0e\x41GGRESSOR_SELL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.marketdata.v1.marketdata_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BOOKSIDE']._serialized_start=636
-  _globals['_BOOKSIDE']._serialized_end=711
-  _globals['_AGGRESSOR']._serialized_start=713
-  _globals['_AGGRESSOR']._serialized_end=790
+  _globals['_BOOKSIDE']._serialized_start=653
+  _globals['_BOOKSIDE']._serialized_end=728
+  _globals['_AGGRESSOR']._serialized_start=730
+  _globals['_AGGRESSOR']._serialized_end=807
   _globals['_PRICELEVEL']._serialized_start=55
   _globals['_PRICELEVEL']._serialized_end=96
   _globals['_LEVELCHANGE']._serialized_start=98
@@ -46,5 +46,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRADE']._serialized_start=337
   _globals['_TRADE']._serialized_end=418
   _globals['_MARKETEVENT']._serialized_start=421
-  _globals['_MARKETEVENT']._serialized_end=634
+  _globals['_MARKETEVENT']._serialized_end=651
 # @@protoc_insertion_point(module_scope)

@@ -189,11 +189,19 @@ class MarketEvent(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     TRADE_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
     symbol: _builtins.str
     exchange_time_us: _builtins.int
     """Exchange event time, microseconds since the epoch."""
     sequence: _builtins.int
-    """Strictly increasing per symbol."""
+    """Strictly increasing per symbol within a session."""
+    session: _builtins.int
+    """One run of a feed that numbers its events afresh (a replayer started again, an
+    exchange connection that reset its sequence). A feed that starts over takes a session
+    greater than its last; events order by (session, sequence), and the first event of a
+    later session starts the symbol's book and windows afresh. 0: a feed that never
+    starts over.
+    """
     @_builtins.property
     def snapshot(self) -> Global___BookSnapshot: ...
     @_builtins.property
@@ -209,10 +217,11 @@ class MarketEvent(_message.Message):
         snapshot: Global___BookSnapshot | None = ...,
         delta: Global___BookDelta | None = ...,
         trade: Global___Trade | None = ...,
+        session: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "snapshot", b"snapshot", "trade", b"trade"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "exchange_time_us", b"exchange_time_us", "sequence", b"sequence", "snapshot", b"snapshot", "symbol", b"symbol", "trade", b"trade"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "exchange_time_us", b"exchange_time_us", "sequence", b"sequence", "session", b"session", "snapshot", b"snapshot", "symbol", b"symbol", "trade", b"trade"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "delta", "trade"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015

@@ -270,6 +270,34 @@ def test_format_status_says_whether_this_server_takes_a_promotion() -> None:
     assert promote_line(pb.CanaryStatus(weight=1.0)) == []
 
 
+def test_format_status_says_whether_decisions_are_labelled_and_which_feeds_are_ignored() -> None:
+    def lines(**fields: object) -> list[str]:
+        text = ctl_format.format_status(pb.GetStatusResponse(**fields))  # type: ignore[arg-type]
+        return [line.strip() for line in text.splitlines()]
+
+    flowing = pb.LabelStatus(reported=True, behind_s=6.8)
+    assert "labels        labelling, 7 s behind the decisions" in lines(labels=flowing)
+    stopped = pb.LabelStatus(reported=True, behind_s=250, stopped=True)
+    running = pb.CanaryStatus(weight=0.3)
+    text = lines(labels=stopped, canary=running)
+    assert (
+        "labels        LABELS STOPPED: the newest labelled decision is 250 s behind the "
+        "newest decision; live quality is not judged"
+    ) in text
+    assert "live quality: not judged, no labels (see labels above)" in text
+    assert "live quality: not judged, no labels (see labels above)" not in lines(
+        labels=flowing, canary=running
+    )
+    silent = "\n".join(lines(labels=pb.LabelStatus(reported=False, error="not read: Timeout")))
+    assert "no labeler reported in the last minute (not read: Timeout)" in silent
+    feed = pb.IgnoredFeed(symbol="SKL-USD", events=1203, reason="old_session")
+    feed.since.FromSeconds(1_800_000_000)
+    assert (
+        "IGNORED SKL-USD: every event since 2027-01-15T08:00:00Z (1,203 events, old "
+        "session): its features are frozen while its feed goes on"
+    ) in lines(ignored_feeds=[feed])
+
+
 def test_format_status_of_an_empty_response() -> None:
     text = ctl_format.format_status(pb.GetStatusResponse())
     assert "read from Redis (no mirror)" in text
