@@ -9,7 +9,7 @@ import datetime as dt
 import math
 import re
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh]?)")
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)([smh]?)")
 # A time ago names its unit: a bare number could be a date (20261121) or a year.
 _AGO = re.compile(r"\d+(?:\.\d+)?[smh]")
 _UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -36,6 +36,12 @@ def parse_time(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
     try:
         value = dt.datetime.fromisoformat(text.strip())
     except ValueError:
+        number = text.strip()
+        if _DURATION.fullmatch(number) and number[0] != "-":
+            raise argparse.ArgumentTypeError(
+                f"invalid time {text!r}: a time ago names its unit ({number}s, {number}m or "
+                f"{number}h, as in 15m), or give an ISO time (2026-11-21T09:00)"
+            ) from None
         raise argparse.ArgumentTypeError(
             f"invalid time {text!r}: an ISO time (2026-11-21T09:00, UTC unless it names a "
             "zone) or a duration back from now (90s, 15m, 2h)"

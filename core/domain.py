@@ -43,7 +43,9 @@ def age_ms(stamped_at_us: int, now_us: int | None = None) -> float:
 
 
 # Why a decision was not the model's, as a bounded set of codes (metrics label them; the
-# decision's reason text says the rest). A model failure is the last one of its lane.
+# decision's reason text says the rest). A model failure is the last one of its lane;
+# model_breaker_open only when no replica was called because every one was refused by its
+# breaker or forced open by on-call (a refusal after a failure keeps the failure's code).
 FALLBACK_REASONS: Final = (
     "kill_switch",
     "no_features",

@@ -4,7 +4,10 @@ For tests, benchmarks and the local stack when no recording is at hand. The same
 arguments always give the same stream (one ``random.Random(seed)``, no global state).
 
 Per symbol, the book lives on integer ticks (a power of ten between 0.1 and 1 bp of the
-starting price):
+starting price). A symbol is one instrument whatever the seed: its starting price (so its
+tick) and its typical trade size follow from its name, so training days and the local
+stack's feed trade the same instruments, and their spreads and volatilities in bps are
+alike; the seed drives everything that happens to it.
 
 - A latent fair price moves on a share ``MOVE_PROB`` of book events by ``exp(r)``,
   ``r ~ N(0, sigma)``, ``sigma`` = base * volatility regime * GARCH(1,1) factor. The
@@ -30,6 +33,7 @@ Sequences start at 1 per symbol and increase by 1 per event of that symbol.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections import deque
@@ -52,12 +56,18 @@ IMPACT_BPS = 0.5  # permanent impact of one mean-sized trade
 SPREAD_PER_SIGMA = 1.5  # extra spread ticks per tick of per-move sigma
 
 
+def _by_name(name: str, what: str) -> float:
+    """A number in [0, 1) fixed by the symbol's name and what it is for."""
+    digest = hashlib.sha256(f"{what}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 class _Symbol:
     """One symbol's latent state and its book (tick -> size)."""
 
-    def __init__(self, name: str, rng: random.Random) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        price = 10 ** rng.uniform(1.0, 4.5)
+        price = 10 ** (1.0 + 3.5 * _by_name(name, "price"))
         self.decimals = max(0, -math.floor(math.log10(price * 1e-4)))
         self.tick = 10.0**-self.decimals
         self.fair = price / self.tick  # in ticks
@@ -67,7 +77,7 @@ class _Symbol:
         self.garch = 1.0
         self.hawkes = 0.0
         self.flow = 0.0
-        self.mean_trade = rng.uniform(0.5, 2.0)
+        self.mean_trade = 0.5 + 1.5 * _by_name(name, "trade size")
         self.mean_level = self.mean_trade * 4.0
         self.bids: dict[int, float] = {}
         self.asks: dict[int, float] = {}
@@ -103,7 +113,7 @@ class MarketGenerator:
         if not symbols or events_per_second <= 0:
             raise ValueError("need at least one symbol and a positive event rate")
         self._rng = random.Random(seed)  # noqa: S311 - a simulation, not secrets
-        self._symbols = [_Symbol(name, self._rng) for name in symbols]
+        self._symbols = [_Symbol(name) for name in symbols]
         self._time_us = start_time_us
         self._rate = events_per_second
         self._pending: deque[MarketEvent] = deque()

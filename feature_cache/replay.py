@@ -14,24 +14,42 @@ Each run publishes its events in a session of its own, its start time in µs sin
 epoch (``feature_cache.events``): a replayer started again, or a recording replayed
 again, numbers its events from 1 again, and the consumers follow it from its snapshots
 instead of ignoring it as a re-delivery of the last run.
+
+``--bootstrap`` defaults to ``DECISION_KAFKA__BOOTSTRAP_SERVERS``, else 127.0.0.1:19092:
+the broker of the local stack on the default ports. A stack started with
+``--port-offset N`` has its broker on 19092 + N (its banner prints the command).
+
+Exit status (each error is one line on stderr):
+  0  published (malformed lines of a recording are counted in its summary)
+  2  a bad argument
+  3  a recording file cannot be read on: cut short, binary, not gzip (the line names
+     it and how many events were published before it)
+  4  nothing to publish: every line of the recording malformed, skipped or held back
+     (no book yet)
+  5  the broker unreachable (no answer in 10 s) or refusing the events
+  1  anything else: a bug, with Python's traceback
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import itertools
+import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from feature_cache.codec import encode
 from feature_cache.events import MarketEvent
 from feature_cache.exchanges.feed import ReplaySummary
+from feature_cache.exchanges.recording import UnreadableFile
 from feature_cache.exchanges.sources import KINDS, Source
 from feature_cache.settings import FeatureCacheSettings
 
@@ -42,6 +60,29 @@ _CHUNK = 5000
 # (at 300 events/s that was a fifth of a core on the 2-core local stack). Events are
 # never sent early, at most this late.
 PACING_SLACK_S = 0.02
+# A broker that has not answered a connection in this long is not coming: say so and
+# stop, rather than wait out aiokafka's 40 s request timeout per try.
+BROKER_WAIT_S = 10.0
+
+# Exit statuses (the module docstring says when).
+EXIT_USAGE = 2
+EXIT_UNREADABLE = 3
+EXIT_NO_EVENTS = 4
+EXIT_BROKER = 5
+
+
+class ReplayError(Exception):
+    """Why a replay stopped, in one line, and the exit status that says so."""
+
+    exit_status = 1
+
+
+class NothingToPublish(ReplayError):
+    exit_status = EXIT_NO_EVENTS
+
+
+class BrokerError(ReplayError):
+    exit_status = EXIT_BROKER
 
 
 class Progress:
@@ -106,13 +147,38 @@ async def replay(
     speed: float | None,
     progress: Progress,
 ) -> int:
-    """Publishes the events in order; ``speed`` None is as fast as possible. Returns the count."""
+    """Publishes the events in order; ``speed`` None is as fast as possible. Returns the
+    count. Raises ``BrokerError`` when the broker does not answer within
+    ``BROKER_WAIT_S`` or fails a send, and ``UnreadableFile`` from ``events`` once the
+    events read before it are published (``progress.count``)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
-    await producer.start()
     try:
-        first_event_us: int | None = None
-        started = time.monotonic()
-        pending = []
+        with _quiet("aiokafka"):  # it logs each failed try; the error says it once
+            await asyncio.wait_for(producer.start(), BROKER_WAIT_S)
+    except (KafkaError, OSError, TimeoutError) as exc:
+        await producer.stop()
+        raise BrokerError(f"broker {bootstrap} unreachable: {_unreachable(exc)}") from exc
+    try:
+        await _publish(producer, events, topic, speed, progress)
+    except KafkaError as exc:
+        raise BrokerError(f"broker {bootstrap} failed a send: {exc}") from exc
+    finally:
+        await producer.stop()
+    progress.done()
+    return progress.count
+
+
+async def _publish(
+    producer: AIOKafkaProducer,
+    events: Iterable[MarketEvent],
+    topic: str,
+    speed: float | None,
+    progress: Progress,
+) -> None:
+    first_event_us: int | None = None
+    started = time.monotonic()
+    pending = []
+    try:
         for event in events:
             if speed is not None:
                 if first_event_us is None:
@@ -128,26 +194,68 @@ async def replay(
                 await asyncio.gather(*pending)
                 progress.advance(len(pending))
                 pending.clear()
+    except UnreadableFile:
+        # Those read before the file broke off were sent: they go out, and are counted.
         await asyncio.gather(*pending)
         progress.advance(len(pending))
+        raise
+    await asyncio.gather(*pending)
+    progress.advance(len(pending))
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
     finally:
-        await producer.stop()
-    progress.done()
-    return progress.count
+        logger.setLevel(level)
+
+
+def _unreachable(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer in {BROKER_WAIT_S:.0f} s"
+    if isinstance(exc, KafkaConnectionError):
+        return "connection refused or failed (is it running? --bootstrap names it)"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def first_read(
+    events: Iterable[MarketEvent], source: str, summary: ReplaySummary
+) -> Iterator[MarketEvent]:
+    """``events``, the first of them read now, before the broker is reached: a recording
+    with nothing to publish raises ``NothingToPublish``, saying what its lines were."""
+    events = iter(events)
+    first = next(events, None)
+    if first is None:
+        examples = summary.malformed_examples[:1]
+        lines = f"{summary.lines:,} lines, {summary.malformed:,} malformed" + "".join(
+            f" ({example})" for example in examples
+        )
+        skipped = ", ".join(f"{kind} {n}" for kind, n in summary.skipped.most_common())
+        if skipped:
+            lines += f", skipped: {skipped}"
+        held = sum(counts.dropped for counts in summary.symbols.values())
+        if held:
+            lines += f", {held:,} events not published (no book yet, or out of sync)"
+        raise NothingToPublish(f"no events in {source}: {lines}; nothing was published")
+    return itertools.chain([first], events)
 
 
 def _events(
-    args: argparse.Namespace, summary: ReplaySummary
+    args: argparse.Namespace, summary: ReplaySummary, parser: argparse.ArgumentParser
 ) -> tuple[Iterable[MarketEvent], int | None]:
     if args.source == "coinbase":  # the older spelling: --source coinbase --path FILE
         if args.path is None:
-            raise SystemExit("--source coinbase needs --path to the recording")
+            parser.error("--source coinbase needs --path to the recording")
         args.source = f"coinbase:{args.path}"
     if args.source != "generator":
         try:
             source = Source.parse(args.source)
         except ValueError as exc:
-            raise SystemExit(str(exc)) from None
+            parser.error(str(exc))
         return source.events(summary), None
     from feature_cache.generator import MarketGenerator
 
@@ -162,9 +270,13 @@ def _events(
     return generator.events(args.count), args.count
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     kafka = FeatureCacheSettings().kafka
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m feature_cache.replay",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--source",
         default="generator",
@@ -179,30 +291,65 @@ def main() -> None:
     parser.add_argument(
         "--keep-times", action="store_true", help="do not rebase exchange times to now"
     )
-    parser.add_argument("--bootstrap", default=kafka.bootstrap_servers)
+    parser.add_argument(
+        "--bootstrap",
+        default=kafka.bootstrap_servers,
+        help=f"the broker (default {kafka.bootstrap_servers}; a stack started with "
+        "--port-offset N: 127.0.0.1:19092+N)",
+    )
     parser.add_argument("--topic", default=kafka.topic)
-    args = parser.parse_args()
-    speed = None if args.speed == "max" else float(args.speed)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The replay ``argv`` asks for; returns the exit status (the module docstring's)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        speed = None if args.speed == "max" else float(args.speed)
+    except ValueError:
+        parser.error(f"--speed {args.speed!r}: 1 (real time), N (N times) or max")
     summary = ReplaySummary()
     session = time.time_ns() // 1000
-    events, total = _events(args, summary)
+    events, total = _events(args, summary, parser)
     events = in_session(events, session)
     if not args.keep_times:
         if speed is None and total is None and args.source == "generator":
-            raise SystemExit("an endless generator needs a paced --speed (or --keep-times)")
+            parser.error("an endless generator needs a paced --speed (or --keep-times)")
         events = rebased(events, time.time_ns() // 1000, end_now=speed is None)
-    count = asyncio.run(
-        replay(
-            events,
-            bootstrap=args.bootstrap,
-            topic=args.topic,
-            speed=speed,
-            progress=Progress(total),
+    progress = Progress(total)
+    try:
+        count = asyncio.run(
+            replay(
+                first_read(events, args.source, summary),
+                bootstrap=args.bootstrap,
+                topic=args.topic,
+                speed=speed,
+                progress=progress,
+            )
         )
-    )
+    except UnreadableFile as exc:
+        published = (
+            f"{progress.count:,} events were published before it"
+            if progress.count
+            else "nothing was published"
+        )
+        return _failed(EXIT_UNREADABLE, f"cannot read {exc}; {published}")
+    except ReplayError as exc:
+        return _failed(exc.exit_status, str(exc))
     print(f"published {count:,} events to {args.topic} in session {session}", file=sys.stderr)
     if args.source != "generator":
         print(summary.table(), file=sys.stderr)
+    return 0
+
+
+def _failed(status: int, message: str) -> int:
+    print(f"replay: {message}", file=sys.stderr)
+    return status
+
+
+def main() -> None:
+    sys.exit(run())
 
 
 if __name__ == "__main__":

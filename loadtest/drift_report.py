@@ -96,7 +96,7 @@ def main() -> None:
         seed=day_seed(spec.seed, CONTROL_DAY),
         start_time_us=FIRST_DAY_US + CONTROL_DAY * DAY_US,
         events_per_second=spec.events_per_second,
-    ).events(spec.events_per_day // 4)
+    ).events(spec.events_per_day)  # a day, as long as a training day: minutes of regimes
     control = sampled_features(control_events, every_ms=every_ms, warmup_s=spec.warmup_s)
     report("control: generated data of an unseen day", reference, control)
 

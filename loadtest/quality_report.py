@@ -319,12 +319,11 @@ async def replay_and_decide(
 
 
 async def run_before_restart(
-    args: argparse.Namespace, stack_models: Path, spec: dict[str, Any]
+    args: argparse.Namespace, stack: LocalStack, spec: dict[str, Any]
 ) -> Called:
-    """The first ``args.restart_after_s`` of the day through a stack that is then stopped."""
+    """The first ``args.restart_after_s`` of the day through ``stack``, then stopped."""
     events = heldout_events(spec, args.restart_after_s)
     print(f"before the restart: {len(events):,} events over {args.restart_after_s:.0f} s")
-    stack = LocalStack(args.run_dir, args.port_offset, stack_models, replayer=False)
     called = Called()
     try:
         await stack.start()
@@ -355,7 +354,7 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     restart = None
     if args.restart_after_s:
-        before = await run_before_restart(args, stack_models, spec)
+        before = await run_before_restart(args, stack, spec)  # releases the ports at its stop
         stack = LocalStack(args.run_dir, args.port_offset, stack_models, replayer=False)
     called = Called()
     try:

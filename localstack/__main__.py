@@ -125,10 +125,13 @@ def _usage(stack: LocalStack) -> str:
     last = stack.metrics_port + stack.workers - 1
     workers = f"; its workers on the ports up to {last}" if stack.workers > 1 else ""
     prometheus = (
-        f"  Prometheus: http://127.0.0.1:{stack.prometheus_port}/alerts (the stack's alerts)\n"
+        f"  Prometheus: http://127.0.0.1:{stack.prometheus_port}/classic/alerts"
+        " (the stack's alerts)\n"
         if stack.prometheus
         else ""
     )
+    # Named in the command: the replayer's default is the default stack's broker.
+    broker, topic = f"127.0.0.1:{stack.kafka_port}", FeatureCacheSettings().kafka.topic
     return f"""
 Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
 
@@ -153,6 +156,9 @@ Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
     export DECISIONCTL_TOKEN_FILE={run_dir}/admin/operator.token
     .venv/bin/decisionctl status
     .venv/bin/decisionctl flag set shadow_sample_rate 0.1 --reason "compare the challenger"
+
+  Market data: broker {broker} (topic {topic}); to replay a recording:
+    .venv/bin/python -m feature_cache.replay --bootstrap {broker} --source KIND:PATH --speed 1
 
   Metrics: http://127.0.0.1:{stack.metrics_port}/metrics (server{workers})
            http://127.0.0.1:{stack.consumer_metrics_port}/metrics (feature-cache consumer)

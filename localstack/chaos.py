@@ -83,9 +83,11 @@ def _effect(action: str, target: str) -> str:
     if undone:
         return "features fresh again within seconds"
     if target == "redis":
+        # docs/oncall.md: the audit store holds the control state, Redis only announces it.
         return (
             "features come from each server's mirror until they are 2 s old, then decisions "
-            "ABSTAIN (features stale); admin changes fail (UNAVAILABLE)"
+            "ABSTAIN (features stale); admin changes still reach every server through the "
+            "audit store within a second (decisionctl status shows OUT OF SYNC)"
         )
     return (
         "market data stops: past 2 s decisions ABSTAIN (features stale); the consumer "
@@ -108,6 +110,7 @@ class ChaosService:
         self._targets = dict(targets)
         self._server: asyncio.AbstractServer | None = None
         self._slowing: dict[str, asyncio.Task[None]] = {}
+        self._paused: set[str] = set()  # by ``pause``, until resumed, killed or stopped
         self._acting = asyncio.Lock()  # one fault at a time: each waits for the last
         self._closing = False
 
@@ -176,9 +179,22 @@ class ChaosService:
         async with self._acting:
             if self._closing:
                 return ChaosAnswer(False, "the local stack is stopping")
+            if request.action == "resume" and not await self._held(request.target, target.process):
+                return ChaosAnswer(
+                    False,
+                    f"{request.target} ({target.address}, pid {target.process.pid}) is not "
+                    "paused: nothing to resume",
+                )
             done = await self._act(request, target)
         log.warning("chaos: %s", done)
         return ChaosAnswer(True, done, _watch(request.action, request.target))
+
+    async def _held(self, name: str, proc: ManagedProcess) -> bool:
+        """Whether ``name`` is paused or slowed, by this service or by a ``kill -STOP``:
+        what ``resume`` undoes."""
+        if name in self._paused or name in self._slowing:
+            return True
+        return await asyncio.to_thread(_group_stopped, proc.pid)  # a pass over /proc
 
     async def _act(self, request: ChaosRequest, target: ChaosTarget) -> str:
         name, proc = request.target, target.process
@@ -186,7 +202,10 @@ class ChaosService:
         action = request.action
         if action != "slow":
             await self._end_slowing(name)
+        # Every action but pause leaves the process running (or gone): none paused.
+        self._paused.discard(name)
         if action == "pause":
+            self._paused.add(name)
             proc.pause()
             return f"paused {where}: SIGSTOP to its process group"
         if action == "resume":
@@ -218,6 +237,20 @@ class ChaosService:
 
     async def _end_slowing(self, name: str) -> None:
         await cancel_and_wait(self._slowing.pop(name, None))
+
+
+def _group_stopped(pgid: int | None) -> bool:
+    """Whether a process of group ``pgid`` is stopped (state T in Linux /proc)."""
+    if pgid is None:
+        return False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if fields[2] == str(pgid) and fields[0] == "T":
+            return True
+    return False
 
 
 async def _slow(proc: ManagedProcess, stopped_ms: float, running_ms: float) -> None:

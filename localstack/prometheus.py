@@ -1,7 +1,8 @@
 """A Prometheus for the local stack (``make run PROMETHEUS=1``): it scrapes every process
 of the stack and evaluates the alert rules Kubernetes runs (``k8s/base/alert-rules.yaml``),
-so alerts can be watched going pending and firing on http://127.0.0.1:9090/alerts while a
-replica is paused.
+so alerts can be watched going pending and firing on http://127.0.0.1:9090/classic/alerts
+while a replica is paused (Debian's Prometheus 2.42 has only the classic UI, under
+``/classic/``).
 
 Debian's ``prometheus`` package has the server (``make setup-ci`` installs it, for
 ``promtool``). The rules are the PrometheusRule's groups as they are in the base; the

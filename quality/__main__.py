@@ -2,9 +2,10 @@
 did after them, and export the models' live quality, until SIGTERM or SIGINT.
 
 Its Prometheus metrics are on ``DECISION_QUALITY__METRICS_PORT`` (9490; 0: off). It reads
-the audit store at ``DECISION_AUDIT__DATABASE_URL`` (migrated by the decision server), the
-market data at ``DECISION_KAFKA__BOOTSTRAP_SERVERS`` and the feature cache's checkpoints
-in ``DECISION_REDIS__URL``.
+the audit store at ``DECISION_AUDIT__DATABASE_URL`` (migrated by the decision server; until
+its tables exist the labeler waits, saying so once), the market data at
+``DECISION_KAFKA__BOOTSTRAP_SERVERS`` and the feature cache's checkpoints in
+``DECISION_REDIS__URL``.
 """
 
 from __future__ import annotations

@@ -6,15 +6,15 @@ from the feature cache's checkpoint of that partition (its books as of an offset
 the labeler's mids are the consumer's from the first event on; without a checkpoint, from
 the partition's start. Each symbol's mids go into a ``MidHistory``.
 
-Decisions: every ``POLL_INTERVAL_S`` the audit store is read from a watermark
-(``LOOKBACK_S`` behind the newest decision seen) for decisions without an outcome. One
-whose horizon the symbol's market data has passed gets its label (``core.labels``); one
-from before the history, or whose symbol's data stays silent ``GIVE_UP_S`` past the
-horizon, gets an outcome without a label and the reason. Outcomes go into the store, and
-labelled scores into a ``RollingQuality`` per model version and role: the served score
-of decisions a model answered (primary, secondary, canary) or the rules did, and the
-challenger's shadow score where there is one. A cached score is an older
-decision's, so it is not judged again.
+Decisions: once the audit store has its tables, every ``POLL_INTERVAL_S`` it is read
+from a watermark (``LOOKBACK_S`` behind the newest decision seen) for decisions without
+an outcome. One whose horizon the symbol's market data has passed gets its label
+(``core.labels``); one from before the history, or whose symbol's data stays silent
+``GIVE_UP_S`` past the horizon, gets an outcome without a label and the reason.
+Outcomes go into the store, and labelled scores into a ``RollingQuality`` per model
+version and role: the served score of decisions a model answered (primary, secondary,
+canary) or the rules did, and the challenger's shadow score where there is one. A cached
+score is an older decision's, so it is not judged again.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ class Labeler:
         self._redis = redis
         self._key_prefix = settings.redis.key_prefix
         self._stopped_logged = False
+        self._waiting_logged = False  # for the audit store's tables
         self._store = store
         self._horizon_us = self._settings.horizon_ms * 1000
         self._give_up_us = int(GIVE_UP_S * 1e6)
@@ -350,14 +351,19 @@ class Labeler:
             history.prune(history.seen_until_us - keep_us)
 
     async def label_until(self, stop: asyncio.Event) -> None:
-        """Store passes every ``POLL_INTERVAL_S`` until ``stop``; a failing store is
-        retried at the next pass, and logged when the failure changes (a store away, or
-        its schema not migrated yet, fails each pass the same way)."""
+        """Store passes every ``POLL_INTERVAL_S`` until ``stop``, once the store has its
+        tables (the decision server creates them as it starts: a fresh stack starts the
+        labeler first) and the market data is placed; a failing store is retried at the
+        next pass, and logged when the failure changes (a store away fails each pass the
+        same way)."""
         await self._wait_ready(stop)
         last_failure = ""
+        tables = False
         while not stop.is_set():
             try:
-                await self.pass_once()
+                tables = tables or await self._has_tables()
+                if tables:
+                    await self.pass_once()
                 if last_failure:
                     log.info("labelling passes work again")
                 last_failure = ""
@@ -369,6 +375,21 @@ class Labeler:
                 last_failure = failure
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), POLL_INTERVAL_S)
+
+    async def _has_tables(self) -> bool:
+        """Whether the store has its tables yet; says once that it waits for them (not a
+        store error: the stack starts the labeler before the server that creates them)."""
+        found = await asyncio.to_thread(self._store.has_tables)
+        if not found and not self._waiting_logged:
+            log.info(
+                "waiting for the audit store's tables: the decision server creates them as "
+                "it starts (checked every %.0f s)",
+                POLL_INTERVAL_S,
+            )
+            self._waiting_logged = True
+        elif found and self._waiting_logged:
+            log.info("the audit store has its tables: labelling")
+        return found
 
     async def _wait_ready(self, stop: asyncio.Event) -> None:
         ready = asyncio.create_task(self.ready.wait())

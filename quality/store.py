@@ -74,6 +74,12 @@ class OutcomeStore:
             index_elements=["decision_id"]
         )
 
+    def has_tables(self) -> bool:
+        """Whether the tables the labeler reads and writes exist: the decision server
+        creates them as it starts, which may be after the labeler."""
+        inspector = sa.inspect(self.engine)
+        return all(inspector.has_table(t.name) for t in (decisions, decision_outcomes))
+
     def pending(self, since_us: int, limit: int) -> list[PendingDecision]:
         """Decisions from ``since_us`` on (by ``decided_at``) that used features and have
         no outcome yet, oldest first, at most ``limit``."""

@@ -190,6 +190,7 @@ class DecisionApp:
             engine=self.engine,
             replicas=replicas.all,
             shadow=self.shadow,
+            control=lambda: self.shared.state,
         )
         self.fleet = FleetRegistration(
             self.fleet_redis, key_prefix=prefix, member=self.fleet_entry.member

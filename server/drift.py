@@ -2,7 +2,8 @@
 training-period reference saved in the serving model's archive (``reference.json``, see
 ``torchserve.reference``).
 
-The decision path only appends to bounded windows (``DriftMonitor.observe``); a task of
+The decision path only appends to bounded windows sampled evenly over the last half hour
+(``DriftMonitor.observe``; see ``WINDOW_S``); a task of
 the monitor's own computes the PSI every ``interval_s`` in a worker thread and keeps the
 last result for the metrics and the admin status. The reference is the one of the model
 version the champion last answered with, read from the archive of that version in
@@ -17,6 +18,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import time
 import zipfile
 from collections.abc import Sequence
@@ -106,33 +108,53 @@ class DriftStatus:
 
 
 class Ring:
-    """The last ``size`` values (rows of ``width`` floats) in a preallocated array: an
-    append copies into a slot, a snapshot is one copy of the array, so neither the
-    decision path nor the computation's thread holds the GIL for long. Order is not kept:
-    a PSI does not need it."""
+    """The last ``size`` values (rows of ``width`` floats) in a preallocated array, each
+    with its time, taken at most one every ``every_s``: an append copies into a slot, a
+    snapshot is one copy of the array, so neither the decision path nor the computation's
+    thread holds the GIL for long. Order is not kept: a PSI does not need it."""
 
-    def __init__(self, size: int, width: int | None = None) -> None:
+    def __init__(self, size: int, width: int | None = None, every_s: float = 0.0) -> None:
         self._data = np.zeros((size,) if width is None else (size, width), dtype=np.float64)
+        self._times = np.zeros(size, dtype=np.float64)
         self._size = size
+        self._every_s = every_s
         self._next = 0
         self._filled = 0
+        self._last_s = -math.inf
 
     def __len__(self) -> int:
         return self._filled
 
-    def append(self, value: float | Sequence[float]) -> None:
+    def due(self, now_s: float) -> bool:
+        """Whether a value offered at ``now_s`` (monotonic) would be kept."""
+        return now_s - self._last_s >= self._every_s
+
+    def append(self, value: float | Sequence[float], now_s: float) -> None:
         self._data[self._next] = value
+        self._times[self._next] = now_s
+        self._last_s = now_s
         self._next = (self._next + 1) % self._size
         self._filled = min(self._filled + 1, self._size)
 
-    def snapshot(self) -> np.ndarray[Any, np.dtype[np.float64]]:
-        return self._data[: self._filled].copy()
+    def snapshot(self) -> tuple[np.ndarray[Any, np.dtype[np.float64]], float]:
+        """The values kept, and the seconds between the oldest and the newest."""
+        times = self._times[: self._filled]
+        span = float(times.max() - times.min()) if self._filled else 0.0
+        return self._data[: self._filled].copy(), span
 
 
-# Recent decisions (and champion scores) the PSI is over.
+# The PSI is over decisions sampled evenly from the last WINDOW_S: features vary with the
+# market's regimes over minutes (volatility clusters, spreads widen with it), so the
+# last few thousand decisions, a few seconds at a high rate, are one regime, not the
+# distribution the model was trained on. At most one decision's row (and one champion
+# score) is kept every SAMPLE_EVERY_S, WINDOW of them.
+WINDOW_S = 1800.0
 WINDOW = 5000
-# No PSI below this many decisions with features (or scores): deciles of a small sample
-# differ from the reference by chance.
+SAMPLE_EVERY_S = WINDOW_S / WINDOW
+# No PSI before the samples span this long, or below this many: a shorter span or a
+# smaller sample differs from the reference by chance (a healthy stack's own data
+# measured: PSI up to 2 over 100 s windows, at most 0.18 over 10 minutes).
+MIN_SPAN_S = 600.0
 MIN_SAMPLES = 500
 # How often the PSI is computed: drift is a matter of minutes.
 INTERVAL_S = 10.0
@@ -149,8 +171,8 @@ class DriftMonitor:
     def __init__(self, settings: DriftSettings, references: ModelReferences) -> None:
         self._settings = settings
         self._references = references
-        self._rows = Ring(WINDOW, len(FEATURE_NAMES))
-        self._scores = Ring(WINDOW)
+        self._rows = Ring(WINDOW, len(FEATURE_NAMES), SAMPLE_EVERY_S)
+        self._scores = Ring(WINDOW, every_s=SAMPLE_EVERY_S)
         self._version = ""
         self._status = DriftStatus()
         self._task: asyncio.Task[None] | None = None
@@ -162,18 +184,20 @@ class DriftMonitor:
         model_version: str,
     ) -> None:
         """A decision call's feature rows (None: it had none) and the champion's scores
-        with their model version (empty when the champion did not answer). Appends only;
-        a new version starts the scores' window afresh (the features' stays: they are the
-        market's, and the next PSI compares them with the new version's reference)."""
+        with their model version (empty when the champion did not answer). Keeps the
+        first of each when the window's sampling is due, else nothing; a new version
+        starts the scores' window afresh (the features' stays: they are the market's, and
+        the next PSI compares them with the new version's reference)."""
+        now_s = time.monotonic()
         for row in rows:
-            if row is not None:
-                self._rows.append(row)
-        if scores:
-            if model_version != self._version:
-                self._scores = Ring(WINDOW)
-                self._version = model_version
-            for score in scores:
-                self._scores.append(score)
+            if row is not None and self._rows.due(now_s):
+                self._rows.append(row, now_s)
+        if scores and model_version != self._version:
+            self._scores = Ring(WINDOW, every_s=SAMPLE_EVERY_S)
+            self._version = model_version
+        for score in scores:
+            if self._scores.due(now_s):
+                self._scores.append(score, now_s)
 
     def status(self) -> DriftStatus:
         return self._status
@@ -201,7 +225,7 @@ class DriftMonitor:
 
     async def _compute(self) -> DriftStatus:
         version = self._version
-        rows, scores = self._rows.snapshot(), self._scores.snapshot()
+        (rows, span_s), (scores, _) = self._rows.snapshot(), self._scores.snapshot()
         window = DriftStatus(version, len(rows), len(scores))
         if not version:
             return dataclasses.replace(window, problem="the champion has not answered yet")
@@ -213,6 +237,12 @@ class DriftMonitor:
             return dataclasses.replace(window, problem=problem)
         if len(rows) < MIN_SAMPLES:
             problem = f"{len(rows)} decisions with features (needs {MIN_SAMPLES})"
+            return dataclasses.replace(window, problem=problem)
+        if span_s < MIN_SPAN_S:
+            problem = (
+                f"decisions sampled over {span_s:.0f} s, {MIN_SPAN_S:.0f} s needed: a shorter"
+                " span is one regime of the market, not its distribution"
+            )
             return dataclasses.replace(window, problem=problem)
         feature_psi, score_psi = await asyncio.to_thread(
             population_stability, reference, rows, scores, MIN_SAMPLES

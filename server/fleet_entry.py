@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from server.control.fleet import FleetMember, reachable
+from server.control.state import BreakerMode, ControlState
 from server.engine import DecisionEngine
 from server.replica import Replica
 from server.shadow import ShadowScorer
@@ -26,10 +27,11 @@ class FleetEntry:
         engine: DecisionEngine,
         replicas: Sequence[Replica],
         shadow: ShadowScorer | None,
+        control: Callable[[], ControlState],
     ) -> None:
         """``hosts`` and ``ports``: where DecisionService and AdminService listen (the
         ports once bound); ``advertise_address``: AdminService's for other machines, when
-        set."""
+        set; ``control``: the control state now (on-call's breaker overrides)."""
         self._hosts = hosts
         self._ports = ports
         self._advertise_address = advertise_address
@@ -37,6 +39,7 @@ class FleetEntry:
         self._engine = engine
         self._replicas = replicas
         self._shadow = shadow
+        self._control = control
         self._started_at_us = time.time_ns() // 1000
         self.serving = False
 
@@ -56,10 +59,25 @@ class FleetEntry:
             serving=self.serving,
             in_flight=self._engine.in_flight,
             decisions=tally.decisions,
-            breakers={r.name: r.breaker.state for r in self._replicas},
+            breakers=self._breakers(),
             decisions_by_source=tally.by_source,
             fallbacks=tally.fallbacks,
             shadow_scored=shadow_scored,
             shadow_agreed=shadow_agreed,
             latency_counts=tally.latency_counts,
         )
+
+    def _breakers(self) -> dict[str, str]:
+        """Each replica's breaker as calls see it: on-call's override when one is set
+        ("force-open", "force-closed", as ``decisionctl breaker`` names them), else the
+        breaker's own state."""
+        state, now_us = self._control(), time.time_ns() // 1000
+        shown = {}
+        for replica in self._replicas:
+            mode = state.breaker_mode(replica.name, now_us)
+            shown[replica.name] = (
+                replica.breaker.state
+                if mode is BreakerMode.AUTO
+                else mode.name.lower().replace("_", "-")
+            )
+        return shown

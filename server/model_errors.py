@@ -1,8 +1,9 @@
 """Why a model call failed: one exception tree, each kind saying what it means.
 
 Every failure carries ``code`` (``Attempt.failure``; a decision the ladder answered
-after it has fallback reason ``model_<code>``, in its audit record and in
-``decision_fallbacks_total``), ``retry`` (whether a call to the next replica after it
+after it, its lane's last, has fallback reason ``model_<code>``, in its audit record and
+in ``decision_fallbacks_total``; a breaker's refusal after another failure keeps that
+one's code: ``server.router``), ``retry`` (whether a call to the next replica after it
 is a retry, which the retry budget bounds) and ``counts_against_replica`` (whether the
 replica's breaker counts it). The message is a reason fragment ("timed out after ...").
 

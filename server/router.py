@@ -18,7 +18,7 @@ from core.domain import Source
 from core.retry_budget import RetryBudget
 from server.control.state import ControlState
 from server.model_client import ModelScores
-from server.model_errors import ModelInputError
+from server.model_errors import ModelBreakerOpen, ModelInputError
 from server.replica import Attempt, Replica
 
 # How often a replica's recent latencies are summarized for the router (sorting them on
@@ -51,8 +51,9 @@ class RouteResult:
     answer: RoutedScores | None = None
     attempts: tuple[Attempt, ...] = ()
     reasons: tuple[str, ...] = ()
-    # Without an answer: what stopped the lane last, a ``model_*`` code of
-    # core.domain.FALLBACK_REASONS.
+    # Without an answer: why the model did not answer, a ``model_*`` code of
+    # core.domain.FALLBACK_REASONS (the decision's reason code), chosen by
+    # ``_lane_failure``.
     failure: str = ""
 
     def then(self, other: RouteResult) -> RouteResult:
@@ -61,19 +62,30 @@ class RouteResult:
             other.answer,
             self.attempts + other.attempts,
             self.reasons + other.reasons,
-            "" if other.answer else other.failure or self.failure,
+            "" if other.answer else _lane_failure(self.failure, other.failure),
         )
 
 
-def _tried(*attempts: Attempt, notes: Sequence[str] = ()) -> RouteResult:
-    """A result from attempts in the order they ended (the first good one answers),
-    after ``notes``."""
-    answer = next((RoutedScores(a.scores, a.source) for a in attempts if a.scores), None)
-    failed = [a.failure for a in attempts if not a.ok]
-    failure = "" if answer or not failed else f"model_{failed[-1] or 'error'}"
-    return RouteResult(
-        answer, attempts, (*notes, *(a.reason for a in attempts if a.reason)), failure
-    )
+# A replica not called because its breaker refused the call, or on-call forced it open.
+REFUSED = f"model_{ModelBreakerOpen.code}"
+
+
+def _lane_failure(earlier: str, later: str) -> str:
+    """Why a lane that stopped at ``earlier``, then at ``later``, did not answer: the
+    later, except that a refusal (``REFUSED``) does not replace what came before it. So
+    the code is ``REFUSED`` only when every replica was refused, and otherwise names the
+    last replica's failure or skip: a timeout before a breaker open is a timeout."""
+    if not later or (later == REFUSED and earlier):
+        return earlier
+    return later
+
+
+def _tried(attempt: Attempt) -> RouteResult:
+    """A result from one attempt: its answer, or its failure."""
+    if attempt.scores is not None:
+        return RouteResult(RoutedScores(attempt.scores, attempt.source), (attempt,))
+    reasons = (attempt.reason,) if attempt.reason else ()
+    return RouteResult(None, (attempt,), reasons, f"model_{attempt.failure or 'error'}")
 
 
 def _note(reason: str, failure: str) -> RouteResult:
@@ -127,15 +139,14 @@ class ReplicaRouter:
         retrying = False  # a call to an earlier replica was made and failed
         for replica in self.replicas:
             admission = replica.admission(state, now_us)
+            # A breaker's refusal is an attempt that failed at once; on-call's is none.
             if not admission.allowed:
-                refused = (replica.refused(admission),) if admission.by_breaker else ()
-                result = result.then(
-                    RouteResult(
-                        attempts=refused,
-                        reasons=(admission.refusal,),
-                        failure="model_breaker_open",
-                    )
+                refused = (
+                    _tried(replica.refused(admission))
+                    if admission.by_breaker
+                    else _note(admission.refusal, REFUSED)
                 )
+                result = result.then(refused)
                 continue
             timeout_ms = self._call_timeout_ms(budget)
             if timeout_ms < self.needs_ms(replica):  # the next one may answer faster

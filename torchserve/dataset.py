@@ -41,8 +41,10 @@ class DataSpec:
     seed: int = 0
     days: int = 6
     events_per_day: int = 300_000
-    symbols: tuple[str, ...] = ("SIM-A", "SIM-B", "SIM-C", "SIM-D")
-    events_per_second: float = 400.0
+    # The local stack's symbols at its rate (localstack.DEFAULT_SYMBOLS, 300 events/s):
+    # the models are trained on the instruments they serve (feature_cache.generator).
+    symbols: tuple[str, ...] = ("BTC-USD", "ETH-USD", "SOL-USD")
+    events_per_second: float = 300.0
     sample_every_ms: int = 250
     horizon_ms: int = 2_000
     warmup_s: int = 30

@@ -19,7 +19,8 @@ Columns may come in any order; others are ignored. Files are merged by
 ``local_timestamp`` (the order vendors sort them in), each file's order kept. The key
 is ``EXCHANGE:BASE-QUOTE`` from the ``exchange`` and ``symbol`` columns. A delta that
 crosses the book puts the symbol out of sync until its next snapshot. A row that does
-not parse is counted and skipped.
+not parse is counted and skipped; a file that cannot be read on (cut short, binary, not
+gzip) raises ``UnreadableFile``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ from typing import IO
 
 from feature_cache.events import Aggressor, BookSide, MarketEvent
 from feature_cache.exchanges.feed import BookFeed, Level, ReplaySummary
-from feature_cache.exchanges.recording import MalformedLine, price, size
+from feature_cache.exchanges.recording import (
+    READ_ERRORS,
+    MalformedLine,
+    UnreadableFile,
+    price,
+    size,
+)
 
 BOOK_COLUMNS = (
     "exchange", "symbol", "timestamp", "local_timestamp", "is_snapshot", "side", "price",
@@ -74,28 +81,38 @@ def read_csv(paths: Iterable[Path], summary: ReplaySummary) -> Iterator[MarketEv
 
 
 def _rows(path: Path, summary: ReplaySummary) -> Iterator[_Row]:
-    with _open(path) as text:
-        reader = csv.DictReader(text)
-        columns = set(reader.fieldnames or ())
-        required: tuple[str, ...]
-        if columns >= set(BOOK_COLUMNS):
-            is_book, required = True, BOOK_COLUMNS
-        elif columns >= set(TRADE_COLUMNS):
-            is_book, required = False, TRADE_COLUMNS
-        else:
-            summary.skipped[f"{path.name}: not an incremental_book_L2 or trades file"] += 1
-            return
-        last_us = 0
-        for number, values in enumerate(reader, start=2):
-            if any(values.get(column) is None for column in required):
-                summary.lines += 1
-                summary.malformed_line(f"{path.name}:{number}", "fewer columns than the header")
-                continue
-            try:
-                last_us = _micros(values.get("local_timestamp"), "local_timestamp")
-            except MalformedLine:
-                pass  # keeps its place after the row before; parsed again, and counted, below
-            yield _Row(last_us, f"{path.name}:{number}", values, is_book)
+    """The file's rows; a file that cannot be read on (cut short, binary) raises
+    :class:`UnreadableFile`, naming it and the lines read."""
+    reader: csv.DictReader[str] | None = None
+    try:
+        with _open(path) as text:
+            reader = csv.DictReader(text)
+            yield from _file_rows(path, reader, summary)
+    except READ_ERRORS as exc:
+        raise UnreadableFile(path, reader.line_num if reader else 0, exc) from exc
+
+
+def _file_rows(path: Path, reader: csv.DictReader[str], summary: ReplaySummary) -> Iterator[_Row]:
+    columns = set(reader.fieldnames or ())
+    required: tuple[str, ...]
+    if columns >= set(BOOK_COLUMNS):
+        is_book, required = True, BOOK_COLUMNS
+    elif columns >= set(TRADE_COLUMNS):
+        is_book, required = False, TRADE_COLUMNS
+    else:
+        summary.skipped[f"{path.name}: not an incremental_book_L2 or trades file"] += 1
+        return
+    last_us = 0
+    for number, values in enumerate(reader, start=2):
+        if any(values.get(column) is None for column in required):
+            summary.lines += 1
+            summary.malformed_line(f"{path.name}:{number}", "fewer columns than the header")
+            continue
+        try:
+            last_us = _micros(values.get("local_timestamp"), "local_timestamp")
+        except MalformedLine:
+            pass  # keeps its place after the row before; parsed again, and counted, below
+        yield _Row(last_us, f"{path.name}:{number}", values, is_book)
 
 
 def _open(path: Path) -> IO[str]:

@@ -14,8 +14,11 @@ time order, each file's own order kept.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import heapq
 import math
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -24,6 +27,33 @@ from pathlib import Path
 
 class MalformedLine(ValueError):
     """A line or value that does not follow the format; the message says what was wrong."""
+
+
+class UnreadableFile(Exception):
+    """A recording file that cannot be read on: cut short, not text, not gzip, not there.
+    Unlike a malformed line, nothing after it can be read, so it ends the replay."""
+
+    def __init__(self, path: Path, lines_read: int, cause: BaseException) -> None:
+        super().__init__(f"{path}: {_read_failure(cause, lines_read)}")
+
+
+# What reading a file of a recording can raise (gzip's BadGzipFile is an OSError).
+READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, zlib.error, csv.Error)
+
+
+def _read_failure(cause: BaseException, lines_read: int) -> str:
+    """``cause`` in on-call's words, on one line."""
+    where = f" after line {lines_read:,}" if lines_read else ""
+    detail = (str(cause).splitlines() or [type(cause).__name__])[0]
+    if isinstance(cause, EOFError):
+        return f"cut short{where} ({detail})"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not UTF-8 text{where}, a binary file? ({cause.reason})"
+    if isinstance(cause, gzip.BadGzipFile | zlib.error):
+        return f"not gzip, or its data is corrupt{where} ({detail})"
+    if isinstance(cause, csv.Error):
+        return f"not CSV text{where} ({detail})"
+    return f"{detail}{where}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,16 +93,20 @@ def merged_lines(paths: Iterable[Path]) -> Iterator[tuple[str, str]]:
 
 def _timed_lines(path: Path) -> Iterator[tuple[int, int, str, str]]:
     last_us = 0
-    # newline="": a "\r" inside a line is not a line end, so line numbers match `wc -l`.
-    with path.open(encoding="utf-8", errors="replace", newline="") as lines:
-        for number, text in enumerate(lines, start=1):
-            try:
-                found = classify(text)
-            except MalformedLine:
-                found = Skipped("unreadable")
-            if isinstance(found, RecordedLine):
-                last_us = found.receive_time_us
-            yield last_us, number, f"{path.name}:{number}", text
+    number = 0
+    try:
+        # newline="": a "\r" inside a line is not a line end, so line numbers match `wc -l`.
+        with path.open(encoding="utf-8", errors="replace", newline="") as lines:
+            for number, text in enumerate(lines, start=1):
+                try:
+                    found = classify(text)
+                except MalformedLine:
+                    found = Skipped("unreadable")
+                if isinstance(found, RecordedLine):
+                    last_us = found.receive_time_us
+                yield last_us, number, f"{path.name}:{number}", text
+    except READ_ERRORS as exc:
+        raise UnreadableFile(path, number, exc) from exc
 
 
 def seconds_to_us(text: str) -> int:

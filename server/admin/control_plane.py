@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import unicodedata
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -62,6 +63,15 @@ def _reason(reason: str) -> str:
         raise InvalidArgument("reason", "required: say why, for the audit trail")
     if len(text) > MAX_REASON_CHARS:
         raise InvalidArgument("reason", f"at most {MAX_REASON_CHARS} characters")
+    if not text.isprintable():
+        # Shown in status, history and Decide's reason: a line break, an escape sequence or
+        # a bidirectional override there would forge or hide text.
+        i, char = next((i, c) for i, c in enumerate(text) if not c.isprintable())
+        raise InvalidArgument(
+            "reason",
+            f"must be one line of printable text: character {i + 1} is U+{ord(char):04X}"
+            f" ({unicodedata.name(char, 'a control character')})",
+        )
     return text
 
 

@@ -18,7 +18,8 @@
 The server is ``--address`` or DECISIONCTL_ADDRESS (default 127.0.0.1:50052). The bearer
 token is read from ``--token-file``, DECISIONCTL_TOKEN or DECISIONCTL_TOKEN_FILE; there is
 no ``--token`` so that it never lands in shell history or ``ps``. TLS when ``--ca-file``
-or ``--cert-file`` is given. Durations: 90, 90s, 15m, 2h.
+or ``--cert-file`` is given. Durations (``--ttl``): 90, 90s, 15m, 2h; times (``--since``,
+``--until``): a duration ago with its unit (90s, 15m, 2h) or an ISO time.
 
 Exit codes: 0 done; 1 any other error; 2 refused (no or bad token, not allowed, bad
 argument, precondition) or a usage error; 3 the server did not answer. ``replay`` and
@@ -254,11 +255,31 @@ def _write(stream: str, text: str) -> None:
     (sys.stdout if stream == "out" else sys.stderr).write(text + "\n")
 
 
+# Options whose value may look like a negative number: argparse would take ``-5m`` for
+# an option and say "expected one argument"; joined (``--ttl=-5m``), the value's own
+# check says what is wrong with it.
+_NUMERIC_OPTIONS = frozenset(
+    ("--ttl", "--since", "--until", "--timeout", "--limit", "--interval", "--frames")
+)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] in _NUMERIC_OPTIONS and arg[:1] == "-" and arg[1:2].isdigit():
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one decisionctl command; returns its exit code (see the module docstring)."""
     parser = build_parser()
     try:
-        args, rest = parser.parse_known_args(argv)
+        args, rest = parser.parse_known_args(
+            _join_negative_values(sys.argv[1:] if argv is None else argv)
+        )
         if rest and args.command not in AUDIT_COMMANDS:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
     except SystemExit as exc:  # argparse's usage errors (2) and --help (0)

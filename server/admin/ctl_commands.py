@@ -55,6 +55,20 @@ class AdminSession:
         return method(request, timeout=self.timeout_s, metadata=self.metadata)
 
 
+# Refusals of the caller itself: top stops on them (nothing will read until the token is
+# fixed); anything else it shows and reads again next frame.
+_FATAL_TO_TOP = frozenset((grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED))
+
+
+def _unread(exc: grpc.RpcError) -> str:
+    """A failed read for top's frame; re-raises the caller's own refusals."""
+    code = exc.code()
+    if code in _FATAL_TO_TOP:
+        raise exc
+    name = code.name.lower().replace("_", " ") if code else "unknown"
+    return f"{name}: {exc.details() or 'no details'}"
+
+
 def run_admin_command(session: AdminSession, args: argparse.Namespace) -> str:
     """Makes the command's call; returns what to print."""
     stub, call, command = session.stub, session.call, args.command
@@ -71,15 +85,29 @@ def run_admin_command(session: AdminSession, args: argparse.Namespace) -> str:
         consumer_url = args.consumer_metrics or consumer_url
         labeler_url = args.labeler_metrics or labeler_url
 
+        last_status = pb.GetStatusResponse()
+
         def read() -> ctl_top.Sample:
-            status = call(stub.GetStatus, pb.GetStatusRequest())
-            fleet = call(stub.ListServers, pb.ListServersRequest())
+            """One frame's reads; a read that fails is shown, not fatal (a Redis or
+            store stall must not end top), unless the token is refused."""
+            nonlocal last_status
+            problems = []
+            try:
+                last_status = call(stub.GetStatus, pb.GetStatusRequest())
+            except grpc.RpcError as exc:
+                problems.append(f"status (showing the last one read): {_unread(exc)}")
+            try:
+                servers = list(call(stub.ListServers, pb.ListServersRequest()).servers)
+            except grpc.RpcError as exc:
+                servers = []
+                problems.append(f"fleet list: {_unread(exc)}")
             return ctl_top.Sample(
                 time.monotonic(),
-                status,
-                list(fleet.servers),
+                last_status,
+                servers,
                 consumer=ctl_top.consumer_text(consumer_url),
                 quality=ctl_top.quality_text(labeler_url),
+                problems=tuple(problems),
             )
 
         try:

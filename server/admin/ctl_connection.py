@@ -41,17 +41,25 @@ def _read(path: str, what: str) -> bytes:
 def resolve_token(token_file: str | None, environ: Mapping[str, str]) -> str:
     """The token from ``--token-file``, else $DECISIONCTL_TOKEN, else $DECISIONCTL_TOKEN_FILE."""
     if token_file is None and environ.get(TOKEN_ENV, "").strip():
-        return environ[TOKEN_ENV].strip()
+        return _token(environ[TOKEN_ENV].encode(errors="surrogateescape"), f"${TOKEN_ENV}")
     path = token_file or environ.get(TOKEN_FILE_ENV, "")
     if not path:
         raise UsageError(
             f"no admin token: give --token-file PATH, or set {TOKEN_ENV} or {TOKEN_FILE_ENV}"
         )
-    # The message names the file, never its content.
-    token = _read(path, "token file").decode(errors="replace").strip()
-    if not token:
+    raw = _read(path, "token file").strip()
+    if not raw:
         raise UsageError(f"token file {path} is empty")
-    return token
+    return _token(raw, f"token file {path}")
+
+
+def _token(raw: bytes, where: str) -> str:
+    """The token in ``raw``; it travels in a gRPC header, so it is one word of printable
+    ASCII. The message names where it came from, never its content."""
+    token = raw.strip()
+    if not all(0x21 <= byte <= 0x7E for byte in token):
+        raise UsageError(f"{where} does not hold a token: one word of printable ASCII expected")
+    return token.decode("ascii")
 
 
 def channel(args: argparse.Namespace, address: str) -> grpc.Channel:
@@ -79,4 +87,10 @@ def rpc_error(exc: grpc.RpcError, address: str) -> tuple[int, str]:
     details = exc.details() or "no details"
     if code in _UNREACHABLE:
         return EXIT_UNREACHABLE, f"decisionctl: {name}: {details} (admin server {address})"
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return EXIT_ERROR, (
+            f"decisionctl: {address} does not serve decision.v1.AdminService ({details}): is it"
+            f" the admin port? (the admin server listens on {DEFAULT_ADDRESS.split(':')[1]} by"
+            " default, the decisions on 50051)"
+        )
     return (EXIT_REFUSED if code in _REFUSED else EXIT_ERROR), f"decisionctl: {name}: {details}"

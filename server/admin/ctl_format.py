@@ -39,14 +39,24 @@ def _bytes(count: int) -> str:
     return f"{size:.1f} {unit}"
 
 
+def shown(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``, ``\\n``): a reason
+    stored before the server refused them cannot forge a line or a colour here."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
 def format_change(change: pb.ChangeInfo) -> str:
     """``by alice at ..., until ...: reason`` (parts that are unset are left out)."""
-    text = f"by {change.changed_by or '?'}"
+    text = f"by {shown(change.changed_by) or '?'}"
     if change.HasField("changed_at"):
         text += f" at {_time(change.changed_at)}"
     if change.HasField("expires_at"):
         text += f", until {_time(change.expires_at)}"
-    return f"{text}: {change.reason}" if change.reason else text
+    return f"{text}: {shown(change.reason)}" if change.reason else text
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]], indent: str = "  ") -> str:
@@ -124,11 +134,11 @@ def format_history(actions: Iterable[pb.AdminAction]) -> str:
     rows = [
         [
             _time(action.at),
-            action.actor,
+            shown(action.actor),
             action.action,
-            action.target,
-            _change(action.before_json, action.after_json),
-            action.reason,
+            shown(action.target),
+            shown(_change(action.before_json, action.after_json)),
+            shown(action.reason),
         ]
         for action in actions
     ]
@@ -234,7 +244,9 @@ def _format_canary(canary: pb.CanaryStatus, labels: pb.LabelStatus) -> list[str]
         for name, window in (("canary", canary.canary), ("champion", canary.champion))
     ]
     table = format_table(["WINDOW", "DECISIONS", "ERRORS", "P99MS", "FALLBACK"], windows)
-    lines = [line, table, f"  score psi {canary.score_psi:.4f}"]
+    psi = f"{canary.score_psi:.4f}" if canary.score_psi_evaluated else "not evaluated yet"
+    lines = [line, table, f"  score psi {psi}"]
+    lines += [f"  waiting: {waiting}" for waiting in canary.waiting_for]
     if 0.0 < canary.weight < 1.0:  # a canary runs: whether this server takes a promotion
         refused = canary.promotion_refused
         lines.append(

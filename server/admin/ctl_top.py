@@ -45,6 +45,9 @@ class Sample:
     servers: list[pb.ServerInfo]
     consumer: str = ""  # the feature-cache consumer's lag, as shown
     quality: str = ""  # the labeler's live AUC per model, as shown
+    # What this frame could not read, in words ("fleet list: unavailable: ..."); the
+    # status shown is then the last one read, and the fleet's rates wait for the list.
+    problems: tuple[str, ...] = ()
 
 
 def scrape(url: str, timeout_s: float = 0.5) -> dict[str, list[MetricSample]]:
@@ -198,7 +201,10 @@ def render(sample: Sample, baselines: Mapping[str, pb.ServerInfo], address: str)
         f"decisionctl top  {address}  {time.strftime('%H:%M:%S')}  {len(sample.servers)} servers  ",
         style="bold",
     )
-    if not baselines:
+    problems = [Text(f"NOT READ: {problem}", style="bold red") for problem in sample.problems]
+    if not sample.servers and sample.problems:
+        header.append("(rates when the fleet list reads again)", style="dim")
+    elif not baselines:
         header.append("(rates from the next frame)", style="dim")
     else:
         share = f"{model / total:.1%}" if total else "-"
@@ -291,6 +297,7 @@ def render(sample: Sample, baselines: Mapping[str, pb.ServerInfo], address: str)
         others.append(Text(f"live AUC: {sample.quality}"))
     return Group(
         header,
+        *problems,
         _heading("decisions/s by source"),
         sources,
         _heading("fallbacks/s by reason"),

@@ -4,14 +4,17 @@ Every decision routed while the canary weight is above 0 is recorded on its side
 (``canary`` or ``champion``): whether the first model call succeeded and how long it
 took, whether the decision fell back to the ladder, and its scores. A breach is the
 canary doing worse than the champion by more than a limit, on any one of: error and
-timeout rate, p99 latency, fallback rate, or score PSI against the champion's scores;
-each side needs ``MIN_DECISIONS`` in the window before it is judged (PSI: at least
-``PSI_MIN_SCORES`` scores). The comparison runs in a task of its own every
-``CHECK_INTERVAL_S`` while decisions are recorded, not in a Decide. On a breach, with
-the flag ``canary_auto_rollback`` on, the weight is rolled back to 0 on every server
-(``CanaryLever.roll_back``; in the server ``server.control.changes.CanaryRollback``).
-Whenever the canary setting changes (on-call, a rollback, on any server) every server's
-windows start afresh: a weight is judged only on decisions made under it.
+timeout rate, p99 latency, fallback rate, or score PSI against the champion's scores.
+A limit is evaluated once each side has enough in the window: ``MIN_DECISIONS``
+decisions for the first three, ``PSI_MIN_SCORES`` scores for the PSI. A breach of any
+limit evaluated rolls the canary back; a promotion is taken only once every limit is
+evaluated and none is breached (``why_not_promote`` says what it still waits for). The
+comparison runs in a task of its own every ``CHECK_INTERVAL_S`` while decisions are
+recorded, not in a Decide. On a breach, with the flag ``canary_auto_rollback`` on, the
+weight is rolled back to 0 on every server (``CanaryLever.roll_back``; in the server
+``server.control.changes.CanaryRollback``). Whenever the canary setting changes (on-call,
+a rollback, on any server) every server's windows start afresh: a weight is judged only
+on decisions made under it.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class WindowSummary:
 class CanaryComparison:
     canary: WindowSummary
     champion: WindowSummary
-    score_psi: float  # 0 until both sides have MIN_DECISIONS scores
+    score_psi: float | None  # None until each side has PSI_MIN_SCORES scores
 
 
 class CanaryLever(Protocol):
@@ -157,11 +160,10 @@ class CanaryMonitor:
         since = time.monotonic() - WINDOW_S
         canary = self._sides[CANARY].summary(since)
         champion = self._sides[CHAMPION].summary(since)
-        score_psi = 0.0
+        score_psi = None
         # Deciles of two samples of the same distribution differ by ~9/n in PSI each:
         # below a few hundred scores PSI is noise, not drift.
-        enough = max(MIN_DECISIONS, PSI_MIN_SCORES)
-        if len(canary.scores) >= enough and len(champion.scores) >= enough:
+        if len(canary.scores) >= PSI_MIN_SCORES and len(champion.scores) >= PSI_MIN_SCORES:
             reference = histogram(np.asarray(champion.scores))
             score_psi = psi(reference, np.asarray(canary.scores))
         return CanaryComparison(canary, champion, score_psi)
@@ -173,16 +175,17 @@ class CanaryMonitor:
 
     def why_not_promote(self, c: CanaryComparison) -> str | None:
         """Why the canary may not be promoted on this server's evidence (``compare()``'s
-        comparison), in words; None when each side has ``MIN_DECISIONS`` in the window
-        and no limit is breached."""
-        if not self._judged(c):
+        comparison), in words; None when every limit is evaluated and none is breached."""
+        breach = self._breach(c) if self._judged(c) else None
+        if breach is not None:
+            return f"the canary breaches a limit: {breach}"
+        waiting = waiting_for(c)
+        if waiting:
             return (
-                f"not judged yet: in the last {WINDOW_S:g} s this server saw"
-                f" {c.canary.decisions} canary and {c.champion.decisions} champion decisions"
-                f" under the weight now set ({MIN_DECISIONS} each needed)"
+                f"not judged yet: in the last {WINDOW_S:g} s under the weight now set, "
+                + "; ".join(waiting)
             )
-        breach = self._breach(c)
-        return None if breach is None else f"the canary breaches a limit: {breach}"
+        return None
 
     def _judged(self, c: CanaryComparison) -> bool:
         return c.canary.decisions >= MIN_DECISIONS and c.champion.decisions >= MIN_DECISIONS
@@ -208,7 +211,7 @@ class CanaryMonitor:
                 f" {champion.fallback_rate:.0%}"
                 f" (limit +{limits.max_fallback_rate_increase:.0%}) {window}"
             )
-        if c.score_psi > MAX_SCORE_PSI:
+        if c.score_psi is not None and c.score_psi > MAX_SCORE_PSI:
             return (
                 f"score PSI {c.score_psi:.2f} against the champion's scores"
                 f" (limit {MAX_SCORE_PSI:.2f}) {window}"
@@ -217,3 +220,20 @@ class CanaryMonitor:
 
     async def stop(self) -> None:
         await cancel_and_wait(self._watcher)
+
+
+def waiting_for(c: CanaryComparison) -> list[str]:
+    """The limits that cannot be evaluated yet, each with what it waits for; empty when
+    every one can."""
+    waiting = []
+    if c.canary.decisions < MIN_DECISIONS or c.champion.decisions < MIN_DECISIONS:
+        waiting.append(
+            f"error rate, p99 and fallback rate wait for {MIN_DECISIONS} decisions a side"
+            f" (canary {c.canary.decisions}, champion {c.champion.decisions})"
+        )
+    if c.score_psi is None:
+        waiting.append(
+            f"score PSI waits for {PSI_MIN_SCORES} scores a side"
+            f" (canary {len(c.canary.scores)}, champion {len(c.champion.scores)})"
+        )
+    return waiting

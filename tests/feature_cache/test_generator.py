@@ -31,6 +31,26 @@ def test_same_seed_same_stream_other_seed_other_stream():
     assert stream(3_000, seed=1) != stream(3_000, seed=2)
 
 
+def test_a_symbol_is_one_instrument_whatever_the_seed_and_the_stack_trains_on_its_own():
+    """Its starting price (so its tick) and trade size follow from its name: training
+    days and the local stack's feed trade the same instruments (before, each seed drew
+    new ones, and the stack's own data read as drift against the training days)."""
+    from localstack.__main__ import DEFAULT_SYMBOLS
+    from torchserve.dataset import DataSpec
+
+    def snapshots(seed: int) -> dict[str, BookSnapshot]:
+        found = [e for e in stream(50, seed=seed) if isinstance(e, BookSnapshot)]
+        return {e.symbol: e for e in found}
+
+    for symbol in SYMBOLS:
+        one, other = snapshots(1)[symbol], snapshots(2)[symbol]
+        mid = (max(p for p, _ in one.bids) + min(p for p, _ in one.asks)) / 2
+        other_mid = (max(p for p, _ in other.bids) + min(p for p, _ in other.asks)) / 2
+        assert abs(mid / other_mid - 1) < 1e-3, symbol
+    assert DataSpec().symbols == tuple(DEFAULT_SYMBOLS)
+    assert DataSpec().events_per_second == 100.0 * len(DEFAULT_SYMBOLS)  # the stack's rate
+
+
 def test_a_later_call_continues_the_stream():
     gen = MarketGenerator(SYMBOLS, seed=4, start_time_us=T0)
     assert [*gen.events(700), *gen.events(1_300)] == stream(2_000, seed=4)

@@ -146,3 +146,53 @@ def test_only_redis_restarts_empty():
     assert ChaosRequest("restart-empty", "primary").problem() == (
         "primary takes pause, resume, kill, restart, slow, not restart-empty"
     )
+
+
+async def test_resume_of_a_process_never_paused_says_it_was_not_paused(tmp_path):
+    proc = ManagedProcess("primary", ["sleep", "60"], cwd=tmp_path, log_path=tmp_path / "p.log")
+    proc.start()
+    service = ChaosService(tmp_path, {"primary": ChaosTarget(proc, "127.0.0.1:7070", proc.start)})
+    await service.start()
+    not_paused = (
+        False,
+        f"primary (127.0.0.1:7070, pid {proc.pid}) is not paused: nothing to resume",
+    )
+    try:
+        assert await _ask(tmp_path, "resume", "primary") == not_paused
+        assert (await _ask(tmp_path, "pause", "primary"))[0]
+        ok, message = await _ask(tmp_path, "resume", "primary")
+        assert ok and message.startswith("resumed primary")
+        assert await _ask(tmp_path, "resume", "primary") == not_paused  # once is enough
+        assert (await _ask(tmp_path, "slow", "primary"))[0]
+        assert (await _ask(tmp_path, "resume", "primary"))[0]  # slowed: paused part-time
+        assert (await _ask(tmp_path, "pause", "primary"))[0]
+        assert (await _ask(tmp_path, "kill", "primary"))[0]
+        assert (await _ask(tmp_path, "restart", "primary"))[0]  # a new process, running
+        ok, message = await _ask(tmp_path, "resume", "primary")
+        assert not ok and message.endswith("is not paused: nothing to resume")
+        proc.pause()  # by hand, not through the service: as `kill -STOP` (docs/local-stack.md)
+        assert await _stopped(proc)
+        ok, message = await _ask(tmp_path, "resume", "primary")
+        assert ok and message.startswith("resumed primary")
+        assert _state(proc) != "T"
+    finally:
+        await service.stop()
+        proc.stop()
+
+
+async def test_pausing_redis_says_admin_changes_still_apply_through_the_audit_store(tmp_path):
+    proc = ManagedProcess("redis", ["sleep", "60"], cwd=tmp_path, log_path=tmp_path / "r.log")
+    proc.start()
+    service = ChaosService(tmp_path, {"redis": ChaosTarget(proc, "127.0.0.1:16379", proc.start)})
+    await service.start()
+    try:
+        answer = await asyncio.to_thread(ask, tmp_path, ChaosRequest("pause", "redis"), 10.0)
+    finally:
+        await service.stop()
+        proc.stop()
+    assert answer.ok, answer.message
+    # docs/oncall.md: with Redis down a change still reaches every server through the
+    # audit store; only the store being down refuses one.
+    assert "fail" not in answer.watch and "UNAVAILABLE" not in answer.watch
+    assert "admin changes still reach every server through the audit store" in answer.watch
+    assert answer.watch.endswith("undo: decisionctl chaos resume redis")

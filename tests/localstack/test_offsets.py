@@ -37,3 +37,20 @@ def test_no_stack_takes_a_port_from_the_range_tests_give_children(tmp_path, monk
     for _ in range(20):
         stack = LocalStack(tmp_path, LocalStack.free_offset(tmp_path, **options), **options)
         assert not set(stack.ports()) & set(CHILD_PORTS)
+
+
+def test_a_second_stack_s_banner_names_its_broker_and_how_to_replay_to_it(tmp_path):
+    usage = localstack._usage(LocalStack(tmp_path, 11000))
+    assert "Market data: broker 127.0.0.1:30092 (topic market-data)" in usage
+    # Without --bootstrap the replayer publishes to the default stack's broker (19092).
+    assert (
+        ".venv/bin/python -m feature_cache.replay --bootstrap 127.0.0.1:30092 "
+        "--source KIND:PATH --speed 1"
+    ) in usage
+    assert "19092" not in usage
+
+
+def test_the_default_stack_s_banner_names_its_broker_too(tmp_path):
+    usage = localstack._usage(LocalStack(tmp_path, 0))
+    assert "Market data: broker 127.0.0.1:19092 (topic market-data)" in usage
+    assert "feature_cache.replay --bootstrap 127.0.0.1:19092 " in usage

@@ -180,6 +180,7 @@ async def test_the_labeler_stores_the_training_label_of_every_decision_and_its_q
     assert inverted < 0.5 < got
     assert value(samples, "decision_quality_samples", **champion) == len(expected)
     assert value(samples, "decision_quality_outcomes_total", result="before_history") == 1
+    assert value(samples, "decision_quality_store_errors_total") == 0
     assert not math.isnan(got)
 
     for overlay in OVERLAYS:
@@ -191,3 +192,64 @@ async def test_the_labeler_stores_the_training_label_of_every_decision_and_its_q
             used = names_in(expressions, ("decision_quality_",))
             assert used, f"{overlay} {where} show the labeler"
             assert used <= exported, f"{overlay} {where}: {sorted(used - exported)}"
+
+
+WAITING = "waiting for the audit store's tables"
+
+
+async def test_on_a_fresh_store_the_labeler_waits_for_its_tables_then_labels(
+    kafka_settings: KafkaSettings, redis_instance: RedisInstance, key_prefix: str, tmp_path: Path
+) -> None:
+    """As on a fresh ``make run``: the labeler starts before the decision server has
+    created the audit tables; it waits for them, saying so once, and counts no error."""
+    database = tmp_path / "audit.db"
+    database.touch()  # empty: no tables yet
+    database_url = f"sqlite:///{database}"
+    port = free_port()
+    labeler = ManagedProcess(
+        "labeler",
+        [sys.executable, "-m", "quality"],
+        cwd=REPO,
+        log_path=tmp_path / "labeler.log",
+        env={
+            **os.environ,
+            "DECISION_REDIS__URL": redis_instance.url,
+            "DECISION_REDIS__KEY_PREFIX": key_prefix,
+            "DECISION_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+            "DECISION_KAFKA__TOPIC": kafka_settings.topic,
+            "DECISION_AUDIT__DATABASE_URL": database_url,
+            "DECISION_QUALITY__METRICS_PORT": str(port),
+            "DECISION_TELEMETRY__LOG_LEVEL": "INFO",
+        },
+    )
+    labeler.start()
+    try:
+        labeler.wait_ready(listening(port), 30.0)
+        deadline = time.monotonic() + 30
+        # Until it says it waits, or (the defect) fails a pass on the missing tables.
+        while WAITING not in labeler.log_tail(200):
+            assert value(scrape(port), "decision_quality_store_errors_total") == 0, (
+                labeler.log_tail()
+            )
+            assert time.monotonic() < deadline, labeler.log_tail()
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(6.0)  # a pass's interval and more: still waiting, no error
+        assert value(scrape(port), "decision_quality_store_errors_total") == 0
+        assert value(scrape(port), "decision_quality_last_pass_timestamp_seconds") == 0
+
+        engine = create_store_engine(database_url)
+        upgrade(engine)  # what the decision server does as it starts
+        engine.dispose()
+        deadline = time.monotonic() + 30
+        while value(scrape(port), "decision_quality_last_pass_timestamp_seconds") == 0:
+            assert labeler.running(), labeler.log_tail()
+            assert time.monotonic() < deadline, labeler.log_tail()
+            await asyncio.sleep(0.2)
+        samples = scrape(port)
+    finally:
+        labeler.stop()
+    assert labeler.wait(1.0) == 0
+    assert value(samples, "decision_quality_store_errors_total") == 0
+    log_text = (tmp_path / "labeler.log").read_text()
+    assert log_text.count(WAITING) == 1, log_text
+    assert "no such table" not in log_text

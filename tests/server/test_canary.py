@@ -36,6 +36,7 @@ class Deployment:
 @pytest.fixture(autouse=True)
 def few_decisions_judge(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(canary_module, "MIN_DECISIONS", 10)
+    monkeypatch.setattr(canary_module, "PSI_MIN_SCORES", 15)
 
 
 def monitor(deployment: Deployment) -> CanaryMonitor:
@@ -92,12 +93,35 @@ async def test_a_canary_is_promotable_only_once_judged_without_a_breach() -> Non
     canary = monitor(Deployment())
     record(canary, CHAMPION, 20)
     record(canary, CANARY, 9)
-    refusal = canary.why_not_promote(canary.compare()) or ""
-    assert refusal.startswith("not judged yet") and "9 canary and 20 champion" in refusal
+    assert canary.why_not_promote(canary.compare()) == (
+        "not judged yet: in the last 30 s under the weight now set, error rate, p99 and"
+        " fallback rate wait for 10 decisions a side (canary 9, champion 20); score PSI"
+        " waits for 15 scores a side (canary 9, champion 20)"
+    )
+    # Enough decisions for three limits, too few scores for the PSI: still not judged
+    # (before, "judged, no breach": a promotion then skipped the PSI limit).
     record(canary, CANARY, 1)
+    comparison = canary.compare()
+    assert comparison.score_psi is None
+    assert canary.why_not_promote(comparison) == (
+        "not judged yet: in the last 30 s under the weight now set, score PSI waits for 15"
+        " scores a side (canary 10, champion 20)"
+    )
+    record(canary, CANARY, 5)
+    assert canary.compare().score_psi is not None
     assert canary.why_not_promote(canary.compare()) is None
-    record(canary, CANARY, 10, ok=False)
+    record(canary, CANARY, 15, ok=False)
     assert (canary.why_not_promote(canary.compare()) or "").startswith(
         "the canary breaches a limit: error/timeout rate 50%"
     )
+    await canary.stop()
+
+
+async def test_a_breach_of_a_limit_evaluated_rolls_back_before_the_psi_can_be() -> None:
+    deployment = Deployment()
+    canary = monitor(deployment)
+    record(canary, CHAMPION, 12)
+    record(canary, CANARY, 12, ok=False)
+    assert canary.compare().score_psi is None
+    assert (canary.breach() or "").startswith("error/timeout rate 100%")
     await canary.stop()

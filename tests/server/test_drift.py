@@ -42,6 +42,13 @@ class References:
         return self._known.get(version)
 
 
+@pytest.fixture(autouse=True)
+def every_decision_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows a test observes at once stand for decisions spread over the window."""
+    monkeypatch.setattr("server.drift.SAMPLE_EVERY_S", 0.0)
+    monkeypatch.setattr("server.drift.MIN_SPAN_S", 0.0)
+
+
 def monitor(*known: Reference) -> DriftMonitor:
     return DriftMonitor(SETTINGS, References(*known))  # type: ignore[arg-type]
 
@@ -137,11 +144,38 @@ async def test_the_monitor_refreshes_by_itself_every_interval(
 
 def test_the_ring_keeps_the_last_values_only() -> None:
     ring = Ring(4, width=2)
-    assert len(ring) == 0 and ring.snapshot().shape == (0, 2)
+    assert len(ring) == 0 and ring.snapshot()[0].shape == (0, 2)
     for i in range(7):
-        ring.append((i, -i))
+        ring.append((i, -i), now_s=float(i))
     assert len(ring) == 4
-    assert sorted(map(tuple, ring.snapshot().tolist())) == [(3, -3), (4, -4), (5, -5), (6, -6)]
+    values, span_s = ring.snapshot()
+    assert sorted(map(tuple, values.tolist())) == [(3, -3), (4, -4), (5, -5), (6, -6)]
+    assert span_s == 3.0
+
+
+def test_the_ring_keeps_one_value_every_so_often_so_that_it_spans_time() -> None:
+    ring = Ring(100, every_s=1.0)
+    for i in range(50):  # ten a second for five seconds
+        now_s = i / 10
+        if ring.due(now_s):
+            ring.append(float(i), now_s)
+    values, span_s = ring.snapshot()
+    assert sorted(values.tolist()) == [0.0, 10.0, 20.0, 30.0, 40.0]
+    assert span_s == 4.0
+
+
+async def test_no_psi_until_the_sample_spans_minutes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last thousands of decisions at a high rate are seconds of one regime: before,
+    a healthy stack's own generated data read as SHIFTED within a minute."""
+    monkeypatch.setattr("server.drift.MIN_SPAN_S", 600.0)
+    drift = monitor(reference())
+    drift.observe(live_rows(600), [0.5] * 600, "v1")
+    status = await drift.refresh()
+    assert status.feature_psi == {}
+    assert status.problem == (
+        "decisions sampled over 0 s, 600 s needed: a shorter span is one regime of the market,"
+        " not its distribution"
+    )
 
 
 async def test_a_new_model_version_starts_the_score_window_afresh() -> None:

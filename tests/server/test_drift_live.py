@@ -33,6 +33,8 @@ async def test_drift_of_scored_decisions_shows_in_status_and_metrics(
     replicas, model_store, start_app, channel_to, feature_writer, monkeypatch
 ) -> None:
     monkeypatch.setattr("server.drift.MIN_SAMPLES", 10)
+    monkeypatch.setattr("server.drift.SAMPLE_EVERY_S", 0.0)  # every decision, not one in 0.36 s
+    monkeypatch.setattr("server.drift.MIN_SPAN_S", 0.0)
     monkeypatch.setattr("server.drift.INTERVAL_S", 0.1)
     store, champion = model_store
     await feature_writer.write_many([sample_record("BTC-USD")])

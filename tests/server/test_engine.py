@@ -21,15 +21,17 @@ from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry, ScoreWriter
 from feature_cache.schema import FEATURE_INDEX, FEATURE_NAMES
 from feature_cache.store import FeatureReader, FeatureRecord
+from proto.decision.v1 import decision_pb2
 from server.control.canary import CanaryMonitor
 from server.control.flags import SHADOW_SAMPLE_RATE, flag_specs
 from server.control.state import CANARY_FIELD, KILL_PREFIX, Change, ControlState, Entry, FlagSpec
 from server.engine import DecisionEngine
 from server.features import FeatureSource
 from server.model_client import ModelScores
-from server.model_errors import ModelNoTime, ModelUnavailable
+from server.model_errors import ModelCallError, ModelNoTime, ModelTimeout, ModelUnavailable
 from server.replica import Replica
 from server.router import ReplicaRouter
+from server.servicer import response_to_pb
 from server.settings import (
     BreakerSettings,
     CanarySettings,
@@ -81,6 +83,7 @@ class FakeReplicaClient(AlwaysConnected):
         self.score = score
         self.fails = False
         self.busy = False  # every request leaves its queue unsent (no time)
+        self.error: ModelCallError | None = None  # raised by every call
         self.calls: list[list[list[float]]] = []
         self.released = asyncio.Event()
         self.released.set()
@@ -88,6 +91,8 @@ class FakeReplicaClient(AlwaysConnected):
     async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
         if self.busy:
             raise ModelNoTime(f"{self.name} busy: 1 call(s) out all the 3.0 ms it could wait")
+        if self.error is not None:
+            raise self.error
         self.calls.append([list(row) for row in rows])
         await self.released.wait()
         if self.fails:
@@ -391,3 +396,26 @@ async def test_breakers_forced_open_and_a_budget_too_short_say_so_by_code(parts:
         (Source.RULES, "model_breaker_open"): 1,
         (Source.RULES, "model_no_time"): 1,
     }
+
+
+@pytest.mark.parametrize("primary_mode", ["AUTO", "FORCE_CLOSED"])
+async def test_a_timeout_before_a_replica_forced_open_is_no_breaker_open(
+    parts: Parts, primary_mode: str
+) -> None:
+    """Issue 53: the primary paused, the secondary forced open by on-call. The primary's
+    timeout is why the model did not answer, in the reason code and the fallback metric."""
+    parts.state = state(
+        {
+            "breaker:primary": entry(primary_mode),
+            "breaker:secondary": entry("FORCE_OPEN", by="on-call", reason="slow"),
+        }
+    )
+    parts.primary.error = ModelTimeout("primary deadline exceeded after 11.0 ms", given_ms=11.0)
+    [result] = await parts.decide("BTC-USD")
+    assert result.source is Source.RULES
+    assert result.reason.startswith(
+        "primary deadline exceeded after 11.0 ms; secondary forced open by on-call; "
+    ), result.reason
+    assert result.fallback == "model_timeout"
+    assert parts.engine.fallbacks == {(Source.RULES, "model_timeout"): 1}
+    assert response_to_pb(result).reason_code == decision_pb2.REASON_CODE_MODEL_TIMEOUT

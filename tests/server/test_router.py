@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import re
 import time
@@ -18,8 +19,16 @@ import pytest
 from core.deadline import Budget, CallPlan
 from core.domain import Source
 from server.breaker import AsyncCircuitBreaker
+from server.control.state import Change, ControlState, Entry
 from server.model_client import ModelScores
-from server.model_errors import ModelNoTime, ModelTimeout, ModelUnavailable
+from server.model_errors import (
+    ModelBusy,
+    ModelCallError,
+    ModelNoTime,
+    ModelResponseError,
+    ModelTimeout,
+    ModelUnavailable,
+)
 from server.replica import Replica
 from server.router import NEEDS_WINDOW_S, ReplicaRouter
 from server.settings import BreakerSettings
@@ -218,3 +227,87 @@ async def test_a_median_older_than_the_needs_window_no_longer_keeps_a_replica_sk
     assert routing.needs_ms(routing.replicas[0]) == 1.0  # the configured minimum
     routed, _ = await score(routing, budget_ms=9.0)
     assert routed is not None and routed.source is Source.PRIMARY
+
+
+class FailingReplica(AlwaysConnected):
+    """Fails every call at once with ``error``."""
+
+    model_name = "champion"
+
+    def __init__(self, name: str, error: ModelCallError) -> None:
+        self.name = name
+        self.error = error
+        self.calls = 0
+
+    async def predict(self, rows: Sequence[Sequence[float]], timeout_s: float) -> ModelScores:
+        self.calls += 1
+        raise self.error
+
+
+# What happens to a replica: refused without a call (its breaker open, or forced open by
+# on-call), or called and failed, by the code that failure is reported as.
+NOT_CALLED = ("breaker open", "forced open")
+FAILED = {
+    "timeout": "model_timeout",
+    "timeout, forced closed": "model_timeout",  # on-call let it past its breaker
+    "busy": "model_busy",
+    "no time": "model_no_time",
+    "unavailable": "model_unavailable",
+    "error": "model_error",
+}
+# (primary, secondary) -> reason code: breaker open only when no replica was called
+# because every one was refused; otherwise the last failure, a refusal after it or not.
+REASON_CODES = {
+    **{(p, s): "model_breaker_open" for p in NOT_CALLED for s in NOT_CALLED},
+    **{(p, s): FAILED[s] for p in NOT_CALLED for s in FAILED},
+    **{(p, s): FAILED[p] for p in FAILED for s in NOT_CALLED},
+    **{(p, s): FAILED[s] for p in FAILED for s in FAILED},
+}
+
+
+def _error(name: str, what: str) -> ModelCallError:
+    if what.startswith("timeout"):
+        return ModelTimeout(f"{name} deadline exceeded after 11.0 ms", given_ms=11.0)
+    return {
+        "busy": ModelBusy(f"{name} busy: 4 abandoned calls still out", silent_ms=0.0),
+        "no time": ModelNoTime(f"{name} busy: 1 call(s) out all the 3.0 ms it could wait"),
+        "unavailable": ModelUnavailable(f"{name} unavailable"),
+        "error": ModelResponseError(f"{name} answered 2 scores for 1 row"),
+    }.get(what, ModelUnavailable(f"{name} down"))  # a refused replica: opens its breaker
+
+
+@pytest.mark.parametrize(
+    ("primary", "secondary"), list(REASON_CODES), ids=[f"{p} / {s}" for p, s in REASON_CODES]
+)
+async def test_the_reason_code_says_what_happened_to_the_replicas(
+    primary: str, secondary: str
+) -> None:
+    """``RouteResult.failure`` is the decision's ``reason_code`` and the ``reason`` label
+    of ``decision_fallbacks_total``: a replica refused after one that failed must not
+    blame the breakers for a timeout."""
+    lane = {"primary": primary, "secondary": secondary}
+    clients = [FailingReplica(name, _error(name, what)) for name, what in lane.items()]
+    routing = ReplicaRouter(
+        [
+            Replica.build(clients[0], Source.PRIMARY, OPENS_AT_ONCE),
+            Replica.build(clients[1], Source.SECONDARY, OPENS_AT_ONCE),
+        ],
+        plan=CallPlan(model_call_ms=60.0, fallback_reserve_ms=1.0, jitter=0.0),
+    )
+    modes: dict[str, Entry] = {}
+    for replica, client, (name, what) in zip(routing.replicas, clients, lane.items(), strict=True):
+        if what == "breaker open":
+            with contextlib.suppress(ModelCallError):
+                await replica.breaker.call(functools.partial(client.predict, [], 1.0))
+            assert replica.breaker.state == "open"
+        elif what == "forced open" or what.endswith("forced closed"):
+            mode = "FORCE_OPEN" if what == "forced open" else "FORCE_CLOSED"
+            modes[f"breaker:{name}"] = Entry(mode, Change("on-call", "test", 0))
+        client.calls = 0
+    state = ControlState.from_entries(1, modes, {})
+
+    result = await routing.score([[0.0, 1.0]], Budget(200.0), state=state)
+
+    assert result.answer is None
+    assert [c.calls for c in clients] == [int(what not in NOT_CALLED) for what in lane.values()]
+    assert result.failure == REASON_CODES[primary, secondary], result.reasons

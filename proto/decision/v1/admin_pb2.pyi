@@ -258,16 +258,22 @@ class CanaryStatus(_message.Message):
     CHAMPION_FIELD_NUMBER: _builtins.int
     SCORE_PSI_FIELD_NUMBER: _builtins.int
     PROMOTION_REFUSED_FIELD_NUMBER: _builtins.int
+    SCORE_PSI_EVALUATED_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_FIELD_NUMBER: _builtins.int
     weight: _builtins.float
     """Share of decisions the challenger decides (SOURCE_CANARY)."""
     auto_rollback: _builtins.bool
     """Whether a breach of the limits rolls the canary back (flag canary_auto_rollback)."""
     score_psi: _builtins.float
-    """PSI of the canary's scores against the champion's over the window."""
+    """PSI of the canary's scores against the champion's over the window; 0 until
+    score_psi_evaluated.
+    """
     promotion_refused: _builtins.str
     """Why this server would refuse a promotion (SetCanary to weight 1) now, in
     words; empty when it would take one, or the weight already is 1.
     """
+    score_psi_evaluated: _builtins.bool
+    """Whether each side has had enough scores in the window for a PSI."""
     @_builtins.property
     def change(self) -> Global___ChangeInfo:
         """Set when the weight was set through SetCanary or by an automatic rollback."""
@@ -276,6 +282,12 @@ class CanaryStatus(_message.Message):
     def canary(self) -> Global___CanaryWindow: ...
     @_builtins.property
     def champion(self) -> Global___CanaryWindow: ...
+    @_builtins.property
+    def waiting_for(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The limits this server cannot evaluate yet, each with what it waits for; empty
+        when every one is evaluated. A promotion waits for all of them.
+        """
+
     def __init__(
         self,
         *,
@@ -286,10 +298,12 @@ class CanaryStatus(_message.Message):
         champion: Global___CanaryWindow | None = ...,
         score_psi: _builtins.float = ...,
         promotion_refused: _builtins.str = ...,
+        score_psi_evaluated: _builtins.bool = ...,
+        waiting_for: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "champion", b"champion", "change", b"change"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rollback", b"auto_rollback", "canary", b"canary", "champion", b"champion", "change", b"change", "promotion_refused", b"promotion_refused", "score_psi", b"score_psi", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rollback", b"auto_rollback", "canary", b"canary", "champion", b"champion", "change", b"change", "promotion_refused", b"promotion_refused", "score_psi", b"score_psi", "score_psi_evaluated", b"score_psi_evaluated", "waiting_for", b"waiting_for", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1231,7 +1245,10 @@ class ServerInfo(_message.Message):
 
     @_builtins.property
     def breakers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Breaker state ("closed", "open", "half-open") by replica name."""
+        """Breaker state by replica name as calls see it: on-call's override when one is set
+        ("force-open", "force-closed", as decisionctl breaker names them), else the
+        breaker's own ("closed", "open", "half-open").
+        """
 
     @_builtins.property
     def decisions_by_source(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:

@@ -130,7 +130,9 @@ class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode
     REASON_CODE_OVERLOADED: _ReasonCode.ValueType  # 7
     """The server was over its admission limit: the model was skipped."""
     REASON_CODE_MODEL_BREAKER_OPEN: _ReasonCode.ValueType  # 8
-    """Every replica's circuit breaker was open."""
+    """No replica was called: every replica's circuit breaker was open, or forced open by
+    on-call.
+    """
     REASON_CODE_MODEL_TIMEOUT: _ReasonCode.ValueType  # 9
     """The model did not answer within the call's budget."""
     REASON_CODE_MODEL_BUSY: _ReasonCode.ValueType  # 10
@@ -149,6 +151,11 @@ class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode
 class ReasonCode(_ReasonCode, metaclass=_ReasonCodeEnumTypeWrapper):
     """Why the model did not answer a decision, for programs (`reason` says it in words).
     Values may be added: treat an unknown value as REASON_CODE_UNSPECIFIED.
+    The REASON_CODE_MODEL_* codes name what stopped the lane of replicas last (primary,
+    then secondary; a canary's lane starts with the challenger), except that a replica
+    refused by its breaker, or forced open by on-call, after a replica that was called
+    or skipped does not change the code: "primary deadline exceeded; secondary breaker
+    open" is REASON_CODE_MODEL_TIMEOUT.
     """
 
 REASON_CODE_UNSPECIFIED: ReasonCode.ValueType  # 0
@@ -168,7 +175,9 @@ REASON_CODE_FEATURE_STORE: ReasonCode.ValueType  # 6
 REASON_CODE_OVERLOADED: ReasonCode.ValueType  # 7
 """The server was over its admission limit: the model was skipped."""
 REASON_CODE_MODEL_BREAKER_OPEN: ReasonCode.ValueType  # 8
-"""Every replica's circuit breaker was open."""
+"""No replica was called: every replica's circuit breaker was open, or forced open by
+on-call.
+"""
 REASON_CODE_MODEL_TIMEOUT: ReasonCode.ValueType  # 9
 """The model did not answer within the call's budget."""
 REASON_CODE_MODEL_BUSY: ReasonCode.ValueType  # 10

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +28,7 @@ from server.audit.store import admin_actions, create_store_engine, decisions
 from server.control import canary as canary_module
 from server.control import flags
 from server.shadow import ShadowScorer
-from tests.conftest import wait_for
+from tests.conftest import REPO, wait_for
 from tests.server.conftest import (
     OPERATOR,
     OPERATOR_TOKEN,
@@ -128,6 +131,15 @@ async def test_breaker_override_reaches_the_other_server_within_a_second_and_exp
         assert primary.mode == admin_pb2.BREAKER_MODE_FORCE_OPEN
         assert primary.override.changed_by == "oncall"
         assert status.shared_state.in_sync
+        # The fleet list says forced open too, not the idle breaker's "closed".
+        deadline = time.monotonic() + 1.5  # entries are rewritten every second
+        while True:
+            fleet = await b.admin.ListServers(admin_pb2.ListServersRequest(), metadata=VIEWER)
+            shown = sorted(s.breakers["primary"] for s in fleet.servers)
+            if shown == ["force-open", "force-open"] or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert shown == ["force-open", "force-open"]
 
         # The TTL ends the override on both servers by itself.
         for server in (a, b):
@@ -290,6 +302,20 @@ async def test_changes_need_an_operator_token_and_each_accepted_one_is_audited(a
                 metadata=OPERATOR,
             )
         assert (err.value.details() or "").startswith("scope:")
+        # A reason that would forge lines and colours in status, history and Decide.
+        forged = "line1\nkill switches\n  (none engaged)\x1b[31mRED\x1b[0m"
+        for reason in (forged, "ok \u202e reversed"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await admin.KillSwitch(
+                    admin_pb2.KillSwitchRequest(scope="SOL-USD", engaged=True, reason=reason),
+                    metadata=OPERATOR,
+                )
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (err.value.details() or "").startswith(
+                "reason: must be one line of printable text: character "
+            ), err.value.details()
+        status = await admin.GetStatus(admin_pb2.GetStatusRequest(), metadata=VIEWER)
+        assert list(status.kill_switches) == []
 
         # Viewers read; operators change, and every change is one audit row.
         listed = await admin.ListFlags(admin_pb2.ListFlagsRequest(), metadata=VIEWER)
@@ -405,11 +431,14 @@ async def _details(call: object) -> str:
 @pytest.fixture
 async def canary_app(start_app, replicas, challenger_replica, monkeypatch) -> DecisionApp:
     challenger_replica.ensure_running()
-    # A short window and sample so that the test runs in seconds; PSI between two
-    # different models on a few dozen decisions is noise, so it is not judged here.
+    # A short window and sample so that the test runs in seconds. Every decision here has
+    # the same features, so each model gives one score: the PSI is evaluated (a promotion
+    # waits for it) but its limit, for score distributions, is tested in test_canary.py.
     # The good canary must not be judged on this machine's latency noise: the p99 of
     # a few dozen calls is their slowest one.
     monkeypatch.setattr(canary_module, "MIN_DECISIONS", 10)
+    monkeypatch.setattr(canary_module, "PSI_MIN_SCORES", 10)
+    monkeypatch.setattr(canary_module, "MAX_SCORE_PSI", math.inf)
     monkeypatch.setattr(canary_module, "WINDOW_S", 10.0)
     monkeypatch.setattr(canary_module, "P99_SLACK_MS", 50.0)
     app: DecisionApp = await start_app(
@@ -663,3 +692,39 @@ async def test_decisionctl_status_shows_the_fleet(server_processes, capsys, monk
     finally:
         for server in (a, b):
             await server.close()
+
+
+async def test_decisionctl_top_rides_out_a_redis_stall_and_shows_it(
+    server_processes, redis_instance
+):
+    """Redis paused under a server (``chaos pause redis``): top keeps drawing frames, says
+    what it cannot read while the stall lasts, and reads the fleet again after it. Before,
+    top exited 3 at the first fleet list that timed out."""
+    (server,) = server_processes(1)
+    top = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.admin.ctl", "top", "--frames", "14", "--interval", "0.5",
+        "--address", f"127.0.0.1:{server.admin_port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=REPO,
+        env={**os.environ, "DECISIONCTL_TOKEN": VIEWER_TOKEN, "COLUMNS": "200"},
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(1.5)
+        redis_instance.proc.pause()
+        try:
+            await asyncio.sleep(4.0)
+        finally:
+            redis_instance.proc.resume()
+        output, _ = await asyncio.wait_for(top.communicate(), 60)
+        code = top.returncode
+    finally:
+        if top.returncode is None:
+            top.kill()
+            await top.wait()
+        await server.close()
+    text = output.decode()
+    assert code == 0, text
+    frames = text.split("decisionctl top  ")[1:]
+    assert len(frames) == 14, text
+    stalled = [f for f in frames if "NOT READ: fleet list: " in f]
+    assert stalled, text
+    assert "1 servers" in frames[0] and "1 servers" in frames[-1], frames[-1]

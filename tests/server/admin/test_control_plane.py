@@ -188,6 +188,7 @@ async def test_a_promotion_needs_a_canary_judged_on_this_server_unless_forced(
     servers, store_url, monkeypatch
 ) -> None:
     monkeypatch.setattr(canary_module, "MIN_DECISIONS", 10)
+    monkeypatch.setattr(canary_module, "PSI_MIN_SCORES", 10)
     canary = CanaryMonitor(CanarySettings(), UnchangingCanary())
     plane, shared = servers(canary)
     await shared.start()
@@ -199,7 +200,7 @@ async def test_a_promotion_needs_a_canary_judged_on_this_server_unless_forced(
         canary.record(CHAMPION, ok=True, elapsed_ms=2.0, fell_back=False, scores=(0.5,))
     for _ in range(9):
         canary.record(CANARY, ok=True, elapsed_ms=2.0, fell_back=False, scores=(0.5,))
-    with pytest.raises(FailedPrecondition, match=r"not judged yet: .* 9 canary and 10 champion"):
+    with pytest.raises(FailedPrecondition, match=r"not judged yet: .*\(canary 9, champion 10\)"):
         await plane.set_canary("oncall", 1.0, "ship it")
     assert shared.state.canary(time.time_ns() // 1000)[0] == pytest.approx(0.1)
 

@@ -95,6 +95,7 @@ def _status() -> pb.GetStatusResponse:
             canary=pb.CanaryWindow(decisions=500, error_rate=0.02, p99_ms=15.0, fallback_rate=0.01),
             champion=pb.CanaryWindow(decisions=4500, error_rate=0.001, p99_ms=11.0),
             score_psi=0.0312,
+            score_psi_evaluated=True,
         ),
         features=[
             pb.SymbolFreshness(symbol="AAPL", age_ms=120.0),
@@ -260,10 +261,15 @@ def test_format_status_says_whether_this_server_takes_a_promotion() -> None:
         text = ctl_format.format_status(pb.GetStatusResponse(canary=canary))
         return [line.strip() for line in text.splitlines() if "promote:" in line]
 
-    refused = "not judged yet: in the last 30 s this server saw 3 canary and 40 champion"
-    assert promote_line(pb.CanaryStatus(weight=0.1, promotion_refused=refused)) == [
-        f"promote: refused, {refused}"
-    ]
+    refused = "not judged yet: in the last 30 s under the weight now set, score PSI waits"
+    waiting = "score PSI waits for 500 scores a side (canary 120, champion 130)"
+    canary = pb.CanaryStatus(weight=0.1, promotion_refused=refused, waiting_for=[waiting])
+    assert promote_line(canary) == [f"promote: refused, {refused}"]
+    text = ctl_format.format_status(pb.GetStatusResponse(canary=canary))
+    assert "  score psi not evaluated yet" in text
+    assert f"  waiting: {waiting}" in text
+    evaluated = pb.CanaryStatus(weight=0.1, score_psi=0.0312, score_psi_evaluated=True)
+    assert "  score psi 0.0312" in ctl_format.format_status(pb.GetStatusResponse(canary=evaluated))
     assert promote_line(pb.CanaryStatus(weight=0.1)) == ["promote: judged, no breach"]
     # No canary running, or promoted already: nothing to say about a promotion.
     assert promote_line(pb.CanaryStatus(weight=0.0, promotion_refused="no canary")) == []
@@ -296,6 +302,25 @@ def test_format_status_says_whether_decisions_are_labelled_and_which_feeds_are_i
         "IGNORED SKL-USD: every event since 2027-01-15T08:00:00Z (1,203 events, old "
         "session): its features are frozen while its feed goes on"
     ) in lines(ignored_feeds=[feed])
+
+
+def test_reasons_stored_with_control_characters_are_shown_escaped() -> None:
+    """The server refuses them now; one stored before cannot forge a line or a colour."""
+    forged = "line1\nkill switches\n  (none engaged)\x1b[31mRED\x1b[0m"
+    change = pb.ChangeInfo(changed_by="oncall", reason=forged)
+    status = pb.GetStatusResponse(
+        kill_switches=[pb.KillSwitchState(scope="SOL-USD", change=change)]
+    )
+    text = ctl_format.format_status(status)
+    assert "\x1b" not in text
+    engaged = [line for line in text.splitlines() if "ENGAGED" in line]
+    assert engaged == [
+        "  SOL-USD ENGAGED by oncall: line1\\nkill switches\\n  (none engaged)\\x1b[31mRED\\x1b[0m"
+    ]
+    history = ctl_format.format_history(
+        [pb.AdminAction(actor="oncall", action="kill_switch", target="SOL-USD", reason=forged)]
+    )
+    assert len(history.splitlines()) == 2 and "\x1b" not in history
 
 
 def test_format_status_of_an_empty_response() -> None:
@@ -671,6 +696,50 @@ def test_permission_denied_exits_2(fake, capsys, monkeypatch) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "content", [b"tok\nen-0123", b"tok en", b"\xff\xfetoken", "tökén".encode()]
+)
+def test_a_token_file_that_holds_no_token_exits_2_in_one_line(
+    fake, capsys, tmp_path: Path, content: bytes
+) -> None:
+    """Before: a gRPC core trace (a header value it refuses) and exit 1."""
+    _, address = fake
+    token_file = tmp_path / "token"
+    token_file.write_bytes(content + b"\n")
+    assert ctl.main(["--address", address, "--token-file", str(token_file), "status"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"decisionctl: token file {token_file} does not hold a token: one word of printable"
+        " ASCII expected\n"
+    )
+
+
+def test_the_decide_port_is_named_for_what_it_is(fake, operator, capsys) -> None:
+    """An address that serves no AdminService (the Decide port, say): a hint, not
+    "Method not found!" alone."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        assert ctl.main(["--address", f"127.0.0.1:{port}", "status"]) == 1
+    finally:
+        server.stop(None)
+    err = capsys.readouterr().err
+    assert err.startswith(f"decisionctl: 127.0.0.1:{port} does not serve decision.v1.AdminService")
+    assert "is it the admin port?" in err and len(err.splitlines()) == 1
+
+
+def test_a_negative_duration_and_a_time_without_its_unit_say_what_is_wrong(
+    operator, capsys
+) -> None:
+    argv = ["kill-switch", "engage", "SOL-USD", "--reason", "x", "--ttl", "-5m"]
+    assert ctl.main(argv) == 2
+    assert "--ttl: invalid duration '-5m': must be positive" in capsys.readouterr().err
+    assert ctl.main(["history", "--since", "90"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid time '90': a time ago names its unit (90s, 90m or 90h" in err
+
+
 def test_unknown_token_exits_2(fake, capsys, monkeypatch) -> None:
     _, address = fake
     monkeypatch.setenv(ctl_connection.TOKEN_ENV, "wrong-token-0123456789")
@@ -836,6 +905,22 @@ def test_top_piped_prints_every_frame_in_turn() -> None:
     assert text.count("(rates from the next frame)") == 1  # the first frame only
     assert text.count("100 decisions/s, model 90.0%") == 2
     assert text.endswith("\n")
+
+
+def test_top_shows_what_it_cannot_read_and_stops_only_on_a_refused_token(
+    fake, operator, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    servicer, address = fake
+    servicer.fleet_error = True
+    argv = ["--address", address, "top", "--frames", "2", "--interval", "0.01"]
+    assert ctl.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("NOT READ: fleet list: unavailable: fleet list unavailable: redis down") == 2
+    assert out.count("(rates when the fleet list reads again)") == 2
+    monkeypatch.setenv(ctl_connection.TOKEN_ENV, "wrong-token-0123456789")
+    assert ctl.main(argv) == 2
+    assert "unauthenticated" in capsys.readouterr().err
 
 
 def test_top_finds_a_local_stacks_other_metrics_and_says_when_they_are_unreachable() -> None:
