@@ -224,28 +224,35 @@ def labelled(port: int, result: str = "") -> tuple[float, float]:
     return total, samples.get(("decision_quality_pending_decisions", frozenset()), 0.0)
 
 
-def stored_outcomes(database: Path, decision_ids: list[str]) -> list[tuple[str, float, int, str]]:
-    """(source, score, label, feature_time) of the labelled decisions among ``decision_ids``."""
+def of_decisions(database: Path, decision_ids: list[str], query: str) -> list[Any]:
+    """The rows of ``query`` over the audit store, where the table ``wanted`` holds
+    ``decision_ids``."""
     with contextlib.closing(sqlite3.connect(database)) as conn:
         conn.execute("CREATE TEMP TABLE wanted (decision_id TEXT PRIMARY KEY)")
         conn.executemany("INSERT INTO wanted VALUES (?)", [(i,) for i in decision_ids])
-        return conn.execute(
-            "SELECT d.source, d.score, o.label, d.feature_time FROM decisions d"
-            " JOIN wanted USING (decision_id) JOIN decision_outcomes o USING (decision_id)"
-            " WHERE o.label IS NOT NULL"
-        ).fetchall()
+        return conn.execute(query).fetchall()
+
+
+def stored_outcomes(database: Path, decision_ids: list[str]) -> list[tuple[str, float, int, str]]:
+    """(source, score, label, feature_time) of the labelled decisions among ``decision_ids``."""
+    return of_decisions(
+        database,
+        decision_ids,
+        "SELECT d.source, d.score, o.label, d.feature_time FROM decisions d"
+        " JOIN wanted USING (decision_id) JOIN decision_outcomes o USING (decision_id)"
+        " WHERE o.label IS NOT NULL",
+    )
 
 
 def outcome_counts(database: Path, decision_ids: list[str]) -> dict[str, int]:
     """Outcomes of ``decision_ids`` by reason ("" for labelled)."""
-    with contextlib.closing(sqlite3.connect(database)) as conn:
-        conn.execute("CREATE TEMP TABLE wanted (decision_id TEXT PRIMARY KEY)")
-        conn.executemany("INSERT INTO wanted VALUES (?)", [(i,) for i in decision_ids])
-        rows = conn.execute(
-            "SELECT reason, count(*) FROM decision_outcomes JOIN wanted USING (decision_id)"
-            " GROUP BY reason"
-        )
-        return {reason: count for reason, count in rows}
+    rows = of_decisions(
+        database,
+        decision_ids,
+        "SELECT reason, count(*) FROM decision_outcomes JOIN wanted USING (decision_id)"
+        " GROUP BY reason",
+    )
+    return {reason: count for reason, count in rows}
 
 
 def quality_of(scores: np.ndarray[Any, Any], labels: np.ndarray[Any, Any]) -> dict[str, float]:
@@ -274,14 +281,13 @@ def labelled_after_restart(
     """Of the decisions the labeler could label (features whose horizon ends by the
     replay's last event, ``end_us``): (labelled, could be, seconds from serving to the
     first label)."""
-    with contextlib.closing(sqlite3.connect(database)) as conn:
-        conn.execute("CREATE TEMP TABLE wanted (decision_id TEXT PRIMARY KEY)")
-        conn.executemany("INSERT INTO wanted VALUES (?)", [(i,) for i in decision_ids])
-        rows = conn.execute(
-            "SELECT d.feature_time, o.label, o.labeled_at FROM decisions d"
-            " JOIN wanted USING (decision_id) LEFT JOIN decision_outcomes o USING (decision_id)"
-            " WHERE d.feature_time IS NOT NULL"
-        ).fetchall()
+    rows = of_decisions(
+        database,
+        decision_ids,
+        "SELECT d.feature_time, o.label, o.labeled_at FROM decisions d"
+        " JOIN wanted USING (decision_id) LEFT JOIN decision_outcomes o USING (decision_id)"
+        " WHERE d.feature_time IS NOT NULL",
+    )
 
     def us(text: str) -> int:  # SQLite's DateTime text, naive UTC, as SQLAlchemy stores it
         return epoch_us(dt.datetime.fromisoformat(text))

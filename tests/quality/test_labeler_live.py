@@ -74,6 +74,34 @@ def later_mids(events: list[MarketEvent]) -> dict[str, tuple[np.ndarray, np.ndar
     }
 
 
+def labeler_process(
+    kafka: KafkaSettings,
+    redis_instance: RedisInstance,
+    key_prefix: str,
+    database_url: str,
+    metrics_port: int,
+    logs: Path,
+) -> ManagedProcess:
+    """A labeler process (``python -m quality``, not started) on the test's topic, prefix
+    and store, logging at INFO to ``logs/labeler.log``."""
+    return ManagedProcess(
+        "labeler",
+        [sys.executable, "-m", "quality"],
+        cwd=REPO,
+        log_path=logs / "labeler.log",
+        env={
+            **os.environ,
+            "DECISION_REDIS__URL": redis_instance.url,
+            "DECISION_REDIS__KEY_PREFIX": key_prefix,
+            "DECISION_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            "DECISION_KAFKA__TOPIC": kafka.topic,
+            "DECISION_AUDIT__DATABASE_URL": database_url,
+            "DECISION_QUALITY__METRICS_PORT": str(metrics_port),
+            "DECISION_TELEMETRY__LOG_LEVEL": "INFO",
+        },
+    )
+
+
 async def test_the_labeler_stores_the_training_label_of_every_decision_and_its_quality(
     kafka_settings: KafkaSettings,
     redis_instance: RedisInstance,
@@ -126,20 +154,8 @@ async def test_the_labeler_stores_the_training_label_of_every_decision_and_its_q
     await publish(kafka_settings, events)
 
     port = free_port()
-    labeler = ManagedProcess(
-        "labeler",
-        [sys.executable, "-m", "quality"],
-        cwd=REPO,
-        log_path=tmp_path / "labeler.log",
-        env={
-            **os.environ,
-            "DECISION_REDIS__URL": redis_instance.url,
-            "DECISION_REDIS__KEY_PREFIX": key_prefix,
-            "DECISION_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-            "DECISION_KAFKA__TOPIC": kafka_settings.topic,
-            "DECISION_AUDIT__DATABASE_URL": database_url,
-            "DECISION_QUALITY__METRICS_PORT": str(port),
-        },
+    labeler = labeler_process(
+        kafka_settings, redis_instance, key_prefix, database_url, port, tmp_path
     )
     labeler.start()
     try:
@@ -206,21 +222,8 @@ async def test_on_a_fresh_store_the_labeler_waits_for_its_tables_then_labels(
     database.touch()  # empty: no tables yet
     database_url = f"sqlite:///{database}"
     port = free_port()
-    labeler = ManagedProcess(
-        "labeler",
-        [sys.executable, "-m", "quality"],
-        cwd=REPO,
-        log_path=tmp_path / "labeler.log",
-        env={
-            **os.environ,
-            "DECISION_REDIS__URL": redis_instance.url,
-            "DECISION_REDIS__KEY_PREFIX": key_prefix,
-            "DECISION_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-            "DECISION_KAFKA__TOPIC": kafka_settings.topic,
-            "DECISION_AUDIT__DATABASE_URL": database_url,
-            "DECISION_QUALITY__METRICS_PORT": str(port),
-            "DECISION_TELEMETRY__LOG_LEVEL": "INFO",
-        },
+    labeler = labeler_process(
+        kafka_settings, redis_instance, key_prefix, database_url, port, tmp_path
     )
     labeler.start()
     try:
