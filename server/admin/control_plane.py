@@ -30,7 +30,7 @@ from server.admin.views import (
     Status,
 )
 from server.audit.trail import AuditTrail
-from server.control.canary import CanaryComparison, CanaryMonitor
+from server.control.canary import CanaryComparison, CanaryMonitor, waiting_for
 from server.control.changes import AuditedChanges, auto_rollback_on, change_dict
 from server.control.changes import now_us as _now_us
 from server.control.fleet import FleetMember
@@ -325,6 +325,7 @@ class ControlPlane:
                 auto_rollback_on(state, now_us),
                 comparison,
                 self._promotion_refused(weight, comparison),
+                waiting_for(comparison) if comparison and 0.0 < weight < 1.0 else [],
             ),
             sync=self._shared.status(),
             feature_ages_ms=feature_ages,

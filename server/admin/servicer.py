@@ -23,7 +23,7 @@ from server.admin.views import DriftView, FlagView
 from server.audit.record import AdminRecord
 from server.audit.shipper import describe
 from server.audit.store import AdminActionQuery, AuditStore
-from server.control.canary import WindowSummary, waiting_for
+from server.control.canary import WindowSummary
 from server.control.fleet import FleetMember
 from server.control.state import BreakerMode, Change
 from server.errors import FailedPrecondition, InvalidArgument, StoreUnavailable, grpc_errors
@@ -242,9 +242,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 score_psi=(comparison.score_psi or 0.0) if comparison else 0.0,
                 promotion_refused=canary.promotion_refused or "",
                 score_psi_evaluated=comparison is not None and comparison.score_psi is not None,
-                waiting_for=(
-                    waiting_for(comparison) if comparison and 0 < canary.weight < 1 else []
-                ),
+                waiting_for=canary.waiting,
             ),
             features=[
                 admin_pb2.SymbolFreshness(symbol=symbol, age_ms=age)

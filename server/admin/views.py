@@ -41,6 +41,7 @@ class CanaryView:
     auto_rollback: bool
     comparison: CanaryComparison | None
     promotion_refused: str | None  # why a promotion would be refused now; None: taken
+    waiting: list[str]  # while a canary runs: the limits not evaluated yet, and why
 
 
 @dataclass(frozen=True, slots=True)
