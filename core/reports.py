@@ -56,10 +56,6 @@ def labels_key(prefix: str) -> str:
     return f"{prefix}quality:labels"
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
 def queue_ignored(
     pipe: Pipeline, prefix: str, ignored: Iterable[IgnoredFeed], resumed: Iterable[str]
 ) -> None:
@@ -89,7 +85,7 @@ async def read_reports(
         pipe.hgetall(ignored_key(prefix))
         pipe.get(labels_key(prefix))
         raw_ignored, raw_labels = await pipe.execute()
-    oldest_us = now_us() - int(REPORT_TTL_S * 1e6)
+    oldest_us = time.time_ns() // 1000 - int(REPORT_TTL_S * 1e6)
     ignored = []
     for raw in raw_ignored.values():
         try:
