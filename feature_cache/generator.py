@@ -3,8 +3,10 @@
 For tests, benchmarks and the local stack when no recording is at hand. The same
 arguments always give the same stream (one ``random.Random(seed)``, no global state).
 
-Per symbol, the book lives on integer ticks (a power of ten between 0.1 and 1 bp of the
-starting price). A symbol is one instrument whatever the seed: its starting price (so its
+Per symbol, the book lives on integer ticks (a power of ten between 0.01 and 0.1 bp of
+the starting price: fine enough that spreads, returns and volatilities in bps do not
+depend on where the price sits within its power of ten, so a price that walks for hours
+does not read as drift). A symbol is one instrument whatever the seed: its starting price (so its
 tick) and its typical trade size follow from its name, so training days and the local
 stack's feed trade the same instruments, and their spreads and volatilities in bps are
 alike; the seed drives everything that happens to it.
@@ -42,6 +44,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from feature_cache.events import Aggressor, BookDelta, BookSide, BookSnapshot, MarketEvent, Trade
 
 LEVELS = 12
+TICK_BPS_MAX = 0.1  # a symbol's tick: the power of ten in (TICK_BPS_MAX / 10, TICK_BPS_MAX] bp
 SNAPSHOT_EVERY = 1000
 REGIME_MEAN_S = 15.0
 REGIME_VOL = (0.4, 1.0, 2.8)  # calm, normal, stressed multipliers of the base volatility
@@ -51,7 +54,7 @@ GARCH_ALPHA, GARCH_BETA = 0.08, 0.90  # on the normalised shock; omega keeps E[f
 HAWKES_BASE, HAWKES_JUMP, HAWKES_DECAY, HAWKES_CAP = 0.05, 0.05, 0.9, 0.6
 FLOW_DECAY = 0.9  # per trade
 FLOW_TILT = 0.15  # max shift of P(buy) away from 1/2 by the flow
-FLOW_DRIFT_TICKS = 0.02  # fair-price drift per price move per unit of flow
+FLOW_DRIFT_BPS = 0.01  # fair-price drift per price move per unit of flow
 IMPACT_BPS = 0.5  # permanent impact of one mean-sized trade
 SPREAD_PER_SIGMA = 1.5  # extra spread ticks per tick of per-move sigma
 
@@ -68,7 +71,7 @@ class _Symbol:
     def __init__(self, name: str) -> None:
         self.name = name
         price = 10 ** (1.0 + 3.5 * _by_name(name, "price"))
-        self.decimals = max(0, -math.floor(math.log10(price * 1e-4)))
+        self.decimals = max(0, -math.floor(math.log10(price * TICK_BPS_MAX * 1e-4)))
         self.tick = 10.0**-self.decimals
         self.fair = price / self.tick  # in ticks
         self.sequence = 0
@@ -201,7 +204,8 @@ class MarketGenerator:
             sigma = sym.sigma_ticks()
             shock = rng.gauss(0.0, 1.0)
             sym.fair *= math.exp(shock * sigma / sym.fair)
-            sym.fair = max(sym.fair + FLOW_DRIFT_TICKS * sym.flow, 4.0 * LEVELS)  # prices > 0
+            sym.fair *= 1.0 + FLOW_DRIFT_BPS * 1e-4 * sym.flow
+            sym.fair = max(sym.fair, 4.0 * LEVELS)  # prices > 0
             omega = 1.0 - GARCH_ALPHA - GARCH_BETA
             sym.garch = omega + GARCH_ALPHA * shock * shock + GARCH_BETA * sym.garch
             bid_changes, ask_changes = self._requote(sym)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -160,3 +161,27 @@ def test_trades_come_in_bursts(per_second):
     _, _, trades = per_second
     # Poisson arrivals give a variance-to-mean ratio of 1; self-excitation about 2.
     assert trades.var() / trades.mean() > 1.5
+
+
+def test_a_tick_is_a_small_part_of_the_spread_so_a_walking_price_is_not_drift(events):
+    """Features in bps are whole ticks over the price. With ticks of 0.1 to 1 bp, ETH-USD's
+    spread was one to three ticks: values that sat on the training reference's bin edges,
+    which a price walk of a few percent pushed across, and the live stack's spread_bps
+    read as shifted within an hour. A tick of at most a fifth of the median spread keeps
+    the bps features' values continuous (measured: PSI <= 0.04 over 90 minutes)."""
+    states: dict[str, SymbolState] = defaultdict(SymbolState)
+    ticks: dict[str, float] = {}
+    spreads: dict[str, list[float]] = defaultdict(list)
+    for event in events:
+        state = states[event.symbol]
+        state.apply(event)
+        if type(event) is BookSnapshot:
+            prices = sorted(p for p, _ in (*event.bids, *event.asks))
+            ticks[event.symbol] = min(b - a for a, b in itertools.pairwise(prices))
+        if (features := state.features()) is not None:
+            spreads[event.symbol].append(features[FEATURE_INDEX["spread_bps"]])
+    for symbol in SYMBOLS:
+        mid = states[symbol].mid
+        assert mid is not None
+        tick_bps = ticks[symbol] / mid * 1e4
+        assert tick_bps < 0.2 * float(np.median(spreads[symbol])), symbol
