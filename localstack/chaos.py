@@ -54,8 +54,7 @@ def _effect(action: str, target: str) -> str:
             "Redis lost every key, as after a failover, a FLUSHALL or an eviction: the "
             "consumer writes each symbol's features again with its next batch (until then "
             "each server's mirror, then ABSTAIN); the control state (kill switches, breaker "
-            "overrides, canary weight) is written back from its durable copy in the audit "
-            "store, never lifted"
+            "overrides, canary weight) lives in the audit store only: nothing is lifted"
         )
     undone = action in ("resume", "restart", "start")
     if target == "challenger":
@@ -87,7 +86,7 @@ def _effect(action: str, target: str) -> str:
         return (
             "features come from each server's mirror until they are 2 s old, then decisions "
             "ABSTAIN (features stale); admin changes still reach every server through the "
-            "audit store within a second (decisionctl status shows OUT OF SYNC)"
+            "audit store within a second (decisionctl status shows NOT ANNOUNCED)"
         )
     return (
         "market data stops: past 2 s decisions ABSTAIN (features stale); the consumer "

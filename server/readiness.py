@@ -39,17 +39,14 @@ async def until_ready(
     while True:
         try:
             await redis.ping()
-            # Never decide before the kill switches and overrides are known: from the
-            # durable copy (Redis's may have lost them), and Redis's copy followed.
-            if not shared.known or not shared.status().in_sync:
+            # Never decide before the kill switches and overrides are known.
+            if not shared.known:
                 await shared.refresh()
-            status = shared.status()
-            if not status.in_sync:
-                raise aioredis.ConnectionError(status.error)
             if shared.known:
                 return
             log.warning(
-                "waiting for the control state in the audit store: %s", status.durable_error
+                "waiting for the control state in the audit store: %s",
+                shared.status().durable_error,
             )
         except (aioredis.RedisError, OSError) as exc:
             log.warning("waiting for Redis at %s: %s", redis_url, exc)

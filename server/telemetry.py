@@ -235,31 +235,30 @@ class CanaryCollector(Collector):
 
 
 class ControlStateCollector(Collector):
-    """The control state's copies as this server sees them, and Redis's losses."""
+    """The control state as this server follows it: the store's reads, announcements."""
 
     def __init__(self, status: Callable[[], SyncStatus]) -> None:
         self._status = status
 
     def collect(self) -> Iterator[Metric]:
         status = self._status()
-        lost = CounterMetricFamily(
+        yield CounterMetricFamily(
             "decision_control_state_lost",
-            "Times this server found a copy of the control state (kill switches, breaker "
-            "overrides, flags, canary) had lost data, and wrote it back: Redis's, or the "
-            "audit store's (went back).",
-            labels=["copy"],
+            "Times this server found the audit store's control state (kill switches, "
+            "breaker overrides, flags, canary) had gone back, and wrote its own back.",
+            value=status.losses,
         )
-        for copy, count in sorted(status.losses.items()):
-            lost.add_metric([copy], count)
-        yield lost
-        readable = GaugeMetricFamily(
+        yield GaugeMetricFamily(
             "decision_control_state_readable",
-            "1 while the last read of this copy of the control state succeeded.",
-            labels=["copy"],
+            "1 while the last read of the control state from the audit store succeeded.",
+            value=float(status.durable_ok),
         )
-        readable.add_metric(["redis"], float(status.in_sync))
-        readable.add_metric(["durable"], float(status.durable_ok))
-        yield readable
+        yield GaugeMetricFamily(
+            "decision_control_announcements_followed",
+            "1 while subscribed to change announcements (Redis pub/sub): a change applies "
+            "at once; 0: within a second, from the poll of the store.",
+            value=float(status.listening),
+        )
         yield GaugeMetricFamily(
             "decision_control_state_version",
             "Version of the control state this server applies (-1: not read yet, every "

@@ -289,26 +289,39 @@ def _format_drift(drift: pb.DriftStatus) -> list[str]:
 
 
 def format_loss(shared: pb.SharedStateStatus) -> str:
-    """A copy of the control state that lost data, as this server found it (status, top)."""
+    """The store's control state found gone back by this server (status, top)."""
     return (
         f"LOST THE CONTROL STATE {shared.losses} time(s), last {_time(shared.last_loss_at)}:"
-        f" {shared.last_loss} (written back; runbook: DecisionControlStateLost)"
+        f" {shared.last_loss} (written back; runbook: control state not read)"
     )
+
+
+def format_shared(shared: pb.SharedStateStatus) -> tuple[str, str]:
+    """The control state's version and where it comes from; how changes reach this
+    server (status, top)."""
+    read = f", read {_time(shared.synced_at)}" if shared.HasField("synced_at") else ""
+    if shared.durable_ok:
+        state = f"version {shared.version} from the audit store{read}"
+    else:
+        state = (
+            f"STORE NOT READ (keeping version {shared.version}):"
+            f" {shared.durable_error or '?'}{read}"
+        )
+    if shared.in_sync:
+        changes = "announced (Redis pub/sub), applied at once"
+    else:
+        changes = f"NOT ANNOUNCED, read from the store each second: {shared.error or '?'}"
+    return state, changes
 
 
 def format_status(status: pb.GetStatusResponse) -> str:
     """GetStatus for a human: a header, then one section per topic."""
     shared = status.shared_state
-    if shared.in_sync:
-        sync = f"in sync, version {shared.version}"
-    else:
-        sync = f"OUT OF SYNC (keeping version {shared.version}): {shared.error or '?'}"
-    if shared.HasField("synced_at"):
-        sync += f", last synced {_time(shared.synced_at)}"
+    state, changes = format_shared(shared)
     out = [
         f"server        {status.server_id or '?'}",
-        f"shared state  {sync}",
-        f"durable copy  {'ok' if shared.durable_ok else f'NOT READ: {shared.durable_error}'}",
+        f"shared state  {state}",
+        f"changes       {changes}",
         *([f"              {format_loss(shared)}"] if shared.losses else []),
         f"features      {_format_mirror(status.feature_mirror)}",
         f"labels        {_format_labels(status.labels)}",

@@ -282,10 +282,10 @@ def render(sample: Sample, baselines: Mapping[str, pb.ServerInfo], address: str)
         f"   mirror: {'live' if status.feature_mirror.live else 'NOT LIVE'}"
     )
     shared = status.shared_state
-    redis = "in sync" if shared.in_sync else "OUT OF SYNC"
+    store = "" if shared.durable_ok else ", STORE NOT READ"
+    announced = "" if shared.in_sync else ", NOT ANNOUNCED (read each second)"
     control = Text(
-        f"control state: version {shared.version}, Redis {redis},"
-        f" durable copy {'ok' if shared.durable_ok else 'NOT READ'}"
+        f"control state: version {shared.version}{store}{announced}"
         f"   kill switches: {', '.join(k.scope for k in status.kill_switches) or 'none'}"
     )
     others = [control]

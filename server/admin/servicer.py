@@ -249,13 +249,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 for symbol, age in status.feature_ages_ms.items()
             ],
             shared_state=admin_pb2.SharedStateStatus(
-                in_sync=status.sync.in_sync,
-                synced_at=_timestamp(status.sync.synced_at_us),
-                error=status.sync.error,
+                in_sync=status.sync.listening,
+                synced_at=_timestamp(status.sync.read_at_us),
+                error=status.sync.listen_error,
                 version=max(status.sync.version, 0),
                 durable_ok=status.sync.durable_ok,
                 durable_error=status.sync.durable_error,
-                losses=sum(status.sync.losses.values()),
+                losses=status.sync.losses,
                 last_loss_at=_timestamp(loss.at_us) if loss else None,
                 last_loss=loss.what if loss else "",
             ),

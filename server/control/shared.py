@@ -1,22 +1,18 @@
-"""``SharedControl``: on-call's levers as this server applies them, and their two copies.
+"""``SharedControl``: on-call's levers as this server applies them.
 
-The audit store's database holds the truth (``ControlStore``): a change is written there,
-with its audit row, before AdminService answers, and a server applies only what it read
-there. Redis holds a copy that tells every server of a change (``RedisCopy``: a message,
-and a version each server checks every ``RESYNC_INTERVAL_MS``); each server also reads
-the durable copy every ``DURABLE_POLL_S``, for a change Redis did not take.
+The audit store's database holds the one copy (``ControlStore``): a change is written
+there, with its audit row, before AdminService answers, and a server applies only what
+it read there. A change is announced on Redis pub/sub (``{prefix}control:changed``, the
+new version): each server reads the row when a newer version is announced, once
+subscribed, and every ``DURABLE_POLL_S`` besides. So an announcement lost, or Redis
+down or restarted empty, delays a change by at most that poll and changes nothing a
+server obeys.
 
-Until it has read the durable copy, a server stops every symbol (a kill switch for
-``*``): it cannot know what on-call engaged. Then its state changes only to a durable
-state at least as new, so a lever changes only by an audited action or its own expiry
-(wall-clock times in the entries).
-
-A Redis copy that vanished, went back, holds a version the durable copy does not, or
-changed without a new version lost data (a restart without persistence, a failover, a
-flush, an eviction, a write by hand). It was never obeyed: the loss is counted and
-logged, and the copy written again; one merely behind is brought up to date without
-counting. A durable copy older than what this server applied (restored from a backup)
-is counted too, and written back.
+Until it has read the store, a server stops every symbol (a kill switch for ``*``): it
+cannot know what on-call engaged. Then its state changes only to a stored state at least
+as new, so a lever changes only by an audited action or its own expiry (wall-clock
+times in the entries). A stored state older than what this server applied (the store
+restored from a backup) is counted, logged and written back.
 """
 
 from __future__ import annotations
@@ -31,13 +27,15 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
+import redis.asyncio as aioredis
 import sqlalchemy as sa
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from core.pubsub import listen
 from core.tasks import cancel_and_wait
 from server.audit.record import AdminRecord
 from server.control.durable import ControlStore, StoredState, Written
-from server.control.redis_copy import REDIS_ERRORS, Copy, RedisCopy, judge
 from server.control.state import GLOBAL_SCOPE, KILL_PREFIX, Change, ControlState, Entry, FlagSpec
 from server.errors import SharedStateUnavailable
 
@@ -45,26 +43,24 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# How often each server reads the durable copy: the bound on how late a change is seen
-# when Redis did not take it (or cannot be reached).
+REDIS_ERRORS = (aioredis.RedisError, OSError)
+# How often each server reads the store besides announcements: the bound on how late a
+# change is seen when its announcement is lost (or Redis is down).
 DURABLE_POLL_S = 1.0
-# The longest one read or write of Redis's copy may take: Redis down is told in a second.
-CONTROL_REDIS_TIMEOUT_MS = 1000.0
-# How often each server checks the version of Redis's copy, besides pub/sub: the bound
-# on how late a change is seen when a message is lost.
-RESYNC_INTERVAL_MS = 250.0
-# The longest a read of the durable copy may take before it counts as failed.
+# The longest an announcement may take: a change is in the store already, so a Redis that
+# does not answer only delays the other servers by one poll.
+ANNOUNCE_TIMEOUT_S = 1.0
+# The longest a read of the store may take before it counts as failed.
 DURABLE_READ_TIMEOUT_S = 5.0
-# The longest a change may wait for the durable store: past it, on-call is told the
-# change may or may not have been written (the transaction may still commit).
+# The longest a change may wait for the store: past it, on-call is told the change may
+# or may not have been written (the transaction may still commit).
 CHANGE_TIMEOUT_S = 10.0
 NOT_READ = "the control state has not been read from the audit store yet"
-REDIS, DURABLE = "redis", "durable"
 
 
 @dataclass(frozen=True, slots=True)
 class Loss:
-    """The last time a copy was found to have lost data."""
+    """The last time the store's copy was found to have gone back."""
 
     at_us: int
     what: str
@@ -72,13 +68,13 @@ class Loss:
 
 @dataclass(frozen=True, slots=True)
 class SyncStatus:
-    in_sync: bool  # Redis answered the last read
-    synced_at_us: int  # wall clock of the last successful Redis read, 0 if none
-    error: str  # why the last Redis read failed, when not in sync
-    version: int  # -1 until the durable copy has been read
-    durable_ok: bool  # the durable copy answered the last read
+    listening: bool  # subscribed to announcements: a change applies at once
+    listen_error: str  # why not, when not listening
+    version: int  # -1 until the store has been read
+    durable_ok: bool  # the store answered the last read
     durable_error: str
-    losses: Mapping[str, int]  # by copy: times this server found it had lost data
+    read_at_us: int  # wall clock of the last successful read of the store, 0 if none
+    losses: int  # times the store's copy went back and was written back
     last_loss: Loss | None
 
 
@@ -96,24 +92,30 @@ class SharedControl:
         store: ControlStore,
         key_prefix: str,
         flags: Mapping[str, FlagSpec],
-        resync_interval_ms: float = RESYNC_INTERVAL_MS,
-        redis_timeout_ms: float = CONTROL_REDIS_TIMEOUT_MS,
     ) -> None:
-        self._copy = RedisCopy(url, key_prefix=key_prefix, timeout_ms=redis_timeout_ms)
+        timeout_s = ANNOUNCE_TIMEOUT_S
+        self._publisher = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        # Pub/sub waits for messages indefinitely, so it gets a client without a read
+        # timeout; its health is checked by pinging an idle connection.
+        self._subscriber = aioredis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, health_check_interval=5
+        )
+        self.channel = f"{key_prefix}control:changed"
         self._store = store
         self._flags = dict(flags)
-        self._resync_interval_s = resync_interval_ms / 1000.0
         self.state = not_read_state(self._flags)
-        self._redis_seen = 0  # the highest version read from Redis in step with the store
-        self._looked = False  # whether Redis's copy has been judged once
-        # When this server last wrote its state back over a loss, and at which version.
-        self._loss_repaired: tuple[float, int] = (-float("inf"), -1)
-        self._in_sync = False
-        self._synced_at_us = 0
-        self._error = "not read yet"
+        self._subscribed = False  # the listener's subscription is up
+        self._redis_answers = True  # the last ping of Redis was answered
+        self._listen_error = "not subscribed yet"
         self._durable_ok: bool | None = None  # None: not tried yet
         self._durable_error = "not read yet"
-        self.losses = {REDIS: 0, DURABLE: 0}
+        self._read_at_us = 0
+        self.losses = 0
         self._last_loss: Loss | None = None
         self._lock = asyncio.Lock()
         # One thread for the store's blocking calls: a store that hangs holds one thread,
@@ -129,20 +131,20 @@ class SharedControl:
 
     @property
     def known(self) -> bool:
-        """Whether the durable copy has been read: before, every symbol is stopped."""
+        """Whether the store has been read: before, every symbol is stopped."""
         return self.state.version >= 0
 
     async def start(self) -> None:
-        """Reads both copies once (a failure leaves every symbol stopped, and says so in
-        status), then follows them in the background."""
+        """Reads the store once (a failure leaves every symbol stopped, and says so in
+        status), then follows announcements and polls it in the background."""
         if self._started:
             return
         self._started = True
         await self.refresh()
         self._tasks = [
             asyncio.create_task(self._listen(), name="control-listen"),
-            asyncio.create_task(self._resync(), name="control-resync"),
             asyncio.create_task(self._poll(), name="control-durable"),
+            asyncio.create_task(self._watch_redis(), name="control-redis-watch"),
         ]
 
     async def stop(self) -> None:
@@ -150,7 +152,8 @@ class SharedControl:
             return
         self._stopped = True
         await cancel_and_wait(*self._tasks)
-        await self._copy.aclose()
+        await self._subscriber.aclose()
+        await self._publisher.aclose()
         # A call the tasks left running finishes before its connections are closed.
         await asyncio.to_thread(self._store_thread.shutdown, wait=True)
         self._store.dispose()
@@ -169,13 +172,13 @@ class SharedControl:
 
     def status(self) -> SyncStatus:
         return SyncStatus(
-            in_sync=self._in_sync,
-            synced_at_us=self._synced_at_us,
-            error=self._error,
+            listening=self._subscribed and self._redis_answers,
+            listen_error="" if self._subscribed and self._redis_answers else self._listen_error,
             version=self.state.version,
             durable_ok=bool(self._durable_ok),
             durable_error=self._durable_error,
-            losses=dict(self.losses),
+            read_at_us=self._read_at_us,
+            losses=self.losses,
             last_loss=self._last_loss,
         )
 
@@ -190,29 +193,11 @@ class SharedControl:
         )
 
     async def refresh(self) -> None:
-        """Reads Redis's copy, then the durable one (in that order: a change reaches
-        Redis only after the store, so a Redis version above the store's is not one);
-        applies the durable state and repairs whichever copy lost data or is behind."""
+        """Reads the store and applies what it holds (writes it back when it went back)."""
         async with self._lock:
-            copy = await self._read_redis()
             stored = await self._read_durable()
             if stored is not None:
                 await self._apply(stored)
-            if copy is not None and self.known:
-                await self._check_redis(copy, judged_against_store=stored is not None)
-
-    async def _read_redis(self) -> Copy | None:
-        try:
-            copy = await self._copy.read()
-        except REDIS_ERRORS as exc:
-            self._out_of_sync(exc)
-            return None
-        if not self._in_sync:
-            log.info("control state: Redis answers again")
-        self._in_sync = True
-        self._synced_at_us = time.time_ns() // 1000
-        self._error = ""
-        return copy
 
     async def _read_durable(self) -> StoredState | None:
         try:
@@ -220,12 +205,15 @@ class SharedControl:
                 stored: StoredState = await self._in_store_thread(self._store.load)
         except (sa.exc.SQLAlchemyError, OSError, ValueError, TimeoutError) as exc:
             if self._durable_ok is not False:
-                log.warning("control state: durable copy not read: %r", exc)
+                log.warning("control state: the audit store not read: %r", exc)
             self._durable_ok = False
             self._durable_error = f"{type(exc).__name__}: {exc}"
             return None
+        if self._durable_ok is False:
+            log.info("control state: the audit store answers again")
         self._durable_ok = True
         self._durable_error = ""
+        self._read_at_us = time.time_ns() // 1000
         return stored
 
     async def _apply(self, stored: StoredState) -> None:
@@ -235,9 +223,8 @@ class SharedControl:
             self.state = ControlState.from_entries(stored.version, stored.entries, self._flags)
         elif stored.version < mine.version:
             self._lost(
-                DURABLE,
                 f"the audit store's control state went back from version {mine.version}"
-                f" to {stored.version}",
+                f" to {stored.version}"
             )
             kept = StoredState(mine.version, mine.entries)
             try:
@@ -248,57 +235,14 @@ class SharedControl:
             except (sa.exc.SQLAlchemyError, OSError, TimeoutError) as exc:
                 log.error("control state not written back to the audit store: %r", exc)
 
-    async def _check_redis(self, copy: Copy, *, judged_against_store: bool) -> None:
-        mine = self.state
-        verdict = judge(
-            copy,
-            StoredState(mine.version, mine.entries),
-            redis_seen=self._redis_seen,
-            first_look=not self._looked,
-            against_store=judged_against_store,
-        )
-        self._looked = True
-        if verdict.in_step:
-            self._redis_seen = max(self._redis_seen, mine.version)
-        if not verdict.repair:
-            return
-        if verdict.loss:
-            # One version is written back over a loss at most once per resync interval
-            # (the resync tries again; a new version goes at once): two fleets on one
-            # Redis key prefix with different audit stores each find the other's version
-            # a loss, and would write theirs back, message each other and read it again
-            # as fast as their loops run.
-            now = time.monotonic()
-            at, version = self._loss_repaired
-            if version == mine.version and now - at < self._resync_interval_s:
-                return
-            self._loss_repaired = (now, mine.version)
-            self._lost(REDIS, verdict.loss)
-        try:
-            if await self._copy.replace(copy.raw_version, mine.version, mine.entries):
-                self._redis_seen = mine.version
-                log.warning("control state version %d written to Redis", mine.version)
-        except REDIS_ERRORS as exc:
-            self._out_of_sync(exc)
-
-    def _lost(self, copy: str, what: str) -> None:
-        self.losses[copy] += 1
+    def _lost(self, what: str) -> None:
+        self.losses += 1
         self._last_loss = Loss(time.time_ns() // 1000, what)
         log.error(
             "control state lost: %s; keeping version %d and writing it back",
             what,
             self.state.version,
         )
-
-    def _out_of_sync(self, exc: BaseException) -> None:
-        if self._in_sync:
-            log.warning(
-                "control state out of sync with Redis, keeping version %d: %r",
-                self.state.version,
-                exc,
-            )
-        self._in_sync = False
-        self._error = f"{type(exc).__name__}: {exc}"
 
     async def change(
         self,
@@ -307,10 +251,10 @@ class SharedControl:
         record_for: Callable[[Entry | None], AdminRecord | None],
     ) -> Written | None:
         """Sets (None: clears) one field on every server, with the audit row
-        ``record_for`` makes of the entry it replaces (read in the durable store's
-        transaction); None, nothing written, when ``record_for`` returns None. Raises
-        ``SharedStateUnavailable`` when the durable store did not take it; a Redis that
-        does not take it is only logged (the servers read the durable copy within
+        ``record_for`` makes of the entry it replaces (read in the store's transaction);
+        None, nothing written, when ``record_for`` returns None. Raises
+        ``SharedStateUnavailable`` when the store did not take it; an announcement that
+        Redis does not take is only logged (the servers read the store within
         ``DURABLE_POLL_S``)."""
         known = StoredState(self.state.version, self.state.entries)
         try:
@@ -332,38 +276,66 @@ class SharedControl:
                 # This server applies it at once, unless it already read a later change.
                 if written.state.version > self.state.version:
                     await self._apply(written.state)
-            await self.refresh()  # and tells the others through Redis
+            await self._announce(written.state.version)
         return written
 
+    async def _announce(self, version: int) -> None:
+        try:
+            await self._publisher.publish(self.channel, str(version))
+        except REDIS_ERRORS as exc:
+            log.warning(
+                "control state version %d not announced (the others read it within %.0f s): %r",
+                version,
+                DURABLE_POLL_S,
+                exc,
+            )
+
     async def _listen(self) -> None:
-        # A message only says that something changed: both copies are read again, as
-        # they are once subscribed (what changed while not subscribed).
+        # Once subscribed the store is read again: a change announced while this server
+        # was not subscribed was lost to it.
         await listen(
-            self._copy.subscriber,
-            self._copy.channel,
-            on_subscribed=self.refresh,
+            self._subscriber,
+            self.channel,
+            on_subscribed=self._on_subscribed,
             on_message=self._on_message,
-            on_lost=self._out_of_sync,
+            on_lost=self._on_lost,
         )
 
-    async def _on_message(self, _message: bytes) -> None:
+    async def _on_subscribed(self) -> None:
+        log.info("control state: following announcements on %s", self.channel)
+        self._subscribed = True
+        self._listen_error = ""
         await self.refresh()
 
-    async def _resync(self) -> None:
+    async def _on_message(self, message: bytes) -> None:
+        try:
+            announced = int(message)
+        except ValueError:
+            announced = None  # not this code's: read the store anyway
+        if announced is None or announced > self.state.version:
+            await self.refresh()
+
+    def _on_lost(self, exc: BaseException) -> None:
+        if self._subscribed:
+            log.warning(
+                "control state: announcements lost (%r); reading the store every %.0f s",
+                exc,
+                DURABLE_POLL_S,
+            )
+        self._subscribed = False
+        self._listen_error = f"{type(exc).__name__}: {exc}"
+
+    async def _watch_redis(self) -> None:
+        # A subscription does not notice a Redis that stopped answering (a pause, a
+        # partition): it only waits for messages. A ping every poll tells status.
         while True:
-            await asyncio.sleep(self._resync_interval_s)
+            await asyncio.sleep(DURABLE_POLL_S)
             try:
-                raw_version = await self._copy.raw_version()
-                in_step = raw_version == str(self.state.version) or (
-                    raw_version == "" and self.state.version == 0
-                )
-                if not in_step or not self._in_sync:
-                    await self.refresh()
+                await self._publisher.ping()
+                self._redis_answers = True
             except REDIS_ERRORS as exc:
-                self._out_of_sync(exc)
-            except Exception as exc:  # the resync must outlive any surprise
-                log.exception("control resync failed")
-                self._out_of_sync(exc)
+                self._redis_answers = False
+                self._listen_error = f"{type(exc).__name__}: {exc}"
 
     async def _poll(self) -> None:
         while True:

@@ -126,7 +126,7 @@ async def test_restart_empty_brings_redis_back_with_no_keys(tmp_path):
         assert answer.message.startswith(f"restarted redis (127.0.0.1:{port}, pid ")
         assert answer.message.endswith("serving again, empty (it keeps nothing on disk)")
         assert proc.running() and proc.pid != pid_before
-        assert "from its durable copy in the audit store, never lifted" in answer.watch
+        assert "lives in the audit store only: nothing is lifted" in answer.watch
         assert answer.watch.endswith("decisionctl status; decisionctl top")
         # Stopped by SIGTERM, a shutdown that saves when saving is configured: the stack's
         # Redis must keep nothing on disk, or "restart-empty" would not be empty.

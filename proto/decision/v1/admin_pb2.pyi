@@ -367,8 +367,8 @@ Global___AuditBacklog: _TypeAlias = AuditBacklog  # noqa: Y015
 
 @_typing.final
 class SharedStateStatus(_message.Message):
-    """The health of the shared state's two copies, as this server sees them: the
-    durable one in the audit store's database, the one in Redis.
+    """The control state as this server follows it: its one copy is the row in the audit
+    store's database; changes are announced on Redis pub/sub.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -383,22 +383,26 @@ class SharedStateStatus(_message.Message):
     LAST_LOSS_AT_FIELD_NUMBER: _builtins.int
     LAST_LOSS_FIELD_NUMBER: _builtins.int
     in_sync: _builtins.bool
-    """False while Redis cannot be reached: the server keeps its last known state."""
+    """True while subscribed to change announcements: a change applies at once. False
+    while Redis cannot be reached: changes still apply, from the poll of the store
+    (every second).
+    """
     error: _builtins.str
-    """Why the last sync failed, when in_sync is false."""
+    """Why announcements are not followed, when in_sync is false."""
     version: _builtins.int
     """Version of the shared state, raised by every change."""
     durable_ok: _builtins.bool
-    """False while the durable copy cannot be read: the server keeps its state."""
+    """False while the store cannot be read: the server keeps the state it has."""
     durable_error: _builtins.str
     losses: _builtins.int
-    """Times this server found a copy had lost data (Redis's emptied, gone back or
-    changed without a change; the store's gone back) and wrote the state back.
-    Since the server started.
+    """Times this server found the store's state had gone back (restored from an older
+    backup) and wrote its own back. Since the server started.
     """
     last_loss: _builtins.str
     @_builtins.property
-    def synced_at(self) -> _timestamp_pb2.Timestamp: ...
+    def synced_at(self) -> _timestamp_pb2.Timestamp:
+        """The last successful read of the store."""
+
     @_builtins.property
     def last_loss_at(self) -> _timestamp_pb2.Timestamp:
         """The last such loss: when, and what was found."""

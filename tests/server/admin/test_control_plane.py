@@ -43,14 +43,12 @@ ADDRESSES = {"primary": "p:1", "secondary": "s:1", "challenger": "c:1"}
 
 
 def shared_control(redis_url: str, key_prefix: str, database_url: str) -> SharedControl:
-    """A server's control state, as the app builds it (short timeouts for tests)."""
+    """A server's control state, as the app builds it."""
     return SharedControl(
         redis_url,
         store=ControlStore(create_store_engine(database_url), migrate=True),
         key_prefix=key_prefix,
         flags=flag_specs(),
-        resync_interval_ms=250.0,
-        redis_timeout_ms=200.0,
     )
 
 
@@ -223,7 +221,7 @@ async def test_a_forced_promotion_goes_through_and_is_audited_as_forced(servers,
 
 
 async def test_without_redis_a_server_keeps_its_state_says_so_and_still_takes_changes(
-    start_app, tmp_path: Path, key_prefix: str
+    start_app, tmp_path: Path
 ) -> None:
     port = free_port()
     redis_proc = start_redis(port, tmp_path / "redis")
@@ -242,8 +240,8 @@ async def test_without_redis_a_server_keeps_its_state_says_so_and_still_takes_ch
             redis_proc.pause()  # Redis stops answering: connections hang, as on a partition
             try:
                 deadline = time.monotonic() + 5.0
-                while app.shared.status().in_sync:
-                    assert time.monotonic() < deadline, "still in sync with a stopped Redis"
+                while app.shared.status().listening:
+                    assert time.monotonic() < deadline, "still following a stopped Redis"
                     await asyncio.sleep(0.05)
                 status = await admin.GetStatus(
                     admin_pb2.GetStatusRequest(), metadata=VIEWER, timeout=5.0
@@ -258,7 +256,7 @@ async def test_without_redis_a_server_keeps_its_state_says_so_and_still_takes_ch
                 assert app.shared.state.breaker_mode("secondary", now_us) is BreakerMode.FORCE_OPEN
 
                 # The store takes the change: it holds on this server at once (the others
-                # read it from the store), and Redis gets it once it answers again.
+                # read it from the store within a second).
                 await admin.KillSwitch(
                     admin_pb2.KillSwitchRequest(scope="*", engaged=True, reason="stop"),
                     metadata=OPERATOR,
@@ -269,16 +267,13 @@ async def test_without_redis_a_server_keeps_its_state_says_so_and_still_takes_ch
                 redis_proc.resume()
 
             deadline = time.monotonic() + 5.0
-            while not app.shared.status().in_sync:
-                assert time.monotonic() < deadline, "not back in sync after Redis returned"
+            while not app.shared.status().listening:
+                assert time.monotonic() < deadline, "not following again after Redis returned"
                 await asyncio.sleep(0.05)
             status = await admin.GetStatus(admin_pb2.GetStatusRequest(), metadata=VIEWER)
-            assert status.shared_state.in_sync
+            assert status.shared_state.in_sync and not status.shared_state.error
             assert [k.scope for k in status.kill_switches] == ["*"]
-            assert status.shared_state.losses == 0  # Redis was behind, not emptied
-            async with aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0") as client:
-                stored = await client.hget(f"{key_prefix}control:state", "version")
-            assert stored is not None and int(stored) == status.shared_state.version
+            assert status.shared_state.losses == 0
     finally:
         redis_proc.stop()
 

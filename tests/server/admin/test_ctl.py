@@ -40,7 +40,7 @@ def _status() -> pb.GetStatusResponse:
             durable_error="OperationalError: connection refused",
             losses=3,
             last_loss_at=_ts("2026-11-21T09:57:00Z"),
-            last_loss="Redis held no control state; this server has version 42",
+            last_loss="the audit store's control state went back from version 42 to 40",
         ),
         feature_mirror=pb.FeatureMirrorStatus(
             enabled=True,
@@ -182,12 +182,11 @@ def test_format_status_shows_the_key_content() -> None:
     text = ctl_format.format_status(_status())
     for expected in [
         "decision-a1",
-        "OUT OF SYNC",
-        "redis timeout",
-        "version 42",
-        "durable copy  NOT READ: OperationalError: connection refused",
-        "LOST THE CONTROL STATE 3 time(s), last 2026-11-21T09:57:00Z: Redis held no control"
-        " state; this server has version 42",
+        "shared state  STORE NOT READ (keeping version 42): OperationalError: connection"
+        " refused, read 2026-11-21T09:59:00Z",
+        "changes       NOT ANNOUNCED, read from the store each second: redis timeout",
+        "LOST THE CONTROL STATE 3 time(s), last 2026-11-21T09:57:00Z: the audit store's"
+        " control state went back from version 42 to 40",
         "10.0.0.1:7070",
         "FORCE_OPEN by alice",
         "until 2026-11-21T10:00:00Z: replica OOM INC-123",
