@@ -42,25 +42,33 @@ def age_ms(stamped_at_us: int, now_us: int | None = None) -> float:
     return max(0.0, (now - stamped_at_us) / 1000.0)
 
 
-# Why a decision was not the model's, as a bounded set of codes (metrics label them; the
-# decision's reason text says the rest). A model failure is the last one of its lane;
-# model_breaker_open only when no replica was called because every one was refused by its
-# breaker or forced open by on-call (a refusal after a failure keeps the failure's code).
-FALLBACK_REASONS: Final = (
-    "kill_switch",
-    "no_features",
-    "features_stale",
-    "features_unusable",
-    "feature_store",
-    "model_breaker_open",
-    "model_timeout",
-    "model_busy",
-    "model_unavailable",
-    "model_error",
-    "model_no_time",
-    "model_retry_budget",
-    "model_input",
-)
+class Reason(enum.IntEnum):
+    """Why a decision is what it is, as a bounded set: the proto's ``ReasonCode``, number
+    for number (``decision.v1.ReasonCode``, ``REASON_CODE_`` + the name). ``label`` is
+    its value in metrics (``decision_fallbacks_total{reason}``) and the audit record. A
+    model failure is the last one of its lane; MODEL_BREAKER_OPEN only when no replica
+    was called because every one was refused by its breaker or forced open by on-call
+    (a refusal after a failure keeps the failure's reason: ``server.router``)."""
+
+    MODEL_ANSWERED = 1
+    KILL_SWITCH = 2
+    NO_FEATURES = 3
+    FEATURES_STALE = 4
+    FEATURES_UNUSABLE = 5
+    FEATURE_STORE = 6
+    OVERLOADED = 7
+    MODEL_BREAKER_OPEN = 8
+    MODEL_TIMEOUT = 9
+    MODEL_BUSY = 10
+    MODEL_UNAVAILABLE = 11
+    MODEL_ERROR = 12
+    MODEL_NO_TIME = 13
+    MODEL_RETRY_BUDGET = 14
+    MODEL_INPUT = 15
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
 
 
 class Source(enum.IntEnum):
@@ -113,5 +121,5 @@ class DecisionResult:
     # Exchange time of the features the decision used (µs since the epoch), 0 when none:
     # where the realized outcome is measured from.
     feature_time_us: int = 0
-    # Why the model did not answer, one of FALLBACK_REASONS; "" when it did.
-    fallback: str = ""
+    # Why: MODEL_ANSWERED when the model answered, else why it did not.
+    reason_code: Reason = Reason.MODEL_ANSWERED

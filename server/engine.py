@@ -32,6 +32,7 @@ from core.domain import (
     Decision,
     DecisionResult,
     OrderRequest,
+    Reason,
     Source,
     model_decision,
 )
@@ -45,12 +46,13 @@ from server.control.flags import SHADOW_SAMPLE_RATE
 from server.control.state import GLOBAL_SCOPE, ControlState
 from server.drift import DriftMonitor
 from server.features import FeatureSnapshot, FeatureSource
-from server.router import RoutedScores
+from server.router import RouteResult
 from server.settings import DecisionSettings
 from server.shadow import Shadowed, ShadowScorer
 from server.tracing import NO_TRACER
 from server.traffic import Traffic
 
+NO_FEATURES = FeatureSnapshot(None)
 # Seconds: the features' age when a decision read them (stale is past 2 s by default).
 FEATURE_AGE_BOUNDS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0)
 
@@ -64,6 +66,43 @@ class Tally:
     fallbacks: dict[str, int]  # reason code -> n
     # Answer times by source: observations per bucket of LATENCY_BOUNDS_S.
     latency_counts: dict[str, list[int]]
+
+
+@dataclass(slots=True)
+class _Order:
+    """One order's way through a decision call: each step fills in what it found."""
+
+    order: OrderRequest
+    decision_id: str
+    features: FeatureSnapshot = NO_FEATURES
+    row: list[float] | None = None  # the model's input, when the features are usable
+    outcome: LadderOutcome | None = None  # None until a step decided it
+    reason_code: Reason = Reason.MODEL_ANSWERED
+
+    def result(self, timings: tuple[int, int, int], decided_at_ns: int) -> DecisionResult:
+        """The decision; ``timings``: the call's features, model and total µs."""
+        outcome = self.outcome
+        if outcome is None:
+            raise RuntimeError("an order left undecided: every step must decide or pass it on")
+        features_us, model_us, total_us = timings
+        return DecisionResult(
+            request_id=self.order.request_id,
+            decision_id=self.decision_id,
+            decision=outcome.decision,
+            score=outcome.score,
+            threshold=outcome.threshold,
+            source=outcome.source,
+            model_name=outcome.model_name,
+            model_version=outcome.model_version,
+            reason="; ".join(outcome.reasons),
+            feature_age_ms=self.features.age_ms,
+            features_us=features_us,
+            model_us=model_us,
+            total_us=total_us,
+            decided_at_ns=decided_at_ns,
+            feature_time_us=self.features.event_time_us,
+            reason_code=self.reason_code,
+        )
 
 
 class DecisionEngine:
@@ -98,8 +137,8 @@ class DecisionEngine:
         # Decisions made so far, by who decided and what, how long each took by who
         # decided, and how old the features they read were (read by the metrics).
         self.decided: collections.Counter[tuple[Source, Decision]] = collections.Counter()
-        # Decisions not the model's, by who decided and why (FALLBACK_REASONS).
-        self.fallbacks: collections.Counter[tuple[Source, str]] = collections.Counter()
+        # Decisions not the model's, by who decided and why.
+        self.fallbacks: collections.Counter[tuple[Source, Reason]] = collections.Counter()
         self.latency = {source: Buckets(LATENCY_BOUNDS_S) for source in Source}
         self.feature_age = Buckets(FEATURE_AGE_BOUNDS_S)
 
@@ -119,7 +158,7 @@ class DecisionEngine:
             by_source[source.name.lower()] += count
         fallbacks: collections.Counter[str] = collections.Counter()
         for (_, reason), count in self.fallbacks.items():
-            fallbacks[reason] += count
+            fallbacks[reason.label] += count
         latency = {s.name.lower(): b.counts() for s, b in self.latency.items() if b.count}
         return Tally(sum(by_source.values()), dict(by_source), dict(fallbacks), latency)
 
@@ -149,85 +188,30 @@ class DecisionEngine:
         started = time.perf_counter_ns()
         state = self._control()
         now_us = time.time_ns() // 1000
-        outcomes = self._kill_switched(orders, state, now_us)
-        fallbacks = dict.fromkeys(outcomes, "kill_switch")  # why not the model, by index
-        wanted = [i for i in range(len(orders)) if i not in outcomes]
-        with self._tracer.start_as_current_span("decision.features") as span:
-            read = await self._features.read([orders[i] for i in wanted], budget)
-            span.set_attribute("decision.orders", len(wanted))
-            span.set_attribute(
-                "decision.features.missing", sum(s.values is None for s in read.snapshots)
-            )
-        features = dict.fromkeys(range(len(orders)), FeatureSnapshot(None))
-        features.update(zip(wanted, read.snapshots, strict=True))
+        todo = [_Order(order, decision_id) for order, decision_id in zip(orders, ids, strict=True)]
+        for item in todo:
+            self._kill_switch(item, state, now_us)
+        wanted = [item for item in todo if item.outcome is None]
+        store_failure = await self._read_features(wanted, budget)
         features_done = time.perf_counter_ns()
 
-        scorable = {i: v for i in wanted if (v := features[i].values) is not None}
-        rows = [model_row(orders[i].side.sign, values) for i, values in scorable.items()]
-        model_reasons: tuple[str, ...] = ()
-        model_failure = ""  # why the model did not answer the scorable orders
-        champion_scores: Sequence[float] = ()
-        champion_version = ""
-        if scorable:
-            with self._tracer.start_as_current_span("decision.model") as span:
-                routed = await self._traffic.score(rows, budget, state, now_us)
-                span.set_attribute("decision.rows", len(rows))
-                span.set_attribute(
-                    "decision.answered_by",
-                    routed.answer.source.name.lower() if routed.answer else "none",
-                )
-            model_reasons = routed.reasons
-            model_failure = routed.failure or "model_error"
-            if routed.answer is not None:
-                outcomes.update(self._scored(orders, list(scorable), routed.answer, model_reasons))
-                if routed.answer.source is not Source.CANARY:
-                    champion_scores = routed.answer.scores.scores
-                    champion_version = routed.answer.scores.model_version
+        scorable = [item for item in wanted if item.row is not None]
+        routed = await self._score(scorable, budget, state, now_us) if scorable else None
         model_done = time.perf_counter_ns()
 
-        pending = [i for i in wanted if i not in outcomes]
+        pending = [item for item in wanted if item.outcome is None]
         if pending:
-            ladder = [LadderInput(orders[i], features[i].values) for i in pending]
-            with self._tracer.start_as_current_span("decision.ladder") as span:
-                decided = await self._ladder.decide_many(
-                    ladder, budget, store_failure=read.store_failure
-                )
-                span.set_attribute("decision.orders", len(pending))
-                span.set_attribute(
-                    "decision.sources", sorted({o.source.name.lower() for o in decided})
-                )
-            for i, outcome in zip(pending, decided, strict=True):
-                before = (features[i].reason,) if features[i].reason else ()
-                after_model = model_reasons if i in scorable else ()
-                outcomes[i] = outcome.after((*before, *after_model))
-                fallbacks[i] = (
-                    model_failure if i in scorable else features[i].fallback or "no_features"
-                )
+            await self._fall_back(pending, budget, store_failure, routed)
 
         finished = time.perf_counter_ns()
+        timings = (
+            (features_done - started) // 1000,
+            (model_done - features_done) // 1000,
+            (finished - started) // 1000,
+        )
         decided_at = time.time_ns()
-        results = [
-            DecisionResult(
-                request_id=order.request_id,
-                decision_id=ids[i],
-                decision=outcomes[i].decision,
-                score=outcomes[i].score,
-                threshold=outcomes[i].threshold,
-                source=outcomes[i].source,
-                model_name=outcomes[i].model_name,
-                model_version=outcomes[i].model_version,
-                reason="; ".join(outcomes[i].reasons),
-                feature_age_ms=features[i].age_ms,
-                features_us=(features_done - started) // 1000,
-                model_us=(model_done - features_done) // 1000,
-                total_us=(finished - started) // 1000,
-                decided_at_ns=decided_at,
-                feature_time_us=features[i].event_time_us,
-                fallback=fallbacks.get(i, ""),
-            )
-            for i, order in enumerate(orders)
-        ]
-        values = [features[i].values for i in range(len(orders))]
+        results = [item.result(timings, decided_at) for item in todo]
+        values = [item.features.values for item in todo]
         with self._tracer.start_as_current_span("audit.journal_append"):
             self._audit.record_decisions(call, orders, values, results)
         request_span = trace.get_current_span()
@@ -236,53 +220,68 @@ class DecisionEngine:
             request_span.set_attribute("decision.count", len(ids))
             request_span.set_attribute("decision.source", results[0].source.name.lower())
         self._tally(results)
+        champion = routed.answer if routed is not None else None
+        if champion is not None and champion.source is Source.CANARY:
+            champion = None  # the challenger's are no champion scores
         if self._drift is not None:
-            self._drift.observe(values, champion_scores, champion_version)
-        if champion_scores:
-            self._shadow_sample(list(scorable), rows, champion_scores, results, state, now_us)
+            scores = champion.scores if champion is not None else None
+            self._drift.observe(
+                values, scores.scores if scores else (), scores.model_version if scores else ""
+            )
+        if champion is not None:
+            self._shadow_sample(scorable, champion.scores.scores, state, now_us)
         return results
 
-    def _tally(self, results: Sequence[DecisionResult]) -> None:
-        for result in results:
-            self.decided[result.source, result.decision] += 1
-            if result.fallback:
-                self.fallbacks[result.source, result.fallback] += 1
-            self.latency[result.source].observe(result.total_us / 1e6)
-            if result.feature_age_ms >= 0:
-                self.feature_age.observe(result.feature_age_ms / 1e3)
-
-    def _kill_switched(
-        self, orders: Sequence[OrderRequest], state: ControlState, now_us: int
-    ) -> dict[int, LadderOutcome]:
-        """ABSTAIN outcomes, by index, for the orders an engaged kill switch stops."""
+    def _kill_switch(self, item: _Order, state: ControlState, now_us: int) -> None:
+        """ABSTAIN when an engaged kill switch covers the order's symbol."""
         if not state.entries:
-            return {}
-        stopped = {}
-        for i, order in enumerate(orders):
-            switch = state.kill_switch(order.symbol, now_us)
-            if switch is None:
-                continue
-            scope, change = switch
-            what = "all symbols" if scope == GLOBAL_SCOPE else scope
-            stopped[i] = self._ladder.abstain(
-                (f"kill switch for {what} engaged by {change.changed_by}: {change.reason}",)
-            )
-        return stopped
+            return
+        switch = state.kill_switch(item.order.symbol, now_us)
+        if switch is None:
+            return
+        scope, change = switch
+        what = "all symbols" if scope == GLOBAL_SCOPE else scope
+        item.outcome = self._ladder.abstain(
+            (f"kill switch for {what} engaged by {change.changed_by}: {change.reason}",)
+        )
+        item.reason_code = Reason.KILL_SWITCH
 
-    def _scored(
-        self,
-        orders: Sequence[OrderRequest],
-        indexes: list[int],
-        answer: RoutedScores,
-        route_reasons: Sequence[str],
-    ) -> dict[int, LadderOutcome]:
-        """The model's outcome for each scored order, by index; the champion's scores
-        also go to the score cache, for the ladder."""
+    async def _read_features(self, items: Sequence[_Order], budget: Budget) -> str:
+        """Each order's features (and its model row, when they are usable); why the
+        store did not answer, "" when it did."""
+        with self._tracer.start_as_current_span("decision.features") as span:
+            read = await self._features.read([item.order for item in items], budget)
+            span.set_attribute("decision.orders", len(items))
+            span.set_attribute(
+                "decision.features.missing", sum(s.values is None for s in read.snapshots)
+            )
+        for item, snapshot in zip(items, read.snapshots, strict=True):
+            item.features = snapshot
+            if snapshot.values is not None:
+                item.row = model_row(item.order.side.sign, snapshot.values)
+        return read.store_failure
+
+    async def _score(
+        self, items: Sequence[_Order], budget: Budget, state: ControlState, now_us: int
+    ) -> RouteResult:
+        """One model call for every row; each order the model answered gets its outcome.
+        The champion's scores also go to the score cache, for the ladder."""
+        rows = [item.row for item in items if item.row is not None]
+        with self._tracer.start_as_current_span("decision.model") as span:
+            routed = await self._traffic.score(rows, budget, state, now_us)
+            span.set_attribute("decision.rows", len(items))
+            span.set_attribute(
+                "decision.answered_by",
+                routed.answer.source.name.lower() if routed.answer else "none",
+            )
+        answer = routed.answer
+        if answer is None:
+            return routed
         scores = answer.scores
         answered = f"{answer.source.name.lower()} answered in {scores.elapsed_ms:.1f} ms"
-        reasons = (*route_reasons, answered)
-        outcomes = {
-            i: LadderOutcome(
+        reasons = (*routed.reasons, answered)
+        for item, score in zip(items, scores.scores, strict=True):
+            item.outcome = LadderOutcome(
                 model_decision(score, self._threshold),
                 score,
                 self._threshold,
@@ -291,28 +290,57 @@ class DecisionEngine:
                 scores.model_version,
                 reasons,
             )
-            for i, score in zip(indexes, scores.scores, strict=True)
-        }
         if answer.source is not Source.CANARY:  # the challenger's are no champion scores
             scored_at_us = time.time_ns() // 1000
             self._scores.remember(
                 [
                     ScoreEntry(
-                        orders[i].symbol,
-                        orders[i].side,
+                        item.order.symbol,
+                        item.order.side,
                         CachedScore(score, scores.model_name, scores.model_version, scored_at_us),
                     )
-                    for i, score in zip(indexes, scores.scores, strict=True)
+                    for item, score in zip(items, scores.scores, strict=True)
                 ]
             )
-        return outcomes
+        return routed
+
+    async def _fall_back(
+        self,
+        items: Sequence[_Order],
+        budget: Budget,
+        store_failure: str,
+        routed: RouteResult | None,
+    ) -> None:
+        """The ladder's outcome for each order the model did not answer, after the reasons
+        of what came before it (its features, the replicas tried)."""
+        ladder = [LadderInput(item.order, item.features.values) for item in items]
+        with self._tracer.start_as_current_span("decision.ladder") as span:
+            decided = await self._ladder.decide_many(ladder, budget, store_failure=store_failure)
+            span.set_attribute("decision.orders", len(items))
+            span.set_attribute("decision.sources", sorted({o.source.name.lower() for o in decided}))
+        for item, outcome in zip(items, decided, strict=True):
+            features = item.features
+            before = (features.reason,) if features.reason else ()
+            if item.row is not None and routed is not None:  # the model was asked
+                item.outcome = outcome.after((*before, *routed.reasons))
+                item.reason_code = routed.failure or Reason.MODEL_ERROR
+            else:
+                item.outcome = outcome.after(before)
+                item.reason_code = features.fallback or Reason.NO_FEATURES
+
+    def _tally(self, results: Sequence[DecisionResult]) -> None:
+        for result in results:
+            self.decided[result.source, result.decision] += 1
+            if result.reason_code is not Reason.MODEL_ANSWERED:
+                self.fallbacks[result.source, result.reason_code] += 1
+            self.latency[result.source].observe(result.total_us / 1e6)
+            if result.feature_age_ms >= 0:
+                self.feature_age.observe(result.feature_age_ms / 1e3)
 
     def _shadow_sample(
         self,
-        indexes: list[int],
-        rows: Sequence[Sequence[float]],
+        items: Sequence[_Order],
         scores: Sequence[float],
-        results: Sequence[DecisionResult],
         state: ControlState,
         now_us: int,
     ) -> None:
@@ -323,9 +351,14 @@ class DecisionEngine:
         if rate <= 0 or self._rng.random() >= rate:
             return
         shadowed = [
-            Shadowed(results[i].decision_id, score, results[i].decision is Decision.TRADE)
-            for i, score in zip(indexes, scores, strict=True)
+            Shadowed(
+                item.decision_id,
+                score,
+                item.outcome is not None and item.outcome.decision is Decision.TRADE,
+            )
+            for item, score in zip(items, scores, strict=True)
         ]
+        rows = [item.row for item in items if item.row is not None]
         self._shadow.submit(rows, shadowed, state, now_us)
 
     async def stop(self, timeout_s: float = 1.0) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.deadline import Budget, StoreReads
-from core.domain import OrderRequest
+from core.domain import OrderRequest, Reason
 from feature_cache.mirror import FeatureMirror
 from feature_cache.schema import FEATURE_INDEX, first_unrepresentable
 from feature_cache.store import FeatureReader, FeatureRecord
@@ -25,7 +25,7 @@ class FeatureSnapshot:
     age_ms: float = -1.0  # -1 when there was no record
     reason: str = ""  # why there are no values; "" when there are
     event_time_us: int = 0  # the record's exchange time when there are values, else 0
-    fallback: str = ""  # why there are no values, as a code of FALLBACK_REASONS
+    fallback: Reason | None = None  # why there are no values
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,7 @@ class FeatureSource:
                 lambda: self._reader.read_many(symbols), budget, what="feature store"
             )
             if read.value is None:
-                unread = FeatureSnapshot(None, reason=read.failure, fallback="feature_store")
+                unread = FeatureSnapshot(None, reason=read.failure, fallback=Reason.FEATURE_STORE)
                 return FeatureRead((unread,) * len(orders), read.failure)
             records = read.value
         now_us = time.time_ns() // 1000
@@ -79,7 +79,7 @@ class FeatureSource:
     ) -> FeatureSnapshot:
         if record is None:
             return FeatureSnapshot(
-                None, reason=f"no features for {order.symbol}", fallback="no_features"
+                None, reason=f"no features for {order.symbol}", fallback=Reason.NO_FEATURES
             )
         age_ms = record.age_ms(now_us)
         if age_ms > self._max_age_ms:
@@ -87,7 +87,7 @@ class FeatureSource:
                 None,
                 age_ms,
                 f"features stale: {age_ms:.0f} ms old (max {self._max_age_ms:.0f})",
-                fallback="features_stale",
+                fallback=Reason.FEATURES_STALE,
             )
         values = list(record.values)
         for name, value in order.feature_overrides.items():
@@ -95,6 +95,6 @@ class FeatureSource:
         problem = first_unrepresentable(values)
         if problem is not None:
             return FeatureSnapshot(
-                None, age_ms, f"features unusable: {problem}", fallback="features_unusable"
+                None, age_ms, f"features unusable: {problem}", fallback=Reason.FEATURES_UNUSABLE
             )
         return FeatureSnapshot(values, age_ms, event_time_us=record.event_time_us)

@@ -97,7 +97,7 @@ class LoadCollector(Collector):
             labels=["source", "reason"],
         )
         for (source, reason), count in sorted(self._engine.fallbacks.items()):
-            fallbacks.add_metric([source.name.lower(), reason], count)
+            fallbacks.add_metric([source.name.lower(), reason.label], count)
         yield fallbacks
         latency = HistogramMetricFamily(
             "decision_latency_seconds",

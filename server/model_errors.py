@@ -1,31 +1,33 @@
 """Why a model call failed: one exception tree, each kind saying what it means.
 
-Every failure carries ``code`` (``Attempt.failure``; a decision the ladder answered
-after it, its lane's last, has fallback reason ``model_<code>``, in its audit record and
-in ``decision_fallbacks_total``; a breaker's refusal after another failure keeps that
-one's code: ``server.router``), ``retry`` (whether a call to the next replica after it
+Every failure carries ``code``, a ``core.domain.Reason`` (``Attempt.failure``; a decision
+the ladder answered after it, its lane's last, has that reason code, in its answer, its
+audit record and ``decision_fallbacks_total``; a breaker's refusal after another failure
+keeps that one's code: ``server.router``), ``retry`` (whether a call to the next replica after it
 is a retry, which the retry budget bounds) and ``counts_against_replica`` (whether the
 replica's breaker counts it). The message is a reason fragment ("timed out after ...").
 
 ::
 
-    ModelFailure                       code          retry  counts against the replica
-    ├── ModelInputError                input         no     no: the rows are ours to fix
-    └── ModelCallError                 error         yes    yes
-        ├── ModelTimeout               timeout       yes    if the call had at least
+    ModelFailure                 code (Reason.)      retry  counts against the replica
+    ├── ModelInputError          MODEL_INPUT         no     no: the rows are ours to fix
+    └── ModelCallError           MODEL_ERROR         yes    yes
+        ├── ModelTimeout         MODEL_TIMEOUT       yes    if the call had at least
         │                                                   MIN_COUNTED_TIMEOUT_MS
-        ├── ModelNoTime                no_time       no     no: never sent, the replica
+        ├── ModelNoTime          MODEL_NO_TIME       no     no: never sent, the replica
         │                                                   was busy, not failing
-        ├── ModelBreakerOpen           breaker_open  no     no: never sent
-        ├── ModelUnavailable           unavailable   yes    yes
-        │   └── ModelBusy              busy          yes    once the replica answered
+        ├── ModelBreakerOpen     MODEL_BREAKER_OPEN  no     no: never sent
+        ├── ModelUnavailable     MODEL_UNAVAILABLE   yes    yes
+        │   └── ModelBusy        MODEL_BUSY          yes    once the replica answered
         │                                                   none for MIN_COUNTED_TIMEOUT_MS
-        └── ModelResponseError         error         yes    yes
+        └── ModelResponseError   MODEL_ERROR         yes    yes
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
+
+from core.domain import Reason
 
 # A model call's timeout counts against its replica only if the call had this long: a
 # replica that misses a 10 ms wait is unhealthy, one given 4 ms by a tight deadline is not.
@@ -33,7 +35,7 @@ MIN_COUNTED_TIMEOUT_MS = 10.0
 
 
 class ModelFailure(Exception):
-    code: ClassVar[str] = "error"
+    code: ClassVar[Reason] = Reason.MODEL_ERROR
     retry: ClassVar[bool] = True
 
     @property
@@ -45,7 +47,7 @@ class ModelInputError(ModelFailure):
     """The replica rejected the rows (wrong width, non-finite value): any replica would,
     so the lane stops at once."""
 
-    code = "input"
+    code = Reason.MODEL_INPUT
     retry = False
 
     @property
@@ -58,7 +60,7 @@ class ModelCallError(ModelFailure):
 
 
 class ModelTimeout(ModelCallError):
-    code = "timeout"
+    code = Reason.MODEL_TIMEOUT
 
     def __init__(self, message: str, *, given_ms: float) -> None:
         super().__init__(message)
@@ -76,7 +78,7 @@ class ModelNoTime(ModelCallError):
     slow replica sent one call per waiting request falls behind until every call times
     out; the next replica's call is a first call."""
 
-    code = "no_time"
+    code = Reason.MODEL_NO_TIME
     retry = False
 
     @property
@@ -87,7 +89,7 @@ class ModelNoTime(ModelCallError):
 class ModelBreakerOpen(ModelCallError):
     """Not sent: the replica's breaker refused the call."""
 
-    code = "breaker_open"
+    code = Reason.MODEL_BREAKER_OPEN
     retry = False
 
     @property
@@ -98,7 +100,7 @@ class ModelBreakerOpen(ModelCallError):
 class ModelUnavailable(ModelCallError):
     """Connection refused or reset, or an error status from the replica."""
 
-    code = "unavailable"
+    code = Reason.MODEL_UNAVAILABLE
 
 
 class ModelBusy(ModelUnavailable):
@@ -110,7 +112,7 @@ class ModelBusy(ModelUnavailable):
     silence as long as a timeout that counts (a hung replica) is the replica's fault.
     """
 
-    code = "busy"
+    code = Reason.MODEL_BUSY
 
     def __init__(self, message: str, *, silent_ms: float) -> None:
         super().__init__(message)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.trace import StatusCode, Tracer
 
-from core.domain import Source
+from core.domain import Reason, Source
 from server.breaker import SUCCESSES_TO_CLOSE, AsyncCircuitBreaker, BreakerOpenError
 from server.control.recent import RecentCalls
 from server.control.state import BreakerMode, ControlState
@@ -58,9 +58,9 @@ class Attempt:
         return "" if self.error is None else str(self.error)
 
     @property
-    def failure(self) -> str:
-        """``error``'s code; "" when it answered."""
-        return "" if self.error is None else self.error.code
+    def failure(self) -> Reason | None:
+        """``error``'s code; None when it answered."""
+        return None if self.error is None else self.error.code
 
     @property
     def then_retry(self) -> bool:

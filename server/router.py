@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.deadline import Budget, CallPlan
-from core.domain import Source
+from core.domain import Reason, Source
 from core.retry_budget import RetryBudget
 from server.control.state import ControlState
 from server.model_client import ModelScores
-from server.model_errors import ModelBreakerOpen, ModelInputError
+from server.model_errors import ModelInputError
 from server.replica import Attempt, Replica
 
 # How often a replica's recent latencies are summarized for the router (sorting them on
@@ -51,10 +51,9 @@ class RouteResult:
     answer: RoutedScores | None = None
     attempts: tuple[Attempt, ...] = ()
     reasons: tuple[str, ...] = ()
-    # Without an answer: why the model did not answer, a ``model_*`` code of
-    # core.domain.FALLBACK_REASONS (the decision's reason code), chosen by
-    # ``_lane_failure``.
-    failure: str = ""
+    # Without an answer: why the model did not answer (the decision's reason code), chosen
+    # by ``_lane_failure``; None with an answer or before any replica.
+    failure: Reason | None = None
 
     def then(self, other: RouteResult) -> RouteResult:
         """This, followed by ``other``: ``other``'s answer, both histories."""
@@ -62,15 +61,15 @@ class RouteResult:
             other.answer,
             self.attempts + other.attempts,
             self.reasons + other.reasons,
-            "" if other.answer else _lane_failure(self.failure, other.failure),
+            None if other.answer else _lane_failure(self.failure, other.failure),
         )
 
 
 # A replica not called because its breaker refused the call, or on-call forced it open.
-REFUSED = f"model_{ModelBreakerOpen.code}"
+REFUSED = Reason.MODEL_BREAKER_OPEN
 
 
-def _lane_failure(earlier: str, later: str) -> str:
+def _lane_failure(earlier: Reason | None, later: Reason | None) -> Reason | None:
     """Why a lane that stopped at ``earlier``, then at ``later``, did not answer: the
     later, except that a refusal (``REFUSED``) does not replace what came before it. So
     the code is ``REFUSED`` only when every replica was refused, and otherwise names the
@@ -85,10 +84,10 @@ def _tried(attempt: Attempt) -> RouteResult:
     if attempt.scores is not None:
         return RouteResult(RoutedScores(attempt.scores, attempt.source), (attempt,))
     reasons = (attempt.reason,) if attempt.reason else ()
-    return RouteResult(None, (attempt,), reasons, f"model_{attempt.failure or 'error'}")
+    return RouteResult(None, (attempt,), reasons, attempt.failure or Reason.MODEL_ERROR)
 
 
-def _note(reason: str, failure: str) -> RouteResult:
+def _note(reason: str, failure: Reason) -> RouteResult:
     return RouteResult(reasons=(reason,), failure=failure)
 
 
@@ -150,18 +149,19 @@ class ReplicaRouter:
                 continue
             timeout_ms = self._call_timeout_ms(budget)
             if timeout_ms < self.needs_ms(replica):  # the next one may answer faster
-                result = result.then(_note(self._no_time(replica, timeout_ms), "model_no_time"))
+                skipped = _note(self._no_time(replica, timeout_ms), Reason.MODEL_NO_TIME)
+                result = result.then(skipped)
                 continue
             if retrying:
                 if not self.retries.withdraw():
-                    return result.then(_note(_budget_spent(replica), "model_retry_budget"))
+                    return result.then(_note(_budget_spent(replica), Reason.MODEL_RETRY_BUDGET))
             elif not deposited:
                 self.retries.deposit()
                 deposited = True
             try:
                 step = _tried(await replica.call(rows, timeout_ms, admission))
             except ModelInputError as exc:  # our rows: the other replica would reject them too
-                return result.then(_note(str(exc), "model_input"))
+                return result.then(_note(str(exc), Reason.MODEL_INPUT))
             result = result.then(step)
             if result.answer is not None:
                 return result

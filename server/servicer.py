@@ -6,7 +6,7 @@ import string
 import time
 from collections.abc import Iterable
 from types import ModuleType
-from typing import Any, Final
+from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
 from core.deadline import Budget, CallPlan
-from core.domain import FALLBACK_REASONS, CallInfo, DecisionResult
+from core.domain import CallInfo, DecisionResult
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.engine import DecisionEngine
 from server.errors import Expired, grpc_errors, tolerant_parser
@@ -62,14 +62,6 @@ def answer_traceparent(context: grpc.aio.ServicerContext[Any, Any]) -> None:
         context.set_trailing_metadata((("traceparent", value),))
 
 
-# Each fallback code's proto value ("" is the model's answer); a code without a value in
-# the proto fails here, as the server imports, not on some later decision.
-_REASON_CODES: Final = {
-    code: decision_pb2.ReasonCode.Value(f"REASON_CODE_{(code or 'model_answered').upper()}")
-    for code in ("", *FALLBACK_REASONS)
-}
-
-
 def response_to_pb(result: DecisionResult) -> decision_pb2.DecideResponse:
     decided_at = Timestamp()
     decided_at.FromNanoseconds(result.decided_at_ns)
@@ -83,8 +75,7 @@ def response_to_pb(result: DecisionResult) -> decision_pb2.DecideResponse:
         model_name=result.model_name,
         model_version=result.model_version,
         reason=result.reason,
-        # A code outside FALLBACK_REASONS (none should be) still answers, unspecified.
-        reason_code=_REASON_CODES.get(result.fallback, decision_pb2.REASON_CODE_UNSPECIFIED),
+        reason_code=decision_pb2.ReasonCode.ValueType(result.reason_code),
         feature_age_ms=result.feature_age_ms,
         timings=decision_pb2.DecideTimings(
             features_us=result.features_us,

@@ -58,6 +58,9 @@ class DecisionRecord:
     # Exchange time of the features (µs since the epoch); None when none were used, and in
     # records journalled before the field existed.
     feature_time_us: int | None = None
+    # ``core.domain.Reason.label``: "model_answered", "kill_switch", "model_timeout", ...;
+    # None in records journalled before the field existed.
+    reason_code: str | None = None
     shadow_model_name: str | None = None
     shadow_model_version: str | None = None
     shadow_score: float | None = None

@@ -63,6 +63,9 @@ decisions = sa.Table(
     # Exchange time of the features used (NULL when none): the realized outcome is measured
     # from it (decision_outcomes).
     sa.Column("feature_time", sa.DateTime(timezone=True)),
+    # ``core.domain.Reason.label`` (NULL in records journalled before it existed): the
+    # answer's reason code and decision_fallbacks_total's reason label.
+    sa.Column("reason_code", sa.String(32)),
     # The questions an auditor asks: one symbol over time, one model version, one source.
     sa.Index("ix_decisions_symbol_decided_at", "symbol", "decided_at"),
     sa.Index("ix_decisions_model_version_decided_at", "model_version", "decided_at"),

@@ -100,6 +100,7 @@ def decision_record(
         model_us=result.model_us,
         total_us=result.total_us,
         feature_time_us=result.feature_time_us or None,
+        reason_code=result.reason_code.label,
     )
 
 

@@ -15,7 +15,7 @@ import pytest
 import redis.exceptions
 
 from core.deadline import Budget, CallPlan, StoreReads
-from core.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
+from core.domain import CallInfo, Decision, DecisionResult, OrderRequest, Reason, Side, Source
 from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry, ScoreWriter
@@ -255,7 +255,7 @@ async def test_the_primary_answers_and_its_score_is_recorded_and_cached(parts: P
     assert (result.source, result.decision, result.score) == (Source.PRIMARY, Decision.TRADE, 0.9)
     assert (result.model_name, result.model_version) == ("champion", "primary-v1")
     assert result.reason == "primary answered in 1.0 ms"
-    assert result.fallback == ""
+    assert result.reason_code is Reason.MODEL_ANSWERED
     assert 10.0 <= result.feature_age_ms < 1000.0
     [(features, recorded)] = parts.audit.recorded
     assert recorded == [result] and features == [list(calm_book())]
@@ -273,7 +273,7 @@ async def test_a_batch_makes_one_feature_read_and_one_model_call_for_the_fresh_r
     assert len(parts.primary.calls) == 1 and len(parts.primary.calls[0]) == 1
     assert fresh.source is Source.PRIMARY
     assert stale.source is Source.ABSTAIN  # the rules need fresh features too
-    assert (fresh.fallback, stale.fallback) == ("", "features_stale")
+    assert (fresh.reason_code, stale.reason_code) == (Reason.MODEL_ANSWERED, Reason.FEATURES_STALE)
     assert re.fullmatch(
         r"features stale: 50\d\d ms old \(max 1000\); no cached score;"
         r" abstain: no fresh features for rules",
@@ -286,7 +286,7 @@ async def test_an_engaged_kill_switch_abstains_before_reading_anything(parts: Pa
     stopped, going = await parts.decide("BTC-USD", "ETH-USD")
     assert (stopped.source, stopped.decision) == (Source.ABSTAIN, Decision.ABSTAIN)
     assert stopped.reason == "kill switch for BTC-USD engaged by alice: bad prints"
-    assert stopped.fallback == "kill_switch"
+    assert stopped.reason_code == Reason.KILL_SWITCH
     assert stopped.feature_age_ms == -1.0
     assert parts.store.reads == [["ETH-USD"]]  # only the order that goes on
     assert going.source is Source.PRIMARY
@@ -302,8 +302,8 @@ async def test_when_both_replicas_fail_the_ladder_decides_and_every_step_says_wh
     steps = result.reason.split("; ")
     assert steps[:3] == ["primary unavailable", "secondary unavailable", "no cached score"]
     assert steps[3].startswith("rules: ") and len(steps) == 4
-    assert result.fallback == "model_unavailable"  # the secondary's, the lane's last
-    assert parts.engine.fallbacks == {(Source.RULES, "model_unavailable"): 1}
+    assert result.reason_code == Reason.MODEL_UNAVAILABLE  # the secondary's, the lane's last
+    assert parts.engine.fallbacks == {(Source.RULES, Reason.MODEL_UNAVAILABLE): 1}
 
 
 async def test_a_fresh_cached_score_answers_when_the_model_does_not() -> None:
@@ -333,7 +333,7 @@ async def test_a_failed_feature_read_abstains_without_a_second_redis_read(parts:
         "feature store unavailable (ConnectionError); cached score skipped: feature store"
         " unavailable (ConnectionError); abstain: no fresh features for rules"
     )
-    assert result.fallback == "feature_store"
+    assert result.reason_code == Reason.FEATURE_STORE
     assert parts.cache.lookups == 0 and parts.primary.calls == []
 
 
@@ -387,14 +387,14 @@ async def test_breakers_forced_open_and_a_budget_too_short_say_so_by_code(parts:
         }
     )
     [refused] = await parts.decide("BTC-USD")
-    assert (refused.source, refused.fallback) == (Source.RULES, "model_breaker_open")
+    assert (refused.source, refused.reason_code) == (Source.RULES, Reason.MODEL_BREAKER_OPEN)
     parts.state = state({})
     [hurried] = await parts.decide("BTC-USD", budget_ms=1.0)  # no time left for a call
-    assert hurried.fallback == "model_no_time", hurried.reason
+    assert hurried.reason_code == Reason.MODEL_NO_TIME, hurried.reason
     assert parts.primary.calls == []
     assert parts.engine.fallbacks == {
-        (Source.RULES, "model_breaker_open"): 1,
-        (Source.RULES, "model_no_time"): 1,
+        (Source.RULES, Reason.MODEL_BREAKER_OPEN): 1,
+        (Source.RULES, Reason.MODEL_NO_TIME): 1,
     }
 
 
@@ -416,6 +416,6 @@ async def test_a_timeout_before_a_replica_forced_open_is_no_breaker_open(
     assert result.reason.startswith(
         "primary deadline exceeded after 11.0 ms; secondary forced open by on-call; "
     ), result.reason
-    assert result.fallback == "model_timeout"
-    assert parts.engine.fallbacks == {(Source.RULES, "model_timeout"): 1}
+    assert result.reason_code == Reason.MODEL_TIMEOUT
+    assert parts.engine.fallbacks == {(Source.RULES, Reason.MODEL_TIMEOUT): 1}
     assert response_to_pb(result).reason_code == decision_pb2.REASON_CODE_MODEL_TIMEOUT

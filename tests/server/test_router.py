@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from core.deadline import Budget, CallPlan
-from core.domain import Source
+from core.domain import Reason, Source
 from server.breaker import AsyncCircuitBreaker
 from server.control.state import Change, ControlState, Entry
 from server.model_client import ModelScores
@@ -248,17 +248,17 @@ class FailingReplica(AlwaysConnected):
 # on-call), or called and failed, by the code that failure is reported as.
 NOT_CALLED = ("breaker open", "forced open")
 FAILED = {
-    "timeout": "model_timeout",
-    "timeout, forced closed": "model_timeout",  # on-call let it past its breaker
-    "busy": "model_busy",
-    "no time": "model_no_time",
-    "unavailable": "model_unavailable",
-    "error": "model_error",
+    "timeout": Reason.MODEL_TIMEOUT,
+    "timeout, forced closed": Reason.MODEL_TIMEOUT,  # on-call let it past its breaker
+    "busy": Reason.MODEL_BUSY,
+    "no time": Reason.MODEL_NO_TIME,
+    "unavailable": Reason.MODEL_UNAVAILABLE,
+    "error": Reason.MODEL_ERROR,
 }
 # (primary, secondary) -> reason code: breaker open only when no replica was called
 # because every one was refused; otherwise the last failure, a refusal after it or not.
 REASON_CODES = {
-    **{(p, s): "model_breaker_open" for p in NOT_CALLED for s in NOT_CALLED},
+    **{(p, s): Reason.MODEL_BREAKER_OPEN for p in NOT_CALLED for s in NOT_CALLED},
     **{(p, s): FAILED[s] for p in NOT_CALLED for s in FAILED},
     **{(p, s): FAILED[p] for p in FAILED for s in NOT_CALLED},
     **{(p, s): FAILED[s] for p in FAILED for s in FAILED},

@@ -82,3 +82,17 @@ async def test_the_server_plans_to_answer_its_margin_before_the_deadline(
         await servicer.Decide(request, cast(Any, FakeContext(remaining_s=0.050)))
     # 50 ms left less the margin (and the little that has passed).
     assert left_at_most - 3.0 < engine.remaining_ms <= left_at_most
+
+
+def test_one_reason_type_equal_to_the_protos_reason_code_number_for_number() -> None:
+    """``core.domain.Reason`` is what the engine, the metrics and the audit record carry;
+    the answer's ``reason_code`` is its number, so the two must never part."""
+    from core.domain import Reason
+
+    proto = {
+        name.removeprefix("REASON_CODE_"): number
+        for name, number in decision_pb2.ReasonCode.items()
+        if number != decision_pb2.REASON_CODE_UNSPECIFIED
+    }
+    assert {reason.name: reason.value for reason in Reason} == proto
+    assert Reason.MODEL_BREAKER_OPEN.label == "model_breaker_open"  # the metrics' label

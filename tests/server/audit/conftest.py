@@ -103,6 +103,7 @@ def decision_record(n: int = 0, **changes: object) -> DecisionRecord:
         "feature_overrides": {},
         "feature_age_ms": 3.5,
         "reason": "primary answered in 1.2 ms",
+        "reason_code": "model_answered",
         "features_us": 300,
         "model_us": 1200,
         "total_us": 1600,

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.processes import free_port
 from localstack.health import serving
-from proto.decision.v1 import decision_pb2_grpc
+from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.audit.store import AuditStore, create_store_engine, decisions
 from tests.conftest import REPO, wait_for
 from tests.server.audit.proxy import TcpProxy
@@ -288,6 +288,8 @@ async def test_the_record_holds_what_the_service_knew(
     assert features["spread_bps"] == 3.25 and features["ofi_1s"] == 0.75
     assert row["feature_overrides"] == {"ofi_1s": 0.75}
     assert row["reason"] == response.reason
+    assert row["reason_code"] == "model_answered"
+    assert response.reason_code == decision_pb2.REASON_CODE_MODEL_ANSWERED
     assert row["total_us"] == response.timings.total_us
     assert str(row["server_id"]).endswith(f":{app.port}")
 

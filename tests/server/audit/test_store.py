@@ -113,6 +113,7 @@ def test_inserts_are_idempotent_and_keep_every_field(database_url):
         assert row["score"] is None
         assert row["model_version"] == "a" * 64
         assert row["source"] == "PRIMARY"
+        assert row["reason_code"] == "model_answered"
         assert actions == [("alice", {"mode": "FORCE_OPEN"})]
         # A tally journalled twice from one start (the journal took one it reported as
         # failed): the one that covers more stays, whichever is shipped last.
