@@ -298,7 +298,7 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
             if result.refused >= MIN_REFUSALS_FOR_P99:
                 assert result.refusal_percentile_ms(99) < MAX_REFUSAL_P99_MS, seen
             elif result.refused:  # a few: each refused well before the deadline, not queued
-                assert result.refusal_percentile_ms(100) < 1000 * DEADLINE_S / 2, seen
+                assert result.refusal_percentile_ms(100) < 1000 * timeout_s / 2, seen
             # No collapse onto the ladder: past capacity the model answers at least as many
             # a second as within it (its calls carry more rows as the load grows; 1.8-3.2 x
             # measured at 0.35, and 0.3-0.5 x when it collapsed). Once in 16 runs with a busy
