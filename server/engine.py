@@ -220,16 +220,17 @@ class DecisionEngine:
             request_span.set_attribute("decision.count", len(ids))
             request_span.set_attribute("decision.source", results[0].source.name.lower())
         self._tally(results)
-        champion = routed.answer if routed is not None else None
-        if champion is not None and champion.source is Source.CANARY:
-            champion = None  # the challenger's are no champion scores
+        answer = routed.answer if routed is not None else None
+        # The challenger's (a canary's) are no champion scores.
+        champion = answer.scores if answer and answer.source is not Source.CANARY else None
         if self._drift is not None:
-            scores = champion.scores if champion is not None else None
             self._drift.observe(
-                values, scores.scores if scores else (), scores.model_version if scores else ""
+                values,
+                champion.scores if champion else (),
+                champion.model_version if champion else "",
             )
         if champion is not None:
-            self._shadow_sample(scorable, champion.scores.scores, state, now_us)
+            self._shadow_sample(scorable, champion.scores, state, now_us)
         return results
 
     def _kill_switch(self, item: _Order, state: ControlState, now_us: int) -> None:
