@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import functools
 import gc
 import hashlib
@@ -34,11 +33,13 @@ import grpc
 import sqlalchemy as sa
 
 from core.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
-from core.processes import ManagedProcess, free_ports
+from core.processes import free_ports
 from core.stats import percentile
 from feature_cache.schema import FEATURE_NAMES
-from loadtest.bench_latency import decision_server, fresh_features, start_backends
+from loadtest.bench_latency import BACKENDS, QUIET, fresh_features
+from loadtest.loadgen import REFUSALS, REFUSED_BACKOFF_S
 from localstack.health import serving
+from localstack.stack import started
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.audit.journal import SEGMENT_MAX_BYTES, Journal
 from server.audit.migrate import upgrade
@@ -49,7 +50,6 @@ from server.audit.shipper import describe
 from server.audit.store import AuditStore, create_store_engine
 from server.audit.trail import decision_record
 from server.settings import AuditSettings
-from torchserve.replica import ReplicaPorts
 
 POSTGRES_URL = os.environ.get(
     "DECISION_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -225,6 +225,7 @@ async def decide_load(
     By (config, concurrency): latencies in ms, and answers from the primary model."""
     results: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
     primary: Counter[tuple[str, int]] = collections.Counter()
+    refused: Counter[tuple[str, int]] = collections.Counter()
     channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{p}") for name, p in ports.items()}
 
     async def load(name: str, concurrency: int, calls: int) -> None:
@@ -233,7 +234,14 @@ async def decide_load(
         async def worker() -> None:
             for _ in range(calls // concurrency):
                 started = time.perf_counter()
-                response = await decide(DECIDE, timeout=1.0)
+                try:
+                    response = await decide(DECIDE, timeout=1.0)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code().name not in REFUSALS:
+                        raise
+                    refused[name, concurrency] += 1  # no decision, nothing to store
+                    await asyncio.sleep(REFUSED_BACKOFF_S)
+                    continue
                 results[name, concurrency].append((time.perf_counter() - started) * 1000)
                 primary[name, concurrency] += response.source == decision_pb2.SOURCE_PRIMARY
 
@@ -252,7 +260,8 @@ async def decide_load(
                     done = len(results[name, concurrency])
                     await load(name, concurrency, calls)
                     p50 = percentile(results[name, concurrency][done:], 0.5)
-                    medians.append(f"{name} {p50:.3f}")
+                    no = refused[name, concurrency]
+                    medians.append(f"{name} {p50:.3f}" + (f" ({no} refused so far)" if no else ""))
                 say(
                     f"  round {r + 1}/{len(plan)}, concurrency {concurrency}, p50 ms: "
                     + ", ".join(medians)
@@ -265,36 +274,33 @@ async def decide_load(
 
 def bench_decide(run_dir: Path, plan: Sequence[tuple[int, int]]) -> list[Row]:
     say(f"[3/3] Decide, audit off vs on: starting redis-server, TorchServe, {len(CONFIGS)} servers")
-    replica_count = len(dataclasses.fields(ReplicaPorts))
-    redis_port, no_secondary, *more = free_ports(2 + replica_count + 2 * len(CONFIGS))
-    ts_ports = ReplicaPorts(*more[:replica_count])
-    ports = dict(zip(CONFIGS, more[replica_count::2], strict=True))
-    metrics_ports = dict(zip(CONFIGS, more[replica_count + 1 :: 2], strict=True))
-    procs: list[ManagedProcess] = []
-    try:
-        start_backends(run_dir, redis_port, ts_ports, procs)
-        for name, enabled in CONFIGS.items():
-            server = decision_server(
+    free = free_ports(2 * len(CONFIGS))
+    ports = dict(zip(CONFIGS, free[::2], strict=True))
+    metrics_ports = dict(zip(CONFIGS, free[1::2], strict=True))
+    with started(run_dir, BACKENDS) as stack:
+        servers = [
+            stack.decision_server(
+                f"decision server ({name})",
                 ports[name],
-                redis_port=redis_port,
-                torchserve_port=ts_ports.grpc_inference,
-                no_secondary_port=no_secondary,
-                state_dir=run_dir / name.replace(" ", "-"),
-                name=f"decision server ({name})",
+                run_dir / name.replace(" ", "-"),
                 # Each serves /metrics, as in production, on a port of its own.
-                env={
+                {
+                    **QUIET,
                     "DECISION_AUDIT__ENABLED": enabled,
                     "DECISION_SERVER__METRICS_PORT": str(metrics_ports[name]),
                 },
             )
-            procs.append(server)
-            server.start()
-        for server, port in zip(procs[-len(CONFIGS) :], ports.values(), strict=True):
-            server.wait_ready(functools.partial(serving, port), 30)
-        results, primary = asyncio.run(decide_load(ports, redis_port, plan))
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
+            for name, enabled in CONFIGS.items()
+        ]
+        try:
+            for server in servers:
+                server.start()
+            for server, port in zip(servers, ports.values(), strict=True):
+                server.wait_ready(functools.partial(serving, port), 30)
+            results, primary = asyncio.run(decide_load(ports, stack.redis_port, plan))
+        finally:
+            for server in reversed(servers):
+                server.stop()
     audit_db = create_store_engine(f"sqlite:///{run_dir / 'audit-on' / 'audit.db'}")
     say(f"  the audit-on server stored {AuditStore(audit_db).count_decisions():,} decisions")
     audit_db.dispose()

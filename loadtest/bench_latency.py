@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import os
 import statistics
 import sys
 import tempfile
@@ -34,14 +33,14 @@ from core.processes import ManagedProcess, free_ports, port_open
 from core.stats import percentile
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from loadtest import feature_keeper
+from loadtest.loadgen import REFUSALS, REFUSED_BACKOFF_S
 from localstack.health import serving
-from localstack.redis_server import start_redis
+from localstack.stack import started
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from server.settings import Settings
 from server.tracing import DEFAULT_SAMPLE_RATIO
-from torchserve.replica import ReplicaPorts, replica_dir, start_replica, torchserve_replica
-from torchserve.train import REPO, ensure_models
+from torchserve.train import REPO
 
 MODEL_STORE = REPO / ".run/models"
 
@@ -57,54 +56,10 @@ async def fresh_features(redis_port: int) -> AsyncIterator[None]:
         yield
 
 
-def start_backends(
-    run_dir: Path, redis_port: int, ts_ports: ReplicaPorts, procs: list[ManagedProcess]
-) -> Path:
-    """Trains the models if ``.run/models`` is stale, starts redis-server and one
-    TorchServe replica and waits for both; each is added to ``procs`` before it starts,
-    for the caller to stop. Returns the replica's folder (its logs)."""
-    archive = ensure_models(MODEL_STORE)["champion"]
-    procs.append(start_redis(redis_port, run_dir / "redis"))
-    replica = torchserve_replica("primary", ts_ports, archive.path.parent, run_dir)
-    procs.append(replica)
-    start_replica(replica, ts_ports)
-    return replica_dir(run_dir, "primary")
-
-
-def decision_server(
-    port: int,
-    *,
-    redis_port: int,
-    torchserve_port: int,
-    no_secondary_port: int,
-    state_dir: Path,
-    name: str = "decision-server",
-    env: Mapping[str, str] | None = None,
-) -> ManagedProcess:
-    """A decision server (not started) on the given Redis and TorchServe replica, with a
-    secondary address nobody listens on; its log, journal and SQLite audit store live in
-    ``state_dir``. ``env`` adds or overrides settings."""
-    return ManagedProcess(
-        name,
-        [sys.executable, "-m", "server"],
-        cwd=REPO,
-        log_path=state_dir / "server.log",
-        env={
-            **os.environ,
-            "DECISION_TELEMETRY__LOG_LEVEL": "WARNING",
-            "DECISION_SERVER__PORT": str(port),
-            "DECISION_REDIS__URL": f"redis://127.0.0.1:{redis_port}/0",
-            "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{torchserve_port}",
-            "DECISION_TORCHSERVE__SECONDARY_ADDRESS": f"127.0.0.1:{no_secondary_port}",
-            "DECISION_TORCHSERVE__CHALLENGER_ADDRESS": "",
-            "DECISION_ADMIN__PORT": "0",
-            "DECISION_SERVER__METRICS_PORT": "0",  # not 9464: make run may hold it
-            "DECISION_AUDIT__JOURNAL_DIR": str(state_dir / "journal"),
-            "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{state_dir / 'audit.db'}",
-            "DECISION_SERVER__WORKERS": "1",
-            **(env or {}),
-        },
-    )
+# What a bench's decision servers need: Redis and one replica (their secondary's port,
+# the stack's, has nobody listening).
+BACKENDS = ("redis", "primary")
+QUIET = {"DECISION_TELEMETRY__LOG_LEVEL": "WARNING"}  # no per-call log lines to write
 
 
 def echo_server(port: int, run_dir: Path) -> ManagedProcess:
@@ -221,10 +176,17 @@ async def _measure(
 
 
 async def closed_loop(decide: Any, request: decision_pb2.DecideRequest, until: float) -> int:
-    """Calls ``decide`` back to back until ``until`` (monotonic); how many answered."""
+    """Calls ``decide`` back to back until ``until`` (monotonic); how many answered. A
+    refused call (``loadgen.REFUSALS``) is not counted; the caller backs off 1 ms."""
     done = 0
     while time.monotonic() < until:
-        await decide(request, timeout=1.0)
+        try:
+            await decide(request, timeout=1.0)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code().name not in REFUSALS:
+                raise
+            await asyncio.sleep(REFUSED_BACKOFF_S)
+            continue
         done += 1
     return done
 
@@ -275,15 +237,13 @@ def main() -> None:
         run_dir = Path(tmp)
         print("starting redis-server, TorchServe and the decision servers …", flush=True)
         paths = len(DECIDE_PATHS)
-        redis_port, echo_port, no_secondary, sink_port, *ports = free_ports(10 + 2 * paths)
+        echo_port, sink_port, *ports = free_ports(2 + 2 * paths)
         decide_ports = dict(zip(DECIDE_PATHS, ports[:paths], strict=True))
-        ts_ports = ReplicaPorts(*ports[paths : paths + 6])
         # Every server but M serves /metrics (nobody scrapes it: recording is the cost).
         metrics = {
             name: {"DECISION_SERVER__METRICS_PORT": str(port)}
-            for name, port in zip(DECIDE_PATHS, ports[paths + 6 :], strict=True)
+            for name, port in zip(DECIDE_PATHS, ports[paths:], strict=True)
         }
-        procs: list[ManagedProcess] = []
         path_env = {
             "decide": metrics["decide"],
             "decide_traced": {
@@ -294,67 +254,55 @@ def main() -> None:
             },
             "decide_unmeasured": {},
         }
-        try:
-            start_backends(run_dir, redis_port, ts_ports, procs)
+        with started(run_dir, BACKENDS) as stack:
             sink = ManagedProcess(
                 "otlp-sink",
                 [sys.executable, "-m", "loadtest.otlp_sink", "--port", str(sink_port)],
                 cwd=REPO,
                 log_path=run_dir / "otlp-sink.log",
             )
-            procs.append(sink)
-            sink.start()
-            sink.wait_ready(lambda: port_open("127.0.0.1", sink_port), 30)
             servers = [
-                decision_server(
-                    port,
-                    redis_port=redis_port,
-                    torchserve_port=ts_ports.grpc_inference,
-                    no_secondary_port=no_secondary,
-                    state_dir=run_dir / name,
-                    name=name,
-                    env=path_env[name],
-                )
+                stack.decision_server(name, port, run_dir / name, {**QUIET, **path_env[name]})
                 for name, port in decide_ports.items()
             ]
-            procs += servers
-            for server in servers:
-                server.start()
             echo = echo_server(echo_port, run_dir)
-            procs.append(echo)
-            echo.start()
-            for server, port in zip(servers, decide_ports.values(), strict=True):
-                server.wait_ready(functools.partial(serving, port), 30)
-            echo.wait_ready(lambda: port_open("127.0.0.1", echo_port), 30)
-            print(f"measuring {args.rounds} x {args.per_round} calls per path, concurrency 1")
-            results = asyncio.run(
-                measure(
-                    decide_ports,
-                    ts_ports.grpc_inference,
-                    echo_port,
-                    redis_port,
-                    args.rounds,
-                    args.per_round,
-                )
-            )
-            throughput: dict[str, list[float]] = {}
-            if args.saturate_s > 0:
-                print(
-                    f"saturating each Decide server: {args.callers} callers,"
-                    f" {args.saturate_s:g} s x {args.saturate_rounds} rounds"
-                )
-                throughput = asyncio.run(
-                    saturate(
+            procs = [sink, *servers, echo]
+            try:
+                for proc in procs:
+                    proc.start()
+                sink.wait_ready(lambda: port_open("127.0.0.1", sink_port), 30)
+                for server, port in zip(servers, decide_ports.values(), strict=True):
+                    server.wait_ready(functools.partial(serving, port), 30)
+                echo.wait_ready(lambda: port_open("127.0.0.1", echo_port), 30)
+                print(f"measuring {args.rounds} x {args.per_round} calls per path, concurrency 1")
+                results = asyncio.run(
+                    measure(
                         decide_ports,
-                        redis_port,
-                        args.callers,
-                        args.saturate_s,
-                        args.saturate_rounds,
+                        stack.primary.grpc_inference,
+                        echo_port,
+                        stack.redis_port,
+                        args.rounds,
+                        args.per_round,
                     )
                 )
-        finally:
-            for proc in reversed(procs):
-                proc.stop()
+                throughput: dict[str, list[float]] = {}
+                if args.saturate_s > 0:
+                    print(
+                        f"saturating each Decide server: {args.callers} callers,"
+                        f" {args.saturate_s:g} s x {args.saturate_rounds} rounds"
+                    )
+                    throughput = asyncio.run(
+                        saturate(
+                            decide_ports,
+                            stack.redis_port,
+                            args.callers,
+                            args.saturate_s,
+                            args.saturate_rounds,
+                        )
+                    )
+            finally:
+                for proc in reversed(procs):
+                    proc.stop()
 
     ec = sorted(results["echo"])
     ts = sorted(results["torchserve"])

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -56,34 +57,22 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import grpc
 
-from core.processes import ManagedProcess, ProcessStartError, free_ports, listening
-from loadtest.bench_latency import (
-    MODEL_STORE,
-    decision_server,
-    echo_server,
-    fresh_features,
-    start_backends,
-)
+from core.processes import free_ports, listening
+from loadtest.bench_latency import BACKENDS, QUIET, echo_server, fresh_features
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, Mode, Target
 from loadtest.soak_probe import group_cpu_seconds
 from localstack.health import serving
+from localstack.stack import started
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from server.settings import ServerSettings
-from torchserve.replica import ReplicaPorts, workers_lost
-from torchserve.train import ensure_models
-from torchserve.triton import (
-    TRITON_ROOT,
-    model_ready,
-    model_repository,
-    tritonserver_process,
-)
+from torchserve.replica import replica_dir, workers_lost
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-operator-token-0123456789"  # noqa: S105 - a throwaway local token
@@ -657,112 +646,79 @@ def plot(results: dict[Cell, LoadResult], out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def start_triton(
-    run_dir: Path, procs: list[ManagedProcess], grpc_port: int, http_port: int, metrics_port: int
-) -> tuple[ManagedProcess, dict[str, str]]:
-    """Starts ``tritonserver`` serving the champion archive (added to ``procs`` first; not
-    waited for: ``triton_ready``); returns it and the settings of a decision server whose
-    primary it is."""
-    if not (TRITON_ROOT / "bin" / "tritonserver").exists():
-        raise ProcessStartError(f"no tritonserver in {TRITON_ROOT}: run make setup-triton")
-    champion = ensure_models(MODEL_STORE)["champion"]
-    repository = run_dir / "triton" / "models"
-    model_repository(champion.path, repository, model_name="champion")
-    triton = tritonserver_process(
-        TRITON_ROOT,
-        repository,
-        grpc_port=grpc_port,
-        http_port=http_port,
-        metrics_port=metrics_port,
-        log_path=run_dir / "triton" / "triton.log",
+@contextlib.contextmanager
+def servers_started(run_dir: Path) -> Iterator[tuple[Paths, int, Path]]:
+    """Starts every path's servers: redis-server, a TorchServe replica and a Triton (one
+    stack each, on free ports), three decision servers and the echo server; yields the
+    paths, the redis port and the TorchServe replica's folder; stops them all after."""
+    decision_port, admin_port, echo_port, workers_port, workers_admin_port, on_triton_port = (
+        free_ports(6)
     )
-    procs.append(triton)
-    triton.start()
-    decision_env = {
-        "DECISION_TORCHSERVE__PROTOCOL": "kserve-v2",  # answers carry Triton's version, "1"
-    }
-    return triton, decision_env
+    with (
+        started(run_dir, BACKENDS) as stack,
+        started(run_dir / "triton", ("primary",), model_server="triton") as triton_stack,
+    ):
+        triton_address = f"127.0.0.1:{triton_stack.primary.grpc_inference}"
+        admin_env = {"DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}"}
+        # One fleet: the servers share one audit store (the control state's one copy), as
+        # a deployment does.
+        one_store = {"DECISION_AUDIT__DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}"}
+        servers = {
+            "decision": (decision_port, run_dir, {
+                **admin_env, **one_store, "DECISION_ADMIN__PORT": str(admin_port)}),
+            "workers": (workers_port, run_dir / "workers", {
+                **admin_env, **one_store, "DECISION_ADMIN__PORT": str(workers_admin_port),
+                "DECISION_SERVER__WORKERS": "2"}),
+            "triton": (on_triton_port, run_dir / "on-triton", {
+                **one_store, "DECISION_TORCHSERVE__PRIMARY_ADDRESS": triton_address,
+                # Triton speaks OIP; its answers carry version "1".
+                "DECISION_TORCHSERVE__PROTOCOL": "kserve-v2"}),
+        }  # fmt: skip
+        procs = {
+            name: stack.decision_server(
+                f"decision-server-{name}", port, state_dir, {**QUIET, **env}
+            )
+            for name, (port, state_dir, env) in servers.items()
+        }
+        echo = echo_server(echo_port, run_dir)
+        try:
+            for proc in (*procs.values(), echo):
+                proc.start()
+            for name, server in procs.items():
+                server.wait_ready(functools.partial(serving, servers[name][0]), 30)
+            echo.wait_ready(listening(echo_port), 30)
+            torchserve = stack.processes["torchserve-primary"]
+            triton = triton_stack.processes["triton-primary"]
+            groups = {
+                "E": (echo,),
+                "T": (torchserve,),
+                "X": (triton,),
+                "D": (procs["decision"], torchserve),
+                "Y": (procs["triton"], triton),
+                "W": (procs["workers"], torchserve),
+                "F": (procs["decision"],),
+            }
 
+            def at(port: int) -> str:
+                return f"127.0.0.1:{port}"
 
-def triton_ready(triton: ManagedProcess, grpc_port: int) -> None:
-    """Waits until Triton says the champion is ready (loading it takes seconds)."""
-    triton.wait_ready(lambda: model_ready(f"127.0.0.1:{grpc_port}", "champion"), 120)
-
-
-def start_servers(run_dir: Path, procs: list[ManagedProcess]) -> tuple[Paths, int, Path]:
-    """Starts everything on free ports (each added to ``procs`` first); returns the paths,
-    the redis port and the TorchServe replica's folder."""
-    ports = free_ports(17)
-    redis_port, decision_port, admin_port, echo_port, no_secondary = ports[:5]
-    workers_port, workers_admin_port, triton_decision_port = ports[5:8]
-    triton_grpc, triton_http, triton_metrics = ports[8:11]
-    ts_ports = ReplicaPorts(*ports[11:17])
-    replica_folder = start_backends(run_dir, redis_port, ts_ports, procs)
-    triton, on_triton = start_triton(run_dir, procs, triton_grpc, triton_http, triton_metrics)
-    admin_env = {
-        "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
-    }
-    # One fleet: on one Redis key prefix the servers share the control state's durable
-    # copy too, as a deployment does (with an audit store each, they fought over Redis's
-    # copy after F's first breaker change, at 0.45 of a core per idle server).
-    one_store = {"DECISION_AUDIT__DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}"}
-    servers = {
-        "decision": (decision_port, ts_ports.grpc_inference, run_dir, {
-            **admin_env, **one_store, "DECISION_ADMIN__PORT": str(admin_port)}),
-        "workers": (workers_port, ts_ports.grpc_inference, run_dir / "workers", {
-            **admin_env, **one_store, "DECISION_ADMIN__PORT": str(workers_admin_port),
-            "DECISION_SERVER__WORKERS": "2"}),
-        "triton": (triton_decision_port, triton_grpc, run_dir / "on-triton", {
-            **one_store, **on_triton}),
-    }  # fmt: skip
-    started = {}
-    for name, (port, model_port, state_dir, env) in servers.items():
-        server = decision_server(
-            port,
-            redis_port=redis_port,
-            torchserve_port=model_port,
-            no_secondary_port=no_secondary,
-            state_dir=state_dir,
-            name=f"decision-server-{name}",
-            env=env,
-        )
-        procs.append(server)
-        server.start()
-        started[name] = server
-    echo = echo_server(echo_port, run_dir)
-    procs.append(echo)
-    echo.start()
-    for name, server in started.items():
-        server.wait_ready(functools.partial(serving, servers[name][0]), 30)
-    echo.wait_ready(listening(echo_port), 30)
-    triton_ready(triton, triton_grpc)
-    torchserve = next(p for p in procs if p.name.startswith("torchserve"))
-    groups = {
-        "E": (echo,),
-        "T": (torchserve,),
-        "X": (triton,),
-        "D": (started["decision"], torchserve),
-        "Y": (started["triton"], triton),
-        "W": (started["workers"], torchserve),
-        "F": (started["decision"],),
-    }
-
-    def at(port: int) -> str:
-        return f"127.0.0.1:{port}"
-
-    paths = Paths(
-        echo=at(echo_port),
-        torchserve=at(ts_ports.grpc_inference),
-        decide=at(decision_port),
-        admin=at(admin_port),
-        decide_workers=at(workers_port),
-        triton=at(triton_grpc),
-        decide_triton=at(triton_decision_port),
-        process_groups={
-            path: tuple(proc.pid or 0 for proc in members) for path, members in groups.items()
-        },
-    )
-    return paths, redis_port, replica_folder
+            paths = Paths(
+                echo=at(echo_port),
+                torchserve=at(stack.primary.grpc_inference),
+                decide=at(decision_port),
+                admin=at(admin_port),
+                decide_workers=at(workers_port),
+                triton=triton_address,
+                decide_triton=at(on_triton_port),
+                process_groups={
+                    path: tuple(proc.pid or 0 for proc in members)
+                    for path, members in groups.items()
+                },
+            )
+            yield paths, stack.redis_port, replica_dir(run_dir, "primary")
+        finally:
+            for proc in (echo, *reversed(procs.values())):
+                proc.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -796,7 +752,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     # SIGTERM's default ends the process without `finally`, leaving every server behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     began = time.monotonic()
-    procs: list[ManagedProcess] = []
     generator = LoadGenerator(args.processes)
     with tempfile.TemporaryDirectory(prefix="bench-paths-") as tmp:
         try:
@@ -807,22 +762,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                 " server …",
                 flush=True,
             )
-            paths, redis_port, replica_dir = start_servers(Path(tmp), procs)
-            generator.wait_ready()
-            runs = len(cells(plan)) * plan.rounds
-            print(
-                f"measuring {runs} runs of {plan.seconds:g} s (+{plan.warmup_s:g} s warm-up)"
-                f" with {args.processes} load generator processes"
-                f" of {args.channels} connections each",
-                flush=True,
-            )
-            measured = asyncio.run(
-                measure(paths, generator, plan, redis_port, args.channels, replica_dir)
-            )
+            with servers_started(Path(tmp)) as (paths, redis_port, replica_folder):
+                generator.wait_ready()
+                runs = len(cells(plan)) * plan.rounds
+                print(
+                    f"measuring {runs} runs of {plan.seconds:g} s (+{plan.warmup_s:g} s"
+                    f" warm-up) with {args.processes} load generator processes"
+                    f" of {args.channels} connections each",
+                    flush=True,
+                )
+                measured = asyncio.run(
+                    measure(paths, generator, plan, redis_port, args.channels, replica_folder)
+                )
         finally:
             generator.stop()
-            for proc in reversed(procs):
-                proc.stop()
 
     results = measured.results
     print()

@@ -20,14 +20,12 @@ from pathlib import Path
 
 import grpc
 
-from core.processes import ManagedProcess, free_ports
+from core.processes import free_ports
 from core.stats import percentile
-from loadtest.bench_latency import MODEL_STORE, decision_server, fresh_features
+from loadtest.bench_latency import BACKENDS, QUIET, fresh_features
 from localstack.health import serving
-from localstack.redis_server import start_redis
+from localstack.stack import started
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
-from torchserve.replica import ReplicaPorts, start_replica, torchserve_replica
-from torchserve.train import ensure_models
 
 TOKEN = "bench-operator-token-0123456789"  # noqa: S105 - a throwaway local token
 MODES = {"off": "0", "100 %": "1"}
@@ -129,56 +127,45 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    archives = ensure_models(MODEL_STORE)
     with tempfile.TemporaryDirectory(prefix="bench-shadow-") as tmp:
         run_dir = Path(tmp)
         print("starting redis-server, champion and challenger TorchServe, decision server …")
-        ports = free_ports(17)
-        redis_port, decision_port, admin_port, metrics_port, no_secondary = ports[:5]
-        primary_ports, challenger_ports = ReplicaPorts(*ports[5:11]), ReplicaPorts(*ports[11:])
-        procs: list[ManagedProcess] = []
-        try:
-            procs.append(start_redis(redis_port, run_dir / "redis"))
-            store = archives["champion"].path.parent
-            for name, replica_ports, model in (
-                ("primary", primary_ports, "champion"),
-                ("challenger", challenger_ports, "challenger"),
-            ):
-                replica = torchserve_replica(name, replica_ports, store, run_dir)
-                procs.append(replica)
-                start_replica(replica, replica_ports, model_name=model)
-                if name == "challenger" and args.challenger_nice and replica.pid:
-                    # The whole group: the frontend JVM and its model workers.
-                    os.setpriority(os.PRIO_PGRP, replica.pid, args.challenger_nice)
-            server = decision_server(
+        decision_port, admin_port, metrics_port = free_ports(3)
+        with started(run_dir, (*BACKENDS, "challenger")) as stack:
+            challenger = stack.processes["torchserve-challenger"]
+            if challenger.pid:  # the whole group: the frontend JVM and its model workers
+                os.setpriority(os.PRIO_PGRP, challenger.pid, args.challenger_nice)
+            server = stack.decision_server(
+                "decision-server",
                 decision_port,
-                redis_port=redis_port,
-                torchserve_port=primary_ports.grpc_inference,
-                no_secondary_port=no_secondary,
-                state_dir=run_dir,
-                env={
-                    "DECISION_TORCHSERVE__CHALLENGER_ADDRESS": (
-                        f"127.0.0.1:{challenger_ports.grpc_inference}"
-                    ),
+                run_dir,
+                {
+                    **QUIET,
                     "DECISION_ADMIN__PORT": str(admin_port),
                     "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
                     "DECISION_SERVER__METRICS_PORT": str(metrics_port),
                 },
             )
-            procs.append(server)
-            server.start()
-            server.wait_ready(lambda: serving(decision_port), 30)
-            print(
-                f"measuring {args.rounds} rounds x {args.seconds:g} s per mode"
-                f" at {args.rate:g} Decide/s (open loop)"
-            )
-            results = asyncio.run(
-                measure(decision_port, admin_port, redis_port, args.rate, args.rounds, args.seconds)
-            )
-            shadow = shadow_metrics(metrics_port)
-        finally:
-            for proc in reversed(procs):
-                proc.stop()
+            try:
+                server.start()
+                server.wait_ready(lambda: serving(decision_port), 30)
+                print(
+                    f"measuring {args.rounds} rounds x {args.seconds:g} s per mode"
+                    f" at {args.rate:g} Decide/s (open loop)"
+                )
+                results = asyncio.run(
+                    measure(
+                        decision_port,
+                        admin_port,
+                        stack.redis_port,
+                        args.rate,
+                        args.rounds,
+                        args.seconds,
+                    )
+                )
+                shadow = shadow_metrics(metrics_port)
+            finally:
+                server.stop()
 
     print()
     print(f"| shadow sample rate ({args.rate:g} Decide/s) | calls | p50 ms | p99 ms |")

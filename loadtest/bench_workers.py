@@ -50,7 +50,7 @@ from typing import Any
 import psutil  # type: ignore[import-untyped]  # no stubs in the virtualenv
 
 from core.processes import ManagedProcess, free_ports, listening
-from loadtest.bench_latency import decision_server, echo_server, fresh_features, start_backends
+from loadtest.bench_latency import BACKENDS, QUIET, echo_server, fresh_features
 from loadtest.bench_paths import (
     OPEN_LOOP_DEADLINE_S,
     TOKEN,
@@ -60,18 +60,14 @@ from loadtest.bench_paths import (
     load_text,
     model_share,
     model_share_of_calls,
-    start_triton,
-    triton_ready,
 )
 from loadtest.loadgen import REFUSALS, LoadGenerator, LoadResult, LoadSpec, Mode, Target
 from loadtest.soak_probe import group_cpu_seconds, usage_of
 from localstack.health import serving
-from localstack.redis_server import start_redis
-from torchserve.replica import ReplicaPorts
+from localstack.stack import MODEL_SERVERS, LocalStack, started
 
 REPO = Path(__file__).resolve().parents[1]
 CLOSED_LOOP_DEADLINE_S = 1.0
-MODEL_SERVERS = ("torchserve", "triton")
 # What T calls on each model server: the protocol the decision server speaks to it.
 MODEL_SERVER_TARGETS: dict[str, Target] = {"torchserve": "torchserve", "triton": "oip"}
 
@@ -398,36 +394,34 @@ class Bench:
         self.rows: list[Row] = []
         per_server = 2 * len(args.concurrency) + len(args.open_loop)
         self.total = 2 * len(args.concurrency) + per_server * len(args.workers)
-        redis_port, echo_port, no_secondary, *model_ports = free_ports(9)
-        self.redis_port, self.echo_port, self.no_secondary = redis_port, echo_port, no_secondary
-        # TorchServe's six ports; Triton takes the first three (gRPC, HTTP, metrics).
-        self.ts_ports = ReplicaPorts(*model_ports)
-        self.triton_ports = model_ports[:3]
-        self.model_port = self.ts_ports.grpc_inference
-        self.model_server: ManagedProcess | None = None
-        self.decision_env: dict[str, str] = {}  # what a decision server on it needs
+        (self.echo_port,) = free_ports(1)
+        self._stack: LocalStack | None = None  # redis-server and the model server
+        self.exits = contextlib.ExitStack()  # stops them
         self.echo: ManagedProcess | None = None
 
     def start_backends(self) -> None:
         # redis-server starts first, on the model server's CPUs too; it moves after.
         with started_on(self.args.model_server_cpus):
-            if self.args.model_server == "triton":
-                self.procs.append(start_redis(self.redis_port, self.run_dir / "redis"))
-                self.model_port, http_port, metrics_port = self.triton_ports
-                self.model_server, self.decision_env = start_triton(
-                    self.run_dir, self.procs, self.model_port, http_port, metrics_port
-                )
-                triton_ready(self.model_server, self.model_port)
-            else:
-                start_backends(self.run_dir, self.redis_port, self.ts_ports, self.procs)
-                self.model_server = next(p for p in self.procs if p.name.startswith("torchserve"))
-        redis = next(p for p in self.procs if p.name.startswith("redis"))
+            self._stack = self.exits.enter_context(
+                started(self.run_dir, BACKENDS, model_server=self.args.model_server)
+            )
+        redis = self.stack.processes["redis-server"]
         if self.args.model_server_cpus and redis.pid is not None:
             pin(redis.pid, os.sched_getaffinity(0))
         self.echo = echo_server(self.echo_port, self.run_dir)
         self.procs.append(self.echo)
         self.echo.start()
         self.echo.wait_ready(listening(self.echo_port), 30)
+
+    @property
+    def stack(self) -> LocalStack:
+        if self._stack is None:
+            raise RuntimeError("start_backends first")
+        return self._stack
+
+    @property
+    def model_port(self) -> int:
+        return self.stack.primary.grpc_inference
 
     def measure(
         self, cell: Cell, address: str, server: ManagedProcess | None, workers: Sequence[int] = ()
@@ -485,12 +479,12 @@ class Bench:
         return "echo" if path == "E" else "decide"
 
     def model_server_pid(self) -> int | None:
-        return self.model_server.pid if self.model_server else None
+        return self.stack.processes[f"{self.args.model_server}-primary"].pid
 
     async def run(self) -> None:
         echo = f"127.0.0.1:{self.echo_port}"
         model_server = f"127.0.0.1:{self.model_port}"
-        async with fresh_features(self.redis_port):
+        async with fresh_features(self.stack.redis_port):
             for c in self.args.concurrency:
                 await asyncio.to_thread(self.measure, Cell("E", 0, "closed", c), echo, self.echo)
                 t = Cell("T", 0, "closed", c)
@@ -500,18 +494,15 @@ class Bench:
 
     async def run_workers(self, workers: int) -> None:
         decide_port, admin_port = free_ports(2)
-        server = decision_server(
+        server = self.stack.decision_server(
+            f"decision-server-{workers}",
             decide_port,
-            redis_port=self.redis_port,
-            torchserve_port=self.model_port,
-            no_secondary_port=self.no_secondary,
-            state_dir=self.run_dir / f"workers-{workers}",
-            name=f"decision-server-{workers}",
-            env={
+            self.run_dir / f"workers-{workers}",
+            {
+                **QUIET,
                 "DECISION_SERVER__WORKERS": str(workers),
                 "DECISION_ADMIN__PORT": str(admin_port),
                 "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
-                **self.decision_env,
                 **dict(self.args.server_env),
             },
         )
@@ -666,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             generator.stop()
             for proc in reversed(bench.procs):
                 proc.stop()
+            bench.exits.close()
             # What was measured is kept, also when the run was cut short.
             write_figures(args, cores, bench.rows)
 

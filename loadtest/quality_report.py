@@ -57,7 +57,7 @@ from feature_cache.events import MarketEvent
 from feature_cache.generator import MarketGenerator
 from feature_cache.replay import Progress, replay
 from feature_cache.settings import FeatureCacheSettings
-from localstack.__main__ import LocalStack
+from localstack.stack import PARTS, LocalStack
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from quality.rolling import auc, calibration_error
 from quality.store import epoch_us
@@ -70,6 +70,8 @@ MAX_GAP = 0.02  # the issue's bound on |live AUC - offline AUC|
 MIN_LABELLED = 0.9  # after a restart: labelled share of the decisions that could be
 FIRST_LABEL_WITHIN_S = 60.0  # after a restart: from the stack serving to the first label
 MODEL_SOURCES = (decision_pb2.SOURCE_PRIMARY, decision_pb2.SOURCE_SECONDARY)
+# This report publishes the market data itself, so no generated feed beside it.
+WITHOUT_REPLAYER = tuple(part for part in PARTS if part != "replayer")
 
 
 class Inverted(torch.nn.Module):
@@ -353,7 +355,7 @@ async def run(args: argparse.Namespace) -> int:
 
     # Every decision stays in the labeler's window: the whole run is one sample.
     os.environ["DECISION_QUALITY__WINDOW"] = "1000000"
-    stack = LocalStack(args.run_dir, args.port_offset, stack_models, replayer=False)
+    stack = LocalStack(args.run_dir, args.port_offset, stack_models, parts=WITHOUT_REPLAYER)
     refused = stack.claim_ports()
     if refused:
         print(f"{refused}; --port-offset N moves this stack")
@@ -361,7 +363,7 @@ async def run(args: argparse.Namespace) -> int:
     restart = None
     if args.restart_after_s:
         before = await run_before_restart(args, stack, spec)  # releases the ports at its stop
-        stack = LocalStack(args.run_dir, args.port_offset, stack_models, replayer=False)
+        stack = LocalStack(args.run_dir, args.port_offset, stack_models, parts=WITHOUT_REPLAYER)
     called = Called()
     try:
         await stack.start()

@@ -73,7 +73,7 @@ from loadtest.soak_report import (
     summarize,
     write_json,
 )
-from localstack.__main__ import DEFAULT_SYMBOLS, REPO, LocalStack
+from localstack.stack import DEFAULT_SYMBOLS, REPO, LocalStack
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from torchserve.replica import replica_dir, workers_lost
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from localstack.__main__ import DEFAULT_SYMBOLS
+from localstack.stack import DEFAULT_SYMBOLS
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc
 
 LEVER_KINDS = ("kill-switch",)

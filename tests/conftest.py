@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import gc
-import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ import redis.asyncio as aioredis
 from core.processes import ManagedProcess, free_port, free_ports
 from localstack.kafka_broker import start_kafka_broker
 from localstack.redis_server import start_redis
+from localstack.stack import decision_server
 from torchserve.archive import ArchiveInfo
 from torchserve.replica import ReplicaPorts, replica_dir, start_replica, torchserve_replica
 from torchserve.train import ensure_models
@@ -57,41 +56,36 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-def server_process_env(
+def server_process(
+    name: str,
+    run_dir: Path,
+    *,
+    port: int,
     redis_url: str,
     key_prefix: str,
-    replicas: dict[str, Replica],
-    run_dir: Path,
+    primary: str,
+    secondary: str,
     **settings: str,
-) -> dict[str, str]:
-    """The environment of a decision server process (``python -m server``) on the test's
-    Redis and replicas, its audit journal and SQLite store under ``run_dir``; ``settings``
-    (``DECISION_...`` names) add or override."""
-    return {
-        **os.environ,
-        "DECISION_REDIS__URL": redis_url,
-        "DECISION_REDIS__KEY_PREFIX": key_prefix,
-        "DECISION_DEADLINE__STORE_READ_MS": "200",
-        # Tests write features once: a long bound keeps them fresh on a slow machine.
-        "DECISION_FEATURES__MAX_AGE_MS": "120000",
-        "DECISION_TORCHSERVE__PRIMARY_ADDRESS": replicas["primary"].address,
-        "DECISION_TORCHSERVE__SECONDARY_ADDRESS": replicas["secondary"].address,
-        "DECISION_TORCHSERVE__CHALLENGER_ADDRESS": "",
-        "DECISION_DEADLINE__MODEL_CALL_MS": "500",
-        "DECISION_SERVER__METRICS_PORT": "0",
-        "DECISION_AUDIT__JOURNAL_DIR": str(run_dir / "journal"),
-        "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}",
-        # One process unless a test is about workers: the default follows the machine.
-        "DECISION_SERVER__WORKERS": "1",
-        **settings,
-    }
-
-
-def server_process(name: str, run_dir: Path, env: dict[str, str]) -> ManagedProcess:
-    """A decision server process (``python -m server``, not started) logging to
-    ``run_dir/server.log``; ``env`` from ``server_process_env``."""
-    return ManagedProcess(
-        name, [sys.executable, "-m", "server"], cwd=REPO, log_path=run_dir / "server.log", env=env
+) -> ManagedProcess:
+    """A decision server process (``localstack.stack.decision_server``, not started) on
+    the test's Redis key prefix and replicas (``host:port``), with its journal, SQLite
+    store and ``server.log`` under ``run_dir``; ``settings`` (``DECISION_...`` names) add
+    or override the test defaults."""
+    return decision_server(
+        name,
+        run_dir,
+        port=port,
+        redis_url=redis_url,
+        primary=primary,
+        secondary=secondary,
+        settings={
+            "DECISION_REDIS__KEY_PREFIX": key_prefix,
+            "DECISION_DEADLINE__STORE_READ_MS": "200",
+            # Tests write features once: a long bound keeps them fresh on a slow machine.
+            "DECISION_FEATURES__MAX_AGE_MS": "120000",
+            "DECISION_DEADLINE__MODEL_CALL_MS": "500",
+            **settings,
+        },
     )
 
 

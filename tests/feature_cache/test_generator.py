@@ -36,7 +36,7 @@ def test_a_symbol_is_one_instrument_whatever_the_seed_and_the_stack_trains_on_it
     """Its starting price (so its tick) and trade size follow from its name: training
     days and the local stack's feed trade the same instruments (before, each seed drew
     new ones, and the stack's own data read as drift against the training days)."""
-    from localstack.__main__ import DEFAULT_SYMBOLS
+    from localstack.stack import DEFAULT_SYMBOLS
     from torchserve.dataset import DataSpec
 
     def snapshots(seed: int) -> dict[str, BookSnapshot]:

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from core.processes import ManagedProcess, free_ports
 from feature_cache.store import FeatureWriter
 from localstack.health import serving
-from tests.conftest import REPO, RedisInstance, Replica, server_process, server_process_env
+from tests.conftest import REPO, RedisInstance, Replica, server_process
 from tests.server.conftest import sample_record
 
 OPERATOR_TOKEN = "loadtest-operator-token-0123456789"  # noqa: S105 - test token
@@ -66,16 +66,17 @@ def decision_server(
     run_dir = tmp_path_factory.mktemp("loadtest-server")
     key_prefix = f"loadtest{time.monotonic_ns()}:"
     port, admin_port = free_ports(2)
-    env = server_process_env(
-        redis_instance.url,
-        key_prefix,
-        replicas,
+    proc = server_process(
+        "decision server",
         run_dir,
-        DECISION_SERVER__PORT=str(port),
+        port=port,
+        redis_url=redis_instance.url,
+        key_prefix=key_prefix,
+        primary=replicas["primary"].address,
+        secondary=replicas["secondary"].address,
         DECISION_ADMIN__PORT=str(admin_port),
         DECISION_ADMIN__TOKENS=f"loadtest operator {OPERATOR_TOKEN}",
     )
-    proc = server_process("decision server", run_dir, env)
     # Written before the server starts: its feature mirror loads them with everything else.
     asyncio.run(_write_features(redis_instance.url, key_prefix))
     try:

@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from localstack.__main__ import LocalStack
+from localstack.stack import LocalStack
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration

@@ -21,8 +21,8 @@ import grpc
 import pytest
 
 from core.processes import live_group_members
-from localstack.__main__ import LocalStack
 from localstack.health import serving
+from localstack.stack import LocalStack
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from tests.conftest import REPO, wait_for
 from tests.server.conftest import buy

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.processes import ProcessStartError
-from localstack.__main__ import served_models
+from localstack.stack import served_models
 
 
 def models_folder(folder: Path, listed: dict[str, str], present: list[str]) -> Path:

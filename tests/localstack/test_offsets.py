@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from core.processes import CHILD_PORTS
-from localstack import __main__ as localstack
-from localstack.__main__ import LocalStack
+from localstack import stack as localstack
+from localstack.__main__ import _usage
+from localstack.stack import LocalStack
 
 # Linux's default net.ipv4.ip_local_port_range.
 LINUX_OUTGOING = range(32768, 61000)
@@ -40,7 +41,7 @@ def test_no_stack_takes_a_port_from_the_range_tests_give_children(tmp_path, monk
 
 
 def test_a_second_stack_s_banner_names_its_broker_and_how_to_replay_to_it(tmp_path):
-    usage = localstack._usage(LocalStack(tmp_path, 11000))
+    usage = _usage(LocalStack(tmp_path, 11000))
     assert "Market data: broker 127.0.0.1:30092 (topic market-data)" in usage
     # Without --bootstrap the replayer publishes to the default stack's broker (19092).
     assert (
@@ -51,6 +52,6 @@ def test_a_second_stack_s_banner_names_its_broker_and_how_to_replay_to_it(tmp_pa
 
 
 def test_the_default_stack_s_banner_names_its_broker_too(tmp_path):
-    usage = localstack._usage(LocalStack(tmp_path, 0))
+    usage = _usage(LocalStack(tmp_path, 0))
     assert "Market data: broker 127.0.0.1:19092 (topic market-data)" in usage
     assert "feature_cache.replay --bootstrap 127.0.0.1:19092 " in usage

@@ -14,10 +14,10 @@ import threading
 import pytest
 
 from core.processes import ProcessStartError
-from localstack import __main__ as localstack
 from localstack import port_claims
-from localstack.__main__ import LocalStack
+from localstack import stack as localstack
 from localstack.port_claims import PortClaims
+from localstack.stack import LocalStack
 
 CLAIM_AND_WAIT = """
 import sys, time

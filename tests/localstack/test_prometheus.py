@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from core.processes import free_port
-from localstack.__main__ import LocalStack, _usage
+from localstack.__main__ import _usage
 from localstack.prometheus import prometheus_process, rule_groups, write_config
+from localstack.stack import LocalStack
 
 REPO = Path(__file__).resolve().parents[2]
 # Where the stack's Prometheus is linked: its banner and these.

@@ -32,7 +32,6 @@ from tests.conftest import (
     RedisInstance,
     Replica,
     server_process,
-    server_process_env,
     wait_for,
 )
 
@@ -318,12 +317,14 @@ def server_processes(
         for i in range(count):
             port, admin_port = free_ports(2)
             run_dir = tmp_path / f"server{i}"
-            env = server_process_env(
-                redis_instance.url,
-                key_prefix,
-                replicas,
+            proc = server_process(
+                f"decision server {i}",
                 run_dir,
-                DECISION_SERVER__PORT=str(port),
+                port=port,
+                redis_url=redis_instance.url,
+                key_prefix=key_prefix,
+                primary=replicas["primary"].address,
+                secondary=replicas["secondary"].address,
                 DECISION_TELEMETRY__LOG_LEVEL="INFO",
                 DECISION_ADMIN__PORT=str(admin_port),
                 DECISION_ADMIN__TOKENS=TOKENS,
@@ -331,7 +332,6 @@ def server_processes(
                 DECISION_AUDIT__DATABASE_URL=f"sqlite:///{tmp_path / 'audit.db'}",
                 **settings,
             )
-            proc = server_process(f"decision server {i}", run_dir, env)
             started.append(ServerProcess(proc, port, admin_port, run_dir))
             proc.start()
         for server in started[-count:]:

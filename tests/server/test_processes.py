@@ -17,10 +17,10 @@ import grpc
 import pytest
 
 from core.processes import free_port, free_ports, live_group_members, port_open
-from localstack.__main__ import LocalStack
 from localstack.health import serving
+from localstack.stack import LocalStack
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, server_process, wait_for
 from tests.metrics import scrape, value
 from tests.server.conftest import buy
 
@@ -29,52 +29,34 @@ pytestmark = pytest.mark.integration
 
 def test_server_process_serves_then_stops_cleanly_on_sigterm(redis_instance, tmp_path):
     port, admin_port = free_ports(2)
-    env = {
-        **os.environ,
-        "DECISION_SERVER__PORT": str(port),
+    proc = server_process(
+        "decision server",
+        tmp_path,
+        port=port,
+        redis_url=redis_instance.url,
+        key_prefix=f"proc{port}:",
+        primary=f"127.0.0.1:{free_port()}",
+        secondary=f"127.0.0.1:{free_port()}",
         # Every port the server binds is free: 50052, the default, lies in Linux's
         # ephemeral range, where another test's connection may hold it.
-        "DECISION_ADMIN__PORT": str(admin_port),
-        "DECISION_SERVER__GRACE_PERIOD_S": "2",
-        "DECISION_SERVER__WORKERS": "1",
-        "DECISION_REDIS__URL": redis_instance.url,
-        "DECISION_REDIS__KEY_PREFIX": f"proc{port}:",
-        "DECISION_TORCHSERVE__PRIMARY_ADDRESS": f"127.0.0.1:{free_port()}",
-        "DECISION_TORCHSERVE__SECONDARY_ADDRESS": f"127.0.0.1:{free_port()}",
-        "DECISION_SERVER__METRICS_PORT": "0",
-        "DECISION_AUDIT__JOURNAL_DIR": str(tmp_path / "journal"),
-        "DECISION_AUDIT__DATABASE_URL": f"sqlite:///{tmp_path / 'audit.db'}",
-    }
-    with (tmp_path / "server.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server"],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def serving_while_running() -> bool:
-        exited = proc.poll()
-        assert exited is None, f"exited {exited}: {(tmp_path / 'server.log').read_text()[-3000:]}"
-        return serving(port)
-
+        DECISION_ADMIN__PORT=str(admin_port),
+        DECISION_SERVER__GRACE_PERIOD_S="2",
+    )
     try:
-        wait_for(serving_while_running, 20)
+        proc.start()
+        proc.wait_ready(lambda: serving(port), 20.0)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             response = decision_pb2_grpc.DecisionServiceStub(channel).Decide(buy(), timeout=1.0)
             assert response.source == decision_pb2.SOURCE_ABSTAIN  # no features written
 
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        text = (tmp_path / "server.log").read_text()
+        proc.signal_group(signal.SIGTERM)
+        assert proc.wait(10.0) == 0
+        text = proc.log_path.read_text()
         assert "signal received: shutting down" in text
         assert text.rstrip().endswith("stopped")
         assert not port_open("127.0.0.1", port)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        proc.kill()
 
 
 def test_local_stack_sigint_to_its_group_stops_every_process(tmp_path, model_store):

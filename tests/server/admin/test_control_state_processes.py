@@ -12,7 +12,6 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -22,7 +21,7 @@ import redis
 from core.processes import ManagedProcess, free_port, free_ports
 from localstack.health import serving
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
-from tests.conftest import server_process, server_process_env
+from tests.conftest import server_process
 from tests.server.admin.conftest import OwnRedis
 from tests.server.admin.test_control_state_loss import WITHIN_S
 from tests.server.conftest import OPERATOR, TOKENS, VIEWER, buy
@@ -35,21 +34,21 @@ KILLED = "SOL-USD"
 class Server:
     def __init__(self, index: int, redis_url: str, database_url: str, run_dir: Path) -> None:
         self.port, self.admin_port, self.metrics_port = free_ports(3)
-        nowhere = SimpleNamespace(address=f"127.0.0.1:{free_port()}")  # no replica needed
-        own_dir = run_dir / f"server{index}"
-        env = server_process_env(
-            redis_url,
-            "levers:",
-            {"primary": nowhere, "secondary": nowhere},  # type: ignore[dict-item]
-            own_dir,
-            DECISION_TORCHSERVE__CHALLENGER_ADDRESS=nowhere.address,
-            DECISION_SERVER__PORT=str(self.port),
+        nowhere = f"127.0.0.1:{free_port()}"
+        self.proc: ManagedProcess = server_process(
+            f"decision server {index}",
+            run_dir / f"server{index}",
+            port=self.port,
+            redis_url=redis_url,
+            key_prefix="levers:",
+            primary=nowhere,  # no replica needed
+            secondary=nowhere,
+            DECISION_TORCHSERVE__CHALLENGER_ADDRESS=nowhere,
             DECISION_ADMIN__PORT=str(self.admin_port),
             DECISION_ADMIN__TOKENS=TOKENS,
             DECISION_SERVER__METRICS_PORT=str(self.metrics_port),
             DECISION_AUDIT__DATABASE_URL=database_url,
         )
-        self.proc: ManagedProcess = server_process(f"decision server {index}", own_dir, env)
         self.proc.start()
 
     def wait_serving(self) -> None:

@@ -4,25 +4,21 @@ complete."""
 from __future__ import annotations
 
 import asyncio
-import os
+import functools
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import grpc
 import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from core.processes import free_port
+from core.processes import ManagedProcess, free_port
 from localstack.health import serving
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.audit.store import AuditStore, create_store_engine, decisions
-from tests.conftest import REPO, wait_for
+from tests.conftest import server_process, wait_for
 from tests.server.audit.proxy import TcpProxy
 from tests.server.conftest import (
     audited_decision,
@@ -82,30 +78,11 @@ class Load:
         await asyncio.gather(*self._tasks)
 
 
-def start_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """``python -m server`` in a process group of its own (its workers too)."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server"],
-            cwd=REPO,
-            env={**os.environ, **env, "DECISION_SERVER__PORT": str(port)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            process_group=0,
-        )
-    deadline = time.monotonic() + 30
-    while not serving(port):
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "server not SERVING in 30 s"
-        time.sleep(0.05)
+def start_server(proc: ManagedProcess, port: int) -> ManagedProcess:
+    """Starts ``proc`` (its workers in its process group) and waits until it serves."""
+    proc.start()
+    proc.wait_ready(functools.partial(serving, port), 30.0)
     return proc
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """Kills the server's process group (workers included) unless it has ended."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.mark.parametrize(("database", "workers"), [("sqlite", 1), ("postgresql", 1), ("sqlite", 2)])
@@ -121,35 +98,31 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
     )
     for symbol in ("BTC-USD", "ETH-USD"):
         await feature_writer.write_many([sample_record(symbol)])
-    ts = replica_settings(replicas)
-    env = {
-        "DECISION_REDIS__URL": redis_instance.url,
-        "DECISION_REDIS__KEY_PREFIX": key_prefix,
-        "DECISION_FEATURES__MAX_AGE_MS": "120000",
-        "DECISION_TORCHSERVE__PRIMARY_ADDRESS": str(ts["primary_address"]),
-        "DECISION_TORCHSERVE__SECONDARY_ADDRESS": str(ts["secondary_address"]),
-        "DECISION_DEADLINE__MODEL_CALL_MS": "500",
-        "DECISION_SERVER__METRICS_PORT": "0",
-        "DECISION_AUDIT__JOURNAL_DIR": str(tmp_path / "journal"),
-        "DECISION_AUDIT__DATABASE_URL": url,
-        "DECISION_AUDIT__FSYNC_INTERVAL_MS": "1000",
-        "DECISION_SERVER__WORKERS": str(workers),
-        "DECISION_ADMIN__PORT": str(free_port()),
-    }
     port = free_port()
-    log = tmp_path / "server.log"
-    server = start_server(port, env, log)
+    server = server_process(
+        "decision server",
+        tmp_path,
+        port=port,
+        redis_url=redis_instance.url,
+        key_prefix=key_prefix,
+        primary=replicas["primary"].address,
+        secondary=replicas["secondary"].address,
+        DECISION_AUDIT__DATABASE_URL=url,
+        DECISION_AUDIT__FSYNC_INTERVAL_MS="1000",
+        DECISION_SERVER__WORKERS=str(workers),
+        DECISION_ADMIN__PORT=str(free_port()),
+    )
+    start_server(server, port)
     load = Load(port)
     engine = create_store_engine(url)
     store = AuditStore(engine)
     try:
         load.start()
         await asyncio.sleep(1.5)
-        os.killpg(server.pid, signal.SIGKILL)
-        await asyncio.to_thread(server.wait)
+        await asyncio.to_thread(server.kill)  # every worker at once
         served_before_kill = len(load.ok_ids)
         await asyncio.sleep(0.3)  # callers now see UNAVAILABLE
-        server = await asyncio.to_thread(start_server, port, env, log)
+        await asyncio.to_thread(start_server, server, port)
         for _ in range(100):  # until the restarted server has served for a while
             await asyncio.sleep(0.1)
             if len(load.ok_ids) > served_before_kill + 100:
@@ -167,7 +140,7 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
         await asyncio.to_thread(
             wait_for, lambda: len(store.decision_ids(ok_ids)) == len(ok_ids), 30
         )
-        server.send_signal(signal.SIGTERM)
+        server.signal_group(signal.SIGTERM)
         assert await asyncio.to_thread(server.wait, 20) == 0
         missing = load.ok_ids - store.decision_ids(ok_ids)
         assert not missing, f"{len(missing)} decisions answered OK but not stored"
@@ -176,7 +149,7 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
         assert len(servers) == workers, servers  # every worker served
     finally:
         await load.stop()
-        stop_process(server)
+        server.kill()
         store.dispose()
 
 
