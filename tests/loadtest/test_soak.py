@@ -1,5 +1,6 @@
-"""The soak harness against the whole local stack, as ``make run`` starts it: three
-minutes of steady Decide load with the stack's redis-server paused for 30 s in the middle.
+"""The soak harness against the whole local stack, as ``make run`` starts it: a minute
+of steady Decide load with the stack's redis-server paused for 15 s of it (a whole
+10-second window paused, and 25 s after the resume to see the model answer again).
 
 Asserted: no TorchServe worker lost; every answered decision in the audit store, and
 every answer the model did not give says why; the ladder abstains while Redis is paused
@@ -24,12 +25,12 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
-DURATION_S = 180
-PAUSE = "redis@60+30"
+DURATION_S = 60
+PAUSE = "redis@20+15"
 
 
 @pytest.mark.timeout(DURATION_S + 300)
-def test_three_minute_soak_with_a_redis_pause_loses_nothing_and_recovers(model_store, tmp_path):
+def test_a_soak_with_a_redis_pause_loses_nothing_and_recovers(model_store, tmp_path):
     store, _ = model_store
     run_dir = tmp_path / "stack"
     summary_path = tmp_path / "soak.json"
