@@ -67,8 +67,8 @@ bench: setup-triton ## Benchmarks: echo/TorchServe/Triton/Decide/fallback paths 
 	@$(PY) -m loadtest.bench_shadow
 
 DURATION ?= 600
-soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 redis-empty@300 ...", LEVERS="kill-switch:SOL-USD@60 ..."
-	@$(PY) -m loadtest.soak --duration-s $(DURATION) $(foreach f,$(FAULTS),--fault $(f)) $(foreach l,$(LEVERS),--lever $(l))
+soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 redis-empty@300 ...", LEVERS="kill-switch:SOL-USD@60 ...", DOC=docs/local-stack.md writes its per-process table there
+	@$(PY) -m loadtest.soak --duration-s $(DURATION) $(foreach f,$(FAULTS),--fault $(f)) $(foreach l,$(LEVERS),--lever $(l)) $(if $(DOC),--doc $(DOC))
 
 acceptance: setup ## Every recording under ../shared/data (Coinbase, Binance, Kraken, L2 CSV) through Kafka into Redis, checked
 	@$(PY) -m loadtest.acceptance

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import time
 import uuid
@@ -44,6 +45,7 @@ from core.caller import CALLER_OPTIONS
 from core.chaos import RESTART_EMPTY, ChaosRequest, NoLocalStack, ask
 from core.processes import ProcessStartError
 from feature_cache.settings import FeatureCacheSettings
+from loadtest.report import replace_generated
 from loadtest.soak_levers import Lever, LeverCheck, engage, operator_token, release, utc_clock
 from loadtest.soak_probe import (
     ConsumerLag,
@@ -68,6 +70,7 @@ from loadtest.soak_report import (
     held_to_model,
     judge,
     machine_drift,
+    process_table,
     recovery_s,
     row,
     summarize,
@@ -422,6 +425,11 @@ async def soak(args: argparse.Namespace) -> int:
             if late_calls:
                 print("\nlate calls as the server recorded them:")
                 print("\n".join(f"  {line}" for line in late_calls))
+            niceness = {
+                name: os.getpriority(os.PRIO_PROCESS, proc.pid)
+                for name, proc in stack.processes.items()
+                if proc.pid is not None and proc.running()
+            }
     finally:
         witness.stop()
         await stack.stop()
@@ -431,9 +439,15 @@ async def soak(args: argparse.Namespace) -> int:
         for fault, after in after_faults.items()
         if after
     }
-    return report(
+    code = report(
         args, windows, bounds, missing, len(answered), recoveries, late_calls, levers, not_done
     )
+    if args.doc and windows:
+        replace_generated(
+            args.doc, "soak-processes", process_table(windows, niceness, GROWTH_PART_S)
+        )
+        print(f"per-process table written into {args.doc}")
+    return code
 
 
 async def release_levers(stack: LocalStack, levers: LeverCheck) -> None:
@@ -570,6 +584,12 @@ def main() -> None:
     parser.add_argument("--models", type=Path, help="archives to serve (default: .run/models)")
     parser.add_argument("--json", type=Path, default=REPO / ".run/soak/soak.json")
     parser.add_argument("--png", type=Path, default=REPO / "docs/img/soak.png")
+    parser.add_argument(
+        "--doc",
+        type=Path,
+        help="also write the per-process CPU and RSS table into this page's"
+        " generated:soak-processes block (docs/local-stack.md)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args.run_dir.mkdir(parents=True, exist_ok=True)

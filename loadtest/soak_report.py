@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from core.stats import percentile
+from loadtest.report import markdown_table
 from loadtest.soak_levers import Decided, KillSwitch
 
 MODEL_SOURCES = frozenset({"PRIMARY", "SECONDARY", "CANARY"})
@@ -308,3 +309,39 @@ def draw_timeline(path: Path, windows: Sequence[Window], title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def process_table(windows: Sequence[Window], niceness: Mapping[str, int], part_s: float) -> str:
+    """Each process group's CPU (% of a core) and RSS (MB), means over the steady windows
+    of the run's first and last ``part_s`` (half the run when shorter), as markdown; the
+    stack's total leaves the soak's own client out."""
+    span = min(part_s, (windows[-1].end_s if windows else 0.0) / 2)
+    steady = [w for w in windows if not w.fault]
+    first = [w for w in steady if w.end_s <= span]
+    last = [w for w in steady if w.start_s >= windows[-1].end_s - span] if windows else []
+    names = list(dict.fromkeys(name for w in steady for name in w.processes))
+
+    def mean(part: Sequence[Window], name: str, index: int) -> float:
+        values = [w.processes[name][index] for w in part if name in w.processes]
+        return sum(values) / len(values) if values else 0.0
+
+    def cells(name_set: Sequence[str]) -> tuple[str, str]:
+        cpu = [sum(mean(part, n, 0) for n in name_set) for part in (first, last)]
+        rss = [sum(mean(part, n, 1) for n in name_set) for part in (first, last)]
+        return f"{cpu[0]:.1f} / {cpu[1]:.1f}", f"{rss[0]:.0f} / {rss[1]:.0f}"
+
+    rows: list[tuple[object, ...]] = [
+        (name, niceness.get(name, 0), *cells([name])) for name in names
+    ]
+    stack = [name for name in names if name != "soak-client"]
+    rows.append(("**the stack**", "", *(f"**{cell}**" for cell in cells(stack))))
+    minutes = f"{span / 60:.0f} min" if span >= 60 else f"{span:.0f} s"
+    return markdown_table(
+        [
+            "process group",
+            ">nice",
+            f">CPU, % of one core (first / last {minutes})",
+            f">RSS MB (first / last {minutes})",
+        ],
+        rows,
+    )
