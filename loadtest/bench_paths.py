@@ -52,7 +52,6 @@ import functools
 import json
 import math
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +66,14 @@ import grpc
 from core.processes import free_ports, listening
 from loadtest.bench_latency import BACKENDS, QUIET, echo_server, fresh_features
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec, Mode, Target
+from loadtest.report import (
+    MODEL_SOURCES,
+    answered_by,
+    checkout_commit,
+    load_text,
+    model_share,
+    model_share_of_calls,
+)
 from loadtest.soak_probe import group_cpu_seconds
 from localstack.health import serving
 from localstack.stack import started
@@ -100,7 +107,6 @@ MODEL_SERVER_PATHS = {"TorchServe": ("T", "D"), "Triton": ("X", "Y")}
 """Each model server's direct path and Decide path, compared side by side."""
 SERVER_FACTORS = (0.5, 0.8)
 """T, X and Y run open loop at these multiples of their own capacity too."""
-MODEL_SOURCES = {"SOURCE_PRIMARY", "SOURCE_SECONDARY", "SOURCE_CANARY"}
 TARGET_RATE = 1000.0
 CLOSED_LOOP_DEADLINE_S = 1.0
 OPEN_LOOP_DEADLINE_S = 0.05  # what execution systems give a Decide
@@ -336,33 +342,6 @@ def describe_row(cell: Cell, result: LoadResult) -> str:
     )
 
 
-def load_text(mode: Mode, load: float) -> str:
-    return f"c={load:g}" if mode == "closed" else f"{load:g}/s"
-
-
-def answered_by(result: LoadResult) -> str:
-    shares = sorted(result.answers.items(), key=lambda item: -item[1])
-    return ", ".join(
-        f"{source.removeprefix('SOURCE_').lower()} {100 * n / result.ok:.0f} %"
-        for source, n in shares
-    )
-
-
-def modelled(result: LoadResult) -> int:
-    """The answers a model replica gave (not the fallback ladder)."""
-    return sum(n for s, n in result.answers.items() if s in MODEL_SOURCES)
-
-
-def model_share(result: LoadResult) -> float:
-    """The share of OK answers a model replica gave."""
-    return modelled(result) / max(result.ok, 1)
-
-
-def model_share_of_calls(result: LoadResult) -> float:
-    """The share of all calls, refused and late ones included, a model replica answered."""
-    return modelled(result) / max(result.ok + result.error_count, 1)
-
-
 def table(results: dict[Cell, LoadResult], server_cores: dict[Cell, float]) -> str:
     lines = [
         "| path | mode | load | req/s | p50 ms | p99 ms | p999 ms | errors | refusal p99 ms"
@@ -532,17 +511,6 @@ def targets(results: dict[Cell, LoadResult]) -> str:
     return "\n".join(lines) + (
         f"\n\nsaturated throughput (best closed loop; D: model answers only): {saturation}"
     )
-
-
-def checkout_commit() -> str:
-    """The checkout's commit, short; empty outside a git checkout."""
-    return subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 - git from PATH, fixed arguments
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
 
 
 def figures(measured: Measured) -> dict[str, Any]:

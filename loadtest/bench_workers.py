@@ -51,17 +51,15 @@ import psutil  # type: ignore[import-untyped]  # no stubs in the virtualenv
 
 from core.processes import ManagedProcess, free_ports, listening
 from loadtest.bench_latency import BACKENDS, QUIET, echo_server, fresh_features
-from loadtest.bench_paths import (
-    OPEN_LOOP_DEADLINE_S,
-    TOKEN,
-    BreakerSwitch,
+from loadtest.bench_paths import OPEN_LOOP_DEADLINE_S, TOKEN, BreakerSwitch
+from loadtest.loadgen import REFUSALS, LoadGenerator, LoadResult, LoadSpec, Mode, Target
+from loadtest.report import (
     answered_by,
     checkout_commit,
     load_text,
     model_share,
     model_share_of_calls,
 )
-from loadtest.loadgen import REFUSALS, LoadGenerator, LoadResult, LoadSpec, Mode, Target
 from loadtest.soak_probe import group_cpu_seconds, usage_of
 from localstack.health import serving
 from localstack.stack import MODEL_SERVERS, LocalStack, started

@@ -4,8 +4,15 @@ blocks of the docs they keep current (between ``<!-- generated:NAME -->`` and
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from loadtest.loadgen import LoadResult, Mode
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_SOURCES = frozenset({"SOURCE_PRIMARY", "SOURCE_SECONDARY", "SOURCE_CANARY"})
+"""The Decide sources that are a model's answer (the rest are the fallback ladder's)."""
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -27,3 +34,41 @@ def replace_generated(path: Path, name: str, body: str) -> None:
     if not found or not found_end:
         raise ValueError(f"{path}: no {begin} ... {end} block to replace")
     path.write_text(f"{head}{begin}\n{body.strip()}\n{end}{tail}")
+
+
+def load_text(mode: Mode, load: float) -> str:
+    return f"c={load:g}" if mode == "closed" else f"{load:g}/s"
+
+
+def answered_by(result: LoadResult) -> str:
+    shares = sorted(result.answers.items(), key=lambda item: -item[1])
+    return ", ".join(
+        f"{source.removeprefix('SOURCE_').lower()} {100 * n / result.ok:.0f} %"
+        for source, n in shares
+    )
+
+
+def modelled(result: LoadResult) -> int:
+    """The answers a model replica gave (not the fallback ladder)."""
+    return sum(n for s, n in result.answers.items() if s in MODEL_SOURCES)
+
+
+def model_share(result: LoadResult) -> float:
+    """The share of OK answers a model replica gave."""
+    return modelled(result) / max(result.ok, 1)
+
+
+def model_share_of_calls(result: LoadResult) -> float:
+    """The share of all calls, refused and late ones included, a model replica answered."""
+    return modelled(result) / max(result.ok + result.error_count, 1)
+
+
+def checkout_commit() -> str:
+    """The checkout's commit, short; empty outside a git checkout."""
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 - git from PATH, fixed arguments
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
