@@ -56,12 +56,11 @@ test: setup-ci lint proto-check k8s-validate ## Set up, lint, check the protos a
 test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-bench: setup-triton ## Benchmarks: echo/TorchServe/Triton/Decide/fallback paths (bench_paths), worker scaling (bench_workers), Decide vs TorchServe latency, ingest, broker, audit, model serving, shadow
+bench: setup-triton ## Benchmarks: echo/TorchServe/Triton/Decide/fallback paths (bench_paths), worker scaling (bench_workers), Decide vs TorchServe latency, ingest, audit, model serving, shadow
 	@$(PY) -m loadtest.bench_paths
 	@$(PY) -m loadtest.bench_workers
 	@$(PY) -m loadtest.bench_latency
 	@$(PY) -m loadtest.bench_ingest
-	@$(PY) -m loadtest.bench_broker --duration-s 300
 	@$(PY) -m loadtest.bench_audit
 	@$(PY) -m loadtest.bench_models
 	@$(PY) -m loadtest.bench_shadow
@@ -71,12 +70,12 @@ soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 
 	@$(PY) -m loadtest.soak --duration-s $(DURATION) $(foreach f,$(FAULTS),--fault $(f)) $(foreach l,$(LEVERS),--lever $(l)) $(if $(DOC),--doc $(DOC))
 
 acceptance: setup ## Every recording under ../shared/data (Coinbase, Binance, Kraken, L2 CSV) through Kafka into Redis, checked
-	@$(PY) -m loadtest.acceptance
+	@$(PY) -m checks.acceptance
 
 drift-report: setup ## PSI of every recording under ../shared/data (and of an unseen generated day) against the champion's training reference
-	@$(PY) -m loadtest.drift_report
+	@$(PY) -m checks.drift_report
 
 quality-report: setup ## Live model quality after a restart of the stack: the labeler's AUC on replayed held-out data against the offline AUC of the same period, and how soon and how much it labels (about 11 minutes; writes docs/quality.md)
-	@$(PY) -m loadtest.quality_report --restart-after-s 60
+	@$(PY) -m checks.quality_report --restart-after-s 60
 
 .PHONY: help setup setup-ci lock run models proto fmt lint proto-check k8s-validate test test-fast bench soak acceptance drift-report quality-report

@@ -1,6 +1,6 @@
 """Drift of real market data against the champion's training reference.
 
-For every recording under ``../shared/data/`` (as ``loadtest.acceptance`` finds them),
+For every recording under ``../shared/data/`` (as ``checks.acceptance`` finds them),
 the features a decision would read are sampled the way the training rows were (per
 symbol, every ``DataSpec.sample_every_ms`` of exchange time after a warm-up) and their
 PSI per feature is computed against the ``reference.json`` of the champion's archive, as
@@ -8,7 +8,7 @@ the server's live drift does (``server.drift.population_stability``). A control 
 does the same for generated market data of a day the model was not trained on: its PSI
 is what "no drift" looks like. Prints one table per source; exit status 0.
 
-    .venv/bin/python -m loadtest.drift_report [--models .run/models] [--source KIND:PATH]
+    .venv/bin/python -m checks.drift_report [--models .run/models] [--source KIND:PATH]
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from checks.acceptance import DATA, find_sources
 from feature_cache.events import MarketEvent
 from feature_cache.exchanges.feed import ReplaySummary
 from feature_cache.exchanges.sources import Source
 from feature_cache.features import SymbolState
 from feature_cache.generator import MarketGenerator
 from feature_cache.schema import FEATURE_NAMES
-from loadtest.acceptance import DATA, find_sources
 from server.drift import ModelReferences, Reference, population_stability
 from torchserve.dataset import DAY_US, FIRST_DAY_US, DataSpec, day_seed
 from torchserve.train import ensure_models

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checks.quality_report import inverted_archive
 from feature_cache.schema import MODEL_INPUT_WIDTH
-from loadtest.quality_report import inverted_archive
 from torchserve.archive import ArchiveInfo, archive_meta, archive_version
 
 

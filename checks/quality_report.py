@@ -1,4 +1,4 @@
-"""``python -m loadtest.quality_report`` (``make quality-report``): the labeler's live AUC
+"""``python -m checks.quality_report`` (``make quality-report``): the labeler's live AUC
 against the offline evaluation of the same period, and a broken model's.
 
 Replays the start of the models' held-out day (the generated day no model was fitted
@@ -480,7 +480,7 @@ def report_text(
 
     return f"""# Live model quality against the offline evaluation
 
-Written by `make quality-report` (`python -m loadtest.quality_report`) on
+Written by `make quality-report` (`python -m checks.quality_report`) on
 {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}; do not edit by hand.
 
 The first {args.duration_s:.0f} s of the models' held-out day were replayed through the local
