@@ -45,7 +45,8 @@ from core.caller import CALLER_OPTIONS
 from core.chaos import RESTART_EMPTY, ChaosRequest, NoLocalStack, ask
 from core.processes import ProcessStartError
 from feature_cache.settings import FeatureCacheSettings
-from loadtest.report import replace_generated
+from loadtest.loadgen import Recorder, open_loop
+from loadtest.report import checkout_commit, replace_generated
 from loadtest.soak_levers import Lever, LeverCheck, engage, operator_token, release, utc_clock
 from loadtest.soak_probe import (
     ConsumerLag,
@@ -128,13 +129,14 @@ class Fault:
 
 
 class LoadDriver:
-    """Open-loop Decide calls at ``rate_per_s`` (a fixed schedule that does not wait for
-    answers); ``take()`` hands over the answers completed since the last take."""
+    """Open-loop Decide calls at ``rate_per_s`` on ``loadgen``'s schedule (it does not
+    wait for answers), every answer kept; ``take()`` hands over the answers completed
+    since the last take."""
 
     def __init__(self, address: str, rate_per_s: float, deadline_ms: float) -> None:
         self._channel = grpc.aio.insecure_channel(address, options=CALLER_OPTIONS)
         self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
-        self._interval_s = 1.0 / rate_per_s
+        self._rate_per_s = rate_per_s
         self._deadline_ms = deadline_ms
         self._orders = [
             (symbol, side)
@@ -142,53 +144,51 @@ class LoadDriver:
             for side in (decision_pb2.SIDE_BUY, decision_pb2.SIDE_SELL)
         ]
         self._answers: list[Answer] = []
+        self._recorder = Recorder()  # loadgen's: the send lag
         # Request ids unique across runs: the run folder's audit store outlives a run.
         self.request_prefix = f"soak-{uuid.uuid4().hex[:8]}-"
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._send_lag_max_s = 0.0
+        self._sent = 0
         self.started_at = time.monotonic()
 
     async def run(self, until_s: float) -> None:
-        """Sends until ``until_s`` seconds after ``started_at``, then waits for the answers."""
-        loop = asyncio.get_running_loop()
-        begin = loop.time()
-        sent = 0
-        while (next_at := begin + sent * self._interval_s) < begin + until_s:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            self._send_lag_max_s = max(self._send_lag_max_s, loop.time() - next_at)
-            symbol, side = self._orders[sent % len(self._orders)]
-            # Each call's own request id: a late call is found in the audit store by it.
-            request = decision_pb2.DecideRequest(
-                symbol=symbol, side=side, quantity=1.0, request_id=f"{self.request_prefix}{sent}"
-            )
-            task = asyncio.create_task(self._one(request))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            sent += 1
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
+        """Sends for ``until_s`` seconds, then waits for the answers."""
+        sends = round(until_s * self._rate_per_s)
+        await open_loop(
+            self._one,
+            self._recorder,
+            rate_per_s=self._rate_per_s,
+            seconds=until_s,
+            max_requests=sends,
+        )
 
-    async def _one(self, request: decision_pb2.DecideRequest) -> None:
+    async def _one(self) -> str:
+        symbol, side = self._orders[self._sent % len(self._orders)]
+        # Each call's own request id: a late call is found in the audit store by it.
+        request = decision_pb2.DecideRequest(
+            symbol=symbol, side=side, quantity=1.0, request_id=f"{self.request_prefix}{self._sent}"
+        )
+        self._sent += 1
         sent, sent_unix = time.monotonic(), time.time()
+        error: grpc.aio.AioRpcError | None = None
         try:
             response = await self._stub.Decide(request, timeout=self._deadline_ms / 1000)
         except grpc.aio.AioRpcError as exc:
             outcome, age, decision_id = exc.code().name, -1.0, ""
             late = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             decision = reason = ""
+            error = exc
         else:
             outcome = decision_pb2.Source.Name(response.source).removeprefix("SOURCE_")
             age, decision_id, late = response.feature_age_ms, response.decision_id, False
             decision = decision_pb2.Decision.Name(response.decision).removeprefix("DECISION_")
             reason = response.reason
         done = time.monotonic()
-        latency_ms = (done - sent) * 1000
         # Late is gRPC's verdict (DEADLINE_EXCEEDED): an OK answer that this process
         # resumes after the deadline arrived in time and was held by our own event loop.
         self._answers.append(
             Answer(
                 done - self.started_at,
-                latency_ms,
+                (done - sent) * 1000,  # from the send: the soak's bounds are the caller's
                 outcome,
                 age,
                 late,
@@ -200,6 +200,9 @@ class LoadDriver:
                 reason,
             )
         )
+        if error is not None:
+            raise error
+        return outcome
 
     def take(self) -> list[Answer]:
         answers, self._answers = self._answers, []
@@ -208,7 +211,7 @@ class LoadDriver:
     def take_send_lag_ms(self) -> float:
         """The longest this process's loop sent a call behind its schedule since the
         last take: a stall of the load generator, not of the stack."""
-        lag_s, self._send_lag_max_s = self._send_lag_max_s, 0.0
+        lag_s, self._recorder.send_lag_max_s = self._recorder.send_lag_max_s, 0.0
         return lag_s * 1000
 
     async def close(self) -> None:
@@ -443,9 +446,15 @@ async def soak(args: argparse.Namespace) -> int:
         args, windows, bounds, missing, len(answered), recoveries, late_calls, levers, not_done
     )
     if args.doc and windows:
-        replace_generated(
-            args.doc, "soak-processes", process_table(windows, niceness, GROWTH_PART_S)
+        ended = time.gmtime()
+        began = time.gmtime(time.time() - args.duration_s)
+        caption = (
+            f"{time.strftime('%Y-%m-%d %H:%M', began)} to {time.strftime('%H:%M', ended)} UTC,"
+            f" commit {checkout_commit()}, {args.duration_s / 60:.0f} minutes at"
+            f" {args.rate:.0f} Decide/s" + (", with faults" if args.fault else "")
         )
+        table = process_table(windows, niceness, GROWTH_PART_S, caption)
+        replace_generated(args.doc, "soak-processes", table)
         print(f"per-process table written into {args.doc}")
     return code
 

@@ -311,10 +311,13 @@ def draw_timeline(path: Path, windows: Sequence[Window], title: str) -> None:
     plt.close(fig)
 
 
-def process_table(windows: Sequence[Window], niceness: Mapping[str, int], part_s: float) -> str:
+def process_table(
+    windows: Sequence[Window], niceness: Mapping[str, int], part_s: float, caption: str = ""
+) -> str:
     """Each process group's CPU (% of a core) and RSS (MB), means over the steady windows
-    of the run's first and last ``part_s`` (half the run when shorter), as markdown; the
-    stack's total leaves the soak's own client out."""
+    of the run's first and last ``part_s`` (half the run when shorter), as markdown under
+    ``caption`` and the machine's mean busy and steal shares; the stack's total leaves
+    the soak's own client out."""
     span = min(part_s, (windows[-1].end_s if windows else 0.0) / 2)
     steady = [w for w in windows if not w.fault]
     first = [w for w in steady if w.end_s <= span]
@@ -336,7 +339,10 @@ def process_table(windows: Sequence[Window], niceness: Mapping[str, int], part_s
     stack = [name for name in names if name != "soak-client"]
     rows.append(("**the stack**", "", *(f"**{cell}**" for cell in cells(stack))))
     minutes = f"{span / 60:.0f} min" if span >= 60 else f"{span:.0f} s"
-    return markdown_table(
+    busy = sum(w.machine_busy_pct for w in windows) / max(len(windows), 1)
+    steal = sum(w.machine_steal_pct for w in windows) / max(len(windows), 1)
+    machine = f"the machine {busy:.0f} % busy, host steal {steal:.2f} %"
+    return f"{caption}{'; ' if caption else ''}{machine}:\n\n" + markdown_table(
         [
             "process group",
             ">nice",

@@ -42,7 +42,8 @@ def test_the_process_table_compares_the_first_and_last_part_without_the_faults()
     windows = [window(0, 10, 200), window(10, 30, 300, fault="redis@10+5"), window(20, 20, 220)]
     windows += [window(30, 99, 999, fault="primary@30+5"), window(40, 16, 210)]
     # Parts of 20 s: the first is 0-20 (the fault window left out), the last 30-50.
-    table = process_table(windows, {"decision-server": 0}, part_s=20).splitlines()
+    caption, _, *table = process_table(windows, {"decision-server": 0}, 20, "a run").splitlines()
+    assert caption == "a run; the machine 0 % busy, host steal 0.00 %:"
     assert table[0] == (
         "| process group | nice | CPU, % of one core (first / last 20 s)"
         " | RSS MB (first / last 20 s) |"
@@ -54,5 +55,6 @@ def test_the_process_table_compares_the_first_and_last_part_without_the_faults()
 
 def test_a_short_run_compares_its_halves() -> None:
     windows = [window(0, 10, 200), window(10, 12, 200), window(20, 20, 250), window(30, 22, 250)]
-    table = process_table(windows, {}, part_s=600).splitlines()
+    caption, _, *table = process_table(windows, {}, part_s=600).splitlines()
+    assert caption == "the machine 0 % busy, host steal 0.00 %:"
     assert table[2] == "| decision-server | 0 | 11.0 / 21.0 | 200 / 250 |"
