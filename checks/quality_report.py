@@ -57,6 +57,7 @@ from feature_cache.events import MarketEvent
 from feature_cache.generator import MarketGenerator
 from feature_cache.replay import Progress, replay
 from feature_cache.settings import FeatureCacheSettings
+from loadtest.loadgen import Recorder, open_loop
 from localstack.stack import PARTS, LocalStack
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from quality.rolling import auc, calibration_error
@@ -160,12 +161,13 @@ class Called:
 async def decide_steadily(
     address: str, symbols: list[str], rate: float, until: float, called: Called
 ) -> None:
-    """Decide calls at ``rate`` a second, open loop, until the monotonic time ``until``."""
+    """Decide calls at ``rate`` a second on ``loadgen``'s open-loop schedule, until the
+    monotonic time ``until``."""
     rng = random.Random(0)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = decision_pb2_grpc.DecisionServiceStub(channel)
 
-        async def one() -> None:
+        async def one() -> str:
             request = decision_pb2.DecideRequest(
                 request_id=str(uuid.uuid4()),
                 symbol=rng.choice(symbols),
@@ -177,19 +179,15 @@ async def decide_steadily(
                 response = await stub.Decide(request, timeout=0.1)
             except grpc.aio.AioRpcError as exc:
                 called.errors[exc.code().name] += 1
-                return
+                raise
             called.decision_ids.append(response.decision_id)
             called.sources[response.source] += 1
+            return decision_pb2.Source.Name(response.source)
 
-        tasks = set()
-        next_at = time.monotonic()
-        while next_at < until:
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            task = asyncio.create_task(one())
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            next_at += 1.0 / rate
-        await asyncio.gather(*tasks)
+        seconds = until - time.monotonic()
+        if seconds > 0:
+            sends = round(seconds * rate)
+            await open_loop(one, Recorder(), rate_per_s=rate, seconds=seconds, max_requests=sends)
 
 
 async def shadow_every_decision(stack: LocalStack) -> None:

@@ -25,11 +25,9 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-import grpc
 import sqlalchemy as sa
 
 from core.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
@@ -37,10 +35,9 @@ from core.processes import free_ports
 from core.stats import percentile
 from feature_cache.schema import FEATURE_NAMES
 from loadtest.bench_latency import BACKENDS, QUIET, fresh_features
-from loadtest.loadgen import REFUSALS, REFUSED_BACKOFF_S
+from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec
 from localstack.health import serving
 from localstack.stack import started
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.audit.journal import SEGMENT_MAX_BYTES, Journal
 from server.audit.migrate import upgrade
 from server.audit.record import DecisionRecord, encode
@@ -59,7 +56,8 @@ SHIP_TARGET = ">= 20,000 rows/s"
 # DECISION_AUDIT__ENABLED per server; a second audit-off server is the control: how far
 # apart two identical servers measure on this machine (the noise floor of "on - off").
 CONFIGS = {"audit off": "false", "audit on": "true", "audit off again": "false"}
-DECIDE = decision_pb2.DecideRequest(symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0)
+Step = tuple[int, int]  # (concurrency, calls) of one round
+LOAD_BOUND_S = 120.0  # a round ends at its calls; this only bounds a stuck one
 Row = tuple[str, str, str, str]  # measurement, count, result, target
 
 
@@ -219,60 +217,43 @@ def bench_ship(payloads: Sequence[bytes], run_dir: Path) -> list[Row]:
 
 
 async def decide_load(
-    ports: Mapping[str, int], redis_port: int, plan: Sequence[tuple[int, int]]
-) -> tuple[dict[tuple[str, int], list[float]], Counter[tuple[str, int]]]:
-    """Runs ``plan`` (concurrency, calls) on each config in turn, rotating the order.
-    By (config, concurrency): latencies in ms, and answers from the primary model."""
-    results: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
-    primary: Counter[tuple[str, int]] = collections.Counter()
-    refused: Counter[tuple[str, int]] = collections.Counter()
-    channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{p}") for name, p in ports.items()}
+    generator: LoadGenerator, ports: Mapping[str, int], redis_port: int, plan: Sequence[Step]
+) -> dict[tuple[str, int], LoadResult]:
+    """Runs ``plan`` (concurrency, calls) on each config in turn, rotating the order; by
+    (config, concurrency), the rounds' results together."""
 
-    async def load(name: str, concurrency: int, calls: int) -> None:
-        decide = decision_pb2_grpc.DecisionServiceStub(channels[name]).Decide
+    def spec(name: str, concurrency: int, calls: int) -> LoadSpec:
+        return LoadSpec(
+            target="decide",
+            address=f"127.0.0.1:{ports[name]}",
+            mode="closed",
+            seconds=LOAD_BOUND_S,
+            max_requests=calls,
+            concurrency=concurrency,
+            warmup_s=0.0,
+            timeout_s=1.0,
+        )
 
-        async def worker() -> None:
-            for _ in range(calls // concurrency):
-                started = time.perf_counter()
-                try:
-                    response = await decide(DECIDE, timeout=1.0)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code().name not in REFUSALS:
-                        raise
-                    refused[name, concurrency] += 1  # no decision, nothing to store
-                    await asyncio.sleep(REFUSED_BACKOFF_S)
-                    continue
-                results[name, concurrency].append((time.perf_counter() - started) * 1000)
-                primary[name, concurrency] += response.source == decision_pb2.SOURCE_PRIMARY
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-
-    try:
-        async with fresh_features(redis_port):
-            for name in ports:  # warm-up, not recorded
-                await load(name, 1, 200)
-            results.clear()
-            primary.clear()
-            for r, (concurrency, calls) in enumerate(plan):
-                order = list(ports)[r % len(ports) :] + list(ports)[: r % len(ports)]
-                medians = []
-                for name in order:  # each config takes each place in turn
-                    done = len(results[name, concurrency])
-                    await load(name, concurrency, calls)
-                    p50 = percentile(results[name, concurrency][done:], 0.5)
-                    no = refused[name, concurrency]
-                    medians.append(f"{name} {p50:.3f}" + (f" ({no} refused so far)" if no else ""))
-                say(
-                    f"  round {r + 1}/{len(plan)}, concurrency {concurrency}, p50 ms: "
-                    + ", ".join(medians)
-                )
-    finally:
-        for channel in channels.values():
-            await channel.close()
-    return results, primary
+    rounds: dict[tuple[str, int], list[LoadResult]] = collections.defaultdict(list)
+    async with fresh_features(redis_port):
+        for name in ports:  # warm-up, not recorded
+            await asyncio.to_thread(generator.run, spec(name, 1, 200))
+        for r, (concurrency, calls) in enumerate(plan):
+            order = list(ports)[r % len(ports) :] + list(ports)[: r % len(ports)]
+            medians = []
+            for name in order:  # each config takes each place in turn
+                result = await asyncio.to_thread(generator.run, spec(name, concurrency, calls))
+                rounds[name, concurrency].append(result)
+                refused = f" ({result.refused} refused)" if result.refused else ""
+                medians.append(f"{name} {result.percentile_ms(50):.3f}{refused}")
+            say(
+                f"  round {r + 1}/{len(plan)}, concurrency {concurrency}, p50 ms: "
+                + ", ".join(medians)
+            )
+    return {key: LoadResult.combine(results) for key, results in rounds.items()}
 
 
-def bench_decide(run_dir: Path, plan: Sequence[tuple[int, int]]) -> list[Row]:
+def bench_decide(run_dir: Path, plan: Sequence[Step]) -> list[Row]:
     say(f"[3/3] Decide, audit off vs on: starting redis-server, TorchServe, {len(CONFIGS)} servers")
     free = free_ports(2 * len(CONFIGS))
     ports = dict(zip(CONFIGS, free[::2], strict=True))
@@ -292,13 +273,17 @@ def bench_decide(run_dir: Path, plan: Sequence[tuple[int, int]]) -> list[Row]:
             )
             for name, enabled in CONFIGS.items()
         ]
+        generator = LoadGenerator(1)
         try:
+            generator.start()
             for server in servers:
                 server.start()
             for server, port in zip(servers, ports.values(), strict=True):
                 server.wait_ready(functools.partial(serving, port), 30)
-            results, primary = asyncio.run(decide_load(ports, stack.redis_port, plan))
+            generator.wait_ready()
+            results = asyncio.run(decide_load(generator, ports, stack.redis_port, plan))
         finally:
+            generator.stop()
             for server in reversed(servers):
                 server.stop()
     audit_db = create_store_engine(f"sqlite:///{run_dir / 'audit-on' / 'audit.db'}")
@@ -307,14 +292,14 @@ def bench_decide(run_dir: Path, plan: Sequence[tuple[int, int]]) -> list[Row]:
     rows: list[Row] = []
     for concurrency in sorted({c for c, _ in plan}):
         for name in CONFIGS:
-            values = results[name, concurrency]
-            n = f"{len(values):,} ({primary[name, concurrency]:,} primary)"
-            summary = f"p50 {percentile(values, 0.5):.3f} ms, p99 {percentile(values, 0.99):.3f} ms"
+            r = results[name, concurrency]
+            n = f"{r.ok:,} ({r.answers.get('SOURCE_PRIMARY', 0):,} primary)"
+            summary = f"p50 {r.percentile_ms(50):.3f} ms, p99 {r.percentile_ms(99):.3f} ms"
             rows.append((f"Decide c={concurrency}, {name}", n, summary, ""))
         off, on, again = (results[name, concurrency] for name in CONFIGS)
         for label, a, b in (("on - off", on, off), ("off again - off (noise)", again, off)):
-            p50 = percentile(a, 0.5) - percentile(b, 0.5)
-            p99 = percentile(a, 0.99) - percentile(b, 0.99)
+            p50 = a.percentile_ms(50) - b.percentile_ms(50)
+            p99 = a.percentile_ms(99) - b.percentile_ms(99)
             summary = f"p50 {p50:+.3f} ms, p99 {p99:+.3f} ms"
             rows.append((f"Decide c={concurrency}, {label}", "", summary, ""))
     return rows

@@ -1,16 +1,15 @@
 """Decide vs direct TorchServe at concurrency 1, measured in one run on this machine.
 
-Starts its own redis-server, one TorchServe replica, three decision servers (D, as
-configured by default: features from its in-process mirror, /metrics served; O, D with
-tracing on at ``--trace-sample-ratio``, exporting to an OTLP sink, ``loadtest.otlp_sink``;
-M, D with the metrics endpoint off, so without request metrics: what metrics cost) and a bare echo
-server (the floor: one Python gRPC hop, no work) as separate processes on free loopback
-ports; this process is the client of every path. The paths are measured in alternating
-rounds so that machine noise lands on all of them alike. Prints p50/p99 per path and
-the difference the decision layer adds over the direct model call; then, with
-``--saturate-s``, each Decide server's throughput under ``--callers`` closed-loop
-callers, in alternating rounds too (tracing's cost at saturation: O against D; metrics':
-D against M).
+Starts redis-server and one TorchServe replica (``localstack.stack``), three decision
+servers (D, as configured by default; O, D with tracing on at ``--trace-sample-ratio``,
+exporting to ``loadtest.otlp_sink``; M, D with the metrics endpoint off: what metrics
+cost) and a bare echo server (the floor: one Python gRPC hop, no work) on free loopback
+ports. This process calls every path at concurrency 1, in alternating rounds so that
+machine noise lands on all of them alike, and prints p50/p99 per path, the difference
+the decision layer adds over the direct model call and the server-side stage medians.
+With ``--saturate-s``, each Decide server's throughput under ``--callers`` closed-loop
+callers of one ``loadtest.loadgen`` process, in alternating rounds too (tracing's cost
+at saturation: O against D; metrics': D against M).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -33,7 +31,7 @@ from core.processes import ManagedProcess, free_ports, port_open
 from core.stats import percentile
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from loadtest import feature_keeper
-from loadtest.loadgen import REFUSALS, REFUSED_BACKOFF_S
+from loadtest.loadgen import LoadGenerator, LoadSpec
 from localstack.health import serving
 from localstack.stack import started
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
@@ -175,45 +173,36 @@ async def _measure(
     return results
 
 
-async def closed_loop(decide: Any, request: decision_pb2.DecideRequest, until: float) -> int:
-    """Calls ``decide`` back to back until ``until`` (monotonic); how many answered. A
-    refused call (``loadgen.REFUSALS``) is not counted; the caller backs off 1 ms."""
-    done = 0
-    while time.monotonic() < until:
-        try:
-            await decide(request, timeout=1.0)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code().name not in REFUSALS:
-                raise
-            await asyncio.sleep(REFUSED_BACKOFF_S)
-            continue
-        done += 1
-    return done
-
-
 async def saturate(
-    decide_ports: Mapping[str, int], redis_port: int, callers: int, seconds: float, rounds: int
+    generator: LoadGenerator,
+    decide_ports: Mapping[str, int],
+    redis_port: int,
+    callers: int,
+    seconds: float,
+    rounds: int,
 ) -> dict[str, list[float]]:
-    """Decide calls a second per path, ``callers`` closed-loop callers (each on a channel
-    of its own) for ``seconds`` per round, the paths alternating within each round."""
+    """Decide calls a second per path, ``callers`` closed-loop callers (each on a
+    connection of its own) for ``seconds`` per round, the paths alternating within each
+    round; a refused call is not counted (``loadgen``)."""
+    throughput: dict[str, list[float]] = {name: [] for name in decide_ports}
     async with fresh_features(redis_port):
-        throughput: dict[str, list[float]] = {name: [] for name in decide_ports}
-        request = decision_pb2.DecideRequest(
-            symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0
-        )
         for r in range(rounds):
             for name, port in decide_ports.items():
-                channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(callers)]
-                stubs = [decision_pb2_grpc.DecisionServiceStub(c).Decide for c in channels]
-                until = time.monotonic() + seconds
-                started = time.monotonic()
-                done = await asyncio.gather(*(closed_loop(stub, request, until) for stub in stubs))
-                throughput[name].append(sum(done) / (time.monotonic() - started))
-                for channel in channels:
-                    await channel.close()
+                spec = LoadSpec(
+                    target="decide",
+                    address=f"127.0.0.1:{port}",
+                    mode="closed",
+                    seconds=seconds,
+                    max_requests=int(seconds * 100_000),  # a real bound, never reached
+                    concurrency=callers,
+                    warmup_s=0.0,
+                    channels=callers,
+                )
+                result = await asyncio.to_thread(generator.run, spec)
+                throughput[name].append(result.throughput_per_s)
             print(f"  saturation round {r + 1}/{rounds}", end="\r", flush=True)
-        print()
-        return throughput
+    print()
+    return throughput
 
 
 def main() -> None:
@@ -291,15 +280,21 @@ def main() -> None:
                         f"saturating each Decide server: {args.callers} callers,"
                         f" {args.saturate_s:g} s x {args.saturate_rounds} rounds"
                     )
-                    throughput = asyncio.run(
-                        saturate(
-                            decide_ports,
-                            stack.redis_port,
-                            args.callers,
-                            args.saturate_s,
-                            args.saturate_rounds,
+                    generator = LoadGenerator(1)
+                    try:
+                        generator.wait_ready()
+                        throughput = asyncio.run(
+                            saturate(
+                                generator,
+                                decide_ports,
+                                stack.redis_port,
+                                args.callers,
+                                args.saturate_s,
+                                args.saturate_rounds,
+                            )
                         )
-                    )
+                    finally:
+                        generator.stop()
             finally:
                 for proc in reversed(procs):
                     proc.stop()

@@ -1,8 +1,9 @@
 """Decide latency with shadow scoring at 100 % vs off, at the same fixed request rate.
 
-Starts its own redis-server, a champion replica, a challenger replica and the decision
-server as separate processes on free loopback ports. The client sends Decide at a fixed
-rate (open loop: a slow answer does not slow the sending) in alternating rounds, flipping
+Starts redis-server, a champion replica, a challenger replica and the decision server
+(``localstack.stack``) on free loopback ports. One load generator process
+(``loadtest.loadgen``) sends Decide at a fixed rate (open loop: a slow answer does not
+slow the sending, and latency runs from the scheduled send) in alternating rounds, flipping
 the flag ``shadow_sample_rate`` between 0 and 1 through AdminService, so machine noise
 lands on both modes alike. Prints p50/p99 per mode, the p99 ratio (target: at most
 1.10) and what the shadow scorer did, from the server's /metrics.
@@ -12,92 +13,62 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 import grpc
 
 from core.processes import free_ports
-from core.stats import percentile
 from loadtest.bench_latency import BACKENDS, QUIET, fresh_features
+from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec
+from loadtest.report import markdown_table
 from localstack.health import serving
 from localstack.stack import started
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
+from proto.decision.v1 import admin_pb2, admin_pb2_grpc
 
 TOKEN = "bench-operator-token-0123456789"  # noqa: S105 - a throwaway local token
 MODES = {"off": "0", "100 %": "1"}
-
-
-async def run_round(
-    decide: decision_pb2_grpc.DecisionServiceAsyncStub, rate: float, seconds: float
-) -> tuple[list[float], int]:
-    """Latencies (ms) of Decide calls started every 1/rate s for ``seconds``, and how
-    many were not answered by the primary."""
-    request = decision_pb2.DecideRequest(symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1)
-    latencies: list[float] = []
-    not_primary = 0
-
-    async def one() -> None:
-        nonlocal not_primary
-        started = time.perf_counter()
-        response = await decide.Decide(request, timeout=1.0)
-        latencies.append((time.perf_counter() - started) * 1000)
-        not_primary += response.source != decision_pb2.SOURCE_PRIMARY
-
-    tasks = []
-    interval = 1.0 / rate
-    start = time.perf_counter()
-    for i in range(int(rate * seconds)):
-        delay = start + i * interval - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one()))
-    await asyncio.gather(*tasks)
-    return latencies, not_primary
+WARMUP_S = 3.0  # each mode's first round, not recorded: both paths warm
 
 
 async def measure(
-    decision_port: int, admin_port: int, redis_port: int, rate: float, rounds: int, seconds: float
-) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = {mode: [] for mode in MODES}
-    not_primary = dict.fromkeys(MODES, 0)
+    generator: LoadGenerator, decide: str, admin: str, redis_port: int, args: argparse.Namespace
+) -> dict[str, LoadResult]:
+    """Rounds of open-loop Decide at ``args.rate``, the shadow flag flipped between them."""
+    spec = LoadSpec(
+        target="decide",
+        address=decide,
+        mode="open",
+        seconds=args.seconds,
+        max_requests=int(args.rate * args.seconds) + 1,
+        rate_per_s=args.rate,
+        warmup_s=0.0,
+        timeout_s=1.0,
+    )
+    warmup = dataclasses.replace(spec, seconds=WARMUP_S, max_requests=int(args.rate * WARMUP_S))
+    rounds: dict[str, list[LoadResult]] = {mode: [] for mode in MODES}
     metadata = [("authorization", f"Bearer {TOKEN}")]
     async with (
         fresh_features(redis_port),
-        grpc.aio.insecure_channel(f"127.0.0.1:{decision_port}") as channel,
-        grpc.aio.insecure_channel(f"127.0.0.1:{admin_port}") as admin_channel,
+        grpc.aio.insecure_channel(admin) as admin_channel,
     ):
-        decide: decision_pb2_grpc.DecisionServiceAsyncStub = decision_pb2_grpc.DecisionServiceStub(
-            channel
-        )
-        admin = admin_pb2_grpc.AdminServiceStub(admin_channel)
-        for value in MODES.values():  # warm-up of both paths, not recorded
-            await admin.SetFlag(
-                admin_pb2.SetFlagRequest(name="shadow_sample_rate", value=value, reason="bench"),
-                metadata=metadata,
-            )
-            await run_round(decide, rate, 3.0)
-        for r in range(rounds):
+        stub = admin_pb2_grpc.AdminServiceStub(admin_channel)
+        for r in range(args.rounds + 1):
             for mode, value in MODES.items():
-                await admin.SetFlag(
-                    admin_pb2.SetFlagRequest(
-                        name="shadow_sample_rate", value=value, reason="bench"
-                    ),
-                    metadata=metadata,
+                flag = admin_pb2.SetFlagRequest(
+                    name="shadow_sample_rate", value=value, reason="bench"
                 )
+                await stub.SetFlag(flag, metadata=metadata)
                 await asyncio.sleep(0.3)  # shadow calls of the previous round finish
-                latencies, others = await run_round(decide, rate, seconds)
-                results[mode] += latencies
-                not_primary[mode] += others
-            print(f"  round {r + 1}/{rounds}", end="\r", flush=True)
+                result = await asyncio.to_thread(generator.run, spec if r else warmup)
+                if r:
+                    rounds[mode].append(result)
+            print(f"  round {r}/{args.rounds}", end="\r", flush=True)
         print()
-    for mode, count in not_primary.items():
-        if count:
-            print(f"  shadow {mode}: {count} decisions not answered by the primary")
-    return results
+    return {mode: LoadResult.combine(results) for mode, results in rounds.items()}
 
 
 def shadow_metrics(metrics_port: int) -> dict[str, float]:
@@ -127,6 +98,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    generator = LoadGenerator(1)
+    generator.start()  # the worker imports while the stack starts
     with tempfile.TemporaryDirectory(prefix="bench-shadow-") as tmp:
         run_dir = Path(tmp)
         print("starting redis-server, champion and challenger TorchServe, decision server …")
@@ -149,37 +122,32 @@ def main() -> None:
             try:
                 server.start()
                 server.wait_ready(lambda: serving(decision_port), 30)
+                generator.wait_ready()
                 print(
                     f"measuring {args.rounds} rounds x {args.seconds:g} s per mode"
                     f" at {args.rate:g} Decide/s (open loop)"
                 )
-                results = asyncio.run(
-                    measure(
-                        decision_port,
-                        admin_port,
-                        stack.redis_port,
-                        args.rate,
-                        args.rounds,
-                        args.seconds,
-                    )
-                )
+                decide, admin = f"127.0.0.1:{decision_port}", f"127.0.0.1:{admin_port}"
+                results = asyncio.run(measure(generator, decide, admin, stack.redis_port, args))
                 shadow = shadow_metrics(metrics_port)
             finally:
                 server.stop()
+                generator.stop()
 
     print()
-    print(f"| shadow sample rate ({args.rate:g} Decide/s) | calls | p50 ms | p99 ms |")
-    print("| --- | ---: | ---: | ---: |")
-    for mode, values in results.items():
-        ordered = sorted(values)
-        print(
-            f"| {mode} | {len(ordered)} | {percentile(ordered, 0.5):.2f}"
-            f" | {percentile(ordered, 0.99):.2f} |"
-        )
-    off = percentile(sorted(results["off"]), 0.99)
-    on = percentile(sorted(results["100 %"]), 0.99)
+    rows = [
+        (mode, f"{r.ok:,}", f"{r.percentile_ms(50):.2f}", f"{r.percentile_ms(99):.2f}")
+        for mode, r in results.items()
+    ]
+    header = [f"shadow sample rate ({args.rate:g} Decide/s)", ">calls", ">p50 ms", ">p99 ms"]
+    print(markdown_table(header, rows))
+    for mode, result in results.items():
+        others = {k: v for k, v in result.answers.items() if k != "SOURCE_PRIMARY"}
+        if others or result.errors:
+            print(f"  shadow {mode}: not the primary {others}, errors {result.errors}")
+    ratio = results["100 %"].percentile_ms(99) / results["off"].percentile_ms(99)
     print(
-        f"\np99 with shadow at 100 % / off: {on / off:.2f} (target <= 1.10);"
+        f"\np99 with shadow at 100 % / off: {ratio:.2f} (target <= 1.10);"
         f" challenger nice {args.challenger_nice}"
     )
     scored = shadow.get('decision_shadow_decisions_total{outcome="scored"}', 0)
