@@ -38,9 +38,6 @@ from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from server.settings import Settings
 from server.tracing import DEFAULT_SAMPLE_RATIO
-from torchserve.train import REPO
-
-MODEL_STORE = REPO / ".run/models"
 
 REPO = Path(__file__).resolve().parents[1]
 
