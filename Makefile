@@ -56,14 +56,12 @@ test: setup-ci lint proto-check k8s-validate ## Set up, lint, check the protos a
 test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-bench: setup-triton ## Benchmarks: echo/TorchServe/Triton/Decide/fallback paths (bench_paths), worker scaling (bench_workers), Decide vs TorchServe latency, ingest, audit, model serving, shadow
-	@$(PY) -m loadtest.bench_paths
-	@$(PY) -m loadtest.bench_workers
-	@$(PY) -m loadtest.bench_latency
-	@$(PY) -m loadtest.bench_ingest
-	@$(PY) -m loadtest.bench_audit
-	@$(PY) -m loadtest.bench_models
-	@$(PY) -m loadtest.bench_shadow
+bench: setup-triton ## Benchmarks, their tables into docs/benchmarks.md: the gRPC paths (loadtest.bench's presets), ingest, the audit trail, model serving
+	@$(PY) -m loadtest.bench paths --doc docs/benchmarks.md --png docs/img/bench_paths.png
+	@for preset in latency workers shadow audit; do $(PY) -m loadtest.bench $$preset --doc docs/benchmarks.md; done
+	@$(PY) -m loadtest.bench_ingest | $(PY) -m loadtest.report docs/benchmarks.md bench-ingest
+	@$(PY) -m loadtest.bench_audit | $(PY) -m loadtest.report docs/benchmarks.md bench-audit-trail
+	@$(PY) -m loadtest.bench_models | $(PY) -m loadtest.report docs/model-serving.md bench-models
 
 DURATION ?= 600
 soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 redis-empty@300 ...", LEVERS="kill-switch:SOL-USD@60 ...", DOC=docs/local-stack.md writes its per-process table there

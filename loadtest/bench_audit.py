@@ -5,18 +5,14 @@
 2. Shipping: a journal of N records shipped by ``AuditShipper`` into a fresh SQLite file
    and a fresh PostgreSQL database of this run's own (dropped at the end); rows/s from the
    shipper's start until its backlog is empty, the schema migrated before the clock.
-3. Decide p50/p99 with the audit on and off: decision servers (audit off, on, and off
-   again as a control) on one redis-server and one TorchServe replica, the same load on
-   each in rounds whose order rotates.
+
+What the audit costs a Decide: ``python -m loadtest.bench audit``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import collections
 import contextlib
-import functools
 import gc
 import hashlib
 import os
@@ -25,19 +21,14 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from core.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
-from core.processes import free_ports
 from core.stats import percentile
 from feature_cache.schema import FEATURE_NAMES
-from loadtest.bench_latency import BACKENDS, QUIET, fresh_features
-from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec
-from localstack.health import serving
-from localstack.stack import started
 from server.audit.journal import SEGMENT_MAX_BYTES, Journal
 from server.audit.migrate import upgrade
 from server.audit.record import DecisionRecord, encode
@@ -53,11 +44,6 @@ POSTGRES_URL = os.environ.get(
 )
 DEFAULTS = AuditSettings()  # the fsync interval
 SHIP_TARGET = ">= 20,000 rows/s"
-# DECISION_AUDIT__ENABLED per server; a second audit-off server is the control: how far
-# apart two identical servers measure on this machine (the noise floor of "on - off").
-CONFIGS = {"audit off": "false", "audit on": "true", "audit off again": "false"}
-Step = tuple[int, int]  # (concurrency, calls) of one round
-LOAD_BOUND_S = 120.0  # a round ends at its calls; this only bounds a stuck one
 Row = tuple[str, str, str, str]  # measurement, count, result, target
 
 
@@ -114,7 +100,7 @@ def us_summary(ns: Sequence[int]) -> str:
 
 
 def bench_append(records: Sequence[DecisionRecord], directory: Path) -> list[Row]:
-    say(f"[1/3] journal append: {len(records):,} records, one encode + append each")
+    say(f"[1/2] journal append: {len(records):,} records, one encode + append each")
     encode_ns, append_ns, both_ns = [], [], []
     clock = time.perf_counter_ns
     journal = open_journal(directory)
@@ -205,7 +191,7 @@ def postgres_database(suffix: str) -> Iterator[str | None]:
 
 
 def bench_ship(payloads: Sequence[bytes], run_dir: Path) -> list[Row]:
-    say(f"[2/3] shipping: {len(payloads):,} records, batches of up to {SHIP_BATCH_RECORDS:,}")
+    say(f"[2/2] shipping: {len(payloads):,} records, batches of up to {SHIP_BATCH_RECORDS:,}")
     sqlite_url = f"sqlite:///{run_dir / 'ship.db'}"
     rows = [ship("SQLite", sqlite_url, payloads, run_dir / "sqlite", AuditStore)]
     with postgres_database("ship") as url:
@@ -216,103 +202,10 @@ def bench_ship(payloads: Sequence[bytes], run_dir: Path) -> list[Row]:
     return rows
 
 
-async def decide_load(
-    generator: LoadGenerator, ports: Mapping[str, int], redis_port: int, plan: Sequence[Step]
-) -> dict[tuple[str, int], LoadResult]:
-    """Runs ``plan`` (concurrency, calls) on each config in turn, rotating the order; by
-    (config, concurrency), the rounds' results together."""
-
-    def spec(name: str, concurrency: int, calls: int) -> LoadSpec:
-        return LoadSpec(
-            target="decide",
-            address=f"127.0.0.1:{ports[name]}",
-            mode="closed",
-            seconds=LOAD_BOUND_S,
-            max_requests=calls,
-            concurrency=concurrency,
-            warmup_s=0.0,
-            timeout_s=1.0,
-        )
-
-    rounds: dict[tuple[str, int], list[LoadResult]] = collections.defaultdict(list)
-    async with fresh_features(redis_port):
-        for name in ports:  # warm-up, not recorded
-            await asyncio.to_thread(generator.run, spec(name, 1, 200))
-        for r, (concurrency, calls) in enumerate(plan):
-            order = list(ports)[r % len(ports) :] + list(ports)[: r % len(ports)]
-            medians = []
-            for name in order:  # each config takes each place in turn
-                result = await asyncio.to_thread(generator.run, spec(name, concurrency, calls))
-                rounds[name, concurrency].append(result)
-                refused = f" ({result.refused} refused)" if result.refused else ""
-                medians.append(f"{name} {result.percentile_ms(50):.3f}{refused}")
-            say(
-                f"  round {r + 1}/{len(plan)}, concurrency {concurrency}, p50 ms: "
-                + ", ".join(medians)
-            )
-    return {key: LoadResult.combine(results) for key, results in rounds.items()}
-
-
-def bench_decide(run_dir: Path, plan: Sequence[Step]) -> list[Row]:
-    say(f"[3/3] Decide, audit off vs on: starting redis-server, TorchServe, {len(CONFIGS)} servers")
-    free = free_ports(2 * len(CONFIGS))
-    ports = dict(zip(CONFIGS, free[::2], strict=True))
-    metrics_ports = dict(zip(CONFIGS, free[1::2], strict=True))
-    with started(run_dir, BACKENDS) as stack:
-        servers = [
-            stack.decision_server(
-                f"decision server ({name})",
-                ports[name],
-                run_dir / name.replace(" ", "-"),
-                # Each serves /metrics, as in production, on a port of its own.
-                {
-                    **QUIET,
-                    "DECISION_AUDIT__ENABLED": enabled,
-                    "DECISION_SERVER__METRICS_PORT": str(metrics_ports[name]),
-                },
-            )
-            for name, enabled in CONFIGS.items()
-        ]
-        generator = LoadGenerator(1)
-        try:
-            generator.start()
-            for server in servers:
-                server.start()
-            for server, port in zip(servers, ports.values(), strict=True):
-                server.wait_ready(functools.partial(serving, port), 30)
-            generator.wait_ready()
-            results = asyncio.run(decide_load(generator, ports, stack.redis_port, plan))
-        finally:
-            generator.stop()
-            for server in reversed(servers):
-                server.stop()
-    audit_db = create_store_engine(f"sqlite:///{run_dir / 'audit-on' / 'audit.db'}")
-    say(f"  the audit-on server stored {AuditStore(audit_db).count_decisions():,} decisions")
-    audit_db.dispose()
-    rows: list[Row] = []
-    for concurrency in sorted({c for c, _ in plan}):
-        for name in CONFIGS:
-            r = results[name, concurrency]
-            n = f"{r.ok:,} ({r.answers.get('SOURCE_PRIMARY', 0):,} primary)"
-            summary = f"p50 {r.percentile_ms(50):.3f} ms, p99 {r.percentile_ms(99):.3f} ms"
-            rows.append((f"Decide c={concurrency}, {name}", n, summary, ""))
-        off, on, again = (results[name, concurrency] for name in CONFIGS)
-        for label, a, b in (("on - off", on, off), ("off again - off (noise)", again, off)):
-            p50 = a.percentile_ms(50) - b.percentile_ms(50)
-            p99 = a.percentile_ms(99) - b.percentile_ms(99)
-            summary = f"p50 {p50:+.3f} ms, p99 {p99:+.3f} ms"
-            rows.append((f"Decide c={concurrency}, {label}", "", summary, ""))
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--appends", type=int, default=50_000)
     parser.add_argument("--ship-records", type=int, default=100_000)
-    parser.add_argument("--rounds", type=int, default=6, help="rounds at concurrency 1")
-    parser.add_argument("--per-round", type=int, default=300, help="calls per round and config")
-    parser.add_argument("--concurrent-rounds", type=int, default=3, help="rounds at 8")
-    parser.add_argument("--concurrent-calls", type=int, default=800, help="per round at 8")
     args = parser.parse_args()
 
     say(f"building {max(args.appends, args.ship_records):,} decision records …")
@@ -322,13 +215,10 @@ def main() -> None:
     # The benchmark's own data set stays out of the collector's way: a server holds no
     # 100,000 records, and full collections walking them would slow the shipper.
     gc.freeze()
-    plan = [(1, args.per_round)] * args.rounds
-    plan += [(8, args.concurrent_calls)] * args.concurrent_rounds
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
         run_dir = Path(tmp)
         rows = bench_append(records[: args.appends], run_dir / "append")
         rows += bench_ship(payloads, run_dir)
-        rows += bench_decide(run_dir, plan)
     say("\n| measurement | n | result | target |")
     say("| --- | ---: | --- | --- |")
     for row in rows:

@@ -1,44 +1,15 @@
-"""The models' serving costs on TorchServe, measured in one run on this machine.
+"""The models' serving costs on TorchServe, one part at a time on fresh replicas:
 
-1. Handler latency, direct calls: this process calls one TorchServe replica (one model,
-   one worker, batch size 1, no batch delay) with 1, 8 and 64 held-out rows per request,
-   over the native ``Predictions`` API (rows packed as float32) and over the Open
-   Inference Protocol (``ModelInfer``, an FP32 tensor), through the service's own
-   ``TorchServeClient`` and ``OipClient``; concurrency 1, after a warm-up. The champion
-   (TorchScript MLP) and the challenger (XGBoost) each get a replica of their own, one
-   after the other. The (protocol, rows) cases are measured in rounds whose order
-   rotates, so that machine noise lands on all of them alike. "p50/p99" is the whole
-   ``predict`` call (encode, RPC, decode); "RPC p50" is the gRPC call alone; "handler
-   p50" is the handler's own time per call, TorchServe's ``PredictionTime`` metric from
-   the replica's ``model_metrics.log`` (the rest of the RPC is gRPC, the JVM frontend and
-   its socket hop to the Python worker).
-2. Input encoding, in-process: what the native API's input costs per request, packed
-   float32 (``pack_rows`` + the handler's ``_packed_rows``) against compact JSON
-   (``json.dumps`` + ``json.loads`` + ``np.asarray(float32)`` + the same finiteness
-   check), for 1, 8 and 64 rows; each request timed on its own, in microseconds.
-3. TorchServe's server-side batching: the champion on one replica with one worker, per
-   (batchSize, maxBatchDelay ms) setting, a fresh replica each time; a closed loop of
-   1-row native requests at concurrency 1 and at 16 (asyncio tasks on one client
-   channel) for a fixed time after a warm-up. At concurrency 1 a batch delay can only
-   add latency; at 16 a batch may fill, and throughput is what batching could buy;
-   "mean batch" is the requests per handler call, from the same metric. The settings
-   run in passes, the order reversed in every other one so that drift lands on all of
-   them alike; the table pools the passes and shows each pass's figures too, which is
-   how far two runs of the same setting land apart. Then the recommendation: the best
-   pooled throughput at 16 among the settings whose pooled p50 at concurrency 1 is
-   within +1 ms of (1, 0)'s, with a caution when (1, 0) itself moved more than that.
-4. What a call costs TorchServe: the champion with no batching of its own (as the
-   decision server calls it, batching rows itself), a fresh replica per frontend setting
-   (``FRONTENDS``: one worker, two, one with a single netty thread on each side), 16
-   concurrent native requests of 1, 8 and 64 rows; calls and rows a second, the cores
-   the replica's process group used (its JVM and workers, from /proc), CPU per call, and
-   calls and rows a second per core. Passes alternate as in 3. ``--parts 4`` runs it
-   alone.
+1. handler latency per protocol (native packed float32, OIP) and rows (1, 8, 64),
+   concurrency 1, through the service's own clients; "handler" is TorchServe's
+   ``PredictionTime`` from the replica's ``model_metrics.log``;
+2. the native API's input encoding in-process: packed float32 against compact JSON;
+3. TorchServe's batching per (batchSize, maxBatchDelay), at concurrency 1 and 16, and
+   the best setting within +1 ms of no batching at concurrency 1;
+4. what a call costs TorchServe per frontend setting (``FRONTENDS``), from /proc.
 
-The client, the TorchServe JVM and its Python worker share this machine's cores (2 on
-the development box, which other work shares too): the numbers are noisy and the closed
-loop's client takes CPU from the server it measures. Compare rows of one run; repeat a
-run before trusting a difference of a few tenths of a millisecond.
+Settings run in passes, the order reversed every other one, so drift lands on all
+alike; each pass's figures are shown. docs/model-serving.md says what they decided.
 """
 
 from __future__ import annotations
@@ -64,9 +35,9 @@ import numpy as np
 from core.processes import ManagedProcess, free_ports
 from core.stats import percentile
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
+from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec
 from loadtest.soak_probe import group_cpu_seconds
 from server.model_client import ModelClient, TorchServeClient
-from server.model_errors import ModelCallError
 from server.oip import OipClient
 from torchserve.handler import ScoreHandler
 from torchserve.replica import (
@@ -91,7 +62,7 @@ LOAD_CONCURRENCY = (LOW, HIGH)
 C1_SLACK_MS = 1.0  # how much p50 at concurrency 1 a setting may add over (1, 0)
 TIMEOUT_S = 2.0
 WARMUP_CALLS = 200  # per case in part 1
-WARMUP_S = 1.0  # per concurrency in part 3
+WARMUP_S = 1.0  # per closed loop in parts 3 and 4
 REPLICA_PORTS = len(dataclasses.fields(ReplicaPorts))
 # Part 4: the frontend's settings, each on a fresh replica serving the champion with no
 # batching of its own (the decision server batches, as on the decision path).
@@ -334,134 +305,128 @@ def bench_encoding(batches: dict[int, list[Rows]], count: int) -> list[str]:
 # -- 3. server-side batching -----------------------------------------------------------
 
 
+def closed_loop(address: str, concurrency: int, seconds: float, rows: int = 1) -> LoadSpec:
+    """``concurrency`` callers on one connection, native requests of ``rows`` rows."""
+    return LoadSpec(
+        target="torchserve",
+        address=address,
+        mode="closed",
+        seconds=seconds,
+        max_requests=int(seconds * 100_000),  # a real bound, never reached
+        concurrency=concurrency,
+        warmup_s=WARMUP_S,
+        timeout_s=TIMEOUT_S,
+        rows=rows,
+    )
+
+
 @dataclasses.dataclass
 class Load:
-    latencies_ms: list[float]
-    seconds: float
-    errors: int
+    result: LoadResult
     batches: list[int] = dataclasses.field(default_factory=list)  # requests per handler call
+    cpu_s: float = 0.0  # the replica's process group (its JVM and Python workers)
+    wall_s: float = 1.0
 
     @property
     def mean_batch(self) -> str:
         return f"{statistics.fmean(self.batches):.2f}" if self.batches else "-"
 
     @property
-    def throughput(self) -> float:
-        return len(self.latencies_ms) / self.seconds
-
-
-async def closed_loop(
-    client: ModelClient, pool: Sequence[Rows], concurrency: int, seconds: float
-) -> Load:
-    """``concurrency`` tasks, each sending its next request when its last one answered."""
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + seconds
-
-    async def worker(k: int) -> None:
-        nonlocal errors
-        i = k
-        while time.perf_counter() < deadline:
-            rows = pool[i % len(pool)]
-            i += concurrency
-            started = time.perf_counter()
-            try:
-                await client.predict(rows, TIMEOUT_S)
-            except ModelCallError:
-                errors += 1
-                continue
-            latencies.append((time.perf_counter() - started) * 1000)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return Load(latencies, time.perf_counter() - started, errors)
-
-
-async def batching_load(
-    address: str, pool: Sequence[Rows], seconds: float, windows: Windows
-) -> dict[int, Load]:
-    client = TorchServeClient("bench-native", address, "champion")
-    await client.start()
-    try:
-        windows.mark(None)
-        for concurrency in LOAD_CONCURRENCY:  # warm-up, not recorded
-            await closed_loop(client, pool, concurrency, WARMUP_S)
-        loads = {}
-        for concurrency in LOAD_CONCURRENCY:
-            windows.mark(str(concurrency))
-            loads[concurrency] = await closed_loop(client, pool, concurrency, seconds)
-        return loads
-    finally:
-        await client.stop()
+    def cores(self) -> float:
+        return self.cpu_s / self.wall_s
 
 
 def pooled(loads: Sequence[Load]) -> Load:
-    """The passes of one setting at one concurrency as one load."""
+    """The passes of one setting as one load."""
     return Load(
-        [ms for load in loads for ms in load.latencies_ms],
-        sum(load.seconds for load in loads),
-        sum(load.errors for load in loads),
+        LoadResult.combine([load.result for load in loads]),
         [n for load in loads for n in load.batches],
+        sum(load.cpu_s for load in loads),
+        sum(load.wall_s for load in loads),
     )
 
 
 def run_setting(
-    run_dir: Path, name: str, batch_size: int, delay_ms: int, pool: Sequence[Rows], seconds: float
-) -> dict[int, Load]:
-    """A fresh replica of the champion with this batching, loaded at each concurrency."""
-    section = ModelServing(
-        "champion", batch_size=batch_size, max_batch_delay_ms=delay_ms
-    ).properties()
+    run_dir: Path,
+    name: str,
+    section: str,
+    seconds: float,
+    generator: LoadGenerator,
+    rows: Sequence[int],
+) -> dict[tuple[int, int], Load]:
+    """A fresh replica of the champion with this model section, loaded closed loop at
+    each concurrency with 1-row requests and at ``HIGH`` with each of ``rows``."""
+    cases = [(c, 1) for c in LOAD_CONCURRENCY] if rows == (1,) else [(HIGH, n) for n in rows]
+    loads = {}
     with replica_serving(run_dir, name, "champion", section) as (replica, address):
         windows = Windows()
-        loads = asyncio.run(batching_load(address, pool, seconds, windows))
+        for concurrency, n in cases:
+            windows.mark(f"{concurrency}/{n}")
+            [cpu_before], began = group_cpu_seconds([replica.pid or 0]), time.monotonic()
+            result = generator.run(closed_loop(address, concurrency, seconds, n))
+            [cpu_after] = group_cpu_seconds([replica.pid or 0])
+            loads[concurrency, n] = Load(
+                result, [], cpu_after - cpu_before, time.monotonic() - began
+            )
         handler = handler_calls(replica, windows)
-    for concurrency, load in loads.items():
-        load.batches = [call.requests for call in handler.get(str(concurrency), [])]
+    for (concurrency, n), load in loads.items():
+        load.batches = [call.requests for call in handler.get(f"{concurrency}/{n}", [])]
     return loads
 
 
-def bench_batching(
-    run_dir: Path, pool: Sequence[Rows], seconds: float, passes: int
-) -> tuple[list[str], list[str]]:
+def in_passes(
+    run_dir: Path, settings: dict[str, str], seconds: float, passes: int, rows: Sequence[int]
+) -> dict[str, list[dict[tuple[int, int], Load]]]:
+    """Each setting on a fresh replica per pass, the order reversed in every other pass."""
+    generator = LoadGenerator(1)
+    runs: dict[str, list[dict[tuple[int, int], Load]]] = {name: [] for name in settings}
+    try:
+        generator.wait_ready()
+        for p in range(passes):
+            for k, name in enumerate(settings if p % 2 == 0 else list(settings)[::-1]):
+                say(f"  pass {p + 1}/{passes}: {name}")
+                loads = run_setting(
+                    run_dir, f"pass-{p}-{k}-{rows[0]}", settings[name], seconds, generator, rows
+                )
+                runs[name].append(loads)
+                say("    " + "; ".join(
+                    f"c={c} {n} row(s): {load.result.throughput_per_s:,.0f} calls/s, p50"
+                    f" {load.result.percentile_ms(50):.2f} ms, mean batch {load.mean_batch},"
+                    f" {load.cores:.2f} cores" for (c, n), load in loads.items()
+                ))  # fmt: skip
+    finally:
+        generator.stop()
+    return runs
+
+
+def bench_batching(run_dir: Path, seconds: float, passes: int) -> tuple[list[str], list[str]]:
     say(
         f"[3/4] server-side batching: champion, one worker, a fresh replica per setting and"
-        f" pass ({passes} passes, the order reversed in every other one); 1-row native"
-        f" requests, {seconds:g} s at each concurrency of {LOAD_CONCURRENCY}"
+        f" pass ({passes} passes); 1-row native requests, {seconds:g} s at each concurrency"
+        f" of {LOAD_CONCURRENCY}"
     )
-    runs: dict[tuple[int, int], list[dict[int, Load]]] = {setting: [] for setting in BATCHING}
-    for p in range(passes):
-        order = BATCHING if p % 2 == 0 else BATCHING[::-1]
-        for batch_size, delay_ms in order:
-            say(f"  pass {p + 1}/{passes}: batchSize {batch_size}, maxBatchDelay {delay_ms} ms")
-            name = f"batching-{p}-{batch_size}-{delay_ms}"
-            loads = run_setting(run_dir, name, batch_size, delay_ms, pool, seconds)
-            runs[batch_size, delay_ms].append(loads)
-            say(
-                "    "
-                + "; ".join(
-                    f"c={c}: {load.throughput:,.0f} req/s,"
-                    f" p50 {ms_cell(load.latencies_ms, 0.5)} ms, mean batch {load.mean_batch}"
-                    + (f", {load.errors} errors" if load.errors else "")
-                    for c, load in loads.items()
-                )
-            )
-
+    settings = {
+        f"({size}, {delay})": ModelServing(
+            "champion", batch_size=size, max_batch_delay_ms=delay
+        ).properties()
+        for size, delay in BATCHING
+    }
+    runs = in_passes(run_dir, settings, seconds, passes, (1,))
     results = {
-        setting: {c: pooled([run[c] for run in passes_]) for c in LOAD_CONCURRENCY}
-        for setting, passes_ in runs.items()
+        name: {c: pooled([run[c, 1] for run in each]) for c in LOAD_CONCURRENCY}
+        for name, each in runs.items()
     }
     lines = []
-    for (batch_size, delay_ms), loads in results.items():
+    for name, loads in results.items():
         for c, load in loads.items():
-            per_pass = [run[c] for run in runs[batch_size, delay_ms]]
-            rates = " / ".join(f"{run.throughput:,.0f}" for run in per_pass)
-            p50s = " / ".join(ms_cell(run.latencies_ms, 0.5) for run in per_pass)
+            per_pass = [run[c, 1].result for run in runs[name]]
+            rates = " / ".join(f"{p.throughput_per_s:,.0f}" for p in per_pass)
+            p50s = " / ".join(f"{p.percentile_ms(50):.3f}" for p in per_pass)
+            r = load.result
             lines.append(
-                f"| ({batch_size}, {delay_ms}) | {c} | {len(load.latencies_ms):,} |"
-                f" {load.throughput:,.0f} | {rates} | {ms_cell(load.latencies_ms, 0.5)} |"
-                f" {p50s} | {ms_cell(load.latencies_ms, 0.99)} | {load.mean_batch} |"
-                f" {load.errors} |"
+                f"| {name} | {c} | {r.ok:,} | {r.throughput_per_s:,.0f} | {rates}"
+                f" | {r.percentile_ms(50):.3f} | {p50s} | {r.percentile_ms(99):.3f}"
+                f" | {load.mean_batch} | {r.error_count} |"
             )
     table = [
         "| (batchSize, maxBatchDelay ms) | concurrency | requests | req/s | req/s per pass"
@@ -469,29 +434,27 @@ def bench_batching(
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *lines,
     ]
-
-    base = results[BATCHING[0]]
-    base_c1 = percentile(base[LOW].latencies_ms, 0.5)
-    eligible = [
-        (setting, loads)
-        for setting, loads in results.items()
-        if percentile(loads[LOW].latencies_ms, 0.5) <= base_c1 + C1_SLACK_MS
-    ]
-    (best_size, best_delay), best = max(eligible, key=lambda item: item[1][HIGH].throughput)
+    base_name = next(iter(results))
+    base_c1 = results[base_name][LOW].result.percentile_ms(50)
+    eligible = {
+        n: loads
+        for n, loads in results.items()
+        if loads[LOW].result.percentile_ms(50) <= base_c1 + C1_SLACK_MS
+    }
+    best_name = max(eligible, key=lambda n: eligible[n][HIGH].result.throughput_per_s)
+    best, base = (results[n][HIGH].result.throughput_per_s for n in (best_name, base_name))
     notes = [
-        f"recommendation: batchSize {best_size}, maxBatchDelay {best_delay} ms: the best"
-        f" throughput at concurrency {HIGH} ({best[HIGH].throughput:,.0f} req/s vs"
-        f" {base[HIGH].throughput:,.0f} for {BATCHING[0]}) among the settings whose p50 at"
-        f" concurrency {LOW} is within +{C1_SLACK_MS:g} ms of {BATCHING[0]}'s"
-        f" ({base_c1:.3f} ms; this one {percentile(best[LOW].latencies_ms, 0.5):.3f} ms)"
+        f"recommendation: {best_name}: the best throughput at concurrency {HIGH}"
+        f" ({best:,.0f} req/s against {base:,.0f}"
+        f" for {base_name}) among the settings whose p50 at concurrency {LOW} is within"
+        f" +{C1_SLACK_MS:g} ms of {base_name}'s ({base_c1:.3f} ms)"
     ]
-    base_p50s = [percentile(run[LOW].latencies_ms, 0.5) for run in runs[BATCHING[0]]]
+    base_p50s = [run[LOW, 1].result.percentile_ms(50) for run in runs[base_name]]
     if max(base_p50s) - min(base_p50s) > C1_SLACK_MS:
         notes.append(
-            f"caution: {BATCHING[0]}'s p50 at concurrency {LOW} moved by"
-            f" {max(base_p50s) - min(base_p50s):.3f} ms between passes, more than the"
-            f" +{C1_SLACK_MS:g} ms margin: this machine's noise can decide which settings"
-            " qualify"
+            f"caution: {base_name}'s p50 at concurrency {LOW} moved by"
+            f" {max(base_p50s) - min(base_p50s):.3f} ms between passes, more than the margin:"
+            " this machine's noise can decide which settings qualify"
         )
     return table, notes
 
@@ -499,80 +462,24 @@ def bench_batching(
 # -- 4. what a call costs TorchServe ---------------------------------------------------
 
 
-@dataclasses.dataclass
-class Cost:
-    load: Load
-    cpu_s: float  # TorchServe's process group: the JVM and its Python workers
-
-
-def pooled_cost(costs: Sequence[Cost]) -> Cost:
-    return Cost(pooled([c.load for c in costs]), sum(c.cpu_s for c in costs))
-
-
-async def cost_load(
-    address: str, batches: dict[int, list[Rows]], seconds: float, pgid: int
-) -> dict[int, Cost]:
-    client = TorchServeClient("bench-cost", address, "champion")
-    await client.start()
-    try:
-        costs = {}
-        for n, pool in batches.items():
-            await closed_loop(client, pool, HIGH, WARMUP_S)  # not recorded
-            [before] = group_cpu_seconds([pgid])
-            load = await closed_loop(client, pool, HIGH, seconds)
-            [after] = group_cpu_seconds([pgid])
-            costs[n] = Cost(load, after - before)
-        return costs
-    finally:
-        await client.stop()
-
-
-def run_frontend(
-    run_dir: Path, name: str, section: str, batches: dict[int, list[Rows]], seconds: float
-) -> dict[int, Cost]:
-    with replica_serving(run_dir, name, "champion", section) as (replica, address):
-        return asyncio.run(cost_load(address, batches, seconds, replica.pid or 0))
-
-
-def bench_cost(
-    run_dir: Path, batches: dict[int, list[Rows]], seconds: float, passes: int
-) -> list[str]:
+def bench_cost(run_dir: Path, seconds: float, passes: int) -> list[str]:
     say(
         f"[4/4] what a call costs TorchServe: the champion, no TorchServe batching, a fresh"
-        f" replica per frontend setting and pass ({passes} passes, the order reversed in"
-        f" every other one); native requests of {BATCH_ROWS} rows, {HIGH} at once,"
-        f" {seconds:g} s each; the replica's CPU from /proc"
+        f" replica per frontend setting and pass ({passes} passes); native requests of"
+        f" {BATCH_ROWS} rows, {HIGH} at once, {seconds:g} s each; the replica's CPU from /proc"
     )
-    names = list(FRONTENDS)
-    runs: dict[str, list[dict[int, Cost]]] = {name: [] for name in names}
-    for p in range(passes):
-        for name in names if p % 2 == 0 else names[::-1]:
-            say(f"  pass {p + 1}/{passes}: {name}")
-            folder = f"cost-{p}-{names.index(name)}"
-            costs = run_frontend(run_dir, folder, FRONTENDS[name], batches, seconds)
-            runs[name].append(costs)
-            say(
-                "    "
-                + "; ".join(
-                    f"{n} rows: {c.load.throughput:,.0f} calls/s,"
-                    f" {c.cpu_s / c.load.seconds:.2f} cores"
-                    for n, c in costs.items()
-                )
-            )
+    runs = in_passes(run_dir, FRONTENDS, seconds, passes, BATCH_ROWS)
     lines = []
-    for name, passes_ in runs.items():
+    for name, each in runs.items():
         for n in BATCH_ROWS:
-            cost = pooled_cost([run[n] for run in passes_])
-            calls = len(cost.load.latencies_ms)
-            cores = cost.cpu_s / cost.load.seconds
-            per_pass = " / ".join(f"{run[n].load.throughput:,.0f}" for run in passes_)
+            load = pooled([run[HIGH, n] for run in each])
+            r, per_s = load.result, load.result.throughput_per_s
+            per_pass = " / ".join(f"{run[HIGH, n].result.throughput_per_s:,.0f}" for run in each)
             lines.append(
-                f"| {name} | {n} | {cost.load.throughput:,.0f} | {per_pass} |"
-                f" {cost.load.throughput * n:,.0f} | {cores:.2f} |"
-                f" {cost.cpu_s / max(calls, 1) * 1e6:,.0f} |"
-                f" {cost.load.throughput / cores:,.0f} | {cost.load.throughput * n / cores:,.0f} |"
-                f" {ms_cell(cost.load.latencies_ms, 0.5)} | {ms_cell(cost.load.latencies_ms, 0.99)}"
-                f" | {cost.load.errors} |"
+                f"| {name} | {n} | {per_s:,.0f} | {per_pass} | {per_s * n:,.0f} | {load.cores:.2f}"
+                f" | {load.cores / max(per_s, 1e-9) * 1e6:,.0f} | {per_s / load.cores:,.0f}"
+                f" | {per_s * n / load.cores:,.0f} | {r.percentile_ms(50):.3f}"
+                f" | {r.percentile_ms(99):.3f} | {r.error_count} |"
             )
     return [
         "| frontend | rows a call | calls/s | calls/s per pass | rows/s | TorchServe cores"
@@ -616,11 +523,11 @@ def main() -> None:
             table = bench_encoding(batches, args.encodings)
             tables.append(("Input encoding for the native API, in-process, per request:", table))
         if 3 in args.parts:
-            table, notes = bench_batching(run_dir, batches[1], args.seconds, args.passes)
+            table, notes = bench_batching(run_dir, args.seconds, args.passes)
             title = "TorchServe batching, champion, one worker, 1-row native requests:"
             tables.append((title, [*table, "", *notes]))
         if 4 in args.parts:
-            table = bench_cost(run_dir, batches, args.seconds, args.passes)
+            table = bench_cost(run_dir, args.seconds, args.passes)
             tables.append((f"What a call costs TorchServe, {HIGH} calls at once:", table))
     say(f"\ndone in {time.perf_counter() - started:.0f} s")
     for title, table in tables:

@@ -1,28 +1,13 @@
-"""Closed- and open-loop gRPC load generator in worker processes, with HdrHistogram latencies.
+"""The load driver: closed- and open-loop gRPC calls from worker processes, HdrHistogram
+latencies (1 us .. 60 s, 3 significant digits).
 
-A ``LoadSpec`` says what to call, how and for how long:
-
-- ``target``: ``decide`` (decision.v1.DecisionService/Decide, BTC-USD buy 1.0), ``echo``
-  (the same method on ``loadtest/echo_server.py``), ``torchserve`` (TorchServe's native
-  ``Predictions`` with the packed float32 row the decision server sends) or ``oip`` (the
-  Open Inference Protocol's ``ModelInfer`` as Triton serves it, the same row);
-- ``mode``: ``closed`` (``concurrency`` callers, each sending its next call when the
-  previous one ended, or after a backoff when it was refused) or ``open``
-  (``rate_per_s`` calls on a fixed schedule that does not wait for answers);
-- bounds: loopback addresses only, ``seconds`` measured after ``warmup_s`` not recorded,
-  at most ``max_requests`` measured calls, each with a ``timeout_s`` deadline.
-
-``LoadGenerator`` runs a spec split across spawned OS processes, each with its own uvloop
-event loop and ``channels`` channels (separate TCP connections, used in turn: a server
-with several workers on one port gets connections, not requests, spread over them),
-and merges what they return. Latencies are in microseconds
-(1 us .. 60 s, 3 significant digits); only OK answers are recorded, errors are counted by
-gRPC status name. In open loop a call's latency runs from its *scheduled* send time, so a
-generator or server that falls behind shows up as latency instead of as fewer samples
-(no coordinated omission); ``send_lag_*`` says how far behind schedule sends went.
-
-``python -m loadtest.loadgen --target echo --address 127.0.0.1:PORT ...`` runs one spec
-and prints one line.
+A ``LoadSpec`` says what to call (``decide``, ``echo``, TorchServe's ``torchserve``,
+Triton's ``oip``), how (``closed``: ``concurrency`` callers, each backing off after a
+refusal; ``open``: ``rate_per_s`` on a fixed schedule, latency from the *scheduled* send,
+so a generator that falls behind shows as latency, not fewer samples) and its bounds
+(loopback only, ``seconds`` after ``warmup_s``, ``max_requests``, a deadline a call).
+``LoadGenerator`` splits it over spawned processes, each with ``channels`` connections
+used in turn, and merges their results. ``python -m loadtest.loadgen`` runs one spec.
 """
 
 from __future__ import annotations
@@ -101,6 +86,8 @@ class LoadSpec:
     channels: int = 1
     """Connections per process, called in turn."""
     model_name: str = "champion"
+    rows: int = 1
+    """Rows a model server's call carries (``torchserve``, ``oip``)."""
     phase_s: float = 0.0
     """Open loop: this share's schedule starts this much later (set by ``shares``)."""
 
@@ -110,8 +97,13 @@ class LoadSpec:
             raise ValueError(f"loopback addresses only, not {self.address!r}")
         if not 0 < self.seconds <= MAX_SECONDS or not 0 <= self.warmup_s <= MAX_SECONDS:
             raise ValueError(f"seconds and warmup_s must be within (0, {MAX_SECONDS:g}]")
-        if min(self.max_requests, self.processes, self.channels) < 1 or self.timeout_s <= 0:
-            raise ValueError("max_requests, processes, channels and timeout_s must be positive")
+        if (
+            min(self.max_requests, self.processes, self.channels, self.rows) < 1
+            or self.timeout_s <= 0
+        ):
+            raise ValueError(
+                "max_requests, processes, channels, rows and timeout_s must be positive"
+            )
         if self.mode == "closed" and self.concurrency < 1:
             raise ValueError("closed loop needs concurrency >= 1")
         if self.mode == "open" and self.rate_per_s <= 0:
@@ -290,9 +282,10 @@ def make_call(channel: grpc.aio.Channel, spec: LoadSpec) -> Call:
             return decision_pb2.Source.Name(response.source)
 
         return call_decide
+    rows = [[0.1] * MODEL_INPUT_WIDTH] * spec.rows
     if spec.target == "oip":
         infer = oip_model_infer(channel, OIP_SERVICE)
-        one_row = oip_request(spec.model_name, [[0.1] * MODEL_INPUT_WIDTH])
+        one_row = oip_request(spec.model_name, rows)
 
         async def call_oip() -> str:
             await infer(one_row, timeout=spec.timeout_s)
@@ -301,7 +294,7 @@ def make_call(channel: grpc.aio.Channel, spec: LoadSpec) -> Call:
         return call_oip
     predictions = inference_pb2_grpc.InferenceAPIsServiceStub(channel).Predictions
     ts_request = inference_pb2.PredictionsRequest(
-        model_name=spec.model_name, input={"rows": pack_rows([[0.1] * MODEL_INPUT_WIDTH])}
+        model_name=spec.model_name, input={"rows": pack_rows(rows)}
     )
 
     async def call_torchserve() -> str:

@@ -1,5 +1,5 @@
 """A bare OTLP/gRPC trace receiver that keeps nothing: the collector stand-in for
-measuring what exporting spans costs the decision server (``bench_latency``'s traced
+measuring what exporting spans costs the decision server (``loadtest.bench``'s traced
 path). Counts the spans it receives and prints the count when it stops.
 
     python -m loadtest.otlp_sink --port 4317

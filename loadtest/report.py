@@ -4,7 +4,11 @@ blocks of the docs they keep current (between ``<!-- generated:NAME -->`` and
 
 from __future__ import annotations
 
+import argparse
+import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -64,11 +68,47 @@ def model_share_of_calls(result: LoadResult) -> float:
 
 
 def checkout_commit() -> str:
-    """The checkout's commit, short; empty outside a git checkout."""
+    """The checkout's commit, short, with ``-dirty`` when files differ from it; empty
+    outside a git checkout."""
     return subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 - git from PATH, fixed arguments
+        # -dirty: the tree had changes not committed.
+        ["git", "describe", "--always", "--dirty", "--abbrev=7"],  # noqa: S607 - git from PATH
         cwd=REPO,
         capture_output=True,
         text=True,
         check=False,
     ).stdout.strip()
+
+
+def tables_at_the_end(lines: Sequence[str]) -> list[str]:
+    """A bench's output from its first markdown table on, with the title line (ending in
+    ``:``) and the blank line before that table; empty when it printed none."""
+    first = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    if first is None:
+        return []
+    if first >= 2 and not lines[first - 1].strip() and lines[first - 2].endswith(":"):
+        first -= 2
+    return list(lines[first:])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``BENCH | python -m loadtest.report DOC NAME``: passes a bench's output through and
+    puts its tables in DOC's generated NAME block, saying when and at which commit."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("doc", type=Path)
+    parser.add_argument("name")
+    args = parser.parse_args(argv)
+    lines = []
+    for line in sys.stdin:
+        print(line, end="", flush=True)
+        lines.append(line.rstrip("\n"))
+    tables = tables_at_the_end(lines)
+    if not tables:
+        raise SystemExit(f"no table in the input: {args.doc}'s {args.name} block left as it was")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    caption = f"{when} at {checkout_commit()}, {len(os.sched_getaffinity(0))} cores."
+    replace_generated(args.doc, args.name, "\n".join([caption, "", *tables]))
+
+
+if __name__ == "__main__":
+    main()

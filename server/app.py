@@ -173,7 +173,7 @@ class DecisionApp:
             AdminServicer(self.control_plane, recorded.store if recorded else None),
             # Tracing's first: it wraps each call's handler anew, and the metrics
             # interceptor keeps one wrapper per method (the handler it is given). With no
-            # endpoint to read them, request metrics are not kept (bench_latency's path M).
+            # endpoint to read them, request metrics are not kept (`bench latency`, path M).
             interceptors=[
                 *self.tracing.server_interceptors(),
                 *([RpcMetricsInterceptor(rpc_metrics)] if settings.server.metrics_port else []),

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Packs what loadtest.bench_workers (and bench_paths) need on a bare x86-64 Linux machine
+# Packs what `loadtest.bench workers` (and paths) need on a bare x86-64 Linux machine
 # that has Python 3.12 with torch, numpy, scipy, psutil, pyyaml and pillow but no Java,
 # no redis-server, no network, and takes at most 64 MiB of files a call: the GPU
 # machines this project is sometimes lent (see loadtest/remote_kit/README.md).

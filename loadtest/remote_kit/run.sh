@@ -1,11 +1,11 @@
 #!/bin/bash
 # Call 2 on the target, right after setup.sh (and triton.sh) on the same machine
 # (.devicekit/b carried): TorchServe's jar, the JRE and redis-server from the carry,
-# then one bench_workers run per argument (each argument one run's arguments), and
-# bench_paths too with PATHS=1.
-# Figures and logs go to $OUT: 2 files a bench_workers run (3 with TIMELINE=1: each
-# server's decisions over time, from its kept audit store), 3 for bench_paths, and at
-# most 8 files come back from a call (4 runs, 2 with TIMELINE=1 or with bench_paths).
+# then one `loadtest.bench workers` run per argument (each argument one run's arguments),
+# and `loadtest.bench paths` too with PATHS=1.
+# Figures and logs go to $OUT: 2 files a workers run (3 with TIMELINE=1: the servers'
+# decisions over time, from their kept audit store), 3 for paths, and at most 8 files
+# come back from a call (4 runs, 2 with TIMELINE=1 or with paths).
 set -uo pipefail
 : "${OUT:?set OUT to the folder the figures go to}"
 untar() { python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' "$1" "$2"; }
@@ -36,19 +36,19 @@ chmod +x /tmp/dk/redis/bin/redis-server
 export PATH=/tmp/dk/redis/bin:/tmp/v/bin:$PATH JAVA_HOME=/tmp/dk/jre PYTHONUNBUFFERED=1
 redis-server --version || exit 5
 mkdir -p .run && untar "$K/models.tar.xz" .run || exit 6
-# Triton, where triton.sh put it (bench_paths' X and Y paths need it).
+# Triton, where triton.sh put it (the paths preset's X and Y need it).
 if [ -d /tmp/dk/triton ]; then
   mkdir -p .tools && ln -sfn /tmp/dk/triton .tools/triton
   [ -d /tmp/dk/pylib ] && export LD_LIBRARY_PATH=/tmp/dk/pylib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 else
-  echo "no /tmp/dk/triton (triton.sh not run): bench_paths and --model-server triton will fail"
+  echo "no /tmp/dk/triton (triton.sh not run): PATHS=1 and --model-server triton will fail"
 fi
-$PY -c 'import server.app, loadtest.bench_workers, ts.model_server; print("imports ok")' || exit 6
-[ $# -gt 0 ] || set -- "--workers 1,2,4,8 --concurrency 16,32 --open-loop 0.5,0.7,0.85,1.0,1.2 --seconds 2.5"
+$PY -c 'import server.app, loadtest.bench, ts.model_server; print("imports ok")' || exit 6
+[ $# -gt 0 ] || set -- "--workers 1,2,4,8 --seconds 2.5"
 run=0
 for args in "$@"; do
   run=$((run + 1))
-  echo "== bench_workers $args"; date -u
+  echo "== bench workers $args"; date -u
   # Run numbers restart with each call: a kept folder of an earlier call goes first.
   kept=/tmp/dk/keep-$run
   rm -rf "$kept"
@@ -56,20 +56,16 @@ for args in "$@"; do
   [ "${TIMELINE:-0}" = 1 ] && keep=(--keep "$kept")
   # $args unquoted: it is one run's arguments, split into words.
   # shellcheck disable=SC2086
-  timeout "${WORKERS_S:-280}" "$PY" -m loadtest.bench_workers $args "${keep[@]}" \
+  timeout "${WORKERS_S:-280}" "$PY" -m loadtest.bench workers $args "${keep[@]}" \
     --json "$OUT/bench_workers-$run.json" 2>&1 | tee "$OUT/bench_workers-$run.log"
   [ "${TIMELINE:-0}" = 1 ] || continue
-  # Each server's decisions, half a second a line, beside the log.
-  for db in "$kept"/workers-*/audit.db; do
-    [ -f "$db" ] || continue
-    echo "== $db"
-    "$PY" -m server.audit --database-url "sqlite:///$db" timeline --since 2h --step 0.5 \
-      --reasons 3 --limit 5000000
-  done > "$OUT/timeline-$run.txt" 2>&1
+  # The servers' decisions (they share one audit store), half a second a line.
+  "$PY" -m server.audit --database-url "sqlite:///$kept/audit.db" timeline --since 2h \
+    --step 0.5 --reasons 3 --limit 5000000 > "$OUT/timeline-$run.txt" 2>&1
 done
 if [ "${PATHS:-0}" = 1 ]; then
-  echo "== bench_paths"; date -u
-  timeout "${PATHS_S:-220}" "$PY" -m loadtest.bench_paths --processes 6 --rounds 1 \
-    --json "$OUT/bench_paths.json" --out "$OUT/bench_paths.png" 2>&1 | tee "$OUT/bench_paths.log"
+  echo "== bench paths"; date -u
+  timeout "${PATHS_S:-220}" "$PY" -m loadtest.bench paths --processes 6 --rounds 1 \
+    --json "$OUT/bench_paths.json" --png "$OUT/bench_paths.png" 2>&1 | tee "$OUT/bench_paths.log"
 fi
 date -u

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Call 1b on the target, after setup.sh and before run.sh on the same machine
 # (.devicekit/c carried): tritonserver in /tmp/dk/triton, where run.sh finds it
-# (bench_paths' X and Y paths, bench_workers --model-server triton). Its Python backend's
+# (the paths preset's X and Y, `bench workers --model-server triton`). Its Python backend's
 # stub links this Python's libpython: where the loader cannot find it, a link to it goes
 # in /tmp/dk/pylib, which run.sh puts on LD_LIBRARY_PATH.
 set -uo pipefail

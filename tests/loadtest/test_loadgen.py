@@ -8,11 +8,14 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import empty_pb2
 
 from core.processes import ManagedProcess, free_port, listening, start_ready
+from feature_cache.schema import MODEL_INPUT_WIDTH
 from loadtest.loadgen import (
     LoadGenerator,
     LoadSpec,
@@ -24,6 +27,7 @@ from loadtest.loadgen import (
     open_loop,
 )
 from proto.decision.v1 import decision_pb2
+from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -180,7 +184,8 @@ def test_a_spec_splits_into_shares_that_add_up_to_it() -> None:
         ({"address": "10.0.0.5:50051"}, "loopback addresses only"),
         ({"seconds": 0.0}, "seconds and warmup_s must be within"),
         ({"seconds": 3600.0}, "seconds and warmup_s must be within"),
-        ({"max_requests": 0}, "max_requests, processes, channels and timeout_s"),
+        ({"max_requests": 0}, "max_requests, processes, channels, rows and timeout_s"),
+        ({"target": "torchserve", "rows": 0}, "max_requests, processes, channels, rows"),
         ({"mode": "open", "rate_per_s": 0.0}, "open loop needs rate_per_s"),
     ],
 )
@@ -234,3 +239,41 @@ def test_worker_processes_measure_an_echo_server_and_count_errors(tmp_path: Path
     # Nobody listens: each call refused and counted, the caller backing off between them.
     assert refused.ok == 0 and list(refused.errors) == ["UNAVAILABLE"]
     assert refused.errors["UNAVAILABLE"] == sum(w.sends for w in refused.workers) >= 5
+
+
+class CountingPredictions(inference_pb2_grpc.InferenceAPIsServiceServicer):
+    """Answers ``Predictions`` with nothing and keeps how many rows each call carried."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+
+    async def Ping(
+        self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> inference_pb2.TorchServeHealthResponse:
+        return inference_pb2.TorchServeHealthResponse(health="Healthy")
+
+    async def Predictions(
+        self,
+        request: inference_pb2.PredictionsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> inference_pb2.PredictionResponse:
+        self.rows.append(len(request.input["rows"]) // (4 * MODEL_INPUT_WIDTH))  # float32
+        return inference_pb2.PredictionResponse(prediction=b'{"scores": []}')
+
+
+async def test_a_model_server_call_carries_the_rows_the_spec_asks() -> None:
+    server = grpc.aio.server()
+    counting = CountingPredictions()
+    inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(counting, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        async with grpc.aio.insecure_channel(address) as channel:
+            for rows in (1, 64):
+                spec = LoadSpec(target="torchserve", address=address, mode="closed",
+                                seconds=1, max_requests=1, rows=rows)  # fmt: skip
+                assert await make_call(channel, spec)() == "scored"
+    finally:
+        await server.stop(None)
+    assert counting.rows == [1, 64]

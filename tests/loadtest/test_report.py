@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.report import markdown_table, replace_generated
+from loadtest.report import markdown_table, replace_generated, tables_at_the_end
 from loadtest.soak_report import Window, process_table
 
 
@@ -31,6 +31,13 @@ def test_a_page_without_the_block_is_refused_and_left_alone(tmp_path) -> None:
     with pytest.raises(ValueError, match="/generated:y"):
         replace_generated(page, "y", "new")
     assert page.read_text() == "# T\n<!-- generated:y -->\n"
+
+
+def test_a_bench_output_gives_its_tables_from_the_first_title_on() -> None:
+    printed = ["[1/2] measuring", "done in 3 s", "", "Handler latency:", "", "| a |", "", "x"]
+    assert tables_at_the_end(printed) == ["Handler latency:", "", "| a |", "", "x"]
+    assert tables_at_the_end(["done", "| a |"]) == ["| a |"]
+    assert tables_at_the_end(["no tables"]) == []
 
 
 def window(start_s: float, cpu: float, rss: float, fault: str = "") -> Window:
