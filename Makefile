@@ -50,8 +50,13 @@ proto-check: setup-ci ## Stubs fresh, buf lint, buf breaking against main
 k8s-validate: setup ## Render every kustomize overlay (k8s/) and validate each object strictly; lint the Dockerfiles
 	@$(PY) -m k8s.validate
 
-test: setup-ci lint proto-check k8s-validate ## Set up, lint, check the protos and the manifests, run every test
+test: setup-ci lint proto-check ## Set up, lint, check the protos, run every test: the unit tests on every core, then the integration tests one at a time (real processes, timing bounds); PYTEST_ARGS=... runs just those, one at a time
+ifeq ($(strip $(PYTEST_ARGS)),)
+	@$(PY) -m pytest -m "not integration" -n auto --durations=10
+	@$(PY) -m pytest -m integration --durations=15
+else
 	@$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+endif
 
 test-fast: ## Unit tests only (no servers started)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)

@@ -1,10 +1,12 @@
 """The README's guided tour, end to end, on a real local stack: call it, pause the primary
 with ``decisionctl chaos``, see the secondary answer and the primary's breaker open,
-resume it, see the primary answer again; every decision is in the audit store."""
+resume it, see the primary answer again; every decision is in the audit store, labelled,
+and Prometheus scrapes every process. Ctrl-C to the stack's group stops every process."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import re
@@ -14,8 +16,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -25,6 +29,7 @@ from localstack.health import serving
 from localstack.stack import LocalStack
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from tests.conftest import REPO, wait_for
+from tests.metrics import scrape, value
 from tests.server.conftest import buy
 
 pytestmark = pytest.mark.integration
@@ -47,6 +52,7 @@ def local_stack(run_dir: Path, models: Path, *options: str) -> Iterator[LocalSta
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
+    children: list[int] = []
     try:
         # Started: the decision server serving and, last of all, the chaos socket open.
         deadline = time.monotonic() + 150
@@ -57,17 +63,82 @@ def local_stack(run_dir: Path, models: Path, *options: str) -> Iterator[LocalSta
                 + output.read_text(errors="replace")
             )
             time.sleep(0.1)
+        children = descendants(proc.pid)
+        # redis, the broker, 3 TorchServe launchers (+ JVMs, workers), the server, ...
+        assert len(children) >= 7, children
         yield stack
+        children = descendants(proc.pid)  # the processes restarted meanwhile too
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in [proc.pid, *children]:  # each child runs in a group of its own
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 0, output.read_text(errors="replace")
+    said = output.read_text(errors="replace")
+    assert proc.returncode == 0 and "all processes stopped" in said, said
     assert not live_group_members(proc.pid)
+    time.sleep(0.5)
+    left = [pid for pid in children if Path(f"/proc/{pid}").exists() and not zombie(pid)]
+    assert left == [], f"processes left behind: {left}"
+
+
+def api(prometheus_port: int, path: str) -> Any:
+    url = f"http://127.0.0.1:{prometheus_port}/api/v1/{path}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())["data"]
+
+
+STACK_JOBS = {"decision-server", "feature-cache", "labeler", "torchserve"}
+
+
+def unhealthy_targets(prometheus_port: int) -> set[str] | None:
+    """The jobs with a target not up; None while Prometheus has not scraped them all."""
+    try:
+        targets = api(prometheus_port, "targets")["activeTargets"]
+    except OSError:
+        return None
+    if {t["labels"]["job"] for t in targets} != STACK_JOBS or any(
+        t["health"] == "unknown" for t in targets
+    ):
+        return None
+    return {t["labels"]["job"] for t in targets if t["health"] != "up"}
+
+
+def labelled(labeler_metrics_port: int) -> float:
+    """Decisions the labeler has labelled; 0 while its metrics are not served yet."""
+    try:
+        samples = scrape(labeler_metrics_port)
+    except OSError:
+        return 0.0
+    return value(samples, "decision_quality_outcomes_total", result="labelled")
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        found.extend(children)
+        frontier.extend(children)
+    return found
 
 
 def decisionctl(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -167,7 +238,7 @@ def readme_shell_call(port: int) -> subprocess.CompletedProcess[str]:
 @pytest.mark.timeout(400)
 def test_the_readme_guided_tour(model_store, tmp_path):
     run_dir = tmp_path / "run"
-    with local_stack(run_dir, model_store[0]) as stack:
+    with local_stack(run_dir, model_store[0], "--with-prometheus") as stack:
         token = (run_dir / "admin" / "viewer.token").read_text().strip()
         with (
             grpc.insecure_channel(f"127.0.0.1:{stack.decision_port}") as channel,
@@ -246,6 +317,12 @@ def test_the_readme_guided_tour(model_store, tmp_path):
         assert {k: v.upper() for k, v in audited().items()} == {
             k: v.removeprefix("SOURCE_") for k, v in wanted.items()
         }
+        # 5. The labeler labels them once the market data has passed their 2 s horizon.
+        wait_for(lambda: labelled(stack.labeler_metrics_port) >= 1, 60)
+        # Prometheus scrapes every process and has the alert rules loaded.
+        wait_for(lambda: unhealthy_targets(stack.prometheus_port) == set(), 30)
+        rules = api(stack.prometheus_port, "rules")["groups"]
+        assert any(r["name"] == "DecisionModelWorseThanChance" for g in rules for r in g["rules"])
 
 
 def test_chaos_without_a_local_stack_is_refused(tmp_path):

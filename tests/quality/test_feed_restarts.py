@@ -201,8 +201,8 @@ async def test_a_feed_that_starts_over_is_followed_decided_on_and_labelled(
     long_run = MarketGenerator(SYMBOLS, seed=4, start_time_us=time.time_ns() // 1000)
     an_hour_in = [
         dataclasses.replace(e, sequence=e.sequence + 1_000_000, session=1)
-        for e in long_run.events(200 * 12)
-    ]  # 12 s at 200 events/s
+        for e in long_run.events(200 * 8)
+    ]  # 8 s at 200 events/s
     publishing = asyncio.create_task(publish_paced(pipe.kafka, an_hour_in))
     await decided_from_the_model(server, "SIM-A", 3.0)
     outcomes = "decision_quality_outcomes_total"
@@ -252,7 +252,7 @@ async def test_a_feed_that_starts_over_is_followed_decided_on_and_labelled(
     recorded = MarketGenerator(
         (RECORDED,), seed=5, start_time_us=1_700_000_000_000_000, events_per_second=200
     )
-    write_csv(recording, list(recorded.events(1600)))  # 8 s
+    write_csv(recording, list(recorded.events(1200)))  # 6 s
     source = ("--source", f"csv:{recording}")
     pipe.start_replayer("replay-1", *source)
     assert pipe.procs["replay-1"].wait(60.0) == 0, pipe.procs["replay-1"].log_tail()

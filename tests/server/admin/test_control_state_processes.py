@@ -113,7 +113,11 @@ def all_come_to_obey(servers: list[Server], timeout_s: float = 5.0) -> None:
 
 
 def test_two_server_processes_obey_the_levers_through_a_redis_flush_stop_and_restart(
-    servers: list[Server], own_redis: OwnRedis, database_url: str, tmp_path: Path
+    # The servers after Redis and the store: they stop first, with both still there.
+    own_redis: OwnRedis,
+    database_url: str,
+    servers: list[Server],
+    tmp_path: Path,
 ) -> None:
     servers += [Server(i, own_redis.url, database_url, tmp_path) for i in range(2)]
     for server in servers:
