@@ -41,6 +41,7 @@ from server.model_client import ModelClient, TorchServeClient
 from server.oip import OipClient
 from torchserve.handler import ScoreHandler
 from torchserve.replica import (
+    LOG_CONFIG,
     ModelServing,
     ReplicaPorts,
     start_replica,
@@ -88,12 +89,43 @@ def replica_serving(
     """A fresh TorchServe replica with this model section, ready; yields it and its gRPC
     inference address, and stops it on the way out."""
     ports = ReplicaPorts(*free_ports(REPLICA_PORTS))
-    replica = torchserve_replica(name, ports, MODEL_STORE, run_dir, model_section=section)
+    replica = torchserve_replica(
+        name, ports, MODEL_STORE, run_dir, model_section=section, log_config=metrics_logged(run_dir)
+    )
     try:
         start_replica(replica, ports, model_name=model_name)
         yield replica, f"127.0.0.1:{ports.grpc_inference}"
     finally:
         replica.stop()
+
+
+# The replicas' log configuration with TorchServe's per-call model metrics written to
+# model_metrics.log, as "<ISO 8601 time> - PredictionTime.ms:...": what ``Windows`` reads.
+METRICS_APPENDER = """<RollingFile name="model_metrics"
+    fileName="${env:LOG_LOCATION:-logs}/model_metrics.log"
+    filePattern="${env:LOG_LOCATION:-logs}/model_metrics.%i.log">
+  <PatternLayout pattern="%d{ISO8601} - %m%n"/>
+  <Policies><SizeBasedTriggeringPolicy size="50 MB"/></Policies>
+</RollingFile>
+"""
+METRICS_LOGGER = """<Logger name="MODEL_METRICS" level="info" additivity="false">
+  <AppenderRef ref="model_metrics"/>
+</Logger>"""
+
+
+def metrics_logged(run_dir: Path) -> Path:
+    """A copy of the replicas' log configuration (``LOG_CONFIG``) in ``run_dir`` that
+    writes the model metrics the stack's replicas leave out."""
+    text = LOG_CONFIG.read_text()
+    off = '<Logger name="MODEL_METRICS" level="off"/>'
+    if off not in text or "</Appenders>" not in text:
+        raise RuntimeError(f"{LOG_CONFIG}: no {off} to turn on")
+    text = text.replace(off, METRICS_LOGGER).replace(
+        "</Appenders>", METRICS_APPENDER + "</Appenders>"
+    )
+    path = run_dir / "log4j2-model-metrics.xml"
+    path.write_text(text)
+    return path
 
 
 def heldout_batches(x: np.ndarray[Any, Any], n: int, count: int = 64) -> list[Rows]:

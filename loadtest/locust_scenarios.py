@@ -1,25 +1,11 @@
-"""The locust scenarios' plans, without locust: options, load over time, the request mix.
+"""The locust scenarios' plans, without locust (importing it monkey-patches the process
+with gevent, so tests import this instead): options, load over time, the request mix.
 
-``loadtest/locustfile.py`` is the locust side; this module holds what can be decided
-without it, so that tests can import it (importing locust monkey-patches the whole
-process with gevent).
-
-Scenarios (``--scenario``):
-
-- ``steady``: ``--users`` users, each paced to ``--user-rps`` decisions per second, for
-  the run time.
-- ``burst``: the same users and pacing, but the user count steps through
-  ``BURST_LADDER`` (base, peak, base, peak, base; peak = ``--users``), each step
-  ``--burst-step`` seconds long (default: a fifth of ``--run-time``, else 10 s).
-- ``primary-failure``: steady load; ``--fault-at`` seconds in, the primary replica's
-  breaker is forced open through AdminService for ``--fault-for`` seconds (the
-  override's TTL, so it ends by itself even if locust is killed), and set back to AUTO
-  when the test stops earlier.
-- ``stale-features``: steady load on ``--stale-symbols``, symbols without fresh features:
-  the server answers from its fallback ladder (a cached score within its age bound, else
-  ABSTAIN; the rules baseline needs fresh features).
-
-Bounds: the target and the admin address must be loopback unless ``--allow-remote``.
+``steady`` (paced users), ``burst`` (the user count stepping through ``BURST_LADDER``),
+``primary-failure`` (the primary's breaker forced open through AdminService for
+``--fault-for`` seconds, an override with a TTL) and ``stale-features`` (symbols without
+fresh features: the fallback ladder answers). The target and the admin address must be
+loopback unless ``--allow-remote``. loadtest/README.md has the commands.
 """
 
 from __future__ import annotations

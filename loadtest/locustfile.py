@@ -1,21 +1,11 @@
-"""Locust scenarios for ``decision.v1.DecisionService/Decide`` over gRPC.
+"""Locust scenarios for ``decision.v1.DecisionService/Decide`` over gRPC (plans in
+``loadtest/locust_scenarios.py``, commands and rows in ``loadtest/README.md``).
 
-    .venv/bin/locust -f loadtest/locustfile.py --headless -u 8 -r 8 -t 60s \\
-        --scenario steady --csv out/steady
-
-Scenarios, options and bounds are described in ``loadtest/locust_scenarios.py`` and
-``loadtest/README.md``. What lands in locust's stats (and ``--csv``):
-
-- ``grpc`` / ``Decide (<source>)``: answered decisions, one row per decision source
-  (``primary``, ``secondary``, ``cached-score``, ``rules``, ``abstain``, ...), so the
-  CSV shows how the load was answered as well as how fast;
-- ``grpc`` / ``Decide``: calls that ended with a non-OK status, as failures named by
-  their status code;
-- ``admin`` / ``SetBreaker primary <MODE>``: the primary-failure scenario's own calls to
-  AdminService (a failure there is a failure of the run).
-
-The users are synchronous gRPC clients on gevent (``init_gevent`` before any channel),
-each with its own channel, paced with ``constant_throughput``.
+Stats rows: ``grpc`` / ``Decide (<source>)`` per answering source, ``grpc`` / ``Decide``
+for non-OK statuses (failures named by code), ``admin`` / ``SetBreaker primary <MODE>``
+for the primary-failure scenario's own calls. Users are synchronous gRPC clients on
+gevent (``init_gevent`` before any channel), a channel each, paced with
+``constant_throughput``.
 """
 
 from __future__ import annotations

@@ -1,28 +1,13 @@
-"""``make soak DURATION=3600``: the whole local stack under steady Decide load, judged
-every 10 s.
+"""``make soak DURATION=3600``: the whole local stack (``localstack.LocalStack``, as
+``make run``) under open-loop Decide load, judged every 10 s.
 
-Starts the stack as ``make run`` does (``localstack.LocalStack``: redis-server,
-the broker, three TorchServe replicas, the feature-cache consumer, the replayer at 300
-events/s, the decision server), then drives Decide open loop (default 100/s over the
-default symbols, both sides, a 50 ms deadline) from this process and every window
-prints: answers by source, p50/p99 from the send, answers after the deadline, feature
-age p99, the consumer group's lag, TorchServe workers lost, the machine's busy and
-steal share (a shared VM's host can take the CPU from every process at once), and each
-process group's CPU and RSS. Faults (``--fault primary@120+30``: SIGSTOP the primary 120 s into
-the load, SIGCONT 30 s later; targets primary, replicas, redis, broker; and
-``--fault redis-empty@300``: redis-server stopped and started again with no keys, as
-``decisionctl chaos restart-empty redis`` does) are injected on schedule; after each, the
-model must answer ≥ 99 % of a second's calls again within 10 s. Levers
-(``--lever kill-switch:SOL-USD@60``, see ``loadtest.soak_levers``) are engaged through
-AdminService on schedule, and every later decision they bind must obey them, in the
-answers and in the audit store; the answers they may stop are not held to the model's
-share. At the end every OK answer's decision must be in the audit store (each late call
-is printed as the server recorded it, found by its own request id), and in runs of
-30 minutes or more the broker's and the consumer's CPU and RSS over the last 10 minutes
-must be within 25 % of the first 10.
-
-Writes a JSON summary and a PNG timeline, and exits 1 when a bound was broken (see
-``loadtest.soak_report``), 2 when the stack did not start.
+Every window prints the answers by source, p50/p99 from the send, late answers, feature
+age, the consumer's lag, TorchServe workers lost, the machine's busy and steal shares and
+each process group's CPU and RSS (``soak_probe``), judged by ``soak_report.Bounds``.
+``--fault`` pauses or empties a part on schedule (the model answers again within 10 s);
+``--lever`` engages a kill switch (``soak_levers``: every later decision obeys it). At
+the end every answered decision must be in the audit store. Writes JSON and a PNG; exits
+1 when a bound broke, 2 when the stack did not start. docs/load-tests.md has the rest.
 """
 
 from __future__ import annotations

@@ -126,9 +126,11 @@ def torchserve_replica(
     *,
     model_section: str | None = None,
     niceness: int = 0,
+    log_config: Path = LOG_CONFIG,
 ) -> ManagedProcess:
     """The replica ``name`` (not started); its model section is ``role_section(name)``
-    unless one is given; ``niceness``: its CPU priority (``nice``), JVM and workers too."""
+    unless one is given; ``niceness``: its CPU priority (``nice``), JVM and workers too;
+    ``log_config``: TorchServe's log4j2 configuration."""
     folder = replica_dir(run_dir, name)
     tmp_dir = folder / "tmp"
     logs_dir = folder / "logs"
@@ -144,7 +146,7 @@ def torchserve_replica(
         "--ncs",
         "--disable-token-auth",
         "--ts-config", str(config),
-        "--log-config", str(LOG_CONFIG),
+        "--log-config", str(log_config),
         "--model-store", str(model_store),
     ]  # fmt: skip
     env = {
