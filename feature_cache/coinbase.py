@@ -1,36 +1,12 @@
 """Coinbase Pro websocket recordings -> canonical market events (``feature_cache.events``).
 
-The recording holds one line per websocket frame, as written by cryptofeed's raw-data
-recorder:
-
-* ``RECEIVE_TIME: JSON`` -- a message received from the exchange; RECEIVE_TIME is Unix
-  seconds (decimal, local clock);
-* ``URL <-> TIME`` and ``URL <- TIME: JSON`` -- the recorder's own connection and
-  subscribe records (any line whose first token is a URL); skipped;
-* blank lines; skipped.
-
-Converted message types:
-
-* ``snapshot`` -> :class:`BookSnapshot`; it carries no ``time``, so its event time is the
-  line's RECEIVE_TIME (the local clock, not the exchange's) unless a ``time`` is present;
-* ``l2update`` -> :class:`BookDelta`; ``"buy"`` is the bid side, ``"sell"`` the ask side,
-  size 0 removes the level;
-* ``match`` -> :class:`Trade`; Coinbase's ``side`` is the MAKER's side, so the aggressor
-  is the opposite side.
-
-Every other type (``ticker``, ``subscriptions``, ``heartbeat``, ``last_match``, ...) is
-skipped and counted in :class:`ParseStats`. ``last_match`` is skipped on purpose: it is
-the product's last trade *before* the subscription, replayed once on subscribing, with an
-exchange time earlier than the snapshot and than the recording window; emitting it would
-put a stale trade ahead of the book and into every trade-flow window.
-
-Times are microseconds since the Unix epoch (UTC). ``sequence`` is this module's own
-per-product counter (1, 2, 3, ... in file order), never Coinbase's ``sequence``: only
-matches carry one, snapshots and level2 updates do not, so no mix of the two could be
-guaranteed strictly increasing per product, while a counter is by construction.
-
-A line that does not follow the format raises :class:`RecordingFormatError` with its
-1-based line number; :func:`read_recording` can count and skip such lines instead.
+Reads the raw-data recorder's lines in file order: level2 ``snapshot`` and ``l2update``,
+and ``match``; other message types are skipped and counted in :class:`ParseStats`. Times
+are µs since the epoch; ``sequence`` is this module's own per-product counter (1, 2, 3,
+...), never Coinbase's. A line that does not follow the format raises
+:class:`RecordingFormatError` with its 1-based line number; :func:`read_recording` can
+count and skip such lines instead.
+Formats: docs/market-data.md#coinbase
 """
 
 from __future__ import annotations
@@ -138,6 +114,9 @@ class CoinbaseParser:
             return self._delta(message)
         if kind == "match":
             return self._trade(message)
+        # Everything else is skipped; ``last_match`` on purpose: the product's last trade
+        # before the subscription, sent on subscribing with a time before the snapshot's
+        # and the recording's, it would put a stale trade ahead of the book.
         self.stats.skipped[kind] += 1
         return None
 
@@ -179,7 +158,9 @@ class CoinbaseParser:
         )
 
     def _next_sequence(self, symbol: str) -> int:
-        # Called last, after every field has been validated (see parse()).
+        # Called last, after every field has been validated (see parse()). Our own
+        # counter, not Coinbase's ``sequence``: only matches carry one, so no mix of the
+        # two could be sure to increase per product.
         sequence = self._last_sequence.get(symbol, 0) + 1
         self._last_sequence[symbol] = sequence
         return sequence

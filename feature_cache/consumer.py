@@ -1,23 +1,12 @@
 """The feature-cache consumer: Kafka market events → per-symbol state → Redis records.
 
-One fetch is one batch: every event is applied to its symbol's ``SymbolState``, then
-the touched symbols' feature records are written in one Redis pipeline (monotonic
-writes). About once a second per partition (one partition at a time, spread over the
-interval; and when partitions are revoked, and on stop) the states changed since the
-partition's last checkpoint are written to Redis and only then is its offset committed,
-so a partition's committed offset never runs ahead of its checkpoint. A batch counts for
-a checkpoint only once its dead letters are sent and its features written, and a
-rebalance's checkpoint waits for the batch in progress. Checkpointing per batch would
-cost more than the batch (a state with its windows is tens of kB of JSON). A malformed
-message is counted, logged with its offset, sent to the dead-letter topic (before its
-offset is committed) and skipped. An event a state ignores (a re-delivery, an earlier
-session's) is counted, and a symbol whose every event is ignored for a while is logged and
-reported (``feature_cache.feed_watch``). Kafka or Redis down: retry with backoff; features age
-meanwhile and the server sees them as stale; nothing is committed that is not written.
-
-This module runs the loop and does the I/O; applying a batch to the states
-(``feature_cache.batch``) and choosing which partition to checkpoint
-(``feature_cache.checkpoint_schedule``) do none.
+One fetch is one batch: its events are applied to their symbols' ``SymbolState`` and the
+touched symbols' records written in one Redis pipeline. About once a second per partition
+the changed states are checkpointed to Redis, and only then is the offset committed:
+nothing is committed that is not written. Malformed messages go to the dead-letter topic;
+Kafka or Redis down, it retries with backoff. This module does the I/O; applying a batch
+(``feature_cache.batch``) and the checkpoint turns (``.checkpoint_schedule``) do none.
+Behaviour: docs/market-data.md#market-data-and-features
 """
 
 from __future__ import annotations
@@ -62,7 +51,8 @@ MAX_BATCH = 2000
 # behind for long (features.max_age_ms judges freshness, not this).
 FEATURE_TTL_S = 60.0
 # How often the states are checkpointed and offsets committed: a consumer taking over a
-# partition replays at most about this much of it.
+# partition replays at most about this much of it. Not per batch: a state with its windows
+# is tens of kB of JSON, so checkpointing every batch would cost more than the batch.
 CHECKPOINT_INTERVAL_S = 1.0
 
 

@@ -1,46 +1,11 @@
 """Per-symbol microstructure features: the one implementation of ``FEATURE_NAMES``.
 
 A ``SymbolState`` folds one symbol's ``MarketEvent`` stream into its book and rolling
-windows; ``features()`` reads the vector in schema order. The consumer, the training
-pipeline and the tests all use this module, so there is no second implementation.
-
-Clock and windows. Every window runs on exchange event time, never the wall clock, so a
-replay gives the same values. ``now`` is ``last_event_time_us``, the latest exchange time
-applied (an event stamped earlier than one already applied counts as at ``now``, so the
-windows never run backwards). A window of W holds the entries with time > now - W.
-
-Definitions (bid/ask prices ``Pb``/``Pa``, sizes at the touch ``qb``/``qa``,
-``mid = (Pb + Pa) / 2``, ``depth = (qb + qa) / 2``):
-
-- ``spread_bps`` = (Pa - Pb) / mid * 1e4.
-- ``imbalance_l1`` = (qb - qa) / (qb + qa), in [-1, 1].
-- ``imbalance_l5``: the same with each side's sizes summed over its best five levels.
-- ``ofi_1s``, ``ofi_5s``: Cont-Kukanov-Stoikov order-flow imbalance. Each book event (delta
-  or snapshot) with a two-sided book before and after contributes
-  ``e = 1{Pb >= Pb'} qb - 1{Pb <= Pb'} qb' - 1{Pa <= Pa'} qa + 1{Pa >= Pa'} qa'``
-  (primes: the touch before the event); the sum over the window is divided by ``depth``
-  now. Dimensionless: "how many touch-depths of net buying pressure".
-- ``realized_vol_5s_bps``, ``realized_vol_30s_bps``: sqrt of the sum of squared mid
-  log-returns, one return per mid change, over the window, times 1e4.
-- ``mid_return_1s_bps``, ``mid_return_5s_bps``: (mid / mid_then - 1) * 1e4, where mid_then
-  is the mid in effect 1 s (5 s) ago, or the oldest mid known if the history is shorter.
-- ``trade_intensity_5s``: trades in the window / 5, in trades per second.
-- ``signed_volume_5s``: (buy-aggressor volume - sell-aggressor volume) in the window
-  divided by ``depth``.
-
-Sizes of 0 or less remove a level, so ``depth`` is positive whenever ``features()``
-returns a vector; the ``depth > 0`` guards only keep a corrupt feed from raising.
-
-Window sums are running sums (``feature_cache.windows``), so ``features()`` costs the same
-however full the windows are: each entry is added once when it enters and subtracted once
-when it leaves, and every ``RESUM_EVERY`` removals a window's sum is recomputed exactly
-(``math.fsum``) so rounding error cannot build up (an emptied window's sum is exactly 0).
-The additions and subtractions happen in one order fixed by the event stream alone: a
-window drops its expired entries before it takes a new one, and the entries that
-``features()`` drops early are the ones the next addition would have dropped first. So a
-value depends on the events applied, never on when ``features()`` was called, and a state
-restored from ``to_checkpoint()`` (which carries the sums and removal counts) gives
-bit-identical features.
+windows on exchange event time; ``features()`` reads the vector in schema order. The
+consumer, the training pipeline and the tests all use this module. A value depends on the
+events applied alone, never on when ``features()`` was called, and a state restored from
+``to_checkpoint()`` gives bit-identical features (running sums: ``feature_cache.windows``).
+Definitions: docs/market-data.md#features
 """
 
 from __future__ import annotations
@@ -84,7 +49,7 @@ class Applied(enum.Enum):
 
 
 class SymbolState:
-    """One symbol's book and rolling windows; see the module docstring for the features.
+    """One symbol's book and rolling windows (features: docs/market-data.md#features).
 
     Not thread-safe. ``apply`` orders events by (``session``, ``sequence``): within a
     session it ignores an event whose sequence is not above ``last_sequence``, so a
@@ -223,8 +188,12 @@ class SymbolState:
         now = self.last_event_time_us
         ofi_1s, ofi_5s, trades = self._ofi_1s, self._ofi_5s, self._trades
         sq_5s, sq_30s = self._sq_ret_5s, self._sq_ret_30s
+        # Pruning here changes no value: it drops the entries the next addition would
+        # have dropped first, so the running sums see one order of operations.
         for window in (ofi_1s, ofi_5s, sq_5s, sq_30s, trades, self._mid_1s, self._mid_5s):
             window.prune(now)
+        # Sizes of 0 or less remove a level, so depth > 0 here; the guards below only keep
+        # a corrupt feed from raising.
         depth = (qb + qa) * 0.5
         bid5 = math.fsum(self._bids.values()[-_TOP_LEVELS:])
         ask5 = math.fsum(self._asks.values()[:_TOP_LEVELS])

@@ -1,36 +1,11 @@
 """A seeded multi-symbol L2 market simulator that emits canonical ``MarketEvent``s.
 
 For tests, benchmarks and the local stack when no recording is at hand. The same
-arguments always give the same stream (one ``random.Random(seed)``, no global state).
-
-Per symbol, the book lives on integer ticks (a power of ten between 0.01 and 0.1 bp of
-the starting price: fine enough that spreads, returns and volatilities in bps do not
-depend on where the price sits within its power of ten, so a price that walks for hours
-does not read as drift). A symbol is one instrument whatever the seed: its starting price (so its
-tick) and its typical trade size follow from its name, so training days and the local
-stack's feed trade the same instruments, and their spreads and volatilities in bps are
-alike; the seed drives everything that happens to it.
-
-- A latent fair price moves on a share ``MOVE_PROB`` of book events by ``exp(r)``,
-  ``r ~ N(0, sigma)``, ``sigma`` = base * volatility regime * GARCH(1,1) factor. The
-  regime (calm, normal, stressed) switches in exchange time (mean stay about
-  ``REGIME_MEAN_S``), the GARCH factor reacts to recent shocks: volatility clusters on a
-  slow and a fast scale.
-- Order flow moves prices: each trade moves the fair price ``IMPACT_BPS`` per mean trade
-  size in its direction (more in a stressed regime); ``flow``, an EWMA of signed trade
-  sizes, drifts the fair price its way and tilts the odds of the next aggressor.
-- Trades are self-exciting: each trade raises the symbol's trade probability, which
-  decays back by ``HAWKES_DECAY`` per event of the symbol (a discrete Hawkes process).
-- The book quotes ``LEVELS`` levels per side behind the touch; the spread in ticks widens
-  with ``sigma``. A trade takes size from the touch, never more than it holds (emitted as
-  a ``Trade`` and the ``BookDelta`` that depletes the level); book events requote toward
-  the fair price and add or cancel size at a level or two. Every ``SNAPSHOT_EVERY``
-  events per symbol a ``BookSnapshot`` of the current book is emitted, as a feed's
-  periodic resync would.
-
-Time: exponential gaps with mean 1 / ``events_per_second`` (all symbols together), in
-whole µs, so exchange time never decreases; a trade and its delta share one time.
-Sequences start at 1 per symbol and increase by 1 per event of that symbol.
+arguments always give the same stream (one ``random.Random(seed)``, no global state), and
+a symbol is the same instrument (price, tick, trade size) whatever the seed. Event gaps
+are exponential, mean 1 / ``events_per_second``, in whole µs, so exchange time never
+decreases (a trade and its delta share one time); sequences count from 1 per symbol.
+The model: docs/market-data.md#the-generator
 """
 
 from __future__ import annotations
@@ -43,14 +18,18 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from feature_cache.events import Aggressor, BookDelta, BookSide, BookSnapshot, MarketEvent, Trade
 
-LEVELS = 12
+LEVELS = 12  # quoted per side from the touch
+# Ticks this fine keep spreads, returns and volatilities in bps independent of where the
+# price sits within its power of ten, so a price that walks for hours does not read as drift.
 TICK_BPS_MAX = 0.1  # a symbol's tick: the power of ten in (TICK_BPS_MAX / 10, TICK_BPS_MAX] bp
-SNAPSHOT_EVERY = 1000
-REGIME_MEAN_S = 15.0
+SNAPSHOT_EVERY = 1000  # events of a symbol between snapshots, as a feed's periodic resync
+REGIME_MEAN_S = 15.0  # mean stay in a volatility regime, in exchange time
 REGIME_VOL = (0.4, 1.0, 2.8)  # calm, normal, stressed multipliers of the base volatility
 MOVE_PROB = 0.3  # share of book events that move the fair price and requote
 BASE_SIGMA_BPS = 0.45  # per price move, before regime and GARCH
 GARCH_ALPHA, GARCH_BETA = 0.08, 0.90  # on the normalised shock; omega keeps E[factor] = 1
+# Trade probability: base + an excitation each trade raises by JUMP and each event of the
+# symbol decays by DECAY, capped (a discrete Hawkes process: trades cluster).
 HAWKES_BASE, HAWKES_JUMP, HAWKES_DECAY, HAWKES_CAP = 0.05, 0.05, 0.9, 0.6
 FLOW_DECAY = 0.9  # per trade
 FLOW_TILT = 0.15  # max shift of P(buy) away from 1/2 by the flow
@@ -60,7 +39,8 @@ SPREAD_PER_SIGMA = 1.5  # extra spread ticks per tick of per-move sigma
 
 
 def _by_name(name: str, what: str) -> float:
-    """A number in [0, 1) fixed by the symbol's name and what it is for."""
+    """A number in [0, 1) fixed by the symbol's name and what it is for: training days and
+    the local stack's feed, whatever their seeds, trade the same instruments."""
     digest = hashlib.sha256(f"{what}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
@@ -103,7 +83,7 @@ class _Symbol:
 
 
 class MarketGenerator:
-    """Interleaved events for ``symbols``; see the module docstring for the model."""
+    """Interleaved events for ``symbols`` (the model: docs/market-data.md#the-generator)."""
 
     def __init__(
         self,

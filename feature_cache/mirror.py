@@ -1,18 +1,12 @@
 """``FeatureMirror``: every symbol's latest feature record in this process's memory.
 
-A decision needs its symbol's features within a millisecond; a Redis read costs a round
-trip, more on a busy host. The writer publishes each record it lands
-(``feature_cache.store``); the mirror subscribes first, then loads every record once
-(SCAN and one pipeline), and from then applies each published record that is newer
-(event time, then source offset) than the one it holds, as the writer's own rule does.
-A record keeps its event time, so the freshness rules of the decision path hold.
-
-Redis pub/sub delivers at most once: a message published while the subscription is
-down is lost. So the mirror answers only while it is live: from the end of a load on a
-working subscription until that subscription fails. Then ``lookup`` returns None (the
-caller reads Redis), ``status`` says since when and why, and the listener resubscribes
-and loads everything again. It also answers None for a symbol it does not hold once it
-holds ``max_symbols`` (a bound on memory): that symbol may have a record in Redis.
+A Redis read costs a round trip: the mirror subscribes to the records the writer publishes
+(``feature_cache.store``), loads every record once, then keeps the newer (event time, then
+source offset) of what it holds and what is published. Pub/sub delivers at most once, so
+it answers only while live, from a load on a working subscription until that fails (then
+it resubscribes and loads again), and, once it holds ``max_symbols``, only for those:
+otherwise ``lookup`` returns None and the caller reads Redis.
+Behaviour: docs/market-data.md#market-data-and-features
 """
 
 from __future__ import annotations
@@ -115,7 +109,8 @@ class FeatureMirror:
 
     def lookup(self, symbols: Sequence[str]) -> list[FeatureRecord | None] | None:
         """Each symbol's record (None: it has none), or None when the mirror cannot say
-        for all of them: not live, or full and missing one."""
+        for all of them: not live, or full and missing one. A record keeps its event time,
+        so the decision path's freshness rules hold."""
         if not self._live:
             return None
         records = [self._records.get(symbol) for symbol in symbols]

@@ -1,33 +1,12 @@
 """``python -m feature_cache.replay``: publish market events to Kafka at 1x, Nx or max speed.
 
-Sources: the seeded generator (``--source generator``) or a recording,
-``--source KIND:PATH`` with KIND ``coinbase``, ``binance``, ``kraken`` or ``csv`` and PATH
-a file or a folder (``feature_cache.exchanges.sources``; ``--source coinbase --path FILE``
-still works). Events are keyed by symbol (``BINANCE:BTC-USD``: a venue's books never mix
-with another's). A recording's replay ends with a summary per symbol: snapshots, deltas,
-trades, sequence gaps, checksum failures, crossed books, events not published while a
-book was out of sync, skipped and malformed lines. Unless ``--keep-times`` is given,
-exchange times are shifted so the first event is "now" (the last, at full speed), so that
-features computed from an old recording are fresh to the decision server.
-
-Each run publishes its events in a session of its own, its start time in µs since the
-epoch (``feature_cache.events``): a replayer started again, or a recording replayed
-again, numbers its events from 1 again, and the consumers follow it from its snapshots
-instead of ignoring it as a re-delivery of the last run.
-
-``--bootstrap`` defaults to ``DECISION_KAFKA__BOOTSTRAP_SERVERS``, else 127.0.0.1:19092:
-the broker of the local stack on the default ports. A stack started with
-``--port-offset N`` has its broker on 19092 + N (its banner prints the command).
-
-Exit status (each error is one line on stderr):
-  0  published (malformed lines of a recording are counted in its summary)
-  2  a bad argument
-  3  a recording file cannot be read on: cut short, binary, not gzip (the line names
-     it and how many events were published before it)
-  4  nothing to publish: every line of the recording malformed, skipped or held back
-     (no book yet)
-  5  the broker unreachable (no answer in 10 s) or refusing the events
-  1  anything else: a bug, with Python's traceback
+Sources: the seeded generator, or a recording ``--source KIND:PATH`` (KIND coinbase,
+binance, kraken or csv; PATH a file or a folder), which ends with a summary per symbol.
+Exchange times are rebased to now unless ``--keep-times``; each run publishes in a session
+of its own, so the consumers follow a replay started again.
+Exit status (each error one line on stderr): 0 published, 2 a bad argument, 3 a file that
+cannot be read on, 4 nothing to publish, 5 the broker unreachable or refusing, 1 a bug.
+Details: docs/market-data.md#publishing-market-data
 """
 
 from __future__ import annotations

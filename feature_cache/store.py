@@ -1,14 +1,10 @@
 """Per-symbol feature records in Redis: the writer (monotonic) and the reader (one round trip).
 
-A record is one Redis hash per symbol, ``{prefix}features:{symbol}``, with fields
-``p`` (the JSON payload the reader decodes), ``t`` (event time, µs since the epoch) and
-``o`` (source offset). The writer's Lua script compares ``(t, o)`` with the stored pair
-and writes only when the new one is greater, so a re-delivered or replayed older
-message never moves a symbol's features back. Records expire after ``ttl_s``.
-
-Each write that lands is also published on ``{prefix}features:changed`` as
-``SYMBOL\nPAYLOAD``, so that a decision server's ``FeatureMirror`` holds the same
-record within milliseconds without a read.
+One hash per symbol. The writer's Lua script writes a record only when its (event time,
+source offset) is above the stored pair, so a re-delivered or replayed older message never
+moves a symbol's features back, and publishes each write that lands, so that a decision
+server's ``FeatureMirror`` holds the same record within milliseconds without a read.
+Record and channel formats: docs/market-data.md#market-data-and-features
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """Binance spot: a raw websocket recording (with its REST depth snapshots) -> events.
 
-Messages (raw or in a combined-stream envelope ``{"stream": ..., "data": ...}``):
-
-* the REST depth snapshot, recorded as ``URL -> TIME: JSON`` for
-  ``.../depth?symbol=BTCUSDT``: ``lastUpdateId``, ``bids`` and ``asks`` as
-  ``[price, quantity]`` strings -> :class:`BookSnapshot` at the receive time (it has no
-  time of its own);
-* ``depthUpdate`` (``U`` first and ``u`` last update id, ``b``/``a`` levels, ``E`` event
-  time in ms) -> :class:`BookDelta`; quantity 0 removes the level;
-* ``aggTrade`` and ``trade`` (``p``, ``q``, trade time ``T`` in ms, ``m`` = the buyer is
-  the maker) -> :class:`Trade`; a maker buyer means the seller took liquidity.
-
-Sequencing, as Binance documents it for a local order book: diffs received before the
-snapshot are buffered; those with ``u`` <= the snapshot's ``lastUpdateId`` are dropped;
-the first one applied has ``U`` <= lastUpdateId + 1 <= ``u``; afterwards each ``U`` is
-the previous ``u`` + 1, else it is a gap: the book is out of sync (nothing of the symbol
-is published) until the next snapshot in the recording, with diffs buffered again to
-bridge to it. Everything else (``bookTicker``, ``kline``, ...) is skipped and counted.
+Depth diffs are sequenced against the REST snapshot's ``lastUpdateId`` as Binance
+documents for a local order book: diffs wait for a snapshot, and a gap puts the symbol
+out of sync (nothing of it published) until the next snapshot, with diffs buffered again
+to bridge to it. Trades come from ``aggTrade`` and ``trade``; other streams are skipped
+and counted.
+Messages and sequencing: docs/market-data.md#binance-spot
 """
 
 from __future__ import annotations

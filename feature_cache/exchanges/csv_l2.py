@@ -1,26 +1,11 @@
 """The common historical L2 CSV format of market-data vendors -> events.
 
-Two kinds of file, told apart by their header row, gzip-compressed (``.gz``) or plain:
-
-``incremental_book_L2``: ``exchange, symbol, timestamp, local_timestamp, is_snapshot,
-side, price, amount``
-    One row per changed price level. ``timestamp`` is the exchange's time and
-    ``local_timestamp`` the time the vendor received it, both in microseconds since the
-    epoch; ``side`` is ``bid`` or ``ask``; ``amount`` is the level's new size, 0 removes
-    it. Rows with the same exchange, symbol, both times and ``is_snapshot`` were one
-    message: they become one :class:`BookSnapshot` (``is_snapshot`` ``true``: a new book,
-    replacing the old one) or one :class:`BookDelta`.
-
-``trades``: ``exchange, symbol, timestamp, local_timestamp, id, side, price, amount``
-    One trade per row; ``side`` is the taker's, ``buy`` or ``sell`` (a row with another
-    side, such as ``unknown``, is skipped and counted).
-
-Columns may come in any order; others are ignored. Files are merged by
-``local_timestamp`` (the order vendors sort them in), each file's order kept. The key
-is ``EXCHANGE:BASE-QUOTE`` from the ``exchange`` and ``symbol`` columns. A delta that
-crosses the book puts the symbol out of sync until its next snapshot. A row that does
-not parse is counted and skipped; a file that cannot be read on (cut short, binary, not
-gzip) raises ``UnreadableFile``.
+``incremental_book_L2`` and ``trades`` files (told apart by their header, plain or
+``.gz``) are merged by ``local_timestamp``, each file's order kept; the rows of one
+message become one snapshot or delta. A crossed book puts the symbol out of sync until
+its next snapshot; a row that does not parse is counted and skipped; a file that cannot
+be read on (cut short, binary, not gzip) raises ``UnreadableFile``.
+Columns: docs/market-data.md#historical-l2-csv-files
 """
 
 from __future__ import annotations

@@ -1,26 +1,11 @@
 """Kraken (websocket API v1): a raw recording -> events.
 
-Public messages are arrays ``[channelID, payload..., channelName, pair]``:
-
-* ``book-N``, snapshot: one payload ``{"as": [...], "bs": [...]}`` of
-  ``[price, volume, timestamp]`` -> :class:`BookSnapshot`, kept to the subscribed
-  depth N;
-* ``book-N``, update: one payload ``{"a": [...]}`` or ``{"b": [...]}``, or two when both
-  sides changed, levels ``[price, volume, timestamp]`` with a fourth element ``"r"`` when
-  Kraken republishes a level (applied like any other), and the checksum ``"c"`` in the
-  last payload -> :class:`BookDelta`. Volume 0 removes the level; afterwards the book is
-  truncated to depth N (Kraken sends no removal for a level that falls out of it), and
-  the removals are part of the delta;
-* ``trade``: a payload of ``[price, volume, time, side, orderType, misc]`` ->
-  :class:`Trade` each; side ``b``: the buyer took liquidity.
-
-Event times are the exchange's (the latest level timestamp of a book message). The
-checksum is verified as Kraken documents it: the top 10 asks (low to high), then the
-top 10 bids (high to low), each price and volume with its "." and leading zeros
-removed, concatenated; CRC32 of that text. A failure, or a crossed book, puts the pair
-out of sync (nothing of it published) until its next snapshot. Object messages
-(``heartbeat``, ``systemStatus``, ``subscriptionStatus``) and other channels are skipped
-and counted.
+``book-N`` snapshots and updates become snapshots and deltas of a book kept to depth N,
+each update's CRC32 checksum verified; ``trade`` messages become trades, at the
+exchange's times. A failed checksum or a crossed book puts the pair out of sync (nothing
+of it published) until its next snapshot. Object messages (heartbeat, status) and other
+channels are skipped and counted.
+Messages and checksum: docs/market-data.md#kraken-websocket-api-v1
 """
 
 from __future__ import annotations

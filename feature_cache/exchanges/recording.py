@@ -1,15 +1,10 @@
 """The raw websocket recording format the exchange readers share, and its value checks.
 
-One line a frame, as cryptofeed's raw-data recorder writes it:
-
-* ``RECEIVE_TIME: JSON``: a websocket message; RECEIVE_TIME is Unix seconds (local clock);
-* ``URL -> RECEIVE_TIME: JSON``: a REST response (Binance's depth snapshot);
-* ``URL <-> TIME`` and ``URL <- TIME: JSON``: the recorder's own connection and
-  subscribe records; skipped, as are blank lines.
-
-A recording may be split over several files (cryptofeed writes the websocket frames
-and the REST responses apart): :func:`merged_lines` reads them as one stream in receive
-time order, each file's own order kept.
+One line a frame, as cryptofeed's raw-data recorder writes it: ``RECEIVE_TIME: JSON``, or
+``URL -> RECEIVE_TIME: JSON`` for a REST response; its connection records and blank lines
+are skipped. :func:`merged_lines` reads a recording split over several files as one
+stream in receive-time order, each file's own order kept.
+Format: docs/market-data.md#websocket-recordings-coinbase-binance-kraken
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """The replayer's recorded sources: ``KIND:PATH``, PATH a file or a folder of them.
 
-| kind | reads | files taken from a folder |
-| --- | --- | --- |
-| ``coinbase`` | a Coinbase websocket recording (``feature_cache.coinbase``) | ``COINBASE.*`` |
-| ``binance`` | Binance spot websocket frames, REST depth snapshots | ``BINANCE.*``, ``BINANCE-*`` |
-| ``kraken`` | Kraken websocket v1 frames | ``KRAKEN.*``, ``KRAKEN-*`` |
-| ``csv`` | ``incremental_book_L2`` and ``trades`` CSV files | ``*.csv``, ``*.csv.gz`` |
-
-The files of one source are read as one stream in receive-time order (a venue's REST
-snapshots are often recorded in a file apart from its websocket frames). What the
-readers saw (per symbol: snapshots, deltas, trades, gaps, checksum failures; skipped
-and malformed lines) is counted in the :class:`ReplaySummary` given.
+KIND is ``coinbase``, ``binance``, ``kraken`` (from a folder, its files ``KIND.*`` and
+``KIND-*``, in upper case) or ``csv`` (``*.csv``, ``*.csv.gz``). The files of one source
+are read as one stream in receive-time order; what the readers saw (per symbol:
+snapshots, deltas, trades, gaps, checksum failures; skipped and malformed lines) is
+counted in the :class:`ReplaySummary` given.
+Kinds: docs/market-data.md#publishing-market-data
 """
 
 from __future__ import annotations

@@ -1,26 +1,17 @@
 """One form for every venue's symbols: ``VENUE:BASE-QUOTE`` (``BINANCE:BTC-USD``).
 
-Venues write the same market several ways (Binance ``BTCUSDT``, Kraken ``XBT/USD``, the
-CSV archives whatever the venue uses); the replayer keys every event by one form, with
-the venue in front so that two venues' books never mix in the consumer or in Redis.
-
-The mapping, applied to base and quote alike:
-
-| written | becomes | why |
-| --- | --- | --- |
-| ``XBT`` | ``BTC`` | Kraken's ISO-4217-style code for bitcoin |
-| ``XDG`` | ``DOGE`` | Kraken's code for dogecoin |
-| ``USDT`` | ``USD`` | the stablecoin quote standing in for USD where a venue lists no USD |
-
-Concatenated symbols (Binance's ``BTCUSDT``) are split at the longest known quote
-currency that ends them (``KNOWN_QUOTES``); one that ends in none is kept whole
-(``BINANCE:FOOBAR``). Two venue symbols that map to the same key (``BTCUSD`` and
-``BTCUSDT`` on one venue) are not merged: :class:`SymbolKeys` gives the key to the first
-and refuses the second, which the replay summary reports.
+The venue in front keeps two venues' books apart in the consumer and in Redis. Base and
+quote go through ``ALIASES`` (``XBT`` -> ``BTC``); a concatenated symbol is split at the
+longest of ``KNOWN_QUOTES`` that ends it. Two venue symbols that map to one key are not
+merged: :class:`SymbolKeys` gives the key to the first and refuses the second, which the
+replay summary reports.
+Mapping: docs/market-data.md#symbols
 """
 
 from __future__ import annotations
 
+# Kraken's codes for bitcoin and dogecoin; USDT, the quote standing in for USD where a
+# venue lists no USD.
 ALIASES = {"XBT": "BTC", "XDG": "DOGE", "USDT": "USD"}
 # Longest first, so that USDT wins over USD and FDUSD over USD.
 KNOWN_QUOTES = tuple(
