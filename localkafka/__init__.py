@@ -1,15 +1,13 @@
 """localkafka: a small, durable, single-node broker speaking the Kafka wire protocol.
 
-For the local stack and the tests (production uses a Kafka cluster). aiokafka's and
-librdkafka's producers (idempotent ones too), consumers (with consumer groups) and admin
-clients work against it unchanged; docs/kafka-apis.md lists what it serves. Run it with
-``python -m localkafka --data-dir DIR`` or in-process::
+For the local stack and the tests (production uses a Kafka cluster): aiokafka's and
+librdkafka's clients work against it unchanged, and a request's cost does not grow with a
+partition's history. Run it with ``python -m localkafka --data-dir DIR`` or in-process::
 
     async with Broker(BrokerSettings(data_dir=path, port=0)) as broker:
         bootstrap = f"127.0.0.1:{broker.port}"
 
-The cost of a request does not grow with the length of a partition's history: segments
-and batches are found by bisection, retention deletes whole old segments.
+What it serves, and how to reach it with other clients: docs/kafka-apis.md.
 """
 
 from __future__ import annotations

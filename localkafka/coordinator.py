@@ -1,16 +1,11 @@
 """The group coordinator: JoinGroup, SyncGroup, Heartbeat, LeaveGroup and the commit check,
 with Kafka's classic-protocol semantics and error codes.
 
-- JoinGroup moves the group to PreparingRebalance and answers once every known member has
-  rejoined, or when the largest rebalance timeout passes (members that did not rejoin are
-  removed). A new (Empty) group waits ``initial_rebalance_delay_ms`` first, longer while
-  members keep arriving, as Kafka's ``group.initial.rebalance.delay.ms``. The leader's answer
-  carries every member's metadata for the chosen protocol.
-- SyncGroup waits for the leader's assignment and hands each member its own.
-- Heartbeat answers REBALANCE_IN_PROGRESS while the group rebalances; a member whose session
-  timeout passes without a heartbeat (and that is not waiting on a join or sync) is removed
-  by ``expire``, which the broker calls periodically, and the group rebalances.
-- Stale members get UNKNOWN_MEMBER_ID, stale generations ILLEGAL_GENERATION.
+A join starts a rebalance that completes once every known member has rejoined or the
+largest rebalance timeout passes; SyncGroup then hands each member its part of the leader's
+assignment. ``expire``, called periodically by the broker, removes members whose session
+lapsed. Stale members get UNKNOWN_MEMBER_ID, stale generations ILLEGAL_GENERATION. Each
+step's rules are on its method; the APIs and versions served: docs/kafka-apis.md.
 """
 
 from __future__ import annotations
@@ -53,6 +48,10 @@ class GroupCoordinator:
         return list(self._groups.values())
 
     async def join(self, request: JoinRequest) -> JoinResult:
+        """Moves the group to PreparingRebalance and answers once every known member has
+        rejoined, or when the largest rebalance timeout passes (members that did not rejoin
+        are removed). The leader's answer carries every member's metadata for the chosen
+        protocol."""
         settings = self._settings
         if not request.group_id:
             return JoinResult(ErrorCode.INVALID_GROUP_ID, request.member_id)
@@ -138,6 +137,8 @@ class GroupCoordinator:
         group.state = GroupState.PREPARING_REBALANCE
         group.rebalance_deadline = self._now() + group.rebalance_timeout_s()
         if group.in_initial_delay:
+            # A new (Empty) group waits initial_rebalance_delay_ms first, longer while members
+            # keep arriving (_initial_delay_over), as Kafka's group.initial.rebalance.delay.ms.
             delay = min(
                 self._settings.initial_rebalance_delay_ms / 1000, group.rebalance_timeout_s()
             )
@@ -209,6 +210,7 @@ class GroupCoordinator:
     async def sync(
         self, group_id: str, generation_id: int, member_id: str, assignments: dict[str, bytes]
     ) -> SyncResult:
+        """Waits for the leader's assignment and hands each member its own."""
         group = self._groups.get(group_id)
         member = group.members.get(member_id) if group is not None else None
         if group is None or member is None or group.state is GroupState.EMPTY:
@@ -239,6 +241,7 @@ class GroupCoordinator:
         member.sync_waiter = None
 
     def heartbeat(self, group_id: str, generation_id: int, member_id: str) -> ErrorCode:
+        """Keeps the member's session; REBALANCE_IN_PROGRESS while the group rebalances."""
         group = self._groups.get(group_id)
         member = group.members.get(member_id) if group is not None else None
         if group is None or member is None:
@@ -296,7 +299,8 @@ class GroupCoordinator:
         return ErrorCode.NONE
 
     def expire(self) -> None:
-        """Removes members whose session lapsed and pending member ids never used."""
+        """Removes members whose session lapsed (none waiting on a join or sync; the group
+        rebalances) and pending member ids never used."""
         now = self._now()
         for group in list(self._groups.values()):
             for member_id, lapses in list(group.pending.items()):

@@ -1,17 +1,11 @@
 """From a request frame to a response frame: header, version check, decode, handler, encode.
 
-A request the broker can read always gets an answer in its own response schema, the
-error on every topic, partition, group or resource it named (``protocol.error_body``):
-
-- an API or version the broker does not serve, but aiokafka 0.14 can decode, gets
-  UNSUPPORTED_VERSION, and ApiVersions in such a version gets Kafka's v0 answer with
-  UNSUPPORTED_VERSION and the ApiVersions range served (KIP-511), so the client retries;
-- a handler that fails answers UNKNOWN_SERVER_ERROR, its traceback logged.
-
-Each kind is logged once per API and version. A frame that cannot be read (an unknown
-API key, a version aiokafka has no struct for, bytes that do not decode) raises
-``MalformedRequestError``, and its connection is closed, as Kafka does; so is an acks=0
-Produce that failed, which has no response to carry the error.
+A request the broker can read always gets an answer in its own response schema, the error
+on everything it named (``protocol.error_body``): UNSUPPORTED_VERSION for an API or version
+not served, UNKNOWN_SERVER_ERROR for a handler that fails, each kind logged once per API
+and version. A frame that cannot be read raises ``MalformedRequestError`` and its
+connection is closed, as Kafka does; so does a failed acks=0 Produce, which has no response
+to carry the error. The client's view: docs/kafka-apis.md.
 """
 
 from __future__ import annotations
@@ -55,6 +49,7 @@ class Dispatcher:
         key, version = header.api_key, header.api_version
         api_versions = SUPPORTED[ApiKey.API_VERSIONS]
         if key == ApiKey.API_VERSIONS and version not in api_versions:
+            # KIP-511: Kafka's v0 answer with the range served, so the client retries in it.
             own = [e for e in advertised_versions() if e["api_key"] == ApiKey.API_VERSIONS]
             body = {"error_code": ErrorCode.UNSUPPORTED_VERSION, "api_versions": own}
             return encode_response(api_versions[0][1], header.correlation_id, body)

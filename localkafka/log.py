@@ -1,19 +1,10 @@
 """The log of one topic-partition: a directory of segments, a log start offset, and waiters.
 
-Contract:
-- ``append`` numbers the batches from the high watermark, writes them to the active segment
-  (rolling first when it would pass ``segment_bytes``) and wakes every waiting fetch. A
-  batch from an idempotent producer is checked against ``localkafka.producers`` first: a
-  duplicate is answered with its first offset and not written again.
-- ``read(offset, max_bytes)`` returns whole batches from the one holding ``offset``, from
-  one segment, at least one batch; ``b""`` at the high watermark; ``OffsetOutOfRangeError``
-  outside ``[log_start_offset, high_watermark]``. Its cost is two bisections and one pread,
-  whatever the length of the log.
-- ``enforce_retention(now_ms)`` deletes the oldest whole segments whose newest timestamp is
-  older than ``retention_ms``; when that is every segment, it rolls a new empty one first,
-  so a log always has an active segment.
-- ``delete_records(offset)`` moves the log start offset (persisted in ``log-start-offset``)
-  and deletes the whole segments below it.
+Offsets run contiguously from the log start offset to the high watermark; every append is
+committed at once and wakes the fetches waiting on the log. Retention and DeleteRecords
+delete whole segments only, and a log always has an active segment. A read costs two
+bisections and one pread, whatever the length of the log. Each operation's contract is on
+its method; what clients see: docs/kafka-apis.md.
 """
 
 from __future__ import annotations
@@ -112,7 +103,13 @@ class PartitionLog:
         return sum(s.size for s in self._segments)
 
     def append(self, data: bytes, batches: list[BatchInfo]) -> int:
-        """Appends validated batches; returns the offset given to the first record."""
+        """Appends validated batches; returns the offset given to the first record.
+
+        The batches are numbered from the high watermark and written to the active segment,
+        rolled first when it would pass ``segment_bytes``. A batch from an idempotent
+        producer is checked against ``localkafka.producers`` first: a duplicate is answered
+        with its first offset and not written again.
+        """
         if any(batch.producer_id >= 0 for batch in batches):
             if len(batches) > 1:
                 raise KafkaApiError(
@@ -142,6 +139,9 @@ class PartitionLog:
         return segment
 
     def read(self, offset: int, max_bytes: int) -> bytes:
+        """Whole batches from the one holding ``offset``, from one segment, at least one
+        whatever ``max_bytes``; ``b""`` at the high watermark; ``OffsetOutOfRangeError``
+        outside ``[log_start_offset, high_watermark]``."""
         if offset < self._log_start or offset > self.high_watermark:
             raise OffsetOutOfRangeError(offset, self._log_start, self.high_watermark)
         if offset == self.high_watermark:
@@ -159,7 +159,8 @@ class PartitionLog:
         return None
 
     def delete_records(self, offset: int) -> int:
-        """Moves the log start offset up to ``offset`` (-1: the high watermark); returns it."""
+        """Moves the log start offset up to ``offset`` (-1: the high watermark), persisted in
+        ``log-start-offset``, and deletes the whole segments below it; returns the offset."""
         if offset == -1:
             offset = self.high_watermark
         if offset < 0 or offset > self.high_watermark:
@@ -174,7 +175,9 @@ class PartitionLog:
         return self._log_start
 
     def enforce_retention(self, now_ms: int) -> int:
-        """Deletes the segments past retention; returns how many."""
+        """Deletes the oldest whole segments whose newest timestamp is older than
+        ``retention_ms``; returns how many. When that is every segment, a new empty one is
+        rolled first, so the log keeps an active segment."""
         if self.config.retention_ms < 0:
             return 0
         cutoff = now_ms - self.config.retention_ms

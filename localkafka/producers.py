@@ -1,24 +1,11 @@
 """Idempotent producers: their ids, and the sequence numbers each wrote to a partition.
 
-Kafka's rules for a batch stamped with a producer id (``ProducerStateManager``):
-
-- A batch whose sequence range matches one of the producer's last five batches on the
-  partition is a duplicate (a retry of a batch whose answer was lost): it is answered
-  with the offset it got then, and not written again.
-- Same epoch: the first sequence must follow the last one written, wrapping at 2**31 - 1;
-  otherwise OUT_OF_ORDER_SEQUENCE_NUMBER.
-- An older epoch is INVALID_PRODUCER_EPOCH; a newer one must start at sequence 0.
-- A producer the partition does not know (new, or its batches deleted before a restart)
-  may start at any sequence.
-
-- A batch stamped with a producer id but no epoch or sequence is INVALID_RECORD.
-
-The state is rebuilt from the batch headers in the log when the broker starts (Kafka
-keeps snapshots; a local log is read whole at start anyway), so a retry that crosses a
-restart is still recognised. It is kept until the broker stops: Kafka forgets a producer
-after a day without a write, a local broker's run is shorter. Producer ids are never
-handed out twice: the next one is kept in ``<data dir>/producer-ids``, and is never
-below an id the logs hold.
+``ProducerState.check`` applies Kafka's rules (its ``ProducerStateManager``) to a batch
+stamped with a producer id: a retry of one of the producer's last five batches is a
+duplicate, answered with the offset it got then and not written again; a batch out of
+sequence or from a fenced epoch is refused. The state is rebuilt from the log at start, so
+a retry across a restart is still recognised. ``ProducerIds`` hands out each id once, across
+restarts too. The rules in full: ``ProducerState.check``; clients' view: docs/kafka-apis.md.
 """
 
 from __future__ import annotations
@@ -46,7 +33,12 @@ class _Producer:
 
 
 class ProducerState:
-    """What each idempotent producer has written to one partition."""
+    """What each idempotent producer has written to one partition.
+
+    Rebuilt from the batch headers when the log opens (Kafka keeps snapshots; a local log is
+    read whole at start anyway) and kept until the broker stops (Kafka forgets a producer
+    after a day without a write; a local broker's run is shorter).
+    """
 
     def __init__(self) -> None:
         self._producers: dict[int, _Producer] = {}
@@ -54,7 +46,13 @@ class ProducerState:
     def check(self, batch: BatchInfo) -> int | None:
         """The offset a duplicate batch got, or None for a batch to write.
 
-        Raises ``KafkaApiError`` for a batch out of sequence or from a fenced epoch.
+        A duplicate matches the sequence range of one of the producer's last five batches
+        (a retry of a batch whose answer was lost). Raises ``KafkaApiError``: no epoch or
+        sequence, INVALID_RECORD; an older epoch, INVALID_PRODUCER_EPOCH; a newer epoch not
+        at sequence 0, or in the same epoch a first sequence that does not follow the last
+        one written (wrapping at 2**31 - 1), OUT_OF_ORDER_SEQUENCE_NUMBER. A producer the
+        partition does not know (new, or its batches deleted before a restart) may start at
+        any sequence.
         """
         if batch.producer_id < 0:
             return None
@@ -108,7 +106,8 @@ class ProducerState:
 
 
 class ProducerIds:
-    """Hands out producer ids, each once, across restarts too."""
+    """Hands out producer ids, each once, across restarts too: the next one is kept in
+    ``<data dir>/producer-ids``, and is never below an id the logs hold."""
 
     def __init__(self, data_dir: Path) -> None:
         self._path = data_dir / IDS_FILE

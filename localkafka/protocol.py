@@ -1,23 +1,11 @@
 """The Kafka APIs and versions the broker serves, and their codec, on aiokafka's structs.
 
-Requests are decoded with aiokafka's ``*Request_vN`` structs into plain dicts; handlers
-answer with dicts that hold every field any served version of the response has, and
-``encode_response`` picks the fields of the negotiated version's ``*Response_vN`` schema
-(tagged-field buffers are sent empty).
-
-Version ranges: the newest non-flexible version aiokafka 0.14 has, plus ApiVersions v3,
-the flexible version librdkafka and the Java clients ask for first (its structs are
-defined here; its response header stays v0, as KIP-511 requires). Kafka defines
-JoinGroup v3/v4, SyncGroup v2, CreateTopics v4 and InitProducerId v1 with the same wire
-format as the version before, so those decode with that struct (JoinGroup v4+ adds
-MEMBER_ID_REQUIRED, handled by the coordinator; CreateTopics v4 lets a client leave the
-partition count and replication factor to the broker, KIP-464, which every version here
-accepts). ListOffsets stops at v3: aiokafka's v4 struct cannot be
-built by its own request builder.
-
-``KNOWN`` holds every request aiokafka can decode, served or not: a well-formed request
-the broker does not serve is answered with UNSUPPORTED_VERSION in its own response
-schema rather than by closing the connection (``localkafka.dispatch``).
+Requests decode into plain dicts; handlers answer with dicts that hold every field any
+served version of the response has, and ``encode_response`` keeps the negotiated version's
+fields. ``SUPPORTED`` is what ApiVersions advertises (how its ranges were chosen: beside
+it). ``KNOWN`` is every request aiokafka can decode, served or not, so a well-formed request
+the broker does not serve is answered with UNSUPPORTED_VERSION rather than a closed
+connection (``localkafka.dispatch``). The served table: docs/kafka-apis.md.
 """
 
 from __future__ import annotations
@@ -144,6 +132,14 @@ def _every_known_request() -> dict[tuple[int, int], StructPair]:
     return known
 
 
+# Per API, up to the newest non-flexible version aiokafka 0.14 has, plus ApiVersions v3: the
+# flexible version librdkafka and the Java clients ask for first (structs above; its
+# response header stays v0, as KIP-511 requires). ``same_as``: Kafka defines JoinGroup
+# v3/v4, SyncGroup v2, CreateTopics v4 and InitProducerId v1 with the wire format of the
+# version before (JoinGroup v4+ adds MEMBER_ID_REQUIRED, handled by the coordinator;
+# CreateTopics v4 lets a client leave the partition count and replication factor to the
+# broker, KIP-464, which every version accepts). ListOffsets stops at v3: aiokafka's v4
+# struct cannot be built by its own request builder.
 SUPPORTED: dict[ApiKey, dict[int, StructPair]] = {
     ApiKey.PRODUCE: _versions(produce, "Produce", 3, 8),
     ApiKey.FETCH: _versions(fetch, "Fetch", 4, 11),

@@ -1,17 +1,9 @@
 """Kafka v2 record batches (magic 2) as bytes: header parsing, CRC checks, offset rewriting.
 
-The broker stores batches exactly as producers sent them, except for the base offset (and
-the partition leader epoch, set to 0). Neither is covered by the batch CRC32C, which spans
-the bytes from ``attributes`` to the end of the batch, so a rewrite needs no re-checksum.
-
-Layout of the 61-byte header (all big-endian)::
-
-    base_offset int64 | batch_length int32 | partition_leader_epoch int32 | magic int8 |
-    crc uint32 | attributes int16 | last_offset_delta int32 | first_timestamp int64 |
-    max_timestamp int64 | producer_id int64 | producer_epoch int16 | base_sequence int32 |
-    records_count int32
-
-``batch_length`` counts the bytes after itself, so a batch occupies ``12 + batch_length``.
+The broker stores batches exactly as producers sent them, except for the base offset and
+the partition leader epoch (set to 0). The batch CRC32C covers neither, so a rewrite needs
+no new checksum. The header layout is beside ``HEADER``; the format is Kafka's
+(https://kafka.apache.org/documentation/#recordbatch).
 """
 
 from __future__ import annotations
@@ -24,6 +16,10 @@ from aiokafka.record.util import calc_crc32c
 
 from localkafka.errors import ErrorCode, InvalidRecordsError
 
+# The batch header: base_offset q | batch_length i | partition_leader_epoch i | magic B |
+# crc I | attributes h | last_offset_delta i | first_timestamp q | max_timestamp q |
+# producer_id q | producer_epoch h | base_sequence i | records_count i. batch_length counts
+# the bytes after itself; the CRC32C spans attributes to the end of the batch.
 HEADER = struct.Struct(">qiiBIhiqqqhii")
 HEADER_SIZE = HEADER.size  # 61
 LOG_OVERHEAD = 12  # base offset and length: the bytes outside batch_length

@@ -1,16 +1,10 @@
 """The broker: the listening socket, one task per connection, and the periodic chores.
 
-Lifecycle: ``start()`` opens the data dir (taking an exclusive ``flock`` on it, so two
-brokers never share one), repairs and indexes the logs, loads committed offsets, then
-listens. ``stop()`` (idempotent) stops accepting, closes every connection, finishes a
-running fsync, fsyncs everything written and closes the files.
-
-A connection's requests are answered one at a time, in order, as Kafka does (a client that
-wants concurrency opens more connections, as aiokafka does for group coordination). A
-well-formed request is always answered, with an error if need be; a frame that cannot be
-read closes that connection with a warning (``localkafka.dispatch``). Nothing a client
-sends stops the broker. Chores: fsync every ``fsync_interval_ms``, retention every
-``retention_check_interval_ms``, group session expiry every 100 ms.
+``start()`` locks the data dir (two brokers never share one), repairs and indexes the logs,
+then listens; ``stop()`` closes every connection and fsyncs everything written. A
+connection's requests are answered one at a time, in order, as Kafka does; a frame that
+cannot be read closes that connection only, and nothing a client sends stops the broker.
+Chores: fsync, retention and group session expiry. What clients see: docs/kafka-apis.md.
 """
 
 from __future__ import annotations
@@ -78,6 +72,8 @@ class Broker:
         """The port listened on (the one picked when ``settings.port`` is 0)."""
 
     async def start(self) -> None:
+        """Opens the data dir (an exclusive ``flock`` on it), repairs and indexes the logs,
+        loads committed offsets, then listens."""
         if self._started:
             return
         self._started = True
@@ -137,6 +133,8 @@ class Broker:
         peer = writer.get_extra_info("peername")
         host = str(peer[0]) if peer else ""
         try:
+            # One request at a time, in order, as Kafka does: a client that wants concurrency
+            # opens more connections (aiokafka does, for group coordination).
             while True:
                 size = int.from_bytes(await reader.readexactly(4), "big", signed=True)
                 if not 0 < size <= self.settings.max_request_bytes:
@@ -187,6 +185,8 @@ class Broker:
         self.coordinator.expire()
 
     async def stop(self) -> None:
+        """Idempotent: stops accepting, closes every connection, finishes a running fsync,
+        fsyncs everything written and closes the files."""
         if not self._started or self._stopped:
             return
         self._stopped = True

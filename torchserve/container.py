@@ -1,21 +1,12 @@
 """``python -m torchserve.container ROLE``: one TorchServe replica in a container.
 
-The model-server image (``k8s/images/model-server.Dockerfile``) runs this as its entry
-point, so the three roles share one image and one config with the local stack: the
-template ``replicas/replica.properties`` and the role's committed model section
-(``primary``, ``secondary``, ``challenger``), with every replica on the same ports (7070
-gRPC inference, 8080 REST inference (the probes), 8082 metrics; each role is a pod of
-its own, or the primary a sidecar of a decision pod) and the inference and metrics APIs
-bound to ``0.0.0.0`` for the kubelet's probes, the decision pods and Prometheus.
-
-The config, TorchServe's temp files and its logs go under ``--run-dir`` (an emptyDir:
-the image's root file system is read-only). This process stays as the container's PID 1
-and passes SIGTERM and SIGINT on to TorchServe's whole process group (``supervise``).
-
-``python -m torchserve.container --check-health`` is the image's HEALTHCHECK: healthy
-while the model the config in ``--run-dir`` loads answers a prediction request, as the
-Kubernetes probes ask (``k8s/base/model-servers.yaml``), not while ``/ping`` says so:
-TorchServe 0.12 answers /ping "Healthy" while a worker it lost is never started again.
+The model-server image's entry point (``k8s/images/model-server.Dockerfile``): the shared
+replica template with ROLE's committed model section (primary, secondary, challenger), on
+the same ports in every pod (7070 gRPC, 8080 REST, 8082 metrics) bound to 0.0.0.0. The
+config, temp files and logs go under ``--run-dir`` (the root file system is read-only). It
+stays PID 1, passes SIGTERM and SIGINT on to TorchServe and exits with its status (128 + N
+after signal N). ``--check-health`` is the image's HEALTHCHECK: exit 0 while the replica's
+model answers a prediction, else 1. Images and probes: docs/kubernetes.md#images.
 """
 
 from __future__ import annotations
@@ -111,7 +102,9 @@ def health_url(config_text: str) -> str:
 def check_health(run_dir: Path, timeout_s: float = 1.0) -> str | None:
     """None while the replica under ``run_dir`` answers a prediction request (a GET
     without rows: TorchServe's queue and worker answer it, with an error, 200), else why
-    not. A request that times out closes its connection, which loses no worker."""
+    not. A request that times out closes its connection, which loses no worker. Not
+    ``/ping``: TorchServe 0.12 answers it "Healthy" while a worker it lost is never
+    started again."""
     try:
         url = health_url((run_dir / "config.properties").read_text())
     except (OSError, KeyError) as exc:

@@ -1,15 +1,11 @@
 """Labelled model rows from simulated trading days, through the shared feature module.
 
-A day is one ``MarketGenerator`` session of its own seed: its events go through
-``SymbolState`` (the consumer's feature code, so training sees exactly what serving
-sees), and every ``sample_every_ms`` of exchange time per symbol the current features
-become two rows, one per side (``schema.model_row``).
-
-Label (docs/architecture.md, decision semantics): for a buy, 1 when the mid ``horizon_ms`` later
-(the mid in effect then) exceeds the mid now by more than the half-spread now; for a
-sell, 1 when it is below by more than the half-spread. A sample whose horizon runs past
-the day's last event has no label and is dropped, so no label looks across a day; the
-first ``warmup_s`` of a day are skipped while the 30 s windows fill.
+A day is one ``MarketGenerator`` session of its own seed, run through ``SymbolState`` (the
+consumer's feature code, so training sees exactly what serving sees); every
+``sample_every_ms`` per symbol the features become two rows, one per side. Label
+(``core.labels.favourable_move``): the mid ``horizon_ms`` later has moved in the side's
+favour by more than the half-spread now. No label looks past its day's end, and each day's
+first ``warmup_s`` are skipped. Data and labels: docs/model-serving.md.
 """
 
 from __future__ import annotations

@@ -1,25 +1,12 @@
 """TorchServe handler for both models: N rows in, one score per row out.
 
 Shipped inside each model archive and run by TorchServe's Python worker, so it imports
-nothing from this project. ``model-meta.json`` in the archive names the framework
-(``torchscript`` for the champion, ``xgboost`` for the challenger), the serialized file,
-the row width and the version hash.
-
-Two request forms, one per protocol:
-
-- TorchServe's native ``Predictions``: input ``rows``, little-endian float32, row-major,
-  ``input_width`` floats a row. Response: JSON ``{"model_version": str, "scores": [...]}``
-  or ``{"error": str}``.
-- Open Inference Protocol ``ModelInfer``: TorchServe hands over the request as a dict in
-  ``body``; the input tensor ``rows`` (FP32, shape ``[n, input_width]``). Response: the
-  KServe v2 form TorchServe turns into a ``ModelInferResponse``: output ``scores`` (FP32,
-  ``[n]``), or, for malformed rows, output ``error`` (BYTES, one message). Errors are
-  answers, not exceptions: an exception would fail every request of the TorchServe batch,
-  and a reply missing a field kills the worker.
-
-Malformed rows (wrong width, non-finite values) get an error naming the problem; the other
-requests of the same TorchServe batch are scored as usual. All rows of a TorchServe batch
-go through the model in one call.
+nothing from this project; the archive's ``model-meta.json`` names the framework
+(``torchscript`` or ``xgboost``), the serialized file, the row width and the version hash.
+It takes TorchServe's native ``Predictions`` (packed float32 ``rows``) and the Open
+Inference Protocol's ``ModelInfer`` (an FP32 tensor ``rows``). Malformed rows get an error
+answer naming the problem, never an exception, and the batch's other requests are scored
+in one model call. Request and response forms: docs/model-serving.md.
 """
 
 from __future__ import annotations
@@ -149,6 +136,8 @@ class ScoreHandler:
         )
 
     def handle(self, data: list[Any], context: Any) -> list[str]:
+        # Errors are answers, not exceptions: an exception would fail every request of the
+        # TorchServe batch, and a reply missing a field kills the worker.
         parsed: list[Rows | str] = []
         for request in data:
             try:

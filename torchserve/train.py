@@ -1,20 +1,11 @@
 """``make models``: simulated days -> features -> labels -> walk-forward split -> the
 champion (Torch MLP, TorchScript) and the challenger (XGBoost, native JSON) -> archives.
 
-Walk-forward by day: the first ``days - 2`` days train, the next one validates (early
-stopping for both models), the last is held out for the evaluation report and never
-seen while fitting. Days are separate sessions and no label looks past its day's end,
-so nothing leaks across the split.
-
-Reproducible: one seed fixes the data, the initial weights, the shuffling and the trees;
-Torch trains on one thread, XGBoost builds on one thread, and the process runs with
-``PYTHONHASHSEED=0`` (``main`` re-executes itself to ensure it) because TorchScript's
-emitted code follows set iteration order. The same spec gives archives with the same
-version hash.
-
-Outputs in ``--out``: ``champion.mar``, ``challenger.mar``, ``heldout.npz`` (held-out rows,
-labels and each model's offline scores, for ``torchserve.evaluate``) and ``models.json``
-(versions, spec, split, a digest of the code that built them).
+Walk-forward by day: the first ``days - 2`` train, the next validates (early stopping),
+the last is held out for the evaluation report. One seed fixes everything, so the same
+spec gives archives with the same version hash (``main`` re-runs itself under
+``PYTHONHASHSEED=0``). Writes to ``--out``: both archives, ``heldout.npz`` and
+``models.json``. Data, split and outputs: docs/model-serving.md.
 """
 
 from __future__ import annotations
@@ -218,7 +209,8 @@ def _archive(
 
 
 def build_models(out: Path, spec: TrainSpec, say: Say) -> dict[str, ArchiveInfo]:
-    """Runs the pipeline into ``out``; needs ``PYTHONHASHSEED=0`` (see the module doc)."""
+    """Runs the pipeline into ``out``; needs ``PYTHONHASHSEED=0``: TorchScript's emitted
+    code follows set iteration order, and the archive's version hash covers that code."""
     if os.environ.get("PYTHONHASHSEED") != "0":
         raise RuntimeError("build_models needs PYTHONHASHSEED=0; run python -m torchserve.train")
     torch.set_num_threads(1)
@@ -321,7 +313,7 @@ def main() -> None:
         "--if-stale", action="store_true", help="do nothing when --out is current for the spec"
     )
     args = parser.parse_args()
-    if os.environ.get("PYTHONHASHSEED") != "0":
+    if os.environ.get("PYTHONHASHSEED") != "0":  # see build_models
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         os.execve(sys.executable, [sys.executable, "-m", "torchserve.train", *sys.argv[1:]], env)  # noqa: S606
     spec = spec_from_args(args)

@@ -1,17 +1,12 @@
-"""Triton Inference Server for both archives: a model repository made from a TorchServe
-archive, and ``tritonserver`` started on it.
+"""Triton Inference Server for both archives: ``python -m torchserve.triton``.
 
-``model_repository`` writes ``folder/<model>/config.pbtxt`` (Python backend, Triton's
-dynamic batcher with a queue policy) and ``folder/<model>/1/`` holding
-``torchserve/triton_model.py`` as ``model.py`` beside the archive's own ``handler.py``,
-``model-meta.json`` and serialized model: Triton scores with the scorer TorchServe uses.
-Triton names versions by number, so its answers say version "1"; the decision server
-reports the archive's hash instead (``DECISION_TORCHSERVE__MODEL_VERSION=archive``).
-
-``tritonserver`` comes from the ``nvidia-pytriton`` wheel (``make setup-ci`` installs it
-into ``.tools/triton`` without its dependencies: only the binary and the Python backend
-are used). The backend's stub runs the Python whose minor version matches it, with this
-project's packages (numpy, torch, xgboost) on its path (``python-path.txt``).
+``repository FOLDER ARCHIVE...`` writes a Triton model repository from TorchServe archives:
+per model, ``config.pbtxt`` (Python backend, dynamic batching, a queue policy) and ``1/``
+holding ``triton_model.py`` beside the archive's own scorer, so Triton scores as TorchServe
+does. ``serve FOLDER MODEL`` runs ``tritonserver`` (the nvidia-pytriton wheel's, ``make
+setup-triton``) on one model of it. Triton answers version "1"; the decision server reports
+the archive's hash (``DECISION_TORCHSERVE__MODEL_VERSION=archive``). See
+docs/model-serving.md.
 """
 
 from __future__ import annotations
@@ -90,6 +85,7 @@ def model_repository(
         for member in ("handler.py", "model-meta.json", meta["serialized_file"]):
             (version_dir / member).write_bytes(mar.read(member))
     shutil.copyfile(MODEL_FILE, version_dir / "model.py")
+    # The stub's Python ignores PYTHONPATH: model.py puts these directories on sys.path.
     (version_dir / "python-path.txt").write_text("".join(f"{path}\n" for path in package_dirs()))
     config = _config(name, int(meta["input_width"]), instances, max_batch)
     (folder / name / "config.pbtxt").write_text(config)

@@ -4,12 +4,8 @@ dynamic batcher.
 Copied into a Triton model repository as ``<model>/1/model.py`` by ``torchserve.triton``,
 beside the archive's ``handler.py``, ``model-meta.json`` and serialized model, so it
 imports nothing from this project and scores exactly as TorchServe does. Input ``rows``
-(FP32, ``[n, input_width]``); output ``scores`` (FP32, ``[n, 1]``). Tensors cross the
-stub through torch's DLPack: its numpy path misreads numpy 2 arrays both ways.
-
-The backend's stub starts Python isolated from the environment (``PYTHONPATH`` is
-ignored), so ``python-path.txt`` beside this file names the directories that hold numpy,
-torch and xgboost; they go on ``sys.path`` before anything imports them.
+(FP32, ``[n, input_width]``); output ``scores`` (FP32, ``[n, 1]``). Serving with Triton:
+docs/model-serving.md.
 """
 
 from __future__ import annotations
@@ -20,6 +16,9 @@ import os
 import sys
 from typing import Any
 
+# The backend's stub starts Python isolated from the environment (PYTHONPATH is ignored):
+# python-path.txt beside this file names the directories that hold numpy, torch and
+# xgboost, put on sys.path before anything imports them.
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "python-path.txt")) as _paths:
     sys.path[:0] = [line.strip() for line in _paths if line.strip()]
@@ -28,7 +27,8 @@ import numpy as np  # noqa: E402 (after the path above)
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-# torch's own DLPack exchange (torch does not list these in __all__).
+# Tensors cross the stub through torch's DLPack: the stub's numpy path misreads numpy 2
+# arrays both ways. (torch does not list these in __all__.)
 _from_dlpack = torch.from_dlpack  # type: ignore[attr-defined]
 _to_dlpack = torch.to_dlpack  # type: ignore[attr-defined]
 

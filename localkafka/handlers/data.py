@@ -1,16 +1,10 @@
 """Produce, InitProducerId, Fetch, ListOffsets and DeleteRecords: the handlers that touch
 partition logs.
 
-- Produce: every acks level (0, 1, -1) is answered after the batches are in the file;
-  acks=0 gets no response, and on an error its connection is closed, as Kafka does.
-  Batches of idempotent producers are checked for sequence (``localkafka.producers``).
-- InitProducerId: a new producer id at epoch 0 for an idempotent producer. Transactions
-  are not served: a transactional id is refused with TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
-  and no transactional API is advertised.
-- Fetch: a long poll. It answers at once when ``min_bytes`` are available or a partition
-  has an error, else when data arrives on any requested partition or ``max_wait_time``
-  passes. Each partition gives whole batches up to its ``max_bytes``, at least one; the
-  response stops taking partitions once it holds ``max_bytes``.
+Produce answers every acks level once the batches are in the file (acks=0: no response, and
+a failure closes the connection); idempotent producers' batches are checked for sequence
+(``localkafka.producers``). InitProducerId serves idempotent producers only: transactions
+are not served. Fetch is a long poll (``fetch``). Per API: docs/kafka-apis.md.
 """
 
 from __future__ import annotations
@@ -113,7 +107,7 @@ class DataHandlers:
             "producer_id": -1,
             "producer_epoch": -1,
         }
-        if request["transactional_id"] is not None:
+        if request["transactional_id"] is not None:  # no transactional API is advertised
             response["error_code"] = ErrorCode.TRANSACTIONAL_ID_AUTHORIZATION_FAILED
             return response
         try:
@@ -126,6 +120,10 @@ class DataHandlers:
         return response
 
     async def fetch(self, ctx: RequestContext, request: Body) -> Body:
+        """A long poll: answers at once when ``min_bytes`` are available or a partition has
+        an error, else when data arrives on any requested partition or ``max_wait_time``
+        passes. Each partition gives whole batches up to its ``max_bytes``, at least one;
+        the response stops taking partitions once it holds ``max_bytes``."""
         response: Body = {"throttle_time_ms": 0, "error_code": 0, "session_id": 0, "topics": []}
         if request.get("session_id", 0) != 0:
             response["error_code"] = ErrorCode.FETCH_SESSION_ID_NOT_FOUND
