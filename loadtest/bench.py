@@ -770,7 +770,7 @@ def cells_table(measured: Measured) -> str:
 def capacity_table(measured: Measured, keys: Sequence[str]) -> str:
     """Each path's capacity, the cores behind it and per core, against the first path of
     its letter (D2 against D1), and its latency at its lowest closed-loop load."""
-    results, rows, first = measured.results, [], dict[str, float]()
+    results, rows, first = measured.results, [], dict[str, tuple[str, float]]()
     for key in keys:
         own = capacity(results, key)
         if math.isnan(own):
@@ -780,12 +780,13 @@ def capacity_table(measured: Measured, keys: Sequence[str]) -> str:
             key=lambda c: results[c].throughput_per_s,
         )
         used = sum(x for x in measured.cores.get(best, (math.nan,)) if not math.isnan(x))
-        base = first.setdefault(key[0], own)
+        base_key, base = first.setdefault(key[0], (key, own))
         low = lowest(results, key, "closed")
         latency = f"{ms(results, low, 50):.2f} / {ms(results, low, 99):.2f}" if low else "-"
         rows.append((
             f"{key} {path_of(key).label}", f"{own:,.0f}", f"{used:.2f}",
-            f"{own / used:,.0f}" if used else "-", f"{own / base:.2f} x" if base != own else "-",
+            f"{own / used:,.0f}" if used else "-",
+            f"{own / base:.2f} x" if key != base_key else "-",
             f"{load_text('closed', low[2])}: {latency}" if low else "-",
         ))  # fmt: skip
     header = ["path", ">capacity /s", ">cores there", ">per core /s", ">vs first", ">p50 / p99 ms"]

@@ -8,11 +8,9 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import empty_pb2
 
 from core.processes import ManagedProcess, free_port, listening, start_ready
 from feature_cache.schema import MODEL_INPUT_WIDTH
@@ -27,7 +25,7 @@ from loadtest.loadgen import (
     open_loop,
 )
 from proto.decision.v1 import decision_pb2
-from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
+from proto.third_party.torchserve import inference_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -241,30 +239,27 @@ def test_worker_processes_measure_an_echo_server_and_count_errors(tmp_path: Path
     assert refused.errors["UNAVAILABLE"] == sum(w.sends for w in refused.workers) >= 5
 
 
-class CountingPredictions(inference_pb2_grpc.InferenceAPIsServiceServicer):
-    """Answers ``Predictions`` with nothing and keeps how many rows each call carried."""
+async def test_a_model_server_call_carries_the_rows_the_spec_asks() -> None:
+    rows_seen: list[int] = []
 
-    def __init__(self) -> None:
-        self.rows: list[int] = []
-
-    async def Ping(
-        self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> inference_pb2.TorchServeHealthResponse:
-        return inference_pb2.TorchServeHealthResponse(health="Healthy")
-
-    async def Predictions(
-        self,
-        request: inference_pb2.PredictionsRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
+    async def predictions(
+        request: inference_pb2.PredictionsRequest, _: object
     ) -> inference_pb2.PredictionResponse:
-        self.rows.append(len(request.input["rows"]) // (4 * MODEL_INPUT_WIDTH))  # float32
+        rows_seen.append(len(request.input["rows"]) // (4 * MODEL_INPUT_WIDTH))  # float32
         return inference_pb2.PredictionResponse(prediction=b'{"scores": []}')
 
-
-async def test_a_model_server_call_carries_the_rows_the_spec_asks() -> None:
+    # Predictions alone: the one method a load generator's model-server call uses.
+    handler = grpc.unary_unary_rpc_method_handler(
+        predictions,
+        request_deserializer=inference_pb2.PredictionsRequest.FromString,
+        response_serializer=inference_pb2.PredictionResponse.SerializeToString,
+    )
     server = grpc.aio.server()
-    counting = CountingPredictions()
-    inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(counting, server)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(
+            "org.pytorch.serve.grpc.inference.InferenceAPIsService", {"Predictions": handler}
+        )]
+    )  # fmt: skip
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -276,4 +271,4 @@ async def test_a_model_server_call_carries_the_rows_the_spec_asks() -> None:
                 assert await make_call(channel, spec)() == "scored"
     finally:
         await server.stop(None)
-    assert counting.rows == [1, 64]
+    assert rows_seen == [1, 64]
