@@ -1,28 +1,11 @@
 """``python -m checks.quality_report`` (``make quality-report``): the labeler's live AUC
 against the offline evaluation of the same period, and a broken model's.
 
-Replays the start of the models' held-out day (the generated day no model was fitted
-on, ``docs/models.md``) through the local stack in real time, rebased to now, and sends
-Decide calls for random symbols and sides at a steady rate. The challenger replica
-serves the champion with its scores inverted (1 - score), shadow-scoring every decision.
-Once the labeler has labelled every decision, it compares:
-
-- live: the labeler's AUC of the champion's served scores (its ``/metrics``, with the
-  window set to hold every decision), checked against the same decisions' AUC computed
-  from the audit store's ``decision_outcomes``;
-- offline: the champion's AUC on the held-out rows (``heldout.npz``: every 250 ms per
-  symbol, both sides) of the same span of exchange time;
-- broken: the inverted challenger's live AUC, which must fall below 0.5.
-
-With ``--restart-after-s N`` (``make quality-report`` sets 60) the stack first runs the
-day's first N s the same way, is stopped and is started again on the same run folder
-(the broker keeps the topic, Redis starts empty, as ``make run`` twice does), and the
-day is replayed again from its start in a new session: the judged run is the one after
-the restart, and the report says how soon and how completely it was labelled.
-
-Writes ``docs/quality.md``; exits 1 when the live AUC is more than 0.02 from the offline
-one, the inverted model's is not below 0.5, or (after a restart) fewer than 90 % of the
-decisions that could be labelled were, or the first label took more than 60 s.
+Replays the start of the models' held-out day through the local stack in real time and
+decides at a steady rate, while the challenger serves the champion's scores inverted.
+With ``--restart-after-s N`` the stack first runs N s, is restarted on the same run
+folder, and the run after the restart is the one judged. Writes docs/quality.md, which
+says what is compared and against which bounds; exits 1 when one is missed.
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
 """``LoopLag``: how late this process's event loop runs, measured by a probe that wakes
 every ``interval_s``.
 
-A stall over ``LOG_STALL_S`` is logged with what the loop's thread did meanwhile, which
-says whose the stall was:
-
-- on the CPU (and the part of it in the kernel: page faults, memory reclaim), and the
-  part the cyclic garbage collector took: this process's own work (a long callback, a
-  full collection, the kernel working for it);
-- waiting for a CPU while runnable (the scheduler's run-queue time; how often it was
-  preempted): another process, or another thread, had the cores;
-- blocked (each a voluntary context switch): a blocking system call, a lock, or the GIL,
-  which is the likely one when the process's other threads ran for most of the stall;
-- none of these: the host did not run the virtual machine (steal), or the kernel stopped
-  the process (SIGSTOP, a cgroup freeze).
-
-A ``StallWatch`` thread adds where the loop's thread was in the middle of the stall.
+A stall over ``LOG_STALL_S`` is logged with what the loop's thread did meanwhile (on the
+CPU, waiting for one, blocked, or none of these: the host or the kernel held the
+process), and a ``StallWatch`` thread adds where the loop's thread was in the middle of
+it. How to read that line: docs/runbook.md#answers-after-deadline.
 """
 
 from __future__ import annotations

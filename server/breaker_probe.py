@@ -1,19 +1,12 @@
 """Trial calls for a breaker that no request tries.
 
-An open breaker closes through trial calls (``server.breaker``), and trial calls come
-from requests. A replica whose breaker opened while the replica before it in the lane
-now answers everything (the secondary, once the primary is back) gets no request, so
-its breaker would stay open, and say so in status, in ``decision_breaker_state`` and in
-the breaker-open alert, long after the replica recovered; the next time the primary
-fails, the secondary would start again from one trial call at a time.
-
-Every ``PROBE_INTERVAL_S``, each replica whose breaker is not closed and would let a trial
-call through now (its reset timeout has passed, or it is half-open with a trial slot
-free) gets probe calls through its breaker, one after another, each a real model call of
-one row of zeros, until the breaker closes, refuses or a call fails. A replica on-call
-forced open or closed is left alone: the override decides, not the breaker. A probe
-call is a call like any other (``server.replica``): never cancelled, its latency in the
-replica's recent calls, its failure counted by the breaker's own rule.
+An open breaker closes through trial calls, and those come from requests: a replica no
+request reaches (the secondary, once the primary answers again) would stay open, in
+status, metrics and alerts, long after it recovered. Every ``PROBE_INTERVAL_S``, each
+replica whose breaker would let a trial call through gets probe calls, a row of zeros
+each, until its breaker closes or a call fails. A replica on-call forced open or closed
+is left alone, and a probe call is a call like any other (``server.replica``). Where it
+fits: docs/architecture.md#deadlines-and-load-on-the-decide-path.
 """
 
 from __future__ import annotations
@@ -90,6 +83,7 @@ class BreakerProbe:
             if replica.breaker.state == CLOSED:
                 return
             admission = replica.admission(self._control(), time.time_ns() // 1000)
+            # Not guarded: on-call forced it open or closed, and the override decides.
             if not admission.allowed or not admission.guarded:
                 return
             attempt = await replica.call([PROBE_ROW], self._timeout_ms, admission)

@@ -1,17 +1,11 @@
 """Refused calls, audited in aggregate.
 
-A call gRPC's core refuses (past the queue limit: cancelled before any handler runs)
-makes no decision, so it has no decision record. ``CallTally`` journals, once a
-``CALL_TALLY_INTERVAL_S`` and once more when the server stops, one ``CallTallyRecord``:
-the calls the core started, answered, failed and refused in that interval, from the
-core's own counts (channelz). An auditor finds every call that reached a server either
-as a decision or in a tally.
-
-A refusal is what the core started and neither answered nor failed, less the growth of
-the calls being decided. One row can be off by the calls waiting in the core's queue at
-its ends (at most ``QUEUED_CALLS_MAX``): counted as refused in it, and taken back in the
-next row when they are answered. Summed over a server's rows only those at its last
-row's end remain (answered in the grace period, each with its decision row).
+A call gRPC's core refuses (past the queue limit) makes no decision, so it has no
+decision record. ``CallTally`` journals a ``CallTallyRecord`` every
+``CALL_TALLY_INTERVAL_S`` and once more when the server stops: the calls the core
+started, answered, failed and refused in that interval, from its own counts (channelz).
+An auditor finds every call that reached a server either as a decision or in a tally.
+How to read the rows, and how far one can be off: docs/audit.md.
 """
 
 from __future__ import annotations
@@ -78,6 +72,9 @@ class CallTally:
         started = now.calls.started - since.calls.started
         answered = now.calls.succeeded - since.calls.succeeded
         failed = now.calls.failed - since.calls.failed
+        # Refused: started, neither answered nor failed, less the growth of the calls being
+        # decided. Calls waiting in the core's queue at an end (at most QUEUED_CALLS_MAX)
+        # count as refused in this row and are taken back in the next when answered.
         return CallTallyRecord(
             server_id=self._journal.server_id,
             from_us=since.at_us,

@@ -1,15 +1,11 @@
 """Live drift: PSI of recent decisions' features and the champion's scores against the
-training-period reference saved in the serving model's archive (``reference.json``, see
-``torchserve.reference``).
+training-period reference saved in the serving model's archive (``reference.json``).
 
-The decision path only appends to bounded windows sampled evenly over the last half hour
-(``DriftMonitor.observe``; see ``WINDOW_S``); a task of
-the monitor's own computes the PSI every ``interval_s`` in a worker thread and keeps the
-last result for the metrics and the admin status. The reference is the one of the model
-version the champion last answered with, read from the archive of that version in
-``drift.model_store`` (a folder of ``.mar`` files, e.g. the local stack's
-``.run/models``). With no such archive, or too few decisions yet, the status says why
-and no PSI is reported.
+The decision path only appends to bounded windows sampled evenly over ``WINDOW_S``
+(``DriftMonitor.observe``); a task of the monitor's own computes the PSI every
+``interval_s`` in a worker thread, against the reference of the version the champion last
+answered with (from ``drift.model_store``). With no such archive, or too few decisions,
+the status says why and no PSI is reported. Windows and thresholds: docs/metrics.md.
 """
 
 from __future__ import annotations

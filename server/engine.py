@@ -2,16 +2,10 @@
 
 Transport-agnostic: it takes validated ``OrderRequest``s and a ``Budget`` and returns
 ``DecisionResult``s, each recorded in the audit journal first; the gRPC servicer only
-converts. A single order is a batch of one, so Decide and DecideBatch share every step:
-one Redis read for the features, one model call for all rows with fresh features, one
-read for the cached scores.
-
-The engine only orchestrates; each step returns a result it composes: the
-``FeatureSource`` a snapshot per order, ``Traffic`` (champion or canary lane) a
-``RouteResult``, the ladder an outcome per order, each with its reasons. The shared
-control state is read once per call: an engaged kill switch makes the order ABSTAIN
-before anything else; the shadow sample rate hands a champion-scored call's rows to the
-``ShadowScorer`` after the decisions are recorded.
+converts. A single order is a batch of one, so Decide and DecideBatch share every step.
+The engine only orchestrates: each step (``FeatureSource``, ``Traffic``, the ladder)
+returns a result with its reasons, and the engine composes them. The steps in order:
+docs/architecture.md#inside-the-server-one-decide.
 """
 
 from __future__ import annotations
@@ -186,7 +180,7 @@ class DecisionEngine:
         call: CallInfo,
     ) -> list[DecisionResult]:
         started = time.perf_counter_ns()
-        state = self._control()
+        state = self._control()  # once per call: every order of a batch sees the same levers
         now_us = time.time_ns() // 1000
         todo = [_Order(order, decision_id) for order, decision_id in zip(orders, ids, strict=True)]
         for item in todo:

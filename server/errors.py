@@ -1,23 +1,12 @@
-"""The errors a client can see, each carrying its gRPC status code, mapped in one place.
+"""The errors a client can see (README.md#calling-it), each carrying its gRPC status code,
+turned into a status in one place, ``grpc_errors``::
 
-::
-
-    DecisionError                 INTERNAL
-    ├── InvalidArgument           INVALID_ARGUMENT  (names the field)
-    ├── AuditUnavailable          UNAVAILABLE       (the journal refused the record:
-    │                                                no decision is returned unrecorded)
-    ├── SharedStateUnavailable    UNAVAILABLE       (the durable store did not take an
-    │                                                admin change)
-    ├── StoreUnavailable          UNAVAILABLE       (the audit store did not answer a read)
-    ├── Expired                   DEADLINE_EXCEEDED (the deadline passed while queued)
-    └── FailedPrecondition        FAILED_PRECONDITION (the deployment cannot do it)
-
-Model-call failures (``server.model_client.ModelCallError``) never reach a client:
-the engine turns them into a fallback step and a reason. ``grpc_errors`` is the only
-place where a call's unexpected error is caught (INTERNAL, logged). The other bare
-``except Exception`` clauses sit at the boundary of a background loop, thread or task
-that must outlive a surprise (the shipper, the control listener, the consumer, shadow
-calls, the canary's check, the breaker's bookkeeping); each says why.
+    DecisionError                INTERNAL (as is any other error, logged)
+    ├── InvalidArgument          INVALID_ARGUMENT (names every bad field)
+    ├── Expired                  DEADLINE_EXCEEDED (the deadline passed while queued)
+    ├── FailedPrecondition       FAILED_PRECONDITION (the deployment cannot do it)
+    └── AuditUnavailable, StoreUnavailable, FleetUnavailable, SharedStateUnavailable:
+                                 UNAVAILABLE (the journal or a store did not answer)
 """
 
 from __future__ import annotations
@@ -103,6 +92,8 @@ class InvalidArgument(DecisionError):
 
 
 class AuditUnavailable(DecisionError):
+    """The journal refused the decision's record: no decision is returned unrecorded."""
+
     code = grpc.StatusCode.UNAVAILABLE
 
     def __init__(self, problem: str) -> None:
@@ -138,6 +129,8 @@ class FleetUnavailable(DecisionError):
 
 
 class SharedStateUnavailable(DecisionError):
+    """The durable store did not take an admin change."""
+
     code = grpc.StatusCode.UNAVAILABLE
 
     def __init__(self, problem: str) -> None:
@@ -145,6 +138,8 @@ class SharedStateUnavailable(DecisionError):
 
 
 class FailedPrecondition(DecisionError):
+    """The deployment cannot do what was asked (a promotion no canary has earned, ...)."""
+
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -172,6 +167,11 @@ def tolerant_parser(message: type[M]) -> Callable[[bytes], M | UndecodableReques
 Handler = Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
 
 
+# The only place a call's unexpected error is caught. The other bare ``except Exception``
+# clauses sit at the boundary of a background loop, thread or task that must outlive a
+# surprise (the shipper, the control listener, the consumer, shadow calls, the canary's
+# check, the breaker's bookkeeping); each says why. Model-call failures
+# (``server.model_errors``) never get here: the engine turns them into a fallback step.
 def grpc_errors(handler: Handler[Self_, Req, Resp]) -> Handler[Self_, Req, Resp]:
     """Turns a ``DecisionError`` into its status, anything else into INTERNAL (logged)."""
 

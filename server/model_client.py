@@ -1,26 +1,12 @@
 """Model clients: one replica's inference API behind one interface.
 
-``ModelClient`` is what the router calls. ``GrpcModelClient`` holds what every gRPC
-client shares (the channel, abandoned calls, errors); ``TorchServeClient`` speaks
-TorchServe's native gRPC inference API: the rows travel packed as little-endian float32
-in one ``Predictions`` call. ``server.oip.OipClient`` speaks the Open Inference Protocol.
-
-Either way the replica answers one score per row and the model version (sha256 of the
-archive content) it was built from, unless a version is set for the replica (a server
-that answers none, or a number); rows our handler rejects come back as an error answer.
-
-A call we stop waiting for is abandoned, never cancelled. TorchServe loses a worker when
-a gRPC call it is answering is cancelled (pytorch/serve issues 1888 and 3087): it
-restarts it and reloads its model, or, now and then, leaves the replica without one. A
-deadline enforced by cancelling turns timeouts into lost workers and more timeouts.
-Each RPC therefore goes out with a long wire deadline (``WIRE_TIMEOUT_S``, for a
-replica that hangs); the caller waits for the call's done callback only as long as its
-own budget allows, or until it is cancelled itself, and the RPC finishes on the wire
-unobserved. Abandoned calls are bounded per replica
-(``MAX_ABANDONED_CALLS``): past the bound the replica gets no new call (``ModelBusy``)
-until some of them end, so a hung replica never piles them up.
-
-Failures are ``server.model_errors``.
+``ModelClient`` is what the router calls; ``GrpcModelClient`` holds what every gRPC client
+shares (the channel, abandoned calls, errors); ``TorchServeClient`` speaks TorchServe's
+native ``Predictions``, ``server.oip.OipClient`` the Open Inference Protocol. A call we
+stop waiting for is abandoned, never cancelled: TorchServe loses a worker whose call is
+cancelled (pytorch/serve issues 1888 and 3087). Abandoned calls are bounded per replica
+(past the bound, ``ModelBusy``). Failures: ``server.model_errors``. The protocols:
+docs/model-serving.md; abandoned calls: docs/runbook.md#model-calls-abandoned.
 """
 
 from __future__ import annotations

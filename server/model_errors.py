@@ -1,26 +1,12 @@
-"""Why a model call failed: one exception tree, each kind saying what it means.
+"""Why a model call failed: one exception tree, each kind saying what it means::
 
-Every failure carries ``code``, a ``core.domain.Reason`` (``Attempt.failure``; a decision
-the ladder answered after it, its lane's last, has that reason code, in its answer, its
-audit record and ``decision_fallbacks_total``; a breaker's refusal after another failure
-keeps that one's code: ``server.router``), ``retry`` (whether a call to the next replica after it
-is a retry, which the retry budget bounds) and ``counts_against_replica`` (whether the
-replica's breaker counts it). The message is a reason fragment ("timed out after ...").
+    ModelFailure
+    ├── ModelInputError (the rows are ours to fix)
+    └── ModelCallError ─┬─ ModelTimeout, ModelNoTime, ModelBreakerOpen, ModelResponseError
+                        └─ ModelUnavailable ─── ModelBusy
 
-::
-
-    ModelFailure                 code (Reason.)      retry  counts against the replica
-    ├── ModelInputError          MODEL_INPUT         no     no: the rows are ours to fix
-    └── ModelCallError           MODEL_ERROR         yes    yes
-        ├── ModelTimeout         MODEL_TIMEOUT       yes    if the call had at least
-        │                                                   MIN_COUNTED_TIMEOUT_MS
-        ├── ModelNoTime          MODEL_NO_TIME       no     no: never sent, the replica
-        │                                                   was busy, not failing
-        ├── ModelBreakerOpen     MODEL_BREAKER_OPEN  no     no: never sent
-        ├── ModelUnavailable     MODEL_UNAVAILABLE   yes    yes
-        │   └── ModelBusy        MODEL_BUSY          yes    once the replica answered
-        │                                                   none for MIN_COUNTED_TIMEOUT_MS
-        └── ModelResponseError   MODEL_ERROR         yes    yes
+Each kind sets ``code`` (the decision's reason code when it ends the lane), ``retry`` and
+``counts_against_replica`` (each explained where defined). The codes: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -35,11 +21,19 @@ MIN_COUNTED_TIMEOUT_MS = 10.0
 
 
 class ModelFailure(Exception):
+    """The message is a fragment of the decision's reason ("timed out after ...")."""
+
+    # The reason code of a decision the ladder answered after this failure, its lane's
+    # last (in its answer, its audit record and decision_fallbacks_total); a breaker's
+    # refusal after another failure keeps that one's code (``server.router``).
     code: ClassVar[Reason] = Reason.MODEL_ERROR
+    # Whether a call to the next replica after this is a retry, which the retry budget
+    # bounds (False: the next replica's call, if there is one, is a first call).
     retry: ClassVar[bool] = True
 
     @property
     def counts_against_replica(self) -> bool:
+        """Whether the replica's breaker counts it."""
         return True
 
 

@@ -1,15 +1,10 @@
-"""Request metrics of every unary RPC, under the names go-grpc-prometheus gave them, so
-that the usual gRPC dashboards and alerts work unchanged:
-
-- ``grpc_server_started_total{grpc_type, grpc_service, grpc_method}``
-- ``grpc_server_handled_total{grpc_type, grpc_service, grpc_method, grpc_code}``
-- ``grpc_server_handling_seconds{grpc_type, grpc_service, grpc_method}`` (histogram,
-  buckets fine enough for a 10 ms objective)
-
-An interceptor on both gRPC servers records them. Each method's label children are
-looked up once and kept, so a call costs two clock reads, a counter and a histogram
-observation. Streaming RPCs (server reflection, health's Watch) are passed through
-unmeasured.
+"""Request metrics of every unary RPC, under the names go-grpc-prometheus gave them
+(``grpc_server_started_total``, ``grpc_server_handled_total``,
+``grpc_server_handling_seconds``), so that the usual gRPC dashboards and alerts work
+unchanged. An interceptor on both gRPC servers records them. Each method's label children
+are looked up once and kept, so a call costs two clock reads, a counter and a histogram
+observation. Streaming RPCs (server reflection, health's Watch) pass through unmeasured.
+Labels and buckets: docs/metrics.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """``ShadowScorer``: the challenger scores a sample of decisions, off the critical path.
 
-The engine hands over a decision's rows after it has recorded the decision and before
-it answers; the caller never waits for the challenger. Sampled decisions are gathered for
-up to ``BATCH_WINDOW_MS`` (or ``BATCH_MAX_ROWS`` rows) and scored in one challenger call:
-one call per decision cost the challenger and this process a request's overhead for every
-decision, which on shared cores showed in the champion's tail latency. At most
-``MAX_IN_FLIGHT`` shadow calls run at once: a batch due past that is dropped and counted,
-never queued (a slow challenger must not pile up work).
-
-Each shadow score is appended to the audit journal as a ``ShadowRecord`` (the shipper
-fills the decision row's shadow columns) and feeds the comparison figures: agreement
-with the decision, score difference, and the PSI of the challenger's scores against
-the champion's over the last ``PSI_WINDOW`` pairs.
+The engine hands over a decision's rows after it has recorded the decision; the caller
+never waits for the challenger. Sampled decisions are gathered for up to
+``BATCH_WINDOW_MS`` (or ``BATCH_MAX_ROWS`` rows) into one challenger call; at most
+``MAX_IN_FLIGHT`` calls run at once, and a batch due past that is dropped and counted,
+never queued. Each shadow score is journalled as a ``ShadowRecord`` and feeds the
+comparison figures. Flag and metrics: docs/oncall.md; the cost: docs/benchmarks.md#shadow.
 """
 
 from __future__ import annotations
@@ -41,7 +35,10 @@ UNGUARDED = Admission(guarded=False)
 DIFF_BOUNDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 # Pairs of champion and challenger scores the score PSI is over: enough for its deciles.
 PSI_WINDOW = 2000
-BATCH_WINDOW_MS = 200.0  # one challenger call per this much of the sampled decisions
+# One challenger call per this much of the sampled decisions: one call per decision cost
+# the challenger and this process a request's overhead each, which on shared cores showed
+# in the champion's tail latency (docs/benchmarks.md#shadow).
+BATCH_WINDOW_MS = 200.0
 BATCH_MAX_ROWS = 64  # a gathered call goes at once with this many rows
 MAX_IN_FLIGHT = 16  # shadow calls at once; past it a batch is dropped, never queued
 TIMEOUT_MS = 100.0  # a shadow call's wait: longer than the challenger's answers under load

@@ -1,18 +1,12 @@
 """OpenTelemetry tracing: the server's spans and its gRPC interceptors.
 
-Configured by OpenTelemetry's own environment variables, as any OTel SDK is: with
-``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) set, each
-server process has a tracer provider of its own (never the global one: several apps
-share a test process) that exports in batches over OTLP/gRPC (the exporter reads the
-other ``OTEL_EXPORTER_OTLP_*`` variables itself), samples new traces by
-``OTEL_TRACES_SAMPLER`` (default: ``DEFAULT_SAMPLE_RATIO`` of them, following a caller's
-sampled flag) and names the service ``OTEL_SERVICE_NAME`` (default
-``decision-server``). ``opentelemetry-instrumentation-grpc`` makes a span of every
-DecisionService and AdminService call (continuing a caller's W3C ``traceparent``) and of
-every model call (health checks left out); the engine adds spans for its steps. With no
-endpoint there is no provider: the tracer makes no spans (``QuietTracer``) and no
-interceptor is installed, so the decision path pays nothing but a few no-op calls.
-The trace and decision ids in log lines: ``core.logs``.
+Configured by OpenTelemetry's own environment variables: with an OTLP endpoint set, each
+server process has a tracer provider of its own (never the global one: several apps share
+a test process) that exports in batches over OTLP/gRPC, and
+``opentelemetry-instrumentation-grpc`` spans every DecisionService, AdminService and model
+call (health checks left out). With no endpoint there is no provider, no span and no
+interceptor: the decision path pays a few no-op calls (``QuietTracer``). The variables,
+sampling and what it costs: docs/metrics.md, "Traces".
 """
 
 from __future__ import annotations

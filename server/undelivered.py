@@ -1,15 +1,11 @@
 """Answers gRPC could not send, counted instead of logged one traceback each.
 
 When a handler returns after its caller's deadline (or the caller went away), grpcio
-cannot send the answer and logs ``ExecuteBatchError raised in core by servicer method``
-at ERROR with a full traceback, once per call. Under overload that is hundreds of
-tracebacks a second: log I/O and formatting on a process already short of CPU, and a
-log in which on-call cannot find anything else. ``UndeliveredAnswers`` drops those
-records from grpcio's logger, counts them (the metric
-``decision_answers_undelivered_total``: the server's own view of late answers), and
-lets one summary line through at most every ``summary_interval_s``. The message is
-grpcio's (``_handle_exceptions`` in its aio server, 1.85): a grpcio upgrade that rewords
-it brings the tracebacks back, and the metric stays at 0.
+cannot send the answer and logs that at ERROR with a full traceback, once per call: under
+overload hundreds a second, on a process already short of CPU, in the log on-call reads.
+``UndeliveredAnswers`` drops those records, counts them (the metric
+``decision_answers_undelivered_total``) and lets one summary line through every
+``summary_interval_s``. The metric: docs/architecture.md#deadlines-and-load-on-the-decide-path.
 """
 
 from __future__ import annotations
@@ -19,6 +15,8 @@ import time
 from collections.abc import Callable
 
 GRPC_LOGGER = "grpc._cython.cygrpc"
+# grpcio's message (``_handle_exceptions`` in its aio server, 1.85): an upgrade that
+# rewords it brings the tracebacks back, and the metric stays at 0.
 UNSENT_PREFIX = "ExecuteBatchError raised in core"
 
 log = logging.getLogger(__name__)

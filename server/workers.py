@@ -1,25 +1,12 @@
 """Several decision-server processes on one port: ``decision-server --workers N``.
 
-One Python process serves one core's worth of gRPC at most, so the server runs N worker
-processes that share the DecisionService and AdminService ports with SO_REUSEPORT (the
-gRPC team's way for multi-core Python servers: grpc/grpc examples/python/multiprocessing).
-The kernel spreads connections, not requests, over the workers: a client needs several
-connections (channels) to reach several workers.
-
-The supervisor forks the workers before any gRPC, Redis or Kafka object exists (none is
-safe across a fork) and then only watches them: SIGTERM or SIGINT stops every worker
-gracefully; a worker that dies is started again, after a backoff; one that fails while
-starting stops the whole server (a port in use will not go away by retrying).
-
-Each worker has what a process must not share: its own journal folder (the journal
-takes one process per folder: ``<journal_dir>/worker-<i>``), its own metrics port
-(``metrics_port + i``) and its own ``server_id`` in the audit records. Everything else is
-shared as between separate servers: the shared control state in Redis (an admin change
-reaches every worker within a second), the feature store, the audit store.
-
-A journal folder that no worker of this run owns (the run before had more workers, or
-one worker writing straight into ``journal_dir``) is adopted: a worker ships what is left
-in it, so changing ``--workers`` never strands an unshipped record.
+One Python process serves one core's worth of gRPC at most, so N worker processes share
+the ports with SO_REUSEPORT (grpc/grpc examples/python/multiprocessing); the kernel
+spreads connections, not requests, over them. The supervisor forks them before any gRPC,
+Redis or Kafka object exists (none is safe across a fork), restarts one that dies and
+stops the server when one fails while starting. Each worker has its own journal folder,
+metrics port and ``server_id``; a journal folder no worker owns now is adopted and
+shipped. Details: docs/capacity.md#workers-several-server-processes-on-one-port.
 """
 
 from __future__ import annotations
@@ -46,7 +33,8 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 WORKER_PREFIX = "worker-"
-# A worker that ends within this long of its start failed to start: stop everything.
+# A worker that ends within this long of its start failed to start: stop everything (a
+# port in use will not go away by retrying).
 STARTUP_S = 10.0
 # After a signal, how long the supervisor waits for the workers beyond their own grace.
 STOP_MARGIN_S = 5.0

@@ -1,30 +1,12 @@
 """``decisionctl``: on-call control of the decision servers through AdminService.
 
-    decisionctl status [--json]
-    decisionctl servers [--json]
-    decisionctl top [--interval 1] [--frames N]
+    decisionctl status | servers | top | flags | history --since 2h
     decisionctl breaker primary force-open --reason "replica OOM, INC-123" --ttl 15m
-    decisionctl flags
-    decisionctl flag set shadow_sample_rate 0.05 --reason "more shadow traffic" --ttl 2h
-    decisionctl flag reset shadow_sample_rate --reason "back to normal"
-    decisionctl canary set 0.1 --reason "start canary" | promote [--force] | rollback --reason ...
-    decisionctl kill-switch engage AAPL --reason "halted" --ttl 30m
-    decisionctl kill-switch release '*' --reason "all clear"
-    decisionctl history --since 2h --actor alice --target primary
-    decisionctl replay --since 2026-11-21T09:00 --until 2026-11-21T10:00
-    decisionctl timeline --since 15m --step 10s
-    decisionctl chaos pause primary        (the local stack only; then: resume primary)
 
-The server is ``--address`` or DECISIONCTL_ADDRESS (default 127.0.0.1:50052). The bearer
-token is read from ``--token-file``, DECISIONCTL_TOKEN or DECISIONCTL_TOKEN_FILE; there is
-no ``--token`` so that it never lands in shell history or ``ps``. TLS when ``--ca-file``
-or ``--cert-file`` is given. Durations (``--ttl``): 90, 90s, 15m, 2h; times (``--since``,
-``--until``): a duration ago with its unit (90s, 15m, 2h) or an ISO time.
-
-Exit codes: 0 done; 1 any other error; 2 refused (no or bad token, not allowed, bad
-argument, precondition) or a usage error; 3 the server did not answer. ``replay`` and
-``timeline`` read the audit store (``--database-url`` or DECISION_AUDIT__DATABASE_URL), not
-the server, and exit with the audit CLI's own codes.
+The token comes from --token-file or the environment, never an option (shell history,
+``ps``). Exit codes: 0 done; 1 any other error; 2 refused or a usage error; 3 the server
+did not answer. ``replay`` and ``timeline`` read the audit store, not a server, and exit
+with the audit CLI's codes. Every command and lever: docs/oncall.md.
 """
 
 from __future__ import annotations
@@ -59,7 +41,9 @@ from server.admin.ctl_connection import (
     rpc_error,
 )
 
-# Commands of the audit CLI (``python -m server.audit``) that decisionctl runs too.
+# Commands of the audit CLI (``python -m server.audit``) that decisionctl runs too: they
+# read the audit store (--database-url or DECISION_AUDIT__DATABASE_URL), not a server, and
+# exit with the audit CLI's own codes.
 AUDIT_COMMANDS = {
     "replay": "score recorded decisions again and compare (--help)",
     "timeline": "recorded decisions over time: sources, time taken, fallback reasons (--help)",
@@ -94,6 +78,7 @@ def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--address", help=f"HOST:PORT (${ADDRESS_ENV}, else {DEFAULT_ADDRESS})")
     common.add_argument("--timeout", type=positive_number, help="seconds per call (default 5)")
+    # No --token: a token on the command line lands in shell history and ``ps``.
     common.add_argument(
         "--token-file", help=f"bearer token file (else ${TOKEN_ENV}, ${TOKEN_FILE_ENV})"
     )

@@ -1,17 +1,11 @@
 """``decisionctl top``: a live view of the fleet, refreshed every second (rich).
 
 Each frame asks one server for the fleet list (``ListServers``: every server process's
-counts and breakers) and for its own status (``GetStatus``: replicas, features, audit,
-canary, drift), and shows rates from the difference with the frame before:
-
-    fleet  decisions/s by source with p50/p99 (as bucket bounds), the model's share,
-           fallbacks/s by reason
-    servers  one row each: decisions/s, in flight, breakers, serving
-    replicas  (the server asked) breaker, override, recent calls, p50/p99
-    features  age per symbol; audit backlog; canary; shadow agreement; drift
-    control  the control state's version, both copies' health, the kill switches, and a
-             red line when Redis lost the control state
-    others  the feature-cache consumer's lag and the labeler's live AUC (their /metrics)
+counts and breakers) and for its own status (``GetStatus``), and shows rates from the
+difference with the frame before: decisions/s by source with p50/p99 (as bucket bounds),
+fallbacks/s by reason, a row per server, then that server's replicas, features, audit,
+canary and control state, and the consumer's lag and the labeler's AUC from their
+/metrics (``render``). The other commands: docs/oncall.md.
 """
 
 from __future__ import annotations

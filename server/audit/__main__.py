@@ -3,14 +3,10 @@ their timeline.
 
     python -m server.audit migrate
     python -m server.audit replay --since 2026-11-21T09:00 --until 2026-11-21T10:00
-    python -m server.audit replay --decision-id 3f1c... --replica 127.0.0.1:7070
-    python -m server.audit replay --since ... --against other-model.mar
     python -m server.audit timeline --since 15m --step 10s
 
-The database URL comes from ``--database-url`` or the server's settings
-(``DECISION_AUDIT__DATABASE_URL``). Replay exits 0 when every replayable decision
-matched, 1 when some differ, 2 when it could not run or a decision's model was not found.
-Timeline exits 0, or 2 when it could not run or no decision was recorded in that time.
+The database URL comes from ``--database-url`` or ``DECISION_AUDIT__DATABASE_URL``. Each
+command's --help gives its exit codes; more forms and examples: docs/audit.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """The audit journal: append-only segment files of length-prefixed, checksummed records.
 
-A segment ``<seq>.seg`` is an 8-byte magic followed by records, each
-``<u32 payload length><u32 crc32 of the payload><payload>`` (little-endian).
-
-Durability: ``append`` hands the records to the OS with ``os.write`` before it returns,
-so a record whose decision was sent survives the process being killed (the page cache
-holds it). For machine crashes, a sync thread ``fdatasync``s every ``fsync_interval_ms``
-(0: every append, in the caller, at a cost of milliseconds).
-
-Recovery: ``open`` cuts the newest segment at its first incomplete or corrupt record (a
-write torn by a crash) and begins a new segment, so records are only ever appended to a
-file this process created. One process owns a directory (an exclusive ``flock``).
+``append`` hands the records to the OS before it returns, so an answered decision
+survives the process being killed; a sync thread ``fdatasync``s every
+``fsync_interval_ms`` for machine crashes (0: every append, in the caller). ``open`` cuts
+a torn tail and begins a new segment, so records are only ever appended to a file this
+process created; one process owns a directory (an exclusive ``flock``). The audit trail:
+docs/audit.md.
 """
 
 from __future__ import annotations
@@ -30,6 +25,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# A segment ``<seq>.seg`` is MAGIC followed by records, each
+# ``<u32 payload length><u32 crc32 of the payload><payload>`` (little-endian).
 MAGIC = b"DJNL\x00\x01\r\n"
 HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 20

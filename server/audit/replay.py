@@ -1,15 +1,10 @@
 """Deterministic replay: score recorded feature snapshots again with the recorded model.
 
-For each selected decision that a model made (PRIMARY, SECONDARY, CANARY), the recorded
-features and side become the model row again and are scored by the archive whose
-version hash the record names: looked up in a model store and started in a TorchServe
-process of its own, or a running replica that serves that version. A decision whose
-replayed score differs by more than the tolerance, or whose outcome (TRADE / NO_TRADE
-against the recorded threshold) differs, is reported. ``against`` scores every decision
-with one given archive instead, to see what a different model would have decided.
-
-Decisions that no model made are counted as skipped with the reason: RULES and ABSTAIN
-had no score, and a CACHED_SCORE came from an earlier decision (replay that one).
+Each selected decision a model made is scored again by the archive its record names (from
+a model store, in a TorchServe process of its own, or a running replica serving that
+version); a score beyond the tolerance, or a different outcome, is reported. ``against``
+scores every decision with one given archive instead. RULES, ABSTAIN and CACHED_SCORE
+decisions are counted as skipped, with the reason. Commands and exit codes: docs/audit.md.
 """
 
 from __future__ import annotations

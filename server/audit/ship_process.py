@@ -1,27 +1,11 @@
 """The audit shipper in a process of its own, and the server's handle on it.
 
-Shipping parses records and builds insert parameters in Python: on a thread of the
-server it held the interpreter lock the event loop needs, and the decisions' tail
-showed it (docs/benchmarks.md). A child process (``server.audit.ship_child``) shares no
-lock with the server, runs at a lower CPU priority (``ship_child.SHIP_NICE``) so that the decision
-path comes first when the cores are busy, and needs from the server only the journal's
-position.
-
-The protocol is two pipes. The server writes one JSON line of settings to the child's
-stdin, then, after each status line it reads, the journal's position (``segment
-offset``: the end of the last record it wrote whole) when it moved. The child ships
-only up to that position, never what it merely sees in the folder: a write the journal
-is cutting back after a failure, or a segment a failing rotation creates and deletes,
-is never taken for records. The end of stdin (the server stopping, or dying however it
-dies) means no writer is left: the child ships the folder's complete records within
-``audit.shutdown_drain_s`` and exits, so it never outlives its server by more than that.
-The child writes its status as a JSON line on stdout every ``STATUS_INTERVAL_S``; its
-logs go to stderr, the server's own. A child that exits unasked is started again, and
-while none reports the server measures the backlog (and the cap) from the folder
-itself; a child holds an exclusive lock on its folder's ``SHIPPER_LOCK``, so the next one
-waits for one still draining.
-
-The child is started by the server (``CHILD_CODE``); it is not a command to run.
+Shipping parses records and builds insert parameters in Python: on a thread of the server
+it held the interpreter lock the event loop needs. A child process
+(``server.audit.ship_child``) shares no lock with the server, runs at a lower CPU
+priority, ships only up to the journal position the server tells it, and drains and
+exits when its stdin ends. The protocol: ``ShipperProcess``. The audit trail:
+docs/audit.md; the shipper apart, measured: docs/capacity.md#measured-inputs.
 """
 
 from __future__ import annotations
@@ -75,7 +59,20 @@ def child_environment() -> dict[str, str]:
 
 
 class ShipperProcess:
-    """Starts, watches and stops the shipper child of one journal folder."""
+    """Starts, watches and stops the shipper child of one journal folder.
+
+    The protocol is two pipes. On the child's stdin the server writes one JSON line of
+    settings, then, after each status line it reads, the journal's position (``segment
+    offset``: the end of the last record written whole) when it moved. The child ships
+    only up to that position, never what it merely sees in the folder (a write being cut
+    back after a failure, a segment a failing rotation creates and deletes). The end of
+    stdin (the server stopping, or dying) means no writer is left: the child ships the
+    folder's complete records within ``audit.shutdown_drain_s`` and exits. On stdout the
+    child writes its status, a JSON line every ``STATUS_INTERVAL_S``; its logs go to
+    stderr, the server's own. A child that exits unasked is started again; while none
+    reports, the server measures the backlog (and the cap) from the folder itself. A
+    child holds its folder's ``SHIPPER_LOCK``, so the next waits for one still draining.
+    """
 
     def __init__(
         self,

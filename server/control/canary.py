@@ -1,20 +1,12 @@
 """``CanaryMonitor``: the canary's decisions against the champion's, over a sliding window.
 
-Every decision routed while the canary weight is above 0 is recorded on its side
-(``canary`` or ``champion``): whether the first model call succeeded and how long it
-took, whether the decision fell back to the ladder, and its scores. A breach is the
-canary doing worse than the champion by more than a limit, on any one of: error and
-timeout rate, p99 latency, fallback rate, or score PSI against the champion's scores.
-A limit is evaluated once each side has enough in the window: ``MIN_DECISIONS``
-decisions for the first three, ``PSI_MIN_SCORES`` scores for the PSI. A breach of any
-limit evaluated rolls the canary back; a promotion is taken only once every limit is
-evaluated and none is breached (``why_not_promote`` says what it still waits for). The
-comparison runs in a task of its own every ``CHECK_INTERVAL_S`` while decisions are
-recorded, not in a Decide. On a breach, with the flag ``canary_auto_rollback`` on, the
-weight is rolled back to 0 on every server (``CanaryLever.roll_back``; in the server
-``server.control.changes.CanaryRollback``). Whenever the canary setting changes (on-call,
-a rollback, on any server) every server's windows start afresh: a weight is judged only
-on decisions made under it.
+A breach is the canary doing worse than the champion by more than a limit on error and
+timeout rate, p99 latency, fallback rate or score PSI, each judged once both sides have
+enough in the window (``MIN_DECISIONS``, ``PSI_MIN_SCORES``). A breach rolls the canary
+back on every server (flag ``canary_auto_rollback``); a promotion waits until every limit
+is judged and none is breached (``why_not_promote``). A new canary setting starts the
+windows afresh: a weight is judged only on decisions made under it. On-call's side:
+docs/oncall.md.
 """
 
 from __future__ import annotations
@@ -38,6 +30,8 @@ log = logging.getLogger(__name__)
 
 CANARY: Final = "canary"
 CHAMPION: Final = "champion"
+# The comparison runs this often, in a task of its own while decisions are recorded,
+# never in a Decide.
 CHECK_INTERVAL_S = 0.2
 MAX_RECORDS = 20_000  # per side: bounds memory whatever the rate
 PSI_MIN_SCORES = 500
@@ -71,6 +65,7 @@ class CanaryComparison:
     score_psi: float | None  # None until each side has PSI_MIN_SCORES scores
 
 
+# In the server: server.control.changes.CanaryRollback.
 class CanaryLever(Protocol):
     def setting(self) -> object:
         """The canary setting in effect; the windows start afresh when it changes."""

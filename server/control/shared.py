@@ -1,18 +1,12 @@
 """``SharedControl``: on-call's levers as this server applies them.
 
 The audit store's database holds the one copy (``ControlStore``): a change is written
-there, with its audit row, before AdminService answers, and a server applies only what
-it read there. A change is announced on Redis pub/sub (``{prefix}control:changed``, the
-new version): each server reads the row when a newer version is announced, once
-subscribed, and every ``DURABLE_POLL_S`` besides. So an announcement lost, or Redis
-down or restarted empty, delays a change by at most that poll and changes nothing a
-server obeys.
-
-Until it has read the store, a server stops every symbol (a kill switch for ``*``): it
-cannot know what on-call engaged. Then its state changes only to a stored state at least
-as new, so a lever changes only by an audited action or its own expiry (wall-clock
-times in the entries). A stored state older than what this server applied (the store
-restored from a backup) is counted, logged and written back.
+there, with its audit row, before AdminService answers, and a server applies only what it
+read there. Redis pub/sub announces a change, and each server also reads the store every
+``DURABLE_POLL_S``, so Redis lost or down delays a change by a poll at most. Until it has
+read the store, a server stops every symbol; after, a lever changes only by an audited
+action or its own expiry. The whole contract:
+docs/architecture.md#contracts-several-parts-share.
 """
 
 from __future__ import annotations
@@ -221,7 +215,7 @@ class SharedControl:
         if stored.version > mine.version:
             log.info("control state version %d: %d entries", stored.version, len(stored.entries))
             self.state = ControlState.from_entries(stored.version, stored.entries, self._flags)
-        elif stored.version < mine.version:
+        elif stored.version < mine.version:  # the store restored from a backup, say
             self._lost(
                 f"the audit store's control state went back from version {mine.version}"
                 f" to {stored.version}"
