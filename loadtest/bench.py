@@ -5,7 +5,7 @@ the model servers through ``localstack.stack``, decision servers, the echo serve
 loopback ports and drives them with ``loadtest.loadgen``, in rounds where the paths take
 turns so that machine noise lands on all alike; then open loop at multiples of a path's
 own capacity. It prints every cell, each path's capacity and cores, the preset's pairs
-and targets; the figures go to ``--json`` (compared with the run it held) and, with
+and targets; the figures go to ``--json`` and, with
 ``--doc``, into the doc's generated blocks. Presets, paths and columns: docs/benchmarks.md.
 """
 
@@ -46,7 +46,7 @@ from loadtest.report import (
     model_share_of_calls,
     replace_generated,
 )
-from loadtest.soak_probe import group_cpu_seconds, usage_of
+from loadtest.soak_probe import group_cpu_seconds
 from localstack.health import serving
 from localstack.stack import MODEL_SERVERS, LocalStack, started
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
@@ -394,12 +394,11 @@ def listening_pids(pid: int | None, port: int) -> list[int]:
 
 @dataclass
 class Server:
-    """A process that answers a path: its address, process group and workers' pids."""
+    """A process that answers a path: its address and process group."""
 
     address: str
     process: ManagedProcess
     model: ManagedProcess | None = None  # a decision server's model server
-    worker_pids: list[int] = field(default_factory=list)
     admin: str = ""
     metrics_port: int = 0
 
@@ -493,7 +492,7 @@ def fleet_started(run_dir: Path, keys: Sequence[str], args: argparse.Namespace) 
             proc = stack.decision_server(f"decision-server-{name}", port, run_dir / name, settings)
             procs.append(proc)
             servers[name] = Server(
-                f"127.0.0.1:{port}", proc, model, [], f"127.0.0.1:{admin_port}", metrics_port
+                f"127.0.0.1:{port}", proc, model, f"127.0.0.1:{admin_port}", metrics_port
             )
         for proc in procs:
             with started_on(args.server_cpus if proc.name.startswith("decision") else ()):
@@ -502,7 +501,6 @@ def fleet_started(run_dir: Path, keys: Sequence[str], args: argparse.Namespace) 
             port = int(server.address.rpartition(":")[2])
             if name in names:
                 server.process.wait_ready(functools.partial(all_listening, server, port), 60)
-                server.worker_pids = listening_pids(server.process.pid, port)
             elif name == "echo":
                 server.process.wait_ready(listening(port), 30)
         if "traced" in names:
@@ -596,8 +594,6 @@ class Measured:
     results: Results
     cores: dict[Cell, tuple[float, ...]]
     """What answered and its model server: the cores each kept busy (rounds averaged)."""
-    spread: dict[Cell, tuple[float, ...]]
-    """A server of several workers: each worker's cores, least busy first."""
     workers_lost: dict[Cell, int]
     """TorchServe workers the replica lost in a cell: a cancelled call can cost one
     (pytorch/serve 1888, 3087), and the cells after met a replica restarting it."""
@@ -642,7 +638,6 @@ async def measure(
 ) -> Measured:
     rounds: dict[Cell, list[LoadResult]] = defaultdict(list)
     cores: dict[Cell, list[tuple[float, float]]] = defaultdict(list)
-    spread: dict[Cell, list[list[float]]] = defaultdict(list)
     lost: dict[Cell, int] = defaultdict(int)
     counted = workers_lost(fleet.replica_folder) if fleet.replica_folder else 0
     control = Control(fleet)
@@ -665,21 +660,13 @@ async def measure(
         await control.prepare(cell[0])
         charge(last)
         groups = fleet.groups(cell[0])
-        workers = fleet.servers[path_of(cell[0]).server].worker_pids
-        began = time.monotonic()
-        before = group_cpu_seconds(groups), [usage_of([pid]).cpu_s for pid in workers]
+        began, before = time.monotonic(), group_cpu_seconds(groups)
         result = await asyncio.to_thread(generator.run, spec_for(fleet, cell, preset, args))
-        elapsed = max(time.monotonic() - began, 1e-9)
-        after = group_cpu_seconds(groups), [usage_of([pid]).cpu_s for pid in workers]
-        busy = [
-            [max(a - b, 0.0) / elapsed for a, b in zip(x, y, strict=True)]
-            for x, y in zip(after, before, strict=True)
-        ]
+        elapsed, after = max(time.monotonic() - began, 1e-9), group_cpu_seconds(groups)
+        busy = [max(a - b, 0.0) / elapsed for a, b in zip(after, before, strict=True)]
         rounds[cell].append(result)
-        cores[cell].append((busy[0][0], busy[0][1]))
-        if len(workers) > 1:
-            spread[cell].append(sorted(busy[1]))
-        line = describe(cell, result, busy[0])
+        cores[cell].append((busy[0], busy[1]))
+        line = describe(cell, result, busy)
         if new := charge(cell):
             line += f"; TorchServe lost {new} worker(s)"
         print(f"  [{done}/{total}] round {r + 1} {line}", flush=True)
@@ -717,10 +704,6 @@ async def measure(
             cell: tuple(sum(c) / len(c) for c in zip(*each, strict=True))
             for cell, each in cores.items()
         },
-        {
-            cell: tuple(sum(w) / len(w) for w in zip(*each, strict=True))
-            for cell, each in spread.items()
-        },
         dict(lost),
     )
 
@@ -751,19 +734,17 @@ def cells_table(measured: Measured) -> str:
     for cell, r in measured.results.items():
         key, mode, load = cell
         server, model = measured.cores.get(cell, (math.nan, math.nan))
-        spread = measured.spread.get(cell, ())
         rows.append((
             f"{key} {path_of(key).label}", mode, load_text(mode, load),
             f"{r.throughput_per_s:,.0f}", f"{r.percentile_ms(50):.2f}",
             f"{r.percentile_ms(99):.2f}", f"{r.percentile_ms(99.9):.2f}",
             errors_text(r.errors), f"{r.refusal_percentile_ms(99):.2f}" if r.refused else "-",
             answered_by(r),
-            f"{server:.2f}", f"{model:.2f}",
-            f"{spread[0]:.2f}-{spread[-1]:.2f}" if spread else "-", f"{r.generator_cores:.2f}",
+            f"{server:.2f}", f"{model:.2f}", f"{r.generator_cores:.2f}",
         ))  # fmt: skip
     header = ["path", "mode", "load", ">req/s", ">p50 ms", ">p99 ms", ">p999 ms", ">errors",
               ">refusal p99 ms", "answered by", ">server cores", ">model server cores",
-              ">workers' cores", ">loadgen cores"]  # fmt: skip
+              ">loadgen cores"]  # fmt: skip
     return markdown_table(header, rows)
 
 
@@ -874,7 +855,6 @@ def figures(measured: Measured, preset: Preset, arguments: Mapping[str, Any]) ->
                 "model_share_of_calls": round(model_share_of_calls(r), 4),
                 "refusal_p99_ms": round(r.refusal_percentile_ms(99), 3),
                 "cores": [round(c, 3) for c in measured.cores.get((key, mode, load), ())],
-                "workers_cores": [round(c, 3) for c in measured.spread.get((key, mode, load), ())],
             }
             for (key, mode, load), r in results.items()
         ],
@@ -884,15 +864,6 @@ def figures(measured: Measured, preset: Preset, arguments: Mapping[str, Any]) ->
         ],
         "workers_lost": {cell_text(cell): n for cell, n in measured.workers_lost.items()},
     }
-
-
-def compare(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
-    """Each path's capacity against an earlier run's."""
-    lines = [f"against the run of {before.get('when')} at {before.get('commit')}:"]
-    for key, value in now["capacity_per_s"].items():
-        if (old := before.get("capacity_per_s", {}).get(key)) and not math.isnan(value):
-            lines.append(f"  {key} capacity {old:,.0f} -> {value:,.0f}/s ({value / old - 1:+.0%})")
-    return "\n".join(lines)
 
 
 def plot(results: Results, keys: Sequence[str], out: Path, title: str) -> None:
@@ -1012,8 +983,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
                      "metavar": "DECISION_…=VALUE", "help": "a decision server setting"},
     "--trace-sample-ratio": {"type": float, "default": DEFAULT_SAMPLE_RATIO,
                              "help": "path O's sampling"},
-    "--json": {"type": Path, "help": "figures file, compared with before it is replaced"
-               " (default .run/bench-PRESET.json)"},
+    "--json": {"type": Path, "help": "figures file (default .run/bench-PRESET.json)"},
     "--png": {"type": Path, "help": "draw latency against throughput here"},
     "--doc": {"type": Path, "help": "put the tables in this doc's generated:bench-PRESET"
               " block"},
@@ -1105,8 +1075,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.png,
             f"gRPC paths ({preset.rounds} x {preset.seconds:g} s a point)",
         )
-    if args.json.exists():
-        print(f"\n{compare(json.loads(args.json.read_text()), now)}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(now, indent=1) + "\n")
     if args.doc:

@@ -7,12 +7,11 @@ refusal; ``open``: ``rate_per_s`` on a fixed schedule, latency from the *schedul
 so a generator that falls behind shows as latency, not fewer samples) and its bounds
 (loopback only, ``seconds`` after ``warmup_s``, ``max_requests``, a deadline a call).
 ``LoadGenerator`` splits it over spawned processes, each with ``channels`` connections
-used in turn, and merges their results. ``python -m loadtest.loadgen`` runs one spec.
+used in turn, and merges their results; ``loadtest.bench`` is its command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -24,7 +23,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from multiprocessing.pool import Pool
-from types import TracebackType
 from typing import Literal
 
 import grpc
@@ -149,7 +147,6 @@ class WorkerResult:
     elapsed_s: float
     max_in_flight: int
     send_lag_max_ms: float
-    send_lag_total_ms: float
     sends: int
     cpu_s: float
     """CPU time the process used while measuring, its gRPC threads included."""
@@ -169,11 +166,9 @@ class Recorder:
         self.max_in_flight = 0
         self.sends = 0
         self.send_lag_max_s = 0.0
-        self.send_lag_total_s = 0.0
 
     def note_send(self, lag_s: float) -> None:
         self.sends += 1
-        self.send_lag_total_s += lag_s
         self.send_lag_max_s = max(self.send_lag_max_s, lag_s)
 
     async def observe(self, call: Call, since: float) -> bool:
@@ -208,7 +203,6 @@ class Recorder:
             elapsed_s=elapsed_s,
             max_in_flight=self.max_in_flight,
             send_lag_max_ms=self.send_lag_max_s * 1000,
-            send_lag_total_ms=self.send_lag_total_s * 1000,
             sends=self.sends,
             cpu_s=cpu_s,
             pid=os.getpid(),
@@ -413,15 +407,6 @@ class LoadResult:
         generator, not the server, may be what limits the throughput."""
         return sum(w.cpu_s / w.elapsed_s for w in self.workers if w.elapsed_s > 0) / self.runs
 
-    @property
-    def send_lag_mean_ms(self) -> float:
-        sends = sum(w.sends for w in self.workers)
-        return sum(w.send_lag_total_ms for w in self.workers) / max(sends, 1)
-
-    @property
-    def send_lag_max_ms(self) -> float:
-        return max(w.send_lag_max_ms for w in self.workers)
-
     def percentile_ms(self, percent: float) -> float:
         if self.ok == 0:
             return float("nan")
@@ -489,45 +474,5 @@ class LoadGenerator:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.stop()
-
-
-def describe(result: LoadResult) -> str:
-    spec = result.spec
-    load = f"c={spec.concurrency}" if spec.mode == "closed" else f"{spec.rate_per_s:g}/s"
-    errors = ", ".join(f"{name} {n}" for name, n in sorted(result.errors.items())) or "0"
-    return (
-        f"{spec.target} {spec.mode} {load}: {result.throughput_per_s:,.0f} req/s,"
-        f" p50 {result.percentile_ms(50):.3f} p99 {result.percentile_ms(99):.3f}"
-        f" p999 {result.percentile_ms(99.9):.3f} ms, ok {result.ok}, errors {errors},"
-        f" send lag mean {result.send_lag_mean_ms:.3f} max {result.send_lag_max_ms:.1f} ms,"
-        f" generator {result.generator_cores:.2f} cores"
-    )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--target", choices=["decide", "echo", "torchserve", "oip"], required=True)
-    parser.add_argument("--address", required=True, help="host:port on loopback")
-    parser.add_argument("--mode", choices=["closed", "open"], default="closed")
-    parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--rate-per-s", type=float, default=0.0, help="open loop only")
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--warmup-s", type=float, default=0.5, help="seconds not recorded")
-    parser.add_argument("--max-requests", type=int, default=1_000_000)
-    parser.add_argument("--processes", type=int, default=1)
-    parser.add_argument("--channels", type=int, default=1, help="connections per process")
-    parser.add_argument("--timeout-s", type=float, default=1.0, help="per call")
-    spec = LoadSpec(**vars(parser.parse_args()))
-    with LoadGenerator(len(spec.shares())) as generator:
-        print(describe(generator.run(spec)), flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,11 +1,11 @@
 """The locust scenarios' plans, without locust (importing it monkey-patches the process
 with gevent, so tests import this instead): options, load over time, the request mix.
 
-``steady`` (paced users), ``burst`` (the user count stepping through ``BURST_LADDER``),
-``primary-failure`` (the primary's breaker forced open through AdminService for
-``--fault-for`` seconds, an override with a TTL) and ``stale-features`` (symbols without
-fresh features: the fallback ladder answers). The target and the admin address must be
-loopback unless ``--allow-remote``. loadtest/README.md has the commands.
+``steady`` (paced users), ``burst`` (the user count stepping through ``BURST_LADDER``)
+and ``stale-features`` (symbols without fresh features: the fallback ladder answers); a
+primary failure is steady load while ``decisionctl`` forces the primary open, as with
+ghz. The target must be loopback unless ``--allow-remote``. loadtest/README.md has the
+commands.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from proto.decision.v1 import decision_pb2
 from server.errors import InvalidArgument
 from server.validation import check_symbol
 
-SCENARIOS = ("steady", "burst", "primary-failure", "stale-features")
+SCENARIOS = ("steady", "burst", "stale-features")
 DEFAULT_TARGET = "127.0.0.1:50051"
-DEFAULT_ADMIN_ADDRESS = "127.0.0.1:50052"
 # The local stack (make run) keeps these symbols' features fresh.
 FED_SYMBOLS = ("BTC-USD", "ETH-USD", "SOL-USD")
 # ...and never writes features for these.
@@ -78,9 +77,6 @@ class ScenarioOptions:
     user_rps: float
     symbols: tuple[str, ...]  # what the users ask about
     deadline_s: float
-    admin_address: str
-    fault_at_s: float
-    fault_for_s: float
     burst_step_s: float
 
     @classmethod
@@ -90,17 +86,13 @@ class ScenarioOptions:
         scenario = ns.scenario
         if scenario not in SCENARIOS:
             raise ScenarioError(f"--scenario must be one of {', '.join(SCENARIOS)}")
-        admin_address = ns.admin_address
-        for what, address in (("target (-H)", target), ("--admin-address", admin_address)):
-            if "://" in address:
-                raise ScenarioError(f"{what} {address!r}: give host:port, without a scheme")
-        if not ns.allow_remote:
-            for what, address in (("target (-H)", target), ("--admin-address", admin_address)):
-                if not is_loopback(address):
-                    raise ScenarioError(
-                        f"{what} {address!r} is not a loopback host:port; "
-                        "pass --allow-remote to load another machine"
-                    )
+        if "://" in target:
+            raise ScenarioError(f"target (-H) {target!r}: give host:port, without a scheme")
+        if not ns.allow_remote and not is_loopback(target):
+            raise ScenarioError(
+                f"target (-H) {target!r} is not a loopback host:port; "
+                "pass --allow-remote to load another machine"
+            )
         run_time_s = float(ns.run_time) if ns.run_time else None
         if ns.burst_step_s is not None:
             burst_step_s = _positive(ns.burst_step_s, "--burst-step-s")
@@ -108,13 +100,6 @@ class ScenarioOptions:
             burst_step_s = run_time_s / len(BURST_LADDER)
         else:
             burst_step_s = DEFAULT_BURST_STEP_S
-        fault_at_s = float(ns.fault_at_s)
-        if not (math.isfinite(fault_at_s) and fault_at_s >= 0):
-            raise ScenarioError(f"--fault-at-s must be zero or more, got {fault_at_s}")
-        if scenario == "primary-failure" and run_time_s is not None and fault_at_s >= run_time_s:
-            raise ScenarioError(
-                f"--fault-at-s {fault_at_s:g} is not before the end of the run ({run_time_s:g} s)"
-            )
         stale = scenario == "stale-features"
         return cls(
             scenario=scenario,
@@ -128,9 +113,6 @@ class ScenarioOptions:
                 "--stale-symbols" if stale else "--symbols",
             ),
             deadline_s=_positive(ns.deadline_ms, "--deadline-ms") / 1000.0,
-            admin_address=admin_address,
-            fault_at_s=fault_at_s,
-            fault_for_s=_positive(ns.fault_for_s, "--fault-for-s"),
             burst_step_s=burst_step_s,
         )
 

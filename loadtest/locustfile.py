@@ -2,8 +2,7 @@
 ``loadtest/locust_scenarios.py``, commands and rows in ``loadtest/README.md``).
 
 Stats rows: ``grpc`` / ``Decide (<source>)`` per answering source, ``grpc`` / ``Decide``
-for non-OK statuses (failures named by code), ``admin`` / ``SetBreaker primary <MODE>``
-for the primary-failure scenario's own calls. Users are synchronous gRPC clients on
+for non-OK statuses (failures named by code). Users are synchronous gRPC clients on
 gevent (``init_gevent`` before any channel), a channel each, paced with
 ``constant_throughput``.
 """
@@ -11,7 +10,6 @@ gevent (``init_gevent`` before any channel), a channel each, paced with
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 import time
@@ -24,13 +22,11 @@ from locust import LoadTestShape, User, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 from locust.event import EventHook
-from locust.runners import WorkerRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 from locust.user.wait_time import constant_throughput
 
 from core.caller import CALLER_OPTIONS
 from loadtest.locust_scenarios import (
-    DEFAULT_ADMIN_ADDRESS,
     DEFAULT_TARGET,
     FED_SYMBOLS,
     SCENARIOS,
@@ -40,14 +36,7 @@ from loadtest.locust_scenarios import (
     request_mix,
     source_label,
 )
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2_grpc
-from server.admin.ctl_connection import (
-    ADDRESS_ENV,
-    TOKEN_ENV,
-    TOKEN_FILE_ENV,
-    UsageError,
-    resolve_token,
-)
+from proto.decision.v1 import decision_pb2_grpc
 
 # Before any channel exists: gRPC's own threads must cooperate with gevent's loop.
 grpc_gevent.init_gevent()
@@ -55,7 +44,6 @@ grpc_gevent.init_gevent()
 log = logging.getLogger("loadtest.locustfile")
 
 EXIT_BAD_OPTIONS = 2
-ADMIN_TIMEOUT_S = 5.0
 
 
 # locust's EventHook is unannotated: these two wrappers are the only untyped calls.
@@ -99,25 +87,6 @@ def add_options(parser: LocustArgumentParser, **_: Any) -> None:
         help="gRPC deadline of each Decide call (default 500)",
     )
     group.add_argument(
-        "--admin-address",
-        default=DEFAULT_ADMIN_ADDRESS,
-        env_var=ADDRESS_ENV,
-        help=f"AdminService host:port for primary-failure (default {DEFAULT_ADMIN_ADDRESS}); "
-        f"the operator token comes from ${TOKEN_ENV} or ${TOKEN_FILE_ENV}",
-    )
-    group.add_argument(
-        "--fault-at-s",
-        type=float,
-        default=10.0,
-        help="primary-failure: seconds after the start to force the primary open (default 10)",
-    )
-    group.add_argument(
-        "--fault-for-s",
-        type=float,
-        default=20.0,
-        help="primary-failure: how long the override lasts, its TTL (default 20)",
-    )
-    group.add_argument(
         "--burst-step-s",
         type=float,
         default=None,
@@ -127,7 +96,7 @@ def add_options(parser: LocustArgumentParser, **_: Any) -> None:
         "--allow-remote",
         action="store_true",
         default=False,
-        help="allow a target or admin address that is not loopback",
+        help="allow a target that is not loopback",
     )
 
 
@@ -147,79 +116,9 @@ class GrpcStatusError(Exception):
         super().__init__(f"{code.name}: {details or ''}")
 
 
-class PrimaryFault:
-    """Forces the primary's breaker open ``fault_at_s`` into the test, with a TTL of
-    ``fault_for_s``; sets it back to AUTO if the test stops while the override lasts. The
-    TTL covers what this cannot (locust killed, or stopped in the middle of the call)."""
-
-    def __init__(self, environment: Environment, options: ScenarioOptions, token: str) -> None:
-        self._environment = environment
-        self._options = options
-        self._metadata = (("authorization", f"Bearer {token}"),)
-        self._greenlet: Any = None
-        self._expires_at: float | None = None  # monotonic; set while our override may last
-
-    def on_test_start(self, **_: Any) -> None:
-        runner = self._environment.runner
-        if runner is not None:
-            self._greenlet = runner.greenlet.spawn(self._inject)
-
-    def _inject(self) -> None:
-        time.sleep(self._options.fault_at_s)  # gevent's sleep: locust patched the stdlib
-        if self._set_breaker(
-            admin_pb2.BREAKER_MODE_FORCE_OPEN,
-            f"locust primary-failure scenario (for {self._options.fault_for_s:g} s)",
-            self._options.fault_for_s,
-        ):
-            self._expires_at = time.monotonic() + self._options.fault_for_s
-
-    def on_test_stop(self, **_: Any) -> None:
-        if self._greenlet is not None:
-            self._greenlet.kill(block=True)
-            self._greenlet = None
-        if self._expires_at is not None and time.monotonic() < self._expires_at:
-            self._set_breaker(admin_pb2.BREAKER_MODE_AUTO, "locust primary-failure ended", 0.0)
-        self._expires_at = None
-
-    def _set_breaker(
-        self, mode: admin_pb2.BreakerMode.ValueType, reason: str, ttl_s: float
-    ) -> bool:
-        mode_name = admin_pb2.BreakerMode.Name(mode).removeprefix("BREAKER_MODE_")
-        request = admin_pb2.SetBreakerRequest(
-            replica="primary", mode=mode, reason=reason, ttl_s=ttl_s
-        )
-        started = time.perf_counter()
-        exception: Exception | None = None
-        with grpc.insecure_channel(self._options.admin_address) as channel:
-            try:
-                admin_pb2_grpc.AdminServiceStub(channel).SetBreaker(
-                    request, metadata=self._metadata, timeout=ADMIN_TIMEOUT_S
-                )
-            except grpc.RpcError as exc:
-                exception = GrpcStatusError(exc.code(), exc.details())
-                log.error("SetBreaker primary %s failed: %s", mode_name, exception)
-        fire_request(
-            self._environment,
-            request_type="admin",
-            name=f"SetBreaker primary {mode_name}",
-            response_time=(time.perf_counter() - started) * 1000.0,
-            response_length=0,
-            exception=exception,
-            context={},
-        )
-        return exception is None
-
-
-def operator_token() -> str:
-    """From $DECISIONCTL_TOKEN, else the file $DECISIONCTL_TOKEN_FILE names, as decisionctl."""
-    if not any(os.environ.get(name, "").strip() for name in (TOKEN_ENV, TOKEN_FILE_ENV)):
-        raise UsageError(f"set ${TOKEN_ENV} or ${TOKEN_FILE_ENV}")
-    return resolve_token(None, os.environ)
-
-
 def check_options(environment: Environment, **_: Any) -> None:
-    """Refuses to start on bad options, before any load is sent; wires the scenario's
-    fault injection and the final CSV snapshot."""
+    """Refuses to start on bad options, before any load is sent; wires the final CSV
+    snapshot."""
     try:
         options = scenario_options(environment)
     except ScenarioError as exc:
@@ -232,18 +131,7 @@ def check_options(environment: Environment, **_: Any) -> None:
         options.user_rps,
         ",".join(options.symbols),
     )
-    # The fault is injected once: by the master, or by the only runner when not distributed.
-    if options.scenario == "primary-failure" and not isinstance(environment.runner, WorkerRunner):
-        try:
-            token = operator_token()
-        except UsageError as exc:
-            log.error("primary-failure needs an operator token for AdminService: %s", exc)
-            sys.exit(EXIT_BAD_OPTIONS)
-        fault = PrimaryFault(environment, options, token)
-        listen(environment.events.test_start, fault.on_test_start)
-        listen(environment.events.test_stop, fault.on_test_stop)
     if getattr(environment.parsed_options, "csv_prefix", None):
-        # Registered last, so it runs after the fault's restore.
         listen(environment.events.test_stop, let_csv_catch_up)
 
 

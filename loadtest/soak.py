@@ -37,11 +37,7 @@ from loadtest.soak_probe import (
     ConsumerLag,
     MachineSampler,
     ProcessSampler,
-    ServerView,
-    Stall,
-    StallWitness,
     audited_decisions,
-    server_views,
     stored_decision_ids,
 )
 from loadtest.soak_report import (
@@ -256,32 +252,12 @@ def count_workers_lost(replica_dirs: list[Path]) -> int:
     return sum(workers_lost(d) for d in replica_dirs)
 
 
-def describe_late(answer: Answer, stalls: list[Stall]) -> str:
-    """A late call's send time (to find it in the server's log and the audit store) and
-    the machine stalls the witness saw while it was out."""
-    sent = utc_clock(answer.sent_unix_s)
-    ended = answer.sent_unix_s + answer.latency_ms / 1000
-    near = [
-        f"{s.late_ms:.0f} ms ending {(s.at_unix_s - answer.sent_unix_s) * 1000:+.0f} ms"
-        for s in stalls
-        if answer.sent_unix_s - 0.2 <= s.at_unix_s <= ended + 0.2
-    ]
-    witness = f"machine stalls {', '.join(near)}" if near else "no machine stall"
-    return f"sent {sent} UTC, {answer.outcome} after {answer.latency_ms:.1f} ms; {witness}"
-
-
-def describe_server_view(answer: Answer, view: ServerView | None) -> str:
-    """Where a late call's time went, as the server's audit row tells: a decision made
-    in time whose answer still came late was held after it (the server's loop or the
-    client's), one made late overran the server's budget, and none at all never reached
-    the decision engine (queued in gRPC, or shed as expired)."""
-    if view is None:
-        return "the server never decided it"
-    began_ms = (view.received_unix_s - answer.sent_unix_s) * 1000
-    decided_ms = (view.decided_unix_s - answer.sent_unix_s) * 1000
+def describe_late(answer: Answer) -> str:
+    """A late call as the audit store and the server's log can find it: its request id
+    and send time."""
     return (
-        f"the server began {began_ms:+.1f} ms after the send and decided"
-        f" {decided_ms:+.1f} ms ({view.source}: {view.reason})"
+        f"{answer.request_id} sent {utc_clock(answer.sent_unix_s)} UTC, {answer.outcome}"
+        f" after {answer.latency_ms:.1f} ms"
     )
 
 
@@ -302,10 +278,8 @@ async def soak(args: argparse.Namespace) -> int:
     kafka = FeatureCacheSettings().kafka
     windows: list[Window] = []
     answered: set[str] = set()
-    late_answers: list[Answer] = []
-    late_calls: list[str] = []  # each as the server recorded it
+    late_calls: list[str] = []
     levers = LeverCheck()
-    witness = StallWitness(args.run_dir, REPO)
     try:
         # The probe's and the driver's clients close before the stack stops, however the
         # run ends (an interrupted run too).
@@ -335,7 +309,6 @@ async def soak(args: argparse.Namespace) -> int:
             await asyncio.sleep(args.warmup_s)
             driver.take()  # the warm-up is not judged
             driver.take_send_lag_ms()
-            witness.start()
             started_at = time.monotonic()
             driver.started_at = started_at
             sampler.sample(started_at)
@@ -353,7 +326,6 @@ async def soak(args: argparse.Namespace) -> int:
                 if window_end >= args.duration_s:
                     await load  # the last answers come within one deadline
                 answers = driver.take()
-                stalls = witness.take()
                 answered.update(a.decision_id for a in answers if a.decision_id)
                 disobeyed = levers.answers.add(decisions_of(answers), levers.kill_switches)
                 for fault, after in after_faults.items():
@@ -379,7 +351,6 @@ async def soak(args: argparse.Namespace) -> int:
                     workers_lost=lost - lost_before,
                     processes=processes,
                     machine=astuple(machine.sample()),
-                    machine_stall_max_ms=max((s.late_ms for s in stalls), default=0.0),
                     client_send_lag_max_ms=driver.take_send_lag_ms(),
                     fault=fault_at(args.fault, window_start, window_end, bounds.recovery_s),
                     kill_switches=levers.kill_switches,
@@ -390,8 +361,8 @@ async def soak(args: argparse.Namespace) -> int:
                 print(row(window), flush=True)
                 for answer in answers:
                     if answer.late:
-                        late_answers.append(answer)
-                        print(f"{'':>11} late: {describe_late(answer, stalls)}", flush=True)
+                        late_calls.append(describe_late(answer))
+                        print(f"{'':>11} late: {late_calls[-1]}", flush=True)
                 window_start = window_end
             not_done = [problem for problem in await asyncio.gather(*scheduled) if problem]
             missing = await _missing_from_audit(stack, answered)
@@ -400,26 +371,12 @@ async def soak(args: argparse.Namespace) -> int:
                 audited_decisions, stack.run_dir / "audit" / "audit.db", driver.request_prefix
             )
             levers.audit.add(rows, levers.kill_switches)
-            views = await asyncio.to_thread(
-                server_views,
-                stack.run_dir / "audit" / "audit.db",
-                [a.request_id for a in late_answers],
-            )
-            late_calls = [
-                f"sent {utc_clock(a.sent_unix_s)}:"
-                f" {describe_server_view(a, views.get(a.request_id))}"
-                for a in late_answers
-            ]
-            if late_calls:
-                print("\nlate calls as the server recorded them:")
-                print("\n".join(f"  {line}" for line in late_calls))
             niceness = {
                 name: os.getpriority(os.PRIO_PROCESS, proc.pid)
                 for name, proc in stack.processes.items()
                 if proc.pid is not None and proc.running()
             }
     finally:
-        witness.stop()
         await stack.stop()
     # A fault after a kill switch for every symbol leaves no answer to judge the model by.
     recoveries = {
@@ -509,7 +466,7 @@ def report(
         "answered": answered,
         "missing_from_audit": missing,
         "late": sum(w.late for w in windows),
-        "late_calls": late_calls,  # each as the server recorded it
+        "late_calls": late_calls,
         "workers_lost": windows[-1].workers_lost if windows else 0,
         "min_model_share": min((w.model_share for w in steady), default=0.0),
         "max_p99_ms": max((w.p99_ms for w in steady), default=0.0),

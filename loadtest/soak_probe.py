@@ -1,6 +1,6 @@
 """What the soak reads off the running stack besides the answers: each process group's
-CPU and memory, the consumer group's lag, TorchServe workers lost, audit rows, and
-the machine's stalls as a process with nothing else to do saw them.
+CPU and memory, the machine's busy and steal shares, the consumer group's lag and the
+audit rows.
 
 CPU is the group's (a TorchServe replica is a launcher, a JVM and a Python worker)
 user + system time over the window, as a share of one core; memory is the group's
@@ -10,11 +10,8 @@ costs the stack nothing.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import sqlite3
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -168,32 +165,6 @@ def stored_decision_ids(database: Path) -> set[str]:
         return {row[0] for row in connection.execute("SELECT decision_id FROM decisions")}
 
 
-@dataclass(frozen=True, slots=True)
-class ServerView:
-    """A call as the decision server recorded it: its audit row's times and answer."""
-
-    received_unix_s: float  # the handler began
-    decided_unix_s: float  # the decision was made (the answer went out after)
-    source: str
-    reason: str
-
-
-def server_views(database: Path, request_ids: Sequence[str]) -> dict[str, ServerView]:
-    """The audit rows of these request ids (a call the server never decided has none)."""
-    if not request_ids:
-        return {}
-    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
-        rows = connection.execute(
-            "SELECT request_id, received_at, decided_at, source, reason FROM decisions"
-            " WHERE request_id IN (SELECT value FROM json_each(?))",
-            (json.dumps(list(request_ids)),),
-        ).fetchall()
-    return {
-        request_id: ServerView(_unix_s(received), _unix_s(decided), source, reason)
-        for request_id, received, decided, source, reason in rows
-    }
-
-
 def audited_decisions(database: Path, request_prefix: str) -> list[Decided]:
     """The audit rows of the calls whose request id starts with ``request_prefix`` (one
     soak's: the run folder's audit store outlives a run)."""
@@ -213,53 +184,6 @@ def _unix_s(stored: str) -> float:
     """A time as the audit store keeps it in SQLite (ISO, UTC, with or without zone)."""
     when = datetime.fromisoformat(stored)
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
-
-
-@dataclass(frozen=True, slots=True)
-class Stall:
-    at_unix_s: float
-    late_ms: float
-
-
-class StallWitness:
-    """Runs ``loadtest.stall_witness`` beside the stack and hands over the machine-wide
-    stalls it saw since the last ``take``."""
-
-    def __init__(self, run_dir: Path, cwd: Path) -> None:
-        self._proc = ManagedProcess(
-            "stall-witness",
-            [sys.executable, "-m", "loadtest.stall_witness"],
-            cwd=cwd,
-            log_path=run_dir / "stall-witness" / "stalls.log",
-        )
-        self._read_to = 0
-
-    def start(self) -> None:
-        self._proc.log_path.unlink(missing_ok=True)
-        self._proc.start()
-
-    def stop(self) -> None:
-        self._proc.stop()
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid
-
-    def take(self) -> list[Stall]:
-        try:
-            with open(self._proc.log_path, "rb") as log:
-                log.seek(self._read_to)
-                text = log.read()
-        except OSError:
-            return []
-        complete = text[: text.rfind(b"\n") + 1]  # a line being written waits
-        self._read_to += len(complete)
-        stalls = []
-        for line in complete.decode(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                at, late = line.split()
-                stalls.append(Stall(float(at), float(late)))
-        return stalls
 
 
 def group_cpu_seconds(pgids: Sequence[int | None]) -> list[float]:

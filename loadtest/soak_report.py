@@ -99,9 +99,7 @@ class Window:
     # The whole machine over the window, % of all cores: busy, and stolen by the host.
     machine_busy_pct: float = 0.0
     machine_steal_pct: float = 0.0
-    # The longest a process with nothing else to do waited for a CPU (the stall
-    # witness), and the longest the load generator's own loop sent behind schedule.
-    machine_stall_max_ms: float = 0.0
+    # The longest the load generator's own loop sent behind schedule.
     client_send_lag_max_ms: float = 0.0
 
 
@@ -115,7 +113,6 @@ def summarize(
     processes: dict[str, tuple[float, float]],
     fault: str,
     machine: tuple[float, float] = (0.0, 0.0),
-    machine_stall_max_ms: float = 0.0,
     client_send_lag_max_ms: float = 0.0,
     kill_switches: Sequence[KillSwitch] = (),
     disobeyed: int = 0,
@@ -143,7 +140,6 @@ def summarize(
         fault=fault,
         machine_busy_pct=machine[0],
         machine_steal_pct=machine[1],
-        machine_stall_max_ms=machine_stall_max_ms,
         client_send_lag_max_ms=client_send_lag_max_ms,
         kill_switched=len(answers) - len(judged),
         disobeyed=disobeyed,
@@ -257,7 +253,6 @@ def row(window: Window) -> str:
         f" {window.late:4d} {window.feature_age_p99_ms:6.0f} {window.consumer_lag:5d}"
         f" {window.workers_lost:4d}  {sources}{flag}{broken}\n{'':>11} machine"
         f" busy={window.machine_busy_pct:.0f}% steal={window.machine_steal_pct:.1f}%"
-        f" stall={window.machine_stall_max_ms:.0f}ms"
         f" client-lag={window.client_send_lag_max_ms:.0f}ms"
         f" {procs}"
     )

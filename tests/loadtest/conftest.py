@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import functools
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +21,6 @@ from localstack.health import serving
 from tests.conftest import REPO, RedisInstance, Replica, server_process
 from tests.server.conftest import sample_record
 
-OPERATOR_TOKEN = "loadtest-operator-token-0123456789"  # noqa: S105 - test token
 FRESH_SYMBOL = "BTC-USD"
 STALE_SYMBOL = "STALE-USD"  # a record ten minutes old
 MISSING_SYMBOL = "NOFEAT-USD"  # no record at all
@@ -31,16 +29,11 @@ MISSING_SYMBOL = "NOFEAT-USD"  # no record at all
 @dataclass(frozen=True)
 class DecisionServer:
     port: int
-    admin_port: int
     run_dir: Path
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    @property
-    def admin_address(self) -> str:
-        return f"127.0.0.1:{self.admin_port}"
 
 
 async def _write_features(redis_url: str, key_prefix: str) -> None:
@@ -65,7 +58,7 @@ def decision_server(
         replica.ensure_running()
     run_dir = tmp_path_factory.mktemp("loadtest-server")
     key_prefix = f"loadtest{time.monotonic_ns()}:"
-    port, admin_port = free_ports(2)
+    [port] = free_ports(1)
     proc = server_process(
         "decision server",
         run_dir,
@@ -74,15 +67,13 @@ def decision_server(
         key_prefix=key_prefix,
         primary=replicas["primary"].address,
         secondary=replicas["secondary"].address,
-        DECISION_ADMIN__PORT=str(admin_port),
-        DECISION_ADMIN__TOKENS=f"loadtest operator {OPERATOR_TOKEN}",
     )
     # Written before the server starts: its feature mirror loads them with everything else.
     asyncio.run(_write_features(redis_instance.url, key_prefix))
     try:
         proc.start()
         proc.wait_ready(functools.partial(serving, port), 30.0)
-        yield DecisionServer(port, admin_port, run_dir)
+        yield DecisionServer(port, run_dir)
     finally:
         proc.stop()
 
@@ -104,9 +95,7 @@ class LocustRun:
 LOCUSTFILE = REPO / "loadtest" / "locustfile.py"
 
 
-def locust(
-    out_dir: Path, name: str, *args: str, timeout_s: float, env: dict[str, str] | None = None
-) -> tuple[int, str]:
+def locust(out_dir: Path, name: str, *args: str, timeout_s: float) -> tuple[int, str]:
     """Runs the locustfile with ``args`` as a subprocess in its own process group, stopped
     however it ends; its exit code and log tail."""
     proc = ManagedProcess(
@@ -114,7 +103,6 @@ def locust(
         [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), *args],
         cwd=REPO,
         log_path=out_dir / f"{name}.log",
-        env=env if env is not None else dict(os.environ),
     )
     try:
         proc.start()
@@ -148,8 +136,6 @@ def run_locust(
         str(prefix),
         "--host",
         server.target,
-        "--admin-address",
-        server.admin_address,
         "--scenario",
         scenario,
         # Generous: the smoke run checks behaviour, not latency, on a shared 2-core machine.
@@ -157,7 +143,6 @@ def run_locust(
         "2000",
         *options,
         timeout_s=run_time_s + 30.0,
-        env={**os.environ, "DECISIONCTL_TOKEN": OPERATOR_TOKEN},
     )
     stats = Path(f"{prefix}_stats.csv")
     assert stats.exists(), log

@@ -40,7 +40,6 @@ def load_result(
         elapsed_s=1.0,
         max_in_flight=1,
         send_lag_max_ms=0.0,
-        send_lag_total_ms=0.0,
         sends=ok + late + refused,
         cpu_s=0.1,
         pid=1,

@@ -25,7 +25,6 @@ from loadtest.bench import (
     Results,
     Server,
     capacity_table,
-    compare,
     cpu_list,
     figures,
     first_cells,
@@ -75,7 +74,7 @@ def runs(*, late_at_top: int = 0, model_at_top: float = 0.9, refusal_us: int = 1
 
 
 def measured(results: Results, lost: dict[Cell, int] | None = None) -> Measured:
-    return Measured(results, {cell: (1.0, 0.5) for cell in results}, {}, lost or {})
+    return Measured(results, {cell: (1.0, 0.5) for cell in results}, lost or {})
 
 
 def verdict(results: Results, name: str) -> str:
@@ -110,15 +109,6 @@ def test_a_figure_the_ladder_mostly_answered_does_not_stand_for_the_model() -> N
     results[("T", "closed", 1.0)] = load_result("closed", 1, ok=100)
     assert verdict(results, "D p50 - T p50").startswith("missed: the model answered only 50 %")
     assert verdict(runs(), "D p50 - T p50") == "not measured"  # no c=1 cells
-
-
-def test_the_figures_file_compares_capacity_with_the_last_run() -> None:
-    before = figures(measured(runs()), PATHS_PRESET, {})
-    after = runs()
-    after[("D", "closed", 16.0)] = load_result("closed", 16, ok=400)
-    text = compare(before, figures(measured(after), PATHS_PRESET, {}))
-    assert "D capacity 500 -> 400/s (-20%)" in text
-    assert "E capacity 500 -> 500/s (+0%)" in text
 
 
 def test_workers_lost_are_named_by_cell_in_the_text_and_the_figures() -> None:

@@ -8,7 +8,6 @@ import pytest
 
 from loadtest.locust_scenarios import (
     BURST_LADDER,
-    DEFAULT_ADMIN_ADDRESS,
     DEFAULT_TARGET,
     FED_SYMBOLS,
     UNFED_SYMBOLS,
@@ -33,9 +32,6 @@ def options(target: str = DEFAULT_TARGET, **changes: object) -> ScenarioOptions:
         "symbols": ",".join(FED_SYMBOLS),
         "stale_symbols": ",".join(UNFED_SYMBOLS),
         "deadline_ms": 500.0,
-        "admin_address": DEFAULT_ADMIN_ADDRESS,
-        "fault_at_s": 10.0,
-        "fault_for_s": 20.0,
         "burst_step_s": None,
         "allow_remote": False,
         **changes,
@@ -64,8 +60,6 @@ def test_loopback(address, loopback):
 def test_remote_targets_need_allow_remote():
     with pytest.raises(ScenarioError, match="not a loopback"):
         options("10.0.0.1:50051")
-    with pytest.raises(ScenarioError, match="--admin-address"):
-        options(admin_address="10.0.0.1:50052")
     assert options("10.0.0.1:50051", allow_remote=True).target == "10.0.0.1:50051"
     with pytest.raises(ScenarioError, match="without a scheme"):
         options("http://127.0.0.1:50051")
@@ -80,9 +74,7 @@ def test_remote_targets_need_allow_remote():
         ({"symbols": " , "}, "--symbols"),
         ({"symbols": "btc-usd"}, "--symbols"),
         ({"scenario": "stale-features", "stale_symbols": "NO SPACES"}, "--stale-symbols"),
-        ({"fault_for_s": 0.0}, "--fault-for-s"),
-        ({"fault_at_s": -1.0}, "--fault-at-s"),
-        ({"scenario": "primary-failure", "fault_at_s": 50.0}, "before the end"),
+        ({"scenario": "primary-failure"}, "--scenario"),
         ({"burst_step_s": 0.0}, "--burst-step-s"),
     ],
 )
