@@ -1,6 +1,6 @@
-"""The soak harness against the whole local stack, as ``make run`` starts it: 40 s of
-steady Decide load with the stack's redis-server paused for one whole 10-second window
-of it, and 20 s after the resume to see the model answer again.
+"""The soak harness against the whole local stack, as ``make run`` starts it: 30 s of
+steady Decide load in 5-second windows with the stack's redis-server paused for 10 s of
+it, and 15 s after the resume to see the model answer again.
 
 Asserted: no TorchServe worker lost; every answered decision in the audit store, and
 every answer the model did not give says why; the ladder abstains while Redis is paused
@@ -25,8 +25,9 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
-DURATION_S = 40  # a pause, and the recovery bound (10 s) after it, with room to spare
-PAUSE = "redis@10+10"
+DURATION_S = 30  # a pause, and the recovery bound (10 s) after it, with room to spare
+PAUSE = "redis@5+10"
+WINDOW_S = 5  # two windows wholly inside the pause
 WARMUP_S = 5  # the replicas' first calls are slow; none of them judged
 
 
@@ -40,6 +41,7 @@ def test_a_soak_with_a_redis_pause_loses_nothing_and_recovers(model_store, tmp_p
         "--duration-s", str(DURATION_S),
         "--warmup-s", str(WARMUP_S),
         "--fault", PAUSE,
+        "--window-s", str(WINDOW_S),
         "--models", str(store),
         "--run-dir", str(run_dir),
         "--port-offset", str(LocalStack.free_offset(run_dir)),
