@@ -189,24 +189,31 @@ def recovery_s(
     return None
 
 
+def first_and_last(windows: Sequence[Window], part_s: float) -> tuple[list[Window], list[Window]]:
+    """The steady windows of the run's first and last ``part_s``."""
+    steady = [w for w in windows if not w.fault]
+    if not steady:
+        return [], []
+    first = [w for w in steady if w.end_s <= steady[0].start_s + part_s]
+    return first, [w for w in steady if w.start_s >= steady[-1].end_s - part_s]
+
+
+def mean_usage(part: Sequence[Window], name: str, index: int) -> float:
+    """A process's mean CPU (``index`` 0) or RSS (1) over the windows that sampled it."""
+    values = [w.processes[name][index] for w in part if name in w.processes]
+    return sum(values) / len(values) if values else 0.0
+
+
 def growth(windows: Sequence[Window], bounds: Bounds, part_s: float) -> list[str]:
     """FLAT_PROCESSES' mean CPU and RSS over the last ``part_s`` against the first
     ``part_s`` of the run; what grew past ``bounds.max_growth``, in words. CPU is
     compared in units of the ``YARDSTICK``'s CPU over the same windows, when it ran."""
-    steady = [w for w in windows if not w.fault]
-    if not steady:
-        return []
-    first = [w for w in steady if w.end_s <= steady[0].start_s + part_s]
-    last = [w for w in steady if w.start_s >= steady[-1].end_s - part_s]
-
-    def mean(name: str, index: int, part: list[Window]) -> float:
-        return _mean(w.processes.get(name, (0.0, 0.0))[index] for w in part)
-
+    first, last = first_and_last(windows, part_s)
     machine = machine_drift(windows, part_s)
     broken = []
     for name in FLAT_PROCESSES:
         for index, what, floor in ((0, "CPU", 2.0), (1, "RSS", 5.0)):
-            before, after = mean(name, index, first), mean(name, index, last)
+            before, after = mean_usage(first, name, index), mean_usage(last, name, index)
             scale = machine if what == "CPU" and machine is not None else None
             # A floor: 1 % -> 1.3 % of a core is noise, not growth.
             if after / (scale or 1.0) > max(before, floor) * (1 + bounds.max_growth):
@@ -218,17 +225,9 @@ def growth(windows: Sequence[Window], bounds: Bounds, part_s: float) -> list[str
 def machine_drift(windows: Sequence[Window], part_s: float) -> float | None:
     """The ``YARDSTICK``'s CPU over the last ``part_s`` against the first: how much
     slower the machine ran at the end (None when it did not run)."""
-    steady = [w for w in windows if not w.fault]
-    first = [w for w in steady if w.end_s <= steady[0].start_s + part_s] if steady else []
-    last = [w for w in steady if w.start_s >= steady[-1].end_s - part_s] if steady else []
-    before = _mean(w.processes.get(YARDSTICK, (0.0, 0.0))[0] for w in first)
-    after = _mean(w.processes.get(YARDSTICK, (0.0, 0.0))[0] for w in last)
+    first, last = first_and_last(windows, part_s)
+    before, after = mean_usage(first, YARDSTICK, 0), mean_usage(last, YARDSTICK, 0)
     return after / before if before > 0 and after > 0 else None
-
-
-def _mean(values: object) -> float:
-    items = list(values)  # type: ignore[call-overload]
-    return sum(items) / len(items) if items else 0.0
 
 
 HEADER = (
@@ -314,18 +313,12 @@ def process_table(
     ``caption`` and the machine's mean busy and steal shares; the stack's total leaves
     the soak's own client out."""
     span = min(part_s, (windows[-1].end_s if windows else 0.0) / 2)
-    steady = [w for w in windows if not w.fault]
-    first = [w for w in steady if w.end_s <= span]
-    last = [w for w in steady if w.start_s >= windows[-1].end_s - span] if windows else []
-    names = list(dict.fromkeys(name for w in steady for name in w.processes))
-
-    def mean(part: Sequence[Window], name: str, index: int) -> float:
-        values = [w.processes[name][index] for w in part if name in w.processes]
-        return sum(values) / len(values) if values else 0.0
+    first, last = first_and_last(windows, span)
+    names = list(dict.fromkeys(name for w in windows if not w.fault for name in w.processes))
 
     def cells(name_set: Sequence[str]) -> tuple[str, str]:
-        cpu = [sum(mean(part, n, 0) for n in name_set) for part in (first, last)]
-        rss = [sum(mean(part, n, 1) for n in name_set) for part in (first, last)]
+        cpu = [sum(mean_usage(part, n, 0) for n in name_set) for part in (first, last)]
+        rss = [sum(mean_usage(part, n, 1) for n in name_set) for part in (first, last)]
         return f"{cpu[0]:.1f} / {cpu[1]:.1f}", f"{rss[0]:.0f} / {rss[1]:.0f}"
 
     rows: list[tuple[object, ...]] = [
