@@ -69,8 +69,8 @@ bench: setup-triton ## Benchmarks, their tables into docs/benchmarks.md: the gRP
 	@$(PY) -m loadtest.bench_models | $(PY) -m loadtest.report docs/model-serving.md bench-models
 
 DURATION ?= 600
-soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 redis-empty@300 ...", LEVERS="kill-switch:SOL-USD@60 ...", DOC=docs/local-stack.md writes its per-process table there
-	@$(PY) -m loadtest.soak --duration-s $(DURATION) $(foreach f,$(FAULTS),--fault $(f)) $(foreach l,$(LEVERS),--lever $(l)) $(if $(DOC),--doc $(DOC))
+soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 redis-empty@300 ...", LEVERS="kill-switch:SOL-USD@60 ...", DOC="docs/local-stack.md docs/load-tests.md" writes its tables there
+	@$(PY) -m loadtest.soak --duration-s $(DURATION) $(foreach f,$(FAULTS),--fault $(f)) $(foreach l,$(LEVERS),--lever $(l)) $(foreach d,$(DOC),--doc $(d))
 
 acceptance: setup ## Every recording under ../shared/data (Coinbase, Binance, Kraken, L2 CSV) through Kafka into Redis, checked
 	@$(PY) -m checks.acceptance

@@ -55,49 +55,28 @@ def fire_request(environment: Environment, **meta: Any) -> None:
     environment.events.request.fire(**meta)  # type: ignore[no-untyped-call]
 
 
+OPTIONS: dict[str, dict[str, Any]] = {
+    "--scenario": {"choices": SCENARIOS, "default": "steady", "env_var": "LOCUST_SCENARIO",
+                   "help": "which scenario to run (default steady)"},
+    "--user-rps": {"type": float, "default": 5.0, "help": "decisions per second each user"
+                   " aims for (constant_throughput; default 5)"},
+    "--symbols": {"default": ",".join(FED_SYMBOLS), "help": "comma-separated symbols with"
+                  " fresh features (default: the local stack's)"},
+    "--stale-symbols": {"default": ",".join(UNFED_SYMBOLS), "help": "stale-features: symbols"
+                        " whose features are missing or stale"},
+    "--deadline-ms": {"type": float, "default": 500.0, "help": "gRPC deadline of each Decide"
+                      " call (default 500)"},
+    "--burst-step-s": {"type": float, "default": None, "help": "burst: seconds per load step"
+                       " (default: a fifth of --run-time, else 10)"},
+    "--allow-remote": {"action": "store_true", "default": False,
+                       "help": "allow a target that is not loopback"},
+}  # fmt: skip
+
+
 def add_options(parser: LocustArgumentParser, **_: Any) -> None:
     group = parser.add_argument_group("decision service scenarios")
-    group.add_argument(
-        "--scenario",
-        choices=SCENARIOS,
-        default="steady",
-        env_var="LOCUST_SCENARIO",
-        help="which scenario to run (default steady)",
-    )
-    group.add_argument(
-        "--user-rps",
-        type=float,
-        default=5.0,
-        help="decisions per second each user aims for (constant_throughput; default 5)",
-    )
-    group.add_argument(
-        "--symbols",
-        default=",".join(FED_SYMBOLS),
-        help="comma-separated symbols with fresh features (default: the local stack's)",
-    )
-    group.add_argument(
-        "--stale-symbols",
-        default=",".join(UNFED_SYMBOLS),
-        help="stale-features: symbols whose features are missing or stale",
-    )
-    group.add_argument(
-        "--deadline-ms",
-        type=float,
-        default=500.0,
-        help="gRPC deadline of each Decide call (default 500)",
-    )
-    group.add_argument(
-        "--burst-step-s",
-        type=float,
-        default=None,
-        help="burst: seconds per load step (default: a fifth of --run-time, else 10)",
-    )
-    group.add_argument(
-        "--allow-remote",
-        action="store_true",
-        default=False,
-        help="allow a target that is not loopback",
-    )
+    for flag, options in OPTIONS.items():
+        group.add_argument(flag, **options)
 
 
 listen(events.init_command_line_parser, add_options)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -38,6 +39,11 @@ def replace_generated(path: Path, name: str, body: str) -> None:
     if not found or not found_end:
         raise ValueError(f"{path}: no {begin} ... {end} block to replace")
     path.write_text(f"{head}{begin}\n{body.strip()}\n{end}{tail}")
+
+
+def generated_names(path: Path) -> list[str]:
+    """The names of ``path``'s generated blocks, in order."""
+    return re.findall(r"<!-- generated:([\w-]+) -->", path.read_text())
 
 
 def load_text(mode: Mode, load: float) -> str:

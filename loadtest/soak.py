@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -31,7 +32,7 @@ from core.chaos import RESTART_EMPTY, ChaosRequest, NoLocalStack, ask
 from core.processes import ProcessStartError
 from feature_cache.settings import FeatureCacheSettings
 from loadtest.loadgen import Recorder, open_loop
-from loadtest.report import checkout_commit, replace_generated
+from loadtest.report import checkout_commit, generated_names, replace_generated
 from loadtest.soak_levers import Lever, LeverCheck, engage, operator_token, release, utc_clock
 from loadtest.soak_probe import (
     ConsumerLag,
@@ -56,6 +57,7 @@ from loadtest.soak_report import (
     recovery_s,
     row,
     summarize,
+    windows_table,
     write_json,
 )
 from localstack.stack import DEFAULT_SYMBOLS, REPO, LocalStack
@@ -384,21 +386,10 @@ async def soak(args: argparse.Namespace) -> int:
         for fault, after in after_faults.items()
         if after
     }
-    code = report(
-        args, windows, bounds, missing, len(answered), recoveries, late_calls, levers, not_done
-    )
-    if args.doc and windows:
-        ended = time.gmtime()
-        began = time.gmtime(time.time() - args.duration_s)
-        caption = (
-            f"{time.strftime('%Y-%m-%d %H:%M', began)} to {time.strftime('%H:%M', ended)} UTC,"
-            f" commit {checkout_commit()}, {args.duration_s / 60:.0f} minutes at"
-            f" {args.rate:.0f} Decide/s" + (", with faults" if args.fault else "")
-        )
-        table = process_table(windows, niceness, GROWTH_PART_S, caption)
-        replace_generated(args.doc, "soak-processes", table)
-        print(f"per-process table written into {args.doc}")
-    return code
+    return report(
+        args, windows, bounds, missing, len(answered), recoveries, late_calls, levers, not_done,
+        niceness,
+    )  # fmt: skip
 
 
 async def release_levers(stack: LocalStack, levers: LeverCheck) -> None:
@@ -437,6 +428,7 @@ def report(
     late_calls: list[str],
     levers: LeverCheck,
     not_done: list[str],
+    niceness: dict[str, int],
 ) -> int:
     """``not_done``: the faults and levers that could not be applied, in words."""
     broken = [f"{w.start_s:.0f}-{w.end_s:.0f} s: {b}" for w in windows for b in w.broken]
@@ -503,8 +495,52 @@ def report(
         print(levers.describe())
     for line in broken:
         print(f"BROKEN {line}")
-    print("soak: PASSED" if not broken else f"soak: FAILED ({len(broken)} bounds broken)")
+    verdict = "soak: PASSED" if not broken else f"soak: FAILED ({len(broken)} bounds broken)"
+    print(verdict)
+    if windows:
+        write_docs(args, windows, niceness, summary, recoveries, verdict)
     return 1 if broken else 0
+
+
+def write_docs(
+    args: argparse.Namespace,
+    windows: list[Window],
+    niceness: dict[str, int],
+    summary: dict[str, Any],
+    recoveries: dict[Fault, float | None],
+    verdict: str,
+) -> None:
+    """The run's tables into each ``--doc`` page's soak blocks (``soak-processes``: each
+    process's CPU and RSS; ``soak-windows``: the steady windows per 10 minutes)."""
+    began = time.gmtime(time.time() - args.duration_s)
+    faults = " ".join(f"{f.target}@{f.at_s:g}" + (f"+{f.duration_s:g}" if f.duration_s else "")
+                      for f in args.fault)  # fmt: skip
+    caption = (
+        f"{time.strftime('%Y-%m-%d %H:%M', began)} to {time.strftime('%H:%M', time.gmtime())}"
+        f" UTC, commit {checkout_commit()}, {args.duration_s / 60:.0f} minutes at"
+        f" {args.rate:.0f} Decide/s" + (f", faults {faults}" if faults else "")
+    )
+    outcome = [
+        f"- {summary['answered']:,} decisions; {summary['late']} answers after the deadline"
+        f" in all {len(windows)} windows, faults included; TorchServe workers lost"
+        f" {summary['workers_lost']}; missing from the audit store"
+        f" {summary['missing_from_audit']}; {verdict}.",
+        *(
+            f"- {fault.label()} at {fault.at_s:.0f} s: the model answered again"
+            + (" not within the run" if took is None else f" {took:.0f} s after")
+            for fault, took in recoveries.items()
+        ),
+    ]
+    blocks = {
+        "soak-processes": process_table(windows, niceness, GROWTH_PART_S, caption),
+        "soak-windows": f"{caption}; steady windows (outside a fault and the 10 s after it)"
+        f" per 10 minutes:\n\n{windows_table(windows, 600.0)}\n\n" + "\n".join(outcome),
+    }
+    for page in args.doc:
+        names = [name for name in generated_names(page) if name in blocks]
+        for name in names:
+            replace_generated(page, name, blocks[name])
+        print(f"{page}: {', '.join(names) or f'no generated block of {list(blocks)}'} written")
 
 
 def main() -> None:
@@ -538,8 +574,10 @@ def main() -> None:
     parser.add_argument(
         "--doc",
         type=Path,
-        help="also write the per-process CPU and RSS table into this page's"
-        " generated:soak-processes block (docs/local-stack.md)",
+        action="append",
+        default=[],
+        help="write the run's tables into this page's generated soak-processes and"
+        " soak-windows blocks (docs/local-stack.md, docs/load-tests.md); repeatable",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

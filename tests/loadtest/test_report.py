@@ -1,12 +1,17 @@
 """The docs' generated blocks and tables: markdown tables, a block replaced in place, and
-the soak's per-process table (pure logic, windows written by hand)."""
+the soak's per-process and per-10-minute tables (pure logic, windows written by hand)."""
 
 from __future__ import annotations
 
 import pytest
 
-from loadtest.report import markdown_table, replace_generated, tables_at_the_end
-from loadtest.soak_report import Window, process_table
+from loadtest.report import (
+    generated_names,
+    markdown_table,
+    replace_generated,
+    tables_at_the_end,
+)
+from loadtest.soak_report import Window, process_table, windows_table
 
 
 def test_a_table_aligns_right_the_columns_marked_for_figures() -> None:
@@ -31,6 +36,12 @@ def test_a_page_without_the_block_is_refused_and_left_alone(tmp_path) -> None:
     with pytest.raises(ValueError, match="/generated:y"):
         replace_generated(page, "y", "new")
     assert page.read_text() == "# T\n<!-- generated:y -->\n"
+
+
+def test_a_page_names_its_generated_blocks_in_order(tmp_path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("<!-- generated:b-1 -->\n<!-- /generated:b-1 -->\n<!-- generated:a -->\n")
+    assert generated_names(page) == ["b-1", "a"]
 
 
 def test_a_bench_output_gives_its_tables_from_the_first_title_on() -> None:
@@ -65,3 +76,13 @@ def test_a_short_run_compares_its_halves() -> None:
     caption, _, *table = process_table(windows, {}, part_s=600).splitlines()
     assert caption == "the machine 0 % busy, host steal 0.00 %:"
     assert table[2] == "| decision-server | 0 | 11.0 / 21.0 | 200 / 250 |"
+
+
+def test_the_steady_windows_are_summed_up_per_part_of_the_run() -> None:
+    windows = [window(0, 10, 200), window(10, 10, 200, fault="redis@10+5"), window(20, 10, 200)]
+    windows[2].p99_ms, windows[2].late, windows[2].model_share = 30.0, 2, 0.98
+    windows += [window(30, 10, 200)]
+    # Parts of 20 s: 0-20 holds one steady window (the fault's left out), 20-40 two.
+    _, _, first, second = windows_table(windows, 20).splitlines()
+    assert first == "| 0-0 | 1 | 1 | 100.0 % | 20.0 / 20.0 | 4.0 | 0 | 90 ms |"
+    assert second == "| 0-1 | 2 | 1 | 98.0 % | 25.0 / 30.0 | 4.0 | 2 | 90 ms |"

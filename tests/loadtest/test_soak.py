@@ -36,6 +36,11 @@ def test_a_soak_with_a_redis_pause_loses_nothing_and_recovers(model_store, tmp_p
     store, _ = model_store
     run_dir = tmp_path / "stack"
     summary_path = tmp_path / "soak.json"
+    page = tmp_path / "page.md"
+    page.write_text(
+        "<!-- generated:soak-windows -->\n<!-- /generated:soak-windows -->\n"
+        "<!-- generated:soak-processes -->\n<!-- /generated:soak-processes -->\n"
+    )
     command = [
         sys.executable, "-m", "loadtest.soak",
         "--duration-s", str(DURATION_S),
@@ -47,6 +52,7 @@ def test_a_soak_with_a_redis_pause_loses_nothing_and_recovers(model_store, tmp_p
         "--port-offset", str(LocalStack.free_offset(run_dir)),
         "--json", str(summary_path),
         "--png", str(tmp_path / "soak.png"),
+        "--doc", str(page),
     ]  # fmt: skip
     result = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=DURATION_S + 240, check=False
@@ -79,6 +85,10 @@ def test_a_soak_with_a_redis_pause_loses_nothing_and_recovers(model_store, tmp_p
     # While Redis was paused no decision had features: the ladder abstained.
     assert any(w["outcomes"].get("ABSTAIN", 0) > 0.5 * w["answers"] for w in paused), output[-6000:]
     assert (tmp_path / "soak.png").stat().st_size > 10_000
+    # The run's tables, in the page's generated blocks.
+    written = page.read_text()
+    assert "| minutes | steady windows |" in written and "redis paused at 5 s" in written
+    assert "| decision-server | 0 |" in written, written
     # Every answer the model did not give says why, in the audit record.
     with sqlite3.connect(run_dir / "audit" / "audit.db") as db:
         reasons = db.execute(
