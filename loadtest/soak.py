@@ -321,13 +321,18 @@ async def soak(args: argparse.Namespace) -> int:
             ]
             after_faults: dict[Fault, list[Answer]] = {fault: [] for fault in args.fault}
             print(HEADER)
-            window_start = 0.0
+            window_start, early = 0.0, list[Answer]()
             while window_start < args.duration_s - 0.5:
                 window_end = min(window_start + args.window_s, args.duration_s)
                 await asyncio.sleep(max(0.0, started_at + window_end - time.monotonic()))
-                if window_end >= args.duration_s:
+                last = window_end >= args.duration_s
+                if last:
                     await load  # the last answers come within one deadline
-                answers = driver.take()
+                # A window holds the answers that came within it: the loop wakes a little
+                # after its end, and what came since belongs to the next (a fault's first).
+                answers = early + driver.take()
+                early = [a for a in answers if a.done_at_s >= window_end and not last]
+                answers = [a for a in answers if a.done_at_s < window_end or last]
                 answered.update(a.decision_id for a in answers if a.decision_id)
                 disobeyed = levers.answers.add(decisions_of(answers), levers.kill_switches)
                 for fault, after in after_faults.items():
