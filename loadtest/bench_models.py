@@ -231,7 +231,8 @@ def in_passes(
     for p in range(passes):
         for name in part.settings if p % 2 == 0 else list(part.settings)[::-1]:
             say(f"  pass {p + 1}/{passes}: {name}")
-            folder = f"pass-{p}-{len(list(run_dir.iterdir()))}"
+            # A replica's folder of its own: the part's run folder, its setting, its pass.
+            folder = f"setting-{list(part.settings).index(name)}-pass-{p}"
             loads = run_setting(
                 run_dir, folder, part.settings[name], part.extras.get(name, ""), part,
                 seconds, generator,
@@ -307,7 +308,9 @@ def main() -> None:
             for number in args.parts:
                 part = PARTS[number]
                 say(f"[{number}/{len(PARTS)}] {part.title}: {args.passes} pass(es)")
-                runs = in_passes(Path(tmp), part, args.seconds, args.passes, generator)
+                run_dir = Path(tmp) / f"part-{number}"
+                run_dir.mkdir()
+                runs = in_passes(run_dir, part, args.seconds, args.passes, generator)
                 note = f"\n\n{batching_note(runs)}" if number == 2 else ""
                 tables.append(f"{part.title}:\n\n{table(runs, part)}{note}")
         finally:
