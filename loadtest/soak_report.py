@@ -345,7 +345,7 @@ def process_table(
 def windows_table(windows: Sequence[Window], part_s: float) -> str:
     """The steady windows (outside a fault and the recovery after it, with answers held
     to the model) per ``part_s`` of the run, as markdown."""
-    rows = []
+    rows, share = [], Bounds().min_model_share
     end = windows[-1].end_s if windows else 0.0
     for start in range(0, int(end), int(part_s)):
         part = [
@@ -358,13 +358,14 @@ def windows_table(windows: Sequence[Window], part_s: float) -> str:
         p99s = sorted(w.p99_ms for w in part)
         rows.append((
             f"{start / 60:.0f}-{min(start + part_s, end) / 60:.0f}", len(part),
-            sum(w.model_share >= 0.99 for w in part),
+            sum(w.model_share >= share for w in part),
             f"{100 * min(w.model_share for w in part):.1f} %",
             f"{statistics.median(p99s):.1f} / {p99s[-1]:.1f}",
             f"{statistics.median(w.p50_ms for w in part):.1f}", sum(w.late for w in part),
             f"{max(w.feature_age_p99_ms for w in part):.0f} ms",
         ))  # fmt: skip
-    header = ["minutes", ">steady windows", ">model ≥ 99 %", ">model share, worst",
+    header = ["minutes", ">steady windows", f">model ≥ {100 * share:.0f} %",
+              ">model share, worst",
               "p99 ms, median / worst", ">p50 ms, median", ">late",
               ">feature age p99, worst"]  # fmt: skip
     return markdown_table(header, rows)
