@@ -64,13 +64,13 @@ test-fast: ## Unit tests only (no servers started)
 bench: setup-triton ## Benchmarks, their tables into docs/benchmarks.md: the gRPC paths (loadtest.bench's presets), ingest, the audit trail, model serving
 	@$(PY) -m loadtest.bench paths --doc docs/benchmarks.md --png docs/img/bench_paths.png
 	@for preset in latency workers shadow audit; do $(PY) -m loadtest.bench $$preset --doc docs/benchmarks.md; done
-	@$(PY) -m loadtest.bench_ingest | $(PY) -m loadtest.report docs/benchmarks.md bench-ingest
-	@$(PY) -m loadtest.bench_audit | $(PY) -m loadtest.report docs/benchmarks.md bench-audit-trail
-	@$(PY) -m loadtest.bench_models | $(PY) -m loadtest.report docs/model-serving.md bench-models
+	@$(PY) -m loadtest.bench_ingest --doc docs/benchmarks.md
+	@$(PY) -m loadtest.bench_audit --doc docs/benchmarks.md
+	@$(PY) -m loadtest.bench_models --doc docs/model-serving.md
 
 DURATION ?= 600
-soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 redis-empty@300 ...", LEVERS="kill-switch:SOL-USD@60 ...", DOC="docs/local-stack.md docs/load-tests.md" writes its tables there
-	@$(PY) -m loadtest.soak --duration-s $(DURATION) $(foreach f,$(FAULTS),--fault $(f)) $(foreach l,$(LEVERS),--lever $(l)) $(foreach d,$(DOC),--doc $(d))
+soak: setup ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 redis-empty@300 ...", DOC="docs/local-stack.md docs/load-tests.md" writes its tables there
+	@$(PY) -m loadtest.soak --duration-s $(DURATION) $(foreach f,$(FAULTS),--fault $(f)) $(foreach d,$(DOC),--doc $(d))
 
 acceptance: setup ## Every recording under ../shared/data (Coinbase, Binance, Kraken, L2 CSV) through Kafka into Redis, checked
 	@$(PY) -m checks.acceptance

@@ -23,7 +23,6 @@ import signal
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any, NamedTuple
 import grpc
 import psutil  # type: ignore[import-untyped]  # no stubs in the virtualenv
 
+from core.metrics_http import scrape
 from core.processes import ManagedProcess, free_ports, listening, port_open
 from loadtest.feature_keeper import fresh_features
 from loadtest.loadgen import REFUSALS, LoadGenerator, LoadResult, LoadSpec, Mode, Target
@@ -69,6 +69,7 @@ MODEL_SHARE_OF_CALLS = {0.8: 0.95, 1.2: 0.8}
 """The share of all D calls (refused ones included) the model must answer, by multiple
 of D's capacity."""
 LOSS_SETTLE_S = 1.0  # after the last cell, for TorchServe to log a worker a cancel cost
+SHADOW_SAMPLES = ("decision_shadow_decisions_total", "decision_shadow_agreement_ratio")
 CONTROL_SETTLE_S = 0.3  # after a flag flips, for the last cell's shadow calls to end
 
 
@@ -187,75 +188,39 @@ def past_capacity(results: Results, key: str, factor: float) -> LoadResult | Non
 
 def paths_checks(results: Results) -> list[Check]:
     """The paths preset's targets: past capacity, what Decide adds, the ladder's cost."""
-    factors = [0.5, 0.8, 1.0, 1.2, 1.5]
-    past = [r for f in factors if (r := past_capacity(results, "D", f)) is not None]
+    past = [r for f in (0.5, 0.8, 1.0, 1.2, 1.5) if (r := past_capacity(results, "D", f))]
     refused = [r for r in past if r.refused]
+    late = sum(r.errors.get("DEADLINE_EXCEEDED", 0) for r in past) if past else math.nan
     c1 = lowest(results, "D", "closed")
-    rate = 1000.0
+    at_rate: Cell = ("D", "open", 1000.0)
 
     def share(cell: Cell | None) -> float:
         return model_share(results[cell]) if cell in results else math.nan
 
+    def of_calls(factor: float) -> float:
+        r = past_capacity(results, "D", factor)
+        return 100 * model_share_of_calls(r) if r else math.nan
+
+    def over(a: str, b: str) -> float:  # capacity ratio
+        return capacity(results, a) / capacity(results, b)
+
+    worst_refusal = max((r.refusal_percentile_ms(99) for r in refused), default=0.0)
+    added = ms(results, ("D", "closed", 1), 50) - ms(results, ("T", "closed", 1), 50)
     return [
-        Check(
-            "D late answers at 0.5-1.5 x capacity",
-            sum(r.errors.get("DEADLINE_EXCEEDED", 0) for r in past) if past else math.nan,
-            "calls",
-            0,
-        ),
-        Check(
-            "D refusal p99 as the caller sees it (worst cell)",
-            max(r.refusal_percentile_ms(99) for r in refused) if refused else 0.0,
-            "ms",
-            MAX_REFUSAL_P99_MS,
-        ),
-        *(
-            Check(
-                f"D model share of all calls at {f:g} x capacity",
-                100 * model_share_of_calls(r)
-                if (r := past_capacity(results, "D", f))
-                else math.nan,
-                "%",
-                100 * bound,
-                upper=False,
-            )
-            for f, bound in MODEL_SHARE_OF_CALLS.items()
-        ),
-        Check(
-            "D p50 - T p50 at c=1",
-            ms(results, ("D", "closed", 1), 50) - ms(results, ("T", "closed", 1), 50),
-            "ms",
-            0.8,
-            model_share=share(c1),
-        ),
-        Check(
-            "D capacity / E capacity",
-            capacity(results, "D") / capacity(results, "E"),
-            "x",
-            0.3,
-            upper=False,
-        ),
-        Check(
-            "W capacity / D capacity",
-            capacity(results, "W") / capacity(results, "D"),
-            "x",
-            1.0,
-            upper=False,
-        ),
-        Check(
-            f"D p99 open {rate:g}/s",
-            ms(results, ("D", "open", rate), 99),
-            "ms",
-            10.0,
-            model_share=share(("D", "open", rate)),
-        ),
-        Check(
-            f"F p99 / E p99 open {rate:g}/s",
-            ms(results, ("F", "open", rate), 99) / ms(results, ("E", "open", rate), 99),
-            "x",
-            2.0,
-        ),
-    ]
+        Check("D late answers at 0.5-1.5 x capacity", late, "calls", 0),
+        Check("D refusal p99 as the caller sees it (worst cell)", worst_refusal, "ms",
+              MAX_REFUSAL_P99_MS),
+        *(Check(f"D model share of all calls at {f:g} x capacity", of_calls(f), "%", 100 * bound,
+                upper=False) for f, bound in MODEL_SHARE_OF_CALLS.items()),
+        Check("D p50 - T p50 at c=1", added, "ms", 0.8, model_share=share(c1)),
+        Check("D capacity / E capacity", over("D", "E"), "x", 0.3, upper=False),
+        Check("W capacity / D capacity", over("W", "D"), "x", 1.0, upper=False),
+        Check("D p99 open 1000/s", ms(results, at_rate, 99), "ms", 10.0,
+              model_share=share(at_rate)),
+        Check("F p99 / E p99 open 1000/s",
+              ms(results, ("F", "open", 1000.0), 99) / ms(results, ("E", "open", 1000.0), 99),
+              "x", 2.0),
+    ]  # fmt: skip
 
 
 def latency_checks(results: Results) -> list[Check]:
@@ -415,9 +380,7 @@ class Fleet:
         return [server.process.pid, server.model.pid if server.model else None]
 
 
-def decision_settings(
-    name: str, model_server: str, sink_port: int, trace_ratio: float
-) -> dict[str, str]:
+def decision_settings(name: str, model_server: str, sink_port: int) -> dict[str, str]:
     """A decision server's settings beyond the fleet's, by its name."""
     if name == "on-triton" or model_server == "triton":
         settings = {"DECISION_TORCHSERVE__PROTOCOL": "kserve-v2"}  # Triton speaks OIP
@@ -428,7 +391,7 @@ def decision_settings(
         settings |= {
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
             "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-            "OTEL_TRACES_SAMPLER_ARG": str(trace_ratio),
+            "OTEL_TRACES_SAMPLER_ARG": str(DEFAULT_SAMPLE_RATIO),  # the product's default
         }
     if name == "audit-off":
         settings["DECISION_AUDIT__ENABLED"] = "false"
@@ -468,9 +431,9 @@ def fleet_started(run_dir: Path, keys: Sequence[str], args: argparse.Namespace) 
         exits.callback(stop_all, procs)
         sink_port, echo_port, *ports = free_ports(2 + 3 * len(names))
         if "traced" in names:
-            procs.append(python_process("otlp-sink", "loadtest.otlp_sink", sink_port, run_dir))
+            procs.append(python_process("otlp-sink", "otlp", sink_port, run_dir))
         if "echo" in {p.server for p in paths}:
-            procs.append(python_process("echo-server", "loadtest.echo_server", echo_port, run_dir))
+            procs.append(python_process("echo-server", "echo", echo_port, run_dir))
             servers["echo"] = Server(f"127.0.0.1:{echo_port}", procs[-1])
         # One fleet: the servers share one audit store (the control state's one copy).
         store = {"DECISION_AUDIT__DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}"}
@@ -486,8 +449,7 @@ def fleet_started(run_dir: Path, keys: Sequence[str], args: argparse.Namespace) 
                 "DECISION_ADMIN__TOKENS": f"bench operator {TOKEN}",
                 # Every server but M serves /metrics (nobody scrapes: recording is the cost).
                 "DECISION_SERVER__METRICS_PORT": "0" if name == "unmeasured" else str(metrics_port),
-                **decision_settings(name, model_of[name], sink_port, args.trace_sample_ratio),
-                **dict(args.server_env),
+                **decision_settings(name, model_of[name], sink_port),
             }
             proc = stack.decision_server(f"decision-server-{name}", port, run_dir / name, settings)
             procs.append(proc)
@@ -522,8 +484,9 @@ def stop_all(procs: Sequence[ManagedProcess]) -> None:
         proc.stop()
 
 
-def python_process(name: str, module: str, port: int, run_dir: Path) -> ManagedProcess:
-    argv = [sys.executable, "-m", module, "--port", str(port)]
+def python_process(name: str, kind: str, port: int, run_dir: Path) -> ManagedProcess:
+    """One of ``loadtest.stand_ins``' servers (``echo``, ``otlp``), not started."""
+    argv = [sys.executable, "-m", "loadtest.stand_ins", kind, "--port", str(port)]
     return ManagedProcess(name, argv, cwd=REPO, log_path=run_dir / f"{name}.log")
 
 
@@ -594,9 +557,10 @@ class Measured:
     results: Results
     cores: dict[Cell, tuple[float, ...]]
     """What answered and its model server: the cores each kept busy (rounds averaged)."""
-    workers_lost: dict[Cell, int]
-    """TorchServe workers the replica lost in a cell: a cancelled call can cost one
-    (pytorch/serve 1888, 3087), and the cells after met a replica restarting it."""
+    workers_lost: int
+    """TorchServe workers the replica lost: a cancelled call can cost one (pytorch/serve
+    1888, 3087), and the cells after met a replica restarting it (each round's line says
+    where)."""
 
 
 def spec_for(fleet: Fleet, cell: Cell, preset: Preset, args: argparse.Namespace) -> LoadSpec:
@@ -638,27 +602,19 @@ async def measure(
 ) -> Measured:
     rounds: dict[Cell, list[LoadResult]] = defaultdict(list)
     cores: dict[Cell, list[tuple[float, float]]] = defaultdict(list)
-    lost: dict[Cell, int] = defaultdict(int)
-    counted = workers_lost(fleet.replica_folder) if fleet.replica_folder else 0
+    folder = fleet.replica_folder
+    lost = [workers_lost(folder) if folder else 0]  # counted so far
     control = Control(fleet)
-    last: Cell | None = None
 
-    def charge(cell: Cell | None) -> int:
-        """Workers lost since the last count, charged to ``cell``: a loss logged as a
-        cell's calls are cancelled shows in the moment after it."""
-        nonlocal counted
-        if fleet.replica_folder is None:
+    def newly_lost() -> int:
+        """Workers lost since the last count (a loss is logged as a cell's calls end)."""
+        if folder is None:
             return 0
-        now = workers_lost(fleet.replica_folder)
-        new, counted = max(0, now - counted), now  # max: a rolled log deleted
-        if cell is not None and new:
-            lost[cell] += new
-        return new
+        lost.append(workers_lost(folder))
+        return max(0, lost[-1] - lost[-2])  # max: a rolled log deleted
 
     async def run(cell: Cell, r: int, done: int, total: int) -> None:
-        nonlocal last
         await control.prepare(cell[0])
-        charge(last)
         groups = fleet.groups(cell[0])
         began, before = time.monotonic(), group_cpu_seconds(groups)
         result = await asyncio.to_thread(generator.run, spec_for(fleet, cell, preset, args))
@@ -667,10 +623,9 @@ async def measure(
         rounds[cell].append(result)
         cores[cell].append((busy[0], busy[1]))
         line = describe(cell, result, busy)
-        if new := charge(cell):
+        if new := newly_lost():
             line += f"; TorchServe lost {new} worker(s)"
         print(f"  [{done}/{total}] round {r + 1} {line}", flush=True)
-        last = cell
 
     try:
         async with fresh_features(fleet.redis_url, Settings().redis.key_prefix):
@@ -697,14 +652,14 @@ async def measure(
     finally:
         await control.close()
     await asyncio.sleep(LOSS_SETTLE_S)
-    charge(last)
+    newly_lost()
     return Measured(
         {cell: LoadResult.combine(each) for cell, each in rounds.items()},
         {
             cell: tuple(sum(c) / len(c) for c in zip(*each, strict=True))
             for cell, each in cores.items()
         },
-        dict(lost),
+        max(0, lost[-1] - lost[0]),
     )
 
 
@@ -727,25 +682,6 @@ def describe(cell: Cell, result: LoadResult, cores: Sequence[float]) -> str:
         f" {answered_by(result) or 'no answers'}; cores: server {cores[0]:.2f},"
         f" model server {cores[1]:.2f}, loadgen {result.generator_cores:.2f}"
     )
-
-
-def cells_table(measured: Measured) -> str:
-    rows = []
-    for cell, r in measured.results.items():
-        key, mode, load = cell
-        server, model = measured.cores.get(cell, (math.nan, math.nan))
-        rows.append((
-            f"{key} {path_of(key).label}", mode, load_text(mode, load),
-            f"{r.throughput_per_s:,.0f}", f"{r.percentile_ms(50):.2f}",
-            f"{r.percentile_ms(99):.2f}", f"{r.percentile_ms(99.9):.2f}",
-            errors_text(r.errors), f"{r.refusal_percentile_ms(99):.2f}" if r.refused else "-",
-            answered_by(r),
-            f"{server:.2f}", f"{model:.2f}", f"{r.generator_cores:.2f}",
-        ))  # fmt: skip
-    header = ["path", "mode", "load", ">req/s", ">p50 ms", ">p99 ms", ">p999 ms", ">errors",
-              ">refusal p99 ms", "answered by", ">server cores", ">model server cores",
-              ">loadgen cores"]  # fmt: skip
-    return markdown_table(header, rows)
 
 
 def capacity_table(measured: Measured, keys: Sequence[str]) -> str:
@@ -822,16 +758,6 @@ def checks_table(checks: Sequence[Check]) -> str:
     return markdown_table(["target", ">measured", ">bound", "verdict"], [c.row() for c in checks])
 
 
-def losses(lost: Mapping[Cell, int]) -> str:
-    if not lost:
-        return "TorchServe workers lost: none"
-    where = ", ".join(f"{cell_text(cell)} {n}" for cell, n in lost.items())
-    return (
-        f"TorchServe workers lost: {sum(lost.values())} ({where}): the cells after a loss"
-        " met a replica restarting its worker, or without one"
-    )
-
-
 def figures(measured: Measured, preset: Preset, arguments: Mapping[str, Any]) -> dict[str, Any]:
     """The run's figures as plain data."""
     results = measured.results
@@ -862,7 +788,7 @@ def figures(measured: Measured, preset: Preset, arguments: Mapping[str, Any]) ->
             dict(zip(("target", "measured", "bound", "verdict"), c.row(), strict=True))
             for c in preset.checks(results)
         ],
-        "workers_lost": {cell_text(cell): n for cell, n in measured.workers_lost.items()},
+        "workers_lost": measured.workers_lost,
     }
 
 
@@ -906,15 +832,12 @@ def plot(results: Results, keys: Sequence[str], out: Path, title: str) -> None:
 
 def shadow_counters(fleet: Fleet) -> str:
     """What the shadow scorer did (scored, dropped, failed; agreement), from /metrics."""
-    url = f"http://127.0.0.1:{fleet.servers['decide'].metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        lines = reply.read().decode().splitlines()
-    wanted = (
-        "decision_shadow_decisions_total",
-        "decision_shadow_agreement_ratio",
-        "decision_shadow_score_psi",
+    samples = scrape(fleet.servers["decide"].metrics_port)
+    return "shadow: " + "; ".join(
+        f"{name}{''.join(f' {v}' for _, v in sorted(labels))} {value:g}"
+        for (name, labels), value in sorted(samples.items(), key=str)
+        if name in SHADOW_SAMPLES
     )
-    return "shadow: " + "; ".join(line for line in lines if line.startswith(wanted))
 
 
 def report(measured: Measured, preset: Preset, caption: str) -> str:
@@ -956,13 +879,6 @@ def cpu_list(text: str) -> list[int]:
     return cpus
 
 
-def setting(text: str) -> tuple[str, str]:
-    name, equals, value = text.partition("=")
-    if not equals or not name.startswith("DECISION_"):
-        raise argparse.ArgumentTypeError(f"DECISION_…=VALUE, not {text!r}")
-    return name, value
-
-
 OPTIONS: dict[str, dict[str, Any]] = {
     "--quick": {"action": "store_true", "help": "fewer, shorter runs: a smoke check"},
     "--seconds": {"type": float, "help": "measured seconds per cell and round"},
@@ -979,10 +895,6 @@ OPTIONS: dict[str, dict[str, Any]] = {
                       " start on, every thread (a Guaranteed pod's cpuset), e.g. 0,1"},
     "--model-server-cpus": {"type": cpu_list, "default": [], "help": "the same for the"
                             " model servers"},
-    "--server-env": {"type": setting, "action": "append", "default": [],
-                     "metavar": "DECISION_…=VALUE", "help": "a decision server setting"},
-    "--trace-sample-ratio": {"type": float, "default": DEFAULT_SAMPLE_RATIO,
-                             "help": "path O's sampling"},
     "--json": {"type": Path, "help": "figures file (default .run/bench-PRESET.json)"},
     "--png": {"type": Path, "help": "draw latency against throughput here"},
     "--doc": {"type": Path, "help": "put the tables in this doc's generated:bench-PRESET"
@@ -1017,15 +929,9 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Preset]:
     return args, preset
 
 
-@contextlib.contextmanager
-def kept_or_temporary(keep: Path | None) -> Iterator[Path]:
-    """``keep`` (made if missing, left in place), or a temporary folder removed after."""
-    if keep is not None:
-        keep.mkdir(parents=True, exist_ok=True)
-        yield keep.resolve()
-        return
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        yield Path(tmp)
+def run_folder(keep: Path | None) -> contextlib.AbstractContextManager[str | Path]:
+    """``keep`` (left in place), or a temporary folder removed after."""
+    return contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="bench-")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1039,7 +945,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         # as other pods keep off a pod's exclusive cores. Every thread: BLAS pools run.
         pin(os.getpid(), rest)
     generator = LoadGenerator(args.processes)
-    with kept_or_temporary(args.keep) as run_dir:
+    with run_folder(args.keep) as tmp:
+        run_dir = Path(tmp).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)  # --keep's, made if missing
         try:
             generator.start()  # the workers import while the model servers boot
             print(f"{args.preset}: starting the servers of {', '.join(preset.paths)} …", flush=True)
@@ -1064,17 +972,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"`python -m loadtest.bench {args.preset}`, {now['when']} at {now['commit']},"
         f" {now['cores']} cores; {preset.rounds} x {preset.seconds:g} s a cell."
     )
-    print(f"\n{cells_table(measured)}\n\n{report(measured, preset, caption)}")
-    print(losses(measured.workers_lost))
+    print(f"\n{report(measured, preset, caption)}")
+    print(f"TorchServe workers lost: {measured.workers_lost}")
     if shadow:
         print(shadow)
     if args.png:
-        plot(
-            measured.results,
-            preset.paths,
-            args.png,
-            f"gRPC paths ({preset.rounds} x {preset.seconds:g} s a point)",
-        )
+        title = f"gRPC paths ({preset.rounds} x {preset.seconds:g} s a point)"
+        plot(measured.results, preset.paths, args.png, title)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(now, indent=1) + "\n")
     if args.doc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import hashlib
 import os
@@ -29,6 +30,7 @@ import sqlalchemy as sa
 from core.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
 from core.stats import percentile
 from feature_cache.schema import FEATURE_NAMES
+from loadtest.report import markdown_table, write_block
 from server.audit.journal import SEGMENT_MAX_BYTES, Journal
 from server.audit.migrate import upgrade
 from server.audit.record import DecisionRecord, encode
@@ -39,16 +41,13 @@ from server.audit.store import AuditStore, create_store_engine
 from server.audit.trail import decision_record
 from server.settings import AuditSettings
 
+say = functools.partial(print, flush=True)  # progress as it comes, piped too
 POSTGRES_URL = os.environ.get(
     "DECISION_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 DEFAULTS = AuditSettings()  # the fsync interval
 SHIP_TARGET = ">= 20,000 rows/s"
 Row = tuple[str, str, str, str]  # measurement, count, result, target
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 def make_records(count: int, seed: int = 1) -> list[DecisionRecord]:
@@ -206,6 +205,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--appends", type=int, default=50_000)
     parser.add_argument("--ship-records", type=int, default=100_000)
+    parser.add_argument(
+        "--doc", type=Path, help="put the table in this doc's bench-audit-trail block"
+    )
     args = parser.parse_args()
 
     say(f"building {max(args.appends, args.ship_records):,} decision records …")
@@ -219,10 +221,10 @@ def main() -> None:
         run_dir = Path(tmp)
         rows = bench_append(records[: args.appends], run_dir / "append")
         rows += bench_ship(payloads, run_dir)
-    say("\n| measurement | n | result | target |")
-    say("| --- | ---: | --- | --- |")
-    for row in rows:
-        say("| " + " | ".join(row) + " |")
+    table = markdown_table(["measurement", ">n", "result", "target"], rows)
+    say(f"\n{table}")
+    if args.doc:
+        write_block(args.doc, "bench-audit-trail", table)
 
 
 if __name__ == "__main__":

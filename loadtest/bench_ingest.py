@@ -26,6 +26,7 @@ from feature_cache.consumer import FeatureConsumer
 from feature_cache.generator import MarketGenerator
 from feature_cache.replay import Progress, rebased, replay
 from feature_cache.settings import KafkaSettings
+from loadtest.report import markdown_table, write_block
 from localstack.kafka_broker import create_topics, start_kafka_broker
 from localstack.redis_server import start_redis
 
@@ -105,7 +106,7 @@ async def freshness(
     return samples
 
 
-async def run(args: argparse.Namespace, run_dir: Path) -> None:
+async def run(args: argparse.Namespace, run_dir: Path) -> str:
     broker_port, redis_port = free_ports(2)
     broker = start_kafka_broker(broker_port, run_dir / "kafka")
     redis_proc = start_redis(redis_port, run_dir / "redis")
@@ -129,14 +130,16 @@ async def run(args: argparse.Namespace, run_dir: Path) -> None:
     finally:
         redis_proc.stop()
         broker.stop()
-    print()
-    print("| measure | value | target |")
-    print("| --- | ---: | ---: |")
-    print(f"| ingest through one consumer, events/s | {rate:,.0f} | >= 50,000 |")
     at = f"freshness at {args.rate:,.0f} events/s"
-    print(f"| {at}, p50 ms | {percentile(fresh, 0.5):.1f} | |")
-    print(f"| {at}, p99 ms | {percentile(fresh, 0.99):.1f} | <= 20 |")
-    print(f"\n({len(fresh):,} freshness samples; mean {statistics.fmean(fresh):.1f} ms)")
+    rows = [
+        ("ingest through one consumer, events/s", f"{rate:,.0f}", ">= 50,000"),
+        (f"{at}, p50 ms", f"{percentile(fresh, 0.5):.1f}", ""),
+        (f"{at}, p99 ms", f"{percentile(fresh, 0.99):.1f}", "<= 20"),
+    ]
+    return (
+        markdown_table(["measure", ">value", ">target"], rows)
+        + f"\n\n({len(fresh):,} freshness samples; mean {statistics.fmean(fresh):.1f} ms)"
+    )
 
 
 def main() -> None:
@@ -144,9 +147,13 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--rate", type=float, default=5000.0)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--doc", type=Path, help="put the table in this doc's bench-ingest block")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        uvloop.run(run(args, Path(tmp)))
+        table = uvloop.run(run(args, Path(tmp)))
+    print(f"\n{table}")
+    if args.doc:
+        write_block(args.doc, "bench-ingest", table)
 
 
 if __name__ == "__main__":

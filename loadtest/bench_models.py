@@ -16,6 +16,7 @@ import argparse
 import bisect
 import contextlib
 import dataclasses
+import functools
 import re
 import statistics
 import tempfile
@@ -27,7 +28,7 @@ from pathlib import Path
 from core.processes import ManagedProcess, free_ports
 from core.stats import percentile
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec
-from loadtest.report import markdown_table
+from loadtest.report import markdown_table, write_block
 from loadtest.soak_probe import group_cpu_seconds
 from torchserve.replica import (
     LOG_CONFIG,
@@ -38,6 +39,7 @@ from torchserve.replica import (
 )
 from torchserve.train import REPO, ensure_models
 
+say = functools.partial(print, flush=True)  # progress as it comes, piped too
 MODEL_STORE = REPO / ".run/models"
 BATCH_ROWS = (1, 8, 64)
 LOW, HIGH = 1, 16  # the closed loop's concurrencies
@@ -45,7 +47,6 @@ C1_SLACK_MS = 1.0  # how much p50 at concurrency 1 a batching setting may add ov
 TIMEOUT_S = 2.0
 WARMUP_S = 1.0  # per closed loop: the JVM's JIT needs a few hundred calls
 REPLICA_PORTS = len(dataclasses.fields(ReplicaPorts))
-ONE_NETTY_THREAD_A_SIDE = "number_of_netty_threads=1\nnetty_client_threads=1\n"
 
 Case = tuple[int, int]  # concurrency, rows a call
 
@@ -55,8 +56,6 @@ class Part:
     title: str
     settings: dict[str, ModelServing]
     cases: tuple[Case, ...]
-    extras: dict[str, str] = dataclasses.field(default_factory=dict)
-    """config.properties lines beyond the model section, by setting name."""
 
 
 PARTS = {
@@ -78,16 +77,10 @@ PARTS = {
         {
             "1 worker": ModelServing(workers=1),
             "2 workers": ModelServing(workers=2),
-            "1 worker, 1 netty thread a side": ModelServing(workers=1),
         },
         tuple((HIGH, n) for n in BATCH_ROWS),
-        extras={"1 worker, 1 netty thread a side": ONE_NETTY_THREAD_A_SIDE},
     ),
 }
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 # The replicas' log configuration with TorchServe's per-call model metrics written to
@@ -125,15 +118,14 @@ def metrics_logged(run_dir: Path) -> Path:
 
 @contextlib.contextmanager
 def replica_serving(
-    run_dir: Path, name: str, serving: ModelServing, extra: str
+    run_dir: Path, name: str, serving: ModelServing
 ) -> Iterator[tuple[ManagedProcess, str]]:
     """A fresh TorchServe replica with this model section, ready; yields it and its gRPC
     inference address, and stops it on the way out."""
     ports = ReplicaPorts(*free_ports(REPLICA_PORTS))
-    section = serving.properties() + extra
     log_config = metrics_logged(run_dir)
     replica = torchserve_replica(
-        name, ports, MODEL_STORE, run_dir, model_section=section, log_config=log_config
+        name, ports, MODEL_STORE, run_dir, model_section=serving.properties(), log_config=log_config
     )
     try:
         start_replica(replica, ports, model_name=serving.model_name)
@@ -197,12 +189,16 @@ class Load:
 
 
 def run_setting(
-    run_dir: Path, name: str, serving: ModelServing, extra: str, part: Part, seconds: float,
+    run_dir: Path,
+    name: str,
+    serving: ModelServing,
+    part: Part,
+    seconds: float,
     generator: LoadGenerator,
-) -> dict[Case, Load]:  # fmt: skip
+) -> dict[Case, Load]:
     """A fresh replica with this setting, loaded at each of the part's cases in turn."""
     loads = {}
-    with replica_serving(run_dir, name, serving, extra) as (replica, address):
+    with replica_serving(run_dir, name, serving) as (replica, address):
         windows = Windows()
         for concurrency, rows in part.cases:
             spec = LoadSpec(
@@ -233,10 +229,7 @@ def in_passes(
             say(f"  pass {p + 1}/{passes}: {name}")
             # A replica's folder of its own: the part's run folder, its setting, its pass.
             folder = f"setting-{list(part.settings).index(name)}-pass-{p}"
-            loads = run_setting(
-                run_dir, folder, part.settings[name], part.extras.get(name, ""), part,
-                seconds, generator,
-            )  # fmt: skip
+            loads = run_setting(run_dir, folder, part.settings[name], part, seconds, generator)
             runs[name].append(loads)
             say("    " + "; ".join(
                 f"c={c} {n} row(s): {load.result.throughput_per_s:,.0f} calls/s, p50"
@@ -296,6 +289,7 @@ def main() -> None:
         default=list(PARTS),
         help="which parts to run, comma separated (default 1,2,3)",
     )
+    parser.add_argument("--doc", type=Path, help="put the tables in this doc's bench-models block")
     args = parser.parse_args()
     started = time.perf_counter()
     say("checking the models (trains them if .run/models is stale) …")
@@ -315,9 +309,9 @@ def main() -> None:
                 tables.append(f"{part.title}:\n\n{table(runs, part)}{note}")
         finally:
             generator.stop()
-    say(f"\ndone in {time.perf_counter() - started:.0f} s")
-    for text in tables:
-        say(f"\n{text}")
+    say(f"\ndone in {time.perf_counter() - started:.0f} s\n\n" + "\n\n".join(tables))
+    if args.doc:
+        write_block(args.doc, "bench-models", "\n\n".join(tables))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from core.backoff import Backoff
 from core.caller import CALLER_OPTIONS
 from core.deadline import DEFAULT_BUDGET_MS
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
+from loadtest.locust_scenarios import is_loopback
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from server.oip import oip_model_infer, oip_request
@@ -54,7 +55,6 @@ CANCELLED is gRPC's core ending a call past the server's queue limit (docs/overl
 # share a machine. From 1 ms (about what a refusal takes), doubling up to a deadline.
 REFUSED_BACKOFF_S, REFUSED_BACKOFF_MAX_S = 0.001, DEFAULT_BUDGET_MS / 1000
 MAX_SECONDS = 600.0
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
 
 def new_histogram() -> HdrHistogram:
@@ -90,8 +90,7 @@ class LoadSpec:
     """Open loop: this share's schedule starts this much later (set by ``shares``)."""
 
     def __post_init__(self) -> None:
-        host = self.address.rsplit(":", 1)[0]
-        if host not in LOOPBACK_HOSTS:
+        if not is_loopback(self.address):
             raise ValueError(f"loopback addresses only, not {self.address!r}")
         if not 0 < self.seconds <= MAX_SECONDS or not 0 <= self.warmup_s <= MAX_SECONDS:
             raise ValueError(f"seconds and warmup_s must be within (0, {MAX_SECONDS:g}]")
@@ -145,9 +144,6 @@ class WorkerResult:
     errors: dict[str, int]
     answers: dict[str, int]
     elapsed_s: float
-    max_in_flight: int
-    send_lag_max_ms: float
-    sends: int
     cpu_s: float
     """CPU time the process used while measuring, its gRPC threads included."""
     pid: int
@@ -162,20 +158,11 @@ class Recorder:
         self.ok = 0
         self.errors: Counter[str] = Counter()
         self.answers: Counter[str] = Counter()
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.sends = 0
-        self.send_lag_max_s = 0.0
-
-    def note_send(self, lag_s: float) -> None:
-        self.sends += 1
-        self.send_lag_max_s = max(self.send_lag_max_s, lag_s)
+        self.send_lag_max_s = 0.0  # how far behind its schedule an open loop sent
 
     async def observe(self, call: Call, since: float) -> bool:
         """Runs ``call``; an OK answer's latency is counted from ``since`` (perf_counter).
         Whether the call was refused."""
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             answer = await call()
         except grpc.aio.AioRpcError as exc:
@@ -189,8 +176,6 @@ class Recorder:
             self.histogram.record_value(min(max(latency_us, LOWEST_US), HIGHEST_US))
             self.ok += 1
             self.answers[answer] += 1
-        finally:
-            self.in_flight -= 1
         return False
 
     def result(self, elapsed_s: float, cpu_s: float) -> WorkerResult:
@@ -201,9 +186,6 @@ class Recorder:
             errors=dict(self.errors),
             answers=dict(self.answers),
             elapsed_s=elapsed_s,
-            max_in_flight=self.max_in_flight,
-            send_lag_max_ms=self.send_lag_max_s * 1000,
-            sends=self.sends,
             cpu_s=cpu_s,
             pid=os.getpid(),
         )
@@ -223,7 +205,6 @@ async def closed_loop(
         backoff = Backoff(initial_s=REFUSED_BACKOFF_S, max_s=REFUSED_BACKOFF_MAX_S)
         while sent < max_requests and time.perf_counter() < stop_at:
             sent += 1
-            recorder.note_send(0.0)
             if await recorder.observe(call, time.perf_counter()):
                 await asyncio.sleep(min(backoff.next_s(), max(0.0, stop_at - time.perf_counter())))
             else:  # answered, or failed otherwise (a timeout has waited long enough)
@@ -255,7 +236,7 @@ async def open_loop(
         await asyncio.sleep(max(delay, 0.0))
         # The event loop's timers and a busy loop wake us late; the call is still charged
         # from its scheduled time, or a stalled generator would hide a slow server.
-        recorder.note_send(max(0.0, time.perf_counter() - scheduled))
+        recorder.send_lag_max_s = max(recorder.send_lag_max_s, time.perf_counter() - scheduled)
         task = asyncio.create_task(recorder.observe(call, scheduled))
         pending.add(task)
         task.add_done_callback(pending.discard)

@@ -4,11 +4,9 @@ blocks of the docs they keep current (between ``<!-- generated:NAME -->`` and
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -86,35 +84,10 @@ def checkout_commit() -> str:
     ).stdout.strip()
 
 
-def tables_at_the_end(lines: Sequence[str]) -> list[str]:
-    """A bench's output from its first markdown table on, with the title line (ending in
-    ``:``) and the blank line before that table; empty when it printed none."""
-    first = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
-    if first is None:
-        return []
-    if first >= 2 and not lines[first - 1].strip() and lines[first - 2].endswith(":"):
-        first -= 2
-    return list(lines[first:])
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``BENCH | python -m loadtest.report DOC NAME``: passes a bench's output through and
-    puts its tables in DOC's generated NAME block, saying when and at which commit."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("doc", type=Path)
-    parser.add_argument("name")
-    args = parser.parse_args(argv)
-    lines = []
-    for line in sys.stdin:
-        print(line, end="", flush=True)
-        lines.append(line.rstrip("\n"))
-    tables = tables_at_the_end(lines)
-    if not tables:
-        raise SystemExit(f"no table in the input: {args.doc}'s {args.name} block left as it was")
+def write_block(doc: Path, name: str, tables: str) -> None:
+    """A bench's ``tables`` into ``doc``'s generated ``name`` block, saying when, at which
+    commit and on how many cores."""
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     caption = f"{when} at {checkout_commit()}, {len(os.sched_getaffinity(0))} cores."
-    replace_generated(args.doc, args.name, "\n".join([caption, "", *tables]))
-
-
-if __name__ == "__main__":
-    main()
+    replace_generated(doc, name, f"{caption}\n\n{tables}")
+    print(f"{doc}: {name} written")

@@ -4,10 +4,10 @@
 Every window prints the answers by source, p50/p99 from the send, late answers, feature
 age, the consumer's lag, TorchServe workers lost, the machine's busy and steal shares and
 each process group's CPU and RSS (``soak_probe``), judged by ``soak_report.Bounds``.
-``--fault`` pauses or empties a part on schedule (the model answers again within 10 s);
-``--lever`` engages a kill switch (``soak_levers``: every later decision obeys it). At
-the end every answered decision must be in the audit store. Writes JSON and a PNG; exits
-1 when a bound broke, 2 when the stack did not start. docs/load-tests.md has the rest.
+``--fault`` pauses or empties a part on schedule (the model answers again within 10 s).
+At the end every answered decision must be in the audit store. Writes every window as
+JSON; exits 1 when a bound broke, 2 when the stack did not start. docs/load-tests.md has
+the rest.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import signal
 import time
 import uuid
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +29,21 @@ import grpc
 
 from core.caller import CALLER_OPTIONS
 from core.chaos import RESTART_EMPTY, ChaosRequest, NoLocalStack, ask
+from core.metrics_http import scrape
 from core.processes import ProcessStartError
-from feature_cache.settings import FeatureCacheSettings
 from loadtest.loadgen import Recorder, open_loop
 from loadtest.report import checkout_commit, generated_names, replace_generated
-from loadtest.soak_levers import Lever, LeverCheck, engage, operator_token, release, utc_clock
 from loadtest.soak_probe import (
-    ConsumerLag,
-    MachineSampler,
     ProcessSampler,
-    audited_decisions,
+    machine_usage,
     stored_decision_ids,
 )
 from loadtest.soak_report import (
     HEADER,
-    MODEL_SOURCES,
     Answer,
     Bounds,
     Window,
-    decisions_of,
-    draw_timeline,
     growth,
-    held_to_model,
     judge,
     machine_drift,
     process_table,
@@ -70,6 +63,7 @@ REPLICAS = ("primary", "secondary", "challenger")
 GROWTH_PART_S = 600.0
 # After a fault, how long the answers are kept to find when the model answered again.
 RECOVERY_WATCH_S = 60.0
+LAG_METRIC = "feature_cache_consumer_lag"  # events behind, per partition the consumer owns
 FAULT_GROUPS = {
     "primary": ("torchserve-primary",),
     "replicas": ("torchserve-primary", "torchserve-secondary"),
@@ -135,13 +129,9 @@ class LoadDriver:
 
     async def run(self, until_s: float) -> None:
         """Sends for ``until_s`` seconds, then waits for the answers."""
-        sends = round(until_s * self._rate_per_s)
+        sends, rate = round(until_s * self._rate_per_s), self._rate_per_s
         await open_loop(
-            self._one,
-            self._recorder,
-            rate_per_s=self._rate_per_s,
-            seconds=until_s,
-            max_requests=sends,
+            self._one, self._recorder, rate_per_s=rate, seconds=until_s, max_requests=sends
         )
 
     async def _one(self) -> str:
@@ -158,31 +148,17 @@ class LoadDriver:
         except grpc.aio.AioRpcError as exc:
             outcome, age, decision_id = exc.code().name, -1.0, ""
             late = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            decision = reason = ""
             error = exc
         else:
             outcome = decision_pb2.Source.Name(response.source).removeprefix("SOURCE_")
             age, decision_id, late = response.feature_age_ms, response.decision_id, False
-            decision = decision_pb2.Decision.Name(response.decision).removeprefix("DECISION_")
-            reason = response.reason
         done = time.monotonic()
         # Late is gRPC's verdict (DEADLINE_EXCEEDED): an OK answer that this process
         # resumes after the deadline arrived in time and was held by our own event loop.
-        self._answers.append(
-            Answer(
-                done - self.started_at,
-                (done - sent) * 1000,  # from the send: the soak's bounds are the caller's
-                outcome,
-                age,
-                late,
-                decision_id,
-                sent_unix,
-                request.request_id,
-                request.symbol,
-                decision,
-                reason,
-            )
-        )
+        # Latency from the send: the soak's bounds are the caller's.
+        at_s, ms = done - self.started_at, (done - sent) * 1000
+        answer = Answer(at_s, ms, outcome, age, late, decision_id, sent_unix, request.request_id)
+        self._answers.append(answer)
         if error is not None:
             raise error
         return outcome
@@ -234,20 +210,13 @@ async def restart(stack: LocalStack, request: ChaosRequest) -> str:
     return ""
 
 
-async def pull(lever: Lever, stack: LocalStack, started_at: float, levers: LeverCheck) -> str:
-    """Engages ``lever`` on schedule; why it could not be, in words ("" when it was)."""
-    await asyncio.sleep(max(0.0, started_at + lever.at_s - time.monotonic()))
+def read_lag(port: int) -> int:
+    """The feature-cache consumer's lag, from its own /metrics; -1 when it did not answer."""
     try:
-        token = await asyncio.to_thread(operator_token, stack.run_dir)
-        switch = await engage(lever, f"127.0.0.1:{stack.admin_port}", token)
-    except grpc.aio.AioRpcError as exc:
-        return f"lever {lever.label()} refused: {exc.code().name} {exc.details()}"
-    except OSError as exc:  # no operator token in the run folder
-        return f"lever {lever.label()} not engaged: {exc}"
-    levers.kill_switches.append(switch)
-    took_ms = (switch.engaged_unix_s - switch.asked_unix_s) * 1000
-    print(f"--- lever: kill switch for {lever.scope} engaged (AdminService OK in {took_ms:.0f} ms)")
-    return ""
+        samples = scrape(port)
+    except OSError:
+        return -1
+    return round(sum(v for (name, _), v in samples.items() if name == LAG_METRIC))
 
 
 def count_workers_lost(replica_dirs: list[Path]) -> int:
@@ -257,8 +226,9 @@ def count_workers_lost(replica_dirs: list[Path]) -> int:
 def describe_late(answer: Answer) -> str:
     """A late call as the audit store and the server's log can find it: its request id
     and send time."""
+    sent = datetime.fromtimestamp(answer.sent_unix_s, UTC).strftime("%H:%M:%S.%f")
     return (
-        f"{answer.request_id} sent {utc_clock(answer.sent_unix_s)} UTC, {answer.outcome}"
+        f"{answer.request_id} sent {sent[:-3]} UTC, {answer.outcome}"
         f" after {answer.latency_ms:.1f} ms"
     )
 
@@ -277,11 +247,9 @@ async def soak(args: argparse.Namespace) -> int:
     if refused:
         print(f"{refused}; is another stack running? (--port-offset N moves this one)")
         return 2
-    kafka = FeatureCacheSettings().kafka
     windows: list[Window] = []
     answered: set[str] = set()
     late_calls: list[str] = []
-    levers = LeverCheck()
     try:
         # The probe's and the driver's clients close before the stack stops, however the
         # run ends (an interrupted run too).
@@ -295,12 +263,8 @@ async def soak(args: argparse.Namespace) -> int:
             # out of the collector's full passes, which would stall the sender for tens of ms.
             gc.freeze()
             sampler = ProcessSampler(stack.processes, own_name="soak-client")
-            lag = ConsumerLag(f"127.0.0.1:{stack.kafka_port}", kafka.topic, kafka.group_id)
-            await lag.start()
-            clients.push_async_callback(lag.stop)
             driver = LoadDriver(f"127.0.0.1:{stack.decision_port}", args.rate, args.deadline_ms)
             clients.push_async_callback(driver.close)
-            clients.push_async_callback(release_levers, stack, levers)
             replica_dirs = [replica_dir(args.run_dir, name) for name in REPLICAS]
             lost_before = count_workers_lost(replica_dirs)
             print(
@@ -314,11 +278,8 @@ async def soak(args: argparse.Namespace) -> int:
             started_at = time.monotonic()
             driver.started_at = started_at
             sampler.sample(started_at)
-            machine = MachineSampler()
+            machine_usage()  # from now on
             scheduled = [asyncio.create_task(inject(stack, f, started_at)) for f in args.fault]
-            scheduled += [
-                asyncio.create_task(pull(lever, stack, started_at, levers)) for lever in args.lever
-            ]
             after_faults: dict[Fault, list[Answer]] = {fault: [] for fault in args.fault}
             print(HEADER)
             window_start, early = 0.0, list[Answer]()
@@ -334,22 +295,14 @@ async def soak(args: argparse.Namespace) -> int:
                 early = [a for a in answers if a.done_at_s >= window_end and not last]
                 answers = [a for a in answers if a.done_at_s < window_end or last]
                 answered.update(a.decision_id for a in answers if a.decision_id)
-                disobeyed = levers.answers.add(decisions_of(answers), levers.kill_switches)
                 for fault, after in after_faults.items():
                     end_s = fault.at_s + fault.duration_s
-                    after += [
-                        a
-                        for a in held_to_model(answers, levers.kill_switches)
-                        if end_s <= a.done_at_s < end_s + RECOVERY_WATCH_S
-                    ]
+                    after += [a for a in answers if end_s <= a.done_at_s < end_s + RECOVERY_WATCH_S]
                 # Read off the loop's thread: a pass over /proc and the replicas' logs takes
                 # tens of ms, and the sender would fall behind its schedule meanwhile.
                 processes = await asyncio.to_thread(sampler.sample, time.monotonic())
                 lost = await asyncio.to_thread(count_workers_lost, replica_dirs)
-                try:
-                    consumer_lag = await lag.read()
-                except Exception:  # noqa: BLE001 - a paused broker: no figure this window
-                    consumer_lag = -1
+                consumer_lag = await asyncio.to_thread(read_lag, stack.consumer_metrics_port)
                 window = summarize(
                     answers,
                     window_start,
@@ -357,11 +310,9 @@ async def soak(args: argparse.Namespace) -> int:
                     consumer_lag=consumer_lag,
                     workers_lost=lost - lost_before,
                     processes=processes,
-                    machine=astuple(machine.sample()),
+                    machine=machine_usage(),
                     client_send_lag_max_ms=driver.take_send_lag_ms(),
                     fault=fault_at(args.fault, window_start, window_end, bounds.recovery_s),
-                    kill_switches=levers.kill_switches,
-                    disobeyed=disobeyed,
                 )
                 window.broken = judge(window, bounds)
                 windows.append(window)
@@ -373,43 +324,13 @@ async def soak(args: argparse.Namespace) -> int:
                 window_start = window_end
             not_done = [problem for problem in await asyncio.gather(*scheduled) if problem]
             missing = await _missing_from_audit(stack, answered)
-            # After every answered decision is in the audit store (or the wait gave up).
-            rows = await asyncio.to_thread(
-                audited_decisions, stack.run_dir / "audit" / "audit.db", driver.request_prefix
-            )
-            levers.audit.add(rows, levers.kill_switches)
-            niceness = {
-                name: os.getpriority(os.PRIO_PROCESS, proc.pid)
-                for name, proc in stack.processes.items()
-                if proc.pid is not None and proc.running()
-            }
     finally:
         await stack.stop()
-    # A fault after a kill switch for every symbol leaves no answer to judge the model by.
     recoveries = {
         fault: recovery_s(after, fault.at_s + fault.duration_s)
         for fault, after in after_faults.items()
-        if after
     }
-    return report(
-        args, windows, bounds, missing, len(answered), recoveries, late_calls, levers, not_done,
-        niceness,
-    )  # fmt: skip
-
-
-async def release_levers(stack: LocalStack, levers: LeverCheck) -> None:
-    """The soak's kill switches released before the stack stops, however the run ends."""
-    if not levers.kill_switches:
-        return
-    try:
-        token = await asyncio.to_thread(operator_token, stack.run_dir)
-        await release(levers.kill_switches, f"127.0.0.1:{stack.admin_port}", token)
-    except grpc.aio.AioRpcError as exc:
-        print(f"--- the soak's kill switches were not released: {exc.code().name} {exc.details()}")
-    except OSError as exc:
-        print(f"--- the soak's kill switches were not released: {exc}")
-    else:
-        print("--- lever: the soak's kill switches released")
+    return report(args, windows, bounds, missing, len(answered), recoveries, late_calls, not_done)
 
 
 async def _missing_from_audit(stack: LocalStack, answered: set[str]) -> int:
@@ -431,13 +352,11 @@ def report(
     answered: int,
     recoveries: dict[Fault, float | None],
     late_calls: list[str],
-    levers: LeverCheck,
     not_done: list[str],
-    niceness: dict[str, int],
 ) -> int:
-    """``not_done``: the faults and levers that could not be applied, in words."""
+    """``not_done``: the faults that could not be applied, in words."""
     broken = [f"{w.start_s:.0f}-{w.end_s:.0f} s: {b}" for w in windows for b in w.broken]
-    broken += not_done + levers.broken()
+    broken += not_done
     # Growth is a trend over the first and last GROWTH_PART_S; a shorter run's parts are
     # minutes apart and measure the machine's moods instead.
     drift = None
@@ -452,13 +371,12 @@ def report(
             )
     if missing:
         broken.append(f"{missing} of {answered} answered decisions missing from the audit store")
-    steady = [w for w in windows if not w.fault and w.answers > w.kill_switched]
+    steady = [w for w in windows if not w.fault]
     summary = {
         "rate_per_s": args.rate,
         "deadline_ms": args.deadline_ms,
         "duration_s": args.duration_s,
         "faults": [asdict(f) | {"recovery_s": recoveries.get(f)} for f in args.fault],
-        "levers": {"asked": [lever.label() for lever in args.lever], **levers.summary()},
         "bounds": asdict(bounds),
         "answered": answered,
         "missing_from_audit": missing,
@@ -467,54 +385,34 @@ def report(
         "workers_lost": windows[-1].workers_lost if windows else 0,
         "min_model_share": min((w.model_share for w in steady), default=0.0),
         "max_p99_ms": max((w.p99_ms for w in steady), default=0.0),
-        "model_answers": sum(
-            n for w in windows for source, n in w.outcomes.items() if source in MODEL_SOURCES
-        ),
         # The replayer's CPU (fixed work) last 10 minutes against the first: the machine.
         "machine_drift": drift,
         "broken": broken,
     }
     write_json(args.json, summary, windows)
-    if windows:
-        draw_timeline(
-            args.png,
-            windows,
-            f"soak: {args.rate:.0f} Decide/s, {args.duration_s / 60:.0f} min"
-            + (f", faults: {', '.join(f.target for f in args.fault)}" if args.fault else ""),
-        )
-    print(
-        f"\n{answered} decisions; late {summary['late']}; TorchServe workers lost"
+    verdict = "soak: PASSED" if not broken else f"soak: FAILED ({len(broken)} bounds broken)"
+    outcome = [
+        f"{answered:,} decisions; {summary['late']} answers after the deadline in all"
+        f" {len(windows)} windows, faults included; TorchServe workers lost"
         f" {summary['workers_lost']}; steady windows: model share ≥"
-        f" {summary['min_model_share']:.1%}, p99 ≤ {summary['max_p99_ms']:.1f} ms;"
-        f" audit missing {missing}. JSON {args.json}, PNG {args.png}"
-    )
-    if drift is not None:
-        print(
-            f"the machine's speed, last part against the first: the replayer's fixed work"
-            f" took x{drift:.2f} the CPU"
-        )
-    for fault, took_s in recoveries.items():
-        after = "not within the run" if took_s is None else f"{took_s:.0f} s after"
-        print(f"{fault.label()} at {fault.at_s:.0f} s: the model answered again {after}")
-    if args.lever:
-        print(levers.describe())
+        f" {summary['min_model_share']:.1%}, p99 ≤ {summary['max_p99_ms']:.1f} ms; missing"
+        f" from the audit store {missing}; {verdict}.",
+        *(
+            f"{fault.label()} at {fault.at_s:.0f} s: the model answered again"
+            + (" not within the run" if took is None else f" {took:.0f} s after")
+            for fault, took in recoveries.items()
+        ),
+    ]
+    print("", *outcome, sep="\n")
     for line in broken:
         print(f"BROKEN {line}")
-    verdict = "soak: PASSED" if not broken else f"soak: FAILED ({len(broken)} bounds broken)"
-    print(verdict)
+    print(f"{verdict} (every window in {args.json})")
     if windows:
-        write_docs(args, windows, niceness, summary, recoveries, verdict)
+        write_docs(args, windows, outcome)
     return 1 if broken else 0
 
 
-def write_docs(
-    args: argparse.Namespace,
-    windows: list[Window],
-    niceness: dict[str, int],
-    summary: dict[str, Any],
-    recoveries: dict[Fault, float | None],
-    verdict: str,
-) -> None:
+def write_docs(args: argparse.Namespace, windows: list[Window], outcome: list[str]) -> None:
     """The run's tables into each ``--doc`` page's soak blocks (``soak-processes``: each
     process's CPU and RSS; ``soak-windows``: the steady windows per 10 minutes)."""
     began = time.gmtime(time.time() - args.duration_s)
@@ -525,21 +423,11 @@ def write_docs(
         f" UTC, commit {checkout_commit()}, {args.duration_s / 60:.0f} minutes at"
         f" {args.rate:.0f} Decide/s" + (f", faults {faults}" if faults else "")
     )
-    outcome = [
-        f"- {summary['answered']:,} decisions; {summary['late']} answers after the deadline"
-        f" in all {len(windows)} windows, faults included; TorchServe workers lost"
-        f" {summary['workers_lost']}; missing from the audit store"
-        f" {summary['missing_from_audit']}; {verdict}.",
-        *(
-            f"- {fault.label()} at {fault.at_s:.0f} s: the model answered again"
-            + (" not within the run" if took is None else f" {took:.0f} s after")
-            for fault, took in recoveries.items()
-        ),
-    ]
     blocks = {
-        "soak-processes": process_table(windows, niceness, GROWTH_PART_S, caption),
+        "soak-processes": process_table(windows, GROWTH_PART_S, caption),
         "soak-windows": f"{caption}; steady windows (outside a fault and the 10 s after it)"
-        f" per 10 minutes:\n\n{windows_table(windows, 600.0)}\n\n" + "\n".join(outcome),
+        f" per 10 minutes:\n\n{windows_table(windows, 600.0)}\n\n"
+        + "\n".join(f"- {line}" for line in outcome),
     }
     for page in args.doc:
         names = [name for name in generated_names(page) if name in blocks]
@@ -548,42 +436,31 @@ def write_docs(
         print(f"{page}: {', '.join(names) or f'no generated block of {list(blocks)}'} written")
 
 
+OPTIONS: dict[str, dict[str, Any]] = {
+    "--duration-s": {"type": float, "default": 600.0, "help": "measured seconds"},
+    "--warmup-s": {"type": float, "default": 10.0, "help": "load before measuring"},
+    "--rate": {"type": float, "default": 100.0, "help": "Decide calls a second"},
+    "--deadline-ms": {"type": float, "default": 50.0},
+    "--window-s": {"type": float, "default": 10.0},
+    "--fault": {"type": Fault.parse, "action": "append", "default": [],
+                "help": "TARGET@START+DURATION (primary, replicas, redis, broker paused) or"
+                " redis-empty@START"},
+    "--run-dir": {"type": Path, "default": REPO / ".run/soak"},
+    "--port-offset": {"type": int, "default": 0},
+    "--models": {"type": Path, "help": "archives to serve (default: .run/models)"},
+    "--json": {"type": Path, "default": REPO / ".run/soak/soak.json"},
+    "--doc": {"type": Path, "action": "append", "default": [],
+              "help": "write the run's tables into this page's generated soak-processes and"
+              " soak-windows blocks (docs/local-stack.md, docs/load-tests.md); repeatable"},
+}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--duration-s", type=float, default=600.0, help="measured seconds")
-    parser.add_argument("--warmup-s", type=float, default=10.0, help="load before measuring")
-    parser.add_argument("--rate", type=float, default=100.0, help="Decide calls a second")
-    parser.add_argument("--deadline-ms", type=float, default=50.0)
-    parser.add_argument("--window-s", type=float, default=10.0)
-    parser.add_argument(
-        "--fault",
-        type=Fault.parse,
-        action="append",
-        default=[],
-        help="TARGET@START+DURATION (primary, replicas, redis, broker paused) or redis-empty@START",
-    )
-    parser.add_argument(
-        "--lever",
-        type=Lever.parse,
-        action="append",
-        default=[],
-        help="KIND:SCOPE@START engaged through AdminService: kill-switch:SOL-USD@60 (or '*')",
-    )
-    parser.add_argument("--run-dir", type=Path, default=REPO / ".run/soak")
-    parser.add_argument("--port-offset", type=int, default=0)
-    parser.add_argument("--models", type=Path, help="archives to serve (default: .run/models)")
-    parser.add_argument("--json", type=Path, default=REPO / ".run/soak/soak.json")
-    parser.add_argument("--png", type=Path, default=REPO / "docs/img/soak.png")
-    parser.add_argument(
-        "--doc",
-        type=Path,
-        action="append",
-        default=[],
-        help="write the run's tables into this page's generated soak-processes and"
-        " soak-windows blocks (docs/local-stack.md, docs/load-tests.md); repeatable",
-    )
+    for flag, options in OPTIONS.items():
+        parser.add_argument(flag, **options)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args.run_dir.mkdir(parents=True, exist_ok=True)

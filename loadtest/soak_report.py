@@ -1,14 +1,9 @@
 """The soak's windows: what one 10 s window saw, the bounds it is judged by, the table,
-the JSON summary and the PNG timeline.
+and the JSON summary.
 
 A window overlapping a fault, or ending less than ``recovery_s`` after one, is a fault
 window: answers must still all come before the deadline, but who answered, how fast and
 how fresh the features were are not held to the steady-state bounds.
-
-A kill switch the soak engaged (``--lever``) binds every decision for its scope sent
-after AdminService answered OK: each must ABSTAIN, from source ABSTAIN, with a kill-switch
-reason, in every window, fault or not. The answers it may stop are not held to the model's
-share.
 """
 
 from __future__ import annotations
@@ -16,13 +11,12 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from core.stats import percentile
 from loadtest.report import markdown_table
-from loadtest.soak_levers import Decided, KillSwitch
 
 MODEL_SOURCES = frozenset({"PRIMARY", "SECONDARY", "CANARY"})
 # Processes whose CPU and memory must not grow over the run (the broker and the consumer
@@ -46,25 +40,6 @@ class Answer:
     decision_id: str = ""
     sent_unix_s: float = 0.0  # to find the call in the server's log and the audit store
     request_id: str = ""  # the call's own, found in the audit store by it
-    symbol: str = ""
-    decision: str = ""  # TRADE, NO_TRADE, ABSTAIN; "" if not OK
-    reason: str = ""
-
-    def decided(self) -> Decided | None:
-        """The decision this answer carried; None for a refusal or a late call."""
-        if not self.decision:
-            return None
-        return Decided(self.symbol, self.sent_unix_s, self.decision, self.outcome, self.reason)
-
-
-def decisions_of(answers: Iterable[Answer]) -> list[Decided]:
-    """The decisions the answers carried (refusals and late calls carried none)."""
-    return [decided for a in answers if (decided := a.decided()) is not None]
-
-
-def held_to_model(answers: Iterable[Answer], kill_switches: Sequence[KillSwitch]) -> list[Answer]:
-    """The answers the model's share is judged over: those no kill switch may have stopped."""
-    return [a for a in answers if not any(k.covers(a.symbol, a.sent_unix_s) for k in kill_switches)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +68,6 @@ class Window:
     processes: dict[str, tuple[float, float]]  # name -> (CPU % of a core, RSS MB)
     fault: str = ""  # the fault this window overlaps or recovers from
     broken: list[str] = field(default_factory=list)
-    # Answers a kill switch may have stopped (not held to the model's share), and those
-    # it bound that did not obey it.
-    kill_switched: int = 0
-    disobeyed: int = 0
     # The whole machine over the window, % of all cores: busy, and stolen by the host.
     machine_busy_pct: float = 0.0
     machine_steal_pct: float = 0.0
@@ -115,22 +86,18 @@ def summarize(
     fault: str,
     machine: tuple[float, float] = (0.0, 0.0),
     client_send_lag_max_ms: float = 0.0,
-    kill_switches: Sequence[KillSwitch] = (),
-    disobeyed: int = 0,
 ) -> Window:
-    """``machine``: (busy %, steal %) of all cores over the window. The model's share is
-    of the answers no kill switch may have stopped; ``disobeyed``: of those it bound."""
+    """``machine``: (busy %, steal %) of all cores over the window."""
     outcomes = Counter(a.outcome for a in answers)
     latencies = [a.latency_ms for a in answers] or [0.0]
     ages = [a.feature_age_ms for a in answers if a.feature_age_ms >= 0] or [0.0]
-    judged = held_to_model(answers, kill_switches)
-    model = sum(a.outcome in MODEL_SOURCES for a in judged)
+    model = sum(a.outcome in MODEL_SOURCES for a in answers)
     return Window(
         start_s=start_s,
         end_s=end_s,
         answers=len(answers),
         outcomes=dict(outcomes),
-        model_share=model / len(judged) if judged else 0.0,
+        model_share=model / len(answers) if answers else 0.0,
         p50_ms=percentile(latencies, 0.50),
         p99_ms=percentile(latencies, 0.99),
         late=sum(a.late for a in answers),
@@ -142,8 +109,6 @@ def summarize(
         machine_busy_pct=machine[0],
         machine_steal_pct=machine[1],
         client_send_lag_max_ms=client_send_lag_max_ms,
-        kill_switched=len(answers) - len(judged),
-        disobeyed=disobeyed,
     )
 
 
@@ -156,12 +121,9 @@ def judge(window: Window, bounds: Bounds) -> list[str]:
         broken.append(f"{window.workers_lost} TorchServe workers lost")
     if window.answers == 0:
         broken.append("no answers")
-    if window.disobeyed:
-        broken.append(f"{window.disobeyed} decisions did not obey a kill switch")
     if window.fault:
         return broken
-    some_held_to_model = window.answers > window.kill_switched
-    if some_held_to_model and window.model_share < bounds.min_model_share:
+    if window.answers and window.model_share < bounds.min_model_share:
         broken.append(f"model share {window.model_share:.1%} < {bounds.min_model_share:.0%}")
     if window.p99_ms > bounds.max_p99_ms:
         broken.append(f"p99 {window.p99_ms:.1f} ms > {bounds.max_p99_ms:.0f} ms")
@@ -240,8 +202,6 @@ HEADER = (
 
 def row(window: Window) -> str:
     sources = " ".join(f"{k}={v}" for k, v in sorted(window.outcomes.items()))
-    if window.kill_switched:
-        sources += f" kill-switched={window.kill_switched}"
     procs = " ".join(
         f"{name}={cpu:.0f}%/{rss:.0f}M" for name, (cpu, rss) in window.processes.items()
     )
@@ -264,51 +224,7 @@ def write_json(path: Path, summary: dict[str, object], windows: Sequence[Window]
     path.write_text(json.dumps(doc, indent=1))
 
 
-def draw_timeline(path: Path, windows: Sequence[Window], title: str) -> None:
-    """Four panels over time: model share, p50/p99, feature age p99 and lag, CPU and RSS
-    of every process; fault windows shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = [w.end_s / 60 for w in windows]
-    fig, axes = plt.subplots(4, 1, figsize=(11, 12), sharex=True)
-    axes[0].plot(t, [100 * w.model_share for w in windows], label="model share %")
-    axes[0].set_ylabel("model share %")
-    axes[0].set_ylim(0, 101)
-    axes[1].plot(t, [w.p50_ms for w in windows], label="p50")
-    axes[1].plot(t, [w.p99_ms for w in windows], label="p99")
-    axes[1].set_ylabel("Decide latency ms")
-    axes[1].legend(loc="upper left")
-    axes[2].plot(t, [w.feature_age_p99_ms for w in windows], label="feature age p99 ms")
-    axes[2].plot(t, [w.consumer_lag for w in windows], label="consumer lag (messages)")
-    axes[2].set_yscale("symlog")
-    axes[2].legend(loc="upper left")
-    names = list(windows[0].processes) if windows else []
-    for name in names:
-        axes[3].plot(t, [w.processes.get(name, (0.0, 0.0))[0] for w in windows], label=name)
-    axes[3].set_ylabel("CPU % of one core")
-    axes[3].legend(loc="upper left", fontsize=7, ncol=3)
-    rss_axis = axes[3].twinx()
-    total_rss = [sum(rss for _, rss in w.processes.values()) for w in windows]
-    rss_axis.plot(t, total_rss, "k--", label="stack RSS MB")
-    rss_axis.set_ylabel("stack RSS MB (dashed)")
-    for axis in axes:
-        for w in windows:
-            if w.fault:
-                axis.axvspan(w.start_s / 60, w.end_s / 60, color="orange", alpha=0.15)
-    axes[3].set_xlabel("minutes since the load started")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def process_table(
-    windows: Sequence[Window], niceness: Mapping[str, int], part_s: float, caption: str = ""
-) -> str:
+def process_table(windows: Sequence[Window], part_s: float, caption: str = "") -> str:
     """Each process group's CPU (% of a core) and RSS (MB), means over the steady windows
     of the run's first and last ``part_s`` (half the run when shorter), as markdown under
     ``caption`` and the machine's mean busy and steal shares; the stack's total leaves
@@ -322,11 +238,9 @@ def process_table(
         rss = [sum(mean_usage(part, n, 1) for n in name_set) for part in (first, last)]
         return f"{cpu[0]:.1f} / {cpu[1]:.1f}", f"{rss[0]:.0f} / {rss[1]:.0f}"
 
-    rows: list[tuple[object, ...]] = [
-        (name, niceness.get(name, 0), *cells([name])) for name in names
-    ]
+    rows: list[tuple[object, ...]] = [(name, *cells([name])) for name in names]
     stack = [name for name in names if name != "soak-client"]
-    rows.append(("**the stack**", "", *(f"**{cell}**" for cell in cells(stack))))
+    rows.append(("**the stack**", *(f"**{cell}**" for cell in cells(stack))))
     minutes = f"{span / 60:.0f} min" if span >= 60 else f"{span:.0f} s"
     busy = sum(w.machine_busy_pct for w in windows) / max(len(windows), 1)
     steal = sum(w.machine_steal_pct for w in windows) / max(len(windows), 1)
@@ -334,7 +248,6 @@ def process_table(
     return f"{caption}{'; ' if caption else ''}{machine}:\n\n" + markdown_table(
         [
             "process group",
-            ">nice",
             f">CPU, % of one core (first / last {minutes})",
             f">RSS MB (first / last {minutes})",
         ],
@@ -343,16 +256,12 @@ def process_table(
 
 
 def windows_table(windows: Sequence[Window], part_s: float) -> str:
-    """The steady windows (outside a fault and the recovery after it, with answers held
-    to the model) per ``part_s`` of the run, as markdown."""
+    """The steady windows (outside a fault and the recovery after it) per ``part_s`` of
+    the run, as markdown."""
     rows, share = [], Bounds().min_model_share
     end = windows[-1].end_s if windows else 0.0
     for start in range(0, int(end), int(part_s)):
-        part = [
-            w
-            for w in windows
-            if not w.fault and w.answers > w.kill_switched and start <= w.start_s < start + part_s
-        ]
+        part = [w for w in windows if not w.fault and start <= w.start_s < start + part_s]
         if not part:
             continue
         p99s = sorted(w.p99_ms for w in part)

@@ -38,9 +38,6 @@ def load_result(
         },
         answers={"SOURCE_PRIMARY": modelled, "SOURCE_RULES": ok - modelled},
         elapsed_s=1.0,
-        max_in_flight=1,
-        send_lag_max_ms=0.0,
-        sends=ok + late + refused,
         cpu_s=0.1,
         pid=1,
     )

@@ -19,18 +19,14 @@ import pytest
 from core.processes import ManagedProcess
 from loadtest.bench import (
     PRESETS,
-    Cell,
     Fleet,
     Measured,
     Results,
     Server,
     capacity_table,
     cpu_list,
-    figures,
     first_cells,
-    kept_or_temporary,
     listening_pids,
-    losses,
     numbers,
     open_loop_table,
     pairs_table,
@@ -38,7 +34,7 @@ from loadtest.bench import (
     path_of,
     paths_checks,
     pin,
-    setting,
+    run_folder,
     spec_for,
     started_on,
     workers_preset,
@@ -73,8 +69,8 @@ def runs(*, late_at_top: int = 0, model_at_top: float = 0.9, refusal_us: int = 1
     return results
 
 
-def measured(results: Results, lost: dict[Cell, int] | None = None) -> Measured:
-    return Measured(results, {cell: (1.0, 0.5) for cell in results}, lost or {})
+def measured(results: Results) -> Measured:
+    return Measured(results, {cell: (1.0, 0.5) for cell in results}, 0)
 
 
 def verdict(results: Results, name: str) -> str:
@@ -109,15 +105,6 @@ def test_a_figure_the_ladder_mostly_answered_does_not_stand_for_the_model() -> N
     results[("T", "closed", 1.0)] = load_result("closed", 1, ok=100)
     assert verdict(results, "D p50 - T p50").startswith("missed: the model answered only 50 %")
     assert verdict(runs(), "D p50 - T p50") == "not measured"  # no c=1 cells
-
-
-def test_workers_lost_are_named_by_cell_in_the_text_and_the_figures() -> None:
-    lost: dict[Cell, int] = {("T", "open", 1000.0): 2, ("D", "closed", 16.0): 1}
-    text = losses(lost)
-    assert text.startswith("TorchServe workers lost: 3 (T open 1000/s 2, D closed c=16 1)")
-    assert losses({}) == "TorchServe workers lost: none"
-    figured = figures(measured(runs(), lost), PATHS_PRESET, {})
-    assert figured["workers_lost"] == {"T open 1000/s": 2, "D closed c=16": 1}
 
 
 WORKER_RESULTS: Results = {
@@ -231,17 +218,6 @@ def test_defaults_follow_the_cpus_each_side_may_use() -> None:
     assert str(args.json).endswith(".run/bench-paths.json")
 
 
-def test_server_settings_are_decision_variables_with_a_value() -> None:
-    assert setting("DECISION_SERVER__MAX_CONCURRENT_STREAMS=8") == (
-        "DECISION_SERVER__MAX_CONCURRENT_STREAMS",
-        "8",
-    )
-    assert setting("DECISION_X=") == ("DECISION_X", "")
-    for text in ("PATH=/tmp", "DECISION_X"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            setting(text)
-
-
 def test_group_cpu_seconds_count_a_child_process_of_the_leader() -> None:
     # The leader (a shell) idles while its child burns 0.5 s of CPU (not of wall time,
     # which a busy machine would spend waiting) and then stays: the group's seconds must
@@ -353,9 +329,9 @@ def test_cpu_list_takes_only_cpus_this_process_may_use() -> None:
 
 
 def test_a_kept_run_folder_stays_and_a_temporary_one_goes(tmp_path: Path) -> None:
-    with kept_or_temporary(tmp_path / "kept") as run_dir:
-        (run_dir / "server.log").write_text("kept")
-    assert (tmp_path / "kept" / "server.log").read_text() == "kept"
-    with kept_or_temporary(None) as run_dir:
-        (run_dir / "server.log").write_text("gone")
-    assert not run_dir.exists()
+    with run_folder(tmp_path) as kept:
+        (Path(kept) / "server.log").write_text("kept")
+    assert (tmp_path / "server.log").read_text() == "kept"
+    with run_folder(None) as temporary:
+        (Path(temporary) / "server.log").write_text("gone")
+    assert not Path(temporary).exists()

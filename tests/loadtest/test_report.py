@@ -3,13 +3,15 @@ the soak's per-process and per-10-minute tables (pure logic, windows written by 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from loadtest.report import (
     generated_names,
     markdown_table,
     replace_generated,
-    tables_at_the_end,
+    write_block,
 )
 from loadtest.soak_report import Window, process_table, windows_table
 
@@ -44,11 +46,15 @@ def test_a_page_names_its_generated_blocks_in_order(tmp_path) -> None:
     assert generated_names(page) == ["b-1", "a"]
 
 
-def test_a_bench_output_gives_its_tables_from_the_first_title_on() -> None:
-    printed = ["[1/2] measuring", "done in 3 s", "", "Handler latency:", "", "| a |", "", "x"]
-    assert tables_at_the_end(printed) == ["Handler latency:", "", "| a |", "", "x"]
-    assert tables_at_the_end(["done", "| a |"]) == ["| a |"]
-    assert tables_at_the_end(["no tables"]) == []
+def test_a_bench_block_says_when_and_where_it_was_measured(tmp_path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- generated:bench-x -->\nold\n<!-- /generated:bench-x -->\nend\n")
+    write_block(page, "bench-x", "| a |")
+    text = page.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert re.search(
+        r"generated:bench-x -->\n\d{4}-\d\d-\d\d \d\d:\d\d UTC at .*, \d+ cores\.\n\n\| a \|", text
+    )
 
 
 def window(start_s: float, cpu: float, rss: float, fault: str = "") -> Window:
@@ -60,22 +66,21 @@ def test_the_process_table_compares_the_first_and_last_part_without_the_faults()
     windows = [window(0, 10, 200), window(10, 30, 300, fault="redis@10+5"), window(20, 20, 220)]
     windows += [window(30, 99, 999, fault="primary@30+5"), window(40, 16, 210)]
     # Parts of 20 s: the first is 0-20 (the fault window left out), the last 30-50.
-    caption, _, *table = process_table(windows, {"decision-server": 0}, 20, "a run").splitlines()
+    caption, _, *table = process_table(windows, 20, "a run").splitlines()
     assert caption == "a run; the machine 0 % busy, host steal 0.00 %:"
     assert table[0] == (
-        "| process group | nice | CPU, % of one core (first / last 20 s)"
-        " | RSS MB (first / last 20 s) |"
+        "| process group | CPU, % of one core (first / last 20 s) | RSS MB (first / last 20 s) |"
     )
-    assert table[2] == "| decision-server | 0 | 10.0 / 16.0 | 200 / 210 |"
-    assert table[3] == "| soak-client | 0 | 1.0 / 1.0 | 100 / 100 |"
-    assert table[4] == "| **the stack** |  | **10.0 / 16.0** | **200 / 210** |"
+    assert table[2] == "| decision-server | 10.0 / 16.0 | 200 / 210 |"
+    assert table[3] == "| soak-client | 1.0 / 1.0 | 100 / 100 |"
+    assert table[4] == "| **the stack** | **10.0 / 16.0** | **200 / 210** |"
 
 
 def test_a_short_run_compares_its_halves() -> None:
     windows = [window(0, 10, 200), window(10, 12, 200), window(20, 20, 250), window(30, 22, 250)]
-    caption, _, *table = process_table(windows, {}, part_s=600).splitlines()
+    caption, _, *table = process_table(windows, part_s=600).splitlines()
     assert caption == "the machine 0 % busy, host steal 0.00 %:"
-    assert table[2] == "| decision-server | 0 | 11.0 / 21.0 | 200 / 250 |"
+    assert table[2] == "| decision-server | 11.0 / 21.0 | 200 / 250 |"
 
 
 def test_the_steady_windows_are_summed_up_per_part_of_the_run() -> None:

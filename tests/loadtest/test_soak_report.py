@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 
 import pytest
 
 from loadtest.soak import Fault, describe_late, fault_at
-from loadtest.soak_levers import KillSwitch
-from loadtest.soak_probe import MachineSampler, MachineUsage
 from loadtest.soak_report import (
     Answer,
     Bounds,
     Window,
     growth,
-    held_to_model,
     judge,
     machine_drift,
     recovery_s,
-    row,
     summarize,
 )
 
@@ -34,7 +29,6 @@ def window(
     *,
     fault: str = "",
     cpu: float = 5.0,
-    kill_switches: Sequence[KillSwitch] = (),
 ) -> Window:
     return summarize(
         answers,
@@ -44,7 +38,6 @@ def window(
         workers_lost=0,
         processes={"kafka-broker": (cpu, 32.0), "feature-cache": (cpu, 56.0)},
         fault=fault,
-        kill_switches=kill_switches,
     )
 
 
@@ -108,19 +101,6 @@ def test_a_fault_is_target_at_start_plus_duration(text):
     assert Fault.parse("broker@120+30") == Fault("broker", 120.0, 30.0)
 
 
-def test_machine_usage_is_busy_and_steal_between_two_reads_of_proc_stat(tmp_path):
-    stat = tmp_path / "stat"
-    #               user nice system idle iowait irq softirq steal guest guest_nice
-    stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 1 2 3\n")
-    sampler = MachineSampler(stat)
-    stat.write_text("cpu  160 20 70 880 10 5 5 60 0 0\ncpu0 1 2 3\n")
-    usage = sampler.sample()
-    # 210 ticks passed: 110 busy (60 + 20 + 20 + 5 + 5), 80 idle, 20 stolen.
-    assert usage.busy_pct == pytest.approx(100 * 110 / 210)
-    assert usage.steal_pct == pytest.approx(100 * 20 / 210)
-    assert sampler.sample() == MachineUsage(0.0, 0.0)  # no time passed
-
-
 def test_a_late_call_is_described_by_its_request_id_and_send_time():
     sent = 1_795_459_672.5  # 2026-11-23 18:47:52.500 UTC
     late = Answer(10.0, 50.4, "DEADLINE_EXCEEDED", -1.0, True, "", sent, "soak-7")
@@ -147,56 +127,6 @@ def test_cpu_growth_is_judged_against_a_process_whose_work_is_fixed():
         "kafka-broker CPU grew 5.0 -> 7.0 (the replayer's x1.00)",
         "feature-cache CPU grew 5.0 -> 7.0 (the replayer's x1.00)",
     ]
-
-
-def order_answer(at_s: float, symbol: str, *, sent_unix_s: float = 101.0) -> Answer:
-    """SOL-USD's answers ABSTAIN on the soak's kill switch, the others' come from the model."""
-    if symbol == "SOL-USD":
-        reason = "kill switch for SOL-USD engaged by oncall: soak"
-        return Answer(
-            at_s, 5.0, "ABSTAIN", -1.0, False, "d", sent_unix_s, "", symbol, "ABSTAIN", reason
-        )
-    return Answer(at_s, 5.0, "PRIMARY", 80.0, False, "d", sent_unix_s, "", symbol, "TRADE", "")
-
-
-def test_a_kill_switchs_abstentions_do_not_count_against_the_model_share():
-    switch = KillSwitch("SOL-USD", 100.0, 100.01)
-    symbols = ("BTC-USD", "ETH-USD", "SOL-USD")
-    answers = [order_answer(i / 100, symbols[i % 3]) for i in range(999)]
-    unaware = window(answers, kill_switches=[])
-    assert judge(unaware, Bounds()) == ["model share 66.7% < 99%"]
-
-    held = window(answers, kill_switches=[switch])
-
-    assert (held.model_share, held.kill_switched) == (1.0, 333)
-    assert judge(held, Bounds()) == []
-    assert "kill-switched=333" in row(held)
-    # Sent before the switch was asked for: the model's to answer.
-    early = [order_answer(0.0, "SOL-USD", sent_unix_s=99.0)]
-    assert held_to_model(early, [switch]) == early
-    assert judge(window(early, kill_switches=[switch]), Bounds()) == ["model share 0.0% < 99%"]
-
-
-def test_a_window_with_a_disobeyed_kill_switch_is_broken_even_during_a_fault():
-    answers = [answer(i / 100) for i in range(1000)]
-    during_fault = summarize(
-        answers,
-        0.0,
-        10.0,
-        consumer_lag=0,
-        workers_lost=0,
-        processes={},
-        fault="redis restarted empty",
-        disobeyed=12,
-    )
-    assert judge(during_fault, Bounds()) == ["12 decisions did not obey a kill switch"]
-
-
-def test_every_answer_kill_switched_leaves_no_model_share_to_judge():
-    answers = [order_answer(i / 100, "SOL-USD") for i in range(100)]
-    held = window(answers, kill_switches=[KillSwitch("*", 100.0, 100.0)])
-    assert held.kill_switched == 100
-    assert judge(held, Bounds()) == []
 
 
 def test_a_redis_restart_is_a_fault_without_duration_that_settles_as_the_others():
