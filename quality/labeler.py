@@ -2,7 +2,7 @@
 has passed.
 
 It reads every partition of the market-data topic itself (no consumer group), from the
-feature cache's checkpoints, so its mids are the consumer's. Every ``POLL_INTERVAL_S`` it
+feature cache's checkpoints, so its mids are the consumer's. Every ``poll_interval_s`` it
 reads the audit store for decisions without an outcome, labels those whose horizon the
 market data has passed (``core.labels``) or records why it cannot, and adds the labelled
 scores to a ``RollingQuality`` per model version and role (served, shadow). The labels,
@@ -40,7 +40,6 @@ from quality.settings import (
     LABELS_STOPPED_S,
     LOOKBACK_S,
     PASS_DECISIONS,
-    POLL_INTERVAL_S,
     QualitySettings,
 )
 from quality.store import Outcome, OutcomeStore, PendingDecision
@@ -343,7 +342,7 @@ class Labeler:
             history.prune(history.seen_until_us - keep_us)
 
     async def label_until(self, stop: asyncio.Event) -> None:
-        """Store passes every ``POLL_INTERVAL_S`` until ``stop``, once the store has its
+        """Store passes every ``poll_interval_s`` until ``stop``, once the store has its
         tables (the decision server creates them as it starts: a fresh stack starts the
         labeler first) and the market data is placed; a failing store is retried at the
         next pass, and logged when the failure changes (a store away fails each pass the
@@ -366,7 +365,7 @@ class Labeler:
                     log.warning("labelling pass failed (retried every pass): %s", failure)
                 last_failure = failure
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL_INTERVAL_S)
+                await asyncio.wait_for(stop.wait(), self._settings.poll_interval_s)
 
     async def _has_tables(self) -> bool:
         """Whether the store has its tables yet; says once that it waits for them (not a
@@ -375,8 +374,8 @@ class Labeler:
         if not found and not self._waiting_logged:
             log.info(
                 "waiting for the audit store's tables: the decision server creates them as "
-                "it starts (checked every %.0f s)",
-                POLL_INTERVAL_S,
+                "it starts (checked every %g s)",
+                self._settings.poll_interval_s,
             )
             self._waiting_logged = True
         elif found and self._waiting_logged:

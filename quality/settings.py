@@ -10,9 +10,6 @@ from core.settings import ROOT_CONFIG, SettingsSection, TelemetrySettings
 from feature_cache.settings import KafkaSettings, RedisSettings
 from server.settings import AuditSettings
 
-# Labels are for rolling quality: a few seconds late is fine, and each store pass scans
-# the lookback's decisions.
-POLL_INTERVAL_S = 5.0
 # How far behind the newest decision seen each pass reads again: decisions reach the
 # store late (the shipper's batches, a short store outage).
 LOOKBACK_S = 120.0
@@ -40,6 +37,15 @@ class LabelerSettings(SettingsSection):
         ge=10,
         description="Labelled decisions per model version that the rolling AUC, precision "
         "and calibration error are computed over.",
+    )
+    poll_interval_s: float = Field(
+        5.0,
+        gt=0,
+        # Well within the lookback, and labels stopped is judged at minutes.
+        le=30,
+        description="Seconds between the labeler's passes over the audit store: how late "
+        "a label may come past its horizon. Each pass reads the last two minutes' "
+        "decisions, so a shorter interval costs the store more reads.",
     )
     metrics_port: int = Field(
         9490, ge=0, le=65535, description="The labeler's /metrics port; 0: off."

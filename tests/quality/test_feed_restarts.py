@@ -41,6 +41,7 @@ pytestmark = pytest.mark.integration
 SYMBOLS = ("SIM-A", "SIM-B")
 RECORDED = "REC-USD"
 RECORDED_KEY = f"COINBASE:{RECORDED}"  # a recording's symbols are keyed by their venue
+LABEL_POLL_S = 0.5  # the labeler's passes: labels within the horizon and half a second
 LABELLED_WITHIN_S = 60.0  # the bound, from a restart to its decisions labelled
 FRESH_MS = 2000.0  # the server's default features.max_age_ms, set here explicitly
 MODEL = (decision_pb2.SOURCE_PRIMARY, decision_pb2.SOURCE_SECONDARY)
@@ -102,6 +103,7 @@ def pipeline(
         key_prefix,
         DECISION_FEATURE_CACHE__METRICS_PORT=str(consumer_port),
         DECISION_QUALITY__METRICS_PORT=str(labeler_port),
+        DECISION_QUALITY__POLL_INTERVAL_S=str(LABEL_POLL_S),
         DECISION_AUDIT__DATABASE_URL=f"sqlite:///{tmp_path / 'audit.db'}",
     )
     pipe = Pipeline(env, tmp_path, kafka_settings, consumer_port, labeler_port)

@@ -97,6 +97,7 @@ def labeler_process(
             "DECISION_KAFKA__TOPIC": kafka.topic,
             "DECISION_AUDIT__DATABASE_URL": database_url,
             "DECISION_QUALITY__METRICS_PORT": str(metrics_port),
+            "DECISION_QUALITY__POLL_INTERVAL_S": "0.5",  # labels soon after their horizon
             "DECISION_TELEMETRY__LOG_LEVEL": "INFO",
         },
     )

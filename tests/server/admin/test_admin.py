@@ -435,8 +435,9 @@ async def canary_app(start_app, replicas, challenger_replica, monkeypatch) -> De
     # the same features, so each model gives one score: the PSI is evaluated (a promotion
     # waits for it) but its limit, for score distributions, is tested in test_canary.py.
     # The good canary must not be judged on this machine's latency noise: the p99 of
-    # a few dozen calls is their slowest one.
-    monkeypatch.setattr(canary_module, "MIN_DECISIONS", 10)
+    # a few dozen calls is their slowest one, and one call a host stall pushes past the
+    # model deadline must stay under the error-rate limit (+5 %): 1 in 10 would not.
+    monkeypatch.setattr(canary_module, "MIN_DECISIONS", 25)
     monkeypatch.setattr(canary_module, "PSI_MIN_SCORES", 10)
     monkeypatch.setattr(canary_module, "MAX_SCORE_PSI", math.inf)
     monkeypatch.setattr(canary_module, "WINDOW_S", 10.0)
@@ -483,7 +484,7 @@ async def test_a_good_challenger_keeps_its_canary_share_and_is_promoted_once_jud
     assert status.canary.promotion_refused.startswith("not judged yet")
     stub = decision_stub(channel_to(canary_app))
     sources = []
-    for _ in range(80):
+    for _ in range(100):
         sources.append((await stub.Decide(buy(), timeout=2.0)).source)
     assert sources.count(decision_pb2.SOURCE_CANARY) >= 15
     assert sources.count(decision_pb2.SOURCE_PRIMARY) >= 15
