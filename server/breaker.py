@@ -5,7 +5,10 @@ outcome is fed back through ``CircuitBreaker.call`` with a function that returns
 raises at once, so pybreaker makes every state change. Failures that overlap count once
 (calls that fail together in one stall are one event). Half-open, it lets 1, 2, 4, ...
 trial calls through as they succeed, until ``success_threshold`` successes close it.
-Errors for which ``ignore`` returns True are neither failure nor success. Why:
+A closed breaker also opens on rates (``RateRule``): the share of its calls in a sliding
+window that failed, or that were slow, as Resilience4j judges them, so that a replica
+failing half its calls between successes is isolated too. Errors for which ``ignore``
+returns True are neither failure nor success. Why:
 docs/architecture.md#deadlines-and-load-on-the-decide-path.
 """
 
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -28,6 +33,59 @@ OPEN = pybreaker.STATE_OPEN
 HALF_OPEN = pybreaker.STATE_HALF_OPEN
 # Trial calls at once double with each success, up to 2**this.
 MAX_TRIAL_DOUBLINGS = 6
+
+
+@dataclass(frozen=True)
+class RateRule:
+    """A closed breaker opens once the calls of the last ``window_s`` seconds number at
+    least ``min_calls`` and a share ``failure_rate`` or more of them failed, or a share
+    ``slow_rate`` or more took ``slow_ms`` or longer (failed or not)."""
+
+    window_s: int = 10
+    min_calls: int = 20
+    failure_rate: float = 0.25
+    slow_rate: float = 1.0
+    slow_ms: float = 20.0
+
+
+@dataclass(frozen=True)
+class Rates:
+    calls: int
+    failure_rate: float
+    slow_rate: float
+
+
+class CallWindow:
+    """The outcomes of the calls of the last ``window_s`` seconds, in one-second buckets.
+
+    The event loop records; the metrics thread may read ``rates`` at the same time, so a
+    read sums a copy of the buckets and changes nothing."""
+
+    def __init__(self, window_s: int) -> None:
+        self._window_s = window_s
+        self._buckets: deque[list[int]] = deque()  # [second, calls, failures, slow]
+
+    def record(self, now_s: float, *, failed: bool, slow: bool) -> None:
+        second = int(now_s)
+        while self._buckets and self._buckets[0][0] <= second - self._window_s:
+            self._buckets.popleft()
+        if not self._buckets or self._buckets[-1][0] != second:
+            self._buckets.append([second, 0, 0, 0])
+        bucket = self._buckets[-1]
+        bucket[1] += 1
+        bucket[2] += failed
+        bucket[3] += slow
+
+    def rates(self, now_s: float) -> Rates:
+        oldest = int(now_s) - self._window_s
+        calls = failures = slow = 0
+        for second, *counts in list(self._buckets):  # a copy: one C call under the GIL
+            if second > oldest:
+                calls, failures, slow = calls + counts[0], failures + counts[1], slow + counts[2]
+        return Rates(calls, failures / calls, slow / calls) if calls else Rates(0, 0.0, 0.0)
+
+    def clear(self) -> None:
+        self._buckets.clear()
 
 
 class BreakerOpenError(Exception):
@@ -63,10 +121,18 @@ class AsyncCircuitBreaker:
         fail_max: int,
         reset_timeout_s: float,
         success_threshold: int = 1,
+        rates: RateRule | None = None,
         ignore: Callable[[BaseException], bool] = lambda exc: False,
     ) -> None:
         self.name = name
         self._ignore = ignore
+        self._rule = rates
+        self._window = CallWindow(rates.window_s if rates else 1)
+        # The breakers of the replicas that take this one's calls when it is open: rates
+        # open it only while one of them is closed and within its own rule (as Envoy's
+        # max_ejection_percent: a slow machine makes every replica slow, and opening them
+        # all would put every decision on the ladder).
+        self.peers: list[AsyncCircuitBreaker] = []
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout_s,
@@ -77,6 +143,39 @@ class AsyncCircuitBreaker:
         )
         self._trials_in_flight = 0
         self._failure_counted_at = float("-inf")  # monotonic
+
+    def rates(self) -> Rates:
+        """The rates of the calls made while closed, over the rule's window."""
+        return self._window.rates(time.monotonic())
+
+    def _over_rule(self, rates: Rates) -> bool:
+        rule = self._rule
+        return (
+            rule is not None
+            and rates.calls >= rule.min_calls
+            and (rates.failure_rate >= rule.failure_rate or rates.slow_rate >= rule.slow_rate)
+        )
+
+    def _healthy(self) -> bool:
+        return self.state == CLOSED and not self._over_rule(self.rates())
+
+    def _judge(self, started: float, *, failed: bool) -> None:
+        """Adds a call made while closed to the window; opens the breaker when the rule
+        says so and a peer can take its calls."""
+        rule = self._rule
+        if rule is None or self.state != CLOSED:
+            return
+        now = time.monotonic()
+        self._window.record(now, failed=failed, slow=(now - started) * 1000 >= rule.slow_ms)
+        rates = self._window.rates(now)
+        if self._over_rule(rates) and (not self.peers or any(p._healthy() for p in self.peers)):
+            log.warning(
+                "breaker %s: %.0f%% of %d calls in %d s failed, %.0f%% slow (>= %.0f ms)",
+                self.name, 100 * rates.failure_rate, rates.calls, rule.window_s,
+                100 * rates.slow_rate, rule.slow_ms,
+            )  # fmt: skip
+            self._window.clear()
+            self._breaker.open()
 
     @property
     def state(self) -> str:
@@ -165,12 +264,17 @@ class AsyncCircuitBreaker:
             # hung one's refusals (ModelBusy) count too. Any counted failure of a trial
             # reopens the breaker.
             overlapped = started < self._failure_counted_at
-            if not self._ignore(exc) and (trial or not overlapped):
-                self._failure_counted_at = time.monotonic()
-                self._record(trial=trial, failure=exc)
+            if not self._ignore(exc):
+                if trial or not overlapped:
+                    self._failure_counted_at = time.monotonic()
+                    self._record(trial=trial, failure=exc)
+                if not trial:  # the window counts each failed call: it judges a share
+                    self._judge(started, failed=True)
             raise
         else:
             self._record(trial=trial, failure=None)
+            if not trial:
+                self._judge(started, failed=False)
             return result
         finally:
             if trial:

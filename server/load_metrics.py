@@ -197,10 +197,23 @@ class ReplicaCollector(Collector):
             "for them (a failed call's is how long it waited before it gave up).",
             labels=["replica", "outcome"],
         )
+        failure_rate = GaugeMetricFamily(
+            "decision_breaker_failure_rate",
+            "Share of the replica's calls in its closed breaker's window that failed.",
+            labels=["replica"],
+        )
+        slow_rate = GaugeMetricFamily(
+            "decision_breaker_slow_call_rate",
+            "Share of the replica's calls in its closed breaker's window that were slow.",
+            labels=["replica"],
+        )
         for replica in self._replicas:
             current = replica.breaker.state
             for name in BREAKER_STATES:
                 state.add_metric([replica.name, name], 1.0 if current == name else 0.0)
+            rates = replica.breaker.rates()
+            failure_rate.add_metric([replica.name], rates.failure_rate)
+            slow_rate.add_metric([replica.name], rates.slow_rate)
             for outcome, buckets in (
                 ("ok", replica.recent.ok_latency),
                 ("failed", replica.recent.failed_latency),
@@ -209,4 +222,4 @@ class ReplicaCollector(Collector):
                 latency.add_metric(
                     [replica.name, outcome], buckets.cumulative(), sum_value=buckets.total
                 )
-        yield from (state, calls, latency)
+        yield from (state, failure_rate, slow_rate, calls, latency)

@@ -95,6 +95,7 @@ class Replica:
                 fail_max=breaker.fail_max,
                 reset_timeout_s=breaker.reset_timeout_s,
                 success_threshold=SUCCESSES_TO_CLOSE,
+                rates=breaker.rule(),
                 ignore=lambda exc: isinstance(exc, ModelFailure) and not exc.counts_against_replica,
             ),
             source,

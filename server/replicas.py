@@ -97,6 +97,8 @@ class Replicas:
             replica("primary", ts.primary_address, Source.PRIMARY),
             replica("secondary", ts.secondary_address, Source.SECONDARY),
         ]
+        for champion in champions:  # rates open one only while the other takes its calls
+            champion.breaker.peers = [c.breaker for c in champions if c is not champion]
         challenger = None
         if ts.challenger_address:
             addresses["challenger"] = ts.challenger_address

@@ -25,6 +25,7 @@ from core.domain import DEFAULT_TRADE_THRESHOLD
 from core.settings import ROOT_CONFIG, SettingsSection, TelemetrySettings
 from fallback.settings import FallbackSettings
 from feature_cache.settings import FeatureSettings, RedisSettings
+from server.breaker import RateRule
 from server.model_errors import MIN_COUNTED_TIMEOUT_MS
 
 
@@ -170,6 +171,45 @@ class BreakerSettings(SettingsSection):
         description="How long an open breaker waits before it lets trial calls through "
         "(one, then twice as many after each success).",
     )
+    window_s: int = Field(
+        10,
+        ge=1,
+        le=300,
+        description="The sliding window, in seconds, over which a closed breaker judges "
+        "its replica's failure and slow-call rates.",
+    )
+    min_calls: int = Field(
+        20,
+        ge=1,
+        description="Calls in the window before the rates can open the breaker.",
+    )
+    failure_rate: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Share of the window's calls that failed (error, timeout, refusal by "
+        "the replica) at which the breaker opens.",
+    )
+    slow_call_rate: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of the window's calls that took slow_call_ms or longer, failed "
+        "or not, at which the breaker opens (1: only when every call is slow; a busy "
+        "decision server makes every replica look slow).",
+    )
+    slow_call_ms: float = Field(
+        20.0,
+        gt=0,
+        description="A model call this long or longer is slow; keep it below "
+        "deadlines.model_call_ms, the cap on one call.",
+    )
+
+    def rule(self) -> RateRule:
+        return RateRule(
+            self.window_s, self.min_calls, self.failure_rate, self.slow_call_rate,
+            self.slow_call_ms,
+        )  # fmt: skip
 
 
 class DeadlineSettings(SettingsSection):

@@ -8,7 +8,7 @@ import functools
 import gc
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, cast
 
@@ -375,3 +375,30 @@ async def audited_decision(app: DecisionApp, decision_id: str) -> dict[str, Any]
     row = stored()
     assert row is not None
     return row
+
+
+@asynccontextmanager
+async def slowed(
+    procs: list[ManagedProcess], *, stopped_ms: float, running_ms: float
+) -> AsyncIterator[None]:
+    """Each process held off the CPU ``stopped_ms`` of every ``stopped_ms + running_ms``:
+    a replica that answers, slowly and at a fraction of its throughput."""
+
+    async def cycle() -> None:
+        while True:
+            for proc in procs:
+                proc.pause()
+            await asyncio.sleep(stopped_ms / 1000)
+            for proc in procs:
+                proc.resume()
+            await asyncio.sleep(running_ms / 1000)
+
+    task = asyncio.create_task(cycle())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        for proc in procs:
+            proc.resume()

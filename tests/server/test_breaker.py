@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
 import pytest
 
-from server.breaker import AsyncCircuitBreaker, BreakerOpenError
+from server.breaker import AsyncCircuitBreaker, BreakerOpenError, CallWindow, RateRule
 
 
 class Boom(Exception):
@@ -59,6 +60,72 @@ async def test_a_success_resets_the_failure_count():
     with pytest.raises(Boom):
         await cb.call(fail)
     assert cb.state == "closed"
+
+
+async def test_a_replica_failing_every_other_call_opens_on_its_failure_rate():
+    # Each success resets the consecutive count: fail_max alone never opens it.
+    cb = breaker(rates=RateRule(min_calls=20, failure_rate=0.25))
+    for n in range(20):
+        if n % 2:
+            assert await cb.call(succeed) == "ok"
+        else:
+            with pytest.raises(Boom):
+                await cb.call(fail)
+        assert cb.state == ("open" if n == 19 else "closed"), n
+    assert not cb.allows_call()
+
+
+async def test_a_replica_failing_one_call_in_a_hundred_stays_closed():
+    cb = breaker(rates=RateRule(min_calls=20, failure_rate=0.25))
+    for n in range(300):
+        if n % 100 == 50:
+            with pytest.raises(Boom):
+                await cb.call(fail)
+        else:
+            await cb.call(succeed)
+    assert cb.state == "closed"
+    assert cb.rates().calls == 300 and cb.rates().failure_rate == pytest.approx(0.01)
+
+
+async def test_a_replica_answering_slowly_opens_on_its_slow_call_rate():
+    cb = breaker(rates=RateRule(min_calls=10, slow_rate=0.5, slow_ms=5.0))
+
+    async def slow() -> str:
+        await asyncio.sleep(0.01)
+        return "ok"
+
+    for n in range(10):
+        assert await (cb.call(slow) if n % 2 else cb.call(succeed)) == "ok"
+    assert cb.state == "open"
+
+
+async def test_rates_never_open_the_last_replica_that_could_take_the_calls():
+    rule = RateRule(min_calls=4, failure_rate=0.25)
+    primary, secondary = breaker(rates=rule), breaker(rates=rule)
+    primary.peers, secondary.peers = [secondary], [primary]
+
+    async def every_other_fails(cb: AsyncCircuitBreaker, calls: int) -> None:
+        for n in range(calls):
+            with pytest.raises(Boom) if n % 2 == 0 else contextlib.nullcontext():
+                await cb.call(fail if n % 2 == 0 else succeed)
+
+    await every_other_fails(secondary, 3)  # under min_calls: still a healthy peer
+    await every_other_fails(primary, 4)
+    assert primary.state == "open"
+    # The secondary takes the calls and fails as often, but nothing else could take them.
+    await every_other_fails(secondary, 40)
+    assert secondary.state == "closed" and secondary.rates().failure_rate > 0.5
+
+
+def test_the_window_forgets_calls_older_than_its_seconds():
+    window = CallWindow(10)
+    window.record(100.2, failed=True, slow=True)
+    window.record(105.0, failed=False, slow=True)
+    window.record(109.9, failed=False, slow=False)
+    rates = window.rates(109.9)
+    assert (rates.calls, rates.failure_rate, rates.slow_rate) == (3, 1 / 3, 2 / 3)
+    assert window.rates(110.0).calls == 2  # second 100 left the window
+    assert window.rates(119.9).calls == 0 and window.rates(119.9).failure_rate == 0.0
 
 
 async def test_calls_in_flight_together_that_fail_together_count_once():

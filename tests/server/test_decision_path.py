@@ -26,6 +26,7 @@ from tests.server.conftest import (
     replica_settings,
     sample_record,
     settle,
+    slowed,
 )
 
 pytestmark = pytest.mark.integration
@@ -149,6 +150,41 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
     # can still take more than the 15 ms cap on a slow hour (CI, 2026-11-27: 14.9 ms).
     sources = [(await stub.Decide(buy(), timeout=2.0)).source for _ in range(5)]
     assert decision_pb2.SOURCE_PRIMARY in sources, sources
+
+
+async def test_a_primary_missing_half_its_calls_is_isolated_by_its_failure_rate(
+    replicas, start_app, channel_to, feature_writer
+):
+    """Held off the CPU 60 ms of every 120 (``decisionctl chaos slow``), the primary
+    misses about half its calls with successes between them: the consecutive count never
+    reaches fail_max (set out of reach here), the failure rate opens the breaker."""
+    await feature_writer.write_many([sample_record("BTC-USD")])
+    app = await start_app(
+        torchserve=replica_settings(replicas),
+        breaker={"fail_max": 1000, "reset_timeout_s": 60.0},
+    )
+    stub = decision_stub(channel_to(app))
+    await settle(app)
+    breaker = app.replicas[0].breaker
+    answers: list[decision_pb2.DecideResponse] = []
+
+    async def caller(until: float) -> None:  # about 25 Decide/s each
+        while breaker.state == "closed" and time.monotonic() < until:
+            answers.append(await stub.Decide(buy(), timeout=0.050))
+            await asyncio.sleep(0.04)
+
+    async with slowed([replicas["primary"].proc], stopped_ms=60, running_ms=60):
+        until = time.monotonic() + 20
+        await asyncio.gather(*(caller(until) for _ in range(4)))
+        seen = f"{breaker.rates()} after {len(answers)} calls"
+        assert breaker.state == "open", seen
+        primary = sum(a.source == decision_pb2.SOURCE_PRIMARY for a in answers)
+        assert 0 < primary < len(answers), seen  # successes came between the failures
+        # Open, the secondary answers without waiting on the primary.
+        response = await stub.Decide(buy(), timeout=0.050)
+    assert response.source == decision_pb2.SOURCE_SECONDARY, response.reason
+    assert response.reason.startswith("primary breaker open"), response.reason
+    assert response.timings.model_us < 20_000
 
 
 async def wait_for_cached_score(

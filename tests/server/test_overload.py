@@ -12,9 +12,7 @@ docs/overload.md#where-it-falls-short.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -26,7 +24,7 @@ from proto.decision.v1 import admin_pb2, decision_pb2
 from server.breaker_probe import PROBE_ROW
 from server.model_client import TorchServeClient
 from tests.conftest import Replica
-from tests.server.conftest import OPERATOR, VIEWER, ServerProcess, buy
+from tests.server.conftest import OPERATOR, VIEWER, ServerProcess, buy, slowed
 from torchserve.replica import workers_lost
 
 pytestmark = pytest.mark.integration
@@ -69,33 +67,6 @@ RECOVERY_S = 1.0
 SETTLE_S = 15.0
 MODEL_SOURCES = (decision_pb2.SOURCE_PRIMARY, decision_pb2.SOURCE_SECONDARY)
 REPLICAS = ("primary", "secondary")
-
-
-@contextlib.asynccontextmanager
-async def slowed(
-    procs: list[ManagedProcess], *, stopped_ms: float, running_ms: float
-) -> AsyncIterator[None]:
-    """Each process held off the CPU ``stopped_ms`` of every ``stopped_ms + running_ms``:
-    a replica that answers, slowly and at a fraction of its throughput."""
-
-    async def cycle() -> None:
-        while True:
-            for proc in procs:
-                proc.pause()
-            await asyncio.sleep(stopped_ms / 1000)
-            for proc in procs:
-                proc.resume()
-            await asyncio.sleep(running_ms / 1000)
-
-    task = asyncio.create_task(cycle())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        for proc in procs:
-            proc.resume()
 
 
 async def stopped_once(proc: ManagedProcess, *, after_s: float, for_s: float) -> float:
