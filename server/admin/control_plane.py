@@ -310,6 +310,7 @@ class ControlPlane:
                     change,
                     replica.recent.summary(),
                     replica.recent.last_version,
+                    replica.breaker.rates(),
                 )
             )
         weight, canary_change = state.canary(now_us)

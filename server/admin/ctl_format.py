@@ -192,6 +192,8 @@ def _format_replicas(status: pb.GetStatusResponse) -> list[str]:
                 _mode(replica.mode),
                 str(replica.recent_calls),
                 str(replica.recent_failures),
+                f"{100 * replica.breaker_failure_rate:.0f}",
+                f"{100 * replica.breaker_slow_call_rate:.0f}",
                 f"{replica.recent_p50_ms:.1f}",
                 f"{replica.recent_p99_ms:.1f}",
                 version[:MODEL_VERSION_SHOWN] or "-",
@@ -202,7 +204,10 @@ def _format_replicas(status: pb.GetStatusResponse) -> list[str]:
             overrides.append(
                 f"  {replica.name} {_mode(replica.mode)} {format_change(replica.override)}"
             )
-    headers = ["NAME", "ADDRESS", "BREAKER", "MODE", "CALLS", "FAILS", "P50MS", "P99MS", "MODEL"]
+    headers = [
+        "NAME", "ADDRESS", "BREAKER", "MODE", "CALLS", "FAILS", "FAIL%", "SLOW%", "P50MS",
+        "P99MS", "MODEL",
+    ]  # fmt: skip
     return [format_table(headers, rows), *overrides]
 
 

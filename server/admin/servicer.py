@@ -225,6 +225,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     recent_p50_ms=r.recent.p50_ms,
                     recent_p99_ms=r.recent.p99_ms,
                     model_version=r.model_version,
+                    breaker_failure_rate=r.rates.failure_rate,
+                    breaker_slow_call_rate=r.rates.slow_rate,
                 )
                 for r in status.replicas
             ],

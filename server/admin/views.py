@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from core.reports import IgnoredFeed, LabelProgress
 from feature_cache.mirror import MirrorStatus
+from server.breaker import Rates
 from server.control.canary import CanaryComparison
 from server.control.recent import CallSummary
 from server.control.shared import SyncStatus
@@ -23,6 +24,7 @@ class ReplicaView:
     change: Change | None
     recent: CallSummary
     model_version: str
+    rates: Rates
 
 
 @dataclass(frozen=True, slots=True)

@@ -115,6 +115,8 @@ class ReplicaStatus(_message.Message):
     RECENT_P50_MS_FIELD_NUMBER: _builtins.int
     RECENT_P99_MS_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    BREAKER_FAILURE_RATE_FIELD_NUMBER: _builtins.int
+    BREAKER_SLOW_CALL_RATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"primary", "secondary" or "challenger"."""
     address: _builtins.str
@@ -130,6 +132,12 @@ class ReplicaStatus(_message.Message):
     recent_p99_ms: _builtins.float
     model_version: _builtins.str
     """The model version the replica last answered with ("" before its first answer)."""
+    breaker_failure_rate: _builtins.float
+    """The shares of this server's calls to the replica in its breaker's sliding window
+    (0 to 1; empty while the breaker is not closed) that failed and that were slow: the
+    rates that open the breaker (DECISION_BREAKER__FAILURE_RATE, __SLOW_CALL_RATE).
+    """
+    breaker_slow_call_rate: _builtins.float
     @_builtins.property
     def override(self) -> Global___ChangeInfo:
         """Set when mode is not BREAKER_MODE_AUTO."""
@@ -147,10 +155,12 @@ class ReplicaStatus(_message.Message):
         recent_p50_ms: _builtins.float = ...,
         recent_p99_ms: _builtins.float = ...,
         model_version: _builtins.str = ...,
+        breaker_failure_rate: _builtins.float = ...,
+        breaker_slow_call_rate: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["override", b"override"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "breaker_state", b"breaker_state", "mode", b"mode", "model_version", b"model_version", "name", b"name", "override", b"override", "recent_calls", b"recent_calls", "recent_failures", b"recent_failures", "recent_p50_ms", b"recent_p50_ms", "recent_p99_ms", b"recent_p99_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "breaker_failure_rate", b"breaker_failure_rate", "breaker_slow_call_rate", b"breaker_slow_call_rate", "breaker_state", b"breaker_state", "mode", b"mode", "model_version", b"model_version", "name", b"name", "override", b"override", "recent_calls", b"recent_calls", "recent_failures", b"recent_failures", "recent_p50_ms", b"recent_p50_ms", "recent_p99_ms", b"recent_p99_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -57,6 +57,8 @@ def _status() -> pb.GetStatusResponse:
                 mode=pb.BREAKER_MODE_AUTO,
                 recent_calls=1200,
                 recent_failures=3,
+                breaker_failure_rate=0.13,
+                breaker_slow_call_rate=0.5,
                 recent_p50_ms=4.12,
                 recent_p99_ms=12.9,
                 model_version="3f1c2a9b8d7e6f5a4b3c",
@@ -211,7 +213,9 @@ def test_format_status_shows_the_key_content() -> None:
         assert expected in text, expected
     assert "3f1c2a9b8d7e6" not in text  # model versions are cut to 12 characters
     primary = next(line for line in text.splitlines() if "10.0.0.1" in line)
-    assert primary.split()[:6] == ["primary", "10.0.0.1:7070", "closed", "AUTO", "1200", "3"]
+    assert primary.split()[:8] == [
+        "primary", "10.0.0.1:7070", "closed", "AUTO", "1200", "3", "13", "50"
+    ]  # fmt: skip
 
 
 def _servers() -> pb.ListServersResponse:
