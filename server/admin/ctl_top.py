@@ -239,7 +239,8 @@ def render(sample: Sample, baselines: Mapping[str, pb.ServerInfo], address: str)
 
     status = sample.status
     replicas = Table(box=None)
-    for column in ("REPLICA", "BREAKER", "OVERRIDE", "CALLS", "FAILED", "P50 MS", "P99 MS"):
+    columns = ("REPLICA", "BREAKER", "OVERRIDE", "CALLS", "FAILED", "FAIL%", "SLOW%", "P50 MS")
+    for column in (*columns, "P99 MS"):
         replicas.add_column(column)
     for replica in status.replicas:
         replicas.add_row(
@@ -248,6 +249,8 @@ def render(sample: Sample, baselines: Mapping[str, pb.ServerInfo], address: str)
             pb.BreakerMode.Name(replica.mode).removeprefix("BREAKER_MODE_"),
             str(replica.recent_calls),
             str(replica.recent_failures),
+            f"{100 * replica.breaker_failure_rate:.0f}",  # what the breaker judges
+            f"{100 * replica.breaker_slow_call_rate:.0f}",
             f"{replica.recent_p50_ms:.1f}",
             f"{replica.recent_p99_ms:.1f}",
         )

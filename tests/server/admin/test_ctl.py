@@ -876,6 +876,7 @@ def test_top_frame_shows_rates_from_the_counts_over_the_servers_own_write_times(
     assert "primary=half-open" in text
     assert "shadow: 50% agree (9.0/s)" in text
     assert "replicas (as decision-a1 sees them)" in text
+    assert lines["REPLICA"][5:7] == ["FAIL%", "SLOW%"]
 
     # A frame that finds the same entries again (top reads as often as servers write)
     # shows the same rates, not blanks.
