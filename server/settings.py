@@ -172,26 +172,26 @@ class BreakerSettings(SettingsSection):
         "(one, then twice as many after each success).",
     )
     window_s: int = Field(
-        10,
+        RateRule.window_s,
         ge=1,
         le=300,
         description="The sliding window, in seconds, over which a closed breaker judges "
         "its replica's failure and slow-call rates.",
     )
     min_calls: int = Field(
-        20,
+        RateRule.min_calls,
         ge=1,
         description="Calls in the window before the rates can open the breaker.",
     )
     failure_rate: float = Field(
-        0.25,
+        RateRule.failure_rate,
         gt=0,
         le=1,
         description="Share of the window's calls that failed (error, timeout, refusal by "
         "the replica) at which the breaker opens.",
     )
     slow_call_rate: float = Field(
-        1.0,
+        RateRule.slow_rate,
         gt=0,
         le=1,
         description="Share of the window's calls that took slow_call_ms or longer, failed "
@@ -199,7 +199,7 @@ class BreakerSettings(SettingsSection):
         "decision server makes every replica look slow).",
     )
     slow_call_ms: float = Field(
-        20.0,
+        RateRule.slow_ms,
         gt=0,
         description="A model call this long or longer is slow; keep it below "
         "deadlines.model_call_ms, the cap on one call.",
