@@ -161,6 +161,9 @@ async def test_a_primary_missing_half_its_calls_is_isolated_by_its_failure_rate(
     await feature_writer.write_many([sample_record("BTC-USD")])
     app = await start_app(
         torchserve=replica_settings(replicas),
+        # A 15 ms cap (as the paused-primary test): a call caught in a stop times out, and
+        # counts, rather than answering slowly once the primary runs again.
+        deadline={"model_call_ms": 15.0},
         breaker={"fail_max": 1000, "reset_timeout_s": 60.0},
     )
     stub = decision_stub(channel_to(app))
