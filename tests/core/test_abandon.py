@@ -7,10 +7,13 @@ import socket
 import time
 from collections.abc import Callable
 
+import pytest
 import uvloop
 
 from core import abandon
 from core.abandon import AbandonPool, settled_within
+
+pytestmark = pytest.mark.timed  # 5 ms waits, and the wall time they take
 
 
 async def _answer_lands_during_a_stall() -> bool:

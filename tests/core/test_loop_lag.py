@@ -70,6 +70,7 @@ async def test_a_stall_is_logged_with_the_cpu_and_collection_time_it_took(
     assert 0 < stall["gc"] <= stall["cpu"]
 
 
+@pytest.mark.timed
 async def test_a_stall_off_the_cpu_is_logged_as_such(caplog: pytest.LogCaptureFixture) -> None:
     async with probe_running():
         block_the_loop(0.08)  # asleep: the kernel has the thread

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, cast
 
+import pytest
 import redis.exceptions
 
 from core.deadline import Budget, StoreReads
@@ -16,6 +17,8 @@ from fallback.chain import FallbackChain, LadderInput
 from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache
 from feature_cache.schema import FEATURE_INDEX, FEATURE_NAMES
+
+pytestmark = pytest.mark.timed  # budgets of a few ms, spent while the test runs
 
 
 class FakeScoreCache:

@@ -21,7 +21,7 @@ from tests.feature_cache.test_consumer import SYMBOLS
 EVENTS = 6000
 EVENTS_PER_S = 1500  # the replay takes about 4 s: the restart falls in its middle
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 
 async def test_consumer_resumes_from_committed_offsets_after_a_broker_restart_under_replay(

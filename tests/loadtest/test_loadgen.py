@@ -50,6 +50,7 @@ def test_merged_histograms_give_the_percentiles_of_one_histogram_with_every_valu
     )
 
 
+@pytest.mark.timed
 async def test_open_loop_counts_latency_from_the_scheduled_send_time() -> None:
     """The event loop is blocked 40 ms of every 50 ms (as by a saturated generator): calls
     due meanwhile go out late and answer at once. From the schedule their latency is the
@@ -107,6 +108,7 @@ async def serialized_slow_server() -> AsyncIterator[str]:
         await server.stop(grace=None)
 
 
+@pytest.mark.timed
 async def test_open_loop_above_capacity_shows_the_queue_closed_loop_does_not(
     serialized_slow_server: str,
 ) -> None:
@@ -201,6 +203,7 @@ def test_a_spec_is_refused_when_unbounded_or_off_loopback(
 
 
 @pytest.mark.integration
+@pytest.mark.timed
 def test_worker_processes_measure_an_echo_server_and_count_errors(tmp_path: Path) -> None:
     port, nobody = free_port(), free_port()
     echo = ManagedProcess(

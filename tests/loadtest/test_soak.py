@@ -1,5 +1,5 @@
-"""The soak harness against the whole local stack, as ``make run`` starts it: 20 s of
-steady Decide load in 5-second windows with the stack's redis-server paused for 5 s of
+"""The soak harness against the whole local stack, as ``make run`` starts it: 16 s of
+steady Decide load in 2-second windows with the stack's redis-server paused for 4 s of
 it, and 10 s after the resume (the recovery bound) to see the model answer again.
 
 Asserted: no TorchServe worker lost; every answered decision in the audit store, and
@@ -23,12 +23,13 @@ import pytest
 from localstack.stack import LocalStack
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
-DURATION_S = 20  # a pause, and the recovery bound (10 s) after it
-PAUSE = "redis@5+5"
-WINDOW_S = 5  # a window wholly inside the pause
-WARMUP_S = 5  # the replicas' first calls are slow; none of them judged
+DURATION_S = 16  # a pause, and the recovery bound (10 s) after it
+# Features go stale 2 s (features.max_age_ms) into the pause: the ladder abstains for 2 s.
+PAUSE = "redis@2+4"
+WINDOW_S = 2  # a window wholly inside the pause, after the features went stale
+WARMUP_S = 2  # the stack warmed its replicas up; the client's first calls are not judged
 
 
 @pytest.mark.timeout(DURATION_S + 300)
@@ -85,7 +86,7 @@ def test_a_soak_with_a_redis_pause_loses_nothing_and_recovers(model_store, tmp_p
     assert any(w["outcomes"].get("ABSTAIN", 0) > 0.5 * w["answers"] for w in paused), output[-6000:]
     # The run's tables, in the page's generated blocks.
     written = page.read_text()
-    assert "| minutes | steady windows |" in written and "redis paused at 5 s" in written
+    assert "| minutes | steady windows |" in written and "redis paused at 2 s" in written
     assert "| decision-server | " in written, written
     # Every answer the model did not give says why, in the audit record.
     with sqlite3.connect(run_dir / "audit" / "audit.db") as db:

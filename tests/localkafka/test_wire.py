@@ -37,6 +37,8 @@ from localkafka.protocol import (
 from localkafka.records import split_batches
 from tests.localkafka.conftest import create_topic, eventually, fast_settings, make_batch, produce
 
+pytestmark = pytest.mark.timed  # the broker's waits, measured against the wall clock
+
 
 def frame(api_key: int, version: int, body: bytes, correlation_id: int = 7) -> bytes:
     header: bytes = RequestHeader_v1.SCHEMA.encode([api_key, version, correlation_id, "raw-test"])

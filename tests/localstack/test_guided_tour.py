@@ -236,6 +236,7 @@ def readme_shell_call(port: int) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.timed
 def test_the_readme_guided_tour(model_store, tmp_path):
     run_dir = tmp_path / "run"
     with local_stack(run_dir, model_store[0], "--with-prometheus") as stack:

@@ -32,7 +32,7 @@ from torchserve.replica import (
     workers_lost,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 CALLERS = 16  # concurrent callers, each calling in a loop
 SHORT_WAIT_S = 0.003  # about the median answer on this machine: many calls time out

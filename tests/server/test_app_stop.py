@@ -11,6 +11,7 @@ import pytest
 from server.stopping import bounded
 
 
+@pytest.mark.timed
 async def test_a_stop_that_never_ends_is_given_up_and_logged(caplog) -> None:
     cancelled = asyncio.Event()
 

@@ -49,6 +49,7 @@ def generated_request(rng: random.Random) -> decision_pb2.DecideRequest:
     return request
 
 
+@pytest.mark.timed
 async def test_generated_bad_requests_get_ok_or_invalid_argument(
     replicas, start_app, channel_to, feature_writer, monkeypatch
 ):

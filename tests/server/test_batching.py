@@ -24,6 +24,8 @@ from server.settings import Settings, TorchServeSettings
 from server.tracing import Tracing
 from tests.server.fakes import AlwaysConnected
 
+pytestmark = pytest.mark.timed  # budgets of a few ms, spent while the test runs
+
 
 class FakeReplica(AlwaysConnected):
     name = "primary"

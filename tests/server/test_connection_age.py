@@ -11,7 +11,7 @@ import pytest
 from server.app import DecisionApp
 from tests.server.conftest import buy, decision_stub
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 READY = grpc.ChannelConnectivity.READY
 

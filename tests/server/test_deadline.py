@@ -10,6 +10,8 @@ import pytest
 
 from core.deadline import Budget, CallPlan, StoreBusy, StoreReads
 
+pytestmark = pytest.mark.timed  # budgets of a few ms, spent while the test runs
+
 
 def test_no_caller_deadline_uses_the_default_budget():
     budget = CallPlan(default_budget_ms=50, response_margin_ms=0).budget(None)

@@ -29,7 +29,7 @@ from tests.server.conftest import (
     slowed,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 # The decision path runs against the same replicas through either inference API.
 PROTOCOLS = pytest.mark.parametrize("protocol", ["torchserve", "torchserve-oip"])
 

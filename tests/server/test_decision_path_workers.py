@@ -28,7 +28,7 @@ from tests.server.conftest import (
 )
 from tests.server.test_decision_path import wait_for_cached_score
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 
 async def answers(

@@ -24,7 +24,7 @@ from tests.server.conftest import (
     sample_record,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 DECISIONS = 20
 

@@ -41,6 +41,8 @@ from server.shadow import Shadowed
 from server.traffic import Traffic
 from tests.server.fakes import AlwaysConnected
 
+pytestmark = pytest.mark.timed  # budgets of a few ms, spent while the test runs
+
 SYMBOLS = ("BTC-USD", "ETH-USD")
 FLAGS = flag_specs()
 

@@ -6,12 +6,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
+import pytest
+
 from core.deadline import Budget, StoreReads
 from core.domain import OrderRequest, Side
 from feature_cache.mirror import FeatureMirror
 from feature_cache.store import FeatureReader, FeatureRecord
 from server.features import FeatureSource
 from tests.server.test_engine import FakeFeatureStore, record
+
+pytestmark = pytest.mark.timed  # budgets of a few ms, spent while the test runs
 
 
 class FakeMirror:

@@ -37,7 +37,7 @@ from torchserve.mlserver import (
 )
 from torchserve.train import OFFLINE_SCORERS
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 MLSERVER = REPO / ".tools" / "mlserver" / "bin" / "mlserver"
 

@@ -27,7 +27,7 @@ from tests.conftest import Replica
 from tests.server.conftest import OPERATOR, VIEWER, ServerProcess, buy, slowed
 from torchserve.replica import workers_lost
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 # The open-loop rate, as a share of the server's ladder-only throughput: 3-7 x what the
 # slowed replicas serve. A fixed rate would be past what the server itself answers on a

@@ -34,6 +34,8 @@ from server.router import NEEDS_WINDOW_S, ReplicaRouter
 from server.settings import BreakerSettings
 from tests.server.fakes import AlwaysConnected
 
+pytestmark = pytest.mark.timed  # budgets of a few ms, spent while the test runs
+
 
 class ScriptedReplica(AlwaysConnected):
     """Answers after ``latency_ms`` (or fails when ``fails``), or as ``script`` says for

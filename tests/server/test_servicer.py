@@ -69,6 +69,7 @@ class BudgetRecorder:
 
 
 @pytest.mark.parametrize(("margin_ms", "left_at_most"), [(5.0, 45.0), (12.0, 38.0)])
+@pytest.mark.timed
 async def test_the_server_plans_to_answer_its_margin_before_the_deadline(
     margin_ms: float, left_at_most: float
 ) -> None:

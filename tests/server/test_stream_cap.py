@@ -24,7 +24,7 @@ from server.load_metrics import core_calls
 from tests.server.admin.test_admin import wait_store_rows
 from tests.server.conftest import buy, replica_settings, sample_record, settle
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 CAP = 2
 

@@ -28,7 +28,7 @@ from tests.server.conftest import (
     sample_record,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 DECIDE = "/decision.v1.DecisionService/Decide"
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -34,7 +34,7 @@ from torchserve.triton import (
     tritonserver_process,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 MODELS = ("champion", "challenger")
 

@@ -45,7 +45,7 @@ from tests.server.conftest import (
     worker_connections,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 
 async def decide_until(

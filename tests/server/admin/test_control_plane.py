@@ -37,7 +37,7 @@ from server.settings import CanarySettings
 from tests.conftest import RedisInstance
 from tests.server.conftest import OPERATOR, TOKENS, VIEWER
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 ADDRESSES = {"primary": "p:1", "secondary": "s:1", "challenger": "c:1"}
 

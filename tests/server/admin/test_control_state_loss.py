@@ -26,7 +26,7 @@ from server.control.state import BREAKER_PREFIX, BreakerMode, Change, ControlSta
 from tests.server.admin.conftest import OwnRedis
 from tests.server.admin.test_control_plane import shared_control
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 # How soon every server must obey a change whose announcement was lost: one poll of the
 # store, and a margin for a slow machine.

@@ -26,7 +26,7 @@ from tests.server.admin.conftest import OwnRedis
 from tests.server.admin.test_control_state_loss import WITHIN_S
 from tests.server.conftest import OPERATOR, TOKENS, VIEWER, buy
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 KILLED = "SOL-USD"
 

@@ -8,6 +8,7 @@ import functools
 import signal
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -28,7 +29,7 @@ from tests.server.conftest import (
     sample_record,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
 
 # How gRPC's core refuses a call past the server's queue limit (server/front.py).
@@ -153,67 +154,75 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
         store.dispose()
 
 
-async def test_decisions_go_on_while_the_database_is_down_and_all_arrive_after(
-    replicas, start_app, channel_to, feature_writer, postgres_url
-):
-    for symbol in ("BTC-USD", "ETH-USD"):
-        await feature_writer.write_many([sample_record(symbol)])
+@pytest.fixture
+def store_proxy(postgres_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """A proxy to the test database and the URL through it. Asked for before
+    ``start_app``, it closes after the apps stop: their shippers drain through it."""
     target = sa.make_url(postgres_url)
     proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
     proxy.start()
-    proxied = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    through = target.set(host="127.0.0.1", port=proxy.port)
     try:
-        app = await start_app(
-            torchserve=replica_settings(replicas),
-            audit={"database_url": proxied},
-            server={"metrics_port": free_port()},
-        )
-        health = health_pb2_grpc.HealthStub(channel_to(app))
-        load = Load(app.port)
-        load.start()
-        await asyncio.sleep(0.5)
-
-        proxy.cut()
-        await asyncio.to_thread(wait_for, lambda: not app.audit.status().shipper.store_ok, 10)
-        audit_down = health_pb2.HealthCheckRequest(service="decision.audit")
-        for _ in range(40):
-            audit_health = await health.Check(audit_down, timeout=1)
-            if audit_health.status != health_pb2.HealthCheckResponse.SERVING:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)  # decisions keep coming with the store away
-        backlog = app.audit.status().shipper.backlog_bytes
-        metrics_down = await asyncio.to_thread(scrape, app.metrics.port)
-        proxy.restore()
-        await asyncio.sleep(0.5)
-        await load.stop()
-
-        assert audit_health.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert backlog > 0
-        assert metrics_down["decision_audit_store_up"] == 0.0
-        assert metrics_down["decision_audit_backlog_bytes"] > 0
-        # No decision failed because of the database (the queue limit may refuse a call).
-        assert set(load.errors) <= {REFUSED}, load.errors
-        served = len(load.ok_ids)
-        assert served > 100
-
-        engine = create_store_engine(postgres_url)
-        try:
-            store = AuditStore(engine)
-            await asyncio.to_thread(wait_for, lambda: store.count_decisions() == served, 30)
-            assert store.decision_ids() == load.ok_ids
-        finally:
-            engine.dispose()
-        # The shipper's process reports every 100 ms: its count follows the store's.
-        await asyncio.to_thread(
-            wait_for, lambda: app.audit.status().shipper.shipped_records >= served, 5
-        )
-        assert app.audit.status().shipper.store_ok
-        metrics_up = await asyncio.to_thread(scrape, app.metrics.port)
-        assert metrics_up["decision_audit_store_up"] == 1.0
-        assert metrics_up["decision_audit_shipped_records_total"] >= served
+        yield proxy, through.render_as_string(hide_password=False)
     finally:
         proxy.close()
+
+
+async def test_decisions_go_on_while_the_database_is_down_and_all_arrive_after(
+    store_proxy, replicas, start_app, channel_to, feature_writer, postgres_url
+):
+    for symbol in ("BTC-USD", "ETH-USD"):
+        await feature_writer.write_many([sample_record(symbol)])
+    proxy, proxied = store_proxy
+    app = await start_app(
+        torchserve=replica_settings(replicas),
+        audit={"database_url": proxied},
+        server={"metrics_port": free_port()},
+    )
+    health = health_pb2_grpc.HealthStub(channel_to(app))
+    load = Load(app.port)
+    load.start()
+    await asyncio.sleep(0.5)
+
+    proxy.cut()
+    await asyncio.to_thread(wait_for, lambda: not app.audit.status().shipper.store_ok, 10)
+    audit_down = health_pb2.HealthCheckRequest(service="decision.audit")
+    for _ in range(40):
+        audit_health = await health.Check(audit_down, timeout=1)
+        if audit_health.status != health_pb2.HealthCheckResponse.SERVING:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)  # decisions keep coming with the store away
+    backlog = app.audit.status().shipper.backlog_bytes
+    metrics_down = await asyncio.to_thread(scrape, app.metrics.port)
+    proxy.restore()
+    await asyncio.sleep(0.5)
+    await load.stop()
+
+    assert audit_health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert backlog > 0
+    assert metrics_down["decision_audit_store_up"] == 0.0
+    assert metrics_down["decision_audit_backlog_bytes"] > 0
+    # No decision failed because of the database (the queue limit may refuse a call).
+    assert set(load.errors) <= {REFUSED}, load.errors
+    served = len(load.ok_ids)
+    assert served > 100
+
+    engine = create_store_engine(postgres_url)
+    try:
+        store = AuditStore(engine)
+        await asyncio.to_thread(wait_for, lambda: store.count_decisions() == served, 30)
+        assert store.decision_ids() == load.ok_ids
+    finally:
+        engine.dispose()
+    # The shipper's process reports every 100 ms: its count follows the store's.
+    await asyncio.to_thread(
+        wait_for, lambda: app.audit.status().shipper.shipped_records >= served, 5
+    )
+    assert app.audit.status().shipper.store_ok
+    metrics_up = await asyncio.to_thread(scrape, app.metrics.port)
+    assert metrics_up["decision_audit_store_up"] == 1.0
+    assert metrics_up["decision_audit_shipped_records_total"] >= served
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -275,49 +284,43 @@ async def test_the_record_holds_what_the_service_knew(
 
 
 async def test_a_journal_at_its_cap_refuses_decisions_until_the_store_catches_up(
-    replicas, start_app, channel_to, feature_writer, postgres_url
+    store_proxy, replicas, start_app, channel_to, feature_writer, postgres_url
 ):
     await feature_writer.write_many([sample_record("BTC-USD")])
-    target = sa.make_url(postgres_url)
-    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
-    proxy.start()
-    proxied = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    proxy, proxied = store_proxy
     cap = 20_000  # about 17 decision records
-    try:
-        app = await start_app(
-            torchserve=replica_settings(replicas),
-            audit={"database_url": proxied, "max_backlog_bytes": cap},
-        )
-        stub = decision_stub(channel_to(app))
-        proxy.cut()
-        # The store is found away when there is something to ship.
-        answered = {(await stub.Decide(buy(), timeout=2.0)).decision_id}
-        await asyncio.to_thread(wait_for, lambda: not app.audit.status().shipper.store_ok, 10)
-        refused = None
-        for _ in range(500):
-            try:
-                answered.add((await stub.Decide(buy(), timeout=2.0)).decision_id)
-            except grpc.aio.AioRpcError as exc:
-                refused = exc
-                break
-            await asyncio.sleep(0.005)
-        assert refused is not None, "the journal grew past its cap"
-        assert refused.code() == grpc.StatusCode.UNAVAILABLE
-        assert "MAX_BACKLOG_BYTES" in (refused.details() or "")
-        status = app.audit.status()
-        assert status.shipper.full and status.refused_decisions == 1
-        # Refused within one retry wait of the cap: the journal stayed near it.
-        assert cap <= status.shipper.backlog_bytes < cap + 100_000
-
-        proxy.restore()
-        await asyncio.to_thread(wait_for, lambda: not app.audit.status().shipper.full, 20)
-        answered.add((await stub.Decide(buy(), timeout=2.0)).decision_id)
-        engine = create_store_engine(postgres_url)
+    app = await start_app(
+        torchserve=replica_settings(replicas),
+        audit={"database_url": proxied, "max_backlog_bytes": cap},
+    )
+    stub = decision_stub(channel_to(app))
+    proxy.cut()
+    # The store is found away when there is something to ship.
+    answered = {(await stub.Decide(buy(), timeout=2.0)).decision_id}
+    await asyncio.to_thread(wait_for, lambda: not app.audit.status().shipper.store_ok, 10)
+    refused = None
+    for _ in range(500):
         try:
-            store = AuditStore(engine)
-            await asyncio.to_thread(wait_for, lambda: store.count_decisions() == len(answered), 30)
-            assert store.decision_ids() == answered  # every answered decision, none refused
-        finally:
-            engine.dispose()
+            answered.add((await stub.Decide(buy(), timeout=2.0)).decision_id)
+        except grpc.aio.AioRpcError as exc:
+            refused = exc
+            break
+        await asyncio.sleep(0.005)
+    assert refused is not None, "the journal grew past its cap"
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE
+    assert "MAX_BACKLOG_BYTES" in (refused.details() or "")
+    status = app.audit.status()
+    assert status.shipper.full and status.refused_decisions == 1
+    # Refused within one retry wait of the cap: the journal stayed near it.
+    assert cap <= status.shipper.backlog_bytes < cap + 100_000
+
+    proxy.restore()
+    await asyncio.to_thread(wait_for, lambda: not app.audit.status().shipper.full, 20)
+    answered.add((await stub.Decide(buy(), timeout=2.0)).decision_id)
+    engine = create_store_engine(postgres_url)
+    try:
+        store = AuditStore(engine)
+        await asyncio.to_thread(wait_for, lambda: store.count_decisions() == len(answered), 30)
+        assert store.decision_ids() == answered  # every answered decision, none refused
     finally:
-        proxy.close()
+        engine.dispose()

@@ -17,6 +17,13 @@ from torchserve.train import ensure_models
 
 pytestmark = pytest.mark.integration
 
+# Budgets no busy machine overruns: the recorded decisions are the model's, whatever else
+# runs beside the test.
+UNHURRIED = {
+    "deadline": {"model_call_ms": 2000.0, "store_read_ms": 1000.0},
+    "breaker": {"slow_call_ms": 2000.0},
+}
+
 
 async def recorded_decisions(app, stub, feature_writer) -> list[str]:
     """40 model decisions over varied features and both sides, plus one ABSTAIN."""
@@ -48,7 +55,7 @@ async def recorded_decisions(app, stub, feature_writer) -> list[str]:
 async def test_replay_matches_the_recorded_model_and_reports_a_different_one(
     replicas, model_store, start_app, channel_to, feature_writer, tmp_path, monkeypatch
 ):
-    app = await start_app(torchserve=replica_settings(replicas))
+    app = await start_app(torchserve=replica_settings(replicas), **UNHURRIED)
     ids = await recorded_decisions(app, decision_stub(channel_to(app)), feature_writer)
     records = load_decisions(app.audit.store.engine, decision_ids=ids)
     assert len(records) == 41
@@ -80,7 +87,7 @@ async def test_replay_matches_the_recorded_model_and_reports_a_different_one(
 
 
 async def test_replay_command_exit_codes(replicas, start_app, channel_to, feature_writer):
-    app = await start_app(torchserve=replica_settings(replicas))
+    app = await start_app(torchserve=replica_settings(replicas), **UNHURRIED)
     ids = await recorded_decisions(app, decision_stub(channel_to(app)), feature_writer)
     url = app.settings.audit.database_url
 
