@@ -51,6 +51,14 @@ SAMPLE_FEATURES = {
 }
 
 
+# Budgets no busy machine overruns: a test that asserts who answered, not how fast, passes
+# these to ``start_app`` and runs beside other tests (it needs no ``timed`` mark).
+UNHURRIED: dict[str, dict[str, Any]] = {
+    "deadline": {"model_call_ms": 2000.0, "store_read_ms": 1000.0},
+    "breaker": {"slow_call_ms": 2000.0},
+}
+
+
 def sample_record(
     symbol: str, *, age_ms: float = 0.0, offset: int = 1, **changes: float
 ) -> FeatureRecord:

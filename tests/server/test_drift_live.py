@@ -17,6 +17,7 @@ from server.app import DecisionApp
 from tests.metrics import scrape, value
 from tests.server.conftest import (
     TOKENS,
+    UNHURRIED,
     VIEWER,
     buy,
     decision_stub,
@@ -24,7 +25,7 @@ from tests.server.conftest import (
     sample_record,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timed]
+pytestmark = pytest.mark.integration
 
 DECISIONS = 20
 
@@ -44,6 +45,7 @@ async def test_drift_of_scored_decisions_shows_in_status_and_metrics(
         server={"metrics_port": port},
         admin={"tokens": TOKENS},
         drift={"model_store": str(store)},
+        **UNHURRIED,
     )
     stub = decision_stub(channel_to(app))
     for _ in range(DECISIONS):

@@ -15,13 +15,14 @@ from server.app import DecisionApp
 from tests.metrics import scrape, value
 from tests.server.conftest import (
     TOKENS,
+    UNHURRIED,
     buy,
     decision_stub,
     replica_settings,
     sample_record,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timed]
+pytestmark = pytest.mark.integration
 
 
 def rpc(method: str, service: str = "decision.v1.DecisionService") -> dict[str, str]:
@@ -39,6 +40,7 @@ async def test_traffic_moves_the_request_decision_and_replica_metrics(
         torchserve=replica_settings(replicas),
         server={"metrics_port": port},
         admin={"tokens": TOKENS},
+        **UNHURRIED,
     )
     stub = decision_stub(channel_to(app))
     for _ in range(5):

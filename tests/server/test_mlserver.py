@@ -22,6 +22,7 @@ from tests.server.conftest import (
     OPERATOR,
     SAMPLE_FEATURES,
     TOKENS,
+    UNHURRIED,
     buy,
     decision_stub,
     replica_settings,
@@ -37,7 +38,7 @@ from torchserve.mlserver import (
 )
 from torchserve.train import OFFLINE_SCORERS
 
-pytestmark = [pytest.mark.integration, pytest.mark.timed]
+pytestmark = pytest.mark.integration
 
 MLSERVER = REPO / ".tools" / "mlserver" / "bin" / "mlserver"
 
@@ -111,6 +112,7 @@ async def test_the_canary_lane_decides_with_the_challenger_on_mlserver(
             "challenger_protocol": "kserve-v2",
         },
         admin={"tokens": TOKENS},
+        **UNHURRIED,
     )
     await feature_writer.write_many([sample_record("BTC-USD")])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.admin_port}") as channel:

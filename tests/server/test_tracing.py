@@ -21,6 +21,7 @@ from server.app import DecisionApp
 from server.control import flags
 from server.tracing import Tracing
 from tests.server.conftest import (
+    UNHURRIED,
     audited_decision,
     buy,
     decision_stub,
@@ -28,7 +29,7 @@ from tests.server.conftest import (
     sample_record,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timed]
+pytestmark = pytest.mark.integration
 
 DECIDE = "/decision.v1.DecisionService/Decide"
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -61,7 +62,7 @@ async def test_a_decide_retried_to_the_secondary_is_one_span_tree(
     await feature_writer.write_many([sample_record("BTC-USD")])
     nobody = f"127.0.0.1:{free_port()}"  # the primary's address answers nothing
     app: DecisionApp = await start_app(
-        tracing=tracing, torchserve=replica_settings(replicas, primary_address=nobody)
+        tracing=tracing, torchserve=replica_settings(replicas, primary_address=nobody), **UNHURRIED
     )
     exporter.clear()  # readiness and warm-up calls
     answer = await decision_stub(channel_to(app)).Decide(buy(), timeout=2.0)
@@ -105,7 +106,9 @@ async def test_the_callers_trace_is_continued_answered_and_audited(
     replicas, start_app, channel_to, feature_writer, tracing, exporter
 ) -> None:
     await feature_writer.write_many([sample_record("BTC-USD")])
-    app: DecisionApp = await start_app(tracing=tracing, torchserve=replica_settings(replicas))
+    app: DecisionApp = await start_app(
+        tracing=tracing, torchserve=replica_settings(replicas), **UNHURRIED
+    )
     exporter.clear()
     call = decision_stub(channel_to(app)).Decide(
         buy(),
@@ -127,7 +130,9 @@ async def test_a_call_without_a_traceparent_is_audited_with_its_new_trace(
     replicas, start_app, channel_to, feature_writer, tracing, exporter
 ) -> None:
     await feature_writer.write_many([sample_record("BTC-USD")])
-    app: DecisionApp = await start_app(tracing=tracing, torchserve=replica_settings(replicas))
+    app: DecisionApp = await start_app(
+        tracing=tracing, torchserve=replica_settings(replicas), **UNHURRIED
+    )
     exporter.clear()
     call = decision_stub(channel_to(app)).Decide(buy(), timeout=2.0)
     answer = await call
@@ -145,7 +150,7 @@ async def test_without_tracing_no_span_is_made_and_no_traceparent_answered(
     replicas, start_app, channel_to, feature_writer
 ) -> None:
     await feature_writer.write_many([sample_record("BTC-USD")])
-    app: DecisionApp = await start_app(torchserve=replica_settings(replicas))
+    app: DecisionApp = await start_app(torchserve=replica_settings(replicas), **UNHURRIED)
     assert not app.tracing.enabled
     call = decision_stub(channel_to(app)).Decide(
         buy(), timeout=2.0, metadata=(("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"),)
@@ -161,7 +166,9 @@ async def test_without_tracing_no_span_is_made_and_no_traceparent_answered(
 async def test_a_refused_call_answers_its_traceparent_too(
     replicas, start_app, channel_to, tracing, exporter
 ) -> None:
-    app: DecisionApp = await start_app(tracing=tracing, torchserve=replica_settings(replicas))
+    app: DecisionApp = await start_app(
+        tracing=tracing, torchserve=replica_settings(replicas), **UNHURRIED
+    )
     exporter.clear()
     call = decision_stub(channel_to(app)).Decide(buy(quantity=-1.0), timeout=2.0)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -173,6 +180,7 @@ async def test_a_refused_call_answers_its_traceparent_too(
     assert str(trailing["traceparent"]).split("-")[2] == f"{server.context.span_id:016x}"
 
 
+@pytest.mark.timed  # the shadow call's own fixed timeout
 async def test_a_shadowed_decision_has_a_shadow_span_with_the_challengers_attempt(
     replicas,
     challenger_replica,
@@ -188,6 +196,7 @@ async def test_a_shadowed_decision_has_a_shadow_span_with_the_challengers_attemp
     app: DecisionApp = await start_app(
         tracing=tracing,
         torchserve=replica_settings(replicas, challenger_address=challenger_replica.address),
+        **UNHURRIED,
     )
     exporter.clear()
     answer = await decision_stub(channel_to(app)).Decide(buy(), timeout=2.0)

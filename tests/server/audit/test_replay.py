@@ -12,17 +12,16 @@ import pytest
 from proto.decision.v1 import decision_pb2
 from server.audit.replay import load_decisions, replay
 from tests.conftest import REPO, TEST_TRAINING, wait_for
-from tests.server.conftest import buy, decision_stub, replica_settings, sample_record
+from tests.server.conftest import (
+    UNHURRIED,
+    buy,
+    decision_stub,
+    replica_settings,
+    sample_record,
+)
 from torchserve.train import ensure_models
 
 pytestmark = pytest.mark.integration
-
-# Budgets no busy machine overruns: the recorded decisions are the model's, whatever else
-# runs beside the test.
-UNHURRIED = {
-    "deadline": {"model_call_ms": 2000.0, "store_read_ms": 1000.0},
-    "breaker": {"slow_call_ms": 2000.0},
-}
 
 
 async def recorded_decisions(app, stub, feature_writer) -> list[str]:
