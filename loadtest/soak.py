@@ -4,8 +4,9 @@
 Every window prints the answers by source, p50/p99 from the send, late answers, feature
 age, the consumer's lag, TorchServe workers lost, the machine's busy and steal shares and
 each process group's CPU and RSS (``soak_probe``), judged by ``soak_report.Bounds``.
-``--fault`` pauses or empties a part on schedule (the model answers again within 10 s).
-At the end every answered decision must be in the audit store. Writes every window as
+``--fault`` pauses, kills, slows, stops or empties a part on schedule, ``--chaos`` draws
+them (the model answers again within 10 s). At the end every answered decision must be
+in the audit store and 99.99 % of calls answered OK in time. Writes every window as
 JSON; exits 1 when a bound broke, 2 when the stack did not start. docs/load-tests.md has
 the rest.
 """
@@ -17,6 +18,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import random
 import signal
 import time
 import uuid
@@ -28,7 +31,7 @@ from typing import Any
 import grpc
 
 from core.caller import CALLER_OPTIONS
-from core.chaos import RESTART_EMPTY, ChaosRequest, NoLocalStack, ask
+from core.chaos import REPLICAS, RESTART_EMPTY, ChaosRequest, NoLocalStack, ask
 from core.metrics_http import scrape
 from core.processes import ProcessStartError
 from loadtest.loadgen import Recorder, open_loop
@@ -43,6 +46,7 @@ from loadtest.soak_report import (
     Answer,
     Bounds,
     Window,
+    availability,
     growth,
     judge,
     machine_drift,
@@ -57,22 +61,36 @@ from localstack.stack import DEFAULT_SYMBOLS, REPO, LocalStack
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from torchserve.replica import replica_dir, workers_lost
 
-REPLICAS = ("primary", "secondary", "challenger")
 # The broker's and the consumer's CPU and memory: the last this many seconds against the
 # first, in runs of at least three times as long.
 GROWTH_PART_S = 600.0
 # After a fault, how long the answers are kept to find when the model answered again.
 RECOVERY_WATCH_S = 60.0
 LAG_METRIC = "feature_cache_consumer_lag"  # events behind, per partition the consumer owns
+# Paused together by a ``pause`` of the target's name (SIGSTOP, on this process's side).
 FAULT_GROUPS = {
     "primary": ("torchserve-primary",),
     "replicas": ("torchserve-primary", "torchserve-secondary"),
     "redis": ("redis-server",),
     "broker": ("kafka-broker",),
 }
-# Faults that restart a process through the stack's chaos service: no duration, it is
-# down only while it restarts.
-RESTARTS = {"redis-empty": ChaosRequest(RESTART_EMPTY, "redis")}
+# What the stack's chaos service does to a target for a fault's duration, and the request
+# that ends it; a fault of no duration is done at once (``redis-empty``: Redis restarted
+# with no keys; ``kill-worker``: one decision worker killed with SIGKILL, which the
+# server's supervisor starts again).
+UNDONE_BY = {"kill": "restart", "slow": "resume", "stop": "start"}
+TARGETS_OF = {
+    "pause": tuple(FAULT_GROUPS),
+    "kill": REPLICAS,
+    "slow": REPLICAS,
+    "stop": ("broker",),
+    "redis-empty": ("redis",),
+    "kill-worker": ("decision",),
+}
+INSTANT = ("redis-empty", "kill-worker")
+# A slowed replica is held off the CPU this long, then let run as long, over and over:
+# about half its calls overrun a 20 ms slow-call mark (issue 55's sick replica).
+SLOW_STOPPED_MS = SLOW_RUNNING_MS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,29 +98,83 @@ class Fault:
     target: str
     at_s: float
     duration_s: float
+    action: str = "pause"
 
     @classmethod
     def parse(cls, text: str) -> Fault:
-        """``TARGET@START+DURATION``, seconds since the measured load started; a restart
-        (``redis-empty@START``) has no duration."""
+        """``[ACTION:]TARGET@START+DURATION``, seconds since the measured load started;
+        ACTION pause (the default), kill, slow or stop; ``redis-empty@START`` and
+        ``kill-worker@START`` have no duration."""
+        action, _, rest = text.rpartition(":")
         try:
-            target, when = text.split("@")
+            target, when = rest.split("@")
             start, plus, duration = when.partition("+")
-            fault = cls(target, float(start), float(duration) if plus else 0.0)
+            at_s, duration_s = float(start), float(duration) if plus else 0.0
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not TARGET@START+DURATION: {text!r}") from None
-        if target in RESTARTS:
-            if fault.duration_s:
-                raise argparse.ArgumentTypeError(f"{target} is a restart: {target}@START")
-        elif target not in FAULT_GROUPS:
-            targets = ", ".join([*FAULT_GROUPS, *RESTARTS])
-            raise argparse.ArgumentTypeError(f"fault target one of {targets}")
-        elif not plus:
-            raise argparse.ArgumentTypeError(f"not TARGET@START+DURATION: {text!r}")
-        return fault
+            raise argparse.ArgumentTypeError(
+                f"not [ACTION:]TARGET@START+DURATION: {text!r}"
+            ) from None
+        if target in INSTANT and not action:
+            action, target = target, TARGETS_OF[target][0]
+        action = action or "pause"
+        if target not in TARGETS_OF.get(action, ()):
+            kinds = "; ".join(f"{a}: {', '.join(t)}" for a, t in TARGETS_OF.items())
+            raise argparse.ArgumentTypeError(f"{text!r}: a fault is one of ({kinds})")
+        if duration_s if action in INSTANT else not plus:
+            form = "@START" if action in INSTANT else "TARGET@START+DURATION"
+            raise argparse.ArgumentTypeError(f"{text!r}: {action} takes {form}")
+        return cls(target, at_s, duration_s, action)
 
     def label(self) -> str:
-        return "redis restarted empty" if self.target in RESTARTS else f"{self.target} paused"
+        if self.action == "redis-empty":
+            return "redis restarted empty"
+        if self.action == "kill-worker":
+            return "a decision worker killed"
+        done = {"pause": "paused", "kill": "killed", "slow": "slowed", "stop": "stopped"}
+        return f"{self.target} {done[self.action]}"
+
+    def spec(self) -> str:
+        """The text ``parse`` reads back: a drawn plan, repeatable by hand."""
+        if self.action in INSTANT:
+            return f"{self.action}@{self.at_s:g}"
+        action = "" if self.action == "pause" else f"{self.action}:"
+        return f"{action}{self.target}@{self.at_s:g}+{self.duration_s:g}"
+
+
+# Chaos (``--chaos``): a fault drawn from the whole set every few minutes. Each kind with
+# the range of its duration in seconds (a restart's is how long the part stays down).
+CHAOS_KINDS: tuple[tuple[str, str, tuple[float, float]], ...] = (
+    ("pause", "primary", (5, 30)),
+    ("pause", "replicas", (5, 20)),
+    ("kill", "primary", (5, 20)),
+    ("kill", "secondary", (5, 20)),
+    ("kill", "challenger", (5, 20)),
+    ("slow", "primary", (20, 60)),
+    ("slow", "secondary", (20, 60)),
+    ("pause", "redis", (5, 20)),
+    ("redis-empty", "redis", (0, 0)),
+    ("pause", "broker", (5, 30)),
+    ("stop", "broker", (5, 20)),
+)
+WORKER_KILL = ("kill-worker", "decision", (0.0, 0.0))  # only with --workers 2 or more
+CHAOS_FIRST_S = 60.0  # steady windows before the first fault
+CHAOS_GAP_S = (120.0, 240.0)  # from one fault's end to the next one's start
+
+
+def chaos_plan(seed: int, duration_s: float, *, workers: int = 1) -> list[Fault]:
+    """Faults drawn with ``seed``: one at a time, the next 2-4 minutes after the last
+    ended, the last ending with the recovery bound and a window to spare."""
+    rng = random.Random(seed)
+    kinds = [*CHAOS_KINDS, *([WORKER_KILL] if workers > 1 else [])]
+    faults: list[Fault] = []
+    at_s = CHAOS_FIRST_S
+    while True:
+        action, target, (shortest, longest) = rng.choice(kinds)
+        fault = Fault(target, round(at_s), round(rng.uniform(shortest, longest)), action)
+        if fault.at_s + fault.duration_s + 2 * Bounds().recovery_s > duration_s:
+            return faults
+        faults.append(fault)
+        at_s = fault.at_s + fault.duration_s + rng.uniform(*CHAOS_GAP_S)
 
 
 class LoadDriver:
@@ -180,33 +252,66 @@ class LoadDriver:
 async def inject(stack: LocalStack, fault: Fault, started_at: float) -> str:
     """Injects ``fault`` on schedule; why it could not be, in words ("" when it was)."""
     await asyncio.sleep(max(0.0, started_at + fault.at_s - time.monotonic()))
-    if fault.target in RESTARTS:
-        return await restart(stack, RESTARTS[fault.target])
-    groups = [stack.processes[name] for name in FAULT_GROUPS[fault.target]]
-    print(f"--- fault: SIGSTOP {', '.join(p.name for p in groups)} for {fault.duration_s:.0f} s")
-    for proc in groups:
-        proc.pause()
+    if fault.action == "redis-empty":
+        return await chaos(stack, ChaosRequest(RESTART_EMPTY, "redis"))
+    if fault.action == "kill-worker":
+        return kill_worker(stack)
+    if fault.action == "pause":
+        groups = [stack.processes[name] for name in FAULT_GROUPS[fault.target]]
+        names = ", ".join(p.name for p in groups)
+        print(f"--- fault: SIGSTOP {names} for {fault.duration_s:.0f} s")
+        for proc in groups:
+            proc.pause()
+        try:
+            await asyncio.sleep(fault.duration_s)
+        finally:
+            for proc in groups:
+                proc.resume()
+            print(f"--- fault over: SIGCONT {names}")
+        return ""
+    request = ChaosRequest(fault.action, fault.target, SLOW_STOPPED_MS, SLOW_RUNNING_MS)
+    problem = await chaos(stack, request)
+    if problem:
+        return problem
     try:
         await asyncio.sleep(fault.duration_s)
     finally:
-        for proc in groups:
-            proc.resume()
-        print(f"--- fault over: SIGCONT {', '.join(p.name for p in groups)}")
-    return ""
+        problem = await chaos(stack, ChaosRequest(UNDONE_BY[fault.action], fault.target))
+    return problem
 
 
-async def restart(stack: LocalStack, request: ChaosRequest) -> str:
-    """Restarts a process of the stack through its own chaos service, as
-    ``decisionctl chaos`` does (the stack's Ctrl-C still ends what it starts)."""
+async def chaos(stack: LocalStack, request: ChaosRequest) -> str:
+    """Does ``request`` through the stack's own chaos service, as ``decisionctl chaos``
+    does (the stack's Ctrl-C still ends what it starts); why it was not done, in words."""
     print(f"--- fault: decisionctl chaos {request.action} {request.target}")
     try:
-        # A Redis restart takes well under a second; the timeout only bounds a hang.
-        answer = await asyncio.to_thread(ask, stack.run_dir, request, 60.0)
+        # A restart takes seconds (a JVM's boot); the timeout only bounds a hang.
+        answer = await asyncio.to_thread(ask, stack.run_dir, request, 120.0)
     except (NoLocalStack, OSError) as exc:
         return f"chaos {request.action} {request.target} not done: {exc}"
     if not answer.ok:
         return f"chaos {request.action} {request.target} refused: {answer.message}"
-    print(f"--- fault over: {answer.message}")
+    return ""  # the stack logs what it did
+
+
+def kill_worker(stack: LocalStack) -> str:
+    """SIGKILL to one decision worker: a child of the server's supervisor forked from it,
+    so with its command line."""
+    supervisor = stack.processes["decision-server"].pid
+    if supervisor is None or stack.workers < 2:
+        return "kill-worker: no decision workers (the stack runs with --workers 2 or more)"
+    try:
+        own = Path(f"/proc/{supervisor}/cmdline").read_bytes()
+        children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+        workers = [
+            pid for pid in map(int, children) if Path(f"/proc/{pid}/cmdline").read_bytes() == own
+        ]
+    except OSError as exc:
+        return f"kill-worker: the decision server's workers not found: {exc}"
+    if not workers:
+        return "kill-worker: the decision server has no worker running"
+    print(f"--- fault: SIGKILL decision worker {workers[0]}")
+    os.kill(workers[0], signal.SIGKILL)
     return ""
 
 
@@ -242,7 +347,16 @@ def fault_at(faults: list[Fault], start_s: float, end_s: float, settle_s: float)
 
 async def soak(args: argparse.Namespace) -> int:
     bounds = Bounds()
-    stack = LocalStack(args.run_dir, args.port_offset, args.models)
+    if args.chaos:
+        seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
+        drawn = chaos_plan(seed, args.duration_s, workers=args.workers)
+        args.fault = [*args.fault, *drawn]
+        print(f"chaos: seed {seed} (--seed {seed} repeats it), {len(drawn)} faults:")
+        print("  " + " ".join(f"--fault {f.spec()}" for f in drawn))
+    stack = LocalStack(
+        args.run_dir, args.port_offset, args.models,
+        workers=args.workers, model_server=args.model_server,
+    )  # fmt: skip
     refused = stack.claim_ports()
     if refused:
         print(f"{refused}; is another stack running? (--port-offset N moves this one)")
@@ -371,6 +485,12 @@ def report(
             )
     if missing:
         broken.append(f"{missing} of {answered} answered decisions missing from the audit store")
+    in_time, calls = availability(windows)
+    if calls and in_time < bounds.min_availability * calls:
+        broken.append(
+            f"availability {in_time / calls:.4%} < {bounds.min_availability:.2%}"
+            f" ({calls - in_time} of {calls:,} calls not answered OK in time)"
+        )
     steady = [w for w in windows if not w.fault]
     summary = {
         "rate_per_s": args.rate,
@@ -380,6 +500,8 @@ def report(
         "bounds": asdict(bounds),
         "answered": answered,
         "missing_from_audit": missing,
+        "calls": calls,
+        "answered_in_time": in_time,
         "late": sum(w.late for w in windows),
         "late_calls": late_calls,
         "workers_lost": windows[-1].workers_lost if windows else 0,
@@ -392,7 +514,8 @@ def report(
     write_json(args.json, summary, windows)
     verdict = "soak: PASSED" if not broken else f"soak: FAILED ({len(broken)} bounds broken)"
     outcome = [
-        f"{answered:,} decisions; {summary['late']} answers after the deadline in all"
+        f"{answered:,} decisions; availability {in_time / max(calls, 1):.4%} of {calls:,}"
+        f" calls; {summary['late']} answers after the deadline in all"
         f" {len(windows)} windows, faults included; TorchServe workers lost"
         f" {summary['workers_lost']}; steady windows: model share ≥"
         f" {summary['min_model_share']:.1%}, p99 ≤ {summary['max_p99_ms']:.1f} ms; missing"
@@ -443,8 +566,14 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--deadline-ms": {"type": float, "default": 50.0},
     "--window-s": {"type": float, "default": 10.0},
     "--fault": {"type": Fault.parse, "action": "append", "default": [],
-                "help": "TARGET@START+DURATION (primary, replicas, redis, broker paused) or"
-                " redis-empty@START"},
+                "help": "[ACTION:]TARGET@START+DURATION: pause (the default: primary,"
+                " replicas, redis, broker), kill or slow (primary, secondary, challenger),"
+                " stop (broker); or redis-empty@START, kill-worker@START"},
+    "--chaos": {"action": "store_true",
+                "help": "a fault drawn from the whole set every 2-4 minutes (--seed)"},
+    "--seed": {"type": int, "help": "the chaos plan's seed (default: drawn, printed)"},
+    "--workers": {"type": int, "default": 1, "help": "decision-server worker processes"},
+    "--model-server": {"choices": ("torchserve", "triton"), "default": "torchserve"},
     "--run-dir": {"type": Path, "default": REPO / ".run/soak"},
     "--port-offset": {"type": int, "default": 0},
     "--models": {"type": Path, "help": "archives to serve (default: .run/models)"},

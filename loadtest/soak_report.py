@@ -19,6 +19,8 @@ from core.stats import percentile
 from loadtest.report import markdown_table
 
 MODEL_SOURCES = frozenset({"PRIMARY", "SECONDARY", "CANARY"})
+# Every source of an answer: a call that ended with one of these was answered OK in time.
+ANSWER_SOURCES = MODEL_SOURCES | {"CACHED_SCORE", "RULES", "ABSTAIN"}
 # Processes whose CPU and memory must not grow over the run (the broker and the consumer
 # decayed before: a fetch cost that grew with the broker's history).
 FLAT_PROCESSES = ("kafka-broker", "feature-cache")
@@ -50,6 +52,7 @@ class Bounds:
     max_workers_lost: int = 0
     max_growth: float = 0.25  # FLAT_PROCESSES, last vs first part of the run
     recovery_s: float = 10.0  # after a fault, time the model gets to answer again
+    min_availability: float = 0.9999  # calls answered OK in time, over the run
 
 
 @dataclass(slots=True)
@@ -278,3 +281,11 @@ def windows_table(windows: Sequence[Window], part_s: float) -> str:
               "p99 ms, median / worst", ">p50 ms, median", ">late",
               ">feature age p99, worst"]  # fmt: skip
     return markdown_table(header, rows)
+
+
+def availability(windows: Sequence[Window]) -> tuple[int, int]:
+    """Calls answered OK within their deadline, and all calls (refused, failed and late
+    ones count against it, as in the availability objective)."""
+    calls = sum(w.answers for w in windows)
+    answered = sum(n for w in windows for name, n in w.outcomes.items() if name in ANSWER_SOURCES)
+    return answered, calls

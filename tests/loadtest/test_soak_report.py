@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from loadtest.soak import Fault, describe_late, fault_at
+from loadtest.soak import CHAOS_GAP_S, Fault, chaos_plan, describe_late, fault_at
 from loadtest.soak_report import (
     Answer,
     Bounds,
@@ -131,10 +131,51 @@ def test_cpu_growth_is_judged_against_a_process_whose_work_is_fixed():
 
 def test_a_redis_restart_is_a_fault_without_duration_that_settles_as_the_others():
     fault = Fault.parse("redis-empty@50")
-    assert fault == Fault.parse("redis-empty@50+0") == Fault("redis-empty", 50.0, 0.0)
+    assert fault == Fault.parse("redis-empty@50+0") == Fault("redis", 50.0, 0.0, "redis-empty")
     assert fault.label() == "redis restarted empty"
     with pytest.raises(argparse.ArgumentTypeError):
         Fault.parse("redis-empty@50+30")  # a restart has no duration
     assert fault_at([fault], 40.0, 50.0, settle_s=10.0) == ""
     assert fault_at([fault], 50.0, 60.0, settle_s=10.0) == "redis restarted empty"
     assert fault_at([fault], 60.0, 70.0, settle_s=10.0) == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "fault", "label"),
+    [
+        ("kill:primary@60+10", Fault("primary", 60.0, 10.0, "kill"), "primary killed"),
+        ("slow:secondary@5+30", Fault("secondary", 5.0, 30.0, "slow"), "secondary slowed"),
+        ("stop:broker@9+5", Fault("broker", 9.0, 5.0, "stop"), "broker stopped"),
+        ("kill-worker@70", Fault("decision", 70.0, 0.0, "kill-worker"), "a decision worker killed"),
+    ],
+)
+def test_a_fault_names_its_action_and_reads_back_from_its_spec(text, fault, label):
+    assert Fault.parse(text) == fault
+    assert Fault.parse(fault.spec()) == fault
+    assert fault.label() == label
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["kill:redis@1+2", "slow:broker@1+2", "stop:primary@1+2", "kill:primary@5", "kill-worker@5+5"],
+)
+def test_a_fault_outside_its_actions_targets_or_form_is_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        Fault.parse(text)
+
+
+def test_a_chaos_plan_repeats_with_its_seed_and_leaves_each_fault_time_to_recover():
+    plan = chaos_plan(7, 3600.0)
+    assert plan == chaos_plan(7, 3600.0) and plan != chaos_plan(8, 3600.0)
+    assert 10 <= len(plan) <= 25  # one every 2-4 minutes and its duration
+    assert len({(f.action, f.target) for f in plan}) >= 6  # drawn from the whole set
+    ends = [f.at_s + f.duration_s for f in plan]
+    gaps = [b.at_s - end for end, b in zip(ends, plan[1:], strict=False)]
+    assert all(CHAOS_GAP_S[0] - 1 <= gap <= CHAOS_GAP_S[1] + 1 for gap in gaps), gaps
+    assert ends[-1] + 20 <= 3600.0  # the recovery bound and a window to spare
+    assert all(Fault.parse(f.spec()) == f for f in plan)
+    # A worker is killed only when there are workers to kill.
+    assert all(f.action != "kill-worker" for s in range(20) for f in chaos_plan(s, 3600.0))
+    assert any(
+        f.action == "kill-worker" for s in range(20) for f in chaos_plan(s, 3600.0, workers=2)
+    )
