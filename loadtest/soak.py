@@ -19,11 +19,10 @@ import contextlib
 import gc
 import logging
 import os
-import random
 import signal
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import grpc
 
 from core.caller import CALLER_OPTIONS
-from core.chaos import REPLICAS, RESTART_EMPTY, ChaosRequest, NoLocalStack, ask
+from core.chaos import REPLICAS
 from core.metrics_http import scrape
 from core.processes import ProcessStartError
 from loadtest.loadgen import Recorder, open_loop
@@ -57,6 +56,7 @@ from loadtest.soak_report import (
     windows_table,
     write_json,
 )
+from localstack.faults import Fault, chaos_plan, inject
 from localstack.stack import DEFAULT_SYMBOLS, REPO, LocalStack
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from torchserve.replica import replica_dir, workers_lost
@@ -67,114 +67,6 @@ GROWTH_PART_S = 600.0
 # After a fault, how long the answers are kept to find when the model answered again.
 RECOVERY_WATCH_S = 60.0
 LAG_METRIC = "feature_cache_consumer_lag"  # events behind, per partition the consumer owns
-# Paused together by a ``pause`` of the target's name (SIGSTOP, on this process's side).
-FAULT_GROUPS = {
-    "primary": ("torchserve-primary",),
-    "replicas": ("torchserve-primary", "torchserve-secondary"),
-    "redis": ("redis-server",),
-    "broker": ("kafka-broker",),
-}
-# What the stack's chaos service does to a target for a fault's duration, and the request
-# that ends it; a fault of no duration is done at once (``redis-empty``: Redis restarted
-# with no keys; ``kill-worker``: one decision worker killed with SIGKILL, which the
-# server's supervisor starts again).
-UNDONE_BY = {"kill": "restart", "slow": "resume", "stop": "start"}
-TARGETS_OF = {
-    "pause": tuple(FAULT_GROUPS),
-    "kill": REPLICAS,
-    "slow": REPLICAS,
-    "stop": ("broker",),
-    "redis-empty": ("redis",),
-    "kill-worker": ("decision",),
-}
-INSTANT = ("redis-empty", "kill-worker")
-# A slowed replica is held off the CPU this long, then let run as long, over and over:
-# about half its calls overrun a 20 ms slow-call mark (issue 55's sick replica).
-SLOW_STOPPED_MS = SLOW_RUNNING_MS = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class Fault:
-    target: str
-    at_s: float
-    duration_s: float
-    action: str = "pause"
-
-    @classmethod
-    def parse(cls, text: str) -> Fault:
-        """``[ACTION:]TARGET@START+DURATION``, seconds since the measured load started;
-        ACTION pause (the default), kill, slow or stop; ``redis-empty@START`` and
-        ``kill-worker@START`` have no duration."""
-        action, _, rest = text.rpartition(":")
-        try:
-            target, when = rest.split("@")
-            start, plus, duration = when.partition("+")
-            at_s, duration_s = float(start), float(duration) if plus else 0.0
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"not [ACTION:]TARGET@START+DURATION: {text!r}"
-            ) from None
-        if target in INSTANT and not action:
-            action, target = target, TARGETS_OF[target][0]
-        action = action or "pause"
-        if target not in TARGETS_OF.get(action, ()):
-            kinds = "; ".join(f"{a}: {', '.join(t)}" for a, t in TARGETS_OF.items())
-            raise argparse.ArgumentTypeError(f"{text!r}: a fault is one of ({kinds})")
-        if duration_s if action in INSTANT else not plus:
-            form = "@START" if action in INSTANT else "TARGET@START+DURATION"
-            raise argparse.ArgumentTypeError(f"{text!r}: {action} takes {form}")
-        return cls(target, at_s, duration_s, action)
-
-    def label(self) -> str:
-        if self.action == "redis-empty":
-            return "redis restarted empty"
-        if self.action == "kill-worker":
-            return "a decision worker killed"
-        done = {"pause": "paused", "kill": "killed", "slow": "slowed", "stop": "stopped"}
-        return f"{self.target} {done[self.action]}"
-
-    def spec(self) -> str:
-        """The text ``parse`` reads back: a drawn plan, repeatable by hand."""
-        if self.action in INSTANT:
-            return f"{self.action}@{self.at_s:g}"
-        action = "" if self.action == "pause" else f"{self.action}:"
-        return f"{action}{self.target}@{self.at_s:g}+{self.duration_s:g}"
-
-
-# Chaos (``--chaos``): a fault drawn from the whole set every few minutes. Each kind with
-# the range of its duration in seconds (a restart's is how long the part stays down).
-CHAOS_KINDS: tuple[tuple[str, str, tuple[float, float]], ...] = (
-    ("pause", "primary", (5, 30)),
-    ("pause", "replicas", (5, 20)),
-    ("kill", "primary", (5, 20)),
-    ("kill", "secondary", (5, 20)),
-    ("kill", "challenger", (5, 20)),
-    ("slow", "primary", (20, 60)),
-    ("slow", "secondary", (20, 60)),
-    ("pause", "redis", (5, 20)),
-    ("redis-empty", "redis", (0, 0)),
-    ("pause", "broker", (5, 30)),
-    ("stop", "broker", (5, 20)),
-)
-WORKER_KILL = ("kill-worker", "decision", (0.0, 0.0))  # only with --workers 2 or more
-CHAOS_FIRST_S = 60.0  # steady windows before the first fault
-CHAOS_GAP_S = (120.0, 240.0)  # from one fault's end to the next one's start
-
-
-def chaos_plan(seed: int, duration_s: float, *, workers: int = 1) -> list[Fault]:
-    """Faults drawn with ``seed``: one at a time, the next 2-4 minutes after the last
-    ended, the last ending with the recovery bound and a window to spare."""
-    rng = random.Random(seed)
-    kinds = [*CHAOS_KINDS, *([WORKER_KILL] if workers > 1 else [])]
-    faults: list[Fault] = []
-    at_s = CHAOS_FIRST_S
-    while True:
-        action, target, (shortest, longest) = rng.choice(kinds)
-        fault = Fault(target, round(at_s), round(rng.uniform(shortest, longest)), action)
-        if fault.at_s + fault.duration_s + 2 * Bounds().recovery_s > duration_s:
-            return faults
-        faults.append(fault)
-        at_s = fault.at_s + fault.duration_s + rng.uniform(*CHAOS_GAP_S)
 
 
 class LoadDriver:
@@ -249,72 +141,6 @@ class LoadDriver:
         await self._channel.close()
 
 
-async def inject(stack: LocalStack, fault: Fault, started_at: float) -> str:
-    """Injects ``fault`` on schedule; why it could not be, in words ("" when it was)."""
-    await asyncio.sleep(max(0.0, started_at + fault.at_s - time.monotonic()))
-    if fault.action == "redis-empty":
-        return await chaos(stack, ChaosRequest(RESTART_EMPTY, "redis"))
-    if fault.action == "kill-worker":
-        return kill_worker(stack)
-    if fault.action == "pause":
-        groups = [stack.processes[name] for name in FAULT_GROUPS[fault.target]]
-        names = ", ".join(p.name for p in groups)
-        print(f"--- fault: SIGSTOP {names} for {fault.duration_s:.0f} s")
-        for proc in groups:
-            proc.pause()
-        try:
-            await asyncio.sleep(fault.duration_s)
-        finally:
-            for proc in groups:
-                proc.resume()
-            print(f"--- fault over: SIGCONT {names}")
-        return ""
-    request = ChaosRequest(fault.action, fault.target, SLOW_STOPPED_MS, SLOW_RUNNING_MS)
-    problem = await chaos(stack, request)
-    if problem:
-        return problem
-    try:
-        await asyncio.sleep(fault.duration_s)
-    finally:
-        problem = await chaos(stack, ChaosRequest(UNDONE_BY[fault.action], fault.target))
-    return problem
-
-
-async def chaos(stack: LocalStack, request: ChaosRequest) -> str:
-    """Does ``request`` through the stack's own chaos service, as ``decisionctl chaos``
-    does (the stack's Ctrl-C still ends what it starts); why it was not done, in words."""
-    print(f"--- fault: decisionctl chaos {request.action} {request.target}")
-    try:
-        # A restart takes seconds (a JVM's boot); the timeout only bounds a hang.
-        answer = await asyncio.to_thread(ask, stack.run_dir, request, 120.0)
-    except (NoLocalStack, OSError) as exc:
-        return f"chaos {request.action} {request.target} not done: {exc}"
-    if not answer.ok:
-        return f"chaos {request.action} {request.target} refused: {answer.message}"
-    return ""  # the stack logs what it did
-
-
-def kill_worker(stack: LocalStack) -> str:
-    """SIGKILL to one decision worker: a child of the server's supervisor forked from it,
-    so with its command line."""
-    supervisor = stack.processes["decision-server"].pid
-    if supervisor is None or stack.workers < 2:
-        return "kill-worker: no decision workers (the stack runs with --workers 2 or more)"
-    try:
-        own = Path(f"/proc/{supervisor}/cmdline").read_bytes()
-        children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-        workers = [
-            pid for pid in map(int, children) if Path(f"/proc/{pid}/cmdline").read_bytes() == own
-        ]
-    except OSError as exc:
-        return f"kill-worker: the decision server's workers not found: {exc}"
-    if not workers:
-        return "kill-worker: the decision server has no worker running"
-    print(f"--- fault: SIGKILL decision worker {workers[0]}")
-    os.kill(workers[0], signal.SIGKILL)
-    return ""
-
-
 def read_lag(port: int) -> int:
     """The feature-cache consumer's lag, from its own /metrics; -1 when it did not answer."""
     try:
@@ -349,7 +175,9 @@ async def soak(args: argparse.Namespace) -> int:
     bounds = Bounds()
     if args.chaos:
         seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
-        drawn = chaos_plan(seed, args.duration_s, workers=args.workers)
+        drawn = chaos_plan(
+            seed, args.duration_s, spare_s=2 * bounds.recovery_s, workers=args.workers
+        )
         args.fault = [*args.fault, *drawn]
         print(f"chaos: seed {seed} (--seed {seed} repeats it), {len(drawn)} faults:")
         print("  " + " ".join(f"--fault {f.spec()}" for f in drawn))

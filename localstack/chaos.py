@@ -42,7 +42,7 @@ class ChaosTarget:
     restart: Callable[[], object]
 
 
-_UNDO = {"pause": "resume", "slow": "resume", "kill": "restart", "stop": "start"}
+UNDO = {"pause": "resume", "slow": "resume", "kill": "restart", "stop": "start"}
 _STARTS = ("restart", "start", RESTART_EMPTY)
 WATCH_LOSS = "watch the loss and its repair with: decisionctl status; decisionctl top"
 
@@ -95,7 +95,7 @@ def _effect(action: str, target: str) -> str:
 
 
 def _watch(action: str, target: str) -> str:
-    undo = _UNDO.get(action)
+    undo = UNDO.get(action)
     again = f"; undo: decisionctl chaos {undo} {target}" if undo else ""
     watch = WATCH_LOSS if action == RESTART_EMPTY else WATCH_TOP
     return f"{_effect(action, target)}. {watch}{again}"

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from loadtest.soak import CHAOS_GAP_S, Fault, chaos_plan, describe_late, fault_at
+from loadtest.soak import describe_late, fault_at
 from loadtest.soak_report import (
     Answer,
     Bounds,
@@ -17,6 +17,7 @@ from loadtest.soak_report import (
     recovery_s,
     summarize,
 )
+from localstack.faults import CHAOS_GAP_S, Fault, chaos_plan
 
 
 def answer(at_s: float, outcome: str = "PRIMARY", *, latency_ms: float = 5.0) -> Answer:
@@ -165,8 +166,8 @@ def test_a_fault_outside_its_actions_targets_or_form_is_refused(text):
 
 
 def test_a_chaos_plan_repeats_with_its_seed_and_leaves_each_fault_time_to_recover():
-    plan = chaos_plan(7, 3600.0)
-    assert plan == chaos_plan(7, 3600.0) and plan != chaos_plan(8, 3600.0)
+    plan = chaos_plan(7, 3600.0, spare_s=20)
+    assert plan == chaos_plan(7, 3600.0, spare_s=20) and plan != chaos_plan(8, 3600.0, spare_s=20)
     assert 10 <= len(plan) <= 25  # one every 2-4 minutes and its duration
     assert len({(f.action, f.target) for f in plan}) >= 6  # drawn from the whole set
     ends = [f.at_s + f.duration_s for f in plan]
@@ -175,7 +176,11 @@ def test_a_chaos_plan_repeats_with_its_seed_and_leaves_each_fault_time_to_recove
     assert ends[-1] + 20 <= 3600.0  # the recovery bound and a window to spare
     assert all(Fault.parse(f.spec()) == f for f in plan)
     # A worker is killed only when there are workers to kill.
-    assert all(f.action != "kill-worker" for s in range(20) for f in chaos_plan(s, 3600.0))
+    assert all(
+        f.action != "kill-worker" for s in range(20) for f in chaos_plan(s, 3600.0, spare_s=20)
+    )
     assert any(
-        f.action == "kill-worker" for s in range(20) for f in chaos_plan(s, 3600.0, workers=2)
+        f.action == "kill-worker"
+        for s in range(20)
+        for f in chaos_plan(s, 3600.0, spare_s=20, workers=2)
     )
