@@ -53,7 +53,7 @@ proto-check: setup-ci ## Stubs fresh, buf lint, buf breaking against main
 k8s-validate: setup ## Render every kustomize overlay (k8s/) and validate each object strictly; lint the Dockerfiles
 	@$(PY) -m k8s.validate
 
-test: setup-ci lint proto-check ## Set up, lint, check the protos, run every test: those asserting no time bound on every core, then the timed ones one at a time; PYTEST_ARGS=... runs just those, one at a time
+test: setup-ci lint proto-check ## Set up, lint, check the protos, run every test: those asserting no time bound on two workers a core, then the timed ones one at a time; PYTEST_ARGS=... runs just those, one at a time
 ifeq ($(strip $(PYTEST_ARGS)),)
 	@$(PY) -m pytest -m "not timed" -n $(UNTIMED_WORKERS) --dist loadgroup --durations=10
 	@$(PY) -m pytest -m timed --durations=15
@@ -72,8 +72,8 @@ bench: setup-triton ## Benchmarks, their tables into docs/benchmarks.md: the gRP
 	@$(PY) -m loadtest.bench_models --doc docs/model-serving.md
 
 DURATION ?= 600
-soak: setup $(if $(filter triton,$(MODEL_SERVER)),setup-triton) ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 kill:secondary@300+10 redis-empty@500 ...", CHAOS=1 draws a fault every 2-4 minutes (SEED=n repeats a run), WORKERS=2, MODEL_SERVER=triton, DOC="docs/local-stack.md docs/load-tests.md" writes its tables there
-	@$(PY) -m loadtest.soak --duration-s $(DURATION) $(foreach f,$(FAULTS),--fault $(f)) $(foreach d,$(DOC),--doc $(d)) $(if $(CHAOS),--chaos) $(if $(SEED),--seed $(SEED)) $(if $(WORKERS),--workers $(WORKERS)) $(if $(MODEL_SERVER),--model-server $(MODEL_SERVER))
+soak: setup $(if $(filter triton,$(MODEL_SERVER)),setup-triton) ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 kill:secondary@300+10 redis-empty@500 ...", CHAOS=1 draws a fault every 2-4 minutes (SEED=n repeats a run with the same WORKERS), WORKERS=2, MODEL_SERVER=triton, DOC="docs/local-stack.md docs/load-tests.md" writes its tables there
+	@$(PY) -m loadtest.soak --duration-s $(DURATION) $(foreach f,$(FAULTS),--fault $(f)) $(foreach d,$(DOC),--doc $(d)) $(if $(filter-out 0,$(CHAOS)),--chaos) $(if $(SEED),--seed $(SEED)) $(if $(WORKERS),--workers $(WORKERS)) $(if $(MODEL_SERVER),--model-server $(MODEL_SERVER))
 
 acceptance: setup ## Every recording under ../shared/data (Coinbase, Binance, Kraken, L2 CSV) through Kafka into Redis, checked
 	@$(PY) -m checks.acceptance

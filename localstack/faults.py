@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import math
 import os
 import random
 import signal
@@ -67,7 +69,7 @@ class Fault:
         """``[ACTION:]TARGET@START+DURATION``, seconds since the measured load started;
         ACTION pause (the default), kill, slow or stop; ``redis-empty@START`` and
         ``kill-worker@START`` have no duration."""
-        action, _, rest = text.rpartition(":")
+        action, colon, rest = text.rpartition(":")
         try:
             target, when = rest.split("@")
             start, plus, duration = when.partition("+")
@@ -76,15 +78,20 @@ class Fault:
             raise argparse.ArgumentTypeError(
                 f"not [ACTION:]TARGET@START+DURATION: {text!r}"
             ) from None
-        if target in INSTANT and not action:
+        if target in INSTANT and not colon:
             action, target = target, TARGETS_OF[target][0]
-        action = action or "pause"
+        elif not colon:
+            action = "pause"
         if target not in TARGETS_OF.get(action, ()):
             kinds = "; ".join(f"{a}: {', '.join(t)}" for a, t in TARGETS_OF.items())
             raise argparse.ArgumentTypeError(f"{text!r}: a fault is one of ({kinds})")
-        if duration_s if action in INSTANT else not plus:
-            form = "@START" if action in INSTANT else "TARGET@START+DURATION"
-            raise argparse.ArgumentTypeError(f"{text!r}: {action} takes {form}")
+        if action in INSTANT:
+            well_formed = not plus and not colon
+        else:
+            well_formed = math.isfinite(duration_s) and duration_s > 0
+        if not (well_formed and math.isfinite(at_s) and at_s >= 0):
+            form = f"{action}@START" if action in INSTANT else "TARGET@START+DURATION, DURATION > 0"
+            raise argparse.ArgumentTypeError(f"{text!r}: {action} takes {form}, START >= 0")
         return cls(target, at_s, duration_s, action)
 
     def label(self) -> str:
@@ -99,15 +106,15 @@ class Fault:
 
 
 def chaos_plan(seed: int, duration_s: float, *, spare_s: float, workers: int = 1) -> list[Fault]:
-    """Faults drawn with ``seed`` from every kind (a worker killed only with workers): one
-    at a time, the next 2-4 minutes after the last ended, the last ending ``spare_s``
-    before ``duration_s``."""
+    """Faults drawn with ``seed`` from every kind (a worker killed only with workers, so a
+    seed repeats a run with the same ``workers``): one at a time, the next 2-4 minutes
+    after the last ended, the last ending ``spare_s`` before ``duration_s``."""
     rng = random.Random(seed)  # noqa: S311 -- a plan that repeats from its seed, no secret
     kinds = [
         (action, target)
         for action, targets in TARGETS_OF.items()
         for target in targets
-        if (action, target) != ("slow", "challenger") and (action != "kill-worker" or workers > 1)
+        if action != "kill-worker" or workers > 1
     ]
     faults: list[Fault] = []
     at_s = CHAOS_FIRST_S
@@ -165,8 +172,8 @@ async def chaos(stack: LocalStack, request: ChaosRequest) -> str:
 
 
 def kill_worker(stack: LocalStack) -> str:
-    """SIGKILL to one decision worker: a child of the server's supervisor forked from it,
-    so with its command line."""
+    """SIGKILL to one decision worker (a child of the server's supervisor forked from it,
+    so with its command line): one that holds a caller's connection, where there is one."""
     supervisor = stack.processes["decision-server"].pid
     if supervisor is None or stack.workers < 2:
         return "kill-worker: no decision workers (the stack runs with --workers 2 or more)"
@@ -174,6 +181,8 @@ def kill_worker(stack: LocalStack) -> str:
         own = Path(f"/proc/{supervisor}/cmdline").read_bytes()
         children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
         workers = [p for p in map(int, children) if Path(f"/proc/{p}/cmdline").read_bytes() == own]
+        connected = connection_inodes(stack.decision_port)
+        workers.sort(key=lambda pid: not connected & socket_inodes(pid))
     except OSError as exc:
         return f"kill-worker: the decision server's workers not found: {exc}"
     if not workers:
@@ -181,3 +190,25 @@ def kill_worker(stack: LocalStack) -> str:
     print(f"--- fault: SIGKILL decision worker {workers[0]}")
     os.kill(workers[0], signal.SIGKILL)
     return ""
+
+
+def connection_inodes(port: int) -> set[str]:
+    """The socket inodes of established TCP connections to ``port`` on this machine."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The socket inodes among ``pid``'s open files (one closed meanwhile is skipped)."""
+    inodes = set()
+    for fd in list(Path(f"/proc/{pid}/fd").iterdir()):
+        with contextlib.suppress(FileNotFoundError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    return inodes

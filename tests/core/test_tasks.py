@@ -26,6 +26,7 @@ async def test_a_task_that_ended_with_an_error_raises_it() -> None:
         await cancel_and_wait(failed, asyncio.create_task(asyncio.sleep(60)))
 
 
+@pytest.mark.timed  # a stop bounded at 0.4 s
 async def test_the_callers_own_cancellation_is_not_swallowed() -> None:
     async def slow_to_stop() -> None:
         try:

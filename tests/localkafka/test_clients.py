@@ -83,6 +83,7 @@ async def test_two_members_split_the_partitions_and_one_takes_all_when_the_other
         await second.stop()
 
 
+@pytest.mark.timed  # a fetch answered within a second
 async def test_a_waiting_fetch_returns_as_soon_as_data_arrives(bootstrap: str) -> None:
     await create_topic(bootstrap, "poll", partitions=1)
     reader = consumer(bootstrap, "poll", group="poller", fetch_max_wait_ms=5000)

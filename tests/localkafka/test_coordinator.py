@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from localkafka.coordinator import GroupCoordinator
 from localkafka.errors import ErrorCode
 from localkafka.group import GroupSettings, GroupState, JoinRequest, JoinResult
+
+pytestmark = pytest.mark.timed  # sessions of 100 ms, measured against the wall clock
 
 SETTINGS = GroupSettings(initial_rebalance_delay_ms=20, min_session_timeout_ms=50)
 

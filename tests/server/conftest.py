@@ -55,7 +55,7 @@ SAMPLE_FEATURES = {
 # these to ``start_app`` and runs beside other tests (it needs no ``timed`` mark).
 UNHURRIED: dict[str, dict[str, Any]] = {
     "deadline": {"model_call_ms": 2000.0, "store_read_ms": 1000.0},
-    "breaker": {"slow_call_ms": 2000.0},
+    "breaker": {"slow_call_ms": 1500.0},
 }
 
 

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 
+import pytest
+
 from core.domain import Source
 from server.breaker import AsyncCircuitBreaker
 from server.breaker_probe import PROBE_ROW, BreakerProbe
@@ -14,6 +16,8 @@ from server.model_client import ModelScores
 from server.model_errors import ModelInputError, ModelUnavailable
 from server.replica import Replica
 from tests.server.fakes import AlwaysConnected
+
+pytestmark = pytest.mark.timed  # a 50 ms reset timeout, probes of 25 ms
 
 RESET_S = 0.05
 SUCCESSES_TO_CLOSE = 3

@@ -22,7 +22,7 @@ from tests.server.conftest import (
     sample_record,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]  # a Decide within 10 ms
 
 
 def rpc(method: str, service: str = "decision.v1.DecisionService") -> dict[str, str]:
