@@ -16,6 +16,8 @@ import pytest
 
 from core.loop_lag import LoopLag
 
+pytestmark = pytest.mark.timed  # stalls and CPU time, measured against the wall clock
+
 
 def block_the_loop(seconds: float) -> None:
     time.sleep(seconds)
@@ -70,7 +72,6 @@ async def test_a_stall_is_logged_with_the_cpu_and_collection_time_it_took(
     assert 0 < stall["gc"] <= stall["cpu"]
 
 
-@pytest.mark.timed
 async def test_a_stall_off_the_cpu_is_logged_as_such(caplog: pytest.LogCaptureFixture) -> None:
     async with probe_running():
         block_the_loop(0.08)  # asleep: the kernel has the thread

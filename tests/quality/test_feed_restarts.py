@@ -36,7 +36,7 @@ from tests.feature_cache.recordings import write_csv
 from tests.metrics import scrape, value
 from tests.server.conftest import VIEWER, ServerProcess, buy
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timed]  # features fresher than 2 s
 
 SYMBOLS = ("SIM-A", "SIM-B")
 RECORDED = "REC-USD"
