@@ -55,7 +55,7 @@ k8s-validate: setup ## Render every kustomize overlay (k8s/) and validate each o
 
 test: setup-ci lint proto-check ## Set up, lint, check the protos, run every test: those asserting no time bound on two workers a core, then the timed ones one at a time; PYTEST_ARGS=... runs just those, one at a time
 ifeq ($(strip $(PYTEST_ARGS)),)
-	@$(PY) -m pytest -m "not timed" -n $(UNTIMED_WORKERS) --dist loadgroup --durations=10
+	@$(PY) -m pytest -m "not timed" -n $(UNTIMED_WORKERS) --dist load --durations=10
 	@$(PY) -m pytest -m timed --durations=15
 else
 	@$(PY) -m pytest --durations=15 $(PYTEST_ARGS)

@@ -39,21 +39,6 @@ def pytest_configure(config: pytest.Config) -> None:
     signal.signal(signal.SIGTERM, stop_as_interrupted)
 
 
-# The session's TorchServe replicas: under xdist every worker boots its own JVMs.
-REPLICA_FIXTURES = frozenset({"replicas", "challenger_replica"})
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # For `make test`'s parallel lane (``--dist loadgroup``): the tests that use the
-    # session's replicas share one worker, so their JVMs boot once, not on every worker
-    # (the lane is CPU-bound); every other test keeps its file's worker, as with loadfile.
-    for item in items:
-        uses_replicas = not REPLICA_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
-        group = "torchserve-replicas" if uses_replicas else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 def pytest_collection_finish(session: pytest.Session) -> None:
     # What collection imported (about 360,000 objects) lives as long as the session; like
     # the server after start-up (server/__main__.py), it is kept out of the cyclic

@@ -57,6 +57,12 @@ UNHURRIED: dict[str, dict[str, Any]] = {
     "deadline": {"model_call_ms": 2000.0, "store_read_ms": 1000.0},
     "breaker": {"slow_call_ms": 1500.0},
 }
+# The same budgets as a server process's environment.
+UNHURRIED_ENV: dict[str, str] = {
+    f"DECISION_{section.upper()}__{name.upper()}": str(value)
+    for section, values in UNHURRIED.items()
+    for name, value in values.items()
+}
 
 
 def sample_record(

@@ -20,6 +20,7 @@ from proto.decision.v1 import decision_pb2
 from server.app import DecisionApp
 from server.control import flags
 from server.tracing import Tracing
+from tests.conftest import wait_for
 from tests.server.conftest import (
     UNHURRIED,
     audited_decision,
@@ -174,6 +175,10 @@ async def test_a_refused_call_answers_its_traceparent_too(
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await call
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    # The server span ends after the status is sent: the caller may see it first.
+    await asyncio.to_thread(
+        wait_for, lambda: any(s.name == DECIDE for s in exporter.get_finished_spans()), 5
+    )
     server = named(list(exporter.get_finished_spans()), DECIDE)
     assert server.context is not None
     trailing = dict(refused.value.trailing_metadata() or ())

@@ -45,7 +45,9 @@ from tests.server.conftest import (
     worker_connections,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timed]
+# Tests with a bound in time (a change seen within a second, a canary judged on its latency,
+# top through a stall) are `timed`; the rest run beside others.
+pytestmark = pytest.mark.integration
 
 
 async def decide_until(
@@ -92,6 +94,7 @@ async def wait_store_rows(
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.timed
 async def test_breaker_override_reaches_the_other_server_within_a_second_and_expires(
     server_processes, feature_writer
 ):
@@ -162,6 +165,7 @@ async def test_breaker_override_reaches_the_other_server_within_a_second_and_exp
     assert row.reason == "drill: primary replica misbehaving"
 
 
+@pytest.mark.timed
 async def test_kill_switch_for_one_symbol_abstains_only_that_symbol_on_every_server(
     server_processes, feature_writer
 ):
@@ -199,6 +203,7 @@ async def test_kill_switch_for_one_symbol_abstains_only_that_symbol_on_every_ser
             await server.close()
 
 
+@pytest.mark.timed
 async def test_a_kill_switch_through_one_worker_reaches_every_worker_of_the_server(
     server_processes, feature_writer
 ):
@@ -471,6 +476,7 @@ async def get_status(app: DecisionApp) -> admin_pb2.GetStatusResponse:
         )
 
 
+@pytest.mark.timed
 async def test_a_good_challenger_keeps_its_canary_share_and_is_promoted_once_judged(
     canary_app, channel_to, feature_writer
 ):
@@ -498,6 +504,7 @@ async def test_a_good_challenger_keeps_its_canary_share_and_is_promoted_once_jud
     assert promoted == [decision_pb2.SOURCE_CANARY] * 10
 
 
+@pytest.mark.timed
 async def test_an_erroring_challenger_is_rolled_back_within_the_window(
     canary_app, channel_to, feature_writer, challenger_replica
 ):
@@ -526,6 +533,7 @@ async def test_an_erroring_challenger_is_rolled_back_within_the_window(
     assert rows[-1].before["weight"] == 0.5 and rows[-1].after["weight"] == 0.0
 
 
+@pytest.mark.timed
 async def test_a_slow_but_answering_challenger_is_rolled_back_on_its_p99(
     start_app, replicas, challenger_replica, channel_to, feature_writer, monkeypatch
 ):
@@ -576,6 +584,7 @@ async def test_a_slow_but_answering_challenger_is_rolled_back_on_its_p99(
     assert app.challenger.recent.summary().failures == 0  # slow, never failing
 
 
+@pytest.mark.timed
 async def test_shadow_scores_land_in_the_decision_rows_and_saturation_drops_them(
     start_app, replicas, challenger_replica, channel_to, feature_writer, monkeypatch
 ):
@@ -695,6 +704,7 @@ async def test_decisionctl_status_shows_the_fleet(server_processes, capsys, monk
             await server.close()
 
 
+@pytest.mark.timed
 async def test_decisionctl_top_rides_out_a_redis_stall_and_shows_it(
     server_processes, redis_instance
 ):
