@@ -305,6 +305,11 @@ PRESETS = {
         checks=shadow_checks,
     ),
     "audit": Preset(paths=("D", "A"), closed=(1, 8), rounds=6, pairs=(("D", "A"),)),
+    # Below and past capacity only: --seconds long enough for 20,000 calls a cell,
+    # --burst and --plain for the arrivals and callers of docs/overload.md.
+    "overload": Preset(
+        paths=("D",), closed=(16,), capacity={"D": (0.5, 0.8, 1.2, 1.5)}, seconds=10.0
+    ),
     "workers": workers_preset((1, 2), "torchserve"),  # --workers and --model-server rebuild it
 }
 
@@ -584,6 +589,8 @@ def spec_for(fleet: Fleet, cell: Cell, preset: Preset, args: argparse.Namespace)
         timeout_s=preset.open_deadline_s if mode == "open" else CLOSED_LOOP_DEADLINE_S,
         processes=processes,
         channels=max(needed, spread),
+        burst=args.burst if mode == "open" else 1,
+        caller_options=not (args.plain and mode == "open"),
     )
 
 
@@ -895,6 +902,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
                       " start on, every thread (a Guaranteed pod's cpuset), e.g. 0,1"},
     "--model-server-cpus": {"type": cpu_list, "default": [], "help": "the same for the"
                             " model servers"},
+    "--burst": {"type": int, "default": 1, "help": "open loop: calls a load generator"
+                " process sends at once, at the same mean rate"},
+    "--plain": {"action": "store_true", "help": "open loop from plain channels, without"
+                " core.caller.CALLER_OPTIONS"},
     "--json": {"type": Path, "help": "figures file (default .run/bench-PRESET.json)"},
     "--png": {"type": Path, "help": "draw latency against throughput here"},
     "--doc": {"type": Path, "help": "put the tables in this doc's generated:bench-PRESET"

@@ -88,6 +88,10 @@ class LoadSpec:
     """Rows a model server's call carries (``torchserve``, ``oip``)."""
     phase_s: float = 0.0
     """Open loop: this share's schedule starts this much later (set by ``shares``)."""
+    burst: int = 1
+    """Open loop: calls sent at once, each process's, at the same mean rate."""
+    caller_options: bool = True
+    """``core.caller.CALLER_OPTIONS`` on the channels; False: a plain channel."""
 
     def __post_init__(self) -> None:
         if not is_loopback(self.address):
@@ -95,11 +99,11 @@ class LoadSpec:
         if not 0 < self.seconds <= MAX_SECONDS or not 0 <= self.warmup_s <= MAX_SECONDS:
             raise ValueError(f"seconds and warmup_s must be within (0, {MAX_SECONDS:g}]")
         if (
-            min(self.max_requests, self.processes, self.channels, self.rows) < 1
+            min(self.max_requests, self.processes, self.channels, self.rows, self.burst) < 1
             or self.timeout_s <= 0
         ):
             raise ValueError(
-                "max_requests, processes, channels, rows and timeout_s must be positive"
+                "max_requests, processes, channels, rows, burst and timeout_s must be positive"
             )
         if self.mode == "closed" and self.concurrency < 1:
             raise ValueError("closed loop needs concurrency >= 1")
@@ -222,15 +226,17 @@ async def open_loop(
     seconds: float,
     max_requests: int,
     phase_s: float = 0.0,
+    burst: int = 1,
 ) -> float:
-    """Calls sent every 1/rate s for ``seconds`` whatever the answers; returns the elapsed
-    time from the first scheduled send to the last answer."""
+    """Calls sent every 1/rate s (``burst`` at once every ``burst``/rate s) for ``seconds``
+    whatever the answers; returns the elapsed time from the first scheduled send to the
+    last answer."""
     interval = 1.0 / rate_per_s
     count = max(1, min(max_requests, int(seconds * rate_per_s)))
     start = time.perf_counter() + phase_s
     pending: set[asyncio.Task[bool]] = set()
     for i in range(count):
-        scheduled = start + i * interval
+        scheduled = start + (i - i % burst) * interval
         delay = scheduled - time.perf_counter()
         # Behind schedule it still yields once per send, so answers are read between sends.
         await asyncio.sleep(max(delay, 0.0))
@@ -297,6 +303,7 @@ async def drive(call: Call, recorder: Recorder, spec: LoadSpec, seconds: float) 
         seconds=seconds,
         max_requests=spec.max_requests,
         phase_s=spec.phase_s,
+        burst=spec.burst,
     )
 
 
@@ -313,7 +320,10 @@ def in_turn(calls: Sequence[Call]) -> Call:
 async def _measure(spec: LoadSpec) -> WorkerResult:
     # A subchannel pool of its own per channel: otherwise channels to one address share
     # one TCP connection, and a server's workers would see one connection.
-    options = [*CALLER_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    options = [
+        *(CALLER_OPTIONS if spec.caller_options else ()),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
     async with contextlib.AsyncExitStack() as stack:
         channels = [
             await stack.enter_async_context(

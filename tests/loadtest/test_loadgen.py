@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import sys
 import time
@@ -75,6 +76,24 @@ async def test_open_loop_counts_latency_from_the_scheduled_send_time() -> None:
     assert recorder.ok == 250
     assert recorder.send_lag_max_s > 0.020
     assert recorder.histogram.get_value_at_percentile(50) / 1000 > 5  # ms
+
+
+async def test_open_loop_in_bursts_sends_each_burst_at_once_at_the_same_mean_rate() -> None:
+    sent: list[float] = []
+
+    async def noted_call() -> str:
+        sent.append(time.perf_counter())
+        return "ok"
+
+    recorder = Recorder()
+    await open_loop(noted_call, recorder, rate_per_s=400, seconds=0.2, max_requests=1000, burst=8)
+    assert recorder.ok == 80
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    # 10 bursts of 8, 20 ms apart: 70 gaps within a burst, 9 between bursts (one at a
+    # time, 2.5 ms apart, there would be none of 10 ms).
+    assert sum(gap < 0.010 for gap in gaps) >= 60
+    assert sum(gap >= 0.010 for gap in gaps) >= 5
+    assert sent[-1] - sent[0] >= 0.9 * 9 * 8 / 400
 
 
 @pytest.fixture
@@ -183,7 +202,8 @@ def test_a_spec_splits_into_shares_that_add_up_to_it() -> None:
         ({"address": "10.0.0.5:50051"}, "loopback addresses only"),
         ({"seconds": 0.0}, "seconds and warmup_s must be within"),
         ({"seconds": 3600.0}, "seconds and warmup_s must be within"),
-        ({"max_requests": 0}, "max_requests, processes, channels, rows and timeout_s"),
+        ({"max_requests": 0}, "max_requests, processes, channels, rows, burst and timeout_s"),
+        ({"mode": "open", "rate_per_s": 10.0, "burst": 0}, "rows, burst and timeout_s must"),
         ({"target": "torchserve", "rows": 0}, "max_requests, processes, channels, rows"),
         ({"mode": "open", "rate_per_s": 0.0}, "open loop needs rate_per_s"),
     ],
