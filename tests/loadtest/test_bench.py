@@ -185,7 +185,7 @@ def fleet(*servers: str) -> Fleet:
 def test_loads_per_worker_and_connections_within_the_stream_cap() -> None:
     preset = workers_preset([1, 4], "torchserve")
     assert ("D4", "closed", 64.0) in first_cells(preset)  # 16 callers a worker
-    args = argparse.Namespace(processes=2, channels=4)
+    args = argparse.Namespace(processes=2, channels=4, burst=1, plain=False)
     both = fleet("decide", "workers-4")
     closed = spec_for(both, ("D", "closed", 64.0), PATHS_PRESET, args)
     # 32 callers a process over connections of at most the stream cap's calls each.
