@@ -15,13 +15,7 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
-# A stalled event loop (its process went unscheduled on a busy machine) may run the timers
-# that fell due before it reads the sockets that filled meanwhile (uvloop, which the
-# server runs on, does), so a wait that ends this late may be for an answer already
-# received. Such a wait gets a moment more, for the loop to read it, before it is called
-# a timeout.
-STALLED_TIMER_S = 0.002
-STALL_GRACE_S = 0.001
+from core.deadline import STALL_GRACE_S, STALLED_TIMER_S
 
 
 class Settles(Protocol):

@@ -1,23 +1,13 @@
-"""A request's time budget, how much of it one model call may spend, and the reads from a
-store on the decision path within it."""
+"""The Decide path's one time plan: a call's budget, and every rule that turns it into a
+wait, a timeout or a refusal, each once, with the constant behind it. Where each is
+applied: docs/architecture.md#the-time-plan-of-one-call.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
-
-import redis.exceptions
-
-from core.abandon import AbandonPool
-
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 class Budget:
@@ -65,6 +55,12 @@ class CallPlan:
     fallback_reserve_ms: float = FALLBACK_RESERVE_MS
     jitter: float = TIMEOUT_JITTER
 
+    @staticmethod
+    def expired(time_remaining_s: float | None) -> bool:
+        """Whether a call's deadline passed before its handler ran: it is not decided
+        (work for a caller that has gone only makes the calls behind it late too)."""
+        return time_remaining_s is not None and time_remaining_s <= 0
+
     def budget(self, time_remaining_s: float | None) -> Budget:
         """The caller's remaining deadline less the response margin, or the default."""
         if time_remaining_s is None:
@@ -83,72 +79,68 @@ class CallPlan:
         return self.model_call_ms * (1.0 - self.jitter)
 
 
-class StoreBusy(Exception):
-    """Not started: the store still runs ``max_abandoned`` reads nobody waits for."""
+# -- The call's way in (server.front) -------------------------------------------------
+# Calls that wait for the event loop to take them, over all connections: gRPC's core
+# cancels a new call past QUEUED_CALLS_MAX, and one past QUEUED_CALLS_SHED with a chance
+# that grows to certainty at the max (random early detection). 8 waiting calls are
+# ~15 ms at the slowest capacity measured on a 2-core VM (540/s): a queued call keeps
+# time for its model call (docs/overload.md).
+QUEUED_CALLS_MAX = 8
+QUEUED_CALLS_SHED = 4
+# How long calls on a connection past its age may finish: far past any deadline.
+CONNECTION_AGE_GRACE_MS = 10_000
+
+# -- Model calls (server.router, server.batching, server.model_client) ----------------
+# The median answer a call must have time for is of this many last seconds' calls: a
+# replica skipped for time makes no calls, so an older median would keep it skipped;
+# with none this recent, the floor is MIN_CALL_BUDGET_MS and the next call measures anew.
+NEEDS_WINDOW_S = 5.0
+MIN_CALL_BUDGET_MS = 1.0  # less than this left: a call could only be abandoned
+# How often a replica's recent latencies are summarized for the router (sorting them on
+# every call would cost more than the call).
+LATENCY_REFRESH_S = 0.5
+# Retries to the next replica, as a share of first calls (a token bucket): when the
+# primary slows down for everyone, retries cannot double the secondary's load.
+RETRY_RATIO = 0.2
+# Retries always allowed per second besides that share: at low traffic a share of first
+# calls would allow none.
+RETRY_MIN_PER_S = 10.0
+# A request queued for a busy replica leaves the queue unsent this long before its
+# deadline: the expected call time, until the first answer INITIAL_EXPECTED_MS, then an
+# EWMA of the answers with this weight.
+INITIAL_EXPECTED_MS = 2.0
+EXPECTED_WEIGHT = 0.1
+# The deadline a model call carries on the wire: longer than any stall a replica recovers
+# from, so that only a hung replica sees a call cancelled (docs/local-stack.md).
+WIRE_TIMEOUT_S = 120.0
+# Calls to one replica left running after their callers stopped waiting, at most: a
+# hung replica holds this many, not a pile.
+MAX_ABANDONED_CALLS = 16
+# A model call's timeout counts against its replica only if the call had this long: a
+# replica that misses a 10 ms wait is unhealthy, one given 4 ms by a tight deadline is not.
+MIN_COUNTED_TIMEOUT_MS = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class StoreRead(Generic[T]):
-    """A read on the decision path: its value, or why there is none."""
+def overlaps_a_counted_failure(started: float, failure_counted_at: float) -> bool:
+    """Whether a failed call was already out when the replica's last counted failure came:
+    calls in flight together when this process or the machine stalls fail together, and
+    that is one event against the replica, not one per call (``server.breaker``)."""
+    return started < failure_counted_at
 
-    value: T | None
-    failure: str = ""  # "" when the store answered
 
-
+# -- Store reads (core.store_reads, server.redis_clients) ------------------------------
 # Decision-path reads left running after their timeout, at most: a hung store holds this
 # many, not a backlog.
 MAX_ABANDONED_READS = 32
+# How long a connection, or a read a caller abandoned, may wait for Redis: a caller
+# never waits longer than its own budget; this bounds what it leaves behind.
+SOCKET_TIMEOUT_S = 0.25
 
-
-class StoreReads:
-    """Reads from one store (Redis) on the decision path, each bounded by the request's
-    budget and by ``cap_ms``.
-
-    A read still running at its timeout is abandoned, not cancelled (``core.abandon``):
-    at most ``max_abandoned`` at once; past that no read starts (``StoreBusy``) until some
-    end, so a hung store does not gather a backlog that every fresh read waits behind once
-    it wakes. The client's socket timeout bounds how long an abandoned read lives.
-    """
-
-    def __init__(self, *, cap_ms: float, max_abandoned: int = MAX_ABANDONED_READS) -> None:
-        self.cap_ms = cap_ms
-        self._abandoned = AbandonPool(max_abandoned)
-
-    def timeout_ms(self, budget: Budget) -> float:
-        """What the next read may spend: the budget left, capped."""
-        return min(budget.remaining_ms(), self.cap_ms)
-
-    @property
-    def abandoned(self) -> int:
-        """Reads still running after their caller stopped waiting."""
-        return self._abandoned.outstanding
-
-    async def read(
-        self, call: Callable[[], Coroutine[Any, Any, T]], budget: Budget, *, what: str
-    ) -> StoreRead[T]:
-        """``call()`` within the budget left (capped), never raising for the store: a
-        timeout, a busy or failed store comes back as ``failure``, in words that begin
-        with ``what`` ("feature store timed out after 10.0 ms")."""
-        left_ms = self.timeout_ms(budget)
-        if left_ms <= 0:
-            return StoreRead(None, f"{what} skipped: no budget left")
-        try:
-            return StoreRead(await self.run(call(), left_ms))
-        except TimeoutError:
-            return StoreRead(None, f"{what} timed out after {left_ms:.1f} ms")
-        except StoreBusy as exc:
-            return StoreRead(None, f"{what} busy: {exc}")
-        except (redis.exceptions.RedisError, OSError) as exc:
-            log.warning("%s failed: %s", what, exc)
-            return StoreRead(None, f"{what} unavailable ({type(exc).__name__})")
-
-    async def run(self, call: Coroutine[Any, Any, T], timeout_ms: float) -> T:
-        """Awaits ``call`` for at most ``timeout_ms``, then raises ``TimeoutError`` at once;
-        ``StoreBusy`` without starting it when too many reads are still abandoned."""
-        if not self._abandoned.admits():
-            call.close()
-            raise StoreBusy(f"{self._abandoned.outstanding} abandoned reads still running")
-        task = asyncio.ensure_future(call)
-        if await self._abandoned.wait(task, timeout_ms / 1000.0):
-            return task.result()
-        raise TimeoutError
+# -- Stalls (core.abandon) ----------------------------------------------------------------
+# A stalled event loop (its process went unscheduled on a busy machine) may run the timers
+# that fell due before it reads the sockets that filled meanwhile (uvloop, which the
+# server runs on, does), so a wait that ends this late may be for an answer already
+# received. Such a wait gets a moment more, for the loop to read it, before it is called
+# a timeout.
+STALLED_TIMER_S = 0.002
+STALL_GRACE_S = 0.001

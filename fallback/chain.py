@@ -12,8 +12,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from core.deadline import Budget, StoreReads
+from core.deadline import Budget
 from core.domain import Decision, OrderRequest, Source, model_decision
+from core.store_reads import StoreReads
 from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache
 from fallback.settings import FallbackSettings

@@ -19,9 +19,10 @@ from typing import Self
 
 import redis.asyncio as aioredis
 
-from core.deadline import StoreReads
+from core.deadline import SOCKET_TIMEOUT_S
 from core.loop_lag import LoopLag
 from core.metrics_http import MetricsServer
+from core.store_reads import StoreReads
 from core.tasks import cancel_and_wait
 from fallback.chain import FallbackChain
 from fallback.score_cache import ScoreCache, ScoreWriter
@@ -45,7 +46,7 @@ from server.features import FeatureSource
 from server.fleet_entry import FleetEntry
 from server.front import GrpcFront
 from server.readiness import until_ready
-from server.redis_clients import SOCKET_TIMEOUT_S, decision_redis, side_redis
+from server.redis_clients import decision_redis, side_redis
 from server.replicas import Replicas, traffic
 from server.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
 from server.servicer import DecisionServicer

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from core.deadline import EXPECTED_WEIGHT, INITIAL_EXPECTED_MS
 from server.model_client import ModelClient, ModelScores, timeout_error
 from server.model_errors import (
     ModelBusy,
@@ -31,10 +32,6 @@ from server.model_errors import (
 )
 
 log = logging.getLogger(__name__)
-
-# The expected call time: until the first answer this, then an EWMA of the answers.
-INITIAL_EXPECTED_MS = 2.0
-EXPECTED_WEIGHT = 0.1
 
 
 @dataclass(slots=True, eq=False)

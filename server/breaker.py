@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 import pybreaker
 
+from core.deadline import overlaps_a_counted_failure
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -263,7 +265,7 @@ class AsyncCircuitBreaker:
             # is down fails call after call, each begun after the last, so each counts; a
             # hung one's refusals (ModelBusy) count too. Any counted failure of a trial
             # reopens the breaker.
-            overlapped = started < self._failure_counted_at
+            overlapped = overlaps_a_counted_failure(started, self._failure_counted_at)
             if not self._ignore(exc):
                 if trial or not overlapped:
                     self._failure_counted_at = time.monotonic()

@@ -12,8 +12,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from core.deadline import Budget, StoreReads
+from core.deadline import Budget
 from core.domain import OrderRequest, Reason
+from core.store_reads import StoreReads
 from feature_cache.mirror import FeatureMirror
 from feature_cache.schema import FEATURE_INDEX, first_unrepresentable
 from feature_cache.store import FeatureReader, FeatureRecord

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from core.deadline import CONNECTION_AGE_GRACE_MS, QUEUED_CALLS_MAX, QUEUED_CALLS_SHED
 from proto.decision.v1 import admin_pb2, decision_pb2
 from server.admin.auth import AdminAuthInterceptor, Role, TokenBook
 from server.admin.servicer import ADMIN_SERVICE, READ_METHODS, AdminServicer
@@ -30,15 +31,6 @@ log = logging.getLogger(__name__)
 
 DECISION_SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
 AUDIT_HEALTH = "decision.audit"
-# How long calls on a connection past its age may finish: far past any deadline.
-CONNECTION_AGE_GRACE_MS = 10_000
-# Calls that wait for the event loop to take them, over all connections: gRPC's core
-# cancels a new call past QUEUED_CALLS_MAX, and one past QUEUED_CALLS_SHED with a chance
-# that grows to certainty at the max (random early detection). 8 waiting calls are
-# ~15 ms at the slowest capacity measured on a 2-core VM (540/s): a queued call keeps
-# time for its model call (docs/overload.md).
-QUEUED_CALLS_MAX = 8
-QUEUED_CALLS_SHED = 4
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

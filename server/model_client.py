@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from core.abandon import AbandonPool, Work
+from core.deadline import MAX_ABANDONED_CALLS, WIRE_TIMEOUT_S
 from feature_cache.schema import pack_rows, representable
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from server.model_errors import (
@@ -107,13 +108,6 @@ class Rpc(Work, Protocol[_Answer_co]):
 
     def __await__(self) -> Generator[Any, None, _Answer_co]: ...
 
-
-# The deadline a model call carries on the wire: longer than any stall a replica recovers
-# from, so that only a hung replica sees a call cancelled (docs/local-stack.md).
-WIRE_TIMEOUT_S = 120.0
-# Calls to one replica left running after their callers stopped waiting, at most: a
-# hung replica holds this many, not a pile.
-MAX_ABANDONED_CALLS = 16
 
 # Statuses a call ends with without the replica having answered it.
 NO_WORD_FROM_REPLICA = frozenset(

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from core.deadline import MIN_COUNTED_TIMEOUT_MS
 from core.domain import Reason
-
-# A model call's timeout counts against its replica only if the call had this long: a
-# replica that misses a 10 ms wait is unhealthy, one given 4 ms by a tight deadline is not.
-MIN_COUNTED_TIMEOUT_MS = 10.0
 
 
 class ModelFailure(Exception):

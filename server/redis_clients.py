@@ -7,15 +7,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from core.deadline import SOCKET_TIMEOUT_S
 from server.settings import Settings
 
 # A side client's connections: enough for one status call, or one fleet write, at a time.
 SIDE_REDIS_CONNECTIONS = 2
 # The Decide path's pool: more connections than calls a server holds at once.
 DECISION_REDIS_CONNECTIONS = 64
-# How long a connection, or a read a caller abandoned, may wait for Redis: a caller
-# never waits longer than its own budget; this bounds what it leaves behind.
-SOCKET_TIMEOUT_S = 0.25
 
 
 def decision_redis(settings: Settings) -> aioredis.Redis:

@@ -13,28 +13,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from core.deadline import Budget, CallPlan
+from core.deadline import (
+    LATENCY_REFRESH_S,
+    MIN_CALL_BUDGET_MS,
+    NEEDS_WINDOW_S,
+    RETRY_MIN_PER_S,
+    RETRY_RATIO,
+    Budget,
+    CallPlan,
+)
 from core.domain import Reason, Source
 from core.retry_budget import RetryBudget
 from server.control.state import ControlState
 from server.model_client import ModelScores
 from server.model_errors import ModelInputError
 from server.replica import Attempt, Replica
-
-# How often a replica's recent latencies are summarized for the router (sorting them on
-# every call would cost more than the call).
-LATENCY_REFRESH_S = 0.5
-# The median answer a call must have time for is of this many last seconds' calls: a
-# replica skipped for time makes no calls, so an older median would keep it skipped;
-# with none this recent, the floor is MIN_CALL_BUDGET_MS and the next call measures anew.
-NEEDS_WINDOW_S = 5.0
-MIN_CALL_BUDGET_MS = 1.0  # less than this left: a call could only be abandoned
-# Retries to the next replica, as a share of first calls (a token bucket): when the
-# primary slows down for everyone, retries cannot double the secondary's load.
-RETRY_RATIO = 0.2
-# Retries always allowed per second besides that share: at low traffic a share of first
-# calls would allow none.
-RETRY_MIN_PER_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)

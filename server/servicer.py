@@ -100,7 +100,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         """The call's budget; ``Expired`` when its deadline passed while it was queued:
         work for a caller that has gone only makes the calls behind it late too."""
         remaining_s = context.time_remaining()
-        if remaining_s is not None and remaining_s <= 0:
+        if self._plan.expired(remaining_s):
             raise Expired()
         return self._plan.budget(remaining_s)
 

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings
 from core.deadline import (
     DEFAULT_BUDGET_MS,
     FALLBACK_RESERVE_MS,
+    MIN_COUNTED_TIMEOUT_MS,
     MODEL_CALL_MS,
     RESPONSE_MARGIN_MS,
     STORE_READ_MS,
@@ -26,7 +27,6 @@ from core.settings import ROOT_CONFIG, SettingsSection, TelemetrySettings
 from fallback.settings import FallbackSettings
 from feature_cache.settings import FeatureSettings, RedisSettings
 from server.breaker import RateRule
-from server.model_errors import MIN_COUNTED_TIMEOUT_MS
 
 
 class ServerSettings(SettingsSection):

@@ -11,8 +11,9 @@ from typing import Any, cast
 import pytest
 import redis.exceptions
 
-from core.deadline import Budget, StoreReads
+from core.deadline import Budget
 from core.domain import Decision, OrderRequest, Side, Source
+from core.store_reads import StoreReads
 from fallback.chain import FallbackChain, LadderInput
 from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from core.deadline import Budget, StoreReads
+from core.deadline import Budget
 from core.domain import OrderRequest, Side, Source
+from core.store_reads import StoreReads
 from fallback.chain import FallbackChain, LadderInput
 from fallback.rules import RulesBaseline
 from fallback.score_cache import ScoreCache, ScoreEntry

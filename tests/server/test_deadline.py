@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from core.deadline import Budget, CallPlan, StoreBusy, StoreReads
+from core.deadline import Budget, CallPlan
+from core.store_reads import StoreBusy, StoreReads
 
 pytestmark = pytest.mark.timed  # budgets of a few ms, spent while the test runs
 
@@ -108,3 +109,10 @@ def test_a_read_may_spend_the_budget_left_up_to_the_cap():
     reads = StoreReads(cap_ms=10, max_abandoned=3)
     assert reads.timeout_ms(Budget(50)) == 10
     assert 0 < reads.timeout_ms(Budget(4)) <= 4
+
+
+@pytest.mark.parametrize(
+    ("remaining_s", "expired"), [(None, False), (0.001, False), (0.0, True), (-0.5, True)]
+)
+def test_a_call_is_expired_once_its_deadline_has_passed(remaining_s, expired):
+    assert CallPlan.expired(remaining_s) is expired

@@ -14,8 +14,9 @@ from typing import Any, cast
 import pytest
 import redis.exceptions
 
-from core.deadline import Budget, CallPlan, StoreReads
+from core.deadline import Budget, CallPlan
 from core.domain import CallInfo, Decision, DecisionResult, OrderRequest, Reason, Side, Source
+from core.store_reads import StoreReads
 from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry, ScoreWriter

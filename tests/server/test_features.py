@@ -8,8 +8,9 @@ from typing import cast
 
 import pytest
 
-from core.deadline import Budget, StoreReads
+from core.deadline import Budget
 from core.domain import OrderRequest, Side
+from core.store_reads import StoreReads
 from feature_cache.mirror import FeatureMirror
 from feature_cache.store import FeatureReader, FeatureRecord
 from server.features import FeatureSource

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from core.deadline import Budget, CallPlan
+from core.deadline import NEEDS_WINDOW_S, Budget, CallPlan
 from core.domain import Reason, Source
 from server.breaker import AsyncCircuitBreaker
 from server.control.state import Change, ControlState, Entry
@@ -30,7 +30,7 @@ from server.model_errors import (
     ModelUnavailable,
 )
 from server.replica import Replica
-from server.router import NEEDS_WINDOW_S, ReplicaRouter
+from server.router import ReplicaRouter
 from server.settings import BreakerSettings
 from tests.server.fakes import AlwaysConnected
 

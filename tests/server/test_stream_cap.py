@@ -17,9 +17,9 @@ import pytest
 import sqlalchemy as sa
 
 from core.caller import CALLER_OPTIONS
+from core.deadline import QUEUED_CALLS_MAX
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
-from server.front import QUEUED_CALLS_MAX
 from server.load_metrics import core_calls
 from tests.server.admin.test_admin import wait_store_rows
 from tests.server.conftest import buy, replica_settings, sample_record, settle
