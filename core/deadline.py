@@ -79,16 +79,60 @@ class CallPlan:
         return self.model_call_ms * (1.0 - self.jitter)
 
 
-# -- The call's way in (server.front) -------------------------------------------------
-# Calls that wait for the event loop to take them, over all connections: gRPC's core
-# cancels a new call past QUEUED_CALLS_MAX, and one past QUEUED_CALLS_SHED with a chance
-# that grows to certainty at the max (random early detection). 8 waiting calls are
-# ~15 ms at the slowest capacity measured on a 2-core VM (540/s): a queued call keeps
-# time for its model call (docs/overload.md).
+# -- The call's way in (server.front, server.intake, server.servicer) ------------------
+# Calls the server takes from gRPC's core at once, over its Decide and DecideBatch: each
+# slot takes a call, serves it and takes the next. Bursts of 16 calls from each of two
+# callers are taken as they come; past this many in flight, calls wait in the core's
+# queue (below), and the calls taken are refused by time (``outlasts_budget``).
+CALL_SLOTS = 32
+# Calls that wait in gRPC's core for a slot, over all connections: the core cancels a new
+# call past QUEUED_CALLS_MAX, and one past QUEUED_CALLS_SHED with a chance that grows to
+# certainty at the max (random early detection). The backstop behind the slots: 8 waiting
+# calls are ~15 ms at the slowest capacity measured on a 2-core VM (540/s).
 QUEUED_CALLS_MAX = 8
 QUEUED_CALLS_SHED = 4
 # How long calls on a connection past its age may finish: far past any deadline.
 CONNECTION_AGE_GRACE_MS = 10_000
+# The process's CPU per finished call is measured over at least this long and this many
+# calls (fewer would be noise); before the first measure a call is taken to cost
+# INITIAL_CALL_COST_MS (a decision's CPU on a 2-core VM is 0.5-1 ms).
+CALL_COST_WINDOW_S = 0.1
+CALL_COST_MIN_CALLS = 20
+INITIAL_CALL_COST_MS = 0.5
+
+
+class CallCost:
+    """The process's CPU per finished Decide or DecideBatch call, lately: the event loop's
+    work for it and gRPC's core threads' (they share the cores), so what one call ahead of
+    another delays it by when the server is busy."""
+
+    __slots__ = ("_calls", "_cpu_s", "_since", "ms")
+
+    def __init__(self) -> None:
+        self.ms = INITIAL_CALL_COST_MS
+        self._calls = 0
+        self._cpu_s = time.process_time()
+        self._since = time.monotonic()
+
+    def finished(self) -> None:
+        """One call ended (answered or failed)."""
+        self._calls += 1
+        if self._calls < CALL_COST_MIN_CALLS:
+            return
+        now = time.monotonic()
+        if now - self._since < CALL_COST_WINDOW_S:
+            return
+        cpu_s = time.process_time()
+        self.ms = (cpu_s - self._cpu_s) * 1000.0 / self._calls
+        self._calls, self._cpu_s, self._since = 0, cpu_s, now
+
+
+def outlasts_budget(budget_ms: float, calls_ahead: int, call_ms: float) -> bool:
+    """Whether a call just taken would end past its budget behind the calls already being
+    served, each costing ``call_ms``: it is refused at once, before any work, rather than
+    answered late (docs/overload.md). A call with nothing ahead is always served."""
+    return calls_ahead > 0 and (calls_ahead + 1) * call_ms > budget_ms
+
 
 # -- Model calls (server.router, server.batching, server.model_client) ----------------
 # The median answer a call must have time for is of this many last seconds' calls: a

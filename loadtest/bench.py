@@ -688,6 +688,7 @@ def describe(cell: Cell, result: LoadResult, cores: Sequence[float]) -> str:
         f" p99 {result.percentile_ms(99):.2f} ms, errors {result.error_count},"
         f" {answered_by(result) or 'no answers'}; cores: server {cores[0]:.2f},"
         f" model server {cores[1]:.2f}, loadgen {result.generator_cores:.2f}"
+        f" (behind its schedule by {result.send_lag_max_ms:.0f} ms at most)"
     )
 
 
@@ -787,6 +788,7 @@ def figures(measured: Measured, preset: Preset, arguments: Mapping[str, Any]) ->
                 "model_share": round(model_share(r), 4),
                 "model_share_of_calls": round(model_share_of_calls(r), 4),
                 "refusal_p99_ms": round(r.refusal_percentile_ms(99), 3),
+                "send_lag_max_ms": round(r.send_lag_max_ms, 1),
                 "cores": [round(c, 3) for c in measured.cores.get((key, mode, load), ())],
             }
             for (key, mode, load), r in results.items()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import itertools
 import multiprocessing
 import os
@@ -151,6 +152,9 @@ class WorkerResult:
     cpu_s: float
     """CPU time the process used while measuring, its gRPC threads included."""
     pid: int
+    send_lag_max_s: float = 0.0
+    """Open loop: how far behind its schedule the process sent, at most (its latencies
+    count from the schedule, so a lag shows in them: the generator's, not the server's)."""
 
 
 class Recorder:
@@ -192,6 +196,7 @@ class Recorder:
             elapsed_s=elapsed_s,
             cpu_s=cpu_s,
             pid=os.getpid(),
+            send_lag_max_s=self.send_lag_max_s,
         )
 
 
@@ -343,7 +348,11 @@ async def _measure(spec: LoadSpec) -> WorkerResult:
 
 
 def run_worker(spec: LoadSpec) -> WorkerResult:
-    """One process's share, on its own uvloop event loop (the pool's task function)."""
+    """One process's share, on its own uvloop event loop (the pool's task function). What
+    lives on from earlier shares is kept out of the garbage collector's full passes, which
+    otherwise stalled a generator 120-200 ms mid-cell (as the server does, gc.freeze)."""
+    gc.collect()
+    gc.freeze()
     return uvloop.run(_measure(spec))
 
 
@@ -386,6 +395,10 @@ class LoadResult:
     @property
     def answers(self) -> dict[str, int]:
         return dict(sum((Counter(w.answers) for w in self.workers), Counter()))
+
+    @property
+    def send_lag_max_ms(self) -> float:
+        return max((w.send_lag_max_s for w in self.workers), default=0.0) * 1000.0
 
     @property
     def throughput_per_s(self) -> float:

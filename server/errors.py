@@ -4,6 +4,7 @@ turned into a status in one place, ``grpc_errors``::
     DecisionError                INTERNAL (as is any other error, logged)
     ├── InvalidArgument          INVALID_ARGUMENT (names every bad field)
     ├── Expired                  DEADLINE_EXCEEDED (the deadline passed while queued)
+    ├── Overloaded               RESOURCE_EXHAUSTED (refused before any work, with RetryInfo)
     ├── FailedPrecondition       FAILED_PRECONDITION (the deployment cannot do it)
     └── AuditUnavailable, StoreUnavailable, FleetUnavailable, SharedStateUnavailable:
                                  UNAVAILABLE (the journal or a store did not answer)
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -108,6 +110,24 @@ class Expired(DecisionError):
 
     def __init__(self) -> None:
         super().__init__("deadline passed before the server took the call up: no decision made")
+
+
+class Overloaded(DecisionError):
+    """The calls the server is serving would outlast this one's budget: refused at once,
+    before any work (nothing decided, nothing recorded), so that the caller can go to
+    another server or decide without us. ``RetryInfo`` says when this server expects to
+    have worked them off."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, backlog_ms: float) -> None:
+        self.backlog_ms = backlog_ms
+        super().__init__(f"server busy for ~{backlog_ms:.0f} ms: refused before any work")
+
+    def details(self) -> list[Message]:
+        delay = Duration()
+        delay.FromMicroseconds(round(self.backlog_ms * 1000))
+        return [error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
 class StoreUnavailable(DecisionError):

@@ -20,10 +20,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from core.deadline import CONNECTION_AGE_GRACE_MS, QUEUED_CALLS_MAX, QUEUED_CALLS_SHED
+from core.deadline import (
+    CALL_SLOTS,
+    CONNECTION_AGE_GRACE_MS,
+    QUEUED_CALLS_MAX,
+    QUEUED_CALLS_SHED,
+)
 from proto.decision.v1 import admin_pb2, decision_pb2
 from server.admin.auth import AdminAuthInterceptor, Role, TokenBook
 from server.admin.servicer import ADMIN_SERVICE, READ_METHODS, AdminServicer
+from server.intake import CallSlots
 from server.servicer import DecisionServicer, add_decision_service, add_tolerant_service
 from server.settings import Settings
 
@@ -41,8 +47,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     limits that gRPC's core enforces before any Python runs: the per-connection stream
     cap (a call past it gets RST_STREAM(REFUSED_STREAM), or RESOURCE_EXHAUSTED at once
     from a client with ``CALLER_OPTIONS``) and the process's queue of calls the event
-    loop has not taken yet (a call past it is cancelled: the caller sees CANCELLED). A
-    maximum connection age when one is set."""
+    loop has not taken yet (a call past it is cancelled: the caller sees CANCELLED; the
+    call slots, ``server.intake``, take calls as they come, so it holds only what they
+    cannot take). A maximum connection age when one is set."""
     server = settings.server
     options = [
         ("grpc.so_reuseport", 1 if server.workers > 1 else 0),
@@ -118,7 +125,9 @@ class GrpcFront:
             interceptors=list(interceptors),
             options=server_options(settings),
         )
-        add_decision_service(decisions, self._server)
+        self.slots = CallSlots(
+            self._server, add_decision_service(decisions, self._server), interceptors, CALL_SLOTS
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (DECISION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
@@ -145,6 +154,7 @@ class GrpcFront:
         """Starts serving on the bound ports, health NOT_SERVING until ``set_serving``."""
         await self.set_serving(False)
         await self._server.start()
+        self.slots.start()
         log.info("DecisionService listening on %s:%d", self._settings.server.host, self.port)
         await self._admin.start()
         log.info("AdminService listening on %s:%d", self._settings.admin.host, self.admin_port)
@@ -162,3 +172,4 @@ class GrpcFront:
         await self.health.enter_graceful_shutdown()
         grace_s = self._settings.server.grace_period_s
         await asyncio.gather(*(s.stop(grace=grace_s) for s in (self._server, self._admin)))
+        await self.slots.stop()

@@ -13,11 +13,11 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
-from core.deadline import Budget, CallPlan
-from core.domain import CallInfo, DecisionResult
+from core.deadline import Budget, CallCost, CallPlan, outlasts_budget
+from core.domain import CallInfo, DecisionResult, OrderRequest
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.engine import DecisionEngine
-from server.errors import Expired, grpc_errors, tolerant_parser
+from server.errors import Expired, Overloaded, grpc_errors, tolerant_parser
 from server.tracing import traceparent
 from server.validation import order_from_pb, orders_from_batch_pb
 
@@ -95,14 +95,30 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     ) -> None:
         self._engine = engine
         self._plan = plan
+        self.call_cost = CallCost()
 
     def _budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> Budget:
-        """The call's budget; ``Expired`` when its deadline passed while it was queued:
-        work for a caller that has gone only makes the calls behind it late too."""
+        """The call's budget; ``Expired`` when its deadline passed while it was queued
+        (work for a caller that has gone only makes the calls behind it late too),
+        ``Overloaded`` when the calls being served would outlast it."""
         remaining_s = context.time_remaining()
         if self._plan.expired(remaining_s):
             raise Expired()
-        return self._plan.budget(remaining_s)
+        budget = self._plan.budget(remaining_s)
+        ahead, cost_ms = self._engine.calls_in_flight, self.call_cost.ms
+        if outlasts_budget(budget.remaining_ms(), ahead, cost_ms):
+            raise Overloaded(backlog_ms=ahead * cost_ms)
+        return budget
+
+    async def _decide(
+        self, orders: list[OrderRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> list[DecisionResult]:
+        call = call_info(context)
+        budget = self._budget(context)
+        try:
+            return await self._engine.decide(orders, budget, call)
+        finally:
+            self.call_cost.finished()
 
     @grpc_errors
     async def Decide(
@@ -111,10 +127,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         context: grpc.aio.ServicerContext[decision_pb2.DecideRequest, decision_pb2.DecideResponse],
     ) -> decision_pb2.DecideResponse:
         answer_traceparent(context)
-        call = call_info(context)
-        order = order_from_pb(request)
-        budget = self._budget(context)
-        (result,) = await self._engine.decide([order], budget, call)
+        (result,) = await self._decide([order_from_pb(request)], context)
         return response_to_pb(result)
 
     @grpc_errors
@@ -126,18 +139,17 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         ],
     ) -> decision_pb2.DecideBatchResponse:
         answer_traceparent(context)
-        call = call_info(context)
-        orders = orders_from_batch_pb(request)
-        budget = self._budget(context)
-        results = await self._engine.decide(orders, budget, call)
+        results = await self._decide(orders_from_batch_pb(request), context)
         return decision_pb2.DecideBatchResponse(responses=[response_to_pb(r) for r in results])
 
 
 def add_tolerant_service(
     servicer: object, descriptor: ServiceDescriptor, pb2: ModuleType, server: grpc.aio.Server
-) -> None:
-    """Registers a service like the generated helper, except that a request whose bytes
-    do not decode reaches ``grpc_errors`` (INVALID_ARGUMENT), not grpc (INTERNAL)."""
+) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """Registers a service like the generated helper (its methods registered, so that
+    gRPC's core takes their calls by method), except that a request whose bytes do not
+    decode reaches ``grpc_errors`` (INVALID_ARGUMENT), not grpc (INTERNAL). Returns the
+    handlers by full method name."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in descriptor.methods:
         request_type = getattr(pb2, method.input_type.name)
@@ -150,9 +162,13 @@ def add_tolerant_service(
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
     )
+    server.add_registered_method_handlers(descriptor.full_name, handlers)
+    return {f"/{descriptor.full_name}/{name}": h for name, h in handlers.items()}
 
 
-def add_decision_service(servicer: DecisionServicer, server: grpc.aio.Server) -> None:
-    add_tolerant_service(
+def add_decision_service(
+    servicer: DecisionServicer, server: grpc.aio.Server
+) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    return add_tolerant_service(
         servicer, decision_pb2.DESCRIPTOR.services_by_name["DecisionService"], decision_pb2, server
     )

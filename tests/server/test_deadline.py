@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from core import deadline
 from core.deadline import Budget, CallPlan
 from core.store_reads import StoreBusy, StoreReads
 
@@ -116,3 +117,34 @@ def test_a_read_may_spend_the_budget_left_up_to_the_cap():
 )
 def test_a_call_is_expired_once_its_deadline_has_passed(remaining_s, expired):
     assert CallPlan.expired(remaining_s) is expired
+
+
+def test_a_calls_cost_is_the_processs_cpu_per_finished_call_over_a_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = {"cpu": 10.0, "now": 100.0}
+    monkeypatch.setattr(time, "process_time", lambda: clock["cpu"])
+    monkeypatch.setattr(time, "monotonic", lambda: clock["now"])
+    cost = deadline.CallCost()
+    assert cost.ms == deadline.INITIAL_CALL_COST_MS
+    clock["cpu"] += 0.020  # 20 ms of CPU over 20 calls in the window: 1 ms each
+    clock["now"] += 2 * deadline.CALL_COST_WINDOW_S
+    for _ in range(deadline.CALL_COST_MIN_CALLS - 1):
+        cost.finished()
+    assert cost.ms == deadline.INITIAL_CALL_COST_MS  # too few calls yet
+    cost.finished()
+    assert cost.ms == pytest.approx(1.0)
+    clock["cpu"] += 0.010  # the next window starts anew: too short yet
+    for _ in range(deadline.CALL_COST_MIN_CALLS):
+        cost.finished()
+    assert cost.ms == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("budget_ms", "ahead", "refused"),
+    [(38.0, 0, False), (0.5, 0, False), (38.0, 37, False), (38.0, 38, True)],
+)
+def test_a_call_is_refused_only_when_the_calls_ahead_outlast_its_budget(
+    budget_ms: float, ahead: int, refused: bool
+) -> None:
+    assert deadline.outlasts_budget(budget_ms, ahead, call_ms=1.0) is refused

@@ -6,6 +6,7 @@ from typing import Any, cast
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from core.deadline import CallPlan
 from proto.decision.v1 import decision_pb2
@@ -21,11 +22,15 @@ class FakeContext:
     def __init__(self, remaining_s: float | None) -> None:
         self.remaining_s = remaining_s
         self.code: grpc.StatusCode | None = None
+        self.trailing: Any = ()
 
     def time_remaining(self) -> float | None:
         return self.remaining_s
 
     def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def trailing_metadata(self) -> tuple[()]:
         return ()
 
     def peer(self) -> str:
@@ -35,11 +40,14 @@ class FakeContext:
         self, code: grpc.StatusCode, details: str, trailing_metadata: object = ()
     ) -> None:
         self.code = code
+        self.trailing = trailing_metadata
         raise Aborted(details)
 
 
 class NoEngine:
     """Fails the test if a call reaches it."""
+
+    calls_in_flight = 0
 
     async def decide(self, *args: Any) -> list[Any]:
         raise AssertionError("an expired call reached the engine")
@@ -59,6 +67,8 @@ async def test_a_call_whose_deadline_passed_in_the_queue_gets_no_decision() -> N
 
 class BudgetRecorder:
     """Keeps the budget a call was given; decides nothing."""
+
+    calls_in_flight = 0
 
     def __init__(self) -> None:
         self.remaining_ms = 0.0
@@ -83,6 +93,46 @@ async def test_the_server_plans_to_answer_its_margin_before_the_deadline(
         await servicer.Decide(request, cast(Any, FakeContext(remaining_s=0.050)))
     # 50 ms left less the margin (and the little that has passed).
     assert left_at_most - 3.0 < engine.remaining_ms <= left_at_most
+
+
+class BusyEngine:
+    """Serving calls already; notes whether a call reached it, decides nothing."""
+
+    def __init__(self, calls_in_flight: int) -> None:
+        self.calls_in_flight = calls_in_flight
+        self.reached = False
+
+    async def decide(self, *args: Any) -> list[Any]:
+        self.reached = True
+        return []
+
+
+@pytest.mark.parametrize(("ahead", "refused"), [(0, False), (37, False), (38, True)])
+async def test_a_call_the_calls_ahead_would_make_late_is_refused_before_any_work(
+    ahead: int, refused: bool
+) -> None:
+    """38 ms of budget (50 less the 12 ms margin), each call 1 ms: the 38th call fits,
+    the 39th is refused with RESOURCE_EXHAUSTED and a RetryInfo; a call with none ahead
+    is always taken (the ladder answers it in whatever time it has)."""
+    engine = BusyEngine(ahead)
+    servicer = DecisionServicer(
+        cast(DecisionEngine, engine), plan=CallPlan(response_margin_ms=12.0)
+    )
+    servicer.call_cost.ms = 1.0
+    context = FakeContext(remaining_s=0.0505)
+    request = decision_pb2.DecideRequest(symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0)
+    with pytest.raises(Aborted) as raised:  # refused, or the engine decided nothing
+        await servicer.Decide(request, cast(Any, context))
+    assert engine.reached is not refused
+    if refused:
+        assert context.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "refused before any work" in str(raised.value)
+        (_, value), *_ = context.trailing
+        status = status_pb2.Status.FromString(value)
+        (detail,) = status.details
+        retry = error_details_pb2.RetryInfo()
+        assert detail.Unpack(retry)
+        assert retry.retry_delay.ToMilliseconds() == ahead
 
 
 def test_one_reason_type_equal_to_the_protos_reason_code_number_for_number() -> None:

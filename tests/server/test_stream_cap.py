@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from core.caller import CALLER_OPTIONS
-from core.deadline import QUEUED_CALLS_MAX
+from core.deadline import CALL_SLOTS, QUEUED_CALLS_MAX
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
 from server.load_metrics import core_calls
@@ -126,12 +126,14 @@ async def test_calls_past_the_queue_limit_are_refused_at_once_while_the_loop_is_
     start_app, replicas, feature_writer
 ):
     """The queue limit holds for the process, whatever the connections: while the event
-    loop is blocked, calls past it are cancelled by gRPC's core and return before the
-    loop is free; the calls it queued are decided once it is."""
+    loop is blocked, the call slots take what they can (and grpc.aio's own one more),
+    calls past them and the queue limit are cancelled by gRPC's core and return before
+    the loop is free; the calls taken and queued are decided once it is."""
     await feature_writer.write_many([sample_record("BTC-USD")])
     app: DecisionApp = await start_app(torchserve=replica_settings(replicas))
     await settle(app)
-    calls, blocked_s = 4 * QUEUED_CALLS_MAX, 1.0
+    taken = CALL_SLOTS + 1 + QUEUED_CALLS_MAX
+    calls, blocked_s = taken + 3 * QUEUED_CALLS_MAX, 1.0
     channels = [  # one call per connection: no stream cap is reached
         grpc.insecure_channel(
             f"127.0.0.1:{app.port}", options=[("grpc.use_local_subchannel_pool", 1)]
@@ -167,8 +169,8 @@ async def test_calls_past_the_queue_limit_are_refused_at_once_while_the_loop_is_
         assert isinstance(answer, grpc.RpcError), answer
         assert answer.code() == grpc.StatusCode.CANCELLED, answer
         assert seconds < blocked_s / 2, "a refused call waited for the loop"
-    # The queue holds at most the limit, and one call more the server had asked for.
-    assert calls - len(refused) <= QUEUED_CALLS_MAX + 1
+    # The slots and grpc.aio's own hold a call each, the queue at most its limit.
+    assert CALL_SLOTS < calls - len(refused) <= taken
     assert len(answered) == calls - len(refused) >= 1
     # gRPC's own counts, which the metrics export, see the refusals the handlers never did.
     started, succeeded, failed = core_calls()
