@@ -93,18 +93,20 @@ QUEUED_CALLS_MAX = 8
 QUEUED_CALLS_SHED = 4
 # How long calls on a connection past its age may finish: far past any deadline.
 CONNECTION_AGE_GRACE_MS = 10_000
-# The process's CPU per finished call is measured over at least this long and this many
-# calls (fewer would be noise); before the first measure a call is taken to cost
-# INITIAL_CALL_COST_MS (a decision's CPU on a 2-core VM is 0.5-1 ms).
+# The process's CPU per finished call is measured over windows this long, and kept from a
+# window of at least this many calls only: at a lower rate the process's own background
+# work (the feature mirror, metrics, probes) would pass for the calls', and calls waiting
+# on a slow replica would be refused for CPU they do not use. Until a busy window, a call
+# is taken to cost INITIAL_CALL_COST_MS (a decision's CPU on a 2-core VM is 0.5-1 ms).
 CALL_COST_WINDOW_S = 0.1
 CALL_COST_MIN_CALLS = 20
 INITIAL_CALL_COST_MS = 0.5
 
 
 class CallCost:
-    """The process's CPU per finished Decide or DecideBatch call, lately: the event loop's
-    work for it and gRPC's core threads' (they share the cores), so what one call ahead of
-    another delays it by when the server is busy."""
+    """The process's CPU per finished Decide or DecideBatch call in its last busy window:
+    the event loop's work for it and gRPC's core threads' (they share the cores), so what
+    one call ahead of another delays it by when the server is busy."""
 
     __slots__ = ("_calls", "_cpu_s", "_since", "ms")
 
@@ -117,13 +119,12 @@ class CallCost:
     def finished(self) -> None:
         """One call ended (answered or failed)."""
         self._calls += 1
-        if self._calls < CALL_COST_MIN_CALLS:
-            return
         now = time.monotonic()
         if now - self._since < CALL_COST_WINDOW_S:
             return
         cpu_s = time.process_time()
-        self.ms = (cpu_s - self._cpu_s) * 1000.0 / self._calls
+        if self._calls >= CALL_COST_MIN_CALLS:
+            self.ms = (cpu_s - self._cpu_s) * 1000.0 / self._calls
         self._calls, self._cpu_s, self._since = 0, cpu_s, now
 
 

@@ -119,7 +119,7 @@ def test_a_call_is_expired_once_its_deadline_has_passed(remaining_s, expired):
     assert CallPlan.expired(remaining_s) is expired
 
 
-def test_a_calls_cost_is_the_processs_cpu_per_finished_call_over_a_window(
+def test_a_calls_cost_is_the_processs_cpu_per_finished_call_in_a_busy_window(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = {"cpu": 10.0, "now": 100.0}
@@ -127,17 +127,23 @@ def test_a_calls_cost_is_the_processs_cpu_per_finished_call_over_a_window(
     monkeypatch.setattr(time, "monotonic", lambda: clock["now"])
     cost = deadline.CallCost()
     assert cost.ms == deadline.INITIAL_CALL_COST_MS
-    clock["cpu"] += 0.020  # 20 ms of CPU over 20 calls in the window: 1 ms each
-    clock["now"] += 2 * deadline.CALL_COST_WINDOW_S
-    for _ in range(deadline.CALL_COST_MIN_CALLS - 1):
-        cost.finished()
-    assert cost.ms == deadline.INITIAL_CALL_COST_MS  # too few calls yet
-    cost.finished()
+
+    def window(cpu_ms: float, calls: int) -> None:
+        for _ in range(calls - 1):
+            cost.finished()
+        clock["cpu"] += cpu_ms / 1000.0
+        clock["now"] += 2 * deadline.CALL_COST_WINDOW_S
+        cost.finished()  # the window's last call ends it
+
+    window(cpu_ms=20.0, calls=deadline.CALL_COST_MIN_CALLS)  # 1 ms a call
     assert cost.ms == pytest.approx(1.0)
-    clock["cpu"] += 0.010  # the next window starts anew: too short yet
-    for _ in range(deadline.CALL_COST_MIN_CALLS):
-        cost.finished()
+    # A quiet window (background work over a few calls) changes nothing.
+    window(cpu_ms=50.0, calls=deadline.CALL_COST_MIN_CALLS - 1)
     assert cost.ms == pytest.approx(1.0)
+    window(cpu_ms=40.0, calls=2 * deadline.CALL_COST_MIN_CALLS)
+    assert cost.ms == pytest.approx(1.0)
+    window(cpu_ms=20.0, calls=2 * deadline.CALL_COST_MIN_CALLS)
+    assert cost.ms == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(
