@@ -153,8 +153,7 @@ class WorkerResult:
     """CPU time the process used while measuring, its gRPC threads included."""
     pid: int
     send_lag_max_s: float = 0.0
-    """Open loop: how far behind its schedule the process sent, at most (its latencies
-    count from the schedule, so a lag shows in them: the generator's, not the server's)."""
+    """Open loop: how far behind its schedule it sent at most (a lag in its latencies)."""
 
 
 class Recorder:
@@ -348,9 +347,8 @@ async def _measure(spec: LoadSpec) -> WorkerResult:
 
 
 def run_worker(spec: LoadSpec) -> WorkerResult:
-    """One process's share, on its own uvloop event loop (the pool's task function). What
-    lives on from earlier shares is kept out of the garbage collector's full passes, which
-    otherwise stalled a generator 120-200 ms mid-cell (as the server does, gc.freeze)."""
+    """One process's share, on its own uvloop event loop (the pool's task function); what
+    lives on is frozen out of full collections, which stalled a share 120-200 ms."""
     gc.collect()
     gc.freeze()
     return uvloop.run(_measure(spec))

@@ -62,12 +62,6 @@ class CallSlots:
         self._interceptors = tuple(interceptors)
         self._slots = slots
         self._tasks: list[asyncio.Task[None]] = []
-        self.busy = 0
-        """Calls the slots are serving now."""
-
-    @property
-    def running(self) -> bool:
-        return bool(self._tasks)
 
     def start(self) -> None:
         """After the server started: the slots begin taking calls."""
@@ -98,15 +92,9 @@ class CallSlots:
                 if aio.is_running():
                     log.exception("a call slot for %s failed and ends", method)
                 return
-            self.busy += 1
-            try:
-                handling = cygrpc._handle_rpc(
-                    method, resolver, self._interceptors, rpc, loop, False
-                )
-                # Serves the call to its end, errors included, as grpc.aio does.
-                await cygrpc._schedule_rpc_coro(handling, rpc, loop, method)
-            finally:
-                self.busy -= 1
+            handling = cygrpc._handle_rpc(method, resolver, self._interceptors, rpc, loop, False)
+            # Serves the call to its end, errors included, as grpc.aio does.
+            await cygrpc._schedule_rpc_coro(handling, rpc, loop, method)
 
     async def stop(self) -> None:
         """After the server stopped: its requests failed, so the slots end; any left after
