@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
-from core.deadline import STALL_GRACE_S, STALLED_TIMER_S
+from core.deadline import stall_grace_s
 
 
 class Settles(Protocol):
@@ -37,8 +37,8 @@ class Work(Settles, Protocol):
 async def settled_within(future: Settles, timeout_s: float) -> bool:
     """Waits up to ``timeout_s`` for ``future`` (never cancelling it); whether it is done.
 
-    When the wait itself ended more than ``STALLED_TIMER_S`` late (the loop was stalled),
-    the future gets ``STALL_GRACE_S`` more: its answer may be waiting in a socket.
+    When the wait itself ended late because the loop stalled, the future gets a moment
+    more (``core.deadline.stall_grace_s``): its answer may be waiting in a socket.
     """
     if future.done():
         return True
@@ -61,9 +61,9 @@ async def settled_within(future: Settles, timeout_s: float) -> bool:
     future.add_done_callback(wake)
     due = loop.time() + timeout_s
     await until(due)
-    if not future.done() and loop.time() - due > STALLED_TIMER_S:
+    if not future.done() and (grace_s := stall_grace_s(loop.time() - due)):
         waiter = loop.create_future()
-        await until(loop.time() + STALL_GRACE_S)
+        await until(loop.time() + grace_s)
     return future.done()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -144,6 +145,16 @@ MIN_CALL_BUDGET_MS = 1.0  # less than this left: a call could only be abandoned
 # How often a replica's recent latencies are summarized for the router (sorting them on
 # every call would cost more than the call).
 LATENCY_REFRESH_S = 0.5
+
+
+def model_call_needs_ms(recent_p50_ms: float, floor_ms: float = MIN_CALL_BUDGET_MS) -> float:
+    """The least time worth a model call to a replica: its median answer of the last
+    ``NEEDS_WINDOW_S`` (0 with none), at least ``floor_ms``. The router makes no call
+    given less (``server.router``): one that would most likely time out only adds an
+    abandoned call to the replica's load, the very thing that slows it."""
+    return max(recent_p50_ms, floor_ms)
+
+
 # Retries to the next replica, as a share of first calls (a token bucket): when the
 # primary slows down for everyone, retries cannot double the secondary's load.
 RETRY_RATIO = 0.2
@@ -155,6 +166,38 @@ RETRY_MIN_PER_S = 10.0
 # EWMA of the answers with this weight.
 INITIAL_EXPECTED_MS = 2.0
 EXPECTED_WEIGHT = 0.1
+
+
+class ExpectedCallTime:
+    """How long a replica's calls take, as a request queued for it while its calls are
+    out must allow (``server.batching``): it leaves the queue unsent once less than this
+    is left before its deadline, and the next replica or the ladder answers it."""
+
+    __slots__ = ("_answered", "ms")
+
+    def __init__(self) -> None:
+        self.ms = INITIAL_EXPECTED_MS
+        self._answered = False
+
+    def answered(self, elapsed_ms: float) -> None:
+        """A call came back after ``elapsed_ms``."""
+        if self._answered:
+            self.ms += EXPECTED_WEIGHT * (elapsed_ms - self.ms)
+        else:
+            self.ms, self._answered = elapsed_ms, True
+
+    def leaves_queue_at(self, deadline: float) -> float:
+        """When a request with ``deadline`` (loop time) leaves the queue unsent."""
+        return deadline - self.ms / 1000.0
+
+
+def shared_call_wait_s(deadlines: Iterable[float], sent_at: float) -> float:
+    """How long a call that carries several queued requests waits for the replica: until
+    the last of their deadlines (never less than 0). Each request whose deadline comes
+    earlier fails alone at its own, with the call still out for the others."""
+    return max(max(deadlines) - sent_at, 0.0)
+
+
 # The deadline a model call carries on the wire: longer than any stall a replica recovers
 # from, so that only a hung replica sees a call cancelled (docs/local-stack.md).
 WIRE_TIMEOUT_S = 120.0
@@ -166,6 +209,14 @@ MAX_ABANDONED_CALLS = 16
 MIN_COUNTED_TIMEOUT_MS = 10.0
 
 
+def counts_as_timeout(waited_ms: float) -> bool:
+    """Whether a replica that did not answer in ``waited_ms`` (a call's timeout, or how
+    long it has answered nothing at all) is at fault, so that it counts against its
+    breaker: a replica that misses ``MIN_COUNTED_TIMEOUT_MS`` is unhealthy, one given a
+    few milliseconds by a tight deadline is not (``server.model_errors``)."""
+    return waited_ms >= MIN_COUNTED_TIMEOUT_MS
+
+
 def overlaps_a_counted_failure(started: float, failure_counted_at: float) -> bool:
     """Whether a failed call was already out when the replica's last counted failure came:
     calls in flight together when this process or the machine stalls fail together, and
@@ -174,6 +225,14 @@ def overlaps_a_counted_failure(started: float, failure_counted_at: float) -> boo
 
 
 # -- Store reads (core.store_reads, server.redis_clients) ------------------------------
+
+
+def store_read_timeout_ms(budget: Budget, cap_ms: float) -> float:
+    """What one Redis read on the Decide path (features, cached scores) may spend: the
+    budget left, capped by the plan's ``store_read_ms``."""
+    return min(budget.remaining_ms(), cap_ms)
+
+
 # Decision-path reads left running after their timeout, at most: a hung store holds this
 # many, not a backlog.
 MAX_ABANDONED_READS = 32
@@ -189,3 +248,9 @@ SOCKET_TIMEOUT_S = 0.25
 # a timeout.
 STALLED_TIMER_S = 0.002
 STALL_GRACE_S = 0.001
+
+
+def stall_grace_s(late_by_s: float) -> float:
+    """The moment more a wait gets that ended ``late_by_s`` past its time (0 if it was
+    not late enough to be a stall), before it is called a timeout (``core.abandon``)."""
+    return STALL_GRACE_S if late_by_s > STALLED_TIMER_S else 0.0

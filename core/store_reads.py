@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 import redis.exceptions
 
 from core.abandon import AbandonPool
-from core.deadline import MAX_ABANDONED_READS, Budget
+from core.deadline import MAX_ABANDONED_READS, Budget, store_read_timeout_ms
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class StoreReads:
 
     def timeout_ms(self, budget: Budget) -> float:
         """What the next read may spend: the budget left, capped."""
-        return min(budget.remaining_ms(), self.cap_ms)
+        return store_read_timeout_ms(budget, self.cap_ms)
 
     @property
     def abandoned(self) -> int:

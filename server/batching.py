@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from core.deadline import EXPECTED_WEIGHT, INITIAL_EXPECTED_MS
+from core.deadline import ExpectedCallTime, shared_call_wait_s
 from server.model_client import ModelClient, ModelScores, timeout_error
 from server.model_errors import (
     ModelBusy,
@@ -89,8 +89,7 @@ class BatchingClient:
         self._calls_out = 0
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._expected_ms = INITIAL_EXPECTED_MS
-        self._answered = False
+        self._expected = ExpectedCallTime()
         self._calls = self._rows = self._requests = self._out_of_time = 0
 
     @property
@@ -132,7 +131,7 @@ class BatchingClient:
         self._queue.append(queued)
         # Queued while the replica is busy, but only while a call still fits in time.
         queued.timer = loop.call_at(
-            queued.deadline - self._expected_ms / 1000.0, self._out_of_queue_time, queued
+            self._expected.leaves_queue_at(queued.deadline), self._out_of_queue_time, queued
         )
         if self._calls_out < self._max_calls:
             self._schedule_flush(loop)
@@ -228,14 +227,14 @@ class BatchingClient:
             return
         sent_at = loop.time()
         rows = [row for queued in batch for row in queued.rows]
-        timeout_s = max(queued.deadline for queued in batch) - sent_at
+        timeout_s = shared_call_wait_s((queued.deadline for queued in batch), sent_at)
         for queued in batch:
             if queued.timer is not None:
                 queued.timer.cancel()
             if queued.deadline < sent_at + timeout_s:  # fails alone at its deadline
                 queued.timer = loop.call_at(queued.deadline, self._late, queued, sent_at)
         try:
-            scores = await self._inner.predict(rows, max(timeout_s, 0.0))
+            scores = await self._inner.predict(rows, timeout_s)
         except ModelInputError as exc:
             if len(batch) == 1:
                 self._settle(batch[0], exc, sent_at)
@@ -249,10 +248,7 @@ class BatchingClient:
         self._calls += 1
         self._rows += len(rows)
         self._requests += len(batch)
-        if self._answered:
-            self._expected_ms += EXPECTED_WEIGHT * (scores.elapsed_ms - self._expected_ms)
-        else:
-            self._expected_ms, self._answered = scores.elapsed_ms, True
+        self._expected.answered(scores.elapsed_ms)
         answered = time.perf_counter()
         start = 0
         for queued in batch:

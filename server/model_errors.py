@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from core.deadline import MIN_COUNTED_TIMEOUT_MS
+from core.deadline import counts_as_timeout
 from core.domain import Reason
 
 
@@ -59,7 +59,7 @@ class ModelTimeout(ModelCallError):
 
     @property
     def counts_against_replica(self) -> bool:
-        return self.given_ms >= MIN_COUNTED_TIMEOUT_MS
+        return counts_as_timeout(self.given_ms)
 
 
 class ModelNoTime(ModelCallError):
@@ -111,7 +111,7 @@ class ModelBusy(ModelUnavailable):
 
     @property
     def counts_against_replica(self) -> bool:
-        return self.silent_ms > 0 and self.silent_ms >= MIN_COUNTED_TIMEOUT_MS
+        return self.silent_ms > 0 and counts_as_timeout(self.silent_ms)
 
 
 class ModelResponseError(ModelCallError):

@@ -21,6 +21,7 @@ from core.deadline import (
     RETRY_RATIO,
     Budget,
     CallPlan,
+    model_call_needs_ms,
 )
 from core.domain import Reason, Source
 from core.retry_budget import RetryBudget
@@ -180,7 +181,7 @@ class ReplicaRouter:
     def needs_ms(self, replica: Replica) -> float:
         """The least time worth a call to ``replica``: its median answer of the last
         ``NEEDS_WINDOW_S``, at least the minimum call budget."""
-        return max(self._recent_p50_ms(replica), self._min_call_ms)
+        return model_call_needs_ms(self._recent_p50_ms(replica), self._min_call_ms)
 
     def _call_timeout_ms(self, budget: Budget) -> float:
         return self._plan.model_call_timeout_ms(budget, self._rng)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import uvloop
 
-from core import abandon
+from core import abandon, deadline
 from core.abandon import AbandonPool, settled_within
 
 pytestmark = pytest.mark.timed  # 5 ms waits, and the wall time they take
@@ -58,7 +58,7 @@ def test_without_the_grace_uvloop_times_out_an_answer_it_already_has(monkeypatch
     # Why the grace exists: after a stall uvloop runs its due timers before it reads
     # the sockets, so a plain timed wait reports a timeout for an answer already here.
     # Should a uvloop release change that order, this fails and the grace can go.
-    monkeypatch.setattr(abandon, "STALLED_TIMER_S", 3600.0)
+    monkeypatch.setattr(abandon, "stall_grace_s", lambda late_by_s: 0.0)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert not runner.run(_answer_lands_during_a_stall())
 
@@ -66,8 +66,8 @@ def test_without_the_grace_uvloop_times_out_an_answer_it_already_has(monkeypatch
 async def test_a_wait_that_ends_on_time_gets_no_grace(monkeypatch):
     # Wide margins, so that a busy machine cannot make this wait look stalled, and a
     # grace given wrongly shows.
-    monkeypatch.setattr(abandon, "STALLED_TIMER_S", 0.2)
-    monkeypatch.setattr(abandon, "STALL_GRACE_S", 1.0)
+    monkeypatch.setattr(deadline, "STALLED_TIMER_S", 0.2)
+    monkeypatch.setattr(deadline, "STALL_GRACE_S", 1.0)
     never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     started = time.perf_counter()
     assert not await settled_within(never, 0.005)

@@ -154,3 +154,41 @@ def test_a_call_is_refused_only_when_the_calls_ahead_outlast_its_budget(
     budget_ms: float, ahead: int, refused: bool
 ) -> None:
     assert deadline.outlasts_budget(budget_ms, ahead, call_ms=1.0) is refused
+
+
+def test_a_replica_needs_its_recent_median_or_at_least_the_floor():
+    assert deadline.model_call_needs_ms(6.2) == 6.2
+    assert deadline.model_call_needs_ms(0.0) == deadline.MIN_CALL_BUDGET_MS
+    assert deadline.model_call_needs_ms(2.0, floor_ms=3.0) == 3.0
+
+
+def test_a_queued_request_leaves_the_expected_call_time_before_its_deadline():
+    expected = deadline.ExpectedCallTime()
+    assert expected.leaves_queue_at(10.0) == pytest.approx(
+        10.0 - deadline.INITIAL_EXPECTED_MS / 1000
+    )
+    expected.answered(8.0)  # the first answer replaces the guess
+    assert expected.ms == 8.0
+    expected.answered(18.0)  # later ones move it by their weight
+    assert expected.ms == pytest.approx(8.0 + deadline.EXPECTED_WEIGHT * 10.0)
+    assert expected.leaves_queue_at(10.0) == pytest.approx(10.0 - expected.ms / 1000)
+
+
+def test_a_shared_call_waits_for_its_last_deadline_never_less_than_nothing():
+    assert deadline.shared_call_wait_s([1.010, 1.030, 1.020], sent_at=1.0) == pytest.approx(0.03)
+    assert deadline.shared_call_wait_s([0.9, 0.95], sent_at=1.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("waited_ms", "counts"), [(9.9, False), (deadline.MIN_COUNTED_TIMEOUT_MS, True), (0.0, False)]
+)
+def test_only_a_replica_that_had_the_floor_is_at_fault_for_a_timeout(waited_ms, counts):
+    assert deadline.counts_as_timeout(waited_ms) is counts
+
+
+@pytest.mark.parametrize(
+    ("late_by_s", "grace_s"),
+    [(0.0, 0.0), (deadline.STALLED_TIMER_S, 0.0), (0.003, deadline.STALL_GRACE_S)],
+)
+def test_only_a_wait_a_stall_made_late_gets_a_moment_more(late_by_s, grace_s):
+    assert deadline.stall_grace_s(late_by_s) == grace_s

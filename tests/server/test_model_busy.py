@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import pytest
 
-from server import model_errors
+from core import deadline
 from server.model_client import GrpcModelClient
 from server.model_errors import ModelBusy, ModelTimeout
 
@@ -60,7 +60,7 @@ async def test_a_replica_that_answers_none_of_its_abandoned_calls_is_at_fault(re
         await client.answer(quick, 1.0)
     assert 0 < refused.value.silent_ms < 1000.0
     with monkeypatch.context() as patched:
-        patched.setattr(model_errors, "MIN_COUNTED_TIMEOUT_MS", 1000.0)
+        patched.setattr(deadline, "MIN_COUNTED_TIMEOUT_MS", 1000.0)
         assert not refused.value.counts_against_replica
     await asyncio.sleep(0.015)  # still no answer: longer than a 10 ms counted timeout
     with pytest.raises(ModelBusy, match="none answered for") as refused:
@@ -80,7 +80,7 @@ async def test_a_replica_that_answered_since_its_first_abandoned_call_is_not(rep
         await client.answer(quick, 1.0)
     assert refused.value.silent_ms == 0
     assert not refused.value.counts_against_replica
-    monkeypatch.setattr(model_errors, "MIN_COUNTED_TIMEOUT_MS", 0.0)
+    monkeypatch.setattr(deadline, "MIN_COUNTED_TIMEOUT_MS", 0.0)
     assert not refused.value.counts_against_replica
 
     wakes.set()  # the abandoned calls end and the replica is called again
