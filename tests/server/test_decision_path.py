@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import grpc
 import pytest
 
+import core.deadline
 import server.front
 import server.settings
 from core.domain import Side
@@ -18,7 +19,7 @@ from fallback import score_cache
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 from feature_cache.mirror import FeatureMirror
 from proto.decision.v1 import decision_pb2
-from server import model_errors, redis_clients
+from server import redis_clients
 from tests.server.conftest import (
     MirroredFeatureWriter,
     buy,
@@ -403,7 +404,7 @@ async def test_timeouts_imposed_by_short_caller_deadlines_do_not_open_the_breake
     # always leaves a call some time.
     monkeypatch.setattr(server.settings, "FALLBACK_RESERVE_MS", 8.0)
     # Calls given 7 ms must stay well clear of what counts.
-    monkeypatch.setattr(model_errors, "MIN_COUNTED_TIMEOUT_MS", 15.0)
+    monkeypatch.setattr(core.deadline, "MIN_COUNTED_TIMEOUT_MS", 15.0)
     app = await start_app(
         torchserve=replica_settings(replicas),
         breaker={"fail_max": 2, "reset_timeout_s": 60.0},
