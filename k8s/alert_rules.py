@@ -5,6 +5,7 @@ rendered PrometheusRule objects, and ``promtool test rules`` on
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -57,12 +58,19 @@ def alerts(objects: list[Object]) -> dict[str, dict[str, Any]]:
 
 
 def run_promtool(objects: list[Object]) -> list[PromtoolRun]:
-    """``check rules`` and ``test rules`` on the objects' rules, in a folder of their own."""
+    """``check rules`` and ``test rules`` on the objects' rules, in a folder of their own;
+    once per process for the same rules and tests (the overlays share the base's rules)."""
+    rules = yaml.safe_dump({"groups": rule_groups(objects)})
+    return list(_promtool_runs(rules, RULE_TESTS.read_text()))
+
+
+@functools.cache
+def _promtool_runs(rules: str, tests: str) -> tuple[PromtoolRun, ...]:
     tool = promtool()
     with tempfile.TemporaryDirectory(prefix="alert-rules-") as folder:
         workdir = Path(folder)
-        (workdir / RULES_FILE).write_text(yaml.safe_dump({"groups": rule_groups(objects)}))
-        shutil.copy(RULE_TESTS, workdir / RULE_TESTS.name)
+        (workdir / RULES_FILE).write_text(rules)
+        (workdir / RULE_TESTS.name).write_text(tests)
         runs = []
         for step, argv in (
             ("check rules", [tool, "check", "rules", RULES_FILE]),
@@ -72,7 +80,7 @@ def run_promtool(objects: list[Object]) -> list[PromtoolRun]:
                 argv, cwd=workdir, capture_output=True, text=True, timeout=120, check=False
             )
             runs.append(PromtoolRun(step, result.returncode, result.stdout + result.stderr))
-        return runs
+        return tuple(runs)
 
 
 def dashboard_expressions(objects: list[Object]) -> list[str]:

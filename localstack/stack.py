@@ -503,11 +503,14 @@ class LocalStack:
                 f"127.0.0.1:{ports.grpc_inference}",
                 functools.partial(start_replica, proc, ports, model_name=model),
             )
-        for name, _, _ in roles:
-            if name == "challenger":  # off the answer path: it warms up on shadow calls
-                continue
-            address = f"127.0.0.1:{getattr(self, name).grpc_inference}"
-            warm = await asyncio.to_thread(warm_up_replica, address)
+        # Side by side: each JVM compiles its own hot paths. The challenger is off the
+        # answer path: it warms up on shadow calls.
+        warming = [name for name, _, _ in roles if name != "challenger"]
+        warmed = await asyncio.gather(*(
+            asyncio.to_thread(warm_up_replica, f"127.0.0.1:{getattr(self, name).grpc_inference}")
+            for name in warming
+        ))  # fmt: skip
+        for name, warm in zip(warming, warmed, strict=True):
             if warm.problem:
                 _say(f"      {name} warm-up stopped after {warm.calls} calls ({warm.problem})")
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import signal
 import time
@@ -150,12 +151,24 @@ def sync_redis(redis_instance: RedisInstance) -> Iterator[redis.Redis]:
 
 # A small training run (about 10 s): the same pipeline as ``make models``, fewer events.
 TEST_TRAINING = {"days": 3, "events_per_day": 40_000}
+TEST_MODELS = REPO / ".run" / "test-models"
+
+
+def shared_models(seed: int) -> dict[str, ArchiveInfo]:
+    """The test training run's champion and challenger for ``seed``, trained by the first
+    test worker that asks and reused by the others, the timed tests and later runs, for as
+    long as they are current (the spec and the training code: ``torchserve.train``)."""
+    out = TEST_MODELS / f"seed-{seed}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with (out.parent / f"seed-{seed}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return ensure_models(out, seed=seed, **TEST_TRAINING)
 
 
 @pytest.fixture(scope="session")
-def trained_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ArchiveInfo]:
-    """Champion and challenger archives, trained once for the session."""
-    return ensure_models(tmp_path_factory.mktemp("model-store"), seed=0, **TEST_TRAINING)
+def trained_models() -> dict[str, ArchiveInfo]:
+    """Champion and challenger archives (seed 0), shared by every worker and run."""
+    return shared_models(seed=0)
 
 
 @pytest.fixture(scope="session")

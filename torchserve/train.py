@@ -288,9 +288,11 @@ def ensure_models(
     events_per_day: int = DataSpec.events_per_day,
 ) -> dict[str, ArchiveInfo]:
     """The models in ``out`` for this spec, trained first (in a child process) if stale."""
-    argv = [sys.executable, "-m", "torchserve.train", "--out", str(out), "--seed", str(seed)]
-    argv += ["--days", str(days), "--events-per-day", str(events_per_day), "--if-stale"]
-    subprocess.run(argv, check=True, env={**os.environ, "PYTHONHASHSEED": "0"})  # noqa: S603
+    spec = TrainSpec(data=DataSpec(seed=seed, days=days, events_per_day=events_per_day))
+    if not is_current(out, spec):
+        argv = [sys.executable, "-m", "torchserve.train", "--out", str(out), "--seed", str(seed)]
+        argv += ["--days", str(days), "--events-per-day", str(events_per_day), "--if-stale"]
+        subprocess.run(argv, check=True, env={**os.environ, "PYTHONHASHSEED": "0"})  # noqa: S603
     return load_models(out)
 
 

@@ -1,6 +1,6 @@
-"""The soak harness against the whole local stack, as ``make run`` starts it: 16 s of
+"""The soak harness against the whole local stack, as ``make run`` starts it: 12 s of
 steady Decide load in 2-second windows with the stack's redis-server paused for 4 s of
-it, and 10 s after the resume (the recovery bound) to see the model answer again.
+it, and 6 s after the resume to see the model answer again (within the 10-s bound).
 
 Asserted: no TorchServe worker lost; every answered decision in the audit store, and
 every answer the model did not give says why; the ladder abstains while Redis is paused
@@ -25,7 +25,7 @@ from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.timed]
 
-DURATION_S = 16  # a pause, and the recovery bound (10 s) after it
+DURATION_S = 12  # a pause, and 6 s after it: the model answers again within 0-2 s (bound: 10)
 # Features go stale 2 s (features.max_age_ms) into the pause: the ladder abstains for 2 s.
 PAUSE = "redis@2+4"
 WINDOW_S = 2  # a window wholly inside the pause, after the features went stale

@@ -17,7 +17,7 @@ import pytest
 
 from core.drift import psi
 from feature_cache.schema import MODEL_INPUT_NAMES, MODEL_INPUT_WIDTH, pack_rows
-from tests.conftest import TEST_TRAINING
+from tests.conftest import TEST_TRAINING, shared_models
 from torchserve import archive as archive_cli
 from torchserve.archive import archive_meta
 from torchserve.dataset import DataSpec, simulate_day
@@ -28,7 +28,7 @@ from torchserve.triton import package_dirs
 
 def test_same_seed_same_versions_other_seed_other_versions(tmp_path: Path, trained_models):
     again = ensure_models(tmp_path / "again", seed=0, **TEST_TRAINING)
-    other = ensure_models(tmp_path / "other", seed=1, **TEST_TRAINING)
+    other = shared_models(seed=1)
     for name in ("champion", "challenger"):
         assert again[name].version == trained_models[name].version
         assert other[name].version != trained_models[name].version

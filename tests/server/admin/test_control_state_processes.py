@@ -1,9 +1,11 @@
 """On-call's levers through Redis losing its contents, with decision server processes:
-two servers on one Redis and one audit store (SQLite and PostgreSQL); a kill switch, a
+two fleets on one Redis, each of two servers on its own audit store (one SQLite, one
+PostgreSQL; both in one run, so that the waits are paid once); in each, a kill switch, a
 forced-open breaker and a canary weight engaged through AdminService; Redis flushed,
 then stopped (a change made meanwhile reaches the other server from the store), then
 started empty. Each process obeys all three (its status and its decisions) throughout,
-and two new processes started after a fleet restart beside an empty Redis obey them too.
+and two new processes of each fleet, started after a fleet restart beside an empty
+Redis, obey them too.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,9 @@ KILLED = "SOL-USD"
 
 
 class Server:
-    def __init__(self, index: int, redis_url: str, database_url: str, run_dir: Path) -> None:
+    def __init__(
+        self, index: int, redis_url: str, database_url: str, key_prefix: str, run_dir: Path
+    ) -> None:
         self.port, self.admin_port, self.metrics_port = free_ports(3)
         nowhere = f"127.0.0.1:{free_port()}"
         self.proc: ManagedProcess = server_process(
@@ -40,7 +45,7 @@ class Server:
             run_dir / f"server{index}",
             port=self.port,
             redis_url=redis_url,
-            key_prefix="levers:",
+            key_prefix=key_prefix,
             primary=nowhere,  # no replica needed
             secondary=nowhere,
             DECISION_TORCHSERVE__CHALLENGER_ADDRESS=nowhere,
@@ -72,8 +77,13 @@ def servers(tmp_path: Path) -> Iterator[list[Server]]:
     try:
         yield started
     finally:
-        for server in started:
-            server.proc.stop()
+        stop_all(started)
+
+
+def stop_all(servers: list[Server]) -> None:
+    """Stops them side by side: each stop is mostly waiting for the process's drain."""
+    with ThreadPoolExecutor(max_workers=len(servers) or 1) as pool:
+        list(pool.map(lambda server: server.proc.stop(), servers))
 
 
 def obeys_all_three(server: Server) -> str:
@@ -113,58 +123,66 @@ def all_come_to_obey(servers: list[Server], timeout_s: float = 5.0) -> None:
 
 
 def test_two_server_processes_obey_the_levers_through_a_redis_flush_stop_and_restart(
-    # The servers after Redis and the store: they stop first, with both still there.
+    # The servers after Redis and the stores: they stop first, with all still there.
     own_redis: OwnRedis,
-    database_url: str,
+    postgres_url: str,
     servers: list[Server],
     tmp_path: Path,
 ) -> None:
-    servers += [Server(i, own_redis.url, database_url, tmp_path) for i in range(2)]
-    for server in servers:
-        server.wait_serving()
-    reason = admin_pb2.KillSwitchRequest(scope=KILLED, engaged=True, reason="halt", ttl_s=600)
-    servers[0].call("KillSwitch", reason, OPERATOR)
-    servers[1].call(
-        "SetBreaker",
-        admin_pb2.SetBreakerRequest(
-            replica="primary", mode=admin_pb2.BREAKER_MODE_FORCE_OPEN, reason="slow", ttl_s=600
-        ),
-        OPERATOR,
-    )
-    servers[0].call(
-        "SetCanary",
-        admin_pb2.SetCanaryRequest(weight=0.25, reason="try it"),
-        OPERATOR,
-    )
+    stores = {"sqlite": f"sqlite:///{tmp_path / 'audit.db'}", "postgresql": postgres_url}
+
+    def start_fleets(first: int) -> list[Server]:
+        """Two servers on each store, numbered from ``first``: [store 1's, store 2's]."""
+        started = [
+            Server(first + 2 * i + j, own_redis.url, url, f"levers-{name}:", tmp_path)
+            for i, (name, url) in enumerate(stores.items())
+            for j in range(2)
+        ]
+        for server in started:
+            server.wait_serving()
+        return started
+
+    servers += start_fleets(0)
+    fleets = [servers[0:2], servers[2:4]]
+    for first, other in fleets:
+        reason = admin_pb2.KillSwitchRequest(scope=KILLED, engaged=True, reason="halt", ttl_s=600)
+        first.call("KillSwitch", reason, OPERATOR)
+        other.call(
+            "SetBreaker",
+            admin_pb2.SetBreakerRequest(
+                replica="primary", mode=admin_pb2.BREAKER_MODE_FORCE_OPEN, reason="slow", ttl_s=600
+            ),
+            OPERATOR,
+        )
+        first.call("SetCanary", admin_pb2.SetCanaryRequest(weight=0.25, reason="try it"), OPERATOR)
     all_come_to_obey(servers)
 
     with contextlib.closing(redis.Redis(port=own_redis.port)) as client:
         client.flushall()
     all_obey_within(servers, 2.0)
 
-    # Redis stopped: nothing can be announced; the other server reads the store.
+    # Redis stopped: nothing can be announced; the other server of each fleet reads its store.
     own_redis.proc.stop()
-    servers[1].call(
-        "KillSwitch",
-        admin_pb2.KillSwitchRequest(scope="ETH-USD", engaged=True, reason="halt", ttl_s=1),
-        OPERATOR,
-    )
+    for _, other in fleets:
+        other.call(
+            "KillSwitch",
+            admin_pb2.KillSwitchRequest(scope="ETH-USD", engaged=True, reason="halt", ttl_s=1),
+            OPERATOR,
+        )
     deadline = time.monotonic() + WITHIN_S
-    while "ETH-USD" not in [
-        k.scope
-        for k in servers[0].call("GetStatus", admin_pb2.GetStatusRequest(), VIEWER).kill_switches
-    ]:
-        assert time.monotonic() < deadline, "a change made while Redis was down did not arrive"
-        time.sleep(0.05)
+    for first, _ in fleets:
+        while "ETH-USD" not in [
+            k.scope
+            for k in first.call("GetStatus", admin_pb2.GetStatusRequest(), VIEWER).kill_switches
+        ]:
+            assert time.monotonic() < deadline, "a change made while Redis was down did not arrive"
+            time.sleep(0.05)
     own_redis.restart_empty()
-    all_come_to_obey(servers)  # the one-second kill switch on ETH-USD has expired
+    all_come_to_obey(servers)  # the one-second kill switches on ETH-USD have expired
     all_obey_within(servers, 2.0)
 
-    # A fleet restart beside an empty Redis: the new ones take the levers from the store.
-    for server in servers:
-        server.proc.stop()
+    # A fleet restart beside an empty Redis: the new ones take the levers from their store.
+    stop_all(servers)
     own_redis.restart_empty()
-    servers[:] = [Server(i, own_redis.url, database_url, tmp_path) for i in (2, 3)]
-    for server in servers:
-        server.wait_serving()
+    servers[:] = start_fleets(4)
     all_obey_within(servers, 1.0)

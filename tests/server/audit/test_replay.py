@@ -11,7 +11,7 @@ import pytest
 
 from proto.decision.v1 import decision_pb2
 from server.audit.replay import load_decisions, replay
-from tests.conftest import REPO, TEST_TRAINING, wait_for
+from tests.conftest import REPO, shared_models, wait_for
 from tests.server.conftest import (
     UNHURRIED,
     buy,
@@ -19,7 +19,6 @@ from tests.server.conftest import (
     replica_settings,
     sample_record,
 )
-from torchserve.train import ensure_models
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +51,7 @@ async def recorded_decisions(app, stub, feature_writer) -> list[str]:
 
 
 async def test_replay_matches_the_recorded_model_and_reports_a_different_one(
-    replicas, model_store, start_app, channel_to, feature_writer, tmp_path, monkeypatch
+    replicas, model_store, start_app, channel_to, feature_writer, monkeypatch
 ):
     app = await start_app(torchserve=replica_settings(replicas), **UNHURRIED)
     ids = await recorded_decisions(app, decision_stub(channel_to(app)), feature_writer)
@@ -73,14 +72,14 @@ async def test_replay_matches_the_recorded_model_and_reports_a_different_one(
     assert (report.replayed, report.differences, report.unreplayable) == (40, [], {})
 
     # A deliberately different model: every score moves.
-    other = ensure_models(tmp_path / "other-model", seed=1, **TEST_TRAINING)["champion"]
+    other = shared_models(seed=1)["champion"]
     report = await replay(records, against=other.path)
     assert report.replayed == 40
     assert len(report.differences) == 40
     assert all(d.model_version == other.version for d in report.differences)
 
     # The version nowhere to be found: said, not silently passed.
-    report = await replay(records, model_store=tmp_path / "other-model")
+    report = await replay(records, model_store=other.path.parent)
     assert report.replayed == 0
     assert sum(report.unreplayable.values()) == 40
 

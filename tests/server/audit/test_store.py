@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
-from server.audit.migrate import downgrade, upgrade
+from server.audit.migrate import HEAD, alembic_config, at_head, downgrade, upgrade
 from server.audit.record import AdminRecord, CallTallyRecord, decode, encode
 from server.audit.store import (
     AuditStore,
@@ -39,6 +43,27 @@ def test_migrations_create_exactly_the_tables_the_code_defines(database_url):
         assert "decisions" not in sa.inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+def test_the_head_is_alembics_and_a_store_at_it_is_told_without_alembic(tmp_path):
+    script = ScriptDirectory.from_config(alembic_config())
+    assert script.get_heads() == [HEAD]
+    database = tmp_path / "audit.db"
+    engine = create_store_engine(f"sqlite:///{database}")
+    try:
+        assert not at_head(engine)
+        upgrade(engine)
+        assert at_head(engine)
+    finally:
+        engine.dispose()
+    # A server's start on a store at the head: one query, no alembic import.
+    code = (
+        "import sys; from server.audit.migrate import upgrade;"
+        " from server.audit.store import create_store_engine;"
+        f" upgrade(create_store_engine('sqlite:///{database}'));"
+        " sys.exit('alembic' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_a_migration_that_fails_leaves_the_schema_as_it_was(database_url):
