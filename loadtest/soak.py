@@ -57,6 +57,7 @@ from loadtest.soak_report import (
     write_json,
 )
 from localstack.faults import Fault, chaos_plan, inject
+from localstack.levers import HeldLever
 from localstack.stack import DEFAULT_SYMBOLS, REPO, LocalStack
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from torchserve.replica import replica_dir, workers_lost
@@ -150,10 +151,6 @@ def read_lag(port: int) -> int:
     return round(sum(v for (name, _), v in samples.items() if name == LAG_METRIC))
 
 
-def count_workers_lost(replica_dirs: list[Path]) -> int:
-    return sum(workers_lost(d) for d in replica_dirs)
-
-
 def describe_late(answer: Answer) -> str:
     """A late call as the audit store and the server's log can find it: its request id
     and send time."""
@@ -205,10 +202,13 @@ async def soak(args: argparse.Namespace) -> int:
             # out of the collector's full passes, which would stall the sender for tens of ms.
             gc.freeze()
             sampler = ProcessSampler(stack.processes, own_name="soak-client")
+            lever = HeldLever.of(stack)
+            lever.engage(hold_s=args.warmup_s + args.duration_s + 600)
+            clients.callback(lever.release)
             driver = LoadDriver(f"127.0.0.1:{stack.decision_port}", args.rate, args.deadline_ms)
             clients.push_async_callback(driver.close)
             replica_dirs = [replica_dir(args.run_dir, name) for name in REPLICAS]
-            lost_before = count_workers_lost(replica_dirs)
+            lost_before = sum(map(workers_lost, replica_dirs))
             print(
                 f"load: {args.rate:.0f} Decide/s open loop, {args.deadline_ms:.0f} ms deadline,"
                 f" {args.warmup_s:.0f} s warm-up then {args.duration_s:.0f} s measured"
@@ -243,7 +243,7 @@ async def soak(args: argparse.Namespace) -> int:
                 # Read off the loop's thread: a pass over /proc and the replicas' logs takes
                 # tens of ms, and the sender would fall behind its schedule meanwhile.
                 processes = await asyncio.to_thread(sampler.sample, time.monotonic())
-                lost = await asyncio.to_thread(count_workers_lost, replica_dirs)
+                lost = sum(await asyncio.to_thread(lambda: list(map(workers_lost, replica_dirs))))
                 consumer_lag = await asyncio.to_thread(read_lag, stack.consumer_metrics_port)
                 window = summarize(
                     answers,
@@ -256,7 +256,7 @@ async def soak(args: argparse.Namespace) -> int:
                     client_send_lag_max_ms=driver.take_send_lag_ms(),
                     fault=fault_at(args.fault, window_start, window_end, bounds.recovery_s),
                 )
-                window.broken = judge(window, bounds)
+                window.broken = judge(window, bounds) + await lever.broken()
                 windows.append(window)
                 print(row(window), flush=True)
                 for answer in answers:

@@ -2,7 +2,8 @@
 steady Decide load in 2-second windows with the stack's redis-server paused for 4 s of
 it, and 6 s after the resume to see the model answer again (within the 10-s bound).
 
-Asserted: no TorchServe worker lost; every answered decision in the audit store, and
+Asserted: no TorchServe worker lost; the soak's kill switch obeyed after every window;
+every answered decision in the audit store, and
 every answer the model did not give says why; the ladder abstains while Redis is paused
 (the feature mirror's records go stale; no decision waits for Redis twice) and the model
 answers again within 10 s of the resume; under 1 % of calls answered after the
@@ -14,6 +15,7 @@ no late answer), which a busy 2-core machine does not meet every window yet (iss
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -63,6 +65,10 @@ def test_a_soak_with_a_redis_pause_loses_nothing_and_recovers(model_store, tmp_p
     (fault,) = summary["faults"]
     assert fault["recovery_s"] is not None and fault["recovery_s"] <= 10, output[-6000:]
     assert summary["workers_lost"] == 0
+    # The soak's kill switch held through the pause (Redis lost nothing a server obeys).
+    assert not [b for b in summary["broken"] if "lever lost" in b], summary["broken"]
+    looks = re.search(r"lever: (\d+) looks answered", output)
+    assert looks and int(looks[1]) >= DURATION_S // WINDOW_S, output[-6000:]
     assert summary["missing_from_audit"] == 0
     calls = sum(w["answers"] for w in summary["windows"])
     # A host stall of tens of ms may cost a few late answers or refusals (CANCELLED:
