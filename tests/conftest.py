@@ -6,7 +6,7 @@ import fcntl
 import gc
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -197,15 +197,24 @@ class Replica:
         start_replica(self.proc, self.ports, model_name=self.model_name)
 
     def restart(self) -> None:
-        self.proc.stop()
-        self.proc = self._new_proc()
-        self.start()
+        restart_all([self])
 
     def ensure_running(self) -> None:
         if not self.proc.running():
             self.restart()
         else:
             self.proc.resume()
+
+
+def restart_all(replicas: Iterable[Replica]) -> None:
+    """Stops and starts them side by side: their JVMs boot together."""
+    replicas = list(replicas)
+    for replica in replicas:
+        replica.proc.stop()
+        replica.proc = replica._new_proc()
+        replica.proc.start()
+    for replica in replicas:
+        replica.start()  # already started: waits for readiness
 
 
 @pytest.fixture(scope="session")

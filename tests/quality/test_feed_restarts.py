@@ -238,7 +238,7 @@ async def test_a_feed_that_starts_over_is_followed_decided_on_and_labelled(
     pipe.start_labeler()
     pipe.start_consumer()
     pipe.start_replayer()
-    after_restart = await decided_from_the_model(server, "SIM-A", 3.0)
+    after_restart = await decided_from_the_model(server, "SIM-A", 1.5)
     took = await until(
         lambda: labelled_share(database, after_restart) >= 0.9,
         LABELLED_WITHIN_S - (time.monotonic() - restarted_at), "the restarted stack's labels", pipe,
@@ -254,7 +254,7 @@ async def test_a_feed_that_starts_over_is_followed_decided_on_and_labelled(
         >= restarts + len(SYMBOLS),
         20, "the replayer's new session", pipe,
     )  # fmt: skip
-    after_replayer = await decided_from_the_model(server, "SIM-B", 2.0)
+    after_replayer = await decided_from_the_model(server, "SIM-B", 1.0)
     await until(
         lambda: labelled_share(database, after_replayer) >= 0.9,
         LABELLED_WITHIN_S, "labels after the replayer's restart", pipe,

@@ -20,6 +20,7 @@ from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 from feature_cache.mirror import FeatureMirror
 from proto.decision.v1 import decision_pb2
 from server import redis_clients
+from tests.conftest import restart_all
 from tests.server.conftest import (
     MirroredFeatureWriter,
     buy,
@@ -264,8 +265,7 @@ async def test_both_replicas_down_falls_back_to_cached_score_then_rules_then_abs
         assert missing.feature_age_ms == -1
         assert (missing.model_name, missing.model_version) == ("fallback", rules.model_version)
     finally:
-        for replica in replicas.values():
-            replica.restart()
+        restart_all(replicas.values())
 
 
 async def test_stale_features_skip_the_model(replicas, start_app, channel_to, feature_writer):

@@ -18,6 +18,7 @@ from core.domain import Side
 from fallback.score_cache import HELD_MS, ScoreCache, ScoreEntry
 from proto.decision.v1 import decision_pb2
 from server.audit.store import decisions
+from tests.conftest import restart_all
 from tests.server.admin.test_admin import store_rows
 from tests.server.conftest import (
     DecisionStubs,
@@ -113,8 +114,7 @@ async def test_every_worker_falls_back_to_the_secondary_then_the_ladder(
                 assert "no features for ETH-USD" in answer.reason
                 ids.add(answer.decision_id)
         finally:
-            for replica in replicas.values():
-                replica.restart()
+            restart_all(replicas.values())
     assert await stop_and_read_servers(server, ids) == {"w0", "w1"}
 
 
