@@ -243,7 +243,7 @@ async def soak(args: argparse.Namespace) -> int:
                 # Read off the loop's thread: a pass over /proc and the replicas' logs takes
                 # tens of ms, and the sender would fall behind its schedule meanwhile.
                 processes = await asyncio.to_thread(sampler.sample, time.monotonic())
-                lost = sum(await asyncio.to_thread(lambda: list(map(workers_lost, replica_dirs))))
+                lost = await asyncio.to_thread(sum, map(workers_lost, replica_dirs))
                 consumer_lag = await asyncio.to_thread(read_lag, stack.consumer_metrics_port)
                 window = summarize(
                     answers,
