@@ -230,10 +230,18 @@ class ManagedProcess:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM to the group, then SIGKILL after ``timeout_s``. Idempotent."""
-        if self._proc is None:
-            return
+        self.terminate()
+        self.reap(timeout_s)
+
+    def terminate(self) -> None:
+        """SIGTERM to the group, which ``reap`` then waits for."""
         self.signal_group(signal.SIGCONT)  # a paused group cannot act on SIGTERM
         self.signal_group(signal.SIGTERM)
+
+    def reap(self, timeout_s: float = 10.0) -> None:
+        """Waits up to ``timeout_s`` for the leader to exit, then SIGKILL to the group."""
+        if self._proc is None:
+            return
         try:
             self._proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -254,3 +262,13 @@ class ManagedProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def stop_all(procs: Iterable[ManagedProcess], timeout_s: float = 10.0) -> None:
+    """Stops them side by side: SIGTERM to every group first, then each waited for (and
+    killed after ``timeout_s``), so that their drains overlap."""
+    procs = list(procs)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.reap(timeout_s)

@@ -33,7 +33,7 @@ import grpc
 import psutil  # type: ignore[import-untyped]  # no stubs in the virtualenv
 
 from core.metrics_http import scrape
-from core.processes import ManagedProcess, free_ports, listening, port_open
+from core.processes import ManagedProcess, free_ports, listening, port_open, stop_all
 from loadtest.feature_keeper import fresh_features
 from loadtest.loadgen import REFUSALS, LoadGenerator, LoadResult, LoadSpec, Mode, Target
 from loadtest.report import (
@@ -482,11 +482,6 @@ def all_listening(server: Server, port: int) -> bool:
     open, so a late worker would get none."""
     workers = workers_of(server.process.name.removeprefix("decision-server-"))
     return serving(port) and len(listening_pids(server.process.pid, port)) >= workers
-
-
-def stop_all(procs: Sequence[ManagedProcess]) -> None:
-    for proc in reversed(procs):
-        proc.stop()
 
 
 def python_process(name: str, kind: str, port: int, run_dir: Path) -> ManagedProcess:

@@ -34,6 +34,7 @@ from core.processes import (
     outgoing_ports,
     port_open,
     start_ready,
+    stop_all,
 )
 from feature_cache.settings import FeatureCacheSettings
 from feature_cache.store import FeatureReader
@@ -90,6 +91,8 @@ REPLICAS = tuple(name for name, _, _ in REPLICA_ROLES)
 PARTS = (
     "redis", "broker", *REPLICAS, "feature-cache", "labeler", "replayer", "decision-server",
 )  # fmt: skip
+# The processes that call the others: stopped before them.
+CALLERS = ("feature-cache", "labeler", "replayer", "decision-server")
 
 
 def served_models(folder: Path) -> dict[str, ArchiveInfo]:
@@ -604,8 +607,12 @@ class LocalStack:
     async def stop(self) -> None:
         if self._chaos is not None:  # first: no fault starts while the stack stops
             await self._chaos.stop()
-        for proc in reversed(self._started):
-            await asyncio.to_thread(proc.stop)
+        # The callers first, side by side (what they drain to may need the others), then
+        # the others side by side: each stop is mostly a wait for the process's own drain.
+        callers = [proc for proc in self._started if proc.name in CALLERS]
+        others = [proc for proc in self._started if proc.name not in CALLERS]
+        for procs in (callers, others):
+            await asyncio.to_thread(stop_all, procs)
         self._claims.release()
         _say("all processes stopped")
 

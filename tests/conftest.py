@@ -14,7 +14,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from core.processes import ManagedProcess, free_port, free_ports
+from core.processes import ManagedProcess, free_port, free_ports, stop_all
 from localstack.kafka_broker import start_kafka_broker
 from localstack.redis_server import start_redis
 from localstack.stack import decision_server
@@ -209,8 +209,8 @@ class Replica:
 def restart_all(replicas: Iterable[Replica]) -> None:
     """Stops and starts them side by side: their JVMs boot together."""
     replicas = list(replicas)
+    stop_all(replica.proc for replica in replicas)
     for replica in replicas:
-        replica.proc.stop()
         replica.proc = replica._new_proc()
         replica.proc.start()
     for replica in replicas:
@@ -236,8 +236,7 @@ def replicas(
             replica.start()  # already started: waits for readiness
         yield pair
     finally:
-        for replica in pair.values():
-            replica.proc.stop()
+        stop_all(replica.proc for replica in pair.values())
 
 
 @pytest.fixture(scope="session")

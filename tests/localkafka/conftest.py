@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from core.processes import ManagedProcess, free_port, listening, start_ready
+from core.processes import ManagedProcess, free_port, listening, start_ready, stop_all
 from localkafka import Broker, BrokerSettings
 from localkafka.group import GroupSettings
 from tests.conftest import REPO
@@ -185,5 +185,4 @@ def broker_process(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
     try:
         yield _start
     finally:
-        for process in started:
-            process.proc.stop()
+        stop_all(process.proc for process in started)

@@ -24,7 +24,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from core.processes import ManagedProcess, free_ports, listening
+from core.processes import ManagedProcess, free_ports, listening, stop_all
 from feature_cache.events import MarketEvent
 from feature_cache.feed_watch import IGNORED_ALARM_S
 from feature_cache.generator import MarketGenerator
@@ -84,10 +84,7 @@ class Pipeline:
         )  # fmt: skip
 
     def stop(self, *names: str) -> None:
-        for name in names or list(self.procs):
-            proc = self.procs.pop(name, None)
-            if proc is not None:
-                proc.stop()
+        stop_all(self.procs.pop(name) for name in names or list(self.procs) if name in self.procs)
 
     def metrics(self, which: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         return scrape(self.consumer_port if which == "consumer" else self.labeler_port)

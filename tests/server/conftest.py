@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from grpc_status import rpc_status
 
-from core.processes import ManagedProcess, free_port, free_ports
+from core.processes import ManagedProcess, free_port, free_ports, stop_all
 from feature_cache.schema import FEATURE_NAMES, MODEL_INPUT_WIDTH
 from feature_cache.store import FeatureRecord, FeatureWriter
 from localstack.health import serving
@@ -280,9 +280,15 @@ class ServerProcess:
         self.admin = admin_pb2_grpc.AdminServiceStub(self.admin_channel)
 
     async def close(self) -> None:
-        await self.channel.close()
-        await self.admin_channel.close()
-        self.proc.stop()
+        await close_all(self)
+
+
+async def close_all(*servers: ServerProcess) -> None:
+    """Closes their channels, then stops them side by side (each stop is mostly a drain)."""
+    for server in servers:
+        await server.channel.close()
+        await server.admin_channel.close()
+    await asyncio.to_thread(stop_all, [server.proc for server in servers])
 
 
 # Connections a test of ``--workers 2`` opens so that both workers get some. The kernel
@@ -359,8 +365,7 @@ def server_processes(
     try:
         yield start
     finally:
-        for server in started:
-            server.proc.stop()
+        stop_all(server.proc for server in started)
 
 
 def status_details(error: grpc.aio.AioRpcError) -> list[Any]:

@@ -143,8 +143,9 @@ async def test_abandoned_calls_never_lose_a_worker_where_cancelled_calls_do(own_
     assert lost, f"{cut} cancelled calls in {CANCELLING_BOUND_S} s lost no worker"
 
 
-async def test_a_hung_replica_gets_no_more_than_the_bound_of_abandoned_calls(own_replica):
-    address, _ = own_replica
+async def test_a_hung_replica_gets_no_more_than_the_bound_of_abandoned_calls(replicas):
+    # The session's primary: abandoned calls finish on the wire and lose it no worker.
+    address = replicas["primary"].address
     row = [[0.0] * MODEL_INPUT_WIDTH]
     client = TorchServeClient("primary", address, "champion", max_abandoned_calls=3)
     await client.start()

@@ -38,6 +38,7 @@ from tests.server.conftest import (
     ServerProcess,
     bearer,
     buy,
+    close_all,
     decision_stub,
     replica_settings,
     sample_record,
@@ -155,8 +156,7 @@ async def test_breaker_override_reaches_the_other_server_within_a_second_and_exp
         (primary,) = [r for r in status.replicas if r.name == "primary"]
         assert primary.mode == admin_pb2.BREAKER_MODE_AUTO
     finally:
-        for server in (a, b):
-            await server.close()
+        await close_all(a, b)
 
     (row,) = await wait_store_rows(a.run_dir.parent / "audit.db", 1)
     assert (row.actor, row.action, row.target) == ("oncall", "set_breaker", "primary")
@@ -199,8 +199,7 @@ async def test_kill_switch_for_one_symbol_abstains_only_that_symbol_on_every_ser
         )
         assert took_s < 1.0
     finally:
-        for server in (a, b):
-            await server.close()
+        await close_all(a, b)
 
 
 @pytest.mark.timed
@@ -683,8 +682,7 @@ async def test_every_server_process_is_listed_by_any_server_and_leaves_the_list_
         assert mine.server_id not in await _servers(pair)
         assert len(await _servers(pair)) == 2
     finally:
-        for server in (single, pair):
-            await server.close()
+        await close_all(single, pair)
 
 
 async def test_decisionctl_status_shows_the_fleet(server_processes, capsys, monkeypatch):
@@ -700,8 +698,7 @@ async def test_decisionctl_status_shows_the_fleet(server_processes, capsys, monk
             assert f"{server.proc.pid} " in fleet
         assert fleet.count("primary=closed") == 2
     finally:
-        for server in (a, b):
-            await server.close()
+        await close_all(a, b)
 
 
 @pytest.mark.timed

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import grpc
 import pytest
 import redis
 
-from core.processes import ManagedProcess, free_port, free_ports
+from core.processes import ManagedProcess, free_port, free_ports, stop_all
 from localstack.health import serving
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from tests.conftest import server_process
@@ -77,13 +76,7 @@ def servers(tmp_path: Path) -> Iterator[list[Server]]:
     try:
         yield started
     finally:
-        stop_all(started)
-
-
-def stop_all(servers: list[Server]) -> None:
-    """Stops them side by side: each stop is mostly waiting for the process's drain."""
-    with ThreadPoolExecutor(max_workers=len(servers) or 1) as pool:
-        list(pool.map(lambda server: server.proc.stop(), servers))
+        stop_all(server.proc for server in started)
 
 
 def obeys_all_three(server: Server) -> str:
@@ -182,7 +175,7 @@ def test_two_server_processes_obey_the_levers_through_a_redis_flush_stop_and_res
     all_obey_within(servers, 2.0)
 
     # A fleet restart beside an empty Redis: the new ones take the levers from their store.
-    stop_all(servers)
+    stop_all(server.proc for server in servers)
     own_redis.restart_empty()
     servers[:] = start_fleets(4)
     all_obey_within(servers, 1.0)
