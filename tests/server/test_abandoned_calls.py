@@ -144,25 +144,29 @@ async def test_abandoned_calls_never_lose_a_worker_where_cancelled_calls_do(own_
 
 
 async def test_a_hung_replica_gets_no_more_than_the_bound_of_abandoned_calls(replicas):
-    # The session's primary: abandoned calls finish on the wire and lose it no worker.
-    address = replicas["primary"].address
+    # The session's primary, paused: a hung replica answers none of the abandoned calls
+    # until it is resumed (a running one sometimes answered one before the fourth call).
+    primary = replicas["primary"]
     row = [[0.0] * MODEL_INPUT_WIDTH]
-    client = TorchServeClient("primary", address, "champion", max_abandoned_calls=3)
+    client = TorchServeClient("primary", primary.address, "champion", max_abandoned_calls=3)
     await client.start()
     try:
         assert (await client.predict(row, 5.0)).scores
-        # The replica answers in milliseconds; a wait of 0.1 ms ends first every time.
-        outcomes: list[type[ModelCallError]] = []
-        for _ in range(5):
-            try:
-                await client.predict(row, 0.0001)
-            except ModelCallError as exc:
-                outcomes.append(type(exc))
+        primary.proc.pause()
+        try:
+            outcomes: list[type[ModelCallError]] = []
+            for _ in range(5):
+                try:
+                    await client.predict(row, 0.05)
+                except ModelCallError as exc:
+                    outcomes.append(type(exc))
+        finally:
+            primary.proc.resume()
         assert outcomes[:3] == [ModelTimeout] * 3
         assert outcomes[3:] == [ModelBusy] * 2
         assert client.abandoned().outstanding == 3
         assert client.abandoned().refused == 2
-        # The abandoned calls finish on the wire and the replica is called again.
+        # Resumed, it answers the abandoned calls and is called again.
         deadline = time.monotonic() + 5
         while client.abandoned().outstanding:
             assert time.monotonic() < deadline
