@@ -27,7 +27,7 @@ from feature_cache.generator import MarketGenerator
 from feature_cache.schema import FEATURE_NAMES
 from server.drift import ModelReferences, Reference, population_stability
 from torchserve.dataset import DAY_US, FIRST_DAY_US, DataSpec, day_seed
-from torchserve.train import ensure_models
+from torchserve.models import ensure_models
 
 REPO = Path(__file__).resolve().parents[1]
 CONTROL_DAY = 1_000  # a day no model was trained on

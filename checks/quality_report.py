@@ -47,7 +47,7 @@ from quality.rolling import auc, calibration_error
 from quality.store import epoch_us
 from torchserve.archive import archive_meta, archive_version, build_archive
 from torchserve.dataset import DAY_US, FIRST_DAY_US, day_seed
-from torchserve.train import ensure_models
+from torchserve.models import ensure_models
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_GAP = 0.02  # the bound on |live AUC - offline AUC|

@@ -30,6 +30,7 @@ from core.stats import percentile
 from loadtest.loadgen import LoadGenerator, LoadResult, LoadSpec
 from loadtest.report import markdown_table, write_block
 from loadtest.soak_probe import group_cpu_seconds
+from torchserve.models import REPO, ensure_models
 from torchserve.replica import (
     LOG_CONFIG,
     ModelServing,
@@ -37,7 +38,6 @@ from torchserve.replica import (
     start_replica,
     torchserve_replica,
 )
-from torchserve.train import REPO, ensure_models
 
 say = functools.partial(print, flush=True)  # progress as it comes, piped too
 MODEL_STORE = REPO / ".run/models"

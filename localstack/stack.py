@@ -46,6 +46,7 @@ from localstack.prometheus import Target, prometheus_process, write_config
 from localstack.redis_server import redis_server
 from server.settings import ARCHIVE_VERSION
 from torchserve.archive import ArchiveInfo
+from torchserve.models import ensure_models, load_models
 from torchserve.replica import (
     CHALLENGER_PORTS,
     PRIMARY_PORTS,
@@ -55,7 +56,6 @@ from torchserve.replica import (
     torchserve_replica,
     warm_up_replica,
 )
-from torchserve.train import ensure_models, load_models
 from torchserve.triton import (
     TRITON_ROOT,
     model_ready,

@@ -19,8 +19,8 @@ from localstack.kafka_broker import start_kafka_broker
 from localstack.redis_server import start_redis
 from localstack.stack import decision_server
 from torchserve.archive import ArchiveInfo
+from torchserve.models import ensure_models
 from torchserve.replica import ReplicaPorts, replica_dir, start_replica, torchserve_replica
-from torchserve.train import ensure_models
 
 REPO = Path(__file__).resolve().parents[1]
 

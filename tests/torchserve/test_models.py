@@ -22,7 +22,7 @@ from torchserve import archive as archive_cli
 from torchserve.archive import archive_meta
 from torchserve.dataset import DataSpec, simulate_day
 from torchserve.mlserver import model_repository
-from torchserve.train import ensure_models, load_models
+from torchserve.models import ensure_models, load_models
 from torchserve.triton import package_dirs
 
 
