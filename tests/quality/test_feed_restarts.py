@@ -59,21 +59,23 @@ class Pipeline:
     labeler_port: int
     procs: dict[str, ManagedProcess] = dataclasses.field(default_factory=dict)
 
-    def start(self, name: str, *argv: str, ready_port: int = 0) -> None:
+    def start(self, name: str, *argv: str) -> None:
         proc = ManagedProcess(
             name, [sys.executable, *argv], cwd=REPO, log_path=self.logs / f"{name}.log",
             env=self.env,
         )  # fmt: skip
         self.procs[name] = proc
         proc.start()
-        if ready_port:
-            proc.wait_ready(listening(ready_port), 30.0)
 
-    def start_consumer(self) -> None:
-        self.start("consumer", "-m", "feature_cache", ready_port=self.consumer_port)
+    def start_consumer_and_labeler(self) -> None:
+        """The labeler first, before any checkpoint of the consumer's: it reads the topic
+        from its start. Not waited for: ``ready`` waits for both, once the server starts."""
+        self.start("labeler", "-m", "quality")
+        self.start("consumer", "-m", "feature_cache")
 
-    def start_labeler(self) -> None:
-        self.start("labeler", "-m", "quality", ready_port=self.labeler_port)
+    def ready(self) -> None:
+        self.procs["labeler"].wait_ready(listening(self.labeler_port), 30.0)
+        self.procs["consumer"].wait_ready(listening(self.consumer_port), 30.0)
 
     def start_replayer(self, name: str = "replayer", *source: str, speed: str = "1") -> None:
         """The generator, endless and paced (as ``make run``), or ``source``'s arguments."""
@@ -207,16 +209,16 @@ async def test_a_feed_that_starts_over_is_followed_decided_on_and_labelled(
 
     # The stack runs, an hour into its feed (its sequences past 1,000,000: the test
     # publishes that run's last seconds itself): decisions from the model, labelled.
+    pipe.start_consumer_and_labeler()
     server = start_server()
-    pipe.start_consumer()
-    pipe.start_labeler()
+    pipe.ready()
     long_run = MarketGenerator(SYMBOLS, seed=4, start_time_us=time.time_ns() // 1000)
     an_hour_in = [
         dataclasses.replace(e, sequence=e.sequence + 1_000_000, session=1)
         for e in long_run.events(200 * 6)
     ]  # 6 s at 200 events/s
     publishing = asyncio.create_task(publish_paced(pipe.kafka, an_hour_in))
-    await decided_from_the_model(server, "SIM-A", 2.0)
+    await decided_from_the_model(server, "SIM-A", 1.0)
     outcomes = "decision_quality_outcomes_total"
     await until(
         lambda: value(pipe.metrics("labeler"), outcomes, result="labelled") > 0,
@@ -226,14 +228,12 @@ async def test_a_feed_that_starts_over_is_followed_decided_on_and_labelled(
 
     # Stopped, and started again within the retention: the topic holds the last run's
     # events, then the new run's, numbered from 1 again.
-    await server.close()
-    pipe.stop()
+    await asyncio.gather(server.close(), asyncio.to_thread(pipe.stop))  # side by side
     await redis_client.delete(*[k async for k in redis_client.scan_iter(f"{key_prefix}*")])
     restarted_at = time.monotonic()
+    pipe.start_consumer_and_labeler()
     server = start_server()
-    # The labeler before any checkpoint of the consumer's: it reads the topic from its start.
-    pipe.start_labeler()
-    pipe.start_consumer()
+    pipe.ready()
     pipe.start_replayer()
     after_restart = await decided_from_the_model(server, "SIM-A", 1.5)
     took = await until(
