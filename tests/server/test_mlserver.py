@@ -4,9 +4,7 @@ path through the Open Inference Protocol with the archive's own scores and versi
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,7 +15,7 @@ from feature_cache.schema import FEATURE_NAMES, model_row
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.app import DecisionApp
 from server.oip import OipClient
-from tests.conftest import REPO
+from tests.conftest import REPO, offline_scores
 from tests.server.conftest import (
     OPERATOR,
     SAMPLE_FEATURES,
@@ -28,7 +26,7 @@ from tests.server.conftest import (
     replica_settings,
     sample_record,
 )
-from torchserve.archive import ArchiveInfo, archive_meta
+from torchserve.archive import ArchiveInfo
 from torchserve.mlserver import (
     MLSERVER_OIP_SERVICE,
     mlserver_process,
@@ -36,7 +34,6 @@ from torchserve.mlserver import (
     model_repository,
     server_settings,
 )
-from torchserve.train import OFFLINE_SCORERS
 
 pytestmark = pytest.mark.integration
 
@@ -67,14 +64,6 @@ def mlserver(
         yield address
     finally:
         proc.stop()
-
-
-def offline_scores(archive: Path, rows: np.ndarray, tmp_path: Path) -> list[float]:
-    meta = archive_meta(archive)
-    with zipfile.ZipFile(archive) as mar:
-        mar.extract(meta["serialized_file"], tmp_path)
-    scores = OFFLINE_SCORERS[meta["framework"]](tmp_path / meta["serialized_file"], rows)
-    return [float(s) for s in scores]
 
 
 async def test_mlserver_scores_equal_the_archives_offline_scores(

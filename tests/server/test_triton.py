@@ -16,6 +16,7 @@ from feature_cache.schema import FEATURE_NAMES, MODEL_INPUT_WIDTH, model_row
 from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.app import DecisionApp
 from server.oip import OipClient, oip_model_infer, oip_request
+from tests.conftest import offline_scores
 from tests.server.conftest import (
     OPERATOR,
     SAMPLE_FEATURES,
@@ -24,7 +25,6 @@ from tests.server.conftest import (
     decision_stub,
     sample_record,
 )
-from tests.server.test_mlserver import offline_scores
 from torchserve.archive import ArchiveInfo
 from torchserve.triton import (
     TRITON_OIP_SERVICE,

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import math
 import urllib.request
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,21 +16,11 @@ from server.batching import BatchingClient
 from server.model_client import ModelScores, TorchServeClient
 from server.model_errors import ModelInputError
 from server.oip import OipClient
-from torchserve.archive import archive_meta
-from torchserve.train import OFFLINE_SCORERS
+from tests.conftest import offline_scores
 
 pytestmark = pytest.mark.integration
 
 CLIENTS = {"torchserve": TorchServeClient, "oip": OipClient}
-
-
-def offline_scores(archive: Path, rows: np.ndarray, tmp_path: Path) -> np.ndarray:
-    """Scores from the archive's own serialized model, loaded outside TorchServe."""
-    meta = archive_meta(archive)
-    with zipfile.ZipFile(archive) as mar:
-        mar.extract(meta["serialized_file"], tmp_path)
-    model_file = tmp_path / meta["serialized_file"]
-    return OFFLINE_SCORERS[meta["framework"]](model_file, rows)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +44,7 @@ async def test_served_scores_equal_offline_scores(
         for n in (1, 8, 64):
             got = await client.predict(heldout_rows[:n].tolist(), timeout_s=10.0)
             assert got.model_version == archive.version
-            assert got.scores == pytest.approx(want[:n].tolist(), abs=1e-6)
+            assert got.scores == pytest.approx(want[:n], abs=1e-6)
         # The scores spread: a model that answers a constant would pass the check above.
         assert float(np.std(want)) > 0.01
     finally:
