@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import grpc
 import pytest
@@ -113,34 +114,39 @@ async def test_bytes_that_are_not_a_request_get_invalid_argument(start_app, chan
         assert err.value.details() == "request: not a valid decision.v1.DecideRequest"
 
 
-@pytest.mark.parametrize(
-    ("request_fields", "field"),
-    [
-        ({"symbol": ""}, "symbol"),
-        ({"symbol": "btc-usd"}, "symbol"),
-        ({"side": decision_pb2.SIDE_UNSPECIFIED}, "side"),
-        ({"quantity": math.nan}, "quantity"),
-        ({"quantity": 0.0}, "quantity"),
-        ({"limit_price": -1.0}, "limit_price"),
-        ({"feature_overrides": {"nope": 1.0}}, "feature_overrides['nope']"),
-        ({"feature_overrides": {"spread_bps": math.inf}}, "feature_overrides['spread_bps']"),
-        ({"feature_overrides": {"ofi_1s": 1e39}}, "feature_overrides['ofi_1s']"),
-        ({"request_id": "x" * 129}, "request_id"),
-    ],
-)
-async def test_each_invalid_field_is_named(start_app, channel_to, request_fields, field):
-    app = await start_app()
-    stub = decision_stub(channel_to(app))
-    request = decision_pb2.DecideRequest(symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1)
-    for name, value in request_fields.items():
-        if name == "feature_overrides":
-            request.feature_overrides.update(value)
-        else:
-            setattr(request, name, value)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.Decide(request, timeout=2.0)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert (err.value.details() or "").startswith(f"{field}: ")
+# Each request is valid but for one field; the field the status must name.
+INVALID_FIELDS: list[tuple[dict[str, Any], str]] = [
+    ({"symbol": ""}, "symbol"),
+    ({"symbol": "btc-usd"}, "symbol"),
+    ({"side": decision_pb2.SIDE_UNSPECIFIED}, "side"),
+    ({"quantity": math.nan}, "quantity"),
+    ({"quantity": 0.0}, "quantity"),
+    ({"limit_price": -1.0}, "limit_price"),
+    ({"feature_overrides": {"nope": 1.0}}, "feature_overrides['nope']"),
+    ({"feature_overrides": {"spread_bps": math.inf}}, "feature_overrides['spread_bps']"),
+    ({"feature_overrides": {"ofi_1s": 1e39}}, "feature_overrides['ofi_1s']"),
+    ({"request_id": "x" * 129}, "request_id"),
+]
+
+
+async def test_each_invalid_field_is_named(start_app, channel_to):
+    stub = decision_stub(channel_to(await start_app()))  # one app for every case
+    answers = []
+    for request_fields, field in INVALID_FIELDS:
+        request = decision_pb2.DecideRequest(
+            symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1
+        )
+        for name, value in request_fields.items():
+            if name == "feature_overrides":
+                request.feature_overrides.update(value)
+            else:
+                setattr(request, name, value)
+        try:
+            await stub.Decide(request, timeout=2.0)
+            answers.append((field, "OK", ""))
+        except grpc.aio.AioRpcError as err:
+            answers.append((field, err.code().name, (err.details() or "").split(": ", 1)[0]))
+    assert answers == [(field, "INVALID_ARGUMENT", field) for _, field in INVALID_FIELDS]
 
 
 async def test_oversized_batch_and_bad_batch_item_are_named(start_app, channel_to):
