@@ -34,12 +34,12 @@ from loadtest.report import markdown_table, write_block
 from server.audit.journal import SEGMENT_MAX_BYTES, Journal
 from server.audit.migrate import upgrade
 from server.audit.record import DecisionRecord, encode
+from server.audit.settings import AuditSettings
 from server.audit.ship_child import SHIP_BATCH_RECORDS
 from server.audit.ship_thread import AuditShipper
 from server.audit.shipper import describe
 from server.audit.store import AuditStore, create_store_engine
 from server.audit.trail import decision_record
-from server.settings import AuditSettings
 
 say = functools.partial(print, flush=True)  # progress as it comes, piped too
 POSTGRES_URL = os.environ.get(

@@ -8,7 +8,7 @@ from pydantic_settings import BaseSettings
 
 from core.settings import ROOT_CONFIG, SettingsSection, TelemetrySettings
 from feature_cache.settings import KafkaSettings, RedisSettings
-from server.settings import AuditSettings
+from server.audit.settings import AuditSettings
 
 # How far behind the newest decision seen each pass reads again: decisions reach the
 # store late (the shipper's batches, a short store outage).

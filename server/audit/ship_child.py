@@ -22,9 +22,9 @@ import orjson
 
 from core.logs import configure_logging
 from server.audit.journal import Position
+from server.audit.settings import AuditSettings
 from server.audit.ship_thread import AuditShipper
 from server.audit.store import AuditStore, create_store_engine
-from server.settings import AuditSettings
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ import orjson
 
 from core.backoff import Backoff
 from server.audit.journal import Journal, Position
+from server.audit.settings import AuditSettings
 from server.audit.ship_child import STATUS_INTERVAL_S
 from server.audit.ship_thread import IDLE_INTERVAL_MS
 from server.audit.shipper import ShipperStatus, over_cap, unshipped_bytes
-from server.settings import AuditSettings
 
 log = logging.getLogger(__name__)
 

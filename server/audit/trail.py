@@ -21,11 +21,11 @@ from core.settings import TelemetrySettings
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION
 from server.audit.journal import SEGMENT_MAX_BYTES, Journal, JournalLocked, JournalWriteError
 from server.audit.record import CallTallyRecord, DecisionRecord, ShadowRecord, encode
+from server.audit.settings import AuditSettings
 from server.audit.ship_process import ShipperProcess
 from server.audit.shipper import ShipperStatus
 from server.audit.store import AuditStore, create_store_engine
 from server.errors import AuditUnavailable
-from server.settings import AuditSettings
 
 log = logging.getLogger(__name__)
 

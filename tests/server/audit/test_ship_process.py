@@ -14,10 +14,10 @@ import pytest
 
 from server.audit.journal import Journal
 from server.audit.record import encode
+from server.audit.settings import AuditSettings
 from server.audit.ship_child import LOCK_FILE
 from server.audit.ship_process import ShipperProcess
 from server.audit.store import AuditStore, create_store_engine
-from server.settings import AuditSettings
 from tests.conftest import REPO, wait_for
 from tests.server.audit.conftest import decision_record
 
@@ -81,7 +81,7 @@ from pathlib import Path
 from server.audit.journal import Journal
 from server.audit.record import encode
 from server.audit.ship_process import ShipperProcess
-from server.settings import AuditSettings
+from server.audit.settings import AuditSettings
 from tests.server.audit.conftest import decision_record
 journal = Journal(Path({str(tmp_path / "journal")!r}), segment_max_bytes=1 << 20,
                   fsync_interval_ms=0)

@@ -14,11 +14,11 @@ import sqlalchemy as sa
 from server.audit.journal import MAGIC, Journal, frame, segment_path, segments
 from server.audit.migrate import upgrade
 from server.audit.record import encode
+from server.audit.settings import AuditSettings
 from server.audit.ship_thread import IDLE_INTERVAL_MS, AuditShipper
 from server.audit.shipper import CHECKPOINT_FILE, unshipped_bytes
 from server.audit.store import AuditStore, create_store_engine
 from server.audit.trail import AuditTrail
-from server.settings import AuditSettings
 from server.workers import journal_plans
 from tests.conftest import REPO, wait_for
 from tests.server.audit.conftest import decision_record
