@@ -71,6 +71,7 @@ of D's capacity."""
 LOSS_SETTLE_S = 1.0  # after the last cell, for TorchServe to log a worker a cancel cost
 SHADOW_SAMPLES = ("decision_shadow_decisions_total", "decision_shadow_agreement_ratio")
 CONTROL_SETTLE_S = 0.3  # after a flag flips, for the last cell's shadow calls to end
+SHIPPER = "server.audit.ship_child"  # in the command line of a server's audit shipper
 
 
 @dataclass(frozen=True)
@@ -556,11 +557,13 @@ class Control:
 class Measured:
     results: Results
     cores: dict[Cell, tuple[float, ...]]
-    """What answered and its model server: the cores each kept busy (rounds averaged)."""
+    """The cores kept busy (rounds averaged) by what answered, its audit shipper, and its
+    model server."""
     workers_lost: int
     """TorchServe workers the replica lost: a cancelled call can cost one (pytorch/serve
     1888, 3087), and the cells after met a replica restarting it (each round's line says
     where)."""
+    rounds: dict[Cell, list[LoadResult]] = field(default_factory=dict)
 
 
 def spec_for(fleet: Fleet, cell: Cell, preset: Preset, args: argparse.Namespace) -> LoadSpec:
@@ -603,7 +606,7 @@ async def measure(
     fleet: Fleet, generator: LoadGenerator, preset: Preset, args: argparse.Namespace
 ) -> Measured:
     rounds: dict[Cell, list[LoadResult]] = defaultdict(list)
-    cores: dict[Cell, list[tuple[float, float]]] = defaultdict(list)
+    cores: dict[Cell, list[tuple[float, ...]]] = defaultdict(list)
     folder = fleet.replica_folder
     lost = [workers_lost(folder) if folder else 0]  # counted so far
     control = Control(fleet)
@@ -618,12 +621,12 @@ async def measure(
     async def run(cell: Cell, r: int, done: int, total: int) -> None:
         await control.prepare(cell[0])
         groups = fleet.groups(cell[0])
-        began, before = time.monotonic(), group_cpu_seconds(groups)
+        began, before = time.monotonic(), group_cpu_seconds(groups, SHIPPER)
         result = await asyncio.to_thread(generator.run, spec_for(fleet, cell, preset, args))
-        elapsed, after = max(time.monotonic() - began, 1e-9), group_cpu_seconds(groups)
+        elapsed, after = max(time.monotonic() - began, 1e-9), group_cpu_seconds(groups, SHIPPER)
         busy = [max(a - b, 0.0) / elapsed for a, b in zip(after, before, strict=True)]
         rounds[cell].append(result)
-        cores[cell].append((busy[0], busy[1]))
+        cores[cell].append(tuple(busy[:3]))  # a model server has no shipper
         line = describe(cell, result, busy)
         if new := newly_lost():
             line += f"; TorchServe lost {new} worker(s)"
@@ -662,6 +665,7 @@ async def measure(
             for cell, each in cores.items()
         },
         max(0, lost[-1] - lost[0]),
+        dict(rounds),
     )
 
 
@@ -681,8 +685,9 @@ def describe(cell: Cell, result: LoadResult, cores: Sequence[float]) -> str:
     return (
         f"{cell_text(cell)}: {result.throughput_per_s:,.0f}/s p50 {result.percentile_ms(50):.2f}"
         f" p99 {result.percentile_ms(99):.2f} ms, errors {result.error_count},"
-        f" {answered_by(result) or 'no answers'}; cores: server {cores[0]:.2f},"
-        f" model server {cores[1]:.2f}, loadgen {result.generator_cores:.2f}"
+        f" {answered_by(result) or 'no answers'}; cores: server {cores[0]:.2f}"
+        f" + shipper {cores[1]:.2f}, model server {cores[2]:.2f},"
+        f" loadgen {result.generator_cores:.2f}"
         f" (behind its schedule by {result.send_lag_max_ms:.0f} ms at most)"
     )
 
@@ -731,6 +736,25 @@ def open_loop_table(measured: Measured, preset: Preset) -> str:
             ))  # fmt: skip
     header = ["path", ">calls/s", ">x capacity", ">late", ">refused", ">refusal p99 ms",
               "other errors", ">model share of calls", ">p99 ms"]  # fmt: skip
+    return markdown_table(header, rows)
+
+
+def cpu_table(measured: Measured, preset: Preset) -> str:
+    """At the fixed open-loop rates: each path's CPU per call by process, the server's
+    own (its shipper's included) against the echo server's at that rate, and each
+    round's p99, for the spread between rounds."""
+    rows = []
+    for key, mode, rate in measured.results:
+        if mode == "open" and rate in preset.rates:
+            us = [c * 1e6 / rate for c in measured.cores.get((key, mode, rate), [math.nan] * 3)]
+            echo = measured.cores.get(("E", mode, rate), [math.nan])[0] * 1e6 / rate
+            p99s = [
+                f"{one.percentile_ms(99):.2f}" for one in measured.rounds.get((key, mode, rate), [])
+            ]
+            rows.append((f"{key} {path_of(key).label}", f"{rate:g}/s", *(f"{u:,.0f}" for u in us),
+                         f"{(us[0] + us[1]) / echo:.2f}", " / ".join(p99s)))  # fmt: skip
+    header = ["path", ">rate", ">server µs a call", ">shipper µs", ">model server µs",
+              ">own / echo", ">p99 ms, each round"]  # fmt: skip
     return markdown_table(header, rows)
 
 
@@ -851,6 +875,8 @@ def report(measured: Measured, preset: Preset, caption: str) -> str:
         parts.append(capacity_table(measured, preset.paths))
     if preset.capacity:
         parts.append(open_loop_table(measured, preset))
+    if preset.rates:
+        parts.append(cpu_table(measured, preset))
     if preset.pairs:
         parts.append(pairs_table(measured.results, preset.pairs))
     if checks := preset.checks(measured.results):

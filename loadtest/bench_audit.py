@@ -3,7 +3,8 @@
 1. Journal append: ``encode`` + ``Journal.append`` of one decision record (11 features)
    per call, each call timed, with the default segment size and fsync interval.
 2. Shipping: a journal of N records shipped by ``AuditShipper`` into a fresh SQLite file
-   and a fresh PostgreSQL database of this run's own (dropped at the end); rows/s from the
+   and a fresh PostgreSQL database of this run's own (dropped at the end; on
+   DECISION_BENCH_POSTGRES_URL's server, the machine's, or one it starts); rows/s from the
    shipper's start until its backlog is empty, the schema migrated before the clock.
 
 What the audit costs a Decide: ``python -m loadtest.bench audit``.
@@ -12,7 +13,6 @@ What the audit costs a Decide: ``python -m loadtest.bench audit``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import gc
 import hashlib
@@ -22,29 +22,24 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-
-import sqlalchemy as sa
 
 from core.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
 from core.stats import percentile
 from feature_cache.schema import FEATURE_NAMES
 from loadtest.report import markdown_table, write_block
+from localstack.postgres_server import own_database, postgres_admin
 from server.audit.journal import SEGMENT_MAX_BYTES, Journal
 from server.audit.migrate import upgrade
 from server.audit.record import DecisionRecord, encode
 from server.audit.settings import AuditSettings
 from server.audit.ship_child import SHIP_BATCH_RECORDS
 from server.audit.ship_thread import AuditShipper
-from server.audit.shipper import describe
 from server.audit.store import AuditStore, create_store_engine
 from server.audit.trail import decision_record
 
 say = functools.partial(print, flush=True)  # progress as it comes, piped too
-POSTGRES_URL = os.environ.get(
-    "DECISION_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 DEFAULTS = AuditSettings()  # the fsync interval
 SHIP_TARGET = ">= 20,000 rows/s"
 Row = tuple[str, str, str, str]  # measurement, count, result, target
@@ -164,40 +159,13 @@ def ship(
     return (f"ship into {label}", f"{stored:,}", f"{stored / elapsed:,.0f} rows/s", SHIP_TARGET)
 
 
-@contextlib.contextmanager
-def postgres_database(suffix: str) -> Iterator[str | None]:
-    """A database of this run's own (None when the server is not usable), then dropped."""
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    name = f"audit_bench_{os.getpid()}_{suffix}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.DBAPIError as exc:
-        say(f"  PostgreSQL is not usable at {POSTGRES_URL}: {describe(exc)}; skipped")
-        admin.dispose()
-        url = None
-    else:
-        url = admin.url.set(database=name).render_as_string(hide_password=False)
-    if url is None:
-        yield None
-        return
-    try:
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def bench_ship(payloads: Sequence[bytes], run_dir: Path) -> list[Row]:
     say(f"[2/2] shipping: {len(payloads):,} records, batches of up to {SHIP_BATCH_RECORDS:,}")
     sqlite_url = f"sqlite:///{run_dir / 'ship.db'}"
     rows = [ship("SQLite", sqlite_url, payloads, run_dir / "sqlite", AuditStore)]
-    with postgres_database("ship") as url:
-        if url is None:
-            rows.append(("ship into PostgreSQL", "-", "skipped: not reachable", SHIP_TARGET))
-        else:
-            rows.append(ship("PostgreSQL", url, payloads, run_dir / "postgresql", AuditStore))
+    configured = os.environ.get("DECISION_BENCH_POSTGRES_URL")
+    with postgres_admin(configured) as admin, own_database(admin, "audit_bench") as url:
+        rows.append(ship("PostgreSQL", url, payloads, run_dir / "postgresql", AuditStore))
     return rows
 
 

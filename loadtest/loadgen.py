@@ -293,22 +293,11 @@ def make_call(channel: grpc.aio.Channel, spec: LoadSpec) -> Call:
 async def drive(call: Call, recorder: Recorder, spec: LoadSpec, seconds: float) -> float:
     """Runs ``spec``'s loop for ``seconds``; returns the elapsed time."""
     if spec.mode == "closed":
-        return await closed_loop(
-            call,
-            recorder,
-            concurrency=spec.concurrency,
-            seconds=seconds,
-            max_requests=spec.max_requests,
-        )
-    return await open_loop(
-        call,
-        recorder,
-        rate_per_s=spec.rate_per_s,
-        seconds=seconds,
-        max_requests=spec.max_requests,
-        phase_s=spec.phase_s,
-        burst=spec.burst,
-    )
+        return await closed_loop(call, recorder, concurrency=spec.concurrency, seconds=seconds,
+                                 max_requests=spec.max_requests)  # fmt: skip
+    return await open_loop(call, recorder, rate_per_s=spec.rate_per_s, seconds=seconds,
+                           max_requests=spec.max_requests, phase_s=spec.phase_s,
+                           burst=spec.burst)  # fmt: skip
 
 
 def in_turn(calls: Sequence[Call]) -> Call:

@@ -56,7 +56,7 @@ from loadtest.soak_report import (
     windows_table,
     write_json,
 )
-from localstack.faults import Fault, chaos_plan, inject
+from localstack.faults import FAULT_GROUPS, Fault, chaos_plan, inject
 from localstack.levers import HeldLever
 from localstack.stack import DEFAULT_SYMBOLS, REPO, LocalStack
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
@@ -303,7 +303,8 @@ def report(
     # minutes apart and measure the machine's moods instead.
     drift = None
     if args.duration_s >= 3 * GROWTH_PART_S:
-        broken += growth(windows, bounds, GROWTH_PART_S)
+        stops = sorted((f.at_s + f.duration_s, f.target) for f in args.fault if f.action == "stop")
+        broken += growth(windows, bounds, GROWTH_PART_S, {FAULT_GROUPS[t][0]: s for s, t in stops})
         drift = machine_drift(windows, GROWTH_PART_S)
     for fault, took_s in recoveries.items():
         if took_s is None or took_s > bounds.recovery_s:

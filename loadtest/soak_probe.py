@@ -87,10 +87,24 @@ def stored_decision_ids(database: Path) -> set[str]:
         return {row[0] for row in connection.execute("SELECT decision_id FROM decisions")}
 
 
-def group_cpu_seconds(pgids: Sequence[int | None]) -> list[float]:
+def command_line(pid: int) -> str:
+    with contextlib.suppress(psutil.Error):  # ended meanwhile
+        return " ".join(psutil.Process(pid).cmdline())
+    return ""
+
+
+def group_cpu_seconds(pgids: Sequence[int | None], apart: str = "") -> list[float]:
     """CPU seconds of each process group's live members (0.0 for None), from one pass
     over /proc: a ManagedProcess is its group's leader, so its group is the process
     and everything it started (TorchServe's JVM and workers, the server's workers). A
-    member that exits takes its seconds with it (they all live for the whole run)."""
+    member that exits takes its seconds with it (they all live for the whole run).
+    With ``apart``, two figures a group: the members whose command line does not hold
+    it, then those that do (a decision server's audit shipper children)."""
     members = live_members_by_group(pgid for pgid in pgids if pgid)
-    return [usage_of(members[pgid]).cpu_s if pgid else 0.0 for pgid in pgids]
+    seconds = []
+    for pgid in pgids:
+        pids = members[pgid] if pgid else []
+        marked = {pid for pid in pids if apart and apart in command_line(pid)}
+        parts = [[p for p in pids if p not in marked], list(marked)] if apart else [pids]
+        seconds += [usage_of(part).cpu_s for part in parts]
+    return seconds

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -170,14 +170,22 @@ def mean_usage(part: Sequence[Window], name: str, index: int) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def growth(windows: Sequence[Window], bounds: Bounds, part_s: float) -> list[str]:
+def growth(
+    windows: Sequence[Window], bounds: Bounds, part_s: float, restarted_s: Mapping[str, float]
+) -> list[str]:
     """FLAT_PROCESSES' mean CPU and RSS over the last ``part_s`` against the first
     ``part_s`` of the run; what grew past ``bounds.max_growth``, in words. CPU is
-    compared in units of the ``YARDSTICK``'s CPU over the same windows, when it ran."""
-    first, last = first_and_last(windows, part_s)
-    machine = machine_drift(windows, part_s)
+    compared in units of the ``YARDSTICK``'s CPU over the same windows, when it ran. A
+    process restarted at ``restarted_s[name]`` (the broker after a stop: it reads its log
+    back, and starts larger) is judged from then, when three parts of the run are left."""
     broken = []
     for name in FLAT_PROCESSES:
+        since = restarted_s.get(name, 0.0)
+        own = [w for w in windows if w.start_s >= since]
+        if not own or (since and own[-1].end_s - since < 3 * part_s):
+            continue
+        first, last = first_and_last(own, part_s)
+        machine = machine_drift(own, part_s)
         for index, what, floor in ((0, "CPU", 2.0), (1, "RSS", 5.0)):
             before, after = mean_usage(first, name, index), mean_usage(last, name, index)
             scale = machine if what == "CPU" and machine is not None else None

@@ -1,17 +1,26 @@
-"""A throwaway PostgreSQL server for tests on a machine that runs none: loopback only,
-trust auth, its own data folder. As root it runs as the ``postgres`` user (PostgreSQL
-refuses to run as root), so ``run_dir`` and its parents must be traversable by that user
-(``/tmp/<something 0755>``, not pytest's private temp folders)."""
+"""PostgreSQL for the tests and the audit bench: a database of a caller's own, on the
+server it names, else the machine's own on 5432, else a throwaway server started here
+(loopback only, trust auth, its own data folder). As root that server runs as the
+``postgres`` user (PostgreSQL refuses to run as root), so its folder and its parents
+must be traversable by that user (``/tmp/<something 0755>``, not pytest's temp folders)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-from core.processes import ManagedProcess, listening, start_ready
+import sqlalchemy as sa
+
+from core.processes import ManagedProcess, free_port, listening, start_ready
+
+MACHINE_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
 def postgres_bin_dir() -> Path | None:
@@ -57,3 +66,54 @@ def postgres_server(port: int, run_dir: Path) -> ManagedProcess:
 
 def start_postgres(port: int, run_dir: Path, *, timeout_s: float = 30.0) -> ManagedProcess:
     return start_ready(postgres_server(port, run_dir), listening(port), timeout_s)
+
+
+def _admin_engine(url: str) -> sa.Engine | None:
+    engine = sa.create_engine(
+        url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
+    )
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    except sa.exc.OperationalError:
+        engine.dispose()
+        return None
+    return engine
+
+
+@contextlib.contextmanager
+def postgres_admin(configured: str | None = None) -> Iterator[sa.Engine]:
+    """An engine on a server where this user may create databases: ``configured`` (a
+    RuntimeError when it does not answer), else the machine's own, else a server started
+    here and stopped after."""
+    with contextlib.ExitStack() as cleanup:
+        engine = _admin_engine(configured or MACHINE_POSTGRES_URL)
+        if engine is None and configured:
+            raise RuntimeError(f"PostgreSQL not reachable at {configured}")
+        if engine is None:
+            run_dir = Path(tempfile.mkdtemp(prefix="decision-pg-"))
+            cleanup.callback(shutil.rmtree, run_dir, ignore_errors=True)
+            run_dir.chmod(0o755)
+            port = free_port()
+            proc = start_postgres(port, run_dir / "pg")
+            cleanup.callback(proc.stop)
+            engine = _admin_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres")
+            if engine is None:
+                raise RuntimeError(
+                    f"the PostgreSQL server started does not answer: {proc.log_tail()}"
+                )
+        cleanup.callback(engine.dispose)
+        yield engine
+
+
+@contextlib.contextmanager
+def own_database(admin: sa.Engine, prefix: str) -> Iterator[str]:
+    """The URL of a new database on ``admin``'s server, dropped after."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -19,12 +19,14 @@ import pytest
 from core.processes import ManagedProcess
 from loadtest.bench import (
     PRESETS,
+    Cell,
     Fleet,
     Measured,
     Results,
     Server,
     capacity_table,
     cpu_list,
+    cpu_table,
     first_cells,
     listening_pids,
     numbers,
@@ -39,6 +41,7 @@ from loadtest.bench import (
     started_on,
     workers_preset,
 )
+from loadtest.loadgen import LoadResult
 from loadtest.report import markdown_table
 from loadtest.soak_probe import group_cpu_seconds
 from tests.loadtest.made_up import load_result
@@ -144,6 +147,23 @@ def test_open_loop_rows_give_load_against_capacity_late_answers_and_model_share(
     ]
 
 
+def test_cpu_rows_give_each_process_a_call_against_the_echo_server_and_each_rounds_p99() -> None:
+    fast, slow = (load_result("open", 1_000, ok=1_000, latency_us=us) for us in (2_000, 4_000))
+    echo: Cell = ("E", "open", 1_000.0)
+    decide: Cell = ("D", "open", 1_000.0)
+    results: Results = {echo: fast, decide: LoadResult.combine([fast, slow])}
+    cores: dict[Cell, tuple[float, ...]] = {echo: (0.2, 0.0, 0.0), decide: (0.35, 0.05, 0.3)}
+    table = cpu_table(Measured(results, cores, 0, {decide: [fast, slow]}), PATHS_PRESET)
+    assert table.splitlines()[2:] == [
+        "| E echo (floor) | 1000/s | 200 | 0 | 0 | 1.00 |  |",
+        # The server's own: its process and its audit shipper, 400 us against 200.
+        "| D Decide | 1000/s | 350 | 50 | 300 | 2.00 | 2.00 / 4.00 |",
+    ]
+    # A rate that is not one of the preset's fixed rates is a capacity multiple: no row.
+    results[("D", "open", 777.0)] = fast
+    assert len(cpu_table(Measured(results, cores, 0), PATHS_PRESET).splitlines()) == 4
+
+
 def test_pairs_give_the_latency_one_path_adds_and_the_ratio_of_capacities() -> None:
     results: Results = {
         ("S", "open", 100.0): load_result("open", 100, ok=100, latency_us=1_500),
@@ -221,20 +241,27 @@ def test_defaults_follow_the_cpus_each_side_may_use() -> None:
 def test_group_cpu_seconds_count_a_child_process_of_the_leader() -> None:
     # The leader (a shell) idles while its child burns 0.5 s of CPU (not of wall time,
     # which a busy machine would spend waiting) and then stays: the group's seconds must
-    # grow by about that.
-    burn = "import time\nwhile time.process_time() < 0.5: pass\ntime.sleep(30)"
+    # grow by about that. The code comes through the environment: only the child's
+    # command line holds it, and its mark.
+    burn = "import time  # burner\nwhile time.process_time() < 0.5: pass\ntime.sleep(30)"
     root = subprocess.Popen(
-        ["/bin/sh", "-c", f"{sys.executable} -c '{burn}'; true"], process_group=0
+        ["/bin/sh", "-c", f'{sys.executable} -c "$BURN"; true'],
+        env={**os.environ, "BURN": burn},
+        process_group=0,
     )
     try:
         deadline = time.monotonic() + 20
         while group_cpu_seconds([root.pid])[0] < 0.4 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert group_cpu_seconds([root.pid])[0] >= 0.4
+        # Apart: the members whose command line holds the mark (the child), after the rest.
+        rest, burner = group_cpu_seconds([root.pid], apart="# burner")
+        assert rest < 0.2 and burner >= 0.4
     finally:
         os.killpg(root.pid, signal.SIGKILL)
         root.wait()
     assert group_cpu_seconds([None]) == [0.0]
+    assert group_cpu_seconds([None], apart="# burner") == [0.0, 0.0]
 
 
 ALLOWED = sorted(os.sched_getaffinity(0))

@@ -72,12 +72,30 @@ def test_growth_compares_the_last_part_with_the_first_above_a_floor():
             windows.append(w)
         return windows
 
-    assert growth(run(10.0, 12.0), Bounds(), part_s=30) == []
-    assert growth(run(10.0, 13.0), Bounds(), part_s=30) == [
+    assert growth(run(10.0, 12.0), Bounds(), 30, {}) == []
+    assert growth(run(10.0, 13.0), Bounds(), 30, {}) == [
         "kafka-broker CPU grew 10.0 -> 13.0",
         "feature-cache CPU grew 10.0 -> 13.0",
     ]
-    assert growth(run(1.0, 2.4), Bounds(), part_s=30) == []  # under the 2 % floor: noise
+    assert growth(run(1.0, 2.4), Bounds(), 30, {}) == []  # under the 2 % floor: noise
+
+
+def test_a_restarted_process_is_judged_from_its_last_start():
+    # The broker restarted at 30 s (a stop) came back larger and stayed flat.
+    windows = []
+    for i in range(12):
+        w = window([answer(0.0)], cpu=5.0)
+        w.processes["kafka-broker"] = (5.0, 34.0 if i < 3 else 63.0)
+        w.start_s, w.end_s = i * 10.0, (i + 1) * 10.0
+        windows.append(w)
+    assert growth(windows, Bounds(), 30, {}) == ["kafka-broker RSS grew 34.0 -> 63.0"]
+    assert growth(windows, Bounds(), 30, {"kafka-broker": 30.0}) == []
+    # Growth after the restart still counts; too little left after it to judge: nothing.
+    windows[-1].processes["kafka-broker"] = (5.0, 120.0)
+    assert growth(windows, Bounds(), 30, {"kafka-broker": 30.0}) == [
+        "kafka-broker RSS grew 63.0 -> 82.0"
+    ]
+    assert growth(windows, Bounds(), 30, {"kafka-broker": 40.0}) == []
 
 
 def test_recovery_is_the_first_second_after_the_fault_the_model_answers_again():
@@ -122,9 +140,9 @@ def test_cpu_growth_is_judged_against_a_process_whose_work_is_fixed():
     # The whole machine ran 40 % slower at the end: the replayer's fixed work shows it.
     slower = run(broker=(5.0, 7.0), replayer=(5.0, 7.0))
     assert machine_drift(slower, part_s=30) == pytest.approx(1.4)
-    assert growth(slower, Bounds(), part_s=30) == []
+    assert growth(slower, Bounds(), 30, {}) == []
     # The broker alone grew.
-    assert growth(run(broker=(5.0, 7.0), replayer=(5.0, 5.0)), Bounds(), part_s=30) == [
+    assert growth(run(broker=(5.0, 7.0), replayer=(5.0, 5.0)), Bounds(), 30, {}) == [
         "kafka-broker CPU grew 5.0 -> 7.0 (the replayer's x1.00)",
         "feature-cache CPU grew 5.0 -> 7.0 (the replayer's x1.00)",
     ]
