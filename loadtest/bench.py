@@ -752,7 +752,8 @@ def cpu_table(measured: Measured, preset: Preset) -> str:
                 f"{one.percentile_ms(99):.2f}" for one in measured.rounds.get((key, mode, rate), [])
             ]
             rows.append((f"{key} {path_of(key).label}", f"{rate:g}/s", *(f"{u:,.0f}" for u in us),
-                         f"{(us[0] + us[1]) / echo:.2f}", " / ".join(p99s)))  # fmt: skip
+                         f"{(us[0] + us[1]) / echo:.2f}" if echo > 0 else "-",
+                         " / ".join(p99s)))  # fmt: skip
     header = ["path", ">rate", ">server µs a call", ">shipper µs", ">model server µs",
               ">own / echo", ">p99 ms, each round"]  # fmt: skip
     return markdown_table(header, rows)
