@@ -1,0 +1,208 @@
+"""``python -m checks.profile`` (``make profile``): where a decision server's CPU goes.
+
+Starts the benchmark's servers (``loadtest.bench``) for the Decide paths asked for (Y:
+Decide on Triton; F: the breakers forced open, no model call), drives each at a fixed
+open-loop rate and samples its server with py-spy, native frames on: a flame graph a path
+(``docs/img/profile-KEY.svg``) and a table of CPU a decision, by thread from /proc and,
+for the event loop's thread, by stage from the samples (docs/profile.md). A sample goes
+to the stage of the innermost frame of this repository on its stack; one with none, to
+the library at its leaf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+from loadtest import bench
+from loadtest.feature_keeper import fresh_features
+from loadtest.loadgen import LoadGenerator, LoadSpec
+from loadtest.report import answered_by, markdown_table, write_block
+from loadtest.soak_probe import group_cpu_seconds
+from server.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+# Each stage's modules, by their paths in the repository; the first stage to hold a
+# frame's file takes it.
+STAGES = {
+    "audit record": "server/audit/",
+    "features (Redis)": "server/features.py server/redis_clients.py feature_cache/",
+    "model call (client, batching, breaker)": "server/model_client.py server/oip.py"
+    " server/batching.py server/replica server/router.py server/breaker server/model_errors.py",
+    "shadow": "server/shadow.py",
+    "metrics, logs, traces": "server/rpc_metrics.py server/load_metrics.py server/telemetry.py"
+    " server/call_tally.py server/tracing.py core/logs.py",
+    "call slots (grpc.aio serving)": "server/intake.py",
+    "decision (servicer, engine, ladder, validation)": "server/ fallback/ core/",
+}
+# Under every sample (the process's entry), or not ours (a virtualenv in the checkout).
+NOT_STAGES = ("server/__main__.py", ".venv/", ".tools/")
+LIBRARIES = (
+    ("gRPC, outside our calls", ("grpc",)),
+    ("event loop (uvloop, asyncio)", ("uvloop", "asyncio")),
+)
+OTHER = "other (interpreter, collector, libc)"
+# py-spy pauses the server to read each sample's native stack: at 1,000 Decide/s on a
+# 2-core VM, 20 a second (of the thread holding the GIL) left 0-1.6 % of calls late, 50 a
+# second up to 2 %, 200 a second of every thread most of them.
+SAMPLES_PER_S = 20
+SPY_WAIT_S = 30.0  # py-spy writes its file a second or two after its duration
+WARM_S = 5.0  # each path's unsampled run before its sampled ones
+CLOCK_TICKS = 100  # /proc's unit of CPU time (USER_HZ) on Linux
+
+
+def stage_of(stack: str) -> str:
+    """The stage of one sample: py-spy's raw frames, root first, joined by ``;``."""
+    frames = stack.split(";")[::-1]
+    for frame in frames:
+        file = frame.rpartition("(")[2].rpartition(":")[0]
+        relative = file.removeprefix(f"{REPO}/")
+        if relative != file and not relative.startswith(NOT_STAGES):
+            found = (s for s, mods in STAGES.items() if relative.startswith(tuple(mods.split())))
+            return next(found, "other code of ours")
+    for frame in frames:
+        for library, marks in LIBRARIES:
+            if any(mark in frame for mark in marks):
+                return library
+    return OTHER
+
+
+def stages(raw: str) -> Counter[str]:
+    """The main thread's samples (the event loop's) by stage, from py-spy's raw output
+    with thread names and full file names (``thread (TID): NAME;frame;... COUNT``)."""
+    counts: Counter[str] = Counter()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack.partition(";")[0].endswith(": MainThread") and count.isdigit():
+            counts[stage_of(stack)] += int(count)
+    return counts
+
+
+def thread_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of ``pid`` by name (a pool's threads together), the
+    main thread as ``event loop``."""
+    seconds: defaultdict[str, float] = defaultdict(float)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = re.sub(r"[\d_-]+$", "", (task / "comm").read_text().strip())
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # ended meanwhile
+            continue
+        name = "event loop" if task.name == str(pid) else f"thread {name}"
+        name = "other threads (Python names none)" if name == "thread python" else name
+        seconds[name] += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return dict(seconds)
+
+
+async def sampled(
+    pid: int, generator: LoadGenerator, spec: LoadSpec, output: Path, *options: str
+) -> str:
+    """``spec``'s load with py-spy on ``pid`` for all of it, writing ``output``; what the
+    callers saw, in words."""
+    spy = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("py-spy")), "record", "--native", "--gil",
+        "--pid", str(pid), "--rate", str(SAMPLES_PER_S), "--duration",
+        str(round(spec.warmup_s + spec.seconds)), "--output", str(output), *options,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    result = await asyncio.to_thread(generator.run, spec)
+    _, errors = await asyncio.wait_for(spy.communicate(), SPY_WAIT_S)
+    if spy.returncode:
+        raise RuntimeError(f"py-spy failed ({spy.returncode}): {errors.decode()[-500:]}")
+    seen = (
+        f"{output.stem}, sampled to {output.suffix[1:]}: {result.throughput_per_s:,.0f}/s"
+        f" p50 {result.percentile_ms(50):.2f} p99 {result.percentile_ms(99):.2f} ms, errors"
+        f" {result.error_count} of {result.ok + result.error_count:,},"
+        f" {answered_by(result) or 'no answers'}"
+    )
+    print(f"  {seen}", flush=True)
+    return seen
+
+
+async def profile(
+    fleet: bench.Fleet, generator: LoadGenerator, args: argparse.Namespace, run_dir: Path
+) -> tuple[list[tuple[str, ...]], list[str]]:
+    """Each path: raw samples and each thread's CPU in one run, a flame graph in another;
+    the table's rows and what each run's callers saw."""
+    rows: list[tuple[str, ...]] = []
+    runs: list[str] = []
+    control = bench.Control(fleet)
+    try:
+        async with fresh_features(fleet.redis_url, Settings().redis.key_prefix):
+            for key in args.paths:
+                await control.prepare(key)
+                preset = bench.Preset(paths=(key,), rates=(args.rate,), seconds=args.seconds)
+                spec = bench.spec_for(fleet, (key, "open", args.rate), preset, args)
+                pid = fleet.servers[bench.path_of(key).server].process.pid or 0
+                groups = fleet.groups(key)
+                raw = run_dir / f"profile-{key}.txt"
+                # Unsampled first: the model server warm and the breakers closed.
+                await asyncio.to_thread(generator.run, replace(spec, seconds=WARM_S))
+                began, before = time.monotonic(), thread_seconds(pid)
+                processes = group_cpu_seconds(groups, bench.SHIPPER)
+                runs.append(await sampled(pid, generator, spec, raw, "--format", "raw",
+                                          "--threads", "--full-filenames"))  # fmt: skip
+                calls = args.rate * (time.monotonic() - began)
+                us = {k: (v - before.get(k, 0.0)) * 1e6 / calls
+                      for k, v in thread_seconds(pid).items()}  # fmt: skip
+                after = group_cpu_seconds(groups, bench.SHIPPER)
+                shipper, model = ((after[i] - processes[i]) * 1e6 / calls for i in (1, 2))
+                svg = args.svg_dir / f"profile-{key}.svg"
+                runs.append(await sampled(pid, generator, spec, svg))
+                rows += table_rows(key, stages(raw.read_text()), us, shipper, model)
+    finally:
+        await control.close()
+    return rows, runs
+
+
+def table_rows(
+    key: str, counts: Counter[str], us: dict[str, float], shipper: float, model: float
+) -> list[tuple[str, ...]]:
+    loop, total = us.pop("event loop", 0.0), sum(counts.values()) or 1
+    rows: list[tuple[str, ...]] = [(key, "event loop, all", f"{total:,} samples", f"{loop:,.0f}")]
+    rows += [(key, f"event loop: {stage}", f"{100 * n / total:.1f} %", f"{loop * n / total:,.0f}")
+             for stage, n in counts.most_common()]  # fmt: skip
+    rows += [(key, name, "", f"{v:,.0f}") for name, v in sorted(us.items(), key=lambda kv: -kv[1])
+             if v >= 1]  # fmt: skip
+    rows += [(key, "audit shipper (process)", "", f"{shipper:,.0f}"),
+             (key, "model server (process)", "", f"{model:,.0f}")]  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--paths", type=lambda t: t.split(","), default=["Y", "F"],
+                        help="Decide paths of loadtest.bench (default Y,F)")  # fmt: skip
+    parser.add_argument("--rate", type=float, default=1000.0, help="Decide calls a second")
+    parser.add_argument("--seconds", type=float, default=60.0, help="each run's (two a path)")
+    parser.add_argument("--svg-dir", type=Path, default=REPO / "docs/img")
+    parser.add_argument("--doc", type=Path, help="put the table in this doc's profile block")
+    ours = parser.parse_args(argv)
+    args, _ = bench.parse(["paths"])  # the bench's defaults: load generator, model server
+    args.__dict__.update(vars(ours))
+    generator = LoadGenerator(args.processes)
+    with tempfile.TemporaryDirectory(prefix="profile-") as tmp:
+        try:
+            generator.start()
+            with bench.fleet_started(Path(tmp), args.paths, args) as fleet:
+                generator.wait_ready()
+                rows, runs = asyncio.run(profile(fleet, generator, args, Path(tmp)))
+        finally:
+            generator.stop()
+    header = ["path", "where", ">event loop's samples", ">µs a decision"]
+    caption = f"{args.rate:,.0f} Decide/s a path, {args.seconds:g} s a run:\n"
+    table = "\n".join([caption, markdown_table(header, rows), "", *(f"- {r}" for r in runs)])
+    print(f"\n{table}")
+    if args.doc:
+        write_block(args.doc, "profile", table)
+
+
+if __name__ == "__main__":
+    main()
