@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import sys
 import tempfile
-import time
 from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -44,18 +44,19 @@ STAGES = {
 }
 # Under every sample (the process's entry), or not ours (a virtualenv in the checkout).
 NOT_STAGES = ("server/__main__.py", ".venv/", ".tools/")
-LIBRARIES = (
-    ("gRPC, outside our calls", ("grpc",)),
-    ("event loop (uvloop, asyncio)", ("uvloop", "asyncio")),
+LIBRARIES = (  # marks in a frame's file
+    ("gRPC, outside our calls", ("/grpc/", "cygrpc")),
+    ("event loop (uvloop, asyncio)", ("/uvloop/", "/asyncio/")),
 )
 OTHER = "other (interpreter, collector, libc)"
 # py-spy pauses the server to read each sample's native stack: at 1,000 Decide/s on a
 # 2-core VM, 20 a second (of the thread holding the GIL) left 0-1.6 % of calls late, 50 a
 # second up to 2 %, 200 a second of every thread most of them.
 SAMPLES_PER_S = 20
+POOL_NUMBER = re.compile(r"[\d_-]+$")  # event_engine-3, default-executor_1
 SPY_WAIT_S = 30.0  # py-spy writes its file a second or two after its duration
 WARM_S = 5.0  # each path's unsampled run before its sampled ones
-CLOCK_TICKS = 100  # /proc's unit of CPU time (USER_HZ) on Linux
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc's unit of CPU time
 
 
 def stage_of(stack: str) -> str:
@@ -85,45 +86,62 @@ def stages(raw: str) -> Counter[str]:
     return counts
 
 
+def thread_name(comm: str, process: str) -> str:
+    """A thread's row: its kernel name less a pool's numbering; threads that kept the
+    process's own name (Python 3.11 names none of its threads) share one row."""
+    if comm == process:
+        return "other threads (Python names none)"
+    return "thread " + POOL_NUMBER.sub("", comm)
+
+
 def thread_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds of each thread of ``pid`` by name (a pool's threads together), the
-    main thread as ``event loop``."""
-    seconds: defaultdict[str, float] = defaultdict(float)
+    """CPU seconds of each thread of ``pid`` by ``thread_name``, the main thread as
+    ``event loop``, and the whole process's (threads that ended included) as ``process``."""
+
+    def read(stat: Path) -> tuple[str, float]:
+        comm, _, rest = stat.read_text().rpartition(")")
+        fields = rest.split()
+        return comm.partition("(")[2], (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    process, seconds = read(Path(f"/proc/{pid}/stat"))
+    threads: defaultdict[str, float] = defaultdict(float, {"process": seconds})
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            name = re.sub(r"[\d_-]+$", "", (task / "comm").read_text().strip())
-            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            comm, used = read(task / "stat")
         except OSError:  # ended meanwhile
             continue
-        name = "event loop" if task.name == str(pid) else f"thread {name}"
-        name = "other threads (Python names none)" if name == "thread python" else name
-        seconds[name] += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return dict(seconds)
+        threads["event loop" if task.name == str(pid) else thread_name(comm, process)] += used
+    return dict(threads)
 
 
 async def sampled(
     pid: int, generator: LoadGenerator, spec: LoadSpec, output: Path, *options: str
-) -> str:
+) -> tuple[str, int]:
     """``spec``'s load with py-spy on ``pid`` for all of it, writing ``output``; what the
-    callers saw, in words."""
+    callers saw, in words, and the calls sent (the warm-up's included)."""
     spy = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("py-spy")), "record", "--native", "--gil",
         "--pid", str(pid), "--rate", str(SAMPLES_PER_S), "--duration",
         str(round(spec.warmup_s + spec.seconds)), "--output", str(output), *options,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    result = await asyncio.to_thread(generator.run, spec)
-    _, errors = await asyncio.wait_for(spy.communicate(), SPY_WAIT_S)
+    try:
+        result = await asyncio.to_thread(generator.run, spec)
+        _, errors = await asyncio.wait_for(spy.communicate(), SPY_WAIT_S)
+    finally:
+        if spy.returncode is None:  # the load failed, or py-spy hung: it ends with us
+            spy.kill()
+            await spy.wait()
     if spy.returncode:
         raise RuntimeError(f"py-spy failed ({spy.returncode}): {errors.decode()[-500:]}")
+    sent = result.ok + result.error_count
     seen = (
         f"{output.stem}, sampled to {output.suffix[1:]}: {result.throughput_per_s:,.0f}/s"
         f" p50 {result.percentile_ms(50):.2f} p99 {result.percentile_ms(99):.2f} ms, errors"
-        f" {result.error_count} of {result.ok + result.error_count:,},"
-        f" {answered_by(result) or 'no answers'}"
+        f" {result.error_count} of {sent:,}, {answered_by(result) or 'no answers'}"
     )
     print(f"  {seen}", flush=True)
-    return seen
+    return seen, sent + round(spec.rate_per_s * spec.warmup_s)
 
 
 async def profile(
@@ -145,17 +163,17 @@ async def profile(
                 raw = run_dir / f"profile-{key}.txt"
                 # Unsampled first: the model server warm and the breakers closed.
                 await asyncio.to_thread(generator.run, replace(spec, seconds=WARM_S))
-                began, before = time.monotonic(), thread_seconds(pid)
+                before = thread_seconds(pid)
                 processes = group_cpu_seconds(groups, bench.SHIPPER)
-                runs.append(await sampled(pid, generator, spec, raw, "--format", "raw",
-                                          "--threads", "--full-filenames"))  # fmt: skip
-                calls = args.rate * (time.monotonic() - began)
+                seen, calls = await sampled(pid, generator, spec, raw, "--format", "raw",
+                                            "--threads", "--full-filenames")  # fmt: skip
+                runs.append(seen)
                 us = {k: (v - before.get(k, 0.0)) * 1e6 / calls
                       for k, v in thread_seconds(pid).items()}  # fmt: skip
                 after = group_cpu_seconds(groups, bench.SHIPPER)
                 shipper, model = ((after[i] - processes[i]) * 1e6 / calls for i in (1, 2))
                 svg = args.svg_dir / f"profile-{key}.svg"
-                runs.append(await sampled(pid, generator, spec, svg))
+                runs.append((await sampled(pid, generator, spec, svg))[0])
                 rows += table_rows(key, stages(raw.read_text()), us, shipper, model)
     finally:
         await control.close()
@@ -165,12 +183,17 @@ async def profile(
 def table_rows(
     key: str, counts: Counter[str], us: dict[str, float], shipper: float, model: float
 ) -> list[tuple[str, ...]]:
+    """``us``: µs a call by ``thread_seconds``' names; the process's beyond its live
+    threads' is what threads that ended during the run used."""
     loop, total = us.pop("event loop", 0.0), sum(counts.values()) or 1
+    ended = us.pop("process", 0.0) - loop - sum(us.values())
     rows: list[tuple[str, ...]] = [(key, "event loop, all", f"{total:,} samples", f"{loop:,.0f}")]
     rows += [(key, f"event loop: {stage}", f"{100 * n / total:.1f} %", f"{loop * n / total:,.0f}")
              for stage, n in counts.most_common()]  # fmt: skip
     rows += [(key, name, "", f"{v:,.0f}") for name, v in sorted(us.items(), key=lambda kv: -kv[1])
-             if v >= 1]  # fmt: skip
+             if abs(v) >= 1]  # fmt: skip
+    if abs(ended) >= 1:
+        rows.append((key, "threads that ended during the run", "", f"{ended:,.0f}"))
     rows += [(key, "audit shipper (process)", "", f"{shipper:,.0f}"),
              (key, "model server (process)", "", f"{model:,.0f}")]  # fmt: skip
     return rows
@@ -185,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--svg-dir", type=Path, default=REPO / "docs/img")
     parser.add_argument("--doc", type=Path, help="put the table in this doc's profile block")
     ours = parser.parse_args(argv)
+    for key in ours.paths:
+        path = bench.path_of(key)
+        if path.target != "decide" or bench.workers_of(path.server) > 1:
+            parser.error(f"{key}: a Decide path of one worker process (py-spy samples one)")
     args, _ = bench.parse(["paths"])  # the bench's defaults: load generator, model server
     args.__dict__.update(vars(ours))
     generator = LoadGenerator(args.processes)

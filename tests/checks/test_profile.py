@@ -7,7 +7,15 @@ import threading
 import time
 from collections import Counter
 
-from checks.profile import OTHER, REPO, stage_of, stages, table_rows, thread_seconds
+from checks.profile import (
+    OTHER,
+    REPO,
+    stage_of,
+    stages,
+    table_rows,
+    thread_name,
+    thread_seconds,
+)
 
 ROOT = (
     f"thread (7): MainThread;0x7f (/usr/lib/libc.so.6);<module> ({REPO}/server/__main__.py:112)"
@@ -54,19 +62,27 @@ def test_stages_count_the_main_threads_samples_only() -> None:
 
 
 def test_table_rows_split_the_loops_cpu_by_its_samples() -> None:
-    us = {"event loop": 400.0, "thread event_engine": 80.0, "thread idle": 0.2}
+    us = {"process": 600.0, "event loop": 400.0, "thread event_engine": 80.0, "thread x": 0.2}
     rows = table_rows("Y", Counter({"a": 3, "b": 1}), us, shipper=60.0, model=230.0)
     assert rows == [
         ("Y", "event loop, all", "4 samples", "400"),
         ("Y", "event loop: a", "75.0 %", "300"),
         ("Y", "event loop: b", "25.0 %", "100"),
         ("Y", "thread event_engine", "", "80"),
+        ("Y", "threads that ended during the run", "", "120"),  # 600 - 400 - 80.2
         ("Y", "audit shipper (process)", "", "60"),
         ("Y", "model server (process)", "", "230"),
     ]
 
 
-def test_thread_seconds_names_the_main_thread_and_counts_a_busy_one() -> None:
+def test_a_pools_threads_share_a_row_and_unnamed_threads_another() -> None:
+    assert thread_name("event_engine-3", "python") == "thread event_engine"
+    assert thread_name("default-executo", "python") == "thread default-executo"
+    assert thread_name("grpc_global_tim", "python") == "thread grpc_global_tim"
+    assert thread_name("python", "python") == "other threads (Python names none)"
+
+
+def test_thread_seconds_reads_each_threads_cpu_from_proc() -> None:
     stop = threading.Event()
 
     def spin() -> None:
@@ -75,14 +91,21 @@ def test_thread_seconds_names_the_main_thread_and_counts_a_busy_one() -> None:
 
     before = thread_seconds(os.getpid())
     worker = threading.Thread(target=spin, name="spinner-1")
+    began = time.monotonic()
     worker.start()
     try:
-        time.sleep(0.3)
+        time.sleep(0.5)
         after = thread_seconds(os.getpid())
     finally:
         stop.set()
         worker.join()
+    wall = time.monotonic() - began
     assert "event loop" in after  # the main thread, as a server's is its loop's
-    # Python 3.11 names no thread in the kernel: its threads share one row.
+    # Python 3.11 names no thread in the kernel: the spinner shares the unnamed row. It
+    # ran at most the wall time (seconds, not clock ticks) and, on a busy machine, a
+    # good part of it.
     other = "other threads (Python names none)"
-    assert after[other] > before.get(other, 0.0)
+    spun = after[other] - before.get(other, 0.0)
+    assert 0.05 <= spun <= wall + 0.05
+    # The whole process's counts every thread (the kernel scales it: a few ticks apart).
+    assert after["process"] - before["process"] >= spun / 2
