@@ -88,7 +88,7 @@ class BenchPath:
     @property
     def from_model(self) -> bool:
         """Whether a model should answer: its capacity counts the model's answers only."""
-        return self.target == "decide" and not self.breakers_open
+        return self.target in ("decide", "stream") and not self.breakers_open
 
 
 PATHS = {
@@ -97,6 +97,7 @@ PATHS = {
     "X": BenchPath("Triton direct", "oip", "triton"),
     "D": BenchPath("Decide", "decide", "decide"),
     "Y": BenchPath("Decide on Triton", "decide", "on-triton"),
+    "Q": BenchPath("DecideStream on Triton", "stream", "on-triton"),
     "W": BenchPath("Decide, 2 workers", "decide", "workers-2"),
     "F": BenchPath("Decide, breakers open", "decide", "decide", breakers_open=True),
     "O": BenchPath("Decide, traced", "decide", "traced"),
@@ -149,12 +150,8 @@ class Check(NamedTuple):
 
     def row(self) -> tuple[str, ...]:
         op = "<=" if self.upper else ">="
-        return (
-            self.name,
-            f"{self.value:.2f} {self.unit}",
-            f"{op} {self.bound:g} {self.unit}",
-            self.verdict(),
-        )
+        bound = f"{op} {self.bound:g} {self.unit}"
+        return (self.name, f"{self.value:.2f} {self.unit}", bound, self.verdict())
 
 
 def capacity(results: Results, key: str) -> float:
@@ -172,8 +169,7 @@ def capacity(results: Results, key: str) -> float:
 
 
 def ms(results: Results, cell: Cell, percent: float) -> float:
-    result = results.get(cell)
-    return result.percentile_ms(percent) if result else math.nan
+    return result.percentile_ms(percent) if (result := results.get(cell)) else math.nan
 
 
 def lowest(results: Results, key: str, mode: Mode) -> Cell | None:
@@ -190,7 +186,6 @@ def past_capacity(results: Results, key: str, factor: float) -> LoadResult | Non
 def paths_checks(results: Results) -> list[Check]:
     """The paths preset's targets: past capacity, what Decide adds, the ladder's cost."""
     past = [r for f in (0.5, 0.8, 1.0, 1.2, 1.5) if (r := past_capacity(results, "D", f))]
-    refused = [r for r in past if r.refused]
     late = sum(r.errors.get("DEADLINE_EXCEEDED", 0) for r in past) if past else math.nan
     c1 = lowest(results, "D", "closed")
     at_rate: Cell = ("D", "open", 1000.0)
@@ -205,7 +200,7 @@ def paths_checks(results: Results) -> list[Check]:
     def over(a: str, b: str) -> float:  # capacity ratio
         return capacity(results, a) / capacity(results, b)
 
-    worst_refusal = max((r.refusal_percentile_ms(99) for r in refused), default=0.0)
+    worst_refusal = max((r.refusal_percentile_ms(99) for r in past if r.refused), default=0.0)
     added = ms(results, ("D", "closed", 1), 50) - ms(results, ("T", "closed", 1), 50)
     return [
         Check("D late answers at 0.5-1.5 x capacity", late, "calls", 0),
@@ -218,6 +213,7 @@ def paths_checks(results: Results) -> list[Check]:
         Check("W capacity / D capacity", over("W", "D"), "x", 1.0, upper=False),
         Check("D p99 open 1000/s", ms(results, at_rate, 99), "ms", 10.0,
               model_share=share(at_rate)),
+        Check("Q p99 a message, open 1000/s", ms(results, ("Q", "open", 1000.0), 99), "ms", 5.0),
         Check("F p99 / E p99 open 1000/s",
               ms(results, ("F", "open", 1000.0), 99) / ms(results, ("E", "open", 1000.0), 99),
               "x", 2.0),
@@ -277,7 +273,7 @@ def workers_preset(counts: Sequence[int], model_server: str) -> Preset:
 
 PRESETS = {
     "paths": Preset(
-        paths=("E", "T", "X", "D", "Y", "W", "F"),
+        paths=("E", "T", "X", "D", "Y", "Q", "W", "F"),
         closed=(1, 4, 16, 64),
         rates=(250.0, 500.0, 1000.0),
         capacity={
@@ -285,6 +281,7 @@ PRESETS = {
             "T": (0.5, 0.8),
             "X": (0.5, 0.8),
             "Y": (0.5, 0.8),
+            "Q": (0.5, 0.8),
         },
         checks=paths_checks,
     ),
@@ -388,11 +385,9 @@ class Fleet:
 
 def decision_settings(name: str, model_server: str, sink_port: int) -> dict[str, str]:
     """A decision server's settings beyond the fleet's, by its name."""
-    if name == "on-triton" or model_server == "triton":
-        settings = {"DECISION_TORCHSERVE__PROTOCOL": "kserve-v2"}  # Triton speaks OIP
-    else:
-        settings = {"DECISION_TORCHSERVE__PROTOCOL": "torchserve"}
-    settings["DECISION_SERVER__WORKERS"] = str(workers_of(name))
+    triton = name == "on-triton" or model_server == "triton"  # Triton speaks OIP
+    settings = {"DECISION_TORCHSERVE__PROTOCOL": "kserve-v2" if triton else "torchserve",
+                "DECISION_SERVER__WORKERS": str(workers_of(name))}  # fmt: skip
     if name == "traced":
         settings |= {
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",

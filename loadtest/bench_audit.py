@@ -79,11 +79,8 @@ def make_records(count: int, seed: int = 1) -> list[DecisionRecord]:
 
 
 def open_journal(directory: Path) -> Journal:
-    journal = Journal(
-        directory,
-        segment_max_bytes=SEGMENT_MAX_BYTES,
-        fsync_interval_ms=DEFAULTS.fsync_interval_ms,
-    )
+    journal = Journal(directory, segment_max_bytes=SEGMENT_MAX_BYTES,
+                      fsync_interval_ms=DEFAULTS.fsync_interval_ms)  # fmt: skip
     journal.open()
     return journal
 

@@ -1,11 +1,11 @@
 """The load driver: closed- and open-loop gRPC calls from worker processes, HdrHistogram
 latencies (1 us .. 60 s, 3 significant digits).
 
-A ``LoadSpec`` says what to call (``decide``, ``echo``, TorchServe's ``torchserve``,
-Triton's ``oip``), how (``closed``: ``concurrency`` callers, each backing off after a
-refusal; ``open``: ``rate_per_s`` on a fixed schedule, latency from the *scheduled* send,
-so a generator that falls behind shows as latency, not fewer samples) and its bounds
-(loopback only, ``seconds`` after ``warmup_s``, ``max_requests``, a deadline a call).
+A ``LoadSpec`` says what to call (``decide``; ``stream``: DecideStream, a stream a
+connection; ``echo``; ``torchserve``; Triton's ``oip``), how (``closed``: ``concurrency``
+callers, each backing off after a refusal; ``open``: ``rate_per_s`` on a fixed schedule,
+latency from the *scheduled* send, so a generator that falls behind shows as latency, not
+fewer samples) and its bounds (loopback only, ``seconds`` after ``warmup_s``, ...).
 ``LoadGenerator`` splits it over spawned processes, each with ``channels`` connections
 used in turn, and merges their results; ``loadtest.bench`` is its command line.
 """
@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from multiprocessing.pool import Pool
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 import uvloop
@@ -35,6 +35,7 @@ from hdrh.histogram import HdrHistogram
 from core.backoff import Backoff
 from core.caller import CALLER_OPTIONS
 from core.deadline import DEFAULT_BUDGET_MS
+from core.decide_stream import DecideStreamClient
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from loadtest.locust_scenarios import is_loopback
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
@@ -42,7 +43,7 @@ from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from server.oip import oip_model_infer, oip_request
 from torchserve.triton import TRITON_OIP_SERVICE as OIP_SERVICE
 
-Target = Literal["decide", "echo", "torchserve", "oip"]
+Target = Literal["decide", "stream", "echo", "torchserve", "oip"]
 Mode = Literal["closed", "open"]
 Call = Callable[[], Awaitable[str]]
 """One request; returns a label for the answer (a Decide source), raises AioRpcError."""
@@ -256,14 +257,18 @@ async def open_loop(
 
 
 def make_call(channel: grpc.aio.Channel, spec: LoadSpec) -> Call:
-    if spec.target in ("decide", "echo"):
+    if spec.target in ("decide", "echo", "stream"):
         decide = decision_pb2_grpc.DecisionServiceStub(channel).Decide
-        request = decision_pb2.DecideRequest(
-            symbol="BTC-USD", side=decision_pb2.SIDE_BUY, quantity=1.0
-        )
+        stream, ids = DecideStreamClient(channel), itertools.count()
+        order: dict[str, Any] = {"symbol": "BTC-USD", "side": 1, "quantity": 1.0}  # SIDE_BUY
+        request = decision_pb2.DecideRequest(**order)
 
         async def call_decide() -> str:
-            response = await decide(request, timeout=spec.timeout_s)
+            if spec.target == "stream":
+                one = decision_pb2.DecideRequest(request_id=f"{next(ids)}", **order)
+                response = await stream.decide(one, spec.timeout_s)
+            else:
+                response = await decide(request, timeout=spec.timeout_s)
             return decision_pb2.Source.Name(response.source)
 
         return call_decide

@@ -1,8 +1,9 @@
 """The locust scenarios' plans, without locust (importing it monkey-patches the process
 with gevent, so tests import this instead): options, load over time, the request mix.
 
-``steady`` (paced users), ``burst`` (the user count stepping through ``BURST_LADDER``)
-and ``stale-features`` (symbols without fresh features: the fallback ladder answers); a
+``steady`` (paced users), ``burst`` (the user count stepping through ``BURST_LADDER``),
+``stale-features`` (symbols without fresh features: the fallback ladder answers) and
+``stream`` (steady, each user's orders as messages on one DecideStream); a
 primary failure is steady load while ``decisionctl`` forces the primary open, as with
 ghz. The target must be loopback unless ``--allow-remote``. loadtest/README.md has the
 commands.
@@ -20,7 +21,7 @@ from proto.decision.v1 import decision_pb2
 from server.errors import InvalidArgument
 from server.validation import check_symbol
 
-SCENARIOS = ("steady", "burst", "stale-features")
+SCENARIOS = ("steady", "burst", "stale-features", "stream")
 DEFAULT_TARGET = "127.0.0.1:50051"
 # The local stack (make run) keeps these symbols' features fresh.
 FED_SYMBOLS = ("BTC-USD", "ETH-USD", "SOL-USD")

@@ -1,4 +1,5 @@
-"""Locust scenarios for ``decision.v1.DecisionService/Decide`` over gRPC (plans in
+"""Locust scenarios for ``decision.v1.DecisionService/Decide`` (``stream``: DecideStream,
+a stream a user, a message at a time) over gRPC (plans in
 ``loadtest/locust_scenarios.py``, commands and rows in ``loadtest/README.md``).
 
 Stats rows: ``grpc`` / ``Decide (<source>)`` per answering source, ``grpc`` / ``Decide``
@@ -9,7 +10,9 @@ gevent (``init_gevent`` before any channel), a channel each, paced with
 
 from __future__ import annotations
 
+import itertools
 import logging
+import queue
 import random
 import sys
 import time
@@ -26,6 +29,7 @@ from locust.stats import CSV_STATS_INTERVAL_SEC
 from locust.user.wait_time import constant_throughput
 
 from core.caller import CALLER_OPTIONS
+from core.decide_stream import MessageError
 from loadtest.locust_scenarios import (
     DEFAULT_TARGET,
     FED_SYMBOLS,
@@ -36,7 +40,7 @@ from loadtest.locust_scenarios import (
     request_mix,
     source_label,
 )
-from proto.decision.v1 import decision_pb2_grpc
+from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 
 # Before any channel exists: gRPC's own threads must cooperate with gevent's loop.
 grpc_gevent.init_gevent()
@@ -103,13 +107,8 @@ def check_options(environment: Environment, **_: Any) -> None:
     except ScenarioError as exc:
         log.error("%s", exc)
         sys.exit(EXIT_BAD_OPTIONS)
-    log.info(
-        "scenario %s: target %s, %.3g decisions/s per user, symbols %s",
-        options.scenario,
-        options.target,
-        options.user_rps,
-        ",".join(options.symbols),
-    )
+    log.info("scenario %s: target %s, %.3g decisions/s per user, symbols %s", options.scenario,
+             options.target, options.user_rps, ",".join(options.symbols))  # fmt: skip
     if getattr(environment.parsed_options, "csv_prefix", None):
         listen(environment.events.test_stop, let_csv_catch_up)
 
@@ -141,40 +140,45 @@ class DecisionUser(User):
             options.target, options=[*CALLER_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
         )
         self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
+        self._outbox: queue.Queue[Any] | None = None
+        if options.scenario == "stream":
+            self._outbox, self._ids = queue.Queue(), itertools.count()
+            self._answers = self._stub.DecideStream(iter(self._outbox.get, None))
 
     def wait_time(self) -> float:
         return self._pace(self)
 
     def on_stop(self) -> None:
+        if self._outbox is not None:
+            self._outbox.put(None)  # half-closes the stream
         self._channel.close()
 
     @task
     def decide(self) -> None:
         request = self._requests[self._next]
         self._next = (self._next + 1) % len(self._requests)
-        started = time.perf_counter()
+        started, name, size, error = time.perf_counter(), "Decide", 0, None
         try:
-            response = self._stub.Decide(request, timeout=self._deadline_s)
+            response = self._send(request)
+            name, size = f"Decide ({source_label(response.source)})", response.ByteSize()
         except grpc.RpcError as exc:
-            fire_request(
-                self.environment,
-                request_type="grpc",
-                name="Decide",
-                response_time=(time.perf_counter() - started) * 1000.0,
-                response_length=0,
-                exception=GrpcStatusError(exc.code(), exc.details()),
-                context={},
-            )
-            return
-        fire_request(
-            self.environment,
-            request_type="grpc",
-            name=f"Decide ({source_label(response.source)})",
-            response_time=(time.perf_counter() - started) * 1000.0,
-            response_length=response.ByteSize(),
-            exception=None,
-            context={},
-        )
+            error = GrpcStatusError(exc.code(), exc.details())
+        fire_request(self.environment, request_type="grpc", name=name, response_length=size,
+                     response_time=(time.perf_counter() - started) * 1000.0, exception=error,
+                     context={})  # fmt: skip
+
+    def _send(self, request: decision_pb2.DecideRequest) -> decision_pb2.DecideResponse:
+        """A Decide call, or in the stream scenario a message on the user's DecideStream."""
+        if self._outbox is None:
+            return self._stub.Decide(request, timeout=self._deadline_s)
+        message = decision_pb2.DecideStreamRequest(request=request)
+        message.request.request_id = f"locust-{next(self._ids)}"
+        message.timeout.FromMicroseconds(round(self._deadline_s * 1e6))
+        self._outbox.put(message)
+        answer = next(self._answers)  # one message in flight: the answer is its
+        if answer.HasField("error"):
+            raise MessageError.of(answer.error)
+        return answer.response
 
 
 class ScenarioShape(LoadTestShape):

@@ -35,11 +35,7 @@ from core.metrics_http import scrape
 from core.processes import ProcessStartError
 from loadtest.loadgen import Recorder, open_loop
 from loadtest.report import checkout_commit, generated_names, replace_generated
-from loadtest.soak_probe import (
-    ProcessSampler,
-    machine_usage,
-    stored_decision_ids,
-)
+from loadtest.soak_probe import ProcessSampler, machine_usage, stored_decision_ids
 from loadtest.soak_report import (
     HEADER,
     Answer,

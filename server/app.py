@@ -45,11 +45,12 @@ from server.engine import DecisionEngine
 from server.features import FeatureSource
 from server.fleet_entry import FleetEntry
 from server.front import GrpcFront
+from server.load_metrics import StreamCalls
 from server.readiness import until_ready
 from server.redis_clients import decision_redis, side_redis
 from server.replicas import Replicas, traffic
 from server.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
-from server.servicer import DecisionServicer
+from server.servicer import DECIDE_STREAM, DecisionServicer
 from server.settings import Settings
 from server.shadow import ShadowScorer
 from server.stopping import STOP_SLACK_S, Lifecycle
@@ -150,7 +151,11 @@ class DecisionApp:
             control=lambda: self.shared.state,
         )
         self.undelivered = UndeliveredAnswers()
-        self.call_tally = CallTally(self.audit, lambda: self.engine.calls_in_flight)
+        # DecideStream's messages count as calls in the tally and the call metrics.
+        self.stream_calls = StreamCalls()
+        self.call_tally = CallTally(
+            self.audit, lambda: self.engine.calls_in_flight, core_calls=self.stream_calls.calls
+        )
         registry = server_registry(
             engine=self.engine,
             replicas=replicas.all,
@@ -163,14 +168,23 @@ class DecisionApp:
             audit=recorded,
             shadow=self.shadow,
             drift=self.drift,
+            calls=self.stream_calls.calls,
         )
         rpc_metrics = RpcMetrics(registry)
         self.metrics = MetricsServer(
             registry, settings.telemetry.metrics_host, settings.server.metrics_port
         )
+        decisions = DecisionServicer(
+            self.engine,
+            plan=plan,
+            stream_calls=self.stream_calls,
+            max_unanswered=settings.server.max_concurrent_streams,
+        )
+        if settings.server.metrics_port:
+            decisions.observe_message = rpc_metrics.stream_messages(DECIDE_STREAM)
         self.front = GrpcFront(
             settings,
-            DecisionServicer(self.engine, plan=plan),
+            decisions,
             AdminServicer(self.control_plane, recorded.store if recorded else None),
             # Tracing's first: it wraps each call's handler anew, and the metrics
             # interceptor keeps one wrapper per method (the handler it is given). With no

@@ -4,7 +4,7 @@ and ended, micro-batching, abandoned model calls, each replica's breaker and its
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 from grpc_channelz.v1 import channelz, channelz_pb2
@@ -44,6 +44,27 @@ def core_calls() -> CoreCalls:
     )
 
 
+class StreamCalls:
+    """DecideStream's messages counted as calls (docs/overload.md: a message is a call):
+    ``calls`` is gRPC's core's count with each stream replaced by its messages, so the
+    tally and the call metrics read one figure. A message refused (its stream's cap, the
+    backlog) is neither answered nor failed, as a call the core refuses."""
+
+    __slots__ = ("answered", "failed", "messages", "streams", "streams_failed", "streams_ok")
+
+    def __init__(self) -> None:
+        self.streams = self.streams_ok = self.streams_failed = 0
+        self.messages = self.answered = self.failed = 0
+
+    def calls(self) -> CoreCalls:
+        started, succeeded, failed = core_calls()
+        return CoreCalls(
+            started - self.streams + self.messages,
+            succeeded - self.streams_ok + self.answered,
+            failed - self.streams_failed + self.failed,
+        )
+
+
 class LoadCollector(Collector):
     """What the server did with the load it got: calls taken and refused, decisions in
     flight, micro-batching."""
@@ -53,18 +74,21 @@ class LoadCollector(Collector):
         engine: DecisionEngine,
         clients: Sequence[ModelClient],
         undelivered: UndeliveredAnswers | None = None,
+        calls: Callable[[], CoreCalls] = core_calls,
     ) -> None:
         self._engine = engine
+        self._calls = calls
         self._undelivered = undelivered
         self._batching = [c for c in clients if isinstance(c, BatchingClient)]
         unwrapped = [c.inner if isinstance(c, BatchingClient) else c for c in clients]
         self._wire = [c for c in unwrapped if isinstance(c, GrpcModelClient)]
 
     def collect(self) -> Iterator[Metric]:
-        started, succeeded, failed = core_calls()
+        started, succeeded, failed = self._calls()
         yield CounterMetricFamily(
             "decision_grpc_calls_started",
-            "gRPC calls this process's servers started (gRPC's core counts them); those "
+            "gRPC calls this process's servers started (gRPC's core counts them; a "
+            "DecideStream counts as its messages); those "
             "not finished were in flight, or ended before a handler ran (the queue full: "
             "the caller saw CANCELLED).",
             value=started,

@@ -3,8 +3,9 @@
 ``grpc_server_handling_seconds``), so that the usual gRPC dashboards and alerts work
 unchanged. An interceptor on both gRPC servers records them. Each method's label children
 are looked up once and kept, so a call costs two clock reads, a counter and a histogram
-observation. Streaming RPCs (server reflection, health's Watch) pass through unmeasured.
-Labels and buckets: docs/metrics.md.
+observation. DecideStream is measured by its messages, each as a call
+(``grpc_type="bidi_stream"``, docs/overload.md); other streaming RPCs (server reflection,
+health's Watch) pass through unmeasured. Labels and buckets: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -63,12 +64,12 @@ class RpcMetrics:
         )
         self._methods: dict[str, tuple[Any, _MethodMetrics]] = {}
 
-    def method(self, full_method: str) -> tuple[Any, _MethodMetrics]:
+    def method(self, full_method: str, grpc_type: str = "unary") -> tuple[Any, _MethodMetrics]:
         """The started counter's child and the rest, for ``/package.Service/Method``."""
         found = self._methods.get(full_method)
         if found is None:
             service, _, name = full_method.lstrip("/").rpartition("/")
-            labels = {"grpc_type": "unary", "grpc_service": service, "grpc_method": name}
+            labels = {"grpc_type": grpc_type, "grpc_service": service, "grpc_method": name}
             found = (
                 self._started.labels(**labels),
                 _MethodMetrics(
@@ -78,6 +79,17 @@ class RpcMetrics:
             )
             self._methods[full_method] = found
         return found
+
+    def stream_messages(self, full_method: str) -> Callable[[grpc.StatusCode, float], None]:
+        """Records one message of a bidirectional stream as a call: started, handled with
+        its own status, its seconds from receipt to response."""
+        started, method = self.method(full_method, "bidi_stream")
+
+        def record(code: grpc.StatusCode, seconds: float) -> None:
+            started.inc()
+            method.record(code, seconds)
+
+        return record
 
 
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import string
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from types import ModuleType
 from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
-from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
 from core.deadline import Budget, CallCost, CallPlan, outlasts_budget
@@ -18,8 +17,12 @@ from core.domain import CallInfo, DecisionResult, OrderRequest
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.engine import DecisionEngine
 from server.errors import Expired, Overloaded, grpc_errors, tolerant_parser
+from server.load_metrics import StreamCalls
+from server.streaming import DecisionStream, MessageObserver
 from server.tracing import traceparent
-from server.validation import order_from_pb, orders_from_batch_pb
+from server.validation import order_from_pb, orders_from_batch_pb, response_to_pb
+
+DECIDE_STREAM = "/decision.v1.DecisionService/DecideStream"
 
 
 def trace_id_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
@@ -62,40 +65,23 @@ def answer_traceparent(context: grpc.aio.ServicerContext[Any, Any]) -> None:
         context.set_trailing_metadata((("traceparent", value),))
 
 
-def response_to_pb(result: DecisionResult) -> decision_pb2.DecideResponse:
-    decided_at = Timestamp()
-    decided_at.FromNanoseconds(result.decided_at_ns)
-    return decision_pb2.DecideResponse(
-        request_id=result.request_id,
-        decision_id=result.decision_id,
-        decision=decision_pb2.Decision.ValueType(result.decision),
-        score=result.score,
-        threshold=result.threshold,
-        source=decision_pb2.Source.ValueType(result.source),
-        model_name=result.model_name,
-        model_version=result.model_version,
-        reason=result.reason,
-        reason_code=decision_pb2.ReasonCode.ValueType(result.reason_code),
-        feature_age_ms=result.feature_age_ms,
-        timings=decision_pb2.DecideTimings(
-            features_us=result.features_us,
-            model_us=result.model_us,
-            total_us=result.total_us,
-        ),
-        decided_at=decided_at,
-    )
-
-
 class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     def __init__(
         self,
         engine: DecisionEngine,
         *,
         plan: CallPlan,
+        stream_calls: StreamCalls | None = None,
+        max_unanswered: int = 16,
     ) -> None:
+        """``max_unanswered``: a DecideStream's cap, what one connection may have in flight
+        (the server's ``max_concurrent_streams``)."""
         self._engine = engine
         self._plan = plan
         self.call_cost = CallCost()
+        self.stream_calls = stream_calls or StreamCalls()
+        self._max_unanswered = max_unanswered
+        self.observe_message: MessageObserver | None = None
 
     def _budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> Budget:
         """The call's budget; ``Expired`` when its deadline passed while it was queued
@@ -142,28 +128,61 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         results = await self._decide(orders_from_batch_pb(request), context)
         return decision_pb2.DecideBatchResponse(responses=[response_to_pb(r) for r in results])
 
+    async def DecideStream(  # type: ignore[override]  # answers by context.write, not yield
+        self,
+        requests: AsyncIterator[decision_pb2.DecideStreamRequest],
+        context: grpc.aio.ServicerContext[
+            decision_pb2.DecideStreamRequest, decision_pb2.DecideStreamResponse
+        ],
+    ) -> None:
+        """Each message is answered in its own response (``server.streaming``); the stream
+        itself ends OK once the caller half-closed and every message is answered."""
+        answer_traceparent(context)
+        counts = self.stream_calls
+        counts.streams += 1
+        stream = DecisionStream(
+            self._engine, self._plan, self.call_cost, counts, self.observe_message,
+            context, call_info(context), self._max_unanswered,
+        )  # fmt: skip
+        try:
+            await stream.serve(requests)
+        except BaseException:
+            counts.streams_failed += 1
+            raise
+        counts.streams_ok += 1
+
 
 def add_tolerant_service(
     servicer: object, descriptor: ServiceDescriptor, pb2: ModuleType, server: grpc.aio.Server
 ) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
-    """Registers a service like the generated helper (its methods registered, so that
-    gRPC's core takes their calls by method), except that a request whose bytes do not
-    decode reaches ``grpc_errors`` (INVALID_ARGUMENT), not grpc (INTERNAL). Returns the
-    handlers by full method name."""
+    """Registers a service like the generated helper (its unary methods registered, so
+    that gRPC's core takes their calls by method), except that a request whose bytes do
+    not decode reaches ``grpc_errors`` (INVALID_ARGUMENT), not grpc (INTERNAL); only
+    bidirectional streams besides unary. Returns the unary handlers by full method name."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    unary: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in descriptor.methods:
         request_type = getattr(pb2, method.input_type.name)
         response_type = getattr(pb2, method.output_type.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        streaming = method.client_streaming or method.server_streaming
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=tolerant_parser(request_type),
             response_serializer=response_type.SerializeToString,
         )
+        if not streaming:
+            unary[method.name] = handlers[method.name]
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
     )
-    server.add_registered_method_handlers(descriptor.full_name, handlers)
-    return {f"/{descriptor.full_name}/{name}": h for name, h in handlers.items()}
+    # A long-lived stream is taken by grpc.aio's own loop, not a call slot (server.intake).
+    server.add_registered_method_handlers(descriptor.full_name, unary)
+    return {f"/{descriptor.full_name}/{name}": h for name, h in unary.items()}
 
 
 def add_decision_service(

@@ -28,7 +28,7 @@ from server.control.state import ControlState
 from server.drift import DriftMonitor
 from server.engine import DecisionEngine
 from server.features import FeatureSource
-from server.load_metrics import LoadCollector, ReplicaCollector
+from server.load_metrics import CoreCalls, LoadCollector, ReplicaCollector, core_calls
 from server.replica import Replica
 from server.shadow import ShadowScorer
 from server.undelivered import UndeliveredAnswers
@@ -280,6 +280,7 @@ def server_registry(
     audit: AuditTrail | None,
     shadow: ShadowScorer | None,
     drift: DriftMonitor | None,
+    calls: Callable[[], CoreCalls] = core_calls,
 ) -> CollectorRegistry:
     """A registry of the server's own: the process (CPU, memory, file descriptors, GC,
     version) and every component's collector."""
@@ -289,7 +290,7 @@ def server_registry(
     PlatformCollector(registry=registry)
     collectors: list[Collector] = [
         ReplicaCollector(replicas),
-        LoadCollector(engine, [r.client for r in replicas], undelivered),
+        LoadCollector(engine, [r.client for r in replicas], undelivered, calls),
         FeatureCollector(features, mirror),
         CanaryCollector(canary, control),
         ControlStateCollector(control_status),

@@ -1,4 +1,5 @@
-"""Request validation: protobuf in, domain objects out, INVALID_ARGUMENT naming the field."""
+"""Request validation: protobuf in, domain objects out, INVALID_ARGUMENT naming the field;
+and the answer back to protobuf."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
-from core.domain import OrderRequest, Side
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from core.domain import DecisionResult, OrderRequest, Side
 from feature_cache.schema import FEATURE_INDEX, representable
 from proto.decision.v1 import decision_pb2
 from server.errors import FieldViolation, InvalidArgument
@@ -125,3 +128,27 @@ def orders_from_batch_pb(request: decision_pb2.DecideBatchRequest) -> list[Order
     if violations:
         raise InvalidArgument.of(violations)
     return orders
+
+
+def response_to_pb(result: DecisionResult) -> decision_pb2.DecideResponse:
+    decided_at = Timestamp()
+    decided_at.FromNanoseconds(result.decided_at_ns)
+    return decision_pb2.DecideResponse(
+        request_id=result.request_id,
+        decision_id=result.decision_id,
+        decision=decision_pb2.Decision.ValueType(result.decision),
+        score=result.score,
+        threshold=result.threshold,
+        source=decision_pb2.Source.ValueType(result.source),
+        model_name=result.model_name,
+        model_version=result.model_version,
+        reason=result.reason,
+        reason_code=decision_pb2.ReasonCode.ValueType(result.reason_code),
+        feature_age_ms=result.feature_age_ms,
+        timings=decision_pb2.DecideTimings(
+            features_us=result.features_us,
+            model_us=result.model_us,
+            total_us=result.total_us,
+        ),
+        decided_at=decided_at,
+    )

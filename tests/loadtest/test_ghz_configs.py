@@ -22,7 +22,7 @@ from server.validation import order_from_pb
 from tests.conftest import REPO
 
 GHZ_DIR = REPO / "loadtest" / "ghz"
-SCENARIOS = {"steady", "burst", "primary-failure", "stale-features"}
+SCENARIOS = {"steady", "burst", "primary-failure", "stale-features", "stream"}
 
 # The config file keys are the JSON tags of ghz's runner.Config, typed as ghz parses them.
 # Source: bojand/ghz runner/config.go (`Config`, commit 37ed69e00c42), plus the options
@@ -133,6 +133,8 @@ TEMPLATE_SAMPLES = {
     "TimestampUnixNano": "1795338000000000000",
     "UUID": str(uuid.UUID(int=1)),
 }
+# ghz's template functions (since v0.58), each rendered anew per message.
+TEMPLATE_FUNCTIONS = {"newUUID": str(uuid.UUID(int=2))}
 
 
 def go_duration_ok(value: object) -> bool:
@@ -180,7 +182,10 @@ def render_templates(value: Any, problems: list[str]) -> Any:
         return value
 
     def sample(match: re.Match[str]) -> str:
-        name = match[1].strip().removeprefix(".")
+        name = match[1].strip()
+        if name in TEMPLATE_FUNCTIONS:
+            return TEMPLATE_FUNCTIONS[name]
+        name = name.removeprefix(".")
         if name not in TEMPLATE_SAMPLES:
             problems.append(f"data: unknown template action {match[0]!r}")
             return ""
@@ -209,13 +214,17 @@ def _call_problems(config: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     data = render_templates(config[DATA_KEY], problems)
     if not isinstance(data, dict):
-        # ghz accepts a list for streaming calls; our methods are unary.
-        return [*problems, f"data: must be one object for the unary {method_name}"]
+        # ghz accepts a list for streaming calls; ours send one message template.
+        return [*problems, f"data: must be one object for {method_name}"]
     request = message_factory.GetMessageClass(method.input_type)()
     try:
         json_format.ParseDict(data, request)
     except json_format.ParseError as exc:
         return [*problems, f"data: not a {method.input_type.full_name}: {exc}"]
+    if isinstance(request, decision_pb2.DecideStreamRequest):
+        if method.client_streaming and not config.get("stream-dynamic-messages"):
+            problems.append("stream-dynamic-messages: true, or every message has one id")
+        request = request.request
     if isinstance(request, decision_pb2.DecideRequest):
         try:
             order_from_pb(request)

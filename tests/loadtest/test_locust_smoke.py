@@ -30,8 +30,9 @@ def no_failures(run: LocustRun) -> None:
     assert run.exit_code == 0, run.log
 
 
-def test_steady_decides_from_the_models(decision_server, tmp_path: Path):
-    run = run_locust(decision_server, tmp_path, "steady", "--symbols", FRESH_SYMBOL)
+@pytest.mark.parametrize("scenario", ["steady", "stream"])  # stream: on DecideStream
+def test_steady_decides_from_the_models(decision_server, tmp_path: Path, scenario: str):
+    run = run_locust(decision_server, tmp_path, scenario, "--symbols", FRESH_SYMBOL)
     no_failures(run)
     decided = run.names("Decide (")
     assert decided, run.rows.keys()

@@ -32,7 +32,6 @@ from server.model_client import ModelScores
 from server.model_errors import ModelCallError, ModelNoTime, ModelTimeout, ModelUnavailable
 from server.replica import Replica
 from server.router import ReplicaRouter
-from server.servicer import response_to_pb
 from server.settings import (
     BreakerSettings,
     CanarySettings,
@@ -40,6 +39,7 @@ from server.settings import (
 )
 from server.shadow import Shadowed
 from server.traffic import Traffic
+from server.validation import response_to_pb
 from tests.server.fakes import AlwaysConnected
 
 pytestmark = pytest.mark.timed  # budgets of a few ms, spent while the test runs

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n proto/decision/v1/decision.proto\x12\x0b\x64\x65\x63ision.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa9\x02\n\rDecideRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06symbol\x18\x02 \x01(\t\x12\x1f\n\x04side\x18\x03 \x01(\x0e\x32\x11.decision.v1.Side\x12\x10\n\x08quantity\x18\x04 \x01(\x01\x12\x18\n\x0blimit_price\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12K\n\x11\x66\x65\x61ture_overrides\x18\x06 \x03(\x0b\x32\x30.decision.v1.DecideRequest.FeatureOverridesEntry\x12\x11\n\tclient_id\x18\x07 \x01(\t\x1a\x37\n\x15\x46\x65\x61tureOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_limit_price\"H\n\rDecideTimings\x12\x13\n\x0b\x66\x65\x61tures_us\x18\x01 \x01(\x03\x12\x10\n\x08model_us\x18\x02 \x01(\x03\x12\x10\n\x08total_us\x18\x03 \x01(\x03\"\x96\x03\n\x0e\x44\x65\x63ideResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\t\x12\'\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x15.decision.v1.Decision\x12\x12\n\x05score\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12#\n\x06source\x18\x06 \x01(\x0e\x32\x13.decision.v1.Source\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x16\n\x0e\x66\x65\x61ture_age_ms\x18\n \x01(\x01\x12+\n\x07timings\x18\x0b \x01(\x0b\x32\x1a.decision.v1.DecideTimings\x12.\n\ndecided_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x0breason_code\x18\r \x01(\x0e\x32\x17.decision.v1.ReasonCodeB\x08\n\x06_score\"B\n\x12\x44\x65\x63ideBatchRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.decision.v1.DecideRequest\"E\n\x13\x44\x65\x63ideBatchResponse\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.decision.v1.DecideResponse*9\n\x04Side\x12\x14\n\x10SIDE_UNSPECIFIED\x10\x00\x12\x0c\n\x08SIDE_BUY\x10\x01\x12\r\n\tSIDE_SELL\x10\x02*e\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_TRADE\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_NO_TRADE\x10\x02\x12\x14\n\x10\x44\x45\x43ISION_ABSTAIN\x10\x03*\x9c\x01\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSOURCE_PRIMARY\x10\x01\x12\x14\n\x10SOURCE_SECONDARY\x10\x02\x12\x11\n\rSOURCE_CANARY\x10\x03\x12\x17\n\x13SOURCE_CACHED_SCORE\x10\x04\x12\x10\n\x0cSOURCE_RULES\x10\x05\x12\x12\n\x0eSOURCE_ABSTAIN\x10\x06*\x80\x04\n\nReasonCode\x12\x1b\n\x17REASON_CODE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aREASON_CODE_MODEL_ANSWERED\x10\x01\x12\x1b\n\x17REASON_CODE_KILL_SWITCH\x10\x02\x12\x1b\n\x17REASON_CODE_NO_FEATURES\x10\x03\x12\x1e\n\x1aREASON_CODE_FEATURES_STALE\x10\x04\x12!\n\x1dREASON_CODE_FEATURES_UNUSABLE\x10\x05\x12\x1d\n\x19REASON_CODE_FEATURE_STORE\x10\x06\x12\x1a\n\x16REASON_CODE_OVERLOADED\x10\x07\x12\"\n\x1eREASON_CODE_MODEL_BREAKER_OPEN\x10\x08\x12\x1d\n\x19REASON_CODE_MODEL_TIMEOUT\x10\t\x12\x1a\n\x16REASON_CODE_MODEL_BUSY\x10\n\x12!\n\x1dREASON_CODE_MODEL_UNAVAILABLE\x10\x0b\x12\x1b\n\x17REASON_CODE_MODEL_ERROR\x10\x0c\x12\x1d\n\x19REASON_CODE_MODEL_NO_TIME\x10\r\x12\"\n\x1eREASON_CODE_MODEL_RETRY_BUDGET\x10\x0e\x12\x1b\n\x17REASON_CODE_MODEL_INPUT\x10\x0f\x32\xa6\x01\n\x0f\x44\x65\x63isionService\x12\x41\n\x06\x44\x65\x63ide\x12\x1a.decision.v1.DecideRequest\x1a\x1b.decision.v1.DecideResponse\x12P\n\x0b\x44\x65\x63ideBatch\x12\x1f.decision.v1.DecideBatchRequest\x1a .decision.v1.DecideBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n proto/decision/v1/decision.proto\x12\x0b\x64\x65\x63ision.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa9\x02\n\rDecideRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06symbol\x18\x02 \x01(\t\x12\x1f\n\x04side\x18\x03 \x01(\x0e\x32\x11.decision.v1.Side\x12\x10\n\x08quantity\x18\x04 \x01(\x01\x12\x18\n\x0blimit_price\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12K\n\x11\x66\x65\x61ture_overrides\x18\x06 \x03(\x0b\x32\x30.decision.v1.DecideRequest.FeatureOverridesEntry\x12\x11\n\tclient_id\x18\x07 \x01(\t\x1a\x37\n\x15\x46\x65\x61tureOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_limit_price\"H\n\rDecideTimings\x12\x13\n\x0b\x66\x65\x61tures_us\x18\x01 \x01(\x03\x12\x10\n\x08model_us\x18\x02 \x01(\x03\x12\x10\n\x08total_us\x18\x03 \x01(\x03\"\x96\x03\n\x0e\x44\x65\x63ideResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\t\x12\'\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x15.decision.v1.Decision\x12\x12\n\x05score\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12#\n\x06source\x18\x06 \x01(\x0e\x32\x13.decision.v1.Source\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x16\n\x0e\x66\x65\x61ture_age_ms\x18\n \x01(\x01\x12+\n\x07timings\x18\x0b \x01(\x0b\x32\x1a.decision.v1.DecideTimings\x12.\n\ndecided_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x0breason_code\x18\r \x01(\x0e\x32\x17.decision.v1.ReasonCodeB\x08\n\x06_score\"B\n\x12\x44\x65\x63ideBatchRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.decision.v1.DecideRequest\"E\n\x13\x44\x65\x63ideBatchResponse\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.decision.v1.DecideResponse\"n\n\x13\x44\x65\x63ideStreamRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.decision.v1.DecideRequest\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x99\x01\n\x11\x44\x65\x63ideStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12.\n\x0bretry_delay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x10\x66ield_violations\x18\x04 \x03(\x0b\x32\x1b.decision.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x97\x01\n\x14\x44\x65\x63ideStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.decision.v1.DecideResponseH\x00\x12/\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1e.decision.v1.DecideStreamErrorH\x00\x42\t\n\x07outcome*9\n\x04Side\x12\x14\n\x10SIDE_UNSPECIFIED\x10\x00\x12\x0c\n\x08SIDE_BUY\x10\x01\x12\r\n\tSIDE_SELL\x10\x02*e\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_TRADE\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_NO_TRADE\x10\x02\x12\x14\n\x10\x44\x45\x43ISION_ABSTAIN\x10\x03*\x9c\x01\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSOURCE_PRIMARY\x10\x01\x12\x14\n\x10SOURCE_SECONDARY\x10\x02\x12\x11\n\rSOURCE_CANARY\x10\x03\x12\x17\n\x13SOURCE_CACHED_SCORE\x10\x04\x12\x10\n\x0cSOURCE_RULES\x10\x05\x12\x12\n\x0eSOURCE_ABSTAIN\x10\x06*\x80\x04\n\nReasonCode\x12\x1b\n\x17REASON_CODE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aREASON_CODE_MODEL_ANSWERED\x10\x01\x12\x1b\n\x17REASON_CODE_KILL_SWITCH\x10\x02\x12\x1b\n\x17REASON_CODE_NO_FEATURES\x10\x03\x12\x1e\n\x1aREASON_CODE_FEATURES_STALE\x10\x04\x12!\n\x1dREASON_CODE_FEATURES_UNUSABLE\x10\x05\x12\x1d\n\x19REASON_CODE_FEATURE_STORE\x10\x06\x12\x1a\n\x16REASON_CODE_OVERLOADED\x10\x07\x12\"\n\x1eREASON_CODE_MODEL_BREAKER_OPEN\x10\x08\x12\x1d\n\x19REASON_CODE_MODEL_TIMEOUT\x10\t\x12\x1a\n\x16REASON_CODE_MODEL_BUSY\x10\n\x12!\n\x1dREASON_CODE_MODEL_UNAVAILABLE\x10\x0b\x12\x1b\n\x17REASON_CODE_MODEL_ERROR\x10\x0c\x12\x1d\n\x19REASON_CODE_MODEL_NO_TIME\x10\r\x12\"\n\x1eREASON_CODE_MODEL_RETRY_BUDGET\x10\x0e\x12\x1b\n\x17REASON_CODE_MODEL_INPUT\x10\x0f\x32\xff\x01\n\x0f\x44\x65\x63isionService\x12\x41\n\x06\x44\x65\x63ide\x12\x1a.decision.v1.DecideRequest\x1a\x1b.decision.v1.DecideResponse\x12P\n\x0b\x44\x65\x63ideBatch\x12\x1f.decision.v1.DecideBatchRequest\x1a .decision.v1.DecideBatchResponse\x12W\n\x0c\x44\x65\x63ideStream\x12 .decision.v1.DecideStreamRequest\x1a!.decision.v1.DecideStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECIDEREQUEST_FEATUREOVERRIDESENTRY']._loaded_options = None
   _globals['_DECIDEREQUEST_FEATUREOVERRIDESENTRY']._serialized_options = b'8\001'
-  _globals['_SIDE']._serialized_start=1004
-  _globals['_SIDE']._serialized_end=1061
-  _globals['_DECISION']._serialized_start=1063
-  _globals['_DECISION']._serialized_end=1164
-  _globals['_SOURCE']._serialized_start=1167
-  _globals['_SOURCE']._serialized_end=1323
-  _globals['_REASONCODE']._serialized_start=1326
-  _globals['_REASONCODE']._serialized_end=1838
-  _globals['_DECIDEREQUEST']._serialized_start=83
-  _globals['_DECIDEREQUEST']._serialized_end=380
-  _globals['_DECIDEREQUEST_FEATUREOVERRIDESENTRY']._serialized_start=309
-  _globals['_DECIDEREQUEST_FEATUREOVERRIDESENTRY']._serialized_end=364
-  _globals['_DECIDETIMINGS']._serialized_start=382
-  _globals['_DECIDETIMINGS']._serialized_end=454
-  _globals['_DECIDERESPONSE']._serialized_start=457
-  _globals['_DECIDERESPONSE']._serialized_end=863
-  _globals['_DECIDEBATCHREQUEST']._serialized_start=865
-  _globals['_DECIDEBATCHREQUEST']._serialized_end=931
-  _globals['_DECIDEBATCHRESPONSE']._serialized_start=933
-  _globals['_DECIDEBATCHRESPONSE']._serialized_end=1002
-  _globals['_DECISIONSERVICE']._serialized_start=1841
-  _globals['_DECISIONSERVICE']._serialized_end=2007
+  _globals['_SIDE']._serialized_start=1512
+  _globals['_SIDE']._serialized_end=1569
+  _globals['_DECISION']._serialized_start=1571
+  _globals['_DECISION']._serialized_end=1672
+  _globals['_SOURCE']._serialized_start=1675
+  _globals['_SOURCE']._serialized_end=1831
+  _globals['_REASONCODE']._serialized_start=1834
+  _globals['_REASONCODE']._serialized_end=2346
+  _globals['_DECIDEREQUEST']._serialized_start=115
+  _globals['_DECIDEREQUEST']._serialized_end=412
+  _globals['_DECIDEREQUEST_FEATUREOVERRIDESENTRY']._serialized_start=341
+  _globals['_DECIDEREQUEST_FEATUREOVERRIDESENTRY']._serialized_end=396
+  _globals['_DECIDETIMINGS']._serialized_start=414
+  _globals['_DECIDETIMINGS']._serialized_end=486
+  _globals['_DECIDERESPONSE']._serialized_start=489
+  _globals['_DECIDERESPONSE']._serialized_end=895
+  _globals['_DECIDEBATCHREQUEST']._serialized_start=897
+  _globals['_DECIDEBATCHREQUEST']._serialized_end=963
+  _globals['_DECIDEBATCHRESPONSE']._serialized_start=965
+  _globals['_DECIDEBATCHRESPONSE']._serialized_end=1034
+  _globals['_DECIDESTREAMREQUEST']._serialized_start=1036
+  _globals['_DECIDESTREAMREQUEST']._serialized_end=1146
+  _globals['_DECIDESTREAMERROR']._serialized_start=1149
+  _globals['_DECIDESTREAMERROR']._serialized_end=1302
+  _globals['_FIELDVIOLATION']._serialized_start=1304
+  _globals['_FIELDVIOLATION']._serialized_end=1356
+  _globals['_DECIDESTREAMRESPONSE']._serialized_start=1359
+  _globals['_DECIDESTREAMRESPONSE']._serialized_end=1510
+  _globals['_DECISIONSERVICE']._serialized_start=2349
+  _globals['_DECISIONSERVICE']._serialized_end=2604
 # @@protoc_insertion_point(module_scope)

@@ -58,6 +58,11 @@ class DecisionServiceStub:
                 request_serializer=proto_dot_decision_dot_v1_dot_decision__pb2.DecideBatchRequest.SerializeToString,
                 response_deserializer=proto_dot_decision_dot_v1_dot_decision__pb2.DecideBatchResponse.FromString,
                 _registered_method=True)
+        self.DecideStream = channel.stream_stream(
+                '/decision.v1.DecisionService/DecideStream',
+                request_serializer=proto_dot_decision_dot_v1_dot_decision__pb2.DecideStreamRequest.SerializeToString,
+                response_deserializer=proto_dot_decision_dot_v1_dot_decision__pb2.DecideStreamResponse.FromString,
+                _registered_method=True)
 
 
 class DecisionServiceServicer:
@@ -92,6 +97,25 @@ class DecisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecideStream(self, request_iterator, context):
+        """Decide orders that arrive one by one at a high rate, on one long-lived stream.
+        Each message is a call of its own: its own id and deadline, one response
+        with that id (in the order the answers are ready, not the order sent), the
+        same ladder, audit record and reason codes as Decide. A bad or refused
+        message gets an error response and the stream stays up. A stream has at
+        most as many unanswered messages as a connection may have calls in flight;
+        a message past that, or one the server's backlog would make late, is
+        refused at once in its own response (RESOURCE_EXHAUSTED with a retry
+        delay), never queued. The client half-closes when done: the server answers
+        what it has, then ends the stream OK. A stream that ends otherwise
+        (UNAVAILABLE, CANCELLED, the connection's maximum age) leaves its
+        unanswered messages to the client, which may resend them on a new stream;
+        the server never resends (docs/overload.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -104,6 +128,11 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.DecideBatch,
                     request_deserializer=proto_dot_decision_dot_v1_dot_decision__pb2.DecideBatchRequest.FromString,
                     response_serializer=proto_dot_decision_dot_v1_dot_decision__pb2.DecideBatchResponse.SerializeToString,
+            ),
+            'DecideStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecideStream,
+                    request_deserializer=proto_dot_decision_dot_v1_dot_decision__pb2.DecideStreamRequest.FromString,
+                    response_serializer=proto_dot_decision_dot_v1_dot_decision__pb2.DecideStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +203,33 @@ class DecisionService:
             '/decision.v1.DecisionService/DecideBatch',
             proto_dot_decision_dot_v1_dot_decision__pb2.DecideBatchRequest.SerializeToString,
             proto_dot_decision_dot_v1_dot_decision__pb2.DecideBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/decision.v1.DecisionService/DecideStream',
+            proto_dot_decision_dot_v1_dot_decision__pb2.DecideStreamRequest.SerializeToString,
+            proto_dot_decision_dot_v1_dot_decision__pb2.DecideStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

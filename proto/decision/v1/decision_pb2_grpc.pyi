@@ -58,6 +58,21 @@ class DecisionServiceStub:
     """Decide several orders in one call; responses are in request order. One
     invalid request rejects the whole batch, naming it as `requests[i].field`.
     """
+    DecideStream: _grpc.StreamStreamMultiCallable[_decision_pb2.DecideStreamRequest, _decision_pb2.DecideStreamResponse]
+    """Decide orders that arrive one by one at a high rate, on one long-lived stream.
+    Each message is a call of its own: its own id and deadline, one response
+    with that id (in the order the answers are ready, not the order sent), the
+    same ladder, audit record and reason codes as Decide. A bad or refused
+    message gets an error response and the stream stays up. A stream has at
+    most as many unanswered messages as a connection may have calls in flight;
+    a message past that, or one the server's backlog would make late, is
+    refused at once in its own response (RESOURCE_EXHAUSTED with a retry
+    delay), never queued. The client half-closes when done: the server answers
+    what it has, then ends the stream OK. A stream that ends otherwise
+    (UNAVAILABLE, CANCELLED, the connection's maximum age) leaves its
+    unanswered messages to the client, which may resend them on a new stream;
+    the server never resends (docs/overload.md).
+    """
 
 @_typing.type_check_only
 class DecisionServiceAsyncStub(DecisionServiceStub):
@@ -83,6 +98,21 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     DecideBatch: _aio.UnaryUnaryMultiCallable[_decision_pb2.DecideBatchRequest, _decision_pb2.DecideBatchResponse]  # type: ignore[assignment]
     """Decide several orders in one call; responses are in request order. One
     invalid request rejects the whole batch, naming it as `requests[i].field`.
+    """
+    DecideStream: _aio.StreamStreamMultiCallable[_decision_pb2.DecideStreamRequest, _decision_pb2.DecideStreamResponse]  # type: ignore[assignment]
+    """Decide orders that arrive one by one at a high rate, on one long-lived stream.
+    Each message is a call of its own: its own id and deadline, one response
+    with that id (in the order the answers are ready, not the order sent), the
+    same ladder, audit record and reason codes as Decide. A bad or refused
+    message gets an error response and the stream stays up. A stream has at
+    most as many unanswered messages as a connection may have calls in flight;
+    a message past that, or one the server's backlog would make late, is
+    refused at once in its own response (RESOURCE_EXHAUSTED with a retry
+    delay), never queued. The client half-closes when done: the server answers
+    what it has, then ends the stream OK. A stream that ends otherwise
+    (UNAVAILABLE, CANCELLED, the connection's maximum age) leaves its
+    unanswered messages to the client, which may resend them on a new stream;
+    the server never resends (docs/overload.md).
     """
 
 class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -118,6 +148,27 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_decision_pb2.DecideBatchResponse, _abc.Awaitable[_decision_pb2.DecideBatchResponse]]:
         """Decide several orders in one call; responses are in request order. One
         invalid request rejects the whole batch, naming it as `requests[i].field`.
+        """
+
+    @_abc_1.abstractmethod
+    def DecideStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_decision_pb2.DecideStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_decision_pb2.DecideStreamResponse], _abc.AsyncIterator[_decision_pb2.DecideStreamResponse]]:
+        """Decide orders that arrive one by one at a high rate, on one long-lived stream.
+        Each message is a call of its own: its own id and deadline, one response
+        with that id (in the order the answers are ready, not the order sent), the
+        same ladder, audit record and reason codes as Decide. A bad or refused
+        message gets an error response and the stream stays up. A stream has at
+        most as many unanswered messages as a connection may have calls in flight;
+        a message past that, or one the server's backlog would make late, is
+        refused at once in its own response (RESOURCE_EXHAUSTED with a retry
+        delay), never queued. The client half-closes when done: the server answers
+        what it has, then ends the stream OK. A stream that ends otherwise
+        (UNAVAILABLE, CANCELLED, the connection's maximum age) leaves its
+        unanswered messages to the client, which may resend them on a new stream;
+        the server never resends (docs/overload.md).
         """
 
 def add_DecisionServiceServicer_to_server(servicer: DecisionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

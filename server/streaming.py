@@ -1,0 +1,189 @@
+"""DecideStream: each message of a stream decided as a unary Decide would be.
+
+A message is a call (docs/overload.md): its own id and deadline, one response with its id
+(an answer, or the status a unary call would have ended with, as a ``DecideStreamError``),
+the same checks before any work. What a stream must not escape: its unanswered messages
+are capped at what one connection may have in flight as calls, and each message meets the
+process's backlog check; a message past either is refused at once in its own response.
+Messages are decided concurrently and answered as they are ready, one write at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from core.deadline import Budget, CallCost, CallPlan, outlasts_budget
+from core.domain import CallInfo, DecisionResult
+from proto.decision.v1 import decision_pb2
+from server.engine import DecisionEngine
+from server.errors import (
+    DecisionError,
+    Expired,
+    InvalidArgument,
+    Overloaded,
+    UndecodableRequest,
+)
+from server.load_metrics import StreamCalls
+from server.validation import order_from_pb, response_to_pb
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[
+    decision_pb2.DecideStreamRequest, decision_pb2.DecideStreamResponse
+]
+MessageObserver = Callable[[grpc.StatusCode, float], None]
+"""Told each message's status and seconds from receipt to its response (request metrics)."""
+
+
+def error_pb(error: DecisionError) -> decision_pb2.DecideStreamError:
+    """The status a unary call would have ended with, as a message's response."""
+    pb = decision_pb2.DecideStreamError(code=error.code.value[0], message=str(error))
+    if isinstance(error, Overloaded):
+        pb.retry_delay.FromMicroseconds(round(error.backlog_ms * 1000))
+    if isinstance(error, InvalidArgument):
+        pb.field_violations.extend(
+            decision_pb2.FieldViolation(field=v.field, description=v.problem)
+            for v in error.violations
+        )
+    return pb
+
+
+class _Unanswered(Overloaded):
+    """The stream already holds as many unanswered messages as a connection may hold
+    calls: refused at once, like the call past a connection's stream cap."""
+
+    def __init__(self, limit: int, backlog_ms: float) -> None:
+        super().__init__(backlog_ms)
+        self.args = (f"{limit} messages of this stream unanswered: refused before any work",)
+
+
+class DecisionStream:
+    """One DecideStream call, from its first message to its end."""
+
+    def __init__(
+        self,
+        engine: DecisionEngine,
+        plan: CallPlan,
+        cost: CallCost,
+        counts: StreamCalls,
+        observe: MessageObserver | None,
+        context: Context,
+        call: CallInfo,
+        max_unanswered: int,
+    ) -> None:
+        self._engine, self._plan, self._cost = engine, plan, cost
+        self._counts, self._observe = counts, observe
+        self._context, self._call = context, call
+        self._max_unanswered = max_unanswered
+        self._unanswered: dict[str, asyncio.Task[None]] = {}
+        self._writing = asyncio.Lock()
+
+    async def serve(self, requests: AsyncIterator[Any]) -> None:
+        """Reads every message; after the caller half-closes, answers those left."""
+        try:
+            async for message in requests:
+                await self._take(message, time.perf_counter())
+            if self._unanswered:
+                await asyncio.wait(list(self._unanswered.values()))
+        finally:
+            for task in self._unanswered.values():
+                task.cancel()
+
+    async def _take(self, message: Any, begun: float) -> None:
+        self._counts.messages += 1
+        request_id = ""
+        try:
+            if isinstance(message, UndecodableRequest):
+                raise InvalidArgument("request", f"not a valid {message.message_name}")
+            request_id = message.request.request_id
+            if not request_id:
+                raise InvalidArgument("request.request_id", "is required on a stream")
+            if request_id in self._unanswered:
+                raise InvalidArgument("request.request_id", "is already unanswered on this stream")
+            order = order_from_pb(message.request, "request.")
+            if len(self._unanswered) >= self._max_unanswered:
+                raise _Unanswered(self._max_unanswered, len(self._unanswered) * self._cost.ms)
+            budget = self._budget(message)
+        except DecisionError as exc:
+            await self._answer_error(request_id, exc, begun)
+            return
+        except Exception:  # as a unary call's INTERNAL: this message's, not the stream's
+            log.exception("unhandled error taking a DecideStream message")
+            await self._answer_error(request_id, _Internal(), begun)
+            return
+        call = dataclasses.replace(self._call, received_at_ns=time.time_ns())
+        self._unanswered[request_id] = asyncio.create_task(
+            self._decide(request_id, order, budget, call, begun)
+        )
+
+    def _budget(self, message: decision_pb2.DecideStreamRequest) -> Budget:
+        """The message's budget from its own timeout, within the stream's deadline; refused
+        as a unary call would be (``DecisionServicer._budget``)."""
+        remaining_s = self._context.time_remaining()
+        own_s = message.timeout.ToNanoseconds() / 1e9 if message.HasField("timeout") else 0.0
+        if own_s > 0:
+            remaining_s = own_s if remaining_s is None else min(own_s, remaining_s)
+        if self._plan.expired(remaining_s):
+            raise Expired()
+        budget = self._plan.budget(remaining_s)
+        if own_s <= 0 and remaining_s is not None:  # the default, within the stream's
+            budget = min(budget, self._plan.budget(None), key=lambda b: b.deadline)
+        ahead, cost_ms = self._engine.calls_in_flight, self._cost.ms
+        if outlasts_budget(budget.remaining_ms(), ahead, cost_ms):
+            raise Overloaded(backlog_ms=ahead * cost_ms)
+        return budget
+
+    async def _decide(
+        self, request_id: str, order: Any, budget: Budget, call: CallInfo, begun: float
+    ) -> None:
+        try:
+            try:
+                (result,) = await self._engine.decide([order], budget, call)
+            finally:
+                self._cost.finished()
+        except DecisionError as exc:
+            await self._answer_error(request_id, exc, begun)
+        except Exception:
+            log.exception("unhandled error deciding a DecideStream message")
+            await self._answer_error(request_id, _Internal(), begun)
+        else:
+            await self._answer(request_id, result, begun)
+        finally:
+            self._unanswered.pop(request_id, None)
+
+    async def _answer(self, request_id: str, result: DecisionResult, begun: float) -> None:
+        response = decision_pb2.DecideStreamResponse(
+            request_id=request_id, response=response_to_pb(result)
+        )
+        await self._write(response, grpc.StatusCode.OK, begun)
+        self._counts.answered += 1
+
+    async def _answer_error(self, request_id: str, error: DecisionError, begun: float) -> None:
+        response = decision_pb2.DecideStreamResponse(request_id=request_id, error=error_pb(error))
+        await self._write(response, error.code, begun)
+        if not isinstance(error, Overloaded):
+            self._counts.failed += 1  # refusals are neither: the tally counts them refused
+
+    async def _write(
+        self, response: decision_pb2.DecideStreamResponse, code: grpc.StatusCode, begun: float
+    ) -> None:
+        try:
+            async with self._writing:  # gRPC's core takes one message at a time
+                await self._context.write(response)
+        except grpc.aio.BaseError as exc:  # the stream ended: the caller resends what it lacks
+            log.debug("a DecideStream response not written: %r", exc)
+            return
+        if self._observe is not None:
+            self._observe(code, time.perf_counter() - begun)
+
+
+class _Internal(DecisionError):
+    def __init__(self) -> None:
+        super().__init__("internal error; see server logs")
