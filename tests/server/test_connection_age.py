@@ -11,7 +11,6 @@ import pytest
 
 import server.front
 from core.decide_stream import DecideStreamClient
-
 from server.app import DecisionApp
 from tests.server.conftest import buy, decision_stub
 
@@ -52,7 +51,7 @@ async def test_a_stream_cut_at_the_connections_age_loses_no_order(start_app, mon
         client = DecideStreamClient(channel)
 
         async def sender(name: str) -> list[str]:
-            answered = []
+            answered: list[str] = []
             loop = asyncio.get_running_loop()
             until = loop.time() + 2.0
             for i in itertools.count():
