@@ -71,8 +71,12 @@ bench: setup-triton ## Benchmarks, their tables into docs/benchmarks.md: the gRP
 	@$(PY) -m loadtest.bench_audit --doc docs/benchmarks.md
 	@$(PY) -m loadtest.bench_models --doc docs/model-serving.md
 
-profile: setup-triton ## Where a decision's CPU goes: py-spy on the decision server at 1,000 Decide/s, a flame graph a path in docs/img and a table by thread and stage in docs/profile.md (about 3 minutes)
+profile: setup-triton ## Where a decision's CPU goes: py-spy on the decision server at 1,000 Decide/s, a flame graph a path in docs/img and a table by thread and stage in docs/profile.md (about 5 minutes)
 	@$(PY) -m checks.profile --doc docs/profile.md
+
+floor: setup-triton ## What a Decide costs against its floor (a server that only relays one Triton call): echo, relay, Decide and DecideStream side by side, open loop at 500/s and saturated, into docs/profile.md (about 5 minutes)
+	@$(PY) -m checks.floor --rate 500 --doc docs/profile.md
+	@$(PY) -m checks.floor --closed 32 --doc docs/profile.md
 
 DURATION ?= 600
 soak: setup $(if $(filter triton,$(MODEL_SERVER)),setup-triton) ## The whole stack under 100 Decide/s for DURATION seconds (default 600), judged every 10 s; FAULTS="primary@120+30 kill:secondary@300+10 redis-empty@500 ...", CHAOS=1 draws a fault every 2-4 minutes (SEED=n repeats a run with the same WORKERS), WORKERS=2, MODEL_SERVER=triton, DOC="docs/local-stack.md docs/load-tests.md" writes its tables there
@@ -87,4 +91,4 @@ drift-report: setup ## PSI of every recording under ../shared/data (and of an un
 quality-report: setup ## Live model quality after a restart of the stack: the labeler's AUC on replayed held-out data against the offline AUC of the same period, and how soon and how much it labels (about 11 minutes; writes docs/quality.md)
 	@$(PY) -m checks.quality_report --restart-after-s 60
 
-.PHONY: help setup setup-ci lock run models proto fmt lint proto-check k8s-validate test test-fast bench profile soak acceptance drift-report quality-report
+.PHONY: help setup setup-ci lock run models proto fmt lint proto-check k8s-validate test test-fast bench profile floor soak acceptance drift-report quality-report

@@ -1,7 +1,8 @@
 """``python -m checks.profile`` (``make profile``): where a decision server's CPU goes.
 
 Starts the benchmark's servers (``loadtest.bench``) for the Decide paths asked for (Y:
-Decide on Triton; F: the breakers forced open, no model call), drives each at a fixed
+Decide on Triton; Q: the same on DecideStream; F: the breakers forced open, no model
+call), drives each at a fixed
 open-loop rate and samples its server with py-spy, native frames on: a flame graph a path
 (``docs/img/profile-KEY.svg``) and a table of CPU a decision, by thread from /proc and,
 for the event loop's thread, by stage from the samples (docs/profile.md). A sample goes
@@ -201,8 +202,8 @@ def table_rows(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--paths", type=lambda t: t.split(","), default=["Y", "F"],
-                        help="Decide paths of loadtest.bench (default Y,F)")  # fmt: skip
+    parser.add_argument("--paths", type=lambda t: t.split(","), default=["Y", "Q", "F"],
+                        help="Decide paths of loadtest.bench (default Y,Q,F)")  # fmt: skip
     parser.add_argument("--rate", type=float, default=1000.0, help="Decide calls a second")
     parser.add_argument("--seconds", type=float, default=60.0, help="each run's (two a path)")
     parser.add_argument("--svg-dir", type=Path, default=REPO / "docs/img")
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     ours = parser.parse_args(argv)
     for key in ours.paths:
         path = bench.path_of(key)
-        if path.target != "decide" or bench.workers_of(path.server) > 1:
+        if path.target not in ("decide", "stream") or bench.workers_of(path.server) > 1:
             parser.error(f"{key}: a Decide path of one worker process (py-spy samples one)")
     args, _ = bench.parse(["paths"])  # the bench's defaults: load generator, model server
     args.__dict__.update(vars(ours))
