@@ -421,10 +421,7 @@ class LoadResult:
 
 class LoadGenerator:
     """``processes`` spawned worker processes, reused from run to run; a context manager.
-
-    Spawned, not forked: a forked child would inherit the parent's gRPC and event-loop
-    state, which gRPC does not support.
-    """
+    Spawned, not forked: gRPC does not support a child inheriting its state."""
 
     def __init__(self, processes: int) -> None:
         self.processes = processes

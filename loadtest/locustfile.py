@@ -141,9 +141,7 @@ class DecisionUser(User):
         )
         self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
         self._outbox: queue.Queue[Any] | None = None
-        if options.scenario == "stream":
-            self._outbox, self._ids = queue.Queue(), itertools.count()
-            self._answers = self._stub.DecideStream(iter(self._outbox.get, None))
+        self._ids, self._streaming = itertools.count(), options.scenario == "stream"
 
     def wait_time(self) -> float:
         return self._pace(self)
@@ -169,13 +167,21 @@ class DecisionUser(User):
 
     def _send(self, request: decision_pb2.DecideRequest) -> decision_pb2.DecideResponse:
         """A Decide call, or in the stream scenario a message on the user's DecideStream."""
-        if self._outbox is None:
+        if not self._streaming:
             return self._stub.Decide(request, timeout=self._deadline_s)
+        if self._outbox is None:  # the first order, or the last stream ended
+            self._outbox = queue.Queue()
+            self._answers = self._stub.DecideStream(iter(self._outbox.get, None))
         message = decision_pb2.DecideStreamRequest(request=request)
         message.request.request_id = f"locust-{next(self._ids)}"
         message.timeout.FromMicroseconds(round(self._deadline_s * 1e6))
         self._outbox.put(message)
-        answer = next(self._answers)  # one message in flight: the answer is its
+        try:  # one message in flight: the next answer is its
+            answer = next(self._answers)
+        except (grpc.RpcError, StopIteration):  # the stream ended (a restart, its age)
+            self._outbox.put(None)  # its request iterator ends
+            self._outbox = None
+            raise MessageError(grpc.StatusCode.UNAVAILABLE, "the stream ended") from None
         if answer.HasField("error"):
             raise MessageError.of(answer.error)
         return answer.response

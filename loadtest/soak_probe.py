@@ -38,12 +38,9 @@ def usage_of(pids: list[int]) -> GroupUsage:
 
 
 class ProcessSampler:
-    """CPU share (of one core) and RSS per process group, between successive samples.
-
-    A member that exits takes its CPU time with it; the group's CPU then reads low for
-    one window, never negative. A process restarted (a chaos restart) is followed to its
-    new group.
-    """
+    """CPU share (of one core) and RSS per process group, between successive samples. A
+    member that exits takes its CPU time with it (the group reads low for one window,
+    never negative); a process restarted (chaos) is followed to its new group."""
 
     def __init__(
         self, processes: Mapping[str, ManagedProcess], *, own_name: str | None = None

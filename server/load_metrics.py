@@ -47,8 +47,9 @@ def core_calls() -> CoreCalls:
 class StreamCalls:
     """DecideStream's messages counted as calls (docs/overload.md: a message is a call):
     ``calls`` is gRPC's core's count with each stream replaced by its messages, so the
-    tally and the call metrics read one figure. A message refused (its stream's cap, the
-    backlog) is neither answered nor failed, as a call the core refuses."""
+    tally and the call metrics read one figure. A message answered with an error (a
+    refusal too) has failed, as a unary call its handler refused; one that a stream's end
+    left unanswered has failed (CANCELLED)."""
 
     __slots__ = ("answered", "failed", "messages", "streams", "streams_failed", "streams_ok")
 

@@ -11,7 +11,6 @@ Messages are decided concurrently and answered as they are ready, one write at a
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +19,7 @@ from typing import Any
 import grpc
 
 from core.deadline import Budget, CallCost, CallPlan, outlasts_budget
-from core.domain import CallInfo, DecisionResult
+from core.domain import CallInfo
 from proto.decision.v1 import decision_pb2
 from server.engine import DecisionEngine
 from server.errors import (
@@ -34,6 +33,10 @@ from server.load_metrics import StreamCalls
 from server.validation import order_from_pb, response_to_pb
 
 log = logging.getLogger(__name__)
+
+# After the caller half-closes, the answers still due are written within this; a caller
+# that stopped reading is cut (each message's own budget is far shorter).
+DRAIN_S = 10.0
 
 Context = grpc.aio.ServicerContext[
     decision_pb2.DecideStreamRequest, decision_pb2.DecideStreamResponse
@@ -83,20 +86,24 @@ class DecisionStream:
         self._context, self._call = context, call
         self._max_unanswered = max_unanswered
         self._unanswered: dict[str, asyncio.Task[None]] = {}
+        self._refusing: set[asyncio.Task[None]] = set()  # error answers being written
         self._writing = asyncio.Lock()
 
     async def serve(self, requests: AsyncIterator[Any]) -> None:
-        """Reads every message; after the caller half-closes, answers those left."""
+        """Reads every message as it arrives; after the caller half-closes, answers those
+        left (a caller that stops reading is cut after ``DRAIN_S``)."""
         try:
             async for message in requests:
-                await self._take(message, time.perf_counter())
-            if self._unanswered:
-                await asyncio.wait(list(self._unanswered.values()))
+                self._take(message, time.perf_counter())
+            if pending := [*self._unanswered.values(), *self._refusing]:
+                await asyncio.wait(pending, timeout=DRAIN_S)
         finally:
-            for task in self._unanswered.values():
+            for task in [*self._unanswered.values(), *self._refusing]:
                 task.cancel()
 
-    async def _take(self, message: Any, begun: float) -> None:
+    def _take(self, message: Any, begun: float) -> None:
+        """Starts the message's decision, or its error answer: either in a task of its
+        own, so that the next message is read at once."""
         self._counts.messages += 1
         request_id = ""
         try:
@@ -111,14 +118,15 @@ class DecisionStream:
             if len(self._unanswered) >= self._max_unanswered:
                 raise _Unanswered(self._max_unanswered, len(self._unanswered) * self._cost.ms)
             budget = self._budget(message)
-        except DecisionError as exc:
-            await self._answer_error(request_id, exc, begun)
+        except Exception as exc:  # as a unary call's error: this message's, not the stream's
+            if not isinstance(exc, DecisionError):
+                log.exception("unhandled error taking a DecideStream message")
+            error = exc if isinstance(exc, DecisionError) else _Internal()
+            task = asyncio.create_task(self._answer_error(request_id, error, begun))
+            self._refusing.add(task)
+            task.add_done_callback(self._refusing.discard)
             return
-        except Exception:  # as a unary call's INTERNAL: this message's, not the stream's
-            log.exception("unhandled error taking a DecideStream message")
-            await self._answer_error(request_id, _Internal(), begun)
-            return
-        call = dataclasses.replace(self._call, received_at_ns=time.time_ns())
+        call = CallInfo(time.time_ns(), self._call.trace_id, self._call.caller)
         self._unanswered[request_id] = asyncio.create_task(
             self._decide(request_id, order, budget, call, begun)
         )
@@ -128,6 +136,8 @@ class DecisionStream:
         as a unary call would be (``DecisionServicer._budget``)."""
         remaining_s = self._context.time_remaining()
         own_s = message.timeout.ToNanoseconds() / 1e9 if message.HasField("timeout") else 0.0
+        if own_s < 0:
+            raise InvalidArgument("timeout", f"must not be negative, got {own_s:g} s")
         if own_s > 0:
             remaining_s = own_s if remaining_s is None else min(own_s, remaining_s)
         if self._plan.expired(remaining_s):
@@ -150,36 +160,47 @@ class DecisionStream:
                 self._cost.finished()
         except DecisionError as exc:
             await self._answer_error(request_id, exc, begun)
+        except asyncio.CancelledError:  # the stream ended: this message ends unanswered
+            self._ended(grpc.StatusCode.CANCELLED, begun)
+            raise
         except Exception:
             log.exception("unhandled error deciding a DecideStream message")
             await self._answer_error(request_id, _Internal(), begun)
         else:
-            await self._answer(request_id, result, begun)
+            response = decision_pb2.DecideStreamResponse(
+                request_id=request_id, response=response_to_pb(result)
+            )
+            await self._write(response, grpc.StatusCode.OK, begun)
         finally:
             self._unanswered.pop(request_id, None)
-
-    async def _answer(self, request_id: str, result: DecisionResult, begun: float) -> None:
-        response = decision_pb2.DecideStreamResponse(
-            request_id=request_id, response=response_to_pb(result)
-        )
-        await self._write(response, grpc.StatusCode.OK, begun)
-        self._counts.answered += 1
 
     async def _answer_error(self, request_id: str, error: DecisionError, begun: float) -> None:
         response = decision_pb2.DecideStreamResponse(request_id=request_id, error=error_pb(error))
         await self._write(response, error.code, begun)
-        if not isinstance(error, Overloaded):
-            self._counts.failed += 1  # refusals are neither: the tally counts them refused
 
     async def _write(
         self, response: decision_pb2.DecideStreamResponse, code: grpc.StatusCode, begun: float
     ) -> None:
+        """Answers one message; one that cannot be written (the stream ended) ends as
+        CANCELLED, as a unary call whose caller went away."""
         try:
             async with self._writing:  # gRPC's core takes one message at a time
                 await self._context.write(response)
-        except grpc.aio.BaseError as exc:  # the stream ended: the caller resends what it lacks
+        except grpc.aio.BaseError as exc:  # the caller resends what it lacks
             log.debug("a DecideStream response not written: %r", exc)
-            return
+            code = grpc.StatusCode.CANCELLED
+        except asyncio.CancelledError:
+            self._ended(grpc.StatusCode.CANCELLED, begun)
+            raise
+        self._ended(code, begun)
+
+    def _ended(self, code: grpc.StatusCode, begun: float) -> None:
+        """A message's end: answered OK, or failed with ``code`` (a refusal too, as a
+        unary call the handler refused), counted and measured once."""
+        if code is grpc.StatusCode.OK:
+            self._counts.answered += 1
+        else:
+            self._counts.failed += 1
         if self._observe is not None:
             self._observe(code, time.perf_counter() - begun)
 

@@ -156,8 +156,8 @@ async def test_a_message_past_the_streams_cap_is_refused_at_once_never_queued() 
         await client.close()
     assert "past" not in engine.decided
     counts = servicer.stream_calls
-    # The refusal is neither answered nor failed: the call tally counts it refused.
-    assert (counts.messages, counts.answered, counts.failed) == (4, 3, 0)
+    # The refusal failed, as a unary call its handler refused.
+    assert (counts.messages, counts.answered, counts.failed) == (4, 3, 1)
 
 
 @pytest.mark.parametrize(("ahead", "refused"), [(0, False), (200, True)])
@@ -264,3 +264,89 @@ def test_a_stream_counts_as_its_messages_in_the_core_calls(monkeypatch) -> None:
     counts.messages, counts.answered, counts.failed = 5, 3, 1
     # 10 - 2 + 5 started; 7 - 1 + 3 answered; 1 - 0 + 1 failed: one refused.
     assert counts.calls() == load_metrics.CoreCalls(13, 9, 2)
+
+
+async def test_a_negative_timeout_is_invalid_and_a_cancelled_message_counts_failed() -> None:
+    engine = FakeEngine()
+    engine.gates["SLOW-USD"] = asyncio.Event()  # never opens
+    async with serving(engine) as (servicer, channel):
+        call = decision_pb2_grpc.DecisionServiceStub(channel).DecideStream()
+        bad = message(order("neg"))
+        bad.timeout.FromMilliseconds(-5)
+        await call.write(bad)
+        first: Any = await call.read()
+        assert first.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert [v.field for v in first.error.field_violations] == ["timeout"]
+        await call.write(message(order("held", "SLOW-USD")))
+        await asyncio.sleep(0.1)
+        call.cancel()  # the caller goes away with "held" unanswered
+        await asyncio.sleep(0.2)
+    counts = servicer.stream_calls
+    assert (counts.messages, counts.answered, counts.failed) == (2, 0, 2)
+    assert (counts.streams, counts.streams_ok, counts.streams_failed) == (1, 0, 1)
+
+
+async def test_an_id_stays_taken_until_its_late_answer_comes() -> None:
+    engine = FakeEngine()
+    engine.gates["SLOW-USD"] = asyncio.Event()
+    async with serving(engine) as (_, channel):
+        client = DecideStreamClient(channel)
+        with pytest.raises(MessageError) as late:
+            await client.decide(order("a", "SLOW-USD"), timeout_s=0.1)
+        assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(ValueError, match="not taken"):
+            await client.decide(order("a"), timeout_s=1.0)  # still being decided
+        engine.gates["SLOW-USD"].set()  # the late answer arrives and is dropped
+        for _ in range(50):
+            if "a" in engine.decided:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        answer = await client.decide(order("a"), timeout_s=1.0)
+        assert answer.request_id == "a"
+        await client.close()
+    assert engine.decided == ["a", "a"]
+
+
+async def test_a_resent_message_carries_what_is_left_of_its_timeout() -> None:
+    timeouts_ms: list[float] = []
+    streams = 0
+
+    async def ends_first(requests: Any, context: Any) -> AsyncIterator[Any]:
+        nonlocal streams
+        streams += 1
+        async for request in requests:
+            timeouts_ms.append(request.timeout.ToMilliseconds())
+            if streams == 1:
+                await asyncio.sleep(0.2)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "connection age reached")
+            yield decision_pb2.DecideStreamResponse(
+                request_id=request.request.request_id,
+                response=decision_pb2.DecideResponse(request_id=request.request.request_id),
+            )
+
+    async with stream_server(ends_first) as channel:
+        client = DecideStreamClient(channel)
+        assert (await client.decide(order("a"), timeout_s=1.0)).request_id == "a"
+        await client.close()
+    first, resent = timeouts_ms
+    assert first == 1000 and 700 < resent < 810
+
+
+async def test_close_is_bounded_and_fails_what_is_still_waiting() -> None:
+    async def never_answers(requests: Any, context: Any) -> AsyncIterator[Any]:
+        async for _ in requests:
+            pass
+        await asyncio.sleep(30)  # half-closed, and still nothing
+        yield decision_pb2.DecideStreamResponse()
+
+    async with stream_server(never_answers) as channel:
+        client = DecideStreamClient(channel)
+        waiting = asyncio.create_task(client.decide(order("a"), timeout_s=20.0))
+        await asyncio.sleep(0.1)
+        begun = time.perf_counter()
+        await client.close(timeout_s=0.2)
+        assert time.perf_counter() - begun < 2.0
+        with pytest.raises(MessageError):
+            await waiting
+    assert client.streams_opened == 1  # nothing resent after close

@@ -148,10 +148,14 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
         response = await stub.Decide(buy(), timeout=2.0)
         assert time.monotonic() < deadline, response.reason
         await asyncio.sleep(0.02 if response.source == decision_pb2.SOURCE_PRIMARY else 0.2)
-    # Closed, the primary answers again: within a few calls, as one call of a resumed JVM
-    # can still take more than the 15 ms cap on a slow hour (CI, 2026-11-27: 14.9 ms).
-    sources = [(await stub.Decide(buy(), timeout=2.0)).source for _ in range(5)]
-    assert decision_pb2.SOURCE_PRIMARY in sources, sources
+    # Closed, the primary answers again: soon, not at once, as a resumed JVM's calls can
+    # still take more than the 15 ms cap for a while on a slow hour (CI, 2026-11-27: 14.9
+    # ms; 2026-11-29: five calls in a row), and the breaker may open once more meanwhile.
+    sources = []
+    while decision_pb2.SOURCE_PRIMARY not in sources:
+        assert time.monotonic() < deadline + 10, sources[-10:]
+        sources.append((await stub.Decide(buy(), timeout=2.0)).source)
+        await asyncio.sleep(0.05)
 
 
 async def test_a_primary_missing_half_its_calls_is_isolated_by_its_failure_rate(
