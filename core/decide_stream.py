@@ -151,7 +151,11 @@ class DecideStreamClient:
                 continue
             waiting.resent = True
             waiting.message.timeout.FromMicroseconds(round(left_s * 1e6))
-            self._send(waiting)
+            try:
+                self._send(waiting)
+            except grpc.aio.UsageError as exc:  # the channel was closed meanwhile
+                del self._waiting[request_id]
+                waiting.answer.set_exception(MessageError(grpc.StatusCode.UNAVAILABLE, str(exc)))
 
     async def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
         """Half-closes the stream: the answers still due arrive, then it ends; what is not

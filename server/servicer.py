@@ -18,7 +18,7 @@ from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.engine import DecisionEngine
 from server.errors import Expired, Overloaded, grpc_errors, tolerant_parser
 from server.load_metrics import StreamCalls
-from server.streaming import DecisionStream, MessageObserver
+from server.streaming import Connection, DecisionStream, MessageObserver
 from server.tracing import traceparent
 from server.validation import order_from_pb, orders_from_batch_pb, response_to_pb
 
@@ -74,13 +74,14 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         stream_calls: StreamCalls | None = None,
         max_unanswered: int = 16,
     ) -> None:
-        """``max_unanswered``: a DecideStream's cap, what one connection may have in flight
-        (the server's ``max_concurrent_streams``)."""
+        """``max_unanswered``: the DecideStreams of one connection hold at most this many
+        unanswered messages, what it may have calls in flight (``max_concurrent_streams``)."""
         self._engine = engine
         self._plan = plan
         self.call_cost = CallCost()
         self.stream_calls = stream_calls or StreamCalls()
         self._max_unanswered = max_unanswered
+        self._connections: dict[str, Connection] = {}  # DecideStreams' connections, by peer
         self.observe_message: MessageObserver | None = None
 
     def _budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> Budget:
@@ -138,18 +139,26 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         """Each message is answered in its own response (``server.streaming``); the stream
         itself ends OK once the caller half-closed and every message is answered."""
         answer_traceparent(context)
-        counts = self.stream_calls
+        counts, call = self.stream_calls, call_info(context)
         counts.streams += 1
+        peer = context.peer()  # the connection (its address and port)
+        connection = self._connections.setdefault(peer, Connection())
+        connection.streams += 1
         stream = DecisionStream(
             self._engine, self._plan, self.call_cost, counts, self.observe_message,
-            context, call_info(context), self._max_unanswered,
+            context, call, connection, self._max_unanswered,
         )  # fmt: skip
         try:
             await stream.serve(requests)
         except BaseException:
             counts.streams_failed += 1
             raise
-        counts.streams_ok += 1
+        else:
+            counts.streams_ok += 1
+        finally:
+            connection.streams -= 1
+            if not connection.streams:
+                del self._connections[peer]
 
 
 def add_tolerant_service(

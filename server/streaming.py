@@ -59,12 +59,22 @@ def error_pb(error: DecisionError) -> decision_pb2.DecideStreamError:
 
 
 class _Unanswered(Overloaded):
-    """The stream already holds as many unanswered messages as a connection may hold
+    """The connection's streams already hold as many unanswered messages as it may hold
     calls: refused at once, like the call past a connection's stream cap."""
 
     def __init__(self, limit: int, backlog_ms: float) -> None:
         super().__init__(backlog_ms)
-        self.args = (f"{limit} messages of this stream unanswered: refused before any work",)
+        self.args = (f"{limit} messages unanswered on this connection: refused before any work",)
+
+
+class Connection:
+    """What one connection's DecideStreams hold: the cap counts their unanswered messages
+    together, so that more streams on a connection do not raise it."""
+
+    __slots__ = ("streams", "unanswered")
+
+    def __init__(self) -> None:
+        self.streams = self.unanswered = 0
 
 
 class DecisionStream:
@@ -79,12 +89,14 @@ class DecisionStream:
         observe: MessageObserver | None,
         context: Context,
         call: CallInfo,
+        connection: Connection,
         max_unanswered: int,
     ) -> None:
+        """``max_unanswered``: over the streams of ``connection``."""
         self._engine, self._plan, self._cost = engine, plan, cost
         self._counts, self._observe = counts, observe
         self._context, self._call = context, call
-        self._max_unanswered = max_unanswered
+        self._connection, self._max_unanswered = connection, max_unanswered
         self._unanswered: dict[str, asyncio.Task[None]] = {}
         self._refusing: set[asyncio.Task[None]] = set()  # error answers being written
         self._writing = asyncio.Lock()
@@ -115,8 +127,8 @@ class DecisionStream:
             if request_id in self._unanswered:
                 raise InvalidArgument("request.request_id", "is already unanswered on this stream")
             order = order_from_pb(message.request, "request.")
-            if len(self._unanswered) >= self._max_unanswered:
-                raise _Unanswered(self._max_unanswered, len(self._unanswered) * self._cost.ms)
+            if (held := self._connection.unanswered) >= self._max_unanswered:
+                raise _Unanswered(self._max_unanswered, held * self._cost.ms)
             budget = self._budget(message)
         except Exception as exc:  # as a unary call's error: this message's, not the stream's
             if not isinstance(exc, DecisionError):
@@ -127,6 +139,7 @@ class DecisionStream:
             task.add_done_callback(self._refusing.discard)
             return
         call = CallInfo(time.time_ns(), self._call.trace_id, self._call.caller)
+        self._connection.unanswered += 1
         self._unanswered[request_id] = asyncio.create_task(
             self._decide(request_id, order, budget, call, begun)
         )
@@ -173,6 +186,7 @@ class DecisionStream:
             await self._write(response, grpc.StatusCode.OK, begun)
         finally:
             self._unanswered.pop(request_id, None)
+            self._connection.unanswered -= 1
 
     async def _answer_error(self, request_id: str, error: DecisionError, begun: float) -> None:
         response = decision_pb2.DecideStreamResponse(request_id=request_id, error=error_pb(error))

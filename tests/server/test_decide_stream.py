@@ -65,6 +65,7 @@ async def serving(
     )
     add_decision_service(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
+    servicer.port = port  # type: ignore[attr-defined]  # for a second connection
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -148,7 +149,7 @@ async def test_a_message_past_the_streams_cap_is_refused_at_once_never_queued() 
             await client.decide(order("past"), timeout_s=2.0)
         assert time.perf_counter() - begun < 1.0  # not held until the others end
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "2 messages of this stream unanswered" in (refused.value.details() or "")
+        assert "2 messages unanswered on this connection" in (refused.value.details() or "")
         assert refused.value.retry_delay_s > 0
         engine.gates["SLOW-USD"].set()
         assert [(await h).request_id for h in held] == ["h0", "h1"]
@@ -350,3 +351,31 @@ async def test_close_is_bounded_and_fails_what_is_still_waiting() -> None:
         with pytest.raises(MessageError):
             await waiting
     assert client.streams_opened == 1  # nothing resent after close
+
+
+async def test_more_streams_on_a_connection_do_not_raise_its_cap() -> None:
+    """Two streams on one channel (one connection), a cap of 2: one message held on each,
+    a third on either is refused; a stream on another connection has its own cap."""
+    engine = FakeEngine()
+    engine.gates["SLOW-USD"] = asyncio.Event()
+    async with serving(engine, max_unanswered=2) as (servicer, channel):
+        port = servicer.port  # type: ignore[attr-defined]
+        first, second = DecideStreamClient(channel), DecideStreamClient(channel)
+        held = [
+            asyncio.create_task(c.decide(order(f"h{i}", "SLOW-USD"), timeout_s=2.0))
+            for i, c in enumerate((first, second))
+        ]
+        await asyncio.sleep(0.1)
+        with pytest.raises(MessageError) as refused:
+            await second.decide(order("past"), timeout_s=2.0)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as other:
+            elsewhere = DecideStreamClient(other)
+            assert (await elsewhere.decide(order("x"), timeout_s=2.0)).request_id == "x"
+            await elsewhere.close()
+        engine.gates["SLOW-USD"].set()
+        await asyncio.gather(*held)
+        await first.close()
+        await second.close()
+    assert servicer._connections == {}  # forgotten with their streams

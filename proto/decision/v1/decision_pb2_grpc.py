@@ -102,9 +102,10 @@ class DecisionServiceServicer:
         Each message is a call of its own: its own id and deadline, one response
         with that id (in the order the answers are ready, not the order sent), the
         same ladder, audit record and reason codes as Decide. A bad or refused
-        message gets an error response and the stream stays up. A stream has at
-        most as many unanswered messages as a connection may have calls in flight;
-        a message past that, or one the server's backlog would make late, is
+        message gets an error response and the stream stays up. The streams of a
+        connection have at most as many unanswered messages together as it may
+        have calls in flight; a message past that, or one the server's backlog
+        would make late, is
         refused at once in its own response (RESOURCE_EXHAUSTED with a retry
         delay), never queued. The client half-closes when done: the server answers
         what it has, then ends the stream OK. A stream that ends otherwise
