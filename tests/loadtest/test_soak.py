@@ -71,9 +71,11 @@ def test_a_soak_with_a_redis_pause_loses_nothing_and_recovers(model_store, tmp_p
     assert looks and int(looks[1]) >= DURATION_S // WINDOW_S, output[-6000:]
     assert summary["missing_from_audit"] == 0
     calls = sum(w["answers"] for w in summary["windows"])
-    # A host stall of tens of ms may cost a few late answers or refusals (CANCELLED:
-    # gRPC's queue limit, the designed fast answer to a stall), never more than a few.
-    refused = sum(w["outcomes"].get("CANCELLED", 0) for w in summary["windows"])
+    # A host stall of tens of ms may cost a few late answers or refusals, the designed
+    # fast answers to a stall (CANCELLED: gRPC's queue limit; RESOURCE_EXHAUSTED: the
+    # calls ahead would have made it late, docs/overload.md), never more than a few.
+    refusals = ("CANCELLED", "RESOURCE_EXHAUSTED")
+    refused = sum(w["outcomes"].get(code, 0) for w in summary["windows"] for code in refusals)
     assert summary["late"] + refused < 0.01 * calls, output[-6000:]
     assert calls >= 0.9 * 100 * DURATION_S
     outcomes = {name for w in summary["windows"] for name in w["outcomes"]}
@@ -84,7 +86,7 @@ def test_a_soak_with_a_redis_pause_loses_nothing_and_recovers(model_store, tmp_p
         "RULES",
         "ABSTAIN",
         "DEADLINE_EXCEEDED",
-        "CANCELLED",
+        *refusals,
     }, outcomes
     paused = [w for w in summary["windows"] if w["fault"]]
     assert paused, "no window overlapped the Redis pause"
