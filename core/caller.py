@@ -11,8 +11,35 @@ the same connection: either way the caller can try another pod or decide without
 
 from __future__ import annotations
 
+import json
+from importlib import resources
+
 CALLER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http.max_concurrent_streams_reject_on_client", 1),
     # With retries on, gRPC holds the refused call to retry it: the queue again.
     ("grpc.enable_retries", 0),
 )
+
+
+def service_config(*, python: bool = True) -> str:
+    """``proto/decision/v1/decision_grpc_service_config.json``, what every caller's channel
+    loads (docs/kubernetes.md): round robin over the resolved pods, no waiting for a pod
+    to be ready, a 0.5 s cap on a unary call's deadline (gRPC takes the lower of it and
+    the caller's), none on a DecideStream. No retry policy: gRPC's retries would hold a
+    refused call, the queue again; a caller retries a refusal by calling again, which
+    round robin sends to the next pod.
+
+    For a Python channel (``python``) without the cap: grpcio applies a service config's
+    timeout wrongly, a call failing DEADLINE_EXCEEDED at once or up to a second early
+    (grpc/grpc#34547, #40633; grpcio 1.85 here); a Python caller passes its deadline."""
+    path = resources.files("proto.decision.v1").joinpath("decision_grpc_service_config.json")
+    config = json.loads(path.read_text())
+    if python:
+        for method in config["methodConfig"]:
+            method.pop("timeout", None)
+    return json.dumps(config)
+
+
+def channel_options() -> list[tuple[str, int | str]]:
+    """A caller's channel options: ``CALLER_OPTIONS`` and the service config."""
+    return [*CALLER_OPTIONS, ("grpc.service_config", service_config())]
