@@ -163,16 +163,25 @@ def decide_until(
     wanted: decision_pb2.Source.ValueType,
     timeout_s: float,
 ) -> list[decision_pb2.DecideResponse]:
-    """Decides every 50 ms (50 ms deadlines) until one answer's source is ``wanted``."""
+    """Decides every 50 ms (50 ms deadlines) until one answer's source is ``wanted``. A
+    call past its deadline is counted, not fatal: this test runs beside others on shared
+    cores and asserts who answers; the timed tests assert answers in time."""
     answers: list[decision_pb2.DecideResponse] = []
+    late = 0
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        answers.append(stub.Decide(buy(), timeout=0.05))
-        if answers[-1].source == wanted:
-            return answers
+        try:
+            answers.append(stub.Decide(buy(), timeout=0.05))
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            late += 1
+        else:
+            if answers[-1].source == wanted:
+                return answers
         time.sleep(0.05)
     seen = [(SOURCE(a.source), a.reason) for a in answers]
-    raise AssertionError(f"no {SOURCE(wanted)} in {seen}")
+    raise AssertionError(f"no {SOURCE(wanted)} in {seen} ({late} calls past their deadline)")
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
