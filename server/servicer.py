@@ -12,11 +12,12 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry import trace
 
-from core.deadline import Budget, CallCost, CallPlan, outlasts_budget
+from core.deadline import CallCost, CallPlan
 from core.domain import CallInfo, DecisionResult, OrderRequest
 from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from server.admission import admit
 from server.engine import DecisionEngine
-from server.errors import Expired, Overloaded, grpc_errors, tolerant_parser
+from server.errors import grpc_errors, tolerant_parser
 from server.load_metrics import StreamCalls
 from server.streaming import Connection, DecisionStream, MessageObserver
 from server.tracing import traceparent
@@ -84,24 +85,11 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         self._connections: dict[str, Connection] = {}  # DecideStreams' connections, by peer
         self.observe_message: MessageObserver | None = None
 
-    def _budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> Budget:
-        """The call's budget; ``Expired`` when its deadline passed while it was queued
-        (work for a caller that has gone only makes the calls behind it late too),
-        ``Overloaded`` when the calls being served would outlast it."""
-        remaining_s = context.time_remaining()
-        if self._plan.expired(remaining_s):
-            raise Expired()
-        budget = self._plan.budget(remaining_s)
-        ahead, cost_ms = self._engine.calls_in_flight, self.call_cost.ms
-        if outlasts_budget(budget.remaining_ms(), ahead, cost_ms):
-            raise Overloaded(backlog_ms=ahead * cost_ms)
-        return budget
-
     async def _decide(
         self, orders: list[OrderRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> list[DecisionResult]:
         call = call_info(context)
-        budget = self._budget(context)
+        budget = admit(self._plan, context.time_remaining(), self._engine, self.call_cost)
         try:
             return await self._engine.decide(orders, budget, call)
         finally:

@@ -18,13 +18,13 @@ from typing import Any
 
 import grpc
 
-from core.deadline import Budget, CallCost, CallPlan, outlasts_budget
+from core.deadline import Budget, CallCost, CallPlan
 from core.domain import CallInfo
 from proto.decision.v1 import decision_pb2
+from server.admission import admit
 from server.engine import DecisionEngine
 from server.errors import (
     DecisionError,
-    Expired,
     InvalidArgument,
     Overloaded,
     UndecodableRequest,
@@ -145,23 +145,15 @@ class DecisionStream:
         )
 
     def _budget(self, message: decision_pb2.DecideStreamRequest) -> Budget:
-        """The message's budget from its own timeout, within the stream's deadline; refused
-        as a unary call would be (``DecisionServicer._budget``)."""
+        """The message's budget from its own timeout (unset: the default), within the
+        stream's deadline; refused as a unary call would be."""
         remaining_s = self._context.time_remaining()
         own_s = message.timeout.ToNanoseconds() / 1e9 if message.HasField("timeout") else 0.0
         if own_s < 0:
             raise InvalidArgument("timeout", f"must not be negative, got {own_s:g} s")
         if own_s > 0:
             remaining_s = own_s if remaining_s is None else min(own_s, remaining_s)
-        if self._plan.expired(remaining_s):
-            raise Expired()
-        budget = self._plan.budget(remaining_s)
-        if own_s <= 0 and remaining_s is not None:  # the default, within the stream's
-            budget = min(budget, self._plan.budget(None), key=lambda b: b.deadline)
-        ahead, cost_ms = self._engine.calls_in_flight, self._cost.ms
-        if outlasts_budget(budget.remaining_ms(), ahead, cost_ms):
-            raise Overloaded(backlog_ms=ahead * cost_ms)
-        return budget
+        return admit(self._plan, remaining_s, self._engine, self._cost, within_default=own_s <= 0)
 
     async def _decide(
         self, request_id: str, order: Any, budget: Budget, call: CallInfo, begun: float
