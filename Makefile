@@ -34,6 +34,10 @@ config-doc: setup ## Regenerate docs/configuration.md (every DECISION_* setting)
 	@$(PY) -m localstack.config_reference
 	@$(PY) -m localkafka.api_doc
 
+client: setup ## Build the decision-client wheel (client/: the stubs and caller helpers, no server code) into dist/
+	@$(PY) -m pip wheel --no-deps --no-build-isolation -q -w dist ./client
+	@ls dist/decision_client-*.whl
+
 proto: ## Regenerate the protobuf stubs (with mypy stubs)
 	@.ci/gen-proto
 
@@ -91,4 +95,4 @@ drift-report: setup ## PSI of every recording under ../shared/data (and of an un
 quality-report: setup ## Live model quality after a restart of the stack: the labeler's AUC on replayed held-out data against the offline AUC of the same period, and how soon and how much it labels (about 11 minutes; writes docs/quality.md)
 	@$(PY) -m checks.quality_report --restart-after-s 60
 
-.PHONY: help setup setup-ci lock run models proto fmt lint proto-check k8s-validate test test-fast bench profile floor soak acceptance drift-report quality-report
+.PHONY: help setup setup-ci lock run models client proto fmt lint proto-check k8s-validate test test-fast bench profile floor soak acceptance drift-report quality-report

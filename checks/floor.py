@@ -26,13 +26,13 @@ import grpc
 import uvloop
 
 from core.processes import ManagedProcess, free_port, listening
+from decision_client.v1 import decision_pb2
 from feature_cache.schema import MODEL_INPUT_WIDTH
 from loadtest import bench
 from loadtest.feature_keeper import fresh_features
 from loadtest.loadgen import LoadGenerator, LoadSpec, Target
 from loadtest.report import markdown_table, write_block
 from loadtest.soak_probe import group_cpu_seconds
-from proto.decision.v1 import decision_pb2
 from server.oip import oip_model_infer, oip_request
 from server.settings import Settings
 from torchserve.triton import TRITON_OIP_SERVICE

@@ -36,13 +36,13 @@ import torch
 
 from core.domain import DEFAULT_TRADE_THRESHOLD
 from core.metrics_http import Samples, scrape
+from decision_client.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from feature_cache.events import MarketEvent
 from feature_cache.generator import MarketGenerator
 from feature_cache.replay import Progress, replay
 from feature_cache.settings import FeatureCacheSettings
 from loadtest.loadgen import Recorder, open_loop
 from localstack.stack import PARTS, LocalStack
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from quality.rolling import auc, calibration_error
 from quality.store import epoch_us
 from torchserve.archive import archive_meta, archive_version, build_archive

@@ -34,6 +34,7 @@ import psutil  # type: ignore[import-untyped]  # no stubs in the virtualenv
 
 from core.metrics_http import scrape
 from core.processes import ManagedProcess, free_ports, listening, port_open, stop_all
+from decision_client.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from loadtest.feature_keeper import fresh_features
 from loadtest.loadgen import REFUSALS, LoadGenerator, LoadResult, LoadSpec, Mode, Target
 from loadtest.report import (
@@ -49,7 +50,6 @@ from loadtest.report import (
 from loadtest.soak_probe import group_cpu_seconds
 from localstack.health import serving
 from localstack.stack import MODEL_SERVERS, LocalStack, started
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from server.settings import ServerSettings, Settings
 from server.tracing import DEFAULT_SAMPLE_RATIO
 from torchserve.replica import replica_dir, workers_lost
@@ -924,7 +924,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--burst": {"type": int, "default": 1, "help": "open loop: calls a load generator"
                 " process sends at once, at the same mean rate"},
     "--plain": {"action": "store_true", "help": "open loop from plain channels, without"
-                " core.caller.CALLER_OPTIONS"},
+                " decision_client.channel.CALLER_OPTIONS"},
     "--json": {"type": Path, "help": "figures file (default .run/bench-PRESET.json)"},
     "--png": {"type": Path, "help": "draw latency against throughput here"},
     "--doc": {"type": Path, "help": "put the tables in this doc's generated:bench-PRESET"

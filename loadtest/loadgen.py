@@ -33,12 +33,12 @@ import uvloop
 from hdrh.histogram import HdrHistogram
 
 from core.backoff import Backoff
-from core.caller import CALLER_OPTIONS
 from core.deadline import DEFAULT_BUDGET_MS
-from core.decide_stream import DecideStreamClient
+from decision_client.channel import CALLER_OPTIONS
+from decision_client.stream import DecideStreamClient
+from decision_client.v1 import decision_pb2, decision_pb2_grpc
 from feature_cache.schema import MODEL_INPUT_WIDTH, pack_rows
 from loadtest.locust_scenarios import is_loopback
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import inference_pb2, inference_pb2_grpc
 from server.oip import oip_model_infer, oip_request
 from torchserve.triton import TRITON_OIP_SERVICE as OIP_SERVICE
@@ -93,7 +93,7 @@ class LoadSpec:
     burst: int = 1
     """Open loop: calls sent at once, each process's, at the same mean rate."""
     caller_options: bool = True
-    """``core.caller.CALLER_OPTIONS`` on the channels; False: a plain channel."""
+    """``decision_client.channel.CALLER_OPTIONS`` on the channels; False: a plain channel."""
 
     def __post_init__(self) -> None:
         if not is_loopback(self.address):

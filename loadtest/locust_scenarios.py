@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proto.decision.v1 import decision_pb2
+from decision_client.v1 import decision_pb2
 from server.errors import InvalidArgument
 from server.validation import check_symbol
 

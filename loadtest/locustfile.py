@@ -28,8 +28,9 @@ from locust.event import EventHook
 from locust.stats import CSV_STATS_INTERVAL_SEC
 from locust.user.wait_time import constant_throughput
 
-from core.caller import CALLER_OPTIONS
-from core.decide_stream import MessageError
+from decision_client.channel import CALLER_OPTIONS
+from decision_client.stream import MessageError
+from decision_client.v1 import decision_pb2, decision_pb2_grpc
 from loadtest.locust_scenarios import (
     DEFAULT_TARGET,
     FED_SYMBOLS,
@@ -40,7 +41,6 @@ from loadtest.locust_scenarios import (
     request_mix,
     source_label,
 )
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 
 # Before any channel exists: gRPC's own threads must cooperate with gevent's loop.
 grpc_gevent.init_gevent()

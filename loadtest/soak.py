@@ -29,10 +29,11 @@ from typing import Any
 
 import grpc
 
-from core.caller import CALLER_OPTIONS
 from core.chaos import REPLICAS
 from core.metrics_http import scrape
 from core.processes import ProcessStartError
+from decision_client.channel import CALLER_OPTIONS
+from decision_client.v1 import decision_pb2, decision_pb2_grpc
 from loadtest.loadgen import Recorder, open_loop
 from loadtest.report import checkout_commit, generated_names, replace_generated
 from loadtest.soak_probe import ProcessSampler, machine_usage, stored_decision_ids
@@ -55,7 +56,6 @@ from loadtest.soak_report import (
 from localstack.faults import FAULT_GROUPS, Fault, chaos_plan, inject
 from localstack.levers import HeldLever
 from localstack.stack import DEFAULT_SYMBOLS, REPO, LocalStack
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from torchserve.replica import replica_dir, workers_lost
 
 # The broker's and the consumer's CPU and memory: the last this many seconds against the

@@ -20,7 +20,7 @@ import grpc
 import uvloop
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from proto.decision.v1 import decision_pb2
+from decision_client.v1 import decision_pb2
 
 KINDS = ("echo", "otlp")
 _RESPONSE = decision_pb2.DecideResponse(

@@ -45,7 +45,7 @@ Decision service ready on 127.0.0.1:{decision_port}  (Ctrl-C stops everything)
 
   Python:
     import grpc
-    from proto.decision.v1 import decision_pb2 as pb, decision_pb2_grpc as rpc
+    from decision_client.v1 import decision_pb2 as pb, decision_pb2_grpc as rpc
     # Past the server's per-connection cap: RESOURCE_EXHAUSTED at once, not a queue.
     options = [("grpc.http.max_concurrent_streams_reject_on_client", 1),
                ("grpc.enable_retries", 0)]

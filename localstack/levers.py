@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
+from decision_client.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 
 if TYPE_CHECKING:
     from localstack.stack import LocalStack

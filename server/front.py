@@ -26,7 +26,7 @@ from core.deadline import (
     QUEUED_CALLS_MAX,
     QUEUED_CALLS_SHED,
 )
-from proto.decision.v1 import admin_pb2, decision_pb2
+from decision_client.v1 import admin_pb2, decision_pb2
 from server.admin.auth import AdminAuthInterceptor, Role, TokenBook
 from server.admin.servicer import ADMIN_SERVICE, READ_METHODS, AdminServicer
 from server.intake import CallSlots

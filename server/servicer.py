@@ -14,7 +14,7 @@ from opentelemetry import trace
 
 from core.deadline import CallCost, CallPlan
 from core.domain import CallInfo, DecisionResult, OrderRequest
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from decision_client.v1 import decision_pb2, decision_pb2_grpc
 from server.admission import admit
 from server.engine import DecisionEngine
 from server.errors import grpc_errors, tolerant_parser

@@ -20,7 +20,7 @@ import grpc
 
 from core.deadline import Budget, CallCost, CallPlan
 from core.domain import CallInfo
-from proto.decision.v1 import decision_pb2
+from decision_client.v1 import decision_pb2
 from server.admission import admit
 from server.engine import DecisionEngine
 from server.errors import (

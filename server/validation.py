@@ -12,8 +12,8 @@ from typing import TypeVar
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from core.domain import DecisionResult, OrderRequest, Side
+from decision_client.v1 import decision_pb2
 from feature_cache.schema import FEATURE_INDEX, representable
-from proto.decision.v1 import decision_pb2
 from server.errors import FieldViolation, InvalidArgument
 
 T = TypeVar("T")

@@ -17,8 +17,9 @@ COPY feature_cache feature_cache
 COPY quality quality
 COPY torchserve torchserve
 COPY proto proto
+COPY client client
 # Wheels only (grpcio, uvloop, hiredis, orjson ship them): no compiler in either stage.
-RUN /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt .
+RUN /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt ./client .
 
 FROM ${PYTHON_IMAGE}
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin decision \

@@ -19,7 +19,8 @@ COPY fallback fallback
 COPY feature_cache feature_cache
 COPY torchserve torchserve
 COPY proto proto
-RUN /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt . \
+COPY client client
+RUN /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt ./client . \
  && /opt/mlserver/bin/pip install --no-cache-dir --only-binary=:all: -r constraints-mlserver.txt
 ARG CHALLENGER_VERSION
 COPY .run/models/challenger.mar /tmp/challenger.mar

@@ -20,10 +20,11 @@ COPY fallback fallback
 COPY feature_cache feature_cache
 COPY torchserve torchserve
 COPY proto proto
+COPY client client
 # The constraints pin torch's CPU-only build (+cpu): pass the index that serves it
 # (--build-arg PIP_EXTRA_INDEX_URL=...), or your registry's mirror of it.
 ARG PIP_EXTRA_INDEX_URL
-RUN /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt ".[model]"
+RUN /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt ./client ".[model]"
 
 FROM build AS models
 ARG CHAMPION_VERSION

@@ -22,10 +22,11 @@ COPY fallback fallback
 COPY feature_cache feature_cache
 COPY torchserve torchserve
 COPY proto proto
+COPY client client
 # The constraints pin torch's CPU-only build (+cpu): pass the index that serves it
 # (--build-arg PIP_EXTRA_INDEX_URL=...), or your registry's mirror of it.
 ARG PIP_EXTRA_INDEX_URL
-RUN /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt ".[model]" \
+RUN /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt ./client ".[model]" \
  && /opt/venv/bin/pip install --no-cache-dir --no-deps --require-hashes \
       --target /opt/triton -r requirements-triton.txt
 ARG CHAMPION_VERSION

@@ -19,7 +19,7 @@ import grpc
 
 from core import chaos as chaos_protocol
 from core.cli_args import parse_duration, parse_time, positive_number
-from proto.decision.v1 import admin_pb2_grpc as pb_grpc
+from decision_client.v1 import admin_pb2_grpc as pb_grpc
 from server.admin.ctl_commands import (
     BREAKER_MODES,
     AdminSession,

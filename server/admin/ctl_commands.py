@@ -17,8 +17,8 @@ import grpc
 from google.protobuf.message import Message
 
 from core import chaos as chaos_protocol
-from proto.decision.v1 import admin_pb2 as pb
-from proto.decision.v1 import admin_pb2_grpc as pb_grpc
+from decision_client.v1 import admin_pb2 as pb
+from decision_client.v1 import admin_pb2_grpc as pb_grpc
 from server.admin.ctl_connection import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE
 from server.admin.ctl_format import (
     format_breaker_change,

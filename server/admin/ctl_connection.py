@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from core.caller import CALLER_OPTIONS
+from decision_client.channel import CALLER_OPTIONS
 
 DEFAULT_ADDRESS = "127.0.0.1:50052"
 ADDRESS_ENV = "DECISIONCTL_ADDRESS"

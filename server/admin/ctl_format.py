@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from proto.decision.v1 import admin_pb2 as pb
+from decision_client.v1 import admin_pb2 as pb
 
 MODEL_VERSION_SHOWN = 12
 

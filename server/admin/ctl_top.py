@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from core.histogram import quantile_bound
-from proto.decision.v1 import admin_pb2 as pb
+from decision_client.v1 import admin_pb2 as pb
 from server.admin.ctl_format import format_loss
 
 MODEL_SOURCES = ("primary", "secondary", "canary")

@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from core.histogram import LATENCY_BOUNDS_S
 from core.reports import LabelProgress
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc
+from decision_client.v1 import admin_pb2, admin_pb2_grpc
 from server.admin.auth import Role, current_principal
 from server.admin.control_plane import ControlPlane
 from server.admin.views import DriftView, FlagView

@@ -10,7 +10,7 @@ import pytest
 
 from checks.floor import relay_server
 from core.processes import free_port
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from decision_client.v1 import decision_pb2, decision_pb2_grpc
 from proto.third_party.torchserve import open_inference_grpc_pb2 as oip
 from torchserve.triton import TRITON_OIP_SERVICE
 

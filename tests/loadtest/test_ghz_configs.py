@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from google.protobuf import json_format, message_factory
 
+from decision_client.v1 import decision_pb2
 from loadtest.locust_scenarios import FED_SYMBOLS, is_loopback
-from proto.decision.v1 import decision_pb2
 from server.errors import InvalidArgument
 from server.validation import order_from_pb
 from tests.conftest import REPO

@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from core.processes import ManagedProcess, free_port, listening, start_ready
+from decision_client.v1 import decision_pb2
 from feature_cache.schema import MODEL_INPUT_WIDTH
 from loadtest.loadgen import (
     LoadGenerator,
@@ -25,7 +26,6 @@ from loadtest.loadgen import (
     new_histogram,
     open_loop,
 )
-from proto.decision.v1 import decision_pb2
 from proto.third_party.torchserve import inference_pb2
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from decision_client.v1 import decision_pb2
 from loadtest.locust_scenarios import (
     BURST_LADDER,
     DEFAULT_TARGET,
@@ -17,7 +18,6 @@ from loadtest.locust_scenarios import (
     request_mix,
     source_label,
 )
-from proto.decision.v1 import decision_pb2
 from server.validation import order_from_pb
 
 

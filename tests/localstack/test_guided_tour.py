@@ -25,9 +25,9 @@ import grpc
 import pytest
 
 from core.processes import live_group_members
+from decision_client.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from localstack.health import serving
 from localstack.stack import LocalStack
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from tests.conftest import REPO, wait_for
 from tests.metrics import scrape, value
 from tests.server.conftest import buy

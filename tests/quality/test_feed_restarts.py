@@ -25,11 +25,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.processes import ManagedProcess, free_ports, listening, stop_all
+from decision_client.v1 import admin_pb2, decision_pb2
 from feature_cache.events import MarketEvent
 from feature_cache.feed_watch import IGNORED_ALARM_S
 from feature_cache.generator import MarketGenerator
 from feature_cache.settings import KafkaSettings
-from proto.decision.v1 import admin_pb2, decision_pb2
 from tests.conftest import REPO, RedisInstance
 from tests.feature_cache.conftest import consumer_env, publish
 from tests.feature_cache.recordings import write_csv

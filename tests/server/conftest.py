@@ -19,10 +19,10 @@ import sqlalchemy as sa
 from grpc_status import rpc_status
 
 from core.processes import ManagedProcess, free_port, free_ports, stop_all
+from decision_client.v1 import admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from feature_cache.schema import FEATURE_NAMES, MODEL_INPUT_WIDTH
 from feature_cache.store import FeatureRecord, FeatureWriter
 from localstack.health import serving
-from proto.decision.v1 import admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
 from server.audit.store import decisions
 from server.model_errors import ModelCallError

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from decision_client.v1 import decision_pb2
 from feature_cache.schema import FEATURE_NAMES
-from proto.decision.v1 import decision_pb2
 from server import validation
 from server.errors import MAX_VIOLATIONS
 from tests.server.conftest import (

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 import server.front
-from core.decide_stream import DecideStreamClient
+from decision_client.stream import DecideStreamClient
 from server.app import DecisionApp
 from tests.server.conftest import buy, decision_stub
 

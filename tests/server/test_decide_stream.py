@@ -14,9 +14,9 @@ import grpc
 import pytest
 
 from core.deadline import CallPlan
-from core.decide_stream import DecideStreamClient, MessageError
 from core.domain import Decision, DecisionResult, Source
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from decision_client.stream import DecideStreamClient, MessageError
+from decision_client.v1 import decision_pb2, decision_pb2_grpc
 from server import load_metrics
 from server.engine import DecisionEngine
 from server.servicer import DecisionServicer, add_decision_service

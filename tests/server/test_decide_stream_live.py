@@ -9,9 +9,9 @@ import asyncio
 import grpc
 import pytest
 
-from core.decide_stream import DecideStreamClient, MessageError
 from core.processes import free_port
-from proto.decision.v1 import decision_pb2
+from decision_client.stream import DecideStreamClient, MessageError
+from decision_client.v1 import decision_pb2
 from server.app import DecisionApp
 from tests.metrics import scrape, value
 from tests.server.conftest import (

@@ -15,10 +15,10 @@ import core.deadline
 import server.front
 import server.settings
 from core.domain import Side
+from decision_client.v1 import decision_pb2, decision_pb2_grpc
 from fallback import score_cache
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry
 from feature_cache.mirror import FeatureMirror
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server import redis_clients
 from tests.conftest import restart_all
 from tests.server.conftest import (

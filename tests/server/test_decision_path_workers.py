@@ -15,8 +15,8 @@ import pytest
 import sqlalchemy as sa
 
 from core.domain import Side
+from decision_client.v1 import decision_pb2
 from fallback.score_cache import HELD_MS, ScoreCache, ScoreEntry
-from proto.decision.v1 import decision_pb2
 from server.audit.store import decisions
 from tests.conftest import restart_all
 from tests.server.admin.test_admin import store_rows

@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from core.processes import free_port
+from decision_client.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from feature_cache.schema import FEATURE_NAMES
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.app import DecisionApp
 from tests.metrics import scrape, value
 from tests.server.conftest import (

@@ -17,12 +17,12 @@ import redis.exceptions
 from core.deadline import Budget, CallPlan
 from core.domain import CallInfo, Decision, DecisionResult, OrderRequest, Reason, Side, Source
 from core.store_reads import StoreReads
+from decision_client.v1 import decision_pb2
 from fallback.chain import FallbackChain
 from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry, ScoreWriter
 from feature_cache.schema import FEATURE_INDEX, FEATURE_NAMES
 from feature_cache.store import FeatureReader, FeatureRecord
-from proto.decision.v1 import decision_pb2
 from server.control.canary import CanaryMonitor
 from server.control.flags import SHADOW_SAMPLE_RATE, flag_specs
 from server.control.state import CANARY_FIELD, KILL_PREFIX, Change, ControlState, Entry, FlagSpec

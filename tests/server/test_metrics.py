@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from core.processes import free_port
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
+from decision_client.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.app import DecisionApp
 from tests.metrics import scrape, value
 from tests.server.conftest import (

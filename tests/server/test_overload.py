@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from core.processes import ManagedProcess
+from decision_client.v1 import admin_pb2, decision_pb2
 from loadtest.feature_keeper import fresh_features
 from loadtest.loadgen import REFUSALS, LoadGenerator, LoadResult, LoadSpec
-from proto.decision.v1 import admin_pb2, decision_pb2
 from server.breaker_probe import PROBE_ROW
 from server.model_client import TorchServeClient
 from tests.conftest import Replica

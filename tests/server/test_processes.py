@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from core.processes import free_port, free_ports, port_open
+from decision_client.v1 import decision_pb2, decision_pb2_grpc
 from localstack.health import serving
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from tests.conftest import server_process
 from tests.server.conftest import buy
 

@@ -9,7 +9,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from core.deadline import CallPlan
-from proto.decision.v1 import decision_pb2
+from decision_client.v1 import decision_pb2
 from server.engine import DecisionEngine
 from server.servicer import DecisionServicer
 

@@ -16,9 +16,9 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from core.caller import CALLER_OPTIONS
 from core.deadline import CALL_SLOTS, QUEUED_CALLS_MAX
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from decision_client.channel import CALLER_OPTIONS
+from decision_client.v1 import decision_pb2, decision_pb2_grpc
 from server.app import DecisionApp
 from server.load_metrics import core_calls
 from tests.server.admin.test_admin import wait_store_rows

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, StatusCode
 
 from core.processes import free_port
-from proto.decision.v1 import decision_pb2
+from decision_client.v1 import decision_pb2
 from server.app import DecisionApp
 from server.control import flags
 from server.tracing import Tracing

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from core.processes import free_ports, start_ready
+from decision_client.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from feature_cache.schema import FEATURE_NAMES, MODEL_INPUT_WIDTH, model_row
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.app import DecisionApp
 from server.oip import OipClient, oip_model_infer, oip_request
 from tests.conftest import offline_scores

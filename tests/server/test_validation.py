@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.domain import Side
-from proto.decision.v1 import decision_pb2
+from decision_client.v1 import decision_pb2
 from server.errors import InvalidArgument
 from server.validation import check_symbol, order_from_pb
 

@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import server.app
+from decision_client.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from feature_cache.schema import MODEL_INPUT_WIDTH
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server.admin import ctl
 from server.app import DecisionApp
 from server.audit.store import admin_actions, create_store_engine, decisions

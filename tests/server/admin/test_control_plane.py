@@ -18,9 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.processes import free_port
+from decision_client.v1 import admin_pb2, admin_pb2_grpc
 from feature_cache.store import FeatureReader
 from localstack.redis_server import start_redis
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc
 from server.admin.control_plane import ControlPlane
 from server.app import DecisionApp
 from server.audit.record import AdminRecord

@@ -21,8 +21,8 @@ import pytest
 import redis
 
 from core.processes import ManagedProcess, free_port, free_ports, stop_all
+from decision_client.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from localstack.health import serving
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from tests.conftest import server_process
 from tests.server.admin.conftest import OwnRedis
 from tests.server.admin.test_control_state_loss import WITHIN_S

@@ -14,8 +14,8 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from core.processes import free_port
-from proto.decision.v1 import admin_pb2 as pb
-from proto.decision.v1 import admin_pb2_grpc as pb_grpc
+from decision_client.v1 import admin_pb2 as pb
+from decision_client.v1 import admin_pb2_grpc as pb_grpc
 from server.admin import ctl, ctl_connection, ctl_format
 
 # Test tokens of a fake server, not secrets.

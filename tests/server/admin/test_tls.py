@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from proto.decision.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
+from decision_client.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server import probe
 from server.admin import ctl
 from server.app import DecisionApp

@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.processes import ManagedProcess, free_port
+from decision_client.v1 import decision_pb2, decision_pb2_grpc
 from localstack.health import serving
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
 from server.audit.store import AuditStore, create_store_engine, decisions
 from tests.conftest import server_process, wait_for
 from tests.server.audit.proxy import TcpProxy

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proto.decision.v1 import decision_pb2
+from decision_client.v1 import decision_pb2
 from server.audit.replay import load_decisions, replay
 from tests.conftest import REPO, shared_models, wait_for
 from tests.server.conftest import (

@@ -30,7 +30,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n proto/decision/v1
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.decision.v1.decision_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'decision_client.v1.decision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECIDEREQUEST_FEATUREOVERRIDESENTRY']._loaded_options = None

@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 
-from core.caller import channel_options, service_config
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from decision_client.channel import channel_options, service_config
+from decision_client.v1 import decision_pb2, decision_pb2_grpc
 
 SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"]
 

@@ -10,7 +10,7 @@ against main.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from proto.decision.v1 import decision_pb2 as _decision_pb2
+from decision_client.v1 import decision_pb2 as _decision_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

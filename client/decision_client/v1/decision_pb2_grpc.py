@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.decision.v1 import decision_pb2 as proto_dot_decision_dot_v1_dot_decision__pb2
+from decision_client.v1 import decision_pb2 as proto_dot_decision_dot_v1_dot_decision__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from proto.decision.v1 import decision_pb2, decision_pb2_grpc
+from decision_client.v1 import decision_pb2, decision_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Compatibility: as decision.proto, fields are only ever added.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from proto.decision.v1 import admin_pb2 as _admin_pb2
+from decision_client.v1 import admin_pb2 as _admin_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
