@@ -26,7 +26,7 @@ def test_the_config_names_only_methods_of_the_service_and_retries_nothing() -> N
                for m in config["methodConfig"])  # fmt: skip
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     caps = {n["method"]: m.get("timeout") for m in config["methodConfig"] for n in m["name"]}
-    assert caps == {"Decide": "0.5s", "DecideBatch": "0.5s", "DecideStream": None}
+    assert caps == {"Decide": "0.500000000s", "DecideBatch": "0.500000000s", "DecideStream": None}
     # Python's channels go without the cap (grpcio applies it wrongly: see the module).
     assert all("timeout" not in m for m in json.loads(service_config())["methodConfig"])
 
