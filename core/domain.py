@@ -100,6 +100,7 @@ class CallInfo:
     received_at_ns: int  # wall clock, ns since the epoch
     trace_id: str = ""  # W3C trace id (32 hex digits) when the caller sent a traceparent
     caller: str = ""  # the authenticated principal, else the transport's peer address
+    verified: bool = False  # caller is the identity of a client certificate (mTLS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,6 +99,12 @@ class _Order:
         )
 
 
+# Verified callers counted by name in the metrics; the rest share OTHER_CALLERS (a label
+# per certificate would grow without bound).
+MAX_CALLER_LABELS = 50
+OTHER_CALLERS = "other"
+
+
 class DecisionEngine:
     def __init__(
         self,
@@ -133,6 +139,8 @@ class DecisionEngine:
         self.decided: collections.Counter[tuple[Source, Decision]] = collections.Counter()
         # Decisions not the model's, by who decided and why.
         self.fallbacks: collections.Counter[tuple[Source, Reason]] = collections.Counter()
+        # Decisions by verified caller (mTLS), at most MAX_CALLER_LABELS of them by name.
+        self.callers: collections.Counter[str] = collections.Counter()
         self.latency = {source: Buckets(LATENCY_BOUNDS_S) for source in Source}
         self.feature_age = Buckets(FEATURE_AGE_BOUNDS_S)
 
@@ -163,6 +171,8 @@ class DecisionEngine:
         raises ``AuditUnavailable`` (and returns nothing) when they cannot be recorded."""
         self._in_flight += len(orders)
         self._calls_in_flight += 1
+        if call.verified:
+            self._count_caller(call.caller, len(orders))
         # The ids come first, so that every log line of the decision carries them.
         ids = [str(uuid.uuid4()) for _ in orders]
         try:
@@ -322,6 +332,10 @@ class DecisionEngine:
             else:
                 item.outcome = outcome.after(before)
                 item.reason_code = features.fallback or Reason.NO_FEATURES
+
+    def _count_caller(self, caller: str, decisions: int) -> None:
+        known = caller in self.callers or len(self.callers) < MAX_CALLER_LABELS
+        self.callers[caller if known else OTHER_CALLERS] += decisions
 
     def _tally(self, results: Sequence[DecisionResult]) -> None:
         for result in results:

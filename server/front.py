@@ -1,5 +1,6 @@
 """``GrpcFront``: the server's gRPC side. The DecisionService port with health and
-reflection, the AdminService port (its own, token-checked), TLS on both.
+reflection, the AdminService port (its own, token-checked), TLS on both (certificates
+reloaded when their files change: ``server.tls``).
 
 Ports are bound before anything else starts (a port in use fails the start at once),
 the servers start last, and both stop together: concurrently, so a shutdown takes one
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,6 +32,7 @@ from server.admin.servicer import ADMIN_SERVICE, READ_METHODS, AdminServicer
 from server.intake import CallSlots
 from server.servicer import DecisionServicer, add_decision_service, add_tolerant_service
 from server.settings import Settings
+from server.tls import CertificateFiles
 
 log = logging.getLogger(__name__)
 
@@ -65,24 +66,19 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
-def server_credentials(settings: Settings, *, client_ca_file: str = "") -> grpc.ServerCredentials:
-    """TLS credentials from the settings' PEM files; with ``client_ca_file``, clients must
-    present a certificate that CA signed (mTLS)."""
-    server = settings.server
-    key, chain = Path(server.tls_key_file).read_bytes(), Path(server.tls_cert_file).read_bytes()
-    client_ca = Path(client_ca_file).read_bytes() if client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
-
-
 def add_port(
     server: grpc.aio.Server, address: str, settings: Settings, *, client_ca_file: str = ""
 ) -> int:
-    if not settings.server.tls_cert_file:
+    """Binds ``address``: plaintext, or TLS from the settings' files, read again when they
+    change (``server.tls``); with ``client_ca_file``, clients must present a certificate
+    that CA signed (mTLS)."""
+    server_settings = settings.server
+    if not server_settings.tls_cert_file:
         return server.add_insecure_port(address)
-    credentials = server_credentials(settings, client_ca_file=client_ca_file)
-    return server.add_secure_port(address, credentials)
+    files = CertificateFiles(
+        server_settings.tls_cert_file, server_settings.tls_key_file, client_ca_file
+    )
+    return server.add_secure_port(address, files.credentials())
 
 
 def admin_server(
@@ -140,7 +136,10 @@ class GrpcFront:
         """Binds both ports (port 0: any free one; see ``port``, ``admin_port``)."""
         settings = self._settings
         self.port = add_port(
-            self._server, f"{settings.server.host}:{settings.server.port}", settings
+            self._server,
+            f"{settings.server.host}:{settings.server.port}",
+            settings,
+            client_ca_file=settings.server.tls_client_ca_file,
         )
         admin = settings.admin
         self.admin_port = add_port(

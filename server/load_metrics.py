@@ -113,6 +113,15 @@ class LoadCollector(Collector):
         for (source, decision), count in sorted(self._engine.decided.items()):
             decided.add_metric([source.name.lower(), decision.name.lower()], count)
         yield decided
+        callers = CounterMetricFamily(
+            "decision_caller_decisions",
+            "Decisions asked for by callers whose client certificate was verified (mTLS on "
+            "DecisionService), by its identity; past the first 50, as 'other'.",
+            labels=["caller"],
+        )
+        for caller, count in sorted(self._engine.callers.items()):
+            callers.add_metric([caller], count)
+        yield callers
         fallbacks = CounterMetricFamily(
             "decision_fallbacks",
             "Decisions the model did not answer, by who decided and why (a bounded set of "

@@ -45,15 +45,19 @@ def _is_hex(text: str) -> bool:
 
 def call_info(context: grpc.aio.ServicerContext[Any, Any]) -> CallInfo:
     """The call's trace id is its server span's when that is sampled (the caller's trace,
-    or a new one), else the caller's ``traceparent``'s: an id with a trace behind it."""
+    or a new one), else the caller's ``traceparent``'s: an id with a trace behind it. The
+    caller is its client certificate's identity (its first subject alternative name) when
+    mTLS verified one, else the peer's address."""
     span = trace.get_current_span().get_span_context()
     sampled = span.is_valid and span.trace_flags.sampled
+    identity = next(iter(context.peer_identities() or ()), None)
     return CallInfo(
         received_at_ns=time.time_ns(),
         trace_id=(
             f"{span.trace_id:032x}" if sampled else trace_id_of(context.invocation_metadata())
         ),
-        caller=context.peer(),
+        caller=identity.decode(errors="replace") if identity else context.peer(),
+        verified=identity is not None,
     )
 
 

@@ -77,11 +77,22 @@ class ServerSettings(SettingsSection):
         "empty: plaintext. Needs tls_key_file.",
     )
     tls_key_file: str = Field("", description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str = Field(
+        "",
+        description="PEM CA bundle: when set (with TLS), DecisionService callers must present "
+        "a certificate it signed (mTLS); its first subject alternative name is the caller's "
+        "identity in the audit record and metrics. Reloaded when the file changes, as the "
+        "certificate and key.",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("server.tls_cert_file and server.tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError(
+                "server.tls_client_ca_file (mTLS) needs server.tls_cert_file and tls_key_file"
+            )
         return self
 
 

@@ -36,6 +36,9 @@ class FakeContext:
     def peer(self) -> str:
         return "ipv4:127.0.0.1:1"
 
+    def peer_identities(self) -> None:  # no client certificate
+        return None
+
     async def abort(
         self, code: grpc.StatusCode, details: str, trailing_metadata: object = ()
     ) -> None:

@@ -17,9 +17,18 @@ from decision_client.v1 import admin_pb2, admin_pb2_grpc, decision_pb2
 from server import probe
 from server.admin import ctl
 from server.app import DecisionApp
-from tests.server.conftest import OPERATOR_TOKEN, TOKENS, VIEWER, buy, decision_stub
+from tests.server.conftest import (
+    OPERATOR_TOKEN,
+    TOKENS,
+    VIEWER,
+    audited_decision,
+    buy,
+    decision_stub,
+)
 
 pytestmark = pytest.mark.integration
+
+DESK = "spiffe://trading.example/desk-7"  # a caller's identity, its certificate's SAN
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -36,18 +45,30 @@ def _signed(name: str, subject: str, extensions: str, cwd: Path) -> None:
              "-out", f"{name}.pem", cwd=cwd)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _ca_with_server(path: Path, name: str) -> Path:
+    """``path`` with a CA named ``name`` and a server certificate it signed."""
     if shutil.which("openssl") is None:
         pytest.fail("openssl not found on PATH (apt-get install openssl)")
-    path = tmp_path_factory.mktemp("pki")
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-subj", "/CN=decision test CA", "-keyout", "ca.key", "-out", "ca.pem",
+             "-subj", f"/CN={name}", "-keyout", "ca.key", "-out", "ca.pem",
              cwd=path)  # fmt: skip
     _signed("server", "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\n", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = _ca_with_server(tmp_path_factory.mktemp("pki"), "decision test CA")
     _signed("oncall", "/CN=oncall", "extendedKeyUsage=clientAuth\n", path)
+    _signed("desk", "/CN=desk", f"subjectAltName=URI:{DESK}\nextendedKeyUsage=clientAuth\n", path)
     (path / "operator.token").write_text(OPERATOR_TOKEN + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def renewed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another CA and a server certificate it signed: what a renewal brings."""
+    return _ca_with_server(tmp_path_factory.mktemp("renewed"), "decision renewed CA")
 
 
 def read(path: Path) -> bytes:
@@ -128,3 +149,91 @@ async def test_the_probe_checks_health_over_tls(start_app, pki: Path) -> None:
     assert await asyncio.to_thread(probe.main, [*tls, *service, address]) == 0
     # Plaintext to a TLS port is no answer: the probe fails.
     assert await asyncio.to_thread(probe.main, ["--timeout-s", "1", address]) == 1
+
+
+async def handshakes(port: int, ca: Path) -> bool:
+    """Whether a new connection trusting only ``ca`` completes its TLS handshake."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=read(ca))
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout=2.0)
+        except TimeoutError:
+            return False
+        return True
+
+
+async def test_a_certificate_replaced_on_disk_is_served_without_a_restart(
+    start_app, pki: Path, renewed: Path, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(pki / "server.pem", cert)
+    shutil.copy(pki / "server.key", key)
+    app: DecisionApp = await start_app(
+        server={"tls_cert_file": str(cert), "tls_key_file": str(key)}, admin={"tokens": TOKENS}
+    )
+    old = grpc.ssl_channel_credentials(root_certificates=read(pki / "ca.pem"))
+    async with grpc.aio.secure_channel(f"127.0.0.1:{app.port}", old) as kept:
+        stub = decision_stub(kept)
+        answered: list[decision_pb2.DecideResponse] = []
+        renewing = True
+
+        async def calls() -> None:  # on a connection made before the renewal
+            while renewing:
+                answered.append(await stub.Decide(buy(), timeout=5.0))
+                await asyncio.sleep(0.02)
+
+        caller = asyncio.create_task(calls())
+        await asyncio.sleep(0.2)
+        # As a renewal may land: one file at a time (the key first, so for a moment the
+        # pair does not match: the previous one is served meanwhile).
+        for source, target in ((renewed / "server.key", key), (renewed / "server.pem", cert)):
+            shutil.copy(source, target.with_suffix(".new"))
+            target.with_suffix(".new").replace(target)
+            await asyncio.sleep(0.1)
+        deadline = asyncio.get_running_loop().time() + 60
+        while not await handshakes(app.port, renewed / "ca.pem"):
+            assert asyncio.get_running_loop().time() < deadline, "renewal not served in 60 s"
+            await asyncio.sleep(0.5)
+        assert await handshakes(app.admin_port, renewed / "ca.pem")  # both ports
+        assert not await handshakes(app.port, pki / "ca.pem")  # the old one is gone
+        calls_before = len(answered)
+        await asyncio.sleep(0.2)
+        renewing = False
+        await caller  # raises if a call on the kept connection failed
+    assert len(answered) > calls_before > 0
+
+
+async def test_with_a_client_ca_a_caller_is_who_its_certificate_says(start_app, pki: Path) -> None:
+    app: DecisionApp = await start_app(
+        server={
+            "tls_cert_file": str(pki / "server.pem"),
+            "tls_key_file": str(pki / "server.key"),
+            "tls_client_ca_file": str(pki / "ca.pem"),
+        },
+    )
+    ca = read(pki / "ca.pem")
+    desk = grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=read(pki / "desk.key"),
+        certificate_chain=read(pki / "desk.pem"),
+    )
+    # Without a certificate the handshake fails: no call is taken.
+    anonymous = grpc.ssl_channel_credentials(root_certificates=ca)
+    async with grpc.aio.secure_channel(f"127.0.0.1:{app.port}", anonymous) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await decision_stub(channel).Decide(buy(), timeout=2.0)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    # With one, the caller is its identity; client_id stays the caller's own label, and
+    # claiming another's changes nothing of who called.
+    async with grpc.aio.secure_channel(f"127.0.0.1:{app.port}", desk) as channel:
+        stub = decision_stub(channel)
+        answers = [
+            await stub.Decide(buy(client_id=label), timeout=5.0) for label in ("desk-7", "desk-1")
+        ]
+    for answer, label in zip(answers, ("desk-7", "desk-1"), strict=True):
+        row = await audited_decision(app, answer.decision_id)
+        assert (row["caller"], row["client_id"]) == (DESK, label)
+    decided = app.metrics.registry.get_sample_value(
+        "decision_caller_decisions_total", {"caller": DESK}
+    )
+    assert decided == 2
