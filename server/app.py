@@ -30,6 +30,7 @@ from feature_cache.mirror import FeatureMirror
 from feature_cache.store import FeatureReader
 from server.admin.control_plane import ControlPlane
 from server.admin.servicer import AdminServicer
+from server.admission import CallerShares
 from server.audit.store import create_store_engine
 from server.audit.trail import AuditTrail, UnrecordedDecisions
 from server.breaker_probe import BreakerProbe
@@ -156,8 +157,10 @@ class DecisionApp:
         self.call_tally = CallTally(
             self.audit, lambda: self.engine.calls_in_flight, core_calls=self.stream_calls.calls
         )
+        self.shares = CallerShares(settings.server.caller_share, settings.server.caller_shares)
         registry = server_registry(
             engine=self.engine,
+            shares=self.shares,
             replicas=replicas.all,
             undelivered=self.undelivered,
             features=self.features,
@@ -179,6 +182,7 @@ class DecisionApp:
             plan=plan,
             stream_calls=self.stream_calls,
             max_unanswered=settings.server.max_concurrent_streams,
+            shares=self.shares,
         )
         if settings.server.metrics_port:
             decisions.observe_message = rpc_metrics.stream_messages(DECIDE_STREAM)

@@ -16,6 +16,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from server.admission import CallerShares
 from server.batching import BatchingClient
 from server.engine import DecisionEngine
 from server.model_client import GrpcModelClient, ModelClient
@@ -76,9 +77,11 @@ class LoadCollector(Collector):
         clients: Sequence[ModelClient],
         undelivered: UndeliveredAnswers | None = None,
         calls: Callable[[], CoreCalls] = core_calls,
+        shares: CallerShares | None = None,
     ) -> None:
         self._engine = engine
         self._calls = calls
+        self._shares = shares
         self._undelivered = undelivered
         self._batching = [c for c in clients if isinstance(c, BatchingClient)]
         unwrapped = [c.inner if isinstance(c, BatchingClient) else c for c in clients]
@@ -122,6 +125,16 @@ class LoadCollector(Collector):
         for caller, count in sorted(self._engine.callers.items()):
             callers.add_metric([caller], count)
         yield callers
+        refused = CounterMetricFamily(
+            "decision_caller_refusals",
+            "Calls refused (RESOURCE_EXHAUSTED) because their caller already had its share "
+            "in flight (server.caller_share), by caller; past the first 50, as 'other'. The "
+            "caller's doing: the objective does not count them.",
+            labels=["caller"],
+        )
+        for caller, count in sorted(self._shares.refused.items() if self._shares else ()):
+            refused.add_metric([caller], count)
+        yield refused
         fallbacks = CounterMetricFamily(
             "decision_fallbacks",
             "Decisions the model did not answer, by who decided and why (a bounded set of "

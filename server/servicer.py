@@ -15,7 +15,7 @@ from opentelemetry import trace
 from core.deadline import CallCost, CallPlan
 from core.domain import CallInfo, DecisionResult, OrderRequest
 from decision_client.v1 import decision_pb2, decision_pb2_grpc
-from server.admission import admit
+from server.admission import Admission, CallerShares, caller_of
 from server.engine import DecisionEngine
 from server.errors import grpc_errors, tolerant_parser
 from server.load_metrics import StreamCalls
@@ -78,12 +78,14 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         plan: CallPlan,
         stream_calls: StreamCalls | None = None,
         max_unanswered: int = 16,
+        shares: CallerShares | None = None,
     ) -> None:
         """``max_unanswered``: the DecideStreams of one connection hold at most this many
-        unanswered messages, what it may have calls in flight (``max_concurrent_streams``)."""
+        unanswered messages, what it may have calls in flight (``max_concurrent_streams``).
+        ``shares``: each caller's share of the calls in flight (none: no limit)."""
         self._engine = engine
-        self._plan = plan
         self.call_cost = CallCost()
+        self.admission = Admission(plan, engine, self.call_cost, shares or CallerShares(0, {}))
         self.stream_calls = stream_calls or StreamCalls()
         self._max_unanswered = max_unanswered
         self._connections: dict[str, Connection] = {}  # DecideStreams' connections, by peer
@@ -93,11 +95,12 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         self, orders: list[OrderRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> list[DecisionResult]:
         call = call_info(context)
-        budget = admit(self._plan, context.time_remaining(), self._engine, self.call_cost)
+        caller = caller_of(call, orders)
+        budget = self.admission.admit(context.time_remaining(), caller)
         try:
             return await self._engine.decide(orders, budget, call)
         finally:
-            self.call_cost.finished()
+            self.admission.finished(caller)
 
     @grpc_errors
     async def Decide(
@@ -137,7 +140,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         connection = self._connections.setdefault(peer, Connection())
         connection.streams += 1
         stream = DecisionStream(
-            self._engine, self._plan, self.call_cost, counts, self.observe_message,
+            self._engine, self.admission, counts, self.observe_message,
             context, call, connection, self._max_unanswered,
         )  # fmt: skip
         try:

@@ -71,6 +71,19 @@ class ServerSettings(SettingsSection):
         "it before Python sees it. Size it so that connections x this is what the "
         "server answers within a deadline (docs/overload.md).",
     )
+    caller_share: int = Field(
+        16,
+        ge=0,
+        description="Calls one caller may have in flight in this server process (a "
+        "DecideStream's unanswered messages count as calls): one past it is refused at once "
+        "(RESOURCE_EXHAUSTED with RetryInfo), counted apart as the caller's. A caller is its "
+        "client certificate's identity under mTLS, else the client_id it writes (advisory); "
+        "calls with neither have no share. 0: no limit.",
+    )
+    caller_shares: dict[str, int] = Field(
+        default_factory=dict,
+        description='caller_share for named callers, as JSON: {"spiffe://trading/desk-7": 24}.',
+    )
     tls_cert_file: str = Field(
         "",
         description="PEM certificate chain of both ports (DecisionService and AdminService); "

@@ -11,6 +11,7 @@ Messages are decided concurrently and answered as they are ready, one write at a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,10 +19,10 @@ from typing import Any
 
 import grpc
 
-from core.deadline import Budget, CallCost, CallPlan
+from core.deadline import Budget
 from core.domain import CallInfo
 from decision_client.v1 import decision_pb2
-from server.admission import admit
+from server.admission import Admission, caller_of
 from server.engine import DecisionEngine
 from server.errors import (
     DecisionError,
@@ -83,8 +84,7 @@ class DecisionStream:
     def __init__(
         self,
         engine: DecisionEngine,
-        plan: CallPlan,
-        cost: CallCost,
+        admission: Admission,
         counts: StreamCalls,
         observe: MessageObserver | None,
         context: Context,
@@ -93,7 +93,7 @@ class DecisionStream:
         max_unanswered: int,
     ) -> None:
         """``max_unanswered``: over the streams of ``connection``."""
-        self._engine, self._plan, self._cost = engine, plan, cost
+        self._engine, self._admission = engine, admission
         self._counts, self._observe = counts, observe
         self._context, self._call = context, call
         self._connection, self._max_unanswered = connection, max_unanswered
@@ -128,8 +128,9 @@ class DecisionStream:
                 raise InvalidArgument("request.request_id", "is already unanswered on this stream")
             order = order_from_pb(message.request, "request.")
             if (held := self._connection.unanswered) >= self._max_unanswered:
-                raise _Unanswered(self._max_unanswered, held * self._cost.ms)
-            budget = self._budget(message)
+                raise _Unanswered(self._max_unanswered, held * self._admission.cost.ms)
+            caller = caller_of(self._call, [order])
+            budget = self._budget(message, caller)
         except Exception as exc:  # as a unary call's error: this message's, not the stream's
             if not isinstance(exc, DecisionError):
                 log.exception("unhandled error taking a DecideStream message")
@@ -138,13 +139,13 @@ class DecisionStream:
             self._refusing.add(task)
             task.add_done_callback(self._refusing.discard)
             return
-        call = CallInfo(time.time_ns(), self._call.trace_id, self._call.caller)
+        call = dataclasses.replace(self._call, received_at_ns=time.time_ns())
         self._connection.unanswered += 1
         self._unanswered[request_id] = asyncio.create_task(
-            self._decide(request_id, order, budget, call, begun)
+            self._decide(request_id, order, budget, call, caller, begun)
         )
 
-    def _budget(self, message: decision_pb2.DecideStreamRequest) -> Budget:
+    def _budget(self, message: decision_pb2.DecideStreamRequest, caller: str) -> Budget:
         """The message's budget from its own timeout (unset: the default), within the
         stream's deadline; refused as a unary call would be."""
         remaining_s = self._context.time_remaining()
@@ -153,16 +154,22 @@ class DecisionStream:
             raise InvalidArgument("timeout", f"must not be negative, got {own_s:g} s")
         if own_s > 0:
             remaining_s = own_s if remaining_s is None else min(own_s, remaining_s)
-        return admit(self._plan, remaining_s, self._engine, self._cost, within_default=own_s <= 0)
+        return self._admission.admit(remaining_s, caller, within_default=own_s <= 0)
 
     async def _decide(
-        self, request_id: str, order: Any, budget: Budget, call: CallInfo, begun: float
+        self,
+        request_id: str,
+        order: Any,
+        budget: Budget,
+        call: CallInfo,
+        caller: str,
+        begun: float,
     ) -> None:
         try:
             try:
                 (result,) = await self._engine.decide([order], budget, call)
             finally:
-                self._cost.finished()
+                self._admission.finished(caller)
         except DecisionError as exc:
             await self._answer_error(request_id, exc, begun)
         except asyncio.CancelledError:  # the stream ended: this message ends unanswered

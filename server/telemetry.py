@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from feature_cache.mirror import FeatureMirror
 from feature_cache.schema import FEATURE_NAMES
+from server.admission import CallerShares
 from server.audit.trail import AuditTrail
 from server.control.canary import CanaryMonitor
 from server.control.shared import SyncStatus
@@ -270,6 +271,7 @@ class ControlStateCollector(Collector):
 def server_registry(
     *,
     engine: DecisionEngine,
+    shares: CallerShares,
     replicas: Sequence[Replica],
     undelivered: UndeliveredAnswers,
     features: FeatureSource,
@@ -290,7 +292,7 @@ def server_registry(
     PlatformCollector(registry=registry)
     collectors: list[Collector] = [
         ReplicaCollector(replicas),
-        LoadCollector(engine, [r.client for r in replicas], undelivered, calls),
+        LoadCollector(engine, [r.client for r in replicas], undelivered, calls, shares),
         FeatureCollector(features, mirror),
         CanaryCollector(canary, control),
         ControlStateCollector(control_status),

@@ -18,6 +18,7 @@ from core.domain import Decision, DecisionResult, Source
 from decision_client.stream import DecideStreamClient, MessageError
 from decision_client.v1 import decision_pb2, decision_pb2_grpc
 from server import load_metrics
+from server.admission import CallerShares
 from server.engine import DecisionEngine
 from server.servicer import DecisionServicer, add_decision_service
 
@@ -57,12 +58,13 @@ class FakeEngine:
 
 @contextlib.asynccontextmanager
 async def serving(
-    engine: FakeEngine, max_unanswered: int = 4
+    engine: FakeEngine, max_unanswered: int = 4, shares: CallerShares | None = None
 ) -> AsyncIterator[tuple[DecisionServicer, grpc.aio.Channel]]:
     server = grpc.aio.server()
     servicer = DecisionServicer(
-        cast(DecisionEngine, engine), plan=CallPlan(), max_unanswered=max_unanswered
-    )
+        cast(DecisionEngine, engine), plan=CallPlan(), max_unanswered=max_unanswered,
+        shares=shares,
+    )  # fmt: skip
     add_decision_service(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     servicer.port = port  # type: ignore[attr-defined]  # for a second connection
@@ -74,10 +76,13 @@ async def serving(
         await server.stop(grace=None)
 
 
-def order(request_id: str, symbol: str = "BTC-USD", quantity: float = 1.0) -> Any:
+def order(
+    request_id: str, symbol: str = "BTC-USD", quantity: float = 1.0, client_id: str = ""
+) -> Any:
     return decision_pb2.DecideRequest(
-        request_id=request_id, symbol=symbol, side=decision_pb2.SIDE_BUY, quantity=quantity
-    )
+        request_id=request_id, symbol=symbol, side=decision_pb2.SIDE_BUY, quantity=quantity,
+        client_id=client_id,
+    )  # fmt: skip
 
 
 def message(request: decision_pb2.DecideRequest, timeout_ms: int = 0) -> Any:
@@ -159,6 +164,27 @@ async def test_a_message_past_the_streams_cap_is_refused_at_once_never_queued() 
     counts = servicer.stream_calls
     # The refusal failed, as a unary call its handler refused.
     assert (counts.messages, counts.answered, counts.failed) == (4, 3, 1)
+
+
+async def test_a_streams_messages_count_against_their_callers_share() -> None:
+    engine = FakeEngine()
+    engine.gates["SLOW-USD"] = asyncio.Event()
+    async with serving(engine, shares=CallerShares(1, {})) as (_, channel):
+        client = DecideStreamClient(channel)
+        held = asyncio.create_task(
+            client.decide(order("h", "SLOW-USD", client_id="desk"), timeout_s=2.0)
+        )
+        await asyncio.sleep(0.1)
+        with pytest.raises(MessageError) as refused:
+            await client.decide(order("past", client_id="desk"), timeout_s=2.0)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "'desk' has 1 calls in flight" in (refused.value.details() or "")
+        assert (await client.decide(order("other", client_id="desk-2"), timeout_s=2.0)).request_id
+        engine.gates["SLOW-USD"].set()
+        await held
+        assert (await client.decide(order("after", client_id="desk"), timeout_s=2.0)).request_id
+        await client.close()
+    assert "past" not in engine.decided
 
 
 @pytest.mark.parametrize(("ahead", "refused"), [(0, False), (200, True)])

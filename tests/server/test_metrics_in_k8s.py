@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 import yaml
 
@@ -47,14 +48,19 @@ async def test_the_manifests_name_only_exported_metrics(start_app, channel_to, t
     rendered = {overlay: render_overlay(overlay) for overlay in OVERLAYS}
     port = free_port()
     app: DecisionApp = await start_app(
-        server={"metrics_port": port},
+        server={"metrics_port": port, "caller_share": 1},
         drift={"model_store": str(tmp_path)},  # no archives: the PSI families read NaN
         # A challenger (nobody there) makes the server shadow-score, with its metrics.
         torchserve={"challenger_address": f"127.0.0.1:{free_port()}"},
     )
     assert app.metrics is not None
-    # One decision (ABSTAIN: no features) makes the families with labels show samples.
-    await decision_stub(channel_to(app)).Decide(buy(), timeout=2.0)
+    # One decision (ABSTAIN: no features) makes the families with labels show samples;
+    # a caller whose one call in flight is held here, its second refused, the refusals'.
+    stub = decision_stub(channel_to(app))
+    await stub.Decide(buy(), timeout=2.0)
+    app.shares.take("desk-7", call_ms=1.0)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Decide(buy(client_id="desk-7"), timeout=2.0)
     exported = await asyncio.to_thread(exported_names, port)
     assert "decision_in_flight" in exported
     for overlay, objects in rendered.items():
