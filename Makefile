@@ -35,6 +35,7 @@ config-doc: setup ## Regenerate docs/configuration.md (every DECISION_* setting)
 	@$(PY) -m localkafka.api_doc
 
 client: setup ## Build the decision-client wheel (client/: the stubs and caller helpers, no server code) into dist/
+	@rm -rf client/build  # setuptools reuses it: a module deleted from the source would ship
 	@$(PY) -m pip wheel --no-deps --no-build-isolation -q -w dist ./client
 	@ls dist/decision_client-*.whl
 

@@ -31,7 +31,7 @@ from decision_client.v1 import decision_pb2
 from loadtest import bench
 from loadtest.feature_keeper import fresh_features
 from loadtest.report import markdown_table, write_block
-from server.admission import CallerShares
+from server.admission import Caller, CallerShares
 from server.settings import ServerSettings, Settings
 
 DEADLINE_S = 0.05
@@ -142,13 +142,13 @@ async def measure(address: str, redis_url: str, args: argparse.Namespace) -> lis
 def check_cost(pairs: int = 200_000) -> float:
     """Nanoseconds a take and release of one call cost, among 100 callers."""
     shares = CallerShares(SHARE, {})
-    callers = [f"spiffe://trading/desk-{i}" for i in range(100)]
+    callers = [Caller(f"spiffe://trading/desk-{i}", True) for i in range(100)]
 
     def run() -> None:
         for i in range(pairs):
             caller = callers[i % 100]
             shares.take(caller, 1.0)
-            shares.release(caller)
+            shares.release(caller.key)
 
     return min(timeit.repeat(run, number=1, repeat=5)) / pairs * 1e9
 

@@ -134,10 +134,10 @@ def source_label(source: decision_pb2.Source.ValueType) -> str:
     return decision_pb2.Source.Name(source).removeprefix("SOURCE_").lower().replace("_", "-")
 
 
-def request_mix(symbols: Sequence[str]) -> list[decision_pb2.DecideRequest]:
+def request_mix(symbols: Sequence[str], client_id: str) -> list[decision_pb2.DecideRequest]:
     """One buy and one sell per symbol: the orders a user cycles through."""
     return [
-        decision_pb2.DecideRequest(symbol=symbol, side=side, quantity=1.0, client_id="locust")
+        decision_pb2.DecideRequest(symbol=symbol, side=side, quantity=1.0, client_id=client_id)
         for symbol in symbols
         for side in (decision_pb2.SIDE_BUY, decision_pb2.SIDE_SELL)
     ]

@@ -132,7 +132,7 @@ class DecisionUser(User):
         options = scenario_options(environment)
         self._deadline_s = options.deadline_s
         self._pace = constant_throughput(options.user_rps)
-        self._requests = request_mix(options.symbols)
+        self._requests = request_mix(options.symbols, f"locust-{id(self):x}")  # a share each
         self._next = random.randrange(len(self._requests))
         # A connection of its own per user (not the process-wide subchannel pool's one):
         # a server with several workers on one port spreads connections, not requests.

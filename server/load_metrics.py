@@ -128,12 +128,13 @@ class LoadCollector(Collector):
         refused = CounterMetricFamily(
             "decision_caller_refusals",
             "Calls refused (RESOURCE_EXHAUSTED) because their caller already had its share "
-            "in flight (server.caller_share), by caller; past the first 50, as 'other'. The "
-            "caller's doing: the objective does not count them.",
-            labels=["caller"],
+            "in flight (server.caller_share), by caller (past the first 50, as 'other') and "
+            "whether its certificate was verified; a verified caller's refusals are its own "
+            "doing, which the objective leaves out.",
+            labels=["caller", "verified"],
         )
-        for caller, count in sorted(self._shares.refused.items() if self._shares else ()):
-            refused.add_metric([caller], count)
+        for who, count in sorted(self._shares.refused.items() if self._shares else ()):
+            refused.add_metric([who.key, str(who.verified).lower()], count)
         yield refused
         fallbacks = CounterMetricFamily(
             "decision_fallbacks",

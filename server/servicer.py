@@ -46,8 +46,8 @@ def _is_hex(text: str) -> bool:
 def call_info(context: grpc.aio.ServicerContext[Any, Any]) -> CallInfo:
     """The call's trace id is its server span's when that is sampled (the caller's trace,
     or a new one), else the caller's ``traceparent``'s: an id with a trace behind it. The
-    caller is its client certificate's identity (its first subject alternative name) when
-    mTLS verified one, else the peer's address."""
+    caller is its client certificate's identity (its first subject alternative name, else
+    its common name, as gRPC reports it) when mTLS verified one, else the peer's address."""
     span = trace.get_current_span().get_span_context()
     sampled = span.is_valid and span.trace_flags.sampled
     identity = next(iter(context.peer_identities() or ()), None)

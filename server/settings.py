@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, NonNegativeInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings
 
 from core.deadline import (
@@ -76,11 +76,11 @@ class ServerSettings(SettingsSection):
         ge=0,
         description="Calls one caller may have in flight in this server process (a "
         "DecideStream's unanswered messages count as calls): one past it is refused at once "
-        "(RESOURCE_EXHAUSTED with RetryInfo), counted apart as the caller's. A caller is its "
-        "client certificate's identity under mTLS, else the client_id it writes (advisory); "
-        "calls with neither have no share. 0: no limit.",
+        "(RESOURCE_EXHAUSTED with RetryInfo), counted apart. A caller is its client "
+        "certificate's identity under mTLS, else the client_id it writes from its host "
+        "(advisory); calls with neither have no share. 0: no limit.",
     )
-    caller_shares: dict[str, int] = Field(
+    caller_shares: dict[str, NonNegativeInt] = Field(
         default_factory=dict,
         description='caller_share for named callers, as JSON: {"spiffe://trading/desk-7": 24}.',
     )
@@ -93,9 +93,9 @@ class ServerSettings(SettingsSection):
     tls_client_ca_file: str = Field(
         "",
         description="PEM CA bundle: when set (with TLS), DecisionService callers must present "
-        "a certificate it signed (mTLS); its first subject alternative name is the caller's "
-        "identity in the audit record and metrics. Reloaded when the file changes, as the "
-        "certificate and key.",
+        "a certificate it signed (mTLS); its first subject alternative name (else its common "
+        "name) is the caller's identity in the audit record and metrics. Reloaded when the "
+        "file changes, as the certificate and key.",
     )
 
     @model_validator(mode="after")

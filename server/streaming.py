@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,7 @@ import grpc
 from core.deadline import Budget
 from core.domain import CallInfo
 from decision_client.v1 import decision_pb2
-from server.admission import Admission, caller_of
+from server.admission import Admission, Caller, caller_of
 from server.engine import DecisionEngine
 from server.errors import (
     DecisionError,
@@ -141,11 +142,19 @@ class DecisionStream:
             return
         call = dataclasses.replace(self._call, received_at_ns=time.time_ns())
         self._connection.unanswered += 1
-        self._unanswered[request_id] = asyncio.create_task(
-            self._decide(request_id, order, budget, call, caller, begun)
-        )
+        task = asyncio.create_task(self._decide(request_id, order, budget, call, begun))
+        self._unanswered[request_id] = task
+        task.add_done_callback(functools.partial(self._settled, request_id, caller))
 
-    def _budget(self, message: decision_pb2.DecideStreamRequest, caller: str) -> Budget:
+    def _settled(self, request_id: str, caller: Caller, task: asyncio.Task[None]) -> None:
+        """A message's task is done, also one cancelled before it ran: its place on the
+        connection and in its caller's share are free."""
+        if self._unanswered.get(request_id) is task:
+            del self._unanswered[request_id]
+        self._connection.unanswered -= 1
+        self._admission.finished(caller)
+
+    def _budget(self, message: decision_pb2.DecideStreamRequest, caller: Caller) -> Budget:
         """The message's budget from its own timeout (unset: the default), within the
         stream's deadline; refused as a unary call would be."""
         remaining_s = self._context.time_remaining()
@@ -162,14 +171,10 @@ class DecisionStream:
         order: Any,
         budget: Budget,
         call: CallInfo,
-        caller: str,
         begun: float,
     ) -> None:
         try:
-            try:
-                (result,) = await self._engine.decide([order], budget, call)
-            finally:
-                self._admission.finished(caller)
+            (result,) = await self._engine.decide([order], budget, call)
         except DecisionError as exc:
             await self._answer_error(request_id, exc, begun)
         except asyncio.CancelledError:  # the stream ended: this message ends unanswered
@@ -183,9 +188,8 @@ class DecisionStream:
                 request_id=request_id, response=response_to_pb(result)
             )
             await self._write(response, grpc.StatusCode.OK, begun)
-        finally:
+        finally:  # the id is free for a new message once answered (``_settled`` comes later)
             self._unanswered.pop(request_id, None)
-            self._connection.unanswered -= 1
 
     async def _answer_error(self, request_id: str, error: DecisionError, begun: float) -> None:
         response = decision_pb2.DecideStreamResponse(request_id=request_id, error=error_pb(error))

@@ -3,9 +3,10 @@ rewriting a Secret's volume) is served to new connections without a restart.
 
 gRPC asks ``CertificateFiles.fetch`` at each new connection's handshake (dynamic server
 credentials); it compares the files' identity (inode, size, modification time) with what
-it served last, costing a few stats, and loads them again only when they changed. A
-pair that does not load (a key that does not match its certificate while one file is
-being replaced) is logged and the previous pair kept; the next handshake tries again.
+it served last, costing a few stats, and loads them again only when they changed. Files
+that do not load (a key that does not match its certificate while one file is being
+replaced, a CA bundle that does not parse) are logged and the previous ones kept, until
+a file changes again.
 Connections already open keep the certificate they were made with until they close
 (``server.max_connection_age_s`` bounds that).
 """
@@ -81,7 +82,11 @@ class CertificateFiles:
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         key, chain = self._key.read_bytes(), self._cert.read_bytes()
-        # The pair must match (ssl raises when the key is not the certificate's).
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self._cert, self._key)
+        # The pair must match (ssl raises when the key is not the certificate's), and the
+        # CA bundle parse: gRPC would keep the previous ones without a word.
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self._cert, self._key)
         client_ca = self._client_ca.read_bytes() if self._client_ca else None
+        if client_ca is not None:
+            context.load_verify_locations(cadata=client_ca.decode("ascii", errors="replace"))
         return grpc.ssl_server_certificate_configuration([(key, chain)], client_ca)

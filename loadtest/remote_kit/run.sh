@@ -16,6 +16,7 @@ mkdir -p /tmp/dk && untar "$K/jre.tar.xz" /tmp/dk && /tmp/dk/jre/bin/java -versi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-ts "$K"/torchserve-*.whl || exit 4
 SP=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo 'import site; site.addsitedir("/tmp/site-ts")' > "$SP/01-torchserve.pth"
+echo "$PWD/client" > "$SP/02-decision-client.pth"  # decision_client, from this checkout
 mkdir -p /tmp/site-ts/ts/frontend /tmp/dk/jar && untar "$K/jar.tar.xz" /tmp/dk/jar || exit 4
 (cd /tmp/dk/jar && $PY -c '
 import os, zipfile

@@ -111,7 +111,8 @@ def test_stale_features_asks_about_the_stale_symbols():
 
 
 def test_request_mix_is_valid_and_covers_both_sides():
-    requests = request_mix(("BTC-USD", "ETH-USD"))
+    requests = request_mix(("BTC-USD", "ETH-USD"), "locust-1")
+    assert {r.client_id for r in requests} == {"locust-1"}  # its own share
     assert {(r.symbol, r.side) for r in requests} == {
         (s, side)
         for s in ("BTC-USD", "ETH-USD")

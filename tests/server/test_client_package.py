@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,8 +50,12 @@ def run(*args: str | Path, timeout_s: float = 180) -> str:
 def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtualenv holding the decision-client wheel and ``BESIDE``; its python."""
     root = tmp_path_factory.mktemp("client")
+    # Built from a copy: setuptools reuses a build folder, which could ship stale modules.
+    source = shutil.copytree(
+        REPO / "client", root / "src", ignore=shutil.ignore_patterns("build", "*.egg-info")
+    )
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-        "-w", root / "dist", REPO / "client")  # fmt: skip
+        "-w", root / "dist", source)  # fmt: skip
     (wheel,) = (root / "dist").glob("decision_client-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()

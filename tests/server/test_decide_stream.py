@@ -178,7 +178,7 @@ async def test_a_streams_messages_count_against_their_callers_share() -> None:
         with pytest.raises(MessageError) as refused:
             await client.decide(order("past", client_id="desk"), timeout_s=2.0)
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "'desk' has 1 calls in flight" in (refused.value.details() or "")
+        assert "'desk@ipv4:127.0.0.1' has 1 calls in flight" in (refused.value.details() or "")
         assert (await client.decide(order("other", client_id="desk-2"), timeout_s=2.0)).request_id
         engine.gates["SLOW-USD"].set()
         await held

@@ -14,6 +14,7 @@ import yaml
 from core.processes import free_port
 from k8s.alert_rules import dashboard_expressions, rule_expressions
 from k8s.render import MONITORING_FILES, OVERLAYS, Object, load, one, render_overlay
+from server.admission import Caller
 from server.app import DecisionApp
 from tests.metrics import exported_names, names_in
 from tests.server.conftest import buy, decision_stub
@@ -58,7 +59,7 @@ async def test_the_manifests_name_only_exported_metrics(start_app, channel_to, t
     # a caller whose one call in flight is held here, its second refused, the refusals'.
     stub = decision_stub(channel_to(app))
     await stub.Decide(buy(), timeout=2.0)
-    app.shares.take("desk-7", call_ms=1.0)
+    app.shares.take(Caller("desk-7@ipv4:127.0.0.1", False), call_ms=1.0)
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.Decide(buy(client_id="desk-7"), timeout=2.0)
     exported = await asyncio.to_thread(exported_names, port)

@@ -28,7 +28,7 @@ EXAMPLE = REPO / "client-ts/dist/examples/decide.js"
 def run_example(target: str) -> list[dict[str, str]]:
     node = shutil.which("node")
     assert node, "node is missing (make setup-ci installs it with npm)"
-    assert EXAMPLE.exists(), "client-ts is not built (make setup-ci builds it)"
+    assert EXAMPLE.exists(), "client-ts is not built (make proto-check builds it)"
     done = subprocess.run(
         [node, str(EXAMPLE), "--target", target, "--timeout-ms", "2000", "--decides", "6"],
         capture_output=True, text=True, timeout=60, check=False,
