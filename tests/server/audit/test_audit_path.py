@@ -4,11 +4,12 @@ complete."""
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import signal
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -95,10 +96,22 @@ class Load:
         await asyncio.gather(*self._tasks)
 
 
-def start_server(proc: ManagedProcess, port: int) -> ManagedProcess:
-    """Starts ``proc`` (its workers in its process group) and waits until it serves."""
+def listeners(port: int) -> int:
+    """Sockets listening on ``port``: each worker of a server holds its own (SO_REUSEPORT)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                count += fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port
+    return count
+
+
+def start_server(proc: ManagedProcess, port: int, workers: int = 1) -> ManagedProcess:
+    """Starts ``proc`` (its workers in its process group) and waits until it serves on
+    every worker (callers that connect before a worker listens all reach the others)."""
     proc.start()
-    proc.wait_ready(functools.partial(serving, port), 30.0)
+    proc.wait_ready(lambda: serving(port) and listeners(port) >= workers, 30.0)
     return proc
 
 
@@ -130,7 +143,7 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
         DECISION_ADMIN__PORT=str(free_port()),
         **UNHURRIED_ENV,
     )
-    start_server(server, port)
+    start_server(server, port, workers)
     load = Load(port)
     engine = create_store_engine(url)
     store = AuditStore(engine)
@@ -140,7 +153,7 @@ async def test_every_decision_answered_ok_is_stored_after_a_sigkill_mid_load(
         await asyncio.to_thread(server.kill)  # every worker at once
         served_before_kill = len(load.ok_ids)
         await asyncio.sleep(0.3)  # callers now see UNAVAILABLE
-        await asyncio.to_thread(start_server, server, port)
+        await asyncio.to_thread(start_server, server, port, workers)
         await until_served(load, served_before_kill + 100)  # the restarted server served
         await load.stop()
 
