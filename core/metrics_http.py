@@ -2,7 +2,8 @@
 reading one, as Prometheus does (tests, benchmarks, reports).
 
 prometheus_client's HTTP server; the registry is the caller's own (no global one), so two
-components in one process never mix their metrics.
+components in one process never mix their metrics. Every registry served gets
+``decision_build_info{version,revision}`` (``core.build``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import urllib.request
 from threading import Thread
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Info, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
+
+from core.build import REVISION, VERSION
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,9 @@ class MetricsServer:
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         self.registry = registry
+        Info("decision_build", "The build this process runs.", registry=registry).info(
+            {"version": VERSION, "revision": REVISION}
+        )
         self._host = host
         self._requested_port = port
         self.port = 0

@@ -17,7 +17,8 @@ OVERLAYS = ("dev", "prod", "dev-mlserver", "dev-triton")
 # Rendered on their own: the topics live in the Kafka cluster's namespace.
 TOPICS = "topics"
 # Objects that live beside another release (the monitoring stack's), not in an overlay.
-MONITORING_FILES = ("monitoring/prometheus-adapter-config.yaml",)
+ADAPTER_CONFIG = "monitoring/prometheus-adapter-config.yaml"
+MONITORING_FILES = (ADAPTER_CONFIG,)
 # The Kubernetes version the objects are validated against (kubernetes-validate's schemas).
 KUBERNETES_VERSION = "1.37.0"
 

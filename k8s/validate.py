@@ -19,8 +19,9 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 
-from k8s.alert_rules import run_promtool
+from k8s.alert_rules import check_adapter_queries, run_promtool
 from k8s.render import (
+    ADAPTER_CONFIG,
     K8S_DIR,
     KUBERNETES_VERSION,
     MONITORING_FILES,
@@ -65,9 +66,9 @@ def file_schema(name: str) -> dict[str, Any]:
 
 # The Prometheus Operator's kinds: JSON schemas made from the typed models of its CRDs in
 # cloudcoil-models-prometheus-operator (its version names the operator's), closed here.
-# Strimzi's KafkaTopic: no registry package ships Strimzi's CRDs, so its schema is
-# written from Strimzi's API reference. Every other kind: kubernetes-validate's schemas of
-# Kubernetes KUBERNETES_VERSION.
+# Strimzi's KafkaTopic and sigstore's ClusterImagePolicy: no registry package ships their
+# CRDs, so their schemas are written from Strimzi's API reference and sigstore's CRD.
+# Every other kind: kubernetes-validate's schemas of Kubernetes KUBERNETES_VERSION.
 CUSTOM_SCHEMAS: dict[tuple[str, str], Callable[[], dict[str, Any]]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): lambda: prometheus_operator_schema(
         "ServiceMonitor"
@@ -77,6 +78,9 @@ CUSTOM_SCHEMAS: dict[tuple[str, str], Callable[[], dict[str, Any]]] = {
         "PrometheusRule"
     ),
     ("kafka.strimzi.io/v1beta2", "KafkaTopic"): lambda: file_schema("kafkatopic-v1beta2.json"),
+    ("policy.sigstore.dev/v1beta1", "ClusterImagePolicy"): lambda: file_schema(
+        "clusterimagepolicy-v1beta1.json"
+    ),
 }
 
 
@@ -143,11 +147,20 @@ def validate_objects(name: str, objects: list[Object]) -> list[str]:
 def lint_dockerfiles() -> list[str]:
     hadolint = Path(sys.executable).with_name("hadolint")
     dockerfiles = sorted((K8S_DIR / "images").glob("*.Dockerfile"))
+    dockerfiles += sorted((K8S_DIR / "overlays").glob("*/*.Containerfile"))
     result = subprocess.run(  # noqa: S603 - our own hadolint, our own files
         [str(hadolint), *map(str, dockerfiles)], capture_output=True, text=True, check=False
     )
-    print(f"hadolint: {len(dockerfiles)} Dockerfiles, exit {result.returncode}")
+    print(f"hadolint: {len(dockerfiles)} Dockerfiles and Containerfiles, exit {result.returncode}")
     return [] if result.returncode == 0 else result.stdout.strip().splitlines()
+
+
+def check_adapter() -> list[str]:
+    """The prometheus-adapter rules' PromQL, as the adapter expands it, checked by promtool."""
+    (config,) = load(ADAPTER_CONFIG)
+    run = check_adapter_queries(config)
+    print(f"{ADAPTER_CONFIG}: promtool {run.step}: {'ok' if run.ok else f'exit {run.returncode}'}")
+    return [] if run.ok else [f"{ADAPTER_CONFIG}: {run.output.strip()}"]
 
 
 def main() -> int:
@@ -159,6 +172,7 @@ def main() -> int:
     ]
     found += validate_kustomization(TOPICS, K8S_DIR / TOPICS)
     found += [p for path in MONITORING_FILES for p in validate_objects(path, load(path))]
+    found += check_adapter()
     found += lint_dockerfiles()
     for problem in found:
         print(f"  {problem}")

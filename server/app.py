@@ -47,7 +47,7 @@ from server.features import FeatureSource
 from server.fleet_entry import FleetEntry
 from server.front import GrpcFront
 from server.load_metrics import StreamCalls
-from server.readiness import until_ready
+from server.readiness import follow_sidecar, until_ready
 from server.redis_clients import decision_redis, side_redis
 from server.replicas import Replicas, traffic
 from server.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
@@ -282,6 +282,9 @@ class DecisionApp:
             )
         self._ready_task = asyncio.create_task(self._become_ready())
         stack.push_async_callback(cancel_and_wait, self._ready_task)
+        if self.settings.torchserve.primary_is_sidecar:
+            following = asyncio.create_task(self._follow_sidecar(self._ready_task))
+            stack.push_async_callback(cancel_and_wait, following)
 
     async def _become_ready(self) -> None:
         await until_ready(self._all_replicas, self.redis, self.shared, self.settings.redis.url)
@@ -290,6 +293,10 @@ class DecisionApp:
         with contextlib.suppress(aioredis.RedisError, OSError):
             await self.fleet.refresh()  # listed as SERVING before it says it is ready
         log.info("ready: health SERVING")
+
+    async def _follow_sidecar(self, ready: asyncio.Task[None]) -> None:
+        await ready
+        await follow_sidecar(self.replicas[0].client, self.front.set_decision_serving)
 
     async def _leave_serving(self) -> None:
         self.fleet_entry.serving = False

@@ -162,6 +162,10 @@ class GrpcFront:
         for service in ("", DECISION_SERVICE):
             await self.health.set(service, SERVING if serving else NOT_SERVING)
 
+    async def set_decision_serving(self, serving: bool) -> None:
+        """DecisionService's health alone (the readiness probe's; liveness asks "")."""
+        await self.health.set(DECISION_SERVICE, SERVING if serving else NOT_SERVING)
+
     async def set_audit_serving(self, serving: bool) -> None:
         await self.health.set(AUDIT_HEALTH, SERVING if serving else NOT_SERVING)
 

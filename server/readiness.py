@@ -6,23 +6,32 @@ Replica connections are opened first, so the first decisions do not pay for the 
 HTTP/2 handshakes; a replica that refuses the connection does not delay readiness, one
 that does not answer at all by at most ``REPLICA_CONNECT_TIMEOUT_S`` (the breaker and
 the ladder deal with either).
+
+``follow_sidecar`` then keeps DecisionService's health (the readiness probe's, not the
+server's: liveness must not restart the server for its sidecar) NOT_SERVING while a primary
+that is the pod's own sidecar refuses connections (``torchserve.primary_is_sidecar``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import redis.asyncio as aioredis
 
 from core.backoff import Backoff
 from server.control.shared import SharedControl
+from server.model_client import ModelClient
 from server.replica import Replica
 
 log = logging.getLogger(__name__)
 
 REPLICA_CONNECT_TIMEOUT_S = 2.0
+# A sidecar gone this long leaves the Service: longer than gRPC's first reconnect attempts,
+# so one refused connection (a restart of the replica's frontend) does not.
+SIDECAR_GONE_AFTER_S = 3.0
+SIDECAR_CHECK_S = 0.5  # how often the primary's connection is looked at
 
 
 async def until_ready(
@@ -51,3 +60,36 @@ async def until_ready(
         except (aioredis.RedisError, OSError) as exc:
             log.warning("waiting for Redis at %s: %s", redis_url, exc)
         await asyncio.sleep(backoff.next_s())
+
+
+async def follow_sidecar(
+    primary: ModelClient,
+    set_serving: Callable[[bool], Awaitable[None]],
+    gone_after_s: float = SIDECAR_GONE_AFTER_S,
+    check_s: float = SIDECAR_CHECK_S,
+) -> None:
+    """From readiness on: ``set_serving(False)`` once the primary has refused connections
+    for ``gone_after_s``, ``set_serving(True)`` once it connects again. Runs until
+    cancelled."""
+    loop = asyncio.get_running_loop()
+    serving, gone_since = True, None
+    while True:
+        reachable = await primary.connect(check_s)
+        now = loop.time()
+        if reachable:
+            gone_since = None
+        elif gone_since is None:
+            gone_since = now
+        wanted = gone_since is None or now - gone_since < gone_after_s
+        if wanted != serving:
+            serving = wanted
+            if serving:
+                log.warning("the primary (this pod's sidecar) connects again: SERVING")
+            else:
+                log.error(
+                    "the primary (this pod's sidecar) has refused connections for %.0f s: "
+                    "NOT_SERVING (DecisionService) until it is back",
+                    now - gone_since if gone_since is not None else 0.0,
+                )
+            await set_serving(serving)
+        await asyncio.sleep(check_s)

@@ -73,11 +73,12 @@ def mlserver_process(executable: Path, folder: Path, log_path: Path) -> ManagedP
     )
 
 
-def model_ready(address: str, model_name: str) -> bool:
-    """Whether the server at ``address`` says the model is ready (OIP ``ModelReady``)."""
+def model_ready(address: str, model_name: str, service: str = MLSERVER_OIP_SERVICE) -> bool:
+    """Whether the server at ``address`` says the model is ready (OIP ``ModelReady`` of
+    ``service``: TorchServe answers it under a package of its own)."""
     with grpc.insecure_channel(address) as channel:
         ready = channel.unary_unary(
-            f"/{MLSERVER_OIP_SERVICE}/ModelReady",
+            f"/{service}/ModelReady",
             request_serializer=oip_pb2.ModelReadyRequest.SerializeToString,
             response_deserializer=oip_pb2.ModelReadyResponse.FromString,
         )

@@ -111,13 +111,26 @@ def backend_directory(triton_root: Path, work_dir: Path) -> Path:
     python.mkdir(parents=True, exist_ok=True)
     source = triton_root / "backends" / "python"
     stub = triton_root / "python_backend_stubs" / sysconfig.get_python_version()
-    links = {item.name: item for item in source.iterdir()}
-    links["triton_python_backend_stub"] = stub / "triton_python_backend_stub"
-    for name, item in links.items():  # made anew: a folder kept across runs may be stale
-        target = python / name
+    for item in source.iterdir():  # made anew: a folder kept across runs may be stale
+        target = python / item.name
         target.unlink(missing_ok=True)
         target.symlink_to(item)
+    # A copy, owned by whoever runs Triton: it sets the stub's execute bit at every model
+    # load, which fails on a file of another user's (the image's, read-only, as uid 10004).
+    # Its libraries are found through stub_environment (its rpath is relative to its own
+    # place in the wheel).
+    target = python / "triton_python_backend_stub"
+    target.unlink(missing_ok=True)
+    shutil.copy2(stub / "triton_python_backend_stub", target)
     return backends
+
+
+def stub_environment(triton_root: Path) -> dict[str, str]:
+    """tritonserver's environment: the stub copied out of the wheel (backend_directory)
+    finds the wheel's bundled libraries through LD_LIBRARY_PATH."""
+    libs = str(triton_root.parent.parent / "nvidia_pytriton.libs")
+    inherited = os.environ.get("LD_LIBRARY_PATH")
+    return {**os.environ, "LD_LIBRARY_PATH": f"{libs}:{inherited}" if inherited else libs}
 
 
 def tritonserver_argv(
@@ -173,7 +186,13 @@ def tritonserver_process(
         http_port=http_port,
         metrics_port=metrics_port,
     )
-    return ManagedProcess(name, niced(argv, niceness), cwd=folder, log_path=log_path)
+    return ManagedProcess(
+        name,
+        niced(argv, niceness),
+        cwd=folder,
+        log_path=log_path,
+        env=stub_environment(triton_root),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         model=args.model,
     )
-    os.execv(command[0], command)  # noqa: S606 (tritonserver takes the process: PID 1)
+    env = stub_environment(args.triton_root)
+    os.execve(command[0], command, env)  # noqa: S606 (tritonserver takes the process: PID 1)
     return 0  # not reached
 
 

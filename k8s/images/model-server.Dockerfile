@@ -1,19 +1,25 @@
 # syntax=docker/dockerfile:1
 # TorchServe with the model archives baked in, one image for the three roles
-# (primary sidecar, secondary, challenger: the container's argument). Built from the
-# repository root after `make models`, naming the archives' version hashes (the sha256
-# of each archive's content, as models.json, every answer and every audit record carry
-# them); the build fails when an archive is not the version named:
-#   docker build -f k8s/images/model-server.Dockerfile \
-#     --build-arg CHAMPION_VERSION=$(.venv/bin/python -m torchserve.archive version .run/models/champion.mar) \
-#     --build-arg CHALLENGER_VERSION=$(.venv/bin/python -m torchserve.archive version .run/models/challenger.mar) \
-#     -t model-server:$(.venv/bin/python -m torchserve.archive version .run/models/champion.mar | cut -c1-12) .
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:0000000000000000000000000000000000000000000000000000000000000000
+# (primary sidecar, secondary, challenger: the container's argument). `make images`
+# builds it after `make models` (k8s/podman.py), naming the archives' version hashes (the
+# sha256 of each archive's content, as models.json, every answer and every audit record
+# carry them); the build fails when an archive is not the version named.
+# BASE_IMAGE: locally the Debian base `make images` makes; a release, the official python
+# image pinned by digest. The pip variables: the index and local wheels `make setup` uses;
+# the lock pins torch's CPU-only build (+cpu): in a release, PyTorch's CPU index.
+ARG BASE_IMAGE=localhost/decision-base:bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+FROM ${BASE_IMAGE} AS build
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
 WORKDIR /src
 RUN python -m venv /opt/venv
-COPY pyproject.toml constraints.txt README.md ./
+COPY k8s/images/model-server.lock ./
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes --no-deps --only-binary=:all: \
+      -r model-server.lock
+COPY pyproject.toml README.md LICENSE ./
 COPY core core
 COPY server server
 COPY fallback fallback
@@ -21,10 +27,13 @@ COPY feature_cache feature_cache
 COPY torchserve torchserve
 COPY proto proto
 COPY client client
-# The constraints pin torch's CPU-only build (+cpu): pass the index that serves it
-# (--build-arg PIP_EXTRA_INDEX_URL=...), or your registry's mirror of it.
-ARG PIP_EXTRA_INDEX_URL
-RUN /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt ./client ".[model]"
+ARG VERSION
+ARG REVISION
+RUN test -n "${VERSION}" && test -n "${REVISION}" \
+ && SETUPTOOLS_SCM_PRETEND_VERSION_FOR_DECISION_SERVICE="${VERSION}" \
+    SETUPTOOLS_SCM_PRETEND_METADATA_FOR_DECISION_SERVICE="{node=\"g${REVISION}\"}" \
+    /opt/venv/bin/pip install --no-cache-dir --no-deps ./client ".[model]" \
+ && /opt/venv/bin/pip check
 
 FROM build AS models
 ARG CHAMPION_VERSION
@@ -34,7 +43,10 @@ RUN test -n "${CHAMPION_VERSION}" && test -n "${CHALLENGER_VERSION}" \
  && test "$(/opt/venv/bin/python -m torchserve.archive version /opt/models/champion.mar)" = "${CHAMPION_VERSION}" \
  && test "$(/opt/venv/bin/python -m torchserve.archive version /opt/models/challenger.mar)" = "${CHALLENGER_VERSION}"
 
-FROM ${PYTHON_IMAGE}
+FROM ${BASE_IMAGE}
+ARG BASE_IMAGE
+ARG VERSION
+ARG REVISION
 ARG CHAMPION_VERSION
 ARG CHALLENGER_VERSION
 # TorchServe's frontend is Java 17; the headless JRE only.
@@ -46,6 +58,10 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 COPY --from=models /opt/models /opt/models
 LABEL org.opencontainers.image.title="model-server" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}" \
+      org.opencontainers.image.licenses="MIT" \
       decision.models.champion.version="${CHAMPION_VERSION}" \
       decision.models.challenger.version="${CHALLENGER_VERSION}"
 ENV PATH=/opt/venv/bin:$PATH \

@@ -5,17 +5,23 @@
 # tritonserver binary and its Python backend come from the nvidia-pytriton wheel
 # (requirements-triton.txt, without its Python dependencies); the backend runs each
 # archive's own scorer with this project's torch and xgboost (torchserve/triton.py).
-# Built from the repository root after `make models`, naming the archives' versions:
-#   docker build -f k8s/images/triton-server.Dockerfile \
-#     --build-arg CHAMPION_VERSION=$(.venv/bin/python -m torchserve.archive version .run/models/champion.mar) \
-#     --build-arg CHALLENGER_VERSION=$(.venv/bin/python -m torchserve.archive version .run/models/challenger.mar) \
-#     -t triton-server:$(.venv/bin/python -m torchserve.archive version .run/models/champion.mar | cut -c1-12) .
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:0000000000000000000000000000000000000000000000000000000000000000
+# `make images` builds it after `make models` (k8s/podman.py), naming the archives'
+# versions; BASE_IMAGE and the pip variables as in model-server.Dockerfile.
+ARG BASE_IMAGE=localhost/decision-base:bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+FROM ${BASE_IMAGE} AS build
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
 WORKDIR /src
 RUN python -m venv /opt/venv
-COPY pyproject.toml constraints.txt requirements-triton.txt README.md ./
+COPY k8s/images/model-server.lock requirements-triton.txt ./
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes --no-deps --only-binary=:all: \
+      -r model-server.lock \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps --require-hashes \
+      --target /opt/triton -r requirements-triton.txt
+COPY pyproject.toml README.md LICENSE ./
 COPY core core
 COPY server server
 COPY fallback fallback
@@ -23,12 +29,13 @@ COPY feature_cache feature_cache
 COPY torchserve torchserve
 COPY proto proto
 COPY client client
-# The constraints pin torch's CPU-only build (+cpu): pass the index that serves it
-# (--build-arg PIP_EXTRA_INDEX_URL=...), or your registry's mirror of it.
-ARG PIP_EXTRA_INDEX_URL
-RUN /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt ./client ".[model]" \
- && /opt/venv/bin/pip install --no-cache-dir --no-deps --require-hashes \
-      --target /opt/triton -r requirements-triton.txt
+ARG VERSION
+ARG REVISION
+RUN test -n "${VERSION}" && test -n "${REVISION}" \
+ && SETUPTOOLS_SCM_PRETEND_VERSION_FOR_DECISION_SERVICE="${VERSION}" \
+    SETUPTOOLS_SCM_PRETEND_METADATA_FOR_DECISION_SERVICE="{node=\"g${REVISION}\"}" \
+    /opt/venv/bin/pip install --no-cache-dir --no-deps ./client ".[model]" \
+ && /opt/venv/bin/pip check
 ARG CHAMPION_VERSION
 ARG CHALLENGER_VERSION
 COPY .run/models/champion.mar .run/models/challenger.mar /opt/models/
@@ -39,10 +46,21 @@ RUN test -n "${CHAMPION_VERSION}" && test -n "${CHALLENGER_VERSION}" \
  && /opt/venv/bin/python -m torchserve.triton repository /opt/repository \
       /opt/models/champion.mar /opt/models/challenger.mar
 
-FROM ${PYTHON_IMAGE}
+FROM ${BASE_IMAGE}
+ARG BASE_IMAGE
+ARG VERSION
+ARG REVISION
 ARG CHAMPION_VERSION
 ARG CHALLENGER_VERSION
-RUN useradd --system --uid 10004 --no-create-home --shell /usr/sbin/nologin triton
+# The Python backend's stub links the shared libpython: the official python image has it,
+# Debian's python3 does not (its package libpython3.11).
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN if ! ldconfig -p | grep -q 'libpython3\.11\.so\.1\.0'; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends "libpython3.11=3.11.*" \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi \
+ && useradd --system --uid 10004 --no-create-home --shell /usr/sbin/nologin triton
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/triton /opt/triton
 COPY --from=build /opt/repository /opt/repository
@@ -50,6 +68,10 @@ COPY --from=build /opt/repository /opt/repository
 # the server reports their versions (Triton numbers its own).
 COPY --from=build /opt/models /opt/models
 LABEL org.opencontainers.image.title="triton-server" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}" \
+      org.opencontainers.image.licenses="MIT" \
       decision.models.champion.version="${CHAMPION_VERSION}" \
       decision.models.challenger.version="${CHALLENGER_VERSION}"
 ENV PATH=/opt/venv/bin:$PATH \

@@ -5,14 +5,16 @@ periods, and network policies that allow exactly the intended flows."""
 from __future__ import annotations
 
 import base64
+import fnmatch
 import os
 import re
+import urllib.parse
 from typing import Any
 
 import pytest
 
 from feature_cache.settings import FeatureCacheSettings
-from k8s.render import Object, containers, find, one, pod_spec, render_topics
+from k8s.render import Object, containers, find, load, one, pod_spec, render_topics
 from quality.settings import QualitySettings
 from server.audit.journal import SEGMENT_MAX_BYTES
 from server.front import DECISION_SERVICE
@@ -400,6 +402,34 @@ def test_prod_images_are_pinned_by_digest(rendered: dict[str, list[Object]]) -> 
     assert not [o for o in rendered["prod"] if o["kind"] == "Secret"], "prod brings no Secret"
 
 
+def test_prod_admits_only_images_the_release_workflow_signed_from_a_tag(
+    rendered: dict[str, list[Object]],
+) -> None:
+    """Every image prod runs (init containers too) is under the policy's globs, and the
+    policy's one authority is the release workflow's keyless identity on a version tag,
+    with the SBOM attested (the workflow's cosign sign and attest)."""
+    (policy,) = find(rendered["prod"], "ClusterImagePolicy")
+    globs = [image["glob"] for image in policy["spec"]["images"]]
+    images = {
+        c["image"]
+        for workload in find(rendered["prod"], "Deployment")
+        for c in [*pod_spec(workload).get("initContainers", []), *pod_spec(workload)["containers"]]
+    }
+    for image in images:
+        repository = image.split("@")[0]
+        assert any(fnmatch.fnmatch(repository, glob.replace("**", "*")) for glob in globs), image
+    (authority,) = policy["spec"]["authorities"]
+    (identity,) = authority["keyless"]["identities"]
+    assert identity["issuer"] == "https://token.actions.githubusercontent.com"
+    subject = re.compile(identity["subjectRegExp"])
+    workflow = "https://github.com/decision-service/decision-service/.github/workflows/release.yml"
+    assert subject.fullmatch(f"{workflow}@refs/tags/v1.2.3")
+    assert not subject.fullmatch(f"{workflow}@refs/heads/main")
+    assert not subject.fullmatch(workflow.replace("release.yml", "ci.yml") + "@refs/tags/v1.2.3")
+    assert [a["predicateType"] for a in authority["attestations"]] == ["https://cyclonedx.org/bom"]
+    assert policy["spec"]["mode"] == "enforce" and "namespace" not in policy["metadata"]
+
+
 def test_with_tls_no_service_port_claims_cleartext(rendered: dict[str, list[Object]]) -> None:
     for name in ("decision", "decision-headless", "decision-admin"):
         for port in one(rendered["prod"], "Service", name)["spec"]["ports"]:
@@ -458,6 +488,30 @@ def test_service_monitors_scrape_ports_that_serve_metrics(objects: list[Object])
                 assert port["port"] == serving[endpoint["port"]], (service, endpoint)
     decision = one(objects, "ServiceMonitor", "decision")
     assert sorted(e["port"] for e in decision["spec"]["endpoints"]) == sorted(serving)
+
+
+def test_a_standard_monitoring_stack_selects_every_monitoring_object(objects: list[Object]) -> None:
+    """kube-prometheus-stack's Prometheus picks rules and monitors by the release label, and
+    links each alert's runbook_url as it is: every overlay's objects carry the label, and
+    every runbook_url is an absolute address (k8s/base/monitoring-settings.yaml)."""
+    release = load("base/monitoring-settings.yaml")[0]["data"]["release"]
+    monitoring = [
+        o for o in objects if o["kind"] in ("PrometheusRule", "ServiceMonitor", "PodMonitor")
+    ]
+    assert {o["kind"] for o in monitoring} == {"PrometheusRule", "ServiceMonitor", "PodMonitor"}
+    for found in monitoring:
+        assert found["metadata"]["labels"].get("release") == release, found["metadata"]["name"]
+    urls = [
+        rule["annotations"]["runbook_url"]
+        for rules in find(objects, "PrometheusRule")
+        for group in rules["spec"]["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
+    assert urls
+    for url in urls:
+        parsed = urllib.parse.urlparse(url)
+        assert parsed.scheme == "https" and parsed.netloc and parsed.fragment, url
 
 
 def test_the_labeler_environment_is_its_settings(

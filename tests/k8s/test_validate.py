@@ -13,7 +13,8 @@ from k8s.validate import lint_dockerfiles, main, problems
 def test_every_overlay_renders_valid_objects_and_the_dockerfiles_lint(capsys) -> None:
     assert main() == 0, capsys.readouterr().out
     out = capsys.readouterr().out
-    assert "prod: 29 objects, 0 problems" in out and "topics: 2 objects, 0 problems" in out
+    assert "prod: 30 objects, 0 problems" in out and "topics: 2 objects, 0 problems" in out
+    assert "promtool check adapter queries: ok" in out
     assert "prod: promtool check rules: ok" in out and "prod: promtool test rules: ok" in out
 
 
@@ -66,6 +67,18 @@ def mutated(objects: list[Object], kind: str, name: str, change) -> Object:
             "market-data",
             lambda o: o["metadata"]["labels"].pop("strimzi.io/cluster"),
             "'strimzi.io/cluster' is a required property",
+        ),
+        (
+            "ClusterImagePolicy",
+            "decision-service-images",
+            lambda o: o["spec"]["authorities"][0]["keyless"].update(identity="x"),
+            "'identity' was unexpected",
+        ),
+        (
+            "ClusterImagePolicy",
+            "decision-service-images",
+            lambda o: o["metadata"].update(namespace="decision"),
+            "'namespace' was unexpected",
         ),
     ],
 )

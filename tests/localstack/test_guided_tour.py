@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import pytest
 
+from core.build import REVISION, VERSION
 from core.processes import live_group_members
 from decision_client.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from localstack.health import serving
@@ -331,6 +332,12 @@ def test_the_readme_guided_tour(model_store, tmp_path):
         }
         # 5. The labeler labels them once the market data has passed their 2 s horizon.
         wait_for(lambda: labelled(stack.labeler_metrics_port) >= 1, 60)
+        # Every process says which build it runs: the installed version and its commit.
+        labels = frozenset({"version": VERSION, "revision": REVISION}.items())
+        build = ("decision_build_info", labels)
+        ports = [stack.metrics_port, stack.consumer_metrics_port, stack.labeler_metrics_port]
+        assert [scrape(port).get(build) for port in ports] == [1.0, 1.0, 1.0]
+        assert re.fullmatch("[0-9a-f]{7,40}", REVISION) and VERSION != "unknown"
         # Prometheus scrapes every process and has the alert rules loaded.
         wait_for(lambda: unhealthy_targets(stack.prometheus_port) == set(), 30)
         rules = api(stack.prometheus_port, "rules")["groups"]

