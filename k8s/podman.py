@@ -4,12 +4,11 @@
 missing or its recipe changed (mmdebstrap, then ``podman import``), then builds the images
 of k8s/images/ on it, tagged ``localhost/NAME:local`` and ``localhost/NAME:VERSION``.
 ``pod`` (make k8s-run) plays the decision pod from the local overlay's rendered manifests
-(``local_pod``) until Ctrl-C. ``sbom IMAGE`` writes the CycloneDX SBOM of an image's
-Python environments (the release workflow's step, with ``--engine docker``). ``check``
-starts a model server's image alone, as Kubernetes
-runs it (its own non-root uid, a read-only root file system, writable folders on tmpfs),
-until it says its model is ready on the Open Inference Protocol (make test-images:
-tests/images).
+(``local_pod``) until Ctrl-C or SIGTERM. ``sbom NAME`` writes the CycloneDX SBOM of an
+image's Python environment (the release workflow's step, with ``--engine docker``).
+``check()`` (make test-images: tests/images) starts a model server's image alone, as
+Kubernetes runs it (its own non-root uid, a read-only root file system, writable folders
+on tmpfs), until it says its model is ready on the Open Inference Protocol.
 
 podman reads the project's containers.conf (k8s/images/containers.conf): runc, cgroupfs,
 and the rlimits a container may have on these machines. Builds use the host's network and
@@ -272,19 +271,21 @@ def container(image: Image, *publish: int) -> Iterator[tuple[str, dict[int, int]
         f"--mount=type=tmpfs,destination={path},tmpfs-size=512m,chown=true"
         for path in image.writable
     ]
-    container_id = podman(
-        "run", "--detach", "--read-only", "--read-only-tmpfs=false", "--cap-drop=ALL",
-        "--no-healthcheck",  # podman runs health checks from systemd timers: none here
-        "--security-opt=no-new-privileges", *tmpfs,
-        *[f"--publish=127.0.0.1:{host}:{port}" for port, host in ports.items()],
-        f"localhost/{image.name}:{LOCAL_TAG}",
-        capture=True,
-    ).strip()  # fmt: skip
+    name = f"decision-check-{image.name}-{secrets.token_hex(4)}"  # removed even if run fails
     try:
-        yield container_id, ports
+        podman(
+            "run", "--detach", "--name", name, "--read-only", "--read-only-tmpfs=false",
+            "--cap-drop=ALL", "--security-opt=no-new-privileges",
+            "--no-healthcheck",  # podman runs health checks from systemd timers: none here
+            *tmpfs,
+            *[f"--publish=127.0.0.1:{host}:{port}" for port, host in ports.items()],
+            f"localhost/{image.name}:{LOCAL_TAG}",
+            capture=True,
+        )  # fmt: skip
+        yield name, ports
     finally:
         subprocess.run(
-            ["podman", "rm", "--force", "--time", "10", container_id],
+            ["podman", "rm", "--force", "--ignore", "--time", "10", name],
             env=environment(),
             stdout=subprocess.DEVNULL,
             check=False,
@@ -382,16 +383,19 @@ def exec_probe(probe: Object, ports: dict[str, int]) -> Object:
     return {"exec": {"command": command}, **timing}
 
 
-def pod_manifest(objects: list[Object], token: str, host_ports: dict[str, int]) -> Object:
+def pod_manifest(
+    objects: list[Object], token: str, host_ports: dict[str, int], redis_password: str
+) -> Object:
     """The decision Deployment's pod as podman 4.3's kube play takes it: native sidecars
     become ordinary containers (it predates them: the sidecar starts beside the server, not
     before it, and the server waits for it as it does at any start); environment from the
     ConfigMap and Secrets written in (kube play would need them created first), the pod's
-    IP as loopback, the admin token ``token``; gRPC and HTTP probes as commands; emptyDirs
+    IP as loopback, the admin token ``token``, Redis's ``redis_password`` (its server's
+    and the URL's); gRPC and HTTP probes as commands; emptyDirs
     as the tmpfs volumes ``volumes`` makes; the named ports in ``host_ports`` published on
     loopback; restarts on failure only."""
     spec = copy.deepcopy(pod_spec(one(objects, "Deployment", "decision")))
-    config = {k: v for cm in find(objects, "ConfigMap") for k, v in cm.get("data", {}).items()}
+    configs = {cm["metadata"]["name"]: cm.get("data", {}) for cm in find(objects, "ConfigMap")}
     from_secrets = secret_values(objects)
     sidecars = [c for c in spec.get("initContainers", []) if c.get("restartPolicy") == "Always"]
     spec["initContainers"] = [c for c in spec.get("initContainers", []) if c not in sidecars]
@@ -400,8 +404,11 @@ def pod_manifest(objects: list[Object], token: str, host_ports: dict[str, int]) 
         container.pop("restartPolicy", None)
         container.pop("lifecycle", None)  # preStop: nothing routes to this pod to drain
         env: list[Object] = []
-        if container.pop("envFrom", None):
-            env += [{"name": k, "value": v} for k, v in sorted(config.items())]
+        for source in container.pop("envFrom", []):
+            if "configMapRef" not in source:
+                raise ImageError(f"{container['name']}: envFrom {source} is not written in")
+            data = configs[source["configMapRef"]["name"]]
+            env += [{"name": k, "value": v} for k, v in sorted(data.items())]
         for var in container.get("env", []):
             source = var.get("valueFrom", {})
             if "secretKeyRef" in source:
@@ -410,6 +417,7 @@ def pod_manifest(objects: list[Object], token: str, host_ports: dict[str, int]) 
                     value = f"oncall operator {token}"
                 else:
                     value = from_secrets[(ref["name"], ref["key"])]
+                    value = value.replace("redis://", f"redis://:{redis_password}@", 1)
                 var = {"name": var["name"], "value": value}
             elif "fieldRef" in source:
                 var = {"name": var["name"], "value": "127.0.0.1"}
@@ -418,6 +426,8 @@ def pod_manifest(objects: list[Object], token: str, host_ports: dict[str, int]) 
             env.append(var)
         if env:
             container["env"] = env
+        if container["name"] == "redis":  # reachable on the pod's address: a password
+            container["args"] = [*container.get("args", []), "--requirepass", redis_password]
         ports = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             if kind in container:
@@ -442,32 +452,36 @@ def pod_manifest(objects: list[Object], token: str, host_ports: dict[str, int]) 
     }
 
 
-def volumes(manifest: Object) -> list[str]:
+def volume_names(manifest: Object) -> list[str]:
+    return [
+        volume["persistentVolumeClaim"]["claimName"]
+        for volume in manifest["spec"]["volumes"]
+        if "persistentVolumeClaim" in volume
+    ]
+
+
+def volumes(manifest: Object) -> None:
     """Creates a tmpfs volume for each of the pod's emptyDirs (every container of the pod
-    may write them, as the pod's fsGroup does); their names."""
-    names = []
-    for volume in manifest["spec"]["volumes"]:
-        claim = volume.get("persistentVolumeClaim", {}).get("claimName")
-        if claim:
-            podman("volume", "rm", "--force", claim, capture=True)
-            podman(
-                "volume", "create", "--driver", "local", "--opt", "type=tmpfs",
-                "--opt", "device=tmpfs", "--opt", "o=mode=1777", claim,
-                capture=True,
-            )  # fmt: skip
-            names.append(claim)
-    return names
+    may write them, as the pod's fsGroup does)."""
+    for claim in volume_names(manifest):
+        podman("volume", "rm", "--force", claim, capture=True)
+        podman(
+            "volume", "create", "--driver", "local", "--opt", "type=tmpfs",
+            "--opt", "device=tmpfs", "--opt", "o=mode=1777", claim,
+            capture=True,
+        )  # fmt: skip
 
 
 @dataclass
 class LocalPod:
     """The decision pod played by podman from the local overlay; ``ports``: the loopback
-    port each published container port is on."""
+    port each published container port is on; the admin token and Redis's password,
+    both made when it was played."""
 
     manifest: Object
     ports: dict[str, int]
     token: str
-    volumes: list[str]
+    redis_password: str
 
     def container(self, name: str) -> str:
         return f"{POD_NAME}-{name}"  # how kube play names a pod's containers
@@ -490,26 +504,27 @@ def local_pod() -> Iterator[LocalPod]:
     for name in ("decision-server", "model-server"):
         if not image_exists(f"localhost/{name}:{LOCAL_TAG}"):
             raise ImageError(f"localhost/{name}:{LOCAL_TAG} is missing: run make images first")
-    token = secrets.token_urlsafe(24)
+    token, redis_password = secrets.token_urlsafe(24), secrets.token_hex(16)
     host_ports = {name: free_port() for name in POD_PORTS}
-    manifest = pod_manifest(render_overlay("local"), token, host_ports)
-    pod = LocalPod(manifest, host_ports, token, volumes(manifest))
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="decision-pod-") as file:
-        yaml.safe_dump(manifest, file, sort_keys=False)
-        file.flush()
-        try:
+    manifest = pod_manifest(render_overlay("local"), token, host_ports, redis_password)
+    pod = LocalPod(manifest, host_ports, token, redis_password)
+    try:
+        volumes(manifest)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="decision-pod-") as file:
+            yaml.safe_dump(manifest, file, sort_keys=False)
+            file.flush()
             podman("kube", "play", "--replace", file.name, capture=True)
-            yield pod
-        finally:
+        yield pod
+    finally:
+        subprocess.run(
+            ["podman", "pod", "rm", "--force", "--ignore", "--time", "10", POD_NAME],
+            env=environment(), stdout=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+        for volume in volume_names(manifest):
             subprocess.run(
-                ["podman", "pod", "rm", "--force", "--time", "10", POD_NAME],
+                ["podman", "volume", "rm", "--force", volume],
                 env=environment(), stdout=subprocess.DEVNULL, check=False,
             )  # fmt: skip
-            for volume in pod.volumes:
-                subprocess.run(
-                    ["podman", "volume", "rm", "--force", volume],
-                    env=environment(), stdout=subprocess.DEVNULL, check=False,
-                )  # fmt: skip
 
 
 def run_pod() -> None:
@@ -524,8 +539,9 @@ def run_pod() -> None:
 Ctrl-C removes the pod.""",
             flush=True,
         )
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        # Blocked, so that either is waited for here, and the pod removed on leaving.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ from server.features import FeatureSource
 from server.fleet_entry import FleetEntry
 from server.front import GrpcFront
 from server.load_metrics import StreamCalls
-from server.readiness import follow_sidecar, until_ready
+from server.readiness import follow_sidecar, until_ready, until_sidecar
 from server.redis_clients import decision_redis, side_redis
 from server.replicas import Replicas, traffic
 from server.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
@@ -288,6 +288,8 @@ class DecisionApp:
 
     async def _become_ready(self) -> None:
         await until_ready(self._all_replicas, self.redis, self.shared, self.settings.redis.url)
+        if self.settings.torchserve.primary_is_sidecar:
+            await until_sidecar(self.replicas[0].client)
         await self.front.set_serving(True)
         self.fleet_entry.serving = True
         with contextlib.suppress(aioredis.RedisError, OSError):
@@ -296,7 +298,14 @@ class DecisionApp:
 
     async def _follow_sidecar(self, ready: asyncio.Task[None]) -> None:
         await ready
-        await follow_sidecar(self.replicas[0].client, self.front.set_decision_serving)
+        await follow_sidecar(self.replicas[0].client, self._set_sidecar_serving)
+
+    async def _set_sidecar_serving(self, serving: bool) -> None:
+        """Readiness and the fleet list (decisionctl status) say the same."""
+        await self.front.set_decision_serving(serving)
+        self.fleet_entry.serving = serving
+        with contextlib.suppress(aioredis.RedisError, OSError):
+            await self.fleet.refresh()
 
     async def _leave_serving(self) -> None:
         self.fleet_entry.serving = False

@@ -62,6 +62,15 @@ async def until_ready(
         await asyncio.sleep(backoff.next_s())
 
 
+async def until_sidecar(primary: ModelClient) -> None:
+    """Returns once the primary (the pod's own sidecar) accepts a connection: a pod is not
+    ready before its sidecar, as Kubernetes starts a native sidecar first."""
+    backoff = Backoff(initial_s=0.05, max_s=1.0)
+    while not await primary.connect(REPLICA_CONNECT_TIMEOUT_S):
+        log.warning("waiting for the primary, this pod's sidecar")
+        await asyncio.sleep(backoff.next_s())
+
+
 async def follow_sidecar(
     primary: ModelClient,
     set_serving: Callable[[bool], Awaitable[None]],
@@ -74,7 +83,11 @@ async def follow_sidecar(
     loop = asyncio.get_running_loop()
     serving, gone_since = True, None
     while True:
-        reachable = await primary.connect(check_s)
+        try:
+            reachable = await primary.connect(check_s)
+        except Exception:  # readiness must keep following: log it, look again
+            log.exception("looking at the primary's connection failed")
+            reachable = False
         now = loop.time()
         if reachable:
             gone_since = None

@@ -164,11 +164,11 @@ class TorchServeSettings(SettingsSection):
     )
     primary_is_sidecar: bool = Field(
         False,
-        description="The primary is this server's own sidecar (a container in its pod): "
-        "DecisionService's health, the readiness probe's, says NOT_SERVING while the primary "
-        "refuses connections, so a pod whose sidecar has stopped leaves the Service, also "
-        "where native sidecars do not exist (podman kube play). A replica restarting a worker "
-        "keeps its port and the pod.",
+        description="The primary is this server's own sidecar (a container in its pod): the "
+        "server is not ready before the primary accepts a connection, and DecisionService's "
+        "health, the readiness probe's, says NOT_SERVING while the primary refuses them, so a "
+        "pod whose sidecar has stopped leaves the Service, also where native sidecars do not "
+        "exist (podman kube play). A replica restarting a worker keeps its port and the pod.",
     )
     secondary_address: str = Field(
         "127.0.0.1:7170", description="host:port of the replica that gets the single retry."

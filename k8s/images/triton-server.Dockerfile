@@ -53,9 +53,10 @@ ARG REVISION
 ARG CHAMPION_VERSION
 ARG CHALLENGER_VERSION
 # The Python backend's stub links the shared libpython: the official python image has it,
-# Debian's python3 does not (its package libpython3.11).
+# Debian's python3 does not (its package libpython3.11). grep reads all of ldconfig's
+# output (no -q): an early exit would fail ldconfig with SIGPIPE under pipefail.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN if ! ldconfig -p | grep -q 'libpython3\.11\.so\.1\.0'; then \
+RUN if ! ldconfig -p | grep 'libpython3\.11\.so\.1\.0' >/dev/null; then \
       apt-get update \
       && apt-get install -y --no-install-recommends "libpython3.11=3.11.*" \
       && rm -rf /var/lib/apt/lists/*; \

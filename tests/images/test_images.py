@@ -70,7 +70,7 @@ def decide(pod: LocalPod) -> decision_pb2.DecideResponse:
     """A Decide on features written just before (fresh: the consumer's part here)."""
 
     async def write() -> None:
-        async with aioredis.Redis(port=pod.ports["redis"]) as client:
+        async with aioredis.Redis(port=pod.ports["redis"], password=pod.redis_password) as client:
             writer = FeatureWriter(client, key_prefix="decision:", ttl_s=60)
             await writer.write_many([sample_record("BTC-USD")])
 
