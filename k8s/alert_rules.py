@@ -119,8 +119,12 @@ def adapter_queries(config: Object) -> dict[str, str]:
     return queries
 
 
+ADAPTER_TESTS = K8S_DIR / "monitoring" / "adapter-rules-test.yaml"
+
+
 def check_adapter_queries(config: Object) -> PromtoolRun:
-    """``promtool check rules`` on the adapter's queries, each as a recording rule."""
+    """``promtool check rules`` on the adapter's queries, each as a recording rule, then
+    ``promtool test rules`` on them (ADAPTER_TESTS: what each serves for given series)."""
     records = [
         {"record": f"adapter:{name}", "expr": query}
         for name, query in adapter_queries(config).items()
@@ -128,8 +132,14 @@ def check_adapter_queries(config: Object) -> PromtoolRun:
     rules = yaml.safe_dump({"groups": [{"name": "adapter", "rules": records}]})
     with tempfile.TemporaryDirectory(prefix="adapter-rules-") as folder:
         (Path(folder) / "adapter.yaml").write_text(rules)
-        result = subprocess.run(  # noqa: S603 - the machine's promtool, our own file
-            [promtool(), "check", "rules", "adapter.yaml"],
-            cwd=folder, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-    return PromtoolRun("check adapter queries", result.returncode, result.stdout + result.stderr)
+        (Path(folder) / ADAPTER_TESTS.name).write_text(ADAPTER_TESTS.read_text())
+        output = ""
+        for argv in (["check", "rules", "adapter.yaml"], ["test", "rules", ADAPTER_TESTS.name]):
+            result = subprocess.run(  # noqa: S603 - the machine's promtool, our own files
+                [promtool(), *argv],
+                cwd=folder, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            output += result.stdout + result.stderr
+            if result.returncode != 0:
+                break
+    return PromtoolRun("check and test adapter queries", result.returncode, output)

@@ -156,7 +156,8 @@ def lint_dockerfiles() -> list[str]:
 
 
 def check_adapter() -> list[str]:
-    """The prometheus-adapter rules' PromQL, as the adapter expands it, checked by promtool."""
+    """The prometheus-adapter rules' PromQL, as the adapter expands it, checked and unit-tested
+    by promtool (monitoring/adapter-rules-test.yaml)."""
     (config,) = load(ADAPTER_CONFIG)
     run = check_adapter_queries(config)
     print(f"{ADAPTER_CONFIG}: promtool {run.step}: {'ok' if run.ok else f'exit {run.returncode}'}")

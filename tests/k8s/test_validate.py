@@ -14,7 +14,7 @@ def test_every_overlay_renders_valid_objects_and_the_dockerfiles_lint(capsys) ->
     assert main() == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert "prod: 30 objects, 0 problems" in out and "topics: 2 objects, 0 problems" in out
-    assert "promtool check adapter queries: ok" in out
+    assert "promtool check and test adapter queries: ok" in out
     assert "prod: promtool check rules: ok" in out and "prod: promtool test rules: ok" in out
 
 
