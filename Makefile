@@ -56,7 +56,7 @@ lint: ## ruff, ruff format --check, mypy (strict on the packages), the import la
 proto-check: setup-ci ## Stubs fresh, buf lint, buf breaking against main
 	@.ci/check-proto
 
-setup-images: ## setup, plus podman, runc, netavark and mmdebstrap (apt) for the images
+setup-images: ## setup, plus podman, runc, netavark, iptables and mmdebstrap (apt) for the images
 	@.ci/setup --with-images
 
 images: setup-images ## Build the four images (k8s/images/) with podman on a Debian base made here, installing from the hash locks; trains the models first when .run/models has none

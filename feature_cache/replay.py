@@ -5,7 +5,8 @@ binance, kraken or csv; PATH a file or a folder), which ends with a summary per 
 Exchange times are rebased to now unless ``--keep-times``; each run publishes in a session
 of its own, so the consumers follow a replay started again.
 Exit status (each error one line on stderr): 0 published, 2 a bad argument, 3 a file that
-cannot be read on, 4 nothing to publish, 5 the broker unreachable or refusing, 1 a bug.
+cannot be read on, 4 nothing to publish, 5 the broker unreachable or refusing, 130 stopped
+by SIGINT or SIGTERM, 1 a bug.
 Details: docs/market-data.md#publishing-market-data
 """
 
@@ -17,6 +18,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -48,6 +50,7 @@ EXIT_USAGE = 2
 EXIT_UNREADABLE = 3
 EXIT_NO_EVENTS = 4
 EXIT_BROKER = 5
+EXIT_STOPPED = 130  # SIGINT or SIGTERM, as a shell reports Ctrl-C
 
 
 class ReplayError(Exception):
@@ -131,16 +134,16 @@ async def replay(
     ``BROKER_WAIT_S`` or fails a send, and ``UnreadableFile`` from ``events`` once the
     events read before it are published (``progress.count``)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
-    try:
-        with _quiet("aiokafka"):  # it logs each failed try; the error says it once
-            await asyncio.wait_for(producer.start(), BROKER_WAIT_S)
-    except (KafkaError, OSError, TimeoutError) as exc:
-        await producer.stop()
-        raise BrokerError(f"broker {bootstrap} unreachable: {_unreachable(exc)}") from exc
-    try:
-        await _publish(producer, events, topic, speed, progress)
-    except KafkaError as exc:
-        raise BrokerError(f"broker {bootstrap} failed a send: {exc}") from exc
+    try:  # stopped however it ends: a failure, or cancelled (SIGINT, SIGTERM)
+        try:
+            with _quiet("aiokafka"):  # it logs each failed try; the error says it once
+                await asyncio.wait_for(producer.start(), BROKER_WAIT_S)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            raise BrokerError(f"broker {bootstrap} unreachable: {_unreachable(exc)}") from exc
+        try:
+            await _publish(producer, events, topic, speed, progress)
+        except KafkaError as exc:
+            raise BrokerError(f"broker {bootstrap} failed a send: {exc}") from exc
     finally:
         await producer.stop()
     progress.done()
@@ -328,7 +331,15 @@ def _failed(status: int, message: str) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    # SIGTERM stops it as Ctrl-C does: as a container's first process (PID 1) Python would
+    # ignore it, and be killed only at the end of the grace period.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        status = run()
+    except KeyboardInterrupt:
+        print("replay: stopped", file=sys.stderr)
+        status = EXIT_STOPPED
+    sys.exit(status)
 
 
 if __name__ == "__main__":

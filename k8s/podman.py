@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from core.processes import free_port
-from k8s.render import Object, find, one, pod_spec, render_overlay
+from k8s.render import LOCAL_OVERLAY, Object, find, one, pod_spec, render_overlay
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES_DIR = REPO / "k8s" / "images"
@@ -59,7 +59,9 @@ BASE_SOURCES = (
     "deb http://deb.debian.org/debian-security bookworm-security main",
 )
 RECIPE_LABEL = "decision.base.recipe"
-TOOLS = ("podman", "runc", "mmdebstrap", "catatonit")  # Debian packages of the same names
+# Debian packages of the same names; netavark (podman's network) runs iptables, which
+# Debian's podman only suggests.
+TOOLS = ("podman", "runc", "mmdebstrap", "catatonit", "iptables")
 PIP_SETTINGS = ("index-url", "extra-index-url", "find-links", "cert")
 
 
@@ -117,6 +119,12 @@ def podman(*args: str, capture: bool = False) -> str:
     if result.returncode != 0:
         raise ImageError(f"podman {' '.join(args[:2])} failed (exit {result.returncode})")
     return result.stdout or ""
+
+
+def remove(*args: str) -> None:
+    """``podman *args`` for a cleanup: what it removes may already be gone, and a failure
+    here must not hide the error that led to it."""
+    subprocess.run(["podman", *args], env=environment(), stdout=subprocess.DEVNULL, check=False)
 
 
 def require_tools() -> None:
@@ -284,12 +292,7 @@ def container(image: Image, *publish: int) -> Iterator[tuple[str, dict[int, int]
         )  # fmt: skip
         yield name, ports
     finally:
-        subprocess.run(
-            ["podman", "rm", "--force", "--ignore", "--time", "10", name],
-            env=environment(),
-            stdout=subprocess.DEVNULL,
-            check=False,
-        )
+        remove("rm", "--force", "--ignore", "--time", "10", name)
 
 
 def container_user(container_id: str) -> str:
@@ -348,12 +351,35 @@ def sbom(image: Image, ref: str, out: Path, engine: str = "podman") -> None:
         )  # fmt: skip
 
 
-# The local pod (k8s/overlays/local): its name, the ports published on loopback (container
-# port by name), and its Redis image, built beside the others.
+# The local pod (k8s/overlays/local): its name, the Deployments composed into it (the
+# decision pod first: its pod-level settings are the pod's), the ports published on
+# loopback (container port by name), and the images only it runs.
 POD_NAME = "decision-local"
+POD_DEPLOYMENTS = (
+    "decision", "feature-cache", "redis", "market-data-broker", "market-data-replayer",
+)  # fmt: skip
 POD_PORTS = ("grpc", "admin", "metrics-0", "redis", "ts-rest")
-REDIS_IMAGE = "localhost/decision-redis:local"
-REDIS_CONTAINERFILE = REPO / "k8s" / "overlays" / "local" / "redis.Containerfile"
+LOCAL_OVERLAY_DIR = REPO / "k8s" / "overlays" / LOCAL_OVERLAY
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """An image only the local pod runs: its Containerfile in the local overlay, built
+    from ``context`` with ``ignore`` (a .dockerignore) at each play; podman's layer cache
+    makes that a few seconds once built."""
+
+    ref: str
+    containerfile: str
+    context: Path = LOCAL_OVERLAY_DIR
+    ignore: str | None = None
+
+
+LOCAL_IMAGES = (
+    LocalImage("localhost/decision-redis:local", "redis.Containerfile"),
+    LocalImage(  # localkafka on the decision-server image: after it, whenever it changes
+        "localhost/decision-broker:local", "broker.Containerfile", REPO, "broker.containerignore"
+    ),
+)
 
 
 def secret_values(objects: list[Object]) -> dict[tuple[str, str], str]:
@@ -383,10 +409,29 @@ def exec_probe(probe: Object, ports: dict[str, int]) -> Object:
     return {"exec": {"command": command}, **timing}
 
 
+def composed_spec(objects: list[Object]) -> Object:
+    """The pod specs of ``POD_DEPLOYMENTS`` as one: one network namespace, so each container
+    reaches the others on 127.0.0.1 as a cluster's Services would route; the volumes of the
+    Deployments after the first are named after their Deployment."""
+    spec = copy.deepcopy(pod_spec(one(objects, "Deployment", POD_DEPLOYMENTS[0])))
+    for deployment in POD_DEPLOYMENTS[1:]:
+        other = copy.deepcopy(pod_spec(one(objects, "Deployment", deployment)))
+        renamed = {v["name"]: f"{deployment}-{v['name']}" for v in other.get("volumes", [])}
+        containers = [*other.get("initContainers", []), *other["containers"]]
+        for mount in (m for c in containers for m in c.get("volumeMounts", [])):
+            mount["name"] = renamed[mount["name"]]
+        spec.setdefault("initContainers", []).extend(other.get("initContainers", []))
+        spec["containers"].extend(other["containers"])
+        spec.setdefault("volumes", []).extend(
+            {**v, "name": renamed[v["name"]]} for v in other.get("volumes", [])
+        )
+    return spec
+
+
 def pod_manifest(
     objects: list[Object], token: str, host_ports: dict[str, int], redis_password: str
 ) -> Object:
-    """The decision Deployment's pod as podman 4.3's kube play takes it: native sidecars
+    """The ``POD_DEPLOYMENTS`` as one pod that podman 4.3's kube play takes: native sidecars
     become ordinary containers (it predates them: the sidecar starts beside the server, not
     before it, and the server waits for it as it does at any start); environment from the
     ConfigMap and Secrets written in (kube play would need them created first), the pod's
@@ -394,7 +439,7 @@ def pod_manifest(
     and the URL's); gRPC and HTTP probes as commands; emptyDirs
     as the tmpfs volumes ``volumes`` makes; the named ports in ``host_ports`` published on
     loopback; restarts on failure only."""
-    spec = copy.deepcopy(pod_spec(one(objects, "Deployment", "decision")))
+    spec = composed_spec(objects)
     configs = {cm["metadata"]["name"]: cm.get("data", {}) for cm in find(objects, "ConfigMap")}
     from_secrets = secret_values(objects)
     sidecars = [c for c in spec.get("initContainers", []) if c.get("restartPolicy") == "Always"]
@@ -487,11 +532,15 @@ class LocalPod:
         return f"{POD_NAME}-{name}"  # how kube play names a pod's containers
 
 
-def build_redis_image() -> None:
-    podman(
-        "build", "--format", "oci", "--network", "host",
-        "--file", str(REDIS_CONTAINERFILE), "--tag", REDIS_IMAGE, str(REDIS_CONTAINERFILE.parent),
-    )  # fmt: skip
+def build_local_images() -> None:
+    for image in LOCAL_IMAGES:
+        ignore = ["--ignorefile", str(LOCAL_OVERLAY_DIR / image.ignore)] if image.ignore else []
+        podman(
+            "build", "--format", "oci", "--network", "host", "--quiet", *ignore,
+            "--file", str(LOCAL_OVERLAY_DIR / image.containerfile), "--tag", image.ref,
+            str(image.context),
+            capture=True,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -499,14 +548,13 @@ def local_pod() -> Iterator[LocalPod]:
     """Plays the decision pod (after ``make images``); removes it and its volumes on
     leaving."""
     require_tools()
-    if not image_exists(REDIS_IMAGE):
-        build_redis_image()
     for name in ("decision-server", "model-server"):
         if not image_exists(f"localhost/{name}:{LOCAL_TAG}"):
             raise ImageError(f"localhost/{name}:{LOCAL_TAG} is missing: run make images first")
+    build_local_images()
     token, redis_password = secrets.token_urlsafe(24), secrets.token_hex(16)
     host_ports = {name: free_port() for name in POD_PORTS}
-    manifest = pod_manifest(render_overlay("local"), token, host_ports, redis_password)
+    manifest = pod_manifest(render_overlay(LOCAL_OVERLAY), token, host_ports, redis_password)
     pod = LocalPod(manifest, host_ports, token, redis_password)
     try:
         volumes(manifest)
@@ -516,15 +564,9 @@ def local_pod() -> Iterator[LocalPod]:
             podman("kube", "play", "--replace", file.name, capture=True)
         yield pod
     finally:
-        subprocess.run(
-            ["podman", "pod", "rm", "--force", "--ignore", "--time", "10", POD_NAME],
-            env=environment(), stdout=subprocess.DEVNULL, check=False,
-        )  # fmt: skip
+        remove("pod", "rm", "--force", "--ignore", "--time", "10", POD_NAME)
         for volume in volume_names(manifest):
-            subprocess.run(
-                ["podman", "volume", "rm", "--force", volume],
-                env=environment(), stdout=subprocess.DEVNULL, check=False,
-            )  # fmt: skip
+            remove("volume", "rm", "--force", volume)
 
 
 def run_pod() -> None:
@@ -535,6 +577,8 @@ def run_pod() -> None:
   Decide:   127.0.0.1:{pod.ports["grpc"]} (decision_client.connect)
   Admin:    127.0.0.1:{pod.ports["admin"]} (token {pod.token})
   Metrics:  http://127.0.0.1:{pod.ports["metrics-0"]}/metrics
+  Market data: generated by {pod.container("replayer")}, through {pod.container("broker")}
+    and {pod.container("feature-cache")} into {pod.container("redis")}
   Sidecar:  podman stop {pod.container("torchserve")} (readiness goes NOT_SERVING)
 Ctrl-C removes the pod.""",
             flush=True,

@@ -14,6 +14,8 @@ import yaml
 
 K8S_DIR = Path(__file__).resolve().parent
 OVERLAYS = ("dev", "prod", "dev-mlserver", "dev-triton")
+# What make k8s-run plays on this machine (k8s/podman.py): validated, not a cluster's.
+LOCAL_OVERLAY = "local"
 # Rendered on their own: the topics live in the Kafka cluster's namespace.
 TOPICS = "topics"
 # Objects that live beside another release (the monitoring stack's), not in an overlay.

@@ -24,6 +24,7 @@ from k8s.render import (
     ADAPTER_CONFIG,
     K8S_DIR,
     KUBERNETES_VERSION,
+    LOCAL_OVERLAY,
     MONITORING_FILES,
     OVERLAYS,
     TOPICS,
@@ -171,6 +172,7 @@ def main() -> int:
         for overlay in OVERLAYS
         for p in validate_kustomization(overlay, K8S_DIR / "overlays" / overlay, rules=True)
     ]
+    found += validate_kustomization(LOCAL_OVERLAY, K8S_DIR / "overlays" / LOCAL_OVERLAY)
     found += validate_kustomization(TOPICS, K8S_DIR / TOPICS)
     found += [p for path in MONITORING_FILES for p in validate_objects(path, load(path))]
     found += check_adapter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from tests.feature_cache.recordings import write_csv
 
 REPO = Path(__file__).resolve().parents[2]
 # The exit statuses the replayer documents (its --help, docs/market-data.md).
-EXIT_UNREADABLE, EXIT_NO_EVENTS, EXIT_BROKER = 3, 4, 5
+EXIT_UNREADABLE, EXIT_NO_EVENTS, EXIT_BROKER, EXIT_STOPPED = 3, 4, 5, 130
 EVENTS = [Trade("X", t, i, 1.0, 1.0, Aggressor.BUY) for i, t in enumerate((100, 150, 400), 1)]
 
 
@@ -107,6 +108,27 @@ def test_a_broker_that_never_answers_is_an_error_within_the_bound(tmp_path):
     assert done.returncode == EXIT_BROKER, line
     assert line == f"replay: broker {address} unreachable: no answer in 10 s"
     assert took_s < 30  # aiokafka alone waits 40 s per request
+
+
+def test_sigterm_stops_a_replay_at_once_as_ctrl_c_does():
+    # Waiting on a broker that never answers (10 s), as a container's first process is
+    # asked to stop: it stops now, not when the grace period ends.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        replay = subprocess.Popen(
+            [sys.executable, "-m", "feature_cache.replay", "--count", "0", "--speed", "1",
+             "--bootstrap", f"127.0.0.1:{silent.getsockname()[1]}"],
+            cwd=REPO, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(2.0)  # started and waiting (the interpreter's start, then the wait)
+            replay.send_signal(signal.SIGTERM)
+            stopped_s = time.monotonic()
+            _, stderr = replay.communicate(timeout=5)
+        finally:
+            replay.kill()
+    assert replay.returncode == EXIT_STOPPED
+    assert stderr.strip() == "replay: stopped"
+    assert time.monotonic() - stopped_s < 3
 
 
 @pytest.mark.integration

@@ -1,12 +1,13 @@
 """The images `make images` built, run as Kubernetes runs them (make test-images; not in
 make test: building the images takes several minutes). Each model server's image alone:
 its own uid, a read-only root file system, ready on the Open Inference Protocol. Then the
-decision pod played by podman from the local overlay's rendered manifests: a Decide
-answered by the sidecar's model, and readiness NOT_SERVING while the sidecar is stopped."""
+decision pod played by podman from the local overlay's rendered manifests, with the
+feature-cache consumer, Redis, the broker and the replayer: a Decide answered by the
+sidecar's model on the replayed market data, and readiness NOT_SERVING while the sidecar
+is stopped."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import time
@@ -14,13 +15,11 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from decision_client.v1 import decision_pb2, decision_pb2_grpc
-from feature_cache.store import FeatureWriter
 from k8s.podman import IMAGES, LocalPod, check, environment, local_pod, podman, sbom
-from tests.server.conftest import buy, sample_record
+from tests.server.conftest import buy
 
 pytestmark = [pytest.mark.images, pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -67,14 +66,6 @@ def until(condition, timeout_s: float, what: str) -> None:
 
 
 def decide(pod: LocalPod) -> decision_pb2.DecideResponse:
-    """A Decide on features written just before (fresh: the consumer's part here)."""
-
-    async def write() -> None:
-        async with aioredis.Redis(port=pod.ports["redis"], password=pod.redis_password) as client:
-            writer = FeatureWriter(client, key_prefix="decision:", ttl_s=60)
-            await writer.write_many([sample_record("BTC-USD")])
-
-    asyncio.run(write())
     with grpc.insecure_channel(f"127.0.0.1:{pod.ports['grpc']}") as channel:
         return decision_pb2_grpc.DecisionServiceStub(channel).Decide(buy(), timeout=2)
 
@@ -82,7 +73,8 @@ def decide(pod: LocalPod) -> decision_pb2.DecideResponse:
 def test_the_decision_pod_decides_with_its_sidecar_and_leaves_readiness_while_it_is_stopped(pod):
     until(lambda: health(pod) == "SERVING", 300, "the pod's decision server is ready")
     # Its containers run as the manifests say: their own uid, a read-only root.
-    for container, uid in (("decision-server", "10001"), ("torchserve", "10002")):
+    containers = (("decision-server", "10001"), ("torchserve", "10002"), ("feature-cache", "10001"))
+    for container, uid in containers:
         name = pod.container(container)
         assert podman("exec", name, "id", "-u", capture=True).strip() == uid
         touched = subprocess.run(
@@ -91,6 +83,7 @@ def test_the_decision_pod_decides_with_its_sidecar_and_leaves_readiness_while_it
         )  # fmt: skip
         assert touched.returncode != 0 and "Read-only file system" in touched.stderr
 
+    # On features the replayer published through the broker and the consumer wrote to Redis.
     until(lambda: decide(pod).source == decision_pb2.SOURCE_PRIMARY, 60, "the sidecar decides")
 
     podman("stop", "--time", "10", pod.container("torchserve"), capture=True)
