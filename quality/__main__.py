@@ -27,6 +27,7 @@ from quality.labeler import Labeler
 from quality.metrics import LabelerCollector
 from quality.settings import QualitySettings
 from quality.store import OutcomeStore
+from server.audit.archive import Archive
 from server.audit.store import create_store_engine
 
 log = logging.getLogger("quality")
@@ -41,7 +42,12 @@ async def run(settings: QualitySettings) -> int:
         loop.add_signal_handler(sig, stop.set)
     engine = create_store_engine(settings.audit.database_url)
     redis = aioredis.Redis.from_url(settings.redis.url)
-    labeler = Labeler(settings, redis, OutcomeStore(engine, horizon_ms=settings.quality.horizon_ms))
+    outcomes = OutcomeStore(
+        engine,
+        horizon_ms=settings.quality.horizon_ms,
+        archive=Archive(settings.audit.archive_url),
+    )
+    labeler = Labeler(settings, redis, outcomes)
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)

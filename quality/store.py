@@ -16,6 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
+from server.audit.archive import Archive
+from server.audit.reader import DecisionReader
 from server.audit.store import decision_outcomes, decisions, from_us
 
 _PENDING_COLUMNS = (
@@ -66,9 +68,12 @@ def epoch_us(value: dt.datetime) -> int:
 
 
 class OutcomeStore:
-    def __init__(self, engine: Engine, *, horizon_ms: int) -> None:
+    def __init__(self, engine: Engine, *, horizon_ms: int, archive: Archive | None = None) -> None:
+        """``archive``: where the decisions that left the database are read from (a
+        labeler catching up on days past the retention)."""
         self.engine = engine
         self._horizon_ms = horizon_ms
+        self._reader = DecisionReader(engine, archive)
         insert: Any = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self._insert = insert(decision_outcomes).on_conflict_do_nothing(
             index_elements=["decision_id"]
@@ -82,7 +87,8 @@ class OutcomeStore:
 
     def pending(self, since_us: int, limit: int) -> list[PendingDecision]:
         """Decisions from ``since_us`` on (by ``decided_at``) that used features and have
-        no outcome yet, oldest first, at most ``limit``."""
+        no outcome yet, oldest first, at most ``limit``: the database's, then the
+        archive's of days that left it."""
         d, o = decisions, decision_outcomes
         query = (
             sa.select(*(d.c[name] for name in _PENDING_COLUMNS))
@@ -96,26 +102,28 @@ class OutcomeStore:
             .limit(limit)
         )
         with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        return [
-            PendingDecision(
-                decision_id=row.decision_id,
-                decided_at_us=epoch_us(row.decided_at),
-                feature_time_us=epoch_us(row.feature_time),
-                symbol=row.symbol,
-                side_sign=1.0 if row.side == "BUY" else -1.0,
-                spread_bps=(row.features or {}).get("spread_bps"),
-                source=row.source,
-                model_name=row.model_name,
-                model_version=row.model_version,
-                score=row.score,
-                threshold=row.threshold,
-                shadow_model_name=row.shadow_model_name,
-                shadow_model_version=row.shadow_model_version,
-                shadow_score=row.shadow_score,
-            )
-            for row in rows
+            rows = [row._asdict() for row in conn.execute(query)]
+        if len(rows) < limit:
+            archived = self._archived_pending(since_us)
+            rows = sorted([*rows, *archived], key=lambda r: epoch_us(r["decided_at"]))[:limit]
+        return [_pending(row) for row in rows]
+
+    def _archived_pending(self, since_us: int) -> list[dict[str, Any]]:
+        """The archive's decisions from ``since_us`` on, of days that left the database,
+        that used features and have no outcome."""
+        archived = [
+            row
+            for row in self._reader.archived_between(from_us(since_us), None)
+            if row["feature_time"] is not None
         ]
+        ids = [row["decision_id"] for row in archived]
+        labelled: set[str] = set()
+        column = decision_outcomes.c.decision_id
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                labelled.update(conn.execute(sa.select(column).where(column.in_(chunk))).scalars())
+        return [row for row in archived if row["decision_id"] not in labelled]
 
     def record(self, outcomes: Sequence[Outcome], labeled_at_us: int) -> None:
         if not outcomes:
@@ -135,3 +143,22 @@ class OutcomeStore:
         ]
         with self.engine.begin() as conn:
             conn.execute(self._insert, rows)
+
+
+def _pending(row: dict[str, Any]) -> PendingDecision:
+    return PendingDecision(
+        decision_id=row["decision_id"],
+        decided_at_us=epoch_us(row["decided_at"]),
+        feature_time_us=epoch_us(row["feature_time"]),
+        symbol=row["symbol"],
+        side_sign=1.0 if row["side"] == "BUY" else -1.0,
+        spread_bps=(row["features"] or {}).get("spread_bps"),
+        source=row["source"],
+        model_name=row["model_name"],
+        model_version=row["model_version"],
+        score=row["score"],
+        threshold=row["threshold"],
+        shadow_model_name=row["shadow_model_name"],
+        shadow_model_version=row["shadow_model_version"],
+        shadow_score=row["shadow_score"],
+    )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import random
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ from core.domain import (
     model_decision,
 )
 from core.histogram import LATENCY_BOUNDS_S, Buckets
+from core.ids import new_decision_id
 from core.logs import deciding
 from fallback.chain import FallbackChain, LadderInput, LadderOutcome
 from fallback.score_cache import CachedScore, ScoreEntry, ScoreWriter
@@ -174,7 +174,7 @@ class DecisionEngine:
         if call.verified:
             self._count_caller(call.caller, len(orders))
         # The ids come first, so that every log line of the decision carries them.
-        ids = [str(uuid.uuid4()) for _ in orders]
+        ids = [new_decision_id() for _ in orders]
         try:
             with deciding(ids):
                 return await self._decide(orders, ids, budget, call)

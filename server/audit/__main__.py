@@ -4,6 +4,8 @@ their timeline.
     python -m server.audit migrate
     python -m server.audit replay --since 2026-11-21T09:00 --until 2026-11-21T10:00
     python -m server.audit timeline --since 15m --step 10s
+    python -m server.audit archive
+    python -m server.audit restore 2026-11-21
 
 The database URL comes from ``--database-url`` or ``DECISION_AUDIT__DATABASE_URL``. Each
 command's --help gives its exit codes; more forms and examples: docs/audit.md.
@@ -23,8 +25,11 @@ import sqlalchemy as sa
 
 from core.cli_args import parse_duration, parse_time, positive_int
 from core.settings import settings_from_environment
+from server.audit.archive import Archive, archive, restore
 from server.audit.migrate import upgrade
-from server.audit.replay import ReplayError, ReplayReport, load_decisions, replay
+from server.audit.reader import DecisionReader
+from server.audit.replay import ReplayError, ReplayReport, replay, select_decisions
+from server.audit.settings import AuditSettings
 from server.audit.store import create_store_engine
 from server.audit.timeline import format_timeline, load_recorded, timeline
 from server.settings import Settings
@@ -65,6 +70,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     rp.add_argument("--until", type=parse_time, help="to, exclusive: as --since")
     rp.add_argument("--limit", type=int, default=10_000, help="most decisions (default 10000)")
+    rp.add_argument(
+        "--archive-url",
+        help="the archive, for decisions that left the database "
+        "(default DECISION_AUDIT__ARCHIVE_URL)",
+    )
     model = rp.add_mutually_exclusive_group()
     model.add_argument(
         "--model-store",
@@ -108,7 +118,56 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--reasons", type=positive_int, default=2, help="fallback reasons a step (default 2)"
     )
     tl.add_argument("--json", action="store_true", help="print the steps as JSON")
+    ar = commands.add_parser(
+        "archive",
+        help="write each closed day to the archive, verify it, remove the days past the retention",
+        description="Writes each closed day of decisions to the archive as Parquet, verifies "
+        "its row count and id checksum against the database, and removes from the database "
+        "the verified days older than the retention. Exits 0, 1 when a day could not be "
+        "verified (it is tried again next run), 2 when it could not run.",
+    )
+    ar.add_argument("--archive-url", help="default DECISION_AUDIT__ARCHIVE_URL")
+    ar.add_argument("--retention-days", type=int, help="default DECISION_AUDIT__RETENTION_DAYS")
+    rs = commands.add_parser(
+        "restore",
+        help="put an archived day back into the database",
+        description="Inserts an archived day's decisions into the database again (those "
+        "there already are left as they are); the next archive run removes the day again "
+        "once it is past the retention. Exits 0, 2 when the day is not in the archive.",
+    )
+    rs.add_argument("day", type=dt.date.fromisoformat, help="2026-11-21 (UTC)")
+    rs.add_argument("--archive-url", help="default DECISION_AUDIT__ARCHIVE_URL")
+    for sub in (ar, rs):
+        sub.add_argument(
+            "--database-url", default=argparse.SUPPRESS, help="SQLAlchemy URL of the audit store"
+        )
     return parser  # fmt: skip
+
+
+def _archive(engine: sa.Engine, args: argparse.Namespace, settings: AuditSettings) -> int:
+    url = args.archive_url or settings.archive_url
+    store = Archive(url)
+    if args.command == "restore":
+        if store.manifest(args.day) is None:
+            print(f"restore: {args.day} is not in the archive at {url}", file=sys.stderr)
+            return 2
+        count = restore(engine, store, args.day)
+        print(f"restored {args.day}: {count:,} decisions")
+        return 0
+    retention = settings.retention_days if args.retention_days is None else args.retention_days
+    upgrade(engine)
+    report = archive(
+        engine, store, archive_after_s=settings.archive_after_s, retention_days=retention
+    )
+    for line in report.archived:
+        print(f"archived {line}")
+    for line in report.removed:
+        print(f"removed  {line}")
+    for line in report.problems:
+        print(f"archive: {line}", file=sys.stderr)
+    if not (report.archived or report.removed or report.problems):
+        print("archive: nothing to do")
+    return 1 if report.problems else 0
 
 
 def _missing_sqlite_file(url: str) -> Path | None:
@@ -171,8 +230,9 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m server.audit")
     timeline too)."""
     args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    url = args.database_url or settings_from_environment(Settings, prog).audit.database_url
-    if args.command in ("replay", "timeline"):
+    settings = settings_from_environment(Settings, prog).audit
+    url = args.database_url or settings.database_url
+    if args.command in ("replay", "timeline", "restore"):
         missing = _missing_sqlite_file(url)
         if missing is not None:  # reading must not create an empty store
             print(
@@ -189,15 +249,14 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m server.audit")
             return 0
         if args.command == "timeline":
             return _timeline(engine, args)
+        if args.command in ("archive", "restore"):
+            return _archive(engine, args, settings)
         if not (args.decision_id or args.since or args.until):
             print("replay: give --decision-id, or --since/--until", file=sys.stderr)
             return 2
-        records = load_decisions(
-            engine,
-            decision_ids=args.decision_id,
-            since=args.since,
-            until=args.until,
-            limit=args.limit,
+        reader = DecisionReader(engine, Archive(args.archive_url or settings.archive_url))
+        records = select_decisions(
+            reader, args.decision_id, since=args.since, until=args.until, limit=args.limit
         )
         if not records:
             print("replay: no recorded decision matches", file=sys.stderr)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from server.audit.partitions import ensure_ahead
+
 if TYPE_CHECKING:
     from alembic.config import Config
 
@@ -48,12 +50,14 @@ def at_head(engine: Engine) -> bool:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Brings the store's schema to ``revision``; a no-op when it is there already."""
-    if revision == "head" and at_head(engine):
-        return
-    from alembic import command
+    """Brings the store's schema to ``revision``; at the head, also makes the days' partitions
+    that are missing (``partitions.ensure_ahead``: one query when none are)."""
+    if revision != "head" or not at_head(engine):
+        from alembic import command
 
-    _run(engine, command.upgrade, revision)
+        _run(engine, command.upgrade, revision)
+    if revision == "head":
+        ensure_ahead(engine)
 
 
 def downgrade(engine: Engine, revision: str) -> None:

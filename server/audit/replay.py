@@ -19,13 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Engine
-
 from core.domain import Side
 from core.processes import free_ports
 from feature_cache.schema import FEATURE_NAMES, SCHEMA_VERSION, model_row
-from server.audit.store import decisions
+from server.audit.reader import DecisionReader
 from server.model_client import TorchServeClient
 from server.model_errors import ModelFailure
 from torchserve.archive import archive_version
@@ -77,24 +74,24 @@ class ReplayReport:
         }
 
 
-def load_decisions(
-    engine: Engine,
-    *,
+def select_decisions(
+    reader: DecisionReader,
     decision_ids: Sequence[str] = (),
+    *,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     limit: int = 10_000,
 ) -> list[dict[str, Any]]:
-    """Recorded decisions by id, or in ``[since, until)``, oldest first, at most ``limit``."""
-    query = sa.select(decisions).order_by(decisions.c.decided_at).limit(limit)
-    if decision_ids:
-        query = query.where(decisions.c.decision_id.in_(list(decision_ids)))
-    if since is not None:
-        query = query.where(decisions.c.decided_at >= since)
-    if until is not None:
-        query = query.where(decisions.c.decided_at < until)
-    with engine.connect() as conn:
-        return [dict(row) for row in conn.execute(query).mappings()]
+    """Recorded decisions by id (those in ``[since, until)`` when given too), or in
+    ``[since, until)``, from the database or the archive: oldest first, at most ``limit``."""
+    if not decision_ids:
+        return reader.between(since, until, limit)
+    return [
+        row
+        for row in reader.by_ids(decision_ids)
+        if (since is None or row["decided_at"] >= since)
+        and (until is None or row["decided_at"] < until)
+    ][:limit]
 
 
 def archives_by_version(model_store: Path) -> dict[str, Path]:

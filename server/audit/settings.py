@@ -46,6 +46,24 @@ class AuditSettings(SettingsSection):
         description="On shutdown, how long the shipper may go on shipping the backlog; what "
         "is left is shipped by the next start.",
     )
+    archive_url: str = Field(
+        ".run/audit/archive",
+        description="Where python -m server.audit archive writes each closed day as Parquet: "
+        "a folder, or an fsspec URL (s3://bucket/audit with s3fs installed).",
+    )
+    retention_days: int = Field(
+        7,
+        ge=0,
+        description="Days a decision stays in the database once its day is archived and "
+        "verified; older days are removed from it (and read from the archive).",
+    )
+    archive_after_s: float = Field(
+        21_600.0,
+        ge=0,
+        description="How long after a day ends it is archived: longer than a store outage "
+        "whose backlog the shippers still deliver. A row later than that is still kept: "
+        "archived with the day's late rows.",
+    )
     server_id: str = Field(
         "", description="This server in the audit records; empty: host name and port."
     )

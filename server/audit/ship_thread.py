@@ -2,10 +2,11 @@
 
 Caught up, it looks for new records every ``IDLE_INTERVAL_MS``. While the store fails,
 the journal grows and decisions go on; it retries with backoff and ``status`` says so.
-It migrates the store's schema first when asked, compares the backlog with its cap
-(``full``), and at stop ships what it can within the drain. It needs from the writer
-only the journal's position (``written``); ``server.audit.ship_process`` runs it in a
-process of its own beside the server.
+It migrates the store's schema first when asked, and makes the coming days' partitions
+then and hourly; it compares the backlog with its cap (``full``), and at stop ships what
+it can within the drain. It needs from the writer only the journal's position
+(``written``); ``server.audit.ship_process`` runs it in a process of its own beside the
+server.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ IDLE_INTERVAL_MS = 100.0
 RETRY_INITIAL_S = 0.05  # the first wait after the store fails; then doubling up to RETRY_MAX_S
 # The longest wait while the store is down: found back within seconds, never hammered.
 RETRY_MAX_S = 5.0
+# How often the schema and the days' partitions are checked again after the start (two
+# queries): a server running for days still finds tomorrow's partition made.
+SCHEMA_CHECK_S = 3600.0
 
 
 class AuditShipper:
@@ -51,7 +55,8 @@ class AuditShipper:
         self._store = store
         self._idle_interval_s = idle_interval_ms / 1000.0
         self._retry_max_s = retry_max_s
-        self._schema_ready = not migrate
+        # When to bring the schema to the head and make the coming days' partitions next.
+        self._schema_due_at = 0.0 if migrate else float("inf")
         self._wake = threading.Event()
         self._stopping = False
         self._drain_deadline = 0.0
@@ -146,9 +151,9 @@ class AuditShipper:
         while True:
             self._check_backlog()
             try:
-                if not self._schema_ready:
+                if time.monotonic() >= self._schema_due_at:
                     upgrade(self._store.engine)
-                    self._schema_ready = True
+                    self._schema_due_at = time.monotonic() + SCHEMA_CHECK_S
                 shipped = self.ship_once()
             except Exception as exc:  # noqa: BLE001 - the thread's boundary: log, back off, retry
                 problem = describe(exc)

@@ -38,7 +38,8 @@ decisions = sa.Table(
     sa.Column("caller", sa.String(256), nullable=False),
     sa.Column("server_id", sa.String(128), nullable=False),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("decided_at", sa.DateTime(timezone=True), nullable=False),
+    # In the key: on PostgreSQL the table is partitioned by day of it (partitions.py).
+    sa.Column("decided_at", sa.DateTime(timezone=True), primary_key=True),
     sa.Column("symbol", sa.String(32), nullable=False),
     sa.Column("side", sa.String(8), nullable=False),
     sa.Column("quantity", sa.Float, nullable=False),
@@ -72,6 +73,7 @@ decisions = sa.Table(
     sa.Index("ix_decisions_source_decided_at", "source", "decided_at"),
     sa.Index("ix_decisions_decided_at", "decided_at"),
     sa.Index("ix_decisions_request_id", "request_id"),
+    postgresql_partition_by="RANGE (decided_at)",
 )
 
 # What happened after a decision: the label its model was trained to predict, measured
@@ -301,12 +303,12 @@ class AuditStore:
         marks = ", ".join("?" for _ in DECISION_COLUMNS)
         self._sqlite_insert = (
             f"INSERT INTO decisions ({columns}) VALUES ({marks})"  # noqa: S608
-            " ON CONFLICT (decision_id) DO NOTHING"
+            " ON CONFLICT (decision_id, decided_at) DO NOTHING"
         )
         self._pg_copy = f"COPY decisions_in ({columns}) FROM STDIN"
         self._pg_merge = (
             f"INSERT INTO decisions ({columns}) SELECT {columns} FROM decisions_in"  # noqa: S608
-            " ON CONFLICT (decision_id) DO NOTHING"
+            " ON CONFLICT (decision_id, decided_at) DO NOTHING"
         )
 
     def insert(self, records: Iterable[Mapping[str, Any]]) -> int:

@@ -196,9 +196,9 @@ def test_the_mlserver_component_swaps_the_challenger_alone(
     assert env["DECISION_TORCHSERVE__CHALLENGER_PROTOCOL"] == "kserve-v2"
     assert "DECISION_TORCHSERVE__PROTOCOL" not in env, "the champion's API is untouched"
 
-    # The rest renders as in dev (Deployments name the ConfigMap by its content hash).
+    # The rest renders as in dev (workloads name the ConfigMap by its content hash).
     def unchanged(objects: list[Object]) -> list[Object]:
-        return [o for o in objects if o["kind"] not in ("ConfigMap", "Deployment")]
+        return [o for o in objects if o["kind"] not in ("ConfigMap", "Deployment", "CronJob")]
 
     assert unchanged(swapped) == unchanged(dev)
 
@@ -532,3 +532,28 @@ def test_the_labeler_environment_is_its_settings(
     pod_labels = one(objects, "Deployment", "labeler")["spec"]["template"]["metadata"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels["labels"].items()
     assert one(objects, "Deployment", "labeler")["spec"]["replicas"] == 1
+
+
+def test_the_archive_job_writes_to_its_volume_once_at_a_time_with_the_servers_settings(
+    objects: list[Object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cron = one(objects, "CronJob", "audit-archive")
+    spec = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (archive,) = spec["containers"]
+    env = {**config_env(objects)}
+    for entry in archive["env"]:
+        env[entry["name"]] = entry.get("value", "postgresql+psycopg://decision@pg.example/db")
+    settings: Settings = settings_from(Settings, env, monkeypatch)
+    mounts = {m["mountPath"]: m["name"] for m in archive["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    claim = volumes[mounts[settings.audit.archive_url]]["persistentVolumeClaim"]["claimName"]
+    assert one(objects, "PersistentVolumeClaim", claim)
+    server = {e["name"]: e for e in container(objects, "decision", "decision-server")["env"]}
+    own = {e["name"]: e for e in archive["env"]}
+    assert (
+        own["DECISION_AUDIT__DATABASE_URL"]["valueFrom"]
+        == (server["DECISION_AUDIT__DATABASE_URL"]["valueFrom"])
+    )
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    context = archive["securityContext"]
+    assert context["readOnlyRootFilesystem"] and spec["securityContext"]["runAsNonRoot"]

@@ -13,7 +13,7 @@ from k8s.validate import lint_dockerfiles, main, problems
 def test_every_overlay_renders_valid_objects_and_the_dockerfiles_lint(capsys) -> None:
     assert main() == 0, capsys.readouterr().out
     out = capsys.readouterr().out
-    assert "prod: 30 objects, 0 problems" in out and "topics: 2 objects, 0 problems" in out
+    assert "prod: 33 objects, 0 problems" in out and "topics: 2 objects, 0 problems" in out
     assert "promtool check and test adapter queries: ok" in out
     assert "prod: promtool check rules: ok" in out and "prod: promtool test rules: ok" in out
 

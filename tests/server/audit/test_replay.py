@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from decision_client.v1 import decision_pb2
-from server.audit.replay import load_decisions, replay
+from server.audit.reader import DecisionReader
+from server.audit.replay import replay, select_decisions
 from tests.conftest import REPO, shared_models, wait_for
 from tests.server.conftest import (
     UNHURRIED,
@@ -55,7 +56,7 @@ async def test_replay_matches_the_recorded_model_and_reports_a_different_one(
 ):
     app = await start_app(torchserve=replica_settings(replicas), **UNHURRIED)
     ids = await recorded_decisions(app, decision_stub(channel_to(app)), feature_writer)
-    records = load_decisions(app.audit.store.engine, decision_ids=ids)
+    records = select_decisions(DecisionReader(app.audit.store.engine), ids)
     assert len(records) == 41
     assert len({r["score"] for r in records if r["score"] is not None}) > 10  # varied
 

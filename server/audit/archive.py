@@ -1,0 +1,463 @@
+"""The audit archive: each closed day of decisions as Parquet, verified against the
+database, then removed from it once older than the retention.
+
+``python -m server.audit archive`` (a CronJob in Kubernetes) runs ``archive``. The archive
+is a folder by default and any fsspec URL in production; under it::
+
+    decisions/v1/day=2026-11-30/part-0.parquet   the day's rows, sorted by decision_id
+    decisions/v1/day=2026-11-30/part-1.parquet   rows that came after the day was dropped
+    decisions/v1/day=2026-11-30/manifest.json    each part's rows and id checksum
+
+A day is archived once it is closed (``archive_after_s`` past its end: room for the
+backlog a shipper delivers after a store outage); its part is written under a temporary
+name, moved into place, read back, and only when its row count and id checksum equal the
+database's is the manifest written: the manifest is what says a part is verified. The day
+is removed from the database (its partition dropped; on SQLite and in a partition of
+several days, its rows deleted) once it is older than ``retention_days``, in a
+transaction that checks the database still holds exactly what the manifest says. A row
+that arrives for a removed day (kept in the default partition) is archived as the day's
+next part and then deleted; one already archived (shipped twice) is only deleted.
+
+Killed at any step, every row is in the database or in a verified part: the next run
+writes a part without a manifest entry again, and removes what was verified.
+``restore`` puts an archived day back into the database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import posixpath
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from server.audit import partitions
+from server.audit.store import decisions
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1  # in the path and in each file's metadata; a new layout is v2 beside it
+# Rows a Parquet row group holds: about 120 MB of the real record before compression,
+# what readers scan well; a day of the fleet is a few thousand of them.
+ROW_GROUP_ROWS = 200_000
+READ_BATCH_ROWS = 50_000  # rows fetched from the database at a time: bounded memory
+_DAY = dt.timedelta(days=1)
+
+
+def arrow_schema() -> Any:
+    """The archive's schema, from the table's columns: JSON columns as JSON text, times as
+    UTC microseconds."""
+    import pyarrow as pa
+
+    types = {
+        sa.String: pa.string(), sa.Text: pa.string(), sa.JSON: pa.string(),
+        sa.Float: pa.float64(), sa.BigInteger: pa.int64(), sa.Integer: pa.int32(),
+        sa.SmallInteger: pa.int16(), sa.DateTime: pa.timestamp("us", tz="UTC"),
+    }  # fmt: skip
+    fields = []
+    for column in decisions.columns:
+        kind = next(t for cls, t in types.items() if isinstance(column.type, cls))
+        fields.append(pa.field(column.name, kind, nullable=bool(column.nullable)))
+    return pa.schema(fields, metadata={b"decision.archive.schema": str(SCHEMA_VERSION).encode()})
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """What a set of rows is checked by: their count and the sum of their ids' last 60
+    bits (order-free, and any missing or doubled row changes it)."""
+
+    rows: int = 0
+    id_sum: int = 0
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(self.rows + other.rows, self.id_sum + other.id_sum)
+
+
+_NIBBLE = np.zeros(256, dtype=np.uint64)
+_NIBBLE[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint64)
+_NIBBLE[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
+_NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
+# The id's last 15 hex digits: 3 of its fourth group, all 12 of its fifth.
+_TAIL = np.array([20, 21, 22, *range(24, 36)])
+
+
+def tally(ids: Sequence[str]) -> Tally:
+    """The ``Tally`` of canonical UUID strings, vectorised (a day is millions of ids)."""
+    if not ids:
+        return Tally()
+    chars = np.frombuffer(np.array(ids, dtype="S36").tobytes(), np.uint8).reshape(-1, 36)
+    nibbles = _NIBBLE[chars[:, _TAIL]]
+    high = (nibbles[:, :8] << np.arange(28, -1, -4, dtype=np.uint64)).sum(axis=1)
+    low = (nibbles[:, 8:] << np.arange(24, -1, -4, dtype=np.uint64)).sum(axis=1)
+    return Tally(len(ids), (int(high.sum()) << 28) + int(low.sum()))
+
+
+def day_of(at: dt.datetime) -> dt.date:
+    return (at if at.tzinfo else at.replace(tzinfo=dt.UTC)).astimezone(dt.UTC).date()
+
+
+@dataclass
+class Manifest:
+    """A day's verified parts: file name -> its ``Tally``; ``removed``: when the day left
+    the database (None while it is there)."""
+
+    day: dt.date
+    parts: dict[str, Tally] = field(default_factory=dict)
+    removed: str | None = None
+
+    @property
+    def total(self) -> Tally:
+        return sum(self.parts.values(), Tally())
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "day": self.day.isoformat(),
+                # As text: a day's sum passes 64 bits, JSON's integers do not.
+                "parts": {
+                    n: {"rows": t.rows, "id_sum": str(t.id_sum)} for n, t in self.parts.items()
+                },
+                "removed": self.removed,
+            },
+            option=orjson.OPT_INDENT_2,
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        raw = orjson.loads(data)
+        parts = {n: Tally(p["rows"], int(p["id_sum"])) for n, p in raw["parts"].items()}
+        return cls(dt.date.fromisoformat(raw["day"]), parts, raw.get("removed"))
+
+
+class Archive:
+    """The archive at ``url`` (a folder or an fsspec URL)."""
+
+    def __init__(self, url: str) -> None:
+        self.fs, root = fsspec.core.url_to_fs(url)
+        self.root = posixpath.join(root, "decisions", f"v{SCHEMA_VERSION}")
+
+    def day_dir(self, day: dt.date) -> str:
+        return posixpath.join(self.root, f"day={day.isoformat()}")
+
+    def days(self) -> list[dt.date]:
+        """The days with a manifest, oldest first."""
+        if not self.fs.exists(self.root):
+            return []
+        found = []
+        for path in self.fs.ls(self.root, detail=False):
+            name = posixpath.basename(path.rstrip("/"))
+            if name.startswith("day=") and self.fs.exists(posixpath.join(path, "manifest.json")):
+                found.append(dt.date.fromisoformat(name[4:]))
+        return sorted(found)
+
+    def manifest(self, day: dt.date) -> Manifest | None:
+        path = posixpath.join(self.day_dir(day), "manifest.json")
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as file:
+            return Manifest.from_json(file.read())
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        self._put(posixpath.join(self.day_dir(manifest.day), "manifest.json"), manifest.to_json())
+
+    def _put(self, path: str, data: bytes) -> None:
+        """Written whole or not at all: under a temporary name, then moved into place."""
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+        with self.fs.open(temporary, "wb") as file:
+            file.write(data)
+        self.fs.mv(temporary, path)
+
+    def write_part(self, day: dt.date, name: str, batches: Iterator[list[dict[str, Any]]]) -> None:
+        """Writes rows (batches of row dicts, in decision_id order) as part ``name``."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = arrow_schema()
+        path = posixpath.join(self.day_dir(day), name)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+        with (
+            self.fs.open(temporary, "wb") as file,
+            pq.ParquetWriter(file, schema, compression="zstd") as writer,
+        ):
+            pending: list[dict[str, Any]] = []
+            for batch in batches:
+                pending.extend(batch)
+                while len(pending) >= ROW_GROUP_ROWS:
+                    group, pending = pending[:ROW_GROUP_ROWS], pending[ROW_GROUP_ROWS:]
+                    writer.write_table(pa.Table.from_pylist(group, schema=schema))
+            if pending:
+                writer.write_table(pa.Table.from_pylist(pending, schema=schema))
+        self.fs.mv(temporary, path)
+
+    def part_tally(self, day: dt.date, name: str) -> Tally:
+        """The ``Tally`` of part ``name`` as read back from the archive."""
+        import pyarrow.parquet as pq
+
+        total = Tally()
+        with self.fs.open(posixpath.join(self.day_dir(day), name), "rb") as file:
+            for batch in pq.ParquetFile(file).iter_batches(
+                batch_size=READ_BATCH_ROWS, columns=["decision_id"]
+            ):
+                total = total + tally(batch.column(0).to_pylist())
+        return total
+
+    def read(
+        self,
+        day: dt.date,
+        ids: Sequence[str] | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """The day's verified rows as the database gives them (JSON decoded): those of
+        ``ids``, made in ``[since, until)``, or all. Row groups whose id or time range holds
+        none are skipped (UUIDv7 ids sorted are in time order too)."""
+        import pyarrow.dataset as ds
+
+        manifest = self.manifest(day)
+        if manifest is None:
+            return []
+        paths = [posixpath.join(self.day_dir(day), name) for name in manifest.parts]
+        dataset = ds.dataset(paths, schema=arrow_schema(), format="parquet", filesystem=self.fs)
+        where = ds.scalar(True)
+        if ids is not None:
+            where = where & ds.field("decision_id").isin(list(ids))
+        if since is not None:
+            where = where & (ds.field("decided_at") >= since)
+        if until is not None:
+            where = where & (ds.field("decided_at") < until)
+        rows: list[dict[str, Any]] = dataset.to_table(filter=where).to_pylist()
+        for row in rows:
+            for name in ("features", "feature_overrides"):
+                if row[name] is not None:
+                    row[name] = orjson.loads(row[name])
+        return rows
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=dt.UTC)  # SQLite hands back naive UTC
+
+
+def _in_day(day: dt.date) -> Any:
+    start = partitions.day_start(day)
+    return sa.and_(decisions.c.decided_at >= start, decisions.c.decided_at < start + _DAY)
+
+
+def db_tally(conn: Connection, day: dt.date, table: Any = decisions) -> Tally:
+    """The ``Tally`` of the database's rows of ``day`` (in ``table``: decisions, or one
+    partition of it)."""
+    start = partitions.day_start(day)
+    where = sa.and_(table.c.decided_at >= start, table.c.decided_at < start + _DAY)
+    if conn.dialect.name == "postgresql":
+        tail = sa.text("('x' || right(replace(decision_id, '-', ''), 15))::bit(60)::bigint")
+        row = conn.execute(
+            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(tail), 0))
+            .select_from(table)
+            .where(where)
+        ).one()
+        return Tally(int(row[0]), int(row[1]))
+    total = Tally()
+    result = conn.execute(sa.select(table.c.decision_id).where(where)).scalars()
+    for chunk in result.partitions(READ_BATCH_ROWS):
+        total = total + tally(chunk)
+    return total
+
+
+def _rows(engine: Engine, day: dt.date) -> Iterator[list[dict[str, Any]]]:
+    """The day's rows in decision_id order, in batches, as the archive stores them."""
+    query = sa.select(decisions).where(_in_day(day)).order_by(decisions.c.decision_id)
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=READ_BATCH_ROWS).execute(
+            query
+        )
+        for chunk in result.mappings().partitions():
+            yield [_archived_row(row) for row in chunk]
+
+
+def _archived_row(row: Any) -> dict[str, Any]:
+    out = dict(row)
+    for name in ("features", "feature_overrides"):
+        out[name] = _json_text(out[name])
+    for name in ("received_at", "decided_at", "feature_time"):
+        out[name] = _utc(out[name])
+    return out
+
+
+@dataclass
+class Report:
+    """What a run did, day by day."""
+
+    archived: list[str] = field(default_factory=list)  # "2026-11-29 part-0: 1,234 rows"
+    removed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def closed_before(now: dt.datetime, archive_after_s: float) -> dt.date:
+    """The first day that is not closed at ``now``: every earlier day has ended at least
+    ``archive_after_s`` ago."""
+    return day_of(now - dt.timedelta(seconds=archive_after_s))
+
+
+def db_days(engine: Engine, before: dt.date) -> list[dt.date]:
+    """The days before ``before`` with rows in the database, oldest first."""
+    column = decisions.c.decided_at
+    with engine.connect() as conn:
+        first = conn.execute(sa.select(sa.func.min(column))).scalar()
+        if first is None:
+            return []
+        days, day = [], day_of(first)
+        while day < before:
+            start = partitions.day_start(day)
+            found = conn.execute(
+                sa.select(column).where(column >= start, column < start + _DAY).limit(1)
+            ).first()
+            if found is not None:
+                days.append(day)
+                day += _DAY
+            else:  # jump to the next row's day
+                after = conn.execute(sa.select(sa.func.min(column)).where(column >= start)).scalar()
+                if after is None:
+                    break
+                day = day_of(after)
+        return days
+
+
+def archive(
+    engine: Engine,
+    store: Archive,
+    *,
+    now: dt.datetime | None = None,
+    archive_after_s: float,
+    retention_days: int,
+) -> Report:
+    """Archives every closed day the database holds and removes the days past the
+    retention; see the module docstring."""
+    now = now or dt.datetime.now(dt.UTC)
+    partitions.ensure_ahead(engine, now)
+    report = Report()
+    remove_before = day_of(now) - dt.timedelta(days=retention_days)
+    for day in db_days(engine, closed_before(now, archive_after_s)):
+        manifest = store.manifest(day) or Manifest(day)
+        if manifest.removed is None:
+            _archive_day(engine, store, manifest, report)
+        else:
+            _archive_late(engine, store, manifest, report)
+        if manifest.removed is None and day < remove_before and manifest.parts:
+            _remove_day(engine, store, manifest, report)
+    report.removed += partitions.drop_empty(engine, before=remove_before)
+    return report
+
+
+def _archive_day(engine: Engine, store: Archive, manifest: Manifest, report: Report) -> None:
+    """(Re)writes the day's part-0 from the database unless the manifest already says
+    exactly what the database holds."""
+    day = manifest.day
+    with engine.connect() as conn:
+        held = db_tally(conn, day)
+    if manifest.total == held:
+        return
+    store.write_part(day, "part-0.parquet", _rows(engine, day))
+    written = store.part_tally(day, "part-0.parquet")
+    with engine.connect() as conn:
+        held = db_tally(conn, day)
+    if written != held:  # rows arrived meanwhile: the next run writes it again
+        report.problems.append(f"{day} part-0: {written.rows:,} rows written, "
+                               f"{held.rows:,} in the database now; again next run")  # fmt: skip
+        return
+    manifest.parts = {"part-0.parquet": written}
+    store.write_manifest(manifest)
+    report.archived.append(f"{day} part-0: {written.rows:,} rows")
+
+
+def _remove_day(engine: Engine, store: Archive, manifest: Manifest, report: Report) -> None:
+    day = manifest.day
+    with engine.begin() as conn:
+        own = _own_partition(conn, day)
+        if own is not None:
+            conn.execute(sa.text(f"LOCK TABLE {own} IN ACCESS EXCLUSIVE MODE"))
+        held = db_tally(conn, day)
+        if held != manifest.total:  # not what was verified: archived again first
+            report.problems.append(f"{day}: the database no longer matches its manifest")
+            return
+        if own is not None:
+            conn.execute(sa.text(f"DROP TABLE {own}"))
+        else:
+            conn.execute(decisions.delete().where(_in_day(day)))
+    manifest.removed = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    store.write_manifest(manifest)
+    report.removed.append(f"{day}: {held.rows:,} rows")
+
+
+def _own_partition(conn: Connection, day: dt.date) -> str | None:
+    """The name of ``day``'s own partition (PostgreSQL), None when it has none."""
+    if conn.dialect.name != "postgresql":
+        return None
+    conn.execute(sa.text("SET LOCAL TimeZone = 'UTC'"))
+    for partition in partitions.partitions(conn):
+        if partition.lower == partitions.day_start(day) and partition.covers(day):
+            return partition.name
+    return None
+
+
+def _archive_late(engine: Engine, store: Archive, manifest: Manifest, report: Report) -> None:
+    """Rows of a day already removed (late, or shipped again): those not archived yet go
+    into the day's next part; then all are deleted."""
+    day = manifest.day
+    rows = [row for batch in _rows(engine, day) for row in batch]
+    ids = [row["decision_id"] for row in rows]
+    archived = {row["decision_id"] for row in store.read(day, ids)}
+    new = [row for row in rows if row["decision_id"] not in archived]
+    if new:
+        part = f"part-{len(manifest.parts)}"
+        name = f"{part}.parquet"
+        store.write_part(day, name, iter([new]))
+        written = store.part_tally(day, name)
+        if written != tally([row["decision_id"] for row in new]):
+            report.problems.append(f"{day} {part}: what was read back differs; again next run")
+            return
+        manifest.parts[name] = written
+        store.write_manifest(manifest)
+        report.archived.append(f"{day} {part}: {written.rows:,} late rows")
+    with engine.begin() as conn:
+        conn.execute(decisions.delete().where(decisions.c.decision_id.in_(ids), _in_day(day)))
+    report.removed.append(
+        f"{day}: {len(ids):,} late rows ({len(ids) - len(new):,} archived before)"
+    )
+
+
+def restore(engine: Engine, store: Archive, day: dt.date) -> int:
+    """Puts an archived day's rows back into the database (a row already there is left as
+    it is); returns how many the archive holds. The day is removed again once the next
+    run finds it past the retention."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    rows = store.read(day)
+    partitions.ensure_day(engine, day)
+    insert: Any = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    statement = insert(decisions).on_conflict_do_nothing(
+        index_elements=["decision_id", "decided_at"]
+    )
+    with engine.begin() as conn:
+        for start in range(0, len(rows), READ_BATCH_ROWS):
+            conn.execute(statement, rows[start : start + READ_BATCH_ROWS])
+    manifest = store.manifest(day)
+    if manifest is not None and manifest.removed is not None:
+        manifest.removed = None
+        store.write_manifest(manifest)
+    return len(rows)
