@@ -110,4 +110,7 @@ drift-report: setup ## PSI of every recording under ../shared/data (and of an un
 quality-report: setup ## Live model quality after a restart of the stack: the labeler's AUC on replayed held-out data against the offline AUC of the same period, and how soon and how much it labels (about 11 minutes; writes docs/quality.md)
 	@$(PY) -m checks.quality_report --restart-after-s 60
 
-.PHONY: help setup setup-ci lock run models client proto fmt lint proto-check k8s-validate test test-fast bench profile floor soak acceptance drift-report quality-report
+data-quality: setup ## Where recorded decisions lacked market data: the heatmap of missing features and ladder decisions by symbol and step, from the audit store and its archive (SINCE, UNTIL: default the last 24 h; STEP: default 1h) into docs/img/missingness.png
+	@$(PY) -m quality.missingness $(if $(SINCE),--since $(SINCE)) $(if $(UNTIL),--until $(UNTIL)) $(if $(STEP),--step $(STEP))
+
+.PHONY: help setup setup-ci lock run models client proto fmt lint proto-check k8s-validate test test-fast bench profile floor soak acceptance drift-report quality-report data-quality

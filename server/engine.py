@@ -103,6 +103,12 @@ class _Order:
 # per certificate would grow without bound).
 MAX_CALLER_LABELS = 50
 OTHER_CALLERS = "other"
+# The same for symbols in the decisions that fell to the ladder for their features.
+MAX_SYMBOL_LABELS = 50
+OTHER_SYMBOLS = "other"
+FEATURE_REASONS = frozenset(
+    {Reason.NO_FEATURES, Reason.FEATURES_STALE, Reason.FEATURES_UNUSABLE, Reason.FEATURE_STORE}
+)
 
 
 class DecisionEngine:
@@ -141,6 +147,10 @@ class DecisionEngine:
         self.fallbacks: collections.Counter[tuple[Source, Reason]] = collections.Counter()
         # Decisions by verified caller (mTLS), at most MAX_CALLER_LABELS of them by name.
         self.callers: collections.Counter[str] = collections.Counter()
+        # Decisions the ladder made for want of features, by symbol (at most
+        # MAX_SYMBOL_LABELS by name) and reason: whose market data is missing or stale.
+        self.feature_fallbacks: collections.Counter[tuple[str, Reason]] = collections.Counter()
+        self._named_symbols: set[str] = set()
         self.latency = {source: Buckets(LATENCY_BOUNDS_S) for source in Source}
         self.feature_age = Buckets(FEATURE_AGE_BOUNDS_S)
 
@@ -223,7 +233,7 @@ class DecisionEngine:
             request_span.set_attribute("decision.id", ids[0])
             request_span.set_attribute("decision.count", len(ids))
             request_span.set_attribute("decision.source", results[0].source.name.lower())
-        self._tally(results)
+        self._tally(orders, results)
         answer = routed.answer if routed is not None else None
         # The challenger's (a canary's) are no champion scores.
         champion = answer.scores if answer and answer.source is not Source.CANARY else None
@@ -333,15 +343,25 @@ class DecisionEngine:
                 item.outcome = outcome.after(before)
                 item.reason_code = features.fallback or Reason.NO_FEATURES
 
+    def _count_symbol(self, symbol: str, reason: Reason) -> None:
+        if symbol not in self._named_symbols:
+            if len(self._named_symbols) < MAX_SYMBOL_LABELS:
+                self._named_symbols.add(symbol)
+            else:
+                symbol = OTHER_SYMBOLS
+        self.feature_fallbacks[symbol, reason] += 1
+
     def _count_caller(self, caller: str, decisions: int) -> None:
         known = caller in self.callers or len(self.callers) < MAX_CALLER_LABELS
         self.callers[caller if known else OTHER_CALLERS] += decisions
 
-    def _tally(self, results: Sequence[DecisionResult]) -> None:
-        for result in results:
+    def _tally(self, orders: Sequence[OrderRequest], results: Sequence[DecisionResult]) -> None:
+        for order, result in zip(orders, results, strict=True):
             self.decided[result.source, result.decision] += 1
             if result.reason_code is not Reason.MODEL_ANSWERED:
                 self.fallbacks[result.source, result.reason_code] += 1
+                if result.reason_code in FEATURE_REASONS:
+                    self._count_symbol(order.symbol, result.reason_code)
             self.latency[result.source].observe(result.total_us / 1e6)
             if result.feature_age_ms >= 0:
                 self.feature_age.observe(result.feature_age_ms / 1e3)

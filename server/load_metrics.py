@@ -147,6 +147,16 @@ class LoadCollector(Collector):
         for (source, reason), count in sorted(self._engine.fallbacks.items()):
             fallbacks.add_metric([source.name.lower(), reason.label], count)
         yield fallbacks
+        by_symbol = CounterMetricFamily(
+            "decision_feature_fallbacks",
+            "Decisions the ladder made for want of features, by symbol (past the first 50, "
+            "as 'other') and why: no_features, features_stale, features_unusable, "
+            "feature_store. Whose market data is missing or stale.",
+            labels=["symbol", "reason"],
+        )
+        for (symbol, reason), count in sorted(self._engine.feature_fallbacks.items()):
+            by_symbol.add_metric([symbol, reason.label], count)
+        yield by_symbol
         latency = HistogramMetricFamily(
             "decision_latency_seconds",
             "Time the engine spent deciding (features, model, ladder; not the journal append "

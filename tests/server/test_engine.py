@@ -23,6 +23,7 @@ from fallback.rules import RulesBaseline
 from fallback.score_cache import CachedScore, ScoreCache, ScoreEntry, ScoreWriter
 from feature_cache.schema import FEATURE_INDEX, FEATURE_NAMES
 from feature_cache.store import FeatureReader, FeatureRecord
+from server import engine as engine_module
 from server.control.canary import CanaryMonitor
 from server.control.flags import SHADOW_SAMPLE_RATE, flag_specs
 from server.control.state import CANARY_FIELD, KILL_PREFIX, Change, ControlState, Entry, FlagSpec
@@ -422,3 +423,18 @@ async def test_a_timeout_before_a_replica_forced_open_is_no_breaker_open(
     assert result.reason_code == Reason.MODEL_TIMEOUT
     assert parts.engine.fallbacks == {(Source.RULES, Reason.MODEL_TIMEOUT): 1}
     assert response_to_pb(result).reason_code == decision_pb2.REASON_CODE_MODEL_TIMEOUT
+
+
+async def test_ladder_decisions_for_want_of_features_are_counted_by_symbol_up_to_a_bound(
+    parts: Parts,
+) -> None:
+    # Symbols the store has no features for: the ladder abstains, NO_FEATURES.
+    unknown = [f"X{n}-USD" for n in range(engine_module.MAX_SYMBOL_LABELS + 2)]
+    await parts.decide("BTC-USD", *unknown, unknown[0])
+    counted = parts.engine.feature_fallbacks
+    assert counted[unknown[0], Reason.NO_FEATURES] == 2
+    assert ("BTC-USD", Reason.NO_FEATURES) not in counted  # the model answered it
+    named = {symbol for symbol, _ in counted} - {engine_module.OTHER_SYMBOLS}
+    assert len(named) == engine_module.MAX_SYMBOL_LABELS
+    assert counted[engine_module.OTHER_SYMBOLS, Reason.NO_FEATURES] == 2
+    assert sum(counted.values()) == len(unknown) + 1

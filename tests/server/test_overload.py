@@ -243,7 +243,10 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
             seen = (
                 f"replicas' p90 {answer_p90_ms:.1f} ms unslowed, deadline {timeout_s * 1000:.0f}"
                 f" ms; at {rate:.0f}/s: answers {result.answers}, errors {result.errors},"
-                f" p99 {result.percentile_ms(99):.1f} ms; within capacity the model answered"
+                f" p99 {result.percentile_ms(99):.1f} ms, refusals' p50/p90/p99"
+                f" {result.refusal_percentile_ms(50):.1f}/{result.refusal_percentile_ms(90):.1f}"
+                f"/{result.refusal_percentile_ms(99):.1f} ms, the generator up to"
+                f" {result.send_lag_max_ms:.1f} ms behind; within capacity the model answered"
                 f" {served_per_s:.0f}/s ({served.answers}, errors {served.errors}); TorchServe"
                 f" workers lost {lost_since(lost_before, replicas)}"
             )
@@ -267,7 +270,11 @@ async def test_slowed_replicas_past_capacity_answer_in_time_and_recover(
             late = result.errors.get("DEADLINE_EXCEEDED", 0)
             assert late <= MAX_LATE_SHARE * (result.ok + result.error_count), seen
             if result.refused:  # refused before the deadline, not held until it
-                assert result.refusal_percentile_ms(99) < 1000 * timeout_s, seen
+                # p90, not p99: quiet runs refuse in 3-4 ms at p99, but one stall of the
+                # VM (tens of ms, these hosts have them) holds every call sent meanwhile,
+                # about 100 at this rate: 1-4 % of the refusals (p99 75 ms in a CI run,
+                # 2026-11-30). A server holding refusals would fail p90 too.
+                assert result.refusal_percentile_ms(90) < 1000 * timeout_s, seen
             # No collapse onto the ladder: past capacity the model answers at least as many
             # a second as within it (its calls carry more rows as the load grows; 1.8-3.2 x
             # measured at 0.35, and 0.3-0.5 x when it collapsed). Once in 16 runs with a busy
