@@ -1,192 +1,178 @@
-"""The audit trail's costs, measured in one run on this machine.
+"""The audit store at the fleet's scale, measured in one run on this machine.
 
-1. Journal append: ``encode`` + ``Journal.append`` of one decision record (11 features)
-   per call, each call timed, with the default segment size and fsync interval.
-2. Shipping: a journal of N records shipped by ``AuditShipper`` into a fresh SQLite file
-   and a fresh PostgreSQL database of this run's own (dropped at the end; on
-   DECISION_BENCH_POSTGRES_URL's server, the machine's, or one it starts); rows/s from the
-   shipper's start until its backlog is empty, the schema migrated before the clock.
+A PostgreSQL database of this run's own (dropped at the end; on DECISION_BENCH_POSTGRES_URL's
+server, the machine's, or one it starts), migrated, then given ``--preload-rows`` rows of
+today (the partition that inserts go to); then ``--writers`` threads write real 5,000-row
+batches at ``--rate`` rows/s for ``--seconds`` each way, in alternating windows of 30 s:
+the shippers' idempotent inserts (``AuditStore.insert``: COPY into a temporary table, then
+INSERT ... ON CONFLICT DO NOTHING) and a plain COPY into the table (no check for ids
+stored before). Rows/s overall and in the slowest window, and each batch's time.
 
-What the audit costs a Decide: ``python -m loadtest.bench audit``.
+What the audit costs a Decide: ``python -m loadtest.bench audit`` and ``make profile``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import hashlib
 import os
-import random
-import statistics
-import tempfile
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
 
 from core.domain import CallInfo, Decision, DecisionResult, OrderRequest, Side, Source
+from core.ids import new_decision_id
 from core.stats import percentile
 from feature_cache.schema import FEATURE_NAMES
 from loadtest.report import markdown_table, write_block
 from localstack.postgres_server import own_database, postgres_admin
-from server.audit.journal import SEGMENT_MAX_BYTES, Journal
 from server.audit.migrate import upgrade
-from server.audit.record import DecisionRecord, encode
-from server.audit.settings import AuditSettings
+from server.audit.record import decode, encode
 from server.audit.ship_child import SHIP_BATCH_RECORDS
-from server.audit.ship_thread import AuditShipper
-from server.audit.store import AuditStore, create_store_engine
+from server.audit.store import (
+    DECISION_COLUMNS,
+    AuditStore,
+    create_store_engine,
+    decision_values,
+    from_us,
+)
 from server.audit.trail import decision_record
 
 say = functools.partial(print, flush=True)  # progress as it comes, piped too
-DEFAULTS = AuditSettings()  # the fsync interval
-SHIP_TARGET = ">= 20,000 rows/s"
+FLEET_TARGET = ">= 10,000 rows/s"  # docs/capacity.md: the fleet's audit rows
+FLEET_WINDOW_S = 30.0  # inserts and COPY alternate in windows of this long
 Row = tuple[str, str, str, str]  # measurement, count, result, target
 
 
-def make_records(count: int, seed: int = 1) -> list[DecisionRecord]:
-    """Records as the server builds them (``decision_record``), with varied values."""
-    rng = random.Random(seed)
-    version = hashlib.sha256(b"champion").hexdigest()
-    start_ns = time.time_ns()
-    records = []
-    for n in range(count):
-        at_ns = start_ns + n * 1_000_000
-        side, quantity = Side(1 + n % 2), round(rng.uniform(0.01, 5.0), 4)
-        order = OrderRequest(str(uuid.uuid4()), "BTC-USD", side, quantity, client_id="bench")
-        score = rng.random()
-        result = DecisionResult(
-            request_id=order.request_id,
-            decision_id=str(uuid.uuid4()),
-            decision=Decision.TRADE if score >= 0.55 else Decision.NO_TRADE,
-            score=score,
-            threshold=0.55,
-            source=Source.PRIMARY,
-            model_name="champion",
-            model_version=version,
-            reason=f"primary answered in {rng.uniform(0.8, 3.0):.1f} ms",
-            feature_age_ms=rng.uniform(0.0, 200.0),
-            features_us=rng.randint(150, 600),
-            model_us=rng.randint(800, 2500),
-            total_us=rng.randint(1100, 3200),
-            decided_at_ns=at_ns + 1_600_000,
-        )
-        call = CallInfo(at_ns, uuid.uuid4().hex, "ipv4:127.0.0.1:52814")
-        features = [rng.gauss(0.0, 1.0) for _ in FEATURE_NAMES]
-        records.append(decision_record("bench-host:50051", call, order, features, result))
-    return records
+def record() -> dict[str, Any]:
+    """A decision record as the server journals it and a shipper reads it back."""
+    at_ns = time.time_ns()
+    order = OrderRequest("bench-1", "BTC-USD", Side.BUY, 0.25, client_id="bench")
+    result = DecisionResult(
+        request_id=order.request_id, decision_id=new_decision_id(), decision=Decision.TRADE,
+        score=0.71, threshold=0.55, source=Source.PRIMARY, model_name="champion",
+        model_version=hashlib.sha256(b"champion").hexdigest(),
+        reason="primary answered in 1.4 ms", feature_age_ms=84.0, features_us=310,
+        model_us=1480, total_us=1930, decided_at_ns=at_ns + 1_600_000,
+    )  # fmt: skip
+    call = CallInfo(at_ns, "4bf92f3577b34da6a3ce929d0e0e4736", "ipv4:127.0.0.1:52814")
+    features = [0.5 + n / 7 for n in range(len(FEATURE_NAMES))]
+    return decode(encode(decision_record("bench-host:50051", call, order, features, result)))
 
 
-def open_journal(directory: Path) -> Journal:
-    journal = Journal(directory, segment_max_bytes=SEGMENT_MAX_BYTES,
-                      fsync_interval_ms=DEFAULTS.fsync_interval_ms)  # fmt: skip
-    journal.open()
-    return journal
-
-
-def us_summary(ns: Sequence[int]) -> str:
-    p50, p99, mean = percentile(ns, 0.5), percentile(ns, 0.99), statistics.fmean(ns)
-    return f"median {p50 / 1000:.1f} us, p99 {p99 / 1000:.1f} us, mean {mean / 1000:.1f} us"
-
-
-def bench_append(records: Sequence[DecisionRecord], directory: Path) -> list[Row]:
-    say(f"[1/2] journal append: {len(records):,} records, one encode + append each")
-    encode_ns, append_ns, both_ns = [], [], []
-    clock = time.perf_counter_ns
-    journal = open_journal(directory)
-    try:
-        for i, record in enumerate(records, 1):
-            t0 = clock()
-            payload = encode(record)
-            t1 = clock()
-            journal.append([payload])
-            t2 = clock()
-            encode_ns.append(t1 - t0)
-            append_ns.append(t2 - t1)
-            both_ns.append(t2 - t0)
-            if i % 10_000 == 0:
-                say(f"  appended {i:,}/{len(records):,}")
-    finally:
-        journal.close()
-    n = f"{len(records):,}"
-    return [
-        ("journal: encode + append, per record", n, us_summary(both_ns), "<= 20 us median"),
-        ("journal: encode alone", n, us_summary(encode_ns), ""),
-        ("journal: append alone", n, us_summary(append_ns), ""),
-    ]
-
-
-def ship(
-    label: str, url: str, payloads: Sequence[bytes], directory: Path, store_class: type[AuditStore]
-) -> Row:
-    """Ships a journal of ``payloads`` into the empty store at ``url``."""
-    store = store_class(create_store_engine(url))
-    upgrade(store.engine)
-    journal = open_journal(directory)
-    for start in range(0, len(payloads), 1000):
-        journal.append(payloads[start : start + 1000])
-    shipper = AuditShipper(
-        journal.directory,
-        store,
-        written=lambda: journal.position,
-        batch_records=SHIP_BATCH_RECORDS,
-        migrate=False,
+def preload(engine: sa.Engine, rows: int, template: dict[str, Any]) -> None:
+    """``rows`` rows of ``template``'s values, new ids, 1 ms apart from today's midnight
+    (today's partition, where inserts go), made by the server 1M rows a statement."""
+    row = orjson.dumps({**template, "received_at": None, "decided_at": None}).decode()
+    made = {"decision_id": "gen_random_uuid()::text", "received_at": "at", "decided_at": "at"}
+    columns = ", ".join(made.get(c, f"t.{c}") for c in DECISION_COLUMNS)
+    statement = sa.text(
+        f"INSERT INTO decisions SELECT {columns}"  # noqa: S608 - the table's own columns
+        " FROM jsonb_populate_record(NULL::decisions, CAST(:row AS jsonb)) AS t,"
+        " generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) AS n,"
+        " LATERAL (SELECT date_trunc('day', now()) + n * interval '1 millisecond' AS at) AS a"
     )
-    say(f"  shipping {len(payloads):,} records into {label} …")
+    for first in range(0, rows, 1_000_000):
+        last = min(rows, first + 1_000_000)
+        with engine.begin() as conn:
+            conn.execute(statement, {"row": row, "first": first, "last": last - 1})
+        say(f"    preloaded {last:,}/{rows:,} rows")
+
+
+def json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def write(url: str, template: Mapping[str, Any], method: str, per_s: float, until: float) -> Any:
+    """One writer: batches of ``SHIP_BATCH_RECORDS`` new records at ``per_s`` rows a second
+    until ``until``; the rows it stored and each batch's seconds."""
+    store = AuditStore(create_store_engine(url))
+    copy = f"COPY decisions ({', '.join(DECISION_COLUMNS)}) FROM STDIN"
+    written, took, due = 0, [], time.perf_counter()
     try:
-        started = next_report = time.perf_counter()
-        shipper.start()
-        while (status := shipper.status()).backlog_bytes:
-            if status.last_error:  # store_ok is False until the first insert, too
-                raise RuntimeError(f"{label}: {status.last_error}")
-            if time.perf_counter() >= next_report + 1.0:
-                next_report += 1.0
-                say(f"    {status.shipped_records:,}/{len(payloads):,} shipped")
-            time.sleep(0.02)  # each look lists the journal folder, holding the GIL
-        elapsed = time.perf_counter() - started
+        while (started := time.perf_counter()) < until:
+            now_us = time.time_ns() // 1000
+            batch = [{**template, "decision_id": new_decision_id(), "decided_at_us": now_us,
+                      "received_at_us": now_us} for _ in range(SHIP_BATCH_RECORDS)]  # fmt: skip
+            if method == "inserts":
+                store.insert(batch)
+            else:
+                with store.engine.begin() as conn:
+                    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                    with cursor.copy(copy) as out:
+                        for record in batch:
+                            out.write_row(decision_values(record, from_us, json_text))
+            written += len(batch)
+            took.append(time.perf_counter() - started)
+            due += len(batch) / per_s
+            time.sleep(max(0.0, due - time.perf_counter()))
     finally:
-        shipper.stop(drain_timeout_s=5.0)
-        journal.close()
-    stored = store.count_decisions()
-    store.dispose()
-    if stored != len(payloads):
-        raise RuntimeError(f"{label}: {stored:,} rows stored of {len(payloads):,}")
-    say(f"    {stored:,} rows in {elapsed:.2f} s: {stored / elapsed:,.0f} rows/s")
-    return (f"ship into {label}", f"{stored:,}", f"{stored / elapsed:,.0f} rows/s", SHIP_TARGET)
+        store.dispose()
+    return written, took
 
 
-def bench_ship(payloads: Sequence[bytes], run_dir: Path) -> list[Row]:
-    say(f"[2/2] shipping: {len(payloads):,} records, batches of up to {SHIP_BATCH_RECORDS:,}")
-    sqlite_url = f"sqlite:///{run_dir / 'ship.db'}"
-    rows = [ship("SQLite", sqlite_url, payloads, run_dir / "sqlite", AuditStore)]
+def bench_fleet(args: argparse.Namespace, template: dict[str, Any]) -> list[Row]:
+    say(f"PostgreSQL at the fleet's scale: {args.preload_rows:,} rows first, then "
+        f"{args.writers} writers, {args.seconds:.0f} s each way")  # fmt: skip
     configured = os.environ.get("DECISION_BENCH_POSTGRES_URL")
+    windows: dict[str, list[tuple[int, float]]] = {"inserts": [], "COPY": []}  # rows, s
+    batches: dict[str, list[float]] = {"inserts": [], "COPY": []}
     with postgres_admin(configured) as admin, own_database(admin, "audit_bench") as url:
-        rows.append(ship("PostgreSQL", url, payloads, run_dir / "postgresql", AuditStore))
-    return rows
+        engine = create_store_engine(url)
+        upgrade(engine)
+        values = decision_values(template, from_us, lambda value: value)
+        preload(
+            engine,
+            args.preload_rows,
+            {str(k): v for k, v in zip(DECISION_COLUMNS, values, strict=True)},
+        )
+        engine.dispose()
+        count = max(1, round(args.seconds / FLEET_WINDOW_S))
+        stored = args.preload_rows
+        with ThreadPoolExecutor(args.writers) as pool:
+            for n in range(2 * count):
+                method = ("inserts", "COPY")[n % 2]
+                start = time.perf_counter()
+                writer = functools.partial(write, url, template, method, args.rate / args.writers)
+                done = list(pool.map(writer, [start + args.seconds / count] * args.writers))
+                took = time.perf_counter() - start
+                rows = sum(r for r, _ in done)
+                windows[method].append((rows, took))
+                batches[method] += [t for _, times in done for t in times]
+                stored += rows
+                say(f"    {method}: {rows / took:,.0f} rows/s ({rows:,} in {took:.1f} s), "
+                    f"{stored:,} rows in the table")  # fmt: skip
+    return [
+        (f"PostgreSQL holding {args.preload_rows:,}+ rows: {method}, {args.writers} writers at "
+         f"{args.rate:,.0f} rows/s", f"{sum(r for r, _ in done):,}",
+         f"{sum(r for r, _ in done) / sum(t for _, t in done):,.0f} rows/s (lowest "
+         f"{args.seconds / count:.0f} s: {min(r / t for r, t in done):,.0f}); a batch of"
+         f" {SHIP_BATCH_RECORDS:,}: p50 {percentile(batches[method], 0.5) * 1000:.0f} ms, p99 "
+         f"{percentile(batches[method], 0.99) * 1000:.0f} ms",
+         FLEET_TARGET if method == "inserts" else "")
+        for method, done in windows.items()
+    ]  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--appends", type=int, default=50_000)
-    parser.add_argument("--ship-records", type=int, default=100_000)
+    parser.add_argument("--preload-rows", type=int, default=10_000_000)
+    parser.add_argument("--writers", type=int, default=4, help="threads writing at once")
+    parser.add_argument("--rate", type=float, default=15_000.0, help="rows/s, all writers")
+    parser.add_argument("--seconds", type=float, default=300.0, help="each way")
     parser.add_argument(
         "--doc", type=Path, help="put the table in this doc's bench-audit-trail block"
     )
     args = parser.parse_args()
-
-    say(f"building {max(args.appends, args.ship_records):,} decision records …")
-    records = make_records(max(args.appends, args.ship_records))
-    payloads = [encode(record) for record in records[: args.ship_records]]
-    say(f"  {len(payloads[0]):,} bytes a record in the journal")
-    # The benchmark's own data set stays out of the collector's way: a server holds no
-    # 100,000 records, and full collections walking them would slow the shipper.
-    gc.freeze()
-    with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
-        run_dir = Path(tmp)
-        rows = bench_append(records[: args.appends], run_dir / "append")
-        rows += bench_ship(payloads, run_dir)
-    table = markdown_table(["measurement", ">n", "result", "target"], rows)
+    template = record()
+    say(f"  {len(orjson.dumps(template)):,} bytes a record as the shipper reads it")
+    table = markdown_table(["measurement", ">n", "result", "target"], bench_fleet(args, template))
     say(f"\n{table}")
     if args.doc:
         write_block(args.doc, "bench-audit-trail", table)
