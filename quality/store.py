@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from server.audit.archive import Archive
 from server.audit.reader import DecisionReader
-from server.audit.store import decision_outcomes, decisions, from_us
+from server.audit.store import decision_outcomes, decisions, from_us, held
 
 _PENDING_COLUMNS = (
     "decision_id", "decided_at", "feature_time", "symbol", "side", "features", "source",
@@ -116,13 +116,9 @@ class OutcomeStore:
             for row in self._reader.archived_between(from_us(since_us), None)
             if row["feature_time"] is not None
         ]
-        ids = [row["decision_id"] for row in archived]
-        labelled: set[str] = set()
-        column = decision_outcomes.c.decision_id
         with self.engine.connect() as conn:
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                labelled.update(conn.execute(sa.select(column).where(column.in_(chunk))).scalars())
+            ids = [row["decision_id"] for row in archived]
+            labelled = held(conn, decision_outcomes.c.decision_id, ids)
         return [row for row in archived if row["decision_id"] not in labelled]
 
     def record(self, outcomes: Sequence[Outcome], labeled_at_us: int) -> None:

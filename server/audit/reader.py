@@ -22,12 +22,11 @@ from sqlalchemy.engine import Engine
 
 from core.ids import id_time_ms
 from server.audit.archive import Archive, day_of
-from server.audit.store import decisions
+from server.audit.store import ID_CHUNK, decisions
 
 # The longest a decision takes from its id to its decided_at, with room: an id made this
 # close to midnight is looked for in the next day too.
 DECIDED_WITHIN = dt.timedelta(minutes=1)
-_ID_CHUNK = 500  # ids a query names at most
 
 
 def _utc(row: dict[str, Any]) -> dict[str, Any]:
@@ -54,8 +53,8 @@ class DecisionReader:
         column = decisions.c.decision_id
         rows: list[dict[str, Any]] = []
         with self.engine.connect() as conn:
-            for start in range(0, len(ids), _ID_CHUNK):
-                query = sa.select(decisions).where(column.in_(ids[start : start + _ID_CHUNK]))
+            for start in range(0, len(ids), ID_CHUNK):
+                query = sa.select(decisions).where(column.in_(ids[start : start + ID_CHUNK]))
                 rows += [_utc(dict(row)) for row in conn.execute(query).mappings()]
         found = {row["decision_id"] for row in rows}
         missing = [i for i in dict.fromkeys(ids) if i not in found]

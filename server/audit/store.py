@@ -264,6 +264,18 @@ def decision_values(record: Mapping[str, Any], time: Any, json: Any) -> tuple[An
     return tuple(values)
 
 
+ID_CHUNK = 500  # ids one query names at most
+
+
+def held(conn: sa.Connection, column: sa.Column[str], ids: Sequence[str]) -> set[str]:
+    """Those of ``ids`` that ``column`` holds, looked up ``ID_CHUNK`` at a time."""
+    found: set[str] = set()
+    for start in range(0, len(ids), ID_CHUNK):
+        chunk = ids[start : start + ID_CHUNK]
+        found.update(conn.execute(sa.select(column).where(column.in_(chunk))).scalars())
+    return found
+
+
 def _sqlite_time(us: int) -> str:
     # The text SQLAlchemy's SQLite DateTime stores and compares (UTC, no zone).
     return from_us(us).strftime("%Y-%m-%d %H:%M:%S.%f")
@@ -411,16 +423,12 @@ class AuditStore:
             return int(conn.execute(sa.select(sa.func.count()).select_from(decisions)).scalar_one())
 
     def decision_ids(self, ids: Sequence[str] | None = None) -> set[str]:
-        """The stored decision ids: all, or those of ``ids`` (looked up in chunks)."""
+        """The stored decision ids: all, or those of ``ids``."""
         column = decisions.c.decision_id
         with self.engine.connect() as conn:
             if ids is None:
                 return set(conn.execute(sa.select(column)).scalars())
-            found: set[str] = set()
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                found.update(conn.execute(sa.select(column).where(column.in_(chunk))).scalars())
-            return found
+            return held(conn, column, ids)
 
     def dispose(self) -> None:
         self.engine.dispose()
