@@ -354,24 +354,28 @@ def archive(
     remove_before = day_of(now) - dt.timedelta(days=retention_days)
     for day in db_days(engine, closed_before(now, archive_after_s)):
         manifest = store.manifest(day) or Manifest(day)
-        if manifest.removed is None:
-            _archive_day(engine, store, manifest, report)
-        else:
+        if manifest.removed is not None:
             _archive_late(engine, store, manifest, report)
+        elif not _archive_day(engine, store, manifest, report):
+            continue  # not verified as the database holds it: not removed either
         if manifest.removed is None and day < remove_before and manifest.parts:
             _remove_day(engine, store, manifest, report)
     report.removed += partitions.drop_empty(engine, before=remove_before)
     return report
 
 
-def _archive_day(engine: Engine, store: Archive, manifest: Manifest, report: Report) -> None:
+def _archive_day(engine: Engine, store: Archive, manifest: Manifest, report: Report) -> bool:
     """(Re)writes the day's part-0 from the database unless the manifest already says
-    exactly what the database holds."""
+    exactly what the database holds; whether it does now."""
     day = manifest.day
     with engine.connect() as conn:
         held = db_tally(conn, day)
     if manifest.total == held:
-        return
+        return True
+    if held.rows < manifest.total.rows:  # rows left the database some other way: keep both
+        report.problems.append(f"{day}: {held.rows:,} rows in the database, "
+                               f"{manifest.total.rows:,} archived; not written again")  # fmt: skip
+        return False
     store.write_part(day, "part-0.parquet", _rows(engine, day))
     written = store.part_tally(day, "part-0.parquet")
     with engine.connect() as conn:
@@ -379,10 +383,11 @@ def _archive_day(engine: Engine, store: Archive, manifest: Manifest, report: Rep
     if written != held:  # rows arrived meanwhile: the next run writes it again
         report.problems.append(f"{day} part-0: {written.rows:,} rows written, "
                                f"{held.rows:,} in the database now; again next run")  # fmt: skip
-        return
+        return False
     manifest.parts = {"part-0.parquet": written}
     store.write_manifest(manifest)
     report.archived.append(f"{day} part-0: {written.rows:,} rows")
+    return True
 
 
 def _remove_day(engine: Engine, store: Archive, manifest: Manifest, report: Report) -> None:

@@ -211,3 +211,15 @@ def test_the_command_archives_and_says_what_is_not_in_the_archive(tmp_path):
     assert (
         done.stderr.strip() == f"restore: {TODAY} is not in the archive at {tmp_path / 'archive'}"
     )
+
+
+def test_an_archived_day_that_lost_rows_in_the_database_is_never_archived_smaller(engine, store):
+    rows = records(OWN_DAY, 10)
+    insert(engine, rows)
+    run(engine, store, at(OWN_DAY + 2 * DAY))  # archived, kept (retention)
+    with engine.begin() as conn:
+        conn.execute(decisions.delete().where(decisions.c.decision_id == rows[0].decision_id))
+    report = run(engine, store, at(OWN_DAY + 9 * DAY))
+    assert report.problems == [f"{OWN_DAY}: 9 rows in the database, 10 archived; not written again"]
+    assert report.archived == [] and stored_ids(engine, OWN_DAY)  # nor removed
+    assert len(store.read(OWN_DAY)) == 10
