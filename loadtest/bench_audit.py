@@ -41,6 +41,7 @@ from server.audit.store import (
     create_store_engine,
     decision_values,
     from_us,
+    json_text,
 )
 from server.audit.trail import decision_record
 
@@ -83,10 +84,6 @@ def preload(engine: sa.Engine, rows: int, template: dict[str, Any]) -> None:
         with engine.begin() as conn:
             conn.execute(statement, {"row": row, "first": first, "last": last - 1})
         say(f"    preloaded {last:,}/{rows:,} rows")
-
-
-def json_text(value: Any) -> str:
-    return orjson.dumps(value).decode()
 
 
 def write(url: str, template: Mapping[str, Any], method: str, per_s: float, until: float) -> Any:

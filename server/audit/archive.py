@@ -40,7 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from server.audit import partitions
-from server.audit.store import decisions
+from server.audit.store import decisions, json_text
 
 log = logging.getLogger(__name__)
 
@@ -244,14 +244,13 @@ class Archive:
         return rows
 
 
-def _json_text(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=dt.UTC)  # SQLite hands back naive UTC
+def utc_times(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its times in UTC (SQLite hands them back naive, in UTC)."""
+    for name in ("received_at", "decided_at", "feature_time"):
+        value = row.get(name)
+        if isinstance(value, dt.datetime) and value.tzinfo is None:
+            row[name] = value.replace(tzinfo=dt.UTC)
+    return row
 
 
 def _in_day(day: dt.date) -> Any:
@@ -291,11 +290,9 @@ def _rows(engine: Engine, day: dt.date) -> Iterator[list[dict[str, Any]]]:
 
 
 def _archived_row(row: Any) -> dict[str, Any]:
-    out = dict(row)
+    out = utc_times(dict(row))
     for name in ("features", "feature_overrides"):
-        out[name] = _json_text(out[name])
-    for name in ("received_at", "decided_at", "feature_time"):
-        out[name] = _utc(out[name])
+        out[name] = None if out[name] is None else json_text(out[name])
     return out
 
 

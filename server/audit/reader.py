@@ -21,20 +21,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from core.ids import id_time_ms
-from server.audit.archive import Archive, day_of
+from server.audit.archive import Archive, day_of, utc_times
 from server.audit.store import ID_CHUNK, decisions
 
 # The longest a decision takes from its id to its decided_at, with room: an id made this
 # close to midnight is looked for in the next day too.
 DECIDED_WITHIN = dt.timedelta(minutes=1)
-
-
-def _utc(row: dict[str, Any]) -> dict[str, Any]:
-    for name in ("received_at", "decided_at", "feature_time"):
-        value = row.get(name)
-        if isinstance(value, dt.datetime) and value.tzinfo is None:  # SQLite: naive UTC
-            row[name] = value.replace(tzinfo=dt.UTC)
-    return row
 
 
 def _ordered(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -55,7 +47,7 @@ class DecisionReader:
         with self.engine.connect() as conn:
             for start in range(0, len(ids), ID_CHUNK):
                 query = sa.select(decisions).where(column.in_(ids[start : start + ID_CHUNK]))
-                rows += [_utc(dict(row)) for row in conn.execute(query).mappings()]
+                rows += [utc_times(dict(row)) for row in conn.execute(query).mappings()]
         found = {row["decision_id"] for row in rows}
         missing = [i for i in dict.fromkeys(ids) if i not in found]
         if missing and self.archive is not None:
@@ -91,7 +83,7 @@ class DecisionReader:
         if until is not None:
             query = query.where(decisions.c.decided_at < until)
         with self.engine.connect() as conn:
-            rows = [_utc(dict(row)) for row in conn.execute(query).mappings()]
+            rows = [utc_times(dict(row)) for row in conn.execute(query).mappings()]
         return _ordered([*rows, *self.archived_between(since, until)])[:limit]
 
     def archived_between(

@@ -186,7 +186,7 @@ def call_tally_row(record: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _json_text(value: Any) -> str:
+def json_text(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
@@ -196,7 +196,7 @@ def create_store_engine(url: str) -> Engine:
         database = sa.make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, json_serializer=_json_text, hide_parameters=True)
+        engine = sa.create_engine(url, json_serializer=json_text, hide_parameters=True)
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -223,7 +223,7 @@ def create_store_engine(url: str) -> Engine:
     # and a bound on unacknowledged sends.
     return sa.create_engine(
         url,
-        json_serializer=_json_text,
+        json_serializer=json_text,
         # Errors name the failure, not the audit records that were being inserted.
         hide_parameters=True,
         pool_pre_ping=True,
@@ -378,7 +378,7 @@ class AuditStore:
 
     def _insert_sqlite(self, cursor: Any, records: list[Mapping[str, Any]]) -> None:
         cursor.executemany(
-            self._sqlite_insert, [decision_values(r, _sqlite_time, _json_text) for r in records]
+            self._sqlite_insert, [decision_values(r, _sqlite_time, json_text) for r in records]
         )
 
     def _insert_postgresql(self, cursor: Any, records: list[Mapping[str, Any]]) -> None:
@@ -387,7 +387,7 @@ class AuditStore:
         )
         with cursor.copy(self._pg_copy) as copy:
             for record in records:
-                copy.write_row(decision_values(record, from_us, _json_text))
+                copy.write_row(decision_values(record, from_us, json_text))
         cursor.execute(self._pg_merge)
 
     def admin_actions(self, query: AdminActionQuery) -> list[AdminRecord]:

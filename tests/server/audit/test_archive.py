@@ -91,7 +91,7 @@ def test_a_closed_day_is_archived_and_verified_then_removed_after_the_retention(
         row = conn.execute(sa.select(decisions).where(
             decisions.c.decision_id == own[0].decision_id)).mappings().one()  # fmt: skip
     assert first["features"] == row["features"] == {"spread_bps": 2.0}
-    assert first["decided_at"] == archive_module._utc(row["decided_at"])
+    assert first["decided_at"] == archive_module.utc_times(dict(row))["decided_at"]
     assert {k: v for k, v in first.items() if k not in ("received_at", "decided_at")} == {
         k: v for k, v in row.items() if k not in ("received_at", "decided_at")
     }
