@@ -241,10 +241,10 @@ class Labeler:
         if mid_now is None or mid_later is None:  # not so: start >= first_us
             return self._unlabelled(decision, BEFORE_HISTORY)
         label = int(favourable_move(decision.side_sign, mid_now, mid_later, decision.spread_bps))
-        return Outcome(decision.decision_id, label, mid_now, mid_later)
+        return Outcome(decision.decision_id, decision.decided_at_us, label, mid_now, mid_later)
 
     def _unlabelled(self, decision: PendingDecision, reason: str) -> Outcome:
-        return Outcome(decision.decision_id, None, reason=reason)
+        return Outcome(decision.decision_id, decision.decided_at_us, None, reason=reason)
 
     def judge(self, decisions: Iterable[tuple[PendingDecision, Outcome]]) -> None:
         """Adds the labelled decisions' scores to their scorers' rolling quality."""

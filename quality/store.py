@@ -1,8 +1,10 @@
 """The labeler's side of the audit store: decisions without an outcome, outcomes written.
 
 Decisions are read by ``decided_at`` from a watermark (indexed), those with an outcome
-left out by an anti-join on its primary key. Outcome inserts skip ids already labelled,
-so two labelers, or one restarted, never write a decision's outcome twice.
+left out by an anti-join on its primary key (the decision's id and ``decided_at``: the
+same day's partition on PostgreSQL). Outcome inserts skip ids already labelled, so two
+labelers, or one restarted, never write a decision's outcome twice. Decisions and
+outcomes of days that left the database are read from the archive.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from server.audit.archive import Archive
+from server.audit.archive import Archive, day_of
 from server.audit.reader import DecisionReader
 from server.audit.store import decision_outcomes, decisions, from_us, held
 
@@ -50,6 +52,7 @@ class PendingDecision:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     decision_id: str
+    decided_at_us: int  # the decision's
     label: int | None  # None: no label, ``reason`` says why
     mid_at_features: float | None = None
     mid_after_horizon: float | None = None
@@ -74,9 +77,10 @@ class OutcomeStore:
         self.engine = engine
         self._horizon_ms = horizon_ms
         self._reader = DecisionReader(engine, archive)
+        self._archived_outcomes = None if archive is None else archive.of(decision_outcomes)
         insert: Any = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self._insert = insert(decision_outcomes).on_conflict_do_nothing(
-            index_elements=["decision_id"]
+            index_elements=["decision_id", "decided_at"]
         )
 
     def has_tables(self) -> bool:
@@ -92,7 +96,11 @@ class OutcomeStore:
         d, o = decisions, decision_outcomes
         query = (
             sa.select(*(d.c[name] for name in _PENDING_COLUMNS))
-            .select_from(d.outerjoin(o, o.c.decision_id == d.c.decision_id))
+            .select_from(
+                d.outerjoin(
+                    o, sa.and_(o.c.decision_id == d.c.decision_id, o.c.decided_at == d.c.decided_at)
+                )
+            )
             .where(
                 d.c.decided_at >= from_us(since_us),
                 d.c.feature_time.is_not(None),
@@ -110,15 +118,24 @@ class OutcomeStore:
 
     def _archived_pending(self, since_us: int) -> list[dict[str, Any]]:
         """The archive's decisions from ``since_us`` on, of days that left the database,
-        that used features and have no outcome."""
+        that used features and have no outcome, in the database or the archive."""
         archived = [
             row
-            for row in self._reader.archived_between(from_us(since_us), None)
+            for row in self._reader.archived_between(
+                from_us(since_us), None, columns=_PENDING_COLUMNS
+            )
             if row["feature_time"] is not None
         ]
         with self.engine.connect() as conn:
             ids = [row["decision_id"] for row in archived]
             labelled = held(conn, decision_outcomes.c.decision_id, ids)
+        by_day: dict[dt.date, list[str]] = {}
+        for row in archived:
+            by_day.setdefault(day_of(row["decided_at"]), []).append(row["decision_id"])
+        if self._archived_outcomes is not None:
+            for day, day_ids in by_day.items():
+                found = self._archived_outcomes.read(day, ids=day_ids, columns=["decision_id"])
+                labelled.update(row["decision_id"] for row in found)
         return [row for row in archived if row["decision_id"] not in labelled]
 
     def record(self, outcomes: Sequence[Outcome], labeled_at_us: int) -> None:
@@ -128,6 +145,7 @@ class OutcomeStore:
         rows = [
             {
                 "decision_id": outcome.decision_id,
+                "decided_at": from_us(outcome.decided_at_us),
                 "labeled_at": labeled_at,
                 "horizon_ms": self._horizon_ms,
                 "label": outcome.label,

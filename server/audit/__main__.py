@@ -118,21 +118,25 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--reasons", type=positive_int, default=2, help="fallback reasons a step (default 2)"
     )
     tl.add_argument("--json", action="store_true", help="print the steps as JSON")
+    tl.add_argument(
+        "--archive-url",
+        help="the archive, for days that left the database (default DECISION_AUDIT__ARCHIVE_URL)",
+    )
     ar = commands.add_parser(
         "archive",
         help="write each closed day to the archive, verify it, remove the days past the retention",
-        description="Writes each closed day of decisions to the archive as Parquet, verifies "
-        "its row count and id checksum against the database, and removes from the database "
-        "the verified days older than the retention. Exits 0, 1 when a day could not be "
-        "verified (it is tried again next run), 2 when it could not run.",
+        description="Writes each closed day of decisions and of their outcomes to the archive "
+        "as Parquet, verifies its row count and id checksum against the database, and removes "
+        "from the database the verified days older than the retention. Exits 0, 1 when a day "
+        "could not be verified (it is tried again next run), 2 when it could not run.",
     )
     ar.add_argument("--archive-url", help="default DECISION_AUDIT__ARCHIVE_URL")
     ar.add_argument("--retention-days", type=int, help="default DECISION_AUDIT__RETENTION_DAYS")
     rs = commands.add_parser(
         "restore",
         help="put an archived day back into the database",
-        description="Inserts an archived day's decisions into the database again (those "
-        "there already are left as they are); the next archive run removes the day again "
+        description="Inserts an archived day's decisions and outcomes into the database again "
+        "(those there already are left as they are); the next archive run removes the day again "
         "once it is past the retention. Exits 0, 2 when the day is not in the archive.",
     )
     rs.add_argument("day", type=dt.date.fromisoformat, help="2026-11-21 (UTC)")
@@ -151,8 +155,8 @@ def _archive(engine: sa.Engine, args: argparse.Namespace, settings: AuditSetting
         if store.manifest(args.day) is None:
             print(f"restore: {args.day} is not in the archive at {url}", file=sys.stderr)
             return 2
-        count = restore(engine, store, args.day)
-        print(f"restored {args.day}: {count:,} decisions")
+        restored = restore(engine, store, args.day)
+        print(f"restored {args.day}: " + ", ".join(f"{n:,} {t}" for t, n in restored.items()))
         return 0
     retention = settings.retention_days if args.retention_days is None else args.retention_days
     upgrade(engine)
@@ -198,14 +202,15 @@ def _print_report(report: ReplayReport) -> None:
         print(f"  ... and {len(report.differences) - DIFFERENCES_SHOWN} more (--json for all)")
 
 
-def _timeline(engine: sa.Engine, args: argparse.Namespace) -> int:
+def _timeline(engine: sa.Engine, args: argparse.Namespace, settings: AuditSettings) -> int:
     until = args.until or dt.datetime.now(dt.UTC)
     since = args.since or until - TIMELINE_DEFAULT_SPAN
     if since >= until:
         print(f"timeline: --since {since:%Y-%m-%dT%H:%M:%S} is not before --until "
               f"{until:%Y-%m-%dT%H:%M:%S}", file=sys.stderr)  # fmt: skip
         return 2
-    loaded = load_recorded(engine, since=since, until=until, limit=args.limit)
+    archive = Archive(args.archive_url or settings.archive_url)
+    loaded = load_recorded(engine, since=since, until=until, limit=args.limit, archive=archive)
     if not loaded.recorded:
         print("timeline: no recorded decision in that time", file=sys.stderr)
         return 2
@@ -248,7 +253,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m server.audit")
             print("audit store at the latest schema")
             return 0
         if args.command == "timeline":
-            return _timeline(engine, args)
+            return _timeline(engine, args, settings)
         if args.command in ("archive", "restore"):
             return _archive(engine, args, settings)
         if not (args.decision_id or args.since or args.until):

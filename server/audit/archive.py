@@ -1,12 +1,15 @@
-"""The audit archive: each closed day of decisions as Parquet, verified against the
-database, then removed from it once older than the retention.
+"""The audit archive: each closed day of decisions and of their outcomes as Parquet,
+verified against the database, then removed from it once older than the retention.
 
 ``python -m server.audit archive`` (a CronJob in Kubernetes) runs ``archive``. The archive
-is a folder by default and any fsspec URL in production; under it::
+is a folder by default and any fsspec URL in production; under it, for each table that
+grows with decisions (``TABLES``: ``decisions``, ``decision_outcomes``)::
 
     decisions/v1/day=2026-11-30/part-0.parquet   the day's rows, sorted by decision_id
     decisions/v1/day=2026-11-30/part-1.parquet   rows that came after the day was dropped
     decisions/v1/day=2026-11-30/manifest.json    each part's rows and id checksum
+    decision_outcomes/v1/day=2026-11-30/...      the same, of the outcomes of the day's
+                                                 decisions (by their decided_at)
 
 A day is archived once it is closed (``archive_after_s`` past its end: room for the
 backlog a shipper delivers after a store outage); its part is written under a temporary
@@ -40,7 +43,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from server.audit import partitions
-from server.audit.store import decisions, json_text
+from server.audit.store import decision_outcomes, decisions, json_text
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +53,14 @@ SCHEMA_VERSION = 1  # in the path and in each file's metadata; a new layout is v
 ROW_GROUP_ROWS = 200_000
 READ_BATCH_ROWS = 50_000  # rows fetched from the database at a time: bounded memory
 _DAY = dt.timedelta(days=1)
+# The tables archived and removed day by day, each under a folder of its name: the decisions
+# and their outcomes (partitions.TABLES on PostgreSQL).
+TABLES = (decisions, decision_outcomes)
 
 
-def arrow_schema() -> Any:
-    """The archive's schema, from the table's columns: JSON columns as JSON text, times as
-    UTC microseconds."""
+def arrow_schema(table: sa.Table) -> Any:
+    """The archive's schema of ``table``, from its columns: JSON columns as JSON text,
+    times as UTC microseconds."""
     import pyarrow as pa
 
     types = {
@@ -63,7 +69,7 @@ def arrow_schema() -> Any:
         sa.SmallInteger: pa.int16(), sa.DateTime: pa.timestamp("us", tz="UTC"),
     }  # fmt: skip
     fields = []
-    for column in decisions.columns:
+    for column in table.columns:
         kind = next(t for cls, t in types.items() if isinstance(column.type, cls))
         fields.append(pa.field(column.name, kind, nullable=bool(column.nullable)))
     return pa.schema(fields, metadata={b"decision.archive.schema": str(SCHEMA_VERSION).encode()})
@@ -138,12 +144,21 @@ class Manifest:
         return cls(dt.date.fromisoformat(raw["day"]), parts, raw.get("removed"))
 
 
-class Archive:
-    """The archive at ``url`` (a folder or an fsspec URL)."""
+def json_columns(table: sa.Table) -> list[str]:
+    return [c.name for c in table.columns if isinstance(c.type, sa.JSON)]
 
-    def __init__(self, url: str) -> None:
+
+class Archive:
+    """The archive at ``url`` (a folder or an fsspec URL) of one of ``TABLES``."""
+
+    def __init__(self, url: str, table: sa.Table = decisions) -> None:
+        self.url, self.table = url, table
         self.fs, root = fsspec.core.url_to_fs(url)
-        self.root = posixpath.join(root, "decisions", f"v{SCHEMA_VERSION}")
+        self.root = posixpath.join(root, table.name, f"v{SCHEMA_VERSION}")
+
+    def of(self, table: sa.Table) -> Archive:
+        """The archive of ``table`` beside this one."""
+        return self if table is self.table else Archive(self.url, table)
 
     def day_dir(self, day: dt.date) -> str:
         return posixpath.join(self.root, f"day={day.isoformat()}")
@@ -182,7 +197,7 @@ class Archive:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = arrow_schema()
+        schema = arrow_schema(self.table)
         path = posixpath.join(self.day_dir(day), name)
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         temporary = f"{path}.{uuid.uuid4().hex}.tmp"
@@ -218,17 +233,21 @@ class Archive:
         ids: Sequence[str] | None = None,
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
+        columns: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
         """The day's verified rows as the database gives them (JSON decoded): those of
-        ``ids``, made in ``[since, until)``, or all. Row groups whose id or time range holds
-        none are skipped (UUIDv7 ids sorted are in time order too)."""
+        ``ids``, decided in ``[since, until)``, or all; only ``columns`` if given. Row
+        groups whose id or time range holds none are skipped (UUIDv7 ids sorted are in time
+        order too)."""
         import pyarrow.dataset as ds
 
         manifest = self.manifest(day)
         if manifest is None:
             return []
         paths = [posixpath.join(self.day_dir(day), name) for name in manifest.parts]
-        dataset = ds.dataset(paths, schema=arrow_schema(), format="parquet", filesystem=self.fs)
+        dataset = ds.dataset(
+            paths, schema=arrow_schema(self.table), format="parquet", filesystem=self.fs
+        )
         where = ds.scalar(True)
         if ids is not None:
             where = where & ds.field("decision_id").isin(list(ids))
@@ -236,9 +255,11 @@ class Archive:
             where = where & (ds.field("decided_at") >= since)
         if until is not None:
             where = where & (ds.field("decided_at") < until)
-        rows: list[dict[str, Any]] = dataset.to_table(filter=where).to_pylist()
+        table = dataset.to_table(columns=None if columns is None else list(columns), filter=where)
+        rows: list[dict[str, Any]] = table.to_pylist()
+        encoded = [name for name in json_columns(self.table) if name in table.column_names]
         for row in rows:
-            for name in ("features", "feature_overrides"):
+            for name in encoded:
                 if row[name] is not None:
                     row[name] = orjson.loads(row[name])
         return rows
@@ -246,23 +267,21 @@ class Archive:
 
 def utc_times(row: dict[str, Any]) -> dict[str, Any]:
     """``row`` with its times in UTC (SQLite hands them back naive, in UTC)."""
-    for name in ("received_at", "decided_at", "feature_time"):
-        value = row.get(name)
+    for name, value in row.items():
         if isinstance(value, dt.datetime) and value.tzinfo is None:
             row[name] = value.replace(tzinfo=dt.UTC)
     return row
 
 
-def _in_day(day: dt.date) -> Any:
+def _in_day(table: Any, day: dt.date) -> Any:
     start = partitions.day_start(day)
-    return sa.and_(decisions.c.decided_at >= start, decisions.c.decided_at < start + _DAY)
+    return sa.and_(table.c.decided_at >= start, table.c.decided_at < start + _DAY)
 
 
 def db_tally(conn: Connection, day: dt.date, table: Any = decisions) -> Tally:
-    """The ``Tally`` of the database's rows of ``day`` (in ``table``: decisions, or one
-    partition of it)."""
-    start = partitions.day_start(day)
-    where = sa.and_(table.c.decided_at >= start, table.c.decided_at < start + _DAY)
+    """The ``Tally`` of the database's rows of ``day`` in ``table`` (one of ``TABLES``, or
+    one partition of it)."""
+    where = _in_day(table, day)
     if conn.dialect.name == "postgresql":
         tail = sa.text("('x' || right(replace(decision_id, '-', ''), 15))::bit(60)::bigint")
         row = conn.execute(
@@ -278,22 +297,21 @@ def db_tally(conn: Connection, day: dt.date, table: Any = decisions) -> Tally:
     return total
 
 
-def _rows(engine: Engine, day: dt.date) -> Iterator[list[dict[str, Any]]]:
-    """The day's rows in decision_id order, in batches, as the archive stores them."""
-    query = sa.select(decisions).where(_in_day(day)).order_by(decisions.c.decision_id)
+def _rows(engine: Engine, table: sa.Table, day: dt.date) -> Iterator[list[dict[str, Any]]]:
+    """The day's rows of ``table`` in decision_id order, in batches, as the archive stores
+    them (JSON columns as text)."""
+    query = sa.select(table).where(_in_day(table, day)).order_by(table.c.decision_id)
+    encoded = json_columns(table)
     with engine.connect() as conn:
         result = conn.execution_options(stream_results=True, yield_per=READ_BATCH_ROWS).execute(
             query
         )
         for chunk in result.mappings().partitions():
-            yield [_archived_row(row) for row in chunk]
-
-
-def _archived_row(row: Any) -> dict[str, Any]:
-    out = utc_times(dict(row))
-    for name in ("features", "feature_overrides"):
-        out[name] = None if out[name] is None else json_text(out[name])
-    return out
+            rows = [utc_times(dict(row)) for row in chunk]
+            for row in rows:
+                for name in encoded:
+                    row[name] = None if row[name] is None else json_text(row[name])
+            yield rows
 
 
 @dataclass
@@ -311,9 +329,9 @@ def closed_before(now: dt.datetime, archive_after_s: float) -> dt.date:
     return day_of(now - dt.timedelta(seconds=archive_after_s))
 
 
-def db_days(engine: Engine, before: dt.date) -> list[dt.date]:
-    """The days before ``before`` with rows in the database, oldest first."""
-    column = decisions.c.decided_at
+def db_days(engine: Engine, table: sa.Table, before: dt.date) -> list[dt.date]:
+    """The days before ``before`` with rows of ``table`` in the database, oldest first."""
+    column = table.c.decided_at
     with engine.connect() as conn:
         first = conn.execute(sa.select(sa.func.min(column))).scalar()
         if first is None:
@@ -343,20 +361,23 @@ def archive(
     archive_after_s: float,
     retention_days: int,
 ) -> Report:
-    """Archives every closed day the database holds and removes the days past the
-    retention; see the module docstring."""
+    """Archives every closed day the database holds of each of ``TABLES`` and removes the
+    days past the retention; see the module docstring. Report lines start with the
+    table's name."""
     now = now or dt.datetime.now(dt.UTC)
     partitions.ensure_ahead(engine, now)
     report = Report()
     remove_before = day_of(now) - dt.timedelta(days=retention_days)
-    for day in db_days(engine, closed_before(now, archive_after_s)):
-        manifest = store.manifest(day) or Manifest(day)
-        if manifest.removed is not None:
-            _archive_late(engine, store, manifest, report)
-        elif not _archive_day(engine, store, manifest, report):
-            continue  # not verified as the database holds it: not removed either
-        if manifest.removed is None and day < remove_before and manifest.parts:
-            _remove_day(engine, store, manifest, report)
+    for table in TABLES:
+        kept = store.of(table)
+        for day in db_days(engine, table, closed_before(now, archive_after_s)):
+            manifest = kept.manifest(day) or Manifest(day)
+            if manifest.removed is not None:
+                _archive_late(engine, kept, manifest, report)
+            elif not _archive_day(engine, kept, manifest, report):
+                continue  # not verified as the database holds it: not removed either
+            if manifest.removed is None and day < remove_before and manifest.parts:
+                _remove_day(engine, kept, manifest, report)
     report.removed += partitions.drop_empty(engine, before=remove_before)
     return report
 
@@ -364,54 +385,57 @@ def archive(
 def _archive_day(engine: Engine, store: Archive, manifest: Manifest, report: Report) -> bool:
     """(Re)writes the day's part-0 from the database unless the manifest already says
     exactly what the database holds; whether it does now."""
-    day = manifest.day
+    day, table = manifest.day, store.table
     with engine.connect() as conn:
-        held = db_tally(conn, day)
+        held = db_tally(conn, day, table)
     if manifest.total == held:
         return True
     if held.rows < manifest.total.rows:  # rows left the database some other way: keep both
-        report.problems.append(f"{day}: {held.rows:,} rows in the database, "
+        report.problems.append(f"{table.name} {day}: {held.rows:,} rows in the database, "
                                f"{manifest.total.rows:,} archived; not written again")  # fmt: skip
         return False
-    store.write_part(day, "part-0.parquet", _rows(engine, day))
+    store.write_part(day, "part-0.parquet", _rows(engine, table, day))
     written = store.part_tally(day, "part-0.parquet")
     with engine.connect() as conn:
-        held = db_tally(conn, day)
+        held = db_tally(conn, day, table)
     if written != held:  # rows arrived meanwhile: the next run writes it again
-        report.problems.append(f"{day} part-0: {written.rows:,} rows written, "
+        report.problems.append(f"{table.name} {day} part-0: {written.rows:,} rows written, "
                                f"{held.rows:,} in the database now; again next run")  # fmt: skip
         return False
     manifest.parts = {"part-0.parquet": written}
     store.write_manifest(manifest)
-    report.archived.append(f"{day} part-0: {written.rows:,} rows")
+    report.archived.append(f"{table.name} {day} part-0: {written.rows:,} rows")
     return True
 
 
 def _remove_day(engine: Engine, store: Archive, manifest: Manifest, report: Report) -> None:
-    day = manifest.day
+    day, table = manifest.day, store.table
     with engine.begin() as conn:
-        own = _own_partition(conn, day)
+        own = _own_partition(conn, table, day)
         if own is not None:
             conn.execute(sa.text(f"LOCK TABLE {own} IN ACCESS EXCLUSIVE MODE"))
-        held = db_tally(conn, day)
+        held = db_tally(conn, day, table)
         if held != manifest.total:  # not what was verified: archived again first
-            report.problems.append(f"{day}: the database no longer matches its manifest")
+            report.problems.append(
+                f"{table.name} {day}: the database no longer matches its manifest"
+            )
             return
         if own is not None:
             conn.execute(sa.text(f"DROP TABLE {own}"))
         else:
-            conn.execute(decisions.delete().where(_in_day(day)))
+            conn.execute(table.delete().where(_in_day(table, day)))
     manifest.removed = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     store.write_manifest(manifest)
-    report.removed.append(f"{day}: {held.rows:,} rows")
+    report.removed.append(f"{table.name} {day}: {held.rows:,} rows")
 
 
-def _own_partition(conn: Connection, day: dt.date) -> str | None:
-    """The name of ``day``'s own partition (PostgreSQL), None when it has none."""
+def _own_partition(conn: Connection, table: sa.Table, day: dt.date) -> str | None:
+    """The name of ``day``'s own partition of ``table`` (PostgreSQL), None when it has
+    none."""
     if conn.dialect.name != "postgresql":
         return None
     conn.execute(sa.text("SET LOCAL TimeZone = 'UTC'"))
-    for partition in partitions.partitions(conn):
+    for partition in partitions.partitions(conn, table.name):
         if partition.lower == partitions.day_start(day) and partition.covers(day):
             return partition.name
     return None
@@ -420,10 +444,10 @@ def _own_partition(conn: Connection, day: dt.date) -> str | None:
 def _archive_late(engine: Engine, store: Archive, manifest: Manifest, report: Report) -> None:
     """Rows of a day already removed (late, or shipped again): those not archived yet go
     into the day's next part; then all are deleted."""
-    day = manifest.day
-    rows = [row for batch in _rows(engine, day) for row in batch]
+    day, table = manifest.day, store.table
+    rows = [row for batch in _rows(engine, table, day) for row in batch]
     ids = [row["decision_id"] for row in rows]
-    archived = {row["decision_id"] for row in store.read(day, ids)}
+    archived = {row["decision_id"] for row in store.read(day, ids, columns=["decision_id"])}
     new = [row for row in rows if row["decision_id"] not in archived]
     if new:
         part = f"part-{len(manifest.parts)}"
@@ -431,35 +455,41 @@ def _archive_late(engine: Engine, store: Archive, manifest: Manifest, report: Re
         store.write_part(day, name, iter([new]))
         written = store.part_tally(day, name)
         if written != tally([row["decision_id"] for row in new]):
-            report.problems.append(f"{day} {part}: what was read back differs; again next run")
+            report.problems.append(
+                f"{table.name} {day} {part}: what was read back differs; again next run"
+            )
             return
         manifest.parts[name] = written
         store.write_manifest(manifest)
-        report.archived.append(f"{day} {part}: {written.rows:,} late rows")
+        report.archived.append(f"{table.name} {day} {part}: {written.rows:,} late rows")
     with engine.begin() as conn:
-        conn.execute(decisions.delete().where(decisions.c.decision_id.in_(ids), _in_day(day)))
+        conn.execute(table.delete().where(table.c.decision_id.in_(ids), _in_day(table, day)))
     report.removed.append(
-        f"{day}: {len(ids):,} late rows ({len(ids) - len(new):,} archived before)"
+        f"{table.name} {day}: {len(ids):,} late rows ({len(ids) - len(new):,} archived before)"
     )
 
 
-def restore(engine: Engine, store: Archive, day: dt.date) -> int:
-    """Puts an archived day's rows back into the database (a row already there is left as
-    it is); returns how many the archive holds. The day is removed again once the next
-    run finds it past the retention."""
+def restore(engine: Engine, store: Archive, day: dt.date) -> dict[str, int]:
+    """Puts an archived day's rows of each of ``TABLES`` back into the database (a row
+    already there is left as it is); returns how many the archive holds, by table. The day
+    is removed again once the next run finds it past the retention."""
     from sqlalchemy.dialects import postgresql, sqlite
 
-    rows = store.read(day)
     partitions.ensure_day(engine, day)
     insert: Any = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
-    statement = insert(decisions).on_conflict_do_nothing(
-        index_elements=["decision_id", "decided_at"]
-    )
-    with engine.begin() as conn:
-        for start in range(0, len(rows), READ_BATCH_ROWS):
-            conn.execute(statement, rows[start : start + READ_BATCH_ROWS])
-    manifest = store.manifest(day)
-    if manifest is not None and manifest.removed is not None:
-        manifest.removed = None
-        store.write_manifest(manifest)
-    return len(rows)
+    restored = {}
+    for table in TABLES:
+        kept = store.of(table)
+        rows = kept.read(day)
+        statement = insert(table).on_conflict_do_nothing(
+            index_elements=["decision_id", "decided_at"]
+        )
+        with engine.begin() as conn:
+            for start in range(0, len(rows), READ_BATCH_ROWS):
+                conn.execute(statement, rows[start : start + READ_BATCH_ROWS])
+        manifest = kept.manifest(day)
+        if manifest is not None and manifest.removed is not None:
+            manifest.removed = None
+            kept.write_manifest(manifest)
+        restored[table.name] = len(rows)
+    return restored

@@ -1,11 +1,12 @@
-"""The decisions table's daily partitions on PostgreSQL.
+"""The daily partitions of the tables that grow with decisions, on PostgreSQL.
 
-``decisions`` is partitioned by range of ``decided_at``, a partition a UTC day
-(``decisions_pYYYYMMDD``), beside two others:
+``decisions`` and ``decision_outcomes`` are each partitioned by range of ``decided_at``
+(an outcome's is its decision's), a partition a UTC day (``decisions_pYYYYMMDD``,
+``decision_outcomes_pYYYYMMDD``), beside two others:
 
-- the table that held the rows before partitioning, attached by migration 0006 as the
-  partition of everything before the day after the migration ran (its rows stay in
-  place; it is archived day by day like any other);
+- the table that held the rows before partitioning, attached by its migration (0006,
+  0007) as the partition of everything before the day after the migration ran (its rows
+  stay in place; it is archived day by day like any other);
 - the default partition (``decisions_default``), for a row no day covers: a late row for
   a day already archived and dropped, or a day not made yet. No row is ever refused.
 
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-TABLE = "decisions"
-DEFAULT_PARTITION = "decisions_default"
+# The tables partitioned by day of decided_at, each with the same layout of partitions.
+TABLES = ("decisions", "decision_outcomes")
 # Days made ahead of today: a long weekend without the archive job still finds its days.
 DAYS_AHEAD = 3
 # pg_advisory_xact_lock's key: the shippers of a fleet making the same partition wait in
@@ -36,7 +37,7 @@ _BOUND = re.compile(r"FOR VALUES FROM \((.+?)\) TO \((.+?)\)")
 
 @dataclass(frozen=True, slots=True)
 class Partition:
-    """One partition of ``decisions``: rows with ``lower <= decided_at < upper``; ``lower``
+    """One partition of a table: rows with ``lower <= decided_at < upper``; ``lower``
     None: from the beginning (the table partitioned by the migration); both None: the
     default partition."""
 
@@ -58,10 +59,17 @@ class Partition:
         )
 
 
-def is_partition(table: str) -> bool:
-    """Whether ``table`` is one of the partitions (made here, not by the migrations' code:
+def default_partition(table: str) -> str:
+    return f"{table}_default"
+
+
+def is_partition(name: str) -> bool:
+    """Whether ``name`` is one of the partitions (made here, not by the migrations' code:
     alembic's comparisons leave them out)."""
-    return table == DEFAULT_PARTITION or table.startswith((f"{TABLE}_p", f"{TABLE}_before_"))
+    return any(
+        name == default_partition(table) or name.startswith((f"{table}_p", f"{table}_before_"))
+        for table in TABLES
+    )
 
 
 def include_name(name: str | None, kind: str, _parents: object) -> bool:
@@ -73,8 +81,8 @@ def day_start(day: dt.date) -> dt.datetime:
     return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
 
 
-def partition_name(day: dt.date) -> str:
-    return f"{TABLE}_p{day:%Y%m%d}"
+def partition_name(table: str, day: dt.date) -> str:
+    return f"{table}_p{day:%Y%m%d}"
 
 
 def _bound(text: str) -> dt.datetime | None:
@@ -83,23 +91,23 @@ def _bound(text: str) -> dt.datetime | None:
     return dt.datetime.fromisoformat(text.strip("'")).astimezone(dt.UTC)
 
 
-def is_partitioned(conn: Connection) -> bool:
+def is_partitioned(conn: Connection, table: str) -> bool:
     found = conn.execute(
         sa.text("SELECT 1 FROM pg_partitioned_table WHERE partrelid = to_regclass(:t)"),
-        {"t": TABLE},
+        {"t": table},
     )
     return found.first() is not None
 
 
-def partitions(conn: Connection) -> list[Partition]:
-    """The partitions of ``decisions``, the oldest first and the default last (in a
+def partitions(conn: Connection, table: str) -> list[Partition]:
+    """The partitions of ``table``, the oldest first and the default last (in a
     transaction whose TimeZone is UTC: bounds are printed in it)."""
     rows = conn.execute(
         sa.text(
             "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
             " JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(:t)"
         ),
-        {"t": TABLE},
+        {"t": table},
     )
     found = []
     for name, bound in rows:
@@ -114,31 +122,37 @@ def partitions(conn: Connection) -> list[Partition]:
 
 def ensure_ahead(engine: Engine, now: dt.datetime | None = None) -> list[str]:
     """Makes the partitions of today (UTC, of ``now``) and the ``DAYS_AHEAD`` days after it
-    that are missing; returns their names (none on SQLite, or before migration 0006)."""
+    that are missing, of each partitioned table; returns their names (none on SQLite, or
+    before the migration that partitions a table)."""
     if engine.dialect.name != "postgresql":
         return []
     today = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).date()
     wanted = [today + n * _DAY for n in range(DAYS_AHEAD + 1)]
+    made = []
     with engine.begin() as conn:
         conn.execute(sa.text("SET LOCAL TimeZone = 'UTC'"))
-        if not is_partitioned(conn) or not _missing(conn, wanted):
+        tables = [t for t in TABLES if is_partitioned(conn, t) and _missing(conn, t, wanted)]
+        if not tables:
             return []
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
-        missing = _missing(conn, wanted)  # again, now that no one else is making them
-        for day in missing:
-            _make(conn, day)
-        return [partition_name(day) for day in missing]
+        for table in tables:
+            for day in _missing(conn, table, wanted):  # again, now no one else makes them
+                _make(conn, table, day)
+                made.append(partition_name(table, day))
+    return made
 
 
 def ensure_day(engine: Engine, day: dt.date) -> None:
-    """Makes ``day``'s partition when no partition covers it (an archived day restored)."""
+    """Makes ``day``'s partition of each partitioned table when none covers it (an
+    archived day restored)."""
     if engine.dialect.name != "postgresql":
         return
     with engine.begin() as conn:
         conn.execute(sa.text("SET LOCAL TimeZone = 'UTC'"))
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
-        if _missing(conn, [day]):
-            _make(conn, day)
+        for table in TABLES:
+            if is_partitioned(conn, table) and _missing(conn, table, [day]):
+                _make(conn, table, day)
 
 
 def drop_empty(engine: Engine, before: dt.date) -> list[str]:
@@ -150,34 +164,37 @@ def drop_empty(engine: Engine, before: dt.date) -> list[str]:
     dropped = []
     with engine.begin() as conn:
         conn.execute(sa.text("SET LOCAL TimeZone = 'UTC'"))
-        for partition in partitions(conn):
-            if partition.upper is None or partition.upper > day_start(before):
-                continue
-            conn.execute(sa.text(f"LOCK TABLE {partition.name} IN ACCESS EXCLUSIVE MODE"))
-            rows = conn.execute(sa.text(f"SELECT 1 FROM {partition.name} LIMIT 1")).first()  # noqa: S608
-            if rows is None:
-                conn.execute(sa.text(f"DROP TABLE {partition.name}"))
-                dropped.append(f"{partition.name}: empty")
+        for table in (t for t in TABLES if is_partitioned(conn, t)):
+            for partition in partitions(conn, table):
+                if partition.upper is None or partition.upper > day_start(before):
+                    continue
+                conn.execute(sa.text(f"LOCK TABLE {partition.name} IN ACCESS EXCLUSIVE MODE"))
+                held = conn.execute(sa.text(f"SELECT 1 FROM {partition.name} LIMIT 1")).first()  # noqa: S608
+                if held is None:
+                    conn.execute(sa.text(f"DROP TABLE {partition.name}"))
+                    dropped.append(f"{partition.name}: empty")
     return dropped
 
 
-def _missing(conn: Connection, days: list[dt.date]) -> list[dt.date]:
-    existing = partitions(conn)
+def _missing(conn: Connection, table: str, days: list[dt.date]) -> list[dt.date]:
+    existing = partitions(conn, table)
     return [day for day in days if not any(p.covers(day) for p in existing)]
 
 
-def _make(conn: Connection, day: dt.date) -> None:
-    """``day``'s partition, with the rows the default partition holds for it: the default
-    partition is locked first, so that no row for the day lands there meanwhile."""
-    name = partition_name(day)
+def _make(conn: Connection, table: str, day: dt.date) -> None:
+    """``day``'s partition of ``table``, with the rows its default partition holds for it:
+    the default partition is locked first, so that no row for the day lands there
+    meanwhile."""
+    name = partition_name(table, day)
+    default = default_partition(table)
     bounds = {"lower": day_start(day), "upper": day_start(day) + _DAY}
-    conn.execute(sa.text(f"LOCK TABLE {DEFAULT_PARTITION} IN SHARE ROW EXCLUSIVE MODE"))
+    conn.execute(sa.text(f"LOCK TABLE {default} IN SHARE ROW EXCLUSIVE MODE"))
     conn.execute(
-        sa.text(f"CREATE TABLE {name} (LIKE {TABLE} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+        sa.text(f"CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
     )
     conn.execute(
         sa.text(
-            f"WITH moved AS (DELETE FROM {DEFAULT_PARTITION}"  # noqa: S608 - our own names
+            f"WITH moved AS (DELETE FROM {default}"  # noqa: S608 - our own names
             " WHERE decided_at >= :lower AND decided_at < :upper RETURNING *)"
             f" INSERT INTO {name} SELECT * FROM moved"
         ),
@@ -185,7 +202,7 @@ def _make(conn: Connection, day: dt.date) -> None:
     )
     conn.execute(
         sa.text(
-            f"ALTER TABLE {TABLE} ATTACH PARTITION {name}"
+            f"ALTER TABLE {table} ATTACH PARTITION {name}"
             f" FOR VALUES FROM ('{bounds['lower'].isoformat()}')"
             f" TO ('{bounds['upper'].isoformat()}')"
         )

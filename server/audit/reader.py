@@ -87,10 +87,13 @@ class DecisionReader:
         return _ordered([*rows, *self.archived_between(since, until)])[:limit]
 
     def archived_between(
-        self, since: dt.datetime | None, until: dt.datetime | None
+        self,
+        since: dt.datetime | None,
+        until: dt.datetime | None,
+        columns: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
         """The archived decisions made in ``[since, until)`` on days that left the
-        database (the others are read from it)."""
+        database (the others are read from it); only ``columns`` if given."""
         if self.archive is None:
             return []
         if since is None:  # from the first archived day: the archive is listed
@@ -107,5 +110,5 @@ class DecisionReader:
             manifest = self.archive.manifest(day)
             if manifest is None or manifest.removed is None:
                 continue
-            rows += self.archive.read(day, since=since, until=until)
+            rows += self.archive.read(day, since=since, until=until, columns=columns)
         return rows

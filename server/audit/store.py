@@ -83,6 +83,9 @@ decision_outcomes = sa.Table(
     "decision_outcomes",
     metadata,
     sa.Column("decision_id", sa.String(36), primary_key=True),
+    # The decision's: in the key, so that on PostgreSQL the outcomes are partitioned by the
+    # same days as their decisions and archived and removed with them (partitions.py).
+    sa.Column("decided_at", sa.DateTime(timezone=True), primary_key=True),
     sa.Column("labeled_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("horizon_ms", sa.Integer, nullable=False),
     # 1: the mid moved in the side's favour by more than the half-spread, 0: it did not,
@@ -91,6 +94,7 @@ decision_outcomes = sa.Table(
     sa.Column("mid_at_features", sa.Float),
     sa.Column("mid_after_horizon", sa.Float),
     sa.Column("reason", sa.Text, nullable=False),
+    postgresql_partition_by="RANGE (decided_at)",
 )
 
 admin_actions = sa.Table(

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from server.audit.archive import Archive
+from server.audit.reader import DecisionReader
 from server.audit.replay import MODEL_SOURCES
 from server.audit.store import decisions
 
@@ -66,6 +68,9 @@ class Step:
         }
 
 
+_RECORDED_COLUMNS = ("decided_at", "source", "reason", "total_us")
+
+
 @dataclass(frozen=True, slots=True)
 class Loaded:
     """The decisions read, oldest first; ``cut``: more were made in the time asked for
@@ -81,10 +86,11 @@ def load_recorded(
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     limit: int = 200_000,
+    archive: Archive | None = None,
 ) -> Loaded:
     """The newest ``limit`` decisions made in ``[since, until)`` (the time is
-    ``decided_at``'s: indexed, as replay selects): an incident is usually at the end of
-    the time asked for."""
+    ``decided_at``'s: indexed, as replay selects), from the database and from ``archive``
+    for the days that left it: an incident is usually at the end of the time asked for."""
     c = decisions.c
     query = (
         sa.select(c.decided_at, c.source, c.reason, c.total_us)
@@ -97,6 +103,12 @@ def load_recorded(
         query = query.where(c.decided_at < until)
     with engine.connect() as conn:
         newest_first = [Recorded(*row) for row in conn.execute(query)]
+    archived = DecisionReader(engine, archive).archived_between(
+        since, until, columns=_RECORDED_COLUMNS
+    )
+    if archived:
+        newest_first += [Recorded(**row) for row in archived]
+        newest_first.sort(key=lambda r: _utc(r.decided_at), reverse=True)
     return Loaded(newest_first[:limit][::-1], cut=len(newest_first) > limit)
 
 

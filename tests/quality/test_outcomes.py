@@ -65,7 +65,7 @@ def test_a_decision_waits_until_the_market_data_is_past_its_horizon() -> None:
     history.note(3_000_001, 101.0)
     # The mid in effect at the horizon is 100.05: up 5 bps, more than the 1 bp half-spread.
     outcome = lab.outcome(decision, now_us=3_100_000)
-    assert outcome == Outcome(decision.decision_id, 1, 100.0, 100.05)
+    assert outcome == Outcome(decision.decision_id, decision.decided_at_us, 1, 100.0, 100.05)
     sell = lab.outcome(pending(1_000_000, side=-1.0), now_us=3_100_000)
     assert sell is not None and sell.label == 0
 
@@ -104,16 +104,16 @@ def test_decisions_without_a_label_say_why() -> None:
 def test_scores_are_judged_by_who_scored_them() -> None:
     lab = labeler()
     decided = [
-        (pending(1, source="PRIMARY"), Outcome("a", 1)),
-        (pending(2, source="SECONDARY"), Outcome("b", 0)),
-        (pending(3, source="RULES", model_name="rules", model_version=""), Outcome("c", 1)),
-        (pending(4, source="CACHED_SCORE"), Outcome("d", 1)),  # an earlier decision's score
-        (pending(5, source="ABSTAIN", score=None), Outcome("e", 1)),
+        (pending(1, source="PRIMARY"), Outcome("a", 0, 1)),
+        (pending(2, source="SECONDARY"), Outcome("b", 0, 0)),
+        (pending(3, source="RULES", model_name="rules", model_version=""), Outcome("c", 0, 1)),
+        (pending(4, source="CACHED_SCORE"), Outcome("d", 0, 1)),  # an earlier decision's score
+        (pending(5, source="ABSTAIN", score=None), Outcome("e", 0, 1)),
         (
             pending(6, shadow_model_name="challenger", shadow_model_version="c1", shadow_score=0.2),
-            Outcome("f", 0),
+            Outcome("f", 0, 0),
         ),
-        (pending(7), Outcome("g", None, reason=NO_MARKET_DATA)),
+        (pending(7), Outcome("g", 0, None, reason=NO_MARKET_DATA)),
     ]
     lab.judge(decided)
     assert {scorer: rolling.labelled for scorer, rolling in lab.quality.items()} == {

@@ -6,15 +6,17 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import sys
+import uuid
 
 import pytest
 import sqlalchemy as sa
 
+from quality.store import Outcome, OutcomeStore
 from server.audit import archive as archive_module
 from server.audit.archive import Archive, Tally, archive, restore, tally
 from server.audit.migrate import upgrade
 from server.audit.record import DecisionRecord, decode, encode
-from server.audit.store import AuditStore, create_store_engine, decisions
+from server.audit.store import AuditStore, create_store_engine, decision_outcomes, decisions
 from tests.server.audit.conftest import decision_record
 
 DAY = dt.timedelta(days=1)
@@ -77,10 +79,10 @@ def test_a_closed_day_is_archived_and_verified_then_removed_after_the_retention(
 
     # OWN_DAY + 1 at 03:00: OWN_DAY ended 3 h ago, not closed yet; OLD_DAY is.
     report = run(engine, store, at(OWN_DAY + DAY, 3))
-    assert report.archived == [f"{OLD_DAY} part-0: 200 rows"] and not report.problems
+    assert report.archived == [f"decisions {OLD_DAY} part-0: 200 rows"] and not report.problems
     # A day later both are closed and archived, neither past the retention: both stay.
     report = run(engine, store, at(OWN_DAY + 2 * DAY, 5))
-    assert report.archived == [f"{OWN_DAY} part-0: 300 rows"] and report.removed == []
+    assert report.archived == [f"decisions {OWN_DAY} part-0: 300 rows"] and report.removed == []
     assert stored_ids(engine, OWN_DAY) == {r.decision_id for r in own}
     assert run(engine, store, at(OWN_DAY + 2 * DAY, 5)).archived == []  # nothing again
 
@@ -99,7 +101,10 @@ def test_a_closed_day_is_archived_and_verified_then_removed_after_the_retention(
     # Past the retention: removed (OWN_DAY's partition dropped), the archive intact; the
     # day after it is archived, not past the retention yet.
     report = run(engine, store, at(OWN_DAY + 8 * DAY, 7))
-    assert sorted(report.removed)[:2] == [f"{OLD_DAY}: 200 rows", f"{OWN_DAY}: 300 rows"]
+    assert report.removed[:2] == [
+        f"decisions {OLD_DAY}: 200 rows",
+        f"decisions {OWN_DAY}: 300 rows",
+    ]
     assert stored_ids(engine, OWN_DAY) == stored_ids(engine, OLD_DAY) == set()
     assert stored_ids(engine, OWN_DAY + DAY) == {r.decision_id for r in today}
     assert f"decisions_p{OWN_DAY:%Y%m%d}" not in tables(engine)
@@ -121,8 +126,8 @@ def test_killed_between_writing_and_verifying_the_day_is_written_again(engine, s
     assert stored_ids(engine, OWN_DAY) == {r.decision_id for r in rows}  # so kept
 
     report = run(engine, store, at(OWN_DAY + 9 * DAY))
-    assert report.archived == [f"{OWN_DAY} part-0: 50 rows"]
-    assert report.removed[0] == f"{OWN_DAY}: 50 rows"
+    assert report.archived == [f"decisions {OWN_DAY} part-0: 50 rows"]
+    assert report.removed[0] == f"decisions {OWN_DAY}: 50 rows"
     assert store.manifest(OWN_DAY).total == tally([r.decision_id for r in rows])
 
 
@@ -139,7 +144,7 @@ def test_killed_between_verifying_and_removing_the_day_is_removed_next_run(
     assert stored_ids(engine, OWN_DAY) == {r.decision_id for r in rows}  # and still here
 
     report = run(engine, store, at(OWN_DAY + 9 * DAY))
-    assert report.archived == [] and report.removed[0] == f"{OWN_DAY}: 50 rows"
+    assert report.archived == [] and report.removed[0] == f"decisions {OWN_DAY}: 50 rows"
     assert stored_ids(engine, OWN_DAY) == set()
 
 
@@ -151,8 +156,8 @@ def test_a_day_that_changed_since_it_was_verified_is_not_removed(engine, store):
     insert(engine, late)  # into its partition, after it was verified
     report = run(engine, store, at(OWN_DAY + 9 * DAY))
     # Written again with the row, verified, then removed: nothing lost.
-    assert report.archived == [f"{OWN_DAY} part-0: 21 rows"]
-    assert report.removed[0] == f"{OWN_DAY}: 21 rows"
+    assert report.archived == [f"decisions {OWN_DAY} part-0: 21 rows"]
+    assert report.removed[0] == f"decisions {OWN_DAY}: 21 rows"
     assert {r["decision_id"] for r in store.read(OWN_DAY)} == {r.decision_id for r in rows + late}
 
 
@@ -165,19 +170,21 @@ def test_a_late_row_for_a_removed_day_is_kept_archived_and_a_day_restores(engine
     assert len(stored_ids(engine, OWN_DAY)) == 3  # kept (the default partition)
 
     report = run(engine, store, at(OWN_DAY + 9 * DAY, 13))
-    assert report.archived == [f"{OWN_DAY} part-1: 2 late rows"]
-    assert report.removed[0] == f"{OWN_DAY}: 3 late rows (1 archived before)"
+    assert report.archived == [f"decisions {OWN_DAY} part-1: 2 late rows"]
+    assert report.removed[0] == f"decisions {OWN_DAY}: 3 late rows (1 archived before)"
     assert stored_ids(engine, OWN_DAY) == set()
     everything = {r.decision_id for r in rows + late}
     assert {r["decision_id"] for r in store.read(OWN_DAY)} == everything
     assert store.manifest(OWN_DAY).total == tally(sorted(everything))
 
-    assert restore(engine, store, OWN_DAY) == 32
+    assert restore(engine, store, OWN_DAY)["decisions"] == 32
     assert stored_ids(engine, OWN_DAY) == everything
-    assert restore(engine, store, OWN_DAY) == 32  # again: nothing doubled
+    assert restore(engine, store, OWN_DAY)["decisions"] == 32  # again: nothing doubled
     assert stored_ids(engine, OWN_DAY) == everything
     assert store.manifest(OWN_DAY).removed is None  # removed again after the retention
-    assert run(engine, store, at(OWN_DAY + 9 * DAY, 14)).removed[0] == f"{OWN_DAY}: 32 rows"
+    assert (
+        run(engine, store, at(OWN_DAY + 9 * DAY, 14)).removed[0] == f"decisions {OWN_DAY}: 32 rows"
+    )
 
 
 def test_the_id_checksum_is_the_databases():
@@ -203,8 +210,8 @@ def test_the_command_archives_and_says_what_is_not_in_the_archive(tmp_path):
     done = command("archive", "--archive-url", str(tmp_path / "archive"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
-        f"archived {TODAY - 10 * DAY} part-0: 3 rows",
-        f"removed  {TODAY - 10 * DAY}: 3 rows",
+        f"archived decisions {TODAY - 10 * DAY} part-0: 3 rows",
+        f"removed  decisions {TODAY - 10 * DAY}: 3 rows",
     ]
     done = command("restore", str(TODAY), "--archive-url", str(tmp_path / "archive"))
     assert done.returncode == 2
@@ -220,6 +227,68 @@ def test_an_archived_day_that_lost_rows_in_the_database_is_never_archived_smalle
     with engine.begin() as conn:
         conn.execute(decisions.delete().where(decisions.c.decision_id == rows[0].decision_id))
     report = run(engine, store, at(OWN_DAY + 9 * DAY))
-    assert report.problems == [f"{OWN_DAY}: 9 rows in the database, 10 archived; not written again"]
+    assert report.problems == [
+        f"decisions {OWN_DAY}: 9 rows in the database, 10 archived; not written again"
+    ]
     assert report.archived == [] and stored_ids(engine, OWN_DAY)  # nor removed
     assert len(store.read(OWN_DAY)) == 10
+
+
+def labelled(engine: sa.Engine, rows: list[DecisionRecord]) -> set[str]:
+    """Records an outcome for each of ``rows``, as the labeler does; their ids."""
+    OutcomeStore(engine, horizon_ms=2000).record(
+        [Outcome(r.decision_id, r.decided_at_us, 1, 100.0, 100.1) for r in rows],
+        labeled_at_us=rows[-1].decided_at_us + 3_000_000,
+    )
+    return {r.decision_id for r in rows}
+
+
+def outcome_ids(engine: sa.Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(decision_outcomes.c.decision_id)).scalars())
+
+
+def test_outcomes_are_archived_removed_and_restored_with_their_decisions_day(engine, store):
+    rows = records(OWN_DAY, 40)
+    insert(engine, rows)
+    ids = labelled(engine, rows[:25])
+    report = run(engine, store, at(OWN_DAY + 9 * DAY))
+    assert report.archived == [
+        f"decisions {OWN_DAY} part-0: 40 rows",
+        f"decision_outcomes {OWN_DAY} part-0: 25 rows",
+    ]
+    assert report.removed[:2] == [
+        f"decisions {OWN_DAY}: 40 rows",
+        f"decision_outcomes {OWN_DAY}: 25 rows",
+    ]
+    assert outcome_ids(engine) == set()
+    assert f"decision_outcomes_p{OWN_DAY:%Y%m%d}" not in tables(engine)
+    archived = store.of(decision_outcomes).read(OWN_DAY)
+    assert {r["decision_id"] for r in archived} == ids
+    assert {r["label"] for r in archived} == {1}
+    decided = {r["decision_id"]: r["decided_at"] for r in store.read(OWN_DAY)}
+    assert all(r["decided_at"] == decided[r["decision_id"]] for r in archived)  # the decision's
+
+    # An outcome written after its day left (a labeler catching up) is kept, then archived.
+    late = labelled(engine, rows[25:27])
+    report = run(engine, store, at(OWN_DAY + 9 * DAY, 13))
+    assert report.archived == [f"decision_outcomes {OWN_DAY} part-1: 2 late rows"]
+    assert outcome_ids(engine) == set()
+
+    assert restore(engine, store, OWN_DAY) == {"decisions": 40, "decision_outcomes": 27}
+    assert outcome_ids(engine) == ids | late
+    assert stored_ids(engine, OWN_DAY) == {r.decision_id for r in rows}
+
+
+def test_any_fsspec_filesystem_holds_the_archive(engine):
+    """The archive writes, verifies, reads and restores through fsspec alone: here its
+    in-memory filesystem, as S3 or GCS would be in production."""
+    store = Archive(f"memory://audit-{uuid.uuid4().hex}")
+    rows = records(OWN_DAY, 12)
+    insert(engine, rows)
+    labelled(engine, rows[:3])
+    report = run(engine, store, at(OWN_DAY + 9 * DAY))
+    assert not report.problems and len(report.removed) >= 2
+    assert store.days() == [OWN_DAY] == store.of(decision_outcomes).days()
+    assert len(store.read(OWN_DAY, ids=[rows[4].decision_id])) == 1
+    assert restore(engine, store, OWN_DAY) == {"decisions": 12, "decision_outcomes": 3}

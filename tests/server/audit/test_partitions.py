@@ -1,26 +1,38 @@
-"""The decisions table by day on PostgreSQL (server/audit/partitions.py, migration 0006)."""
+"""The decisions and outcomes tables by day on PostgreSQL (server/audit/partitions.py,
+migrations 0006 and 0007)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+import uuid
 
 import pytest
 import sqlalchemy as sa
 
+from quality.store import Outcome, OutcomeStore
 from server.audit.migrate import downgrade, upgrade
 from server.audit.partitions import (
     DAYS_AHEAD,
-    DEFAULT_PARTITION,
+    default_partition,
     ensure_ahead,
     partition_name,
     partitions,
 )
 from server.audit.record import DecisionRecord, decode, encode
-from server.audit.store import AuditStore, create_store_engine, decision_values, decisions, from_us
+from server.audit.store import (
+    AuditStore,
+    create_store_engine,
+    decision_outcomes,
+    decision_values,
+    decisions,
+    from_us,
+    to_us,
+)
 from tests.server.audit.conftest import decision_record
 
 DAY_US = 86_400_000_000
+DEFAULT_PARTITION = default_partition("decisions")
 COLUMNS = [c.name for c in decisions.columns]
 
 
@@ -34,10 +46,10 @@ def stored(engine: sa.Engine, table: str = "decisions") -> list[str]:
         return sorted(conn.execute(sa.text(f"SELECT decision_id FROM {table}")).scalars())  # noqa: S608
 
 
-def utc_partitions(engine: sa.Engine):
+def utc_partitions(engine: sa.Engine, table: str = "decisions"):
     with engine.begin() as conn:
         conn.execute(sa.text("SET LOCAL TimeZone = 'UTC'"))
-        return partitions(conn)
+        return partitions(conn, table)
 
 
 @pytest.fixture
@@ -63,7 +75,7 @@ def test_the_migration_partitions_a_table_in_use_without_losing_or_copying_a_row
     before = f"decisions_before_{tomorrow:%Y%m%d}"
     assert [p.name for p in found] == [
         before,
-        *(partition_name(tomorrow + dt.timedelta(days=n)) for n in range(DAYS_AHEAD)),
+        *(partition_name("decisions", tomorrow + dt.timedelta(days=n)) for n in range(DAYS_AHEAD)),
         DEFAULT_PARTITION,
     ]
     assert stored(engine, before) == ids  # attached where they were: not moved
@@ -89,9 +101,56 @@ def test_a_row_no_day_covers_is_kept_and_moves_into_its_day_when_it_is_made(engi
     assert stored(engine, DEFAULT_PARTITION) == [late.decision_id]
 
     made = ensure_ahead(engine, now=later)
-    assert made == [partition_name(later.date() + dt.timedelta(days=n)) for n in range(4)]
+    assert made == [
+        partition_name(table, later.date() + dt.timedelta(days=n))
+        for table in ("decisions", "decision_outcomes")
+        for n in range(4)
+    ]
     assert stored(engine, DEFAULT_PARTITION) == []
-    assert stored(engine, partition_name(later.date())) == [late.decision_id]
+    assert stored(engine, partition_name("decisions", later.date())) == [late.decision_id]
     assert ensure_ahead(engine, now=later) == []  # made once
     store.insert([journalled(late)])  # and still stored once
     assert stored(engine) == [late.decision_id]
+
+
+def test_outcomes_take_their_decisions_day_and_are_partitioned_without_losing_a_row(
+    database_url,
+):
+    engine = create_store_engine(database_url)
+    upgrade(engine, "0006")
+    now_us = time.time_ns() // 1000
+    records = [decision_record(n, decided_at_us=now_us - (n % 3) * DAY_US - n) for n in range(30)]
+    AuditStore(engine).insert([journalled(r) for r in records])
+    labeled_at = from_us(now_us)
+    orphan = str(uuid.uuid4())  # its decision left the database before 0007
+    with engine.begin() as conn:  # as 0006's labeler wrote them: no decided_at
+        conn.execute(
+            sa.text(
+                "INSERT INTO decision_outcomes (decision_id, labeled_at, horizon_ms, label,"
+                " reason) VALUES (:id, :at, 2000, 1, '')"
+            ),
+            [{"id": i, "at": labeled_at} for i in [*(r.decision_id for r in records), orphan]],
+        )
+    upgrade(engine)
+
+    with engine.connect() as conn:
+        held = dict(conn.execute(sa.select(decision_outcomes.c.decision_id,
+                                           decision_outcomes.c.decided_at)).all())  # fmt: skip
+    assert sorted(held) == sorted([*(r.decision_id for r in records), orphan])
+    assert all(to_us(held[r.decision_id]) == r.decided_at_us for r in records)
+    assert to_us(held[orphan]) == now_us  # labeled_at: the nearest time known
+    if engine.dialect.name == "postgresql":
+        tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
+        found = [p.name for p in utc_partitions(engine, "decision_outcomes")]
+        assert found[0] == f"decision_outcomes_before_{tomorrow:%Y%m%d}"
+        assert found[-1] == default_partition("decision_outcomes")
+        assert len(stored(engine, found[0])) == 31  # attached where they were
+
+    # Labelled again (two labelers): stored once.
+    again = [Outcome(r.decision_id, r.decided_at_us, 0) for r in records[:5]]
+    OutcomeStore(engine, horizon_ms=2000).record(again, labeled_at_us=now_us + 1)
+    assert len(stored(engine, "decision_outcomes")) == 31
+
+    downgrade(engine, "0006")
+    assert len(stored(engine, "decision_outcomes")) == 31
+    engine.dispose()

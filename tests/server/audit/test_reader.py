@@ -16,6 +16,7 @@ from server.audit.migrate import upgrade
 from server.audit.reader import DecisionReader
 from server.audit.record import DecisionRecord
 from server.audit.store import create_store_engine
+from server.audit.timeline import load_recorded
 from tests.server.audit.conftest import decision_record
 from tests.server.audit.test_archive import DAY, OWN_DAY, at, insert, stored_ids
 
@@ -76,6 +77,11 @@ def test_replay_finds_a_decision_by_id_and_by_time_after_its_day_left_the_databa
     within = reader.between(at(OWN_DAY, 10), at(OWN_DAY, 10) + dt.timedelta(seconds=2), 10)
     assert [r["decision_id"] for r in within] == [rows[0].decision_id, rows[1].decision_id]
     assert DecisionReader(engine).by_ids([rows[3].decision_id]) == []  # no archive: gone
+    loaded = load_recorded(engine, since=at(OWN_DAY, 0), until=at(OWN_DAY, 11), archive=store)
+    assert [(r.source, r.reason) for r in loaded.recorded][:2] == [
+        ("RULES", "rules: spread wide")
+    ] * 2
+    assert len(loaded.recorded) == 6 and not loaded.cut  # the timeline reads the archive too
 
     done = subprocess.run(
         [sys.executable, "-m", "server.audit", "--database-url", database_url, "replay",
@@ -98,8 +104,17 @@ def test_the_labeler_reads_the_pending_decisions_of_an_archived_range(stores):
     assert pending[0].decided_at_us == rows[0].decided_at_us
     assert pending[0].spread_bps == 2.0
 
-    outcomes.record([Outcome(rows[0].decision_id, 1)], labeled_at_us=since_us)
+    outcomes.record([Outcome(rows[0].decision_id, rows[0].decided_at_us, 1)], since_us)
     assert [p.decision_id for p in outcomes.pending(since_us, limit=2)] == [
         r.decision_id for r in rows[1:3]
     ]
     assert OutcomeStore(engine, horizon_ms=2000).pending(since_us, limit=10) == []
+
+    # The outcome of an archived decision is archived and removed with its day (a late
+    # row of the day's outcomes); the decision is still labelled.
+    report = archive(engine, store, now=at(OWN_DAY + 9 * DAY), archive_after_s=0, retention_days=7)
+    assert f"decision_outcomes {OWN_DAY} part-0: 1 rows" in report.archived
+    assert f"decision_outcomes {OWN_DAY}: 1 rows" in report.removed
+    assert [p.decision_id for p in outcomes.pending(since_us, limit=10)] == [
+        r.decision_id for r in rows[1:]
+    ]
