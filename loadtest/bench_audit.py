@@ -6,7 +6,9 @@ today (the partition that inserts go to); then ``--writers`` threads write real 
 batches at ``--rate`` rows/s for ``--seconds`` each way, in alternating windows of 30 s:
 the shippers' idempotent inserts (``AuditStore.insert``: COPY into a temporary table, then
 INSERT ... ON CONFLICT DO NOTHING) and a plain COPY into the table (no check for ids
-stored before). Rows/s overall and in the slowest window, and each batch's time.
+stored before). Rows/s overall and in the slowest window, and each batch's time. Then
+the archive job (``server.audit.archive``, in a process of its own) writes the table's day
+to Parquet and verifies it: rows/s and its peak memory.
 
 What the audit costs a Decide: ``python -m loadtest.bench audit`` and ``make profile``.
 """
@@ -14,12 +16,16 @@ What the audit costs a Decide: ``python -m loadtest.bench audit`` and ``make pro
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import functools
 import hashlib
+import multiprocessing
 import os
+import resource
+import tempfile
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,7 @@ from core.stats import percentile
 from feature_cache.schema import FEATURE_NAMES
 from loadtest.report import markdown_table, write_block
 from localstack.postgres_server import own_database, postgres_admin
+from server.audit.archive import Archive, archive
 from server.audit.migrate import upgrade
 from server.audit.record import decode, encode
 from server.audit.ship_child import SHIP_BATCH_RECORDS
@@ -114,6 +121,21 @@ def write(url: str, template: Mapping[str, Any], method: str, per_s: float, unti
     return written, took
 
 
+def archive_job(url: str) -> tuple[float, float]:
+    """The archive job over the table's rows (today's), closed as if two days later, each
+    day verified whole: seconds, and the process's peak memory in MB."""
+    engine = create_store_engine(url)
+    now = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        report = archive(engine, Archive(folder), now=now, archive_after_s=0, retention_days=30)
+        took = time.perf_counter() - started
+    engine.dispose()
+    if report.problems or not report.archived:
+        raise RuntimeError(f"the archive job: {report.problems or 'nothing archived'}")
+    return took, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def bench_fleet(args: argparse.Namespace, template: dict[str, Any]) -> list[Row]:
     say(f"PostgreSQL at the fleet's scale: {args.preload_rows:,} rows first, then "
         f"{args.writers} writers, {args.seconds:.0f} s each way")  # fmt: skip
@@ -124,11 +146,8 @@ def bench_fleet(args: argparse.Namespace, template: dict[str, Any]) -> list[Row]
         engine = create_store_engine(url)
         upgrade(engine)
         values = decision_values(template, from_us, lambda value: value)
-        preload(
-            engine,
-            args.preload_rows,
-            {str(k): v for k, v in zip(DECISION_COLUMNS, values, strict=True)},
-        )
+        columns = {str(name): value for name, value in zip(DECISION_COLUMNS, values, strict=True)}
+        preload(engine, args.preload_rows, columns)
         engine.dispose()
         count = max(1, round(args.seconds / FLEET_WINDOW_S))
         stored = args.preload_rows
@@ -145,6 +164,10 @@ def bench_fleet(args: argparse.Namespace, template: dict[str, Any]) -> list[Row]
                 stored += rows
                 say(f"    {method}: {rows / took:,.0f} rows/s ({rows:,} in {took:.1f} s), "
                     f"{stored:,} rows in the table")  # fmt: skip
+        say(f"    the archive job over the table's {stored:,} rows ...")
+        spawn = multiprocessing.get_context("spawn")  # its own peak memory, not this one's
+        with ProcessPoolExecutor(1, mp_context=spawn) as job:
+            took, peak_mb = job.submit(archive_job, url).result()
     return [
         (f"PostgreSQL holding {args.preload_rows:,}+ rows: {method}, {args.writers} writers at "
          f"{args.rate:,.0f} rows/s", f"{sum(r for r, _ in done):,}",
@@ -154,7 +177,9 @@ def bench_fleet(args: argparse.Namespace, template: dict[str, Any]) -> list[Row]
          f"{percentile(batches[method], 0.99) * 1000:.0f} ms",
          FLEET_TARGET if method == "inserts" else "")
         for method, done in windows.items()
-    ]  # fmt: skip
+    ] + [("the archive job: the day's rows to Parquet, verified", f"{stored:,}",
+          f"{stored / took:,.0f} rows/s, peak memory {peak_mb:,.0f} MB",
+          f"{FLEET_TARGET} (the fleet's writes)")]  # fmt: skip
 
 
 def main() -> None:
@@ -163,9 +188,7 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=4, help="threads writing at once")
     parser.add_argument("--rate", type=float, default=15_000.0, help="rows/s, all writers")
     parser.add_argument("--seconds", type=float, default=300.0, help="each way")
-    parser.add_argument(
-        "--doc", type=Path, help="put the table in this doc's bench-audit-trail block"
-    )
+    parser.add_argument("--doc", type=Path, help="put the table in this doc's block")
     args = parser.parse_args()
     template = record()
     say(f"  {len(orjson.dumps(template)):,} bytes a record as the shipper reads it")

@@ -43,13 +43,8 @@ async def throughput(settings: KafkaSettings, redis_url: str, count: int) -> flo
         end_now=True,
     )
     print(f"publishing {count:,} events …", flush=True)
-    await replay(
-        events,
-        bootstrap=settings.bootstrap_servers,
-        topic=settings.topic,
-        speed=None,
-        progress=Progress(count, "published"),
-    )
+    await replay(events, bootstrap=settings.bootstrap_servers, topic=settings.topic,
+                 speed=None, progress=Progress(count, "published"))  # fmt: skip
     redis = aioredis.Redis.from_url(redis_url)
     consumer = FeatureConsumer(settings, redis, key_prefix="bench-tp:")
     await consumer.start()

@@ -93,7 +93,11 @@ def test_a_closed_day_is_archived_and_verified_then_removed_after_the_retention(
         row = conn.execute(sa.select(decisions).where(
             decisions.c.decision_id == own[0].decision_id)).mappings().one()  # fmt: skip
     assert first["features"] == row["features"] == {"spread_bps": 2.0}
-    assert first["decided_at"] == archive_module.utc_times(dict(row))["decided_at"]
+    times = archive_module.utc_times(dict(row))
+    assert (first["decided_at"], first["received_at"]) == (
+        times["decided_at"],
+        times["received_at"],
+    )
     assert {k: v for k, v in first.items() if k not in ("received_at", "decided_at")} == {
         k: v for k, v in row.items() if k not in ("received_at", "decided_at")
     }
@@ -292,3 +296,21 @@ def test_any_fsspec_filesystem_holds_the_archive(engine):
     assert store.days() == [OWN_DAY] == store.of(decision_outcomes).days()
     assert len(store.read(OWN_DAY, ids=[rows[4].decision_id])) == 1
     assert restore(engine, store, OWN_DAY) == {"decisions": 12, "decision_outcomes": 3}
+
+
+def test_a_day_is_written_in_whole_row_groups_from_many_reads(engine, store, monkeypatch):
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(archive_module, "ROW_GROUP_ROWS", 7)
+    monkeypatch.setattr(archive_module, "READ_BATCH_ROWS", 5)  # SQLite: 5 rows a read
+    monkeypatch.setattr(archive_module, "COPY_BUFFER_BYTES", 4096)  # COPY: a few rows a read
+    rows = records(OWN_DAY, 40)
+    insert(engine, rows)
+    assert (
+        run(engine, store, at(OWN_DAY + 2 * DAY)).archived[0]
+        == f"decisions {OWN_DAY} part-0: 40 rows"
+    )
+    with store.fs.open(f"{store.day_dir(OWN_DAY)}/part-0.parquet", "rb") as file:
+        meta = pq.ParquetFile(file).metadata
+    assert [meta.row_group(n).num_rows for n in range(meta.num_row_groups)] == [7] * 5 + [5]
+    assert [r["decision_id"] for r in store.read(OWN_DAY)] == sorted(r.decision_id for r in rows)
