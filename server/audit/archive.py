@@ -341,6 +341,8 @@ def _batches(engine: Engine, table: sa.Table, day: dt.date) -> Iterator[Any]:
             source = io.BufferedReader(_CopyStream(stream), buffer_size=COPY_BUFFER_BYTES)
             reader = csv.open_csv(
                 source,
+                # Quoted values may hold newlines (a model server's error in a reason).
+                parse_options=csv.ParseOptions(newlines_in_values=True),
                 read_options=csv.ReadOptions(
                     column_names=schema.names, block_size=COPY_BUFFER_BYTES
                 ),

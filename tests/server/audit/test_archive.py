@@ -304,7 +304,14 @@ def test_a_day_is_written_in_whole_row_groups_from_many_reads(engine, store, mon
     monkeypatch.setattr(archive_module, "ROW_GROUP_ROWS", 7)
     monkeypatch.setattr(archive_module, "READ_BATCH_ROWS", 5)  # SQLite: 5 rows a read
     monkeypatch.setattr(archive_module, "COPY_BUFFER_BYTES", 4096)  # COPY: a few rows a read
-    rows = records(OWN_DAY, 40)
+    rows = records(OWN_DAY, 39)
+    odd = decision_record(
+        39,
+        decided_at_us=rows[-1].decided_at_us + 1,
+        client_id='desk "7", NY — ünï',
+        reason='primary failed: StatusCode.UNAVAILABLE\n  "a, b"\r\n',
+    )
+    rows.append(odd)
     insert(engine, rows)
     assert (
         run(engine, store, at(OWN_DAY + 2 * DAY)).archived[0]
@@ -314,3 +321,8 @@ def test_a_day_is_written_in_whole_row_groups_from_many_reads(engine, store, mon
         meta = pq.ParquetFile(file).metadata
     assert [meta.row_group(n).num_rows for n in range(meta.num_row_groups)] == [7] * 5 + [5]
     assert [r["decision_id"] for r in store.read(OWN_DAY)] == sorted(r.decision_id for r in rows)
+    # Quotes, commas, newlines and any text kept; an empty text is not NULL, NULL is.
+    (back,) = store.read(OWN_DAY, ids=[odd.decision_id])
+    assert (back["client_id"], back["reason"], back["trace_id"], back["limit_price"]) == (
+        odd.client_id, odd.reason, "", None
+    )  # fmt: skip
