@@ -129,10 +129,10 @@ class OutcomeStore:
         with self.engine.connect() as conn:
             ids = [row["decision_id"] for row in archived]
             labelled = held(conn, decision_outcomes.c.decision_id, ids)
-        by_day: dict[dt.date, list[str]] = {}
-        for row in archived:
-            by_day.setdefault(day_of(row["decided_at"]), []).append(row["decision_id"])
         if self._archived_outcomes is not None:
+            by_day: dict[dt.date, list[str]] = {}
+            for row in archived:
+                by_day.setdefault(day_of(row["decided_at"]), []).append(row["decision_id"])
             for day, day_ids in by_day.items():
                 found = self._archived_outcomes.read(day, ids=day_ids, columns=["decision_id"])
                 labelled.update(row["decision_id"] for row in found)

@@ -320,9 +320,10 @@ def _batches(engine: Engine, table: sa.Table, day: dt.date) -> Iterator[Any]:
     start = partitions.day_start(day)
     bounds = (start.isoformat(), (start + _DAY).isoformat())
     times = {c.name for c in table.columns if isinstance(c.type, sa.DateTime)}
+    encoded = json_columns(table)
     selected = ", ".join(
         f"(extract(epoch FROM {name}) * 1000000)::bigint" if name in times else f"{name}::text"
-        if name in json_columns(table) else name
+        if name in encoded else name
         for name in schema.names
     )  # fmt: skip
     copy = (
