@@ -143,23 +143,24 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
         # replica had MIN_COUNTED_TIMEOUT_MS of it, and timeouts of calls in flight
         # together count once, so on a busy machine a call or two more may be needed.
         calls = 0
-        sources = []
         late: list[None] = []
         while app.replicas[0].breaker.state == "closed":
             assert calls < 10, "10 timeouts of the paused primary left its breaker closed"
             # Answered at all is answered in time: the call's own deadline is 50 ms.
             response = await answered_in_time(stub, late)
             calls += 1
-            sources.append(response.source)
-            # The secondary answers; when a stall of the host makes it late too (CI,
-            # 2026-11-27), the ladder does, still in time.
+            # The one retry goes to the secondary, which answers in the ~20 ms left; when a
+            # stall of the host makes it late or leaves it no time (CI, 2026-11-27, and
+            # twice in three calls on 2026-11-30), the ladder answers, still in time.
             assert response.source != decision_pb2.SOURCE_PRIMARY, response.reason
             assert "primary deadline exceeded" in response.reason
+            assert "secondary" in response.reason, response.reason
             if calls < 3:
                 assert app.replicas[0].breaker.state == "closed", f"open after {calls} call(s)"
         assert app.replicas[0].breaker.state == "open"
-        assert sources.count(decision_pb2.SOURCE_SECONDARY) >= len(sources) - 1, sources
 
+        # Open, the breaker spends none of the budget on the primary: the secondary has it
+        # all and answers.
         response = await answered_in_time(stub, late)
         assert response.source == decision_pb2.SOURCE_SECONDARY
         assert response.reason.startswith("primary breaker open; secondary answered in")
@@ -186,7 +187,7 @@ async def test_paused_primary_is_answered_before_a_50ms_deadline_then_its_breake
     # Closed, the primary answers again: soon, not at once, as a resumed JVM's calls can
     # still take more than the 15 ms cap for a while on a slow hour (CI, 2026-11-27: 14.9
     # ms; 2026-11-29: five calls in a row), and the breaker may open once more meanwhile.
-    sources = []
+    sources: list[int] = []
     while decision_pb2.SOURCE_PRIMARY not in sources:
         assert time.monotonic() < deadline + 10, sources[-10:]
         sources.append((await stub.Decide(buy(), timeout=2.0)).source)
