@@ -122,8 +122,8 @@ async def test_no_read_starts_while_max_abandoned_reads_still_run():
 
 def test_a_read_may_spend_the_budget_left_up_to_the_cap():
     reads = StoreReads(cap_ms=10, max_abandoned=3)
-    assert reads.timeout_ms(Budget(50)) == 10
-    assert 0 < reads.timeout_ms(Budget(4)) <= 4
+    assert reads.timeout_ms(StoppedBudget(50)) == 10
+    assert 0 < reads.timeout_ms(StoppedBudget(4)) <= 4
 
 
 @pytest.mark.parametrize(
